@@ -1,0 +1,192 @@
+"""What every cell family shares: the math contract the engine runs, and the one-step module API.
+
+A cell family is described twice, on purpose, and only twice:
+
+* its *math* (a :class:`CellMath`): one forward step written with plain torch ops — which the
+  reference backend differentiates with autograd and the BPTT engine runs without autograd — and
+  the hand-derived backward of that step, checked against autograd by ``gradcheck``;
+* its *module* (a :class:`RecurrentCell`): the parameters of one layer in ``torch.nn`` naming and
+  the cell-level API of the material (``output, state = cell(x_t, state)``).
+
+Everything else (time, lengths, stacking, direction) lives in the engine and the layers and knows
+nothing about the gates.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+State = tuple[Tensor, ...]
+"""A cell's state: ``(h,)`` for Elman and GRU, ``LSTMState(h, c)`` for LSTM."""
+
+
+class CellMath(ABC):
+    """One recurrent step of a cell family and its hand-derived backward.
+
+    Conventions shared by every family (they are what the engine relies on):
+
+    * ``gx`` is the input projection ``x_t W_ih^T + b_ih`` of shape (B, G*H), computed by the engine
+      for all time steps in one GEMM; the step adds the recurrent part itself, because some cells
+      (GRU) combine the two halves non-additively.
+    * The recurrent weight ``w_hh`` (G*H, H) is applied to *recurrent inputs* that the step returns
+      in ``recurrent_inputs(cache)``, one tensor per row group of ``recurrent_row_groups``; for most
+      cells that is just ``h_{t-1}`` for all rows. The engine forms ``dW_hh`` from them with one GEMM
+      per group over all time steps.
+    * ``step_backward`` returns the gradient of the loss w.r.t. ``gx`` and w.r.t. the recurrent
+      pre-activation ``W_hh · input + b_hh`` (they differ only for GRU), the gradient w.r.t. the
+      previous state, and the gradients of the diagonal (peephole) weights summed over the batch.
+    """
+
+    #: the family: "rnn", "lstm" or "gru" (what a fused kernel dispatches on)
+    kind: str
+    #: number of gate blocks stacked in the rows of ``w_ih`` and ``w_hh``
+    num_gates: int
+    #: the names of the state tensors, in order; the first is always ``h`` (the output)
+    state_names: tuple[str, ...] = ("h",)
+    #: names of the diagonal (H,) weights of this variant, in the order they are passed
+    diagonal_names: tuple[str, ...] = ()
+    #: True when d(gx) and d(recurrent pre-activation) are the same tensor (Elman, LSTM)
+    shares_preactivation_grad: bool = True
+
+    @abstractmethod
+    def step(
+        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor]
+    ) -> tuple[State, Any]:
+        """One time step: returns the new state and a cache for :meth:`step_backward`."""
+
+    @abstractmethod
+    def step_backward(
+        self, d_state: State, cache: Any, w_hh: Tensor, diag: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
+        """Returns ``(d_gx, d_gh, d_previous_state, d_diag)`` for one step."""
+
+    def recurrent_row_groups(self, hidden_size: int) -> list[slice]:
+        """Row ranges of ``w_hh`` that multiply the same recurrent input."""
+        return [slice(0, self.num_gates * hidden_size)]
+
+    def recurrent_inputs(self, cache: Any) -> tuple[Tensor, ...]:
+        """The tensors ``w_hh``'s row groups multiplied at this step (default: ``h_{t-1}``)."""
+        return (cache[0],)
+
+    def make_state(self, tensors: Sequence[Tensor]) -> State:
+        """Wraps plain tensors in this family's state type."""
+        return tuple(tensors)
+
+
+def sigmoid_grad(y: Tensor) -> Tensor:
+    """σ'(x) written with the output y = σ(x)."""
+    return y * (1 - y)
+
+
+def tanh_grad(y: Tensor) -> Tensor:
+    """tanh'(x) written with the output y = tanh(x)."""
+    return 1 - y * y
+
+
+def recurrent_projection(h: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
+    """``h W_hh^T + b_hh`` as one fused BLAS call when there is a bias."""
+    if b_hh is None:
+        return h @ w_hh.t()
+    return torch.addmm(b_hh, h, w_hh.t())
+
+
+class RecurrentCell(nn.Module):
+    """Base of the cell-level API: one layer's parameters and one step at a time.
+
+    Parameter names follow ``torch.nn.RNNCell/LSTMCell/GRUCell`` (``weight_ih``, ``weight_hh``,
+    ``bias_ih``, ``bias_hh``), plus the diagonal weights of a variant (e.g. ``weight_ci``).
+    """
+
+    math: CellMath
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool, math_: CellMath) -> None:
+        super().__init__()
+        if input_size <= 0 or hidden_size <= 0:
+            raise ValueError(
+                f"input_size and hidden_size must be positive, got {input_size} and {hidden_size}"
+            )
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.math = math_
+        rows = math_.num_gates * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(rows, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(rows, hidden_size))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(rows))
+            self.bias_hh = nn.Parameter(torch.empty(rows))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        for name in math_.diagonal_names:
+            setattr(self, name, nn.Parameter(torch.empty(hidden_size)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform(-1/√H, 1/√H) for every parameter, as ``torch.nn`` initialises its cells."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    @property
+    def diagonal_weights(self) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.math.diagonal_names)
+
+    @property
+    def state_size(self) -> Any:
+        """The size of each state tensor (an int, or an ``LSTMState`` of ints)."""
+        return self.hidden_size
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def zero_state(
+        self,
+        batch_size: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> State:
+        """An all-zero state for ``batch_size`` sequences (parameter dtype and device by default)."""
+        dtype = dtype or self.weight_hh.dtype
+        device = device or self.weight_hh.device
+        zeros = [
+            torch.zeros(batch_size, self.hidden_size, dtype=dtype, device=device)
+            for _ in self.math.state_names
+        ]
+        return self.math.make_state(zeros)
+
+    def forward(self, x_t: Tensor, state: State | Tensor | None = None) -> tuple[Tensor, State]:
+        """One step: ``output, new_state = cell(x_t, state)``; x_t is (B, input_size) or (input_size,)."""
+        from rnnkit.validation import check_cell_input
+
+        unbatched = x_t.dim() == 1
+        x_t, state = check_cell_input(self, x_t, state)
+        if state is None:
+            state = self.zero_state(x_t.shape[0], dtype=x_t.dtype, device=x_t.device)
+        gx = x_t @ self.weight_ih.t()
+        if self.bias_ih is not None:
+            gx = gx + self.bias_ih
+        new_state, _ = self.math.step(gx, state, self.weight_hh, self.bias_hh, self.diagonal_weights)
+        new_state = self.math.make_state(new_state)
+        if unbatched:
+            new_state = self.math.make_state([s.squeeze(0) for s in new_state])
+        return new_state[0], new_state
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}"
+
+    @classmethod
+    def _copy_from_torch(cls, cell: RecurrentCell, module: nn.Module) -> RecurrentCell:
+        with torch.no_grad():
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                source = getattr(module, name)
+                if source is not None:
+                    getattr(cell, name).copy_(source)
+        return cell.to(module.weight_hh.dtype)

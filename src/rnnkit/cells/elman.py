@@ -1,0 +1,92 @@
+r"""The Elman (simple) recurrent cell.
+
+.. math::
+
+    h_t = f(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}), \qquad f \in \{\tanh, \mathrm{relu}, \sigma\}
+
+The material's output layer ``o_t = g(V h_t + c)`` is an ordinary ``nn.Linear`` on top of the
+outputs; it is not part of the recurrence.
+
+Example::
+
+    >>> import torch, rnnkit
+    >>> cell = rnnkit.RNNCell(4, 8, nonlinearity="tanh")
+    >>> output, state = cell(torch.randn(2, 4))
+    >>> output.shape, state[0].shape
+    (torch.Size([2, 8]), torch.Size([2, 8]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from rnnkit.cells.base import CellMath, RecurrentCell, State, recurrent_projection
+
+NONLINEARITIES = ("tanh", "relu", "sigmoid")
+
+
+class ElmanMath(CellMath):
+    kind = "rnn"
+    num_gates = 1
+
+    def __init__(self, nonlinearity: str = "tanh") -> None:
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(
+                f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}"
+            )
+        self.nonlinearity = nonlinearity
+
+    def activation(self, pre: Tensor) -> Tensor:
+        if self.nonlinearity == "tanh":
+            return torch.tanh(pre)
+        if self.nonlinearity == "relu":
+            return torch.relu(pre)
+        return torch.sigmoid(pre)
+
+    def activation_grad(self, h: Tensor) -> Tensor:
+        """f'(pre) written with the output h = f(pre)."""
+        if self.nonlinearity == "tanh":
+            return 1 - h * h
+        if self.nonlinearity == "relu":
+            return (h > 0).to(h.dtype)
+        return h * (1 - h)
+
+    def step(
+        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor]
+    ) -> tuple[State, tuple[Tensor, Tensor]]:
+        (h_prev,) = state
+        h = self.activation(gx + recurrent_projection(h_prev, w_hh, b_hh))
+        return (h,), (h_prev, h)
+
+    def step_backward(
+        self, d_state: State, cache: tuple[Tensor, Tensor], w_hh: Tensor, diag: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
+        (dh,) = d_state
+        _, h = cache
+        d_pre = dh * self.activation_grad(h)
+        return d_pre, d_pre, (d_pre @ w_hh,), ()
+
+    def __repr__(self) -> str:
+        return f"ElmanMath(nonlinearity={self.nonlinearity!r})"
+
+
+class RNNCell(RecurrentCell):
+    """One Elman step: ``output, (h,) = cell(x_t, (h,))``; parameters as ``torch.nn.RNNCell``."""
+
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh"
+    ) -> None:
+        super().__init__(input_size, hidden_size, bias, ElmanMath(nonlinearity))
+        self.nonlinearity = nonlinearity
+
+    @classmethod
+    def from_torch(cls, module: nn.RNNCell) -> RNNCell:
+        """An exact copy of a ``torch.nn.RNNCell``."""
+        cell = cls(module.input_size, module.hidden_size, module.bias, module.nonlinearity)
+        return cls._copy_from_torch(cell, module)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, nonlinearity={self.nonlinearity!r}"

@@ -1,0 +1,202 @@
+r"""Long short-term memory, with peephole connections and coupled input-forget gates as options.
+
+Gate blocks are stacked in ``torch.nn.LSTM``'s order i, f, g, o (coupled: i, g, o)::
+
+    pre = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh
+    i_t = σ(pre_i + w_ci ⊙ c_{t-1})          # input gate   (w_ci: peephole only)
+    f_t = σ(pre_f + w_cf ⊙ c_{t-1})          # forget gate  (coupled: f_t = 1 − i_t)
+    g_t = tanh(pre_g)                        # candidate cell
+    c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t          # cell state
+    o_t = σ(pre_o + w_co ⊙ c_t)              # output gate peeks at the *new* cell (Gers 2000)
+    h_t = o_t ⊙ tanh(c_t)
+
+Peepholes (Gers & Schmidhuber 2000) are diagonal weights ``weight_ci``, ``weight_cf``,
+``weight_co`` of shape (H,); with ``coupled=True`` (CIFG, Greff et al. 2017) there is no forget
+gate block and no ``weight_cf``.
+
+Example::
+
+    >>> import torch, rnnkit
+    >>> cell = rnnkit.LSTMCell(4, 8, peephole=True)
+    >>> output, state = cell(torch.randn(2, 4))
+    >>> state.h.shape, state.c.shape
+    (torch.Size([2, 8]), torch.Size([2, 8]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from rnnkit.cells.base import (
+    CellMath,
+    RecurrentCell,
+    State,
+    recurrent_projection,
+    sigmoid_grad,
+    tanh_grad,
+)
+
+
+class LSTMState(NamedTuple):
+    """The state of an LSTM: hidden output ``h`` and cell ``c``."""
+
+    h: Tensor
+    c: Tensor
+
+
+class _LSTMCache(NamedTuple):
+    h_prev: Tensor
+    c_prev: Tensor
+    i: Tensor
+    f: Tensor
+    g: Tensor
+    o: Tensor
+    c: Tensor
+    tanh_c: Tensor
+
+
+class LSTMMath(CellMath):
+    kind = "lstm"
+    state_names = ("h", "c")
+
+    def __init__(self, peephole: bool = False, coupled: bool = False) -> None:
+        self.peephole = peephole
+        self.coupled = coupled
+        self.num_gates = 3 if coupled else 4
+        if peephole:
+            self.diagonal_names = ("weight_ci", "weight_co") if coupled else (
+                "weight_ci", "weight_cf", "weight_co")
+
+    def make_state(self, tensors: Sequence[Tensor]) -> LSTMState:
+        return LSTMState(*tensors)
+
+    def _peepholes(self, diag: Sequence[Tensor]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        if not self.peephole:
+            return None, None, None
+        if self.coupled:
+            w_ci, w_co = diag
+            return w_ci, None, w_co
+        w_ci, w_cf, w_co = diag
+        return w_ci, w_cf, w_co
+
+    def step(
+        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor]
+    ) -> tuple[State, _LSTMCache]:
+        h_prev, c_prev = state
+        w_ci, w_cf, w_co = self._peepholes(diag)
+        pre = gx + recurrent_projection(h_prev, w_hh, b_hh)
+        if self.coupled:
+            pre_i, pre_g, pre_o = pre.chunk(3, dim=1)
+        else:
+            pre_i, pre_f, pre_g, pre_o = pre.chunk(4, dim=1)
+        i = torch.sigmoid(pre_i + w_ci * c_prev if self.peephole else pre_i)
+        if self.coupled:
+            f = 1 - i
+        else:
+            f = torch.sigmoid(pre_f + w_cf * c_prev if self.peephole else pre_f)
+        g = torch.tanh(pre_g)
+        c = f * c_prev + i * g
+        o = torch.sigmoid(pre_o + w_co * c if self.peephole else pre_o)
+        tanh_c = torch.tanh(c)
+        h = o * tanh_c
+        return LSTMState(h, c), _LSTMCache(h_prev, c_prev, i, f, g, o, c, tanh_c)
+
+    def step_backward(
+        self, d_state: State, cache: _LSTMCache, w_hh: Tensor, diag: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
+        dh, dc_next = d_state
+        h_prev, c_prev, i, f, g, o, c, tanh_c = cache
+        w_ci, w_cf, w_co = self._peepholes(diag)
+        d_pre_o = dh * tanh_c * sigmoid_grad(o)
+        dc = dc_next + dh * o * tanh_grad(tanh_c)
+        if self.peephole:
+            dc = dc + d_pre_o * w_co
+        d_i = dc * g
+        d_f = dc * c_prev
+        if self.coupled:
+            d_i = d_i - d_f  # f = 1 − i routes the forget gradient into the input gate
+        d_pre_i = d_i * sigmoid_grad(i)
+        d_pre_g = dc * i * tanh_grad(g)
+        dc_prev = dc * f
+        if self.coupled:
+            d_pre = torch.cat((d_pre_i, d_pre_g, d_pre_o), dim=1)
+        else:
+            d_pre_f = d_f * sigmoid_grad(f)
+            d_pre = torch.cat((d_pre_i, d_pre_f, d_pre_g, d_pre_o), dim=1)
+        d_diag: tuple[Tensor, ...] = ()
+        if self.peephole:
+            dc_prev = dc_prev + d_pre_i * w_ci
+            d_w_ci = (d_pre_i * c_prev).sum(0)
+            d_w_co = (d_pre_o * c).sum(0)
+            if self.coupled:
+                d_diag = (d_w_ci, d_w_co)
+            else:
+                dc_prev = dc_prev + d_pre_f * w_cf
+                d_diag = (d_w_ci, (d_pre_f * c_prev).sum(0), d_w_co)
+        dh_prev = d_pre @ w_hh
+        return d_pre, d_pre, LSTMState(dh_prev, dc_prev), d_diag
+
+    def __repr__(self) -> str:
+        return f"LSTMMath(peephole={self.peephole}, coupled={self.coupled})"
+
+
+def init_forget_bias(
+    bias_ih: Tensor | None, bias_hh: Tensor | None, hidden_size: int, coupled: bool, value: float
+) -> None:
+    """Makes the total forget-gate bias ``value`` (TensorFlow's ``forget_bias``).
+
+    With coupled gates there is no forget block; f = 1 − σ(pre_i), so the input-gate bias is set to
+    −value, which starts f at σ(value) just the same.
+    """
+    if bias_ih is None or bias_hh is None:
+        raise ValueError("forget_bias needs bias=True")
+    rows = slice(0, hidden_size) if coupled else slice(hidden_size, 2 * hidden_size)
+    with torch.no_grad():
+        bias_ih[rows] = -value if coupled else value
+        bias_hh[rows] = 0.0
+
+
+class LSTMCell(RecurrentCell):
+    """One LSTM step: ``output, LSTMState(h, c) = cell(x_t, state)``.
+
+    Parameters as ``torch.nn.LSTMCell`` plus ``weight_ci``/``weight_cf``/``weight_co`` with
+    ``peephole=True``; ``coupled=True`` drops the forget block (f = 1 − i).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        peephole: bool = False,
+        coupled: bool = False,
+        forget_bias: float | None = None,
+    ) -> None:
+        self.peephole = peephole
+        self.coupled = coupled
+        self.forget_bias = forget_bias
+        super().__init__(input_size, hidden_size, bias, LSTMMath(peephole, coupled))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.forget_bias is not None:
+            init_forget_bias(
+                self.bias_ih, self.bias_hh, self.hidden_size, self.coupled, self.forget_bias
+            )
+
+    @property
+    def state_size(self) -> LSTMState:
+        return LSTMState(self.hidden_size, self.hidden_size)
+
+    @classmethod
+    def from_torch(cls, module: nn.LSTMCell) -> LSTMCell:
+        """An exact copy of a ``torch.nn.LSTMCell``."""
+        cell = cls(module.input_size, module.hidden_size, module.bias)
+        return cls._copy_from_torch(cell, module)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, peephole={self.peephole}, coupled={self.coupled}"

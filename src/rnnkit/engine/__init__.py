@@ -1,0 +1,65 @@
+"""The engine: runs any cell's math over time for one layer and one direction.
+
+Backends share one seam, ``run(math, x, state0, params, batch_sizes) -> (outputs, final_state)``:
+
+* ``x`` is (T, B, I), sorted by length longest first; ``batch_sizes[t]`` is the number of rows
+  still running at step t (``None``: all of them); rows past their length keep their state and
+  output zeros;
+* ``state0`` is a tuple of (B, H) tensors (``(h,)`` or ``(h, c)``);
+* ``params`` is ``(w_ih, w_hh, b_ih, b_hh, *diagonal_weights)``, biases ``None`` without bias.
+
+Backends:
+
+* ``"reference"``: plain torch ops per step under autograd — the oracle;
+* ``"bptt"``: one autograd node per layer with the cells' hand-derived backward and the weight
+  gradients as single GEMMs over all steps.
+
+Direction, stacking and dropout belong to the layers, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor
+
+from rnnkit.cells.base import CellMath, State
+from rnnkit.engine.bptt import run_bptt
+from rnnkit.engine.reference import run_reference
+
+Backend = Callable[
+    [CellMath, Tensor, State, Sequence[Tensor | None], Sequence[int] | None], tuple[Tensor, State]
+]
+
+BACKENDS: dict[str, Backend] = {"reference": run_reference, "bptt": run_bptt}
+_default_backend = "bptt"
+
+
+def get_default_backend() -> str:
+    return _default_backend
+
+
+def set_default_backend(name: str) -> None:
+    """Chooses the backend used when a layer does not name one."""
+    global _default_backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown engine backend {name!r}; available: {sorted(BACKENDS)}")
+    _default_backend = name
+
+
+def run_layer(
+    math: CellMath,
+    x: Tensor,
+    state0: State,
+    params: Sequence[Tensor | None],
+    batch_sizes: Sequence[int] | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, State]:
+    """Runs one layer in one direction with the chosen (or default) backend."""
+    name = backend or _default_backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown engine backend {name!r}; available: {sorted(BACKENDS)}")
+    return BACKENDS[name](math, x, state0, params, batch_sizes)
+
+
+__all__ = ["BACKENDS", "get_default_backend", "run_layer", "set_default_backend"]

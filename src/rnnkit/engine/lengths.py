@@ -1,0 +1,42 @@
+"""Variable-length batches: sorting by length, active rows per step, and in-length reversal.
+
+The engine runs a batch sorted by length, longest first, so that the rows still running at step t
+are a prefix ``[0:batch_sizes[t]]`` — the layout of ``torch.nn.utils.rnn.PackedSequence``. A step
+then touches only its active rows; no work is spent on padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def sort_by_length(lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(sorted_lengths, order, inverse)``: ``x[:, order]`` is longest-first (stable)."""
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return lengths[order], order, inverse
+
+
+def batch_sizes_for(sorted_lengths: Tensor, max_length: int) -> list[int] | None:
+    """Active rows per step for longest-first lengths; None when every row runs every step."""
+    if int(sorted_lengths[-1]) == max_length:
+        return None
+    steps = torch.arange(max_length).unsqueeze(1)
+    return (steps < sorted_lengths.unsqueeze(0)).sum(1).tolist()
+
+
+def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Reverses each sequence of ``x`` (T, B, ...) within its own length; padding stays in place.
+
+    The permutation is its own inverse, so the same call maps a reversed output back.
+    """
+    if lengths is None:
+        return x.flip(0)
+    steps, batch = x.shape[0], x.shape[1]
+    t = torch.arange(steps).unsqueeze(1).expand(steps, batch)
+    lengths = lengths.unsqueeze(0)
+    source = torch.where(t < lengths, lengths - 1 - t, t).to(x.device)
+    source = source.view(steps, batch, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(0, source)

@@ -1,0 +1,38 @@
+"""The oracle: a layer run step by step with plain torch ops, differentiated by autograd.
+
+Slow and simple on purpose; every faster backend is tested against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from rnnkit.cells.base import CellMath, State
+
+
+def run_reference(
+    math: CellMath,
+    x: Tensor,
+    state0: State,
+    params: Sequence[Tensor | None],
+    batch_sizes: Sequence[int] | None,
+) -> tuple[Tensor, State]:
+    """Runs ``math`` over x (T, B, I) from ``state0``; rows past their length keep their state."""
+    w_ih, w_hh, b_ih, b_hh, *diag = params
+    steps, batch, _ = x.shape
+    gx_all = x @ w_ih.t()  # (T, B, G*H)
+    if b_ih is not None:
+        gx_all = gx_all + b_ih
+    state = tuple(state0)
+    outputs = []
+    for t in range(steps):
+        active = batch if batch_sizes is None else batch_sizes[t]
+        running = tuple(s[:active] for s in state)
+        new, _ = math.step(gx_all[t, :active], running, w_hh, b_hh, diag)
+        state = tuple(torch.cat((n, s[active:])) for n, s in zip(new, state))
+        padding = new[0].new_zeros(batch - active, new[0].shape[1])
+        outputs.append(torch.cat((new[0], padding)))
+    return torch.stack(outputs), state

@@ -1,0 +1,132 @@
+"""Input checks that turn a silent broadcast or a deep stack trace into an error naming the problem.
+
+Every message says what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from rnnkit.cells.base import RecurrentCell, State
+
+
+def check_float_tensor(name: str, tensor: Any, dtype: torch.dtype) -> None:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {tensor.dtype} but the parameters are {dtype}; "
+            f"convert one of them (e.g. module.to({dtype}) or {name}.to({dtype}))"
+        )
+
+
+def check_features(name: str, tensor: Tensor, expected: int, what: str = "input_size") -> None:
+    if tensor.shape[-1] != expected:
+        raise ValueError(
+            f"{name} has {tensor.shape[-1]} features in its last dimension but {what} is "
+            f"{expected} (shape given: {tuple(tensor.shape)})"
+        )
+
+
+def check_cell_input(
+    cell: RecurrentCell, x_t: Tensor, state: State | Tensor | None
+) -> tuple[Tensor, State | None]:
+    """Validates one step's input and state; returns both with a batch dimension."""
+    check_float_tensor("x_t", x_t, cell.weight_ih.dtype)
+    if x_t.dim() not in (1, 2):
+        raise ValueError(
+            f"x_t must be (batch, input_size) or (input_size,), got shape {tuple(x_t.shape)}"
+        )
+    check_features("x_t", x_t, cell.input_size)
+    unbatched = x_t.dim() == 1
+    if unbatched:
+        x_t = x_t.unsqueeze(0)
+    if state is None:
+        return x_t, None
+    if isinstance(state, Tensor):
+        state = (state,)
+    names = cell.math.state_names
+    if len(state) != len(names):
+        raise ValueError(
+            f"{type(cell).__name__} expects a state of {len(names)} tensor(s) {names}, "
+            f"got {len(state)}"
+        )
+    expected = (cell.hidden_size,) if unbatched else (x_t.shape[0], cell.hidden_size)
+    checked = []
+    for name, tensor in zip(names, state):
+        check_float_tensor(f"state.{name}", tensor, cell.weight_ih.dtype)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(
+                f"state.{name} must have shape {expected}, got {tuple(tensor.shape)}"
+            )
+        checked.append(tensor.unsqueeze(0) if unbatched else tensor)
+    return x_t, cell.math.make_state(checked)
+
+
+def check_sequence(name: str, x: Tensor, input_size: int, dtype: torch.dtype) -> None:
+    """A padded sequence batch: (T, B, input_size), (B, T, input_size) or unbatched (T, input_size)."""
+    check_float_tensor(name, x, dtype)
+    if x.dim() not in (2, 3):
+        raise ValueError(
+            f"{name} must be 3-D (seq_len, batch, input_size) — or (batch, seq_len, input_size) "
+            f"with batch_first=True — or 2-D unbatched (seq_len, input_size); "
+            f"got shape {tuple(x.shape)}"
+        )
+    check_features(name, x, input_size)
+
+
+def check_lengths(
+    lengths: Sequence[int] | Tensor, batch_size: int, max_length: int, device: torch.device
+) -> Tensor:
+    """Sequence lengths as a CPU int64 tensor, each in [1, max_length], one per batch row."""
+    if isinstance(lengths, Tensor):
+        if lengths.device.type not in ("cpu", device.type):
+            raise ValueError(
+                f"lengths is on device {lengths.device} but the input is on {device}; "
+                "pass lengths on the CPU or on the input's device"
+            )
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
+        lengths = lengths.detach().to("cpu", torch.int64)
+    else:
+        lengths = torch.as_tensor(list(lengths), dtype=torch.int64)
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must be 1-D (batch,), got shape {tuple(lengths.shape)}")
+    if lengths.numel() == 0:
+        raise ValueError("lengths is empty: there must be one length per sequence in the batch")
+    if lengths.numel() != batch_size:
+        raise ValueError(
+            f"lengths has {lengths.numel()} entries but the batch has {batch_size} sequences"
+        )
+    too_short = (lengths < 1).nonzero().flatten()
+    if too_short.numel():
+        row = int(too_short[0])
+        raise ValueError(
+            f"every length must be at least 1, but lengths[{row}] = {int(lengths[row])}"
+        )
+    too_long = (lengths > max_length).nonzero().flatten()
+    if too_long.numel():
+        row = int(too_long[0])
+        raise ValueError(
+            f"lengths[{row}] = {int(lengths[row])} is longer than the sequence "
+            f"dimension ({max_length})"
+        )
+    return lengths
+
+
+def check_layer_state(
+    name: str, state: Any, expected: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> None:
+    check_float_tensor(name, state, dtype)
+    if tuple(state.shape) != expected:
+        raise ValueError(
+            f"{name} must have shape {expected} (num_layers * num_directions, batch, hidden_size)"
+            f", got {tuple(state.shape)}"
+        )
+    if state.device != device:
+        raise ValueError(f"{name} is on {state.device} but the input is on {device}")

@@ -1,0 +1,43 @@
+"""Shared test fixtures: every cell variant rnnkit has, by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import rnnkit
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# name -> (layer class, cell class, options); the same options work for layers and cells
+VARIANTS = {
+    "rnn_tanh": (rnnkit.RNN, rnnkit.RNNCell, {"nonlinearity": "tanh"}),
+    "rnn_relu": (rnnkit.RNN, rnnkit.RNNCell, {"nonlinearity": "relu"}),
+    "rnn_sigmoid": (rnnkit.RNN, rnnkit.RNNCell, {"nonlinearity": "sigmoid"}),
+    "lstm": (rnnkit.LSTM, rnnkit.LSTMCell, {}),
+    "lstm_peephole": (rnnkit.LSTM, rnnkit.LSTMCell, {"peephole": True}),
+    "lstm_coupled": (rnnkit.LSTM, rnnkit.LSTMCell, {"coupled": True}),
+    "lstm_peephole_coupled": (rnnkit.LSTM, rnnkit.LSTMCell, {"peephole": True, "coupled": True}),
+    "gru_after": (rnnkit.GRU, rnnkit.GRUCell, {"reset": "after"}),
+    "gru_before": (rnnkit.GRU, rnnkit.GRUCell, {"reset": "before"}),
+}
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def shared_file(relative: str) -> Path:
+    """A file under ../shared/data, or skip the test naming the file that is missing."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared data sets beside the repository)")
+    return path
