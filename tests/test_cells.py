@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VARIANTS
 
 import rnnkit
+from conftest import VARIANTS
 from rnnkit.state_tree import map_state
 
 

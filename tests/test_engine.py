@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VARIANTS
 
+from conftest import VARIANTS
 from rnnkit.engine import run_layer, set_default_backend
 from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
 
@@ -79,7 +79,7 @@ def test_rows_past_their_length_keep_state_and_output_zero() -> None:
     outputs, final = run_layer(math, x, state0, params, BATCH_SIZES, "bptt")
     assert not outputs[5, 1:].any() and not outputs[2:, 4].any()
     # the last row runs two steps only: its final state is the state after step 1
-    alone, alone_final = run_layer(math, x[:2, 4:], tuple(s[4:] for s in state0), params)
+    _, alone_final = run_layer(math, x[:2, 4:], tuple(s[4:] for s in state0), params)
     torch.testing.assert_close(final[1][4:], alone_final[1])
 
 

@@ -109,7 +109,7 @@ class LSTMMath(CellMath):
         self, d_state: State, cache: _LSTMCache, w_hh: Tensor, diag: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
         dh, dc_next = d_state
-        h_prev, c_prev, i, f, g, o, c, tanh_c = cache
+        _, c_prev, i, f, g, o, c, tanh_c = cache
         w_ci, w_cf, w_co = self._peepholes(diag)
         d_pre_o = dh * tanh_c * sigmoid_grad(o)
         dc = dc_next + dh * o * tanh_grad(tanh_c)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ class StackedCell(nn.Module):
         super().__init__()
         if len(cells) == 0:
             raise ValueError("StackedCell needs at least one cell")
-        for below, above in zip(cells, cells[1:]):
+        for below, above in pairwise(cells):
             if below.output_size != above.input_size:
                 raise ValueError(
                     f"StackedCell: a cell with output_size {below.output_size} feeds a cell "
