@@ -1,0 +1,236 @@
+"""The speed referee: every rnnkit cell variant against the torch.nn module of its family.
+
+For each variant and shape (T, B, H) it times forward-only and forward+backward of one layer
+(input size = H), alternating rnnkit and torch.nn runs in the same process so that both see the
+same machine state, and reports median times, the ratio rnnkit / torch.nn, and the achieved GEMM
+rate against a large square ``torch.mm`` measured in the same run. It also times one streaming step
+at batch 1 against ``torch.nn.LSTMCell``/``GRUCell``/``RNNCell``.
+
+    python benchmarks/speed.py                       # full table, writes docs/performance.md + PNG
+    python benchmarks/speed.py --quick               # one small shape, a few repeats
+    python benchmarks/speed.py --variants lstm gru_before --shapes 35,20,200
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import rnnkit
+from rnnkit.engine import get_default_backend
+
+# name -> (rnnkit constructor, torch.nn family constructor, gate blocks, rnnkit cell, torch cell)
+VARIANTS: dict[str, tuple[Callable[..., nn.Module], Callable[..., nn.Module], int,
+                          Callable[..., nn.Module], Callable[..., nn.Module]]] = {
+    "rnn_tanh": (lambda i, h, **k: rnnkit.RNN(i, h, **k), lambda i, h: nn.RNN(i, h), 1,
+                 lambda i, h: rnnkit.RNNCell(i, h), lambda i, h: nn.RNNCell(i, h)),
+    "rnn_sigmoid": (lambda i, h, **k: rnnkit.RNN(i, h, nonlinearity="sigmoid", **k),
+                    lambda i, h: nn.RNN(i, h), 1,
+                    lambda i, h: rnnkit.RNNCell(i, h, nonlinearity="sigmoid"),
+                    lambda i, h: nn.RNNCell(i, h)),
+    "lstm": (lambda i, h, **k: rnnkit.LSTM(i, h, **k), lambda i, h: nn.LSTM(i, h), 4,
+             lambda i, h: rnnkit.LSTMCell(i, h), lambda i, h: nn.LSTMCell(i, h)),
+    "lstm_peephole": (lambda i, h, **k: rnnkit.LSTM(i, h, peephole=True, **k),
+                      lambda i, h: nn.LSTM(i, h), 4,
+                      lambda i, h: rnnkit.LSTMCell(i, h, peephole=True),
+                      lambda i, h: nn.LSTMCell(i, h)),
+    "lstm_coupled": (lambda i, h, **k: rnnkit.LSTM(i, h, coupled=True, **k),
+                     lambda i, h: nn.LSTM(i, h), 3,
+                     lambda i, h: rnnkit.LSTMCell(i, h, coupled=True),
+                     lambda i, h: nn.LSTMCell(i, h)),
+    "lstm_peephole_coupled": (
+        lambda i, h, **k: rnnkit.LSTM(i, h, peephole=True, coupled=True, **k),
+        lambda i, h: nn.LSTM(i, h), 3,
+        lambda i, h: rnnkit.LSTMCell(i, h, peephole=True, coupled=True),
+        lambda i, h: nn.LSTMCell(i, h)),
+    "gru_after": (lambda i, h, **k: rnnkit.GRU(i, h, **k), lambda i, h: nn.GRU(i, h), 3,
+                  lambda i, h: rnnkit.GRUCell(i, h), lambda i, h: nn.GRUCell(i, h)),
+    "gru_before": (lambda i, h, **k: rnnkit.GRU(i, h, reset="before", **k),
+                   lambda i, h: nn.GRU(i, h), 3,
+                   lambda i, h: rnnkit.GRUCell(i, h, reset="before"),
+                   lambda i, h: nn.GRUCell(i, h)),
+}
+SHAPES = [(35, 20, 200), (100, 32, 256), (50, 64, 512), (200, 1, 64)]
+
+
+@dataclass
+class Row:
+    variant: str
+    shape: tuple[int, int, int]
+    mode: str
+    ours_ms: float
+    torch_ms: float
+    gflops: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_ms / self.torch_ms
+
+
+def alternate(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
+              warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of each callable, run alternately so both see the same machine state."""
+    for _ in range(warmup):
+        ours()
+        theirs()
+    ours_times, their_times = [], []
+    for _ in range(repeats):
+        for fn, times in ((ours, ours_times), (theirs, their_times)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ours_times), statistics.median(their_times)
+
+
+def gemm_rate(size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a large square float32 matmul on this machine, now."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def layer_flops(gates: int, steps: int, batch: int, hidden: int, backward: bool) -> float:
+    """GEMM FLOPs of one layer with input size H: forward 2·T·B·2H·GH, backward twice that."""
+    forward = 2 * steps * batch * (2 * hidden) * gates * hidden
+    return forward * (3 if backward else 1)
+
+
+def bench_sequence(name: str, shape: tuple[int, int, int], repeats: int) -> list[Row]:
+    make_ours, make_theirs, gates, _, _ = VARIANTS[name]
+    steps, batch, hidden = shape
+    ours, theirs = make_ours(hidden, hidden), make_theirs(hidden, hidden)
+    x = torch.randn(steps, batch, hidden)
+    x_grad = x.clone().requires_grad_()
+
+    def forward(module: nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return module(x)
+        return run
+
+    def train_step(module: nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            out, _ = module(x_grad)
+            out.sum().backward()
+            return None
+        return run
+
+    rows = []
+    for mode, make_fn, backward in (("forward", forward, False),
+                                    ("forward+backward", train_step, True)):
+        ours_s, theirs_s = alternate(make_fn(ours), make_fn(theirs), repeats)
+        gflops = layer_flops(gates, steps, batch, hidden, backward) / ours_s / 1e9
+        rows.append(Row(name, shape, mode, ours_s * 1e3, theirs_s * 1e3, gflops))
+    return rows
+
+
+def bench_single_step(name: str, hidden: int, repeats: int) -> Row:
+    _, _, gates, make_cell, make_torch_cell = VARIANTS[name]
+    ours, theirs = make_cell(hidden, hidden), make_torch_cell(hidden, hidden)
+    x = torch.randn(1, hidden)
+    our_state = ours.zero_state(1)
+    their_state = tuple(our_state) if len(our_state) == 2 else our_state[0]
+
+    def run_ours() -> object:
+        with torch.no_grad():
+            return ours(x, our_state)
+
+    def run_theirs() -> object:
+        with torch.no_grad():
+            return theirs(x, their_state)
+
+    ours_s, theirs_s = alternate(run_ours, run_theirs, repeats * 50, warmup=20)
+    gflops = layer_flops(gates, 1, 1, hidden, False) / ours_s / 1e9
+    return Row(name, (1, 1, hidden), "single step", ours_s * 1e3, theirs_s * 1e3, gflops)
+
+
+def markdown(rows: list[Row], gemm: float, backend: str) -> str:
+    lines = [
+        f"Backend `{backend}`, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"large-GEMM rate {gemm:.0f} GFLOP/s. Ratio = rnnkit time / torch.nn time "
+        "(below 1.00 is faster than torch.nn).",
+        "",
+        "| variant | T,B,H | mode | rnnkit ms | torch.nn ms | ratio | GFLOP/s | % of GEMM |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.variant} | {','.join(map(str, r.shape))} | {r.mode} | {r.ours_ms:.2f} | "
+            f"{r.torch_ms:.2f} | {r.ratio:.2f} | {r.gflops:.0f} | {100 * r.gflops / gemm:.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = ["forward", "forward+backward", "single step"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 6), sharey=False)
+    for ax, mode in zip(axes, modes):
+        selected = [r for r in rows if r.mode == mode]
+        labels = [f"{r.variant}\n{','.join(map(str, r.shape))}" for r in selected]
+        ax.barh(range(len(selected)), [r.ratio for r in selected], color="tab:blue")
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.set_yticks(range(len(selected)), labels, fontsize=6)
+        ax.invert_yaxis()
+        ax.set_title(f"{mode}: time / torch.nn time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--shapes", nargs="+", default=None, help="T,B,H triples")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="one small shape, 3 repeats")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="markdown file to write (default: docs/performance.md unless --quick)")
+    args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    repeats = args.repeats
+    if args.quick:
+        shapes, repeats = [(35, 20, 200)], 3
+    torch.manual_seed(0)
+    gemm = gemm_rate()
+    backend = get_default_backend()
+    rows: list[Row] = []
+    for name in args.variants:
+        for shape in shapes:
+            rows.extend(bench_sequence(name, shape, repeats))
+            print("\n".join(markdown(rows[-2:], gemm, backend).splitlines()[-2:]), flush=True)
+        rows.append(bench_single_step(name, 256, repeats))
+        print(markdown(rows[-1:], gemm, backend).splitlines()[-1], flush=True)
+    table = markdown(rows, gemm, backend)
+    print()
+    print(table)
+    out = args.out or (None if args.quick else Path("docs/performance.md"))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        png = out.with_suffix(".png")
+        bar_chart(rows, png)
+        command = "python benchmarks/speed.py"
+        out.write_text(f"# Performance\n\nMeasured by `{command}` on this project's 2-core CI "
+                       f"machine kind.\n\n{table}\n![ratios]({png.name})\n")
+        print(f"wrote {out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
