@@ -1,0 +1,241 @@
+r"""Connectionist temporal classification (Graves et al. 2006): the loss and its gradient by hand.
+
+The target ``l`` of length S is extended with blanks to ``l'`` = (blank, l_1, blank, …, l_S, blank)
+of length 2S+1. With emissions ``y_t(k) = log p_t(k)``, the forward variable is
+
+.. math::
+
+    α_t(s) = y_t(l'_s) + \log\sum \{α_{t-1}(s), α_{t-1}(s-1), α_{t-1}(s-2)\ \text{if}\ l'_s ≠
+    \text{blank and}\ l'_s ≠ l'_{s-2}\}
+
+and the loss is ``−log(α_{T-1}(2S) + α_{T-1}(2S−1))``. The backward variable β is the forward
+variable of the same problem reversed in time and in label order, so one recursion serves both:
+the two run together as one batch of 2N rows.
+
+The gradient returned for ``log_probs`` is the one ``torch.nn.functional.ctc_loss`` returns,
+``exp(y_t(k)) − exp(log Σ_{s: l'_s = k} α_t(s) β_t(s) + nll − y_t(k))``: for log-softmax inputs, which
+is what CTC takes, backpropagating it through the log-softmax gives the exact gradient w.r.t. the
+logits, and it is what torch users' code expects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def _padded_targets(targets: Tensor, target_lengths: Tensor) -> Tensor:
+    """(N, S_max) labels, whether ``targets`` came padded (N, S) or concatenated (sum S_n,)."""
+    if targets.dim() == 2:
+        return targets.long()
+    batch = target_lengths.numel()
+    width = int(target_lengths.max()) if batch else 0
+    padded = targets.new_zeros(batch, max(width, 1), dtype=torch.long)
+    offset = 0
+    for n, length in enumerate(target_lengths.tolist()):
+        padded[n, :length] = targets[offset:offset + length]
+        offset += length
+    return padded
+
+
+def _check(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
+           blank: int, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if log_probs.dim() != 3:
+        raise ValueError(
+            f"log_probs must be (T, N, C) log-probabilities, got shape {tuple(log_probs.shape)}"
+        )
+    if not log_probs.is_floating_point():
+        raise TypeError(f"log_probs must be floating point, got {log_probs.dtype}")
+    steps, batch, classes = log_probs.shape
+    if not 0 <= blank < classes:
+        raise ValueError(f"blank index {blank} is outside the {classes} classes of log_probs")
+    for name, lengths in (("input_lengths", input_lengths), ("target_lengths", target_lengths)):
+        if lengths.shape != (batch,):
+            raise ValueError(
+                f"{name} must have one entry per sample ({batch}), got shape {tuple(lengths.shape)}"
+            )
+    if batch and int(input_lengths.max()) > steps:
+        raise ValueError(
+            f"an input length ({int(input_lengths.max())}) exceeds the {steps} frames of log_probs"
+        )
+    if batch and int(input_lengths.min()) < 0:
+        raise ValueError("input lengths must not be negative")
+    if targets.dim() == 2:
+        if targets.shape[0] != batch or (batch and int(target_lengths.max()) > targets.shape[1]):
+            raise ValueError(
+                f"padded targets {tuple(targets.shape)} do not hold target_lengths up to "
+                f"{int(target_lengths.max())} for {batch} samples"
+            )
+    elif targets.dim() == 1:
+        if targets.numel() != int(target_lengths.sum()):
+            raise ValueError(
+                f"concatenated targets hold {targets.numel()} labels but target_lengths sum to "
+                f"{int(target_lengths.sum())}"
+            )
+    else:
+        raise ValueError(f"targets must be (N, S) or concatenated (sum S_n,), got "
+                         f"{tuple(targets.shape)}")
+
+
+def minimum_input_lengths(labels: Tensor, target_lengths: Tensor) -> Tensor:
+    """Frames an alignment needs: one per label plus one blank between each repeated pair."""
+    repeats = (labels[:, 1:] == labels[:, :-1]) if labels.shape[1] > 1 else labels[:, :0].bool()
+    positions = torch.arange(repeats.shape[1]).unsqueeze(0) + 1
+    repeats = repeats & (positions < target_lengths.unsqueeze(1))
+    return target_lengths + repeats.sum(1)
+
+
+def _forward_variables(emit: Tensor, skip_allowed: Tensor) -> Tensor:
+    """α for every frame: emit (T, R, L') log-emissions, skip_allowed (R, L') → (T, R, L')."""
+    steps, rows, width = emit.shape
+    impossible = emit.new_full((rows, 2), float("-inf"))
+    no_skip = torch.full_like(skip_allowed, float("-inf"), dtype=emit.dtype)
+    alpha = emit.new_empty(steps, rows, width)
+    previous = emit.new_full((rows, width), float("-inf"))
+    previous[:, 0] = 0.0  # a virtual frame before t = 0 that may only enter l'_0 or l'_1
+    for t in range(steps):
+        stay = previous
+        advance = torch.cat((impossible[:, :1], previous[:, :-1]), dim=1)
+        skip = torch.cat((impossible, previous[:, :-2]), dim=1)[:, :width]
+        skip = torch.where(skip_allowed, skip, no_skip)
+        previous = torch.logsumexp(torch.stack((stay, advance, skip)), dim=0) + emit[t]
+        alpha[t] = previous
+    return alpha
+
+
+def _skip_allowed(extended: Tensor, blank: int) -> Tensor:
+    """Where α may come from two labels back: a label that differs from the label before it."""
+    two_back = torch.cat((torch.full_like(extended[:, :2], blank), extended[:, :-2]), dim=1)
+    return (extended != blank) & (extended != two_back)
+
+
+def _reverse_rows(values: Tensor, lengths: Tensor, dim: int, batch_dim: int) -> Tensor:
+    """Reverses the first ``lengths[n]`` entries along ``dim`` of each batch row ``n``."""
+    size = values.shape[dim]
+    position = torch.arange(size).view([size if d == dim else 1 for d in range(values.dim())])
+    length = lengths.view([lengths.numel() if d == batch_dim else 1 for d in range(values.dim())])
+    source = torch.where(position < length, length - 1 - position, position)
+    return values.gather(dim, source.expand_as(values))
+
+
+class _CTC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, log_probs: Tensor, labels: Tensor, input_lengths: Tensor,
+                target_lengths: Tensor, blank: int, zero_infinity: bool) -> Tensor:
+        steps, batch, classes = log_probs.shape
+        width = 2 * labels.shape[1] + 1
+        extended = labels.new_full((batch, width), blank)
+        extended[:, 1::2] = labels
+        ext_lengths = 2 * target_lengths + 1
+        inside = torch.arange(width).unsqueeze(0) < ext_lengths.unsqueeze(1)  # (N, L')
+        reversed_extended = _reverse_rows(extended, ext_lengths, 1, 0)
+
+        emit = log_probs.gather(2, extended.unsqueeze(0).expand(steps, batch, width))
+        emit = emit.masked_fill(~inside.unsqueeze(0), float("-inf"))
+        frames = torch.arange(steps).view(steps, 1, 1)
+        emit = emit.masked_fill(frames >= input_lengths.view(1, batch, 1), float("-inf"))
+        # β is α of the problem reversed in time (within each input) and in label order
+        reversed_emit = _reverse_rows(_reverse_rows(emit, input_lengths, 0, 1), ext_lengths, 2, 1)
+        skip_allowed = _skip_allowed(torch.cat((extended, reversed_extended)), blank)
+        both = _forward_variables(torch.cat((emit, reversed_emit), 1), skip_allowed)
+        alpha = both[:, :batch]
+        beta = _reverse_rows(_reverse_rows(both[:, batch:], ext_lengths, 2, 1), input_lengths, 0, 1)
+
+        last = (input_lengths - 1).clamp(min=0)
+        final = alpha[last, torch.arange(batch)]  # (N, L')
+        ends = torch.stack((ext_lengths - 1, (ext_lengths - 2).clamp(min=0)), 1)
+        end_values = final.gather(1, ends)
+        end_values[:, 1] = torch.where(target_lengths > 0, end_values[:, 1],
+                                       torch.full_like(end_values[:, 1], float("-inf")))
+        nll = -torch.logsumexp(end_values, dim=1)
+        nll = torch.where(input_lengths > 0, nll, torch.where(
+            target_lengths > 0, torch.full_like(nll, float("inf")), torch.zeros_like(nll)))
+
+        # log Σ_{s: l'_s = k} α_t(s) β_t(s), by a max-shifted scatter over the label axis
+        occupancy = alpha + beta  # (T, N, L')
+        shift = occupancy.amax(2, keepdim=True).clamp(min=torch.finfo(occupancy.dtype).min)
+        per_class = log_probs.new_zeros(steps, batch, classes)
+        per_class.scatter_add_(2, extended.unsqueeze(0).expand(steps, batch, width),
+                               (occupancy - shift).exp())
+        log_occupancy = per_class.log() + shift
+        grad = log_probs.exp() - (log_occupancy + nll.view(1, batch, 1) - log_probs).exp()
+        grad = grad.masked_fill(frames >= input_lengths.view(1, batch, 1), 0.0)
+        infinite = torch.isinf(nll)
+        if zero_infinity:
+            nll = torch.where(infinite, torch.zeros_like(nll), nll)
+            grad = grad.masked_fill(infinite.view(1, batch, 1), 0.0)
+        ctx.save_for_backward(grad)
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, d_nll: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * d_nll.view(1, -1, 1), None, None, None, None, None
+
+
+def ctc_loss(
+    log_probs: Tensor,
+    targets: Tensor,
+    input_lengths: Tensor | list[int] | tuple[int, ...],
+    target_lengths: Tensor | list[int] | tuple[int, ...],
+    blank: int = 0,
+    reduction: str = "mean",
+    zero_infinity: bool = False,
+) -> Tensor:
+    """The CTC loss with the signature and semantics of ``torch.nn.functional.ctc_loss``.
+
+    ``log_probs`` (T, N, C) are log-softmax outputs; ``targets`` are padded (N, S) or concatenated
+    (sum of target_lengths,). ``reduction="mean"`` divides each loss by its target length and
+    averages over the batch, as torch does. Where a target cannot be aligned at all (its input is
+    shorter than its labels plus one blank per repeated pair) this raises an error naming the
+    sample, unless ``zero_infinity=True``, which makes that sample's loss and gradient zero.
+    """
+    unbatched = log_probs.dim() == 2
+    if unbatched:
+        log_probs = log_probs.unsqueeze(1)
+        targets = targets.unsqueeze(0) if targets.dim() == 1 else targets
+    input_lengths = torch.as_tensor(input_lengths, dtype=torch.long).cpu().reshape(-1)
+    target_lengths = torch.as_tensor(target_lengths, dtype=torch.long).cpu().reshape(-1)
+    _check(log_probs, targets, input_lengths, target_lengths, blank, reduction)
+    labels = _padded_targets(targets, target_lengths)
+    labels = labels * (torch.arange(labels.shape[1]).unsqueeze(0) < target_lengths.unsqueeze(1))
+    if not zero_infinity:
+        needed = minimum_input_lengths(labels, target_lengths)
+        short = (input_lengths < needed).nonzero().flatten()
+        if short.numel():
+            n = int(short[0])
+            raise ValueError(
+                f"CTC cannot align sample {n}: its input length is {int(input_lengths[n])} frames "
+                f"but its {int(target_lengths[n])} labels need at least {int(needed[n])} (one frame "
+                "per label plus a blank between repeated labels); shorten the target, lengthen "
+                "the input, or pass zero_infinity=True to give such samples zero loss"
+            )
+    nll = _CTC.apply(log_probs, labels, input_lengths, target_lengths, blank, zero_infinity)
+    if reduction == "none":
+        return nll.squeeze(0) if unbatched else nll
+    if reduction == "sum":
+        return nll.sum()
+    return (nll / target_lengths.clamp(min=1).to(nll.dtype)).mean()
+
+
+class CTCLoss(nn.Module):
+    """Module form of :func:`ctc_loss`, as ``torch.nn.CTCLoss``."""
+
+    def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.blank = blank
+        self.reduction = reduction
+        self.zero_infinity = zero_infinity
+
+    def forward(self, log_probs: Tensor, targets: Tensor, input_lengths: Any,
+                target_lengths: Any) -> Tensor:
+        return ctc_loss(log_probs, targets, input_lengths, target_lengths, self.blank,
+                        self.reduction, self.zero_infinity)
