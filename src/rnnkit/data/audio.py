@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class AudioError(ValueError):
@@ -135,23 +135,37 @@ class FeatureExtractor:
         self.filters = mel_filterbank(config.num_mels, self.n_fft, config.sample_rate)
         self.dct = dct_matrix(config.num_mfcc, config.num_mels) if config.num_mfcc else None
 
+    def num_frames(self, num_samples: int) -> int:
+        return 1 + (num_samples - self.n_fft) // self.hop_length
+
     def __call__(self, samples: Tensor) -> Tensor:
-        if samples.dim() != 1:
-            raise AudioError(f"expected mono samples (samples,), got shape {tuple(samples.shape)}")
-        if samples.numel() < self.n_fft:  # the STFT frames are n_fft samples long
-            raise AudioError(
-                f"audio of {samples.numel()} samples is shorter than one "
-                f"{self.config.window_ms:g} ms analysis frame ({self.n_fft} samples)"
-            )
-        spectrum = torch.stft(samples.float(), self.n_fft, self.hop_length, self.win_length,
-                              self.window, center=False, return_complex=True)
-        power = spectrum.abs().pow(2).t()  # (frames, n_fft // 2 + 1)
+        return self.batch([samples])[0]
+
+    def batch(self, waveforms: list[Tensor]) -> list[Tensor]:
+        """Features of several waveforms with one STFT and one filterbank GEMM for all of them."""
+        for samples in waveforms:
+            if samples.dim() != 1:
+                raise AudioError(
+                    f"expected mono samples (samples,), got shape {tuple(samples.shape)}")
+            if samples.numel() < self.n_fft:  # the STFT frames are n_fft samples long
+                raise AudioError(
+                    f"audio of {samples.numel()} samples is shorter than one "
+                    f"{self.config.window_ms:g} ms analysis frame ({self.n_fft} samples)"
+                )
+        padded = nn.utils.rnn.pad_sequence([w.float() for w in waveforms], batch_first=True)
+        spectrum = torch.stft(padded, self.n_fft, self.hop_length, self.win_length, self.window,
+                              center=False, return_complex=True)  # (B, bins, frames)
+        power = spectrum.abs().pow(2).transpose(1, 2)  # (B, frames, bins)
         features = torch.log(power @ self.filters.t() + self.config.log_floor)
         if self.dct is not None:
             features = features @ self.dct
-        if self.config.normalize:
-            features = (features - features.mean(0)) / (features.std(0, unbiased=False) + 1e-5)
-        return features
+        results = []
+        for row, samples in enumerate(waveforms):
+            frames = features[row, : self.num_frames(samples.numel())]
+            if self.config.normalize:
+                frames = (frames - frames.mean(0)) / (frames.std(0, unbiased=False) + 1e-5)
+            results.append(frames)
+        return results
 
     def from_file(self, path: str | Path) -> Tensor:
         samples, _ = read_wav(path, expected_rate=self.config.sample_rate)

@@ -1,0 +1,62 @@
+"""The recurrent part every model shares: which cell, how deep, how wide, which direction.
+
+Models (language model, acoustic model, tagger, classifier, seq2seq) describe their recurrent
+stack with a :class:`RecurrentConfig` and build it with :func:`build_recurrent`, so every cell
+variant and option is available to every task in the same words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from rnnkit.layers import GRU, LSTM, RNN, RecurrentLayer
+
+CELLS = ("lstm", "gru", "rnn")
+
+
+@dataclass
+class RecurrentConfig:
+    cell: str = "lstm"
+    layers: int = 2
+    hidden: int = 128
+    bidirectional: bool = False
+    dropout: float = 0.0
+    peephole: bool = False  # LSTM only
+    coupled: bool = False  # LSTM only
+    forget_bias: float | None = None  # LSTM only
+    reset: str = "after"  # GRU only
+    nonlinearity: str = "tanh"  # Elman RNN only
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        if (self.peephole or self.coupled or self.forget_bias is not None) and self.cell != "lstm":
+            raise ValueError("peephole, coupled and forget_bias are LSTM options")
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden * (2 if self.bidirectional else 1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecurrentConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown recurrent option(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_recurrent(config: RecurrentConfig, input_size: int) -> RecurrentLayer:
+    """The rnnkit sequence layer described by ``config`` (time-major, like torch.nn)."""
+    common = dict(num_layers=config.layers, dropout=config.dropout if config.layers > 1 else 0.0,
+                  bidirectional=config.bidirectional)
+    if config.cell == "lstm":
+        return LSTM(input_size, config.hidden, peephole=config.peephole, coupled=config.coupled,
+                    forget_bias=config.forget_bias, **common)
+    if config.cell == "gru":
+        return GRU(input_size, config.hidden, reset=config.reset, **common)
+    return RNN(input_size, config.hidden, nonlinearity=config.nonlinearity, **common)
