@@ -1,5 +1,6 @@
-"""Turning network outputs into label sequences: CTC greedy and prefix beam-search decoding."""
+"""Turning network outputs into sequences: CTC greedy / prefix beam search, and generic beam search."""
 
+from rnnkit.decoding.beam import beam_search, greedy_search
 from rnnkit.decoding.ctc import (
     Hypothesis,
     LabelScorer,
@@ -8,4 +9,12 @@ from rnnkit.decoding.ctc import (
     prefix_beam_search,
 )
 
-__all__ = ["Hypothesis", "LabelScorer", "decode_batch", "greedy_decode", "prefix_beam_search"]
+__all__ = [
+    "Hypothesis",
+    "LabelScorer",
+    "beam_search",
+    "decode_batch",
+    "greedy_decode",
+    "greedy_search",
+    "prefix_beam_search",
+]

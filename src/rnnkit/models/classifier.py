@@ -1,0 +1,146 @@
+"""Many-to-one: a sequence in, one label out (sentiment, parity, intent; images read row by row).
+
+    tokens (T, B) ─embedding─► (T, B, E) ─(bi)RNN─► (T, B, D·H) ─pool─► (B, D·H) ─linear─► (B, C)
+
+Pooling looks only at each sequence's valid steps: ``final`` is the last layer's final state
+(both directions concatenated when bidirectional: the forward state after the last real token
+and the backward state after the first), ``mean`` and ``max`` run over the real outputs.
+
+With ``embedding = 0`` the inputs are feature vectors (T, B, ``input_size``) instead of token ids:
+that is the row-by-row image reader (:func:`image_rows`), the one-to-one baseline in which each
+image row is one time step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rnnkit.models.recurrent import RecurrentConfig, build_recurrent
+
+POOLINGS = ("final", "mean", "max")
+
+
+def recurrent_option(data: dict[str, Any], key: str = "recurrent") -> RecurrentConfig:
+    """Pops ``key`` from a config dict being rebuilt: a RecurrentConfig, its dict, or absent."""
+    value = data.pop(key, {})
+    return value if isinstance(value, RecurrentConfig) else RecurrentConfig.from_dict(value)
+
+
+@dataclass
+class ClassifierConfig:
+    """Everything needed to rebuild a :class:`SequenceClassifier`; JSON-able via ``to_dict``."""
+
+    classes: int = 2
+    vocab_size: int = 0  # token ids in; 0 together with embedding = 0: feature vectors in
+    embedding: int = 64  # 0: inputs are (T, B, input_size) float features
+    input_size: int = 0  # feature size when embedding = 0
+    pooling: str = "final"
+    dropout: float = 0.0  # on the embeddings and on the pooled vector
+    pad: int = 0  # embedding row kept at zero
+    recurrent: RecurrentConfig = field(default_factory=lambda: RecurrentConfig(layers=1, hidden=64))
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.classes < 1:
+            raise ValueError(f"classes must be positive, got {self.classes}")
+        if self.embedding and self.vocab_size <= 0:
+            raise ValueError("an embedding needs vocab_size > 0")
+        if not self.embedding and self.input_size <= 0:
+            raise ValueError("without an embedding (feature inputs) input_size must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
+        data = dict(data)
+        return cls(recurrent=recurrent_option(data), **data)
+
+
+def final_hidden(state: Any, bidirectional: bool) -> Tensor:
+    """The top layer's final h from a layer's state ((L·D, B, H) or LSTM (h, c)): (B, D·H)."""
+    h = state[0] if isinstance(state, tuple) else state  # (L·D, B, H)
+    if bidirectional:
+        return torch.cat((h[-2], h[-1]), dim=1)  # (B, 2H): forward, backward of the top layer
+    return h[-1]  # (B, H)
+
+
+def valid_mask(lengths: Tensor, steps: int) -> Tensor:
+    """(T, B) bool, True where t < lengths[b]."""
+    return torch.arange(steps, device=lengths.device).unsqueeze(1) < lengths.unsqueeze(0)
+
+
+def pool(outputs: Tensor, state: Any, lengths: Tensor, mode: str, bidirectional: bool) -> Tensor:
+    """One vector per sequence from a layer's outputs (T, B, F) and final state: (B, F)."""
+    if mode == "final":
+        return final_hidden(state, bidirectional)
+    mask = valid_mask(lengths.to(outputs.device), outputs.shape[0]).unsqueeze(2)  # (T, B, 1)
+    if mode == "mean":
+        return (outputs * mask).sum(0) / lengths.to(outputs.device, outputs.dtype).unsqueeze(1)
+    if mode == "max":
+        return outputs.masked_fill(~mask, float("-inf")).max(0).values
+    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {mode!r}")
+
+
+def _lengths(inputs: Tensor, lengths: Tensor | None) -> Tensor:
+    if lengths is None:
+        return torch.full((inputs.shape[1],), inputs.shape[0], dtype=torch.int64)
+    return torch.as_tensor(lengths, dtype=torch.int64)
+
+
+class SequenceClassifier(nn.Module):
+    def __init__(self, config: ClassifierConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.embedding:
+            self.embedding: nn.Embedding | None = nn.Embedding(
+                config.vocab_size, config.embedding, padding_idx=config.pad)
+        else:
+            self.embedding = None
+        self.rnn = build_recurrent(config.recurrent, config.embedding or config.input_size)
+        self.drop = nn.Dropout(config.dropout)
+        self.output = nn.Linear(config.recurrent.output_size, config.classes)
+
+    def encode(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """The pooled sequence vector (B, D·H)."""
+        lengths = _lengths(inputs, lengths)
+        x = self.drop(self.embedding(inputs)) if self.embedding is not None else inputs  # (T, B, E)
+        outputs, state = self.rnn(x, lengths=lengths)  # (T, B, D·H)
+        return pool(outputs, state, lengths, self.config.pooling, self.config.recurrent.bidirectional)
+
+    def forward(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """inputs (T, B) ids or (T, B, I) features, lengths (B,) → logits (B, C)."""
+        return self.output(self.drop(self.encode(inputs, lengths)))
+
+    def loss(self, inputs: Tensor, lengths: Tensor | None, labels: Tensor) -> Tensor:
+        """Mean cross-entropy over the batch."""
+        return F.cross_entropy(self(inputs, lengths), labels)
+
+    @torch.no_grad()
+    def predict(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """The most likely class per sequence (B,)."""
+        return self(inputs, lengths).argmax(-1)
+
+
+# --- row-by-row image reader ------------------------------------------------------------------
+
+
+def image_rows(images: Tensor) -> Tensor:
+    """Images (B, H, W) → a time-major sequence of rows (H, B, W): row i is time step i."""
+    if images.dim() != 3:
+        raise ValueError(f"images must be (B, H, W), got shape {tuple(images.shape)}")
+    return images.transpose(0, 1).contiguous()
+
+
+def row_reader_config(
+    width: int, classes: int, recurrent: RecurrentConfig | None = None, pooling: str = "final"
+) -> ClassifierConfig:
+    """A classifier over image rows: feature inputs of ``width`` pixels, no embedding."""
+    return ClassifierConfig(classes=classes, embedding=0, input_size=width, pooling=pooling,
+                            recurrent=recurrent or RecurrentConfig(layers=1, hidden=128))

@@ -1,0 +1,154 @@
+"""Many-to-many with Tx = Ty: one tag per token (NER, POS, slot filling), optionally + an intent.
+
+    tokens (T, B) ─embedding─► (T, B, E) ┐
+    characters of each word (T, B, W) ─char BiRNN─► (T, B, 2·Hc) ┴─concat─► BiRNN ─► (T, B, D·H)
+        ─linear─► emissions (T, B, K) ─► softmax per token, or a linear-chain CRF over the sentence
+        └─pool─► linear ─► intent logits (B, I)        (joint slot filling + intent, e.g. ATIS)
+
+The character BiRNN (Lample et al. 2016) gives rare and unseen words a representation from
+their spelling; its forward final state (after the last character) and backward final state
+(after the first) are concatenated to the word embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rnnkit.models.classifier import POOLINGS, final_hidden, pool, recurrent_option, valid_mask
+from rnnkit.models.crf import LinearChainCRF
+from rnnkit.models.recurrent import RecurrentConfig, build_recurrent
+
+
+@dataclass
+class TaggerConfig:
+    """Everything needed to rebuild a :class:`Tagger`; JSON-able via ``to_dict``."""
+
+    vocab_size: int = 0
+    tags: int = 0
+    embedding: int = 64
+    pad: int = 0  # padding id of words (and of characters)
+    crf: bool = False
+    chars: int = 0  # character vocabulary size; 0: no character features
+    char_embedding: int = 16
+    char_hidden: int = 16  # per direction
+    intents: int = 0  # 0: no intent head
+    intent_pooling: str = "final"
+    intent_weight: float = 1.0  # loss = tag loss + intent_weight · intent loss
+    dropout: float = 0.0
+    recurrent: RecurrentConfig = field(
+        default_factory=lambda: RecurrentConfig(layers=1, hidden=64, bidirectional=True))
+
+    def __post_init__(self) -> None:
+        if self.vocab_size <= 0 or self.tags <= 0:
+            raise ValueError(f"vocab_size and tags must be positive, got {self.vocab_size}, {self.tags}")
+        if self.intent_pooling not in POOLINGS:
+            raise ValueError(f"intent_pooling must be one of {', '.join(POOLINGS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaggerConfig:
+        data = dict(data)
+        return cls(recurrent=recurrent_option(data), **data)
+
+
+@dataclass
+class TaggerOutput:
+    emissions: Tensor  # (T, B, K) per-token tag scores
+    mask: Tensor  # (T, B) bool, True on real tokens
+    intent_logits: Tensor | None  # (B, I) or None
+
+
+class Tagger(nn.Module):
+    def __init__(self, config: TaggerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding, padding_idx=config.pad)
+        word_size = config.embedding
+        self.char_embedding: nn.Embedding | None = None
+        if config.chars:
+            self.char_embedding = nn.Embedding(config.chars, config.char_embedding, padding_idx=config.pad)
+            char_config = RecurrentConfig(cell=config.recurrent.cell, layers=1, hidden=config.char_hidden,
+                                          bidirectional=True)
+            self.char_rnn = build_recurrent(char_config, config.char_embedding)
+            word_size += 2 * config.char_hidden
+        self.rnn = build_recurrent(config.recurrent, word_size)
+        self.drop = nn.Dropout(config.dropout)
+        self.emit = nn.Linear(config.recurrent.output_size, config.tags)
+        self.crf = LinearChainCRF(config.tags) if config.crf else None
+        self.intent = nn.Linear(config.recurrent.output_size, config.intents) if config.intents else None
+
+    def _char_features(self, chars: Tensor, char_lengths: Tensor, mask: Tensor) -> Tensor:
+        """Characters (T, B, W) with word lengths (T, B) → (T, B, 2·Hc), zero at padding words."""
+        assert self.char_embedding is not None
+        steps, batch, _ = chars.shape
+        flat_mask = mask.reshape(-1)  # (T·B,)
+        words = chars.reshape(steps * batch, -1)[flat_mask]  # (N, W): real words only, no wasted work
+        lengths = char_lengths.reshape(-1)[flat_mask].cpu()  # (N,)
+        if bool((lengths < 1).any()):
+            raise ValueError("every real word needs at least one character (char_lengths ≥ 1)")
+        words = words[:, : int(lengths.max())]  # (N, W')
+        x = self.char_embedding(words.t())  # (W', N, Ec)
+        _, state = self.char_rnn(x, lengths=lengths)
+        features = final_hidden(state, bidirectional=True)  # (N, 2·Hc)
+        out = features.new_zeros(steps * batch, features.shape[1])
+        out[flat_mask] = features
+        return out.view(steps, batch, -1)  # (T, B, 2·Hc)
+
+    def forward(self, tokens: Tensor, lengths: Tensor, chars: Tensor | None = None,
+                char_lengths: Tensor | None = None) -> TaggerOutput:
+        """tokens (T, B), lengths (B,) [, chars (T, B, W), char_lengths (T, B)] → emissions etc."""
+        lengths = torch.as_tensor(lengths, dtype=torch.int64)
+        mask = valid_mask(lengths.to(tokens.device), tokens.shape[0])  # (T, B)
+        x = self.embedding(tokens)  # (T, B, E)
+        if self.char_embedding is not None:
+            if chars is None or char_lengths is None:
+                raise ValueError("this tagger uses character features: pass chars and char_lengths")
+            x = torch.cat((x, self._char_features(chars, char_lengths, mask)), dim=2)  # (T, B, E+2Hc)
+        outputs, state = self.rnn(self.drop(x), lengths=lengths)  # (T, B, D·H)
+        emissions = self.emit(self.drop(outputs))  # (T, B, K)
+        intent = None
+        if self.intent is not None:
+            pooled = pool(outputs, state, lengths, self.config.intent_pooling,
+                          self.config.recurrent.bidirectional)  # (B, D·H)
+            intent = self.intent(self.drop(pooled))  # (B, I)
+        return TaggerOutput(emissions, mask, intent)
+
+    def loss(self, tokens: Tensor, lengths: Tensor, tags: Tensor, chars: Tensor | None = None,
+             char_lengths: Tensor | None = None, intents: Tensor | None = None) -> Tensor:
+        """Per-token tag loss (CRF NLL or cross-entropy) + intent_weight · intent cross-entropy.
+
+        ``tags`` (T, B) may hold anything at padding positions; they are masked out.
+        """
+        out = self(tokens, lengths, chars, char_lengths)
+        if self.crf is not None:
+            # padding positions must still index a valid tag for the gather in score()
+            safe_tags = tags.masked_fill(~out.mask, 0)
+            loss = self.crf.loss(out.emissions, safe_tags, out.mask)
+        else:
+            loss = F.cross_entropy(out.emissions[out.mask], tags[out.mask])
+        if out.intent_logits is not None:
+            if intents is None:
+                raise ValueError("this tagger has an intent head: pass intents (B,)")
+            loss = loss + self.config.intent_weight * F.cross_entropy(out.intent_logits, intents)
+        return loss
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor, lengths: Tensor, chars: Tensor | None = None,
+               char_lengths: Tensor | None = None) -> tuple[list[list[int]], list[int] | None]:
+        """Best tags per sentence (lists of each sentence's length; Viterbi with a CRF, else
+        per-token argmax) and the predicted intents (None without an intent head)."""
+        out = self(tokens, lengths, chars, char_lengths)
+        if self.crf is not None:
+            tags, _ = self.crf.decode(out.emissions, out.mask)
+        else:
+            best = out.emissions.argmax(-1).t().tolist()  # (B, T)
+            tags = [row[: int(n)] for row, n in zip(best, out.mask.sum(0).tolist())]
+        intents = out.intent_logits.argmax(-1).tolist() if out.intent_logits is not None else None
+        return tags, intents

@@ -1,0 +1,111 @@
+"""Many-to-one classifier: pooling over valid steps only, configs round-trip, parity is learnt."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from rnnkit.data.text import pad_sequences
+from rnnkit.models.classifier import (
+    ClassifierConfig,
+    SequenceClassifier,
+    image_rows,
+    pool,
+    row_reader_config,
+)
+from rnnkit.models.recurrent import RecurrentConfig, build_recurrent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # tiny GEMMs gain nothing from threads, and on a shared machine spinning workers cost 100×
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_config_round_trips_through_json() -> None:
+    config = ClassifierConfig(classes=3, vocab_size=10, pooling="max",
+                              recurrent=RecurrentConfig(cell="gru", layers=2, hidden=8, bidirectional=True))
+    again = ClassifierConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    with pytest.raises(ValueError, match="pooling"):
+        ClassifierConfig(vocab_size=3, pooling="sum")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_pooling_looks_only_at_valid_steps(cell: str) -> None:
+    rnn = build_recurrent(RecurrentConfig(cell=cell, layers=2, hidden=5, bidirectional=True), 3)
+    x = torch.randn(6, 3, 3)  # (T, B, I)
+    lengths = torch.tensor([6, 2, 4])
+    outputs, state = rnn(x, lengths=lengths)  # (T, B, 10)
+    final = pool(outputs, state, lengths, "final", bidirectional=True)
+    mean = pool(outputs, state, lengths, "mean", bidirectional=True)
+    top = pool(outputs, state, lengths, "max", bidirectional=True)
+    for b, n in enumerate(lengths.tolist()):
+        # the forward half is the output after the last real step, the backward half after step 0
+        torch.testing.assert_close(final[b, :5], outputs[n - 1, b, :5])
+        torch.testing.assert_close(final[b, 5:], outputs[0, b, 5:])
+        torch.testing.assert_close(mean[b], outputs[:n, b].mean(0))
+        torch.testing.assert_close(top[b], outputs[:n, b].max(0).values)
+    # garbage past the lengths must not change anything
+    x2 = x.clone()
+    x2[2:, 1] = 100.0
+    outputs2, state2 = rnn(x2, lengths=lengths)
+    torch.testing.assert_close(pool(outputs2, state2, lengths, "max", True), top)
+
+
+def test_learns_parity_of_variable_length_bit_strings() -> None:
+    strings = [list(s) for n in range(1, 9) for s in itertools.product([1, 2], repeat=n)]  # 0 = pad
+    labels = torch.tensor([s.count(2) % 2 for s in strings])
+    tokens, lengths = pad_sequences(strings)  # (8, 510)
+    model = SequenceClassifier(ClassifierConfig(
+        classes=2, vocab_size=3, embedding=8, recurrent=RecurrentConfig(cell="gru", layers=1, hidden=16)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+    accuracy = 0.0
+    for step in range(300):
+        loss = model.loss(tokens, lengths, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 20 == 19:
+            accuracy = (model.predict(tokens, lengths) == labels).float().mean().item()
+            if accuracy == 1.0:
+                break
+    assert accuracy == 1.0
+
+
+def test_row_reader_reads_images_row_by_row() -> None:
+    images = torch.rand(4, 8, 6)  # (B, H, W)
+    rows = image_rows(images)  # (H, B, W)
+    assert rows.shape == (8, 4, 6)
+    torch.testing.assert_close(rows[3, 2], images[2, 3])
+    model = SequenceClassifier(row_reader_config(6, 10, RecurrentConfig(layers=1, hidden=8)))
+    assert model(rows).shape == (4, 10)
+
+
+@pytest.mark.slow
+def test_row_reader_on_sklearn_digits() -> None:
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32) / 16.0  # (1797, 8, 8)
+    labels = torch.tensor(digits.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train, test = order[:1400], order[1400:]
+    model = SequenceClassifier(row_reader_config(8, 10, RecurrentConfig(cell="lstm", layers=1, hidden=64)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    shuffle = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        for batch in train[torch.randperm(len(train), generator=shuffle)].split(64):
+            loss = model.loss(image_rows(images[batch]), None, labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    accuracy = (model.predict(image_rows(images[test])) == labels[test]).float().mean().item()
+    assert accuracy >= 0.97  # the task target; ≈0.98 after 40 epochs
