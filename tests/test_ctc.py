@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import math
+import warnings
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from rnnkit.decoding import decode_batch, greedy_decode, prefix_beam_search
-from rnnkit.losses import CTCLoss, ctc_loss
+from rnnkit.losses import CTCLoss, ctc, ctc_loss
+from rnnkit.native import NativeExtension
+
+BACKENDS = ["native", "python"]
+
+
+@pytest.fixture(scope="module")
+def native_available() -> None:
+    """Skips a test when the C++ kernel cannot be built here (the first call compiles it)."""
+    reason = ctc.native_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"native CTC kernel unavailable: {reason}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "native":
+        request.getfixturevalue("native_available")
+    return request.param
 
 
 def _random_batch(dtype: torch.dtype, blank: int, classes: int = 6, batch: int = 7,
@@ -40,37 +60,166 @@ def _loss_and_grads(fn, logits, targets, input_lengths, target_lengths, **option
 @pytest.mark.parametrize("blank", [0, 5])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("layout", ["padded", "concatenated"])
-def test_loss_and_gradients_equal_torch(dtype, tolerance, blank, reduction, layout) -> None:
+def test_loss_and_gradients_equal_torch(dtype, tolerance, blank, reduction, layout,
+                                        backend) -> None:
+    # the batch has repeated labels, an empty target and input lengths shorter than T
     logits, targets, input_lengths, target_lengths = _random_batch(dtype, blank)
     if layout == "concatenated":
         targets = torch.cat([row[:n] for row, n in zip(targets, target_lengths.tolist())])
     options = dict(blank=blank, reduction=reduction)
-    ours = _loss_and_grads(ctc_loss, logits, targets, input_lengths, target_lengths, **options)
+    ours = _loss_and_grads(partial(ctc_loss, backend=backend), logits, targets, input_lengths,
+                           target_lengths, **options)
     theirs = _loss_and_grads(F.ctc_loss, logits, targets, input_lengths, target_lengths,
                              **options)
     for got, want in zip(ours, theirs):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
-def test_bit_identical_across_runs() -> None:
+def test_bit_identical_across_runs(backend) -> None:
     logits, targets, input_lengths, target_lengths = _random_batch(torch.float32, 0)
-    first = _loss_and_grads(ctc_loss, logits, targets, input_lengths, target_lengths)
-    second = _loss_and_grads(ctc_loss, logits, targets, input_lengths, target_lengths)
+    fn = partial(ctc_loss, backend=backend)
+    first = _loss_and_grads(fn, logits, targets, input_lengths, target_lengths)
+    second = _loss_and_grads(fn, logits, targets, input_lengths, target_lengths)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def test_impossible_alignment_is_a_clear_error_or_zero() -> None:
+def _long_batch(dtype: torch.dtype, seed: int, steps: int = 80, batch: int = 9, classes: int = 12,
+                blank: int = 0, scale: float = 1.0):
+    """A larger batch: varied lengths, runs of repeated labels, an empty target, a zero-length
+    input with an empty target, and logits scaled up for peaked (large-magnitude) log-probs."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(steps, batch, classes, dtype=dtype, generator=generator) * scale
+    labels = torch.tensor([c for c in range(classes) if c != blank])
+    target_lengths = torch.randint(1, 30, (batch,), generator=generator)
+    target_lengths[0], target_lengths[1] = 0, 0
+    width = int(target_lengths.max())
+    targets = labels[torch.randint(0, len(labels), (batch, width), generator=generator)]
+    targets[2, :6] = labels[3]  # a run of repeats: each needs a blank between
+    input_lengths = torch.randint(steps // 2, steps + 1, (batch,), generator=generator)
+    input_lengths[0], input_lengths[2] = 0, steps
+    return logits, targets, input_lengths, target_lengths
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.float64, 1e-8)])
+@pytest.mark.parametrize("blank", [0, 11])
+@pytest.mark.parametrize("scale", [1.0, 8.0])
+def test_native_equals_python_and_torch_on_long_sequences(native_available, dtype, tolerance,
+                                                          blank, scale) -> None:
+    logits, targets, input_lengths, target_lengths = _long_batch(dtype, 5, blank=blank,
+                                                                 scale=scale)
+    options = dict(blank=blank, reduction="none", zero_infinity=True)
+    native = _loss_and_grads(partial(ctc_loss, backend="native"), logits, targets, input_lengths,
+                             target_lengths, **options)
+    python = _loss_and_grads(partial(ctc_loss, backend="python"), logits, targets, input_lengths,
+                             target_lengths, **options)
+    theirs = _loss_and_grads(F.ctc_loss, logits, targets, input_lengths, target_lengths,
+                             **options)
+    for got, reference, want in zip(native, python, theirs):
+        # relative to the loss scale: peaked log-probs make losses of thousands of nats
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(got, reference, rtol=tolerance, atol=tolerance)
+
+
+def test_native_is_bit_identical_across_thread_counts(native_available) -> None:
+    logits, targets, input_lengths, target_lengths = _long_batch(torch.float32, 9, batch=16)
+    fn = partial(ctc_loss, backend="native", reduction="sum", zero_infinity=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _loss_and_grads(fn, logits, targets, input_lengths, target_lengths)
+        torch.set_num_threads(2)
+        double = _loss_and_grads(fn, logits, targets, input_lengths, target_lengths)
+        again = _loss_and_grads(fn, logits, targets, input_lengths, target_lengths)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(single, double, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_native_without_grad_and_from_a_strided_view(native_available) -> None:
+    logits, targets, input_lengths, target_lengths = _random_batch(torch.float32, 0)
+    log_probs = logits.log_softmax(2)
+    batch_first = log_probs.transpose(0, 1).contiguous()  # (N, T, C), viewed back as (T, N, C)
+    got = ctc_loss(batch_first.transpose(0, 1), targets, input_lengths, target_lengths,
+                   reduction="none", backend="native")
+    want = F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the kernel then skips the gradient; the loss is the same
+        got = ctc_loss(log_probs.clone().requires_grad_(), targets, input_lengths, target_lengths,
+                       reduction="none", backend="native")
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # int32 targets and lengths given as lists are accepted as torch accepts them
+    got = ctc_loss(log_probs, targets.int(), input_lengths.tolist(), target_lengths.tolist(),
+                   backend="native")
+    torch.testing.assert_close(got, F.ctc_loss(log_probs, targets, input_lengths, target_lengths),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_minus_infinity_log_probs_match_torch(backend) -> None:
+    log_probs = torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(2)).log_softmax(2)
+    log_probs[2, 0, 3] = float("-inf")  # a class outside sample 0's labels: still alignable
+    log_probs[:, 1, 2] = float("-inf")  # a label of sample 1 never emitted: no alignment
+    targets, input_lengths, target_lengths = torch.tensor([[1, 2], [2, 1]]), [6, 6], [2, 2]
+    for zero_infinity in (False, True):
+        options = dict(reduction="none", zero_infinity=zero_infinity)
+        grads = []
+        for fn in (partial(ctc_loss, backend=backend), F.ctc_loss):
+            leaf = log_probs.clone().requires_grad_()
+            loss = fn(leaf, targets, input_lengths, target_lengths, **options)
+            loss.sum().backward()
+            grads.append((loss.detach(), leaf.grad))
+        (loss, grad), (want_loss, want_grad) = grads
+        torch.testing.assert_close(loss, want_loss, equal_nan=True)
+        torch.testing.assert_close(grad, want_grad, equal_nan=True, rtol=1e-4, atol=1e-4)
+
+
+def test_native_unavailable_falls_back_with_one_warning(monkeypatch) -> None:
+    monkeypatch.setenv("RNNKIT_NO_NATIVE", "1")
+    disabled = NativeExtension("rnnkit_test_disabled", ["missing.cpp"], ops_namespace="nowhere")
+    assert disabled.load() is None and disabled.error == "disabled by RNNKIT_NO_NATIVE"
+    monkeypatch.setattr(ctc, "_EXTENSION", disabled)
+    monkeypatch.setattr(ctc, "_fallback_warned", False)
+    logits, targets, input_lengths, target_lengths = _random_batch(torch.float64, 0)
+    log_probs = logits.log_softmax(2)
+    with pytest.warns(RuntimeWarning, match="native CTC kernel is unavailable .disabled by "
+                                            "RNNKIT_NO_NATIVE.; using the slower pure-torch"):
+        loss = ctc_loss(log_probs, targets, input_lengths, target_lengths)
+    torch.testing.assert_close(loss, F.ctc_loss(log_probs, targets, input_lengths, target_lengths))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once is enough: the second call is silent
+        ctc_loss(log_probs, targets, input_lengths, target_lengths)
+    with pytest.raises(RuntimeError, match="native CTC kernel is unavailable: disabled"):
+        ctc_loss(log_probs, targets, input_lengths, target_lengths, backend="native")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ctc_loss(log_probs, targets, input_lengths, target_lengths, backend="cuda")
+
+
+def test_a_failed_build_is_a_reason_not_an_exception(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("RNNKIT_NO_NATIVE", raising=False)
+    source = tmp_path / "broken.cpp"
+    source.write_text("this is not C++\n")
+    broken = NativeExtension("rnnkit_test_broken", [source], extra_cflags=(), openmp=False,
+                             isa=False)
+    assert broken.load() is None
+    assert broken.error is not None and broken.error.startswith(
+        ("build failed:", "C++ compiler", "ninja not found"))
+    assert broken.load() is None  # remembered: no second build
+
+
+def test_impossible_alignment_is_a_clear_error_or_zero(backend) -> None:
     log_probs = torch.randn(4, 2, 3).log_softmax(2)
     targets = torch.tensor([[1, 1, 2], [1, 2, 1]])
     # sample 0 needs 4 frames (3 labels + 1 blank between the repeated 1s) but has 3
     input_lengths, target_lengths = torch.tensor([3, 4]), torch.tensor([3, 3])
     with pytest.raises(ValueError, match=r"sample 0: its input length is 3 frames but its 3 "
                                          r"labels need at least 4"):
-        ctc_loss(log_probs, targets, input_lengths, target_lengths)
+        ctc_loss(log_probs, targets, input_lengths, target_lengths, backend=backend)
     leaf = log_probs.clone().requires_grad_()
     losses = ctc_loss(leaf, targets, input_lengths, target_lengths, reduction="none",
-                      zero_infinity=True)
+                      zero_infinity=True, backend=backend)
     expected = F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="none",
                           zero_infinity=True)
     assert losses[0] == 0 and torch.isfinite(losses).all()

@@ -16,16 +16,68 @@ The gradient returned for ``log_probs`` is the one ``torch.nn.functional.ctc_los
 ``exp(y_t(k)) − exp(log Σ_{s: l'_s = k} α_t(s) β_t(s) + nll − y_t(k))``: for log-softmax inputs, which
 is what CTC takes, backpropagating it through the log-softmax gives the exact gradient w.r.t. the
 logits, and it is what torch users' code expects.
+
+Two implementations compute it. ``csrc/ctc.cpp`` is a C++ kernel (one sample per thread, both
+recursions and the gradient in one pass over the data), compiled on first use with
+``torch.utils.cpp_extension`` (about 15 s, once per machine: torch caches the build); it is what
+``ctc_loss`` runs on CPU float32 / float64 tensors. The pure-torch code in this file is the
+reference the kernel is tested against, and the fallback where the kernel cannot be built (with a
+one-time warning saying why) or cannot run (other devices and dtypes). ``backend="python"`` /
+``"native"`` pick one explicitly.
 """
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from rnnkit.native import NativeExtension
+
 REDUCTIONS = ("none", "mean", "sum")
+BACKENDS = ("auto", "native", "python")
+
+# -ffp-contract=off: the kernel fuses multiply-adds only where it says so, so its vectorised loops
+# and their scalar remainders round alike and results never depend on how a loop was split.
+# -fno-trapping-math: lets the compiler turn the kernel's selects into blends and so vectorise
+# its exp / log loops; it changes no result (only whether FP exception flags may be raised).
+_EXTENSION = NativeExtension(
+    "rnnkit_ctc",
+    [Path(__file__).with_name("csrc") / "ctc.cpp"],
+    extra_cflags=("-O3", "-ffp-contract=off", "-fno-trapping-math"),
+    ops_namespace="rnnkit_ctc",
+)
+_fallback_warned = False
+
+
+def native_unavailable_reason() -> str | None:
+    """None if the C++ kernel is usable (building it on first call), else why it is not."""
+    return None if _EXTENSION.load() is not None else (_EXTENSION.error or "unavailable")
+
+
+def _native_ops(log_probs: Tensor, backend: str) -> Any | None:
+    """``torch.ops.rnnkit_ctc`` if ``backend`` and the inputs allow the kernel, else None."""
+    if backend == "python":
+        return None
+    if log_probs.device.type != "cpu" or log_probs.dtype not in (torch.float32, torch.float64):
+        if backend == "native":
+            raise ValueError(f"the native CTC kernel runs CPU float32/float64 tensors, got "
+                             f"{log_probs.dtype} on {log_probs.device}")
+        return None
+    ops = _EXTENSION.load()
+    if ops is None:
+        if backend == "native":
+            raise RuntimeError(f"the native CTC kernel is unavailable: {_EXTENSION.error}")
+        global _fallback_warned
+        if not _fallback_warned:
+            _fallback_warned = True
+            warnings.warn(f"rnnkit.losses.ctc_loss: the native CTC kernel is unavailable "
+                          f"({_EXTENSION.error}); using the slower pure-torch implementation",
+                          RuntimeWarning, stacklevel=3)
+    return ops
 
 
 def _padded_targets(targets: Tensor, target_lengths: Tensor) -> Tensor:
@@ -179,6 +231,39 @@ class _CTC(torch.autograd.Function):
         return grad * d_nll.view(1, -1, 1), None, None, None, None, None
 
 
+class _NativeCTC(torch.autograd.Function):
+    """The C++ kernel: nll and (when log_probs needs one) its gradient, in one call."""
+
+    @staticmethod
+    def forward(ctx: Any, log_probs: Tensor, targets: Tensor, input_lengths: Tensor,
+                target_lengths: Tensor, blank: int, zero_infinity: bool, ops: Any,
+                need_grad: bool) -> Tensor:
+        # need_grad comes from the caller: inside forward grad mode is always off, and
+        # ctx.needs_input_grad is True even under torch.no_grad(), where the work would be wasted
+        nll, grad = ops.ctc(log_probs, targets, input_lengths, target_lengths, blank,
+                            zero_infinity, need_grad)
+        ctx.save_for_backward(grad)
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, d_nll: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * d_nll.view(1, -1, 1), None, None, None, None, None, None, None
+
+
+def _raise_if_unalignable(labels: Tensor, input_lengths: Tensor, target_lengths: Tensor) -> None:
+    needed = minimum_input_lengths(labels, target_lengths)
+    short = (input_lengths < needed).nonzero().flatten()
+    if short.numel():
+        n = int(short[0])
+        raise ValueError(
+            f"CTC cannot align sample {n}: its input length is {int(input_lengths[n])} frames "
+            f"but its {int(target_lengths[n])} labels need at least {int(needed[n])} (one frame "
+            "per label plus a blank between repeated labels); shorten the target, lengthen "
+            "the input, or pass zero_infinity=True to give such samples zero loss"
+        )
+
+
 def ctc_loss(
     log_probs: Tensor,
     targets: Tensor,
@@ -187,6 +272,8 @@ def ctc_loss(
     blank: int = 0,
     reduction: str = "mean",
     zero_infinity: bool = False,
+    *,
+    backend: str = "auto",
 ) -> Tensor:
     """The CTC loss with the signature and semantics of ``torch.nn.functional.ctc_loss``.
 
@@ -195,7 +282,13 @@ def ctc_loss(
     averages over the batch, as torch does. Where a target cannot be aligned at all (its input is
     shorter than its labels plus one blank per repeated pair) this raises an error naming the
     sample, unless ``zero_infinity=True``, which makes that sample's loss and gradient zero.
+
+    ``backend``: ``"auto"`` runs the C++ kernel where it can (building it on first use) and the
+    pure-torch reference otherwise; ``"native"`` insists on the kernel (an error if it cannot run);
+    ``"python"`` runs the reference.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     unbatched = log_probs.dim() == 2
     if unbatched:
         log_probs = log_probs.unsqueeze(1)
@@ -203,20 +296,22 @@ def ctc_loss(
     input_lengths = torch.as_tensor(input_lengths, dtype=torch.long).cpu().reshape(-1)
     target_lengths = torch.as_tensor(target_lengths, dtype=torch.long).cpu().reshape(-1)
     _check(log_probs, targets, input_lengths, target_lengths, blank, reduction)
-    labels = _padded_targets(targets, target_lengths)
-    labels = labels * (torch.arange(labels.shape[1]).unsqueeze(0) < target_lengths.unsqueeze(1))
-    if not zero_infinity:
-        needed = minimum_input_lengths(labels, target_lengths)
-        short = (input_lengths < needed).nonzero().flatten()
-        if short.numel():
-            n = int(short[0])
-            raise ValueError(
-                f"CTC cannot align sample {n}: its input length is {int(input_lengths[n])} frames "
-                f"but its {int(target_lengths[n])} labels need at least {int(needed[n])} (one frame "
-                "per label plus a blank between repeated labels); shorten the target, lengthen "
-                "the input, or pass zero_infinity=True to give such samples zero loss"
-            )
-    nll = _CTC.apply(log_probs, labels, input_lengths, target_lengths, blank, zero_infinity)
+    ops = _native_ops(log_probs, backend)
+    if ops is not None:
+        # the kernel reads padded and concatenated targets alike; an unalignable sample comes
+        # back as an infinite loss, and only then is it worth looking for one to name
+        need_grad = torch.is_grad_enabled() and log_probs.requires_grad
+        nll = _NativeCTC.apply(log_probs, targets.long(), input_lengths, target_lengths, blank,
+                               zero_infinity, ops, need_grad)
+        if not zero_infinity and bool(torch.isinf(nll).any()):
+            _raise_if_unalignable(_padded_targets(targets, target_lengths), input_lengths,
+                                  target_lengths)
+    else:
+        labels = _padded_targets(targets, target_lengths)
+        labels = labels * (torch.arange(labels.shape[1]).unsqueeze(0) < target_lengths.unsqueeze(1))
+        if not zero_infinity:
+            _raise_if_unalignable(labels, input_lengths, target_lengths)
+        nll = _CTC.apply(log_probs, labels, input_lengths, target_lengths, blank, zero_infinity)
     if reduction == "none":
         return nll.squeeze(0) if unbatched else nll
     if reduction == "sum":
@@ -227,15 +322,19 @@ def ctc_loss(
 class CTCLoss(nn.Module):
     """Module form of :func:`ctc_loss`, as ``torch.nn.CTCLoss``."""
 
-    def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False):
+    def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False, *,
+                 backend: str = "auto"):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.blank = blank
         self.reduction = reduction
         self.zero_infinity = zero_infinity
+        self.backend = backend
 
     def forward(self, log_probs: Tensor, targets: Tensor, input_lengths: Any,
                 target_lengths: Any) -> Tensor:
         return ctc_loss(log_probs, targets, input_lengths, target_lengths, self.blank,
-                        self.reduction, self.zero_infinity)
+                        self.reduction, self.zero_infinity, backend=self.backend)

@@ -1,0 +1,160 @@
+"""Compile-on-first-use loading of rnnkit's C++ kernels, shared by every native component.
+
+A :class:`NativeExtension` names one C++ source (or a few) and its flags. The first
+:meth:`~NativeExtension.load` builds it with ``torch.utils.cpp_extension.load`` into torch's
+extension cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), so a machine pays
+the compile once; later processes only ``dlopen`` the cached library. Nothing is compiled at
+``import rnnkit``: constructing a :class:`NativeExtension` is free.
+
+A failure (no compiler, no ninja, a compile error, ``RNNKIT_NO_NATIVE=1``) never raises: ``load``
+returns None and :attr:`~NativeExtension.error` holds a one-line reason, so each caller can fall
+back to its pure-torch path and say why.
+
+Two kinds of extension are supported:
+
+* a pybind11 module (``ops_namespace=None``): ``load`` returns the Python module;
+* an operator library registered with ``TORCH_LIBRARY(ns, m)`` (``ops_namespace="ns"``): the
+  source then needs only ATen headers, not ``torch/extension.h``, which roughly halves the
+  compile time, and ``load`` returns ``torch.ops.ns``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Set to 1 to keep every native kernel off (e.g. to test or time the pure-torch fallbacks).
+DISABLE_ENV = "RNNKIT_NO_NATIVE"
+# Set to 1 to see the compiler's command lines and output.
+VERBOSE_ENV = "RNNKIT_NATIVE_VERBOSE"
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags this CPU reports in /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa_cflags() -> list[str]:
+    """Vector ISA flags chosen from what this CPU reports.
+
+    The flags are hashed into the extension name (see :meth:`NativeExtension.load`), so a cache
+    shared between different CPUs never loads a binary built for instructions one of them lacks.
+    """
+    if {"avx2", "fma"} <= cpu_flags():
+        return ["-mavx2", "-mfma"]
+    return []
+
+
+def compiler_missing() -> str | None:
+    """Why nothing can be compiled here, or None if a C++ compiler and ninja are present."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx.split()[0]) is None:
+        return f"C++ compiler {cxx.split()[0]!r} not found"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja not found"
+    return None
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+
+
+class NativeExtension:
+    """One C++ extension, built and loaded at most once per process (thread-safe).
+
+    ``name`` is a stem: the flags' hash is appended, so changing flags never reuses a stale build.
+    ``on_load`` runs once on the loaded module (e.g. a self-check); if it raises, the extension
+    counts as unavailable with that reason.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        sources: Sequence[str | os.PathLike[str]],
+        *,
+        extra_cflags: Sequence[str] = ("-O3",),
+        extra_ldflags: Sequence[str] = (),
+        openmp: bool = True,
+        isa: bool = True,
+        ops_namespace: str | None = None,
+        on_load: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.sources = [str(Path(source)) for source in sources]
+        self.extra_cflags = list(extra_cflags)
+        self.extra_ldflags = list(extra_ldflags)
+        self.openmp = openmp
+        self.isa = isa
+        self.ops_namespace = ops_namespace
+        self.on_load = on_load
+        self._lock = threading.Lock()
+        self._module: Any = None
+        self._error: str | None = None
+        self._tried = False
+
+    @property
+    def error(self) -> str | None:
+        """Why :meth:`load` returned None (None before the first load and after a success)."""
+        return self._error
+
+    def cflags(self) -> list[str]:
+        """Compiler flags: the extra ones, OpenMP (at::parallel_for is inline OpenMP code), ISA."""
+        return [*self.extra_cflags, *(["-fopenmp"] if self.openmp else []),
+                *(isa_cflags() if self.isa else [])]
+
+    def load(self) -> Any:
+        """The built module (or ``torch.ops.<ops_namespace>``), or None; compiles on first use."""
+        if self._tried:
+            return self._module
+        with self._lock:
+            if not self._tried:
+                try:
+                    self._module = self._build()
+                except Exception as exc:  # a build or load failure must not crash the caller
+                    self._module, self._error = None, f"build failed: {_last_line(exc)}"
+                finally:
+                    self._tried = True
+        return self._module
+
+    def _build(self) -> Any:
+        if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+            self._error = f"disabled by {DISABLE_ENV}"
+            return None
+        reason = compiler_missing()
+        if reason is not None:
+            self._error = reason
+            return None
+        from torch.utils.cpp_extension import load as _load
+
+        cflags = self.cflags()
+        ldflags = [*self.extra_ldflags, *(["-fopenmp"] if self.openmp else [])]
+        tag = hashlib.sha1(" ".join([*cflags, "|", *ldflags]).encode()).hexdigest()[:8]
+        result = _load(
+            name=f"{self.name}_{tag}",
+            sources=self.sources,
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            is_python_module=self.ops_namespace is None,
+            verbose=os.environ.get(VERBOSE_ENV, "") not in ("", "0"),
+        )
+        module = result if self.ops_namespace is None else getattr(torch.ops, self.ops_namespace)
+        if self.on_load is not None:
+            self.on_load(module)
+        return module
