@@ -1,0 +1,278 @@
+"""The ``rnnkit`` command: ``train``, ``sample``, ``evaluate`` and ``hello``.
+
+Options come from defaults, then a YAML/TOML ``--config`` file, then flags (later wins); every
+run writes its resolved ``config.yaml`` beside its checkpoint so ``--config`` repeats it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# flag → (section, option, type); types other than bool read "none"/"full" as null
+_NULLABLE = "nullable"
+TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
+    ("--cell", "model", "cell", str, "recurrent cell: lstm, gru or rnn"),
+    ("--layers", "model", "layers", int, "stacked recurrent layers"),
+    ("--hidden", "model", "hidden", int, "hidden units per layer"),
+    ("--embedding", "model", "embedding", int, "embedding size; 0 for one-hot inputs"),
+    ("--dropout", "model", "dropout", float, "dropout on embeddings, between layers and on outputs"),
+    ("--peephole", "model", "peephole", bool, "LSTM with peephole connections"),
+    ("--coupled", "model", "coupled", bool, "LSTM with coupled input-forget gates (CIFG)"),
+    ("--reset", "model", "reset", str, "GRU reset gate 'after' (torch/cuDNN) or 'before' (Cho 2014)"),
+    ("--nonlinearity", "model", "nonlinearity", str, "Elman RNN nonlinearity: tanh, relu, sigmoid"),
+    ("--byte-level", "data", "byte_level", bool, "model UTF-8 bytes instead of code points"),
+    ("--seq-len", "data", "seq_len", int, "time steps per training batch"),
+    ("--valid-fraction", "data", "valid_fraction", float, "last fraction of the text to validate on"),
+    ("--valid-chars", "data", "valid_chars", _NULLABLE + ":int", "cap on validation symbols ('none')"),
+    ("--steps", "train", "steps", int, "optimizer updates"),
+    ("--minutes", "train", "minutes", _NULLABLE + ":float", "wall-clock budget in minutes"),
+    ("--batch-size", "train", "batch_size", int, "parallel streams per batch"),
+    ("--bptt", "train", "bptt", _NULLABLE + ":int",
+     "truncated BPTT chunk length k, or 'full' for full BPTT over each batch"),
+    ("--optimizer", "train", "optimizer", str, "adam or sgd"),
+    ("--lr", "train", "lr", float, "learning rate"),
+    ("--momentum", "train", "momentum", float, "SGD momentum"),
+    ("--weight-decay", "train", "weight_decay", float, "L2 weight decay"),
+    ("--clip-norm", "train", "clip_norm", _NULLABLE + ":float", "bound on the global gradient norm ('none')"),
+    ("--clip-value", "train", "clip_value", _NULLABLE + ":float", "bound ±c on each gradient element"),
+    ("--schedule", "train", "schedule", str, "'plateau' (ReduceLROnPlateau) or 'none'"),
+    ("--early-stop", "train", "early_stop", _NULLABLE + ":int", "evaluations without gain before stopping"),
+    ("--eval-every", "train", "eval_every", int, "steps between validations"),
+    ("--checkpoint-every", "train", "checkpoint_every", _NULLABLE + ":int", "steps between checkpoints"),
+    ("--seed", "train", "seed", int, "random seed (runs are deterministic on CPU)"),
+    ("--prime", "sample", "prime", str, "text the end-of-run samples start from"),
+    ("--sample-length", "sample", "length", int, "symbols per end-of-run sample"),
+    ("--temperature", "sample", "temperature", float, "end-of-run sampling temperature"),
+    ("--top-k", "sample", "top_k", _NULLABLE + ":int", "sample among the k likeliest symbols"),
+]
+
+
+THREADS_HELP = "torch CPU threads (default: torch's choice; 1 is faster on a busy machine)"
+
+
+def _nullable(kind: str) -> Any:
+    convert = {"int": int, "float": float}[kind]
+
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null", "full", "off") else convert(text)
+
+    parse.__name__ = kind
+    return parse
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {file} does not exist")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            raise ValueError("TOML configs need Python 3.11 or newer; use YAML") from None
+        data = tomllib.loads(text)
+    else:
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {file} must hold a mapping of sections")
+    return data
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for flag, section, key, _, _ in TRAIN_FLAGS:
+        dest = flag[2:].replace("-", "_")
+        if hasattr(args, dest):  # argparse.SUPPRESS: only flags actually given
+            overrides.setdefault(section, {})[key] = getattr(args, dest)
+    if args.data:
+        overrides.setdefault("data", {})["files"] = [str(p) for p in args.data]
+    return overrides
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rnnkit", description="Recurrent networks: train, sample, evaluate.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="train a model (task: charlm)",
+        description="Train a model. With no --data, charlm trains on the Python standard "
+                    "library's own source (read at run time).",
+        argument_default=argparse.SUPPRESS)
+    train.add_argument("task", choices=["charlm"], help="what to train")
+    train.add_argument("--data", nargs="+", metavar="FILE", default=None,
+                       help="UTF-8 text file(s); default: the Python standard library")
+    train.add_argument("--config", metavar="FILE", default=None,
+                       help="YAML or TOML file of options (sections data, model, train, sample)")
+    train.add_argument("--out", metavar="DIR", default=None,
+                       help="run directory (default runs/charlm-<timestamp>)")
+    train.add_argument("--resume", action="store_true", default=False,
+                       help="continue the run in --out exactly where its checkpoint left off")
+    train.add_argument("--no-progress", action="store_true", default=False,
+                       help="no progress bar")
+    train.add_argument("--threads", type=int, default=None,
+                       help=THREADS_HELP)
+    for flag, _, _, kind, text in TRAIN_FLAGS:
+        if kind is bool:
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif isinstance(kind, str):
+            train.add_argument(flag, type=_nullable(kind.split(":")[1]), help=text)
+        else:
+            train.add_argument(flag, type=kind, help=text)
+
+    sample = commands.add_parser("sample", help="generate text from a checkpoint",
+                                 description="Generate text from a trained charlm checkpoint.")
+    sample.add_argument("checkpoint", help="run directory or its checkpoint.json")
+    sample.add_argument("--prime", default="", help="text to start from")
+    sample.add_argument("--length", type=int, default=400, help="symbols to generate")
+    sample.add_argument("--temperature", type=float, default=0.8,
+                        help="softmax temperature; 0 picks the likeliest symbol")
+    sample.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
+    sample.add_argument("--seed", type=int, default=None, help="seed: same seed, same text")
+    sample.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+
+    evaluate = commands.add_parser("evaluate", help="loss of a checkpoint on a text file",
+                                   description="Print nats and bits per character of a text.")
+    evaluate.add_argument("checkpoint", help="run directory or its checkpoint.json")
+    evaluate.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                          help="UTF-8 text file(s)")
+    evaluate.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+
+    hello = commands.add_parser("hello", help="the classic h-e-l-l-o RNN demo, in seconds",
+                                description="Train a 4-symbol RNN to continue 'hell' as 'ello'.")
+    hello.add_argument("--steps", type=int, default=100, help="training steps")
+    hello.add_argument("--seed", type=int, default=0, help="random seed")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rnnkit.tasks import charlm
+    from rnnkit.train.atomic import write_text
+    from rnnkit.train.checkpoint import POINTER, load_checkpoint
+    from rnnkit.train.config import TrainConfig
+    from rnnkit.train.rng import seed_everything
+    from rnnkit.train.trainer import Trainer
+
+    config = charlm.default_config()
+    checkpoint = None
+    if args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out DIR, the run to continue")
+        out = Path(args.out)
+        checkpoint = load_checkpoint(out)  # refuses a bad checkpoint before anything is written
+        saved = out / "config.yaml"
+        if saved.is_file():
+            config = charlm.merge_config(config, _read_config_file(str(saved)), str(saved))
+    else:
+        out = Path(args.out) if args.out else Path("runs") / time.strftime("charlm-%Y%m%d-%H%M%S")
+        if (out / POINTER).exists():
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
+                             "choose another --out")
+    if args.config:
+        config = charlm.merge_config(config, _read_config_file(args.config), args.config)
+    config = charlm.merge_config(config, _flag_overrides(args), "command-line flags")
+
+    train_config = TrainConfig.from_dict(config["train"])
+    seed_everything(train_config.seed)
+    task, model, source = charlm.build(config)
+    trainer = Trainer(model, task, train_config, out, progress=not args.no_progress)
+    if checkpoint is not None:
+        if checkpoint.meta["task"].get("vocab") != task.vocab.to_json():
+            raise ValueError(f"{checkpoint.path} was trained on another vocabulary than the "
+                             "data given now; resume with the same data")
+        trainer.load(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml",
+               yaml.safe_dump({"task": charlm.NAME, **config}, sort_keys=False, allow_unicode=True))
+
+    params = sum(p.numel() for p in model.parameters())
+    print(f"data: {source}")
+    print(f"      {task.train_stream.numel():,} training and {task.valid_stream.numel():,} "
+          f"validation symbols, vocabulary of {len(task.vocab)}")
+    m = config["model"]
+    print(f"model: {m['layers']}-layer {m['cell'].upper()}, {m['hidden']} hidden units, "
+          f"{params:,} parameters; run directory {out}")
+    if checkpoint is not None:
+        print(f"resuming from step {trainer.step} of {train_config.steps}")
+    result = trainer.fit()
+
+    if result.valid:
+        print(f"step {result.step} ({result.reason}): validation {result.valid['loss']:.4f} "
+              f"nats/char, {result.valid['bpc']:.4f} bits/char")
+    from rnnkit.models.language_model import generate
+
+    s = config["sample"]
+    for i in range(int(s["count"])):
+        text = generate(model, task.vocab, s["prime"], s["length"], s["temperature"],
+                        s["top_k"], seed=train_config.seed + i)
+        print(f"--- sample {i + 1} (temperature {s['temperature']}) ---")
+        print(text)
+    print("---")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"metrics:    {result.metrics}")
+    print(f"plot:       {result.plot}")
+    print(f"config:     {out / 'config.yaml'}")
+    if result.reason == "interrupted":
+        print(f"interrupted; continue with: rnnkit train charlm --out {out} --resume")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from rnnkit.models.language_model import generate
+    from rnnkit.tasks.charlm import load_model
+
+    model, vocab, _ = load_model(args.checkpoint)
+    print(generate(model, vocab, args.prime, args.length, args.temperature, args.top_k, args.seed))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from rnnkit.data.corpus import read_files
+    from rnnkit.tasks.charlm import evaluate_text, load_model
+
+    model, vocab, checkpoint = load_model(args.checkpoint)
+    text = read_files(args.data)
+    seq_len = int(checkpoint.meta["task"].get("data", {}).get("seq_len", 100))
+    metrics = evaluate_text(model, vocab, text, seq_len=seq_len, skip_unknown=True)
+    unit = "byte" if vocab.byte_level else "char"
+    skipped = int(metrics["unknown"])
+    note = f"; {skipped:,} symbols outside the vocabulary left out" if skipped else ""
+    print(f"{metrics['loss']:.4f} nats/{unit}  {metrics['bpc']:.4f} bits/{unit}  "
+          f"({int(metrics['symbols']):,} symbols of {', '.join(args.data)}{note})")
+    return 0
+
+
+def _hello(args: argparse.Namespace) -> int:
+    from rnnkit.tasks.hello import run_hello
+
+    return 0 if run_hello(steps=args.steps, seed=args.seed) == "ello" else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    from rnnkit.data.vocab import UnknownSymbolError
+    from rnnkit.train.checkpoint import CheckpointError
+    from rnnkit.train.trainer import DivergenceError
+
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate, "hello": _hello}
+    try:
+        return handlers[args.command](args)
+    except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,
+            FileNotFoundError) as error:
+        print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

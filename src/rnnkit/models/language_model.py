@@ -1,0 +1,133 @@
+"""A recurrent language model: symbol → (embedding | one-hot) → stacked rnnkit layers → softmax.
+
+Shapes: tokens (T, B) → logits (T, B, V); the state is whatever the rnnkit layer carries
+(``h`` or ``(h, c)``, each (layers, B, H)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import rnnkit
+from rnnkit.data.vocab import CharVocab
+
+CELLS = ("lstm", "gru", "rnn")
+
+
+@dataclass
+class LMConfig:
+    """Everything needed to rebuild the model; stored in every checkpoint."""
+
+    vocab_size: int = 0
+    cell: str = "lstm"
+    layers: int = 2
+    hidden: int = 256
+    embedding: int = 64  # 0: one-hot inputs
+    dropout: float = 0.0
+    peephole: bool = False
+    coupled: bool = False
+    reset: str = "after"  # GRU only
+    nonlinearity: str = "tanh"  # Elman RNN only
+    forget_bias: float | None = None  # LSTM only
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        if (self.peephole or self.coupled) and self.cell != "lstm":
+            raise ValueError("--peephole and --coupled are LSTM options")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.config = config
+        vocab, hidden = config.vocab_size, config.hidden
+        if vocab <= 0:
+            raise ValueError("vocab_size must be positive")
+        self.embedding = nn.Embedding(vocab, config.embedding) if config.embedding else None
+        input_size = config.embedding or vocab
+        # dropout between stacked layers is the layer's; around the stack it is ours
+        rnn_dropout = config.dropout if config.layers > 1 else 0.0
+        if config.cell == "lstm":
+            self.rnn: nn.Module = rnnkit.LSTM(
+                input_size, hidden, config.layers, dropout=rnn_dropout, peephole=config.peephole,
+                coupled=config.coupled, forget_bias=config.forget_bias,
+            )
+        elif config.cell == "gru":
+            self.rnn = rnnkit.GRU(input_size, hidden, config.layers, dropout=rnn_dropout,
+                                  reset=config.reset)
+        else:
+            self.rnn = rnnkit.RNN(input_size, hidden, config.layers, dropout=rnn_dropout,
+                                  nonlinearity=config.nonlinearity)
+        self.drop = nn.Dropout(config.dropout)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+        """tokens (T, B) int64 → logits (T, B, V), final state."""
+        if self.embedding is not None:
+            x = self.drop(self.embedding(tokens))  # (T, B, E)
+        else:
+            x = F.one_hot(tokens, self.config.vocab_size).to(self.decoder.weight.dtype)  # (T, B, V)
+        output, state = self.rnn(x, state)  # (T, B, H)
+        return self.decoder(self.drop(output)), state  # (T, B, V)
+
+
+def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
+    """One symbol from logits (V,): argmax at temperature 0, else softmax(logits / T) over top k."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits.double(), dim=-1)  # double: tiny probabilities stay nonzero
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    model: LanguageModel,
+    vocab: CharVocab,
+    prime: str = "",
+    length: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+) -> str:
+    """The prime followed by ``length`` sampled symbols; same seed, same text.
+
+    An empty prime starts after a newline (or the first symbol when there is no newline).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    start = prime or ("\n" if "\n" in vocab.symbols or 10 in vocab.symbols else "")
+    indices = vocab.encode(start, what="prime") if start else [0]
+    was_training = model.training
+    model.eval()
+    try:
+        logits, state = model(torch.tensor(indices).unsqueeze(1))  # (P, 1, V)
+        out: list[int] = []
+        for _ in range(length):
+            symbol = _pick(logits[-1, 0], temperature, top_k, generator)
+            out.append(symbol)
+            logits, state = model(torch.tensor([[symbol]]), state)
+    finally:
+        model.train(was_training)
+    return prime + vocab.decode(out)

@@ -1,0 +1,333 @@
+"""The Trainer: full or truncated BPTT, clipping, optimisation, evaluation, checkpoints, resume.
+
+One *step* is one optimizer update. With ``bptt = k`` each batch of T steps is cut into chunks
+of k; the final state of a chunk is detached and carried into the next chunk (and into the next
+batch when the task says the batch continues the same streams), so gradients never flow across a
+chunk boundary while the forward computation sees the whole stream.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from rnnkit.train import rng
+from rnnkit.train.checkpoint import Checkpoint, save_checkpoint
+from rnnkit.train.config import TrainConfig
+from rnnkit.train.gradients import clip_gradients, gradient_norms, layer_groups
+from rnnkit.train.metrics import MetricsLog
+from rnnkit.train.task import Batch, Task
+
+
+class DivergenceError(RuntimeError):
+    """The loss or the gradients became NaN or infinite."""
+
+
+def chunk_spans(length: int, bptt: int | None) -> list[tuple[int, int]]:
+    """[start, stop) time spans of the BPTT chunks of a sequence of ``length`` steps."""
+    if bptt is None or bptt >= length:
+        return [(0, length)]
+    return [(start, min(start + bptt, length)) for start in range(0, length, bptt)]
+
+
+def detach_state(state: Any) -> Any:
+    """The same state cut from the graph: the next chunk's gradients stop here."""
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return state.detach()
+    parts = [detach_state(s) for s in state]
+    return type(state)(*parts) if hasattr(state, "_fields") else tuple(parts)
+
+
+def _flatten_state(state: Any) -> list[Tensor]:
+    if state is None:
+        return []
+    return [state] if isinstance(state, Tensor) else list(state)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    reason: str  # "steps", "time", "early_stop" or "interrupted"
+    valid: dict[str, float] = field(default_factory=dict)
+    best_valid_loss: float | None = None
+    checkpoint: Path | None = None
+    metrics: Path | None = None
+    plot: Path | None = None
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+class Trainer:
+    """Trains ``model`` on ``task``; writes checkpoints, metrics and a plot into ``out_dir``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        config: TrainConfig,
+        out_dir: str | Path | None = None,
+        progress: bool = True,
+        on_step: Callable[[Trainer, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.task = task
+        self.config = config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress
+        self.on_step = on_step
+        self.optimizer = _make_optimizer(model, config)
+        self.scheduler = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, factor=config.plateau_factor, patience=config.plateau_patience
+            )
+            if config.schedule == "plateau"
+            else None
+        )
+        self.groups = layer_groups(model)
+        self.step = 0
+        self.position = (0, 0)  # (batch index, chunk index) of the next step
+        self.carry: Any = None
+        self.best_valid: float | None = None
+        self.evals_without_gain = 0
+        self.last_valid: dict[str, float] = {}
+        self.stop_reason: str | None = None
+        self._resumed_from: int | None = None
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Everything needed to continue exactly: tensors, and JSON-able rest."""
+        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        optim = self.optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for pid, values in optim["state"].items():
+            for key, value in values.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optim/{pid}/{key}"] = value
+                else:
+                    scalars.setdefault(str(pid), {})[key] = value
+        carry = _flatten_state(self.carry)
+        for i, value in enumerate(carry):
+            tensors[f"carry/{i}"] = value
+        meta = {
+            "step": self.step,
+            "position": list(self.position),
+            "carry": None if self.carry is None else ("tensor" if isinstance(self.carry, Tensor)
+                                                      else len(carry)),
+            "optimizer": {"param_groups": optim["param_groups"], "scalars": scalars},
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "best_valid_loss": self.best_valid,
+            "evals_without_gain": self.evals_without_gain,
+            "last_valid": self.last_valid,
+            "rng": rng.capture(),
+            "train_config": self.config.to_dict(),
+            "task": self.task.describe(),
+        }
+        return tensors, meta
+
+    def save(self) -> Path | None:
+        if self.out_dir is None:
+            return None
+        tensors, meta = self.state_tensors()
+        return save_checkpoint(self.out_dir, tensors, meta)
+
+    def load(self, checkpoint: Checkpoint) -> None:
+        """Restores a checkpoint written by :meth:`save` (weights, optimizer, RNG, position)."""
+        meta = checkpoint.meta
+        self.model.load_state_dict(checkpoint.group("model"))
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in checkpoint.group("optim").items():
+            pid, name = key.split("/", 1)
+            state.setdefault(int(pid), {})[name] = value
+        for pid, values in meta["optimizer"]["scalars"].items():
+            state.setdefault(int(pid), {}).update(values)
+        self.optimizer.load_state_dict(
+            {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
+        )
+        if self.scheduler is not None and meta.get("scheduler"):
+            self.scheduler.load_state_dict(meta["scheduler"])
+        carry = checkpoint.group("carry")
+        if meta.get("carry") == "tensor":
+            self.carry = carry["0"]
+        elif meta.get("carry"):
+            self.carry = tuple(carry[str(i)] for i in range(int(meta["carry"])))
+        self.step = int(meta["step"])
+        self.position = (int(meta["position"][0]), int(meta["position"][1]))
+        self.best_valid = meta.get("best_valid_loss")
+        self.evals_without_gain = int(meta.get("evals_without_gain", 0))
+        self.last_valid = meta.get("last_valid") or {}
+        rng.restore(meta["rng"])
+        self._resumed_from = self.step
+
+    # --- one step --------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch) -> dict[str, Any]:
+        """One optimizer update on one chunk, from the carried (already detached) state."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        result = self.task.step(self.model, batch, self.carry if batch.continues else None)
+        loss = float(result.loss.detach())
+        if not math.isfinite(loss):
+            raise DivergenceError(self._diverged(f"the training loss is {loss}"))
+        result.loss.backward()
+        total, per_group = gradient_norms(self.groups)
+        if not math.isfinite(total):
+            raise DivergenceError(self._diverged(f"the gradient norm is {total}"))
+        clip_gradients(self.model.parameters(), self.config.clip_value, self.config.clip_norm)
+        self.optimizer.step()
+        self.carry = detach_state(result.state)
+        return {"loss": loss, "tokens": result.tokens, "grad_norm": total, "grad_norms": per_group,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _diverged(self, what: str) -> str:
+        where = f"; the last good checkpoint in {self.out_dir} is untouched" if self.out_dir else ""
+        return (f"training diverged at step {self.step + 1}: {what}{where}. Try a lower --lr or "
+                f"gradient clipping (--clip-norm / --clip-value)")
+
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                metrics = self.task.evaluate(self.model)
+        finally:
+            self.model.train()
+        return metrics
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "interrupted") -> None:
+        """Stops at the next step boundary with a checkpoint (used by Ctrl-C and tests)."""
+        self.stop_reason = reason
+
+    def fit(self) -> TrainResult:
+        config = self.config
+        metrics = plot = None
+        log = None
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            metrics = self.out_dir / "metrics.jsonl"
+            log = MetricsLog(metrics, keep_until_step=self._resumed_from)
+        checkpoint_every = config.checkpoint_every or config.eval_every
+        bar = tqdm(total=config.steps, initial=self.step, file=sys.stderr, unit="step",
+                   disable=not self.progress, dynamic_ncols=True, leave=True)
+        started = time.perf_counter()
+        tokens = 0
+        self.stop_reason = None
+        if self.step == 0 and self._resumed_from is None:
+            # dropout masks and any sampling then depend on the seed alone, not on what ran
+            # between building the model and training it
+            rng.seed_everything(config.seed)
+        previous_handler = self._install_sigint()
+        try:
+            while self.step < config.steps and self.stop_reason is None:
+                batch_index, chunk = self.position
+                batch = self.task.batch(batch_index)
+                spans = chunk_spans(batch.length, config.bptt)
+                record = self.train_step(batch.time_slice(*spans[chunk]))
+                self.step += 1
+                self.position = (batch_index, chunk + 1) if chunk + 1 < len(spans) else (
+                    batch_index + 1, 0)
+                tokens += record["tokens"]
+                elapsed = time.perf_counter() - started
+                if log:
+                    log.write({"kind": "train", "step": self.step, "time": round(elapsed, 3),
+                               **record})
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens / elapsed:,.0f}",
+                                refresh=False)
+                if self.on_step is not None:
+                    self.on_step(self, record)
+                if config.minutes is not None and elapsed >= config.minutes * 60:
+                    self.stop_reason = "time"
+                on_cadence = self.step % config.eval_every == 0
+                if on_cadence:
+                    self._evaluate_and_schedule(log, bar)
+                if self.stop_reason is not None or self.step == config.steps:
+                    if not on_cadence and self.stop_reason != "interrupted":
+                        # report only: a schedule fed off-cadence evaluations would make a run
+                        # extended with --resume differ from one that ran straight through
+                        self._evaluate_and_schedule(log, bar, schedule=False)
+                    self.save()
+                elif self.step % checkpoint_every == 0:
+                    self.save()
+        except DivergenceError:
+            if log:  # the curves up to the blow-up are what one needs to diagnose it
+                log.close()
+                self._plot(metrics)
+            raise
+        finally:
+            self._restore_sigint(previous_handler)
+            bar.close()
+            if log:
+                log.close()
+        if metrics is not None:
+            plot = self._plot(metrics)
+        return TrainResult(
+            step=self.step, reason=self.stop_reason or "steps", valid=self.last_valid,
+            best_valid_loss=self.best_valid,
+            checkpoint=(self.out_dir / "checkpoint.json") if self.out_dir else None,
+            metrics=metrics, plot=plot,
+        )
+
+    def _plot(self, metrics: Path | None) -> Path | None:
+        if self.out_dir is None or metrics is None:
+            return None
+        from rnnkit.viz.curves import plot_run  # matplotlib only when there is a run directory
+
+        return plot_run(metrics, self.out_dir / "curves.png",
+                        title=f"{self.task.name}: {self.out_dir.name}")
+
+    def _evaluate_and_schedule(self, log: MetricsLog | None, bar: tqdm, schedule: bool = True) -> None:
+        valid = self.evaluate()
+        self.last_valid = valid
+        loss = valid["loss"]
+        if self.scheduler is not None and schedule:
+            self.scheduler.step(loss)
+        if self.best_valid is None or loss < self.best_valid:
+            self.best_valid = loss
+            self.evals_without_gain = 0
+        elif schedule:
+            self.evals_without_gain += 1
+            if self.config.early_stop is not None and self.evals_without_gain >= self.config.early_stop:
+                self.stop_reason = "early_stop"
+        if log:
+            log.write({"kind": "valid", "step": self.step, **valid})
+            log.flush()
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in valid.items())
+        if self.progress:
+            bar.write(f"step {self.step}: validation {shown}", file=sys.stderr)
+
+    def _install_sigint(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_reason == "interrupted":  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.request_stop("interrupted")
+
+        return signal.signal(signal.SIGINT, handler)
+
+    @staticmethod
+    def _restore_sigint(previous: Any) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
