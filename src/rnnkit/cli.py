@@ -7,6 +7,7 @@ run writes its resolved ``config.yaml`` beside its checkpoint so ``--config`` re
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from rnnkit.tasks import TASKS
 
 # flag → (section, option, type); types other than bool read "none"/"full" as null
 _NULLABLE = "nullable"
@@ -85,15 +88,44 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-def _flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    overrides: dict[str, dict[str, Any]] = {}
+def _flag_overrides(args: argparse.Namespace, task: str, defaults: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """The options given as flags, placed where this task keeps them."""
+    overrides: dict[str, Any] = {}
     for flag, section, key, _, _ in TRAIN_FLAGS:
         dest = flag[2:].replace("-", "_")
-        if hasattr(args, dest):  # argparse.SUPPRESS: only flags actually given
-            overrides.setdefault(section, {})[key] = getattr(args, dest)
-    if args.data:
-        overrides.setdefault("data", {})["files"] = [str(p) for p in args.data]
+        if not hasattr(args, dest):  # argparse.SUPPRESS: only flags actually given
+            continue
+        target = defaults.get(section)
+        path = [section, key]
+        if isinstance(target, dict) and key not in target and isinstance(
+                target.get("recurrent"), dict) and key in target["recurrent"]:
+            path = [section, "recurrent", key]
+        elif not isinstance(target, dict) or key not in target:
+            raise ValueError(f"{flag} is not an option of the {task} task")
+        _set_path(overrides, path, getattr(args, dest))
+    if getattr(args, "data", None):
+        from rnnkit.tasks import DATA_OPTIONS
+
+        if task not in DATA_OPTIONS:
+            raise ValueError(f"--data is not an option of the {task} task; use --set data.…=")
+        option, several = DATA_OPTIONS[task]
+        paths = [str(p) for p in args.data]
+        if not several and len(paths) > 1:
+            raise ValueError(f"the {task} task takes one --data path, got {len(paths)}")
+        _set_path(overrides, ["data", option], paths if several else paths[0])
+    for assignment in getattr(args, "set", None) or []:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects SECTION.OPTION=VALUE, got {assignment!r}")
+        _set_path(overrides, key.split("."), yaml.safe_load(text))
     return overrides
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -102,17 +134,24 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
-        "train", help="train a model (task: charlm)",
-        description="Train a model. With no --data, charlm trains on the Python standard "
-                    "library's own source (read at run time).",
+        "train", help="train a model on a task (charlm, speech, digits, ...)",
+        description="Train a model on a task:\n" + "\n".join(
+            f"  {name:10s} {text}" for name, text in TASKS.items()) +
+        "\nWith no --data, charlm trains on the Python standard library's own source (read "
+        "at run time); the other tasks read ../shared/data by default.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS)
-    train.add_argument("task", choices=["charlm"], help="what to train")
-    train.add_argument("--data", nargs="+", metavar="FILE", default=None,
-                       help="UTF-8 text file(s); default: the Python standard library")
+    train.add_argument("task", choices=list(TASKS), help="what to train")
+    train.add_argument("--data", nargs="+", metavar="PATH", default=None,
+                       help="charlm: UTF-8 text file(s) (default: the Python standard library); "
+                            "speech: a folder of {digit}_{speaker}_{take}.wav; music: a .mat "
+                            "file; tagging: an ATIS folder or CoNLL file; translate: a TSV file")
+    train.add_argument("--set", action="append", metavar="SECTION.OPTION=VALUE", default=None,
+                       help="any option, e.g. --set data.split=speaker (YAML value; repeatable)")
     train.add_argument("--config", metavar="FILE", default=None,
-                       help="YAML or TOML file of options (sections data, model, train, sample)")
+                       help="YAML or TOML file of options (sections data, model, train, ...)")
     train.add_argument("--out", metavar="DIR", default=None,
-                       help="run directory (default runs/charlm-<timestamp>)")
+                       help="run directory (default runs/<task>-<timestamp>)")
     train.add_argument("--resume", action="store_true", default=False,
                        help="continue the run in --out exactly where its checkpoint left off")
     train.add_argument("--no-progress", action="store_true", default=False,
@@ -145,6 +184,14 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="UTF-8 text file(s)")
     evaluate.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
+    transcribe = commands.add_parser(
+        "transcribe", help="the digits spoken in WAV files (speech checkpoint)",
+        description="Print the digit string a trained speech model hears in each WAV file.")
+    transcribe.add_argument("checkpoint", help="run directory or its checkpoint.json")
+    transcribe.add_argument("wav", nargs="+", help="8 kHz mono PCM WAV file(s)")
+    transcribe.add_argument("--beam", type=int, default=8, help="beam width (1: greedy)")
+    transcribe.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+
     hello = commands.add_parser("hello", help="the classic h-e-l-l-o RNN demo, in seconds",
                                 description="Train a 4-symbol RNN to continue 'hell' as 'ello'.")
     hello.add_argument("--steps", type=int, default=100, help="training steps")
@@ -153,14 +200,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rnnkit.tasks import charlm
+    from rnnkit.tasks import merge_config, task_module
     from rnnkit.train.atomic import write_text
     from rnnkit.train.checkpoint import POINTER, load_checkpoint
     from rnnkit.train.config import TrainConfig
     from rnnkit.train.rng import seed_everything
     from rnnkit.train.trainer import Trainer
 
-    config = charlm.default_config()
+    name = args.task
+    module = task_module(name)
+    defaults = module.default_config()
+    config = defaults
     checkpoint = None
     if args.resume:
         if args.out is None:
@@ -169,59 +219,57 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint = load_checkpoint(out)  # refuses a bad checkpoint before anything is written
         saved = out / "config.yaml"
         if saved.is_file():
-            config = charlm.merge_config(config, _read_config_file(str(saved)), str(saved))
+            config = merge_config(config, _read_config_file(str(saved)), str(saved), name)
     else:
-        out = Path(args.out) if args.out else Path("runs") / time.strftime("charlm-%Y%m%d-%H%M%S")
+        out = Path(args.out) if args.out else Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
         if (out / POINTER).exists():
             raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
                              "choose another --out")
     if args.config:
-        config = charlm.merge_config(config, _read_config_file(args.config), args.config)
-    config = charlm.merge_config(config, _flag_overrides(args), "command-line flags")
+        config = merge_config(config, _read_config_file(args.config), args.config, name)
+    config = merge_config(config, _flag_overrides(args, name, defaults), "command-line flags",
+                          name)
 
     train_config = TrainConfig.from_dict(config["train"])
     seed_everything(train_config.seed)
-    task, model, source = charlm.build(config)
+    task, model, source = module.build(config)
     trainer = Trainer(model, task, train_config, out, progress=not args.no_progress)
     if checkpoint is not None:
-        if checkpoint.meta["task"].get("vocab") != task.vocab.to_json():
-            raise ValueError(f"{checkpoint.path} was trained on another vocabulary than the "
-                             "data given now; resume with the same data")
+        if _json_form(checkpoint.meta.get("task")) != _json_form(task.describe()):
+            raise ValueError(f"{checkpoint.path} was trained with other data or another model "
+                             "than given now; resume with the run's own config")
         trainer.load(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml",
-               yaml.safe_dump({"task": charlm.NAME, **config}, sort_keys=False, allow_unicode=True))
+               yaml.safe_dump({"task": name, **config}, sort_keys=False, allow_unicode=True))
 
     params = sum(p.numel() for p in model.parameters())
     print(f"data: {source}")
-    print(f"      {task.train_stream.numel():,} training and {task.valid_stream.numel():,} "
-          f"validation symbols, vocabulary of {len(task.vocab)}")
-    m = config["model"]
-    print(f"model: {m['layers']}-layer {m['cell'].upper()}, {m['hidden']} hidden units, "
-          f"{params:,} parameters; run directory {out}")
+    if hasattr(module, "describe_data"):
+        print(f"      {module.describe_data(task)}")
+    print(f"model: {type(model).__name__} with {params:,} parameters; run directory {out}")
     if checkpoint is not None:
         print(f"resuming from step {trainer.step} of {train_config.steps}")
     result = trainer.fit()
 
     if result.valid:
-        print(f"step {result.step} ({result.reason}): validation {result.valid['loss']:.4f} "
-              f"nats/char, {result.valid['bpc']:.4f} bits/char")
-    from rnnkit.models.language_model import generate
-
-    s = config["sample"]
-    for i in range(int(s["count"])):
-        text = generate(model, task.vocab, s["prime"], s["length"], s["temperature"],
-                        s["top_k"], seed=train_config.seed + i)
-        print(f"--- sample {i + 1} (temperature {s['temperature']}) ---")
-        print(text)
-    print("---")
+        shown = (module.describe_metrics(result.valid) if hasattr(module, "describe_metrics")
+                 else ", ".join(f"{key} {value:.4f}" for key, value in result.valid.items()))
+        print(f"step {result.step} ({result.reason}): validation {shown}")
+    if hasattr(module, "report"):
+        module.report(task, model, config, out)
     print(f"checkpoint: {result.checkpoint}")
     print(f"metrics:    {result.metrics}")
     print(f"plot:       {result.plot}")
     print(f"config:     {out / 'config.yaml'}")
     if result.reason == "interrupted":
-        print(f"interrupted; continue with: rnnkit train charlm --out {out} --resume")
+        print(f"interrupted; continue with: rnnkit train {name} --out {out} --resume")
     return 0
+
+
+def _json_form(value: Any) -> str:
+    """A canonical text of JSON-able data (tuples and lists compare equal)."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -249,6 +297,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transcribe(args: argparse.Namespace) -> int:
+    from rnnkit.tasks.speech import load_model, transcribe
+
+    model, extractor, _ = load_model(args.checkpoint)
+    for path in args.wav:
+        digits = transcribe(model, extractor, path, beam_width=args.beam)
+        print(f"{path}\t{digits}" if len(args.wav) > 1 else digits)
+    return 0
+
+
 def _hello(args: argparse.Namespace) -> int:
     from rnnkit.tasks.hello import run_hello
 
@@ -257,6 +315,7 @@ def _hello(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    from rnnkit.data.audio import AudioError
     from rnnkit.data.vocab import UnknownSymbolError
     from rnnkit.train.checkpoint import CheckpointError
     from rnnkit.train.trainer import DivergenceError
@@ -265,11 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate, "hello": _hello}
+    handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate,
+                "transcribe": _transcribe, "hello": _hello}
     try:
         return handlers[args.command](args)
     except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,
-            FileNotFoundError) as error:
+            FileNotFoundError, AudioError) as error:
         print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -116,3 +116,27 @@ def test_learns_to_read_tone_digit_strings(recordings: Path, tmp_path: Path) -> 
     result = Trainer(model, task, TrainConfig.from_dict(config["train"]), out_dir=tmp_path,
                      progress=False).fit()
     assert result.valid["der"] < 0.1
+
+
+def test_command_line_trains_and_transcribes(recordings: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from rnnkit.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "speech", "--data", str(recordings), "--out", str(out), "--steps", "3",
+                 "--eval-every", "3", "--batch-size", "4", "--hidden", "16", "--layers", "1",
+                 "--set", "data.valid_utterances=8", "--set", "data.max_digits=2",
+                 "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "der" in printed and (out / "confusion.png").is_file()
+    config = (out / "config.yaml").read_text()
+    assert "hidden: 16" in config and "valid_utterances: 8" in config
+    clip = tmp_path / "clip.wav"
+    write_wav(clip, _digit_sound(7, 2), RATE)
+    assert main(["transcribe", str(out), str(clip), "--beam", "4"]) == 0
+    assert set(capsys.readouterr().out.strip()) <= set("0123456789")
+    assert main(["transcribe", str(out), str(tmp_path / "missing.wav")]) == 2
+    assert "no such audio file" in capsys.readouterr().err
+    assert main(["train", "speech", "--seq-len", "5", "--out", str(tmp_path / "x")]) == 2
+    assert "--seq-len is not an option of the speech task" in capsys.readouterr().err

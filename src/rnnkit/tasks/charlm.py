@@ -220,3 +220,25 @@ def evaluate_text(model: LanguageModel, vocab: CharVocab, text: str, seq_len: in
     model.eval()
     metrics = metrics_from(*loss_over_stream(model, batchify(tokens, batch_size), seq_len))
     return {**metrics, "symbols": float(tokens.numel()), "unknown": float(unknown)}
+
+
+def describe_data(task: CharLMTask) -> str:
+    return (f"{task.train_stream.numel():,} training and {task.valid_stream.numel():,} "
+            f"validation symbols, vocabulary of {len(task.vocab)}")
+
+
+def report(task: CharLMTask, model: LanguageModel, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: samples from the trained model."""
+    from rnnkit.models.language_model import generate
+
+    s, seed = config["sample"], int(config["train"]["seed"])
+    for i in range(int(s["count"])):
+        text = generate(model, task.vocab, s["prime"], s["length"], s["temperature"],
+                        s["top_k"], seed=seed + i)
+        print(f"--- sample {i + 1} (temperature {s['temperature']}) ---")
+        print(text)
+    print("---")
+
+
+def describe_metrics(valid: dict[str, float]) -> str:
+    return f"{valid['loss']:.4f} nats/char, {valid['bpc']:.4f} bits/char"

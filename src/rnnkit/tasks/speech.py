@@ -356,3 +356,21 @@ def plot_confusion(counts: Tensor, path: Path, title: str) -> None:
 
 def config_sections() -> dict[str, list[str]]:
     return {name: [f.name for f in fields(cls)] for name, cls in SECTIONS.items()}
+
+
+def describe_data(task: SpeechTask) -> str:
+    counts = ", ".join(f"{count} {what}" for what, count in task.counts.items())
+    return f"{counts}; {len(task.valid)} held-out digit strings ({task.data.split} split)"
+
+
+def report(task: SpeechTask, model: AcousticModel, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: a few transcriptions and a confusion matrix PNG."""
+    references, hypotheses, _ = task.predictions(model)
+    for reference, hypothesis in list(zip(references, hypotheses))[:5]:
+        mark = "ok" if reference == hypothesis else "  "
+        print(f"{mark} spoken {''.join(map(str, reference)):>6}  recognised "
+              f"{''.join(map(str, hypothesis))}")
+    png = out / "confusion.png"
+    plot_confusion(confusion_counts(references, hypotheses), png,
+                   f"held-out digit strings ({task.data.split} split), greedy")
+    print(f"confusion matrix: {png}")
