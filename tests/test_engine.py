@@ -100,3 +100,36 @@ def test_length_helpers() -> None:
     flipped = reverse_within_lengths(x, torch.tensor([4, 2]))
     assert flipped[:, 0, 0].tolist() == [3, 2, 1, 0]
     assert flipped[:, 1, 0].tolist() == [1, 0, 2, 3]
+
+
+def test_fused_is_the_default_and_falls_back_with_one_warning(monkeypatch) -> None:
+    import warnings
+
+    from rnnkit import engine
+    from rnnkit.engine import fused
+
+    assert engine.get_default_backend() == "fused"
+    math, x, state0, params = _layer_inputs("lstm_coupled", torch.float64)
+    expected, _ = run_layer(math, x, state0, params, BATCH_SIZES, "bptt")
+    monkeypatch.setattr(fused, "unavailable_reason", lambda *args: "compiler not found")
+    monkeypatch.setattr(engine, "_fallbacks_warned", set())
+    with pytest.warns(RuntimeWarning, match=r"cannot run here \(compiler not found\)"):
+        outputs, _ = run_layer(math, x, state0, params, BATCH_SIZES)
+    torch.testing.assert_close(outputs, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not at every call
+        run_layer(math, x, state0, params, BATCH_SIZES)
+
+
+def test_training_does_not_leak_activations() -> None:
+    # a returned final state that the step caches also hold would form a reference cycle
+    import gc
+    import weakref
+
+    math, x, state0, params = _layer_inputs("rnn_tanh", torch.float64)
+    outputs, final = run_layer(math, x, state0, params, None, "bptt")
+    node = weakref.ref(final[0].grad_fn)
+    (outputs.sum() + final[0].sum()).backward()
+    del outputs, final
+    gc.collect()
+    assert node() is None

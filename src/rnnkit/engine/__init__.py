@@ -12,13 +12,18 @@ Backends:
 
 * ``"reference"``: plain torch ops per step under autograd — the oracle;
 * ``"bptt"``: one autograd node per layer with the cells' hand-derived backward and the weight
-  gradients as single GEMMs over all steps.
+  gradients as single GEMMs over all steps;
+* ``"fused"`` (the default): the whole time loop of a layer, forward and backward, in compiled
+  C++ (:mod:`rnnkit.engine.fused`, built on first use). Where it cannot run (no compiler, a GPU
+  tensor, an unsupported dtype) it falls back to ``"bptt"`` with a one-time warning naming why.
+  On CUDA every cell therefore runs the ``bptt`` engine with torch's GPU kernels underneath.
 
 Direction, stacking and dropout belong to the layers, not here.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 from torch import Tensor
@@ -31,8 +36,33 @@ Backend = Callable[
     [CellMath, Tensor, State, Sequence[Tensor | None], Sequence[int] | None], tuple[Tensor, State]
 ]
 
-BACKENDS: dict[str, Backend] = {"reference": run_reference, "bptt": run_bptt}
-_default_backend = "bptt"
+_fallbacks_warned: set[str] = set()
+
+
+def run_fused(
+    math: CellMath,
+    x: Tensor,
+    state0: State,
+    params: Sequence[Tensor | None],
+    batch_sizes: Sequence[int] | None,
+) -> tuple[Tensor, State]:
+    """The compiled kernel where it can run; else the BPTT engine, saying why once."""
+    from rnnkit.engine import fused
+
+    reason = fused.unavailable_reason(math, x.dtype, x.device)
+    if reason is None:
+        return fused.run_layer(math, x, state0, params, batch_sizes)
+    if reason not in _fallbacks_warned:
+        _fallbacks_warned.add(reason)
+        warnings.warn(
+            f"rnnkit: the fused CPU engine cannot run here ({reason}); using the slower "
+            "'bptt' engine instead", RuntimeWarning, stacklevel=4,
+        )
+    return run_bptt(math, x, state0, params, batch_sizes)
+
+
+BACKENDS: dict[str, Backend] = {"reference": run_reference, "bptt": run_bptt, "fused": run_fused}
+_default_backend = "fused"
 
 
 def get_default_backend() -> str:

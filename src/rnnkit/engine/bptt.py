@@ -64,7 +64,10 @@ class _LayerBPTT(torch.autograd.Function):
         ctx.caches = caches
         ctx.has_bias = params[2] is not None
         ctx.save_for_backward(x, params[0], params[1], *params[4:], *recurrent_inputs)
-        return (outputs, *state)
+        # The caches (a ctx attribute) hold the last step's state; returning those very tensors
+        # would make output -> grad_fn -> ctx -> output, a cycle the garbage collector cannot see
+        # through, and every training step would leak its activations.
+        return (outputs, *(s.clone() for s in state))
 
     @staticmethod
     @once_differentiable

@@ -1,0 +1,134 @@
+"""Fused CPU backend: a whole layer's time loop in C++ (compiled on first use).
+
+Seam used by the engine::
+
+    unavailable_reason(spec, dtype, device) -> str | None
+    run_layer(spec, x, state0, params, batch_sizes) -> (outputs, final_state)
+
+``spec`` is any object with ``kind`` ("rnn" | "lstm" | "gru"), ``nonlinearity`` ("tanh" |
+"relu" | "sigmoid", rnn), ``peephole`` and ``coupled`` (lstm) and ``reset`` ("after" |
+"before", gru). ``x`` is (T, B, I); ``state0`` is ``(h0,)`` or ``(h0, c0)``; ``params`` is
+``(w_ih, w_hh, b_ih | None, b_hh | None, *peephole)``; ``batch_sizes`` is None or T non-increasing
+ints (active rows are the prefix; inactive rows keep their state and output 0).
+
+The kernels (``csrc/fused_rnn.cpp``) run the time loop inside one OpenMP region: each thread owns
+a slice of hidden units, computes its columns of the recurrent GEMM with the oneDNN brgemm
+micro-kernel that torch exports, updates its units, and meets the others at one barrier per step.
+The input projection, ``dx`` and the weight gradients are single parallel GEMMs over all steps.
+
+The standard torch forms with torch's own fused kernel (plain LSTM, which torch runs through
+oneDNN's RNN primitive) dispatch to ``torch._VF`` instead: it is the same math and the fastest
+code on CPU for that case. See ``benchmarks/fused_kernels.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rnnkit.engine.fused import _build
+from rnnkit.engine.fused._function import FusedLayer, config_of, run_inference
+
+__all__ = ["run_layer", "unavailable_reason"]
+
+# Dispatch the plain LSTM to torch's own fused op (see _native_op). Benchmarks turn it off to
+# compare rnnkit's kernel on the same case.
+use_native = True
+
+
+def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str) -> str | None:
+    """None if the fused path can run ``spec`` for this dtype and device, else a short reason."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"device {device.type}"
+    if dtype not in (torch.float32, torch.float64):
+        return f"dtype {str(dtype).removeprefix('torch.')}"
+    try:
+        config_of(spec)
+    except ValueError as exc:
+        return str(exc)
+    if _build.load() is None and _native_op(spec) is None:
+        return _build.error() or "extension unavailable"
+    return None  # (without the extension the plain LSTM still runs through torch's op)
+
+
+def run_layer(
+    spec: Any,
+    x: Tensor,
+    state0: Sequence[Tensor],
+    params: Sequence[Tensor | None],
+    batch_sizes: Sequence[int] | None,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Runs one layer in one direction; differentiable w.r.t. x, state0 and every param."""
+    native = _native_op(spec, x)
+    if native is not None:
+        return native(x, state0, params, batch_sizes)
+    ext = _build.load()
+    if ext is None:
+        raise RuntimeError(f"fused backend unavailable: {_build.error()}")
+    cfg = config_of(spec)
+    bs = None if batch_sizes is None else [int(b) for b in batch_sizes]
+    if bs is not None and all(b == x.shape[1] for b in bs):
+        bs = None
+    tensors = (*state0, *params)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
+        out = FusedLayer.apply(ext, cfg, bs, len(state0), x, *tensors)
+        return out[0], tuple(out[1:])
+    return run_inference(ext, cfg, bs, x, state0, params)
+
+
+# ---- torch's own fused op for the plain LSTM -----------------------------------------------------
+
+
+# torch's LSTM reorders its weights on every call (~0.7 ms at H=256): below this many rows
+# (T * B) rnnkit's kernel is faster (a streaming step: 0.7x an nn.LSTMCell call vs 8x).
+NATIVE_MIN_ROWS = 32
+
+
+def _native_op(spec: Any, x: Tensor | None = None):
+    """torch._VF runner when ``spec`` is exactly a torch.nn form and torch's kernel is fastest.
+
+    Only the plain LSTM qualifies: torch runs it through oneDNN's fused RNN primitive. torch's
+    GRU and Elman RNN are per-step ATen loops that rnnkit's kernel beats (see the benchmark).
+    """
+    if not (use_native and spec.kind == "lstm" and not spec.peephole and not spec.coupled):
+        return None
+    if x is not None and x.shape[0] * x.shape[1] < NATIVE_MIN_ROWS and _build.load() is not None:
+        return None
+    return _run_vf_lstm
+
+
+def _run_vf_lstm(
+    x: Tensor,
+    state0: Sequence[Tensor],
+    params: Sequence[Tensor | None],
+    batch_sizes: Sequence[int] | None,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    w_ih, w_hh, b_ih, b_hh = params[:4]
+    has_bias = b_ih is not None
+    weights = [w_ih, w_hh, b_ih, b_hh] if has_bias else [w_ih, w_hh]
+    h0, c0 = (s.unsqueeze(0) for s in state0)
+    steps, batch = x.shape[:2]
+    if batch_sizes is None or all(b == batch for b in batch_sizes):
+        out, h, c = torch._VF.lstm(x, (h0, c0), weights, has_bias, 1, 0.0, False, False, False)
+        return out, (h[0], c[0])
+    bs = [int(b) for b in batch_sizes]
+    lengths = [sum(b > i for b in bs) for i in range(batch)]
+    live = sum(1 for n in lengths if n > 0)
+    if live == 0:
+        return x.new_zeros(steps, batch, w_hh.shape[1]), tuple(state0)
+    packed, bs_t = torch._VF._pack_padded_sequence(x[:, :live], torch.tensor(lengths[:live]), False)
+    out_p, h, c = torch._VF.lstm(
+        packed, bs_t, (h0[:, :live], c0[:, :live]), weights, has_bias, 1, 0.0, False, False
+    )
+    out, _ = torch._VF._pad_packed_sequence(out_p, bs_t, False, 0.0, steps)
+    if live < batch:
+        out = torch.cat((out, out.new_zeros(steps, batch - live, out.shape[2])), 1)
+    h, c = h[0], c[0]
+    if live < batch:  # rows that never ran keep their initial state
+        h = torch.cat((h, state0[0][live:]))
+        c = torch.cat((c, state0[1][live:]))
+    return out, (h, c)

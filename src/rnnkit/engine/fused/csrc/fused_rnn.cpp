@@ -1,0 +1,1015 @@
+// Fused CPU kernels for rnnkit's recurrent layers (Elman, LSTM +peephole +coupled, GRU both forms).
+//
+// One call runs a whole layer over time:
+//   forward:  gx = x W_ih^T + b            one parallel GEMM over all T*B rows      (T, B, G*H)
+//             for t: h_{t-1} W_hh^T (per-thread columns); pointwise cell update of own units
+//             (LSTM: the recurrent GEMM goes to a cache-resident (B, G*H) scratch and the
+//             pointwise pass adds gx; training also writes the activations over gx for backward)
+//   backward: for t (reverse): pointwise cell backward -> dgates_t; dh_{t-1} = dgates_t W_hh
+//             dW_ih, dW_hh, dx, db: one parallel GEMM each over all T*B rows
+//
+// The time loop runs inside ONE OpenMP parallel region: thread k owns the hidden units
+// [j0, j1) and computes, per step, only its columns of every gate block (a small
+// single-threaded GEMM with the oneDNN brgemm micro-kernel that torch exports), then the
+// pointwise update of its own units, then one barrier. No fork/join per step, no allocation.
+// Short inputs (T*B < 16, e.g. a streaming step) use the weights as stored through BLAS instead
+// of transposed copies. float64 runs the same code with BLAS dgemm and libm (for exactness).
+//
+// Math (same as rnnkit.cells; rows of W_* stacked per gate block in this order):
+//   Elman  h' = f(W_ih x + b_ih + W_hh h + b_hh)
+//   LSTM   i,f,g,o: i = s(pi + w_ci c); f = s(pf + w_cf c); g = tanh(pg);
+//          c' = f c + i g; o = s(po + w_co c'); h' = o tanh(c')      (coupled: i,g,o and f = 1 - i)
+//   GRU    r,z,n: r = s(xr + hr); z = s(xz + hz);
+//          after:  n = tanh(xn + r (W_hn h + b_hn));  before: n = tanh(xn + W_hn (r h) + b_hn)
+//          h' = (1 - z) n + z h
+#include <torch/extension.h>
+#include <ATen/native/CPUBlas.h>
+#include <dlfcn.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+enum Kind { RNN = 0, LSTM = 1, GRU = 2 };
+enum Act { TANH = 0, RELU = 1, SIGMOID = 2 };
+
+// ----------------------------------------------------------------------------------------------
+// GEMM: row-major C(M, N) (+)= A(M, K) B(K, N), single-threaded (called from inside a parallel
+// region, or from one tile of a parallel GEMM).
+// ----------------------------------------------------------------------------------------------
+bool g_use_brgemm = false;
+
+// Fortran BLAS from the BLAS torch links (MKL / OpenBLAS export sgemm_ / dgemm_), resolved at
+// init; a plain loop GEMM if there is none.
+using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                         const float*, const float*, const int*, const float*, const int*,
+                         const float*, float*, const int*);
+using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                         const double*, const double*, const int*, const double*, const int*,
+                         const double*, double*, const int*);
+sgemm_t g_sgemm = nullptr;
+dgemm_t g_dgemm = nullptr;
+
+template <typename T>
+void loop_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               T* C, int64_t ldc, bool acc) {
+  for (int64_t m = 0; m < M; ++m) {
+    T* c = C + m * ldc;
+    if (!acc) std::memset(c, 0, N * sizeof(T));
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[m * lda + k];
+      const T* b = B + k * ldb;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+template <typename T, typename F>
+void blas_gemm(F f, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+               int64_t ldb, T* C, int64_t ldc, bool acc) {
+  // row-major C = A B  <=>  column-major C^T = B^T A^T
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const T one = 1, beta = acc ? T(1) : T(0);
+  f("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+}
+
+inline void gemm_rm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                    const double* B, int64_t ldb, double* C, int64_t ldc, bool acc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!acc) for (int64_t m = 0; m < M; ++m) std::memset(C + m * ldc, 0, N * sizeof(double));
+    return;
+  }
+  if (g_dgemm) return blas_gemm(g_dgemm, M, N, K, A, lda, B, ldb, C, ldc, acc);
+  loop_gemm(M, N, K, A, lda, B, ldb, C, ldc, acc);
+}
+
+inline void gemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                    const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!acc) for (int64_t m = 0; m < M; ++m) std::memset(C + m * ldc, 0, N * sizeof(float));
+    return;
+  }
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if (g_use_brgemm) {
+    // Long reductions (the backward's K = G*H) in chunks that keep the B panel in cache:
+    // 1.4-1.7x faster at K = 2048 than one call.
+    const int64_t KB = K > 512 ? 256 : K;
+    for (int64_t k0 = 0; k0 < K; k0 += KB)
+      at::native::cpublas::brgemm(M, N, std::min(KB, K - k0), lda, ldb, ldc, acc || k0 > 0,
+                                  A + k0, B + k0 * ldb, C, false);
+    return;
+  }
+#endif
+  if (g_sgemm) return blas_gemm(g_sgemm, M, N, K, A, lda, B, ldb, C, ldc, acc);
+  loop_gemm(M, N, K, A, lda, B, ldb, C, ldc, acc);
+}
+
+// Row-major C(M, N) (+)= A(M, K) Bt(N, K)^T: the weight used as stored, no transposed copy.
+template <typename T>
+void gemm_bt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bt,
+             int64_t ldbt, T* C, int64_t ldc, bool acc) {
+  if (M <= 0 || N <= 0) return;
+  if (K > 0) {
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldbt), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const T one = 1, beta = acc ? T(1) : T(0);
+    if constexpr (std::is_same_v<T, float>) {
+      if (g_sgemm) return g_sgemm("T", "N", &m, &n, &k, &one, Bt, &la, A, &lb, &beta, C, &lc);
+    } else {
+      if (g_dgemm) return g_dgemm("T", "N", &m, &n, &k, &one, Bt, &la, A, &lb, &beta, C, &lc);
+    }
+  }
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      T sum = acc ? C[i * ldc + j] : T(0);
+      for (int64_t k = 0; k < K; ++k) sum += A[i * lda + k] * Bt[j * ldbt + k];
+      C[i * ldc + j] = sum;
+    }
+}
+
+// The recurrent weight either as a transposed copy W^T (K, G*H) (brgemm-friendly) or as stored,
+// W (G*H, K) (no copy: for short inputs where the copy would cost more than the GEMMs).
+template <typename T>
+struct RecW {
+  const T* p;
+  int64_t ld;
+  bool bt;
+  // C(M, n) (+)= A(M, K) W^T[:, col0 : col0 + n]
+  void mm(int64_t M, int64_t n, int64_t K, const T* A, int64_t lda, int64_t col0, T* C,
+          int64_t ldc, bool acc) const {
+    if (bt) gemm_bt(M, n, K, A, lda, p + col0 * ld, ld, C, ldc, acc);
+    else gemm_rm(M, n, K, A, lda, p + col0, ld, C, ldc, acc);
+  }
+};
+
+// Check once that the brgemm micro-kernel exists and computes what we expect.
+bool probe_brgemm() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  try {
+    const int64_t M = 3, N = 20, K = 7;
+    std::vector<float> A(M * K), B(K * N), C(M * N, 1.0f), R(M * N, 1.0f);
+    for (int64_t i = 0; i < M * K; ++i) A[i] = 0.25f * static_cast<float>(i % 5) - 0.5f;
+    for (int64_t i = 0; i < K * N; ++i) B[i] = 0.125f * static_cast<float>(i % 7) - 0.25f;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k) R[m * N + n] += A[m * K + k] * B[k * N + n];
+    at::native::cpublas::brgemm(M, N, K, K, N, N, true, A.data(), B.data(), C.data(), false);
+    for (int64_t i = 0; i < M * N; ++i)
+      if (std::fabs(C[i] - R[i]) > 1e-5f) return false;
+    return true;
+  } catch (...) {
+    return false;
+  }
+#else
+  return false;
+#endif
+}
+
+// Parallel GEMM over tiles: C(M, N) (+)= A(M, K) B(K, N) [+ bias[n] on every row].
+template <typename T>
+void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+           T* C, int64_t ldc, bool acc, const T* bias, int nt) {
+  if (M <= 0 || N <= 0) return;
+  // 256-row tiles measured fastest (1 thread, 2-5% over 64-128); smaller when that would leave
+  // fewer than two tiles per thread.
+  const int64_t NB = 256, KB = 256;
+  int64_t MB = 256;
+  while (MB > 32 && ((M + MB - 1) / MB) * ((N + NB - 1) / NB) < 2 * nt) MB /= 2;
+  const int64_t mt = (M + MB - 1) / MB, ntile = (N + NB - 1) / NB;
+#pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
+  for (int64_t bm = 0; bm < mt; ++bm) {
+    for (int64_t bn = 0; bn < ntile; ++bn) {
+      const int64_t m0 = bm * MB, n0 = bn * NB;
+      const int64_t mm = std::min(MB, M - m0), nn = std::min(NB, N - n0);
+      T* c = C + m0 * ldc + n0;
+      if (K == 0) gemm_rm(mm, nn, K, A, lda, B, ldb, c, ldc, acc);
+      for (int64_t k0 = 0; k0 < K; k0 += KB) {
+        const int64_t kk = std::min(KB, K - k0);
+        gemm_rm(mm, nn, kk, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, c, ldc,
+                acc || k0 > 0);
+      }
+      if (bias) {
+        for (int64_t m = 0; m < mm; ++m) {
+          T* cr = c + m * ldc;
+          const T* br = bias + n0;
+#pragma omp simd
+          for (int64_t n = 0; n < nn; ++n) cr[n] += br[n];
+        }
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Pointwise math. float: branch-free, auto-vectorisable exp (Cephes polynomial, ~1 ulp);
+// double: libm (the float64 path is for exactness, not speed).
+// ----------------------------------------------------------------------------------------------
+inline float fexp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float s;
+  std::memcpy(&s, &e, sizeof(s));
+  return p * s;
+}
+inline float sigm(float x) {
+  const float e = fexp(-std::fabs(x));  // in (0, 1]
+  const float q = 1.0f / (1.0f + e);
+  return x >= 0.0f ? q : e * q;
+}
+inline float tanh_(float x) {
+  const float e = fexp(-2.0f * std::fabs(x));
+  const float t = (1.0f - e) / (1.0f + e);
+  return std::copysign(t, x);
+}
+inline double sigm(double x) {
+  const double e = std::exp(-std::fabs(x));
+  const double q = 1.0 / (1.0 + e);
+  return x >= 0.0 ? q : e * q;
+}
+inline double tanh_(double x) { return std::tanh(x); }
+
+// Hidden units owned by thread tid: chunks aligned to 16 elements.
+inline void unit_range(int64_t H, int nt, int tid, int64_t& j0, int64_t& j1) {
+  int64_t chunk = (H + nt - 1) / nt;
+  chunk = (chunk + 15) / 16 * 16;
+  j0 = std::min(H, chunk * tid);
+  j1 = std::min(H, j0 + chunk);
+}
+
+// Below this many rows (T * B) the forward uses the weights as stored (see forward_impl).
+constexpr int64_t kAsStoredRows = 16;
+
+struct Cfg {
+  int kind = 0, act = 0;
+  bool peep = false, coupled = false, before = false;
+  int64_t T = 0, B = 0, I = 0, H = 0, G = 0;
+  std::vector<int64_t> bs;  // active rows per step (size T)
+};
+
+int64_t gates_of(const Cfg& c) {
+  if (c.kind == RNN) return 1;
+  if (c.kind == LSTM) return c.coupled ? 3 : 4;
+  return 3;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Forward time loops.
+// gates: (T, B, G*H) holds x W_ih^T + folded biases on entry, activations on exit (training).
+// ----------------------------------------------------------------------------------------------
+// rec: (B, G*H) scratch for the recurrent GEMM (stays in cache; the GEMM never touches the
+// cold gates rows). SAVE: write activations back into gates (training).
+template <typename T, bool PEEP, bool COUPLED, bool SAVE>
+void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst, const T* h0,
+                   const RecW<T>& W, const T* pw, int nt) {
+  const int64_t H = cf.H, B = cf.B, G = cf.G, GH = G * H;
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t j0, j1;
+    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    const T* wci = PEEP ? pw : nullptr;
+    const T* wcf = PEEP && !COUPLED ? pw + H : nullptr;
+    const T* wco = PEEP ? pw + (COUPLED ? 1 : 2) * H : nullptr;
+    for (int64_t t = 0; t < cf.T; ++t) {
+      const int64_t M = cf.bs[t];
+      const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
+      T* g = gates + t * B * GH;
+      if (j1 > j0)
+        for (int64_t b = 0; b < G; ++b)
+          W.mm(M, j1 - j0, H, hp, H, b * H + j0, rec + b * H + j0, GH, false);
+      for (int64_t m = 0; m < M; ++m) {
+        T* gr = g + m * GH;
+        const T* rr = rec + m * GH;
+        T* cr = cst + m * H;
+        T* hr = hst + m * H;
+        T* yr = y + (t * B + m) * H;
+        T* csr = cs ? cs + (t * B + m) * H : nullptr;
+        if (!COUPLED) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) {
+            const T cp = cr[j];
+            T pi = gr[j] + rr[j], pf = gr[H + j] + rr[H + j];
+            T pg = gr[2 * H + j] + rr[2 * H + j], po = gr[3 * H + j] + rr[3 * H + j];
+            if (PEEP) {
+              pi += wci[j] * cp;
+              pf += wcf[j] * cp;
+            }
+            const T i = sigm(pi), f = sigm(pf), gg = tanh_(pg);
+            const T c = f * cp + i * gg;
+            if (PEEP) po += wco[j] * c;
+            const T o = sigm(po);
+            const T h = o * tanh_(c);
+            if (SAVE) {
+              gr[j] = i;
+              gr[H + j] = f;
+              gr[2 * H + j] = gg;
+              gr[3 * H + j] = o;
+            }
+            cr[j] = c;
+            yr[j] = h;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) {
+            const T cp = cr[j];
+            T pi = gr[j] + rr[j], pg = gr[H + j] + rr[H + j], po = gr[2 * H + j] + rr[2 * H + j];
+            if (PEEP) pi += wci[j] * cp;
+            const T i = sigm(pi), gg = tanh_(pg);
+            const T c = (T(1) - i) * cp + i * gg;
+            if (PEEP) po += wco[j] * c;
+            const T o = sigm(po);
+            const T h = o * tanh_(c);
+            if (SAVE) {
+              gr[j] = i;
+              gr[H + j] = gg;
+              gr[2 * H + j] = o;
+            }
+            cr[j] = c;
+            yr[j] = h;
+          }
+        }
+        if (csr) std::memcpy(csr + j0, cr + j0, (j1 - j0) * sizeof(T));
+        std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
+      }
+#pragma omp barrier
+    }
+  }
+}
+
+template <typename T>
+void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW<T>& W,
+                  int nt) {
+  const int64_t H = cf.H, B = cf.B;
+  const int act = cf.act;
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t j0, j1;
+    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    for (int64_t t = 0; t < cf.T; ++t) {
+      const int64_t M = cf.bs[t];
+      const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
+      T* g = gates + t * B * H;
+      if (j1 > j0) W.mm(M, j1 - j0, H, hp, H, j0, g + j0, H, true);
+      for (int64_t m = 0; m < M; ++m) {
+        T* gr = g + m * H;
+        T* hr = hst + m * H;
+        T* yr = y + (t * B + m) * H;
+        if (act == TANH) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = tanh_(gr[j]);
+        } else if (act == RELU) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = gr[j] > T(0) ? gr[j] : T(0);
+        } else {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = sigm(gr[j]);
+        }
+      }
+#pragma omp barrier
+    }
+  }
+}
+
+// GRU, reset after: gates hold x-part (+ b_ih + b_hh for r, z); gh is a (B, 3H) scratch;
+// ghn (T, B, H) saves W_hn h + b_hn for backward (may be null in inference).
+template <typename T>
+void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, const T* h0,
+                        const RecW<T>& W, const T* bhn, int nt) {
+  const int64_t H = cf.H, B = cf.B, GH = 3 * H;
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t j0, j1;
+    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    for (int64_t t = 0; t < cf.T; ++t) {
+      const int64_t M = cf.bs[t];
+      const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
+      T* g = gates + t * B * GH;
+      if (j1 > j0) {
+        for (int64_t b = 0; b < 2; ++b)
+          W.mm(M, j1 - j0, H, hp, H, b * H + j0, g + b * H + j0, GH, true);
+        W.mm(M, j1 - j0, H, hp, H, 2 * H + j0, gh + j0, H, false);
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        T* gr = g + m * GH;
+        const T* ghr = gh + m * H;
+        const T* hpr = hp + m * H;
+        T* hr = hst + m * H;
+        T* yr = y + (t * B + m) * H;
+        T* sv = ghn ? ghn + (t * B + m) * H : nullptr;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+          const T r = sigm(gr[j]), z = sigm(gr[H + j]);
+          const T hn = ghr[j] + (bhn ? bhn[j] : T(0));
+          const T n = tanh_(gr[2 * H + j] + r * hn);
+          const T h = (T(1) - z) * n + z * hpr[j];
+          gr[j] = r;
+          gr[H + j] = z;
+          gr[2 * H + j] = n;
+          if (sv) sv[j] = hn;
+          hr[j] = h;
+          yr[j] = h;
+        }
+      }
+#pragma omp barrier
+    }
+  }
+}
+
+// GRU, reset before: all biases folded into gates; rh (T, B, H) (or (B, H) in inference) = r h.
+template <typename T>
+void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_all,
+                         const T* h0, const RecW<T>& W, int nt) {
+  const int64_t H = cf.H, B = cf.B, GH = 3 * H;
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t j0, j1;
+    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    for (int64_t t = 0; t < cf.T; ++t) {
+      const int64_t M = cf.bs[t];
+      const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
+      T* g = gates + t * B * GH;
+      T* rht = rh_all ? rh + t * B * H : rh;
+      if (j1 > j0)
+        for (int64_t b = 0; b < 2; ++b)
+          W.mm(M, j1 - j0, H, hp, H, b * H + j0, g + b * H + j0, GH, true);
+      for (int64_t m = 0; m < M; ++m) {
+        T* gr = g + m * GH;
+        const T* hpr = hp + m * H;
+        T* rr = rht + m * H;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+          const T r = sigm(gr[j]);
+          gr[j] = r;
+          gr[H + j] = sigm(gr[H + j]);
+          rr[j] = r * hpr[j];
+        }
+      }
+#pragma omp barrier
+      if (j1 > j0)
+        W.mm(M, j1 - j0, H, rht, H, 2 * H + j0, g + 2 * H + j0, GH, true);
+      for (int64_t m = 0; m < M; ++m) {
+        T* gr = g + m * GH;
+        const T* hpr = hp + m * H;
+        T* hr = hst + m * H;
+        T* yr = y + (t * B + m) * H;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+          const T z = gr[H + j];
+          const T n = tanh_(gr[2 * H + j]);
+          const T h = (T(1) - z) * n + z * hpr[j];
+          gr[2 * H + j] = n;
+          hr[j] = h;
+          yr[j] = h;
+        }
+      }
+#pragma omp barrier
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] must be zero on
+// entry). dhs / dcs: (B, H) running state gradients, in place.
+// ----------------------------------------------------------------------------------------------
+template <typename T, bool PEEP, bool COUPLED>
+void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const T* gy, T* dg,
+                   T* dhs, T* dcs, const T* Whh, const T* pw, T* dpw, int nt) {
+  const int64_t H = cf.H, B = cf.B, G = cf.G, GH = G * H;
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t j0, j1;
+    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    const T* wci = PEEP ? pw : nullptr;
+    const T* wcf = PEEP && !COUPLED ? pw + H : nullptr;
+    const T* wco = PEEP ? pw + (COUPLED ? 1 : 2) * H : nullptr;
+    T* dwci = PEEP ? dpw : nullptr;
+    T* dwcf = PEEP && !COUPLED ? dpw + H : nullptr;
+    T* dwco = PEEP ? dpw + (COUPLED ? 1 : 2) * H : nullptr;
+    for (int64_t t = cf.T - 1; t >= 0; --t) {
+      const int64_t M = cf.bs[t];
+      const T* a = acts + t * B * GH;
+      T* d = dg + t * B * GH;
+      const T* cp_t = t == 0 ? c0 : cs + (t - 1) * B * H;
+      for (int64_t m = 0; m < M; ++m) {
+        const T* ar = a + m * GH;
+        T* dr = d + m * GH;
+        const T* cr = cs + (t * B + m) * H;
+        const T* cpr = cp_t + m * H;
+        const T* gyr = gy + (t * B + m) * H;
+        T* dhr = dhs + m * H;
+        T* dcr = dcs + m * H;
+        if (!COUPLED) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) {
+            const T i = ar[j], f = ar[H + j], gg = ar[2 * H + j], o = ar[3 * H + j];
+            const T c = cr[j], cp = cpr[j];
+            const T dh = dhr[j] + gyr[j];
+            const T tc = tanh_(c);
+            const T dpo = dh * tc * o * (T(1) - o);
+            T dc = dcr[j] + dh * o * (T(1) - tc * tc);
+            if (PEEP) dc += dpo * wco[j];
+            const T dpi = dc * gg * i * (T(1) - i);
+            const T dpf = dc * cp * f * (T(1) - f);
+            const T dpg = dc * i * (T(1) - gg * gg);
+            T dcp = dc * f;
+            if (PEEP) {
+              dcp += dpi * wci[j] + dpf * wcf[j];
+              dwci[j] += dpi * cp;
+              dwcf[j] += dpf * cp;
+              dwco[j] += dpo * c;
+            }
+            dr[j] = dpi;
+            dr[H + j] = dpf;
+            dr[2 * H + j] = dpg;
+            dr[3 * H + j] = dpo;
+            dcr[j] = dcp;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) {
+            const T i = ar[j], gg = ar[H + j], o = ar[2 * H + j];
+            const T c = cr[j], cp = cpr[j];
+            const T dh = dhr[j] + gyr[j];
+            const T tc = tanh_(c);
+            const T dpo = dh * tc * o * (T(1) - o);
+            T dc = dcr[j] + dh * o * (T(1) - tc * tc);
+            if (PEEP) dc += dpo * wco[j];
+            const T dpi = dc * (gg - cp) * i * (T(1) - i);
+            const T dpg = dc * i * (T(1) - gg * gg);
+            T dcp = dc * (T(1) - i);
+            if (PEEP) {
+              dcp += dpi * wci[j];
+              dwci[j] += dpi * cp;
+              dwco[j] += dpo * c;
+            }
+            dr[j] = dpi;
+            dr[H + j] = dpg;
+            dr[2 * H + j] = dpo;
+            dcr[j] = dcp;
+          }
+        }
+      }
+#pragma omp barrier
+      if (j1 > j0) gemm_rm(M, j1 - j0, GH, d, GH, Whh + j0, H, dhs + j0, H, false);
+    }
+  }
+}
+
+template <typename T>
+void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const T* Whh, int nt) {
+  const int64_t H = cf.H, B = cf.B;
+  const int act = cf.act;
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t j0, j1;
+    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    for (int64_t t = cf.T - 1; t >= 0; --t) {
+      const int64_t M = cf.bs[t];
+      T* d = dg + t * B * H;
+      for (int64_t m = 0; m < M; ++m) {
+        const T* yr = y + (t * B + m) * H;
+        const T* gyr = gy + (t * B + m) * H;
+        const T* dhr = dhs + m * H;
+        T* dr = d + m * H;
+        if (act == TANH) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) dr[j] = (dhr[j] + gyr[j]) * (T(1) - yr[j] * yr[j]);
+        } else if (act == RELU) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) dr[j] = yr[j] > T(0) ? dhr[j] + gyr[j] : T(0);
+        } else {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) dr[j] = (dhr[j] + gyr[j]) * yr[j] * (T(1) - yr[j]);
+        }
+      }
+#pragma omp barrier
+      if (j1 > j0) gemm_rm(M, j1 - j0, H, d, H, Whh + j0, H, dhs + j0, H, false);
+    }
+  }
+}
+
+// GRU reset after. dg: d(x-part) (T,B,3H); dgh: d(W_hh h + b_hh) (T,B,3H).
+template <typename T>
+void gru_after_bwd_loop(const Cfg& cf, const T* acts, const T* ghn, const T* y, const T* h0,
+                        const T* gy, T* dg, T* dgh, T* dhs, const T* Whh, int nt) {
+  const int64_t H = cf.H, B = cf.B, GH = 3 * H;
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t j0, j1;
+    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    for (int64_t t = cf.T - 1; t >= 0; --t) {
+      const int64_t M = cf.bs[t];
+      const T* a = acts + t * B * GH;
+      const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
+      T* d = dg + t * B * GH;
+      T* dh2 = dgh + t * B * GH;
+      for (int64_t m = 0; m < M; ++m) {
+        const T* ar = a + m * GH;
+        const T* hnr = ghn + (t * B + m) * H;
+        const T* hpr = hp + m * H;
+        const T* gyr = gy + (t * B + m) * H;
+        T* dr = d + m * GH;
+        T* dr2 = dh2 + m * GH;
+        T* dhr = dhs + m * H;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+          const T r = ar[j], z = ar[H + j], n = ar[2 * H + j];
+          const T dh = dhr[j] + gyr[j];
+          const T dpn = dh * (T(1) - z) * (T(1) - n * n);
+          const T dpz = dh * (hpr[j] - n) * z * (T(1) - z);
+          const T dpr = dpn * hnr[j] * r * (T(1) - r);
+          dr[j] = dpr;
+          dr[H + j] = dpz;
+          dr[2 * H + j] = dpn;
+          dr2[j] = dpr;
+          dr2[H + j] = dpz;
+          dr2[2 * H + j] = dpn * r;
+          dhr[j] = dh * z;
+        }
+      }
+#pragma omp barrier
+      if (j1 > j0) gemm_rm(M, j1 - j0, GH, dh2, GH, Whh + j0, H, dhs + j0, H, true);
+    }
+  }
+}
+
+// GRU reset before. dg: (T,B,3H) pre-activation grads; drh: (B,H) scratch.
+template <typename T>
+void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, const T* gy,
+                         T* dg, T* drh, T* dhs, const T* Whh, int nt) {
+  const int64_t H = cf.H, B = cf.B, GH = 3 * H;
+  const T* Whn = Whh + 2 * H * H;
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t j0, j1;
+    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    for (int64_t t = cf.T - 1; t >= 0; --t) {
+      const int64_t M = cf.bs[t];
+      const T* a = acts + t * B * GH;
+      const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
+      T* d = dg + t * B * GH;
+      for (int64_t m = 0; m < M; ++m) {
+        const T* ar = a + m * GH;
+        const T* hpr = hp + m * H;
+        const T* gyr = gy + (t * B + m) * H;
+        T* dr = d + m * GH;
+        T* dhr = dhs + m * H;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+          const T z = ar[H + j], n = ar[2 * H + j];
+          const T dh = dhr[j] + gyr[j];
+          dr[H + j] = dh * (hpr[j] - n) * z * (T(1) - z);
+          dr[2 * H + j] = dh * (T(1) - z) * (T(1) - n * n);
+          dhr[j] = dh * z;
+        }
+      }
+#pragma omp barrier
+      if (j1 > j0) gemm_rm(M, j1 - j0, H, d + 2 * H, GH, Whn + j0, H, drh + j0, H, false);
+      for (int64_t m = 0; m < M; ++m) {
+        const T* ar = a + m * GH;
+        const T* hpr = hp + m * H;
+        const T* drr = drh + m * H;
+        T* dr = d + m * GH;
+        T* dhr = dhs + m * H;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+          const T r = ar[j];
+          dr[j] = drr[j] * hpr[j] * r * (T(1) - r);
+          dhr[j] += drr[j] * r;
+        }
+      }
+#pragma omp barrier
+      if (j1 > j0) gemm_rm(M, j1 - j0, 2 * H, d, GH, Whh + j0, H, dhs + j0, H, true);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Entry points
+// ----------------------------------------------------------------------------------------------
+Cfg make_cfg(int64_t kind, int64_t act, bool peep, bool coupled, bool before, const at::Tensor& x,
+             int64_t H, const std::vector<int64_t>& batch_sizes) {
+  Cfg c;
+  c.kind = static_cast<int>(kind);
+  c.act = static_cast<int>(act);
+  c.peep = peep;
+  c.coupled = coupled;
+  c.before = before;
+  c.T = x.size(0);
+  c.B = x.size(1);
+  c.I = x.size(2);
+  c.H = H;
+  c.G = gates_of(c);
+  if (batch_sizes.empty()) {
+    c.bs.assign(c.T, c.B);
+  } else {
+    TORCH_CHECK(static_cast<int64_t>(batch_sizes.size()) == c.T, "batch_sizes must have T entries");
+    c.bs = batch_sizes;
+    for (auto b : c.bs) TORCH_CHECK(b >= 0 && b <= c.B, "batch_sizes out of range");
+  }
+  return c;
+}
+
+bool partial(const Cfg& c) {
+  for (auto b : c.bs)
+    if (b != c.B) return true;
+  return false;
+}
+
+// Threads for the time loop. nthreads > 0 forces a count (tests); otherwise torch's thread count,
+// or one thread when the per-step work is too small to amortise a barrier.
+int pick_threads(const Cfg& c, int64_t nthreads) {
+  if (nthreads > 0) return static_cast<int>(nthreads);
+  const double flops = 2.0 * static_cast<double>(c.B) * c.H * c.H * c.G;
+  if (flops < 2.0e5) return 1;
+  return std::max(1, at::get_num_threads());
+}
+
+template <typename T>
+std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const at::Tensor& h0,
+                                     const at::Tensor& c0, const at::Tensor& w_ih,
+                                     const at::Tensor& w_hh, const at::Tensor& b_ih,
+                                     const at::Tensor& b_hh, const at::Tensor& pw, bool training,
+                                     int nt_loop, int nt_all) {
+  const int64_t T_ = cf.T, B = cf.B, I = cf.I, H = cf.H, G = cf.G, GH = G * H;
+  auto opts = x.options();
+  const bool part = partial(cf);
+  // Folded bias for the input projection.
+  at::Tensor bias;
+  const bool has_bias = b_ih.defined();
+  if (has_bias) {
+    bias = b_ih.clone();
+    if (cf.kind == GRU && !cf.before)
+      bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
+    else
+      bias.add_(b_hh);
+  }
+  at::Tensor gates = at::empty({T_, B, GH}, opts);
+  // Few rows (streaming steps): use the weights as stored through BLAS; transposed copies for
+  // the brgemm micro-kernel would cost more than the GEMMs themselves.
+  const bool have_blas = std::is_same_v<T, float> ? g_sgemm != nullptr : g_dgemm != nullptr;
+  const bool as_stored = have_blas && T_ * B < kAsStoredRows;
+  at::Tensor WhhT;
+  RecW<T> W{nullptr, 0, as_stored};
+  if (as_stored) {
+    if (has_bias) gates.copy_(bias.expand({T_, B, GH}));
+    gemm_bt<T>(T_ * B, GH, I, x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, gates.data_ptr<T>(), GH,
+               has_bias);
+    W.p = w_hh.data_ptr<T>();
+    W.ld = H;
+  } else {
+    at::Tensor WihT = w_ih.t().contiguous();  // (I, GH)
+    WhhT = w_hh.t().contiguous();             // (H, GH)
+    pgemm<T>(T_ * B, GH, I, x.data_ptr<T>(), I, WihT.data_ptr<T>(), GH, gates.data_ptr<T>(), GH,
+             false, has_bias ? bias.data_ptr<T>() : nullptr, nt_all);
+    W.p = WhhT.data_ptr<T>();
+    W.ld = GH;
+  }
+  at::Tensor y = part ? at::zeros({T_, B, H}, opts) : at::empty({T_, B, H}, opts);
+  at::Tensor hst = h0.clone();
+  at::Tensor cst, cs, extra;
+  if (cf.kind == LSTM) {
+    cst = c0.clone();
+    if (training) cs = part ? at::zeros({T_, B, H}, opts) : at::empty({T_, B, H}, opts);
+    const T* p = cf.peep ? pw.data_ptr<T>() : nullptr;
+    T* csp = training ? cs.data_ptr<T>() : nullptr;
+    at::Tensor rec = at::empty({B, GH}, opts);
+    auto run = [&](auto peep, auto coupled, auto save) {
+      lstm_fwd_loop<T, decltype(peep)::value, decltype(coupled)::value, decltype(save)::value>(
+          cf, gates.data_ptr<T>(), rec.data_ptr<T>(), y.data_ptr<T>(), csp, hst.data_ptr<T>(),
+          cst.data_ptr<T>(), h0.data_ptr<T>(), W, p, nt_loop);
+    };
+    auto run_s = [&](auto peep, auto coupled) {
+      if (training) run(peep, coupled, std::true_type{});
+      else run(peep, coupled, std::false_type{});
+    };
+    if (cf.peep && cf.coupled) run_s(std::true_type{}, std::true_type{});
+    else if (cf.peep) run_s(std::true_type{}, std::false_type{});
+    else if (cf.coupled) run_s(std::false_type{}, std::true_type{});
+    else run_s(std::false_type{}, std::false_type{});
+  } else if (cf.kind == RNN) {
+    rnn_fwd_loop<T>(cf, gates.data_ptr<T>(), y.data_ptr<T>(), hst.data_ptr<T>(), h0.data_ptr<T>(),
+                    W, nt_loop);
+  } else if (!cf.before) {
+    at::Tensor gh = at::empty({B, H}, opts);
+    if (training) extra = at::empty({T_, B, H}, opts);
+    at::Tensor bhn;
+    if (has_bias) bhn = b_hh.narrow(0, 2 * H, H).contiguous();
+    gru_after_fwd_loop<T>(cf, gates.data_ptr<T>(), y.data_ptr<T>(), hst.data_ptr<T>(),
+                          gh.data_ptr<T>(), training ? extra.data_ptr<T>() : nullptr,
+                          h0.data_ptr<T>(), W, has_bias ? bhn.data_ptr<T>() : nullptr,
+                          nt_loop);
+  } else {
+    // Rows past their length multiply zero gradients in dW_hn: they must not hold NaN garbage.
+    extra = training ? (part ? at::zeros({T_, B, H}, opts) : at::empty({T_, B, H}, opts))
+                     : at::empty({B, H}, opts);
+    gru_before_fwd_loop<T>(cf, gates.data_ptr<T>(), y.data_ptr<T>(), hst.data_ptr<T>(),
+                           extra.data_ptr<T>(), training, h0.data_ptr<T>(), W, nt_loop);
+  }
+  if (!training) gates = at::Tensor();
+  return {y, hst, cst, gates, cs, extra};
+}
+
+template <typename T>
+std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const at::Tensor& h0,
+                                      const at::Tensor& c0, const at::Tensor& w_ih,
+                                      const at::Tensor& w_hh, const at::Tensor& pw, bool has_bias,
+                                      const at::Tensor& y, const at::Tensor& acts,
+                                      const at::Tensor& cs, const at::Tensor& extra,
+                                      const at::Tensor& gy, const at::Tensor& ghT,
+                                      const at::Tensor& gcT, bool need_dx, bool need_dw,
+                                      int nt_loop, int nt_all) {
+  const int64_t T_ = cf.T, B = cf.B, I = cf.I, H = cf.H, G = cf.G, GH = G * H;
+  auto opts = x.options();
+  const bool part = partial(cf);
+  at::Tensor dg = part ? at::zeros({T_, B, GH}, opts) : at::empty({T_, B, GH}, opts);
+  at::Tensor dhs = ghT.defined() ? ghT.clone() : at::zeros({B, H}, opts);
+  at::Tensor dcs, dpw, dgh;
+  const T* whh = w_hh.data_ptr<T>();
+  if (cf.kind == LSTM) {
+    dcs = gcT.defined() ? gcT.clone() : at::zeros({B, H}, opts);
+    const T* p = nullptr;
+    T* dp = nullptr;
+    if (cf.peep) {
+      dpw = at::zeros_like(pw);
+      p = pw.data_ptr<T>();
+      dp = dpw.data_ptr<T>();
+    }
+#define LSTM_BWD(P, C)                                                                            \
+  lstm_bwd_loop<T, P, C>(cf, acts.data_ptr<T>(), cs.data_ptr<T>(), c0.data_ptr<T>(),              \
+                         gy.data_ptr<T>(), dg.data_ptr<T>(), dhs.data_ptr<T>(), dcs.data_ptr<T>(), \
+                         whh, p, dp, nt_loop)
+    if (cf.peep && cf.coupled) LSTM_BWD(true, true);
+    else if (cf.peep) LSTM_BWD(true, false);
+    else if (cf.coupled) LSTM_BWD(false, true);
+    else LSTM_BWD(false, false);
+#undef LSTM_BWD
+  } else if (cf.kind == RNN) {
+    rnn_bwd_loop<T>(cf, y.data_ptr<T>(), gy.data_ptr<T>(), dg.data_ptr<T>(), dhs.data_ptr<T>(),
+                    whh, nt_loop);
+  } else if (!cf.before) {
+    dgh = part ? at::zeros({T_, B, GH}, opts) : at::empty({T_, B, GH}, opts);
+    gru_after_bwd_loop<T>(cf, acts.data_ptr<T>(), extra.data_ptr<T>(), y.data_ptr<T>(),
+                          h0.data_ptr<T>(), gy.data_ptr<T>(), dg.data_ptr<T>(),
+                          dgh.data_ptr<T>(), dhs.data_ptr<T>(), whh, nt_loop);
+  } else {
+    at::Tensor drh = at::empty({B, H}, opts);
+    gru_before_bwd_loop<T>(cf, acts.data_ptr<T>(), y.data_ptr<T>(), h0.data_ptr<T>(),
+                           gy.data_ptr<T>(), dg.data_ptr<T>(), drh.data_ptr<T>(),
+                           dhs.data_ptr<T>(), whh, nt_loop);
+  }
+
+  at::Tensor dx, dwih, dwhh, dbih, dbhh;
+  const int64_t TB = T_ * B;
+  const T* dgp = dg.data_ptr<T>();
+  if (need_dx) {
+    dx = at::empty({T_, B, I}, opts);
+    pgemm<T>(TB, I, GH, dgp, GH, w_ih.data_ptr<T>(), I, dx.data_ptr<T>(), I, false, nullptr,
+             nt_all);
+  }
+  if (need_dw) {
+    // dW_ih^T (I, GH) = X^T (I, TB) dG (TB, GH)
+    at::Tensor xT = x.reshape({TB, I}).t().contiguous();
+    at::Tensor dwihT = at::empty({I, GH}, opts);
+    pgemm<T>(I, GH, TB, xT.data_ptr<T>(), TB, dgp, GH, dwihT.data_ptr<T>(), GH, false, nullptr,
+             nt_all);
+    dwih = dwihT.t().contiguous();
+    // previous hidden states (T*B, H): h0, y[0..T-2]
+    at::Tensor hprev = at::cat({h0.unsqueeze(0), y.narrow(0, 0, T_ - 1)}, 0).reshape({TB, H});
+    at::Tensor hT = hprev.t().contiguous();  // (H, TB)
+    at::Tensor dwhhT = at::empty({H, GH}, opts);
+    const T* dhp = (cf.kind == GRU && !cf.before) ? dgh.data_ptr<T>() : dgp;
+    if (cf.kind == GRU && cf.before) {
+      pgemm<T>(H, 2 * H, TB, hT.data_ptr<T>(), TB, dgp, GH, dwhhT.data_ptr<T>(), GH, false,
+               nullptr, nt_all);
+      at::Tensor rhT = extra.reshape({TB, H}).t().contiguous();
+      pgemm<T>(H, H, TB, rhT.data_ptr<T>(), TB, dgp + 2 * H, GH, dwhhT.data_ptr<T>() + 2 * H, GH,
+               false, nullptr, nt_all);
+    } else {
+      pgemm<T>(H, GH, TB, hT.data_ptr<T>(), TB, dhp, GH, dwhhT.data_ptr<T>(), GH, false, nullptr,
+               nt_all);
+    }
+    dwhh = dwhhT.t().contiguous();
+    if (has_bias) {
+      dbih = dg.reshape({TB, GH}).sum(0);
+      dbhh = (cf.kind == GRU && !cf.before) ? dgh.reshape({TB, GH}).sum(0) : dbih;
+    }
+  }
+  return {dx, dhs, dcs, dwih, dwhh, dbih, dbhh, dpw};
+}
+
+at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+std::vector<at::Tensor> forward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
+                                at::Tensor x, at::Tensor h0, std::optional<at::Tensor> c0,
+                                at::Tensor w_ih, at::Tensor w_hh, std::optional<at::Tensor> b_ih,
+                                std::optional<at::Tensor> b_hh, std::optional<at::Tensor> pw,
+                                std::vector<int64_t> batch_sizes, bool training,
+                                int64_t nthreads) {
+  const int64_t H = h0.size(1);
+  Cfg cf = make_cfg(kind, act, peep, coupled, before, x, H, batch_sizes);
+  TORCH_CHECK(w_ih.size(0) == cf.G * H && w_ih.size(1) == cf.I, "w_ih has the wrong shape");
+  TORCH_CHECK(w_hh.size(0) == cf.G * H && w_hh.size(1) == H, "w_hh has the wrong shape");
+  const int nt_all = nthreads > 0 ? static_cast<int>(nthreads) : at::get_num_threads();
+  const int nt = pick_threads(cf, nthreads);
+  at::Tensor c0t = opt(c0), bi = opt(b_ih), bh = opt(b_hh), p = opt(pw);
+  auto cont = [](at::Tensor& t) {
+    if (t.defined()) t = t.contiguous();
+  };
+  x = x.contiguous();
+  h0 = h0.contiguous();
+  cont(c0t);
+  w_ih = w_ih.contiguous();
+  w_hh = w_hh.contiguous();
+  cont(bi);
+  cont(bh);
+  cont(p);
+  if (x.scalar_type() == at::kFloat)
+    return forward_impl<float>(cf, x, h0, c0t, w_ih, w_hh, bi, bh, p, training, nt, nt_all);
+  TORCH_CHECK(x.scalar_type() == at::kDouble, "fused kernels support float32 and float64");
+  return forward_impl<double>(cf, x, h0, c0t, w_ih, w_hh, bi, bh, p, training, nt, nt_all);
+}
+
+std::vector<at::Tensor> backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
+                                 at::Tensor x, at::Tensor h0, std::optional<at::Tensor> c0,
+                                 at::Tensor w_ih, at::Tensor w_hh, std::optional<at::Tensor> pw,
+                                 bool has_bias, std::vector<int64_t> batch_sizes, at::Tensor y,
+                                 at::Tensor acts, std::optional<at::Tensor> cs,
+                                 std::optional<at::Tensor> extra, at::Tensor gy,
+                                 std::optional<at::Tensor> ghT, std::optional<at::Tensor> gcT,
+                                 bool need_dx, bool need_dw, int64_t nthreads) {
+  const int64_t H = h0.size(1);
+  Cfg cf = make_cfg(kind, act, peep, coupled, before, x, H, batch_sizes);
+  const int nt_all = nthreads > 0 ? static_cast<int>(nthreads) : at::get_num_threads();
+  const int nt = pick_threads(cf, nthreads);
+  at::Tensor c0t = opt(c0), p = opt(pw), cst = opt(cs), ex = opt(extra), gh = opt(ghT),
+             gc = opt(gcT);
+  auto cont = [](at::Tensor& t) {
+    if (t.defined()) t = t.contiguous();
+  };
+  x = x.contiguous();
+  h0 = h0.contiguous();
+  cont(c0t);
+  w_ih = w_ih.contiguous();
+  w_hh = w_hh.contiguous();
+  cont(p);
+  cont(cst);
+  cont(ex);
+  cont(gh);
+  cont(gc);
+  gy = gy.contiguous();
+  if (x.scalar_type() == at::kFloat)
+    return backward_impl<float>(cf, x, h0, c0t, w_ih, w_hh, p, has_bias, y, acts, cst, ex, gy, gh,
+                                gc, need_dx, need_dw, nt, nt_all);
+  return backward_impl<double>(cf, x, h0, c0t, w_ih, w_hh, p, has_bias, y, acts, cst, ex, gy, gh,
+                               gc, need_dx, need_dw, nt, nt_all);
+}
+
+bool init() {
+  g_sgemm = reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  g_dgemm = reinterpret_cast<dgemm_t>(dlsym(RTLD_DEFAULT, "dgemm_"));
+  g_use_brgemm = probe_brgemm();
+  return g_use_brgemm;
+}
+
+// For benchmarks/tests: choose the single-thread GEMM ("brgemm", "blas" or "loop").
+std::string set_gemm(const std::string& which) {
+  g_use_brgemm = which == "brgemm" && probe_brgemm();
+  if (which == "loop") {
+    g_sgemm = nullptr;
+    g_dgemm = nullptr;
+  } else {
+    g_sgemm = reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "sgemm_"));
+    g_dgemm = reinterpret_cast<dgemm_t>(dlsym(RTLD_DEFAULT, "dgemm_"));
+  }
+  if (g_use_brgemm) return "brgemm";
+  return g_sgemm ? "blas" : "loop";
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("init", &init, "probe the brgemm micro-kernel; returns whether it is used");
+  m.def("set_gemm", &set_gemm);
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+}

@@ -1,0 +1,323 @@
+"""The fused C++ backend against a plain-torch reference written here, and against torch.nn.
+
+The reference is a per-step loop of torch ops with the cell equations, masked by batch_sizes;
+autograd through it gives the gradients the fused hand-derived backward must reproduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from rnnkit.engine import fused
+from rnnkit.engine.fused import _function
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: str
+    nonlinearity: str = "tanh"
+    peephole: bool = False
+    coupled: bool = False
+    reset: str = "after"
+
+
+VARIANTS = {
+    "rnn_tanh": Spec("rnn"),
+    "rnn_relu": Spec("rnn", nonlinearity="relu"),
+    "rnn_sigmoid": Spec("rnn", nonlinearity="sigmoid"),
+    "lstm": Spec("lstm"),
+    "lstm_peephole": Spec("lstm", peephole=True),
+    "lstm_coupled": Spec("lstm", coupled=True),
+    "lstm_coupled_peephole": Spec("lstm", peephole=True, coupled=True),
+    "gru_after": Spec("gru"),
+    "gru_before": Spec("gru", reset="before"),
+}
+
+pytestmark = pytest.mark.skipif(
+    fused.unavailable_reason(Spec("gru"), torch.float32, "cpu") is not None,
+    reason=f"fused backend unavailable: {fused.unavailable_reason(Spec('gru'), torch.float32, 'cpu')}",
+)
+
+
+def num_gates(spec: Spec) -> int:
+    if spec.kind == "rnn":
+        return 1
+    if spec.kind == "lstm":
+        return 3 if spec.coupled else 4
+    return 3
+
+
+def num_peephole(spec: Spec) -> int:
+    if spec.kind != "lstm" or not spec.peephole:
+        return 0
+    return 2 if spec.coupled else 3
+
+
+# ---- reference ------------------------------------------------------------------------------
+
+
+def reference_step(spec: Spec, x, state, params):
+    w_ih, w_hh, b_ih, b_hh, *peep = params
+    h = state[0]
+    gx = x @ w_ih.t() + (0 if b_ih is None else b_ih)
+    gh = h @ w_hh.t() + (0 if b_hh is None else b_hh)
+    if spec.kind == "rnn":
+        act = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
+        return (act[spec.nonlinearity](gx + gh),)
+    if spec.kind == "lstm":
+        c = state[1]
+        pre = gx + gh
+        if spec.coupled:
+            p_i, p_g, p_o = pre.chunk(3, 1)
+            w_ci, w_co = peep if spec.peephole else (0, 0)
+            i = torch.sigmoid(p_i + w_ci * c)
+            f = 1 - i
+        else:
+            p_i, p_f, p_g, p_o = pre.chunk(4, 1)
+            w_ci, w_cf, w_co = peep if spec.peephole else (0, 0, 0)
+            i = torch.sigmoid(p_i + w_ci * c)
+            f = torch.sigmoid(p_f + w_cf * c)
+        g = torch.tanh(p_g)
+        c_new = f * c + i * g
+        o = torch.sigmoid(p_o + w_co * c_new)
+        return o * torch.tanh(c_new), c_new
+    x_r, x_z, x_n = gx.chunk(3, 1)
+    h_r, h_z, h_n = gh.chunk(3, 1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    if spec.reset == "after":
+        n = torch.tanh(x_n + r * h_n)
+    else:
+        hidden = h.shape[1]
+        w_hn = w_hh[2 * hidden :]
+        b_hn = 0 if b_hh is None else b_hh[2 * hidden :]
+        n = torch.tanh(x_n + (r * h) @ w_hn.t() + b_hn)
+    return ((1 - z) * n + z * h,)
+
+
+def reference(spec: Spec, x, state0, params, batch_sizes):
+    steps, batch, _ = x.shape
+    state = list(state0)
+    outputs = []
+    for t in range(steps):
+        new = reference_step(spec, x[t], state, params)
+        if batch_sizes is None:
+            state = list(new)
+            outputs.append(new[0])
+            continue
+        active = (torch.arange(batch) < batch_sizes[t]).unsqueeze(1)
+        state = [torch.where(active, n, s) for n, s in zip(new, state)]
+        outputs.append(torch.where(active, new[0], torch.zeros_like(new[0])))
+    return torch.stack(outputs), tuple(state)
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def make_inputs(spec: Spec, steps, batch, inputs, hidden, dtype, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        t = (torch.rand(*shape, generator=gen, dtype=dtype) * 2 - 1) * scale
+        return t.requires_grad_()
+
+    rows = num_gates(spec) * hidden
+    k = hidden**-0.5
+    x = rand(steps, batch, inputs)
+    state0 = tuple(rand(batch, hidden) for _ in range(2 if spec.kind == "lstm" else 1))
+    params = [rand(rows, inputs, scale=k), rand(rows, hidden, scale=k)]
+    params += [rand(rows, scale=k), rand(rows, scale=k)] if bias else [None, None]
+    params += [rand(hidden, scale=0.5) for _ in range(num_peephole(spec))]
+    return x, state0, tuple(params)
+
+
+def leaves(x, state0, params):
+    return [t for t in (x, *state0, *params) if t is not None]
+
+
+def outputs_and_grads(run, spec, x, state0, params, batch_sizes, seed=1):
+    out, state = run(spec, x, state0, params, batch_sizes)
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (out, *state)]
+    loss = sum((w * t).sum() for w, t in zip(weights, (out, *state)))
+    grads = torch.autograd.grad(loss, leaves(x, state0, params))
+    return [out.detach(), *(s.detach() for s in state)], list(grads)
+
+
+def tolerance(dtype):
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+
+
+BATCH_SIZES = [5, 5, 4, 4, 2, 1, 1]  # T = 7, B = 5
+# Row 4 never runs (keeps its initial state) and no row runs at the last step.
+BATCH_SIZES_EMPTY_ROWS = [4, 4, 3, 2, 1, 1, 0]
+LENGTHS = {"full": None, "lengths": BATCH_SIZES, "empty_rows": BATCH_SIZES_EMPTY_ROWS}
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("lengths", list(LENGTHS))
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_matches_reference(name, lengths, bias, dtype):
+    spec = VARIANTS[name]
+    batch_sizes = LENGTHS[lengths]
+    args = make_inputs(spec, 7, 5, 6, 9, dtype, bias=bias)
+    got_out, got_grads = outputs_and_grads(fused.run_layer, spec, *args, batch_sizes)
+    want_out, want_grads = outputs_and_grads(reference, spec, *args, batch_sizes)
+    for got, want in zip(got_out + got_grads, want_out + want_grads):
+        torch.testing.assert_close(got, want, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_thread_split_matches_reference(name, threads, monkeypatch):
+    """Hidden sizes that split unevenly (and leave a thread without units) across threads."""
+    monkeypatch.setattr(_function, "loop_threads", threads)
+    spec = VARIANTS[name]
+    args = make_inputs(spec, 6, 5, 7, 37 if threads == 2 else 20, torch.float64)
+    for batch_sizes in (None, [5, 4, 4, 3, 1, 1]):
+        got_out, got_grads = outputs_and_grads(fused.run_layer, spec, *args, batch_sizes)
+        want_out, want_grads = outputs_and_grads(reference, spec, *args, batch_sizes)
+        for got, want in zip(got_out + got_grads, want_out + want_grads):
+            torch.testing.assert_close(got, want, **tolerance(torch.float64))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_inference_path_matches_training_path(name):
+    spec = VARIANTS[name]
+    x, state0, params = make_inputs(spec, 6, 4, 5, 8, torch.float32)
+    train_out, train_state = fused.run_layer(spec, x, state0, params, [4, 4, 3, 2, 2, 1])
+    with torch.no_grad():
+        out, state = fused.run_layer(spec, x, state0, params, [4, 4, 3, 2, 2, 1])
+    assert not out.requires_grad
+    torch.testing.assert_close(out, train_out.detach(), rtol=0, atol=0)
+    for s, t in zip(state, train_state):
+        torch.testing.assert_close(s, t.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gradcheck(name):
+    spec = VARIANTS[name]
+    x, state0, params = make_inputs(spec, 4, 3, 2, 3, torch.float64)
+    tensors = leaves(x, state0, params)
+    num_states = len(state0)
+
+    def run(*flat):
+        xs, rest = flat[0], flat[1:]
+        st, ps = rest[:num_states], list(rest[num_states:])
+        ps = ps[:2] + ps[2:4] + ps[4:]
+        out, state = fused.run_layer(spec, xs, tuple(st), tuple(ps), [3, 2, 2, 1])
+        return (out, *state)
+
+    assert torch.autograd.gradcheck(run, tuple(tensors))
+
+
+def test_only_some_inputs_need_grad():
+    spec = VARIANTS["lstm_peephole"]
+    x, state0, params = make_inputs(spec, 5, 3, 4, 6, torch.float64)
+    x = x.detach()
+    state0 = tuple(s.detach() for s in state0)
+    out, (_, c) = fused.run_layer(spec, x, state0, params, None)
+    (out.sum() + c.sum()).backward()
+    want = make_inputs(spec, 5, 3, 4, 6, torch.float64)[2]
+    w_out, (_, w_c) = reference(spec, x, state0, want, None)
+    (w_out.sum() + w_c.sum()).backward()
+    for p, q in zip(params, want):
+        torch.testing.assert_close(p.grad, q.grad, **tolerance(torch.float64))
+
+
+# ---- against torch.nn ------------------------------------------------------------------------
+
+
+def torch_module_params(module):
+    return (module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0)
+
+
+@pytest.mark.parametrize(
+    ("name", "module_cls", "kwargs"),
+    [
+        ("lstm", torch.nn.LSTM, {}),
+        ("gru_after", torch.nn.GRU, {}),
+        ("rnn_tanh", torch.nn.RNN, {"nonlinearity": "tanh"}),
+        ("rnn_relu", torch.nn.RNN, {"nonlinearity": "relu"}),
+    ],
+)
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_matches_torch_nn(name, module_cls, kwargs, lengths):
+    torch.manual_seed(0)
+    spec = VARIANTS[name]
+    steps, batch, inputs, hidden = 7, 5, 6, 8
+    module = module_cls(inputs, hidden, **kwargs)
+    x = torch.randn(steps, batch, inputs, requires_grad=True)
+    state0 = tuple(
+        torch.randn(batch, hidden, requires_grad=True) for _ in range(2 if spec.kind == "lstm" else 1)
+    )
+    params = torch_module_params(module)
+    batch_sizes = BATCH_SIZES if lengths else None
+    out, state = fused.run_layer(spec, x, state0, params, batch_sizes)
+
+    hx = tuple(s.unsqueeze(0) for s in state0)
+    hx = hx if spec.kind == "lstm" else hx[0]
+    if lengths:
+        lens = torch.tensor([sum(b > i for b in BATCH_SIZES) for i in range(batch)])
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lens)
+        want_p, want_state = module(packed, hx)
+        want, _ = torch.nn.utils.rnn.pad_packed_sequence(want_p, total_length=steps)
+    else:
+        want, want_state = module(x, hx)
+    want_state = want_state if spec.kind == "lstm" else (want_state,)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for s, w in zip(state, want_state):
+        torch.testing.assert_close(s, w[0], rtol=1e-5, atol=1e-5)
+    tensors = [x, *state0, *params]
+    got = torch.autograd.grad(out.sum() + sum(s.sum() for s in state), tensors)
+    wanted = torch.autograd.grad(want.sum() + sum(s.sum() for s in want_state), tensors)
+    for g, w in zip(got, wanted):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_unavailable_reasons():
+    assert fused.unavailable_reason(VARIANTS["lstm"], torch.float32, "meta") == "device meta"
+    assert "dtype" in fused.unavailable_reason(VARIANTS["gru_after"], torch.float16, "cpu")
+    assert "kind" in fused.unavailable_reason(Spec("transformer"), torch.float32, "cpu")
+    assert fused.unavailable_reason(VARIANTS["gru_before"], torch.float64, "cpu") is None
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 4)], ids=["step", "short"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_short_inputs_use_weights_as_stored(name, shape):
+    """Few rows (T * B < 16) take the path without transposed weight copies."""
+    spec = VARIANTS[name]
+    steps, batch = shape
+    args = make_inputs(spec, steps, batch, 6, 9, torch.float64)
+    got_out, got_grads = outputs_and_grads(fused.run_layer, spec, *args, None)
+    want_out, want_grads = outputs_and_grads(reference, spec, *args, None)
+    for got, want in zip(got_out + got_grads, want_out + want_grads):
+        torch.testing.assert_close(got, want, **tolerance(torch.float64))
+    with torch.no_grad():
+        out, state = fused.run_layer(spec, *args, None)
+    for got, want in zip((out, *state), want_out):
+        torch.testing.assert_close(got, want, **tolerance(torch.float64))
+
+
+def test_missing_compiler_gives_a_reason(monkeypatch):
+    from rnnkit.engine.fused import _build
+
+    monkeypatch.setattr(_build, "_tried", False)
+    monkeypatch.setattr(_build, "_module", None)
+    monkeypatch.setattr(_build, "_error", None)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert _build.load() is None
+    assert _build.error() == "compiler not found"
+    assert fused.unavailable_reason(VARIANTS["gru_after"], torch.float32, "cpu") == ("compiler not found")
+    # torch's own op still serves the plain LSTM
+    assert fused.unavailable_reason(VARIANTS["lstm"], torch.float32, "cpu") is None
+    x, state0, params = make_inputs(VARIANTS["lstm"], 6, 6, 4, 5, torch.float32)
+    out, _ = fused.run_layer(VARIANTS["lstm"], x, state0, params, None)
+    assert out.shape == (6, 6, 5)
