@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=None, help="T,B,H triples")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="one small shape, 3 repeats")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both sides (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown file to write (default: docs/performance.md unless --quick)")
     args = parser.parse_args()
@@ -208,6 +210,8 @@ def main() -> None:
     repeats = args.repeats
     if args.quick:
         shapes, repeats = [(35, 20, 200)], 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     gemm = gemm_rate()
     backend = get_default_backend()
@@ -226,7 +230,8 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         png = out.with_suffix(".png")
         bar_chart(rows, png)
-        command = "python benchmarks/speed.py"
+        command = "python benchmarks/speed.py" + (f" --threads {args.threads}" if args.threads
+                                                   else "")
         out.write_text(f"# Performance\n\nMeasured by `{command}` on this project's 2-core CI "
                        f"machine kind.\n\n{table}\n![ratios]({png.name})\n")
         print(f"wrote {out} and {png}")

@@ -170,10 +170,13 @@ class RecurrentCell(nn.Module):
         x_t, state = check_cell_input(self, x_t, state)
         if state is None:
             state = self.zero_state(x_t.shape[0], dtype=x_t.dtype, device=x_t.device)
-        gx = x_t @ self.weight_ih.t()
-        if self.bias_ih is not None:
-            gx = gx + self.bias_ih
-        new_state, _ = self.math.step(gx, state, self.weight_hh, self.bias_hh, self.diagonal_weights)
+        from rnnkit.engine import run_layer
+
+        # one step is a sequence of length 1: the engine's fused kernel is the fastest way to run
+        # it (a streaming step), and the cell shares every backend's tested code path
+        params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                  *self.diagonal_weights)
+        _, new_state = run_layer(self.math, x_t.unsqueeze(0), tuple(state), params)
         new_state = self.math.make_state(new_state)
         if unbatched:
             new_state = self.math.make_state([s.squeeze(0) for s in new_state])
