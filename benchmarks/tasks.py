@@ -1,0 +1,211 @@
+"""Reproduces the task results in docs/results.md: train on the real data, report the metric.
+
+    python benchmarks/tasks.py --task speech                 # FSDD digit strings, 20 minutes
+    python benchmarks/tasks.py --task speech --minutes 2     # a quick look
+
+Each task trains with its default configuration under a wall-clock budget, evaluates on the
+held-out split, prints one markdown table row and writes its pictures into docs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rnnkit.train import TrainConfig, Trainer
+from rnnkit.train.rng import seed_everything
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def speech(minutes: float, out: Path) -> str:
+    from rnnkit.scoring import error_rate
+    from rnnkit.tasks import speech as task_module
+
+    config = task_module.default_config()
+    config["train"].update(minutes=minutes, steps=1_000_000)
+    train_config = TrainConfig.from_dict(config["train"])
+    seed_everything(train_config.seed)
+    task, model, source = task_module.build(config)
+    print(f"data: {source}; {task.counts}; {len(task.valid)} held-out utterances")
+    start = time.perf_counter()
+    result = Trainer(model, task, train_config, out).fit()
+    elapsed = (time.perf_counter() - start) / 60
+    references, greedy, _ = task.predictions(model)
+    _, beam, _ = task.predictions(model, beam_width=8)
+    rows = []
+    for name, hypotheses in (("greedy", greedy), ("beam 8", beam)):
+        exact = sum(r == h for r, h in zip(references, hypotheses))
+        der = error_rate(references, hypotheses)
+        rows.append(f"{name}: digit error rate {100 * der:.2f}%, sequence accuracy "
+                    f"{100 * exact / len(references):.1f}%")
+    counts = task_module.confusion_counts(references, greedy)
+    png = DOCS / "speech-confusion.png"
+    task_module.plot_confusion(counts, png, "FSDD digit strings, held-out takes 0-4 (greedy)")
+    print(f"steps {result.step}, {elapsed:.1f} min; " + "; ".join(rows))
+    print(f"confusion matrix: {png}; curves: {result.plot}")
+    recurrent = config["model"]["recurrent"]
+    return (f"| speech (FSDD digit strings, 1–5 digits) | BiLSTM {recurrent['layers']}×"
+            f"{recurrent['hidden']} + CTC | {rows[0]}; {rows[1]} | {elapsed:.1f} min "
+            f"({result.step} steps) | `python benchmarks/tasks.py --task speech "
+            f"--minutes {minutes:g}` |")
+
+
+def _train(task_module: Any, minutes: float, out: Path, **train: Any) -> tuple[Any, Any, Any, float]:
+    """Builds a task with its default config and trains it under the time budget."""
+    config = task_module.default_config()
+    config["train"].update(minutes=minutes, **train)
+    train_config = TrainConfig.from_dict(config["train"])
+    seed_everything(train_config.seed)
+    task, model, source = task_module.build(config)
+    print(f"data: {source}")
+    start = time.perf_counter()
+    result = Trainer(model, task, train_config, out).fit()
+    return task, model, result, (time.perf_counter() - start) / 60
+
+
+def _recurrent(config: dict[str, Any]) -> str:
+    kind = "Bi" if config["bidirectional"] else ""
+    return f"{kind}{config['cell'].upper()} {config['layers']}×{config['hidden']}"
+
+
+def digits(minutes: float, out: Path) -> str:
+    from rnnkit.tasks import digits as task_module
+    from rnnkit.tasks.common import plot_confusion
+
+    task, model, result, elapsed = _train(task_module, minutes, out)
+    references, predictions, _ = task.predictions(model, "test")
+    accuracy = task_module.accuracy(references, predictions)
+    png = plot_confusion(task_module.confusion_on_test(task, model), [str(d) for d in range(10)],
+                         DOCS / "digits-confusion.png",
+                         f"8×8 digits read row by row: test accuracy {100 * accuracy:.1f}%")
+    print(f"steps {result.step}, {elapsed:.1f} min; test accuracy {100 * accuracy:.2f}% "
+          f"({len(references)} images); confusion: {png}; curves: {result.plot}")
+    return (f"| digits (scikit-learn 8×8, one row per step) | {_recurrent(model.config.recurrent.to_dict())}"
+            f", mean pooling | test accuracy {100 * accuracy:.2f}% | {elapsed:.1f} min "
+            f"({result.step} steps) | `python benchmarks/tasks.py --task digits --minutes {minutes:g}` |")
+
+
+def sentiment(minutes: float, out: Path) -> str:
+    from rnnkit.tasks import sentiment as task_module
+    from rnnkit.tasks.common import plot_confusion
+
+    task, model, result, elapsed = _train(task_module, minutes, out)
+    if task.best_state is not None:  # early stopping: the weights of the lowest dev loss
+        model.load_state_dict(task.best_state)
+    references, predictions, _ = task.predictions(model)
+    scores = task_module.classification_metrics(references, predictions, task.labels)
+    names = [task_module.LABEL_NAMES.get(label, label) for label in task.labels]
+    png = plot_confusion(task_module.confusion(task, model), names, DOCS / "sentiment-confusion.png",
+                         f"SST-2 dev: accuracy {100 * scores['accuracy']:.1f}%")
+    f1 = ", ".join(f"F1 {name} {scores['f1_' + name]:.3f}" for name in names)
+    print(f"steps {result.step}, {elapsed:.1f} min; dev accuracy {100 * scores['accuracy']:.2f}%; "
+          f"{f1}; confusion: {png}; curves: {result.plot}")
+    config = model.config
+    return (f"| sentiment (SST-2, dev) | {_recurrent(config.recurrent.to_dict())}, {config.pooling} "
+            f"pooling, embeddings {config.embedding} from scratch | accuracy "
+            f"{100 * scores['accuracy']:.2f}%, {f1} | {elapsed:.1f} min ({result.step} steps) | "
+            f"`python benchmarks/tasks.py --task sentiment --minutes {minutes:g}` |")
+
+
+def tagging(minutes: float, out: Path) -> str:
+    from rnnkit.tasks import tagging as task_module
+
+    task, model, result, elapsed = _train(task_module, minutes, out)
+    parts = []
+    for split in ("valid", "test"):
+        scores = task.scores(model, split)
+        entities = scores.entities
+        parts.append(f"{'dev' if split == 'valid' else 'test'}: slot F1 {entities.f1:.4f} "
+                     f"(P {entities.precision:.4f}, R {entities.recall:.4f}), intent accuracy "
+                     f"{100 * (scores.intent_accuracy or 0):.2f}%, sentence accuracy "
+                     f"{100 * scores.sentence_accuracy:.1f}%")
+    print(f"steps {result.step}, {elapsed:.1f} min; " + "; ".join(parts) + f"; curves: {result.plot}")
+    config = model.config
+    extras = " + CRF" if config.crf else ""
+    extras += " + char BiLSTM" if config.chars else ""
+    return (f"| tagging (ATIS slots + intent) | {_recurrent(config.recurrent.to_dict())}{extras}, "
+            f"joint intent head | {parts[1]} ({parts[0]}) | {elapsed:.1f} min ({result.step} steps) "
+            f"| `python benchmarks/tasks.py --task tagging --minutes {minutes:g}` |")
+
+
+def translate(minutes: float, out: Path) -> str:
+    from rnnkit.tasks import translate as task_module
+
+    task, model, result, elapsed = _train(task_module, minutes, out)
+    outputs, _ = task.translations(model)
+    exact, bleu = task.scores(outputs)
+    translator = task_module.Translator(model, task.source_vocab, task.target_vocab, task.data)
+    sample = "Dienstag, 24. November 2026" if task.data.source == "dates" else " ".join(task.valid[0][0])
+    png = task_module.attention_heatmap(translator, sample, DOCS / "translate-attention.png")
+    print(f"steps {result.step}, {elapsed:.1f} min; held-out exact match {100 * exact:.2f}%; {bleu}; "
+          f"{sample!r} → {translator.translate(sample)!r}; attention: {png}; curves: {result.plot}")
+    config = model.config
+    return (f"| translate ({task.counts['valid']} held-out generated dates → ISO) | "
+            f"{_recurrent(config.encoder.to_dict())} encoder, {_recurrent(config.decoder.to_dict())} "
+            f"decoder, {config.attention} attention, greedy | exact match {100 * exact:.2f}%, "
+            f"BLEU {bleu.score:.2f} | {elapsed:.1f} min ({result.step} steps) | "
+            f"`python benchmarks/tasks.py --task translate --minutes {minutes:g}` |")
+
+
+def music(minutes: float, out: Path) -> str:
+    from rnnkit.tasks import music as task_module
+
+    task, model, result, elapsed = _train(task_module, minutes, out)
+    valid, test = task.nll(model, "valid"), task.nll(model, "test")
+    primer = task.rolls["test"][0][:16]
+    midi, png = DOCS / "music-chorale.mid", DOCS / "music-chorale.png"
+    task_module.generate(model, primer, steps=64, seed=0, midi=midi, picture=png,
+                         title="JSB-style chorale: 16 primer steps (a test chorale), 64 generated")
+    print(f"steps {result.step}, {elapsed:.1f} min; NLL per time step: valid {valid:.3f}, "
+          f"test {test:.3f}; MIDI: {midi}; piano roll: {png}; curves: {result.plot}")
+    config = model.config
+    return (f"| music (JSB Chorales, test) | {_recurrent(config.recurrent.to_dict())}, 88 Bernoulli "
+            f"outputs | NLL/step {test:.3f} (valid {valid:.3f}) | {elapsed:.1f} min "
+            f"({result.step} steps) | `python benchmarks/tasks.py --task music --minutes {minutes:g}` |")
+
+
+def wordlm(minutes: float, out: Path) -> str:
+    from rnnkit.tasks import wordlm as task_module
+
+    task, model, result, elapsed = _train(task_module, minutes, out)
+    metrics = task.evaluate(model)
+    text = " ".join(task_module.sample(model, task.vocab, ["the"], words=25, temperature=0.8))
+    print(f"steps {result.step} ({result.step / task.num_batches():.2f} epochs), {elapsed:.1f} min; "
+          f"validation perplexity {metrics['ppl']:.1f}; sample: {text}; curves: {result.plot}")
+    config = model.config
+    return (f"| wordlm (PTB, valid) | LSTM {config.layers}×{config.hidden}, Zaremba small preset "
+            f"| perplexity {metrics['ppl']:.1f} after {result.step / task.num_batches():.2f} epochs "
+            f"| {elapsed:.1f} min ({result.step} steps) | "
+            f"`python benchmarks/tasks.py --task wordlm --minutes {minutes:g}` |")
+
+
+TASKS: dict[str, Callable[[float, Path], str]] = {
+    "speech": speech, "digits": digits, "sentiment": sentiment, "tagging": tagging,
+    "translate": translate, "music": music, "wordlm": wordlm,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--minutes", type=float, default=20.0, help="training time budget")
+    parser.add_argument("--out", type=Path, default=None, help="run directory")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 is often faster on a busy machine")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out = args.out or Path("runs") / f"bench-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(TASKS[args.task](args.minutes, out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""A minimal Standard MIDI File writer: piano rolls → format-0 files of note-on / note-off events.
+
+The layout (MIDI 1.0, "Standard MIDI Files")::
+
+    "MThd" <len 6> <format 0> <1 track> <ticks per quarter note>
+    "MTrk" <len> events..., each <delta time as a variable-length quantity> <event>
+        FF 51 03 tttttt      tempo: microseconds per quarter note
+        9c nn vv / 8c nn 00  note on / note off, channel c, note nn, velocity vv
+        FF 2F 00             end of track
+
+A variable-length quantity stores 7 bits per byte, most significant group first, with the top
+bit set on every byte but the last (0x80 → 81 00). No running status: every event carries its
+status byte, which any reader accepts.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+LOWEST_NOTE = 21  # A0: piano-roll column 0 of an 88-key roll
+
+
+def variable_length(value: int) -> bytes:
+    """``value`` (0 ≤ value < 2^28) as a MIDI variable-length quantity."""
+    if not 0 <= value < 1 << 28:
+        raise ValueError(f"a MIDI variable-length quantity holds 0..2^28-1, got {value}")
+    groups = [value & 0x7F]
+    value >>= 7
+    while value:
+        groups.append((value & 0x7F) | 0x80)
+        value >>= 7
+    return bytes(reversed(groups))
+
+
+def roll_to_events(roll: Tensor, lowest_note: int = LOWEST_NOTE
+                   ) -> list[tuple[int, bool, int]]:
+    """(step, on?, note) events of a 0/1 roll (T, P); a held note is one long note; offs first.
+
+    A note sounding at step t but not t−1 starts at t; sounding at t−1 but not t ends at t; every
+    note still sounding ends after the last step.
+    """
+    if roll.dim() != 2:
+        raise ValueError(f"a piano roll is (T, pitches), got shape {tuple(roll.shape)}")
+    active = roll.bool()
+    padded = torch.cat((torch.zeros_like(active[:1]), active, torch.zeros_like(active[:1])))
+    events = []
+    for step in range(active.shape[0] + 1):
+        before, now = padded[step], padded[step + 1]
+        events += [(step, False, lowest_note + int(p)) for p in torch.nonzero(before & ~now).flatten()]
+        events += [(step, True, lowest_note + int(p)) for p in torch.nonzero(now & ~before).flatten()]
+    return events
+
+
+def midi_bytes(roll: Tensor, ticks_per_step: int = 480, ticks_per_quarter: int = 480,
+               tempo_bpm: float = 100.0, velocity: int = 80, channel: int = 0,
+               lowest_note: int = LOWEST_NOTE) -> bytes:
+    """A format-0 Standard MIDI File of the roll (T, P); each step lasts ``ticks_per_step``."""
+    if not (0 <= channel < 16 and 1 <= velocity < 128 and 0 < ticks_per_quarter < 1 << 15):
+        raise ValueError("need channel 0-15, velocity 1-127 and ticks_per_quarter 1-32767")
+    track = bytearray()
+    tempo = round(60_000_000 / tempo_bpm)  # microseconds per quarter note
+    track += variable_length(0) + b"\xff\x51\x03" + tempo.to_bytes(3, "big")
+    last_tick = 0
+    for step, on, note in roll_to_events(roll, lowest_note):
+        if not 0 <= note < 128:
+            raise ValueError(f"MIDI note {note} is out of range 0-127")
+        tick = step * ticks_per_step
+        status = (0x90 if on else 0x80) | channel
+        track += variable_length(tick - last_tick) + bytes((status, note, velocity if on else 0))
+        last_tick = tick
+    end = roll.shape[0] * ticks_per_step
+    track += variable_length(end - last_tick) + b"\xff\x2f\x00"
+    header = b"MThd" + struct.pack(">IHHH", 6, 0, 1, ticks_per_quarter)
+    return header + b"MTrk" + struct.pack(">I", len(track)) + bytes(track)
+
+
+def write_midi(path: str | Path, roll: Tensor, **options: int | float) -> Path:
+    """Writes :func:`midi_bytes` of ``roll`` to ``path``."""
+    path = Path(path)
+    path.write_bytes(midi_bytes(roll, **options))  # type: ignore[arg-type]
+    return path
+
+
+def plot_piano_roll(roll: Tensor, path: str | Path, title: str, primer_steps: int = 0,
+                    lowest_note: int = LOWEST_NOTE) -> Path:
+    """A piano-roll PNG (time across, pitch up), the primer shaded apart from the generated part."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    used = torch.nonzero(roll.sum(0)).flatten()
+    low, high = (int(used.min()), int(used.max())) if used.numel() else (0, roll.shape[1] - 1)
+    fig, ax = plt.subplots(figsize=(min(16.0, 2 + roll.shape[0] * 0.08), 4.5))
+    ax.imshow(roll[:, low:high + 1].t().numpy(), origin="lower", aspect="auto", cmap="Greys",
+              interpolation="nearest", extent=(-0.5, roll.shape[0] - 0.5, low + lowest_note - 0.5,
+                                               high + lowest_note + 0.5))
+    if primer_steps:
+        ax.axvspan(-0.5, primer_steps - 0.5, color="tab:blue", alpha=0.12, label="primer")
+        ax.legend(loc="upper right")
+    ax.set_xlabel("time step (quarter notes)")
+    ax.set_ylabel("MIDI note")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def notes_of(events: Sequence[tuple[int, bool, int]]) -> list[tuple[int, int, int]]:
+    """(start step, end step, note) of each note, from :func:`roll_to_events`' events."""
+    started: dict[int, int] = {}
+    notes = []
+    for step, on, note in events:
+        if on:
+            started[note] = step
+        else:
+            notes.append((started.pop(note), step, note))
+    return sorted(notes)

@@ -1,0 +1,187 @@
+"""Handwritten digits read one image row per time step: the many-to-one baseline.
+
+Data: scikit-learn's bundled 8×8 digits (1,797 images, pixel values 0–16, no download). Each
+image becomes a sequence of 8 steps of 8 pixels (``reader = "rows"``, or ``"columns"``), scaled
+to [0, 1]; the classifier pools the recurrent outputs and predicts one of ten digits.
+
+Splits are stratified and fixed by ``split_seed``: ``test_fraction`` of the images are held out
+for the reported accuracy, ``valid_fraction`` of the rest steer the learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier, image_rows
+from rnnkit.models.recurrent import RecurrentConfig
+from rnnkit.tasks.common import (
+    EpochPlan,
+    confusion_matrix,
+    load_task_checkpoint,
+    per_sequence,
+    require_full_bptt,
+    section_fields,
+)
+from rnnkit.train.checkpoint import Checkpoint
+from rnnkit.train.config import TrainConfig
+from rnnkit.train.task import Batch, StepResult
+
+NAME = "digits"
+READERS = ("rows", "columns")
+CLASSES = 10
+
+
+@dataclass
+class DigitsDataConfig:
+    reader: str = "rows"  # one time step per image row, or per column
+    test_fraction: float = 0.2
+    valid_fraction: float = 0.1  # of what the test split leaves
+    split_seed: int = 0
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.reader not in READERS:
+            raise ValueError(f"reader must be one of {', '.join(READERS)}, got {self.reader!r}")
+        for name in ("test_fraction", "valid_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+
+
+SECTIONS: dict[str, type] = {"data": DigitsDataConfig, "model": ClassifierConfig,
+                             "train": TrainConfig}
+
+
+def default_model() -> ClassifierConfig:
+    recurrent = RecurrentConfig(cell="lstm", layers=1, hidden=128, bidirectional=True)
+    return ClassifierConfig(classes=CLASSES, embedding=0, input_size=8, pooling="mean",
+                            dropout=0.3, recurrent=recurrent)
+
+
+def default_config() -> dict[str, dict[str, Any]]:
+    train = TrainConfig(steps=3000, batch_size=64, lr=3e-3, eval_every=100, clip_norm=5.0,
+                        plateau_patience=2)
+    return {"data": asdict(DigitsDataConfig()), "model": default_model().to_dict(),
+            "train": train.to_dict()}
+
+
+def load_images() -> tuple[Tensor, Tensor]:
+    """All 1,797 images (N, 8, 8) in [0, 1] and their labels (N,)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
+    return images, torch.tensor(digits.target, dtype=torch.long)
+
+
+def split_indices(labels: Tensor, data: DigitsDataConfig) -> tuple[list[int], list[int], list[int]]:
+    """Stratified (train, valid, test) indices, fixed by ``split_seed``."""
+    from sklearn.model_selection import train_test_split
+
+    everything = list(range(labels.numel()))
+    rest, test = train_test_split(everything, test_size=data.test_fraction,
+                                  random_state=data.split_seed, stratify=labels.numpy())
+    train, valid = train_test_split(rest, test_size=data.valid_fraction,
+                                    random_state=data.split_seed, stratify=labels[rest].numpy())
+    return sorted(train), sorted(valid), sorted(test)
+
+
+def to_sequence(images: Tensor, reader: str) -> Tensor:
+    """Images (B, 8, 8) → time-major steps (8, B, 8): rows, or columns (the transposed image)."""
+    return image_rows(images if reader == "rows" else images.transpose(1, 2))
+
+
+class DigitsTask:
+    """The Trainer's view of row-by-row digit classification."""
+
+    name = NAME
+
+    def __init__(self, images: Tensor, labels: Tensor, data: DigitsDataConfig,
+                 model_config: ClassifierConfig, batch_size: int, seed: int) -> None:
+        self.data, self.model_config = data, model_config
+        self.images, self.labels = images, labels
+        self.train_ids, self.valid_ids, self.test_ids = split_indices(labels, data)
+        self.plan = EpochPlan([8] * len(self.train_ids), batch_size, seed)
+        self.counts = {"train": len(self.train_ids), "valid": len(self.valid_ids),
+                       "test": len(self.test_ids)}
+
+    def num_batches(self) -> int:
+        return len(self.plan)
+
+    def batch(self, index: int) -> Batch:
+        ids = [self.train_ids[i] for i in self.plan.indices(index)]
+        # labels (1, B): see per_sequence() for why they carry a unit time dimension
+        return Batch(to_sequence(self.images[ids], self.data.reader), per_sequence(self.labels[ids]))
+
+    def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
+        labels = batch.targets[0]  # (B,)
+        loss = F.cross_entropy(model(batch.inputs), labels)
+        return StepResult(loss, None, int(labels.numel()))
+
+    @torch.no_grad()
+    def predictions(self, model: nn.Module, split: str = "valid") -> tuple[list[int], list[int], float]:
+        """(references, predictions, mean cross-entropy) on ``split`` ("valid" or "test")."""
+        ids = self.valid_ids if split == "valid" else self.test_ids
+        model.eval()
+        references, predictions, total = [], [], 0.0
+        size = self.data.eval_batch_size
+        for start in range(0, len(ids), size):
+            chunk = ids[start:start + size]
+            logits = model(to_sequence(self.images[chunk], self.data.reader))  # (B, 10)
+            total += float(F.cross_entropy(logits, self.labels[chunk], reduction="sum"))
+            references += self.labels[chunk].tolist()
+            predictions += logits.argmax(-1).tolist()
+        return references, predictions, total / len(ids)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        references, predictions, loss = self.predictions(model)
+        return {"loss": loss, "accuracy": accuracy(references, predictions)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data)}
+
+
+def accuracy(references: list[int], predictions: list[int]) -> float:
+    return sum(r == p for r, p in zip(references, predictions)) / max(1, len(references))
+
+
+def build(config: dict[str, dict[str, Any]]) -> tuple[DigitsTask, SequenceClassifier, str]:
+    """Task and a fresh model from a resolved config (seed the RNGs first)."""
+    data = DigitsDataConfig(**config["data"])
+    train = TrainConfig.from_dict(config["train"])
+    require_full_bptt(train, NAME)
+    model_config = ClassifierConfig.from_dict({**config["model"], "classes": CLASSES,
+                                               "embedding": 0, "input_size": 8})
+    images, labels = load_images()
+    task = DigitsTask(images, labels, data, model_config, train.batch_size, train.seed)
+    return task, SequenceClassifier(model_config), "scikit-learn's 8×8 digits (1,797 images)"
+
+
+def load_model(path: str | Path) -> tuple[SequenceClassifier, DigitsDataConfig, Checkpoint]:
+    """The trained classifier and its data options from a run directory or checkpoint."""
+    checkpoint, described = load_task_checkpoint(path, NAME)
+    model = SequenceClassifier(ClassifierConfig.from_dict(described["model"]))
+    model.load_state_dict(checkpoint.group("model"))
+    model.eval()
+    return model, DigitsDataConfig(**described["data"]), checkpoint
+
+
+@torch.no_grad()
+def classify(model: SequenceClassifier, images: Tensor, reader: str = "rows") -> list[int]:
+    """Digits of images (B, 8, 8) with pixel values in [0, 1]."""
+    model.eval()
+    return model(to_sequence(images, reader)).argmax(-1).tolist()
+
+
+def confusion_on_test(task: DigitsTask, model: nn.Module) -> Tensor:
+    references, predictions, _ = task.predictions(model, "test")
+    return confusion_matrix(references, predictions, CLASSES)
+
+
+def config_sections() -> dict[str, list[str]]:
+    return section_fields(SECTIONS)

@@ -1,0 +1,223 @@
+"""Sentence sentiment: a (bi)LSTM classifier over word embeddings learnt from scratch (SST-2).
+
+Data: two TSV files with a header naming a ``label`` column and a text column (``sentence``,
+``content`` or ``text`` — the shared SST-2 copy says ``sentence`` in train.tsv and ``content``
+in dev.tsv). By default ``../shared/data/sst2/{train,dev}.tsv``; the dev set is the held-out
+split (GLUE keeps SST-2's test labels private). Words seen fewer than ``min_freq`` times in the
+training file map to ``<unk>``.
+
+Metrics: accuracy and per-class F1 on the dev set. Batches are length-bucketed and reshuffled
+each epoch from (seed, epoch) alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rnnkit.data.text import Vocabulary, pad_sequences, read_labelled_tsv
+from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier
+from rnnkit.models.recurrent import RecurrentConfig
+from rnnkit.tasks.common import (
+    EpochPlan,
+    confusion_matrix,
+    load_task_checkpoint,
+    per_class_f1,
+    per_sequence,
+    require_full_bptt,
+    section_fields,
+    shared_path,
+)
+from rnnkit.train.checkpoint import Checkpoint
+from rnnkit.train.config import TrainConfig
+from rnnkit.train.task import Batch, StepResult
+
+NAME = "sentiment"
+LABEL_NAMES = {"0": "negative", "1": "positive"}  # SST-2's labels, for reports
+
+
+@dataclass
+class SentimentDataConfig:
+    train: str | None = None  # None: ../shared/data/sst2/train.tsv
+    valid: str | None = None  # None: ../shared/data/sst2/dev.tsv
+    lowercase: bool = True
+    min_freq: int = 1
+    max_vocab: int | None = None
+    max_train_examples: int | None = None  # the first N only (quick experiments)
+    eval_batch_size: int = 256
+
+
+SECTIONS: dict[str, type] = {"data": SentimentDataConfig, "model": ClassifierConfig,
+                             "train": TrainConfig}
+
+
+def default_model() -> ClassifierConfig:
+    recurrent = RecurrentConfig(cell="lstm", layers=1, hidden=128, bidirectional=True)
+    # vocab_size is derived from the data; 1 only satisfies the config's own check here
+    return ClassifierConfig(classes=2, vocab_size=1, embedding=128, pooling="max", dropout=0.5,
+                            recurrent=recurrent)
+
+
+def default_config() -> dict[str, dict[str, Any]]:
+    train = TrainConfig(steps=6000, batch_size=64, lr=2e-3, eval_every=250, clip_norm=5.0,
+                        plateau_patience=1, early_stop=6)
+    model = default_model().to_dict()
+    for derived in ("vocab_size", "classes"):
+        del model[derived]
+    return {"data": asdict(SentimentDataConfig()), "model": model, "train": train.to_dict()}
+
+
+Example = tuple[list[str], str]
+
+
+def read_split(data: SentimentDataConfig, which: str) -> tuple[list[Example], str]:
+    configured = data.train if which == "train" else data.valid
+    path = shared_path(f"sst2/{'train' if which == 'train' else 'dev'}.tsv", configured)
+    examples, summary = read_labelled_tsv(path, lowercase=data.lowercase)
+    if which == "train" and data.max_train_examples is not None:
+        examples = examples[: data.max_train_examples]
+    return examples, str(summary)
+
+
+def encode_examples(examples: list[Example], vocab: Vocabulary, labels: list[str]
+                    ) -> tuple[list[list[int]], list[int]]:
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({label for _, label in examples} - set(index))
+    if unknown:
+        raise ValueError(f"labels {unknown} do not occur in the training data (known: {labels})")
+    return [vocab.encode(tokens) for tokens, _ in examples], [index[label] for _, label in examples]
+
+
+def collate(ids: list[list[int]], labels: list[int], pad: int) -> Batch:
+    """Tokens (T, B) and lengths (1, B) in, labels (1, B) out."""
+    tokens, lengths = pad_sequences(ids, pad)
+    return Batch((tokens, per_sequence(lengths)), per_sequence(torch.tensor(labels)))
+
+
+class SentimentTask:
+    """The Trainer's view of sentence classification."""
+
+    name = NAME
+
+    def __init__(self, train: list[Example], valid: list[Example], data: SentimentDataConfig,
+                 model_config: ClassifierConfig, vocab: Vocabulary, labels: list[str],
+                 batch_size: int, seed: int) -> None:
+        self.data, self.model_config, self.vocab, self.labels = data, model_config, vocab, labels
+        self.train_ids, self.train_labels = encode_examples(train, vocab, labels)
+        self.valid_ids, self.valid_labels = encode_examples(valid, vocab, labels)
+        self.plan = EpochPlan([len(s) for s in self.train_ids], batch_size, seed)
+        self.counts = {"train": len(train), "valid": len(valid), "vocabulary": len(vocab)}
+        # the weights at the lowest validation loss so far (early stopping's model selection;
+        # the Trainer keeps only the latest weights)
+        self.best_loss: float | None = None
+        self.best_state: dict[str, Tensor] | None = None
+
+    def num_batches(self) -> int:
+        return len(self.plan)
+
+    def batch(self, index: int) -> Batch:
+        chosen = self.plan.indices(index)
+        return collate([self.train_ids[i] for i in chosen], [self.train_labels[i] for i in chosen],
+                       self.vocab.pad)
+
+    def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
+        tokens, lengths = batch.inputs
+        labels = batch.targets[0]  # (B,)
+        loss = F.cross_entropy(model(tokens, lengths[0]), labels)
+        return StepResult(loss, None, int(labels.numel()))
+
+    @torch.no_grad()
+    def predictions(self, model: nn.Module) -> tuple[list[int], list[int], float]:
+        """(references, predictions, mean cross-entropy) on the held-out split."""
+        model.eval()
+        order = sorted(range(len(self.valid_ids)), key=lambda i: -len(self.valid_ids[i]))
+        predicted = [0] * len(order)
+        total = 0.0
+        size = self.data.eval_batch_size
+        for start in range(0, len(order), size):
+            chosen = order[start:start + size]
+            batch = collate([self.valid_ids[i] for i in chosen],
+                            [self.valid_labels[i] for i in chosen], self.vocab.pad)
+            tokens, lengths = batch.inputs
+            logits = model(tokens, lengths[0])  # (B, C)
+            total += float(F.cross_entropy(logits, batch.targets[0], reduction="sum"))
+            for i, p in zip(chosen, logits.argmax(-1).tolist()):
+                predicted[i] = p
+        return list(self.valid_labels), predicted, total / max(1, len(order))
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        references, predictions, loss = self.predictions(model)
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss = loss
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {"loss": loss, **classification_metrics(references, predictions, self.labels)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data),
+                "vocab": self.vocab.to_json(), "labels": self.labels}
+
+
+def classification_metrics(references: list[int], predictions: list[int], labels: list[str]
+                           ) -> dict[str, float]:
+    """Accuracy, macro F1 and ``f1_<label>`` per class."""
+    accuracy = sum(r == p for r, p in zip(references, predictions)) / max(1, len(references))
+    scores = per_class_f1(references, predictions, len(labels))
+    out = {"accuracy": accuracy, "macro_f1": sum(s["f1"] for s in scores) / len(scores)}
+    out.update({f"f1_{LABEL_NAMES.get(label, label)}": s["f1"] for label, s in zip(labels, scores)})
+    return out
+
+
+def build(config: dict[str, dict[str, Any]]) -> tuple[SentimentTask, SequenceClassifier, str]:
+    """Task and a fresh model from a resolved config (seed the RNGs first)."""
+    data = SentimentDataConfig(**config["data"])
+    train_config = TrainConfig.from_dict(config["train"])
+    require_full_bptt(train_config, NAME)
+    train, train_summary = read_split(data, "train")
+    valid, valid_summary = read_split(data, "valid")
+    vocab = Vocabulary.build((tokens for tokens, _ in train), min_freq=data.min_freq,
+                             max_size=data.max_vocab)
+    labels = sorted({label for _, label in train})
+    if len(labels) < 2:
+        raise ValueError(f"the training data has {len(labels)} distinct label(s); need two or more")
+    model_config = ClassifierConfig.from_dict({**config["model"], "vocab_size": len(vocab),
+                                               "classes": len(labels), "pad": vocab.pad})
+    task = SentimentTask(train, valid, data, model_config, vocab, labels, train_config.batch_size,
+                         train_config.seed)
+    return task, SequenceClassifier(model_config), f"{train_summary}; {valid_summary}"
+
+
+def load_model(path: str | Path) -> tuple[SequenceClassifier, Vocabulary, list[str], Checkpoint]:
+    """The trained classifier, its vocabulary and label names from a run directory or checkpoint."""
+    checkpoint, described = load_task_checkpoint(path, NAME)
+    model = SequenceClassifier(ClassifierConfig.from_dict(described["model"]))
+    model.load_state_dict(checkpoint.group("model"))
+    model.eval()
+    return model, Vocabulary.from_json(described["vocab"]), list(described["labels"]), checkpoint
+
+
+@torch.no_grad()
+def classify(model: SequenceClassifier, vocab: Vocabulary, labels: list[str], text: str,
+             lowercase: bool = True) -> tuple[str, float]:
+    """The label of one sentence (whitespace-tokenised) and the model's probability for it."""
+    tokens = (text.lower() if lowercase else text).split()
+    if not tokens:
+        raise ValueError("empty sentence")
+    model.eval()
+    ids = torch.tensor(vocab.encode(tokens)).unsqueeze(1)  # (T, 1)
+    probs = model(ids, torch.tensor([len(tokens)])).softmax(-1)[0]  # (C,)
+    best = int(probs.argmax())
+    return labels[best], float(probs[best])
+
+
+def confusion(task: SentimentTask, model: nn.Module) -> Tensor:
+    references, predictions, _ = task.predictions(model)
+    return confusion_matrix(references, predictions, len(task.labels))
+
+
+def config_sections() -> dict[str, list[str]]:
+    return section_fields(SECTIONS)

@@ -1,0 +1,332 @@
+"""Sequence tagging: slot filling with a joint intent head (ATIS), or NER from CoNLL columns.
+
+Data (``format``):
+
+* ``atis``: folders holding ``seq.in`` (tokens), ``seq.out`` (one BIO tag per token) and
+  ``label`` (one intent per utterance); by default ``../shared/data/atis/{train,dev,test}``;
+* ``conll``: files of one ``token ... tag`` line per token, sentences separated by blank lines
+  (CoNLL-2003 layout; ``token_column`` / ``tag_column`` pick the columns). No intents.
+
+The model is the BiLSTM :class:`~rnnkit.models.tagger.Tagger`, with a linear-chain CRF
+(``crf``) and a character BiLSTM per word (``chars > 0``) as options; with intents the loss is
+tag loss + ``intent_weight`` · intent cross-entropy. The dev split steers the schedule and early
+stopping; :meth:`TaggingTask.scores` reports any split.
+
+Metrics: entity-level precision / recall / F1 as seqeval computes them
+(:mod:`rnnkit.entities`), intent accuracy, and sentence accuracy (all tags and the intent right).
+Tags or intents that never occur in training map to ``<unk>`` (a predicted ``<unk>`` tag reads as
+``O``), so scores on dev/test still count every reference entity and intent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rnnkit.data.text import (
+    PAD,
+    UNK,
+    Vocabulary,
+    pad_characters,
+    pad_sequences,
+    read_atis,
+    read_conll,
+)
+from rnnkit.entities import EntityScores, entity_scores
+from rnnkit.models.recurrent import RecurrentConfig
+from rnnkit.models.tagger import Tagger, TaggerConfig
+from rnnkit.tasks.common import (
+    EpochPlan,
+    load_task_checkpoint,
+    per_sequence,
+    require_full_bptt,
+    section_fields,
+    shared_path,
+)
+from rnnkit.train.checkpoint import Checkpoint
+from rnnkit.train.config import TrainConfig
+from rnnkit.train.task import Batch, StepResult
+
+NAME = "tagging"
+FORMATS = ("atis", "conll")
+SPLITS = ("train", "valid", "test")
+SHARED = {"train": "atis/train", "valid": "atis/dev", "test": "atis/test"}
+
+
+@dataclass
+class TaggingDataConfig:
+    format: str = "atis"
+    train: str | None = None  # atis: a folder; conll: a file. None: ../shared/data/atis/train
+    valid: str | None = None  # None: ../shared/data/atis/dev
+    test: str | None = None  # None: ../shared/data/atis/test (conll: none unless given)
+    token_column: int = 0  # conll only
+    tag_column: int = -1  # conll only
+    lowercase: bool = False
+    min_freq: int = 1
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format == "conll" and not (self.train and self.valid):
+            raise ValueError("the conll format needs train and valid files")
+
+
+SECTIONS: dict[str, type] = {"data": TaggingDataConfig, "model": TaggerConfig,
+                             "train": TrainConfig}
+DERIVED = ("vocab_size", "tags", "intents", "pad")
+
+
+def default_model() -> TaggerConfig:
+    recurrent = RecurrentConfig(cell="lstm", layers=1, hidden=128, bidirectional=True)
+    # vocab_size / tags / intents / chars come from the data: placeholders satisfy the checks
+    return TaggerConfig(vocab_size=1, tags=1, embedding=100, crf=True, chars=0, char_embedding=16,
+                        char_hidden=25, intent_pooling="max", dropout=0.4, recurrent=recurrent)
+
+
+def default_config() -> dict[str, dict[str, Any]]:
+    train = TrainConfig(steps=3000, batch_size=32, lr=2e-3, eval_every=140, clip_norm=5.0,
+                        plateau_patience=2, early_stop=8)
+    model = default_model().to_dict()
+    for derived in DERIVED:
+        del model[derived]
+    model["chars"] = False  # on/off here; the character vocabulary size is derived
+    return {"data": asdict(TaggingDataConfig()), "model": model, "train": train.to_dict()}
+
+
+Example = tuple[list[str], list[str], str | None]  # tokens, tags, intent (None: no intents)
+
+
+def read_split(data: TaggingDataConfig, split: str) -> tuple[list[Example], str] | None:
+    """The examples of ``split`` and a summary; None for a conll test split not given."""
+    configured = getattr(data, split)
+    if data.format == "atis":
+        atis, summary = read_atis(shared_path(SHARED[split], configured), lowercase=data.lowercase)
+        return [(tokens, tags, intent) for tokens, tags, intent in atis], str(summary)
+    if configured is None:
+        return None
+    conll, summary = read_conll(shared_path("", configured), data.token_column, data.tag_column,
+                                lowercase=data.lowercase)
+    return [(tokens, tags, None) for tokens, tags in conll], str(summary)
+
+
+@dataclass
+class Vocabularies:
+    words: Vocabulary
+    tags: Vocabulary  # "<unk>" first: tags unseen in training
+    intents: Vocabulary | None
+    chars: Vocabulary | None  # "<pad>", "<unk>" first, so character padding is id 0 as for words
+
+    @classmethod
+    def build(cls, train: list[Example], min_freq: int, chars: bool) -> Vocabularies:
+        words = Vocabulary.build((tokens for tokens, _, _ in train), min_freq=min_freq)
+        tags = Vocabulary.build((t for _, t, _ in train), specials=(UNK,))
+        has_intents = train[0][2] is not None
+        intents = (Vocabulary.build(([i] for _, _, i in train if i), specials=(UNK,))
+                   if has_intents else None)
+        char_vocab = (Vocabulary.build((list(w) for tokens, _, _ in train for w in tokens),
+                                       specials=(PAD, UNK)) if chars else None)
+        return cls(words, tags, intents, char_vocab)
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: None if v is None else v.to_json()
+                for name, v in (("words", self.words), ("tags", self.tags),
+                                ("intents", self.intents), ("chars", self.chars))}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Vocabularies:
+        def load(name: str) -> Vocabulary | None:
+            return None if data[name] is None else Vocabulary.from_json(data[name])
+
+        words, tags = load("words"), load("tags")
+        assert words is not None and tags is not None
+        return cls(words, tags, load("intents"), load("chars"))
+
+
+@dataclass
+class Encoded:
+    """One split as ids, with the original tags and intents kept for scoring."""
+
+    words: list[list[int]]
+    chars: list[list[list[int]]] | None
+    tags: list[list[int]]
+    intents: list[int] | None
+    gold_tags: list[list[str]]
+    gold_intents: list[str | None]
+
+
+def encode(examples: list[Example], vocab: Vocabularies) -> Encoded:
+    chars = None
+    if vocab.chars is not None:
+        chars = [[vocab.chars.encode(list(w)) for w in tokens] for tokens, _, _ in examples]
+    intents = None
+    if vocab.intents is not None:
+        intents = [vocab.intents.encode([i or UNK])[0] for _, _, i in examples]
+    return Encoded([vocab.words.encode(tokens) for tokens, _, _ in examples], chars,
+                   [vocab.tags.encode(tags) for _, tags, _ in examples], intents,
+                   [tags for _, tags, _ in examples], [i for _, _, i in examples])
+
+
+def collate(split: Encoded, chosen: list[int]) -> Batch:
+    """inputs (tokens (T, B), lengths (1, B)[, chars (T, B, W), char_lengths (T, B)]);
+    targets (tags (T, B), intents (1, B) or an empty (1, 0))."""
+    tokens, lengths = pad_sequences([split.words[i] for i in chosen])
+    inputs: tuple[Tensor, ...] = (tokens, per_sequence(lengths))
+    if split.chars is not None:
+        inputs += pad_characters([split.chars[i] for i in chosen])
+    tags, _ = pad_sequences([split.tags[i] for i in chosen])
+    if split.intents is not None:
+        intents = torch.tensor([split.intents[i] for i in chosen])
+    else:
+        intents = torch.zeros(0, dtype=torch.long)
+    return Batch(inputs, (tags, per_sequence(intents)))
+
+
+def _model_args(batch: Batch) -> dict[str, Tensor | None]:
+    tokens, lengths, *chars = batch.inputs
+    tags, intents = batch.targets
+    return {"tokens": tokens, "lengths": lengths[0], "chars": chars[0] if chars else None,
+            "char_lengths": chars[1] if chars else None,
+            "intents": intents[0] if intents.numel() else None, "tags": tags}
+
+
+@dataclass
+class TaggingScores:
+    entities: EntityScores
+    intent_accuracy: float | None
+    sentence_accuracy: float  # every tag (and the intent) right
+    loss: float
+
+    def metrics(self) -> dict[str, float]:
+        out = {"loss": self.loss, "slot_f1": self.entities.f1,
+               "slot_precision": self.entities.precision, "slot_recall": self.entities.recall,
+               "sentence_acc": self.sentence_accuracy}
+        if self.intent_accuracy is not None:
+            out["intent_acc"] = self.intent_accuracy
+        return out
+
+
+class TaggingTask:
+    """The Trainer's view of slot filling / NER."""
+
+    name = NAME
+
+    def __init__(self, splits: dict[str, list[Example]], data: TaggingDataConfig,
+                 model_config: TaggerConfig, vocab: Vocabularies, batch_size: int, seed: int) -> None:
+        self.data, self.model_config, self.vocab = data, model_config, vocab
+        self.splits = {name: encode(examples, vocab) for name, examples in splits.items()}
+        train = self.splits["train"]
+        self.plan = EpochPlan([len(w) for w in train.words], batch_size, seed)
+        self.counts = {name: len(split.words) for name, split in self.splits.items()}
+
+    def num_batches(self) -> int:
+        return len(self.plan)
+
+    def batch(self, index: int) -> Batch:
+        return collate(self.splits["train"], self.plan.indices(index))
+
+    def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
+        args = _model_args(batch)
+        loss = model.loss(**args)
+        return StepResult(loss, None, int(args["lengths"].sum()))  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, split: str = "valid"
+                ) -> tuple[list[list[str]], list[str | None] | None, float]:
+        """Predicted tags and intents (strings, in the split's order) and the mean loss."""
+        model.eval()
+        data = self.splits[split]
+        order = sorted(range(len(data.words)), key=lambda i: -len(data.words[i]))
+        tags: list[list[str]] = [[] for _ in order]
+        intents: list[str | None] = [None for _ in order]
+        total, size = 0.0, self.data.eval_batch_size
+        for start in range(0, len(order), size):
+            chosen = order[start:start + size]
+            args = _model_args(collate(data, chosen))
+            total += float(model.loss(**args)) * len(chosen)
+            best, best_intents = model.decode(args["tokens"], args["lengths"], args["chars"],
+                                              args["char_lengths"])
+            for row, i in enumerate(chosen):
+                tags[i] = [self._tag(t) for t in best[row]]
+                if best_intents is not None and self.vocab.intents is not None:
+                    intents[i] = self.vocab.intents.tokens[best_intents[row]]
+        return tags, (intents if self.vocab.intents is not None else None), total / len(order)
+
+    def _tag(self, index: int) -> str:
+        tag = self.vocab.tags.tokens[index]
+        return "O" if tag == UNK else tag
+
+    def scores(self, model: nn.Module, split: str = "valid") -> TaggingScores:
+        predicted, intents, loss = self.predict(model, split)
+        data = self.splits[split]
+        right = [p == g for p, g in zip(predicted, data.gold_tags)]
+        intent_accuracy = None
+        if intents is not None:
+            hits = [p == g for p, g in zip(intents, data.gold_intents)]
+            intent_accuracy = sum(hits) / len(hits)
+            right = [a and b for a, b in zip(right, hits)]
+        return TaggingScores(entity_scores(data.gold_tags, predicted), intent_accuracy,
+                             sum(right) / len(right), loss)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return self.scores(model, "valid").metrics()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data),
+                "vocab": self.vocab.to_json()}
+
+
+def build(config: dict[str, dict[str, Any]]) -> tuple[TaggingTask, Tagger, str]:
+    """Task and a fresh model from a resolved config (seed the RNGs first)."""
+    data = TaggingDataConfig(**config["data"])
+    train_config = TrainConfig.from_dict(config["train"])
+    require_full_bptt(train_config, NAME)
+    splits, summaries = {}, []
+    for split in SPLITS:
+        read = read_split(data, split)
+        if read is not None:
+            splits[split], summary = read
+            summaries.append(summary)
+    if not splits["train"]:
+        raise ValueError(f"no training sentences in {summaries[0]}")
+    model_options = dict(config["model"])
+    use_chars = bool(model_options.pop("chars", False))
+    vocab = Vocabularies.build(splits["train"], data.min_freq, use_chars)
+    model_config = TaggerConfig.from_dict({
+        **model_options, "vocab_size": len(vocab.words), "tags": len(vocab.tags),
+        "intents": len(vocab.intents) if vocab.intents is not None else 0,
+        "chars": len(vocab.chars) if vocab.chars is not None else 0, "pad": vocab.words.pad})
+    task = TaggingTask(splits, data, model_config, vocab, train_config.batch_size, train_config.seed)
+    return task, Tagger(model_config), "; ".join(summaries)
+
+
+def load_model(path: str | Path) -> tuple[Tagger, Vocabularies, Checkpoint]:
+    """The trained tagger and its vocabularies from a run directory or checkpoint."""
+    checkpoint, described = load_task_checkpoint(path, NAME)
+    model = Tagger(TaggerConfig.from_dict(described["model"]))
+    model.load_state_dict(checkpoint.group("model"))
+    model.eval()
+    return model, Vocabularies.from_json(described["vocab"]), checkpoint
+
+
+@torch.no_grad()
+def tag_sentence(model: Tagger, vocab: Vocabularies, tokens: list[str]
+                 ) -> tuple[list[str], str | None]:
+    """Tags of one tokenised sentence and its intent (None without an intent head)."""
+    if not tokens:
+        raise ValueError("empty sentence")
+    example: Example = (tokens, ["O"] * len(tokens), None)
+    split = encode([example], vocab)
+    args = _model_args(collate(split, [0]))
+    best, intents = model.decode(args["tokens"], args["lengths"], args["chars"], args["char_lengths"])
+    tags = [vocab.tags.tokens[t] for t in best[0]]
+    intent = vocab.intents.tokens[intents[0]] if intents is not None and vocab.intents else None
+    return ["O" if t == UNK else t for t in tags], intent
+
+
+def config_sections() -> dict[str, list[str]]:
+    return section_fields(SECTIONS)

@@ -1,0 +1,196 @@
+"""Word-level language modelling on the Penn Treebank: Zaremba et al. 2014's "small" preset.
+
+Data: Mikolov's PTB text (``../shared/data/ptb/ptb.{train,valid}.txt`` by default): one sentence
+per line, already limited to a 10k vocabulary with ``<unk>``; every line ends with ``<eos>``.
+The text is one stream laid out as ``batch_size`` parallel rows (charlm's machinery,
+:mod:`rnnkit.data.streams`); each training batch is the next ``seq_len`` steps of every row and
+the LSTM state is carried from one window to the next (truncated BPTT over 35 steps).
+
+The preset (Zaremba, Sutskever & Vinyals 2014, "small"): 2 × 200 LSTM, 200-d embeddings, no
+dropout, weights uniform in ±0.1, SGD at learning rate 1, gradient norm clipped at 5, batch 20,
+35 steps, 13 epochs. Their loss is summed over the 35 steps, ours averaged, so the same updates
+are learning rate 35 with clipping at 5/35 here. Their schedule halves the rate every epoch
+after the fourth; the Trainer's plateau schedule with patience 0, evaluated once per epoch, is
+the closest it offers (it halves when the validation loss stops improving). Their reported
+validation perplexity is 120.7.
+
+Metric: perplexity exp(mean cross-entropy per word) on the validation text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rnnkit.data.streams import batchify, encode_tensor, num_windows, stream_window
+from rnnkit.data.text import Vocabulary, read_lines
+from rnnkit.models.language_model import LanguageModel, LMConfig
+from rnnkit.tasks.charlm import loss_over_stream
+from rnnkit.tasks.common import load_task_checkpoint, section_fields, shared_path
+from rnnkit.train.checkpoint import Checkpoint
+from rnnkit.train.config import TrainConfig
+from rnnkit.train.task import Batch, StepResult
+
+NAME = "wordlm"
+EOS = "<eos>"
+PTB_WINDOWS = 1328  # 929,589 training words / (20 rows · 35 steps): one epoch of the preset
+
+
+@dataclass
+class WordLMDataConfig:
+    train: str | None = None  # None: ../shared/data/ptb/ptb.train.txt
+    valid: str | None = None  # None: ../shared/data/ptb/ptb.valid.txt
+    seq_len: int = 35
+    eval_batch_size: int = 10
+    init_scale: float | None = 0.1  # every weight uniform in ±init_scale (None: layer defaults)
+    max_train_words: int | None = None  # the first N words only (quick experiments)
+
+    def __post_init__(self) -> None:
+        if self.seq_len <= 0:
+            raise ValueError(f"seq_len must be positive, got {self.seq_len}")
+
+
+SECTIONS: dict[str, type] = {"data": WordLMDataConfig, "model": LMConfig, "train": TrainConfig}
+
+
+def default_config() -> dict[str, dict[str, Any]]:
+    model = LMConfig(vocab_size=1, cell="lstm", layers=2, hidden=200, embedding=200, dropout=0.0)
+    # Zaremba et al.'s loss is summed over the 35 steps (and averaged over the batch); a Task's
+    # loss is the mean per word, 35× smaller, and so is its gradient. Learning rate 1 with norm
+    # clipping at 5 on their scale is exactly learning rate 35 with clipping at 5/35 on ours.
+    steps = WordLMDataConfig().seq_len
+    train = TrainConfig(steps=13 * PTB_WINDOWS, batch_size=20, optimizer="sgd", lr=1.0 * steps,
+                        clip_norm=5.0 / steps, schedule="plateau", plateau_factor=0.5,
+                        plateau_patience=0, eval_every=PTB_WINDOWS)
+    model_dict = model.to_dict()
+    del model_dict["vocab_size"]  # derived from the data
+    return {"data": asdict(WordLMDataConfig()), "model": model_dict, "train": train.to_dict()}
+
+
+def read_words(path: Path) -> tuple[list[str], str]:
+    """The words of a PTB-style file, ``<eos>`` after every sentence."""
+    sentences, summary = read_lines(path)
+    return [word for sentence in sentences for word in (*sentence, EOS)], str(summary)
+
+
+def encode(vocab: Vocabulary, words: list[str], what: str) -> Tensor:
+    try:
+        return encode_tensor(vocab.encode(words))
+    except KeyError as error:
+        raise ValueError(f"the {what} has a word outside the training vocabulary, which has no "
+                         f"<unk>: {error.args[0]}") from None
+
+
+class WordLMTask:
+    """The Trainer's view of word-level LM training: windows of a batchified stream."""
+
+    name = NAME
+
+    def __init__(self, vocab: Vocabulary, train: Tensor, valid: Tensor, data: WordLMDataConfig,
+                 model_config: LMConfig, batch_size: int) -> None:
+        self.vocab, self.data, self.model_config = vocab, data, model_config
+        self.train_stream = batchify(train, batch_size)  # (N, B)
+        self.valid_stream = batchify(valid, max(1, min(data.eval_batch_size,
+                                                       valid.numel() // (data.seq_len + 1))))
+        self.windows = num_windows(self.train_stream, data.seq_len)
+        self.counts = {"train words": train.numel(), "valid words": valid.numel(),
+                       "vocabulary": len(vocab)}
+
+    def num_batches(self) -> int:
+        return self.windows
+
+    def batch(self, index: int) -> Batch:
+        window = index % self.windows
+        inputs, targets = stream_window(self.train_stream, window * self.data.seq_len,
+                                        self.data.seq_len)
+        # a new epoch starts the streams over: the state from the end of the text is dropped
+        return Batch(inputs, targets, continues=window > 0)
+
+    def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
+        logits, state = model(batch.inputs, state)  # (T, B, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+        return StepResult(loss, state, batch.targets.numel())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        total, count = loss_over_stream(model, self.valid_stream, self.data.seq_len)
+        return {"loss": total / count, "ppl": math.exp(total / count)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data),
+                "vocab": self.vocab.to_json()}
+
+
+def init_uniform(model: nn.Module, scale: float) -> None:
+    """Every parameter uniform in ±scale, as Zaremba et al. initialise."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.uniform_(-scale, scale)
+
+
+def build(config: dict[str, dict[str, Any]]) -> tuple[WordLMTask, LanguageModel, str]:
+    """Task and a fresh model from a resolved config (seed the RNGs first)."""
+    data = WordLMDataConfig(**config["data"])
+    train_config = TrainConfig.from_dict(config["train"])
+    train_words, train_summary = read_words(shared_path("ptb/ptb.train.txt", data.train))
+    valid_words, valid_summary = read_words(shared_path("ptb/ptb.valid.txt", data.valid))
+    if data.max_train_words is not None:
+        train_words = train_words[: data.max_train_words]
+    # no added specials: PTB brings its own <unk>, and <eos> is an ordinary word here
+    vocab = Vocabulary.build([train_words], specials=())
+    model_config = LMConfig.from_dict({**config["model"], "vocab_size": len(vocab)})
+    task = WordLMTask(vocab, encode(vocab, train_words, "training text"),
+                      encode(vocab, valid_words, "validation text"), data, model_config,
+                      train_config.batch_size)
+    model = LanguageModel(model_config)
+    if data.init_scale is not None:
+        init_uniform(model, data.init_scale)
+    return task, model, f"{train_summary}; {valid_summary}"
+
+
+def load_model(path: str | Path) -> tuple[LanguageModel, Vocabulary, Checkpoint]:
+    """The trained model and its vocabulary from a run directory or checkpoint."""
+    checkpoint, described = load_task_checkpoint(path, NAME)
+    model = LanguageModel(LMConfig.from_dict(described["model"]))
+    model.load_state_dict(checkpoint.group("model"))
+    model.eval()
+    return model, Vocabulary.from_json(described["vocab"]), checkpoint
+
+
+@torch.no_grad()
+def perplexity(model: LanguageModel, vocab: Vocabulary, path: str | Path, seq_len: int = 35,
+               batch_size: int = 10) -> float:
+    """Perplexity of a PTB-style text file under the model (unknown words → ``<unk>``)."""
+    words, _ = read_words(Path(path))
+    stream = encode(vocab, words, f"text {path}")
+    model.eval()
+    rows = max(1, min(batch_size, stream.numel() // (seq_len + 1)))
+    total, count = loss_over_stream(model, batchify(stream, rows), seq_len)
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def sample(model: LanguageModel, vocab: Vocabulary, prime: list[str], words: int = 30,
+           temperature: float = 1.0, seed: int = 0) -> list[str]:
+    """The prime followed by ``words`` sampled words."""
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    ids = vocab.encode(prime or [EOS])
+    logits, state = model(torch.tensor(ids).unsqueeze(1))  # (P, 1, V)
+    out = []
+    for _ in range(words):
+        probs = torch.softmax(logits[-1, 0].double() / max(temperature, 1e-6), dim=-1)
+        word = int(torch.multinomial(probs, 1, generator=generator))
+        out.append(word)
+        logits, state = model(torch.tensor([[word]]), state)
+    return [*prime, *vocab.decode(out, strip_specials=False)]
+
+
+def config_sections() -> dict[str, list[str]]:
+    return section_fields(SECTIONS)

@@ -1,0 +1,134 @@
+"""The sentiment task on a tiny generated TSV pair (and SST-2 when the shared data is present)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import shared_file
+from rnnkit.data.text import FormatError
+from rnnkit.tasks import sentiment
+from rnnkit.train import TrainConfig, Trainer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # tiny GEMMs gain nothing from threads, and on a shared machine spinning workers cost 100×
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+GOOD, BAD = ["great", "fine", "lovely", "superb"], ["awful", "dull", "bad", "boring"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("sst")
+    generator = torch.Generator().manual_seed(0)
+
+    def rows(count: int) -> list[str]:
+        out = []
+        for i in range(count):
+            label = i % 2
+            words = GOOD if label else BAD
+            length = 1 + int(torch.randint(6, (1,), generator=generator))
+            picks = torch.randint(4, (length,), generator=generator).tolist()
+            out.append(f"{label}\tthe film was " + " ".join(words[p] for p in picks))
+        return out
+
+    train, dev = directory / "train.tsv", directory / "dev.tsv"
+    train.write_text("\n".join(["label\tsentence", *rows(80)]) + "\n")
+    dev.write_text("\n".join(["label\tcontent", *rows(20)]) + "\n")  # SST-2's dev header
+    return train, dev
+
+
+def _config(files: tuple[Path, Path], **train: object) -> dict:
+    config = sentiment.default_config()
+    config["data"].update(train=str(files[0]), valid=str(files[1]))
+    config["model"].update(embedding=8)
+    config["model"]["recurrent"].update(hidden=8)
+    config["train"].update({"steps": 4, "batch_size": 16, "eval_every": 2, **train})
+    return config
+
+
+def test_build_reads_both_headers_and_derives_sizes(files: tuple[Path, Path]) -> None:
+    task, model, source = sentiment.build(_config(files))
+    assert task.counts["train"] == 80 and task.counts["valid"] == 20
+    assert task.labels == ["0", "1"]
+    assert model.config.vocab_size == len(task.vocab) and model.config.classes == 2
+    assert "80 examples" in source and "skipped 1 header lines" in source
+
+
+def test_batches_keep_lengths_and_labels_whole(files: tuple[Path, Path]) -> None:
+    task, _, _ = sentiment.build(_config(files))
+    batch = task.batch(3)
+    tokens, lengths = batch.inputs
+    assert lengths.shape == (1, 16) and batch.targets.shape == (1, 16)
+    assert int(lengths.max()) == tokens.shape[0]
+    # padding sits exactly past each sentence's length
+    for b, n in enumerate(lengths[0].tolist()):
+        assert bool((tokens[:n, b] != task.vocab.pad).all()) and bool((tokens[n:, b] == 0).all())
+    whole = batch.time_slice(0, tokens.shape[0])
+    assert torch.equal(whole.inputs[1], lengths) and torch.equal(whole.targets, batch.targets)
+    again = task.batch(3)
+    assert torch.equal(again.inputs[0], tokens) and torch.equal(again.targets, batch.targets)
+
+
+def test_metrics_per_class() -> None:
+    scores = sentiment.classification_metrics([0, 0, 1, 1], [0, 1, 1, 1], ["0", "1"])
+    assert scores["accuracy"] == 0.75
+    assert scores["f1_negative"] == pytest.approx(2 / 3)  # P 1, R 1/2
+    assert scores["f1_positive"] == pytest.approx(0.8)  # P 2/3, R 1
+    assert scores["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_unknown_dev_label_and_missing_file_are_named(files: tuple[Path, Path], tmp_path: Path
+                                                      ) -> None:
+    odd = tmp_path / "dev.tsv"
+    odd.write_text("label\tsentence\n7\tgreat\n")
+    with pytest.raises(ValueError, match=r"labels \['7'\] do not occur in the training data"):
+        sentiment.build(_config((files[0], odd)))
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.tsv does not exist"):
+        sentiment.build(_config((files[0], tmp_path / "nowhere.tsv")))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("score\tsentence\n1\tgreat\n")
+    with pytest.raises(FormatError, match="lacks a column named label"):
+        sentiment.build(_config((bad, files[1])))
+
+
+def test_training_checkpoint_and_classify(files: tuple[Path, Path], tmp_path: Path) -> None:
+    config = _config(files)
+    task, model, _ = sentiment.build(config)
+    trainer = Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False)
+    result = trainer.fit()
+    trainer.out_dir = tmp_path  # a checkpoint without the end-of-run plot: keeps the test fast
+    trainer.save()
+    assert {"loss", "accuracy", "f1_negative", "f1_positive"} <= set(result.valid)
+    # the task keeps the weights of the lowest validation loss seen (model selection)
+    assert task.best_loss == result.best_valid_loss and task.best_state is not None
+    assert set(task.best_state) == set(model.state_dict())
+    assert math.isfinite(result.valid["loss"])
+    loaded, vocab, labels, _ = sentiment.load_model(tmp_path)
+    for a, b in zip(loaded.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    label, probability = sentiment.classify(loaded, vocab, labels, "The film was GREAT unseen")
+    assert label in labels and 0.5 <= probability <= 1.0
+
+
+def test_learns_the_word_lists(files: tuple[Path, Path]) -> None:
+    config = _config(files, steps=60, eval_every=60, lr=1e-2)
+    task, model, _ = sentiment.build(config)
+    Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False).fit()
+    assert task.evaluate(model)["accuracy"] >= 0.9
+
+
+def test_reads_shared_sst2() -> None:
+    shared_file("sst2/dev.tsv")
+    examples, _ = sentiment.read_split(sentiment.SentimentDataConfig(), "valid")
+    assert len(examples) == 872 and {label for _, label in examples} == {"0", "1"}
