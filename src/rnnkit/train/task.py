@@ -27,6 +27,9 @@ class Batch:
         return int(first.shape[0])
 
     def time_slice(self, start: int, stop: int) -> Batch:
+        if start == 0 and stop >= self.length:
+            # the whole batch: per-sequence tensors (labels, lengths) must not be cut on dim 0
+            return self
         def cut(value: Any) -> Any:
             if isinstance(value, tuple):
                 return tuple(cut(v) for v in value)
