@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rnnkit.validation import check_cell_input
+
 State = tuple[Tensor, ...]
 """A cell's state: ``(h,)`` for Elman and GRU, ``LSTMState(h, c)`` for LSTM."""
 
@@ -77,6 +79,13 @@ class CellMath(ABC):
     def make_state(self, tensors: Sequence[Tensor]) -> State:
         """Wraps plain tensors in this family's state type."""
         return tuple(tensors)
+
+
+def _engine() -> Any:
+    """rnnkit.engine, imported on first use (the engine itself imports this module)."""
+    import rnnkit.engine
+
+    return rnnkit.engine
 
 
 def sigmoid_grad(y: Tensor) -> Tensor:
@@ -164,19 +173,15 @@ class RecurrentCell(nn.Module):
 
     def forward(self, x_t: Tensor, state: State | Tensor | None = None) -> tuple[Tensor, State]:
         """One step: ``output, new_state = cell(x_t, state)``; x_t is (B, input_size) or (input_size,)."""
-        from rnnkit.validation import check_cell_input
-
         unbatched = x_t.dim() == 1
         x_t, state = check_cell_input(self, x_t, state)
         if state is None:
             state = self.zero_state(x_t.shape[0], dtype=x_t.dtype, device=x_t.device)
-        from rnnkit.engine import run_layer
-
         # one step is a sequence of length 1: the engine's fused kernel is the fastest way to run
         # it (a streaming step), and the cell shares every backend's tested code path
         params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                   *self.diagonal_weights)
-        _, new_state = run_layer(self.math, x_t.unsqueeze(0), tuple(state), params)
+        _, new_state = _engine().run_layer(self.math, x_t.unsqueeze(0), tuple(state), params)
         new_state = self.math.make_state(new_state)
         if unbatched:
             new_state = self.math.make_state([s.squeeze(0) for s in new_state])

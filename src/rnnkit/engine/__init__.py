@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 from rnnkit.cells.base import CellMath, State
+from rnnkit.engine import fused
 from rnnkit.engine.bptt import run_bptt
 from rnnkit.engine.reference import run_reference
 
@@ -47,8 +48,6 @@ def run_fused(
     batch_sizes: Sequence[int] | None,
 ) -> tuple[Tensor, State]:
     """The compiled kernel where it can run; else the BPTT engine, saying why once."""
-    from rnnkit.engine import fused
-
     reason = fused.unavailable_reason(math, x.dtype, x.device)
     if reason is None:
         return fused.run_layer(math, x, state0, params, batch_sizes)
