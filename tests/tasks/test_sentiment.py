@@ -80,6 +80,22 @@ def test_batches_keep_lengths_and_labels_whole(files: tuple[Path, Path]) -> None
     assert torch.equal(again.inputs[0], tokens) and torch.equal(again.targets, batch.targets)
 
 
+def test_word_dropout_is_seeded_by_the_batch_index(files: tuple[Path, Path]) -> None:
+    config = _config(files)
+    plain_task, _, _ = sentiment.build(config)
+    config["data"]["word_dropout"] = 0.5
+    task, _, _ = sentiment.build(config)
+    plain, first, again = plain_task.batch(2), task.batch(2), task.batch(2)
+    assert torch.equal(first.inputs[0], again.inputs[0])
+    tokens, lengths = first.inputs
+    real = tokens != task.vocab.pad
+    dropped = (tokens == task.vocab.unk) & (plain.inputs[0] != task.vocab.unk)
+    assert 0 < int(dropped.sum()) < int(real.sum())
+    # only words are replaced: lengths, padding and labels stay as they were
+    assert torch.equal(lengths, plain.inputs[1]) and torch.equal(first.targets, plain.targets)
+    assert torch.equal(real, plain.inputs[0] != task.vocab.pad)
+
+
 def test_metrics_per_class() -> None:
     scores = sentiment.classification_metrics([0, 0, 1, 1], [0, 1, 1, 1], ["0", "1"])
     assert scores["accuracy"] == 0.75

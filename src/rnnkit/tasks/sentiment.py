@@ -49,6 +49,7 @@ class SentimentDataConfig:
     min_freq: int = 1
     max_vocab: int | None = None
     max_train_examples: int | None = None  # the first N only (quick experiments)
+    word_dropout: float = 0.0  # chance a training token is replaced by <unk> (a regulariser)
     eval_batch_size: int = 256
 
 
@@ -108,6 +109,7 @@ class SentimentTask:
                  model_config: ClassifierConfig, vocab: Vocabulary, labels: list[str],
                  batch_size: int, seed: int) -> None:
         self.data, self.model_config, self.vocab, self.labels = data, model_config, vocab, labels
+        self.seed = seed
         self.train_ids, self.train_labels = encode_examples(train, vocab, labels)
         self.valid_ids, self.valid_labels = encode_examples(valid, vocab, labels)
         self.plan = EpochPlan([len(s) for s in self.train_ids], batch_size, seed)
@@ -122,8 +124,14 @@ class SentimentTask:
 
     def batch(self, index: int) -> Batch:
         chosen = self.plan.indices(index)
-        return collate([self.train_ids[i] for i in chosen], [self.train_labels[i] for i in chosen],
-                       self.vocab.pad)
+        ids = [self.train_ids[i] for i in chosen]
+        if self.data.word_dropout > 0:
+            # seeded by the batch index, so a resumed run drops the same words
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            ids = [[self.vocab.unk if float(torch.rand((), generator=generator))
+                    < self.data.word_dropout else token for token in sentence]
+                   for sentence in ids]
+        return collate(ids, [self.train_labels[i] for i in chosen], self.vocab.pad)
 
     def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
         tokens, lengths = batch.inputs
