@@ -45,7 +45,7 @@ TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--weight-decay", "train", "weight_decay", float, "L2 weight decay"),
     ("--clip-norm", "train", "clip_norm", _NULLABLE + ":float", "bound on the global gradient norm ('none')"),
     ("--clip-value", "train", "clip_value", _NULLABLE + ":float", "bound ±c on each gradient element"),
-    ("--schedule", "train", "schedule", str, "'plateau' (ReduceLROnPlateau) or 'none'"),
+    ("--schedule", "train", "schedule", str, "'plateau', 'step' (decay after N evaluations) or 'none'"),
     ("--early-stop", "train", "early_stop", _NULLABLE + ":int", "evaluations without gain before stopping"),
     ("--eval-every", "train", "eval_every", int, "steps between validations"),
     ("--checkpoint-every", "train", "checkpoint_every", _NULLABLE + ":int", "steps between checkpoints"),

@@ -44,6 +44,19 @@ def test_plateau_schedule_lowers_the_learning_rate() -> None:
     assert trainer.optimizer.param_groups[0]["lr"] < 0.01
 
 
+def test_step_schedule_keeps_the_rate_then_decays_at_every_evaluation(tmp_path: Path) -> None:
+    rates: list[float] = []
+    trainer = make_trainer(tmp_path, steps=6, eval_every=1, lr=1.0, schedule="step",
+                           decay_factor=0.5, decay_after=2)
+    trainer.on_step = lambda t, record: rates.append(t.optimizer.param_groups[0]["lr"])
+    trainer.fit()
+    assert rates == [1.0, 1.0, 0.5, 0.25, 0.125, 0.0625]  # Zaremba et al.: full rate, then halving
+    resumed = make_trainer(tmp_path, steps=7, eval_every=1, lr=1.0, schedule="step",
+                           decay_factor=0.5, decay_after=2)
+    resumed.load(load_checkpoint(tmp_path))
+    assert resumed.optimizer.param_groups[0]["lr"] == 0.03125
+
+
 def test_metrics_log_and_plot(tmp_path: Path) -> None:
     import json
 

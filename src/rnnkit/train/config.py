@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("none", "plateau")
+SCHEDULES = ("none", "plateau", "step")
 
 
 @dataclass
@@ -21,9 +21,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float | None = 5.0  # global L2 norm bound
     clip_value: float | None = None  # element-wise bound ±c, applied before the norm bound
-    schedule: str = "plateau"  # ReduceLROnPlateau on the validation loss
+    schedule: str = "plateau"  # ReduceLROnPlateau on the validation loss, or "step" (below)
     plateau_factor: float = 0.5
     plateau_patience: int = 1
+    # "step": the rate is multiplied by decay_factor at every evaluation after the first
+    # decay_after ones, whatever the validation loss does (Zaremba et al. 2014's schedule)
+    decay_factor: float = 0.5
+    decay_after: int = 4
     early_stop: int | None = None  # evaluations without improvement before stopping
     eval_every: int = 100
     checkpoint_every: int | None = None  # default: at each evaluation
@@ -37,6 +41,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.decay_factor <= 1:
+            raise ValueError(f"decay_factor must be in (0, 1], got {self.decay_factor}")
+        if self.decay_after < 0:
+            raise ValueError(f"decay_after must be non-negative, got {self.decay_after}")
         if self.bptt is not None and self.bptt <= 0:
             raise ValueError(f"bptt must be positive (or null for full BPTT), got {self.bptt}")
         for name in ("clip_norm", "clip_value"):

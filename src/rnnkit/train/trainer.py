@@ -76,6 +76,21 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
+    """The learning-rate schedule, stepped once per scheduled evaluation (None: constant rate)."""
+    if config.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=config.plateau_factor, patience=config.plateau_patience)
+    if config.schedule == "step":
+        factor, full_rate = config.decay_factor, config.decay_after
+
+        def multiplier(evaluations: int) -> float:
+            return factor ** max(0, evaluations + 1 - full_rate)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    return None
+
+
 class Trainer:
     """Trains ``model`` on ``task``; writes checkpoints, metrics and a plot into ``out_dir``."""
 
@@ -95,13 +110,7 @@ class Trainer:
         self.progress = progress
         self.on_step = on_step
         self.optimizer = _make_optimizer(model, config)
-        self.scheduler = (
-            torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizer, factor=config.plateau_factor, patience=config.plateau_patience
-            )
-            if config.schedule == "plateau"
-            else None
-        )
+        self.scheduler = _make_scheduler(self.optimizer, config)
         self.groups = layer_groups(model)
         self.step = 0
         self.position = (0, 0)  # (batch index, chunk index) of the next step
@@ -300,8 +309,10 @@ class Trainer:
         valid = self.evaluate()
         self.last_valid = valid
         loss = valid["loss"]
-        if self.scheduler is not None and schedule:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and schedule:
             self.scheduler.step(loss)
+        elif self.scheduler is not None and schedule:
+            self.scheduler.step()
         if self.best_valid is None or loss < self.best_valid:
             self.best_valid = loss
             self.evals_without_gain = 0
