@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from rnnkit.data.text import pad_sequences
+from rnnkit.data.text import pad_characters, pad_sequences
 from rnnkit.models.classifier import (
     ClassifierConfig,
     SequenceClassifier,
@@ -78,6 +78,29 @@ def test_learns_parity_of_variable_length_bit_strings() -> None:
             if accuracy == 1.0:
                 break
     assert accuracy == 1.0
+
+
+def test_character_features_tell_unseen_words_apart_and_are_required() -> None:
+    torch.manual_seed(0)
+    config = ClassifierConfig(classes=2, vocab_size=5, embedding=4, chars=6, char_embedding=3,
+                              char_hidden=4, pooling="max",
+                              recurrent=RecurrentConfig(layers=1, hidden=5, bidirectional=True))
+    model = SequenceClassifier(config).eval()
+    assert model.char_words is not None and model.rnn.input_size == 4 + 8
+    unk = 1
+    tokens = torch.tensor([[unk, unk], [2, 2]])  # (T, B): the same ids, different spellings
+    spellings = [[[2, 3], [4]], [[5, 5, 5], [4]]]
+    chars, char_lengths = pad_characters(spellings)
+    logits = model(tokens, torch.tensor([2, 2]), chars, char_lengths)
+    assert not torch.allclose(logits[0], logits[1])
+    with pytest.raises(ValueError, match="pass chars and char_lengths"):
+        model(tokens, torch.tensor([2, 2]))
+    # padding words are not read: a shorter sentence's padding characters change nothing
+    short = model(tokens[:1, :1], torch.tensor([1]), chars[:1, :1], char_lengths[:1, :1])
+    padded = model(tokens[:, :1], torch.tensor([1]), chars[:, :1], char_lengths[:, :1])
+    assert torch.allclose(short, padded, atol=1e-6)
+    with pytest.raises(ValueError, match="character features need token inputs"):
+        ClassifierConfig(embedding=0, input_size=3, chars=4)
 
 
 def test_row_reader_reads_images_row_by_row() -> None:

@@ -19,6 +19,7 @@ from rnnkit.data.text import (
     read_lines,
     read_parallel,
     read_tsv_pairs,
+    unescape_ptb,
 )
 
 
@@ -114,6 +115,11 @@ def test_labelled_tsv_with_header(tmp_path: Path) -> None:
         read_labelled_tsv(write(tmp_path / "train.tsv", "polarity\ttext\n0\tok\n"))
     with pytest.raises(FormatError, match=r"lacks a column named sentence or content or text"):
         read_labelled_tsv(write(tmp_path / "train.tsv", "label\treview\n0\tok\n"))
+
+
+def test_ptb_escapes_become_characters_again() -> None:
+    tokens = ["-LRB-", "a", "\\/", "b", "-rrb-", "f\\*\\*k", "-lsb-", "-RCB-", "lrb"]
+    assert unescape_ptb(tokens) == ["(", "a", "/", "b", ")", "f**k", "[", "}", "lrb"]
 
 
 def test_missing_and_non_utf8_files_are_named(tmp_path: Path) -> None:

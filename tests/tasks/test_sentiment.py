@@ -68,8 +68,14 @@ def test_build_reads_both_headers_and_derives_sizes(files: tuple[Path, Path]) ->
 def test_batches_keep_lengths_and_labels_whole(files: tuple[Path, Path]) -> None:
     task, _, _ = sentiment.build(_config(files))
     batch = task.batch(3)
-    tokens, lengths = batch.inputs
+    tokens, lengths, chars, char_lengths = batch.inputs
     assert lengths.shape == (1, 16) and batch.targets.shape == (1, 16)
+    assert chars.shape[:2] == tokens.shape and char_lengths.shape == tokens.shape
+    # every real word carries its spelling; padding words have none
+    for b, n in enumerate(lengths[0].tolist()):
+        assert bool((char_lengths[:n, b] > 0).all()) and bool((char_lengths[n:, b] == 0).all())
+        first = task.encoder.chars.decode(chars[0, b, : int(char_lengths[0, b])].tolist())
+        assert "".join(first) == task.vocab.decode([int(tokens[0, b])])[0]
     assert int(lengths.max()) == tokens.shape[0]
     # padding sits exactly past each sentence's length
     for b, n in enumerate(lengths[0].tolist()):
@@ -87,8 +93,9 @@ def test_word_dropout_is_seeded_by_the_batch_index(files: tuple[Path, Path]) -> 
     task, _, _ = sentiment.build(config)
     plain, first, again = plain_task.batch(2), task.batch(2), task.batch(2)
     assert torch.equal(first.inputs[0], again.inputs[0])
-    tokens, lengths = first.inputs
+    tokens, lengths, chars, _ = first.inputs
     real = tokens != task.vocab.pad
+    assert torch.equal(chars, plain.inputs[2])  # a dropped word keeps its spelling
     dropped = (tokens == task.vocab.unk) & (plain.inputs[0] != task.vocab.unk)
     assert 0 < int(dropped.sum()) < int(real.sum())
     # only words are replaced: lengths, padding and labels stay as they were
@@ -130,10 +137,10 @@ def test_training_checkpoint_and_classify(files: tuple[Path, Path], tmp_path: Pa
     assert task.best_loss == result.best_valid_loss and task.best_state is not None
     assert set(task.best_state) == set(model.state_dict())
     assert math.isfinite(result.valid["loss"])
-    loaded, vocab, labels, _ = sentiment.load_model(tmp_path)
+    loaded, encoder, labels, _ = sentiment.load_model(tmp_path)
     for a, b in zip(loaded.parameters(), model.parameters()):
         assert torch.equal(a, b)
-    label, probability = sentiment.classify(loaded, vocab, labels, "The film was GREAT unseen")
+    label, probability = sentiment.classify(loaded, encoder, labels, "The film was GREAT unseen -LRB- !")
     assert label in labels and 0.5 <= probability <= 1.0
 
 

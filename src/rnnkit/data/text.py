@@ -187,6 +187,20 @@ def _tokens(text: str, lowercase: bool) -> list[str]:
     return (text.lower() if lowercase else text).split()
 
 
+# Penn Treebank tokenisers escape brackets and slashes; corpora differ in whether they undo it
+# (SST-2's dev sentences say "-lrb-" and "\\/" where its training phrases say "(" and "/")
+PTB_ESCAPES = {"-lrb-": "(", "-rrb-": ")", "-lsb-": "[", "-rsb-": "]", "-lcb-": "{", "-rcb-": "}"}
+
+
+def unescape_ptb(tokens: Sequence[str]) -> list[str]:
+    """Tokens with Penn Treebank escapes (``-LRB-``, ``\\/``, ``\\*``) turned back into characters."""
+    out = []
+    for token in tokens:
+        token = PTB_ESCAPES.get(token.lower(), token)
+        out.append(token.replace("\\/", "/").replace("\\*", "*"))
+    return out
+
+
 def read_lines(path: str | Path, lowercase: bool = False) -> tuple[list[list[str]], ReadSummary]:
     """One whitespace-tokenised sentence per line; blank lines are skipped and counted."""
     summary = ReadSummary(str(path))

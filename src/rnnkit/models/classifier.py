@@ -2,6 +2,10 @@
 
     tokens (T, B) ─embedding─► (T, B, E) ─(bi)RNN─► (T, B, D·H) ─pool─► (B, D·H) ─linear─► (B, C)
 
+Optionally (``chars > 0``) each word's spelling, read by a character BiRNN
+(:mod:`rnnkit.models.char_words`), is concatenated to its embedding: words never seen in
+training otherwise all share the ``<unk>`` vector.
+
 Pooling looks only at each sequence's valid steps: ``final`` is the last layer's final state
 (both directions concatenated when bidirectional: the forward state after the last real token
 and the backward state after the first), ``mean`` and ``max`` run over the real outputs.
@@ -20,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkit.models.recurrent import RecurrentConfig, build_recurrent
+from rnnkit.models.char_words import CharWordEncoder
+from rnnkit.models.recurrent import RecurrentConfig, build_recurrent, final_hidden
 
 POOLINGS = ("final", "mean", "max")
 
@@ -41,7 +46,10 @@ class ClassifierConfig:
     input_size: int = 0  # feature size when embedding = 0
     pooling: str = "final"
     dropout: float = 0.0  # on the embeddings and on the pooled vector
-    pad: int = 0  # embedding row kept at zero
+    pad: int = 0  # embedding row kept at zero (words and characters)
+    chars: int = 0  # character vocabulary size; 0: no character features
+    char_embedding: int = 16
+    char_hidden: int = 32  # per direction
     recurrent: RecurrentConfig = field(default_factory=lambda: RecurrentConfig(layers=1, hidden=64))
 
     def __post_init__(self) -> None:
@@ -51,6 +59,8 @@ class ClassifierConfig:
             raise ValueError(f"classes must be positive, got {self.classes}")
         if self.embedding and self.vocab_size <= 0:
             raise ValueError("an embedding needs vocab_size > 0")
+        if self.chars and not self.embedding:
+            raise ValueError("character features need token inputs (an embedding)")
         if not self.embedding and self.input_size <= 0:
             raise ValueError("without an embedding (feature inputs) input_size must be positive")
 
@@ -61,14 +71,6 @@ class ClassifierConfig:
     def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
         data = dict(data)
         return cls(recurrent=recurrent_option(data), **data)
-
-
-def final_hidden(state: Any, bidirectional: bool) -> Tensor:
-    """The top layer's final h from a layer's state ((L·D, B, H) or LSTM (h, c)): (B, D·H)."""
-    h = state[0] if isinstance(state, tuple) else state  # (L·D, B, H)
-    if bidirectional:
-        return torch.cat((h[-2], h[-1]), dim=1)  # (B, 2H): forward, backward of the top layer
-    return h[-1]  # (B, H)
 
 
 def valid_mask(lengths: Tensor, steps: int) -> Tensor:
@@ -103,29 +105,50 @@ class SequenceClassifier(nn.Module):
                 config.vocab_size, config.embedding, padding_idx=config.pad)
         else:
             self.embedding = None
-        self.rnn = build_recurrent(config.recurrent, config.embedding or config.input_size)
+        input_size = config.embedding or config.input_size
+        self.char_words: CharWordEncoder | None = None
+        if config.chars:
+            self.char_words = CharWordEncoder(config.chars, config.char_embedding, config.char_hidden,
+                                              config.recurrent.cell, config.pad)
+            input_size += self.char_words.output_size
+        self.rnn = build_recurrent(config.recurrent, input_size)
         self.drop = nn.Dropout(config.dropout)
         self.output = nn.Linear(config.recurrent.output_size, config.classes)
 
-    def encode(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def encode(self, inputs: Tensor, lengths: Tensor | None = None, chars: Tensor | None = None,
+               char_lengths: Tensor | None = None) -> Tensor:
         """The pooled sequence vector (B, D·H)."""
         lengths = _lengths(inputs, lengths)
-        x = self.drop(self.embedding(inputs)) if self.embedding is not None else inputs  # (T, B, E)
+        if self.embedding is None:
+            x = inputs  # (T, B, I) features
+        else:
+            x = self.embedding(inputs)  # (T, B, E)
+            if self.char_words is not None:
+                if chars is None or char_lengths is None:
+                    raise ValueError("this classifier uses character features: pass chars and "
+                                     "char_lengths")
+                mask = valid_mask(lengths.to(inputs.device), inputs.shape[0])  # (T, B)
+                x = torch.cat((x, self.char_words(chars, char_lengths, mask)), dim=2)  # (T, B, E+2Hc)
+            x = self.drop(x)
         outputs, state = self.rnn(x, lengths=lengths)  # (T, B, D·H)
         return pool(outputs, state, lengths, self.config.pooling, self.config.recurrent.bidirectional)
 
-    def forward(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """inputs (T, B) ids or (T, B, I) features, lengths (B,) → logits (B, C)."""
-        return self.output(self.drop(self.encode(inputs, lengths)))
+    def forward(self, inputs: Tensor, lengths: Tensor | None = None, chars: Tensor | None = None,
+                char_lengths: Tensor | None = None) -> Tensor:
+        """inputs (T, B) ids or (T, B, I) features, lengths (B,) [, chars (T, B, W),
+        char_lengths (T, B)] → logits (B, C)."""
+        return self.output(self.drop(self.encode(inputs, lengths, chars, char_lengths)))
 
-    def loss(self, inputs: Tensor, lengths: Tensor | None, labels: Tensor) -> Tensor:
+    def loss(self, inputs: Tensor, lengths: Tensor | None, labels: Tensor, chars: Tensor | None = None,
+             char_lengths: Tensor | None = None) -> Tensor:
         """Mean cross-entropy over the batch."""
-        return F.cross_entropy(self(inputs, lengths), labels)
+        return F.cross_entropy(self(inputs, lengths, chars, char_lengths), labels)
 
     @torch.no_grad()
-    def predict(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def predict(self, inputs: Tensor, lengths: Tensor | None = None, chars: Tensor | None = None,
+                char_lengths: Tensor | None = None) -> Tensor:
         """The most likely class per sequence (B,)."""
-        return self(inputs, lengths).argmax(-1)
+        return self(inputs, lengths, chars, char_lengths).argmax(-1)
 
 
 # --- row-by-row image reader ------------------------------------------------------------------

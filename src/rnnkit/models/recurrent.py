@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from rnnkit.layers import GRU, LSTM, RNN, RecurrentLayer
 
 CELLS = ("lstm", "gru", "rnn")
@@ -60,3 +63,11 @@ def build_recurrent(config: RecurrentConfig, input_size: int) -> RecurrentLayer:
     if config.cell == "gru":
         return GRU(input_size, config.hidden, reset=config.reset, **common)
     return RNN(input_size, config.hidden, nonlinearity=config.nonlinearity, **common)
+
+
+def final_hidden(state: Any, bidirectional: bool) -> Tensor:
+    """The top layer's final h from a layer's state ((L·D, B, H) or LSTM (h, c)): (B, D·H)."""
+    h = state[0] if isinstance(state, tuple) else state  # (L·D, B, H)
+    if bidirectional:
+        return torch.cat((h[-2], h[-1]), dim=1)  # (B, 2H): forward, backward of the top layer
+    return h[-1]  # (B, H)

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from rnnkit.decoding.beam import BeamHypothesis, beam_search
 from rnnkit.models.attention import ATTENTIONS, Attention, Memory
-from rnnkit.models.classifier import final_hidden, recurrent_option, valid_mask
-from rnnkit.models.recurrent import RecurrentConfig, build_recurrent
+from rnnkit.models.classifier import recurrent_option, valid_mask
+from rnnkit.models.recurrent import RecurrentConfig, build_recurrent, final_hidden
 
 
 @dataclass

@@ -5,9 +5,8 @@
         ─linear─► emissions (T, B, K) ─► softmax per token, or a linear-chain CRF over the sentence
         └─pool─► linear ─► intent logits (B, I)        (joint slot filling + intent, e.g. ATIS)
 
-The character BiRNN (Lample et al. 2016) gives rare and unseen words a representation from
-their spelling; its forward final state (after the last character) and backward final state
-(after the first) are concatenated to the word embedding.
+The character BiRNN (:mod:`rnnkit.models.char_words`, Lample et al. 2016) gives rare and unseen
+words a representation from their spelling, concatenated to the word embedding.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkit.models.classifier import POOLINGS, final_hidden, pool, recurrent_option, valid_mask
+from rnnkit.models.char_words import CharWordEncoder
+from rnnkit.models.classifier import POOLINGS, pool, recurrent_option, valid_mask
 from rnnkit.models.crf import LinearChainCRF
 from rnnkit.models.recurrent import RecurrentConfig, build_recurrent
 
@@ -71,35 +71,16 @@ class Tagger(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embedding, padding_idx=config.pad)
         word_size = config.embedding
-        self.char_embedding: nn.Embedding | None = None
+        self.char_words: CharWordEncoder | None = None
         if config.chars:
-            self.char_embedding = nn.Embedding(config.chars, config.char_embedding, padding_idx=config.pad)
-            char_config = RecurrentConfig(cell=config.recurrent.cell, layers=1, hidden=config.char_hidden,
-                                          bidirectional=True)
-            self.char_rnn = build_recurrent(char_config, config.char_embedding)
-            word_size += 2 * config.char_hidden
+            self.char_words = CharWordEncoder(config.chars, config.char_embedding, config.char_hidden,
+                                              config.recurrent.cell, config.pad)
+            word_size += self.char_words.output_size
         self.rnn = build_recurrent(config.recurrent, word_size)
         self.drop = nn.Dropout(config.dropout)
         self.emit = nn.Linear(config.recurrent.output_size, config.tags)
         self.crf = LinearChainCRF(config.tags) if config.crf else None
         self.intent = nn.Linear(config.recurrent.output_size, config.intents) if config.intents else None
-
-    def _char_features(self, chars: Tensor, char_lengths: Tensor, mask: Tensor) -> Tensor:
-        """Characters (T, B, W) with word lengths (T, B) → (T, B, 2·Hc), zero at padding words."""
-        assert self.char_embedding is not None
-        steps, batch, _ = chars.shape
-        flat_mask = mask.reshape(-1)  # (T·B,)
-        words = chars.reshape(steps * batch, -1)[flat_mask]  # (N, W): real words only, no wasted work
-        lengths = char_lengths.reshape(-1)[flat_mask].cpu()  # (N,)
-        if bool((lengths < 1).any()):
-            raise ValueError("every real word needs at least one character (char_lengths ≥ 1)")
-        words = words[:, : int(lengths.max())]  # (N, W')
-        x = self.char_embedding(words.t())  # (W', N, Ec)
-        _, state = self.char_rnn(x, lengths=lengths)
-        features = final_hidden(state, bidirectional=True)  # (N, 2·Hc)
-        out = features.new_zeros(steps * batch, features.shape[1])
-        out[flat_mask] = features
-        return out.view(steps, batch, -1)  # (T, B, 2·Hc)
 
     def forward(self, tokens: Tensor, lengths: Tensor, chars: Tensor | None = None,
                 char_lengths: Tensor | None = None) -> TaggerOutput:
@@ -107,10 +88,10 @@ class Tagger(nn.Module):
         lengths = torch.as_tensor(lengths, dtype=torch.int64)
         mask = valid_mask(lengths.to(tokens.device), tokens.shape[0])  # (T, B)
         x = self.embedding(tokens)  # (T, B, E)
-        if self.char_embedding is not None:
+        if self.char_words is not None:
             if chars is None or char_lengths is None:
                 raise ValueError("this tagger uses character features: pass chars and char_lengths")
-            x = torch.cat((x, self._char_features(chars, char_lengths, mask)), dim=2)  # (T, B, E+2Hc)
+            x = torch.cat((x, self.char_words(chars, char_lengths, mask)), dim=2)  # (T, B, E+2Hc)
         outputs, state = self.rnn(self.drop(x), lengths=lengths)  # (T, B, D·H)
         emissions = self.emit(self.drop(outputs))  # (T, B, K)
         intent = None
