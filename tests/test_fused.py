@@ -308,14 +308,15 @@ def test_short_inputs_use_weights_as_stored(name, shape):
 
 def test_missing_compiler_gives_a_reason(monkeypatch):
     from rnnkit.engine.fused import _build
+    from rnnkit.native import NativeExtension
 
-    monkeypatch.setattr(_build, "_tried", False)
-    monkeypatch.setattr(_build, "_module", None)
-    monkeypatch.setattr(_build, "_error", None)
+    fresh = NativeExtension(_build.EXTENSION.name, _build.EXTENSION.sources)  # not yet loaded
+    monkeypatch.setattr(_build, "EXTENSION", fresh)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert _build.load() is None
-    assert _build.error() == "compiler not found"
-    assert fused.unavailable_reason(VARIANTS["gru_after"], torch.float32, "cpu") == ("compiler not found")
+    reason = "C++ compiler '/nonexistent/c++' not found"
+    assert _build.error() == reason
+    assert fused.unavailable_reason(VARIANTS["gru_after"], torch.float32, "cpu") == reason
     # torch's own op still serves the plain LSTM
     assert fused.unavailable_reason(VARIANTS["lstm"], torch.float32, "cpu") is None
     x, state0, params = make_inputs(VARIANTS["lstm"], 6, 6, 4, 5, torch.float32)

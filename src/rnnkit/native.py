@@ -48,15 +48,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def isa_cflags() -> list[str]:
+def isa_cflags(wide: bool = False) -> list[str]:
     """Vector ISA flags chosen from what this CPU reports.
 
-    The flags are hashed into the extension name (see :meth:`NativeExtension.load`), so a cache
-    shared between different CPUs never loads a binary built for instructions one of them lacks.
+    ``wide`` adds AVX-512 where the CPU has it: 16-wide exp/sigmoid/tanh take about half the
+    time of AVX2 in the fused RNN's pointwise loops. The flags are hashed into the extension name
+    (see :meth:`NativeExtension.load`), so a cache shared between different CPUs never loads a
+    binary built for instructions one of them lacks.
     """
-    if {"avx2", "fma"} <= cpu_flags():
-        return ["-mavx2", "-mfma"]
-    return []
+    flags = cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        return []
+    avx512 = ("avx512f", "avx512dq", "avx512bw", "avx512vl")
+    if wide and set(avx512) <= flags:
+        return ["-mavx2", "-mfma", *(f"-m{name}" for name in avx512), "-mprefer-vector-width=512"]
+    return ["-mavx2", "-mfma"]
 
 
 def compiler_missing() -> str | None:
@@ -93,6 +99,7 @@ class NativeExtension:
         extra_ldflags: Sequence[str] = (),
         openmp: bool = True,
         isa: bool = True,
+        wide_vectors: bool = False,
         ops_namespace: str | None = None,
         on_load: Callable[[Any], None] | None = None,
     ) -> None:
@@ -102,6 +109,7 @@ class NativeExtension:
         self.extra_ldflags = list(extra_ldflags)
         self.openmp = openmp
         self.isa = isa
+        self.wide_vectors = wide_vectors
         self.ops_namespace = ops_namespace
         self.on_load = on_load
         self._lock = threading.Lock()
@@ -117,7 +125,7 @@ class NativeExtension:
     def cflags(self) -> list[str]:
         """Compiler flags: the extra ones, OpenMP (at::parallel_for is inline OpenMP code), ISA."""
         return [*self.extra_cflags, *(["-fopenmp"] if self.openmp else []),
-                *(isa_cflags() if self.isa else [])]
+                *(isa_cflags(self.wide_vectors) if self.isa else [])]
 
     def load(self) -> Any:
         """The built module (or ``torch.ops.<ops_namespace>``), or None; compiles on first use."""
