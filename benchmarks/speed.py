@@ -75,14 +75,22 @@ class Row:
 
 
 def alternate(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
-              warmup: int = 2) -> tuple[float, float]:
-    """Median seconds of each callable, run alternately so both see the same machine state."""
+              warmup: int = 2, min_seconds: float = 1.0, max_repeats: int = 2000) -> tuple[float, float]:
+    """Median seconds of each callable, run alternately so both see the same machine state.
+
+    At least ``repeats`` runs each, more until each side has run ``min_seconds`` in total (a
+    sub-millisecond case needs hundreds of runs for a stable median); the order flips every
+    round so neither side always runs right after the other's cache-thrashing backward pass.
+    """
     for _ in range(warmup):
         ours()
         theirs()
-    ours_times, their_times = [], []
-    for _ in range(repeats):
-        for fn, times in ((ours, ours_times), (theirs, their_times)):
+    ours_times: list[float] = []
+    their_times: list[float] = []
+    pairs = ((ours, ours_times), (theirs, their_times))
+    while len(ours_times) < max_repeats and (
+            len(ours_times) < repeats or min(sum(ours_times), sum(their_times)) < min_seconds):
+        for fn, times in pairs if len(ours_times) % 2 == 0 else pairs[::-1]:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
