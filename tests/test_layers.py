@@ -203,6 +203,38 @@ def test_bptt_and_reference_backends_agree_on_a_layer() -> None:
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_plain_lstm_stack_in_one_torch_call_equals_layer_by_layer(monkeypatch, bias: bool) -> None:
+    from rnnkit import layers
+
+    calls = []
+    original = layers.RecurrentLayer._torch_stack
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(layers.RecurrentLayer, "_torch_stack", counted)
+    whole = rnnkit.LSTM(3, 4, num_layers=3, bidirectional=True, bias=bias)
+    by_layer = rnnkit.LSTM(3, 4, num_layers=3, bidirectional=True, bias=bias, backend="bptt")
+    by_layer.load_state_dict(whole.state_dict())
+    x = torch.randn(9, 5, 3)
+    h0, c0 = torch.randn(6, 5, 4), torch.randn(6, 5, 4)
+    got, want = whole(x, (h0, c0)), by_layer(x, (h0, c0))
+    assert calls == [1]  # the fused backend handed the whole stack to torch
+    for a, b in zip((got[0], *got[1]), (want[0], *want[1])):
+        torch.testing.assert_close(a, b)
+    grads = [torch.autograd.grad(out[0].sum() + out[1][1].sum(), list(m.parameters()))
+             for out, m in ((got, whole), (want, by_layer))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    # lengths, dropout in training and rnnkit's own variants take the layer-by-layer path
+    whole(x, lengths=[9, 8, 5, 3, 1])
+    rnnkit.LSTM(3, 4, num_layers=2, dropout=0.5)(x)
+    rnnkit.LSTM(3, 4, peephole=True)(x)
+    assert calls == [1]
+
+
 def test_dropout_between_layers_only_in_training() -> None:
     layer = rnnkit.GRU(3, 4, num_layers=2, dropout=0.5)
     x = torch.randn(5, 2, 3)

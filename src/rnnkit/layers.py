@@ -24,7 +24,7 @@ from rnnkit.cells.base import CellMath
 from rnnkit.cells.elman import ElmanMath
 from rnnkit.cells.gru import GRUMath
 from rnnkit.cells.lstm import LSTMMath, init_forget_bias
-from rnnkit.engine import run_layer
+from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
 from rnnkit.validation import check_layer_state, check_lengths, check_sequence
 
@@ -132,7 +132,7 @@ class RecurrentLayer(nn.Module):
         ``PackedSequence``. ``lengths`` (B,) marks the real length of each padded sequence: the
         final state is taken at that length and outputs past it are zero.
         """
-        dtype = self.weight_hh_l0.dtype
+        dtype = self._parameters["weight_hh_l0"].dtype
         packed = input if isinstance(input, PackedSequence) else None
         if packed is not None:
             if lengths is not None:
@@ -148,6 +148,9 @@ class RecurrentLayer(nn.Module):
                 x = x.transpose(0, 1)
         steps, batch = x.shape[0], x.shape[1]
         states0 = self._initial_states(hx, batch, unbatched, x)
+        if (lengths is None and (self.dropout == 0 or not self.training or self.num_layers == 1)
+                and torch_runs_stack(self.math, x, self.backend)):
+            return self._format_output(*self._torch_stack(x, states0), packed, lengths, unbatched)
 
         sorted_lengths = order = inverse = batch_sizes = None
         if lengths is not None:
@@ -186,6 +189,15 @@ class RecurrentLayer(nn.Module):
             output = output[:, inverse.to(x.device)]
             final_states = [s[:, inverse.to(x.device)] for s in final_states]
         return self._format_output(output, final_states, packed, lengths, unbatched)
+
+    def _torch_stack(self, x: Tensor, states0: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Every layer and direction in one call of torch's own op (see ``torch_runs_stack``)."""
+        parameters = self._parameters  # (getattr on a Module costs a microsecond per name)
+        weights = [parameters[name] for names in self._param_names for name in names]
+        output, *final_states = torch._VF.lstm(
+            x, tuple(states0), weights, self.bias, self.num_layers, 0.0, self.training,
+            self.bidirectional, False)
+        return output, final_states
 
     def _initial_states(
         self, hx: Any, batch: int, unbatched: bool, x: Tensor

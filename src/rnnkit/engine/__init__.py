@@ -26,6 +26,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from rnnkit.cells.base import CellMath, State
@@ -76,6 +77,19 @@ def set_default_backend(name: str) -> None:
     _default_backend = name
 
 
+def torch_runs_stack(math: CellMath, x: Tensor, backend: str | None = None) -> bool:
+    """True when the chosen backend hands this cell to torch's own fused op for every layer.
+
+    A layer stack may then make one ``torch._VF`` call for all its layers and directions, as
+    ``torch.nn`` does, instead of one per layer and direction (the per-call Python overhead is a
+    few percent of a short sequence's time).
+    """
+    if ((backend or _default_backend) != "fused" or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64)):
+        return False
+    return fused.native_op(math, x) is not None
+
+
 def run_layer(
     math: CellMath,
     x: Tensor,
@@ -91,4 +105,4 @@ def run_layer(
     return BACKENDS[name](math, x, state0, params, batch_sizes)
 
 
-__all__ = ["BACKENDS", "get_default_backend", "run_layer", "set_default_backend"]
+__all__ = ["BACKENDS", "get_default_backend", "run_layer", "set_default_backend", "torch_runs_stack"]

@@ -34,7 +34,7 @@ from rnnkit.engine.fused._function import FusedLayer, config_of, run_inference
 
 __all__ = ["run_layer", "unavailable_reason"]
 
-# Dispatch the plain LSTM to torch's own fused op (see _native_op). Benchmarks turn it off to
+# Dispatch the plain LSTM to torch's own fused op (see native_op). Benchmarks turn it off to
 # compare rnnkit's kernel on the same case.
 use_native = True
 
@@ -50,7 +50,7 @@ def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str
         config_of(spec)
     except ValueError as exc:
         return str(exc)
-    if _build.load() is None and _native_op(spec) is None:
+    if _build.load() is None and native_op(spec) is None:
         return _build.error() or "extension unavailable"
     return None  # (without the extension the plain LSTM still runs through torch's op)
 
@@ -63,7 +63,7 @@ def run_layer(
     batch_sizes: Sequence[int] | None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Runs one layer in one direction; differentiable w.r.t. x, state0 and every param."""
-    native = _native_op(spec, x)
+    native = native_op(spec, x)
     if native is not None:
         return native(x, state0, params, batch_sizes)
     ext = _build.load()
@@ -88,7 +88,7 @@ def run_layer(
 NATIVE_MIN_ROWS = 32
 
 
-def _native_op(spec: Any, x: Tensor | None = None):
+def native_op(spec: Any, x: Tensor | None = None):
     """torch._VF runner when ``spec`` is exactly a torch.nn form and torch's kernel is fastest.
 
     Only the plain LSTM qualifies: torch runs it through oneDNN's fused RNN primitive. torch's
