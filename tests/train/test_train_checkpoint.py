@@ -16,6 +16,19 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    trainer = make_trainer(tmp_path)
+    trainer.on_step = lambda t, _: os.kill(os.getpid(), signal.SIGTERM) if t.step == 3 else None
+    before = signal.getsignal(signal.SIGTERM)
+    result = trainer.fit()
+    assert (result.reason, result.step) == ("interrupted", 3)
+    assert load_checkpoint(tmp_path).meta["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
     # dropout draws from the torch RNG, so this also checks the RNG state is restored
     whole = make_trainer(tmp_path / "whole", dropout=0.2)

@@ -328,17 +328,20 @@ class Trainer:
             bar.write(f"step {self.step}: validation {shown}", file=sys.stderr)
 
     def _install_sigint(self) -> Any:
+        """Ctrl-C (SIGINT) and SIGTERM (``kill``, job schedulers) stop at the next step boundary
+        with a checkpoint; a second signal stops at once."""
         if threading.current_thread() is not threading.main_thread():
             return None
 
         def handler(signum: int, frame: Any) -> None:
-            if self.stop_reason == "interrupted":  # a second Ctrl-C: stop now
+            if self.stop_reason == "interrupted":  # a second signal: stop now
                 raise KeyboardInterrupt
             self.request_stop("interrupted")
 
-        return signal.signal(signal.SIGINT, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     @staticmethod
     def _restore_sigint(previous: Any) -> None:
         if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
