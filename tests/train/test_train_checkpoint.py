@@ -16,6 +16,23 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
+def test_best_validation_weights_are_kept_for_inference(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, steps=6, eval_every=1)
+    losses = iter([3.0, 2.0, 2.5, 1.5, 4.0, 5.0])
+    trainer.task.evaluate = lambda model: {"loss": next(losses)}  # type: ignore[method-assign]
+    kept = {}
+    trainer.on_step = lambda t, _: kept.setdefault(t.step, {k: v.clone() for k, v in
+                                                             t.model.state_dict().items()})
+    trainer.fit()
+    best = load_checkpoint(tmp_path / "best.json")
+    assert best.meta["step"] == 4 and best.meta["valid"] == {"loss": 1.5}
+    assert best.meta["task"]["name"] == "charlm"
+    for name, value in best.group("model").items():
+        assert torch.equal(value, kept[4][name]), name
+    assert [p.name for p in tmp_path.glob("best-*.safetensors")] == ["best-00000004.safetensors"]
+    assert load_checkpoint(tmp_path).meta["step"] == 6  # the resumable checkpoint is the last
+
+
 def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path: Path) -> None:
     import os
     import signal
@@ -103,8 +120,8 @@ def test_missing_checkpoint_is_named(tmp_path: Path) -> None:
 def test_a_new_checkpoint_replaces_the_old_one(tmp_path: Path) -> None:
     make_trainer(tmp_path, steps=8, eval_every=4).fit()
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["checkpoint-00000008.safetensors", "checkpoint.json", "curves.png",
-                     "metrics.jsonl"]
+    assert names == ["best-00000008.safetensors", "best.json", "checkpoint-00000008.safetensors",
+                     "checkpoint.json", "curves.png", "metrics.jsonl"]
     assert load_checkpoint(tmp_path).meta["step"] == 8
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 

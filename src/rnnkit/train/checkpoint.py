@@ -1,7 +1,9 @@
 """Checkpoints: tensors in safetensors, everything else in JSON; no pickle, so loading runs no code.
 
 A run directory holds ``checkpoint.json`` (the pointer, written last) and the
-``checkpoint-<step>.safetensors`` it names together with that file's SHA-256. Each file is written
+``checkpoint-<step>.safetensors`` it names together with that file's SHA-256. The Trainer also
+keeps the weights of the lowest validation loss so far as ``best.json`` + ``best-<step>.safetensors``
+(model weights and task description only: for inference, not for resuming). Each file is written
 atomically, so after a crash at any moment the pointer names a complete, matching weights file:
 the last good checkpoint stays intact. A file that does not match is refused, naming it.
 """
@@ -21,6 +23,7 @@ from torch import Tensor
 from rnnkit.train.atomic import write_bytes, write_text
 
 POINTER = "checkpoint.json"
+BEST = "best"  # stem of the best-validation checkpoint
 FORMAT = "rnnkit-checkpoint"
 VERSION = 1
 
@@ -47,10 +50,12 @@ def pointer_path(path: str | Path) -> Path:
     return path / POINTER if path.is_dir() else path
 
 
-def save_checkpoint(run_dir: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+def save_checkpoint(run_dir: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any],
+                    stem: str = "checkpoint") -> Path:
+    """Writes ``<stem>-<step>.safetensors`` then its pointer ``<stem>.json``, each atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    weights_name = f"checkpoint-{int(meta['step']):08d}.safetensors"
+    weights_name = f"{stem}-{int(meta['step']):08d}.safetensors"
     data = safetensors.torch.save({k: v.detach().contiguous() for k, v in tensors.items()})
     write_bytes(run_dir / weights_name, data)
     record = {
@@ -61,10 +66,10 @@ def save_checkpoint(run_dir: str | Path, tensors: dict[str, Tensor], meta: dict[
         "weights_bytes": len(data),
         **meta,
     }
-    pointer = run_dir / POINTER
+    pointer = run_dir / f"{stem}.json"
     write_text(pointer, json.dumps(record, indent=1) + "\n")
     # only now is the older weights file unreferenced
-    for old in run_dir.glob("checkpoint-*.safetensors"):
+    for old in run_dir.glob(f"{stem}-*.safetensors"):
         if old.name != weights_name:
             old.unlink()
     return pointer

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from rnnkit.train import rng
-from rnnkit.train.checkpoint import Checkpoint, save_checkpoint
+from rnnkit.train.checkpoint import BEST, Checkpoint, save_checkpoint
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.gradients import clip_gradients, gradient_norms, layer_groups
 from rnnkit.train.metrics import MetricsLog
@@ -158,6 +158,15 @@ class Trainer:
             return None
         tensors, meta = self.state_tensors()
         return save_checkpoint(self.out_dir, tensors, meta)
+
+    def save_best(self, valid: dict[str, float]) -> Path | None:
+        """The weights of the lowest validation loss so far, as ``best.json`` (for inference)."""
+        if self.out_dir is None:
+            return None
+        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        meta = {"step": self.step, "valid": valid, "train_config": self.config.to_dict(),
+                "task": self.task.describe()}
+        return save_checkpoint(self.out_dir, tensors, meta, stem=BEST)
 
     def load(self, checkpoint: Checkpoint) -> None:
         """Restores a checkpoint written by :meth:`save` (weights, optimizer, RNG, position)."""
@@ -316,6 +325,7 @@ class Trainer:
         if self.best_valid is None or loss < self.best_valid:
             self.best_valid = loss
             self.evals_without_gain = 0
+            self.save_best(valid)
         elif schedule:
             self.evals_without_gain += 1
             if self.config.early_stop is not None and self.evals_without_gain >= self.config.early_stop:
