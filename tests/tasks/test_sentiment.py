@@ -134,7 +134,7 @@ def test_training_checkpoint_and_classify(files: tuple[Path, Path], tmp_path: Pa
     trainer.save()
     assert {"loss", "accuracy", "f1_negative", "f1_positive"} <= set(result.valid)
     # the task keeps the weights of the lowest validation loss seen (model selection)
-    assert task.best_loss == result.best_valid_loss and task.best_state is not None
+    assert task.best_loss == result.best_valid and task.best_state is not None
     assert set(task.best_state) == set(model.state_dict())
     assert math.isfinite(result.valid["loss"])
     loaded, encoder, labels, _ = sentiment.load_model(tmp_path)

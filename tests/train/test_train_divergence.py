@@ -34,7 +34,25 @@ def test_early_stopping_on_the_validation_loss() -> None:
     losses = iter([3.0, 2.0, 2.5, 2.4, 1.0])
     trainer.task.evaluate = lambda model: {"loss": next(losses)}  # type: ignore[method-assign]
     result = trainer.fit()
-    assert (result.reason, result.step, result.best_valid_loss) == ("early_stop", 4, 2.0)
+    assert (result.reason, result.step, result.best_valid) == ("early_stop", 4, 2.0)
+
+
+def test_monitoring_a_metric_where_higher_is_better(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, steps=10, eval_every=1, early_stop=2, monitor="accuracy",
+                           monitor_mode="max")
+    scores = iter([(0.9, 0.5), (0.8, 0.7), (1.2, 0.6), (1.3, 0.65), (0.1, 0.1)])
+    trainer.task.evaluate = lambda model: dict(zip(("loss", "accuracy"), next(scores)))  # type: ignore[method-assign]
+    result = trainer.fit()
+    # the loss fell at step 5 (too late); accuracy peaked at step 2 and then twice did not improve
+    assert (result.reason, result.step, result.best_valid) == ("early_stop", 4, 0.7)
+    assert load_checkpoint(tmp_path / "best.json").meta["step"] == 2
+    with pytest.raises(ValueError, match=r"train\.monitor is 'bleu', but the charlm task's validation "
+                                         "reports only accuracy, loss"):
+        trainer.config.monitor = "bleu"
+        trainer.task.evaluate = lambda model: {"loss": 1.0, "accuracy": 0.5}  # type: ignore[method-assign]
+        trainer._evaluate_and_schedule(None, None)
+    with pytest.raises(ValueError, match="monitor_mode must be min or max"):
+        make_trainer(monitor_mode="up")
 
 
 def test_plateau_schedule_lowers_the_learning_rate() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "plateau", "step")
+MONITOR_MODES = ("min", "max")
 
 
 @dataclass
@@ -29,6 +30,10 @@ class TrainConfig:
     decay_factor: float = 0.5
     decay_after: int = 4
     early_stop: int | None = None  # evaluations without improvement before stopping
+    # the validation metric that picks the best weights and drives early stopping and the
+    # plateau schedule; "min": lower is better (a loss), "max": higher is (accuracy, F1, BLEU)
+    monitor: str = "loss"
+    monitor_mode: str = "min"
     eval_every: int = 100
     checkpoint_every: int | None = None  # default: at each evaluation
     seed: int = 1234
@@ -36,6 +41,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.monitor_mode not in MONITOR_MODES:
+            raise ValueError(f"monitor_mode must be min or max, got {self.monitor_mode!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("steps", "batch_size", "eval_every"):

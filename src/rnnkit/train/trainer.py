@@ -62,7 +62,7 @@ class TrainResult:
     step: int
     reason: str  # "steps", "time", "early_stop" or "interrupted"
     valid: dict[str, float] = field(default_factory=dict)
-    best_valid_loss: float | None = None
+    best_valid: float | None = None  # the best value of the monitored metric (train.monitor)
     checkpoint: Path | None = None
     metrics: Path | None = None
     plot: Path | None = None
@@ -80,7 +80,8 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> An
     """The learning-rate schedule, stepped once per scheduled evaluation (None: constant rate)."""
     if config.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=config.plateau_factor, patience=config.plateau_patience)
+            optimizer, mode=config.monitor_mode, factor=config.plateau_factor,
+            patience=config.plateau_patience)
     if config.schedule == "step":
         factor, full_rate = config.decay_factor, config.decay_after
 
@@ -144,7 +145,7 @@ class Trainer:
                                                       else len(carry)),
             "optimizer": {"param_groups": optim["param_groups"], "scalars": scalars},
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "best_valid_loss": self.best_valid,
+            "best_valid": self.best_valid,
             "evals_without_gain": self.evals_without_gain,
             "last_valid": self.last_valid,
             "rng": rng.capture(),
@@ -160,7 +161,7 @@ class Trainer:
         return save_checkpoint(self.out_dir, tensors, meta)
 
     def save_best(self, valid: dict[str, float]) -> Path | None:
-        """The weights of the lowest validation loss so far, as ``best.json`` (for inference)."""
+        """The weights of the best monitored validation value so far, as ``best.json``."""
         if self.out_dir is None:
             return None
         tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
@@ -190,7 +191,7 @@ class Trainer:
             self.carry = tuple(carry[str(i)] for i in range(int(meta["carry"])))
         self.step = int(meta["step"])
         self.position = (int(meta["position"][0]), int(meta["position"][1]))
-        self.best_valid = meta.get("best_valid_loss")
+        self.best_valid = meta.get("best_valid", meta.get("best_valid_loss"))
         self.evals_without_gain = int(meta.get("evals_without_gain", 0))
         self.last_valid = meta.get("last_valid") or {}
         rng.restore(meta["rng"])
@@ -301,7 +302,7 @@ class Trainer:
             plot = self._plot(metrics)
         return TrainResult(
             step=self.step, reason=self.stop_reason or "steps", valid=self.last_valid,
-            best_valid_loss=self.best_valid,
+            best_valid=self.best_valid,
             checkpoint=(self.out_dir / "checkpoint.json") if self.out_dir else None,
             metrics=metrics, plot=plot,
         )
@@ -317,13 +318,18 @@ class Trainer:
     def _evaluate_and_schedule(self, log: MetricsLog | None, bar: tqdm, schedule: bool = True) -> None:
         valid = self.evaluate()
         self.last_valid = valid
-        loss = valid["loss"]
+        monitor = self.config.monitor
+        if monitor not in valid:
+            raise ValueError(f"train.monitor is {monitor!r}, but the {self.task.name} task's "
+                             f"validation reports only {', '.join(sorted(valid))}")
+        value = valid[monitor]
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and schedule:
-            self.scheduler.step(loss)
+            self.scheduler.step(value)
         elif self.scheduler is not None and schedule:
             self.scheduler.step()
-        if self.best_valid is None or loss < self.best_valid:
-            self.best_valid = loss
+        best = self.best_valid
+        if best is None or (value > best if self.config.monitor_mode == "max" else value < best):
+            self.best_valid = value
             self.evals_without_gain = 0
             self.save_best(valid)
         elif schedule:
