@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rnnkit.train import TrainConfig, Trainer
+from rnnkit.train import TrainConfig, Trainer, load_checkpoint
 from rnnkit.train.rng import seed_everything
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -102,8 +102,9 @@ def sentiment(minutes: float, out: Path) -> str:
     from rnnkit.tasks.common import plot_confusion
 
     task, model, result, elapsed = _train(task_module, minutes, out)
-    if task.best_state is not None:  # early stopping: the weights of the lowest dev loss
-        model.load_state_dict(task.best_state)
+    best = out / "best.json"  # the weights the validation (held-out training sentences) chose
+    if best.is_file():
+        model.load_state_dict(load_checkpoint(best).group("model"))
     references, predictions, _ = task.predictions(model)
     scores = task_module.classification_metrics(references, predictions, task.labels)
     names = [task_module.LABEL_NAMES.get(label, label) for label in task.labels]

@@ -50,8 +50,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _config(files: tuple[Path, Path], **train: object) -> dict:
     config = sentiment.default_config()
-    config["data"].update(train=str(files[0]), valid=str(files[1]))
-    config["model"].update(embedding=8)
+    config["data"].update(train=str(files[0]), valid=str(files[1]), holdout=0)
+    config["model"].update(embedding=8, chars=True)
     config["model"]["recurrent"].update(hidden=8)
     config["train"].update({"steps": 4, "batch_size": 16, "eval_every": 2, **train})
     return config
@@ -103,6 +103,36 @@ def test_word_dropout_is_seeded_by_the_batch_index(files: tuple[Path, Path]) -> 
     assert torch.equal(real, plain.inputs[0] != task.vocab.pad)
 
 
+def test_held_out_sentences_take_their_phrases_with_them() -> None:
+    def example(text: str, label: str = "1") -> tuple[list[str], str]:
+        return text.split(), label
+
+    sentences = ["a b c d e f g", "h i j k l m n", "o p q r s t u", "v w x y z a b"]
+    phrases = ["b c d", "c d", "i j k l", "i j", "p q r", "a", "x y z", "w x y z a"]
+    examples = [example(t) for t in sentences + phrases]
+    rest, held = sentiment.hold_out_sentences(examples, 2, seed=3)
+    assert len(held) == 2 and all(" ".join(t) in sentences for t, _ in held)
+    left = {" ".join(t) for t, _ in rest}
+    for tokens, _ in held:
+        text = " ".join(tokens)
+        # every phrase of 3+ words inside a held-out sentence left with it; short ones stay
+        assert not any(len(p.split()) >= 3 and f" {p} " in f" {text} " for p in left)
+    assert {"c d", "i j", "a"} <= left
+    assert len(rest) + len(held) < len(examples)
+    with pytest.raises(ValueError, match="only 4 whole sentences of 6\\+ words can be held out"):
+        sentiment.hold_out_sentences(examples, 5, seed=0)
+    assert sentiment.hold_out_sentences(examples, 0, seed=0) == (examples, [])
+
+
+def test_validation_runs_on_the_holdout_when_there_is_one(files: tuple[Path, Path]) -> None:
+    config = _config(files)
+    config["data"]["holdout"] = 3
+    task, _, source = sentiment.build(config)
+    assert task.validation_split == "holdout" and task.counts["holdout"] == 3
+    assert "3 training sentences and their phrases held out" in source
+    assert len(task.splits["dev"][0]) == 20  # the dev set is untouched
+
+
 def test_metrics_per_class() -> None:
     scores = sentiment.classification_metrics([0, 0, 1, 1], [0, 1, 1, 1], ["0", "1"])
     assert scores["accuracy"] == 0.75
@@ -133,15 +163,25 @@ def test_training_checkpoint_and_classify(files: tuple[Path, Path], tmp_path: Pa
     trainer.out_dir = tmp_path  # a checkpoint without the end-of-run plot: keeps the test fast
     trainer.save()
     assert {"loss", "accuracy", "f1_negative", "f1_positive"} <= set(result.valid)
-    # the task keeps the weights of the lowest validation loss seen (model selection)
-    assert task.best_loss == result.best_valid and task.best_state is not None
-    assert set(task.best_state) == set(model.state_dict())
+    assert result.best_valid is not None and 0 <= result.best_valid <= 1  # accuracy is monitored
     assert math.isfinite(result.valid["loss"])
     loaded, encoder, labels, _ = sentiment.load_model(tmp_path)
     for a, b in zip(loaded.parameters(), model.parameters()):
         assert torch.equal(a, b)
     label, probability = sentiment.classify(loaded, encoder, labels, "The film was GREAT unseen -LRB- !")
     assert label in labels and 0.5 <= probability <= 1.0
+
+
+def test_report_scores_the_chosen_weights_on_dev(files: tuple[Path, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(files, steps=6, eval_every=2)
+    config["data"]["holdout"] = 3
+    task, model, _ = sentiment.build(config)
+    Trainer(model, task, TrainConfig.from_dict(config["train"]), tmp_path, progress=False).fit()
+    sentiment.report(task, model, config, tmp_path)
+    printed = capsys.readouterr().out
+    assert "dev (20 sentences), the weights of step" in printed and "best holdout accuracy" in printed
+    assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_learns_the_word_lists(files: tuple[Path, Path]) -> None:

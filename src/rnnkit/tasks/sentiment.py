@@ -7,12 +7,19 @@ split (GLUE keeps SST-2's test labels private). Words seen fewer than ``min_freq
 training file map to ``<unk>``. With ``model.chars`` each word's spelling is read by a character
 BiLSTM too — 6 % of the SST-2 dev tokens never occur in its training phrases.
 
-Metrics: accuracy and per-class F1 on the dev set. Batches are length-bucketed and reshuffled
-each epoch from (seed, epoch) alone.
+Model selection without touching the dev set: SST-2's training file holds every phrase of each
+training sentence's parse tree, so ``holdout`` whole training sentences are set aside together
+with every phrase of three or more words taken from them (what is left cannot have seen them).
+The Trainer's validation (best weights, early stopping, the plateau schedule) runs on those; the
+dev set is scored once, at the end. With ``holdout = 0`` validation runs on the dev set.
+
+Metrics: accuracy and per-class F1. Batches are length-bucketed and reshuffled each epoch from
+(seed, epoch) alone.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +67,8 @@ class SentimentDataConfig:
     max_vocab: int | None = None
     max_train_examples: int | None = None  # the first N only (quick experiments)
     word_dropout: float = 0.0  # chance a training token is replaced by <unk> (a regulariser)
+    holdout: int = 500  # training sentences (and their phrases) set aside to pick the model
+    holdout_seed: int = 0
     eval_batch_size: int = 256
 
 
@@ -75,12 +84,15 @@ def default_model() -> ClassifierConfig:
 
 
 def default_config() -> dict[str, dict[str, Any]]:
+    # validation accuracy (on held-out training sentences) picks the weights and paces the
+    # schedule: the validation loss starts rising early as the model grows confident, while
+    # accuracy still improves, so a loss-driven schedule froze some runs several points short
     train = TrainConfig(steps=6000, batch_size=64, lr=2e-3, eval_every=250, clip_norm=5.0,
-                        plateau_patience=1, early_stop=6)
+                        plateau_patience=1, early_stop=6, monitor="accuracy", monitor_mode="max")
     model = default_model().to_dict()
     for derived in ("vocab_size", "classes", "pad"):
         del model[derived]
-    model["chars"] = True  # on/off here; the character vocabulary size is derived
+    model["chars"] = False  # on/off here; the character vocabulary size is derived
     return {"data": asdict(SentimentDataConfig()), "model": model, "train": train.to_dict()}
 
 
@@ -96,6 +108,39 @@ def read_split(data: SentimentDataConfig, which: str) -> tuple[list[Example], st
     if which == "train" and data.max_train_examples is not None:
         examples = examples[: data.max_train_examples]
     return examples, str(summary)
+
+
+def hold_out_sentences(examples: list[Example], count: int, seed: int, min_span: int = 3
+                       ) -> tuple[list[Example], list[Example]]:
+    """``(rest, held)``: ``count`` whole sentences, and the rest minus their phrases.
+
+    A sentence is an example that no other example contains (phrases are contiguous pieces of
+    their sentence). Removed with the held-out sentences: every example of ``min_span`` or more
+    tokens that occurs inside one of them; shorter ones ("not good") are generic, not leaks.
+    """
+    if count <= 0:
+        return examples, []
+    lines = "\n".join(f" {' '.join(tokens)} " for tokens, _ in examples)
+    order = [i for i in range(len(examples)) if len(examples[i][0]) >= 2 * min_span]
+    random.Random(seed).shuffle(order)
+    held_indices: list[int] = []
+    for i in order:
+        if lines.count(f" {' '.join(examples[i][0])} ") == 1:  # inside no other example
+            held_indices.append(i)
+            if len(held_indices) == count:
+                break
+    if len(held_indices) < count:
+        raise ValueError(f"only {len(held_indices)} whole sentences of {2 * min_span}+ words can "
+                         f"be held out of {len(examples)} training examples; holdout is {count}")
+    spans = set()
+    for i in held_indices:
+        tokens = examples[i][0]
+        spans.update(tuple(tokens[a:b]) for a in range(len(tokens))
+                     for b in range(a + min_span, len(tokens) + 1))
+    held = set(held_indices)
+    rest = [e for i, e in enumerate(examples)
+            if i not in held and (len(e[0]) < min_span or tuple(e[0]) not in spans)]
+    return rest, [examples[i] for i in held_indices]
 
 
 @dataclass
@@ -171,18 +216,23 @@ class SentimentTask:
 
     def __init__(self, train: list[Example], valid: list[Example], data: SentimentDataConfig,
                  model_config: ClassifierConfig, encoder: TextEncoder, labels: list[str],
-                 batch_size: int, seed: int) -> None:
+                 batch_size: int, seed: int, holdout: list[Example] | None = None) -> None:
         self.data, self.model_config, self.encoder, self.labels = data, model_config, encoder, labels
         self.vocab = encoder.words
         self.seed = seed
         self.train_ids, self.train_labels = encode_examples(train, encoder, labels)
-        self.valid_ids, self.valid_labels = encode_examples(valid, encoder, labels)
+        # "dev": the held-out split scored at the end; "holdout": training sentences that pick
+        # the model (validation runs on it when there is one)
+        self.splits = {"dev": encode_examples(valid, encoder, labels)}
+        if holdout:
+            self.splits["holdout"] = encode_examples(holdout, encoder, labels)
         self.plan = EpochPlan([len(ids) for ids, _ in self.train_ids], batch_size, seed)
-        self.counts = {"train": len(train), "valid": len(valid), "vocabulary": len(self.vocab)}
-        # the weights at the lowest validation loss so far (early stopping's model selection;
-        # the Trainer keeps only the latest weights)
-        self.best_loss: float | None = None
-        self.best_state: dict[str, Tensor] | None = None
+        self.counts = {"train": len(train), "valid": len(valid), "holdout": len(holdout or []),
+                       "vocabulary": len(self.vocab)}
+
+    @property
+    def validation_split(self) -> str:
+        return "holdout" if "holdout" in self.splits else "dev"
 
     def num_batches(self) -> int:
         return len(self.plan)
@@ -205,28 +255,25 @@ class SentimentTask:
         return StepResult(loss, None, int(labels.numel()))
 
     @torch.no_grad()
-    def predictions(self, model: nn.Module) -> tuple[list[int], list[int], float]:
-        """(references, predictions, mean cross-entropy) on the held-out split."""
+    def predictions(self, model: nn.Module, split: str = "dev") -> tuple[list[int], list[int], float]:
+        """(references, predictions, mean cross-entropy) on ``split`` ("dev" or "holdout")."""
         model.eval()
-        order = sorted(range(len(self.valid_ids)), key=lambda i: -len(self.valid_ids[i][0]))
+        ids, labels = self.splits[split]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i][0]))
         predicted = [0] * len(order)
         total = 0.0
         size = self.data.eval_batch_size
         for start in range(0, len(order), size):
             chosen = order[start:start + size]
-            batch = collate([self.valid_ids[i] for i in chosen],
-                            [self.valid_labels[i] for i in chosen], self.vocab.pad)
+            batch = collate([ids[i] for i in chosen], [labels[i] for i in chosen], self.vocab.pad)
             logits = model(**model_inputs(batch))  # (B, C)
             total += float(F.cross_entropy(logits, batch.targets[0], reduction="sum"))
             for i, p in zip(chosen, logits.argmax(-1).tolist()):
                 predicted[i] = p
-        return list(self.valid_labels), predicted, total / max(1, len(order))
+        return list(labels), predicted, total / max(1, len(order))
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        references, predictions, loss = self.predictions(model)
-        if self.best_loss is None or loss < self.best_loss:
-            self.best_loss = loss
-            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        references, predictions, loss = self.predictions(model, self.validation_split)
         return {"loss": loss, **classification_metrics(references, predictions, self.labels)}
 
     def describe(self) -> dict[str, Any]:
@@ -251,6 +298,10 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[SentimentTask, SequenceCla
     require_full_bptt(train_config, NAME)
     train, train_summary = read_split(data, "train")
     valid, valid_summary = read_split(data, "valid")
+    train, holdout = hold_out_sentences(train, data.holdout, data.holdout_seed)
+    if holdout:
+        train_summary += (f"; {len(holdout)} training sentences and their phrases held out to pick "
+                          f"the model, {len(train)} examples left to train on")
     model_options = dict(config["model"])
     encoder = TextEncoder.build(train, data, chars=bool(model_options.pop("chars", False)))
     vocab = encoder.words
@@ -261,7 +312,7 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[SentimentTask, SequenceCla
     model_config = ClassifierConfig.from_dict({**model_options, "vocab_size": len(vocab), "chars": chars,
                                                "classes": len(labels), "pad": vocab.pad})
     task = SentimentTask(train, valid, data, model_config, encoder, labels, train_config.batch_size,
-                         train_config.seed)
+                         train_config.seed, holdout)
     return task, SequenceClassifier(model_config), f"{train_summary}; {valid_summary}"
 
 
@@ -296,6 +347,28 @@ def classify(model: SequenceClassifier, encoder: TextEncoder, labels: list[str],
 def confusion(task: SentimentTask, model: nn.Module) -> Tensor:
     references, predictions, _ = task.predictions(model)
     return confusion_matrix(references, predictions, len(task.labels))
+
+
+def report(task: SentimentTask, model: SequenceClassifier, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: the dev scores of the weights validation chose, a confusion PNG."""
+    from rnnkit.tasks.common import plot_confusion
+    from rnnkit.train.checkpoint import BEST, load_checkpoint
+
+    best = out / f"{BEST}.json"
+    if best.is_file():
+        chosen = load_checkpoint(best)
+        model.load_state_dict(chosen.group("model"))
+        which = f"the weights of step {chosen.meta['step']} (best {task.validation_split} accuracy)"
+    else:
+        which = "the last weights"
+    references, predictions, _ = task.predictions(model)
+    scores = classification_metrics(references, predictions, task.labels)
+    names = [LABEL_NAMES.get(label, label) for label in task.labels]
+    f1 = ", ".join(f"F1 {name} {scores['f1_' + name]:.3f}" for name in names)
+    print(f"dev ({len(references)} sentences), {which}: accuracy {100 * scores['accuracy']:.2f}%, {f1}")
+    png = plot_confusion(confusion(task, model), names, out / "confusion.png",
+                         f"dev: accuracy {100 * scores['accuracy']:.1f}%")
+    print(f"confusion matrix: {png}")
 
 
 def config_sections() -> dict[str, list[str]]:
