@@ -306,6 +306,16 @@ def test_short_inputs_use_weights_as_stored(name, shape):
         torch.testing.assert_close(got, want, **tolerance(torch.float64))
 
 
+def test_plain_lstm_goes_to_torchs_op_only_where_it_is_faster():
+    spec = VARIANTS["lstm"]
+    assert fused.own_kernel_faster(1, 1, 256)  # a streaming step
+    assert fused.own_kernel_faster(200, 1, 64) and fused.own_kernel_faster(35, 20, 64)
+    assert not fused.own_kernel_faster(35, 20, 200) and not fused.own_kernel_faster(200, 1, 256)
+    assert fused.native_op(spec, torch.zeros(200, 1, 64), 64) is None
+    assert fused.native_op(spec, torch.zeros(35, 20, 200), 200) is not None
+    assert fused.native_op(VARIANTS["lstm_peephole"], torch.zeros(35, 20, 200), 200) is None
+
+
 def test_missing_compiler_gives_a_reason(monkeypatch):
     from rnnkit.engine.fused import _build
     from rnnkit.native import NativeExtension

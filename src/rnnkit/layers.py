@@ -149,7 +149,7 @@ class RecurrentLayer(nn.Module):
         steps, batch = x.shape[0], x.shape[1]
         states0 = self._initial_states(hx, batch, unbatched, x)
         if (lengths is None and (self.dropout == 0 or not self.training or self.num_layers == 1)
-                and torch_runs_stack(self.math, x, self.backend)):
+                and torch_runs_stack(self.math, x, self.hidden_size, self.backend)):
             return self._format_output(*self._torch_stack(x, states0), packed, lengths, unbatched)
 
         sorted_lengths = order = inverse = batch_sizes = None

@@ -77,7 +77,7 @@ def set_default_backend(name: str) -> None:
     _default_backend = name
 
 
-def torch_runs_stack(math: CellMath, x: Tensor, backend: str | None = None) -> bool:
+def torch_runs_stack(math: CellMath, x: Tensor, hidden: int, backend: str | None = None) -> bool:
     """True when the chosen backend hands this cell to torch's own fused op for every layer.
 
     A layer stack may then make one ``torch._VF`` call for all its layers and directions, as
@@ -87,7 +87,7 @@ def torch_runs_stack(math: CellMath, x: Tensor, backend: str | None = None) -> b
     if ((backend or _default_backend) != "fused" or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.float64)):
         return False
-    return fused.native_op(math, x) is not None
+    return fused.native_op(math, x, hidden) is not None
 
 
 def run_layer(

@@ -63,7 +63,7 @@ def run_layer(
     batch_sizes: Sequence[int] | None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Runs one layer in one direction; differentiable w.r.t. x, state0 and every param."""
-    native = native_op(spec, x)
+    native = native_op(spec, x, params[1].shape[1] if params[1] is not None else None)
     if native is not None:
         return native(x, state0, params, batch_sizes)
     ext = _build.load()
@@ -83,20 +83,32 @@ def run_layer(
 # ---- torch's own fused op for the plain LSTM -----------------------------------------------------
 
 
-# torch's LSTM reorders its weights on every call (~0.7 ms at H=256): below this many rows
-# (T * B) rnnkit's kernel is faster (a streaming step: 0.7x an nn.LSTMCell call vs 8x).
+# torch's LSTM reorders its weights on every call (~0.7 ms at H=256) and pays a fixed cost per
+# step: where the per-step GEMM is small rnnkit's kernel is faster. Measured on the 2-core CI
+# machine kind, 2 threads, times relative to nn.LSTM (forward / forward+backward), rnnkit's
+# kernel: T,B,H = 200,1,64: 0.91 / 0.69; 200,4,64: 0.79 / 0.67; 200,1,96: 0.55 / 0.47;
+# 200,1,128: 0.72 / 0.63; 35,20,64: 0.95 / 0.85; 100,32,64: 0.83 / 0.97 — but 200,1,256: 1.61 /
+# 1.33; 35,20,128: 1.07 / 1.06; 35,20,200: 1.11 / 1.27 (torch's op through rnnkit: 0.96–1.03).
 NATIVE_MIN_ROWS = 32
 
 
-def native_op(spec: Any, x: Tensor | None = None):
+def own_kernel_faster(steps: int, batch: int, hidden: int) -> bool:
+    """Whether rnnkit's kernel beats torch's oneDNN op on a plain LSTM of this shape."""
+    return (steps * batch < NATIVE_MIN_ROWS or (batch <= 4 and hidden <= 128)
+            or (batch <= 32 and hidden <= 64))
+
+
+def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None):
     """torch._VF runner when ``spec`` is exactly a torch.nn form and torch's kernel is fastest.
 
     Only the plain LSTM qualifies: torch runs it through oneDNN's fused RNN primitive. torch's
     GRU and Elman RNN are per-step ATen loops that rnnkit's kernel beats (see the benchmark).
+    Given the input ``x`` (T, B, I) and the hidden size, small problems stay with rnnkit's kernel.
     """
     if not (use_native and spec.kind == "lstm" and not spec.peephole and not spec.coupled):
         return None
-    if x is not None and x.shape[0] * x.shape[1] < NATIVE_MIN_ROWS and _build.load() is not None:
+    if (x is not None and hidden is not None and own_kernel_faster(x.shape[0], x.shape[1], hidden)
+            and _build.load() is not None):
         return None
     return _run_vf_lstm
 
