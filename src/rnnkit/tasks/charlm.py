@@ -130,22 +130,17 @@ def metrics_from(total: float, count: int) -> dict[str, float]:
     return {"loss": nats, "bpc": nats / math.log(2)}
 
 
-class CharLMTask:
-    """The Trainer's view of character LM training: windows of a batchified stream."""
+class StreamLMTask:
+    """Training batches of a language model on one long stream laid out as parallel rows.
 
-    name = NAME
+    Batch ``index`` is the next ``seq_len`` steps of every row (``train_stream``: (N, B)); the
+    recurrent state is carried from one window to the next (truncated BPTT). Shared by the
+    character and the word LM tasks, which set ``train_stream``, ``windows`` and ``data``.
+    """
 
-    def __init__(self, vocab: CharVocab, train_text: str, valid_text: str, data: DataConfig,
-                 model_config: LMConfig, batch_size: int) -> None:
-        self.vocab = vocab
-        self.data = data
-        self.model_config = model_config
-        self.train_stream = batchify(encode_tensor(vocab.encode(train_text, "training text")),
-                                     batch_size)  # (N, B)
-        eval_batch = max(1, min(data.eval_batch_size, len(valid_text) // (data.seq_len + 1)))
-        self.valid_stream = batchify(encode_tensor(vocab.encode(valid_text, "validation text")),
-                                     eval_batch)
-        self.windows = num_windows(self.train_stream, data.seq_len)
+    train_stream: Tensor
+    windows: int
+    data: Any  # has seq_len
 
     def num_batches(self) -> int:
         return self.windows
@@ -161,6 +156,24 @@ class CharLMTask:
         logits, state = model(batch.inputs, state)  # (T, B, V)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
         return StepResult(loss, state, batch.targets.numel())
+
+
+class CharLMTask(StreamLMTask):
+    """The Trainer's view of character LM training: windows of a batchified stream."""
+
+    name = NAME
+
+    def __init__(self, vocab: CharVocab, train_text: str, valid_text: str, data: DataConfig,
+                 model_config: LMConfig, batch_size: int) -> None:
+        self.vocab = vocab
+        self.data = data
+        self.model_config = model_config
+        self.train_stream = batchify(encode_tensor(vocab.encode(train_text, "training text")),
+                                     batch_size)  # (N, B)
+        eval_batch = max(1, min(data.eval_batch_size, len(valid_text) // (data.seq_len + 1)))
+        self.valid_stream = batchify(encode_tensor(vocab.encode(valid_text, "validation text")),
+                                     eval_batch)
+        self.windows = num_windows(self.train_stream, data.seq_len)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return metrics_from(*loss_over_stream(model, self.valid_stream, self.data.seq_len))

@@ -24,17 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkit.data.streams import batchify, encode_tensor, num_windows, stream_window
+from rnnkit.data.streams import batchify, encode_tensor, num_windows
 from rnnkit.data.text import Vocabulary, read_lines
 from rnnkit.models.language_model import LanguageModel, LMConfig
-from rnnkit.tasks.charlm import loss_over_stream
+from rnnkit.tasks.charlm import StreamLMTask, loss_over_stream
 from rnnkit.tasks.common import load_task_checkpoint, section_fields, shared_path
 from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
-from rnnkit.train.task import Batch, StepResult
 
 NAME = "wordlm"
 EOS = "<eos>"
@@ -86,7 +84,7 @@ def encode(vocab: Vocabulary, words: list[str], what: str) -> Tensor:
                          f"<unk>: {error.args[0]}") from None
 
 
-class WordLMTask:
+class WordLMTask(StreamLMTask):
     """The Trainer's view of word-level LM training: windows of a batchified stream."""
 
     name = NAME
@@ -100,21 +98,6 @@ class WordLMTask:
         self.windows = num_windows(self.train_stream, data.seq_len)
         self.counts = {"train words": train.numel(), "valid words": valid.numel(),
                        "vocabulary": len(vocab)}
-
-    def num_batches(self) -> int:
-        return self.windows
-
-    def batch(self, index: int) -> Batch:
-        window = index % self.windows
-        inputs, targets = stream_window(self.train_stream, window * self.data.seq_len,
-                                        self.data.seq_len)
-        # a new epoch starts the streams over: the state from the end of the text is dropped
-        return Batch(inputs, targets, continues=window > 0)
-
-    def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
-        logits, state = model(batch.inputs, state)  # (T, B, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
-        return StepResult(loss, state, batch.targets.numel())
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
