@@ -172,6 +172,18 @@ def test_training_checkpoint_and_classify(files: tuple[Path, Path], tmp_path: Pa
     assert label in labels and 0.5 <= probability <= 1.0
 
 
+def test_an_ensemble_averages_class_probabilities(files: tuple[Path, Path]) -> None:
+    config = _config(files)
+    task, first, _ = sentiment.build(config)
+    torch.manual_seed(1)
+    _, second, _ = sentiment.build(config)
+    refs, single, loss = task.predictions(first)
+    assert task.predictions([first, first]) == (refs, single, pytest.approx(loss, abs=1e-5))
+    mean = (task.probabilities(first) + task.probabilities(second)) / 2  # (N, C)
+    assert task.predictions([first, second])[1] == mean.argmax(-1).tolist()
+    assert torch.allclose(task.probabilities(first).sum(-1), torch.ones(20))
+
+
 def test_report_scores_the_chosen_weights_on_dev(files: tuple[Path, Path], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     config = _config(files, steps=6, eval_every=2)
