@@ -176,16 +176,67 @@ bool probe_brgemm() {
 #endif
 }
 
+// Tile sizes for a parallel GEMM of C(M, N) on nt threads (see pgemm).
+inline void pgemm_tiles(int64_t M, int64_t N, int nt, int64_t& MB, int64_t& NB) {
+  // Tiles of at most 256 x 256 (256-row tiles measured fastest, 1 thread, 2-5% over 64-128),
+  // of even sizes (N rounded up to 16 for the micro-kernel), and a tile count that is at least
+  // two per thread and a multiple of the thread count: 256-wide tiles as they fall split
+  // N = 800 on 2 threads 64/36 (the T,B,H = 35,20,200 input projection and weight gradients).
+  const int64_t nn = (N + 255) / 256;
+  NB = std::min(N, ((N + nn - 1) / nn + 15) / 16 * 16);
+  const int64_t ntl = (N + NB - 1) / NB;
+  int64_t nm = (M + 255) / 256;
+  while (nm < M && (nm * ntl < 2 * nt || (nm * ntl) % nt != 0) && (M + nm) / (nm + 1) >= 16)
+    ++nm;
+  MB = (M + nm - 1) / nm;
+}
+
+// Ct(N, M) = (A(M, K) B(K, N))^T: each tile is computed in a per-thread buffer and stored
+// transposed, so the result lands in the (N, M) layout without a separate transpose pass.
+template <typename T>
+void pgemm_tout(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                T* Ct, int64_t ldct, int nt) {
+  if (M <= 0 || N <= 0) return;
+  const int64_t KB = 256;
+  int64_t MB, NB;
+  pgemm_tiles(M, N, nt, MB, NB);
+  const int64_t mt = (M + MB - 1) / MB, ntile = (N + NB - 1) / NB;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<T> buf(MB * NB);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t bm = 0; bm < mt; ++bm) {
+      for (int64_t bn = 0; bn < ntile; ++bn) {
+        const int64_t m0 = bm * MB, n0 = bn * NB;
+        const int64_t mm = std::min(MB, M - m0), nn = std::min(NB, N - n0);
+        T* c = buf.data();
+        if (K == 0) gemm_rm(mm, nn, K, A, lda, B, ldb, c, nn, false);
+        for (int64_t k0 = 0; k0 < K; k0 += KB) {
+          const int64_t kk = std::min(KB, K - k0);
+          gemm_rm(mm, nn, kk, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, c, nn, k0 > 0);
+        }
+        // 16 x 16 blocks: reads and writes both stay within a few cache lines.
+        for (int64_t nb = 0; nb < nn; nb += 16)
+          for (int64_t mb = 0; mb < mm; mb += 16) {
+            const int64_t ne = std::min(nn, nb + 16), me = std::min(mm, mb + 16);
+            for (int64_t n = nb; n < ne; ++n) {
+              T* dst = Ct + (n0 + n) * ldct + m0;
+              for (int64_t m = mb; m < me; ++m) dst[m] = c[m * nn + n];
+            }
+          }
+      }
+    }
+  }
+}
+
 // Parallel GEMM over tiles: C(M, N) (+)= A(M, K) B(K, N) [+ bias[n] on every row].
 template <typename T>
 void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
            T* C, int64_t ldc, bool acc, const T* bias, int nt) {
   if (M <= 0 || N <= 0) return;
-  // 256-row tiles measured fastest (1 thread, 2-5% over 64-128); smaller when that would leave
-  // fewer than two tiles per thread.
-  const int64_t NB = 256, KB = 256;
-  int64_t MB = 256;
-  while (MB > 32 && ((M + MB - 1) / MB) * ((N + NB - 1) / NB) < 2 * nt) MB /= 2;
+  const int64_t KB = 256;
+  int64_t MB, NB;
+  pgemm_tiles(M, N, nt, MB, NB);
   const int64_t mt = (M + MB - 1) / MB, ntile = (N + NB - 1) / NB;
 #pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
   for (int64_t bm = 0; bm < mt; ++bm) {
@@ -887,28 +938,27 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
              nt_all);
   }
   if (need_dw) {
-    // dW_ih^T (I, GH) = X^T (I, TB) dG (TB, GH)
+    // dW_ih^T (I, GH) = X^T (I, TB) dG (TB, GH), stored transposed tile by tile (no pass)
     at::Tensor xT = x.reshape({TB, I}).t().contiguous();
-    at::Tensor dwihT = at::empty({I, GH}, opts);
-    pgemm<T>(I, GH, TB, xT.data_ptr<T>(), TB, dgp, GH, dwihT.data_ptr<T>(), GH, false, nullptr,
-             nt_all);
-    dwih = dwihT.t().contiguous();
-    // previous hidden states (T*B, H): h0, y[0..T-2]
-    at::Tensor hprev = at::cat({h0.unsqueeze(0), y.narrow(0, 0, T_ - 1)}, 0).reshape({TB, H});
-    at::Tensor hT = hprev.t().contiguous();  // (H, TB)
-    at::Tensor dwhhT = at::empty({H, GH}, opts);
+    dwih = at::empty({GH, I}, opts);
+    pgemm_tout<T>(I, GH, TB, xT.data_ptr<T>(), TB, dgp, GH, dwih.data_ptr<T>(), I, nt_all);
+    // previous hidden states, transposed (H, T*B): h0, y[0..T-2]
+    at::Tensor hT = at::empty({H, TB}, opts);
+    hT.narrow(1, 0, B).copy_(h0.t());
+    if (T_ > 1) hT.narrow(1, B, TB - B).copy_(y.narrow(0, 0, T_ - 1).reshape({TB - B, H}).t());
     const T* dhp = (cf.kind == GRU && !cf.before) ? dgh.data_ptr<T>() : dgp;
     if (cf.kind == GRU && cf.before) {
+      at::Tensor dwhhT = at::empty({H, GH}, opts);
       pgemm<T>(H, 2 * H, TB, hT.data_ptr<T>(), TB, dgp, GH, dwhhT.data_ptr<T>(), GH, false,
                nullptr, nt_all);
       at::Tensor rhT = extra.reshape({TB, H}).t().contiguous();
       pgemm<T>(H, H, TB, rhT.data_ptr<T>(), TB, dgp + 2 * H, GH, dwhhT.data_ptr<T>() + 2 * H, GH,
                false, nullptr, nt_all);
+      dwhh = dwhhT.t().contiguous();
     } else {
-      pgemm<T>(H, GH, TB, hT.data_ptr<T>(), TB, dhp, GH, dwhhT.data_ptr<T>(), GH, false, nullptr,
-               nt_all);
+      dwhh = at::empty({GH, H}, opts);
+      pgemm_tout<T>(H, GH, TB, hT.data_ptr<T>(), TB, dhp, GH, dwhh.data_ptr<T>(), H, nt_all);
     }
-    dwhh = dwhhT.t().contiguous();
     if (has_bias) {
       dbih = dg.reshape({TB, GH}).sum(0);
       dbhh = (cf.kind == GRU && !cf.before) ? dgh.reshape({TB, GH}).sum(0) : dbih;
