@@ -10,6 +10,8 @@ which a word embedding maps to one shared ``<unk>`` vector — a representation 
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from rnnkit.models.recurrent import RecurrentConfig, build_recurrent, final_hidden
@@ -42,3 +44,12 @@ class CharWordEncoder(nn.Module):
         out = features.new_zeros(steps * batch, features.shape[1])
         out[flat_mask] = features
         return out.view(steps, batch, -1)  # (T, B, 2·Hc)
+
+
+def char_words_of(config: Any) -> CharWordEncoder | None:
+    """The encoder a model config asks for (``chars`` > 0: the character vocabulary size, with
+    ``char_embedding``, ``char_hidden``, ``recurrent.cell`` and ``pad``), or None."""
+    if not config.chars:
+        return None
+    return CharWordEncoder(config.chars, config.char_embedding, config.char_hidden,
+                           config.recurrent.cell, config.pad)

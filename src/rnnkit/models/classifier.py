@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkit.models.char_words import CharWordEncoder
+from rnnkit.models.char_words import char_words_of
 from rnnkit.models.recurrent import RecurrentConfig, build_recurrent, final_hidden
 
 POOLINGS = ("final", "mean", "max")
@@ -106,10 +106,8 @@ class SequenceClassifier(nn.Module):
         else:
             self.embedding = None
         input_size = config.embedding or config.input_size
-        self.char_words: CharWordEncoder | None = None
-        if config.chars:
-            self.char_words = CharWordEncoder(config.chars, config.char_embedding, config.char_hidden,
-                                              config.recurrent.cell, config.pad)
+        self.char_words = char_words_of(config)
+        if self.char_words is not None:
             input_size += self.char_words.output_size
         self.rnn = build_recurrent(config.recurrent, input_size)
         self.drop = nn.Dropout(config.dropout)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkit.models.char_words import CharWordEncoder
+from rnnkit.models.char_words import char_words_of
 from rnnkit.models.classifier import POOLINGS, pool, recurrent_option, valid_mask
 from rnnkit.models.crf import LinearChainCRF
 from rnnkit.models.recurrent import RecurrentConfig, build_recurrent
@@ -71,10 +71,8 @@ class Tagger(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embedding, padding_idx=config.pad)
         word_size = config.embedding
-        self.char_words: CharWordEncoder | None = None
-        if config.chars:
-            self.char_words = CharWordEncoder(config.chars, config.char_embedding, config.char_hidden,
-                                              config.recurrent.cell, config.pad)
+        self.char_words = char_words_of(config)
+        if self.char_words is not None:
             word_size += self.char_words.output_size
         self.rnn = build_recurrent(config.recurrent, word_size)
         self.drop = nn.Dropout(config.dropout)
