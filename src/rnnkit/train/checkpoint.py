@@ -335,8 +335,8 @@ def check_tensors(checkpoint: Checkpoint, expected: dict[str, Tensor], prefix: s
     stored = checkpoint.group(prefix)
     weights = checkpoint.weights.name if checkpoint.weights else "its weights"
     problems = []
-    missing = [name for name in expected if name not in stored]
-    unexpected = [name for name in stored if name not in expected]
+    missing = sorted(name for name in expected if name not in stored)
+    unexpected = sorted(name for name in stored if name not in expected)
     if missing:
         problems.append(f"missing tensor(s) {', '.join(missing[:4])}"
                         + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
