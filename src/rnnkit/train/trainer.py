@@ -296,7 +296,10 @@ class Trainer:
             # temporary files of killed writers; on resume the directory is ours alone
             remove_stale_temps(self.out_dir, everything=self._resumed_from is not None)
             metrics = self.out_dir / "metrics.jsonl"
-            log = MetricsLog(metrics, keep_until_step=self._resumed_from)
+            try:
+                log = MetricsLog(metrics, keep_until_step=self._resumed_from)
+            except RunWriteError as error:
+                raise RunWriteError(f"{error}; {self._intact()}") from None
         checkpoint_every = config.checkpoint_every or config.eval_every
         bar = tqdm(total=config.steps, initial=self.step, file=sys.stderr, unit="step",
                    disable=not self.progress, dynamic_ncols=True, leave=True)
