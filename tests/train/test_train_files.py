@@ -350,3 +350,16 @@ def test_a_second_signal_during_a_checkpoint_write_waits_for_it(tmp_path: Path,
     result = trainer.fit()
     assert (result.reason, result.step) == ("interrupted", 2)
     assert load_checkpoint(tmp_path).meta["step"] == 2
+
+
+def test_ctrl_c_outside_training_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    from rnnkit.cli import main
+    from rnnkit.tasks import hello
+
+    def interrupted(**_: Any) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hello, "run_hello", interrupted)
+    assert main(["hello"]) == 130
+    assert capsys.readouterr().err == "rnnkit hello: interrupted\n"
