@@ -137,7 +137,8 @@ def test_kill_inside_a_checkpoint_write_and_double_sigterm_then_resume_is_bit_id
     killed_at = _step(out)
 
     # resumed, then stopped by two SIGTERMs 5 ms apart: one clean stop, one checkpoint
-    process = _start([*args, "--resume"], sleep=0.05)
+    # (slow writes keep the run inside its training loop, where the handler is, when they land)
+    process = _start([*args, "--resume"], sleep=0.3)
     _wait(process, lambda: _step(out) > killed_at, "a checkpoint after the resume")
     process.send_signal(signal.SIGTERM)
     time.sleep(0.005)
