@@ -210,7 +210,8 @@ RESUME_EDITS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("rng missing", lambda m: m.pop("rng"), r"rng is missing"),
     ("rng torch state garbage", lambda m: m["rng"].update(torch="AAAA"),
      r"optimizer, schedule or random state cannot be restored"),
-    ("best_valid text", lambda m: m.update(best_valid="low"), r"best_valid must be null or a number"),
+    ("best_valid text", lambda m: m.update(best_valid="low"), r"best_valid must be null or a finite"),
+    ("best_valid NaN", lambda m: m.update(best_valid=float("nan")), r"best_valid must be null or a finite"),
     ("scheduler a list", lambda m: m.update(scheduler=[1]), r"scheduler must be null or a JSON object"),
 ]
 

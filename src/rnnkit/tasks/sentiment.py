@@ -370,12 +370,12 @@ def confusion(task: SentimentTask, model: nn.Module) -> Tensor:
 def report(task: SentimentTask, model: SequenceClassifier, config: dict[str, Any], out: Path) -> None:
     """What a finished run prints: the dev scores of the weights validation chose, a confusion PNG."""
     from rnnkit.tasks.common import plot_confusion
-    from rnnkit.train.checkpoint import BEST, load_checkpoint
+    from rnnkit.train.checkpoint import BEST, load_checkpoint, load_weights
 
     best = out / f"{BEST}.json"
     if best.is_file():
         chosen = load_checkpoint(best)
-        model.load_state_dict(chosen.group("model"))
+        load_weights(chosen, model)
         which = f"the weights of step {chosen.meta['step']} (best {task.validation_split} accuracy)"
     else:
         which = "the last weights"

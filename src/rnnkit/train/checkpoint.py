@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -212,7 +213,9 @@ def check_resume_meta(checkpoint: Checkpoint) -> None:
         isinstance(s, dict) and k.isdigit() for k, s in v.items()), "an object of objects by index")
     fields.get("scheduler", lambda v: v is None or isinstance(v, dict), "null or a JSON object",
                optional=True)
-    fields.get("best_valid", lambda v: v is None or _is_number(v), "null or a number", optional=True)
+    # NaN would compare false with every later value: no "best" again, silently
+    fields.get("best_valid", lambda v: v is None or (_is_number(v) and math.isfinite(v)),
+               "null or a finite number", optional=True)
     fields.get("evals_without_gain", lambda v: _is_int(v) and v >= 0, "a non-negative integer",
                optional=True)
     fields.get("last_valid", lambda v: v is None or (isinstance(v, dict) and all(
