@@ -247,3 +247,51 @@ def test_the_cli_reports_a_tampered_checkpoint_in_one_line(run: Path, capsys: py
     assert main(["sample", str(run), "--length", "5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("rnnkit sample: error:") and "task.model" in err
+
+
+# --- the other tasks' loaders share load_task_model and check_size ------------------------------
+
+
+def _save_task(out: Path, model: torch.nn.Module, task: dict[str, Any]) -> None:
+    from rnnkit.train import save_checkpoint
+
+    save_checkpoint(out, {f"model/{k}": v for k, v in model.state_dict().items()},
+                    {"step": 1, "task": task})
+
+
+def test_a_tagging_checkpoint_with_a_shortened_tag_set_is_refused(tmp_path: Path) -> None:
+    from rnnkit.data.text import Vocabulary
+    from rnnkit.models.tagger import Tagger, TaggerConfig
+    from rnnkit.tasks import tagging
+
+    words, tags = Vocabulary(["show", "flights"]), Vocabulary(["O", "B-city", "I-city"], ("<unk>",))
+    model = Tagger(TaggerConfig(vocab_size=len(words), tags=len(tags)))
+    vocab = tagging.Vocabularies(words, tags, None, None).to_json()
+    _save_task(tmp_path, model, {"name": "tagging", "model": model.config.to_dict(), "vocab": vocab,
+                                 "data": {}})
+    assert tagging.load_model(tmp_path)[1].tags.tokens == tags.tokens  # as written: loads
+    vocab["tags"]["tokens"] = vocab["tags"]["tokens"][:-1]
+    _save_task(tmp_path, model, {"name": "tagging", "model": model.config.to_dict(), "vocab": vocab,
+                                 "data": {}})
+    with pytest.raises(CheckpointError, match=r"task\.vocab\.tags has 3 entries but task\.model\.tags is 4"):
+        tagging.load_model(tmp_path)
+
+
+def test_a_translate_checkpoint_with_a_foreign_target_vocabulary_is_refused(tmp_path: Path) -> None:
+    from rnnkit.data.text import Vocabulary
+    from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
+    from rnnkit.tasks import translate
+
+    source, target = Vocabulary(list("abc")), Vocabulary(list("0123456789-"))
+    model = Seq2Seq(Seq2SeqConfig(source_vocab=len(source), target_vocab=len(target)))
+    task = {"name": "translate", "model": model.config.to_dict(), "data": {},
+            "source_vocab": source.to_json(), "target_vocab": Vocabulary(list("01")).to_json()}
+    _save_task(tmp_path, model, task)
+    with pytest.raises(CheckpointError, match=r"task\.target_vocab has 6 entries but task\.model\."
+                                              r"target_vocab is 15"):
+        translate.load_model(tmp_path)
+    task["target_vocab"] = target.to_json()
+    task["data"] = {"level": "auto", "no_such_option": 1}
+    _save_task(tmp_path, model, task)
+    with pytest.raises(CheckpointError, match=r"task\.data is invalid: .*no_such_option"):
+        translate.load_model(tmp_path)
