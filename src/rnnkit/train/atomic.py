@@ -78,7 +78,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     tmp = Path(tmp_name)
     try:
         try:
-            os.fchmod(fd, _MODE)
+            if hasattr(os, "fchmod"):  # POSIX
+                os.fchmod(fd, _MODE)
             view = memoryview(data)
             while view:  # os.write may write less than asked
                 view = view[os.write(fd, view):]
