@@ -363,3 +363,20 @@ def test_ctrl_c_outside_training_is_one_line(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(hello, "run_hello", interrupted)
     assert main(["hello"]) == 130
     assert capsys.readouterr().err == "rnnkit hello: interrupted\n"
+
+
+def test_divergence_before_any_checkpoint_does_not_claim_one(tmp_path: Path) -> None:
+    from rnnkit.train import DivergenceError
+
+    trainer = make_trainer(tmp_path, steps=10, checkpoint_every=4)
+    original = trainer.task.step
+
+    def poisoned(model: Any, batch: Any, state: Any) -> Any:
+        result = original(model, batch, state)
+        result.loss = result.loss * float("nan")
+        return result
+
+    trainer.task.step = poisoned  # type: ignore[method-assign]
+    with pytest.raises(DivergenceError, match=r"step 1: the training loss is nan; no checkpoint of "
+                                              r"this run was written to .* yet"):
+        trainer.fit()

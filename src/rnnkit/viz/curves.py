@@ -40,7 +40,8 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, title: str | None =
         ax_loss.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-",
                      label="validation", lw=1.5, ms=3)
     ax_loss.set_ylabel("loss (nats per token)")
-    ax_loss.legend()
+    if train or valid:  # a run that diverged at its first step has nothing to label
+        ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     if title:
         ax_loss.set_title(title)
