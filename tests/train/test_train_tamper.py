@@ -209,7 +209,7 @@ RESUME_EDITS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      r"optimizer, schedule or random state cannot be restored"),
     ("rng missing", lambda m: m.pop("rng"), r"rng is missing"),
     ("rng torch state garbage", lambda m: m["rng"].update(torch="AAAA"),
-     r"optimizer, schedule or random state cannot be restored"),
+     r"the random state cannot be restored"),
     ("best_valid text", lambda m: m.update(best_valid="low"), r"best_valid must be null or a finite"),
     ("best_valid NaN", lambda m: m.update(best_valid=float("nan")), r"best_valid must be null or a finite"),
     ("scheduler a list", lambda m: m.update(scheduler=[1]), r"scheduler must be null or a JSON object"),
@@ -222,6 +222,16 @@ def test_edited_resume_state_gives_one_clear_error(run: Path, edit: Any, message
     _edit(run, edit)
     trainer = make_trainer(run)
     with pytest.raises(CheckpointError, match=message):
+        trainer.load(load_checkpoint(run))
+
+
+def test_a_carried_state_of_the_wrong_shape_is_refused(run: Path) -> None:
+    def widen(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["carry/0"] = torch.zeros(2, 4, 17)
+
+    _rewrite_weights(run, widen)
+    trainer = make_trainer(run)
+    with pytest.raises(CheckpointError, match=r"the carried recurrent state in .* does not fit the model"):
         trainer.load(load_checkpoint(run))
 
 

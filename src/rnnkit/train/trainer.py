@@ -229,7 +229,6 @@ class Trainer:
                 {"state": state, "param_groups": meta["optimizer"]["param_groups"]})
             if self.scheduler is not None and meta.get("scheduler"):
                 self.scheduler.load_state_dict(meta["scheduler"])
-            rng.restore(meta["rng"])
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as error:
             reason = f"missing key {error}" if isinstance(error, KeyError) else error
             raise CheckpointError(f"{checkpoint.path}: the optimizer, schedule or random state "
@@ -239,6 +238,12 @@ class Trainer:
             self.carry = carry["0"]
         elif meta.get("carry"):
             self.carry = tuple(carry[str(i)] for i in range(int(meta["carry"])))
+        self._check_carry(checkpoint, batch_index, spans[chunk][0])
+        try:
+            rng.restore(meta["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as error:
+            raise CheckpointError(f"{checkpoint.path}: the random state cannot be restored: "
+                                  f"{error}") from None
         self.step = int(meta["step"])
         self.position = (batch_index, chunk)
         self.best_valid = meta.get("best_valid", meta.get("best_valid_loss"))
@@ -246,6 +251,20 @@ class Trainer:
         self.last_valid = meta.get("last_valid") or {}
         self._resumed_from = self.step
         self._saved_step = self.step
+
+    def _check_carry(self, checkpoint: Checkpoint, batch_index: int, start: int) -> None:
+        """The carried state must fit the model: one time step of the batch it continues is run
+        with it (no gradient; before the RNG states are restored, so nothing is perturbed)."""
+        piece = self.task.batch(batch_index).time_slice(start, start + 1)
+        if self.carry is None or not piece.continues:
+            return
+        try:
+            with torch.no_grad():
+                self.task.step(self.model, piece, self.carry)
+        except (RuntimeError, ValueError, IndexError, TypeError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{checkpoint.path}: the carried recurrent state in "
+                                  f"{checkpoint.weights} does not fit the model: {reason}") from None
 
     # --- one step --------------------------------------------------------------------------
 
