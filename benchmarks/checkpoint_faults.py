@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import rnnkit
 
 HERE = Path(__file__).resolve().parents[1]
@@ -95,6 +97,15 @@ def main() -> None:
         out = copy_run(trained, work)
         tamper._rewrite_weights(out, change)
         probe(name, lambda out=out: charlm.load_model(out))
+    out = copy_run(trained, work)
+    tamper._rewrite_weights(out, lambda t: t.update({"carry/0": torch.zeros(2, 4, 17)}))
+
+    def resume_wrong_carry(out: Path = out) -> Any:
+        trainer = make_trainer(out, steps=5)
+        trainer.load(load_checkpoint(out))
+        return trainer.fit()
+
+    probe("carried state of the wrong shape (forged SHA), resumed", resume_wrong_carry)
     for name, edit, _ in tamper.RESUME_EDITS:
         out = copy_run(trained, work)
         tamper._edit(out, edit)

@@ -111,9 +111,13 @@ def load_task_model(path: str | Path, name: str, build_model: Callable[[dict[str
     The model is first built on the ``meta`` device, so edited sizes (``hidden: 10**9``) are
     compared with the stored tensors before any memory is allocated for them."""
     checkpoint, described = load_task_checkpoint(path, name, ("model", *required))
-    with torch.device("meta"):
-        shapes = from_meta(checkpoint, "task.model", lambda: build_model(described["model"]))
-    check_tensors(checkpoint, shapes.state_dict())
+    try:
+        with torch.device("meta"):
+            shapes = build_model(described["model"])
+    except Exception:  # the real build below reports what is wrong, naming the field
+        shapes = None
+    if shapes is not None:
+        check_tensors(checkpoint, shapes.state_dict())
     model = from_meta(checkpoint, "task.model", lambda: build_model(described["model"]))
     load_weights(checkpoint, model)
     model.eval()
