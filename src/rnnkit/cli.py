@@ -332,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             FileNotFoundError, AudioError) as error:
         print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (which stops cleanly by itself)
+        print(f"rnnkit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from rnnkit.data.corpus import STDLIB_CHARS, read_files, read_stdlib
 from rnnkit.data.streams import batchify, encode_tensor, num_windows, stream_window
 from rnnkit.data.vocab import CharVocab
 from rnnkit.models.language_model import LanguageModel, LMConfig
-from rnnkit.train.checkpoint import Checkpoint, load_checkpoint
+from rnnkit.tasks.common import check_size, from_meta, load_task_model
+from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult
 
@@ -203,15 +204,12 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[CharLMTask, LanguageModel,
 
 def load_model(path: str | Path) -> tuple[LanguageModel, CharVocab, Checkpoint]:
     """The trained model and its vocabulary from a run directory or checkpoint JSON."""
-    checkpoint = load_checkpoint(path)
-    described = checkpoint.meta.get("task", {})
-    if described.get("name") != NAME:
-        raise ValueError(f"{checkpoint.path} is a {described.get('name')!r} checkpoint, "
-                         f"not a {NAME} one")
-    model = LanguageModel(LMConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    return model, CharVocab.from_json(described["vocab"]), checkpoint
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: LanguageModel(LMConfig.from_dict(m)), required=("vocab", "data"))
+    vocab = from_meta(checkpoint, "task.vocab", lambda: CharVocab.from_json(described["vocab"]))
+    check_size(checkpoint, "task.vocab", len(vocab), "vocab_size", model.config.vocab_size)
+    from_meta(checkpoint, "task.data", lambda: DataConfig(**described["data"]))  # seq_len > 0, ...
+    return model, vocab, checkpoint
 
 
 @torch.no_grad()

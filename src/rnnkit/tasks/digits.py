@@ -23,7 +23,8 @@ from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.tasks.common import (
     EpochPlan,
     confusion_matrix,
-    load_task_checkpoint,
+    from_meta,
+    load_task_model,
     per_sequence,
     require_full_bptt,
     section_fields,
@@ -164,11 +165,10 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[DigitsTask, SequenceClassi
 
 def load_model(path: str | Path) -> tuple[SequenceClassifier, DigitsDataConfig, Checkpoint]:
     """The trained classifier and its data options from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = SequenceClassifier(ClassifierConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    return model, DigitsDataConfig(**described["data"]), checkpoint
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: SequenceClassifier(ClassifierConfig.from_dict(m)), required=("data",))
+    data = from_meta(checkpoint, "task.data", lambda: DigitsDataConfig(**described["data"]))
+    return model, data, checkpoint
 
 
 @torch.no_grad()

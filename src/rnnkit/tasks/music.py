@@ -25,7 +25,7 @@ from rnnkit.models.generator import FrameGenerator, GeneratorConfig, frame_nll
 from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.tasks.common import (
     EpochPlan,
-    load_task_checkpoint,
+    load_task_model,
     per_sequence,
     require_full_bptt,
     section_fields,
@@ -144,10 +144,8 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[MusicTask, FrameGenerator,
 
 def load_model(path: str | Path) -> tuple[FrameGenerator, Checkpoint]:
     """The trained generator from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = FrameGenerator(GeneratorConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
+    model, checkpoint, _ = load_task_model(
+        path, NAME, lambda m: FrameGenerator(GeneratorConfig.from_dict(m)))
     return model, checkpoint
 
 

@@ -41,15 +41,17 @@ from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier
 from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.tasks.common import (
     EpochPlan,
+    check_size,
     confusion_matrix,
-    load_task_checkpoint,
+    from_meta,
+    load_task_model,
     per_class_f1,
     per_sequence,
     require_full_bptt,
     section_fields,
     shared_path,
 )
-from rnnkit.train.checkpoint import Checkpoint
+from rnnkit.train.checkpoint import Checkpoint, CheckpointError
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult
 
@@ -326,16 +328,24 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[SentimentTask, SequenceCla
 
 def load_model(path: str | Path) -> tuple[SequenceClassifier, TextEncoder, list[str], Checkpoint]:
     """The trained classifier, its text encoder and label names from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = SequenceClassifier(ClassifierConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: SequenceClassifier(ClassifierConfig.from_dict(m)), required=("data",))
+    config = model.config
     if "encoder" in described:
-        encoder = TextEncoder.from_json(described["encoder"])
+        encoder = from_meta(checkpoint, "task.encoder",
+                            lambda: TextEncoder.from_json(described["encoder"]))
     else:  # checkpoints written before the encoder was saved: words only, as then
-        encoder = TextEncoder(Vocabulary.from_json(described["vocab"]), None,
-                              bool(described["data"].get("lowercase", True)), False)
-    return model, encoder, list(described["labels"]), checkpoint
+        encoder = from_meta(checkpoint, "task.vocab", lambda: TextEncoder(
+            Vocabulary.from_json(described["vocab"]), None,
+            bool(described["data"].get("lowercase", True)), False))
+    check_size(checkpoint, "the word vocabulary", len(encoder.words), "vocab_size", config.vocab_size)
+    check_size(checkpoint, "the character vocabulary",
+               0 if encoder.chars is None else len(encoder.chars), "chars", config.chars)
+    labels = described.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise CheckpointError(f"{checkpoint.path}: task.labels must be a list of label names")
+    check_size(checkpoint, "task.labels", len(labels), "classes", config.classes)
+    return model, encoder, list(labels), checkpoint
 
 
 @torch.no_grad()
@@ -360,12 +370,12 @@ def confusion(task: SentimentTask, model: nn.Module) -> Tensor:
 def report(task: SentimentTask, model: SequenceClassifier, config: dict[str, Any], out: Path) -> None:
     """What a finished run prints: the dev scores of the weights validation chose, a confusion PNG."""
     from rnnkit.tasks.common import plot_confusion
-    from rnnkit.train.checkpoint import BEST, load_checkpoint
+    from rnnkit.train.checkpoint import BEST, load_checkpoint, load_weights
 
     best = out / f"{BEST}.json"
     if best.is_file():
         chosen = load_checkpoint(best)
-        model.load_state_dict(chosen.group("model"))
+        load_weights(chosen, model)
         which = f"the weights of step {chosen.meta['step']} (best {task.validation_split} accuracy)"
     else:
         which = "the last weights"

@@ -34,7 +34,8 @@ from rnnkit.decoding import decode_batch
 from rnnkit.losses import ctc_loss
 from rnnkit.models.acoustic import AcousticConfig, AcousticModel
 from rnnkit.scoring import align, error_rate
-from rnnkit.train.checkpoint import Checkpoint, load_checkpoint
+from rnnkit.tasks.common import check_size, from_meta, load_task_model
+from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult
 
@@ -297,16 +298,13 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[SpeechTask, AcousticModel,
 
 def load_model(path: str | Path) -> tuple[AcousticModel, FeatureExtractor, Checkpoint]:
     """The trained acoustic model and its feature extractor from a run directory or checkpoint."""
-    checkpoint = load_checkpoint(path)
-    described = checkpoint.meta.get("task", {})
-    if described.get("name") != NAME:
-        raise ValueError(f"{checkpoint.path} is a {described.get('name')!r} checkpoint, "
-                         f"not a {NAME} one")
-    model = AcousticModel(AcousticConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    extractor = FeatureExtractor(FeatureConfig(**described["data"]["features"]))
-    return model, extractor, checkpoint
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: AcousticModel(AcousticConfig.from_dict(m)), required=("data",))
+    features = from_meta(checkpoint, "task.data.features",
+                         lambda: FeatureConfig(**described["data"]["features"]))
+    check_size(checkpoint, "task.data.features (feature size)", features.dim, "features",
+               model.config.features)
+    return model, FeatureExtractor(features), checkpoint
 
 
 @torch.no_grad()
@@ -350,8 +348,9 @@ def plot_confusion(counts: Tensor, path: Path, title: str) -> None:
     ax.set_title(title)
     fig.colorbar(image)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from rnnkit.viz.curves import save_figure  # atomic, never through a symlink
+
+    save_figure(fig, path, dpi=120)
 
 
 def config_sections() -> dict[str, list[str]]:

@@ -41,7 +41,9 @@ from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.models.tagger import Tagger, TaggerConfig
 from rnnkit.tasks.common import (
     EpochPlan,
-    load_task_checkpoint,
+    check_size,
+    from_meta,
+    load_task_model,
     per_sequence,
     require_full_bptt,
     section_fields,
@@ -306,11 +308,15 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[TaggingTask, Tagger, str]:
 
 def load_model(path: str | Path) -> tuple[Tagger, Vocabularies, Checkpoint]:
     """The trained tagger and its vocabularies from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = Tagger(TaggerConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    return model, Vocabularies.from_json(described["vocab"]), checkpoint
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: Tagger(TaggerConfig.from_dict(m)), required=("vocab",))
+    vocab = from_meta(checkpoint, "task.vocab", lambda: Vocabularies.from_json(described["vocab"]))
+    config = model.config
+    for what, part, option in (("words", vocab.words, "vocab_size"), ("tags", vocab.tags, "tags"),
+                               ("intents", vocab.intents, "intents"), ("chars", vocab.chars, "chars")):
+        check_size(checkpoint, f"task.vocab.{what}", 0 if part is None else len(part), option,
+                   getattr(config, option))
+    return model, vocab, checkpoint
 
 
 @torch.no_grad()

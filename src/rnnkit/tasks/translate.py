@@ -33,7 +33,9 @@ from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from rnnkit.tasks import dates
 from rnnkit.tasks.common import (
     EpochPlan,
-    load_task_checkpoint,
+    check_size,
+    from_meta,
+    load_task_model,
     per_sequence,
     require_full_bptt,
     section_fields,
@@ -275,14 +277,17 @@ class Translator:
 
 def load_model(path: str | Path) -> tuple[Translator, Checkpoint]:
     """The trained translator from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = Seq2Seq(Seq2SeqConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    translator = Translator(model, Vocabulary.from_json(described["source_vocab"]),
-                            Vocabulary.from_json(described["target_vocab"]),
-                            TranslateDataConfig(**described["data"]))
-    return translator, checkpoint
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: Seq2Seq(Seq2SeqConfig.from_dict(m)),
+        required=("data", "source_vocab", "target_vocab"))
+    vocabs = []
+    for side in ("source_vocab", "target_vocab"):
+        vocab = from_meta(checkpoint, f"task.{side}", lambda side=side: Vocabulary.from_json(
+            described[side]))
+        check_size(checkpoint, f"task.{side}", len(vocab), side, getattr(model.config, side))
+        vocabs.append(vocab)
+    data = from_meta(checkpoint, "task.data", lambda: TranslateDataConfig(**described["data"]))
+    return Translator(model, vocabs[0], vocabs[1], data), checkpoint
 
 
 def attention_heatmap(translator: Translator, text: str, path: str | Path) -> Path | None:
@@ -311,8 +316,9 @@ def attention_heatmap(translator: Translator, text: str, path: str | Path) -> Pa
     fig.tight_layout()
     path = Path(path)
     # the CJK date formats need a font with those glyphs; a missing glyph is only a warning
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from rnnkit.viz.curves import save_figure  # atomic, never through a symlink
+
+    save_figure(fig, path, dpi=120)
     return path
 
 

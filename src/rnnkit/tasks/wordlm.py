@@ -30,7 +30,7 @@ from rnnkit.data.streams import batchify, encode_tensor, num_windows
 from rnnkit.data.text import Vocabulary, read_lines
 from rnnkit.models.language_model import LanguageModel, LMConfig
 from rnnkit.tasks.charlm import StreamLMTask, loss_over_stream
-from rnnkit.tasks.common import load_task_checkpoint, section_fields, shared_path
+from rnnkit.tasks.common import check_size, from_meta, load_task_model, section_fields, shared_path
 from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
 
@@ -138,11 +138,11 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[WordLMTask, LanguageModel,
 
 def load_model(path: str | Path) -> tuple[LanguageModel, Vocabulary, Checkpoint]:
     """The trained model and its vocabulary from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = LanguageModel(LMConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    return model, Vocabulary.from_json(described["vocab"]), checkpoint
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: LanguageModel(LMConfig.from_dict(m)), required=("vocab",))
+    vocab = from_meta(checkpoint, "task.vocab", lambda: Vocabulary.from_json(described["vocab"]))
+    check_size(checkpoint, "task.vocab", len(vocab), "vocab_size", model.config.vocab_size)
+    return model, vocab, checkpoint
 
 
 @torch.no_grad()
