@@ -4,13 +4,12 @@
   every epoch from (seed, epoch) alone, so ``Task.batch(index)`` is a pure function of the index
   and a resumed run sees exactly the batches an uninterrupted one would;
 * :func:`load_task_checkpoint`: a checkpoint of the named task, or an error naming what it is;
-* :func:`section_fields`, :func:`shared_path`: small conveniences every task module repeats.
+* :func:`shared_path`: the shared data location every task module uses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +50,6 @@ def load_task_checkpoint(path: str | Path, name: str) -> tuple[Checkpoint, dict[
         raise ValueError(f"{checkpoint.path} is a {described.get('name')!r} checkpoint, "
                          f"not a {name} one")
     return checkpoint, described
-
-
-def section_fields(sections: dict[str, type]) -> dict[str, list[str]]:
-    """Option names per config section (for the CLI's flags and error messages)."""
-    return {name: [f.name for f in fields(cls)] for name, cls in sections.items()}
 
 
 def shared_path(relative: str, configured: str | None = None) -> Path:
