@@ -66,13 +66,14 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train", help="train a model on a task (charlm, speech, digits, ...)",
-        description="Train a model on a task:\n" + "\n".join(
-            f"  {name:10s} {text}" for name, text in TASKS.items()) +
+        description=(f"Train the {task} task: {TASKS[task]}.\nData: {TASK_DATA[task][0]}."
+                     if task else "Train a model on a task:\n" + "\n".join(
+                         f"  {name:10s} {text}" for name, text in TASKS.items()) +
+                     "\n`rnnkit train TASK --help` lists every option of a task with its type "
+                     "and default; `rnnkit tasks` lists the tasks' data formats.") +
         "\nWith no --data, charlm trains on the Python standard library's own source (read "
         "at run time); the other tasks read ../shared/data by default. Options come from the "
-        "task's defaults, then --config FILE, then flags and --set (later wins)."
-        + ("" if task else "\n`rnnkit train TASK --help` lists every option of a task with its "
-                           "type and default; `rnnkit tasks` lists the tasks' data formats."),
+        "task's defaults, then --config FILE, then flags and --set (later wins).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS, allow_abbrev=False)
     train.add_argument("task", choices=list(TASKS), help="what to train")
