@@ -171,6 +171,8 @@ def _train(args: argparse.Namespace) -> int:
         saved = out / "config.yaml"
         if saved.is_file():
             config = schema.merge(config, read_config_file(saved), str(saved))
+        else:  # nothing to compare the options with: the checkpoint's task description decides
+            saved = None
     else:
         out = out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
         if (out / POINTER).exists():
@@ -190,7 +192,7 @@ def _train(args: argparse.Namespace) -> int:
         config = schema.set(config, f"data.{option_name}", paths if several else paths[0],
                             "--data")
     config = apply_flags(schema, config, args, flag_names(schema))
-    if checkpoint is not None:
+    if checkpoint is not None and saved is not None:
         _refuse_fixed_changes(schema, run_config, config)
 
     train_config = TrainConfig.from_dict(config["train"], "train")
@@ -202,7 +204,9 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"{checkpoint.path} was trained with other data or another model "
                              "than given now; resume with the run's own config")
         trainer.load(checkpoint)
-        old_lr, new_lr = run_config["train"]["lr"], train_config.lr
+        # the rate the run was trained with, as its checkpoint records it
+        old_lr = float((checkpoint.meta.get("train_config") or {}).get("lr", train_config.lr))
+        new_lr = train_config.lr
         if new_lr != old_lr:
             trainer.rescale_lr(new_lr / old_lr)
             print(f"learning rate: {old_lr:g} → {new_lr:g} (now "
@@ -317,7 +321,10 @@ def _tasks(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = _build_parser(_task_named(argv)).parse_args(argv)
+        guess = _task_named(argv)
+        args = _build_parser(guess).parse_args(argv)
+        if args.command == "train" and args.task != guess:  # e.g. an --out DIR named like a task
+            args = _build_parser(args.task).parse_args(argv)
     except UsageError as error:
         print(error, file=sys.stderr)
         return 2
