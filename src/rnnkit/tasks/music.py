@@ -13,6 +13,7 @@ schedule; :meth:`MusicTask.nll` reports any split. :func:`generate` continues a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,11 @@ class MusicTask:
 
     def batch(self, index: int) -> Batch:
         return collate([self.rolls["train"][i] for i in self.plan.indices(index)])
+
+    def chance_loss(self) -> float:
+        """The NLL per step of a coin flip for every pitch (the Trainer calls far above it
+        divergence)."""
+        return self.model_config.pitches * math.log(2)
 
     def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
         lengths = batch.targets[0]
