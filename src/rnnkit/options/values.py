@@ -151,6 +151,8 @@ def describe(spec: Spec) -> str:
 
 
 def _num(value: float) -> str:
+    if isinstance(value, int) and value > 2**20 and (value + 1) & value == 0:
+        return f"2^{value.bit_length()} − 1"  # a seed's bound, readable
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
