@@ -7,50 +7,43 @@ variant and option is available to every task in the same words.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from rnnkit.layers import GRU, LSTM, RNN, RecurrentLayer
+from rnnkit.options import Options, option
 
 CELLS = ("lstm", "gru", "rnn")
+RESETS = ("after", "before")
+NONLINEARITIES = ("tanh", "relu", "sigmoid")
 
 
 @dataclass
-class RecurrentConfig:
-    cell: str = "lstm"
-    layers: int = 2
-    hidden: int = 128
-    bidirectional: bool = False
-    dropout: float = 0.0
-    peephole: bool = False  # LSTM only
-    coupled: bool = False  # LSTM only
-    forget_bias: float | None = None  # LSTM only
-    reset: str = "after"  # GRU only
-    nonlinearity: str = "tanh"  # Elman RNN only
+class RecurrentConfig(Options):
+    cell: str = option("lstm", "recurrent cell", choices=CELLS)
+    layers: int = option(2, "stacked recurrent layers", ge=1)
+    hidden: int = option(128, "hidden units per layer (per direction)", ge=1)
+    bidirectional: bool = option(False, "read each sequence in both directions")
+    dropout: float = option(0.0, "dropout between stacked layers", ge=0, lt=1)
+    peephole: bool = option(False, "LSTM with peephole connections (Gers & Schmidhuber 2000)")
+    coupled: bool = option(False, "LSTM with coupled input-forget gates (CIFG)")
+    forget_bias: float | None = option(None, "LSTM: initial forget-gate bias (none: the layer's "
+                                             "default)")
+    reset: str = option("after", "GRU reset gate 'after' (torch/cuDNN) or 'before' (Cho 2014)",
+                        choices=RESETS)
+    nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
 
     def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        super().__post_init__()
         if (self.peephole or self.coupled or self.forget_bias is not None) and self.cell != "lstm":
             raise ValueError("peephole, coupled and forget_bias are LSTM options")
 
     @property
     def output_size(self) -> int:
         return self.hidden * (2 if self.bidirectional else 1)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RecurrentConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown recurrent option(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def build_recurrent(config: RecurrentConfig, input_size: int) -> RecurrentLayer:

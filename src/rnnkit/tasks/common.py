@@ -6,13 +6,12 @@
 * :func:`load_task_checkpoint`, :func:`load_task_model`, :func:`from_meta`, :func:`check_size`: a
   checkpoint of the named task, its metadata validated (the SHA-256 covers only the weights, so
   a hand-edited ``checkpoint.json`` must give one clear error, never a KeyError deep inside);
-* :func:`section_fields`, :func:`shared_path`: small conveniences every task module repeats.
+* :func:`shared_path`: the shared data location every task module uses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -122,11 +121,6 @@ def load_task_model(path: str | Path, name: str, build_model: Callable[[dict[str
     load_weights(checkpoint, model)
     model.eval()
     return model, checkpoint, described
-
-
-def section_fields(sections: dict[str, type]) -> dict[str, list[str]]:
-    """Option names per config section (for the CLI's flags and error messages)."""
-    return {name: [f.name for f in fields(cls)] for name, cls in sections.items()}
 
 
 def shared_path(relative: str, configured: str | None = None) -> Path:

@@ -19,6 +19,7 @@ Metrics: accuracy and per-class F1. Batches are length-bucketed and reshuffled e
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from rnnkit.data.text import (
 )
 from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier
 from rnnkit.models.recurrent import RecurrentConfig
+from rnnkit.options import Kind, Options, Rule, Spec, option
 from rnnkit.tasks.common import (
     EpochPlan,
     check_size,
@@ -48,7 +50,6 @@ from rnnkit.tasks.common import (
     per_class_f1,
     per_sequence,
     require_full_bptt,
-    section_fields,
     shared_path,
 )
 from rnnkit.train.checkpoint import Checkpoint, CheckpointError
@@ -60,20 +61,27 @@ LABEL_NAMES = {"0": "negative", "1": "positive"}  # SST-2's labels, for reports
 
 
 @dataclass
-class SentimentDataConfig:
-    train: str | None = None  # None: ../shared/data/sst2/train.tsv
-    valid: str | None = None  # None: ../shared/data/sst2/dev.tsv
-    lowercase: bool = True
-    unescape_ptb: bool = True  # "-lrb-" → "(", "\\/" → "/" (SST-2's dev is escaped, its train is not)
-    min_freq: int = 1
-    max_vocab: int | None = None
-    max_train_examples: int | None = None  # the first N only (quick experiments)
-    word_dropout: float = 0.0  # chance a training token is replaced by <unk> (a regulariser)
-    holdout: int = 500  # training sentences (and their phrases) set aside to pick the model
-    holdout_seed: int = 0
-    eval_batch_size: int = 256
+class SentimentDataConfig(Options):
+    train: str | None = option(None, "training TSV, sentence<TAB>label (none: "
+                                     "../shared/data/sst2/train.tsv)", metavar="PATH")
+    valid: str | None = option(None, "validation TSV (none: ../shared/data/sst2/dev.tsv)",
+                               metavar="PATH")
+    lowercase: bool = option(True, "lower-case the text")
+    unescape_ptb: bool = option(True, "'-lrb-' → '(', '\\/' → '/' (SST-2's dev is escaped, its "
+                                      "train is not)")
+    min_freq: int = option(1, "words seen fewer times become <unk>", ge=1)
+    max_vocab: int | None = option(None, "keep only the most frequent words", ge=1)
+    max_train_examples: int | None = option(None, "the first N training examples only", ge=1)
+    word_dropout: float = option(0.0, "chance a training token is replaced by <unk>", ge=0, lt=1)
+    holdout: int = option(500, "training sentences (and their phrases) set aside to pick the "
+                               "model", ge=0)
+    holdout_seed: int = option(0, "seed of the holdout", ge=0)
+    eval_batch_size: int = option(256, "sentences evaluated in parallel", ge=1)
 
 
+# the task's model.chars is a switch; the model's is the character vocabulary size (from the data)
+TASK_OPTIONS = {"model.chars": Spec(Kind(bool), Rule(
+    help="read each word's spelling too, with a character BiRNN"))}
 SECTIONS: dict[str, type] = {"data": SentimentDataConfig, "model": ClassifierConfig,
                              "train": TrainConfig}
 
@@ -252,6 +260,10 @@ class SentimentTask:
                    for words, chars in ids]
         return collate(ids, [self.train_labels[i] for i in chosen], self.vocab.pad)
 
+    def chance_loss(self) -> float:
+        """The loss of a uniform guess (the Trainer calls far above it divergence)."""
+        return math.log(len(self.labels))
+
     def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
         labels = batch.targets[0]  # (B,)
         loss = F.cross_entropy(model(**model_inputs(batch)), labels)
@@ -387,7 +399,3 @@ def report(task: SentimentTask, model: SequenceClassifier, config: dict[str, Any
     png = plot_confusion(confusion(task, model), names, out / "confusion.png",
                          f"dev: accuracy {100 * scores['accuracy']:.1f}%")
     print(f"confusion matrix: {png}")
-
-
-def config_sections() -> dict[str, list[str]]:
-    return section_fields(SECTIONS)

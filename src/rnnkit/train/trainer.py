@@ -132,6 +132,7 @@ class Trainer:
         self._resumed_from: int | None = None
         self._saved_step: int | None = None  # the step the run directory's checkpoint holds
         self._saving = False  # a second signal must not cut a checkpoint write short
+        self._chance: float | None = None  # the task's loss of a uniform guess, nan: unknown
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -276,6 +277,11 @@ class Trainer:
         loss = float(result.loss.detach())
         if not math.isfinite(loss):
             raise DivergenceError(self._diverged(f"the training loss is {loss}"))
+        limit = self._loss_limit()
+        if limit is not None and loss > limit:
+            raise DivergenceError(self._diverged(
+                f"the training loss is {loss:.4g}, far above the {self._chance:.4g} of a "
+                f"uniform guess"))
         result.loss.backward()
         total, per_group = gradient_norms(self.groups)
         if not math.isfinite(total):
@@ -286,10 +292,38 @@ class Trainer:
         return {"loss": loss, "tokens": result.tokens, "grad_norm": total, "grad_norms": per_group,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
+    def _loss_limit(self) -> float | None:
+        """A training loss above this is divergence, not learning: the task's loss of a uniform
+        guess (``Task.chance_loss``, when it has one) times ten, and at least 10 nats above it.
+        A model that trains is at or below the uniform guess after its first steps; Adam at a
+        learning rate of 1e6 sits at millions of nats per symbol, finite but meaningless."""
+        if self._chance is None:
+            chance = getattr(self.task, "chance_loss", None)
+            self._chance = float(chance()) if callable(chance) else float("nan")
+        if not math.isfinite(self._chance):
+            return None
+        return max(10 * self._chance, self._chance + 10)
+
     def _diverged(self, what: str) -> str:
         where = f"; {self._intact()}" if self.out_dir else ""
         return (f"training diverged at step {self.step + 1}: {what}{where}. Try a lower --lr or "
                 f"gradient clipping (--clip-norm / --clip-value)")
+
+    def rescale_lr(self, factor: float) -> None:
+        """Multiplies the learning rate by ``factor``, now and in the schedule's base rates.
+
+        Used when a run is resumed with another ``--lr``: the optimizer state restored from the
+        checkpoint carries the old rate, and a schedule keeps its cuts so far relative to it.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        if self.scheduler is not None:
+            if hasattr(self.scheduler, "base_lrs"):
+                self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+            if hasattr(self.scheduler, "_last_lr"):
+                self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
