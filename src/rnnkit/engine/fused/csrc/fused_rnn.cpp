@@ -265,10 +265,15 @@ void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
 // ----------------------------------------------------------------------------------------------
 // Pointwise math. float: branch-free, auto-vectorisable exp (Cephes polynomial, ~1 ulp);
 // double: libm (the float64 path is for exactness, not speed).
+// NaN and +-inf behave as torch's: every select below is written so that a NaN operand takes the
+// branch that passes it on (a `x > 0 ? x : 0` would turn NaN into 0), and exp underflows to an
+// exact 0 at -inf (sigmoid(-inf) = 0, so that 0 * inf makes the same NaN as in torch).
 // ----------------------------------------------------------------------------------------------
 inline float fexp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // std::max / std::min return their first argument when the comparison is false: NaN stays NaN.
+  // Down to -104 (below which float exp is 0), so the denormal range is kept.
+  x = std::min(std::max(x, -104.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);  // in [-150, 127] or NaN
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -277,10 +282,15 @@ inline float fexp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float s;
-  std::memcpy(&s, &e, sizeof(s));
-  return p * s;
+  // 2^n as two factors 2^(n/2) 2^(n - n/2), each a normal float for n >= -150; the NaN case
+  // converts 0 (converting NaN to int is undefined) and p carries the NaN.
+  const int32_t ni = static_cast<int32_t>(n == n ? n : 0.0f);
+  const int32_t n1 = ni >> 1, n2 = ni - n1;
+  const int32_t e1 = (n1 + 127) << 23, e2 = (n2 + 127) << 23;
+  float s1, s2;
+  std::memcpy(&s1, &e1, sizeof(s1));
+  std::memcpy(&s2, &e2, sizeof(s2));
+  return p * s1 * s2;
 }
 inline float sigm(float x) {
   const float e = fexp(-std::fabs(x));  // in (0, 1]
@@ -429,7 +439,7 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
           for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = tanh_(gr[j]);
         } else if (act == RELU) {
 #pragma omp simd
-          for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = gr[j] > T(0) ? gr[j] : T(0);
+          for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = gr[j] < T(0) ? T(0) : gr[j];  // relu(NaN) = NaN
         } else {
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = sigm(gr[j]);
@@ -645,8 +655,10 @@ void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const T
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) dr[j] = (dhr[j] + gyr[j]) * (T(1) - yr[j] * yr[j]);
         } else if (act == RELU) {
+          // torch's threshold_backward: the gradient passes where the output is NaN, and is an
+          // exact 0 (not 0 * NaN) where the output is <= 0
 #pragma omp simd
-          for (int64_t j = j0; j < j1; ++j) dr[j] = yr[j] > T(0) ? dhr[j] + gyr[j] : T(0);
+          for (int64_t j = j0; j < j1; ++j) dr[j] = yr[j] <= T(0) ? T(0) : dhr[j] + gyr[j];
         } else {
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) dr[j] = (dhr[j] + gyr[j]) * yr[j] * (T(1) - yr[j]);

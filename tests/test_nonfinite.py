@@ -1,0 +1,136 @@
+"""NaN and inf propagate through every backend exactly as through torch.nn (issue 10).
+
+A kernel that drops a NaN (``x > 0 ? x : 0``) or turns ``0 * inf`` into a number gives a silently
+wrong answer; these tests place one NaN / +inf / -inf in the input, the initial state or a weight
+and require the same NaN mask, the same infinities and close finite values in the outputs, the
+final states and every gradient, for every variant, backend and dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+import rnnkit
+from conftest import VARIANTS
+
+NAN, INF = float("nan"), float("inf")
+
+
+def assert_same_values(expected: torch.Tensor | None, actual: torch.Tensor | None, what: str,
+                       atol: float = 1e-4, rtol: float = 1e-3) -> None:
+    """Same NaN mask, same infinities (with sign), close finite values."""
+    assert (expected is None) == (actual is None), what
+    if expected is None or actual is None:
+        return
+    assert expected.shape == actual.shape, what
+    assert torch.equal(expected.isnan(), actual.isnan()), (
+        f"{what}: NaN at {expected.isnan().sum()} places expected, {actual.isnan().sum()} given")
+    for sign in (1, -1):
+        assert torch.equal(expected == sign * INF, actual == sign * INF), f"{what}: {sign}*inf differ"
+    finite = expected.isfinite()
+    torch.testing.assert_close(actual[finite], expected[finite], atol=atol, rtol=rtol, msg=what)
+
+
+def run_with_grads(module: torch.nn.Module, x: torch.Tensor,
+                   hx: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
+    """Outputs, final states and the gradients of their sum w.r.t. x, hx and every parameter."""
+    x = x.detach().clone().requires_grad_()
+    hx = tuple(h.detach().clone().requires_grad_() for h in hx)
+    module.zero_grad(set_to_none=True)
+    out, final = module(x, hx if len(hx) == 2 else hx[0])
+    final = final if isinstance(final, tuple) else (final,)
+    (out.sum() + sum(f.sum() for f in final)).backward()
+    return [out.detach(), *(f.detach() for f in final), x.grad, *(h.grad for h in hx),
+            *(p.grad for p in module.parameters())]
+
+
+PLACES = ("input", "h0", "c0", "weight_ih", "weight_hh", "bias")
+VALUES = (NAN, INF, -INF)
+DTYPES = (torch.float32, torch.float64)
+
+
+def poisoned(variant: str, place: str, value: float, dtype: torch.dtype):
+    """(reference module, x, hx) with ``value`` written at one element of ``place``."""
+    layer, _, options = VARIANTS[variant]
+    torch.manual_seed(1)
+    module = layer(6, 16, backend="reference", **options).to(dtype)
+    x = torch.randn(5, 3, 6, dtype=dtype)
+    hx = tuple(torch.randn(1, 3, 16, dtype=dtype) for _ in module.math.state_names)
+    with torch.no_grad():
+        target = {"input": x, "h0": hx[0], "c0": hx[-1], "weight_ih": module.weight_ih_l0,
+                  "weight_hh": module.weight_hh_l0, "bias": module.bias_ih_l0}[place]
+        target.view(-1)[target.numel() // 2 + 1] = value
+    return module, x, hx
+
+
+ALL_CASES = [
+    (variant, place, value, dtype)
+    for variant, place, value, dtype in itertools.product(
+        sorted(VARIANTS), PLACES, VALUES, DTYPES)
+    if place != "c0" or VARIANTS[variant][0] is rnnkit.LSTM
+]
+# The default run: every variant and place once, the value and dtype rotating with them (a sixth
+# of the grid, each value and dtype about equally often); the whole grid is the slow test.
+FAST_CASES = [
+    (variant, place, VALUES[(v + p) % 3], DTYPES[(v + p // 3) % 2])
+    for v, variant in enumerate(sorted(VARIANTS)) for p, place in enumerate(PLACES)
+    if place != "c0" or VARIANTS[variant][0] is rnnkit.LSTM
+]
+SLOW_CASES = [pytest.param(*case, marks=pytest.mark.slow) for case in ALL_CASES
+              if case not in FAST_CASES]
+
+
+@pytest.mark.parametrize("variant,place,value,dtype", FAST_CASES + SLOW_CASES)
+def test_nonfinite_propagates_like_reference_and_torch(variant, place, value, dtype):
+    reference, x, hx = poisoned(variant, place, value, dtype)
+    expected = run_with_grads(reference, x, hx)
+    layer, _, options = VARIANTS[variant]
+    candidates = {}
+    for backend in ("fused", "bptt"):
+        module = layer(6, 16, backend=backend, **options).to(dtype)
+        module.load_state_dict(reference.state_dict())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a fallback warning where the kernel cannot build
+            candidates[backend] = run_with_grads(module, x, hx)
+    if reference._torch_compatibility_problem() is None:
+        candidates["torch.nn"] = run_with_grads(reference.to_torch(), x, hx)
+    names = ["output", *(f"final {s}" for s in reference.math.state_names), "d input",
+             *(f"d {s}0" for s in reference.math.state_names),
+             *(f"d {n}" for n, _ in reference.named_parameters())]
+    for backend, values in candidates.items():
+        for name, e, a in zip(names, expected, values):
+            assert_same_values(e, a, f"{backend}: {name}")
+
+
+def test_issue_example_fused_relu_keeps_nan():
+    torch.manual_seed(0)
+    m = rnnkit.RNN(6, 16, nonlinearity="relu")
+    x = torch.randn(5, 3, 6)
+    x[2, 1, 0] = NAN
+    assert int(m(x)[0].isnan().sum()) == 48 == int(m.to_torch()(x)[0].isnan().sum())
+    cell = rnnkit.RNNCell(6, 16, nonlinearity="relu")
+    out, _ = cell(x[2])
+    assert torch.equal(out.isnan(), torch.nn.RNNCell(6, 16, nonlinearity="relu")(x[2]).isnan())
+    assert int(out.isnan().sum()) == 16
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu", "sigmoid"])
+def test_fused_pointwise_functions_at_extremes(nonlinearity):
+    """Every activation at ±inf, NaN, ±0 and the edges of the float exp range, as torch's."""
+    special = torch.tensor([NAN, INF, -INF, 0.0, -0.0, 1e-30, -1e-30, 87.0, -87.0, 88.5, -88.5,
+                            -103.0, -104.5, 200.0, -200.0, 20.0, -20.0])
+    for dtype in (torch.float32, torch.float64):
+        # one unit, identity input weight, no recurrence: the output is the activation itself
+        m = rnnkit.RNN(1, 1, nonlinearity=nonlinearity, bias=False).to(dtype)
+        with torch.no_grad():
+            m.weight_ih_l0.fill_(1.0)
+            m.weight_hh_l0.fill_(0.0)
+        x = special.to(dtype).view(1, -1, 1)
+        out = m(x)[0].view(-1)
+        expected = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}[
+            nonlinearity](special.to(dtype))
+        assert_same_values(expected, out, f"{nonlinearity} {dtype}", atol=1e-6, rtol=1e-5)
