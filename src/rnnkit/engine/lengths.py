@@ -21,7 +21,7 @@ def sort_by_length(lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def batch_sizes_for(sorted_lengths: Tensor, max_length: int) -> list[int] | None:
     """Active rows per step for longest-first lengths; None when every row runs every step."""
-    if int(sorted_lengths[-1]) == max_length:
+    if sorted_lengths.numel() == 0 or int(sorted_lengths[-1]) == max_length:  # (B = 0: no rows)
         return None
     steps = torch.arange(max_length).unsqueeze(1)
     return (steps < sorted_lengths.unsqueeze(0)).sum(1).tolist()

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from rnnkit.engine.lengths import reverse_within_lengths
 from rnnkit.state_tree import map_state
-from rnnkit.validation import check_lengths
+from rnnkit.validation import check_lengths, check_steps
 
 
 def unroll(
@@ -35,6 +35,7 @@ def unroll(
     if batch_first:
         inputs = inputs.transpose(0, 1)
     steps, batch = inputs.shape[0], inputs.shape[1]
+    check_steps("inputs", steps)
     if lengths is not None:
         lengths = check_lengths(lengths, batch, steps, inputs.device)
     if reverse:

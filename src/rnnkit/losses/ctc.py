@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from rnnkit.native import NativeExtension
+from rnnkit.validation import integer_values
 
 REDUCTIONS = ("none", "mean", "sum")
 BACKENDS = ("auto", "native", "python")
@@ -96,6 +97,8 @@ def _padded_targets(targets: Tensor, target_lengths: Tensor) -> Tensor:
 
 def _check(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
            blank: int, reduction: str) -> None:
+    """Every check of the arguments, for both backends: an error naming the problem, never a
+    traceback from inside either implementation or a loss computed from a wrong reading."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if log_probs.dim() != 3:
@@ -104,6 +107,9 @@ def _check(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_len
         )
     if not log_probs.is_floating_point():
         raise TypeError(f"log_probs must be floating point, got {log_probs.dtype}")
+    if log_probs.numel() == 0:
+        raise ValueError(f"log_probs is empty (shape {tuple(log_probs.shape)}): CTC needs at "
+                         "least one frame, one sample and one class (as torch's ctc_loss)")
     steps, batch, classes = log_probs.shape
     if not 0 <= blank < classes:
         raise ValueError(f"blank index {blank} is outside the {classes} classes of log_probs")
@@ -112,14 +118,19 @@ def _check(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_len
             raise ValueError(
                 f"{name} must have one entry per sample ({batch}), got shape {tuple(lengths.shape)}"
             )
-    if batch and int(input_lengths.max()) > steps:
+        negative = (lengths < 0).nonzero().flatten()
+        if negative.numel():
+            n = int(negative[0])
+            raise ValueError(f"{name}[{n}] = {int(lengths[n])} is negative")
+    if int(input_lengths.max()) > steps:
+        n = int(input_lengths.argmax())
         raise ValueError(
-            f"an input length ({int(input_lengths.max())}) exceeds the {steps} frames of log_probs"
+            f"input_lengths[{n}] = {int(input_lengths[n])} exceeds the {steps} frames of log_probs"
         )
-    if batch and int(input_lengths.min()) < 0:
-        raise ValueError("input lengths must not be negative")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must hold integer class labels, got dtype {targets.dtype}")
     if targets.dim() == 2:
-        if targets.shape[0] != batch or (batch and int(target_lengths.max()) > targets.shape[1]):
+        if targets.shape[0] != batch or int(target_lengths.max()) > targets.shape[1]:
             raise ValueError(
                 f"padded targets {tuple(targets.shape)} do not hold target_lengths up to "
                 f"{int(target_lengths.max())} for {batch} samples"
@@ -133,6 +144,17 @@ def _check(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_len
     else:
         raise ValueError(f"targets must be (N, S) or concatenated (sum S_n,), got "
                          f"{tuple(targets.shape)}")
+    labels = _padded_targets(targets.cpu(), target_lengths)
+    inside = torch.arange(labels.shape[1]).unsqueeze(0) < target_lengths.unsqueeze(1)
+    for problem, wrong in (
+        (f"outside the {classes} classes", (labels < 0) | (labels >= classes)),
+        (f"the blank ({blank}), which a target must not contain", labels == blank),
+    ):
+        where = (wrong & inside).nonzero()
+        if where.numel():
+            n, i = (int(v) for v in where[0])
+            raise ValueError(f"target label {int(labels[n, i])} of sample {n} at position {i} is "
+                             f"{problem}")
 
 
 def minimum_input_lengths(labels: Tensor, target_lengths: Tensor) -> Tensor:
@@ -293,8 +315,8 @@ def ctc_loss(
     if unbatched:
         log_probs = log_probs.unsqueeze(1)
         targets = targets.unsqueeze(0) if targets.dim() == 1 else targets
-    input_lengths = torch.as_tensor(input_lengths, dtype=torch.long).cpu().reshape(-1)
-    target_lengths = torch.as_tensor(target_lengths, dtype=torch.long).cpu().reshape(-1)
+    input_lengths = integer_values("input_lengths", input_lengths).reshape(-1)
+    target_lengths = integer_values("target_lengths", target_lengths).reshape(-1)
     _check(log_probs, targets, input_lengths, target_lengths, blank, reduction)
     ops = _native_ops(log_probs, backend)
     if ops is not None:
