@@ -134,3 +134,57 @@ def test_fused_pointwise_functions_at_extremes(nonlinearity):
         expected = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}[
             nonlinearity](special.to(dtype))
         assert_same_values(expected, out, f"{nonlinearity} {dtype}", atol=1e-6, rtol=1e-5)
+
+
+# ---- CTC ---------------------------------------------------------------------------------------
+
+
+def _ctc_case(name: str, dtype: torch.dtype):
+    """(log_probs, targets, input_lengths, target_lengths) with the issue's non-finite inputs."""
+    torch.manual_seed(0)
+    log_probs = torch.randn(10, 3, 5, dtype=dtype).log_softmax(2)
+    targets = torch.tensor([[1, 2, 3], [2, 2, 1], [4, 1, 1]])
+    if name == "one NaN":
+        log_probs[3, 0, 1] = NAN
+    elif name == "NaN in the first frame":
+        log_probs[0, 1, 0] = NAN
+    elif name == "all NaN":
+        log_probs.fill_(NAN)
+    elif name == "NaN past an input length":
+        log_probs[8, 2, 2] = NAN
+    elif name == "+inf":
+        log_probs[4, 0, 2] = INF
+    elif name == "-inf on a path":
+        log_probs[:, 1, 2] = -INF  # sample 1 can never emit its label 2: an infinite loss
+    elif name == "-inf in a class":
+        log_probs[2, 0, 4] = -INF
+    elif name == "mixed":
+        log_probs[1, 0, 0], log_probs[5, 1, 1], log_probs[6, 2, 4] = INF, -INF, NAN
+    return log_probs, targets, [10, 9, 7], [3, 3, 3]
+
+
+CTC_CASES = ["one NaN", "NaN in the first frame", "all NaN", "NaN past an input length", "+inf",
+             "-inf on a path", "-inf in a class", "mixed"]
+
+
+@pytest.mark.parametrize("backend", ["native", "python"])
+@pytest.mark.parametrize("zero_infinity", [False, True], ids=["plain", "zero_infinity"])
+@pytest.mark.parametrize("case", CTC_CASES)
+def test_ctc_nonfinite_like_torch(case, zero_infinity, backend):
+    from rnnkit.losses.ctc import ctc_loss
+
+    for dtype in (torch.float32, torch.float64):
+        log_probs, targets, input_lengths, target_lengths = _ctc_case(case, dtype)
+        for reduction in ("none", "mean", "sum"):
+            expected_input = log_probs.clone().requires_grad_()
+            expected = torch.nn.functional.ctc_loss(
+                expected_input, targets, input_lengths, target_lengths, reduction=reduction,
+                zero_infinity=zero_infinity)
+            expected.sum().backward()
+            actual_input = log_probs.clone().requires_grad_()
+            actual = ctc_loss(actual_input, targets, input_lengths, target_lengths,
+                              reduction=reduction, zero_infinity=zero_infinity, backend=backend)
+            actual.sum().backward()
+            what = f"{case} {dtype} {reduction}"
+            assert_same_values(expected.detach(), actual.detach(), f"loss, {what}")
+            assert_same_values(expected_input.grad, actual_input.grad, f"gradient, {what}")

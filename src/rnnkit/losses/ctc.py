@@ -165,20 +165,41 @@ def minimum_input_lengths(labels: Tensor, target_lengths: Tensor) -> Tensor:
     return target_lengths + repeats.sum(1)
 
 
+def _log_add3(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """log(e^a + e^b + e^c) with the arithmetic of torch's CPU kernel (LossCTC.cpp): the first
+    operand starts the maximum and only a strictly greater one replaces it, an all -inf maximum
+    becomes 0. So NaN and ±inf give exactly what they give in torch (``torch.logsumexp`` treats
+    +inf differently: it returns +inf where torch's CTC makes NaN of inf - inf)."""
+    m = torch.where(b > a, b, a)
+    m = torch.where(c > m, c, m)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    return torch.log(torch.exp(a - m) + torch.exp(b - m) + torch.exp(c - m)) + m
+
+
+def _log_add2(a: Tensor, b: Tensor) -> Tensor:
+    """log(e^a + e^b), as torch's kernel forms it (``std::max(a, b)`` keeps a unless a < b)."""
+    m = torch.where(a < b, b, a)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    return torch.log(torch.exp(a - m) + torch.exp(b - m)) + m
+
+
 def _forward_variables(emit: Tensor, skip_allowed: Tensor) -> Tensor:
     """α for every frame: emit (T, R, L') log-emissions, skip_allowed (R, L') → (T, R, L')."""
     steps, rows, width = emit.shape
     impossible = emit.new_full((rows, 2), float("-inf"))
     no_skip = torch.full_like(skip_allowed, float("-inf"), dtype=emit.dtype)
     alpha = emit.new_empty(steps, rows, width)
-    previous = emit.new_full((rows, width), float("-inf"))
-    previous[:, 0] = 0.0  # a virtual frame before t = 0 that may only enter l'_0 or l'_1
-    for t in range(steps):
+    # frame 0 may only be in l'_0 or l'_1 (set, not summed: a NaN emission of a state that
+    # cannot be reached yet must not become a NaN α, as in torch)
+    first = torch.arange(width) < 2
+    previous = torch.where(first, emit[0], torch.full_like(emit[0], float("-inf")))
+    alpha[0] = previous
+    for t in range(1, steps):
         stay = previous
         advance = torch.cat((impossible[:, :1], previous[:, :-1]), dim=1)
         skip = torch.cat((impossible, previous[:, :-2]), dim=1)[:, :width]
         skip = torch.where(skip_allowed, skip, no_skip)
-        previous = torch.logsumexp(torch.stack((stay, advance, skip)), dim=0) + emit[t]
+        previous = _log_add3(stay, advance, skip) + emit[t]
         alpha[t] = previous
     return alpha
 
@@ -225,23 +246,31 @@ class _CTC(torch.autograd.Function):
         final = alpha[last, torch.arange(batch)]  # (N, L')
         ends = torch.stack((ext_lengths - 1, (ext_lengths - 2).clamp(min=0)), 1)
         end_values = final.gather(1, ends)
-        end_values[:, 1] = torch.where(target_lengths > 0, end_values[:, 1],
-                                       torch.full_like(end_values[:, 1], float("-inf")))
-        nll = -torch.logsumexp(end_values, dim=1)
+        nll = torch.where(target_lengths > 0, -_log_add2(end_values[:, 0], end_values[:, 1]),
+                          -end_values[:, 0])
         nll = torch.where(input_lengths > 0, nll, torch.where(
             target_lengths > 0, torch.full_like(nll, float("inf")), torch.zeros_like(nll)))
 
-        # log Σ_{s: l'_s = k} α_t(s) β_t(s), by a max-shifted scatter over the label axis
-        occupancy = alpha + beta  # (T, N, L')
-        shift = occupancy.amax(2, keepdim=True).clamp(min=torch.finfo(occupancy.dtype).min)
-        per_class = log_probs.new_zeros(steps, batch, classes)
-        per_class.scatter_add_(2, extended.unsqueeze(0).expand(steps, batch, width),
-                               (occupancy - shift).exp())
-        log_occupancy = per_class.log() + shift
-        grad = log_probs.exp() - (log_occupancy + nll.view(1, batch, 1) - log_probs).exp()
+        # log Σ_{s: l'_s = k} α_t(s) β_t(s), summed in log space state by state (from the last
+        # state down, as torch does, so that NaN and inf combine as they do there); at a
+        # sample's last frame only its two end states count
+        log_alpha_beta = alpha + beta  # (T, N, L')
+        states = torch.arange(width).view(1, 1, width)
+        last_frame = frames == (input_lengths - 1).view(1, batch, 1)
+        counted = inside.unsqueeze(0) & ((frames < (input_lengths - 1).view(1, batch, 1))
+                                         | (last_frame & (states >= (ext_lengths - 2).view(1, batch, 1))))
+        log_collected = log_probs.new_full((steps, batch, classes), float("-inf"))
+        for s in reversed(range(width)):
+            index = extended[:, s].view(1, batch, 1).expand(steps, batch, 1)
+            current = log_collected.gather(2, index).squeeze(2)
+            value = log_alpha_beta[:, :, s]
+            added = torch.where(current == float("-inf"), value, _log_add2(current, value))
+            log_collected.scatter_(2, index, torch.where(counted[:, :, s], added, current)
+                                   .unsqueeze(2))
+        grad = log_probs.exp() - (log_collected + nll.view(1, batch, 1) - log_probs).exp()
         grad = grad.masked_fill(frames >= input_lengths.view(1, batch, 1), 0.0)
-        infinite = torch.isinf(nll)
-        if zero_infinity:
+        if zero_infinity:  # torch's zero_infinity replaces +inf only: NaN stays visible
+            infinite = nll == float("inf")
             nll = torch.where(infinite, torch.zeros_like(nll), nll)
             grad = grad.masked_fill(infinite.view(1, batch, 1), 0.0)
         ctx.save_for_backward(grad)

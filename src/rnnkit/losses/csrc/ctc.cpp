@@ -189,7 +189,128 @@ struct Scratch {
   std::vector<scalar_t> beta;        // two rolling rows of (P + 2): two trailing -inf pads
   std::vector<scalar_t> occupancy;   // (P)
   std::vector<scalar_t> per_class;   // (C): sum of the occupancies of each class at one frame
+  std::vector<scalar_t> log_grad;    // exact path: (T_n, C) log of the summed alpha * beta
 };
+
+// Whether frames [0, steps) of one sample hold a NaN or an infinity (x - x is NaN exactly then).
+// An integer OR, so the loop vectorises.
+template <typename scalar_t>
+bool has_nonfinite(const scalar_t* log_probs, int64_t frame_stride, int64_t classes,
+                   int64_t steps) {
+  int bad = 0;
+  for (int64_t t = 0; t < steps; ++t) {
+    const scalar_t* lp = log_probs + t * frame_stride;
+    for (int64_t k = 0; k < classes; ++k) {
+      const scalar_t d = lp[k] - lp[k];
+      bad |= d != d;
+    }
+  }
+  return bad != 0;
+}
+
+// log(e^a + e^b [+ e^c]) + emit with the operations of torch's CPU kernel (LossCTC.cpp), in
+// their order: the first operand starts the maximum and only a strictly greater one replaces
+// it, so a NaN anywhere gives NaN, and +inf or -inf operands give what torch gives.
+template <typename scalar_t>
+scalar_t torch_log_add3(scalar_t a, scalar_t b, scalar_t c, scalar_t emit) {
+  constexpr scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+  scalar_t m = a;
+  if (b > m) m = b;
+  if (c > m) m = c;
+  if (m == neg_inf) m = 0;
+  return std::log(std::exp(a - m) + std::exp(b - m) + std::exp(c - m)) + m + emit;
+}
+
+// One sample with NaN or infinite log-probabilities: the same recursions as ctc_sample, but with
+// torch's arithmetic step for step (full alpha and beta tables, libm, the gradient collected in
+// log space), so that NaN and +-inf reach the loss and every gradient entry exactly where they
+// reach torch's. Rare, so written for agreement, not speed. grad rows past steps are zeroed by
+// the caller; the result here is the gradient of nll, before the caller's d(loss)/d(nll).
+template <typename scalar_t>
+void ctc_sample_exact(const scalar_t* log_probs, int64_t frame_stride, int64_t classes,
+                      const Sample& x, int64_t blank, bool zero_infinity, bool need_grad,
+                      scalar_t* nll_out, scalar_t* grad, Scratch<scalar_t>& w) {
+  constexpr scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+  constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  const int64_t steps = x.steps, width = 2 * x.length + 1, last_state = 2 * x.length;
+  w.ext.assign(width, blank);
+  for (int64_t i = 0; i < x.length; ++i) w.ext[2 * i + 1] = x.labels[i];
+  const int64_t* ext = w.ext.data();
+  // skip from s - 2 to s: a label that differs from the one two states back (never the blank)
+  auto skips = [&](int64_t s) { return s > 1 && ext[s - 2] != ext[s]; };
+  auto lp = [&](int64_t t, int64_t k) { return log_probs[t * frame_stride + k]; };
+
+  w.alpha.assign(steps * width, neg_inf);
+  scalar_t* alpha = w.alpha.data();
+  alpha[0] = lp(0, blank);
+  if (x.length > 0) alpha[1] = lp(0, ext[1]);
+  for (int64_t t = 1; t < steps; ++t) {
+    const scalar_t* prev = alpha + (t - 1) * width;
+    for (int64_t s = 0; s < width; ++s) {
+      alpha[t * width + s] = torch_log_add3(prev[s], s > 0 ? prev[s - 1] : neg_inf,
+                                            skips(s) ? prev[s - 2] : neg_inf, lp(t, ext[s]));
+    }
+  }
+  const scalar_t* final_alpha = alpha + (steps - 1) * width;
+  scalar_t nll;
+  if (x.length == 0) {
+    nll = -final_alpha[0];
+  } else {
+    const scalar_t l1 = final_alpha[last_state], l2 = final_alpha[last_state - 1];
+    scalar_t m = std::max(l1, l2);
+    m = m == neg_inf ? scalar_t(0) : m;
+    nll = -(std::log(std::exp(l1 - m) + std::exp(l2 - m)) + m);
+  }
+  // torch's zero_infinity replaces +inf only (a NaN or a -inf loss stays visible)
+  const bool zeroed = zero_infinity && nll == inf;
+  *nll_out = zeroed ? scalar_t(0) : nll;
+  if (!need_grad) return;
+  if (zeroed) {
+    for (int64_t t = 0; t < steps; ++t) std::fill_n(grad + t * frame_stride, classes, scalar_t(0));
+    return;
+  }
+
+  // beta over the same table (alpha's storage is still needed: a second table), and the log of
+  // sum_{s: l'_s = k} alpha_t(s) beta_t(s) per class, accumulated in the same order as torch
+  w.emit.assign(steps * width, neg_inf);  // (reused as the beta table)
+  scalar_t* beta = w.emit.data();
+  w.log_grad.assign(steps * classes, neg_inf);
+  scalar_t* log_grad = w.log_grad.data();
+  const int64_t t_last = steps - 1;
+  beta[t_last * width + last_state] = lp(t_last, blank);
+  log_grad[t_last * classes + blank] =
+      final_alpha[last_state] + beta[t_last * width + last_state];
+  if (x.length > 0) {
+    const int64_t k = ext[last_state - 1];
+    beta[t_last * width + last_state - 1] = lp(t_last, k);
+    log_grad[t_last * classes + k] =
+        final_alpha[last_state - 1] + beta[t_last * width + last_state - 1];
+  }
+  for (int64_t t = steps - 2; t >= 0; --t) {
+    const scalar_t* next = beta + (t + 1) * width;
+    for (int64_t s = last_state; s >= 0; --s) {
+      const bool skip = s < last_state - 1 && ext[s + 2] != ext[s];
+      const scalar_t b = torch_log_add3(next[s], s < last_state ? next[s + 1] : neg_inf,
+                                        skip ? next[s + 2] : neg_inf, lp(t, ext[s]));
+      beta[t * width + s] = b;
+      const scalar_t alpha_beta = alpha[t * width + s] + b;
+      scalar_t& collected = log_grad[t * classes + ext[s]];
+      if (collected == neg_inf) {
+        collected = alpha_beta;
+      } else {
+        const scalar_t m = std::max(collected, alpha_beta);
+        collected = std::log(std::exp(collected - m) + std::exp(alpha_beta - m)) + m;
+      }
+    }
+  }
+  for (int64_t t = 0; t < steps; ++t) {
+    scalar_t* g = grad + t * frame_stride;
+    for (int64_t k = 0; k < classes; ++k) {
+      const scalar_t value = lp(t, k);
+      g[k] = std::exp(value) - std::exp(log_grad[t * classes + k] + nll - value);
+    }
+  }
+}
 
 // One sample. log_probs and grad point at its (t = 0, n) row; frames are frame_stride apart.
 // grad must already hold exp(log_probs) for its first T_n frames (see ctc()).
@@ -209,6 +330,13 @@ void ctc_sample(const scalar_t* log_probs, int64_t frame_stride, int64_t classes
   if (steps == 0) {  // no frames: only the empty target has an alignment (of probability 1)
     const bool possible = x.length == 0;
     *nll_out = possible || zero_infinity ? scalar_t(0) : std::numeric_limits<scalar_t>::infinity();
+    return;
+  }
+  if (has_nonfinite(log_probs, frame_stride, classes, steps)) {
+    // the fast recursions below assume finite emissions (their shifts, padding and skipped
+    // states would hide or invent NaN): such a sample takes torch's own arithmetic
+    ctc_sample_exact(log_probs, frame_stride, classes, x, blank, zero_infinity, need_grad,
+                     nll_out, grad, w);
     return;
   }
 
@@ -239,7 +367,8 @@ void ctc_sample(const scalar_t* log_probs, int64_t frame_stride, int64_t classes
   }
   const scalar_t* last = alpha + (steps - 1) * row;
   scalar_t nll = -log_add2(last[width - 1], width > 1 ? last[width - 2] : neg_inf);
-  const bool infinite = std::isinf(nll);
+  // finite emissions: nll is finite or +inf (no alignment); torch's zero_infinity replaces +inf
+  const bool infinite = nll == std::numeric_limits<scalar_t>::infinity();
   if (infinite && zero_infinity) nll = scalar_t(0);
   *nll_out = nll;
   if (!need_grad) return;
