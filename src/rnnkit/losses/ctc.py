@@ -350,11 +350,12 @@ def ctc_loss(
     ops = _native_ops(log_probs, backend)
     if ops is not None:
         # the kernel reads padded and concatenated targets alike; an unalignable sample comes
-        # back as an infinite loss, and only then is it worth looking for one to name
+        # back as an infinite loss (or NaN, from NaN inputs), and only then is it worth looking
+        # for one to name
         need_grad = torch.is_grad_enabled() and log_probs.requires_grad
         nll = _NativeCTC.apply(log_probs, targets.long(), input_lengths, target_lengths, blank,
                                zero_infinity, ops, need_grad)
-        if not zero_infinity and bool(torch.isinf(nll).any()):
+        if not zero_infinity and not bool(torch.isfinite(nll).all()):
             _raise_if_unalignable(_padded_targets(targets, target_lengths), input_lengths,
                                   target_lengths)
     else:

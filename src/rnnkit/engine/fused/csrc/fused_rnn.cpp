@@ -614,7 +614,9 @@ void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const
             const T dpo = dh * tc * o * (T(1) - o);
             T dc = dcr[j] + dh * o * (T(1) - tc * tc);
             if (PEEP) dc += dpo * wco[j];
-            const T dpi = dc * (gg - cp) * i * (T(1) - i);
+            // dc * gg - dc * cp, not dc * (gg - cp): the two products autograd forms (i g and
+            // (1 - i) c_prev), so that an infinite c_prev gives the same NaN or inf
+            const T dpi = (dc * gg - dc * cp) * i * (T(1) - i);
             const T dpg = dc * i * (T(1) - gg * gg);
             T dcp = dc * (T(1) - i);
             if (PEEP) {
@@ -698,7 +700,9 @@ void gru_after_bwd_loop(const Cfg& cf, const T* acts, const T* ghn, const T* y, 
           const T r = ar[j], z = ar[H + j], n = ar[2 * H + j];
           const T dh = dhr[j] + gyr[j];
           const T dpn = dh * (T(1) - z) * (T(1) - n * n);
-          const T dpz = dh * (hpr[j] - n) * z * (T(1) - z);
+          // dh h_prev - dh n as autograd forms it (dh * (h_prev - n) differs where dh is
+          // infinite and h_prev is 0)
+          const T dpz = (dh * hpr[j] - dh * n) * z * (T(1) - z);
           const T dpr = dpn * hnr[j] * r * (T(1) - r);
           dr[j] = dpr;
           dr[H + j] = dpz;
@@ -740,7 +744,7 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
         for (int64_t j = j0; j < j1; ++j) {
           const T z = ar[H + j], n = ar[2 * H + j];
           const T dh = dhr[j] + gyr[j];
-          dr[H + j] = dh * (hpr[j] - n) * z * (T(1) - z);
+          dr[H + j] = (dh * hpr[j] - dh * n) * z * (T(1) - z);  // (as in reset-after)
           dr[2 * H + j] = dh * (T(1) - z) * (T(1) - n * n);
           dhr[j] = dh * z;
         }
