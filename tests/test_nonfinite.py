@@ -35,17 +35,23 @@ def assert_same_values(expected: torch.Tensor | None, actual: torch.Tensor | Non
     torch.testing.assert_close(actual[finite], expected[finite], atol=atol, rtol=rtol, msg=what)
 
 
-def run_with_grads(module: torch.nn.Module, x: torch.Tensor,
-                   hx: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
-    """Outputs, final states and the gradients of their sum w.r.t. x, hx and every parameter."""
+def run_with_grads(module, x: torch.Tensor, hx: tuple[torch.Tensor, ...],
+                   parameters=None) -> list[torch.Tensor | None]:
+    """Outputs, final states and the gradients of their sum w.r.t. x, hx and every parameter.
+
+    ``module`` is a module, or a callable ``(x, hx) -> (output, final)`` with ``parameters``
+    its parameters' method.
+    """
     x = x.detach().clone().requires_grad_()
     hx = tuple(h.detach().clone().requires_grad_() for h in hx)
-    module.zero_grad(set_to_none=True)
+    parameters = parameters or module.parameters
+    for p in parameters():
+        p.grad = None
     out, final = module(x, hx if len(hx) == 2 else hx[0])
     final = final if isinstance(final, tuple) else (final,)
     (out.sum() + sum(f.sum() for f in final)).backward()
     return [out.detach(), *(f.detach() for f in final), x.grad, *(h.grad for h in hx),
-            *(p.grad for p in module.parameters())]
+            *(p.grad for p in parameters())]
 
 
 PLACES = ("input", "h0", "c0", "weight_ih", "weight_hh", "bias")
@@ -188,3 +194,31 @@ def test_ctc_nonfinite_like_torch(case, zero_infinity, backend):
             what = f"{case} {dtype} {reduction}"
             assert_same_values(expected.detach(), actual.detach(), f"loss, {what}")
             assert_same_values(expected_input.grad, actual_input.grad, f"gradient, {what}")
+
+
+@pytest.mark.parametrize("backend", ["fused", "bptt", "reference"])
+@pytest.mark.parametrize("variant", ["rnn_relu", "lstm", "gru_after"])
+def test_nonfinite_padding_changes_nothing_like_packed_torch(variant, backend):
+    """NaN / inf past a sequence's length: as a packed sequence in torch.nn, nothing sees it."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    layer, _, options = VARIANTS[variant]
+    torch.manual_seed(0)
+    module = layer(4, 6, bidirectional=True, backend=backend, **options)
+    x = torch.randn(5, 3, 4)
+    x[4, 1], x[3:, 2, 1] = NAN, INF  # row 1 has length 3, row 2 length 3
+    lengths = [5, 3, 3]
+    ours = run_with_grads(lambda x, h: module(x, h, lengths=lengths), x,
+                          tuple(torch.zeros(2, 3, 6) for _ in module.math.state_names),
+                          module.parameters)
+    theirs_module = module.to_torch()
+
+    def packed(x, h):
+        out, final = theirs_module(pack_padded_sequence(x, lengths, enforce_sorted=False), h)
+        return pad_packed_sequence(out, total_length=5)[0], final
+
+    theirs = run_with_grads(packed, x, tuple(torch.zeros(2, 3, 6) for _ in module.math.state_names),
+                            theirs_module.parameters)
+    for i, (e, a) in enumerate(zip(theirs, ours)):
+        assert_same_values(e, a, f"value {i}")
+        assert not a.isnan().any()

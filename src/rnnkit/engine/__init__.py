@@ -32,6 +32,7 @@ from torch import Tensor
 from rnnkit.cells.base import CellMath, State
 from rnnkit.engine import fused
 from rnnkit.engine.bptt import run_bptt
+from rnnkit.engine.lengths import zero_padding
 from rnnkit.engine.reference import run_reference
 from rnnkit.validation import check_steps
 
@@ -108,6 +109,8 @@ def run_layer(
     if name not in BACKENDS:
         raise ValueError(f"unknown engine backend {name!r}; available: {sorted(BACKENDS)}")
     check_steps("x", x.shape[0])
+    if batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes):
+        x = zero_padding(x, list(batch_sizes))  # (the padding's NaN must not reach dW_ih)
     return BACKENDS[name](math, x, state0, params, batch_sizes)
 
 
