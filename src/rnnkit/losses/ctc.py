@@ -24,6 +24,11 @@ recursions and the gradient in one pass over the data), compiled on first use wi
 reference the kernel is tested against, and the fallback where the kernel cannot be built (with a
 one-time warning saying why) or cannot run (other devices and dtypes). ``backend="python"`` /
 ``"native"`` pick one explicitly.
+
+NaN and ±inf in ``log_probs`` give what ``F.ctc_loss`` gives, in the loss and in every gradient
+entry: both implementations combine log-probabilities with the operations of torch's kernel
+(a maximum that keeps its first operand unless another is strictly greater, inf - inf = NaN),
+and ``zero_infinity`` replaces a +inf loss only, so a NaN from a diverging model stays visible.
 """
 
 from __future__ import annotations
@@ -88,10 +93,11 @@ def _padded_targets(targets: Tensor, target_lengths: Tensor) -> Tensor:
     batch = target_lengths.numel()
     width = int(target_lengths.max()) if batch else 0
     padded = targets.new_zeros(batch, max(width, 1), dtype=torch.long)
-    offset = 0
-    for n, length in enumerate(target_lengths.tolist()):
-        padded[n, :length] = targets[offset:offset + length]
-        offset += length
+    # label j of the concatenation belongs to sample rows[j], at position j - offset of that row
+    rows = torch.repeat_interleave(torch.arange(batch), target_lengths)
+    offsets = torch.cumsum(target_lengths, 0) - target_lengths
+    positions = torch.arange(rows.numel()) - offsets[rows]
+    padded[rows, positions] = targets.long().to(padded.device)
     return padded
 
 

@@ -16,6 +16,10 @@
 // (up to) three predecessors uses branch-free polynomial exp / log (Cephes, ~1 ulp) that the
 // compiler vectorises; float64 uses libm (that path is for exactness, not speed).
 //
+// NaN and inf: the fast recursions assume finite log-probabilities. A sample whose frames hold a
+// NaN or an infinity runs ctc_sample_exact instead, torch's CPU arithmetic step for step, so
+// that the loss and every gradient entry are NaN or infinite exactly where torch's are.
+//
 // Determinism: a sample is computed by one thread, start to end, in a fixed order; the batch is
 // split with at::parallel_for. No atomics, no reductions across threads, and fused multiply-adds
 // only where written (std::fma, with -ffp-contract=off), so the vectorised loop body and its
