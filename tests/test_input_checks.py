@@ -104,6 +104,9 @@ CTC_ERRORS = [
                                   zero_infinity=True), ValueError, "log_probs is empty"),
     ("float targets", dict(targets=torch.tensor([[1.0, 2, 3], [2, 2, 1]])), TypeError,
      "targets must hold integer class labels"),
+    ("targets as a list", dict(targets=[[1, 2, 3], [2, 2, 1]]), TypeError,
+     "targets must be a torch.Tensor, got list"),
+    ("float blank", dict(blank=0.0), TypeError, "blank must be an int, got float"),
 ]
 
 

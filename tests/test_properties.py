@@ -69,6 +69,16 @@ def run(module: torch.nn.Module, x: torch.Tensor, hx, lengths, probe: torch.Tens
             *(p.grad for p in module.parameters())]
 
 
+def inference(module: torch.nn.Module, x: torch.Tensor, hx, lengths) -> list[torch.Tensor]:
+    """Outputs and final states under torch.no_grad() (the kernels' separate inference path)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        given_hx = None if hx is None else (hx if len(hx) == 2 else hx[0])
+        extra = {} if lengths is None else {"lengths": lengths}
+        out, final = module(x, given_hx, **extra)
+    return [out, *(final if isinstance(final, tuple) else (final,))]
+
+
 @st.composite
 def layer_problems(draw):
     variant = draw(st.sampled_from(sorted(VARIANTS)))
@@ -134,6 +144,8 @@ def test_fused_and_bptt_equal_reference(problem):
             module.load_state_dict(reference.state_dict())
             actual = run(module, x, hx, p["lengths"], probe)
             assert len(actual) == len(expected)
+            for i, (e, a) in enumerate(zip(expected, inference(module, x, hx, p["lengths"]))):
+                assert_same_values(e, a, f"{backend} no grad, value {i}", **TOLERANCE[p["dtype"]])
             for i, (e, a) in enumerate(zip(expected, actual)):
                 assert_same_values(e, a, f"{backend} value {i}", **TOLERANCE[p["dtype"]])
                 if p["lengths"] is not None and i > 0:  # (outputs are 0 past the lengths)
@@ -206,6 +218,7 @@ def test_nonfinite_propagates_like_reference_and_torch(problem):
         module = make_layer(p["variant"], backend, p["dtype"], **options)
         module.load_state_dict(reference.state_dict())
         candidates[backend] = run(module, x, hx, None, probe)
+        candidates[f"{backend} (no grad)"] = inference(module, x, hx, None)
     if reference._torch_compatibility_problem() is None:
         candidates["torch.nn"] = run(reference.to_torch(), x, hx, None, probe)
     for backend, values in candidates.items():

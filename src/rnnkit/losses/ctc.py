@@ -33,6 +33,7 @@ and ``zero_infinity`` replaces a +inf loss only, so a NaN from a diverging model
 
 from __future__ import annotations
 
+import operator
 import warnings
 from pathlib import Path
 from typing import Any
@@ -346,6 +347,12 @@ def ctc_loss(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, value in (("log_probs", log_probs), ("targets", targets)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if isinstance(blank, bool) or not hasattr(blank, "__index__"):
+        raise TypeError(f"blank must be an int, got {type(blank).__name__}")
+    blank = operator.index(blank)  # (a NumPy integer becomes an int)
     unbatched = log_probs.dim() == 2
     if unbatched:
         log_probs = log_probs.unsqueeze(1)
