@@ -222,3 +222,24 @@ def test_nonfinite_padding_changes_nothing_like_packed_torch(variant, backend):
     for i, (e, a) in enumerate(zip(theirs, ours)):
         assert_same_values(e, a, f"value {i}")
         assert not a.isnan().any()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_unroll_ignores_nonfinite_padding(reverse):
+    """unroll with lengths: NaN / inf in the padding reach neither outputs nor any gradient."""
+    torch.manual_seed(0)
+    cell = rnnkit.StackedCell([rnnkit.LSTMCell(4, 5, peephole=True), rnnkit.GRUCell(5, 3)])
+    clean = torch.randn(5, 3, 4)
+    lengths = [5, 2, 4]
+    poisoned = clean.clone()
+    poisoned[2:, 1], poisoned[4, 2, 0] = NAN, INF
+    results = []
+    for x in (clean, poisoned):
+        x = x.clone().requires_grad_()
+        cell.zero_grad(set_to_none=True)
+        out, state = rnnkit.unroll(cell, x, lengths=lengths, reverse=reverse)
+        loss = out.sum() + sum(s.sum() for layer in state for s in layer)
+        loss.backward()
+        results.append([out.detach(), x.grad, *(p.grad for p in cell.parameters())])
+    for clean_value, poisoned_value in zip(*results):
+        assert_same_values(clean_value, poisoned_value, "unroll with poisoned padding")

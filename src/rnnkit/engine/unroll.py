@@ -40,6 +40,12 @@ def unroll(
         lengths = check_lengths(lengths, batch, steps, inputs.device)
     if reverse:
         inputs = reverse_within_lengths(inputs, lengths)
+    if lengths is not None:
+        # The cell runs on the padding too (its results are discarded), so padding is made 0:
+        # a NaN there would otherwise reach the weight gradients through 0 * NaN.
+        inside = torch.arange(steps).unsqueeze(1) < lengths.unsqueeze(0)  # (T, B)
+        inputs = torch.where(inside.to(inputs.device).unsqueeze(2), inputs,
+                             torch.zeros((), dtype=inputs.dtype, device=inputs.device))
     state = initial_state
     if state is None:
         state = cell.zero_state(batch, dtype=inputs.dtype, device=inputs.device)
@@ -51,7 +57,7 @@ def unroll(
             new_state = map_state(
                 lambda new, old, running=running: torch.where(running, new, old), new_state, state
             )
-            output = output * running
+            output = torch.where(running, output, torch.zeros_like(output))  # (0 even for NaN)
         state = new_state
         outputs.append(output)
     stacked = torch.stack(outputs)
