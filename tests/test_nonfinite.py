@@ -164,13 +164,15 @@ def _ctc_case(name: str, dtype: torch.dtype):
         log_probs[:, 1, 2] = -INF  # sample 1 can never emit its label 2: an infinite loss
     elif name == "-inf in a class":
         log_probs[2, 0, 4] = -INF
+    elif name == "unnormalised, overflowing exp":  # finite, but exp(lp) is inf in float32
+        log_probs = log_probs * 100 + 20
     elif name == "mixed":
         log_probs[1, 0, 0], log_probs[5, 1, 1], log_probs[6, 2, 4] = INF, -INF, NAN
     return log_probs, targets, [10, 9, 7], [3, 3, 3]
 
 
 CTC_CASES = ["one NaN", "NaN in the first frame", "all NaN", "NaN past an input length", "+inf",
-             "-inf on a path", "-inf in a class", "mixed"]
+             "-inf on a path", "-inf in a class", "unnormalised, overflowing exp", "mixed"]
 
 
 @pytest.mark.parametrize("backend", ["native", "python"])

@@ -53,12 +53,11 @@ RNNKIT_INLINE float mul_add(float a, float b, float c) { return std::fma(a, b, c
 RNNKIT_INLINE float mul_add(float a, float b, float c) { return a * b + c; }
 #endif
 
-// exp(x), float: Cephes expf with a 2^n scale built in the exponent bits. Branch-free so loops
-// over it vectorise. Below -87 (where exp is denormal) it returns 0, so exp(-inf) == 0 exactly.
-RNNKIT_INLINE float exp_(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(mul_add(xc, 1.44269504088896341f, 0.5f));
-  float r = mul_add(n, -0.693359375f, xc);
+// Cephes expf's polynomial: exp(x) = p * 2^n for x in [-87, 89], returning p and n = round(x /
+// ln 2). The callers build 2^n in the exponent bits. Branch-free so loops over it vectorise.
+RNNKIT_INLINE float exp_mantissa(float x, float& n) {
+  n = std::floor(mul_add(x, 1.44269504088896341f, 0.5f));
+  float r = mul_add(n, -0.693359375f, x);
   r = mul_add(n, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
   p = mul_add(p, r, 1.3981999507e-3f);
@@ -66,11 +65,40 @@ RNNKIT_INLINE float exp_(float x) {
   p = mul_add(p, r, 4.1665795894e-2f);
   p = mul_add(p, r, 1.6666665459e-1f);
   p = mul_add(p, r, 5.0000001201e-1f);
-  p = mul_add(p, r * r, r) + 1.0f;
+  return mul_add(p, r * r, r) + 1.0f;
+}
+
+// exp(x), float, for the recursions (finite arguments, at most about 0). Below -87 (where exp is
+// denormal) it returns 0, so exp(-inf) == 0 exactly.
+RNNKIT_INLINE float exp_(float x) {
+  float n;
+  const float p = exp_mantissa(std::min(std::max(x, -87.0f), 88.0f), n);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return x < -87.0f ? 0.0f : p * scale;
+}
+
+// exp(x), float, for the exp(lp) term of the gradient, whose argument is any input: above
+// ln FLT_MAX it overflows to +inf as expf does (an unnormalised input), NaN gives NaN, below -87
+// it is 0 like exp_. One multiply more than exp_, which the recursions keep.
+RNNKIT_INLINE float exp_full(float x) {
+  float n;  // in [-126, 128] or NaN
+  const float p = exp_mantissa(std::min(std::max(x, -87.0f), 89.0f), n);
+  // 2^n as 2^(n/2) 2^(n - n/2): 2^128 has no float exponent, and the product overflows exactly
+  // where exp does. The integers come from the bits of n + 1.5 * 2^23 (an exact sum for
+  // |n| < 2^22), not from a float-to-int conversion, which would be undefined for NaN.
+  const float half = std::floor(n * 0.5f);
+  const float m1 = half + 12582912.0f, m2 = (n - half) + 12582912.0f;
+  uint32_t e1, e2;
+  std::memcpy(&e1, &m1, sizeof(e1));
+  std::memcpy(&e2, &m2, sizeof(e2));
+  e1 = (e1 - 0x4B400000u + 127u) << 23;
+  e2 = (e2 - 0x4B400000u + 127u) << 23;
+  float scale1, scale2;
+  std::memcpy(&scale1, &e1, sizeof(scale1));
+  std::memcpy(&scale2, &e2, sizeof(scale2));
+  return x < -87.0f ? 0.0f : p * scale1 * scale2;
 }
 
 // log(x), float, for normal positive x (here always a sum in [1, 3]): Cephes logf.
@@ -101,6 +129,7 @@ RNNKIT_INLINE float log_(float x) {
 }
 
 inline double exp_(double x) { return std::exp(x); }
+inline double exp_full(double x) { return std::exp(x); }
 inline double log_(double x) { return std::log(x); }
 
 // log(e^a + e^b + e^c) + emit. The max term contributes exp(0) = 1, so the log's argument is in
@@ -163,7 +192,7 @@ __attribute__((noinline)) void beta_row(const scalar_t* __restrict next, const s
 template <typename scalar_t>
 __attribute__((noinline)) void exp_range(const scalar_t* __restrict in, scalar_t* __restrict out,
                                          int64_t size) {
-  for (int64_t i = 0; i < size; ++i) out[i] = exp_(in[i]);
+  for (int64_t i = 0; i < size; ++i) out[i] = exp_full(in[i]);
 }
 
 // g[k] -= sub[k]; NaN where lp[k] = -inf, as torch's formula gives there (exp(lcab + nll - lp)
