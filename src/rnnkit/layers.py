@@ -26,7 +26,7 @@ from rnnkit.cells.gru import GRUMath
 from rnnkit.cells.lstm import LSTMMath, init_forget_bias
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
-from rnnkit.validation import check_layer_state, check_lengths, check_sequence
+from rnnkit.validation import check_layer_state, check_lengths, check_sequence, check_steps
 
 
 class RecurrentLayer(nn.Module):
@@ -147,6 +147,7 @@ class RecurrentLayer(nn.Module):
             if self.batch_first and not unbatched:
                 x = x.transpose(0, 1)
         steps, batch = x.shape[0], x.shape[1]
+        check_steps("input", steps)
         states0 = self._initial_states(hx, batch, unbatched, x)
         if (lengths is None and (self.dropout == 0 or not self.training or self.num_layers == 1)
                 and torch_runs_stack(self.math, x, self.hidden_size, self.backend)):

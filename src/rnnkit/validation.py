@@ -5,6 +5,7 @@ Every message says what was expected and what was given.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,15 @@ def check_cell_input(
     return x_t, cell.math.make_state(checked)
 
 
+def check_steps(name: str, steps: int) -> None:
+    """A sequence must have at least one step, as torch.nn's recurrent layers require."""
+    if steps == 0:
+        raise ValueError(
+            f"{name} has sequence length 0; a recurrent layer needs at least one time step "
+            "(as torch.nn's layers do; a batch of size 0 is fine)"
+        )
+
+
 def check_sequence(name: str, x: Tensor, input_size: int, dtype: torch.dtype) -> None:
     """A padded sequence batch: (T, B, input_size), (B, T, input_size) or unbatched (T, input_size)."""
     check_float_tensor(name, x, dtype)
@@ -80,24 +90,56 @@ def check_sequence(name: str, x: Tensor, input_size: int, dtype: torch.dtype) ->
     check_features(name, x, input_size)
 
 
+def integer_values(name: str, values: Sequence[int] | Tensor | Any) -> Tensor:
+    """Integers given as a tensor, a NumPy array, a list or a tuple, as a 1-D CPU int64 tensor.
+
+    Anything that is not an integer (a float, even 3.0, a bool, a string, NaN) is an error naming
+    the first such entry: a silently truncated length would give a wrong answer, not an error.
+    """
+    if isinstance(values, Tensor) or hasattr(values, "__array__"):
+        tensor = torch.as_tensor(values).detach()
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            flat = tensor.reshape(-1)
+            offending = [i for i in range(flat.numel()) if tensor.dtype == torch.bool
+                         or flat[i] != flat[i].round()] or [0]
+            where = (f" ({name}[{offending[0]}] = {flat[offending[0]].item()!r})"
+                     if flat.numel() else "")
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise TypeError(f"{name} must hold integers, got dtype {dtype}{where}")
+        return tensor.to("cpu", torch.int64).reshape(-1) if tensor.dim() == 0 else tensor.to(
+            "cpu", torch.int64)
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(
+            f"{name} must be a tensor, a list or a tuple of integers, got {type(values).__name__}"
+        )
+    checked = []
+    for i, value in enumerate(values):
+        try:
+            if isinstance(value, bool) or type(value).__name__ == "bool_":
+                raise TypeError
+            checked.append(operator.index(value))
+        except TypeError:
+            shown = repr(value) if isinstance(value, (str, bytes)) else str(value)
+            raise TypeError(
+                f"{name} must hold integers, but {name}[{i}] = {shown} is a "
+                f"{type(value).__name__}"
+            ) from None
+    return torch.tensor(checked, dtype=torch.int64)
+
+
 def check_lengths(
     lengths: Sequence[int] | Tensor, batch_size: int, max_length: int, device: torch.device
 ) -> Tensor:
     """Sequence lengths as a CPU int64 tensor, each in [1, max_length], one per batch row."""
-    if isinstance(lengths, Tensor):
-        if lengths.device.type not in ("cpu", device.type):
-            raise ValueError(
-                f"lengths is on device {lengths.device} but the input is on {device}; "
-                "pass lengths on the CPU or on the input's device"
-            )
-        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
-        lengths = lengths.detach().to("cpu", torch.int64)
-    else:
-        lengths = torch.as_tensor(list(lengths), dtype=torch.int64)
+    if isinstance(lengths, Tensor) and lengths.device.type not in ("cpu", device.type):
+        raise ValueError(
+            f"lengths is on device {lengths.device} but the input is on {device}; "
+            "pass lengths on the CPU or on the input's device"
+        )
+    lengths = integer_values("lengths", lengths)
     if lengths.dim() != 1:
         raise ValueError(f"lengths must be 1-D (batch,), got shape {tuple(lengths.shape)}")
-    if lengths.numel() == 0:
+    if lengths.numel() == 0 and batch_size > 0:
         raise ValueError("lengths is empty: there must be one length per sequence in the batch")
     if lengths.numel() != batch_size:
         raise ValueError(

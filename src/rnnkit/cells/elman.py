@@ -46,13 +46,18 @@ class ElmanMath(CellMath):
             return torch.relu(pre)
         return torch.sigmoid(pre)
 
-    def activation_grad(self, h: Tensor) -> Tensor:
-        """f'(pre) written with the output h = f(pre)."""
+    def activation_backward(self, dh: Tensor, h: Tensor) -> Tensor:
+        """d(loss)/d(pre) from d(loss)/dh and the output h = f(pre), as torch's autograd forms it.
+
+        relu uses torch's own ``threshold_backward`` (the gradient passes where h is NaN and is
+        an exact 0 where h <= 0, even for a NaN or infinite dh), so that NaN and inf propagate
+        exactly as through ``torch.relu``; a mask product ``dh * (h > 0)`` would differ in both.
+        """
         if self.nonlinearity == "tanh":
-            return 1 - h * h
+            return torch.ops.aten.tanh_backward(dh, h)
         if self.nonlinearity == "relu":
-            return (h > 0).to(h.dtype)
-        return h * (1 - h)
+            return torch.ops.aten.threshold_backward(dh, h, 0)
+        return torch.ops.aten.sigmoid_backward(dh, h)
 
     def step(
         self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor]
@@ -66,7 +71,7 @@ class ElmanMath(CellMath):
     ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
         (dh,) = d_state
         _, h = cache
-        d_pre = dh * self.activation_grad(h)
+        d_pre = self.activation_backward(dh, h)
         return d_pre, d_pre, (d_pre @ w_hh,), ()
 
     def __repr__(self) -> str:

@@ -92,7 +92,9 @@ class GRUMath(CellMath):
         h_prev, r, z, n, n_recurrent = cache
         hidden = h_prev.shape[1]
         d_pre_n = dh * (1 - z) * tanh_grad(n)
-        d_pre_z = dh * (h_prev - n) * sigmoid_grad(z)
+        # dh h_prev - dh n, the two products autograd forms: dh (h_prev - n) would give an
+        # infinity where an infinite dh meets h_prev = 0 and torch gives NaN
+        d_pre_z = (dh * h_prev - dh * n) * sigmoid_grad(z)
         dh_prev = dh * z
         if self.reset == "after":
             d_pre_r = d_pre_n * n_recurrent * sigmoid_grad(r)

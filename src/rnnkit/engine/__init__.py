@@ -32,7 +32,9 @@ from torch import Tensor
 from rnnkit.cells.base import CellMath, State
 from rnnkit.engine import fused
 from rnnkit.engine.bptt import run_bptt
+from rnnkit.engine.lengths import zero_padding
 from rnnkit.engine.reference import run_reference
+from rnnkit.validation import check_steps
 
 Backend = Callable[
     [CellMath, Tensor, State, Sequence[Tensor | None], Sequence[int] | None], tuple[Tensor, State]
@@ -98,10 +100,17 @@ def run_layer(
     batch_sizes: Sequence[int] | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, State]:
-    """Runs one layer in one direction with the chosen (or default) backend."""
+    """Runs one layer in one direction with the chosen (or default) backend.
+
+    ``x`` must have at least one step (as torch.nn requires); a batch of 0 rows gives empty
+    outputs and states of the right shapes in every backend.
+    """
     name = backend or _default_backend
     if name not in BACKENDS:
         raise ValueError(f"unknown engine backend {name!r}; available: {sorted(BACKENDS)}")
+    check_steps("x", x.shape[0])
+    if batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes):
+        x = zero_padding(x, list(batch_sizes))  # (the padding's NaN must not reach dW_ih)
     return BACKENDS[name](math, x, state0, params, batch_sizes)
 
 

@@ -32,7 +32,7 @@ def _forward(
     hidden = w_hh.shape[1]
     flat_x = x.reshape(steps * batch, inputs)
     gx_all = (flat_x @ w_ih.t() if b_ih is None else torch.addmm(b_ih, flat_x, w_ih.t()))
-    gx_all = gx_all.view(steps, batch, -1)  # (T, B, G*H)
+    gx_all = gx_all.view(steps, batch, w_ih.shape[0])  # (T, B, G*H); -1 fails when B = 0
     outputs = x.new_zeros(steps, batch, hidden)
     groups = math.recurrent_row_groups(hidden)
     recurrent_inputs = [x.new_zeros(steps, batch, hidden) for _ in groups] if keep else []

@@ -21,7 +21,7 @@ def sort_by_length(lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def batch_sizes_for(sorted_lengths: Tensor, max_length: int) -> list[int] | None:
     """Active rows per step for longest-first lengths; None when every row runs every step."""
-    if int(sorted_lengths[-1]) == max_length:
+    if sorted_lengths.numel() == 0 or int(sorted_lengths[-1]) == max_length:  # (B = 0: no rows)
         return None
     steps = torch.arange(max_length).unsqueeze(1)
     return (steps < sorted_lengths.unsqueeze(0)).sum(1).tolist()
@@ -40,3 +40,18 @@ def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
     source = torch.where(t < lengths, lengths - 1 - t, t).to(x.device)
     source = source.view(steps, batch, *([1] * (x.dim() - 2))).expand_as(x)
     return x.gather(0, source)
+
+
+def zero_padding(x: Tensor, batch_sizes: list[int] | None) -> Tensor:
+    """``x`` (T, B, ...) with the rows past each sequence's length set to 0 (a new tensor).
+
+    The recurrence never reads them, but the weight-gradient GEMMs run over all T·B rows, where
+    ``0 * NaN`` would put the NaN of padding into dW_ih (torch's packed sequences never see
+    padding). ``where``, not a product: the padded rows' gradient is an exact 0.
+    """
+    if batch_sizes is None:
+        return x
+    steps, batch = x.shape[0], x.shape[1]
+    running = torch.arange(batch) < torch.tensor(batch_sizes).unsqueeze(1)  # (T, B)
+    running = running.view(steps, batch, *([1] * (x.dim() - 2))).to(x.device)
+    return torch.where(running, x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from rnnkit.engine.lengths import reverse_within_lengths
 from rnnkit.state_tree import map_state
-from rnnkit.validation import check_lengths
+from rnnkit.validation import check_lengths, check_steps
 
 
 def unroll(
@@ -35,10 +35,17 @@ def unroll(
     if batch_first:
         inputs = inputs.transpose(0, 1)
     steps, batch = inputs.shape[0], inputs.shape[1]
+    check_steps("inputs", steps)
     if lengths is not None:
         lengths = check_lengths(lengths, batch, steps, inputs.device)
     if reverse:
         inputs = reverse_within_lengths(inputs, lengths)
+    if lengths is not None:
+        # The cell runs on the padding too (its results are discarded), so padding is made 0:
+        # a NaN there would otherwise reach the weight gradients through 0 * NaN.
+        inside = torch.arange(steps).unsqueeze(1) < lengths.unsqueeze(0)  # (T, B)
+        inputs = torch.where(inside.to(inputs.device).unsqueeze(2), inputs,
+                             torch.zeros((), dtype=inputs.dtype, device=inputs.device))
     state = initial_state
     if state is None:
         state = cell.zero_state(batch, dtype=inputs.dtype, device=inputs.device)
@@ -50,7 +57,7 @@ def unroll(
             new_state = map_state(
                 lambda new, old, running=running: torch.where(running, new, old), new_state, state
             )
-            output = output * running
+            output = torch.where(running, output, torch.zeros_like(output))  # (0 even for NaN)
         state = new_state
         outputs.append(output)
     stacked = torch.stack(outputs)

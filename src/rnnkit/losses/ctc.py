@@ -24,10 +24,16 @@ recursions and the gradient in one pass over the data), compiled on first use wi
 reference the kernel is tested against, and the fallback where the kernel cannot be built (with a
 one-time warning saying why) or cannot run (other devices and dtypes). ``backend="python"`` /
 ``"native"`` pick one explicitly.
+
+NaN and ±inf in ``log_probs`` give what ``F.ctc_loss`` gives, in the loss and in every gradient
+entry: both implementations combine log-probabilities with the operations of torch's kernel
+(a maximum that keeps its first operand unless another is strictly greater, inf - inf = NaN),
+and ``zero_infinity`` replaces a +inf loss only, so a NaN from a diverging model stays visible.
 """
 
 from __future__ import annotations
 
+import operator
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from rnnkit.native import NativeExtension
+from rnnkit.validation import integer_values
 
 REDUCTIONS = ("none", "mean", "sum")
 BACKENDS = ("auto", "native", "python")
@@ -87,15 +94,18 @@ def _padded_targets(targets: Tensor, target_lengths: Tensor) -> Tensor:
     batch = target_lengths.numel()
     width = int(target_lengths.max()) if batch else 0
     padded = targets.new_zeros(batch, max(width, 1), dtype=torch.long)
-    offset = 0
-    for n, length in enumerate(target_lengths.tolist()):
-        padded[n, :length] = targets[offset:offset + length]
-        offset += length
+    # label j of the concatenation belongs to sample rows[j], at position j - offset of that row
+    rows = torch.repeat_interleave(torch.arange(batch), target_lengths)
+    offsets = torch.cumsum(target_lengths, 0) - target_lengths
+    positions = torch.arange(rows.numel()) - offsets[rows]
+    padded[rows, positions] = targets.long().to(padded.device)
     return padded
 
 
 def _check(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
            blank: int, reduction: str) -> None:
+    """Every check of the arguments, for both backends: an error naming the problem, never a
+    traceback from inside either implementation or a loss computed from a wrong reading."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if log_probs.dim() != 3:
@@ -104,6 +114,9 @@ def _check(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_len
         )
     if not log_probs.is_floating_point():
         raise TypeError(f"log_probs must be floating point, got {log_probs.dtype}")
+    if log_probs.numel() == 0:
+        raise ValueError(f"log_probs is empty (shape {tuple(log_probs.shape)}): CTC needs at "
+                         "least one frame, one sample and one class (as torch's ctc_loss)")
     steps, batch, classes = log_probs.shape
     if not 0 <= blank < classes:
         raise ValueError(f"blank index {blank} is outside the {classes} classes of log_probs")
@@ -112,14 +125,19 @@ def _check(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_len
             raise ValueError(
                 f"{name} must have one entry per sample ({batch}), got shape {tuple(lengths.shape)}"
             )
-    if batch and int(input_lengths.max()) > steps:
+        negative = (lengths < 0).nonzero().flatten()
+        if negative.numel():
+            n = int(negative[0])
+            raise ValueError(f"{name}[{n}] = {int(lengths[n])} is negative")
+    if int(input_lengths.max()) > steps:
+        n = int(input_lengths.argmax())
         raise ValueError(
-            f"an input length ({int(input_lengths.max())}) exceeds the {steps} frames of log_probs"
+            f"input_lengths[{n}] = {int(input_lengths[n])} exceeds the {steps} frames of log_probs"
         )
-    if batch and int(input_lengths.min()) < 0:
-        raise ValueError("input lengths must not be negative")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must hold integer class labels, got dtype {targets.dtype}")
     if targets.dim() == 2:
-        if targets.shape[0] != batch or (batch and int(target_lengths.max()) > targets.shape[1]):
+        if targets.shape[0] != batch or int(target_lengths.max()) > targets.shape[1]:
             raise ValueError(
                 f"padded targets {tuple(targets.shape)} do not hold target_lengths up to "
                 f"{int(target_lengths.max())} for {batch} samples"
@@ -133,6 +151,17 @@ def _check(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_len
     else:
         raise ValueError(f"targets must be (N, S) or concatenated (sum S_n,), got "
                          f"{tuple(targets.shape)}")
+    labels = _padded_targets(targets.cpu(), target_lengths)
+    inside = torch.arange(labels.shape[1]).unsqueeze(0) < target_lengths.unsqueeze(1)
+    for problem, wrong in (
+        (f"outside the {classes} classes", (labels < 0) | (labels >= classes)),
+        (f"the blank ({blank}), which a target must not contain", labels == blank),
+    ):
+        where = (wrong & inside).nonzero()
+        if where.numel():
+            n, i = (int(v) for v in where[0])
+            raise ValueError(f"target label {int(labels[n, i])} of sample {n} at position {i} is "
+                             f"{problem}")
 
 
 def minimum_input_lengths(labels: Tensor, target_lengths: Tensor) -> Tensor:
@@ -143,20 +172,41 @@ def minimum_input_lengths(labels: Tensor, target_lengths: Tensor) -> Tensor:
     return target_lengths + repeats.sum(1)
 
 
+def _log_add3(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """log(e^a + e^b + e^c) with the arithmetic of torch's CPU kernel (LossCTC.cpp): the first
+    operand starts the maximum and only a strictly greater one replaces it, an all -inf maximum
+    becomes 0. So NaN and ±inf give exactly what they give in torch (``torch.logsumexp`` treats
+    +inf differently: it returns +inf where torch's CTC makes NaN of inf - inf)."""
+    m = torch.where(b > a, b, a)
+    m = torch.where(c > m, c, m)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    return torch.log(torch.exp(a - m) + torch.exp(b - m) + torch.exp(c - m)) + m
+
+
+def _log_add2(a: Tensor, b: Tensor) -> Tensor:
+    """log(e^a + e^b), as torch's kernel forms it (``std::max(a, b)`` keeps a unless a < b)."""
+    m = torch.where(a < b, b, a)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    return torch.log(torch.exp(a - m) + torch.exp(b - m)) + m
+
+
 def _forward_variables(emit: Tensor, skip_allowed: Tensor) -> Tensor:
     """α for every frame: emit (T, R, L') log-emissions, skip_allowed (R, L') → (T, R, L')."""
     steps, rows, width = emit.shape
     impossible = emit.new_full((rows, 2), float("-inf"))
     no_skip = torch.full_like(skip_allowed, float("-inf"), dtype=emit.dtype)
     alpha = emit.new_empty(steps, rows, width)
-    previous = emit.new_full((rows, width), float("-inf"))
-    previous[:, 0] = 0.0  # a virtual frame before t = 0 that may only enter l'_0 or l'_1
-    for t in range(steps):
+    # frame 0 may only be in l'_0 or l'_1 (set, not summed: a NaN emission of a state that
+    # cannot be reached yet must not become a NaN α, as in torch)
+    first = torch.arange(width) < 2
+    previous = torch.where(first, emit[0], torch.full_like(emit[0], float("-inf")))
+    alpha[0] = previous
+    for t in range(1, steps):
         stay = previous
         advance = torch.cat((impossible[:, :1], previous[:, :-1]), dim=1)
         skip = torch.cat((impossible, previous[:, :-2]), dim=1)[:, :width]
         skip = torch.where(skip_allowed, skip, no_skip)
-        previous = torch.logsumexp(torch.stack((stay, advance, skip)), dim=0) + emit[t]
+        previous = _log_add3(stay, advance, skip) + emit[t]
         alpha[t] = previous
     return alpha
 
@@ -203,23 +253,31 @@ class _CTC(torch.autograd.Function):
         final = alpha[last, torch.arange(batch)]  # (N, L')
         ends = torch.stack((ext_lengths - 1, (ext_lengths - 2).clamp(min=0)), 1)
         end_values = final.gather(1, ends)
-        end_values[:, 1] = torch.where(target_lengths > 0, end_values[:, 1],
-                                       torch.full_like(end_values[:, 1], float("-inf")))
-        nll = -torch.logsumexp(end_values, dim=1)
+        nll = torch.where(target_lengths > 0, -_log_add2(end_values[:, 0], end_values[:, 1]),
+                          -end_values[:, 0])
         nll = torch.where(input_lengths > 0, nll, torch.where(
             target_lengths > 0, torch.full_like(nll, float("inf")), torch.zeros_like(nll)))
 
-        # log Σ_{s: l'_s = k} α_t(s) β_t(s), by a max-shifted scatter over the label axis
-        occupancy = alpha + beta  # (T, N, L')
-        shift = occupancy.amax(2, keepdim=True).clamp(min=torch.finfo(occupancy.dtype).min)
-        per_class = log_probs.new_zeros(steps, batch, classes)
-        per_class.scatter_add_(2, extended.unsqueeze(0).expand(steps, batch, width),
-                               (occupancy - shift).exp())
-        log_occupancy = per_class.log() + shift
-        grad = log_probs.exp() - (log_occupancy + nll.view(1, batch, 1) - log_probs).exp()
+        # log Σ_{s: l'_s = k} α_t(s) β_t(s), summed in log space state by state (from the last
+        # state down, as torch does, so that NaN and inf combine as they do there); at a
+        # sample's last frame only its two end states count
+        log_alpha_beta = alpha + beta  # (T, N, L')
+        states = torch.arange(width).view(1, 1, width)
+        last_frame = frames == (input_lengths - 1).view(1, batch, 1)
+        counted = inside.unsqueeze(0) & ((frames < (input_lengths - 1).view(1, batch, 1))
+                                         | (last_frame & (states >= (ext_lengths - 2).view(1, batch, 1))))
+        log_collected = log_probs.new_full((steps, batch, classes), float("-inf"))
+        for s in reversed(range(width)):
+            index = extended[:, s].view(1, batch, 1).expand(steps, batch, 1)
+            current = log_collected.gather(2, index).squeeze(2)
+            value = log_alpha_beta[:, :, s]
+            added = torch.where(current == float("-inf"), value, _log_add2(current, value))
+            log_collected.scatter_(2, index, torch.where(counted[:, :, s], added, current)
+                                   .unsqueeze(2))
+        grad = log_probs.exp() - (log_collected + nll.view(1, batch, 1) - log_probs).exp()
         grad = grad.masked_fill(frames >= input_lengths.view(1, batch, 1), 0.0)
-        infinite = torch.isinf(nll)
-        if zero_infinity:
+        if zero_infinity:  # torch's zero_infinity replaces +inf only: NaN stays visible
+            infinite = nll == float("inf")
             nll = torch.where(infinite, torch.zeros_like(nll), nll)
             grad = grad.masked_fill(infinite.view(1, batch, 1), 0.0)
         ctx.save_for_backward(grad)
@@ -289,21 +347,28 @@ def ctc_loss(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, value in (("log_probs", log_probs), ("targets", targets)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if isinstance(blank, bool) or not hasattr(blank, "__index__"):
+        raise TypeError(f"blank must be an int, got {type(blank).__name__}")
+    blank = operator.index(blank)  # (a NumPy integer becomes an int)
     unbatched = log_probs.dim() == 2
     if unbatched:
         log_probs = log_probs.unsqueeze(1)
         targets = targets.unsqueeze(0) if targets.dim() == 1 else targets
-    input_lengths = torch.as_tensor(input_lengths, dtype=torch.long).cpu().reshape(-1)
-    target_lengths = torch.as_tensor(target_lengths, dtype=torch.long).cpu().reshape(-1)
+    input_lengths = integer_values("input_lengths", input_lengths).reshape(-1)
+    target_lengths = integer_values("target_lengths", target_lengths).reshape(-1)
     _check(log_probs, targets, input_lengths, target_lengths, blank, reduction)
     ops = _native_ops(log_probs, backend)
     if ops is not None:
         # the kernel reads padded and concatenated targets alike; an unalignable sample comes
-        # back as an infinite loss, and only then is it worth looking for one to name
+        # back as an infinite loss (or NaN, from NaN inputs), and only then is it worth looking
+        # for one to name
         need_grad = torch.is_grad_enabled() and log_probs.requires_grad
         nll = _NativeCTC.apply(log_probs, targets.long(), input_lengths, target_lengths, blank,
                                zero_infinity, ops, need_grad)
-        if not zero_infinity and bool(torch.isinf(nll).any()):
+        if not zero_infinity and not bool(torch.isfinite(nll).all()):
             _raise_if_unalignable(_padded_targets(targets, target_lengths), input_lengths,
                                   target_lengths)
     else:

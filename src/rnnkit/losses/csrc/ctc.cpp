@@ -16,6 +16,10 @@
 // (up to) three predecessors uses branch-free polynomial exp / log (Cephes, ~1 ulp) that the
 // compiler vectorises; float64 uses libm (that path is for exactness, not speed).
 //
+// NaN and inf: the fast recursions assume finite log-probabilities. A sample whose frames hold a
+// NaN or an infinity runs ctc_sample_exact instead, torch's CPU arithmetic step for step, so
+// that the loss and every gradient entry are NaN or infinite exactly where torch's are.
+//
 // Determinism: a sample is computed by one thread, start to end, in a fixed order; the batch is
 // split with at::parallel_for. No atomics, no reductions across threads, and fused multiply-adds
 // only where written (std::fma, with -ffp-contract=off), so the vectorised loop body and its
@@ -49,12 +53,11 @@ RNNKIT_INLINE float mul_add(float a, float b, float c) { return std::fma(a, b, c
 RNNKIT_INLINE float mul_add(float a, float b, float c) { return a * b + c; }
 #endif
 
-// exp(x), float: Cephes expf with a 2^n scale built in the exponent bits. Branch-free so loops
-// over it vectorise. Below -87 (where exp is denormal) it returns 0, so exp(-inf) == 0 exactly.
-RNNKIT_INLINE float exp_(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(mul_add(xc, 1.44269504088896341f, 0.5f));
-  float r = mul_add(n, -0.693359375f, xc);
+// Cephes expf's polynomial: exp(x) = p * 2^n for x in [-87, 89], returning p and n = round(x /
+// ln 2). The callers build 2^n in the exponent bits. Branch-free so loops over it vectorise.
+RNNKIT_INLINE float exp_mantissa(float x, float& n) {
+  n = std::floor(mul_add(x, 1.44269504088896341f, 0.5f));
+  float r = mul_add(n, -0.693359375f, x);
   r = mul_add(n, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
   p = mul_add(p, r, 1.3981999507e-3f);
@@ -62,11 +65,40 @@ RNNKIT_INLINE float exp_(float x) {
   p = mul_add(p, r, 4.1665795894e-2f);
   p = mul_add(p, r, 1.6666665459e-1f);
   p = mul_add(p, r, 5.0000001201e-1f);
-  p = mul_add(p, r * r, r) + 1.0f;
+  return mul_add(p, r * r, r) + 1.0f;
+}
+
+// exp(x), float, for the recursions (finite arguments, at most about 0). Below -87 (where exp is
+// denormal) it returns 0, so exp(-inf) == 0 exactly.
+RNNKIT_INLINE float exp_(float x) {
+  float n;
+  const float p = exp_mantissa(std::min(std::max(x, -87.0f), 88.0f), n);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return x < -87.0f ? 0.0f : p * scale;
+}
+
+// exp(x), float, for the exp(lp) term of the gradient, whose argument is any input: above
+// ln FLT_MAX it overflows to +inf as expf does (an unnormalised input), NaN gives NaN, below -87
+// it is 0 like exp_. One multiply more than exp_, which the recursions keep.
+RNNKIT_INLINE float exp_full(float x) {
+  float n;  // in [-126, 128] or NaN
+  const float p = exp_mantissa(std::min(std::max(x, -87.0f), 89.0f), n);
+  // 2^n as 2^(n/2) 2^(n - n/2): 2^128 has no float exponent, and the product overflows exactly
+  // where exp does. The integers come from the bits of n + 1.5 * 2^23 (an exact sum for
+  // |n| < 2^22), not from a float-to-int conversion, which would be undefined for NaN.
+  const float half = std::floor(n * 0.5f);
+  const float m1 = half + 12582912.0f, m2 = (n - half) + 12582912.0f;
+  uint32_t e1, e2;
+  std::memcpy(&e1, &m1, sizeof(e1));
+  std::memcpy(&e2, &m2, sizeof(e2));
+  e1 = (e1 - 0x4B400000u + 127u) << 23;
+  e2 = (e2 - 0x4B400000u + 127u) << 23;
+  float scale1, scale2;
+  std::memcpy(&scale1, &e1, sizeof(scale1));
+  std::memcpy(&scale2, &e2, sizeof(scale2));
+  return x < -87.0f ? 0.0f : p * scale1 * scale2;
 }
 
 // log(x), float, for normal positive x (here always a sum in [1, 3]): Cephes logf.
@@ -97,6 +129,7 @@ RNNKIT_INLINE float log_(float x) {
 }
 
 inline double exp_(double x) { return std::exp(x); }
+inline double exp_full(double x) { return std::exp(x); }
 inline double log_(double x) { return std::log(x); }
 
 // log(e^a + e^b + e^c) + emit. The max term contributes exp(0) = 1, so the log's argument is in
@@ -159,7 +192,7 @@ __attribute__((noinline)) void beta_row(const scalar_t* __restrict next, const s
 template <typename scalar_t>
 __attribute__((noinline)) void exp_range(const scalar_t* __restrict in, scalar_t* __restrict out,
                                          int64_t size) {
-  for (int64_t i = 0; i < size; ++i) out[i] = exp_(in[i]);
+  for (int64_t i = 0; i < size; ++i) out[i] = exp_full(in[i]);
 }
 
 // g[k] -= sub[k]; NaN where lp[k] = -inf, as torch's formula gives there (exp(lcab + nll - lp)
@@ -189,7 +222,128 @@ struct Scratch {
   std::vector<scalar_t> beta;        // two rolling rows of (P + 2): two trailing -inf pads
   std::vector<scalar_t> occupancy;   // (P)
   std::vector<scalar_t> per_class;   // (C): sum of the occupancies of each class at one frame
+  std::vector<scalar_t> log_grad;    // exact path: (T_n, C) log of the summed alpha * beta
 };
+
+// Whether frames [0, steps) of one sample hold a NaN or an infinity (x - x is NaN exactly then).
+// An integer OR, so the loop vectorises.
+template <typename scalar_t>
+bool has_nonfinite(const scalar_t* log_probs, int64_t frame_stride, int64_t classes,
+                   int64_t steps) {
+  int bad = 0;
+  for (int64_t t = 0; t < steps; ++t) {
+    const scalar_t* lp = log_probs + t * frame_stride;
+    for (int64_t k = 0; k < classes; ++k) {
+      const scalar_t d = lp[k] - lp[k];
+      bad |= d != d;
+    }
+  }
+  return bad != 0;
+}
+
+// log(e^a + e^b [+ e^c]) + emit with the operations of torch's CPU kernel (LossCTC.cpp), in
+// their order: the first operand starts the maximum and only a strictly greater one replaces
+// it, so a NaN anywhere gives NaN, and +inf or -inf operands give what torch gives.
+template <typename scalar_t>
+scalar_t torch_log_add3(scalar_t a, scalar_t b, scalar_t c, scalar_t emit) {
+  constexpr scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+  scalar_t m = a;
+  if (b > m) m = b;
+  if (c > m) m = c;
+  if (m == neg_inf) m = 0;
+  return std::log(std::exp(a - m) + std::exp(b - m) + std::exp(c - m)) + m + emit;
+}
+
+// One sample with NaN or infinite log-probabilities: the same recursions as ctc_sample, but with
+// torch's arithmetic step for step (full alpha and beta tables, libm, the gradient collected in
+// log space), so that NaN and +-inf reach the loss and every gradient entry exactly where they
+// reach torch's. Rare, so written for agreement, not speed. grad rows past steps are zeroed by
+// the caller; the result here is the gradient of nll, before the caller's d(loss)/d(nll).
+template <typename scalar_t>
+void ctc_sample_exact(const scalar_t* log_probs, int64_t frame_stride, int64_t classes,
+                      const Sample& x, int64_t blank, bool zero_infinity, bool need_grad,
+                      scalar_t* nll_out, scalar_t* grad, Scratch<scalar_t>& w) {
+  constexpr scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+  constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  const int64_t steps = x.steps, width = 2 * x.length + 1, last_state = 2 * x.length;
+  w.ext.assign(width, blank);
+  for (int64_t i = 0; i < x.length; ++i) w.ext[2 * i + 1] = x.labels[i];
+  const int64_t* ext = w.ext.data();
+  // skip from s - 2 to s: a label that differs from the one two states back (never the blank)
+  auto skips = [&](int64_t s) { return s > 1 && ext[s - 2] != ext[s]; };
+  auto lp = [&](int64_t t, int64_t k) { return log_probs[t * frame_stride + k]; };
+
+  w.alpha.assign(steps * width, neg_inf);
+  scalar_t* alpha = w.alpha.data();
+  alpha[0] = lp(0, blank);
+  if (x.length > 0) alpha[1] = lp(0, ext[1]);
+  for (int64_t t = 1; t < steps; ++t) {
+    const scalar_t* prev = alpha + (t - 1) * width;
+    for (int64_t s = 0; s < width; ++s) {
+      alpha[t * width + s] = torch_log_add3(prev[s], s > 0 ? prev[s - 1] : neg_inf,
+                                            skips(s) ? prev[s - 2] : neg_inf, lp(t, ext[s]));
+    }
+  }
+  const scalar_t* final_alpha = alpha + (steps - 1) * width;
+  scalar_t nll;
+  if (x.length == 0) {
+    nll = -final_alpha[0];
+  } else {
+    const scalar_t l1 = final_alpha[last_state], l2 = final_alpha[last_state - 1];
+    scalar_t m = std::max(l1, l2);
+    m = m == neg_inf ? scalar_t(0) : m;
+    nll = -(std::log(std::exp(l1 - m) + std::exp(l2 - m)) + m);
+  }
+  // torch's zero_infinity replaces +inf only (a NaN or a -inf loss stays visible)
+  const bool zeroed = zero_infinity && nll == inf;
+  *nll_out = zeroed ? scalar_t(0) : nll;
+  if (!need_grad) return;
+  if (zeroed) {
+    for (int64_t t = 0; t < steps; ++t) std::fill_n(grad + t * frame_stride, classes, scalar_t(0));
+    return;
+  }
+
+  // beta over the same table (alpha's storage is still needed: a second table), and the log of
+  // sum_{s: l'_s = k} alpha_t(s) beta_t(s) per class, accumulated in the same order as torch
+  w.emit.assign(steps * width, neg_inf);  // (reused as the beta table)
+  scalar_t* beta = w.emit.data();
+  w.log_grad.assign(steps * classes, neg_inf);
+  scalar_t* log_grad = w.log_grad.data();
+  const int64_t t_last = steps - 1;
+  beta[t_last * width + last_state] = lp(t_last, blank);
+  log_grad[t_last * classes + blank] =
+      final_alpha[last_state] + beta[t_last * width + last_state];
+  if (x.length > 0) {
+    const int64_t k = ext[last_state - 1];
+    beta[t_last * width + last_state - 1] = lp(t_last, k);
+    log_grad[t_last * classes + k] =
+        final_alpha[last_state - 1] + beta[t_last * width + last_state - 1];
+  }
+  for (int64_t t = steps - 2; t >= 0; --t) {
+    const scalar_t* next = beta + (t + 1) * width;
+    for (int64_t s = last_state; s >= 0; --s) {
+      const bool skip = s < last_state - 1 && ext[s + 2] != ext[s];
+      const scalar_t b = torch_log_add3(next[s], s < last_state ? next[s + 1] : neg_inf,
+                                        skip ? next[s + 2] : neg_inf, lp(t, ext[s]));
+      beta[t * width + s] = b;
+      const scalar_t alpha_beta = alpha[t * width + s] + b;
+      scalar_t& collected = log_grad[t * classes + ext[s]];
+      if (collected == neg_inf) {
+        collected = alpha_beta;
+      } else {
+        const scalar_t m = std::max(collected, alpha_beta);
+        collected = std::log(std::exp(collected - m) + std::exp(alpha_beta - m)) + m;
+      }
+    }
+  }
+  for (int64_t t = 0; t < steps; ++t) {
+    scalar_t* g = grad + t * frame_stride;
+    for (int64_t k = 0; k < classes; ++k) {
+      const scalar_t value = lp(t, k);
+      g[k] = std::exp(value) - std::exp(log_grad[t * classes + k] + nll - value);
+    }
+  }
+}
 
 // One sample. log_probs and grad point at its (t = 0, n) row; frames are frame_stride apart.
 // grad must already hold exp(log_probs) for its first T_n frames (see ctc()).
@@ -209,6 +363,13 @@ void ctc_sample(const scalar_t* log_probs, int64_t frame_stride, int64_t classes
   if (steps == 0) {  // no frames: only the empty target has an alignment (of probability 1)
     const bool possible = x.length == 0;
     *nll_out = possible || zero_infinity ? scalar_t(0) : std::numeric_limits<scalar_t>::infinity();
+    return;
+  }
+  if (has_nonfinite(log_probs, frame_stride, classes, steps)) {
+    // the fast recursions below assume finite emissions (their shifts, padding and skipped
+    // states would hide or invent NaN): such a sample takes torch's own arithmetic
+    ctc_sample_exact(log_probs, frame_stride, classes, x, blank, zero_infinity, need_grad,
+                     nll_out, grad, w);
     return;
   }
 
@@ -239,7 +400,8 @@ void ctc_sample(const scalar_t* log_probs, int64_t frame_stride, int64_t classes
   }
   const scalar_t* last = alpha + (steps - 1) * row;
   scalar_t nll = -log_add2(last[width - 1], width > 1 ? last[width - 2] : neg_inf);
-  const bool infinite = std::isinf(nll);
+  // finite emissions: nll is finite or +inf (no alignment); torch's zero_infinity replaces +inf
+  const bool infinite = nll == std::numeric_limits<scalar_t>::infinity();
   if (infinite && zero_infinity) nll = scalar_t(0);
   *nll_out = nll;
   if (!need_grad) return;

@@ -265,11 +265,17 @@ void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
 // ----------------------------------------------------------------------------------------------
 // Pointwise math. float: branch-free, auto-vectorisable exp (Cephes polynomial, ~1 ulp);
 // double: libm (the float64 path is for exactness, not speed).
+// NaN and +-inf behave as torch's: every select below is written so that a NaN operand takes the
+// branch that passes it on (a `x > 0 ? x : 0` would turn NaN into 0), and exp is an exact 0 at
+// -inf (sigmoid(-inf) = 0, so that 0 * inf makes the same NaN as in torch).
 // ----------------------------------------------------------------------------------------------
-inline float fexp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+inline float fexp(float x) {  // for x <= 0 (every caller passes -|.|)
+  // std::max returns its first argument when the comparison is false: NaN stays NaN (and p with
+  // it). Below -87, where exp is denormal, the result is 0 (so exp(-inf) = 0 exactly; denormal
+  // gate values would slow every later step several times).
+  const float xc = std::max(x, -87.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);  // in [-126, 0] or NaN
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -277,10 +283,15 @@ inline float fexp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  // 2^n from the bits of n + 1.5 * 2^23 (exact for integral |n| < 2^22), not a float-to-int
+  // conversion, which is undefined for NaN
+  const float magic = n + 12582912.0f;
+  uint32_t e;
+  std::memcpy(&e, &magic, sizeof(e));
+  e = (e - 0x4B400000u + 127u) << 23;
   float s;
   std::memcpy(&s, &e, sizeof(s));
-  return p * s;
+  return x < -87.0f ? 0.0f : p * s;
 }
 inline float sigm(float x) {
   const float e = fexp(-std::fabs(x));  // in (0, 1]
@@ -429,7 +440,7 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
           for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = tanh_(gr[j]);
         } else if (act == RELU) {
 #pragma omp simd
-          for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = gr[j] > T(0) ? gr[j] : T(0);
+          for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = gr[j] < T(0) ? T(0) : gr[j];  // relu(NaN) = NaN
         } else {
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = sigm(gr[j]);
@@ -604,7 +615,9 @@ void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const
             const T dpo = dh * tc * o * (T(1) - o);
             T dc = dcr[j] + dh * o * (T(1) - tc * tc);
             if (PEEP) dc += dpo * wco[j];
-            const T dpi = dc * (gg - cp) * i * (T(1) - i);
+            // dc * gg - dc * cp, not dc * (gg - cp): the two products autograd forms (i g and
+            // (1 - i) c_prev), so that an infinite c_prev gives the same NaN or inf
+            const T dpi = (dc * gg - dc * cp) * i * (T(1) - i);
             const T dpg = dc * i * (T(1) - gg * gg);
             T dcp = dc * (T(1) - i);
             if (PEEP) {
@@ -645,8 +658,10 @@ void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const T
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) dr[j] = (dhr[j] + gyr[j]) * (T(1) - yr[j] * yr[j]);
         } else if (act == RELU) {
+          // torch's threshold_backward: the gradient passes where the output is NaN, and is an
+          // exact 0 (not 0 * NaN) where the output is <= 0
 #pragma omp simd
-          for (int64_t j = j0; j < j1; ++j) dr[j] = yr[j] > T(0) ? dhr[j] + gyr[j] : T(0);
+          for (int64_t j = j0; j < j1; ++j) dr[j] = yr[j] <= T(0) ? T(0) : dhr[j] + gyr[j];
         } else {
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) dr[j] = (dhr[j] + gyr[j]) * yr[j] * (T(1) - yr[j]);
@@ -686,7 +701,9 @@ void gru_after_bwd_loop(const Cfg& cf, const T* acts, const T* ghn, const T* y, 
           const T r = ar[j], z = ar[H + j], n = ar[2 * H + j];
           const T dh = dhr[j] + gyr[j];
           const T dpn = dh * (T(1) - z) * (T(1) - n * n);
-          const T dpz = dh * (hpr[j] - n) * z * (T(1) - z);
+          // dh h_prev - dh n as autograd forms it (dh * (h_prev - n) differs where dh is
+          // infinite and h_prev is 0)
+          const T dpz = (dh * hpr[j] - dh * n) * z * (T(1) - z);
           const T dpr = dpn * hnr[j] * r * (T(1) - r);
           dr[j] = dpr;
           dr[H + j] = dpz;
@@ -728,7 +745,7 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
         for (int64_t j = j0; j < j1; ++j) {
           const T z = ar[H + j], n = ar[2 * H + j];
           const T dh = dhr[j] + gyr[j];
-          dr[H + j] = dh * (hpr[j] - n) * z * (T(1) - z);
+          dr[H + j] = (dh * hpr[j] - dh * n) * z * (T(1) - z);  // (as in reset-after)
           dr[2 * H + j] = dh * (T(1) - z) * (T(1) - n * n);
           dhr[j] = dh * z;
         }
