@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,22 @@ from rnnkit.validation import check_cell_input
 
 State = tuple[Tensor, ...]
 """A cell's state: ``(h,)`` for Elman and GRU, ``LSTMState(h, c)`` for LSTM."""
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """The whole identity of a cell variant, as plain values: what kernels dispatch on.
+
+    Every backend that compiles a cell (the fused C++ engine, the ONNX exporter) looks a spec up
+    in its own table of the variants it implements; a spec missing from a table raises there,
+    so a new field (a variant a table does not know) can never fall through to the wrong kernel.
+    """
+
+    kind: str  # "rnn" | "lstm" | "gru"
+    nonlinearity: str = "tanh"  # rnn: "tanh" | "relu" | "sigmoid"
+    peephole: bool = False  # lstm
+    coupled: bool = False  # lstm
+    reset: str = "after"  # gru: "after" | "before"
 
 
 class CellMath(ABC):
@@ -55,6 +72,11 @@ class CellMath(ABC):
     diagonal_names: tuple[str, ...] = ()
     #: True when d(gx) and d(recurrent pre-activation) are the same tensor (Elman, LSTM)
     shares_preactivation_grad: bool = True
+
+    @property
+    @abstractmethod
+    def spec(self) -> CellSpec:
+        """This variant as a :class:`CellSpec`."""
 
     @abstractmethod
     def step(

@@ -11,7 +11,9 @@ Seam used by the engine::
 ``(w_ih, w_hh, b_ih | None, b_hh | None, *peephole)``; ``batch_sizes`` is None or T non-increasing
 ints (active rows are the prefix; inactive rows keep their state and output 0).
 
-The kernels (``csrc/fused_rnn.cpp``) run the time loop inside one OpenMP region: each thread owns
+The kernels are torch operators (``torch.ops.rnnkit_fused``, see ``_function``), so
+``torch.compile``, ``torch.export`` and ``torch.library.opcheck`` see one operator per layer and
+direction. They (``csrc/fused_rnn.cpp``) run the time loop inside one OpenMP region: each thread owns
 a slice of hidden units, computes its columns of the recurrent GEMM with the oneDNN brgemm
 micro-kernel that torch exports, updates its units, and meets the others at one barrier per step.
 The input projection, ``dx`` and the weight gradients are single parallel GEMMs over all steps.
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.engine.fused import _build
-from rnnkit.engine.fused._function import FusedLayer, config_of, run_inference
+from rnnkit.engine.fused._function import config_of, run
 
 __all__ = ["run_layer", "unavailable_reason"]
 
@@ -66,18 +68,16 @@ def run_layer(
     native = native_op(spec, x, params[1].shape[1] if params[1] is not None else None)
     if native is not None:
         return native(x, state0, params, batch_sizes)
-    ext = _build.load()
-    if ext is None:
+    if _build.load() is None:
         raise RuntimeError(f"fused backend unavailable: {_build.error()}")
     cfg = config_of(spec)
     bs = None if batch_sizes is None else [int(b) for b in batch_sizes]
     if bs is not None and all(b == x.shape[1] for b in bs):
         bs = None
-    tensors = (*state0, *params)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
-        out = FusedLayer.apply(ext, cfg, bs, len(state0), x, *tensors)
-        return out[0], tuple(out[1:])
-    return run_inference(ext, cfg, bs, x, state0, params)
+    # Save activations only when a gradient will be asked for.
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *state0, *params))
+    return run(cfg, bs, x, state0, params, training)
 
 
 # ---- torch's own fused op for the plain LSTM -----------------------------------------------------
