@@ -6,6 +6,18 @@ from rnnkit.cells.gru import GRUCell, GRUMath
 from rnnkit.cells.lstm import LSTMCell, LSTMMath, LSTMState
 from rnnkit.cells.stacked import StackedCell
 
+
+def math_for(spec: CellSpec) -> CellMath:
+    """The math object of a cell variant (how a pickled layer or cell rebuilds its math)."""
+    if spec.kind == "rnn":
+        return ElmanMath(spec.nonlinearity)
+    if spec.kind == "lstm":
+        return LSTMMath(spec.peephole, spec.coupled)
+    if spec.kind == "gru":
+        return GRUMath(spec.reset)
+    raise ValueError(f"unknown cell kind {spec.kind!r}")
+
+
 __all__ = [
     "CellMath",
     "CellSpec",
@@ -18,4 +30,5 @@ __all__ = [
     "RNNCell",
     "RecurrentCell",
     "StackedCell",
+    "math_for",
 ]

@@ -127,6 +127,27 @@ def recurrent_projection(h: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor
     return torch.addmm(b_hh, h, w_hh.t())
 
 
+def pickle_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A layer's or cell's pickled ``__dict__`` with its math replaced by plain values.
+
+    Like ``torch.nn.LSTM``, a pickle of an rnnkit module holds only its class, tensors and plain
+    values, so ``torch.load(weights_only=True)`` accepts it once the module classes are allowed;
+    the math object is rebuilt from the spec on load (:func:`unpickle_state`).
+    """
+    state = dict(state)
+    spec = state.pop("math").spec
+    state["_cell_spec"] = (spec.kind, spec.nonlinearity, spec.peephole, spec.coupled, spec.reset)
+    return state
+
+
+def unpickle_state(state: dict[str, Any]) -> dict[str, Any]:
+    from rnnkit.cells import math_for
+
+    state = dict(state)
+    state["math"] = math_for(CellSpec(*state.pop("_cell_spec")))
+    return state
+
+
 class RecurrentCell(nn.Module):
     """Base of the cell-level API: one layer's parameters and one step at a time.
 
@@ -158,6 +179,12 @@ class RecurrentCell(nn.Module):
         for name in math_.diagonal_names:
             setattr(self, name, nn.Parameter(torch.empty(hidden_size)))
         self.reset_parameters()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return pickle_state(super().__getstate__())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(unpickle_state(state))
 
     def reset_parameters(self) -> None:
         """Uniform(-1/√H, 1/√H) for every parameter, as ``torch.nn`` initialises its cells."""
