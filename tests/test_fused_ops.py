@@ -135,8 +135,10 @@ def test_compile_plain_lstm_through_torch_op():
     want = _result_and_grads(module, x)
     torch._dynamo.reset()
     got = _result_and_grads(torch.compile(module, fullgraph=True, backend="aot_eager"), x)
+    # (AOT autograd decomposes torch's LSTM into per-step ops: float32 sums over 800 rows round
+    # differently from oneDNN's)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_export_round_trip():
