@@ -192,6 +192,10 @@ def _build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--beam", type=int, default=8, help="beam width (1: greedy)")
     transcribe.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
+    from rnnkit.export import cli as export_cli
+
+    export_cli.add_parser(commands)
+
     hello = commands.add_parser("hello", help="the classic h-e-l-l-o RNN demo, in seconds",
                                 description="Train a 4-symbol RNN to continue 'hell' as 'ello'.")
     hello.add_argument("--steps", type=int, default=100, help="training steps")
@@ -324,8 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from rnnkit.export import cli as export_cli
+
     handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate,
-                "transcribe": _transcribe, "hello": _hello}
+                "transcribe": _transcribe, "hello": _hello, "export": export_cli.run}
     try:
         return handlers[args.command](args)
     except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,

@@ -27,6 +27,7 @@ pieces that have no ONNX form (CRF Viterbi decoding, beam and greedy search, sam
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import os
 import tempfile
@@ -338,6 +339,14 @@ def _tensors(value: Any) -> Iterator[tuple[str, Tensor]]:
             yield torch.utils._pytree.keystr(path), leaf
 
 
+def require_exporter() -> None:
+    """Raises ExportError naming the packages the exporter needs, if any is missing."""
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"ONNX export needs {' and '.join(missing)}: "
+                          "pip install 'rnnkit[onnx]' (or pip install onnx onnxscript)")
+
+
 def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -446,6 +455,7 @@ def export_onnx(
     if isinstance(args, Tensor):
         args = (args,)
     kwargs = dict(kwargs or {})
+    require_exporter()
     check_exportable(module, args, kwargs)
     path = Path(path)
     names = list(input_names) if input_names else [n for n, _ in _named_inputs(module, args, kwargs)]
@@ -485,4 +495,5 @@ def export_onnx(
     return path
 
 
-__all__ = ["ONNX_FORMS", "ExportError", "check_exportable", "export_onnx", "onnx_weights"]
+__all__ = ["ONNX_FORMS", "ExportError", "check_exportable", "export_onnx", "onnx_weights",
+           "require_exporter"]
