@@ -166,3 +166,30 @@ def test_export_plain_lstm_torch_op():
     want = module(x)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1][1], want[1][1])
+
+
+CELLS = {
+    "rnn_sigmoid": lambda: rnnkit.RNNCell(3, 8, nonlinearity="sigmoid"),
+    "lstm": lambda: rnnkit.LSTMCell(3, 8),
+    "lstm_coupled_peephole": lambda: rnnkit.LSTMCell(3, 8, peephole=True, coupled=True),
+    "gru_before": lambda: rnnkit.GRUCell(3, 8, reset="before"),
+}
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_inference_step_operator_equals_layer_path(name, monkeypatch):
+    """A cell step without gradients runs the ``step`` operator; with gradients, the layer path."""
+    torch.manual_seed(0)
+    cell = CELLS[name]()
+    x = torch.randn(5, 3)
+    state = tuple(torch.randn(5, 8) for _ in cell.math.state_names)
+    calls = []
+    step = fused.run_step
+    monkeypatch.setattr(fused, "run_step", lambda *a: calls.append(1) or step(*a))
+    with torch.inference_mode():
+        got = cell(x, state)[1]
+    assert calls == [1]
+    want = cell(x, state)[1]  # parameters require grad: the differentiable layer path
+    assert calls == [1] and want[0].grad_fn is not None
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.detach(), rtol=1e-6, atol=1e-6)

@@ -230,8 +230,7 @@ class RecurrentCell(nn.Module):
         # it (a streaming step), and the cell shares every backend's tested code path
         params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                   *self.diagonal_weights)
-        _, new_state = _engine().run_layer(self.math, x_t.unsqueeze(0), tuple(state), params)
-        new_state = self.math.make_state(new_state)
+        new_state = self.math.make_state(_engine().run_step(self.math, x_t, tuple(state), params))
         if unbatched:
             new_state = self.math.make_state([s.squeeze(0) for s in new_state])
         return new_state[0], new_state

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnnkit.engine.fused import _build
-from rnnkit.engine.fused._function import config_of, run
+from rnnkit.engine.fused import _build, _function
+from rnnkit.engine.fused._function import config_of, peephole_weights, run
 
-__all__ = ["run_layer", "unavailable_reason"]
+__all__ = ["run_layer", "run_step", "unavailable_reason"]
 
 # Dispatch the plain LSTM to torch's own fused op (see native_op). Benchmarks turn it off to
 # compare rnnkit's kernel on the same case.
@@ -78,6 +78,29 @@ def run_layer(
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *state0, *params))
     return run(cfg, bs, x, state0, params, training)
+
+
+def run_step(
+    spec: Any, x: Tensor, state: Sequence[Tensor], params: Sequence[Tensor | None]
+) -> tuple[Tensor, ...] | None:
+    """One streaming step (B, I) through the ``step`` operator, forward only; None where it
+    cannot run (no kernel, dtype, device), so the caller takes the layer path.
+
+    The short path matters: at batch 1 most of a step's time is per-call overhead, so the
+    variant's kernel config is looked up once per cell math object and nothing else is checked.
+    """
+    cfg = getattr(spec, "_fused_step_config", None)
+    if cfg is None:
+        if unavailable_reason(spec, x.dtype, x.device) is not None or _build.load() is None:
+            return None
+        cfg = config_of(spec)
+        spec._fused_step_config = cfg
+    elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    h, c = torch.ops.rnnkit_fused.step(*cfg.args(), x, state[0], state[1] if cfg.kind == 1 else None,
+                                       params[0], params[1], params[2], params[3],
+                                       peephole_weights(cfg, params), _function.loop_threads)
+    return (h, c) if cfg.kind == 1 else (h,)
 
 
 # ---- torch's own fused op for the plain LSTM -----------------------------------------------------
