@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for both sides (default: torch's choice)")
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="T,B,H triples (default: speed.py's shapes and each at batch 1)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="one shape, two variants, 3 repeats")
     parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
@@ -165,6 +167,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     shapes = SHAPES + [(t, 1, h) for t, b, h in SHAPES if b != 1]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
     variants, repeats = args.variants, args.repeats
     if args.quick:
         shapes, variants, repeats = [(35, 20, 200), (35, 1, 200)], ["lstm", "gru_before"], 3
@@ -182,7 +186,7 @@ def main() -> None:
     text = markdown(rows, step, threads, load)
     print()
     print(text)
-    if not args.quick:
+    if not (args.quick or args.shapes or args.variants != list(VARIANTS)):
         write_section(args.out, text)
         print(f"wrote the inference section of {args.out}")
 
