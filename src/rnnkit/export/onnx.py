@@ -458,8 +458,8 @@ def export_onnx(
     require_exporter()
     check_exportable(module, args, kwargs)
     path = Path(path)
-    names = list(input_names) if input_names else [n for n, _ in _named_inputs(module, args, kwargs)]
     args, kwargs = _positional(module, args, kwargs)
+    names = list(input_names) if input_names else [n for n, _ in _named_inputs(module, args, kwargs)]
     wrapped = _Outputs(module)
     wrapped.training = module.training  # (not .train(): that would switch the module itself)
     # (the wrapper's signature is (*args, **kwargs): dynamic shapes are keyed by those names)
