@@ -4,17 +4,18 @@ Seam used by the engine::
 
     unavailable_reason(spec, dtype, device) -> str | None
     run_layer(spec, x, state0, params, batch_sizes) -> (outputs, final_state)
+    run_step(spec, x_t, state, params) -> new_state | None      (inference only)
 
-``spec`` is any object with ``kind`` ("rnn" | "lstm" | "gru"), ``nonlinearity`` ("tanh" |
-"relu" | "sigmoid", rnn), ``peephole`` and ``coupled`` (lstm) and ``reset`` ("after" |
-"before", gru). ``x`` is (T, B, I); ``state0`` is ``(h0,)`` or ``(h0, c0)``; ``params`` is
+``spec`` is a cell math object (its ``spec``, a :class:`~rnnkit.cells.CellSpec`) or a CellSpec;
+``_function.KERNELS`` maps each variant to its kernel and an unknown one raises. ``x`` is
+(T, B, I); ``state0`` is ``(h0,)`` or ``(h0, c0)``; ``params`` is
 ``(w_ih, w_hh, b_ih | None, b_hh | None, *peephole)``; ``batch_sizes`` is None or T non-increasing
 ints (active rows are the prefix; inactive rows keep their state and output 0).
 
 The kernels are torch operators (``torch.ops.rnnkit_fused``, see ``_function``), so
 ``torch.compile``, ``torch.export`` and ``torch.library.opcheck`` see one operator per layer and
-direction. They (``csrc/fused_rnn.cpp``) run the time loop inside one OpenMP region: each thread owns
-a slice of hidden units, computes its columns of the recurrent GEMM with the oneDNN brgemm
+direction. They (``csrc/fused_rnn.cpp``) run the time loop inside one OpenMP region: each thread
+owns a slice of hidden units, computes its columns of the recurrent GEMM with the oneDNN brgemm
 micro-kernel that torch exports, updates its units, and meets the others at one barrier per step.
 The input projection, ``dx`` and the weight gradients are single parallel GEMMs over all steps.
 
