@@ -6,13 +6,24 @@ The public surface::
     rnnkit.RNNCell / LSTMCell / GRUCell / StackedCell  one step at a time
     rnnkit.LSTMState(h, c)                           an LSTM's state
     rnnkit.unroll(cell, inputs, ...)                 any cell over a sequence
+    rnnkit.export_onnx(module, args, path)           ONNX with ONNX's own LSTM/GRU/RNN nodes
 """
+
+from typing import Any
 
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell, StackedCell
 from rnnkit.engine.unroll import unroll
 from rnnkit.layers import GRU, LSTM, RNN
 
 __version__ = "0.1.0"
+
+
+def export_onnx(*args: Any, **kwargs: Any) -> Any:
+    """:func:`rnnkit.export.onnx.export_onnx` (imported on first use: it needs onnxscript)."""
+    from rnnkit.export.onnx import export_onnx as export
+
+    return export(*args, **kwargs)
+
 
 __all__ = [
     "GRU",
@@ -24,5 +35,6 @@ __all__ = [
     "RNNCell",
     "StackedCell",
     "__version__",
+    "export_onnx",
     "unroll",
 ]

@@ -139,6 +139,10 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
     commands.add_parser("tasks", help="the tasks and the data each one reads",
                         description="List the tasks, their data formats and default data.")
 
+    from rnnkit.export import cli as export_cli
+
+    export_cli.add_parser(commands)
+
     hello = commands.add_parser("hello", help="the classic h-e-l-l-o RNN demo, in seconds",
                                 description="Train a 4-symbol RNN to continue 'hell' as 'ello'.")
     hello.add_argument("--steps", type=_typed(CommandOptions, "steps", "--steps"), default=100,
@@ -337,8 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from rnnkit.export import cli as export_cli
+
     handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate,
-                "transcribe": _transcribe, "tasks": _tasks, "hello": _hello}
+                "transcribe": _transcribe, "tasks": _tasks, "hello": _hello, "export": export_cli.run}
     try:
         return handlers[args.command](args)
     except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from rnnkit.cells.base import CellMath
+from rnnkit.cells.base import CellMath, pickle_state, unpickle_state
 from rnnkit.cells.elman import ElmanMath
 from rnnkit.cells.gru import GRUMath
 from rnnkit.cells.lstm import LSTMMath, init_forget_bias
@@ -89,6 +89,12 @@ class RecurrentLayer(nn.Module):
                     names.append(base + suffix)
                 self._param_names.append(names)
         self.reset_parameters()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return pickle_state(super().__getstate__())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(unpickle_state(state))
 
     @property
     def num_directions(self) -> int:

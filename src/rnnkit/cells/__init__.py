@@ -1,13 +1,26 @@
 """The cells: the math of each recurrent family once, and the one-step API around it."""
 
-from rnnkit.cells.base import CellMath, RecurrentCell
+from rnnkit.cells.base import CellMath, CellSpec, RecurrentCell
 from rnnkit.cells.elman import ElmanMath, RNNCell
 from rnnkit.cells.gru import GRUCell, GRUMath
 from rnnkit.cells.lstm import LSTMCell, LSTMMath, LSTMState
 from rnnkit.cells.stacked import StackedCell
 
+
+def math_for(spec: CellSpec) -> CellMath:
+    """The math object of a cell variant (how a pickled layer or cell rebuilds its math)."""
+    if spec.kind == "rnn":
+        return ElmanMath(spec.nonlinearity)
+    if spec.kind == "lstm":
+        return LSTMMath(spec.peephole, spec.coupled)
+    if spec.kind == "gru":
+        return GRUMath(spec.reset)
+    raise ValueError(f"unknown cell kind {spec.kind!r}")
+
+
 __all__ = [
     "CellMath",
+    "CellSpec",
     "ElmanMath",
     "GRUCell",
     "GRUMath",
@@ -17,4 +30,5 @@ __all__ = [
     "RNNCell",
     "RecurrentCell",
     "StackedCell",
+    "math_for",
 ]

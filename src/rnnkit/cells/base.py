@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,22 @@ from rnnkit.validation import check_cell_input
 
 State = tuple[Tensor, ...]
 """A cell's state: ``(h,)`` for Elman and GRU, ``LSTMState(h, c)`` for LSTM."""
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """The whole identity of a cell variant, as plain values: what kernels dispatch on.
+
+    Every backend that compiles a cell (the fused C++ engine, the ONNX exporter) looks a spec up
+    in its own table of the variants it implements; a spec missing from a table raises there,
+    so a new field (a variant a table does not know) can never fall through to the wrong kernel.
+    """
+
+    kind: str  # "rnn" | "lstm" | "gru"
+    nonlinearity: str = "tanh"  # rnn: "tanh" | "relu" | "sigmoid"
+    peephole: bool = False  # lstm
+    coupled: bool = False  # lstm
+    reset: str = "after"  # gru: "after" | "before"
 
 
 class CellMath(ABC):
@@ -55,6 +72,11 @@ class CellMath(ABC):
     diagonal_names: tuple[str, ...] = ()
     #: True when d(gx) and d(recurrent pre-activation) are the same tensor (Elman, LSTM)
     shares_preactivation_grad: bool = True
+
+    @property
+    @abstractmethod
+    def spec(self) -> CellSpec:
+        """This variant as a :class:`CellSpec`."""
 
     @abstractmethod
     def step(
@@ -105,6 +127,27 @@ def recurrent_projection(h: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor
     return torch.addmm(b_hh, h, w_hh.t())
 
 
+def pickle_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A layer's or cell's pickled ``__dict__`` with its math replaced by plain values.
+
+    Like ``torch.nn.LSTM``, a pickle of an rnnkit module holds only its class, tensors and plain
+    values, so ``torch.load(weights_only=True)`` accepts it once the module classes are allowed;
+    the math object is rebuilt from the spec on load (:func:`unpickle_state`).
+    """
+    state = dict(state)
+    spec = state.pop("math").spec
+    state["_cell_spec"] = (spec.kind, spec.nonlinearity, spec.peephole, spec.coupled, spec.reset)
+    return state
+
+
+def unpickle_state(state: dict[str, Any]) -> dict[str, Any]:
+    from rnnkit.cells import math_for
+
+    state = dict(state)
+    state["math"] = math_for(CellSpec(*state.pop("_cell_spec")))
+    return state
+
+
 class RecurrentCell(nn.Module):
     """Base of the cell-level API: one layer's parameters and one step at a time.
 
@@ -136,6 +179,12 @@ class RecurrentCell(nn.Module):
         for name in math_.diagonal_names:
             setattr(self, name, nn.Parameter(torch.empty(hidden_size)))
         self.reset_parameters()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return pickle_state(super().__getstate__())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(unpickle_state(state))
 
     def reset_parameters(self) -> None:
         """Uniform(-1/√H, 1/√H) for every parameter, as ``torch.nn`` initialises its cells."""
@@ -181,8 +230,7 @@ class RecurrentCell(nn.Module):
         # it (a streaming step), and the cell shares every backend's tested code path
         params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                   *self.diagonal_weights)
-        _, new_state = _engine().run_layer(self.math, x_t.unsqueeze(0), tuple(state), params)
-        new_state = self.math.make_state(new_state)
+        new_state = self.math.make_state(_engine().run_step(self.math, x_t, tuple(state), params))
         if unbatched:
             new_state = self.math.make_state([s.squeeze(0) for s in new_state])
         return new_state[0], new_state

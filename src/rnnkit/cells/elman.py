@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from rnnkit.cells.base import CellMath, RecurrentCell, State, recurrent_projection
+from rnnkit.cells.base import CellMath, CellSpec, RecurrentCell, State, recurrent_projection
 
 NONLINEARITIES = ("tanh", "relu", "sigmoid")
 
@@ -38,6 +38,10 @@ class ElmanMath(CellMath):
                 f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}"
             )
         self.nonlinearity = nonlinearity
+
+    @property
+    def spec(self) -> CellSpec:
+        return CellSpec("rnn", nonlinearity=self.nonlinearity)
 
     def activation(self, pre: Tensor) -> Tensor:
         if self.nonlinearity == "tanh":

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from rnnkit.cells.base import (
     CellMath,
+    CellSpec,
     RecurrentCell,
     State,
     recurrent_projection,
@@ -59,6 +60,10 @@ class GRUMath(CellMath):
         if reset not in RESET_FORMS:
             raise ValueError(f"reset must be one of {RESET_FORMS}, got {reset!r}")
         self.reset = reset
+
+    @property
+    def spec(self) -> CellSpec:
+        return CellSpec("gru", reset=self.reset)
 
     def step(
         self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor]

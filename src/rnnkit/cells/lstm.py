@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from rnnkit.cells.base import (
     CellMath,
+    CellSpec,
     RecurrentCell,
     State,
     recurrent_projection,
@@ -70,6 +71,10 @@ class LSTMMath(CellMath):
         if peephole:
             self.diagonal_names = ("weight_ci", "weight_co") if coupled else (
                 "weight_ci", "weight_cf", "weight_co")
+
+    @property
+    def spec(self) -> CellSpec:
+        return CellSpec("lstm", peephole=self.peephole, coupled=self.coupled)
 
     def make_state(self, tensors: Sequence[Tensor]) -> LSTMState:
         return LSTMState(*tensors)

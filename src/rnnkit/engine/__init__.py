@@ -114,4 +114,23 @@ def run_layer(
     return BACKENDS[name](math, x, state0, params, batch_sizes)
 
 
-__all__ = ["BACKENDS", "get_default_backend", "run_layer", "set_default_backend", "torch_runs_stack"]
+def run_step(
+    math: CellMath,
+    x_t: Tensor,
+    state: State,
+    params: Sequence[Tensor | None],
+    backend: str | None = None,
+) -> State:
+    """One time step (B, I) of a cell: a layer of length 1, or — for inference with the fused
+    backend — the fused ``step`` operator, the shortest path to the same kernel."""
+    if (backend or _default_backend) == "fused" and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x_t, *state, *params))):
+        new_state = fused.run_step(math, x_t, state, params)
+        if new_state is not None:
+            return new_state
+    _, new_state = run_layer(math, x_t.unsqueeze(0), state, params, None, backend)
+    return new_state
+
+
+__all__ = ["BACKENDS", "get_default_backend", "run_layer", "run_step", "set_default_backend",
+           "torch_runs_stack"]

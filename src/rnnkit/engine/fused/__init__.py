@@ -4,15 +4,18 @@ Seam used by the engine::
 
     unavailable_reason(spec, dtype, device) -> str | None
     run_layer(spec, x, state0, params, batch_sizes) -> (outputs, final_state)
+    run_step(spec, x_t, state, params) -> new_state | None      (inference only)
 
-``spec`` is any object with ``kind`` ("rnn" | "lstm" | "gru"), ``nonlinearity`` ("tanh" |
-"relu" | "sigmoid", rnn), ``peephole`` and ``coupled`` (lstm) and ``reset`` ("after" |
-"before", gru). ``x`` is (T, B, I); ``state0`` is ``(h0,)`` or ``(h0, c0)``; ``params`` is
+``spec`` is a cell math object (its ``spec``, a :class:`~rnnkit.cells.CellSpec`) or a CellSpec;
+``_function.KERNELS`` maps each variant to its kernel and an unknown one raises. ``x`` is
+(T, B, I); ``state0`` is ``(h0,)`` or ``(h0, c0)``; ``params`` is
 ``(w_ih, w_hh, b_ih | None, b_hh | None, *peephole)``; ``batch_sizes`` is None or T non-increasing
 ints (active rows are the prefix; inactive rows keep their state and output 0).
 
-The kernels (``csrc/fused_rnn.cpp``) run the time loop inside one OpenMP region: each thread owns
-a slice of hidden units, computes its columns of the recurrent GEMM with the oneDNN brgemm
+The kernels are torch operators (``torch.ops.rnnkit_fused``, see ``_function``), so
+``torch.compile``, ``torch.export`` and ``torch.library.opcheck`` see one operator per layer and
+direction. They (``csrc/fused_rnn.cpp``) run the time loop inside one OpenMP region: each thread
+owns a slice of hidden units, computes its columns of the recurrent GEMM with the oneDNN brgemm
 micro-kernel that torch exports, updates its units, and meets the others at one barrier per step.
 The input projection, ``dx`` and the weight gradients are single parallel GEMMs over all steps.
 
@@ -29,10 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnnkit.engine.fused import _build
-from rnnkit.engine.fused._function import FusedLayer, config_of, run_inference
+from rnnkit.engine.fused import _build, _function
+from rnnkit.engine.fused._function import config_of, peephole_weights, run
 
-__all__ = ["run_layer", "unavailable_reason"]
+__all__ = ["run_layer", "run_step", "unavailable_reason"]
 
 # Dispatch the plain LSTM to torch's own fused op (see native_op). Benchmarks turn it off to
 # compare rnnkit's kernel on the same case.
@@ -66,18 +69,39 @@ def run_layer(
     native = native_op(spec, x, params[1].shape[1] if params[1] is not None else None)
     if native is not None:
         return native(x, state0, params, batch_sizes)
-    ext = _build.load()
-    if ext is None:
+    if _build.load() is None:
         raise RuntimeError(f"fused backend unavailable: {_build.error()}")
     cfg = config_of(spec)
     bs = None if batch_sizes is None else [int(b) for b in batch_sizes]
     if bs is not None and all(b == x.shape[1] for b in bs):
         bs = None
-    tensors = (*state0, *params)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
-        out = FusedLayer.apply(ext, cfg, bs, len(state0), x, *tensors)
-        return out[0], tuple(out[1:])
-    return run_inference(ext, cfg, bs, x, state0, params)
+    # Save activations only when a gradient will be asked for.
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *state0, *params))
+    return run(cfg, bs, x, state0, params, training)
+
+
+def run_step(
+    spec: Any, x: Tensor, state: Sequence[Tensor], params: Sequence[Tensor | None]
+) -> tuple[Tensor, ...] | None:
+    """One streaming step (B, I) through the ``step`` operator, forward only; None where it
+    cannot run (no kernel, dtype, device), so the caller takes the layer path.
+
+    The short path matters: at batch 1 most of a step's time is per-call overhead, so the
+    variant's kernel config is looked up once per cell math object and nothing else is checked.
+    """
+    cfg = getattr(spec, "_fused_step_config", None)
+    if cfg is None:
+        if unavailable_reason(spec, x.dtype, x.device) is not None or _build.load() is None:
+            return None
+        cfg = config_of(spec)
+        spec._fused_step_config = cfg
+    elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    h, c = torch.ops.rnnkit_fused.step(*cfg.args(), x, state[0], state[1] if cfg.kind == 1 else None,
+                                       params[0], params[1], params[2], params[3],
+                                       peephole_weights(cfg, params), _function.loop_threads)
+    return (h, c) if cfg.kind == 1 else (h,)
 
 
 # ---- torch's own fused op for the plain LSTM -----------------------------------------------------

@@ -1,33 +1,44 @@
-"""The autograd Function around the C++ layer kernels (forward saves activations, backward is the
-kernel's hand-derived BPTT) and the inference path that saves nothing."""
+"""The fused kernels as torch operators: the dispatch table, fake kernels and autograd.
+
+The C++ library (``csrc/fused_rnn.cpp``) defines three operators with ``TORCH_LIBRARY``:
+
+* ``rnnkit_fused::layer_forward``: one layer in one direction, the whole time loop; with
+  ``training=True`` it also returns the activations ``layer_backward`` needs;
+* ``rnnkit_fused::layer_backward``: the hand-derived BPTT of ``layer_forward``;
+* ``rnnkit_fused::step``: one streaming time step (B, I) -> (h, c), nothing saved.
+
+This module registers what torch's tools need besides the CPU kernels: a fake (shape-only)
+kernel for each operator, so ``torch.compile`` / ``torch.export`` trace them without running
+them, and ``layer_backward`` as the autograd formula of ``layer_forward``. Registered once,
+right after the library is loaded (see ``_build``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from types import ModuleType
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from rnnkit.cells.base import CellSpec
+
+NAMESPACE = "rnnkit_fused"
 
 # Threads for the C++ time loop; 0 = automatic. Tests set it to force the multi-thread split.
 loop_threads = 0
 
-_KINDS = {"rnn": 0, "lstm": 1, "gru": 2}
-_ACTS = {"tanh": 0, "relu": 1, "sigmoid": 2}
-
 
 @dataclass(frozen=True)
 class Config:
-    """The integer form of a cell spec that the C++ entry points take."""
+    """The variant arguments every operator takes first (the C++ ``Variant``)."""
 
-    kind: int
-    act: int
+    kind: int  # 0 rnn, 1 lstm, 2 gru
+    act: int  # rnn: 0 tanh, 1 relu, 2 sigmoid
     peephole: bool
     coupled: bool
-    before: bool
+    before: bool  # gru: reset gate applied before the recurrent product
 
     @property
     def num_peephole(self) -> int:
@@ -35,34 +46,53 @@ class Config:
             return 0
         return 2 if self.coupled else 3
 
+    @property
+    def num_states(self) -> int:
+        return 2 if self.kind == 1 else 1
+
     def args(self) -> tuple[int, int, bool, bool, bool]:
         return self.kind, self.act, self.peephole, self.coupled, self.before
 
 
-def config_of(spec: Any) -> Config:
-    """Validates a duck-typed cell spec; raises ValueError with a short reason."""
-    kind = getattr(spec, "kind", None)
-    if kind not in _KINDS:
-        raise ValueError(f"cell kind {kind!r}")
-    act = 0
-    if kind == "rnn":
-        nonlinearity = getattr(spec, "nonlinearity", "tanh")
-        if nonlinearity not in _ACTS:
-            raise ValueError(f"nonlinearity {nonlinearity!r}")
-        act = _ACTS[nonlinearity]
-    lstm = kind == "lstm"
-    peephole = lstm and bool(getattr(spec, "peephole", False))
-    coupled = lstm and bool(getattr(spec, "coupled", False))
-    before = False
-    if kind == "gru":
-        reset = getattr(spec, "reset", "after")
-        if reset not in ("after", "before"):
-            raise ValueError(f"gru reset {reset!r}")
-        before = reset == "before"
-    return Config(_KINDS[kind], act, peephole, coupled, before)
+# The one table from cell variant to kernel: every variant the C++ implements, and only those.
+KERNELS: dict[CellSpec, Config] = {
+    CellSpec("rnn", nonlinearity="tanh"): Config(0, 0, False, False, False),
+    CellSpec("rnn", nonlinearity="relu"): Config(0, 1, False, False, False),
+    CellSpec("rnn", nonlinearity="sigmoid"): Config(0, 2, False, False, False),
+    CellSpec("lstm"): Config(1, 0, False, False, False),
+    CellSpec("lstm", peephole=True): Config(1, 0, True, False, False),
+    CellSpec("lstm", coupled=True): Config(1, 0, False, True, False),
+    CellSpec("lstm", peephole=True, coupled=True): Config(1, 0, True, True, False),
+    CellSpec("gru", reset="after"): Config(2, 0, False, False, False),
+    CellSpec("gru", reset="before"): Config(2, 0, False, False, True),
+}
 
 
-def _peep(cfg: Config, params: Sequence[Tensor | None]) -> Tensor | None:
+def spec_of(cell: Any) -> CellSpec:
+    """The :class:`CellSpec` of a cell math object (its ``spec``), or of a spec-like dataclass."""
+    if isinstance(cell, CellSpec):
+        return cell
+    spec = getattr(cell, "spec", None)
+    if isinstance(spec, CellSpec):
+        return spec
+    if is_dataclass(cell) and not isinstance(cell, type):
+        try:
+            return CellSpec(**asdict(cell))
+        except TypeError as exc:
+            raise ValueError(f"not a cell spec: {cell!r} ({exc})") from None
+    raise ValueError(f"not a cell spec: {cell!r}")
+
+
+def config_of(cell: Any) -> Config:
+    """The kernel for a cell; raises ValueError naming the variant if there is none."""
+    spec = spec_of(cell)
+    try:
+        return KERNELS[spec]
+    except KeyError:
+        raise ValueError(f"no fused kernel for {spec}") from None
+
+
+def peephole_weights(cfg: Config, params: Sequence[Tensor | None]) -> Tensor | None:
     """The peephole vectors stacked as one (P, H) tensor, or None."""
     if cfg.num_peephole == 0:
         return None
@@ -75,118 +105,128 @@ def _peep(cfg: Config, params: Sequence[Tensor | None]) -> Tensor | None:
 def _check(cfg: Config, x: Tensor, state0: Sequence[Tensor]) -> None:
     if x.dim() != 3:
         raise ValueError(f"x must be (T, B, I), got shape {tuple(x.shape)}")
-    want = 2 if cfg.kind == 1 else 1
-    if len(state0) != want:
-        raise ValueError(f"expected {want} state tensors, got {len(state0)}")
+    if len(state0) != cfg.num_states:
+        raise ValueError(f"expected {cfg.num_states} state tensors, got {len(state0)}")
 
 
-def run_inference(
-    ext: ModuleType,
+def run(
     cfg: Config,
     batch_sizes: list[int] | None,
     x: Tensor,
     state0: Sequence[Tensor],
     params: Sequence[Tensor | None],
+    training: bool,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Forward only; no activations are kept."""
+    """One layer and direction through ``layer_forward`` (differentiable when ``training``)."""
     _check(cfg, x, state0)
     w_ih, w_hh, b_ih, b_hh = params[:4]
     c0 = state0[1] if cfg.kind == 1 else None
-    with torch.no_grad():
-        y, h, c, *_ = ext.forward(
-            *cfg.args(),
-            x,
-            state0[0],
-            c0,
-            w_ih,
-            w_hh,
-            b_ih,
-            b_hh,
-            _peep(cfg, params),
-            batch_sizes or [],
-            False,
-            loop_threads,
-        )
+    y, h, c, *_ = torch.ops.rnnkit_fused.layer_forward(
+        *cfg.args(), x, state0[0], c0, w_ih, w_hh, b_ih, b_hh, peephole_weights(cfg, params),
+        batch_sizes or [], training, loop_threads,
+    )
     return y, ((h, c) if cfg.kind == 1 else (h,))
 
 
-class FusedLayer(torch.autograd.Function):
-    """inputs: ext, cfg, batch_sizes, num_states, x, *state0, w_ih, w_hh, b_ih, b_hh, *peephole."""
+# ---- registrations (run once the library is loaded) ----------------------------------------------
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        ext: ModuleType,
-        cfg: Config,
-        batch_sizes: list[int] | None,
-        num_states: int,
-        x: Tensor,
-        *tensors: Tensor | None,
-    ) -> tuple[Tensor, ...]:
-        state0, params = tensors[:num_states], tensors[num_states:]
-        _check(cfg, x, state0)
-        w_ih, w_hh, b_ih, b_hh = params[:4]
-        c0 = state0[1] if cfg.kind == 1 else None
-        peep = _peep(cfg, params)
-        y, h, c, acts, cs, extra = ext.forward(
-            *cfg.args(),
-            x,
-            state0[0],
-            c0,
-            w_ih,
-            w_hh,
-            b_ih,
-            b_hh,
-            peep,
-            batch_sizes or [],
-            True,
-            loop_threads,
-        )
-        ctx.ext, ctx.cfg, ctx.batch_sizes, ctx.num_states = ext, cfg, batch_sizes, num_states
-        ctx.has_bias = b_ih is not None
-        ctx.save_for_backward(x, state0[0], c0, w_ih, w_hh, peep, y, acts, cs, extra)
-        return (y, h, c) if cfg.kind == 1 else (y, h)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, gy: Tensor | None, *gstate: Tensor | None) -> tuple[Tensor | None, ...]:
-        cfg: Config = ctx.cfg
-        x, h0, c0, w_ih, w_hh, peep, y, acts, cs, extra = ctx.saved_tensors
-        needs = ctx.needs_input_grad  # (ext, cfg, bs, n, x, *state0, *params)
-        n = ctx.num_states
-        need_dx = needs[4]
-        need_dw = any(needs[5 + n :])
-        if gy is None:
-            gy = torch.zeros_like(y)
-        ghT = gstate[0]
-        gcT = gstate[1] if cfg.kind == 1 else None
-        dx, dh0, dc0, dwih, dwhh, dbih, dbhh, dpeep = ctx.ext.backward(
-            *cfg.args(),
-            x,
-            h0,
-            c0,
-            w_ih,
-            w_hh,
-            peep,
-            ctx.has_bias,
-            ctx.batch_sizes or [],
-            y,
-            acts,
-            cs,
-            extra,
-            gy,
-            ghT,
-            gcT,
-            need_dx,
-            need_dw,
-            loop_threads,
-        )
-        states = (dh0, dc0) if cfg.kind == 1 else (dh0,)
-        if ctx.has_bias:
-            if dbhh is not None and dbhh is dbih:
-                dbhh = dbih.clone()
-            bias_grads = (dbih, dbhh)
-        else:
-            bias_grads = (None, None)
-        peeps = () if dpeep is None else tuple(dpeep.unbind(0))
-        return (None, None, None, None, dx, *states, dwih, dwhh, *bias_grads, *peeps)
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+def _forward_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before: bool,
+                  x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Tensor | None, b_hh: Tensor | None, peephole_weights: Tensor | None,
+                  batch_sizes: list[int], training: bool, threads: int) -> tuple[Tensor, ...]:
+    steps, batch, hidden = x.shape[0], x.shape[1], h0.shape[1]
+    lstm, gru = kind == 1, kind == 2
+    state = x.new_empty((batch, hidden))
+    return (
+        x.new_empty((steps, batch, hidden)),
+        state,
+        x.new_empty((batch, hidden)) if lstm else _empty(x),
+        x.new_empty((steps, batch, w_hh.shape[0])) if training else _empty(x),
+        x.new_empty((steps, batch, hidden)) if training and lstm else _empty(x),
+        x.new_empty((steps, batch, hidden)) if training and gru else _empty(x),
+    )
+
+
+def _backward_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before: bool,
+                   x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
+                   peephole_weights: Tensor | None, has_bias: bool, batch_sizes: list[int],
+                   y: Tensor, acts: Tensor, cells: Tensor, extra: Tensor, grad_y: Tensor,
+                   grad_h_n: Tensor | None, grad_c_n: Tensor | None, need_dx: bool, need_dw: bool,
+                   threads: int) -> tuple[Tensor, ...]:
+    rows = w_hh.shape[0]
+    bias = need_dw and has_bias
+    return (
+        torch.empty_like(x) if need_dx else _empty(x),
+        torch.empty_like(h0),
+        torch.empty_like(h0) if kind == 1 else _empty(x),
+        torch.empty_like(w_ih) if need_dw else _empty(x),
+        torch.empty_like(w_hh) if need_dw else _empty(x),
+        x.new_empty((rows,)) if bias else _empty(x),
+        x.new_empty((rows,)) if bias else _empty(x),
+        torch.empty_like(peephole_weights) if peephole_weights is not None else _empty(x),
+    )
+
+
+def _step_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before: bool,
+               x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w_hh: Tensor,
+               b_ih: Tensor | None, b_hh: Tensor | None, peephole_weights: Tensor | None,
+               threads: int) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(h), (torch.empty_like(h) if kind == 1 else _empty(x))
+
+
+# layer_forward's positional arguments, by name (for setup_context / backward)
+_X, _H0, _C0, _WIH, _WHH, _BIH, _BHH, _PEEP, _BATCH_SIZES, _TRAINING, _THREADS = range(5, 16)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    y, _, _, acts, cells, extra = output
+    ctx.variant = inputs[:5]
+    ctx.batch_sizes = inputs[_BATCH_SIZES]
+    ctx.threads = inputs[_THREADS]
+    ctx.training = inputs[_TRAINING]
+    ctx.has_bias = inputs[_BIH] is not None
+    ctx.save_for_backward(inputs[_X], inputs[_H0], inputs[_C0], inputs[_WIH], inputs[_WHH],
+                          inputs[_PEEP], y, acts, cells, extra)
+
+
+def _backward(ctx: Any, grad_y: Tensor, grad_h: Tensor, grad_c: Tensor, *_: Tensor
+              ) -> tuple[Tensor | None, ...]:
+    if not ctx.training:
+        raise RuntimeError("rnnkit_fused::layer_forward ran with training=False: it saved "
+                           "nothing to differentiate")
+    x, h0, c0, w_ih, w_hh, peep, y, acts, cells, extra = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    need_dx = needs[_X]
+    need_dw = any(needs[i] for i in (_WIH, _WHH, _BIH, _BHH, _PEEP))
+    lstm = ctx.variant[0] == 1
+    dx, dh0, dc0, dwih, dwhh, dbih, dbhh, dpeep = torch.ops.rnnkit_fused.layer_backward(
+        *ctx.variant, x, h0, c0, w_ih, w_hh, peep, ctx.has_bias, ctx.batch_sizes, y, acts, cells,
+        extra, grad_y, grad_h, grad_c if lstm else None, need_dx, need_dw, ctx.threads,
+    )
+    bias = ctx.has_bias and need_dw
+    return (
+        None, None, None, None, None,
+        dx if need_dx else None,
+        dh0,
+        dc0 if lstm else None,
+        dwih if need_dw else None,
+        dwhh if need_dw else None,
+        dbih if bias else None,
+        dbhh if bias else None,
+        dpeep if peep is not None else None,
+        None, None, None,
+    )
+
+
+def register() -> None:
+    """Fake kernels and autograd for the operators; called once after the library is loaded."""
+    torch.library.register_fake(f"{NAMESPACE}::layer_forward")(_forward_fake)
+    torch.library.register_fake(f"{NAMESPACE}::layer_backward")(_backward_fake)
+    torch.library.register_fake(f"{NAMESPACE}::step")(_step_fake)
+    torch.library.register_autograd(f"{NAMESPACE}::layer_forward", _backward,
+                                    setup_context=_setup_context)

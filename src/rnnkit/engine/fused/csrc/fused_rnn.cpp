@@ -22,7 +22,9 @@
 //   GRU    r,z,n: r = s(xr + hr); z = s(xz + hz);
 //          after:  n = tanh(xn + r (W_hn h + b_hn));  before: n = tanh(xn + W_hn (r h) + b_hn)
 //          h' = (1 - z) n + z h
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
 #include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
 #include <omp.h>
@@ -56,6 +58,35 @@ using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const
                          const double*, double*, const int*);
 sgemm_t g_sgemm = nullptr;
 dgemm_t g_dgemm = nullptr;
+// GEMV of the same BLAS, for float64 one-row products (float ones use gemv_rows below): at
+// batch 1 every recurrent product is a vector times the weight, a GEMM with one column.
+using sgemv_t = void (*)(const char*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+using dgemv_t = void (*)(const char*, const int*, const int*, const double*, const double*,
+                         const int*, const double*, const int*, const double*, double*,
+                         const int*);
+sgemv_t g_sgemv = nullptr;
+dgemv_t g_dgemv = nullptr;
+
+// Row-major c(1, N) (+)= a(1, K) op(B) through BLAS gemv, where op(B) is B (K, N) with leading
+// dimension ldb (transposed = false) or Bt^T for Bt (N, K) (transposed = true). False if no gemv.
+template <typename T>
+bool blas_gemv(bool transposed, int64_t N, int64_t K, const T* a, const T* B, int64_t ldb, T* c,
+               bool acc) {
+  // row-major B (K, N) is column-major (N, K): c = B_cm a ("N"); row-major Bt (N, K) is
+  // column-major (K, N): c = Bt_cm^T a ("T")
+  const int m = static_cast<int>(transposed ? K : N), n = static_cast<int>(transposed ? N : K);
+  const int ld = static_cast<int>(ldb), one_i = 1;
+  const T one = 1, beta = acc ? T(1) : T(0);
+  if constexpr (std::is_same_v<T, float>) {
+    if (!g_sgemv) return false;
+    g_sgemv(transposed ? "T" : "N", &m, &n, &one, B, &ld, a, &one_i, &beta, c, &one_i);
+  } else {
+    if (!g_dgemv) return false;
+    g_dgemv(transposed ? "T" : "N", &m, &n, &one, B, &ld, a, &one_i, &beta, c, &one_i);
+  }
+  return true;
+}
 
 template <typename T>
 void loop_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
@@ -115,11 +146,30 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
   loop_gemm(M, N, K, A, lda, B, ldb, C, ldc, acc);
 }
 
+// Row-major c(1, N) (+)= a(1, K) Bt(N, K)^T: one dot product per row of the weight as stored.
+// The batch-1 recurrent product. Not BLAS: MKL's sgemv on the AMD EPYC machines this project
+// runs on takes 79 us for a 768 x 256 weight where OpenBLAS takes 10 us (measured, 1 thread);
+// a vectorised dot per row streams the weight once at cache bandwidth on any x86 CPU.
+inline void gemv_rows(int64_t N, int64_t K, const float* a, const float* Bt, int64_t ldbt,
+                      float* c, bool acc) {
+  for (int64_t n = 0; n < N; ++n) {
+    const float* w = Bt + n * ldbt;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t k = 0; k < K; ++k) sum += w[k] * a[k];
+    c[n] = acc ? c[n] + sum : sum;
+  }
+}
+
 // Row-major C(M, N) (+)= A(M, K) Bt(N, K)^T: the weight used as stored, no transposed copy.
 template <typename T>
 void gemm_bt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bt,
              int64_t ldbt, T* C, int64_t ldc, bool acc) {
   if (M <= 0 || N <= 0) return;
+  if (M == 1 && K > 0) {
+    if constexpr (std::is_same_v<T, float>) return gemv_rows(N, K, A, Bt, ldbt, C, acc);
+    if (blas_gemv<T>(true, N, K, A, Bt, ldbt, C, acc)) return;
+  }
   if (K > 0) {
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
     const int la = static_cast<int>(ldbt), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
@@ -832,10 +882,12 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
       bias.add_(b_hh);
   }
   at::Tensor gates = at::empty({T_, B, GH}, opts);
-  // Few rows (streaming steps): use the weights as stored through BLAS; transposed copies for
-  // the brgemm micro-kernel would cost more than the GEMMs themselves.
+  // Few rows (streaming steps) or batch 1: use the weights as stored through BLAS. Transposed
+  // copies for the brgemm micro-kernel would cost more than the GEMMs themselves, and at batch 1
+  // every recurrent product is a GEMV, which gains nothing from them (a strided transposition
+  // of a 600 x 200 weight takes ~110 us, ten steps' worth).
   const bool have_blas = std::is_same_v<T, float> ? g_sgemm != nullptr : g_dgemm != nullptr;
-  const bool as_stored = have_blas && T_ * B < kAsStoredRows;
+  const bool as_stored = have_blas && (T_ * B < kAsStoredRows || B == 1);
   at::Tensor WhhT;
   RecW<T> W{nullptr, 0, as_stored};
   if (as_stored) {
@@ -879,7 +931,8 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
                     W, nt_loop);
   } else if (!cf.before) {
     at::Tensor gh = at::empty({B, H}, opts);
-    if (training) extra = at::empty({T_, B, H}, opts);
+    // (zeros past each length: an operator's outputs must not depend on uninitialised memory)
+    if (training) extra = part ? at::zeros({T_, B, H}, opts) : at::empty({T_, B, H}, opts);
     at::Tensor bhn;
     if (has_bias) bhn = b_hh.narrow(0, 2 * H, H).contiguous();
     gru_after_fwd_loop<T>(cf, gates.data_ptr<T>(), y.data_ptr<T>(), hst.data_ptr<T>(),
@@ -986,74 +1039,146 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
 
 at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
-std::vector<at::Tensor> forward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
-                                at::Tensor x, at::Tensor h0, std::optional<at::Tensor> c0,
-                                at::Tensor w_ih, at::Tensor w_hh, std::optional<at::Tensor> b_ih,
-                                std::optional<at::Tensor> b_hh, std::optional<at::Tensor> pw,
-                                std::vector<int64_t> batch_sizes, bool training,
-                                int64_t nthreads) {
-  const int64_t H = h0.size(1);
-  Cfg cf = make_cfg(kind, act, peep, coupled, before, x, H, batch_sizes);
-  TORCH_CHECK(w_ih.size(0) == cf.G * H && w_ih.size(1) == cf.I, "w_ih has the wrong shape");
-  TORCH_CHECK(w_hh.size(0) == cf.G * H && w_hh.size(1) == H, "w_hh has the wrong shape");
-  const int nt_all = nthreads > 0 ? static_cast<int>(nthreads) : at::get_num_threads();
-  const int nt = pick_threads(cf, nthreads);
-  at::Tensor c0t = opt(c0), bi = opt(b_ih), bh = opt(b_hh), p = opt(pw);
-  auto cont = [](at::Tensor& t) {
-    if (t.defined()) t = t.contiguous();
-  };
-  x = x.contiguous();
-  h0 = h0.contiguous();
-  cont(c0t);
-  w_ih = w_ih.contiguous();
-  w_hh = w_hh.contiguous();
-  cont(bi);
-  cont(bh);
-  cont(p);
-  if (x.scalar_type() == at::kFloat)
-    return forward_impl<float>(cf, x, h0, c0t, w_ih, w_hh, bi, bh, p, training, nt, nt_all);
-  TORCH_CHECK(x.scalar_type() == at::kDouble, "fused kernels support float32 and float64");
-  return forward_impl<double>(cf, x, h0, c0t, w_ih, w_hh, bi, bh, p, training, nt, nt_all);
+// Operators return defined tensors only (torch.library's contract): a result that does not exist
+// for this cell (c_n of a GRU, activations when not training, a gradient not asked for) is an
+// empty (0,) tensor, and the Python side maps it back to None.
+at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
 }
 
-std::vector<at::Tensor> backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
-                                 at::Tensor x, at::Tensor h0, std::optional<at::Tensor> c0,
-                                 at::Tensor w_ih, at::Tensor w_hh, std::optional<at::Tensor> pw,
-                                 bool has_bias, std::vector<int64_t> batch_sizes, at::Tensor y,
-                                 at::Tensor acts, std::optional<at::Tensor> cs,
-                                 std::optional<at::Tensor> extra, at::Tensor gy,
-                                 std::optional<at::Tensor> ghT, std::optional<at::Tensor> gcT,
-                                 bool need_dx, bool need_dw, int64_t nthreads) {
+// The cell variant of every operator: the first five arguments of each schema.
+struct Variant {
+  int64_t kind, act;
+  bool peep, coupled, before;
+};
+
+void make_contiguous(at::Tensor& t) {
+  if (t.defined()) t = t.contiguous();
+}
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// rnnkit_fused::layer_forward: one layer, one direction, the whole time loop.
+// Returns (y, h_n, c_n, acts, cells, extra); the last three are what layer_backward needs
+// (empty unless training).
+ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tensor c0,
+                         at::Tensor w_ih, at::Tensor w_hh, at::Tensor b_ih, at::Tensor b_hh,
+                         at::Tensor pw, const std::vector<int64_t>& batch_sizes, bool training,
+                         int64_t nthreads) {
+  TORCH_CHECK(x.dim() == 3, "x must be (T, B, I)");
+  TORCH_CHECK(h0.dim() == 2, "h0 must be (B, H)");
   const int64_t H = h0.size(1);
-  Cfg cf = make_cfg(kind, act, peep, coupled, before, x, H, batch_sizes);
+  Cfg cf = make_cfg(v.kind, v.act, v.peep, v.coupled, v.before, x, H, batch_sizes);
+  TORCH_CHECK(w_ih.size(0) == cf.G * H && w_ih.size(1) == cf.I, "w_ih has the wrong shape");
+  TORCH_CHECK(w_hh.size(0) == cf.G * H && w_hh.size(1) == H, "w_hh has the wrong shape");
+  TORCH_CHECK(cf.kind != LSTM || c0.defined(), "an LSTM needs c0");
   const int nt_all = nthreads > 0 ? static_cast<int>(nthreads) : at::get_num_threads();
   const int nt = pick_threads(cf, nthreads);
-  at::Tensor c0t = opt(c0), p = opt(pw), cst = opt(cs), ex = opt(extra), gh = opt(ghT),
-             gc = opt(gcT);
-  auto cont = [](at::Tensor& t) {
-    if (t.defined()) t = t.contiguous();
-  };
   x = x.contiguous();
   h0 = h0.contiguous();
-  cont(c0t);
+  make_contiguous(c0);
   w_ih = w_ih.contiguous();
   w_hh = w_hh.contiguous();
-  cont(p);
-  cont(cst);
-  cont(ex);
-  cont(gh);
-  cont(gc);
-  gy = gy.contiguous();
+  make_contiguous(b_ih);
+  make_contiguous(b_hh);
+  make_contiguous(pw);
+  std::vector<at::Tensor> r;
+  if (x.scalar_type() == at::kFloat) {
+    r = forward_impl<float>(cf, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, training, nt, nt_all);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kDouble, "fused kernels support float32 and float64");
+    r = forward_impl<double>(cf, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, training, nt, nt_all);
+  }
+  at::Tensor cells = training ? r[4] : at::Tensor(), extra = training ? r[5] : at::Tensor();
+  return {r[0], r[1], or_empty(r[2], x), or_empty(r[3], x), or_empty(cells, x),
+          or_empty(extra, x)};
+}
+
+ForwardResult layer_forward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
+                            const at::Tensor& x, const at::Tensor& h0,
+                            const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                            const std::optional<at::Tensor>& b_hh,
+                            const std::optional<at::Tensor>& pw, at::IntArrayRef batch_sizes,
+                            bool training, int64_t nthreads) {
+  return forward_op({kind, act, peep, coupled, before}, x, h0, opt(c0), w_ih, w_hh, opt(b_ih),
+                    opt(b_hh), opt(pw), batch_sizes.vec(), training, nthreads);
+}
+
+// rnnkit_fused::step: one time step of a streaming cell, x (B, I) -> (h, c). The same kernel
+// as a layer of length 1 without saving anything, behind the smallest possible call.
+std::tuple<at::Tensor, at::Tensor> step(int64_t kind, int64_t act, bool peep, bool coupled,
+                                        bool before, const at::Tensor& x, const at::Tensor& h,
+                                        const std::optional<at::Tensor>& c,
+                                        const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                        const std::optional<at::Tensor>& b_ih,
+                                        const std::optional<at::Tensor>& b_hh,
+                                        const std::optional<at::Tensor>& pw, int64_t nthreads) {
+  TORCH_CHECK(x.dim() == 2, "x must be (B, I)");
+  auto r = forward_op({kind, act, peep, coupled, before}, x.unsqueeze(0), h, opt(c), w_ih, w_hh,
+                      opt(b_ih), opt(b_hh), opt(pw), {}, false, nthreads);
+  return {std::get<1>(r), std::get<2>(r)};
+}
+
+// rnnkit_fused::layer_backward: the hand-derived BPTT of layer_forward.
+// Returns (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep); empty where not asked for / absent.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+layer_backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
+               const at::Tensor& x_, const at::Tensor& h0_, const std::optional<at::Tensor>& c0_,
+               const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+               const std::optional<at::Tensor>& pw_, bool has_bias, at::IntArrayRef batch_sizes,
+               const at::Tensor& y_, const at::Tensor& acts_, const at::Tensor& cs_,
+               const at::Tensor& extra_, const at::Tensor& gy_,
+               const std::optional<at::Tensor>& ghT_, const std::optional<at::Tensor>& gcT_,
+               bool need_dx, bool need_dw, int64_t nthreads) {
+  at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), w_ih = w_ih_.contiguous(),
+             w_hh = w_hh_.contiguous(), y = y_.contiguous(), acts = acts_.contiguous(),
+             gy = gy_.contiguous();
+  at::Tensor c0 = opt(c0_), pw = opt(pw_), cs = cs_.contiguous(), extra = extra_.contiguous(),
+             gh = opt(ghT_), gc = opt(gcT_);
+  make_contiguous(c0);
+  make_contiguous(pw);
+  make_contiguous(gh);
+  make_contiguous(gc);
+  const int64_t H = h0.size(1);
+  Cfg cf = make_cfg(kind, act, peep, coupled, before, x, H, batch_sizes.vec());
+  TORCH_CHECK(acts.numel() == cf.T * cf.B * cf.G * H,
+              "layer_backward needs the activations of layer_forward(training=True)");
+  const int nt_all = nthreads > 0 ? static_cast<int>(nthreads) : at::get_num_threads();
+  const int nt = pick_threads(cf, nthreads);
+  std::vector<at::Tensor> r;
   if (x.scalar_type() == at::kFloat)
-    return backward_impl<float>(cf, x, h0, c0t, w_ih, w_hh, p, has_bias, y, acts, cst, ex, gy, gh,
-                                gc, need_dx, need_dw, nt, nt_all);
-  return backward_impl<double>(cf, x, h0, c0t, w_ih, w_hh, p, has_bias, y, acts, cst, ex, gy, gh,
-                               gc, need_dx, need_dw, nt, nt_all);
+    r = backward_impl<float>(cf, x, h0, c0, w_ih, w_hh, pw, has_bias, y, acts, cs, extra, gy, gh,
+                             gc, need_dx, need_dw, nt, nt_all);
+  else
+    r = backward_impl<double>(cf, x, h0, c0, w_ih, w_hh, pw, has_bias, y, acts, cs, extra, gy,
+                              gh, gc, need_dx, need_dw, nt, nt_all);
+  // backward_impl shares one tensor for db_ih and db_hh where they are equal; outputs of an
+  // operator must not alias each other.
+  if (r[5].defined() && r[6].defined() && r[6].is_same(r[5])) r[6] = r[5].clone();
+  return {or_empty(r[0], x), r[1], or_empty(r[2], x), or_empty(r[3], x), or_empty(r[4], x),
+          or_empty(r[5], x), or_empty(r[6], x), or_empty(r[7], x)};
+}
+
+// A BLAS entry point of the library torch links. Python loads libtorch_cpu with RTLD_LOCAL, so
+// its symbols (MKL's sgemm_ & co. in the CPU wheels) are not in the global scope that
+// dlsym(RTLD_DEFAULT) searches: look in libtorch_cpu itself (already loaded) first.
+void* blas_symbol(const char* name) {
+  static void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+  void* symbol = torch_cpu ? dlsym(torch_cpu, name) : nullptr;
+  return symbol ? symbol : dlsym(RTLD_DEFAULT, name);
+}
+
+void resolve_blas() {
+  g_sgemm = reinterpret_cast<sgemm_t>(blas_symbol("sgemm_"));
+  g_dgemm = reinterpret_cast<dgemm_t>(blas_symbol("dgemm_"));
+  g_sgemv = reinterpret_cast<sgemv_t>(blas_symbol("sgemv_"));
+  g_dgemv = reinterpret_cast<dgemv_t>(blas_symbol("dgemv_"));
 }
 
 bool init() {
-  g_sgemm = reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "sgemm_"));
-  g_dgemm = reinterpret_cast<dgemm_t>(dlsym(RTLD_DEFAULT, "dgemm_"));
+  resolve_blas();
   g_use_brgemm = probe_brgemm();
   return g_use_brgemm;
 }
@@ -1064,19 +1189,41 @@ std::string set_gemm(const std::string& which) {
   if (which == "loop") {
     g_sgemm = nullptr;
     g_dgemm = nullptr;
+    g_sgemv = nullptr;
+    g_dgemv = nullptr;
   } else {
-    g_sgemm = reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "sgemm_"));
-    g_dgemm = reinterpret_cast<dgemm_t>(dlsym(RTLD_DEFAULT, "dgemm_"));
+    resolve_blas();
   }
   if (g_use_brgemm) return "brgemm";
   return g_sgemm ? "blas" : "loop";
 }
 
+bool init_op() { return init(); }
+std::string set_gemm_op(c10::string_view which) { return set_gemm(std::string(which)); }
+
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("init", &init, "probe the brgemm micro-kernel; returns whether it is used");
-  m.def("set_gemm", &set_gemm);
-  m.def("forward", &forward);
-  m.def("backward", &backward);
+// The variant arguments (kind: 0 rnn, 1 lstm, 2 gru; act: 0 tanh, 1 relu, 2 sigmoid) come first;
+// rnnkit.engine.fused._ops registers the fake (shape) kernels and the autograd formula.
+#define RNNKIT_VARIANT "int kind, int act, bool peephole, bool coupled, bool reset_before, "
+TORCH_LIBRARY(rnnkit_fused, m) {
+  m.def("layer_forward(" RNNKIT_VARIANT
+        "Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor? peephole_weights, int[] batch_sizes, bool training, int threads) -> "
+        "(Tensor y, Tensor h_n, Tensor c_n, Tensor acts, Tensor cells, Tensor extra)");
+  m.def("layer_backward(" RNNKIT_VARIANT
+        "Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? peephole_weights, "
+        "bool has_bias, int[] batch_sizes, Tensor y, Tensor acts, Tensor cells, Tensor extra, "
+        "Tensor grad_y, Tensor? grad_h_n, Tensor? grad_c_n, bool need_dx, bool need_dw, "
+        "int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("step(" RNNKIT_VARIANT
+        "Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor? peephole_weights, int threads) -> (Tensor h, Tensor c)");
+  m.def("init() -> bool");
+  m.def("set_gemm(str which) -> str");
+  m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(layer_forward));
+  m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(layer_backward));
+  m.impl("step", c10::DispatchKey::CPU, TORCH_FN(step));
+  m.impl("init", c10::DispatchKey::CatchAll, TORCH_FN(init_op));
+  m.impl("set_gemm", c10::DispatchKey::CatchAll, TORCH_FN(set_gemm_op));
 }

@@ -1,0 +1,195 @@
+"""Inference speed against the runtime people deploy with: rnnkit vs onnxruntime.
+
+For every variant of ``speed.py`` and each of its shapes (T, B, H) plus the same shapes at batch 1,
+one layer (input size = H) runs forward under ``torch.inference_mode`` in rnnkit and, with the same
+weights, as the ONNX file ``rnnkit.export_onnx`` writes (one ONNX LSTM/GRU/RNN node) in
+onnxruntime — same thread count (``intra_op_num_threads`` = torch's threads, one inter-op thread,
+no spin-waiting), alternating in one process. It also times one streaming LSTM step at batch 1,
+H = 256, against ``torch.nn.LSTMCell``. Results go into the "Inference" section of
+docs/performance.md (replaced in place; the rest of the file is speed.py's).
+
+    python benchmarks/inference.py --threads 2
+    python benchmarks/inference.py --quick           # one shape, two variants, nothing written
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import rnnkit
+from speed import SHAPES, VARIANTS, alternate
+
+SECTION_START = "<!-- inference:start -->"
+SECTION_END = "<!-- inference:end -->"
+
+
+@dataclass
+class Row:
+    variant: str
+    shape: tuple[int, int, int]
+    ours_ms: float
+    ort_ms: float
+    max_diff: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_ms / self.ort_ms
+
+
+def session(path: Path, threads: int):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    # no busy-waiting between calls: the machine is shared, and rnnkit's threads do not spin
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def bench_variant(name: str, hidden: int, shapes: list[tuple[int, int, int]], threads: int,
+                  repeats: int, workdir: Path) -> list[Row]:
+    make, *_ = VARIANTS[name]
+    layer = make(hidden, hidden).eval()
+    path = rnnkit.export_onnx(layer, torch.randn(5, 3, hidden), workdir / f"{name}-{hidden}.onnx")
+    sess = session(path, threads)
+    rows = []
+    for steps, batch, _ in shapes:
+        x = torch.randn(steps, batch, hidden)
+        feed = {"input": x.numpy()}
+
+        def ours(x: torch.Tensor = x) -> object:
+            with torch.inference_mode():
+                return layer(x)
+
+        def theirs(feed: dict[str, np.ndarray] = feed) -> object:
+            return sess.run(None, feed)
+
+        with torch.inference_mode():
+            diff = float(np.abs(theirs()[0] - ours()[0].numpy()).max())
+        ours_s, theirs_s = alternate(ours, theirs, repeats)
+        rows.append(Row(name, (steps, batch, hidden), ours_s * 1e3, theirs_s * 1e3, diff))
+        print(f"{name:22s} {steps},{batch},{hidden}: rnnkit {ours_s * 1e3:.3f} ms, onnxruntime "
+              f"{theirs_s * 1e3:.3f} ms, ratio {ours_s / theirs_s:.2f} (max diff {diff:.1e})",
+              flush=True)
+    return rows
+
+
+def bench_step(hidden: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of one LSTM step at batch 1: rnnkit.LSTMCell vs torch.nn.LSTMCell."""
+    ours, theirs = rnnkit.LSTMCell(hidden, hidden), nn.LSTMCell(hidden, hidden)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(1, hidden)
+    state = ours.zero_state(1)
+    their_state = tuple(state)
+
+    def run_ours() -> object:
+        with torch.inference_mode():
+            return ours(x, state)
+
+    def run_theirs() -> object:
+        with torch.inference_mode():
+            return theirs(x, their_state)
+
+    return alternate(run_ours, run_theirs, repeats * 50, warmup=50)
+
+
+def markdown(rows: list[Row], step: tuple[float, float], threads: int, load: str) -> str:
+    ratios = [r.ratio for r in rows]
+    lines = [
+        "## Inference: rnnkit vs onnxruntime",
+        "",
+        f"Measured by `python benchmarks/inference.py --threads {threads}`: torch "
+        f"{torch.__version__}, onnxruntime {_ort_version()}, {threads} thread(s) on both sides; "
+        f"load average {load} while measuring (other work was running on the machine, so "
+        "absolute times are noisy; both sides alternate in one process and see the same load). "
+        "One layer, input size = H, forward only (`torch.inference_mode` vs the exported file: "
+        "one ONNX node). Ratio = rnnkit time / onnxruntime time (below 1.00: rnnkit is faster).",
+        "",
+        f"Ratio range: {min(ratios):.2f}–{max(ratios):.2f}; at or below 1.00 in "
+        f"{sum(r <= 1.0 for r in ratios)} of {len(ratios)} cases.",
+        "",
+        "| variant | T,B,H | rnnkit ms | onnxruntime ms | ratio | max abs diff |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.variant} | {','.join(map(str, r.shape))} | {r.ours_ms:.3f} | "
+                     f"{r.ort_ms:.3f} | {r.ratio:.2f} | {r.max_diff:.1e} |")
+    ours_s, theirs_s = step
+    lines += [
+        "",
+        "One streaming LSTM step, batch 1, H = 256 (`rnnkit.LSTMCell` through the fused `step` "
+        f"operator vs `torch.nn.LSTMCell`): {ours_s * 1e6:.1f} µs vs {theirs_s * 1e6:.1f} µs, "
+        f"ratio {ours_s / theirs_s:.2f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replaces (or appends) the marked inference section of ``path``."""
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n"
+    section = f"{SECTION_START}\n{text}{SECTION_END}\n"
+    pattern = re.compile(re.escape(SECTION_START) + ".*?" + re.escape(SECTION_END) + "\n?", re.S)
+    new = pattern.sub(lambda _: section, old) if pattern.search(old) else (
+        old.rstrip("\n") + "\n\n" + section)
+    path.write_text(new, encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for both sides (default: torch's choice)")
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="T,B,H triples (default: speed.py's shapes and each at batch 1)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="one shape, two variants, 3 repeats")
+    parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    shapes = SHAPES + [(t, 1, h) for t, b, h in SHAPES if b != 1]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+    variants, repeats = args.variants, args.repeats
+    if args.quick:
+        shapes, variants, repeats = [(35, 20, 200), (35, 1, 200)], ["lstm", "gru_before"], 3
+    torch.manual_seed(0)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in variants:
+            for hidden in sorted({h for _, _, h in shapes}):
+                rows += bench_variant(name, hidden, [s for s in shapes if s[2] == hidden],
+                                      threads, repeats, Path(workdir))
+    step = bench_step(256, repeats)
+    print(f"streaming LSTM step B=1 H=256: rnnkit {step[0] * 1e6:.1f} us, nn.LSTMCell "
+          f"{step[1] * 1e6:.1f} us, ratio {step[0] / step[1]:.2f}")
+    load = "{:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min)".format(*os.getloadavg())
+    text = markdown(rows, step, threads, load)
+    print()
+    print(text)
+    if not (args.quick or args.shapes or args.variants != list(VARIANTS)):
+        write_section(args.out, text)
+        print(f"wrote the inference section of {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""``rnnkit export RUN model.onnx``: a trained run through its task's loader into ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rnnkit.cli import main
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+pytest.importorskip("onnxscript", reason="onnxscript is not installed")
+
+
+def test_export_a_trained_charlm_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "input.txt"
+    data.write_text("the cat sat on the mat. " * 40, encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", "charlm", "--data", str(data), "--out", str(run), "--steps", "4",
+                 "--eval-every", "4", "--layers", "2", "--hidden", "8", "--embedding", "4",
+                 "--cell", "lstm", "--peephole", "--batch-size", "4", "--seq-len", "8",
+                 "--sample-length", "5", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "lm.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "charlm model, inputs tokens; 2 recurrent node(s) LSTM LSTM" in out
+    assert "onnxruntime agrees with rnnkit within" in out
+
+    from rnnkit.tasks.charlm import load_model
+
+    model, vocab, _ = load_model(run)
+    tokens = torch.tensor([vocab.encode("the mat sat", "test")]).t()  # (T, 1): batch 1 works too
+    session = ort.InferenceSession(str(tmp_path / "lm.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"tokens": tokens.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(tokens)[0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_what_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rnnkit export: error:")
+    assert not (tmp_path / "m.onnx").exists()

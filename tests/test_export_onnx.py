@@ -1,0 +1,223 @@
+"""ONNX export checked by onnxruntime, an independently written implementation of every
+variant: outputs and final states equal rnnkit's within 1e-5 (float32), with batch and time
+sizes other than the ones exported with (dynamic axes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rnnkit
+
+onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[dev]')")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+pytest.importorskip("onnxscript", reason="onnxscript is not installed")
+
+from rnnkit.export import ExportError, export_onnx  # noqa: E402
+
+# constructor of every variant (input size, hidden size, **options)
+VARIANTS = {
+    "rnn_tanh": lambda i, h, **o: rnnkit.RNN(i, h, **o),
+    "rnn_relu": lambda i, h, **o: rnnkit.RNN(i, h, nonlinearity="relu", **o),
+    "rnn_sigmoid": lambda i, h, **o: rnnkit.RNN(i, h, nonlinearity="sigmoid", **o),
+    "lstm": lambda i, h, **o: rnnkit.LSTM(i, h, **o),
+    "lstm_peephole": lambda i, h, **o: rnnkit.LSTM(i, h, peephole=True, **o),
+    "lstm_coupled": lambda i, h, **o: rnnkit.LSTM(i, h, coupled=True, **o),
+    "lstm_coupled_peephole": lambda i, h, **o: rnnkit.LSTM(i, h, peephole=True, coupled=True, **o),
+    "gru_after": lambda i, h, **o: rnnkit.GRU(i, h, **o),
+    "gru_before": lambda i, h, **o: rnnkit.GRU(i, h, reset="before", **o),
+}
+ONNX_OP = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}
+
+
+class EveryVariant(nn.Module):
+    """All variants side by side on one input: one export checks them all."""
+
+    def __init__(self, layers: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(make(3, 5, num_layers=layers, bidirectional=bidirectional)
+                                    for make in VARIANTS.values())
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
+        results = []
+        for layer in self.layers:
+            output, state = layer(x, lengths=lengths)
+            results += [output, *(state if isinstance(state, tuple) else (state,))]
+        return results
+
+
+def _run(path, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert sorted(names) == sorted(feeds), (names, list(feeds))
+    return session.run(None, {name: feeds[name].numpy() for name in names})
+
+
+def _assert_equal(got: list[np.ndarray], want: list[torch.Tensor], atol: float = 1e-5) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w.detach().numpy(), rtol=1e-5, atol=atol)
+
+
+def _check_every_variant(tmp_path, layers: int, bidirectional: bool, with_lengths: bool) -> None:
+    torch.manual_seed(layers * 10 + bidirectional * 2 + with_lengths)
+    model = EveryVariant(layers, bidirectional).eval()
+    path = tmp_path / "every.onnx"
+    x = torch.randn(7, 4, 3)
+    lengths = torch.tensor([7, 5, 5, 2]) if with_lengths else None
+    export_onnx(model, (x,), path, kwargs={"lengths": lengths} if with_lengths else None)
+    graph = onnx.load(str(path)).graph
+    recurrent = [n.op_type for n in graph.node if n.op_type in ("RNN", "LSTM", "GRU")]
+    assert recurrent == [ONNX_OP[name.split("_")[0]] for name in VARIANTS for _ in range(layers)]
+    # other batch and time sizes than exported with, lengths in no particular order
+    x2 = torch.randn(9, 3, 3)
+    feeds = {"x": x2}
+    lengths2 = None
+    if with_lengths:
+        lengths2 = torch.tensor([4, 9, 1])
+        feeds["lengths"] = lengths2
+    with torch.no_grad():
+        want = model(x2, lengths2)
+    _assert_equal(_run(path, feeds), want)
+
+
+CONFIGS = [(layers, bi, lengths) for layers in (1, 2) for bi in (False, True) for lengths in (False, True)]
+FAST = [(2, True, True), (1, False, False)]
+
+
+@pytest.mark.parametrize("layers,bidirectional,with_lengths", FAST)
+def test_every_variant_matches_onnxruntime(tmp_path, layers, bidirectional, with_lengths):
+    _check_every_variant(tmp_path, layers, bidirectional, with_lengths)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layers,bidirectional,with_lengths", [c for c in CONFIGS if c not in FAST])
+def test_every_variant_matches_onnxruntime_all_configurations(tmp_path, layers, bidirectional,
+                                                              with_lengths):
+    _check_every_variant(tmp_path, layers, bidirectional, with_lengths)
+
+
+def test_batch_first_initial_state_and_no_bias(tmp_path):
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(3, 4, num_layers=2, batch_first=True, bias=False, peephole=True).eval()
+    x, h0, c0 = torch.randn(2, 6, 3), torch.randn(2, 2, 4), torch.randn(2, 2, 4)
+    path = export_onnx(layer, (x, (h0, c0)), tmp_path / "lstm.onnx")
+    x2, h2, c2 = torch.randn(3, 5, 3), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    with torch.no_grad():
+        output, (h_n, c_n) = layer(x2, (h2, c2))
+    _assert_equal(_run(path, {"input": x2, "hx_0": h2, "hx_1": c2}), [output, h_n, c_n])
+
+
+def test_refuses_before_writing(tmp_path):
+    path = tmp_path / "never.onnx"
+    model = rnnkit.LSTM(3, 4, num_layers=2, dropout=0.5)  # training mode
+    with pytest.raises(ExportError, match=r"training mode with dropout 0\.5.*eval\(\)"):
+        export_onnx(model, torch.randn(5, 2, 3), path)
+    with pytest.raises(ExportError, match="float64"):
+        export_onnx(rnnkit.GRU(3, 4).double().eval(), torch.randn(5, 2, 3).double(), path)
+    with pytest.raises(ExportError, match="input 'input' is float64"):
+        export_onnx(rnnkit.GRU(3, 4).eval(), torch.randn(5, 2, 3).double(), path)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_piece_without_onnx_form_is_named(tmp_path):
+    from rnnkit.models.crf import LinearChainCRF
+
+    class Viterbi(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = rnnkit.GRU(3, 4)
+            self.emit = nn.Linear(4, 5)
+            self.crf = LinearChainCRF(5)
+
+        def forward(self, x):
+            emissions = self.emit(self.rnn(x)[0])
+            return self.crf.decode(emissions)[1]
+
+    path = tmp_path / "crf.onnx"
+    with pytest.raises(ExportError, match=r"CRF Viterbi decoding .* has no ONNX form"):
+        export_onnx(Viterbi().eval(), torch.randn(5, 2, 3), path)
+    assert not path.exists()
+    # and the patch is undone afterwards
+    assert LinearChainCRF.decode.__name__ == "decode"
+
+
+# ---- one model per task family (tiny, built here, a few training steps) ------------------------
+
+
+def _train_briefly(model: nn.Module, loss_of, steps: int = 3) -> nn.Module:
+    """A few optimizer steps so the weights are no longer the initial ones."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_of(model).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_charlm_language_model(tmp_path):
+    from rnnkit.models.language_model import LanguageModel, LMConfig
+
+    torch.manual_seed(0)
+    model = LanguageModel(LMConfig(vocab_size=11, cell="lstm", layers=2, hidden=8, embedding=6,
+                                   peephole=True, dropout=0.1))
+    tokens = torch.randint(0, 11, (9, 3))
+    _train_briefly(model, lambda m: m(tokens)[0].logsumexp(-1).mean())
+    path = export_onnx(model, (tokens[:6, :2],), tmp_path / "charlm.onnx")
+    with torch.no_grad():
+        logits, (h, c) = model(tokens)
+    _assert_equal(_run(path, {"tokens": tokens}), [logits, h, c])
+
+
+def test_sentiment_classifier_with_lengths(tmp_path):
+    from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier
+    from rnnkit.models.recurrent import RecurrentConfig
+
+    torch.manual_seed(0)
+    config = ClassifierConfig(classes=2, vocab_size=20, embedding=6, pooling="max",
+                              recurrent=RecurrentConfig(cell="gru", layers=1, hidden=7,
+                                                        bidirectional=True, reset="before"))
+    model = SequenceClassifier(config)
+    tokens, lengths = torch.randint(1, 20, (8, 4)), torch.tensor([8, 3, 5, 1])
+    _train_briefly(model, lambda m: m(tokens, lengths).logsumexp(-1).mean())
+    path = export_onnx(model, (tokens[:6, :3], torch.tensor([6, 4, 2])), tmp_path / "sst.onnx")
+    with torch.no_grad():
+        want = model(tokens, lengths)
+    _assert_equal(_run(path, {"inputs": tokens, "lengths": lengths}), [want])
+
+
+def test_tagging_emissions(tmp_path):
+    from rnnkit.models.recurrent import RecurrentConfig
+    from rnnkit.models.tagger import Tagger, TaggerConfig
+
+    torch.manual_seed(0)
+    config = TaggerConfig(vocab_size=15, tags=5, embedding=6, crf=True, intents=3,
+                          recurrent=RecurrentConfig(cell="lstm", layers=2, hidden=6,
+                                                    bidirectional=True, coupled=True))
+    model = Tagger(config)
+    tokens, lengths = torch.randint(1, 15, (7, 3)), torch.tensor([4, 7, 2])
+    _train_briefly(model, lambda m: m(tokens, lengths).emissions.logsumexp(-1).mean())
+    path = export_onnx(model, (tokens[:5, :2], torch.tensor([5, 3])), tmp_path / "tagger.onnx")
+    with torch.no_grad():
+        out = model(tokens, lengths)
+    # the outputs dataclass becomes its fields: emissions, mask, intent logits
+    got = _run(path, {"tokens": tokens, "lengths": lengths})
+    _assert_equal([got[0], got[2]], [out.emissions, out.intent_logits])
+    np.testing.assert_array_equal(got[1], out.mask.numpy())
+
+
+def test_digits_row_reader(tmp_path):
+    from rnnkit.models.classifier import SequenceClassifier, image_rows, row_reader_config
+    from rnnkit.models.recurrent import RecurrentConfig
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(row_reader_config(8, 10, RecurrentConfig(
+        cell="rnn", layers=2, hidden=9, nonlinearity="relu")))
+    images = torch.rand(5, 8, 8)
+    _train_briefly(model, lambda m: m(image_rows(images)).logsumexp(-1).mean())
+    path = export_onnx(model, (image_rows(images[:3]),), tmp_path / "digits.onnx")
+    with torch.no_grad():
+        want = model(image_rows(images))
+    _assert_equal(_run(path, {"inputs": image_rows(images)}), [want])

@@ -1,0 +1,195 @@
+"""The fused kernels as torch operators: opcheck, torch.compile(fullgraph=True), torch.export.
+
+Correctness of the kernels themselves is tests/test_fused.py; here: that torch's tools see one
+``rnnkit_fused::layer_forward`` per layer and direction and get the eager results and gradients.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit.cells import CellSpec
+from rnnkit.engine import fused
+from rnnkit.engine.fused import _build, _function
+
+pytestmark = pytest.mark.skipif(
+    fused.unavailable_reason(CellSpec("gru"), torch.float32, "cpu") is not None,
+    reason=f"fused backend unavailable: {fused.unavailable_reason(CellSpec('gru'), torch.float32, 'cpu')}",
+)
+
+# (layer class, constructor options) of every variant
+LAYERS = {
+    "rnn_tanh": (rnnkit.RNN, {}),
+    "rnn_relu": (rnnkit.RNN, {"nonlinearity": "relu"}),
+    "rnn_sigmoid": (rnnkit.RNN, {"nonlinearity": "sigmoid"}),
+    "lstm": (rnnkit.LSTM, {}),
+    "lstm_peephole": (rnnkit.LSTM, {"peephole": True}),
+    "lstm_coupled": (rnnkit.LSTM, {"coupled": True}),
+    "lstm_coupled_peephole": (rnnkit.LSTM, {"peephole": True, "coupled": True}),
+    "gru_after": (rnnkit.GRU, {}),
+    "gru_before": (rnnkit.GRU, {"reset": "before"}),
+}
+
+
+def ops():
+    return _build.load()
+
+
+def _config(name):
+    cls, options = LAYERS[name]
+    return _function.config_of(cls(2, 5, **options).math)
+
+
+def _operator_args(cfg, dtype=torch.float64, batch_sizes=(), training=True, grad=True):
+    """layer_forward's arguments for a small random problem: T=4, B=3, I=2, H=5."""
+    gen = torch.Generator().manual_seed(0)
+    rows = {0: 1, 1: 3 if cfg.coupled else 4, 2: 3}[cfg.kind] * 5
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, dtype=dtype).sub(0.5).requires_grad_(grad)
+
+    c0 = rand(3, 5) if cfg.kind == 1 else None
+    peep = rand(cfg.num_peephole, 5) if cfg.num_peephole else None
+    return (*cfg.args(), rand(4, 3, 2), rand(3, 5), c0, rand(rows, 2), rand(rows, 5), rand(rows),
+            rand(rows), peep, list(batch_sizes), training, 0)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_opcheck_layer_forward(name):
+    cfg = _config(name)
+    for batch_sizes in ((), (3, 3, 2, 1)):
+        torch.library.opcheck(ops().layer_forward.default, _operator_args(cfg, batch_sizes=batch_sizes))
+    torch.library.opcheck(ops().layer_forward.default, _operator_args(cfg, training=False, grad=False))
+
+
+@pytest.mark.parametrize("name", ["lstm_coupled_peephole", "gru_after", "rnn_relu"])
+def test_opcheck_layer_backward_and_step(name):
+    cfg = _config(name)
+    args = _operator_args(cfg, grad=False)
+    x, h0, c0, w_ih, w_hh, b_ih, _, peep = args[5:13]
+    y, h, c, acts, cells, extra = ops().layer_forward(*args)
+    lstm = cfg.kind == 1
+    backward_args = (*cfg.args(), x, h0, c0, w_ih, w_hh, peep, True, [], y, acts, cells, extra,
+                     torch.randn_like(y), torch.randn_like(h), torch.randn_like(c) if lstm else None,
+                     True, True, 0)
+    torch.library.opcheck(ops().layer_backward.default, backward_args)
+    step_args = (*cfg.args(), x[0], h0, c0, w_ih, w_hh, b_ih, args[11], peep, 0)
+    torch.library.opcheck(ops().step.default, step_args)
+    # the step operator is the layer of length 1
+    got = ops().step(*step_args)
+    want = ops().layer_forward(*args[:5], x[:1], *args[6:])
+    torch.testing.assert_close(got[0], want[1])
+    torch.testing.assert_close(got[1], want[2])
+
+
+def test_unknown_variant_raises():
+    with pytest.raises(ValueError, match="no fused kernel"):
+        _function.config_of(CellSpec("lstm", reset="before"))
+    with pytest.raises(ValueError, match="no fused kernel"):
+        _function.config_of(CellSpec("rnn", nonlinearity="gelu"))
+
+
+def _result_and_grads(module, x):
+    out, state = module(x)
+    states = state if isinstance(state, tuple) else (state,)
+    loss = out.pow(2).sum() + sum(s.sin().sum() for s in states)
+    grads = torch.autograd.grad(loss, [x, *module.parameters()])
+    return [out, *states, *grads]
+
+
+def _compiled_equals_eager(name, backend, layers=2, bidirectional=True):
+    cls, options = LAYERS[name]
+    torch.manual_seed(0)
+    module = cls(3, 8, num_layers=layers, bidirectional=bidirectional, **options)
+    x = torch.randn(6, 4, 3, requires_grad=True)
+    want = _result_and_grads(module, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    got = _result_and_grads(compiled, x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_fullgraph_equals_eager():
+    """One representative, traced the way inductor is (AOT autograd) without inductor's codegen."""
+    _compiled_equals_eager("lstm_coupled_peephole", "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_compile_fullgraph_inductor_every_variant(name):
+    _compiled_equals_eager(name, "inductor")
+
+
+@pytest.mark.slow
+def test_compile_plain_lstm_through_torch_op():
+    """The plain LSTM dispatched to torch._VF.lstm (a large shape) compiles too."""
+    torch.manual_seed(0)
+    module = rnnkit.LSTM(16, 64, num_layers=2)
+    x = torch.randn(20, 40, 16, requires_grad=True)
+    assert fused.native_op(module.math, x, 64) is not None
+    want = _result_and_grads(module, x)
+    torch._dynamo.reset()
+    got = _result_and_grads(torch.compile(module, fullgraph=True, backend="aot_eager"), x)
+    # (AOT autograd decomposes torch's LSTM into per-step ops: float32 sums over 800 rows round
+    # differently from oneDNN's)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_export_round_trip():
+    torch.manual_seed(0)
+    module = rnnkit.GRU(3, 8, num_layers=2, bidirectional=True, reset="before").eval()
+    x = torch.randn(6, 4, 3)
+    program = torch.export.export(module, (x,))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    # one operator per layer and direction
+    assert targets.count(torch.ops.rnnkit_fused.layer_forward.default) == 4
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    x2 = torch.randn(6, 4, 3)
+    for got, want in zip(loaded.module()(x2), module(x2)):
+        torch.testing.assert_close(got, want)
+
+
+def test_export_plain_lstm_torch_op():
+    module = rnnkit.LSTM(8, 64, num_layers=2).eval()
+    x = torch.randn(10, 40, 8)
+    program = torch.export.export(module, (x,))
+    got = program.module()(x)
+    want = module(x)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1][1], want[1][1])
+
+
+CELLS = {
+    "rnn_sigmoid": lambda: rnnkit.RNNCell(3, 8, nonlinearity="sigmoid"),
+    "lstm": lambda: rnnkit.LSTMCell(3, 8),
+    "lstm_coupled_peephole": lambda: rnnkit.LSTMCell(3, 8, peephole=True, coupled=True),
+    "gru_before": lambda: rnnkit.GRUCell(3, 8, reset="before"),
+}
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_inference_step_operator_equals_layer_path(name, monkeypatch):
+    """A cell step without gradients runs the ``step`` operator; with gradients, the layer path."""
+    torch.manual_seed(0)
+    cell = CELLS[name]()
+    x = torch.randn(5, 3)
+    state = tuple(torch.randn(5, 8) for _ in cell.math.state_names)
+    calls = []
+    step = fused.run_step
+    monkeypatch.setattr(fused, "run_step", lambda *a: calls.append(1) or step(*a))
+    with torch.inference_mode():
+        got = cell(x, state)[1]
+    assert calls == [1]
+    want = cell(x, state)[1]  # parameters require grad: the differentiable layer path
+    assert calls == [1] and want[0].grad_fn is not None
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.detach(), rtol=1e-6, atol=1e-6)
