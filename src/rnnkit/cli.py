@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from rnnkit.explore.command import add_command as add_explore_command
+from rnnkit.explore.command import run as run_explore
 from rnnkit.tasks import TASKS
 
 # flag → (section, option, type); types other than bool read "none"/"full" as null
@@ -196,6 +198,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                 description="Train a 4-symbol RNN to continue 'hell' as 'ello'.")
     hello.add_argument("--steps", type=int, default=100, help="training steps")
     hello.add_argument("--seed", type=int, default=0, help="random seed")
+    add_explore_command(commands)
     return parser
 
 
@@ -325,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate,
-                "transcribe": _transcribe, "hello": _hello}
+                "transcribe": _transcribe, "hello": _hello, "explore": run_explore}
     try:
         return handlers[args.command](args)
     except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,

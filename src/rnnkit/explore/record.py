@@ -14,6 +14,7 @@ call per step; :meth:`Recorder.traces` joins them along time.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,9 +120,11 @@ class Recorder:
     to its length.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, only: Collection[str] | None = None) -> None:
+        # ``only``: the layers to record by module name (a tagger's character BiRNN reads every
+        # word as a batch of its own and is left out)
         self.layers = {name or "rnn": module for name, module in model.named_modules()
-                       if isinstance(module, RecurrentLayer)}
+                       if isinstance(module, RecurrentLayer) and (only is None or name in only)}
         self.calls: dict[str, list[_Call]] = {name: [] for name in self.layers}
         self._handles: list[Any] = []
 
