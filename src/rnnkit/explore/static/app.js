@@ -220,12 +220,9 @@ async function drawSaturation(trace) {
       text: [...Array(hidden).keys()].map((u) => `unit ${u}`), type: "scatter",
       hovertemplate: "%{text}: <0.1 %{x:.2f}, >0.9 %{y:.2f}<extra></extra>"});
   }
-  if (!traces.length) {
-    Plotly.purge("saturation");
-    $("saturation").textContent = "this cell has no gates (Elman RNN)";
-    return;
-  }
-  $("saturation").textContent = "";
+  // (a note beside the chart, never inside it: emptying plotly's div would break its redraws)
+  $("saturation-note").textContent = traces.length ? "" : "this cell has no gates (Elman RNN)";
+  if (!traces.length) { Plotly.purge("saturation"); return; }
   Plotly.react("saturation", traces, {margin: {l: 50, r: 10, t: 10, b: 45},
     xaxis: {title: {text: "fraction of steps with the gate < 0.1"}, range: [-0.02, 1.02]},
     yaxis: {title: {text: "fraction of steps > 0.9"}, range: [-0.02, 1.02]}}, {responsive: true});

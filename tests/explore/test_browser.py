@@ -1,0 +1,194 @@
+"""A real browser (headless Chromium through selenium) drives the explorer page.
+
+It types an input, picks a layer/direction, a gate and a unit, and checks that the value behind
+each coloured symbol equals the model's own activation for that input. Screenshots go to
+``$RNNKIT_SCREENSHOT_DIR`` (CI keeps them as artefacts; ``docs/`` for the README) or the test's
+temporary folder. Skipped, saying why, where Chromium or its driver is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from explore_helpers import lstm_by_hand, train_charlm, train_tagger, write_atis
+
+from rnnkit.explore.analysis import load_run
+from rnnkit.explore.server import serve
+
+pytest.importorskip("plotly", reason="rnnkit explore needs plotly (the explore extra)")
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
+
+
+def _binary(*names: str) -> str | None:
+    return next((path for name in names if (path := shutil.which(name))), None)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    chromium = _binary("chromium", "chromium-browser", "google-chrome")
+    driver_path = _binary("chromedriver", "chromium-driver")
+    if chromium is None or driver_path is None:
+        pytest.skip("needs Chromium and its driver (Debian: apt-get install chromium "
+                    "chromium-driver; .ci/run installs them)")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--disable-gpu", "--window-size=1300,1400"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    driver.set_page_load_timeout(120)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _screenshot_dir(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("RNNKIT_SCREENSHOT_DIR") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _wait_for_render(driver: Any, after: int, timeout: float = 120) -> int:
+    """Waits until the page has drawn more often than ``after`` times; fails on a shown error."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        renders = int(driver.execute_script("return document.body.dataset.renders || 0"))
+        if renders > after:
+            return renders
+        time.sleep(0.1)
+    message = driver.find_element("id", "message").text
+    raise AssertionError(f"the page did not draw within {timeout} s; message: {message!r}")
+
+
+def _choose(driver: Any, element_id: str, value: str, renders: int) -> int:
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element("id", element_id)).select_by_value(value)
+    return _wait_for_render(driver, renders)
+
+
+def _set_unit(driver: Any, unit: int, renders: int) -> int:
+    field = driver.find_element("id", "unit")
+    field.clear()
+    field.send_keys(str(unit))
+    driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", field)
+    return _wait_for_render(driver, renders)
+
+
+def _type_and_run(driver: Any, text: str, renders: int) -> int:
+    box = driver.find_element("id", "input")
+    box.clear()
+    box.send_keys(text)
+    driver.find_element("id", "run-input").click()
+    return _wait_for_render(driver, renders)
+
+
+def _shown(driver: Any) -> tuple[list[str], torch.Tensor]:
+    pairs = driver.execute_script(
+        "return [...document.querySelectorAll('#text .sym')].map("
+        "s => [s.firstChild.textContent, s.dataset.value])")
+    return [p[0] for p in pairs], torch.tensor([float(p[1]) for p in pairs])
+
+
+def test_charlm_page_shows_the_models_activations(browser: Any, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    run = train_charlm(tmp_path / "charlm")
+    explorer = load_run(run)
+    server = serve(explorer)
+    try:
+        browser.get(server.url)
+        renders = _wait_for_render(browser, 0)  # the validation example by default
+        text = 'he said "hello" at 10:45.\nthen "bye".\n'
+        renders = _type_and_run(browser, text, renders)
+        renders = _choose(browser, "quantity", "f", renders)
+        renders = _set_unit(browser, 5, renders)
+        symbols, values = _shown(browser)
+        assert "".join(s.replace("↵\n", "\n") for s in symbols) == text
+        model = explorer.model
+        tokens = torch.tensor(explorer.vocab.encode(text)).unsqueeze(1)
+        x = model.embedding(tokens)[:, 0].detach()
+        torch.testing.assert_close(values, lstm_by_hand(model.rnn, x)["f"][:, 5])
+        renders = _choose(browser, "quantity", "h", renders)
+        _, values = _shown(browser)
+        with torch.no_grad():
+            output, _ = model.rnn(model.embedding(tokens))  # the model's own layer
+        torch.testing.assert_close(values, output[:, 0, 5])
+        # the saturation plot: per unit, the fractions of steps with the gate < 0.1 and > 0.9
+        plotted = browser.execute_script(
+            "return document.getElementById('saturation').data.map(d => [d.name, d.x, d.y])")
+        by_hand = lstm_by_hand(model.rnn, x)
+        assert [name for name, _, _ in plotted] == ["i gate", "f gate", "o gate"]
+        for name, low, high in plotted:
+            gate = by_hand[name[0]]
+            torch.testing.assert_close(torch.tensor(low, dtype=torch.float64),
+                                       (gate < 0.1).double().mean(0))
+            torch.testing.assert_close(torch.tensor(high, dtype=torch.float64),
+                                       (gate > 0.9).double().mean(0))
+        renders = _choose(browser, "sort", "correlation", renders)
+        assert "correlation" in browser.find_element("id", "sort-info").text
+        # a bad input: one inline message, the page keeps working
+        box = browser.find_element("id", "input")
+        box.clear()
+        box.send_keys("Zebra")
+        browser.find_element("id", "run-input").click()
+        deadline = time.monotonic() + 60
+        while "vocabulary" not in browser.find_element("id", "message").text:
+            assert time.monotonic() < deadline, "no inline message for an unknown symbol"
+            time.sleep(0.1)
+        assert "Traceback" not in browser.find_element("id", "message").text
+        renders = _type_and_run(browser, text, renders)
+        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "explore-charlm.png"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tagger_page_shows_the_models_activations(browser: Any, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    run = train_tagger(tmp_path / "run", write_atis(tmp_path / "atis"), crf=True)
+    explorer = load_run(run)
+    server = serve(explorer)
+    try:
+        browser.get(server.url)
+        renders = _wait_for_render(browser, 0)
+        sentence = "show flights from denver to boston"
+        renders = _type_and_run(browser, sentence, renders)
+        renders = _choose(browser, "trace", "1", renders)  # layer 0, reverse direction
+        renders = _choose(browser, "quantity", "o", renders)
+        renders = _set_unit(browser, 2, renders)
+        symbols, values = _shown(browser)
+        assert symbols == sentence.split()
+        model = explorer.model
+        tokens = torch.tensor([[explorer.vocab.words.index[w]] for w in sentence.split()])
+        x = model.embedding(tokens)[:, 0].detach()
+        torch.testing.assert_close(values, lstm_by_hand(model.rnn, x, direction=1)["o"][:, 2])
+        renders = _choose(browser, "quantity", "h", renders)
+        _, values = _shown(browser)
+        with torch.no_grad():
+            output, _ = model.rnn(model.embedding(tokens))
+        hidden = model.config.recurrent.hidden
+        torch.testing.assert_close(values, output[:, 0, hidden + 2])
+        tags = browser.execute_script(
+            "return [...document.querySelectorAll('#text .sym .tag')].map(s => s.textContent)")
+        assert tags == explorer.analyse(sentence).predictions["decoded"]
+        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "explore-tagging.png"))
+    finally:
+        server.shutdown()
+        server.server_close()
