@@ -73,3 +73,10 @@ def lstm_by_hand(layer: torch.nn.Module, x: Tensor, direction: int = 0) -> dict[
                 out[k].append(v)
     stacked = {k: torch.stack(v) for k, v in out.items()}
     return {k: v.flip(0) for k, v in stacked.items()} if direction else stacked
+
+
+def train_task(module: object, config: dict, out: Path) -> Path:
+    """A few training steps of any task module's ``build`` from ``config``, saved in ``out``."""
+    task, network, _ = module.build(config)  # type: ignore[attr-defined]
+    Trainer(network, task, TrainConfig.from_dict(config["train"]), out, progress=False).fit()
+    return out

@@ -130,7 +130,7 @@ def test_server_answers_local_requests_only_and_reports_bad_input(charlm_run: Pa
         assert _request(server, "GET", "/plotly.min.js")[0] == 200
         status, body = _request(server, "GET", "/", host="evil.example:80")
         assert status == 403 and b"only local requests" in body
-        status, body = _request(server, "POST", "/api/analyse", json.dumps({"text": "said hi"}).encode())
+        status, body = _request(server, "POST", "/api/analyse", json.dumps({"input": "said hi"}).encode())
         assert status == 200
         summary = json.loads(body)
         assert summary["symbols"] == list("said hi")
@@ -139,7 +139,7 @@ def test_server_answers_local_requests_only_and_reports_bad_input(charlm_run: Pa
         assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.float32).view(7, -1),
                            expected)
         for body, message in ((b"not json", "must be JSON"),
-                              (json.dumps({"text": "Zebra"}).encode(), "vocabulary")):
+                              (json.dumps({"input": "Zebra"}).encode(), "vocabulary")):
             status, answer = _request(server, "POST", "/api/analyse", body)
             error = json.loads(answer)["error"]
             assert status in (400, 413) and message in error and "Traceback" not in error

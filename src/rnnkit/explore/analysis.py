@@ -22,6 +22,7 @@ from rnnkit.explore.record import GATES, LABELS, Recorder, Trace
 
 MAX_SYMBOLS = 20_000  # the longest input the page accepts (the issue's responsiveness target)
 TOP_K = 5  # next-symbol candidates shown per step
+MAX_PREFIXES = 400  # classifiers: prefixes evaluated for the probability-over-time curve
 
 
 class InputError(ValueError):
@@ -79,19 +80,62 @@ def _probabilities(logits: Tensor) -> Tensor:
     return torch.softmax(logits.double(), dim=-1)
 
 
-class CharLMExplorer:
-    """A character LM: the next-symbol distribution after each symbol."""
+class LanguageModelExplorer:
+    """A language model (characters or words): the next-symbol distribution after each symbol."""
 
-    task = "charlm"
+    task = ""
     input_kind = "text"
+    model: Any
+    checkpoint: Any
+
+    def units(self, text: str) -> tuple[list[int], list[str]]:
+        """Model ids and the shown symbols of ``text``; InputError for what cannot be read."""
+        raise NotImplementedError
+
+    def vocabulary(self) -> list[str]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def analyse(self, text: str) -> Analysis:
+        ids, symbols = self.units(text)
+        tokens = torch.tensor(ids).unsqueeze(1)  # (T, 1)
+        with Recorder(self.model, only=("rnn",)) as recorder:
+            logits, _ = self.model(tokens)
+        probs = _probabilities(logits[:, 0])  # (T, V): after symbol t, the next one
+        top = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
+        actual = [float(probs[t, ids[t + 1]]) for t in range(len(ids) - 1)] + [None]
+        predictions = {
+            "kind": "next_symbol", "vocabulary": self.vocabulary(),
+            "top_ids": top.indices.tolist(), "top_probs": top.values.float().tolist(),
+            "actual_next": actual}
+        return Analysis(self.task, symbols, _traces(recorder), predictions, text)
+
+
+class CharLMExplorer(LanguageModelExplorer):
+    task = "charlm"
 
     def __init__(self, path: str | Path) -> None:
         from rnnkit.tasks.charlm import load_model
 
         self.model, self.vocab, self.checkpoint = load_model(path)
 
-    def symbol_text(self, unit: str | int) -> str:
+    @staticmethod
+    def symbol_text(unit: str | int) -> str:
         return unit if isinstance(unit, str) else (chr(unit) if unit < 128 else f"\\x{unit:02x}")
+
+    def vocabulary(self) -> list[str]:
+        return [self.symbol_text(s) for s in self.vocab.symbols]
+
+    def units(self, text: str) -> tuple[list[int], list[str]]:
+        from rnnkit.data.vocab import UnknownSymbolError
+
+        _check_length(len(self.vocab.units(text)), "input text")
+        try:
+            ids = self.vocab.encode(text, "the input")
+        except UnknownSymbolError as error:
+            raise InputError(str(error)) from None
+        names = self.vocabulary()
+        return ids, [names[i] for i in ids]
 
     def default_input(self) -> str:
         """The start of the run's validation text (a sample of the model when it cannot be read)."""
@@ -108,27 +152,36 @@ class CharLMExplorer:
 
         return generate(self.model, self.vocab, "", 400, 0.7, seed=0)
 
-    @torch.no_grad()
-    def analyse(self, text: str) -> Analysis:
-        from rnnkit.data.vocab import UnknownSymbolError
 
-        _check_length(len(self.vocab.units(text)), "input text")
+class WordLMExplorer(LanguageModelExplorer):
+    """A word LM: words split at white space, unknown ones read as ``<unk>`` as in training."""
+
+    task = "wordlm"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.wordlm import load_model
+
+        self.model, self.vocab, self.checkpoint = load_model(path)
+
+    def vocabulary(self) -> list[str]:
+        return list(self.vocab.tokens)
+
+    def units(self, text: str) -> tuple[list[int], list[str]]:
+        words = text.split()
+        _check_length(len(words), "input text")
+        ids = self.vocab.encode(words)
+        return ids, [self.vocab.tokens[i] for i in ids]  # what the model reads (<unk> shown)
+
+    def default_input(self) -> str:
+        from rnnkit.tasks.common import shared_path
+        from rnnkit.tasks.wordlm import read_words
+
         try:
-            ids = self.vocab.encode(text, "the input")
-        except UnknownSymbolError as error:
-            raise InputError(str(error)) from None
-        tokens = torch.tensor(ids).unsqueeze(1)  # (T, 1)
-        with Recorder(self.model, only=("rnn",)) as recorder:
-            logits, _ = self.model(tokens)
-        probs = _probabilities(logits[:, 0])  # (T, V): after symbol t, the next one
-        top = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
-        symbols = [self.symbol_text(s) for s in self.vocab.symbols]
-        actual = [float(probs[t, ids[t + 1]]) for t in range(len(ids) - 1)] + [None]
-        predictions = {
-            "kind": "next_symbol", "vocabulary": symbols,
-            "top_ids": top.indices.tolist(), "top_probs": top.values.float().tolist(),
-            "actual_next": actual}
-        return Analysis(self.task, [symbols[i] for i in ids], _traces(recorder), predictions, text)
+            configured = self.checkpoint.meta["task"]["data"].get("valid")
+            words, _ = read_words(shared_path("ptb/ptb.valid.txt", configured))
+            return " ".join(words[:300])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return " ".join(w for w in self.vocab.tokens[:50] if not w.startswith("<"))
 
 
 class TaggingExplorer:
@@ -186,6 +239,188 @@ class TaggingExplorer:
         return Analysis(self.task, tokens, _traces(recorder), predictions, text)
 
 
+class ClassifierExplorer:
+    """A sequence classifier: the class probabilities of every prefix of the input, i.e. what
+    the model would answer had the sequence ended at step t (computed exactly, one prefix per
+    step, for up to :data:`MAX_PREFIXES` evenly spaced steps)."""
+
+    task = ""
+    model: Any
+    labels: list[str]
+
+    def batch(self, count: int, steps: list[int], source: Any) -> dict[str, Any]:
+        """Model keyword arguments for ``count`` prefixes of ``source`` of lengths ``steps``."""
+        raise NotImplementedError
+
+    def read(self, text: str) -> tuple[Any, list[str]]:
+        """The model's view of ``text`` and the shown symbols."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def analyse(self, text: str) -> Analysis:
+        source, symbols = self.read(text)
+        steps = len(symbols)
+        with Recorder(self.model, only=("rnn",)) as recorder:
+            logits = self.model(**self.batch(1, [steps], source))
+        final = _probabilities(logits[0])
+        count = min(steps, MAX_PREFIXES)  # evenly spaced steps, the first and the last included
+        positions = sorted({round(k * (steps - 1) / max(1, count - 1)) for k in range(count)})
+        probs = []
+        for begin in range(0, len(positions), 256):  # bounded memory for long inputs
+            chunk = [p + 1 for p in positions[begin:begin + 256]]
+            probs.append(_probabilities(self.model(**self.batch(len(chunk), chunk, source))))
+        predictions = {"kind": "classes", "labels": self.labels, "steps": positions,
+                       "probabilities": torch.cat(probs).float().tolist(),
+                       "final": final.tolist()}
+        return Analysis(self.task, symbols, _traces(recorder), predictions, text)
+
+
+class SentimentExplorer(ClassifierExplorer):
+    task = "sentiment"
+    input_kind = "text"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.sentiment import load_model
+
+        self.model, self.encoder, self.labels, self.checkpoint = load_model(path)
+
+    def read(self, text: str) -> tuple[Any, list[str]]:
+        tokens = self.encoder.tokens(text)
+        _check_length(len(tokens), "input sentence")
+        return tokens, tokens
+
+    def batch(self, count: int, steps: list[int], source: Any) -> dict[str, Any]:
+        from rnnkit.tasks.sentiment import collate, model_inputs
+
+        encoded = [self.encoder.encode(source[:k]) for k in steps]
+        return model_inputs(collate(encoded, [0] * count, self.encoder.words.pad))
+
+    def default_input(self) -> str:
+        from rnnkit.tasks.sentiment import SentimentDataConfig, read_split
+
+        try:
+            data = SentimentDataConfig(**self.checkpoint.meta["task"]["data"])
+            examples, _ = read_split(data, "valid")
+            return " ".join(examples[0][0])
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return " ".join(w for w in self.encoder.words.tokens[:12] if not w.startswith("<"))
+
+
+class DigitsExplorer(ClassifierExplorer):
+    """Handwritten 8×8 digits read a row (or column) per step; the input is the number of an
+    image of the held-out test split."""
+
+    task = "digits"
+    input_kind = "example"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.digits import load_model
+
+        self.model, self.data, self.checkpoint = load_model(path)
+        self.labels = [str(d) for d in range(self.model.config.classes)]
+        self._images: Any = None
+
+    def images(self) -> tuple[Tensor, Tensor, list[int]]:
+        if self._images is None:
+            from rnnkit.tasks.digits import load_images, split_indices
+
+            images, labels = load_images()
+            self._images = images, labels, split_indices(labels, self.data)[2]
+        return self._images
+
+    def read(self, text: str) -> tuple[Any, list[str]]:
+        from rnnkit.tasks.digits import to_sequence
+
+        images, labels, test = self.images()
+        try:
+            number = int(text.strip())
+        except ValueError:
+            raise InputError(f"give the number of a test image, 0…{len(test) - 1}; "
+                             f"got {text.strip()[:40]!r}") from None
+        if not 0 <= number < len(test):
+            raise InputError(f"there are {len(test)} test images: 0…{len(test) - 1}")
+        image = images[test[number]]
+        sequence = to_sequence(image.unsqueeze(0), self.data.reader)[:, 0]  # (8, 8)
+        what = "row" if self.data.reader == "rows" else "column"
+        # each step shown as its 8 pixels in ASCII shades: the symbols draw the digit itself
+        symbols = [f"{what} {t}: " + "".join(" .:*#"[min(4, int(v * 5))] for v in step)
+                   for t, step in enumerate(sequence)]
+        self.last_label = int(labels[test[number]])
+        return sequence, symbols
+
+    def batch(self, count: int, steps: list[int], source: Any) -> dict[str, Any]:
+        inputs = source.unsqueeze(1).expand(-1, count, -1).contiguous()  # (8, B, 8)
+        return {"inputs": inputs, "lengths": torch.tensor(steps)}
+
+    def analyse(self, text: str) -> Analysis:
+        analysis = super().analyse(text)
+        analysis.predictions["reference"] = str(self.last_label)
+        return analysis
+
+    def default_input(self) -> str:
+        return "0"
+
+
+class SpeechExplorer:
+    """Spoken digits: the CTC posteriors of every (stacked) frame and the greedy decoding. The
+    input is a WAV file at the model's sample rate."""
+
+    task = "speech"
+    input_kind = "wav"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.speech import load_model
+
+        self.model, self.extractor, self.checkpoint = load_model(path)
+
+    def default_input(self) -> str:
+        """A recording from the run's data folder, as base64 WAV ("" when there is none)."""
+        from rnnkit.tasks.speech import SHARED_FSDD, find_recordings
+
+        try:
+            configured = self.checkpoint.meta["task"]["data"].get("recordings")
+            found = find_recordings(Path(configured) if configured else SHARED_FSDD)
+            return base64.b64encode(next(iter(found.values())).read_bytes()).decode()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+            raise InputError("no recording found in the run's data folder: choose a WAV "
+                             "file") from None
+
+    @torch.no_grad()
+    def analyse(self, wav: str) -> Analysis:
+        import tempfile
+
+        from rnnkit.data.audio import AudioError
+        from rnnkit.decoding import greedy_decode
+        from rnnkit.tasks.speech import BLANK, labels_to_digits
+
+        try:
+            data = base64.b64decode(wav, validate=True)
+        except ValueError:
+            raise InputError("the WAV must come base64-encoded") from None
+        if not data:
+            raise InputError("the WAV file is empty")
+        with tempfile.NamedTemporaryFile(suffix=".wav") as handle:
+            handle.write(data)
+            handle.flush()
+            try:
+                features = self.extractor.from_file(handle.name)
+            except AudioError as error:  # the message names the temporary file: say "the file"
+                raise InputError(str(error).replace(handle.name, "the uploaded file")) from None
+        with Recorder(self.model, only=("encoder",)) as recorder:
+            log_probs, lengths = self.model(features.unsqueeze(1), torch.tensor([features.shape[0]]))
+        steps = int(lengths[0])
+        _check_length(steps, "recording")
+        posteriors = log_probs[:steps, 0].double().exp()  # (T', C)
+        best = greedy_decode(log_probs[:steps, 0], blank=BLANK)
+        hop = self.extractor.hop_length / self.extractor.config.sample_rate * self.model.config.stack
+        symbols = [f"{t * hop:.2f}s" for t in range(steps)]
+        labels = ["blank", *(str(d) for d in range(self.model.config.classes - 1))]
+        predictions = {"kind": "ctc", "labels": labels, "posteriors": posteriors.float().tolist(),
+                       "decoded": "".join(str(d) for d in labels_to_digits(best.labels)),
+                       "frames": [int(t) for t in best.timesteps]}
+        return Analysis(self.task, symbols, _traces(recorder), predictions, "")
+
+
 def _crf_marginals(crf: Any, emissions: Tensor, mask: Tensor) -> Tensor:
     """P(tag_t = k | sentence) of a linear-chain CRF: ∂ log Z / ∂ emissions (the forward-backward
     marginals, through the CRF's own tested log-partition)."""
@@ -200,7 +435,9 @@ def _traces(recorder: Recorder) -> list[tuple[str, Trace]]:
     return [(module, trace) for module, traces in recorder.traces().items() for trace in traces]
 
 
-EXPLORERS: dict[str, type] = {"charlm": CharLMExplorer, "tagging": TaggingExplorer}
+EXPLORERS: dict[str, type] = {
+    "charlm": CharLMExplorer, "wordlm": WordLMExplorer, "tagging": TaggingExplorer,
+    "sentiment": SentimentExplorer, "digits": DigitsExplorer, "speech": SpeechExplorer}
 
 
 def load_run(path: str | Path) -> Any:

@@ -187,11 +187,11 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             try:
                 request = json.loads(body.decode("utf-8"))
-                text = request["text"]
+                text = request["input"]
                 if not isinstance(text, str):
                     raise TypeError
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-                raise InputError('the request must be JSON {"text": "..."}') from None
+                raise InputError('the request must be JSON {"input": "..."}') from None
             self._send(200, to_json(self.server.analyse(text)), "application/json")
         except InputError as error:
             self._error(400, str(error))

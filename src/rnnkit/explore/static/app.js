@@ -39,9 +39,9 @@ async function values(trace, quantity) {
 }
 
 // --- input ---------------------------------------------------------------------------------
-async function post(text) {
+async function post(input) {
   const response = await fetch("api/analyse", {method: "POST",
-    headers: {"Content-Type": "application/json"}, body: JSON.stringify({text})});
+    headers: {"Content-Type": "application/json"}, body: JSON.stringify({input})});
   let body;
   try { body = await response.json(); } catch (e) { body = {error: `the server answered ${response.status}`}; }
   if (!response.ok || body.error) throw new Error(body.error || `the server answered ${response.status}`);
@@ -60,7 +60,7 @@ function show(analysis) {
   traces.value = state.trace;
   fillQuantities();
   $("text").classList.toggle("words", analysis.task !== "charlm");
-  if (!$("input").value) $("input").value = analysis.text;
+  if (!$("input").value && R.input !== "wav") $("input").value = analysis.text;
   return render();
 }
 
@@ -247,13 +247,61 @@ function drawPredictions() {
       const best = p.intent_probabilities.indexOf(Math.max(...p.intent_probabilities));
       text += `; intent ${p.intents[best]} (${p.intent_probabilities[best].toFixed(3)})`;
     }
+  } else if (p.kind === "classes") {
+    const k = nearestPrefix(p.steps, t);
+    const row = p.probabilities[k];
+    bars = {x: row, y: p.labels, type: "bar", orientation: "h"};
+    const best = row.indexOf(Math.max(...row));
+    text = `had the input ended at step ${p.steps[k]}: ${p.labels[best]} (${row[best].toFixed(3)})`;
+    const final = p.final.indexOf(Math.max(...p.final));
+    text += `; whole input: ${p.labels[final]} (${p.final[final].toFixed(3)})`;
+    if (p.reference !== undefined) text += `; true label ${p.reference}`;
+  } else if (p.kind === "ctc") {
+    const row = p.posteriors[t];
+    bars = {x: row, y: p.labels, type: "bar", orientation: "h"};
+    text = `decoded: ${p.decoded || "(nothing)"}; labels emitted at steps ${p.frames.join(", ")}`;
   }
   $("prediction-text").textContent = text;
+  drawTimeline();
   if (bars) {
     Plotly.react("predictions", [bars], {margin: {l: 120, r: 10, t: 10, b: 40},
       xaxis: {title: {text: "probability"}, range: [0, 1]}, yaxis: {autorange: "reversed"}},
       {responsive: true});
   }
+}
+
+function nearestPrefix(steps, t) {
+  let best = 0;
+  steps.forEach((s, k) => { if (Math.abs(s - t) < Math.abs(steps[best] - t)) best = k; });
+  return best;
+}
+
+// the task's predictions along time, for the steps on screen: class probabilities of every
+// prefix (classifiers), CTC posteriors (speech), p(actual next symbol) (language models)
+function drawTimeline() {
+  const p = state.analysis.predictions, box = $("timeline");
+  const end = Math.min(state.analysis.symbols.length, state.start + WINDOW);
+  const inWindow = (t) => t >= state.start && t < end;
+  let traces = null, layout = {};
+  if (p.kind === "classes") {
+    const keep = p.steps.map((s, k) => k).filter((k) => inWindow(p.steps[k]));
+    traces = p.labels.map((label, c) => ({x: keep.map((k) => p.steps[k]),
+      y: keep.map((k) => p.probabilities[k][c]), mode: "lines+markers", name: label}));
+    layout = {yaxis: {title: {text: "class probability"}, range: [0, 1]}};
+  } else if (p.kind === "ctc") {
+    const x = [...Array(end - state.start).keys()].map((k) => k + state.start);
+    traces = [{type: "heatmap", x, y: p.labels, z: p.labels.map((_, c) => x.map((t) => p.posteriors[t][c])),
+      colorscale: "Greys", reversescale: true, zmin: 0, zmax: 1}];
+    layout = {yaxis: {title: {text: "CTC posterior"}}};
+  } else if (p.kind === "next_symbol") {
+    const x = [...Array(end - state.start).keys()].map((k) => k + state.start);
+    traces = [{x, y: x.map((t) => p.actual_next[t]), mode: "lines", name: "p(next symbol)"}];
+    layout = {yaxis: {title: {text: "p(actual next)"}, range: [0, 1]}};
+  }
+  box.hidden = !traces;
+  if (!traces) return;
+  Plotly.react("timeline", traces, {margin: {l: 60, r: 10, t: 10, b: 40},
+    xaxis: {title: {text: "step"}}, ...layout}, {responsive: true});
 }
 
 async function render() {
@@ -283,9 +331,25 @@ function setStart(value) {
   render();
 }
 
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
 $("input-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   if (R.embedded) { message("this is a saved page: run `rnnkit explore RUN` to try other inputs"); return; }
+  if (R.input === "wav") {
+    const file = $("wav").files[0];
+    if (!file) { message("choose a WAV file first"); return; }
+    status("running the model…");
+    try { await show(await post(await readFile(file))); } catch (error) { message(error.message); status(""); }
+    return;
+  }
   const text = $("input").value;
   if ([...text].length > R.maxSymbols) { message(`the input is longer than ${R.maxSymbols} symbols`); return; }
   status("running the model…");
@@ -315,6 +379,8 @@ $("text").addEventListener("click", (event) => {
 
 async function start() {
   $("run").textContent = `${R.task} · ${R.run}`;
+  if (R.input === "wav") { $("input").hidden = true; $("wav").hidden = false; }
+  if (R.input === "example") $("input").placeholder = "the number of a test example";
   if (R.embedded) { $("input").value = R.embedded.text; await show(R.embedded); return; }
   status("running the model on a validation example…");
   try {
