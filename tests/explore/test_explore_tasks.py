@@ -7,13 +7,15 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from explore_helpers import train_charlm, train_task
 
 from rnnkit.data.audio import write_wav
 from rnnkit.explore.analysis import InputError, load_run
-from rnnkit.tasks import digits, sentiment, speech, wordlm
+from rnnkit.models.generator import frame_nll
+from rnnkit.tasks import digits, music, sentiment, speech, translate, wordlm
 
 
 @pytest.fixture(autouse=True)
@@ -132,3 +134,68 @@ def test_speech_shows_ctc_posteriors_of_a_wav(tmp_path: Path) -> None:
         explorer.analyse(base64.b64encode(b"RIFF, but not really a wav").decode())
     with pytest.raises(InputError, match="base64"):
         explorer.analyse("not base64!")
+
+
+def test_translate_records_encoder_and_decoder_with_attention(tmp_path: Path) -> None:
+    config = translate.default_config()
+    config["data"].update(train_size=48, valid_size=4)
+    config["model"].update(embedding=8)
+    config["model"]["encoder"].update(hidden=6)
+    config["model"]["decoder"].update(hidden=6)
+    config["train"].update(steps=2, batch_size=16, eval_every=2)
+    explorer = load_run(train_task(translate, config, tmp_path / "run"))
+    text = explorer.default_input()
+    analysis = explorer.analyse(text)
+    p = analysis.predictions
+    info = {t["name"]: t for t in analysis.trace_info()}
+    assert set(info) == {"encoder layer 0 forward", "encoder layer 0 reverse",
+                         "decoder layer 0 forward"}
+    assert info["encoder layer 0 forward"]["symbols"] == p["source"] == list(text)
+    assert info["decoder layer 0 forward"]["symbols"] == p["output"]
+    assert p["output"][-1] == "</s>"
+    translator = explorer.translator
+    assert p["translation"] == translator.translate(text)
+    source = translator.source_ids(text)
+    tokens = translator.target_vocab.encode(p["output"][:-1])
+    expected = explorer.model.attention_map(source, tokens)
+    torch.testing.assert_close(torch.tensor(p["attention"]), expected)
+    # the decoder, called one step at a time, is recorded as one sequence: its h are the
+    # decoder's own outputs at each step
+    decoder = next(i for i, t in enumerate(analysis.trace_info()) if t["module"] == "decoder")
+    hidden = []
+    with torch.no_grad():
+        state = explorer.model.encode(source.unsqueeze(1), torch.tensor([source.numel()]))
+        for token in [explorer.model.config.bos, *tokens]:
+            _, _, state = explorer.model.step(torch.tensor([token]), state)
+            hidden.append(state.hidden[0][-1, 0])
+    torch.testing.assert_close(analysis.values(decoder, "h"), torch.stack(hidden))
+
+
+def test_music_reads_a_validation_sequence(tmp_path: Path) -> None:
+    pytest.importorskip("scipy", reason="JSB chorales come as a .mat file")
+    from scipy.io import savemat
+
+    cells = np.empty((1, 3), dtype=object)
+    for i in range(3):
+        roll = np.zeros((7 + i, 88), dtype=np.uint8)
+        for t in range(7 + i):
+            roll[t, 39 + (0, 4, 7)[t % 3]] = 1
+        cells[0, i] = roll
+    savemat(str(tmp_path / "tiny.mat"), {"traindata": cells, "validdata": cells,
+                                         "testdata": cells})
+    config = music.default_config()
+    config["data"]["path"] = str(tmp_path / "tiny.mat")
+    config["model"]["recurrent"].update(hidden=6)
+    config["train"].update(steps=2, batch_size=2, eval_every=2)
+    explorer = load_run(train_task(music, config, tmp_path / "run"))
+    analysis = explorer.analyse("1")
+    assert analysis.symbols[:3] == ["C4", "E4", "G4"]  # column 39 is MIDI 60, middle C
+    roll = torch.tensor(cells[0, 1], dtype=torch.float32)
+    with torch.no_grad():
+        logits, _ = explorer.model(roll.unsqueeze(1))
+    nll = analysis.predictions["nll"]
+    assert len(nll) == 8 and nll[-1] is None
+    assert sum(nll[:-1]) / 7 == pytest.approx(float(frame_nll(logits[:-1], roll[1:].unsqueeze(1))),
+                                              rel=1e-5)
+    with pytest.raises(InputError, match="3 validation sequences"):
+        explorer.analyse("3")

@@ -38,6 +38,8 @@ class Analysis:
     traces: list[tuple[str, Trace]]  # (module name, trace)
     predictions: dict[str, Any] = field(default_factory=dict)  # task-specific, JSON-able
     text: str = ""  # the input as the user gave it
+    # a module whose steps are not the input's (a decoder's steps are the output symbols)
+    axes: dict[str, list[str]] = field(default_factory=dict)
 
     def trace_info(self) -> list[dict[str, Any]]:
         out = []
@@ -48,13 +50,15 @@ class Analysis:
                         "hidden": next(iter(trace.values.values())).shape[1],
                         "name": f"{module} layer {trace.layer} {direction}",
                         "quantities": [{"name": q, "label": LABELS[q]} for q in trace.values],
-                        "gates": list(GATES[trace.kind])})
+                        "gates": list(GATES[trace.kind]),
+                        "symbols": self.axes.get(module, self.symbols)})
         return out
 
     def summary(self) -> dict[str, Any]:
         """Everything but the activation values (those are fetched per trace and quantity)."""
         return {"task": self.task, "symbols": self.symbols, "text": self.text,
-                "traces": self.trace_info(), "predictions": self.predictions}
+                "traces": self.trace_info(), "predictions": self.predictions}  # (symbols twice
+        # for a one-axis task: simple for the page, and the inputs are at most 20,000 symbols)
 
     def values(self, trace: int, quantity: str) -> Tensor:
         """(T, H) float32 of one recorded quantity; KeyError/IndexError for an unknown one."""
@@ -421,6 +425,124 @@ class SpeechExplorer:
         return Analysis(self.task, symbols, _traces(recorder), predictions, "")
 
 
+class TranslateExplorer:
+    """An encoder-decoder: the encoder's steps are the source symbols, the decoder's the output
+    symbols it writes (greedy, then replayed teacher-forced exactly as ``attention_map`` does);
+    predictions are the attention matrix and the output distribution at each decoder step."""
+
+    task = "translate"
+    input_kind = "text"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.translate import load_model
+
+        self.translator, self.checkpoint = load_model(path)
+        self.model = self.translator.model
+
+    def default_input(self) -> str:
+        from rnnkit.tasks.translate import detokenize, read_pairs
+
+        try:
+            _, valid, _ = read_pairs(self.translator.data)
+            return detokenize(valid[0][0], self.translator.data.char_level)
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return " ".join(w for w in self.translator.source_vocab.tokens[:8]
+                            if not w.startswith("<"))
+
+    @torch.no_grad()
+    def analyse(self, text: str) -> Analysis:
+        translator, model = self.translator, self.model
+        symbols = translator.symbols(text)
+        _check_length(len(symbols), "source sentence")
+        source = torch.tensor(translator.source_vocab.encode(symbols))  # (S,)
+        lengths = torch.tensor([source.numel()])
+        limit = int(translator.data.max_decode_ratio * source.numel()) + 10
+        tokens = model.greedy(source.unsqueeze(1), lengths, max_length=limit).tokens[0]
+        target = torch.tensor([*tokens, model.config.eos]).unsqueeze(1)  # (T, 1)
+        with Recorder(model, only=("encoder", "decoder")) as recorder:
+            logits, weights = model(source.unsqueeze(1), lengths, target)
+        probs = _probabilities(logits[:, 0])  # (T, V)
+        top = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
+        vocab = translator.target_vocab
+        outputs = [*vocab.decode(tokens, strip_specials=False), vocab.tokens[model.config.eos]]
+        read = [translator.source_vocab.tokens[i] for i in source.tolist()]
+        predictions = {
+            "kind": "attention", "source": read, "output": outputs,
+            "vocabulary": list(vocab.tokens), "top_ids": top.indices.tolist(),
+            "top_probs": top.values.float().tolist(),
+            "attention": None if weights is None else weights[:, 0].float().tolist(),
+            "translation": " ".join(outputs[:-1]) if not translator.data.char_level
+            else "".join(outputs[:-1])}
+        return Analysis(self.task, read, _traces(recorder), predictions, text,
+                        axes={"decoder": outputs})
+
+
+class MusicExplorer:
+    """A piano-roll generator: each step is a frame (its sounding notes); predictions are the
+    probability of each pitch in the next frame and the frame's NLL. The input is the number of
+    a validation sequence."""
+
+    task = "music"
+    input_kind = "example"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.music import load_model
+
+        self.model, self.checkpoint = load_model(path)
+        self._rolls: list[Tensor] | None = None
+
+    def rolls(self) -> list[Tensor]:
+        if self._rolls is None:
+            from rnnkit.tasks.common import shared_path
+            from rnnkit.tasks.music import load_rolls
+
+            try:
+                configured = self.checkpoint.meta["task"]["data"].get("path")
+                self._rolls = load_rolls(shared_path("polyphonic/JSB_Chorales.mat", configured))[
+                    "valid"]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+                raise InputError(f"the run's validation chorales cannot be read: {error}") from None
+        return self._rolls
+
+    def default_input(self) -> str:
+        return "0"
+
+    @staticmethod
+    def note_name(pitch: int) -> str:
+        from rnnkit.midi import LOWEST_NOTE
+
+        midi = pitch + LOWEST_NOTE
+        return ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"][midi % 12] + str(
+            midi // 12 - 1)
+
+    @torch.no_grad()
+    def analyse(self, text: str) -> Analysis:
+        from rnnkit.models.generator import frame_nll
+
+        rolls = self.rolls()
+        try:
+            number = int(text.strip())
+        except ValueError:
+            raise InputError(f"give the number of a validation sequence, 0…{len(rolls) - 1}; "
+                             f"got {text.strip()[:40]!r}") from None
+        if not 0 <= number < len(rolls):
+            raise InputError(f"there are {len(rolls)} validation sequences: 0…{len(rolls) - 1}")
+        roll = rolls[number]  # (T, P)
+        _check_length(roll.shape[0], "sequence")
+        with Recorder(self.model, only=("rnn",)) as recorder:
+            logits, _ = self.model(roll.unsqueeze(1))
+        probs = torch.sigmoid(logits[:, 0].double())  # (T, P): each pitch of frame t + 1
+        top = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
+        nll = [float(frame_nll(logits[t:t + 1], roll[t + 1:t + 2].unsqueeze(1)))
+               for t in range(roll.shape[0] - 1)] + [None]
+        names = [self.note_name(p) for p in range(roll.shape[1])]
+        symbols = [" ".join(names[p] for p in frame.nonzero()[:, 0].tolist()) or "rest"
+                   for frame in roll]
+        predictions = {"kind": "pitches", "vocabulary": names, "top_ids": top.indices.tolist(),
+                       "top_probs": top.values.float().tolist(), "nll": nll}
+        return Analysis(self.task, symbols, _traces(recorder), predictions, text)
+
+
 def _crf_marginals(crf: Any, emissions: Tensor, mask: Tensor) -> Tensor:
     """P(tag_t = k | sentence) of a linear-chain CRF: ∂ log Z / ∂ emissions (the forward-backward
     marginals, through the CRF's own tested log-partition)."""
@@ -437,7 +559,8 @@ def _traces(recorder: Recorder) -> list[tuple[str, Trace]]:
 
 EXPLORERS: dict[str, type] = {
     "charlm": CharLMExplorer, "wordlm": WordLMExplorer, "tagging": TaggingExplorer,
-    "sentiment": SentimentExplorer, "digits": DigitsExplorer, "speech": SpeechExplorer}
+    "sentiment": SentimentExplorer, "digits": DigitsExplorer, "speech": SpeechExplorer,
+    "translate": TranslateExplorer, "music": MusicExplorer}
 
 
 def load_run(path: str | Path) -> Any:

@@ -13,6 +13,9 @@ const state = {analysis: null, cache: new Map(), trace: 0, quantity: "h", unit: 
 
 const $ = (id) => document.getElementById(id);
 
+// the steps of the chosen trace: the input's symbols, or a decoder's output symbols
+function symbolsOf() { return state.analysis.traces[state.trace].symbols; }
+
 function message(text) { $("message").textContent = text || ""; }
 function status(text) { $("status").textContent = text || ""; }
 
@@ -139,7 +142,7 @@ function unitOrder(array, steps, hidden) {
       const d = array[t * hidden + u] - mean[u]; score[u] += d * d / steps;
     }
   } else {
-    const p = pattern($("pattern").value, state.analysis.symbols);
+    const p = pattern($("pattern").value, symbolsOf());
     let pm = 0; p.forEach((v) => { pm += v / steps; });
     const cov = new Float64Array(hidden), vu = new Float64Array(hidden);
     let vp = 0;
@@ -159,7 +162,7 @@ function unitOrder(array, steps, hidden) {
 
 // --- drawing -------------------------------------------------------------------------------
 function drawText(array, trace) {
-  const {symbols} = state.analysis;
+  const symbols = symbolsOf();
   const hidden = trace.hidden, unit = state.unit;
   const gate = GATE_LIKE.has(state.quantity);
   const scale = unitScale(array, hidden, unit);
@@ -176,7 +179,7 @@ function drawText(array, trace) {
     span.style.backgroundColor = colour(value, scale, gate);
     span.title = `step ${t} ${JSON.stringify(symbols[t])}: ${state.quantity}[${unit}] = ${value.toFixed(4)}`;
     span.textContent = symbols[t] === "\n" ? "↵\n" : symbols[t];
-    if (preds.kind === "tags") {
+    if (preds.kind === "tags" && trace.module === "rnn") {
       const tag = document.createElement("span");
       tag.className = "tag";
       tag.textContent = preds.decoded[t];
@@ -225,11 +228,13 @@ async function drawSaturation(trace) {
   if (!traces.length) { Plotly.purge("saturation"); return; }
   Plotly.react("saturation", traces, {margin: {l: 50, r: 10, t: 10, b: 45},
     xaxis: {title: {text: "fraction of steps with the gate < 0.1"}, range: [-0.02, 1.02]},
-    yaxis: {title: {text: "fraction of steps > 0.9"}, range: [-0.02, 1.02]}}, {responsive: true});
+    yaxis: {title: {text: "fraction of steps > 0.9"}, range: [-0.02, 1.02]},
+    legend: {orientation: "h", y: -0.2}}, {responsive: true});
 }
 
 function drawPredictions() {
-  const p = state.analysis.predictions, t = state.selected, symbols = state.analysis.symbols;
+  const p = state.analysis.predictions, symbols = symbolsOf();
+  const t = Math.min(state.selected, symbols.length - 1);
   $("step").textContent = `${t} (${JSON.stringify(symbols[t])})`;
   let bars = null, text = "";
   if (p.kind === "next_symbol") {
@@ -256,6 +261,21 @@ function drawPredictions() {
     const final = p.final.indexOf(Math.max(...p.final));
     text += `; whole input: ${p.labels[final]} (${p.final[final].toFixed(3)})`;
     if (p.reference !== undefined) text += `; true label ${p.reference}`;
+  } else if (p.kind === "pitches") {
+    bars = {x: p.top_probs[t], y: p.top_ids[t].map((i) => p.vocabulary[i]), type: "bar", orientation: "h"};
+    text = p.nll[t] === null ? "last frame: nothing follows" :
+      `the next frame cost ${p.nll[t].toFixed(3)} nats; bars: the likeliest pitches of the next frame`;
+  } else if (p.kind === "attention") {
+    const decoder = state.analysis.traces[state.trace].module === "decoder";
+    if (decoder) {
+      bars = {x: p.top_probs[t], y: p.top_ids[t].map((i) => JSON.stringify(p.vocabulary[i])), type: "bar", orientation: "h"};
+      text = `output step ${t} wrote ${JSON.stringify(p.output[t])}; translation: ${p.translation}`;
+    } else if (p.attention) {
+      bars = {x: p.attention.map((row) => row[t]), y: p.output.map((o, k) => `${k}: ${JSON.stringify(o)}`), type: "bar", orientation: "h"};
+      text = `attention each output step paid to source symbol ${t}; translation: ${p.translation}`;
+    } else {
+      text = `translation: ${p.translation} (this model has no attention)`;
+    }
   } else if (p.kind === "ctc") {
     const row = p.posteriors[t];
     bars = {x: row, y: p.labels, type: "bar", orientation: "h"};
@@ -265,7 +285,9 @@ function drawPredictions() {
   drawTimeline();
   if (bars) {
     Plotly.react("predictions", [bars], {margin: {l: 120, r: 10, t: 10, b: 40},
-      xaxis: {title: {text: "probability"}, range: [0, 1]}, yaxis: {autorange: "reversed"}},
+      xaxis: {title: {text: "probability"}, range: [0, 1]},
+      // category: labels such as "2" or "7" are names, not positions on a number line
+      yaxis: {autorange: "reversed", type: "category"}},
       {responsive: true});
   }
 }
@@ -280,7 +302,7 @@ function nearestPrefix(steps, t) {
 // prefix (classifiers), CTC posteriors (speech), p(actual next symbol) (language models)
 function drawTimeline() {
   const p = state.analysis.predictions, box = $("timeline");
-  const end = Math.min(state.analysis.symbols.length, state.start + WINDOW);
+  const end = Math.min(symbolsOf().length, state.start + WINDOW);
   const inWindow = (t) => t >= state.start && t < end;
   let traces = null, layout = {};
   if (p.kind === "classes") {
@@ -293,6 +315,14 @@ function drawTimeline() {
     traces = [{type: "heatmap", x, y: p.labels, z: p.labels.map((_, c) => x.map((t) => p.posteriors[t][c])),
       colorscale: "Greys", reversescale: true, zmin: 0, zmax: 1}];
     layout = {yaxis: {title: {text: "CTC posterior"}}};
+  } else if (p.kind === "attention" && p.attention) {
+    traces = [{type: "heatmap", z: p.attention, x: p.source.map((s, k) => `${k}: ${s}`),
+      y: p.output.map((o, k) => `${k}: ${o}`), colorscale: "Viridis", zmin: 0, zmax: 1}];
+    layout = {yaxis: {autorange: "reversed", title: {text: "output"}}, xaxis: {title: {text: "source"}}};
+  } else if (p.kind === "pitches") {
+    const x = [...Array(end - state.start).keys()].map((k) => k + state.start);
+    traces = [{x, y: x.map((t) => p.nll[t]), mode: "lines", name: "NLL of the next frame"}];
+    layout = {yaxis: {title: {text: "NLL (nats)"}}};
   } else if (p.kind === "next_symbol") {
     const x = [...Array(end - state.start).keys()].map((k) => k + state.start);
     traces = [{x, y: x.map((t) => p.actual_next[t]), mode: "lines", name: "p(next symbol)"}];
@@ -300,7 +330,7 @@ function drawTimeline() {
   }
   box.hidden = !traces;
   if (!traces) return;
-  Plotly.react("timeline", traces, {margin: {l: 60, r: 10, t: 10, b: 40},
+  Plotly.react("timeline", traces, {margin: {l: 90, r: 10, t: 10, b: 40},
     xaxis: {title: {text: "step"}}, ...layout}, {responsive: true});
 }
 
@@ -320,12 +350,12 @@ async function render() {
   }
   state.renders += 1;
   document.body.dataset.renders = state.renders; // the browser test waits on this
-  status(`${state.analysis.symbols.length} steps`);
+  status(`${symbolsOf().length} steps`);
 }
 
 // --- events --------------------------------------------------------------------------------
 function setStart(value) {
-  const steps = state.analysis ? state.analysis.symbols.length : 0;
+  const steps = state.analysis ? symbolsOf().length : 0;
   state.start = Math.max(0, Math.min(Math.max(0, steps - 1), Math.floor(value) || 0));
   $("start").value = state.start;
   render();
@@ -355,7 +385,11 @@ $("input-form").addEventListener("submit", async (event) => {
   status("running the model…");
   try { await show(await post(text)); } catch (error) { message(error.message); status(""); }
 });
-$("trace").addEventListener("change", () => { state.trace = Number($("trace").value); fillQuantities(); render(); });
+$("trace").addEventListener("change", () => {
+  state.trace = Number($("trace").value);
+  fillQuantities();
+  setStart(state.start); // another trace may have fewer steps (encoder vs decoder)
+});
 $("quantity").addEventListener("change", () => { state.quantity = $("quantity").value; render(); });
 $("unit").addEventListener("change", () => {
   const hidden = state.analysis.traces[state.trace].hidden;
