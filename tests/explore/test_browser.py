@@ -154,7 +154,7 @@ def test_charlm_page_shows_the_models_activations(browser: Any, tmp_path: Path) 
             time.sleep(0.1)
         assert "Traceback" not in browser.find_element("id", "message").text
         renders = _type_and_run(browser, text, renders)
-        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "explore-charlm.png"))
+        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-charlm.png"))
     finally:
         server.shutdown()
         server.server_close()
@@ -188,7 +188,7 @@ def test_tagger_page_shows_the_models_activations(browser: Any, tmp_path: Path) 
         tags = browser.execute_script(
             "return [...document.querySelectorAll('#text .sym .tag')].map(s => s.textContent)")
         assert tags == explorer.analyse(sentence).predictions["decoded"]
-        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "explore-tagging.png"))
+        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-tagging.png"))
     finally:
         server.shutdown()
         server.server_close()

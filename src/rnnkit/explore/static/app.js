@@ -226,10 +226,10 @@ async function drawSaturation(trace) {
   // (a note beside the chart, never inside it: emptying plotly's div would break its redraws)
   $("saturation-note").textContent = traces.length ? "" : "this cell has no gates (Elman RNN)";
   if (!traces.length) { Plotly.purge("saturation"); return; }
-  Plotly.react("saturation", traces, {margin: {l: 50, r: 10, t: 10, b: 45},
+  Plotly.react("saturation", traces, {margin: {l: 50, r: 10, t: 10, b: 80},
     xaxis: {title: {text: "fraction of steps with the gate < 0.1"}, range: [-0.02, 1.02]},
     yaxis: {title: {text: "fraction of steps > 0.9"}, range: [-0.02, 1.02]},
-    legend: {orientation: "h", y: -0.2}}, {responsive: true});
+    legend: {orientation: "h", y: -0.32}}, {responsive: true});
 }
 
 function drawPredictions() {
