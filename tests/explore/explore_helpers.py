@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rnnkit.tasks import charlm, tagging
+from rnnkit.tasks import charlm, speech, tagging
 from rnnkit.train import TrainConfig, Trainer
 
 TEXT = 'He said "hello there" to me.\nAnd then "goodbye", she said at 10:45.\n' * 30
@@ -80,3 +80,24 @@ def train_task(module: object, config: dict, out: Path) -> Path:
     task, network, _ = module.build(config)  # type: ignore[attr-defined]
     Trainer(network, task, TrainConfig.from_dict(config["train"]), out, progress=False).fit()
     return out
+
+
+def train_speech(out: Path, recordings: Path) -> Path:
+    """A few steps of the speech task on tone "digits" written to ``recordings``."""
+    import math
+
+    from rnnkit.data.audio import write_wav
+
+    recordings.mkdir(parents=True)
+    rate = 8000
+    for digit in range(10):
+        for take in range(6):
+            t = torch.arange(int(0.12 * rate)) / rate
+            write_wav(recordings / f"{digit}_ann_{take}.wav",
+                      0.3 * torch.sin(2 * math.pi * (300 + 250 * digit + 10 * take) * t), rate)
+    config = speech.default_config()
+    config["data"].update(recordings=str(recordings), valid_utterances=4, max_digits=2,
+                          max_silence=0.1)
+    config["model"]["recurrent"].update(hidden=6, layers=1)
+    config["train"].update(steps=2, batch_size=4, eval_every=2)
+    return train_task(speech, config, out)

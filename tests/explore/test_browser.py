@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 import torch
-from explore_helpers import lstm_by_hand, train_charlm, train_tagger, write_atis
+from explore_helpers import lstm_by_hand, train_charlm, train_speech, train_tagger, write_atis
 
 from rnnkit.explore.analysis import load_run
 from rnnkit.explore.server import serve
+from rnnkit.models.acoustic import stack_frames
 
 pytest.importorskip("plotly", reason="rnnkit explore needs plotly (the explore extra)")
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
@@ -189,6 +190,49 @@ def test_tagger_page_shows_the_models_activations(browser: Any, tmp_path: Path) 
             "return [...document.querySelectorAll('#text .sym .tag')].map(s => s.textContent)")
         assert tags == explorer.analyse(sentence).predictions["decoded"]
         browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-tagging.png"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _wait_for_message(driver: Any, text: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (shown := driver.find_element("id", "message").text):
+        assert time.monotonic() < deadline, f"no inline message with {text!r}; shown: {shown!r}"
+        time.sleep(0.1)
+    assert "Traceback" not in shown
+    return shown
+
+
+def test_speech_page_takes_a_wav_and_names_a_wrong_file(browser: Any, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    recordings = tmp_path / "recordings"
+    explorer = load_run(train_speech(tmp_path / "run", recordings))
+    server = serve(explorer)
+    try:
+        browser.get(server.url)
+        renders = _wait_for_render(browser, 0)  # a recording of the run's folder by default
+        upload = browser.find_element("id", "wav")
+        wav = sorted(recordings.glob("*.wav"))[7]
+        upload.send_keys(str(wav))
+        browser.find_element("id", "run-input").click()
+        renders = _wait_for_render(browser, renders)
+        renders = _set_unit(browser, 1, renders)
+        _, values = _shown(browser)
+        features = explorer.extractor.from_file(wav)
+        stacked, lengths = stack_frames(features.unsqueeze(1), torch.tensor([features.shape[0]]),
+                                        explorer.model.config.stack)
+        with torch.no_grad():
+            output, _ = explorer.model.encoder(stacked, lengths=lengths)
+        torch.testing.assert_close(values, output[:, 0, 1])  # forward direction, unit 1
+        assert "decoded" in browser.find_element("id", "prediction-text").text
+        not_audio = tmp_path / "notes.wav"
+        not_audio.write_text("these are notes, not audio")
+        upload.send_keys(str(not_audio))
+        browser.find_element("id", "run-input").click()
+        shown = _wait_for_message(browser, "not a readable PCM WAV file")
+        assert "the uploaded file" in shown and str(tmp_path) not in shown
+        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-speech.png"))
     finally:
         server.shutdown()
         server.server_close()

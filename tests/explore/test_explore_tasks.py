@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import base64
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from explore_helpers import train_charlm, train_task
+from explore_helpers import train_charlm, train_speech, train_task
 
-from rnnkit.data.audio import write_wav
 from rnnkit.explore.analysis import InputError, load_run
 from rnnkit.models.generator import frame_nll
-from rnnkit.tasks import digits, music, sentiment, speech, translate, wordlm
+from rnnkit.tasks import digits, music, sentiment, translate, wordlm
 
 
 @pytest.fixture(autouse=True)
@@ -108,19 +106,7 @@ def test_digits_reads_a_test_image_row_by_row(tmp_path: Path) -> None:
 
 def test_speech_shows_ctc_posteriors_of_a_wav(tmp_path: Path) -> None:
     folder = tmp_path / "recordings"
-    folder.mkdir()
-    rate = 8000
-    for digit in range(10):
-        for take in range(6):
-            t = torch.arange(int(0.12 * rate)) / rate
-            write_wav(folder / f"{digit}_ann_{take}.wav",
-                      0.3 * torch.sin(2 * math.pi * (300 + 250 * digit + 10 * take) * t), rate)
-    config = speech.default_config()
-    config["data"].update(recordings=str(folder), valid_utterances=4, max_digits=2,
-                          max_silence=0.1)
-    config["model"]["recurrent"].update(hidden=6, layers=1)
-    config["train"].update(steps=2, batch_size=4, eval_every=2)
-    explorer = load_run(train_task(speech, config, tmp_path / "run"))
+    explorer = load_run(train_speech(tmp_path / "run", folder))
     wav = explorer.default_input()  # a recording of the run's folder, base64
     analysis = explorer.analyse(wav)
     posteriors = torch.tensor(analysis.predictions["posteriors"], dtype=torch.float64)
