@@ -20,7 +20,7 @@ import torch
 from explore_helpers import lstm_by_hand, train_charlm, train_speech, train_tagger, write_atis
 
 from rnnkit.explore.analysis import load_run
-from rnnkit.explore.server import serve
+from rnnkit.explore.server import serve, write_html
 from rnnkit.models.acoustic import stack_frames
 
 pytest.importorskip("plotly", reason="rnnkit explore needs plotly (the explore extra)")
@@ -236,3 +236,21 @@ def test_speech_page_takes_a_wav_and_names_a_wrong_file(browser: Any, tmp_path: 
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_saved_html_page_works_from_a_file(browser: Any, tmp_path: Path) -> None:
+    """The --html page opened as a file (no server, nothing fetched) shows the same values."""
+    torch.manual_seed(0)
+    explorer = load_run(train_charlm(tmp_path / "charlm"))
+    text = 'he said "hi"\n'
+    page = write_html(explorer, text, tmp_path / "page.html")
+    browser.get(page.as_uri())
+    renders = _wait_for_render(browser, 0)
+    renders = _choose(browser, "quantity", "o", renders)
+    renders = _set_unit(browser, 3, renders)
+    _, values = _shown(browser)
+    tokens = torch.tensor(explorer.vocab.encode(text)).unsqueeze(1)
+    x = explorer.model.embedding(tokens)[:, 0].detach()
+    torch.testing.assert_close(values, lstm_by_hand(explorer.model.rnn, x)["o"][:, 3])
+    browser.find_element("id", "run-input").click()  # a saved page cannot run the model
+    _wait_for_message(browser, "saved page")

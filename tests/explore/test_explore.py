@@ -14,7 +14,7 @@ import torch
 from explore_helpers import lstm_by_hand, train_charlm, train_tagger, write_atis
 
 from rnnkit.cli import main
-from rnnkit.explore.analysis import MAX_SYMBOLS, InputError, load_run
+from rnnkit.explore.analysis import MAX_SYMBOLS, InputError, load_run, to_json
 from rnnkit.explore.server import MAX_BODY, serve
 
 pytest.importorskip("plotly", reason="rnnkit explore needs plotly (the explore extra)")
@@ -190,3 +190,21 @@ def test_explore_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "usage: rnnkit explore" in out and "--html" in out
+
+
+def test_nan_propagates_as_in_the_layer(charlm_run: Path) -> None:
+    """A NaN weight: the recorded values are NaN exactly where the layer's own outputs are, and
+    the JSON the page reads stays valid (NaN → null)."""
+    explorer = load_run(charlm_run)
+    with torch.no_grad():
+        explorer.model.rnn.weight_hh_l0[3, 2] = float("nan")  # input gate of unit 3 reads h[2]
+    text = "he said hi\n"
+    analysis = explorer.analyse(text)
+    tokens = torch.tensor(explorer.vocab.encode(text)).unsqueeze(1)
+    with torch.no_grad():
+        output, _ = explorer.model.rnn(explorer.model.embedding(tokens))
+    recorded = analysis.values(0, "h")
+    assert torch.equal(recorded.isnan(), output[:, 0].isnan()) and recorded.isnan().any()
+    torch.testing.assert_close(recorded, output[:, 0], equal_nan=True)
+    summary = json.loads(to_json(analysis.summary()))  # strict JSON: would raise on NaN
+    assert summary["predictions"]["actual_next"][5] is None

@@ -16,6 +16,9 @@ const $ = (id) => document.getElementById(id);
 // the steps of the chosen trace: the input's symbols, or a decoder's output symbols
 function symbolsOf() { return state.analysis.traces[state.trace].symbols; }
 
+// a number as text; a NaN/inf the server sent as null reads "NaN", never breaks the page
+function fmt(value, digits) { return value === null || value === undefined ? "NaN" : value.toFixed(digits); }
+
 function message(text) { $("message").textContent = text || ""; }
 function status(text) { $("status").textContent = text || ""; }
 
@@ -241,30 +244,30 @@ function drawPredictions() {
     const names = p.top_ids[t].map((i) => JSON.stringify(p.vocabulary[i]));
     bars = {x: p.top_probs[t], y: names, type: "bar", orientation: "h"};
     const actual = p.actual_next[t];
-    text = actual === null ? "last symbol: nothing follows" :
-      `next symbol ${JSON.stringify(symbols[t + 1])} had probability ${actual.toFixed(4)}`;
+    text = t === symbols.length - 1 ? "last symbol: nothing follows" :
+      `next symbol ${JSON.stringify(symbols[t + 1])} had probability ${fmt(actual, 4)}`;
   } else if (p.kind === "tags") {
     const row = p.probabilities[t];
-    const top = [...row.keys()].sort((a, b) => row[b] - row[a]).slice(0, 5);
+    const top = [...row.keys()].sort((a, b) => (row[b] ?? -1) - (row[a] ?? -1)).slice(0, 5);
     bars = {x: top.map((k) => row[k]), y: top.map((k) => p.tags[k]), type: "bar", orientation: "h"};
     text = `decoded tag ${p.decoded[t]}; bars: ${p.how}`;
     if (p.intents) {
       const best = p.intent_probabilities.indexOf(Math.max(...p.intent_probabilities));
-      text += `; intent ${p.intents[best]} (${p.intent_probabilities[best].toFixed(3)})`;
+      text += `; intent ${p.intents[best]} (${fmt(p.intent_probabilities[best], 3)})`;
     }
   } else if (p.kind === "classes") {
     const k = nearestPrefix(p.steps, t);
     const row = p.probabilities[k];
     bars = {x: row, y: p.labels, type: "bar", orientation: "h"};
     const best = row.indexOf(Math.max(...row));
-    text = `had the input ended at step ${p.steps[k]}: ${p.labels[best]} (${row[best].toFixed(3)})`;
+    text = `had the input ended at step ${p.steps[k]}: ${p.labels[best]} (${fmt(row[best], 3)})`;
     const final = p.final.indexOf(Math.max(...p.final));
-    text += `; whole input: ${p.labels[final]} (${p.final[final].toFixed(3)})`;
+    text += `; whole input: ${p.labels[final]} (${fmt(p.final[final], 3)})`;
     if (p.reference !== undefined) text += `; true label ${p.reference}`;
   } else if (p.kind === "pitches") {
     bars = {x: p.top_probs[t], y: p.top_ids[t].map((i) => p.vocabulary[i]), type: "bar", orientation: "h"};
-    text = p.nll[t] === null ? "last frame: nothing follows" :
-      `the next frame cost ${p.nll[t].toFixed(3)} nats; bars: the likeliest pitches of the next frame`;
+    text = t === symbols.length - 1 ? "last frame: nothing follows" :
+      `the next frame cost ${fmt(p.nll[t], 3)} nats; bars: the likeliest pitches of the next frame`;
   } else if (p.kind === "attention") {
     const decoder = state.analysis.traces[state.trace].module === "decoder";
     if (decoder) {
