@@ -208,3 +208,17 @@ def test_nan_propagates_as_in_the_layer(charlm_run: Path) -> None:
     torch.testing.assert_close(recorded, output[:, 0], equal_nan=True)
     summary = json.loads(to_json(analysis.summary()))  # strict JSON: would raise on NaN
     assert summary["predictions"]["actual_next"][5] is None
+
+
+def test_a_recording_too_big_for_memory_is_refused(charlm_run: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import rnnkit.explore.analysis as analysis
+
+    explorer = load_run(charlm_run)
+    hidden = explorer.model.rnn.hidden_size
+    needed = 11 * hidden * 6 * 4  # 11 steps, 6 quantities of float32
+    monkeypatch.setattr(analysis, "MAX_RECORDED_BYTES", needed - 1)
+    with pytest.raises(InputError, match="shorter input"):
+        explorer.analyse("he said hi\n")
+    monkeypatch.setattr(analysis, "MAX_RECORDED_BYTES", needed)
+    explorer.analyse("he said hi\n")

@@ -21,6 +21,7 @@ from torch import Tensor
 from rnnkit.explore.record import GATES, LABELS, Recorder, Trace
 
 MAX_SYMBOLS = 20_000  # the longest input the page accepts (the responsiveness target)
+MAX_RECORDED_BYTES = 1 << 30  # one analysis's recorded values; the server keeps two
 TOP_K = 5  # next-symbol candidates shown per step
 MAX_PREFIXES = 400  # classifiers: prefixes evaluated for the probability-over-time curve
 
@@ -554,6 +555,10 @@ def _crf_marginals(crf: Any, emissions: Tensor, mask: Tensor) -> Tensor:
 
 
 def _traces(recorder: Recorder) -> list[tuple[str, Trace]]:
+    needed = recorder.bytes_needed()
+    if needed > MAX_RECORDED_BYTES:  # a wide, deep model on a long input: refuse, do not swap
+        raise InputError(f"recording this input would take {needed / 2**30:.1f} GiB "
+                         f"(every unit's values at every step); give a shorter input")
     return [(module, trace) for module, traces in recorder.traces().items() for trace in traces]
 
 

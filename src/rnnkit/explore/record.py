@@ -144,6 +144,17 @@ class Recorder:
             self.calls[name].append(_one_sequence(module, args, kwargs, result))
         return hook
 
+    def bytes_needed(self) -> int:
+        """The memory the recorded values of the calls seen so far will take."""
+        total = 0
+        for name, calls in self.calls.items():
+            layer = self.layers[name]
+            per_step = (layer.num_layers * layer.num_directions * layer.hidden_size
+                        * len(quantities_of(layer.math)))
+            for call in calls:
+                total += per_step * call.x.shape[0] * call.x.element_size()
+        return total
+
     def traces(self) -> dict[str, list[Trace]]:
         """Per layer module: its traces, calls joined along time (one call per decoder step)."""
         out: dict[str, list[Trace]] = {}

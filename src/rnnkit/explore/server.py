@@ -21,7 +21,7 @@ from rnnkit.explore.analysis import MAX_SYMBOLS, Analysis, InputError, to_json
 
 MAX_BODY = 4 * 1024 * 1024  # bytes: 20,000 symbols of any script fit many times over
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-KEPT = 4  # analyses kept for their values; older ones are dropped
+KEPT = 2  # analyses kept for their values (the page shows one); older ones are dropped
 
 
 def plotly_js() -> str:
