@@ -222,3 +222,15 @@ def test_a_recording_too_big_for_memory_is_refused(charlm_run: Path,
         explorer.analyse("he said hi\n")
     monkeypatch.setattr(analysis, "MAX_RECORDED_BYTES", needed)
     explorer.analyse("he said hi\n")
+
+
+def test_a_saved_page_too_big_is_refused(charlm_run: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import rnnkit.explore.server as server
+
+    monkeypatch.setattr(server, "MAX_HTML_VALUES", 1000)
+    assert main(["explore", str(charlm_run), "--html", str(tmp_path / "big.html"),
+                 "--text", "he said hi\n"]) == 2
+    assert "give a shorter --text" in capsys.readouterr().err
+    assert not (tmp_path / "big.html").exists()

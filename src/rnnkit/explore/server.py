@@ -21,6 +21,7 @@ from rnnkit.explore.analysis import MAX_SYMBOLS, Analysis, InputError, to_json
 
 MAX_BODY = 4 * 1024 * 1024  # bytes: 20,000 symbols of any script fit many times over
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+MAX_HTML_VALUES = 48_000_000  # bytes of float32 values one saved page may embed
 KEPT = 2  # analyses kept for their values (the page shows one); older ones are dropped
 
 
@@ -62,6 +63,10 @@ def write_html(explorer: Any, text: str, path: str | Path) -> Path:
     from rnnkit.train.atomic import write_text
 
     analysis = explorer.analyse(text)
+    size = sum(value.numel() * 4 for _, trace in analysis.traces for value in trace.values.values())
+    if size > MAX_HTML_VALUES:  # base64 adds a third; browsers struggle past ~100 MB of script
+        raise InputError(f"the page would hold {size / 1e6:.0f} MB of activations (at most "
+                         f"{MAX_HTML_VALUES / 1e6:.0f} MB); give a shorter --text, or serve it")
     path = Path(path)
     write_text(path, page(explorer, analysis.embedded()))
     return path
