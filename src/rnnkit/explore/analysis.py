@@ -13,7 +13,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -28,6 +28,20 @@ MAX_PREFIXES = 400  # classifiers: prefixes evaluated for the probability-over-t
 
 class InputError(ValueError):
     """The user's input cannot be explored; the message is shown as is, inline."""
+
+
+class Explorer(Protocol):
+    """What the server needs of a task's explorer (one class per task below)."""
+
+    task: str
+    input_kind: str  # "text"; "wav" (base64 of the file); "example" (the number of one)
+    checkpoint: Any
+
+    def default_input(self) -> str:
+        """An input from the run's validation data (InputError when there is none to read)."""
+
+    def analyse(self, text: str) -> Analysis:
+        """Runs the model on ``text`` under a recorder; InputError for what cannot be read."""
 
 
 @dataclass
@@ -58,8 +72,7 @@ class Analysis:
     def summary(self) -> dict[str, Any]:
         """Everything but the activation values (those are fetched per trace and quantity)."""
         return {"task": self.task, "symbols": self.symbols, "text": self.text,
-                "traces": self.trace_info(), "predictions": self.predictions}  # (symbols twice
-        # for a one-axis task: simple for the page, and the inputs are at most 20,000 symbols)
+                "traces": self.trace_info(), "predictions": self.predictions}
 
     def values(self, trace: int, quantity: str) -> Tensor:
         """(T, H) float32 of one recorded quantity; KeyError/IndexError for an unknown one."""
@@ -568,7 +581,7 @@ EXPLORERS: dict[str, type] = {
     "translate": TranslateExplorer, "music": MusicExplorer}
 
 
-def load_run(path: str | Path) -> Any:
+def load_run(path: str | Path) -> Explorer:
     """The explorer of the run at ``path`` (a run directory or checkpoint JSON), by its task."""
     from rnnkit.train.checkpoint import load_checkpoint
 

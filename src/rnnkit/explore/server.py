@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rnnkit.explore.analysis import MAX_SYMBOLS, Analysis, InputError, to_json
+from rnnkit.explore.analysis import MAX_SYMBOLS, Analysis, Explorer, InputError, to_json
 
 MAX_BODY = 4 * 1024 * 1024  # bytes: 20,000 symbols of any script fit many times over
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -39,7 +39,7 @@ def asset(name: str) -> str:
     return resources.files("rnnkit.explore").joinpath("static", name).read_text("utf-8")
 
 
-def page(explorer: Any, embedded: dict[str, Any] | None = None) -> str:
+def page(explorer: Explorer, embedded: dict[str, Any] | None = None) -> str:
     """The page's HTML: served (assets by URL) or self-contained (everything inline)."""
     config = {"task": explorer.task, "input": explorer.input_kind, "maxSymbols": MAX_SYMBOLS,
               "run": str(getattr(explorer.checkpoint, "path", ""))}
@@ -58,7 +58,7 @@ def page(explorer: Any, embedded: dict[str, Any] | None = None) -> str:
             .replace("<!--SCRIPTS-->", settings + "\n" + scripts))
 
 
-def write_html(explorer: Any, text: str, path: str | Path) -> Path:
+def write_html(explorer: Explorer, text: str, path: str | Path) -> Path:
     """One offline HTML file showing ``text`` (all activation values inside)."""
     from rnnkit.train.atomic import write_text
 
@@ -75,7 +75,7 @@ def write_html(explorer: Any, text: str, path: str | Path) -> Path:
 class ExplorerServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, explorer: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, explorer: Explorer, host: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__((host, port), _Handler)
         self.explorer = explorer
         self.analyses: dict[str, Analysis] = {}
@@ -205,7 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(500, f"internal error: {type(error).__name__}: {error}")
 
 
-def serve(explorer: Any, host: str = "127.0.0.1", port: int = 0) -> ExplorerServer:
+def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 0) -> ExplorerServer:
     """A started server (in a daemon thread); ``server.shutdown()`` stops it."""
     server = ExplorerServer(explorer, host, port)
     threading.Thread(target=server.serve_forever, daemon=True).start()
