@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from explore_helpers import lstm_by_hand, train_charlm, train_speech, train_tagger, write_atis
+from explore_helpers import TEXT, lstm_by_hand, train_charlm, train_speech, train_tagger, write_atis
 
 from rnnkit.explore.analysis import load_run
 from rnnkit.explore.server import serve, write_html
@@ -142,8 +142,26 @@ def test_charlm_page_shows_the_models_activations(browser: Any, tmp_path: Path) 
                                        (gate < 0.1).double().mean(0))
             torch.testing.assert_close(torch.tensor(high, dtype=torch.float64),
                                        (gate > 0.9).double().mean(0))
-        renders = _choose(browser, "sort", "correlation", renders)
-        assert "correlation" in browser.find_element("id", "sort-info").text
+        # sorting: the page's top unit and score against the same statistics computed here
+        h = output[:, 0].double()  # (T, H)
+        renders = _choose(browser, "sort", "variance", renders)
+        variance = h.var(0, unbiased=False)
+        top = int(variance.argmax())
+        assert browser.find_element("id", "sort-info").text == (
+            f"top unit {top}: variance {float(variance[top]):.3f}")
+        renders = _choose(browser, "sort", "correlation", renders)  # with position in line
+        column, pattern = 0, []
+        for symbol in text:
+            pattern.append(float(column))
+            column = 0 if symbol == "\n" else column + 1
+        p = torch.tensor(pattern, dtype=torch.float64)
+        corr = ((h - h.mean(0)) * (p - p.mean()).unsqueeze(1)).sum(0) / (
+            (h - h.mean(0)).norm(dim=0) * (p - p.mean()).norm())
+        top = int(corr.abs().argmax())
+        assert browser.find_element("id", "sort-info").text == (
+            f"top unit {top}: correlation {float(corr[top]):.3f}")
+        heat_rows = browser.execute_script("return document.getElementById('heatmap').data[0].y")
+        assert heat_rows[0] == f"unit {top}"
         # a bad input: one inline message, the page keeps working
         box = browser.find_element("id", "input")
         box.clear()
@@ -254,3 +272,26 @@ def test_saved_html_page_works_from_a_file(browser: Any, tmp_path: Path) -> None
     torch.testing.assert_close(values, lstm_by_hand(explorer.model.rnn, x)["o"][:, 3])
     browser.find_element("id", "run-input").click()  # a saved page cannot run the model
     _wait_for_message(browser, "saved page")
+
+
+@pytest.mark.slow
+def test_twenty_thousand_symbols_draw_one_window(browser: Any, tmp_path: Path) -> None:
+    """A 20,000-symbol input: the DOM holds one window of symbols, and paging redraws it."""
+    torch.manual_seed(0)
+    explorer = load_run(train_charlm(tmp_path / "charlm"))
+    server = serve(explorer)
+    text = (TEXT * 400)[:20_000]
+    try:
+        browser.get(server.url)
+        renders = _wait_for_render(browser, 0)
+        browser.execute_script("document.getElementById('input').value = arguments[0]", text)
+        browser.find_element("id", "run-input").click()
+        renders = _wait_for_render(browser, renders, timeout=600)
+        assert browser.execute_script("return document.querySelectorAll('#text .sym').length") == 400
+        browser.find_element("id", "next").click()
+        renders = _wait_for_render(browser, renders)
+        first = browser.execute_script("return document.querySelector('#text .sym').dataset.t")
+        assert first == "400" and "20000" in browser.find_element("id", "window-info").text
+    finally:
+        server.shutdown()
+        server.server_close()
