@@ -185,3 +185,20 @@ def test_music_reads_a_validation_sequence(tmp_path: Path) -> None:
                                               rel=1e-5)
     with pytest.raises(InputError, match="3 validation sequences"):
         explorer.analyse("3")
+
+
+def test_speech_html_takes_a_wav_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rnnkit.cli import main
+
+    folder = tmp_path / "recordings"
+    run = train_speech(tmp_path / "run", folder)
+    wav = sorted(folder.glob("*.wav"))[3]
+    assert main(["explore", str(run), "--html", str(tmp_path / "a.html"), "--input", str(wav)]) == 0
+    assert "works offline" in capsys.readouterr().out
+    assert main(["explore", str(run), "--html", str(tmp_path / "b.html"), "--text", "12"]) == 2
+    assert "give a WAV file with --input" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    charlm_run = train_charlm(tmp_path / "charlm")
+    assert main(["explore", str(charlm_run), "--html", str(tmp_path / "c.html"), "--input",
+                 str(tmp_path / "latin1.txt")]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err

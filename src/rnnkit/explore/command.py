@@ -6,6 +6,7 @@ Kept apart from :mod:`rnnkit.cli`, which only registers it: the explorer's optio
 from __future__ import annotations
 
 import argparse
+import base64
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ def add_command(commands: Any) -> None:
     explore.add_argument("--text", default=None,
                          help="with --html: the input to show (default: a validation example)")
     explore.add_argument("--input", metavar="FILE", default=None,
-                         help="with --html: a UTF-8 file holding the input to show")
+                         help="with --html: a UTF-8 file holding the input to show (speech: "
+                              "a WAV file)")
     explore.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -43,10 +45,8 @@ def run(args: argparse.Namespace) -> int:
     plotly_js()  # no plotly: say so now, not on the first page load
     explorer = load_run(args.run)
     if args.html:
-        if args.input is not None:
-            text = Path(args.input).read_text(encoding="utf-8")
-        else:
-            text = args.text if args.text is not None else explorer.default_input()
+        text = _input(explorer.input_kind, args) if args.input is not None or (
+            args.text is not None) else explorer.default_input()
         path = write_html(explorer, text, args.html)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, works offline)")
         return 0
@@ -60,3 +60,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.shutdown()
     return 0
+
+
+def _input(kind: str, args: argparse.Namespace) -> str:
+    """What ``--text`` / ``--input`` give, in the explorer's form (a WAV as base64)."""
+    if kind == "wav":
+        if args.input is None:
+            raise ValueError("a speech model listens: give a WAV file with --input, not --text")
+        return base64.b64encode(Path(args.input).read_bytes()).decode()
+    if args.input is None:
+        return args.text
+    try:
+        return Path(args.input).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{args.input} is not UTF-8 text") from None
