@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from rnnkit.explore.command import add_command as add_explore_command
+from rnnkit.explore.command import run as run_explore
 from rnnkit.options import Leaf, OptionError, Options, TaskSchema, field_specs, option, read_config_file
 from rnnkit.options.command import (
     Parser,
@@ -149,6 +151,7 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
                        help="training steps")
     hello.add_argument("--seed", type=_typed(CommandOptions, "seed", "--seed"), default=0,
                        help="random seed")
+    add_explore_command(commands)
     return parser
 
 
@@ -344,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rnnkit.export import cli as export_cli
 
     handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate,
-                "transcribe": _transcribe, "tasks": _tasks, "hello": _hello, "export": export_cli.run}
+                "transcribe": _transcribe, "tasks": _tasks, "hello": _hello, "export": export_cli.run,
+                "explore": run_explore}
     try:
         return handlers[args.command](args)
     except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,

@@ -1,0 +1,607 @@
+"""What the explorer shows for one input: the symbols, every recorded trace and the predictions.
+
+One adapter per task turns the user's input into model inputs, runs the model once under a
+:class:`~rnnkit.explore.record.Recorder` and says what the task predicts at each step. The run is
+loaded by :func:`load_run` alone (the per-task ``load_model`` today; ``rnnkit.load`` pipelines
+can take its place without touching the rest).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from rnnkit.explore.record import GATES, LABELS, Recorder, Trace
+
+MAX_SYMBOLS = 20_000  # the longest input the page accepts (the issue's responsiveness target)
+MAX_RECORDED_BYTES = 1 << 30  # one analysis's recorded values; the server keeps two
+TOP_K = 5  # next-symbol candidates shown per step
+MAX_PREFIXES = 400  # classifiers: prefixes evaluated for the probability-over-time curve
+
+
+class InputError(ValueError):
+    """The user's input cannot be explored; the message is shown as is, inline."""
+
+
+class Explorer(Protocol):
+    """What the server needs of a task's explorer (one class per task below)."""
+
+    task: str
+    input_kind: str  # "text"; "wav" (base64 of the file); "example" (the number of one)
+    checkpoint: Any
+
+    def default_input(self) -> str:
+        """An input from the run's validation data (InputError when there is none to read)."""
+
+    def analyse(self, text: str) -> Analysis:
+        """Runs the model on ``text`` under a recorder; InputError for what cannot be read."""
+
+
+@dataclass
+class Analysis:
+    """One input as the page sees it. ``traces`` are the recorded layers, in model order."""
+
+    task: str
+    symbols: list[str]  # what is shown along time (characters, words, frames)
+    traces: list[tuple[str, Trace]]  # (module name, trace)
+    predictions: dict[str, Any] = field(default_factory=dict)  # task-specific, JSON-able
+    text: str = ""  # the input as the user gave it
+    # a module whose steps are not the input's (a decoder's steps are the output symbols)
+    axes: dict[str, list[str]] = field(default_factory=dict)
+
+    def trace_info(self) -> list[dict[str, Any]]:
+        out = []
+        for index, (module, trace) in enumerate(self.traces):
+            direction = "reverse" if trace.direction == 1 else "forward"
+            out.append({"index": index, "module": module, "layer": trace.layer,
+                        "direction": direction, "kind": trace.kind, "steps": trace.steps,
+                        "hidden": next(iter(trace.values.values())).shape[1],
+                        "name": f"{module} layer {trace.layer} {direction}",
+                        "quantities": [{"name": q, "label": LABELS[q]} for q in trace.values],
+                        "gates": list(GATES[trace.kind]),
+                        "symbols": self.axes.get(module, self.symbols)})
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the activation values (those are fetched per trace and quantity)."""
+        return {"task": self.task, "symbols": self.symbols, "text": self.text,
+                "traces": self.trace_info(), "predictions": self.predictions}
+
+    def values(self, trace: int, quantity: str) -> Tensor:
+        """(T, H) float32 of one recorded quantity; KeyError/IndexError for an unknown one."""
+        return self.traces[trace][1].values[quantity].to(torch.float32).contiguous()
+
+    def embedded(self) -> dict[str, Any]:
+        """The summary plus every value as base64 float32 (for the self-contained HTML file)."""
+        out = self.summary()
+        out["values"] = {f"{i}/{q}": base64.b64encode(self.values(i, q).numpy().tobytes()).decode()
+                         for i, (_, trace) in enumerate(self.traces) for q in trace.values}
+        return out
+
+
+def _check_length(count: int, what: str) -> None:
+    if count == 0:
+        raise InputError(f"the {what} is empty")
+    if count > MAX_SYMBOLS:
+        raise InputError(f"the {what} has {count:,} symbols; the explorer takes at most "
+                         f"{MAX_SYMBOLS:,}")
+
+
+def _probabilities(logits: Tensor) -> Tensor:
+    return torch.softmax(logits.double(), dim=-1)
+
+
+class LanguageModelExplorer:
+    """A language model (characters or words): the next-symbol distribution after each symbol."""
+
+    task = ""
+    input_kind = "text"
+    model: Any
+    checkpoint: Any
+
+    def units(self, text: str) -> tuple[list[int], list[str]]:
+        """Model ids and the shown symbols of ``text``; InputError for what cannot be read."""
+        raise NotImplementedError
+
+    def vocabulary(self) -> list[str]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def analyse(self, text: str) -> Analysis:
+        ids, symbols = self.units(text)
+        tokens = torch.tensor(ids).unsqueeze(1)  # (T, 1)
+        with Recorder(self.model, only=("rnn",)) as recorder:
+            logits, _ = self.model(tokens)
+        probs = _probabilities(logits[:, 0])  # (T, V): after symbol t, the next one
+        top = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
+        actual = [float(probs[t, ids[t + 1]]) for t in range(len(ids) - 1)] + [None]
+        predictions = {
+            "kind": "next_symbol", "vocabulary": self.vocabulary(),
+            "top_ids": top.indices.tolist(), "top_probs": top.values.float().tolist(),
+            "actual_next": actual}
+        return Analysis(self.task, symbols, _traces(recorder), predictions, text)
+
+
+class CharLMExplorer(LanguageModelExplorer):
+    task = "charlm"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.charlm import load_model
+
+        self.model, self.vocab, self.checkpoint = load_model(path)
+
+    @staticmethod
+    def symbol_text(unit: str | int) -> str:
+        return unit if isinstance(unit, str) else (chr(unit) if unit < 128 else f"\\x{unit:02x}")
+
+    def vocabulary(self) -> list[str]:
+        return [self.symbol_text(s) for s in self.vocab.symbols]
+
+    def units(self, text: str) -> tuple[list[int], list[str]]:
+        from rnnkit.data.vocab import UnknownSymbolError
+
+        _check_length(len(self.vocab.units(text)), "input text")
+        try:
+            ids = self.vocab.encode(text, "the input")
+        except UnknownSymbolError as error:
+            raise InputError(str(error)) from None
+        names = self.vocabulary()
+        return ids, [names[i] for i in ids]
+
+    def default_input(self) -> str:
+        """The start of the run's validation text (a sample of the model when it cannot be read)."""
+        from rnnkit.tasks.charlm import DataConfig, load_text, split_text
+
+        try:
+            data = DataConfig(**self.checkpoint.meta["task"]["data"])
+            _, valid = split_text(load_text(data)[0], data)
+            if valid:
+                return valid[:1000]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # the training files moved: the model's own text still shows its units at work
+        from rnnkit.models.language_model import generate
+
+        return generate(self.model, self.vocab, "", 400, 0.7, seed=0)
+
+
+class WordLMExplorer(LanguageModelExplorer):
+    """A word LM: words split at white space, unknown ones read as ``<unk>`` as in training."""
+
+    task = "wordlm"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.wordlm import load_model
+
+        self.model, self.vocab, self.checkpoint = load_model(path)
+
+    def vocabulary(self) -> list[str]:
+        return list(self.vocab.tokens)
+
+    def units(self, text: str) -> tuple[list[int], list[str]]:
+        words = text.split()
+        _check_length(len(words), "input text")
+        ids = self.vocab.encode(words)
+        return ids, [self.vocab.tokens[i] for i in ids]  # what the model reads (<unk> shown)
+
+    def default_input(self) -> str:
+        from rnnkit.tasks.common import shared_path
+        from rnnkit.tasks.wordlm import read_words
+
+        try:
+            configured = self.checkpoint.meta["task"]["data"].get("valid")
+            words, _ = read_words(shared_path("ptb/ptb.valid.txt", configured))
+            return " ".join(words[:300])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return " ".join(w for w in self.vocab.tokens[:50] if not w.startswith("<"))
+
+
+class TaggingExplorer:
+    """A tagger: the tag marginals of each token (CRF: forward-backward), the decoded tags and
+    the intent distribution."""
+
+    task = "tagging"
+    input_kind = "text"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.tagging import load_model
+
+        self.model, self.vocab, self.checkpoint = load_model(path)
+
+    def default_input(self) -> str:
+        from rnnkit.tasks.tagging import TaggingDataConfig, read_split
+
+        try:
+            data = TaggingDataConfig(**self.checkpoint.meta["task"]["data"])
+            read = read_split(data, "valid")
+            if read is not None and read[0]:
+                return " ".join(read[0][0][0])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # the data moved: the most frequent training words still make a sentence
+        words = [w for w in self.vocab.words.tokens if not w.startswith("<")]
+        return " ".join(words[:8])
+
+    def analyse(self, text: str) -> Analysis:
+        from rnnkit.tasks.tagging import Example, _model_args, collate, encode
+
+        tokens = text.split()
+        _check_length(len(tokens), "input sentence")
+        example: Example = (tokens, ["O"] * len(tokens), None)
+        args = _model_args(collate(encode([example], self.vocab), [0]))
+        model = self.model
+        with torch.no_grad(), Recorder(model, only=("rnn",)) as recorder:
+            out = model(args["tokens"], args["lengths"], args["chars"], args["char_lengths"])
+        emissions = out.emissions.detach()  # (T, 1, K)
+        if model.crf is not None:
+            marginals = _crf_marginals(model.crf, emissions, out.mask)
+            how = "marginal probability under the CRF (forward-backward)"
+            best, _ = model.crf.decode(emissions, out.mask)
+            best_tags = best[0]
+        else:
+            marginals = _probabilities(emissions[:, 0])
+            how = "softmax of the token's tag scores"
+            best_tags = marginals.argmax(1).tolist()
+        tag_names = ["O" if t == "<unk>" else t for t in self.vocab.tags.tokens]
+        predictions: dict[str, Any] = {
+            "kind": "tags", "tags": tag_names, "probabilities": marginals.float().tolist(),
+            "decoded": [tag_names[t] for t in best_tags], "how": how}
+        if out.intent_logits is not None and self.vocab.intents is not None:
+            predictions["intents"] = list(self.vocab.intents.tokens)
+            predictions["intent_probabilities"] = _probabilities(out.intent_logits[0]).tolist()
+        return Analysis(self.task, tokens, _traces(recorder), predictions, text)
+
+
+class ClassifierExplorer:
+    """A sequence classifier: the class probabilities of every prefix of the input, i.e. what
+    the model would answer had the sequence ended at step t (computed exactly, one prefix per
+    step, for up to :data:`MAX_PREFIXES` evenly spaced steps)."""
+
+    task = ""
+    model: Any
+    labels: list[str]
+
+    def batch(self, count: int, steps: list[int], source: Any) -> dict[str, Any]:
+        """Model keyword arguments for ``count`` prefixes of ``source`` of lengths ``steps``."""
+        raise NotImplementedError
+
+    def read(self, text: str) -> tuple[Any, list[str]]:
+        """The model's view of ``text`` and the shown symbols."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def analyse(self, text: str) -> Analysis:
+        source, symbols = self.read(text)
+        steps = len(symbols)
+        with Recorder(self.model, only=("rnn",)) as recorder:
+            logits = self.model(**self.batch(1, [steps], source))
+        final = _probabilities(logits[0])
+        count = min(steps, MAX_PREFIXES)  # evenly spaced steps, the first and the last included
+        positions = sorted({round(k * (steps - 1) / max(1, count - 1)) for k in range(count)})
+        probs = []
+        for begin in range(0, len(positions), 256):  # bounded memory for long inputs
+            chunk = [p + 1 for p in positions[begin:begin + 256]]
+            probs.append(_probabilities(self.model(**self.batch(len(chunk), chunk, source))))
+        predictions = {"kind": "classes", "labels": self.labels, "steps": positions,
+                       "probabilities": torch.cat(probs).float().tolist(),
+                       "final": final.tolist()}
+        return Analysis(self.task, symbols, _traces(recorder), predictions, text)
+
+
+class SentimentExplorer(ClassifierExplorer):
+    task = "sentiment"
+    input_kind = "text"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.sentiment import load_model
+
+        self.model, self.encoder, self.labels, self.checkpoint = load_model(path)
+
+    def read(self, text: str) -> tuple[Any, list[str]]:
+        tokens = self.encoder.tokens(text)
+        _check_length(len(tokens), "input sentence")
+        return tokens, tokens
+
+    def batch(self, count: int, steps: list[int], source: Any) -> dict[str, Any]:
+        from rnnkit.tasks.sentiment import collate, model_inputs
+
+        encoded = [self.encoder.encode(source[:k]) for k in steps]
+        return model_inputs(collate(encoded, [0] * count, self.encoder.words.pad))
+
+    def default_input(self) -> str:
+        from rnnkit.tasks.sentiment import SentimentDataConfig, read_split
+
+        try:
+            data = SentimentDataConfig(**self.checkpoint.meta["task"]["data"])
+            examples, _ = read_split(data, "valid")
+            return " ".join(examples[0][0])
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return " ".join(w for w in self.encoder.words.tokens[:12] if not w.startswith("<"))
+
+
+class DigitsExplorer(ClassifierExplorer):
+    """Handwritten 8×8 digits read a row (or column) per step; the input is the number of an
+    image of the held-out test split."""
+
+    task = "digits"
+    input_kind = "example"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.digits import load_model
+
+        self.model, self.data, self.checkpoint = load_model(path)
+        self.labels = [str(d) for d in range(self.model.config.classes)]
+        self._images: Any = None
+
+    def images(self) -> tuple[Tensor, Tensor, list[int]]:
+        if self._images is None:
+            from rnnkit.tasks.digits import load_images, split_indices
+
+            images, labels = load_images()
+            self._images = images, labels, split_indices(labels, self.data)[2]
+        return self._images
+
+    def read(self, text: str) -> tuple[Any, list[str]]:
+        from rnnkit.tasks.digits import to_sequence
+
+        images, labels, test = self.images()
+        try:
+            number = int(text.strip())
+        except ValueError:
+            raise InputError(f"give the number of a test image, 0…{len(test) - 1}; "
+                             f"got {text.strip()[:40]!r}") from None
+        if not 0 <= number < len(test):
+            raise InputError(f"there are {len(test)} test images: 0…{len(test) - 1}")
+        image = images[test[number]]
+        sequence = to_sequence(image.unsqueeze(0), self.data.reader)[:, 0]  # (8, 8)
+        what = "row" if self.data.reader == "rows" else "column"
+        # each step shown as its 8 pixels in ASCII shades: the symbols draw the digit itself
+        symbols = [f"{what} {t}: " + "".join(" .:*#"[min(4, int(v * 5))] for v in step)
+                   for t, step in enumerate(sequence)]
+        self.last_label = int(labels[test[number]])
+        return sequence, symbols
+
+    def batch(self, count: int, steps: list[int], source: Any) -> dict[str, Any]:
+        inputs = source.unsqueeze(1).expand(-1, count, -1).contiguous()  # (8, B, 8)
+        return {"inputs": inputs, "lengths": torch.tensor(steps)}
+
+    def analyse(self, text: str) -> Analysis:
+        analysis = super().analyse(text)
+        analysis.predictions["reference"] = str(self.last_label)
+        return analysis
+
+    def default_input(self) -> str:
+        return "0"
+
+
+class SpeechExplorer:
+    """Spoken digits: the CTC posteriors of every (stacked) frame and the greedy decoding. The
+    input is a WAV file at the model's sample rate."""
+
+    task = "speech"
+    input_kind = "wav"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.speech import load_model
+
+        self.model, self.extractor, self.checkpoint = load_model(path)
+
+    def default_input(self) -> str:
+        """A recording from the run's data folder, as base64 WAV ("" when there is none)."""
+        from rnnkit.tasks.speech import SHARED_FSDD, find_recordings
+
+        try:
+            configured = self.checkpoint.meta["task"]["data"].get("recordings")
+            found = find_recordings(Path(configured) if configured else SHARED_FSDD)
+            return base64.b64encode(next(iter(found.values())).read_bytes()).decode()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+            raise InputError("no recording found in the run's data folder: choose a WAV "
+                             "file") from None
+
+    @torch.no_grad()
+    def analyse(self, wav: str) -> Analysis:
+        import tempfile
+
+        from rnnkit.data.audio import AudioError
+        from rnnkit.decoding import greedy_decode
+        from rnnkit.tasks.speech import BLANK, labels_to_digits
+
+        try:
+            data = base64.b64decode(wav, validate=True)
+        except ValueError:
+            raise InputError("the WAV must come base64-encoded") from None
+        if not data:
+            raise InputError("the WAV file is empty")
+        with tempfile.NamedTemporaryFile(suffix=".wav") as handle:
+            handle.write(data)
+            handle.flush()
+            try:
+                features = self.extractor.from_file(handle.name)
+            except AudioError as error:  # the message names the temporary file: say "the file"
+                raise InputError(str(error).replace(handle.name, "the uploaded file")) from None
+        with Recorder(self.model, only=("encoder",)) as recorder:
+            log_probs, lengths = self.model(features.unsqueeze(1), torch.tensor([features.shape[0]]))
+        steps = int(lengths[0])
+        _check_length(steps, "recording")
+        posteriors = log_probs[:steps, 0].double().exp()  # (T', C)
+        best = greedy_decode(log_probs[:steps, 0], blank=BLANK)
+        hop = self.extractor.hop_length / self.extractor.config.sample_rate * self.model.config.stack
+        symbols = [f"{t * hop:.2f}s" for t in range(steps)]
+        labels = ["blank", *(str(d) for d in range(self.model.config.classes - 1))]
+        predictions = {"kind": "ctc", "labels": labels, "posteriors": posteriors.float().tolist(),
+                       "decoded": "".join(str(d) for d in labels_to_digits(best.labels)),
+                       "frames": [int(t) for t in best.timesteps]}
+        return Analysis(self.task, symbols, _traces(recorder), predictions, "")
+
+
+class TranslateExplorer:
+    """An encoder-decoder: the encoder's steps are the source symbols, the decoder's the output
+    symbols it writes (greedy, then replayed teacher-forced exactly as ``attention_map`` does);
+    predictions are the attention matrix and the output distribution at each decoder step."""
+
+    task = "translate"
+    input_kind = "text"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.translate import load_model
+
+        self.translator, self.checkpoint = load_model(path)
+        self.model = self.translator.model
+
+    def default_input(self) -> str:
+        from rnnkit.tasks.translate import detokenize, read_pairs
+
+        try:
+            _, valid, _ = read_pairs(self.translator.data)
+            return detokenize(valid[0][0], self.translator.data.char_level)
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return " ".join(w for w in self.translator.source_vocab.tokens[:8]
+                            if not w.startswith("<"))
+
+    @torch.no_grad()
+    def analyse(self, text: str) -> Analysis:
+        translator, model = self.translator, self.model
+        symbols = translator.symbols(text)
+        _check_length(len(symbols), "source sentence")
+        source = torch.tensor(translator.source_vocab.encode(symbols))  # (S,)
+        lengths = torch.tensor([source.numel()])
+        limit = int(translator.data.max_decode_ratio * source.numel()) + 10
+        tokens = model.greedy(source.unsqueeze(1), lengths, max_length=limit).tokens[0]
+        target = torch.tensor([*tokens, model.config.eos]).unsqueeze(1)  # (T, 1)
+        with Recorder(model, only=("encoder", "decoder")) as recorder:
+            logits, weights = model(source.unsqueeze(1), lengths, target)
+        probs = _probabilities(logits[:, 0])  # (T, V)
+        top = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
+        vocab = translator.target_vocab
+        outputs = [*vocab.decode(tokens, strip_specials=False), vocab.tokens[model.config.eos]]
+        read = [translator.source_vocab.tokens[i] for i in source.tolist()]
+        predictions = {
+            "kind": "attention", "source": read, "output": outputs,
+            "vocabulary": list(vocab.tokens), "top_ids": top.indices.tolist(),
+            "top_probs": top.values.float().tolist(),
+            "attention": None if weights is None else weights[:, 0].float().tolist(),
+            "translation": " ".join(outputs[:-1]) if not translator.data.char_level
+            else "".join(outputs[:-1])}
+        return Analysis(self.task, read, _traces(recorder), predictions, text,
+                        axes={"decoder": outputs})
+
+
+class MusicExplorer:
+    """A piano-roll generator: each step is a frame (its sounding notes); predictions are the
+    probability of each pitch in the next frame and the frame's NLL. The input is the number of
+    a validation sequence."""
+
+    task = "music"
+    input_kind = "example"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.music import load_model
+
+        self.model, self.checkpoint = load_model(path)
+        self._rolls: list[Tensor] | None = None
+
+    def rolls(self) -> list[Tensor]:
+        if self._rolls is None:
+            from rnnkit.tasks.common import shared_path
+            from rnnkit.tasks.music import load_rolls
+
+            try:
+                configured = self.checkpoint.meta["task"]["data"].get("path")
+                self._rolls = load_rolls(shared_path("polyphonic/JSB_Chorales.mat", configured))[
+                    "valid"]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+                raise InputError(f"the run's validation chorales cannot be read: {error}") from None
+        return self._rolls
+
+    def default_input(self) -> str:
+        return "0"
+
+    @staticmethod
+    def note_name(pitch: int) -> str:
+        from rnnkit.midi import LOWEST_NOTE
+
+        midi = pitch + LOWEST_NOTE
+        return ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"][midi % 12] + str(
+            midi // 12 - 1)
+
+    @torch.no_grad()
+    def analyse(self, text: str) -> Analysis:
+        from rnnkit.models.generator import frame_nll
+
+        rolls = self.rolls()
+        try:
+            number = int(text.strip())
+        except ValueError:
+            raise InputError(f"give the number of a validation sequence, 0…{len(rolls) - 1}; "
+                             f"got {text.strip()[:40]!r}") from None
+        if not 0 <= number < len(rolls):
+            raise InputError(f"there are {len(rolls)} validation sequences: 0…{len(rolls) - 1}")
+        roll = rolls[number]  # (T, P)
+        _check_length(roll.shape[0], "sequence")
+        with Recorder(self.model, only=("rnn",)) as recorder:
+            logits, _ = self.model(roll.unsqueeze(1))
+        probs = torch.sigmoid(logits[:, 0].double())  # (T, P): each pitch of frame t + 1
+        top = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
+        nll = [float(frame_nll(logits[t:t + 1], roll[t + 1:t + 2].unsqueeze(1)))
+               for t in range(roll.shape[0] - 1)] + [None]
+        names = [self.note_name(p) for p in range(roll.shape[1])]
+        symbols = [" ".join(names[p] for p in frame.nonzero()[:, 0].tolist()) or "rest"
+                   for frame in roll]
+        predictions = {"kind": "pitches", "vocabulary": names, "top_ids": top.indices.tolist(),
+                       "top_probs": top.values.float().tolist(), "nll": nll}
+        return Analysis(self.task, symbols, _traces(recorder), predictions, text)
+
+
+def _crf_marginals(crf: Any, emissions: Tensor, mask: Tensor) -> Tensor:
+    """P(tag_t = k | sentence) of a linear-chain CRF: ∂ log Z / ∂ emissions (the forward-backward
+    marginals, through the CRF's own tested log-partition)."""
+    with torch.enable_grad():
+        scores = emissions.double().detach().requires_grad_(True)
+        log_z = copy.deepcopy(crf).double().log_partition(scores, mask).sum()  # the model stays
+        (grad,) = torch.autograd.grad(log_z, scores)
+    return grad[:, 0]  # (T, K)
+
+
+def _traces(recorder: Recorder) -> list[tuple[str, Trace]]:
+    needed = recorder.bytes_needed()
+    if needed > MAX_RECORDED_BYTES:  # a wide, deep model on a long input: refuse, do not swap
+        raise InputError(f"recording this input would take {needed / 2**30:.1f} GiB "
+                         f"(every unit's values at every step); give a shorter input")
+    return [(module, trace) for module, traces in recorder.traces().items() for trace in traces]
+
+
+EXPLORERS: dict[str, type] = {
+    "charlm": CharLMExplorer, "wordlm": WordLMExplorer, "tagging": TaggingExplorer,
+    "sentiment": SentimentExplorer, "digits": DigitsExplorer, "speech": SpeechExplorer,
+    "translate": TranslateExplorer, "music": MusicExplorer}
+
+
+def load_run(path: str | Path) -> Explorer:
+    """The explorer of the run at ``path`` (a run directory or checkpoint JSON), by its task."""
+    from rnnkit.train.checkpoint import load_checkpoint
+
+    task = load_checkpoint(path).meta["task"]["name"]
+    if task not in EXPLORERS:
+        raise InputError(f"{path} is a {task!r} run; the explorer knows "
+                         f"{', '.join(EXPLORERS)}")
+    return EXPLORERS[task](path)
+
+
+def to_json(data: Any) -> str:
+    """Strict JSON (NaN and ±inf, which a trained model can emit, become null)."""
+    return json.dumps(_finite(data), separators=(",", ":"), allow_nan=False)
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if data == data and abs(data) != float("inf") else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data

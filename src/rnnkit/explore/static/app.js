@@ -1,0 +1,430 @@
+// rnnkit explore: the page. Charts are plotly.js (shipped by the plotly Python package, served
+// or inlined by the explorer: no network). Only a window of WINDOW steps is drawn at a time, so
+// a 20,000-symbol input costs no more to show than a short one; statistics over the whole input
+// (sorting, saturation) are one pass over a Float32Array.
+"use strict";
+
+const R = window.RNNKIT;
+const WINDOW = 400; // steps drawn at once (text and heat map)
+const MAX_UNITS_SHOWN = 512; // heat-map rows; wider layers show the first after sorting
+
+const state = {analysis: null, cache: new Map(), trace: 0, quantity: "h", unit: 0, start: 0,
+               selected: 0, renders: 0};
+
+const $ = (id) => document.getElementById(id);
+
+// the steps of the chosen trace: the input's symbols, or a decoder's output symbols
+function symbolsOf() { return state.analysis.traces[state.trace].symbols; }
+
+// a number as text; a NaN/inf the server sent as null reads "NaN", never breaks the page
+function fmt(value, digits) { return value === null || value === undefined ? "NaN" : value.toFixed(digits); }
+
+function message(text) { $("message").textContent = text || ""; }
+function status(text) { $("status").textContent = text || ""; }
+
+// --- values --------------------------------------------------------------------------------
+function decodeBase64(text) {
+  const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+  return new Float32Array(bytes.buffer);
+}
+
+async function values(trace, quantity) {
+  const key = `${trace}/${quantity}`;
+  if (!state.cache.has(key)) {
+    let array;
+    if (R.embedded) {
+      array = decodeBase64(R.embedded.values[key]);
+    } else {
+      const response = await fetch(`api/values/${state.analysis.id}/${trace}/${quantity}`);
+      if (!response.ok) throw new Error((await response.json()).error);
+      array = new Float32Array(await response.arrayBuffer());
+    }
+    state.cache.set(key, array);
+  }
+  return state.cache.get(key);
+}
+
+// --- input ---------------------------------------------------------------------------------
+async function post(input) {
+  const response = await fetch("api/analyse", {method: "POST",
+    headers: {"Content-Type": "application/json"}, body: JSON.stringify({input})});
+  let body;
+  try { body = await response.json(); } catch (e) { body = {error: `the server answered ${response.status}`}; }
+  if (!response.ok || body.error) throw new Error(body.error || `the server answered ${response.status}`);
+  return body;
+}
+
+function show(analysis) {
+  state.analysis = analysis;
+  state.cache = new Map();
+  state.start = 0;
+  state.selected = 0;
+  const traces = $("trace");
+  traces.innerHTML = "";
+  analysis.traces.forEach((t) => traces.add(new Option(`${t.name} (${t.kind}, ${t.hidden} units)`, t.index)));
+  state.trace = Math.min(state.trace, analysis.traces.length - 1);
+  traces.value = state.trace;
+  fillQuantities();
+  $("text").classList.toggle("words", analysis.task !== "charlm");
+  if (!$("input").value && R.input !== "wav") $("input").value = analysis.text;
+  return render();
+}
+
+function fillQuantities() {
+  const trace = state.analysis.traces[state.trace];
+  const select = $("quantity");
+  select.innerHTML = "";
+  trace.quantities.forEach((q) => select.add(new Option(q.label, q.name)));
+  if (!trace.quantities.some((q) => q.name === state.quantity)) state.quantity = "h";
+  select.value = state.quantity;
+  $("unit").max = trace.hidden - 1;
+  state.unit = Math.min(state.unit, trace.hidden - 1);
+  $("unit").value = state.unit;
+}
+
+// --- colours -------------------------------------------------------------------------------
+const GATE_LIKE = new Set(["i", "f", "o", "z", "r"]);
+
+function colour(value, scale, gate) {
+  if (!Number.isFinite(value)) return "rgb(255, 230, 0)"; // NaN/inf shown, not hidden
+  if (gate) return `rgba(30, 90, 220, ${Math.min(1, Math.max(0, value)).toFixed(3)})`;
+  const a = Math.min(1, Math.abs(value) / scale).toFixed(3);
+  return value >= 0 ? `rgba(30, 90, 220, ${a})` : `rgba(220, 40, 40, ${a})`;
+}
+
+function unitScale(array, hidden, unit) {
+  let top = 0;
+  for (let t = unit; t < array.length; t += hidden) {
+    const v = Math.abs(array[t]);
+    if (Number.isFinite(v) && v > top) top = v;
+  }
+  return top > 1 ? top : 1; // h, g, n live in [-1, 1]; c can grow past it
+}
+
+// --- patterns and sorting ------------------------------------------------------------------
+function pattern(kind, symbols) {
+  const out = new Float64Array(symbols.length);
+  if (kind === "position") {
+    let column = 0;
+    const words = state.analysis.task !== "charlm";
+    symbols.forEach((s, t) => { out[t] = words ? t : column; column = s === "\n" ? 0 : column + 1; });
+  } else if (kind === "quotes") {
+    let open = null;
+    symbols.forEach((s, t) => {
+      const quote = s === '"' || s === "'";
+      if (quote && open === null) open = s; else if (quote && s === open) open = null;
+      out[t] = open !== null || quote ? 1 : 0;
+    });
+  } else {
+    const source = $("regex").value;
+    let regex;
+    try { regex = new RegExp(source, "gu"); } catch (e) { throw new Error(`bad regex: ${e.message}`); }
+    if (!source) throw new Error("type a regex for the pattern");
+    const joiner = state.analysis.task === "charlm" ? "" : " ";
+    const owner = []; // character offset -> step
+    symbols.forEach((s, t) => { for (let k = 0; k < s.length + (t ? joiner.length : 0); k++) owner.push(t); });
+    const text = symbols.join(joiner);
+    for (const match of text.matchAll(regex)) {
+      for (let k = match.index; k < match.index + Math.max(1, match[0].length); k++) {
+        if (k < owner.length) out[owner[k]] = 1;
+      }
+      if (match[0].length === 0) regex.lastIndex++;
+    }
+  }
+  return out;
+}
+
+function unitOrder(array, steps, hidden) {
+  const kind = $("sort").value;
+  const order = [...Array(hidden).keys()];
+  if (kind === "index") { $("sort-info").textContent = ""; return order; }
+  const mean = new Float64Array(hidden), score = new Float64Array(hidden);
+  for (let t = 0; t < steps; t++) for (let u = 0; u < hidden; u++) mean[u] += array[t * hidden + u] / steps;
+  if (kind === "variance") {
+    for (let t = 0; t < steps; t++) for (let u = 0; u < hidden; u++) {
+      const d = array[t * hidden + u] - mean[u]; score[u] += d * d / steps;
+    }
+  } else {
+    const p = pattern($("pattern").value, symbolsOf());
+    let pm = 0; p.forEach((v) => { pm += v / steps; });
+    const cov = new Float64Array(hidden), vu = new Float64Array(hidden);
+    let vp = 0;
+    for (let t = 0; t < steps; t++) {
+      const dp = p[t] - pm; vp += dp * dp;
+      for (let u = 0; u < hidden; u++) {
+        const d = array[t * hidden + u] - mean[u]; cov[u] += d * dp; vu[u] += d * d;
+      }
+    }
+    for (let u = 0; u < hidden; u++) score[u] = vp > 0 && vu[u] > 0 ? cov[u] / Math.sqrt(vp * vu[u]) : 0;
+  }
+  order.sort((a, b) => Math.abs(score[b]) - Math.abs(score[a]));
+  const best = order[0];
+  $("sort-info").textContent = `top unit ${best}: ${kind === "variance" ? "variance" : "correlation"} ${score[best].toFixed(3)}`;
+  return order;
+}
+
+// --- drawing -------------------------------------------------------------------------------
+function drawText(array, trace) {
+  const symbols = symbolsOf();
+  const hidden = trace.hidden, unit = state.unit;
+  const gate = GATE_LIKE.has(state.quantity);
+  const scale = unitScale(array, hidden, unit);
+  const end = Math.min(symbols.length, state.start + WINDOW);
+  const preds = state.analysis.predictions;
+  const box = $("text");
+  const fragment = document.createDocumentFragment();
+  for (let t = state.start; t < end; t++) {
+    const span = document.createElement("span");
+    const value = array[t * hidden + unit];
+    span.className = "sym" + (t === state.selected ? " selected" : "");
+    span.dataset.t = t;
+    span.dataset.value = String(value);
+    span.style.backgroundColor = colour(value, scale, gate);
+    span.title = `step ${t} ${JSON.stringify(symbols[t])}: ${state.quantity}[${unit}] = ${value.toFixed(4)}`;
+    span.textContent = symbols[t] === "\n" ? "↵\n" : symbols[t];
+    if (preds.kind === "tags" && trace.module === "rnn") {
+      const tag = document.createElement("span");
+      tag.className = "tag";
+      tag.textContent = preds.decoded[t];
+      span.appendChild(tag);
+    }
+    fragment.appendChild(span);
+  }
+  box.replaceChildren(fragment);
+  $("window-info").textContent = `steps ${state.start}–${end - 1} of ${symbols.length}`;
+}
+
+function drawHeatmap(array, trace) {
+  const steps = trace.steps, hidden = trace.hidden;
+  const order = unitOrder(array, steps, hidden).slice(0, MAX_UNITS_SHOWN);
+  const end = Math.min(steps, state.start + WINDOW);
+  const x = [...Array(end - state.start).keys()].map((k) => k + state.start);
+  const z = order.map((u) => x.map((t) => array[t * hidden + u]));
+  const gate = GATE_LIKE.has(state.quantity);
+  Plotly.react("heatmap", [{type: "heatmap", z, x, y: order.map((u) => `unit ${u}`),
+    colorscale: gate ? "Blues" : "RdBu", reversescale: !gate, zmid: gate ? undefined : 0,
+    hovertemplate: "step %{x}, %{y}: %{z:.4f}<extra></extra>"}],
+    {margin: {l: 70, r: 10, t: 10, b: 40}, xaxis: {title: {text: "step"}},
+     yaxis: {autorange: "reversed", type: "category"}}, {responsive: true});
+  const series = x.map((t) => array[t * hidden + state.unit]);
+  Plotly.react("series", [{x, y: series, mode: "lines", name: `${state.quantity}[${state.unit}]`}],
+    {margin: {l: 50, r: 10, t: 10, b: 40}, xaxis: {title: {text: "step"}},
+     yaxis: {title: {text: `${state.quantity}[${state.unit}]`}}}, {responsive: true});
+}
+
+async function drawSaturation(trace) {
+  const traces = [];
+  for (const gate of trace.gates) {
+    const array = await values(state.trace, gate);
+    const steps = trace.steps, hidden = trace.hidden;
+    const low = new Float64Array(hidden), high = new Float64Array(hidden);
+    for (let t = 0; t < steps; t++) for (let u = 0; u < hidden; u++) {
+      const v = array[t * hidden + u];
+      if (v < 0.1) low[u] += 1 / steps; else if (v > 0.9) high[u] += 1 / steps;
+    }
+    traces.push({x: Array.from(low), y: Array.from(high), mode: "markers", name: `${gate} gate`,
+      text: [...Array(hidden).keys()].map((u) => `unit ${u}`), type: "scatter",
+      hovertemplate: "%{text}: <0.1 %{x:.2f}, >0.9 %{y:.2f}<extra></extra>"});
+  }
+  // (a note beside the chart, never inside it: emptying plotly's div would break its redraws)
+  $("saturation-note").textContent = traces.length ? "" : "this cell has no gates (Elman RNN)";
+  if (!traces.length) { Plotly.purge("saturation"); return; }
+  Plotly.react("saturation", traces, {margin: {l: 50, r: 10, t: 10, b: 80},
+    xaxis: {title: {text: "fraction of steps with the gate < 0.1"}, range: [-0.02, 1.02]},
+    yaxis: {title: {text: "fraction of steps > 0.9"}, range: [-0.02, 1.02]},
+    legend: {orientation: "h", y: -0.32}}, {responsive: true});
+}
+
+function drawPredictions() {
+  const p = state.analysis.predictions, symbols = symbolsOf();
+  const t = Math.min(state.selected, symbols.length - 1);
+  $("step").textContent = `${t} (${JSON.stringify(symbols[t])})`;
+  let bars = null, text = "";
+  if (p.kind === "next_symbol") {
+    const names = p.top_ids[t].map((i) => JSON.stringify(p.vocabulary[i]));
+    bars = {x: p.top_probs[t], y: names, type: "bar", orientation: "h"};
+    const actual = p.actual_next[t];
+    text = t === symbols.length - 1 ? "last symbol: nothing follows" :
+      `next symbol ${JSON.stringify(symbols[t + 1])} had probability ${fmt(actual, 4)}`;
+  } else if (p.kind === "tags") {
+    const row = p.probabilities[t];
+    const top = [...row.keys()].sort((a, b) => (row[b] ?? -1) - (row[a] ?? -1)).slice(0, 5);
+    bars = {x: top.map((k) => row[k]), y: top.map((k) => p.tags[k]), type: "bar", orientation: "h"};
+    text = `decoded tag ${p.decoded[t]}; bars: ${p.how}`;
+    if (p.intents) {
+      const best = p.intent_probabilities.indexOf(Math.max(...p.intent_probabilities));
+      text += `; intent ${p.intents[best]} (${fmt(p.intent_probabilities[best], 3)})`;
+    }
+  } else if (p.kind === "classes") {
+    const k = nearestPrefix(p.steps, t);
+    const row = p.probabilities[k];
+    bars = {x: row, y: p.labels, type: "bar", orientation: "h"};
+    const best = row.indexOf(Math.max(...row));
+    text = `had the input ended at step ${p.steps[k]}: ${p.labels[best]} (${fmt(row[best], 3)})`;
+    const final = p.final.indexOf(Math.max(...p.final));
+    text += `; whole input: ${p.labels[final]} (${fmt(p.final[final], 3)})`;
+    if (p.reference !== undefined) text += `; true label ${p.reference}`;
+  } else if (p.kind === "pitches") {
+    bars = {x: p.top_probs[t], y: p.top_ids[t].map((i) => p.vocabulary[i]), type: "bar", orientation: "h"};
+    text = t === symbols.length - 1 ? "last frame: nothing follows" :
+      `the next frame cost ${fmt(p.nll[t], 3)} nats; bars: the likeliest pitches of the next frame`;
+  } else if (p.kind === "attention") {
+    const decoder = state.analysis.traces[state.trace].module === "decoder";
+    if (decoder) {
+      bars = {x: p.top_probs[t], y: p.top_ids[t].map((i) => JSON.stringify(p.vocabulary[i])), type: "bar", orientation: "h"};
+      text = `output step ${t} wrote ${JSON.stringify(p.output[t])}; translation: ${p.translation}`;
+    } else if (p.attention) {
+      bars = {x: p.attention.map((row) => row[t]), y: p.output.map((o, k) => `${k}: ${JSON.stringify(o)}`), type: "bar", orientation: "h"};
+      text = `attention each output step paid to source symbol ${t}; translation: ${p.translation}`;
+    } else {
+      text = `translation: ${p.translation} (this model has no attention)`;
+    }
+  } else if (p.kind === "ctc") {
+    const row = p.posteriors[t];
+    bars = {x: row, y: p.labels, type: "bar", orientation: "h"};
+    text = `decoded: ${p.decoded || "(nothing)"}; labels emitted at steps ${p.frames.join(", ")}`;
+  }
+  $("prediction-text").textContent = text;
+  drawTimeline();
+  if (bars) {
+    Plotly.react("predictions", [bars], {margin: {l: 120, r: 10, t: 10, b: 40},
+      xaxis: {title: {text: "probability"}, range: [0, 1]},
+      // category: labels such as "2" or "7" are names, not positions on a number line
+      yaxis: {autorange: "reversed", type: "category"}},
+      {responsive: true});
+  }
+}
+
+function nearestPrefix(steps, t) {
+  let best = 0;
+  steps.forEach((s, k) => { if (Math.abs(s - t) < Math.abs(steps[best] - t)) best = k; });
+  return best;
+}
+
+// the task's predictions along time, for the steps on screen: class probabilities of every
+// prefix (classifiers), CTC posteriors (speech), p(actual next symbol) (language models)
+function drawTimeline() {
+  const p = state.analysis.predictions, box = $("timeline");
+  const end = Math.min(symbolsOf().length, state.start + WINDOW);
+  const inWindow = (t) => t >= state.start && t < end;
+  let traces = null, layout = {};
+  if (p.kind === "classes") {
+    const keep = p.steps.map((s, k) => k).filter((k) => inWindow(p.steps[k]));
+    traces = p.labels.map((label, c) => ({x: keep.map((k) => p.steps[k]),
+      y: keep.map((k) => p.probabilities[k][c]), mode: "lines+markers", name: label}));
+    layout = {yaxis: {title: {text: "class probability"}, range: [0, 1]}};
+  } else if (p.kind === "ctc") {
+    const x = [...Array(end - state.start).keys()].map((k) => k + state.start);
+    traces = [{type: "heatmap", x, y: p.labels, z: p.labels.map((_, c) => x.map((t) => p.posteriors[t][c])),
+      colorscale: "Greys", reversescale: true, zmin: 0, zmax: 1}];
+    layout = {yaxis: {title: {text: "CTC posterior"}}};
+  } else if (p.kind === "attention" && p.attention) {
+    traces = [{type: "heatmap", z: p.attention, x: p.source.map((s, k) => `${k}: ${s}`),
+      y: p.output.map((o, k) => `${k}: ${o}`), colorscale: "Viridis", zmin: 0, zmax: 1}];
+    layout = {yaxis: {autorange: "reversed", title: {text: "output"}}, xaxis: {title: {text: "source"}}};
+  } else if (p.kind === "pitches") {
+    const x = [...Array(end - state.start).keys()].map((k) => k + state.start);
+    traces = [{x, y: x.map((t) => p.nll[t]), mode: "lines", name: "NLL of the next frame"}];
+    layout = {yaxis: {title: {text: "NLL (nats)"}}};
+  } else if (p.kind === "next_symbol") {
+    const x = [...Array(end - state.start).keys()].map((k) => k + state.start);
+    traces = [{x, y: x.map((t) => p.actual_next[t]), mode: "lines", name: "p(next symbol)"}];
+    layout = {yaxis: {title: {text: "p(actual next)"}, range: [0, 1]}};
+  }
+  box.hidden = !traces;
+  if (!traces) return;
+  Plotly.react("timeline", traces, {margin: {l: 90, r: 10, t: 10, b: 40},
+    xaxis: {title: {text: "step"}}, ...layout}, {responsive: true});
+}
+
+async function render() {
+  if (!state.analysis) return;
+  const trace = state.analysis.traces[state.trace];
+  status("drawing…");
+  try {
+    const array = await values(state.trace, state.quantity);
+    drawText(array, trace);
+    drawHeatmap(array, trace);
+    await drawSaturation(trace);
+    drawPredictions();
+    message("");
+  } catch (error) {
+    message(error.message);
+  }
+  state.renders += 1;
+  document.body.dataset.renders = state.renders; // the browser test waits on this
+  status(`${symbolsOf().length} steps`);
+}
+
+// --- events --------------------------------------------------------------------------------
+function setStart(value) {
+  const steps = state.analysis ? symbolsOf().length : 0;
+  state.start = Math.max(0, Math.min(Math.max(0, steps - 1), Math.floor(value) || 0));
+  $("start").value = state.start;
+  render();
+}
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+$("input-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  if (R.embedded) { message("this is a saved page: run `rnnkit explore RUN` to try other inputs"); return; }
+  if (R.input === "wav") {
+    const file = $("wav").files[0];
+    if (!file) { message("choose a WAV file first"); return; }
+    status("running the model…");
+    try { await show(await post(await readFile(file))); } catch (error) { message(error.message); status(""); }
+    return;
+  }
+  const text = $("input").value;
+  if ([...text].length > R.maxSymbols) { message(`the input is longer than ${R.maxSymbols} symbols`); return; }
+  status("running the model…");
+  try { await show(await post(text)); } catch (error) { message(error.message); status(""); }
+});
+$("trace").addEventListener("change", () => {
+  state.trace = Number($("trace").value);
+  fillQuantities();
+  setStart(state.start); // another trace may have fewer steps (encoder vs decoder)
+});
+$("quantity").addEventListener("change", () => { state.quantity = $("quantity").value; render(); });
+$("unit").addEventListener("change", () => {
+  const hidden = state.analysis.traces[state.trace].hidden;
+  const unit = Number($("unit").value);
+  if (!Number.isInteger(unit) || unit < 0 || unit >= hidden) { message(`unit must be 0…${hidden - 1}`); return; }
+  state.unit = unit; render();
+});
+$("start").addEventListener("change", () => setStart(Number($("start").value)));
+$("prev").addEventListener("click", () => setStart(state.start - WINDOW));
+$("next").addEventListener("click", () => setStart(state.start + WINDOW));
+for (const id of ["sort", "pattern"]) $(id).addEventListener("change", render);
+$("regex").addEventListener("change", render);
+$("text").addEventListener("click", (event) => {
+  const span = event.target.closest(".sym");
+  if (!span) return;
+  state.selected = Number(span.dataset.t);
+  document.querySelectorAll(".sym.selected").forEach((s) => s.classList.remove("selected"));
+  span.classList.add("selected");
+  drawPredictions();
+});
+
+async function start() {
+  $("run").textContent = `${R.task} · ${R.run}`;
+  if (R.input === "wav") { $("input").hidden = true; $("wav").hidden = false; }
+  if (R.input === "example") $("input").placeholder = "the number of a test example";
+  if (R.embedded) { $("input").value = R.embedded.text; await show(R.embedded); return; }
+  status("running the model on a validation example…");
+  try {
+    const response = await fetch("api/default");
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.error);
+    await show(body);
+  } catch (error) { message(error.message); status(""); }
+}
+start();
