@@ -242,7 +242,9 @@ def test_speech_page_takes_a_wav_and_names_a_wrong_file(browser: Any, tmp_path: 
                                         explorer.model.config.stack)
         with torch.no_grad():
             output, _ = explorer.model.encoder(stacked, lengths=lengths)
-        torch.testing.assert_close(values, output[:, 0, 1])  # forward direction, unit 1
+        # forward direction, unit 1; the recording replays the cell math step by step in float32,
+        # the model runs the fused kernel (other GEMM blocking): a few float32 roundings apart
+        torch.testing.assert_close(values, output[:, 0, 1], rtol=1e-4, atol=1e-4)
         assert "decoded" in browser.find_element("id", "prediction-text").text
         not_audio = tmp_path / "notes.wav"
         not_audio.write_text("these are notes, not audio")
