@@ -6,11 +6,13 @@ The public surface::
     rnnkit.RNNCell / LSTMCell / GRUCell / StackedCell  one step at a time
     rnnkit.LSTMState(h, c)                           an LSTM's state
     rnnkit.unroll(cell, inputs, ...)                 any cell over a sequence
+    rnnkit.MinGRU / MinLSTM (+ ...Cell)             minimal RNNs trained by a parallel scan
 """
 
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell, StackedCell
+from rnnkit.cells.minimal import MinGRUCell, MinLSTMCell
 from rnnkit.engine.unroll import unroll
-from rnnkit.layers import GRU, LSTM, RNN
+from rnnkit.layers import GRU, LSTM, RNN, MinGRU, MinLSTM
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,10 @@ __all__ = [
     "GRUCell",
     "LSTMCell",
     "LSTMState",
+    "MinGRU",
+    "MinGRUCell",
+    "MinLSTM",
+    "MinLSTMCell",
     "RNNCell",
     "StackedCell",
     "__version__",
