@@ -13,10 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import rnnkit
 from rnnkit.data.vocab import CharVocab
-
-CELLS = ("lstm", "gru", "rnn")
+from rnnkit.models.recurrent import CELLS, RecurrentConfig, build_recurrent
 
 
 @dataclass
@@ -34,6 +32,7 @@ class LMConfig:
     reset: str = "after"  # GRU only
     nonlinearity: str = "tanh"  # Elman RNN only
     forget_bias: float | None = None  # LSTM only
+    kernel_size: int = 3  # TCN only
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -63,18 +62,11 @@ class LanguageModel(nn.Module):
         self.embedding = nn.Embedding(vocab, config.embedding) if config.embedding else None
         input_size = config.embedding or vocab
         # dropout between stacked layers is the layer's; around the stack it is ours
-        rnn_dropout = config.dropout if config.layers > 1 else 0.0
-        if config.cell == "lstm":
-            self.rnn: nn.Module = rnnkit.LSTM(
-                input_size, hidden, config.layers, dropout=rnn_dropout, peephole=config.peephole,
-                coupled=config.coupled, forget_bias=config.forget_bias,
-            )
-        elif config.cell == "gru":
-            self.rnn = rnnkit.GRU(input_size, hidden, config.layers, dropout=rnn_dropout,
-                                  reset=config.reset)
-        else:
-            self.rnn = rnnkit.RNN(input_size, hidden, config.layers, dropout=rnn_dropout,
-                                  nonlinearity=config.nonlinearity)
+        self.rnn = build_recurrent(RecurrentConfig(
+            cell=config.cell, layers=config.layers, hidden=hidden, dropout=config.dropout,
+            peephole=config.peephole, coupled=config.coupled, forget_bias=config.forget_bias,
+            reset=config.reset, nonlinearity=config.nonlinearity, kernel_size=config.kernel_size,
+        ), input_size)
         self.drop = nn.Dropout(config.dropout)
         self.decoder = nn.Linear(hidden, vocab)
 

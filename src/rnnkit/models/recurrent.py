@@ -11,11 +11,13 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from rnnkit.layers import GRU, LSTM, RNN, RecurrentLayer
+from rnnkit.layers import GRU, LSTM, RNN, MinGRU, MinLSTM
+from rnnkit.models.tcn import TCN
 
-CELLS = ("lstm", "gru", "rnn")
+# the recurrent cells, the minimal RNNs trained by a parallel scan, and the convolutional contrast
+CELLS = ("lstm", "gru", "rnn", "mingru", "minlstm", "tcn")
 
 
 @dataclass
@@ -30,12 +32,15 @@ class RecurrentConfig:
     forget_bias: float | None = None  # LSTM only
     reset: str = "after"  # GRU only
     nonlinearity: str = "tanh"  # Elman RNN only
+    kernel_size: int = 3  # TCN only: layers are its residual blocks, hidden its channels
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
         if (self.peephole or self.coupled or self.forget_bias is not None) and self.cell != "lstm":
             raise ValueError("peephole, coupled and forget_bias are LSTM options")
+        if self.kernel_size < 2:
+            raise ValueError(f"kernel_size must be at least 2, got {self.kernel_size}")
 
     @property
     def output_size(self) -> int:
@@ -53,10 +58,18 @@ class RecurrentConfig:
         return asdict(self)
 
 
-def build_recurrent(config: RecurrentConfig, input_size: int) -> RecurrentLayer:
-    """The rnnkit sequence layer described by ``config`` (time-major, like torch.nn)."""
+def build_recurrent(config: RecurrentConfig, input_size: int) -> nn.Module:
+    """The rnnkit sequence layer described by ``config`` (time-major, like torch.nn).
+
+    Every one has the call ``output, state = layer(x, state, lengths=...)``.
+    """
+    if config.cell == "tcn":  # its dropout acts inside each block, so one block may have it
+        return TCN(input_size, config.hidden, config.layers, config.kernel_size, config.dropout,
+                   config.bidirectional)
     common = dict(num_layers=config.layers, dropout=config.dropout if config.layers > 1 else 0.0,
                   bidirectional=config.bidirectional)
+    if config.cell in ("mingru", "minlstm"):
+        return (MinGRU if config.cell == "mingru" else MinLSTM)(input_size, config.hidden, **common)
     if config.cell == "lstm":
         return LSTM(input_size, config.hidden, peephole=config.peephole, coupled=config.coupled,
                     forget_bias=config.forget_bias, **common)
