@@ -20,12 +20,13 @@ TASKS = {
     "tagging": "slot filling / NER with intent (ATIS, CoNLL)",
     "translate": "encoder-decoder translation (generated dates, TSV pairs, Multi30k)",
     "music": "polyphonic music (JSB Chorales piano rolls)",
+    "trees": "sentiment on SST parse trees: Tree-LSTM vs sequence models (SST trees)",
 }
 
 # the data option --data sets, per task: (option, takes several paths)
 DATA_OPTIONS = {"charlm": ("files", True), "speech": ("recordings", False),
                 "music": ("path", False), "tagging": ("train", False),
-                "translate": ("path", False)}
+                "translate": ("path", False), "trees": ("train", False)}
 
 
 def task_module(name: str) -> ModuleType:
