@@ -21,6 +21,8 @@ TASKS = {
     "translate": "encoder-decoder translation (generated dates, TSV pairs, Multi30k)",
     "music": "polyphonic music (JSB Chorales piano rolls)",
     "trees": "sentiment on SST parse trees: Tree-LSTM vs sequence models (SST trees)",
+    "adding": "the adding problem: remember two marked values over T steps (generated)",
+    "copymemory": "the copy memory problem: repeat 10 digits after T blanks (generated)",
 }
 
 # the data option --data sets, per task: (option, takes several paths)
