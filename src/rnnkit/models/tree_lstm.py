@@ -80,11 +80,9 @@ class TreeBatch:
         width = max(len(node.children) for node in order) or 1
         children = []
         for start, stop in levels:
-            table = torch.full((stop - start, width), -1, dtype=torch.long)
-            for row, node in enumerate(order[start:stop]):
-                for slot, child in enumerate(node.children):
-                    table[row, slot] = index[id(child)]
-            children.append(table)
+            rows = [[index[id(child)] for child in node.children] for node in order[start:stop]]
+            children.append(torch.tensor([row + [-1] * (width - len(row)) for row in rows],
+                                         dtype=torch.long).view(stop - start, width))
         words = torch.tensor([word_index.get(n.word, unknown) if n.word is not None else 0
                               for n in order], dtype=torch.long)
         return cls(
@@ -121,23 +119,32 @@ class TreeLSTM(nn.Module):
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
 
-    def node_states(self, x: Tensor, child_h: Tensor, child_c: Tensor, present: Tensor
-                    ) -> tuple[Tensor, Tensor]:
-        """States of n nodes: x (n, I), children (n, K, H) (zeros where absent), present (n, K)."""
+    def node_states(self, x: Tensor, child_h: Tensor, child_c: Tensor, present: Tensor,
+                    has_input: bool = True) -> tuple[Tensor, Tensor]:
+        """States of n nodes: x (n, I), children (n, K, H) (zeros where absent), present (n, K).
+
+        ``has_input=False`` says every x is zero (inner nodes of a constituency tree): W x is
+        then skipped, as U h is where no node has a child (leaves) — each halves the work.
+        """
         n, H = x.shape[0], self.hidden_size
         mask = present.unsqueeze(2).to(x.dtype)  # (n, K, 1)
+        if self.form == "constituency" and child_h.shape[1] > self.arity:
+            raise ValueError(f"a node has {child_h.shape[1]} children; this Tree-LSTM takes "
+                             f"at most {self.arity} (use form='childsum')")
+        any_child = bool(present.any())
+        wx = self.w(x) if has_input else self.w.bias.expand(n, -1)
         if self.form == "constituency":
-            if child_h.shape[1] > self.arity:
-                raise ValueError(f"a node has {child_h.shape[1]} children; this Tree-LSTM takes "
-                                 f"at most {self.arity} (use form='childsum')")
-            slots = torch.zeros(n, self.arity, H, dtype=x.dtype, device=x.device)
-            slots[:, : child_h.shape[1]] = child_h * mask
-            pre = self.w(x) + self.u(slots.reshape(n, self.arity * H))  # (n, (3+K)·H)
+            pre = wx  # (n, (3+K)·H)
+            if any_child:
+                slots = torch.zeros(n, self.arity, H, dtype=x.dtype, device=x.device)
+                slots[:, : child_h.shape[1]] = child_h * mask
+                pre = pre + self.u(slots.reshape(n, self.arity * H))
             i, o, u = pre[:, :H].sigmoid(), pre[:, -2 * H:-H].sigmoid(), pre[:, -H:].tanh()
             forget = pre[:, H:-2 * H].reshape(n, self.arity, H)[:, : child_h.shape[1]].sigmoid()
         else:
-            wx = self.w(x)  # (n, 4H)
-            iou = wx[:, :3 * H] + self.u_iou((child_h * mask).sum(1))
+            iou = wx[:, :3 * H]  # (n, 3H)
+            if any_child:
+                iou = iou + self.u_iou((child_h * mask).sum(1))
             i, o, u = iou[:, :H].sigmoid(), iou[:, H:2 * H].sigmoid(), iou[:, 2 * H:].tanh()
             forget = (wx[:, 3 * H:].unsqueeze(1) + self.u_f(child_h)).sigmoid()  # (n, K, H)
         c = i * u + (forget * child_c * mask).sum(1)
@@ -155,7 +162,8 @@ class TreeLSTM(nn.Module):
             # pad row: children that do not exist read zeros, and their mask removes them anyway
             child_h = h_done[safe] if h_done.shape[0] else x.new_zeros(*children.shape, H)
             child_c = c_done[safe] if c_done.shape[0] else x.new_zeros(*children.shape, H)
-            h, c = self.node_states(x[start:stop], child_h, child_c, present)
+            has_input = bool(batch.has_word[start:stop].any())
+            h, c = self.node_states(x[start:stop], child_h, child_c, present, has_input)
             h_done, c_done = torch.cat((h_done, h)), torch.cat((c_done, c))
         return h_done, c_done
 
@@ -177,7 +185,8 @@ class TreeLSTM(nn.Module):
                 else:
                     child_h = child_c = x.new_zeros(1, 1, self.hidden_size)
                 present = torch.full((1, child_h.shape[1]), bool(kids))
-                states[id(node)] = self.node_states(x, child_h, child_c, present)
+                states[id(node)] = self.node_states(x, child_h, child_c, present,
+                                                    node.word is not None)
             roots.append(states[id(tree)][0][0])
         return roots
 
