@@ -7,20 +7,30 @@ import torch
 
 import rnnkit
 from rnnkit.cells.minimal import MinGRUMath, MinLSTMMath, positive_activation
-from rnnkit.engine.scan import linear_recurrence_scan, sequential_linear_recurrence
+from rnnkit.engine.scan import (
+    log_space_scan,
+    minimal_layer_scan,
+    native_scan_available,
+    sequential_linear_recurrence,
+)
 
 LAYERS = {"mingru": (rnnkit.MinGRU, rnnkit.MinGRUCell), "minlstm": (rnnkit.MinLSTM, rnnkit.MinLSTMCell)}
 
 
+def native_or_skip() -> None:
+    if not native_scan_available(torch.zeros(1)):
+        pytest.skip("the C++ scan cannot be built here (no compiler)")
+
+
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_scan_equals_sequential_recurrence_in_value_and_gradient(with_lengths: bool) -> None:
+def test_log_space_scan_equals_sequential_recurrence_in_value_and_gradient(with_lengths: bool) -> None:
     torch.manual_seed(0)
     T, B, H = 9, 4, 3
     log_a = (-torch.rand(T, B, H, dtype=torch.float64) * 2).requires_grad_()
     log_b = torch.randn(T, B, H, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)  # any sign: applied outside the log
     lengths = torch.tensor([9, 5, 1, 7]) if with_lengths else None
-    out, final = linear_recurrence_scan(log_a, log_b, h0, lengths)
+    out, final = log_space_scan(log_a, log_b, h0, lengths)
     ref_out, ref_final = sequential_linear_recurrence(log_a, log_b, h0, lengths)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(final, ref_final, rtol=1e-10, atol=1e-12)
@@ -61,10 +71,13 @@ def test_mingru_step_is_the_paper_update() -> None:
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_layer_equals_its_cells_unrolled(kind: str, bidirectional: bool, with_lengths: bool) -> None:
+@pytest.mark.parametrize("backend", ["auto", "log"])
+def test_layer_equals_its_cells_unrolled(kind: str, bidirectional: bool, with_lengths: bool,
+                                         backend: str) -> None:
     torch.manual_seed(1)
     layer_class, cell_class = LAYERS[kind]
-    layer = layer_class(3, 5, num_layers=2, bidirectional=bidirectional, batch_first=True).double()
+    layer = layer_class(3, 5, num_layers=2, bidirectional=bidirectional, batch_first=True,
+                        backend=backend).double()
     x = torch.randn(4, 7, 3, dtype=torch.float64)  # (B, T, I)
     lengths = torch.tensor([7, 2, 5, 1]) if with_lengths else None
     directions = 2 if bidirectional else 1
@@ -92,9 +105,10 @@ def test_layer_equals_its_cells_unrolled(kind: str, bidirectional: bool, with_le
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
-def test_layer_gradcheck_float64(kind: str) -> None:
+@pytest.mark.parametrize("backend", ["auto", "log"])
+def test_layer_gradcheck_float64(kind: str, backend: str) -> None:
     torch.manual_seed(2)
-    layer = LAYERS[kind][0](2, 3, num_layers=2, bidirectional=True).double()
+    layer = LAYERS[kind][0](2, 3, num_layers=2, bidirectional=True, backend=backend).double()
     x = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
 
@@ -138,3 +152,57 @@ def test_cell_state_contract() -> None:
     assert out.shape == (2, 4) and out is new_h
     with pytest.raises(ValueError, match="x_t"):
         cell(torch.randn(2, 5))
+
+
+MATHS = {"mingru": MinGRUMath(), "minlstm": MinLSTMMath()}
+
+
+@pytest.mark.parametrize("kind", sorted(MATHS))
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_native_operator_equals_the_step_loop_in_value_and_gradient(kind: str, with_lengths: bool) -> None:
+    native_or_skip()
+    torch.manual_seed(5)
+    math = MATHS[kind]
+    T, B, H = 8, 3, 4
+    gx = (torch.randn(T, B, math.num_gates * H, dtype=torch.float64) * 2).requires_grad_()
+    h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([8, 3, 1]) if with_lengths else None
+    out, final = minimal_layer_scan(math, gx, h0, lengths, backend="native")
+    log_a, log_b = math.coefficients(gx)
+    ref_out, ref_final = sequential_linear_recurrence(log_a, log_b, h0, lengths)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(final, ref_final, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum() + final.sum(), (gx, h0))
+    ref = torch.autograd.grad((ref_out * weights).sum() + ref_final.sum(), (gx, h0))
+    for grad, expected in zip(grads, ref):
+        torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(MATHS))
+def test_native_operator_gradcheck_and_opcheck(kind: str) -> None:
+    native_or_skip()
+    torch.manual_seed(4)
+    gx = torch.randn(6, 2, MATHS[kind].num_gates * 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 2])
+    op = torch.ops.rnnkit_scan.minimal_scan
+    kernel_kind = MATHS[kind].kernel_kind
+    assert torch.autograd.gradcheck(lambda g, h: op(g, h, lengths, kernel_kind), (gx, h0))
+    torch.library.opcheck(op, (gx, h0, lengths, kernel_kind))
+
+
+@pytest.mark.parametrize("kind", sorted(MATHS))
+def test_native_operator_propagates_nan_and_inf_like_the_step_loop(kind: str) -> None:
+    native_or_skip()
+    math = MATHS[kind]
+    gx = torch.randn(5, 2, math.num_gates * 3)
+    gx[2, 0, 1] = float("nan")
+    gx[3, 1, -1] = float("inf")  # an infinite candidate
+    gx[1, 1, 0] = float("-inf")  # a saturated gate
+    h0 = torch.zeros(2, 3)
+    out, _ = minimal_layer_scan(math, gx, h0, backend="native")
+    ref, _ = sequential_linear_recurrence(*math.coefficients(gx), h0)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = out.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite])

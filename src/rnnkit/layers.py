@@ -27,7 +27,7 @@ from rnnkit.cells.lstm import LSTMMath, init_forget_bias
 from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
-from rnnkit.engine.scan import linear_recurrence_scan
+from rnnkit.engine.scan import minimal_layer_scan
 from rnnkit.validation import check_layer_state, check_lengths, check_sequence
 
 
@@ -414,7 +414,7 @@ class MinimalLayer(RecurrentLayer):
     def __init__(
         self, math_: MinimalMath, input_size: int, hidden_size: int, num_layers: int = 1,
         bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
-        bidirectional: bool = False,
+        bidirectional: bool = False, backend: str = "auto",
     ) -> None:
         nn.Module.__init__(self)
         if input_size <= 0 or hidden_size <= 0 or num_layers <= 0:
@@ -428,7 +428,7 @@ class MinimalLayer(RecurrentLayer):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional = bidirectional
-        self.backend = None
+        self.backend = backend  # "auto": the C++ scan where it runs, "log": the log-space scan
         self.proj_size = 0
         rows = math_.num_gates * hidden_size
         self._param_names = []
@@ -479,8 +479,8 @@ class MinimalLayer(RecurrentLayer):
                 weight = self._parameters[names[0]]
                 bias = self._parameters[names[1]] if self.bias else None
                 source = layer_input if direction == 0 else reverse_within_lengths(layer_input, lengths)
-                log_a, log_b = self.math.coefficients(F.linear(source, weight, bias))  # (T, B, H) each
-                out, final = linear_recurrence_scan(log_a, log_b, h0[index], lengths)
+                gx = F.linear(source, weight, bias)  # (T, B, G·H)
+                out, final = minimal_layer_scan(self.math, gx, h0[index], lengths, self.backend)
                 outputs.append(out if direction == 0 else reverse_within_lengths(out, lengths))
                 finals.append(final)
             layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
@@ -497,15 +497,17 @@ class MinGRU(MinimalLayer):
     """minGRU layers (Feng et al. 2024), trained by a parallel scan over time."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False) -> None:
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 backend: str = "auto") -> None:
         super().__init__(MinGRUMath(), input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional)
+                         dropout, bidirectional, backend)
 
 
 class MinLSTM(MinimalLayer):
     """minLSTM layers (Feng et al. 2024), trained by a parallel scan over time."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False) -> None:
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 backend: str = "auto") -> None:
         super().__init__(MinLSTMMath(), input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional)
+                         dropout, bidirectional, backend)

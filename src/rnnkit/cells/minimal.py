@@ -53,6 +53,7 @@ class MinimalMath:
     """One family's gates as ``(log a_t, log b_t)`` of the linear recurrence h_t = a_t h_{t−1} + b_t."""
 
     kind: str
+    kernel_kind: int
     num_gates: int
     state_names: tuple[str, ...] = ("h",)
 
@@ -70,6 +71,7 @@ class MinimalMath:
 
 class MinGRUMath(MinimalMath):
     kind = "mingru"
+    kernel_kind = 0  # the C++ operator's name for it (rnnkit.engine.csrc.scan)
     num_gates = 2
 
     def coefficients(self, gx: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,6 +83,7 @@ class MinGRUMath(MinimalMath):
 
 class MinLSTMMath(MinimalMath):
     kind = "minlstm"
+    kernel_kind = 1
     num_gates = 3
 
     def coefficients(self, gx: Tensor) -> tuple[Tensor, Tensor]:
