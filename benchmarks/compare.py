@@ -155,9 +155,11 @@ def run_row(name: str, models: list[str], minutes: float, out: Path, threads: in
         result = Trainer(model, task, train_config, run_dir, progress=False).fit()
         elapsed = time.perf_counter() - start
         score = row.score(task, model) if row.score else task.evaluate(model)["loss"]
-        curve = [(record["time"], record[_curve_key(record, row)])
-                 for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                 if record.get("kind") == "valid"]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        # validation records carry the step; the training record of that step carries its time
+        seconds = {r["step"]: r["time"] for r in records if r.get("kind") == "train"}
+        curve = [(seconds.get(r["step"], 0.0), r[_curve_key(r, row)])
+                 for r in records if r.get("kind") == "valid"]
         print(f"   {row.metric}: {score:.6g} after {result.step} steps, {elapsed / 60:.1f} min",
               flush=True)
         stored.setdefault(name, {})[model_name] = {

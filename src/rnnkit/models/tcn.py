@@ -11,13 +11,14 @@ dilation ``2^i`` with weight normalisation, ReLU and dropout, and adds its input
 
 :class:`TCN` has the call of rnnkit's recurrent layers — ``output, state = tcn(x, state,
 lengths=...)`` on (T, B, I) — so every task can use it (``cell: tcn``). Its *state* is
-``(h_n, context)``: ``h_n`` (D, B, C) is the output at each sequence's last step (what a classifier
-pools as "final"), and ``context`` (B, R − 1, I) the last R − 1 inputs. Passing the state of one
-call to the next makes a long stream cut into windows — truncated BPTT, or generation one step at
-a time — give exactly the outputs of one call on the whole stream: a convolution needs no more
-memory of the past than its receptive field. Zero context is the zero left padding of a fresh
-sequence. ``bidirectional=True`` adds a second TCN reading each sequence backwards (within its
-length); it is for tagging and classification, where the whole input is known, not for streams.
+``(h_n, *histories)``: ``h_n`` (D, B, C) is the output at each sequence's last step (what a
+classifier pools as "final"), and each history (B, C_in, (k − 1)·d) holds the last inputs one
+convolution needs from before the window: the queues of fast WaveNet generation. Passing the state
+of one call to the next makes a long stream cut into windows — truncated BPTT, or generation one
+step at a time — give exactly the outputs of one call on the whole stream; no state (or zero
+histories) is the zero padding of a fresh sequence. ``bidirectional=True`` adds a second TCN
+reading each sequence backwards (within its length); it is for tagging and classification, where
+the whole input is known, not for streams.
 """
 
 from __future__ import annotations
@@ -38,8 +39,18 @@ def receptive_field(levels: int, kernel_size: int) -> int:
     return 1 + 2 * (kernel_size - 1) * (2**levels - 1)
 
 
+def _history_after(full: Tensor, ends: Tensor, width: int) -> Tensor:
+    """The ``width`` frames of ``full`` (B, C, P + T) just before each row's end (B,): (B, C, width)."""
+    index = ends.view(-1, 1) + torch.arange(width, device=full.device)  # row b: [end_b, end_b + P)
+    return full.gather(2, index.unsqueeze(1).expand(full.shape[0], full.shape[1], width))
+
+
 class CausalConv(nn.Module):
-    """A weight-normalised dilated 1-D convolution padded on the left only: (B, C, T) → (B, C', T)."""
+    """A weight-normalised dilated 1-D convolution that reads only the past: (B, C, T) → (B, C', T).
+
+    ``history`` (B, C, (k − 1)·d) is what precedes the window (zeros: a fresh sequence, which is
+    the left zero padding of Bai et al.); the history for the next window is returned too.
+    """
 
     def __init__(self, channels_in: int, channels_out: int, kernel_size: int, dilation: int) -> None:
         super().__init__()
@@ -48,8 +59,11 @@ class CausalConv(nn.Module):
         nn.init.normal_(conv.weight, 0.0, 0.01)  # Bai et al.'s initialisation
         self.conv = weight_norm(conv)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (self.left_pad, 0)))
+    def forward(self, x: Tensor, history: Tensor | None, ends: Tensor) -> tuple[Tensor, Tensor]:
+        if history is None:
+            history = x.new_zeros(x.shape[0], x.shape[1], self.left_pad)
+        full = torch.cat((history, x), dim=2)  # (B, C, P + T)
+        return self.conv(full), _history_after(full, ends, self.left_pad)
 
 
 class TemporalBlock(nn.Module):
@@ -61,11 +75,14 @@ class TemporalBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.downsample = nn.Conv1d(channels_in, channels_out, 1) if channels_in != channels_out else None
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, T) → (B, C_out, T)
-        y = self.dropout(F.relu(self.conv1(x)))
-        y = self.dropout(F.relu(self.conv2(y)))
+    def forward(self, x: Tensor, histories: list[Tensor | None], ends: Tensor
+                ) -> tuple[Tensor, list[Tensor]]:  # (B, C_in, T) → (B, C_out, T)
+        y, first = self.conv1(x, histories[0], ends)
+        y = self.dropout(F.relu(y))
+        y, second = self.conv2(y, histories[1], ends)
+        y = self.dropout(F.relu(y))
         residual = x if self.downsample is None else self.downsample(x)
-        return F.relu(y + residual)
+        return F.relu(y + residual), [first, second]
 
 
 class CausalStack(nn.Module):
@@ -79,12 +96,18 @@ class CausalStack(nn.Module):
             for i in range(levels)
         )
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, I, T) → (B, C, T)
-        for block in self.blocks:
-            x = block(x)
-        return x
+    def forward(self, x: Tensor, histories: list[Tensor] | None, ends: Tensor
+                ) -> tuple[Tensor, list[Tensor]]:  # (B, I, T) → (B, C, T), next histories
+        new: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            given = [None, None] if histories is None else histories[2 * i: 2 * i + 2]
+            x, made = block(x, given, ends)
+            new += made
+        return x, new
 
-
+    def history_shapes(self, batch: int) -> list[tuple[int, int, int]]:
+        return [(batch, conv.conv.in_channels, conv.left_pad)
+                for block in self.blocks for conv in (block.conv1, block.conv2)]
 class TCN(nn.Module):
     """A causal TCN with the call of rnnkit's layers (see the module docstring)."""
 
@@ -109,10 +132,10 @@ class TCN(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None,
+        self, x: Tensor, hx: tuple[Tensor, ...] | None = None,
         lengths: Sequence[int] | Tensor | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """``output (T, B, D·C), (h_n (D, B, C), context (B, R − 1, I))`` for x (T, B, I)."""
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``output (T, B, D·C), (h_n (D, B, C), *histories)`` for x (T, B, I)."""
         check_sequence("input", x, self.input_size, self.directions[0].blocks[0].conv1.conv.bias.dtype)
         if x.dim() != 3:
             raise ValueError(f"TCN input must be 3-D, got shape {tuple(x.shape)}")
@@ -121,37 +144,32 @@ class TCN(nn.Module):
         steps, batch = x.shape[0], x.shape[1]
         if lengths is not None:
             lengths = check_lengths(lengths, batch, steps, x.device)
-        past = self.receptive_field - 1
-        if hx is None:
-            context = x.new_zeros(batch, past, self.input_size)
-        else:
-            context = hx[1]
+        ends = (lengths.to(x.device) if lengths is not None
+                else torch.full((batch,), steps, device=x.device, dtype=torch.long))
+        histories = None
+        if hx is not None:
             if self.bidirectional:
                 raise ValueError("a bidirectional TCN reads whole sequences: it takes no state")
-            if tuple(context.shape) != (batch, past, self.input_size):
-                raise ValueError(f"TCN context must have shape {(batch, past, self.input_size)}, "
-                                 f"got {tuple(context.shape)}")
-        full = torch.cat((context, x.transpose(0, 1)), dim=1)  # (B, R − 1 + T, I)
-        outputs = [self.directions[0](full.transpose(1, 2))[:, :, past:]]  # (B, C, T)
+            histories = list(hx[1:])
+            expected = self.directions[0].history_shapes(batch)
+            given = [tuple(h.shape) for h in histories]
+            if given != expected:
+                raise ValueError(f"TCN state histories must have shapes {expected}, got {given}")
+        out, new_histories = self.directions[0](x.permute(1, 2, 0), histories, ends)  # (B, C, T)
+        outputs = [out]
         if self.bidirectional:
             backwards = reverse_within_lengths(x, lengths).permute(1, 2, 0)  # (B, I, T)
-            backwards = F.pad(backwards, (past, 0))
-            out = self.directions[1](backwards)[:, :, past:].permute(2, 0, 1)  # (T, B, C)
-            outputs.append(reverse_within_lengths(out, lengths).permute(1, 2, 0))
+            out, _ = self.directions[1](backwards, None, ends)
+            outputs.append(reverse_within_lengths(out.permute(2, 0, 1), lengths).permute(1, 2, 0))
         output = torch.cat(outputs, dim=1).permute(2, 0, 1)  # (T, B, D·C)
-        last = (lengths.to(x.device) - 1) if lengths is not None else torch.full(
-            (batch,), steps - 1, device=x.device)
         rows = torch.arange(batch, device=x.device)
-        h_n = torch.stack([out[rows, :, last] for out in outputs])  # (D, B, C)
+        h_n = torch.stack([out[rows, :, ends - 1] for out in outputs])  # (D, B, C)
         if lengths is not None:
-            running = torch.arange(steps, device=x.device).unsqueeze(1) < lengths.to(x.device)
+            running = torch.arange(steps, device=x.device).unsqueeze(1) < ends
             output = output * running.unsqueeze(2)
-        # the inputs each row's next window needs: the R − 1 before its own end
-        window = last.unsqueeze(1) + 1 + torch.arange(past, device=x.device)  # (B, R − 1) in full
-        next_context = full.gather(1, window.unsqueeze(2).expand(batch, past, self.input_size))
         if self.batch_first:
             output = output.transpose(0, 1)
-        return output, (h_n, next_context)
+        return output, (h_n, *new_histories)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
