@@ -87,7 +87,7 @@ def test_toml_config_and_bad_options(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     toml.write_text("[model]\nhiden = 8\n", encoding="utf-8")
     assert main([*args, "--out", str(tmp_path / "u")]) == 2
-    assert "unknown option model.hiden" in capsys.readouterr().err
+    assert "model.hiden is an unknown option; did you mean hidden?" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "t")]) == 2  # would overwrite a run
     assert "already holds a run" in capsys.readouterr().err
 

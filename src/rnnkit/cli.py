@@ -1,7 +1,10 @@
-"""The ``rnnkit`` command: ``train``, ``sample``, ``evaluate`` and ``hello``.
+"""The ``rnnkit`` command: ``train``, ``sample``, ``evaluate``, ``transcribe``, ``tasks``, ``hello``.
 
-Options come from defaults, then a YAML/TOML ``--config`` file, then flags (later wins); every
-run writes its resolved ``config.yaml`` beside its checkpoint so ``--config`` repeats it.
+Options come from the task's defaults, then a YAML/TOML ``--config`` file, then flags and
+``--set`` (later wins); the flags, their checks and ``rnnkit train TASK --help`` are generated
+from the task's config dataclasses (:mod:`rnnkit.options`). Every run writes its resolved
+``config.yaml`` beside its checkpoint so ``--config`` repeats it. A bad option or input is one
+line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -11,196 +14,142 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rnnkit.options import Leaf, OptionError, Options, TaskSchema, field_specs, option, read_config_file
+from rnnkit.options.command import (
+    Parser,
+    UsageError,
+    add_task_flags,
+    apply_flags,
+    flag_names,
+    parse_value,
+)
 from rnnkit.tasks import TASKS
-
-# flag → (section, option, type); types other than bool read "none"/"full" as null
-_NULLABLE = "nullable"
-TRAIN_FLAGS: list[tuple[str, str, str, Any, str]] = [
-    ("--cell", "model", "cell", str, "recurrent cell: lstm, gru or rnn"),
-    ("--layers", "model", "layers", int, "stacked recurrent layers"),
-    ("--hidden", "model", "hidden", int, "hidden units per layer"),
-    ("--embedding", "model", "embedding", int, "embedding size; 0 for one-hot inputs"),
-    ("--dropout", "model", "dropout", float, "dropout on embeddings, between layers and on outputs"),
-    ("--peephole", "model", "peephole", bool, "LSTM with peephole connections"),
-    ("--coupled", "model", "coupled", bool, "LSTM with coupled input-forget gates (CIFG)"),
-    ("--reset", "model", "reset", str, "GRU reset gate 'after' (torch/cuDNN) or 'before' (Cho 2014)"),
-    ("--nonlinearity", "model", "nonlinearity", str, "Elman RNN nonlinearity: tanh, relu, sigmoid"),
-    ("--byte-level", "data", "byte_level", bool, "model UTF-8 bytes instead of code points"),
-    ("--seq-len", "data", "seq_len", int, "time steps per training batch"),
-    ("--valid-fraction", "data", "valid_fraction", float, "last fraction of the text to validate on"),
-    ("--valid-chars", "data", "valid_chars", _NULLABLE + ":int", "cap on validation symbols ('none')"),
-    ("--steps", "train", "steps", int, "optimizer updates"),
-    ("--minutes", "train", "minutes", _NULLABLE + ":float", "wall-clock budget in minutes"),
-    ("--batch-size", "train", "batch_size", int, "parallel streams per batch"),
-    ("--bptt", "train", "bptt", _NULLABLE + ":int",
-     "truncated BPTT chunk length k, or 'full' for full BPTT over each batch"),
-    ("--optimizer", "train", "optimizer", str, "adam or sgd"),
-    ("--lr", "train", "lr", float, "learning rate"),
-    ("--momentum", "train", "momentum", float, "SGD momentum"),
-    ("--weight-decay", "train", "weight_decay", float, "L2 weight decay"),
-    ("--clip-norm", "train", "clip_norm", _NULLABLE + ":float", "bound on the global gradient norm ('none')"),
-    ("--clip-value", "train", "clip_value", _NULLABLE + ":float", "bound ±c on each gradient element"),
-    ("--schedule", "train", "schedule", str, "'plateau', 'step' (decay after N evaluations) or 'none'"),
-    ("--early-stop", "train", "early_stop", _NULLABLE + ":int", "evaluations without gain before stopping"),
-    ("--eval-every", "train", "eval_every", int, "steps between validations"),
-    ("--checkpoint-every", "train", "checkpoint_every", _NULLABLE + ":int", "steps between checkpoints"),
-    ("--seed", "train", "seed", int, "random seed (runs are deterministic on CPU)"),
-    ("--prime", "sample", "prime", str, "text the end-of-run samples start from"),
-    ("--sample-length", "sample", "length", int, "symbols per end-of-run sample"),
-    ("--temperature", "sample", "temperature", float, "end-of-run sampling temperature"),
-    ("--top-k", "sample", "top_k", _NULLABLE + ":int", "sample among the k likeliest symbols"),
-]
-
 
 THREADS_HELP = "torch CPU threads (default: torch's choice; 1 is faster on a busy machine)"
 
 
-def _nullable(kind: str) -> Any:
-    convert = {"int": int, "float": float}[kind]
+@dataclass
+class CommandOptions(Options):
+    """The options of the commands other than a task's own (checked like every other option)."""
 
-    def parse(text: str) -> Any:
-        return None if text.lower() in ("none", "null", "full", "off") else convert(text)
-
-    parse.__name__ = kind
-    return parse
-
-
-def _read_config_file(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config file {file} does not exist")
-    text = file.read_text(encoding="utf-8")
-    if file.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            raise ValueError("TOML configs need Python 3.11 or newer; use YAML") from None
-        data = tomllib.loads(text)
-    else:
-        data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {file} must hold a mapping of sections")
-    return data
+    threads: int | None = option(None, THREADS_HELP, ge=1)
+    seed: int | None = option(None, "seed: same seed, same text", ge=0, le=2**63 - 1)
+    beam: int = option(8, "beam width (1: greedy)", ge=1)
+    steps: int = option(100, "training steps", ge=1)
 
 
-def _flag_overrides(args: argparse.Namespace, task: str, defaults: dict[str, Any]
-                    ) -> dict[str, Any]:
-    """The options given as flags, placed where this task keeps them."""
-    overrides: dict[str, Any] = {}
-    for flag, section, key, _, _ in TRAIN_FLAGS:
-        dest = flag[2:].replace("-", "_")
-        if not hasattr(args, dest):  # argparse.SUPPRESS: only flags actually given
-            continue
-        target = defaults.get(section)
-        path = [section, key]
-        if isinstance(target, dict) and key not in target and isinstance(
-                target.get("recurrent"), dict) and key in target["recurrent"]:
-            path = [section, "recurrent", key]
-        elif not isinstance(target, dict) or key not in target:
-            raise ValueError(f"{flag} is not an option of the {task} task")
-        _set_path(overrides, path, getattr(args, dest))
-    if getattr(args, "data", None):
-        from rnnkit.tasks import DATA_OPTIONS
-
-        if task not in DATA_OPTIONS:
-            raise ValueError(f"--data is not an option of the {task} task; use --set data.…=")
-        option, several = DATA_OPTIONS[task]
-        paths = [str(p) for p in args.data]
-        if not several and len(paths) > 1:
-            raise ValueError(f"the {task} task takes one --data path, got {len(paths)}")
-        _set_path(overrides, ["data", option], paths if several else paths[0])
-    for assignment in getattr(args, "set", None) or []:
-        key, sep, text = assignment.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects SECTION.OPTION=VALUE, got {assignment!r}")
-        _set_path(overrides, key.split("."), yaml.safe_load(text))
-    return overrides
+def _typed(cls: type, name: str, flag: str) -> Any:
+    """argparse ``type=`` checking a flag by the rules of field ``name`` of ``cls``."""
+    return parse_value(Leaf((name,), field_specs(cls)[name]), flag)
 
 
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+def _task_named(argv: Sequence[str]) -> str | None:
+    """The task of ``rnnkit train TASK …``: its flags are generated before parsing."""
+    if "train" not in argv:
+        return None
+    return next((a for a in argv[list(argv).index("train") + 1:] if a in TASKS), None)
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rnnkit", description="Recurrent networks: train, sample, evaluate.")
+def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
+    from rnnkit.tasks import TASK_DATA, task_schema
+    from rnnkit.tasks.charlm import SampleConfig
+
+    parser = Parser(prog="rnnkit", description="Recurrent networks: train, sample, evaluate.",
+                    allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
         "train", help="train a model on a task (charlm, speech, digits, ...)",
-        description="Train a model on a task:\n" + "\n".join(
-            f"  {name:10s} {text}" for name, text in TASKS.items()) +
+        description=(f"Train the {task} task: {TASKS[task]}.\nData: {TASK_DATA[task][0]}."
+                     if task else "Train a model on a task:\n" + "\n".join(
+                         f"  {name:10s} {text}" for name, text in TASKS.items()) +
+                     "\n`rnnkit train TASK --help` lists every option of a task with its type "
+                     "and default; `rnnkit tasks` lists the tasks' data formats.") +
         "\nWith no --data, charlm trains on the Python standard library's own source (read "
-        "at run time); the other tasks read ../shared/data by default.",
+        "at run time); the other tasks read ../shared/data by default. Options come from the "
+        "task's defaults, then --config FILE, then flags and --set (later wins).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS)
+        argument_default=argparse.SUPPRESS, allow_abbrev=False)
     train.add_argument("task", choices=list(TASKS), help="what to train")
     train.add_argument("--data", nargs="+", metavar="PATH", default=None,
-                       help="charlm: UTF-8 text file(s) (default: the Python standard library); "
-                            "speech: a folder of {digit}_{speaker}_{take}.wav; music: a .mat "
-                            "file; tagging: an ATIS folder or CoNLL file; translate: a TSV file")
+                       help=TASK_DATA[task][1] if task else
+                       "the task's data (rnnkit tasks lists what each task reads)")
     train.add_argument("--set", action="append", metavar="SECTION.OPTION=VALUE", default=None,
-                       help="any option, e.g. --set data.split=speaker (YAML value; repeatable)")
+                       help="any option, e.g. --set data.split=speaker (repeatable)")
     train.add_argument("--config", metavar="FILE", default=None,
                        help="YAML or TOML file of options (sections data, model, train, ...)")
     train.add_argument("--out", metavar="DIR", default=None,
                        help="run directory (default runs/<task>-<timestamp>)")
     train.add_argument("--resume", action="store_true", default=False,
-                       help="continue the run in --out exactly where its checkpoint left off")
+                       help="continue the run in --out exactly where its checkpoint left off; "
+                            "steps, minutes, lr, clipping and the evaluation and checkpoint "
+                            "cadence may change, the rest may not")
     train.add_argument("--no-progress", action="store_true", default=False,
                        help="no progress bar")
-    train.add_argument("--threads", type=int, default=None,
-                       help=THREADS_HELP)
-    for flag, _, _, kind, text in TRAIN_FLAGS:
-        if kind is bool:
-            train.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        elif isinstance(kind, str):
-            train.add_argument(flag, type=_nullable(kind.split(":")[1]), help=text)
-        else:
-            train.add_argument(flag, type=kind, help=text)
+    train.add_argument("--threads", type=_typed(CommandOptions, "threads", "--threads"),
+                       default=None, help=THREADS_HELP)
+    if task is not None:
+        # argparse reports unknown flags from the top-level parser: both know the task
+        parser.task = train.task = task
+        parser.command = train.command = "rnnkit train"
+        add_task_flags(train, task_schema(task))
 
     sample = commands.add_parser("sample", help="generate text from a checkpoint",
-                                 description="Generate text from a trained charlm checkpoint.")
+                                 description="Generate text from a trained charlm checkpoint.",
+                                 allow_abbrev=False)
     sample.add_argument("checkpoint", help="run directory or its checkpoint.json")
     sample.add_argument("--prime", default="", help="text to start from")
-    sample.add_argument("--length", type=int, default=400, help="symbols to generate")
-    sample.add_argument("--temperature", type=float, default=0.8,
-                        help="softmax temperature; 0 picks the likeliest symbol")
-    sample.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
-    sample.add_argument("--seed", type=int, default=None, help="seed: same seed, same text")
-    sample.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    sample.add_argument("--length", type=_typed(SampleConfig, "length", "--length"), default=400,
+                        help="symbols to generate")
+    sample.add_argument("--temperature", type=_typed(SampleConfig, "temperature", "--temperature"),
+                        default=0.8, help="softmax temperature; 0 picks the likeliest symbol")
+    sample.add_argument("--top-k", type=_typed(SampleConfig, "top_k", "--top-k"), default=None,
+                        help="sample among the k likeliest")
+    sample.add_argument("--seed", type=_typed(CommandOptions, "seed", "--seed"), default=None,
+                        help="seed: same seed, same text")
+    sample.add_argument("--threads", type=_typed(CommandOptions, "threads", "--threads"),
+                        default=None, help=THREADS_HELP)
 
     evaluate = commands.add_parser("evaluate", help="loss of a checkpoint on a text file",
-                                   description="Print nats and bits per character of a text.")
+                                   description="Print nats and bits per character of a text.",
+                                   allow_abbrev=False)
     evaluate.add_argument("checkpoint", help="run directory or its checkpoint.json")
     evaluate.add_argument("--data", nargs="+", required=True, metavar="FILE",
                           help="UTF-8 text file(s)")
-    evaluate.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    evaluate.add_argument("--threads", type=_typed(CommandOptions, "threads", "--threads"),
+                          default=None, help=THREADS_HELP)
 
     transcribe = commands.add_parser(
         "transcribe", help="the digits spoken in WAV files (speech checkpoint)",
-        description="Print the digit string a trained speech model hears in each WAV file.")
+        description="Print the digit string a trained speech model hears in each WAV file.",
+        allow_abbrev=False)
     transcribe.add_argument("checkpoint", help="run directory or its checkpoint.json")
     transcribe.add_argument("wav", nargs="+", help="8 kHz mono PCM WAV file(s)")
-    transcribe.add_argument("--beam", type=int, default=8, help="beam width (1: greedy)")
-    transcribe.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    transcribe.add_argument("--beam", type=_typed(CommandOptions, "beam", "--beam"), default=8,
+                            help="beam width (1: greedy)")
+    transcribe.add_argument("--threads", type=_typed(CommandOptions, "threads", "--threads"),
+                            default=None, help=THREADS_HELP)
+
+    commands.add_parser("tasks", help="the tasks and the data each one reads",
+                        description="List the tasks, their data formats and default data.")
 
     hello = commands.add_parser("hello", help="the classic h-e-l-l-o RNN demo, in seconds",
                                 description="Train a 4-symbol RNN to continue 'hell' as 'ello'.")
-    hello.add_argument("--steps", type=int, default=100, help="training steps")
-    hello.add_argument("--seed", type=int, default=0, help="random seed")
+    hello.add_argument("--steps", type=_typed(CommandOptions, "steps", "--steps"), default=100,
+                       help="training steps")
+    hello.add_argument("--seed", type=_typed(CommandOptions, "seed", "--seed"), default=0,
+                       help="random seed")
     return parser
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rnnkit.tasks import merge_config, task_module
+    from rnnkit.tasks import DATA_OPTIONS, task_module, task_schema
     from rnnkit.train.atomic import write_text
     from rnnkit.train.checkpoint import POINTER, load_checkpoint
     from rnnkit.train.config import TrainConfig
@@ -209,28 +158,44 @@ def _train(args: argparse.Namespace) -> int:
 
     name = args.task
     module = task_module(name)
-    defaults = module.default_config()
-    config = defaults
+    schema = task_schema(name)
+    config = schema.defaults
     checkpoint = None
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise OptionError("--out", f"names a file ({out}); a run directory must be a directory")
     if args.resume:
-        if args.out is None:
-            raise ValueError("--resume needs --out DIR, the run to continue")
-        out = Path(args.out)
+        if out is None:
+            raise OptionError("--resume", "needs --out DIR, the run to continue")
         checkpoint = load_checkpoint(out)  # refuses a bad checkpoint before anything is written
         saved = out / "config.yaml"
         if saved.is_file():
-            config = merge_config(config, _read_config_file(str(saved)), str(saved), name)
+            config = schema.merge(config, read_config_file(saved), str(saved))
+        else:  # nothing to compare the options with: the checkpoint's task description decides
+            saved = None
     else:
-        out = Path(args.out) if args.out else Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+        out = out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
         if (out / POINTER).exists():
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
-                             "choose another --out")
+            raise OptionError("--out", f"{out} already holds a run; pass --resume to continue it "
+                                       "or choose another --out")
+    run_config = config
     if args.config:
-        config = merge_config(config, _read_config_file(args.config), args.config, name)
-    config = merge_config(config, _flag_overrides(args, name, defaults), "command-line flags",
-                          name)
+        config = schema.merge(config, read_config_file(args.config), args.config)
+    if getattr(args, "data", None):
+        if name not in DATA_OPTIONS:
+            raise OptionError("--data", f"is not an option of the {name} task; see rnnkit train "
+                                        f"{name} --help for its data options")
+        option_name, several = DATA_OPTIONS[name]
+        paths = [str(p) for p in args.data]
+        if not several and len(paths) > 1:
+            raise OptionError("--data", f"takes one path for the {name} task, got {len(paths)}")
+        config = schema.set(config, f"data.{option_name}", paths if several else paths[0],
+                            "--data")
+    config = apply_flags(schema, config, args, flag_names(schema))
+    if checkpoint is not None and saved is not None:
+        _refuse_fixed_changes(schema, run_config, config)
 
-    train_config = TrainConfig.from_dict(config["train"])
+    train_config = TrainConfig.from_dict(config["train"], "train")
     seed_everything(train_config.seed)
     task, model, source = module.build(config)
     trainer = Trainer(model, task, train_config, out, progress=not args.no_progress)
@@ -239,9 +204,23 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"{checkpoint.path} was trained with other data or another model "
                              "than given now; resume with the run's own config")
         trainer.load(checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml",
-               yaml.safe_dump({"task": name, **config}, sort_keys=False, allow_unicode=True))
+        # the rate the run was trained with, as its checkpoint records it
+        old_lr = float((checkpoint.meta.get("train_config") or {}).get("lr", train_config.lr))
+        new_lr = train_config.lr
+        if new_lr != old_lr:
+            trainer.rescale_lr(new_lr / old_lr)
+            print(f"learning rate: {old_lr:g} → {new_lr:g} (now "
+                  f"{trainer.optimizer.param_groups[0]['lr']:g} with the schedule's cuts so far)")
+
+    def record_config(trainer: Trainer, record: dict[str, Any]) -> None:
+        # written once the run has really started: a run that fails to start (a bad --resume
+        # option, missing data) leaves the previous config.yaml as it was
+        if trainer.on_step is record_config:
+            trainer.on_step = None
+            write_text(out / "config.yaml", yaml.safe_dump({"task": name, **config},
+                                                            sort_keys=False, allow_unicode=True))
+
+    trainer.on_step = record_config
 
     params = sum(p.numel() for p in model.parameters())
     print(f"data: {source}")
@@ -265,6 +244,19 @@ def _train(args: argparse.Namespace) -> int:
     if result.reason == "interrupted":
         print(f"interrupted; continue with: rnnkit train {name} --out {out} --resume")
     return 0
+
+
+def _refuse_fixed_changes(schema: TaskSchema, before: dict[str, Any],
+                          after: dict[str, Any]) -> None:
+    """On --resume only the options declared ``on_resume`` (budget, rate, cadence) may change."""
+    for dotted in schema.differences(before, after):
+        if not schema.leaves[dotted].spec.rule.on_resume:
+            changeable = ", ".join(n for n, leaf in schema.leaves.items()
+                                   if leaf.spec.rule.on_resume)
+            raise OptionError(dotted, f"cannot change when resuming (the run has "
+                                      f"{schema.value(before, dotted)!r}, given "
+                                      f"{schema.value(after, dotted)!r}); start a new run with "
+                                      f"another --out, or change only {changeable}")
 
 
 def _json_form(value: Any) -> str:
@@ -298,8 +290,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _transcribe(args: argparse.Namespace) -> int:
+    from rnnkit.data.audio import check_audio_path
     from rnnkit.tasks.speech import load_model, transcribe
 
+    for path in args.wav:  # before loading the model: a typo costs nothing
+        check_audio_path(path)
     model, extractor, _ = load_model(args.checkpoint)
     for path in args.wav:
         digits = transcribe(model, extractor, path, beam_width=args.beam)
@@ -313,8 +308,26 @@ def _hello(args: argparse.Namespace) -> int:
     return 0 if run_hello(steps=args.steps, seed=args.seed) == "ello" else 1
 
 
+def _tasks(args: argparse.Namespace) -> int:
+    from rnnkit.tasks import TASK_DATA
+
+    for name, summary in TASKS.items():
+        print(f"{name:10s} {summary}")
+        print(f"{'':10s} data: {TASK_DATA[name][0]}")
+    print("rnnkit train TASK --help lists a task's options and defaults.")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        guess = _task_named(argv)
+        args = _build_parser(guess).parse_args(argv)
+        if args.command == "train" and args.task != guess:  # e.g. an --out DIR named like a task
+            args = _build_parser(args.task).parse_args(argv)
+    except UsageError as error:
+        print(error, file=sys.stderr)
+        return 2
     from rnnkit.data.audio import AudioError
     from rnnkit.data.vocab import UnknownSymbolError
     from rnnkit.train.checkpoint import CheckpointError
@@ -325,13 +338,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate,
-                "transcribe": _transcribe, "hello": _hello}
+                "transcribe": _transcribe, "tasks": _tasks, "hello": _hello}
     try:
         return handlers[args.command](args)
     except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,
             FileNotFoundError, AudioError) as error:
         print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C outside training, or a second one while the first was stopping the run at a
+        # step boundary: stop at once; checkpoints are written atomically, so the last is whole
+        print(f"rnnkit {args.command}: interrupted; the last checkpoint written is intact",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -81,8 +81,10 @@ def midi_bytes(roll: Tensor, ticks_per_step: int = 480, ticks_per_quarter: int =
 
 def write_midi(path: str | Path, roll: Tensor, **options: int | float) -> Path:
     """Writes :func:`midi_bytes` of ``roll`` to ``path``."""
+    from rnnkit.train.atomic import write_bytes  # atomic, never through a symlink
+
     path = Path(path)
-    path.write_bytes(midi_bytes(roll, **options))  # type: ignore[arg-type]
+    write_bytes(path, midi_bytes(roll, **options))  # type: ignore[arg-type]
     return path
 
 
@@ -108,8 +110,9 @@ def plot_piano_roll(roll: Tensor, path: str | Path, title: str, primer_steps: in
     ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from rnnkit.viz.curves import save_figure  # atomic, never through a symlink
+
+    save_figure(fig, path, dpi=120)
     return path
 
 

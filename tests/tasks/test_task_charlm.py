@@ -11,12 +11,12 @@ import torch
 from rnnkit.data import CharVocab, UnknownSymbolError, batchify
 from rnnkit.data.corpus import read_stdlib, stdlib_files
 from rnnkit.models import LanguageModel, LMConfig, generate
+from rnnkit.tasks import merge_config
 from rnnkit.tasks.charlm import (
     CharLMTask,
     DataConfig,
     default_config,
     evaluate_text,
-    merge_config,
     split_text,
 )
 from rnnkit.train import TrainConfig, Trainer
@@ -107,12 +107,12 @@ def test_one_hot_inputs() -> None:
 
 
 def test_config_merging_names_unknown_options() -> None:
-    config = merge_config(default_config(), {"model": {"hidden": 7}}, "x.yaml")
+    config = merge_config(default_config(), {"model": {"hidden": 7}}, "x.yaml", "charlm")
     assert config["model"]["hidden"] == 7
-    with pytest.raises(ValueError, match=r"x.yaml: unknown option model.hiden"):
-        merge_config(default_config(), {"model": {"hiden": 7}}, "x.yaml")
-    with pytest.raises(ValueError, match="unknown section 'modle'"):
-        merge_config(default_config(), {"modle": {}}, "x.yaml")
+    with pytest.raises(ValueError, match=r"model.hiden is an unknown option; did you mean hidden\?.*x.yaml"):
+        merge_config(default_config(), {"model": {"hiden": 7}}, "x.yaml", "charlm")
+    with pytest.raises(ValueError, match="modle is an unknown option; did you mean model"):
+        merge_config(default_config(), {"modle": {}}, "x.yaml", "charlm")
 
 
 def test_stdlib_corpus_is_a_deterministic_sorted_selection() -> None:

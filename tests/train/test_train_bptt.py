@@ -35,8 +35,10 @@ def test_truncation_at_full_length_equals_full_bptt() -> None:
 
 
 def test_second_chunk_gradient_starts_from_the_detached_first_chunk_state() -> None:
-    # SGD with lr 0: weights do not move, so a manual computation can replay both chunks
-    trainer = make_trainer(bptt=5, steps=2, optimizer="sgd", lr=0.0, schedule="none")
+    # SGD with lr 0: weights do not move, so a manual computation can replay both chunks (set on
+    # the optimizer: train.lr itself must be positive)
+    trainer = make_trainer(bptt=5, steps=2, optimizer="sgd", lr=1.0, schedule="none")
+    trainer.optimizer.param_groups[0]["lr"] = 0.0
     trainer.fit()
     grads = _grads(trainer)
 

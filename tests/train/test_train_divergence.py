@@ -51,7 +51,7 @@ def test_monitoring_a_metric_where_higher_is_better(tmp_path: Path) -> None:
         trainer.config.monitor = "bleu"
         trainer.task.evaluate = lambda model: {"loss": 1.0, "accuracy": 0.5}  # type: ignore[method-assign]
         trainer._evaluate_and_schedule(None, None)
-    with pytest.raises(ValueError, match="monitor_mode must be min or max"):
+    with pytest.raises(ValueError, match="monitor_mode must be one of min, max"):
         make_trainer(monitor_mode="up")
 
 

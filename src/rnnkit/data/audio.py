@@ -17,9 +17,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rnnkit.options import Options, option
+from rnnkit.options.files import file_problem
+
 
 class AudioError(ValueError):
     """An audio file that cannot be used: unreadable, empty, or not in the expected format."""
+
+
+def check_audio_path(path: str | Path) -> Path:
+    """``path`` if it names a readable file, else :class:`AudioError` saying what it is."""
+    path = Path(path)
+    problem = file_problem(path)
+    if problem == "does not exist":
+        raise AudioError(f"{path}: no such audio file")
+    if problem:
+        raise AudioError(f"{path} {problem}; give a WAV file")
+    return path
 
 
 def read_wav(path: str | Path, expected_rate: int | None = None) -> tuple[Tensor, int]:
@@ -28,7 +42,7 @@ def read_wav(path: str | Path, expected_rate: int | None = None) -> tuple[Tensor
     Multi-channel audio is averaged to mono. Raises :class:`AudioError` naming the file for a file
     that is missing, not a PCM WAV, empty, or (with ``expected_rate``) at another sample rate.
     """
-    path = Path(path)
+    path = check_audio_path(path)
     try:
         with wave.open(str(path), "rb") as handle:
             rate = handle.getframerate()
@@ -104,16 +118,17 @@ def dct_matrix(num_coefficients: int, size: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class FeatureConfig:
+class FeatureConfig(Options):
     """How waveforms become feature frames; stored in checkpoints so inference matches training."""
 
-    sample_rate: int = 8000
-    window_ms: float = 25.0
-    hop_ms: float = 10.0
-    num_mels: int = 40
-    num_mfcc: int = 0  # 0: log-mel energies; > 0: that many MFCCs
-    normalize: bool = True
-    log_floor: float = 1e-6
+    sample_rate: int = option(8000, "sample rate (Hz) the recordings must have", ge=1)
+    window_ms: float = option(25.0, "analysis window (ms)", gt=0)
+    hop_ms: float = option(10.0, "hop between frames (ms)", gt=0)
+    num_mels: int = option(40, "mel filters", ge=1)
+    num_mfcc: int = option(0, "0: log-mel energies; > 0: that many MFCCs", ge=0)
+    normalize: bool = option(True, "normalise each utterance's features to zero mean, unit "
+                                   "variance")
+    log_floor: float = option(1e-6, "floor under the energies before the log", gt=0)
 
     @property
     def dim(self) -> int:

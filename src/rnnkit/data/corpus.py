@@ -11,6 +11,8 @@ import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 
+from rnnkit.options.files import file_problem
+
 STDLIB_CHARS = 3_000_000
 
 
@@ -44,8 +46,9 @@ def read_files(paths: Sequence[str | Path]) -> str:
     parts = []
     for path in paths:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
+        problem = file_problem(path)
+        if problem:
+            raise FileNotFoundError(f"data file {path} {problem}")
         try:
             parts.append(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as error:

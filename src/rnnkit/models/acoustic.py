@@ -7,32 +7,23 @@ recurrence runs over (and CTC aligns) without dropping information.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from rnnkit.models.recurrent import RecurrentConfig, build_recurrent
+from rnnkit.options import Options, option
 
 
 @dataclass
-class AcousticConfig:
-    features: int = 40
-    classes: int = 11  # including the CTC blank
-    stack: int = 3
-    recurrent: RecurrentConfig = field(
-        default_factory=lambda: RecurrentConfig(layers=2, hidden=128, bidirectional=True)
-    )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AcousticConfig:
-        data = dict(data)
-        recurrent = RecurrentConfig.from_dict(data.pop("recurrent", {}))
-        return cls(recurrent=recurrent, **data)
+class AcousticConfig(Options):
+    features: int = option(40, "feature size per frame (derived from data.features)", ge=1)
+    classes: int = option(11, "output classes, including the CTC blank", ge=2)
+    stack: int = option(3, "frames stacked (and the frame rate divided) before the RNN", ge=1)
+    recurrent: RecurrentConfig = option(
+        help="the recurrent stack",
+        factory=lambda: RecurrentConfig(layers=2, hidden=128, bidirectional=True))
 
 
 def stack_frames(features: Tensor, lengths: Tensor, stack: int) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ image row is one time step.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,51 +26,38 @@ from torch import Tensor, nn
 
 from rnnkit.models.char_words import char_words_of
 from rnnkit.models.recurrent import RecurrentConfig, build_recurrent, final_hidden
+from rnnkit.options import Options, option
 
 POOLINGS = ("final", "mean", "max")
 
 
-def recurrent_option(data: dict[str, Any], key: str = "recurrent") -> RecurrentConfig:
-    """Pops ``key`` from a config dict being rebuilt: a RecurrentConfig, its dict, or absent."""
-    value = data.pop(key, {})
-    return value if isinstance(value, RecurrentConfig) else RecurrentConfig.from_dict(value)
-
-
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(Options):
     """Everything needed to rebuild a :class:`SequenceClassifier`; JSON-able via ``to_dict``."""
 
-    classes: int = 2
-    vocab_size: int = 0  # token ids in; 0 together with embedding = 0: feature vectors in
-    embedding: int = 64  # 0: inputs are (T, B, input_size) float features
-    input_size: int = 0  # feature size when embedding = 0
-    pooling: str = "final"
-    dropout: float = 0.0  # on the embeddings and on the pooled vector
-    pad: int = 0  # embedding row kept at zero (words and characters)
-    chars: int = 0  # character vocabulary size; 0: no character features
-    char_embedding: int = 16
-    char_hidden: int = 32  # per direction
-    recurrent: RecurrentConfig = field(default_factory=lambda: RecurrentConfig(layers=1, hidden=64))
+    classes: int = option(2, "output classes (derived from the data)", ge=1)
+    vocab_size: int = option(0, "token ids in (derived from the data); 0 with embedding 0: "
+                                "feature vectors in", ge=0)
+    embedding: int = option(64, "word embedding size; 0: inputs are float feature vectors", ge=0)
+    input_size: int = option(0, "feature size when embedding is 0", ge=0)
+    pooling: str = option("final", "how the outputs become one vector: the final state, or the "
+                                   "mean or max over the real steps", choices=POOLINGS)
+    dropout: float = option(0.0, "dropout on the embeddings and on the pooled vector", ge=0, lt=1)
+    pad: int = option(0, "embedding row kept at zero (words and characters)", ge=0)
+    chars: int = option(0, "character vocabulary size; 0: no character features", ge=0)
+    char_embedding: int = option(16, "character embedding size", ge=1)
+    char_hidden: int = option(32, "character BiRNN hidden units per direction", ge=1)
+    recurrent: RecurrentConfig = option(help="the recurrent stack",
+                                        factory=lambda: RecurrentConfig(layers=1, hidden=64))
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.classes < 1:
-            raise ValueError(f"classes must be positive, got {self.classes}")
+        super().__post_init__()
         if self.embedding and self.vocab_size <= 0:
             raise ValueError("an embedding needs vocab_size > 0")
         if self.chars and not self.embedding:
             raise ValueError("character features need token inputs (an embedding)")
         if not self.embedding and self.input_size <= 0:
             raise ValueError("without an embedding (feature inputs) input_size must be positive")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
-        data = dict(data)
-        return cls(recurrent=recurrent_option(data), **data)
 
 
 def valid_mask(lengths: Tensor, steps: int) -> Tensor:

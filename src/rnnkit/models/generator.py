@@ -15,38 +15,31 @@ pitch on iff its probability exceeds ½).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkit.models.classifier import recurrent_option, valid_mask
+from rnnkit.models.classifier import valid_mask
 from rnnkit.models.recurrent import RecurrentConfig, build_recurrent
+from rnnkit.options import Options, option
 
 
 @dataclass
-class GeneratorConfig:
+class GeneratorConfig(Options):
     """Everything needed to rebuild a :class:`FrameGenerator`; JSON-able via ``to_dict``."""
 
-    pitches: int = 88
-    dropout: float = 0.0
-    recurrent: RecurrentConfig = field(default_factory=lambda: RecurrentConfig(layers=1, hidden=128))
+    pitches: int = option(88, "notes per frame (derived from the data)", ge=1)
+    dropout: float = option(0.0, "dropout on the inputs and outputs", ge=0, lt=1)
+    recurrent: RecurrentConfig = option(help="the recurrent stack",
+                                        factory=lambda: RecurrentConfig(layers=1, hidden=128))
 
     def __post_init__(self) -> None:
-        if self.pitches < 1:
-            raise ValueError(f"pitches must be positive, got {self.pitches}")
+        super().__post_init__()
         if self.recurrent.bidirectional:
             raise ValueError("a generator reads left to right: it cannot be bidirectional")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GeneratorConfig:
-        data = dict(data)
-        return cls(recurrent=recurrent_option(data), **data)
 
 
 def frame_nll(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:

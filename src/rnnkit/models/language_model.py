@@ -6,7 +6,7 @@ Shapes: tokens (T, B) → logits (T, B, V); the state is whatever the rnnkit lay
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,42 +14,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.data.vocab import CharVocab
-from rnnkit.models.recurrent import CELLS, RecurrentConfig, build_recurrent
+from rnnkit.models.recurrent import CELLS, NONLINEARITIES, RESETS, RecurrentConfig, build_recurrent
+from rnnkit.options import Options, option
 
 
 @dataclass
-class LMConfig:
+class LMConfig(Options):
     """Everything needed to rebuild the model; stored in every checkpoint."""
 
-    vocab_size: int = 0
-    cell: str = "lstm"
-    layers: int = 2
-    hidden: int = 256
-    embedding: int = 64  # 0: one-hot inputs
-    dropout: float = 0.0
-    peephole: bool = False
-    coupled: bool = False
-    reset: str = "after"  # GRU only
-    nonlinearity: str = "tanh"  # Elman RNN only
-    forget_bias: float | None = None  # LSTM only
-    kernel_size: int = 3  # TCN only
+    vocab_size: int = option(0, "symbols in the vocabulary (derived from the data)", ge=0)
+    cell: str = option("lstm", "recurrent cell", choices=CELLS)
+    layers: int = option(2, "stacked recurrent layers", ge=1)
+    hidden: int = option(256, "hidden units per layer", ge=1)
+    embedding: int = option(64, "embedding size; 0 for one-hot inputs", ge=0)
+    dropout: float = option(0.0, "dropout on embeddings, between layers and on outputs", ge=0,
+                            lt=1)
+    peephole: bool = option(False, "LSTM with peephole connections (Gers & Schmidhuber 2000)")
+    coupled: bool = option(False, "LSTM with coupled input-forget gates (CIFG)")
+    reset: str = option("after", "GRU reset gate 'after' (torch/cuDNN) or 'before' (Cho 2014)",
+                        choices=RESETS)
+    nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
+    forget_bias: float | None = option(None, "LSTM: initial forget-gate bias (none: the layer's "
+                                             "default)")
+    kernel_size: int = option(3, "TCN only: kernel size of its causal convolutions", ge=2)
 
     def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        super().__post_init__()
         if (self.peephole or self.coupled) and self.cell != "lstm":
             raise ValueError("--peephole and --coupled are LSTM options")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class LanguageModel(nn.Module):

@@ -7,7 +7,7 @@ variant and option is available to every task in the same words.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,28 +15,34 @@ from torch import Tensor, nn
 
 from rnnkit.layers import GRU, LSTM, RNN, MinGRU, MinLSTM
 from rnnkit.models.tcn import TCN
+from rnnkit.options import Options, option
 
 # the recurrent cells, the minimal RNNs trained by a parallel scan, and the convolutional contrast
 CELLS = ("lstm", "gru", "rnn", "mingru", "minlstm", "tcn")
+RESETS = ("after", "before")
+NONLINEARITIES = ("tanh", "relu", "sigmoid")
 
 
 @dataclass
-class RecurrentConfig:
-    cell: str = "lstm"
-    layers: int = 2
-    hidden: int = 128
-    bidirectional: bool = False
-    dropout: float = 0.0
-    peephole: bool = False  # LSTM only
-    coupled: bool = False  # LSTM only
-    forget_bias: float | None = None  # LSTM only
-    reset: str = "after"  # GRU only
-    nonlinearity: str = "tanh"  # Elman RNN only
-    kernel_size: int = 3  # TCN only: layers are its residual blocks, hidden its channels
+class RecurrentConfig(Options):
+    cell: str = option("lstm", "recurrent cell (mingru, minlstm: parallel scan; tcn: "
+                               "convolutional)", choices=CELLS)
+    layers: int = option(2, "stacked recurrent layers (tcn: residual blocks)", ge=1)
+    hidden: int = option(128, "hidden units per layer (per direction; tcn: channels)", ge=1)
+    bidirectional: bool = option(False, "read each sequence in both directions")
+    dropout: float = option(0.0, "dropout between stacked layers (tcn: inside each block)", ge=0,
+                            lt=1)
+    peephole: bool = option(False, "LSTM with peephole connections (Gers & Schmidhuber 2000)")
+    coupled: bool = option(False, "LSTM with coupled input-forget gates (CIFG)")
+    forget_bias: float | None = option(None, "LSTM: initial forget-gate bias (none: the layer's "
+                                             "default)")
+    reset: str = option("after", "GRU reset gate 'after' (torch/cuDNN) or 'before' (Cho 2014)",
+                        choices=RESETS)
+    nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
+    kernel_size: int = option(3, "TCN only: kernel size of its causal convolutions", ge=2)
 
     def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        super().__post_init__()
         if (self.peephole or self.coupled or self.forget_bias is not None) and self.cell != "lstm":
             raise ValueError("peephole, coupled and forget_bias are LSTM options")
         if self.kernel_size < 2:
@@ -45,17 +51,6 @@ class RecurrentConfig:
     @property
     def output_size(self) -> int:
         return self.hidden * (2 if self.bidirectional else 1)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RecurrentConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown recurrent option(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def build_recurrent(config: RecurrentConfig, input_size: int) -> nn.Module:

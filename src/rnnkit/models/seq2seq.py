@@ -24,7 +24,7 @@ Targets are given without ``<s>`` and ending in ``</s>``: (T, B) padded, with le
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,43 +33,37 @@ from torch import Tensor, nn
 
 from rnnkit.decoding.beam import BeamHypothesis, beam_search
 from rnnkit.models.attention import ATTENTIONS, Attention, Memory
-from rnnkit.models.classifier import recurrent_option, valid_mask
+from rnnkit.models.classifier import valid_mask
 from rnnkit.models.recurrent import RecurrentConfig, build_recurrent, final_hidden
+from rnnkit.options import Options, option
 
 
 @dataclass
-class Seq2SeqConfig:
+class Seq2SeqConfig(Options):
     """Everything needed to rebuild a :class:`Seq2Seq`; JSON-able via ``to_dict``."""
 
-    source_vocab: int = 0
-    target_vocab: int = 0
-    embedding: int = 64
-    attention: str = "additive"
-    attention_size: int = 0  # additive only; 0: the decoder's hidden size
-    dropout: float = 0.0
-    pad: int = 0
-    bos: int = 2
-    eos: int = 3
-    encoder: RecurrentConfig = field(
-        default_factory=lambda: RecurrentConfig(layers=1, hidden=64, bidirectional=True))
-    decoder: RecurrentConfig = field(default_factory=lambda: RecurrentConfig(layers=1, hidden=64))
+    source_vocab: int = option(0, "source symbols (derived from the data)", ge=0)
+    target_vocab: int = option(0, "target symbols (derived from the data)", ge=0)
+    embedding: int = option(64, "embedding size of source and target symbols", ge=1)
+    attention: str = option("additive", "attention of the decoder over the encoder's outputs",
+                            choices=ATTENTIONS)
+    attention_size: int = option(0, "additive attention's hidden size; 0: the decoder's", ge=0)
+    dropout: float = option(0.0, "dropout on embeddings and decoder outputs", ge=0, lt=1)
+    pad: int = option(0, "padding id", ge=0)
+    bos: int = option(2, "beginning-of-sentence id", ge=0)
+    eos: int = option(3, "end-of-sentence id", ge=0)
+    encoder: RecurrentConfig = option(
+        help="the encoder's recurrent stack",
+        factory=lambda: RecurrentConfig(layers=1, hidden=64, bidirectional=True))
+    decoder: RecurrentConfig = option(help="the decoder's recurrent stack",
+                                      factory=lambda: RecurrentConfig(layers=1, hidden=64))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.source_vocab <= 0 or self.target_vocab <= 0:
             raise ValueError("source_vocab and target_vocab must be positive")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         if self.decoder.bidirectional:
             raise ValueError("the decoder generates left to right: it cannot be bidirectional")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Seq2SeqConfig:
-        data = dict(data)
-        encoder, decoder = recurrent_option(data, "encoder"), recurrent_option(data, "decoder")
-        return cls(encoder=encoder, decoder=decoder, **data)
 
 
 @dataclass

@@ -11,51 +11,44 @@ words a representation from their spelling, concatenated to the word embedding.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.models.char_words import char_words_of
-from rnnkit.models.classifier import POOLINGS, pool, recurrent_option, valid_mask
+from rnnkit.models.classifier import POOLINGS, pool, valid_mask
 from rnnkit.models.crf import LinearChainCRF
 from rnnkit.models.recurrent import RecurrentConfig, build_recurrent
+from rnnkit.options import Options, option
 
 
 @dataclass
-class TaggerConfig:
+class TaggerConfig(Options):
     """Everything needed to rebuild a :class:`Tagger`; JSON-able via ``to_dict``."""
 
-    vocab_size: int = 0
-    tags: int = 0
-    embedding: int = 64
-    pad: int = 0  # padding id of words (and of characters)
-    crf: bool = False
-    chars: int = 0  # character vocabulary size; 0: no character features
-    char_embedding: int = 16
-    char_hidden: int = 16  # per direction
-    intents: int = 0  # 0: no intent head
-    intent_pooling: str = "final"
-    intent_weight: float = 1.0  # loss = tag loss + intent_weight · intent loss
-    dropout: float = 0.0
-    recurrent: RecurrentConfig = field(
-        default_factory=lambda: RecurrentConfig(layers=1, hidden=64, bidirectional=True))
+    vocab_size: int = option(0, "words in the vocabulary (derived from the data)", ge=0)
+    tags: int = option(0, "tags (derived from the data)", ge=0)
+    embedding: int = option(64, "word embedding size", ge=1)
+    pad: int = option(0, "padding id of words (and of characters)", ge=0)
+    crf: bool = option(False, "a linear-chain CRF over the tags instead of a softmax per token")
+    chars: int = option(0, "character vocabulary size; 0: no character features", ge=0)
+    char_embedding: int = option(16, "character embedding size", ge=1)
+    char_hidden: int = option(16, "character BiRNN hidden units per direction", ge=1)
+    intents: int = option(0, "intent classes (derived from the data); 0: no intent head", ge=0)
+    intent_pooling: str = option("final", "how the outputs become the intent's vector",
+                                 choices=POOLINGS)
+    intent_weight: float = option(1.0, "loss = tag loss + intent_weight · intent loss", ge=0)
+    dropout: float = option(0.0, "dropout on the embeddings and the outputs", ge=0, lt=1)
+    recurrent: RecurrentConfig = option(
+        help="the recurrent stack",
+        factory=lambda: RecurrentConfig(layers=1, hidden=64, bidirectional=True))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.vocab_size <= 0 or self.tags <= 0:
             raise ValueError(f"vocab_size and tags must be positive, got {self.vocab_size}, {self.tags}")
-        if self.intent_pooling not in POOLINGS:
-            raise ValueError(f"intent_pooling must be one of {', '.join(POOLINGS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TaggerConfig:
-        data = dict(data)
-        return cls(recurrent=recurrent_option(data), **data)
 
 
 @dataclass

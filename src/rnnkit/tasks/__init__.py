@@ -7,9 +7,12 @@ A task module has ``NAME``, ``default_config()`` (sections ``data``, ``model``, 
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 from typing import Any
+
+from rnnkit.options import TaskSchema
 
 TASKS = {
     "charlm": "character-level language model (default data: the Python standard library)",
@@ -25,10 +28,33 @@ TASKS = {
     "copymemory": "the copy memory problem: repeat 10 digits after T blanks (generated)",
 }
 
+# per task: (the data it reads, what --data takes); shared data sets live in ../shared/data
+TASK_DATA = {
+    "charlm": ("any UTF-8 text file(s); default: the Python standard library's source",
+               "UTF-8 text file(s) (default: the Python standard library), sets data.files"),
+    "wordlm": ("Penn Treebank text, one sentence per line (ptb/ptb.{train,valid}.txt)",
+               "not taken: use --train/--valid (data.train, data.valid)"),
+    "speech": ("a folder of {digit}_{speaker}_{take}.wav, 8 kHz mono (FSDD recordings); "
+               "utterances are spliced from them", "a folder of FSDD-named WAV files, sets "
+                                                   "data.recordings"),
+    "digits": ("scikit-learn's bundled 8×8 digits (needs scikit-learn)", "not taken"),
+    "sentiment": ("TSV sentence<TAB>label (SST-2: sst2/train.tsv, sst2/dev.tsv)",
+                  "not taken: use --train/--valid (data.train, data.valid)"),
+    "tagging": ("ATIS folders (seq.in, seq.out, label) or CoNLL token/tag columns "
+                "(--format conll)", "the training folder (atis) or file (conll), sets data.train"),
+    "translate": ("generated dates (no files), TSV source<TAB>target pairs or the Multi30k "
+                  "folder", "not taken: use --source tsv --train A.tsv --valid B.tsv"),
+    "music": ("a .mat file of piano rolls, train/valid/test (JSB Chorales; needs scipy)",
+              "a .mat file, sets data.path"),
+    "trees": ("SST bracketed parse trees, one per line (sst-trees/train.txt, sst-trees/dev.txt)",
+              "the training trees file, sets data.train"),
+    "adding": ("generated (no files)", "not taken"),
+    "copymemory": ("generated (no files)", "not taken"),
+}
+
 # the data option --data sets, per task: (option, takes several paths)
 DATA_OPTIONS = {"charlm": ("files", True), "speech": ("recordings", False),
-                "music": ("path", False), "tagging": ("train", False),
-                "translate": ("path", False), "trees": ("train", False)}
+                "music": ("path", False), "tagging": ("train", False), "trees": ("train", False)}
 
 
 def task_module(name: str) -> ModuleType:
@@ -37,24 +63,13 @@ def task_module(name: str) -> ModuleType:
     return importlib.import_module(f"rnnkit.tasks.{name}")
 
 
+@functools.cache
+def task_schema(name: str) -> TaskSchema:
+    """Every option of the task, with its type, range, help and the task's default."""
+    return TaskSchema.of(task_module(name))
+
+
 def merge_config(base: dict[str, Any], update: dict[str, Any], source: str,
-                 task: str, path: str = "") -> dict[str, Any]:
-    """``update`` over ``base``, recursively; an option ``base`` does not have is named."""
-    merged = dict(base)
-    for key, value in update.items():
-        where = f"{path}{key}"
-        if not path and key == "task":
-            if value != task:
-                raise ValueError(f"{source}: this is a {value!r} config, not a {task} one")
-            continue
-        if key not in base:
-            known = ", ".join(sorted(base))
-            raise ValueError(f"{source}: unknown option {where} for the {task} task; "
-                             f"known here: {known}")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise ValueError(f"{source}: {where!r} must be a mapping of options")
-            merged[key] = merge_config(base[key], value, source, task, f"{where}.")
-        else:
-            merged[key] = value
-    return merged
+                 task: str) -> dict[str, Any]:
+    """``update`` over ``base``, every value checked (:meth:`TaskSchema.merge`)."""
+    return task_schema(task).merge(base, update, source)

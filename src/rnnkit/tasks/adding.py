@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier
 from rnnkit.models.recurrent import RecurrentConfig
-from rnnkit.tasks.common import load_task_checkpoint, per_sequence, require_full_bptt, section_fields
+from rnnkit.tasks.common import from_meta, load_task_model, per_sequence, require_full_bptt
 from rnnkit.tasks.synthetic import SyntheticDataConfig, SyntheticTask
 from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
@@ -59,7 +59,7 @@ def mse(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
 
 
 def build(config: dict[str, dict[str, Any]]) -> tuple[SyntheticTask, SequenceClassifier, str]:
-    data = SyntheticDataConfig(**config["data"])
+    data = SyntheticDataConfig.from_dict(config["data"])
     train = TrainConfig.from_dict(config["train"])
     require_full_bptt(train, NAME)
     model_config = ClassifierConfig.from_dict({**config["model"], "classes": 1, "embedding": 0,
@@ -69,12 +69,8 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[SyntheticTask, SequenceCla
 
 
 def load_model(path: str | Path) -> tuple[SequenceClassifier, SyntheticDataConfig, Checkpoint]:
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = SequenceClassifier(ClassifierConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    return model, SyntheticDataConfig(**described["data"]), checkpoint
-
-
-def config_sections() -> dict[str, list[str]]:
-    return section_fields(SECTIONS)
+    """The trained model and its data options from a run directory or checkpoint."""
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: SequenceClassifier(ClassifierConfig.from_dict(m)), required=("data",))
+    data = from_meta(checkpoint, "task.data", lambda: SyntheticDataConfig.from_dict(described["data"]))
+    return model, data, checkpoint

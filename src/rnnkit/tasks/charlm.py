@@ -8,7 +8,7 @@ bits per symbol (``bpc``) = nats / ln 2.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ from rnnkit.data.corpus import STDLIB_CHARS, read_files, read_stdlib
 from rnnkit.data.streams import batchify, encode_tensor, num_windows, stream_window
 from rnnkit.data.vocab import CharVocab
 from rnnkit.models.language_model import LanguageModel, LMConfig
-from rnnkit.train.checkpoint import Checkpoint, load_checkpoint
+from rnnkit.options import Options, option
+from rnnkit.tasks.common import check_size, from_meta, load_task_model
+from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult
 
@@ -28,31 +30,31 @@ NAME = "charlm"
 
 
 @dataclass
-class DataConfig:
-    files: list[str] = field(default_factory=list)  # empty: the Python standard library
-    byte_level: bool = False
-    seq_len: int = 100
-    valid_fraction: float = 0.1
-    valid_chars: int | None = 100_000  # cap, so evaluation stays quick on big corpora
-    stdlib_chars: int = STDLIB_CHARS
-    eval_batch_size: int = 64  # rows evaluated in parallel: fewer sequential steps
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.valid_fraction < 1.0:
-            raise ValueError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
-        if self.seq_len <= 0:
-            raise ValueError(f"seq_len must be positive, got {self.seq_len}")
+class DataConfig(Options):
+    files: list[str] = option(help="UTF-8 text file(s); empty: the Python standard library",
+                              factory=list, metavar="PATH")
+    byte_level: bool = option(False, "model UTF-8 bytes instead of code points")
+    seq_len: int = option(100, "time steps per training batch", ge=1)
+    valid_fraction: float = option(0.1, "last fraction of the text to validate on", gt=0, lt=1)
+    valid_chars: int | None = option(100_000, "cap on validation symbols, so evaluation stays "
+                                              "quick on big corpora", ge=1)
+    stdlib_chars: int = option(STDLIB_CHARS, "symbols read from the standard library when no "
+                                             "files are given", ge=1)
+    eval_batch_size: int = option(64, "rows evaluated in parallel", ge=1)
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Options):
     """What the end of a training run prints."""
 
-    prime: str = ""
-    length: int = 400
-    temperature: float = 0.7
-    top_k: int | None = None
-    count: int = 2
+    prime: str = option("", "text the end-of-run samples start from", empty_ok=True,
+                        on_resume=True)
+    length: int = option(400, "symbols per end-of-run sample", ge=0, on_resume=True)
+    temperature: float = option(0.7, "end-of-run sampling temperature; 0 picks the likeliest "
+                                     "symbol", ge=0, on_resume=True)
+    top_k: int | None = option(None, "sample among the k likeliest symbols (none: all)", ge=1,
+                               on_resume=True)
+    count: int = option(2, "samples printed at the end of the run", ge=0, on_resume=True)
 
 
 SECTIONS: dict[str, type] = {
@@ -73,28 +75,6 @@ def default_config() -> dict[str, dict[str, Any]]:
     for section, values in CHARLM_DEFAULTS.items():
         config[section].update(values)
     return config
-
-
-def merge_config(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str, Any]:
-    """``update`` (sections of options) over ``base``; an unknown section or option is named."""
-    merged = {name: dict(values) for name, values in base.items()}
-    for section, values in update.items():
-        if section == "task":
-            if values != NAME:
-                raise ValueError(f"{source}: this is a {values!r} config, not a {NAME} one")
-            continue
-        if section not in SECTIONS:
-            raise ValueError(f"{source}: unknown section {section!r}; expected one of "
-                             f"{', '.join(SECTIONS)}")
-        if not isinstance(values, dict):
-            raise ValueError(f"{source}: section {section!r} must be a mapping of options")
-        known = {f.name for f in fields(SECTIONS[section])} - {"vocab_size"}
-        for key, value in values.items():
-            if key not in known:
-                raise ValueError(f"{source}: unknown option {section}.{key}; known: "
-                                 f"{', '.join(sorted(known))}")
-            merged[section][key] = value
-    return merged
 
 
 def split_text(text: str, data: DataConfig) -> tuple[str, str]:
@@ -141,6 +121,11 @@ class StreamLMTask:
     train_stream: Tensor
     windows: int
     data: Any  # has seq_len
+    model_config: LMConfig
+
+    def chance_loss(self) -> float:
+        """The loss of a uniform guess (the Trainer calls far above it divergence)."""
+        return math.log(self.model_config.vocab_size)
 
     def num_batches(self) -> int:
         return self.windows
@@ -191,6 +176,10 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[CharLMTask, LanguageModel,
     if not text:
         raise ValueError(f"the training data ({source}) is empty")
     vocab = CharVocab.from_text(text, byte_level=data.byte_level)
+    sample = config.get("sample", {})
+    if sample.get("count") and sample.get("prime"):
+        # checked now, not after training: the samples are printed at the end of the run
+        vocab.encode(sample["prime"], "sample.prime (--prime)")
     train_text, valid_text = split_text(text, data)
     for name, part in (("training", train_text), ("validation", valid_text)):
         if len(part) < 2 * train.batch_size + 2:
@@ -203,15 +192,12 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[CharLMTask, LanguageModel,
 
 def load_model(path: str | Path) -> tuple[LanguageModel, CharVocab, Checkpoint]:
     """The trained model and its vocabulary from a run directory or checkpoint JSON."""
-    checkpoint = load_checkpoint(path)
-    described = checkpoint.meta.get("task", {})
-    if described.get("name") != NAME:
-        raise ValueError(f"{checkpoint.path} is a {described.get('name')!r} checkpoint, "
-                         f"not a {NAME} one")
-    model = LanguageModel(LMConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    return model, CharVocab.from_json(described["vocab"]), checkpoint
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: LanguageModel(LMConfig.from_dict(m)), required=("vocab", "data"))
+    vocab = from_meta(checkpoint, "task.vocab", lambda: CharVocab.from_json(described["vocab"]))
+    check_size(checkpoint, "task.vocab", len(vocab), "vocab_size", model.config.vocab_size)
+    from_meta(checkpoint, "task.data", lambda: DataConfig(**described["data"]))  # seq_len > 0, ...
+    return model, vocab, checkpoint
 
 
 @torch.no_grad()

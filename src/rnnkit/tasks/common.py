@@ -3,19 +3,29 @@
 * :class:`EpochPlan`: which examples form training batch ``index`` — length-bucketed, reshuffled
   every epoch from (seed, epoch) alone, so ``Task.batch(index)`` is a pure function of the index
   and a resumed run sees exactly the batches an uninterrupted one would;
-* :func:`load_task_checkpoint`: a checkpoint of the named task, or an error naming what it is;
-* :func:`section_fields`, :func:`shared_path`: small conveniences every task module repeats.
+* :func:`load_task_checkpoint`, :func:`load_task_model`, :func:`from_meta`, :func:`check_size`: a
+  checkpoint of the named task, its metadata validated (the SHA-256 covers only the weights, so
+  a hand-edited ``checkpoint.json`` must give one clear error, never a KeyError deep inside);
+* :func:`shared_path`: the shared data location every task module uses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import fields
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
 
 from rnnkit.data.text import bucket_batches
-from rnnkit.train.checkpoint import Checkpoint, load_checkpoint
+from rnnkit.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_tensors,
+    load_checkpoint,
+    load_weights,
+)
 
 SHARED_DATA = Path("../shared/data")  # the shared data sets, relative to the project root
 
@@ -43,19 +53,74 @@ class EpochPlan:
         return self._batches[position]
 
 
-def load_task_checkpoint(path: str | Path, name: str) -> tuple[Checkpoint, dict[str, Any]]:
-    """The checkpoint at ``path`` and its task description; refuses another task's checkpoint."""
+def load_task_checkpoint(path: str | Path, name: str, required: Sequence[str] = ()
+                         ) -> tuple[Checkpoint, dict[str, Any]]:
+    """The checkpoint at ``path`` and its task description; refuses another task's checkpoint
+    and one whose ``task`` lacks a ``required`` section (each must be a JSON object)."""
     checkpoint = load_checkpoint(path)
-    described = checkpoint.meta.get("task", {})
-    if described.get("name") != name:
-        raise ValueError(f"{checkpoint.path} is a {described.get('name')!r} checkpoint, "
+    described = checkpoint.meta["task"]  # load_checkpoint checked: an object with a name
+    if described["name"] != name:
+        raise ValueError(f"{checkpoint.path} is a {described['name']!r} checkpoint, "
                          f"not a {name} one")
+    for key in required:
+        if key not in described:
+            raise CheckpointError(f"{checkpoint.path}: task.{key} is missing")
+        value = described[key]
+        if not isinstance(value, dict):
+            kind = "null" if value is None else type(value).__name__
+            raise CheckpointError(f"{checkpoint.path}: task.{key} must be a JSON object, got {kind}")
     return checkpoint, described
 
 
-def section_fields(sections: dict[str, type]) -> dict[str, list[str]]:
-    """Option names per config section (for the CLI's flags and error messages)."""
-    return {name: [f.name for f in fields(cls)] for name, cls in sections.items()}
+T = TypeVar("T")
+# what a constructor fed hand-edited JSON raises: wrong types, missing keys, bad values
+_META_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError,
+                AssertionError, RuntimeError)
+
+
+def from_meta(checkpoint: Checkpoint, what: str, build: Callable[[], T]) -> T:
+    """``build()`` (a config, vocabulary or model from checkpoint metadata); any error it
+    raises becomes one CheckpointError naming the file and the field ``what``."""
+    try:
+        return build()
+    except CheckpointError:
+        raise
+    except RecursionError:
+        raise CheckpointError(f"{checkpoint.path}: {what} is nested too deeply") from None
+    except _META_ERRORS as error:
+        reason = f"missing key {error}" if isinstance(error, KeyError) else str(error) or type(
+            error).__name__
+        raise CheckpointError(f"{checkpoint.path}: {what} is invalid: {reason}") from None
+
+
+def check_size(checkpoint: Checkpoint, what: str, actual: int, option: str, expected: int) -> None:
+    """A vocabulary (or label list) must have exactly the entries the model's output has: a
+    shortened one would map ids past its end (IndexError) or to the wrong symbols."""
+    if actual != expected:
+        raise CheckpointError(f"{checkpoint.path}: {what} has {actual} entries but task.model."
+                              f"{option} is {expected}")
+
+
+def load_task_model(path: str | Path, name: str, build_model: Callable[[dict[str, Any]], nn.Module],
+                    required: Sequence[str] = ()) -> tuple[Any, Checkpoint, dict[str, Any]]:
+    """The model of a ``name`` checkpoint, built from ``task.model`` by ``build_model`` and
+    loaded with the checkpoint's weights (in eval mode), plus the checkpoint and its task
+    description; any mismatch between metadata and tensors is one CheckpointError.
+
+    The model is first built on the ``meta`` device, so edited sizes (``hidden: 10**9``) are
+    compared with the stored tensors before any memory is allocated for them."""
+    checkpoint, described = load_task_checkpoint(path, name, ("model", *required))
+    try:
+        with torch.device("meta"):
+            shapes = build_model(described["model"])
+    except Exception:  # the real build below reports what is wrong, naming the field
+        shapes = None
+    if shapes is not None:
+        check_tensors(checkpoint, shapes.state_dict())
+    model = from_meta(checkpoint, "task.model", lambda: build_model(described["model"]))
+    load_weights(checkpoint, model)
+    model.eval()
+    return model, checkpoint, described
 
 
 def shared_path(relative: str, configured: str | None = None) -> Path:
@@ -101,8 +166,9 @@ def plot_confusion(counts: Any, labels: Sequence[str], path: str | Path, title: 
     fig.colorbar(image)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from rnnkit.viz.curves import save_figure  # atomic, never through a symlink
+
+    save_figure(fig, path, dpi=120)
     return path
 
 

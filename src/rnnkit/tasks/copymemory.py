@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.models.language_model import LanguageModel, LMConfig
-from rnnkit.tasks.common import load_task_checkpoint, require_full_bptt, section_fields
+from rnnkit.tasks.common import from_meta, load_task_model, require_full_bptt
 from rnnkit.tasks.synthetic import SyntheticDataConfig, SyntheticTask
 from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
@@ -62,7 +62,7 @@ def cross_entropy(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
 
 
 def build(config: dict[str, dict[str, Any]]) -> tuple[SyntheticTask, LanguageModel, str]:
-    data = SyntheticDataConfig(**config["data"])
+    data = SyntheticDataConfig.from_dict(config["data"])
     train = TrainConfig.from_dict(config["train"])
     require_full_bptt(train, NAME)
     model_config = LMConfig.from_dict({**config["model"], "vocab_size": SYMBOLS})
@@ -73,12 +73,8 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[SyntheticTask, LanguageMod
 
 
 def load_model(path: str | Path) -> tuple[LanguageModel, SyntheticDataConfig, Checkpoint]:
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = LanguageModel(LMConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    return model, SyntheticDataConfig(**described["data"]), checkpoint
-
-
-def config_sections() -> dict[str, list[str]]:
-    return section_fields(SECTIONS)
+    """The trained model and its data options from a run directory or checkpoint."""
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: LanguageModel(LMConfig.from_dict(m)), required=("data",))
+    data = from_meta(checkpoint, "task.data", lambda: SyntheticDataConfig.from_dict(described["data"]))
+    return model, data, checkpoint

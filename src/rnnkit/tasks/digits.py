@@ -10,6 +10,7 @@ for the reported accuracy, ``valid_fraction`` of the rest steer the learning-rat
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ from torch import Tensor, nn
 
 from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier, image_rows
 from rnnkit.models.recurrent import RecurrentConfig
+from rnnkit.options import Options, option
 from rnnkit.tasks.common import (
     EpochPlan,
     confusion_matrix,
-    load_task_checkpoint,
+    from_meta,
+    load_task_model,
     per_sequence,
     require_full_bptt,
-    section_fields,
 )
 from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
@@ -38,19 +40,12 @@ CLASSES = 10
 
 
 @dataclass
-class DigitsDataConfig:
-    reader: str = "rows"  # one time step per image row, or per column
-    test_fraction: float = 0.2
-    valid_fraction: float = 0.1  # of what the test split leaves
-    split_seed: int = 0
-    eval_batch_size: int = 512
-
-    def __post_init__(self) -> None:
-        if self.reader not in READERS:
-            raise ValueError(f"reader must be one of {', '.join(READERS)}, got {self.reader!r}")
-        for name in ("test_fraction", "valid_fraction"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+class DigitsDataConfig(Options):
+    reader: str = option("rows", "one time step per image row, or per column", choices=READERS)
+    test_fraction: float = option(0.2, "fraction of the images kept for the test", gt=0, lt=1)
+    valid_fraction: float = option(0.1, "fraction of the rest kept for validation", gt=0, lt=1)
+    split_seed: int = option(0, "seed of the split", ge=0)
+    eval_batch_size: int = option(512, "images evaluated in parallel", ge=1)
 
 
 SECTIONS: dict[str, type] = {"data": DigitsDataConfig, "model": ClassifierConfig,
@@ -118,6 +113,10 @@ class DigitsTask:
         # labels (1, B): see per_sequence() for why they carry a unit time dimension
         return Batch(to_sequence(self.images[ids], self.data.reader), per_sequence(self.labels[ids]))
 
+    def chance_loss(self) -> float:
+        """The loss of a uniform guess (the Trainer calls far above it divergence)."""
+        return math.log(CLASSES)
+
     def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
         labels = batch.targets[0]  # (B,)
         loss = F.cross_entropy(model(batch.inputs), labels)
@@ -164,11 +163,10 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[DigitsTask, SequenceClassi
 
 def load_model(path: str | Path) -> tuple[SequenceClassifier, DigitsDataConfig, Checkpoint]:
     """The trained classifier and its data options from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = SequenceClassifier(ClassifierConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    return model, DigitsDataConfig(**described["data"]), checkpoint
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: SequenceClassifier(ClassifierConfig.from_dict(m)), required=("data",))
+    data = from_meta(checkpoint, "task.data", lambda: DigitsDataConfig(**described["data"]))
+    return model, data, checkpoint
 
 
 @torch.no_grad()
@@ -181,7 +179,3 @@ def classify(model: SequenceClassifier, images: Tensor, reader: str = "rows") ->
 def confusion_on_test(task: DigitsTask, model: nn.Module) -> Tensor:
     references, predictions, _ = task.predictions(model, "test")
     return confusion_matrix(references, predictions, CLASSES)
-
-
-def config_sections() -> dict[str, list[str]]:
-    return section_fields(SECTIONS)

@@ -13,6 +13,7 @@ schedule; :meth:`MusicTask.nll` reports any split. :func:`generate` continues a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,12 @@ from torch import Tensor, nn
 from rnnkit.models.classifier import valid_mask
 from rnnkit.models.generator import FrameGenerator, GeneratorConfig, frame_nll
 from rnnkit.models.recurrent import RecurrentConfig
+from rnnkit.options import Options, option
 from rnnkit.tasks.common import (
     EpochPlan,
-    load_task_checkpoint,
+    load_task_model,
     per_sequence,
     require_full_bptt,
-    section_fields,
     shared_path,
 )
 from rnnkit.train.checkpoint import Checkpoint
@@ -41,9 +42,10 @@ SPLITS = {"train": "traindata", "valid": "validdata", "test": "testdata"}
 
 
 @dataclass
-class MusicDataConfig:
-    path: str | None = None  # None: ../shared/data/polyphonic/JSB_Chorales.mat
-    eval_batch_size: int = 64
+class MusicDataConfig(Options):
+    path: str | None = option(None, "a .mat file of piano rolls (none: "
+                                    "../shared/data/polyphonic/JSB_Chorales.mat)", metavar="PATH")
+    eval_batch_size: int = option(64, "sequences evaluated in parallel", ge=1)
 
 
 SECTIONS: dict[str, type] = {"data": MusicDataConfig, "model": GeneratorConfig, "train": TrainConfig}
@@ -99,6 +101,11 @@ class MusicTask:
     def batch(self, index: int) -> Batch:
         return collate([self.rolls["train"][i] for i in self.plan.indices(index)])
 
+    def chance_loss(self) -> float:
+        """The NLL per step of a coin flip for every pitch (the Trainer calls far above it
+        divergence)."""
+        return self.model_config.pitches * math.log(2)
+
     def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
         lengths = batch.targets[0]
         loss = model.loss(batch.inputs, lengths)
@@ -144,10 +151,8 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[MusicTask, FrameGenerator,
 
 def load_model(path: str | Path) -> tuple[FrameGenerator, Checkpoint]:
     """The trained generator from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = FrameGenerator(GeneratorConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
+    model, checkpoint, _ = load_task_model(
+        path, NAME, lambda m: FrameGenerator(GeneratorConfig.from_dict(m)))
     return model, checkpoint
 
 
@@ -164,7 +169,3 @@ def generate(model: FrameGenerator, primer: Tensor, steps: int, temperature: flo
     if picture is not None:
         plot_piano_roll(roll, picture, title, primer_steps=primer.shape[0])
     return roll
-
-
-def config_sections() -> dict[str, list[str]]:
-    return section_fields(SECTIONS)

@@ -19,6 +19,7 @@ Metrics: accuracy and per-class F1. Batches are length-bucketed and reshuffled e
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,17 +40,19 @@ from rnnkit.data.text import (
 )
 from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier
 from rnnkit.models.recurrent import RecurrentConfig
+from rnnkit.options import Kind, Options, Rule, Spec, option
 from rnnkit.tasks.common import (
     EpochPlan,
+    check_size,
     confusion_matrix,
-    load_task_checkpoint,
+    from_meta,
+    load_task_model,
     per_class_f1,
     per_sequence,
     require_full_bptt,
-    section_fields,
     shared_path,
 )
-from rnnkit.train.checkpoint import Checkpoint
+from rnnkit.train.checkpoint import Checkpoint, CheckpointError
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult
 
@@ -58,20 +61,27 @@ LABEL_NAMES = {"0": "negative", "1": "positive"}  # SST-2's labels, for reports
 
 
 @dataclass
-class SentimentDataConfig:
-    train: str | None = None  # None: ../shared/data/sst2/train.tsv
-    valid: str | None = None  # None: ../shared/data/sst2/dev.tsv
-    lowercase: bool = True
-    unescape_ptb: bool = True  # "-lrb-" → "(", "\\/" → "/" (SST-2's dev is escaped, its train is not)
-    min_freq: int = 1
-    max_vocab: int | None = None
-    max_train_examples: int | None = None  # the first N only (quick experiments)
-    word_dropout: float = 0.0  # chance a training token is replaced by <unk> (a regulariser)
-    holdout: int = 500  # training sentences (and their phrases) set aside to pick the model
-    holdout_seed: int = 0
-    eval_batch_size: int = 256
+class SentimentDataConfig(Options):
+    train: str | None = option(None, "training TSV, sentence<TAB>label (none: "
+                                     "../shared/data/sst2/train.tsv)", metavar="PATH")
+    valid: str | None = option(None, "validation TSV (none: ../shared/data/sst2/dev.tsv)",
+                               metavar="PATH")
+    lowercase: bool = option(True, "lower-case the text")
+    unescape_ptb: bool = option(True, "'-lrb-' → '(', '\\/' → '/' (SST-2's dev is escaped, its "
+                                      "train is not)")
+    min_freq: int = option(1, "words seen fewer times become <unk>", ge=1)
+    max_vocab: int | None = option(None, "keep only the most frequent words", ge=1)
+    max_train_examples: int | None = option(None, "the first N training examples only", ge=1)
+    word_dropout: float = option(0.0, "chance a training token is replaced by <unk>", ge=0, lt=1)
+    holdout: int = option(500, "training sentences (and their phrases) set aside to pick the "
+                               "model", ge=0)
+    holdout_seed: int = option(0, "seed of the holdout", ge=0)
+    eval_batch_size: int = option(256, "sentences evaluated in parallel", ge=1)
 
 
+# the task's model.chars is a switch; the model's is the character vocabulary size (from the data)
+TASK_OPTIONS = {"model.chars": Spec(Kind(bool), Rule(
+    help="read each word's spelling too, with a character BiRNN"))}
 SECTIONS: dict[str, type] = {"data": SentimentDataConfig, "model": ClassifierConfig,
                              "train": TrainConfig}
 
@@ -250,6 +260,10 @@ class SentimentTask:
                    for words, chars in ids]
         return collate(ids, [self.train_labels[i] for i in chosen], self.vocab.pad)
 
+    def chance_loss(self) -> float:
+        """The loss of a uniform guess (the Trainer calls far above it divergence)."""
+        return math.log(len(self.labels))
+
     def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
         labels = batch.targets[0]  # (B,)
         loss = F.cross_entropy(model(**model_inputs(batch)), labels)
@@ -326,16 +340,24 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[SentimentTask, SequenceCla
 
 def load_model(path: str | Path) -> tuple[SequenceClassifier, TextEncoder, list[str], Checkpoint]:
     """The trained classifier, its text encoder and label names from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = SequenceClassifier(ClassifierConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: SequenceClassifier(ClassifierConfig.from_dict(m)), required=("data",))
+    config = model.config
     if "encoder" in described:
-        encoder = TextEncoder.from_json(described["encoder"])
+        encoder = from_meta(checkpoint, "task.encoder",
+                            lambda: TextEncoder.from_json(described["encoder"]))
     else:  # checkpoints written before the encoder was saved: words only, as then
-        encoder = TextEncoder(Vocabulary.from_json(described["vocab"]), None,
-                              bool(described["data"].get("lowercase", True)), False)
-    return model, encoder, list(described["labels"]), checkpoint
+        encoder = from_meta(checkpoint, "task.vocab", lambda: TextEncoder(
+            Vocabulary.from_json(described["vocab"]), None,
+            bool(described["data"].get("lowercase", True)), False))
+    check_size(checkpoint, "the word vocabulary", len(encoder.words), "vocab_size", config.vocab_size)
+    check_size(checkpoint, "the character vocabulary",
+               0 if encoder.chars is None else len(encoder.chars), "chars", config.chars)
+    labels = described.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise CheckpointError(f"{checkpoint.path}: task.labels must be a list of label names")
+    check_size(checkpoint, "task.labels", len(labels), "classes", config.classes)
+    return model, encoder, list(labels), checkpoint
 
 
 @torch.no_grad()
@@ -360,12 +382,12 @@ def confusion(task: SentimentTask, model: nn.Module) -> Tensor:
 def report(task: SentimentTask, model: SequenceClassifier, config: dict[str, Any], out: Path) -> None:
     """What a finished run prints: the dev scores of the weights validation chose, a confusion PNG."""
     from rnnkit.tasks.common import plot_confusion
-    from rnnkit.train.checkpoint import BEST, load_checkpoint
+    from rnnkit.train.checkpoint import BEST, load_checkpoint, load_weights
 
     best = out / f"{BEST}.json"
     if best.is_file():
         chosen = load_checkpoint(best)
-        model.load_state_dict(chosen.group("model"))
+        load_weights(chosen, model)
         which = f"the weights of step {chosen.meta['step']} (best {task.validation_split} accuracy)"
     else:
         which = "the last weights"
@@ -377,7 +399,3 @@ def report(task: SentimentTask, model: SequenceClassifier, config: dict[str, Any
     png = plot_confusion(confusion(task, model), names, out / "confusion.png",
                          f"dev: accuracy {100 * scores['accuracy']:.1f}%")
     print(f"confusion matrix: {png}")
-
-
-def config_sections() -> dict[str, list[str]]:
-    return section_fields(SECTIONS)

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,10 @@ from rnnkit.data.audio import FeatureConfig, FeatureExtractor, read_wav, write_w
 from rnnkit.decoding import decode_batch
 from rnnkit.losses import ctc_loss
 from rnnkit.models.acoustic import AcousticConfig, AcousticModel
+from rnnkit.options import Options, option
 from rnnkit.scoring import align, error_rate
-from rnnkit.train.checkpoint import Checkpoint, load_checkpoint
+from rnnkit.tasks.common import check_size, from_meta, load_task_model
+from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult
 
@@ -47,27 +49,32 @@ HELD_OUT_TAKES = 5  # FSDD: takes 0-4 of each speaker and digit form the test se
 
 
 @dataclass
-class SpeechDataConfig:
-    recordings: str | None = None  # None: ../shared/data/fsdd/recordings, else synthesised
-    split: str = "recording"
-    held_out_speaker: str = "theo"
-    min_digits: int = 1
-    max_digits: int = 5
-    min_silence: float = 0.05  # seconds, before, between and after digits
-    max_silence: float = 0.30
-    noise: float = 0.002  # amplitude of the background noise under the whole utterance
-    valid_utterances: int = 400
-    eval_batch_size: int = 64
-    features: dict[str, Any] = field(default_factory=lambda: asdict(FeatureConfig()))
+class SpeechDataConfig(Options):
+    recordings: str | None = option(None, "a folder of {digit}_{speaker}_{take}.wav (none: "
+                                          "../shared/data/fsdd/recordings, else synthesised)",
+                                    metavar="PATH")
+    split: str = option("recording", "hold out recordings at random, or one speaker",
+                        choices=SPLITS)
+    held_out_speaker: str = option("theo", "the speaker held out with split=speaker")
+    min_digits: int = option(1, "fewest digits per utterance", ge=1)
+    max_digits: int = option(5, "most digits per utterance", ge=1)
+    min_silence: float = option(0.05, "shortest silence (s) before, between and after digits",
+                                ge=0)
+    max_silence: float = option(0.30, "longest silence (s)", ge=0)
+    noise: float = option(0.002, "amplitude of the background noise under the utterance", ge=0)
+    valid_utterances: int = option(400, "validation utterances", ge=1)
+    eval_batch_size: int = option(64, "utterances evaluated in parallel", ge=1)
+    features: dict[str, Any] = option(help="how waveforms become feature frames",
+                                      factory=lambda: asdict(FeatureConfig()),
+                                      schema=FeatureConfig)
 
     def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if not 1 <= self.min_digits <= self.max_digits:
-            raise ValueError(f"need 1 <= min_digits <= max_digits, got {self.min_digits}, "
+        super().__post_init__()
+        if not self.min_digits <= self.max_digits:
+            raise ValueError(f"need min_digits <= max_digits, got {self.min_digits}, "
                              f"{self.max_digits}")
-        if not 0 <= self.min_silence <= self.max_silence:
-            raise ValueError("need 0 <= min_silence <= max_silence")
+        if not self.min_silence <= self.max_silence:
+            raise ValueError("need min_silence <= max_silence")
 
 
 SECTIONS: dict[str, type] = {"data": SpeechDataConfig, "model": AcousticConfig,
@@ -297,16 +304,13 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[SpeechTask, AcousticModel,
 
 def load_model(path: str | Path) -> tuple[AcousticModel, FeatureExtractor, Checkpoint]:
     """The trained acoustic model and its feature extractor from a run directory or checkpoint."""
-    checkpoint = load_checkpoint(path)
-    described = checkpoint.meta.get("task", {})
-    if described.get("name") != NAME:
-        raise ValueError(f"{checkpoint.path} is a {described.get('name')!r} checkpoint, "
-                         f"not a {NAME} one")
-    model = AcousticModel(AcousticConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    extractor = FeatureExtractor(FeatureConfig(**described["data"]["features"]))
-    return model, extractor, checkpoint
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: AcousticModel(AcousticConfig.from_dict(m)), required=("data",))
+    features = from_meta(checkpoint, "task.data.features",
+                         lambda: FeatureConfig(**described["data"]["features"]))
+    check_size(checkpoint, "task.data.features (feature size)", features.dim, "features",
+               model.config.features)
+    return model, FeatureExtractor(features), checkpoint
 
 
 @torch.no_grad()
@@ -350,12 +354,9 @@ def plot_confusion(counts: Tensor, path: Path, title: str) -> None:
     ax.set_title(title)
     fig.colorbar(image)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from rnnkit.viz.curves import save_figure  # atomic, never through a symlink
 
-
-def config_sections() -> dict[str, list[str]]:
-    return {name: [f.name for f in fields(cls)] for name, cls in SECTIONS.items()}
+    save_figure(fig, path, dpi=120)
 
 
 def describe_data(task: SpeechTask) -> str:

@@ -15,21 +15,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rnnkit.options import Options, option
 from rnnkit.train.task import Batch, StepResult
 
 
 @dataclass
-class SyntheticDataConfig:
-    length: int = 600  # T: the steps the model must carry information across
-    valid_size: int = 1000
-    valid_seed: int = 7
-    epoch_batches: int = 100  # batches per "epoch" (only the progress bookkeeping uses it)
-    eval_batch_size: int = 250
-
-    def __post_init__(self) -> None:
-        for name in ("length", "valid_size", "epoch_batches", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+class SyntheticDataConfig(Options):
+    length: int = option(600, "T: the steps the model must carry information across", ge=1)
+    valid_size: int = option(1000, "generated validation sequences", ge=1)
+    valid_seed: int = option(7, "seed of the validation set", ge=0)
+    epoch_batches: int = option(100, "batches per 'epoch' (progress bookkeeping only)", ge=1)
+    eval_batch_size: int = option(250, "validation sequences evaluated in parallel", ge=1)
 
 
 Generate = Callable[[int, int, torch.Generator], Batch]  # (batch size, length, generator)

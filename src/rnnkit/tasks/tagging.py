@@ -39,12 +39,14 @@ from rnnkit.data.text import (
 from rnnkit.entities import EntityScores, entity_scores
 from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.models.tagger import Tagger, TaggerConfig
+from rnnkit.options import Kind, Options, Rule, Spec, option
 from rnnkit.tasks.common import (
     EpochPlan,
-    load_task_checkpoint,
+    check_size,
+    from_meta,
+    load_task_model,
     per_sequence,
     require_full_bptt,
-    section_fields,
     shared_path,
 )
 from rnnkit.train.checkpoint import Checkpoint
@@ -58,24 +60,30 @@ SHARED = {"train": "atis/train", "valid": "atis/dev", "test": "atis/test"}
 
 
 @dataclass
-class TaggingDataConfig:
-    format: str = "atis"
-    train: str | None = None  # atis: a folder; conll: a file. None: ../shared/data/atis/train
-    valid: str | None = None  # None: ../shared/data/atis/dev
-    test: str | None = None  # None: ../shared/data/atis/test (conll: none unless given)
-    token_column: int = 0  # conll only
-    tag_column: int = -1  # conll only
-    lowercase: bool = False
-    min_freq: int = 1
-    eval_batch_size: int = 256
+class TaggingDataConfig(Options):
+    format: str = option("atis", "atis: a folder of seq.in/seq.out/label; conll: token and tag "
+                                 "columns", choices=FORMATS)
+    train: str | None = option(None, "atis: a folder; conll: a file (none: "
+                                     "../shared/data/atis/train)", metavar="PATH")
+    valid: str | None = option(None, "validation split (none: ../shared/data/atis/dev)",
+                               metavar="PATH")
+    test: str | None = option(None, "test split (none: ../shared/data/atis/test; conll: none "
+                                    "unless given)", metavar="PATH")
+    token_column: int = option(0, "conll: the token's column")
+    tag_column: int = option(-1, "conll: the tag's column (-1: the last)")
+    lowercase: bool = option(False, "lower-case the words")
+    min_freq: int = option(1, "words seen fewer times become <unk>", ge=1)
+    eval_batch_size: int = option(256, "sentences evaluated in parallel", ge=1)
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        super().__post_init__()
         if self.format == "conll" and not (self.train and self.valid):
             raise ValueError("the conll format needs train and valid files")
 
 
+# the task's model.chars is a switch; the model's is the character vocabulary size (from the data)
+TASK_OPTIONS = {"model.chars": Spec(Kind(bool), Rule(
+    help="read each word's spelling too, with a character BiRNN"))}
 SECTIONS: dict[str, type] = {"data": TaggingDataConfig, "model": TaggerConfig,
                              "train": TrainConfig}
 DERIVED = ("vocab_size", "tags", "intents", "pad")
@@ -306,11 +314,15 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[TaggingTask, Tagger, str]:
 
 def load_model(path: str | Path) -> tuple[Tagger, Vocabularies, Checkpoint]:
     """The trained tagger and its vocabularies from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = Tagger(TaggerConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    return model, Vocabularies.from_json(described["vocab"]), checkpoint
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: Tagger(TaggerConfig.from_dict(m)), required=("vocab",))
+    vocab = from_meta(checkpoint, "task.vocab", lambda: Vocabularies.from_json(described["vocab"]))
+    config = model.config
+    for what, part, field in (("words", vocab.words, "vocab_size"), ("tags", vocab.tags, "tags"),
+                               ("intents", vocab.intents, "intents"), ("chars", vocab.chars, "chars")):
+        check_size(checkpoint, f"task.vocab.{what}", 0 if part is None else len(part), field,
+                   getattr(config, field))
+    return model, vocab, checkpoint
 
 
 @torch.no_grad()
@@ -326,7 +338,3 @@ def tag_sentence(model: Tagger, vocab: Vocabularies, tokens: list[str]
     tags = [vocab.tags.tokens[t] for t in best[0]]
     intent = vocab.intents.tokens[intents[0]] if intents is not None and vocab.intents else None
     return ["O" if t == UNK else t for t in tags], intent
-
-
-def config_sections() -> dict[str, list[str]]:
-    return section_fields(SECTIONS)

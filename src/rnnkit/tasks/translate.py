@@ -19,6 +19,7 @@ attention of one sentence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,15 @@ from rnnkit.bleu import BLEU, corpus_bleu
 from rnnkit.data.text import Vocabulary, pad_sequences, read_parallel, read_tsv_pairs
 from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from rnnkit.options import Options, option
 from rnnkit.tasks import dates
 from rnnkit.tasks.common import (
     EpochPlan,
-    load_task_checkpoint,
+    check_size,
+    from_meta,
+    load_task_model,
     per_sequence,
     require_full_bptt,
-    section_fields,
     shared_path,
 )
 from rnnkit.train.checkpoint import Checkpoint
@@ -49,28 +52,28 @@ LEVELS = ("auto", "char", "word")
 
 
 @dataclass
-class TranslateDataConfig:
-    source: str = "dates"
-    train: str | None = None  # tsv only
-    valid: str | None = None  # tsv only
-    directory: str | None = None  # multi30k only; None: ../shared/data/multi30k
-    source_language: str = "de"  # multi30k only
-    target_language: str = "en"
-    level: str = "auto"
-    lowercase: bool = False  # multi30k is always lower-cased
-    min_freq: int = 1
-    train_size: int = 20_000  # dates only
-    valid_size: int = 1_000  # dates only
-    data_seed: int = 0  # dates only: the generated pairs
-    max_length: int | None = None  # drop training pairs longer than this on either side
-    eval_batch_size: int = 256
-    max_decode_ratio: float = 2.0  # greedy output ≤ ratio · source length + 10
+class TranslateDataConfig(Options):
+    source: str = option("dates", "generated dates, TSV pairs or Multi30k", choices=SOURCES)
+    train: str | None = option(None, "tsv: training pairs, source<TAB>target", metavar="PATH")
+    valid: str | None = option(None, "tsv: validation pairs", metavar="PATH")
+    directory: str | None = option(None, "multi30k: its folder (none: ../shared/data/multi30k)",
+                                   metavar="PATH")
+    source_language: str = option("de", "multi30k: the language translated from")
+    target_language: str = option("en", "multi30k: the language translated to")
+    level: str = option("auto", "symbols: characters or words (auto: characters for dates)",
+                        choices=LEVELS)
+    lowercase: bool = option(False, "lower-case the text (multi30k always is)")
+    min_freq: int = option(1, "symbols seen fewer times become <unk>", ge=1)
+    train_size: int = option(20_000, "dates: generated training pairs", ge=1)
+    valid_size: int = option(1_000, "dates: generated validation pairs", ge=1)
+    data_seed: int = option(0, "dates: seed of the generated pairs", ge=0)
+    max_length: int | None = option(None, "drop training pairs longer than this on either side",
+                                    ge=1)
+    eval_batch_size: int = option(256, "pairs evaluated in parallel", ge=1)
+    max_decode_ratio: float = option(2.0, "greedy output ≤ ratio · source length + 10", gt=0)
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
-        if self.level not in LEVELS:
-            raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {self.level!r}")
+        super().__post_init__()
         if self.source == "tsv" and not (self.train and self.valid):
             raise ValueError("the tsv source needs train and valid files")
 
@@ -171,6 +174,10 @@ class TranslateTask:
         chosen = self.plan.indices(index)
         return collate([self.train_sources[i] for i in chosen], [self.train_targets[i] for i in chosen],
                        self.source_vocab.pad)
+
+    def chance_loss(self) -> float:
+        """The loss of a uniform guess (the Trainer calls far above it divergence)."""
+        return math.log(self.model_config.target_vocab)
 
     def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
         (source, source_lengths), (target, target_lengths) = batch.inputs, batch.targets
@@ -275,14 +282,17 @@ class Translator:
 
 def load_model(path: str | Path) -> tuple[Translator, Checkpoint]:
     """The trained translator from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = Seq2Seq(Seq2SeqConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    translator = Translator(model, Vocabulary.from_json(described["source_vocab"]),
-                            Vocabulary.from_json(described["target_vocab"]),
-                            TranslateDataConfig(**described["data"]))
-    return translator, checkpoint
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: Seq2Seq(Seq2SeqConfig.from_dict(m)),
+        required=("data", "source_vocab", "target_vocab"))
+    vocabs = []
+    for side in ("source_vocab", "target_vocab"):
+        vocab = from_meta(checkpoint, f"task.{side}", lambda side=side: Vocabulary.from_json(
+            described[side]))
+        check_size(checkpoint, f"task.{side}", len(vocab), side, getattr(model.config, side))
+        vocabs.append(vocab)
+    data = from_meta(checkpoint, "task.data", lambda: TranslateDataConfig(**described["data"]))
+    return Translator(model, vocabs[0], vocabs[1], data), checkpoint
 
 
 def attention_heatmap(translator: Translator, text: str, path: str | Path) -> Path | None:
@@ -311,10 +321,7 @@ def attention_heatmap(translator: Translator, text: str, path: str | Path) -> Pa
     fig.tight_layout()
     path = Path(path)
     # the CJK date formats need a font with those glyphs; a missing glyph is only a warning
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from rnnkit.viz.curves import save_figure  # atomic, never through a symlink
+
+    save_figure(fig, path, dpi=120)
     return path
-
-
-def config_sections() -> dict[str, list[str]]:
-    return section_fields(SECTIONS)

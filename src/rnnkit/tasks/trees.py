@@ -29,15 +29,16 @@ from torch import Tensor, nn
 
 from rnnkit.data.text import Vocabulary, unescape_ptb
 from rnnkit.data.trees import Tree, read_trees
-from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier
+from rnnkit.models.classifier import POOLINGS, ClassifierConfig, SequenceClassifier
 from rnnkit.models.recurrent import CELLS, RecurrentConfig
 from rnnkit.models.tree_lstm import TreeBatch, TreeClassifier
+from rnnkit.options import Options, option
 from rnnkit.tasks.common import (
     EpochPlan,
-    load_task_checkpoint,
+    from_meta,
+    load_task_model,
     per_sequence,
     require_full_bptt,
-    section_fields,
     shared_path,
 )
 from rnnkit.tasks.sentiment import collate, model_inputs
@@ -54,40 +55,29 @@ IGNORE = -100  # cross_entropy's ignore_index: neutral phrases in the binary tas
 
 
 @dataclass
-class TreesDataConfig:
-    train: str | None = None  # default: ../shared/data/sst-trees/train.txt
-    valid: str | None = None  # default: ../shared/data/sst-trees/dev.txt
-    classes: str = "binary"  # binary or fine (five labels)
-    lowercase: bool = True
-    min_count: int = 1  # training-word frequency below which a word is <unk>
-    eval_batch_size: int = 128
-
-    def __post_init__(self) -> None:
-        if self.classes not in LABEL_SETS:
-            raise ValueError(f"classes must be one of {', '.join(LABEL_SETS)}, got {self.classes!r}")
-        if self.min_count < 1:
-            raise ValueError(f"min_count must be at least 1, got {self.min_count}")
+class TreesDataConfig(Options):
+    train: str | None = option(None, "training trees (default: ../shared/data/sst-trees/train.txt)")
+    valid: str | None = option(None, "dev trees (default: ../shared/data/sst-trees/dev.txt)")
+    classes: str = option("binary", "binary (negative/positive, neutral dropped) or fine (0–4)",
+                          choices=tuple(LABEL_SETS))
+    lowercase: bool = option(True, "lower-case every word")
+    min_count: int = option(1, "training-word frequency below which a word is <unk>", ge=1)
+    eval_batch_size: int = option(128, "dev sentences evaluated in parallel", ge=1)
 
 
 @dataclass
-class TreesModelConfig:
-    encoder: str = "treelstm"  # treelstm, childsum, or a sequence cell (lstm, gru, rnn, mingru, …)
-    embedding: int = 300
-    hidden: int = 150
-    layers: int = 1  # sequence encoders
-    bidirectional: bool = True  # sequence encoders
-    dropout: float = 0.5
-    kernel_size: int = 3  # tcn
-    pooling: str = "final"  # sequence encoders
-    vocab_size: int = 0  # derived from the data
-    classes: int = 0  # derived from data.classes
-
-    def __post_init__(self) -> None:
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+class TreesModelConfig(Options):
+    encoder: str = option("treelstm", "treelstm (constituency), childsum, or a sequence encoder "
+                                      "trained on every phrase", choices=ENCODERS)
+    embedding: int = option(300, "word embedding size", ge=1)
+    hidden: int = option(150, "Tree-LSTM memory size, or hidden units per direction", ge=1)
+    layers: int = option(1, "sequence encoders: stacked layers (tcn: blocks)", ge=1)
+    bidirectional: bool = option(True, "sequence encoders: read both directions")
+    dropout: float = option(0.5, "dropout on embeddings and before the output layer", ge=0, lt=1)
+    kernel_size: int = option(3, "tcn: kernel size", ge=2)
+    pooling: str = option("final", "sequence encoders: final, mean or max", choices=POOLINGS)
+    vocab_size: int = option(0, "words in the vocabulary (derived from the data)", ge=0)
+    classes: int = option(0, "sentiment classes (derived from data.classes)", ge=0)
 
 
 SECTIONS: dict[str, type] = {"data": TreesDataConfig, "model": TreesModelConfig, "train": TrainConfig}
@@ -211,15 +201,15 @@ class TreesTask:
 
 def build(config: dict[str, dict[str, Any]]) -> tuple[TreesTask, nn.Module, str]:
     """Task and a fresh model from a resolved config (seed the RNGs first)."""
-    data = TreesDataConfig(**config["data"])
+    data = TreesDataConfig.from_dict(config["data"])
     train_config = TrainConfig.from_dict(config["train"])
     require_full_bptt(train_config, NAME)
     paths = [shared_path(f"sst-trees/{split}.txt", configured)
              for split, configured in (("train", data.train), ("dev", data.valid))]
     train, valid = ([relabel(tree, data) for tree in read_trees(path)] for path in paths)
     vocab = Vocabulary.build((tree.leaves() for tree in train), min_freq=data.min_count)
-    model_config = TreesModelConfig(**{**config["model"], "vocab_size": len(vocab),
-                                       "classes": len(LABEL_SETS[data.classes])})
+    model_config = TreesModelConfig.from_dict({**config["model"], "vocab_size": len(vocab),
+                                               "classes": len(LABEL_SETS[data.classes])})
     task = TreesTask(train, valid, data, model_config, vocab, train_config.batch_size, train_config.seed)
     source = (f"{paths[0]} ({len(train)} trees), {paths[1]} ({len(task.valid)} {data.classes} "
               f"dev sentences); vocabulary {len(vocab)}")
@@ -228,12 +218,8 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[TreesTask, nn.Module, str]
 
 def load_model(path: str | Path) -> tuple[nn.Module, TreesDataConfig, Vocabulary, Checkpoint]:
     """The trained model, its data options and vocabulary from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = build_model(TreesModelConfig(**described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    return model, TreesDataConfig(**described["data"]), Vocabulary.from_json(described["vocab"]), checkpoint
-
-
-def config_sections() -> dict[str, list[str]]:
-    return section_fields(SECTIONS)
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: build_model(TreesModelConfig.from_dict(m)), required=("data", "vocab"))
+    data = from_meta(checkpoint, "task.data", lambda: TreesDataConfig.from_dict(described["data"]))
+    vocab = from_meta(checkpoint, "task.vocab", lambda: Vocabulary.from_json(described["vocab"]))
+    return model, data, vocab, checkpoint

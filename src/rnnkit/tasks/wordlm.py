@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from rnnkit.data.streams import batchify, encode_tensor, num_windows
 from rnnkit.data.text import Vocabulary, read_lines
 from rnnkit.models.language_model import LanguageModel, LMConfig
+from rnnkit.options import Options, option
 from rnnkit.tasks.charlm import StreamLMTask, loss_over_stream
-from rnnkit.tasks.common import load_task_checkpoint, section_fields, shared_path
+from rnnkit.tasks.common import check_size, from_meta, load_task_model, shared_path
 from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
 
@@ -40,17 +41,17 @@ PTB_WINDOWS = 1328  # 929,589 training words / (20 rows · 35 steps): one epoch 
 
 
 @dataclass
-class WordLMDataConfig:
-    train: str | None = None  # None: ../shared/data/ptb/ptb.train.txt
-    valid: str | None = None  # None: ../shared/data/ptb/ptb.valid.txt
-    seq_len: int = 35
-    eval_batch_size: int = 10
-    init_scale: float | None = 0.1  # every weight uniform in ±init_scale (None: layer defaults)
-    max_train_words: int | None = None  # the first N words only (quick experiments)
-
-    def __post_init__(self) -> None:
-        if self.seq_len <= 0:
-            raise ValueError(f"seq_len must be positive, got {self.seq_len}")
+class WordLMDataConfig(Options):
+    train: str | None = option(None, "training text, one sentence per line (none: "
+                                     "../shared/data/ptb/ptb.train.txt)", metavar="PATH")
+    valid: str | None = option(None, "validation text (none: ../shared/data/ptb/ptb.valid.txt)",
+                               metavar="PATH")
+    seq_len: int = option(35, "time steps per training batch", ge=1)
+    eval_batch_size: int = option(10, "rows evaluated in parallel", ge=1)
+    init_scale: float | None = option(0.1, "every weight uniform in ±init_scale (none: the "
+                                           "layers' defaults)", gt=0)
+    max_train_words: int | None = option(None, "the first N training words only (quick "
+                                               "experiments)", ge=1)
 
 
 SECTIONS: dict[str, type] = {"data": WordLMDataConfig, "model": LMConfig, "train": TrainConfig}
@@ -138,11 +139,11 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[WordLMTask, LanguageModel,
 
 def load_model(path: str | Path) -> tuple[LanguageModel, Vocabulary, Checkpoint]:
     """The trained model and its vocabulary from a run directory or checkpoint."""
-    checkpoint, described = load_task_checkpoint(path, NAME)
-    model = LanguageModel(LMConfig.from_dict(described["model"]))
-    model.load_state_dict(checkpoint.group("model"))
-    model.eval()
-    return model, Vocabulary.from_json(described["vocab"]), checkpoint
+    model, checkpoint, described = load_task_model(
+        path, NAME, lambda m: LanguageModel(LMConfig.from_dict(m)), required=("vocab",))
+    vocab = from_meta(checkpoint, "task.vocab", lambda: Vocabulary.from_json(described["vocab"]))
+    check_size(checkpoint, "task.vocab", len(vocab), "vocab_size", model.config.vocab_size)
+    return model, vocab, checkpoint
 
 
 @torch.no_grad()
@@ -172,7 +173,3 @@ def sample(model: LanguageModel, vocab: Vocabulary, prime: list[str], words: int
         out.append(word)
         logits, state = model(torch.tensor([[word]]), state)
     return [*prime, *vocab.decode(out, strip_specials=False)]
-
-
-def config_sections() -> dict[str, list[str]]:
-    return section_fields(SECTIONS)

@@ -1,9 +1,13 @@
-"""Training options shared by every task; read from flags, YAML/TOML files and checkpoints."""
+"""Training options shared by every task; read from flags, YAML/TOML files and checkpoints.
+
+Types, ranges and help are declared on the fields; :mod:`rnnkit.options` checks them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+
+from rnnkit.options import Options, option
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "plateau", "step")
@@ -11,61 +15,39 @@ MONITOR_MODES = ("min", "max")
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 1000  # optimizer updates (one per BPTT chunk)
-    minutes: float | None = None  # wall-clock budget; stops cleanly at a step boundary
-    batch_size: int = 32
-    bptt: int | None = None  # truncation length k; None: full BPTT over each batch
-    optimizer: str = "adam"
-    lr: float = 2e-3
-    momentum: float = 0.0  # SGD only
-    weight_decay: float = 0.0
-    clip_norm: float | None = 5.0  # global L2 norm bound
-    clip_value: float | None = None  # element-wise bound ±c, applied before the norm bound
-    schedule: str = "plateau"  # ReduceLROnPlateau on the validation loss, or "step" (below)
-    plateau_factor: float = 0.5
-    plateau_patience: int = 1
+class TrainConfig(Options):
+    steps: int = option(1000, "optimizer updates (one per BPTT chunk)", ge=1, on_resume=True)
+    minutes: float | None = option(None, "wall-clock budget; stops cleanly at a step boundary",
+                                   gt=0, on_resume=True)
+    batch_size: int = option(32, "sequences (or parallel streams) per batch", ge=1)
+    bptt: int | None = option(None, "truncated BPTT chunk length k; none (or 'full'): full BPTT "
+                                    "over each batch", ge=1)
+    optimizer: str = option("adam", "the optimizer", choices=OPTIMIZERS)
+    lr: float = option(2e-3, "learning rate", gt=0, on_resume=True)
+    momentum: float = option(0.0, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = option(0.0, "L2 weight decay", ge=0)
+    clip_norm: float | None = option(5.0, "bound on the global gradient L2 norm", gt=0,
+                                     on_resume=True)
+    clip_value: float | None = option(None, "bound ±c on each gradient element, applied before "
+                                            "the norm bound", gt=0, on_resume=True)
+    schedule: str = option("plateau", "learning-rate schedule: ReduceLROnPlateau on the monitored "
+                                      "metric, 'step' decay, or none", choices=SCHEDULES)
+    plateau_factor: float = option(0.5, "plateau: rate multiplier on a plateau", gt=0, lt=1)
+    plateau_patience: int = option(1, "plateau: evaluations without gain before cutting the rate",
+                                   ge=0)
     # "step": the rate is multiplied by decay_factor at every evaluation after the first
     # decay_after ones, whatever the validation loss does (Zaremba et al. 2014's schedule)
-    decay_factor: float = 0.5
-    decay_after: int = 4
-    early_stop: int | None = None  # evaluations without improvement before stopping
+    decay_factor: float = option(0.5, "step: rate multiplier per evaluation after decay_after",
+                                 gt=0, le=1)
+    decay_after: int = option(4, "step: evaluations at the full rate", ge=0)
+    early_stop: int | None = option(None, "evaluations without improvement before stopping",
+                                    ge=1, on_resume=True)
     # the validation metric that picks the best weights and drives early stopping and the
     # plateau schedule; "min": lower is better (a loss), "max": higher is (accuracy, F1, BLEU)
-    monitor: str = "loss"
-    monitor_mode: str = "min"
-    eval_every: int = 100
-    checkpoint_every: int | None = None  # default: at each evaluation
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.monitor_mode not in MONITOR_MODES:
-            raise ValueError(f"monitor_mode must be min or max, got {self.monitor_mode!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        for name in ("steps", "batch_size", "eval_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.decay_factor <= 1:
-            raise ValueError(f"decay_factor must be in (0, 1], got {self.decay_factor}")
-        if self.decay_after < 0:
-            raise ValueError(f"decay_after must be non-negative, got {self.decay_after}")
-        if self.bptt is not None and self.bptt <= 0:
-            raise ValueError(f"bptt must be positive (or null for full BPTT), got {self.bptt}")
-        for name in ("clip_norm", "clip_value"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive (or null to disable), got {value}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    monitor: str = option("loss", "validation metric that picks the best weights")
+    monitor_mode: str = option("min", "min: lower is better (a loss); max: higher is",
+                               choices=MONITOR_MODES)
+    eval_every: int = option(100, "steps between validations", ge=1, on_resume=True)
+    checkpoint_every: int | None = option(None, "steps between checkpoints (none: at each "
+                                                "validation)", ge=1, on_resume=True)
+    seed: int = option(1234, "random seed (runs are deterministic on the CPU)", ge=0, le=2**63 - 1)

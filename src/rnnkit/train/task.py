@@ -67,3 +67,6 @@ class Task(Protocol):
     def describe(self) -> dict[str, Any]:
         """JSON-able description stored in checkpoints so the model can be rebuilt."""
         ...
+
+    # optional: ``chance_loss() -> float``, the training loss of a uniform guess (ln of the
+    # number of classes for a cross-entropy); a loss far above it stops the run as diverged

@@ -23,8 +23,17 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from rnnkit.train import rng
-from rnnkit.train.checkpoint import BEST, Checkpoint, save_checkpoint
+from rnnkit.train.atomic import remove_stale_temps
+from rnnkit.train.checkpoint import (
+    BEST,
+    Checkpoint,
+    CheckpointError,
+    check_resume_meta,
+    load_weights,
+    save_checkpoint,
+)
 from rnnkit.train.config import TrainConfig
+from rnnkit.train.errors import RunWriteError
 from rnnkit.train.gradients import clip_gradients, gradient_norms, layer_groups
 from rnnkit.train.metrics import MetricsLog
 from rnnkit.train.task import Batch, Task
@@ -121,6 +130,9 @@ class Trainer:
         self.last_valid: dict[str, float] = {}
         self.stop_reason: str | None = None
         self._resumed_from: int | None = None
+        self._saved_step: int | None = None  # the step the run directory's checkpoint holds
+        self._saving = False  # a second signal must not cut a checkpoint write short
+        self._chance: float | None = None  # the task's loss of a uniform guess, nan: unknown
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -158,7 +170,9 @@ class Trainer:
         if self.out_dir is None:
             return None
         tensors, meta = self.state_tensors()
-        return save_checkpoint(self.out_dir, tensors, meta)
+        pointer = self._write(lambda: save_checkpoint(self.out_dir, tensors, meta))
+        self._saved_step = self.step
+        return pointer
 
     def save_best(self, valid: dict[str, float]) -> Path | None:
         """The weights of the best monitored validation value so far, as ``best.json``."""
@@ -167,35 +181,91 @@ class Trainer:
         tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
         meta = {"step": self.step, "valid": valid, "train_config": self.config.to_dict(),
                 "task": self.task.describe()}
-        return save_checkpoint(self.out_dir, tensors, meta, stem=BEST)
+        return self._write(lambda: save_checkpoint(self.out_dir, tensors, meta, stem=BEST))
+
+    def _write(self, write: Callable[[], Path]) -> Path:
+        """Runs a checkpoint write that a second signal cannot cut short."""
+        self._saving = True
+        try:
+            return write()
+        finally:
+            self._saving = False
+
+    def _intact(self) -> str:
+        """Which checkpoint survives a failure now (for the one-line error)."""
+        if self.out_dir is None:
+            return "nothing was saved (no run directory)"
+        if self._saved_step is None:
+            return f"no checkpoint of this run was written to {self.out_dir} yet"
+        return f"the checkpoint of step {self._saved_step} in {self.out_dir} is intact"
 
     def load(self, checkpoint: Checkpoint) -> None:
-        """Restores a checkpoint written by :meth:`save` (weights, optimizer, RNG, position)."""
+        """Restores a checkpoint written by :meth:`save` (weights, optimizer, RNG, position).
+
+        The metadata is checked first (:func:`check_resume_meta`, tensor names and shapes
+        against this model and optimizer): a hand-edited or foreign file is one CheckpointError
+        naming it, never a KeyError from inside torch."""
+        check_resume_meta(checkpoint)
         meta = checkpoint.meta
-        self.model.load_state_dict(checkpoint.group("model"))
+        load_weights(checkpoint, self.model)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         state: dict[int, dict[str, Any]] = {}
         for key, value in checkpoint.group("optim").items():
             pid, name = key.split("/", 1)
-            state.setdefault(int(pid), {})[name] = value
+            index = int(pid)
+            if index >= len(params) or (value.dim() > 0 and value.shape != params[index].shape):
+                raise CheckpointError(
+                    f"{checkpoint.path}: optimizer tensor optim/{key} of {checkpoint.weights} does "
+                    f"not fit this model's parameters")
+            state.setdefault(index, {})[name] = value
         for pid, values in meta["optimizer"]["scalars"].items():
             state.setdefault(int(pid), {}).update(values)
-        self.optimizer.load_state_dict(
-            {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
-        )
-        if self.scheduler is not None and meta.get("scheduler"):
-            self.scheduler.load_state_dict(meta["scheduler"])
+        batch_index, chunk = (int(x) for x in meta["position"])
+        spans = chunk_spans(self.task.batch(batch_index).length, self.config.bptt)
+        if chunk >= len(spans):
+            raise CheckpointError(f"{checkpoint.path}: position {meta['position']} names chunk "
+                                  f"{chunk} of a batch cut into {len(spans)}")
+        try:
+            self.optimizer.load_state_dict(
+                {"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+            if self.scheduler is not None and meta.get("scheduler"):
+                self.scheduler.load_state_dict(meta["scheduler"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as error:
+            reason = f"missing key {error}" if isinstance(error, KeyError) else error
+            raise CheckpointError(f"{checkpoint.path}: the optimizer, schedule or random state "
+                                  f"cannot be restored: {reason}") from None
         carry = checkpoint.group("carry")
         if meta.get("carry") == "tensor":
             self.carry = carry["0"]
         elif meta.get("carry"):
             self.carry = tuple(carry[str(i)] for i in range(int(meta["carry"])))
+        self._check_carry(checkpoint, batch_index, spans[chunk][0])
+        try:
+            rng.restore(meta["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as error:
+            raise CheckpointError(f"{checkpoint.path}: the random state cannot be restored: "
+                                  f"{error}") from None
         self.step = int(meta["step"])
-        self.position = (int(meta["position"][0]), int(meta["position"][1]))
+        self.position = (batch_index, chunk)
         self.best_valid = meta.get("best_valid", meta.get("best_valid_loss"))
-        self.evals_without_gain = int(meta.get("evals_without_gain", 0))
+        self.evals_without_gain = int(meta.get("evals_without_gain") or 0)
         self.last_valid = meta.get("last_valid") or {}
-        rng.restore(meta["rng"])
         self._resumed_from = self.step
+        self._saved_step = self.step
+
+    def _check_carry(self, checkpoint: Checkpoint, batch_index: int, start: int) -> None:
+        """The carried state must fit the model: one time step of the batch it continues is run
+        with it (no gradient; before the RNG states are restored, so nothing is perturbed)."""
+        piece = self.task.batch(batch_index).time_slice(start, start + 1)
+        if self.carry is None or not piece.continues:
+            return
+        try:
+            with torch.no_grad():
+                self.task.step(self.model, piece, self.carry)
+        except (RuntimeError, ValueError, IndexError, TypeError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{checkpoint.path}: the carried recurrent state in "
+                                  f"{checkpoint.weights} does not fit the model: {reason}") from None
 
     # --- one step --------------------------------------------------------------------------
 
@@ -207,6 +277,11 @@ class Trainer:
         loss = float(result.loss.detach())
         if not math.isfinite(loss):
             raise DivergenceError(self._diverged(f"the training loss is {loss}"))
+        limit = self._loss_limit()
+        if limit is not None and loss > limit:
+            raise DivergenceError(self._diverged(
+                f"the training loss is {loss:.4g}, far above the {self._chance:.4g} of a "
+                f"uniform guess"))
         result.loss.backward()
         total, per_group = gradient_norms(self.groups)
         if not math.isfinite(total):
@@ -217,10 +292,38 @@ class Trainer:
         return {"loss": loss, "tokens": result.tokens, "grad_norm": total, "grad_norms": per_group,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
+    def _loss_limit(self) -> float | None:
+        """A training loss above this is divergence, not learning: the task's loss of a uniform
+        guess (``Task.chance_loss``, when it has one) times ten, and at least 10 nats above it.
+        A model that trains is at or below the uniform guess after its first steps; Adam at a
+        learning rate of 1e6 sits at millions of nats per symbol, finite but meaningless."""
+        if self._chance is None:
+            chance = getattr(self.task, "chance_loss", None)
+            self._chance = float(chance()) if callable(chance) else float("nan")
+        if not math.isfinite(self._chance):
+            return None
+        return max(10 * self._chance, self._chance + 10)
+
     def _diverged(self, what: str) -> str:
-        where = f"; the last good checkpoint in {self.out_dir} is untouched" if self.out_dir else ""
+        where = f"; {self._intact()}" if self.out_dir else ""
         return (f"training diverged at step {self.step + 1}: {what}{where}. Try a lower --lr or "
                 f"gradient clipping (--clip-norm / --clip-value)")
+
+    def rescale_lr(self, factor: float) -> None:
+        """Multiplies the learning rate by ``factor``, now and in the schedule's base rates.
+
+        Used when a run is resumed with another ``--lr``: the optimizer state restored from the
+        checkpoint carries the old rate, and a schedule keeps its cuts so far relative to it.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        if self.scheduler is not None:
+            if hasattr(self.scheduler, "base_lrs"):
+                self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+            if hasattr(self.scheduler, "_last_lr"):
+                self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
@@ -243,8 +346,13 @@ class Trainer:
         log = None
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            # temporary files of killed writers; on resume the directory is ours alone
+            remove_stale_temps(self.out_dir, everything=self._resumed_from is not None)
             metrics = self.out_dir / "metrics.jsonl"
-            log = MetricsLog(metrics, keep_until_step=self._resumed_from)
+            try:
+                log = MetricsLog(metrics, keep_until_step=self._resumed_from)
+            except RunWriteError as error:
+                raise RunWriteError(f"{error}; {self._intact()}") from None
         checkpoint_every = config.checkpoint_every or config.eval_every
         bar = tqdm(total=config.steps, initial=self.step, file=sys.stderr, unit="step",
                    disable=not self.progress, dynamic_ncols=True, leave=True)
@@ -280,26 +388,38 @@ class Trainer:
                 on_cadence = self.step % config.eval_every == 0
                 if on_cadence:
                     self._evaluate_and_schedule(log, bar)
-                if self.stop_reason is not None or self.step == config.steps:
-                    if not on_cadence and self.stop_reason != "interrupted":
-                        # report only: a schedule fed off-cadence evaluations would make a run
-                        # extended with --resume differ from one that ran straight through
-                        self._evaluate_and_schedule(log, bar, schedule=False)
+                final = self.stop_reason is not None or self.step == config.steps
+                if final and not on_cadence and self.stop_reason != "interrupted":
+                    # report only: a schedule fed off-cadence evaluations would make a run
+                    # extended with --resume differ from one that ran straight through
+                    self._evaluate_and_schedule(log, bar, schedule=False)
+                if final or self.step % checkpoint_every == 0:
+                    if log:  # the records up to the checkpoint reach the disk before it does
+                        log.flush(sync=True)
                     self.save()
-                elif self.step % checkpoint_every == 0:
-                    self.save()
+            if log:  # inside the try: a failing last write is reported like any other
+                log.close()
+        except KeyboardInterrupt:
+            # a second Ctrl-C: stop now, mid-step, without a checkpoint of this half-done state
+            self.stop_reason = "interrupted"
+            bar.write(f"stopped at once; {self._intact()}", file=sys.stderr)
         except DivergenceError:
             if log:  # the curves up to the blow-up are what one needs to diagnose it
                 log.close()
                 self._plot(metrics)
             raise
+        except RunWriteError as error:  # disk full: say what survives, in the same line
+            raise RunWriteError(f"{error}; {self._intact()}") from None
         finally:
             self._restore_sigint(previous_handler)
             bar.close()
             if log:
-                log.close()
+                log.close(quiet=True)  # already closed unless an exception is on its way
         if metrics is not None:
-            plot = self._plot(metrics)
+            try:
+                plot = self._plot(metrics)
+            except RunWriteError as error:
+                raise RunWriteError(f"{error}; {self._intact()}") from None
         return TrainResult(
             step=self.step, reason=self.stop_reason or "steps", valid=self.last_valid,
             best_valid=self.best_valid,
@@ -345,14 +465,17 @@ class Trainer:
 
     def _install_sigint(self) -> Any:
         """Ctrl-C (SIGINT) and SIGTERM (``kill``, job schedulers) stop at the next step boundary
-        with a checkpoint; a second signal stops at once."""
+        with a checkpoint. A second Ctrl-C stops at once (without a checkpoint of the half-done
+        step; the last one stays), except during a checkpoint write, which always completes;
+        more SIGTERMs change nothing (schedulers and ``kill`` loops send several)."""
         if threading.current_thread() is not threading.main_thread():
             return None
 
         def handler(signum: int, frame: Any) -> None:
-            if self.stop_reason == "interrupted":  # a second signal: stop now
+            if self.stop_reason != "interrupted":
+                self.request_stop("interrupted")
+            elif signum == signal.SIGINT and not self._saving:
                 raise KeyboardInterrupt
-            self.request_stop("interrupted")
 
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -10,6 +12,7 @@ matplotlib.use("Agg")  # files only: works on machines without a display
 
 import matplotlib.pyplot as plt
 
+from rnnkit.train.atomic import write_bytes
 from rnnkit.train.metrics import read_metrics
 
 
@@ -37,7 +40,8 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, title: str | None =
         ax_loss.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-",
                      label="validation", lw=1.5, ms=3)
     ax_loss.set_ylabel("loss (nats per token)")
-    ax_loss.legend()
+    if train or valid:  # a run that diverged at its first step has nothing to label
+        ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     if title:
         ax_loss.set_title(title)
@@ -53,6 +57,17 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, title: str | None =
     ax_grad.grid(alpha=0.3)
     fig.tight_layout()
     png_path = Path(png_path)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png_path, dpi=100)
     return png_path
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically (never through a planted symlink)."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    path = Path(path)
+    write_bytes(path, buffer.getvalue())
+    return path
