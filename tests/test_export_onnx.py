@@ -119,6 +119,8 @@ def test_refuses_before_writing(tmp_path):
         export_onnx(rnnkit.GRU(3, 4).double().eval(), torch.randn(5, 2, 3).double(), path)
     with pytest.raises(ExportError, match="input 'input' is float64"):
         export_onnx(rnnkit.GRU(3, 4).eval(), torch.randn(5, 2, 3).double(), path)
+    with pytest.raises(ExportError, match="MinGRU runs rnnkit's scan operator, which has no ONNX form"):
+        export_onnx(rnnkit.MinGRU(3, 4).eval(), torch.randn(5, 2, 3), path)
     assert not path.exists() and list(tmp_path.iterdir()) == []
 
 

@@ -117,7 +117,7 @@ def test_the_generated_flag_and_set_give_the_same_message(capsys: pytest.Capture
     (["--temperature=-1"], "sample.temperature must be a finite number ≥ 0, got -1.0"),
     (["--lr", "inf"], "train.lr must be a finite number > 0, got inf"),
     (["--seq-len", "0"], "data.seq_len must be an integer ≥ 1, got 0"),
-    (["--cell", "lstmm"], "model.cell must be one of lstm, gru, rnn, got 'lstmm'"),
+    (["--cell", "lstmm"], "model.cell must be one of lstm, gru, rnn, mingru, minlstm, tcn, got 'lstmm'"),
     (["--no-such-flag", "1"], "--no-such-flag is not an option of the charlm task"),
     (["--hidden"], "argument --hidden: expected one argument"),
 ])
@@ -192,7 +192,7 @@ def test_task_defaults_differ_in_the_help(capsys: pytest.CaptureFixture[str]) ->
             main(["train", task, "--help"])
         shown[task] = " ".join(capsys.readouterr().out.split())
     assert "hidden units per layer [an integer ≥ 1; default 256]" in shown["charlm"]
-    assert "(per direction) [an integer ≥ 1; default 128]" in shown["digits"]
+    assert "(per direction; tcn: channels) [an integer ≥ 1; default 128]" in shown["digits"]
 
 
 def test_tasks_command_lists_every_task_and_its_data(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,13 +7,15 @@ The public surface::
     rnnkit.LSTMState(h, c)                           an LSTM's state
     rnnkit.unroll(cell, inputs, ...)                 any cell over a sequence
     rnnkit.export_onnx(module, args, path)           ONNX with ONNX's own LSTM/GRU/RNN nodes
+    rnnkit.MinGRU / MinLSTM (+ ...Cell)             minimal RNNs trained by a parallel scan
 """
 
 from typing import Any
 
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell, StackedCell
+from rnnkit.cells.minimal import MinGRUCell, MinLSTMCell
 from rnnkit.engine.unroll import unroll
-from rnnkit.layers import GRU, LSTM, RNN
+from rnnkit.layers import GRU, LSTM, RNN, MinGRU, MinLSTM
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,10 @@ __all__ = [
     "GRUCell",
     "LSTMCell",
     "LSTMState",
+    "MinGRU",
+    "MinGRUCell",
+    "MinLSTM",
+    "MinLSTMCell",
     "RNNCell",
     "StackedCell",
     "__version__",

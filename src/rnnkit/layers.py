@@ -24,8 +24,10 @@ from rnnkit.cells.base import CellMath, pickle_state, unpickle_state
 from rnnkit.cells.elman import ElmanMath
 from rnnkit.cells.gru import GRUMath
 from rnnkit.cells.lstm import LSTMMath, init_forget_bias
+from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_minimal, unpickle_minimal
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
+from rnnkit.engine.scan import minimal_layer_scan
 from rnnkit.validation import check_layer_state, check_lengths, check_sequence, check_steps
 
 
@@ -404,3 +406,121 @@ class GRU(RecurrentLayer):
         layer = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
                     module.batch_first, module.dropout, module.bidirectional, backend=backend)
         return layer._load_torch_weights(module)
+
+
+class MinimalLayer(RecurrentLayer):
+    """Stacked minGRU / minLSTM layers (:mod:`rnnkit.cells.minimal`) run by a parallel scan.
+
+    The same call as the other layers — ``output, h_n = layer(input, hx, lengths=...)``, input
+    (T, B, I) or batch-first or unbatched or packed, ``h_n`` (L·D, B, H) — but each layer and
+    direction is one scan over all time steps (:func:`~rnnkit.engine.scan.linear_recurrence_scan`)
+    instead of a loop, because no gate reads ``h_{t−1}``. Parameters: ``weight_ih_l{k}`` and
+    ``bias_ih_l{k}`` (``_reverse`` for the backward direction); there is no recurrent weight.
+    """
+
+    def __init__(
+        self, math_: MinimalMath, input_size: int, hidden_size: int, num_layers: int = 1,
+        bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+        bidirectional: bool = False, backend: str = "auto",
+    ) -> None:
+        nn.Module.__init__(self)
+        if input_size <= 0 or hidden_size <= 0 or num_layers <= 0:
+            raise ValueError(
+                "input_size, hidden_size and num_layers must be positive, got "
+                f"{input_size}, {hidden_size} and {num_layers}"
+            )
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
+        self.math = math_
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional = bidirectional
+        self.backend = backend  # "auto": the C++ scan where it runs, "log": the log-space scan
+        self.proj_size = 0
+        rows = math_.num_gates * hidden_size
+        self._param_names = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * self.num_directions
+            for direction in range(self.num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                names = ["weight_ih" + suffix]
+                setattr(self, names[0], nn.Parameter(torch.empty(rows, layer_input)))
+                if bias:
+                    names.append("bias_ih" + suffix)
+                    setattr(self, names[1], nn.Parameter(torch.empty(rows)))
+                self._param_names.append(names)
+        self.reset_parameters()
+
+    def forward(
+        self,
+        input: Tensor | PackedSequence,
+        hx: Tensor | None = None,
+        lengths: Sequence[int] | Tensor | None = None,
+    ) -> tuple[Tensor | PackedSequence, Tensor]:
+        dtype = self.weight_ih_l0.dtype
+        packed = input if isinstance(input, PackedSequence) else None
+        if packed is not None:
+            if lengths is not None:
+                raise ValueError("pass either a PackedSequence or lengths=, not both")
+            x, lengths = pad_packed_sequence(packed)
+            check_sequence("input", x, self.input_size, dtype)
+            unbatched = False
+        else:
+            check_sequence("input", input, self.input_size, dtype)
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else input
+            if self.batch_first and not unbatched:
+                x = x.transpose(0, 1)
+        steps, batch = x.shape[0], x.shape[1]
+        (h0,) = self._initial_states(hx, batch, unbatched, x)
+        if lengths is not None:
+            lengths = check_lengths(lengths, batch, steps, x.device)
+        layer_input, finals = x, []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+            outputs = []
+            for direction in range(self.num_directions):
+                index = layer * self.num_directions + direction
+                names = self._param_names[index]
+                weight = self._parameters[names[0]]
+                bias = self._parameters[names[1]] if self.bias else None
+                source = layer_input if direction == 0 else reverse_within_lengths(layer_input, lengths)
+                gx = F.linear(source, weight, bias)  # (T, B, G·H)
+                out, final = minimal_layer_scan(self.math, gx, h0[index], lengths, self.backend)
+                outputs.append(out if direction == 0 else reverse_within_lengths(out, lengths))
+                finals.append(final)
+            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        return self._format_output(layer_input, [torch.stack(finals)], packed, lengths, unbatched)
+
+    def to_torch(self) -> nn.Module:
+        raise ValueError(f"{type(self).__name__} has no torch.nn counterpart")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return pickle_minimal(nn.Module.__getstate__(self))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        nn.Module.__setstate__(self, unpickle_minimal(state))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace(f", cell={self.math!r}", f", cell={self.math.kind}")
+
+
+class MinGRU(MinimalLayer):
+    """minGRU layers (Feng et al. 2024), trained by a parallel scan over time."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__(MinGRUMath(), input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, backend)
+
+
+class MinLSTM(MinimalLayer):
+    """minLSTM layers (Feng et al. 2024), trained by a parallel scan over time."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__(MinLSTMMath(), input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, backend)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -77,6 +78,24 @@ def compiler_missing() -> str | None:
     return None
 
 
+# every extension rnnkit declares (each registers itself when its module is imported)
+EXTENSIONS: list[NativeExtension] = []
+_KERNEL_MODULES = ("rnnkit.engine.fused._build", "rnnkit.losses.ctc", "rnnkit.engine.scan")
+
+
+def build_all() -> list[tuple[str, str | None]]:
+    """Builds (or loads from the cache) every C++ extension: ``(name, None or why it failed)``.
+
+    ``rnnkit build`` calls it, so that the one-time compile happens at install time rather than
+    in the middle of a user's first run."""
+    import importlib
+
+    for module in _KERNEL_MODULES:
+        importlib.import_module(module)
+    return [(extension.name, None if extension.load() is not None else extension.error)
+            for extension in EXTENSIONS]
+
+
 def _last_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
@@ -113,6 +132,7 @@ class NativeExtension:
         self.ops_namespace = ops_namespace
         self.on_load = on_load
         self._lock = threading.Lock()
+        EXTENSIONS.append(self)
         self._module: Any = None
         self._error: str | None = None
         self._tried = False
@@ -141,6 +161,17 @@ class NativeExtension:
                     self._tried = True
         return self._module
 
+    def _cached(self, name: str) -> bool:
+        """True when torch's extension cache already holds a build of ``name`` for these sources
+        (torch then only loads it, or rebuilds silently in seconds after a source edit)."""
+        from torch.utils.cpp_extension import _get_build_directory
+
+        try:
+            directory = Path(_get_build_directory(name, verbose=False))
+        except Exception:  # an unwritable cache: the build itself will say what is wrong
+            return False
+        return any(directory.glob("*.so"))
+
     def _build(self) -> Any:
         if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
             self._error = f"disabled by {DISABLE_ENV}"
@@ -154,8 +185,13 @@ class NativeExtension:
         cflags = self.cflags()
         ldflags = [*self.extra_ldflags, *(["-fopenmp"] if self.openmp else [])]
         tag = hashlib.sha1(" ".join([*cflags, "|", *ldflags]).encode()).hexdigest()[:8]
+        name = f"{self.name}_{tag}"
+        if not self._cached(name):
+            # the first build takes 30–70 s: say so, or the run seems to hang
+            print(f"rnnkit: compiling its C++ kernels ({self.name}), once per machine: about a "
+                  f"minute (`rnnkit build` does it ahead of time)", file=sys.stderr, flush=True)
         result = _load(
-            name=f"{self.name}_{tag}",
+            name=name,
             sources=self.sources,
             extra_cflags=cflags,
             extra_ldflags=ldflags,

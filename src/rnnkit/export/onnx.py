@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit.cells import CellSpec, math_for
-from rnnkit.layers import RecurrentLayer
+from rnnkit.layers import MinimalLayer, RecurrentLayer
 
 
 class ExportError(ValueError):
@@ -373,7 +373,10 @@ def check_exportable(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str,
         if rate > 0:
             raise ExportError(f"{name or type(sub).__name__} is in training mode with dropout "
                               f"{rate}; call module.eval() before exporting")
-    for sub in module.modules():
+    for name, sub in module.named_modules():
+        if isinstance(sub, MinimalLayer):  # its scan has no ONNX recurrent node
+            raise ExportError(f"{name or type(sub).__name__}: {type(sub).__name__} runs rnnkit's "
+                              "scan operator, which has no ONNX form")
         if isinstance(sub, RecurrentLayer):
             onnx_form(sub.math.spec)
 

@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import rnnkit
 from rnnkit.data.vocab import CharVocab
-from rnnkit.models.recurrent import CELLS, NONLINEARITIES, RESETS
+from rnnkit.models.recurrent import CELLS, NONLINEARITIES, RESETS, RecurrentConfig, build_recurrent
 from rnnkit.options import Options, option
 
 
@@ -37,6 +36,7 @@ class LMConfig(Options):
     nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
     forget_bias: float | None = option(None, "LSTM: initial forget-gate bias (none: the layer's "
                                              "default)")
+    kernel_size: int = option(3, "TCN only: kernel size of its causal convolutions", ge=2)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,18 +54,11 @@ class LanguageModel(nn.Module):
         self.embedding = nn.Embedding(vocab, config.embedding) if config.embedding else None
         input_size = config.embedding or vocab
         # dropout between stacked layers is the layer's; around the stack it is ours
-        rnn_dropout = config.dropout if config.layers > 1 else 0.0
-        if config.cell == "lstm":
-            self.rnn: nn.Module = rnnkit.LSTM(
-                input_size, hidden, config.layers, dropout=rnn_dropout, peephole=config.peephole,
-                coupled=config.coupled, forget_bias=config.forget_bias,
-            )
-        elif config.cell == "gru":
-            self.rnn = rnnkit.GRU(input_size, hidden, config.layers, dropout=rnn_dropout,
-                                  reset=config.reset)
-        else:
-            self.rnn = rnnkit.RNN(input_size, hidden, config.layers, dropout=rnn_dropout,
-                                  nonlinearity=config.nonlinearity)
+        self.rnn = build_recurrent(RecurrentConfig(
+            cell=config.cell, layers=config.layers, hidden=hidden, dropout=config.dropout,
+            peephole=config.peephole, coupled=config.coupled, forget_bias=config.forget_bias,
+            reset=config.reset, nonlinearity=config.nonlinearity, kernel_size=config.kernel_size,
+        ), input_size)
         self.drop = nn.Dropout(config.dropout)
         self.decoder = nn.Linear(hidden, vocab)
 

@@ -11,23 +11,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from rnnkit.layers import GRU, LSTM, RNN, RecurrentLayer
+from rnnkit.layers import GRU, LSTM, RNN, MinGRU, MinLSTM
+from rnnkit.models.tcn import TCN
 from rnnkit.options import Options, option
 
-CELLS = ("lstm", "gru", "rnn")
+# the recurrent cells, the minimal RNNs trained by a parallel scan, and the convolutional contrast
+CELLS = ("lstm", "gru", "rnn", "mingru", "minlstm", "tcn")
 RESETS = ("after", "before")
 NONLINEARITIES = ("tanh", "relu", "sigmoid")
 
 
 @dataclass
 class RecurrentConfig(Options):
-    cell: str = option("lstm", "recurrent cell", choices=CELLS)
-    layers: int = option(2, "stacked recurrent layers", ge=1)
-    hidden: int = option(128, "hidden units per layer (per direction)", ge=1)
+    cell: str = option("lstm", "recurrent cell (mingru, minlstm: parallel scan; tcn: "
+                               "convolutional)", choices=CELLS)
+    layers: int = option(2, "stacked recurrent layers (tcn: residual blocks)", ge=1)
+    hidden: int = option(128, "hidden units per layer (per direction; tcn: channels)", ge=1)
     bidirectional: bool = option(False, "read each sequence in both directions")
-    dropout: float = option(0.0, "dropout between stacked layers", ge=0, lt=1)
+    dropout: float = option(0.0, "dropout between stacked layers (tcn: inside each block)", ge=0,
+                            lt=1)
     peephole: bool = option(False, "LSTM with peephole connections (Gers & Schmidhuber 2000)")
     coupled: bool = option(False, "LSTM with coupled input-forget gates (CIFG)")
     forget_bias: float | None = option(None, "LSTM: initial forget-gate bias (none: the layer's "
@@ -35,21 +39,32 @@ class RecurrentConfig(Options):
     reset: str = option("after", "GRU reset gate 'after' (torch/cuDNN) or 'before' (Cho 2014)",
                         choices=RESETS)
     nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
+    kernel_size: int = option(3, "TCN only: kernel size of its causal convolutions", ge=2)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.peephole or self.coupled or self.forget_bias is not None) and self.cell != "lstm":
             raise ValueError("peephole, coupled and forget_bias are LSTM options")
+        if self.kernel_size < 2:
+            raise ValueError(f"kernel_size must be at least 2, got {self.kernel_size}")
 
     @property
     def output_size(self) -> int:
         return self.hidden * (2 if self.bidirectional else 1)
 
 
-def build_recurrent(config: RecurrentConfig, input_size: int) -> RecurrentLayer:
-    """The rnnkit sequence layer described by ``config`` (time-major, like torch.nn)."""
+def build_recurrent(config: RecurrentConfig, input_size: int) -> nn.Module:
+    """The rnnkit sequence layer described by ``config`` (time-major, like torch.nn).
+
+    Every one has the call ``output, state = layer(x, state, lengths=...)``.
+    """
+    if config.cell == "tcn":  # its dropout acts inside each block, so one block may have it
+        return TCN(input_size, config.hidden, config.layers, config.kernel_size, config.dropout,
+                   config.bidirectional)
     common = dict(num_layers=config.layers, dropout=config.dropout if config.layers > 1 else 0.0,
                   bidirectional=config.bidirectional)
+    if config.cell in ("mingru", "minlstm"):
+        return (MinGRU if config.cell == "mingru" else MinLSTM)(input_size, config.hidden, **common)
     if config.cell == "lstm":
         return LSTM(input_size, config.hidden, peephole=config.peephole, coupled=config.coupled,
                     forget_bias=config.forget_bias, **common)

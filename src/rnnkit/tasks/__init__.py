@@ -23,6 +23,9 @@ TASKS = {
     "tagging": "slot filling / NER with intent (ATIS, CoNLL)",
     "translate": "encoder-decoder translation (generated dates, TSV pairs, Multi30k)",
     "music": "polyphonic music (JSB Chorales piano rolls)",
+    "trees": "sentiment on SST parse trees: Tree-LSTM vs sequence models (SST trees)",
+    "adding": "the adding problem: remember two marked values over T steps (generated)",
+    "copymemory": "the copy memory problem: repeat 10 digits after T blanks (generated)",
 }
 
 # per task: (the data it reads, what --data takes); shared data sets live in ../shared/data
@@ -43,11 +46,15 @@ TASK_DATA = {
                   "folder", "not taken: use --source tsv --train A.tsv --valid B.tsv"),
     "music": ("a .mat file of piano rolls, train/valid/test (JSB Chorales; needs scipy)",
               "a .mat file, sets data.path"),
+    "trees": ("SST bracketed parse trees, one per line (sst-trees/train.txt, sst-trees/dev.txt)",
+              "the training trees file, sets data.train"),
+    "adding": ("generated (no files)", "not taken"),
+    "copymemory": ("generated (no files)", "not taken"),
 }
 
 # the data option --data sets, per task: (option, takes several paths)
 DATA_OPTIONS = {"charlm": ("files", True), "speech": ("recordings", False),
-                "music": ("path", False), "tagging": ("train", False)}
+                "music": ("path", False), "tagging": ("train", False), "trees": ("train", False)}
 
 
 def task_module(name: str) -> ModuleType:

@@ -1,0 +1,311 @@
+"""Recurrent vs convolutional vs recursive, measured on this machine (issue: the comparison).
+
+    python benchmarks/compare.py speed                          # scan vs loop, levels vs nodes
+    python benchmarks/compare.py run --row adding --minutes 5   # every model of one row
+    python benchmarks/compare.py run --row sst --models treelstm,lstm --minutes 10
+    python benchmarks/compare.py table                          # docs/comparison.md + PNG
+
+``run`` trains each model of a row for the same wall-clock budget at (about) the same parameter
+count, scores the weights the run keeps (its best validation; for SST that is dev itself, the
+test split being held back, so that row's figure is optimistic by the selection) on the row's
+held-out split and adds the result to ``docs/comparison.json``
+(rows measured in different sessions accumulate). ``table`` renders every stored result beside
+the published figure and plots the held-out metric against training time per model.
+
+Published figures: Bai, Kolter & Koltun (2018), Table 1 (LSTM / GRU / RNN / TCN, ~70K parameters
+for adding, ~16K for copy memory, ~300K for JSB); Tai, Socher & Manning (2015), Table 2 (SST dev
+is not what they report: their figures are test accuracy, with GloVe vectors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rnnkit.train import TrainConfig, Trainer
+from rnnkit.train.checkpoint import BEST, load_checkpoint, load_weights
+from rnnkit.train.rng import seed_everything
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+RESULTS = DOCS / "comparison.json"
+
+
+@dataclass
+class Row:
+    task: str
+    metric: str  # what the score means
+    lower_is_better: bool
+    params: int  # the parameter count every model is matched to
+    published: dict[str, float]
+    # per model: config updates (section → options) applied before the width is matched
+    models: dict[str, dict[str, dict[str, Any]]]
+    base: dict[str, dict[str, Any]] = field(default_factory=dict)  # for every model
+    score: Callable[[Any, Any], float] | None = None  # (task, model) → held-out metric
+    width: tuple[str, ...] = ("model", "recurrent", "hidden")  # the option the match varies
+
+
+def _recurrent(cell: str, **extra: Any) -> dict[str, dict[str, Any]]:
+    return {"model": {"recurrent": {"cell": cell, **extra}}}
+
+
+def _lm(cell: str, **extra: Any) -> dict[str, dict[str, Any]]:
+    return {"model": {"cell": cell, **extra}}
+
+
+def _music_test(task: Any, model: Any) -> float:
+    return task.nll(model, "test")
+
+
+def _sst_accuracy(task: Any, model: Any) -> float:
+    return task.evaluate(model)["accuracy"]
+
+
+def _sequence_models(make: Callable[..., dict[str, dict[str, Any]]], tcn: dict[str, Any]
+                     ) -> dict[str, dict[str, dict[str, Any]]]:
+    return {"lstm": make("lstm"), "gru": make("gru"), "rnn": make("rnn"),
+            "tcn": make("tcn", **tcn), "mingru": make("mingru")}
+
+
+ROWS: dict[str, Row] = {
+    "adding": Row("adding", "MSE (valid)", True, 70_000,
+                  {"lstm": 0.164, "gru": 5.3e-5, "rnn": 0.177, "tcn": 5.8e-5},
+                  _sequence_models(_recurrent, {"layers": 8, "kernel_size": 8}),
+                  {"data": {"length": 600}}),
+    "copy": Row("copymemory", "cross-entropy (valid)", True, 16_000,
+                {"lstm": 0.0204, "gru": 0.0197, "rnn": 0.0202, "tcn": 3.5e-5},
+                _sequence_models(_lm, {"layers": 8, "kernel_size": 8}),
+                {"data": {"length": 1000}}, width=("model", "hidden")),
+    "jsb": Row("music", "NLL per step (test)", True, 300_000,
+               {"lstm": 8.45, "gru": 8.43, "rnn": 8.91, "tcn": 8.10},
+               _sequence_models(_recurrent, {"layers": 2, "kernel_size": 3}),
+               score=_music_test),
+    "sst": Row("trees", "binary accuracy (dev sentences)", False, 0,
+               {"treelstm": 0.880, "lstm": 0.875},
+               {"treelstm": {"model": {"encoder": "treelstm"}},
+                "childsum": {"model": {"encoder": "childsum"}},
+                "lstm": {"model": {"encoder": "lstm", "bidirectional": True}},
+                "gru": {"model": {"encoder": "gru", "bidirectional": True}},
+                "tcn": {"model": {"encoder": "tcn", "bidirectional": True, "layers": 3}},
+                "mingru": {"model": {"encoder": "mingru", "bidirectional": True}}},
+               score=_sst_accuracy, width=("model", "hidden")),
+}
+
+
+def _update(config: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    for key, value in updates.items():
+        if isinstance(value, dict):
+            _update(config.setdefault(key, {}), value)
+        else:
+            config[key] = value
+    return config
+
+
+def _set_width(config: dict[str, Any], path: tuple[str, ...], value: int) -> None:
+    for key in path[:-1]:
+        config = config[key]
+    config[path[-1]] = value
+
+
+def configured(row: Row, model: str, module: Any) -> dict[str, Any]:
+    """The row's config for ``model``, its width matched to the row's parameter count."""
+    config = _update(_update(module.default_config(), row.base), row.models[model])
+    if not row.params:
+        return config  # rows without a published budget keep each model's own defaults
+    cache: dict[int, int] = {}
+
+    def count(width: int) -> int:
+        if width not in cache:
+            _set_width(config, row.width, width)
+            _, built, _ = module.build(config)
+            cache[width] = sum(p.numel() for p in built.parameters())
+        return cache[width]
+
+    low, high = 2, 2048
+    while high - low > 1:  # the smallest width at or above the budget, then the nearer of two
+        middle = (low + high) // 2
+        low, high = (middle, high) if count(middle) < row.params else (low, middle)
+    best = min((low, high), key=lambda w: abs(count(w) - row.params))
+    _set_width(config, row.width, best)
+    return config
+
+
+def run_row(name: str, models: list[str], minutes: float, out: Path, threads: int | None) -> None:
+    from rnnkit.tasks import task_module
+
+    row = ROWS[name]
+    module = task_module(row.task)
+    stored = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for model_name in models:
+        if threads:
+            torch.set_num_threads(threads)
+        config = configured(row, model_name, module)
+        config["train"].update(minutes=minutes, steps=10_000_000)
+        train_config = TrainConfig.from_dict(config["train"])
+        seed_everything(train_config.seed)
+        task, model, source = module.build(config)
+        params = sum(p.numel() for p in model.parameters())
+        run_dir = out / f"{name}-{model_name}"
+        print(f"== {name} / {model_name}: {params:,} parameters; {source}", flush=True)
+        start = time.perf_counter()
+        result = Trainer(model, task, train_config, run_dir, progress=False).fit()
+        elapsed = time.perf_counter() - start
+        last = _score(row, task, model)
+        best = run_dir / f"{BEST}.json"
+        if best.is_file():  # the weights the run keeps: its best validation (the monitored metric)
+            load_weights(load_checkpoint(best), model)
+        score = _score(row, task, model)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        # validation records carry the step; the training record of that step carries its time
+        seconds = {r["step"]: r["time"] for r in records if r.get("kind") == "train"}
+        curve = [(seconds.get(r["step"], 0.0), r[_curve_key(r, row)])
+                 for r in records if r.get("kind") == "valid"]
+        print(f"   {row.metric}: {score:.6g} with the kept weights ({last:.6g} with the last) after "
+              f"{result.step} steps, {elapsed / 60:.1f} min", flush=True)
+        stored.setdefault(name, {})[model_name] = {
+            "score": score, "last_score": last, "params": params, "steps": result.step,
+            "minutes": elapsed / 60,
+            "budget_minutes": minutes, "threads": torch.get_num_threads(), "curve": curve,
+            "config": config["model"], "date": time.strftime("%Y-%m-%d"),
+        }
+        RESULTS.write_text(json.dumps(stored, indent=1) + "\n")
+
+
+def _score(row: Row, task: Any, model: Any) -> float:
+    return row.score(task, model) if row.score else task.evaluate(model)["loss"]
+
+
+def _curve_key(record: dict[str, Any], row: Row) -> str:
+    return "accuracy" if not row.lower_is_better and "accuracy" in record else "loss"
+
+
+def table() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stored = json.loads(RESULTS.read_text())
+    lines = ["| benchmark | model | parameters | budget | steps | held-out | published |",
+             "|---|---|---|---|---|---|---|"]
+    fig, axes = plt.subplots(1, len(stored), figsize=(4.2 * len(stored), 3.4), squeeze=False)
+    for axis, (name, results) in zip(axes[0], stored.items()):
+        row = ROWS[name]
+        for model_name, result in sorted(results.items()):
+            published = row.published.get(model_name)
+            lines.append(
+                f"| {name}: {row.metric} | {model_name} | {result['params']:,} | "
+                f"{result['budget_minutes']:g} min × {result['threads']} thread(s) | {result['steps']:,} | "
+                f"{result['score']:.4g} | {'' if published is None else f'{published:g}'} |")
+            times = [t / 60 for t, _ in result["curve"]]
+            axis.plot(times, [v for _, v in result["curve"]], label=model_name)
+        axis.set_title(name)
+        axis.set_xlabel("training minutes")
+        axis.set_ylabel(row.metric if row.score else "validation loss")
+        if row.lower_is_better and all(v > 0 for r in results.values() for _, v in r["curve"]):
+            axis.set_yscale("log")
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(DOCS / "comparison.png", dpi=110)
+    (DOCS / "comparison.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {DOCS / 'comparison.md'} and {DOCS / 'comparison.png'}")
+
+
+def _time(fn: Callable[[], Any], seconds: float = 1.0) -> float:
+    fn()  # warm-up
+    samples = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(samples) < 3:
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2]
+
+
+def speed(threads: int) -> None:
+    """minGRU's scan vs rnnkit's GRU at T = 1000, and Tree-LSTM levels vs nodes, side by side."""
+    import rnnkit
+    from rnnkit.data.trees import read_trees
+    from rnnkit.models.tree_lstm import TreeBatch, TreeLSTM
+
+    torch.set_num_threads(threads)
+    print(f"threads {threads}; load average {Path('/proc/loadavg').read_text().split()[:3]}")
+    print("| model | T | B | H | fwd+bwd ms | vs rnnkit GRU |")
+    print("|---|---|---|---|---|---|")
+    for T, B, H in ((1000, 16, 128), (1000, 32, 256)):
+        x = torch.randn(T, B, H)
+        layers = {"GRU (fused)": rnnkit.GRU(H, H), "minGRU (scan)": rnnkit.MinGRU(H, H),
+                  "minLSTM (scan)": rnnkit.MinLSTM(H, H)}
+
+        def step(layer: torch.nn.Module, x: torch.Tensor = x) -> Callable[[], None]:
+            def run() -> None:
+                output, _ = layer(x)
+                output.sum().backward()
+            return run
+
+        times: dict[str, float] = {}
+        for round_ in range(3):  # alternate, so a change of load hits every model alike
+            for name, layer in (layers.items() if round_ % 2 == 0 else reversed(layers.items())):
+                times[name] = min(times.get(name, math.inf), _time(step(layer)))
+        for name, seconds in times.items():
+            print(f"| {name} | {T} | {B} | {H} | {1000 * seconds:.1f} | "
+                  f"{times['GRU (fused)'] / seconds:.2f}× faster |")
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst-trees" / "dev.txt"
+    if not path.is_file():
+        print(f"(Tree-LSTM timing skipped: {path} not present)")
+        return
+    trees = read_trees(path)[:100]
+    words = {w: i for i, w in enumerate(sorted({w for t in trees for w in t.leaves()}))}
+    embed = torch.nn.Embedding(len(words), 150)
+    tree_lstm = TreeLSTM(150, 150)
+
+    def levels() -> None:
+        batch = TreeBatch.build(trees, words)
+        h, _ = tree_lstm(batch, embed(batch.words))
+        h[batch.roots].sum().backward()
+
+    def nodes() -> None:
+        torch.stack(tree_lstm.forward_node_by_node(trees, embed, words)).sum().backward()
+
+    level_time, node_time = _time(levels, 2.0), _time(nodes, 2.0)
+    print(f"Tree-LSTM, 100 SST dev trees, fwd+bwd: level by level {1000 * level_time:.1f} ms, "
+          f"node by node {1000 * node_time:.1f} ms: {node_time / level_time:.1f}× faster batched")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train every model of a row under one budget")
+    run.add_argument("--row", required=True, choices=sorted(ROWS))
+    run.add_argument("--models", default=None, help="comma-separated (default: all of the row)")
+    run.add_argument("--minutes", type=float, default=10.0, help="budget per model")
+    run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--out", type=Path, default=Path("runs/compare"))
+    sub.add_parser("table", help="render docs/comparison.md and .png from the stored results")
+    timing = sub.add_parser("speed", help="scan vs loop and levels vs nodes, side by side")
+    timing.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.command == "run":
+        models = args.models.split(",") if args.models else list(ROWS[args.row].models)
+        unknown = sorted(set(models) - set(ROWS[args.row].models))
+        if unknown:
+            parser.error(f"row {args.row} has no model(s) {', '.join(unknown)}; "
+                         f"it has {', '.join(ROWS[args.row].models)}")
+        run_row(args.row, models, args.minutes, args.out, args.threads)
+    elif args.command == "table":
+        table()
+    else:
+        speed(args.threads)
+
+
+if __name__ == "__main__":
+    main()

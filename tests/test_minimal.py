@@ -1,0 +1,223 @@
+"""minGRU / minLSTM: the parallel scan equals the step-by-step recurrence, values and gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit.cells.minimal import MinGRUMath, MinLSTMMath, positive_activation
+from rnnkit.engine.scan import (
+    log_space_scan,
+    minimal_layer_scan,
+    native_scan_available,
+    sequential_linear_recurrence,
+)
+
+LAYERS = {"mingru": (rnnkit.MinGRU, rnnkit.MinGRUCell), "minlstm": (rnnkit.MinLSTM, rnnkit.MinLSTMCell)}
+
+
+def native_or_skip() -> None:
+    if not native_scan_available(torch.zeros(1)):
+        pytest.skip("the C++ scan cannot be built here (no compiler)")
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_log_space_scan_equals_sequential_recurrence_in_value_and_gradient(with_lengths: bool) -> None:
+    torch.manual_seed(0)
+    T, B, H = 9, 4, 3
+    log_a = (-torch.rand(T, B, H, dtype=torch.float64) * 2).requires_grad_()
+    log_b = torch.randn(T, B, H, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)  # any sign: applied outside the log
+    lengths = torch.tensor([9, 5, 1, 7]) if with_lengths else None
+    out, final = log_space_scan(log_a, log_b, h0, lengths)
+    ref_out, ref_final = sequential_linear_recurrence(log_a, log_b, h0, lengths)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(final, ref_final, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum() + final.sum(), (log_a, log_b, h0))
+    ref_grads = torch.autograd.grad((ref_out * weights).sum() + ref_final.sum(), (log_a, log_b, h0))
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_positive_activation_and_its_log() -> None:
+    v = torch.linspace(-30, 30, 601, dtype=torch.float64)
+    g = positive_activation(v)
+    assert (g > 0).all()
+    from rnnkit.cells.minimal import log_positive_activation
+
+    torch.testing.assert_close(log_positive_activation(v), torch.log(g))
+
+
+def test_minlstm_normalised_gates_sum_to_one() -> None:
+    gx = torch.randn(5, 3 * 4, dtype=torch.float64) * 5
+    log_forget, log_b = MinLSTMMath().coefficients(gx)
+    k_f, k_i, v = gx.chunk(3, dim=-1)
+    f, i = torch.sigmoid(k_f), torch.sigmoid(k_i)
+    torch.testing.assert_close(log_forget.exp(), f / (f + i))
+    torch.testing.assert_close(log_b.exp(), i / (f + i) * positive_activation(v))
+
+
+def test_mingru_step_is_the_paper_update() -> None:
+    gx = torch.randn(5, 2 * 4, dtype=torch.float64)
+    h = torch.randn(5, 4, dtype=torch.float64)
+    k, v = gx.chunk(2, dim=-1)
+    z = torch.sigmoid(k)
+    expected = (1 - z) * h + z * positive_activation(v)
+    torch.testing.assert_close(MinGRUMath().step(gx, h), expected)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("backend", ["auto", "log"])
+def test_layer_equals_its_cells_unrolled(kind: str, bidirectional: bool, with_lengths: bool,
+                                         backend: str) -> None:
+    torch.manual_seed(1)
+    layer_class, cell_class = LAYERS[kind]
+    layer = layer_class(3, 5, num_layers=2, bidirectional=bidirectional, batch_first=True,
+                        backend=backend).double()
+    x = torch.randn(4, 7, 3, dtype=torch.float64)  # (B, T, I)
+    lengths = torch.tensor([7, 2, 5, 1]) if with_lengths else None
+    directions = 2 if bidirectional else 1
+    h0 = torch.randn(2 * directions, 4, 5, dtype=torch.float64)
+    output, h_n = layer(x, h0, lengths=lengths)
+    assert output.shape == (4, 7, 5 * directions) and h_n.shape == (2 * directions, 4, 5)
+
+    layer_input = x.transpose(0, 1)
+    finals = []
+    for depth in range(2):
+        outs = []
+        for direction in range(directions):
+            suffix = f"_l{depth}" + ("_reverse" if direction else "")
+            cell = cell_class(layer_input.shape[2], 5).double()
+            with torch.no_grad():
+                cell.weight_ih.copy_(getattr(layer, "weight_ih" + suffix))
+                cell.bias_ih.copy_(getattr(layer, "bias_ih" + suffix))
+            out, (final,) = rnnkit.unroll(cell, layer_input, (h0[depth * directions + direction],),
+                                          lengths=lengths, reverse=direction == 1)
+            outs.append(out)
+            finals.append(final)
+        layer_input = torch.cat(outs, dim=2)
+    torch.testing.assert_close(output, layer_input.transpose(0, 1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h_n, torch.stack(finals), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("backend", ["auto", "log"])
+def test_layer_gradcheck_float64(kind: str, backend: str) -> None:
+    torch.manual_seed(2)
+    layer = LAYERS[kind][0](2, 3, num_layers=2, bidirectional=True, backend=backend).double()
+    x = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def run(x: torch.Tensor, h0: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        params = dict(zip([name for name, _ in layer.named_parameters()], weights))
+        output, h_n = torch.func.functional_call(layer, params, (x, h0), {"lengths": [5, 3, 1]})
+        return output, h_n
+
+    weights = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+    assert torch.autograd.gradcheck(run, (x, h0, *weights))
+
+
+def test_long_float32_sequence_stays_close_to_the_step_loop() -> None:
+    """T = 1000 in float32: the log-space scan is accurate where the gates have kept h for long."""
+    torch.manual_seed(3)
+    layer = rnnkit.MinGRU(8, 16)
+    x = torch.randn(1000, 2, 8)
+    output, h_n = layer(x)
+    cell = rnnkit.MinGRUCell(8, 16)
+    cell.load_state_dict({"weight_ih": layer.weight_ih_l0, "bias_ih": layer.bias_ih_l0})
+    with torch.no_grad():
+        reference, (final,) = rnnkit.unroll(cell.double(), x.double())
+    torch.testing.assert_close(output.double(), reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h_n[0].double(), final, rtol=1e-4, atol=1e-4)
+
+
+def test_nan_input_poisons_the_state_from_its_step_on_only() -> None:
+    layer = rnnkit.MinGRU(3, 4)
+    x = torch.randn(6, 2, 3)
+    x[3, 1, 0] = float("nan")
+    output, h_n = layer(x)
+    assert not output[:3].isnan().any() and not output[:, 0].isnan().any()
+    assert output[3:, 1].isnan().all() and h_n[0, 1].isnan().all()
+
+
+def test_cell_state_contract() -> None:
+    cell = rnnkit.MinLSTMCell(3, 4)
+    assert cell.state_size == 4 and cell.output_size == 4
+    (h,) = cell.zero_state(2)
+    out, (new_h,) = cell(torch.randn(2, 3), (h,))
+    assert out.shape == (2, 4) and out is new_h
+    with pytest.raises(ValueError, match="x_t"):
+        cell(torch.randn(2, 5))
+
+
+MATHS = {"mingru": MinGRUMath(), "minlstm": MinLSTMMath()}
+
+
+@pytest.mark.parametrize("kind", sorted(MATHS))
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_native_operator_equals_the_step_loop_in_value_and_gradient(kind: str, with_lengths: bool) -> None:
+    native_or_skip()
+    torch.manual_seed(5)
+    math = MATHS[kind]
+    T, B, H = 8, 3, 4
+    gx = (torch.randn(T, B, math.num_gates * H, dtype=torch.float64) * 2).requires_grad_()
+    h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([8, 3, 1]) if with_lengths else None
+    out, final = minimal_layer_scan(math, gx, h0, lengths, backend="native")
+    log_a, log_b = math.coefficients(gx)
+    ref_out, ref_final = sequential_linear_recurrence(log_a, log_b, h0, lengths)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(final, ref_final, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum() + final.sum(), (gx, h0))
+    ref = torch.autograd.grad((ref_out * weights).sum() + ref_final.sum(), (gx, h0))
+    for grad, expected in zip(grads, ref):
+        torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(MATHS))
+def test_native_operator_gradcheck_and_opcheck(kind: str) -> None:
+    native_or_skip()
+    torch.manual_seed(4)
+    gx = torch.randn(6, 2, MATHS[kind].num_gates * 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 2])
+    op = torch.ops.rnnkit_scan.minimal_scan
+    kernel_kind = MATHS[kind].kernel_kind
+    assert torch.autograd.gradcheck(lambda g, h: op(g, h, lengths, kernel_kind), (gx, h0))
+    torch.library.opcheck(op, (gx, h0, lengths, kernel_kind))
+
+
+@pytest.mark.parametrize("kind", sorted(MATHS))
+def test_native_operator_propagates_nan_and_inf_like_the_step_loop(kind: str) -> None:
+    native_or_skip()
+    math = MATHS[kind]
+    gx = torch.randn(5, 2, math.num_gates * 3)
+    gx[2, 0, 1] = float("nan")
+    gx[3, 1, -1] = float("inf")  # an infinite candidate
+    gx[1, 1, 0] = float("-inf")  # a saturated gate
+    h0 = torch.zeros(2, 3)
+    out, _ = minimal_layer_scan(math, gx, h0, backend="native")
+    ref, _ = sequential_linear_recurrence(*math.coefficients(gx), h0)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = out.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite])
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_layers_and_cells_pickle_like_torch_nn(kind: str, tmp_path: Path) -> None:
+    """torch.load(weights_only=True) needs only the rnnkit classes allowed, as for torch.nn.GRU."""
+    layer_class, cell_class = LAYERS[kind]
+    for module in (layer_class(3, 4, num_layers=2, bidirectional=True), cell_class(3, 4)):
+        path = tmp_path / "module.pt"
+        torch.save(module, path)
+        with torch.serialization.safe_globals([type(module)]):
+            loaded = torch.load(path, weights_only=True)
+        x = torch.randn(5, 2, 3) if isinstance(module, layer_class) else torch.randn(2, 3)
+        torch.testing.assert_close(loaded(x)[0], module(x)[0])
