@@ -37,3 +37,12 @@ def test_build_all_reports_every_kernel_of_rnnkit() -> None:
     assert set(results) == {"rnnkit_fused", "rnnkit_ctc", "rnnkit_scan"}
     if native.compiler_missing() is None:
         assert all(error is None for error in results.values()), results
+
+
+def test_rnnkit_build_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from rnnkit.cli import main
+
+    code = main(["build"])
+    out = capsys.readouterr().out
+    assert {"rnnkit_fused", "rnnkit_ctc", "rnnkit_scan"} == {line.split(":")[0] for line in out.splitlines()}
+    assert code == (0 if native.compiler_missing() is None else 1)

@@ -138,6 +138,9 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
     transcribe.add_argument("--threads", type=_typed(CommandOptions, "threads", "--threads"),
                             default=None, help=THREADS_HELP)
 
+    commands.add_parser("build", help="compile rnnkit's C++ kernels now (once per machine)",
+                        description="Build every C++ kernel into torch's extension cache, so that "
+                                    "no first run pauses to compile them.")
     commands.add_parser("tasks", help="the tasks and the data each one reads",
                         description="List the tasks, their data formats and default data.")
 
@@ -315,6 +318,18 @@ def _hello(args: argparse.Namespace) -> int:
     return 0 if run_hello(steps=args.steps, seed=args.seed) == "ello" else 1
 
 
+def _build(args: argparse.Namespace) -> int:
+    from rnnkit.native import build_all
+
+    failed = 0
+    for name, error in build_all():
+        print(f"{name}: {'ready' if error is None else error}")
+        failed += error is not None
+    if failed:
+        print("rnnkit runs without them on its slower pure-torch paths", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from rnnkit.tasks import TASK_DATA
 
@@ -347,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rnnkit.export import cli as export_cli
 
     handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate,
-                "transcribe": _transcribe, "tasks": _tasks, "hello": _hello, "export": export_cli.run,
+                "transcribe": _transcribe, "tasks": _tasks, "build": _build, "hello": _hello,
+                "export": export_cli.run,
                 "explore": run_explore}
     try:
         return handlers[args.command](args)
