@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -240,6 +241,10 @@ def _train(args: argparse.Namespace) -> int:
     if checkpoint is not None:
         print(f"resuming from step {trainer.step} of {train_config.steps}")
     result = trainer.fit()
+    if result.reason == "interrupted":
+        # the process is ending on a signal: more SIGTERMs (schedulers and kill loops send
+        # several) must not kill it while it writes its last files and says how to resume
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     if result.valid:
         shown = (module.describe_metrics(result.valid) if hasattr(module, "describe_metrics")

@@ -78,9 +78,9 @@ def compiler_missing() -> str | None:
     return None
 
 
-# every extension rnnkit declares (each registers itself when its module is imported)
-EXTENSIONS: list[NativeExtension] = []
-_KERNEL_MODULES = ("rnnkit.engine.fused._build", "rnnkit.losses.ctc", "rnnkit.engine.scan")
+# rnnkit's C++ extensions: the module that declares each, and its name there
+_KERNEL_MODULES = {"rnnkit.engine.fused._build": "EXTENSION", "rnnkit.losses.ctc": "_EXTENSION",
+                   "rnnkit.engine.scan": "_EXTENSION"}
 
 
 def build_all() -> list[tuple[str, str | None]]:
@@ -90,10 +90,10 @@ def build_all() -> list[tuple[str, str | None]]:
     in the middle of a user's first run."""
     import importlib
 
-    for module in _KERNEL_MODULES:
-        importlib.import_module(module)
+    extensions = [getattr(importlib.import_module(module), attribute)
+                  for module, attribute in _KERNEL_MODULES.items()]
     return [(extension.name, None if extension.load() is not None else extension.error)
-            for extension in EXTENSIONS]
+            for extension in extensions]
 
 
 def _last_line(exc: BaseException) -> str:
@@ -132,7 +132,6 @@ class NativeExtension:
         self.ops_namespace = ops_namespace
         self.on_load = on_load
         self._lock = threading.Lock()
-        EXTENSIONS.append(self)
         self._module: Any = None
         self._error: str | None = None
         self._tried = False

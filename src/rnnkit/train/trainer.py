@@ -479,11 +479,8 @@ class Trainer:
 
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def _restore_sigint(self, previous: Any) -> None:
+    @staticmethod
+    def _restore_sigint(previous: Any) -> None:
         if previous is not None:
             for sig, old in previous.items():
-                # once a signal has stopped the run, the process is ending: more SIGTERMs (a
-                # scheduler or kill loop sends several) must not kill it while it writes its last
-                # files and says how to resume
-                stopping = self.stop_reason == "interrupted" and sig == signal.SIGTERM
-                signal.signal(sig, signal.SIG_IGN if stopping else old)
+                signal.signal(sig, old)
