@@ -8,7 +8,7 @@ t + 1 is predicted from frames ≤ t.
 Metric: negative log-likelihood per time step (nats, summed over the 88 keys, averaged over all
 predicted frames of the split), as those papers report it. The validation split steers the
 schedule; :meth:`MusicTask.nll` reports any split. :func:`generate` continues a primer and
-:mod:`rnnkit.midi` writes the result as a MIDI file and a piano-roll picture.
+:mod:`rnnkit.tasks.midi` writes the result as a MIDI file and a piano-roll picture.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def generate(model: FrameGenerator, primer: Tensor, steps: int, temperature: flo
              seed: int = 0, midi: str | Path | None = None, picture: str | Path | None = None,
              title: str = "generated chorale") -> Tensor:
     """The primer (T0, P) continued by ``steps`` sampled frames; optionally as MIDI and PNG."""
-    from rnnkit.midi import plot_piano_roll, write_midi
+    from rnnkit.tasks.midi import plot_piano_roll, write_midi
 
     model.eval()
     roll = model.sample(primer, steps, temperature=temperature, seed=seed)  # (T0 + steps, P)

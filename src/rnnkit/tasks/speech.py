@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from rnnkit.data.audio import FeatureConfig, FeatureExtractor, read_wav, write_wav
 from rnnkit.decoding import decode_batch
 from rnnkit.losses import ctc_loss
+from rnnkit.metrics.scoring import align, error_rate
 from rnnkit.models.acoustic import AcousticConfig, AcousticModel
-from rnnkit.scoring import align, error_rate
 from rnnkit.train.checkpoint import Checkpoint, load_checkpoint
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult

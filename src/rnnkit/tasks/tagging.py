@@ -13,7 +13,7 @@ tag loss + ``intent_weight`` · intent cross-entropy. The dev split steers the s
 stopping; :meth:`TaggingTask.scores` reports any split.
 
 Metrics: entity-level precision / recall / F1 as seqeval computes them
-(:mod:`rnnkit.entities`), intent accuracy, and sentence accuracy (all tags and the intent right).
+(:mod:`rnnkit.metrics.entities`), intent accuracy, and sentence accuracy (all tags and the intent right).
 Tags or intents that never occur in training map to ``<unk>`` (a predicted ``<unk>`` tag reads as
 ``O``), so scores on dev/test still count every reference entity and intent.
 """
@@ -36,7 +36,7 @@ from rnnkit.data.text import (
     read_atis,
     read_conll,
 )
-from rnnkit.entities import EntityScores, entity_scores
+from rnnkit.metrics.entities import EntityScores, entity_scores
 from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.models.tagger import Tagger, TaggerConfig
 from rnnkit.tasks.common import (

@@ -12,7 +12,7 @@ Data (``source``):
 than ``min_freq`` times in training map to ``<unk>``.
 
 Metrics on the held-out split with batched greedy decoding: exact match (the whole output equals
-the reference) and corpus BLEU as sacrebleu computes it (:mod:`rnnkit.bleu`; outputs joined
+the reference) and corpus BLEU as sacrebleu computes it (:mod:`rnnkit.metrics.bleu`; outputs joined
 without spaces at char level, with spaces at word level). ``attention_heatmap`` draws the
 attention of one sentence.
 """
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rnnkit.bleu import BLEU, corpus_bleu
 from rnnkit.data.text import Vocabulary, pad_sequences, read_parallel, read_tsv_pairs
+from rnnkit.metrics.bleu import BLEU, corpus_bleu
 from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from rnnkit.tasks import dates
