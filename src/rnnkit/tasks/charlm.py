@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.data.corpus import STDLIB_CHARS, read_files, read_stdlib
-from rnnkit.data.streams import batchify, encode_tensor, num_windows, stream_window
+from rnnkit.data.streams import (
+    batchify,
+    encode_tensor,
+    evaluation_rows,
+    num_windows,
+    stream_window,
+)
 from rnnkit.data.vocab import CharVocab
 from rnnkit.models.language_model import LanguageModel, LMConfig
 from rnnkit.train.checkpoint import Checkpoint, load_checkpoint
@@ -170,9 +176,9 @@ class CharLMTask(StreamLMTask):
         self.model_config = model_config
         self.train_stream = batchify(encode_tensor(vocab.encode(train_text, "training text")),
                                      batch_size)  # (N, B)
-        eval_batch = max(1, min(data.eval_batch_size, len(valid_text) // (data.seq_len + 1)))
-        self.valid_stream = batchify(encode_tensor(vocab.encode(valid_text, "validation text")),
-                                     eval_batch)
+        valid = encode_tensor(vocab.encode(valid_text, "validation text"))
+        self.valid_stream = batchify(valid, evaluation_rows(valid.numel(), data.seq_len,
+                                                            data.eval_batch_size))
         self.windows = num_windows(self.train_stream, data.seq_len)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -217,7 +223,8 @@ def load_model(path: str | Path) -> tuple[LanguageModel, CharVocab, Checkpoint]:
 @torch.no_grad()
 def evaluate_text(model: LanguageModel, vocab: CharVocab, text: str, seq_len: int = 100,
                   batch_size: int = 64, skip_unknown: bool = False) -> dict[str, float]:
-    """Nats and bits per symbol of ``text`` (as one stream split into ``batch_size`` rows).
+    """Nats and bits per symbol of ``text``, as validation scores its text: one stream laid out
+    in up to ``batch_size`` rows (:func:`~rnnkit.data.streams.evaluation_rows`).
 
     With ``skip_unknown`` symbols outside the vocabulary are left out and counted in
     ``"unknown"``; otherwise the first one raises naming it.
@@ -229,9 +236,9 @@ def evaluate_text(model: LanguageModel, vocab: CharVocab, text: str, seq_len: in
     if len(indices) < 3:
         raise ValueError(f"the evaluation text has only {len(indices)} known symbols")
     tokens = encode_tensor(indices)
-    batch_size = max(1, min(batch_size, (tokens.numel() - 1) // 2))
+    rows = evaluation_rows(tokens.numel(), seq_len, batch_size)
     model.eval()
-    metrics = metrics_from(*loss_over_stream(model, batchify(tokens, batch_size), seq_len))
+    metrics = metrics_from(*loss_over_stream(model, batchify(tokens, rows), seq_len))
     return {**metrics, "symbols": float(tokens.numel()), "unknown": float(unknown)}
 
 

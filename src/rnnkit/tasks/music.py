@@ -82,6 +82,22 @@ def collate(rolls: list[Tensor]) -> Batch:
     return Batch(frames, per_sequence(lengths))
 
 
+@torch.no_grad()
+def rolls_nll(model: nn.Module, rolls: list[Tensor], batch_size: int) -> float:
+    """NLL per predicted time step (nats, summed over keys) over every roll (T, P) given."""
+    model.eval()
+    total, steps = 0.0, 0
+    for start in range(0, len(rolls), batch_size):
+        batch = collate(rolls[start:start + batch_size])
+        frames, lengths = batch.inputs, batch.targets[0]
+        logits, _ = model(frames[:-1], lengths - 1)  # (T-1, B, P)
+        mask = valid_mask(lengths - 1, frames.shape[0] - 1)  # (T-1, B)
+        count = int(mask.sum())
+        total += float(frame_nll(logits, frames[1:], mask)) * count
+        steps += count
+    return total / steps
+
+
 class MusicTask:
     """The Trainer's view of piano-roll modelling."""
 
@@ -104,22 +120,9 @@ class MusicTask:
         loss = model.loss(batch.inputs, lengths)
         return StepResult(loss, None, int((lengths - 1).sum()))
 
-    @torch.no_grad()
     def nll(self, model: nn.Module, split: str = "valid") -> float:
         """NLL per predicted time step over every sequence of ``split``."""
-        model.eval()
-        rolls = self.rolls[split]
-        total, steps = 0.0, 0
-        size = self.data.eval_batch_size
-        for start in range(0, len(rolls), size):
-            batch = collate(rolls[start:start + size])
-            frames, lengths = batch.inputs, batch.targets[0]
-            logits, _ = model(frames[:-1], lengths - 1)  # (T-1, B, P)
-            mask = valid_mask(lengths - 1, frames.shape[0] - 1)  # (T-1, B)
-            count = int(mask.sum())
-            total += float(frame_nll(logits, frames[1:], mask)) * count
-            steps += count
-        return total / steps
+        return rolls_nll(model, self.rolls[split], self.data.eval_batch_size)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return {"loss": self.nll(model, "valid")}

@@ -255,19 +255,9 @@ class SentimentTask:
         loss = F.cross_entropy(model(**model_inputs(batch)), labels)
         return StepResult(loss, None, int(labels.numel()))
 
-    @torch.no_grad()
     def probabilities(self, model: nn.Module, split: str = "dev") -> Tensor:
         """Class probabilities (N, C) of every example of ``split`` ("dev" or "holdout"), in order."""
-        model.eval()
-        ids, labels = self.splits[split]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i][0]))
-        probs = torch.zeros(len(ids), len(self.labels))
-        size = self.data.eval_batch_size
-        for start in range(0, len(order), size):
-            chosen = order[start:start + size]
-            batch = collate([ids[i] for i in chosen], [labels[i] for i in chosen], self.vocab.pad)
-            probs[chosen] = model(**model_inputs(batch)).softmax(-1).float()  # (B, C)
-        return probs
+        return probabilities(model, self.splits[split][0], self.vocab.pad, self.data.eval_batch_size)
 
     def predictions(self, model: nn.Module | list[nn.Module], split: str = "dev"
                     ) -> tuple[list[int], list[int], float]:
@@ -275,10 +265,7 @@ class SentimentTask:
         ensemble: their class probabilities are averaged."""
         models = model if isinstance(model, list) else [model]
         probs = torch.stack([self.probabilities(m, split) for m in models]).mean(0)  # (N, C)
-        references = list(self.splits[split][1])
-        target = torch.tensor(references)
-        loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), target)) if references else 0.0
-        return references, probs.argmax(-1).tolist(), loss
+        return predictions_from(probs, list(self.splits[split][1]))
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         references, predictions, loss = self.predictions(model, self.validation_split)
@@ -287,6 +274,26 @@ class SentimentTask:
     def describe(self) -> dict[str, Any]:
         return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data),
                 "encoder": self.encoder.to_json(), "labels": self.labels}
+
+
+@torch.no_grad()
+def probabilities(model: nn.Module, sentences: list[Encoded], pad: int, batch_size: int) -> Tensor:
+    """Class probabilities (N, C) of encoded sentences, in order, batched longest first."""
+    model.eval()
+    order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i][0]))
+    probs = torch.zeros(len(sentences), model.config.classes)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        batch = collate([sentences[i] for i in chosen], [0] * len(chosen), pad)
+        probs[chosen] = model(**model_inputs(batch)).softmax(-1).float()  # (B, C)
+    return probs
+
+
+def predictions_from(probs: Tensor, references: list[int]) -> tuple[list[int], list[int], float]:
+    """(references, predicted classes, mean cross-entropy) from class probabilities (N, C)."""
+    target = torch.tensor(references)
+    loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), target)) if references else 0.0
+    return references, probs.argmax(-1).tolist(), loss
 
 
 def classification_metrics(references: list[int], predictions: list[int], labels: list[str]

@@ -217,6 +217,34 @@ def labels_to_digits(labels: list[int]) -> list[int]:
     return [label - 1 for label in labels]
 
 
+@torch.no_grad()
+def recognise(model: nn.Module, features: list[Tensor], references: list[list[int]],
+              batch_size: int, beam_width: int = 1
+              ) -> tuple[list[list[int]], list[list[int]], float]:
+    """(references, recognised digits, CTC loss per reference label) of utterances' features."""
+    model.eval()
+    hypotheses, total_loss = [], 0.0
+    for start in range(0, len(features), batch_size):
+        digits = references[start:start + batch_size]
+        batch = collate(features[start:start + batch_size], digits)
+        (padded, lengths), (targets, target_lengths) = batch.inputs, batch.targets
+        log_probs, out_lengths = model(padded, lengths)
+        total_loss += float(ctc_loss(log_probs, targets, out_lengths, target_lengths,
+                                     reduction="sum", zero_infinity=True))
+        decoded = decode_batch(log_probs, out_lengths, blank=BLANK, beam_width=beam_width)
+        hypotheses += [labels_to_digits(h.labels) for h in decoded]
+    label_count = sum(len(r) for r in references)
+    return list(references), hypotheses, total_loss / max(1, label_count)
+
+
+def recognition_metrics(references: list[list[int]], hypotheses: list[list[int]], loss: float
+                        ) -> dict[str, float]:
+    """CTC loss, digit error rate and sequence accuracy (exact match)."""
+    exact = sum(r == h for r, h in zip(references, hypotheses))
+    return {"loss": loss, "der": error_rate(references, hypotheses),
+            "seq_acc": exact / max(1, len(references))}
+
+
 class SpeechTask:
     """The Trainer's view of digit-string recognition."""
 
@@ -253,31 +281,14 @@ class SpeechTask:
                         zero_infinity=True)
         return StepResult(loss, None, int(target_lengths.sum()))
 
-    @torch.no_grad()
     def predictions(self, model: nn.Module, beam_width: int = 1
                     ) -> tuple[list[list[int]], list[list[int]], float]:
         """(references, hypotheses, mean CTC loss) over the held-out utterances."""
-        model.eval()
-        references, hypotheses, total_loss = [], [], 0.0
-        size = self.data.eval_batch_size
-        for start in range(0, len(self.valid), size):
-            digits = [d for _, d in self.valid[start:start + size]]
-            batch = collate(self.valid_features[start:start + size], digits)
-            (features, lengths), (targets, target_lengths) = batch.inputs, batch.targets
-            log_probs, out_lengths = model(features, lengths)
-            total_loss += float(ctc_loss(log_probs, targets, out_lengths, target_lengths,
-                                         reduction="sum", zero_infinity=True))
-            decoded = decode_batch(log_probs, out_lengths, blank=BLANK, beam_width=beam_width)
-            references += digits
-            hypotheses += [labels_to_digits(h.labels) for h in decoded]
-        label_count = sum(len(r) for r in references)
-        return references, hypotheses, total_loss / max(1, label_count)
+        return recognise(model, self.valid_features, [d for _, d in self.valid],
+                         self.data.eval_batch_size, beam_width)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        references, hypotheses, loss = self.predictions(model)
-        exact = sum(r == h for r, h in zip(references, hypotheses))
-        return {"loss": loss, "der": error_rate(references, hypotheses),
-                "seq_acc": exact / len(references)}
+        return recognition_metrics(*self.predictions(model))
 
     def describe(self) -> dict[str, Any]:
         return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data)}

@@ -210,6 +210,47 @@ class TaggingScores:
         return out
 
 
+def _tag(vocab: Vocabularies, index: int) -> str:
+    tag = vocab.tags.tokens[index]
+    return "O" if tag == UNK else tag
+
+
+@torch.no_grad()
+def predict_split(model: nn.Module, data: Encoded, vocab: Vocabularies, batch_size: int
+                  ) -> tuple[list[list[str]], list[str | None] | None, float]:
+    """Predicted tags and intents (strings, in the split's order) and the mean loss."""
+    model.eval()
+    order = sorted(range(len(data.words)), key=lambda i: -len(data.words[i]))
+    tags: list[list[str]] = [[] for _ in order]
+    intents: list[str | None] = [None for _ in order]
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        args = _model_args(collate(data, chosen))
+        total += float(model.loss(**args)) * len(chosen)
+        best, best_intents = model.decode(args["tokens"], args["lengths"], args["chars"],
+                                          args["char_lengths"])
+        for row, i in enumerate(chosen):
+            tags[i] = [_tag(vocab, t) for t in best[row]]
+            if best_intents is not None and vocab.intents is not None:
+                intents[i] = vocab.intents.tokens[best_intents[row]]
+    return tags, (intents if vocab.intents is not None else None), total / max(1, len(order))
+
+
+def score_split(model: nn.Module, data: Encoded, vocab: Vocabularies, batch_size: int
+                ) -> TaggingScores:
+    """Entity scores, intent and sentence accuracy, and the loss on an encoded split."""
+    predicted, intents, loss = predict_split(model, data, vocab, batch_size)
+    right = [p == g for p, g in zip(predicted, data.gold_tags)]
+    intent_accuracy = None
+    if intents is not None:
+        hits = [p == g for p, g in zip(intents, data.gold_intents)]
+        intent_accuracy = sum(hits) / len(hits)
+        right = [a and b for a, b in zip(right, hits)]
+    return TaggingScores(entity_scores(data.gold_tags, predicted), intent_accuracy,
+                         sum(right) / len(right), loss)
+
+
 class TaggingTask:
     """The Trainer's view of slot filling / NER."""
 
@@ -234,43 +275,13 @@ class TaggingTask:
         loss = model.loss(**args)
         return StepResult(loss, None, int(args["lengths"].sum()))  # type: ignore[union-attr]
 
-    @torch.no_grad()
     def predict(self, model: nn.Module, split: str = "valid"
                 ) -> tuple[list[list[str]], list[str | None] | None, float]:
         """Predicted tags and intents (strings, in the split's order) and the mean loss."""
-        model.eval()
-        data = self.splits[split]
-        order = sorted(range(len(data.words)), key=lambda i: -len(data.words[i]))
-        tags: list[list[str]] = [[] for _ in order]
-        intents: list[str | None] = [None for _ in order]
-        total, size = 0.0, self.data.eval_batch_size
-        for start in range(0, len(order), size):
-            chosen = order[start:start + size]
-            args = _model_args(collate(data, chosen))
-            total += float(model.loss(**args)) * len(chosen)
-            best, best_intents = model.decode(args["tokens"], args["lengths"], args["chars"],
-                                              args["char_lengths"])
-            for row, i in enumerate(chosen):
-                tags[i] = [self._tag(t) for t in best[row]]
-                if best_intents is not None and self.vocab.intents is not None:
-                    intents[i] = self.vocab.intents.tokens[best_intents[row]]
-        return tags, (intents if self.vocab.intents is not None else None), total / len(order)
-
-    def _tag(self, index: int) -> str:
-        tag = self.vocab.tags.tokens[index]
-        return "O" if tag == UNK else tag
+        return predict_split(model, self.splits[split], self.vocab, self.data.eval_batch_size)
 
     def scores(self, model: nn.Module, split: str = "valid") -> TaggingScores:
-        predicted, intents, loss = self.predict(model, split)
-        data = self.splits[split]
-        right = [p == g for p, g in zip(predicted, data.gold_tags)]
-        intent_accuracy = None
-        if intents is not None:
-            hits = [p == g for p, g in zip(intents, data.gold_intents)]
-            intent_accuracy = sum(hits) / len(hits)
-            right = [a and b for a, b in zip(right, hits)]
-        return TaggingScores(entity_scores(data.gold_tags, predicted), intent_accuracy,
-                             sum(right) / len(right), loss)
+        return score_split(model, self.splits[split], self.vocab, self.data.eval_batch_size)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return self.scores(model, "valid").metrics()

@@ -145,6 +145,40 @@ def collate(sources: list[list[int]], targets: list[list[int]], pad: int) -> Bat
     return Batch((source, per_sequence(source_lengths)), (target, per_sequence(target_lengths)))
 
 
+@torch.no_grad()
+def translate_encoded(model: Seq2Seq, sources: list[list[int]], targets: list[list[int]],
+                      target_vocab: Vocabulary, data: TranslateDataConfig
+                      ) -> tuple[list[list[str]], float]:
+    """Greedy outputs (symbol lists, in order) of encoded sources and the teacher-forced loss
+    per token of their references (targets ending in </s>)."""
+    model.eval()
+    order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
+    outputs: list[list[str]] = [[] for _ in order]
+    total, tokens = 0.0, 0
+    size = data.eval_batch_size
+    for start in range(0, len(order), size):
+        chosen = order[start:start + size]
+        batch = collate([sources[i] for i in chosen], [targets[i] for i in chosen], target_vocab.pad)
+        (source, source_lengths), (target, target_lengths) = batch.inputs, batch.targets
+        count = int(target_lengths.sum())
+        total += float(model.loss(source, source_lengths[0], target, target_lengths[0])) * count
+        tokens += count
+        limit = int(data.max_decode_ratio * source.shape[0]) + 10
+        decoded = model.greedy(source, source_lengths[0], max_length=limit)
+        for row, i in enumerate(chosen):
+            outputs[i] = target_vocab.decode(decoded.tokens[row])
+    return outputs, total / max(1, tokens)
+
+
+def score_outputs(outputs: list[list[str]], references: list[list[str]], char_level: bool
+                  ) -> tuple[float, BLEU]:
+    """Exact-match accuracy and corpus BLEU of outputs against references (symbol lists)."""
+    exact = sum(out == ref for out, ref in zip(outputs, references)) / max(1, len(references))
+    bleu = corpus_bleu([detokenize(o, char_level) for o in outputs],
+                       [detokenize(ref, char_level) for ref in references])
+    return exact, bleu
+
+
 class TranslateTask:
     """The Trainer's view of sequence-to-sequence translation."""
 
@@ -177,35 +211,14 @@ class TranslateTask:
         loss = model.loss(source, source_lengths[0], target, target_lengths[0])
         return StepResult(loss, None, int(target_lengths.sum()))
 
-    @torch.no_grad()
     def translations(self, model: Seq2Seq) -> tuple[list[list[str]], float]:
         """Greedy outputs (symbol lists, in held-out order) and the teacher-forced loss per token."""
-        model.eval()
-        order = sorted(range(len(self.valid)), key=lambda i: -len(self.valid_sources[i]))
-        outputs: list[list[str]] = [[] for _ in order]
-        total, tokens = 0.0, 0
-        size = self.data.eval_batch_size
-        for start in range(0, len(order), size):
-            chosen = order[start:start + size]
-            batch = collate([self.valid_sources[i] for i in chosen],
-                            [self.valid_targets[i] for i in chosen], self.source_vocab.pad)
-            (source, source_lengths), (target, target_lengths) = batch.inputs, batch.targets
-            count = int(target_lengths.sum())
-            total += float(model.loss(source, source_lengths[0], target, target_lengths[0])) * count
-            tokens += count
-            limit = int(self.data.max_decode_ratio * source.shape[0]) + 10
-            decoded = model.greedy(source, source_lengths[0], max_length=limit)
-            for row, i in enumerate(chosen):
-                outputs[i] = self.target_vocab.decode(decoded.tokens[row])
-        return outputs, total / max(1, tokens)
+        return translate_encoded(model, self.valid_sources, self.valid_targets, self.target_vocab,
+                                 self.data)
 
     def scores(self, outputs: list[list[str]]) -> tuple[float, BLEU]:
         """Exact-match accuracy and corpus BLEU of held-out outputs."""
-        exact = sum(out == ref for out, (_, ref) in zip(outputs, self.valid)) / len(self.valid)
-        char = self.data.char_level
-        bleu = corpus_bleu([detokenize(o, char) for o in outputs],
-                           [detokenize(ref, char) for _, ref in self.valid])
-        return exact, bleu
+        return score_outputs(outputs, [ref for _, ref in self.valid], self.data.char_level)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         outputs, loss = self.translations(model)  # type: ignore[arg-type]

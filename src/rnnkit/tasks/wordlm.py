@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rnnkit.data.streams import batchify, encode_tensor, num_windows
+from rnnkit.data.streams import batchify, encode_tensor, evaluation_rows, num_windows
 from rnnkit.data.text import Vocabulary, read_lines
 from rnnkit.models.language_model import LanguageModel, LMConfig
 from rnnkit.tasks.charlm import StreamLMTask, loss_over_stream
@@ -93,20 +93,26 @@ class WordLMTask(StreamLMTask):
                  model_config: LMConfig, batch_size: int) -> None:
         self.vocab, self.data, self.model_config = vocab, data, model_config
         self.train_stream = batchify(train, batch_size)  # (N, B)
-        self.valid_stream = batchify(valid, max(1, min(data.eval_batch_size,
-                                                       valid.numel() // (data.seq_len + 1))))
+        self.valid_stream = batchify(valid, evaluation_rows(valid.numel(), data.seq_len,
+                                                            data.eval_batch_size))
         self.windows = num_windows(self.train_stream, data.seq_len)
         self.counts = {"train words": train.numel(), "valid words": valid.numel(),
                        "vocabulary": len(vocab)}
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        total, count = loss_over_stream(model, self.valid_stream, self.data.seq_len)
-        return {"loss": total / count, "ppl": math.exp(total / count)}
+        return stream_metrics(model, self.valid_stream, self.data.seq_len)
 
     def describe(self) -> dict[str, Any]:
         return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data),
                 "vocab": self.vocab.to_json()}
+
+
+@torch.no_grad()
+def stream_metrics(model: nn.Module, stream: Tensor, seq_len: int) -> dict[str, float]:
+    """Mean cross-entropy per word (nats) and perplexity of a batchified stream (N, B)."""
+    model.eval()
+    total, count = loss_over_stream(model, stream, seq_len)
+    return {"loss": total / count, "ppl": math.exp(total / count)}
 
 
 def init_uniform(model: nn.Module, scale: float) -> None:
@@ -145,16 +151,14 @@ def load_model(path: str | Path) -> tuple[LanguageModel, Vocabulary, Checkpoint]
     return model, Vocabulary.from_json(described["vocab"]), checkpoint
 
 
-@torch.no_grad()
 def perplexity(model: LanguageModel, vocab: Vocabulary, path: str | Path, seq_len: int = 35,
                batch_size: int = 10) -> float:
-    """Perplexity of a PTB-style text file under the model (unknown words → ``<unk>``)."""
+    """Perplexity of a PTB-style text file under the model (unknown words → ``<unk>``), laid
+    out in rows as validation lays out its text."""
     words, _ = read_words(Path(path))
     stream = encode(vocab, words, f"text {path}")
-    model.eval()
-    rows = max(1, min(batch_size, stream.numel() // (seq_len + 1)))
-    total, count = loss_over_stream(model, batchify(stream, rows), seq_len)
-    return math.exp(total / count)
+    rows = evaluation_rows(stream.numel(), seq_len, batch_size)
+    return stream_metrics(model, batchify(stream, rows), seq_len)["ppl"]
 
 
 @torch.no_grad()
