@@ -111,10 +111,14 @@ def test_labelled_tsv_with_header(tmp_path: Path) -> None:
     assert read_labelled_tsv(write(tmp_path / "glue.tsv", glue))[0] == [(["a", "gem"], "1")]
     with pytest.raises(FormatError, match=r"train\.tsv, line 3: expected 2 tab-separated columns"):
         read_labelled_tsv(write(tmp_path / "train.tsv", "label\tsentence\n0\tok\n1 missing tab\n"))
+    # columns are matched by role, whatever the spelling and case
+    for header in ("Polarity\tReview", "label\tcontent", "text\tsentiment"):
+        found = read_labelled_tsv(write(tmp_path / "roles.tsv", f"{header}\n1\tgood\n"))[0]
+        assert found == ([(["good"], "1")] if header[0] != "t" else [(["1"], "good")])
     with pytest.raises(FormatError, match=r"line 1: header .* lacks a column named label"):
-        read_labelled_tsv(write(tmp_path / "train.tsv", "polarity\ttext\n0\tok\n"))
+        read_labelled_tsv(write(tmp_path / "train.tsv", "score\ttext\n0\tok\n"))
     with pytest.raises(FormatError, match=r"lacks a column named sentence or content or text"):
-        read_labelled_tsv(write(tmp_path / "train.tsv", "label\treview\n0\tok\n"))
+        read_labelled_tsv(write(tmp_path / "train.tsv", "label\tbody\n0\tok\n"))
 
 
 def test_ptb_escapes_become_characters_again() -> None:

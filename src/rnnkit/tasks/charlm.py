@@ -26,7 +26,8 @@ from rnnkit.data.streams import (
 )
 from rnnkit.data.vocab import CharVocab
 from rnnkit.models.language_model import LanguageModel, LMConfig
-from rnnkit.train.checkpoint import Checkpoint, load_checkpoint
+from rnnkit.tasks.common import load_task_checkpoint
+from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult
 
@@ -207,13 +208,9 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[CharLMTask, LanguageModel,
     return task, LanguageModel(model_config), source
 
 
-def load_model(path: str | Path) -> tuple[LanguageModel, CharVocab, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[LanguageModel, CharVocab, Checkpoint]:
     """The trained model and its vocabulary from a run directory or checkpoint JSON."""
-    checkpoint = load_checkpoint(path)
-    described = checkpoint.meta.get("task", {})
-    if described.get("name") != NAME:
-        raise ValueError(f"{checkpoint.path} is a {described.get('name')!r} checkpoint, "
-                         f"not a {NAME} one")
+    checkpoint, described = load_task_checkpoint(path, NAME)
     model = LanguageModel(LMConfig.from_dict(described["model"]))
     model.load_state_dict(checkpoint.group("model"))
     model.eval()

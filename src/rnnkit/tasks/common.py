@@ -43,9 +43,11 @@ class EpochPlan:
         return self._batches[position]
 
 
-def load_task_checkpoint(path: str | Path, name: str) -> tuple[Checkpoint, dict[str, Any]]:
-    """The checkpoint at ``path`` and its task description; refuses another task's checkpoint."""
-    checkpoint = load_checkpoint(path)
+def load_task_checkpoint(path: str | Path | Checkpoint, name: str
+                         ) -> tuple[Checkpoint, dict[str, Any]]:
+    """The checkpoint at ``path`` (or already read) and its task description; refuses another
+    task's checkpoint."""
+    checkpoint = path if isinstance(path, Checkpoint) else load_checkpoint(path)
     described = checkpoint.meta.get("task", {})
     if described.get("name") != name:
         raise ValueError(f"{checkpoint.path} is a {described.get('name')!r} checkpoint, "

@@ -200,7 +200,7 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[DigitsTask, SequenceClassi
     return task, SequenceClassifier(model_config), "scikit-learn's 8×8 digits (1,797 images)"
 
 
-def load_model(path: str | Path) -> tuple[SequenceClassifier, DigitsDataConfig, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[SequenceClassifier, DigitsDataConfig, Checkpoint]:
     """The trained classifier and its data options from a run directory or checkpoint."""
     checkpoint, described = load_task_checkpoint(path, NAME)
     model = SequenceClassifier(ClassifierConfig.from_dict(described["model"]))

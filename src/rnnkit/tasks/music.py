@@ -145,7 +145,7 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[MusicTask, FrameGenerator,
     return task, FrameGenerator(model_config), f"{path} ({counts} sequences)"
 
 
-def load_model(path: str | Path) -> tuple[FrameGenerator, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[FrameGenerator, Checkpoint]:
     """The trained generator from a run directory or checkpoint."""
     checkpoint, described = load_task_checkpoint(path, NAME)
     model = FrameGenerator(GeneratorConfig.from_dict(described["model"]))

@@ -35,6 +35,7 @@ from rnnkit.data.text import (
     pad_characters,
     pad_sequences,
     read_labelled_tsv,
+    tokenize_text,
     unescape_ptb,
 )
 from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier
@@ -162,7 +163,9 @@ class TextEncoder:
         return cls(words, char_vocab, data.lowercase, data.unescape_ptb)
 
     def tokens(self, text: str) -> list[str]:
-        tokens = (text.lower() if self.lowercase else text).split()
+        """Raw text as the treebank tokenised it ("it's great!" → it 's great !), words the
+        vocabulary holds kept whole."""
+        tokens = tokenize_text(text, self.words, self.lowercase)
         return unescape_ptb(tokens) if self.unescape_ptb else tokens
 
     def encode(self, tokens: list[str]) -> Encoded:
@@ -331,7 +334,8 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[SentimentTask, SequenceCla
     return task, SequenceClassifier(model_config), f"{train_summary}; {valid_summary}"
 
 
-def load_model(path: str | Path) -> tuple[SequenceClassifier, TextEncoder, list[str], Checkpoint]:
+def load_model(path: str | Path | Checkpoint
+               ) -> tuple[SequenceClassifier, TextEncoder, list[str], Checkpoint]:
     """The trained classifier, its text encoder and label names from a run directory or checkpoint."""
     checkpoint, described = load_task_checkpoint(path, NAME)
     model = SequenceClassifier(ClassifierConfig.from_dict(described["model"]))

@@ -34,7 +34,8 @@ from rnnkit.decoding import decode_batch
 from rnnkit.losses import ctc_loss
 from rnnkit.metrics.scoring import align, error_rate
 from rnnkit.models.acoustic import AcousticConfig, AcousticModel
-from rnnkit.train.checkpoint import Checkpoint, load_checkpoint
+from rnnkit.tasks.common import load_task_checkpoint
+from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult
 
@@ -306,13 +307,9 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[SpeechTask, AcousticModel,
     return task, AcousticModel(model_config), task.source
 
 
-def load_model(path: str | Path) -> tuple[AcousticModel, FeatureExtractor, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[AcousticModel, FeatureExtractor, Checkpoint]:
     """The trained acoustic model and its feature extractor from a run directory or checkpoint."""
-    checkpoint = load_checkpoint(path)
-    described = checkpoint.meta.get("task", {})
-    if described.get("name") != NAME:
-        raise ValueError(f"{checkpoint.path} is a {described.get('name')!r} checkpoint, "
-                         f"not a {NAME} one")
+    checkpoint, described = load_task_checkpoint(path, NAME)
     model = AcousticModel(AcousticConfig.from_dict(described["model"]))
     model.load_state_dict(checkpoint.group("model"))
     model.eval()

@@ -315,7 +315,7 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[TaggingTask, Tagger, str]:
     return task, Tagger(model_config), "; ".join(summaries)
 
 
-def load_model(path: str | Path) -> tuple[Tagger, Vocabularies, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[Tagger, Vocabularies, Checkpoint]:
     """The trained tagger and its vocabularies from a run directory or checkpoint."""
     checkpoint, described = load_task_checkpoint(path, NAME)
     model = Tagger(TaggerConfig.from_dict(described["model"]))

@@ -286,7 +286,7 @@ class Translator:
         return detokenize(self.target_vocab.decode(tokens), self.data.char_level)
 
 
-def load_model(path: str | Path) -> tuple[Translator, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[Translator, Checkpoint]:
     """The trained translator from a run directory or checkpoint."""
     checkpoint, described = load_task_checkpoint(path, NAME)
     model = Seq2Seq(Seq2SeqConfig.from_dict(described["model"]))

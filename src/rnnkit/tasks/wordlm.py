@@ -142,7 +142,7 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[WordLMTask, LanguageModel,
     return task, model, f"{train_summary}; {valid_summary}"
 
 
-def load_model(path: str | Path) -> tuple[LanguageModel, Vocabulary, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[LanguageModel, Vocabulary, Checkpoint]:
     """The trained model and its vocabulary from a run directory or checkpoint."""
     checkpoint, described = load_task_checkpoint(path, NAME)
     model = LanguageModel(LMConfig.from_dict(described["model"]))
