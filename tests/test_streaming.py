@@ -131,7 +131,10 @@ def test_language_model_generation_streams_equal_rerunning_the_prefix() -> None:
             logits, _ = model(torch.tensor(history).unsqueeze(1))
             history.append(int(logits[-1, 0].argmax()))
         assert got == history[len(prime):]
-    # sampling: a batch of streams draws what each stream alone draws from the same generator
-    sampled = continue_streams(model, primes[:1], 8, 1.0, None, torch.Generator().manual_seed(3))
-    assert sampled == continue_streams(model, primes[:1], 8, 1.0, None,
-                                       torch.Generator().manual_seed(3))
+    # sampling: a stream in a batch draws what it draws alone from its own generator
+    def seeded(count: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(3) for _ in range(count)]
+
+    batched = continue_streams(model, primes, 8, 1.0, None, seeded(3))
+    for i, prime in enumerate(primes):
+        assert batched[i] == continue_streams(model, [prime], 8, 1.0, None, seeded(1))[0]

@@ -1,4 +1,4 @@
-"""The ``rnnkit`` command: ``train``, ``sample``, ``evaluate`` and ``hello``.
+"""The ``rnnkit`` command: ``train``, ``predict``, ``evaluate``, ``sample``, ``transcribe``, ``hello``.
 
 Options come from defaults, then a YAML/TOML ``--config`` file, then flags (later wins); every
 run writes its resolved ``config.yaml`` beside its checkpoint so ``--config`` repeats it.
@@ -130,7 +130,7 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rnnkit", description="Recurrent networks: train, sample, evaluate.")
+        prog="rnnkit", description="Recurrent networks: train, predict, evaluate, sample.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
@@ -166,31 +166,13 @@ def _build_parser() -> argparse.ArgumentParser:
         else:
             train.add_argument(flag, type=kind, help=text)
 
-    sample = commands.add_parser("sample", help="generate text from a checkpoint",
-                                 description="Generate text from a trained charlm checkpoint.")
-    sample.add_argument("checkpoint", help="run directory or its checkpoint.json")
-    sample.add_argument("--prime", default="", help="text to start from")
-    sample.add_argument("--length", type=int, default=400, help="symbols to generate")
-    sample.add_argument("--temperature", type=float, default=0.8,
-                        help="softmax temperature; 0 picks the likeliest symbol")
-    sample.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
-    sample.add_argument("--seed", type=int, default=None, help="seed: same seed, same text")
-    sample.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    # the subcommands that use a trained run live in rnnkit.commands, one module each
+    from rnnkit.commands import evaluate, faces, predict
 
-    evaluate = commands.add_parser("evaluate", help="loss of a checkpoint on a text file",
-                                   description="Print nats and bits per character of a text.")
-    evaluate.add_argument("checkpoint", help="run directory or its checkpoint.json")
-    evaluate.add_argument("--data", nargs="+", required=True, metavar="FILE",
-                          help="UTF-8 text file(s)")
-    evaluate.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-
-    transcribe = commands.add_parser(
-        "transcribe", help="the digits spoken in WAV files (speech checkpoint)",
-        description="Print the digit string a trained speech model hears in each WAV file.")
-    transcribe.add_argument("checkpoint", help="run directory or its checkpoint.json")
-    transcribe.add_argument("wav", nargs="+", help="8 kHz mono PCM WAV file(s)")
-    transcribe.add_argument("--beam", type=int, default=8, help="beam width (1: greedy)")
-    transcribe.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    predict.add_parser(commands, THREADS_HELP)
+    evaluate.add_parser(commands, THREADS_HELP)
+    faces.add_sample_parser(commands, THREADS_HELP)
+    faces.add_transcribe_parser(commands, THREADS_HELP)
 
     hello = commands.add_parser("hello", help="the classic h-e-l-l-o RNN demo, in seconds",
                                 description="Train a 4-symbol RNN to continue 'hell' as 'ello'.")
@@ -272,41 +254,6 @@ def _json_form(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _sample(args: argparse.Namespace) -> int:
-    from rnnkit.models.language_model import generate
-    from rnnkit.tasks.charlm import load_model
-
-    model, vocab, _ = load_model(args.checkpoint)
-    print(generate(model, vocab, args.prime, args.length, args.temperature, args.top_k, args.seed))
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from rnnkit.data.corpus import read_files
-    from rnnkit.tasks.charlm import evaluate_text, load_model
-
-    model, vocab, checkpoint = load_model(args.checkpoint)
-    text = read_files(args.data)
-    seq_len = int(checkpoint.meta["task"].get("data", {}).get("seq_len", 100))
-    metrics = evaluate_text(model, vocab, text, seq_len=seq_len, skip_unknown=True)
-    unit = "byte" if vocab.byte_level else "char"
-    skipped = int(metrics["unknown"])
-    note = f"; {skipped:,} symbols outside the vocabulary left out" if skipped else ""
-    print(f"{metrics['loss']:.4f} nats/{unit}  {metrics['bpc']:.4f} bits/{unit}  "
-          f"({int(metrics['symbols']):,} symbols of {', '.join(args.data)}{note})")
-    return 0
-
-
-def _transcribe(args: argparse.Namespace) -> int:
-    from rnnkit.tasks.speech import load_model, transcribe
-
-    model, extractor, _ = load_model(args.checkpoint)
-    for path in args.wav:
-        digits = transcribe(model, extractor, path, beam_width=args.beam)
-        print(f"{path}\t{digits}" if len(args.wav) > 1 else digits)
-    return 0
-
-
 def _hello(args: argparse.Namespace) -> int:
     from rnnkit.tasks.hello import run_hello
 
@@ -324,8 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate,
-                "transcribe": _transcribe, "hello": _hello}
+    from rnnkit.commands import evaluate, faces, predict
+
+    handlers = {"train": _train, "predict": predict.run, "evaluate": evaluate.run,
+                "sample": faces.run_sample, "transcribe": faces.run_transcribe, "hello": _hello}
     try:
         return handlers[args.command](args)
     except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,

@@ -104,11 +104,12 @@ def _pick(logits: Tensor, temperature: float, top_k: int | None,
 @torch.no_grad()
 def continue_streams(model: LanguageModel, primes: list[list[int]], length: int,
                      temperature: float = 1.0, top_k: int | None = None,
-                     generator: torch.Generator | None = None) -> list[list[int]]:
+                     generators: list[torch.Generator] | None = None) -> list[list[int]]:
     """``length`` sampled symbols after each prime (non-empty id lists).
 
     Each prime is read once; then every stream advances one symbol per step, all streams in one
     batched call, each from its own carried state (:class:`~rnnkit.streaming.StreamBank`).
+    Stream i draws from ``generators[i]``, so what it samples does not depend on its neighbours.
     """
     from rnnkit.streaming import StreamBank
 
@@ -123,7 +124,8 @@ def continue_streams(model: LanguageModel, primes: list[list[int]], length: int,
                 for key, prime in zip(keys, primes)]
         out: list[list[int]] = [[] for _ in primes]
         for step in range(length):
-            symbols = [_pick(logits, temperature, top_k, generator) for logits in last]
+            symbols = [_pick(logits, temperature, top_k, generators[i] if generators else None)
+                       for i, logits in enumerate(last)]
             for row, symbol in zip(out, symbols):
                 row.append(symbol)
             if step + 1 < length:
@@ -133,7 +135,8 @@ def continue_streams(model: LanguageModel, primes: list[list[int]], length: int,
     return out
 
 
-def _pick_generator(seed: int | None) -> torch.Generator:
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A generator seeded with ``seed`` (a fresh random seed when None)."""
     return torch.Generator().manual_seed(seed if seed is not None else torch.seed())
 
 
@@ -153,5 +156,5 @@ def generate(
     """
     start = prime or ("\n" if "\n" in vocab.symbols or 10 in vocab.symbols else "")
     indices = vocab.encode(start, what="prime") if start else [0]
-    out = continue_streams(model, [indices], length, temperature, top_k, _pick_generator(seed))
+    out = continue_streams(model, [indices], length, temperature, top_k, [seeded_generator(seed)])
     return prime + vocab.decode(out[0])

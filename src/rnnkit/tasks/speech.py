@@ -45,6 +45,7 @@ FILE_PATTERN = re.compile(r"^(\d)_([A-Za-z0-9-]+)_(\d+)\.wav$")
 SHARED_FSDD = Path("../shared/data/fsdd/recordings")
 SPLITS = ("recording", "speaker")
 HELD_OUT_TAKES = 5  # FSDD: takes 0-4 of each speaker and digit form the test set
+VALID_SEED_OFFSET = 7_919  # the held-out utterances are drawn from seed + this
 
 
 @dataclass
@@ -262,7 +263,7 @@ class SpeechTask:
         train_keys, valid_keys = split_recordings(recordings, data)
         self.train_maker = UtteranceMaker(train_keys, audio, data, rate)
         valid_maker = UtteranceMaker(valid_keys, audio, data, rate)
-        generator = torch.Generator().manual_seed(seed + 7_919)
+        generator = torch.Generator().manual_seed(seed + VALID_SEED_OFFSET)
         self.valid = [valid_maker.make(generator) for _ in range(data.valid_utterances)]
         self.valid_features = self.features.batch([samples for samples, _ in self.valid])
         self.counts = {"train recordings": len(train_keys), "held-out recordings": len(valid_keys)}
