@@ -261,7 +261,12 @@ def _hello(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "predict" and not any(e.startswith("-") for e in extra):
+        args.inputs += extra  # inputs after an option: `rnnkit predict RUN --beam 4 "text"`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from rnnkit.data.audio import AudioError
     from rnnkit.data.vocab import UnknownSymbolError
     from rnnkit.train.checkpoint import CheckpointError

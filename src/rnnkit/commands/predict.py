@@ -20,6 +20,7 @@ OPTION_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--out", "out", str, "MIDI file to write (music)"),
 ]
 PROGRESS_ABOVE = 256  # inputs: a bar on stderr for more than this
+GENERATORS = ("charlm", "wordlm", "music")  # with no inputs they start from nothing
 
 
 def add_parser(commands: Any, threads_help: str) -> None:
@@ -28,7 +29,8 @@ def add_parser(commands: Any, threads_help: str) -> None:
         description="Run a trained model on inputs: sentences (sentiment, tagging, translate), "
                     "primes (charlm, wordlm), WAV files (speech), image files or 64 numbers "
                     "(digits), a MIDI primer or nothing (music). Inputs come as arguments, one "
-                    "per line from --input FILE, or one per line on stdin.")
+                    "per line from --input FILE ('-': stdin), or on stdin when no argument is given "
+                    "(charlm, wordlm and music without inputs start from nothing).")
     parser.add_argument("run", help="run directory (its best weights), best.json or a checkpoint JSON")
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="inputs to predict")
     parser.add_argument("--input", metavar="FILE", help="a file of inputs, one per line ('-': stdin)")
@@ -47,11 +49,11 @@ def read_inputs(args: argparse.Namespace, task: str) -> list[str | None]:
     if args.inputs:
         return list(args.inputs)
     source = args.input
+    if source is None and task in GENERATORS:
+        return [None if task == "music" else ""]  # generate from nothing
     if source is None and not sys.stdin.isatty():
         source = "-"
     if source is None:
-        if task in ("music", "charlm", "wordlm"):
-            return [None if task == "music" else ""]  # generate from nothing
         raise ValueError("no inputs: give them as arguments, with --input FILE or on stdin")
     name = "stdin" if source == "-" else source
     if source == "-":

@@ -62,7 +62,8 @@ class WordLMPipeline(Pipeline):
                                options["top_k"], generators)  # type: ignore[arg-type]
         results: list[Result] = []
         for prime, tokens, symbols in zip(batch, primes, out):
-            words = [*tokens, *self.vocab.decode(symbols, strip_specials=False)]
+            read = [token if token in self.vocab else UNK for token in tokens]
+            words = [*read, *self.vocab.decode(symbols, strip_specials=False)]
             text = " ".join(words).replace(f" {wordlm.EOS} ", "\n").replace(wordlm.EOS, "\n")
             results.append(GeneratedWords(prime, words, text.strip()))
         return results
