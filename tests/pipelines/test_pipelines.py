@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pipeline_runs import Run
+import torch
+from pipeline_runs import TASKS, Run, make_run
 
 import rnnkit
 from rnnkit.cli import main
@@ -27,6 +29,20 @@ FIELDS = {
     "speech": {"path", "digits", "log_prob", "frames"},
 }
 EVALUATE = {"music": {"split": "valid"}}  # music's validation is the .mat's validdata
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # tiny GEMMs gain nothing from threads, and on a shared machine spinning workers cost 100×
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session", params=TASKS)
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return make_run(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def test_load_gives_one_pipeline_type(run: Run) -> None:
@@ -185,3 +201,25 @@ def test_bad_inputs_are_refused_in_one_line(run: Run, tmp_path: Path,
     listing.write_text("first\n\nthird\n")
     _refused(["predict", path, "--input", str(listing)], capsys, "inputs.txt, line 2: empty line")
     _refused(["evaluate", path, "--data", str(tmp_path / "missing.data")], capsys, "missing.data")
+
+
+TEST_SPLITS = {"digits", "tagging", "music"}  # the tiny runs' data with a test split
+
+
+def test_training_ends_with_a_report(run: Run) -> None:
+    from rnnkit.train.metrics import read_metrics
+
+    records = read_metrics(run.path / "metrics.jsonl")
+    tests = [r for r in records if r.get("kind") == "test"]
+    best_step = load_checkpoint(run.path / "best.json").meta["step"]
+    if run.task in TEST_SPLITS:
+        assert len(tests) == 1 and tests[0]["step"] == best_step and "loss" in tests[0]
+    else:
+        assert tests == []
+    if run.task == "music":
+        from rnnkit.tasks.midi import read_midi
+
+        assert read_midi(run.path / "sample.mid").shape[0] == 8 + 64
+        assert (run.path / "sample.png").is_file()
+    if run.task in ("digits", "sentiment", "speech"):
+        assert (run.path / "confusion.png").is_file()

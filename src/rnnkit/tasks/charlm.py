@@ -245,9 +245,12 @@ def describe_data(task: CharLMTask) -> str:
 
 
 def report(task: CharLMTask, model: LanguageModel, config: dict[str, Any], out: Path) -> None:
-    """What a finished run prints: samples from the trained model."""
+    """What a finished run prints: samples from the weights validation chose."""
     from rnnkit.models.language_model import generate
+    from rnnkit.tasks.common import chosen_weights
 
+    which, _ = chosen_weights(model, out)
+    print(f"samples, {which}:")
     s, seed = config["sample"], int(config["train"]["seed"])
     for i in range(int(s["count"])):
         text = generate(model, task.vocab, s["prime"], s["length"], s["temperature"],

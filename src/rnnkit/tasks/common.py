@@ -137,3 +137,27 @@ def require_full_bptt(train: Any, name: str) -> None:
     """Example tasks see each sequence whole: truncated BPTT would cut labels and lengths."""
     if train.bptt is not None:
         raise ValueError(f"the {name} task trains on whole sequences: leave bptt unset (null)")
+
+
+def chosen_weights(model: Any, out: str | Path, monitored: str = "validation"
+                   ) -> tuple[str, int | None]:
+    """Loads the weights validation chose (``best.json``) into ``model`` when the run kept
+    them; returns which weights these are, in words, and their step (None: the last ones)."""
+    from rnnkit.train.checkpoint import BEST
+
+    best = Path(out) / f"{BEST}.json"
+    if not best.is_file():
+        return "the last weights", None
+    chosen = load_checkpoint(best)
+    model.load_state_dict(chosen.group("model"))
+    step = int(chosen.meta["step"])
+    return f"the weights of step {step} (best {monitored})", step
+
+
+def record_test(out: str | Path, split: str, step: int | None, metrics: dict[str, float]) -> None:
+    """Appends a ``kind: "test"`` record (held-out scores of the chosen weights) to metrics.jsonl."""
+    import json
+
+    path = Path(out) / "metrics.jsonl"
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(json.dumps({"kind": "test", "split": split, "step": step, **metrics}) + "\n")

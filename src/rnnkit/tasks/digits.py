@@ -221,5 +221,29 @@ def confusion_on_test(task: DigitsTask, model: nn.Module) -> Tensor:
     return confusion_matrix(references, predictions, CLASSES)
 
 
+def describe_data(task: DigitsTask) -> str:
+    counts = task.counts
+    return (f"{counts['train']} training, {counts['valid']} validation and {counts['test']} "
+            "held-out test images")
+
+
+def report(task: DigitsTask, model: SequenceClassifier, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: the held-out test accuracy of the weights validation chose
+    (also in metrics.jsonl), a few test images read, and the test confusion matrix (PNG)."""
+    from rnnkit.tasks.common import chosen_weights, plot_confusion, record_test
+
+    which, step = chosen_weights(model, out)
+    references, predictions, loss = task.predictions(model, "test")
+    score = accuracy(references, predictions)
+    print(f"test ({len(references)} held-out images), {which}: accuracy {100 * score:.2f}%")
+    record_test(out, "test", step, {"loss": loss, "accuracy": score})
+    shown = ", ".join(f"{r}→{p}" for r, p in list(zip(references, predictions))[:10])
+    print(f"first test images, true→read: {shown}")
+    counts = confusion_matrix(references, predictions, CLASSES)
+    png = plot_confusion(counts, [str(d) for d in range(CLASSES)], out / "confusion.png",
+                         f"held-out test: accuracy {100 * score:.1f}%")
+    print(f"confusion matrix: {png}")
+
+
 def config_sections() -> dict[str, list[str]]:
     return section_fields(SECTIONS)

@@ -38,6 +38,7 @@ from rnnkit.train.task import Batch, StepResult
 NAME = "music"
 PITCHES = 88
 SPLITS = {"train": "traindata", "valid": "validdata", "test": "testdata"}
+PRIMER_STEPS, SAMPLE_STEPS = 8, 64  # the end-of-run sample: a test chorale's opening, continued
 
 
 @dataclass
@@ -167,6 +168,23 @@ def generate(model: FrameGenerator, primer: Tensor, steps: int, temperature: flo
     if picture is not None:
         plot_piano_roll(roll, picture, title, primer_steps=primer.shape[0])
     return roll
+
+
+def report(task: MusicTask, model: FrameGenerator, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: the test NLL of the weights validation chose (also in
+    metrics.jsonl), and a chorale continued from a test primer as MIDI and a piano-roll PNG."""
+    from rnnkit.tasks.common import chosen_weights, record_test
+
+    which, step = chosen_weights(model, out)
+    test = task.nll(model, "test")
+    print(f"test ({task.counts['test']} sequences), {which}: NLL {test:.4f} nats per time step")
+    record_test(out, "test", step, {"loss": test})
+    primer = task.rolls["test"][0][:PRIMER_STEPS]
+    seed = int(config["train"].get("seed", 0))
+    generate(model, primer, SAMPLE_STEPS, seed=seed, midi=out / "sample.mid",
+             picture=out / "sample.png", title="continued from the first test chorale")
+    print(f"sample: {out / 'sample.mid'} ({PRIMER_STEPS} primer + {SAMPLE_STEPS} generated steps), "
+          f"piano roll {out / 'sample.png'}")
 
 
 def config_sections() -> dict[str, list[str]]:

@@ -56,6 +56,7 @@ from rnnkit.train.task import Batch, StepResult
 
 NAME = "sentiment"
 LABEL_NAMES = {"0": "negative", "1": "positive"}  # SST-2's labels, for reports
+EXAMPLES = 5  # predictions a finished run shows
 
 
 @dataclass
@@ -225,6 +226,7 @@ class SentimentTask:
         self.vocab = encoder.words
         self.seed = seed
         self.train_ids, self.train_labels = encode_examples(train, encoder, labels)
+        self.valid_examples = valid  # the raw dev sentences, for the end-of-run examples
         # "dev": the held-out split scored at the end; "holdout": training sentences that pick
         # the model (validation runs on it when there is one)
         self.splits = {"dev": encode_examples(valid, encoder, labels)}
@@ -369,22 +371,21 @@ def confusion(task: SentimentTask, model: nn.Module) -> Tensor:
 
 
 def report(task: SentimentTask, model: SequenceClassifier, config: dict[str, Any], out: Path) -> None:
-    """What a finished run prints: the dev scores of the weights validation chose, a confusion PNG."""
-    from rnnkit.tasks.common import plot_confusion
-    from rnnkit.train.checkpoint import BEST, load_checkpoint
+    """What a finished run prints: the dev scores of the weights validation chose (also in
+    metrics.jsonl), a few classified dev sentences and a confusion PNG."""
+    from rnnkit.tasks.common import chosen_weights, plot_confusion, record_test
 
-    best = out / f"{BEST}.json"
-    if best.is_file():
-        chosen = load_checkpoint(best)
-        model.load_state_dict(chosen.group("model"))
-        which = f"the weights of step {chosen.meta['step']} (best {task.validation_split} accuracy)"
-    else:
-        which = "the last weights"
-    references, predictions, _ = task.predictions(model)
+    which, step = chosen_weights(model, out, f"{task.validation_split} accuracy")
+    references, predictions, loss = task.predictions(model)
     scores = classification_metrics(references, predictions, task.labels)
     names = [LABEL_NAMES.get(label, label) for label in task.labels]
     f1 = ", ".join(f"F1 {name} {scores['f1_' + name]:.3f}" for name in names)
     print(f"dev ({len(references)} sentences), {which}: accuracy {100 * scores['accuracy']:.2f}%, {f1}")
+    if task.validation_split != "dev":  # dev was held out of training and model choice: a test
+        record_test(out, "dev", step, {"loss": loss, **scores})
+    for (tokens, label), guess in list(zip(task.valid_examples, predictions))[:EXAMPLES]:
+        mark = "ok" if task.labels[guess] == label else "  "
+        print(f"{mark} {names[guess]:>8}  {' '.join(tokens)}")
     png = plot_confusion(confusion(task, model), names, out / "confusion.png",
                          f"dev: accuracy {100 * scores['accuracy']:.1f}%")
     print(f"confusion matrix: {png}")

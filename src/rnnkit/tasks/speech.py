@@ -373,7 +373,12 @@ def describe_data(task: SpeechTask) -> str:
 
 
 def report(task: SpeechTask, model: AcousticModel, config: dict[str, Any], out: Path) -> None:
-    """What a finished run prints: a few transcriptions and a confusion matrix PNG."""
+    """What a finished run prints: a few transcriptions and a confusion matrix PNG, from the
+    weights validation chose."""
+    from rnnkit.tasks.common import chosen_weights
+
+    which, _ = chosen_weights(model, out)
+    print(f"held-out digit strings, {which}:")
     references, hypotheses, _ = task.predictions(model)
     for reference, hypothesis in list(zip(references, hypotheses))[:5]:
         mark = "ok" if reference == hypothesis else "  "

@@ -20,7 +20,7 @@ Tags or intents that never occur in training map to ``<unk>`` (a predicted ``<un
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ NAME = "tagging"
 FORMATS = ("atis", "conll")
 SPLITS = ("train", "valid", "test")
 SHARED = {"train": "atis/train", "valid": "atis/dev", "test": "atis/test"}
+EXAMPLES = 5  # tagged sentences a finished run shows
 
 
 @dataclass
@@ -157,6 +158,7 @@ class Encoded:
     intents: list[int] | None
     gold_tags: list[list[str]]
     gold_intents: list[str | None]
+    tokens: list[list[str]] = field(default_factory=list)  # as read, for showing examples
 
 
 def encode(examples: list[Example], vocab: Vocabularies) -> Encoded:
@@ -168,7 +170,8 @@ def encode(examples: list[Example], vocab: Vocabularies) -> Encoded:
         intents = [vocab.intents.encode([i or UNK])[0] for _, _, i in examples]
     return Encoded([vocab.words.encode(tokens) for tokens, _, _ in examples], chars,
                    [vocab.tags.encode(tags) for _, tags, _ in examples], intents,
-                   [tags for _, tags, _ in examples], [i for _, _, i in examples])
+                   [tags for _, tags, _ in examples], [i for _, _, i in examples],
+                   [tokens for tokens, _, _ in examples])
 
 
 def collate(split: Encoded, chosen: list[int]) -> Batch:
@@ -337,6 +340,38 @@ def tag_sentence(model: Tagger, vocab: Vocabularies, tokens: list[str]
     tags = [vocab.tags.tokens[t] for t in best[0]]
     intent = vocab.intents.tokens[intents[0]] if intents is not None and vocab.intents else None
     return ["O" if t == UNK else t for t in tags], intent
+
+
+def describe_metrics(valid: dict[str, float]) -> str:
+    intent = f", intent accuracy {100 * valid['intent_acc']:.2f}%" if "intent_acc" in valid else ""
+    return (f"slot F1 {100 * valid['slot_f1']:.2f}{intent}, sentence accuracy "
+            f"{100 * valid['sentence_acc']:.2f}%, loss {valid['loss']:.4f}")
+
+
+def report(task: TaggingTask, model: Tagger, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: the test split's scores with the weights validation chose
+    (also in metrics.jsonl) where the data has one, and a few tagged held-out sentences."""
+    from rnnkit.metrics.entities import get_entities
+    from rnnkit.tasks.common import chosen_weights, record_test
+
+    which, step = chosen_weights(model, out)
+    split = "test" if "test" in task.splits else "valid"
+    if split == "test":
+        scores = task.scores(model, "test")
+        print(f"test ({task.counts['test']} sentences), {which}: {describe_metrics(scores.metrics())}")
+        record_test(out, "test", step, scores.metrics())
+    tags, intents, _ = task.predict(model, split)
+    data = task.splits[split]
+    for i in range(min(EXAMPLES, len(tags))):
+        tokens = data.tokens[i]
+        words, at = [], 0
+        for kind, start, end in get_entities(tags[i]):
+            words += [*tokens[at:start], f"[{' '.join(tokens[start:end + 1])}]{kind}"]
+            at = end + 1
+        words += tokens[at:]
+        mark = "ok" if tags[i] == data.gold_tags[i] else "  "
+        intent = f"{intents[i]}: " if intents is not None else ""
+        print(f"{mark} {intent}{' '.join(words)}")
 
 
 def config_sections() -> dict[str, list[str]]:

@@ -46,6 +46,7 @@ from rnnkit.train.task import Batch, StepResult
 NAME = "translate"
 SOURCES = ("dates", "tsv", "multi30k")
 LEVELS = ("auto", "char", "word")
+EXAMPLES = 5  # translations a finished run shows
 
 
 @dataclass
@@ -327,6 +328,25 @@ def attention_heatmap(translator: Translator, text: str, path: str | Path) -> Pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def describe_metrics(valid: dict[str, float]) -> str:
+    return (f"BLEU {valid['bleu']:.2f}, exact match {100 * valid['exact']:.2f}%, "
+            f"loss {valid['loss']:.4f}")
+
+
+def report(task: TranslateTask, model: Seq2Seq, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: a few held-out translations of the weights validation chose."""
+    from rnnkit.tasks.common import chosen_weights
+
+    which, _ = chosen_weights(model, out)
+    outputs, _ = task.translations(model)
+    print(f"held-out translations, {which}:")
+    char = task.data.char_level
+    for (source, reference), output in list(zip(task.valid, outputs))[:EXAMPLES]:
+        mark = "ok" if output == reference else "  "
+        print(f"{mark} {detokenize(source, char)}  →  {detokenize(output, char)}"
+              + ("" if output == reference else f"   (reference: {detokenize(reference, char)})"))
 
 
 def config_sections() -> dict[str, list[str]]:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from rnnkit.data.streams import batchify, encode_tensor, evaluation_rows, num_windows
 from rnnkit.data.text import Vocabulary, read_lines
-from rnnkit.models.language_model import LanguageModel, LMConfig
+from rnnkit.models.language_model import LanguageModel, LMConfig, continue_streams, seeded_generator
 from rnnkit.tasks.charlm import StreamLMTask, loss_over_stream
 from rnnkit.tasks.common import load_task_checkpoint, section_fields, shared_path
 from rnnkit.train.checkpoint import Checkpoint
@@ -161,21 +161,28 @@ def perplexity(model: LanguageModel, vocab: Vocabulary, path: str | Path, seq_le
     return stream_metrics(model, batchify(stream, rows), seq_len)["ppl"]
 
 
-@torch.no_grad()
 def sample(model: LanguageModel, vocab: Vocabulary, prime: list[str], words: int = 30,
            temperature: float = 1.0, seed: int = 0) -> list[str]:
-    """The prime followed by ``words`` sampled words."""
-    generator = torch.Generator().manual_seed(seed)
-    model.eval()
+    """The prime followed by ``words`` sampled words (the prime read once, the state carried)."""
     ids = vocab.encode(prime or [EOS])
-    logits, state = model(torch.tensor(ids).unsqueeze(1))  # (P, 1, V)
-    out = []
-    for _ in range(words):
-        probs = torch.softmax(logits[-1, 0].double() / max(temperature, 1e-6), dim=-1)
-        word = int(torch.multinomial(probs, 1, generator=generator))
-        out.append(word)
-        logits, state = model(torch.tensor([[word]]), state)
-    return [*prime, *vocab.decode(out, strip_specials=False)]
+    out = continue_streams(model, [ids], words, temperature, None, [seeded_generator(seed)])
+    return [*prime, *vocab.decode(out[0], strip_specials=False)]
+
+
+def describe_metrics(valid: dict[str, float]) -> str:
+    return f"perplexity {valid['ppl']:.2f}, {valid['loss']:.4f} nats/word"
+
+
+def report(task: WordLMTask, model: LanguageModel, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: a few sentences sampled from the weights validation chose."""
+    from rnnkit.tasks.common import chosen_weights
+
+    which, _ = chosen_weights(model, out)
+    print(f"samples, {which}:")
+    seed = int(config["train"].get("seed", 0))
+    for i in range(3):
+        words = sample(model, task.vocab, [], words=25, temperature=1.0, seed=seed + i)
+        print("  " + " ".join(words).replace(f" {EOS} ", " / ").replace(EOS, "/").strip())
 
 
 def config_sections() -> dict[str, list[str]]:
