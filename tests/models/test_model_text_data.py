@@ -180,3 +180,22 @@ def test_reads_the_real_atis_and_sst2_files() -> None:
     sst, summary = read_labelled_tsv(shared("sst2/dev.tsv"))
     assert len(sst) == 872 and {label for _, label in sst} == {"0", "1"}
     assert summary.skipped == {"header lines": 1}
+
+
+def test_raw_text_is_tokenised_as_the_treebank_corpora_are() -> None:
+    from rnnkit.data.text import tokenize_text
+
+    assert tokenize_text("I loved it!") == ["I", "loved", "it", "!"]
+    assert tokenize_text("Don't you think it's (really) good...") == [
+        "Do", "n't", "you", "think", "it", "'s", "(", "really", ")", "good", "..."]
+    assert tokenize_text('"Quoted," she said.') == ['"', "Quoted", ",", '"', "she", "said", "."]
+    assert tokenize_text("well-known 3.50 3,50") == ["well-known", "3.50", "3,50"]
+    # already-tokenised text stays as it is; words the vocabulary holds are kept whole
+    sst = "it 's a charming and often affecting journey . "
+    assert tokenize_text(sst) == sst.split()
+    assert tokenize_text("flights to st. louis", known={"st.", "louis"}) == ["flights", "to", "st.", "louis"]
+    assert tokenize_text("to st. louis") == ["to", "st", ".", "louis"]
+    # a word known only in lower case (PTB, ATIS) is read in lower case; known casing is kept
+    assert tokenize_text("The EU said", known={"the", "said", "EU"}) == ["the", "EU", "said"]
+    assert tokenize_text("The EU", lowercase=True) == ["the", "eu"]
+    assert tokenize_text("   ") == []

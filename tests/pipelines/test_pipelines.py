@@ -88,6 +88,17 @@ def test_predict_answers_in_named_results(run: Run, tmp_path: Path) -> None:
             assert entity.text == " ".join(first.tokens[entity.start:entity.end + 1])
     elif run.task == "digits":
         assert first.label in [str(d) for d in range(10)] and len(first.probabilities) == 10
+        # the same digit as a scan (dark ink on white, 64×64 pixels) reads as the array does
+        import numpy as np
+        from PIL import Image
+
+        counts = run.inputs[0].astype(np.float64)  # (8, 8) pixel counts 0-16
+        scan = Image.fromarray((255 - counts * 255 / 16).round().astype(np.uint8))
+        scan.resize((64, 64), Image.Resampling.NEAREST).save(tmp_path / "scan.png")
+        read = pipe.predict(str(tmp_path / "scan.png"))
+        assert read.label == first.label
+        for digit, p in first.probabilities.items():
+            assert read.probabilities[digit] == pytest.approx(p, abs=1e-3)
     elif run.task == "translate":
         assert first.log_prob <= 0 and first.per_token <= 0 and first.unknown == []
         beam = pipe.predict(run.inputs[0], beam=3)

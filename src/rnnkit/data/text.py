@@ -455,11 +455,14 @@ def pad_characters(
 _CONTRACTION = re.compile(r"(?i)^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
 _LEADING = "\"'`([{¿¡«“‘"
 _TRAILING = ".,!?;:)]}\"'»”’"
+_WHOLE = {"n't", "'s", "'re", "'ve", "'ll", "'d", "'m", "``", "''", "--", "...", "-lrb-", "-rrb-"}
 
 
 def _split_token(token: str) -> list[str]:
     """One whitespace token → the Penn Treebank pieces: quotes, brackets and sentence punctuation
     come off its ends, clitics ("n't", "'s", "'re", ...) off its stem; "..." stays whole."""
+    if token.lower() in _WHOLE:  # a clitic or treebank symbol already on its own
+        return [token]
     before: list[str] = []
     after: list[str] = []
     while len(token) > 1 and token[0] in _LEADING:
@@ -484,10 +487,13 @@ def tokenize_text(text: str, known: Container[str] | None = None, lowercase: boo
     """Raw text → tokens the way the treebank-style corpora (SST, CoNLL, PTB) are tokenised:
     "I loved it!" → ["I", "loved", "it", "!"], "don't" → ["do", "n't"]. A whitespace token the
     vocabulary ``known`` already holds ("st.", "U.S.", "3.50") is kept whole, so text that is
-    already tokenised stays as it is."""
+    already tokenised stays as it is; a token ``known`` lacks but holds in lower case ("The" for
+    the lower-cased PTB or ATIS) is read in lower case."""
     if lowercase:
         text = text.lower()
     tokens: list[str] = []
     for token in text.split():
         tokens += [token] if known is not None and token in known else _split_token(token)
-    return tokens
+    if known is None:
+        return tokens
+    return [t.lower() if t not in known and t.lower() in known else t for t in tokens]

@@ -48,9 +48,6 @@ class TaggingPipeline(Pipeline):
     def _load(self) -> nn.Module:
         model, self.vocab, _ = tagging.load_model(self.checkpoint)
         self.data = tagging.TaggingDataConfig(**self.described["data"])
-        words = [w for w in self.vocab.words.tokens if not w.startswith("<")]
-        # a corpus without capitals (ATIS) was lower-cased when it was made: so is the input
-        self.lowercase = self.data.lowercase or not any(w != w.lower() for w in words)
         return model
 
     def _predict(self, batch: list[Any], first_index: int, total: int, **options: Any
@@ -59,7 +56,7 @@ class TaggingPipeline(Pipeline):
         for i, text in enumerate(batch):
             if not isinstance(text, str):
                 raise InputError(f"input {first_index + i + 1} ({shown(text)}): give a sentence")
-            tokens = tokenize_text(text, self.vocab.words, self.lowercase)
+            tokens = tokenize_text(text, self.vocab.words, self.data.lowercase)
             if not tokens:
                 raise InputError(f"input {first_index + i + 1} is empty: give a sentence")
             # the gold tags only feed the loss predict_split also computes; "O" is always known

@@ -35,13 +35,10 @@ class WordLMPipeline(Pipeline):
 
     def _load(self) -> nn.Module:
         model, self.vocab, _ = wordlm.load_model(self.checkpoint)
-        # a corpus without capitals (PTB) was lower-cased when it was made: so is the input
-        self.lowercase = not any(word != word.lower() for word in self.vocab.tokens
-                                 if not word.startswith("<"))
         return model
 
     def tokens(self, text: str) -> list[str]:
-        tokens = tokenize_text(text, self.vocab, self.lowercase)
+        tokens = tokenize_text(text, self.vocab)
         if UNK not in self.vocab:
             unknown = [t for t in tokens if t not in self.vocab]
             if unknown:

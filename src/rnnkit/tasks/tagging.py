@@ -362,6 +362,7 @@ def report(task: TaggingTask, model: Tagger, config: dict[str, Any], out: Path) 
         record_test(out, "test", step, scores.metrics())
     tags, intents, _ = task.predict(model, split)
     data = task.splits[split]
+    print(f"{split} sentences tagged ([entity]type; ok: every tag right):")
     for i in range(min(EXAMPLES, len(tags))):
         tokens = data.tokens[i]
         words, at = [], 0
