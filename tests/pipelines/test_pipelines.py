@@ -21,9 +21,9 @@ from rnnkit.train.checkpoint import load_checkpoint
 FIELDS = {
     "charlm": {"prime", "text"},
     "wordlm": {"prime", "words", "text"},
-    "sentiment": {"text", "tokens", "label", "probability", "probabilities"},
+    "sentiment": {"text", "tokens", "label", "probability", "probabilities", "unknown"},
     "digits": {"input", "label", "probability", "probabilities"},
-    "tagging": {"text", "tokens", "tags", "entities", "intent"},
+    "tagging": {"text", "tokens", "tags", "entities", "intent", "unknown"},
     "translate": {"source", "translation", "log_prob", "per_token", "unknown", "finished"},
     "music": {"primer", "steps", "notes", "midi"},
     "speech": {"path", "digits", "log_prob", "frames"},
@@ -80,10 +80,11 @@ def test_predict_answers_in_named_results(run: Run, tmp_path: Path) -> None:
         assert first.label in ("negative", "positive")
         assert sum(first.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
         assert first.tokens == ["the", "film", "was", "great", "!"]  # "!" split off, lower-cased
-        assert results[1].tokens[:2] == ["it", "'s"]
+        assert results[1].tokens[:2] == ["it", "'s"] and "dull" not in results[1].unknown
+        assert results[1].unknown == ["it", "'s", ",", "really", "."]  # never in training
     elif run.task == "tagging":
         assert first.tokens[-2:] == ["new", "york"] and len(first.tags) == len(first.tokens)
-        assert first.intent in ("atis_flight", "atis_airfare")
+        assert first.intent in ("atis_flight", "atis_airfare") and first.unknown == []
         for entity in first.entities:
             assert entity.text == " ".join(first.tokens[entity.start:entity.end + 1])
     elif run.task == "digits":

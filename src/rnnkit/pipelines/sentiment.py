@@ -20,6 +20,7 @@ class Classification(Result):
     label: str  # the likeliest class, by name
     probability: float
     probabilities: dict[str, float]  # every class by name
+    unknown: list[str]  # words the model never saw in training (read as <unk>, as training did)
 
     def __str__(self) -> str:
         return f"{self.label} ({self.probability:.3f})  {self.text}"
@@ -55,7 +56,9 @@ class SentimentPipeline(Pipeline):
         results: list[Result] = []
         for text, tokens, row in zip(batch, tokens_of, probs.tolist()):
             best = max(range(len(row)), key=row.__getitem__)
-            results.append(Classification(text, tokens, names[best], row[best], dict(zip(names, row))))
+            unknown = [t for t in tokens if t not in self.encoder.words]
+            results.append(Classification(text, tokens, names[best], row[best], dict(zip(names, row)),
+                                          unknown))
         return results
 
     def evaluate(self, path: str | Path, batch_size: int | None = None) -> dict[str, float]:

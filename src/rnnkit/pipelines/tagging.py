@@ -30,6 +30,7 @@ class Tagged(Result):
     tags: list[str]  # one per token
     entities: list[Entity]
     intent: str | None  # None for a model without an intent head (NER)
+    unknown: list[str]  # words the model never saw in training (read as <unk>, as training did)
 
     def __str__(self) -> str:
         words, at = [], 0
@@ -68,7 +69,8 @@ class TaggingPipeline(Pipeline):
             entities = [Entity(kind, start, end, " ".join(tokens[start:end + 1]))
                         for kind, start, end in get_entities(tags[row])]
             results.append(Tagged(text, tokens, tags[row], entities,
-                                  intents[row] if intents is not None else None))
+                                  intents[row] if intents is not None else None,
+                                  [t for t in tokens if t not in self.vocab.words]))
         return results
 
     def evaluate(self, path: str | Path, batch_size: int | None = None) -> dict[str, float]:
