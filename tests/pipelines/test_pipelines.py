@@ -109,8 +109,9 @@ def test_predict_answers_in_named_results(run: Run, tmp_path: Path) -> None:
     elif run.task == "charlm":
         assert first.text.startswith("the c") and len(first.text) == len("the c") + 200
         again = pipe.predict(["a dog", "the c"], length=20, seed=4, temperature=1.0)
-        alone = pipe.predict("the c", length=20, seed=4, temperature=1.0)
-        assert again[1] == alone  # a stream's sample does not depend on its batch
+        other = pipe.predict(["the cat", "the c"], length=20, seed=4, temperature=1.0, batch_size=1)
+        assert again[1] == other[1]  # a stream's sample does not depend on its neighbours
+        assert again[1] == pipe.predict("the c", length=20, seed=5, temperature=1.0)  # seed + i
     elif run.task == "wordlm":
         assert first.words[:2] == ["the", "cat"]  # lower-cased as PTB is
         assert results[2].words[:3] == ["a", "<unk>", "sat"]

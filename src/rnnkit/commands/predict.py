@@ -98,9 +98,17 @@ def run(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=len(inputs), file=sys.stderr, unit="input", leave=False)
+    done = 0
     for results in pipeline.iter_predict(inputs, args.batch_size, **options):
         for result in results:
-            print(json.dumps(result.to_dict(), ensure_ascii=False) if args.json else str(result))
+            done += 1
+            if args.json:
+                print(json.dumps(result.to_dict(), ensure_ascii=False))
+                continue
+            text = str(result)
+            if "\n" in text and len(inputs) > 1:  # generated text of several lines: mark each
+                print(f"--- {done} ---")
+            print(text)
         sys.stdout.flush()
         if bar is not None:
             bar.update(len(results))

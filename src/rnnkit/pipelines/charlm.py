@@ -27,7 +27,7 @@ class Generated(Result):
 class CharLMPipeline(Pipeline):
     """Input: a prime (any text of the model's symbols; "" starts after a newline).
     Result: :class:`Generated`. Options: ``length`` symbols, ``temperature`` (0: the likeliest
-    symbol), ``top_k``, ``seed`` (each prime sampled from its own generator of that seed)."""
+    symbol), ``top_k``, ``seed`` (input i samples from its own generator, seeded with seed + i)."""
 
     task = charlm.NAME
     options: ClassVar[dict[str, Any]] = {"length": 200, "temperature": 0.8, "top_k": None, "seed": None}
@@ -49,7 +49,10 @@ class CharLMPipeline(Pipeline):
             except UnknownSymbolError as error:
                 raise InputError(str(error)) from None
             primes.append(prime)
-        generators = [seeded_generator(options["seed"]) for _ in ids]
+        seed = options["seed"]
+        # input i samples from seed + i: what it draws depends on its place, not its neighbours
+        generators = [seeded_generator(None if seed is None else seed + first_index + i)
+                      for i in range(len(ids))]
         out = continue_streams(self.module, ids, int(options["length"]), float(options["temperature"]),
                                options["top_k"], generators)  # type: ignore[arg-type]
         return [Generated(prime, prime + self.vocab.decode(symbols))

@@ -54,7 +54,10 @@ class WordLMPipeline(Pipeline):
                 raise InputError(f"input {first_index + i + 1} ({shown(prime)}): give a string")
             primes.append(self.tokens(prime))
         ids = [self.vocab.encode(tokens or [wordlm.EOS]) for tokens in primes]
-        generators = [seeded_generator(options["seed"]) for _ in ids]
+        seed = options["seed"]
+        # input i samples from seed + i: what it draws depends on its place, not its neighbours
+        generators = [seeded_generator(None if seed is None else seed + first_index + i)
+                      for i in range(len(ids))]
         out = continue_streams(self.module, ids, int(options["length"]), float(options["temperature"]),
                                options["top_k"], generators)  # type: ignore[arg-type]
         results: list[Result] = []
