@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     refused = [flag for flag, option, _, _ in OPTION_FLAGS
                if option in options and option not in pipeline.options]
     if refused:
-        takes = ", ".join("--" + o.replace("_", "-") for o in pipeline.options) or "none of them"
+        takes = ", ".join("--" + o.replace("_", "-") for o in pipeline.options) or "no options"
         raise ValueError(f"{', '.join(refused)} is not an option of the {pipeline.task} "
                          f"pipeline (it takes {takes})")
     if args.batch_size < 1:
