@@ -236,3 +236,29 @@ def test_training_ends_with_a_report(run: Run) -> None:
         assert (run.path / "sample.png").is_file()
     if run.task in ("digits", "sentiment", "speech"):
         assert (run.path / "confusion.png").is_file()
+
+
+@pytest.mark.parametrize("run", ["sentiment", "digits"], indirect=True)  # a text and an image task
+def test_stdin_big_files_and_batches(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = rnnkit.load(run.path)
+    line = ("the film was great" if run.task == "sentiment"
+            else " ".join(str(int(v)) for v in run.inputs[0].flatten()))
+    many = [line if i % 2 else line.replace("great", "dull") for i in range(300)]
+    # batched or one by one, the same answers
+    one_by_one = [pipe.predict(pipe.parse(x)) for x in many[:5]]
+    batched = pipe.predict([pipe.parse(x) for x in many[:5]], batch_size=4)
+    for a, b in zip(batched, one_by_one):  # (equal up to the GEMMs' summation order)
+        assert a.label == b.label and a.probability == pytest.approx(b.probability, abs=1e-6)
+    listing = tmp_path / "many.txt"
+    listing.write_text("\n".join(many) + "\n")
+    assert main(["predict", str(run.path), "--input", str(listing), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().split("\n")) == 300 and "300" in captured.err  # a progress bar
+    assert main(["predict", str(run.path), "--input", str(listing), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(many[:3]) + "\n"))
+    assert main(["predict", str(run.path)]) == 0
+    assert len(capsys.readouterr().out.strip().split("\n")) == 3

@@ -74,10 +74,14 @@ class DigitsPipeline(Pipeline):
             return True
         if isinstance(inputs, (Tensor, np.ndarray)):
             return inputs.ndim <= 2
-        # a nested list of 8 rows of numbers is one image; any other list is several inputs
-        return not isinstance(inputs, (list, tuple)) or (
-            len(inputs) == 8 and all(isinstance(row, (list, tuple)) and len(row) == 8 and
-                                     all(isinstance(v, (int, float)) for v in row) for row in inputs))
+        # 64 numbers, or 8 rows of 8 numbers, are one image; any other list is several inputs
+        if not isinstance(inputs, (list, tuple)):
+            return True
+        if all(isinstance(v, (int, float)) for v in inputs):
+            return True
+        return len(inputs) == 8 and all(
+            isinstance(row, (list, tuple)) and len(row) == 8 and
+            all(isinstance(v, (int, float)) for v in row) for row in inputs)
 
     def parse(self, line: str) -> Any:
         fields = line.replace(",", " ").split()
