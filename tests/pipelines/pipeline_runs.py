@@ -100,14 +100,14 @@ def make_run(task: str, root: Path) -> Run:
         valid.write_text(split_text(text, DataConfig(files=[str(valid)], seq_len=16))[1])
         return Run(task, _train(root, task, config), valid, ["the c", "", "a dog"])
     if task == "wordlm":
-        lines = [" the cat sat on the mat", " a dog ran to the <unk>", " the dog sat"] * 20
+        lines = [" the cat sat on the mat", " a dog ran to the <unk>", " the dog sat N days"] * 20
         (root / "train.txt").write_text("\n".join(lines) + "\n")
         valid = root / "valid.txt"
         valid.write_text(" the cat ran to a zebra\n the dog sat on a mat\n" * 3)
         config = {"data": {"train": str(root / "train.txt"), "valid": str(valid), "seq_len": 5,
                            "eval_batch_size": 2},
                   "model": {"hidden": 16, "embedding": 8}, "train": {**TRAIN, "batch_size": 4}}
-        return Run(task, _train(root, task, config), valid, ["The cat", "", "a Zebra sat"])
+        return Run(task, _train(root, task, config), valid, ["The cat", "", "a Zebra sat 3.5 days"])
     if task == "sentiment":
         (root / "train.tsv").write_text("\n".join(["label\tsentence", *_sentences(80, 0)]) + "\n")
         valid = root / "dev.tsv"

@@ -17,7 +17,7 @@ OPTION_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--length", "length", int, "symbols (charlm) or words (wordlm) to generate"),
     ("--steps", "steps", int, "time steps to generate (music)"),
     ("--seed", "seed", int, "random seed: same seed, same output (charlm, wordlm, music)"),
-    ("--out", "out", str, "MIDI file to write (music)"),
+    ("--out", "out", str, "MIDI file to write (music; default generated.mid)"),
 ]
 PROGRESS_ABOVE = 256  # inputs: a bar on stderr for more than this
 GENERATORS = ("charlm", "wordlm", "music")  # with no inputs they start from nothing
@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         takes = ", ".join("--" + o.replace("_", "-") for o in pipeline.options) or "no options"
         raise ValueError(f"{', '.join(refused)} is not an option of the {pipeline.task} "
                          f"pipeline (it takes {takes})")
+    if pipeline.task == "music" and "out" not in options:
+        options["out"] = "generated.mid"  # on the shell the music is only useful as a file
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     raw = read_inputs(args, pipeline.task)

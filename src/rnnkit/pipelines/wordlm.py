@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,6 +14,9 @@ from rnnkit.data.text import UNK, tokenize_text
 from rnnkit.models.language_model import continue_streams, seeded_generator
 from rnnkit.pipelines.base import InputError, Pipeline, Result, shown
 from rnnkit.tasks import wordlm
+
+NUMBER = "N"
+NUMERAL = re.compile(r"[+-]?[\d.,/:]*\d[\d.,/:]*")
 
 
 @dataclass
@@ -26,9 +30,9 @@ class GeneratedWords(Result):
 
 
 class WordLMPipeline(Pipeline):
-    """Input: a prime sentence (tokenised as the corpus is; words outside the vocabulary read as
-    ``<unk>``; "" starts a new sentence). Result: :class:`GeneratedWords`. Options: ``length``
-    words, ``temperature``, ``top_k``, ``seed``."""
+    """Input: a prime sentence (tokenised as the corpus is, numbers as PTB's ``N``; words outside
+    the vocabulary read as ``<unk>``; "" starts a new sentence). Result: :class:`GeneratedWords`.
+    Options: ``length`` words, ``temperature``, ``top_k``, ``seed``."""
 
     task = wordlm.NAME
     options: ClassVar[dict[str, Any]] = {"length": 30, "temperature": 1.0, "top_k": None, "seed": None}
@@ -39,6 +43,8 @@ class WordLMPipeline(Pipeline):
 
     def tokens(self, text: str) -> list[str]:
         tokens = tokenize_text(text, self.vocab)
+        if NUMBER in self.vocab:  # Mikolov's PTB writes every number as "N"
+            tokens = [NUMBER if t not in self.vocab and NUMERAL.fullmatch(t) else t for t in tokens]
         if UNK not in self.vocab:
             unknown = [t for t in tokens if t not in self.vocab]
             if unknown:
