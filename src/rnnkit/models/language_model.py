@@ -120,8 +120,10 @@ def continue_streams(model: LanguageModel, primes: list[list[int]], length: int,
     try:
         bank = StreamBank(model)
         keys = [bank.add() for _ in primes]
-        last = [bank.step([key], torch.tensor(prime).unsqueeze(1))[-1, 0]  # (V,) after the prime
-                for key, prime in zip(keys, primes)]
+        device = model.decoder.weight.device
+        # logits come back to the CPU, where the generators draw
+        last = [bank.step([key], torch.tensor(prime, device=device).unsqueeze(1))[-1, 0].cpu()
+                for key, prime in zip(keys, primes)]  # (V,) after each prime
         out: list[list[int]] = [[] for _ in primes]
         for step in range(length):
             symbols = [_pick(logits, temperature, top_k, generators[i] if generators else None)
@@ -129,7 +131,7 @@ def continue_streams(model: LanguageModel, primes: list[list[int]], length: int,
             for row, symbol in zip(out, symbols):
                 row.append(symbol)
             if step + 1 < length:
-                last = list(bank.step(keys, torch.tensor([symbols]))[0])  # (B, V)
+                last = list(bank.step(keys, torch.tensor([symbols], device=device))[0].cpu())  # (B, V)
     finally:
         model.train(was_training)
     return out

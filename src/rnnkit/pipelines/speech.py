@@ -48,6 +48,7 @@ class SpeechPipeline(Pipeline):
         lengths = torch.tensor([f.shape[0] for f in features])
         padded = torch.nn.utils.rnn.pad_sequence(features).to(self.device)  # (T, B, F)
         log_probs, out_lengths = self.module(padded, lengths)
+        log_probs, out_lengths = log_probs.cpu(), out_lengths.cpu()  # decoding runs on the CPU
         decoded = decode_batch(log_probs, out_lengths, blank=speech.BLANK,
                                beam_width=int(options["beam"]))
         return [Transcription(str(path), "".join(map(str, speech.labels_to_digits(h.labels))),

@@ -124,8 +124,9 @@ def load_text(data: DataConfig) -> tuple[str, str]:
 def loss_over_stream(model: nn.Module, stream: Tensor, seq_len: int) -> tuple[float, int]:
     """Summed cross-entropy (nats) and count over a batchified stream, state carried across."""
     total, count, state = 0.0, 0, None
+    device = next(model.parameters()).device
     for w in range(num_windows(stream, seq_len)):
-        inputs, targets = stream_window(stream, w * seq_len, seq_len)
+        inputs, targets = (t.to(device) for t in stream_window(stream, w * seq_len, seq_len))
         logits, state = model(inputs, state)
         total += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
         count += targets.numel()

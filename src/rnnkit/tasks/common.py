@@ -161,3 +161,13 @@ def record_test(out: str | Path, split: str, step: int | None, metrics: dict[str
     path = Path(out) / "metrics.jsonl"
     with open(path, "a", encoding="utf-8") as log:
         log.write(json.dumps({"kind": "test", "split": split, "step": step, **metrics}) + "\n")
+
+
+def device_of(model: Any) -> Any:
+    """Where a model's parameters live: held-out data is moved there before the model reads it."""
+    return next(model.parameters()).device
+
+
+def on_device(values: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A dict of model arguments with every tensor moved to ``device`` (None stays None)."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in values.items()}

@@ -23,6 +23,7 @@ from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.tasks.common import (
     EpochPlan,
     confusion_matrix,
+    device_of,
     load_task_checkpoint,
     per_sequence,
     require_full_bptt,
@@ -142,10 +143,11 @@ def predict_images(model: nn.Module, images: Tensor, labels: Tensor, reader: str
                    ) -> tuple[list[int], list[int], float]:
     """(references, predictions, mean cross-entropy) of images (N, 8, 8) in [0, 1]."""
     model.eval()
+    device = device_of(model)
     references, predictions, total = [], [], 0.0
     for start in range(0, images.shape[0], batch_size):
         chunk = slice(start, start + batch_size)
-        logits = model(to_sequence(images[chunk], reader))  # (B, 10)
+        logits = model(to_sequence(images[chunk], reader).to(device)).cpu()  # (B, 10)
         total += float(F.cross_entropy(logits, labels[chunk], reduction="sum"))
         references += labels[chunk].tolist()
         predictions += logits.argmax(-1).tolist()

@@ -25,6 +25,7 @@ from rnnkit.models.generator import FrameGenerator, GeneratorConfig, frame_nll
 from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.tasks.common import (
     EpochPlan,
+    device_of,
     load_task_checkpoint,
     per_sequence,
     require_full_bptt,
@@ -87,11 +88,13 @@ def collate(rolls: list[Tensor]) -> Batch:
 def rolls_nll(model: nn.Module, rolls: list[Tensor], batch_size: int) -> float:
     """NLL per predicted time step (nats, summed over keys) over every roll (T, P) given."""
     model.eval()
+    device = device_of(model)
     total, steps = 0.0, 0
     for start in range(0, len(rolls), batch_size):
         batch = collate(rolls[start:start + batch_size])
         frames, lengths = batch.inputs, batch.targets[0]
-        logits, _ = model(frames[:-1], lengths - 1)  # (T-1, B, P)
+        logits, _ = model(frames[:-1].to(device), lengths - 1)
+        logits = logits.cpu()  # (T-1, B, P)
         mask = valid_mask(lengths - 1, frames.shape[0] - 1)  # (T-1, B)
         count = int(mask.sum())
         total += float(frame_nll(logits, frames[1:], mask)) * count

@@ -43,7 +43,9 @@ from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.tasks.common import (
     EpochPlan,
     confusion_matrix,
+    device_of,
     load_task_checkpoint,
+    on_device,
     per_class_f1,
     per_sequence,
     require_full_bptt,
@@ -285,12 +287,13 @@ class SentimentTask:
 def probabilities(model: nn.Module, sentences: list[Encoded], pad: int, batch_size: int) -> Tensor:
     """Class probabilities (N, C) of encoded sentences, in order, batched longest first."""
     model.eval()
+    device = device_of(model)
     order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i][0]))
     probs = torch.zeros(len(sentences), model.config.classes)
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
         batch = collate([sentences[i] for i in chosen], [0] * len(chosen), pad)
-        probs[chosen] = model(**model_inputs(batch)).softmax(-1).float()  # (B, C)
+        probs[chosen] = model(**on_device(model_inputs(batch), device)).softmax(-1).float().cpu()
     return probs
 
 

@@ -34,7 +34,7 @@ from rnnkit.decoding import decode_batch
 from rnnkit.losses import ctc_loss
 from rnnkit.metrics.scoring import align, error_rate
 from rnnkit.models.acoustic import AcousticConfig, AcousticModel
-from rnnkit.tasks.common import load_task_checkpoint
+from rnnkit.tasks.common import device_of, load_task_checkpoint
 from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult
@@ -225,12 +225,14 @@ def recognise(model: nn.Module, features: list[Tensor], references: list[list[in
               ) -> tuple[list[list[int]], list[list[int]], float]:
     """(references, recognised digits, CTC loss per reference label) of utterances' features."""
     model.eval()
+    device = device_of(model)
     hypotheses, total_loss = [], 0.0
     for start in range(0, len(features), batch_size):
         digits = references[start:start + batch_size]
         batch = collate(features[start:start + batch_size], digits)
         (padded, lengths), (targets, target_lengths) = batch.inputs, batch.targets
-        log_probs, out_lengths = model(padded, lengths)
+        log_probs, out_lengths = model(padded.to(device), lengths)
+        log_probs, out_lengths = log_probs.cpu(), out_lengths.cpu()  # CTC and decoding on the CPU
         total_loss += float(ctc_loss(log_probs, targets, out_lengths, target_lengths,
                                      reduction="sum", zero_infinity=True))
         decoded = decode_batch(log_probs, out_lengths, blank=BLANK, beam_width=beam_width)

@@ -41,7 +41,9 @@ from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.models.tagger import Tagger, TaggerConfig
 from rnnkit.tasks.common import (
     EpochPlan,
+    device_of,
     load_task_checkpoint,
+    on_device,
     per_sequence,
     require_full_bptt,
     section_fields,
@@ -223,13 +225,14 @@ def predict_split(model: nn.Module, data: Encoded, vocab: Vocabularies, batch_si
                   ) -> tuple[list[list[str]], list[str | None] | None, float]:
     """Predicted tags and intents (strings, in the split's order) and the mean loss."""
     model.eval()
+    device = device_of(model)
     order = sorted(range(len(data.words)), key=lambda i: -len(data.words[i]))
     tags: list[list[str]] = [[] for _ in order]
     intents: list[str | None] = [None for _ in order]
     total = 0.0
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
-        args = _model_args(collate(data, chosen))
+        args = on_device(_model_args(collate(data, chosen)), device)
         total += float(model.loss(**args)) * len(chosen)
         best, best_intents = model.decode(args["tokens"], args["lengths"], args["chars"],
                                           args["char_lengths"])

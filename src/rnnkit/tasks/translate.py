@@ -33,6 +33,7 @@ from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from rnnkit.tasks import dates
 from rnnkit.tasks.common import (
     EpochPlan,
+    device_of,
     load_task_checkpoint,
     per_sequence,
     require_full_bptt,
@@ -153,6 +154,7 @@ def translate_encoded(model: Seq2Seq, sources: list[list[int]], targets: list[li
     """Greedy outputs (symbol lists, in order) of encoded sources and the teacher-forced loss
     per token of their references (targets ending in </s>)."""
     model.eval()
+    device = device_of(model)
     order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
     outputs: list[list[str]] = [[] for _ in order]
     total, tokens = 0.0, 0
@@ -161,6 +163,7 @@ def translate_encoded(model: Seq2Seq, sources: list[list[int]], targets: list[li
         chosen = order[start:start + size]
         batch = collate([sources[i] for i in chosen], [targets[i] for i in chosen], target_vocab.pad)
         (source, source_lengths), (target, target_lengths) = batch.inputs, batch.targets
+        source, target = source.to(device), target.to(device)
         count = int(target_lengths.sum())
         total += float(model.loss(source, source_lengths[0], target, target_lengths[0])) * count
         tokens += count
