@@ -107,9 +107,10 @@ class Pipeline:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         settings = {**self.options, **options}
         for start in range(0, len(inputs), batch_size):
-            with torch.no_grad():
-                yield self._predict(list(inputs[start:start + batch_size]), start, len(inputs),
-                                    **settings)
+            with torch.no_grad():  # left before yielding: the caller's code keeps its grad mode
+                results = self._predict(list(inputs[start:start + batch_size]), start,
+                                        len(inputs), **settings)
+            yield results
 
     def _is_single(self, inputs: Any) -> bool:
         return not isinstance(inputs, (list, tuple))
