@@ -67,7 +67,8 @@ class MusicPipeline(Pipeline):
                     raise InputError(f"{primer_path}: the MIDI file holds no notes to start from")
             else:
                 raise InputError(f"input {index} ({shown(primer_path)}): give a MIDI file or nothing")
-            seed = options["seed"] if options["seed"] is not None else torch.seed() % 2**62
+            # input i samples from seed + i, as the language models do
+            seed = options["seed"] + index - 1 if options["seed"] is not None else torch.seed() % 2**62
             roll = music.generate(self.module, primer, int(options["steps"]),  # type: ignore[arg-type]
                                   float(options["temperature"]), seed=int(seed))
             if not name:
