@@ -30,7 +30,8 @@ def add_parser(commands: Any, threads_help: str) -> None:
                     "primes (charlm, wordlm), WAV files (speech), image files or 64 numbers "
                     "(digits), a MIDI primer or nothing (music). Inputs come as arguments, one "
                     "per line from --input FILE ('-': stdin), or on stdin when no argument is given "
-                    "(charlm, wordlm and music without inputs start from nothing).")
+                    "(charlm, wordlm and music without inputs start from nothing; --input - reads theirs "
+                    "from stdin).")
     parser.add_argument("run", help="run directory (its best weights), best.json or a checkpoint JSON")
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="inputs to predict")
     parser.add_argument("--input", metavar="FILE", help="a file of inputs, one per line ('-': stdin)")
