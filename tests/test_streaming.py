@@ -138,3 +138,17 @@ def test_language_model_generation_streams_equal_rerunning_the_prefix() -> None:
     batched = continue_streams(model, primes, 8, 1.0, None, seeded(3))
     for i, prime in enumerate(primes):
         assert batched[i] == continue_streams(model, [prime], 8, 1.0, None, seeded(1))[0]
+
+
+def test_bank_serves_a_stacked_cell_with_nested_named_states() -> None:
+    cell = rnnkit.StackedCell([rnnkit.LSTMCell(2, 3, peephole=True), rnnkit.GRUCell(3, 3)]).double()
+    bank = StreamBank(cell, state_batch_dim=0, input_batch_dim=0)
+    a, b = bank.add(), bank.add()
+    xs = torch.randn(4, 2, 2, dtype=torch.float64)  # 4 steps of 2 streams
+    outputs = [bank.step([a, b], x) for x in xs]
+    whole, final = rnnkit.unroll(cell, xs)
+    torch.testing.assert_close(torch.stack(outputs), whole, rtol=0, atol=1e-12)
+    lstm_state, gru_state = bank.state(b)
+    assert isinstance(lstm_state, rnnkit.LSTMState) and lstm_state.c.shape == (1, 3)
+    torch.testing.assert_close(lstm_state.c, final[0].c[1:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(gru_state[0], final[1][0][1:], rtol=0, atol=1e-12)
