@@ -33,12 +33,8 @@ class Tagged(Result):
     unknown: list[str]  # words the model never saw in training (read as <unk>, as training did)
 
     def __str__(self) -> str:
-        words, at = [], 0
-        for entity in self.entities:
-            words += [*self.tokens[at:entity.start], f"[{entity.text}]{entity.type}"]
-            at = entity.end + 1
-        words += self.tokens[at:]
-        return (f"{self.intent}\t" if self.intent is not None else "") + " ".join(words)
+        text = tagging.bracketed(self.tokens, [(e.type, e.start, e.end) for e in self.entities])
+        return (f"{self.intent}\t" if self.intent is not None else "") + text
 
 
 class TaggingPipeline(Pipeline):

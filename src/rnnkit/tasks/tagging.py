@@ -345,6 +345,15 @@ def tag_sentence(model: Tagger, vocab: Vocabularies, tokens: list[str]
     return ["O" if t == UNK else t for t in tags], intent
 
 
+def bracketed(tokens: list[str], entities: list[tuple[str, int, int]]) -> str:
+    """A tagged sentence for people: "flights from [new york]fromloc.city_name to ..."."""
+    words, at = [], 0
+    for kind, start, end in entities:
+        words += [*tokens[at:start], f"[{' '.join(tokens[start:end + 1])}]{kind}"]
+        at = end + 1
+    return " ".join(words + tokens[at:])
+
+
 def describe_metrics(valid: dict[str, float]) -> str:
     intent = f", intent accuracy {100 * valid['intent_acc']:.2f}%" if "intent_acc" in valid else ""
     return (f"slot F1 {100 * valid['slot_f1']:.2f}{intent}, sentence accuracy "
@@ -367,15 +376,9 @@ def report(task: TaggingTask, model: Tagger, config: dict[str, Any], out: Path) 
     data = task.splits[split]
     print(f"{split} sentences tagged ([entity]type; ok: every tag right):")
     for i in range(min(EXAMPLES, len(tags))):
-        tokens = data.tokens[i]
-        words, at = [], 0
-        for kind, start, end in get_entities(tags[i]):
-            words += [*tokens[at:start], f"[{' '.join(tokens[start:end + 1])}]{kind}"]
-            at = end + 1
-        words += tokens[at:]
         mark = "ok" if tags[i] == data.gold_tags[i] else "  "
         intent = f"{intents[i]}: " if intents is not None else ""
-        print(f"{mark} {intent}{' '.join(words)}")
+        print(f"{mark} {intent}{bracketed(data.tokens[i], get_entities(tags[i]))}")
 
 
 def config_sections() -> dict[str, list[str]]:
