@@ -137,6 +137,13 @@ def continue_streams(model: LanguageModel, primes: list[list[int]], length: int,
     return out
 
 
+def prime_ids(vocab: CharVocab, prime: str, what: str = "prime") -> list[int]:
+    """The symbols generation starts from: the prime's, or after a newline for an empty prime
+    (the first symbol when the vocabulary has no newline); an unknown symbol raises naming it."""
+    start = prime or ("\n" if "\n" in vocab.symbols or 10 in vocab.symbols else "")
+    return vocab.encode(start, what=what) if start else [0]
+
+
 def seeded_generator(seed: int | None) -> torch.Generator:
     """A generator seeded with ``seed`` (a fresh random seed when None)."""
     return torch.Generator().manual_seed(seed if seed is not None else torch.seed())
@@ -156,7 +163,6 @@ def generate(
 
     An empty prime starts after a newline (or the first symbol when there is no newline).
     """
-    start = prime or ("\n" if "\n" in vocab.symbols or 10 in vocab.symbols else "")
-    indices = vocab.encode(start, what="prime") if start else [0]
+    indices = prime_ids(vocab, prime)
     out = continue_streams(model, [indices], length, temperature, top_k, [seeded_generator(seed)])
     return prime + vocab.decode(out[0])

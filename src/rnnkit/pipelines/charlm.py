@@ -10,7 +10,7 @@ from torch import nn
 
 from rnnkit.data.corpus import read_files
 from rnnkit.data.vocab import UnknownSymbolError
-from rnnkit.models.language_model import continue_streams, seeded_generator
+from rnnkit.models.language_model import continue_streams, prime_ids, seeded_generator
 from rnnkit.pipelines.base import InputError, Pipeline, Result, shown
 from rnnkit.tasks import charlm
 
@@ -43,9 +43,8 @@ class CharLMPipeline(Pipeline):
             if not isinstance(prime, str):
                 raise InputError(f"input {first_index + i + 1} ({shown(prime)}): the {self.task} "
                                  "model continues text; give a string")
-            start = prime or ("\n" if "\n" in self.vocab.symbols or 10 in self.vocab.symbols else "")
             try:
-                ids.append(self.vocab.encode(start, what=f"input {shown(prime)}") if start else [0])
+                ids.append(prime_ids(self.vocab, prime, what=f"input {shown(prime)}"))
             except UnknownSymbolError as error:
                 raise InputError(str(error)) from None
             primes.append(prime)
