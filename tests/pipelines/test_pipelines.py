@@ -74,7 +74,7 @@ def test_predict_answers_in_named_results(run: Run, tmp_path: Path) -> None:
         assert set(plain) == FIELDS[run.task]
         json.dumps(plain)
     single = pipe.predict(run.inputs[0], **options)
-    assert isinstance(single, Result)
+    assert isinstance(single, Result) and type(pipe(run.inputs[0], **options)) is type(single)
     first = results[0]
     if run.task == "sentiment":
         assert first.label in ("negative", "positive")

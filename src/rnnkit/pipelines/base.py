@@ -95,6 +95,10 @@ class Pipeline:
                                                     batch_size, **options) for r in batch]
         return results[0] if single else results
 
+    def __call__(self, inputs: Any, batch_size: int = 32, **options: Any) -> Any:
+        """``pipe(inputs)`` is ``pipe.predict(inputs)``, as Hugging Face pipelines are called."""
+        return self.predict(inputs, batch_size, **options)
+
     def iter_predict(self, inputs: Sequence[Any], batch_size: int = 32, **options: Any
                      ) -> Iterator[list[Result]]:
         """The results of ``inputs``, one list per batch of ``batch_size``, as they are made."""
