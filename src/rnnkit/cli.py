@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,
-            FileNotFoundError, AudioError) as error:
+            OSError, AudioError) as error:  # OSError: a missing file, a directory given as one, ...
         print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
         return 2
 

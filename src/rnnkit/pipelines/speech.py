@@ -44,6 +44,8 @@ class SpeechPipeline(Pipeline):
         for i, path in enumerate(batch):
             if not isinstance(path, (str, Path)) or not str(path).strip():
                 raise InputError(f"input {first_index + i + 1} ({shown(path)}): give a WAV file")
+            if Path(path).is_dir():
+                raise InputError(f"{path} is a directory, not a WAV file")
             features.append(self.extractor.from_file(path))  # AudioError names a bad file
         lengths = torch.tensor([f.shape[0] for f in features])
         padded = torch.nn.utils.rnn.pad_sequence(features).to(self.device)  # (T, B, F)
