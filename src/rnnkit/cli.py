@@ -1,4 +1,5 @@
-"""The ``rnnkit`` command: ``train``, ``sample``, ``evaluate``, ``transcribe``, ``tasks``, ``hello``.
+"""The ``rnnkit`` command: ``train``, ``predict``, ``evaluate``, ``sample``, ``transcribe``,
+``tasks``, ``hello``.
 
 Options come from the task's defaults, then a YAML/TOML ``--config`` file, then flags and
 ``--set`` (later wins); the flags, their checks and ``rnnkit train TASK --help`` are generated
@@ -20,14 +21,14 @@ from typing import Any
 
 import yaml
 
-from rnnkit.options import Leaf, OptionError, Options, TaskSchema, field_specs, option, read_config_file
+from rnnkit.options import OptionError, Options, TaskSchema, option, read_config_file
 from rnnkit.options.command import (
     Parser,
     UsageError,
     add_task_flags,
     apply_flags,
     flag_names,
-    parse_value,
+    flag_type,
 )
 from rnnkit.tasks import TASKS
 
@@ -36,17 +37,17 @@ THREADS_HELP = "torch CPU threads (default: torch's choice; 1 is faster on a bus
 
 @dataclass
 class CommandOptions(Options):
-    """The options of the commands other than a task's own (checked like every other option)."""
+    """The options of ``train`` and ``hello`` other than a task's own (checked like every other
+    option); those of the commands that use a trained run are :class:`rnnkit.commands.RunOptions`."""
 
     threads: int | None = option(None, THREADS_HELP, ge=1)
     seed: int | None = option(None, "seed: same seed, same text", ge=0, le=2**63 - 1)
-    beam: int = option(8, "beam width (1: greedy)", ge=1)
     steps: int = option(100, "training steps", ge=1)
 
 
 def _typed(cls: type, name: str, flag: str) -> Any:
     """argparse ``type=`` checking a flag by the rules of field ``name`` of ``cls``."""
-    return parse_value(Leaf((name,), field_specs(cls)[name]), flag)
+    return flag_type(cls, name, flag)
 
 
 def _task_named(argv: Sequence[str]) -> str | None:
@@ -58,9 +59,8 @@ def _task_named(argv: Sequence[str]) -> str | None:
 
 def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
     from rnnkit.tasks import TASK_DATA, task_schema
-    from rnnkit.tasks.charlm import SampleConfig
 
-    parser = Parser(prog="rnnkit", description="Recurrent networks: train, sample, evaluate.",
+    parser = Parser(prog="rnnkit", description="Recurrent networks: train, predict, evaluate, sample.",
                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -100,41 +100,14 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
         parser.command = train.command = "rnnkit train"
         add_task_flags(train, task_schema(task))
 
-    sample = commands.add_parser("sample", help="generate text from a checkpoint",
-                                 description="Generate text from a trained charlm checkpoint.",
-                                 allow_abbrev=False)
-    sample.add_argument("checkpoint", help="run directory or its checkpoint.json")
-    sample.add_argument("--prime", default="", help="text to start from")
-    sample.add_argument("--length", type=_typed(SampleConfig, "length", "--length"), default=400,
-                        help="symbols to generate")
-    sample.add_argument("--temperature", type=_typed(SampleConfig, "temperature", "--temperature"),
-                        default=0.8, help="softmax temperature; 0 picks the likeliest symbol")
-    sample.add_argument("--top-k", type=_typed(SampleConfig, "top_k", "--top-k"), default=None,
-                        help="sample among the k likeliest")
-    sample.add_argument("--seed", type=_typed(CommandOptions, "seed", "--seed"), default=None,
-                        help="seed: same seed, same text")
-    sample.add_argument("--threads", type=_typed(CommandOptions, "threads", "--threads"),
-                        default=None, help=THREADS_HELP)
+    # the subcommands that use a trained run live in rnnkit.commands, one module each; their
+    # flags are checked by the option layer too (rnnkit.commands.RunOptions)
+    from rnnkit.commands import evaluate, faces, predict
 
-    evaluate = commands.add_parser("evaluate", help="loss of a checkpoint on a text file",
-                                   description="Print nats and bits per character of a text.",
-                                   allow_abbrev=False)
-    evaluate.add_argument("checkpoint", help="run directory or its checkpoint.json")
-    evaluate.add_argument("--data", nargs="+", required=True, metavar="FILE",
-                          help="UTF-8 text file(s)")
-    evaluate.add_argument("--threads", type=_typed(CommandOptions, "threads", "--threads"),
-                          default=None, help=THREADS_HELP)
-
-    transcribe = commands.add_parser(
-        "transcribe", help="the digits spoken in WAV files (speech checkpoint)",
-        description="Print the digit string a trained speech model hears in each WAV file.",
-        allow_abbrev=False)
-    transcribe.add_argument("checkpoint", help="run directory or its checkpoint.json")
-    transcribe.add_argument("wav", nargs="+", help="8 kHz mono PCM WAV file(s)")
-    transcribe.add_argument("--beam", type=_typed(CommandOptions, "beam", "--beam"), default=8,
-                            help="beam width (1: greedy)")
-    transcribe.add_argument("--threads", type=_typed(CommandOptions, "threads", "--threads"),
-                            default=None, help=THREADS_HELP)
+    predict.add_parser(commands, THREADS_HELP)
+    evaluate.add_parser(commands, THREADS_HELP)
+    faces.add_sample_parser(commands, THREADS_HELP)
+    faces.add_transcribe_parser(commands, THREADS_HELP)
 
     commands.add_parser("tasks", help="the tasks and the data each one reads",
                         description="List the tasks, their data formats and default data.")
@@ -264,44 +237,6 @@ def _json_form(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _sample(args: argparse.Namespace) -> int:
-    from rnnkit.models.language_model import generate
-    from rnnkit.tasks.charlm import load_model
-
-    model, vocab, _ = load_model(args.checkpoint)
-    print(generate(model, vocab, args.prime, args.length, args.temperature, args.top_k, args.seed))
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from rnnkit.data.corpus import read_files
-    from rnnkit.tasks.charlm import evaluate_text, load_model
-
-    model, vocab, checkpoint = load_model(args.checkpoint)
-    text = read_files(args.data)
-    seq_len = int(checkpoint.meta["task"].get("data", {}).get("seq_len", 100))
-    metrics = evaluate_text(model, vocab, text, seq_len=seq_len, skip_unknown=True)
-    unit = "byte" if vocab.byte_level else "char"
-    skipped = int(metrics["unknown"])
-    note = f"; {skipped:,} symbols outside the vocabulary left out" if skipped else ""
-    print(f"{metrics['loss']:.4f} nats/{unit}  {metrics['bpc']:.4f} bits/{unit}  "
-          f"({int(metrics['symbols']):,} symbols of {', '.join(args.data)}{note})")
-    return 0
-
-
-def _transcribe(args: argparse.Namespace) -> int:
-    from rnnkit.data.audio import check_audio_path
-    from rnnkit.tasks.speech import load_model, transcribe
-
-    for path in args.wav:  # before loading the model: a typo costs nothing
-        check_audio_path(path)
-    model, extractor, _ = load_model(args.checkpoint)
-    for path in args.wav:
-        digits = transcribe(model, extractor, path, beam_width=args.beam)
-        print(f"{path}\t{digits}" if len(args.wav) > 1 else digits)
-    return 0
-
-
 def _hello(args: argparse.Namespace) -> int:
     from rnnkit.tasks.hello import run_hello
 
@@ -322,9 +257,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         guess = _task_named(argv)
-        args = _build_parser(guess).parse_args(argv)
+        parser = _build_parser(guess)
+        args, extra = parser.parse_known_args(argv)
         if args.command == "train" and args.task != guess:  # e.g. an --out DIR named like a task
-            args = _build_parser(args.task).parse_args(argv)
+            parser = _build_parser(args.task)
+            args, extra = parser.parse_known_args(argv)
+        if extra and args.command == "predict" and not any(e.startswith("-") for e in extra):
+            args.inputs += extra  # inputs after an option: `rnnkit predict RUN --beam 4 "text"`
+        elif extra:
+            parser.command = parser.command or f"rnnkit {args.command}"
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except UsageError as error:
         print(error, file=sys.stderr)
         return 2
@@ -337,12 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate,
-                "transcribe": _transcribe, "tasks": _tasks, "hello": _hello}
+    from rnnkit.commands import evaluate, faces, predict
+
+    handlers = {"train": _train, "predict": predict.run, "evaluate": evaluate.run,
+                "sample": faces.run_sample, "transcribe": faces.run_transcribe, "tasks": _tasks,
+                "hello": _hello}
     try:
         return handlers[args.command](args)
     except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,
-            FileNotFoundError, AudioError) as error:
+            OSError, AudioError) as error:  # OSError: a missing file, a directory given as one, ...
         print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
