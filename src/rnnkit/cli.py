@@ -293,8 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C outside training, or a second one while the first was stopping the run at a
         # step boundary: stop at once; checkpoints are written atomically, so the last is whole
-        print(f"rnnkit {args.command}: interrupted; the last checkpoint written is intact",
-              file=sys.stderr)
+        # (only train writes checkpoints: the other commands just say they were interrupted)
+        note = "; the last checkpoint written is intact" if args.command == "train" else ""
+        print(f"rnnkit {args.command}: interrupted{note}", file=sys.stderr)
         return 130
 
 
