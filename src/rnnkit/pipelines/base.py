@@ -75,6 +75,8 @@ class Pipeline:
         self.config = run_config(checkpoint)
         try:
             self.module: nn.Module = self._load()
+        except CheckpointError:  # the task's validated loading already named file and field
+            raise
         except (RuntimeError, KeyError, TypeError, ValueError) as error:
             # a checkpoint whose description and weights disagree (edited JSON, other version)
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -149,6 +151,10 @@ def resolve(path: str | Path) -> Path:
     if path.is_dir():
         for name in (f"{BEST}.json", POINTER):
             if (path / name).is_file():
+                if not (path / name).resolve().is_relative_to(path.resolve()):
+                    # as load_checkpoint does for a directory: only files inside it are read
+                    raise CheckpointError(f"{path / name} is a link leading outside {path}; "
+                                          "refusing to read it")
                 return path / name
         raise CheckpointError(f"{path} holds no {BEST}.json or {POINTER}: not a run directory")
     return path
@@ -170,9 +176,8 @@ def run_config(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    checkpoint = load_checkpoint(resolve(path))
-    described = checkpoint.meta.get("task")
-    if not isinstance(described, dict) or not isinstance(described.get("model"), dict):
-        raise CheckpointError(f"{checkpoint.path} records no task and model to rebuild")
-    return checkpoint
+    """The checkpoint of a run (:func:`resolve`), its structure checked by :func:`load_checkpoint`
+    (``task`` an object with a name); the task's loader (``load_task_model``) checks the rest
+    (``task.model`` and the sections it needs, the tensors against the model), naming the field."""
+    return load_checkpoint(resolve(path))
 
