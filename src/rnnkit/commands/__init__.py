@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rnnkit.options import Options, option
+from rnnkit.options import Options, describe, field_specs, option
 from rnnkit.options.command import flag_type
 
 
@@ -37,3 +37,14 @@ class RunOptions(Options):
 def typed(name: str, flag: str | None = None) -> Any:
     """argparse ``type=`` for the flag of :class:`RunOptions` field ``name``."""
     return flag_type(RunOptions, name, flag or "--" + name.replace("_", "-"))
+
+
+def flag_options(name: str, text: str, default: Any = None) -> dict[str, Any]:
+    """``add_argument`` keywords for the flag of :class:`RunOptions` field ``name``: its check,
+    a metavar and the help ``text`` with what the flag accepts (as ``train TASK --help`` shows)."""
+    spec = field_specs(RunOptions)[name]
+    metavar = spec.rule.metavar or ("{" + ",".join(spec.choices) + "}" if spec.choices else
+                                    {int: "N", float: "X"}.get(spec.kind.base, "TEXT"))
+    shown = f"; default {default}" if default is not None else ""
+    return {"type": typed(name), "metavar": metavar,
+            "help": f"{text} [{describe(spec)}{shown}]".replace("%", "%%")}

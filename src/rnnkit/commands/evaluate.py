@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from rnnkit.commands import typed
+from rnnkit.commands import flag_options
 from rnnkit.options import OptionError
 
 DATA_HELP = ("charlm: text files or folders; wordlm: PTB-style text; speech: a folder of "
@@ -24,12 +24,12 @@ def add_parser(commands: Any, threads_help: str) -> None:
         allow_abbrev=False)
     parser.add_argument("run", help="run directory (its best weights), best.json or a checkpoint JSON")
     parser.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
-    parser.add_argument("--batch-size", type=typed("batch_size"), default=None,
-                        help="examples per batched call (default: the run's eval_batch_size)")
-    parser.add_argument("--split", type=typed("split"), default=None,
-                        help="music: the split of a .mat file (train, valid or test; default test)")
+    parser.add_argument("--batch-size", default=None, **flag_options(
+        "batch_size", "examples per batched call (default: the run's eval_batch_size)"))
+    parser.add_argument("--split", default=None,
+                        **flag_options("split", "music: the split of a .mat file", "test"))
     parser.add_argument("--json", action="store_true", help="one JSON object per data path")
-    parser.add_argument("--threads", type=typed("threads"), default=None, help=threads_help)
+    parser.add_argument("--threads", default=None, **flag_options("threads", threads_help))
 
 
 def run(args: argparse.Namespace) -> int:

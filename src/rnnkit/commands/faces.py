@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rnnkit.commands import typed
+from rnnkit.commands import flag_options
 
 
 def add_sample_parser(commands: Any, threads_help: str) -> None:
@@ -14,15 +14,14 @@ def add_sample_parser(commands: Any, threads_help: str) -> None:
                                  description="Generate text from a trained charlm or wordlm run.",
                                  allow_abbrev=False)
     parser.add_argument("checkpoint", help="run directory, best.json or a checkpoint JSON")
-    parser.add_argument("--prime", default="", help="text to start from")
-    parser.add_argument("--length", type=typed("length"), default=None,
-                        help="symbols (charlm, default 400) or words (wordlm, default 30)")
-    parser.add_argument("--temperature", type=typed("temperature"), default=0.8,
-                        help="softmax temperature; 0 picks the likeliest symbol")
-    parser.add_argument("--top-k", type=typed("top_k"), default=None,
-                        help="sample among the k likeliest")
-    parser.add_argument("--seed", type=typed("seed"), default=None, help="seed: same seed, same text")
-    parser.add_argument("--threads", type=typed("threads"), default=None, help=threads_help)
+    parser.add_argument("--prime", default="", metavar="TEXT", help="text to start from")
+    parser.add_argument("--length", default=None, **flag_options(
+        "length", "symbols (charlm, default 400) or words (wordlm, default 30)"))
+    parser.add_argument("--temperature", default=0.8, **flag_options(
+        "temperature", "softmax temperature; 0 picks the likeliest symbol", 0.8))
+    parser.add_argument("--top-k", default=None, **flag_options("top_k", "sample among the k likeliest"))
+    parser.add_argument("--seed", default=None, **flag_options("seed", "seed: same seed, same text"))
+    parser.add_argument("--threads", default=None, **flag_options("threads", threads_help))
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -46,8 +45,8 @@ def add_transcribe_parser(commands: Any, threads_help: str) -> None:
         allow_abbrev=False)
     parser.add_argument("checkpoint", help="run directory, best.json or a checkpoint JSON")
     parser.add_argument("wav", nargs="+", help="PCM WAV file(s) at the model's sample rate")
-    parser.add_argument("--beam", type=typed("beam"), default=8, help="beam width (1: greedy)")
-    parser.add_argument("--threads", type=typed("threads"), default=None, help=threads_help)
+    parser.add_argument("--beam", default=8, **flag_options("beam", "beam width (1: greedy)", 8))
+    parser.add_argument("--threads", default=None, **flag_options("threads", threads_help))
 
 
 def run_transcribe(args: argparse.Namespace) -> int:

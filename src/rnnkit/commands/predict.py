@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rnnkit.commands import typed
+from rnnkit.commands import flag_options
 from rnnkit.options import OptionError
 
 # flag → (predict option, help); each is checked by its RunOptions field while parsing, and
@@ -40,12 +40,12 @@ def add_parser(commands: Any, threads_help: str) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="inputs to predict")
     parser.add_argument("--input", metavar="FILE", help="a file of inputs, one per line ('-': stdin)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--batch-size", type=typed("batch_size"), default=32,
-                        help="inputs per batched call")
+    parser.add_argument("--batch-size", default=32,
+                        **flag_options("batch_size", "inputs per batched call", 32))
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     for flag, name, text in OPTION_FLAGS:
-        parser.add_argument(flag, type=typed(name, flag), default=argparse.SUPPRESS, help=text)
-    parser.add_argument("--threads", type=typed("threads"), default=None, help=threads_help)
+        parser.add_argument(flag, default=argparse.SUPPRESS, **flag_options(name, text))
+    parser.add_argument("--threads", default=None, **flag_options("threads", threads_help))
 
 
 def read_inputs(args: argparse.Namespace, task: str) -> list[str | None]:
