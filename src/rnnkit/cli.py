@@ -11,10 +11,13 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,21 +205,46 @@ def _train(args: argparse.Namespace) -> int:
     print(f"model: {type(model).__name__} with {params:,} parameters; run directory {out}")
     if checkpoint is not None:
         print(f"resuming from step {trainer.step} of {train_config.steps}")
-    result = trainer.fit()
+    with _repeated_sigterm_ignored(trainer):
+        result = trainer.fit()
 
-    if result.valid:
-        shown = (module.describe_metrics(result.valid) if hasattr(module, "describe_metrics")
-                 else ", ".join(f"{key} {value:.4f}" for key, value in result.valid.items()))
-        print(f"step {result.step} ({result.reason}): validation {shown}")
-    if hasattr(module, "report"):
-        module.report(task, model, config, out)
-    print(f"checkpoint: {result.checkpoint}")
-    print(f"metrics:    {result.metrics}")
-    print(f"plot:       {result.plot}")
-    print(f"config:     {out / 'config.yaml'}")
-    if result.reason == "interrupted":
-        print(f"interrupted; continue with: rnnkit train {name} --out {out} --resume")
+        if result.valid:
+            shown = (module.describe_metrics(result.valid) if hasattr(module, "describe_metrics")
+                     else ", ".join(f"{key} {value:.4f}" for key, value in result.valid.items()))
+            print(f"step {result.step} ({result.reason}): validation {shown}")
+        if hasattr(module, "report"):
+            module.report(task, model, config, out)
+        print(f"checkpoint: {result.checkpoint}")
+        print(f"metrics:    {result.metrics}")
+        print(f"plot:       {result.plot}")
+        print(f"config:     {out / 'config.yaml'}")
+        if result.reason == "interrupted":
+            print(f"interrupted; continue with: rnnkit train {name} --out {out} --resume")
     return 0
+
+
+@contextlib.contextmanager
+def _repeated_sigterm_ignored(trainer: Any) -> Iterator[None]:
+    """SIGTERM around ``trainer.fit()`` and the end-of-run report.
+
+    While it trains, the Trainer's own handler stops the run at a step boundary and ignores
+    repeats; when ``fit()`` returns it puts back the handler it found, which is this one. A
+    scheduler or ``kill`` loop sends several SIGTERMs: one that lands after a run already
+    stopped by the first (``fit()`` can return within milliseconds of it) changes nothing
+    either; any other stops the command (exit 130, as Ctrl-C)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if trainer.stop_reason != "interrupted":
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _refuse_fixed_changes(schema: TaskSchema, before: dict[str, Any],
