@@ -24,7 +24,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def speech(minutes: float, out: Path) -> str:
-    from rnnkit.scoring import error_rate
+    from rnnkit.metrics.scoring import error_rate
     from rnnkit.tasks import speech as task_module
 
     config = task_module.default_config()

@@ -14,7 +14,7 @@ from rnnkit.cli import main
 TEXT = "the cat sat on the mat. 고양이가 매트 위에 앉았다. বিড়াল 猫坐在垫子上。\n" * 12
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "evaluate", "hello"])
+@pytest.mark.parametrize("command", ["train", "predict", "evaluate", "sample", "transcribe", "hello"])
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -51,7 +51,8 @@ def test_train_sample_evaluate_end_to_end(tmp_path: Path,
 
     assert main(["sample", str(out), "--prime", "고양이", "--length", "15", "--seed", "3"]) == 0
     first = capsys.readouterr().out
-    assert main(["sample", str(out / "checkpoint.json"), "--prime", "고양이", "--length", "15",
+    # a run directory means its best weights
+    assert main(["sample", str(out / "best.json"), "--prime", "고양이", "--length", "15",
                  "--seed", "3"]) == 0
     assert capsys.readouterr().out == first and first.startswith("고양이")
 

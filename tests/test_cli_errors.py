@@ -83,6 +83,26 @@ def test_sample_options_are_checked_before_the_checkpoint_is_read(
     assert expected in _error(capsys)
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["predict", "RUN", "x", "--batch-size", "0"], "argument --batch-size: must be an integer ≥ 1, got 0"),
+    (["predict", "RUN", "--beam", "two", "x"], "argument --beam: must be an integer ≥ 1, got 'two'"),
+    (["predict", "RUN", "--temperature", "inf"], "argument --temperature: must be a finite number ≥ 0"),
+    (["predict", "RUN", "--steps", "-1"], "argument --steps: must be an integer ≥ 0, got -1"),
+    (["predict", "RUN", "x", "--bogus"], "--bogus is not an option of rnnkit predict"),
+    (["evaluate", "RUN", "--data", "x", "--split", "dev"],
+     "argument --split: must be one of train, valid, test, got 'dev'"),
+    (["evaluate", "RUN", "--data", "x", "--batch-size", "1.5"], "argument --batch-size: must be an integer"),
+    (["transcribe", "RUN", "a.wav", "--beam", "0"], "argument --beam: must be an integer ≥ 1, got 0"),
+    (["sample", "RUN", "--threads", "0"], "argument --threads: must be an integer ≥ 1"),
+])
+def test_run_command_options_are_checked_before_the_run_is_read(
+        args: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [str(tmp_path / "no-run") if a == "RUN" else a for a in args]
+    assert main(args) == 2
+    err = _error(capsys)
+    assert expected in err and f"rnnkit {args[0]}: error:" in err and "no-run" not in err
+
+
 def test_a_prime_outside_the_vocabulary_is_refused_before_training(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r"
@@ -99,6 +119,7 @@ def test_a_loss_far_above_a_uniform_guess_is_divergence(tmp_path: Path,
                  "--lr", "1e6", "--steps", "40", "--eval-every", "20", *SMALL]) == 2
     err = _error(capsys)
     assert "training diverged at step" in err and "far above the" in err
+    # the wording of every run failure that says what survives (Trainer._intact)
     assert f"no checkpoint of this run was written to {out} yet" in err and "intact" not in err
 
 
@@ -111,7 +132,7 @@ def test_a_divergence_after_a_checkpoint_says_it_is_untouched(
     assert main(["train", "charlm", "--out", str(tmp_path / "run"), "--resume", "--lr", "1e6",
                  "--steps", "40", "--no-progress"]) == 2
     err = _error(capsys)
-    assert f"in {tmp_path / 'run'} is intact" in err
+    assert f"the checkpoint of step 2 in {tmp_path / 'run'} is intact" in err
     assert (tmp_path / "run" / "checkpoint.json").read_bytes() == before
 
 

@@ -8,6 +8,7 @@ The public surface::
     rnnkit.unroll(cell, inputs, ...)                 any cell over a sequence
     rnnkit.export_onnx(module, args, path)           ONNX with ONNX's own LSTM/GRU/RNN nodes
     rnnkit.MinGRU / MinLSTM (+ ...Cell)             minimal RNNs trained by a parallel scan
+    rnnkit.load(run)                                 a trained run: .predict(...), .evaluate(path)
 """
 
 from typing import Any
@@ -16,6 +17,7 @@ from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell, StackedCell
 from rnnkit.cells.minimal import MinGRUCell, MinLSTMCell
 from rnnkit.engine.unroll import unroll
 from rnnkit.layers import GRU, LSTM, RNN, MinGRU, MinLSTM
+from rnnkit.pipelines import load
 
 __version__ = "0.1.0"
 
@@ -42,5 +44,6 @@ __all__ = [
     "StackedCell",
     "__version__",
     "export_onnx",
+    "load",
     "unroll",
 ]

@@ -1,4 +1,5 @@
-"""The ``rnnkit`` command: ``train``, ``sample``, ``evaluate``, ``transcribe``, ``tasks``, ``hello``.
+"""The ``rnnkit`` command: ``train``, ``predict``, ``evaluate``, ``sample``, ``transcribe``,
+``tasks``, ``hello``.
 
 Options come from the task's defaults, then a YAML/TOML ``--config`` file, then flags and
 ``--set`` (later wins); the flags, their checks and ``rnnkit train TASK --help`` are generated
@@ -10,11 +11,13 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +26,14 @@ import yaml
 
 from rnnkit.explore.command import add_command as add_explore_command
 from rnnkit.explore.command import run as run_explore
-from rnnkit.options import Leaf, OptionError, Options, TaskSchema, field_specs, option, read_config_file
+from rnnkit.options import OptionError, Options, TaskSchema, option, read_config_file
 from rnnkit.options.command import (
     Parser,
     UsageError,
     add_task_flags,
     apply_flags,
     flag_names,
-    parse_value,
+    flag_type,
 )
 from rnnkit.tasks import TASKS
 
@@ -39,17 +42,17 @@ THREADS_HELP = "torch CPU threads (default: torch's choice; 1 is faster on a bus
 
 @dataclass
 class CommandOptions(Options):
-    """The options of the commands other than a task's own (checked like every other option)."""
+    """The options of ``train`` and ``hello`` other than a task's own (checked like every other
+    option); those of the commands that use a trained run are :class:`rnnkit.commands.RunOptions`."""
 
     threads: int | None = option(None, THREADS_HELP, ge=1)
     seed: int | None = option(None, "seed: same seed, same text", ge=0, le=2**63 - 1)
-    beam: int = option(8, "beam width (1: greedy)", ge=1)
     steps: int = option(100, "training steps", ge=1)
 
 
 def _typed(cls: type, name: str, flag: str) -> Any:
     """argparse ``type=`` checking a flag by the rules of field ``name`` of ``cls``."""
-    return parse_value(Leaf((name,), field_specs(cls)[name]), flag)
+    return flag_type(cls, name, flag)
 
 
 def _task_named(argv: Sequence[str]) -> str | None:
@@ -61,9 +64,8 @@ def _task_named(argv: Sequence[str]) -> str | None:
 
 def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
     from rnnkit.tasks import TASK_DATA, task_schema
-    from rnnkit.tasks.charlm import SampleConfig
 
-    parser = Parser(prog="rnnkit", description="Recurrent networks: train, sample, evaluate.",
+    parser = Parser(prog="rnnkit", description="Recurrent networks: train, predict, evaluate, sample.",
                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -103,41 +105,14 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
         parser.command = train.command = "rnnkit train"
         add_task_flags(train, task_schema(task))
 
-    sample = commands.add_parser("sample", help="generate text from a checkpoint",
-                                 description="Generate text from a trained charlm checkpoint.",
-                                 allow_abbrev=False)
-    sample.add_argument("checkpoint", help="run directory or its checkpoint.json")
-    sample.add_argument("--prime", default="", help="text to start from")
-    sample.add_argument("--length", type=_typed(SampleConfig, "length", "--length"), default=400,
-                        help="symbols to generate")
-    sample.add_argument("--temperature", type=_typed(SampleConfig, "temperature", "--temperature"),
-                        default=0.8, help="softmax temperature; 0 picks the likeliest symbol")
-    sample.add_argument("--top-k", type=_typed(SampleConfig, "top_k", "--top-k"), default=None,
-                        help="sample among the k likeliest")
-    sample.add_argument("--seed", type=_typed(CommandOptions, "seed", "--seed"), default=None,
-                        help="seed: same seed, same text")
-    sample.add_argument("--threads", type=_typed(CommandOptions, "threads", "--threads"),
-                        default=None, help=THREADS_HELP)
+    # the subcommands that use a trained run live in rnnkit.commands, one module each; their
+    # flags are checked by the option layer too (rnnkit.commands.RunOptions)
+    from rnnkit.commands import evaluate, faces, predict
 
-    evaluate = commands.add_parser("evaluate", help="loss of a checkpoint on a text file",
-                                   description="Print nats and bits per character of a text.",
-                                   allow_abbrev=False)
-    evaluate.add_argument("checkpoint", help="run directory or its checkpoint.json")
-    evaluate.add_argument("--data", nargs="+", required=True, metavar="FILE",
-                          help="UTF-8 text file(s)")
-    evaluate.add_argument("--threads", type=_typed(CommandOptions, "threads", "--threads"),
-                          default=None, help=THREADS_HELP)
-
-    transcribe = commands.add_parser(
-        "transcribe", help="the digits spoken in WAV files (speech checkpoint)",
-        description="Print the digit string a trained speech model hears in each WAV file.",
-        allow_abbrev=False)
-    transcribe.add_argument("checkpoint", help="run directory or its checkpoint.json")
-    transcribe.add_argument("wav", nargs="+", help="8 kHz mono PCM WAV file(s)")
-    transcribe.add_argument("--beam", type=_typed(CommandOptions, "beam", "--beam"), default=8,
-                            help="beam width (1: greedy)")
-    transcribe.add_argument("--threads", type=_typed(CommandOptions, "threads", "--threads"),
-                            default=None, help=THREADS_HELP)
+    predict.add_parser(commands, THREADS_HELP)
+    evaluate.add_parser(commands, THREADS_HELP)
+    faces.add_sample_parser(commands, THREADS_HELP)
+    faces.add_transcribe_parser(commands, THREADS_HELP)
 
     commands.add_parser("build", help="compile rnnkit's C++ kernels now (once per machine)",
                         description="Build every C++ kernel into torch's extension cache, so that "
@@ -240,25 +215,46 @@ def _train(args: argparse.Namespace) -> int:
     print(f"model: {type(model).__name__} with {params:,} parameters; run directory {out}")
     if checkpoint is not None:
         print(f"resuming from step {trainer.step} of {train_config.steps}")
-    result = trainer.fit()
-    if result.reason == "interrupted":
-        # the process is ending on a signal: more SIGTERMs (schedulers and kill loops send
-        # several) must not kill it while it writes its last files and says how to resume
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with _repeated_sigterm_ignored(trainer):
+        result = trainer.fit()
 
-    if result.valid:
-        shown = (module.describe_metrics(result.valid) if hasattr(module, "describe_metrics")
-                 else ", ".join(f"{key} {value:.4f}" for key, value in result.valid.items()))
-        print(f"step {result.step} ({result.reason}): validation {shown}")
-    if hasattr(module, "report"):
-        module.report(task, model, config, out)
-    print(f"checkpoint: {result.checkpoint}")
-    print(f"metrics:    {result.metrics}")
-    print(f"plot:       {result.plot}")
-    print(f"config:     {out / 'config.yaml'}")
-    if result.reason == "interrupted":
-        print(f"interrupted; continue with: rnnkit train {name} --out {out} --resume")
+        if result.valid:
+            shown = (module.describe_metrics(result.valid) if hasattr(module, "describe_metrics")
+                     else ", ".join(f"{key} {value:.4f}" for key, value in result.valid.items()))
+            print(f"step {result.step} ({result.reason}): validation {shown}")
+        if hasattr(module, "report"):
+            module.report(task, model, config, out)
+        print(f"checkpoint: {result.checkpoint}")
+        print(f"metrics:    {result.metrics}")
+        print(f"plot:       {result.plot}")
+        print(f"config:     {out / 'config.yaml'}")
+        if result.reason == "interrupted":
+            print(f"interrupted; continue with: rnnkit train {name} --out {out} --resume")
     return 0
+
+
+@contextlib.contextmanager
+def _repeated_sigterm_ignored(trainer: Any) -> Iterator[None]:
+    """SIGTERM around ``trainer.fit()`` and the end-of-run report.
+
+    While it trains, the Trainer's own handler stops the run at a step boundary and ignores
+    repeats; when ``fit()`` returns it puts back the handler it found, which is this one. A
+    scheduler or ``kill`` loop sends several SIGTERMs: one that lands after a run already
+    stopped by the first (``fit()`` can return within milliseconds of it) changes nothing
+    either; any other stops the command (exit 130, as Ctrl-C)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if trainer.stop_reason != "interrupted":
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _refuse_fixed_changes(schema: TaskSchema, before: dict[str, Any],
@@ -277,44 +273,6 @@ def _refuse_fixed_changes(schema: TaskSchema, before: dict[str, Any],
 def _json_form(value: Any) -> str:
     """A canonical text of JSON-able data (tuples and lists compare equal)."""
     return json.dumps(value, sort_keys=True, default=str)
-
-
-def _sample(args: argparse.Namespace) -> int:
-    from rnnkit.models.language_model import generate
-    from rnnkit.tasks.charlm import load_model
-
-    model, vocab, _ = load_model(args.checkpoint)
-    print(generate(model, vocab, args.prime, args.length, args.temperature, args.top_k, args.seed))
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from rnnkit.data.corpus import read_files
-    from rnnkit.tasks.charlm import evaluate_text, load_model
-
-    model, vocab, checkpoint = load_model(args.checkpoint)
-    text = read_files(args.data)
-    seq_len = int(checkpoint.meta["task"].get("data", {}).get("seq_len", 100))
-    metrics = evaluate_text(model, vocab, text, seq_len=seq_len, skip_unknown=True)
-    unit = "byte" if vocab.byte_level else "char"
-    skipped = int(metrics["unknown"])
-    note = f"; {skipped:,} symbols outside the vocabulary left out" if skipped else ""
-    print(f"{metrics['loss']:.4f} nats/{unit}  {metrics['bpc']:.4f} bits/{unit}  "
-          f"({int(metrics['symbols']):,} symbols of {', '.join(args.data)}{note})")
-    return 0
-
-
-def _transcribe(args: argparse.Namespace) -> int:
-    from rnnkit.data.audio import check_audio_path
-    from rnnkit.tasks.speech import load_model, transcribe
-
-    for path in args.wav:  # before loading the model: a typo costs nothing
-        check_audio_path(path)
-    model, extractor, _ = load_model(args.checkpoint)
-    for path in args.wav:
-        digits = transcribe(model, extractor, path, beam_width=args.beam)
-        print(f"{path}\t{digits}" if len(args.wav) > 1 else digits)
-    return 0
 
 
 def _hello(args: argparse.Namespace) -> int:
@@ -349,9 +307,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         guess = _task_named(argv)
-        args = _build_parser(guess).parse_args(argv)
+        parser = _build_parser(guess)
+        args, extra = parser.parse_known_args(argv)
         if args.command == "train" and args.task != guess:  # e.g. an --out DIR named like a task
-            args = _build_parser(args.task).parse_args(argv)
+            parser = _build_parser(args.task)
+            args, extra = parser.parse_known_args(argv)
+        if extra and args.command == "predict" and not any(e.startswith("-") for e in extra):
+            args.inputs += extra  # inputs after an option: `rnnkit predict RUN --beam 4 "text"`
+        elif extra:
+            parser.command = parser.command or f"rnnkit {args.command}"
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except UsageError as error:
         print(error, file=sys.stderr)
         return 2
@@ -364,23 +329,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from rnnkit.commands import evaluate, faces, predict
     from rnnkit.export import cli as export_cli
 
-    handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate,
-                "transcribe": _transcribe, "tasks": _tasks, "build": _build, "hello": _hello,
-                "export": export_cli.run,
-                "explore": run_explore}
+    handlers = {"train": _train, "predict": predict.run, "evaluate": evaluate.run,
+                "sample": faces.run_sample, "transcribe": faces.run_transcribe, "tasks": _tasks,
+                "build": _build, "hello": _hello, "export": export_cli.run, "explore": run_explore}
     try:
         return handlers[args.command](args)
     except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,
-            FileNotFoundError, AudioError) as error:
+            OSError, AudioError) as error:  # OSError: a missing file, a directory given as one, ...
         print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Ctrl-C outside training, or a second one while the first was stopping the run at a
         # step boundary: stop at once; checkpoints are written atomically, so the last is whole
-        where = "; the last checkpoint written is intact" if args.command == "train" else ""
-        print(f"rnnkit {args.command}: interrupted{where}", file=sys.stderr)
+        # (only train writes checkpoints: the other commands just say they were interrupted)
+        note = "; the last checkpoint written is intact" if args.command == "train" else ""
+        print(f"rnnkit {args.command}: interrupted{note}", file=sys.stderr)
         return 130
 
 

@@ -111,10 +111,14 @@ def test_labelled_tsv_with_header(tmp_path: Path) -> None:
     assert read_labelled_tsv(write(tmp_path / "glue.tsv", glue))[0] == [(["a", "gem"], "1")]
     with pytest.raises(FormatError, match=r"train\.tsv, line 3: expected 2 tab-separated columns"):
         read_labelled_tsv(write(tmp_path / "train.tsv", "label\tsentence\n0\tok\n1 missing tab\n"))
+    # columns are matched by role, whatever the spelling and case
+    for header in ("Polarity\tReview", "label\tcontent", "text\tsentiment"):
+        found = read_labelled_tsv(write(tmp_path / "roles.tsv", f"{header}\n1\tgood\n"))[0]
+        assert found == ([(["good"], "1")] if header[0] != "t" else [(["1"], "good")])
     with pytest.raises(FormatError, match=r"line 1: header .* lacks a column named label"):
-        read_labelled_tsv(write(tmp_path / "train.tsv", "polarity\ttext\n0\tok\n"))
+        read_labelled_tsv(write(tmp_path / "train.tsv", "score\ttext\n0\tok\n"))
     with pytest.raises(FormatError, match=r"lacks a column named sentence or content or text"):
-        read_labelled_tsv(write(tmp_path / "train.tsv", "label\treview\n0\tok\n"))
+        read_labelled_tsv(write(tmp_path / "train.tsv", "label\tbody\n0\tok\n"))
 
 
 def test_ptb_escapes_become_characters_again() -> None:
@@ -176,3 +180,22 @@ def test_reads_the_real_atis_and_sst2_files() -> None:
     sst, summary = read_labelled_tsv(shared("sst2/dev.tsv"))
     assert len(sst) == 872 and {label for _, label in sst} == {"0", "1"}
     assert summary.skipped == {"header lines": 1}
+
+
+def test_raw_text_is_tokenised_as_the_treebank_corpora_are() -> None:
+    from rnnkit.data.text import tokenize_text
+
+    assert tokenize_text("I loved it!") == ["I", "loved", "it", "!"]
+    assert tokenize_text("Don't you think it's (really) good...") == [
+        "Do", "n't", "you", "think", "it", "'s", "(", "really", ")", "good", "..."]
+    assert tokenize_text('"Quoted," she said.') == ['"', "Quoted", ",", '"', "she", "said", "."]
+    assert tokenize_text("well-known 3.50 3,50") == ["well-known", "3.50", "3,50"]
+    # already-tokenised text stays as it is; words the vocabulary holds are kept whole
+    sst = "it 's a charming and often affecting journey . "
+    assert tokenize_text(sst) == sst.split()
+    assert tokenize_text("flights to st. louis", known={"st.", "louis"}) == ["flights", "to", "st.", "louis"]
+    assert tokenize_text("to st. louis") == ["to", "st", ".", "louis"]
+    # a word known only in lower case (PTB, ATIS) is read in lower case; known casing is kept
+    assert tokenize_text("The EU said", known={"the", "said", "EU"}) == ["the", "EU", "said"]
+    assert tokenize_text("The EU", lowercase=True) == ["the", "eu"]
+    assert tokenize_text("   ") == []

@@ -194,6 +194,11 @@ def test_report_scores_the_chosen_weights_on_dev(files: tuple[Path, Path], tmp_p
     printed = capsys.readouterr().out
     assert "dev (20 sentences), the weights of step" in printed and "best holdout accuracy" in printed
     assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    # dev took no part in training or model choice: its scores are recorded as a test
+    from rnnkit.train.metrics import read_metrics
+
+    tests = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "test"]
+    assert len(tests) == 1 and tests[0]["split"] == "dev" and 0 <= tests[0]["accuracy"] <= 1
 
 
 def test_learns_the_word_lists(files: tuple[Path, Path]) -> None:

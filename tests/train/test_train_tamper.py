@@ -75,7 +75,7 @@ METADATA_EDITS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
      r"task\.model is invalid: cell must be one of"),
     ("negative hidden", lambda m: _model(m).update(hidden=-3), r"task\.model is invalid"),
     ("unknown model option", lambda m: _model(m).update(heads=4),
-     r"task\.model is invalid: heads is an unknown option"),
+     r"task\.model is invalid: heads is an unknown option; known here: cell, "),
     ("missing task.model", lambda m: m["task"].pop("model"), r"task\.model is missing"),
     ("missing task.vocab", lambda m: m["task"].pop("vocab"), r"task\.vocab is missing"),
     ("task.model null", lambda m: m["task"].update(model=None),
@@ -118,6 +118,22 @@ def test_edited_metadata_gives_one_clear_error(run: Path, edit: Any, message: st
         charlm.load_model(run)
     text = str(caught.value)
     assert "\n" not in text and str(run) in text  # one line, naming the run's file
+
+
+@pytest.mark.parametrize("edit, message", [(e, m) for _, e, m in METADATA_EDITS[:8]],
+                         ids=[name for name, _, _ in METADATA_EDITS[:8]])
+def test_a_checkpoint_object_is_validated_like_a_path(run: Path, edit: Any, message: str) -> None:
+    """rnnkit.load reads the checkpoint once and hands the Checkpoint to the task's loader:
+    the metadata and tensors are checked the same way (load_task_model)."""
+    model, _, checkpoint = charlm.load_model(load_checkpoint(run))
+    assert checkpoint.path == run / "checkpoint.json" and not model.training
+    _edit(run, edit)
+    try:
+        edited = load_checkpoint(run)
+    except CheckpointError:
+        return  # refused while reading: nothing to hand over
+    with pytest.raises(CheckpointError, match=message):
+        charlm.load_model(edited)
 
 
 def test_deeply_nested_json_that_overflows_the_parser_is_refused(run: Path) -> None:
@@ -254,7 +270,8 @@ def test_the_cli_reports_a_tampered_checkpoint_in_one_line(run: Path, capsys: py
     from rnnkit.cli import main
 
     _edit(run, lambda m: m["task"].update(model=None))
-    assert main(["sample", str(run), "--length", "5"]) == 2
+    # the edited checkpoint.json by name: a run directory means its best weights (best.json)
+    assert main(["sample", str(run / "checkpoint.json"), "--length", "5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("rnnkit sample: error:") and "task.model" in err
 

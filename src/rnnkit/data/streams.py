@@ -33,3 +33,9 @@ def num_windows(stream: Tensor, length: int) -> int:
 
 def encode_tensor(indices: list[int]) -> Tensor:
     return torch.tensor(indices, dtype=torch.long)
+
+
+def evaluation_rows(tokens: int, seq_len: int, most: int) -> int:
+    """Rows to lay a held-out stream of ``tokens`` out in: up to ``most``, each row at least a
+    window long. Validation and ``evaluate`` share it, so the same text scores the same."""
+    return max(1, min(most, tokens // (seq_len + 1)))

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,27 +337,35 @@ def read_parallel(
     return pairs, summary
 
 
+LABEL_COLUMNS = ("label", "labels", "sentiment", "polarity", "class", "target")
+TEXT_COLUMNS = ("sentence", "content", "text", "review", "phrase", "document", "sentence1")
+
+
 def read_labelled_tsv(
     path: str | Path,
-    label_column: str = "label",
-    text_column: str | Sequence[str] = ("sentence", "content", "text"),
+    label_column: str | Sequence[str] = LABEL_COLUMNS,
+    text_column: str | Sequence[str] = TEXT_COLUMNS,
     lowercase: bool = False,
 ) -> tuple[list[tuple[list[str], str]], ReadSummary]:
     """``(tokens, label)`` from a TSV whose header names the columns (SST-2: ``label<TAB>sentence``).
 
-    ``text_column`` may list alternative names, the first present wins: the shared SST-2 copy
-    says ``sentence`` in train.tsv but ``content`` in dev.tsv.
+    Columns are found by their role, in any order and case: the first header name among
+    ``label_column`` holds the label, the first among ``text_column`` the text (the shared SST-2
+    copy says ``sentence`` in train.tsv but ``content`` in dev.tsv).
     """
     lines = _lines(path)
     if not lines:
         raise FormatError(path, None, "empty file (expected a header line)")
     header = lines[0].split("\t")
+    lowered = [name.strip().lower() for name in header]
+    label_names = [label_column] if isinstance(label_column, str) else list(label_column)
     text_names = [text_column] if isinstance(text_column, str) else list(text_column)
-    text_name = next((name for name in text_names if name in header), None)
-    if label_column not in header or text_name is None:
-        wanted = label_column if text_name is not None else " or ".join(text_names)
-        raise FormatError(path, 1, f"header {header} lacks a column named {wanted}")
-    label_at, text_at = header.index(label_column), header.index(text_name)
+    label_name = next((name for name in label_names if name in lowered), None)
+    text_name = next((name for name in text_names if name in lowered), None)
+    if label_name is None or text_name is None:
+        names = label_names if label_name is None else text_names
+        raise FormatError(path, 1, f"header {header} lacks a column named {' or '.join(names)}")
+    label_at, text_at = lowered.index(label_name), lowered.index(text_name)
     summary = ReadSummary(str(path))
     summary.skip("header lines")
     examples = []
@@ -439,3 +448,52 @@ def pad_characters(
             out[t, b, : len(word)] = torch.as_tensor(list(word), dtype=torch.int64)
             lengths[t, b] = len(word)
     return out, lengths
+
+
+# --- raw text → tokens as the corpora were tokenised ----------------------------------------
+
+_CONTRACTION = re.compile(r"(?i)^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
+_LEADING = "\"'`([{¿¡«“‘"
+_TRAILING = ".,!?;:)]}\"'»”’"
+_WHOLE = {"n't", "'s", "'re", "'ve", "'ll", "'d", "'m", "``", "''", "--", "...", "-lrb-", "-rrb-"}
+
+
+def _split_token(token: str) -> list[str]:
+    """One whitespace token → the Penn Treebank pieces: quotes, brackets and sentence punctuation
+    come off its ends, clitics ("n't", "'s", "'re", ...) off its stem; "..." stays whole."""
+    if token.lower() in _WHOLE:  # a clitic or treebank symbol already on its own
+        return [token]
+    before: list[str] = []
+    after: list[str] = []
+    while len(token) > 1 and token[0] in _LEADING:
+        before.append(token[0])
+        token = token[1:]
+    while len(token) > 1 and token[-1] in _TRAILING:
+        if token.endswith("..."):
+            after.insert(0, "...")
+            token = token[:-3]
+            continue
+        after.insert(0, token[-1])
+        token = token[:-1]
+    middle = [token] if token else []
+    match = _CONTRACTION.match(token)
+    if match and match[1]:
+        middle = [match[1], match[2]]
+    return [*before, *middle, *after]
+
+
+def tokenize_text(text: str, known: Container[str] | None = None, lowercase: bool = False
+                  ) -> list[str]:
+    """Raw text → tokens the way the treebank-style corpora (SST, CoNLL, PTB) are tokenised:
+    "I loved it!" → ["I", "loved", "it", "!"], "don't" → ["do", "n't"]. A whitespace token the
+    vocabulary ``known`` already holds ("st.", "U.S.", "3.50") is kept whole, so text that is
+    already tokenised stays as it is; a token ``known`` lacks but holds in lower case ("The" for
+    the lower-cased PTB or ATIS) is read in lower case."""
+    if lowercase:
+        text = text.lower()
+    tokens: list[str] = []
+    for token in text.split():
+        tokens += [token] if known is not None and token in known else _split_token(token)
+    if known is None:
+        return tokens
+    return [t.lower() if t not in known and t.lower() in known else t for t in tokens]

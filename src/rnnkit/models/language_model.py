@@ -72,7 +72,8 @@ class LanguageModel(nn.Module):
         return self.decoder(self.drop(output)), state  # (T, B, V)
 
 
-def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
+def _pick(logits: Tensor, temperature: float, top_k: int | None,
+          generator: torch.Generator | None) -> int:
     """One symbol from logits (V,): argmax at temperature 0, else softmax(logits / T) over top k."""
     if temperature <= 0:
         return int(logits.argmax())
@@ -82,6 +83,54 @@ def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torc
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits.double(), dim=-1)  # double: tiny probabilities stay nonzero
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def continue_streams(model: LanguageModel, primes: list[list[int]], length: int,
+                     temperature: float = 1.0, top_k: int | None = None,
+                     generators: list[torch.Generator] | None = None) -> list[list[int]]:
+    """``length`` sampled symbols after each prime (non-empty id lists).
+
+    Each prime is read once; then every stream advances one symbol per step, all streams in one
+    batched call, each from its own carried state (:class:`~rnnkit.streaming.StreamBank`).
+    Stream i draws from ``generators[i]``, so what it samples does not depend on its neighbours.
+    """
+    from rnnkit.streaming import StreamBank
+
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    try:
+        bank = StreamBank(model)
+        keys = [bank.add() for _ in primes]
+        device = model.decoder.weight.device
+        # logits come back to the CPU, where the generators draw
+        last = [bank.step([key], torch.tensor(prime, device=device).unsqueeze(1))[-1, 0].cpu()
+                for key, prime in zip(keys, primes)]  # (V,) after each prime
+        out: list[list[int]] = [[] for _ in primes]
+        for step in range(length):
+            symbols = [_pick(logits, temperature, top_k, generators[i] if generators else None)
+                       for i, logits in enumerate(last)]
+            for row, symbol in zip(out, symbols):
+                row.append(symbol)
+            if step + 1 < length:
+                last = list(bank.step(keys, torch.tensor([symbols], device=device))[0].cpu())  # (B, V)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def prime_ids(vocab: CharVocab, prime: str, what: str = "prime") -> list[int]:
+    """The symbols generation starts from: the prime's, or after a newline for an empty prime
+    (the first symbol when the vocabulary has no newline); an unknown symbol raises naming it."""
+    start = prime or ("\n" if "\n" in vocab.symbols or 10 in vocab.symbols else "")
+    return vocab.encode(start, what=what) if start else [0]
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A generator seeded with ``seed`` (a fresh random seed when None)."""
+    return torch.Generator().manual_seed(seed if seed is not None else torch.seed())
 
 
 @torch.no_grad()
@@ -98,20 +147,6 @@ def generate(
 
     An empty prime starts after a newline (or the first symbol when there is no newline).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
-    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-    start = prime or ("\n" if "\n" in vocab.symbols or 10 in vocab.symbols else "")
-    indices = vocab.encode(start, what="prime") if start else [0]
-    was_training = model.training
-    model.eval()
-    try:
-        logits, state = model(torch.tensor(indices).unsqueeze(1))  # (P, 1, V)
-        out: list[int] = []
-        for _ in range(length):
-            symbol = _pick(logits[-1, 0], temperature, top_k, generator)
-            out.append(symbol)
-            logits, state = model(torch.tensor([[symbol]]), state)
-    finally:
-        model.train(was_training)
-    return prime + vocab.decode(out)
+    indices = prime_ids(vocab, prime)
+    out = continue_streams(model, [indices], length, temperature, top_k, [seeded_generator(seed)])
+    return prime + vocab.decode(out[0])

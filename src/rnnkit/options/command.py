@@ -148,6 +148,14 @@ def parse_value(spec_leaf: Leaf, flag: str) -> Any:
     return parse
 
 
+def flag_type(cls: type, name: str, flag: str) -> Any:
+    """argparse ``type=`` checking flag ``flag`` by the rules of field ``name`` of the config
+    dataclass ``cls`` (for the flags of commands other than ``train TASK``)."""
+    from rnnkit.options.values import field_specs
+
+    return parse_value(Leaf((name,), field_specs(cls)[name]), flag)
+
+
 def fail(prog: str, message: str) -> NoReturn:
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)

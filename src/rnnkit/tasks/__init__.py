@@ -2,7 +2,9 @@
 
 A task module has ``NAME``, ``default_config()`` (sections ``data``, ``model``, ``train``, …),
 ``build(config) -> (task, model, source_description)`` and ``load_model(path)``; optionally
-``report(task, model, config)`` for what to print after training (samples, a confusion matrix).
+``report(task, model, config, out)`` for what to print after training (test scores with the chosen
+weights, examples, a confusion matrix). Its validation scores are module functions over given data,
+so :mod:`rnnkit.pipelines` (``rnnkit.load``) evaluates any file with the same code.
 """
 
 from __future__ import annotations

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.data.corpus import STDLIB_CHARS, read_files, read_stdlib
-from rnnkit.data.streams import batchify, encode_tensor, num_windows, stream_window
+from rnnkit.data.streams import (
+    batchify,
+    encode_tensor,
+    evaluation_rows,
+    num_windows,
+    stream_window,
+)
 from rnnkit.data.vocab import CharVocab
 from rnnkit.models.language_model import LanguageModel, LMConfig
 from rnnkit.options import Options, option
@@ -97,8 +103,9 @@ def load_text(data: DataConfig) -> tuple[str, str]:
 def loss_over_stream(model: nn.Module, stream: Tensor, seq_len: int) -> tuple[float, int]:
     """Summed cross-entropy (nats) and count over a batchified stream, state carried across."""
     total, count, state = 0.0, 0, None
+    device = next(model.parameters()).device
     for w in range(num_windows(stream, seq_len)):
-        inputs, targets = stream_window(stream, w * seq_len, seq_len)
+        inputs, targets = (t.to(device) for t in stream_window(stream, w * seq_len, seq_len))
         logits, state = model(inputs, state)
         total += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
         count += targets.numel()
@@ -155,9 +162,9 @@ class CharLMTask(StreamLMTask):
         self.model_config = model_config
         self.train_stream = batchify(encode_tensor(vocab.encode(train_text, "training text")),
                                      batch_size)  # (N, B)
-        eval_batch = max(1, min(data.eval_batch_size, len(valid_text) // (data.seq_len + 1)))
-        self.valid_stream = batchify(encode_tensor(vocab.encode(valid_text, "validation text")),
-                                     eval_batch)
+        valid = encode_tensor(vocab.encode(valid_text, "validation text"))
+        self.valid_stream = batchify(valid, evaluation_rows(valid.numel(), data.seq_len,
+                                                            data.eval_batch_size))
         self.windows = num_windows(self.train_stream, data.seq_len)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -190,7 +197,7 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[CharLMTask, LanguageModel,
     return task, LanguageModel(model_config), source
 
 
-def load_model(path: str | Path) -> tuple[LanguageModel, CharVocab, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[LanguageModel, CharVocab, Checkpoint]:
     """The trained model and its vocabulary from a run directory or checkpoint JSON."""
     model, checkpoint, described = load_task_model(
         path, NAME, lambda m: LanguageModel(LMConfig.from_dict(m)), required=("vocab", "data"))
@@ -203,7 +210,8 @@ def load_model(path: str | Path) -> tuple[LanguageModel, CharVocab, Checkpoint]:
 @torch.no_grad()
 def evaluate_text(model: LanguageModel, vocab: CharVocab, text: str, seq_len: int = 100,
                   batch_size: int = 64, skip_unknown: bool = False) -> dict[str, float]:
-    """Nats and bits per symbol of ``text`` (as one stream split into ``batch_size`` rows).
+    """Nats and bits per symbol of ``text``, as validation scores its text: one stream laid out
+    in up to ``batch_size`` rows (:func:`~rnnkit.data.streams.evaluation_rows`).
 
     With ``skip_unknown`` symbols outside the vocabulary are left out and counted in
     ``"unknown"``; otherwise the first one raises naming it.
@@ -215,9 +223,9 @@ def evaluate_text(model: LanguageModel, vocab: CharVocab, text: str, seq_len: in
     if len(indices) < 3:
         raise ValueError(f"the evaluation text has only {len(indices)} known symbols")
     tokens = encode_tensor(indices)
-    batch_size = max(1, min(batch_size, (tokens.numel() - 1) // 2))
+    rows = evaluation_rows(tokens.numel(), seq_len, batch_size)
     model.eval()
-    metrics = metrics_from(*loss_over_stream(model, batchify(tokens, batch_size), seq_len))
+    metrics = metrics_from(*loss_over_stream(model, batchify(tokens, rows), seq_len))
     return {**metrics, "symbols": float(tokens.numel()), "unknown": float(unknown)}
 
 
@@ -227,9 +235,12 @@ def describe_data(task: CharLMTask) -> str:
 
 
 def report(task: CharLMTask, model: LanguageModel, config: dict[str, Any], out: Path) -> None:
-    """What a finished run prints: samples from the trained model."""
+    """What a finished run prints: samples from the weights validation chose."""
     from rnnkit.models.language_model import generate
+    from rnnkit.tasks.common import chosen_weights
 
+    which, _ = chosen_weights(model, out)
+    print(f"samples, {which}:")
     s, seed = config["sample"], int(config["train"]["seed"])
     for i in range(int(s["count"])):
         text = generate(model, task.vocab, s["prime"], s["length"], s["temperature"],

@@ -53,11 +53,12 @@ class EpochPlan:
         return self._batches[position]
 
 
-def load_task_checkpoint(path: str | Path, name: str, required: Sequence[str] = ()
+def load_task_checkpoint(path: str | Path | Checkpoint, name: str, required: Sequence[str] = ()
                          ) -> tuple[Checkpoint, dict[str, Any]]:
-    """The checkpoint at ``path`` and its task description; refuses another task's checkpoint
-    and one whose ``task`` lacks a ``required`` section (each must be a JSON object)."""
-    checkpoint = load_checkpoint(path)
+    """The checkpoint at ``path`` (or one already read, whose metadata :func:`load_checkpoint`
+    checked) and its task description; refuses another task's checkpoint and one whose ``task``
+    lacks a ``required`` section (each must be a JSON object)."""
+    checkpoint = path if isinstance(path, Checkpoint) else load_checkpoint(path)
     described = checkpoint.meta["task"]  # load_checkpoint checked: an object with a name
     if described["name"] != name:
         raise ValueError(f"{checkpoint.path} is a {described['name']!r} checkpoint, "
@@ -101,7 +102,8 @@ def check_size(checkpoint: Checkpoint, what: str, actual: int, option: str, expe
                               f"{option} is {expected}")
 
 
-def load_task_model(path: str | Path, name: str, build_model: Callable[[dict[str, Any]], nn.Module],
+def load_task_model(path: str | Path | Checkpoint, name: str,
+                    build_model: Callable[[dict[str, Any]], nn.Module],
                     required: Sequence[str] = ()) -> tuple[Any, Checkpoint, dict[str, Any]]:
     """The model of a ``name`` checkpoint, built from ``task.model`` by ``build_model`` and
     loaded with the checkpoint's weights (in eval mode), plus the checkpoint and its task
@@ -201,3 +203,40 @@ def require_full_bptt(train: Any, name: str) -> None:
     """Example tasks see each sequence whole: truncated BPTT would cut labels and lengths."""
     if train.bptt is not None:
         raise ValueError(f"the {name} task trains on whole sequences: leave bptt unset (null)")
+
+
+def chosen_weights(model: Any, out: str | Path, monitored: str = "validation"
+                   ) -> tuple[str, int | None]:
+    """Loads the weights validation chose (``best.json``) into ``model`` when the run kept
+    them; returns which weights these are, in words, and their step (None: the last ones)."""
+    from rnnkit.train.checkpoint import BEST
+
+    best = Path(out) / f"{BEST}.json"
+    if not best.is_file():
+        return "the last weights", None
+    chosen = load_checkpoint(best)
+    load_weights(chosen, model)  # names and shapes checked: one CheckpointError, never a traceback
+    step = int(chosen.meta["step"])
+    return f"the weights of step {step} (best {monitored})", step
+
+
+def record_test(out: str | Path, split: str, step: int | None, metrics: dict[str, float]) -> None:
+    """Appends a ``kind: "test"`` record (held-out scores of the chosen weights) to metrics.jsonl."""
+    import json
+    import os
+
+    from rnnkit.train.atomic import open_append
+
+    fd = open_append(Path(out) / "metrics.jsonl", fresh=False)  # never through a symlink
+    with os.fdopen(fd, "a", encoding="utf-8") as log:
+        log.write(json.dumps({"kind": "test", "split": split, "step": step, **metrics}) + "\n")
+
+
+def device_of(model: Any) -> Any:
+    """Where a model's parameters live: held-out data is moved there before the model reads it."""
+    return next(model.parameters()).device
+
+
+def on_device(values: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A dict of model arguments with every tensor moved to ``device`` (None stays None)."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in values.items()}

@@ -25,6 +25,7 @@ from rnnkit.options import Options, option
 from rnnkit.tasks.common import (
     EpochPlan,
     confusion_matrix,
+    device_of,
     from_meta,
     load_task_model,
     per_sequence,
@@ -122,20 +123,11 @@ class DigitsTask:
         loss = F.cross_entropy(model(batch.inputs), labels)
         return StepResult(loss, None, int(labels.numel()))
 
-    @torch.no_grad()
     def predictions(self, model: nn.Module, split: str = "valid") -> tuple[list[int], list[int], float]:
         """(references, predictions, mean cross-entropy) on ``split`` ("valid" or "test")."""
         ids = self.valid_ids if split == "valid" else self.test_ids
-        model.eval()
-        references, predictions, total = [], [], 0.0
-        size = self.data.eval_batch_size
-        for start in range(0, len(ids), size):
-            chunk = ids[start:start + size]
-            logits = model(to_sequence(self.images[chunk], self.data.reader))  # (B, 10)
-            total += float(F.cross_entropy(logits, self.labels[chunk], reduction="sum"))
-            references += self.labels[chunk].tolist()
-            predictions += logits.argmax(-1).tolist()
-        return references, predictions, total / len(ids)
+        return predict_images(model, self.images[ids], self.labels[ids], self.data.reader,
+                              self.data.eval_batch_size)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         references, predictions, loss = self.predictions(model)
@@ -143,6 +135,54 @@ class DigitsTask:
 
     def describe(self) -> dict[str, Any]:
         return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data)}
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, images: Tensor, labels: Tensor, reader: str, batch_size: int
+                   ) -> tuple[list[int], list[int], float]:
+    """(references, predictions, mean cross-entropy) of images (N, 8, 8) in [0, 1]."""
+    model.eval()
+    device = device_of(model)
+    references, predictions, total = [], [], 0.0
+    for start in range(0, images.shape[0], batch_size):
+        chunk = slice(start, start + batch_size)
+        logits = model(to_sequence(images[chunk], reader).to(device)).cpu()  # (B, 10)
+        total += float(F.cross_entropy(logits, labels[chunk], reduction="sum"))
+        references += labels[chunk].tolist()
+        predictions += logits.argmax(-1).tolist()
+    return references, predictions, total / max(1, images.shape[0])
+
+
+def read_optdigits(path: str | Path) -> tuple[Tensor, Tensor]:
+    """Images (N, 8, 8) in [0, 1] and labels (N,) from a file in the UCI optdigits layout
+    (``optdigits.tes``; scikit-learn's bundled set is that file): per line 64 comma-separated
+    pixel counts 0–16, row by row, then the digit."""
+    from rnnkit.data.text import FormatError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    images, labels = [], []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise FormatError(path, None, "not a text file of comma-separated pixels") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            values = [int(v) for v in line.split(",")]
+        except ValueError:
+            raise FormatError(path, number, "expected 65 comma-separated integers (64 pixels "
+                              "0-16, then the digit)") from None
+        if len(values) != 65 or not all(0 <= v <= 16 for v in values[:64]) or not 0 <= values[64] <= 9:
+            raise FormatError(path, number, f"expected 64 pixels in 0-16 and a digit 0-9, got "
+                              f"{len(values)} values")
+        images.append(values[:64])
+        labels.append(values[64])
+    if not images:
+        raise FormatError(path, None, "no images")
+    return torch.tensor(images, dtype=torch.float32).view(-1, 8, 8) / 16.0, torch.tensor(labels)
 
 
 def accuracy(references: list[int], predictions: list[int]) -> float:
@@ -161,7 +201,7 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[DigitsTask, SequenceClassi
     return task, SequenceClassifier(model_config), "scikit-learn's 8×8 digits (1,797 images)"
 
 
-def load_model(path: str | Path) -> tuple[SequenceClassifier, DigitsDataConfig, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[SequenceClassifier, DigitsDataConfig, Checkpoint]:
     """The trained classifier and its data options from a run directory or checkpoint."""
     model, checkpoint, described = load_task_model(
         path, NAME, lambda m: SequenceClassifier(ClassifierConfig.from_dict(m)), required=("data",))
@@ -179,3 +219,28 @@ def classify(model: SequenceClassifier, images: Tensor, reader: str = "rows") ->
 def confusion_on_test(task: DigitsTask, model: nn.Module) -> Tensor:
     references, predictions, _ = task.predictions(model, "test")
     return confusion_matrix(references, predictions, CLASSES)
+
+
+def describe_data(task: DigitsTask) -> str:
+    counts = task.counts
+    return (f"{counts['train']} training, {counts['valid']} validation and {counts['test']} "
+            "held-out test images")
+
+
+def report(task: DigitsTask, model: SequenceClassifier, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: the held-out test accuracy of the weights validation chose
+    (also in metrics.jsonl), a few test images read, and the test confusion matrix (PNG)."""
+    from rnnkit.tasks.common import chosen_weights, plot_confusion, record_test
+
+    which, step = chosen_weights(model, out)
+    references, predictions, loss = task.predictions(model, "test")
+    score = accuracy(references, predictions)
+    print(f"test ({len(references)} held-out images), {which}: accuracy {100 * score:.2f}%")
+    record_test(out, "test", step, {"loss": loss, "accuracy": score})
+    shown = ", ".join(f"{r}→{p}" for r, p in list(zip(references, predictions))[:10])
+    print(f"first test images, true→read: {shown}")
+    counts = confusion_matrix(references, predictions, CLASSES)
+    png = plot_confusion(counts, [str(d) for d in range(CLASSES)], out / "confusion.png",
+                         f"held-out test: accuracy {100 * score:.1f}%")
+    print(f"confusion matrix: {png}")
+

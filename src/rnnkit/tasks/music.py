@@ -8,7 +8,7 @@ t + 1 is predicted from frames ≤ t.
 Metric: negative log-likelihood per time step (nats, summed over the 88 keys, averaged over all
 predicted frames of the split), as those papers report it. The validation split steers the
 schedule; :meth:`MusicTask.nll` reports any split. :func:`generate` continues a primer and
-:mod:`rnnkit.midi` writes the result as a MIDI file and a piano-roll picture.
+:mod:`rnnkit.tasks.midi` writes the result as a MIDI file and a piano-roll picture.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.options import Options, option
 from rnnkit.tasks.common import (
     EpochPlan,
+    device_of,
     load_task_model,
     per_sequence,
     require_full_bptt,
@@ -39,6 +40,7 @@ from rnnkit.train.task import Batch, StepResult
 NAME = "music"
 PITCHES = 88
 SPLITS = {"train": "traindata", "valid": "validdata", "test": "testdata"}
+PRIMER_STEPS, SAMPLE_STEPS = 8, 64  # the end-of-run sample: a test chorale's opening, continued
 
 
 @dataclass
@@ -84,6 +86,24 @@ def collate(rolls: list[Tensor]) -> Batch:
     return Batch(frames, per_sequence(lengths))
 
 
+@torch.no_grad()
+def rolls_nll(model: nn.Module, rolls: list[Tensor], batch_size: int) -> float:
+    """NLL per predicted time step (nats, summed over keys) over every roll (T, P) given."""
+    model.eval()
+    device = device_of(model)
+    total, steps = 0.0, 0
+    for start in range(0, len(rolls), batch_size):
+        batch = collate(rolls[start:start + batch_size])
+        frames, lengths = batch.inputs, batch.targets[0]
+        logits, _ = model(frames[:-1].to(device), lengths - 1)
+        logits = logits.cpu()  # (T-1, B, P)
+        mask = valid_mask(lengths - 1, frames.shape[0] - 1)  # (T-1, B)
+        count = int(mask.sum())
+        total += float(frame_nll(logits, frames[1:], mask)) * count
+        steps += count
+    return total / steps
+
+
 class MusicTask:
     """The Trainer's view of piano-roll modelling."""
 
@@ -111,22 +131,9 @@ class MusicTask:
         loss = model.loss(batch.inputs, lengths)
         return StepResult(loss, None, int((lengths - 1).sum()))
 
-    @torch.no_grad()
     def nll(self, model: nn.Module, split: str = "valid") -> float:
         """NLL per predicted time step over every sequence of ``split``."""
-        model.eval()
-        rolls = self.rolls[split]
-        total, steps = 0.0, 0
-        size = self.data.eval_batch_size
-        for start in range(0, len(rolls), size):
-            batch = collate(rolls[start:start + size])
-            frames, lengths = batch.inputs, batch.targets[0]
-            logits, _ = model(frames[:-1], lengths - 1)  # (T-1, B, P)
-            mask = valid_mask(lengths - 1, frames.shape[0] - 1)  # (T-1, B)
-            count = int(mask.sum())
-            total += float(frame_nll(logits, frames[1:], mask)) * count
-            steps += count
-        return total / steps
+        return rolls_nll(model, self.rolls[split], self.data.eval_batch_size)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return {"loss": self.nll(model, "valid")}
@@ -149,7 +156,7 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[MusicTask, FrameGenerator,
     return task, FrameGenerator(model_config), f"{path} ({counts} sequences)"
 
 
-def load_model(path: str | Path) -> tuple[FrameGenerator, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[FrameGenerator, Checkpoint]:
     """The trained generator from a run directory or checkpoint."""
     model, checkpoint, _ = load_task_model(
         path, NAME, lambda m: FrameGenerator(GeneratorConfig.from_dict(m)))
@@ -160,7 +167,7 @@ def generate(model: FrameGenerator, primer: Tensor, steps: int, temperature: flo
              seed: int = 0, midi: str | Path | None = None, picture: str | Path | None = None,
              title: str = "generated chorale") -> Tensor:
     """The primer (T0, P) continued by ``steps`` sampled frames; optionally as MIDI and PNG."""
-    from rnnkit.midi import plot_piano_roll, write_midi
+    from rnnkit.tasks.midi import plot_piano_roll, write_midi
 
     model.eval()
     roll = model.sample(primer, steps, temperature=temperature, seed=seed)  # (T0 + steps, P)
@@ -169,3 +176,21 @@ def generate(model: FrameGenerator, primer: Tensor, steps: int, temperature: flo
     if picture is not None:
         plot_piano_roll(roll, picture, title, primer_steps=primer.shape[0])
     return roll
+
+
+def report(task: MusicTask, model: FrameGenerator, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: the test NLL of the weights validation chose (also in
+    metrics.jsonl), and a chorale continued from a test primer as MIDI and a piano-roll PNG."""
+    from rnnkit.tasks.common import chosen_weights, record_test
+
+    which, step = chosen_weights(model, out)
+    test = task.nll(model, "test")
+    print(f"test ({task.counts['test']} sequences), {which}: NLL {test:.4f} nats per time step")
+    record_test(out, "test", step, {"loss": test})
+    primer = task.rolls["test"][0][:PRIMER_STEPS]
+    seed = int(config["train"].get("seed", 0))
+    generate(model, primer, SAMPLE_STEPS, seed=seed, midi=out / "sample.mid",
+             picture=out / "sample.png", title="continued from the first test chorale")
+    print(f"sample: {out / 'sample.mid'} ({PRIMER_STEPS} primer + {SAMPLE_STEPS} generated steps), "
+          f"piano roll {out / 'sample.png'}")
+

@@ -36,6 +36,7 @@ from rnnkit.data.text import (
     pad_characters,
     pad_sequences,
     read_labelled_tsv,
+    tokenize_text,
     unescape_ptb,
 )
 from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier
@@ -45,8 +46,10 @@ from rnnkit.tasks.common import (
     EpochPlan,
     check_size,
     confusion_matrix,
+    device_of,
     from_meta,
     load_task_model,
+    on_device,
     per_class_f1,
     per_sequence,
     require_full_bptt,
@@ -58,6 +61,7 @@ from rnnkit.train.task import Batch, StepResult
 
 NAME = "sentiment"
 LABEL_NAMES = {"0": "negative", "1": "positive"}  # SST-2's labels, for reports
+EXAMPLES = 5  # predictions a finished run shows
 
 
 @dataclass
@@ -172,7 +176,9 @@ class TextEncoder:
         return cls(words, char_vocab, data.lowercase, data.unescape_ptb)
 
     def tokens(self, text: str) -> list[str]:
-        tokens = (text.lower() if self.lowercase else text).split()
+        """Raw text as the treebank tokenised it ("it's great!" → it 's great !), words the
+        vocabulary holds kept whole."""
+        tokens = tokenize_text(text, self.words, self.lowercase)
         return unescape_ptb(tokens) if self.unescape_ptb else tokens
 
     def encode(self, tokens: list[str]) -> Encoded:
@@ -232,6 +238,7 @@ class SentimentTask:
         self.vocab = encoder.words
         self.seed = seed
         self.train_ids, self.train_labels = encode_examples(train, encoder, labels)
+        self.valid_examples = valid  # the raw dev sentences, for the end-of-run examples
         # "dev": the held-out split scored at the end; "holdout": training sentences that pick
         # the model (validation runs on it when there is one)
         self.splits = {"dev": encode_examples(valid, encoder, labels)}
@@ -269,19 +276,9 @@ class SentimentTask:
         loss = F.cross_entropy(model(**model_inputs(batch)), labels)
         return StepResult(loss, None, int(labels.numel()))
 
-    @torch.no_grad()
     def probabilities(self, model: nn.Module, split: str = "dev") -> Tensor:
         """Class probabilities (N, C) of every example of ``split`` ("dev" or "holdout"), in order."""
-        model.eval()
-        ids, labels = self.splits[split]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i][0]))
-        probs = torch.zeros(len(ids), len(self.labels))
-        size = self.data.eval_batch_size
-        for start in range(0, len(order), size):
-            chosen = order[start:start + size]
-            batch = collate([ids[i] for i in chosen], [labels[i] for i in chosen], self.vocab.pad)
-            probs[chosen] = model(**model_inputs(batch)).softmax(-1).float()  # (B, C)
-        return probs
+        return probabilities(model, self.splits[split][0], self.vocab.pad, self.data.eval_batch_size)
 
     def predictions(self, model: nn.Module | list[nn.Module], split: str = "dev"
                     ) -> tuple[list[int], list[int], float]:
@@ -289,10 +286,7 @@ class SentimentTask:
         ensemble: their class probabilities are averaged."""
         models = model if isinstance(model, list) else [model]
         probs = torch.stack([self.probabilities(m, split) for m in models]).mean(0)  # (N, C)
-        references = list(self.splits[split][1])
-        target = torch.tensor(references)
-        loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), target)) if references else 0.0
-        return references, probs.argmax(-1).tolist(), loss
+        return predictions_from(probs, list(self.splits[split][1]))
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         references, predictions, loss = self.predictions(model, self.validation_split)
@@ -301,6 +295,27 @@ class SentimentTask:
     def describe(self) -> dict[str, Any]:
         return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data),
                 "encoder": self.encoder.to_json(), "labels": self.labels}
+
+
+@torch.no_grad()
+def probabilities(model: nn.Module, sentences: list[Encoded], pad: int, batch_size: int) -> Tensor:
+    """Class probabilities (N, C) of encoded sentences, in order, batched longest first."""
+    model.eval()
+    device = device_of(model)
+    order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i][0]))
+    probs = torch.zeros(len(sentences), model.config.classes)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        batch = collate([sentences[i] for i in chosen], [0] * len(chosen), pad)
+        probs[chosen] = model(**on_device(model_inputs(batch), device)).softmax(-1).float().cpu()
+    return probs
+
+
+def predictions_from(probs: Tensor, references: list[int]) -> tuple[list[int], list[int], float]:
+    """(references, predicted classes, mean cross-entropy) from class probabilities (N, C)."""
+    target = torch.tensor(references)
+    loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), target)) if references else 0.0
+    return references, probs.argmax(-1).tolist(), loss
 
 
 def classification_metrics(references: list[int], predictions: list[int], labels: list[str]
@@ -338,7 +353,8 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[SentimentTask, SequenceCla
     return task, SequenceClassifier(model_config), f"{train_summary}; {valid_summary}"
 
 
-def load_model(path: str | Path) -> tuple[SequenceClassifier, TextEncoder, list[str], Checkpoint]:
+def load_model(path: str | Path | Checkpoint
+               ) -> tuple[SequenceClassifier, TextEncoder, list[str], Checkpoint]:
     """The trained classifier, its text encoder and label names from a run directory or checkpoint."""
     model, checkpoint, described = load_task_model(
         path, NAME, lambda m: SequenceClassifier(ClassifierConfig.from_dict(m)), required=("data",))
@@ -380,22 +396,21 @@ def confusion(task: SentimentTask, model: nn.Module) -> Tensor:
 
 
 def report(task: SentimentTask, model: SequenceClassifier, config: dict[str, Any], out: Path) -> None:
-    """What a finished run prints: the dev scores of the weights validation chose, a confusion PNG."""
-    from rnnkit.tasks.common import plot_confusion
-    from rnnkit.train.checkpoint import BEST, load_checkpoint, load_weights
+    """What a finished run prints: the dev scores of the weights validation chose (also in
+    metrics.jsonl), a few classified dev sentences and a confusion PNG."""
+    from rnnkit.tasks.common import chosen_weights, plot_confusion, record_test
 
-    best = out / f"{BEST}.json"
-    if best.is_file():
-        chosen = load_checkpoint(best)
-        load_weights(chosen, model)
-        which = f"the weights of step {chosen.meta['step']} (best {task.validation_split} accuracy)"
-    else:
-        which = "the last weights"
-    references, predictions, _ = task.predictions(model)
+    which, step = chosen_weights(model, out, f"{task.validation_split} accuracy")
+    references, predictions, loss = task.predictions(model)
     scores = classification_metrics(references, predictions, task.labels)
     names = [LABEL_NAMES.get(label, label) for label in task.labels]
     f1 = ", ".join(f"F1 {name} {scores['f1_' + name]:.3f}" for name in names)
     print(f"dev ({len(references)} sentences), {which}: accuracy {100 * scores['accuracy']:.2f}%, {f1}")
+    if task.validation_split != "dev":  # dev was held out of training and model choice: a test
+        record_test(out, "dev", step, {"loss": loss, **scores})
+    for (tokens, label), guess in list(zip(task.valid_examples, predictions))[:EXAMPLES]:
+        mark = "ok" if task.labels[guess] == label else "  "
+        print(f"{mark} {names[guess]:>8}  {' '.join(tokens)}")
     png = plot_confusion(confusion(task, model), names, out / "confusion.png",
                          f"dev: accuracy {100 * scores['accuracy']:.1f}%")
     print(f"confusion matrix: {png}")

@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from rnnkit.data.audio import FeatureConfig, FeatureExtractor, read_wav, write_wav
 from rnnkit.decoding import decode_batch
 from rnnkit.losses import ctc_loss
+from rnnkit.metrics.scoring import align, error_rate
 from rnnkit.models.acoustic import AcousticConfig, AcousticModel
 from rnnkit.options import Options, option
-from rnnkit.scoring import align, error_rate
-from rnnkit.tasks.common import check_size, from_meta, load_task_model
+from rnnkit.tasks.common import check_size, device_of, from_meta, load_task_model
 from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult
@@ -46,6 +46,7 @@ FILE_PATTERN = re.compile(r"^(\d)_([A-Za-z0-9-]+)_(\d+)\.wav$")
 SHARED_FSDD = Path("../shared/data/fsdd/recordings")
 SPLITS = ("recording", "speaker")
 HELD_OUT_TAKES = 5  # FSDD: takes 0-4 of each speaker and digit form the test set
+VALID_SEED_OFFSET = 7_919  # the held-out utterances are drawn from seed + this
 
 
 @dataclass
@@ -224,6 +225,36 @@ def labels_to_digits(labels: list[int]) -> list[int]:
     return [label - 1 for label in labels]
 
 
+@torch.no_grad()
+def recognise(model: nn.Module, features: list[Tensor], references: list[list[int]],
+              batch_size: int, beam_width: int = 1
+              ) -> tuple[list[list[int]], list[list[int]], float]:
+    """(references, recognised digits, CTC loss per reference label) of utterances' features."""
+    model.eval()
+    device = device_of(model)
+    hypotheses, total_loss = [], 0.0
+    for start in range(0, len(features), batch_size):
+        digits = references[start:start + batch_size]
+        batch = collate(features[start:start + batch_size], digits)
+        (padded, lengths), (targets, target_lengths) = batch.inputs, batch.targets
+        log_probs, out_lengths = model(padded.to(device), lengths)
+        log_probs, out_lengths = log_probs.cpu(), out_lengths.cpu()  # CTC and decoding on the CPU
+        total_loss += float(ctc_loss(log_probs, targets, out_lengths, target_lengths,
+                                     reduction="sum", zero_infinity=True))
+        decoded = decode_batch(log_probs, out_lengths, blank=BLANK, beam_width=beam_width)
+        hypotheses += [labels_to_digits(h.labels) for h in decoded]
+    label_count = sum(len(r) for r in references)
+    return list(references), hypotheses, total_loss / max(1, label_count)
+
+
+def recognition_metrics(references: list[list[int]], hypotheses: list[list[int]], loss: float
+                        ) -> dict[str, float]:
+    """CTC loss, digit error rate and sequence accuracy (exact match)."""
+    exact = sum(r == h for r, h in zip(references, hypotheses))
+    return {"loss": loss, "der": error_rate(references, hypotheses),
+            "seq_acc": exact / max(1, len(references))}
+
+
 class SpeechTask:
     """The Trainer's view of digit-string recognition."""
 
@@ -240,7 +271,7 @@ class SpeechTask:
         train_keys, valid_keys = split_recordings(recordings, data)
         self.train_maker = UtteranceMaker(train_keys, audio, data, rate)
         valid_maker = UtteranceMaker(valid_keys, audio, data, rate)
-        generator = torch.Generator().manual_seed(seed + 7_919)
+        generator = torch.Generator().manual_seed(seed + VALID_SEED_OFFSET)
         self.valid = [valid_maker.make(generator) for _ in range(data.valid_utterances)]
         self.valid_features = self.features.batch([samples for samples, _ in self.valid])
         self.counts = {"train recordings": len(train_keys), "held-out recordings": len(valid_keys)}
@@ -260,31 +291,14 @@ class SpeechTask:
                         zero_infinity=True)
         return StepResult(loss, None, int(target_lengths.sum()))
 
-    @torch.no_grad()
     def predictions(self, model: nn.Module, beam_width: int = 1
                     ) -> tuple[list[list[int]], list[list[int]], float]:
         """(references, hypotheses, mean CTC loss) over the held-out utterances."""
-        model.eval()
-        references, hypotheses, total_loss = [], [], 0.0
-        size = self.data.eval_batch_size
-        for start in range(0, len(self.valid), size):
-            digits = [d for _, d in self.valid[start:start + size]]
-            batch = collate(self.valid_features[start:start + size], digits)
-            (features, lengths), (targets, target_lengths) = batch.inputs, batch.targets
-            log_probs, out_lengths = model(features, lengths)
-            total_loss += float(ctc_loss(log_probs, targets, out_lengths, target_lengths,
-                                         reduction="sum", zero_infinity=True))
-            decoded = decode_batch(log_probs, out_lengths, blank=BLANK, beam_width=beam_width)
-            references += digits
-            hypotheses += [labels_to_digits(h.labels) for h in decoded]
-        label_count = sum(len(r) for r in references)
-        return references, hypotheses, total_loss / max(1, label_count)
+        return recognise(model, self.valid_features, [d for _, d in self.valid],
+                         self.data.eval_batch_size, beam_width)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        references, hypotheses, loss = self.predictions(model)
-        exact = sum(r == h for r, h in zip(references, hypotheses))
-        return {"loss": loss, "der": error_rate(references, hypotheses),
-                "seq_acc": exact / len(references)}
+        return recognition_metrics(*self.predictions(model))
 
     def describe(self) -> dict[str, Any]:
         return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data)}
@@ -302,7 +316,7 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[SpeechTask, AcousticModel,
     return task, AcousticModel(model_config), task.source
 
 
-def load_model(path: str | Path) -> tuple[AcousticModel, FeatureExtractor, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[AcousticModel, FeatureExtractor, Checkpoint]:
     """The trained acoustic model and its feature extractor from a run directory or checkpoint."""
     model, checkpoint, described = load_task_model(
         path, NAME, lambda m: AcousticModel(AcousticConfig.from_dict(m)), required=("data",))
@@ -365,7 +379,12 @@ def describe_data(task: SpeechTask) -> str:
 
 
 def report(task: SpeechTask, model: AcousticModel, config: dict[str, Any], out: Path) -> None:
-    """What a finished run prints: a few transcriptions and a confusion matrix PNG."""
+    """What a finished run prints: a few transcriptions and a confusion matrix PNG, from the
+    weights validation chose."""
+    from rnnkit.tasks.common import chosen_weights
+
+    which, _ = chosen_weights(model, out)
+    print(f"held-out digit strings, {which}:")
     references, hypotheses, _ = task.predictions(model)
     for reference, hypothesis in list(zip(references, hypotheses))[:5]:
         mark = "ok" if reference == hypothesis else "  "

@@ -13,14 +13,14 @@ tag loss + ``intent_weight`` · intent cross-entropy. The dev split steers the s
 stopping; :meth:`TaggingTask.scores` reports any split.
 
 Metrics: entity-level precision / recall / F1 as seqeval computes them
-(:mod:`rnnkit.entities`), intent accuracy, and sentence accuracy (all tags and the intent right).
+(:mod:`rnnkit.metrics.entities`), intent accuracy, and sentence accuracy (all tags and the intent right).
 Tags or intents that never occur in training map to ``<unk>`` (a predicted ``<unk>`` tag reads as
 ``O``), so scores on dev/test still count every reference entity and intent.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +36,17 @@ from rnnkit.data.text import (
     read_atis,
     read_conll,
 )
-from rnnkit.entities import EntityScores, entity_scores
+from rnnkit.metrics.entities import EntityScores, entity_scores
 from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.models.tagger import Tagger, TaggerConfig
 from rnnkit.options import Kind, Options, Rule, Spec, option
 from rnnkit.tasks.common import (
     EpochPlan,
     check_size,
+    device_of,
     from_meta,
     load_task_model,
+    on_device,
     per_sequence,
     require_full_bptt,
     shared_path,
@@ -57,6 +59,7 @@ NAME = "tagging"
 FORMATS = ("atis", "conll")
 SPLITS = ("train", "valid", "test")
 SHARED = {"train": "atis/train", "valid": "atis/dev", "test": "atis/test"}
+EXAMPLES = 5  # tagged sentences a finished run shows
 
 
 @dataclass
@@ -165,6 +168,7 @@ class Encoded:
     intents: list[int] | None
     gold_tags: list[list[str]]
     gold_intents: list[str | None]
+    tokens: list[list[str]] = field(default_factory=list)  # as read, for showing examples
 
 
 def encode(examples: list[Example], vocab: Vocabularies) -> Encoded:
@@ -176,7 +180,8 @@ def encode(examples: list[Example], vocab: Vocabularies) -> Encoded:
         intents = [vocab.intents.encode([i or UNK])[0] for _, _, i in examples]
     return Encoded([vocab.words.encode(tokens) for tokens, _, _ in examples], chars,
                    [vocab.tags.encode(tags) for _, tags, _ in examples], intents,
-                   [tags for _, tags, _ in examples], [i for _, _, i in examples])
+                   [tags for _, tags, _ in examples], [i for _, _, i in examples],
+                   [tokens for tokens, _, _ in examples])
 
 
 def collate(split: Encoded, chosen: list[int]) -> Batch:
@@ -218,6 +223,48 @@ class TaggingScores:
         return out
 
 
+def _tag(vocab: Vocabularies, index: int) -> str:
+    tag = vocab.tags.tokens[index]
+    return "O" if tag == UNK else tag
+
+
+@torch.no_grad()
+def predict_split(model: nn.Module, data: Encoded, vocab: Vocabularies, batch_size: int
+                  ) -> tuple[list[list[str]], list[str | None] | None, float]:
+    """Predicted tags and intents (strings, in the split's order) and the mean loss."""
+    model.eval()
+    device = device_of(model)
+    order = sorted(range(len(data.words)), key=lambda i: -len(data.words[i]))
+    tags: list[list[str]] = [[] for _ in order]
+    intents: list[str | None] = [None for _ in order]
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        args = on_device(_model_args(collate(data, chosen)), device)
+        total += float(model.loss(**args)) * len(chosen)
+        best, best_intents = model.decode(args["tokens"], args["lengths"], args["chars"],
+                                          args["char_lengths"])
+        for row, i in enumerate(chosen):
+            tags[i] = [_tag(vocab, t) for t in best[row]]
+            if best_intents is not None and vocab.intents is not None:
+                intents[i] = vocab.intents.tokens[best_intents[row]]
+    return tags, (intents if vocab.intents is not None else None), total / max(1, len(order))
+
+
+def score_split(model: nn.Module, data: Encoded, vocab: Vocabularies, batch_size: int
+                ) -> TaggingScores:
+    """Entity scores, intent and sentence accuracy, and the loss on an encoded split."""
+    predicted, intents, loss = predict_split(model, data, vocab, batch_size)
+    right = [p == g for p, g in zip(predicted, data.gold_tags)]
+    intent_accuracy = None
+    if intents is not None:
+        hits = [p == g for p, g in zip(intents, data.gold_intents)]
+        intent_accuracy = sum(hits) / len(hits)
+        right = [a and b for a, b in zip(right, hits)]
+    return TaggingScores(entity_scores(data.gold_tags, predicted), intent_accuracy,
+                         sum(right) / len(right), loss)
+
+
 class TaggingTask:
     """The Trainer's view of slot filling / NER."""
 
@@ -242,43 +289,13 @@ class TaggingTask:
         loss = model.loss(**args)
         return StepResult(loss, None, int(args["lengths"].sum()))  # type: ignore[union-attr]
 
-    @torch.no_grad()
     def predict(self, model: nn.Module, split: str = "valid"
                 ) -> tuple[list[list[str]], list[str | None] | None, float]:
         """Predicted tags and intents (strings, in the split's order) and the mean loss."""
-        model.eval()
-        data = self.splits[split]
-        order = sorted(range(len(data.words)), key=lambda i: -len(data.words[i]))
-        tags: list[list[str]] = [[] for _ in order]
-        intents: list[str | None] = [None for _ in order]
-        total, size = 0.0, self.data.eval_batch_size
-        for start in range(0, len(order), size):
-            chosen = order[start:start + size]
-            args = _model_args(collate(data, chosen))
-            total += float(model.loss(**args)) * len(chosen)
-            best, best_intents = model.decode(args["tokens"], args["lengths"], args["chars"],
-                                              args["char_lengths"])
-            for row, i in enumerate(chosen):
-                tags[i] = [self._tag(t) for t in best[row]]
-                if best_intents is not None and self.vocab.intents is not None:
-                    intents[i] = self.vocab.intents.tokens[best_intents[row]]
-        return tags, (intents if self.vocab.intents is not None else None), total / len(order)
-
-    def _tag(self, index: int) -> str:
-        tag = self.vocab.tags.tokens[index]
-        return "O" if tag == UNK else tag
+        return predict_split(model, self.splits[split], self.vocab, self.data.eval_batch_size)
 
     def scores(self, model: nn.Module, split: str = "valid") -> TaggingScores:
-        predicted, intents, loss = self.predict(model, split)
-        data = self.splits[split]
-        right = [p == g for p, g in zip(predicted, data.gold_tags)]
-        intent_accuracy = None
-        if intents is not None:
-            hits = [p == g for p, g in zip(intents, data.gold_intents)]
-            intent_accuracy = sum(hits) / len(hits)
-            right = [a and b for a, b in zip(right, hits)]
-        return TaggingScores(entity_scores(data.gold_tags, predicted), intent_accuracy,
-                             sum(right) / len(right), loss)
+        return score_split(model, self.splits[split], self.vocab, self.data.eval_batch_size)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return self.scores(model, "valid").metrics()
@@ -312,16 +329,16 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[TaggingTask, Tagger, str]:
     return task, Tagger(model_config), "; ".join(summaries)
 
 
-def load_model(path: str | Path) -> tuple[Tagger, Vocabularies, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[Tagger, Vocabularies, Checkpoint]:
     """The trained tagger and its vocabularies from a run directory or checkpoint."""
     model, checkpoint, described = load_task_model(
         path, NAME, lambda m: Tagger(TaggerConfig.from_dict(m)), required=("vocab",))
     vocab = from_meta(checkpoint, "task.vocab", lambda: Vocabularies.from_json(described["vocab"]))
     config = model.config
-    for what, part, field in (("words", vocab.words, "vocab_size"), ("tags", vocab.tags, "tags"),
-                               ("intents", vocab.intents, "intents"), ("chars", vocab.chars, "chars")):
-        check_size(checkpoint, f"task.vocab.{what}", 0 if part is None else len(part), field,
-                   getattr(config, field))
+    for what, part, size in (("words", vocab.words, "vocab_size"), ("tags", vocab.tags, "tags"),
+                              ("intents", vocab.intents, "intents"), ("chars", vocab.chars, "chars")):
+        check_size(checkpoint, f"task.vocab.{what}", 0 if part is None else len(part), size,
+                   getattr(config, size))
     return model, vocab, checkpoint
 
 
@@ -338,3 +355,40 @@ def tag_sentence(model: Tagger, vocab: Vocabularies, tokens: list[str]
     tags = [vocab.tags.tokens[t] for t in best[0]]
     intent = vocab.intents.tokens[intents[0]] if intents is not None and vocab.intents else None
     return ["O" if t == UNK else t for t in tags], intent
+
+
+def bracketed(tokens: list[str], entities: list[tuple[str, int, int]]) -> str:
+    """A tagged sentence for people: "flights from [new york]fromloc.city_name to ..."."""
+    words, at = [], 0
+    for kind, start, end in entities:
+        words += [*tokens[at:start], f"[{' '.join(tokens[start:end + 1])}]{kind}"]
+        at = end + 1
+    return " ".join(words + tokens[at:])
+
+
+def describe_metrics(valid: dict[str, float]) -> str:
+    intent = f", intent accuracy {100 * valid['intent_acc']:.2f}%" if "intent_acc" in valid else ""
+    return (f"slot F1 {100 * valid['slot_f1']:.2f}{intent}, sentence accuracy "
+            f"{100 * valid['sentence_acc']:.2f}%, loss {valid['loss']:.4f}")
+
+
+def report(task: TaggingTask, model: Tagger, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: the test split's scores with the weights validation chose
+    (also in metrics.jsonl) where the data has one, and a few tagged held-out sentences."""
+    from rnnkit.metrics.entities import get_entities
+    from rnnkit.tasks.common import chosen_weights, record_test
+
+    which, step = chosen_weights(model, out)
+    split = "test" if "test" in task.splits else "valid"
+    if split == "test":
+        scores = task.scores(model, "test")
+        print(f"test ({task.counts['test']} sentences), {which}: {describe_metrics(scores.metrics())}")
+        record_test(out, "test", step, scores.metrics())
+    tags, intents, _ = task.predict(model, split)
+    data = task.splits[split]
+    print(f"{split} sentences tagged ([entity]type; ok: every tag right):")
+    for i in range(min(EXAMPLES, len(tags))):
+        mark = "ok" if tags[i] == data.gold_tags[i] else "  "
+        intent = f"{intents[i]}: " if intents is not None else ""
+        print(f"{mark} {intent}{bracketed(data.tokens[i], get_entities(tags[i]))}")
+

@@ -12,7 +12,7 @@ Data (``source``):
 than ``min_freq`` times in training map to ``<unk>``.
 
 Metrics on the held-out split with batched greedy decoding: exact match (the whole output equals
-the reference) and corpus BLEU as sacrebleu computes it (:mod:`rnnkit.bleu`; outputs joined
+the reference) and corpus BLEU as sacrebleu computes it (:mod:`rnnkit.metrics.bleu`; outputs joined
 without spaces at char level, with spaces at word level). ``attention_heatmap`` draws the
 attention of one sentence.
 """
@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rnnkit.bleu import BLEU, corpus_bleu
 from rnnkit.data.text import Vocabulary, pad_sequences, read_parallel, read_tsv_pairs
+from rnnkit.metrics.bleu import BLEU, corpus_bleu
 from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from rnnkit.options import Options, option
@@ -36,6 +36,7 @@ from rnnkit.tasks import dates
 from rnnkit.tasks.common import (
     EpochPlan,
     check_size,
+    device_of,
     from_meta,
     load_task_model,
     per_sequence,
@@ -49,6 +50,7 @@ from rnnkit.train.task import Batch, StepResult
 NAME = "translate"
 SOURCES = ("dates", "tsv", "multi30k")
 LEVELS = ("auto", "char", "word")
+EXAMPLES = 5  # translations a finished run shows
 
 
 @dataclass
@@ -148,6 +150,42 @@ def collate(sources: list[list[int]], targets: list[list[int]], pad: int) -> Bat
     return Batch((source, per_sequence(source_lengths)), (target, per_sequence(target_lengths)))
 
 
+@torch.no_grad()
+def translate_encoded(model: Seq2Seq, sources: list[list[int]], targets: list[list[int]],
+                      target_vocab: Vocabulary, data: TranslateDataConfig
+                      ) -> tuple[list[list[str]], float]:
+    """Greedy outputs (symbol lists, in order) of encoded sources and the teacher-forced loss
+    per token of their references (targets ending in </s>)."""
+    model.eval()
+    device = device_of(model)
+    order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
+    outputs: list[list[str]] = [[] for _ in order]
+    total, tokens = 0.0, 0
+    size = data.eval_batch_size
+    for start in range(0, len(order), size):
+        chosen = order[start:start + size]
+        batch = collate([sources[i] for i in chosen], [targets[i] for i in chosen], target_vocab.pad)
+        (source, source_lengths), (target, target_lengths) = batch.inputs, batch.targets
+        source, target = source.to(device), target.to(device)
+        count = int(target_lengths.sum())
+        total += float(model.loss(source, source_lengths[0], target, target_lengths[0])) * count
+        tokens += count
+        limit = int(data.max_decode_ratio * source.shape[0]) + 10
+        decoded = model.greedy(source, source_lengths[0], max_length=limit)
+        for row, i in enumerate(chosen):
+            outputs[i] = target_vocab.decode(decoded.tokens[row])
+    return outputs, total / max(1, tokens)
+
+
+def score_outputs(outputs: list[list[str]], references: list[list[str]], char_level: bool
+                  ) -> tuple[float, BLEU]:
+    """Exact-match accuracy and corpus BLEU of outputs against references (symbol lists)."""
+    exact = sum(out == ref for out, ref in zip(outputs, references)) / max(1, len(references))
+    bleu = corpus_bleu([detokenize(o, char_level) for o in outputs],
+                       [detokenize(ref, char_level) for ref in references])
+    return exact, bleu
+
+
 class TranslateTask:
     """The Trainer's view of sequence-to-sequence translation."""
 
@@ -184,35 +222,14 @@ class TranslateTask:
         loss = model.loss(source, source_lengths[0], target, target_lengths[0])
         return StepResult(loss, None, int(target_lengths.sum()))
 
-    @torch.no_grad()
     def translations(self, model: Seq2Seq) -> tuple[list[list[str]], float]:
         """Greedy outputs (symbol lists, in held-out order) and the teacher-forced loss per token."""
-        model.eval()
-        order = sorted(range(len(self.valid)), key=lambda i: -len(self.valid_sources[i]))
-        outputs: list[list[str]] = [[] for _ in order]
-        total, tokens = 0.0, 0
-        size = self.data.eval_batch_size
-        for start in range(0, len(order), size):
-            chosen = order[start:start + size]
-            batch = collate([self.valid_sources[i] for i in chosen],
-                            [self.valid_targets[i] for i in chosen], self.source_vocab.pad)
-            (source, source_lengths), (target, target_lengths) = batch.inputs, batch.targets
-            count = int(target_lengths.sum())
-            total += float(model.loss(source, source_lengths[0], target, target_lengths[0])) * count
-            tokens += count
-            limit = int(self.data.max_decode_ratio * source.shape[0]) + 10
-            decoded = model.greedy(source, source_lengths[0], max_length=limit)
-            for row, i in enumerate(chosen):
-                outputs[i] = self.target_vocab.decode(decoded.tokens[row])
-        return outputs, total / max(1, tokens)
+        return translate_encoded(model, self.valid_sources, self.valid_targets, self.target_vocab,
+                                 self.data)
 
     def scores(self, outputs: list[list[str]]) -> tuple[float, BLEU]:
         """Exact-match accuracy and corpus BLEU of held-out outputs."""
-        exact = sum(out == ref for out, (_, ref) in zip(outputs, self.valid)) / len(self.valid)
-        char = self.data.char_level
-        bleu = corpus_bleu([detokenize(o, char) for o in outputs],
-                           [detokenize(ref, char) for _, ref in self.valid])
-        return exact, bleu
+        return score_outputs(outputs, [ref for _, ref in self.valid], self.data.char_level)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         outputs, loss = self.translations(model)  # type: ignore[arg-type]
@@ -280,7 +297,7 @@ class Translator:
         return detokenize(self.target_vocab.decode(tokens), self.data.char_level)
 
 
-def load_model(path: str | Path) -> tuple[Translator, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[Translator, Checkpoint]:
     """The trained translator from a run directory or checkpoint."""
     model, checkpoint, described = load_task_model(
         path, NAME, lambda m: Seq2Seq(Seq2SeqConfig.from_dict(m)),
@@ -325,3 +342,23 @@ def attention_heatmap(translator: Translator, text: str, path: str | Path) -> Pa
 
     save_figure(fig, path, dpi=120)
     return path
+
+
+def describe_metrics(valid: dict[str, float]) -> str:
+    return (f"BLEU {valid['bleu']:.2f}, exact match {100 * valid['exact']:.2f}%, "
+            f"loss {valid['loss']:.4f}")
+
+
+def report(task: TranslateTask, model: Seq2Seq, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: a few held-out translations of the weights validation chose."""
+    from rnnkit.tasks.common import chosen_weights
+
+    which, _ = chosen_weights(model, out)
+    outputs, _ = task.translations(model)
+    print(f"held-out translations, {which}:")
+    char = task.data.char_level
+    for (source, reference), output in list(zip(task.valid, outputs))[:EXAMPLES]:
+        mark = "ok" if output == reference else "  "
+        print(f"{mark} {detokenize(source, char)}  →  {detokenize(output, char)}"
+              + ("" if output == reference else f"   (reference: {detokenize(reference, char)})"))
+

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rnnkit.data.streams import batchify, encode_tensor, num_windows
+from rnnkit.data.streams import batchify, encode_tensor, evaluation_rows, num_windows
 from rnnkit.data.text import Vocabulary, read_lines
-from rnnkit.models.language_model import LanguageModel, LMConfig
+from rnnkit.models.language_model import LanguageModel, LMConfig, continue_streams, seeded_generator
 from rnnkit.options import Options, option
 from rnnkit.tasks.charlm import StreamLMTask, loss_over_stream
 from rnnkit.tasks.common import check_size, from_meta, load_task_model, shared_path
@@ -94,20 +94,26 @@ class WordLMTask(StreamLMTask):
                  model_config: LMConfig, batch_size: int) -> None:
         self.vocab, self.data, self.model_config = vocab, data, model_config
         self.train_stream = batchify(train, batch_size)  # (N, B)
-        self.valid_stream = batchify(valid, max(1, min(data.eval_batch_size,
-                                                       valid.numel() // (data.seq_len + 1))))
+        self.valid_stream = batchify(valid, evaluation_rows(valid.numel(), data.seq_len,
+                                                            data.eval_batch_size))
         self.windows = num_windows(self.train_stream, data.seq_len)
         self.counts = {"train words": train.numel(), "valid words": valid.numel(),
                        "vocabulary": len(vocab)}
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        total, count = loss_over_stream(model, self.valid_stream, self.data.seq_len)
-        return {"loss": total / count, "ppl": math.exp(total / count)}
+        return stream_metrics(model, self.valid_stream, self.data.seq_len)
 
     def describe(self) -> dict[str, Any]:
         return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data),
                 "vocab": self.vocab.to_json()}
+
+
+@torch.no_grad()
+def stream_metrics(model: nn.Module, stream: Tensor, seq_len: int) -> dict[str, float]:
+    """Mean cross-entropy per word (nats) and perplexity of a batchified stream (N, B)."""
+    model.eval()
+    total, count = loss_over_stream(model, stream, seq_len)
+    return {"loss": total / count, "ppl": math.exp(total / count)}
 
 
 def init_uniform(model: nn.Module, scale: float) -> None:
@@ -137,7 +143,7 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[WordLMTask, LanguageModel,
     return task, model, f"{train_summary}; {valid_summary}"
 
 
-def load_model(path: str | Path) -> tuple[LanguageModel, Vocabulary, Checkpoint]:
+def load_model(path: str | Path | Checkpoint) -> tuple[LanguageModel, Vocabulary, Checkpoint]:
     """The trained model and its vocabulary from a run directory or checkpoint."""
     model, checkpoint, described = load_task_model(
         path, NAME, lambda m: LanguageModel(LMConfig.from_dict(m)), required=("vocab",))
@@ -146,30 +152,36 @@ def load_model(path: str | Path) -> tuple[LanguageModel, Vocabulary, Checkpoint]
     return model, vocab, checkpoint
 
 
-@torch.no_grad()
 def perplexity(model: LanguageModel, vocab: Vocabulary, path: str | Path, seq_len: int = 35,
                batch_size: int = 10) -> float:
-    """Perplexity of a PTB-style text file under the model (unknown words → ``<unk>``)."""
+    """Perplexity of a PTB-style text file under the model (unknown words → ``<unk>``), laid
+    out in rows as validation lays out its text."""
     words, _ = read_words(Path(path))
     stream = encode(vocab, words, f"text {path}")
-    model.eval()
-    rows = max(1, min(batch_size, stream.numel() // (seq_len + 1)))
-    total, count = loss_over_stream(model, batchify(stream, rows), seq_len)
-    return math.exp(total / count)
+    rows = evaluation_rows(stream.numel(), seq_len, batch_size)
+    return stream_metrics(model, batchify(stream, rows), seq_len)["ppl"]
 
 
-@torch.no_grad()
 def sample(model: LanguageModel, vocab: Vocabulary, prime: list[str], words: int = 30,
            temperature: float = 1.0, seed: int = 0) -> list[str]:
-    """The prime followed by ``words`` sampled words."""
-    generator = torch.Generator().manual_seed(seed)
-    model.eval()
+    """The prime followed by ``words`` sampled words (the prime read once, the state carried)."""
     ids = vocab.encode(prime or [EOS])
-    logits, state = model(torch.tensor(ids).unsqueeze(1))  # (P, 1, V)
-    out = []
-    for _ in range(words):
-        probs = torch.softmax(logits[-1, 0].double() / max(temperature, 1e-6), dim=-1)
-        word = int(torch.multinomial(probs, 1, generator=generator))
-        out.append(word)
-        logits, state = model(torch.tensor([[word]]), state)
-    return [*prime, *vocab.decode(out, strip_specials=False)]
+    out = continue_streams(model, [ids], words, temperature, None, [seeded_generator(seed)])
+    return [*prime, *vocab.decode(out[0], strip_specials=False)]
+
+
+def describe_metrics(valid: dict[str, float]) -> str:
+    return f"perplexity {valid['ppl']:.2f}, {valid['loss']:.4f} nats/word"
+
+
+def report(task: WordLMTask, model: LanguageModel, config: dict[str, Any], out: Path) -> None:
+    """What a finished run prints: a few sentences sampled from the weights validation chose."""
+    from rnnkit.tasks.common import chosen_weights
+
+    which, _ = chosen_weights(model, out)
+    print(f"samples, {which}:")
+    seed = int(config["train"].get("seed", 0))
+    for i in range(3):
+        words = sample(model, task.vocab, [], words=25, temperature=1.0, seed=seed + i)
+        print("  " + " ".join(words).replace(f" {EOS} ", " / ").replace(EOS, "/").strip())
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rnnkit.entities import entity_scores, get_entities
+from rnnkit.metrics.entities import entity_scores, get_entities
 
 
 def test_bio_chunks() -> None:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rnnkit.bleu import corpus_bleu, tokenize_13a
+from rnnkit.metrics.bleu import corpus_bleu, tokenize_13a
 
 
 def test_13a_tokenisation() -> None:

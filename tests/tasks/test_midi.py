@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnnkit.midi import midi_bytes, notes_of, roll_to_events, variable_length, write_midi
+from rnnkit.tasks.midi import midi_bytes, notes_of, roll_to_events, variable_length, write_midi
 
 
 def test_variable_length_quantities_from_the_specification() -> None:
@@ -72,3 +72,60 @@ def test_file_reads_back(tmp_path: Path) -> None:
     ]
     # silence still lasts: two steps of 480 ticks before the end of track (960 = 87 40)
     assert midi_bytes(torch.zeros(2, 88)).endswith(bytes.fromhex("87 40 FF 2F 00"))
+
+
+def test_read_midi_inverts_write_midi(tmp_path: Path) -> None:
+    from rnnkit.tasks.midi import read_midi
+
+    roll = (torch.rand(12, 88, generator=torch.Generator().manual_seed(1)) < 0.08).float()
+    roll[-1] = 0
+    roll[-1, 50] = 1  # the last step sounds, so the file lasts all 12 steps
+    assert torch.equal(read_midi(write_midi(tmp_path / "r.mid", roll)), roll)
+
+
+def test_mido_reads_what_rnnkit_writes_and_rnnkit_reads_what_mido_writes(tmp_path: Path) -> None:
+    mido = pytest.importorskip("mido", reason="the dev extra installs mido")
+    from rnnkit.tasks.midi import read_midi
+
+    roll = (torch.rand(10, 88, generator=torch.Generator().manual_seed(2)) < 0.1).float()
+    path = write_midi(tmp_path / "ours.mid", roll, tempo_bpm=120)
+    song = mido.MidiFile(str(path))
+    assert song.type == 0 and song.ticks_per_beat == 480 and len(song.tracks) == 1
+    tick, sounding, seen = 0, {}, []
+    for message in song.tracks[0]:
+        tick += message.time
+        if message.type == "note_on":
+            sounding[message.note] = tick
+        elif message.type == "note_off":
+            seen.append((sounding.pop(message.note) // 480, tick // 480, message.note))
+        elif message.type == "set_tempo":
+            assert mido.tempo2bpm(message.tempo) == pytest.approx(120)
+    assert sorted(seen) == notes_of(roll_to_events(roll)) and not sounding
+    # mido's own file, format 1 with two tracks, note-on velocity 0 as note-off, running status
+    theirs = mido.MidiFile(type=1, ticks_per_beat=96)
+    for notes in ([(60, 0, 2), (64, 1, 3)], [(67, 0, 1)]):
+        track = mido.MidiTrack()
+        events = sorted([(s * 96, "note_on", n, 90) for n, s, _ in notes] +
+                        [(e * 96, "note_on", n, 0) for n, _, e in notes])
+        last = 0
+        for t, kind, note, velocity in events:
+            track.append(mido.Message(kind, note=note, velocity=velocity, time=t - last))
+            last = t
+        theirs.tracks.append(track)
+    theirs.save(str(tmp_path / "theirs.mid"))
+    read = read_midi(tmp_path / "theirs.mid")
+    expected = torch.zeros(3, 88)
+    expected[0:2, 60 - 21] = expected[1:3, 64 - 21] = expected[0:1, 67 - 21] = 1
+    assert torch.equal(read, expected)
+
+
+def test_read_midi_refuses_other_files(tmp_path: Path) -> None:
+    from rnnkit.tasks.midi import MidiError, read_midi
+
+    (tmp_path / "x.mid").write_text("hello")
+    with pytest.raises(MidiError, match=r"x\.mid is not a Standard MIDI File"):
+        read_midi(tmp_path / "x.mid")
+    data = write_midi(tmp_path / "t.mid", torch.ones(3, 88)).read_bytes()
+    (tmp_path / "t.mid").write_bytes(data[:-6])
+    with pytest.raises(MidiError, match=r"t\.mid is not a readable MIDI file"):
+        read_midi(tmp_path / "t.mid")

@@ -1,4 +1,4 @@
-from rnnkit.scoring import DELETED, INSERTED, align, edit_distance, error_rate
+from rnnkit.metrics.scoring import DELETED, INSERTED, align, edit_distance, error_rate
 
 
 def test_edit_distance_and_alignment() -> None:

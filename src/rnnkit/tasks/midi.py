@@ -126,3 +126,93 @@ def notes_of(events: Sequence[tuple[int, bool, int]]) -> list[tuple[int, int, in
         else:
             notes.append((started.pop(note), step, note))
     return sorted(notes)
+
+
+class MidiError(ValueError):
+    """A file that is not a Standard MIDI File this reader understands."""
+
+
+def _read_variable_length(data: bytes, position: int) -> tuple[int, int]:
+    value = 0
+    for _ in range(4):
+        if position >= len(data):
+            raise MidiError("a variable-length quantity runs past the end of its track")
+        byte = data[position]
+        position += 1
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            return value, position
+    raise MidiError("a variable-length quantity is longer than 4 bytes")
+
+
+def _track_notes(track: bytes) -> list[tuple[int, bool, int]]:
+    """(absolute tick, on?, note) of one track's note events (running status understood)."""
+    position, tick, status, events = 0, 0, 0, []
+    while position < len(track):
+        delta, position = _read_variable_length(track, position)
+        tick += delta
+        if position >= len(track):
+            raise MidiError("a track ends inside an event")
+        if track[position] & 0x80:
+            status = track[position]
+            position += 1
+        elif status == 0 or status >= 0xF0:
+            raise MidiError("a data byte without a status byte")
+        if status == 0xFF:  # meta event: type, length, data
+            position += 1
+            length, position = _read_variable_length(track, position)
+            position += length
+        elif status in (0xF0, 0xF7):  # system exclusive: length, data
+            length, position = _read_variable_length(track, position)
+            position += length
+        else:
+            kind = status & 0xF0
+            size = 1 if kind in (0xC0, 0xD0) else 2
+            if position + size > len(track):
+                raise MidiError("a track ends inside an event")
+            if kind in (0x80, 0x90):
+                note, velocity = track[position], track[position + 1]
+                # note-on with velocity 0 is a note-off (the MIDI specification's shorthand)
+                events.append((tick, kind == 0x90 and velocity > 0, note))
+            position += size
+    return events
+
+
+def read_midi(path: str | Path, pitches: int = 88, lowest_note: int = LOWEST_NOTE) -> Tensor:
+    """A Standard MIDI File (format 0 or 1) → a 0/1 piano roll (T, pitches), one step per quarter
+    note, as the JSB Chorales are quantised: a note sounds at every step whose start it covers,
+    rounded to the nearest quarter. The inverse of :func:`write_midi` with its defaults."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise MidiError(f"{path}: cannot be read ({error.strerror})") from None
+    if data[:4] != b"MThd" or len(data) < 14:
+        raise MidiError(f"{path} is not a Standard MIDI File (no MThd header)")
+    length, _, tracks, division = struct.unpack(">IHHH", data[4:14])
+    if division & 0x8000:
+        raise MidiError(f"{path} uses SMPTE time; only ticks per quarter note are read")
+    position, notes = 8 + length, []
+    try:
+        for _ in range(tracks):
+            if data[position:position + 4] != b"MTrk":
+                raise MidiError("a track chunk is missing")
+            (size,) = struct.unpack(">I", data[position + 4:position + 8])
+            notes += _track_notes(data[position + 8:position + 8 + size])
+            position += 8 + size
+    except (MidiError, struct.error) as error:
+        raise MidiError(f"{path} is not a readable MIDI file: {error}") from None
+    spans, started = [], {}
+    for tick, on, note in sorted(notes, key=lambda e: (e[0], e[1])):  # offs before ons per tick
+        if on:
+            started.setdefault(note, tick)
+        elif note in started:
+            spans.append((started.pop(note), tick, note))
+    end = max((tick for tick, _, _ in notes), default=0)
+    spans += [(start, end, note) for note, start in started.items()]
+    steps = round(end / division)
+    roll = torch.zeros(steps, pitches)
+    for start, stop, note in spans:
+        if lowest_note <= note < lowest_note + pitches:
+            roll[round(start / division):round(stop / division), note - lowest_note] = 1
+    return roll
