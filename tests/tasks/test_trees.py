@@ -96,3 +96,26 @@ def test_reads_the_shared_trees() -> None:
     config = trees.default_config()
     task, _, _ = trees.build(config)
     assert len(task.valid) == 872 and len(task.train) == 8544
+
+
+def test_the_pipeline_predicts_trees_and_evaluates_a_file_as_validation_does(
+        files: tuple[Path, Path], tmp_path: Path) -> None:
+    import rnnkit
+    from rnnkit.pipelines import InputError
+
+    config = _config(files, "treelstm")
+    task, model, _ = trees.build(config)
+    trainer = Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False)
+    trainer.fit()
+    trainer.out_dir = tmp_path
+    trainer.save()
+    pipe = rnnkit.load(tmp_path / "checkpoint.json")
+    good, bad = pipe.predict(["(0 (2 the) (0 (2 film) (0 great)))", "(4 (2 the) (4 (2 film) (4 dull)))"])
+    assert (good.label, bad.label) == ("positive", "negative")  # the labels in the input are ignored
+    assert abs(sum(good.probabilities.values()) - 1) < 1e-6
+    metrics = pipe.evaluate(files[1])
+    expected = task.evaluate(model)
+    assert metrics["accuracy"] == pytest.approx(expected["accuracy"])
+    assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-5) and metrics["sentences"] == 12
+    with pytest.raises(InputError, match="reads parse trees"):
+        pipe.predict("the film was great")

@@ -29,6 +29,7 @@ PIPELINES = {
     "tagging": "tagging:TaggingPipeline",
     "translate": "translate:TranslatePipeline",
     "music": "music:MusicPipeline",
+    "trees": "trees:TreesPipeline",
 }
 
 

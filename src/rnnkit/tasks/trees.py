@@ -172,31 +172,39 @@ class TreesTask:
         loss = F.cross_entropy(logits, labels, ignore_index=IGNORE)
         return StepResult(loss, None, int((labels != IGNORE).sum()))
 
-    @torch.no_grad()
-    def sentence_logits(self, model: nn.Module, trees: list[Tree]) -> Tensor:
-        """Logits (S, C) of each tree's whole sentence (its root)."""
-        model.eval()
-        out = []
-        size = self.data.eval_batch_size
-        for start in range(0, len(trees), size):
-            chunk = trees[start:start + size]
-            if self.trees:
-                batch = self.tree_batch(chunk)
-                out.append(model(batch)[batch.roots])
-            else:
-                ids = [(self.vocab.encode(tree.leaves()), None) for tree in chunk]
-                out.append(model(**model_inputs(collate(ids, [0] * len(ids), self.vocab.pad))))
-        return torch.cat(out)
-
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        logits = self.sentence_logits(model, self.valid)
-        references = torch.tensor([tree.label for tree in self.valid])
-        return {"loss": float(F.cross_entropy(logits, references)),
-                "accuracy": float((logits.argmax(-1) == references).float().mean())}
+        return score_sentences(model, self.valid, self.vocab, self.data.eval_batch_size)
 
     def describe(self) -> dict[str, Any]:
         return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data),
                 "vocab": self.vocab.to_json()}
+
+
+@torch.no_grad()
+def sentence_logits(model: nn.Module, trees: list[Tree], vocab: Vocabulary, batch_size: int) -> Tensor:
+    """Logits (S, C) of each tree's whole sentence: the root of a Tree-LSTM, the whole leaf
+    sequence of a sequence encoder."""
+    model.eval()
+    out = []
+    for start in range(0, len(trees), batch_size):
+        chunk = trees[start:start + batch_size]
+        if isinstance(model, TreeClassifier):
+            batch = TreeBatch.build(chunk, vocab.index, vocab.unk)
+            out.append(model(batch)[batch.roots])
+        else:
+            ids = [(vocab.encode(tree.leaves()), None) for tree in chunk]
+            out.append(model(**model_inputs(collate(ids, [0] * len(ids), vocab.pad))))
+    return torch.cat(out)
+
+
+def score_sentences(model: nn.Module, trees: list[Tree], vocab: Vocabulary, batch_size: int
+                    ) -> dict[str, float]:
+    """Loss and accuracy of the sentence (root) labels of ``trees`` (relabelled, neutral roots of
+    the binary task already dropped): what validation reports and ``rnnkit evaluate`` prints."""
+    logits = sentence_logits(model, trees, vocab, batch_size)
+    references = torch.tensor([tree.label for tree in trees])
+    return {"loss": float(F.cross_entropy(logits, references)),
+            "accuracy": float((logits.argmax(-1) == references).float().mean())}
 
 
 def build(config: dict[str, dict[str, Any]]) -> tuple[TreesTask, nn.Module, str]:
