@@ -523,7 +523,7 @@ class MusicExplorer:
 
     @staticmethod
     def note_name(pitch: int) -> str:
-        from rnnkit.midi import LOWEST_NOTE
+        from rnnkit.tasks.midi import LOWEST_NOTE
 
         midi = pitch + LOWEST_NOTE
         return ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"][midi % 12] + str(
