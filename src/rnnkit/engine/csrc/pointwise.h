@@ -1,8 +1,4 @@
-// Pointwise math shared by rnnkit's C++ kernels. float: branch-free, auto-vectorisable exp
-// (Cephes polynomial, ~1 ulp); double: libm (the float64 path is for exactness, not speed).
-// NaN and +-inf behave as torch's: every select is written so that a NaN operand takes the branch
-// that passes it on (a `x > 0 ? x : 0` would turn NaN into 0), and exp underflows to an exact 0
-// at -inf (sigmoid(-inf) = 0, so that 0 * inf makes the same NaN as in torch).
+// Pointwise math shared by rnnkit's C++ kernels (fused_rnn.cpp, scan.cpp).
 #pragma once
 
 #include <algorithm>
@@ -12,12 +8,18 @@
 
 namespace rnnkit {
 
-inline float fast_exp(float x) {
-  // std::max / std::min return their first argument when the comparison is false: NaN stays NaN.
-  // Down to -104 (below which float exp is 0), so the denormal range is kept.
-  x = std::min(std::max(x, -104.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);  // in [-150, 127] or NaN
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+// Pointwise math. float: branch-free, auto-vectorisable exp (Cephes polynomial, ~1 ulp);
+// double: libm (the float64 path is for exactness, not speed).
+// NaN and +-inf behave as torch's: every select below is written so that a NaN operand takes the
+// branch that passes it on (a `x > 0 ? x : 0` would turn NaN into 0), and exp is an exact 0 at
+// -inf (sigmoid(-inf) = 0, so that 0 * inf makes the same NaN as in torch).
+inline float fexp(float x) {  // for x <= 0 (every caller passes -|.|)
+  // std::max returns its first argument when the comparison is false: NaN stays NaN (and p with
+  // it). Below -87, where exp is denormal, the result is 0 (so exp(-inf) = 0 exactly; denormal
+  // gate values would slow every later step several times).
+  const float xc = std::max(x, -87.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);  // in [-126, 0] or NaN
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -25,23 +27,31 @@ inline float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  // 2^n as two factors 2^(n/2) 2^(n - n/2), each a normal float for n >= -150; the NaN case
-  // converts 0 (converting NaN to int is undefined) and p carries the NaN.
-  const int32_t ni = static_cast<int32_t>(n == n ? n : 0.0f);
-  const int32_t n1 = ni >> 1, n2 = ni - n1;
-  const int32_t e1 = (n1 + 127) << 23, e2 = (n2 + 127) << 23;
-  float s1, s2;
-  std::memcpy(&s1, &e1, sizeof(s1));
-  std::memcpy(&s2, &e2, sizeof(s2));
-  return p * s1 * s2;
+  // 2^n from the bits of n + 1.5 * 2^23 (exact for integral |n| < 2^22), not a float-to-int
+  // conversion, which is undefined for NaN
+  const float magic = n + 12582912.0f;
+  uint32_t e;
+  std::memcpy(&e, &magic, sizeof(e));
+  e = (e - 0x4B400000u + 127u) << 23;
+  float s;
+  std::memcpy(&s, &e, sizeof(s));
+  return x < -87.0f ? 0.0f : p * s;
 }
-inline double fast_exp(double x) { return std::exp(x); }
-
-template <typename T>
-inline T sigmoid(T x) {
-  const T e = fast_exp(-std::fabs(x));  // in (0, 1]: no overflow for either sign
-  const T q = T(1) / (T(1) + e);
-  return x >= T(0) ? q : e * q;
+inline float sigm(float x) {
+  const float e = fexp(-std::fabs(x));  // in (0, 1]
+  const float q = 1.0f / (1.0f + e);
+  return x >= 0.0f ? q : e * q;
 }
+inline float tanh_(float x) {
+  const float e = fexp(-2.0f * std::fabs(x));
+  const float t = (1.0f - e) / (1.0f + e);
+  return std::copysign(t, x);
+}
+inline double sigm(double x) {
+  const double e = std::exp(-std::fabs(x));
+  const double q = 1.0 / (1.0 + e);
+  return x >= 0.0 ? q : e * q;
+}
+inline double tanh_(double x) { return std::tanh(x); }
 
 }  // namespace rnnkit

@@ -36,7 +36,12 @@
 
 namespace {
 
-using rnnkit::sigmoid;
+using rnnkit::sigm;
+
+template <typename T>
+inline T sigmoid(T x) {
+  return sigm(x);
+}
 
 enum Kind : int64_t { kMinGRU = 0, kMinLSTM = 1 };
 
