@@ -221,3 +221,8 @@ def test_layers_and_cells_pickle_like_torch_nn(kind: str, tmp_path: Path) -> Non
             loaded = torch.load(path, weights_only=True)
         x = torch.randn(5, 2, 3) if isinstance(module, layer_class) else torch.randn(2, 3)
         torch.testing.assert_close(loaded(x)[0], module(x)[0])
+
+
+def test_empty_time_is_an_error_as_for_every_layer() -> None:
+    with pytest.raises(ValueError, match="input"):
+        rnnkit.MinGRU(3, 4)(torch.randn(0, 2, 3))

@@ -140,20 +140,8 @@ class RecurrentLayer(nn.Module):
         ``PackedSequence``. ``lengths`` (B,) marks the real length of each padded sequence: the
         final state is taken at that length and outputs past it are zero.
         """
-        dtype = self._parameters["weight_hh_l0"].dtype
-        packed = input if isinstance(input, PackedSequence) else None
-        if packed is not None:
-            if lengths is not None:
-                raise ValueError("pass either a PackedSequence or lengths=, not both")
-            x, lengths = pad_packed_sequence(packed)
-            check_sequence("input", x, self.input_size, dtype)
-            unbatched = False
-        else:
-            check_sequence("input", input, self.input_size, dtype)
-            unbatched = input.dim() == 2
-            x = input.unsqueeze(1) if unbatched else input
-            if self.batch_first and not unbatched:
-                x = x.transpose(0, 1)
+        x, lengths, packed, unbatched = self._time_major(input, lengths,
+                                                         self._parameters["weight_hh_l0"].dtype)
         steps, batch = x.shape[0], x.shape[1]
         check_steps("input", steps)
         states0 = self._initial_states(hx, batch, unbatched, x)
@@ -198,6 +186,24 @@ class RecurrentLayer(nn.Module):
             output = output[:, inverse.to(x.device)]
             final_states = [s[:, inverse.to(x.device)] for s in final_states]
         return self._format_output(output, final_states, packed, lengths, unbatched)
+
+    def _time_major(self, input: Tensor | PackedSequence, lengths: Sequence[int] | Tensor | None,
+                    dtype: torch.dtype) -> tuple[Tensor, Any, PackedSequence | None, bool]:
+        """The input as a checked (T, B, I) tensor, its lengths (from a PackedSequence too), the
+        PackedSequence it came as (or None) and whether it was unbatched."""
+        packed = input if isinstance(input, PackedSequence) else None
+        if packed is not None:
+            if lengths is not None:
+                raise ValueError("pass either a PackedSequence or lengths=, not both")
+            x, lengths = pad_packed_sequence(packed)
+            check_sequence("input", x, self.input_size, dtype)
+            return x, lengths, packed, False
+        check_sequence("input", input, self.input_size, dtype)
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(1) if unbatched else input
+        if self.batch_first and not unbatched:
+            x = x.transpose(0, 1)
+        return x, lengths, None, unbatched
 
     def _torch_stack(self, x: Tensor, states0: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Every layer and direction in one call of torch's own op (see ``torch_runs_stack``)."""
@@ -457,21 +463,9 @@ class MinimalLayer(RecurrentLayer):
         hx: Tensor | None = None,
         lengths: Sequence[int] | Tensor | None = None,
     ) -> tuple[Tensor | PackedSequence, Tensor]:
-        dtype = self.weight_ih_l0.dtype
-        packed = input if isinstance(input, PackedSequence) else None
-        if packed is not None:
-            if lengths is not None:
-                raise ValueError("pass either a PackedSequence or lengths=, not both")
-            x, lengths = pad_packed_sequence(packed)
-            check_sequence("input", x, self.input_size, dtype)
-            unbatched = False
-        else:
-            check_sequence("input", input, self.input_size, dtype)
-            unbatched = input.dim() == 2
-            x = input.unsqueeze(1) if unbatched else input
-            if self.batch_first and not unbatched:
-                x = x.transpose(0, 1)
+        x, lengths, packed, unbatched = self._time_major(input, lengths, self.weight_ih_l0.dtype)
         steps, batch = x.shape[0], x.shape[1]
+        check_steps("input", steps)  # as every rnnkit layer (and torch.nn): T = 0 is an error
         (h0,) = self._initial_states(hx, batch, unbatched, x)
         if lengths is not None:
             lengths = check_lengths(lengths, batch, steps, x.device)
