@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -158,6 +159,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="no progress bar")
     train.add_argument("--threads", type=int, default=None,
                        help=THREADS_HELP)
+    train.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                       help="train on N processes of this machine (torch.distributed; "
+                            "--batch-size stays the global batch): starts torchrun for you")
     for flag, _, _, kind, text in TRAIN_FLAGS:
         if kind is bool:
             train.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
@@ -201,12 +205,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from rnnkit.tasks import merge_config, task_module
+    from rnnkit.train import distributed
     from rnnkit.train.atomic import write_text
     from rnnkit.train.checkpoint import POINTER, load_checkpoint
     from rnnkit.train.config import TrainConfig
     from rnnkit.train.rng import seed_everything
     from rnnkit.train.trainer import Trainer
 
+    group = distributed.init_from_env()
+    if not group.is_main:  # rank 0 alone prints; every rank reports its own errors (stderr)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     name = args.task
     module = task_module(name)
     defaults = module.default_config()
@@ -222,6 +230,7 @@ def _train(args: argparse.Namespace) -> int:
             config = merge_config(config, _read_config_file(str(saved)), str(saved), name)
     else:
         out = Path(args.out) if args.out else Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+        out = distributed.broadcast_object(out, group)  # one timestamp for every rank
         if (out / POINTER).exists():
             raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
                              "choose another --out")
@@ -239,9 +248,10 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"{checkpoint.path} was trained with other data or another model "
                              "than given now; resume with the run's own config")
         trainer.load(checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml",
-               yaml.safe_dump({"task": name, **config}, sort_keys=False, allow_unicode=True))
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml",
+                   yaml.safe_dump({"task": name, **config}, sort_keys=False, allow_unicode=True))
 
     params = sum(p.numel() for p in model.parameters())
     print(f"data: {source}")
@@ -256,7 +266,7 @@ def _train(args: argparse.Namespace) -> int:
         shown = (module.describe_metrics(result.valid) if hasattr(module, "describe_metrics")
                  else ", ".join(f"{key} {value:.4f}" for key, value in result.valid.items()))
         print(f"step {result.step} ({result.reason}): validation {shown}")
-    if hasattr(module, "report"):
+    if hasattr(module, "report") and group.is_main:
         module.report(task, model, config, out)
     print(f"checkpoint: {result.checkpoint}")
     print(f"metrics:    {result.metrics}")
@@ -313,28 +323,52 @@ def _hello(args: argparse.Namespace) -> int:
     return 0 if run_hello(steps=args.steps, seed=args.seed) == "ello" else 1
 
 
+def _rank_tag() -> str:
+    """" (rank N)" in a job of several processes, so a message says which one wrote it."""
+    rank = os.environ.get("RANK")
+    return f" (rank {rank})" if rank not in (None, "0") else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = _build_parser().parse_args(raw)
     from rnnkit.data.audio import AudioError
     from rnnkit.data.vocab import UnknownSymbolError
     from rnnkit.train.checkpoint import CheckpointError
+    from rnnkit.train.distributed import RankLostError, shutdown
     from rnnkit.train.trainer import DivergenceError
 
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
+    nproc = getattr(args, "nproc_per_node", None)
+    if nproc is not None and nproc != 1 and "WORLD_SIZE" not in os.environ:
+        from rnnkit.train.distributed import launch, strip_option
+
+        try:
+            return launch(nproc, strip_option(raw, "--nproc-per-node"))
+        except ValueError as error:
+            print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
+            return 2
     handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate,
                 "transcribe": _transcribe, "hello": _hello}
     try:
         return handlers[args.command](args)
+    except RankLostError as error:
+        print(f"rnnkit {args.command}: error{_rank_tag()}: {error}", file=sys.stderr)
+        return 1
     except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,
             FileNotFoundError, AudioError) as error:
-        print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
+        # the ranks of a job run the same code on the same options: one line per machine
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"rnnkit {args.command}: error{_rank_tag()}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside training (which stops cleanly by itself)
         print(f"rnnkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown()  # leave a torchrun job's process group (nothing for one process)
 
 
 if __name__ == "__main__":
