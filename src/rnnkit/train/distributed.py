@@ -120,7 +120,7 @@ def shard_rows(value: Any, start: int, stop: int) -> Any:
     if value is None:
         return None
     if isinstance(value, Tensor):
-        return value[:, start:stop]
+        return value[:, start:stop] if value.numel() else value  # empty: an absent value
     parts = [shard_rows(v, start, stop) for v in value]
     return type(value)(*parts) if hasattr(value, "_fields") else tuple(parts)
 

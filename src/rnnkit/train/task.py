@@ -53,7 +53,8 @@ class Batch:
 
         Every tensor of the batch, inputs and targets, is time-major with the batch on dim 1
         (per-example values as (1, B, ...), see ``tasks.common.per_sequence``): one generic cut
-        serves every task. A tensor whose dim 1 is not the batch is refused, naming its shape."""
+        serves every task. An empty tensor (an absent value, e.g. no intents) is kept as it is;
+        any other tensor whose dim 1 is not the batch is refused, naming its shape."""
         from rnnkit.train.distributed import shard_span
 
         if world_size == 1:
@@ -70,7 +71,7 @@ class Batch:
             if isinstance(value, tuple):
                 for v in value:
                     check(v)
-            elif value.dim() < 2 or value.shape[1] != rows:
+            elif value.numel() and (value.dim() < 2 or value.shape[1] != rows):
                 raise ValueError(f"cannot share a batch of {rows} rows: a tensor of shape "
                                  f"{tuple(value.shape)} has no batch dimension 1 (see Batch)")
 
