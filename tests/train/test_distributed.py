@@ -235,3 +235,24 @@ def test_more_ranks_than_examples_per_batch_is_one_line_before_training(
                       "batch), or fewer processes"], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoint.json").exists()
+
+
+def test_a_port_in_use_is_one_error_naming_it_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks started without torchrun's own rendezvous (env:// variables by hand or a job
+    scheduler): rank 0 cannot open its store on a busy port and says so at once."""
+    import socket
+
+    from rnnkit.train.distributed import init_from_env
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for key, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(key, value)
+        started = time.monotonic()
+        with pytest.raises(ValueError, match=f"cannot join the process group at 127.0.0.1:{port}: "
+                                             ".*(in use|EADDRINUSE)"):
+            init_from_env()
+        assert time.monotonic() - started < 60

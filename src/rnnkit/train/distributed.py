@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -148,8 +149,12 @@ def gather_rows(values: list[Tensor], group: Group) -> list[Tensor]:
 # --- collectives: one place that turns a lost peer into one clear error ----------------------
 
 def _first_line(error: BaseException) -> str:
+    """The gist of a (gloo) error: its first line, without the source location and advice."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text.splitlines()[0])
+    return line.split(". This is typically")[0]
 
 
 def _collective(what: str, run: Callable[[], T]) -> T:

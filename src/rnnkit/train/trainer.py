@@ -410,7 +410,7 @@ class Trainer:
                     word in str(error) for word in ("gloo", "Connection", "NCCL", "peer")):
                 raise
             raise RankLostError(f"another rank stopped during the gradient all-reduce of step "
-                                f"{self.step + 1}; {self._intact()}") from None
+                                f"{self.step + 1}") from None
 
     def _diverged(self, what: str) -> str:
         where = f"; {self._intact()}" if self.out_dir else ""
@@ -524,6 +524,8 @@ class Trainer:
             raise
         except RunWriteError as error:  # disk full: say what survives, in the same line
             raise RunWriteError(f"{error}; {self._intact()}") from None
+        except RankLostError as error:  # another rank died: the same, and how to go on
+            raise RankLostError(f"{error}; {self._intact()}") from None
         finally:
             self._restore_sigint(previous_handler)
             bar.close()
