@@ -75,6 +75,22 @@ def test_carried_state_gathers_back_to_the_one_process_layout() -> None:
     assert gather_rows([h], Group()) == [h]  # one process: nothing to gather
 
 
+def test_charlm_validation_shares_sum_to_the_whole_set(text: Path) -> None:
+    from rnnkit.tasks import charlm
+
+    config = charlm.default_config()
+    config["data"].update(files=[str(text)], seq_len=12)
+    config["model"].update(hidden=8, embedding=4)
+    task, model, _ = charlm.build(config)
+    model.eval()
+    whole = task.evaluate(model)
+    shares = [task.evaluate_totals(model, rank, 3) for rank in range(3)]
+    summed = task.metrics_from_totals({k: sum(s[k] for s in shares) for k in shares[0]})
+    assert summed["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert sum(s["count"] for s in shares) == task.evaluate_totals(model)["count"]
+    assert all(s["count"] > 0 for s in shares)
+
+
 def test_a_batch_smaller_than_the_ranks_is_refused_naming_both() -> None:
     check_batch_size(2, Group(0, 2))
     with pytest.raises(ValueError, match="--batch-size 2 cannot be shared by 3 ranks"):
@@ -181,6 +197,34 @@ def test_tagging_bidirectional_variable_lengths_two_ranks_equal_one_process(tmp_
     a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
     assert a.meta["last_valid"]["slot_f1"] == b.meta["last_valid"]["slot_f1"]
     assert abs(a.meta["last_valid"]["loss"] - b.meta["last_valid"]["loss"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_sentiment_validation_shared_by_ranks_equals_one_process(tmp_path: Path) -> None:
+    """A BiLSTM classifier with max pooling, global batch 9 (5 + 4 sentences): the weights and
+    the validation metrics, all-reduced from each rank's share of the dev set, match."""
+    rng = random.Random(0)
+    for name, count in (("train", 90), ("dev", 21)):
+        rows = [f"{i % 2}\tthe film was " + " ".join(rng.choice(
+            ["great", "superb", "fine"] if i % 2 else ["awful", "dull", "bad"])
+            for _ in range(rng.randint(1, 7))) for i in range(count)]
+        (tmp_path / f"{name}.tsv").write_text("\n".join(["label\tsentence", *rows]) + "\n")
+
+    def args(out: str, *extra: str) -> list[str]:
+        return ["train", "sentiment", "--set", f"data.train={tmp_path / 'train.tsv'}", "--set",
+                f"data.valid={tmp_path / 'dev.tsv'}", "--set", "data.holdout=0", "--out",
+                str(tmp_path / out), "--hidden", "8", "--set", "model.embedding=8", "--dropout",
+                "0", "--steps", "8", "--batch-size", "9", "--eval-every", "4", "--no-progress",
+                "--threads", "1", *extra]
+
+    one = _rnnkit(args("one"), tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = _rnnkit(args("two", "--nproc-per-node", "2"), tmp_path)
+    assert two.returncode == 0, two.stderr
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
+    a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    for key, value in a.meta["last_valid"].items():
+        assert b.meta["last_valid"][key] == pytest.approx(value, abs=1e-5), key
 
 
 def test_sigterm_stops_both_ranks_with_one_checkpoint_and_resume_continues_exactly(
