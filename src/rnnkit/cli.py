@@ -220,6 +220,10 @@ def _train(args: argparse.Namespace) -> int:
     defaults = module.default_config()
     config = defaults
     checkpoint = None
+    # torchrun --max-restarts: ranks restarted after a failure continue from the run's checkpoint
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+    if restarted and args.out is not None and (Path(args.out) / POINTER).exists():
+        args.resume = True
     if args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out DIR, the run to continue")
