@@ -277,7 +277,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"plot:       {result.plot}")
     print(f"config:     {out / 'config.yaml'}")
     if result.reason == "interrupted":
-        print(f"interrupted; continue with: rnnkit train {name} --out {out} --resume")
+        ranks = f" --nproc-per-node {group.world_size}" if group.distributed else ""
+        print(f"interrupted; continue with: rnnkit train {name} --out {out} --resume{ranks}")
     return 0
 
 
