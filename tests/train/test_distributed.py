@@ -300,3 +300,62 @@ def test_a_port_in_use_is_one_error_naming_it_not_a_hang(monkeypatch: pytest.Mon
                                              ".*(in use|EADDRINUSE)"):
             init_from_env()
         assert time.monotonic() - started < 60
+
+
+def _start_two_ranks(text: Path, out: Path, cwd: Path) -> subprocess.Popen[str]:
+    """A long 2-rank charlm job in its own session, once its first checkpoint is written."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "rnnkit", *_charlm(text, out, "--steps", "100000", "--batch-size",
+                                                   "4", "--checkpoint-every", "10",
+                                                   "--eval-every", "100000", "--nproc-per-node", "2")],
+        cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "checkpoint.json").exists():
+        if launcher.poll() is not None or time.monotonic() > deadline:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            raise AssertionError(f"no checkpoint appeared: {launcher.communicate()[1]}")
+        time.sleep(0.02)
+    return launcher
+
+
+def _finish(launcher: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        return launcher.communicate(timeout=TIMEOUT)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_terminal_stops_every_rank_with_one_checkpoint(text: Path,
+                                                                     tmp_path: Path) -> None:
+    """A terminal's Ctrl-C signals the launcher and every rank (the launcher then signals the
+    ranks again): one agreed stop at a step boundary, no rank leaving mid-step."""
+    out = tmp_path / "run"
+    launcher = _start_two_ranks(text, out, tmp_path)
+    os.killpg(launcher.pid, signal.SIGINT)
+    stdout, stderr = _finish(launcher)
+    assert "interrupted; continue with" in stdout and "--nproc-per-node 2" in stdout, stderr
+    assert "Traceback" not in stderr and "stopped at once" not in stderr, stderr
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.meta["step"] >= 10 and len(checkpoint.meta["rng_ranks"]) == 2
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_stops_the_other_with_one_line(text: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    launcher = _start_two_ranks(text, out, tmp_path)
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+    if not children.exists():
+        os.killpg(launcher.pid, signal.SIGKILL)
+        pytest.skip("needs /proc to find the ranks' processes")
+    ranks = [int(pid) for pid in children.read_text().split()]
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)  # rank 1 (started second) dies without a word
+    _, stderr = _finish(launcher)
+    assert launcher.returncode != 0
+    lines = [line for line in stderr.splitlines() if line.startswith("rnnkit train: error")]
+    assert len(lines) == 1, stderr
+    assert "another rank stopped" in lines[0] and "is intact" in lines[0], lines[0]
+    assert "Traceback" not in stderr
