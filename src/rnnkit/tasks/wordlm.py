@@ -100,10 +100,9 @@ class WordLMTask(StreamLMTask):
         self.counts = {"train words": train.numel(), "valid words": valid.numel(),
                        "vocabulary": len(vocab)}
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        total, count = loss_over_stream(model, self.valid_stream, self.data.seq_len)
-        return {"loss": total / count, "ppl": math.exp(total / count)}
+    def metrics_from_totals(self, totals: dict[str, float]) -> dict[str, float]:
+        nats = totals["total"] / totals["count"]
+        return {"loss": nats, "ppl": math.exp(nats)}
 
     def describe(self) -> dict[str, Any]:
         return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data),
