@@ -161,6 +161,9 @@ def test_charlm_two_ranks_equal_one_process(text: Path, tmp_path: Path) -> None:
     assert abs(a.meta["last_valid"]["loss"] - b.meta["last_valid"]["loss"]) < 1e-5
     # rank 0 alone printed the run's report
     assert two.stdout.count("checkpoint:") == 1, two.stdout
+    # rank 0 wrote the resolved options once the run started, as one process does
+    assert ((tmp_path / "two" / "config.yaml").read_text()
+            == (tmp_path / "one" / "config.yaml").read_text())
 
 
 def _conll(path: Path, count: int, seed: int) -> Path:
@@ -263,6 +266,17 @@ def test_sigterm_stops_both_ranks_with_one_checkpoint_and_resume_continues_exact
     for name, value in b.group("model").items():  # the same processes, the same order of sums
         assert torch.equal(a.group("model")[name], value), name
 
+    # the resume rules of one process hold on two: a fixed option is refused naming it, in one
+    # line (the ranks of one machine report it once), and the run's config.yaml stays
+    saved = (stopped / "config.yaml").read_text()
+    changed = _rnnkit(_charlm(text, stopped, *steps, "--resume", "--batch-size", "2",
+                              "--nproc-per-node", "2"), tmp_path)
+    assert changed.returncode == 2, changed.stderr
+    errors = [line for line in changed.stderr.splitlines() if line.startswith("rnnkit")]
+    assert len(errors) == 1 and "train.batch_size cannot change when resuming" in errors[0], \
+        changed.stderr
+    assert (stopped / "config.yaml").read_text() == saved
+
     # and a resume on another number of processes is refused before training, in one line
     other = _rnnkit(_charlm(text, stopped, "--steps", "700", "--resume"), tmp_path)
     assert other.returncode == 2
@@ -281,6 +295,20 @@ def test_more_ranks_than_examples_per_batch_is_one_line_before_training(
                       "batch), or fewer processes"], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoint.json").exists()
+
+
+def test_divergence_far_above_chance_stops_both_ranks_at_the_same_step_in_one_line(
+        text: Path, tmp_path: Path) -> None:
+    """Adam at lr 1e6: the all-reduced loss is the same number on every rank, so both ranks
+    see it far above a uniform guess (Task.chance_loss) at the same step and stop together."""
+    result = _rnnkit(_charlm(text, tmp_path / "run", "--steps", "40", "--batch-size", "4",
+                             "--lr", "1e6", "--nproc-per-node", "2"),
+                     tmp_path)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rnnkit")]
+    assert len(errors) == 1, result.stderr
+    assert "training diverged at step" in errors[0] and "of a uniform guess" in errors[0], errors
+    assert "Traceback" not in result.stderr and "rank 1" not in result.stderr
 
 
 def test_a_port_in_use_is_one_error_naming_it_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
