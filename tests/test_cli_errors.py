@@ -99,7 +99,7 @@ def test_a_loss_far_above_a_uniform_guess_is_divergence(tmp_path: Path,
                  "--lr", "1e6", "--steps", "40", "--eval-every", "20", *SMALL]) == 2
     err = _error(capsys)
     assert "training diverged at step" in err and "far above the" in err
-    assert f"no checkpoint was written to {out} before it" in err and "untouched" not in err
+    assert f"no checkpoint of this run was written to {out} yet" in err and "intact" not in err
 
 
 def test_a_divergence_after_a_checkpoint_says_it_is_untouched(
@@ -111,7 +111,7 @@ def test_a_divergence_after_a_checkpoint_says_it_is_untouched(
     assert main(["train", "charlm", "--out", str(tmp_path / "run"), "--resume", "--lr", "1e6",
                  "--steps", "40", "--no-progress"]) == 2
     err = _error(capsys)
-    assert f"the last good checkpoint in {tmp_path / 'run'} is untouched" in err
+    assert f"the checkpoint of step 2 in {tmp_path / 'run'} is intact" in err
     assert (tmp_path / "run" / "checkpoint.json").read_bytes() == before
 
 

@@ -405,8 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C outside training, or a second one while the first was stopping the run at a
         # step boundary: stop at once; checkpoints are written atomically, so the last is whole
-        print(f"rnnkit {args.command}: interrupted; the last checkpoint written is intact",
-              file=sys.stderr)
+        intact = "; the last checkpoint written is intact" if args.command == "train" else ""
+        print(f"rnnkit {args.command}: interrupted{intact}", file=sys.stderr)
         return 130
     finally:
         shutdown()  # leave a torchrun job's process group (nothing for one process)
