@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -38,6 +39,8 @@ from rnnkit.options.command import (
 from rnnkit.tasks import TASKS
 
 THREADS_HELP = "torch CPU threads (default: torch's choice; 1 is faster on a busy machine)"
+NPROC_HELP = ("train on N processes of this machine (torch.distributed; --batch-size stays the "
+              "global batch): starts torchrun for you")
 
 
 @dataclass
@@ -48,6 +51,7 @@ class CommandOptions(Options):
     threads: int | None = option(None, THREADS_HELP, ge=1)
     seed: int | None = option(None, "seed: same seed, same text", ge=0, le=2**63 - 1)
     steps: int = option(100, "training steps", ge=1)
+    nproc_per_node: int = option(1, NPROC_HELP, ge=1)
 
 
 def _typed(cls: type, name: str, flag: str) -> Any:
@@ -99,6 +103,9 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
                        help="no progress bar")
     train.add_argument("--threads", type=_typed(CommandOptions, "threads", "--threads"),
                        default=None, help=THREADS_HELP)
+    train.add_argument("--nproc-per-node", metavar="N", default=1,
+                       type=_typed(CommandOptions, "nproc_per_node", "--nproc-per-node"),
+                       help=NPROC_HELP)
     if task is not None:
         # argparse reports unknown flags from the top-level parser: both know the task
         parser.task = train.task = task
@@ -136,12 +143,16 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from rnnkit.tasks import DATA_OPTIONS, task_module, task_schema
+    from rnnkit.train import distributed
     from rnnkit.train.atomic import write_text
     from rnnkit.train.checkpoint import POINTER, load_checkpoint
     from rnnkit.train.config import TrainConfig
     from rnnkit.train.rng import seed_everything
     from rnnkit.train.trainer import Trainer
 
+    group = distributed.init_from_env()
+    if not group.is_main:  # rank 0 alone prints; every rank reports its own errors (stderr)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     name = args.task
     module = task_module(name)
     schema = task_schema(name)
@@ -150,6 +161,10 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise OptionError("--out", f"names a file ({out}); a run directory must be a directory")
+    # torchrun --max-restarts: ranks restarted after a failure continue from the run's checkpoint
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+    if restarted and out is not None and (out / POINTER).exists():
+        args.resume = True
     if args.resume:
         if out is None:
             raise OptionError("--resume", "needs --out DIR, the run to continue")
@@ -161,6 +176,7 @@ def _train(args: argparse.Namespace) -> int:
             saved = None
     else:
         out = out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+        out = distributed.broadcast_object(out, group)  # one timestamp for every rank
         if (out / POINTER).exists():
             raise OptionError("--out", f"{out} already holds a run; pass --resume to continue it "
                                        "or choose another --out")
@@ -200,11 +216,14 @@ def _train(args: argparse.Namespace) -> int:
 
     def record_config(trainer: Trainer, record: dict[str, Any]) -> None:
         # written once the run has really started: a run that fails to start (a bad --resume
-        # option, missing data) leaves the previous config.yaml as it was
+        # option, missing data) leaves the previous config.yaml as it was; by rank 0 alone,
+        # which has made the run directory by then (every rank passes the first step's
+        # all-reduce only after reading the old config.yaml)
         if trainer.on_step is record_config:
             trainer.on_step = None
-            write_text(out / "config.yaml", yaml.safe_dump({"task": name, **config},
-                                                            sort_keys=False, allow_unicode=True))
+            if group.is_main:
+                write_text(out / "config.yaml", yaml.safe_dump(
+                    {"task": name, **config}, sort_keys=False, allow_unicode=True))
 
     trainer.on_step = record_config
 
@@ -222,14 +241,15 @@ def _train(args: argparse.Namespace) -> int:
             shown = (module.describe_metrics(result.valid) if hasattr(module, "describe_metrics")
                      else ", ".join(f"{key} {value:.4f}" for key, value in result.valid.items()))
             print(f"step {result.step} ({result.reason}): validation {shown}")
-        if hasattr(module, "report"):
+        if hasattr(module, "report") and group.is_main:
             module.report(task, model, config, out)
         print(f"checkpoint: {result.checkpoint}")
         print(f"metrics:    {result.metrics}")
         print(f"plot:       {result.plot}")
         print(f"config:     {out / 'config.yaml'}")
         if result.reason == "interrupted":
-            print(f"interrupted; continue with: rnnkit train {name} --out {out} --resume")
+            ranks = f" --nproc-per-node {group.world_size}" if group.distributed else ""
+            print(f"interrupted; continue with: rnnkit train {name} --out {out} --resume{ranks}")
     return 0
 
 
@@ -303,6 +323,18 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_tag() -> str:
+    """" (rank N)" in a job of several processes, so a message says which one wrote it."""
+    rank = os.environ.get("RANK")
+    return f" (rank {rank})" if rank not in (None, "0") else ""
+
+
+def _first_on_machine() -> bool:
+    """Whether this process reports an error that every rank of a job meets alike (the ranks
+    run the same code on the same options): one line per machine, not one per rank."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -318,11 +350,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.command = parser.command or f"rnnkit {args.command}"
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except UsageError as error:
-        print(error, file=sys.stderr)
+        if _first_on_machine():
+            print(error, file=sys.stderr)
         return 2
     from rnnkit.data.audio import AudioError
     from rnnkit.data.vocab import UnknownSymbolError
     from rnnkit.train.checkpoint import CheckpointError
+    from rnnkit.train.distributed import RankLostError, shutdown
     from rnnkit.train.trainer import DivergenceError
 
     if getattr(args, "threads", None):
@@ -332,14 +366,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rnnkit.commands import evaluate, faces, predict
     from rnnkit.export import cli as export_cli
 
+    nproc = getattr(args, "nproc_per_node", 1)
+    if nproc != 1 and "WORLD_SIZE" not in os.environ:
+        from rnnkit.train.distributed import launch, strip_option
+
+        try:
+            return launch(nproc, strip_option(argv, "--nproc-per-node"))
+        except ValueError as error:
+            print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
+            return 2
     handlers = {"train": _train, "predict": predict.run, "evaluate": evaluate.run,
                 "sample": faces.run_sample, "transcribe": faces.run_transcribe, "tasks": _tasks,
                 "build": _build, "hello": _hello, "export": export_cli.run, "explore": run_explore}
     try:
         return handlers[args.command](args)
+    except RankLostError as error:
+        print(f"rnnkit {args.command}: error{_rank_tag()}: {error}", file=sys.stderr)
+        return 1
     except (CheckpointError, DivergenceError, UnknownSymbolError, ValueError,
             OSError, AudioError) as error:  # OSError: a missing file, a directory given as one, ...
-        print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
+        if _first_on_machine():
+            print(f"rnnkit {args.command}: error{_rank_tag()}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Ctrl-C outside training, or a second one while the first was stopping the run at a
@@ -348,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         note = "; the last checkpoint written is intact" if args.command == "train" else ""
         print(f"rnnkit {args.command}: interrupted{note}", file=sys.stderr)
         return 130
+    finally:
+        shutdown()  # leave a torchrun job's process group (nothing for one process)
 
 
 if __name__ == "__main__":

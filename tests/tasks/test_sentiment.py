@@ -212,3 +212,17 @@ def test_reads_shared_sst2() -> None:
     shared_file("sst2/dev.tsv")
     examples, _ = sentiment.read_split(sentiment.SentimentDataConfig(), "valid")
     assert len(examples) == 872 and {label for _, label in examples} == {"0", "1"}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_shares_of_validation_sum_to_the_whole_set(files: tuple[Path, Path],
+                                                         world_size: int) -> None:
+    """What a distributed validation all-reduces: the ranks' sums give the one-process metrics."""
+    task, model, _ = sentiment.build(_config(files))
+    whole = task.evaluate(model)
+    shares = [task.evaluate_totals(model, rank, world_size) for rank in range(world_size)]
+    assert sum(s["count"] for s in shares) == 20
+    summed = task.metrics_from_totals({k: sum(s[k] for s in shares) for k in shares[0]})
+    assert summed.keys() == whole.keys()
+    for key, value in whole.items():
+        assert summed[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

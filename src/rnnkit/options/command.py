@@ -18,7 +18,8 @@ from rnnkit.options.schema import Leaf, TaskSchema
 from rnnkit.options.values import OptionError, describe
 
 # flags of the train command itself, never generated from options
-FIXED = ("data", "set", "config", "out", "resume", "no-progress", "threads", "help")
+FIXED = ("data", "set", "config", "out", "resume", "no-progress", "threads", "nproc-per-node",
+         "help")
 # names kept from the first command line where the option's own name would be ambiguous
 LEGACY = {"sample.length": "sample-length"}
 DEST = "option:"  # argparse dest prefix of generated flags

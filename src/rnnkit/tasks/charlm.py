@@ -30,6 +30,7 @@ from rnnkit.options import Options, option
 from rnnkit.tasks.common import check_size, from_meta, load_task_model
 from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
+from rnnkit.train.distributed import shard_span
 from rnnkit.train.task import Batch, StepResult
 
 NAME = "charlm"
@@ -144,6 +145,26 @@ class StreamLMTask:
         # a new epoch starts the streams over: the state from the end of the text is dropped
         return Batch(inputs, targets, continues=window > 0)
 
+    valid_stream: Tensor
+
+    def metrics_from_totals(self, totals: dict[str, float]) -> dict[str, float]:
+        """Metrics from the summed loss (nats) ``total`` over ``count`` predictions."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate_totals(self, model: nn.Module, rank: int = 0, world_size: int = 1
+                        ) -> dict[str, float]:
+        """Summed loss and count over rank ``rank``'s rows of the validation streams (all of
+        them for one process); the Trainer all-reduces them over the ranks."""
+        start, stop = shard_span(int(self.valid_stream.shape[1]), rank, world_size)
+        if start == stop:
+            return {"total": 0.0, "count": 0.0}
+        total, count = loss_over_stream(model, self.valid_stream[:, start:stop], self.data.seq_len)
+        return {"total": total, "count": float(count)}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return self.metrics_from_totals(self.evaluate_totals(model))
+
     def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
         logits, state = model(batch.inputs, state)  # (T, B, V)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
@@ -167,8 +188,8 @@ class CharLMTask(StreamLMTask):
                                                             data.eval_batch_size))
         self.windows = num_windows(self.train_stream, data.seq_len)
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return metrics_from(*loss_over_stream(model, self.valid_stream, self.data.seq_len))
+    def metrics_from_totals(self, totals: dict[str, float]) -> dict[str, float]:
+        return metrics_from(totals["total"], int(totals["count"]))
 
     def describe(self) -> dict[str, Any]:
         return {"name": NAME, "model": self.model_config.to_dict(), "vocab": self.vocab.to_json(),

@@ -177,7 +177,13 @@ def plot_confusion(counts: Any, labels: Sequence[str], path: str | Path, title: 
 def per_class_f1(references: Sequence[int], predictions: Sequence[int], classes: int
                  ) -> list[dict[str, float]]:
     """Precision, recall and F1 of each class (0 where undefined, as scikit-learn's default)."""
-    counts = confusion_matrix(references, predictions, classes)
+    return f1_from_counts(confusion_matrix(references, predictions, classes))
+
+
+def f1_from_counts(counts: Any) -> list[dict[str, float]]:
+    """:func:`per_class_f1` from a confusion matrix (rows reference, columns prediction), e.g.
+    the sum of the ranks' matrices in a distributed validation."""
+    classes = int(counts.shape[0])
     out = []
     for c in range(classes):
         tp = int(counts[c, c])

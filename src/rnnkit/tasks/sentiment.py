@@ -47,16 +47,17 @@ from rnnkit.tasks.common import (
     check_size,
     confusion_matrix,
     device_of,
+    f1_from_counts,
     from_meta,
     load_task_model,
     on_device,
-    per_class_f1,
     per_sequence,
     require_full_bptt,
     shared_path,
 )
 from rnnkit.train.checkpoint import Checkpoint, CheckpointError
 from rnnkit.train.config import TrainConfig
+from rnnkit.train.distributed import shard_span
 from rnnkit.train.task import Batch, StepResult
 
 NAME = "sentiment"
@@ -276,9 +277,12 @@ class SentimentTask:
         loss = F.cross_entropy(model(**model_inputs(batch)), labels)
         return StepResult(loss, None, int(labels.numel()))
 
-    def probabilities(self, model: nn.Module, split: str = "dev") -> Tensor:
-        """Class probabilities (N, C) of every example of ``split`` ("dev" or "holdout"), in order."""
-        return probabilities(model, self.splits[split][0], self.vocab.pad, self.data.eval_batch_size)
+    def probabilities(self, model: nn.Module, split: str = "dev", rows: slice = slice(None)
+                      ) -> Tensor:
+        """Class probabilities (N, C) of every example of ``split`` ("dev" or "holdout"), in
+        order (only those of ``rows``, e.g. one rank's share)."""
+        return probabilities(model, self.splits[split][0][rows], self.vocab.pad,
+                             self.data.eval_batch_size)
 
     def predictions(self, model: nn.Module | list[nn.Module], split: str = "dev"
                     ) -> tuple[list[int], list[int], float]:
@@ -291,6 +295,25 @@ class SentimentTask:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         references, predictions, loss = self.predictions(model, self.validation_split)
         return {"loss": loss, **classification_metrics(references, predictions, self.labels)}
+
+    def evaluate_totals(self, model: nn.Module, rank: int = 0, world_size: int = 1
+                        ) -> dict[str, float]:
+        """Rank ``rank``'s share of the validation split as sums: cross-entropy, examples and
+        the confusion counts ``c<ref>_<pred>``; the Trainer all-reduces them over the ranks."""
+        rows = slice(*shard_span(len(self.splits[self.validation_split][1]), rank, world_size))
+        probs = self.probabilities(model, self.validation_split, rows)  # (n, C)
+        references = torch.tensor(self.splits[self.validation_split][1][rows], dtype=torch.long)
+        nll = F.nll_loss(probs.clamp_min(1e-12).log(), references, reduction="sum")
+        counts = confusion_matrix(references.tolist(), probs.argmax(-1).tolist(), len(self.labels))
+        classes = range(len(self.labels))
+        return {"nll": float(nll), "count": float(len(references)),
+                **{f"c{i}_{j}": float(counts[i, j]) for i in classes for j in classes}}
+
+    def metrics_from_totals(self, totals: dict[str, float]) -> dict[str, float]:
+        classes = range(len(self.labels))
+        counts = torch.tensor([[totals[f"c{i}_{j}"] for j in classes] for i in classes])
+        return {"loss": totals["nll"] / max(1.0, totals["count"]),
+                **metrics_from_counts(counts, self.labels)}
 
     def describe(self) -> dict[str, Any]:
         return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data),
@@ -321,8 +344,13 @@ def predictions_from(probs: Tensor, references: list[int]) -> tuple[list[int], l
 def classification_metrics(references: list[int], predictions: list[int], labels: list[str]
                            ) -> dict[str, float]:
     """Accuracy, macro F1 and ``f1_<label>`` per class."""
-    accuracy = sum(r == p for r, p in zip(references, predictions)) / max(1, len(references))
-    scores = per_class_f1(references, predictions, len(labels))
+    return metrics_from_counts(confusion_matrix(references, predictions, len(labels)), labels)
+
+
+def metrics_from_counts(counts: Tensor, labels: list[str]) -> dict[str, float]:
+    """:func:`classification_metrics` from a confusion matrix (rows reference)."""
+    accuracy = float(counts.diagonal().sum()) / max(1.0, float(counts.sum()))
+    scores = f1_from_counts(counts)
     out = {"accuracy": accuracy, "macro_f1": sum(s["f1"] for s in scores) / len(scores)}
     out.update({f"f1_{LABEL_NAMES.get(label, label)}": s["f1"] for label, s in zip(labels, scores)})
     return out

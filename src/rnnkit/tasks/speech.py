@@ -35,7 +35,7 @@ from rnnkit.losses import ctc_loss
 from rnnkit.metrics.scoring import align, error_rate
 from rnnkit.models.acoustic import AcousticConfig, AcousticModel
 from rnnkit.options import Options, option
-from rnnkit.tasks.common import check_size, device_of, from_meta, load_task_model
+from rnnkit.tasks.common import check_size, device_of, from_meta, load_task_model, per_sequence
 from rnnkit.train.checkpoint import Checkpoint
 from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult
@@ -211,14 +211,21 @@ class UtteranceMaker:
 
 
 def collate(features: list[Tensor], digits: list[list[int]]) -> Batch:
-    """Padded features (T, B, F) + lengths, and CTC targets (B, S) + target lengths."""
+    """Padded features (T, B, F) + lengths (1, B), and CTC targets (1, B, S) + target lengths
+    (1, B): batch on dim 1 like every task's batch (ranks share it by rows)."""
     lengths = torch.tensor([f.shape[0] for f in features])
     padded = nn.utils.rnn.pad_sequence(features)  # (T, B, F)
     target_lengths = torch.tensor([len(d) for d in digits])
     targets = torch.zeros(len(digits), int(target_lengths.max()), dtype=torch.long)
     for row, labels in enumerate(digits):
         targets[row, :len(labels)] = torch.tensor(labels) + 1
-    return Batch((padded, lengths), (targets, target_lengths))
+    return Batch((padded, per_sequence(lengths)), (per_sequence(targets), per_sequence(target_lengths)))
+
+
+def ctc_args(batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """features (T, B, F), lengths (B,), targets (B, S), target lengths (B,) of a batch."""
+    (features, lengths), (targets, target_lengths) = batch.inputs, batch.targets
+    return features, lengths[0], targets[0], target_lengths[0]
 
 
 def labels_to_digits(labels: list[int]) -> list[int]:
@@ -235,8 +242,8 @@ def recognise(model: nn.Module, features: list[Tensor], references: list[list[in
     hypotheses, total_loss = [], 0.0
     for start in range(0, len(features), batch_size):
         digits = references[start:start + batch_size]
-        batch = collate(features[start:start + batch_size], digits)
-        (padded, lengths), (targets, target_lengths) = batch.inputs, batch.targets
+        padded, lengths, targets, target_lengths = ctc_args(
+            collate(features[start:start + batch_size], digits))
         log_probs, out_lengths = model(padded.to(device), lengths)
         log_probs, out_lengths = log_probs.cpu(), out_lengths.cpu()  # CTC and decoding on the CPU
         total_loss += float(ctc_loss(log_probs, targets, out_lengths, target_lengths,
@@ -285,11 +292,12 @@ class SpeechTask:
         return collate(self.features.batch([s for s, _ in made]), [d for _, d in made])
 
     def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
-        (features, lengths), (targets, target_lengths) = batch.inputs, batch.targets
+        features, lengths, targets, target_lengths = ctc_args(batch)
         log_probs, out_lengths = model(features, lengths)
         loss = ctc_loss(log_probs, targets, out_lengths, target_lengths, blank=BLANK,
                         zero_infinity=True)
-        return StepResult(loss, None, int(target_lengths.sum()))
+        # "mean" reduction: the mean over utterances of loss / target length
+        return StepResult(loss, None, int(target_lengths.sum()), weight=float(targets.shape[0]))
 
     def predictions(self, model: nn.Module, beam_width: int = 1
                     ) -> tuple[list[list[int]], list[list[int]], float]:

@@ -103,6 +103,10 @@ class WordLMTask(StreamLMTask):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return stream_metrics(model, self.valid_stream, self.data.seq_len)
 
+    def metrics_from_totals(self, totals: dict[str, float]) -> dict[str, float]:
+        nats = totals["total"] / totals["count"]
+        return {"loss": nats, "ppl": math.exp(nats)}
+
     def describe(self) -> dict[str, Any]:
         return {"name": NAME, "model": self.model_config.to_dict(), "data": asdict(self.data),
                 "vocab": self.vocab.to_json()}

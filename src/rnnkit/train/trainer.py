@@ -4,6 +4,11 @@ One *step* is one optimizer update. With ``bptt = k`` each batch of T steps is c
 of k; the final state of a chunk is detached and carried into the next chunk (and into the next
 batch when the task says the batch continues the same streams), so gradients never flow across a
 chunk boundary while the forward computation sees the whole stream.
+
+Under ``torchrun`` (several processes, see :mod:`rnnkit.train.distributed`) each rank trains on
+its rows of every global batch through DistributedDataParallel, carries the state of its own
+streams, and all ranks agree at every step on the loss, the token count and whether to stop;
+rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from rnnkit.train import rng
+from rnnkit.train import distributed, rng
 from rnnkit.train.atomic import remove_stale_temps
 from rnnkit.train.checkpoint import (
     BEST,
@@ -33,6 +38,7 @@ from rnnkit.train.checkpoint import (
     save_checkpoint,
 )
 from rnnkit.train.config import TrainConfig
+from rnnkit.train.distributed import Group, RankLostError, shard_span
 from rnnkit.train.errors import RunWriteError
 from rnnkit.train.gradients import clip_gradients, gradient_norms, layer_groups
 from rnnkit.train.metrics import MetricsLog
@@ -77,6 +83,21 @@ class TrainResult:
     plot: Path | None = None
 
 
+class TaskStep(nn.Module):
+    """The task's training step as a module, so that DistributedDataParallel runs it: DDP's
+    hooks then average the gradient of every parameter (peepholes included) whatever model
+    methods the task calls (``model(...)``, ``model.loss(...)``); its parameters are the
+    model's."""
+
+    def __init__(self, task: Task, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch: Batch, state: Any) -> Any:
+        return self.task.step(self.model, batch, state)
+
+
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
@@ -112,7 +133,10 @@ class Trainer:
         out_dir: str | Path | None = None,
         progress: bool = True,
         on_step: Callable[[Trainer, dict[str, Any]], None] | None = None,
+        group: Group | None = None,
     ) -> None:
+        self.group = group if group is not None else distributed.current()
+        distributed.check_batch_size(config.batch_size, self.group)
         self.model = model
         self.task = task
         self.config = config
@@ -133,6 +157,15 @@ class Trainer:
         self._saved_step: int | None = None  # the step the run directory's checkpoint holds
         self._saving = False  # a second signal must not cut a checkpoint write short
         self._chance: float | None = None  # the task's loss of a uniform guess, nan: unknown
+        self._requested: str | None = None  # a stop this rank asks for, agreed at the next step
+        self._started = time.perf_counter()
+        self._runner: nn.Module | None = None
+        if self.group.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # every parameter is used by every step of every task: no find_unused_parameters
+            # (its extra graph walk per step), and a parameter that were not would be an error
+            self._runner = DistributedDataParallel(TaskStep(task, model))
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -147,9 +180,12 @@ class Trainer:
                     tensors[f"optim/{pid}/{key}"] = value
                 else:
                     scalars.setdefault(str(pid), {})[key] = value
-        carry = _flatten_state(self.carry)
+        # each rank carries its own rows: gathered, the checkpoint holds the state of every
+        # stream in the one-process layout (batch on dim 1)
+        carry = distributed.gather_rows(_flatten_state(self.carry), self.group)
         for i, value in enumerate(carry):
             tensors[f"carry/{i}"] = value
+        states = distributed.all_gather_object(rng.capture(), self.group)
         meta = {
             "step": self.step,
             "position": list(self.position),
@@ -160,10 +196,13 @@ class Trainer:
             "best_valid": self.best_valid,
             "evals_without_gain": self.evals_without_gain,
             "last_valid": self.last_valid,
-            "rng": rng.capture(),
+            "rng": states[0],
             "train_config": self.config.to_dict(),
             "task": self.task.describe(),
+            "world_size": self.group.world_size,
         }
+        if self.group.distributed:  # dropout masks differ per rank: each continues its own
+            meta["rng_ranks"] = states
         return tensors, meta
 
     def save(self) -> Path | None:
@@ -183,11 +222,24 @@ class Trainer:
                 "task": self.task.describe()}
         return self._write(lambda: save_checkpoint(self.out_dir, tensors, meta, stem=BEST))
 
-    def _write(self, write: Callable[[], Path]) -> Path:
-        """Runs a checkpoint write that a second signal cannot cut short."""
+    def _write(self, write: Callable[[], Path]) -> Path | None:
+        """Runs a checkpoint write that a second signal cannot cut short; on rank 0 alone, and
+        a failure (disk full) stops every rank with the same message."""
         self._saving = True
         try:
-            return write()
+            pointer, failure = None, None
+            if self.group.is_main:
+                try:
+                    pointer = write()
+                except RunWriteError as error:
+                    if not self.group.distributed:
+                        raise
+                    failure = str(error)
+            failure = distributed.broadcast_object(failure, self.group)
+            if failure is not None:
+                raise RunWriteError(failure if self.group.is_main else
+                                    f"rank 0 could not write the run directory: {failure}")
+            return pointer
         finally:
             self._saving = False
 
@@ -207,6 +259,20 @@ class Trainer:
         naming it, never a KeyError from inside torch."""
         check_resume_meta(checkpoint)
         meta = checkpoint.meta
+        saved_world = meta.get("world_size", 1)
+        if saved_world != self.group.world_size:
+            raise CheckpointError(
+                f"{checkpoint.path} was written by a run on {saved_world} process(es); resume "
+                f"it on {saved_world} (--nproc-per-node {saved_world}), not "
+                f"{self.group.world_size}: each process's share of the streams and its random "
+                "state continue from there")
+        rng_states = meta["rng"]
+        if self.group.distributed:
+            ranks = meta.get("rng_ranks")
+            if not isinstance(ranks, list) or len(ranks) != self.group.world_size:
+                raise CheckpointError(f"{checkpoint.path}: rng_ranks must list the random state "
+                                      f"of each of the {self.group.world_size} ranks")
+            rng_states = ranks[self.group.rank]
         load_weights(checkpoint, self.model)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         state: dict[int, dict[str, Any]] = {}
@@ -235,13 +301,17 @@ class Trainer:
             raise CheckpointError(f"{checkpoint.path}: the optimizer, schedule or random state "
                                   f"cannot be restored: {reason}") from None
         carry = checkpoint.group("carry")
+        if self.group.distributed and carry:  # this rank's rows of the gathered state
+            rows = self.task.batch(batch_index).rows
+            start, stop = shard_span(rows, self.group.rank, self.group.world_size)
+            carry = {key: distributed.shard_rows(value, start, stop) for key, value in carry.items()}
         if meta.get("carry") == "tensor":
             self.carry = carry["0"]
         elif meta.get("carry"):
             self.carry = tuple(carry[str(i)] for i in range(int(meta["carry"])))
         self._check_carry(checkpoint, batch_index, spans[chunk][0])
         try:
-            rng.restore(meta["rng"])
+            rng.restore(rng_states)
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as error:
             raise CheckpointError(f"{checkpoint.path}: the random state cannot be restored: "
                                   f"{error}") from None
@@ -256,7 +326,7 @@ class Trainer:
     def _check_carry(self, checkpoint: Checkpoint, batch_index: int, start: int) -> None:
         """The carried state must fit the model: one time step of the batch it continues is run
         with it (no gradient; before the RNG states are restored, so nothing is perturbed)."""
-        piece = self.task.batch(batch_index).time_slice(start, start + 1)
+        piece = self._shard(self.task.batch(batch_index).time_slice(start, start + 1))[0]
         if self.carry is None or not piece.continues:
             return
         try:
@@ -269,27 +339,68 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------------
 
+    def _shard(self, batch: Batch) -> tuple[Batch, bool]:
+        """This rank's rows of a global batch, and whether it has any. A rank left without rows
+        (a short last batch of an epoch) runs the last row with weight 0: every rank must join
+        the gradient all-reduce of every step."""
+        if not self.group.distributed:
+            return batch, True
+        rows = batch.rows
+        start, stop = shard_span(rows, self.group.rank, self.group.world_size)
+        if start == stop:
+            return batch.select_rows(rows - 1, rows), False
+        return batch.select_rows(start, stop), True
+
+    def _local_stop(self) -> tuple[float, float]:
+        """(interrupted, out of time) as this rank sees them now, for the step's agreement."""
+        budget = self.config.minutes
+        late = budget is not None and time.perf_counter() - self._started >= budget * 60
+        return float(self._requested is not None), float(late)
+
     def train_step(self, batch: Batch) -> dict[str, Any]:
-        """One optimizer update on one chunk, from the carried (already detached) state."""
+        """One optimizer update on one chunk, from the carried (already detached) state.
+
+        On several ranks ``batch`` is the global batch: this rank runs its rows, weights its
+        mean loss by its share of the loss terms (so DDP's average of the gradients is the
+        one-process gradient of the global mean) and agrees with the others on the loss, the
+        tokens and whether to stop after this step, in one all-reduce of five numbers."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        result = self.task.step(self.model, batch, self.carry if batch.continues else None)
+        batch, has_rows = self._shard(batch)
+        state = self.carry if batch.continues else None
+        if self._runner is not None:
+            result = self._runner(batch, state)
+        else:
+            result = self.task.step(self.model, batch, state)
         loss = float(result.loss.detach())
-        if not math.isfinite(loss):
+        objective = result.loss
+        tokens = result.tokens
+        if self.group.distributed:
+            weight = float(result.tokens if result.weight is None else result.weight) * has_rows
+            interrupted, late = self._local_stop()
+            total_weight, total_loss, tokens_sum, stops, lates = distributed.all_reduce_sum(
+                [weight, loss * weight if has_rows else 0.0, float(result.tokens) * has_rows,
+                 interrupted, late], self.group)
+            loss = total_loss / total_weight if total_weight > 0 else math.nan
+            tokens = int(tokens_sum)
+            objective = result.loss * (weight * self.group.world_size / max(total_weight, 1e-300))
+            self.stop_reason = "interrupted" if stops else "time" if lates else self.stop_reason
+        if not math.isfinite(loss):  # the same value on every rank: all stop together
             raise DivergenceError(self._diverged(f"the training loss is {loss}"))
         limit = self._loss_limit()
         if limit is not None and loss > limit:
             raise DivergenceError(self._diverged(
                 f"the training loss is {loss:.4g}, far above the {self._chance:.4g} of a "
                 f"uniform guess"))
-        result.loss.backward()
+        self._backward(objective)
         total, per_group = gradient_norms(self.groups)
         if not math.isfinite(total):
             raise DivergenceError(self._diverged(f"the gradient norm is {total}"))
         clip_gradients(self.model.parameters(), self.config.clip_value, self.config.clip_norm)
         self.optimizer.step()
-        self.carry = detach_state(result.state)
-        return {"loss": loss, "tokens": result.tokens, "grad_norm": total, "grad_norms": per_group,
+        if has_rows:
+            self.carry = detach_state(result.state)
+        return {"loss": loss, "tokens": tokens, "grad_norm": total, "grad_norms": per_group,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     def _loss_limit(self) -> float | None:
@@ -303,6 +414,21 @@ class Trainer:
         if not math.isfinite(self._chance):
             return None
         return max(10 * self._chance, self._chance + 10)
+
+    def _backward(self, objective: Tensor) -> None:
+        """Backpropagation; on several ranks DDP all-reduces the gradients during it, and a peer
+        that died there is one RankLostError naming what survives."""
+        if not self.group.distributed:
+            objective.backward()
+            return
+        try:
+            objective.backward()
+        except RuntimeError as error:
+            if not isinstance(error, torch.distributed.DistError) and not any(
+                    word in str(error) for word in ("gloo", "Connection", "NCCL", "peer")):
+                raise
+            raise RankLostError(f"another rank stopped during the gradient all-reduce of step "
+                                f"{self.step + 1}") from None
 
     def _diverged(self, what: str) -> str:
         where = f"; {self._intact()}" if self.out_dir else ""
@@ -326,10 +452,25 @@ class Trainer:
                 self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def evaluate(self) -> dict[str, float]:
+        """The task's validation metrics over the whole validation set, the same on every rank.
+
+        On several ranks a task with ``evaluate_totals(model, rank, world_size)`` (sums over
+        its share) and ``metrics_from_totals(totals)`` shares the work and all-reduces the
+        totals; for any other task rank 0 evaluates and sends the metrics to the others."""
         self.model.eval()
         try:
             with torch.no_grad():
-                metrics = self.task.evaluate(self.model)
+                if not self.group.distributed:
+                    metrics = self.task.evaluate(self.model)
+                elif hasattr(self.task, "evaluate_totals"):
+                    share = self.task.evaluate_totals(self.model, self.group.rank,
+                                                      self.group.world_size)
+                    keys = sorted(share)
+                    sums = distributed.all_reduce_sum([share[k] for k in keys], self.group)
+                    metrics = self.task.metrics_from_totals(dict(zip(keys, sums)))
+                else:
+                    metrics = self.task.evaluate(self.model) if self.group.is_main else {}
+                    metrics = distributed.broadcast_object(metrics, self.group)
         finally:
             self.model.train()
         return metrics
@@ -337,14 +478,19 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------
 
     def request_stop(self, reason: str = "interrupted") -> None:
-        """Stops at the next step boundary with a checkpoint (used by Ctrl-C and tests)."""
-        self.stop_reason = reason
+        """Stops at the next step boundary with a checkpoint (used by Ctrl-C and tests); on
+        several ranks at the boundary after the next step's agreement, on every rank at once."""
+        if self.group.distributed:
+            self._requested = reason
+        else:
+            self.stop_reason = reason
 
     def fit(self) -> TrainResult:
         config = self.config
         metrics = plot = None
         log = None
-        if self.out_dir is not None:
+        main = self.group.is_main
+        if self.out_dir is not None and main:  # rank 0 alone writes the run directory
             self.out_dir.mkdir(parents=True, exist_ok=True)
             # temporary files of killed writers; on resume the directory is ours alone
             remove_stale_temps(self.out_dir, everything=self._resumed_from is not None)
@@ -355,10 +501,10 @@ class Trainer:
                 raise RunWriteError(f"{error}; {self._intact()}") from None
         checkpoint_every = config.checkpoint_every or config.eval_every
         bar = tqdm(total=config.steps, initial=self.step, file=sys.stderr, unit="step",
-                   disable=not self.progress, dynamic_ncols=True, leave=True)
-        started = time.perf_counter()
+                   disable=not (self.progress and main), dynamic_ncols=True, leave=True)
+        started = self._started = time.perf_counter()
         tokens = 0
-        self.stop_reason = None
+        self.stop_reason = self._requested = None
         if self.step == 0 and self._resumed_from is None:
             # dropout masks and any sampling then depend on the seed alone, not on what ran
             # between building the model and training it
@@ -383,7 +529,8 @@ class Trainer:
                                 refresh=False)
                 if self.on_step is not None:
                     self.on_step(self, record)
-                if config.minutes is not None and elapsed >= config.minutes * 60:
+                if (not self.group.distributed and config.minutes is not None
+                        and elapsed >= config.minutes * 60):  # ranks agree on it in the step
                     self.stop_reason = "time"
                 on_cadence = self.step % config.eval_every == 0
                 if on_cadence:
@@ -402,20 +549,23 @@ class Trainer:
         except KeyboardInterrupt:
             # a second Ctrl-C: stop now, mid-step, without a checkpoint of this half-done state
             self.stop_reason = "interrupted"
-            bar.write(f"stopped at once; {self._intact()}", file=sys.stderr)
+            if main:
+                bar.write(f"stopped at once; {self._intact()}", file=sys.stderr)
         except DivergenceError:
-            if log:  # the curves up to the blow-up are what one needs to diagnose it
+            if log:  # the curves up to the blow-up are what one needs to diagnose it (rank 0)
                 log.close()
                 self._plot(metrics)
             raise
         except RunWriteError as error:  # disk full: say what survives, in the same line
             raise RunWriteError(f"{error}; {self._intact()}") from None
+        except RankLostError as error:  # another rank died: the same, and how to go on
+            raise RankLostError(f"{error}; {self._intact()}") from None
         finally:
             self._restore_sigint(previous_handler)
             bar.close()
             if log:
                 log.close(quiet=True)  # already closed unless an exception is on its way
-        if metrics is not None:
+        if metrics is not None and main:
             try:
                 plot = self._plot(metrics)
             except RunWriteError as error:
@@ -460,7 +610,7 @@ class Trainer:
             log.write({"kind": "valid", "step": self.step, **valid})
             log.flush()
         shown = ", ".join(f"{k} {v:.4f}" for k, v in valid.items())
-        if self.progress:
+        if self.progress and self.group.is_main:
             bar.write(f"step {self.step}: validation {shown}", file=sys.stderr)
 
     def _install_sigint(self) -> Any:
@@ -472,9 +622,12 @@ class Trainer:
             return None
 
         def handler(signum: int, frame: Any) -> None:
-            if self.stop_reason != "interrupted":
+            if (self._requested or self.stop_reason) != "interrupted":
                 self.request_stop("interrupted")
-            elif signum == signal.SIGINT and not self._saving:
+            elif signum == signal.SIGINT and not self._saving and not self.group.distributed:
+                # under torchrun a Ctrl-C reaches each rank twice (from the terminal, then from
+                # the launcher, which kills the ranks itself if they take too long): only the
+                # agreed stop at a step boundary, never a rank leaving the others mid-step
                 raise KeyboardInterrupt
 
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
