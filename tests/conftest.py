@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,14 @@ def shared_file(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path} (the shared data sets beside the repository)")
     return path
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a test: tiny GEMMs gain nothing from threads, and on a shared
+    machine spinning workers cost 100×. Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

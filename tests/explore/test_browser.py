@@ -52,12 +52,7 @@ def browser() -> Iterator[Any]:
     driver.quit()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _screenshot_dir(tmp_path: Path) -> Path:

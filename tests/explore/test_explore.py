@@ -6,7 +6,6 @@ import base64
 import http.client
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,7 @@ from rnnkit.explore.server import MAX_BODY, serve
 pytest.importorskip("plotly", reason="rnnkit explore needs plotly (the explore extra)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,7 @@ from rnnkit.explore.analysis import InputError, load_run
 from rnnkit.models.generator import frame_nll
 from rnnkit.tasks import digits, music, sentiment, translate, wordlm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.mark.parametrize("model", [{"cell": "gru", "layers": 2},

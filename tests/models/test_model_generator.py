@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,14 +11,7 @@ import torch
 from rnnkit.models.generator import FrameGenerator, GeneratorConfig, frame_nll
 from rnnkit.models.recurrent import RecurrentConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny GEMMs gain nothing from threads, and on a shared machine spinning workers cost 100×
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 CHORDS = [(39, 43, 46), (44, 48, 51), (46, 50, 53), (41, 44, 48)]  # four chords, 88-key indices

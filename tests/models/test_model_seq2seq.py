@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,14 +12,7 @@ from rnnkit.data.text import pad_sequences
 from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny GEMMs gain nothing from threads, and on a shared machine spinning workers cost 100×
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 PAD, BOS, EOS = 0, 2, 3  # the Vocabulary specials; digits are ids 4..13

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,14 +12,7 @@ from rnnkit.data.text import Vocabulary, pad_characters, pad_sequences
 from rnnkit.models.recurrent import RecurrentConfig
 from rnnkit.models.tagger import Tagger, TaggerConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny GEMMs gain nothing from threads, and on a shared machine spinning workers cost 100×
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def rule_tags(words: list[int]) -> list[int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,7 @@ from conftest import shared_file
 from rnnkit.tasks import wordlm
 from rnnkit.train import TrainConfig, Trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny GEMMs gain nothing from threads, and on a shared machine spinning workers cost 100×
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
