@@ -28,7 +28,13 @@ from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_mi
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
 from rnnkit.engine.scan import minimal_layer_scan
-from rnnkit.validation import check_layer_state, check_lengths, check_sequence, check_steps
+from rnnkit.validation import (
+    check_layer_arguments,
+    check_layer_state,
+    check_lengths,
+    check_sequence,
+    check_steps,
+)
 
 
 class RecurrentLayer(nn.Module):
@@ -49,13 +55,7 @@ class RecurrentLayer(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        if input_size <= 0 or hidden_size <= 0 or num_layers <= 0:
-            raise ValueError(
-                "input_size, hidden_size and num_layers must be positive, got "
-                f"{input_size}, {hidden_size} and {num_layers}"
-            )
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
+        check_layer_arguments(input_size, hidden_size, num_layers, dropout)
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 "dropout acts between stacked layers only (as in torch.nn); with num_layers=1 "
@@ -430,13 +430,7 @@ class MinimalLayer(RecurrentLayer):
         bidirectional: bool = False, backend: str = "auto",
     ) -> None:
         nn.Module.__init__(self)
-        if input_size <= 0 or hidden_size <= 0 or num_layers <= 0:
-            raise ValueError(
-                "input_size, hidden_size and num_layers must be positive, got "
-                f"{input_size}, {hidden_size} and {num_layers}"
-            )
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
+        check_layer_arguments(input_size, hidden_size, num_layers, dropout)
         self.math = math_
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)

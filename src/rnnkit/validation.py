@@ -172,3 +172,14 @@ def check_layer_state(
         )
     if state.device != device:
         raise ValueError(f"{name} is on {state.device} but the input is on {device}")
+
+
+def check_layer_arguments(input_size: int, hidden_size: int, num_layers: int, dropout: float) -> None:
+    """What every layer's constructor requires of its sizes and its dropout."""
+    if input_size <= 0 or hidden_size <= 0 or num_layers <= 0:
+        raise ValueError(
+            "input_size, hidden_size and num_layers must be positive, got "
+            f"{input_size}, {hidden_size} and {num_layers}"
+        )
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
