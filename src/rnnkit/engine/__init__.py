@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.cells.base import CellMath, State
-from rnnkit.engine import fused
+from rnnkit.engine import fused, threads
 from rnnkit.engine.bptt import run_bptt
 from rnnkit.engine.lengths import zero_padding
 from rnnkit.engine.reference import run_reference
@@ -86,6 +86,7 @@ def torch_runs_stack(math: CellMath, x: Tensor, hidden: int, backend: str | None
     ``torch.nn`` does, instead of one per layer and direction (the per-call Python overhead is a
     few percent of a short sequence's time).
     """
+    threads.adapt()  # (the one call per layer forward that every stack makes)
     if ((backend or _default_backend) != "fused" or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.float64)):
         return False
@@ -109,6 +110,8 @@ def run_layer(
     if name not in BACKENDS:
         raise ValueError(f"unknown engine backend {name!r}; available: {sorted(BACKENDS)}")
     check_steps("x", x.shape[0])
+    if x.device.type == "cpu":
+        threads.adapt()
     if batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes):
         x = zero_padding(x, list(batch_sizes))  # (the padding's NaN must not reach dW_ih)
     return BACKENDS[name](math, x, state0, params, batch_sizes)
