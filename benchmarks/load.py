@@ -32,9 +32,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import SHAPES, VARIANTS  # noqa: E402
-
-from rnnkit.engine import threads  # noqa: E402
+from rnnkit.engine import threads
+from speed import SHAPES, VARIANTS
 
 SECTION = "load"
 BUSY_LOOP = "import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass\n"
