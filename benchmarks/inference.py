@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import rnnkit
+from rnnkit.engine import threads as governor
 from speed import SHAPES, VARIANTS, alternate
 
 SECTION_START = "<!-- inference:start -->"
@@ -85,8 +86,11 @@ def bench_variant(name: str, hidden: int, shapes: list[tuple[int, int, int]], th
     return rows
 
 
-def bench_step(hidden: int, repeats: int) -> tuple[float, float]:
-    """Median seconds of one LSTM step at batch 1: rnnkit.LSTMCell vs torch.nn.LSTMCell."""
+def bench_step(hidden: int, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of one LSTM step at batch 1: rnnkit.LSTMCell vs torch.nn.LSTMCell, and the
+    floor: one matrix-vector product over all of the step's weights ((4H, I + H) float32), the
+    least memory traffic any implementation of the step needs (at batch 1 it is bandwidth-bound).
+    """
     ours, theirs = rnnkit.LSTMCell(hidden, hidden), nn.LSTMCell(hidden, hidden)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(1, hidden)
@@ -101,10 +105,13 @@ def bench_step(hidden: int, repeats: int) -> tuple[float, float]:
         with torch.inference_mode():
             return theirs(x, their_state)
 
-    return alternate(run_ours, run_theirs, repeats * 50, warmup=50)
+    weights = torch.cat((ours.weight_ih, ours.weight_hh), 1).detach().contiguous()
+    vector = torch.randn(weights.shape[1])
+    floor, _ = alternate(lambda: torch.mv(weights, vector), lambda: None, repeats * 50, warmup=50)
+    return (*alternate(run_ours, run_theirs, repeats * 50, warmup=50), floor)
 
 
-def markdown(rows: list[Row], step: tuple[float, float], threads: int, load: str) -> str:
+def markdown(rows: list[Row], step: tuple[float, float, float], threads: int, load: str) -> str:
     ratios = [r.ratio for r in rows]
     lines = [
         "## Inference: rnnkit vs onnxruntime",
@@ -125,12 +132,14 @@ def markdown(rows: list[Row], step: tuple[float, float], threads: int, load: str
     for r in rows:
         lines.append(f"| {r.variant} | {','.join(map(str, r.shape))} | {r.ours_ms:.3f} | "
                      f"{r.ort_ms:.3f} | {r.ratio:.2f} | {r.max_diff:.1e} |")
-    ours_s, theirs_s = step
+    ours_s, theirs_s, floor_s = step
     lines += [
         "",
         "One streaming LSTM step, batch 1, H = 256 (`rnnkit.LSTMCell` through the fused `step` "
         f"operator vs `torch.nn.LSTMCell`): {ours_s * 1e6:.1f} µs vs {theirs_s * 1e6:.1f} µs, "
-        f"ratio {ours_s / theirs_s:.2f}.",
+        f"ratio {ours_s / theirs_s:.2f}. Floor: reading the step's weights once (one "
+        f"{4 * 256 * 512 * 4 / 2**20:.0f} MiB float32 matrix-vector product, `torch.mv`) takes "
+        f"{floor_s * 1e6:.1f} µs here, {floor_s / theirs_s:.2f} of `nn.LSTMCell`'s time.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -163,6 +172,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one shape, two variants, 3 repeats")
     parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
     args = parser.parse_args()
+    governor.set_policy("fixed")  # both sides at one known thread count
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -181,7 +191,8 @@ def main() -> None:
                                       threads, repeats, Path(workdir))
     step = bench_step(256, repeats)
     print(f"streaming LSTM step B=1 H=256: rnnkit {step[0] * 1e6:.1f} us, nn.LSTMCell "
-          f"{step[1] * 1e6:.1f} us, ratio {step[0] / step[1]:.2f}")
+          f"{step[1] * 1e6:.1f} us, ratio {step[0] / step[1]:.2f}; weight-read floor "
+          f"{step[2] * 1e6:.1f} us")
     load = "{:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min)".format(*os.getloadavg())
     text = markdown(rows, step, threads, load)
     print()
