@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rnnkit.tasks import charlm, speech, tagging
+from rnnkit.tasks import adding, charlm, copymemory, speech, tagging
 from rnnkit.train import TrainConfig, Trainer
 
 TEXT = 'He said "hello there" to me.\nAnd then "goodbye", she said at 10:45.\n' * 30
@@ -101,3 +101,19 @@ def train_speech(out: Path, recordings: Path) -> Path:
     config["model"]["recurrent"].update(hidden=6, layers=1)
     config["train"].update(steps=2, batch_size=4, eval_every=2)
     return train_task(speech, config, out)
+
+
+def train_adding(out: Path, length: int = 20) -> Path:
+    config = adding.default_config()
+    config["data"].update(length=length, valid_size=8, eval_batch_size=8)
+    config["model"]["recurrent"].update(hidden=6)
+    config["train"].update(steps=2, batch_size=4, eval_every=2)
+    return train_task(adding, config, out)
+
+
+def train_copymemory(out: Path, length: int = 15) -> Path:
+    config = copymemory.default_config()
+    config["data"].update(length=length, valid_size=8, eval_batch_size=8)
+    config["model"].update(hidden=6)
+    config["train"].update(steps=2, batch_size=4, eval_every=2)
+    return train_task(copymemory, config, out)

@@ -17,7 +17,17 @@ from typing import Any
 
 import pytest
 import torch
-from explore_helpers import TEXT, lstm_by_hand, train_charlm, train_speech, train_tagger, write_atis
+import torch.nn.functional as F
+from explore_helpers import (
+    TEXT,
+    lstm_by_hand,
+    train_adding,
+    train_charlm,
+    train_copymemory,
+    train_speech,
+    train_tagger,
+    write_atis,
+)
 
 from rnnkit.explore.analysis import load_run
 from rnnkit.explore.server import serve, write_html
@@ -269,6 +279,98 @@ def test_saved_html_page_works_from_a_file(browser: Any, tmp_path: Path) -> None
     torch.testing.assert_close(values, lstm_by_hand(explorer.model.rnn, x)["o"][:, 3])
     browser.find_element("id", "run-input").click()  # a saved page cannot run the model
     _wait_for_message(browser, "saved page")
+
+
+def _chart(driver: Any, element_id: str) -> list[dict[str, Any]]:
+    """The data plotly drew in one chart (empty when nothing was drawn)."""
+    return driver.execute_script(
+        "const d = document.getElementById(arguments[0]).data; "
+        "return d ? JSON.parse(JSON.stringify(d)) : []", element_id)
+
+
+def test_adding_page_shows_the_marks_and_what_the_answer_depends_on(browser: Any,
+                                                                    tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    explorer = load_run(train_adding(tmp_path / "run", length=30))
+    server = serve(explorer)
+    try:
+        browser.get(server.url)
+        renders = _wait_for_render(browser, 0)  # validation sequence 0
+        renders = _type_and_run(browser, "5", renders)
+        renders = _choose(browser, "quantity", "z", renders)
+        renders = _set_unit(browser, 4, renders)
+        symbols, values = _shown(browser)
+        inputs = explorer.sequences().inputs[:, 5:6]
+        marks = inputs[:, 0, 1].nonzero()[:, 0].tolist()
+        assert [t for t, s in enumerate(symbols) if s.startswith("▶")] == marks
+        assert [float(s.lstrip("▶")) for s in symbols] == pytest.approx(
+            inputs[:, 0, 0].tolist(), abs=5e-4)
+        rnn = explorer.model.rnn
+        with torch.no_grad():  # the GRU's update gate, as torch.nn.GRU documents it
+            x, h, gates = inputs[:, 0], torch.zeros(rnn.hidden_size), []
+            for t in range(len(x)):
+                r, z, n = (rnn.weight_ih_l0 @ x[t] + rnn.bias_ih_l0).chunk(3)
+                hr, hz, hn = (rnn.weight_hh_l0 @ h + rnn.bias_hh_l0).chunk(3)
+                r, z = (r + hr).sigmoid(), (z + hz).sigmoid()
+                h = (1 - z) * (n + r * hn).tanh() + z * h
+                gates.append(z[4])
+        torch.testing.assert_close(values, torch.stack(gates))
+        assert browser.find_element("id", "task-section").is_displayed()
+        assert "What the final answer depends on" in browser.find_element("id", "task-title").text
+        saliency = _chart(browser, "task-a")
+        analysis = explorer.analyse("5")
+        assert saliency[0]["y"] == pytest.approx(analysis.predictions["saliency_value"])
+        assert saliency[1]["y"] == pytest.approx(analysis.predictions["saliency_marker"])
+        timeline = _chart(browser, "timeline")
+        assert timeline[0]["y"] == pytest.approx(analysis.predictions["prefix"])
+        assert "final answer" in browser.find_element("id", "prediction-text").text
+        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-adding.png"))
+        _type_and_run_expecting(browser, "-1", "validation sequence")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_copymemory_page_shows_the_recall_phase(browser: Any, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    explorer = load_run(train_copymemory(tmp_path / "run"))
+    server = serve(explorer)
+    try:
+        browser.get(server.url)
+        renders = _wait_for_render(browser, 0)
+        renders = _type_and_run(browser, "8765432112", renders)
+        renders = _set_unit(browser, 3, renders)
+        symbols, values = _shown(browser)
+        assert "".join(symbols) == "8765432112" + "_" * 14 + ":" + "_" * 10
+        tokens = torch.tensor([8, 7, 6, 5, 4, 3, 2, 1, 1, 2] + [0] * 14 + [9] + [0] * 10)
+        model = explorer.model
+        with torch.no_grad():
+            output, _ = model.rnn(F.one_hot(tokens, 10).float().unsqueeze(1))
+            logits, _ = model(tokens.unsqueeze(1))
+        torch.testing.assert_close(values, output[:, 0, 3])
+        recall = _chart(browser, "task-a")[0]
+        torch.testing.assert_close(torch.tensor(recall["z"]),
+                                   torch.softmax(logits[-10:, 0], -1), rtol=1e-4, atol=1e-6)
+        assert recall["x"] == ["_", "1", "2", "3", "4", "5", "6", "7", "8", ":"]
+        memory = _chart(browser, "task-b")[0]["z"]
+        assert len(memory) == 10 and all(len(row) == 10 for row in memory)
+        torch.testing.assert_close(torch.tensor(memory, dtype=torch.float64), torch.tensor(
+            explorer.analyse("8765432112").predictions["memory"], dtype=torch.float64))
+        assert "copied" in browser.find_element("id", "task-note").text
+        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-copymemory.png"))
+        _type_and_run_expecting(browser, "1239", "type the 10 digits to copy")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _type_and_run_expecting(driver: Any, text: str, shown: str) -> None:
+    """A bad input: one inline message naming the problem, no stack trace."""
+    box = driver.find_element("id", "input")
+    box.clear()
+    box.send_keys(text)
+    driver.find_element("id", "run-input").click()
+    _wait_for_message(driver, shown)
 
 
 @pytest.mark.slow

@@ -281,8 +281,7 @@ class ClassifierExplorer:
         with Recorder(self.model, only=("rnn",)) as recorder:
             logits = self.model(**self.batch(1, [steps], source))
         final = _probabilities(logits[0])
-        count = min(steps, MAX_PREFIXES)  # evenly spaced steps, the first and the last included
-        positions = sorted({round(k * (steps - 1) / max(1, count - 1)) for k in range(count)})
+        positions = _prefix_steps(steps)
         probs = []
         for begin in range(0, len(positions), 256):  # bounded memory for long inputs
             chunk = [p + 1 for p in positions[begin:begin + 256]]
@@ -350,13 +349,7 @@ class DigitsExplorer(ClassifierExplorer):
         from rnnkit.tasks.digits import to_sequence
 
         images, labels, test = self.images()
-        try:
-            number = int(text.strip())
-        except ValueError:
-            raise InputError(f"give the number of a test image, 0…{len(test) - 1}; "
-                             f"got {text.strip()[:40]!r}") from None
-        if not 0 <= number < len(test):
-            raise InputError(f"there are {len(test)} test images: 0…{len(test) - 1}")
+        number = _example_number(text, len(test), "test image")
         image = images[test[number]]
         sequence = to_sequence(image.unsqueeze(0), self.data.reader)[:, 0]  # (8, 8)
         what = "row" if self.data.reader == "rows" else "column"
@@ -534,13 +527,7 @@ class MusicExplorer:
         from rnnkit.models.generator import frame_nll
 
         rolls = self.rolls()
-        try:
-            number = int(text.strip())
-        except ValueError:
-            raise InputError(f"give the number of a validation sequence, 0…{len(rolls) - 1}; "
-                             f"got {text.strip()[:40]!r}") from None
-        if not 0 <= number < len(rolls):
-            raise InputError(f"there are {len(rolls)} validation sequences: 0…{len(rolls) - 1}")
+        number = _example_number(text, len(rolls), "validation sequence")
         roll = rolls[number]  # (T, P)
         _check_length(roll.shape[0], "sequence")
         with Recorder(self.model, only=("rnn",)) as recorder:
@@ -555,6 +542,180 @@ class MusicExplorer:
         predictions = {"kind": "pitches", "vocabulary": names, "top_ids": top.indices.tolist(),
                        "top_probs": top.values.float().tolist(), "nll": nll}
         return Analysis(self.task, symbols, _traces(recorder), predictions, text)
+
+
+class AddingExplorer:
+    """The adding problem: where the two marked values are, what the model would answer had the
+    sequence ended at each step, and the saliency ∂ŷ/∂x_t of its final answer to each step's value
+    and marker — a model that has learnt the task depends on the two marked values alone, and its
+    hidden state must carry the first one across the rest of the sequence. The input is the number
+    of a sequence of the run's generated validation set (the same draw training scored)."""
+
+    task = "adding"
+    input_kind = "example"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.adding import load_model
+
+        self.model, self.data, self.checkpoint = load_model(path)
+        self._valid: Any = None
+
+    def sequences(self) -> Any:
+        if self._valid is None:
+            from rnnkit.tasks.adding import generate
+
+            # the task's own validation draw (SyntheticTask.valid): same size, length and seed
+            self._valid = generate(self.data.valid_size, self.data.length,
+                                   torch.Generator().manual_seed(self.data.valid_seed))
+        return self._valid
+
+    def default_input(self) -> str:
+        return "0"
+
+    def analyse(self, text: str) -> Analysis:
+        valid = self.sequences()
+        number = _example_number(text, valid.inputs.shape[1], "validation sequence")
+        inputs = valid.inputs[:, number:number + 1].clone()  # (T, 1, 2): value, marker
+        steps = inputs.shape[0]
+        _check_length(steps, "sequence")
+        marks = inputs[:, 0, 1].nonzero()[:, 0].tolist()
+        inputs.requires_grad_(True)
+        with torch.enable_grad(), Recorder(self.model, only=("rnn",)) as recorder:
+            prediction = self.model(inputs)[0, 0]
+            (saliency,) = torch.autograd.grad(prediction, inputs)  # (T, 1, 2)
+        inputs = inputs.detach()
+        positions, prefix = _prefix_outputs(self.model, inputs[:, 0], steps)
+        marked = inputs[:, 0, 0] * inputs[:, 0, 1]
+        seen = marked.double().cumsum(0)  # the sum of the marked values read so far
+        symbols = [("▶" if m else "") + f"{float(v):.3f}" for v, m in inputs[:, 0].tolist()]
+        predictions = {
+            "kind": "adding", "marks": marks, "target": float(valid.targets[0, number]),
+            "prediction": float(prediction.detach()), "steps": positions,
+            "prefix": prefix[:, 0].double().tolist(), "seen": seen[positions].tolist(),
+            "saliency_value": saliency[:, 0, 0].double().tolist(),
+            "saliency_marker": saliency[:, 0, 1].double().tolist()}
+        return Analysis(self.task, symbols, _traces(recorder), predictions, text)
+
+
+class CopyMemoryExplorer:
+    """The copy memory problem: the user's 10 digits, T blanks, the delimiter and 10 recall steps.
+    Predictions: the output distribution of every step (the recall phase is what matters) and
+    the memory matrix — for recall step k, how strongly log p(the k-th digit) depends on the
+    input at each of the 10 digit steps (the norm of its gradient there): a model that copies
+    reads digit k for recall step k, so the matrix is diagonal."""
+
+    task = "copymemory"
+    input_kind = "text"
+    BLANK_SYMBOL, DELIMITER_SYMBOL = "_", ":"
+
+    def __init__(self, path: str | Path) -> None:
+        from rnnkit.tasks.copymemory import load_model
+
+        self.model, self.data, self.checkpoint = load_model(path)
+
+    def vocabulary(self) -> list[str]:
+        from rnnkit.tasks.copymemory import BLANK, DELIMITER, SYMBOLS
+
+        names = [str(s) for s in range(SYMBOLS)]
+        names[BLANK], names[DELIMITER] = self.BLANK_SYMBOL, self.DELIMITER_SYMBOL
+        return names
+
+    def default_input(self) -> str:
+        """The digits of the run's first validation sequence."""
+        from rnnkit.tasks.copymemory import DIGITS, generate
+
+        # the digits are drawn first, for the whole validation batch: the length does not matter
+        batch = generate(self.data.valid_size, 1, torch.Generator().manual_seed(self.data.valid_seed))
+        return "".join(str(int(d)) for d in batch.inputs[:DIGITS, 0])
+
+    def analyse(self, text: str) -> Analysis:
+        from rnnkit.tasks.copymemory import BLANK, DELIMITER, DIGITS
+
+        digits = "".join(text.split())
+        if len(digits) != DIGITS or any(d not in "12345678" for d in digits):
+            raise InputError(f"type the {DIGITS} digits to copy, each 1–8 (e.g. 3141526535); "
+                             f"got {text.strip()[:40]!r}")
+        length = self.data.length
+        _check_length(length + 2 * DIGITS, "sequence")
+        tokens = torch.full((length + 2 * DIGITS,), BLANK, dtype=torch.long)  # as generate() lays
+        tokens[:DIGITS] = torch.tensor([int(d) for d in digits])  # it out
+        tokens[length + DIGITS - 1] = DELIMITER
+        targets = torch.full_like(tokens, BLANK)
+        targets[-DIGITS:] = tokens[:DIGITS]
+        with torch.enable_grad(), _InputLeaf(self.model.rnn) as read, \
+                Recorder(self.model, only=("rnn",)) as recorder:
+            logits, _ = self.model(tokens.unsqueeze(1))  # (T, 1, V)
+            log_probs = torch.log_softmax(logits[:, 0].double(), dim=-1)
+            memory = []
+            for k in range(DIGITS):  # recall step k against the input at the digit steps
+                step = len(tokens) - DIGITS + k
+                (grad,) = torch.autograd.grad(log_probs[step, targets[step]], read.leaf,
+                                              retain_graph=k < DIGITS - 1)
+                memory.append(grad[:DIGITS, 0].double().norm(dim=-1))
+        probs = log_probs.detach().exp()  # (T, V)
+        names = self.vocabulary()
+        recall = probs[-DIGITS:].argmax(1)
+        predictions = {
+            "kind": "copy", "vocabulary": names, "probabilities": probs.float().tolist(),
+            "targets": [names[t] for t in targets.tolist()],
+            "recall_start": len(tokens) - DIGITS, "copied": "".join(names[t] for t in recall),
+            "correct": int((recall == targets[-DIGITS:]).sum()),
+            "memory": torch.stack(memory).tolist(),
+            "loss": float(-log_probs.detach()[torch.arange(len(tokens)), targets].mean())}
+        return Analysis(self.task, [names[t] for t in tokens.tolist()], _traces(recorder),
+                        predictions, text)
+
+
+class _InputLeaf:
+    """Makes what ``module`` reads a leaf that requires grad, so a gradient can be taken with
+    respect to the recurrent layer's input (one-hot or embedded) without restating the model's
+    forward: ``with _InputLeaf(model.rnn) as read: model(...)`` — then ``read.leaf``."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.leaf: Tensor | None = None
+
+    def __enter__(self) -> _InputLeaf:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            self.leaf = args[0].detach().requires_grad_(True)
+            return (self.leaf, *args[1:])
+        self.handle = self.module.register_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def _example_number(text: str, count: int, what: str) -> int:
+    """The example number the user typed, 0 … count − 1, or an InputError saying what to type."""
+    try:
+        number = int(text.strip())
+    except ValueError:
+        raise InputError(f"give the number of a {what}, 0…{count - 1}; got "
+                         f"{text.strip()[:40]!r}") from None
+    if not 0 <= number < count:
+        raise InputError(f"there are {count} {what}s: 0…{count - 1}")
+    return number
+
+
+def _prefix_steps(steps: int) -> list[int]:
+    """The last steps of the prefixes shown over time: every step, or :data:`MAX_PREFIXES` evenly
+    spaced ones, the first and the last included."""
+    count = min(steps, MAX_PREFIXES)
+    return sorted({round(k * (steps - 1) / max(1, count - 1)) for k in range(count)})
+
+
+@torch.no_grad()
+def _prefix_outputs(model: Any, features: Tensor, steps: int) -> tuple[list[int], Tensor]:
+    """What a many-to-one ``model`` answers for the prefixes of ``features`` (T, I) ending at
+    :func:`_prefix_steps`: those steps and the outputs (P, C)."""
+    positions = _prefix_steps(steps)
+    out = []
+    for begin in range(0, len(positions), 64):  # bounded memory for long sequences
+        ends = torch.tensor([p + 1 for p in positions[begin:begin + 64]])
+        batch = features.unsqueeze(1).expand(-1, len(ends), -1)[:int(ends.max())].contiguous()
+        out.append(model(batch, ends))
+    return positions, torch.cat(out)
 
 
 def _crf_marginals(crf: Any, emissions: Tensor, mask: Tensor) -> Tensor:
@@ -578,7 +739,8 @@ def _traces(recorder: Recorder) -> list[tuple[str, Trace]]:
 EXPLORERS: dict[str, type] = {
     "charlm": CharLMExplorer, "wordlm": WordLMExplorer, "tagging": TaggingExplorer,
     "sentiment": SentimentExplorer, "digits": DigitsExplorer, "speech": SpeechExplorer,
-    "translate": TranslateExplorer, "music": MusicExplorer}
+    "translate": TranslateExplorer, "music": MusicExplorer, "adding": AddingExplorer,
+    "copymemory": CopyMemoryExplorer}
 
 
 def load_run(path: str | Path) -> Explorer:

@@ -239,7 +239,7 @@ function drawPredictions() {
   const p = state.analysis.predictions, symbols = symbolsOf();
   const t = Math.min(state.selected, symbols.length - 1);
   $("step").textContent = `${t} (${JSON.stringify(symbols[t])})`;
-  let bars = null, text = "";
+  let bars = null, text = "", range = [0, 1], axis = "probability";
   if (p.kind === "next_symbol") {
     const names = p.top_ids[t].map((i) => JSON.stringify(p.vocabulary[i]));
     bars = {x: p.top_probs[t], y: names, type: "bar", orientation: "h"};
@@ -279,6 +279,24 @@ function drawPredictions() {
     } else {
       text = `translation: ${p.translation} (this model has no attention)`;
     }
+  } else if (p.kind === "adding") {
+    const k = nearestPrefix(p.steps, t);
+    const shown = [p.prefix[k], p.seen[k], p.prediction, p.target];
+    bars = {x: shown, type: "bar", orientation: "h",
+      y: [`had it ended at step ${p.steps[k]}`, "marked values read so far", "final answer", "target"]};
+    range = [0, Math.max(2, ...shown.filter(Number.isFinite))];
+    axis = "value";
+    text = `step ${t} ${p.marks.includes(t) ? "is marked" : "is not marked"}; ∂ŷ/∂value = ` +
+      `${fmt(p.saliency_value[t], 5)}, ∂ŷ/∂marker = ${fmt(p.saliency_marker[t], 5)}; marks at ` +
+      `steps ${p.marks.join(" and ")}; final answer ${fmt(p.prediction, 4)}, target ${fmt(p.target, 4)}`;
+  } else if (p.kind === "copy") {
+    const row = p.probabilities[t];
+    bars = {x: row, y: p.vocabulary.map((v) => JSON.stringify(v)), type: "bar", orientation: "h"};
+    const best = row.indexOf(Math.max(...row));
+    text = `step ${t} reads ${JSON.stringify(symbols[t])}; target ${JSON.stringify(p.targets[t])}; ` +
+      `likeliest output ${JSON.stringify(p.vocabulary[best])} (${fmt(row[best], 3)}); recall ` +
+      `phase (steps ${p.recall_start}–${symbols.length - 1}) copied ${p.copied}, ${p.correct} of ` +
+      `${symbols.length - p.recall_start} right`;
   } else if (p.kind === "ctc") {
     const row = p.posteriors[t];
     bars = {x: row, y: p.labels, type: "bar", orientation: "h"};
@@ -288,7 +306,7 @@ function drawPredictions() {
   drawTimeline();
   if (bars) {
     Plotly.react("predictions", [bars], {margin: {l: 120, r: 10, t: 10, b: 40},
-      xaxis: {title: {text: "probability"}, range: [0, 1]},
+      xaxis: {title: {text: axis}, range},
       // category: labels such as "2" or "7" are names, not positions on a number line
       yaxis: {autorange: "reversed", type: "category"}},
       {responsive: true});
@@ -313,11 +331,18 @@ function drawTimeline() {
     traces = p.labels.map((label, c) => ({x: keep.map((k) => p.steps[k]),
       y: keep.map((k) => p.probabilities[k][c]), mode: "lines+markers", name: label}));
     layout = {yaxis: {title: {text: "class probability"}, range: [0, 1]}};
-  } else if (p.kind === "ctc") {
+  } else if (p.kind === "ctc" || p.kind === "copy") {
     const x = [...Array(end - state.start).keys()].map((k) => k + state.start);
-    traces = [{type: "heatmap", x, y: p.labels, z: p.labels.map((_, c) => x.map((t) => p.posteriors[t][c])),
+    const [labels, rows] = p.kind === "ctc" ? [p.labels, p.posteriors] : [p.vocabulary, p.probabilities];
+    traces = [{type: "heatmap", x, y: labels, z: labels.map((_, c) => x.map((t) => rows[t][c])),
       colorscale: "Greys", reversescale: true, zmin: 0, zmax: 1}];
-    layout = {yaxis: {title: {text: "CTC posterior"}}};
+    layout = {yaxis: {title: {text: p.kind === "ctc" ? "CTC posterior" : "output distribution"},
+      type: "category"}};
+  } else if (p.kind === "adding") {
+    traces = [{x: p.steps, y: p.prefix, mode: "lines", name: "answer had it ended here"},
+      {x: p.steps, y: p.seen, mode: "lines", name: "marked values read so far", line: {dash: "dot"}}];
+    layout = {yaxis: {title: {text: "value"}}, xaxis: {title: {text: "step"}, range: [state.start, end - 1]},
+      legend: {orientation: "h", y: -0.3}};
   } else if (p.kind === "attention" && p.attention) {
     traces = [{type: "heatmap", z: p.attention, x: p.source.map((s, k) => `${k}: ${s}`),
       y: p.output.map((o, k) => `${k}: ${o}`), colorscale: "Viridis", zmin: 0, zmax: 1}];
@@ -337,6 +362,60 @@ function drawTimeline() {
     xaxis: {title: {text: "step"}}, ...layout}, {responsive: true});
 }
 
+// the charts of one task beside the common ones: what its model is for, drawn as a person wants
+// to see it (adding: what the answer depends on; copy memory: the recall phase and its memory)
+function drawTaskCharts() {
+  const p = state.analysis.predictions, section = $("task-section");
+  const charts = {adding: addingCharts, copy: copyCharts}[p.kind];
+  section.hidden = !charts;
+  if (!charts) return;
+  const [title, note, a, b] = charts(p);
+  $("task-title").textContent = title;
+  $("task-note").textContent = note;
+  $("task-b").hidden = !b;
+  const base = {margin: {l: 110, r: 10, t: 30, b: 50}};
+  Plotly.react("task-a", a.data, {...base, ...a.layout}, {responsive: true});
+  if (b) Plotly.react("task-b", b.data, {...base, ...b.layout}, {responsive: true});
+  else Plotly.purge("task-b");
+}
+
+function addingCharts(p) {
+  const steps = p.saliency_value.map((_, t) => t);
+  const marks = p.marks.map((t) => ({type: "line", x0: t, x1: t, yref: "paper", y0: 0, y1: 1,
+    line: {color: "rgba(220, 40, 40, 0.5)", dash: "dot"}}));
+  return ["What the final answer depends on",
+    `∂ŷ/∂x_t of the final answer ŷ = ${fmt(p.prediction, 4)} (target ${fmt(p.target, 4)}) to ` +
+    `each step's value and marker; dotted: the marked steps ${p.marks.join(", ")}. A model that ` +
+    "has learnt the task has ∂ŷ/∂value ≈ 1 at the two marks and ≈ 0 elsewhere: its state " +
+    "carries the first marked value to the end.",
+    {data: [{x: steps, y: p.saliency_value, type: "bar", name: "∂ŷ/∂value_t"},
+            {x: steps, y: p.saliency_marker, type: "bar", name: "∂ŷ/∂marker_t"}],
+     layout: {barmode: "group", shapes: marks, xaxis: {title: {text: "step"}},
+              yaxis: {title: {text: "gradient"}}, title: {text: "saliency of every step"},
+              legend: {orientation: "h", y: -0.25}}},
+    null];
+}
+
+function copyCharts(p) {
+  const start = p.recall_start, count = p.memory.length;
+  const recall = [...Array(count).keys()].map((k) => `${start + k}: copy ${p.targets[start + k]}`);
+  return ["The recall phase",
+    `copied ${p.copied} for ${p.targets.slice(start).join("")}: ${p.correct} of ${count} right ` +
+    `(mean loss over all steps ${fmt(p.loss, 4)}). Left: the output distribution of each recall ` +
+    "step. Right: the memory — how strongly log p(the right digit) at each recall step depends " +
+    "on the input at each digit step (gradient norm); copying reads digit k at recall step k.",
+    {data: [{type: "heatmap", z: p.probabilities.slice(start), x: p.vocabulary, y: recall,
+             colorscale: "Greys", reversescale: true, zmin: 0, zmax: 1,
+             hovertemplate: "%{y}: p(%{x}) = %{z:.3f}<extra></extra>"}],
+     layout: {title: {text: "output distribution"}, xaxis: {type: "category", title: {text: "output"}},
+              yaxis: {autorange: "reversed", type: "category"}}},
+    {data: [{type: "heatmap", z: p.memory, x: [...Array(count).keys()].map((j) => `${j}: ${p.targets[start + j]}`),
+             y: recall, colorscale: "Viridis",
+             hovertemplate: "%{y} ← input %{x}: %{z:.3g}<extra></extra>"}],
+     layout: {title: {text: "memory: |∂ log p / ∂ input|"}, xaxis: {type: "category", title: {text: "input digit step"}},
+              yaxis: {autorange: "reversed", type: "category"}}}];
+}
+
 async function render() {
   if (!state.analysis) return;
   const trace = state.analysis.traces[state.trace];
@@ -347,6 +426,7 @@ async function render() {
     drawHeatmap(array, trace);
     await drawSaturation(trace);
     drawPredictions();
+    drawTaskCharts();
     message("");
   } catch (error) {
     message(error.message);
