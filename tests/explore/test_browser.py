@@ -26,6 +26,7 @@ from explore_helpers import (
     train_copymemory,
     train_speech,
     train_tagger,
+    train_trees,
     write_atis,
 )
 
@@ -359,6 +360,57 @@ def test_copymemory_page_shows_the_recall_phase(browser: Any, tmp_path: Path) ->
         assert "copied" in browser.find_element("id", "task-note").text
         browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-copymemory.png"))
         _type_and_run_expecting(browser, "1239", "type the 10 digits to copy")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_trees_page_draws_the_parse_tree_with_each_nodes_state(browser: Any, tmp_path: Path) -> None:
+    from rnnkit.data.trees import parse_tree
+    from rnnkit.models.tree_lstm import TreeBatch
+    from rnnkit.tasks.trees import relabel
+
+    torch.manual_seed(0)
+    explorer = load_run(train_trees(tmp_path / "run"))
+    server = serve(explorer)
+    text = "(3 (2 (2 a) (3 lovely)) (2 (2 film) (2 .)))"
+    try:
+        browser.get(server.url)
+        renders = _wait_for_render(browser, 0)  # the first dev tree
+        renders = _type_and_run(browser, text, renders)
+        renders = _set_unit(browser, 2, renders)
+        symbols, values = _shown(browser)
+        assert symbols == ["a", "lovely", "⟨a lovely⟩", "film", ".", "⟨film .⟩", "⟨a lovely film .⟩"]
+        model, vocab = explorer.model, explorer.vocab
+        tree = relabel(parse_tree(text), explorer.data)
+        batch = TreeBatch.build([tree], vocab.index, vocab.unk)
+        order = [0, 1, 4, 2, 3, 5, 6]  # post-order node → level-by-level batch row
+        with torch.no_grad():
+            h, _ = model.tree(batch, model.embedding(batch.words))
+            probs = torch.softmax(model(batch), -1)
+        torch.testing.assert_close(values, h[order, 2])
+        drawn = _chart(browser, "task-a")
+        nodes = drawn[1]
+        assert nodes["customdata"] == list(range(7)) and len(drawn[0]["x"]) == 6 * 3  # 6 edges
+        torch.testing.assert_close(torch.tensor(nodes["marker"]["color"]), h[order, 2])
+        assert nodes["x"] == [0, 1, 0.5, 2, 3, 2.5, 1.5] and nodes["y"] == [0, 0, 1, 0, 0, 1, 2]
+        # the right child's forget gate: NaN (no child) at the leaves, drawn apart in grey
+        renders = _choose(browser, "quantity", "f2", renders)
+        _, values = _shown(browser)
+        assert values[[0, 1, 3, 4]].isnan().all() and not values[[2, 5, 6]].isnan().any()
+        H = model.tree.hidden_size
+        with torch.no_grad():  # the root's f_2 = σ(W_f2 x + U_f2 [h_left; h_right] + b)
+            pre = model.tree.w.bias + model.tree.u(torch.cat((h[4], h[5])))
+        assert float(values[6]) == pytest.approx(float(pre[2 * H:3 * H].sigmoid()[2]), rel=1e-5)
+        drawn = _chart(browser, "task-a")
+        assert drawn[1]["customdata"] == [2, 5, 6] and drawn[2]["customdata"] == [0, 1, 3, 4]
+        renders = _choose(browser, "tree-colour", "sentiment", renders)
+        nodes = _chart(browser, "task-a")[1]
+        torch.testing.assert_close(torch.tensor(nodes["marker"]["color"]), probs[order, 1])
+        assert "SST label positive" in browser.find_element("id", "task-note").text
+        renders = _choose(browser, "quantity", "h", renders)
+        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-trees.png"))
+        _type_and_run_expecting(browser, "(3 (2 a", "does not close")
     finally:
         server.shutdown()
         server.server_close()

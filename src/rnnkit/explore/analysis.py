@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,12 +61,15 @@ class Analysis:
         out = []
         for index, (module, trace) in enumerate(self.traces):
             direction = "reverse" if trace.direction == 1 else "forward"
+            if trace.kind == "treelstm":  # steps are the nodes, children before their parent
+                direction = "bottom-up"
             out.append({"index": index, "module": module, "layer": trace.layer,
                         "direction": direction, "kind": trace.kind, "steps": trace.steps,
                         "hidden": next(iter(trace.values.values())).shape[1],
                         "name": f"{module} layer {trace.layer} {direction}",
-                        "quantities": [{"name": q, "label": LABELS[q]} for q in trace.values],
-                        "gates": list(GATES[trace.kind]),
+                        "quantities": [{"name": q, "label": LABELS.get(q, q)}
+                                       for q in trace.values],
+                        "gates": [g for g in GATES[trace.kind] if g in trace.values],
                         "symbols": self.axes.get(module, self.symbols)})
         return out
 
@@ -666,6 +670,167 @@ class CopyMemoryExplorer:
                         predictions, text)
 
 
+class TreesExplorer:
+    """Sentiment on a parse tree (a Tree-LSTM run of the ``trees`` task). The steps are the tree's
+    nodes, children before their parent (the order the states are computed in); every node's h, c
+    and gates (i, one forget gate per child, o, candidate u) are recorded by replaying the model's
+    own :meth:`~rnnkit.models.tree_lstm.TreeLSTM.node_values` node by node with the trained
+    weights. Predictions: each node's class probabilities (the model's output layer on the node's
+    h: the sentiment of its phrase) and, for a labelled SST tree, the node's gold label.
+
+    The input is an SST bracketed tree ``(3 (2 It) (4 (4 works) (2 .)))`` or plain words, which
+    are read as a right-branching binary tree (there is no parser here: paste a parsed tree to
+    see the model on a real parse)."""
+
+    task = "trees"
+    input_kind = "text"
+    SHOWN_PHRASE = 28  # characters of an inner node's phrase shown along the steps
+
+    def __init__(self, model: Any, data: Any, vocab: Any, checkpoint: Any) -> None:
+        self.model, self.data, self.vocab, self.checkpoint = model, data, vocab, checkpoint
+
+    def default_input(self) -> str:
+        return _first_dev_tree(self.data, self.vocab)
+
+    def analyse(self, text: str) -> Analysis:
+        from rnnkit.tasks.trees import IGNORE, LABEL_SETS
+
+        tree, labelled = _read_tree(text, self.data)
+        nodes = list(tree.nodes())  # children before their parent
+        _check_length(len(nodes), "tree")
+        model, cell = self.model, self.model.tree
+        place = {id(node): k for k, node in enumerate(nodes)}
+        slots = cell.arity if cell.form == "constituency" else max(
+            1, max(len(node.children) for node in nodes))
+        if any(len(node.children) > slots for node in nodes):
+            raise InputError(f"a node of the tree has more than {slots} children; this "
+                             f"Tree-LSTM reads binary trees")
+        H = cell.hidden_size
+        recorded: dict[str, list[Tensor]] = {}
+        with torch.no_grad():
+            for node in nodes:
+                if node.word is not None:
+                    x = model.embedding(torch.tensor([self.vocab.index.get(node.word,
+                                                                           self.vocab.unk)]))
+                else:  # an inner node reads no word: x = 0, as in the batched forward
+                    x = model.embedding.weight.new_zeros(1, cell.input_size)
+                child_h = x.new_zeros(1, slots, H)
+                child_c = x.new_zeros(1, slots, H)
+                present = torch.zeros(1, slots, dtype=torch.bool)
+                for slot, child in enumerate(node.children):
+                    child_h[0, slot] = recorded["h"][place[id(child)]]
+                    child_c[0, slot] = recorded["c"][place[id(child)]]
+                    present[0, slot] = True
+                values = cell.node_values(x, child_h, child_c, present, node.word is not None)
+                for name in ("h", "c", "i"):
+                    recorded.setdefault(name, []).append(values[name][0])
+                for slot in range(slots):  # a gate of an absent child multiplies nothing: NaN
+                    forget = values["f"][0, slot]
+                    recorded.setdefault(f"f{slot + 1}", []).append(
+                        forget if present[0, slot] else torch.full_like(forget, float("nan")))
+                for name in ("o", "u"):
+                    recorded.setdefault(name, []).append(values[name][0])
+            stacked = {name: torch.stack(rows) for name, rows in recorded.items()}
+            probs = _probabilities(model.output(stacked["h"]))  # (N, C): each node's phrase
+        labels = LABEL_SETS[self.data.classes]
+        phrases: dict[int, list[str]] = {}
+        shown, described = [], []
+        for node in nodes:
+            words = [node.word] if node.word is not None else [
+                w for child in node.children for w in phrases[id(child)]]
+            phrases[id(node)] = words
+            phrase = " ".join(words)
+            if node.word is None and len(phrase) > self.SHOWN_PHRASE:
+                phrase = phrase[:self.SHOWN_PHRASE - 1] + "…"
+            shown.append(phrase if node.word is not None else f"⟨{phrase}⟩")
+            reference = None
+            if labelled:
+                reference = "neutral (not scored)" if node.label == IGNORE else labels[node.label]
+            described.append({"phrase": " ".join(words), "word": node.word is not None,
+                              "children": [place[id(c)] for c in node.children],
+                              "reference": reference})
+        predictions = {"kind": "tree", "labels": labels, "nodes": described,
+                       "root": len(nodes) - 1, "probabilities": probs.float().tolist(),
+                       "labelled": labelled,
+                       "how": "softmax of the model's output layer on the node's h"}
+        trace = Trace(0, 0, "treelstm", {k: stacked[k] for k in ("h", "c", "i", *(
+            f"f{slot + 1}" for slot in range(slots)), "o", "u")})
+        return Analysis(self.task, shown, [("tree", trace)], predictions, text)
+
+
+class TreesSequenceExplorer(ClassifierExplorer):
+    """A sequence encoder of the ``trees`` task (trained on every phrase): the sentence's words
+    read as a sequence, with the class probabilities of every prefix, as for ``sentiment``."""
+
+    task = "trees"
+    input_kind = "text"
+
+    def __init__(self, model: Any, data: Any, vocab: Any, checkpoint: Any) -> None:
+        from rnnkit.tasks.trees import LABEL_SETS
+
+        self.model, self.data, self.vocab, self.checkpoint = model, data, vocab, checkpoint
+        self.labels = LABEL_SETS[data.classes]
+
+    def default_input(self) -> str:
+        return _first_dev_tree(self.data, self.vocab)
+
+    def read(self, text: str) -> tuple[Any, list[str]]:
+        words = _read_tree(text, self.data)[0].leaves()
+        _check_length(len(words), "input sentence")
+        return words, words
+
+    def batch(self, count: int, steps: list[int], source: Any) -> dict[str, Any]:
+        from rnnkit.tasks.trees import collate, model_inputs
+
+        encoded = [(self.vocab.encode(source[:k]), None) for k in steps]  # as sentence_logits
+        return model_inputs(collate(encoded, [0] * count, self.vocab.pad))
+
+
+def _read_tree(text: str, data: Any) -> tuple[Any, bool]:
+    """The tree the user gave, words normalised and labels mapped as in training; plain words
+    become a right-branching binary tree. Also: whether the tree came with labels."""
+    from rnnkit.data.trees import Tree, parse_tree
+    from rnnkit.tasks.trees import relabel
+
+    text = text.strip()
+    if text.startswith("("):
+        try:
+            return relabel(parse_tree(text, "the tree"), data), True
+        except ValueError as error:
+            raise InputError(f"{error} (give an SST bracketed tree, or plain words)") from None
+    words = text.split()
+    _check_length(len(words), "input sentence")
+    tree = Tree(2, words[-1])  # labels are placeholders (2: neutral), never shown
+    for word in reversed(words[:-1]):
+        tree = Tree(2, None, (Tree(2, word), tree))
+    return relabel(tree, data), False
+
+
+def _first_dev_tree(data: Any, vocab: Any) -> str:
+    """The first tree of the run's dev file, as written there (plain words when it is gone)."""
+    from rnnkit.tasks.common import shared_path
+
+    try:
+        with shared_path("sst-trees/dev.txt", data.valid).open(encoding="utf-8") as lines:
+            line = next((line.strip() for line in lines if line.strip()), "")
+        if line:
+            return line
+    except (OSError, ValueError):
+        pass  # the data moved: the most frequent training words still make an input
+    return " ".join(w for w in vocab.tokens[:12] if not w.startswith("<"))
+
+
+def _trees_explorer(path: str | Path) -> Explorer:
+    """A Tree-LSTM run gets the tree page; a sequence encoder the classifier page."""
+    from rnnkit.models.tree_lstm import TreeClassifier
+    from rnnkit.tasks.trees import load_model
+
+    model, data, vocab, checkpoint = load_model(path)
+    if isinstance(model, TreeClassifier):
+        return TreesExplorer(model, data, vocab, checkpoint)
+    return TreesSequenceExplorer(model, data, vocab, checkpoint)
+
+
 class _InputLeaf:
     """Makes what ``module`` reads a leaf that requires grad, so a gradient can be taken with
     respect to the recurrent layer's input (one-hot or embedded) without restating the model's
@@ -736,11 +901,12 @@ def _traces(recorder: Recorder) -> list[tuple[str, Trace]]:
     return [(module, trace) for module, traces in recorder.traces().items() for trace in traces]
 
 
-EXPLORERS: dict[str, type] = {
+# per task: what builds its explorer from a run (a class, or a function choosing one)
+EXPLORERS: dict[str, Callable[[str | Path], Explorer]] = {
     "charlm": CharLMExplorer, "wordlm": WordLMExplorer, "tagging": TaggingExplorer,
     "sentiment": SentimentExplorer, "digits": DigitsExplorer, "speech": SpeechExplorer,
     "translate": TranslateExplorer, "music": MusicExplorer, "adding": AddingExplorer,
-    "copymemory": CopyMemoryExplorer}
+    "copymemory": CopyMemoryExplorer, "trees": _trees_explorer}
 
 
 def load_run(path: str | Path) -> Explorer:

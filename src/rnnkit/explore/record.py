@@ -27,13 +27,16 @@ from rnnkit.cells.base import CellMath
 from rnnkit.layers import RecurrentLayer
 
 # the order quantities are offered in the page, per family (names as in the cell docstrings)
-QUANTITIES = {"lstm": ("h", "c", "i", "f", "g", "o"), "gru": ("h", "z", "r", "n"), "rnn": ("h",)}
+QUANTITIES = {"lstm": ("h", "c", "i", "f", "g", "o"), "gru": ("h", "z", "r", "n"), "rnn": ("h",),
+              "treelstm": ("h", "c", "i", "f1", "f2", "o", "u")}
 # the gates squashed into (0, 1): the ones whose saturation (Karpathy et al. 2016, Fig. 3) means
-# something; g, n and h are tanh-valued
-GATES = {"lstm": ("i", "f", "o"), "gru": ("z", "r"), "rnn": ()}
+# something; g, n, u and h are tanh-valued. A Tree-LSTM has one forget gate per child (f1 left,
+# f2 right in a binary tree)
+GATES = {"lstm": ("i", "f", "o"), "gru": ("z", "r"), "rnn": (), "treelstm": ("i", "f1", "f2", "o")}
 LABELS = {"h": "hidden state h", "c": "cell state c", "i": "input gate i", "f": "forget gate f",
           "g": "candidate g", "o": "output gate o", "z": "update gate z", "r": "reset gate r",
-          "n": "candidate n"}
+          "n": "candidate n", "u": "candidate u", "f1": "forget gate of child 1 (left)",
+          "f2": "forget gate of child 2 (right)"}
 
 
 def quantities_of(math: CellMath) -> tuple[str, ...]:

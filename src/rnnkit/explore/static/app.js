@@ -83,7 +83,7 @@ function fillQuantities() {
 }
 
 // --- colours -------------------------------------------------------------------------------
-const GATE_LIKE = new Set(["i", "f", "o", "z", "r"]);
+const GATE_LIKE = new Set(["i", "f", "o", "z", "r", "f1", "f2"]); // f1, f2: a Tree-LSTM's children
 
 function colour(value, scale, gate) {
   if (!Number.isFinite(value)) return "rgb(255, 230, 0)"; // NaN/inf shown, not hidden
@@ -218,10 +218,20 @@ async function drawSaturation(trace) {
     const array = await values(state.trace, gate);
     const steps = trace.steps, hidden = trace.hidden;
     const low = new Float64Array(hidden), high = new Float64Array(hidden);
-    for (let t = 0; t < steps; t++) for (let u = 0; u < hidden; u++) {
-      const v = array[t * hidden + u];
-      if (v < 0.1) low[u] += 1 / steps; else if (v > 0.9) high[u] += 1 / steps;
+    // over the steps where the gate exists: a Tree-LSTM node without a second child has no f2
+    // (recorded as NaN at every unit); a NaN the model computed still counts as neither
+    let counted = 0;
+    for (let t = 0; t < steps; t++) {
+      let absent = true;
+      for (let u = 0; u < hidden && absent; u++) absent = Number.isNaN(array[t * hidden + u]);
+      if (absent && trace.kind === "treelstm") continue;
+      counted += 1;
+      for (let u = 0; u < hidden; u++) {
+        const v = array[t * hidden + u];
+        if (v < 0.1) low[u] += 1; else if (v > 0.9) high[u] += 1;
+      }
     }
+    for (let u = 0; u < hidden; u++) { low[u] /= counted || 1; high[u] /= counted || 1; }
     traces.push({x: Array.from(low), y: Array.from(high), mode: "markers", name: `${gate} gate`,
       text: [...Array(hidden).keys()].map((u) => `unit ${u}`), type: "scatter",
       hovertemplate: "%{text}: <0.1 %{x:.2f}, >0.9 %{y:.2f}<extra></extra>"});
@@ -297,6 +307,12 @@ function drawPredictions() {
       `likeliest output ${JSON.stringify(p.vocabulary[best])} (${fmt(row[best], 3)}); recall ` +
       `phase (steps ${p.recall_start}–${symbols.length - 1}) copied ${p.copied}, ${p.correct} of ` +
       `${symbols.length - p.recall_start} right`;
+  } else if (p.kind === "tree") {
+    const row = p.probabilities[t], node = p.nodes[t];
+    bars = {x: row, y: p.labels, type: "bar", orientation: "h"};
+    const best = row.indexOf(Math.max(...row));
+    text = `node ${t} ${JSON.stringify(node.phrase)}: ${p.labels[best]} (${fmt(row[best], 3)})` +
+      (node.reference ? `; SST label ${node.reference}` : "") + `; bars: ${p.how}`;
   } else if (p.kind === "ctc") {
     const row = p.posteriors[t];
     bars = {x: row, y: p.labels, type: "bar", orientation: "h"};
@@ -364,19 +380,87 @@ function drawTimeline() {
 
 // the charts of one task beside the common ones: what its model is for, drawn as a person wants
 // to see it (adding: what the answer depends on; copy memory: the recall phase and its memory)
-function drawTaskCharts() {
+function drawTaskCharts(array, trace) {
   const p = state.analysis.predictions, section = $("task-section");
-  const charts = {adding: addingCharts, copy: copyCharts}[p.kind];
+  const charts = {adding: addingCharts, copy: copyCharts, tree: treeCharts}[p.kind];
   section.hidden = !charts;
+  $("tree-controls").hidden = p.kind !== "tree";
   if (!charts) return;
-  const [title, note, a, b] = charts(p);
+  const [title, note, a, b] = charts(p, array, trace);
   $("task-title").textContent = title;
   $("task-note").textContent = note;
   $("task-b").hidden = !b;
   const base = {margin: {l: 110, r: 10, t: 30, b: 50}};
+  $("task-a").style.height = a.layout.height ? `${a.layout.height}px` : ""; // the tree is taller
   Plotly.react("task-a", a.data, {...base, ...a.layout}, {responsive: true});
+  watchTreeClicks();
   if (b) Plotly.react("task-b", b.data, {...base, ...b.layout}, {responsive: true});
   else Plotly.purge("task-b");
+}
+
+// the parse tree as a person draws it: leaves in reading order along the bottom, each inner
+// node above the middle of its children, one level up from its highest child
+function treeLayout(nodes) {
+  const x = [], y = [];
+  let leaf = 0;
+  nodes.forEach((node, k) => { // children come before their parent
+    if (!node.children.length) { x[k] = leaf++; y[k] = 0; return; }
+    x[k] = node.children.reduce((sum, c) => sum + x[c], 0) / node.children.length;
+    y[k] = 1 + Math.max(...node.children.map((c) => y[c]));
+  });
+  return [x, y];
+}
+
+function treeCharts(p, array, trace) {
+  const nodes = p.nodes, [x, y] = treeLayout(nodes);
+  const bySentiment = $("tree-colour").value === "sentiment";
+  const last = p.labels.length - 1;
+  // the colour of a node: the chosen unit's value, or the predicted sentiment as a score in
+  // [0, 1] (binary: P(positive); fine: the expected label / 4)
+  const colourOf = (k) => bySentiment ? p.probabilities[k].reduce((s, q, c) => s + q * c, 0) / last
+    : array[k * trace.hidden + state.unit];
+  const edges = {x: [], y: []};
+  nodes.forEach((node, k) => node.children.forEach((c) => {
+    edges.x.push(x[k], x[c], null); edges.y.push(y[k], y[c], null);
+  }));
+  const shown = [], absent = [];
+  nodes.forEach((_, k) => (Number.isNaN(colourOf(k)) ? absent : shown).push(k));
+  const describe = (k) => {
+    const row = p.probabilities[k], best = row.indexOf(Math.max(...row));
+    return `${nodes[k].phrase}<br>${bySentiment ? "" : `${state.quantity}[${state.unit}] = ` +
+      `${fmt(colourOf(k), 4)}<br>`}predicted ${p.labels[best]} (${fmt(row[best], 3)})` +
+      (nodes[k].reference ? `<br>SST label ${nodes[k].reference}` : "");
+  };
+  const gate = !bySentiment && GATE_LIKE.has(state.quantity);
+  const scale = bySentiment ? 1 : unitScale(array, trace.hidden, state.unit);
+  const data = [
+    {x: edges.x, y: edges.y, mode: "lines", line: {color: "#aaa"}, hoverinfo: "skip", showlegend: false},
+    {x: shown.map((k) => x[k]), y: shown.map((k) => y[k]), customdata: shown, mode: "markers",
+     name: bySentiment ? "predicted sentiment" : `${state.quantity}[${state.unit}]`,
+     text: shown.map(describe), hovertemplate: "%{text}<extra></extra>", showlegend: false,
+     marker: {size: 16, color: shown.map(colourOf), line: {color: "#333", width: 1},
+              colorscale: gate ? "Blues" : "RdBu", reversescale: true, showscale: true,
+              cmin: gate || bySentiment ? 0 : -scale, cmax: gate || bySentiment ? 1 : scale,
+              colorbar: {title: {text: bySentiment ? "negative → positive" : state.quantity}}}}];
+  if (absent.length) {
+    data.push({x: absent.map((k) => x[k]), y: absent.map((k) => y[k]), customdata: absent,
+      mode: "markers", name: "no such child (leaf)", text: absent.map(describe),
+      hovertemplate: "%{text}<extra></extra>", marker: {size: 12, color: "#ddd", line: {color: "#999", width: 1}}});
+  }
+  const words = nodes.map((node, k) => [node, k]).filter(([node]) => node.word).map(([node, k]) => ({
+    x: x[k], y: 0, yshift: -14, text: node.phrase, showarrow: false, textangle: -40,
+    xanchor: "right", yanchor: "top", font: {size: 12}}));
+  const chosen = state.selected < nodes.length ? [{x: x[state.selected], y: y[state.selected],
+    text: "▼", showarrow: false, yshift: 16}] : [];
+  const rootRow = p.probabilities[p.root], best = rootRow.indexOf(Math.max(...rootRow));
+  return ["The parse tree",
+    `${nodes.length} nodes, computed from the leaves up; the sentence (root): ${p.labels[best]} ` +
+    `(${fmt(rootRow[best], 3)})` + (nodes[p.root].reference ? `, SST label ${nodes[p.root].reference}` : "") +
+    (p.labelled ? "" : " — plain words are read as a right-branching tree; paste an SST bracketed tree for a real parse"),
+    {data, layout: {height: 480, margin: {l: 20, r: 10, t: 20, b: 110}, hovermode: "closest",
+      annotations: [...words, ...chosen], xaxis: {visible: false},
+      yaxis: {visible: false, range: [-0.6, Math.max(...y) + 0.6]}, legend: {orientation: "h"}}},
+    null];
 }
 
 function addingCharts(p) {
@@ -426,7 +510,7 @@ async function render() {
     drawHeatmap(array, trace);
     await drawSaturation(trace);
     drawPredictions();
-    drawTaskCharts();
+    drawTaskCharts(array, trace);
     message("");
   } catch (error) {
     message(error.message);
@@ -485,14 +569,31 @@ $("prev").addEventListener("click", () => setStart(state.start - WINDOW));
 $("next").addEventListener("click", () => setStart(state.start + WINDOW));
 for (const id of ["sort", "pattern"]) $(id).addEventListener("change", render);
 $("regex").addEventListener("change", render);
+function select(t) {
+  state.selected = t;
+  document.querySelectorAll(".sym.selected").forEach((s) => s.classList.remove("selected"));
+  document.querySelector(`.sym[data-t="${t}"]`)?.classList.add("selected");
+  drawPredictions();
+}
 $("text").addEventListener("click", (event) => {
   const span = event.target.closest(".sym");
-  if (!span) return;
-  state.selected = Number(span.dataset.t);
-  document.querySelectorAll(".sym.selected").forEach((s) => s.classList.remove("selected"));
-  span.classList.add("selected");
-  drawPredictions();
+  if (span) select(Number(span.dataset.t));
 });
+$("tree-colour").addEventListener("change", render);
+// a click on a tree node selects it (plotly gives the point; customdata is the node's step)
+function watchTreeClicks() {
+  const chart = $("task-a");
+  if (chart.on && !chart.dataset.clicks) {
+    chart.dataset.clicks = "1";
+    chart.on("plotly_click", (event) => {
+      const point = event.points[0];
+      if (state.analysis.predictions.kind === "tree" && point.customdata !== undefined) {
+        select(point.customdata);
+        render();
+      }
+    });
+  }
+}
 
 async function start() {
   $("run").textContent = `${R.task} · ${R.run}`;
