@@ -64,14 +64,40 @@ def test_tree_lstm_nodes_states_gates_and_sentiment(tmp_path: Path) -> None:
     assert analysis.values(0, "f1")[:2].isnan().all()  # leaves have no children
     info = analysis.trace_info()[0]
     assert info["name"] == "tree layer 0 bottom-up" and info["gates"] == ["i", "f1", "f2", "o"]
-    # plain words: a right-branching tree, no labels
+    # plain words: a right-branching tree, no labels; an unknown word shows as what the model reads
     plain = explorer.analyse("the film is great")
     assert plain.symbols[-1] == "⟨the film is great⟩" and not plain.predictions["labelled"]
+    assert explorer.analyse("the zebra").symbols == [
+        "the", "<unk>", "⟨the zebra⟩"]
     assert plain.predictions["nodes"][-1]["children"] == [0, 5]
     for bad, message in (("(3 (2 a) (3 lovely)", "does not close"), ("(x a)", "integer label"),
                          ("  ", "empty")):
         with pytest.raises(InputError, match=message):
             explorer.analyse(bad)
+
+
+def test_tree_values_are_served_and_saved(tmp_path: Path) -> None:
+    """The per-child forget gates (f1, f2) reach the page: served by name, embedded in --html."""
+    import json
+    from urllib.request import urlopen
+
+    from rnnkit.explore.server import serve, write_html
+
+    pytest.importorskip("plotly", reason="the page needs plotly.js (the explore extra)")
+    explorer = load_run(train_trees(tmp_path / "run"))
+    server = serve(explorer)
+    try:
+        with urlopen(server.url + "api/default") as response:
+            summary = json.load(response)
+        with urlopen(server.url + f"api/values/{summary['id']}/0/f2") as response:
+            served = torch.frombuffer(bytearray(response.read()), dtype=torch.float32)
+    finally:
+        server.shutdown()
+        server.server_close()
+    expected = explorer.analyse(SST_TREES[0]).values(0, "f2").flatten()
+    torch.testing.assert_close(served, expected, equal_nan=True)
+    page = write_html(explorer, SST_TREES[1], tmp_path / "tree.html").read_text(encoding="utf-8")
+    assert '"0/f1"' in page and '"0/f2"' in page and '"kind":"tree"' in page
 
 
 def test_a_sequence_encoder_of_the_trees_task_gets_the_classifier_page(tmp_path: Path) -> None:

@@ -742,6 +742,8 @@ class TreesExplorer:
             phrase = " ".join(words)
             if node.word is None and len(phrase) > self.SHOWN_PHRASE:
                 phrase = phrase[:self.SHOWN_PHRASE - 1] + "…"
+            if node.word is not None and node.word not in self.vocab.index:
+                phrase = "<unk>"  # what the model reads, as the word LM's page shows it
             shown.append(phrase if node.word is not None else f"⟨{phrase}⟩")
             reference = None
             if labelled:

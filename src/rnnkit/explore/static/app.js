@@ -7,6 +7,7 @@
 const R = window.RNNKIT;
 const WINDOW = 400; // steps drawn at once (text and heat map)
 const MAX_UNITS_SHOWN = 512; // heat-map rows; wider layers show the first after sorting
+const MAX_TREE_WORDS = 150; // leaves written under a drawn parse tree (hover shows every node)
 
 const state = {analysis: null, cache: new Map(), trace: 0, quantity: "h", unit: 0, start: 0,
                selected: 0, renders: 0};
@@ -447,7 +448,9 @@ function treeCharts(p, array, trace) {
       mode: "markers", name: "no such child (leaf)", text: absent.map(describe),
       hovertemplate: "%{text}<extra></extra>", marker: {size: 12, color: "#ddd", line: {color: "#999", width: 1}}});
   }
-  const words = nodes.map((node, k) => [node, k]).filter(([node]) => node.word).map(([node, k]) => ({
+  // the words under the leaves, while they fit (a long plain input makes a tree of thousands)
+  const leaves = nodes.filter((node) => node.word).length;
+  const words = leaves > MAX_TREE_WORDS ? [] : nodes.map((node, k) => [node, k]).filter(([node]) => node.word).map(([node, k]) => ({
     x: x[k], y: 0, yshift: -14, text: node.phrase, showarrow: false, textangle: -40,
     xanchor: "right", yanchor: "top", font: {size: 12}}));
   const chosen = state.selected < nodes.length ? [{x: x[state.selected], y: y[state.selected],
@@ -456,7 +459,8 @@ function treeCharts(p, array, trace) {
   return ["The parse tree",
     `${nodes.length} nodes, computed from the leaves up; the sentence (root): ${p.labels[best]} ` +
     `(${fmt(rootRow[best], 3)})` + (nodes[p.root].reference ? `, SST label ${nodes[p.root].reference}` : "") +
-    (p.labelled ? "" : " — plain words are read as a right-branching tree; paste an SST bracketed tree for a real parse"),
+    (p.labelled ? "" : " — plain words are read as a right-branching tree; paste an SST bracketed tree for a real parse") +
+    (leaves > MAX_TREE_WORDS ? ` (${leaves} words: too many to write under the tree; hover a node)` : ""),
     {data, layout: {height: 480, margin: {l: 20, r: 10, t: 20, b: 110}, hovermode: "closest",
       annotations: [...words, ...chosen], xaxis: {visible: false},
       yaxis: {visible: false, range: [-0.6, Math.max(...y) + 0.6]}, legend: {orientation: "h"}}},
