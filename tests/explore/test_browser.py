@@ -322,6 +322,9 @@ def test_adding_page_shows_the_marks_and_what_the_answer_depends_on(browser: Any
         analysis = explorer.analyse("5")
         assert saliency[0]["y"] == pytest.approx(analysis.predictions["saliency_value"])
         assert saliency[1]["y"] == pytest.approx(analysis.predictions["saliency_marker"])
+        carried = _chart(browser, "task-b")
+        assert [line["y"] for line in carried] == [
+            pytest.approx(row) for row in analysis.predictions["carried"]]
         timeline = _chart(browser, "timeline")
         assert timeline[0]["y"] == pytest.approx(analysis.predictions["prefix"])
         assert "final answer" in browser.find_element("id", "prediction-text").text

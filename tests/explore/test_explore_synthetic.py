@@ -50,6 +50,17 @@ def test_adding_marks_prefixes_and_saliency(tmp_path: Path) -> None:
             with torch.no_grad():
                 slope = float(model64(up)[0, 0] - model64(down)[0, 0]) / (2 * eps)
             assert p[key][t] == pytest.approx(slope, rel=1e-3, abs=1e-7)
+    # how the state carries each marked value: ‖∂h_t/∂value_mark‖ against central differences
+    # of the model's own layer (float64) at every step
+    for mark, carried in zip(p["marks"], p["carried"]):
+        up, down = x.clone(), x.clone()
+        up[mark, 0, 0] += eps
+        down[mark, 0, 0] -= eps
+        with torch.no_grad():
+            slope = (model64.rnn(up)[0] - model64.rnn(down)[0])[:, 0] / (2 * eps)  # (T, H)
+        torch.testing.assert_close(torch.tensor(carried, dtype=torch.float64), slope.norm(dim=1),
+                                   rtol=1e-3, atol=1e-7)
+        assert all(value == 0 for value in carried[:mark])  # nothing before it is read
     for bad, message in (("first", "number of a validation sequence"),
                          ("8", "there are 8 validation sequences")):
         with pytest.raises(InputError, match=message):

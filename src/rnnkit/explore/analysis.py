@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from rnnkit.explore.record import GATES, LABELS, Recorder, Trace
+from rnnkit.explore.record import GATES, LABELS, Recorder, Trace, record_layer
+from rnnkit.layers import RecurrentLayer
 
 MAX_SYMBOLS = 20_000  # the longest input the page accepts (the issue's responsiveness target)
 MAX_RECORDED_BYTES = 1 << 30  # one analysis's recorded values; the server keeps two
@@ -592,13 +594,35 @@ class AddingExplorer:
         marked = inputs[:, 0, 0] * inputs[:, 0, 1]
         seen = marked.double().cumsum(0)  # the sum of the marked values read so far
         symbols = [("▶" if m else "") + f"{float(v):.3f}" for v, m in inputs[:, 0].tolist()]
+        carried = None
+        if isinstance(self.model.rnn, RecurrentLayer):  # a cell whose math can be replayed
+            carried = [_carried(self.model.rnn, inputs[:, 0], mark).tolist() for mark in marks]
         predictions = {
             "kind": "adding", "marks": marks, "target": float(valid.targets[0, number]),
             "prediction": float(prediction.detach()), "steps": positions,
             "prefix": prefix[:, 0].double().tolist(), "seen": seen[positions].tolist(),
             "saliency_value": saliency[:, 0, 0].double().tolist(),
-            "saliency_marker": saliency[:, 0, 1].double().tolist()}
+            "saliency_marker": saliency[:, 0, 1].double().tolist(), "carried": carried}
         return Analysis(self.task, symbols, _traces(recorder), predictions, text)
+
+
+def _carried(layer: RecurrentLayer, x: Tensor, step: int, channel: int = 0) -> Tensor:
+    """‖∂h_t/∂x[step, channel]‖ of the top layer (both directions) at every step t, (T,): how
+    much of that one input the state still holds at t. Exact, in one pass: forward-mode AD
+    through the layer's own cell math as :func:`~rnnkit.explore.record.record_layer` replays it
+    (the tangent of x is 1 at that input, 0 elsewhere)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    tangent = torch.zeros_like(x)
+    tangent[step, channel] = 1.0
+    with forward_ad.dual_level():
+        with warnings.catch_warnings():  # torch's first make_dual scripts its jvp decompositions
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+            dual = forward_ad.make_dual(x, tangent)
+        traces = record_layer(layer, dual)
+        top = [trace for trace in traces if trace.layer == layer.num_layers - 1]
+        sensitivity = torch.cat([forward_ad.unpack_dual(t.values["h"]).tangent for t in top], 1)
+    return sensitivity.double().norm(dim=1)
 
 
 class CopyMemoryExplorer:

@@ -474,14 +474,20 @@ function addingCharts(p) {
   return ["What the final answer depends on",
     `∂ŷ/∂x_t of the final answer ŷ = ${fmt(p.prediction, 4)} (target ${fmt(p.target, 4)}) to ` +
     `each step's value and marker; dotted: the marked steps ${p.marks.join(", ")}. A model that ` +
-    "has learnt the task has ∂ŷ/∂value ≈ 1 at the two marks and ≈ 0 elsewhere: its state " +
-    "carries the first marked value to the end.",
+    "has learnt the task has ∂ŷ/∂value ≈ 1 at the two marks and ≈ 0 elsewhere. Right: how much " +
+    "of each marked value the top layer's state h_t still holds at every later step (exact " +
+    "forward-mode derivative); to answer, it must carry the first one to the end.",
     {data: [{x: steps, y: p.saliency_value, type: "bar", name: "∂ŷ/∂value_t"},
             {x: steps, y: p.saliency_marker, type: "bar", name: "∂ŷ/∂marker_t"}],
      layout: {barmode: "group", shapes: marks, xaxis: {title: {text: "step"}},
               yaxis: {title: {text: "gradient"}}, title: {text: "saliency of every step"},
               legend: {orientation: "h", y: -0.25}}},
-    null];
+    p.carried && {data: p.carried.map((row, k) => ({x: steps, y: row, mode: "lines",
+      name: `marked value at step ${p.marks[k]}`})),
+     layout: {shapes: marks, xaxis: {title: {text: "step t"}},
+              yaxis: {type: "log", title: {text: "‖∂h_t / ∂value‖"}, exponentformat: "power"},
+              title: {text: "how the state carries each marked value"},
+              legend: {orientation: "h", y: -0.25}}}];
 }
 
 function copyCharts(p) {
