@@ -213,6 +213,7 @@ def test_tagger_page_shows_the_models_activations(browser: Any, tmp_path: Path) 
         tags = browser.execute_script(
             "return [...document.querySelectorAll('#text .sym .tag')].map(s => s.textContent)")
         assert tags == explorer.analyse(sentence).predictions["decoded"]
+        assert not browser.find_element("id", "task-section").is_displayed()  # no task charts
         browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-tagging.png"))
     finally:
         server.shutdown()
@@ -317,6 +318,7 @@ def test_adding_page_shows_the_marks_and_what_the_answer_depends_on(browser: Any
                 gates.append(z[4])
         torch.testing.assert_close(values, torch.stack(gates))
         assert browser.find_element("id", "task-section").is_displayed()
+        assert not browser.find_element("id", "tree-controls").is_displayed()  # trees only
         assert "What the final answer depends on" in browser.find_element("id", "task-title").text
         saliency = _chart(browser, "task-a")
         analysis = explorer.analyse("5")
@@ -407,6 +409,7 @@ def test_trees_page_draws_the_parse_tree_with_each_nodes_state(browser: Any, tmp
         assert float(values[6]) == pytest.approx(float(pre[2 * H:3 * H].sigmoid()[2]), rel=1e-5)
         drawn = _chart(browser, "task-a")
         assert drawn[1]["customdata"] == [2, 5, 6] and drawn[2]["customdata"] == [0, 1, 3, 4]
+        assert browser.find_element("id", "tree-controls").is_displayed()
         renders = _choose(browser, "tree-colour", "sentiment", renders)
         nodes = _chart(browser, "task-a")[1]
         torch.testing.assert_close(torch.tensor(nodes["marker"]["color"]), probs[order, 1])

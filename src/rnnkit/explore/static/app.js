@@ -294,8 +294,9 @@ function drawPredictions() {
     const k = nearestPrefix(p.steps, t);
     const shown = [p.prefix[k], p.seen[k], p.prediction, p.target];
     bars = {x: shown, type: "bar", orientation: "h",
-      y: [`had it ended at step ${p.steps[k]}`, "marked values read so far", "final answer", "target"]};
-    range = [0, Math.max(2, ...shown.filter(Number.isFinite))];
+      y: [`ended at ${p.steps[k]}`, "marked so far", "final answer", "target"]};
+    const finite = shown.filter(Number.isFinite);
+    range = [Math.min(0, ...finite) - 0.05, Math.max(2, ...finite)];
     axis = "value";
     text = `step ${t} ${p.marks.includes(t) ? "is marked" : "is not marked"}; ∂ŷ/∂value = ` +
       `${fmt(p.saliency_value[t], 5)}, ∂ŷ/∂marker = ${fmt(p.saliency_marker[t], 5)}; marks at ` +
