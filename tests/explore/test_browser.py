@@ -362,6 +362,9 @@ def test_copymemory_page_shows_the_recall_phase(browser: Any, tmp_path: Path) ->
         assert len(memory) == 10 and all(len(row) == 10 for row in memory)
         torch.testing.assert_close(torch.tensor(memory, dtype=torch.float64), torch.tensor(
             explorer.analyse("8765432112").predictions["memory"], dtype=torch.float64))
+        held = _chart(browser, "task-c")
+        assert [line["name"] for line in held] == [f"digit {j}: {d}" for j, d in enumerate("8765432112")]
+        assert all(len(line["y"]) == 35 for line in held)
         assert "copied" in browser.find_element("id", "task-note").text
         browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-copymemory.png"))
         _type_and_run_expecting(browser, "1239", "type the 10 digits to copy")

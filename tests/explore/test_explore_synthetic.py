@@ -97,6 +97,22 @@ def test_copymemory_recall_distribution_and_memory(tmp_path: Path) -> None:
         (grad,) = torch.autograd.grad(log_probs[25 + k, tokens[k]], x, retain_graph=True)
         torch.testing.assert_close(torch.tensor(p["memory"][k], dtype=torch.float64),
                                    grad[:10, 0].norm(dim=-1), rtol=1e-3, atol=1e-8)
+    # what the state still holds of digit j: ‖h_t(digit j replaced) − h_t‖, mean over the other 7
+    held = torch.tensor(p["held"], dtype=torch.float64)
+    assert held.shape == (10, 35)
+    with torch.no_grad():
+        h = model64.rnn(F.one_hot(tokens, 10).double().unsqueeze(1))[0][:, 0]
+        for j in (0, 7):
+            changes = []
+            for digit in range(1, 9):
+                if digit != int(tokens[j]):
+                    changed = tokens.clone()
+                    changed[j] = digit
+                    other = model64.rnn(F.one_hot(changed, 10).double().unsqueeze(1))[0][:, 0]
+                    changes.append((other - h).norm(dim=1))
+            torch.testing.assert_close(held[j], torch.stack(changes).mean(0), rtol=1e-4, atol=1e-6)
+    before = torch.arange(35).unsqueeze(0) < torch.arange(10).unsqueeze(1)  # t < j: not yet read
+    assert (held[before] == 0).all() and (held[~before] > 0).all()
     for bad in ("123", "1234567890", "31415265x5"):
         with pytest.raises(InputError, match="type the 10 digits to copy"):
             explorer.analyse(bad)

@@ -680,6 +680,7 @@ class CopyMemoryExplorer:
                 (grad,) = torch.autograd.grad(log_probs[step, targets[step]], read.leaf,
                                               retain_graph=k < DIGITS - 1)
                 memory.append(grad[:DIGITS, 0].double().norm(dim=-1))
+        held = _held(self.model, tokens, DIGITS, range(1, DELIMITER))
         probs = log_probs.detach().exp()  # (T, V)
         names = self.vocabulary()
         recall = probs[-DIGITS:].argmax(1)
@@ -688,10 +689,34 @@ class CopyMemoryExplorer:
             "targets": [names[t] for t in targets.tolist()],
             "recall_start": len(tokens) - DIGITS, "copied": "".join(names[t] for t in recall),
             "correct": int((recall == targets[-DIGITS:]).sum()),
-            "memory": torch.stack(memory).tolist(),
+            "memory": torch.stack(memory).tolist(), "held": held.tolist(),
             "loss": float(-log_probs.detach()[torch.arange(len(tokens)), targets].mean())}
         return Analysis(self.task, [names[t] for t in tokens.tolist()], _traces(recorder),
                         predictions, text)
+
+
+@torch.no_grad()
+def _held(model: Any, tokens: Tensor, count: int, symbols: range) -> Tensor:
+    """(count, T): for each of the first ``count`` input steps j, how much the recurrent state
+    still depends on what was read there — ‖h_t(x_j changed) − h_t‖ of the layer's output at
+    every step t, averaged over every other symbol of ``symbols`` put at j. One batched run of
+    the model: the unchanged sequence and every changed one side by side."""
+    batch = [tokens]
+    for j in range(count):
+        for symbol in symbols:
+            if symbol != int(tokens[j]):
+                changed = tokens.clone()
+                changed[j] = symbol
+                batch.append(changed)
+    outputs: list[Tensor] = []
+    handle = model.rnn.register_forward_hook(lambda module, args, result: outputs.append(result[0]))
+    try:
+        model(torch.stack(batch, dim=1))  # (T, B)
+    finally:
+        handle.remove()
+    h = outputs[0].double()  # (T, B, D·H)
+    distance = (h[:, 1:] - h[:, :1]).norm(dim=2)  # (T, count · alternatives)
+    return distance.reshape(h.shape[0], count, -1).mean(2).T
 
 
 class TreesExplorer:

@@ -388,7 +388,7 @@ function drawTaskCharts(array, trace) {
   section.hidden = !charts;
   $("tree-controls").hidden = p.kind !== "tree";
   if (!charts) return;
-  const [title, note, a, b] = charts(p, array, trace);
+  const [title, note, a, b, c] = charts(p, array, trace);
   $("task-title").textContent = title;
   $("task-note").textContent = note;
   $("task-b").hidden = !b;
@@ -398,6 +398,9 @@ function drawTaskCharts(array, trace) {
   watchTreeClicks();
   if (b) Plotly.react("task-b", b.data, {...base, ...b.layout}, {responsive: true});
   else Plotly.purge("task-b");
+  $("task-c").hidden = !c;
+  if (c) Plotly.react("task-c", c.data, {...base, ...c.layout}, {responsive: true});
+  else Plotly.purge("task-c");
 }
 
 // the parse tree as a person draws it: leaves in reading order along the bottom, each inner
@@ -498,7 +501,9 @@ function copyCharts(p) {
     `copied ${p.copied} for ${p.targets.slice(start).join("")}: ${p.correct} of ${count} right ` +
     `(mean loss over all steps ${fmt(p.loss, 4)}). Left: the output distribution of each recall ` +
     "step. Right: the memory — how strongly log p(the right digit) at each recall step depends " +
-    "on the input at each digit step (gradient norm); copying reads digit k at recall step k.",
+    "on the input at each digit step (gradient norm); copying reads digit k at recall step k. " +
+    "Below: how much the state at each step still depends on each digit (the change of h_t " +
+    "when that digit is replaced, averaged over the other seven; dotted: the recall starts).",
     {data: [{type: "heatmap", z: p.probabilities.slice(start), x: p.vocabulary, y: recall,
              colorscale: "Greys", reversescale: true, zmin: 0, zmax: 1,
              hovertemplate: "%{y}: p(%{x}) = %{z:.3f}<extra></extra>"}],
@@ -508,7 +513,14 @@ function copyCharts(p) {
              y: recall, colorscale: "Viridis",
              hovertemplate: "%{y} ← input %{x}: %{z:.3g}<extra></extra>"}],
      layout: {title: {text: "memory: |∂ log p / ∂ input|"}, xaxis: {type: "category", title: {text: "input digit step"}},
-              yaxis: {autorange: "reversed", type: "category"}}}];
+              yaxis: {autorange: "reversed", type: "category"}}},
+    {data: p.held.map((row, j) => ({x: row.map((_, t) => t), y: row, mode: "lines",
+       name: `digit ${j}: ${p.targets[start + j]}`})),
+     layout: {title: {text: "what the state still holds of each digit: ‖h_t(digit changed) − h_t‖"},
+              xaxis: {title: {text: "step t"}}, legend: {orientation: "h", y: -0.25},
+              yaxis: {type: "log", title: {text: "‖Δh_t‖"}, exponentformat: "power"},
+              shapes: [{type: "line", x0: start, x1: start, yref: "paper", y0: 0, y1: 1,
+                        line: {color: "rgba(220, 40, 40, 0.5)", dash: "dot"}}]}}];
 }
 
 async function render() {
