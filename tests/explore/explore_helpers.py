@@ -103,10 +103,10 @@ def train_speech(out: Path, recordings: Path) -> Path:
     return train_task(speech, config, out)
 
 
-def train_adding(out: Path, length: int = 20) -> Path:
+def train_adding(out: Path, length: int = 20, cell: str = "gru") -> Path:
     config = adding.default_config()
     config["data"].update(length=length, valid_size=8, eval_batch_size=8)
-    config["model"]["recurrent"].update(hidden=6)
+    config["model"]["recurrent"].update(hidden=6, cell=cell)
     config["train"].update(steps=2, batch_size=4, eval_every=2)
     return train_task(adding, config, out)
 

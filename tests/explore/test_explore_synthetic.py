@@ -116,3 +116,18 @@ def test_copymemory_recall_distribution_and_memory(tmp_path: Path) -> None:
     for bad in ("123", "1234567890", "31415265x5"):
         with pytest.raises(InputError, match="type the 10 digits to copy"):
             explorer.analyse(bad)
+
+
+def test_adding_with_a_minimal_rnn_and_a_tcn(tmp_path: Path) -> None:
+    """minGRU is recorded through its own recurrence (the carried sensitivity too); a TCN has
+    nothing recurrent to show and says so in one line."""
+    explorer = load_run(train_adding(tmp_path / "mingru", cell="mingru"))
+    analysis = explorer.analyse("1")
+    with torch.no_grad():
+        output, _ = explorer.model.rnn(explorer.sequences().inputs[:, 1:2])
+    torch.testing.assert_close(analysis.values(0, "h"), output[:, 0])
+    mark = analysis.predictions["marks"][0]
+    assert analysis.predictions["carried"][0][mark] > 0
+    tcn = load_run(train_adding(tmp_path / "tcn", cell="tcn"))
+    with pytest.raises(InputError, match="no recurrent layer to show"):
+        tcn.analyse("1")

@@ -945,6 +945,9 @@ def _crf_marginals(crf: Any, emissions: Tensor, mask: Tensor) -> Tensor:
 
 
 def _traces(recorder: Recorder) -> list[tuple[str, Trace]]:
+    if not recorder.layers:  # a TCN: nothing recurrent to show, say so rather than draw nothing
+        raise InputError("this run's model has no recurrent layer to show (a TCN is "
+                         "convolutional): rnnkit explore shows recurrent states and gates")
     needed = recorder.bytes_needed()
     if needed > MAX_RECORDED_BYTES:  # a wide, deep model on a long input: refuse, do not swap
         raise InputError(f"recording this input would take {needed / 2**30:.1f} GiB "

@@ -84,7 +84,8 @@ function fillQuantities() {
 }
 
 // --- colours -------------------------------------------------------------------------------
-const GATE_LIKE = new Set(["i", "f", "o", "z", "r", "f1", "f2"]); // f1, f2: a Tree-LSTM's children
+// f1, f2: a Tree-LSTM's per-child forget gates; a: the kept fraction of minGRU / minLSTM
+const GATE_LIKE = new Set(["i", "f", "o", "z", "r", "f1", "f2", "a"]);
 
 function colour(value, scale, gate) {
   if (!Number.isFinite(value)) return "rgb(255, 230, 0)"; // NaN/inf shown, not hidden
