@@ -417,6 +417,13 @@ def test_trees_page_draws_the_parse_tree_with_each_nodes_state(browser: Any, tmp
         nodes = _chart(browser, "task-a")[1]
         torch.testing.assert_close(torch.tensor(nodes["marker"]["color"]), probs[order, 1])
         assert "SST label positive" in browser.find_element("id", "task-note").text
+        # a click on the root node selects it: its predictions are shown
+        browser.execute_script("document.getElementById('task-a').emit('plotly_click', "
+                               "{points: [{customdata: 6}]})")
+        renders = _wait_for_render(browser, renders)
+        assert browser.find_element("id", "step").text.startswith("6 ")
+        shown = browser.execute_script("return document.getElementById('predictions').data[0].x")
+        assert shown == pytest.approx(probs[order[6]].tolist(), rel=1e-5)
         renders = _choose(browser, "quantity", "h", renders)
         browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-trees.png"))
         _type_and_run_expecting(browser, "(3 (2 a", "does not close")
