@@ -700,7 +700,9 @@ def _held(model: Any, tokens: Tensor, count: int, symbols: range) -> Tensor:
     """(count, T): for each of the first ``count`` input steps j, how much the recurrent state
     still depends on what was read there — ‖h_t(x_j changed) − h_t‖ of the layer's output at
     every step t, averaged over every other symbol of ``symbols`` put at j. One batched run of
-    the model: the unchanged sequence and every changed one side by side."""
+    the model: the unchanged sequence and every changed one side by side, in float64 (in float32
+    the differences stop at its rounding, ~1e-7, and hide how fast the memory fades)."""
+    model = copy.deepcopy(model).double()
     batch = [tokens]
     for j in range(count):
         for symbol in symbols:
@@ -714,7 +716,7 @@ def _held(model: Any, tokens: Tensor, count: int, symbols: range) -> Tensor:
         model(torch.stack(batch, dim=1))  # (T, B)
     finally:
         handle.remove()
-    h = outputs[0].double()  # (T, B, D·H)
+    h = outputs[0]  # (T, B, D·H)
     distance = (h[:, 1:] - h[:, :1]).norm(dim=2)  # (T, count · alternatives)
     return distance.reshape(h.shape[0], count, -1).mean(2).T
 
