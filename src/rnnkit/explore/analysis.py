@@ -699,26 +699,26 @@ class CopyMemoryExplorer:
 def _held(model: Any, tokens: Tensor, count: int, symbols: range) -> Tensor:
     """(count, T): for each of the first ``count`` input steps j, how much the recurrent state
     still depends on what was read there — ‖h_t(x_j changed) − h_t‖ of the layer's output at
-    every step t, averaged over every other symbol of ``symbols`` put at j. One batched run of
-    the model: the unchanged sequence and every changed one side by side, in float64 (in float32
-    the differences stop at its rounding, ~1e-7, and hide how fast the memory fades)."""
+    every step t, averaged over every other symbol of ``symbols`` put at j. Per step j one
+    batched run of the model holds the sequence and every changed one side by side (the same
+    arithmetic for all, and bounded memory on long inputs), in float64: in float32 the
+    differences stop at its rounding, ~1e-7, and hide how fast the memory fades."""
     model = copy.deepcopy(model).double()
-    batch = [tokens]
-    for j in range(count):
-        for symbol in symbols:
-            if symbol != int(tokens[j]):
-                changed = tokens.clone()
-                changed[j] = symbol
-                batch.append(changed)
     outputs: list[Tensor] = []
     handle = model.rnn.register_forward_hook(lambda module, args, result: outputs.append(result[0]))
+    others = torch.tensor(list(symbols))
     try:
-        model(torch.stack(batch, dim=1))  # (T, B)
+        held = []
+        for j in range(count):
+            others_j = others[others != tokens[j]]  # the symbol read there is no change
+            batch = tokens.unsqueeze(1).repeat(1, 1 + len(others_j))  # (T, 1 + S): column 0 as is
+            batch[j, 1:] = others_j
+            model(batch)
+            h = outputs.pop()  # (T, 1 + S, D·H)
+            held.append((h[:, 1:] - h[:, :1]).norm(dim=2).mean(1))  # (T,)
     finally:
         handle.remove()
-    h = outputs[0]  # (T, B, D·H)
-    distance = (h[:, 1:] - h[:, :1]).norm(dim=2)  # (T, count · alternatives)
-    return distance.reshape(h.shape[0], count, -1).mean(2).T
+    return torch.stack(held)
 
 
 class TreesExplorer:
