@@ -27,6 +27,7 @@ MAX_SYMBOLS = 20_000  # the longest input the page accepts (the issue's responsi
 MAX_RECORDED_BYTES = 1 << 30  # one analysis's recorded values; the server keeps two
 TOP_K = 5  # next-symbol candidates shown per step
 MAX_PREFIXES = 400  # classifiers: prefixes evaluated for the probability-over-time curve
+PREFIX_BATCH = 128  # prefixes run side by side
 
 
 class InputError(ValueError):
@@ -287,13 +288,10 @@ class ClassifierExplorer:
         with Recorder(self.model, only=("rnn",)) as recorder:
             logits = self.model(**self.batch(1, [steps], source))
         final = _probabilities(logits[0])
-        positions = _prefix_steps(steps)
-        probs = []
-        for begin in range(0, len(positions), 256):  # bounded memory for long inputs
-            chunk = [p + 1 for p in positions[begin:begin + 256]]
-            probs.append(_probabilities(self.model(**self.batch(len(chunk), chunk, source))))
+        positions, logits = _prefix_outputs(
+            lambda ends: self.model(**self.batch(len(ends), ends, source)), steps)
         predictions = {"kind": "classes", "labels": self.labels, "steps": positions,
-                       "probabilities": torch.cat(probs).float().tolist(),
+                       "probabilities": _probabilities(logits).float().tolist(),
                        "final": final.tolist()}
         return Analysis(self.task, symbols, _traces(recorder), predictions, text)
 
@@ -590,7 +588,10 @@ class AddingExplorer:
             prediction = self.model(inputs)[0, 0]
             (saliency,) = torch.autograd.grad(prediction, inputs)  # (T, 1, 2)
         inputs = inputs.detach()
-        positions, prefix = _prefix_outputs(self.model, inputs[:, 0], steps)
+        features = inputs[:, 0]  # (T, 2)
+        positions, prefix = _prefix_outputs(lambda ends: self.model(
+            features[:max(ends)].unsqueeze(1).expand(-1, len(ends), -1).contiguous(),
+            torch.tensor(ends)), steps)
         marked = inputs[:, 0, 0] * inputs[:, 0, 1]
         seen = marked.double().cumsum(0)  # the sum of the marked values read so far
         symbols = [("▶" if m else "") + f"{float(v):.3f}" for v, m in inputs[:, 0].tolist()]
@@ -924,15 +925,13 @@ def _prefix_steps(steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def _prefix_outputs(model: Any, features: Tensor, steps: int) -> tuple[list[int], Tensor]:
-    """What a many-to-one ``model`` answers for the prefixes of ``features`` (T, I) ending at
-    :func:`_prefix_steps`: those steps and the outputs (P, C)."""
+def _prefix_outputs(run: Callable[[list[int]], Tensor], steps: int) -> tuple[list[int], Tensor]:
+    """What a many-to-one model answers had the input ended at each of :func:`_prefix_steps`:
+    those steps and the outputs (P, C). ``run(ends)`` runs the model on the prefixes of the
+    given lengths side by side, a bounded number at a time (memory stays small on long inputs)."""
     positions = _prefix_steps(steps)
-    out = []
-    for begin in range(0, len(positions), 64):  # bounded memory for long sequences
-        ends = torch.tensor([p + 1 for p in positions[begin:begin + 64]])
-        batch = features.unsqueeze(1).expand(-1, len(ends), -1)[:int(ends.max())].contiguous()
-        out.append(model(batch, ends))
+    out = [run([p + 1 for p in positions[begin:begin + PREFIX_BATCH]])
+           for begin in range(0, len(positions), PREFIX_BATCH)]
     return positions, torch.cat(out)
 
 
