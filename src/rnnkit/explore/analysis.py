@@ -597,7 +597,7 @@ class AddingExplorer:
         symbols = [("▶" if m else "") + f"{float(v):.3f}" for v, m in inputs[:, 0].tolist()]
         carried = None
         if isinstance(self.model.rnn, RecurrentLayer):  # a cell whose math can be replayed
-            carried = [_carried(self.model.rnn, inputs[:, 0], mark).tolist() for mark in marks]
+            carried = [_carried(self.model.rnn, features, mark).tolist() for mark in marks]
         predictions = {
             "kind": "adding", "marks": marks, "target": float(valid.targets[0, number]),
             "prediction": float(prediction.detach()), "steps": positions,
