@@ -8,6 +8,8 @@ variance; ``--screenshot FILE`` saves the page after choosing ``--quantity`` / `
     python benchmarks/explore.py runs/charlm-small --symbols 20000
     python benchmarks/explore.py runs/charlm-small --symbols 1200 --quantity c --sort correlation \\
         --pattern quotes --screenshot docs/explore-charlm.png
+    python benchmarks/explore.py runs/sst-treelstm --text "$(sed -n 3p ../shared/data/sst-trees/dev.txt)" \\
+        --quantity c --tree-colour sentiment --scroll-to task-section --screenshot docs/explore-trees.png
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def main() -> None:
     parser.add_argument("--unit", type=int, default=None, help="default: the top unit after sorting")
     parser.add_argument("--sort", default="variance", choices=("index", "variance", "correlation"))
     parser.add_argument("--pattern", default="position", choices=("position", "quotes", "regex"))
+    parser.add_argument("--text", default=None, help="the input as is (default: the run's "
+                                                     "validation input repeated to --symbols)")
+    parser.add_argument("--tree-colour", default=None, choices=("unit", "sentiment"),
+                        help="trees: colour the parse tree's nodes by the unit or the prediction")
+    parser.add_argument("--scroll-to", default=None, metavar="ID",
+                        help="scroll the page to this element before the screenshot "
+                             "(e.g. task-section: the task's own charts)")
     parser.add_argument("--screenshot", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -58,7 +67,8 @@ def main() -> None:
 
     explorer = load_run(args.run)
     base = explorer.default_input()
-    text = (base * (args.symbols // max(1, len(base)) + 1))[: args.symbols]
+    text = args.text if args.text is not None else (
+        base * (args.symbols // max(1, len(base)) + 1))[: args.symbols]
     start = time.perf_counter()
     explorer.analyse(text)
     print(f"analyse {len(text):,} symbols in Python: {time.perf_counter() - start:.1f} s")
@@ -91,7 +101,13 @@ def main() -> None:
             info = driver.find_element("id", "sort-info").text  # "top unit N: ..."
             unit = int(info.split()[2].rstrip(":")) if info else 0
         print(f"unit {unit}: {_timed(driver, _select('unit', str(unit))):.2f} s")
+        if args.tree_colour:
+            print(f"tree coloured by {args.tree_colour}: "
+                  f"{_timed(driver, _select('tree-colour', args.tree_colour)):.2f} s")
         if args.screenshot:
+            if args.scroll_to:
+                driver.execute_script("document.getElementById(arguments[0]).scrollIntoView()",
+                                      args.scroll_to)
             driver.save_screenshot(args.screenshot)
             print(f"screenshot: {args.screenshot}")
     finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rnnkit.tasks import charlm, speech, tagging
+from rnnkit.tasks import adding, charlm, copymemory, speech, tagging, trees
 from rnnkit.train import TrainConfig, Trainer
 
 TEXT = 'He said "hello there" to me.\nAnd then "goodbye", she said at 10:45.\n' * 30
@@ -101,3 +101,38 @@ def train_speech(out: Path, recordings: Path) -> Path:
     config["model"]["recurrent"].update(hidden=6, layers=1)
     config["train"].update(steps=2, batch_size=4, eval_every=2)
     return train_task(speech, config, out)
+
+
+def train_adding(out: Path, length: int = 20, cell: str = "gru") -> Path:
+    config = adding.default_config()
+    config["data"].update(length=length, valid_size=8, eval_batch_size=8)
+    config["model"]["recurrent"].update(hidden=6, cell=cell)
+    config["train"].update(steps=2, batch_size=4, eval_every=2)
+    return train_task(adding, config, out)
+
+
+def train_copymemory(out: Path, length: int = 15) -> Path:
+    config = copymemory.default_config()
+    config["data"].update(length=length, valid_size=8, eval_batch_size=8)
+    config["model"].update(hidden=6)
+    config["train"].update(steps=2, batch_size=4, eval_every=2)
+    return train_task(copymemory, config, out)
+
+
+SST_TREES = ["(4 (2 the) (4 (2 film) (4 (3 is) (4 great))))",
+             "(0 (2 the) (0 (2 plot) (0 (2 is) (0 dull))))",
+             "(3 (2 (2 a) (3 lovely)) (2 (2 film) (2 .)))",
+             "(1 (2 (2 an) (1 awful)) (2 (2 plot) (2 .)))"]
+
+
+def train_trees(out: Path, encoder: str = "treelstm") -> Path:
+    """A few steps of the trees task on SST-style bracketed trees written beside ``out``."""
+    folder = out.parent / f"{out.name}-sst"
+    folder.mkdir(parents=True)
+    (folder / "train.txt").write_text("\n".join(SST_TREES * 5) + "\n")
+    (folder / "dev.txt").write_text("\n".join(SST_TREES) + "\n")
+    config = trees.default_config()
+    config["data"].update(train=str(folder / "train.txt"), valid=str(folder / "dev.txt"))
+    config["model"].update(encoder=encoder, embedding=8, hidden=6)
+    config["train"].update(steps=2, batch_size=4, eval_every=2)
+    return train_task(trees, config, out)

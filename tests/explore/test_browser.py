@@ -17,7 +17,18 @@ from typing import Any
 
 import pytest
 import torch
-from explore_helpers import TEXT, lstm_by_hand, train_charlm, train_speech, train_tagger, write_atis
+import torch.nn.functional as F
+from explore_helpers import (
+    TEXT,
+    lstm_by_hand,
+    train_adding,
+    train_charlm,
+    train_copymemory,
+    train_speech,
+    train_tagger,
+    train_trees,
+    write_atis,
+)
 
 from rnnkit.explore.analysis import load_run
 from rnnkit.explore.server import serve, write_html
@@ -202,6 +213,7 @@ def test_tagger_page_shows_the_models_activations(browser: Any, tmp_path: Path) 
         tags = browser.execute_script(
             "return [...document.querySelectorAll('#text .sym .tag')].map(s => s.textContent)")
         assert tags == explorer.analyse(sentence).predictions["decoded"]
+        assert not browser.find_element("id", "task-section").is_displayed()  # no task charts
         browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-tagging.png"))
     finally:
         server.shutdown()
@@ -269,6 +281,164 @@ def test_saved_html_page_works_from_a_file(browser: Any, tmp_path: Path) -> None
     torch.testing.assert_close(values, lstm_by_hand(explorer.model.rnn, x)["o"][:, 3])
     browser.find_element("id", "run-input").click()  # a saved page cannot run the model
     _wait_for_message(browser, "saved page")
+
+
+def _chart(driver: Any, element_id: str) -> list[dict[str, Any]]:
+    """The data plotly drew in one chart (empty when nothing was drawn)."""
+    return driver.execute_script(
+        "const d = document.getElementById(arguments[0]).data; "
+        "return d ? JSON.parse(JSON.stringify(d)) : []", element_id)
+
+
+def test_adding_page_shows_the_marks_and_what_the_answer_depends_on(browser: Any,
+                                                                    tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    explorer = load_run(train_adding(tmp_path / "run", length=30))
+    server = serve(explorer)
+    try:
+        browser.get(server.url)
+        renders = _wait_for_render(browser, 0)  # validation sequence 0
+        renders = _type_and_run(browser, "5", renders)
+        renders = _choose(browser, "quantity", "z", renders)
+        renders = _set_unit(browser, 4, renders)
+        symbols, values = _shown(browser)
+        inputs = explorer.sequences().inputs[:, 5:6]
+        marks = inputs[:, 0, 1].nonzero()[:, 0].tolist()
+        assert [t for t, s in enumerate(symbols) if s.startswith("▶")] == marks
+        assert [float(s.lstrip("▶")) for s in symbols] == pytest.approx(
+            inputs[:, 0, 0].tolist(), abs=5e-4)
+        rnn = explorer.model.rnn
+        with torch.no_grad():  # the GRU's update gate, as torch.nn.GRU documents it
+            x, h, gates = inputs[:, 0], torch.zeros(rnn.hidden_size), []
+            for t in range(len(x)):
+                r, z, n = (rnn.weight_ih_l0 @ x[t] + rnn.bias_ih_l0).chunk(3)
+                hr, hz, hn = (rnn.weight_hh_l0 @ h + rnn.bias_hh_l0).chunk(3)
+                r, z = (r + hr).sigmoid(), (z + hz).sigmoid()
+                h = (1 - z) * (n + r * hn).tanh() + z * h
+                gates.append(z[4])
+        torch.testing.assert_close(values, torch.stack(gates))
+        assert browser.find_element("id", "task-section").is_displayed()
+        assert not browser.find_element("id", "tree-controls").is_displayed()  # trees only
+        assert "What the final answer depends on" in browser.find_element("id", "task-title").text
+        saliency = _chart(browser, "task-a")
+        analysis = explorer.analyse("5")
+        assert saliency[0]["y"] == pytest.approx(analysis.predictions["saliency_value"])
+        assert saliency[1]["y"] == pytest.approx(analysis.predictions["saliency_marker"])
+        carried = _chart(browser, "task-b")
+        assert [line["y"] for line in carried] == [
+            pytest.approx(row) for row in analysis.predictions["carried"]]
+        timeline = _chart(browser, "timeline")
+        assert timeline[0]["y"] == pytest.approx(analysis.predictions["prefix"])
+        assert "final answer" in browser.find_element("id", "prediction-text").text
+        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-adding.png"))
+        _type_and_run_expecting(browser, "-1", "validation sequence")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_copymemory_page_shows_the_recall_phase(browser: Any, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    explorer = load_run(train_copymemory(tmp_path / "run"))
+    server = serve(explorer)
+    try:
+        browser.get(server.url)
+        renders = _wait_for_render(browser, 0)
+        renders = _type_and_run(browser, "8765432112", renders)
+        renders = _set_unit(browser, 3, renders)
+        symbols, values = _shown(browser)
+        assert "".join(symbols) == "8765432112" + "_" * 14 + ":" + "_" * 10
+        tokens = torch.tensor([8, 7, 6, 5, 4, 3, 2, 1, 1, 2] + [0] * 14 + [9] + [0] * 10)
+        model = explorer.model
+        with torch.no_grad():
+            output, _ = model.rnn(F.one_hot(tokens, 10).float().unsqueeze(1))
+            logits, _ = model(tokens.unsqueeze(1))
+        torch.testing.assert_close(values, output[:, 0, 3])
+        recall = _chart(browser, "task-a")[0]
+        torch.testing.assert_close(torch.tensor(recall["z"]),
+                                   torch.softmax(logits[-10:, 0], -1), rtol=1e-4, atol=1e-6)
+        assert recall["x"] == ["_", "1", "2", "3", "4", "5", "6", "7", "8", ":"]
+        memory = _chart(browser, "task-b")[0]["z"]
+        assert len(memory) == 10 and all(len(row) == 10 for row in memory)
+        torch.testing.assert_close(torch.tensor(memory, dtype=torch.float64), torch.tensor(
+            explorer.analyse("8765432112").predictions["memory"], dtype=torch.float64))
+        held = _chart(browser, "task-c")
+        assert [line["name"] for line in held] == [f"digit {j}: {d}" for j, d in enumerate("8765432112")]
+        assert all(len(line["y"]) == 35 for line in held)
+        assert "copied" in browser.find_element("id", "task-note").text
+        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-copymemory.png"))
+        _type_and_run_expecting(browser, "1239", "type the 10 digits to copy")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_trees_page_draws_the_parse_tree_with_each_nodes_state(browser: Any, tmp_path: Path) -> None:
+    from rnnkit.data.trees import parse_tree
+    from rnnkit.models.tree_lstm import TreeBatch
+    from rnnkit.tasks.trees import relabel
+
+    torch.manual_seed(0)
+    explorer = load_run(train_trees(tmp_path / "run"))
+    server = serve(explorer)
+    text = "(3 (2 (2 a) (3 lovely)) (2 (2 film) (2 .)))"
+    try:
+        browser.get(server.url)
+        renders = _wait_for_render(browser, 0)  # the first dev tree
+        renders = _type_and_run(browser, text, renders)
+        renders = _set_unit(browser, 2, renders)
+        symbols, values = _shown(browser)
+        assert symbols == ["a", "lovely", "⟨a lovely⟩", "film", ".", "⟨film .⟩", "⟨a lovely film .⟩"]
+        model, vocab = explorer.model, explorer.vocab
+        tree = relabel(parse_tree(text), explorer.data)
+        batch = TreeBatch.build([tree], vocab.index, vocab.unk)
+        order = [0, 1, 4, 2, 3, 5, 6]  # post-order node → level-by-level batch row
+        with torch.no_grad():
+            h, _ = model.tree(batch, model.embedding(batch.words))
+            probs = torch.softmax(model(batch), -1)
+        torch.testing.assert_close(values, h[order, 2])
+        drawn = _chart(browser, "task-a")
+        nodes = drawn[1]
+        assert nodes["customdata"] == list(range(7)) and len(drawn[0]["x"]) == 6 * 3  # 6 edges
+        torch.testing.assert_close(torch.tensor(nodes["marker"]["color"]), h[order, 2])
+        assert nodes["x"] == [0, 1, 0.5, 2, 3, 2.5, 1.5] and nodes["y"] == [0, 0, 1, 0, 0, 1, 2]
+        # the right child's forget gate: NaN (no child) at the leaves, drawn apart in grey
+        renders = _choose(browser, "quantity", "f2", renders)
+        _, values = _shown(browser)
+        assert values[[0, 1, 3, 4]].isnan().all() and not values[[2, 5, 6]].isnan().any()
+        H = model.tree.hidden_size
+        with torch.no_grad():  # the root's f_2 = σ(W_f2 x + U_f2 [h_left; h_right] + b)
+            pre = model.tree.w.bias + model.tree.u(torch.cat((h[4], h[5])))
+        assert float(values[6]) == pytest.approx(float(pre[2 * H:3 * H].sigmoid()[2]), rel=1e-5)
+        drawn = _chart(browser, "task-a")
+        assert drawn[1]["customdata"] == [2, 5, 6] and drawn[2]["customdata"] == [0, 1, 3, 4]
+        assert browser.find_element("id", "tree-controls").is_displayed()
+        renders = _choose(browser, "tree-colour", "sentiment", renders)
+        nodes = _chart(browser, "task-a")[1]
+        torch.testing.assert_close(torch.tensor(nodes["marker"]["color"]), probs[order, 1])
+        assert "SST label positive" in browser.find_element("id", "task-note").text
+        # a click on the root node selects it: its predictions are shown
+        browser.execute_script("document.getElementById('task-a').emit('plotly_click', "
+                               "{points: [{customdata: 6}]})")
+        renders = _wait_for_render(browser, renders)
+        assert browser.find_element("id", "step").text.startswith("6 ")
+        shown = browser.execute_script("return document.getElementById('predictions').data[0].x")
+        assert shown == pytest.approx(probs[order[6]].tolist(), rel=1e-5)
+        renders = _choose(browser, "quantity", "h", renders)
+        browser.save_screenshot(str(_screenshot_dir(tmp_path) / "browser-test-trees.png"))
+        _type_and_run_expecting(browser, "(3 (2 a", "does not close")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _type_and_run_expecting(driver: Any, text: str, shown: str) -> None:
+    """A bad input: one inline message naming the problem, no stack trace."""
+    box = driver.find_element("id", "input")
+    box.clear()
+    box.send_keys(text)
+    driver.find_element("id", "run-input").click()
+    _wait_for_message(driver, shown)
 
 
 @pytest.mark.slow

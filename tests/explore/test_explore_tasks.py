@@ -19,20 +19,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 @pytest.mark.parametrize("model", [{"cell": "gru", "layers": 2},
                                    {"peephole": True, "coupled": True, "layers": 2},
-                                   {"cell": "rnn", "nonlinearity": "relu"}])
+                                   {"cell": "rnn", "nonlinearity": "relu"},
+                                   {"cell": "mingru", "layers": 2}, {"cell": "minlstm"}])
 def test_every_cell_is_recorded_as_the_layer_computes_it(tmp_path: Path, model: dict) -> None:
     explorer = load_run(train_charlm(tmp_path / "run", **model))
     analysis = explorer.analyse("he said hi\n")
     kinds = {t["kind"] for t in analysis.trace_info()}
     names = [q["name"] for q in analysis.trace_info()[0]["quantities"]]
-    expected = {"gru": ["h", "z", "r", "n"], "rnn": ["h"]}.get(model.get("cell", ""),
-                                                               ["h", "c", "i", "f", "g", "o"])
+    expected = {"gru": ["h", "z", "r", "n"], "rnn": ["h"], "mingru": ["h", "a", "b"],
+                "minlstm": ["h", "a", "b"]}.get(model.get("cell", ""), ["h", "c", "i", "f", "g", "o"])
     assert names == expected and len(kinds) == 1
     tokens = torch.tensor(explorer.vocab.encode("he said hi\n")).unsqueeze(1)
     with torch.no_grad():
         output, _ = explorer.model.rnn(explorer.model.embedding(tokens))
     top = len(analysis.traces) - 1
     torch.testing.assert_close(analysis.values(top, "h"), output[:, 0])
+    if model.get("cell", "").startswith("min"):  # h_t = a_t ⊙ h_{t−1} + b_t, step by step
+        a, b, h = (analysis.values(top, name) for name in "abh")
+        torch.testing.assert_close(h[1:], a[1:] * h[:-1] + b[1:])
+        assert ((a > 0) & (a < 1)).all()
     if model.get("coupled"):
         torch.testing.assert_close(analysis.values(0, "f"), 1 - analysis.values(0, "i"))
 

@@ -24,19 +24,27 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from rnnkit.cells.base import CellMath
-from rnnkit.layers import RecurrentLayer
+from rnnkit.cells.minimal import MinimalMath
+from rnnkit.layers import MinimalLayer, RecurrentLayer
 
 # the order quantities are offered in the page, per family (names as in the cell docstrings)
-QUANTITIES = {"lstm": ("h", "c", "i", "f", "g", "o"), "gru": ("h", "z", "r", "n"), "rnn": ("h",)}
+QUANTITIES = {"lstm": ("h", "c", "i", "f", "g", "o"), "gru": ("h", "z", "r", "n"), "rnn": ("h",),
+              "treelstm": ("h", "c", "i", "f1", "f2", "o", "u"), "mingru": ("h", "a", "b"),
+              "minlstm": ("h", "a", "b")}
 # the gates squashed into (0, 1): the ones whose saturation (Karpathy et al. 2016, Fig. 3) means
-# something; g, n and h are tanh-valued
-GATES = {"lstm": ("i", "f", "o"), "gru": ("z", "r"), "rnn": ()}
+# something; g, n, u and h are tanh-valued. A Tree-LSTM has one forget gate per child (f1 left,
+# f2 right in a binary tree)
+GATES = {"lstm": ("i", "f", "o"), "gru": ("z", "r"), "rnn": (), "treelstm": ("i", "f1", "f2", "o"),
+         "mingru": ("a",), "minlstm": ("a",)}
 LABELS = {"h": "hidden state h", "c": "cell state c", "i": "input gate i", "f": "forget gate f",
           "g": "candidate g", "o": "output gate o", "z": "update gate z", "r": "reset gate r",
-          "n": "candidate n"}
+          "n": "candidate n", "u": "candidate u", "f1": "forget gate of child 1 (left)",
+          "f2": "forget gate of child 2 (right)",
+          # minGRU / minLSTM: the linear recurrence h_t = a_t ⊙ h_{t−1} + b_t the scan runs
+          "a": "kept fraction a (minGRU 1 − z, minLSTM f')", "b": "written term b"}
 
 
-def quantities_of(math: CellMath) -> tuple[str, ...]:
+def quantities_of(math: CellMath | MinimalMath) -> tuple[str, ...]:
     return QUANTITIES[math.kind]
 
 
@@ -70,6 +78,8 @@ def record_layer(layer: RecurrentLayer, x: Tensor, hx: Any = None) -> list[Trace
     direction, in the layer's order (layer 0 forward, layer 0 reverse, layer 1 forward, …).
 
     A reverse direction is recorded in input order: row t is the step that read x_t."""
+    if isinstance(layer, MinimalLayer):
+        return _record_minimal(layer, x, hx)
     math = layer.math
     depth = layer.num_layers * layer.num_directions
     dtype = x.dtype
@@ -102,6 +112,39 @@ def record_layer(layer: RecurrentLayer, x: Tensor, hx: Any = None) -> list[Trace
                 traces.append(Trace(number, direction, math.kind, values))
                 outputs.append(values["h"])
             layer_input = torch.cat(outputs, dim=1)  # (T, D·H): the next layer's input
+    return traces
+
+
+def _record_minimal(layer: MinimalLayer, x: Tensor, hx: Tensor | None) -> list[Trace]:
+    """:func:`record_layer` for minGRU / minLSTM layers: the coefficients of the linear recurrence
+    h_t = a_t ⊙ h_{t−1} + b_t from the layer's own :meth:`MinimalMath.coefficients` (what its
+    scan runs on) and h from :meth:`MinimalMath.step`, one step at a time."""
+    math = layer.math
+    states0 = x.new_zeros(layer.num_layers * layer.num_directions, layer.hidden_size) if (
+        hx is None) else (hx if isinstance(hx, Tensor) else hx[0])
+    traces: list[Trace] = []
+    layer_input = x
+    with torch.no_grad():
+        for number in range(layer.num_layers):
+            outputs = []
+            for direction in range(layer.num_directions):
+                index = number * layer.num_directions + direction
+                weight, *bias = [layer._parameters[name].to(x.dtype)
+                                 for name in layer._param_names[index]]
+                source = layer_input.flip(0) if direction == 1 else layer_input
+                gx = F.linear(source, weight, bias[0] if bias else None)  # (T, G·H)
+                log_a, log_b = math.coefficients(gx)
+                h, rows = states0[index], []
+                for t in range(source.shape[0]):
+                    h = math.step(gx[t], h)
+                    rows.append(h)
+                values = {"h": torch.stack(rows) if rows else x.new_zeros(0, layer.hidden_size),
+                          "a": log_a.exp(), "b": log_b.exp()}
+                if direction == 1:
+                    values = {name: value.flip(0) for name, value in values.items()}
+                traces.append(Trace(number, direction, math.kind, values))
+                outputs.append(values["h"])
+            layer_input = torch.cat(outputs, dim=1)
     return traces
 
 

@@ -104,7 +104,7 @@ class ExplorerServer(ThreadingHTTPServer):
             return self.default_text
 
 
-_VALUES = re.compile(r"^/api/values/(\d+)/(\d+)/([a-z])$")
+_VALUES = re.compile(r"^/api/values/(\d+)/(\d+)/([a-z][a-z0-9]?)$")  # h, c, … f1, f2
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -126,6 +126,14 @@ class TreeLSTM(nn.Module):
         ``has_input=False`` says every x is zero (inner nodes of a constituency tree): W x is
         then skipped, as U h is where no node has a child (leaves) — each halves the work.
         """
+        values = self.node_values(x, child_h, child_c, present, has_input)
+        return values["h"], values["c"]
+
+    def node_values(self, x: Tensor, child_h: Tensor, child_c: Tensor, present: Tensor,
+                    has_input: bool = True) -> dict[str, Tensor]:
+        """:meth:`node_states` with the gates it computes on the way: ``h``, ``c``, ``i``, ``o``,
+        ``u`` (n, H) and the forget gates ``f`` (n, K, H), one per child slot (what ``rnnkit
+        explore`` shows; a gate of an absent child is computed but multiplies nothing)."""
         n, H = x.shape[0], self.hidden_size
         mask = present.unsqueeze(2).to(x.dtype)  # (n, K, 1)
         if self.form == "constituency" and child_h.shape[1] > self.arity:
@@ -148,7 +156,7 @@ class TreeLSTM(nn.Module):
             i, o, u = iou[:, :H].sigmoid(), iou[:, H:2 * H].sigmoid(), iou[:, 2 * H:].tanh()
             forget = (wx[:, 3 * H:].unsqueeze(1) + self.u_f(child_h)).sigmoid()  # (n, K, H)
         c = i * u + (forget * child_c * mask).sum(1)
-        return o * torch.tanh(c), c
+        return {"h": o * torch.tanh(c), "c": c, "i": i, "f": forget, "o": o, "u": u}
 
     def forward(self, batch: TreeBatch, embedded: Tensor) -> tuple[Tensor, Tensor]:
         """(h, c) of every node (N, H), level by level; ``embedded`` (N, I) holds each node's x."""

@@ -7,6 +7,7 @@
 const R = window.RNNKIT;
 const WINDOW = 400; // steps drawn at once (text and heat map)
 const MAX_UNITS_SHOWN = 512; // heat-map rows; wider layers show the first after sorting
+const MAX_TREE_WORDS = 150; // leaves written under a drawn parse tree (hover shows every node)
 
 const state = {analysis: null, cache: new Map(), trace: 0, quantity: "h", unit: 0, start: 0,
                selected: 0, renders: 0};
@@ -83,7 +84,8 @@ function fillQuantities() {
 }
 
 // --- colours -------------------------------------------------------------------------------
-const GATE_LIKE = new Set(["i", "f", "o", "z", "r"]);
+// f1, f2: a Tree-LSTM's per-child forget gates; a: the kept fraction of minGRU / minLSTM
+const GATE_LIKE = new Set(["i", "f", "o", "z", "r", "f1", "f2", "a"]);
 
 function colour(value, scale, gate) {
   if (!Number.isFinite(value)) return "rgb(255, 230, 0)"; // NaN/inf shown, not hidden
@@ -218,10 +220,20 @@ async function drawSaturation(trace) {
     const array = await values(state.trace, gate);
     const steps = trace.steps, hidden = trace.hidden;
     const low = new Float64Array(hidden), high = new Float64Array(hidden);
-    for (let t = 0; t < steps; t++) for (let u = 0; u < hidden; u++) {
-      const v = array[t * hidden + u];
-      if (v < 0.1) low[u] += 1 / steps; else if (v > 0.9) high[u] += 1 / steps;
+    // over the steps where the gate exists: a Tree-LSTM node without a second child has no f2
+    // (recorded as NaN at every unit); a NaN the model computed still counts as neither
+    let counted = 0;
+    for (let t = 0; t < steps; t++) {
+      let absent = true;
+      for (let u = 0; u < hidden && absent; u++) absent = Number.isNaN(array[t * hidden + u]);
+      if (absent && trace.kind === "treelstm") continue;
+      counted += 1;
+      for (let u = 0; u < hidden; u++) {
+        const v = array[t * hidden + u];
+        if (v < 0.1) low[u] += 1; else if (v > 0.9) high[u] += 1;
+      }
     }
+    for (let u = 0; u < hidden; u++) { low[u] /= counted || 1; high[u] /= counted || 1; }
     traces.push({x: Array.from(low), y: Array.from(high), mode: "markers", name: `${gate} gate`,
       text: [...Array(hidden).keys()].map((u) => `unit ${u}`), type: "scatter",
       hovertemplate: "%{text}: <0.1 %{x:.2f}, >0.9 %{y:.2f}<extra></extra>"});
@@ -239,7 +251,7 @@ function drawPredictions() {
   const p = state.analysis.predictions, symbols = symbolsOf();
   const t = Math.min(state.selected, symbols.length - 1);
   $("step").textContent = `${t} (${JSON.stringify(symbols[t])})`;
-  let bars = null, text = "";
+  let bars = null, text = "", range = [0, 1], axis = "probability";
   if (p.kind === "next_symbol") {
     const names = p.top_ids[t].map((i) => JSON.stringify(p.vocabulary[i]));
     bars = {x: p.top_probs[t], y: names, type: "bar", orientation: "h"};
@@ -279,6 +291,31 @@ function drawPredictions() {
     } else {
       text = `translation: ${p.translation} (this model has no attention)`;
     }
+  } else if (p.kind === "adding") {
+    const k = nearestPrefix(p.steps, t);
+    const shown = [p.prefix[k], p.seen[k], p.prediction, p.target];
+    bars = {x: shown, type: "bar", orientation: "h",
+      y: [`ended at ${p.steps[k]}`, "marked so far", "final answer", "target"]};
+    const finite = shown.filter(Number.isFinite);
+    range = [Math.min(0, ...finite) - 0.05, Math.max(2, ...finite)];
+    axis = "value";
+    text = `step ${t} ${p.marks.includes(t) ? "is marked" : "is not marked"}; ∂ŷ/∂value = ` +
+      `${fmt(p.saliency_value[t], 5)}, ∂ŷ/∂marker = ${fmt(p.saliency_marker[t], 5)}; marks at ` +
+      `steps ${p.marks.join(" and ")}; final answer ${fmt(p.prediction, 4)}, target ${fmt(p.target, 4)}`;
+  } else if (p.kind === "copy") {
+    const row = p.probabilities[t];
+    bars = {x: row, y: p.vocabulary.map((v) => JSON.stringify(v)), type: "bar", orientation: "h"};
+    const best = row.indexOf(Math.max(...row));
+    text = `step ${t} reads ${JSON.stringify(symbols[t])}; target ${JSON.stringify(p.targets[t])}; ` +
+      `likeliest output ${JSON.stringify(p.vocabulary[best])} (${fmt(row[best], 3)}); recall ` +
+      `phase (steps ${p.recall_start}–${symbols.length - 1}) copied ${p.copied}, ${p.correct} of ` +
+      `${symbols.length - p.recall_start} right`;
+  } else if (p.kind === "tree") {
+    const row = p.probabilities[t], node = p.nodes[t];
+    bars = {x: row, y: p.labels, type: "bar", orientation: "h"};
+    const best = row.indexOf(Math.max(...row));
+    text = `node ${t} ${JSON.stringify(node.phrase)}: ${p.labels[best]} (${fmt(row[best], 3)})` +
+      (node.reference ? `; SST label ${node.reference}` : "") + `; bars: ${p.how}`;
   } else if (p.kind === "ctc") {
     const row = p.posteriors[t];
     bars = {x: row, y: p.labels, type: "bar", orientation: "h"};
@@ -288,7 +325,7 @@ function drawPredictions() {
   drawTimeline();
   if (bars) {
     Plotly.react("predictions", [bars], {margin: {l: 120, r: 10, t: 10, b: 40},
-      xaxis: {title: {text: "probability"}, range: [0, 1]},
+      xaxis: {title: {text: axis}, range},
       // category: labels such as "2" or "7" are names, not positions on a number line
       yaxis: {autorange: "reversed", type: "category"}},
       {responsive: true});
@@ -313,11 +350,18 @@ function drawTimeline() {
     traces = p.labels.map((label, c) => ({x: keep.map((k) => p.steps[k]),
       y: keep.map((k) => p.probabilities[k][c]), mode: "lines+markers", name: label}));
     layout = {yaxis: {title: {text: "class probability"}, range: [0, 1]}};
-  } else if (p.kind === "ctc") {
+  } else if (p.kind === "ctc" || p.kind === "copy") {
     const x = [...Array(end - state.start).keys()].map((k) => k + state.start);
-    traces = [{type: "heatmap", x, y: p.labels, z: p.labels.map((_, c) => x.map((t) => p.posteriors[t][c])),
+    const [labels, rows] = p.kind === "ctc" ? [p.labels, p.posteriors] : [p.vocabulary, p.probabilities];
+    traces = [{type: "heatmap", x, y: labels, z: labels.map((_, c) => x.map((t) => rows[t][c])),
       colorscale: "Greys", reversescale: true, zmin: 0, zmax: 1}];
-    layout = {yaxis: {title: {text: "CTC posterior"}}};
+    layout = {yaxis: {title: {text: p.kind === "ctc" ? "CTC posterior" : "output distribution"},
+      type: "category"}};
+  } else if (p.kind === "adding") {
+    traces = [{x: p.steps, y: p.prefix, mode: "lines", name: "answer had it ended here"},
+      {x: p.steps, y: p.seen, mode: "lines", name: "marked values read so far", line: {dash: "dot"}}];
+    layout = {yaxis: {title: {text: "value"}}, xaxis: {title: {text: "step"}, range: [state.start, end - 1]},
+      legend: {orientation: "h", y: -0.3}};
   } else if (p.kind === "attention" && p.attention) {
     traces = [{type: "heatmap", z: p.attention, x: p.source.map((s, k) => `${k}: ${s}`),
       y: p.output.map((o, k) => `${k}: ${o}`), colorscale: "Viridis", zmin: 0, zmax: 1}];
@@ -337,6 +381,149 @@ function drawTimeline() {
     xaxis: {title: {text: "step"}}, ...layout}, {responsive: true});
 }
 
+// the charts of one task beside the common ones: what its model is for, drawn as a person wants
+// to see it (adding: what the answer depends on; copy memory: the recall phase and its memory)
+function drawTaskCharts(array, trace) {
+  const p = state.analysis.predictions, section = $("task-section");
+  const charts = {adding: addingCharts, copy: copyCharts, tree: treeCharts}[p.kind];
+  section.hidden = !charts;
+  $("tree-controls").hidden = p.kind !== "tree";
+  if (!charts) return;
+  const [title, note, a, b, c] = charts(p, array, trace);
+  $("task-title").textContent = title;
+  $("task-note").textContent = note;
+  $("task-b").hidden = !b;
+  const base = {margin: {l: 110, r: 10, t: 30, b: 50}};
+  $("task-a").style.height = a.layout.height ? `${a.layout.height}px` : ""; // the tree is taller
+  Plotly.react("task-a", a.data, {...base, ...a.layout}, {responsive: true});
+  watchTreeClicks();
+  if (b) Plotly.react("task-b", b.data, {...base, ...b.layout}, {responsive: true});
+  else Plotly.purge("task-b");
+  $("task-c").hidden = !c;
+  if (c) Plotly.react("task-c", c.data, {...base, ...c.layout}, {responsive: true});
+  else Plotly.purge("task-c");
+}
+
+// the parse tree as a person draws it: leaves in reading order along the bottom, each inner
+// node above the middle of its children, one level up from its highest child
+function treeLayout(nodes) {
+  const x = [], y = [];
+  let leaf = 0;
+  nodes.forEach((node, k) => { // children come before their parent
+    if (!node.children.length) { x[k] = leaf++; y[k] = 0; return; }
+    x[k] = node.children.reduce((sum, c) => sum + x[c], 0) / node.children.length;
+    y[k] = 1 + Math.max(...node.children.map((c) => y[c]));
+  });
+  return [x, y];
+}
+
+function treeCharts(p, array, trace) {
+  const nodes = p.nodes, [x, y] = treeLayout(nodes);
+  const bySentiment = $("tree-colour").value === "sentiment";
+  const last = p.labels.length - 1;
+  // the colour of a node: the chosen unit's value, or the predicted sentiment as a score in
+  // [0, 1] (binary: P(positive); fine: the expected label / 4)
+  const colourOf = (k) => bySentiment ? p.probabilities[k].reduce((s, q, c) => s + q * c, 0) / last
+    : array[k * trace.hidden + state.unit];
+  const edges = {x: [], y: []};
+  nodes.forEach((node, k) => node.children.forEach((c) => {
+    edges.x.push(x[k], x[c], null); edges.y.push(y[k], y[c], null);
+  }));
+  const shown = [], absent = [];
+  nodes.forEach((_, k) => (Number.isNaN(colourOf(k)) ? absent : shown).push(k));
+  const describe = (k) => {
+    const row = p.probabilities[k], best = row.indexOf(Math.max(...row));
+    return `${nodes[k].phrase}<br>${bySentiment ? "" : `${state.quantity}[${state.unit}] = ` +
+      `${fmt(colourOf(k), 4)}<br>`}predicted ${p.labels[best]} (${fmt(row[best], 3)})` +
+      (nodes[k].reference ? `<br>SST label ${nodes[k].reference}` : "");
+  };
+  const gate = !bySentiment && GATE_LIKE.has(state.quantity);
+  const scale = bySentiment ? 1 : unitScale(array, trace.hidden, state.unit);
+  const data = [
+    {x: edges.x, y: edges.y, mode: "lines", line: {color: "#aaa"}, hoverinfo: "skip", showlegend: false},
+    {x: shown.map((k) => x[k]), y: shown.map((k) => y[k]), customdata: shown, mode: "markers",
+     name: bySentiment ? "predicted sentiment" : `${state.quantity}[${state.unit}]`,
+     text: shown.map(describe), hovertemplate: "%{text}<extra></extra>", showlegend: false,
+     marker: {size: 16, color: shown.map(colourOf), line: {color: "#333", width: 1},
+              colorscale: gate ? "Blues" : "RdBu", reversescale: true, showscale: true,
+              cmin: gate || bySentiment ? 0 : -scale, cmax: gate || bySentiment ? 1 : scale,
+              colorbar: {title: {text: bySentiment ? "negative → positive" : state.quantity}}}}];
+  if (absent.length) {
+    data.push({x: absent.map((k) => x[k]), y: absent.map((k) => y[k]), customdata: absent,
+      mode: "markers", name: "no such child (leaf)", text: absent.map(describe),
+      hovertemplate: "%{text}<extra></extra>", marker: {size: 12, color: "#ddd", line: {color: "#999", width: 1}}});
+  }
+  // the words under the leaves, while they fit (a long plain input makes a tree of thousands)
+  const leaves = nodes.filter((node) => node.word).length;
+  const words = leaves > MAX_TREE_WORDS ? [] : nodes.map((node, k) => [node, k]).filter(([node]) => node.word).map(([node, k]) => ({
+    x: x[k], y: 0, yshift: -14, text: node.phrase, showarrow: false, textangle: -40,
+    xanchor: "right", yanchor: "top", font: {size: 12}}));
+  const chosen = state.selected < nodes.length ? [{x: x[state.selected], y: y[state.selected],
+    text: "▼", showarrow: false, yshift: 16}] : [];
+  const rootRow = p.probabilities[p.root], best = rootRow.indexOf(Math.max(...rootRow));
+  return ["The parse tree",
+    `${nodes.length} nodes, computed from the leaves up; the sentence (root): ${p.labels[best]} ` +
+    `(${fmt(rootRow[best], 3)})` + (nodes[p.root].reference ? `, SST label ${nodes[p.root].reference}` : "") +
+    (p.labelled ? "" : " — plain words are read as a right-branching tree; paste an SST bracketed tree for a real parse") +
+    (leaves > MAX_TREE_WORDS ? ` (${leaves} words: too many to write under the tree; hover a node)` : ""),
+    {data, layout: {height: 480, margin: {l: 20, r: 10, t: 20, b: 110}, hovermode: "closest",
+      annotations: [...words, ...chosen], xaxis: {visible: false},
+      yaxis: {visible: false, range: [-0.6, Math.max(...y) + 0.6]}, legend: {orientation: "h"}}},
+    null];
+}
+
+function addingCharts(p) {
+  const steps = p.saliency_value.map((_, t) => t);
+  const marks = p.marks.map((t) => ({type: "line", x0: t, x1: t, yref: "paper", y0: 0, y1: 1,
+    line: {color: "rgba(220, 40, 40, 0.5)", dash: "dot"}}));
+  return ["What the final answer depends on",
+    `∂ŷ/∂x_t of the final answer ŷ = ${fmt(p.prediction, 4)} (target ${fmt(p.target, 4)}) to ` +
+    `each step's value and marker; dotted: the marked steps ${p.marks.join(", ")}. A model that ` +
+    "has learnt the task has ∂ŷ/∂value ≈ 1 at the two marks and ≈ 0 elsewhere. Right: how much " +
+    "of each marked value the top layer's state h_t still holds at every later step (exact " +
+    "forward-mode derivative); to answer, it must carry the first one to the end.",
+    {data: [{x: steps, y: p.saliency_value, type: "bar", name: "∂ŷ/∂value_t"},
+            {x: steps, y: p.saliency_marker, type: "bar", name: "∂ŷ/∂marker_t"}],
+     layout: {barmode: "group", shapes: marks, xaxis: {title: {text: "step"}},
+              yaxis: {title: {text: "gradient"}}, title: {text: "saliency of every step"},
+              legend: {orientation: "h", y: -0.25}}},
+    p.carried && {data: p.carried.map((row, k) => ({x: steps, y: row, mode: "lines",
+      name: `marked value at step ${p.marks[k]}`})),
+     layout: {shapes: marks, xaxis: {title: {text: "step t"}},
+              yaxis: {type: "log", title: {text: "‖∂h_t / ∂value‖"}, exponentformat: "power"},
+              title: {text: "how the state carries each marked value"},
+              legend: {orientation: "h", y: -0.25}}}];
+}
+
+function copyCharts(p) {
+  const start = p.recall_start, count = p.memory.length;
+  const recall = [...Array(count).keys()].map((k) => `${start + k}: copy ${p.targets[start + k]}`);
+  return ["The recall phase",
+    `copied ${p.copied} for ${p.targets.slice(start).join("")}: ${p.correct} of ${count} right ` +
+    `(mean loss over all steps ${fmt(p.loss, 4)}). Left: the output distribution of each recall ` +
+    "step. Right: the memory — how strongly log p(the right digit) at each recall step depends " +
+    "on the input at each digit step (gradient norm); copying reads digit k at recall step k. " +
+    "Below: how much the state at each step still depends on each digit (the change of h_t " +
+    "when that digit is replaced, averaged over the other seven; dotted: the recall starts).",
+    {data: [{type: "heatmap", z: p.probabilities.slice(start), x: p.vocabulary, y: recall,
+             colorscale: "Greys", reversescale: true, zmin: 0, zmax: 1,
+             hovertemplate: "%{y}: p(%{x}) = %{z:.3f}<extra></extra>"}],
+     layout: {title: {text: "output distribution"}, xaxis: {type: "category", title: {text: "output"}},
+              yaxis: {autorange: "reversed", type: "category"}}},
+    {data: [{type: "heatmap", z: p.memory, x: [...Array(count).keys()].map((j) => `${j}: ${p.targets[start + j]}`),
+             y: recall, colorscale: "Viridis",
+             hovertemplate: "%{y} ← input %{x}: %{z:.3g}<extra></extra>"}],
+     layout: {title: {text: "memory: |∂ log p / ∂ input|"}, xaxis: {type: "category", title: {text: "input digit step"}},
+              yaxis: {autorange: "reversed", type: "category"}}},
+    {data: p.held.map((row, j) => ({x: row.map((_, t) => t), y: row, mode: "lines",
+       name: `digit ${j}: ${p.targets[start + j]}`})),
+     layout: {title: {text: "what the state still holds of each digit: ‖h_t(digit changed) − h_t‖"},
+              xaxis: {title: {text: "step t"}}, legend: {orientation: "h", y: -0.25},
+              yaxis: {type: "log", title: {text: "‖Δh_t‖"}, exponentformat: "power"},
+              shapes: [{type: "line", x0: start, x1: start, yref: "paper", y0: 0, y1: 1,
+                        line: {color: "rgba(220, 40, 40, 0.5)", dash: "dot"}}]}}];
+}
+
 async function render() {
   if (!state.analysis) return;
   const trace = state.analysis.traces[state.trace];
@@ -347,6 +534,7 @@ async function render() {
     drawHeatmap(array, trace);
     await drawSaturation(trace);
     drawPredictions();
+    drawTaskCharts(array, trace);
     message("");
   } catch (error) {
     message(error.message);
@@ -405,14 +593,31 @@ $("prev").addEventListener("click", () => setStart(state.start - WINDOW));
 $("next").addEventListener("click", () => setStart(state.start + WINDOW));
 for (const id of ["sort", "pattern"]) $(id).addEventListener("change", render);
 $("regex").addEventListener("change", render);
+function select(t) {
+  state.selected = t;
+  document.querySelectorAll(".sym.selected").forEach((s) => s.classList.remove("selected"));
+  document.querySelector(`.sym[data-t="${t}"]`)?.classList.add("selected");
+  drawPredictions();
+}
 $("text").addEventListener("click", (event) => {
   const span = event.target.closest(".sym");
-  if (!span) return;
-  state.selected = Number(span.dataset.t);
-  document.querySelectorAll(".sym.selected").forEach((s) => s.classList.remove("selected"));
-  span.classList.add("selected");
-  drawPredictions();
+  if (span) select(Number(span.dataset.t));
 });
+$("tree-colour").addEventListener("change", render);
+// a click on a tree node selects it (plotly gives the point; customdata is the node's step)
+function watchTreeClicks() {
+  const chart = $("task-a");
+  if (chart.on && !chart.dataset.clicks) {
+    chart.dataset.clicks = "1";
+    chart.on("plotly_click", (event) => {
+      const point = event.points[0];
+      if (state.analysis.predictions.kind === "tree" && point.customdata !== undefined) {
+        select(point.customdata);
+        render();
+      }
+    });
+  }
+}
 
 async function start() {
   $("run").textContent = `${R.task} · ${R.run}`;
