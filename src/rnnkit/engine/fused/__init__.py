@@ -20,8 +20,13 @@ micro-kernel that torch exports, updates its units, and meets the others at one 
 The input projection, ``dx`` and the weight gradients are single parallel GEMMs over all steps.
 
 The standard torch forms with torch's own fused kernel (plain LSTM, which torch runs through
-oneDNN's RNN primitive) dispatch to ``torch._VF`` instead: it is the same math and the fastest
-code on CPU for that case. See ``benchmarks/fused_kernels.py``.
+oneDNN's RNN primitive) dispatch to ``torch._VF`` instead where that is measured faster (see
+``own_kernel_faster`` and ``benchmarks/fused_kernels.py``).
+
+Variants without a C++ kernel are routed explicitly by ``ROUTES`` (never by falling through):
+the projected LSTM (``proj_size``) runs torch's op, which takes ``w_hr``; the projected
+peephole/coupled LSTM runs the BPTT engine (:mod:`rnnkit.engine.bptt`), whose cell math has the
+projection. A spec in neither table raises, naming it.
 """
 
 from __future__ import annotations
@@ -32,10 +37,34 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rnnkit.cells import math_for
+from rnnkit.cells.base import CellMath, CellSpec
+from rnnkit.engine.bptt import run_bptt
 from rnnkit.engine.fused import _build, _function
-from rnnkit.engine.fused._function import config_of, peephole_weights, run
+from rnnkit.engine.fused._function import KERNELS, config_of, peephole_weights, run, spec_of
 
-__all__ = ["run_layer", "run_step", "unavailable_reason"]
+__all__ = ["ROUTES", "run_layer", "run_step", "unavailable_reason"]
+
+# The variants the fused backend runs without a kernel of its own, and the path each takes:
+# "torch" is torch._VF.lstm (it has the projection: weights w_ih, w_hh, b_ih, b_hh, w_hr), "bptt"
+# the hand-derived BPTT engine. The C++ kernels have no projection.
+ROUTES: dict[CellSpec, str] = {
+    CellSpec("lstm", projection=True): "torch",
+    CellSpec("lstm", peephole=True, projection=True): "bptt",
+    CellSpec("lstm", coupled=True, projection=True): "bptt",
+    CellSpec("lstm", peephole=True, coupled=True, projection=True): "bptt",
+}
+
+
+def route_of(spec: Any) -> str:
+    """``"kernel"`` (a C++ kernel, or torch's op where ``native_op`` picks it) or the path in
+    ``ROUTES``; raises ValueError naming a variant that has neither."""
+    spec = spec_of(spec)
+    if spec in KERNELS:
+        return "kernel"
+    if spec in ROUTES:
+        return ROUTES[spec]
+    raise ValueError(f"no fused kernel for {spec}")
 
 # Dispatch the plain LSTM to torch's own fused op (see native_op). Benchmarks turn it off to
 # compare rnnkit's kernel on the same case.
@@ -50,9 +79,11 @@ def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str
     if dtype not in (torch.float32, torch.float64):
         return f"dtype {str(dtype).removeprefix('torch.')}"
     try:
-        config_of(spec)
+        route = route_of(spec)
     except ValueError as exc:
         return str(exc)
+    if route != "kernel":  # torch's op or the BPTT engine: nothing to compile
+        return None
     if _build.load() is None and native_op(spec) is None:
         return _build.error() or "extension unavailable"
     return None  # (without the extension the plain LSTM still runs through torch's op)
@@ -66,6 +97,9 @@ def run_layer(
     batch_sizes: Sequence[int] | None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Runs one layer in one direction; differentiable w.r.t. x, state0 and every param."""
+    if route_of(spec) == "bptt":
+        math = spec if isinstance(spec, CellMath) else math_for(spec_of(spec))
+        return run_bptt(math, x, tuple(state0), params, batch_sizes)
     native = native_op(spec, x, params[1].shape[1] if params[1] is not None else None)
     if native is not None:
         return native(x, state0, params, batch_sizes)
@@ -92,7 +126,8 @@ def run_step(
     """
     cfg = getattr(spec, "_fused_step_config", None)
     if cfg is None:
-        if unavailable_reason(spec, x.dtype, x.device) is not None or _build.load() is None:
+        if (unavailable_reason(spec, x.dtype, x.device) is not None or _build.load() is None
+                or route_of(spec) != "kernel"):
             return None
         cfg = config_of(spec)
         spec._fused_step_config = cfg
@@ -128,8 +163,12 @@ def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None):
     Only the plain LSTM qualifies: torch runs it through oneDNN's fused RNN primitive. torch's
     GRU and Elman RNN are per-step ATen loops that rnnkit's kernel beats (see the benchmark).
     Given the input ``x`` (T, B, I) and the hidden size, small problems stay with rnnkit's kernel.
+    The projected plain LSTM always runs here (``ROUTES``: no C++ kernel has the projection).
     """
-    if not (use_native and spec.kind == "lstm" and not spec.peephole and not spec.coupled):
+    spec = spec_of(spec)
+    if ROUTES.get(spec) == "torch":
+        return _run_vf_lstm
+    if not (use_native and spec == CellSpec("lstm")):
         return None
     if (x is not None and hidden is not None and own_kernel_faster(x.shape[0], x.shape[1], hidden)
             and _build.load() is not None):
@@ -146,6 +185,7 @@ def _run_vf_lstm(
     w_ih, w_hh, b_ih, b_hh = params[:4]
     has_bias = b_ih is not None
     weights = [w_ih, w_hh, b_ih, b_hh] if has_bias else [w_ih, w_hh]
+    weights += params[4:]  # w_hr of a projected LSTM (torch tells by the number of weights)
     h0, c0 = (s.unsqueeze(0) for s in state0)
     steps, batch = x.shape[:2]
     if batch_sizes is None or all(b == batch for b in batch_sizes):
