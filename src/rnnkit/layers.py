@@ -172,8 +172,12 @@ class RecurrentLayer(nn.Module):
             lengths = check_lengths(lengths, batch, steps, x.device)
             sorted_lengths, order, inverse = sort_by_length(lengths)
             batch_sizes = batch_sizes_for(sorted_lengths, steps)
-            x = x[:, order.to(x.device)]
-            states0 = [s[:, order.to(x.device)] for s in states0]
+            if bool((order == torch.arange(batch)).all()):  # already longest first: no copies
+                order = inverse = None
+            else:  # index_select, not x[:, order]: its backward (index_add) is several times
+                # faster than the accumulating index_put of advanced indexing
+                x = x.index_select(1, order.to(x.device))
+                states0 = [s.index_select(1, order.to(x.device)) for s in states0]
 
         layer_input = x.contiguous()
         finals: list[list[Tensor]] = [[] for _ in states0]
@@ -201,8 +205,8 @@ class RecurrentLayer(nn.Module):
         output = layer_input
         final_states = [torch.stack(values) for values in finals]  # (L*D, B, H) each
         if inverse is not None:
-            output = output[:, inverse.to(x.device)]
-            final_states = [s[:, inverse.to(x.device)] for s in final_states]
+            output = output.index_select(1, inverse.to(x.device))
+            final_states = [s.index_select(1, inverse.to(x.device)) for s in final_states]
         return self._format_output(output, final_states, packed, lengths, unbatched)
 
     def _time_major(self, input: Tensor | PackedSequence, lengths: Sequence[int] | Tensor | None,

@@ -100,7 +100,8 @@ def run_layer(
     if route_of(spec) == "bptt":
         math = spec if isinstance(spec, CellMath) else math_for(spec_of(spec))
         return run_bptt(math, x, tuple(state0), params, batch_sizes)
-    native = native_op(spec, x, params[1].shape[1] if params[1] is not None else None)
+    native = native_op(spec, x, params[1].shape[1] if params[1] is not None else None,
+                       batch_sizes)
     if native is not None:
         return native(x, state0, params, batch_sizes)
     if _build.load() is None:
@@ -112,7 +113,86 @@ def run_layer(
     # Save activations only when a gradient will be asked for.
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *state0, *params))
-    return run(cfg, bs, x, state0, params, training)
+    if bs is None:
+        return run(cfg, bs, x, state0, params, training)
+    return _run_in_chunks(cfg, bs, x, state0, params, training)
+
+
+# ---- ragged batches: rows that have ended cost nothing ---------------------------------------
+#
+# The kernel skips ended rows in its per-step recurrent work, but its input projection, dx and
+# weight-gradient GEMMs run over all T·B rows (they are one GEMM each over the padded layout).
+# So a ragged batch runs as a few calls over time chunks, each on the rows still running at the
+# chunk's first step: the padding left is only the ragged edge inside each chunk. A chunk's
+# fixed cost (Python and operator dispatch ~0.1 ms; the kernel's weight transposes and one more
+# weight-gradient sum, a few row-steps) is counted in row-steps (one row's forward+backward for
+# one step, ~6 flops per weight): CHUNK_ROWS + CHUNK_WEIGHTS / (number of weights).
+CHUNK_ROWS = 8
+CHUNK_WEIGHTS = 1e6
+
+
+def chunk_cost(weights: int) -> float:
+    """The fixed cost of one more call, in row-steps, for a layer of ``weights`` weights."""
+    return CHUNK_ROWS + CHUNK_WEIGHTS / max(weights, 1)
+
+
+def chunk_plan(batch_sizes: Sequence[int], cost: float = CHUNK_ROWS) -> list[tuple[int, int, int]]:
+    """``(start, stop, rows)`` time chunks covering the steps where any row runs, each with the
+    rows running at its first step, chosen to minimise Σ (stop − start)·rows + cost per chunk
+    (a shortest path over the steps where the batch size changes; at most B + 1 of them)."""
+    starts = [t for t in range(len(batch_sizes)) if t == 0 or batch_sizes[t] != batch_sizes[t - 1]]
+    starts = [t for t in starts if batch_sizes[t] > 0]
+    end = next((t for t, b in enumerate(batch_sizes) if b == 0), len(batch_sizes))
+    bounds = [*starts, end]
+    best = [0.0] + [float("inf")] * len(starts)
+    previous = [0] * (len(starts) + 1)
+    for j in range(1, len(bounds)):
+        for i in range(j):
+            total = best[i] + (bounds[j] - bounds[i]) * batch_sizes[bounds[i]] + cost
+            if total < best[j]:
+                best[j], previous[j] = total, i
+    plan, j = [], len(starts)
+    while j > 0:
+        i = previous[j]
+        plan.append((bounds[i], bounds[j], batch_sizes[bounds[i]]))
+        j = i
+    return plan[::-1]
+
+
+def _run_in_chunks(
+    cfg: Any,
+    bs: list[int],
+    x: Tensor,
+    state0: Sequence[Tensor],
+    params: Sequence[Tensor | None],
+    training: bool,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``run`` over the chunks of :func:`chunk_plan`; the same result as one call."""
+    plan = chunk_plan(bs, chunk_cost(params[0].numel() + params[1].numel()))
+    if len(plan) == 1 and plan[0][2] == x.shape[1] and plan[0][1] == x.shape[0]:
+        return run(cfg, bs, x, state0, params, training)
+    steps, batch = x.shape[0], x.shape[1]
+    state = tuple(state0)
+    if not plan:  # no row runs at all
+        return x.new_zeros(steps, batch, state[0].shape[1]), state
+    outputs = []
+    done = 0
+    # split, not x[start:stop]: the backward of a slice is a zero tensor of x's full size per
+    # chunk, the backward of a split one concatenation
+    sizes = [stop - start for start, stop, _ in plan]
+    pieces = x.split([*sizes, steps - plan[-1][1]] if plan[-1][1] < steps else sizes)
+    for (start, stop, rows), piece in zip(plan, pieces):
+        chunk_bs = bs[start:stop]
+        out, new = run(cfg, None if all(b == rows for b in chunk_bs) else chunk_bs,
+                       piece[:, :rows], tuple(s[:rows] for s in state), params, training)
+        if rows < batch:  # rows that have ended: output 0, state kept
+            out = torch.cat((out, out.new_zeros(stop - start, batch - rows, out.shape[2])), 1)
+            new = tuple(torch.cat((n, s[rows:])) for n, s in zip(new, state))
+        outputs.append(out)
+        state, done = new, stop
+    if done < steps:  # steps where no row runs
+        outputs.append(x.new_zeros(steps - done, batch, outputs[0].shape[2]))
+    return torch.cat(outputs), state
 
 
 def run_step(
@@ -157,20 +237,26 @@ def own_kernel_faster(steps: int, batch: int, hidden: int) -> bool:
             or (batch <= 32 and hidden <= 64))
 
 
-def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None):
+def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None,
+              batch_sizes: Sequence[int] | None = None):
     """torch._VF runner when ``spec`` is exactly a torch.nn form and torch's kernel is fastest.
 
     Only the plain LSTM qualifies: torch runs it through oneDNN's fused RNN primitive. torch's
     GRU and Elman RNN are per-step ATen loops that rnnkit's kernel beats (see the benchmark).
     Given the input ``x`` (T, B, I) and the hidden size, small problems stay with rnnkit's kernel.
     The projected plain LSTM always runs here (``ROUTES``: no C++ kernel has the projection).
+    A ragged batch (``batch_sizes`` not all B) stays with rnnkit's kernel, which skips the rows
+    that have ended: torch's packed op is 2.5-7x slower than its own padded op (see
+    ``benchmarks/lengths.py``).
     """
     spec = spec_of(spec)
     if ROUTES.get(spec) == "torch":
         return _run_vf_lstm
     if not (use_native and spec == CellSpec("lstm")):
         return None
-    if (x is not None and hidden is not None and own_kernel_faster(x.shape[0], x.shape[1], hidden)
+    ragged = x is not None and batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes)
+    if ((ragged or (x is not None and hidden is not None
+                    and own_kernel_faster(x.shape[0], x.shape[1], hidden)))
             and _build.load() is not None):
         return None
     return _run_vf_lstm
