@@ -124,11 +124,14 @@ def run_layer(
 # weight-gradient GEMMs run over all T·B rows (they are one GEMM each over the padded layout).
 # So a ragged batch runs as a few calls over time chunks, each on the rows still running at the
 # chunk's first step: the padding left is only the ragged edge inside each chunk. A chunk's
-# fixed cost (Python and operator dispatch ~0.1 ms; the kernel's weight transposes and one more
-# weight-gradient sum, a few row-steps) is counted in row-steps (one row's forward+backward for
-# one step, ~6 flops per weight): CHUNK_ROWS + CHUNK_WEIGHTS / (number of weights).
-CHUNK_ROWS = 8
-CHUNK_WEIGHTS = 1e6
+# fixed cost (Python, operator dispatch and autograd, the kernel's weight transposes and one more
+# weight-gradient sum) is counted in row-steps (one row's forward+backward for one step, ~6
+# flops per weight): CHUNK_ROWS + CHUNK_WEIGHTS / (number of weights). Fitted on the 2-core
+# machine (1 thread, CPU time, load average 6-8) with benchmarks/lengths.py: CHUNK_ROWS 8 / 30 /
+# 64-100 / one chunk gave, fwd+bwd of a 35,20,200 Elman layer with uniform lengths, 5.51 / 5.24
+# / 4.86 / 4.84 ms (padded 4.66), of a 400,16,128 one 20.8 / 21.4 / 18.2 / 21.2 ms (padded 23.7).
+CHUNK_ROWS = 64
+CHUNK_WEIGHTS = 4e6
 
 
 def chunk_cost(weights: int) -> float:
