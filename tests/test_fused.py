@@ -306,11 +306,14 @@ def test_short_inputs_use_weights_as_stored(name, shape):
         torch.testing.assert_close(got, want, **tolerance(torch.float64))
 
 
-def test_plain_lstm_goes_to_torchs_op_only_where_it_is_faster():
+def test_plain_lstm_goes_to_torchs_op_only_where_it_is_faster(monkeypatch):
     spec = VARIANTS["lstm"]
-    assert fused.own_kernel_faster(1, 1, 256)  # a streaming step
-    assert fused.own_kernel_faster(200, 1, 64) and fused.own_kernel_faster(35, 20, 64)
-    assert not fused.own_kernel_faster(35, 20, 200) and not fused.own_kernel_faster(200, 1, 256)
+    assert fused.own_kernel_faster(1, 1, 256) and fused.own_kernel_faster(1, 1, 256, threads=1)
+    assert fused.own_kernel_faster(200, 1, 64, 2) and fused.own_kernel_faster(35, 20, 64, 2)
+    assert not fused.own_kernel_faster(200, 1, 64, 1)  # measured: one thread, torch's op wins
+    assert not fused.own_kernel_faster(35, 20, 200, 2)
+    assert not fused.own_kernel_faster(200, 1, 256, 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert fused.native_op(spec, torch.zeros(200, 1, 64), 64) is None
     assert fused.native_op(spec, torch.zeros(35, 20, 200), 200) is not None
     assert fused.native_op(VARIANTS["lstm_peephole"], torch.zeros(35, 20, 200), 200) is None

@@ -227,17 +227,27 @@ def run_step(
 
 # torch's LSTM reorders its weights on every call (~0.7 ms at H=256) and pays a fixed cost per
 # step: where the per-step GEMM is small rnnkit's kernel is faster. Measured on the 2-core CI
-# machine kind, 2 threads, times relative to nn.LSTM (forward / forward+backward), rnnkit's
-# kernel: T,B,H = 200,1,64: 0.91 / 0.69; 200,4,64: 0.79 / 0.67; 200,1,96: 0.55 / 0.47;
+# machine kind, 2 threads, quiet, times relative to nn.LSTM (forward / forward+backward),
+# rnnkit's kernel: T,B,H = 200,1,64: 0.91 / 0.69; 200,4,64: 0.79 / 0.67; 200,1,96: 0.55 / 0.47;
 # 200,1,128: 0.72 / 0.63; 35,20,64: 0.95 / 0.85; 100,32,64: 0.83 / 0.97 — but 200,1,256: 1.61 /
 # 1.33; 35,20,128: 1.07 / 1.06; 35,20,200: 1.11 / 1.27 (torch's op through rnnkit: 0.96–1.03).
+# With 1 thread (2026-11-30, process CPU time, min of 9, load average 8–10; benchmarks/
+# fused_kernels.py --threads 1 --clock cpu --stat min --no-native) the batch-1 advantage is gone:
+# 200,1,64: 1.64 / 1.06 (again 1.75 / 1.16); 200,1,128: 1.58 / 1.11; 200,4,64: 1.01 / 0.92;
+# 35,20,64: 1.05 / 1.00; 100,32,64: 1.02 / 1.02; 100,32,128: 1.09 / 1.06; 35,20,200: 1.04 /
+# 1.06; 64,32,256: 1.08 / 1.07; 100,16,256: 1.07 / 1.04; 100,32,256: 1.10 / 0.91; 100,32,384:
+# 1.02 / 0.95; 50,64,512: 1.03 / 1.03 — so the small-batch rule holds with 2+ threads only.
+# (A ragged batch is another matter: see native_op.)
 NATIVE_MIN_ROWS = 32
 
 
-def own_kernel_faster(steps: int, batch: int, hidden: int) -> bool:
-    """Whether rnnkit's kernel beats torch's oneDNN op on a plain LSTM of this shape."""
-    return (steps * batch < NATIVE_MIN_ROWS or (batch <= 4 and hidden <= 128)
-            or (batch <= 32 and hidden <= 64))
+def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None = None) -> bool:
+    """Whether rnnkit's kernel beats torch's oneDNN op on a padded plain LSTM of this shape
+    with ``threads`` torch threads (default: torch's current count)."""
+    if steps * batch < NATIVE_MIN_ROWS:  # a streaming step: torch's per-call weight reorder
+        return True
+    threads = torch.get_num_threads() if threads is None else threads
+    return threads > 1 and ((batch <= 4 and hidden <= 128) or (batch <= 32 and hidden <= 64))
 
 
 def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None,
