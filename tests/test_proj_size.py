@@ -62,6 +62,31 @@ def test_equals_torch_lstm_in_value_and_gradient(backend, layers, bidirectional,
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("options", [{}, {"peephole": True}])
+def test_ragged_batch_in_chunks_equals_torch_packed(options, monkeypatch):
+    """The fused backend runs a ragged projected LSTM as BPTT chunks (not torch's packed op,
+    2-3x slower): every change of batch size a chunk of its own here."""
+    monkeypatch.setattr(fused, "CHUNK_ROWS", 0)
+    monkeypatch.setattr(fused, "CHUNK_WEIGHTS", 0.0)
+
+    def packed_op(*args):
+        raise AssertionError("a ragged batch reached torch's packed op")
+
+    monkeypatch.setattr(fused, "_run_vf_lstm", packed_op)
+    ref = nn.LSTM(5, 8, num_layers=2, bidirectional=True, proj_size=3).double()
+    layer = rnnkit.LSTM.from_torch(ref, backend="fused")
+    x = torch.randn(7, 4, 5, dtype=torch.double, requires_grad=True)
+    want, got = _run_both(ref, layer, x, packed=True)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    if options:  # (no torch.nn twin: against the reference engine)
+        twin = rnnkit.LSTM(5, 8, proj_size=3, backend="reference", **options).double()
+        chunked = rnnkit.LSTM(5, 8, proj_size=3, backend="fused", **options).double()
+        chunked.load_state_dict(twin.state_dict())
+        for a, b in zip(twin(x, lengths=LENGTHS), chunked(x, lengths=LENGTHS)):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lengths_equal_torch_packed(backend):
     """``lengths=`` is the same computation as torch's PackedSequence (batch_first too)."""
