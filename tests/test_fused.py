@@ -357,6 +357,10 @@ def test_chunk_plan_covers_the_running_steps_at_least_cost():
         assert total == best
     assert fused.chunk_plan(bs, 1e9) == [(0, 9, 6)]
     assert len(fused.chunk_plan(bs, 0.0)) == 5
+    many = list(range(300, 0, -1))  # B = 300 rows ending one per step: candidates capped
+    plan = fused.chunk_plan(many, 0.0)
+    assert len(plan) == fused.MAX_CHUNK_STARTS and plan[0][0] == 0 and plan[-1][1] == 300
+    assert all(rows == many[start] for start, _, rows in plan)
 
 
 @pytest.mark.parametrize("batch_sizes", [BATCH_SIZES, BATCH_SIZES_EMPTY_ROWS, [5, 3, 3, 3, 3, 3, 3]])

@@ -47,8 +47,9 @@ from rnnkit.engine.fused._function import KERNELS, config_of, peephole_weights, 
 __all__ = ["ROUTES", "run_layer", "run_step", "unavailable_reason"]
 
 # The variants the fused backend runs without a kernel of its own, and the path each takes:
-# "torch" is torch._VF.lstm (it has the projection: weights w_ih, w_hh, b_ih, b_hh, w_hr), "bptt"
-# the hand-derived BPTT engine. The C++ kernels have no projection.
+# "torch" is torch._VF.lstm (it has the projection: weights w_ih, w_hh, b_ih, b_hh, w_hr) for a
+# padded batch and the BPTT engine in time chunks for a ragged one (run_layer); "bptt" the
+# hand-derived BPTT engine. The C++ kernels have no projection.
 ROUTES: dict[CellSpec, str] = {
     CellSpec("lstm", projection=True): "torch",
     CellSpec("lstm", peephole=True, projection=True): "bptt",
@@ -140,6 +141,7 @@ def run_layer(
 # / 4.86 / 4.84 ms (padded 4.66), of a 400,16,128 one 20.8 / 21.4 / 18.2 / 21.2 ms (padded 23.7).
 CHUNK_ROWS = 64
 CHUNK_WEIGHTS = 4e6
+MAX_CHUNK_STARTS = 48
 
 
 def chunk_cost(weights: int) -> float:
@@ -150,9 +152,14 @@ def chunk_cost(weights: int) -> float:
 def chunk_plan(batch_sizes: Sequence[int], cost: float = CHUNK_ROWS) -> list[tuple[int, int, int]]:
     """``(start, stop, rows)`` time chunks covering the steps where any row runs, each with the
     rows running at its first step, chosen to minimise Σ (stop − start)·rows + cost per chunk
-    (a shortest path over the steps where the batch size changes; at most B + 1 of them)."""
+    (a shortest path over the steps where the batch size changes). A chunk may start at any of
+    those steps; past MAX_CHUNK_STARTS of them (large batches) an evenly spaced subset is the
+    candidates, which keeps the quadratic search to ~1000 steps of Python."""
     starts = [t for t in range(len(batch_sizes)) if t == 0 or batch_sizes[t] != batch_sizes[t - 1]]
     starts = [t for t in starts if batch_sizes[t] > 0]
+    if len(starts) > MAX_CHUNK_STARTS:
+        pick = torch.linspace(0, len(starts) - 1, MAX_CHUNK_STARTS).round().long().tolist()
+        starts = [starts[i] for i in sorted(set(pick))]
     end = next((t for t, b in enumerate(batch_sizes) if b == 0), len(batch_sizes))
     bounds = [*starts, end]
     best = [0.0] + [float("inf")] * len(starts)
