@@ -260,3 +260,23 @@ def test_factory_arguments_match_torch_and_from_torch_keeps_dtype():
     assert layer.to_torch().weight_hr_l0.dtype == torch.float64
     assert rnnkit.GRU.from_torch(nn.GRU(3, 4, dtype=torch.float64)).weight_hh_l0.dtype == \
         torch.float64
+
+
+@pytest.mark.parametrize("options", [{}, {"peephole": True, "coupled": True}])
+def test_gradcheck_stacked_bidirectional_with_lengths(options, monkeypatch):
+    """The fused backend's projected routes (BPTT, in chunks for the ragged batch), end to end."""
+    monkeypatch.setattr(fused, "CHUNK_ROWS", 0)
+    monkeypatch.setattr(fused, "CHUNK_WEIGHTS", 0.0)
+    layer = rnnkit.LSTM(2, 3, num_layers=2, bidirectional=True, proj_size=2, **options).double()
+    # every projection and the recurrent weights that read the projected h (all of them would
+    # take gradcheck several times longer); the other weights are covered by the tests above
+    names = [n for n, _ in layer.named_parameters() if "weight_hr" in n or "weight_hh" in n]
+    params = [layer.get_parameter(n).detach().clone().requires_grad_() for n in names]
+    x = torch.randn(4, 3, 2, dtype=torch.double, requires_grad=True)
+
+    def run(x, *weights):
+        out, (h, c) = torch.func.functional_call(layer, dict(zip(names, weights)), (x,),
+                                                 {"lengths": [4, 2, 1]}, strict=False)
+        return out, h, c
+
+    assert torch.autograd.gradcheck(run, (x, *params))
