@@ -306,11 +306,14 @@ def test_short_inputs_use_weights_as_stored(name, shape):
         torch.testing.assert_close(got, want, **tolerance(torch.float64))
 
 
-def test_plain_lstm_goes_to_torchs_op_only_where_it_is_faster():
+def test_plain_lstm_goes_to_torchs_op_only_where_it_is_faster(monkeypatch):
     spec = VARIANTS["lstm"]
-    assert fused.own_kernel_faster(1, 1, 256)  # a streaming step
-    assert fused.own_kernel_faster(200, 1, 64) and fused.own_kernel_faster(35, 20, 64)
-    assert not fused.own_kernel_faster(35, 20, 200) and not fused.own_kernel_faster(200, 1, 256)
+    assert fused.own_kernel_faster(1, 1, 256) and fused.own_kernel_faster(1, 1, 256, threads=1)
+    assert fused.own_kernel_faster(200, 1, 64, 2) and fused.own_kernel_faster(35, 20, 64, 2)
+    assert not fused.own_kernel_faster(200, 1, 64, 1)  # measured: one thread, torch's op wins
+    assert not fused.own_kernel_faster(35, 20, 200, 2)
+    assert not fused.own_kernel_faster(200, 1, 256, 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert fused.native_op(spec, torch.zeros(200, 1, 64), 64) is None
     assert fused.native_op(spec, torch.zeros(35, 20, 200), 200) is not None
     assert fused.native_op(VARIANTS["lstm_peephole"], torch.zeros(35, 20, 200), 200) is None
@@ -332,3 +335,68 @@ def test_missing_compiler_gives_a_reason(monkeypatch):
     x, state0, params = make_inputs(VARIANTS["lstm"], 6, 6, 4, 5, torch.float32)
     out, _ = fused.run_layer(VARIANTS["lstm"], x, state0, params, None)
     assert out.shape == (6, 6, 5)
+
+
+# ---- ragged batches run in time chunks (rows that have ended cost nothing) -----------------------
+
+
+def test_chunk_plan_covers_the_running_steps_at_least_cost():
+    from itertools import combinations, pairwise
+
+    bs = [6, 6, 5, 5, 5, 3, 2, 2, 1, 0]
+    for cost in (0.0, 2.0, 5.0, 1e9):
+        plan = fused.chunk_plan(bs, cost)
+        assert plan[0][0] == 0 and plan[-1][1] == 9  # (the step where no row runs is left out)
+        assert all(a[1] == b[0] for a, b in pairwise(plan))
+        assert all(rows == bs[start] for start, _, rows in plan)
+        total = sum((stop - start) * rows + cost for start, stop, rows in plan)
+        changes = [2, 5, 6, 8]  # brute force over every subset of the places bs changes
+        best = min(
+            sum((b - a) * bs[a] + cost for a, b in zip((0, *cut), (*cut, 9)))
+            for k in range(len(changes) + 1) for cut in combinations(changes, k))
+        assert total == best
+    assert fused.chunk_plan(bs, 1e9) == [(0, 9, 6)]
+    assert len(fused.chunk_plan(bs, 0.0)) == 5
+    many = list(range(300, 0, -1))  # B = 300 rows ending one per step: candidates capped
+    plan = fused.chunk_plan(many, 0.0)
+    assert len(plan) == fused.MAX_CHUNK_STARTS and plan[0][0] == 0 and plan[-1][1] == 300
+    assert all(rows == many[start] for start, _, rows in plan)
+
+
+@pytest.mark.parametrize("batch_sizes", [BATCH_SIZES, BATCH_SIZES_EMPTY_ROWS, [5, 3, 3, 3, 3, 3, 3]])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_chunked_ragged_batch_matches_reference(name, batch_sizes, monkeypatch):
+    """Every change of batch size a chunk of its own: values and gradients are unchanged."""
+    monkeypatch.setattr(fused, "CHUNK_ROWS", 0)
+    monkeypatch.setattr(fused, "CHUNK_WEIGHTS", 0.0)
+    spec = VARIANTS[name]
+    args = make_inputs(spec, 7, 5, 6, 9, torch.float64)
+    assert len(fused.chunk_plan(batch_sizes, 0.0)) > 1
+    got_out, got_grads = outputs_and_grads(fused.run_layer, spec, *args, batch_sizes)
+    want_out, want_grads = outputs_and_grads(reference, spec, *args, batch_sizes)
+    for got, want in zip(got_out + got_grads, want_out + want_grads):
+        torch.testing.assert_close(got, want, **tolerance(torch.float64))
+
+
+def test_chunked_gradcheck(monkeypatch):
+    monkeypatch.setattr(fused, "CHUNK_ROWS", 0)
+    monkeypatch.setattr(fused, "CHUNK_WEIGHTS", 0.0)
+    spec = VARIANTS["lstm_peephole"]
+    x, state0, params = make_inputs(spec, 5, 3, 2, 3, torch.float64)
+    tensors = leaves(x, state0, params)
+
+    def run(*flat):
+        out, state = fused.run_layer(spec, flat[0], tuple(flat[1:3]), tuple(flat[3:]),
+                                     [3, 2, 2, 1, 1])
+        return (out, *state)
+
+    assert torch.autograd.gradcheck(run, tuple(tensors))
+
+
+def test_plain_lstm_with_lengths_runs_rnnkits_kernel_not_torchs_packed_op():
+    """torch's packed op is 2.5-7x slower than its padded op (benchmarks/lengths.py)."""
+    spec = VARIANTS["lstm"]
+    x = torch.zeros(35, 20, 200)
+    assert fused.native_op(spec, x, 200) is not None  # padded: torch's op at this shape
+    assert fused.native_op(spec, x, 200, [20] * 30 + [10] * 5) is None
+    assert fused.native_op(spec, x, 200, [20] * 35) is not None  # not ragged

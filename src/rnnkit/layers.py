@@ -32,6 +32,7 @@ from rnnkit.validation import (
     check_layer_arguments,
     check_layer_state,
     check_lengths,
+    check_proj_size,
     check_sequence,
     check_steps,
 )
@@ -53,9 +54,17 @@ class RecurrentLayer(nn.Module):
         dropout: float = 0.0,
         bidirectional: bool = False,
         backend: str | None = None,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_layer_arguments(input_size, hidden_size, num_layers, dropout)
+        check_proj_size(proj_size, hidden_size)
+        if math_.spec.projection != (proj_size > 0):
+            raise ValueError(f"proj_size={proj_size} does not match the cell {math_!r} (only an "
+                             "LSTM has a projection: LSTMMath(projection=True) with proj_size > 0)")
+        factory_kwargs = {"device": device, "dtype": dtype}  # as torch.nn's factory arguments
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 "dropout acts between stacked layers only (as in torch.nn); with num_layers=1 "
@@ -71,23 +80,26 @@ class RecurrentLayer(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.backend = backend
-        self.proj_size = 0  # read by code written for torch.nn.LSTM
+        self.proj_size = proj_size  # LSTM only (torch.nn.LSTM's); 0 everywhere else
+        output_size = self.output_size
         rows = math_.num_gates * hidden_size
         self._param_names: list[list[str]] = []
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * self.num_directions
+            layer_input = input_size if layer == 0 else output_size * self.num_directions
             for direction in range(self.num_directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
                 shapes = {
                     "weight_ih": (rows, layer_input),
-                    "weight_hh": (rows, hidden_size),
+                    "weight_hh": (rows, output_size),
                 }
                 if bias:
                     shapes.update(bias_ih=(rows,), bias_hh=(rows,))
+                if proj_size:  # torch.nn.LSTM's order: weight_hr after the biases
+                    shapes.update(weight_hr=(proj_size, hidden_size))
                 shapes.update({name: (hidden_size,) for name in math_.diagonal_names})
                 names = []
                 for base, shape in shapes.items():
-                    setattr(self, base + suffix, nn.Parameter(torch.empty(shape)))
+                    setattr(self, base + suffix, nn.Parameter(torch.empty(shape, **factory_kwargs)))
                     names.append(base + suffix)
                 self._param_names.append(names)
         self.reset_parameters()
@@ -101,6 +113,11 @@ class RecurrentLayer(nn.Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self) -> int:
+        """The width of h (and of each direction's output): ``proj_size`` if set, else hidden."""
+        return self.proj_size or self.hidden_size
 
     def reset_parameters(self) -> None:
         """Uniform(-1/√H, 1/√H), as ``torch.nn`` initialises its recurrent layers."""
@@ -116,14 +133,15 @@ class RecurrentLayer(nn.Module):
         return [[getattr(self, name) for name in names] for names in self._param_names]
 
     def layer_params(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
-        """``(w_ih, w_hh, b_ih, b_hh, *diagonal)`` of one layer and direction (the engine's order)."""
+        """``(w_ih, w_hh, b_ih, b_hh, *extra)`` of one layer and direction (the engine's order;
+        ``extra`` is the math's ``extra_weight_names``: diagonal weights, then ``weight_hr``)."""
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         weights = [getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)]
         if self.bias:
             weights += [getattr(self, "bias_ih" + suffix), getattr(self, "bias_hh" + suffix)]
         else:
             weights += [None, None]
-        weights += [getattr(self, name + suffix) for name in self.math.diagonal_names]
+        weights += [getattr(self, name + suffix) for name in self.math.extra_weight_names]
         return tuple(weights)
 
     # --- forward ---------------------------------------------------------------------------
@@ -154,8 +172,12 @@ class RecurrentLayer(nn.Module):
             lengths = check_lengths(lengths, batch, steps, x.device)
             sorted_lengths, order, inverse = sort_by_length(lengths)
             batch_sizes = batch_sizes_for(sorted_lengths, steps)
-            x = x[:, order.to(x.device)]
-            states0 = [s[:, order.to(x.device)] for s in states0]
+            if bool((order == torch.arange(batch)).all()):  # already longest first: no copies
+                order = inverse = None
+            else:  # index_select, not x[:, order]: its backward (index_add) is several times
+                # faster than the accumulating index_put of advanced indexing
+                x = x.index_select(1, order.to(x.device))
+                states0 = [s.index_select(1, order.to(x.device)) for s in states0]
 
         layer_input = x.contiguous()
         finals: list[list[Tensor]] = [[] for _ in states0]
@@ -183,8 +205,8 @@ class RecurrentLayer(nn.Module):
         output = layer_input
         final_states = [torch.stack(values) for values in finals]  # (L*D, B, H) each
         if inverse is not None:
-            output = output[:, inverse.to(x.device)]
-            final_states = [s[:, inverse.to(x.device)] for s in final_states]
+            output = output.index_select(1, inverse.to(x.device))
+            final_states = [s.index_select(1, inverse.to(x.device)) for s in final_states]
         return self._format_output(output, final_states, packed, lengths, unbatched)
 
     def _time_major(self, input: Tensor | PackedSequence, lengths: Sequence[int] | Tensor | None,
@@ -217,20 +239,21 @@ class RecurrentLayer(nn.Module):
     def _initial_states(
         self, hx: Any, batch: int, unbatched: bool, x: Tensor
     ) -> list[Tensor]:
-        """The initial states as (L*D, B, H) tensors, zeros where ``hx`` is None."""
+        """The initial states as (L*D, B, H) tensors (h: (L*D, B, proj_size) with a projection),
+        zeros where ``hx`` is None."""
         names = self.math.state_names
         depth = self.num_layers * self.num_directions
+        sizes = [self.output_size] + [self.hidden_size] * (len(names) - 1)
         if hx is None:
-            zeros = x.new_zeros(depth, batch, self.hidden_size)
-            return [zeros] * len(names)
+            return [x.new_zeros(depth, batch, size) for size in sizes]
         given = (hx,) if isinstance(hx, Tensor) else tuple(hx)
         if len(given) != len(names):
             kind = type(self).__name__
             expected = "a tuple (h_0, c_0)" if len(names) == 2 else "a single tensor h_0"
             raise ValueError(f"{kind} expects hx to be {expected}, got {len(given)} tensor(s)")
-        shape = (depth, self.hidden_size) if unbatched else (depth, batch, self.hidden_size)
         states = []
-        for name, state in zip(names, given):
+        for name, state, size in zip(names, given, sizes):
+            shape = (depth, size) if unbatched else (depth, batch, size)
             check_layer_state(f"hx {name}_0", state, shape, x.dtype, x.device)
             states.append(state.unsqueeze(1) if unbatched else state)
         return states
@@ -279,9 +302,10 @@ class RecurrentLayer(nn.Module):
         if problem:
             raise ValueError(f"{type(self).__name__} cannot become a {self.torch_class.__name__}: "
                              f"{problem}")
-        module = self.torch_class(**self._torch_kwargs())
+        weight = self.weight_hh_l0
+        module = self.torch_class(**self._torch_kwargs(), device=weight.device, dtype=weight.dtype)
         module.load_state_dict(self.state_dict())
-        return module.to(self.weight_hh_l0.dtype)
+        return module
 
     @classmethod
     def _check_torch_module(cls, module: nn.Module) -> None:
@@ -290,8 +314,6 @@ class RecurrentLayer(nn.Module):
                 f"{cls.__name__}.from_torch expects a torch.nn.{cls.torch_class.__name__}, "
                 f"got {type(module).__name__}"
             )
-        if getattr(module, "proj_size", 0):
-            raise ValueError("LSTM projections (proj_size > 0) are not supported")
 
     def _load_torch_weights(self, module: nn.Module) -> RecurrentLayer:
         with torch.no_grad():
@@ -304,10 +326,15 @@ class RecurrentLayer(nn.Module):
         if self.num_layers != 1:
             text += f", num_layers={self.num_layers}"
         for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0),
-                              ("bidirectional", False)):
+                              ("bidirectional", False), ("proj_size", 0)):
             if getattr(self, name) != default:
                 text += f", {name}={getattr(self, name)}"
         return text + f", cell={self.math!r}"
+
+
+def _factory_of(module: nn.Module) -> dict[str, Any]:
+    """The ``device=``/``dtype=`` of a torch.nn module's weights (what ``from_torch`` copies)."""
+    return {"device": module.weight_hh_l0.device, "dtype": module.weight_hh_l0.dtype}
 
 
 class RNN(RecurrentLayer):
@@ -319,10 +346,11 @@ class RNN(RecurrentLayer):
         self, input_size: int, hidden_size: int, num_layers: int = 1,
         nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
         dropout: float = 0.0, bidirectional: bool = False, backend: str | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         self.nonlinearity = nonlinearity
         super().__init__(ElmanMath(nonlinearity), input_size, hidden_size, num_layers, bias,
-                         batch_first, dropout, bidirectional, backend)
+                         batch_first, dropout, bidirectional, backend, device=device, dtype=dtype)
 
     def _torch_kwargs(self) -> dict[str, Any]:
         return {**super()._torch_kwargs(), "nonlinearity": self.nonlinearity}
@@ -338,14 +366,17 @@ class RNN(RecurrentLayer):
         cls._check_torch_module(module)
         layer = cls(module.input_size, module.hidden_size, module.num_layers,
                     module.nonlinearity, module.bias, module.batch_first, module.dropout,
-                    module.bidirectional, backend)
+                    module.bidirectional, backend, **_factory_of(module))
         return layer._load_torch_weights(module)
 
 
 class LSTM(RecurrentLayer):
     """LSTM layers (``torch.nn.LSTM``), with ``peephole`` and ``coupled`` (CIFG) variants.
 
-    ``forget_bias`` sets the initial total forget-gate bias (TensorFlow uses 1.0).
+    ``forget_bias`` sets the initial total forget-gate bias (TensorFlow uses 1.0). ``proj_size``
+    > 0 adds torch.nn.LSTM's projection (LSTMP, Sak et al. 2014; ``weight_hr_l{k}`` (P, H)):
+    h, the output and the recurrent input are P wide, c stays H wide; it combines with
+    ``peephole`` and ``coupled``.
     """
 
     torch_class = nn.LSTM
@@ -354,13 +385,16 @@ class LSTM(RecurrentLayer):
         self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
         batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
         peephole: bool = False, coupled: bool = False, forget_bias: float | None = None,
-        backend: str | None = None,
+        backend: str | None = None, proj_size: int = 0,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         self.peephole = peephole
         self.coupled = coupled
         self.forget_bias = forget_bias
-        super().__init__(LSTMMath(peephole, coupled), input_size, hidden_size, num_layers, bias,
-                         batch_first, dropout, bidirectional, backend)
+        check_proj_size(proj_size, hidden_size)
+        super().__init__(LSTMMath(peephole, coupled, proj_size > 0), input_size, hidden_size,
+                         num_layers, bias, batch_first, dropout, bidirectional, backend,
+                         proj_size=proj_size, device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -372,6 +406,9 @@ class LSTM(RecurrentLayer):
             init_forget_bias(weights[2], weights[3], self.hidden_size, self.coupled,
                              self.forget_bias)
 
+    def _torch_kwargs(self) -> dict[str, Any]:
+        return {**super()._torch_kwargs(), "proj_size": self.proj_size}
+
     def _torch_compatibility_problem(self) -> str | None:
         if self.peephole or self.coupled:
             return "torch.nn.LSTM has neither peephole connections nor coupled gates"
@@ -379,10 +416,11 @@ class LSTM(RecurrentLayer):
 
     @classmethod
     def from_torch(cls, module: nn.LSTM, backend: str | None = None) -> LSTM:
-        """An exact copy of a ``torch.nn.LSTM`` (without projections)."""
+        """An exact copy of a ``torch.nn.LSTM`` (its ``proj_size`` too)."""
         cls._check_torch_module(module)
         layer = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
-                    module.batch_first, module.dropout, module.bidirectional, backend=backend)
+                    module.batch_first, module.dropout, module.bidirectional, backend=backend,
+                    proj_size=module.proj_size, **_factory_of(module))
         return layer._load_torch_weights(module)
 
 
@@ -395,10 +433,11 @@ class GRU(RecurrentLayer):
         self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
         batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
         reset: str = "after", backend: str | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         self.reset = reset
         super().__init__(GRUMath(reset), input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, backend)
+                         dropout, bidirectional, backend, device=device, dtype=dtype)
 
     def _torch_compatibility_problem(self) -> str | None:
         if self.reset != "after":
@@ -410,7 +449,8 @@ class GRU(RecurrentLayer):
         """An exact copy of a ``torch.nn.GRU``."""
         cls._check_torch_module(module)
         layer = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
-                    module.batch_first, module.dropout, module.bidirectional, backend=backend)
+                    module.batch_first, module.dropout, module.bidirectional, backend=backend,
+                    **_factory_of(module))
         return layer._load_torch_weights(module)
 
 
@@ -428,9 +468,11 @@ class MinimalLayer(RecurrentLayer):
         self, math_: MinimalMath, input_size: int, hidden_size: int, num_layers: int = 1,
         bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
         bidirectional: bool = False, backend: str = "auto",
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         nn.Module.__init__(self)
         check_layer_arguments(input_size, hidden_size, num_layers, dropout)
+        factory_kwargs = {"device": device, "dtype": dtype}  # as torch.nn's factory arguments
         self.math = math_
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
@@ -444,10 +486,11 @@ class MinimalLayer(RecurrentLayer):
             for direction in range(self.num_directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
                 names = ["weight_ih" + suffix]
-                setattr(self, names[0], nn.Parameter(torch.empty(rows, layer_input)))
+                setattr(self, names[0],
+                        nn.Parameter(torch.empty(rows, layer_input, **factory_kwargs)))
                 if bias:
                     names.append("bias_ih" + suffix)
-                    setattr(self, names[1], nn.Parameter(torch.empty(rows)))
+                    setattr(self, names[1], nn.Parameter(torch.empty(rows, **factory_kwargs)))
                 self._param_names.append(names)
         self.reset_parameters()
 
@@ -499,9 +542,10 @@ class MinGRU(MinimalLayer):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__(MinGRUMath(), input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, backend)
+                         dropout, bidirectional, backend, device, dtype)
 
 
 class MinLSTM(MinimalLayer):
@@ -509,6 +553,7 @@ class MinLSTM(MinimalLayer):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__(MinLSTMMath(), input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, backend)
+                         dropout, bidirectional, backend, device, dtype)

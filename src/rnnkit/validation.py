@@ -183,3 +183,14 @@ def check_layer_arguments(input_size: int, hidden_size: int, num_layers: int, dr
         )
     if not 0.0 <= dropout <= 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
+
+
+def check_proj_size(proj_size: int, hidden_size: int) -> None:
+    """``torch.nn.LSTM``'s rule for ``proj_size``: 0 (no projection) or 0 < P < hidden_size."""
+    if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:
+        raise ValueError(
+            f"proj_size must be a non-negative integer (0 disables the projection), got {proj_size!r}")
+    if proj_size >= hidden_size:
+        raise ValueError(
+            f"proj_size must be smaller than hidden_size, got proj_size={proj_size} and "
+            f"hidden_size={hidden_size}")

@@ -12,7 +12,7 @@ def math_for(spec: CellSpec) -> CellMath:
     if spec.kind == "rnn":
         return ElmanMath(spec.nonlinearity)
     if spec.kind == "lstm":
-        return LSTMMath(spec.peephole, spec.coupled)
+        return LSTMMath(spec.peephole, spec.coupled, spec.projection)
     if spec.kind == "gru":
         return GRUMath(spec.reset)
     raise ValueError(f"unknown cell kind {spec.kind!r}")

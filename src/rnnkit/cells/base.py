@@ -43,6 +43,7 @@ class CellSpec:
     peephole: bool = False  # lstm
     coupled: bool = False  # lstm
     reset: str = "after"  # gru: "after" | "before"
+    projection: bool = False  # lstm: h_t = W_hr (o_t ⊙ tanh c_t), torch.nn.LSTM's proj_size > 0
 
 
 class CellMath(ABC):
@@ -72,6 +73,12 @@ class CellMath(ABC):
     diagonal_names: tuple[str, ...] = ()
     #: True when d(gx) and d(recurrent pre-activation) are the same tensor (Elman, LSTM)
     shares_preactivation_grad: bool = True
+
+    @property
+    def extra_weight_names(self) -> tuple[str, ...]:
+        """Every weight after ``(w_ih, w_hh, b_ih, b_hh)``, in the order the engine passes them
+        (as ``diag`` to :meth:`step`): the diagonal weights, then any others (LSTM's ``weight_hr``)."""
+        return self.diagonal_names
 
     @property
     @abstractmethod
@@ -136,7 +143,8 @@ def pickle_state(state: dict[str, Any]) -> dict[str, Any]:
     """
     state = dict(state)
     spec = state.pop("math").spec
-    state["_cell_spec"] = (spec.kind, spec.nonlinearity, spec.peephole, spec.coupled, spec.reset)
+    state["_cell_spec"] = (spec.kind, spec.nonlinearity, spec.peephole, spec.coupled, spec.reset,
+                           spec.projection)
     return state
 
 
@@ -157,8 +165,10 @@ class RecurrentCell(nn.Module):
 
     math: CellMath
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool, math_: CellMath) -> None:
+    def __init__(self, input_size: int, hidden_size: int, bias: bool, math_: CellMath,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}  # as torch.nn's factory arguments
         if input_size <= 0 or hidden_size <= 0:
             raise ValueError(
                 f"input_size and hidden_size must be positive, got {input_size} and {hidden_size}"
@@ -168,16 +178,16 @@ class RecurrentCell(nn.Module):
         self.bias = bias
         self.math = math_
         rows = math_.num_gates * hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(rows, input_size))
-        self.weight_hh = nn.Parameter(torch.empty(rows, hidden_size))
+        self.weight_ih = nn.Parameter(torch.empty(rows, input_size, **factory_kwargs))
+        self.weight_hh = nn.Parameter(torch.empty(rows, hidden_size, **factory_kwargs))
         if bias:
-            self.bias_ih = nn.Parameter(torch.empty(rows))
-            self.bias_hh = nn.Parameter(torch.empty(rows))
+            self.bias_ih = nn.Parameter(torch.empty(rows, **factory_kwargs))
+            self.bias_hh = nn.Parameter(torch.empty(rows, **factory_kwargs))
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         for name in math_.diagonal_names:
-            setattr(self, name, nn.Parameter(torch.empty(hidden_size)))
+            setattr(self, name, nn.Parameter(torch.empty(hidden_size, **factory_kwargs)))
         self.reset_parameters()
 
     def __getstate__(self) -> dict[str, Any]:

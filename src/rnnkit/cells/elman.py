@@ -86,9 +86,10 @@ class RNNCell(RecurrentCell):
     """One Elman step: ``output, (h,) = cell(x_t, (h,))``; parameters as ``torch.nn.RNNCell``."""
 
     def __init__(
-        self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh"
+        self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, ElmanMath(nonlinearity))
+        super().__init__(input_size, hidden_size, bias, ElmanMath(nonlinearity), device, dtype)
         self.nonlinearity = nonlinearity
 
     @classmethod

@@ -131,9 +131,10 @@ class GRUCell(RecurrentCell):
     """One GRU step: ``output, (h,) = cell(x_t, (h,))``; parameters as ``torch.nn.GRUCell``."""
 
     def __init__(
-        self, input_size: int, hidden_size: int, bias: bool = True, reset: str = "after"
+        self, input_size: int, hidden_size: int, bias: bool = True, reset: str = "after",
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, GRUMath(reset))
+        super().__init__(input_size, hidden_size, bias, GRUMath(reset), device, dtype)
         self.reset = reset
 
     @classmethod

@@ -8,11 +8,13 @@ Gate blocks are stacked in ``torch.nn.LSTM``'s order i, f, g, o (coupled: i, g, 
     g_t = tanh(pre_g)                        # candidate cell
     c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t          # cell state
     o_t = σ(pre_o + w_co ⊙ c_t)              # output gate peeks at the *new* cell (Gers 2000)
-    h_t = o_t ⊙ tanh(c_t)
+    h_t = o_t ⊙ tanh(c_t)                    # projected (LSTMP): h_t = W_hr (o_t ⊙ tanh(c_t))
 
 Peepholes (Gers & Schmidhuber 2000) are diagonal weights ``weight_ci``, ``weight_cf``,
 ``weight_co`` of shape (H,); with ``coupled=True`` (CIFG, Greff et al. 2017) there is no forget
-gate block and no ``weight_cf``.
+gate block and no ``weight_cf``. With a projection (Sak et al. 2014; ``torch.nn.LSTM``'s
+``proj_size`` P > 0) ``weight_hr`` (P, H) maps the gated cell output to the P-wide ``h_t``, which is
+both the output and the recurrent input (``weight_hh`` is then (4H, P)); ``c_t`` stays H wide.
 
 Example::
 
@@ -58,15 +60,18 @@ class _LSTMCache(NamedTuple):
     o: Tensor
     c: Tensor
     tanh_c: Tensor
+    m: Tensor | None  # o ⊙ tanh(c) before the projection (None without one)
 
 
 class LSTMMath(CellMath):
     kind = "lstm"
     state_names = ("h", "c")
 
-    def __init__(self, peephole: bool = False, coupled: bool = False) -> None:
+    def __init__(self, peephole: bool = False, coupled: bool = False, projection: bool = False
+                 ) -> None:
         self.peephole = peephole
         self.coupled = coupled
+        self.projection = projection  # the last extra weight is weight_hr (P, H)
         self.num_gates = 3 if coupled else 4
         if peephole:
             self.diagonal_names = ("weight_ci", "weight_co") if coupled else (
@@ -74,12 +79,19 @@ class LSTMMath(CellMath):
 
     @property
     def spec(self) -> CellSpec:
-        return CellSpec("lstm", peephole=self.peephole, coupled=self.coupled)
+        return CellSpec("lstm", peephole=self.peephole, coupled=self.coupled,
+                        projection=self.projection)
+
+    @property
+    def extra_weight_names(self) -> tuple[str, ...]:
+        return self.diagonal_names + (("weight_hr",) if self.projection else ())
 
     def make_state(self, tensors: Sequence[Tensor]) -> LSTMState:
         return LSTMState(*tensors)
 
     def _peepholes(self, diag: Sequence[Tensor]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        if self.projection:
+            diag = diag[:-1]
         if not self.peephole:
             return None, None, None
         if self.coupled:
@@ -108,14 +120,21 @@ class LSTMMath(CellMath):
         o = torch.sigmoid(pre_o + w_co * c if self.peephole else pre_o)
         tanh_c = torch.tanh(c)
         h = o * tanh_c
-        return LSTMState(h, c), _LSTMCache(h_prev, c_prev, i, f, g, o, c, tanh_c)
+        m = None
+        if self.projection:
+            m, h = h, h @ diag[-1].t()
+        return LSTMState(h, c), _LSTMCache(h_prev, c_prev, i, f, g, o, c, tanh_c, m)
 
     def step_backward(
         self, d_state: State, cache: _LSTMCache, w_hh: Tensor, diag: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
         dh, dc_next = d_state
-        _, c_prev, i, f, g, o, c, tanh_c = cache
+        _, c_prev, i, f, g, o, c, tanh_c, m = cache
         w_ci, w_cf, w_co = self._peepholes(diag)
+        d_w_hr: tuple[Tensor, ...] = ()
+        if self.projection:  # h = m W_hrᵀ: dW_hr = dhᵀ m, and m's gradient continues as dh
+            d_w_hr = (dh.t() @ m,)
+            dh = dh @ diag[-1]
         d_pre_o = dh * tanh_c * sigmoid_grad(o)
         dc = dc_next + dh * o * tanh_grad(tanh_c)
         if self.peephole:
@@ -143,10 +162,11 @@ class LSTMMath(CellMath):
                 dc_prev = dc_prev + d_pre_f * w_cf
                 d_diag = (d_w_ci, (d_pre_f * c_prev).sum(0), d_w_co)
         dh_prev = d_pre @ w_hh
-        return d_pre, d_pre, LSTMState(dh_prev, dc_prev), d_diag
+        return d_pre, d_pre, LSTMState(dh_prev, dc_prev), d_diag + d_w_hr
 
     def __repr__(self) -> str:
-        return f"LSTMMath(peephole={self.peephole}, coupled={self.coupled})"
+        text = f"LSTMMath(peephole={self.peephole}, coupled={self.coupled}"
+        return text + (", projection=True)" if self.projection else ")")
 
 
 def init_forget_bias(
@@ -180,11 +200,13 @@ class LSTMCell(RecurrentCell):
         peephole: bool = False,
         coupled: bool = False,
         forget_bias: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.peephole = peephole
         self.coupled = coupled
         self.forget_bias = forget_bias
-        super().__init__(input_size, hidden_size, bias, LSTMMath(peephole, coupled))
+        super().__init__(input_size, hidden_size, bias, LSTMMath(peephole, coupled), device, dtype)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

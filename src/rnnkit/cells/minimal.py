@@ -113,8 +113,10 @@ def unpickle_minimal(state: dict[str, Any]) -> dict[str, Any]:
 class MinimalCell(nn.Module):
     """One step of a minimal cell: ``output, (h,) = cell(x_t, (h,))``; parameters as torch's cells."""
 
-    def __init__(self, math_: MinimalMath, input_size: int, hidden_size: int, bias: bool = True) -> None:
+    def __init__(self, math_: MinimalMath, input_size: int, hidden_size: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}  # as torch.nn's factory arguments
         if input_size <= 0 or hidden_size <= 0:
             raise ValueError(
                 f"input_size and hidden_size must be positive, got {input_size} and {hidden_size}"
@@ -124,8 +126,8 @@ class MinimalCell(nn.Module):
         self.hidden_size = hidden_size
         self.bias = bias
         rows = math_.num_gates * hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(rows, input_size))
-        self.bias_ih = nn.Parameter(torch.empty(rows)) if bias else None
+        self.weight_ih = nn.Parameter(torch.empty(rows, input_size, **factory_kwargs))
+        self.bias_ih = nn.Parameter(torch.empty(rows, **factory_kwargs)) if bias else None
         bound = 1.0 / math.sqrt(hidden_size)
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
@@ -166,10 +168,12 @@ class MinimalCell(nn.Module):
 
 
 class MinGRUCell(MinimalCell):
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
-        super().__init__(MinGRUMath(), input_size, hidden_size, bias)
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(MinGRUMath(), input_size, hidden_size, bias, device, dtype)
 
 
 class MinLSTMCell(MinimalCell):
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
-        super().__init__(MinLSTMMath(), input_size, hidden_size, bias)
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(MinLSTMMath(), input_size, hidden_size, bias, device, dtype)

@@ -29,12 +29,12 @@ def _forward(
     """Runs the layer; with ``keep`` also returns the step caches and the recurrent inputs."""
     w_ih, w_hh, b_ih, b_hh, *diag = params
     steps, batch, inputs = x.shape
-    hidden = w_hh.shape[1]
+    hidden = w_hh.shape[1]  # the width of h (the projected width P with a projection)
     flat_x = x.reshape(steps * batch, inputs)
     gx_all = (flat_x @ w_ih.t() if b_ih is None else torch.addmm(b_ih, flat_x, w_ih.t()))
     gx_all = gx_all.view(steps, batch, w_ih.shape[0])  # (T, B, G*H); -1 fails when B = 0
     outputs = x.new_zeros(steps, batch, hidden)
-    groups = math.recurrent_row_groups(hidden)
+    groups = math.recurrent_row_groups(w_hh.shape[0] // math.num_gates)
     recurrent_inputs = [x.new_zeros(steps, batch, hidden) for _ in groups] if keep else []
     caches: list[Any] = []
     state = list(state0)
@@ -61,6 +61,7 @@ class _LayerBPTT(torch.autograd.Function):
             math, x, state0, params, batch_sizes, keep=True
         )
         ctx.math, ctx.batch_sizes, ctx.num_states = math, batch_sizes, num_states
+        ctx.state_sizes = [s.shape[1] for s in state0]
         ctx.caches = caches
         ctx.has_bias = params[2] is not None
         ctx.save_for_backward(x, params[0], params[1], *params[4:], *recurrent_inputs)
@@ -74,13 +75,14 @@ class _LayerBPTT(torch.autograd.Function):
     def backward(ctx: Any, d_outputs: Tensor, *d_final: Tensor | None) -> tuple[Tensor | None, ...]:
         math: CellMath = ctx.math
         x, w_ih, w_hh, *rest = ctx.saved_tensors
-        num_diag = len(math.diagonal_names)
+        num_diag = len(math.extra_weight_names)
         diag, recurrent_inputs = rest[:num_diag], rest[num_diag:]
         steps, batch, inputs = x.shape
         hidden = w_hh.shape[1]
         rows = w_hh.shape[0]
-        d_state = [
-            d.clone() if d is not None else x.new_zeros(batch, hidden) for d in d_final
+        d_state = [  # (an LSTM with a projection has h and c of different widths)
+            d.clone() if d is not None else x.new_zeros(batch, size)
+            for d, size in zip(d_final, ctx.state_sizes)
         ]
         d_gx_all = x.new_zeros(steps, batch, rows)
         d_gh_all = d_gx_all if math.shares_preactivation_grad else x.new_zeros(steps, batch, rows)
@@ -106,7 +108,8 @@ class _LayerBPTT(torch.autograd.Function):
         d_x = (flat_d_gx @ w_ih).view(steps, batch, inputs) if needs[3] else None
         d_w_ih = flat_d_gx.t() @ x.reshape(steps * batch, inputs)
         d_w_hh = torch.empty_like(w_hh)
-        for group, inputs_g in zip(math.recurrent_row_groups(hidden), recurrent_inputs):
+        for group, inputs_g in zip(math.recurrent_row_groups(rows // math.num_gates),
+                                   recurrent_inputs):
             d_w_hh[group] = flat_d_gh[:, group].t() @ inputs_g.view(steps * batch, hidden)
         d_b_ih = flat_d_gx.sum(0) if ctx.has_bias else None
         d_b_hh = flat_d_gh.sum(0) if ctx.has_bias else None

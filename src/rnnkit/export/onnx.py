@@ -71,6 +71,9 @@ PEEPHOLE_ORDER = ("weight_ci", "weight_co", "weight_cf")
 
 
 def onnx_form(spec: CellSpec) -> tuple[str, tuple[int, ...], dict[str, Any]]:
+    if spec.projection:  # (the LSTM operator's outputs are its H-wide h; nothing projects them)
+        raise ExportError("an LSTM with proj_size > 0 cannot be exported: ONNX's LSTM operator "
+                          "has no projection (weight_hr)")
     try:
         return ONNX_FORMS[spec]
     except KeyError:

@@ -20,22 +20,53 @@ micro-kernel that torch exports, updates its units, and meets the others at one 
 The input projection, ``dx`` and the weight gradients are single parallel GEMMs over all steps.
 
 The standard torch forms with torch's own fused kernel (plain LSTM, which torch runs through
-oneDNN's RNN primitive) dispatch to ``torch._VF`` instead: it is the same math and the fastest
-code on CPU for that case. See ``benchmarks/fused_kernels.py``.
+oneDNN's RNN primitive) dispatch to ``torch._VF`` instead where that is measured faster (see
+``own_kernel_faster`` and ``benchmarks/fused_kernels.py``).
+
+Variants without a C++ kernel are routed explicitly by ``ROUTES`` (never by falling through):
+the projected LSTM (``proj_size``) runs torch's op, which takes ``w_hr`` (a ragged batch: the
+BPTT engine in chunks, faster than torch's packed op); the projected peephole/coupled LSTM runs
+the BPTT engine (:mod:`rnnkit.engine.bptt`), whose cell math has the projection. A spec in
+neither table raises, naming it. Ragged batches run in time chunks (``chunk_plan``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from rnnkit.cells import math_for
+from rnnkit.cells.base import CellMath, CellSpec
+from rnnkit.engine.bptt import run_bptt
 from rnnkit.engine.fused import _build, _function
-from rnnkit.engine.fused._function import config_of, peephole_weights, run
+from rnnkit.engine.fused._function import KERNELS, config_of, peephole_weights, run, spec_of
 
-__all__ = ["run_layer", "run_step", "unavailable_reason"]
+__all__ = ["ROUTES", "run_layer", "run_step", "unavailable_reason"]
+
+# The variants the fused backend runs without a kernel of its own, and the path each takes:
+# "torch" is torch._VF.lstm (it has the projection: weights w_ih, w_hh, b_ih, b_hh, w_hr) for a
+# padded batch and the BPTT engine in time chunks for a ragged one (run_layer); "bptt" the
+# hand-derived BPTT engine. The C++ kernels have no projection.
+ROUTES: dict[CellSpec, str] = {
+    CellSpec("lstm", projection=True): "torch",
+    CellSpec("lstm", peephole=True, projection=True): "bptt",
+    CellSpec("lstm", coupled=True, projection=True): "bptt",
+    CellSpec("lstm", peephole=True, coupled=True, projection=True): "bptt",
+}
+
+
+def route_of(spec: Any) -> str:
+    """``"kernel"`` (a C++ kernel, or torch's op where ``native_op`` picks it) or the path in
+    ``ROUTES``; raises ValueError naming a variant that has neither."""
+    spec = spec_of(spec)
+    if spec in KERNELS:
+        return "kernel"
+    if spec in ROUTES:
+        return ROUTES[spec]
+    raise ValueError(f"no fused kernel for {spec}")
 
 # Dispatch the plain LSTM to torch's own fused op (see native_op). Benchmarks turn it off to
 # compare rnnkit's kernel on the same case.
@@ -50,9 +81,11 @@ def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str
     if dtype not in (torch.float32, torch.float64):
         return f"dtype {str(dtype).removeprefix('torch.')}"
     try:
-        config_of(spec)
+        route = route_of(spec)
     except ValueError as exc:
         return str(exc)
+    if route != "kernel":  # torch's op or the BPTT engine: nothing to compile
+        return None
     if _build.load() is None and native_op(spec) is None:
         return _build.error() or "extension unavailable"
     return None  # (without the extension the plain LSTM still runs through torch's op)
@@ -66,19 +99,118 @@ def run_layer(
     batch_sizes: Sequence[int] | None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Runs one layer in one direction; differentiable w.r.t. x, state0 and every param."""
-    native = native_op(spec, x, params[1].shape[1] if params[1] is not None else None)
-    if native is not None:
-        return native(x, state0, params, batch_sizes)
-    if _build.load() is None:
-        raise RuntimeError(f"fused backend unavailable: {_build.error()}")
-    cfg = config_of(spec)
     bs = None if batch_sizes is None else [int(b) for b in batch_sizes]
     if bs is not None and all(b == x.shape[1] for b in bs):
         bs = None
+    route = route_of(spec)
+    # A ragged projected LSTM takes the BPTT engine in chunks rather than torch's packed op:
+    # measured (1 thread, CPU time) 124 vs 200 ms at 100,32,256 P=128 and 123 vs 368 ms at
+    # 400,16,128 P=64, uniform lengths, forward+backward, before chunking.
+    if route == "bptt" or (route == "torch" and bs is not None):
+        math = spec if isinstance(spec, CellMath) else math_for(spec_of(spec))
+        if bs is None:
+            return run_bptt(math, x, tuple(state0), params, None)
+        return _run_in_chunks(lambda xs, st, b: run_bptt(math, xs, st, params, b),
+                              bs, x, state0, params)
+    native = native_op(spec, x, params[1].shape[1] if params[1] is not None else None, bs)
+    if native is not None:
+        return native(x, state0, params, bs)
+    if _build.load() is None:
+        raise RuntimeError(f"fused backend unavailable: {_build.error()}")
+    cfg = config_of(spec)
     # Save activations only when a gradient will be asked for.
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *state0, *params))
-    return run(cfg, bs, x, state0, params, training)
+    if bs is None:
+        return run(cfg, bs, x, state0, params, training)
+    return _run_in_chunks(lambda xs, st, b: run(cfg, b, xs, st, params, training),
+                          bs, x, state0, params)
+
+
+# ---- ragged batches: rows that have ended cost nothing ---------------------------------------
+#
+# The kernel skips ended rows in its per-step recurrent work, but its input projection, dx and
+# weight-gradient GEMMs run over all T·B rows (they are one GEMM each over the padded layout).
+# So a ragged batch runs as a few calls over time chunks, each on the rows still running at the
+# chunk's first step: the padding left is only the ragged edge inside each chunk. A chunk's
+# fixed cost (Python, operator dispatch and autograd, the kernel's weight transposes and one more
+# weight-gradient sum) is counted in row-steps (one row's forward+backward for one step, ~6
+# flops per weight): CHUNK_ROWS + CHUNK_WEIGHTS / (number of weights). Fitted on the 2-core
+# machine (1 thread, CPU time, load average 6-8) with benchmarks/lengths.py: CHUNK_ROWS 8 / 30 /
+# 64-100 / one chunk gave, fwd+bwd of a 35,20,200 Elman layer with uniform lengths, 5.51 / 5.24
+# / 4.86 / 4.84 ms (padded 4.66), of a 400,16,128 one 20.8 / 21.4 / 18.2 / 21.2 ms (padded 23.7).
+CHUNK_ROWS = 64
+CHUNK_WEIGHTS = 4e6
+MAX_CHUNK_STARTS = 48
+
+
+def chunk_cost(weights: int) -> float:
+    """The fixed cost of one more call, in row-steps, for a layer of ``weights`` weights."""
+    return CHUNK_ROWS + CHUNK_WEIGHTS / max(weights, 1)
+
+
+def chunk_plan(batch_sizes: Sequence[int], cost: float = CHUNK_ROWS) -> list[tuple[int, int, int]]:
+    """``(start, stop, rows)`` time chunks covering the steps where any row runs, each with the
+    rows running at its first step, chosen to minimise Σ (stop − start)·rows + cost per chunk
+    (a shortest path over the steps where the batch size changes). A chunk may start at any of
+    those steps; past MAX_CHUNK_STARTS of them (large batches) an evenly spaced subset is the
+    candidates, which keeps the quadratic search to ~1000 steps of Python."""
+    starts = [t for t in range(len(batch_sizes)) if t == 0 or batch_sizes[t] != batch_sizes[t - 1]]
+    starts = [t for t in starts if batch_sizes[t] > 0]
+    if len(starts) > MAX_CHUNK_STARTS:
+        pick = torch.linspace(0, len(starts) - 1, MAX_CHUNK_STARTS).round().long().tolist()
+        starts = [starts[i] for i in sorted(set(pick))]
+    end = next((t for t, b in enumerate(batch_sizes) if b == 0), len(batch_sizes))
+    bounds = [*starts, end]
+    best = [0.0] + [float("inf")] * len(starts)
+    previous = [0] * (len(starts) + 1)
+    for j in range(1, len(bounds)):
+        for i in range(j):
+            total = best[i] + (bounds[j] - bounds[i]) * batch_sizes[bounds[i]] + cost
+            if total < best[j]:
+                best[j], previous[j] = total, i
+    plan, j = [], len(starts)
+    while j > 0:
+        i = previous[j]
+        plan.append((bounds[i], bounds[j], batch_sizes[bounds[i]]))
+        j = i
+    return plan[::-1]
+
+
+def _run_in_chunks(
+    runner: Callable[[Tensor, tuple[Tensor, ...], list[int] | None], tuple[Tensor, Any]],
+    bs: list[int],
+    x: Tensor,
+    state0: Sequence[Tensor],
+    params: Sequence[Tensor | None],
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``runner(x, state0, batch_sizes)`` (one layer and direction) over the chunks of
+    :func:`chunk_plan`; the same result as one call on the whole batch."""
+    plan = chunk_plan(bs, chunk_cost(sum(p.numel() for p in params if p is not None)))
+    if len(plan) == 1 and plan[0][2] == x.shape[1] and plan[0][1] == x.shape[0]:
+        return runner(x, tuple(state0), bs)
+    steps, batch = x.shape[0], x.shape[1]
+    state = tuple(state0)
+    if not plan:  # no row runs at all
+        return x.new_zeros(steps, batch, state[0].shape[1]), state
+    outputs = []
+    done = 0
+    # split, not x[start:stop]: the backward of a slice is a zero tensor of x's full size per
+    # chunk, the backward of a split one concatenation
+    sizes = [stop - start for start, stop, _ in plan]
+    pieces = x.split([*sizes, steps - plan[-1][1]] if plan[-1][1] < steps else sizes)
+    for (start, stop, rows), piece in zip(plan, pieces):
+        chunk_bs = bs[start:stop]
+        out, new = runner(piece[:, :rows], tuple(s[:rows] for s in state),
+                          None if all(b == rows for b in chunk_bs) else chunk_bs)
+        if rows < batch:  # rows that have ended: output 0, state kept
+            out = torch.cat((out, out.new_zeros(stop - start, batch - rows, out.shape[2])), 1)
+            new = tuple(torch.cat((n, s[rows:])) for n, s in zip(new, state))
+        outputs.append(out)
+        state, done = new, stop
+    if done < steps:  # steps where no row runs
+        outputs.append(x.new_zeros(steps - done, batch, outputs[0].shape[2]))
+    return torch.cat(outputs), state
 
 
 def run_step(
@@ -92,7 +224,8 @@ def run_step(
     """
     cfg = getattr(spec, "_fused_step_config", None)
     if cfg is None:
-        if unavailable_reason(spec, x.dtype, x.device) is not None or _build.load() is None:
+        if (unavailable_reason(spec, x.dtype, x.device) is not None or _build.load() is None
+                or route_of(spec) != "kernel"):
             return None
         cfg = config_of(spec)
         spec._fused_step_config = cfg
@@ -109,29 +242,49 @@ def run_step(
 
 # torch's LSTM reorders its weights on every call (~0.7 ms at H=256) and pays a fixed cost per
 # step: where the per-step GEMM is small rnnkit's kernel is faster. Measured on the 2-core CI
-# machine kind, 2 threads, times relative to nn.LSTM (forward / forward+backward), rnnkit's
-# kernel: T,B,H = 200,1,64: 0.91 / 0.69; 200,4,64: 0.79 / 0.67; 200,1,96: 0.55 / 0.47;
+# machine kind, 2 threads, quiet, times relative to nn.LSTM (forward / forward+backward),
+# rnnkit's kernel: T,B,H = 200,1,64: 0.91 / 0.69; 200,4,64: 0.79 / 0.67; 200,1,96: 0.55 / 0.47;
 # 200,1,128: 0.72 / 0.63; 35,20,64: 0.95 / 0.85; 100,32,64: 0.83 / 0.97 — but 200,1,256: 1.61 /
 # 1.33; 35,20,128: 1.07 / 1.06; 35,20,200: 1.11 / 1.27 (torch's op through rnnkit: 0.96–1.03).
+# With 1 thread (2026-11-30, process CPU time, min of 9, load average 8–10; benchmarks/
+# fused_kernels.py --threads 1 --clock cpu --stat min --no-native) the batch-1 advantage is gone:
+# 200,1,64: 1.64 / 1.06 (again 1.75 / 1.16); 200,1,128: 1.58 / 1.11; 200,4,64: 1.01 / 0.92;
+# 35,20,64: 1.05 / 1.00; 100,32,64: 1.02 / 1.02; 100,32,128: 1.09 / 1.06; 35,20,200: 1.04 /
+# 1.06; 64,32,256: 1.08 / 1.07; 100,16,256: 1.07 / 1.04; 100,32,256: 1.10 / 0.91; 100,32,384:
+# 1.02 / 0.95; 50,64,512: 1.03 / 1.03 — so the small-batch rule holds with 2+ threads only.
+# (A ragged batch is another matter: see native_op.)
 NATIVE_MIN_ROWS = 32
 
 
-def own_kernel_faster(steps: int, batch: int, hidden: int) -> bool:
-    """Whether rnnkit's kernel beats torch's oneDNN op on a plain LSTM of this shape."""
-    return (steps * batch < NATIVE_MIN_ROWS or (batch <= 4 and hidden <= 128)
-            or (batch <= 32 and hidden <= 64))
+def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None = None) -> bool:
+    """Whether rnnkit's kernel beats torch's oneDNN op on a padded plain LSTM of this shape
+    with ``threads`` torch threads (default: torch's current count)."""
+    if steps * batch < NATIVE_MIN_ROWS:  # a streaming step: torch's per-call weight reorder
+        return True
+    threads = torch.get_num_threads() if threads is None else threads
+    return threads > 1 and ((batch <= 4 and hidden <= 128) or (batch <= 32 and hidden <= 64))
 
 
-def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None):
+def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None,
+              batch_sizes: Sequence[int] | None = None):
     """torch._VF runner when ``spec`` is exactly a torch.nn form and torch's kernel is fastest.
 
     Only the plain LSTM qualifies: torch runs it through oneDNN's fused RNN primitive. torch's
     GRU and Elman RNN are per-step ATen loops that rnnkit's kernel beats (see the benchmark).
     Given the input ``x`` (T, B, I) and the hidden size, small problems stay with rnnkit's kernel.
+    The projected plain LSTM always runs here (``ROUTES``: no C++ kernel has the projection).
+    A ragged batch (``batch_sizes`` not all B) stays with rnnkit's kernel, which skips the rows
+    that have ended: torch's packed op is 2.5-7x slower than its own padded op (see
+    ``benchmarks/lengths.py``).
     """
-    if not (use_native and spec.kind == "lstm" and not spec.peephole and not spec.coupled):
+    spec = spec_of(spec)
+    if ROUTES.get(spec) == "torch":
+        return _run_vf_lstm
+    if not (use_native and spec == CellSpec("lstm")):
         return None
-    if (x is not None and hidden is not None and own_kernel_faster(x.shape[0], x.shape[1], hidden)
+    ragged = x is not None and batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes)
+    if ((ragged or (x is not None and hidden is not None
+                    and own_kernel_faster(x.shape[0], x.shape[1], hidden)))
             and _build.load() is not None):
         return None
     return _run_vf_lstm
@@ -146,6 +299,7 @@ def _run_vf_lstm(
     w_ih, w_hh, b_ih, b_hh = params[:4]
     has_bias = b_ih is not None
     weights = [w_ih, w_hh, b_ih, b_hh] if has_bias else [w_ih, w_hh]
+    weights += params[4:]  # w_hr of a projected LSTM (torch tells by the number of weights)
     h0, c0 = (s.unsqueeze(0) for s in state0)
     steps, batch = x.shape[:2]
     if batch_sizes is None or all(b == batch for b in batch_sizes):

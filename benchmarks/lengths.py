@@ -1,0 +1,146 @@
+"""Variable lengths: what a ragged batch costs, rnnkit's ``lengths=`` against torch's paths.
+
+For each cell variant, shape (T, B, H) (input size = H) and length distribution it times
+forward+backward (loss = sum of the outputs) of one layer four ways, alternating in one process:
+
+* torch padded: the ``torch.nn`` module of the family on the padded (T, B, H) batch;
+* torch packed: the same module on ``pack_padded_sequence(..., enforce_sorted=False)``;
+* rnnkit padded: the rnnkit layer on the padded batch (every row runs T steps);
+* rnnkit lengths: the rnnkit layer with ``lengths=`` (rows that have ended should cost nothing).
+
+It prints the times, ``rnnkit lengths / rnnkit padded`` next to ``Σ lengths / (T·B)`` (the
+fraction of real steps: the cost a length-proportional layer would have), ``rnnkit lengths /
+torch padded`` and the time per real step and row (µs per Σ lengths). The longest sequence of
+each batch is T, as when a batch is padded to its longest member.
+
+    python benchmarks/lengths.py                                    # every variant, 3 shapes
+    python benchmarks/lengths.py --variants lstm --shapes 100,32,256
+    python benchmarks/lengths.py --threads 1 --clock cpu --stat min # on a busy machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnkit
+
+# name -> (rnnkit layer, torch.nn module of the same family); rnn_sigmoid against tanh nn.RNN
+VARIANTS: dict[str, tuple[Callable[[int, int], nn.Module], Callable[[int, int], nn.Module]]] = {
+    "lstm": (lambda i, h: rnnkit.LSTM(i, h), lambda i, h: nn.LSTM(i, h)),
+    "lstm_peephole": (lambda i, h: rnnkit.LSTM(i, h, peephole=True), lambda i, h: nn.LSTM(i, h)),
+    "lstm_coupled": (lambda i, h: rnnkit.LSTM(i, h, coupled=True), lambda i, h: nn.LSTM(i, h)),
+    "lstm_peephole_coupled": (lambda i, h: rnnkit.LSTM(i, h, peephole=True, coupled=True),
+                              lambda i, h: nn.LSTM(i, h)),
+    "gru_after": (lambda i, h: rnnkit.GRU(i, h), lambda i, h: nn.GRU(i, h)),
+    "gru_before": (lambda i, h: rnnkit.GRU(i, h, reset="before"), lambda i, h: nn.GRU(i, h)),
+    "rnn_tanh": (lambda i, h: rnnkit.RNN(i, h), lambda i, h: nn.RNN(i, h)),
+    "rnn_relu": (lambda i, h: rnnkit.RNN(i, h, nonlinearity="relu"),
+                 lambda i, h: nn.RNN(i, h, nonlinearity="relu")),
+    "rnn_sigmoid": (lambda i, h: rnnkit.RNN(i, h, nonlinearity="sigmoid"),
+                    lambda i, h: nn.RNN(i, h)),
+}
+SHAPES = [(100, 32, 256), (400, 16, 128), (35, 20, 200)]
+
+
+def draw_lengths(distribution: str, steps: int, batch: int, seed: int = 0) -> torch.Tensor:
+    """Lengths in [1, T] with the longest = T. ``uniform``: U(0.3T, T), the spread of sentences
+    bucketed loosely; ``skewed``: T·(0.05 + 0.95·u³), mostly short with a long tail (utterances,
+    documents)."""
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.rand(batch, generator=generator)
+    fraction = 0.3 + 0.7 * u if distribution == "uniform" else 0.05 + 0.95 * u**3
+    lengths = (fraction * steps).ceil().long().clamp(1, steps)
+    lengths[int(torch.randint(batch, (1,), generator=generator))] = steps
+    return lengths
+
+
+def timed(fns: list[Callable[[], object]], repeats: int, clock: Callable[[], float],
+          stat: Callable[[list[float]], float]) -> list[float]:
+    """``stat`` of each callable's time, the callables run in turn (rotating the order) so that
+    all see the same machine state."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for round_ in range(repeats):
+        order = list(range(len(fns)))
+        order = order[round_ % len(fns):] + order[:round_ % len(fns)]
+        for k in order:
+            start = clock()
+            fns[k]()
+            times[k].append(clock() - start)
+    return [stat(t) for t in times]
+
+
+def bench(name: str, shape: tuple[int, int, int], lengths: torch.Tensor, repeats: int,
+          clock: Callable[[], float], stat: Callable[[list[float]], float]) -> list[float]:
+    make_ours, make_theirs = VARIANTS[name]
+    steps, batch, hidden = shape
+    ours, theirs = make_ours(hidden, hidden), make_theirs(hidden, hidden)
+    x = torch.randn(steps, batch, hidden, requires_grad=True)
+
+    def padded(module: nn.Module) -> Callable[[], object]:
+        def run() -> None:
+            out, _ = module(x)
+            out.sum().backward()
+        return run
+
+    def packed() -> None:
+        out, _ = theirs(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        out.data.sum().backward()
+
+    def with_lengths() -> None:
+        out, _ = ours(x, lengths=lengths)
+        out.sum().backward()
+
+    return timed([padded(theirs), packed, padded(ours), with_lengths], repeats, clock, stat)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in SHAPES],
+                        help="T,B,H triples")
+    parser.add_argument("--distributions", nargs="*", default=["uniform", "skewed"],
+                        choices=["uniform", "skewed"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--stat", choices=["median", "min"], default="median",
+                        help="min is the steadier estimate on a machine shared with other jobs")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process CPU time; with --threads 1 it ignores time lost to "
+                             "other jobs")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    stat = min if args.stat == "min" else statistics.median
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {args.stat} "
+          f"{args.clock} time of {args.repeats}, load average {os.getloadavg()[0]:.2f}; "
+          "forward+backward ms")
+    header = (f"{'variant':<22} {'T,B,H':<11} {'lengths':<8} {'Σ/TB':>5} {'torch pad':>9} "
+              f"{'packed':>8} {'rnnkit pad':>10} {'lengths':>8} {'len/pad':>7} {'len/torch':>9} "
+              f"{'µs/Σ':>6}")
+    print(header)
+    print("-" * len(header))
+    for name in args.variants:
+        for text in args.shapes:
+            shape = tuple(int(v) for v in text.split(","))
+            for distribution in args.distributions:
+                lengths = draw_lengths(distribution, shape[0], shape[1])
+                total = int(lengths.sum())
+                tp, tk, rp, rl = bench(name, shape, lengths, args.repeats, clock, stat)
+                print(f"{name:<22} {text:<11} {distribution:<8} {total / (shape[0] * shape[1]):5.2f} "
+                      f"{tp * 1e3:9.1f} {tk * 1e3:8.1f} {rp * 1e3:10.1f} {rl * 1e3:8.1f} "
+                      f"{rl / rp:7.2f} {rl / tp:9.2f} {rl / total * 1e6:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
