@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from rnnkit.data.conll import detect_format
 from rnnkit.data.text import read_atis, read_conll, tokenize_text
 from rnnkit.metrics.entities import get_entities
 from rnnkit.pipelines.base import InputError, Pipeline, Result, shown
@@ -53,7 +54,9 @@ class TaggingPipeline(Pipeline):
         for i, text in enumerate(batch):
             if not isinstance(text, str):
                 raise InputError(f"input {first_index + i + 1} ({shown(text)}): give a sentence")
-            tokens = tokenize_text(text, self.vocab.words, self.data.lowercase)
+            # words as typed: the vocabularies lower-case them for the word embedding if the
+            # run did, and the characters keep their case
+            tokens = tokenize_text(text, self.vocab)
             if not tokens:
                 raise InputError(f"input {first_index + i + 1} is empty: give a sentence")
             # the gold tags only feed the loss predict_split also computes; "O" is always known
@@ -66,19 +69,18 @@ class TaggingPipeline(Pipeline):
                         for kind, start, end in get_entities(tags[row])]
             results.append(Tagged(text, tokens, tags[row], entities,
                                   intents[row] if intents is not None else None,
-                                  [t for t in tokens if t not in self.vocab.words]))
+                                  [t for t in tokens if t not in self.vocab]))
         return results
 
     def evaluate(self, path: str | Path, batch_size: int | None = None) -> dict[str, float]:
         """Slot (entity) precision / recall / F1, intent and sentence accuracy, and the loss, on
         an ATIS-style folder (seq.in, seq.out, label) or a CoNLL file (one token per line)."""
         path = Path(path)
-        if path.is_dir():
-            atis, _ = read_atis(path, lowercase=self.data.lowercase)
+        if detect_format(path, self.data.tag_column) == "atis":
+            atis, _ = read_atis(path)
             examples: list[tagging.Example] = [(t, g, i) for t, g, i in atis]
         else:
-            conll, _ = read_conll(path, self.data.token_column, self.data.tag_column,
-                                  lowercase=self.data.lowercase)
+            conll, _ = read_conll(path, self.data.token_column, self.data.tag_column)
             examples = [(tokens, tags, None) for tokens, tags in conll]
         if not examples:
             raise ValueError(f"{path} holds no sentences")
