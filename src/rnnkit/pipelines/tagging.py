@@ -15,6 +15,9 @@ from rnnkit.metrics.entities import get_entities
 from rnnkit.pipelines.base import InputError, Pipeline, Result, shown
 from rnnkit.tasks import tagging
 
+TYPE_SEPARATOR = "/"  # "slot_f1/PER": a metric of one entity type
+TYPES_SHOWN = 10  # entity types listed one by one in the printed line
+
 
 @dataclass
 class Entity:
@@ -89,12 +92,22 @@ class TaggingPipeline(Pipeline):
                              "give an ATIS-style folder (seq.in, seq.out, label)")
         scores = tagging.score_split(self.module, tagging.encode(examples, self.vocab), self.vocab,
                                      batch_size or self.data.eval_batch_size)
-        return {**scores.metrics(), "examples": float(len(examples))}
+        # per entity type as conlleval lists them: F1 and the reference count
+        by_type = {f"{key}{TYPE_SEPARATOR}{kind}": value
+                   for kind, row in scores.entities.by_type.items()
+                   for key, value in (("slot_f1", row["f1"]), ("support", row["support"]))}
+        return {**scores.metrics(), "examples": float(len(examples)), **by_type}
 
     def describe_metrics(self, metrics: dict[str, float]) -> str:
         intent = (f", intent accuracy {100 * metrics['intent_acc']:.2f}%"
                   if "intent_acc" in metrics else "")
+        prefix = f"slot_f1{TYPE_SEPARATOR}"
+        kinds = [key[len(prefix):] for key in metrics if key.startswith(prefix)]
+        # a few types (CoNLL's four) are listed; ATIS's ~80 are left to --json
+        by_type = ("; F1 by type: " + ", ".join(
+            f"{kind} {100 * metrics[prefix + kind]:.2f}" for kind in kinds)
+            if 0 < len(kinds) <= TYPES_SHOWN else "")
         return (f"slot F1 {100 * metrics['slot_f1']:.2f} (precision "
                 f"{100 * metrics['slot_precision']:.2f}, recall {100 * metrics['slot_recall']:.2f})"
                 f"{intent}, sentence accuracy {100 * metrics['sentence_acc']:.2f}%, loss "
-                f"{metrics['loss']:.4f} ({int(metrics['examples'])} sentences)")
+                f"{metrics['loss']:.4f} ({int(metrics['examples'])} sentences){by_type}")
