@@ -277,7 +277,7 @@ def test_a_file_of_neither_format_is_one_line(conll: tuple[Path, Path], tmp_path
 
     prose = tmp_path / "prose.txt"
     prose.write_text("Just a sentence here.\nAnd another one.\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="prose.txt is neither tagging format"):
+    with pytest.raises(ValueError, match=r"prose\.txt is neither tagging format"):
         tagging.build(_conll_config((prose, conll[1])))
     config = _conll_config(conll)
     task, model, _ = tagging.build(config)
@@ -293,7 +293,7 @@ def test_a_file_of_neither_format_is_one_line(conll: tuple[Path, Path], tmp_path
 def test_conll_file_without_valid_is_one_clear_error(conll: tuple[Path, Path]) -> None:
     config = _conll_config(conll)
     config["data"]["valid"] = None
-    with pytest.raises(ValueError, match="eng.train is a CoNLL file: give the validation file"):
+    with pytest.raises(ValueError, match=r"eng\.train is a CoNLL file: give the validation file"):
         tagging.build(config)
 
 
