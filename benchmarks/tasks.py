@@ -21,6 +21,7 @@ from rnnkit.train import TrainConfig, Trainer, load_checkpoint
 from rnnkit.train.rng import seed_everything
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+CONLL2003 = DOCS.parent / "examples" / "tagging-conll2003.yaml"
 
 
 def speech(minutes: float, out: Path) -> str:
@@ -160,6 +161,32 @@ def tagging(minutes: float, out: Path) -> str:
             f"| `python benchmarks/tasks.py --task tagging --minutes {minutes:g}` |")
 
 
+def conll2003(minutes: float, out: Path) -> str:
+    """CoNLL-2003 English NER with the settings of examples/tagging-conll2003.yaml (the command
+    `rnnkit train tagging --config examples/tagging-conll2003.yaml` trains the same model)."""
+    import yaml
+
+    from rnnkit.tasks import tagging as task_module
+    from rnnkit.tasks.common import chosen_weights
+
+    settings = yaml.safe_load(CONLL2003.read_text(encoding="utf-8"))
+    del settings["task"]
+    task, model, result, elapsed = _train(task_module, minutes, out, settings)
+    which, _ = chosen_weights(model, out, "dev F1")
+    print(f"scored with {which}")
+    scores = task.scores(model, "valid")
+    entities = scores.entities
+    by_type = ", ".join(f"{kind} {row['f1']:.4f}" for kind, row in entities.by_type.items())
+    print(f"steps {result.step}, {elapsed:.1f} min; dev (eng.testa) entity F1 {entities.f1:.4f} "
+          f"(P {entities.precision:.4f}, R {entities.recall:.4f}; {by_type}); curves: {result.plot}")
+    config = model.config
+    return (f"| tagging (CoNLL-2003 English NER) | eng.testa ({task.counts['valid']}) | "
+            f"{_recurrent(config.recurrent.to_dict())} + char BiLSTM + CRF, embeddings from "
+            f"scratch | **entity F1 {entities.f1:.4f}** ({by_type}) | ≥ 0.88 "
+            f"{'✓' if entities.f1 >= 0.88 else '✗'} | {elapsed:.1f} min ({result.step} steps) | "
+            f"`python benchmarks/tasks.py --task conll2003 --minutes {minutes:g} --threads 1` |")
+
+
 def translate(minutes: float, out: Path) -> str:
     from rnnkit.tasks import translate as task_module
 
@@ -258,6 +285,7 @@ def wordlm(minutes: float, out: Path) -> str:
 
 TASKS: dict[str, Callable[[float, Path], str]] = {
     "speech": speech, "digits": digits, "sentiment": sentiment, "tagging": tagging,
+    "conll2003": conll2003,
     "translate": translate, "multi30k": multi30k, "music": music, "wordlm": wordlm,
 }
 
