@@ -303,3 +303,17 @@ def test_reads_shared_conll2003() -> None:
     assert data.resolved_format() == "conll"
     examples, summary = tagging.read_split(data, "valid")  # type: ignore[misc]
     assert len(examples) == 3250 and "216 -DOCSTART- lines" in summary
+
+
+def test_conll2003_example_config_holds_valid_options() -> None:
+    import yaml
+
+    from rnnkit.tasks import merge_config
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "tagging-conll2003.yaml"
+    settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config = merge_config(tagging.default_config(), settings, str(path), "tagging")
+    data = tagging.TaggingDataConfig(**config["data"])
+    assert (data.format, data.tag_scheme, data.singleton_unk) == ("conll", "iobes", 0.5)
+    assert config["model"]["crf"] and config["model"]["chars"] and config["model"]["dropout"] == 0.5
+    assert config["train"]["minutes"] <= 30 and config["train"]["clip_norm"] == 5.0
