@@ -21,6 +21,7 @@ from rnnkit.train import TrainConfig, Trainer, load_checkpoint
 from rnnkit.train.rng import seed_everything
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+CONLL2003 = DOCS.parent / "examples" / "tagging-conll2003.yaml"
 
 
 def speech(minutes: float, out: Path) -> str:
@@ -160,6 +161,66 @@ def tagging(minutes: float, out: Path) -> str:
             f"| `python benchmarks/tasks.py --task tagging --minutes {minutes:g}` |")
 
 
+def plot_conll2003(metrics: Path, by_type: dict[str, dict[str, float]], png: Path) -> Path:
+    """Dev entity F1 at each validation against training minutes, and F1 per entity type."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
+    minutes = {r["step"]: r["time"] / 60 for r in records if r["kind"] == "train"}
+    valid = [(minutes[r["step"]], r["slot_f1"]) for r in records
+             if r["kind"] == "valid" and r["step"] in minutes]
+    figure, (curve, bars) = plt.subplots(1, 2, figsize=(10, 3.6),
+                                         gridspec_kw={"width_ratios": [2, 1]})
+    curve.plot(*zip(*valid), marker="o", markersize=3)
+    curve.axhline(0.88, color="grey", linestyle="--", linewidth=1, label="goal 0.88")
+    curve.set(xlabel="training minutes (1 thread, busy machine)", ylabel="entity F1",
+              title="CoNLL-2003 dev (eng.testa), every ~epoch", ylim=(0.6, 0.95))
+    curve.grid(alpha=0.3)
+    curve.legend(loc="lower right")
+    kinds = sorted(by_type)
+    bars.bar(kinds, [by_type[k]["f1"] for k in kinds])
+    for i, kind in enumerate(kinds):
+        bars.text(i, by_type[kind]["f1"] + 0.005, f"{by_type[kind]['f1']:.3f}", ha="center")
+    bars.set(ylim=(0.7, 1.0), title="F1 by type, chosen weights")
+    figure.tight_layout()
+    figure.savefig(png, dpi=100)
+    plt.close(figure)
+    return png
+
+
+def conll2003(minutes: float, out: Path) -> str:
+    """CoNLL-2003 English NER with the settings of examples/tagging-conll2003.yaml (the command
+    `rnnkit train tagging --config examples/tagging-conll2003.yaml` trains the same model)."""
+    import yaml
+
+    from rnnkit.tasks import tagging as task_module
+    from rnnkit.tasks.common import chosen_weights
+
+    settings = yaml.safe_load(CONLL2003.read_text(encoding="utf-8"))
+    del settings["task"]
+    task, model, result, elapsed = _train(task_module, minutes, out, settings)
+    which, _ = chosen_weights(model, out, "dev F1")
+    print(f"scored with {which}")
+    scores = task.scores(model, "valid")
+    entities = scores.entities
+    by_type = ", ".join(f"{kind} {row['f1']:.4f}" for kind, row in entities.by_type.items())
+    png = plot_conll2003(out / "metrics.jsonl", entities.by_type, DOCS / "conll2003-dev-f1.png")
+    print(f"steps {result.step}, {elapsed:.1f} min; dev (eng.testa) entity F1 {entities.f1:.4f} "
+          f"(P {entities.precision:.4f}, R {entities.recall:.4f}; {by_type}); picture: {png}; "
+          f"curves: {result.plot}")
+    config = model.config
+    return (f"| tagging (CoNLL-2003 English NER) | eng.testa ({task.counts['valid']}) | "
+            f"{_recurrent(config.recurrent.to_dict())} + char BiLSTM + CRF, embeddings from "
+            f"scratch | **entity F1 {entities.f1:.4f}** ({by_type}) | ≥ 0.88 "
+            f"{'✓' if entities.f1 >= 0.88 else '✗'} | {elapsed:.1f} min ({result.step} steps) | "
+            f"`python benchmarks/tasks.py --task conll2003 --minutes {minutes:g} --threads 1` |")
+
+
 def translate(minutes: float, out: Path) -> str:
     from rnnkit.tasks import translate as task_module
 
@@ -258,6 +319,7 @@ def wordlm(minutes: float, out: Path) -> str:
 
 TASKS: dict[str, Callable[[float, Path], str]] = {
     "speech": speech, "digits": digits, "sentiment": sentiment, "tagging": tagging,
+    "conll2003": conll2003,
     "translate": translate, "multi30k": multi30k, "music": music, "wordlm": wordlm,
 }
 

@@ -59,3 +59,30 @@ def test_empty_and_mismatched() -> None:
     assert (scores.precision, scores.recall, scores.f1) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="sentence 0: 2 reference tags but 1 predicted"):
         entity_scores([["O", "O"]], [["O"]])
+
+
+def test_iob1_chunks_by_hand() -> None:
+    # CoNLL-2003's IOB1: I- opens an entity; B- only splits two touching entities of one type
+    assert get_entities(["I-PER", "I-PER", "O", "I-LOC"]) == [("PER", 0, 1), ("LOC", 3, 3)]
+    assert get_entities(["I-LOC", "B-LOC", "I-LOC"]) == [("LOC", 0, 0), ("LOC", 1, 2)]
+    assert get_entities(["I-PER", "I-ORG", "I-ORG"]) == [("PER", 0, 0), ("ORG", 1, 2)]
+    assert get_entities(["O", "B-MISC", "I-MISC"]) == [("MISC", 1, 2)]
+
+
+def test_iob1_scores_by_hand_and_as_seqeval() -> None:
+    truth = [["I-ORG", "O", "I-MISC", "O", "O", "O", "I-MISC", "O", "O"],
+             ["I-PER", "I-PER"], ["I-LOC", "B-LOC", "O", "I-PER"]]
+    # the same entities written in IOB2 are all correct: only spans and types count
+    same = [["B-ORG", "O", "B-MISC", "O", "O", "O", "B-MISC", "O", "O"],
+            ["B-PER", "I-PER"], ["B-LOC", "B-LOC", "O", "B-PER"]]
+    assert entity_scores(truth, same).f1 == 1.0
+    # merged LOCs (one wrong entity, two missed), a PER cut short, a spurious ORG
+    guess = [["I-ORG", "O", "I-MISC", "O", "I-ORG", "O", "I-MISC", "O", "O"],
+             ["I-PER", "O"], ["I-LOC", "I-LOC", "O", "I-PER"]]
+    scores = entity_scores(truth, guess)
+    # truth 7 entities; guess 7 (ORG, MISC, ORG, MISC, PER0-0, LOC0-1, PER); correct 4
+    assert (scores.correct, scores.predicted, scores.actual) == (4, 7, 7)
+    assert scores.by_type["LOC"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2.0}
+    assert scores.by_type["PER"]["recall"] == 0.5
+    seqeval_metrics = pytest.importorskip("seqeval.metrics")
+    assert scores.f1 == pytest.approx(seqeval_metrics.f1_score(truth, guess, mode=None), abs=1e-12)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from conftest import shared_file
+from rnnkit.data.conll import convert
+from rnnkit.metrics.entities import get_entities
 from rnnkit.tasks import tagging
 from rnnkit.train import TrainConfig, Trainer
 
@@ -140,3 +142,178 @@ def test_reads_shared_atis() -> None:
     shared_file("atis/test/seq.out")
     read = tagging.read_split(tagging.TaggingDataConfig(), "test")
     assert read is not None and len(read[0]) == 893
+
+
+# --- CoNLL-2003 style data: IOB1 tags, cased words, singletons -----------------------------
+
+PEOPLE = [["John", "Smith"], ["Mary"], ["Anna", "Lee"]]
+PLACES = [["Paris"], ["New", "York"], ["Berlin"]]
+
+
+def _conll_sentences(count: int, seed: int) -> list[list[tuple[str, str]]]:
+    """IOB1 as in CoNLL-2003: entities start with I-; B- where two LOCs touch."""
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        person = PEOPLE[int(torch.randint(3, (1,), generator=rng))]
+        place = PLACES[int(torch.randint(3, (1,), generator=rng))]
+        other = PLACES[int(torch.randint(3, (1,), generator=rng))]
+        year = str(1990 + int(torch.randint(10, (1,), generator=rng)))
+        rows = [(w, "I-PER") for w in person] + [("visited", "O")]
+        rows += [(w, "I-LOC") for w in place] + [(w, "B-LOC" if i == 0 else "I-LOC")
+                                                 for i, w in enumerate(other)]
+        out.append([*rows, ("in", "O"), (year, "O"), (".", "O")])
+    return out
+
+
+def _write_conll(path: Path, sentences: list[list[tuple[str, str]]]) -> Path:
+    lines = ["-DOCSTART- -X- -X- O", ""]
+    for rows in sentences:
+        lines += [f"{word} NNP I-NP {tag}" for word, tag in rows] + [""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def conll(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("conll")
+    train = [*_conll_sentences(40, 0), [("Zed", "I-PER"), ("slept", "O")]]  # singletons
+    return (_write_conll(root / "eng.train", train),
+            _write_conll(root / "eng.testa", _conll_sentences(10, 1)))
+
+
+def _conll_config(files: tuple[Path, Path], **data: object) -> dict:
+    config = tagging.default_config()
+    config["data"].update(train=str(files[0]), valid=str(files[1]), lowercase=True,
+                          zero_digits=True, tag_scheme="iobes", **data)
+    config["model"].update(embedding=8, chars=True, char_embedding=4, char_hidden=4)
+    config["model"]["recurrent"].update(hidden=8)
+    config["train"].update(steps=4, batch_size=8, eval_every=4)
+    return config
+
+
+def test_conll_is_detected_and_trained_in_iobes(conll: tuple[Path, Path]) -> None:
+    task, model, source = tagging.build(_conll_config(conll))  # format "auto"
+    assert "skipped 1 -DOCSTART- lines" in source and model.config.intents == 0
+    vocab = task.vocab
+    assert vocab.scheme == "iob1" and {"S-LOC", "B-LOC", "E-LOC", "B-PER", "E-PER"} <= set(
+        vocab.tags.tokens) and "I-LOC" not in vocab.tags  # no LOC of 3+ tokens
+    train = task.splits["train"]
+    # gold tags as read (IOB1); the model's targets in IOBES
+    assert train.gold_tags[0][0] == "I-PER" and "B-LOC" in train.gold_tags[0]
+    assert [vocab.tags.tokens[t] for t in train.tags[0]] == convert(train.gold_tags[0], "iobes")
+    # the word embedding reads lower case and digits as 0; the characters keep the case
+    words = vocab.words
+    assert "paris" in words and "Paris" not in words and "0000" in words and "1990" not in words
+    assert "Paris" in vocab and "PARIS" in vocab and "London" not in vocab
+    chars = vocab.chars
+    assert chars is not None and "P" in chars and "p" in chars
+
+
+def test_conll_predictions_are_scored_in_iob1_as_seqeval_does(conll: tuple[Path, Path]) -> None:
+    seqeval_metrics = pytest.importorskip("seqeval.metrics")
+    config = _conll_config(conll)
+    config["train"].update(steps=30, eval_every=30, lr=1e-2)
+    task, model, _ = tagging.build(config)
+    Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False).fit()
+    predicted, intents, _ = task.predict(model, "valid")
+    assert intents is None
+    gold = task.splits["valid"].gold_tags
+    # written back in the data's scheme: IOB1, no E-/S-
+    assert all(convert(tags, "iob1") == tags for tags in predicted)
+    assert not any(t[:2] in ("E-", "S-") for tags in predicted for t in tags)
+    scores = task.scores(model, "valid")
+    assert scores.entities.f1 == pytest.approx(seqeval_metrics.f1_score(gold, predicted), abs=1e-12)
+    assert scores.entities.actual == sum(len(get_entities(tags)) for tags in gold)
+
+
+def test_singletons_read_as_unk_in_training_batches(conll: tuple[Path, Path]) -> None:
+    never, _, _ = tagging.build(_conll_config(conll))
+    always, _, _ = tagging.build(_conll_config(conll, singleton_unk=1.0))
+    half, _, _ = tagging.build(_conll_config(conll, singleton_unk=0.5))
+    vocab = always.vocab
+    singletons = {vocab.words.index["zed"], vocab.words.index["slept"]}
+    assert set(always.singletons.tolist()) == singletons and never.singletons is None
+    unk = vocab.words.unk
+    for index in range(len(always.plan)):
+        plain, dropped = never.batch(index).inputs[0], always.batch(index).inputs[0]
+        is_single = torch.isin(plain, torch.tensor(sorted(singletons)))
+        assert torch.equal(dropped, torch.where(is_single, unk, plain))
+        assert torch.equal(half.batch(index).inputs[0], half.batch(index).inputs[0])  # pure
+    # validation data is never dropped
+    assert torch.equal(tagging.collate(always.splits["valid"], [0]).inputs[0],
+                       tagging.collate(never.splits["valid"], [0]).inputs[0])
+
+
+def test_conll_run_loads_predicts_and_evaluates_by_type(conll: tuple[Path, Path], tmp_path: Path
+                                                         ) -> None:
+    import rnnkit
+
+    config = _conll_config(conll)
+    task, model, _ = tagging.build(config)
+    trainer = Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False)
+    trainer.fit()
+    trainer.out_dir = tmp_path
+    trainer.save()
+    pipe = rnnkit.load(tmp_path)
+    tagged = pipe.predict(["John Smith visited Paris in 1997 ."])[0]
+    assert tagged.intent is None and len(tagged.tags) == len(tagged.tokens) == 7
+    assert tagged.tokens[0] == "John"  # as typed: the case is the characters' to read
+    assert [(e.type, e.start, e.end) for e in tagged.entities] == get_entities(tagged.tags)
+    assert tagged.unknown == []  # "1997" reads as "0000", known
+    metrics = pipe.evaluate(conll[1])
+    assert metrics == pytest.approx(tagging.score_split(
+        model, task.splits["valid"], task.vocab, 256).metrics() | {
+        "examples": 10.0, **{k: v for k, v in metrics.items() if "/" in k}})
+    assert {"slot_f1/PER", "slot_f1/LOC", "support/PER", "support/LOC"} <= set(metrics)
+    assert metrics["support/LOC"] == 20  # two places in each of the 10 sentences
+    line = pipe.describe_metrics(metrics)
+    assert "F1 by type: LOC" in line and "PER" in line
+
+
+def test_a_file_of_neither_format_is_one_line(conll: tuple[Path, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from rnnkit.cli import main
+
+    prose = tmp_path / "prose.txt"
+    prose.write_text("Just a sentence here.\nAnd another one.\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"prose\.txt is neither tagging format"):
+        tagging.build(_conll_config((prose, conll[1])))
+    config = _conll_config(conll)
+    task, model, _ = tagging.build(config)
+    trainer = Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False)
+    trainer.out_dir = tmp_path / "run"
+    trainer.save()
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(prose)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "neither tagging format" in err and "Traceback" not in err
+
+
+def test_conll_file_without_valid_is_one_clear_error(conll: tuple[Path, Path]) -> None:
+    config = _conll_config(conll)
+    config["data"]["valid"] = None
+    with pytest.raises(ValueError, match=r"eng\.train is a CoNLL file: give the validation file"):
+        tagging.build(config)
+
+
+def test_reads_shared_conll2003() -> None:
+    train = shared_file("conll2003/eng.train")
+    data = tagging.TaggingDataConfig(train=str(train), valid=str(train.with_suffix(".testa")))
+    assert data.resolved_format() == "conll"
+    examples, summary = tagging.read_split(data, "valid")  # type: ignore[misc]
+    assert len(examples) == 3250 and "216 -DOCSTART- lines" in summary
+
+
+def test_conll2003_example_config_holds_valid_options() -> None:
+    import yaml
+
+    from rnnkit.tasks import merge_config
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "tagging-conll2003.yaml"
+    settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config = merge_config(tagging.default_config(), settings, str(path), "tagging")
+    data = tagging.TaggingDataConfig(**config["data"])
+    assert (data.format, data.tag_scheme, data.singleton_unk) == ("conll", "iobes", 0.5)
+    assert config["model"]["crf"] and config["model"]["chars"] and config["model"]["dropout"] == 0.5
+    assert config["train"]["minutes"] <= 30 and config["train"]["clip_norm"] == 5.0

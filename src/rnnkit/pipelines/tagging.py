@@ -9,10 +9,14 @@ from typing import Any
 
 from torch import nn
 
+from rnnkit.data.conll import detect_format
 from rnnkit.data.text import read_atis, read_conll, tokenize_text
 from rnnkit.metrics.entities import get_entities
 from rnnkit.pipelines.base import InputError, Pipeline, Result, shown
 from rnnkit.tasks import tagging
+
+TYPE_SEPARATOR = "/"  # "slot_f1/PER": a metric of one entity type
+TYPES_SHOWN = 10  # entity types listed one by one in the printed line
 
 
 @dataclass
@@ -53,7 +57,9 @@ class TaggingPipeline(Pipeline):
         for i, text in enumerate(batch):
             if not isinstance(text, str):
                 raise InputError(f"input {first_index + i + 1} ({shown(text)}): give a sentence")
-            tokens = tokenize_text(text, self.vocab.words, self.data.lowercase)
+            # words as typed: the vocabularies lower-case them for the word embedding if the
+            # run did, and the characters keep their case
+            tokens = tokenize_text(text, self.vocab)
             if not tokens:
                 raise InputError(f"input {first_index + i + 1} is empty: give a sentence")
             # the gold tags only feed the loss predict_split also computes; "O" is always known
@@ -66,19 +72,18 @@ class TaggingPipeline(Pipeline):
                         for kind, start, end in get_entities(tags[row])]
             results.append(Tagged(text, tokens, tags[row], entities,
                                   intents[row] if intents is not None else None,
-                                  [t for t in tokens if t not in self.vocab.words]))
+                                  [t for t in tokens if t not in self.vocab]))
         return results
 
     def evaluate(self, path: str | Path, batch_size: int | None = None) -> dict[str, float]:
         """Slot (entity) precision / recall / F1, intent and sentence accuracy, and the loss, on
         an ATIS-style folder (seq.in, seq.out, label) or a CoNLL file (one token per line)."""
         path = Path(path)
-        if path.is_dir():
-            atis, _ = read_atis(path, lowercase=self.data.lowercase)
+        if detect_format(path, self.data.tag_column) == "atis":
+            atis, _ = read_atis(path)
             examples: list[tagging.Example] = [(t, g, i) for t, g, i in atis]
         else:
-            conll, _ = read_conll(path, self.data.token_column, self.data.tag_column,
-                                  lowercase=self.data.lowercase)
+            conll, _ = read_conll(path, self.data.token_column, self.data.tag_column)
             examples = [(tokens, tags, None) for tokens, tags in conll]
         if not examples:
             raise ValueError(f"{path} holds no sentences")
@@ -87,12 +92,22 @@ class TaggingPipeline(Pipeline):
                              "give an ATIS-style folder (seq.in, seq.out, label)")
         scores = tagging.score_split(self.module, tagging.encode(examples, self.vocab), self.vocab,
                                      batch_size or self.data.eval_batch_size)
-        return {**scores.metrics(), "examples": float(len(examples))}
+        # per entity type as conlleval lists them: F1 and the reference count
+        by_type = {f"{key}{TYPE_SEPARATOR}{kind}": value
+                   for kind, row in scores.entities.by_type.items()
+                   for key, value in (("slot_f1", row["f1"]), ("support", row["support"]))}
+        return {**scores.metrics(), "examples": float(len(examples)), **by_type}
 
     def describe_metrics(self, metrics: dict[str, float]) -> str:
         intent = (f", intent accuracy {100 * metrics['intent_acc']:.2f}%"
                   if "intent_acc" in metrics else "")
+        prefix = f"slot_f1{TYPE_SEPARATOR}"
+        kinds = [key[len(prefix):] for key in metrics if key.startswith(prefix)]
+        # a few types (CoNLL's four) are listed; ATIS's ~80 are left to --json
+        by_type = ("; F1 by type: " + ", ".join(
+            f"{kind} {100 * metrics[prefix + kind]:.2f}" for kind in kinds)
+            if 0 < len(kinds) <= TYPES_SHOWN else "")
         return (f"slot F1 {100 * metrics['slot_f1']:.2f} (precision "
                 f"{100 * metrics['slot_precision']:.2f}, recall {100 * metrics['slot_recall']:.2f})"
                 f"{intent}, sentence accuracy {100 * metrics['sentence_acc']:.2f}%, loss "
-                f"{metrics['loss']:.4f} ({int(metrics['examples'])} sentences)")
+                f"{metrics['loss']:.4f} ({int(metrics['examples'])} sentences){by_type}")

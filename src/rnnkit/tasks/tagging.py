@@ -1,11 +1,22 @@
 """Sequence tagging: slot filling with a joint intent head (ATIS), or NER from CoNLL columns.
 
-Data (``format``):
+Data (``format``; ``auto``, the default, tells the two apart by the training path,
+:func:`rnnkit.data.conll.detect_format`):
 
 * ``atis``: folders holding ``seq.in`` (tokens), ``seq.out`` (one BIO tag per token) and
   ``label`` (one intent per utterance); by default ``../shared/data/atis/{train,dev,test}``;
 * ``conll``: files of one ``token ... tag`` line per token, sentences separated by blank lines
-  (CoNLL-2003 layout; ``token_column`` / ``tag_column`` pick the columns). No intents.
+  (CoNLL-2003 layout; ``token_column`` / ``tag_column`` pick the columns). No intents, so no
+  intent head. Tags are read as written (CoNLL-2003: IOB1).
+
+Words reach the word embedding as :func:`~rnnkit.data.conll.word_key` makes them (``lowercase``,
+``zero_digits``) while the character BiRNN reads them as written, so case survives there.
+``tag_scheme=iobes`` trains on the tags rewritten in IOBES; predictions are written back in the
+data's own scheme before anything scores or shows them. ``singleton_unk`` reads a word seen once
+in training as ``<unk>`` with that probability in each training batch, so the ``<unk>`` vector is
+trained on rare words like the unseen ones it stands for at test time (Lample et al. 2016, §4).
+``examples/tagging-conll2003.yaml`` holds the settings of the CoNLL-2003 result in
+docs/results.md.
 
 The model is the BiLSTM :class:`~rnnkit.models.tagger.Tagger`, with a linear-chain CRF
 (``crf``) and a character BiLSTM per word (``chars > 0``) as options; with intents the loss is
@@ -27,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rnnkit.data.conll import SCHEMES, convert, detect_format, detect_scheme, word_key
 from rnnkit.data.text import (
     PAD,
     UNK,
@@ -56,7 +68,8 @@ from rnnkit.train.config import TrainConfig
 from rnnkit.train.task import Batch, StepResult
 
 NAME = "tagging"
-FORMATS = ("atis", "conll")
+FORMATS = ("auto", "atis", "conll")
+TAG_SCHEMES = ("as_read", "iobes")
 SPLITS = ("train", "valid", "test")
 SHARED = {"train": "atis/train", "valid": "atis/dev", "test": "atis/test"}
 EXAMPLES = 5  # tagged sentences a finished run shows
@@ -64,8 +77,8 @@ EXAMPLES = 5  # tagged sentences a finished run shows
 
 @dataclass
 class TaggingDataConfig(Options):
-    format: str = option("atis", "atis: a folder of seq.in/seq.out/label; conll: token and tag "
-                                 "columns", choices=FORMATS)
+    format: str = option("auto", "atis: a folder of seq.in/seq.out/label; conll: token and tag "
+                                 "columns; auto: told by the training path", choices=FORMATS)
     train: str | None = option(None, "atis: a folder; conll: a file (none: "
                                      "../shared/data/atis/train)", metavar="PATH")
     valid: str | None = option(None, "validation split (none: ../shared/data/atis/dev)",
@@ -74,14 +87,32 @@ class TaggingDataConfig(Options):
                                     "unless given)", metavar="PATH")
     token_column: int = option(0, "conll: the token's column")
     tag_column: int = option(-1, "conll: the tag's column (-1: the last)")
-    lowercase: bool = option(False, "lower-case the words")
+    lowercase: bool = option(False, "lower-case the words for the word embedding (the "
+                                    "characters keep their case)")
+    zero_digits: bool = option(False, "every digit reads as 0 for the word embedding")
     min_freq: int = option(1, "words seen fewer times become <unk>", ge=1)
+    singleton_unk: float = option(0.0, "probability that a word seen once in training reads as "
+                                       "<unk> in a training batch", ge=0, le=1)
+    tag_scheme: str = option("as_read", "train on the tags as read, or rewritten in IOBES "
+                                        "(scored in the data's scheme)", choices=TAG_SCHEMES)
     eval_batch_size: int = option(256, "sentences evaluated in parallel", ge=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.format == "conll" and not (self.train and self.valid):
             raise ValueError("the conll format needs train and valid files")
+
+    def resolved_format(self) -> str:
+        """``atis`` or ``conll``: ``auto`` is told by the training path (none: the shared ATIS)."""
+        if self.format != "auto":
+            return self.format
+        if self.train is None:
+            return "atis"
+        found = detect_format(shared_path("", self.train), self.tag_column)
+        if found == "conll" and not self.valid:
+            raise ValueError(f"{self.train} is a CoNLL file: give the validation file too "
+                             "(--valid PATH)")
+        return found
 
 
 # the task's model.chars is a switch; the model's is the character vocabulary size (from the data)
@@ -115,47 +146,79 @@ Example = tuple[list[str], list[str], str | None]  # tokens, tags, intent (None:
 def read_split(data: TaggingDataConfig, split: str) -> tuple[list[Example], str] | None:
     """The examples of ``split`` and a summary; None for a conll test split not given."""
     configured = getattr(data, split)
-    if data.format == "atis":
-        atis, summary = read_atis(shared_path(SHARED[split], configured), lowercase=data.lowercase)
+    if data.resolved_format() == "atis":
+        atis, summary = read_atis(shared_path(SHARED[split], configured))
         return [(tokens, tags, intent) for tokens, tags, intent in atis], str(summary)
     if configured is None:
         return None
-    conll, summary = read_conll(shared_path("", configured), data.token_column, data.tag_column,
-                                lowercase=data.lowercase)
+    conll, summary = read_conll(shared_path("", configured), data.token_column, data.tag_column)
     return [(tokens, tags, None) for tokens, tags in conll], str(summary)
 
 
 @dataclass
 class Vocabularies:
-    words: Vocabulary
-    tags: Vocabulary  # "<unk>" first: tags unseen in training
+    """The vocabularies, and how tokens and tags map to them (from the data config)."""
+
+    words: Vocabulary  # of word keys (lower-cased, digits 0, as the data config asks)
+    tags: Vocabulary  # "<unk>" first: tags unseen in training; in IOBES if trained so
     intents: Vocabulary | None
     chars: Vocabulary | None  # "<pad>", "<unk>" first, so character padding is id 0 as for words
+    scheme: str | None = None  # the data's scheme, to write predictions in; None: tags as read
+    lowercase: bool = False
+    zero_digits: bool = False
 
     @classmethod
-    def build(cls, train: list[Example], min_freq: int, chars: bool) -> Vocabularies:
-        words = Vocabulary.build((tokens for tokens, _, _ in train), min_freq=min_freq)
-        tags = Vocabulary.build((t for _, t, _ in train), specials=(UNK,))
+    def build(cls, train: list[Example], data: TaggingDataConfig, chars: bool) -> Vocabularies:
+        words = Vocabulary.build(
+            ([word_key(t, data.lowercase, data.zero_digits) for t in tokens] for tokens, _, _ in train),
+            min_freq=data.min_freq)
+        scheme = None
+        if data.tag_scheme == "iobes":
+            scheme = detect_scheme([tags for _, tags, _ in train])
+        tags = Vocabulary.build((t if scheme is None else convert(t, "iobes") for _, t, _ in train),
+                                specials=(UNK,))
         has_intents = train[0][2] is not None
         intents = (Vocabulary.build(([i] for _, _, i in train if i), specials=(UNK,))
                    if has_intents else None)
         char_vocab = (Vocabulary.build((list(w) for tokens, _, _ in train for w in tokens),
                                        specials=(PAD, UNK)) if chars else None)
-        return cls(words, tags, intents, char_vocab)
+        return cls(words, tags, intents, char_vocab, scheme, data.lowercase, data.zero_digits)
+
+    def __contains__(self, token: object) -> bool:
+        """Whether ``token`` has a word vector of its own (else it reads as <unk>)."""
+        return isinstance(token, str) and word_key(token, self.lowercase,
+                                                   self.zero_digits) in self.words
+
+    def word_keys(self, tokens: list[str]) -> list[str]:
+        return [word_key(t, self.lowercase, self.zero_digits) for t in tokens]
+
+    def trained_tags(self, tags: list[str]) -> list[str]:
+        """A sentence's tags as the model learns them (IOBES if trained so)."""
+        return tags if self.scheme is None else convert(tags, "iobes")
+
+    def read_tags(self, tags: list[str]) -> list[str]:
+        """Predicted tags in the data's own scheme."""
+        return tags if self.scheme is None else convert(tags, self.scheme)
 
     def to_json(self) -> dict[str, Any]:
-        return {name: None if v is None else v.to_json()
-                for name, v in (("words", self.words), ("tags", self.tags),
-                                ("intents", self.intents), ("chars", self.chars))}
+        out: dict[str, Any] = {name: None if v is None else v.to_json()
+                               for name, v in (("words", self.words), ("tags", self.tags),
+                                               ("intents", self.intents), ("chars", self.chars))}
+        return {**out, "scheme": self.scheme}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Vocabularies:
+    def from_json(cls, data: dict[str, Any], lowercase: bool = False, zero_digits: bool = False
+                  ) -> Vocabularies:
+        """``lowercase`` / ``zero_digits`` come from the run's data config."""
         def load(name: str) -> Vocabulary | None:
             return None if data[name] is None else Vocabulary.from_json(data[name])
 
         words, tags = load("words"), load("tags")
         assert words is not None and tags is not None
-        return cls(words, tags, load("intents"), load("chars"))
+        scheme = data.get("scheme")  # absent in runs from before tag schemes: tags as read
+        if scheme is not None and scheme not in SCHEMES:
+            raise ValueError(f"unknown tag scheme {scheme!r} in the vocabulary")
+        return cls(words, tags, load("intents"), load("chars"), scheme, lowercase, zero_digits)
 
 
 @dataclass
@@ -178,10 +241,17 @@ def encode(examples: list[Example], vocab: Vocabularies) -> Encoded:
     intents = None
     if vocab.intents is not None:
         intents = [vocab.intents.encode([i or UNK])[0] for _, _, i in examples]
-    return Encoded([vocab.words.encode(tokens) for tokens, _, _ in examples], chars,
-                   [vocab.tags.encode(tags) for _, tags, _ in examples], intents,
+    return Encoded([vocab.words.encode(vocab.word_keys(tokens)) for tokens, _, _ in examples],
+                   chars, [vocab.tags.encode(vocab.trained_tags(tags)) for _, tags, _ in examples],
+                   intents,
                    [tags for _, tags, _ in examples], [i for _, _, i in examples],
                    [tokens for tokens, _, _ in examples])
+
+
+def singleton_ids(sentences: list[list[int]]) -> Tensor:
+    """The word ids that occur exactly once in ``sentences`` (1-D int64)."""
+    counts = torch.bincount(torch.tensor([i for ids in sentences for i in ids], dtype=torch.int64))
+    return torch.nonzero(counts == 1).flatten()
 
 
 def collate(split: Encoded, chosen: list[int]) -> Batch:
@@ -245,7 +315,7 @@ def predict_split(model: nn.Module, data: Encoded, vocab: Vocabularies, batch_si
         best, best_intents = model.decode(args["tokens"], args["lengths"], args["chars"],
                                           args["char_lengths"])
         for row, i in enumerate(chosen):
-            tags[i] = [_tag(vocab, t) for t in best[row]]
+            tags[i] = vocab.read_tags([_tag(vocab, t) for t in best[row]])
             if best_intents is not None and vocab.intents is not None:
                 intents[i] = vocab.intents.tokens[best_intents[row]]
     return tags, (intents if vocab.intents is not None else None), total / max(1, len(order))
@@ -277,12 +347,22 @@ class TaggingTask:
         train = self.splits["train"]
         self.plan = EpochPlan([len(w) for w in train.words], batch_size, seed)
         self.counts = {name: len(split.words) for name, split in self.splits.items()}
+        self.seed = seed
+        self.singletons = singleton_ids(train.words) if data.singleton_unk > 0 else None
 
     def num_batches(self) -> int:
         return len(self.plan)
 
     def batch(self, index: int) -> Batch:
-        return collate(self.splits["train"], self.plan.indices(index))
+        batch = collate(self.splits["train"], self.plan.indices(index))
+        if self.singletons is None:
+            return batch
+        # a generator per batch index: the same batch gets the same <unk>s after a resume
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        tokens = batch.inputs[0]  # (T, B)
+        drawn = torch.rand(tokens.shape, generator=generator) < self.data.singleton_unk
+        unk = torch.where(torch.isin(tokens, self.singletons) & drawn, self.vocab.words.unk, tokens)
+        return Batch((unk, *batch.inputs[1:]), batch.targets)
 
     def step(self, model: nn.Module, batch: Batch, state: Any) -> StepResult:
         args = _model_args(batch)
@@ -320,7 +400,7 @@ def build(config: dict[str, dict[str, Any]]) -> tuple[TaggingTask, Tagger, str]:
         raise ValueError(f"no training sentences in {summaries[0]}")
     model_options = dict(config["model"])
     use_chars = bool(model_options.pop("chars", False))
-    vocab = Vocabularies.build(splits["train"], data.min_freq, use_chars)
+    vocab = Vocabularies.build(splits["train"], data, use_chars)
     model_config = TaggerConfig.from_dict({
         **model_options, "vocab_size": len(vocab.words), "tags": len(vocab.tags),
         "intents": len(vocab.intents) if vocab.intents is not None else 0,
@@ -333,7 +413,9 @@ def load_model(path: str | Path | Checkpoint) -> tuple[Tagger, Vocabularies, Che
     """The trained tagger and its vocabularies from a run directory or checkpoint."""
     model, checkpoint, described = load_task_model(
         path, NAME, lambda m: Tagger(TaggerConfig.from_dict(m)), required=("vocab",))
-    vocab = from_meta(checkpoint, "task.vocab", lambda: Vocabularies.from_json(described["vocab"]))
+    data = from_meta(checkpoint, "task.data", lambda: TaggingDataConfig(**described["data"]))
+    vocab = from_meta(checkpoint, "task.vocab", lambda: Vocabularies.from_json(
+        described["vocab"], data.lowercase, data.zero_digits))
     config = model.config
     for what, part, size in (("words", vocab.words, "vocab_size"), ("tags", vocab.tags, "tags"),
                               ("intents", vocab.intents, "intents"), ("chars", vocab.chars, "chars")):
@@ -352,9 +434,9 @@ def tag_sentence(model: Tagger, vocab: Vocabularies, tokens: list[str]
     split = encode([example], vocab)
     args = _model_args(collate(split, [0]))
     best, intents = model.decode(args["tokens"], args["lengths"], args["chars"], args["char_lengths"])
-    tags = [vocab.tags.tokens[t] for t in best[0]]
+    tags = vocab.read_tags([_tag(vocab, t) for t in best[0]])
     intent = vocab.intents.tokens[intents[0]] if intents is not None and vocab.intents else None
-    return ["O" if t == UNK else t for t in tags], intent
+    return tags, intent
 
 
 def bracketed(tokens: list[str], entities: list[tuple[str, int, int]]) -> str:
