@@ -36,6 +36,7 @@ from rnnkit.cells.base import (
     CellSpec,
     RecurrentCell,
     State,
+    recurrent_input,
     recurrent_projection,
     sigmoid_grad,
     tanh_grad,
@@ -50,7 +51,7 @@ class LSTMState(NamedTuple):
 
 
 class _LSTMCache(NamedTuple):
-    h_prev: Tensor
+    h_prev: Tensor  # what W_hh multiplied: h_{t-1}, or h_{t-1} ⊙ m under recurrent dropout
     c_prev: Tensor
     i: Tensor
     f: Tensor
@@ -58,6 +59,7 @@ class _LSTMCache(NamedTuple):
     o: Tensor
     c: Tensor
     tanh_c: Tensor
+    mask: Tensor | None = None  # recurrent dropout's mask
 
 
 class LSTMMath(CellMath):
@@ -89,11 +91,13 @@ class LSTMMath(CellMath):
         return w_ci, w_cf, w_co
 
     def step(
-        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor]
+        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor],
+        recurrent_mask: Tensor | None = None,
     ) -> tuple[State, _LSTMCache]:
         h_prev, c_prev = state
+        h_in = recurrent_input(h_prev, recurrent_mask)
         w_ci, w_cf, w_co = self._peepholes(diag)
-        pre = gx + recurrent_projection(h_prev, w_hh, b_hh)
+        pre = gx + recurrent_projection(h_in, w_hh, b_hh)
         if self.coupled:
             pre_i, pre_g, pre_o = pre.chunk(3, dim=1)
         else:
@@ -108,13 +112,13 @@ class LSTMMath(CellMath):
         o = torch.sigmoid(pre_o + w_co * c if self.peephole else pre_o)
         tanh_c = torch.tanh(c)
         h = o * tanh_c
-        return LSTMState(h, c), _LSTMCache(h_prev, c_prev, i, f, g, o, c, tanh_c)
+        return LSTMState(h, c), _LSTMCache(h_in, c_prev, i, f, g, o, c, tanh_c, recurrent_mask)
 
     def step_backward(
         self, d_state: State, cache: _LSTMCache, w_hh: Tensor, diag: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
         dh, dc_next = d_state
-        _, c_prev, i, f, g, o, c, tanh_c = cache
+        _, c_prev, i, f, g, o, c, tanh_c, mask = cache
         w_ci, w_cf, w_co = self._peepholes(diag)
         d_pre_o = dh * tanh_c * sigmoid_grad(o)
         dc = dc_next + dh * o * tanh_grad(tanh_c)
@@ -142,7 +146,7 @@ class LSTMMath(CellMath):
             else:
                 dc_prev = dc_prev + d_pre_f * w_cf
                 d_diag = (d_w_ci, (d_pre_f * c_prev).sum(0), d_w_co)
-        dh_prev = d_pre @ w_hh
+        dh_prev = recurrent_input(d_pre @ w_hh, mask)
         return d_pre, d_pre, LSTMState(dh_prev, dc_prev), d_diag
 
     def __repr__(self) -> str:

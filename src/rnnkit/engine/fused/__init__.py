@@ -34,6 +34,7 @@ from torch import Tensor
 
 from rnnkit.engine.fused import _build, _function
 from rnnkit.engine.fused._function import config_of, peephole_weights, run
+from rnnkit.engine.regularise import StepMasks
 
 __all__ = ["run_layer", "run_step", "unavailable_reason"]
 
@@ -42,8 +43,16 @@ __all__ = ["run_layer", "run_step", "unavailable_reason"]
 use_native = True
 
 
-def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str) -> str | None:
-    """None if the fused path can run ``spec`` for this dtype and device, else a short reason."""
+def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str,
+                       masks: StepMasks | None = None) -> str | None:
+    """None if the fused path can run ``spec`` for this dtype and device, else a short reason.
+
+    ``masks`` (recurrent dropout, zoneout) need rnnkit's own kernel: torch's op has neither.
+    """
+    if masks is not None:
+        names = masks.names()
+        if names and not _function.MASKS_IN_KERNEL:
+            return f"no fused kernel for {', '.join(names)}"
     device = torch.device(device)
     if device.type != "cpu":
         return f"device {device.type}"
@@ -64,9 +73,14 @@ def run_layer(
     state0: Sequence[Tensor],
     params: Sequence[Tensor | None],
     batch_sizes: Sequence[int] | None,
+    masks: StepMasks | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Runs one layer in one direction; differentiable w.r.t. x, state0 and every param."""
-    native = native_op(spec, x, params[1].shape[1] if params[1] is not None else None)
+    """Runs one layer in one direction; differentiable w.r.t. x, state0 and every param.
+
+    With ``masks`` only rnnkit's kernel runs (torch's op cannot apply them): never ``native_op``.
+    """
+    native = None if masks is not None else native_op(
+        spec, x, params[1].shape[1] if params[1] is not None else None)
     if native is not None:
         return native(x, state0, params, batch_sizes)
     if _build.load() is None:
@@ -78,7 +92,7 @@ def run_layer(
     # Save activations only when a gradient will be asked for.
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *state0, *params))
-    return run(cfg, bs, x, state0, params, training)
+    return run(cfg, bs, x, state0, params, training, masks)
 
 
 def run_step(

@@ -26,6 +26,10 @@ from rnnkit.cells.base import CellSpec
 
 NAMESPACE = "rnnkit_fused"
 
+# Whether the C++ kernels apply recurrent dropout and zoneout masks (StepMasks); until they do,
+# the engine runs the layers that have them with the bptt engine and says so.
+MASKS_IN_KERNEL = False
+
 # Threads for the C++ time loop; 0 = automatic. Tests set it to force the multi-thread split.
 loop_threads = 0
 
@@ -116,8 +120,11 @@ def run(
     state0: Sequence[Tensor],
     params: Sequence[Tensor | None],
     training: bool,
+    masks: Any = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One layer and direction through ``layer_forward`` (differentiable when ``training``)."""
+    if masks is not None and masks.names() and not MASKS_IN_KERNEL:
+        raise ValueError(f"no fused kernel for {', '.join(masks.names())}")
     _check(cfg, x, state0)
     w_ih, w_hh, b_ih, b_hh = params[:4]
     c0 = state0[1] if cfg.kind == 1 else None
