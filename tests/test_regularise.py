@@ -211,7 +211,7 @@ MASKS = {
     "recurrent": lambda n: StepMasks((torch.rand(3, 3) > 0.3).double() / 0.7, None),
     "zoneout": lambda n: StepMasks(None, tuple((torch.rand(4, 3, 3) < 0.4).double()
                                                for _ in range(n))),
-    "zoneout_expectation": lambda n: StepMasks(None, (torch.full((4, 3, 3), 0.3),) * n),
+    "zoneout_expectation": lambda n: StepMasks(None, (torch.full((4, 3, 3), 0.3, dtype=torch.float64),) * n),
     "both": lambda n: StepMasks((torch.rand(3, 3) > 0.3).double() / 0.7,
                                 tuple((torch.rand(4, 3, 3) < 0.4).double() for _ in range(n))),
 }
@@ -282,3 +282,31 @@ def test_configs_pass_the_options_to_the_layers() -> None:
         RecurrentConfig(cell="tcn", zoneout=0.1)
     with pytest.raises(ValueError, match="zoneout_cell is an LSTM option"):
         RecurrentConfig(cell="gru", zoneout_cell=0.1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_kernel_runs_the_masks_itself(variant: str, threads: int, dtype: torch.dtype,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # the kernel, not the bptt fallback, on one thread and split over two (H = 40: two unit
+    # ranges), batch 1 (weights as stored) and batch 6 (transposed copies), with lengths
+    import rnnkit.engine as engine
+    from rnnkit.engine.fused import _function
+
+    monkeypatch.setattr(_function, "loop_threads", threads)
+    layer_class, _, options = VARIANTS[variant]
+    for batch, lengths in ((1, None), (6, [7, 7, 5, 4, 4, 1])):
+        layer = layer_class(5, 40, bidirectional=True, backend="reference", **options,
+                            recurrent_dropout=0.3, zoneout=0.2).to(dtype)
+        x = torch.randn(7, batch, 5, dtype=dtype, requires_grad=True)
+        expected = _run(layer, x, lengths=lengths)
+        layer.backend = "fused"
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, "run_bptt", None)  # a fallback would fail here
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = _run(layer, x, lengths=lengths)
+        tolerance = {"rtol": 1e-9, "atol": 1e-11} if dtype == torch.float64 else {
+            "rtol": 2e-4, "atol": 2e-5}
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, **tolerance)
