@@ -29,6 +29,8 @@ MODELS = {
     "peephole": ["--cell", "lstm", "--peephole"],
     # regularised LSTM (issue 12): DropConnect on W_hh + light dropout around the stack
     "lstm-wd": ["--cell", "lstm", "--weight-drop", "0.25", "--dropout", "0.1"],
+    # zoneout (Krueger et al. 2017 used more on c than on h), in rnnkit's fused kernel
+    "lstm-zo": ["--cell", "lstm", "--zoneout", "0.05", "--zoneout-cell", "0.2"],
 }
 
 

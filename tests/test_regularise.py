@@ -310,3 +310,31 @@ def test_fused_kernel_runs_the_masks_itself(variant: str, threads: int, dtype: t
             "rtol": 2e-4, "atol": 2e-5}
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, **tolerance)
+
+
+def test_onnx_export_refuses_zoneout_and_keeps_the_dropouts_out(tmp_path) -> None:
+    from rnnkit.export.onnx import ExportError, export_onnx
+
+    x = torch.randn(4, 2, 3)
+    with pytest.raises(ExportError, match="zoneout has no ONNX form"):
+        export_onnx(rnnkit.LSTM(3, 5, zoneout=0.1).eval(), (x,), tmp_path / "z.onnx")
+
+
+def test_command_line_options_reach_the_saved_model(tmp_path, capsys) -> None:
+    from rnnkit.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question. " * 40)
+    out = tmp_path / "run"
+    assert main(["train", "charlm", "--data", str(text), "--out", str(out), "--steps", "2",
+                 "--eval-every", "2", "--no-progress", "--hidden", "8", "--batch-size", "2",
+                 "--seq-len", "8", "--zoneout", "0.1", "--set", "model.recurrent_dropout=0.2",
+                 "--weight-drop", "0.3"]) == 0
+    layers = [m for m in rnnkit.load(out).module.modules() if hasattr(m, "regularisers")]
+    assert [m.regularisers for m in layers] == [
+        {"recurrent_dropout": 0.2, "zoneout": 0.1, "weight_drop": 0.3}]
+    capsys.readouterr()
+    assert main(["train", "digits", "--out", str(tmp_path / "bad"),
+                 "--set", "model.recurrent.zoneout=1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.recurrent.zoneout must be" in err
