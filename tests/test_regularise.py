@@ -338,3 +338,15 @@ def test_command_line_options_reach_the_saved_model(tmp_path, capsys) -> None:
                  "--set", "model.recurrent.zoneout=1.5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.recurrent.zoneout must be" in err
+
+
+def test_explorer_records_the_zoned_out_states() -> None:
+    from rnnkit.explore.record import record_layer
+
+    layer = rnnkit.LSTM(3, 5, num_layers=2, bidirectional=True, zoneout=0.3,
+                        zoneout_cell=0.1).eval()
+    x = torch.randn(6, 3)
+    output, _ = layer(x)
+    traces = record_layer(layer, x)
+    top = torch.cat([traces[2].values["h"], traces[3].values["h"]], dim=1)
+    torch.testing.assert_close(top, output)
