@@ -45,9 +45,6 @@ from torch import Tensor
 
 from rnnkit.cells.base import CellMath, State
 
-#: the layer options, in the order the layers take them (for messages and configs)
-OPTIONS = ("recurrent_dropout", "input_dropout", "zoneout", "zoneout_cell", "weight_drop")
-
 
 def check_rate(name: str, value: float | None) -> float | None:
     """A rate in [0, 1), or None; ValueError naming the option otherwise."""
