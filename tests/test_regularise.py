@@ -350,3 +350,9 @@ def test_explorer_records_the_zoned_out_states() -> None:
     traces = record_layer(layer, x)
     top = torch.cat([traces[2].values["h"], traces[3].values["h"]], dim=1)
     torch.testing.assert_close(top, output)
+
+
+def test_minimal_layers_have_no_regularisers() -> None:
+    layer = rnnkit.MinGRU(3, 4, num_layers=2)
+    assert layer.regularisers == {} and "zoneout" not in repr(layer)
+    layer(torch.randn(5, 2, 3))

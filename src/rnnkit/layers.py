@@ -58,6 +58,13 @@ class RecurrentLayer(nn.Module):
     """
 
     torch_class: type[nn.Module]
+    # the regularisers' rates; class defaults so that layers without them (MinimalLayer) and
+    # layers pickled before they existed read "none"
+    recurrent_dropout: float = 0.0
+    input_dropout: float = 0.0
+    zoneout: float = 0.0
+    zoneout_cell: float | None = None
+    weight_drop: float = 0.0
 
     def __init__(
         self,
@@ -126,9 +133,6 @@ class RecurrentLayer(nn.Module):
         return pickle_state(super().__getstate__())
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        for name in ("recurrent_dropout", "input_dropout", "zoneout", "weight_drop"):
-            state.setdefault(name, 0.0)  # pickled before these options existed
-        state.setdefault("zoneout_cell", None)
         super().__setstate__(unpickle_state(state))
 
     @property
