@@ -356,3 +356,15 @@ def test_minimal_layers_have_no_regularisers() -> None:
     layer = rnnkit.MinGRU(3, 4, num_layers=2)
     assert layer.regularisers == {} and "zoneout" not in repr(layer)
     layer(torch.randn(5, 2, 3))
+
+
+@pytest.mark.parametrize("variant", ["lstm_peephole", "gru_after", "gru_before", "rnn_relu"])
+def test_nan_and_inf_propagate_alike_in_every_engine(variant: str) -> None:
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    x[1, 0, 0], x[3, 2, 1] = float("nan"), float("inf")
+    x.requires_grad_()
+    results = {backend: _quiet(_run, _layer(variant, backend, **OPTIONS["all"]), x)
+               for backend in BACKENDS}
+    for backend in ("bptt", "fused"):
+        for got, expected in zip(results[backend], results["reference"]):
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11, equal_nan=True)
