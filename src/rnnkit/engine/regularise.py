@@ -58,8 +58,12 @@ def check_rate(name: str, value: float | None) -> float | None:
 
 
 def dropout_mask(like: Tensor, shape: Sequence[int], p: float) -> Tensor:
-    """A Bernoulli(1 − p) / (1 − p) mask (inverted dropout: the expectation is 1)."""
-    return like.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
+    """A Bernoulli(1 − p) / (1 − p) mask (inverted dropout: the expectation is 1).
+
+    Drawn as ``u ≥ p`` with u ~ U[0, 1): torch's ``bernoulli_`` took 0.5 ms for a 256 × 64
+    weight mask here, a third of a whole T,B,H = 200,1,64 training step.
+    """
+    return torch.rand(shape, dtype=like.dtype, device=like.device).ge_(p).div_(1 - p)
 
 
 @dataclass(frozen=True)
