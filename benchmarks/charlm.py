@@ -27,18 +27,23 @@ MODELS = {
     "lstm": ["--cell", "lstm"],
     "gru": ["--cell", "gru"],
     "peephole": ["--cell", "lstm", "--peephole"],
+    # regularised LSTM (issue 12): DropConnect on W_hh + light dropout around the stack
+    "lstm-wd": ["--cell", "lstm", "--weight-drop", "0.25", "--dropout", "0.1"],
+    # zoneout (Krueger et al. 2017 used more on c than on h), in rnnkit's fused kernel
+    "lstm-zo": ["--cell", "lstm", "--zoneout", "0.05", "--zoneout-cell", "0.2"],
 }
 
 
 def run(name: str, minutes: float, out: Path, data: Path) -> dict[str, float]:
     run_dir = out / f"charlm-{name}"
     args = [
-        "train", "charlm", "--data", str(data), "--out", str(run_dir), *MODELS[name],
+        "train", "charlm", "--data", str(data), "--out", str(run_dir),
         "--layers", "2", "--hidden", "256", "--embedding", "64", "--dropout", "0",
         "--batch-size", "64", "--seq-len", "100", "--bptt", "full", "--lr", "2e-3",
         "--valid-fraction", "0.1", "--valid-chars", "none", "--eval-every", "200",
         "--minutes", str(minutes), "--steps", "1000000", "--sample-length", "300",
         "--no-progress",
+        *MODELS[name],  # last: a model's flags override the common ones (the last flag wins)
     ]
     if (run_dir / "checkpoint.json").exists():
         raise SystemExit(f"{run_dir} already holds a run; remove it or pass another --out")

@@ -44,8 +44,10 @@ def _config(name):
     return _function.config_of(cls(2, 5, **options).math)
 
 
-def _operator_args(cfg, dtype=torch.float64, batch_sizes=(), training=True, grad=True):
-    """layer_forward's arguments for a small random problem: T=4, B=3, I=2, H=5."""
+def _operator_args(cfg, dtype=torch.float64, batch_sizes=(), training=True, grad=True,
+                   masks=False):
+    """layer_forward's arguments for a small random problem: T=4, B=3, I=2, H=5 (``masks``:
+    with recurrent-dropout and zoneout masks)."""
     gen = torch.Generator().manual_seed(0)
     rows = {0: 1, 1: 3 if cfg.coupled else 4, 2: 3}[cfg.kind] * 5
 
@@ -54,8 +56,14 @@ def _operator_args(cfg, dtype=torch.float64, batch_sizes=(), training=True, grad
 
     c0 = rand(3, 5) if cfg.kind == 1 else None
     peep = rand(cfg.num_peephole, 5) if cfg.num_peephole else None
+    recurrent = keep_h = keep_c = None
+    if masks:
+        recurrent = (torch.rand(3, 5, generator=gen, dtype=dtype) > 0.3).to(dtype) / 0.7
+        keep_h = (torch.rand(4, 3, 5, generator=gen, dtype=dtype) < 0.3).to(dtype)
+        keep_c = (torch.rand(4, 3, 5, generator=gen, dtype=dtype) < 0.3).to(dtype) \
+            if cfg.kind == 1 else None
     return (*cfg.args(), rand(4, 3, 2), rand(3, 5), c0, rand(rows, 2), rand(rows, 5), rand(rows),
-            rand(rows), peep, list(batch_sizes), training, 0)
+            rand(rows), peep, recurrent, keep_h, keep_c, list(batch_sizes), training, 0)
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
@@ -63,6 +71,8 @@ def test_opcheck_layer_forward(name):
     cfg = _config(name)
     for batch_sizes in ((), (3, 3, 2, 1)):
         torch.library.opcheck(ops().layer_forward.default, _operator_args(cfg, batch_sizes=batch_sizes))
+        torch.library.opcheck(ops().layer_forward.default,
+                              _operator_args(cfg, batch_sizes=batch_sizes, masks=True))
     torch.library.opcheck(ops().layer_forward.default, _operator_args(cfg, training=False, grad=False))
 
 
@@ -73,7 +83,8 @@ def test_opcheck_layer_backward_and_step(name):
     x, h0, c0, w_ih, w_hh, b_ih, _, peep = args[5:13]
     y, h, c, acts, cells, extra = ops().layer_forward(*args)
     lstm = cfg.kind == 1
-    backward_args = (*cfg.args(), x, h0, c0, w_ih, w_hh, peep, True, [], y, acts, cells, extra,
+    backward_args = (*cfg.args(), x, h0, c0, w_ih, w_hh, peep, None, None, None, True, [], y,
+                     acts, cells, extra,
                      torch.randn_like(y), torch.randn_like(h), torch.randn_like(c) if lstm else None,
                      True, True, 0)
     torch.library.opcheck(ops().layer_backward.default, backward_args)

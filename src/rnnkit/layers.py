@@ -27,6 +27,7 @@ from rnnkit.cells.lstm import LSTMMath, init_forget_bias
 from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_minimal, unpickle_minimal
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
+from rnnkit.engine.regularise import check_rate, drop_input, drop_weight, recurrent_masks
 from rnnkit.engine.scan import minimal_layer_scan
 from rnnkit.validation import (
     check_layer_arguments,
@@ -39,9 +40,32 @@ from rnnkit.validation import (
 
 
 class RecurrentLayer(nn.Module):
-    """A stack of recurrent layers, optionally bidirectional, for any cell family."""
+    """A stack of recurrent layers, optionally bidirectional, for any cell family.
+
+    Regularisers of every cell family (keyword-only; equations in :mod:`rnnkit.engine.regularise`),
+    each combinable with the others, stacking, ``bidirectional`` and ``lengths=``:
+
+    * ``recurrent_dropout`` p: one mask per sequence on the h_{t-1} that W_hh multiplies
+      (Gal & Ghahramani 2016; Keras's name): ``pre_t = W_ih x_t + W_hh (h_{t-1} ⊙ m_h) + b``;
+    * ``input_dropout`` p: one mask per sequence on each layer's input, ``x_t ⊙ m_x``;
+    * ``zoneout`` z (and ``zoneout_cell`` z_c for the LSTM's c, default z): each unit keeps its
+      previous value with probability z per step, ``h_t = k ⊙ h_{t-1} + (1 − k) ⊙ h̃_t``
+      (Krueger et al. 2017); at evaluation k = z;
+    * ``weight_drop`` p: DropConnect on W_hh, one mask per forward pass, ``W_hh ⊙ M``
+      (Wan et al. 2013, Merity et al. 2018).
+
+    ``dropout`` keeps torch.nn's meaning: fresh dropout on the outputs between stacked layers.
+    Masks come from torch's RNG in this layer, so a seed fixes them in every engine.
+    """
 
     torch_class: type[nn.Module]
+    # the regularisers' rates; class defaults so that layers without them (MinimalLayer) and
+    # layers pickled before they existed read "none"
+    recurrent_dropout: float = 0.0
+    input_dropout: float = 0.0
+    zoneout: float = 0.0
+    zoneout_cell: float | None = None
+    weight_drop: float = 0.0
 
     def __init__(
         self,
@@ -57,6 +81,12 @@ class RecurrentLayer(nn.Module):
         proj_size: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        recurrent_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        zoneout_cell: float | None = None,
+        weight_drop: float = 0.0,
     ) -> None:
         super().__init__()
         check_layer_arguments(input_size, hidden_size, num_layers, dropout)
@@ -65,6 +95,16 @@ class RecurrentLayer(nn.Module):
             raise ValueError(f"proj_size={proj_size} does not match the cell {math_!r} (only an "
                              "LSTM has a projection: LSTMMath(projection=True) with proj_size > 0)")
         factory_kwargs = {"device": device, "dtype": dtype}  # as torch.nn's factory arguments
+        self.recurrent_dropout = check_rate("recurrent_dropout", recurrent_dropout)
+        self.input_dropout = check_rate("input_dropout", input_dropout)
+        self.zoneout = check_rate("zoneout", zoneout)
+        if zoneout_cell is not None and math_.state_names != ("h", "c"):
+            raise ValueError("zoneout_cell is the LSTM cell state's rate; this cell has no c")
+        self.zoneout_cell = check_rate("zoneout_cell", zoneout_cell)
+        self.weight_drop = check_rate("weight_drop", weight_drop)
+        if proj_size > 0 and (recurrent_dropout or zoneout or zoneout_cell):
+            raise ValueError("recurrent_dropout and zoneout are not implemented with proj_size > 0 "
+                             "(weight_drop and input_dropout are)")
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 "dropout acts between stacked layers only (as in torch.nn); with num_layers=1 "
@@ -109,6 +149,19 @@ class RecurrentLayer(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(unpickle_state(state))
+
+    @property
+    def regularisers(self) -> dict[str, float]:
+        """The regularisers in use, by name (empty for none)."""
+        values = {"recurrent_dropout": self.recurrent_dropout,
+                  "input_dropout": self.input_dropout, "zoneout": self.zoneout,
+                  "zoneout_cell": self.zoneout_cell, "weight_drop": self.weight_drop}
+        return {name: value for name, value in values.items() if value}
+
+    def _regularised_now(self) -> bool:
+        """True when a regulariser changes this forward (zoneout also at evaluation)."""
+        return bool(self.zoneout or self.zoneout_cell) or (self.training and bool(
+            self.recurrent_dropout or self.input_dropout or self.weight_drop))
 
     @property
     def num_directions(self) -> int:
@@ -164,6 +217,7 @@ class RecurrentLayer(nn.Module):
         check_steps("input", steps)
         states0 = self._initial_states(hx, batch, unbatched, x)
         if (lengths is None and (self.dropout == 0 or not self.training or self.num_layers == 1)
+                and not self._regularised_now()
                 and torch_runs_stack(self.math, x, self.hidden_size, self.backend)):
             return self._format_output(*self._torch_stack(x, states0), packed, lengths, unbatched)
 
@@ -191,9 +245,18 @@ class RecurrentLayer(nn.Module):
                 source = layer_input
                 if direction == 1:
                     source = reverse_within_lengths(layer_input, sorted_lengths).contiguous()
+                params = self.layer_params(layer, direction)
+                masks = None
+                if self._regularised_now():  # masks in a fixed order: same draws in any engine
+                    if self.training and self.input_dropout:
+                        source = drop_input(source, self.input_dropout)
+                    if self.training and self.weight_drop:
+                        params = (params[0], drop_weight(params[1], self.weight_drop), *params[2:])
+                    zoneout_c = self.zoneout if self.zoneout_cell is None else self.zoneout_cell
+                    masks = recurrent_masks(self.training, source, len(state0), self.hidden_size,
+                                            self.recurrent_dropout, self.zoneout, zoneout_c)
                 out, final = run_layer(
-                    self.math, source, state0, self.layer_params(layer, direction),
-                    batch_sizes, self.backend,
+                    self.math, source, state0, params, batch_sizes, self.backend, masks,
                 )
                 if direction == 1:
                     out = reverse_within_lengths(out, sorted_lengths)
@@ -299,6 +362,8 @@ class RecurrentLayer(nn.Module):
     def to_torch(self) -> nn.Module:
         """The equivalent ``torch.nn`` module with the same weights (standard variants only)."""
         problem = self._torch_compatibility_problem()
+        if self.regularisers:
+            problem = f"torch.nn has no {', '.join(self.regularisers)}"
         if problem:
             raise ValueError(f"{type(self).__name__} cannot become a {self.torch_class.__name__}: "
                              f"{problem}")
@@ -326,10 +391,24 @@ class RecurrentLayer(nn.Module):
         if self.num_layers != 1:
             text += f", num_layers={self.num_layers}"
         for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0),
-                              ("bidirectional", False), ("proj_size", 0)):
+                              ("bidirectional", False), ("proj_size", 0),
+                              ("recurrent_dropout", 0.0), ("input_dropout", 0.0), ("zoneout", 0.0),
+                              ("zoneout_cell", None), ("weight_drop", 0.0)):
             if getattr(self, name) != default:
                 text += f", {name}={getattr(self, name)}"
         return text + f", cell={self.math!r}"
+
+
+REGULARISERS = ("recurrent_dropout", "input_dropout", "zoneout", "zoneout_cell", "weight_drop")
+
+
+def _only_regularisers(layer: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` if each is a regulariser; else the TypeError Python gives for an unknown keyword
+    (e.g. ``GRU(..., proj_size=2)``: as in torch.nn, only the LSTM has a projection)."""
+    for name in kwargs:
+        if name not in REGULARISERS:
+            raise TypeError(f"{layer}.__init__() got an unexpected keyword argument {name!r}")
+    return kwargs
 
 
 def _factory_of(module: nn.Module) -> dict[str, Any]:
@@ -338,7 +417,11 @@ def _factory_of(module: nn.Module) -> dict[str, Any]:
 
 
 class RNN(RecurrentLayer):
-    """Elman RNN layers (``torch.nn.RNN``), with ``nonlinearity`` in tanh, relu or sigmoid."""
+    """Elman RNN layers (``torch.nn.RNN``), with ``nonlinearity`` in tanh, relu or sigmoid.
+
+    ``**regularisers``: ``recurrent_dropout``, ``input_dropout``, ``zoneout``, ``weight_drop``
+    (see :class:`RecurrentLayer`).
+    """
 
     torch_class = nn.RNN
 
@@ -347,10 +430,12 @@ class RNN(RecurrentLayer):
         nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
         dropout: float = 0.0, bidirectional: bool = False, backend: str | None = None,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        **regularisers: Any,
     ) -> None:
         self.nonlinearity = nonlinearity
         super().__init__(ElmanMath(nonlinearity), input_size, hidden_size, num_layers, bias,
-                         batch_first, dropout, bidirectional, backend, device=device, dtype=dtype)
+                         batch_first, dropout, bidirectional, backend, device=device, dtype=dtype,
+                         **_only_regularisers("RNN", regularisers))
 
     def _torch_kwargs(self) -> dict[str, Any]:
         return {**super()._torch_kwargs(), "nonlinearity": self.nonlinearity}
@@ -377,6 +462,8 @@ class LSTM(RecurrentLayer):
     > 0 adds torch.nn.LSTM's projection (LSTMP, Sak et al. 2014; ``weight_hr_l{k}`` (P, H)):
     h, the output and the recurrent input are P wide, c stays H wide; it combines with
     ``peephole`` and ``coupled``.
+    ``**regularisers``: ``recurrent_dropout``, ``input_dropout``, ``zoneout``, ``zoneout_cell``,
+    ``weight_drop`` (see :class:`RecurrentLayer`).
     """
 
     torch_class = nn.LSTM
@@ -387,6 +474,7 @@ class LSTM(RecurrentLayer):
         peephole: bool = False, coupled: bool = False, forget_bias: float | None = None,
         backend: str | None = None, proj_size: int = 0,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        **regularisers: Any,
     ) -> None:
         self.peephole = peephole
         self.coupled = coupled
@@ -394,7 +482,8 @@ class LSTM(RecurrentLayer):
         check_proj_size(proj_size, hidden_size)
         super().__init__(LSTMMath(peephole, coupled, proj_size > 0), input_size, hidden_size,
                          num_layers, bias, batch_first, dropout, bidirectional, backend,
-                         proj_size=proj_size, device=device, dtype=dtype)
+                         proj_size=proj_size, device=device, dtype=dtype,
+                         **_only_regularisers("LSTM", regularisers))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -425,7 +514,11 @@ class LSTM(RecurrentLayer):
 
 
 class GRU(RecurrentLayer):
-    """GRU layers (``torch.nn.GRU``); ``reset="before"`` is the original form of Cho et al. 2014."""
+    """GRU layers (``torch.nn.GRU``); ``reset="before"`` is the original form of Cho et al. 2014.
+
+    ``**regularisers``: ``recurrent_dropout``, ``input_dropout``, ``zoneout``, ``weight_drop``
+    (see :class:`RecurrentLayer`).
+    """
 
     torch_class = nn.GRU
 
@@ -434,10 +527,12 @@ class GRU(RecurrentLayer):
         batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
         reset: str = "after", backend: str | None = None,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        **regularisers: Any,
     ) -> None:
         self.reset = reset
         super().__init__(GRUMath(reset), input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, backend, device=device, dtype=dtype)
+                         dropout, bidirectional, backend, device=device, dtype=dtype,
+                         **_only_regularisers("GRU", regularisers))
 
     def _torch_compatibility_problem(self) -> str | None:
         if self.reset != "after":

@@ -87,9 +87,16 @@ class CellMath(ABC):
 
     @abstractmethod
     def step(
-        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor]
+        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor],
+        recurrent_mask: Tensor | None = None,
     ) -> tuple[State, Any]:
-        """One time step: returns the new state and a cache for :meth:`step_backward`."""
+        """One time step: returns the new state and a cache for :meth:`step_backward`.
+
+        ``recurrent_mask`` (B, H) is variational recurrent dropout's mask (Gal & Ghahramani
+        2016): ``W_hh`` then multiplies ``h_{t-1} ⊙ m`` (see :func:`recurrent_input`); every other
+        use of ``h_{t-1}`` (the GRU's blend) keeps ``h_{t-1}``. The cache holds the mask, so
+        :meth:`step_backward` routes the gradient of that product back through it.
+        """
 
     @abstractmethod
     def step_backward(
@@ -125,6 +132,14 @@ def sigmoid_grad(y: Tensor) -> Tensor:
 def tanh_grad(y: Tensor) -> Tensor:
     """tanh'(x) written with the output y = tanh(x)."""
     return 1 - y * y
+
+
+def recurrent_input(h: Tensor, mask: Tensor | None) -> Tensor:
+    """``h ⊙ m``, what ``W_hh`` multiplies under recurrent dropout; ``h`` itself without a mask.
+
+    The same product carries the gradient back (``dh_{t-1} = (d_pre W_hh) ⊙ m``).
+    """
+    return h if mask is None else h * mask
 
 
 def recurrent_projection(h: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:

@@ -23,7 +23,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from rnnkit.cells.base import CellMath, CellSpec, RecurrentCell, State, recurrent_projection
+from rnnkit.cells.base import (
+    CellMath,
+    CellSpec,
+    RecurrentCell,
+    State,
+    recurrent_input,
+    recurrent_projection,
+)
 
 NONLINEARITIES = ("tanh", "relu", "sigmoid")
 
@@ -64,19 +71,22 @@ class ElmanMath(CellMath):
         return torch.ops.aten.sigmoid_backward(dh, h)
 
     def step(
-        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor]
-    ) -> tuple[State, tuple[Tensor, Tensor]]:
+        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor],
+        recurrent_mask: Tensor | None = None,
+    ) -> tuple[State, tuple[Tensor, Tensor, Tensor | None]]:
         (h_prev,) = state
-        h = self.activation(gx + recurrent_projection(h_prev, w_hh, b_hh))
-        return (h,), (h_prev, h)
+        h_in = recurrent_input(h_prev, recurrent_mask)
+        h = self.activation(gx + recurrent_projection(h_in, w_hh, b_hh))
+        return (h,), (h_in, h, recurrent_mask)
 
     def step_backward(
-        self, d_state: State, cache: tuple[Tensor, Tensor], w_hh: Tensor, diag: Sequence[Tensor]
+        self, d_state: State, cache: tuple[Tensor, Tensor, Tensor | None], w_hh: Tensor,
+        diag: Sequence[Tensor],
     ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
         (dh,) = d_state
-        _, h = cache
+        _, h, mask = cache
         d_pre = self.activation_backward(dh, h)
-        return d_pre, d_pre, (d_pre @ w_hh,), ()
+        return d_pre, d_pre, (recurrent_input(d_pre @ w_hh, mask),), ()
 
     def __repr__(self) -> str:
         return f"ElmanMath(nonlinearity={self.nonlinearity!r})"

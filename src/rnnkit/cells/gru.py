@@ -34,6 +34,7 @@ from rnnkit.cells.base import (
     CellSpec,
     RecurrentCell,
     State,
+    recurrent_input,
     recurrent_projection,
     sigmoid_grad,
     tanh_grad,
@@ -49,6 +50,8 @@ class _GRUCache(NamedTuple):
     n: Tensor
     # reset="after": W_hn h + b_hn (needed for dr); reset="before": r ⊙ h (the n block's input)
     n_recurrent: Tensor
+    h_in: Tensor  # what W_hh multiplied: h_{t-1}, or h_{t-1} ⊙ m under recurrent dropout
+    mask: Tensor | None = None  # recurrent dropout's mask
 
 
 class GRUMath(CellMath):
@@ -66,17 +69,20 @@ class GRUMath(CellMath):
         return CellSpec("gru", reset=self.reset)
 
     def step(
-        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor]
+        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor],
+        recurrent_mask: Tensor | None = None,
     ) -> tuple[State, _GRUCache]:
         (h_prev,) = state
+        # recurrent dropout reaches the gates' products only; the blend below keeps h_{t-1}
+        h_in = recurrent_input(h_prev, recurrent_mask)
         hidden = h_prev.shape[1]
         gx_r, gx_z, gx_n = gx.chunk(3, dim=1)
         if self.reset == "after":
-            gh_r, gh_z, gh_n = recurrent_projection(h_prev, w_hh, b_hh).chunk(3, dim=1)
+            gh_r, gh_z, gh_n = recurrent_projection(h_in, w_hh, b_hh).chunk(3, dim=1)
         else:
             rz_rows = slice(0, 2 * hidden)
             b_rz = None if b_hh is None else b_hh[rz_rows]
-            gh_r, gh_z = recurrent_projection(h_prev, w_hh[rz_rows], b_rz).chunk(2, dim=1)
+            gh_r, gh_z = recurrent_projection(h_in, w_hh[rz_rows], b_rz).chunk(2, dim=1)
         r = torch.sigmoid(gx_r + gh_r)
         z = torch.sigmoid(gx_z + gh_z)
         if self.reset == "after":
@@ -84,32 +90,32 @@ class GRUMath(CellMath):
             n_recurrent = gh_n
         else:
             n_rows = slice(2 * hidden, 3 * hidden)
-            n_recurrent = r * h_prev
+            n_recurrent = r * h_in
             b_n = None if b_hh is None else b_hh[n_rows]
             n = torch.tanh(gx_n + recurrent_projection(n_recurrent, w_hh[n_rows], b_n))
         h = (1 - z) * n + z * h_prev
-        return (h,), _GRUCache(h_prev, r, z, n, n_recurrent)
+        return (h,), _GRUCache(h_prev, r, z, n, n_recurrent, h_in, recurrent_mask)
 
     def step_backward(
         self, d_state: State, cache: _GRUCache, w_hh: Tensor, diag: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
         (dh,) = d_state
-        h_prev, r, z, n, n_recurrent = cache
+        h_prev, r, z, n, n_recurrent, h_in, mask = cache
         hidden = h_prev.shape[1]
         d_pre_n = dh * (1 - z) * tanh_grad(n)
         # dh h_prev - dh n, the two products autograd forms: dh (h_prev - n) would give an
         # infinity where an infinite dh meets h_prev = 0 and torch gives NaN
         d_pre_z = (dh * h_prev - dh * n) * sigmoid_grad(z)
-        dh_prev = dh * z
         if self.reset == "after":
             d_pre_r = d_pre_n * n_recurrent * sigmoid_grad(r)
             d_gh = torch.cat((d_pre_r, d_pre_z, d_pre_n * r), dim=1)
-            dh_prev = dh_prev + d_gh @ w_hh
+            d_h_in = d_gh @ w_hh
         else:
             d_reset_h = d_pre_n @ w_hh[2 * hidden :]
-            d_pre_r = d_reset_h * h_prev * sigmoid_grad(r)
+            d_pre_r = d_reset_h * h_in * sigmoid_grad(r)
             d_gh = torch.cat((d_pre_r, d_pre_z, d_pre_n), dim=1)
-            dh_prev = dh_prev + d_reset_h * r + d_gh[:, : 2 * hidden] @ w_hh[: 2 * hidden]
+            d_h_in = d_reset_h * r + d_gh[:, : 2 * hidden] @ w_hh[: 2 * hidden]
+        dh_prev = dh * z + recurrent_input(d_h_in, mask)
         d_gx = torch.cat((d_pre_r, d_pre_z, d_pre_n), dim=1)
         return d_gx, d_gh, (dh_prev,), ()
 
@@ -120,8 +126,8 @@ class GRUMath(CellMath):
 
     def recurrent_inputs(self, cache: _GRUCache) -> tuple[Tensor, ...]:
         if self.reset == "after":
-            return (cache.h_prev,)
-        return (cache.h_prev, cache.n_recurrent)
+            return (cache.h_in,)
+        return (cache.h_in, cache.n_recurrent)
 
     def __repr__(self) -> str:
         return f"GRUMath(reset={self.reset!r})"

@@ -38,6 +38,7 @@ from rnnkit.cells.base import (
     CellSpec,
     RecurrentCell,
     State,
+    recurrent_input,
     recurrent_projection,
     sigmoid_grad,
     tanh_grad,
@@ -52,7 +53,7 @@ class LSTMState(NamedTuple):
 
 
 class _LSTMCache(NamedTuple):
-    h_prev: Tensor
+    h_prev: Tensor  # what W_hh multiplied: h_{t-1}, or h_{t-1} ⊙ m under recurrent dropout
     c_prev: Tensor
     i: Tensor
     f: Tensor
@@ -61,6 +62,7 @@ class _LSTMCache(NamedTuple):
     c: Tensor
     tanh_c: Tensor
     m: Tensor | None  # o ⊙ tanh(c) before the projection (None without one)
+    mask: Tensor | None = None  # recurrent dropout's mask
 
 
 class LSTMMath(CellMath):
@@ -101,11 +103,13 @@ class LSTMMath(CellMath):
         return w_ci, w_cf, w_co
 
     def step(
-        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor]
+        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor],
+        recurrent_mask: Tensor | None = None,
     ) -> tuple[State, _LSTMCache]:
         h_prev, c_prev = state
+        h_in = recurrent_input(h_prev, recurrent_mask)
         w_ci, w_cf, w_co = self._peepholes(diag)
-        pre = gx + recurrent_projection(h_prev, w_hh, b_hh)
+        pre = gx + recurrent_projection(h_in, w_hh, b_hh)
         if self.coupled:
             pre_i, pre_g, pre_o = pre.chunk(3, dim=1)
         else:
@@ -123,13 +127,13 @@ class LSTMMath(CellMath):
         m = None
         if self.projection:
             m, h = h, h @ diag[-1].t()
-        return LSTMState(h, c), _LSTMCache(h_prev, c_prev, i, f, g, o, c, tanh_c, m)
+        return LSTMState(h, c), _LSTMCache(h_in, c_prev, i, f, g, o, c, tanh_c, m, recurrent_mask)
 
     def step_backward(
         self, d_state: State, cache: _LSTMCache, w_hh: Tensor, diag: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
         dh, dc_next = d_state
-        _, c_prev, i, f, g, o, c, tanh_c, m = cache
+        _, c_prev, i, f, g, o, c, tanh_c, m, mask = cache
         w_ci, w_cf, w_co = self._peepholes(diag)
         d_w_hr: tuple[Tensor, ...] = ()
         if self.projection:  # h = m W_hrᵀ: dW_hr = dhᵀ m, and m's gradient continues as dh
@@ -161,7 +165,7 @@ class LSTMMath(CellMath):
             else:
                 dc_prev = dc_prev + d_pre_f * w_cf
                 d_diag = (d_w_ci, (d_pre_f * c_prev).sum(0), d_w_co)
-        dh_prev = d_pre @ w_hh
+        dh_prev = recurrent_input(d_pre @ w_hh, mask)
         return d_pre, d_pre, LSTMState(dh_prev, dc_prev), d_diag + d_w_hr
 
     def __repr__(self) -> str:

@@ -18,7 +18,9 @@ Backends:
   tensor, an unsupported dtype) it falls back to ``"bptt"`` with a one-time warning naming why.
   On CUDA every cell therefore runs the ``bptt`` engine with torch's GPU kernels underneath.
 
-Direction, stacking and dropout belong to the layers, not here.
+Direction, stacking and dropout belong to the layers, not here. The regularisers that act inside
+the time loop (recurrent dropout, zoneout) reach every backend as the ``masks`` the layer drew
+(:mod:`rnnkit.engine.regularise`); a backend either applies them or is not chosen.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from rnnkit.engine import fused, threads
 from rnnkit.engine.bptt import run_bptt
 from rnnkit.engine.lengths import zero_padding
 from rnnkit.engine.reference import run_reference
+from rnnkit.engine.regularise import StepMasks
 from rnnkit.validation import check_steps
 
 Backend = Callable[
-    [CellMath, Tensor, State, Sequence[Tensor | None], Sequence[int] | None], tuple[Tensor, State]
+    [CellMath, Tensor, State, Sequence[Tensor | None], Sequence[int] | None, StepMasks | None],
+    tuple[Tensor, State],
 ]
 
 _fallbacks_warned: set[str] = set()
@@ -49,18 +53,19 @@ def run_fused(
     state0: State,
     params: Sequence[Tensor | None],
     batch_sizes: Sequence[int] | None,
+    masks: StepMasks | None = None,
 ) -> tuple[Tensor, State]:
     """The compiled kernel where it can run; else the BPTT engine, saying why once."""
-    reason = fused.unavailable_reason(math, x.dtype, x.device)
+    reason = fused.unavailable_reason(math, x.dtype, x.device, masks)
     if reason is None:
-        return fused.run_layer(math, x, state0, params, batch_sizes)
+        return fused.run_layer(math, x, state0, params, batch_sizes, masks)
     if reason not in _fallbacks_warned:
         _fallbacks_warned.add(reason)
         warnings.warn(
             f"rnnkit: the fused CPU engine cannot run here ({reason}); using the slower "
             "'bptt' engine instead", RuntimeWarning, stacklevel=4,
         )
-    return run_bptt(math, x, state0, params, batch_sizes)
+    return run_bptt(math, x, state0, params, batch_sizes, masks)
 
 
 BACKENDS: dict[str, Backend] = {"reference": run_reference, "bptt": run_bptt, "fused": run_fused}
@@ -100,8 +105,11 @@ def run_layer(
     params: Sequence[Tensor | None],
     batch_sizes: Sequence[int] | None = None,
     backend: str | None = None,
+    masks: StepMasks | None = None,
 ) -> tuple[Tensor, State]:
     """Runs one layer in one direction with the chosen (or default) backend.
+
+    ``masks``: the recurrent-dropout and zoneout masks of this layer and direction (None: none).
 
     ``x`` must have at least one step (as torch.nn requires); a batch of 0 rows gives empty
     outputs and states of the right shapes in every backend.
@@ -114,7 +122,7 @@ def run_layer(
         threads.adapt()
     if batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes):
         x = zero_padding(x, list(batch_sizes))  # (the padding's NaN must not reach dW_ih)
-    return BACKENDS[name](math, x, state0, params, batch_sizes)
+    return BACKENDS[name](math, x, state0, params, batch_sizes, masks)
 
 
 def run_step(

@@ -16,6 +16,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.cells.base import CellMath, State
+from rnnkit.engine import regularise
+from rnnkit.engine.regularise import StepMasks
 
 
 def _forward(
@@ -25,6 +27,7 @@ def _forward(
     params: Sequence[Tensor | None],
     batch_sizes: Sequence[int] | None,
     keep: bool,
+    masks: StepMasks | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Any], list[Tensor]]:
     """Runs the layer; with ``keep`` also returns the step caches and the recurrent inputs."""
     w_ih, w_hh, b_ih, b_hh, *diag = params
@@ -41,7 +44,7 @@ def _forward(
     for t in range(steps):
         active = batch if batch_sizes is None else batch_sizes[t]
         running = tuple(s[:active] for s in state)
-        new, cache = math.step(gx_all[t, :active], running, w_hh, b_hh, diag)
+        new, cache = regularise.step(math, gx_all[t, :active], running, w_hh, b_hh, diag, masks, t)
         if keep:
             caches.append(cache)
             for buffer, value in zip(recurrent_inputs, math.recurrent_inputs(cache)):
@@ -55,13 +58,14 @@ def _forward(
 class _LayerBPTT(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, math: CellMath, batch_sizes: Sequence[int] | None, num_states: int,
-                x: Tensor, *tensors: Tensor | None) -> tuple[Tensor, ...]:
+                masks: StepMasks | None, x: Tensor, *tensors: Tensor | None) -> tuple[Tensor, ...]:
         state0, params = tensors[:num_states], tensors[num_states:]
         outputs, state, caches, recurrent_inputs = _forward(
-            math, x, state0, params, batch_sizes, keep=True
+            math, x, state0, params, batch_sizes, keep=True, masks=masks
         )
         ctx.math, ctx.batch_sizes, ctx.num_states = math, batch_sizes, num_states
         ctx.state_sizes = [s.shape[1] for s in state0]
+        ctx.masks = masks  # (the masks are constants: no gradient flows into them)
         ctx.caches = caches
         ctx.has_bias = params[2] is not None
         ctx.save_for_backward(x, params[0], params[1], *params[4:], *recurrent_inputs)
@@ -91,8 +95,8 @@ class _LayerBPTT(torch.autograd.Function):
             active = batch if ctx.batch_sizes is None else ctx.batch_sizes[t]
             incoming = [d_state[0][:active] + d_outputs[t, :active]]
             incoming += [d[:active] for d in d_state[1:]]
-            d_gx, d_gh, d_previous, d_diag_t = math.step_backward(
-                tuple(incoming), ctx.caches[t], w_hh, diag
+            d_gx, d_gh, d_previous, d_diag_t = regularise.step_backward(
+                math, tuple(incoming), ctx.caches[t], w_hh, diag, ctx.masks, t
             )
             d_gx_all[t, :active] = d_gx
             if not math.shares_preactivation_grad:
@@ -105,7 +109,7 @@ class _LayerBPTT(torch.autograd.Function):
         flat_d_gx = d_gx_all.view(steps * batch, rows)
         flat_d_gh = d_gh_all.view(steps * batch, rows)
         needs = ctx.needs_input_grad
-        d_x = (flat_d_gx @ w_ih).view(steps, batch, inputs) if needs[3] else None
+        d_x = (flat_d_gx @ w_ih).view(steps, batch, inputs) if needs[4] else None
         d_w_ih = flat_d_gx.t() @ x.reshape(steps * batch, inputs)
         d_w_hh = torch.empty_like(w_hh)
         for group, inputs_g in zip(math.recurrent_row_groups(rows // math.num_gates),
@@ -113,7 +117,7 @@ class _LayerBPTT(torch.autograd.Function):
             d_w_hh[group] = flat_d_gh[:, group].t() @ inputs_g.view(steps * batch, hidden)
         d_b_ih = flat_d_gx.sum(0) if ctx.has_bias else None
         d_b_hh = flat_d_gh.sum(0) if ctx.has_bias else None
-        return (None, None, None, d_x, *d_state, d_w_ih, d_w_hh, d_b_ih, d_b_hh, *d_diag)
+        return (None, None, None, None, d_x, *d_state, d_w_ih, d_w_hh, d_b_ih, d_b_hh, *d_diag)
 
 
 def run_bptt(
@@ -122,14 +126,18 @@ def run_bptt(
     state0: State,
     params: Sequence[Tensor | None],
     batch_sizes: Sequence[int] | None,
+    masks: StepMasks | None = None,
 ) -> tuple[Tensor, State]:
-    """Runs ``math`` over x (T, B, I) as one autograd node with hand-derived BPTT."""
+    """Runs ``math`` over x (T, B, I) as one autograd node with hand-derived BPTT (``masks``:
+    recurrent dropout and zoneout, see :mod:`rnnkit.engine.regularise`)."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *state0, *params)
     )
     if not needs_grad:  # inference: no caches, no autograd node
         with torch.no_grad():
-            outputs, state, _, _ = _forward(math, x, state0, params, batch_sizes, keep=False)
+            outputs, state, _, _ = _forward(math, x, state0, params, batch_sizes, keep=False,
+                                            masks=masks)
         return outputs, tuple(state)
-    outputs, *state = _LayerBPTT.apply(math, batch_sizes, len(state0), x, *state0, *params)
+    outputs, *state = _LayerBPTT.apply(math, batch_sizes, len(state0), masks, x, *state0,
+                                       *params)
     return outputs, tuple(state)

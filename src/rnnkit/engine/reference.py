@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 from rnnkit.cells.base import CellMath, State
+from rnnkit.engine import regularise
+from rnnkit.engine.regularise import StepMasks
 
 
 def run_reference(
@@ -19,8 +21,12 @@ def run_reference(
     state0: State,
     params: Sequence[Tensor | None],
     batch_sizes: Sequence[int] | None,
+    masks: StepMasks | None = None,
 ) -> tuple[Tensor, State]:
-    """Runs ``math`` over x (T, B, I) from ``state0``; rows past their length keep their state."""
+    """Runs ``math`` over x (T, B, I) from ``state0``; rows past their length keep their state.
+
+    ``masks``: recurrent dropout and zoneout (:mod:`rnnkit.engine.regularise`), or None.
+    """
     w_ih, w_hh, b_ih, b_hh, *diag = params
     steps, batch, _ = x.shape
     gx_all = x @ w_ih.t()  # (T, B, G*H)
@@ -31,7 +37,7 @@ def run_reference(
     for t in range(steps):
         active = batch if batch_sizes is None else batch_sizes[t]
         running = tuple(s[:active] for s in state)
-        new, _ = math.step(gx_all[t, :active], running, w_hh, b_hh, diag)
+        new, _ = regularise.step(math, gx_all[t, :active], running, w_hh, b_hh, diag, masks, t)
         state = tuple(torch.cat((n, s[active:])) for n, s in zip(new, state))
         padding = new[0].new_zeros(batch - active, new[0].shape[1])
         outputs.append(torch.cat((new[0], padding)))

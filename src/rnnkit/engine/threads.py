@@ -122,8 +122,12 @@ class ThreadGovernor:
 GOVERNOR = ThreadGovernor()
 
 
-def adapt() -> int:
-    """Called by the engine before each layer call; see the module docstring."""
+def adapt() -> int | None:
+    """Called by the engine before each layer call; see the module docstring. Not while
+    torch.compile traces (a compiled graph cannot read clocks and /proc; the eager calls around
+    it keep the count up to date): None then."""
+    if torch.compiler.is_compiling():
+        return None
     return GOVERNOR.adapt()
 
 

@@ -25,6 +25,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from rnnkit.cells.base import CellMath
 from rnnkit.cells.minimal import MinimalMath
+from rnnkit.engine import regularise
+from rnnkit.engine.regularise import recurrent_masks
 from rnnkit.layers import MinimalLayer, RecurrentLayer
 
 # the order quantities are offered in the page, per family (names as in the cell docstrings)
@@ -99,9 +101,14 @@ def record_layer(layer: RecurrentLayer, x: Tensor, hx: Any = None) -> list[Trace
                 source = layer_input.flip(0) if direction == 1 else layer_input
                 gx = F.linear(source, w_ih, b_ih)  # (T, G·H): the engine's one input GEMM
                 state = tuple(s[index].unsqueeze(0) for s in states0)
+                # zoneout acts at evaluation too (its expectation); the dropouts do not
+                zoneout_c = layer.zoneout if layer.zoneout_cell is None else layer.zoneout_cell
+                masks = recurrent_masks(False, source.unsqueeze(1), len(state), layer.hidden_size,
+                                        0.0, layer.zoneout, zoneout_c)
                 steps: dict[str, list[Tensor]] = {}
                 for t in range(source.shape[0]):
-                    state, cache = math.step(gx[t:t + 1], state, w_hh, b_hh, diag)
+                    state, cache = regularise.step(math, gx[t:t + 1], state, w_hh, b_hh, diag,
+                                                   masks, t)
                     state = tuple(state)
                     for name, value in step_values(math, state, cache).items():
                         steps.setdefault(name, []).append(value[0])

@@ -376,12 +376,21 @@ def check_exportable(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str,
         if rate > 0:
             raise ExportError(f"{name or type(sub).__name__} is in training mode with dropout "
                               f"{rate}; call module.eval() before exporting")
+        regularisers = getattr(sub, "regularisers", None) if isinstance(sub, RecurrentLayer) else None
+        if regularisers:
+            raise ExportError(f"{name or type(sub).__name__} is in training mode with "
+                              f"{', '.join(regularisers)}; call module.eval() before exporting")
     for name, sub in module.named_modules():
         if isinstance(sub, MinimalLayer):  # its scan has no ONNX recurrent node
             raise ExportError(f"{name or type(sub).__name__}: {type(sub).__name__} runs rnnkit's "
                               "scan operator, which has no ONNX form")
         if isinstance(sub, RecurrentLayer):
             onnx_form(sub.math.spec)
+            # zoneout acts at evaluation too (h_t = z h_{t-1} + (1 - z) h~_t): ONNX's nodes lack it
+            zoned = [n for n in ("zoneout", "zoneout_cell") if getattr(sub, n, None)]
+            if zoned:
+                raise ExportError(f"{name or type(sub).__name__}: {', '.join(zoned)} has no "
+                                  "ONNX form (the recurrent nodes have no zoneout)")
 
 
 def _dataclasses_as_dicts(value: Any) -> Any:

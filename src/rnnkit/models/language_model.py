@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.data.vocab import CharVocab
-from rnnkit.models.recurrent import CELLS, NONLINEARITIES, RESETS, RecurrentConfig, build_recurrent
+from rnnkit.models.recurrent import (
+    CELLS,
+    NONLINEARITIES,
+    RESETS,
+    RecurrentConfig,
+    build_recurrent,
+    check_regularisers,
+    regularisers_of,
+)
 from rnnkit.options import Options, option
 
 
@@ -37,11 +45,22 @@ class LMConfig(Options):
     forget_bias: float | None = option(None, "LSTM: initial forget-gate bias (none: the layer's "
                                              "default)")
     kernel_size: int = option(3, "TCN only: kernel size of its causal convolutions", ge=2)
+    # the recurrent regularisers, as in RecurrentConfig (rnnkit.engine.regularise)
+    recurrent_dropout: float = option(0.0, "variational dropout on h_{t-1} (one mask per "
+                                           "sequence; Gal & Ghahramani 2016)", ge=0, lt=1)
+    input_dropout: float = option(0.0, "variational dropout on each layer's input x_t (one "
+                                       "mask per sequence)", ge=0, lt=1)
+    zoneout: float = option(0.0, "zoneout rate of h (Krueger et al. 2017)", ge=0, lt=1)
+    zoneout_cell: float | None = option(None, "LSTM: zoneout rate of c (none: the zoneout "
+                                              "rate)", ge=0, lt=1)
+    weight_drop: float = option(0.0, "DropConnect on the recurrent weights W_hh, one mask per "
+                                     "forward (AWD-LSTM's weight drop)", ge=0, lt=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.peephole or self.coupled) and self.cell != "lstm":
             raise ValueError("--peephole and --coupled are LSTM options")
+        check_regularisers(self.cell, regularisers_of(self))
 
 
 class LanguageModel(nn.Module):
@@ -58,6 +77,7 @@ class LanguageModel(nn.Module):
             cell=config.cell, layers=config.layers, hidden=hidden, dropout=config.dropout,
             peephole=config.peephole, coupled=config.coupled, forget_bias=config.forget_bias,
             reset=config.reset, nonlinearity=config.nonlinearity, kernel_size=config.kernel_size,
+            **regularisers_of(config),
         ), input_size)
         self.drop = nn.Dropout(config.dropout)
         self.decoder = nn.Linear(hidden, vocab)

@@ -21,6 +21,7 @@ from rnnkit.options import Options, option
 CELLS = ("lstm", "gru", "rnn", "mingru", "minlstm", "tcn")
 RESETS = ("after", "before")
 NONLINEARITIES = ("tanh", "relu", "sigmoid")
+REGULARISERS = ("recurrent_dropout", "input_dropout", "zoneout", "zoneout_cell", "weight_drop")
 
 
 @dataclass
@@ -40,17 +41,48 @@ class RecurrentConfig(Options):
                         choices=RESETS)
     nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
     kernel_size: int = option(3, "TCN only: kernel size of its causal convolutions", ge=2)
+    # the recurrent regularisers (rnnkit.engine.regularise; lstm, gru and rnn cells)
+    recurrent_dropout: float = option(0.0, "variational dropout on h_{t-1} (one mask per "
+                                           "sequence; Gal & Ghahramani 2016)", ge=0, lt=1)
+    input_dropout: float = option(0.0, "variational dropout on each layer's input x_t (one "
+                                       "mask per sequence)", ge=0, lt=1)
+    zoneout: float = option(0.0, "zoneout rate of h (Krueger et al. 2017)", ge=0, lt=1)
+    zoneout_cell: float | None = option(None, "LSTM: zoneout rate of c (none: the zoneout "
+                                              "rate)", ge=0, lt=1)
+    weight_drop: float = option(0.0, "DropConnect on the recurrent weights W_hh, one mask per "
+                                     "forward (AWD-LSTM's weight drop)", ge=0, lt=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.peephole or self.coupled or self.forget_bias is not None) and self.cell != "lstm":
             raise ValueError("peephole, coupled and forget_bias are LSTM options")
+        check_regularisers(self.cell, self.regularisers)
         if self.kernel_size < 2:
             raise ValueError(f"kernel_size must be at least 2, got {self.kernel_size}")
 
     @property
     def output_size(self) -> int:
         return self.hidden * (2 if self.bidirectional else 1)
+
+    @property
+    def regularisers(self) -> dict[str, float]:
+        """The recurrent regularisers that are set, as layer keyword arguments."""
+        return regularisers_of(self)
+
+
+def regularisers_of(config: Any) -> dict[str, float]:
+    """The regularisers set in a config with the fields of :class:`RecurrentConfig`."""
+    values = {name: getattr(config, name) for name in REGULARISERS}
+    return {name: value for name, value in values.items() if value}
+
+
+def check_regularisers(cell: str, regularisers: dict[str, float]) -> None:
+    """One line naming the option if a regulariser is set for a cell that has no such option."""
+    if regularisers and cell not in ("lstm", "gru", "rnn"):
+        raise ValueError(f"{', '.join(regularisers)}: options of the lstm, gru and rnn cells, "
+                         f"not of {cell}")
+    if "zoneout_cell" in regularisers and cell != "lstm":
+        raise ValueError("zoneout_cell is an LSTM option (the rate of its cell state c)")
 
 
 def build_recurrent(config: RecurrentConfig, input_size: int) -> nn.Module:
@@ -65,6 +97,7 @@ def build_recurrent(config: RecurrentConfig, input_size: int) -> nn.Module:
                   bidirectional=config.bidirectional)
     if config.cell in ("mingru", "minlstm"):
         return (MinGRU if config.cell == "mingru" else MinLSTM)(input_size, config.hidden, **common)
+    common.update(config.regularisers)
     if config.cell == "lstm":
         return LSTM(input_size, config.hidden, peephole=config.peephole, coupled=config.coupled,
                     forget_bias=config.forget_bias, **common)

@@ -43,6 +43,7 @@ from rnnkit.cells.base import CellMath, CellSpec
 from rnnkit.engine.bptt import run_bptt
 from rnnkit.engine.fused import _build, _function
 from rnnkit.engine.fused._function import KERNELS, config_of, peephole_weights, run, spec_of
+from rnnkit.engine.regularise import StepMasks
 
 __all__ = ["ROUTES", "run_layer", "run_step", "unavailable_reason"]
 
@@ -73,8 +74,16 @@ def route_of(spec: Any) -> str:
 use_native = True
 
 
-def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str) -> str | None:
-    """None if the fused path can run ``spec`` for this dtype and device, else a short reason."""
+def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str,
+                       masks: StepMasks | None = None) -> str | None:
+    """None if the fused path can run ``spec`` for this dtype and device, else a short reason.
+
+    ``masks`` (recurrent dropout, zoneout) need rnnkit's own kernel: torch's op has neither.
+    """
+    if masks is not None:
+        names = masks.names()
+        if names and not _function.MASKS_IN_KERNEL:
+            return f"no fused kernel for {', '.join(names)}"
     device = torch.device(device)
     if device.type != "cpu":
         return f"device {device.type}"
@@ -86,7 +95,7 @@ def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str
         return str(exc)
     if route != "kernel":  # torch's op or the BPTT engine: nothing to compile
         return None
-    if _build.load() is None and native_op(spec) is None:
+    if _build.load() is None and (native_op(spec) is None or masks is not None):
         return _build.error() or "extension unavailable"
     return None  # (without the extension the plain LSTM still runs through torch's op)
 
@@ -97,8 +106,13 @@ def run_layer(
     state0: Sequence[Tensor],
     params: Sequence[Tensor | None],
     batch_sizes: Sequence[int] | None,
+    masks: StepMasks | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Runs one layer in one direction; differentiable w.r.t. x, state0 and every param."""
+    """Runs one layer in one direction; differentiable w.r.t. x, state0 and every param.
+
+    With ``masks`` (recurrent dropout, zoneout) torch's op never runs (it cannot apply them), and
+    a ragged batch is not split into time chunks (the masks are laid out for the whole batch).
+    """
     bs = None if batch_sizes is None else [int(b) for b in batch_sizes]
     if bs is not None and all(b == x.shape[1] for b in bs):
         bs = None
@@ -106,13 +120,14 @@ def run_layer(
     # A ragged projected LSTM takes the BPTT engine in chunks rather than torch's packed op:
     # measured (1 thread, CPU time) 124 vs 200 ms at 100,32,256 P=128 and 123 vs 368 ms at
     # 400,16,128 P=64, uniform lengths, forward+backward, before chunking.
-    if route == "bptt" or (route == "torch" and bs is not None):
+    if route == "bptt" or (route == "torch" and (bs is not None or masks is not None)):
         math = spec if isinstance(spec, CellMath) else math_for(spec_of(spec))
-        if bs is None:
-            return run_bptt(math, x, tuple(state0), params, None)
+        if bs is None or masks is not None:
+            return run_bptt(math, x, tuple(state0), params, bs, masks)
         return _run_in_chunks(lambda xs, st, b: run_bptt(math, xs, st, params, b),
                               bs, x, state0, params)
-    native = native_op(spec, x, params[1].shape[1] if params[1] is not None else None, bs)
+    native = None if masks is not None else native_op(
+        spec, x, params[1].shape[1] if params[1] is not None else None, bs)
     if native is not None:
         return native(x, state0, params, bs)
     if _build.load() is None:
@@ -121,8 +136,8 @@ def run_layer(
     # Save activations only when a gradient will be asked for.
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *state0, *params))
-    if bs is None:
-        return run(cfg, bs, x, state0, params, training)
+    if bs is None or masks is not None:
+        return run(cfg, bs, x, state0, params, training, masks)
     return _run_in_chunks(lambda xs, st, b: run(cfg, b, xs, st, params, training),
                           bs, x, state0, params)
 

@@ -26,6 +26,10 @@ from rnnkit.cells.base import CellSpec
 
 NAMESPACE = "rnnkit_fused"
 
+# The C++ kernels apply recurrent dropout and zoneout (the StepMasks of rnnkit.engine.regularise:
+# ``recurrent_mask``, ``zoneout_h``, ``zoneout_c`` of layer_forward/layer_backward).
+MASKS_IN_KERNEL = True
+
 # Threads for the C++ time loop; 0 = automatic. Tests set it to force the multi-thread split.
 loop_threads = 0
 
@@ -116,14 +120,23 @@ def run(
     state0: Sequence[Tensor],
     params: Sequence[Tensor | None],
     training: bool,
+    masks: Any = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One layer and direction through ``layer_forward`` (differentiable when ``training``)."""
+    if masks is not None and masks.names() and not MASKS_IN_KERNEL:
+        raise ValueError(f"no fused kernel for {', '.join(masks.names())}")
     _check(cfg, x, state0)
     w_ih, w_hh, b_ih, b_hh = params[:4]
     c0 = state0[1] if cfg.kind == 1 else None
+    keep_h = keep_c = recurrent = None
+    if masks is not None:
+        recurrent = masks.recurrent
+        if masks.zoneout is not None:
+            keep_h = masks.zoneout[0]
+            keep_c = masks.zoneout[1] if cfg.kind == 1 else None
     y, h, c, *_ = torch.ops.rnnkit_fused.layer_forward(
         *cfg.args(), x, state0[0], c0, w_ih, w_hh, b_ih, b_hh, peephole_weights(cfg, params),
-        batch_sizes or [], training, loop_threads,
+        recurrent, keep_h, keep_c, batch_sizes or [], training, loop_threads,
     )
     return y, ((h, c) if cfg.kind == 1 else (h,))
 
@@ -138,9 +151,13 @@ def _empty(like: Tensor) -> Tensor:
 def _forward_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before: bool,
                   x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Tensor | None, b_hh: Tensor | None, peephole_weights: Tensor | None,
-                  batch_sizes: list[int], training: bool, threads: int) -> tuple[Tensor, ...]:
+                  recurrent_mask: Tensor | None, zoneout_h: Tensor | None,
+                  zoneout_c: Tensor | None, batch_sizes: list[int], training: bool, threads: int
+                  ) -> tuple[Tensor, ...]:
     steps, batch, hidden = x.shape[0], x.shape[1], h0.shape[1]
     lstm, gru = kind == 1, kind == 2
+    # extra: the GRU's saved products, or the LSTM's c~ before zoneout of the cell
+    extra = gru or (lstm and zoneout_c is not None)
     state = x.new_empty((batch, hidden))
     return (
         x.new_empty((steps, batch, hidden)),
@@ -148,13 +165,15 @@ def _forward_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_befo
         x.new_empty((batch, hidden)) if lstm else _empty(x),
         x.new_empty((steps, batch, w_hh.shape[0])) if training else _empty(x),
         x.new_empty((steps, batch, hidden)) if training and lstm else _empty(x),
-        x.new_empty((steps, batch, hidden)) if training and gru else _empty(x),
+        x.new_empty((steps, batch, hidden)) if training and extra else _empty(x),
     )
 
 
 def _backward_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before: bool,
                    x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
-                   peephole_weights: Tensor | None, has_bias: bool, batch_sizes: list[int],
+                   peephole_weights: Tensor | None, recurrent_mask: Tensor | None,
+                   zoneout_h: Tensor | None, zoneout_c: Tensor | None, has_bias: bool,
+                   batch_sizes: list[int],
                    y: Tensor, acts: Tensor, cells: Tensor, extra: Tensor, grad_y: Tensor,
                    grad_h_n: Tensor | None, grad_c_n: Tensor | None, need_dx: bool, need_dw: bool,
                    threads: int) -> tuple[Tensor, ...]:
@@ -180,7 +199,8 @@ def _step_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before:
 
 
 # layer_forward's positional arguments, by name (for setup_context / backward)
-_X, _H0, _C0, _WIH, _WHH, _BIH, _BHH, _PEEP, _BATCH_SIZES, _TRAINING, _THREADS = range(5, 16)
+(_X, _H0, _C0, _WIH, _WHH, _BIH, _BHH, _PEEP, _RMASK, _KEEP_H, _KEEP_C, _BATCH_SIZES, _TRAINING,
+ _THREADS) = range(5, 19)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -191,7 +211,8 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
     ctx.training = inputs[_TRAINING]
     ctx.has_bias = inputs[_BIH] is not None
     ctx.save_for_backward(inputs[_X], inputs[_H0], inputs[_C0], inputs[_WIH], inputs[_WHH],
-                          inputs[_PEEP], y, acts, cells, extra)
+                          inputs[_PEEP], inputs[_RMASK], inputs[_KEEP_H], inputs[_KEEP_C], y, acts,
+                          cells, extra)
 
 
 def _backward(ctx: Any, grad_y: Tensor, grad_h: Tensor, grad_c: Tensor, *_: Tensor
@@ -199,13 +220,14 @@ def _backward(ctx: Any, grad_y: Tensor, grad_h: Tensor, grad_c: Tensor, *_: Tens
     if not ctx.training:
         raise RuntimeError("rnnkit_fused::layer_forward ran with training=False: it saved "
                            "nothing to differentiate")
-    x, h0, c0, w_ih, w_hh, peep, y, acts, cells, extra = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, peep, recurrent, keep_h, keep_c, y, acts, cells, extra = ctx.saved_tensors
     needs = ctx.needs_input_grad
     need_dx = needs[_X]
     need_dw = any(needs[i] for i in (_WIH, _WHH, _BIH, _BHH, _PEEP))
     lstm = ctx.variant[0] == 1
     dx, dh0, dc0, dwih, dwhh, dbih, dbhh, dpeep = torch.ops.rnnkit_fused.layer_backward(
-        *ctx.variant, x, h0, c0, w_ih, w_hh, peep, ctx.has_bias, ctx.batch_sizes, y, acts, cells,
+        *ctx.variant, x, h0, c0, w_ih, w_hh, peep, recurrent, keep_h, keep_c, ctx.has_bias,
+        ctx.batch_sizes, y, acts, cells,
         extra, grad_y, grad_h, grad_c if lstm else None, need_dx, need_dw, ctx.threads,
     )
     bias = ctx.has_bias and need_dw
@@ -219,6 +241,7 @@ def _backward(ctx: Any, grad_y: Tensor, grad_h: Tensor, grad_c: Tensor, *_: Tens
         dbih if bias else None,
         dbhh if bias else None,
         dpeep if peep is not None else None,
+        None, None, None,  # the masks are constants
         None, None, None,
     )
 

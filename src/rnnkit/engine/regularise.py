@@ -1,0 +1,157 @@
+r"""The recurrent regularisers' masks, drawn by the layers and applied by every engine.
+
+Four options of every recurrent layer (``rnnkit.LSTM/GRU/RNN``), each with one mask per forward
+pass drawn here with torch's RNG — never inside a kernel — so a fixed seed gives the same masks,
+and the same result, in every engine (``reference``, ``bptt``, ``fused``):
+
+* ``input_dropout`` p (variational dropout on x_t, Gal & Ghahramani 2016): one mask m_x (B, I)
+  per sequence, the same at every step, on each layer's input::
+
+      x̃_t = x_t ⊙ m_x,                  m_x ~ Bernoulli(1 − p) / (1 − p)
+
+* ``recurrent_dropout`` p (Gal & Ghahramani 2016, Keras's ``recurrent_dropout``): one mask
+  m_h (B, H) per sequence on the h_{t-1} that ``W_hh`` multiplies::
+
+      pre_t = W_ih x_t + b_ih + W_hh (h_{t-1} ⊙ m_h) + b_hh     (every gate block; GRU: r, z, n)
+      GRU blend keeps the undropped state: h_t = (1 − z_t) ⊙ n_t + z_t ⊙ h_{t-1}
+
+* ``zoneout`` z_h and ``zoneout_cell`` z_c (Krueger et al. 2017): per step and unit, the state
+  keeps its previous value with probability z; at evaluation the expectation::
+
+      h_t = k^h_t ⊙ h_{t-1} + (1 − k^h_t) ⊙ h̃_t,     k^h_t ~ Bernoulli(z_h)   (training)
+      c_t = k^c_t ⊙ c_{t-1} + (1 − k^c_t) ⊙ c̃_t,     k^c_t ~ Bernoulli(z_c)   (LSTM)
+      evaluation: k^h_t = z_h, k^c_t = z_c
+
+  where h̃_t, c̃_t are the cell's new state; the output at step t is the zoned h_t.
+
+* ``weight_drop`` p (DropConnect, Wan et al. 2013; AWD-LSTM's weight drop, Merity et al. 2018):
+  one mask on the recurrent matrix per forward pass, shared by every sequence and step::
+
+      W̃_hh = W_hh ⊙ M,                  M ~ Bernoulli(1 − p) / (1 − p)   (G·H, H)
+
+Nothing is dropped at evaluation (``model.eval()``); zoneout then blends with its expectation.
+``input_dropout`` and ``weight_drop`` transform a layer's input and weight before the engine runs,
+so every engine (torch's own LSTM op included) runs them; ``recurrent_dropout`` and ``zoneout``
+act inside the time loop and reach the engine as :class:`StepMasks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rnnkit.cells.base import CellMath, State
+
+
+def check_rate(name: str, value: float | None) -> float | None:
+    """A rate in [0, 1), or None; ValueError naming the option otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def dropout_mask(like: Tensor, shape: Sequence[int], p: float) -> Tensor:
+    """A Bernoulli(1 − p) / (1 − p) mask (inverted dropout: the expectation is 1).
+
+    Drawn as ``u ≥ p`` with u ~ U[0, 1): torch's ``bernoulli_`` took 0.5 ms for a 256 × 64
+    weight mask here, a third of a whole T,B,H = 200,1,64 training step.
+    """
+    return torch.rand(shape, dtype=like.dtype, device=like.device).ge_(p).div_(1 - p)
+
+
+@dataclass(frozen=True)
+class StepMasks:
+    """What the time loop of one layer and direction applies (all sorted like the batch).
+
+    ``recurrent``: (B, H) recurrent-dropout mask m_h, or None. ``zoneout``: per state tensor
+    (``(h,)`` or ``(h, c)``) the (T, B, H) keep mask k_t — Bernoulli(z) draws in training, z
+    itself at evaluation — or None for a state without zoneout; None for no zoneout at all.
+    """
+
+    recurrent: Tensor | None = None
+    zoneout: tuple[Tensor | None, ...] | None = None
+
+    def names(self) -> list[str]:
+        """The options these masks carry (for dispatch messages)."""
+        names = ["recurrent_dropout"] if self.recurrent is not None else []
+        if self.zoneout is not None:
+            names += [name for name, keep in zip(("zoneout", "zoneout_cell"), self.zoneout)
+                      if keep is not None]
+        return names
+
+
+def zoneout_keep(like: Tensor, shape: Sequence[int], z: float, training: bool) -> Tensor:
+    """Zoneout's keep mask k: Bernoulli(z) per element in training, the expectation z otherwise."""
+    if training:  # u < z with u ~ U[0, 1): a third faster than bernoulli_ for (T, B, H) masks
+        return torch.rand(shape, dtype=like.dtype, device=like.device).lt_(z)
+    return like.new_full((1, 1, shape[2]), z).expand(*shape)
+
+
+def zoneout(previous: Tensor, new: Tensor, keep: Tensor) -> Tensor:
+    """``k ⊙ previous + (1 − k) ⊙ new``: the one definition of zoneout's blend."""
+    return keep * previous + (1 - keep) * new
+
+
+def step(math: CellMath, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
+         diag: Sequence[Tensor], masks: StepMasks | None, t: int) -> tuple[State, object]:
+    """One step of ``math`` with the masks of step t (rows = the running prefix of the batch)."""
+    if masks is None:
+        return math.step(gx, state, w_hh, b_hh, diag)
+    rows = gx.shape[0]
+    mask = None if masks.recurrent is None else masks.recurrent[:rows]
+    new, cache = math.step(gx, state, w_hh, b_hh, diag, recurrent_mask=mask)
+    if masks.zoneout is not None:
+        new = tuple(n if keep is None else zoneout(s, n, keep[t, :rows])
+                    for s, n, keep in zip(state, new, masks.zoneout))
+    return new, cache
+
+
+def step_backward(math: CellMath, d_state: State, cache: object, w_hh: Tensor,
+                  diag: Sequence[Tensor], masks: StepMasks | None, t: int
+                  ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
+    """The backward of :func:`step`: zoneout splits each state gradient between the kept
+    previous state (``d ⊙ k``) and the cell's new state (``d ⊙ (1 − k)``)."""
+    if masks is None or masks.zoneout is None:
+        return math.step_backward(d_state, cache, w_hh, diag)
+    rows = d_state[0].shape[0]
+    keeps = [None if keep is None else keep[t, :rows] for keep in masks.zoneout]
+    d_new = tuple(d if k is None else d * (1 - k) for d, k in zip(d_state, keeps))
+    d_gx, d_gh, d_previous, d_diag = math.step_backward(d_new, cache, w_hh, diag)
+    d_previous = tuple(p if k is None else p + d * k
+                       for p, d, k in zip(d_previous, d_state, keeps))
+    return d_gx, d_gh, d_previous, d_diag
+
+
+def recurrent_masks(layer_training: bool, x: Tensor, num_states: int, hidden: int,
+                    recurrent_dropout: float, zoneout_h: float, zoneout_c: float
+                    ) -> StepMasks | None:
+    """The :class:`StepMasks` of one layer and direction for input x (T, B, ·), or None."""
+    steps, batch = x.shape[0], x.shape[1]
+    recurrent = None
+    if recurrent_dropout > 0 and layer_training:
+        recurrent = dropout_mask(x, (batch, hidden), recurrent_dropout)
+    rates = (zoneout_h, zoneout_c)[:num_states]
+    keeps = tuple(zoneout_keep(x, (steps, batch, hidden), z, layer_training) if z > 0 else None
+                  for z in rates)
+    if all(k is None for k in keeps):
+        keeps = None
+    if recurrent is None and keeps is None:
+        return None
+    return StepMasks(recurrent, keeps)
+
+
+def drop_weight(w_hh: Tensor, p: float) -> Tensor:
+    """DropConnect: ``W_hh ⊙ M`` with one Bernoulli(1 − p) / (1 − p) mask M (autograd's product)."""
+    return w_hh * dropout_mask(w_hh, w_hh.shape, p)
+
+
+def drop_input(x: Tensor, p: float) -> Tensor:
+    """Variational input dropout: x (T, B, I) times one (B, I) mask shared by every step."""
+    return x * dropout_mask(x, (1, x.shape[1], x.shape[2]), p)
