@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -266,9 +267,13 @@ void beam_one(const scalar_t* lp, int64_t frame_stride, int64_t classes, int64_t
     order.resize(next.size());
     std::iota(order.begin(), order.end(), 0);
     const size_t kept = std::min<size_t>(order.size(), static_cast<size_t>(beam_width));
-    // stable: equal scores keep the order of creation, as Python's sorted does
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int32_t a, int32_t b) { return next_scores[a] > next_scores[b]; });
+    // Python's sorted is stable: equal scores keep the order of creation. Breaking ties by that
+    // order makes the ranking a strict total order, so only the kept ones need sorting.
+    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(kept),
+                      order.end(), [&](int32_t a, int32_t b) {
+                        return next_scores[a] > next_scores[b] ||
+                               (next_scores[a] == next_scores[b] && a < b);
+                      });
     beams.clear();
     for (size_t i = 0; i < kept; ++i) {
       const Next& e = next[order[i]];
