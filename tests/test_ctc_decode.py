@@ -64,8 +64,10 @@ def test_beam_search_nbest_is_the_reference_one(beam_width: int, ties: bool,
         log_probs = _random_log_probs(steps, batch, classes, generator, ties, impossible)
         lengths = torch.randint(0, steps + 1, (batch,), generator=generator)
         lengths[0] = steps
-        for beta, prune_below in ((0.0, None), (0.7, -2.5), (-1.5, None)):
-            options = {"beam_width": beam_width, "beta": beta, "prune_below": prune_below}
+        for beta, prune_below, threshold in ((0.0, None, None), (0.7, -2.5, None),
+                                             (-1.5, None, 2.0), (0.0, -1.5, 0.0)):
+            options = {"beam_width": beam_width, "beta": beta, "prune_below": prune_below,
+                       "beam_threshold": threshold}
             native = prefix_beam_search_batch(log_probs, lengths, backend="native", **options)
             reference = prefix_beam_search_batch(log_probs, lengths, backend="python", **options)
             assert len(native) == batch
@@ -158,6 +160,8 @@ def test_bad_arguments_are_named() -> None:
         prefix_beam_search(log_probs[:, 0], beam_width=0)
     with pytest.raises(ValueError, match="backend must be one of"):
         decode_batch(log_probs, backend="gpu")
+    with pytest.raises(ValueError, match="beam_threshold must be at least 0"):
+        prefix_beam_search(log_probs[:, 0], beam_threshold=-1.0)
     with pytest.raises(ValueError, match="beta must be finite"):
         prefix_beam_search(log_probs[:, 0], beta=math.inf)
     with pytest.raises(ValueError, match=r"must be \(T, C\)"):
@@ -170,6 +174,18 @@ class _Bigram:
 
     def score(self, state: int, label: int) -> tuple[float, int]:
         return (-0.1 if label == state + 1 else -2.0), label
+
+
+def test_beam_threshold_drops_prefixes_far_below_the_best() -> None:
+    generator = torch.Generator().manual_seed(4)
+    log_probs = _random_log_probs(20, 1, 6, generator, ties=False, impossible=0.0)
+    wide = prefix_beam_search(log_probs[:, 0], beam_width=50, backend="native")
+    pruned = prefix_beam_search(log_probs[:, 0], beam_width=50, beam_threshold=1.0,
+                                backend="native")
+    assert len(pruned) < len(wide) == 50
+    assert all(h.score >= pruned[0].score - 1.0 for h in pruned)
+    _assert_same(pruned, prefix_beam_search(log_probs[:, 0], beam_width=50, beam_threshold=1.0,
+                                            backend="python"))
 
 
 def test_with_a_language_model_the_python_search_runs_and_native_is_refused() -> None:

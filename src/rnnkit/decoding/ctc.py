@@ -223,17 +223,21 @@ def prefix_beam_search(
     nbest: int | None = None,
     prune_below: float | None = None,
     backend: str = "auto",
+    beam_threshold: float | None = None,
 ) -> list[Hypothesis]:
     """The ``nbest`` (default: ``beam_width``) best transcriptions of one utterance, best first.
 
     ``log_probs`` (T, C) are per-frame log-probabilities. ``lm`` adds shallow fusion with weight
     ``alpha`` and a per-label insertion bonus ``beta``. ``prune_below`` skips, at each frame, the
     classes whose log-probability is below it (a common speed-up; None keeps all).
+    ``beam_threshold`` drops, at each frame, the prefixes scoring more than it below the best one
+    (pyctcdecode's ``beam_prune_logp``, torchaudio's ``beam_threshold``; None keeps
+    ``beam_width``).
     """
     if log_probs.dim() != 2:
         _as_2d(log_probs)  # the error naming the shape
     return prefix_beam_search_batch(log_probs.unsqueeze(1), None, beam_width, blank, lm, alpha,
-                                    beta, nbest, prune_below, backend)[0]
+                                    beta, nbest, prune_below, backend, beam_threshold)[0]
 
 
 def prefix_beam_search_batch(
@@ -247,6 +251,7 @@ def prefix_beam_search_batch(
     nbest: int | None = None,
     prune_below: float | None = None,
     backend: str = "auto",
+    beam_threshold: float | None = None,
 ) -> list[list[Hypothesis]]:
     """:func:`prefix_beam_search` of every utterance of a (T, N, C) batch (the first
     ``lengths[n]`` frames of utterance n; None: all T): the n-best list of each.
@@ -260,6 +265,8 @@ def prefix_beam_search_batch(
     for name, value in (("alpha", alpha), ("beta", beta)):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
+    if beam_threshold is not None and not beam_threshold >= 0:
+        raise ValueError(f"beam_threshold must be at least 0 (or None), got {beam_threshold}")
     values, lengths_tensor = _batch_arguments(log_probs, lengths, blank)
     _check_searchable(values, lengths_tensor)
     ops = _native_ops(backend) if lm is None else None
@@ -269,9 +276,10 @@ def prefix_beam_search_batch(
     if ops is not None:
         return _hypotheses(ops.beam(values, lengths_tensor, beam_width, blank, float(beta),
                                     None if prune_below is None else float(prune_below),
-                                    nbest or beam_width))
+                                    nbest or beam_width,
+                                    None if beam_threshold is None else float(beam_threshold)))
     return [_prefix_beam_search_reference(values[:length, n], beam_width, blank, lm, alpha, beta,
-                                          nbest, prune_below)
+                                          nbest, prune_below, beam_threshold)
             for n, length in enumerate(lengths_tensor.tolist())]
 
 
@@ -284,6 +292,7 @@ def _prefix_beam_search_reference(
     beta: float = 0.0,
     nbest: int | None = None,
     prune_below: float | None = None,
+    beam_threshold: float | None = None,
 ) -> list[Hypothesis]:
     """The pure-Python prefix beam search of one utterance (T, C): the reference for
     csrc/ctc_decode.cpp's, and the search that runs with a language model."""
@@ -325,7 +334,11 @@ def _prefix_beam_search_reference(
                 beam.timesteps = beam.started_timesteps
             beam.carried = beam.started = -math.inf
         ranked = sorted(following.items(), key=lambda item: fused(*item), reverse=True)
-        beams = dict(ranked[:beam_width])
+        ranked = ranked[:beam_width]
+        if beam_threshold is not None:
+            floor = fused(*ranked[0]) - beam_threshold
+            ranked = [item for item in ranked if fused(*item) >= floor]
+        beams = dict(ranked)
 
     ranked = sorted(beams.items(), key=lambda item: fused(*item), reverse=True)
     return [

@@ -172,7 +172,7 @@ struct Next {
 template <typename scalar_t>
 void beam_one(const scalar_t* lp, int64_t frame_stride, int64_t classes, int64_t length,
               int64_t blank, int64_t beam_width, double beta, std::optional<double> prune_below,
-              int64_t nbest, Decoded& out) {
+              std::optional<double> beam_threshold, int64_t nbest, Decoded& out) {
   Trie trie(classes);
   Timesteps steps;
   // the slot of a node in the current beams / the next frame's prefixes, valid when the stamp
@@ -266,7 +266,7 @@ void beam_one(const scalar_t* lp, int64_t frame_stride, int64_t classes, int64_t
     }
     order.resize(next.size());
     std::iota(order.begin(), order.end(), 0);
-    const size_t kept = std::min<size_t>(order.size(), static_cast<size_t>(beam_width));
+    size_t kept = std::min<size_t>(order.size(), static_cast<size_t>(beam_width));
     // Python's sorted is stable: equal scores keep the order of creation. Breaking ties by that
     // order makes the ranking a strict total order, so only the kept ones need sorting.
     std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(kept),
@@ -274,6 +274,13 @@ void beam_one(const scalar_t* lp, int64_t frame_stride, int64_t classes, int64_t
                         return next_scores[a] > next_scores[b] ||
                                (next_scores[a] == next_scores[b] && a < b);
                       });
+    if (beam_threshold.has_value() && kept > 0) {
+      // the reference's fused(best) - beam_threshold, and its >= on every kept prefix
+      const double floor = next_scores[order[0]] - *beam_threshold;
+      size_t within = 0;
+      while (within < kept && next_scores[order[within]] >= floor) ++within;
+      kept = within;
+    }
     beams.clear();
     for (size_t i = 0; i < kept; ++i) {
       const Next& e = next[order[i]];
@@ -373,7 +380,8 @@ Outputs greedy(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_
 }
 
 Outputs beam(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_t beam_width,
-             int64_t blank, double beta, std::optional<double> prune_below, int64_t nbest) {
+             int64_t blank, double beta, std::optional<double> prune_below, int64_t nbest,
+             std::optional<double> beam_threshold) {
   check_inputs(log_probs_in, lengths, blank);
   TORCH_CHECK_VALUE(beam_width >= 1 && nbest >= 1, "rnnkit ctc_decode: beam_width and nbest "
                     "must be at least 1");
@@ -387,7 +395,7 @@ Outputs beam(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_t 
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         beam_one<scalar_t>(lp + n * classes, batch * classes, classes, len[n], blank,
-                           beam_width, beta, prune_below, k, decoded[n]);
+                           beam_width, beta, prune_below, beam_threshold, k, decoded[n]);
       }
     });
   });
@@ -399,7 +407,8 @@ Outputs beam(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_t 
 TORCH_LIBRARY(rnnkit_ctc_decode, m) {
   m.def("greedy(Tensor log_probs, Tensor lengths, int blank) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("beam(Tensor log_probs, Tensor lengths, int beam_width, int blank, float beta, "
-        "float? prune_below, int nbest) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float? prune_below, int nbest, float? beam_threshold) -> (Tensor, Tensor, Tensor, "
+        "Tensor)");
   m.impl("greedy", c10::DispatchKey::CPU, TORCH_FN(greedy));
   m.impl("beam", c10::DispatchKey::CPU, TORCH_FN(beam));
 }
