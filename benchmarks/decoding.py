@@ -22,11 +22,14 @@ can be pruned); a trained one gives peaked outputs.
 
 One timing decodes every utterance, the n-best list of each. rnnkit decodes the (T, N, C) batch
 in one call (utterances split across torch's threads); pyctcdecode and the Python reference
-decode utterance by utterance, in this process (pyctcdecode's decode_beams with its default
-pruning: beam_prune_logp=-10, token_min_logp=-5; rnnkit prunes nothing). The contenders are
-timed in turn within every repeat, so load from other processes hits them alike; the table
-shows medians and ratios (pyctcdecode time / rnnkit C++ time: > 1 means rnnkit is faster), and
-how often pyctcdecode's best transcription equals rnnkit's.
+decode utterance by utterance, in this process. Each decoder runs twice: "pruned" with
+pyctcdecode's default pruning (token_min_logp=-5: skip classes below it; beam_prune_logp=-10:
+drop prefixes more than 10 below the best) and rnnkit's equivalent options (prune_below=-5,
+beam_threshold=10), and unpruned (the beam_width best prefixes over all classes: what rnnkit
+does by default). The contenders are timed in turn within every repeat, so load from other
+processes hits them alike; the table shows medians and ratios (pyctcdecode time / rnnkit C++
+time: > 1 means rnnkit is faster), and how often pyctcdecode's best transcription equals
+rnnkit's.
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ from rnnkit.models.acoustic import AcousticConfig, AcousticModel
 from rnnkit.tasks import speech
 
 BEAM_WIDTHS = (8, 32, 100)
+# "pruned": pyctcdecode's defaults, and rnnkit's options that do the same (rnnkit's prune_below
+# does not keep a frame's best class when it is below the threshold, as pyctcdecode does)
+PRUNING: dict[str, dict[str, float]] = {
+    "rnnkit": {"prune_below": -5.0, "beam_threshold": 10.0},
+    "pyctcdecode": {"token_min_logp": -5.0, "beam_prune_logp": -10.0},
+}
+UNPRUNED = {"token_min_logp": -1e30, "beam_prune_logp": -1e30}
+Decode = Callable[[int], list[str]]
 RECORDINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 
 
@@ -110,35 +121,44 @@ def main() -> None:
     decoder = pyctcdecode_decoder()
     frames = [log_probs[: int(length), n].numpy() for n, length in enumerate(lengths)]
 
-    def native(width: int) -> list[str]:
-        found = prefix_beam_search_batch(log_probs, lengths, width, backend="native")
-        return ["".join(str(label - 1) for label in best[0].labels) for best in found]
+    def rnnkit(backend: str, pruned: bool) -> Decode:
+        options = PRUNING["rnnkit"] if pruned else {}
 
-    def python(width: int) -> list[str]:
-        found = prefix_beam_search_batch(log_probs, lengths, width, backend="python")
-        return ["".join(str(label - 1) for label in best[0].labels) for best in found]
+        def decode(width: int) -> list[str]:
+            found = prefix_beam_search_batch(log_probs, lengths, width, backend=backend, **options)
+            return ["".join(str(label - 1) for label in best[0].labels) for best in found]
+        return decode
 
-    def pyctc(width: int) -> list[str]:
-        return [decoder.decode_beams(x, beam_width=width)[0][0] for x in frames]  # type: ignore[attr-defined]
+    def pyctc(pruned: bool) -> Decode:
+        options = PRUNING["pyctcdecode"] if pruned else UNPRUNED
 
-    contenders: dict[str, Callable[[int], list[str]]] = {"rnnkit C++": native}
+        def decode(width: int) -> list[str]:
+            return [decoder.decode_beams(x, beam_width=width, **options)[0][0]  # type: ignore
+                    for x in frames]
+        return decode
+
+    contenders: dict[str, Decode] = {"C++ pruned": rnnkit("native", True),
+                                     "C++": rnnkit("native", False)}
     if not args.no_python:
-        contenders["rnnkit Python"] = python
+        contenders["Python"] = rnnkit("python", False)
     if decoder is not None:
-        contenders["pyctcdecode"] = pyctc
+        contenders["pyctcdecode pruned"] = pyctc(True)
+        contenders["pyctcdecode"] = pyctc(False)
     source = (f"checkpoint {args.checkpoint}" if args.checkpoint
               else "randomly initialised speech model (seed 0)")
     print(f"{args.utterances} FSDD utterances ({source}), T = {int(lengths.min())}-"
           f"{int(lengths.max())} frames (mean {float(lengths.float().mean()):.0f}), "
           f"C = {log_probs.shape[2]}; torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads; load average {os.getloadavg()[0]:.2f}; median of {args.repeats}")
+          f"threads; load average {os.getloadavg()[0]:.2f}; median of {args.repeats}; "
+          f"pruned = {PRUNING['rnnkit']} for rnnkit, {PRUNING['pyctcdecode']} for pyctcdecode")
     if decoder is None:
         print("pyctcdecode is not installed (pip install --no-deps pyctcdecode pygtrie): "
               "its columns are left out")
     names = list(contenders)
     header = "| beam | " + " | ".join(f"{name} ms" for name in names)
     if decoder is not None:
-        header += " | pyctcdecode / C++ | same best as pyctcdecode"
+        header += (" | pyctcdecode / C++, pruned | pyctcdecode / C++, unpruned | "
+                   "same best, pruned")
     if not args.no_python:
         header += " | Python / C++"
     print(header + " |")
@@ -156,12 +176,13 @@ def main() -> None:
         ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
         row = f"| {width} | " + " | ".join(f"{ms[name]:.1f}" for name in names)
         if decoder is not None:
-            same = sum(a == b for a, b in zip(results["rnnkit C++"], results["pyctcdecode"]))
-            row += (f" | {ms['pyctcdecode'] / ms['rnnkit C++']:.1f}× | "
-                    f"{same}/{len(frames)}")
+            same = sum(a == b for a, b in zip(results["C++ pruned"],
+                                              results["pyctcdecode pruned"]))
+            row += (f" | {ms['pyctcdecode pruned'] / ms['C++ pruned']:.1f}× | "
+                    f"{ms['pyctcdecode'] / ms['C++']:.1f}× | {same}/{len(frames)}")
         if not args.no_python:
-            assert results["rnnkit Python"] == results["rnnkit C++"], "C++ and reference differ"
-            row += f" | {ms['rnnkit Python'] / ms['rnnkit C++']:.1f}×"
+            assert results["Python"] == results["C++"], "C++ and its reference differ"
+            row += f" | {ms['Python'] / ms['C++']:.1f}×"
         print(row + " |", flush=True)
 
 
