@@ -80,6 +80,24 @@ def test_beam_search_nbest_is_the_reference_one(beam_width: int, ties: bool,
                 _assert_same(native[n], alone)
 
 
+def test_two_threads_decode_what_one_thread_does() -> None:
+    generator = torch.Generator().manual_seed(8)
+    log_probs = _random_log_probs(30, 37, 6, generator, ties=True, impossible=0.1)
+    lengths = torch.randint(0, 31, (37,), generator=generator)
+    reference = prefix_beam_search_batch(log_probs, lengths, beam_width=5, backend="python")
+    greedy = decode_batch(log_probs, lengths, backend="python")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        native = prefix_beam_search_batch(log_probs, lengths, beam_width=5, backend="native")
+        native_greedy = decode_batch(log_probs, lengths, backend="native")
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(native, reference):
+        _assert_same(got, want)
+    _assert_same(native_greedy, greedy)
+
+
 def test_nbest_and_blank_other_than_zero() -> None:
     generator = torch.Generator().manual_seed(5)
     log_probs = _random_log_probs(30, 2, 5, generator, ties=True, impossible=0.1)

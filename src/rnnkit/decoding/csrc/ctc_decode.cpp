@@ -1,5 +1,5 @@
 // CTC decoding on the CPU over a batch: greedy (best path) and prefix beam search without a
-// language model, one utterance per task (at::parallel_for over the batch).
+// language model, utterances shared out across torch's intra-op threads (see for_each_utterance).
 //
 // The math is the one written in rnnkit/decoding/ctc.py (the pure-Python reference); this file
 // only makes it fast, and must give the same n-best: the same label sequences in the same order,
@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cmath>
 #include <cstdint>
@@ -360,6 +361,27 @@ Outputs pack(const std::vector<Decoded>& decoded, int64_t k) {
   return {labels, timesteps, sizes, scores};
 }
 
+// Runs decode(n) for every utterance n, on torch's intra-op threads. Utterances are handed out
+// `chunk` at a time from a shared counter rather than split into one fixed range per thread: on a
+// loaded machine a thread the scheduler parks then delays only the chunk it holds, while the
+// others take the rest (a fixed split would wait for its whole half of the batch). Results do
+// not depend on which thread decodes what: every utterance is decoded alone, start to end.
+template <typename Decode>
+void for_each_utterance(int64_t batch, int64_t chunk, const Decode& decode) {
+  const int64_t chunks = (batch + chunk - 1) / chunk;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (workers <= 1) {
+    for (int64_t n = 0; n < batch; ++n) decode(n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+      for (int64_t n = c * chunk; n < std::min(batch, (c + 1) * chunk); ++n) decode(n);
+    }
+  });
+}
+
 Outputs greedy(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_t blank) {
   check_inputs(log_probs_in, lengths, blank);
   const at::Tensor log_probs = log_probs_in.contiguous();
@@ -368,12 +390,9 @@ Outputs greedy(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_
   std::vector<Decoded> decoded(batch);
   AT_DISPATCH_FLOATING_TYPES(log_probs.scalar_type(), "rnnkit_ctc_greedy", [&] {
     const scalar_t* lp = log_probs.data_ptr<scalar_t>();
-    // a greedy utterance costs microseconds: whole tasks of several, so threads pay off
-    at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        greedy_one<scalar_t>(lp + n * classes, batch * classes, classes, len[n], blank,
-                             decoded[n]);
-      }
+    // a greedy utterance costs microseconds: chunks of several, so threads pay off
+    for_each_utterance(batch, 16, [&](int64_t n) {
+      greedy_one<scalar_t>(lp + n * classes, batch * classes, classes, len[n], blank, decoded[n]);
     });
   });
   return pack(decoded, 1);
@@ -392,11 +411,9 @@ Outputs beam(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_t 
   std::vector<Decoded> decoded(batch);
   AT_DISPATCH_FLOATING_TYPES(log_probs.scalar_type(), "rnnkit_ctc_beam", [&] {
     const scalar_t* lp = log_probs.data_ptr<scalar_t>();
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        beam_one<scalar_t>(lp + n * classes, batch * classes, classes, len[n], blank,
-                           beam_width, beta, prune_below, beam_threshold, k, decoded[n]);
-      }
+    for_each_utterance(batch, 1, [&](int64_t n) {
+      beam_one<scalar_t>(lp + n * classes, batch * classes, classes, len[n], blank, beam_width,
+                         beta, prune_below, beam_threshold, k, decoded[n]);
     });
   });
   return pack(decoded, k);
