@@ -4,6 +4,10 @@ outputs for FSDD utterances.
 
     python benchmarks/decoding.py --threads 1          # markdown table of median times, ratios
     python benchmarks/decoding.py --checkpoint RUN     # a trained speech model's outputs instead
+
+A quickly trained RUN (about 25 min on one loaded core; held-out digit error rate 2.8 %):
+``rnnkit train speech --threads 1 --out RUN --set train.steps=600 --set train.eval_every=200
+--set data.valid_utterances=64``.
     python benchmarks/decoding.py --no-python          # skip the (slow) pure-Python reference
 
 pyctcdecode is a benchmark-only install, not a dependency of rnnkit (it pins numpy < 2, which
