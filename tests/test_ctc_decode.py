@@ -239,3 +239,16 @@ def test_an_untrained_speech_model_on_fsdd_recordings_decodes_identically() -> N
                                              backend="python")
         for got, want in zip(native, reference):
             _assert_same(got, want)
+
+
+def test_without_the_kernel_auto_falls_back_to_python_with_one_warning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    log_probs = torch.randn(8, 2, 4).log_softmax(-1)
+    expected = decode_batch(log_probs, beam_width=3, backend="native")
+    monkeypatch.setattr(ctc._EXTENSION, "load", lambda: None)
+    monkeypatch.setattr(ctc._EXTENSION, "_error", "disabled by this test")
+    monkeypatch.setattr(ctc, "_fallback_warned", False)
+    with pytest.warns(RuntimeWarning, match=r"native CTC decoder is unavailable \(disabled by"):
+        _assert_same(decode_batch(log_probs, beam_width=3), expected)
+    with pytest.raises(RuntimeError, match="native CTC decoder is unavailable: disabled by"):
+        decode_batch(log_probs, backend="native")
