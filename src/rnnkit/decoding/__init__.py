@@ -7,6 +7,7 @@ from rnnkit.decoding.ctc import (
     decode_batch,
     greedy_decode,
     prefix_beam_search,
+    prefix_beam_search_batch,
 )
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "greedy_decode",
     "greedy_search",
     "prefix_beam_search",
+    "prefix_beam_search_batch",
 ]

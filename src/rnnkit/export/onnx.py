@@ -313,6 +313,7 @@ def _no_onnx_form() -> list[tuple[Any, str, str]]:
         (beam, "greedy_search", "greedy search (rnnkit.decoding.greedy_search)"),
         (ctc, "greedy_decode", "CTC greedy decoding"),
         (ctc, "prefix_beam_search", "CTC prefix beam search"),
+        (ctc, "prefix_beam_search_batch", "CTC prefix beam search"),
         (ctc, "decode_batch", "CTC decoding"),
     ]
 
