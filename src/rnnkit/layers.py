@@ -22,8 +22,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from rnnkit.cells.base import CellMath, pickle_state, unpickle_state
 from rnnkit.cells.elman import ElmanMath
-from rnnkit.cells.gru import GRUMath
-from rnnkit.cells.lstm import LSTMMath, init_forget_bias
+from rnnkit.cells.gru import gru_math
+from rnnkit.cells.lstm import forget_bias_vectors, init_forget_bias, lstm_math
 from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_minimal, unpickle_minimal
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
@@ -82,9 +82,10 @@ class RecurrentLayer(nn.Module):
                     "weight_ih": (rows, layer_input),
                     "weight_hh": (rows, hidden_size),
                 }
-                if bias:
+                if bias and math_.has_bias_vectors:
                     shapes.update(bias_ih=(rows,), bias_hh=(rows,))
-                shapes.update({name: (hidden_size,) for name in math_.diagonal_names})
+                shapes.update({name: (math_.diagonal_size(name, hidden_size),)
+                               for name in math_.diagonal_names})
                 names = []
                 for base, shape in shapes.items():
                     setattr(self, base + suffix, nn.Parameter(torch.empty(shape)))
@@ -105,8 +106,12 @@ class RecurrentLayer(nn.Module):
     def reset_parameters(self) -> None:
         """Uniform(-1/√H, 1/√H), as ``torch.nn`` initialises its recurrent layers."""
         bound = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+        for name, weight in self.named_parameters():
+            value = self.math.initial_value(name)  # (layer-norm gains 1, biases 0)
+            if value is None:
+                nn.init.uniform_(weight, -bound, bound)
+            else:
+                nn.init.constant_(weight, value)
 
     def flatten_parameters(self) -> None:
         """Nothing to do (kept so code written for ``torch.nn.LSTM`` runs unchanged)."""
@@ -119,7 +124,7 @@ class RecurrentLayer(nn.Module):
         """``(w_ih, w_hh, b_ih, b_hh, *diagonal)`` of one layer and direction (the engine's order)."""
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         weights = [getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)]
-        if self.bias:
+        if self.bias and self.math.has_bias_vectors:
             weights += [getattr(self, "bias_ih" + suffix), getattr(self, "bias_hh" + suffix)]
         else:
             weights += [None, None]
@@ -345,7 +350,8 @@ class RNN(RecurrentLayer):
 class LSTM(RecurrentLayer):
     """LSTM layers (``torch.nn.LSTM``), with ``peephole`` and ``coupled`` (CIFG) variants.
 
-    ``forget_bias`` sets the initial total forget-gate bias (TensorFlow uses 1.0).
+    ``forget_bias`` sets the initial total forget-gate bias (TensorFlow uses 1.0);
+    ``layer_norm=True`` is the layer-normalised LSTM (:mod:`rnnkit.cells.layer_norm`).
     """
 
     torch_class = nn.LSTM
@@ -354,27 +360,32 @@ class LSTM(RecurrentLayer):
         self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
         batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
         peephole: bool = False, coupled: bool = False, forget_bias: float | None = None,
-        backend: str | None = None,
+        backend: str | None = None, layer_norm: bool = False,
     ) -> None:
         self.peephole = peephole
         self.coupled = coupled
         self.forget_bias = forget_bias
-        super().__init__(LSTMMath(peephole, coupled), input_size, hidden_size, num_layers, bias,
-                         batch_first, dropout, bidirectional, backend)
+        self.layer_norm = layer_norm
+        super().__init__(lstm_math(peephole, coupled, layer_norm, bias), input_size, hidden_size,
+                         num_layers, bias, batch_first, dropout, bidirectional, backend)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
         if self.forget_bias is None:
             return
-        for weights in self.all_weights:
-            if not self.bias:
-                raise ValueError("forget_bias needs bias=True")
-            init_forget_bias(weights[2], weights[3], self.hidden_size, self.coupled,
-                             self.forget_bias)
+        for layer in range(self.num_layers):
+            for direction in range(self.num_directions):
+                if not self.bias:
+                    raise ValueError("forget_bias needs bias=True")
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                init_forget_bias(*forget_bias_vectors(self, suffix), self.hidden_size,
+                                 self.coupled, self.forget_bias)
 
     def _torch_compatibility_problem(self) -> str | None:
         if self.peephole or self.coupled:
             return "torch.nn.LSTM has neither peephole connections nor coupled gates"
+        if self.layer_norm:
+            return "torch.nn.LSTM has no layer normalisation"
         return None
 
     @classmethod
@@ -387,22 +398,26 @@ class LSTM(RecurrentLayer):
 
 
 class GRU(RecurrentLayer):
-    """GRU layers (``torch.nn.GRU``); ``reset="before"`` is the original form of Cho et al. 2014."""
+    """GRU layers (``torch.nn.GRU``); ``reset="before"`` is the original form of Cho et al. 2014;
+    ``layer_norm=True`` is the layer-normalised GRU (:mod:`rnnkit.cells.layer_norm`)."""
 
     torch_class = nn.GRU
 
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
         batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-        reset: str = "after", backend: str | None = None,
+        reset: str = "after", backend: str | None = None, layer_norm: bool = False,
     ) -> None:
         self.reset = reset
-        super().__init__(GRUMath(reset), input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, backend)
+        self.layer_norm = layer_norm
+        super().__init__(gru_math(reset, layer_norm, bias), input_size, hidden_size, num_layers,
+                         bias, batch_first, dropout, bidirectional, backend)
 
     def _torch_compatibility_problem(self) -> str | None:
         if self.reset != "after":
             return 'torch.nn.GRU is the reset="after" form'
+        if self.layer_norm:
+            return "torch.nn.GRU has no layer normalisation"
         return None
 
     @classmethod

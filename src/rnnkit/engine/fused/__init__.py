@@ -32,10 +32,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rnnkit.cells.base import CellSpec
 from rnnkit.engine.fused import _build, _function
 from rnnkit.engine.fused._function import config_of, peephole_weights, run
 
-__all__ = ["run_layer", "run_step", "unavailable_reason"]
+__all__ = ["run_layer", "run_step", "runs_through_bptt", "unavailable_reason"]
+
+# Variants with no C++ kernel yet that the fused backend runs with the ``bptt`` engine on purpose
+# (not a fallback, so no warning): the layer-normalised LSTM and GRU (issue 12), whose recurrent
+# LN needs statistics over a whole row each step — see docs/performance.md for their speed.
+THROUGH_BPTT: frozenset[CellSpec] = frozenset(
+    CellSpec(kind, peephole=peephole, coupled=coupled, reset=reset, layer_norm=True)
+    for kind, peephole, coupled, reset in (
+        ("lstm", False, False, "after"), ("lstm", True, False, "after"),
+        ("lstm", False, True, "after"), ("lstm", True, True, "after"),
+        ("gru", False, False, "after"), ("gru", False, False, "before"),
+    )
+)
+
+
+def runs_through_bptt(spec: Any) -> bool:
+    """True for a variant the fused backend hands to the ``bptt`` engine (``THROUGH_BPTT``)."""
+    return _function.spec_of(spec) in THROUGH_BPTT
 
 # Dispatch the plain LSTM to torch's own fused op (see native_op). Benchmarks turn it off to
 # compare rnnkit's kernel on the same case.
@@ -129,7 +147,8 @@ def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None):
     GRU and Elman RNN are per-step ATen loops that rnnkit's kernel beats (see the benchmark).
     Given the input ``x`` (T, B, I) and the hidden size, small problems stay with rnnkit's kernel.
     """
-    if not (use_native and spec.kind == "lstm" and not spec.peephole and not spec.coupled):
+    if not (use_native and spec.kind == "lstm" and not spec.peephole and not spec.coupled
+            and not spec.layer_norm):
         return None
     if (x is not None and hidden is not None and own_kernel_faster(x.shape[0], x.shape[1], hidden)
             and _build.load() is not None):
