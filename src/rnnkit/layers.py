@@ -106,8 +106,9 @@ class RecurrentLayer(nn.Module):
     def reset_parameters(self) -> None:
         """Uniform(-1/√H, 1/√H), as ``torch.nn`` initialises its recurrent layers."""
         bound = 1.0 / math.sqrt(self.hidden_size)
+        initial = getattr(self.math, "initial_value", None)  # (MinimalMath has none)
         for name, weight in self.named_parameters():
-            value = self.math.initial_value(name)  # (layer-norm gains 1, biases 0)
+            value = initial(name) if initial else None  # (layer-norm gains 1, biases 0)
             if value is None:
                 nn.init.uniform_(weight, -bound, bound)
             else:

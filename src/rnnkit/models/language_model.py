@@ -37,11 +37,14 @@ class LMConfig(Options):
     forget_bias: float | None = option(None, "LSTM: initial forget-gate bias (none: the layer's "
                                              "default)")
     kernel_size: int = option(3, "TCN only: kernel size of its causal convolutions", ge=2)
+    layer_norm: bool = option(False, "LSTM/GRU: layer-normalised cell (Ba, Kiros & Hinton 2016)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.peephole or self.coupled) and self.cell != "lstm":
             raise ValueError("--peephole and --coupled are LSTM options")
+        if self.layer_norm and self.cell not in ("lstm", "gru"):
+            raise ValueError(f"--layer-norm is an LSTM and GRU option, not one of cell={self.cell}")
 
 
 class LanguageModel(nn.Module):
@@ -58,6 +61,7 @@ class LanguageModel(nn.Module):
             cell=config.cell, layers=config.layers, hidden=hidden, dropout=config.dropout,
             peephole=config.peephole, coupled=config.coupled, forget_bias=config.forget_bias,
             reset=config.reset, nonlinearity=config.nonlinearity, kernel_size=config.kernel_size,
+            layer_norm=config.layer_norm,
         ), input_size)
         self.drop = nn.Dropout(config.dropout)
         self.decoder = nn.Linear(hidden, vocab)

@@ -40,11 +40,14 @@ class RecurrentConfig(Options):
                         choices=RESETS)
     nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
     kernel_size: int = option(3, "TCN only: kernel size of its causal convolutions", ge=2)
+    layer_norm: bool = option(False, "LSTM/GRU: layer-normalised cell (Ba, Kiros & Hinton 2016)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.peephole or self.coupled or self.forget_bias is not None) and self.cell != "lstm":
             raise ValueError("peephole, coupled and forget_bias are LSTM options")
+        if self.layer_norm and self.cell not in ("lstm", "gru"):
+            raise ValueError(f"layer_norm is an LSTM and GRU option, not one of cell={self.cell}")
         if self.kernel_size < 2:
             raise ValueError(f"kernel_size must be at least 2, got {self.kernel_size}")
 
@@ -67,9 +70,13 @@ def build_recurrent(config: RecurrentConfig, input_size: int) -> nn.Module:
         return (MinGRU if config.cell == "mingru" else MinLSTM)(input_size, config.hidden, **common)
     if config.cell == "lstm":
         return LSTM(input_size, config.hidden, peephole=config.peephole, coupled=config.coupled,
-                    forget_bias=config.forget_bias, **common)
+                    forget_bias=config.forget_bias,
+                    layer_norm=config.layer_norm,
+                    **common)
     if config.cell == "gru":
-        return GRU(input_size, config.hidden, reset=config.reset, **common)
+        return GRU(input_size, config.hidden, reset=config.reset,
+                   layer_norm=config.layer_norm,
+                   **common)
     return RNN(input_size, config.hidden, nonlinearity=config.nonlinearity, **common)
 
 

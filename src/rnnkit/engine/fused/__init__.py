@@ -148,7 +148,7 @@ def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None):
     Given the input ``x`` (T, B, I) and the hidden size, small problems stay with rnnkit's kernel.
     """
     if not (use_native and spec.kind == "lstm" and not spec.peephole and not spec.coupled
-            and not spec.layer_norm):
+            and not getattr(spec, "layer_norm", False)):  # (spec-like objects may lack it)
         return None
     if (x is not None and hidden is not None and own_kernel_faster(x.shape[0], x.shape[1], hidden)
             and _build.load() is not None):
