@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import rnnkit
 from rnnkit.cells import CellSpec, math_for
 from rnnkit.cells.layer_norm import layer_norm_backward, layer_norm_forward
 from rnnkit.engine import fused, run_layer
+from rnnkit.engine.fused import _layer_norm
 from rnnkit.engine.fused._function import config_of
 from test_nonfinite import assert_same_values, run_with_grads
 
@@ -219,18 +221,68 @@ def test_refusals_name_the_problem():
         rnnkit.GRU(3, 4, layer_norm=True).to_torch()
 
 
-def test_fused_table_runs_them_through_bptt_without_a_warning():
+def test_fused_backend_has_a_kernel_for_every_form_and_no_other():
     for form in FORMS:
         spec = _layer(form).math.spec
-        assert spec.layer_norm and fused.runs_through_bptt(spec)
+        assert spec.layer_norm and spec in _layer_norm.KERNELS
         with pytest.raises(ValueError, match="no fused kernel"):
-            config_of(spec)  # not silently the plain kernel
-    assert not fused.runs_through_bptt(CellSpec("lstm"))
+            config_of(spec)  # never the plain cell's kernel
+        assert fused.unavailable_reason(spec, torch.float32, "cpu") is None
+    assert set(_layer_norm.KERNELS) == {_layer(form).math.spec for form in FORMS}
     assert fused.native_op(rnnkit.LSTM(3, 4, layer_norm=True).math) is None
     layer = rnnkit.LSTM(3, 4, layer_norm=True, backend="fused")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         layer(torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_fused_kernel_gradcheck_with_lengths(form, threads, monkeypatch):
+    monkeypatch.setattr(_layer_norm, "loop_threads", threads)  # 3: several row blocks
+    layer = _layer(form, inputs=2, hidden=3)
+    math = layer.math
+    params = tuple(p.detach().requires_grad_() for p in layer.layer_params(0, 0) if p is not None)
+    x = torch.randn(4, 4, 2, dtype=torch.float64, requires_grad=True)
+    state0 = tuple(torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+                   for _ in math.state_names)
+    count = len(state0)
+
+    def run(x, *rest):
+        weights = (rest[count], rest[count + 1], None, None, *rest[count + 2:])
+        outputs, final = run_layer(math, x, rest[:count], weights, [4, 3, 3, 1], "fused")
+        return (outputs, *final)
+
+    assert torch.autograd.gradcheck(run, (x, *state0, *params))
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_fused_kernel_float32_and_inference_match_bptt(form, monkeypatch):
+    monkeypatch.setattr(_layer_norm, "loop_threads", 2)
+    layer = _layer(form, 8, 16, dtype=torch.float32, num_layers=2)
+    x = torch.randn(9, 5, 8)
+    lengths = torch.tensor([9, 2, 7, 7, 4])
+    results = {}
+    for backend in ("bptt", "fused"):
+        layer.backend = backend
+        with torch.no_grad():
+            inference = layer(x, lengths=lengths)[0]
+        out, _ = layer(x, lengths=lengths)
+        grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+        results[backend] = [inference, out, *grads]
+    for got, expected in zip(results["fused"], results["bptt"]):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)  # (float32 exp, sums)
+
+
+def test_without_the_kernel_the_fused_backend_takes_bptt_and_says_why(monkeypatch):
+    monkeypatch.setattr(_layer_norm, "EXTENSION",
+                        SimpleNamespace(load=lambda: None, error="test: no compiler"))
+    layer = rnnkit.GRU(3, 4, layer_norm=True, backend="fused")
+    x = torch.randn(2, 1, 3)
+    with pytest.warns(RuntimeWarning, match="test: no compiler"):
+        out, _ = layer(x)
+    layer.backend = "bptt"
+    torch.testing.assert_close(out, layer(x)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))

@@ -54,8 +54,6 @@ def run_fused(
     batch_sizes: Sequence[int] | None,
 ) -> tuple[Tensor, State]:
     """The compiled kernel where it can run; else the BPTT engine, saying why once."""
-    if fused.runs_through_bptt(math):  # no C++ kernel for it, by design of the table: no warning
-        return run_bptt(math, x, state0, params, batch_sizes)
     reason = fused.unavailable_reason(math, x.dtype, x.device)
     if reason is None:
         return fused.run_layer(math, x, state0, params, batch_sizes)

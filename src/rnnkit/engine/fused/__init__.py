@@ -19,6 +19,9 @@ owns a slice of hidden units, computes its columns of the recurrent GEMM with th
 micro-kernel that torch exports, updates its units, and meets the others at one barrier per step.
 The input projection, ``dx`` and the weight gradients are single parallel GEMMs over all steps.
 
+The layer-normalised LSTM and GRU have their own kernels (``csrc/layer_norm_rnn.cpp``, see
+``_layer_norm``): a row's LN needs every column of the row, so there threads split the batch.
+
 The standard torch forms with torch's own fused kernel (plain LSTM, which torch runs through
 oneDNN's RNN primitive) dispatch to ``torch._VF`` instead: it is the same math and the fastest
 code on CPU for that case. See ``benchmarks/fused_kernels.py``.
@@ -32,28 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnnkit.cells.base import CellSpec
-from rnnkit.engine.fused import _build, _function
+from rnnkit.engine.fused import _build, _function, _layer_norm
 from rnnkit.engine.fused._function import config_of, peephole_weights, run
 
-__all__ = ["run_layer", "run_step", "runs_through_bptt", "unavailable_reason"]
-
-# Variants with no C++ kernel yet that the fused backend runs with the ``bptt`` engine on purpose
-# (not a fallback, so no warning): the layer-normalised LSTM and GRU (issue 12), whose recurrent
-# LN needs statistics over a whole row each step — see docs/performance.md for their speed.
-THROUGH_BPTT: frozenset[CellSpec] = frozenset(
-    CellSpec(kind, peephole=peephole, coupled=coupled, reset=reset, layer_norm=True)
-    for kind, peephole, coupled, reset in (
-        ("lstm", False, False, "after"), ("lstm", True, False, "after"),
-        ("lstm", False, True, "after"), ("lstm", True, True, "after"),
-        ("gru", False, False, "after"), ("gru", False, False, "before"),
-    )
-)
-
-
-def runs_through_bptt(spec: Any) -> bool:
-    """True for a variant the fused backend hands to the ``bptt`` engine (``THROUGH_BPTT``)."""
-    return _function.spec_of(spec) in THROUGH_BPTT
+__all__ = ["run_layer", "run_step", "unavailable_reason"]
 
 # Dispatch the plain LSTM to torch's own fused op (see native_op). Benchmarks turn it off to
 # compare rnnkit's kernel on the same case.
@@ -67,6 +52,12 @@ def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str
         return f"device {device.type}"
     if dtype not in (torch.float32, torch.float64):
         return f"dtype {str(dtype).removeprefix('torch.')}"
+    if getattr(spec, "layer_norm", False):  # their own kernels (issue 12): _layer_norm.KERNELS
+        if _function.spec_of(spec) not in _layer_norm.KERNELS:
+            return f"no fused kernel for {_function.spec_of(spec)}"
+        if _layer_norm.load() is None:
+            return _layer_norm.EXTENSION.error or "extension unavailable"
+        return None
     try:
         config_of(spec)
     except ValueError as exc:
@@ -84,6 +75,10 @@ def run_layer(
     batch_sizes: Sequence[int] | None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Runs one layer in one direction; differentiable w.r.t. x, state0 and every param."""
+    if getattr(spec, "layer_norm", False):  # (x is already LN(x W_ih^T): see engine.run_layer)
+        if _layer_norm.load() is None:
+            raise RuntimeError(f"fused backend unavailable: {_layer_norm.EXTENSION.error}")
+        return _layer_norm.run(_function.spec_of(spec), x, state0, params, batch_sizes)
     native = native_op(spec, x, params[1].shape[1] if params[1] is not None else None)
     if native is not None:
         return native(x, state0, params, batch_sizes)
@@ -108,6 +103,8 @@ def run_step(
     The short path matters: at batch 1 most of a step's time is per-call overhead, so the
     variant's kernel config is looked up once per cell math object and nothing else is checked.
     """
+    if getattr(spec, "layer_norm", False):
+        return None  # (the layer path: its input LN lives in engine.run_layer)
     cfg = getattr(spec, "_fused_step_config", None)
     if cfg is None:
         if unavailable_reason(spec, x.dtype, x.device) is not None or _build.load() is None:
