@@ -413,12 +413,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
   const int64_t steps = g.size(0), batch = g.size(1), H = h0.size(1), GH = v.gates() * H;
   Tensor h = h0.contiguous().clone();
   Tensor c = lstm ? c0->contiguous().clone() : empty_like_none(g);
-  Tensor y = at::zeros({steps, batch, H}, g.options());
-  Tensor acts = training ? at::zeros({steps, batch, GH}, g.options()) : empty_like_none(g);
-  Tensor ahat = training ? at::zeros({steps, batch, GH}, g.options()) : empty_like_none(g);
+  // Without lengths every row of every step is written; with them the rows past a length must
+  // be 0 (outputs; and saved values a 0 gradient multiplies must not be NaN garbage)
+  const auto alloc = [&](at::IntArrayRef sizes) {
+    return batch_sizes.empty() ? at::empty(sizes, g.options()) : at::zeros(sizes, g.options());
+  };
+  Tensor y = alloc({steps, batch, H});
+  Tensor acts = training ? alloc({steps, batch, GH}) : empty_like_none(g);
+  Tensor ahat = training ? alloc({steps, batch, GH}) : empty_like_none(g);
   Tensor stats = training ? at::zeros({steps, batch, 2}, g.options()) : empty_like_none(g);
-  Tensor cells = training && lstm ? at::zeros({steps, batch, 3 * H}, g.options())
-                                  : empty_like_none(g);
+  Tensor cells = training && lstm ? alloc({steps, batch, 3 * H}) : empty_like_none(g);
   const Tensor w = w_hh.contiguous(), lw = ln_weight.contiguous(), lb = ln_bias.contiguous();
   const Tensor cw = lstm ? cell_weight->contiguous() : Tensor();
   const Tensor cb = lstm ? cell_bias->contiguous() : Tensor();
@@ -445,9 +449,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_backward(
   Tensor dc = lstm ? (grad_c_n ? grad_c_n->contiguous().clone()
                                : at::zeros({batch, H}, y.options()))
                    : empty_like_none(y);
-  Tensor d_gx = at::zeros({steps, batch, GH}, y.options());
-  Tensor d_a = at::zeros({steps, batch, GH}, y.options());
-  Tensor d_cn = lstm ? at::zeros({steps, batch, H}, y.options()) : empty_like_none(y);
+  const auto alloc = [&](at::IntArrayRef sizes) {  // (as in the forward: 0 past the lengths)
+    return batch_sizes.empty() ? at::empty(sizes, y.options()) : at::zeros(sizes, y.options());
+  };
+  Tensor d_gx = alloc({steps, batch, GH});
+  Tensor d_a = alloc({steps, batch, GH});
+  Tensor d_cn = lstm ? alloc({steps, batch, H}) : empty_like_none(y);
   const Tensor h0c = h0.contiguous(), w = w_hh.contiguous(), lw = ln_weight.contiguous(),
                lb = ln_bias.contiguous(), gy = grad_y.contiguous();
   const Tensor c0c = lstm ? c0->contiguous() : Tensor();
