@@ -3,9 +3,9 @@
 Operators ``torch.ops.rnnkit_ln.layer_forward`` / ``layer_backward`` (their own library, built on
 first use like the other kernels). They run the time loop from ``gx = LN(x W_ih^T)``, which the
 engine computes before any backend (:func:`rnnkit.cells.layer_norm.normalized_input`); the step
-backward returns d(gx), d(W_hh h) per step and (LSTM) d(LN(c)), and the gradients of ``W_hh``,
-the layer-norm gains and biases and the peepholes are formed here as one GEMM or reduction each
-over all T·B rows — the same split as the ``bptt`` engine.
+backward returns d(gx) and d(W_hh h) per step and the layer-norm gain and bias gradients (summed
+in the loop, where each row's normalised values are at hand); ``W_hh``'s and the peepholes'
+gradients are formed here as one GEMM or reduction each over all T·B rows, as in ``bptt``.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class _LayerNormLayer(torch.autograd.Function):
         kind, peephole, coupled, before = ctx.variant
         lstm = kind == 1
         d_c = d_rest[0] if lstm else None
-        d_gx, d_a, d_cn, dh0, dc0 = torch.ops.rnnkit_ln.layer_backward(
+        d_gx, d_a, dh0, dc0, g_ln, g_cell = torch.ops.rnnkit_ln.layer_backward(
             *ctx.variant, h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, ctx.batch_sizes,
             y, acts, ahat, stats, cells, d_y, d_h, d_c, loop_threads)
         steps, batch, hidden = y.shape
@@ -92,17 +92,11 @@ class _LayerNormLayer(torch.autograd.Function):
             d_w_hh[2 * hidden:] = flat_da[:, 2 * hidden:].t() @ reset_h.view(rows, hidden)
         else:
             d_w_hh = flat_da.t() @ h_prev.view(rows, hidden)
-        d_post = d_gx  # the gradient after the recurrent LN, = d(gx) but for the after-GRU's n
-        if kind == 2 and not before:
-            d_post = d_gx.clone()
-            d_post[..., 2 * hidden:] *= acts[..., :hidden]
-        d_ln_weight = (d_post * ahat).sum((0, 1))
-        d_ln_bias = d_post.sum((0, 1))
+        d_ln_weight, d_ln_bias = g_ln  # (summed over the steps in the kernel)
         d_cell_weight = d_cell_bias = d_peep = None
         if lstm:
-            c, c_hat = cells[..., :hidden], cells[..., hidden: 2 * hidden]
-            d_cell_weight = (d_cn * c_hat).sum((0, 1))
-            d_cell_bias = d_cn.sum((0, 1))
+            d_cell_weight, d_cell_bias = g_cell
+            c = cells[..., :hidden]
             if peephole:
                 c_prev = previous(c0, c)
                 blocks = d_gx.split(hidden, dim=2)

@@ -138,6 +138,15 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   }
 }
 
+// acc[0:n] += dy * a_hat, acc[n:2n] += dy: one row's share of an LN's gain and bias gradients
+template <typename T>
+inline void accumulate_ln(const T* dy, const T* a_hat, int64_t n, T* acc) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] += dy[j] * a_hat[j];
+    acc[n + j] += dy[j];
+  }
+}
+
 template <typename T>
 inline T sg(T y) { return y * (1 - y); }  // sigmoid'(x) from y = sigmoid(x)
 template <typename T>
@@ -303,14 +312,16 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
 
 // Reverse time. In: the saved forward (acts, ahat, stats, cells), y (h_t of the active rows),
 // grad_y and the final-state gradients. Out (written): d_gx, d_a (the gradient before the
-// recurrent LN, per row), d_cn (LSTM: the gradient of LN(c)), dh (-> dh0), dc (-> dc0).
+// recurrent LN, per row), dh (-> dh0), dc (-> dc0), and per batch row the sums over its steps
+// of the LN gain and bias gradients: g_ln (B, 2, G*H) and, LSTM, g_cell (B, 2, H) (each row is
+// one thread's, so no two threads add to the same place; the caller sums over B).
 template <typename T>
 void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
                    const Tensor& ln_w, const Tensor& ln_b, const Tensor& cell_w,
                    const Tensor& peep, at::IntArrayRef bs, const Tensor& y, const Tensor& acts,
                    const Tensor& ahat, const Tensor& stats, const Tensor& cells,
                    const Tensor& grad_y, Tensor& dh, Tensor& dc, Tensor& d_gx, Tensor& d_a,
-                   Tensor& d_cn, int64_t threads) {
+                   Tensor& g_ln, Tensor& g_cell, int64_t threads) {
   const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), G = v.gates(), GH = G * H;
   const bool lstm = v.kind == kLSTM;
   const T* whp = w_hh.data_ptr<T>();  // (GH, H) as stored: d_a W_hh needs no transpose
@@ -333,7 +344,8 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
   T* dcp = lstm ? dc.data_ptr<T>() : nullptr;
   T* dgxp = d_gx.data_ptr<T>();
   T* dap = d_a.data_ptr<T>();
-  T* dcnp = lstm ? d_cn.data_ptr<T>() : nullptr;
+  T* glp = g_ln.data_ptr<T>();
+  T* gcp = lstm ? g_cell.data_ptr<T>() : nullptr;
 
   for_row_blocks(batch, threads, [&](int64_t b0, int64_t b1) {
     const int64_t rows = b1 - b0;
@@ -341,7 +353,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
     Tensor dreset = v.before ? at::empty({rows, H}, y.options()) : Tensor();
     T* dpbuf = dprev.data_ptr<T>();
     T* drbuf = v.before ? dreset.data_ptr<T>() : nullptr;
-    std::vector<T> dpost(GH), tmp(H), dzh(v.before ? rows * H : 0);
+    std::vector<T> dpost(GH), tmp(H), dzh(v.before ? rows * H : 0), dcn_buf(H);
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t n_act = std::min(active_rows(bs, t, batch), b1) - b0;
       if (n_act <= 0) continue;
@@ -357,7 +369,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
           const T* cprev = t > 0 ? celp + ((t - 1) * batch + b) * 3 * H : c0p + b * H;
           const T* cl = celp + row * 3 * H;  // c, c_hat, tanh(LN(c))
           T* dcr = dcp + b * H;
-          T* dcn = dcnp + row * H;
+          T* dcn = dcn_buf.data();
           const int64_t oi = 0, of = H, og = v.coupled ? H : 2 * H, oo = v.coupled ? 2 * H : 3 * H;
           for (int64_t j = 0; j < H; ++j) {
             const T dh_ = dhr[j] + gy[j];
@@ -365,6 +377,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
             dgx[oo + j] = dh_ * cl[2 * H + j] * sg(ac[oo + j]);
           }
           ln_row_backward(dcn, cl + H, stp[row * 2 + 1], cw, H, tmp.data());
+          accumulate_ln(dcn, cl + H, H, gcp + b * 2 * H);
           for (int64_t j = 0; j < H; ++j) {
             const T i = ac[oi + j], g = ac[og + j];
             const T f = v.coupled ? 1 - i : ac[of + j];
@@ -385,6 +398,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
             dcr[j] = dcp_;
           }
           ln_row_backward(dgx, ahp + row * GH, stp[row * 2], lw, GH, dap + row * GH);
+          accumulate_ln(dgx, ahp + row * GH, GH, glp + b * 2 * GH);
         } else {
           for (int64_t j = 0; j < H; ++j) {
             const T dh_ = dhr[j] + gy[j];
@@ -405,6 +419,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
               dhr[j] = tmp[j] * ac[H + j];  // dh * z (the GEMM part is added below)
             }
             ln_row_backward(dpost.data(), a_hat, stp[row * 2], lw, GH, dap + row * GH);
+            accumulate_ln(dpost.data(), a_hat, GH, glp + b * 2 * GH);
           } else {
             ln_row_backward(dgx + 2 * H, ahp + row * GH + 2 * H, stp[row * 2 + 1], lw + 2 * H,
                             H, dap + row * GH + 2 * H);
@@ -433,6 +448,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
         T* dgx = dgxp + row * GH;
         for (int64_t j = 0; j < H; ++j) dgx[j] = drp[r * H + j] * hprev[j] * sg(ac[j]);
         ln_row_backward(dgx, ahp + row * GH, stp[row * 2], lw, 2 * H, dap + row * GH);
+        accumulate_ln(dgx, ahp + row * GH, GH, glp + b * 2 * GH);  // (the whole row: rz and n)
       }
       gemm_rm(n_act, H, 2 * H, dap + (t * batch + b0) * GH, GH, whp, H, dpbuf, H);
       const T* dpp = dpbuf;
@@ -491,7 +507,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
   return {y, h, c, acts, ahat, stats, cells};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_backward(
     int64_t kind, bool peephole, bool coupled, bool before, const Tensor& h0,
     const std::optional<Tensor>& c0, const Tensor& w_hh, const Tensor& ln_weight,
     const Tensor& ln_bias, const std::optional<Tensor>& cell_weight,
@@ -511,7 +527,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_backward(
   };
   Tensor d_gx = alloc({steps, batch, GH});
   Tensor d_a = alloc({steps, batch, GH});
-  Tensor d_cn = lstm ? alloc({steps, batch, H}) : empty_like_none(y);
+  Tensor g_ln = at::zeros({batch, 2, GH}, y.options());
+  Tensor g_cell = lstm ? at::zeros({batch, 2, H}, y.options()) : empty_like_none(y);
   const Tensor h0c = h0.contiguous(), w = w_hh.contiguous(), lw = ln_weight.contiguous(),
                lb = ln_bias.contiguous(), gy = grad_y.contiguous();
   const Tensor c0c = lstm ? c0->contiguous() : Tensor();
@@ -519,9 +536,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_backward(
   const Tensor pp = peephole ? peep->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rnnkit_ln_backward", [&] {
     backward_impl<scalar_t>(v, h0c, c0c, w, lw, lb, cw, pp, batch_sizes, y, acts, ahat, stats,
-                            cells, gy, dh, dc, d_gx, d_a, d_cn, threads);
+                            cells, gy, dh, dc, d_gx, d_a, g_ln, g_cell, threads);
   });
-  return {d_gx, d_a, d_cn, dh, dc};
+  return {d_gx, d_a, dh, dc, g_ln.sum(0), lstm ? g_cell.sum(0) : g_cell};
 }
 
 }  // namespace
@@ -535,7 +552,7 @@ TORCH_LIBRARY(rnnkit_ln, m) {
         "Tensor? c0, Tensor w_hh, Tensor ln_weight, Tensor ln_bias, Tensor? cell_weight, "
         "Tensor? peephole_weights, int[] batch_sizes, Tensor y, Tensor acts, Tensor ahat, "
         "Tensor stats, Tensor cells, Tensor grad_y, Tensor? grad_h_n, Tensor? grad_c_n, "
-        "int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(ln_layer_forward));
   m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(ln_layer_backward));
 }
