@@ -61,6 +61,16 @@ VARIANTS: dict[str, tuple[Callable[..., nn.Module], Callable[..., nn.Module], in
                    lambda i, h: nn.GRU(i, h), 3,
                    lambda i, h: rnnkit.GRUCell(i, h, reset="before"),
                    lambda i, h: nn.GRUCell(i, h)),
+    # layer-normalised cells (issue 12) against the plain torch.nn family: the goal is the cost of
+    # the normalisation itself (fused forward+backward ≤ 1.3× nn.LSTM)
+    "lstm_layer_norm": (lambda i, h, **k: rnnkit.LSTM(i, h, layer_norm=True, **k),
+                        lambda i, h: nn.LSTM(i, h), 4,
+                        lambda i, h: rnnkit.LSTMCell(i, h, layer_norm=True),
+                        lambda i, h: nn.LSTMCell(i, h)),
+    "gru_layer_norm": (lambda i, h, **k: rnnkit.GRU(i, h, layer_norm=True, **k),
+                       lambda i, h: nn.GRU(i, h), 3,
+                       lambda i, h: rnnkit.GRUCell(i, h, layer_norm=True),
+                       lambda i, h: nn.GRUCell(i, h)),
 }
 SHAPES = [(35, 20, 200), (100, 32, 256), (50, 64, 512), (200, 1, 64)]
 

@@ -368,3 +368,23 @@ def test_nan_and_inf_propagate_alike_in_every_engine(variant: str) -> None:
     for backend in ("bptt", "fused"):
         for got, expected in zip(results[backend], results["reference"]):
             torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11, equal_nan=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(layer_norm=True, zoneout=0.1), "not implemented with layer_norm"),
+    (dict(layer_norm=True, recurrent_dropout=0.1), "not implemented with layer_norm"),
+    (dict(proj_size=2, zoneout=0.1), "not implemented with proj_size"),
+    (dict(proj_size=2, layer_norm=True), "layer_norm=True with proj_size"),
+])
+def test_combinations_without_an_implementation_are_one_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rnnkit.LSTM(3, 4, **kwargs)
+
+
+def test_layer_norm_takes_weight_drop_and_input_dropout():
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(3, 4, layer_norm=True, weight_drop=0.5, input_dropout=0.2)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    out, _ = layer(x)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and layer.weight_hh_l0.grad is not None

@@ -22,8 +22,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from rnnkit.cells.base import CellMath, pickle_state, unpickle_state
 from rnnkit.cells.elman import ElmanMath
-from rnnkit.cells.gru import GRUMath
-from rnnkit.cells.lstm import LSTMMath, init_forget_bias
+from rnnkit.cells.gru import gru_math
+from rnnkit.cells.lstm import forget_bias_vectors, init_forget_bias, lstm_math
 from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_minimal, unpickle_minimal
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
@@ -105,6 +105,9 @@ class RecurrentLayer(nn.Module):
         if proj_size > 0 and (recurrent_dropout or zoneout or zoneout_cell):
             raise ValueError("recurrent_dropout and zoneout are not implemented with proj_size > 0 "
                              "(weight_drop and input_dropout are)")
+        if math_.layer_norm and (recurrent_dropout or zoneout or zoneout_cell):
+            raise ValueError("recurrent_dropout and zoneout are not implemented with layer_norm=True "
+                             "(weight_drop and input_dropout are)")
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 "dropout acts between stacked layers only (as in torch.nn); with num_layers=1 "
@@ -132,11 +135,12 @@ class RecurrentLayer(nn.Module):
                     "weight_ih": (rows, layer_input),
                     "weight_hh": (rows, output_size),
                 }
-                if bias:
+                if bias and math_.has_bias_vectors:
                     shapes.update(bias_ih=(rows,), bias_hh=(rows,))
                 if proj_size:  # torch.nn.LSTM's order: weight_hr after the biases
                     shapes.update(weight_hr=(proj_size, hidden_size))
-                shapes.update({name: (hidden_size,) for name in math_.diagonal_names})
+                shapes.update({name: (math_.diagonal_size(name, hidden_size),)
+                               for name in math_.diagonal_names})
                 names = []
                 for base, shape in shapes.items():
                     setattr(self, base + suffix, nn.Parameter(torch.empty(shape, **factory_kwargs)))
@@ -175,8 +179,13 @@ class RecurrentLayer(nn.Module):
     def reset_parameters(self) -> None:
         """Uniform(-1/√H, 1/√H), as ``torch.nn`` initialises its recurrent layers."""
         bound = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+        initial = getattr(self.math, "initial_value", None)  # (MinimalMath has none)
+        for name, weight in self.named_parameters():
+            value = initial(name) if initial else None  # (layer-norm gains 1, biases 0)
+            if value is None:
+                nn.init.uniform_(weight, -bound, bound)
+            else:
+                nn.init.constant_(weight, value)
 
     def flatten_parameters(self) -> None:
         """Nothing to do (kept so code written for ``torch.nn.LSTM`` runs unchanged)."""
@@ -190,7 +199,7 @@ class RecurrentLayer(nn.Module):
         ``extra`` is the math's ``extra_weight_names``: diagonal weights, then ``weight_hr``)."""
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         weights = [getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)]
-        if self.bias:
+        if self.bias and self.math.has_bias_vectors:
             weights += [getattr(self, "bias_ih" + suffix), getattr(self, "bias_hh" + suffix)]
         else:
             weights += [None, None]
@@ -461,7 +470,8 @@ class LSTM(RecurrentLayer):
     ``forget_bias`` sets the initial total forget-gate bias (TensorFlow uses 1.0). ``proj_size``
     > 0 adds torch.nn.LSTM's projection (LSTMP, Sak et al. 2014; ``weight_hr_l{k}`` (P, H)):
     h, the output and the recurrent input are P wide, c stays H wide; it combines with
-    ``peephole`` and ``coupled``.
+    ``peephole`` and ``coupled``. ``layer_norm=True`` is the layer-normalised LSTM
+    (:mod:`rnnkit.cells.layer_norm`).
     ``**regularisers``: ``recurrent_dropout``, ``input_dropout``, ``zoneout``, ``zoneout_cell``,
     ``weight_drop`` (see :class:`RecurrentLayer`).
     """
@@ -474,26 +484,31 @@ class LSTM(RecurrentLayer):
         peephole: bool = False, coupled: bool = False, forget_bias: float | None = None,
         backend: str | None = None, proj_size: int = 0,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-        **regularisers: Any,
+        layer_norm: bool = False, **regularisers: Any,
     ) -> None:
         self.peephole = peephole
         self.coupled = coupled
         self.forget_bias = forget_bias
+        self.layer_norm = layer_norm
         check_proj_size(proj_size, hidden_size)
-        super().__init__(LSTMMath(peephole, coupled, proj_size > 0), input_size, hidden_size,
-                         num_layers, bias, batch_first, dropout, bidirectional, backend,
-                         proj_size=proj_size, device=device, dtype=dtype,
+        if layer_norm and proj_size:
+            raise ValueError("layer_norm=True with proj_size > 0 is not implemented")
+        super().__init__(lstm_math(peephole, coupled, layer_norm, bias, proj_size > 0),
+                         input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, backend, proj_size=proj_size, device=device, dtype=dtype,
                          **_only_regularisers("LSTM", regularisers))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
         if self.forget_bias is None:
             return
-        for weights in self.all_weights:
-            if not self.bias:
-                raise ValueError("forget_bias needs bias=True")
-            init_forget_bias(weights[2], weights[3], self.hidden_size, self.coupled,
-                             self.forget_bias)
+        for layer in range(self.num_layers):
+            for direction in range(self.num_directions):
+                if not self.bias:
+                    raise ValueError("forget_bias needs bias=True")
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                init_forget_bias(*forget_bias_vectors(self, suffix), self.hidden_size,
+                                 self.coupled, self.forget_bias)
 
     def _torch_kwargs(self) -> dict[str, Any]:
         return {**super()._torch_kwargs(), "proj_size": self.proj_size}
@@ -501,6 +516,8 @@ class LSTM(RecurrentLayer):
     def _torch_compatibility_problem(self) -> str | None:
         if self.peephole or self.coupled:
             return "torch.nn.LSTM has neither peephole connections nor coupled gates"
+        if self.layer_norm:
+            return "torch.nn.LSTM has no layer normalisation"
         return None
 
     @classmethod
@@ -514,7 +531,8 @@ class LSTM(RecurrentLayer):
 
 
 class GRU(RecurrentLayer):
-    """GRU layers (``torch.nn.GRU``); ``reset="before"`` is the original form of Cho et al. 2014.
+    """GRU layers (``torch.nn.GRU``); ``reset="before"`` is the original form of Cho et al. 2014;
+    ``layer_norm=True`` is the layer-normalised GRU (:mod:`rnnkit.cells.layer_norm`).
 
     ``**regularisers``: ``recurrent_dropout``, ``input_dropout``, ``zoneout``, ``weight_drop``
     (see :class:`RecurrentLayer`).
@@ -527,16 +545,19 @@ class GRU(RecurrentLayer):
         batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
         reset: str = "after", backend: str | None = None,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-        **regularisers: Any,
+        layer_norm: bool = False, **regularisers: Any,
     ) -> None:
         self.reset = reset
-        super().__init__(GRUMath(reset), input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, backend, device=device, dtype=dtype,
-                         **_only_regularisers("GRU", regularisers))
+        self.layer_norm = layer_norm
+        super().__init__(gru_math(reset, layer_norm, bias), input_size, hidden_size, num_layers,
+                         bias, batch_first, dropout, bidirectional, backend, device=device,
+                         dtype=dtype, **_only_regularisers("GRU", regularisers))
 
     def _torch_compatibility_problem(self) -> str | None:
         if self.reset != "after":
             return 'torch.nn.GRU is the reset="after" form'
+        if self.layer_norm:
+            return "torch.nn.GRU has no layer normalisation"
         return None
 
     @classmethod

@@ -81,6 +81,7 @@ def compiler_missing() -> str | None:
 # rnnkit's C++ extensions: the module that declares each, and its name there
 _KERNEL_MODULES = {"rnnkit.engine.fused._build": "EXTENSION", "rnnkit.losses.ctc": "_EXTENSION",
                    "rnnkit.engine.scan": "_EXTENSION", "rnnkit.decoding.ctc": "_EXTENSION"}
+_KERNEL_MODULES["rnnkit.engine.fused._layer_norm"] = "EXTENSION"  # the layer-normalised cells
 
 
 def build_all() -> list[tuple[str, str | None]]:

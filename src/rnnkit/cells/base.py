@@ -44,6 +44,7 @@ class CellSpec:
     coupled: bool = False  # lstm
     reset: str = "after"  # gru: "after" | "before"
     projection: bool = False  # lstm: h_t = W_hr (o_t ⊙ tanh c_t), torch.nn.LSTM's proj_size > 0
+    layer_norm: bool = False  # lstm, gru: layer-normalised (cells/layer_norm.py)
 
 
 class CellMath(ABC):
@@ -73,6 +74,10 @@ class CellMath(ABC):
     diagonal_names: tuple[str, ...] = ()
     #: True when d(gx) and d(recurrent pre-activation) are the same tensor (Elman, LSTM)
     shares_preactivation_grad: bool = True
+    #: True for the layer-normalised forms; the engine then applies the input LN before the loop
+    layer_norm: bool = False
+    #: False where the biases are the layer norms' (no ``bias_ih``/``bias_hh``)
+    has_bias_vectors: bool = True
 
     @property
     def extra_weight_names(self) -> tuple[str, ...]:
@@ -103,6 +108,14 @@ class CellMath(ABC):
         self, d_state: State, cache: Any, w_hh: Tensor, diag: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
         """Returns ``(d_gx, d_gh, d_previous_state, d_diag)`` for one step."""
+
+    def diagonal_size(self, name: str, hidden_size: int) -> int:
+        """The length of the diagonal weight ``name`` (H; layer-norm gains may be G·H)."""
+        return hidden_size
+
+    def initial_value(self, name: str) -> float | None:
+        """A constant a parameter starts at (layer-norm gains 1, biases 0); None: uniform."""
+        return None
 
     def recurrent_row_groups(self, hidden_size: int) -> list[slice]:
         """Row ranges of ``w_hh`` that multiply the same recurrent input."""
@@ -159,7 +172,7 @@ def pickle_state(state: dict[str, Any]) -> dict[str, Any]:
     state = dict(state)
     spec = state.pop("math").spec
     state["_cell_spec"] = (spec.kind, spec.nonlinearity, spec.peephole, spec.coupled, spec.reset,
-                           spec.projection)
+                           spec.projection, spec.layer_norm)
     return state
 
 
@@ -195,14 +208,15 @@ class RecurrentCell(nn.Module):
         rows = math_.num_gates * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(rows, input_size, **factory_kwargs))
         self.weight_hh = nn.Parameter(torch.empty(rows, hidden_size, **factory_kwargs))
-        if bias:
+        if bias and math_.has_bias_vectors:
             self.bias_ih = nn.Parameter(torch.empty(rows, **factory_kwargs))
             self.bias_hh = nn.Parameter(torch.empty(rows, **factory_kwargs))
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         for name in math_.diagonal_names:
-            setattr(self, name, nn.Parameter(torch.empty(hidden_size, **factory_kwargs)))
+            setattr(self, name, nn.Parameter(torch.empty(math_.diagonal_size(name, hidden_size),
+                                                         **factory_kwargs)))
         self.reset_parameters()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -214,8 +228,12 @@ class RecurrentCell(nn.Module):
     def reset_parameters(self) -> None:
         """Uniform(-1/√H, 1/√H) for every parameter, as ``torch.nn`` initialises its cells."""
         bound = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+        for name, weight in self.named_parameters():
+            value = self.math.initial_value(name)
+            if value is None:
+                nn.init.uniform_(weight, -bound, bound)
+            else:
+                nn.init.constant_(weight, value)
 
     @property
     def diagonal_weights(self) -> tuple[Tensor, ...]:

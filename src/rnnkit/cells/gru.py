@@ -133,15 +133,30 @@ class GRUMath(CellMath):
         return f"GRUMath(reset={self.reset!r})"
 
 
+def gru_math(reset: str, layer_norm: bool, bias: bool) -> GRUMath:
+    """The math of a GRU variant (the layer-normalised one lives in cells/layer_norm.py)."""
+    if not layer_norm:
+        return GRUMath(reset)
+    if not bias:
+        raise ValueError("layer_norm=True needs bias=True (its biases are the layer norms')")
+    from rnnkit.cells.layer_norm import LayerNormGRUMath  # (it imports this module)
+
+    return LayerNormGRUMath(reset)
+
+
 class GRUCell(RecurrentCell):
-    """One GRU step: ``output, (h,) = cell(x_t, (h,))``; parameters as ``torch.nn.GRUCell``."""
+    """One GRU step: ``output, (h,) = cell(x_t, (h,))``; parameters as ``torch.nn.GRUCell``
+    (``layer_norm=True``: the layer-normalised GRU of :mod:`rnnkit.cells.layer_norm`)."""
 
     def __init__(
         self, input_size: int, hidden_size: int, bias: bool = True, reset: str = "after",
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        layer_norm: bool = False,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, GRUMath(reset), device, dtype)
+        super().__init__(input_size, hidden_size, bias, gru_math(reset, layer_norm, bias), device,
+                         dtype)
         self.reset = reset
+        self.layer_norm = layer_norm
 
     @classmethod
     def from_torch(cls, module: nn.GRUCell) -> GRUCell:
@@ -150,4 +165,5 @@ class GRUCell(RecurrentCell):
         return cls._copy_from_torch(cell, module)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, reset={self.reset!r}"
+        text = f"{super().extra_repr()}, reset={self.reset!r}"
+        return text + (", layer_norm=True" if self.layer_norm else "")

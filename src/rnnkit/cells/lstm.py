@@ -189,11 +189,34 @@ def init_forget_bias(
         bias_hh[rows] = 0.0
 
 
+def lstm_math(peephole: bool, coupled: bool, layer_norm: bool, bias: bool,
+              projection: bool = False) -> LSTMMath:
+    """The math of an LSTM variant (the layer-normalised one lives in cells/layer_norm.py)."""
+    if not layer_norm:
+        return LSTMMath(peephole, coupled, projection)
+    if projection:
+        raise ValueError("layer_norm=True with proj_size > 0 is not implemented")
+    if not bias:
+        raise ValueError("layer_norm=True needs bias=True (its biases are the layer norms')")
+    from rnnkit.cells.layer_norm import LayerNormLSTMMath  # (it imports this module)
+
+    return LayerNormLSTMMath(peephole, coupled)
+
+
+def forget_bias_vectors(module: nn.Module, suffix: str) -> tuple[Tensor | None, Tensor | None]:
+    """The two bias vectors whose sum is a gate's bias: ``bias_ih``/``bias_hh``, or with
+    ``layer_norm`` the two layer norms' biases (added after each LN, so the same role)."""
+    names = (("ln_ih_bias", "ln_hh_bias") if module.math.layer_norm
+             else ("bias_ih", "bias_hh"))
+    return getattr(module, names[0] + suffix), getattr(module, names[1] + suffix)
+
+
 class LSTMCell(RecurrentCell):
     """One LSTM step: ``output, LSTMState(h, c) = cell(x_t, state)``.
 
     Parameters as ``torch.nn.LSTMCell`` plus ``weight_ci``/``weight_cf``/``weight_co`` with
-    ``peephole=True``; ``coupled=True`` drops the forget block (f = 1 − i).
+    ``peephole=True``; ``coupled=True`` drops the forget block (f = 1 − i);
+    ``layer_norm=True`` is the layer-normalised LSTM (:mod:`rnnkit.cells.layer_norm`).
     """
 
     def __init__(
@@ -206,18 +229,20 @@ class LSTMCell(RecurrentCell):
         forget_bias: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        layer_norm: bool = False,
     ) -> None:
         self.peephole = peephole
         self.coupled = coupled
         self.forget_bias = forget_bias
-        super().__init__(input_size, hidden_size, bias, LSTMMath(peephole, coupled), device, dtype)
+        self.layer_norm = layer_norm
+        super().__init__(input_size, hidden_size, bias,
+                         lstm_math(peephole, coupled, layer_norm, bias), device, dtype)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
         if self.forget_bias is not None:
-            init_forget_bias(
-                self.bias_ih, self.bias_hh, self.hidden_size, self.coupled, self.forget_bias
-            )
+            init_forget_bias(*forget_bias_vectors(self, ""), self.hidden_size, self.coupled,
+                             self.forget_bias)
 
     @property
     def state_size(self) -> LSTMState:
@@ -230,4 +255,5 @@ class LSTMCell(RecurrentCell):
         return cls._copy_from_torch(cell, module)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, peephole={self.peephole}, coupled={self.coupled}"
+        text = f"{super().extra_repr()}, peephole={self.peephole}, coupled={self.coupled}"
+        return text + (", layer_norm=True" if self.layer_norm else "")

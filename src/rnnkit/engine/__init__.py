@@ -6,7 +6,9 @@ Backends share one seam, ``run(math, x, state0, params, batch_sizes) -> (outputs
   still running at step t (``None``: all of them); rows past their length keep their state and
   output zeros;
 * ``state0`` is a tuple of (B, H) tensors (``(h,)`` or ``(h, c)``);
-* ``params`` is ``(w_ih, w_hh, b_ih, b_hh, *diagonal_weights)``, biases ``None`` without bias.
+* ``params`` is ``(w_ih, w_hh, b_ih, b_hh, *diagonal_weights)``, biases ``None`` without bias;
+  ``w_ih`` is ``None`` when ``x`` is already the input projection (the layer-normalised cells,
+  whose input LN :func:`run_layer` applies before calling a backend).
 
 Backends:
 
@@ -32,6 +34,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.cells.base import CellMath, State
+from rnnkit.cells.layer_norm import normalized_input
 from rnnkit.engine import fused, threads
 from rnnkit.engine.bptt import run_bptt
 from rnnkit.engine.lengths import zero_padding
@@ -122,6 +125,10 @@ def run_layer(
         threads.adapt()
     if batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes):
         x = zero_padding(x, list(batch_sizes))  # (the padding's NaN must not reach dW_ih)
+    if math.layer_norm:
+        # the input LN is per row and step: once for all T·B rows, here for every backend, under
+        # autograd; the backends then get x = LN(x W_ih^T) and w_ih = None
+        x, params = normalized_input(x, params)
     return BACKENDS[name](math, x, state0, params, batch_sizes, masks)
 
 

@@ -34,8 +34,11 @@ def _forward(
     steps, batch, inputs = x.shape
     hidden = w_hh.shape[1]  # the width of h (the projected width P with a projection)
     flat_x = x.reshape(steps * batch, inputs)
-    gx_all = (flat_x @ w_ih.t() if b_ih is None else torch.addmm(b_ih, flat_x, w_ih.t()))
-    gx_all = gx_all.view(steps, batch, w_ih.shape[0])  # (T, B, G*H); -1 fails when B = 0
+    if w_ih is None:  # x is already the input projection (see engine.run_layer)
+        gx_all = flat_x if b_ih is None else flat_x + b_ih
+    else:
+        gx_all = (flat_x @ w_ih.t() if b_ih is None else torch.addmm(b_ih, flat_x, w_ih.t()))
+    gx_all = gx_all.view(steps, batch, w_hh.shape[0])  # (T, B, G*H); -1 fails when B = 0
     outputs = x.new_zeros(steps, batch, hidden)
     groups = math.recurrent_row_groups(w_hh.shape[0] // math.num_gates)
     recurrent_inputs = [x.new_zeros(steps, batch, hidden) for _ in groups] if keep else []
@@ -68,6 +71,7 @@ class _LayerBPTT(torch.autograd.Function):
         ctx.masks = masks  # (the masks are constants: no gradient flows into them)
         ctx.caches = caches
         ctx.has_bias = params[2] is not None
+        ctx.num_diag = len(params) - 4
         ctx.save_for_backward(x, params[0], params[1], *params[4:], *recurrent_inputs)
         # The caches (a ctx attribute) hold the last step's state; returning those very tensors
         # would make output -> grad_fn -> ctx -> output, a cycle the garbage collector cannot see
@@ -79,8 +83,7 @@ class _LayerBPTT(torch.autograd.Function):
     def backward(ctx: Any, d_outputs: Tensor, *d_final: Tensor | None) -> tuple[Tensor | None, ...]:
         math: CellMath = ctx.math
         x, w_ih, w_hh, *rest = ctx.saved_tensors
-        num_diag = len(math.extra_weight_names)
-        diag, recurrent_inputs = rest[:num_diag], rest[num_diag:]
+        diag, recurrent_inputs = rest[:ctx.num_diag], rest[ctx.num_diag:]
         steps, batch, inputs = x.shape
         hidden = w_hh.shape[1]
         rows = w_hh.shape[0]
@@ -109,8 +112,12 @@ class _LayerBPTT(torch.autograd.Function):
         flat_d_gx = d_gx_all.view(steps * batch, rows)
         flat_d_gh = d_gh_all.view(steps * batch, rows)
         needs = ctx.needs_input_grad
-        d_x = (flat_d_gx @ w_ih).view(steps, batch, inputs) if needs[4] else None
-        d_w_ih = flat_d_gx.t() @ x.reshape(steps * batch, inputs)
+        d_x = d_w_ih = None
+        if w_ih is None:  # x was the input projection itself
+            d_x = flat_d_gx.view(steps, batch, inputs) if needs[4] else None
+        else:
+            d_x = (flat_d_gx @ w_ih).view(steps, batch, inputs) if needs[4] else None
+            d_w_ih = flat_d_gx.t() @ x.reshape(steps * batch, inputs)
         d_w_hh = torch.empty_like(w_hh)
         for group, inputs_g in zip(math.recurrent_row_groups(rows // math.num_gates),
                                    recurrent_inputs):

@@ -29,7 +29,7 @@ def run_reference(
     """
     w_ih, w_hh, b_ih, b_hh, *diag = params
     steps, batch, _ = x.shape
-    gx_all = x @ w_ih.t()  # (T, B, G*H)
+    gx_all = x if w_ih is None else x @ w_ih.t()  # (T, B, G*H); None: x is the projection
     if b_ih is not None:
         gx_all = gx_all + b_ih
     state = tuple(state0)

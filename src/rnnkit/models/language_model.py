@@ -55,12 +55,17 @@ class LMConfig(Options):
                                               "rate)", ge=0, lt=1)
     weight_drop: float = option(0.0, "DropConnect on the recurrent weights W_hh, one mask per "
                                      "forward (AWD-LSTM's weight drop)", ge=0, lt=1)
+    layer_norm: bool = option(False, "LSTM/GRU: layer-normalised cell (Ba, Kiros & Hinton 2016)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.peephole or self.coupled) and self.cell != "lstm":
             raise ValueError("--peephole and --coupled are LSTM options")
         check_regularisers(self.cell, regularisers_of(self))
+        if self.layer_norm and self.cell not in ("lstm", "gru"):
+            raise ValueError(f"--layer-norm is an LSTM and GRU option, not one of cell={self.cell}")
+        if self.layer_norm and (self.recurrent_dropout or self.zoneout or self.zoneout_cell):
+            raise ValueError("recurrent_dropout and zoneout are not implemented with --layer-norm")
 
 
 class LanguageModel(nn.Module):
@@ -78,6 +83,7 @@ class LanguageModel(nn.Module):
             peephole=config.peephole, coupled=config.coupled, forget_bias=config.forget_bias,
             reset=config.reset, nonlinearity=config.nonlinearity, kernel_size=config.kernel_size,
             **regularisers_of(config),
+            layer_norm=config.layer_norm,
         ), input_size)
         self.drop = nn.Dropout(config.dropout)
         self.decoder = nn.Linear(hidden, vocab)

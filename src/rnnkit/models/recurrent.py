@@ -51,12 +51,17 @@ class RecurrentConfig(Options):
                                               "rate)", ge=0, lt=1)
     weight_drop: float = option(0.0, "DropConnect on the recurrent weights W_hh, one mask per "
                                      "forward (AWD-LSTM's weight drop)", ge=0, lt=1)
+    layer_norm: bool = option(False, "LSTM/GRU: layer-normalised cell (Ba, Kiros & Hinton 2016)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.peephole or self.coupled or self.forget_bias is not None) and self.cell != "lstm":
             raise ValueError("peephole, coupled and forget_bias are LSTM options")
         check_regularisers(self.cell, self.regularisers)
+        if self.layer_norm and self.cell not in ("lstm", "gru"):
+            raise ValueError(f"layer_norm is an LSTM and GRU option, not one of cell={self.cell}")
+        if self.layer_norm and (self.recurrent_dropout or self.zoneout or self.zoneout_cell):
+            raise ValueError("recurrent_dropout and zoneout are not implemented with layer_norm")
         if self.kernel_size < 2:
             raise ValueError(f"kernel_size must be at least 2, got {self.kernel_size}")
 
@@ -100,9 +105,13 @@ def build_recurrent(config: RecurrentConfig, input_size: int) -> nn.Module:
     common.update(config.regularisers)
     if config.cell == "lstm":
         return LSTM(input_size, config.hidden, peephole=config.peephole, coupled=config.coupled,
-                    forget_bias=config.forget_bias, **common)
+                    forget_bias=config.forget_bias,
+                    layer_norm=config.layer_norm,
+                    **common)
     if config.cell == "gru":
-        return GRU(input_size, config.hidden, reset=config.reset, **common)
+        return GRU(input_size, config.hidden, reset=config.reset,
+                   layer_norm=config.layer_norm,
+                   **common)
     return RNN(input_size, config.hidden, nonlinearity=config.nonlinearity, **common)
 
 

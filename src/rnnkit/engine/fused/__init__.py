@@ -19,6 +19,9 @@ owns a slice of hidden units, computes its columns of the recurrent GEMM with th
 micro-kernel that torch exports, updates its units, and meets the others at one barrier per step.
 The input projection, ``dx`` and the weight gradients are single parallel GEMMs over all steps.
 
+The layer-normalised LSTM and GRU have their own kernels (``csrc/layer_norm_rnn.cpp``, see
+``_layer_norm``): a row's LN needs every column of the row, so there threads split the batch.
+
 The standard torch forms with torch's own fused kernel (plain LSTM, which torch runs through
 oneDNN's RNN primitive) dispatch to ``torch._VF`` instead where that is measured faster (see
 ``own_kernel_faster`` and ``benchmarks/fused_kernels.py``).
@@ -41,7 +44,7 @@ from torch import Tensor
 from rnnkit.cells import math_for
 from rnnkit.cells.base import CellMath, CellSpec
 from rnnkit.engine.bptt import run_bptt
-from rnnkit.engine.fused import _build, _function
+from rnnkit.engine.fused import _build, _function, _layer_norm
 from rnnkit.engine.fused._function import KERNELS, config_of, peephole_weights, run, spec_of
 from rnnkit.engine.regularise import StepMasks
 
@@ -89,6 +92,12 @@ def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str
         return f"device {device.type}"
     if dtype not in (torch.float32, torch.float64):
         return f"dtype {str(dtype).removeprefix('torch.')}"
+    if getattr(spec, "layer_norm", False):  # their own kernels (issue 12): _layer_norm.KERNELS
+        if _function.spec_of(spec) not in _layer_norm.KERNELS:
+            return f"no fused kernel for {_function.spec_of(spec)}"
+        if _layer_norm.load() is None:
+            return _layer_norm.EXTENSION.error or "extension unavailable"
+        return None
     try:
         route = route_of(spec)
     except ValueError as exc:
@@ -113,6 +122,12 @@ def run_layer(
     With ``masks`` (recurrent dropout, zoneout) torch's op never runs (it cannot apply them), and
     a ragged batch is not split into time chunks (the masks are laid out for the whole batch).
     """
+    if getattr(spec, "layer_norm", False):  # (x is already LN(x W_ih^T): see engine.run_layer)
+        if masks is not None:  # (the layers refuse this combination; a direct call is told so)
+            raise ValueError("the layer-normalised cells take no recurrent dropout or zoneout")
+        if _layer_norm.load() is None:
+            raise RuntimeError(f"fused backend unavailable: {_layer_norm.EXTENSION.error}")
+        return _layer_norm.run(_function.spec_of(spec), x, state0, params, batch_sizes)
     bs = None if batch_sizes is None else [int(b) for b in batch_sizes]
     if bs is not None and all(b == x.shape[1] for b in bs):
         bs = None
@@ -237,6 +252,8 @@ def run_step(
     The short path matters: at batch 1 most of a step's time is per-call overhead, so the
     variant's kernel config is looked up once per cell math object and nothing else is checked.
     """
+    if getattr(spec, "layer_norm", False):
+        return None  # (the layer path: its input LN lives in engine.run_layer)
     cfg = getattr(spec, "_fused_step_config", None)
     if cfg is None:
         if (unavailable_reason(spec, x.dtype, x.device) is not None or _build.load() is None
@@ -295,7 +312,7 @@ def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None,
     spec = spec_of(spec)
     if ROUTES.get(spec) == "torch":
         return _run_vf_lstm
-    if not (use_native and spec == CellSpec("lstm")):
+    if not (use_native and spec == CellSpec("lstm")):  # (a layer-norm spec is not this one)
         return None
     ragged = x is not None and batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes)
     if ((ragged or (x is not None and hidden is not None

@@ -1,0 +1,138 @@
+"""The layer-normalised LSTM/GRU kernels (``csrc/layer_norm_rnn.cpp``) as an autograd node.
+
+Operators ``torch.ops.rnnkit_ln.layer_forward`` / ``layer_backward`` (their own library, built on
+first use like the other kernels). They run the time loop from ``gx = LN(x W_ih^T)``, which the
+engine computes before any backend (:func:`rnnkit.cells.layer_norm.normalized_input`); the step
+backward returns d(gx) and d(W_hh h) per step and the layer-norm gain and bias gradients (summed
+in the loop, where each row's normalised values are at hand); ``W_hh``'s and the peepholes'
+gradients are formed here as one GEMM or reduction each over all T·B rows, as in ``bptt``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from rnnkit.cells.base import CellSpec
+from rnnkit.engine.lengths import zero_padding
+from rnnkit.native import NativeExtension
+
+EXTENSION = NativeExtension(
+    "rnnkit_layer_norm",
+    [Path(__file__).with_name("csrc") / "layer_norm_rnn.cpp"],
+    extra_cflags=("-O3", "-fno-trapping-math", "-fno-math-errno"),
+    wide_vectors=True,
+    ops_namespace="rnnkit_ln",
+)
+
+# Threads for the row split; 0 = torch's thread count. Tests set it to force several blocks.
+loop_threads = 0
+
+# The one table from layer-normalised variant to the kernel's (kind, peephole, coupled, before)
+KERNELS: dict[CellSpec, tuple[int, bool, bool, bool]] = {
+    CellSpec("lstm", layer_norm=True): (1, False, False, False),
+    CellSpec("lstm", peephole=True, layer_norm=True): (1, True, False, False),
+    CellSpec("lstm", coupled=True, layer_norm=True): (1, False, True, False),
+    CellSpec("lstm", peephole=True, coupled=True, layer_norm=True): (1, True, True, False),
+    CellSpec("gru", reset="after", layer_norm=True): (2, False, False, False),
+    CellSpec("gru", reset="before", layer_norm=True): (2, False, False, True),
+}
+
+
+def load() -> Any:
+    """``torch.ops.rnnkit_ln``, or None (then ``EXTENSION.error`` says why)."""
+    return EXTENSION.load()
+
+
+class _LayerNormLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, variant: tuple[int, bool, bool, bool], batch_sizes: list[int],
+                gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, ln_weight: Tensor,
+                ln_bias: Tensor, cell_weight: Tensor | None, cell_bias: Tensor | None,
+                peep: Tensor | None) -> tuple[Tensor, ...]:
+        y, h, c, acts, ahat, stats, cells = torch.ops.rnnkit_ln.layer_forward(
+            *variant, gx, h0, c0, w_hh, ln_weight, ln_bias, cell_weight, cell_bias, peep,
+            batch_sizes, True, loop_threads)
+        ctx.variant, ctx.batch_sizes = variant, batch_sizes
+        ctx.save_for_backward(h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, y, acts, ahat,
+                              stats, cells)
+        return (y, h, c) if variant[0] == 1 else (y, h)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, d_y: Tensor, d_h: Tensor | None, *d_rest: Tensor | None
+                 ) -> tuple[Tensor | None, ...]:
+        h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, y, acts, ahat, stats, cells = (
+            ctx.saved_tensors)
+        kind, peephole, coupled, before = ctx.variant
+        lstm = kind == 1
+        d_c = d_rest[0] if lstm else None
+        d_gx, d_a, dh0, dc0, g_ln, g_cell = torch.ops.rnnkit_ln.layer_backward(
+            *ctx.variant, h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, ctx.batch_sizes,
+            y, acts, ahat, stats, cells, d_y, d_h, d_c, loop_threads)
+        steps, batch, hidden = y.shape
+        rows = steps * batch
+        bs = ctx.batch_sizes or None
+
+        def previous(first: Tensor, seq: Tensor) -> Tensor:
+            """(T, B, H) of the value at t − 1 (``first`` at t = 0), 0 for inactive rows."""
+            return zero_padding(torch.cat((first.unsqueeze(0), seq[:-1])), bs)
+
+        h_prev = previous(h0, y)
+        flat_da = d_a.view(rows, -1)
+        d_w_hh = torch.empty_like(w_hh)
+        if before:
+            reset_h = acts[..., :hidden] * h_prev
+            d_w_hh[: 2 * hidden] = flat_da[:, : 2 * hidden].t() @ h_prev.view(rows, hidden)
+            d_w_hh[2 * hidden:] = flat_da[:, 2 * hidden:].t() @ reset_h.view(rows, hidden)
+        else:
+            d_w_hh = flat_da.t() @ h_prev.view(rows, hidden)
+        d_ln_weight, d_ln_bias = g_ln  # (summed over the steps in the kernel)
+        d_cell_weight = d_cell_bias = d_peep = None
+        if lstm:
+            d_cell_weight, d_cell_bias = g_cell
+            c = cells[..., :hidden]
+            if peephole:
+                c_prev = previous(c0, c)
+                blocks = d_gx.split(hidden, dim=2)
+                d_peep_rows = [(blocks[0] * c_prev).sum((0, 1))]
+                if not coupled:
+                    d_peep_rows.append((blocks[1] * c_prev).sum((0, 1)))
+                d_peep_rows.append((blocks[-1] * c).sum((0, 1)))
+                d_peep = torch.stack(d_peep_rows)
+        return (None, None, d_gx, dh0, dc0 if lstm else None, d_w_hh, d_ln_weight, d_ln_bias,
+                d_cell_weight, d_cell_bias, d_peep)
+
+
+def run(spec: CellSpec, gx: Tensor, state0: Sequence[Tensor], params: Sequence[Tensor | None],
+        batch_sizes: Sequence[int] | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One layer and direction from ``gx = LN(x W_ih^T)``; differentiable w.r.t. every input.
+
+    ``params`` is the engine's ``(None, w_hh, None, None, ln_hh_weight, ln_hh_bias,
+    [ln_cell_weight, ln_cell_bias,] *peepholes)`` (the input LN already applied).
+    """
+    variant = KERNELS[spec]
+    lstm = variant[0] == 1
+    _, w_hh, _, _, ln_weight, ln_bias, *rest = params
+    cell_weight, cell_bias, *peepholes = rest if lstm else (None, None)
+    peep = torch.stack(tuple(peepholes)) if peepholes else None
+    bs = [] if batch_sizes is None else [int(b) for b in batch_sizes]
+    if bs and all(b == gx.shape[1] for b in bs):
+        bs = []
+    c0 = state0[1] if lstm else None
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (gx, *state0, w_hh, ln_weight, ln_bias, cell_weight, cell_bias, peep))
+    if not training:
+        y, h, c, *_ = torch.ops.rnnkit_ln.layer_forward(
+            *variant, gx, state0[0], c0, w_hh, ln_weight, ln_bias, cell_weight, cell_bias, peep,
+            bs, False, loop_threads)
+        return y, ((h, c) if lstm else (h,))
+    y, *final = _LayerNormLayer.apply(variant, bs, gx, state0[0], c0, w_hh, ln_weight, ln_bias,
+                                      cell_weight, cell_bias, peep)
+    return y, tuple(final)

@@ -1,0 +1,558 @@
+// The time loop of the layer-normalised LSTM and GRU (issue 12; math in cells/layer_norm.py).
+//
+//   input side:  gx = LN(x W_ih^T) is computed before the loop (engine.run_layer, autograd), so
+//                these operators start from gx (T, B, G*H)
+//   forward:     per step a = h_{t-1} W_hh^T, LN over each row, the gates, (LSTM) LN of the cell
+//   backward:    the hand-derived step backward in reverse time; it returns d(gx), d(a) (the
+//                gradient before the recurrent LN) and, for the LSTM, d(LN(c)); the weight,
+//                gain, bias and peephole gradients are then single reductions / GEMMs over all
+//                T*B rows in Python (engine/fused/_layer_norm.py)
+//
+// Threads split the *batch*: a row's LN needs all G*H columns of that row, and rows never
+// interact, so each thread runs every step for its own rows with no barrier at all (the
+// hidden-unit split of fused_rnn.cpp needs one barrier per step). The per-step GEMMs are
+// at::mm calls on the thread's row block, which ATen runs single-threaded inside the region.
+//
+// Rows are sorted longest first; batch_sizes[t] rows are active at step t (empty: all). Rows
+// past their length keep their state and output 0, as every rnnkit backend.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <dlfcn.h>
+
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../../csrc/pointwise.h"
+
+namespace {
+
+using at::Tensor;
+constexpr double kEps = 1e-5;  // F.layer_norm's default (cells/layer_norm.py EPS)
+
+enum Kind : int64_t { kLSTM = 1, kGRU = 2 };
+
+struct Variant {
+  int64_t kind;
+  bool peephole, coupled, before;
+  int64_t gates() const { return kind == kLSTM ? (coupled ? 3 : 4) : 3; }
+};
+
+// sum over j < n of f(j), in 16 independent lanes: the compiler vectorises that without
+// -ffast-math (a single accumulator is a serial dependency it may not reorder), and 16 partial
+// sums are also more accurate than one.
+template <typename T, typename F>
+inline T lane_sum(int64_t n, const F& f) {
+  constexpr int64_t L = 16;
+  T acc[L] = {};
+  int64_t j = 0;
+  for (; j + L <= n; j += L)
+    for (int64_t k = 0; k < L; ++k) acc[k] += f(j + k);
+  T s = 0;
+  for (; j < n; ++j) s += f(j);
+  for (int64_t k = 0; k < L; ++k) s += acc[k];
+  return s;
+}
+
+// y = w * (a - mean) * rstd + b over one row of n columns; keeps a_hat and rstd (two passes:
+// the mean, then the variance about it, as torch's CPU layer norm).
+template <typename T>
+inline void ln_row(const T* a, const T* w, const T* b, int64_t n, T* y, T* a_hat, T* rstd_out) {
+  const T mean = lane_sum<T>(n, [&](int64_t j) { return a[j]; }) / static_cast<T>(n);
+  const T var = lane_sum<T>(n, [&](int64_t j) {
+    const T d = a[j] - mean;
+    return d * d;
+  }) / static_cast<T>(n);
+  const T rstd = static_cast<T>(1) / std::sqrt(var + static_cast<T>(kEps));
+  for (int64_t j = 0; j < n; ++j) {
+    const T h = (a[j] - mean) * rstd;
+    a_hat[j] = h;
+    y[j] = h * w[j] + b[j];
+  }
+  *rstd_out = rstd;
+}
+
+// da = rstd * (g - mean(g) - a_hat * mean(g * a_hat)), g = dy * w (layer_norm_backward).
+template <typename T>
+inline void ln_row_backward(const T* dy, const T* a_hat, T rstd, const T* w, int64_t n, T* da) {
+  const T mean_g = lane_sum<T>(n, [&](int64_t j) { return dy[j] * w[j]; }) / static_cast<T>(n);
+  const T mean_ga =
+      lane_sum<T>(n, [&](int64_t j) { return dy[j] * w[j] * a_hat[j]; }) / static_cast<T>(n);
+  for (int64_t j = 0; j < n; ++j) da[j] = rstd * (dy[j] * w[j] - mean_g - a_hat[j] * mean_ga);
+}
+
+// Fortran BLAS of the library torch links (MKL's / OpenBLAS's sgemm_, dgemm_), found as
+// fused_rnn.cpp finds it: Python loads libtorch_cpu with RTLD_LOCAL, so look there first.
+using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                         const float*, const float*, const int*, const float*, const int*,
+                         const float*, float*, const int*);
+using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                         const double*, const double*, const int*, const double*, const int*,
+                         const double*, double*, const int*);
+
+void* blas_symbol(const char* name) {
+  static void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+  void* symbol = torch_cpu ? dlsym(torch_cpu, name) : nullptr;
+  return symbol ? symbol : dlsym(RTLD_DEFAULT, name);
+}
+
+template <typename T>
+void* blas_gemm() {
+  static void* f = blas_symbol(std::is_same<T, float>::value ? "sgemm_" : "dgemm_");
+  return f;
+}
+
+// Row-major C(M, N) = A(M, K) B(K, N): one BLAS call (column-major C^T = B^T A^T) per step and
+// row block, with none of a tensor op's dispatch cost (at::mm on narrowed views cost ~10 us per
+// step at batch 1, more than the product itself); a plain loop where there is no BLAS.
+template <typename T>
+inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                    int64_t ldb, T* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (void* f = blas_gemm<T>()) {
+    const char n = 'N';
+    const int m_ = static_cast<int>(N), n_ = static_cast<int>(M), k_ = static_cast<int>(K),
+              lda_ = static_cast<int>(ldb), ldb_ = static_cast<int>(lda),
+              ldc_ = static_cast<int>(ldc);
+    const T one = 1, zero = 0;
+    if constexpr (std::is_same<T, float>::value)
+      reinterpret_cast<sgemm_t>(f)(&n, &n, &m_, &n_, &k_, &one, B, &lda_, A, &ldb_, &zero, C,
+                                   &ldc_);
+    else
+      reinterpret_cast<dgemm_t>(f)(&n, &n, &m_, &n_, &k_, &one, B, &lda_, A, &ldb_, &zero, C,
+                                   &ldc_);
+    return;
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    T* c = C + i * ldc;
+    std::fill(c, c + N, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[i * lda + k];
+      const T* b = B + k * ldb;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+// acc[0:n] += dy * a_hat, acc[n:2n] += dy: one row's share of an LN's gain and bias gradients
+template <typename T>
+inline void accumulate_ln(const T* dy, const T* a_hat, int64_t n, T* acc) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] += dy[j] * a_hat[j];
+    acc[n + j] += dy[j];
+  }
+}
+
+template <typename T>
+inline T sg(T y) { return y * (1 - y); }  // sigmoid'(x) from y = sigmoid(x)
+template <typename T>
+inline T tg(T y) { return 1 - y * y; }  // tanh'(x) from y = tanh(x)
+
+int64_t active_rows(at::IntArrayRef bs, int64_t t, int64_t batch) {
+  return bs.empty() ? batch : bs[t];
+}
+
+// Runs fn(first_row, end_row) for contiguous row blocks, one per thread.
+template <typename F>
+void for_row_blocks(int64_t batch, int64_t threads, const F& fn) {
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(
+      threads > 0 ? threads : at::get_num_threads(), batch));
+  at::parallel_for(0, nt, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) fn(batch * c / nt, batch * (c + 1) / nt);
+  });
+}
+
+template <typename T>
+void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, const Tensor& w_hh,
+                  const Tensor& ln_w, const Tensor& ln_b, const Tensor& cell_w,
+                  const Tensor& cell_b, const Tensor& peep, at::IntArrayRef bs, Tensor& y,
+                  bool training, Tensor& acts, Tensor& ahat, Tensor& stats, Tensor& cells,
+                  int64_t threads) {
+  const int64_t steps = gx.size(0), batch = gx.size(1), H = h.size(1), G = v.gates(),
+                GH = G * H;
+  const bool lstm = v.kind == kLSTM;
+  // W^T blocks, contiguous, so each step is one at::mm per block
+  const Tensor w_t = v.before ? w_hh.narrow(0, 0, 2 * H).t().contiguous() : w_hh.t().contiguous();
+  const Tensor wn_t = v.before ? w_hh.narrow(0, 2 * H, H).t().contiguous() : Tensor();
+  const T* lw = ln_w.data_ptr<T>();
+  const T* lb = ln_b.data_ptr<T>();
+  const T* cw = lstm ? cell_w.data_ptr<T>() : nullptr;
+  const T* cb = lstm ? cell_b.data_ptr<T>() : nullptr;
+  const T* pp = v.peephole ? peep.data_ptr<T>() : nullptr;  // rows ci, (cf,) co
+  const T* w_ci = pp;
+  const T* w_cf = (pp && !v.coupled) ? pp + H : nullptr;
+  const T* w_co = pp ? pp + (v.coupled ? H : 2 * H) : nullptr;
+  const T* gxp = gx.data_ptr<T>();
+  T* hp = h.data_ptr<T>();
+  T* cp = lstm ? c.data_ptr<T>() : nullptr;
+  T* yp = y.data_ptr<T>();
+  T* actp = training ? acts.data_ptr<T>() : nullptr;
+  T* ahp = training ? ahat.data_ptr<T>() : nullptr;
+  T* stp = training ? stats.data_ptr<T>() : nullptr;
+  T* celp = training && lstm ? cells.data_ptr<T>() : nullptr;
+
+  for_row_blocks(batch, threads, [&](int64_t b0, int64_t b1) {
+    const int64_t rows = b1 - b0;
+    Tensor a = at::empty({rows, v.before ? 2 * H : GH}, gx.options());
+    Tensor u = v.before ? at::empty({rows, H}, gx.options()) : Tensor();   // r * h_{t-1}
+    Tensor an = v.before ? at::empty({rows, H}, gx.options()) : Tensor();  // W_hn (r * h)
+    const int64_t width = v.before ? 2 * H : GH;  // columns of the first product
+    T* abuf = a.data_ptr<T>();
+    T* ubuf = v.before ? u.data_ptr<T>() : nullptr;
+    T* anbuf = v.before ? an.data_ptr<T>() : nullptr;
+    const T* wtp = w_t.data_ptr<T>();
+    const T* wntp = v.before ? wn_t.data_ptr<T>() : nullptr;
+    std::vector<T> gh(GH), ah(GH), gate(v.before ? rows * GH : GH), cn(H), chat(H);
+    for (int64_t t = 0; t < steps; ++t) {
+      const int64_t n_act = std::min(active_rows(bs, t, batch), b1) - b0;
+      if (n_act <= 0) break;  // (sorted: later steps have no more rows of this block)
+      gemm_rm(n_act, width, H, hp + b0 * H, H, wtp, width, abuf, width);
+      const T* ap = abuf;
+      for (int64_t r = 0; r < n_act; ++r) {
+        const int64_t b = b0 + r;
+        const int64_t row = t * batch + b;
+        const T* gxr = gxp + row * GH;
+        T* hr = hp + b * H;
+        T rstd = 0;
+        if (lstm) {
+          T* cr = cp + b * H;
+          ln_row(ap + r * GH, lw, lb, GH, gh.data(), ah.data(), &rstd);
+          // blocks i, f, g, o (coupled: i, g, o). One simple loop per function, so that each
+          // vectorises (a loop mixing sigm, tanh and variant branches does not).
+          const int64_t oi = 0, of = H, og = v.coupled ? H : 2 * H, oo = v.coupled ? 2 * H : 3 * H;
+          T* pre = gate.data();
+          for (int64_t j = 0; j < GH; ++j) pre[j] = gxr[j] + gh[j];
+          if (v.peephole) {
+            for (int64_t j = 0; j < H; ++j) pre[oi + j] = pre[oi + j] + w_ci[j] * cr[j];
+            if (!v.coupled)
+              for (int64_t j = 0; j < H; ++j) pre[of + j] = pre[of + j] + w_cf[j] * cr[j];
+          }
+          const int64_t sig_end = v.coupled ? H : 2 * H;  // i (and f) are contiguous
+          for (int64_t j = 0; j < sig_end; ++j) pre[j] = rnnkit::sigm(pre[j]);
+          for (int64_t j = 0; j < H; ++j) pre[og + j] = rnnkit::tanh_(pre[og + j]);
+          if (v.coupled) {
+            for (int64_t j = 0; j < H; ++j)
+              cr[j] = (1 - pre[oi + j]) * cr[j] + pre[oi + j] * pre[og + j];
+          } else {
+            for (int64_t j = 0; j < H; ++j)
+              cr[j] = pre[of + j] * cr[j] + pre[oi + j] * pre[og + j];
+          }
+          if (v.peephole)
+            for (int64_t j = 0; j < H; ++j) pre[oo + j] = pre[oo + j] + w_co[j] * cr[j];
+          for (int64_t j = 0; j < H; ++j) pre[oo + j] = rnnkit::sigm(pre[oo + j]);
+          T crstd = 0;
+          ln_row(cr, cw, cb, H, cn.data(), chat.data(), &crstd);
+          T* yr = yp + row * H;
+          for (int64_t j = 0; j < H; ++j) cn[j] = rnnkit::tanh_(cn[j]);  // (kept: the backward)
+          for (int64_t j = 0; j < H; ++j) {
+            hr[j] = gate[oo + j] * cn[j];
+            yr[j] = hr[j];
+          }
+          if (training) {
+            T* cl = celp + row * 3 * H;
+            std::copy(cr, cr + H, cl);
+            std::copy(chat.begin(), chat.end(), cl + H);
+            std::copy(cn.begin(), cn.end(), cl + 2 * H);
+            stp[row * 2 + 1] = crstd;
+          }
+        } else if (!v.before) {
+          ln_row(ap + r * GH, lw, lb, GH, gh.data(), ah.data(), &rstd);
+          T* gt = gate.data();
+          for (int64_t j = 0; j < 2 * H; ++j) gt[j] = rnnkit::sigm(gxr[j] + gh[j]);  // r, z
+          for (int64_t j = 0; j < H; ++j)
+            gt[2 * H + j] = rnnkit::tanh_(gxr[2 * H + j] + gt[j] * gh[2 * H + j]);
+          for (int64_t j = 0; j < H; ++j)
+            hr[j] = (1 - gt[H + j]) * gt[2 * H + j] + gt[H + j] * hr[j];
+          std::copy(hr, hr + H, yp + row * H);
+        } else {  // reset before, first half: r, z and r * h_{t-1}
+          ln_row(ap + r * 2 * H, lw, lb, 2 * H, gh.data(), ah.data(), &rstd);
+          T* ur = ubuf + r * H;
+          T* gr = gate.data() + r * GH;
+          for (int64_t j = 0; j < 2 * H; ++j) gr[j] = rnnkit::sigm(gxr[j] + gh[j]);  // r, z
+          for (int64_t j = 0; j < H; ++j) ur[j] = gr[j] * hr[j];
+        }
+        if (training) {
+          const T* src = v.before ? gate.data() + r * GH : gate.data();
+          std::copy(src, src + width, actp + row * GH);
+          std::copy(ah.begin(), ah.begin() + width, ahp + row * GH);
+          stp[row * 2] = rstd;
+        }
+      }
+      if (!v.before) continue;
+      // reset before, second half: n = tanh(gx_n + LN(W_hn (r * h_{t-1}))), the new h
+      gemm_rm(n_act, H, H, ubuf, H, wntp, H, anbuf, H);
+      const T* anp = anbuf;
+      for (int64_t r = 0; r < n_act; ++r) {
+        const int64_t b = b0 + r;
+        const int64_t row = t * batch + b;
+        const T* gxr = gxp + row * GH;
+        const T* gr = gate.data() + r * GH;
+        T* hr = hp + b * H;
+        T nrstd = 0;
+        ln_row(anp + r * H, lw + 2 * H, lb + 2 * H, H, gh.data(), ah.data(), &nrstd);
+        T* yr = yp + row * H;
+        for (int64_t j = 0; j < H; ++j) gh[j] = rnnkit::tanh_(gxr[2 * H + j] + gh[j]);  // n
+        if (training) std::copy(gh.begin(), gh.begin() + H, actp + row * GH + 2 * H);
+        for (int64_t j = 0; j < H; ++j) {
+          hr[j] = (1 - gr[H + j]) * gh[j] + gr[H + j] * hr[j];
+          yr[j] = hr[j];
+        }
+        if (training) {
+          std::copy(ah.begin(), ah.begin() + H, ahp + row * GH + 2 * H);
+          stp[row * 2 + 1] = nrstd;
+        }
+      }
+    }
+  });
+}
+
+// Reverse time. In: the saved forward (acts, ahat, stats, cells), y (h_t of the active rows),
+// grad_y and the final-state gradients. Out (written): d_gx, d_a (the gradient before the
+// recurrent LN, per row), dh (-> dh0), dc (-> dc0), and per batch row the sums over its steps
+// of the LN gain and bias gradients: g_ln (B, 2, G*H) and, LSTM, g_cell (B, 2, H) (each row is
+// one thread's, so no two threads add to the same place; the caller sums over B).
+template <typename T>
+void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                   const Tensor& ln_w, const Tensor& ln_b, const Tensor& cell_w,
+                   const Tensor& peep, at::IntArrayRef bs, const Tensor& y, const Tensor& acts,
+                   const Tensor& ahat, const Tensor& stats, const Tensor& cells,
+                   const Tensor& grad_y, Tensor& dh, Tensor& dc, Tensor& d_gx, Tensor& d_a,
+                   Tensor& g_ln, Tensor& g_cell, int64_t threads) {
+  const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), G = v.gates(), GH = G * H;
+  const bool lstm = v.kind == kLSTM;
+  const T* whp = w_hh.data_ptr<T>();  // (GH, H) as stored: d_a W_hh needs no transpose
+  const T* lw = ln_w.data_ptr<T>();
+  const T* lb = ln_b.data_ptr<T>();
+  const T* cw = lstm ? cell_w.data_ptr<T>() : nullptr;
+  const T* pp = v.peephole ? peep.data_ptr<T>() : nullptr;
+  const T* w_ci = pp;
+  const T* w_cf = (pp && !v.coupled) ? pp + H : nullptr;
+  const T* w_co = pp ? pp + (v.coupled ? H : 2 * H) : nullptr;
+  const T* h0p = h0.data_ptr<T>();
+  const T* c0p = lstm ? c0.data_ptr<T>() : nullptr;
+  const T* yp = y.data_ptr<T>();
+  const T* actp = acts.data_ptr<T>();
+  const T* ahp = ahat.data_ptr<T>();
+  const T* stp = stats.data_ptr<T>();
+  const T* celp = lstm ? cells.data_ptr<T>() : nullptr;
+  const T* gyp = grad_y.data_ptr<T>();
+  T* dhp = dh.data_ptr<T>();
+  T* dcp = lstm ? dc.data_ptr<T>() : nullptr;
+  T* dgxp = d_gx.data_ptr<T>();
+  T* dap = d_a.data_ptr<T>();
+  T* glp = g_ln.data_ptr<T>();
+  T* gcp = lstm ? g_cell.data_ptr<T>() : nullptr;
+
+  for_row_blocks(batch, threads, [&](int64_t b0, int64_t b1) {
+    const int64_t rows = b1 - b0;
+    Tensor dprev = at::empty({rows, H}, y.options());  // d_a W_hh (and GRU-before: d_n W_hn)
+    Tensor dreset = v.before ? at::empty({rows, H}, y.options()) : Tensor();
+    T* dpbuf = dprev.data_ptr<T>();
+    T* drbuf = v.before ? dreset.data_ptr<T>() : nullptr;
+    std::vector<T> dpost(GH), tmp(H), dzh(v.before ? rows * H : 0), dcn_buf(H);
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      const int64_t n_act = std::min(active_rows(bs, t, batch), b1) - b0;
+      if (n_act <= 0) continue;
+      for (int64_t r = 0; r < n_act; ++r) {
+        const int64_t b = b0 + r;
+        const int64_t row = t * batch + b;
+        const T* hprev = t > 0 ? yp + ((t - 1) * batch + b) * H : h0p + b * H;
+        const T* ac = actp + row * GH;
+        T* dhr = dhp + b * H;
+        T* dgx = dgxp + row * GH;
+        const T* gy = gyp + row * H;
+        if (lstm) {
+          const T* cprev = t > 0 ? celp + ((t - 1) * batch + b) * 3 * H : c0p + b * H;
+          const T* cl = celp + row * 3 * H;  // c, c_hat, tanh(LN(c))
+          T* dcr = dcp + b * H;
+          T* dcn = dcn_buf.data();
+          const int64_t oi = 0, of = H, og = v.coupled ? H : 2 * H, oo = v.coupled ? 2 * H : 3 * H;
+          for (int64_t j = 0; j < H; ++j) {
+            const T dh_ = dhr[j] + gy[j];
+            dcn[j] = dh_ * ac[oo + j] * tg(cl[2 * H + j]);
+            dgx[oo + j] = dh_ * cl[2 * H + j] * sg(ac[oo + j]);
+          }
+          ln_row_backward(dcn, cl + H, stp[row * 2 + 1], cw, H, tmp.data());
+          accumulate_ln(dcn, cl + H, H, gcp + b * 2 * H);
+          for (int64_t j = 0; j < H; ++j) {
+            const T i = ac[oi + j], g = ac[og + j];
+            const T f = v.coupled ? 1 - i : ac[of + j];
+            T dc_ = dcr[j] + tmp[j];
+            if (v.peephole) dc_ = dc_ + dgx[oo + j] * w_co[j];
+            T d_i = dc_ * g;
+            const T d_f = dc_ * cprev[j];
+            if (v.coupled) d_i = d_i - d_f;
+            const T d_pre_i = d_i * sg(i);
+            dgx[oi + j] = d_pre_i;
+            dgx[og + j] = dc_ * i * tg(g);
+            T dcp_ = dc_ * f;
+            if (!v.coupled) dgx[of + j] = d_f * sg(f);
+            if (v.peephole) {
+              dcp_ = dcp_ + d_pre_i * w_ci[j];
+              if (!v.coupled) dcp_ = dcp_ + dgx[of + j] * w_cf[j];
+            }
+            dcr[j] = dcp_;
+          }
+          ln_row_backward(dgx, ahp + row * GH, stp[row * 2], lw, GH, dap + row * GH);
+          accumulate_ln(dgx, ahp + row * GH, GH, glp + b * 2 * GH);
+        } else {
+          for (int64_t j = 0; j < H; ++j) {
+            const T dh_ = dhr[j] + gy[j];
+            const T z = ac[H + j], n = ac[2 * H + j];
+            dgx[2 * H + j] = dh_ * (1 - z) * tg(n);
+            dgx[H + j] = (dh_ * hprev[j] - dh_ * n) * sg(z);
+            tmp[j] = dh_;
+          }
+          if (!v.before) {
+            const T* a_hat = ahp + row * GH;
+            for (int64_t j = 0; j < H; ++j) {
+              const T gh_n = a_hat[2 * H + j] * lw[2 * H + j] + lb[2 * H + j];
+              const T rg = ac[j];
+              dgx[j] = dgx[2 * H + j] * gh_n * sg(rg);
+              dpost[j] = dgx[j];
+              dpost[H + j] = dgx[H + j];
+              dpost[2 * H + j] = dgx[2 * H + j] * rg;
+              dhr[j] = tmp[j] * ac[H + j];  // dh * z (the GEMM part is added below)
+            }
+            ln_row_backward(dpost.data(), a_hat, stp[row * 2], lw, GH, dap + row * GH);
+            accumulate_ln(dpost.data(), a_hat, GH, glp + b * 2 * GH);
+          } else {
+            ln_row_backward(dgx + 2 * H, ahp + row * GH + 2 * H, stp[row * 2 + 1], lw + 2 * H,
+                            H, dap + row * GH + 2 * H);
+            for (int64_t j = 0; j < H; ++j) dzh[r * H + j] = tmp[j] * ac[H + j];  // dh * z
+          }
+        }
+      }
+      if (lstm || !v.before) {
+        // dh_{t-1} = d_a W_hh (+ dh z for the GRU, already in dh)
+        gemm_rm(n_act, H, GH, dap + (t * batch + b0) * GH, GH, whp, H, dpbuf, H);
+        const T* dpp = dpbuf;
+        for (int64_t r = 0; r < n_act; ++r) {
+          T* dhr = dhp + (b0 + r) * H;
+          for (int64_t j = 0; j < H; ++j) dhr[j] = lstm ? dpp[r * H + j] : dhr[j] + dpp[r * H + j];
+        }
+        continue;
+      }
+      // GRU reset before: d(r * h) = d_n W_hn, then the r gate, the rz LN and dh_{t-1}
+      gemm_rm(n_act, H, H, dap + (t * batch + b0) * GH + 2 * H, GH, whp + 2 * H * H, H, drbuf, H);
+      const T* drp = drbuf;
+      for (int64_t r = 0; r < n_act; ++r) {
+        const int64_t b = b0 + r;
+        const int64_t row = t * batch + b;
+        const T* hprev = t > 0 ? yp + ((t - 1) * batch + b) * H : h0p + b * H;
+        const T* ac = actp + row * GH;
+        T* dgx = dgxp + row * GH;
+        for (int64_t j = 0; j < H; ++j) dgx[j] = drp[r * H + j] * hprev[j] * sg(ac[j]);
+        ln_row_backward(dgx, ahp + row * GH, stp[row * 2], lw, 2 * H, dap + row * GH);
+        accumulate_ln(dgx, ahp + row * GH, GH, glp + b * 2 * GH);  // (the whole row: rz and n)
+      }
+      gemm_rm(n_act, H, 2 * H, dap + (t * batch + b0) * GH, GH, whp, H, dpbuf, H);
+      const T* dpp = dpbuf;
+      for (int64_t r = 0; r < n_act; ++r) {
+        const int64_t b = b0 + r;
+        const T* ac = actp + (t * batch + b) * GH;
+        T* dhr = dhp + b * H;
+        for (int64_t j = 0; j < H; ++j)
+          dhr[j] = dzh[r * H + j] + drp[r * H + j] * ac[j] + dpp[r * H + j];
+      }
+    }
+  });
+}
+
+Variant variant_of(int64_t kind, bool peephole, bool coupled, bool before) {
+  TORCH_CHECK(kind == kLSTM || kind == kGRU, "rnnkit_ln: kind must be 1 (lstm) or 2 (gru)");
+  return Variant{kind, peephole, coupled, before};
+}
+
+Tensor empty_like_none(const Tensor& like) { return at::empty({0}, like.options()); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forward(
+    int64_t kind, bool peephole, bool coupled, bool before, const Tensor& gx, const Tensor& h0,
+    const std::optional<Tensor>& c0, const Tensor& w_hh, const Tensor& ln_weight,
+    const Tensor& ln_bias, const std::optional<Tensor>& cell_weight,
+    const std::optional<Tensor>& cell_bias, const std::optional<Tensor>& peep,
+    at::IntArrayRef batch_sizes, bool training, int64_t threads) {
+  const Variant v = variant_of(kind, peephole, coupled, before);
+  const bool lstm = kind == kLSTM;
+  TORCH_CHECK(gx.dim() == 3 && gx.size(2) == v.gates() * h0.size(1),
+              "rnnkit_ln: gx must be (T, B, G*H)");
+  TORCH_CHECK(!lstm || (c0 && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c0 and the cell LN");
+  TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
+  const Tensor g = gx.contiguous();
+  const int64_t steps = g.size(0), batch = g.size(1), H = h0.size(1), GH = v.gates() * H;
+  Tensor h = h0.contiguous().clone();
+  Tensor c = lstm ? c0->contiguous().clone() : empty_like_none(g);
+  // Without lengths every row of every step is written; with them the rows past a length must
+  // be 0 (outputs; and saved values a 0 gradient multiplies must not be NaN garbage)
+  const auto alloc = [&](at::IntArrayRef sizes) {
+    return batch_sizes.empty() ? at::empty(sizes, g.options()) : at::zeros(sizes, g.options());
+  };
+  Tensor y = alloc({steps, batch, H});
+  Tensor acts = training ? alloc({steps, batch, GH}) : empty_like_none(g);
+  Tensor ahat = training ? alloc({steps, batch, GH}) : empty_like_none(g);
+  Tensor stats = training ? at::zeros({steps, batch, 2}, g.options()) : empty_like_none(g);
+  Tensor cells = training && lstm ? alloc({steps, batch, 3 * H}) : empty_like_none(g);
+  const Tensor w = w_hh.contiguous(), lw = ln_weight.contiguous(), lb = ln_bias.contiguous();
+  const Tensor cw = lstm ? cell_weight->contiguous() : Tensor();
+  const Tensor cb = lstm ? cell_bias->contiguous() : Tensor();
+  const Tensor pp = peephole ? peep->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rnnkit_ln_forward", [&] {
+    forward_impl<scalar_t>(v, g, h, c, w, lw, lb, cw, cb, pp, batch_sizes, y, training, acts,
+                           ahat, stats, cells, threads);
+  });
+  return {y, h, c, acts, ahat, stats, cells};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_backward(
+    int64_t kind, bool peephole, bool coupled, bool before, const Tensor& h0,
+    const std::optional<Tensor>& c0, const Tensor& w_hh, const Tensor& ln_weight,
+    const Tensor& ln_bias, const std::optional<Tensor>& cell_weight,
+    const std::optional<Tensor>& peep, at::IntArrayRef batch_sizes, const Tensor& y,
+    const Tensor& acts, const Tensor& ahat, const Tensor& stats, const Tensor& cells,
+    const Tensor& grad_y, const std::optional<Tensor>& grad_h_n,
+    const std::optional<Tensor>& grad_c_n, int64_t threads) {
+  const Variant v = variant_of(kind, peephole, coupled, before);
+  const bool lstm = kind == kLSTM;
+  const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), GH = v.gates() * H;
+  Tensor dh = grad_h_n ? grad_h_n->contiguous().clone() : at::zeros({batch, H}, y.options());
+  Tensor dc = lstm ? (grad_c_n ? grad_c_n->contiguous().clone()
+                               : at::zeros({batch, H}, y.options()))
+                   : empty_like_none(y);
+  const auto alloc = [&](at::IntArrayRef sizes) {  // (as in the forward: 0 past the lengths)
+    return batch_sizes.empty() ? at::empty(sizes, y.options()) : at::zeros(sizes, y.options());
+  };
+  Tensor d_gx = alloc({steps, batch, GH});
+  Tensor d_a = alloc({steps, batch, GH});
+  Tensor g_ln = at::zeros({batch, 2, GH}, y.options());
+  Tensor g_cell = lstm ? at::zeros({batch, 2, H}, y.options()) : empty_like_none(y);
+  const Tensor h0c = h0.contiguous(), w = w_hh.contiguous(), lw = ln_weight.contiguous(),
+               lb = ln_bias.contiguous(), gy = grad_y.contiguous();
+  const Tensor c0c = lstm ? c0->contiguous() : Tensor();
+  const Tensor cw = lstm ? cell_weight->contiguous() : Tensor();
+  const Tensor pp = peephole ? peep->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rnnkit_ln_backward", [&] {
+    backward_impl<scalar_t>(v, h0c, c0c, w, lw, lb, cw, pp, batch_sizes, y, acts, ahat, stats,
+                            cells, gy, dh, dc, d_gx, d_a, g_ln, g_cell, threads);
+  });
+  return {d_gx, d_a, dh, dc, g_ln.sum(0), lstm ? g_cell.sum(0) : g_cell};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rnnkit_ln, m) {
+  m.def("layer_forward(int kind, bool peephole, bool coupled, bool before, Tensor gx, Tensor h0, "
+        "Tensor? c0, Tensor w_hh, Tensor ln_weight, Tensor ln_bias, Tensor? cell_weight, "
+        "Tensor? cell_bias, Tensor? peephole_weights, int[] batch_sizes, bool training, "
+        "int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("layer_backward(int kind, bool peephole, bool coupled, bool before, Tensor h0, "
+        "Tensor? c0, Tensor w_hh, Tensor ln_weight, Tensor ln_bias, Tensor? cell_weight, "
+        "Tensor? peephole_weights, int[] batch_sizes, Tensor y, Tensor acts, Tensor ahat, "
+        "Tensor stats, Tensor cells, Tensor grad_y, Tensor? grad_h_n, Tensor? grad_c_n, "
+        "int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(ln_layer_forward));
+  m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(ln_layer_backward));
+}

@@ -1,0 +1,329 @@
+"""Layer-normalised LSTM and GRU (issue 12): against an independent F.layer_norm implementation of
+Ba et al. 2016, gradcheck of the hand-derived backward, every backend alike, NaN as the reference."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rnnkit
+from rnnkit.cells import CellSpec, math_for
+from rnnkit.cells.layer_norm import layer_norm_backward, layer_norm_forward
+from rnnkit.engine import fused, run_layer
+from rnnkit.engine.fused import _layer_norm
+from rnnkit.engine.fused._function import config_of
+from test_nonfinite import assert_same_values, run_with_grads
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAN, INF = float("nan"), float("inf")
+
+# name -> (layer class, cell class, options)
+FORMS = {
+    "lstm": (rnnkit.LSTM, rnnkit.LSTMCell, {}),
+    "lstm_peephole": (rnnkit.LSTM, rnnkit.LSTMCell, {"peephole": True}),
+    "lstm_coupled": (rnnkit.LSTM, rnnkit.LSTMCell, {"coupled": True}),
+    "lstm_peephole_coupled": (rnnkit.LSTM, rnnkit.LSTMCell, {"peephole": True, "coupled": True}),
+    "gru_after": (rnnkit.GRU, rnnkit.GRUCell, {"reset": "after"}),
+    "gru_before": (rnnkit.GRU, rnnkit.GRUCell, {"reset": "before"}),
+}
+BACKENDS = ("reference", "bptt", "fused")
+
+
+def _layer(form: str, inputs: int = 5, hidden: int = 6, dtype=torch.float64, **kwargs):
+    layer_class, _, options = FORMS[form]
+    layer = layer_class(inputs, hidden, layer_norm=True, **options, **kwargs).to(dtype)
+    with torch.no_grad():  # gains 1 and biases 0 would hide a gain or bias used in the wrong place
+        for name, p in layer.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    return layer
+
+
+def _paper_step(form: str, x_t, state, p: dict):
+    """One step written directly from the equations with F.layer_norm (not rnnkit's code)."""
+    options = FORMS[form][2]
+    ln = F.layer_norm
+    gx = ln(x_t @ p["weight_ih_l0"].t(), (p["weight_ih_l0"].shape[0],),
+            p["ln_ih_weight_l0"], p["ln_ih_bias_l0"])
+    w_hh, g_hh, b_hh = p["weight_hh_l0"], p["ln_hh_weight_l0"], p["ln_hh_bias_l0"]
+    if form.startswith("lstm"):
+        h, c = state
+        pre = gx + ln(h @ w_hh.t(), (w_hh.shape[0],), g_hh, b_hh)
+        peep = options.get("peephole", False)
+        if options.get("coupled", False):
+            pi, pg, po = pre.chunk(3, 1)
+            i = torch.sigmoid(pi + p["weight_ci_l0"] * c if peep else pi)
+            f = 1 - i
+        else:
+            pi, pf, pg, po = pre.chunk(4, 1)
+            i = torch.sigmoid(pi + p["weight_ci_l0"] * c if peep else pi)
+            f = torch.sigmoid(pf + p["weight_cf_l0"] * c if peep else pf)
+        c = f * c + i * torch.tanh(pg)
+        o = torch.sigmoid(po + p["weight_co_l0"] * c if peep else po)
+        h = o * torch.tanh(ln(c, (c.shape[1],), p["ln_cell_weight_l0"], p["ln_cell_bias_l0"]))
+        return h, (h, c)
+    (h,) = state
+    H = h.shape[1]
+    xr, xz, xn = gx.chunk(3, 1)
+    if options["reset"] == "after":
+        hr, hz, hn = ln(h @ w_hh.t(), (3 * H,), g_hh, b_hh).chunk(3, 1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+    else:
+        hr, hz = ln(h @ w_hh[:2 * H].t(), (2 * H,), g_hh[:2 * H], b_hh[:2 * H]).chunk(2, 1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + ln((r * h) @ w_hh[2 * H:].t(), (H,), g_hh[2 * H:], b_hh[2 * H:]))
+    h = (1 - z) * n + z * h
+    return h, (h,)
+
+
+def _grads(fn, x, state0, params):
+    outputs, final = fn(x, state0)
+    weights = torch.linspace(-1, 1, outputs.numel(), dtype=outputs.dtype).view_as(outputs)
+    loss = (outputs * weights).sum() + sum((f * f).sum() for f in final)
+    return [outputs, *final, *torch.autograd.grad(loss, [x, *state0, *params])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_matches_the_paper_equations_written_with_f_layer_norm(form, backend):
+    layer = _layer(form, backend=backend)
+    names = [n for n, _ in layer.named_parameters()]
+    params = list(layer.parameters())
+    x = torch.randn(5, 3, 5, dtype=torch.float64, requires_grad=True)
+    state0 = tuple(torch.randn(1, 3, 6, dtype=torch.float64, requires_grad=True)
+                   for _ in layer.math.state_names)
+
+    def paper(x, state0):
+        state, outputs = tuple(s[0] for s in state0), []
+        for t in range(x.shape[0]):
+            out, state = _paper_step(form, x[t], state, dict(zip(names, params)))
+            outputs.append(out)
+        return torch.stack(outputs), tuple(s.unsqueeze(0) for s in state)
+
+    def ours(x, state0):
+        out, final = layer(x, state0 if len(state0) == 2 else state0[0])
+        return out, final if isinstance(final, tuple) else (final,)
+
+    for got, expected in zip(_grads(ours, x, state0, params), _grads(paper, x, state0, params)):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_backends_agree_stacked_bidirectional_with_lengths(form):
+    layer = _layer(form, num_layers=2, bidirectional=True)
+    x = torch.randn(7, 4, 5, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([7, 3, 5, 1])
+    results = {}
+    for backend in BACKENDS:
+        layer.backend = backend
+        for p in layer.parameters():
+            p.grad = None
+        x.grad = None
+        out, final = layer(x, lengths=lengths)
+        final = final if isinstance(final, tuple) else (final,)
+        (out.sin().sum() + sum(f.cos().sum() for f in final)).backward()
+        results[backend] = [out, *final, x.grad, *(p.grad for p in layer.parameters())]
+    for backend in ("bptt", "fused"):
+        for got, expected in zip(results[backend], results["reference"]):
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("batch_sizes", [None, [3, 3, 2, 1]], ids=["full", "lengths"])
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_gradcheck_through_bptt(form, batch_sizes):
+    layer = _layer(form, inputs=2, hidden=3)
+    math = layer.math
+    params = tuple(p.detach().requires_grad_() for p in layer.layer_params(0, 0) if p is not None)
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    state0 = tuple(torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+                   for _ in math.state_names)
+    count = len(state0)
+
+    def run(x, *rest):
+        weights = (rest[count], rest[count + 1], None, None, *rest[count + 2:])
+        outputs, final = run_layer(math, x, rest[:count], weights, batch_sizes, "bptt")
+        return (outputs, *final)
+
+    assert torch.autograd.gradcheck(run, (x, *state0, *params))
+
+
+def test_layer_norm_backward_gradcheck():
+    a = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(4, 9, dtype=torch.float64)
+    y, a_hat, rstd = layer_norm_forward(a, weight, bias)
+    torch.testing.assert_close(y, F.layer_norm(a, (9,), weight, bias))
+    expected = torch.autograd.grad(y, (a, weight, bias), dy)
+    got = layer_norm_backward(dy, a_hat, rstd, weight)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_cell_is_a_layer_of_length_one(form):
+    layer_class, cell_class, options = FORMS[form]
+    cell = cell_class(5, 6, layer_norm=True, **options).double()
+    layer = layer_class(5, 6, layer_norm=True, **options).double()
+    with torch.no_grad():
+        for name, p in cell.named_parameters():
+            p.copy_(torch.randn_like(p))
+            getattr(layer, name + "_l0").copy_(p)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    state = cell.zero_state(3)
+    out, new_state = cell(x, state)
+    expected, final = layer(x.unsqueeze(0), tuple(s.unsqueeze(0) for s in state)
+                            if len(state) == 2 else state[0].unsqueeze(0))
+    torch.testing.assert_close(out, expected[0])
+    final = final if isinstance(final, tuple) else (final,)
+    for got, want in zip(new_state, final):
+        torch.testing.assert_close(got, want[0])
+    assert "layer_norm=True" in repr(cell)
+
+
+def test_parameters_names_shapes_and_initial_values():
+    lstm = rnnkit.LSTM(3, 4, num_layers=2, bidirectional=True, peephole=True, layer_norm=True)
+    shapes = {n: tuple(p.shape) for n, p in lstm.named_parameters()}
+    assert "bias_ih_l0" not in shapes and "bias_hh_l1_reverse" not in shapes
+    assert shapes["ln_ih_weight_l1_reverse"] == (16,) and shapes["ln_hh_bias_l0"] == (16,)
+    assert shapes["ln_cell_weight_l0"] == (4,) and shapes["weight_ci_l1"] == (4,)
+    for name, p in lstm.named_parameters():
+        if name.startswith("ln_"):
+            assert torch.all(p == (1.0 if "_weight" in name else 0.0)), name
+    gru = rnnkit.GRUCell(3, 4, layer_norm=True)
+    assert sorted(n for n, _ in gru.named_parameters()) == [
+        "ln_hh_bias", "ln_hh_weight", "ln_ih_bias", "ln_ih_weight", "weight_hh", "weight_ih"]
+
+
+def test_forget_bias_goes_to_the_layer_norm_bias():
+    lstm = rnnkit.LSTM(3, 4, layer_norm=True, forget_bias=1.0)
+    assert torch.all(lstm.ln_ih_bias_l0[4:8] == 1.0) and torch.all(lstm.ln_hh_bias_l0 == 0.0)
+    cifg = rnnkit.LSTMCell(3, 4, coupled=True, layer_norm=True, forget_bias=1.0)
+    assert torch.all(cifg.ln_ih_bias[:4] == -1.0)
+
+
+def test_refusals_name_the_problem():
+    with pytest.raises(ValueError, match="layer_norm=True needs bias=True"):
+        rnnkit.LSTM(3, 4, bias=False, layer_norm=True)
+    with pytest.raises(ValueError, match="layer_norm=True needs bias=True"):
+        rnnkit.GRUCell(3, 4, bias=False, layer_norm=True)
+    with pytest.raises(ValueError, match="layer_norm is an LSTM and GRU option"):
+        math_for(CellSpec("rnn", layer_norm=True))
+    with pytest.raises(ValueError, match="no layer normalisation"):
+        rnnkit.GRU(3, 4, layer_norm=True).to_torch()
+
+
+def test_fused_backend_has_a_kernel_for_every_form_and_no_other():
+    for form in FORMS:
+        spec = _layer(form).math.spec
+        assert spec.layer_norm and spec in _layer_norm.KERNELS
+        with pytest.raises(ValueError, match="no fused kernel"):
+            config_of(spec)  # never the plain cell's kernel
+        assert fused.unavailable_reason(spec, torch.float32, "cpu") is None
+    assert set(_layer_norm.KERNELS) == {_layer(form).math.spec for form in FORMS}
+    assert fused.native_op(rnnkit.LSTM(3, 4, layer_norm=True).math) is None
+    layer = rnnkit.LSTM(3, 4, layer_norm=True, backend="fused")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_fused_kernel_gradcheck_with_lengths(form, threads, monkeypatch):
+    monkeypatch.setattr(_layer_norm, "loop_threads", threads)  # 3: several row blocks
+    layer = _layer(form, inputs=2, hidden=3)
+    math = layer.math
+    params = tuple(p.detach().requires_grad_() for p in layer.layer_params(0, 0) if p is not None)
+    x = torch.randn(4, 4, 2, dtype=torch.float64, requires_grad=True)
+    state0 = tuple(torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+                   for _ in math.state_names)
+    count = len(state0)
+
+    def run(x, *rest):
+        weights = (rest[count], rest[count + 1], None, None, *rest[count + 2:])
+        outputs, final = run_layer(math, x, rest[:count], weights, [4, 3, 3, 1], "fused")
+        return (outputs, *final)
+
+    assert torch.autograd.gradcheck(run, (x, *state0, *params))
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_fused_kernel_float32_and_inference_match_bptt(form, monkeypatch):
+    monkeypatch.setattr(_layer_norm, "loop_threads", 2)
+    layer = _layer(form, 8, 16, dtype=torch.float32, num_layers=2)
+    x = torch.randn(9, 5, 8)
+    lengths = torch.tensor([9, 2, 7, 7, 4])
+    results = {}
+    for backend in ("bptt", "fused"):
+        layer.backend = backend
+        with torch.no_grad():
+            inference = layer(x, lengths=lengths)[0]
+        out, _ = layer(x, lengths=lengths)
+        grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+        results[backend] = [inference, out, *grads]
+    for got, expected in zip(results["fused"], results["bptt"]):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)  # (float32 exp, sums)
+
+
+def test_without_the_kernel_the_fused_backend_takes_bptt_and_says_why(monkeypatch):
+    monkeypatch.setattr(_layer_norm, "EXTENSION",
+                        SimpleNamespace(load=lambda: None, error="test: no compiler"))
+    layer = rnnkit.GRU(3, 4, layer_norm=True, backend="fused")
+    x = torch.randn(2, 1, 3)
+    with pytest.warns(RuntimeWarning, match="test: no compiler"):
+        out, _ = layer(x)
+    layer.backend = "bptt"
+    torch.testing.assert_close(out, layer(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_pickle_and_state_dict_round_trip(form):
+    layer = _layer(form, dtype=torch.float32)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.math.spec == layer.math.spec
+    x = torch.randn(4, 2, 5)
+    torch.testing.assert_close(loaded(x)[0], layer(x)[0])
+    fresh = FORMS[form][0](5, 6, layer_norm=True, **FORMS[form][2])
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x)[0], layer(x)[0])
+
+
+PLACES = ("input", "h0", "weight_ih", "weight_hh", "ln_hh_weight")
+
+
+@pytest.mark.parametrize("form,place,value", [
+    (form, place, (NAN, INF, -INF)[i % 3])
+    for i, (form, place) in enumerate(itertools.product(sorted(FORMS), PLACES))
+])
+def test_nonfinite_propagates_like_the_reference(form, place, value):
+    torch.manual_seed(1)
+    reference = _layer(form, 6, 16, dtype=torch.float32, backend="reference")
+    x = torch.randn(5, 3, 6)
+    hx = tuple(torch.randn(1, 3, 16) for _ in reference.math.state_names)
+    with torch.no_grad():
+        target = {"input": x, "h0": hx[0], "weight_ih": reference.weight_ih_l0,
+                  "weight_hh": reference.weight_hh_l0,
+                  "ln_hh_weight": reference.ln_hh_weight_l0}[place]
+        target.view(-1)[target.numel() // 2 + 1] = value
+    expected = run_with_grads(reference, x, hx)
+    assert any(not t.isfinite().all() for t in expected if t is not None)
+    names = ["output", "final", *([] if len(hx) == 1 else ["final c"]), "d input",
+             *(f"d {s}0" for s in reference.math.state_names),
+             *(f"d {n}" for n, _ in reference.named_parameters())]
+    for backend in ("bptt", "fused"):
+        module = FORMS[form][0](6, 16, layer_norm=True, backend=backend, **FORMS[form][2])
+        module.load_state_dict(reference.state_dict())
+        for name, e, a in zip(names, expected, run_with_grads(module, x, hx)):
+            assert_same_values(e, a, f"{backend}: {name}")
