@@ -38,7 +38,9 @@ from rnnkit.options.command import (
 )
 from rnnkit.tasks import TASKS
 
-THREADS_HELP = "torch CPU threads (default: torch's choice; 1 is faster on a busy machine)"
+THREADS_HELP = ("torch CPU threads (default for train: the cores other processes leave free, "
+                "re-checked during the run; otherwise torch's choice)")
+RECHECK_SECONDS = 30.0  # how often a training run re-measures the free cores
 NPROC_HELP = ("train on N processes of this machine (torch.distributed; --batch-size stays the "
               "global batch): starts torchrun for you")
 
@@ -142,12 +144,15 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from rnnkit.tasks import DATA_OPTIONS, task_module, task_schema
     from rnnkit.train import distributed
     from rnnkit.train.atomic import write_text
     from rnnkit.train.checkpoint import POINTER, load_checkpoint
     from rnnkit.train.config import TrainConfig
     from rnnkit.train.rng import seed_everything
+    from rnnkit.train.threads import choose_threads
     from rnnkit.train.trainer import Trainer
 
     group = distributed.init_from_env()
@@ -198,6 +203,7 @@ def _train(args: argparse.Namespace) -> int:
         _refuse_fixed_changes(schema, run_config, config)
 
     train_config = TrainConfig.from_dict(config["train"], "train")
+    threads = choose_threads(args.threads)
     seed_everything(train_config.seed)
     task, model, source = module.build(config)
     trainer = Trainer(model, task, train_config, out, progress=not args.no_progress)
@@ -214,20 +220,31 @@ def _train(args: argparse.Namespace) -> int:
             print(f"learning rate: {old_lr:g} → {new_lr:g} (now "
                   f"{trainer.optimizer.param_groups[0]['lr']:g} with the schedule's cuts so far)")
 
-    def record_config(trainer: Trainer, record: dict[str, Any]) -> None:
-        # written once the run has really started: a run that fails to start (a bad --resume
-        # option, missing data) leaves the previous config.yaml as it was; by rank 0 alone,
-        # which has made the run directory by then (every rank passes the first step's
+    recorded = False
+    next_check = time.monotonic() + RECHECK_SECONDS
+
+    def on_step(trainer: Trainer, record: dict[str, Any]) -> None:
+        nonlocal recorded, next_check
+        # config.yaml is written once the run has really started: a run that fails to start
+        # (a bad --resume option, missing data) leaves the previous one as it was; by rank 0
+        # alone, which has made the run directory by then (every rank passes the first step's
         # all-reduce only after reading the old config.yaml)
-        if trainer.on_step is record_config:
-            trainer.on_step = None
+        if not recorded:
+            recorded = True
             if group.is_main:
                 write_text(out / "config.yaml", yaml.safe_dump(
                     {"task": name, **config}, sort_keys=False, allow_unicode=True))
+        # other work starts and stops during a long run: follow the free cores
+        if threads.automatic and time.monotonic() >= next_check:
+            next_check = time.monotonic() + RECHECK_SECONDS
+            changed = threads.recheck()
+            if changed:
+                tqdm.write(changed, file=sys.stderr)
 
-    trainer.on_step = record_config
+    trainer.on_step = on_step
 
     params = sum(p.numel() for p in model.parameters())
+    print(threads.line())
     print(f"data: {source}")
     if hasattr(module, "describe_data"):
         print(f"      {module.describe_data(task)}")
@@ -359,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rnnkit.train.distributed import RankLostError, shutdown
     from rnnkit.train.trainer import DivergenceError
 
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) and args.command != "train":  # train: choose_threads
         import torch
 
         torch.set_num_threads(args.threads)
