@@ -153,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
     from rnnkit.train.config import TrainConfig
     from rnnkit.train.rng import seed_everything
     from rnnkit.train.threads import choose_threads
-    from rnnkit.train.trainer import Trainer
+    from rnnkit.train.trainer import Trainer, stop_words
 
     group = distributed.init_from_env()
     if not group.is_main:  # rank 0 alone prints; every rank reports its own errors (stderr)
@@ -186,8 +186,10 @@ def _train(args: argparse.Namespace) -> int:
             raise OptionError("--out", f"{out} already holds a run; pass --resume to continue it "
                                        "or choose another --out")
     run_config = config
+    from_file: dict[str, Any] = {}
     if args.config:
-        config = schema.merge(config, read_config_file(args.config), args.config)
+        from_file = read_config_file(args.config)
+        config = schema.merge(config, from_file, args.config)
     if getattr(args, "data", None):
         if name not in DATA_OPTIONS:
             raise OptionError("--data", f"is not an option of the {name} task; see rnnkit train "
@@ -199,6 +201,11 @@ def _train(args: argparse.Namespace) -> int:
         config = schema.set(config, f"data.{option_name}", paths if several else paths[0],
                             "--data")
     config = apply_flags(schema, config, args, flag_names(schema))
+    given = _given_options(args, from_file)
+    if "train.minutes" in given and "train.steps" not in given:
+        # a time budget the user gives is the budget: the task's default step cap (sized for
+        # a run of a few minutes) would otherwise end a 15-minute run after 3
+        config = schema.set(config, "train.steps", None, "--minutes")
     if checkpoint is not None and saved is not None:
         _refuse_fixed_changes(schema, run_config, config)
 
@@ -249,15 +256,22 @@ def _train(args: argparse.Namespace) -> int:
     if hasattr(module, "describe_data"):
         print(f"      {module.describe_data(task)}")
     print(f"model: {type(model).__name__} with {params:,} parameters; run directory {out}")
+    print(f"budget: {_budget_words(train_config)}")
     if checkpoint is not None:
-        print(f"resuming from step {trainer.step} of {train_config.steps}")
+        cap = f" of {train_config.steps}" if train_config.steps is not None else ""
+        print(f"resuming from step {trainer.step}{cap}")
     with _repeated_sigterm_ignored(trainer):
         result = trainer.fit()
 
-        if result.valid:
-            shown = (module.describe_metrics(result.valid) if hasattr(module, "describe_metrics")
-                     else ", ".join(f"{key} {value:.4f}" for key, value in result.valid.items()))
-            print(f"step {result.step} ({result.reason}): validation {shown}")
+        print(f"stopped at step {result.step}: {stop_words(result.reason, train_config)}")
+        kept_step, kept = _kept_scores(out, result)
+        if kept:
+            shown = (module.describe_metrics(kept) if hasattr(module, "describe_metrics")
+                     else ", ".join(f"{key} {value:.4f}" for key, value in kept.items()))
+            which = ("best validation " + train_config.monitor if kept_step is not None
+                     else "the last weights")
+            print(f"kept weights: step {kept_step if kept_step is not None else result.step} "
+                  f"({which}), validation {shown}")
         if hasattr(module, "report") and group.is_main:
             module.report(task, model, config, out)
         print(f"checkpoint: {result.checkpoint}")
@@ -268,6 +282,42 @@ def _train(args: argparse.Namespace) -> int:
             ranks = f" --nproc-per-node {group.world_size}" if group.distributed else ""
             print(f"interrupted; continue with: rnnkit train {name} --out {out} --resume{ranks}")
     return 0
+
+
+def _given_options(args: argparse.Namespace, from_file: dict[str, Any]) -> set[str]:
+    """The dotted options this command line sets: by flag, ``--set`` or ``--config`` file."""
+    from rnnkit.options.command import DEST
+
+    given = {dest[len(DEST):] for dest in vars(args) if dest.startswith(DEST)}
+    given |= {a.partition("=")[0].strip() for a in getattr(args, "set", None) or []}
+    given |= {f"{section}.{key}" for section, values in from_file.items()
+              if isinstance(values, dict) for key in values}
+    return given
+
+
+def _budget_words(config: Any) -> str:
+    """The run's limits in words, for the start-up lines."""
+    parts = []
+    if config.steps is not None:
+        parts.append(f"{config.steps:,} steps")
+    if config.minutes is not None:
+        parts.append(f"{config.minutes:g} minutes")
+    if config.early_stop is not None:
+        parts.append(f"early stopping after {config.early_stop} evaluations without gain")
+    ends = "whichever comes first" if len(parts) > 1 else "(--steps, --minutes)"
+    return f"{' or '.join(parts)}, {ends}" if len(parts) > 1 else f"{parts[0]} {ends}"
+
+
+def _kept_scores(out: Path, result: Any) -> tuple[int | None, dict[str, float]]:
+    """The step and validation scores of the weights the run keeps (``best.json``, as
+    ``rnnkit.load`` reads them), or (None, the last validation) when it kept none."""
+    from rnnkit.train.checkpoint import BEST
+
+    try:
+        meta = json.loads((out / f"{BEST}.json").read_text(encoding="utf-8"))
+        return int(meta["step"]), {k: float(v) for k, v in meta["valid"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, result.valid
 
 
 @contextlib.contextmanager

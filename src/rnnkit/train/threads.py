@@ -122,6 +122,8 @@ def choose_threads(requested: int | None, sample_seconds: float = SAMPLE_SECONDS
         return ThreadChoice(torch.get_num_threads(), "OMP_NUM_THREADS", automatic=False)
     default = default or torch.get_num_threads()
     cores = os.cpu_count() or default
+    if default == 1:  # nothing to take away: no need to measure
+        return ThreadChoice(1, "torch's default here", automatic=False)
     before, own = cpu_ticks(), own_ticks()
     if before is None:
         return ThreadChoice(default, "torch's default; no /proc/stat to measure the load",
