@@ -44,7 +44,7 @@ def test_budget_total_is_the_step_the_first_budget_reaches() -> None:
 
 
 def test_no_cap_needs_another_limit() -> None:
-    with pytest.raises(OptionError, match="train.minutes or train.early_stop"):
+    with pytest.raises(OptionError, match=r"train\.minutes or train\.early_stop"):
         TrainConfig(steps=None)
     assert TrainConfig(steps=None, early_stop=3).steps is None
 
