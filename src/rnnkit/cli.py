@@ -70,6 +70,7 @@ def _task_named(argv: Sequence[str]) -> str | None:
 
 def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
     from rnnkit.tasks import TASK_DATA, task_schema
+    from rnnkit.tasks.layouts import data_help
 
     parser = Parser(prog="rnnkit", description="Recurrent networks: train, predict, evaluate, sample.",
                     allow_abbrev=False)
@@ -77,20 +78,22 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train", help="train a model on a task (charlm, speech, digits, ...)",
-        description=(f"Train the {task} task: {TASKS[task]}.\nData: {TASK_DATA[task][0]}."
+        description=(f"Train the {task} task: {TASKS[task]}.\nData: {TASK_DATA[task]}."
                      if task else "Train a model on a task:\n" + "\n".join(
                          f"  {name:10s} {text}" for name, text in TASKS.items()) +
                      "\n`rnnkit train TASK --help` lists every option of a task with its type "
                      "and default; `rnnkit tasks` lists the tasks' data formats.") +
         "\nWith no --data, charlm trains on the Python standard library's own source (read "
-        "at run time); the other tasks read ../shared/data by default. Options come from the "
+        "at run time); the other tasks read the default data location, $RNNKIT_DATA or else "
+        "../shared/data (relative to the current directory). Options come from the "
         "task's defaults, then --config FILE, then flags and --set (later wins).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS, allow_abbrev=False)
     train.add_argument("task", choices=list(TASKS), help="what to train")
     train.add_argument("--data", nargs="+", metavar="PATH", default=None,
-                       help=TASK_DATA[task][1] if task else
-                       "the task's data (rnnkit tasks lists what each task reads)")
+                       help=(data_help(task) if task else "the task's data: a folder in its "
+                             "standard layout, or SPLIT=PATH per split (rnnkit tasks lists "
+                             "them)") + "; relative to the current directory")
     train.add_argument("--set", action="append", metavar="SECTION.OPTION=VALUE", default=None,
                        help="any option, e.g. --set data.split=speaker (repeatable)")
     train.add_argument("--config", metavar="FILE", default=None,
@@ -146,7 +149,8 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from rnnkit.tasks import DATA_OPTIONS, task_module, task_schema
+    from rnnkit.tasks import task_module, task_schema
+    from rnnkit.tasks.layouts import data_options, mixed_sources
     from rnnkit.train import distributed
     from rnnkit.train.atomic import write_text
     from rnnkit.train.checkpoint import POINTER, load_checkpoint
@@ -190,17 +194,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.config:
         from_file = read_config_file(args.config)
         config = schema.merge(config, from_file, args.config)
-    if getattr(args, "data", None):
-        if name not in DATA_OPTIONS:
-            raise OptionError("--data", f"is not an option of the {name} task; see rnnkit train "
-                                        f"{name} --help for its data options")
-        option_name, several = DATA_OPTIONS[name]
-        paths = [str(p) for p in args.data]
-        if not several and len(paths) > 1:
-            raise OptionError("--data", f"takes one path for the {name} task, got {len(paths)}")
-        config = schema.set(config, f"data.{option_name}", paths if several else paths[0],
-                            "--data")
     config = apply_flags(schema, config, args, flag_names(schema))
+    if getattr(args, "data", None):  # after the flags: which layout applies may depend on them
+        for dotted, value in data_options(name, args.data, config).items():
+            config = schema.set(config, dotted, value, "--data")
+    mixed = mixed_sources(name, config)
+    if mixed:
+        print(mixed, file=sys.stderr)
     given = _given_options(args, from_file)
     if "train.minutes" in given and "train.steps" not in given:
         # a time budget the user gives is the budget: the task's default step cap (sized for
@@ -382,10 +382,15 @@ def _build(args: argparse.Namespace) -> int:
 
 def _tasks(args: argparse.Namespace) -> int:
     from rnnkit.tasks import TASK_DATA
+    from rnnkit.tasks.common import DATA_ENV, shared_root
+    from rnnkit.tasks.layouts import data_help
 
     for name, summary in TASKS.items():
         print(f"{name:10s} {summary}")
-        print(f"{'':10s} data: {TASK_DATA[name][0]}")
+        print(f"{'':10s} data: {TASK_DATA[name]}")
+        print(f"{'':10s} --data: {data_help(name)}")
+    print(f"Default data location: {shared_root()} (${DATA_ENV}, else ../shared/data relative to "
+          "the current directory); --data paths are relative to the current directory.")
     print("rnnkit train TASK --help lists a task's options and defaults.")
     return 0
 
