@@ -97,3 +97,20 @@ def test_final_line_shows_the_kept_weights_not_the_last(tmp_path: Path,
     assert int(kept.group(1)) == best["step"]
     assert float(kept.group(2)) == pytest.approx(best["valid"]["loss"], abs=1e-4)
     assert abs(float(kept.group(2)) - last["loss"]) > 1e-3
+
+
+def test_curves_say_the_unit_the_command_line_prints(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import rnnkit.viz.curves as curves
+
+    units: list[str] = []
+    original = curves.plot_run
+
+    def spy(*args: object, unit: str = "", **kwargs: object) -> Path:
+        units.append(unit)
+        return original(*args, unit=unit, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(curves, "plot_run", spy)
+    assert main(_args(tmp_path, "unit", "--steps", "2", "--eval-every", "2")) == 0
+    assert units == ["nats/char"] and "nats/char" in capsys.readouterr().out

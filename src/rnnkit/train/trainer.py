@@ -611,7 +611,8 @@ class Trainer:
         from rnnkit.viz.curves import plot_run  # matplotlib only when there is a run directory
 
         return plot_run(metrics, self.out_dir / "curves.png",
-                        title=f"{self.task.name}: {self.out_dir.name}")
+                        title=f"{self.task.name}: {self.out_dir.name}",
+                        unit=getattr(self.task, "loss_unit", "nats per token"))
 
     def _evaluate_and_schedule(self, log: MetricsLog | None, bar: tqdm, schedule: bool = True) -> None:
         valid = self.evaluate()
