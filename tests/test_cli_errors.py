@@ -45,9 +45,9 @@ def test_data_files_as_a_single_string_is_one_file(tmp_path: Path,
 
 
 @pytest.mark.parametrize(("path", "expected"), [
-    (".", "is a directory, not a file"),
-    ("/dev/null", "is a character device, not a regular file"),
-    ("missing.txt", "does not exist"),
+    (".", "--data {path} holds no *.txt"),  # a folder: its text files, and it has none
+    ("/dev/null", "data file {path} is a character device, not a regular file"),
+    ("missing.txt", "--data {path} does not exist"),
 ])
 def test_data_that_is_not_a_file_is_named(path: str, expected: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -55,7 +55,7 @@ def test_data_that_is_not_a_file_is_named(path: str, expected: str, tmp_path: Pa
         pytest.skip("no /dev/null here")
     path = path if path.startswith("/") else str(tmp_path / path)
     assert main(["train", "charlm", "--data", path, "--out", str(tmp_path / "r"), *SMALL]) == 2
-    assert f"data file {path} {expected}" in _error(capsys)
+    assert expected.format(path=path) in _error(capsys)
 
 
 def test_transcribe_names_a_directory_before_loading_anything(

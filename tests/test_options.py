@@ -99,7 +99,7 @@ def test_the_generated_flag_and_set_give_the_same_message(capsys: pytest.Capture
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--set", "model.hidden=abc"], "model.hidden must be an integer ≥ 1, got 'abc'"),
-    (["--set", "train.steps=abc"], "train.steps must be an integer ≥ 1, got 'abc'"),
+    (["--set", "train.steps=abc"], "train.steps must be an integer ≥ 1, or none, got 'abc'"),
     (["--set", "train.lr=abc"], "train.lr must be a finite number > 0, got 'abc'"),
     (["--set", "train.seed=abc"], "train.seed must be an integer ≥ 0"),
     (["--set", "model.hidden=16.5"], "model.hidden must be an integer ≥ 1, got '16.5'"),
@@ -133,7 +133,7 @@ def test_issue_10_option_bugs(args: list[str], expected: str, tmp_path: Path,
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("model:\n  hidden: thirty-two\n", "model.hidden must be an integer ≥ 1, got 'thirty-two'"),
-    ("train:\n  steps: 6.5\n", "train.steps must be an integer ≥ 1, got 6.5"),
+    ("train:\n  steps: 6.5\n", "train.steps must be an integer ≥ 1, or none, got 6.5"),
     ("model:\n  hidden: 32\n   layers: 2\n", "bad.yaml:3:10: mapping values are not allowed here"),
     ("model:\n\thidden: 32\n", "bad.yaml:2:1: found character '\\t' that cannot start any token"),
     ("model: !!python/object:os.system\n  hidden: 3\n", "bad.yaml:1:8: unsupported YAML tag"),
@@ -212,7 +212,7 @@ def test_tasks_command_lists_every_task_and_its_data(capsys: pytest.CaptureFixtu
 def test_dataclasses_check_their_fields_on_construction() -> None:
     with pytest.raises(OptionError, match="hidden must be an integer ≥ 1, got -3"):
         LMConfig(hidden=-3)
-    with pytest.raises(OptionError, match=r"steps must be an integer ≥ 1, got 6\.5"):
+    with pytest.raises(OptionError, match=r"steps must be an integer ≥ 1, or none, got 6\.5"):
         TrainConfig(steps=6.5)  # type: ignore[arg-type]
     assert TrainConfig(steps=6.0).steps == 6 and isinstance(TrainConfig(lr=1).lr, float)  # type: ignore[arg-type]
     with pytest.raises(OptionError, match=r"model\.recurrent\.hidden must be an integer"):
@@ -228,9 +228,10 @@ def test_coerce_reads_what_yaml_and_flags_give() -> None:
     specs = field_specs(TrainConfig)
     assert coerce("1e-3", specs["lr"], "train.lr") == 1e-3  # YAML 1.1 reads 1e-3 as text
     assert coerce(True, field_specs(LMConfig)["peephole"], "model.peephole") is True
-    for bad in (True, "6.5", 6.5, float("inf"), None, [6]):
-        with pytest.raises(OptionError, match=r"train\.steps must be an integer"):
-            coerce(bad, specs["steps"], "train.steps")
+    for bad in (True, "6.5", 6.5, float("inf"), None, [6]):  # batch_size: an int, never none
+        with pytest.raises(OptionError, match=r"train\.batch_size must be an integer"):
+            coerce(bad, specs["batch_size"], "train.batch_size")
+    assert coerce(None, specs["steps"], "train.steps") is None  # steps: none lifts the cap
     files = field_specs(DataConfig)["files"]
     assert coerce("small.txt", files, "data.files") == ["small.txt"]
 

@@ -38,7 +38,9 @@ from rnnkit.options.command import (
 )
 from rnnkit.tasks import TASKS
 
-THREADS_HELP = "torch CPU threads (default: torch's choice; 1 is faster on a busy machine)"
+THREADS_HELP = ("torch CPU threads (default for train: the cores other processes leave free, "
+                "re-checked during the run; otherwise torch's choice)")
+RECHECK_SECONDS = 30.0  # how often a training run re-measures the free cores
 NPROC_HELP = ("train on N processes of this machine (torch.distributed; --batch-size stays the "
               "global batch): starts torchrun for you")
 
@@ -68,6 +70,7 @@ def _task_named(argv: Sequence[str]) -> str | None:
 
 def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
     from rnnkit.tasks import TASK_DATA, task_schema
+    from rnnkit.tasks.layouts import data_help
 
     parser = Parser(prog="rnnkit", description="Recurrent networks: train, predict, evaluate, sample.",
                     allow_abbrev=False)
@@ -75,20 +78,22 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train", help="train a model on a task (charlm, speech, digits, ...)",
-        description=(f"Train the {task} task: {TASKS[task]}.\nData: {TASK_DATA[task][0]}."
+        description=(f"Train the {task} task: {TASKS[task]}.\nData: {TASK_DATA[task]}."
                      if task else "Train a model on a task:\n" + "\n".join(
                          f"  {name:10s} {text}" for name, text in TASKS.items()) +
                      "\n`rnnkit train TASK --help` lists every option of a task with its type "
                      "and default; `rnnkit tasks` lists the tasks' data formats.") +
         "\nWith no --data, charlm trains on the Python standard library's own source (read "
-        "at run time); the other tasks read ../shared/data by default. Options come from the "
+        "at run time); the other tasks read the default data location, $RNNKIT_DATA or else "
+        "../shared/data (relative to the current directory). Options come from the "
         "task's defaults, then --config FILE, then flags and --set (later wins).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS, allow_abbrev=False)
     train.add_argument("task", choices=list(TASKS), help="what to train")
     train.add_argument("--data", nargs="+", metavar="PATH", default=None,
-                       help=TASK_DATA[task][1] if task else
-                       "the task's data (rnnkit tasks lists what each task reads)")
+                       help=(data_help(task) if task else "the task's data: a folder in its "
+                             "standard layout, or SPLIT=PATH per split (rnnkit tasks lists "
+                             "them)") + "; relative to the current directory")
     train.add_argument("--set", action="append", metavar="SECTION.OPTION=VALUE", default=None,
                        help="any option, e.g. --set data.split=speaker (repeatable)")
     train.add_argument("--config", metavar="FILE", default=None,
@@ -142,13 +147,17 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rnnkit.tasks import DATA_OPTIONS, task_module, task_schema
+    from tqdm import tqdm
+
+    from rnnkit.tasks import task_module, task_schema
+    from rnnkit.tasks.layouts import data_options, mixed_sources
     from rnnkit.train import distributed
     from rnnkit.train.atomic import write_text
     from rnnkit.train.checkpoint import POINTER, load_checkpoint
     from rnnkit.train.config import TrainConfig
     from rnnkit.train.rng import seed_everything
-    from rnnkit.train.trainer import Trainer
+    from rnnkit.train.threads import choose_threads
+    from rnnkit.train.trainer import Trainer, stop_words
 
     group = distributed.init_from_env()
     if not group.is_main:  # rank 0 alone prints; every rank reports its own errors (stderr)
@@ -181,23 +190,27 @@ def _train(args: argparse.Namespace) -> int:
             raise OptionError("--out", f"{out} already holds a run; pass --resume to continue it "
                                        "or choose another --out")
     run_config = config
+    from_file: dict[str, Any] = {}
     if args.config:
-        config = schema.merge(config, read_config_file(args.config), args.config)
-    if getattr(args, "data", None):
-        if name not in DATA_OPTIONS:
-            raise OptionError("--data", f"is not an option of the {name} task; see rnnkit train "
-                                        f"{name} --help for its data options")
-        option_name, several = DATA_OPTIONS[name]
-        paths = [str(p) for p in args.data]
-        if not several and len(paths) > 1:
-            raise OptionError("--data", f"takes one path for the {name} task, got {len(paths)}")
-        config = schema.set(config, f"data.{option_name}", paths if several else paths[0],
-                            "--data")
+        from_file = read_config_file(args.config)
+        config = schema.merge(config, from_file, args.config)
     config = apply_flags(schema, config, args, flag_names(schema))
+    if getattr(args, "data", None):  # after the flags: which layout applies may depend on them
+        for dotted, value in data_options(name, args.data, config).items():
+            config = schema.set(config, dotted, value, "--data")
+    mixed = mixed_sources(name, config)
+    if mixed:
+        print(mixed, file=sys.stderr)
+    given = _given_options(args, from_file)
+    if "train.minutes" in given and "train.steps" not in given:
+        # a time budget the user gives is the budget: the task's default step cap (sized for
+        # a run of a few minutes) would otherwise end a 15-minute run after 3
+        config = schema.set(config, "train.steps", None, "--minutes")
     if checkpoint is not None and saved is not None:
         _refuse_fixed_changes(schema, run_config, config)
 
     train_config = TrainConfig.from_dict(config["train"], "train")
+    threads = choose_threads(args.threads)
     seed_everything(train_config.seed)
     task, model, source = module.build(config)
     trainer = Trainer(model, task, train_config, out, progress=not args.no_progress)
@@ -214,33 +227,51 @@ def _train(args: argparse.Namespace) -> int:
             print(f"learning rate: {old_lr:g} → {new_lr:g} (now "
                   f"{trainer.optimizer.param_groups[0]['lr']:g} with the schedule's cuts so far)")
 
-    def record_config(trainer: Trainer, record: dict[str, Any]) -> None:
-        # written once the run has really started: a run that fails to start (a bad --resume
-        # option, missing data) leaves the previous config.yaml as it was; by rank 0 alone,
-        # which has made the run directory by then (every rank passes the first step's
+    recorded = False
+    next_check = time.monotonic() + RECHECK_SECONDS
+
+    def on_step(trainer: Trainer, record: dict[str, Any]) -> None:
+        nonlocal recorded, next_check
+        # config.yaml is written once the run has really started: a run that fails to start
+        # (a bad --resume option, missing data) leaves the previous one as it was; by rank 0
+        # alone, which has made the run directory by then (every rank passes the first step's
         # all-reduce only after reading the old config.yaml)
-        if trainer.on_step is record_config:
-            trainer.on_step = None
+        if not recorded:
+            recorded = True
             if group.is_main:
                 write_text(out / "config.yaml", yaml.safe_dump(
                     {"task": name, **config}, sort_keys=False, allow_unicode=True))
+        # other work starts and stops during a long run: follow the free cores
+        if threads.automatic and time.monotonic() >= next_check:
+            next_check = time.monotonic() + RECHECK_SECONDS
+            changed = threads.recheck()
+            if changed:
+                tqdm.write(changed, file=sys.stderr)
 
-    trainer.on_step = record_config
+    trainer.on_step = on_step
 
     params = sum(p.numel() for p in model.parameters())
+    print(threads.line())
     print(f"data: {source}")
     if hasattr(module, "describe_data"):
         print(f"      {module.describe_data(task)}")
     print(f"model: {type(model).__name__} with {params:,} parameters; run directory {out}")
+    print(f"budget: {_budget_words(train_config)}")
     if checkpoint is not None:
-        print(f"resuming from step {trainer.step} of {train_config.steps}")
+        cap = f" of {train_config.steps}" if train_config.steps is not None else ""
+        print(f"resuming from step {trainer.step}{cap}")
     with _repeated_sigterm_ignored(trainer):
         result = trainer.fit()
 
-        if result.valid:
-            shown = (module.describe_metrics(result.valid) if hasattr(module, "describe_metrics")
-                     else ", ".join(f"{key} {value:.4f}" for key, value in result.valid.items()))
-            print(f"step {result.step} ({result.reason}): validation {shown}")
+        print(f"stopped at step {result.step}: {stop_words(result.reason, train_config)}")
+        kept_step, kept = _kept_scores(out, result)
+        if kept:
+            shown = (module.describe_metrics(kept) if hasattr(module, "describe_metrics")
+                     else ", ".join(f"{key} {value:.4f}" for key, value in kept.items()))
+            which = ("best validation " + train_config.monitor if kept_step is not None
+                     else "the last weights")
+            print(f"kept weights: step {kept_step if kept_step is not None else result.step} "
+                  f"({which}), validation {shown}")
         if hasattr(module, "report") and group.is_main:
             module.report(task, model, config, out)
         print(f"checkpoint: {result.checkpoint}")
@@ -251,6 +282,42 @@ def _train(args: argparse.Namespace) -> int:
             ranks = f" --nproc-per-node {group.world_size}" if group.distributed else ""
             print(f"interrupted; continue with: rnnkit train {name} --out {out} --resume{ranks}")
     return 0
+
+
+def _given_options(args: argparse.Namespace, from_file: dict[str, Any]) -> set[str]:
+    """The dotted options this command line sets: by flag, ``--set`` or ``--config`` file."""
+    from rnnkit.options.command import DEST
+
+    given = {dest[len(DEST):] for dest in vars(args) if dest.startswith(DEST)}
+    given |= {a.partition("=")[0].strip() for a in getattr(args, "set", None) or []}
+    given |= {f"{section}.{key}" for section, values in from_file.items()
+              if isinstance(values, dict) for key in values}
+    return given
+
+
+def _budget_words(config: Any) -> str:
+    """The run's limits in words, for the start-up lines."""
+    parts = []
+    if config.steps is not None:
+        parts.append(f"{config.steps:,} steps")
+    if config.minutes is not None:
+        parts.append(f"{config.minutes:g} minutes")
+    if config.early_stop is not None:
+        parts.append(f"early stopping after {config.early_stop} evaluations without gain")
+    ends = "whichever comes first" if len(parts) > 1 else "(--steps, --minutes)"
+    return f"{' or '.join(parts)}, {ends}" if len(parts) > 1 else f"{parts[0]} {ends}"
+
+
+def _kept_scores(out: Path, result: Any) -> tuple[int | None, dict[str, float]]:
+    """The step and validation scores of the weights the run keeps (``best.json``, as
+    ``rnnkit.load`` reads them), or (None, the last validation) when it kept none."""
+    from rnnkit.train.checkpoint import BEST
+
+    try:
+        meta = json.loads((out / f"{BEST}.json").read_text(encoding="utf-8"))
+        return int(meta["step"]), {k: float(v) for k, v in meta["valid"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, result.valid
 
 
 @contextlib.contextmanager
@@ -315,10 +382,15 @@ def _build(args: argparse.Namespace) -> int:
 
 def _tasks(args: argparse.Namespace) -> int:
     from rnnkit.tasks import TASK_DATA
+    from rnnkit.tasks.common import DATA_ENV, shared_root
+    from rnnkit.tasks.layouts import data_help
 
     for name, summary in TASKS.items():
         print(f"{name:10s} {summary}")
-        print(f"{'':10s} data: {TASK_DATA[name][0]}")
+        print(f"{'':10s} data: {TASK_DATA[name]}")
+        print(f"{'':10s} --data: {data_help(name)}")
+    print(f"Default data location: {shared_root()} (${DATA_ENV}, else ../shared/data relative to "
+          "the current directory); --data paths are relative to the current directory.")
     print("rnnkit train TASK --help lists a task's options and defaults.")
     return 0
 
@@ -359,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rnnkit.train.distributed import RankLostError, shutdown
     from rnnkit.train.trainer import DivergenceError
 
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) and args.command != "train":  # train: choose_threads
         import torch
 
         torch.set_num_threads(args.threads)

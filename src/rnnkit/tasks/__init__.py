@@ -30,33 +30,24 @@ TASKS = {
     "copymemory": "the copy memory problem: repeat 10 digits after T blanks (generated)",
 }
 
-# per task: (the data it reads, what --data takes); shared data sets live in ../shared/data
+# per task: the data it reads (what --data takes: rnnkit.tasks.layouts); the default data
+# location is rnnkit.tasks.common.shared_root()
 TASK_DATA = {
-    "charlm": ("any UTF-8 text file(s); default: the Python standard library's source",
-               "UTF-8 text file(s) (default: the Python standard library), sets data.files"),
-    "wordlm": ("Penn Treebank text, one sentence per line (ptb/ptb.{train,valid}.txt)",
-               "not taken: use --train/--valid (data.train, data.valid)"),
+    "charlm": "any UTF-8 text file(s); default: the Python standard library's source",
+    "wordlm": "Penn Treebank text, one sentence per line (ptb/ptb.{train,valid}.txt)",
     "speech": ("a folder of {digit}_{speaker}_{take}.wav, 8 kHz mono (FSDD recordings); "
-               "utterances are spliced from them", "a folder of FSDD-named WAV files, sets "
-                                                   "data.recordings"),
-    "digits": ("scikit-learn's bundled 8×8 digits (needs scikit-learn)", "not taken"),
-    "sentiment": ("TSV sentence<TAB>label (SST-2: sst2/train.tsv, sst2/dev.tsv)",
-                  "not taken: use --train/--valid (data.train, data.valid)"),
+               "utterances are spliced from them"),
+    "digits": "scikit-learn's bundled 8×8 digits (needs scikit-learn)",
+    "sentiment": "TSV sentence<TAB>label (SST-2: sst2/train.tsv, sst2/dev.tsv)",
     "tagging": ("ATIS folders (seq.in, seq.out, label) or CoNLL token/tag columns "
-                "(--format conll)", "the training folder (atis) or file (conll), sets data.train"),
+                "(--format conll)"),
     "translate": ("generated dates (no files), TSV source<TAB>target pairs or the Multi30k "
-                  "folder", "not taken: use --source tsv --train A.tsv --valid B.tsv"),
-    "music": ("a .mat file of piano rolls, train/valid/test (JSB Chorales; needs scipy)",
-              "a .mat file, sets data.path"),
-    "trees": ("SST bracketed parse trees, one per line (sst-trees/train.txt, sst-trees/dev.txt)",
-              "the training trees file, sets data.train"),
-    "adding": ("generated (no files)", "not taken"),
-    "copymemory": ("generated (no files)", "not taken"),
+                  "folder"),
+    "music": "a .mat file of piano rolls, train/valid/test (JSB Chorales; needs scipy)",
+    "trees": "SST bracketed parse trees, one per line (sst-trees/train.txt, sst-trees/dev.txt)",
+    "adding": "generated (no files)",
+    "copymemory": "generated (no files)",
 }
-
-# the data option --data sets, per task: (option, takes several paths)
-DATA_OPTIONS = {"charlm": ("files", True), "speech": ("recordings", False),
-                "music": ("path", False), "tagging": ("train", False), "trees": ("train", False)}
 
 
 def task_module(name: str) -> ModuleType:

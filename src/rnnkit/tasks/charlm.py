@@ -175,6 +175,7 @@ class CharLMTask(StreamLMTask):
     """The Trainer's view of character LM training: windows of a batchified stream."""
 
     name = NAME
+    loss_unit = "nats/char"  # as describe_metrics prints it; the curves' y-axis says the same
 
     def __init__(self, vocab: CharVocab, train_text: str, valid_text: str, data: DataConfig,
                  model_config: LMConfig, batch_size: int) -> None:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +28,14 @@ from rnnkit.train.checkpoint import (
     load_weights,
 )
 
-SHARED_DATA = Path("../shared/data")  # the shared data sets, relative to the project root
+DATA_ENV = "RNNKIT_DATA"  # where the shared data sets are, when not ../shared/data
+
+
+def shared_root() -> Path:
+    """The default data location, the one place it is decided: ``$RNNKIT_DATA``, else
+    ``../shared/data`` relative to the directory the command runs in (the shared data sets
+    beside a clone of the repository)."""
+    return Path(os.environ.get(DATA_ENV) or "../shared/data")
 
 
 class EpochPlan:
@@ -127,9 +135,10 @@ def load_task_model(path: str | Path | Checkpoint, name: str,
 
 def shared_path(relative: str, configured: str | None = None) -> Path:
     """``configured`` if given, else ``../shared/data/<relative>``; missing → error naming it."""
-    path = Path(configured) if configured else SHARED_DATA / relative
+    path = Path(configured) if configured else shared_root() / relative
     if not path.exists():
-        hint = "" if configured else " (the shared data sets beside the repository); pass a path"
+        hint = "" if configured else (f" (the default data location; set {DATA_ENV} or pass "
+                                      "--data)")
         raise FileNotFoundError(f"{path} does not exist{hint}")
     return path
 

@@ -83,8 +83,8 @@ class TaggingDataConfig(Options):
                                      "../shared/data/atis/train)", metavar="PATH")
     valid: str | None = option(None, "validation split (none: ../shared/data/atis/dev)",
                                metavar="PATH")
-    test: str | None = option(None, "test split (none: ../shared/data/atis/test; conll: none "
-                                    "unless given)", metavar="PATH")
+    test: str | None = option(None, "test split (none: ../shared/data/atis/test when train is "
+                                    "the shared ATIS too, else no test)", metavar="PATH")
     token_column: int = option(0, "conll: the token's column")
     tag_column: int = option(-1, "conll: the tag's column (-1: the last)")
     lowercase: bool = option(False, "lower-case the words for the word embedding (the "
@@ -146,6 +146,8 @@ Example = tuple[list[str], list[str], str | None]  # tokens, tags, intent (None:
 def read_split(data: TaggingDataConfig, split: str) -> tuple[list[Example], str] | None:
     """The examples of ``split`` and a summary; None for a conll test split not given."""
     configured = getattr(data, split)
+    if split == "test" and configured is None and data.train is not None:
+        return None  # the user's own data has no test split: never the shared ATIS one
     if data.resolved_format() == "atis":
         atis, summary = read_atis(shared_path(SHARED[split], configured))
         return [(tokens, tags, intent) for tokens, tags, intent in atis], str(summary)

@@ -89,6 +89,7 @@ class WordLMTask(StreamLMTask):
     """The Trainer's view of word-level LM training: windows of a batchified stream."""
 
     name = NAME
+    loss_unit = "nats/word"  # as describe_metrics prints it; the curves' y-axis says the same
 
     def __init__(self, vocab: Vocabulary, train: Tensor, valid: Tensor, data: WordLMDataConfig,
                  model_config: LMConfig, batch_size: int) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rnnkit.options import Options, option
+from rnnkit.options import OptionError, Options, option
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "plateau", "step")
@@ -16,7 +16,10 @@ MONITOR_MODES = ("min", "max")
 
 @dataclass
 class TrainConfig(Options):
-    steps: int = option(1000, "optimizer updates (one per BPTT chunk)", ge=1, on_resume=True)
+    # none: no step cap, the run ends on train.minutes or early stopping (the command line
+    # lifts a task's default cap this way when the user gives --minutes without --steps)
+    steps: int | None = option(1000, "optimizer updates (one per BPTT chunk); none: no cap "
+                                     "(needs minutes or early_stop)", ge=1, on_resume=True)
     minutes: float | None = option(None, "wall-clock budget; stops cleanly at a step boundary",
                                    gt=0, on_resume=True)
     batch_size: int = option(32, "sequences (or parallel streams) per batch", ge=1)
@@ -51,3 +54,9 @@ class TrainConfig(Options):
     checkpoint_every: int | None = option(None, "steps between checkpoints (none: at each "
                                                 "validation)", ge=1, on_resume=True)
     seed: int = option(1234, "random seed (runs are deterministic on the CPU)", ge=0, le=2**63 - 1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps is None and self.minutes is None and self.early_stop is None:
+            raise OptionError("train.steps", "is none (no step cap), so train.minutes or "
+                                             "train.early_stop must end the run; give one")

@@ -75,12 +75,38 @@ def _flatten_state(state: Any) -> list[Tensor]:
 @dataclass
 class TrainResult:
     step: int
-    reason: str  # "steps", "time", "early_stop" or "interrupted"
+    reason: str  # "steps", "time", "early_stop" or "interrupted" (STOP_REASONS says them)
     valid: dict[str, float] = field(default_factory=dict)
     best_valid: float | None = None  # the best value of the monitored metric (train.monitor)
     checkpoint: Path | None = None
     metrics: Path | None = None
     plot: Path | None = None
+
+
+def budget_total(config: TrainConfig, step: int, done: int, elapsed: float) -> int | None:
+    """The step the run will stop at by the binding budget, for the progress bar's total and
+    ETA: the step cap, or the step the time budget reaches at the pace so far (``done`` steps
+    in ``elapsed`` seconds of this session), whichever comes first; None when unknown (no cap,
+    and no pace yet)."""
+    cap = config.steps
+    if config.minutes is None or done == 0 or elapsed <= 0:
+        return cap
+    by_time = step + max(0, int((config.minutes * 60 - elapsed) * done / elapsed))
+    return by_time if cap is None else min(cap, by_time)
+
+
+def stop_words(reason: str, config: TrainConfig) -> str:
+    """Why a run stopped, in words naming the option that set the limit."""
+    if reason == "steps":
+        return f"the step budget (train.steps = {config.steps}) is reached"
+    if reason == "time":
+        return f"the time budget (train.minutes = {config.minutes:g}) ran out"
+    if reason == "early_stop":
+        return (f"early stopping: no validation gain in {config.monitor} for "
+                f"{config.early_stop} evaluations (train.early_stop)")
+    if reason == "interrupted":
+        return "interrupted (Ctrl-C or SIGTERM); its checkpoint is saved"
+    return reason
 
 
 class TaskStep(nn.Module):
@@ -502,6 +528,7 @@ class Trainer:
         checkpoint_every = config.checkpoint_every or config.eval_every
         bar = tqdm(total=config.steps, initial=self.step, file=sys.stderr, unit="step",
                    disable=not (self.progress and main), dynamic_ncols=True, leave=True)
+        first_step = self.step
         started = self._started = time.perf_counter()
         tokens = 0
         self.stop_reason = self._requested = None
@@ -511,7 +538,7 @@ class Trainer:
             rng.seed_everything(config.seed)
         previous_handler = self._install_sigint()
         try:
-            while self.step < config.steps and self.stop_reason is None:
+            while self.stop_reason is None and (config.steps is None or self.step < config.steps):
                 batch_index, chunk = self.position
                 batch = self.task.batch(batch_index)
                 spans = chunk_spans(batch.length, config.bptt)
@@ -524,6 +551,7 @@ class Trainer:
                 if log:
                     log.write({"kind": "train", "step": self.step, "time": round(elapsed, 3),
                                **record})
+                bar.total = budget_total(config, self.step, self.step - first_step, elapsed)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens / elapsed:,.0f}",
                                 refresh=False)
@@ -583,7 +611,8 @@ class Trainer:
         from rnnkit.viz.curves import plot_run  # matplotlib only when there is a run directory
 
         return plot_run(metrics, self.out_dir / "curves.png",
-                        title=f"{self.task.name}: {self.out_dir.name}")
+                        title=f"{self.task.name}: {self.out_dir.name}",
+                        unit=getattr(self.task, "loss_unit", "nats per token"))
 
     def _evaluate_and_schedule(self, log: MetricsLog | None, bar: tqdm, schedule: bool = True) -> None:
         valid = self.evaluate()

@@ -27,7 +27,10 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_run(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> Path:
+def plot_run(metrics_path: str | Path, png_path: str | Path, title: str | None = None,
+             unit: str = "nats per token") -> Path:
+    """Loss curves and per-layer gradient norms of a run; ``unit``: the loss's unit as the
+    command line prints it (the task's ``loss_unit``: nats/char, nats/word, ...)."""
     records = read_metrics(metrics_path)
     train = [r for r in records if r.get("kind") == "train"]
     valid = [r for r in records if r.get("kind") == "valid"]
@@ -39,7 +42,7 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, title: str | None =
     if valid:
         ax_loss.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-",
                      label="validation", lw=1.5, ms=3)
-    ax_loss.set_ylabel("loss (nats per token)")
+    ax_loss.set_ylabel(f"loss ({unit})")
     if train or valid:  # a run that diverged at its first step has nothing to label
         ax_loss.legend()
     ax_loss.grid(alpha=0.3)
