@@ -174,6 +174,14 @@ def check_layer_state(
         raise ValueError(f"{name} is on {state.device} but the input is on {device}")
 
 
+def check_cell_sizes(input_size: int, hidden_size: int) -> None:
+    """What every one-step cell's constructor requires of its sizes."""
+    if input_size <= 0 or hidden_size <= 0:
+        raise ValueError(
+            f"input_size and hidden_size must be positive, got {input_size} and {hidden_size}"
+        )
+
+
 def check_layer_arguments(input_size: int, hidden_size: int, num_layers: int, dropout: float) -> None:
     """What every layer's constructor requires of its sizes and its dropout."""
     if input_size <= 0 or hidden_size <= 0 or num_layers <= 0:

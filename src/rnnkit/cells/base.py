@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rnnkit.validation import check_cell_input
+from rnnkit.validation import check_cell_input, check_cell_sizes
 
 State = tuple[Tensor, ...]
 """A cell's state: ``(h,)`` for Elman and GRU, ``LSTMState(h, c)`` for LSTM."""
@@ -197,10 +197,7 @@ class RecurrentCell(nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}  # as torch.nn's factory arguments
-        if input_size <= 0 or hidden_size <= 0:
-            raise ValueError(
-                f"input_size and hidden_size must be positive, got {input_size} and {hidden_size}"
-            )
+        check_cell_sizes(input_size, hidden_size)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkit.validation import check_cell_input
+from rnnkit.validation import check_cell_input, check_cell_sizes
 
 
 def positive_activation(v: Tensor) -> Tensor:
@@ -117,10 +117,7 @@ class MinimalCell(nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}  # as torch.nn's factory arguments
-        if input_size <= 0 or hidden_size <= 0:
-            raise ValueError(
-                f"input_size and hidden_size must be positive, got {input_size} and {hidden_size}"
-            )
+        check_cell_sizes(input_size, hidden_size)
         self.math = math_
         self.input_size = input_size
         self.hidden_size = hidden_size
