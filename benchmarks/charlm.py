@@ -31,6 +31,11 @@ MODELS = {
     "lstm-wd": ["--cell", "lstm", "--weight-drop", "0.25", "--dropout", "0.1"],
     # zoneout (Krueger et al. 2017 used more on c than on h), in rnnkit's fused kernel
     "lstm-zo": ["--cell", "lstm", "--zoneout", "0.05", "--zoneout-cell", "0.2"],
+    # Krueger et al.'s character-level PTB rates: more zoneout on c (0.5) than on h (0.05)
+    "lstm-zo5": ["--cell", "lstm", "--zoneout", "0.05", "--zoneout-cell", "0.5"],
+    # both regularisers that helped, together
+    "lstm-zowd": ["--cell", "lstm", "--zoneout", "0.05", "--zoneout-cell", "0.2",
+                  "--weight-drop", "0.25", "--dropout", "0.1"],
 }
 
 

@@ -40,7 +40,7 @@ from rnnkit.tasks import TASKS
 
 THREADS_HELP = ("torch CPU threads (default for train: the cores other processes leave free, "
                 "re-checked during the run; otherwise torch's choice)")
-RECHECK_SECONDS = 30.0  # how often a training run re-measures the free cores
+RECHECK_SECONDS = 30.0  # how often a training run reports the thread governor's changes
 NPROC_HELP = ("train on N processes of this machine (torch.distributed; --batch-size stays the "
               "global batch): starts torchrun for you")
 
@@ -241,8 +241,9 @@ def _train(args: argparse.Namespace) -> int:
             if group.is_main:
                 write_text(out / "config.yaml", yaml.safe_dump(
                     {"task": name, **config}, sort_keys=False, allow_unicode=True))
-        # other work starts and stops during a long run: follow the free cores
-        if threads.automatic and time.monotonic() >= next_check:
+        # other work starts and stops during a long run; the thread governor follows it at
+        # every layer call, and the log says when that changed the count
+        if time.monotonic() >= next_check:
             next_check = time.monotonic() + RECHECK_SECONDS
             changed = threads.recheck()
             if changed:

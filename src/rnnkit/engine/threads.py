@@ -84,9 +84,8 @@ class ThreadGovernor:
 
     def free_cores(self) -> int | None:
         """Cores the other processes left free, by the median of the recent samples."""
-        if not self._samples:
-            return None
-        return max(1, self.cores - int(statistics.median(self._samples)))
+        busy = self.busy_cores()
+        return None if busy is None else max(1, self.cores - busy)
 
     def adapt(self) -> int:
         """The thread count for the next call (torch's setting, changed if it must be)."""
@@ -107,6 +106,24 @@ class ThreadGovernor:
             torch.set_num_threads(threads)
         self._applied = threads
         return threads
+
+    def settle(self, sleep: Callable[[float], None] = time.sleep) -> int:
+        """Takes a full window of samples now (``WINDOW`` × ``SAMPLE_SECONDS``, a quarter of a
+        second) and applies them: a run's start-up choice, so its first steps and its first line
+        already follow the load instead of starting from torch's default."""
+        for index in range(WINDOW):
+            if index:
+                sleep(SAMPLE_SECONDS)
+            self._next_sample = 0.0  # sample now, whatever the clock says
+            self.adapt()
+        return torch.get_num_threads()
+
+    def busy_cores(self) -> int | None:
+        """Tasks other processes keep running, by the median of the recent samples (None before
+        the first sample, or without ``/proc``)."""
+        if not self._samples:
+            return None
+        return int(statistics.median(self._samples))
 
     def release(self) -> None:
         """Gives the user's own thread count back (policy changes, tests)."""

@@ -1,78 +1,38 @@
-"""How many CPU threads a run uses: what is actually free on the machine, not its core count.
+"""How many CPU threads a training run uses, and the line that says why.
 
-torch's default is one thread per core. On a machine where other processes keep cores busy that
-default oversubscribes them: the threads of one parallel op wait for each other at every
-barrier, and a charlm step measured 5× slower with 2 threads than with 1 while another process
-kept one of 2 cores busy (issue 17). So the command line measures the cores other processes use
-(the CPU time they took in ``/proc/stat`` over a short window, minus this process's own) and
-takes the free ones; where nothing else runs it keeps torch's default. The trainer re-checks at
-its validations (:meth:`ThreadChoice.recheck`), since other work starts and stops during a run.
+The measuring and shedding is the engine's thread governor (:mod:`rnnkit.engine.threads`): every
+layer call follows the cores other processes leave free. The command line only sets the request
+the governor never exceeds — ``--threads N``, else ``OMP_NUM_THREADS`` (torch honours it), else
+torch's default of one thread per core — takes the governor's first full sample before the run
+starts, and reports the choice and, during the run, its changes. One measurement of the load in
+the whole library, so the start-up line and the kernels never disagree.
 
-Linux only (``/proc/stat``); elsewhere torch's default is kept and the reason says why.
+Why it matters: torch's default oversubscribes a machine where other processes keep cores busy,
+and a recurrent layer's threads meet at a barrier every step; a charlm step measured 5× slower
+with 2 threads than with 1 while another process kept one of 2 cores busy (issue 17).
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-PROC_STAT = Path("/proc/stat")
-SAMPLE_SECONDS = 0.3  # long enough for the kernel's 10 ms tick to average over, short at start-up
-# a core counts as busy when others use more than this fraction of it (a shell, an editor and
-# the kernel's own work take a few percent without slowing a thread down)
-BUSY_SHARE = 0.5
+import torch
 
-
-def cpu_ticks(stat: Path | None = None) -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs since boot from ``/proc/stat``'s ``cpu`` line, or None
-    where there is no such file. Idle and iowait are not busy; guest time is already inside
-    user and nice, so the first eight columns are the total."""
-    try:
-        with (stat or PROC_STAT).open() as lines:
-            first = lines.readline().split()
-    except OSError:
-        return None
-    if not first or first[0] != "cpu" or len(first) < 5:
-        return None
-    values = [int(v) for v in first[1:9]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
-
-
-def own_ticks() -> float:
-    """This process's CPU time (all its threads) in jiffies, comparable with :func:`cpu_ticks`."""
-    return time.process_time() * os.sysconf("SC_CLK_TCK")
-
-
-def cores_used_by_others(before: tuple[int, int], after: tuple[int, int], own: float,
-                         cores: int) -> float:
-    """Cores' worth of CPU the other processes used between two :func:`cpu_ticks` samples,
-    given this process's own ticks over the same window."""
-    busy, total = after[0] - before[0], after[1] - before[1]
-    if total <= 0:
-        return 0.0
-    return max(0.0, (busy - own) / total * cores)
-
-
-def threads_for(default: int, cores: int, others: float) -> int:
-    """torch's ``default`` thread count, less the cores others keep busy (at least one)."""
-    busy = int(others + (1 - BUSY_SHARE))  # rounds a share above BUSY_SHARE up to a whole core
-    return max(1, min(default, cores - busy))
+from rnnkit.engine import threads as engine_threads
+from rnnkit.engine.threads import ThreadGovernor
 
 
 @dataclass
 class ThreadChoice:
-    """The thread count of a run, why, and (when chosen from the load) its re-checks."""
+    """The thread count of a run, why, and whether it follows the load during the run."""
 
     threads: int
     reason: str
-    automatic: bool  # chosen from the load: re-checked during the run
-    cores: int = 1
-    default: int = 1
-    _last: tuple[int, int] | None = field(default=None, repr=False)
-    _own: float = field(default=0.0, repr=False)
+    automatic: bool  # chosen from the load (the line says how to override it)
+    requested: int = 1
+    source: str = "torch's default"  # where the request came from, as the lines name it
+    governor: ThreadGovernor = field(default_factory=lambda: engine_threads.GOVERNOR, repr=False)
 
     def line(self) -> str:
         """The start-up line: the choice, why, and how to override it."""
@@ -81,58 +41,47 @@ class ThreadChoice:
         return f"threads: {self.threads} thread{plural} ({self.reason}){how}"
 
     def recheck(self) -> str | None:
-        """Re-measures the load since the last measure and applies a changed choice; returns a
-        line saying so, or None when the count stays."""
-        if not self.automatic or self._last is None:
+        """A line when the governor has changed the count since the last report, else None
+        (whatever set the request: ``--threads N`` is a ceiling the governor keeps under)."""
+        threads = torch.get_num_threads()
+        if threads == self.threads or self.governor.policy == "fixed":
             return None
-        now, own = cpu_ticks(), own_ticks()
-        if now is None:
-            return None
-        others = cores_used_by_others(self._last, now, own - self._own, self.cores)
-        self._last, self._own = now, own
-        threads = threads_for(self.default, self.cores, others)
-        if threads == self.threads:
-            return None
-        import torch
-
-        torch.set_num_threads(threads)
-        self.threads, self.reason = threads, _load_reason(others, self.cores, self.default,
-                                                          threads)
+        self.threads = threads
+        self.reason = load_reason(self.governor, self.source, self.requested, threads)
         return f"threads: now {threads} ({self.reason})"
 
 
-def _load_reason(others: float, cores: int, default: int, threads: int) -> str:
-    if threads == default:
-        return f"torch's default: other processes use {others:.1f} of {cores} cores"
-    return (f"other processes keep {others:.1f} of {cores} cores busy; torch's default "
-            f"{default} would oversubscribe them")
+def load_reason(governor: ThreadGovernor, source: str, requested: int, threads: int) -> str:
+    busy = governor.busy_cores()
+    if busy is None:
+        return f"{source}; no /proc to measure the load"
+    if threads == requested:
+        return f"{source}: other processes keep {busy} of {governor.cores} cores busy"
+    return (f"other processes keep {busy} of {governor.cores} cores busy; {source} "
+            f"{requested} would oversubscribe them")
 
 
-def choose_threads(requested: int | None, sample_seconds: float = SAMPLE_SECONDS,
-                   default: int | None = None) -> ThreadChoice:
+def choose_threads(requested: int | None,
+                   governor: ThreadGovernor | None = None) -> ThreadChoice:
     """The run's thread count, applied to torch: ``requested`` (``--threads``) if given, else
-    ``OMP_NUM_THREADS`` if set (torch already honours it), else ``default`` (torch's own count)
-    less the cores other processes keep busy over ``sample_seconds``."""
-    import torch
-
+    ``OMP_NUM_THREADS`` if set, as they are; else torch's default less the cores other
+    processes keep busy now (the governor's first full sample), followed during the run."""
+    governor = governor or engine_threads.GOVERNOR
     if requested is not None:
         torch.set_num_threads(requested)
-        return ThreadChoice(requested, "--threads", automatic=False)
+        return ThreadChoice(requested, "--threads", automatic=False, requested=requested,
+                            source="--threads", governor=governor)
     if os.environ.get("OMP_NUM_THREADS"):
-        return ThreadChoice(torch.get_num_threads(), "OMP_NUM_THREADS", automatic=False)
-    default = default or torch.get_num_threads()
-    cores = os.cpu_count() or default
+        count = torch.get_num_threads()
+        return ThreadChoice(count, "OMP_NUM_THREADS", automatic=False, requested=count,
+                            source="OMP_NUM_THREADS", governor=governor)
+    default = torch.get_num_threads()
     if default == 1:  # nothing to take away: no need to measure
-        return ThreadChoice(1, "torch's default here", automatic=False)
-    before, own = cpu_ticks(), own_ticks()
-    if before is None:
-        return ThreadChoice(default, "torch's default; no /proc/stat to measure the load",
-                            automatic=False)
-    time.sleep(sample_seconds)
-    after, own_after = cpu_ticks(), own_ticks()
-    assert after is not None
-    others = cores_used_by_others(before, after, own_after - own, cores)
-    threads = threads_for(default, cores, others)
-    torch.set_num_threads(threads)
-    return ThreadChoice(threads, _load_reason(others, cores, default, threads), automatic=True,
-                        cores=cores, default=default, _last=after, _own=own_after)
+        return ThreadChoice(1, "torch's default here", automatic=False, governor=governor)
+    if governor.policy == "fixed":
+        return ThreadChoice(default, f"torch's default; {engine_threads.POLICY_ENV}=fixed",
+                            automatic=False, requested=default, governor=governor)
+    threads = governor.settle()
+    source = "torch's default"
+    return ThreadChoice(threads, load_reason(governor, source, default, threads),
+                        automatic=True, requested=default, source=source, governor=governor)
