@@ -126,10 +126,17 @@ class TaskStep(nn.Module):
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    # torch's fused implementation updates every parameter in one kernel; its default on the CPU
+    # is a Python loop over parameters, measured 14× slower for a 2.2 M-parameter, 16-tensor
+    # model (Adam step 19.0 vs 1.3 ms, 1 thread) — about a fifth of a CoNLL tagger's step.
+    # Same arithmetic (2e-7 apart after 20 steps). Resuming keeps what the checkpoint was made
+    # with: load_state_dict restores the flag with the param groups.
+    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+                               weight_decay=config.weight_decay, fused=fused or None)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
+                            fused=fused or None)
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
