@@ -18,6 +18,8 @@ import argparse
 import os
 import re
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +29,34 @@ from torch import nn
 
 import rnnkit
 from rnnkit.engine import threads as governor
-from speed import SHAPES, VARIANTS, alternate
+from speed import SHAPES, VARIANTS
 
 SECTION_START = "<!-- inference:start -->"
 SECTION_END = "<!-- inference:end -->"
+
+
+def alternate(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
+              warmup: int = 2, min_seconds: float = 0.5, max_repeats: int = 2000
+              ) -> tuple[float, float]:
+    """The minimum seconds of each callable over interleaved runs (the order flips every round).
+
+    The minimum, not the median: on a shared machine it is the run the scheduler did not
+    interrupt, and both sides get the same chances at it. At least ``repeats`` runs each, more
+    until each side has run ``min_seconds`` in total.
+    """
+    for _ in range(warmup):
+        ours()
+        theirs()
+    ours_times: list[float] = []
+    their_times: list[float] = []
+    pairs = ((ours, ours_times), (theirs, their_times))
+    while len(ours_times) < max_repeats and (
+            len(ours_times) < repeats or min(sum(ours_times), sum(their_times)) < min_seconds):
+        for fn, times in pairs if len(ours_times) % 2 == 0 else pairs[::-1]:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return min(ours_times), min(their_times)
 
 
 @dataclass
@@ -87,7 +113,7 @@ def bench_variant(name: str, hidden: int, shapes: list[tuple[int, int, int]], th
 
 
 def bench_step(hidden: int, repeats: int) -> tuple[float, float, float]:
-    """Median seconds of one LSTM step at batch 1: rnnkit.LSTMCell vs torch.nn.LSTMCell, and the
+    """Minimum seconds of one LSTM step at batch 1: rnnkit.LSTMCell vs torch.nn.LSTMCell, and the
     floor: one matrix-vector product over all of the step's weights ((4H, I + H) float32), the
     least memory traffic any implementation of the step needs (at batch 1 it is bandwidth-bound).
     """

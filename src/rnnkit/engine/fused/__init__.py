@@ -287,11 +287,23 @@ def run_step(
 # (A ragged batch is another matter: see native_op.)
 NATIVE_MIN_ROWS = 32
 
+# Inference at batch 1 (no gradient asked for): rnnkit's kernel, whose recurrent product is a
+# matrix-vector product streaming W_hh once per step (gemv_rows). Measured 2026-11-30, 1 thread,
+# forward under inference_mode, min of 15-40 interleaved runs, load average 5-6
+# (benchmarks/inference.py's shapes), rnnkit's kernel / torch's op: T,B,H = 200,1,64: 0.94;
+# 35,1,200: 0.83; 200,1,128: 0.92; 100,1,256: 0.27 (2.25 vs 8.40 ms); 50,1,512: 0.46; 20,1,256:
+# 1.03 (even). With a gradient the batch-1 rule above stands (its backward was not re-measured).
+INFERENCE_OWN_BATCH = 1
 
-def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None = None) -> bool:
+
+def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None = None,
+                      inference: bool = False) -> bool:
     """Whether rnnkit's kernel beats torch's oneDNN op on a padded plain LSTM of this shape
-    with ``threads`` torch threads (default: torch's current count)."""
+    with ``threads`` torch threads (default: torch's current count); ``inference``: forward
+    only, no gradient asked for."""
     if steps * batch < NATIVE_MIN_ROWS:  # a streaming step: torch's per-call weight reorder
+        return True
+    if inference and batch <= INFERENCE_OWN_BATCH:
         return True
     threads = torch.get_num_threads() if threads is None else threads
     return threads > 1 and ((batch <= 4 and hidden <= 128) or (batch <= 32 and hidden <= 64))
@@ -315,8 +327,9 @@ def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None,
     if not (use_native and spec == CellSpec("lstm")):  # (a layer-norm spec is not this one)
         return None
     ragged = x is not None and batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes)
+    inference = not torch.is_grad_enabled()  # (no_grad / inference_mode: forward only)
     if ((ragged or (x is not None and hidden is not None
-                    and own_kernel_faster(x.shape[0], x.shape[1], hidden)))
+                    and own_kernel_faster(x.shape[0], x.shape[1], hidden, inference=inference)))
             and _build.load() is not None):
         return None
     return _run_vf_lstm
