@@ -99,6 +99,7 @@ def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str
             return _layer_norm.EXTENSION.error or "extension unavailable"
         return None
     try:
+        spec = spec_of(spec)  # (once: a cell math object builds its CellSpec on every access)
         route = route_of(spec)
     except ValueError as exc:
         return str(exc)
@@ -131,7 +132,8 @@ def run_layer(
     bs = None if batch_sizes is None else [int(b) for b in batch_sizes]
     if bs is not None and all(b == x.shape[1] for b in bs):
         bs = None
-    route = route_of(spec)
+    key = spec_of(spec)  # (once: a cell math object builds its CellSpec on every access)
+    route = route_of(key)
     # A ragged projected LSTM takes the BPTT engine in chunks rather than torch's packed op:
     # measured (1 thread, CPU time) 124 vs 200 ms at 100,32,256 P=128 and 123 vs 368 ms at
     # 400,16,128 P=64, uniform lengths, forward+backward, before chunking.
@@ -142,12 +144,12 @@ def run_layer(
         return _run_in_chunks(lambda xs, st, b: run_bptt(math, xs, st, params, b),
                               bs, x, state0, params)
     native = None if masks is not None else native_op(
-        spec, x, params[1].shape[1] if params[1] is not None else None, bs)
+        key, x, params[1].shape[1] if params[1] is not None else None, bs)
     if native is not None:
         return native(x, state0, params, bs)
     if _build.load() is None:
         raise RuntimeError(f"fused backend unavailable: {_build.error()}")
-    cfg = config_of(spec)
+    cfg = config_of(key)
     # Save activations only when a gradient will be asked for.
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *state0, *params))
