@@ -159,13 +159,20 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
 // 1024 x 256 22.4 -> 11.8 us, 256 x 256 4.8 -> 2.3 us, 2048 x 512 77 -> 51 us (AVX-512), i.e.
 // the weight now streams at L2 / L3 bandwidth. Software prefetch measured no better (the rows
 // of a block are adjacent: the hardware prefetcher follows them). Returns the rows done.
+// Set by lstm_fwd_loop on odd steps at batch 1: gemv_rows8 then takes its blocks last to first,
+// so a step starts with the rows the previous one read last, still in L2 (a 4H x H weight of
+// H = 256 is 1 MiB, this CPU's whole L2: read in one direction every step, each read evicts a
+// row the next step needs first). Each output is the same dot product in either order.
+thread_local bool g_rows_descending = false;
+
 inline int64_t gemv_rows8(int64_t N, int64_t K, const float* a, const float* Bt, int64_t ldbt,
                           float* c, bool acc) {
   const int64_t N8 = N / 8 * 8;
 #if defined(__AVX512F__)
   const int64_t K16 = K / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (K - K16)) - 1u);
-  for (int64_t n = 0; n < N8; n += 8) {
+  for (int64_t i = 0; i < N8; i += 8) {
+    const int64_t n = g_rows_descending ? N8 - 8 - i : i;
     const float* w = Bt + n * ldbt;
     __m512 s[8];
     for (int r = 0; r < 8; ++r) s[r] = _mm512_setzero_ps();
@@ -191,7 +198,8 @@ inline int64_t gemv_rows8(int64_t N, int64_t K, const float* a, const float* Bt,
   alignas(32) int32_t lanes[8];
   for (int i = 0; i < 8; ++i) lanes[i] = i < K - K8 ? -1 : 0;
   const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
-  for (int64_t n = 0; n < N8; n += 8) {
+  for (int64_t i = 0; i < N8; i += 8) {
+    const int64_t n = g_rows_descending ? N8 - 8 - i : i;
     const float* w = Bt + n * ldbt;
     __m256 s[8];
     for (int r = 0; r < 8; ++r) s[r] = _mm256_setzero_ps();
@@ -466,9 +474,16 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
       const T* hin = REG ? R.gemm_input(t, B * H, hp) : hp;
       T* hdn = REG ? R.next_input(t, B * H) : nullptr;
       T* g = gates + t * B * GH;
-      if (j1 > j0)
-        for (int64_t b = 0; b < G; ++b)
+      if (j1 > j0) {
+        // batch 1: odd steps read W_hh last row to first (see g_rows_descending)
+        const bool descending = M == 1 && W.bt && (t & 1);
+        g_rows_descending = descending;
+        for (int64_t i = 0; i < G; ++i) {
+          const int64_t b = descending ? G - 1 - i : i;
           W.mm(M, j1 - j0, H, hin, H, b * H + j0, rec + b * H + j0, GH, false);
+        }
+        g_rows_descending = false;
+      }
       for (int64_t m = 0; m < M; ++m) {
         T* gr = g + m * GH;
         const T* rr = rec + m * GH;
