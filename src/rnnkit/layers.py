@@ -198,12 +198,15 @@ class RecurrentLayer(nn.Module):
         """``(w_ih, w_hh, b_ih, b_hh, *extra)`` of one layer and direction (the engine's order;
         ``extra`` is the math's ``extra_weight_names``: diagonal weights, then ``weight_hr``)."""
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-        weights = [getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)]
+        parameters = self._parameters  # (getattr on a Module costs ~0.5 µs per name; a
+        # parametrized weight is not in the dict: getattr finds it)
+        get = lambda name: parameters[name] if name in parameters else getattr(self, name)  # noqa: E731
+        weights = [get("weight_ih" + suffix), get("weight_hh" + suffix)]
         if self.bias and self.math.has_bias_vectors:
-            weights += [getattr(self, "bias_ih" + suffix), getattr(self, "bias_hh" + suffix)]
+            weights += [get("bias_ih" + suffix), get("bias_hh" + suffix)]
         else:
             weights += [None, None]
-        weights += [getattr(self, name + suffix) for name in self.math.extra_weight_names]
+        weights += [get(name + suffix) for name in self.math.extra_weight_names]
         return tuple(weights)
 
     # --- forward ---------------------------------------------------------------------------

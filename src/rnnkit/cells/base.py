@@ -268,8 +268,15 @@ class RecurrentCell(nn.Module):
             state = self.zero_state(x_t.shape[0], dtype=x_t.dtype, device=x_t.device)
         # one step is a sequence of length 1: the engine's fused kernel is the fastest way to run
         # it (a streaming step), and the cell shares every backend's tested code path
-        params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                  *self.diagonal_weights)
+        # (from the parameters' dict: a Module attribute costs ~0.5 µs each, a step ~20 µs; a
+        # parametrized weight is not in the dict: then by attribute)
+        p = self._parameters
+        try:
+            params = (p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"],
+                      *(p[name] for name in self.math.diagonal_names))
+        except KeyError:
+            params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                      *self.diagonal_weights)
         new_state = self.math.make_state(_engine().run_step(self.math, x_t, tuple(state), params))
         if unbatched:
             new_state = self.math.make_state([s.squeeze(0) for s in new_state])

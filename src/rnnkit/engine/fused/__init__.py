@@ -99,6 +99,7 @@ def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str
             return _layer_norm.EXTENSION.error or "extension unavailable"
         return None
     try:
+        spec = spec_of(spec)  # (once: a cell math object builds its CellSpec on every access)
         route = route_of(spec)
     except ValueError as exc:
         return str(exc)
@@ -131,7 +132,8 @@ def run_layer(
     bs = None if batch_sizes is None else [int(b) for b in batch_sizes]
     if bs is not None and all(b == x.shape[1] for b in bs):
         bs = None
-    route = route_of(spec)
+    key = spec_of(spec)  # (once: a cell math object builds its CellSpec on every access)
+    route = route_of(key)
     # A ragged projected LSTM takes the BPTT engine in chunks rather than torch's packed op:
     # measured (1 thread, CPU time) 124 vs 200 ms at 100,32,256 P=128 and 123 vs 368 ms at
     # 400,16,128 P=64, uniform lengths, forward+backward, before chunking.
@@ -142,12 +144,12 @@ def run_layer(
         return _run_in_chunks(lambda xs, st, b: run_bptt(math, xs, st, params, b),
                               bs, x, state0, params)
     native = None if masks is not None else native_op(
-        spec, x, params[1].shape[1] if params[1] is not None else None, bs)
+        key, x, params[1].shape[1] if params[1] is not None else None, bs)
     if native is not None:
         return native(x, state0, params, bs)
     if _build.load() is None:
         raise RuntimeError(f"fused backend unavailable: {_build.error()}")
-    cfg = config_of(spec)
+    cfg = config_of(key)
     # Save activations only when a gradient will be asked for.
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *state0, *params))
@@ -287,11 +289,23 @@ def run_step(
 # (A ragged batch is another matter: see native_op.)
 NATIVE_MIN_ROWS = 32
 
+# Inference at batch 1 (no gradient asked for): rnnkit's kernel, whose recurrent product is a
+# matrix-vector product streaming W_hh once per step (gemv_rows). Measured 2026-11-30, 1 thread,
+# forward under inference_mode, min of 15-40 interleaved runs, load average 5-6
+# (benchmarks/inference.py's shapes), rnnkit's kernel / torch's op: T,B,H = 200,1,64: 0.94;
+# 35,1,200: 0.83; 200,1,128: 0.92; 100,1,256: 0.27 (2.25 vs 8.40 ms); 50,1,512: 0.46; 20,1,256:
+# 1.03 (even). With a gradient the batch-1 rule above stands (its backward was not re-measured).
+INFERENCE_OWN_BATCH = 1
 
-def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None = None) -> bool:
+
+def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None = None,
+                      inference: bool = False) -> bool:
     """Whether rnnkit's kernel beats torch's oneDNN op on a padded plain LSTM of this shape
-    with ``threads`` torch threads (default: torch's current count)."""
+    with ``threads`` torch threads (default: torch's current count); ``inference``: forward
+    only, no gradient asked for."""
     if steps * batch < NATIVE_MIN_ROWS:  # a streaming step: torch's per-call weight reorder
+        return True
+    if inference and batch <= INFERENCE_OWN_BATCH:
         return True
     threads = torch.get_num_threads() if threads is None else threads
     return threads > 1 and ((batch <= 4 and hidden <= 128) or (batch <= 32 and hidden <= 64))
@@ -315,8 +329,9 @@ def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None,
     if not (use_native and spec == CellSpec("lstm")):  # (a layer-norm spec is not this one)
         return None
     ragged = x is not None and batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes)
+    inference = not torch.is_grad_enabled()  # (no_grad / inference_mode: forward only)
     if ((ragged or (x is not None and hidden is not None
-                    and own_kernel_faster(x.shape[0], x.shape[1], hidden)))
+                    and own_kernel_faster(x.shape[0], x.shape[1], hidden, inference=inference)))
             and _build.load() is not None):
         return None
     return _run_vf_lstm
