@@ -273,3 +273,43 @@ def test_outside_autocast_nothing_changes():
         out, _ = module(x)
     assert out.dtype == torch.float32
     assert torch.equal(out, module(x)[0])
+
+
+def _charlm_args(tmp_path, steps: int, precision_name: str) -> list[str]:
+    text = tmp_path / "input.txt"
+    if not text.exists():
+        text.write_text("def hello(world):\n    return world + 1\n" * 300)
+    return ["train", "charlm", "--data", str(text), "--hidden", "16", "--steps", str(steps),
+            "--batch-size", "4", "--seq-len", "20", "--eval-every", "2", "--precision",
+            precision_name, "--threads", "1", "--no-progress", "--out", str(tmp_path / "run")]
+
+
+@needs_bf16
+def test_train_charlm_in_bf16_saves_float32_master_weights_and_resumes(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from rnnkit.cli import main
+
+    assert main(_charlm_args(tmp_path, 3, "bf16")) == 0
+    assert main([*_charlm_args(tmp_path, 5, "bf16"), "--resume"]) == 0
+    assert "resuming from step 3 of 5" in capsys.readouterr().out
+    weights = load_file(str(sorted((tmp_path / "run").glob("checkpoint-*.safetensors"))[-1]))
+    model = {k: v for k, v in weights.items() if k.startswith("model/")}
+    assert model and all(v.dtype == torch.float32 for v in model.values())
+    # the carried state of a bf16 run (bf16, as torch.nn's LSTM returns it) fits a float32 resume
+    assert main([*_charlm_args(tmp_path, 6, "fp32"), "--resume"]) == 0
+
+
+def test_train_bf16_refused_on_a_cpu_without_bf16(tmp_path, monkeypatch, capsys):
+    from rnnkit.cli import main
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"fpu", "avx2"}))
+    precision.bf16_missing.cache_clear()
+    try:
+        assert main(_charlm_args(tmp_path, 2, "bf16")) == 2
+    finally:
+        precision.bf16_missing.cache_clear()
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-1].startswith("rnnkit train: error: train.precision is bf16, but this CPU "
+                                 "has no bfloat16 instructions"), errors
+    assert not any("Traceback" in line for line in errors)
