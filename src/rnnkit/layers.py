@@ -220,6 +220,11 @@ class RecurrentLayer(nn.Module):
         ``input`` is (T, B, I) — (B, T, I) with ``batch_first`` — or unbatched (T, I), or a
         ``PackedSequence``. ``lengths`` (B,) marks the real length of each padded sequence: the
         final state is taken at that length and outputs past it are zero.
+
+        Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the layer runs in mixed precision
+        (bf16 GEMM inputs, float32 accumulation, state and weights) and returns what torch.nn
+        returns under CPU autocast: bfloat16 output and states for RNN and LSTM, float32 for
+        GRU (:mod:`rnnkit.engine.precision`).
         """
         # CPU autocast: a bf16 input or state is read as float32, out_dtype is what torch.nn
         # returns (rnnkit.engine.precision)

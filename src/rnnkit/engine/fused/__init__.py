@@ -19,6 +19,11 @@ owns a slice of hidden units, computes its columns of the recurrent GEMM with th
 micro-kernel that torch exports, updates its units, and meets the others at one barrier per step.
 The input projection, ``dx`` and the weight gradients are single parallel GEMMs over all steps.
 
+Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the same kernels run in their bf16 mode
+(``run_layer(..., bf16=True)``: every GEMM reads bf16 copies of its operands and writes float32;
+state and pointwise math stay float32); ``route_of(spec, bf16=True)`` says which variants have
+it (see :mod:`rnnkit.engine.precision`).
+
 The layer-normalised LSTM and GRU have their own kernels (``csrc/layer_norm_rnn.cpp``, see
 ``_layer_norm``): a row's LN needs every column of the row, so there threads split the batch.
 

@@ -14,6 +14,8 @@
 // pointwise update of its own units, then one barrier. No fork/join per step, no allocation.
 // Short inputs (T*B < 16, e.g. a streaming step) use the weights as stored through BLAS instead
 // of transposed copies. float64 runs the same code with BLAS dgemm and libm (for exactness).
+// bf16 mode (float32 only; see "bfloat16 mixed precision" below): the same loops, with every
+// GEMM reading bf16 copies of its operands and writing float32.
 //
 // Math (same as rnnkit.cells; rows of W_* stacked per gate block in this order):
 //   Elman  h' = f(W_ih x + b_ih + W_hh h + b_hh)
