@@ -313,3 +313,22 @@ def test_train_bf16_refused_on_a_cpu_without_bf16(tmp_path, monkeypatch, capsys)
     assert errors[-1].startswith("rnnkit train: error: train.precision is bf16, but this CPU "
                                  "has no bfloat16 instructions"), errors
     assert not any("Traceback" in line for line in errors)
+
+
+@needs_bf16
+@pytest.mark.parametrize("kind", [1, 2])  # LSTM, GRU reset-after
+def test_opcheck_bf16_mode(kind):
+    """torch.library's checks of layer_forward with bf16=True: schema, fake kernel, autograd."""
+    from rnnkit.engine.fused import _build
+
+    ops = _build.load()
+    gen = torch.Generator().manual_seed(0)
+    rows = (4 if kind == 1 else 3) * 5
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen).sub(0.5).requires_grad_()
+
+    args = (kind, 0, False, False, False, rand(4, 3, 2), rand(3, 5),
+            rand(3, 5) if kind == 1 else None, rand(rows, 2), rand(rows, 5), rand(rows),
+            rand(rows), None, None, None, None, [], True, 1, True)
+    torch.library.opcheck(ops.layer_forward.default, args)
