@@ -332,3 +332,14 @@ def test_opcheck_bf16_mode(kind):
             rand(3, 5) if kind == 1 else None, rand(rows, 2), rand(rows, 5), rand(rows),
             rand(rows), None, None, None, None, [], True, 1, True)
     torch.library.opcheck(ops.layer_forward.default, args)
+
+
+def test_float64_layer_is_left_alone_by_autocast():
+    """Autocast lowers float32 only (as torch's ops): a float64 layer runs float64."""
+    torch.manual_seed(8)
+    module = rnnkit.LSTM(3, 4, peephole=True).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with autocast():
+        out, (h, c) = module(x)
+    assert out.dtype == h.dtype == c.dtype == torch.float64
+    assert torch.equal(out, module(x)[0])

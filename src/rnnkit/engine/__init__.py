@@ -62,7 +62,7 @@ def run_fused(
     reason = fused.unavailable_reason(math, x.dtype, x.device, masks)
     if reason is None:  # (under autocast here only where the kernel has a bf16 mode: run_layer)
         return fused.run_layer(math, x, state0, params, batch_sizes, masks,
-                               bf16=precision.autocast_bf16(x.device))
+                               bf16=precision.autocast_bf16(x.device, x.dtype))
     if reason not in _fallbacks_warned:
         _fallbacks_warned.add(reason)
         warnings.warn(
@@ -122,7 +122,7 @@ def run_layer(
     name = backend or _default_backend
     if name not in BACKENDS:
         raise ValueError(f"unknown engine backend {name!r}; available: {sorted(BACKENDS)}")
-    if precision.engine_autocast(math, name, x.device) == "float32":  # (warned once)
+    if precision.engine_autocast(math, name, x) == "float32":  # (warned once)
         with torch.autocast("cpu", enabled=False):
             return run_layer(math, x, state0, params, batch_sizes, backend, masks)
     check_steps("x", x.shape[0])

@@ -76,9 +76,10 @@ def require_bf16() -> None:
                            f"instructions: {missing}")
 
 
-def autocast_bf16(device: torch.device) -> bool:
-    """Whether CPU autocast in bfloat16 is on for a tensor on ``device``."""
-    return (device.type == "cpu" and torch.is_autocast_enabled("cpu")
+def autocast_bf16(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether CPU autocast in bfloat16 applies to a tensor of ``dtype`` on ``device`` (autocast
+    lowers float32 only: float64 stays float64)."""
+    return (device.type == "cpu" and dtype == torch.float32 and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
@@ -147,11 +148,11 @@ def layer_autocast(input: Any, hx: Any, dtype: torch.dtype, kind: str
     return input, hx, output_dtype(kind) if low == torch.bfloat16 else None
 
 
-def engine_autocast(math: Any, backend: str, device: torch.device) -> str | None:
+def engine_autocast(math: Any, backend: str, x: Tensor) -> str | None:
     """How the engine runs one layer under CPU autocast: ``"bf16"`` (the fused kernel's bf16
     mode), ``"float32"`` (no mixed-precision path: warned once, autocast switched off) or None
-    (no autocast)."""
-    if device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+    (no autocast, or a float64 layer, which autocast leaves alone)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.is_autocast_enabled("cpu"):
         return None
     low = torch.get_autocast_dtype("cpu")
     spec = getattr(math, "spec", None)
