@@ -343,3 +343,15 @@ def test_float64_layer_is_left_alone_by_autocast():
         out, (h, c) = module(x)
     assert out.dtype == h.dtype == c.dtype == torch.float64
     assert torch.equal(out, module(x)[0])
+
+
+@needs_bf16
+def test_cells_run_bf16_mode_and_keep_float32_state():
+    torch.manual_seed(9)
+    cell = rnnkit.GRUCell(6, 10, reset="before")
+    x, h = torch.randn(3, 6), torch.randn(3, 10)
+    want, _ = cell(x, h)
+    with autocast():
+        got, (state,) = cell(x, h)
+    assert got.dtype == state.dtype == torch.float32
+    assert 0 < (got - want).abs().max() < 3e-2  # rounded GEMM inputs, not the float32 kernel

@@ -11,7 +11,10 @@ What comes out follows ``torch.nn`` under CPU autocast (torch 2.13, measured): `
 (autocast's ``mkldnn_rnn_layer``) and ``nn.RNN`` return output and final states in bfloat16,
 ``nn.GRU`` in float32. So rnnkit's ``RNN`` and ``LSTM`` (every variant) return bfloat16 and its
 ``GRU`` float32 (:func:`output_dtype`); gradients reach the float32 parameters either way. A
-bfloat16 input or initial state is accepted (as by torch.nn) and read as float32 (exact).
+bfloat16 input or initial state is accepted (as by torch.nn) and read as float32 (exact). The
+one-step cells (``LSTMCell`` & co.) run the same bf16 mode and keep their state float32 (unlike
+``nn.LSTMCell``, which returns bf16 under autocast: a streamed state would be rounded every step).
+The non-recurrent contrasts (MinGRU, MinLSTM, TCN) are torch ops, which autocast handles itself.
 
 What has no bf16 path runs in float32 with autocast off and says so once (RuntimeWarning naming
 it), never silently: the layer-normalised cells (their own kernel), the projected LSTM
