@@ -355,3 +355,17 @@ def test_cells_run_bf16_mode_and_keep_float32_state():
         got, (state,) = cell(x, h)
     assert got.dtype == state.dtype == torch.float32
     assert 0 < (got - want).abs().max() < 3e-2  # rounded GEMM inputs, not the float32 kernel
+
+
+@needs_bf16
+def test_packed_bf16_sequence_under_autocast():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(10)
+    module = rnnkit.LSTM(4, 8, bidirectional=True)
+    x = torch.randn(6, 3, 4).to(torch.bfloat16)
+    with autocast():
+        out, (h, _) = module(pack_padded_sequence(x, [6, 4, 2]))
+    want, _ = module(pack_padded_sequence(x.float(), [6, 4, 2]))
+    assert out.data.dtype == h.dtype == torch.bfloat16
+    torch.testing.assert_close(out.data.float(), want.data, atol=3e-2, rtol=0)
