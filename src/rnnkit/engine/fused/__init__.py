@@ -68,10 +68,11 @@ ROUTES: dict[CellSpec, str] = {
 
 
 # Under torch.autocast("cpu", dtype=torch.bfloat16) (``bf16``, see rnnkit.engine.precision) every
-# variant in KERNELS runs its kernel's bf16 mode — the plain LSTM too, rather than torch's op
-# (torch's oneDNN LSTM under autocast is bf16 end to end, states included; rnnkit's kernel keeps
-# them float32 and was measured faster: benchmarks/bf16.py). Everything else has no bf16 path and
-# runs float32: the variants of ROUTES and the layer-normalised kernels (_layer_norm.KERNELS).
+# variant in KERNELS runs its kernel's bf16 mode — the plain LSTM too, rather than torch's op:
+# torch's oneDNN LSTM under autocast rounds its states to bf16 as well, rnnkit's kernel keeps them
+# float32, and the speed was a draw (benchmarks/bf16.py, loaded machine: rnnkit / torch 0.78-1.25
+# over four runs and shapes). Everything else has no bf16 path and runs float32: the variants of
+# ROUTES and the layer-normalised kernels (_layer_norm.KERNELS).
 BF16_FLOAT32 = "float32"
 
 
