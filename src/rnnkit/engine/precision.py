@@ -27,12 +27,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import fields, is_dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
+
+from rnnkit import native
 
 __all__ = ["autocast_bf16", "bf16_missing", "engine_autocast", "layer_autocast", "output_dtype",
            "require_bf16", "warn_float32"]
@@ -43,15 +44,9 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def cpu_flags() -> frozenset[str] | None:
-    """The flags of the first CPU in /proc/cpuinfo, or None where there is no such file."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return None
+    """This CPU's flags (:func:`rnnkit.native.cpu_flags`), or None where /proc/cpuinfo lists
+    none (then the micro-kernel's own check decides)."""
+    return frozenset(native.cpu_flags()) or None
 
 
 @lru_cache(maxsize=1)
