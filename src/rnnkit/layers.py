@@ -27,6 +27,7 @@ from rnnkit.cells.lstm import forget_bias_vectors, init_forget_bias, lstm_math
 from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_minimal, unpickle_minimal
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
+from rnnkit.engine.precision import layer_autocast
 from rnnkit.engine.regularise import check_rate, drop_input, drop_weight, recurrent_masks
 from rnnkit.engine.scan import minimal_layer_scan
 from rnnkit.validation import (
@@ -222,7 +223,16 @@ class RecurrentLayer(nn.Module):
         ``input`` is (T, B, I) — (B, T, I) with ``batch_first`` — or unbatched (T, I), or a
         ``PackedSequence``. ``lengths`` (B,) marks the real length of each padded sequence: the
         final state is taken at that length and outputs past it are zero.
+
+        Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the layer runs in mixed precision
+        (bf16 GEMM inputs, float32 accumulation, state and weights) and returns what torch.nn
+        returns under CPU autocast: bfloat16 output and states for RNN and LSTM, float32 for
+        GRU (:mod:`rnnkit.engine.precision`).
         """
+        # CPU autocast: a bf16 input or state is read as float32, out_dtype is what torch.nn
+        # returns (rnnkit.engine.precision)
+        input, hx, out_dtype = layer_autocast(input, hx, self._parameters["weight_hh_l0"].dtype,
+                                              self.math.kind)
         x, lengths, packed, unbatched = self._time_major(input, lengths,
                                                          self._parameters["weight_hh_l0"].dtype)
         steps, batch = x.shape[0], x.shape[1]
@@ -231,7 +241,8 @@ class RecurrentLayer(nn.Module):
         if (lengths is None and (self.dropout == 0 or not self.training or self.num_layers == 1)
                 and not self._regularised_now()
                 and torch_runs_stack(self.math, x, self.hidden_size, self.backend)):
-            return self._format_output(*self._torch_stack(x, states0), packed, lengths, unbatched)
+            return self._format_output(*self._torch_stack(x, states0), packed, lengths, unbatched,
+                                       out_dtype)
 
         sorted_lengths = order = inverse = batch_sizes = None
         if lengths is not None:
@@ -282,7 +293,7 @@ class RecurrentLayer(nn.Module):
         if inverse is not None:
             output = output.index_select(1, inverse.to(x.device))
             final_states = [s.index_select(1, inverse.to(x.device)) for s in final_states]
-        return self._format_output(output, final_states, packed, lengths, unbatched)
+        return self._format_output(output, final_states, packed, lengths, unbatched, out_dtype)
 
     def _time_major(self, input: Tensor | PackedSequence, lengths: Sequence[int] | Tensor | None,
                     dtype: torch.dtype) -> tuple[Tensor, Any, PackedSequence | None, bool]:
@@ -340,7 +351,11 @@ class RecurrentLayer(nn.Module):
         packed: PackedSequence | None,
         lengths: Tensor | None,
         unbatched: bool,
+        out_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor | PackedSequence, Any]:
+        if out_dtype is not None:  # (under CPU autocast: see rnnkit.engine.precision)
+            output = output.to(out_dtype)
+            final_states = [s.to(out_dtype) for s in final_states]
         if packed is not None:
             assert lengths is not None
             order = packed.sorted_indices

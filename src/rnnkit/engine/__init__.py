@@ -35,7 +35,7 @@ from torch import Tensor
 
 from rnnkit.cells.base import CellMath, State
 from rnnkit.cells.layer_norm import normalized_input
-from rnnkit.engine import fused, threads
+from rnnkit.engine import fused, precision, threads
 from rnnkit.engine.bptt import run_bptt
 from rnnkit.engine.lengths import zero_padding
 from rnnkit.engine.reference import run_reference
@@ -60,8 +60,9 @@ def run_fused(
 ) -> tuple[Tensor, State]:
     """The compiled kernel where it can run; else the BPTT engine, saying why once."""
     reason = fused.unavailable_reason(math, x.dtype, x.device, masks)
-    if reason is None:
-        return fused.run_layer(math, x, state0, params, batch_sizes, masks)
+    if reason is None:  # (under autocast here only where the kernel has a bf16 mode: run_layer)
+        return fused.run_layer(math, x, state0, params, batch_sizes, masks,
+                               bf16=precision.autocast_bf16(x.device, x.dtype))
     if reason not in _fallbacks_warned:
         _fallbacks_warned.add(reason)
         warnings.warn(
@@ -96,7 +97,8 @@ def torch_runs_stack(math: CellMath, x: Tensor, hidden: int, backend: str | None
     """
     threads.adapt()  # (the one call per layer forward that every stack makes)
     if ((backend or _default_backend) != "fused" or x.device.type != "cpu"
-            or x.dtype not in (torch.float32, torch.float64)):
+            or x.dtype not in (torch.float32, torch.float64)
+            or torch.is_autocast_enabled("cpu")):  # (autocast: per layer, see run_layer)
         return False
     return fused.native_op(math, x, hidden) is not None
 
@@ -120,6 +122,9 @@ def run_layer(
     name = backend or _default_backend
     if name not in BACKENDS:
         raise ValueError(f"unknown engine backend {name!r}; available: {sorted(BACKENDS)}")
+    if precision.engine_autocast(math, name, x) == "float32":  # (warned once)
+        with torch.autocast("cpu", enabled=False):
+            return run_layer(math, x, state0, params, batch_sizes, backend, masks)
     check_steps("x", x.shape[0])
     if x.device.type == "cpu":
         threads.adapt()
@@ -141,8 +146,9 @@ def run_step(
 ) -> State:
     """One time step (B, I) of a cell: a layer of length 1, or — for inference with the fused
     backend — the fused ``step`` operator, the shortest path to the same kernel."""
-    if (backend or _default_backend) == "fused" and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x_t, *state, *params))):
+    if ((backend or _default_backend) == "fused" and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x_t, *state, *params)))):
         new_state = fused.run_step(math, x_t, state, params)
         if new_state is not None:
             return new_state

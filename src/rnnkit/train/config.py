@@ -12,6 +12,7 @@ from rnnkit.options import OptionError, Options, option
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "plateau", "step")
 MONITOR_MODES = ("min", "max")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -54,6 +55,13 @@ class TrainConfig(Options):
     checkpoint_every: int | None = option(None, "steps between checkpoints (none: at each "
                                                 "validation)", ge=1, on_resume=True)
     seed: int = option(1234, "random seed (runs are deterministic on the CPU)", ge=0, le=2**63 - 1)
+    # bf16: the training and validation forward passes run under torch.autocast("cpu",
+    # bfloat16): rnnkit's recurrent layers in mixed precision (rnnkit.engine.precision), torch's
+    # linear layers in bf16; the weights, their gradients and the optimizer stay float32, so a
+    # checkpoint is the same either way and a run may switch on resume
+    precision: str = option("fp32", "arithmetic of training and validation: fp32, or bf16 "
+                                    "mixed precision (autocast; needs a CPU with bfloat16 "
+                                    "instructions)", choices=PRECISIONS, on_resume=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from rnnkit.engine import precision
+from rnnkit.options import OptionError
 from rnnkit.train import distributed, rng
 from rnnkit.train.atomic import remove_stale_temps
 from rnnkit.train.checkpoint import (
@@ -170,6 +172,8 @@ class Trainer:
     ) -> None:
         self.group = group if group is not None else distributed.current()
         distributed.check_batch_size(config.batch_size, self.group)
+        if config.precision == "bf16" and (missing := precision.bf16_missing()) is not None:
+            raise OptionError("train.precision", f"is bf16, but {missing}")
         self.model = model
         self.task = task
         self.config = config
@@ -334,6 +338,10 @@ class Trainer:
             raise CheckpointError(f"{checkpoint.path}: the optimizer, schedule or random state "
                                   f"cannot be restored: {reason}") from None
         carry = checkpoint.group("carry")
+        # a bf16 run carries bf16 states (torch.nn's LSTM/RNN output dtype under autocast): read
+        # as float32 (exact), they fit a run resumed with either train.precision
+        carry = {key: value.float() if value.dtype == torch.bfloat16 else value
+                 for key, value in carry.items()}
         if self.group.distributed and carry:  # this rank's rows of the gathered state
             rows = self.task.batch(batch_index).rows
             start, stop = shard_span(rows, self.group.rank, self.group.world_size)
@@ -363,7 +371,7 @@ class Trainer:
         if self.carry is None or not piece.continues:
             return
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 self.task.step(self.model, piece, self.carry)
         except (RuntimeError, ValueError, IndexError, TypeError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -401,10 +409,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         batch, has_rows = self._shard(batch)
         state = self.carry if batch.continues else None
-        if self._runner is not None:
-            result = self._runner(batch, state)
-        else:
-            result = self.task.step(self.model, batch, state)
+        with self.autocast():  # (the backward runs outside it, as torch recommends)
+            if self._runner is not None:
+                result = self._runner(batch, state)
+            else:
+                result = self.task.step(self.model, batch, state)
         loss = float(result.loss.detach())
         objective = result.loss
         tokens = result.tokens
@@ -435,6 +444,10 @@ class Trainer:
             self.carry = detach_state(result.state)
         return {"loss": loss, "tokens": tokens, "grad_norm": total, "grad_norms": per_group,
                 "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def autocast(self) -> torch.autocast:
+        """The arithmetic of train.precision: bf16 autocast on the CPU, or nothing."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def _loss_limit(self) -> float | None:
         """A training loss above this is divergence, not learning: the task's loss of a uniform
@@ -492,7 +505,7 @@ class Trainer:
         totals; for any other task rank 0 evaluates and sends the metrics to the others."""
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 if not self.group.distributed:
                     metrics = self.task.evaluate(self.model)
                 elif hasattr(self.task, "evaluate_totals"):

@@ -19,6 +19,11 @@ owns a slice of hidden units, computes its columns of the recurrent GEMM with th
 micro-kernel that torch exports, updates its units, and meets the others at one barrier per step.
 The input projection, ``dx`` and the weight gradients are single parallel GEMMs over all steps.
 
+Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the same kernels run in their bf16 mode
+(``run_layer(..., bf16=True)``: every GEMM reads bf16 copies of its operands and writes float32;
+state and pointwise math stay float32); ``route_of(spec, bf16=True)`` says which variants have
+it (see :mod:`rnnkit.engine.precision`).
+
 The layer-normalised LSTM and GRU have their own kernels (``csrc/layer_norm_rnn.cpp``, see
 ``_layer_norm``): a row's LN needs every column of the row, so there threads split the batch.
 
@@ -48,7 +53,7 @@ from rnnkit.engine.fused import _build, _function, _layer_norm
 from rnnkit.engine.fused._function import KERNELS, config_of, peephole_weights, run, spec_of
 from rnnkit.engine.regularise import StepMasks
 
-__all__ = ["ROUTES", "run_layer", "run_step", "unavailable_reason"]
+__all__ = ["BF16_FLOAT32", "ROUTES", "route_of", "run_layer", "run_step", "unavailable_reason"]
 
 # The variants the fused backend runs without a kernel of its own, and the path each takes:
 # "torch" is torch._VF.lstm (it has the projection: weights w_ih, w_hh, b_ih, b_hh, w_hr) for a
@@ -62,12 +67,24 @@ ROUTES: dict[CellSpec, str] = {
 }
 
 
-def route_of(spec: Any) -> str:
+# Under torch.autocast("cpu", dtype=torch.bfloat16) (``bf16``, see rnnkit.engine.precision) every
+# variant in KERNELS runs its kernel's bf16 mode — the plain LSTM too, rather than torch's op:
+# torch's oneDNN LSTM under autocast rounds its states to bf16 as well, rnnkit's kernel keeps them
+# float32, and the speed was a draw (benchmarks/bf16.py, loaded machine: rnnkit / torch 0.78-1.25
+# over four runs and shapes). Everything else has no bf16 path and runs float32: the variants of
+# ROUTES and the layer-normalised kernels (_layer_norm.KERNELS).
+BF16_FLOAT32 = "float32"
+
+
+def route_of(spec: Any, bf16: bool = False) -> str:
     """``"kernel"`` (a C++ kernel, or torch's op where ``native_op`` picks it) or the path in
-    ``ROUTES``; raises ValueError naming a variant that has neither."""
+    ``ROUTES``; under bf16 autocast ``"kernel"`` (its bf16 mode) or ``BF16_FLOAT32``. Raises
+    ValueError naming a variant that has neither."""
     spec = spec_of(spec)
     if spec in KERNELS:
         return "kernel"
+    if bf16 and (spec in ROUTES or spec in _layer_norm.KERNELS):
+        return BF16_FLOAT32
     if spec in ROUTES:
         return ROUTES[spec]
     raise ValueError(f"no fused kernel for {spec}")
@@ -117,12 +134,17 @@ def run_layer(
     params: Sequence[Tensor | None],
     batch_sizes: Sequence[int] | None,
     masks: StepMasks | None = None,
+    bf16: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Runs one layer in one direction; differentiable w.r.t. x, state0 and every param.
 
     With ``masks`` (recurrent dropout, zoneout) torch's op never runs (it cannot apply them), and
     a ragged batch is not split into time chunks (the masks are laid out for the whole batch).
+    ``bf16``: the kernel's bf16 mode (float32 tensors in and out; see ``route_of``); a variant
+    without it raises.
     """
+    if bf16 and route_of(spec, bf16=True) != "kernel":
+        raise ValueError(f"no bfloat16 kernel for {spec_of(spec)}")
     if getattr(spec, "layer_norm", False):  # (x is already LN(x W_ih^T): see engine.run_layer)
         if masks is not None:  # (the layers refuse this combination; a direct call is told so)
             raise ValueError("the layer-normalised cells take no recurrent dropout or zoneout")
@@ -143,7 +165,7 @@ def run_layer(
             return run_bptt(math, x, tuple(state0), params, bs, masks)
         return _run_in_chunks(lambda xs, st, b: run_bptt(math, xs, st, params, b),
                               bs, x, state0, params)
-    native = None if masks is not None else native_op(
+    native = None if masks is not None or bf16 else native_op(
         key, x, params[1].shape[1] if params[1] is not None else None, bs)
     if native is not None:
         return native(x, state0, params, bs)
@@ -154,8 +176,8 @@ def run_layer(
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *state0, *params))
     if bs is None or masks is not None:
-        return run(cfg, bs, x, state0, params, training, masks)
-    return _run_in_chunks(lambda xs, st, b: run(cfg, b, xs, st, params, training),
+        return run(cfg, bs, x, state0, params, training, masks, bf16)
+    return _run_in_chunks(lambda xs, st, b: run(cfg, b, xs, st, params, training, None, bf16),
                           bs, x, state0, params)
 
 

@@ -121,8 +121,13 @@ def run(
     params: Sequence[Tensor | None],
     training: bool,
     masks: Any = None,
+    bf16: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """One layer and direction through ``layer_forward`` (differentiable when ``training``)."""
+    """One layer and direction through ``layer_forward`` (differentiable when ``training``).
+
+    ``bf16``: mixed precision (see :mod:`rnnkit.engine.fused.precision`): the kernel's GEMMs read
+    bf16 copies of their inputs and write float32; every tensor in and out stays float32.
+    """
     if masks is not None and masks.names() and not MASKS_IN_KERNEL:
         raise ValueError(f"no fused kernel for {', '.join(masks.names())}")
     _check(cfg, x, state0)
@@ -136,7 +141,7 @@ def run(
             keep_c = masks.zoneout[1] if cfg.kind == 1 else None
     y, h, c, *_ = torch.ops.rnnkit_fused.layer_forward(
         *cfg.args(), x, state0[0], c0, w_ih, w_hh, b_ih, b_hh, peephole_weights(cfg, params),
-        recurrent, keep_h, keep_c, batch_sizes or [], training, loop_threads,
+        recurrent, keep_h, keep_c, batch_sizes or [], training, loop_threads, bf16,
     )
     return y, ((h, c) if cfg.kind == 1 else (h,))
 
@@ -152,8 +157,8 @@ def _forward_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_befo
                   x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Tensor | None, b_hh: Tensor | None, peephole_weights: Tensor | None,
                   recurrent_mask: Tensor | None, zoneout_h: Tensor | None,
-                  zoneout_c: Tensor | None, batch_sizes: list[int], training: bool, threads: int
-                  ) -> tuple[Tensor, ...]:
+                  zoneout_c: Tensor | None, batch_sizes: list[int], training: bool, threads: int,
+                  bf16: bool = False) -> tuple[Tensor, ...]:
     steps, batch, hidden = x.shape[0], x.shape[1], h0.shape[1]
     lstm, gru = kind == 1, kind == 2
     # extra: the GRU's saved products, or the LSTM's c~ before zoneout of the cell
@@ -176,7 +181,7 @@ def _backward_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_bef
                    batch_sizes: list[int],
                    y: Tensor, acts: Tensor, cells: Tensor, extra: Tensor, grad_y: Tensor,
                    grad_h_n: Tensor | None, grad_c_n: Tensor | None, need_dx: bool, need_dw: bool,
-                   threads: int) -> tuple[Tensor, ...]:
+                   threads: int, bf16: bool = False) -> tuple[Tensor, ...]:
     rows = w_hh.shape[0]
     bias = need_dw and has_bias
     return (
@@ -200,7 +205,7 @@ def _step_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before:
 
 # layer_forward's positional arguments, by name (for setup_context / backward)
 (_X, _H0, _C0, _WIH, _WHH, _BIH, _BHH, _PEEP, _RMASK, _KEEP_H, _KEEP_C, _BATCH_SIZES, _TRAINING,
- _THREADS) = range(5, 19)
+ _THREADS, _BF16) = range(5, 20)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -209,6 +214,8 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
     ctx.batch_sizes = inputs[_BATCH_SIZES]
     ctx.threads = inputs[_THREADS]
     ctx.training = inputs[_TRAINING]
+    ctx.bf16 = len(inputs) > _BF16 and bool(inputs[_BF16])  # (a schema default may be left out)
+    ctx.num_inputs = len(inputs)
     ctx.has_bias = inputs[_BIH] is not None
     ctx.save_for_backward(inputs[_X], inputs[_H0], inputs[_C0], inputs[_WIH], inputs[_WHH],
                           inputs[_PEEP], inputs[_RMASK], inputs[_KEEP_H], inputs[_KEEP_C], y, acts,
@@ -228,10 +235,10 @@ def _backward(ctx: Any, grad_y: Tensor, grad_h: Tensor, grad_c: Tensor, *_: Tens
     dx, dh0, dc0, dwih, dwhh, dbih, dbhh, dpeep = torch.ops.rnnkit_fused.layer_backward(
         *ctx.variant, x, h0, c0, w_ih, w_hh, peep, recurrent, keep_h, keep_c, ctx.has_bias,
         ctx.batch_sizes, y, acts, cells,
-        extra, grad_y, grad_h, grad_c if lstm else None, need_dx, need_dw, ctx.threads,
+        extra, grad_y, grad_h, grad_c if lstm else None, need_dx, need_dw, ctx.threads, ctx.bf16,
     )
     bias = ctx.has_bias and need_dw
-    return (
+    grads = (
         None, None, None, None, None,
         dx if need_dx else None,
         dh0,
@@ -244,6 +251,7 @@ def _backward(ctx: Any, grad_y: Tensor, grad_h: Tensor, grad_c: Tensor, *_: Tens
         None, None, None,  # the masks are constants
         None, None, None,
     )
+    return grads + (None,) * (ctx.num_inputs - len(grads))  # (bf16, when it was passed)
 
 
 def register() -> None:

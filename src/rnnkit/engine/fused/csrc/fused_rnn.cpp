@@ -14,6 +14,8 @@
 // pointwise update of its own units, then one barrier. No fork/join per step, no allocation.
 // Short inputs (T*B < 16, e.g. a streaming step) use the weights as stored through BLAS instead
 // of transposed copies. float64 runs the same code with BLAS dgemm and libm (for exactness).
+// bf16 mode (float32 only; see "bfloat16 mixed precision" below): the same loops, with every
+// GEMM reading bf16 copies of its operands and writing float32.
 //
 // Math (same as rnnkit.cells; rows of W_* stacked per gate block in this order):
 //   Elman  h' = f(W_ih x + b_ih + W_hh h + b_hh)
@@ -276,6 +278,12 @@ void gemm_bt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
     }
 }
 
+// bfloat16 mode's per-step product (defined with the other bf16 helpers below).
+using BF16 = at::BFloat16;
+inline void mm_bf16(int64_t M, int64_t n, int64_t K, const float* A, int64_t lda,
+                    const BF16* Bv, int64_t ldb, int64_t k0, int64_t col0, float* C, int64_t ldc,
+                    bool acc);
+
 // The recurrent weight either as a transposed copy W^T (K, G*H) (brgemm-friendly) or as stored,
 // W (G*H, K) (no copy: for short inputs where the copy would cost more than the GEMMs).
 template <typename T>
@@ -283,11 +291,31 @@ struct RecW {
   const T* p;
   int64_t ld;
   bool bt;
+  const BF16* vnni = nullptr;  // bf16 mode: W^T as a bf16 VNNI copy (ldb = ld), p unused
   // C(M, n) (+)= A(M, K) W^T[:, col0 : col0 + n]
   void mm(int64_t M, int64_t n, int64_t K, const T* A, int64_t lda, int64_t col0, T* C,
           int64_t ldc, bool acc) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (vnni) return mm_bf16(M, n, K, A, lda, vnni, ld, 0, col0, C, ldc, acc);
+    }
     if (bt) gemm_bt(M, n, K, A, lda, p + col0 * ld, ld, C, ldc, acc);
     else gemm_rm(M, n, K, A, lda, p + col0, ld, C, ldc, acc);
+  }
+};
+
+// The recurrent weight W_hh (G*H, H) (ldw = H) as the backward's per-step products read it,
+// dh_{t-1} (+)= dgates_t W_hh: float as stored, or (bf16 mode) a bf16 VNNI copy (ldb = H).
+template <typename T>
+struct BwdW {
+  const T* p;
+  const BF16* vnni = nullptr;
+  // C(M, n) (+)= A(M, K) W_hh[k0 : k0 + K, col0 : col0 + n]   (k0 even)
+  void mm(int64_t M, int64_t n, int64_t H, int64_t K, const T* A, int64_t lda, int64_t k0,
+          int64_t col0, T* C, int64_t ldc, bool acc) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (vnni) return mm_bf16(M, n, K, A, lda, vnni, H, k0, col0, C, ldc, acc);
+    }
+    gemm_rm(M, n, K, A, lda, p + k0 * H + col0, H, C, ldc, acc);
   }
 };
 
@@ -398,6 +426,165 @@ void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
       }
     }
   }
+}
+
+// ----------------------------------------------------------------------------------------------
+// bfloat16 mixed precision (torch.autocast("cpu", dtype=torch.bfloat16); the `bf16` argument of
+// the operators). Every GEMM reads bf16 copies of its inputs — x, h_{t-1}, W_ih, W_hh, the gate
+// gradients — and accumulates and writes float32 (the oneDNN brgemm micro-kernel's bf16 x bf16
+// -> f32 form); states, gates and all pointwise math stay float32, as do the weights and their
+// gradients the caller owns. The micro-kernel reads B in the VNNI layout: rows k = 2p and
+// 2p + 1 interleaved, element (k, n) at ((k / 2) * ldb + n) * 2 + k % 2, so K is padded to an
+// even count with a zero row of B (and a zero column of A). torch's cpublas::pack would do this
+// only on AMX CPUs (could_pack), so the packing is ours.
+// ----------------------------------------------------------------------------------------------
+inline int64_t even_up(int64_t k) { return (k + 1) / 2 * 2; }
+
+// float -> bf16 bits, round to nearest even, NaN -> 0x7FC0: c10::BFloat16's rounding, written on
+// plain integers so that the conversion loops vectorise (through the BFloat16 struct they do not:
+// the conversions took twice the time of the forward's pointwise pass, measured with perf).
+static_assert(sizeof(BF16) == sizeof(uint16_t), "at::BFloat16 is its 16 bits");
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+// out (even_up(K) / 2, N, 2): B(k, n) = src[k * rs + n * cs] in the VNNI layout (ldb = N).
+void pack_vnni(int64_t K, int64_t N, const float* src, int64_t rs, int64_t cs, BF16* out,
+               int nt) {
+  const int64_t pairs = even_up(K) / 2;
+#pragma omp parallel for num_threads(nt) schedule(static) if (pairs * N > 32768)
+  for (int64_t p = 0; p < pairs; ++p) {
+    const float* r0 = src + 2 * p * rs;
+    const float* r1 = 2 * p + 1 < K ? r0 + rs : nullptr;  // (an odd K's last pair: zero row)
+    // (row 2p, row 2p + 1) pairs as one little-endian word: row 2p in the low half (x86)
+    uint32_t* o = reinterpret_cast<uint32_t*>(out + p * N * 2);
+    if (cs == 1 && r1) {
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n)
+        o[n] = uint32_t(bf16_bits(r0[n])) | (uint32_t(bf16_bits(r1[n])) << 16);
+    } else {
+      for (int64_t n = 0; n < N; ++n)
+        o[n] = uint32_t(bf16_bits(r0[n * cs])) | (r1 ? uint32_t(bf16_bits(r1[n * cs])) << 16 : 0u);
+    }
+  }
+}
+
+// out (M, ldo) bf16 = A (M, K) rounded to nearest even, columns K..ldo zero.
+inline void rows_to_bf16(int64_t M, int64_t K, const float* A, int64_t lda, BF16* out,
+                         int64_t ldo) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = A + m * lda;
+    uint16_t* o = reinterpret_cast<uint16_t*>(out + m * ldo);
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) o[k] = bf16_bits(a[k]);
+    for (int64_t k = K; k < ldo; ++k) o[k] = 0;
+  }
+}
+
+// Row-major C(M, N) (+)= A(M, Kp) B(Kp, N), A bf16 (lda), B bf16 VNNI (ldb), C float; Kp even.
+inline void gemm_bf16(int64_t M, int64_t N, int64_t Kp, const BF16* A, int64_t lda,
+                      const BF16* Bv, int64_t ldb, float* C, int64_t ldc, bool acc) {
+  if (M <= 0 || N <= 0) return;
+  if (Kp <= 0) {
+    if (!acc) for (int64_t m = 0; m < M; ++m) std::memset(C + m * ldc, 0, N * sizeof(float));
+    return;
+  }
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  // (chunks of K as gemm_rm, for the same reason: the B panel stays in cache)
+  const int64_t KB = Kp > 512 ? 256 : Kp;
+  for (int64_t k0 = 0; k0 < Kp; k0 += KB)
+    at::native::cpublas::brgemm(M, N, std::min(KB, Kp - k0), lda, ldb, ldc, acc || k0 > 0,
+                                A + k0, Bv + k0 * ldb, C, true);
+#else
+  TORCH_CHECK(false, "this torch has no bfloat16 brgemm micro-kernel");
+#endif
+}
+
+// C(M, n) (+)= BF16(A(M, K)) B[k0 : k0 + K, col0 : col0 + n] for a VNNI B (ldb); k0 even. A is
+// converted into a per-thread buffer: the per-step products' A (h_{t-1}, the step's gate
+// gradients) is float32 state written by every thread in the step before.
+inline void mm_bf16(int64_t M, int64_t n, int64_t K, const float* A, int64_t lda,
+                    const BF16* Bv, int64_t ldb, int64_t k0, int64_t col0, float* C, int64_t ldc,
+                    bool acc) {
+  if (M <= 0 || n <= 0) return;
+  static thread_local std::vector<BF16> buf;
+  const int64_t Kp = even_up(K);
+  if (static_cast<int64_t>(buf.size()) < M * Kp) buf.resize(M * Kp);
+  rows_to_bf16(M, K, A, lda, buf.data(), Kp);
+  gemm_bf16(M, n, Kp, buf.data(), Kp, Bv + (k0 / 2) * ldb * 2 + col0 * 2, ldb, C, ldc, acc);
+}
+
+// Parallel tiles (as pgemm): C(M, N) = A(M, Kp) B(Kp, N) [+ bias[n] on every row].
+void pgemm_bf16(int64_t M, int64_t N, int64_t Kp, const BF16* A, int64_t lda, const BF16* Bv,
+                int64_t ldb, float* C, int64_t ldc, const float* bias, int nt) {
+  if (M <= 0 || N <= 0) return;
+  int64_t MB, NB;
+  pgemm_tiles(M, N, nt, MB, NB);
+  const int64_t mt = (M + MB - 1) / MB, ntile = (N + NB - 1) / NB;
+#pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
+  for (int64_t bm = 0; bm < mt; ++bm) {
+    for (int64_t bn = 0; bn < ntile; ++bn) {
+      const int64_t m0 = bm * MB, n0 = bn * NB;
+      const int64_t mm = std::min(MB, M - m0), nn = std::min(NB, N - n0);
+      float* c = C + m0 * ldc + n0;
+      gemm_bf16(mm, nn, Kp, A + m0 * lda, lda, Bv + n0 * 2, ldb, c, ldc, false);
+      if (bias)
+        for (int64_t m = 0; m < mm; ++m) {
+          float* cr = c + m * ldc;
+#pragma omp simd
+          for (int64_t n = 0; n < nn; ++n) cr[n] += bias[n0 + n];
+        }
+    }
+  }
+}
+
+// A bf16 copy of a float (rows, cols) tensor with cols padded to even (zero), for a GEMM's A.
+at::Tensor bf16_rows(const at::Tensor& a, int nt) {
+  const int64_t rows = a.size(0), cols = a.size(1), ld = even_up(cols);
+  at::Tensor out = at::empty({rows, ld}, a.options().dtype(at::kBFloat16));
+  const float* src = a.data_ptr<float>();
+  BF16* dst = out.data_ptr<BF16>();
+#pragma omp parallel for num_threads(nt) schedule(static) if (rows * cols > 32768)
+  for (int64_t r = 0; r < rows; ++r) rows_to_bf16(1, cols, src + r * cols, cols, dst + r * ld, ld);
+  return out;
+}
+
+// B = src as a (K, N) matrix (strides rs, cs) in the VNNI layout, (even_up(K) / 2, N, 2) bf16.
+at::Tensor vnni_of(const float* src, int64_t K, int64_t N, int64_t rs, int64_t cs,
+                   const at::TensorOptions& opts, int nt) {
+  at::Tensor out = at::empty({even_up(K) / 2, N, 2}, opts.dtype(at::kBFloat16));
+  pack_vnni(K, N, src, rs, cs, out.data_ptr<BF16>(), nt);
+  return out;
+}
+
+// Check once that the bf16 micro-kernel exists and reads the VNNI layout as packed above
+// (odd K, a column offset into B, accumulation): rnnkit.engine.fused asks before using it.
+bool probe_bf16() {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  try {
+    const int64_t M = 3, N = 40, K = 7, col0 = 8, n = 20;
+    std::vector<float> A(M * K), B(K * N), C(M * n, 1.0f), R(M * n, 1.0f);
+    // values exact in bf16, so the product is exact in float32
+    for (int64_t i = 0; i < M * K; ++i) A[i] = 0.25f * static_cast<float>(i % 5) - 0.5f;
+    for (int64_t i = 0; i < K * N; ++i) B[i] = 0.125f * static_cast<float>(i % 7) - 0.25f;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t k = 0; k < K; ++k) R[m * n + j] += A[m * K + k] * B[k * N + col0 + j];
+    std::vector<BF16> Bv(even_up(K) * N);
+    pack_vnni(K, N, B.data(), N, 1, Bv.data(), 1);
+    mm_bf16(M, n, K, A.data(), K, Bv.data(), N, 0, col0, C.data(), n, true);
+    for (int64_t i = 0; i < M * n; ++i)
+      if (std::fabs(C[i] - R[i]) > 1e-6f) return false;
+    return true;
+  } catch (...) {
+    return false;
+  }
+#else
+  return false;
+#endif
 }
 
 // Pointwise math (fexp, sigm, tanh_): one definition for every rnnkit kernel, in
@@ -750,8 +937,8 @@ void finish_dh(int64_t M, int64_t H, int64_t j0, int64_t j1, const T* rmask, con
 // R.ctil the cells c~ before zoneout; zh (B, H) scratch for k_h dh.
 template <typename T, bool PEEP, bool COUPLED, bool REG>
 void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const T* gy, T* dg,
-                   T* dhs, T* dcs, const T* Whh, const T* pw, T* dpw, const Reg<T>& R, T* zh,
-                   int nt) {
+                   T* dhs, T* dcs, const BwdW<T>& Whh, const T* pw, T* dpw, const Reg<T>& R,
+                   T* zh, int nt) {
   const int64_t H = cf.H, B = cf.B, G = cf.G, GH = G * H;
 #pragma omp parallel num_threads(nt)
   {
@@ -859,7 +1046,7 @@ void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const
         }
       }
 #pragma omp barrier
-      if (j1 > j0) gemm_rm(M, j1 - j0, GH, d, GH, Whh + j0, H, dhs + j0, H, false);
+      if (j1 > j0) Whh.mm(M, j1 - j0, H, GH, d, GH, 0, j0, dhs + j0, H, false);
       if (REG && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, R.kh ? zh : nullptr, dhs);
     }
   }
@@ -867,7 +1054,7 @@ void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const
 
 // With R.kh, y is the saved h~ = f(pre) (not the zoned output) and zh a (B, H) scratch.
 template <typename T>
-void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const T* Whh,
+void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const BwdW<T>& Whh,
                   const Reg<T>& R, T* zh, int nt) {
   const bool reg = R.any();
   const int64_t H = cf.H, B = cf.B;
@@ -910,7 +1097,7 @@ void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const T
         }
       }
 #pragma omp barrier
-      if (j1 > j0) gemm_rm(M, j1 - j0, H, d, H, Whh + j0, H, dhs + j0, H, false);
+      if (j1 > j0) Whh.mm(M, j1 - j0, H, H, d, H, 0, j0, dhs + j0, H, false);
       if (reg && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, R.kh ? zh : nullptr, dhs);
     }
   }
@@ -921,8 +1108,8 @@ void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const T
 // masked.
 template <typename T>
 void gru_after_bwd_loop(const Cfg& cf, const T* acts, const T* ghn, const T* y, const T* h0,
-                        const T* gy, T* dg, T* dgh, T* dhs, const T* Whh, const Reg<T>& R, T* sc,
-                        int nt) {
+                        const T* gy, T* dg, T* dgh, T* dhs, const BwdW<T>& Whh, const Reg<T>& R,
+                        T* sc, int nt) {
   const bool reg = R.any();
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
 #pragma omp parallel num_threads(nt)
@@ -968,7 +1155,7 @@ void gru_after_bwd_loop(const Cfg& cf, const T* acts, const T* ghn, const T* y, 
         }
       }
 #pragma omp barrier
-      if (j1 > j0) gemm_rm(M, j1 - j0, GH, dh2, GH, Whh + j0, H, dhs + j0, H, !reg);
+      if (j1 > j0) Whh.mm(M, j1 - j0, H, GH, dh2, GH, 0, j0, dhs + j0, H, !reg);
       if (reg && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, sc, dhs);
     }
   }
@@ -978,10 +1165,10 @@ void gru_after_bwd_loop(const Cfg& cf, const T* acts, const T* ghn, const T* y, 
 // REG: sc (B, H) scratch for the gradient of h ⊙ m (masked once the GEMM has added to it).
 template <typename T>
 void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, const T* gy,
-                         T* dg, T* drh, T* dhs, const T* Whh, const Reg<T>& R, T* sc, int nt) {
+                         T* dg, T* drh, T* dhs, const BwdW<T>& Whh, const Reg<T>& R, T* sc,
+                         int nt) {
   const bool reg = R.any();
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
-  const T* Whn = Whh + 2 * H * H;
 #pragma omp parallel num_threads(nt)
   {
     int64_t j0, j1;
@@ -1012,7 +1199,7 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
         }
       }
 #pragma omp barrier
-      if (j1 > j0) gemm_rm(M, j1 - j0, H, d + 2 * H, GH, Whn + j0, H, drh + j0, H, false);
+      if (j1 > j0) Whh.mm(M, j1 - j0, H, H, d + 2 * H, GH, 2 * H, j0, drh + j0, H, false);
       for (int64_t m = 0; m < M; ++m) {
         const T* ar = a + m * GH;
         const T* hpr = hp + m * H;
@@ -1031,7 +1218,7 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
       }
 #pragma omp barrier
       if (j1 > j0)
-        gemm_rm(M, j1 - j0, 2 * H, d, GH, Whh + j0, H, (reg ? sc : dhs) + j0, H, true);
+        Whh.mm(M, j1 - j0, H, 2 * H, d, GH, 0, j0, (reg ? sc : dhs) + j0, H, true);
       if (reg && j1 > j0) {
         finish_dh(M, H, j0, j1, R.rmask, dhs, sc);  // sc = (product) ⊙ m + (z dh + k_h dh)
         for (int64_t m = 0; m < M; ++m)
@@ -1089,7 +1276,7 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
                                      const at::Tensor& b_hh, const at::Tensor& pw,
                                      const at::Tensor& rmask, const at::Tensor& kh,
                                      const at::Tensor& kc, bool training, int nt_loop,
-                                     int nt_all) {
+                                     int nt_all, bool bf16 = false) {
   const int64_t T_ = cf.T, B = cf.B, I = cf.I, H = cf.H, G = cf.G, GH = G * H;
   auto opts = x.options();
   const bool part = partial(cf);
@@ -1125,7 +1312,7 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
   // every recurrent product is a GEMV, which gains nothing from them (a strided transposition
   // of a 600 x 200 weight takes ~110 us, ten steps' worth).
   const bool have_blas = std::is_same_v<T, float> ? g_sgemm != nullptr : g_dgemm != nullptr;
-  const bool as_stored = have_blas && (T_ * B < kAsStoredRows || B == 1);
+  const bool as_stored = !bf16 && have_blas && (T_ * B < kAsStoredRows || B == 1);
   at::Tensor WhhT;
   RecW<T> W{nullptr, 0, as_stored};
   if (as_stored) {
@@ -1134,6 +1321,18 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
                has_bias);
     W.p = w_hh.data_ptr<T>();
     W.ld = H;
+  } else if (bf16) {
+    if constexpr (std::is_same_v<T, float>) {
+      // gx = BF16(x) BF16(W_ih)^T + b; the loop's products read W_hh^T as bf16 VNNI (WhhT)
+      at::Tensor xb = bf16_rows(x.reshape({T_ * B, I}), nt_all);
+      at::Tensor wih = vnni_of(w_ih.data_ptr<float>(), I, GH, 1, I, opts, nt_all);
+      WhhT = vnni_of(w_hh.data_ptr<float>(), H, GH, 1, H, opts, nt_all);
+      pgemm_bf16(T_ * B, GH, even_up(I), xb.data_ptr<BF16>(), xb.size(1), wih.data_ptr<BF16>(),
+                 GH, gates.data_ptr<float>(), GH, has_bias ? bias.data_ptr<float>() : nullptr,
+                 nt_all);
+      W.vnni = WhhT.data_ptr<BF16>();
+      W.ld = GH;
+    }
   } else {
     at::Tensor WihT = w_ih.t().contiguous();  // (I, GH)
     WhhT = w_hh.t().contiguous();             // (H, GH)
@@ -1194,6 +1393,86 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
   return {y, hst, cst, gates, cs, extra};
 }
 
+// A bf16 copy of a float (rows, cols) tensor's transpose, (cols, even_up(rows)), padded with
+// zeros: the A of the weight gradients. In 16 x 16 blocks, so reads and writes stay in cache.
+at::Tensor bf16_transposed(const at::Tensor& a, int nt) {
+  const int64_t rows = a.size(0), cols = a.size(1), ld = even_up(rows);
+  at::Tensor out = at::empty({cols, ld}, a.options().dtype(at::kBFloat16));
+  const float* src = a.data_ptr<float>();
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<BF16>());
+  const int64_t cb = (cols + 15) / 16;
+#pragma omp parallel for num_threads(nt) schedule(static) if (rows * cols > 32768)
+  for (int64_t b = 0; b < cb; ++b) {
+    const int64_t c0 = b * 16, c1 = std::min(cols, c0 + 16);
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      const int64_t r1 = std::min(rows, r0 + 16);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = bf16_bits(src[r * cols + c]);
+    }
+    if (ld > rows)
+      for (int64_t c = c0; c < c1; ++c) dst[c * ld + rows] = 0;
+  }
+  return out;
+}
+
+// bf16 mode's GEMMs over all T*B rows of the backward (backward_impl's float ones below):
+// dx = dG W_ih, and the weight gradients transposed, dW_ih^T = X^T dG and dW_hh^T = H_prev^T dG
+// (GRU reset-after: the dG of W_hh h + b_hh; reset-before: r ⊙ h_prev for the n block), each
+// from bf16 copies, float32 results. dG, the largest operand, is packed once (VNNI, read in
+// order) for both weight gradients; the transposes are of X and H_prev and of the (small)
+// results.
+void bf16_input_and_weight_grads(const Cfg& cf, const at::Tensor& x, const at::Tensor& h0,
+                                 const at::Tensor& w_ih, const at::Tensor& y,
+                                 const at::Tensor& extra, const at::Tensor& dg,
+                                 const at::Tensor& dgh, const at::Tensor& rmask, bool need_dx,
+                                 bool need_dw, bool has_bias, int nt, at::Tensor& dx,
+                                 at::Tensor& dwih, at::Tensor& dwhh, at::Tensor& dbih,
+                                 at::Tensor& dbhh) {
+  const int64_t T_ = cf.T, B = cf.B, I = cf.I, H = cf.H, GH = cf.G * H, TB = T_ * B;
+  auto opts = x.options();
+  const at::Tensor dg2 = dg.reshape({TB, GH});
+  if (need_dx) {
+    at::Tensor dgb = bf16_rows(dg2, nt);
+    at::Tensor wih = vnni_of(w_ih.data_ptr<float>(), GH, I, I, 1, opts, nt);  // (K = GH, N = I)
+    dx = at::empty({T_, B, I}, opts);
+    pgemm_bf16(TB, I, dgb.size(1), dgb.data_ptr<BF16>(), dgb.size(1), wih.data_ptr<BF16>(), I,
+               dx.data_ptr<float>(), I, nullptr, nt);
+  }
+  if (!need_dw) return;
+  const int64_t TBp = even_up(TB);
+  // out^T[:, col0 : col0 + n] = a^T g[:, col0 : col0 + n] for a (T*B, K) float, g VNNI (T*B, GH)
+  auto weight_grad_t = [&](const at::Tensor& a, const at::Tensor& gv, int64_t col0, int64_t n,
+                           at::Tensor& outT) {
+    at::Tensor aT = bf16_transposed(a, nt);
+    pgemm_bf16(a.size(1), n, TBp, aT.data_ptr<BF16>(), TBp, gv.data_ptr<BF16>() + col0 * 2, GH,
+               outT.data_ptr<float>() + col0, GH, nullptr, nt);
+  };
+  at::Tensor dgv = vnni_of(dg2.data_ptr<float>(), TB, GH, GH, 1, opts, nt);
+  at::Tensor dwihT = at::empty({I, GH}, opts);
+  weight_grad_t(x.reshape({TB, I}), dgv, 0, GH, dwihT);
+  dwih = dwihT.t().contiguous();
+  // previous hidden states (T*B, H): h0, y[0..T-2]; W_hh multiplied h ⊙ m under recurrent dropout
+  at::Tensor hprev = at::empty({T_, B, H}, opts);
+  hprev[0].copy_(h0);
+  if (T_ > 1) hprev.narrow(0, 1, T_ - 1).copy_(y.narrow(0, 0, T_ - 1));
+  if (rmask.defined()) hprev.mul_(rmask);
+  at::Tensor dwhhT = at::empty({H, GH}, opts);
+  if (cf.kind == GRU && !cf.before) {
+    at::Tensor dghv = vnni_of(dgh.data_ptr<float>(), TB, GH, GH, 1, opts, nt);
+    weight_grad_t(hprev.reshape({TB, H}), dghv, 0, GH, dwhhT);
+  } else if (cf.kind == GRU) {
+    weight_grad_t(hprev.reshape({TB, H}), dgv, 0, 2 * H, dwhhT);
+    weight_grad_t(extra.reshape({TB, H}), dgv, 2 * H, H, dwhhT);
+  } else {
+    weight_grad_t(hprev.reshape({TB, H}), dgv, 0, GH, dwhhT);
+  }
+  dwhh = dwhhT.t().contiguous();
+  if (has_bias) {
+    dbih = dg2.sum(0);
+    dbhh = (cf.kind == GRU && !cf.before) ? dgh.reshape({TB, GH}).sum(0) : dbih;
+  }
+}
+
 template <typename T>
 std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const at::Tensor& h0,
                                       const at::Tensor& c0, const at::Tensor& w_ih,
@@ -1203,7 +1482,7 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
                                       const at::Tensor& gy, const at::Tensor& ghT,
                                       const at::Tensor& gcT, const at::Tensor& rmask,
                                       const at::Tensor& kh, const at::Tensor& kc, bool need_dx,
-                                      bool need_dw, int nt_loop, int nt_all) {
+                                      bool need_dw, int nt_loop, int nt_all, bool bf16 = false) {
   const int64_t T_ = cf.T, B = cf.B, I = cf.I, H = cf.H, G = cf.G, GH = G * H;
   auto opts = x.options();
   const bool part = partial(cf);
@@ -1219,7 +1498,14 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   at::Tensor dg = part ? at::zeros({T_, B, GH}, opts) : at::empty({T_, B, GH}, opts);
   at::Tensor dhs = ghT.defined() ? ghT.clone() : at::zeros({B, H}, opts);
   at::Tensor dcs, dpw, dgh;
-  const T* whh = w_hh.data_ptr<T>();
+  BwdW<T> whh{w_hh.data_ptr<T>()};
+  at::Tensor whh_vnni;
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16) {  // W_hh (G*H, H) as the (K = G*H, N = H) B of dh = dgates W_hh
+      whh_vnni = vnni_of(w_hh.data_ptr<float>(), GH, H, H, 1, opts, nt_all);
+      whh.vnni = whh_vnni.data_ptr<BF16>();
+    }
+  }
   if (cf.kind == LSTM) {
     dcs = gcT.defined() ? gcT.clone() : at::zeros({B, H}, opts);
     const T* p = nullptr;
@@ -1263,6 +1549,13 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
 
   at::Tensor dx, dwih, dwhh, dbih, dbhh;
   const int64_t TB = T_ * B;
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16) {
+      bf16_input_and_weight_grads(cf, x, h0, w_ih, y, extra, dg, dgh, rmask, need_dx, need_dw,
+                                  has_bias, nt_all, dx, dwih, dwhh, dbih, dbhh);
+      return {dx, dhs, dcs, dwih, dwhh, dbih, dbhh, dpw};
+    }
+  }
   const T* dgp = dg.data_ptr<T>();
   if (need_dx) {
     dx = at::empty({T_, B, I}, opts);
@@ -1354,7 +1647,7 @@ Masks check_masks(const Cfg& cf, const at::Tensor& x, const std::optional<at::Te
 ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tensor c0,
                          at::Tensor w_ih, at::Tensor w_hh, at::Tensor b_ih, at::Tensor b_hh,
                          at::Tensor pw, const std::vector<int64_t>& batch_sizes, bool training,
-                         int64_t nthreads, const Masks& masks = {}) {
+                         int64_t nthreads, const Masks& masks = {}, bool bf16 = false) {
   TORCH_CHECK(x.dim() == 3, "x must be (T, B, I)");
   TORCH_CHECK(h0.dim() == 2, "h0 must be (B, H)");
   const int64_t H = h0.size(1);
@@ -1373,9 +1666,10 @@ ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tens
   make_contiguous(b_hh);
   make_contiguous(pw);
   std::vector<at::Tensor> r;
+  TORCH_CHECK(!bf16 || x.scalar_type() == at::kFloat, "bf16 mode takes float32 tensors");
   if (x.scalar_type() == at::kFloat) {
     r = forward_impl<float>(cf, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, masks.recurrent,
-                            masks.keep_h, masks.keep_c, training, nt, nt_all);
+                            masks.keep_h, masks.keep_c, training, nt, nt_all, bf16);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kDouble, "fused kernels support float32 and float64");
     r = forward_impl<double>(cf, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, masks.recurrent,
@@ -1395,12 +1689,13 @@ ForwardResult layer_forward(int64_t kind, int64_t act, bool peep, bool coupled, 
                             const std::optional<at::Tensor>& recurrent_mask,
                             const std::optional<at::Tensor>& zoneout_h,
                             const std::optional<at::Tensor>& zoneout_c,
-                            at::IntArrayRef batch_sizes, bool training, int64_t nthreads) {
+                            at::IntArrayRef batch_sizes, bool training, int64_t nthreads,
+                            bool bf16) {
   TORCH_CHECK(x.dim() == 3 && h0.dim() == 2, "x must be (T, B, I) and h0 (B, H)");
   const Cfg cf = make_cfg(kind, act, peep, coupled, before, x, h0.size(1), batch_sizes.vec());
   const Masks masks = check_masks(cf, x, recurrent_mask, zoneout_h, zoneout_c);
   return forward_op({kind, act, peep, coupled, before}, x, h0, opt(c0), w_ih, w_hh, opt(b_ih),
-                    opt(b_hh), opt(pw), batch_sizes.vec(), training, nthreads, masks);
+                    opt(b_hh), opt(pw), batch_sizes.vec(), training, nthreads, masks, bf16);
 }
 
 // The streaming step's short path: float32, batch 1, one thread. At batch 1 a step is two
@@ -1515,7 +1810,7 @@ layer_backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
                const at::Tensor& y_, const at::Tensor& acts_, const at::Tensor& cs_,
                const at::Tensor& extra_, const at::Tensor& gy_,
                const std::optional<at::Tensor>& ghT_, const std::optional<at::Tensor>& gcT_,
-               bool need_dx, bool need_dw, int64_t nthreads) {
+               bool need_dx, bool need_dw, int64_t nthreads, bool bf16) {
   at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), w_ih = w_ih_.contiguous(),
              w_hh = w_hh_.contiguous(), y = y_.contiguous(), acts = acts_.contiguous(),
              gy = gy_.contiguous();
@@ -1533,10 +1828,11 @@ layer_backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
   const int nt_all = nthreads > 0 ? static_cast<int>(nthreads) : at::get_num_threads();
   const int nt = pick_threads(cf, nthreads);
   std::vector<at::Tensor> r;
+  TORCH_CHECK(!bf16 || x.scalar_type() == at::kFloat, "bf16 mode takes float32 tensors");
   if (x.scalar_type() == at::kFloat)
     r = backward_impl<float>(cf, x, h0, c0, w_ih, w_hh, pw, has_bias, y, acts, cs, extra, gy, gh,
                              gc, masks.recurrent, masks.keep_h, masks.keep_c, need_dx, need_dw, nt,
-                             nt_all);
+                             nt_all, bf16);
   else
     r = backward_impl<double>(cf, x, h0, c0, w_ih, w_hh, pw, has_bias, y, acts, cs, extra, gy,
                               gh, gc, masks.recurrent, masks.keep_h, masks.keep_c, need_dx,
@@ -1586,6 +1882,11 @@ std::string set_gemm(const std::string& which) {
 }
 
 bool init_op() { return init(); }
+// Whether bf16 mode can run: the micro-kernel exists and computes what pack_vnni packs.
+bool bf16_available_op() {
+  static const bool ok = probe_bf16();
+  return ok;
+}
 std::string set_gemm_op(c10::string_view which) { return set_gemm(std::string(which)); }
 
 }  // namespace
@@ -1597,22 +1898,25 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("layer_forward(" RNNKIT_VARIANT
         "Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
         "Tensor? peephole_weights, Tensor? recurrent_mask, Tensor? zoneout_h, Tensor? zoneout_c, "
-        "int[] batch_sizes, bool training, int threads) -> "
+        "int[] batch_sizes, bool training, int threads, bool bf16=False) -> "
         "(Tensor y, Tensor h_n, Tensor c_n, Tensor acts, Tensor cells, Tensor extra)");
   m.def("layer_backward(" RNNKIT_VARIANT
         "Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? peephole_weights, "
         "Tensor? recurrent_mask, Tensor? zoneout_h, Tensor? zoneout_c, "
         "bool has_bias, int[] batch_sizes, Tensor y, Tensor acts, Tensor cells, Tensor extra, "
         "Tensor grad_y, Tensor? grad_h_n, Tensor? grad_c_n, bool need_dx, bool need_dw, "
-        "int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int threads, bool bf16=False) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("step(" RNNKIT_VARIANT
         "Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
         "Tensor? peephole_weights, int threads) -> (Tensor h, Tensor c)");
   m.def("init() -> bool");
+  m.def("bf16_available() -> bool");
   m.def("set_gemm(str which) -> str");
   m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(layer_forward));
   m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(layer_backward));
   m.impl("step", c10::DispatchKey::CPU, TORCH_FN(step));
   m.impl("init", c10::DispatchKey::CatchAll, TORCH_FN(init_op));
+  m.impl("bf16_available", c10::DispatchKey::CatchAll, TORCH_FN(bf16_available_op));
   m.impl("set_gemm", c10::DispatchKey::CatchAll, TORCH_FN(set_gemm_op));
 }
