@@ -1177,7 +1177,6 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   // (with zoneout the Elman activation's derivative needs h~, saved over the gates, not y)
   const at::Tensor& h_new = cf.kind == RNN && R.kh ? acts : y;
   const T* yp = y.data_ptr<T>();
-  const T* xp = x.data_ptr<T>();
   const T* ep = extra.numel() > 0 ? extra.data_ptr<T>() : nullptr;
 
   // Chunks from the last step back: the loops see a Cfg of the chunk's steps, and every
