@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import VARIANTS
-from rnnkit.engine import fused, run_layer
+from rnnkit.engine import run_layer
 from rnnkit.engine.fused import _build, _function
 from rnnkit.engine.regularise import StepMasks
 
@@ -157,4 +157,3 @@ def test_what_the_operator_saves(name: str) -> None:
     assert elements == want, (elements, want)
     assert len(sequence) == sum(1 for t in saved if t.dim() == 3)  # no tensor saved twice
     assert all(not t.requires_grad for t in out[3:])
-    assert fused.unavailable_reason(layer.math, torch.float32, "cpu") is None
