@@ -168,7 +168,9 @@ def _forward_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_befo
         x.new_empty((steps, batch, hidden)),
         state,
         x.new_empty((batch, hidden)) if lstm else _empty(x),
-        x.new_empty((steps, batch, w_hh.shape[0])) if training else _empty(x),
+        # (an Elman layer without zoneout of h saves no activations: they equal y)
+        x.new_empty((steps, batch, w_hh.shape[0])) if training and (kind != 0 or zoneout_h is not None)
+        else _empty(x),
         x.new_empty((steps, batch, hidden)) if training and lstm else _empty(x),
         x.new_empty((steps, batch, hidden)) if training and extra else _empty(x),
     )
@@ -217,6 +219,11 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
     ctx.bf16 = len(inputs) > _BF16 and bool(inputs[_BF16])  # (a schema default may be left out)
     ctx.num_inputs = len(inputs)
     ctx.has_bias = inputs[_BIH] is not None
+    # The saved activations are outputs only so that backward can have them: no gradient flows
+    # into them, and none is materialised (zero-filled (T, B, G*H) tensors would double the peak
+    # memory of the backward).
+    ctx.mark_non_differentiable(acts, cells, extra)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(inputs[_X], inputs[_H0], inputs[_C0], inputs[_WIH], inputs[_WHH],
                           inputs[_PEEP], inputs[_RMASK], inputs[_KEEP_H], inputs[_KEEP_C], y, acts,
                           cells, extra)
@@ -232,6 +239,8 @@ def _backward(ctx: Any, grad_y: Tensor, grad_h: Tensor, grad_c: Tensor, *_: Tens
     need_dx = needs[_X]
     need_dw = any(needs[i] for i in (_WIH, _WHH, _BIH, _BHH, _PEEP))
     lstm = ctx.variant[0] == 1
+    if grad_y is None:  # only the final state was used: a zero gradient that takes no memory
+        grad_y = y.new_zeros(()).expand(y.shape)
     dx, dh0, dc0, dwih, dwhh, dbih, dbhh, dpeep = torch.ops.rnnkit_fused.layer_backward(
         *ctx.variant, x, h0, c0, w_ih, w_hh, peep, recurrent, keep_h, keep_c, ctx.has_bias,
         ctx.batch_sizes, y, acts, cells,

@@ -357,11 +357,12 @@ inline void pgemm_tiles(int64_t M, int64_t N, int nt, int64_t& MB, int64_t& NB) 
   MB = (M + nm - 1) / nm;
 }
 
-// Ct(N, M) = (A(M, K) B(K, N))^T: each tile is computed in a per-thread buffer and stored
+// Ct(N, M) (+)= (A(M, K) B(K, N))^T: each tile is computed in a per-thread buffer and stored
 // transposed, so the result lands in the (N, M) layout without a separate transpose pass.
+// acc: add to Ct (the chunked backward's weight gradients).
 template <typename T>
 void pgemm_tout(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-                T* Ct, int64_t ldct, int nt) {
+                T* Ct, int64_t ldct, int nt, bool acc = false) {
   if (M <= 0 || N <= 0) return;
   const int64_t KB = 256;
   int64_t MB, NB;
@@ -387,7 +388,10 @@ void pgemm_tout(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const 
             const int64_t ne = std::min(nn, nb + 16), me = std::min(mm, mb + 16);
             for (int64_t n = nb; n < ne; ++n) {
               T* dst = Ct + (n0 + n) * ldct + m0;
-              for (int64_t m = mb; m < me; ++m) dst[m] = c[m * nn + n];
+              if (acc)
+                for (int64_t m = mb; m < me; ++m) dst[m] += c[m * nn + n];
+              else
+                for (int64_t m = mb; m < me; ++m) dst[m] = c[m * nn + n];
             }
           }
       }
@@ -1389,8 +1393,24 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     gru_before_fwd_loop<T>(cf, gates.data_ptr<T>(), y.data_ptr<T>(), hst.data_ptr<T>(),
                            extra.data_ptr<T>(), training, h0.data_ptr<T>(), W, R, nt_loop);
   }
-  if (!training) gates = at::Tensor();
+  // The Elman backward reads the activations from y, which equals them unless h is zoned out:
+  // saving them as well would keep a second (T, B, H) tensor alive until the backward.
+  if (!training || (cf.kind == RNN && !kh.defined())) gates = at::Tensor();
   return {y, hst, cst, gates, cs, extra};
+}
+
+// Steps per chunk of the backward (0: automatic). The backward walks time in chunks and forms
+// dx, dW_ih, dW_hh and the biases' gradients chunk by chunk, so that its gate-gradient buffers
+// are (chunk, B, G*H) instead of (T, B, G*H): at T,B,H = 1000,32,512 an LSTM's whole gate
+// gradient is 250 MiB. Automatic: chunks of kChunkRows rows (T*B <= kChunkRows, every speed.py
+// shape, is one chunk: the GEMMs of the backward as they were). set_backward_chunk (tests,
+// benchmarks) forces a size.
+constexpr int64_t kChunkRows = 4096;
+int64_t g_backward_chunk = 0;
+
+int64_t backward_chunk_steps(const Cfg& cf) {
+  if (g_backward_chunk > 0) return g_backward_chunk;
+  return std::max<int64_t>(1, kChunkRows / std::max<int64_t>(1, cf.B));
 }
 
 // A bf16 copy of a float (rows, cols) tensor's transpose, (cols, even_up(rows)), padded with
@@ -1495,9 +1515,18 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   }
   at::Tensor scratch = R.any() ? at::zeros({B, H}, opts) : at::Tensor();
   T* sc = R.any() ? scratch.data_ptr<T>() : nullptr;
-  at::Tensor dg = part ? at::zeros({T_, B, GH}, opts) : at::empty({T_, B, GH}, opts);
+  // One chunk's gate gradients, reused by every chunk (rows >= bs[t] are zeroed per chunk).
+  // bf16 mode forms its GEMMs over all T*B rows at once (bf16_input_and_weight_grads): one chunk
+  const int64_t CS =
+      bf16 ? T_ : std::max<int64_t>(1, std::min(backward_chunk_steps(cf), T_));
+  const bool gru_after = cf.kind == GRU && !cf.before;
+  at::Tensor dg = part ? at::zeros({CS, B, GH}, opts) : at::empty({CS, B, GH}, opts);
+  at::Tensor dgh;  // GRU reset after: d(W_hh h + b_hh)
+  if (gru_after) dgh = part ? at::zeros({CS, B, GH}, opts) : at::empty({CS, B, GH}, opts);
   at::Tensor dhs = ghT.defined() ? ghT.clone() : at::zeros({B, H}, opts);
-  at::Tensor dcs, dpw, dgh;
+  at::Tensor dcs, dpw, drh;
+  const T* p = nullptr;
+  T* dp = nullptr;
   BwdW<T> whh{w_hh.data_ptr<T>()};
   at::Tensor whh_vnni;
   if constexpr (std::is_same_v<T, float>) {
@@ -1508,90 +1537,134 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   }
   if (cf.kind == LSTM) {
     dcs = gcT.defined() ? gcT.clone() : at::zeros({B, H}, opts);
-    const T* p = nullptr;
-    T* dp = nullptr;
     if (cf.peep) {
       dpw = at::zeros_like(pw);
       p = pw.data_ptr<T>();
       dp = dpw.data_ptr<T>();
     }
+  }
+  if (cf.kind == GRU && cf.before) drh = at::empty({B, H}, opts);
+  at::Tensor dx, dwih, dwhh, dwhhT, dbih, dbhh;
+  if (need_dx) dx = at::empty({T_, B, I}, opts);
+  if (need_dw) {
+    dwih = at::empty({GH, I}, opts);
+    if (cf.kind == GRU && cf.before) dwhhT = at::empty({H, GH}, opts);
+    else dwhh = at::empty({GH, H}, opts);
+  }
+  // (with zoneout the Elman activation's derivative needs h~, saved over the gates, not y)
+  const at::Tensor& h_new = cf.kind == RNN && R.kh ? acts : y;
+  const T* yp = y.data_ptr<T>();
+  const T* ep = extra.numel() > 0 ? extra.data_ptr<T>() : nullptr;
+
+  // Chunks from the last step back: the loops see a Cfg of the chunk's steps, and every
+  // (T, B, .) pointer and the initial states moved to the chunk's first step (its h_{t0-1} is
+  // y[t0 - 1], its c_{t0-1} cs[t0 - 1]); dhs, dcs and the peephole gradients run on across
+  // chunks. With one chunk this is the unchunked backward, call for call.
+  for (int64_t t1 = T_;;) {
+    const int64_t t0 = std::max<int64_t>(0, t1 - CS), n = t1 - t0, nB = n * B;
+    Cfg cc = cf;
+    cc.T = n;
+    cc.bs.assign(cf.bs.begin() + t0, cf.bs.begin() + t1);
+    Reg<T> Rc = R;
+    if (R.kh) Rc.kh = R.kh + t0 * B * H;
+    if (R.kc) Rc.kc = R.kc + t0 * B * H;
+    if (R.ctil) Rc.ctil = R.ctil + t0 * B * H;
+    if (part) {  // rows past their length: zero gradients (the loops write rows < bs[t] only)
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t M = cc.bs[k];
+        dg[k].narrow(0, M, B - M).zero_();
+        if (gru_after) dgh[k].narrow(0, M, B - M).zero_();
+      }
+    }
+    // a grad_y that is not contiguous (the expanded ones of y.sum()) is made so a chunk at a time
+    at::Tensor gyc = gy.narrow(0, t0, n).contiguous();
+    const T* gyp = gyc.data_ptr<T>();
+    const T* hp0 = t0 == 0 ? h0.data_ptr<T>() : yp + (t0 - 1) * B * H;
+    T* dgp = dg.data_ptr<T>();
+    if (cf.kind == LSTM) {
+      const T* csp = cs.data_ptr<T>();
+      const T* cp0 = t0 == 0 ? c0.data_ptr<T>() : csp + (t0 - 1) * B * H;
 #define LSTM_BWD(P, C, REG)                                                                     \
-  lstm_bwd_loop<T, P, C, REG>(cf, acts.data_ptr<T>(), cs.data_ptr<T>(), c0.data_ptr<T>(),        \
-                              gy.data_ptr<T>(), dg.data_ptr<T>(), dhs.data_ptr<T>(),              \
-                              dcs.data_ptr<T>(), whh, p, dp, R, sc, nt_loop)
+  lstm_bwd_loop<T, P, C, REG>(cc, acts.data_ptr<T>() + t0 * B * GH, csp + t0 * B * H, cp0, gyp,  \
+                              dgp, dhs.data_ptr<T>(), dcs.data_ptr<T>(), whh, p, dp, Rc, sc,     \
+                              nt_loop)
 #define LSTM_BWD_R(P, C)           \
   do {                             \
     if (R.any()) LSTM_BWD(P, C, true); \
     else LSTM_BWD(P, C, false);    \
   } while (0)
-    if (cf.peep && cf.coupled) LSTM_BWD_R(true, true);
-    else if (cf.peep) LSTM_BWD_R(true, false);
-    else if (cf.coupled) LSTM_BWD_R(false, true);
-    else LSTM_BWD_R(false, false);
+      if (cf.peep && cf.coupled) LSTM_BWD_R(true, true);
+      else if (cf.peep) LSTM_BWD_R(true, false);
+      else if (cf.coupled) LSTM_BWD_R(false, true);
+      else LSTM_BWD_R(false, false);
 #undef LSTM_BWD_R
 #undef LSTM_BWD
-  } else if (cf.kind == RNN) {
-    // with zoneout the activation's derivative needs h~ (saved over the gates), not the output
-    const at::Tensor& h_new = R.kh ? acts : y;
-    rnn_bwd_loop<T>(cf, h_new.template data_ptr<T>(), gy.data_ptr<T>(), dg.data_ptr<T>(),
-                    dhs.data_ptr<T>(), whh, R, sc, nt_loop);
-  } else if (!cf.before) {
-    dgh = part ? at::zeros({T_, B, GH}, opts) : at::empty({T_, B, GH}, opts);
-    gru_after_bwd_loop<T>(cf, acts.data_ptr<T>(), extra.data_ptr<T>(), y.data_ptr<T>(),
-                          h0.data_ptr<T>(), gy.data_ptr<T>(), dg.data_ptr<T>(),
-                          dgh.data_ptr<T>(), dhs.data_ptr<T>(), whh, R, sc, nt_loop);
-  } else {
-    at::Tensor drh = at::empty({B, H}, opts);
-    gru_before_bwd_loop<T>(cf, acts.data_ptr<T>(), y.data_ptr<T>(), h0.data_ptr<T>(),
-                           gy.data_ptr<T>(), dg.data_ptr<T>(), drh.data_ptr<T>(),
-                           dhs.data_ptr<T>(), whh, R, sc, nt_loop);
-  }
-
-  at::Tensor dx, dwih, dwhh, dbih, dbhh;
-  const int64_t TB = T_ * B;
-  if constexpr (std::is_same_v<T, float>) {
-    if (bf16) {
-      bf16_input_and_weight_grads(cf, x, h0, w_ih, y, extra, dg, dgh, rmask, need_dx, need_dw,
-                                  has_bias, nt_all, dx, dwih, dwhh, dbih, dbhh);
-      return {dx, dhs, dcs, dwih, dwhh, dbih, dbhh, dpw};
+    } else if (cf.kind == RNN) {
+      rnn_bwd_loop<T>(cc, h_new.template data_ptr<T>() + t0 * B * H, gyp, dgp, dhs.data_ptr<T>(),
+                      whh, Rc, sc, nt_loop);
+    } else if (gru_after) {
+      gru_after_bwd_loop<T>(cc, acts.data_ptr<T>() + t0 * B * GH, ep + t0 * B * H,
+                            yp + t0 * B * H, hp0, gyp, dgp, dgh.data_ptr<T>(), dhs.data_ptr<T>(),
+                            whh, Rc, sc, nt_loop);
+    } else {
+      gru_before_bwd_loop<T>(cc, acts.data_ptr<T>() + t0 * B * GH, yp + t0 * B * H, hp0, gyp,
+                             dgp, drh.data_ptr<T>(), dhs.data_ptr<T>(), whh, Rc, sc, nt_loop);
     }
-  }
-  const T* dgp = dg.data_ptr<T>();
-  if (need_dx) {
-    dx = at::empty({T_, B, I}, opts);
-    pgemm<T>(TB, I, GH, dgp, GH, w_ih.data_ptr<T>(), I, dx.data_ptr<T>(), I, false, nullptr,
-             nt_all);
+
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16) {  // one chunk: CS = T in bf16 mode
+        bf16_input_and_weight_grads(cf, x, h0, w_ih, y, extra, dg, dgh, rmask, need_dx, need_dw,
+                                    has_bias, nt_all, dx, dwih, dwhh, dbih, dbhh);
+        return {dx, dhs, dcs, dwih, dwhh, dbih, dbhh, dpw};
+      }
+    }
+    if (need_dx)
+      pgemm<T>(nB, I, GH, dgp, GH, w_ih.data_ptr<T>(), I, dx.data_ptr<T>() + t0 * B * I, I, false,
+               nullptr, nt_all);
+    if (need_dw) {
+      const bool acc = t1 < T_;  // later chunks add to the first one's weight gradients
+      // dW_ih^T (I, GH) = X^T (I, nB) dG (nB, GH), stored transposed tile by tile (no pass)
+      at::Tensor xT = x.narrow(0, t0, n).reshape({nB, I}).t().contiguous();
+      pgemm_tout<T>(I, GH, nB, xT.data_ptr<T>(), nB, dgp, GH, dwih.data_ptr<T>(), I, nt_all, acc);
+      // previous hidden states of the chunk, transposed (H, nB): h_{t0-1}, y[t0 .. t1-2]
+      // (gathered in (n, B, H) order and transposed in one pass: faster than copying y into a
+      // strided (H, nB) view, measured 1.7x at T,B,H = 100,32,256)
+      at::Tensor hprev;
+      if (t0 > 0) {
+        hprev = y.narrow(0, t0 - 1, n);  // already in order: no gather
+      } else {
+        hprev = at::empty({n, B, H}, opts);
+        if (n > 0) hprev[0].copy_(h0);
+        if (n > 1) hprev.narrow(0, 1, n - 1).copy_(y.narrow(0, 0, n - 1));
+      }
+      if (rmask.defined()) hprev = hprev * rmask;  // W_hh multiplied h ⊙ m: one mask every step
+      at::Tensor hT = hprev.reshape({nB, H}).t().contiguous();
+      const T* dhp = gru_after ? dgh.data_ptr<T>() : dgp;
+      if (cf.kind == GRU && cf.before) {
+        pgemm<T>(H, 2 * H, nB, hT.data_ptr<T>(), nB, dgp, GH, dwhhT.data_ptr<T>(), GH, acc,
+                 nullptr, nt_all);
+        at::Tensor rhT = extra.narrow(0, t0, n).reshape({nB, H}).t().contiguous();
+        pgemm<T>(H, H, nB, rhT.data_ptr<T>(), nB, dgp + 2 * H, GH, dwhhT.data_ptr<T>() + 2 * H,
+                 GH, acc, nullptr, nt_all);
+      } else {
+        pgemm_tout<T>(H, GH, nB, hT.data_ptr<T>(), nB, dhp, GH, dwhh.data_ptr<T>(), H, nt_all,
+                      acc);
+      }
+      if (has_bias) {
+        at::Tensor s = dg.narrow(0, 0, n).reshape({nB, GH}).sum(0);
+        dbih = acc ? dbih.add_(s) : s;
+        if (gru_after) {
+          at::Tensor sh = dgh.narrow(0, 0, n).reshape({nB, GH}).sum(0);
+          dbhh = acc ? dbhh.add_(sh) : sh;
+        }
+      }
+    }
+    if (t0 == 0) break;
+    t1 = t0;
   }
   if (need_dw) {
-    // dW_ih^T (I, GH) = X^T (I, TB) dG (TB, GH), stored transposed tile by tile (no pass)
-    at::Tensor xT = x.reshape({TB, I}).t().contiguous();
-    dwih = at::empty({GH, I}, opts);
-    pgemm_tout<T>(I, GH, TB, xT.data_ptr<T>(), TB, dgp, GH, dwih.data_ptr<T>(), I, nt_all);
-    // previous hidden states, transposed (H, T*B): h0, y[0..T-2]
-    // (gathered in (T, B, H) order and transposed in one pass: faster than copying y into a
-    // strided (H, T*B) view, measured 1.7x at T,B,H = 100,32,256)
-    at::Tensor hprev = at::empty({T_, B, H}, opts);
-    hprev[0].copy_(h0);
-    if (T_ > 1) hprev.narrow(0, 1, T_ - 1).copy_(y.narrow(0, 0, T_ - 1));
-    if (rmask.defined()) hprev.mul_(rmask);  // W_hh multiplied h ⊙ m: one mask for every step
-    at::Tensor hT = hprev.reshape({TB, H}).t().contiguous();
-    const T* dhp = (cf.kind == GRU && !cf.before) ? dgh.data_ptr<T>() : dgp;
-    if (cf.kind == GRU && cf.before) {
-      at::Tensor dwhhT = at::empty({H, GH}, opts);
-      pgemm<T>(H, 2 * H, TB, hT.data_ptr<T>(), TB, dgp, GH, dwhhT.data_ptr<T>(), GH, false,
-               nullptr, nt_all);
-      at::Tensor rhT = extra.reshape({TB, H}).t().contiguous();
-      pgemm<T>(H, H, TB, rhT.data_ptr<T>(), TB, dgp + 2 * H, GH, dwhhT.data_ptr<T>() + 2 * H, GH,
-               false, nullptr, nt_all);
-      dwhh = dwhhT.t().contiguous();
-    } else {
-      dwhh = at::empty({GH, H}, opts);
-      pgemm_tout<T>(H, GH, TB, hT.data_ptr<T>(), TB, dhp, GH, dwhh.data_ptr<T>(), H, nt_all);
-    }
-    if (has_bias) {
-      dbih = dg.reshape({TB, GH}).sum(0);
-      dbhh = (cf.kind == GRU && !cf.before) ? dgh.reshape({TB, GH}).sum(0) : dbih;
-    }
+    if (cf.kind == GRU && cf.before) dwhh = dwhhT.t().contiguous();
+    if (has_bias && !gru_after) dbhh = dbih;
   }
   return {dx, dhs, dcs, dwih, dwhh, dbih, dbhh, dpw};
 }
@@ -1813,7 +1886,7 @@ layer_backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
                bool need_dx, bool need_dw, int64_t nthreads, bool bf16) {
   at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), w_ih = w_ih_.contiguous(),
              w_hh = w_hh_.contiguous(), y = y_.contiguous(), acts = acts_.contiguous(),
-             gy = gy_.contiguous();
+             gy = gy_;  // (made contiguous a chunk at a time by backward_impl)
   at::Tensor c0 = opt(c0_), pw = opt(pw_), cs = cs_.contiguous(), extra = extra_.contiguous(),
              gh = opt(ghT_), gc = opt(gcT_);
   make_contiguous(c0);
@@ -1822,9 +1895,13 @@ layer_backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
   make_contiguous(gc);
   const int64_t H = h0.size(1);
   Cfg cf = make_cfg(kind, act, peep, coupled, before, x, H, batch_sizes.vec());
-  TORCH_CHECK(acts.numel() == cf.T * cf.B * cf.G * H,
-              "layer_backward needs the activations of layer_forward(training=True)");
   const Masks masks = check_masks(cf, x, recurrent_mask, zoneout_h, zoneout_c);
+  // (an Elman layer without zoneout of h saves no activations: its backward reads them from y)
+  const bool acts_in_y = cf.kind == RNN && !masks.keep_h.defined();
+  TORCH_CHECK(acts.numel() == (acts_in_y ? 0 : cf.T * cf.B * cf.G * H),
+              "layer_backward needs the activations of layer_forward(training=True)");
+  TORCH_CHECK(gy.dim() == 3 && gy.size(0) == cf.T && gy.size(1) == cf.B && gy.size(2) == H,
+              "grad_y must be (T, B, H)");
   const int nt_all = nthreads > 0 ? static_cast<int>(nthreads) : at::get_num_threads();
   const int nt = pick_threads(cf, nthreads);
   std::vector<at::Tensor> r;
@@ -1881,6 +1958,15 @@ std::string set_gemm(const std::string& which) {
   return g_sgemm ? "blas" : "loop";
 }
 
+// For tests/benchmarks: force the backward's chunk to `steps` time steps (0: automatic);
+// returns the previous setting.
+int64_t set_backward_chunk(int64_t steps) {
+  TORCH_CHECK(steps >= 0, "set_backward_chunk: steps must be >= 0");
+  const int64_t previous = g_backward_chunk;
+  g_backward_chunk = steps;
+  return previous;
+}
+
 bool init_op() { return init(); }
 // Whether bf16 mode can run: the micro-kernel exists and computes what pack_vnni packs.
 bool bf16_available_op() {
@@ -1913,10 +1999,12 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("init() -> bool");
   m.def("bf16_available() -> bool");
   m.def("set_gemm(str which) -> str");
+  m.def("set_backward_chunk(int steps) -> int");
   m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(layer_forward));
   m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(layer_backward));
   m.impl("step", c10::DispatchKey::CPU, TORCH_FN(step));
   m.impl("init", c10::DispatchKey::CatchAll, TORCH_FN(init_op));
   m.impl("bf16_available", c10::DispatchKey::CatchAll, TORCH_FN(bf16_available_op));
   m.impl("set_gemm", c10::DispatchKey::CatchAll, TORCH_FN(set_gemm_op));
+  m.impl("set_backward_chunk", c10::DispatchKey::CatchAll, TORCH_FN(set_backward_chunk));
 }
