@@ -122,3 +122,20 @@ def test_layers_consult_the_governor(monkeypatch, restore_threads):
         calls.clear()
         layer(x)
         assert calls, type(layer).__name__
+
+
+def test_the_thread_count_is_readable_while_torch_compile_traces(restore_threads):
+    # the plain LSTM's route (torch's op or rnnkit's kernel) depends on the thread count, and
+    # torch.compile(fullgraph=True) cannot call torch.get_num_threads
+    from rnnkit.engine import fused
+
+    torch.set_num_threads(1)
+    assert threads.current_threads() == 1
+
+    def route(x: torch.Tensor) -> torch.Tensor:
+        return x + int(fused.own_kernel_faster(100, 32, 256)) + threads.current_threads()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(route, fullgraph=True, backend="eager")
+    x = torch.zeros(2)
+    assert torch.equal(compiled(x), route(x))

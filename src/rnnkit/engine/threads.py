@@ -139,6 +139,19 @@ class ThreadGovernor:
 GOVERNOR = ThreadGovernor()
 
 
+def current_threads() -> int:
+    """torch's intra-op thread count, also while torch.compile traces (which cannot call
+    ``torch.get_num_threads``): then the count the last eager call saw."""
+    global _LAST_SEEN
+    if torch.compiler.is_compiling():
+        return _LAST_SEEN
+    _LAST_SEEN = torch.get_num_threads()
+    return _LAST_SEEN
+
+
+_LAST_SEEN = torch.get_num_threads()
+
+
 def adapt() -> int | None:
     """Called by the engine before each layer call; see the module docstring. Not while
     torch.compile traces (a compiled graph cannot read clocks and /proc; the eager calls around

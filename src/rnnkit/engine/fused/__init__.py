@@ -52,6 +52,7 @@ from rnnkit.engine.bptt import run_bptt
 from rnnkit.engine.fused import _build, _function, _layer_norm
 from rnnkit.engine.fused._function import KERNELS, config_of, peephole_weights, run, spec_of
 from rnnkit.engine.regularise import StepMasks
+from rnnkit.engine.threads import current_threads
 
 __all__ = ["BF16_FLOAT32", "ROUTES", "route_of", "run_layer", "run_step", "unavailable_reason"]
 
@@ -329,7 +330,7 @@ def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None =
         return True
     if inference and batch <= INFERENCE_OWN_BATCH:
         return True
-    threads = torch.get_num_threads() if threads is None else threads
+    threads = current_threads() if threads is None else threads
     return threads > 1 and ((batch <= 4 and hidden <= 128) or (batch <= 32 and hidden <= 64))
 
 
