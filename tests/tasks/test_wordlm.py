@@ -183,3 +183,12 @@ def test_medium_example_is_zaremba_medium() -> None:
     assert train.eval_every == wordlm.PTB_WINDOWS and train.steps == 39 * wordlm.PTB_WINDOWS
     assert (train.schedule, train.decay_after) == ("step", 6)
     assert train.decay_factor == pytest.approx(1 / 1.2)
+
+
+def test_90_minute_example_is_tied_and_decays_over_its_budget() -> None:
+    config = _example("ptb-90min.yaml")
+    model = LMConfig.from_dict({**config["model"], "vocab_size": 10_000})  # sizes fit the tie
+    train = TrainConfig.from_dict(config["train"])
+    assert model.tie_weights and model.embedding == model.hidden and model.dropout > 0
+    assert (train.steps, train.minutes, train.schedule) == (None, 90, "budget")
+    assert (train.optimizer, train.lr) == ("sgd", 35.0) and train.clip_norm == pytest.approx(5 / 35)
