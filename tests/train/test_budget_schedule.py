@@ -50,6 +50,22 @@ def test_step_budget_holds_then_decays_geometrically() -> None:
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
+def test_minutes_budget_decays_with_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from rnnkit.train import trainer as trainer_module
+
+    ticks = iter(range(0, 10_000, 6))  # a clock that moves 6 s at every reading
+    monkeypatch.setattr(trainer_module, "time",
+                        types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    trainer = make_trainer(steps=None, minutes=1.0, **BUDGET)
+    rates = _rates(trainer)
+    result = trainer.fit()
+    # 6 s per step of a 60 s budget: step k runs at progress (k - 1) / 10, the 10th is the last
+    assert result.reason == "time" and result.step == 10
+    assert rates == pytest.approx([expected(k / 10) for k in range(10)], rel=1e-12)
+
+
 def test_time_share_and_resume_continue_the_decay() -> None:
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
