@@ -118,3 +118,13 @@ def test_rescaled_rate_keeps_the_decay() -> None:
 def test_budget_needs_a_budget() -> None:
     with pytest.raises(OptionError, match=r"train\.schedule.*train\.steps or train\.minutes"):
         TrainConfig(steps=None, early_stop=3, schedule="budget")
+
+
+def test_minutes_keyed_budget_refuses_several_processes() -> None:
+    from rnnkit.train import Trainer
+    from rnnkit.train.distributed import Group
+
+    single = make_trainer(steps=None, minutes=1.0, **BUDGET)
+    # each rank's clock differs: rates keyed to it would drift apart between the replicas
+    with pytest.raises(ValueError, match=r"'budget' with train\.minutes runs in one process"):
+        Trainer(single.model, single.task, single.config, group=Group(rank=0, world_size=2))
