@@ -97,7 +97,9 @@ def _build_parser(task: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="SECTION.OPTION=VALUE", default=None,
                        help="any option, e.g. --set data.split=speaker (repeatable)")
     train.add_argument("--config", metavar="FILE", default=None,
-                       help="YAML or TOML file of options (sections data, model, train, ...)")
+                       help="YAML or TOML file of options (sections data, model, train, ...); "
+                            "the presets beyond a task's defaults are such files in examples/, "
+                            "e.g. examples/ptb-medium.yaml for wordlm")
     train.add_argument("--out", metavar="DIR", default=None,
                        help="run directory (default runs/<task>-<timestamp>)")
     train.add_argument("--resume", action="store_true", default=False,

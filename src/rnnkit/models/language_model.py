@@ -56,6 +56,8 @@ class LMConfig(Options):
     weight_drop: float = option(0.0, "DropConnect on the recurrent weights W_hh, one mask per "
                                      "forward (AWD-LSTM's weight drop)", ge=0, lt=1)
     layer_norm: bool = option(False, "LSTM/GRU: layer-normalised cell (Ba, Kiros & Hinton 2016)")
+    tie_weights: bool = option(False, "the output layer shares the embedding matrix (Press & "
+                                      "Wolf 2017, Inan et al. 2017); needs embedding = hidden")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,6 +68,31 @@ class LMConfig(Options):
             raise ValueError(f"--layer-norm is an LSTM and GRU option, not one of cell={self.cell}")
         if self.layer_norm and (self.recurrent_dropout or self.zoneout or self.zoneout_cell):
             raise ValueError("recurrent_dropout and zoneout are not implemented with --layer-norm")
+        if self.tie_weights and self.embedding != self.hidden:
+            # the decoder maps the last layer's h (hidden) to logits with the (V, E) embedding
+            raise ValueError(f"--tie-weights needs the embedding size equal to the last layer's "
+                             f"hidden size, got embedding={self.embedding} and hidden={self.hidden}")
+
+
+class TiedDecoder(nn.Module):
+    """The output layer of a tied model: logits = h · Eᵀ + b with E the embedding's (V, E) matrix.
+
+    The embedding is held by reference, not registered: the model's ``state_dict`` (and so a
+    checkpoint) holds the shared matrix once, as ``embedding.weight``, plus ``decoder.bias``;
+    safetensors refuses two names for one storage. ``weight`` reads as nn.Linear's does.
+    """
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self._shared = (embedding,)  # a tuple: nn.Module does not register what is inside
+        self.bias = nn.Parameter(torch.zeros(embedding.num_embeddings))
+
+    @property
+    def weight(self) -> Tensor:
+        return self._shared[0].weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class LanguageModel(nn.Module):
@@ -86,7 +113,11 @@ class LanguageModel(nn.Module):
             layer_norm=config.layer_norm,
         ), input_size)
         self.drop = nn.Dropout(config.dropout)
-        self.decoder = nn.Linear(hidden, vocab)
+        self.decoder: nn.Module
+        if config.tie_weights and self.embedding is not None:  # LMConfig checked the sizes
+            self.decoder = TiedDecoder(self.embedding)
+        else:
+            self.decoder = nn.Linear(hidden, vocab)
 
     def forward(self, tokens: Tensor, state: Any = None) -> tuple[Tensor, Any]:
         """tokens (T, B) int64 → logits (T, B, V), final state."""

@@ -13,6 +13,11 @@ are learning rate 35 with clipping at 5/35 here. Their schedule keeps the rate f
 and then halves it at every epoch: the Trainer's "step" schedule, evaluated once per epoch.
 Their reported validation perplexity is 120.7.
 
+Other presets are config files (``rnnkit train wordlm --config FILE``): ``examples/ptb-medium.yaml``
+is their "medium" (2 × 650, dropout 0.5, ±0.05, 39 epochs, the rate kept 6 epochs then divided
+by 1.2 per epoch; 86.2 reported), ``examples/ptb-90min.yaml`` a tied, regularised model with the
+Trainer's "budget" schedule, chosen for a 90-minute budget on one thread (docs/results.md).
+
 Metric: perplexity exp(mean cross-entropy per word) on the validation text.
 """
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from rnnkit.options import OptionError, Options, option
 
 OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("none", "plateau", "step")
+SCHEDULES = ("none", "plateau", "step", "budget")
 MONITOR_MODES = ("min", "max")
 PRECISIONS = ("fp32", "bf16")
 
@@ -35,7 +35,8 @@ class TrainConfig(Options):
     clip_value: float | None = option(None, "bound ±c on each gradient element, applied before "
                                             "the norm bound", gt=0, on_resume=True)
     schedule: str = option("plateau", "learning-rate schedule: ReduceLROnPlateau on the monitored "
-                                      "metric, 'step' decay, or none", choices=SCHEDULES)
+                                      "metric, 'step' decay, 'budget' (decay over the steps or "
+                                      "minutes budget), or none", choices=SCHEDULES)
     plateau_factor: float = option(0.5, "plateau: rate multiplier on a plateau", gt=0, lt=1)
     plateau_patience: int = option(1, "plateau: evaluations without gain before cutting the rate",
                                    ge=0)
@@ -44,6 +45,14 @@ class TrainConfig(Options):
     decay_factor: float = option(0.5, "step: rate multiplier per evaluation after decay_after",
                                  gt=0, le=1)
     decay_after: int = option(4, "step: evaluations at the full rate", ge=0)
+    # "budget": Zaremba et al.'s shape (hold, then geometric decay) compressed into whatever
+    # budget binds: the progress p is the larger of step/steps and the share of train.minutes
+    # used, and the rate is lr · budget_final^((p − budget_hold) / (1 − budget_hold)) after the
+    # hold, updated at every step
+    budget_hold: float = option(0.2, "budget: share of the budget (steps or minutes) at the full "
+                                     "rate", ge=0, lt=1)
+    budget_final: float = option(0.01, "budget: rate multiplier reached at the end of the "
+                                       "budget (geometric decay after the hold)", gt=0, le=1)
     early_stop: int | None = option(None, "evaluations without improvement before stopping",
                                     ge=1, on_resume=True)
     # the validation metric that picks the best weights and drives early stopping and the
@@ -68,3 +77,6 @@ class TrainConfig(Options):
         if self.steps is None and self.minutes is None and self.early_stop is None:
             raise OptionError("train.steps", "is none (no step cap), so train.minutes or "
                                              "train.early_stop must end the run; give one")
+        if self.schedule == "budget" and self.steps is None and self.minutes is None:
+            raise OptionError("train.schedule", "is 'budget', which decays the rate over "
+                                                "train.steps or train.minutes; give one")

@@ -141,6 +141,57 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
                             fused=fused or None)
 
 
+class BudgetSchedule:
+    """The "budget" schedule: the full rate for the first ``hold`` share of the run's budget,
+    then a geometric decay that reaches ``final`` × the rate when the budget runs out.
+
+    Progress p ∈ [0, 1] is the larger of step/steps and the share of the time budget used, so
+    the decay follows whichever budget binds. A ``--resume`` gets a new time budget (as
+    train.minutes does): the decay goes on from the progress the checkpoint holds and finishes
+    within the new budget. Progress never goes back.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: TrainConfig) -> None:
+        self.optimizer = optimizer
+        self.steps, self.minutes = config.steps, config.minutes
+        self.hold, self.final = config.budget_hold, config.budget_final
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.progress = 0.0
+        self._session_start = 0.0  # progress when this session's time budget began
+
+    def multiplier(self, progress: float) -> float:
+        if progress <= self.hold:
+            return 1.0
+        return self.final ** ((min(progress, 1.0) - self.hold) / (1.0 - self.hold))
+
+    def start_session(self) -> None:
+        self._session_start = self.progress
+
+    def advance(self, step: int, elapsed: float) -> None:
+        """Sets the rate for the next step, after ``step`` steps and ``elapsed`` seconds of
+        this session."""
+        shares = [self.progress]
+        if self.steps is not None:
+            shares.append(step / self.steps)
+        if self.minutes is not None:
+            start = self._session_start
+            shares.append(start + (1.0 - start) * elapsed / (self.minutes * 60))
+        self.progress = min(1.0, max(shares))
+        factor = self.multiplier(self.progress)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base_lrs": list(self.base_lrs), "progress": self.progress}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        base_lrs, progress = state["base_lrs"], float(state["progress"])
+        if len(base_lrs) != len(self.base_lrs) or not 0 <= progress <= 1:
+            raise ValueError(f"a budget schedule state of {len(base_lrs)} rates at progress "
+                             f"{progress}")
+        self.base_lrs, self.progress = [float(lr) for lr in base_lrs], progress
+
+
 def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
     """The learning-rate schedule, stepped once per scheduled evaluation (None: constant rate)."""
     if config.schedule == "plateau":
@@ -154,6 +205,8 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> An
             return factor ** max(0, evaluations + 1 - full_rate)
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    if config.schedule == "budget":
+        return BudgetSchedule(optimizer, config)
     return None
 
 
@@ -182,6 +235,10 @@ class Trainer:
         self.on_step = on_step
         self.optimizer = _make_optimizer(model, config)
         self.scheduler = _make_scheduler(self.optimizer, config)
+        if isinstance(self.scheduler, BudgetSchedule) and config.minutes and self.group.distributed:
+            # each rank's clock differs a little: rates keyed to it would drift apart
+            raise ValueError("train.schedule 'budget' with train.minutes runs in one process; "
+                             "with several, key it to train.steps alone")
         self.groups = layer_groups(model)
         self.step = 0
         self.position = (0, 0)  # (batch index, chunk index) of the next step
@@ -556,6 +613,8 @@ class Trainer:
             # dropout masks and any sampling then depend on the seed alone, not on what ran
             # between building the model and training it
             rng.seed_everything(config.seed)
+        if isinstance(self.scheduler, BudgetSchedule):
+            self.scheduler.start_session()
         previous_handler = self._install_sigint()
         try:
             while self.stop_reason is None and (config.steps is None or self.step < config.steps):
@@ -568,6 +627,8 @@ class Trainer:
                     batch_index + 1, 0)
                 tokens += record["tokens"]
                 elapsed = time.perf_counter() - started
+                if isinstance(self.scheduler, BudgetSchedule):  # the rate of the next step
+                    self.scheduler.advance(self.step, elapsed)
                 if log:
                     log.write({"kind": "train", "step": self.step, "time": round(elapsed, 3),
                                **record})
@@ -644,8 +705,9 @@ class Trainer:
         value = valid[monitor]
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and schedule:
             self.scheduler.step(value)
-        elif self.scheduler is not None and schedule:
-            self.scheduler.step()
+        elif self.scheduler is not None and schedule and not isinstance(self.scheduler,
+                                                                         BudgetSchedule):
+            self.scheduler.step()  # the budget schedule moves at every step, not here
         best = self.best_valid
         if best is None or (value > best if self.config.monitor_mode == "max" else value < best):
             self.best_valid = value
