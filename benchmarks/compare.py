@@ -116,6 +116,12 @@ def _set_width(config: dict[str, Any], path: tuple[str, ...], value: int) -> Non
     config[path[-1]] = value
 
 
+def _get(config: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        config = config[key]
+    return config
+
+
 def configured(row: Row, model: str, module: Any) -> dict[str, Any]:
     """The row's config for ``model``, its width matched to the row's parameter count."""
     config = _update(_update(module.default_config(), row.base), row.models[model])
@@ -230,6 +236,68 @@ def _time(fn: Callable[[], Any], seconds: float = 1.0) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return sorted(samples)[len(samples) // 2]
+
+
+EPOCH_ROWS = ("copy", "adding")  # the T = 1000 and T = 600 rows, where "per epoch" is the issue's
+
+
+def _training_step(module: Any, config: dict[str, Any]) -> tuple[Callable[[], None], int, int]:
+    """One training step of a row's model (its batch generated, forward, loss, backward, Adam),
+    the batches per epoch and the parameter count."""
+    task, model, _ = module.build(config)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+    index = [0]
+
+    def step() -> None:
+        batch = task.batch(index[0])
+        index[0] += 1
+        loss, _ = task.loss(model, batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    return step, task.num_batches(), sum(p.numel() for p in model.parameters())
+
+
+def epoch_speed(repeats: int = 5) -> list[str]:
+    """Per-epoch training time of the rows' own models: rnnkit's GRU at the row's matched width
+    beside minGRU of the same width (one layer) and the row's minGRU (two layers, matched
+    parameters); interleaved, minimum of ``repeats`` rounds of 2 steps each."""
+    from rnnkit.tasks import task_module
+
+    lines = ["| row | T | model | parameters | ms per step | s per epoch | GRU time / this |",
+             "|---|---|---|---|---|---|---|"]
+    for name in EPOCH_ROWS:
+        row = ROWS[name]
+        module = task_module(row.task)
+        gru = configured(row, "gru", module)
+        width = _get(gru, row.width)
+        same = _update(json.loads(json.dumps(gru)), row.models["mingru"])
+        _set_width(same, row.width, width)
+        _set_width(same, (*row.width[:-1], "layers"), 1)
+        variants = {f"GRU 1×{width}": gru, f"minGRU 1×{width} (same width)": same}
+        matched = configured(row, "mingru", module)
+        layers = _get(matched, (*row.width[:-1], "layers"))
+        variants[f"minGRU {layers}×{_get(matched, row.width)} (the row's)"] = matched
+        steps: dict[str, tuple[Callable[[], None], int, int]] = {}
+        for label, config in variants.items():
+            seed_everything(0)
+            steps[label] = _training_step(module, config)
+            steps[label][0]()  # warm-up (and the kernels' first build)
+        best = dict.fromkeys(steps, math.inf)
+        for round_ in range(repeats):  # interleaved: a change of load hits every model alike
+            for label in (list(steps) if round_ % 2 == 0 else list(reversed(steps))):
+                start = time.perf_counter()
+                steps[label][0]()
+                steps[label][0]()
+                best[label] = min(best[label], (time.perf_counter() - start) / 2)
+        reference = best[f"GRU 1×{width}"]
+        for label, seconds in best.items():
+            _, batches, params = steps[label]
+            lines.append(f"| {name} | {gru['data']['length']} | {label} | {params:,} | "
+                         f"{1000 * seconds:.1f} | {batches * seconds:.1f} | {reference / seconds:.2f}× |")
+        print("\n".join(lines[-len(best):]), flush=True)
+    return lines
 
 
 def speed(threads: int) -> None:
