@@ -263,6 +263,37 @@ def test_fused_projection_gradcheck_opcheck_and_nan(kind: str) -> None:
     torch.testing.assert_close(out[finite], ref[finite])
 
 
+@pytest.mark.parametrize("kind", sorted(MATHS))
+def test_fused_projection_skips_zero_inputs_only_where_that_is_exact(kind: str) -> None:
+    """One-hot inputs skip the zero terms; an inf weight or a NaN gradient must still give the
+    NaNs of F.linear (0 · inf = NaN in the forward, 0 · NaN in dW = x^T d)."""
+    native_or_skip()
+    torch.manual_seed(9)
+    math = MATHS[kind]
+    x = torch.nn.functional.one_hot(torch.randint(0, 4, (6, 3)), 4).double()  # (T, B, 4)
+    weight = torch.randn(math.num_gates * 5, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(math.num_gates * 5, dtype=torch.float64, requires_grad=True)
+    h0 = torch.zeros(3, 5, dtype=torch.float64)
+
+    def both(weight: torch.Tensor, grad: torch.Tensor) -> None:
+        out, _ = minimal_layer(math, x, weight, bias, h0, backend="native")
+        gx = torch.nn.functional.linear(x, weight, bias)
+        ref, _ = sequential_linear_recurrence(*math.coefficients(gx), h0)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, equal_nan=True)
+        got = torch.autograd.grad(out, weight, grad, allow_unused=True)[0]
+        expected = torch.autograd.grad(ref, weight, grad)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+    both(weight, torch.randn(6, 3, 5, dtype=torch.float64))  # finite: the zero terms are skipped
+    grad = torch.randn(6, 3, 5, dtype=torch.float64)
+    grad[2, 1, 3] = float("nan")
+    both(weight, grad)  # a NaN gradient reaches every column of dW, as through x^T d
+    with torch.no_grad():
+        infinite = weight.detach().clone()
+        infinite[1, 2] = float("inf")
+    both(infinite.requires_grad_(), torch.randn(6, 3, 5, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("input_size", [2, PROJECTED_MAX_INPUTS + 1])
 def test_layer_native_equals_log_space_either_side_of_the_fused_projection(input_size: int) -> None:
     native_or_skip()
