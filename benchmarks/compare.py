@@ -300,25 +300,33 @@ def epoch_speed(repeats: int = 5) -> list[str]:
     return lines
 
 
-def speed(threads: int) -> None:
-    """minGRU's scan vs rnnkit's GRU at T = 1000, and Tree-LSTM levels vs nodes, side by side."""
+def speed(threads: int, skip_epochs: bool = False) -> None:
+    """minGRU vs rnnkit's GRU at T = 1000 (one layer, input = H; and per epoch of the copy and
+    adding rows), and Tree-LSTM levels vs nodes, side by side; the tables also go to
+    docs/performance.md."""
     import rnnkit
+    from report import write_section
     from rnnkit.data.trees import read_trees
     from rnnkit.models.tree_lstm import TreeBatch, TreeLSTM
 
     torch.set_num_threads(threads)
-    print(f"threads {threads}; load average {Path('/proc/loadavg').read_text().split()[:3]}")
-    print("| model | T | B | H | fwd+bwd ms | vs rnnkit GRU |")
-    print("|---|---|---|---|---|---|")
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    lines = [f"`python benchmarks/compare.py speed --threads {threads}` ({time.strftime('%Y-%m-%d %H:%M')}, "
+             f"load average at the start {load}; minimum over interleaved repeats).", "",
+             "One layer, input size = H, forward + backward (the output's gradient given):", "",
+             "| model | T | B | H | fwd+bwd ms | GRU time / this |", "|---|---|---|---|---|---|"]
+    print(lines[0])
     for T, B, H in ((1000, 16, 128), (1000, 32, 256)):
         x = torch.randn(T, B, H)
+        grad = torch.randn(T, B, H)  # what a layer receives from the model above it
         layers = {"GRU (fused)": rnnkit.GRU(H, H), "minGRU (scan)": rnnkit.MinGRU(H, H),
                   "minLSTM (scan)": rnnkit.MinLSTM(H, H)}
 
-        def step(layer: torch.nn.Module, x: torch.Tensor = x) -> Callable[[], None]:
+        def step(layer: torch.nn.Module, x: torch.Tensor = x, grad: torch.Tensor = grad
+                 ) -> Callable[[], None]:
             def run() -> None:
                 output, _ = layer(x)
-                output.sum().backward()
+                output.backward(grad)
             return run
 
         times: dict[str, float] = {}
@@ -326,28 +334,37 @@ def speed(threads: int) -> None:
             for name, layer in (layers.items() if round_ % 2 == 0 else reversed(layers.items())):
                 times[name] = min(times.get(name, math.inf), _time(step(layer)))
         for name, seconds in times.items():
-            print(f"| {name} | {T} | {B} | {H} | {1000 * seconds:.1f} | "
-                  f"{times['GRU (fused)'] / seconds:.2f}× faster |")
+            lines.append(f"| {name} | {T} | {B} | {H} | {1000 * seconds:.1f} | "
+                         f"{times['GRU (fused)'] / seconds:.2f}× |")
+            print(lines[-1], flush=True)
+    if not skip_epochs:
+        lines += ["", "Per epoch (100 batches of 32, generated) of the rows' own models: one training "
+                  "step each (batch generation, forward, loss, backward, Adam):", ""]
+        lines += epoch_speed()
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst-trees" / "dev.txt"
     if not path.is_file():
         print(f"(Tree-LSTM timing skipped: {path} not present)")
-        return
-    trees = read_trees(path)[:100]
-    words = {w: i for i, w in enumerate(sorted({w for t in trees for w in t.leaves()}))}
-    embed = torch.nn.Embedding(len(words), 150)
-    tree_lstm = TreeLSTM(150, 150)
+    else:
+        trees = read_trees(path)[:100]
+        words = {w: i for i, w in enumerate(sorted({w for t in trees for w in t.leaves()}))}
+        embed = torch.nn.Embedding(len(words), 150)
+        tree_lstm = TreeLSTM(150, 150)
 
-    def levels() -> None:
-        batch = TreeBatch.build(trees, words)
-        h, _ = tree_lstm(batch, embed(batch.words))
-        h[batch.roots].sum().backward()
+        def levels() -> None:
+            batch = TreeBatch.build(trees, words)
+            h, _ = tree_lstm(batch, embed(batch.words))
+            h[batch.roots].sum().backward()
 
-    def nodes() -> None:
-        torch.stack(tree_lstm.forward_node_by_node(trees, embed, words)).sum().backward()
+        def nodes() -> None:
+            torch.stack(tree_lstm.forward_node_by_node(trees, embed, words)).sum().backward()
 
-    level_time, node_time = _time(levels, 2.0), _time(nodes, 2.0)
-    print(f"Tree-LSTM, 100 SST dev trees, fwd+bwd: level by level {1000 * level_time:.1f} ms, "
-          f"node by node {1000 * node_time:.1f} ms: {node_time / level_time:.1f}× faster batched")
+        level_time, node_time = _time(levels, 2.0), _time(nodes, 2.0)
+        lines += ["", f"Tree-LSTM, 100 SST dev trees, fwd+bwd: level by level {1000 * level_time:.1f} ms, "
+                  f"node by node {1000 * node_time:.1f} ms: {node_time / level_time:.1f}× faster batched"]
+        print(lines[-1])
+    write_section(DOCS / "performance.md", "compare-speed",
+                  "## minGRU / minLSTM vs GRU, Tree-LSTM batching (issue 13)\n\n" + "\n".join(lines))
+    print(f"wrote its section of {DOCS / 'performance.md'}")
 
 
 def main() -> None:
@@ -363,6 +380,7 @@ def main() -> None:
     sub.add_parser("table", help="render docs/comparison.md and .png from the stored results")
     timing = sub.add_parser("speed", help="scan vs loop and levels vs nodes, side by side")
     timing.add_argument("--threads", type=int, default=1)
+    timing.add_argument("--skip-epochs", action="store_true", help="only the layer and tree timings")
     args = parser.parse_args()
     if args.command == "run":
         models = args.models.split(",") if args.models else list(ROWS[args.row].models)
@@ -374,7 +392,7 @@ def main() -> None:
     elif args.command == "table":
         table()
     else:
-        speed(args.threads)
+        speed(args.threads, args.skip_epochs)
 
 
 if __name__ == "__main__":
