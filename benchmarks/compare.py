@@ -60,12 +60,50 @@ def _lm(cell: str, **extra: Any) -> dict[str, dict[str, Any]]:
     return {"model": {"cell": cell, **extra}}
 
 
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PTB = SHARED / "ptb"
+
+
+def _ptb_characters() -> dict[str, dict[str, Any]]:
+    """charlm reading PTB's word-level train + valid text as characters, validated on exactly
+    ptb.valid.txt (the last fraction of the concatenation; PTB is ASCII, so characters = bytes)."""
+    files = [PTB / "ptb.train.txt", PTB / "ptb.valid.txt"]
+    data: dict[str, Any] = {"files": [str(f) for f in files], "valid_chars": None}
+    if all(f.is_file() for f in files):  # else the task names the missing file when it runs
+        sizes = [f.stat().st_size for f in files]
+        data["valid_fraction"] = sizes[1] / sum(sizes)
+    return {"data": data, "model": {"embedding": 100}}
+
+
+# the recurrent rows' common optimiser: wordlm's own default is Zaremba et al.'s SGD at lr 35,
+# which a TCN or an Elman RNN does not survive; every model of a row gets the same Adam
+ADAM_LM = {"optimizer": "adam", "lr": 1e-3, "clip_norm": 0.25, "schedule": "plateau",
+           "plateau_patience": 1}
+
+
 def _music_test(task: Any, model: Any) -> float:
     return task.nll(model, "test")
 
 
 def _sst_accuracy(task: Any, model: Any) -> float:
     return task.evaluate(model)["accuracy"]
+
+
+def _bits_per_char(task: Any, model: Any) -> float:
+    return task.evaluate(model)["bpc"]
+
+
+def _perplexity(task: Any, model: Any) -> float:
+    return task.evaluate(model)["ppl"]
+
+
+def _sst_models(layers: int = 3) -> dict[str, dict[str, dict[str, Any]]]:
+    return {"treelstm": {"model": {"encoder": "treelstm"}},
+            "childsum": {"model": {"encoder": "childsum"}},
+            "lstm": {"model": {"encoder": "lstm", "bidirectional": True}},
+            "gru": {"model": {"encoder": "gru", "bidirectional": True}},
+            "tcn": {"model": {"encoder": "tcn", "bidirectional": True, "layers": layers}},
+            "mingru": {"model": {"encoder": "mingru", "bidirectional": True}}}
 
 
 def _sequence_models(make: Callable[..., dict[str, dict[str, Any]]], tcn: dict[str, Any]
@@ -89,15 +127,22 @@ ROWS: dict[str, Row] = {
                {"lstm": 8.45, "gru": 8.43, "rnn": 8.91, "tcn": 8.10},
                _sequence_models(_recurrent, {"layers": 2, "kernel_size": 3}),
                score=_music_test),
+    "charptb": Row("charlm", "bits/char (PTB valid)", True, 3_000_000,
+                   {"lstm": 1.36, "gru": 1.37, "rnn": 1.48, "tcn": 1.31},
+                   _sequence_models(_lm, {"layers": 3, "kernel_size": 3}),
+                   _ptb_characters(), score=_bits_per_char, width=("model", "hidden")),
+    "wordptb": Row("wordlm", "perplexity (PTB valid)", True, 13_000_000,
+                   {"lstm": 78.93, "gru": 92.48, "rnn": 114.50, "tcn": 88.68},
+                   _sequence_models(_lm, {"layers": 4, "kernel_size": 3}),
+                   {"model": {"embedding": 400}, "train": ADAM_LM},
+                   score=_perplexity, width=("model", "hidden")),
+    # SST rows keep each encoder's own defaults (the 300-d embeddings are most of every model)
     "sst": Row("trees", "binary accuracy (dev sentences)", False, 0,
-               {"treelstm": 0.880, "lstm": 0.875},
-               {"treelstm": {"model": {"encoder": "treelstm"}},
-                "childsum": {"model": {"encoder": "childsum"}},
-                "lstm": {"model": {"encoder": "lstm", "bidirectional": True}},
-                "gru": {"model": {"encoder": "gru", "bidirectional": True}},
-                "tcn": {"model": {"encoder": "tcn", "bidirectional": True, "layers": 3}},
-                "mingru": {"model": {"encoder": "mingru", "bidirectional": True}}},
+               {"treelstm": 0.880, "lstm": 0.875}, _sst_models(),
                score=_sst_accuracy, width=("model", "hidden")),
+    "sst5": Row("trees", "five-class accuracy (dev sentences)", False, 0,
+                {"treelstm": 0.510, "lstm": 0.491}, _sst_models(),
+                {"data": {"classes": "fine"}}, score=_sst_accuracy, width=("model", "hidden")),
 }
 
 
@@ -145,7 +190,10 @@ def configured(row: Row, model: str, module: Any) -> dict[str, Any]:
     return config
 
 
-def run_row(name: str, models: list[str], minutes: float, out: Path, threads: int | None) -> None:
+def run_row(name: str, models: list[str], minutes: float, out: Path, threads: int | None,
+            steps: int | None = None) -> None:
+    """Trains each model for ``minutes`` and stores its result; with ``steps``, a check that the
+    row runs: that many steps each, nothing stored."""
     from rnnkit.tasks import task_module
 
     row = ROWS[name]
@@ -155,13 +203,19 @@ def run_row(name: str, models: list[str], minutes: float, out: Path, threads: in
         if threads:
             torch.set_num_threads(threads)
         config = configured(row, model_name, module)
-        config["train"].update(minutes=minutes, steps=10_000_000)
+        if steps is None:
+            config["train"].update(minutes=minutes, steps=10_000_000)
+        else:  # a check: a validation at the end only
+            config["train"].update(minutes=None, steps=steps, eval_every=steps)
         train_config = TrainConfig.from_dict(config["train"])
         seed_everything(train_config.seed)
         task, model, source = module.build(config)
         params = sum(p.numel() for p in model.parameters())
-        run_dir = out / f"{name}-{model_name}"
-        print(f"== {name} / {model_name}: {params:,} parameters; {source}", flush=True)
+        run_dir = out / f"{'check-' if steps is not None else ''}{name}-{model_name}"
+        published = row.published.get(model_name)
+        budget = f" (row budget {row.params:,})" if row.params else ""
+        print(f"== {name} / {model_name}: {params:,} parameters{budget}; published {row.metric}: "
+              f"{'—' if published is None else published}; {source}", flush=True)
         start = time.perf_counter()
         result = Trainer(model, task, train_config, run_dir, progress=False).fit()
         elapsed = time.perf_counter() - start
@@ -177,6 +231,8 @@ def run_row(name: str, models: list[str], minutes: float, out: Path, threads: in
                  for r in records if r.get("kind") == "valid"]
         print(f"   {row.metric}: {score:.6g} with the kept weights ({last:.6g} with the last) after "
               f"{result.step} steps, {elapsed / 60:.1f} min", flush=True)
+        if steps is not None:
+            continue
         stored.setdefault(name, {})[model_name] = {
             "score": score, "last_score": last, "params": params, "steps": result.step,
             "minutes": elapsed / 60,
@@ -228,14 +284,23 @@ def table() -> None:
 
 
 def _time(fn: Callable[[], Any], seconds: float = 1.0) -> float:
+    """The median wall time of ``fn`` over about ``seconds`` (after one warm-up call)."""
+    return _times(fn, seconds)[0]
+
+
+def _times(fn: Callable[[], Any], seconds: float = 1.0) -> tuple[float, float, float]:
+    """(median wall, minimum wall, minimum CPU time of this thread) of ``fn``. With one torch
+    thread all the work runs on the calling thread, so its CPU time leaves out the time other
+    processes held the core: the steadiest of the three on a shared machine."""
     fn()  # warm-up
-    samples = []
+    walls, cpus = [], []
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(samples) < 3:
-        start = time.perf_counter()
+    while time.perf_counter() < deadline or len(walls) < 3:
+        start, cpu = time.perf_counter(), time.thread_time()
         fn()
-        samples.append(time.perf_counter() - start)
-    return sorted(samples)[len(samples) // 2]
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.thread_time() - cpu)
+    return sorted(walls)[len(walls) // 2], min(walls), min(cpus)
 
 
 EPOCH_ROWS = ("copy", "adding")  # the T = 1000 and T = 600 rows, where "per epoch" is the issue's
@@ -265,8 +330,8 @@ def epoch_speed(repeats: int = 5) -> list[str]:
     parameters); interleaved, minimum of ``repeats`` rounds of 2 steps each."""
     from rnnkit.tasks import task_module
 
-    lines = ["| row | T | model | parameters | ms per step | s per epoch | GRU time / this |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | T | model | parameters | ms per step (min wall) | s per epoch | GRU / this (wall) "
+             "| GRU / this (CPU) |", "|---|---|---|---|---|---|---|---|"]
     for name in EPOCH_ROWS:
         row = ROWS[name]
         module = task_module(row.task)
@@ -285,17 +350,20 @@ def epoch_speed(repeats: int = 5) -> list[str]:
             steps[label] = _training_step(module, config)
             steps[label][0]()  # warm-up (and the kernels' first build)
         best = dict.fromkeys(steps, math.inf)
+        cpu = dict.fromkeys(steps, math.inf)
         for round_ in range(repeats):  # interleaved: a change of load hits every model alike
             for label in (list(steps) if round_ % 2 == 0 else list(reversed(steps))):
-                start = time.perf_counter()
+                start, thread = time.perf_counter(), time.thread_time()
                 steps[label][0]()
                 steps[label][0]()
                 best[label] = min(best[label], (time.perf_counter() - start) / 2)
-        reference = best[f"GRU 1×{width}"]
+                cpu[label] = min(cpu[label], (time.thread_time() - thread) / 2)
+        reference, reference_cpu = best[f"GRU 1×{width}"], cpu[f"GRU 1×{width}"]
         for label, seconds in best.items():
             _, batches, params = steps[label]
             lines.append(f"| {name} | {gru['data']['length']} | {label} | {params:,} | "
-                         f"{1000 * seconds:.1f} | {batches * seconds:.1f} | {reference / seconds:.2f}× |")
+                         f"{1000 * seconds:.1f} | {batches * seconds:.1f} | {reference / seconds:.2f}× | "
+                         f"{reference_cpu / cpu[label]:.2f}× |")
         print("\n".join(lines[-len(best):]), flush=True)
     return lines
 
@@ -314,7 +382,8 @@ def speed(threads: int, skip_epochs: bool = False) -> None:
     lines = [f"`python benchmarks/compare.py speed --threads {threads}` ({time.strftime('%Y-%m-%d %H:%M')}, "
              f"load average at the start {load}; minimum over interleaved repeats).", "",
              "One layer, input size = H, forward + backward (the output's gradient given):", "",
-             "| model | T | B | H | fwd+bwd ms | GRU time / this |", "|---|---|---|---|---|---|"]
+             "| model | T | B | H | fwd+bwd ms (min wall) | GRU / this (wall) | CPU ms (min) | "
+             "GRU / this (CPU) |", "|---|---|---|---|---|---|---|---|"]
     print(lines[0])
     for T, B, H in ((1000, 16, 128), (1000, 32, 256)):
         x = torch.randn(T, B, H)
@@ -329,13 +398,17 @@ def speed(threads: int, skip_epochs: bool = False) -> None:
                 output.backward(grad)
             return run
 
-        times: dict[str, float] = {}
+        walls: dict[str, float] = {}
+        cpus: dict[str, float] = {}
         for round_ in range(3):  # alternate, so a change of load hits every model alike
             for name, layer in (layers.items() if round_ % 2 == 0 else reversed(layers.items())):
-                times[name] = min(times.get(name, math.inf), _time(step(layer)))
-        for name, seconds in times.items():
-            lines.append(f"| {name} | {T} | {B} | {H} | {1000 * seconds:.1f} | "
-                         f"{times['GRU (fused)'] / seconds:.2f}× |")
+                _, wall, cpu = _times(step(layer))
+                walls[name] = min(walls.get(name, math.inf), wall)
+                cpus[name] = min(cpus.get(name, math.inf), cpu)
+        for name in walls:
+            lines.append(f"| {name} | {T} | {B} | {H} | {1000 * walls[name]:.1f} | "
+                         f"{walls['GRU (fused)'] / walls[name]:.2f}× | {1000 * cpus[name]:.1f} | "
+                         f"{cpus['GRU (fused)'] / cpus[name]:.2f}× |")
             print(lines[-1], flush=True)
     if not skip_epochs:
         lines += ["", "Per epoch (100 batches of 32, generated) of the rows' own models: one training "
@@ -377,6 +450,8 @@ def main() -> None:
     run.add_argument("--minutes", type=float, default=10.0, help="budget per model")
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--out", type=Path, default=Path("runs/compare"))
+    run.add_argument("--steps", type=int, default=None,
+                     help="check the row runs: this many steps per model, results not stored")
     sub.add_parser("table", help="render docs/comparison.md and .png from the stored results")
     timing = sub.add_parser("speed", help="scan vs loop and levels vs nodes, side by side")
     timing.add_argument("--threads", type=int, default=1)
@@ -388,7 +463,9 @@ def main() -> None:
         if unknown:
             parser.error(f"row {args.row} has no model(s) {', '.join(unknown)}; "
                          f"it has {', '.join(ROWS[args.row].models)}")
-        run_row(args.row, models, args.minutes, args.out, args.threads)
+        if args.steps is not None and args.steps < 1:
+            parser.error(f"--steps must be at least 1, got {args.steps}")
+        run_row(args.row, models, args.minutes, args.out, args.threads, args.steps)
     elif args.command == "table":
         table()
     else:
