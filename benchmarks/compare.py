@@ -173,11 +173,18 @@ def configured(row: Row, model: str, module: Any) -> dict[str, Any]:
     if not row.params:
         return config  # rows without a published budget keep each model's own defaults
     cache: dict[int, int] = {}
+    template: list[Any] = []  # (model class, the task's model config) of the first build
 
     def count(width: int) -> int:
         if width not in cache:
             _set_width(config, row.width, width)
-            _, built, _ = module.build(config)
+            if not template:  # the task reads its data once (vocabulary sizes and such) ...
+                task, built, _ = module.build(config)
+                template.extend((type(built), task.model_config))
+            else:  # ... and every other width is only the model, from the task's derived config
+                model_class, derived = template
+                options = _update(derived.to_dict(), json.loads(json.dumps(config["model"])))
+                built = model_class(type(derived).from_dict(options))
             cache[width] = sum(p.numel() for p in built.parameters())
         return cache[width]
 
@@ -220,6 +227,10 @@ def run_row(name: str, models: list[str], minutes: float, out: Path, threads: in
         result = Trainer(model, task, train_config, run_dir, progress=False).fit()
         elapsed = time.perf_counter() - start
         last = _score(row, task, model)
+        if steps is not None:  # a check: the scoring path ran once, that is all it asks
+            print(f"   {row.metric}: {last:.6g} after {result.step} steps, {elapsed / 60:.1f} min "
+                  "(a check: not stored)", flush=True)
+            continue
         best = run_dir / f"{BEST}.json"
         if best.is_file():  # the weights the run keeps: its best validation (the monitored metric)
             load_weights(load_checkpoint(best), model)
@@ -231,8 +242,6 @@ def run_row(name: str, models: list[str], minutes: float, out: Path, threads: in
                  for r in records if r.get("kind") == "valid"]
         print(f"   {row.metric}: {score:.6g} with the kept weights ({last:.6g} with the last) after "
               f"{result.step} steps, {elapsed / 60:.1f} min", flush=True)
-        if steps is not None:
-            continue
         stored.setdefault(name, {})[model_name] = {
             "score": score, "last_score": last, "params": params, "steps": result.step,
             "minutes": elapsed / 60,
