@@ -21,7 +21,9 @@ core plenty of independent work, and the log-space form costs a dozen transcende
 small C++ operator instead (``csrc/scan.cpp``, ``torch.ops.rnnkit_scan.minimal_scan``, its
 hand-derived backward registered as its autograd): the gates and the recurrence in one pass that
 walks time once per batch row. The log-space scan is the fallback (no compiler, another device);
-both are tested against the step-by-step reference.
+both are tested against the step-by-step reference. For narrow inputs (:data:`PROJECTED_MAX_INPUTS`)
+:func:`minimal_layer` also moves ``x W_ihᵀ + b_ih`` into the operator
+(``minimal_scan_projected``), so that no (T, B, G·H) tensor is written at all.
 """
 
 from __future__ import annotations
