@@ -60,12 +60,50 @@ def _lm(cell: str, **extra: Any) -> dict[str, dict[str, Any]]:
     return {"model": {"cell": cell, **extra}}
 
 
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PTB = SHARED / "ptb"
+
+
+def _ptb_characters() -> dict[str, dict[str, Any]]:
+    """charlm reading PTB's word-level train + valid text as characters, validated on exactly
+    ptb.valid.txt (the last fraction of the concatenation; PTB is ASCII, so characters = bytes)."""
+    files = [PTB / "ptb.train.txt", PTB / "ptb.valid.txt"]
+    data: dict[str, Any] = {"files": [str(f) for f in files], "valid_chars": None}
+    if all(f.is_file() for f in files):  # else the task names the missing file when it runs
+        sizes = [f.stat().st_size for f in files]
+        data["valid_fraction"] = sizes[1] / sum(sizes)
+    return {"data": data, "model": {"embedding": 100}}
+
+
+# the recurrent rows' common optimiser: wordlm's own default is Zaremba et al.'s SGD at lr 35,
+# which a TCN or an Elman RNN does not survive; every model of a row gets the same Adam
+ADAM_LM = {"optimizer": "adam", "lr": 1e-3, "clip_norm": 0.25, "schedule": "plateau",
+           "plateau_patience": 1}
+
+
 def _music_test(task: Any, model: Any) -> float:
     return task.nll(model, "test")
 
 
 def _sst_accuracy(task: Any, model: Any) -> float:
     return task.evaluate(model)["accuracy"]
+
+
+def _bits_per_char(task: Any, model: Any) -> float:
+    return task.evaluate(model)["bpc"]
+
+
+def _perplexity(task: Any, model: Any) -> float:
+    return task.evaluate(model)["ppl"]
+
+
+def _sst_models(layers: int = 3) -> dict[str, dict[str, dict[str, Any]]]:
+    return {"treelstm": {"model": {"encoder": "treelstm"}},
+            "childsum": {"model": {"encoder": "childsum"}},
+            "lstm": {"model": {"encoder": "lstm", "bidirectional": True}},
+            "gru": {"model": {"encoder": "gru", "bidirectional": True}},
+            "tcn": {"model": {"encoder": "tcn", "bidirectional": True, "layers": layers}},
+            "mingru": {"model": {"encoder": "mingru", "bidirectional": True}}}
 
 
 def _sequence_models(make: Callable[..., dict[str, dict[str, Any]]], tcn: dict[str, Any]
@@ -89,15 +127,22 @@ ROWS: dict[str, Row] = {
                {"lstm": 8.45, "gru": 8.43, "rnn": 8.91, "tcn": 8.10},
                _sequence_models(_recurrent, {"layers": 2, "kernel_size": 3}),
                score=_music_test),
+    "charptb": Row("charlm", "bits/char (PTB valid)", True, 3_000_000,
+                   {"lstm": 1.36, "gru": 1.37, "rnn": 1.48, "tcn": 1.31},
+                   _sequence_models(_lm, {"layers": 3, "kernel_size": 3}),
+                   _ptb_characters(), score=_bits_per_char, width=("model", "hidden")),
+    "wordptb": Row("wordlm", "perplexity (PTB valid)", True, 13_000_000,
+                   {"lstm": 78.93, "gru": 92.48, "rnn": 114.50, "tcn": 88.68},
+                   _sequence_models(_lm, {"layers": 4, "kernel_size": 3}),
+                   {"model": {"embedding": 400}, "train": ADAM_LM},
+                   score=_perplexity, width=("model", "hidden")),
+    # SST rows keep each encoder's own defaults (the 300-d embeddings are most of every model)
     "sst": Row("trees", "binary accuracy (dev sentences)", False, 0,
-               {"treelstm": 0.880, "lstm": 0.875},
-               {"treelstm": {"model": {"encoder": "treelstm"}},
-                "childsum": {"model": {"encoder": "childsum"}},
-                "lstm": {"model": {"encoder": "lstm", "bidirectional": True}},
-                "gru": {"model": {"encoder": "gru", "bidirectional": True}},
-                "tcn": {"model": {"encoder": "tcn", "bidirectional": True, "layers": 3}},
-                "mingru": {"model": {"encoder": "mingru", "bidirectional": True}}},
+               {"treelstm": 0.880, "lstm": 0.875}, _sst_models(),
                score=_sst_accuracy, width=("model", "hidden")),
+    "sst5": Row("trees", "five-class accuracy (dev sentences)", False, 0,
+                {"treelstm": 0.510, "lstm": 0.491}, _sst_models(),
+                {"data": {"classes": "fine"}}, score=_sst_accuracy, width=("model", "hidden")),
 }
 
 
@@ -116,17 +161,30 @@ def _set_width(config: dict[str, Any], path: tuple[str, ...], value: int) -> Non
     config[path[-1]] = value
 
 
+def _get(config: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        config = config[key]
+    return config
+
+
 def configured(row: Row, model: str, module: Any) -> dict[str, Any]:
     """The row's config for ``model``, its width matched to the row's parameter count."""
     config = _update(_update(module.default_config(), row.base), row.models[model])
     if not row.params:
         return config  # rows without a published budget keep each model's own defaults
     cache: dict[int, int] = {}
+    template: list[Any] = []  # (model class, the task's model config) of the first build
 
     def count(width: int) -> int:
         if width not in cache:
             _set_width(config, row.width, width)
-            _, built, _ = module.build(config)
+            if not template:  # the task reads its data once (vocabulary sizes and such) ...
+                task, built, _ = module.build(config)
+                template.extend((type(built), task.model_config))
+            else:  # ... and every other width is only the model, from the task's derived config
+                model_class, derived = template
+                options = _update(derived.to_dict(), json.loads(json.dumps(config["model"])))
+                built = model_class(type(derived).from_dict(options))
             cache[width] = sum(p.numel() for p in built.parameters())
         return cache[width]
 
@@ -139,7 +197,10 @@ def configured(row: Row, model: str, module: Any) -> dict[str, Any]:
     return config
 
 
-def run_row(name: str, models: list[str], minutes: float, out: Path, threads: int | None) -> None:
+def run_row(name: str, models: list[str], minutes: float, out: Path, threads: int | None,
+            steps: int | None = None) -> None:
+    """Trains each model for ``minutes`` and stores its result; with ``steps``, a check that the
+    row runs: that many steps each, nothing stored."""
     from rnnkit.tasks import task_module
 
     row = ROWS[name]
@@ -149,17 +210,27 @@ def run_row(name: str, models: list[str], minutes: float, out: Path, threads: in
         if threads:
             torch.set_num_threads(threads)
         config = configured(row, model_name, module)
-        config["train"].update(minutes=minutes, steps=10_000_000)
+        if steps is None:
+            config["train"].update(minutes=minutes, steps=10_000_000)
+        else:  # a check: a validation at the end only
+            config["train"].update(minutes=None, steps=steps, eval_every=steps)
         train_config = TrainConfig.from_dict(config["train"])
         seed_everything(train_config.seed)
         task, model, source = module.build(config)
         params = sum(p.numel() for p in model.parameters())
-        run_dir = out / f"{name}-{model_name}"
-        print(f"== {name} / {model_name}: {params:,} parameters; {source}", flush=True)
+        run_dir = out / f"{'check-' if steps is not None else ''}{name}-{model_name}"
+        published = row.published.get(model_name)
+        budget = f" (row budget {row.params:,})" if row.params else ""
+        print(f"== {name} / {model_name}: {params:,} parameters{budget}; published {row.metric}: "
+              f"{'—' if published is None else published}; {source}", flush=True)
         start = time.perf_counter()
         result = Trainer(model, task, train_config, run_dir, progress=False).fit()
         elapsed = time.perf_counter() - start
         last = _score(row, task, model)
+        if steps is not None:  # a check: the scoring path ran once, that is all it asks
+            print(f"   {row.metric}: {last:.6g} after {result.step} steps, {elapsed / 60:.1f} min "
+                  "(a check: not stored)", flush=True)
+            continue
         best = run_dir / f"{BEST}.json"
         if best.is_file():  # the weights the run keeps: its best validation (the monitored metric)
             load_weights(load_checkpoint(best), model)
@@ -222,64 +293,160 @@ def table() -> None:
 
 
 def _time(fn: Callable[[], Any], seconds: float = 1.0) -> float:
+    """The median wall time of ``fn`` over about ``seconds`` (after one warm-up call)."""
+    return _times(fn, seconds)[0]
+
+
+def _times(fn: Callable[[], Any], seconds: float = 1.0) -> tuple[float, float, float]:
+    """(median wall, minimum wall, minimum CPU time of this thread) of ``fn``. With one torch
+    thread all the work runs on the calling thread, so its CPU time leaves out the time other
+    processes held the core: the steadiest of the three on a shared machine."""
     fn()  # warm-up
-    samples = []
+    walls, cpus = [], []
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(samples) < 3:
-        start = time.perf_counter()
+    while time.perf_counter() < deadline or len(walls) < 3:
+        start, cpu = time.perf_counter(), time.thread_time()
         fn()
-        samples.append(time.perf_counter() - start)
-    return sorted(samples)[len(samples) // 2]
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.thread_time() - cpu)
+    return sorted(walls)[len(walls) // 2], min(walls), min(cpus)
 
 
-def speed(threads: int) -> None:
-    """minGRU's scan vs rnnkit's GRU at T = 1000, and Tree-LSTM levels vs nodes, side by side."""
+EPOCH_ROWS = ("copy", "adding")  # the T = 1000 and T = 600 rows, where "per epoch" is the issue's
+
+
+def _training_step(module: Any, config: dict[str, Any]) -> tuple[Callable[[], None], int, int]:
+    """One training step of a row's model (its batch generated, forward, loss, backward, Adam),
+    the batches per epoch and the parameter count."""
+    task, model, _ = module.build(config)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+    index = [0]
+
+    def step() -> None:
+        batch = task.batch(index[0])
+        index[0] += 1
+        loss, _ = task.loss(model, batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    return step, task.num_batches(), sum(p.numel() for p in model.parameters())
+
+
+def epoch_speed(repeats: int = 5) -> list[str]:
+    """Per-epoch training time of the rows' own models: rnnkit's GRU at the row's matched width
+    beside minGRU of the same width (one layer) and the row's minGRU (two layers, matched
+    parameters); interleaved, minimum of ``repeats`` rounds of 2 steps each."""
+    from rnnkit.tasks import task_module
+
+    lines = ["| row | T | model | parameters | ms per step (min wall) | s per epoch | GRU / this (wall) "
+             "| GRU / this (CPU) |", "|---|---|---|---|---|---|---|---|"]
+    for name in EPOCH_ROWS:
+        row = ROWS[name]
+        module = task_module(row.task)
+        gru = configured(row, "gru", module)
+        width = _get(gru, row.width)
+        same = _update(json.loads(json.dumps(gru)), row.models["mingru"])
+        _set_width(same, row.width, width)
+        _set_width(same, (*row.width[:-1], "layers"), 1)
+        variants = {f"GRU 1×{width}": gru, f"minGRU 1×{width} (same width)": same}
+        matched = configured(row, "mingru", module)
+        layers = _get(matched, (*row.width[:-1], "layers"))
+        variants[f"minGRU {layers}×{_get(matched, row.width)} (the row's)"] = matched
+        steps: dict[str, tuple[Callable[[], None], int, int]] = {}
+        for label, config in variants.items():
+            seed_everything(0)
+            steps[label] = _training_step(module, config)
+            steps[label][0]()  # warm-up (and the kernels' first build)
+        best = dict.fromkeys(steps, math.inf)
+        cpu = dict.fromkeys(steps, math.inf)
+        for round_ in range(repeats):  # interleaved: a change of load hits every model alike
+            for label in (list(steps) if round_ % 2 == 0 else list(reversed(steps))):
+                start, thread = time.perf_counter(), time.thread_time()
+                steps[label][0]()
+                steps[label][0]()
+                best[label] = min(best[label], (time.perf_counter() - start) / 2)
+                cpu[label] = min(cpu[label], (time.thread_time() - thread) / 2)
+        reference, reference_cpu = best[f"GRU 1×{width}"], cpu[f"GRU 1×{width}"]
+        for label, seconds in best.items():
+            _, batches, params = steps[label]
+            lines.append(f"| {name} | {gru['data']['length']} | {label} | {params:,} | "
+                         f"{1000 * seconds:.1f} | {batches * seconds:.1f} | {reference / seconds:.2f}× | "
+                         f"{reference_cpu / cpu[label]:.2f}× |")
+        print("\n".join(lines[-len(best):]), flush=True)
+    return lines
+
+
+def speed(threads: int, skip_epochs: bool = False) -> None:
+    """minGRU vs rnnkit's GRU at T = 1000 (one layer, input = H; and per epoch of the copy and
+    adding rows), and Tree-LSTM levels vs nodes, side by side; the tables also go to
+    docs/performance.md."""
     import rnnkit
+    from report import write_section
     from rnnkit.data.trees import read_trees
     from rnnkit.models.tree_lstm import TreeBatch, TreeLSTM
 
     torch.set_num_threads(threads)
-    print(f"threads {threads}; load average {Path('/proc/loadavg').read_text().split()[:3]}")
-    print("| model | T | B | H | fwd+bwd ms | vs rnnkit GRU |")
-    print("|---|---|---|---|---|---|")
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    lines = [f"`python benchmarks/compare.py speed --threads {threads}` ({time.strftime('%Y-%m-%d %H:%M')}, "
+             f"load average at the start {load}; minimum over interleaved repeats).", "",
+             "One layer, input size = H, forward + backward (the output's gradient given):", "",
+             "| model | T | B | H | fwd+bwd ms (min wall) | GRU / this (wall) | CPU ms (min) | "
+             "GRU / this (CPU) |", "|---|---|---|---|---|---|---|---|"]
+    print(lines[0])
     for T, B, H in ((1000, 16, 128), (1000, 32, 256)):
         x = torch.randn(T, B, H)
+        grad = torch.randn(T, B, H)  # what a layer receives from the model above it
         layers = {"GRU (fused)": rnnkit.GRU(H, H), "minGRU (scan)": rnnkit.MinGRU(H, H),
                   "minLSTM (scan)": rnnkit.MinLSTM(H, H)}
 
-        def step(layer: torch.nn.Module, x: torch.Tensor = x) -> Callable[[], None]:
+        def step(layer: torch.nn.Module, x: torch.Tensor = x, grad: torch.Tensor = grad
+                 ) -> Callable[[], None]:
             def run() -> None:
                 output, _ = layer(x)
-                output.sum().backward()
+                output.backward(grad)
             return run
 
-        times: dict[str, float] = {}
+        walls: dict[str, float] = {}
+        cpus: dict[str, float] = {}
         for round_ in range(3):  # alternate, so a change of load hits every model alike
             for name, layer in (layers.items() if round_ % 2 == 0 else reversed(layers.items())):
-                times[name] = min(times.get(name, math.inf), _time(step(layer)))
-        for name, seconds in times.items():
-            print(f"| {name} | {T} | {B} | {H} | {1000 * seconds:.1f} | "
-                  f"{times['GRU (fused)'] / seconds:.2f}× faster |")
+                _, wall, cpu = _times(step(layer))
+                walls[name] = min(walls.get(name, math.inf), wall)
+                cpus[name] = min(cpus.get(name, math.inf), cpu)
+        for name in walls:
+            lines.append(f"| {name} | {T} | {B} | {H} | {1000 * walls[name]:.1f} | "
+                         f"{walls['GRU (fused)'] / walls[name]:.2f}× | {1000 * cpus[name]:.1f} | "
+                         f"{cpus['GRU (fused)'] / cpus[name]:.2f}× |")
+            print(lines[-1], flush=True)
+    if not skip_epochs:
+        lines += ["", "Per epoch (100 batches of 32, generated) of the rows' own models: one training "
+                  "step each (batch generation, forward, loss, backward, Adam):", ""]
+        lines += epoch_speed()
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst-trees" / "dev.txt"
     if not path.is_file():
         print(f"(Tree-LSTM timing skipped: {path} not present)")
-        return
-    trees = read_trees(path)[:100]
-    words = {w: i for i, w in enumerate(sorted({w for t in trees for w in t.leaves()}))}
-    embed = torch.nn.Embedding(len(words), 150)
-    tree_lstm = TreeLSTM(150, 150)
+    else:
+        trees = read_trees(path)[:100]
+        words = {w: i for i, w in enumerate(sorted({w for t in trees for w in t.leaves()}))}
+        embed = torch.nn.Embedding(len(words), 150)
+        tree_lstm = TreeLSTM(150, 150)
 
-    def levels() -> None:
-        batch = TreeBatch.build(trees, words)
-        h, _ = tree_lstm(batch, embed(batch.words))
-        h[batch.roots].sum().backward()
+        def levels() -> None:
+            batch = TreeBatch.build(trees, words)
+            h, _ = tree_lstm(batch, embed(batch.words))
+            h[batch.roots].sum().backward()
 
-    def nodes() -> None:
-        torch.stack(tree_lstm.forward_node_by_node(trees, embed, words)).sum().backward()
+        def nodes() -> None:
+            torch.stack(tree_lstm.forward_node_by_node(trees, embed, words)).sum().backward()
 
-    level_time, node_time = _time(levels, 2.0), _time(nodes, 2.0)
-    print(f"Tree-LSTM, 100 SST dev trees, fwd+bwd: level by level {1000 * level_time:.1f} ms, "
-          f"node by node {1000 * node_time:.1f} ms: {node_time / level_time:.1f}× faster batched")
+        level_time, node_time = _time(levels, 2.0), _time(nodes, 2.0)
+        lines += ["", f"Tree-LSTM, 100 SST dev trees, fwd+bwd: level by level {1000 * level_time:.1f} ms, "
+                  f"node by node {1000 * node_time:.1f} ms: {node_time / level_time:.1f}× faster batched"]
+        print(lines[-1])
+    write_section(DOCS / "performance.md", "compare-speed",
+                  "## minGRU / minLSTM vs GRU, Tree-LSTM batching (issue 13)\n\n" + "\n".join(lines))
+    print(f"wrote its section of {DOCS / 'performance.md'}")
 
 
 def main() -> None:
@@ -292,9 +459,12 @@ def main() -> None:
     run.add_argument("--minutes", type=float, default=10.0, help="budget per model")
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--out", type=Path, default=Path("runs/compare"))
+    run.add_argument("--steps", type=int, default=None,
+                     help="check the row runs: this many steps per model, results not stored")
     sub.add_parser("table", help="render docs/comparison.md and .png from the stored results")
     timing = sub.add_parser("speed", help="scan vs loop and levels vs nodes, side by side")
     timing.add_argument("--threads", type=int, default=1)
+    timing.add_argument("--skip-epochs", action="store_true", help="only the layer and tree timings")
     args = parser.parse_args()
     if args.command == "run":
         models = args.models.split(",") if args.models else list(ROWS[args.row].models)
@@ -302,11 +472,13 @@ def main() -> None:
         if unknown:
             parser.error(f"row {args.row} has no model(s) {', '.join(unknown)}; "
                          f"it has {', '.join(ROWS[args.row].models)}")
-        run_row(args.row, models, args.minutes, args.out, args.threads)
+        if args.steps is not None and args.steps < 1:
+            parser.error(f"--steps must be at least 1, got {args.steps}")
+        run_row(args.row, models, args.minutes, args.out, args.threads, args.steps)
     elif args.command == "table":
         table()
     else:
-        speed(args.threads)
+        speed(args.threads, args.skip_epochs)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ import torch
 import rnnkit
 from rnnkit.cells.minimal import MinGRUMath, MinLSTMMath, positive_activation
 from rnnkit.engine.scan import (
+    PROJECTED_MAX_INPUTS,
     log_space_scan,
+    minimal_layer,
     minimal_layer_scan,
     native_scan_available,
     sequential_linear_recurrence,
@@ -208,6 +210,106 @@ def test_native_operator_propagates_nan_and_inf_like_the_step_loop(kind: str) ->
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
     finite = out.isfinite()
     torch.testing.assert_close(out[finite], ref[finite])
+
+
+@pytest.mark.parametrize("kind", sorted(MATHS))
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_fused_projection_equals_linear_then_scan(kind: str, with_lengths: bool, input_grad: bool) -> None:
+    """The operator with W_ih inside (narrow inputs) against F.linear + the step-by-step loop."""
+    native_or_skip()
+    torch.manual_seed(6)
+    math = MATHS[kind]
+    T, B, inputs, H = 7, 3, 4, 5
+    x = torch.randn(T, B, inputs, dtype=torch.float64, requires_grad=input_grad)
+    weight = torch.randn(math.num_gates * H, inputs, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(math.num_gates * H, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([7, 2, 4]) if with_lengths else None
+    out, final = minimal_layer(math, x, weight, bias, h0, lengths, backend="native")
+    ref_out, ref_final = sequential_linear_recurrence(
+        *math.coefficients(torch.nn.functional.linear(x, weight, bias)), h0, lengths)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(final, ref_final, rtol=1e-10, atol=1e-12)
+    inputs = (x, weight, bias, h0) if input_grad else (weight, bias, h0)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum() + final.sum(), inputs)
+    expected = torch.autograd.grad((ref_out * weights).sum() + ref_final.sum(), inputs)
+    for grad, reference in zip(grads, expected):
+        torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(MATHS))
+def test_fused_projection_gradcheck_opcheck_and_nan(kind: str) -> None:
+    native_or_skip()
+    torch.manual_seed(7)
+    math = MATHS[kind]
+    op = torch.ops.rnnkit_scan.minimal_scan_projected
+    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    weight_t = torch.randn(3, math.num_gates * 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(math.num_gates * 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 3])
+    assert torch.autograd.gradcheck(lambda *a: op(*a, lengths, math.kernel_kind), (x, weight_t, bias, h0))
+    torch.library.opcheck(op, (x, weight_t, bias, h0, lengths, math.kernel_kind))
+    # a NaN or inf input reaches every gate of its row through W_ih, as through the GEMM
+    x = torch.randn(5, 2, 3)
+    x[2, 0, 1], x[3, 1, 0] = float("nan"), float("inf")
+    weight, bias, h0 = torch.randn(math.num_gates * 4, 3), torch.randn(math.num_gates * 4), torch.zeros(2, 4)
+    out, _ = minimal_layer(math, x, weight, bias, h0, backend="native")
+    ref, _ = sequential_linear_recurrence(*math.coefficients(torch.nn.functional.linear(x, weight, bias)), h0)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = out.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite])
+
+
+@pytest.mark.parametrize("kind", sorted(MATHS))
+def test_fused_projection_skips_zero_inputs_only_where_that_is_exact(kind: str) -> None:
+    """One-hot inputs skip the zero terms; an inf weight or a NaN gradient must still give the
+    NaNs of F.linear (0 · inf = NaN in the forward, 0 · NaN in dW = x^T d)."""
+    native_or_skip()
+    torch.manual_seed(9)
+    math = MATHS[kind]
+    x = torch.nn.functional.one_hot(torch.randint(0, 4, (6, 3)), 4).double()  # (T, B, 4)
+    weight = torch.randn(math.num_gates * 5, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(math.num_gates * 5, dtype=torch.float64, requires_grad=True)
+    h0 = torch.zeros(3, 5, dtype=torch.float64)
+
+    def both(weight: torch.Tensor, grad: torch.Tensor) -> None:
+        out, _ = minimal_layer(math, x, weight, bias, h0, backend="native")
+        gx = torch.nn.functional.linear(x, weight, bias)
+        ref, _ = sequential_linear_recurrence(*math.coefficients(gx), h0)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, equal_nan=True)
+        got = torch.autograd.grad(out, weight, grad, allow_unused=True)[0]
+        expected = torch.autograd.grad(ref, weight, grad)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+    both(weight, torch.randn(6, 3, 5, dtype=torch.float64))  # finite: the zero terms are skipped
+    grad = torch.randn(6, 3, 5, dtype=torch.float64)
+    grad[2, 1, 3] = float("nan")
+    both(weight, grad)  # a NaN gradient reaches every column of dW, as through x^T d
+    with torch.no_grad():
+        infinite = weight.detach().clone()
+        infinite[1, 2] = float("inf")
+    both(infinite.requires_grad_(), torch.randn(6, 3, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("input_size", [2, PROJECTED_MAX_INPUTS + 1])
+def test_layer_native_equals_log_space_either_side_of_the_fused_projection(input_size: int) -> None:
+    native_or_skip()
+    torch.manual_seed(8)
+    layer = rnnkit.MinGRU(input_size, 6, bias=False).double()
+    log_layer = rnnkit.MinGRU(input_size, 6, bias=False, backend="log").double()
+    log_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(9, 3, input_size, dtype=torch.float64, requires_grad=True)
+    out, h_n = layer(x)
+    ref, ref_h = log_layer(x)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(h_n, ref_h, rtol=1e-9, atol=1e-12)
+    grads = torch.autograd.grad(out.sum(), (x, layer.weight_ih_l0))
+    expected = torch.autograd.grad(ref.sum(), (x, log_layer.weight_ih_l0))
+    for grad, reference in zip(grads, expected):
+        torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))

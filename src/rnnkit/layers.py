@@ -29,7 +29,7 @@ from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
 from rnnkit.engine.precision import layer_autocast
 from rnnkit.engine.regularise import check_rate, drop_input, drop_weight, recurrent_masks
-from rnnkit.engine.scan import minimal_layer_scan
+from rnnkit.engine.scan import minimal_layer
 from rnnkit.validation import (
     check_layer_arguments,
     check_layer_state,
@@ -593,7 +593,7 @@ class MinimalLayer(RecurrentLayer):
 
     The same call as the other layers — ``output, h_n = layer(input, hx, lengths=...)``, input
     (T, B, I) or batch-first or unbatched or packed, ``h_n`` (L·D, B, H) — but each layer and
-    direction is one scan over all time steps (:func:`~rnnkit.engine.scan.linear_recurrence_scan`)
+    direction is one scan over all time steps (:func:`~rnnkit.engine.scan.minimal_layer`)
     instead of a loop, because no gate reads ``h_{t−1}``. Parameters: ``weight_ih_l{k}`` and
     ``bias_ih_l{k}`` (``_reverse`` for the backward direction); there is no recurrent weight.
     """
@@ -651,8 +651,8 @@ class MinimalLayer(RecurrentLayer):
                 weight = self._parameters[names[0]]
                 bias = self._parameters[names[1]] if self.bias else None
                 source = layer_input if direction == 0 else reverse_within_lengths(layer_input, lengths)
-                gx = F.linear(source, weight, bias)  # (T, B, G·H)
-                out, final = minimal_layer_scan(self.math, gx, h0[index], lengths, self.backend)
+                out, final = minimal_layer(self.math, source, weight, bias, h0[index], lengths,
+                                           self.backend)
                 outputs.append(out if direction == 0 else reverse_within_lengths(out, lengths))
                 finals.append(final)
             layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
-from rnnkit.models.tcn import TCN, receptive_field
+from rnnkit.models.tcn import TCN, CausalConv, receptive_field
+from rnnkit.train import TrainConfig
+from rnnkit.train.trainer import _make_optimizer
 
 
 def make(**kwargs: object) -> TCN:
@@ -92,3 +96,47 @@ def test_state_shapes_are_checked() -> None:
     _, state = tcn(torch.randn(4, 2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="histories must have shapes"):
         tcn(torch.randn(4, 3, 3, dtype=torch.float64), state)
+
+
+def _dead_channel_run(make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+                      steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trains a TCN block on a loss that ignores output channel 0 of its first convolution (a
+    ReLU channel that never fires gets exactly this: no gradient). Returns that convolution's
+    ‖v‖ per channel and its weight."""
+    torch.manual_seed(0)
+    conv = CausalConv(3, 2, kernel_size=3, dilation=1)
+    optimiser = make_optimizer(conv)
+    x, ends = torch.randn(4, 3, 6), torch.full((4,), 6)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        y, _ = conv(x, None, ends)
+        y[:, 1].square().mean().backward()
+        optimiser.step()
+    v = conv.conv.parametrizations.weight.original1.detach()
+    return v.flatten(1).norm(dim=1), conv.conv.weight.detach()
+
+
+def test_weight_decay_spares_weight_norm_directions_so_dead_channels_stay_finite() -> None:
+    """The cause of the BiTCN's NaN on SST at step 958 (Adam, lr 2e-3, weight decay 1e-5): decay
+    on the direction v of a dead channel shrinks it geometrically (Adam rescales the tiny decay
+    gradient to steps of ~lr) until ‖v‖² underflows to 0 and w = g v / ‖v‖ is inf."""
+    config = TrainConfig(lr=2e-3, weight_decay=1e-5)
+    decayed_norm, decayed_weight = _dead_channel_run(
+        lambda m: torch.optim.Adam(m.parameters(), lr=2e-3, weight_decay=1e-5), 1100)
+    # what happened: ‖v‖ reached 0, w inf, and from then on NaN everywhere
+    assert not decayed_norm[0] > 0 and not decayed_weight.isfinite().all()
+    norm, weight = _dead_channel_run(lambda m: _make_optimizer(m, config), 1100)
+    initial, _ = _dead_channel_run(lambda m: _make_optimizer(m, config), 0)
+    assert weight.isfinite().all()
+    torch.testing.assert_close(norm[0], initial[0])  # no gradient and no decay: v stays
+    assert norm[1] != initial[1]  # the live channel trains
+
+
+def test_only_flagged_parameters_escape_weight_decay() -> None:
+    model = TCN(3, 4, num_layers=2)
+    optimiser = _make_optimizer(model, TrainConfig(weight_decay=1e-4))
+    decay = {id(p): group["weight_decay"] for group in optimiser.param_groups for p in group["params"]}
+    for name, parameter in model.named_parameters():
+        assert decay[id(parameter)] == (0.0 if name.endswith("original1") else 1e-4), name
+    plain = _make_optimizer(torch.nn.Linear(2, 2), TrainConfig(weight_decay=1e-4))
+    assert len(plain.param_groups) == 1  # other models keep one group (their checkpoints resume)

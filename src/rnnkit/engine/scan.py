@@ -21,7 +21,9 @@ core plenty of independent work, and the log-space form costs a dozen transcende
 small C++ operator instead (``csrc/scan.cpp``, ``torch.ops.rnnkit_scan.minimal_scan``, its
 hand-derived backward registered as its autograd): the gates and the recurrence in one pass that
 walks time once per batch row. The log-space scan is the fallback (no compiler, another device);
-both are tested against the step-by-step reference.
+both are tested against the step-by-step reference. For narrow inputs (:data:`PROJECTED_MAX_INPUTS`)
+:func:`minimal_layer` also moves ``x W_ihᵀ + b_ih`` into the operator
+(``minimal_scan_projected``), so that no (T, B, G·H) tensor is written at all.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from rnnkit.native import NativeExtension
@@ -65,6 +68,30 @@ def _register(ops: Any) -> None:
 
     torch.library.register_autograd("rnnkit_scan::minimal_scan", backward, setup_context=setup_context)
 
+    @torch.library.register_fake("rnnkit_scan::minimal_scan_projected")
+    def _(x: Tensor, weight_t: Tensor, bias: Tensor, h0: Tensor, lengths: Tensor, kind: int) -> Tensor:
+        return x.new_empty(x.shape[0], x.shape[1], h0.shape[1])
+
+    @torch.library.register_fake("rnnkit_scan::minimal_scan_projected_backward")
+    def _(grad: Tensor, x: Tensor, weight_t: Tensor, bias: Tensor, h: Tensor, h0: Tensor, lengths: Tensor,
+          kind: int, input_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        grad_x = torch.empty_like(x) if input_grad else x.new_empty(0)
+        return grad_x, torch.empty_like(weight_t), torch.empty_like(bias), torch.empty_like(h0)
+
+    def setup_projected(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight_t, bias, h0, lengths, kind = inputs
+        ctx.save_for_backward(x, weight_t, bias, output, h0, lengths)
+        ctx.kind = kind
+
+    def backward_projected(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight_t, bias, h, h0, lengths = ctx.saved_tensors
+        grad_x, grad_weight_t, grad_bias, grad_h0 = ops.minimal_scan_projected_backward(
+            grad.contiguous(), x, weight_t, bias, h, h0, lengths, ctx.kind, ctx.needs_input_grad[0])
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_weight_t, grad_bias, grad_h0, None, None
+
+    torch.library.register_autograd("rnnkit_scan::minimal_scan_projected", backward_projected,
+                                    setup_context=setup_projected)
+
 
 _EXTENSION = NativeExtension(
     "rnnkit_scan", [Path(__file__).with_name("csrc") / "scan.cpp"],
@@ -83,6 +110,36 @@ def _running(steps: int, lengths: Tensor, device: torch.device) -> Tensor:
     """(T, B, 1) bool: True where step t is within row b's length."""
     t = torch.arange(steps, device=device).unsqueeze(1)  # (T, 1)
     return (t < lengths.to(device).unsqueeze(0)).unsqueeze(2)
+
+
+# Inputs this narrow go through the fused projection (csrc/scan.cpp, minimal_scan_projected):
+# below about 16 input features a GEMM with K = I runs far below the BLAS's peak and the
+# (T, B, G·H) tensor it writes costs more than forming each row's gates where they are used.
+PROJECTED_MAX_INPUTS = 16
+
+
+def minimal_layer(math: MinimalMath, x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor,
+                  lengths: Tensor | None = None, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """One layer and direction of a minimal cell from its input ``x`` (T, B, I) and ``W_ih``, ``b_ih``.
+
+    Narrow inputs (I ≤ :data:`PROJECTED_MAX_INPUTS`) on the C++ path run the projection and the
+    scan as one operator; otherwise ``gx = x W_ihᵀ + b_ih`` is one GEMM for all gates and
+    :func:`minimal_layer_scan` runs the recurrence. Returns ``(outputs (T, B, H), h_final (B, H))``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    narrow = x.shape[-1] <= PROJECTED_MAX_INPUTS and x.shape[0] > 0
+    if narrow and backend != "log" and native_scan_available(x):
+        if bias is None:
+            bias = weight.new_zeros(weight.shape[0])
+        h = torch.ops.rnnkit_scan.minimal_scan_projected(
+            x.contiguous(), weight.t().contiguous(), bias.contiguous(), h0.contiguous(),
+            _NO_LENGTHS if lengths is None else lengths.contiguous(), math.kernel_kind)
+        final = h[-1]
+        if lengths is not None:
+            h = h * _running(h.shape[0], lengths, h.device)
+        return h, final
+    return minimal_layer_scan(math, F.linear(x, weight, bias), h0, lengths, backend)
 
 
 def minimal_layer_scan(math: MinimalMath, gx: Tensor, h0: Tensor, lengths: Tensor | None = None,

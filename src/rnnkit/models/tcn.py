@@ -58,6 +58,10 @@ class CausalConv(nn.Module):
         conv = nn.Conv1d(channels_in, channels_out, kernel_size, dilation=dilation)
         nn.init.normal_(conv.weight, 0.0, 0.01)  # Bai et al.'s initialisation
         self.conv = weight_norm(conv)
+        # w = g v / ‖v‖ does not depend on the scale of v: weight decay belongs on g only (the
+        # Trainer honours this flag). Decayed v of a dead channel shrank until ‖v‖² underflowed
+        # to 0 and w became inf (tests/models/test_model_tcn.py pins it).
+        self.conv.parametrizations.weight.original1.no_weight_decay = True
 
     def forward(self, x: Tensor, history: Tensor | None, ends: Tensor) -> tuple[Tensor, Tensor]:
         if history is None:
