@@ -40,6 +40,13 @@ MODELS = {
     # bfloat16 mixed precision (issue 16): the same LSTM under CPU bf16 autocast; the target is
     # within 0.02 nats/char of "lstm" in the same 20 minutes (--models lstm,lstm-bf16)
     "lstm-bf16": ["--cell", "lstm", "--precision", "bf16"],
+    # the best regulariser so far with the rate held for half the budget and then decayed
+    # geometrically to 1/20 of it when the 20 minutes run out; "lstm-budget" is the same schedule
+    # without a regulariser, so that the schedule's share of any gain is measured too
+    "lstm-zo-budget": ["--cell", "lstm", "--zoneout", "0.05", "--zoneout-cell", "0.2",
+                       "--schedule", "budget", "--budget-hold", "0.5", "--budget-final", "0.05"],
+    "lstm-budget": ["--cell", "lstm",
+                    "--schedule", "budget", "--budget-hold", "0.5", "--budget-final", "0.05"],
 }
 
 
