@@ -121,12 +121,18 @@ class LanguageModel(nn.Module):
 
     def forward(self, tokens: Tensor, state: Any = None) -> tuple[Tensor, Any]:
         """tokens (T, B) int64 → logits (T, B, V), final state."""
+        output, state = self.features(tokens, state)
+        return self.decoder(output), state  # (T, B, V)
+
+    def features(self, tokens: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+        """tokens (T, B) int64 → what the output layer reads (T, B, H), final state: for a loss
+        that applies ``decoder.weight`` and ``decoder.bias`` itself (linear_cross_entropy)."""
         if self.embedding is not None:
             x = self.drop(self.embedding(tokens))  # (T, B, E)
         else:
             x = F.one_hot(tokens, self.config.vocab_size).to(self.decoder.weight.dtype)  # (T, B, V)
         output, state = self.rnn(x, state)  # (T, B, H)
-        return self.decoder(self.drop(output)), state  # (T, B, V)
+        return self.drop(output), state
 
 
 def _pick(logits: Tensor, temperature: float, top_k: int | None,
