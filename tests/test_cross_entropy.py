@@ -91,3 +91,14 @@ def test_copy_memory_loss_is_the_models_cross_entropy(cell: str) -> None:
     params = list(model.parameters())
     for mine, theirs in zip(torch.autograd.grad(loss, params), torch.autograd.grad(reference, params)):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_one_hot_input_equals_torchs() -> None:
+    from rnnkit.models.language_model import one_hot
+
+    tokens = torch.randint(0, 7, (13, 5))
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(one_hot(tokens, 7, dtype), F.one_hot(tokens, 7).to(dtype))
+    assert one_hot(tokens[:0], 7, torch.float32).shape == (0, 5, 7)
+    with pytest.raises(ValueError, match=r"symbols must be in \[0, 7\)"):
+        one_hot(tokens.clone().fill_(7), 7, torch.float32)
