@@ -45,17 +45,24 @@ def test_gradcheck_float64() -> None:
                                      (hidden, weight, b))
 
 
+def test_empty_input_gives_nan_as_torch() -> None:
+    hidden, weight, b, targets = _inputs(0, 5, 4, torch.float32)
+    assert linear_cross_entropy(hidden, weight, b, targets).isnan()
+    assert _reference(hidden, weight, b, targets).isnan()
+
+
 def test_only_the_inputs_that_need_a_gradient_get_one() -> None:
     hidden, weight, b, targets = _inputs(20, 6, 3, torch.float32)
     weight.requires_grad_(False)
-    (grad_hidden, grad_bias) = torch.autograd.grad(linear_cross_entropy(hidden, weight, b, targets),
-                                                   (hidden, b))
+    (grad_hidden, grad_bias) = torch.autograd.grad(
+        linear_cross_entropy(hidden, weight, b, targets), (hidden, b))
     assert grad_hidden.shape == hidden.shape and grad_bias.shape == b.shape
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_values_propagate_as_in_torch(value: float) -> None:
-    hidden, weight, b, targets = _inputs(30, 7, 5, torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_values_propagate_as_in_torch(value: float, dtype: torch.dtype) -> None:
+    hidden, weight, b, targets = _inputs(30, 7, 5, dtype)
     with torch.no_grad():
         hidden[4, 2] = value
     ours = linear_cross_entropy(hidden, weight, b, targets)
@@ -102,3 +109,12 @@ def test_one_hot_input_equals_torchs() -> None:
     assert one_hot(tokens[:0], 7, torch.float32).shape == (0, 5, 7)
     with pytest.raises(ValueError, match=r"symbols must be in \[0, 7\)"):
         one_hot(tokens.clone().fill_(7), 7, torch.float32)
+
+
+def test_a_second_backward_sees_the_same_gradient() -> None:
+    hidden, weight, b, targets = _inputs(40, 6, 5, torch.float64)
+    loss = linear_cross_entropy(hidden, weight, b, targets)
+    first = torch.autograd.grad(loss, (hidden, weight, b), retain_graph=True)
+    second = torch.autograd.grad(loss, (hidden, weight, b))
+    for one, two in zip(first, second):
+        assert torch.equal(one, two)
