@@ -333,7 +333,7 @@ def _training_step(module: Any, config: dict[str, Any]) -> tuple[Callable[[], No
     return step, task.num_batches(), sum(p.numel() for p in model.parameters())
 
 
-def epoch_speed(repeats: int = 5) -> list[str]:
+def epoch_speed(repeats: int = 9) -> list[str]:
     """Per-epoch training time of the rows' own models: rnnkit's GRU at the row's matched width
     beside minGRU of the same width (one layer) and the row's minGRU (two layers, matched
     parameters); interleaved, minimum of ``repeats`` rounds of 2 steps each."""
