@@ -76,10 +76,9 @@ class LMConfig(Options):
 
 def one_hot(tokens: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
     """``F.one_hot(tokens, classes).to(dtype)`` as rows of an identity matrix: one gather in
-    ``dtype`` instead of an int64 scatter and a conversion (4× less time at T·B = 32,640)."""
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= classes):
-        raise ValueError(f"symbols must be in [0, {classes}), got {int(tokens.min())}.."
-                         f"{int(tokens.max())}")
+    ``dtype`` instead of an int64 scatter and a conversion (half the time at T·B = 32,640). A
+    symbol outside [0, classes) raises in ``index_select`` (no Python check on the values here:
+    it would stop torch.export, which cannot branch on data)."""
     identity = torch.eye(classes, dtype=dtype, device=tokens.device)
     return identity.index_select(0, tokens.reshape(-1)).view(*tokens.shape, classes)
 
