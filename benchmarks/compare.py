@@ -333,7 +333,7 @@ def _training_step(module: Any, config: dict[str, Any]) -> tuple[Callable[[], No
     return step, task.num_batches(), sum(p.numel() for p in model.parameters())
 
 
-def epoch_speed(repeats: int = 5) -> list[str]:
+def epoch_speed(repeats: int = 9) -> list[str]:
     """Per-epoch training time of the rows' own models: rnnkit's GRU at the row's matched width
     beside minGRU of the same width (one layer) and the row's minGRU (two layers, matched
     parameters); interleaved, minimum of ``repeats`` rounds of 2 steps each."""
@@ -374,6 +374,112 @@ def epoch_speed(repeats: int = 5) -> list[str]:
                          f"{1000 * seconds:.1f} | {batches * seconds:.1f} | {reference / seconds:.2f}× | "
                          f"{reference_cpu / cpu[label]:.2f}× |")
         print("\n".join(lines[-len(best):]), flush=True)
+    return lines
+
+
+def _min_cpu(phases: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """The minimum CPU time of this thread (seconds) of each phase, run in order ``repeats``
+    times (each phase may use what the previous one left)."""
+    best = dict.fromkeys(phases, math.inf)
+    for _ in range(repeats):
+        for name, phase in phases.items():
+            start = time.thread_time()
+            phase()
+            best[name] = min(best[name], time.thread_time() - start)
+    return best
+
+
+def _phase_times(module: Any, config: dict[str, Any], repeats: int) -> dict[str, float]:
+    """The minimum CPU seconds of each phase of one copy-row training step of ``config``'s model
+    (see :func:`copy_breakdown`)."""
+    import torch.nn.functional as F
+
+    from rnnkit.losses.cross_entropy import linear_cross_entropy
+    from rnnkit.models.language_model import one_hot as identity_rows
+
+    seed_everything(0)
+    task, model, _ = module.build(config)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+    head = model.decoder
+    live: dict[str, Any] = {}
+
+    def generate() -> None:
+        live["batch"] = task.batch(0)
+
+    def torch_one_hot() -> None:
+        live["x"] = F.one_hot(live["batch"].inputs, head.weight.shape[0]).to(head.weight.dtype)
+
+    def one_hot() -> None:  # what LanguageModel.features does for embedding = 0
+        live["x"] = identity_rows(live["batch"].inputs, head.weight.shape[0], head.weight.dtype)
+
+    def recurrent_forward() -> None:
+        live["out"], _ = model.rnn(live["x"])
+        live["features"] = live["out"].detach().flatten(0, 1).requires_grad_()
+
+    def torch_loss_forward() -> None:
+        live["loss"] = F.cross_entropy(F.linear(live["features"], head.weight, head.bias),
+                                       live["batch"].targets.flatten())
+
+    def loss_forward() -> None:
+        live["loss"] = linear_cross_entropy(live["features"], head.weight, head.bias,
+                                            live["batch"].targets.flatten())
+
+    def loss_backward() -> None:
+        live["features"].grad = None
+        live["loss"].backward()
+
+    def recurrent_backward() -> None:
+        live["out"].backward(live["features"].grad.view_as(live["out"]))
+
+    def adam() -> None:
+        optimiser.step()
+        optimiser.zero_grad()
+
+    def whole_step() -> None:
+        loss, _ = task.loss(model, task.batch(0))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    phases = {"batch generation": generate,
+              "one-hot input (torch: F.one_hot, .to)": torch_one_hot,
+              "one-hot input (identity rows)": one_hot,
+              "recurrent forward": recurrent_forward,
+              "output + loss forward (torch: F.linear, F.cross_entropy)": torch_loss_forward,
+              "output + loss backward (torch)": loss_backward,
+              "output + loss forward (linear_cross_entropy)": loss_forward,
+              "output + loss backward (linear_cross_entropy)": loss_backward,
+              "recurrent backward": recurrent_backward, "Adam step + zero_grad": adam}
+    whole_step()  # warm-up (and the kernels' first build)
+    times = _min_cpu(phases, repeats)
+    times["whole step as trained (task.loss, backward, Adam)"] = _min_cpu(
+        {"step": whole_step}, repeats)["step"]
+    return times
+
+
+def copy_breakdown(repeats: int = 7) -> list[str]:
+    """Where one training step of the copy row (T = 1000, batch 32) goes, GRU and minGRU at the
+    GRU's matched width: each phase run on its own (minimum CPU time over ``repeats``), the
+    input and the output layer + loss both as torch composes them and as the model and task
+    compute them now, and the whole step as trained (for the overhead between phases)."""
+    from rnnkit.tasks import task_module
+
+    row = ROWS["copy"]
+    module = task_module(row.task)
+    gru = configured(row, "gru", module)
+    width = _get(gru, row.width)
+    same = _update(json.loads(json.dumps(gru)), row.models["mingru"])
+    _set_width(same, row.width, width)
+    _set_width(same, (*row.width[:-1], "layers"), 1)
+    columns = {label: _phase_times(module, config, repeats)
+               for label, config in ((f"GRU 1×{width}", gru), (f"minGRU 1×{width}", same))}
+    labels = list(columns)
+    lines = [f"| phase (min CPU ms of {repeats}) | " + " | ".join(labels) + " |",
+             "|---|" + "---|" * len(labels)]
+    for phase in columns[labels[0]]:
+        lines.append(f"| {phase} | " + " | ".join(f"{1000 * columns[k][phase]:.1f}" for k in labels)
+                     + " |")
+    print("\n".join(lines), flush=True)
     return lines
 
 
@@ -423,6 +529,9 @@ def speed(threads: int, skip_epochs: bool = False) -> None:
         lines += ["", "Per epoch (100 batches of 32, generated) of the rows' own models: one training "
                   "step each (batch generation, forward, loss, backward, Adam):", ""]
         lines += epoch_speed()
+        lines += ["", "Where one step of the copy row goes (each phase alone, minimum CPU time; the "
+                  "'torch' rows are the composition the model and task used before, for scale):", ""]
+        lines += copy_breakdown()
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst-trees" / "dev.txt"
     if not path.is_file():
         print(f"(Tree-LSTM timing skipped: {path} not present)")

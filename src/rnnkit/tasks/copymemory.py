@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from rnnkit.losses.cross_entropy import linear_cross_entropy
 from rnnkit.models.language_model import LanguageModel, LMConfig
 from rnnkit.tasks.common import from_meta, load_task_model, require_full_bptt
 from rnnkit.tasks.synthetic import SyntheticDataConfig, SyntheticTask
@@ -56,9 +56,14 @@ def generate(batch_size: int, length: int, generator: torch.Generator) -> Batch:
     return Batch(inputs, targets)
 
 
-def cross_entropy(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
-    logits, _ = model(batch.inputs)  # (T, B, 10)
-    return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten()), int(batch.targets.numel())
+def cross_entropy(model: LanguageModel, batch: Batch) -> tuple[Tensor, int]:
+    """The mean over all T + 20 steps and the batch: F.cross_entropy of the model's logits,
+    computed by linear_cross_entropy (10 classes at 32 × 1,020 positions: class-major is ~10×
+    faster than torch's row-major log-softmax and weight gradient, the same loss)."""
+    features, _ = model.features(batch.inputs)  # (T, B, H)
+    loss = linear_cross_entropy(features.flatten(0, 1), model.decoder.weight, model.decoder.bias,
+                                batch.targets.flatten())
+    return loss, int(batch.targets.numel())
 
 
 def build(config: dict[str, dict[str, Any]]) -> tuple[SyntheticTask, LanguageModel, str]:
