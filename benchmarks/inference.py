@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,37 +26,23 @@ import torch
 from torch import nn
 
 import rnnkit
+from report import write_section
 from rnnkit.engine import threads as governor
 from speed import SHAPES, VARIANTS
+from timing import interleaved
 
 # speed.py's variants that ONNX can express (the layer-normalised cells have no ONNX form)
 EXPORTABLE = [name for name in VARIANTS if "layer_norm" not in name]
 
-SECTION_START = "<!-- inference:start -->"
-SECTION_END = "<!-- inference:end -->"
-
-
 def alternate(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
               warmup: int = 2, min_seconds: float = 0.5, max_repeats: int = 2000
               ) -> tuple[float, float]:
-    """The minimum seconds of each callable over interleaved runs (the order flips every round).
+    """The minimum seconds of each callable over interleaved runs (``timing.interleaved``).
 
     The minimum, not the median: on a shared machine it is the run the scheduler did not
-    interrupt, and both sides get the same chances at it. At least ``repeats`` runs each, more
-    until each side has run ``min_seconds`` in total.
+    interrupt, and both sides get the same chances at it.
     """
-    for _ in range(warmup):
-        ours()
-        theirs()
-    ours_times: list[float] = []
-    their_times: list[float] = []
-    pairs = ((ours, ours_times), (theirs, their_times))
-    while len(ours_times) < max_repeats and (
-            len(ours_times) < repeats or min(sum(ours_times), sum(their_times)) < min_seconds):
-        for fn, times in pairs if len(ours_times) % 2 == 0 else pairs[::-1]:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+    ours_times, their_times = interleaved(ours, theirs, repeats, warmup, min_seconds, max_repeats)
     return min(ours_times), min(their_times)
 
 
@@ -181,16 +165,6 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replaces (or appends) the marked inference section of ``path``."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n"
-    section = f"{SECTION_START}\n{text}{SECTION_END}\n"
-    pattern = re.compile(re.escape(SECTION_START) + ".*?" + re.escape(SECTION_END) + "\n?", re.S)
-    new = pattern.sub(lambda _: section, old) if pattern.search(old) else (
-        old.rstrip("\n") + "\n\n" + section)
-    path.write_text(new, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,7 +203,7 @@ def main() -> None:
     print()
     print(text)
     if not (args.quick or args.shapes or args.variants != EXPORTABLE):
-        write_section(args.out, text)
+        write_section(args.out, "inference", text)
         print(f"wrote the inference section of {args.out}")
 
 
