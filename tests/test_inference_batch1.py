@@ -337,3 +337,29 @@ def test_lean_path_steps_aside_for_autograd_and_bad_input():
         layer(torch.randn(STEPS, 1, INPUT + 2))
     with torch.inference_mode(), pytest.raises(ValueError):
         layer(x, lengths=[STEPS + 3])
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru_after", "rnn_tanh"])
+def test_batch_1_beyond_l2_matches_torch_nn(name):
+    """H = 384: the step's weights (W_ih and W_hh, up to 4.5 MiB) are beyond L2, as in the
+    benchmark; layer and streaming cell as torch.nn's, over several steps and calls so both of
+    gemv_rows8's reading directions and both orders of the step's weight reads run."""
+    torch.manual_seed(6)
+    hidden = 384
+    layer = LAYERS[name](INPUT, hidden).eval()
+    reference = layer.to_torch().eval()
+    x = torch.randn(4, 1, INPUT)
+    with torch.inference_mode():
+        got, want = _flat(layer(x)), _flat(reference(x))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    cell = CELLS[name](hidden, hidden)
+    torch_cell = TORCH_CELLS[name](hidden, hidden)
+    torch_cell.load_state_dict(cell.state_dict())
+    xs = torch.randn(3, 1, hidden)
+    state0 = [torch.randn(1, hidden) for _ in _states(cell.zero_state(1))]
+    with torch.inference_mode():
+        outputs, state = _unroll(cell, xs, cell.math.make_state(state0))
+        want_outputs, want_state = _torch_unroll(torch_cell, xs, state0)
+    for g, w in zip([*outputs, *_states(state)], [*want_outputs, *want_state]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
