@@ -16,11 +16,11 @@ freed parameter's address cannot be reused by another while the plan lives.
 
 Anything this path does not cover returns None and the caller takes the general path, which
 computes the same thing (and raises the one-line errors for bad input): gradients enabled,
-``torch.compile`` / ``torch.export`` tracing (they must see the parameters, not cached copies),
-autocast, tensor subclasses, another backend or device or dtype, regularisers, inter-layer
-dropout in training mode, a ``PackedSequence``, ``lengths`` at batch > 1 (the ragged batch's
-chunking lives in the general path), a plain LSTM where torch's op is faster
-(``own_kernel_faster``), the layer-normalised and projected variants.
+``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` tracing (they must see the
+parameters, not cached copies), autocast, tensor subclasses, another backend or device or
+dtype, regularisers, inter-layer dropout in training mode, a ``PackedSequence``, ``lengths`` at
+batch > 1 (the ragged batch's chunking lives in the general path), a plain LSTM where torch's op
+is faster (``own_kernel_faster``), the layer-normalised and projected variants.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _usable(x: Any, dtype: torch.dtype) -> bool:
     return (type(x) is Tensor and x.dtype == dtype and x.is_cpu
             and dtype in (torch.float32, torch.float64)
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled("cpu"))
+            and not torch.jit.is_tracing() and not torch.is_autocast_enabled("cpu"))
 
 
 def _plan(module: Any, cfg: Config,
