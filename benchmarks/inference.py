@@ -138,9 +138,9 @@ def markdown(rows: list[Row], step: tuple[float, float, float], threads: int, lo
         "did not interrupt). Ratio = rnnkit time / onnxruntime time (below 1.00: rnnkit is "
         "faster).",
         "",
-        f"Ratio range: {min(ratios):.2f}–{max(ratios):.2f}; at or below 1.00 in "
+        f"- All: ratio {min(ratios):.2f}–{max(ratios):.2f}, at or below 1.00 in "
         f"{sum(r <= 1.0 for r in ratios)} of {len(ratios)} cases.",
-        *(f"{label}: ratio {min(group):.2f}–{max(group):.2f}, at or below 1.00 in "
+        *(f"- {label}: ratio {min(group):.2f}–{max(group):.2f}, at or below 1.00 in "
           f"{sum(r <= 1.0 for r in group)} of {len(group)}." for label, group in (
               ("Batch 1", [r.ratio for r in rows if r.shape[1] == 1]),
               ("Batch > 1", [r.ratio for r in rows if r.shape[1] > 1])) if group),
