@@ -363,3 +363,22 @@ def test_batch_1_beyond_l2_matches_torch_nn(name):
         want_outputs, want_state = _torch_unroll(torch_cell, xs, state0)
     for g, w in zip([*outputs, *_states(state)], [*want_outputs, *want_state]):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_layer_path_batch_first_unbatched_and_float64():
+    """The input layouts the lean path rearranges itself, and float64 (the operator's generic
+    path): results as the general path's."""
+    torch.manual_seed(7)
+    for layer, x in (
+        (rnnkit.GRU(INPUT, HIDDEN, batch_first=True, bidirectional=True), torch.randn(1, STEPS, INPUT)),
+        (rnnkit.LSTM(INPUT, HIDDEN, num_layers=2), torch.randn(STEPS, INPUT)),
+        (rnnkit.RNN(INPUT, HIDDEN, dtype=torch.float64), torch.randn(STEPS, 1, INPUT, dtype=torch.float64)),
+        (rnnkit.LSTM(INPUT, HIDDEN, bias=False, peephole=True), torch.randn(STEPS, 3, INPUT)),
+    ):
+        layer.eval()
+        with torch.inference_mode():
+            lean = _flat(layer(x))
+        assert "_inference_plan" in layer.__dict__
+        for got, want in zip(lean, _flat(layer(x))):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
