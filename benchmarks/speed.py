@@ -27,6 +27,7 @@ from torch import nn
 
 import rnnkit
 from rnnkit.engine import get_default_backend, threads
+from timing import interleaved
 
 sys.path.insert(0, str(Path(__file__).parent))
 from report import write_section
@@ -97,18 +98,7 @@ def alternate(ours: Callable[[], object], theirs: Callable[[], object], repeats:
     sub-millisecond case needs hundreds of runs for a stable median); the order flips every
     round so neither side always runs right after the other's cache-thrashing backward pass.
     """
-    for _ in range(warmup):
-        ours()
-        theirs()
-    ours_times: list[float] = []
-    their_times: list[float] = []
-    pairs = ((ours, ours_times), (theirs, their_times))
-    while len(ours_times) < max_repeats and (
-            len(ours_times) < repeats or min(sum(ours_times), sum(their_times)) < min_seconds):
-        for fn, times in pairs if len(ours_times) % 2 == 0 else pairs[::-1]:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+    ours_times, their_times = interleaved(ours, theirs, repeats, warmup, min_seconds, max_repeats)
     return statistics.median(ours_times), statistics.median(their_times)
 
 

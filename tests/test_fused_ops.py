@@ -15,6 +15,7 @@ import rnnkit
 from rnnkit.cells import CellSpec
 from rnnkit.engine import fused
 from rnnkit.engine.fused import _build, _function
+from rnnkit.engine.fused import inference as fused_inference
 
 pytestmark = pytest.mark.skipif(
     fused.unavailable_reason(CellSpec("gru"), torch.float32, "cpu") is not None,
@@ -197,6 +198,8 @@ def test_inference_step_operator_equals_layer_path(name, monkeypatch):
     calls = []
     step = fused.run_step
     monkeypatch.setattr(fused, "run_step", lambda *a: calls.append(1) or step(*a))
+    lean = fused_inference.cell_step  # (the lean eager step, which calls the operator directly)
+    monkeypatch.setattr(fused_inference, "cell_step", lambda *a: calls.append(1) or lean(*a))
     with torch.inference_mode():
         got = cell(x, state)[1]
     assert calls == [1]

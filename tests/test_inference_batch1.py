@@ -208,3 +208,177 @@ def test_streaming_step_nan_and_inf_propagate_as_torch(name):
         assert torch.equal(got.isinf(), want.isinf()), (where, value)
         finite = got.isfinite()
         torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+
+
+# ---- the lean eager inference path (rnnkit.engine.fused.inference) ------------------------------
+
+
+def _flat(result: tuple[torch.Tensor, object]) -> list[torch.Tensor]:
+    return [result[0], *_states(result[1])]
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, False), (2, True)])
+def test_lean_layer_path_equals_general_path_and_torch(name, layers, bidirectional):
+    """Under inference_mode a layer at batch 1 runs the lean path (its plan is built); its
+    results equal the general path's (grad enabled) and torch.nn's (torch's forms), with and
+    without ``lengths``, from zero and from a given initial state."""
+    torch.manual_seed(3)
+    make = LAYERS[name]
+    layer = type(make(1, 1))(INPUT, HIDDEN, num_layers=layers, bidirectional=bidirectional,
+                             **_variant_kwargs(make(1, 1))).eval()
+    x = torch.randn(STEPS, 1, INPUT)
+    depth = layers * (2 if bidirectional else 1)
+    hx = [torch.randn(depth, 1, HIDDEN) for _ in range(2 if "lstm" in name else 1)]
+    hx = tuple(hx) if len(hx) == 2 else hx[0]
+    for kwargs in ({}, {"lengths": [6]}, {"lengths": torch.tensor([STEPS])}, {"hx": hx}):
+        layer.__dict__.pop("_inference_plan", None)
+        with torch.inference_mode():
+            lean = _flat(layer(x, **kwargs))
+        assert "_inference_plan" in layer.__dict__, kwargs  # the lean path ran
+        general = _flat(layer(x, **kwargs))  # (grad enabled: the general path)
+        assert len(lean) == len(general)
+        for got, want in zip(lean, general):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+        if name in TORCH_FORMS and "hx" not in kwargs:
+            reference = layer.to_torch().eval()
+            cut = kwargs.get("lengths", [STEPS])[0]
+            with torch.inference_mode():
+                packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([int(cut)]))
+                out, state = reference(packed)
+                out, _ = nn.utils.rnn.pad_packed_sequence(out, total_length=STEPS)
+            for got, want in zip(lean, [out, *_states(state)]):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _variant_kwargs(layer: nn.Module) -> dict[str, object]:
+    """The constructor keywords that make ``layer``'s variant."""
+    spec = layer.math.spec
+    if spec.kind == "rnn":
+        return {"nonlinearity": spec.nonlinearity}
+    if spec.kind == "lstm":
+        return {"peephole": spec.peephole, "coupled": spec.coupled}
+    return {"reset": spec.reset}
+
+
+@pytest.mark.parametrize("name", ["lstm_peephole", "gru_after"])
+def test_lean_weight_cache_follows_in_place_changes(name):
+    """The cached plan (contiguous weights, stacked peepholes) is rebuilt after an in-place
+    weight change, an optimizer step and load_state_dict: results always equal the general
+    path's on the current weights."""
+    torch.manual_seed(4)
+    layer = LAYERS[name](INPUT, HIDDEN).eval()
+    other = LAYERS[name](INPUT, HIDDEN)
+    x = torch.randn(STEPS, 1, INPUT)
+
+    def check() -> None:
+        with torch.inference_mode():
+            lean = _flat(layer(x))
+        for got, want in zip(lean, _flat(layer(x))):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+
+    check()
+    first = layer.__dict__["_inference_plan"]
+    with torch.no_grad():
+        for p in layer.parameters():  # (the peephole vectors too: their stacked copy is cached)
+            p.mul_(1.5)
+    check()
+    assert layer.__dict__["_inference_plan"] is not first
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    _flat(layer(x))[0].sum().backward()
+    optimizer.step()
+    check()
+    layer.load_state_dict(other.state_dict())
+    check()
+    with torch.inference_mode():
+        plan = layer.__dict__["_inference_plan"]
+        layer(x)
+        assert layer.__dict__["_inference_plan"] is plan  # unchanged weights: reused
+    assert "_inference_plan" not in layer.__getstate__()  # (never pickled)
+
+
+@pytest.mark.parametrize("name", ["lstm", "lstm_peephole_coupled", "rnn_tanh", "gru_before"])
+def test_lean_cell_step_cache_and_fallbacks(name):
+    """The lean step follows in-place weight changes; bad input under inference_mode still gets
+    the general path's one-line error; the reference backend is honoured."""
+    torch.manual_seed(5)
+    cell = CELLS[name](INPUT, HIDDEN)
+    x = torch.randn(1, INPUT)
+    state = cell.zero_state(1)
+    with torch.inference_mode():
+        cell(x, state)  # (builds the plan)
+    with torch.no_grad():
+        cell.weight_hh.mul_(-2.0)
+        for _ in range(3):  # (several calls: the step alternates the order it reads weights in)
+            got, got_state = cell(x, state)
+    backend = get_default_backend()
+    try:
+        set_default_backend("reference")
+        want, want_state = cell(x, state)
+        with torch.inference_mode():  # another backend: the lean step steps aside
+            assert torch.equal(cell(x, state)[0], want.detach())
+    finally:
+        set_default_backend(backend)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+    for g, w in zip(_states(got_state), _states(want_state)):
+        torch.testing.assert_close(g, w.detach(), rtol=1e-5, atol=1e-6)
+    with torch.inference_mode(), pytest.raises(ValueError, match="x_t"):
+        cell(torch.randn(1, INPUT + 1), state)
+    with torch.inference_mode(), pytest.raises(ValueError, match="state"):
+        cell(x, [torch.randn(1, HIDDEN + 1) for _ in _states(state)])
+
+
+def test_lean_path_steps_aside_for_autograd_and_bad_input():
+    layer = rnnkit.LSTM(INPUT, HIDDEN, peephole=True)
+    x = torch.randn(STEPS, 1, INPUT)
+    out, _ = layer(x)  # grad enabled: the general path, differentiable
+    assert out.requires_grad and "_inference_plan" not in layer.__dict__
+    with torch.inference_mode(), pytest.raises(ValueError, match="input"):
+        layer(torch.randn(STEPS, 1, INPUT + 2))
+    with torch.inference_mode(), pytest.raises(ValueError):
+        layer(x, lengths=[STEPS + 3])
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru_after", "rnn_tanh"])
+def test_batch_1_beyond_l2_matches_torch_nn(name):
+    """H = 384: the step's weights (W_ih and W_hh, up to 4.5 MiB) are beyond L2, as in the
+    benchmark; layer and streaming cell as torch.nn's, over several steps and calls so both of
+    gemv_rows8's reading directions and both orders of the step's weight reads run."""
+    torch.manual_seed(6)
+    hidden = 384
+    layer = LAYERS[name](INPUT, hidden).eval()
+    reference = layer.to_torch().eval()
+    x = torch.randn(4, 1, INPUT)
+    with torch.inference_mode():
+        got, want = _flat(layer(x)), _flat(reference(x))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    cell = CELLS[name](hidden, hidden)
+    torch_cell = TORCH_CELLS[name](hidden, hidden)
+    torch_cell.load_state_dict(cell.state_dict())
+    xs = torch.randn(3, 1, hidden)
+    state0 = [torch.randn(1, hidden) for _ in _states(cell.zero_state(1))]
+    with torch.inference_mode():
+        outputs, state = _unroll(cell, xs, cell.math.make_state(state0))
+        want_outputs, want_state = _torch_unroll(torch_cell, xs, state0)
+    for g, w in zip([*outputs, *_states(state)], [*want_outputs, *want_state]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_layer_path_batch_first_unbatched_and_float64():
+    """The input layouts the lean path rearranges itself, and float64 (the operator's generic
+    path): results as the general path's."""
+    torch.manual_seed(7)
+    for layer, x in (
+        (rnnkit.GRU(INPUT, HIDDEN, batch_first=True, bidirectional=True), torch.randn(1, STEPS, INPUT)),
+        (rnnkit.LSTM(INPUT, HIDDEN, num_layers=2), torch.randn(STEPS, INPUT)),
+        (rnnkit.RNN(INPUT, HIDDEN, dtype=torch.float64), torch.randn(STEPS, 1, INPUT, dtype=torch.float64)),
+        (rnnkit.LSTM(INPUT, HIDDEN, bias=False, peephole=True), torch.randn(STEPS, 3, INPUT)),
+    ):
+        layer.eval()
+        with torch.inference_mode():
+            lean = _flat(layer(x))
+        assert "_inference_plan" in layer.__dict__
+        for got, want in zip(lean, _flat(layer(x))):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)

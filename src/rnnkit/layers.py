@@ -26,6 +26,7 @@ from rnnkit.cells.gru import gru_math
 from rnnkit.cells.lstm import forget_bias_vectors, init_forget_bias, lstm_math
 from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_minimal, unpickle_minimal
 from rnnkit.engine import run_layer, torch_runs_stack
+from rnnkit.engine.fused import inference as lean_inference
 from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
 from rnnkit.engine.precision import layer_autocast
 from rnnkit.engine.regularise import check_rate, drop_input, drop_weight, recurrent_masks
@@ -229,6 +230,10 @@ class RecurrentLayer(nn.Module):
         returns under CPU autocast: bfloat16 output and states for RNN and LSTM, float32 for
         GRU (:mod:`rnnkit.engine.precision`).
         """
+        if not torch.is_grad_enabled():  # inference: the lean path (engine/fused/inference.py)
+            result = lean_inference.layer_forward(self, input, hx, lengths)
+            if result is not None:
+                return result
         # CPU autocast: a bf16 input or state is read as float32, out_dtype is what torch.nn
         # returns (rnnkit.engine.precision)
         input, hx, out_dtype = layer_autocast(input, hx, self._parameters["weight_hh_l0"].dtype,

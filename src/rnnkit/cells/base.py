@@ -170,6 +170,9 @@ def pickle_state(state: dict[str, Any]) -> dict[str, Any]:
     the math object is rebuilt from the spec on load (:func:`unpickle_state`).
     """
     state = dict(state)
+    # (the inference path's caches: weights_only loads refuse them, and they rebuild on use)
+    state.pop("_inference_plan", None)
+    state.pop("_inference_config", None)
     spec = state.pop("math").spec
     state["_cell_spec"] = (spec.kind, spec.nonlinearity, spec.peephole, spec.coupled, spec.reset,
                            spec.projection, spec.layer_norm)
@@ -262,6 +265,12 @@ class RecurrentCell(nn.Module):
 
     def forward(self, x_t: Tensor, state: State | Tensor | None = None) -> tuple[Tensor, State]:
         """One step: ``output, new_state = cell(x_t, state)``; x_t is (B, input_size) or (input_size,)."""
+        if not torch.is_grad_enabled():  # inference: the lean step (engine/fused/inference.py)
+            from rnnkit.engine.fused import inference
+
+            result = inference.cell_step(self, x_t, state)
+            if result is not None:
+                return result
         unbatched = x_t.dim() == 1
         x_t, state = check_cell_input(self, x_t, state)
         if state is None:

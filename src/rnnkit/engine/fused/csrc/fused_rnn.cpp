@@ -167,65 +167,79 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
 // row the next step needs first). Each output is the same dot product in either order.
 thread_local bool g_rows_descending = false;
 
+// The vector operations gemv_rows8 needs, per instruction set: one body (gemv_rows8_with) serves
+// both. A tail load reads lanes [0, K % width) and gives 0 in the others (nothing past K is read).
+#if defined(__AVX512F__)
+struct Avx512 {
+  using V = __m512;
+  static constexpr int64_t kWidth = 16;
+  using Tail = __mmask16;
+  static Tail tail(int64_t rest) { return static_cast<__mmask16>((1u << rest) - 1u); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load_tail(const float* p, Tail m) { return _mm512_maskz_loadu_ps(m, p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+struct Avx2 {
+  using V = __m256;
+  static constexpr int64_t kWidth = 8;
+  using Tail = __m256i;
+  static Tail tail(int64_t rest) {
+    alignas(32) int32_t lanes[8];
+    for (int i = 0; i < 8; ++i) lanes[i] = i < rest ? -1 : 0;
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+  }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load_tail(const float* p, Tail m) { return _mm256_maskload_ps(p, m); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(V v) {
+    alignas(32) float x[8];
+    _mm256_store_ps(x, v);
+    return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+  }
+};
+#endif
+
+template <typename S>
+inline int64_t gemv_rows8_with(int64_t N, int64_t K, const float* a, const float* Bt,
+                               int64_t ldbt, float* c, bool acc) {
+  using V = typename S::V;
+  const int64_t N8 = N / 8 * 8, KW = K / S::kWidth * S::kWidth;
+  const typename S::Tail tail = S::tail(K - KW);
+  for (int64_t i = 0; i < N8; i += 8) {
+    const int64_t n = g_rows_descending ? N8 - 8 - i : i;
+    const float* w = Bt + n * ldbt;
+    V s[8];
+    for (int r = 0; r < 8; ++r) s[r] = S::zero();
+    int64_t k = 0;
+    for (; k < KW; k += S::kWidth) {
+      const V av = S::load(a + k);
+      for (int r = 0; r < 8; ++r) s[r] = S::fma(S::load(w + r * ldbt + k), av, s[r]);
+    }
+    if (KW < K) {
+      const V av = S::load_tail(a + k, tail);
+      for (int r = 0; r < 8; ++r) s[r] = S::fma(S::load_tail(w + r * ldbt + k, tail), av, s[r]);
+    }
+    for (int r = 0; r < 8; ++r) {
+      const float sum = S::sum(s[r]);
+      c[n + r] = acc ? c[n + r] + sum : sum;
+    }
+  }
+  return N8;
+}
+
 inline int64_t gemv_rows8(int64_t N, int64_t K, const float* a, const float* Bt, int64_t ldbt,
                           float* c, bool acc) {
-  const int64_t N8 = N / 8 * 8;
 #if defined(__AVX512F__)
-  const int64_t K16 = K / 16 * 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (K - K16)) - 1u);
-  for (int64_t i = 0; i < N8; i += 8) {
-    const int64_t n = g_rows_descending ? N8 - 8 - i : i;
-    const float* w = Bt + n * ldbt;
-    __m512 s[8];
-    for (int r = 0; r < 8; ++r) s[r] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k < K16; k += 16) {
-      const __m512 av = _mm512_loadu_ps(a + k);
-      for (int r = 0; r < 8; ++r)
-        s[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * ldbt + k), av, s[r]);
-    }
-    if (tail) {  // (masked lanes load 0 from both sides: nothing past K is read)
-      const __m512 av = _mm512_maskz_loadu_ps(tail, a + k);
-      for (int r = 0; r < 8; ++r)
-        s[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w + r * ldbt + k), av, s[r]);
-    }
-    for (int r = 0; r < 8; ++r) {
-      const float sum = _mm512_reduce_add_ps(s[r]);
-      c[n + r] = acc ? c[n + r] + sum : sum;
-    }
-  }
-  return N8;
+  return gemv_rows8_with<Avx512>(N, K, a, Bt, ldbt, c, acc);
 #elif defined(__AVX2__) && defined(__FMA__)
-  const int64_t K8 = K / 8 * 8;
-  alignas(32) int32_t lanes[8];
-  for (int i = 0; i < 8; ++i) lanes[i] = i < K - K8 ? -1 : 0;
-  const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
-  for (int64_t i = 0; i < N8; i += 8) {
-    const int64_t n = g_rows_descending ? N8 - 8 - i : i;
-    const float* w = Bt + n * ldbt;
-    __m256 s[8];
-    for (int r = 0; r < 8; ++r) s[r] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k < K8; k += 8) {
-      const __m256 av = _mm256_loadu_ps(a + k);
-      for (int r = 0; r < 8; ++r)
-        s[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * ldbt + k), av, s[r]);
-    }
-    if (K8 < K) {
-      const __m256 av = _mm256_maskload_ps(a + k, tail);
-      for (int r = 0; r < 8; ++r)
-        s[r] = _mm256_fmadd_ps(_mm256_maskload_ps(w + r * ldbt + k, tail), av, s[r]);
-    }
-    for (int r = 0; r < 8; ++r) {
-      alignas(32) float v[8];
-      _mm256_store_ps(v, s[r]);
-      const float sum = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-      c[n + r] = acc ? c[n + r] + sum : sum;
-    }
-  }
-  return N8;
+  return gemv_rows8_with<Avx2>(N, K, a, Bt, ldbt, c, acc);
 #else
-  (void)N8;
+  (void)N;
   (void)K;
   (void)a;
   (void)Bt;
@@ -292,6 +306,7 @@ struct RecW {
   int64_t ld;
   bool bt;
   const BF16* vnni = nullptr;  // bf16 mode: W^T as a bf16 VNNI copy (ldb = ld), p unused
+  bool done = false;  // the (one-step) loop's recurrent product is already in place (step_lean)
   // C(M, n) (+)= A(M, K) W^T[:, col0 : col0 + n]
   void mm(int64_t M, int64_t n, int64_t K, const T* A, int64_t lda, int64_t col0, T* C,
           int64_t ldc, bool acc) const {
@@ -665,7 +680,7 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
       const T* hin = REG ? R.gemm_input(t, B * H, hp) : hp;
       T* hdn = REG ? R.next_input(t, B * H) : nullptr;
       T* g = gates + t * B * GH;
-      if (j1 > j0) {
+      if (j1 > j0 && !W.done) {
         // batch 1: odd steps read W_hh last row to first (see g_rows_descending)
         const bool descending = M == 1 && W.bt && (t & 1);
         g_rows_descending = descending;
@@ -769,7 +784,7 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
       const int64_t M = cf.bs[t];
       const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
       T* g = gates + t * B * H;
-      if (j1 > j0) W.mm(M, j1 - j0, H, R.gemm_input(t, B * H, hp), H, j0, g + j0, H, true);
+      if (j1 > j0 && !W.done) W.mm(M, j1 - j0, H, R.gemm_input(t, B * H, hp), H, j0, g + j0, H, true);
       T* hdn = R.next_input(t, B * H);
       for (int64_t m = 0; m < M; ++m) {
         T* gr = g + m * H;
@@ -1811,9 +1826,21 @@ bool step_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h,
   thread_local std::vector<float> scratch;
   scratch.resize(2 * GH + 2 * H);
   float* gates = scratch.data();  // (1, GH): x W_ih^T + folded biases
-  float* rec = gates + GH;        // (1, GH): the LSTM's h W_hh^T
+  float* rec = gates + GH;        // (1, GH): h W_hh^T (the LSTM's; the Elman's on odd calls)
   float* hst = rec + GH;          // (1, H): the state copy the loops keep
   float* aux = hst + H;           // (1, H): the GRU's W_hn h or r h
+  // Streaming steps read both weights every call, W_ih then W_hh; together they are often
+  // larger than L2 (H = 256: 2 MiB), so each call would start with rows evicted by the previous
+  // one. Every other call (LSTM and Elman) reads them in the reverse order, W_hh last row to
+  // first, then W_ih likewise: it starts with the rows the previous call read last, still in
+  // L2 (as lstm_fwd_loop alternates W_hh's direction between steps). Each sum is the same
+  // in either order: rec holds h W_hh^T and the loop adds it as it would its own product.
+  thread_local uint64_t calls = 0;
+  const bool reverse = (calls++ & 1) && cf.kind != GRU;
+  if (reverse) {
+    g_rows_descending = true;
+    gemm_bt<float>(1, GH, H, h.data_ptr<float>(), H, w_hh.data_ptr<float>(), H, rec, GH, false);
+  }
   // biases folded as forward_impl folds them: the reset-after GRU keeps b_hn for inside r (.)
   const float* bi = has_bias ? b_ih.data_ptr<float>() : nullptr;
   const float* bh = has_bias ? b_hh.data_ptr<float>() : nullptr;
@@ -1821,8 +1848,12 @@ bool step_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h,
   for (int64_t n = 0; n < GH; ++n)
     gates[n] = !has_bias ? 0.0f : n < folded ? bi[n] + bh[n] : bi[n];
   gemm_bt<float>(1, GH, I, x.data_ptr<float>(), I, w_ih.data_ptr<float>(), I, gates, GH, true);
+  g_rows_descending = false;
+  if (reverse && cf.kind == RNN)  // (rnn_fwd_loop accumulates its product into the gates)
+    for (int64_t n = 0; n < GH; ++n) gates[n] = gates[n] + rec[n];
   h_out = at::empty({1, H}, x.options());
-  const RecW<float> W{w_hh.data_ptr<float>(), H, true};
+  RecW<float> W{w_hh.data_ptr<float>(), H, true};
+  W.done = reverse;
   const Reg<float> R;
   const float* h0 = h.data_ptr<float>();
   if (lstm) {

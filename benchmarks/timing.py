@@ -1,0 +1,36 @@
+"""Timing two callables side by side: the interleaved loop every comparison benchmark shares.
+
+On a shared machine the load changes from one second to the next, so the two sides of a
+comparison run alternately in one process (the order flips every round, so neither side always
+runs right after the other's cache-thrashing pass) and each sees the same machine. Callers
+reduce the times as they need: speed.py takes the median, inference.py the minimum (the run the
+scheduler did not interrupt).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def interleaved(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
+                warmup: int = 2, min_seconds: float = 1.0, max_repeats: int = 2000
+                ) -> tuple[list[float], list[float]]:
+    """The seconds of every run of each callable, run alternately.
+
+    At least ``repeats`` runs each, more until each side has run ``min_seconds`` in total (a
+    sub-millisecond case needs hundreds of runs for a stable statistic), at most ``max_repeats``.
+    """
+    for _ in range(warmup):
+        ours()
+        theirs()
+    ours_times: list[float] = []
+    their_times: list[float] = []
+    pairs = ((ours, ours_times), (theirs, their_times))
+    while len(ours_times) < max_repeats and (
+            len(ours_times) < repeats or min(sum(ours_times), sum(their_times)) < min_seconds):
+        for fn, times in pairs if len(ours_times) % 2 == 0 else pairs[::-1]:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return ours_times, their_times

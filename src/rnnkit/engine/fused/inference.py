@@ -1,0 +1,242 @@
+"""The lean eager inference path: a layer's forward or a cell's step straight into the fused op.
+
+Under ``torch.no_grad()`` / ``torch.inference_mode()`` nothing is saved and nothing can need a
+gradient, so most of what the general forward does per call is bookkeeping that cannot change
+the result: the autocast view, routing by spec, the engine's dispatch, the thread-count probe of
+every layer, the peephole vectors stacked anew, zero initial states allocated anew. At batch 1
+that bookkeeping is a large share of the time (a whole step in C++ is a few to a few tens of µs).
+Here a layer (or cell) keeps a :class:`Prepared` plan — the kernel config and, per layer and
+direction, the operator's weight arguments — and a call checks a few cheap conditions and calls
+``torch.ops.rnnkit_fused.layer_forward`` / ``step`` directly.
+
+The plan is keyed on every parameter's ``data_ptr()`` and ``_version``: an optimizer step or
+``load_state_dict`` (in-place writes bump ``_version``), ``.to()`` or assigning ``.data`` (new
+storage) all rebuild it. The plan holds references to the parameters it was built from, so a
+freed parameter's address cannot be reused by another while the plan lives.
+
+Anything this path does not cover returns None and the caller takes the general path, which
+computes the same thing (and raises the one-line errors for bad input): gradients enabled,
+``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` tracing (they must see the
+parameters, not cached copies), autocast, tensor subclasses, another backend or device or
+dtype, regularisers, inter-layer dropout in training mode, a ``PackedSequence``, ``lengths`` at
+batch > 1 (the ragged batch's chunking lives in the general path), a plain LSTM where torch's op
+is faster (``own_kernel_faster``), the layer-normalised and projected variants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+import rnnkit.engine as _engine
+from rnnkit.engine import threads
+from rnnkit.engine.fused import _build, _function
+from rnnkit.engine.fused._function import KERNELS, Config, peephole_weights
+
+_ATTRIBUTE = "_inference_plan"  # (a plain attribute of the module: not a buffer, not saved)
+
+
+class Prepared(NamedTuple):
+    """A module's cached operator arguments for the weights of one ``key``."""
+
+    key: tuple[int, ...]
+    cfg: Config
+    weights: tuple[tuple[Tensor | None, ...], ...]  # per layer and direction: w_ih, w_hh, b_ih,
+    # b_hh, peephole (P, H) or None — contiguous, in the op's order
+    zeros: dict[tuple[int, ...], Tensor]  # zero initial states by shape (the op never writes
+    # its h0 / c0: it clones them)
+
+
+def _key(parameters: dict[str, Any]) -> tuple[int, ...]:
+    """Each parameter's storage address and version."""
+    key: list[int] = []
+    for p in parameters.values():
+        if p is None:
+            continue
+        key.append(p.data_ptr())
+        key.append(p._version)
+    return tuple(key)
+
+
+def _usable(x: Any, dtype: torch.dtype) -> bool:
+    """The cheap conditions every lean call needs (see the module docstring)."""
+    return (type(x) is Tensor and x.dtype == dtype and x.is_cpu
+            and dtype in (torch.float32, torch.float64)
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and not torch.is_autocast_enabled("cpu"))
+
+
+def _plan(module: Any, cfg: Config,
+          params_of: Callable[[], Sequence[Sequence[Tensor | None]] | None]) -> Prepared | None:
+    """The module's plan for its current weights (rebuilt when the key changed); ``params_of()``
+    gives each layer's and direction's ``(w_ih, w_hh, b_ih, b_hh, *peephole)``."""
+    key = _key(module._parameters)
+    plan = module.__dict__.get(_ATTRIBUTE)
+    if plan is not None and plan.key == key:
+        return plan
+    params_of = params_of()
+    if params_of is None:
+        return None
+    owned = [id(p) for p in module._parameters.values()]
+    if any(p is not None and id(p) not in owned for params in params_of for p in params):
+        return None  # a parametrized weight (computed per call from what the dict holds)
+    weights = []
+    for params in params_of:
+        w_ih, w_hh, b_ih, b_hh = (None if p is None else p.detach().contiguous() for p in params[:4])
+        pw = peephole_weights(cfg, params)
+        weights.append((w_ih, w_hh, b_ih, b_hh, None if pw is None else pw.detach().contiguous()))
+    plan = Prepared(key, cfg, tuple(weights), {})
+    module.__dict__[_ATTRIBUTE] = plan
+    return plan
+
+
+def _zeros(plan: Prepared, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    zeros = plan.zeros.get(shape)
+    if zeros is None or zeros.dtype != like.dtype:
+        zeros = plan.zeros[shape] = like.new_zeros(shape)
+    return zeros
+
+
+def _config(module: Any) -> Config | None:
+    """The module's kernel config, or None where this path does not run it. The variant's config
+    is looked up once per module (building a math object's spec takes ~10 µs); the backend is
+    read on every call (``set_default_backend`` may change it)."""
+    if (module.__dict__.get("backend") or _engine._default_backend) != "fused":
+        return None
+    math = module.math
+    cached = module.__dict__.get("_inference_config")
+    if cached is None or cached[0] is not math:  # (keyed on the math object: it may be replaced)
+        config = KERNELS.get(_function.spec_of(math)) if _build.load() is not None else None
+        cached = module.__dict__["_inference_config"] = (math, config)
+    return cached[1]
+
+
+def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor, Any] | None:
+    """``layer(input, hx, lengths=lengths)`` of a RecurrentLayer through the lean path, or None
+    (the caller then runs the general forward)."""
+    parameters = layer._parameters
+    if (not _usable(input, parameters["weight_hh_l0"].dtype) or input.dim() not in (2, 3)
+            or input.shape[-1] != layer.input_size or layer._regularised_now()
+            or (layer.training and layer.dropout > 0)):
+        return None
+    unbatched = input.dim() == 2
+    x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if layer.batch_first else input)
+    steps, batch = x.shape[0], x.shape[1]
+    if steps == 0:
+        return None
+    length = steps
+    if lengths is not None:  # batch 1 only: run the first `length` steps, zeros after them
+        if isinstance(lengths, Tensor):
+            if lengths.shape != (1,) or lengths.is_floating_point() or lengths.is_complex():
+                return None
+            length = int(lengths[0])
+        elif isinstance(lengths, (list, tuple)) and len(lengths) == 1 and type(lengths[0]) is int:
+            length = lengths[0]
+        else:
+            return None
+        if batch != 1 or not 1 <= length <= steps:
+            return None  # (the general path: a ragged batch, or says what is wrong)
+    cfg = _config(layer)
+    if cfg is None:
+        return None
+    hidden = layer.hidden_size
+    if (cfg.kind == 1 and not cfg.peephole and not cfg.coupled and _fused().use_native
+            and not _fused().own_kernel_faster(steps, batch, hidden, inference=True)):
+        return None  # torch's op is faster here: the general path routes to it
+    depth = layer.num_layers * layer.num_directions
+    states = cfg.num_states
+    if hx is not None:
+        given = (hx,) if isinstance(hx, Tensor) else tuple(hx)
+        shape = (depth, hidden) if unbatched else (depth, batch, hidden)
+        if len(given) != states or any(type(s) is not Tensor or s.shape != shape
+                                       or s.dtype != x.dtype or not s.is_cpu
+                                       for s in given):
+            return None  # (the general path says what is wrong)
+        if unbatched:
+            given = tuple(s.unsqueeze(1) for s in given)
+    plan = _plan(layer, cfg, lambda: [layer.layer_params(i // layer.num_directions,
+                                                         i % layer.num_directions)
+                                      for i in range(depth)])
+    if plan is None:
+        return None
+    if hx is None:
+        given = (_zeros(plan, (depth, batch, hidden), x),) * states
+    threads.adapt()  # (as the general path: once per layer forward)
+    op = torch.ops.rnnkit_fused.layer_forward.default
+    args = cfg.args()
+    loop_threads = _function.loop_threads
+    layer_input = x if length == steps else x[:length]
+    finals: list[list[Tensor]] = [[] for _ in range(states)]
+    index = 0
+    for _ in range(layer.num_layers):
+        outputs = []
+        for direction in range(layer.num_directions):
+            w_ih, w_hh, b_ih, b_hh, pw = plan.weights[index]
+            source = layer_input if direction == 0 else layer_input.flip(0)
+            y, h, c, *_ = op(*args, source, given[0][index], given[1][index] if states == 2 else None,
+                             w_ih, w_hh, b_ih, b_hh, pw, None, None, None, [], False,
+                             loop_threads, False)
+            outputs.append(y if direction == 0 else y.flip(0))
+            finals[0].append(h)
+            if states == 2:
+                finals[1].append(c)
+            index += 1
+        layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 2)
+    output = layer_input
+    if length < steps:  # (as torch.nn's packed sequences: outputs past the length are 0)
+        output = torch.cat((output, output.new_zeros(steps - length, 1, output.shape[2])))
+    final = [torch.stack(f) for f in finals]
+    if unbatched:
+        output, final = output.squeeze(1), [s.squeeze(1) for s in final]
+    elif layer.batch_first:
+        output = output.transpose(0, 1)
+    return output, (final[0] if states == 1 else tuple(final))
+
+
+def cell_step(cell: Any, x_t: Any, state: Any) -> tuple[Tensor, Any] | None:
+    """``cell(x_t, state)`` of a RecurrentCell through the lean ``step`` call, or None."""
+    parameters = cell._parameters
+    weight = parameters.get("weight_hh")
+    if (weight is None or not _usable(x_t, weight.dtype) or x_t.dim() != 2
+            or x_t.shape[1] != cell.input_size):
+        return None
+    cfg = _config(cell)
+    if cfg is None:
+        return None
+
+    def params_of() -> list[tuple[Tensor | None, ...]] | None:
+        try:
+            return [(parameters["weight_ih"], weight, parameters.get("bias_ih"),
+                     parameters.get("bias_hh"),
+                     *(parameters[name] for name in cell.math.diagonal_names))]
+        except KeyError:  # (a parametrized weight: then not in the dict)
+            return None
+
+    plan = _plan(cell, cfg, params_of)
+    if plan is None:
+        return None
+    shape = (x_t.shape[0], cell.hidden_size)
+    if state is None:
+        state = (_zeros(plan, shape, x_t),) * cfg.num_states
+    elif isinstance(state, Tensor):
+        state = (state,)
+    if len(state) != cfg.num_states:
+        return None
+    for s in state:  # (a loop, not any(...): a generator costs a µs, a tenth of a step's Python)
+        if type(s) is not Tensor or s.shape != shape or s.dtype != x_t.dtype or not s.is_cpu:
+            return None  # (the general path says what is wrong)
+    w_ih, w_hh, b_ih, b_hh, pw = plan.weights[0]
+    lstm = cfg.kind == 1
+    h, c = torch.ops.rnnkit_fused.step.default(
+        cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
+        state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _function.loop_threads)
+    return h, cell.math.make_state((h, c) if lstm else (h,))
+
+
+def _fused() -> Any:
+    import rnnkit.engine.fused as fused
+
+    return fused
