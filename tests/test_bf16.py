@@ -397,7 +397,7 @@ def test_backward_is_bf16_gemm_inputs_with_float32_accumulation(dropout):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
             out, _ = run_layer(module.math, x, (h0,), params, masks=masks)
         assert out.dtype == torch.float32
-        return out, torch.autograd.grad(out, [x, h0, w_ih, w_hh], gy)
+        return out, torch.autograd.grad(out, [x, h0, w_ih, w_hh, module.bias_ih_l0], gy)
 
     out, got = kernel(True)
     y = out.detach().double()
@@ -407,13 +407,16 @@ def test_backward_is_bf16_gemm_inputs_with_float32_accumulation(dropout):
     dw_ih = torch.zeros(37, 33, dtype=torch.float64)
     dw_hh = torch.zeros(37, 37, dtype=torch.float64)
     dh = torch.zeros(batch, 37, dtype=torch.float64)
+    db = torch.zeros(37, dtype=torch.float64)  # (the bias's gradient: dG's sum, not rounded)
     for t in reversed(range(steps)):
-        dg = bf16((dh + gy[t].double()) * (1 - y[t] ** 2))
+        dg = (dh + gy[t].double()) * (1 - y[t] ** 2)
+        db += dg.sum(0)
+        dg = bf16(dg)
         dx[t] = dg @ bf16(w_ih)
         dw_ih += dg.T @ bf16(x[t])
         dw_hh += dg.T @ bf16(hprev[t] * m)
         dh = (dg @ bf16(w_hh)) * m
-    for g, w in zip(got, [dx, dh, dw_ih, dw_hh]):
+    for g, w in zip(got, [dx, dh, dw_ih, dw_hh, db]):
         assert rel_err(g, w) < 2e-4, rel_err(g, w)
     _, plain = kernel(False)
-    assert max(rel_err(g, w) for g, w in zip(plain, [dx, dh, dw_ih, dw_hh])) > 1e-3
+    assert max(rel_err(g, w) for g, w in zip(plain[:4], [dx, dh, dw_ih, dw_hh])) > 1e-3

@@ -573,6 +573,68 @@ at::Tensor vnni_of(const float* src, int64_t K, int64_t N, int64_t rs, int64_t c
   return out;
 }
 
+// The rows of a contiguous float (K, N) matrix (the backward's gate gradients, K = T*B) in the
+// VNNI layout, as vnni_of(a, K, N, N, 1), in the same pass over a (which a separate pass read
+// again, 2-4% of a bf16 forward+backward at 100,32,256 each, perf): with colsum, its column sums
+// in float32 (the biases' gradients, instead of torch's sum), with rows, its bf16 copy as
+// bf16_rows makes (the A of dx = dG W_ih).
+at::Tensor vnni_rows_sum(const at::Tensor& a, at::Tensor* colsum, at::Tensor* rows, int nt) {
+  const int64_t K = a.size(0), N = a.size(1), pairs = even_up(K) / 2, ldr = even_up(N);
+  at::Tensor out = at::empty({pairs, N, 2}, a.options().dtype(at::kBFloat16));
+  const float* src = a.data_ptr<float>();
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<BF16>());
+  if (colsum) *colsum = at::zeros({N}, a.options());
+  float* sum = colsum ? colsum->data_ptr<float>() : nullptr;
+  if (rows) *rows = at::empty({K, ldr}, a.options().dtype(at::kBFloat16));
+  uint16_t* rp = rows ? reinterpret_cast<uint16_t*>(rows->data_ptr<BF16>()) : nullptr;
+#pragma omp parallel num_threads(nt) if (pairs * N > 32768)
+  {
+    std::vector<float> part(sum ? N : 0, 0.0f);  // this thread's rows' sums
+    float* ps = part.data();
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < pairs; ++p) {
+      const float* r0 = src + 2 * p * N;
+      uint32_t* o = dst + p * N;
+      if (2 * p + 1 < K) {
+        const float* r1 = r0 + N;
+        if (rp) {
+          uint16_t* q0 = rp + 2 * p * ldr;
+          uint16_t* q1 = q0 + ldr;
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n) {
+            const uint16_t b0 = bf16_bits(r0[n]), b1 = bf16_bits(r1[n]);
+            q0[n] = b0;
+            q1[n] = b1;
+            o[n] = uint32_t(b0) | (uint32_t(b1) << 16);
+          }
+          if (ldr > N) q0[N] = q1[N] = 0;
+        } else {
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n)
+            o[n] = uint32_t(bf16_bits(r0[n])) | (uint32_t(bf16_bits(r1[n])) << 16);
+        }
+        if (sum) {
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n) ps[n] += r0[n] + r1[n];
+        }
+      } else {  // an odd K's last row, paired with a zero row
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) o[n] = uint32_t(bf16_bits(r0[n]));
+        if (rp) rows_to_bf16(1, N, r0, N, rows->data_ptr<BF16>() + 2 * p * ldr, ldr);
+        if (sum) {
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n) ps[n] += r0[n];
+        }
+      }
+    }
+    if (sum) {
+#pragma omp critical
+      for (int64_t n = 0; n < N; ++n) sum[n] += ps[n];
+    }
+  }
+  return out;
+}
+
 // Check once that the bf16 micro-kernel exists and reads the VNNI layout as packed above
 // (odd K, a column offset into B, accumulation): rnnkit.engine.fused asks before using it.
 bool probe_bf16() {
@@ -1545,8 +1607,13 @@ void bf16_input_and_weight_grads(const Cfg& cf, const at::Tensor& x, const at::T
   const int64_t T_ = cf.T, B = cf.B, I = cf.I, H = cf.H, GH = cf.G * H, TB = T_ * B;
   auto opts = x.options();
   const at::Tensor dg2 = dg.reshape({TB, GH});
+  const bool gru_after = cf.kind == GRU && !cf.before;
+  // dG packed for the weight gradients, with the biases' gradients and dG's bf16 rows (for dx)
+  // from the same pass
+  at::Tensor dgv, dgb;
+  if (need_dw) dgv = vnni_rows_sum(dg2, has_bias ? &dbih : nullptr, need_dx ? &dgb : nullptr, nt);
   if (need_dx) {
-    at::Tensor dgb = bf16_rows(dg2, nt);
+    if (!need_dw) dgb = bf16_rows(dg2, nt);
     at::Tensor wih = vnni_of(w_ih.data_ptr<float>(), GH, I, I, 1, opts, nt);  // (K = GH, N = I)
     dx = at::empty({T_, B, I}, opts);
     pgemm_bf16(TB, I, dgb.size(1), dgb.data_ptr<BF16>(), dgb.size(1), wih.data_ptr<BF16>(), I,
@@ -1561,15 +1628,15 @@ void bf16_input_and_weight_grads(const Cfg& cf, const at::Tensor& x, const at::T
     pgemm_bf16(aT.size(0), n, TBp, aT.data_ptr<BF16>(), TBp, gv.data_ptr<BF16>() + col0 * 2, GH,
                outT.data_ptr<float>() + col0, GH, nullptr, nt);
   };
-  at::Tensor dgv = vnni_of(dg2.data_ptr<float>(), TB, GH, GH, 1, opts, nt);
   at::Tensor dwihT = at::empty({I, GH}, opts);
   weight_grad_t(bf16_transposed(x.reshape({TB, I}), nt), dgv, 0, GH, dwihT);
   dwih = dwihT.t().contiguous();
   // previous hidden states (T*B, H): h0, y[0..T-2]; W_hh multiplied h ⊙ m under recurrent dropout
   const at::Tensor hprevT = bf16_hprev_transposed(h0, y, rmask, T_, B, H, nt);
   at::Tensor dwhhT = at::empty({H, GH}, opts);
-  if (cf.kind == GRU && !cf.before) {
-    at::Tensor dghv = vnni_of(dgh.data_ptr<float>(), TB, GH, GH, 1, opts, nt);
+  if (gru_after) {
+    at::Tensor dghv =
+        vnni_rows_sum(dgh.reshape({TB, GH}), has_bias ? &dbhh : nullptr, nullptr, nt);
     weight_grad_t(hprevT, dghv, 0, GH, dwhhT);
   } else if (cf.kind == GRU) {
     weight_grad_t(hprevT, dgv, 0, 2 * H, dwhhT);
@@ -1578,10 +1645,7 @@ void bf16_input_and_weight_grads(const Cfg& cf, const at::Tensor& x, const at::T
     weight_grad_t(hprevT, dgv, 0, GH, dwhhT);
   }
   dwhh = dwhhT.t().contiguous();
-  if (has_bias) {
-    dbih = dg2.sum(0);
-    dbhh = (cf.kind == GRU && !cf.before) ? dgh.reshape({TB, GH}).sum(0) : dbih;
-  }
+  if (has_bias && !gru_after) dbhh = dbih;
 }
 
 template <typename T>
