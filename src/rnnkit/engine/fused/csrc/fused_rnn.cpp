@@ -278,11 +278,26 @@ void gemm_bt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
     }
 }
 
+// The bulk rounding passes of bf16 mode (whole operands: x, dG, the transposed copies, and the
+// per-step rows) are compiled for AVX-512 (BW: 16-bit lanes), which every CPU with bf16 dot
+// products has (AVX-512 BF16 implies it; AMX CPUs have it too) — the rest of this file is built
+// for baseline x86-64, whose SSE2 loops made these passes ~1.6 cycles per element (perf: 5% of a
+// GRU's bf16 forward+backward at 100,32,256 in dG's VNNI pack alone). They run only in bf16
+// mode, and probe_bf16 checks the CPU before it calls one.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define RNNKIT_BF16_SIMD __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define RNNKIT_BF16_CPU_OK \
+  (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+#else
+#define RNNKIT_BF16_SIMD
+#define RNNKIT_BF16_CPU_OK true
+#endif
+
 // bfloat16 mode's per-step product (defined with the other bf16 helpers below).
 using BF16 = at::BFloat16;
-inline void mm_bf16(int64_t M, int64_t n, int64_t K, const float* A, int64_t lda,
-                    const BF16* Bv, int64_t ldb, int64_t k0, int64_t col0, float* C, int64_t ldc,
-                    bool acc);
+RNNKIT_BF16_SIMD inline void mm_bf16(int64_t M, int64_t n, int64_t K, const float* A,
+                                     int64_t lda, const BF16* Bv, int64_t ldb, int64_t k0,
+                                     int64_t col0, float* C, int64_t ldc, bool acc);
 
 // The recurrent weight either as a transposed copy W^T (K, G*H) (brgemm-friendly) or as stored,
 // W (G*H, K) (no copy: for short inputs where the copy would cost more than the GEMMs).
@@ -456,8 +471,8 @@ inline uint16_t bf16_bits(float f) {
 }
 
 // out (even_up(K) / 2, N, 2): B(k, n) = src[k * rs + n * cs] in the VNNI layout (ldb = N).
-void pack_vnni(int64_t K, int64_t N, const float* src, int64_t rs, int64_t cs, BF16* out,
-               int nt) {
+RNNKIT_BF16_SIMD void pack_vnni(int64_t K, int64_t N, const float* src, int64_t rs,
+                                int64_t cs, BF16* out, int nt) {
   const int64_t pairs = even_up(K) / 2;
 #pragma omp parallel for num_threads(nt) schedule(static) if (pairs * N > 32768)
   for (int64_t p = 0; p < pairs; ++p) {
@@ -510,9 +525,9 @@ inline void gemm_bf16(int64_t M, int64_t N, int64_t Kp, const BF16* A, int64_t l
 // C(M, n) (+)= BF16(A(M, K)) B[k0 : k0 + K, col0 : col0 + n] for a VNNI B (ldb); k0 even. A is
 // converted into a per-thread buffer: the per-step products' A (h_{t-1}, the step's gate
 // gradients) is float32 state written by every thread in the step before.
-inline void mm_bf16(int64_t M, int64_t n, int64_t K, const float* A, int64_t lda,
-                    const BF16* Bv, int64_t ldb, int64_t k0, int64_t col0, float* C, int64_t ldc,
-                    bool acc) {
+RNNKIT_BF16_SIMD inline void mm_bf16(int64_t M, int64_t n, int64_t K, const float* A,
+                                     int64_t lda, const BF16* Bv, int64_t ldb, int64_t k0,
+                                     int64_t col0, float* C, int64_t ldc, bool acc) {
   if (M <= 0 || n <= 0) return;
   static thread_local std::vector<BF16> buf;
   const int64_t Kp = even_up(K);
@@ -546,7 +561,7 @@ void pgemm_bf16(int64_t M, int64_t N, int64_t Kp, const BF16* A, int64_t lda, co
 }
 
 // A bf16 copy of a float (rows, cols) tensor with cols padded to even (zero), for a GEMM's A.
-at::Tensor bf16_rows(const at::Tensor& a, int nt) {
+RNNKIT_BF16_SIMD at::Tensor bf16_rows(const at::Tensor& a, int nt) {
   const int64_t rows = a.size(0), cols = a.size(1), ld = even_up(cols);
   at::Tensor out = at::empty({rows, ld}, a.options().dtype(at::kBFloat16));
   const float* src = a.data_ptr<float>();
@@ -578,7 +593,8 @@ at::Tensor vnni_of(const float* src, int64_t K, int64_t N, int64_t rs, int64_t c
 // again, 2-4% of a bf16 forward+backward at 100,32,256 each, perf): with colsum, its column sums
 // in float32 (the biases' gradients, instead of torch's sum), with rows, its bf16 copy as
 // bf16_rows makes (the A of dx = dG W_ih).
-at::Tensor vnni_rows_sum(const at::Tensor& a, at::Tensor* colsum, at::Tensor* rows, int nt) {
+RNNKIT_BF16_SIMD at::Tensor vnni_rows_sum(const at::Tensor& a, at::Tensor* colsum,
+                                           at::Tensor* rows, int nt) {
   const int64_t K = a.size(0), N = a.size(1), pairs = even_up(K) / 2, ldr = even_up(N);
   at::Tensor out = at::empty({pairs, N, 2}, a.options().dtype(at::kBFloat16));
   const float* src = a.data_ptr<float>();
@@ -639,6 +655,7 @@ at::Tensor vnni_rows_sum(const at::Tensor& a, at::Tensor* colsum, at::Tensor* ro
 // (odd K, a column offset into B, accumulation): rnnkit.engine.fused asks before using it.
 bool probe_bf16() {
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  if (!RNNKIT_BF16_CPU_OK) return false;  // (the RNNKIT_BF16_SIMD passes need AVX-512 BW)
   try {
     const int64_t M = 3, N = 40, K = 7, col0 = 8, n = 20;
     std::vector<float> A(M * K), B(K * N), C(M * n, 1.0f), R(M * n, 1.0f);
@@ -1521,8 +1538,8 @@ inline void transpose8x8_u16(const uint16_t* src, int64_t lds, uint16_t* dst, in
 }
 
 template <typename Row, typename Mask>
-void transpose_to_bf16(int64_t rows, int64_t cols, Row row, Mask mask, uint16_t* dst, int64_t ld,
-                       int nt) {
+RNNKIT_BF16_SIMD void transpose_to_bf16(int64_t rows, int64_t cols, Row row, Mask mask,
+                                        uint16_t* dst, int64_t ld, int nt) {
   constexpr int64_t RB = 32, CB = 16;
   const int64_t cb = (cols + CB - 1) / CB;
 #pragma omp parallel for num_threads(nt) schedule(static) if (rows * cols > 32768)
