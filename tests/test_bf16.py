@@ -377,18 +377,19 @@ def test_backward_is_bf16_gemm_inputs_with_float32_accumulation(dropout):
     """The weight and input gradients are products of bf16-rounded operands (the gate gradient,
     x, the previous hidden states h_{t-1} (times the recurrent-dropout mask), the weights)
     accumulated in float32: an Elman layer's backward written out in float64 from the kernel's
-    own float32 outputs. Odd sizes and T*B = 65 rows exercise the transposed copies' tiles
-    (32 rows x 16 columns) and padding; the float32 kernel is measurably farther away."""
+    own float32 outputs. 70 inputs, 67 hidden units and T*B = 65 rows give the transposed
+    copies full tiles (32 rows x 64 columns), partial ones and padding; the float32 kernel is
+    measurably farther away."""
     from rnnkit.engine import run_layer
     from rnnkit.engine.regularise import StepMasks
 
     torch.manual_seed(11)
-    module = rnnkit.RNN(33, 37)
+    module = rnnkit.RNN(70, 67)
     steps, batch = 5, 13
-    x = torch.randn(steps, batch, 33, requires_grad=True)
-    h0 = torch.randn(batch, 37, requires_grad=True)
-    gy = torch.randn(steps, batch, 37)
-    mask = (torch.rand(batch, 37) > 0.3).float() / 0.7 if dropout else None
+    x = torch.randn(steps, batch, 70, requires_grad=True)
+    h0 = torch.randn(batch, 67, requires_grad=True)
+    gy = torch.randn(steps, batch, 67)
+    mask = (torch.rand(batch, 67) > 0.3).float() / 0.7 if dropout else None
     masks = StepMasks(recurrent=mask) if dropout else None
     params = module.layer_params(0, 0)
     w_ih, w_hh = module.weight_ih_l0, module.weight_hh_l0
@@ -403,11 +404,11 @@ def test_backward_is_bf16_gemm_inputs_with_float32_accumulation(dropout):
     y = out.detach().double()
     m = mask.double() if dropout else 1.0
     hprev = [h0.detach().double(), *y[:-1]]
-    dx = torch.zeros(steps, batch, 33, dtype=torch.float64)
-    dw_ih = torch.zeros(37, 33, dtype=torch.float64)
-    dw_hh = torch.zeros(37, 37, dtype=torch.float64)
-    dh = torch.zeros(batch, 37, dtype=torch.float64)
-    db = torch.zeros(37, dtype=torch.float64)  # (the bias's gradient: dG's sum, not rounded)
+    dx = torch.zeros(steps, batch, 70, dtype=torch.float64)
+    dw_ih = torch.zeros(67, 70, dtype=torch.float64)
+    dw_hh = torch.zeros(67, 67, dtype=torch.float64)
+    dh = torch.zeros(batch, 67, dtype=torch.float64)
+    db = torch.zeros(67, dtype=torch.float64)  # (the bias's gradient: dG's sum, not rounded)
     for t in reversed(range(steps)):
         dg = (dh + gy[t].double()) * (1 - y[t] ** 2)
         db += dg.sum(0)
