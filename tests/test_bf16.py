@@ -421,3 +421,33 @@ def test_backward_is_bf16_gemm_inputs_with_float32_accumulation(dropout):
         assert rel_err(g, w) < 2e-4, rel_err(g, w)
     _, plain = kernel(False)
     assert max(rel_err(g, w) for g, w in zip(plain[:4], [dx, dh, dw_ih, dw_hh])) > 1e-3
+
+
+@needs_bf16
+@pytest.mark.parametrize("name", ["gru_after", "lstm_peephole"])
+def test_partial_gradients_equal_the_full_backward(name):
+    """Only dx (frozen weights) or only the weights' gradients (x without grad): the backward's
+    bf16 copies of dG are made by other paths then (its rows alone, or its VNNI pack without
+    them), and give exactly what the full backward gives."""
+    cls, options = VARIANTS[name]
+    torch.manual_seed(12)
+    module = cls(70, 67, **options)
+    x = torch.randn(5, 13, 70)
+    params = list(module.parameters())
+
+    def grads(wrt):
+        with autocast():
+            out, _ = module(x)
+        return torch.autograd.grad(out.float().pow(2).sum(), wrt)
+
+    x.requires_grad_()
+    full = grads([x, *params])
+    for p in params:
+        p.requires_grad_(False)
+    (dx,) = grads([x])
+    assert torch.equal(dx, full[0])
+    x.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    for got, want in zip(grads(params), full[1:]):
+        assert torch.equal(got, want)
