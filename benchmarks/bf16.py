@@ -126,8 +126,11 @@ def main() -> None:
         "with torch.nn's (nn.LSTM for every LSTM variant, nn.GRU, nn.RNN) under the same "
         f"autocast. CPU bf16 instructions: {isa}; torch {torch.__version__}; "
         f"{args.threads} thread(s); load average {load_before[0]:.1f} before, "
-        f"{load_after[0]:.1f} after" + (" (a loaded machine: the minimum is the run the "
-                                         "scheduler left alone)" if load_before[0] > 1.5 else "")
+        f"{load_after[0]:.1f} after" + ((" (a loaded machine: other processes share the core "
+                                          "and its caches)" if clock_name == "cpu" else
+                                          " (a loaded machine: the minimum is the run the "
+                                          "scheduler left alone)")
+                                         if max(load_before[0], load_after[0]) > 1.5 else "")
         + ".",
         "",
         header,
