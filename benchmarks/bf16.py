@@ -9,8 +9,15 @@ the plain LSTM's route under autocast was chosen against). The MINIMUM of each s
 reported (the run the scheduler did not interrupt; on a quiet machine the median is close),
 and the speed-up float32 / bf16 (target ≥ 1.6 at H ≥ 256).
 
+On a shared, loaded core even the minimum wall time of a 20-300 ms run is inflated several
+times over (every run is interrupted; measured at load 6: 116-158 ms wall against 19-30 ms of
+CPU time), so with one thread the default clock is the process's CPU time (``--clock cpu``,
+time.process_time: what the run itself executed), which the scheduler's interruptions do not
+count. With more threads it is wall time (CPU time would add up the threads).
+
     python benchmarks/bf16.py                                   # all variants, 3 shapes
     python benchmarks/bf16.py --variants lstm gru_after --shapes 100,32,256 --repeats 5
+    python benchmarks/bf16.py --clock wall                      # wall time (a quiet machine)
 """
 
 from __future__ import annotations
@@ -47,8 +54,9 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, mixed: bool) -> Callable[[
     return run
 
 
-def measure(variant: str, shape: tuple[int, int, int], repeats: int) -> dict[str, float]:
-    """Minimum seconds of each side's forward+backward, sides interleaved."""
+def measure(variant: str, shape: tuple[int, int, int], repeats: int,
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Minimum seconds (of ``clock``) of each side's forward+backward, sides interleaved."""
     make_ours, make_theirs, *_ = VARIANTS[variant]
     steps, batch, hidden = shape
     torch.manual_seed(0)
@@ -62,9 +70,9 @@ def measure(variant: str, shape: tuple[int, int, int], repeats: int) -> dict[str
     order = list(runs)
     for i in range(repeats):
         for name in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
+            start = clock()
             runs[name]()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], clock() - start)
     return best
 
 
@@ -75,6 +83,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=None, help="T,B,H (input size = H)")
     parser.add_argument("--repeats", type=int, default=9, help="runs of each side (minimum kept)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default=None,
+                        help="time.process_time or time.perf_counter (default: cpu with one "
+                             "thread, else wall)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "docs"
                         / "performance.md", help="markdown file whose bf16 section to write")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
@@ -82,6 +93,8 @@ def main() -> None:
     precision.require_bf16()
     threads.set_policy("fixed")
     torch.set_num_threads(args.threads)
+    clock_name = args.clock or ("cpu" if args.threads == 1 else "wall")
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
     shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes
               else SHAPES)
     load_before = os.getloadavg()
@@ -91,7 +104,7 @@ def main() -> None:
     print(header)
     for shape in shapes:
         for variant in args.variants:
-            best = measure(variant, shape, args.repeats)
+            best = measure(variant, shape, args.repeats, clock)
             fp32, mixed, torch_mixed = (best[s] * 1e3 for s in SIDES)
             rows.append(f"| {variant} | {','.join(map(str, shape))} | {fp32:.1f} | {mixed:.1f} | "
                         f"{fp32 / mixed:.2f}× | {torch_mixed:.1f} | {mixed / torch_mixed:.2f} |")
@@ -103,15 +116,21 @@ def main() -> None:
         "### bfloat16 mixed precision (autocast)",
         "",
         f"Measured by `python benchmarks/bf16.py --threads {args.threads} --repeats "
-        f"{args.repeats}`: one layer (input size = H), forward+backward (gradients of x and "
-        "every weight), float32 against `torch.autocast(\"cpu\", dtype=torch.bfloat16)`, the "
-        "sides interleaved in one process, minimum of the runs in ms. Speed-up = rnnkit fp32 / "
+        f"{args.repeats} --clock {clock_name}`: one layer (input size = H), forward+backward "
+        "(gradients of x and every weight), float32 against `torch.autocast(\"cpu\", "
+        "dtype=torch.bfloat16)`, the sides interleaved in one process, minimum of the runs in "
+        + ("ms of CPU time (time.process_time: on a loaded core the wall time of every run is "
+           "inflated by the scheduler's interruptions)" if clock_name == "cpu" else
+           "ms of wall time") + ". Speed-up = rnnkit fp32 / "
         "rnnkit bf16 (target ≥ 1.6× at H ≥ 256); the last column compares rnnkit's bf16 mode "
         "with torch.nn's (nn.LSTM for every LSTM variant, nn.GRU, nn.RNN) under the same "
         f"autocast. CPU bf16 instructions: {isa}; torch {torch.__version__}; "
         f"{args.threads} thread(s); load average {load_before[0]:.1f} before, "
-        f"{load_after[0]:.1f} after" + (" (a loaded machine: the minimum is the run the "
-                                         "scheduler left alone)" if load_before[0] > 1.5 else "")
+        f"{load_after[0]:.1f} after" + ((" (a loaded machine: other processes share the core "
+                                          "and its caches)" if clock_name == "cpu" else
+                                          " (a loaded machine: the minimum is the run the "
+                                          "scheduler left alone)")
+                                         if max(load_before[0], load_after[0]) > 1.5 else "")
         + ".",
         "",
         header,

@@ -369,3 +369,85 @@ def test_packed_bf16_sequence_under_autocast():
     want, _ = module(pack_padded_sequence(x.float(), [6, 4, 2]))
     assert out.data.dtype == h.dtype == torch.bfloat16
     torch.testing.assert_close(out.data.float(), want.data, atol=3e-2, rtol=0)
+
+
+@needs_bf16
+@pytest.mark.parametrize("dropout", [False, True])
+def test_backward_is_bf16_gemm_inputs_with_float32_accumulation(dropout):
+    """The weight and input gradients are products of bf16-rounded operands (the gate gradient,
+    x, the previous hidden states h_{t-1} (times the recurrent-dropout mask), the weights)
+    accumulated in float32: an Elman layer's backward written out in float64 from the kernel's
+    own float32 outputs. 70 inputs, 67 hidden units and T*B = 65 rows give the transposed
+    copies full tiles (32 rows x 64 columns), partial ones and padding; the float32 kernel is
+    measurably farther away."""
+    from rnnkit.engine import run_layer
+    from rnnkit.engine.regularise import StepMasks
+
+    torch.manual_seed(11)
+    module = rnnkit.RNN(70, 67)
+    steps, batch = 5, 13
+    x = torch.randn(steps, batch, 70, requires_grad=True)
+    h0 = torch.randn(batch, 67, requires_grad=True)
+    gy = torch.randn(steps, batch, 67)
+    mask = (torch.rand(batch, 67) > 0.3).float() / 0.7 if dropout else None
+    masks = StepMasks(recurrent=mask) if dropout else None
+    params = module.layer_params(0, 0)
+    w_ih, w_hh = module.weight_ih_l0, module.weight_hh_l0
+
+    def kernel(mixed: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+            out, _ = run_layer(module.math, x, (h0,), params, masks=masks)
+        assert out.dtype == torch.float32
+        return out, torch.autograd.grad(out, [x, h0, w_ih, w_hh, module.bias_ih_l0], gy)
+
+    out, got = kernel(True)
+    y = out.detach().double()
+    m = mask.double() if dropout else 1.0
+    hprev = [h0.detach().double(), *y[:-1]]
+    dx = torch.zeros(steps, batch, 70, dtype=torch.float64)
+    dw_ih = torch.zeros(67, 70, dtype=torch.float64)
+    dw_hh = torch.zeros(67, 67, dtype=torch.float64)
+    dh = torch.zeros(batch, 67, dtype=torch.float64)
+    db = torch.zeros(67, dtype=torch.float64)  # (the bias's gradient: dG's sum, not rounded)
+    for t in reversed(range(steps)):
+        dg = (dh + gy[t].double()) * (1 - y[t] ** 2)
+        db += dg.sum(0)
+        dg = bf16(dg)
+        dx[t] = dg @ bf16(w_ih)
+        dw_ih += dg.T @ bf16(x[t])
+        dw_hh += dg.T @ bf16(hprev[t] * m)
+        dh = (dg @ bf16(w_hh)) * m
+    for g, w in zip(got, [dx, dh, dw_ih, dw_hh, db]):
+        assert rel_err(g, w) < 2e-4, rel_err(g, w)
+    _, plain = kernel(False)
+    assert max(rel_err(g, w) for g, w in zip(plain[:4], [dx, dh, dw_ih, dw_hh])) > 1e-3
+
+
+@needs_bf16
+@pytest.mark.parametrize("name", ["gru_after", "lstm_peephole"])
+def test_partial_gradients_equal_the_full_backward(name):
+    """Only dx (frozen weights) or only the weights' gradients (x without grad): the backward's
+    bf16 copies of dG are made by other paths then (its rows alone, or its VNNI pack without
+    them), and give exactly what the full backward gives."""
+    cls, options = VARIANTS[name]
+    torch.manual_seed(12)
+    module = cls(70, 67, **options)
+    x = torch.randn(5, 13, 70)
+    params = list(module.parameters())
+
+    def grads(wrt):
+        with autocast():
+            out, _ = module(x)
+        return torch.autograd.grad(out.float().pow(2).sum(), wrt)
+
+    x.requires_grad_()
+    full = grads([x, *params])
+    for p in params:
+        p.requires_grad_(False)
+    (dx,) = grads([x])
+    assert torch.equal(dx, full[0])
+    x.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    for got, want in zip(grads(params), full[1:]):
+        assert torch.equal(got, want)

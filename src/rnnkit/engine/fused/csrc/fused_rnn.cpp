@@ -292,11 +292,26 @@ void gemm_bt(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
     }
 }
 
+// The bulk rounding passes of bf16 mode (whole operands: x, dG, the transposed copies, and the
+// per-step rows) are compiled for AVX-512 (BW: 16-bit lanes), which every CPU with bf16 dot
+// products has (AVX-512 BF16 implies it; AMX CPUs have it too) — the rest of this file is built
+// for baseline x86-64, whose SSE2 loops made these passes ~1.6 cycles per element (perf: 5% of a
+// GRU's bf16 forward+backward at 100,32,256 in dG's VNNI pack alone). They run only in bf16
+// mode, and probe_bf16 checks the CPU before it calls one.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define RNNKIT_BF16_SIMD __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define RNNKIT_BF16_CPU_OK \
+  (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+#else
+#define RNNKIT_BF16_SIMD
+#define RNNKIT_BF16_CPU_OK true
+#endif
+
 // bfloat16 mode's per-step product (defined with the other bf16 helpers below).
 using BF16 = at::BFloat16;
-inline void mm_bf16(int64_t M, int64_t n, int64_t K, const float* A, int64_t lda,
-                    const BF16* Bv, int64_t ldb, int64_t k0, int64_t col0, float* C, int64_t ldc,
-                    bool acc);
+RNNKIT_BF16_SIMD inline void mm_bf16(int64_t M, int64_t n, int64_t K, const float* A,
+                                     int64_t lda, const BF16* Bv, int64_t ldb, int64_t k0,
+                                     int64_t col0, float* C, int64_t ldc, bool acc);
 
 // The recurrent weight either as a transposed copy W^T (K, G*H) (brgemm-friendly) or as stored,
 // W (G*H, K) (no copy: for short inputs where the copy would cost more than the GEMMs).
@@ -471,8 +486,8 @@ inline uint16_t bf16_bits(float f) {
 }
 
 // out (even_up(K) / 2, N, 2): B(k, n) = src[k * rs + n * cs] in the VNNI layout (ldb = N).
-void pack_vnni(int64_t K, int64_t N, const float* src, int64_t rs, int64_t cs, BF16* out,
-               int nt) {
+RNNKIT_BF16_SIMD void pack_vnni(int64_t K, int64_t N, const float* src, int64_t rs,
+                                int64_t cs, BF16* out, int nt) {
   const int64_t pairs = even_up(K) / 2;
 #pragma omp parallel for num_threads(nt) schedule(static) if (pairs * N > 32768)
   for (int64_t p = 0; p < pairs; ++p) {
@@ -525,9 +540,9 @@ inline void gemm_bf16(int64_t M, int64_t N, int64_t Kp, const BF16* A, int64_t l
 // C(M, n) (+)= BF16(A(M, K)) B[k0 : k0 + K, col0 : col0 + n] for a VNNI B (ldb); k0 even. A is
 // converted into a per-thread buffer: the per-step products' A (h_{t-1}, the step's gate
 // gradients) is float32 state written by every thread in the step before.
-inline void mm_bf16(int64_t M, int64_t n, int64_t K, const float* A, int64_t lda,
-                    const BF16* Bv, int64_t ldb, int64_t k0, int64_t col0, float* C, int64_t ldc,
-                    bool acc) {
+RNNKIT_BF16_SIMD inline void mm_bf16(int64_t M, int64_t n, int64_t K, const float* A,
+                                     int64_t lda, const BF16* Bv, int64_t ldb, int64_t k0,
+                                     int64_t col0, float* C, int64_t ldc, bool acc) {
   if (M <= 0 || n <= 0) return;
   static thread_local std::vector<BF16> buf;
   const int64_t Kp = even_up(K);
@@ -561,7 +576,7 @@ void pgemm_bf16(int64_t M, int64_t N, int64_t Kp, const BF16* A, int64_t lda, co
 }
 
 // A bf16 copy of a float (rows, cols) tensor with cols padded to even (zero), for a GEMM's A.
-at::Tensor bf16_rows(const at::Tensor& a, int nt) {
+RNNKIT_BF16_SIMD at::Tensor bf16_rows(const at::Tensor& a, int nt) {
   const int64_t rows = a.size(0), cols = a.size(1), ld = even_up(cols);
   at::Tensor out = at::empty({rows, ld}, a.options().dtype(at::kBFloat16));
   const float* src = a.data_ptr<float>();
@@ -574,8 +589,80 @@ at::Tensor bf16_rows(const at::Tensor& a, int nt) {
 // B = src as a (K, N) matrix (strides rs, cs) in the VNNI layout, (even_up(K) / 2, N, 2) bf16.
 at::Tensor vnni_of(const float* src, int64_t K, int64_t N, int64_t rs, int64_t cs,
                    const at::TensorOptions& opts, int nt) {
+  if (rs == 1 && cs == K && N > 1) {
+    // The transpose of a row-major (N, K) weight (the forward's W_ih^T, W_hh^T): its rows
+    // rounded to bf16 (N, Kp) are, read as 32-bit words, the VNNI pairs (k = 2p, 2p + 1) of
+    // each column n, so the layout is a 32-bit transpose of them (torch's blocked copy).
+    // pack_vnni's strided reads took 5% of a GRU's bf16 forward+backward at 100,32,256 (perf).
+    const at::Tensor rows = bf16_rows(at::from_blob(const_cast<float*>(src), {N, K},
+                                                    opts.dtype(at::kFloat)), nt);
+    return rows.view(at::kInt).t().contiguous().view(at::kBFloat16).view({even_up(K) / 2, N, 2});
+  }
   at::Tensor out = at::empty({even_up(K) / 2, N, 2}, opts.dtype(at::kBFloat16));
   pack_vnni(K, N, src, rs, cs, out.data_ptr<BF16>(), nt);
+  return out;
+}
+
+// The rows of a contiguous float (K, N) matrix (the backward's gate gradients, K = T*B) in the
+// VNNI layout, as vnni_of(a, K, N, N, 1), in the same pass over a (which a separate pass read
+// again, 2-4% of a bf16 forward+backward at 100,32,256 each, perf): with colsum, its column sums
+// in float32 (the biases' gradients, instead of torch's sum), with rows, its bf16 copy as
+// bf16_rows makes (the A of dx = dG W_ih).
+RNNKIT_BF16_SIMD at::Tensor vnni_rows_sum(const at::Tensor& a, at::Tensor* colsum,
+                                           at::Tensor* rows, int nt) {
+  const int64_t K = a.size(0), N = a.size(1), pairs = even_up(K) / 2, ldr = even_up(N);
+  at::Tensor out = at::empty({pairs, N, 2}, a.options().dtype(at::kBFloat16));
+  const float* src = a.data_ptr<float>();
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<BF16>());
+  if (colsum) *colsum = at::zeros({N}, a.options());
+  float* sum = colsum ? colsum->data_ptr<float>() : nullptr;
+  if (rows) *rows = at::empty({K, ldr}, a.options().dtype(at::kBFloat16));
+  uint16_t* rp = rows ? reinterpret_cast<uint16_t*>(rows->data_ptr<BF16>()) : nullptr;
+#pragma omp parallel num_threads(nt) if (pairs * N > 32768)
+  {
+    std::vector<float> part(sum ? N : 0, 0.0f);  // this thread's rows' sums
+    float* ps = part.data();
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < pairs; ++p) {
+      const float* r0 = src + 2 * p * N;
+      uint32_t* o = dst + p * N;
+      if (2 * p + 1 < K) {
+        const float* r1 = r0 + N;
+        if (rp) {
+          uint16_t* q0 = rp + 2 * p * ldr;
+          uint16_t* q1 = q0 + ldr;
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n) {
+            const uint16_t b0 = bf16_bits(r0[n]), b1 = bf16_bits(r1[n]);
+            q0[n] = b0;
+            q1[n] = b1;
+            o[n] = uint32_t(b0) | (uint32_t(b1) << 16);
+          }
+          if (ldr > N) q0[N] = q1[N] = 0;
+        } else {
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n)
+            o[n] = uint32_t(bf16_bits(r0[n])) | (uint32_t(bf16_bits(r1[n])) << 16);
+        }
+        if (sum) {
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n) ps[n] += r0[n] + r1[n];
+        }
+      } else {  // an odd K's last row, paired with a zero row
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) o[n] = uint32_t(bf16_bits(r0[n]));
+        if (rp) rows_to_bf16(1, N, r0, N, rows->data_ptr<BF16>() + 2 * p * ldr, ldr);
+        if (sum) {
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n) ps[n] += r0[n];
+        }
+      }
+    }
+    if (sum) {
+#pragma omp critical
+      for (int64_t n = 0; n < N; ++n) sum[n] += ps[n];
+    }
+  }
   return out;
 }
 
@@ -583,6 +670,7 @@ at::Tensor vnni_of(const float* src, int64_t K, int64_t N, int64_t rs, int64_t c
 // (odd K, a column offset into B, accumulation): rnnkit.engine.fused asks before using it.
 bool probe_bf16() {
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  if (!RNNKIT_BF16_CPU_OK) return false;  // (the RNNKIT_BF16_SIMD passes need AVX-512 BW)
   try {
     const int64_t M = 3, N = 40, K = 7, col0 = 8, n = 20;
     std::vector<float> A(M * K), B(K * N), C(M * n, 1.0f), R(M * n, 1.0f);
@@ -1428,25 +1516,113 @@ int64_t backward_chunk_steps(const Cfg& cf) {
   return std::max<int64_t>(1, kChunkRows / std::max<int64_t>(1, cf.B));
 }
 
+// out (cols, ld) bf16 = the transpose of a float (rows, cols) matrix whose row r is row(r)
+// (times mask(r) elementwise, when mask(r) is not null), columns rows..ld of out zero: the A of
+// the weight gradients. Tiles of 32 rows x 64 columns: each row's 64 floats (four cache lines) are
+// rounded by a contiguous, vectorised loop into a small tile, which is then written out
+// transposed from L1 in 8 x 8 blocks (rounding element by element along a strided column instead
+// took 7% of an Elman layer's bf16 forward+backward, measured with perf at 100,32,256).
+// dst[j * ldd + i] = src[i * lds + j] for an 8 x 8 block of 16-bit values: three rounds of
+// SSE2 unpacks (baseline x86-64; the scalar loop elsewhere), 8 loads and 8 stores instead of 64.
+inline void transpose8x8_u16(const uint16_t* src, int64_t lds, uint16_t* dst, int64_t ldd) {
+#if defined(__SSE2__)
+  __m128i a[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * lds));
+  for (int i = 0; i < 4; ++i) {  // t[2i], t[2i+1]: rows 2i, 2i+1 interleaved (columns 0-3, 4-7)
+    t[2 * i] = _mm_unpacklo_epi16(a[2 * i], a[2 * i + 1]);
+    t[2 * i + 1] = _mm_unpackhi_epi16(a[2 * i], a[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // u: pairs of columns, rows 0-3 (h = 0) or 4-7 (h = 1)
+    const __m128i* q = t + 4 * h;
+    u[4 * h] = _mm_unpacklo_epi32(q[0], q[2]);      // columns 0, 1
+    u[4 * h + 1] = _mm_unpackhi_epi32(q[0], q[2]);  // columns 2, 3
+    u[4 * h + 2] = _mm_unpacklo_epi32(q[1], q[3]);  // columns 4, 5
+    u[4 * h + 3] = _mm_unpackhi_epi32(q[1], q[3]);  // columns 6, 7
+  }
+  for (int k = 0; k < 4; ++k) {  // column 2k: low halves of rows 0-3 and 4-7, 2k + 1: high
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * k * ldd),
+                     _mm_unpacklo_epi64(u[k], u[4 + k]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * k + 1) * ldd),
+                     _mm_unpackhi_epi64(u[k], u[4 + k]));
+  }
+#else
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) dst[j * ldd + i] = src[i * lds + j];
+#endif
+}
+
+template <typename Row, typename Mask>
+RNNKIT_BF16_SIMD void transpose_to_bf16(int64_t rows, int64_t cols, Row row, Mask mask,
+                                        uint16_t* dst, int64_t ld, int nt) {
+  constexpr int64_t RB = 32, CB = 64;
+  const int64_t rbn = (rows + RB - 1) / RB;
+  // (blocks of rows outermost: the source is read in order, 32 rows at a time; columns
+  // outermost, each row read a cache line at a time across the whole matrix, stalled on the
+  // loads: 70% of the samples, perf annotate)
+#pragma omp parallel for num_threads(nt) schedule(static) if (rows * cols > 32768)
+  for (int64_t b = 0; b < rbn; ++b) {
+    const int64_t r0 = b * RB, rw = std::min(rows, r0 + RB) - r0;
+    alignas(64) uint16_t tile[RB][CB];
+    for (int64_t c0 = 0; c0 < cols; c0 += CB) {
+      const int64_t cw = std::min(cols, c0 + CB) - c0;
+      for (int64_t r = 0; r < rw; ++r) {
+        const float* a = row(r0 + r) + c0;
+        const float* mk = mask(r0 + r);
+        uint16_t* t = tile[r];
+        if (mk) {
+          mk += c0;
+#pragma omp simd
+          for (int64_t c = 0; c < cw; ++c) t[c] = bf16_bits(a[c] * mk[c]);
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < cw; ++c) t[c] = bf16_bits(a[c]);
+        }
+      }
+      if (rw == RB && cw == CB) {
+        for (int64_t rq = 0; rq < RB; rq += 8)
+          for (int64_t cq = 0; cq < CB; cq += 8)
+            transpose8x8_u16(&tile[rq][cq], CB, dst + (c0 + cq) * ld + r0 + rq, ld);
+      } else {
+        for (int64_t c = 0; c < cw; ++c) {
+          uint16_t* d = dst + (c0 + c) * ld + r0;
+          for (int64_t r = 0; r < rw; ++r) d[r] = tile[r][c];
+        }
+      }
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = rows; r < ld; ++r) dst[c * ld + r] = 0;
+}
+
 // A bf16 copy of a float (rows, cols) tensor's transpose, (cols, even_up(rows)), padded with
-// zeros: the A of the weight gradients. In 16 x 16 blocks, so reads and writes stay in cache.
+// zeros.
 at::Tensor bf16_transposed(const at::Tensor& a, int nt) {
   const int64_t rows = a.size(0), cols = a.size(1), ld = even_up(rows);
   at::Tensor out = at::empty({cols, ld}, a.options().dtype(at::kBFloat16));
   const float* src = a.data_ptr<float>();
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<BF16>());
-  const int64_t cb = (cols + 15) / 16;
-#pragma omp parallel for num_threads(nt) schedule(static) if (rows * cols > 32768)
-  for (int64_t b = 0; b < cb; ++b) {
-    const int64_t c0 = b * 16, c1 = std::min(cols, c0 + 16);
-    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-      const int64_t r1 = std::min(rows, r0 + 16);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = bf16_bits(src[r * cols + c]);
-    }
-    if (ld > rows)
-      for (int64_t c = c0; c < c1; ++c) dst[c * ld + rows] = 0;
-  }
+  transpose_to_bf16(
+      rows, cols, [&](int64_t r) { return src + r * cols; },
+      [](int64_t) { return static_cast<const float*>(nullptr); },
+      reinterpret_cast<uint16_t*>(out.data_ptr<BF16>()), ld, nt);
+  return out;
+}
+
+// The previous hidden states of every step, (h0, y[0], ..., y[T-2]) as (T*B, H) rows, times the
+// recurrent-dropout mask (B, H) if defined, transposed to bf16 (H, even_up(T*B)): read straight
+// from h0 and y (no float copy of them gathered first).
+at::Tensor bf16_hprev_transposed(const at::Tensor& h0, const at::Tensor& y,
+                                 const at::Tensor& rmask, int64_t T_, int64_t B, int64_t H,
+                                 int nt) {
+  const int64_t rows = T_ * B, ld = even_up(rows);
+  at::Tensor out = at::empty({H, ld}, y.options().dtype(at::kBFloat16));
+  const float* hp = h0.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  const float* mp = rmask.defined() ? rmask.data_ptr<float>() : nullptr;
+  transpose_to_bf16(
+      rows, H, [&](int64_t r) { return r < B ? hp + r * H : yp + (r - B) * H; },
+      [&](int64_t r) { return mp ? mp + (r % B) * H : nullptr; },
+      reinterpret_cast<uint16_t*>(out.data_ptr<BF16>()), ld, nt);
   return out;
 }
 
@@ -1466,8 +1642,13 @@ void bf16_input_and_weight_grads(const Cfg& cf, const at::Tensor& x, const at::T
   const int64_t T_ = cf.T, B = cf.B, I = cf.I, H = cf.H, GH = cf.G * H, TB = T_ * B;
   auto opts = x.options();
   const at::Tensor dg2 = dg.reshape({TB, GH});
+  const bool gru_after = cf.kind == GRU && !cf.before;
+  // dG packed for the weight gradients, with the biases' gradients and dG's bf16 rows (for dx)
+  // from the same pass
+  at::Tensor dgv, dgb;
+  if (need_dw) dgv = vnni_rows_sum(dg2, has_bias ? &dbih : nullptr, need_dx ? &dgb : nullptr, nt);
   if (need_dx) {
-    at::Tensor dgb = bf16_rows(dg2, nt);
+    if (!need_dw) dgb = bf16_rows(dg2, nt);
     at::Tensor wih = vnni_of(w_ih.data_ptr<float>(), GH, I, I, 1, opts, nt);  // (K = GH, N = I)
     dx = at::empty({T_, B, I}, opts);
     pgemm_bf16(TB, I, dgb.size(1), dgb.data_ptr<BF16>(), dgb.size(1), wih.data_ptr<BF16>(), I,
@@ -1476,36 +1657,30 @@ void bf16_input_and_weight_grads(const Cfg& cf, const at::Tensor& x, const at::T
   if (!need_dw) return;
   const int64_t TBp = even_up(TB);
   // out^T[:, col0 : col0 + n] = a^T g[:, col0 : col0 + n] for a (T*B, K) float, g VNNI (T*B, GH)
-  auto weight_grad_t = [&](const at::Tensor& a, const at::Tensor& gv, int64_t col0, int64_t n,
+  // (aT: a (K, TBp) bf16 transpose, as bf16_transposed makes)
+  auto weight_grad_t = [&](const at::Tensor& aT, const at::Tensor& gv, int64_t col0, int64_t n,
                            at::Tensor& outT) {
-    at::Tensor aT = bf16_transposed(a, nt);
-    pgemm_bf16(a.size(1), n, TBp, aT.data_ptr<BF16>(), TBp, gv.data_ptr<BF16>() + col0 * 2, GH,
+    pgemm_bf16(aT.size(0), n, TBp, aT.data_ptr<BF16>(), TBp, gv.data_ptr<BF16>() + col0 * 2, GH,
                outT.data_ptr<float>() + col0, GH, nullptr, nt);
   };
-  at::Tensor dgv = vnni_of(dg2.data_ptr<float>(), TB, GH, GH, 1, opts, nt);
   at::Tensor dwihT = at::empty({I, GH}, opts);
-  weight_grad_t(x.reshape({TB, I}), dgv, 0, GH, dwihT);
+  weight_grad_t(bf16_transposed(x.reshape({TB, I}), nt), dgv, 0, GH, dwihT);
   dwih = dwihT.t().contiguous();
   // previous hidden states (T*B, H): h0, y[0..T-2]; W_hh multiplied h ⊙ m under recurrent dropout
-  at::Tensor hprev = at::empty({T_, B, H}, opts);
-  hprev[0].copy_(h0);
-  if (T_ > 1) hprev.narrow(0, 1, T_ - 1).copy_(y.narrow(0, 0, T_ - 1));
-  if (rmask.defined()) hprev.mul_(rmask);
+  const at::Tensor hprevT = bf16_hprev_transposed(h0, y, rmask, T_, B, H, nt);
   at::Tensor dwhhT = at::empty({H, GH}, opts);
-  if (cf.kind == GRU && !cf.before) {
-    at::Tensor dghv = vnni_of(dgh.data_ptr<float>(), TB, GH, GH, 1, opts, nt);
-    weight_grad_t(hprev.reshape({TB, H}), dghv, 0, GH, dwhhT);
+  if (gru_after) {
+    at::Tensor dghv =
+        vnni_rows_sum(dgh.reshape({TB, GH}), has_bias ? &dbhh : nullptr, nullptr, nt);
+    weight_grad_t(hprevT, dghv, 0, GH, dwhhT);
   } else if (cf.kind == GRU) {
-    weight_grad_t(hprev.reshape({TB, H}), dgv, 0, 2 * H, dwhhT);
-    weight_grad_t(extra.reshape({TB, H}), dgv, 2 * H, H, dwhhT);
+    weight_grad_t(hprevT, dgv, 0, 2 * H, dwhhT);
+    weight_grad_t(bf16_transposed(extra.reshape({TB, H}), nt), dgv, 2 * H, H, dwhhT);
   } else {
-    weight_grad_t(hprev.reshape({TB, H}), dgv, 0, GH, dwhhT);
+    weight_grad_t(hprevT, dgv, 0, GH, dwhhT);
   }
   dwhh = dwhhT.t().contiguous();
-  if (has_bias) {
-    dbih = dg2.sum(0);
-    dbhh = (cf.kind == GRU && !cf.before) ? dgh.reshape({TB, GH}).sum(0) : dbih;
-  }
+  if (has_bias && !gru_after) dbhh = dbih;
 }
 
 template <typename T>
