@@ -90,16 +90,26 @@ class Row:
         return self.ours_ms / self.torch_ms
 
 
+# The statistic of each side's times: the median, or (``--stat min``, on a machine shared with
+# other jobs) the minimum, the run the scheduler did not interrupt.
+STAT: Callable[[list[float]], float] = statistics.median
+# The clock: wall time, or (``--clock cpu``) this process's CPU time, which with one thread does
+# not count the time slices other processes take on a shared core.
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def alternate(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
               warmup: int = 2, min_seconds: float = 1.0, max_repeats: int = 2000) -> tuple[float, float]:
-    """Median seconds of each callable, run alternately so both see the same machine state.
+    """Median (``STAT``) seconds of each callable, run alternately so both see the same machine
+    state.
 
     At least ``repeats`` runs each, more until each side has run ``min_seconds`` in total (a
     sub-millisecond case needs hundreds of runs for a stable median); the order flips every
     round so neither side always runs right after the other's cache-thrashing backward pass.
     """
-    ours_times, their_times = interleaved(ours, theirs, repeats, warmup, min_seconds, max_repeats)
-    return statistics.median(ours_times), statistics.median(their_times)
+    ours_times, their_times = interleaved(ours, theirs, repeats, warmup, min_seconds, max_repeats,
+                                          clock=CLOCK)
+    return STAT(ours_times), STAT(their_times)
 
 
 def peak_gemm_rates(size: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -129,9 +139,9 @@ def peak_gemm_rates(size: int = 2048, repeats: int = 5) -> dict[str, float]:
             continue
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = CLOCK()
             fn()
-            times.append(time.perf_counter() - start)
+            times.append(CLOCK() - start)
         rates[name] = 2 * size**3 / min(times) / 1e9
     return rates
 
@@ -243,7 +253,18 @@ def main() -> None:
                         help="torch threads for both sides (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown file to write (default: docs/performance.md unless --quick)")
+    parser.add_argument("--stat", choices=["median", "min"], default="median",
+                        help="min: the steadier estimate on a machine shared with other jobs")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process CPU time; with --threads 1 it ignores time lost to "
+                             "other jobs")
+    parser.add_argument("--section", default="speed",
+                        help="the section of --out to (re)write (another name keeps the full "
+                             "table and adds this run's rows as a section of their own)")
     args = parser.parse_args()
+    global STAT, CLOCK
+    STAT = min if args.stat == "min" else statistics.median
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     repeats = args.repeats
     if args.quick:
@@ -269,15 +290,18 @@ def main() -> None:
     out = args.out or (None if args.quick else Path("docs/performance.md"))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
+        full = args.section == "speed"  # (a section of some rows: a table, no chart)
         png = out.with_suffix(".png")
-        bar_chart(rows, png)
-        command = "python benchmarks/speed.py" + (f" --threads {args.threads}" if args.threads
-                                                   else "")
+        if full:
+            bar_chart(rows, png)
+        command = " ".join(["python benchmarks/speed.py", *sys.argv[1:]]) if not full else (
+            "python benchmarks/speed.py" + (f" --threads {args.threads}" if args.threads else ""))
         load = "{:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg())
-        write_section(out, "speed", f"Measured by `{command}` on this project's 2-core CI "
-                      f"machine kind; load average when it finished {load} (1 / 5 / 15 min)."
-                      f"\n\n{table}\n![ratios]({png.name})\n")
-        print(f"wrote {out} and {png}")
+        write_section(out, args.section, f"Measured by `{command}` on this project's 2-core CI "
+                      f"machine kind ({args.stat} {args.clock} time of the interleaved runs); load "
+                      f"average when it finished {load} (1 / 5 / 15 min).\n\n{table}"
+                      + (f"\n![ratios]({png.name})\n" if full else ""))
+        print(f"wrote {out}" + (f" and {png}" if full else ""))
 
 
 if __name__ == "__main__":

@@ -312,6 +312,20 @@ def run_step(
 # (A ragged batch is another matter: see native_op.)
 NATIVE_MIN_ROWS = 32
 
+# Training (forward+backward) with 1 thread at long, wide batches: rnnkit's kernel. Its forward
+# is 1.04-1.12x torch's op but its backward much faster: torch's backward time per step rises by
+# ~17% between T = 64 and T = 100 (B = 32, H = 256: 1.07 -> 1.25 ms per step; rnnkit's stays
+# 1.12-1.14). Measured 2026-12-01, 1 thread, process CPU time, min of 9-15 interleaved runs, load
+# average 6-7 (shared core; benchmarks/fused_kernels.py --threads 1 --clock cpu --stat min
+# --no-native --variants lstm --shapes ...), rnnkit's kernel / nn.LSTM forward+backward (forward):
+# wins 100,32,256: 0.88 / 0.89 (1.09-1.12); 100,64,256: 0.89 (1.08); 200,32,256: 0.91 (1.12);
+# 100,32,384: 0.94 (1.04); 100,32,512: 0.96 (1.10) — loses or even 64,32,256: 1.05; 50,64,512:
+# 1.00 / 1.01; 35,20,200: 1.04 / 1.05; 100,16,256: 1.02; 100,32,128: 1.02. Forward only
+# (no gradient asked for) stays with torch's op there. 2 threads: not measured (one shared core).
+OWN_TRAIN_MIN_STEPS = 100
+OWN_TRAIN_MIN_BATCH = 32
+OWN_TRAIN_MIN_HIDDEN = 256
+
 # Inference at batch 1 (no gradient asked for): rnnkit's kernel, whose recurrent product is a
 # matrix-vector product streaming W_hh once per step (gemv_rows). Measured 2026-11-30, 1 thread,
 # forward under inference_mode, min of 15-40 interleaved runs, load average 5-6
@@ -331,7 +345,10 @@ def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None =
     if inference and batch <= INFERENCE_OWN_BATCH:
         return True
     threads = current_threads() if threads is None else threads
-    return threads > 1 and ((batch <= 4 and hidden <= 128) or (batch <= 32 and hidden <= 64))
+    if threads > 1:
+        return (batch <= 4 and hidden <= 128) or (batch <= 32 and hidden <= 64)
+    return (not inference and steps >= OWN_TRAIN_MIN_STEPS and batch >= OWN_TRAIN_MIN_BATCH
+            and hidden >= OWN_TRAIN_MIN_HIDDEN)
 
 
 def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None,

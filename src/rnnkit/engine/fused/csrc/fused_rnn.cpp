@@ -322,6 +322,17 @@ struct RecW {
   bool bt;
   const BF16* vnni = nullptr;  // bf16 mode: W^T as a bf16 VNNI copy (ldb = ld), p unused
   bool done = false;  // the (one-step) loop's recurrent product is already in place (step_lean)
+  // > 0: p is W^T in column panels of this width (pack_panels), read by mm_panels only
+  int64_t panel = 0;
+  // C(M, N) = A(M, K) W^T for the whole panel-packed W^T (N = G*H columns): one product per
+  // panel, each reading its (K, width) block contiguously.
+  void mm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, T* C,
+                 int64_t ldc) const {
+    for (int64_t n0 = 0; n0 < N; n0 += panel) {
+      const int64_t np = std::min(panel, N - n0);
+      gemm_rm(M, np, K, A, lda, p + n0 * K, np, C + n0, ldc, false);
+    }
+  }
   // C(M, n) (+)= A(M, K) W^T[:, col0 : col0 + n]
   void mm(int64_t M, int64_t n, int64_t K, const T* A, int64_t lda, int64_t col0, T* C,
           int64_t ldc, bool acc) const {
@@ -460,6 +471,30 @@ void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
       }
     }
   }
+}
+
+// W (N, K) (a weight as stored, contiguous) -> W^T in column panels of width nb: panel p holds
+// columns [p nb, p nb + np) of W^T as a (K, np) row-major block at offset p nb K. As one (K, N)
+// W^T every row of a product's B panel is N floats from the previous one (4 KiB at N = 1024: a
+// new page per row and the same L1 set for all of them); packed, the micro-kernel reads its B
+// block in order.
+constexpr int64_t kRecPanel = 128;
+
+template <typename T>
+at::Tensor pack_panels(const at::Tensor& w, int64_t nb) {
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor out = at::empty({N, K}, w.options());
+  const T* src = w.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t np = std::min(nb, N - n0);
+    T* d = dst + n0 * K;
+    for (int64_t n = 0; n < np; ++n) {
+      const T* sr = src + (n0 + n) * K;
+      for (int64_t k = 0; k < K; ++k) d[k * np + n] = sr[k];
+    }
+  }
+  return out;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -772,6 +807,13 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
         // batch 1: odd steps read W_hh last row to first (see g_rows_descending)
         const bool descending = M == 1 && W.bt && (t & 1);
         g_rows_descending = descending;
+        if (j0 == 0 && j1 == H && !descending) {
+          // One thread owns every unit: its columns of the G gate blocks are adjacent, so one
+          // product of G*H columns instead of G of H (one micro-kernel call and one N-tail per
+          // step rather than G: H = 200 is 3 x 64 + 8 columns per block).
+          if (W.panel > 0) W.mm_panels(M, GH, H, hin, H, rec, GH);
+          else W.mm(M, GH, H, hin, H, 0, rec, GH, false);
+        } else
         for (int64_t i = 0; i < G; ++i) {
           const int64_t b = descending ? G - 1 - i : i;
           W.mm(M, j1 - j0, H, hin, H, b * H + j0, rec + b * H + j0, GH, false);
@@ -1442,9 +1484,18 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     }
   } else {
     at::Tensor WihT = w_ih.t().contiguous();  // (I, GH)
-    WhhT = w_hh.t().contiguous();             // (H, GH)
     pgemm<T>(T_ * B, GH, I, x.data_ptr<T>(), I, WihT.data_ptr<T>(), GH, gates.data_ptr<T>(), GH,
              false, has_bias ? bias.data_ptr<T>() : nullptr, nt_all);
+    if (cf.kind == LSTM && nt_loop == 1) {
+      // one thread: lstm_fwd_loop's per-step product reads W_hh^T in panels (pack_panels).
+      // Measured 1 thread, forward, min CPU time of 9 interleaved, load ~5: rnnkit / nn.LSTM
+      // at 100,32,256 1.13 (one W^T) -> 1.10 / 1.09 / 1.07 (panels 32 / 64 / 128); 50,64,512
+      // 1.00 -> 0.99 / 0.95 / 0.96; 35,20,200 1.02 either way.
+      WhhT = pack_panels<T>(w_hh, kRecPanel);
+      W.panel = kRecPanel;
+    } else {
+      WhhT = w_hh.t().contiguous();  // (H, GH)
+    }
     W.p = WhhT.data_ptr<T>();
     W.ld = GH;
   }
