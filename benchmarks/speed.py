@@ -90,8 +90,12 @@ class Row:
 
 
 def alternate(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
-              warmup: int = 2, min_seconds: float = 1.0, max_repeats: int = 2000) -> tuple[float, float]:
-    """Median seconds of each callable, run alternately so both see the same machine state.
+              warmup: int = 2, min_seconds: float = 1.0, max_repeats: int = 2000,
+              stat: Callable[[list[float]], float] = statistics.median,
+              clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """Median (or ``stat``) seconds of each callable, run alternately so both see the same
+    machine state (``clock``: wall time, or ``time.process_time`` for CPU time on a shared
+    machine).
 
     At least ``repeats`` runs each, more until each side has run ``min_seconds`` in total (a
     sub-millisecond case needs hundreds of runs for a stable median); the order flips every
@@ -106,10 +110,10 @@ def alternate(ours: Callable[[], object], theirs: Callable[[], object], repeats:
     while len(ours_times) < max_repeats and (
             len(ours_times) < repeats or min(sum(ours_times), sum(their_times)) < min_seconds):
         for fn, times in pairs if len(ours_times) % 2 == 0 else pairs[::-1]:
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(ours_times), statistics.median(their_times)
+            times.append(clock() - start)
+    return stat(ours_times), stat(their_times)
 
 
 def peak_gemm_rates(size: int = 2048, repeats: int = 5) -> dict[str, float]:
