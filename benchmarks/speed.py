@@ -99,17 +99,21 @@ CLOCK: Callable[[], float] = time.perf_counter
 
 
 def alternate(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
-              warmup: int = 2, min_seconds: float = 1.0, max_repeats: int = 2000) -> tuple[float, float]:
-    """Median (``STAT``) seconds of each callable, run alternately so both see the same machine
-    state.
+              warmup: int = 2, min_seconds: float = 1.0, max_repeats: int = 2000,
+              stat: Callable[[list[float]], float] | None = None,
+              clock: Callable[[], float] | None = None) -> tuple[float, float]:
+    """``stat`` (default ``STAT``: the median) seconds of each callable, run alternately so both
+    see the same machine state (``clock``, default ``CLOCK``: wall time, or
+    ``time.process_time`` for CPU time on a shared machine).
 
     At least ``repeats`` runs each, more until each side has run ``min_seconds`` in total (a
     sub-millisecond case needs hundreds of runs for a stable median); the order flips every
     round so neither side always runs right after the other's cache-thrashing backward pass.
     """
     ours_times, their_times = interleaved(ours, theirs, repeats, warmup, min_seconds, max_repeats,
-                                          clock=CLOCK)
-    return STAT(ours_times), STAT(their_times)
+                                          clock=clock or CLOCK)
+    stat = stat or STAT
+    return stat(ours_times), stat(their_times)
 
 
 def peak_gemm_rates(size: int = 2048, repeats: int = 5) -> dict[str, float]:

@@ -24,6 +24,8 @@ VARIANTS = {
     "gru_after": (rnnkit.GRU, rnnkit.GRUCell, {"reset": "after"}),
     "gru_before": (rnnkit.GRU, rnnkit.GRUCell, {"reset": "before"}),
 }
+# name -> (layer class, options): the layers of VARIANTS alone
+LAYER_VARIANTS = {name: (layer, options) for name, (layer, _, options) in VARIANTS.items()}
 
 
 @pytest.fixture(params=sorted(VARIANTS))

@@ -17,24 +17,13 @@ import pytest
 import torch
 
 import rnnkit
+from conftest import LAYER_VARIANTS
 from rnnkit.engine import precision, run_layer
 
 NAN, INF = float("nan"), float("inf")
 MISSING = precision.bf16_missing()
 needs_bf16 = pytest.mark.skipif(MISSING is not None, reason=f"no bf16 mode here: {MISSING}")
 
-# (layer class, constructor options) of every variant with a fused kernel
-VARIANTS = {
-    "rnn_tanh": (rnnkit.RNN, {}),
-    "rnn_relu": (rnnkit.RNN, {"nonlinearity": "relu"}),
-    "rnn_sigmoid": (rnnkit.RNN, {"nonlinearity": "sigmoid"}),
-    "lstm": (rnnkit.LSTM, {}),
-    "lstm_peephole": (rnnkit.LSTM, {"peephole": True}),
-    "lstm_coupled": (rnnkit.LSTM, {"coupled": True}),
-    "lstm_coupled_peephole": (rnnkit.LSTM, {"peephole": True, "coupled": True}),
-    "gru_after": (rnnkit.GRU, {}),
-    "gru_before": (rnnkit.GRU, {"reset": "before"}),
-}
 
 
 def autocast():
@@ -61,9 +50,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @needs_bf16
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", sorted(LAYER_VARIANTS))
 def test_every_variant_close_to_float32(name):
-    cls, options = VARIANTS[name]
+    cls, options = LAYER_VARIANTS[name]
     torch.manual_seed(0)
     module = cls(12, 40, num_layers=2, bidirectional=True, **options)
     x = torch.randn(12, 5, 12, requires_grad=True)
@@ -89,10 +78,10 @@ def test_every_variant_close_to_float32(name):
 @needs_bf16
 @pytest.mark.parametrize("name", ["rnn_tanh", "rnn_relu", "lstm", "gru_after"])
 def test_same_dtypes_and_close_to_torch_nn_under_autocast(name):
-    cls, options = VARIANTS[name]
+    cls, options = LAYER_VARIANTS[name]
     torch.manual_seed(1)
-    reference = cls.torch_class(10, 48, num_layers=2, **options)
-    module = cls.from_torch(reference)
+    module = cls(10, 48, num_layers=2, **options)
+    reference = module.to_torch()  # (its torch.nn twin, same weights)
     x = torch.randn(15, 6, 10)
     with autocast():
         want_out, want_state = reference(x)
@@ -142,7 +131,7 @@ def emulate(kind: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
 def test_forward_is_bf16_gemm_inputs_with_float32_accumulation(kind):
     """Not just close to float32: exactly the rounding the design promises (and no other);
     the float32 kernel is checked to be measurably different from the emulation."""
-    cls, options = VARIANTS[kind]
+    cls, options = LAYER_VARIANTS[kind]
     torch.manual_seed(2)
     module = cls(33, 37, **options)  # odd sizes: the VNNI layout's padding
     x = torch.randn(9, 4, 33)
@@ -183,7 +172,7 @@ def test_float32_state_inside_bf16_outputs_only_at_the_end():
 @pytest.mark.parametrize("where", ["input", "weight_hh", "state"])
 @pytest.mark.parametrize("value", [NAN, INF])
 def test_nonfinite_propagates_as_in_float32(name, where, value):
-    cls, options = VARIANTS[name]
+    cls, options = LAYER_VARIANTS[name]
     torch.manual_seed(4)
     module = cls(6, 10, **options)
     x = torch.randn(7, 3, 6)
@@ -429,7 +418,7 @@ def test_partial_gradients_equal_the_full_backward(name):
     """Only dx (frozen weights) or only the weights' gradients (x without grad): the backward's
     bf16 copies of dG are made by other paths then (its rows alone, or its VNNI pack without
     them), and give exactly what the full backward gives."""
-    cls, options = VARIANTS[name]
+    cls, options = LAYER_VARIANTS[name]
     torch.manual_seed(12)
     module = cls(70, 67, **options)
     x = torch.randn(5, 13, 70)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import rnnkit
+from conftest import LAYER_VARIANTS
 from rnnkit.cells import CellSpec
 from rnnkit.engine import fused
 from rnnkit.engine.fused import _build, _function
@@ -22,18 +23,6 @@ pytestmark = pytest.mark.skipif(
     reason=f"fused backend unavailable: {fused.unavailable_reason(CellSpec('gru'), torch.float32, 'cpu')}",
 )
 
-# (layer class, constructor options) of every variant
-LAYERS = {
-    "rnn_tanh": (rnnkit.RNN, {}),
-    "rnn_relu": (rnnkit.RNN, {"nonlinearity": "relu"}),
-    "rnn_sigmoid": (rnnkit.RNN, {"nonlinearity": "sigmoid"}),
-    "lstm": (rnnkit.LSTM, {}),
-    "lstm_peephole": (rnnkit.LSTM, {"peephole": True}),
-    "lstm_coupled": (rnnkit.LSTM, {"coupled": True}),
-    "lstm_coupled_peephole": (rnnkit.LSTM, {"peephole": True, "coupled": True}),
-    "gru_after": (rnnkit.GRU, {}),
-    "gru_before": (rnnkit.GRU, {"reset": "before"}),
-}
 
 
 def ops():
@@ -41,7 +30,7 @@ def ops():
 
 
 def _config(name):
-    cls, options = LAYERS[name]
+    cls, options = LAYER_VARIANTS[name]
     return _function.config_of(cls(2, 5, **options).math)
 
 
@@ -67,7 +56,7 @@ def _operator_args(cfg, dtype=torch.float64, batch_sizes=(), training=True, grad
             rand(rows), peep, recurrent, keep_h, keep_c, list(batch_sizes), training, 0)
 
 
-@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("name", list(LAYER_VARIANTS))
 def test_opcheck_layer_forward(name):
     cfg = _config(name)
     for batch_sizes in ((), (3, 3, 2, 1)):
@@ -77,7 +66,7 @@ def test_opcheck_layer_forward(name):
     torch.library.opcheck(ops().layer_forward.default, _operator_args(cfg, training=False, grad=False))
 
 
-@pytest.mark.parametrize("name", ["lstm_coupled_peephole", "gru_after", "rnn_relu"])
+@pytest.mark.parametrize("name", ["lstm_peephole_coupled", "gru_after", "rnn_relu"])
 def test_opcheck_layer_backward_and_step(name):
     cfg = _config(name)
     args = _operator_args(cfg, grad=False)
@@ -114,7 +103,7 @@ def _result_and_grads(module, x):
 
 
 def _compiled_equals_eager(name, backend, layers=2, bidirectional=True):
-    cls, options = LAYERS[name]
+    cls, options = LAYER_VARIANTS[name]
     torch.manual_seed(0)
     module = cls(3, 8, num_layers=layers, bidirectional=bidirectional, **options)
     x = torch.randn(6, 4, 3, requires_grad=True)
@@ -128,11 +117,11 @@ def _compiled_equals_eager(name, backend, layers=2, bidirectional=True):
 
 def test_compile_fullgraph_equals_eager():
     """One representative, traced the way inductor is (AOT autograd) without inductor's codegen."""
-    _compiled_equals_eager("lstm_coupled_peephole", "aot_eager")
+    _compiled_equals_eager("lstm_peephole_coupled", "aot_eager")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("name", list(LAYER_VARIANTS))
 def test_compile_fullgraph_inductor_every_variant(name):
     _compiled_equals_eager(name, "inductor")
 

@@ -9,12 +9,15 @@ rows and five left over; K = 37 and I = 19 end in a partial 16-float vector.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import rnnkit
+from conftest import VARIANTS
 from rnnkit.cells.base import CellSpec
 from rnnkit.engine import fused, get_default_backend, set_default_backend
 
@@ -23,28 +26,9 @@ pytestmark = pytest.mark.skipif(fused.unavailable_reason(CellSpec("gru"), torch.
 
 INPUT, HIDDEN, STEPS = 19, 37, 11
 
-LAYERS = {
-    "rnn_tanh": lambda i, h: rnnkit.RNN(i, h),
-    "rnn_relu": lambda i, h: rnnkit.RNN(i, h, nonlinearity="relu"),
-    "rnn_sigmoid": lambda i, h: rnnkit.RNN(i, h, nonlinearity="sigmoid"),
-    "lstm": lambda i, h: rnnkit.LSTM(i, h),
-    "lstm_peephole": lambda i, h: rnnkit.LSTM(i, h, peephole=True),
-    "lstm_coupled": lambda i, h: rnnkit.LSTM(i, h, coupled=True),
-    "lstm_peephole_coupled": lambda i, h: rnnkit.LSTM(i, h, peephole=True, coupled=True),
-    "gru_after": lambda i, h: rnnkit.GRU(i, h),
-    "gru_before": lambda i, h: rnnkit.GRU(i, h, reset="before"),
-}
-CELLS = {
-    "rnn_tanh": lambda i, h: rnnkit.RNNCell(i, h),
-    "rnn_relu": lambda i, h: rnnkit.RNNCell(i, h, nonlinearity="relu"),
-    "rnn_sigmoid": lambda i, h: rnnkit.RNNCell(i, h, nonlinearity="sigmoid"),
-    "lstm": lambda i, h: rnnkit.LSTMCell(i, h),
-    "lstm_peephole": lambda i, h: rnnkit.LSTMCell(i, h, peephole=True),
-    "lstm_coupled": lambda i, h: rnnkit.LSTMCell(i, h, coupled=True),
-    "lstm_peephole_coupled": lambda i, h: rnnkit.LSTMCell(i, h, peephole=True, coupled=True),
-    "gru_after": lambda i, h: rnnkit.GRUCell(i, h),
-    "gru_before": lambda i, h: rnnkit.GRUCell(i, h, reset="before"),
-}
+# name -> constructor (input size, hidden size) of every variant's layer and cell (conftest)
+LAYERS = {name: partial(layer, **options) for name, (layer, _, options) in VARIANTS.items()}
+CELLS = {name: partial(cell, **options) for name, (_, cell, options) in VARIANTS.items()}
 TORCH_FORMS = ("rnn_tanh", "rnn_relu", "lstm", "gru_after")
 TORCH_CELLS = {
     "rnn_tanh": lambda i, h: nn.RNNCell(i, h),

@@ -26,6 +26,25 @@ def native_or_skip() -> None:
         pytest.skip("the C++ scan cannot be built here (no compiler)")
 
 
+def leaf(*shape: int) -> torch.Tensor:
+    """A float64 randn tensor that gradcheck differentiates."""
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+
+def gradcheck_and_opcheck(op, inputs: tuple[torch.Tensor, ...], *constants: object) -> None:
+    """float64 gradcheck of ``op(*inputs, *constants)`` in ``inputs``, then torch's opcheck of
+    the same call (schema, fake kernel, autograd registration)."""
+    assert torch.autograd.gradcheck(lambda *a: op(*a, *constants), inputs)
+    torch.library.opcheck(op, (*inputs, *constants))
+
+
+def assert_same_nonfinite(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """NaN and inf exactly where the reference has them, the finite values close."""
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = out.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite])
+
+
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_log_space_scan_equals_sequential_recurrence_in_value_and_gradient(with_lengths: bool) -> None:
     torch.manual_seed(0)
@@ -187,13 +206,9 @@ def test_native_operator_equals_the_step_loop_in_value_and_gradient(kind: str, w
 def test_native_operator_gradcheck_and_opcheck(kind: str) -> None:
     native_or_skip()
     torch.manual_seed(4)
-    gx = torch.randn(6, 2, MATHS[kind].num_gates * 3, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([6, 2])
-    op = torch.ops.rnnkit_scan.minimal_scan
-    kernel_kind = MATHS[kind].kernel_kind
-    assert torch.autograd.gradcheck(lambda g, h: op(g, h, lengths, kernel_kind), (gx, h0))
-    torch.library.opcheck(op, (gx, h0, lengths, kernel_kind))
+    gx, h0 = leaf(6, 2, MATHS[kind].num_gates * 3), leaf(2, 3)
+    gradcheck_and_opcheck(torch.ops.rnnkit_scan.minimal_scan, (gx, h0), torch.tensor([6, 2]),
+                          MATHS[kind].kernel_kind)
 
 
 @pytest.mark.parametrize("kind", sorted(MATHS))
@@ -207,9 +222,7 @@ def test_native_operator_propagates_nan_and_inf_like_the_step_loop(kind: str) ->
     h0 = torch.zeros(2, 3)
     out, _ = minimal_layer_scan(math, gx, h0, backend="native")
     ref, _ = sequential_linear_recurrence(*math.coefficients(gx), h0)
-    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
-    finite = out.isfinite()
-    torch.testing.assert_close(out[finite], ref[finite])
+    assert_same_nonfinite(out, ref)
 
 
 @pytest.mark.parametrize("kind", sorted(MATHS))
@@ -244,23 +257,16 @@ def test_fused_projection_gradcheck_opcheck_and_nan(kind: str) -> None:
     native_or_skip()
     torch.manual_seed(7)
     math = MATHS[kind]
-    op = torch.ops.rnnkit_scan.minimal_scan_projected
-    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
-    weight_t = torch.randn(3, math.num_gates * 4, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(math.num_gates * 4, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([6, 3])
-    assert torch.autograd.gradcheck(lambda *a: op(*a, lengths, math.kernel_kind), (x, weight_t, bias, h0))
-    torch.library.opcheck(op, (x, weight_t, bias, h0, lengths, math.kernel_kind))
+    x, weight_t, bias = leaf(6, 2, 3), leaf(3, math.num_gates * 4), leaf(math.num_gates * 4)
+    gradcheck_and_opcheck(torch.ops.rnnkit_scan.minimal_scan_projected, (x, weight_t, bias, leaf(2, 4)),
+                          torch.tensor([6, 3]), math.kernel_kind)
     # a NaN or inf input reaches every gate of its row through W_ih, as through the GEMM
     x = torch.randn(5, 2, 3)
     x[2, 0, 1], x[3, 1, 0] = float("nan"), float("inf")
     weight, bias, h0 = torch.randn(math.num_gates * 4, 3), torch.randn(math.num_gates * 4), torch.zeros(2, 4)
     out, _ = minimal_layer(math, x, weight, bias, h0, backend="native")
     ref, _ = sequential_linear_recurrence(*math.coefficients(torch.nn.functional.linear(x, weight, bias)), h0)
-    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
-    finite = out.isfinite()
-    torch.testing.assert_close(out[finite], ref[finite])
+    assert_same_nonfinite(out, ref)
 
 
 @pytest.mark.parametrize("kind", sorted(MATHS))

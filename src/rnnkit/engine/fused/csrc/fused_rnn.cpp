@@ -797,6 +797,7 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
     const T* wci = PEEP ? pw : nullptr;
     const T* wcf = PEEP && !COUPLED ? pw + H : nullptr;
     const T* wco = PEEP ? pw + (COUPLED ? 1 : 2) * H : nullptr;
+    std::vector<T> ctmp_buf(REG ? H : 0);  // c~ of a row when it is neither kept nor saved
     for (int64_t t = 0; t < cf.T; ++t) {
       const int64_t M = cf.bs[t];
       const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
@@ -832,6 +833,10 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
         T* ctr = REG && R.ctil ? R.ctil + (t * B + m) * H : nullptr;
         const T* rmr = REG && R.rmask ? R.rmask + m * H : nullptr;
         T* hdr = hdn ? hdn + m * H : nullptr;
+        // The loops below compute c~ and h~ as without regularisers, and the masks are applied
+        // after them in loops of their own: a mask test inside the vectorised loop made it 2-3x
+        // slower. cw: where c~ goes (the state itself unless zoneout must blend it with c_{t-1})
+        T* cw = REG && kcr ? (ctr ? ctr : ctmp_buf.data()) : cr;
         if (!COUPLED) {
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) {
@@ -846,22 +851,14 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
             const T c = f * cp + i * gg;
             if (PEEP) po += wco[j] * c;
             const T o = sigm(po);
-            T h = o * tanh_(c), cn = c;
-            if constexpr (REG) {
-              if (kcr) {
-                if (ctr) ctr[j] = c;
-                cn = kcr[j] * cp + (T(1) - kcr[j]) * c;
-              }
-              if (khr) h = khr[j] * hr[j] + (T(1) - khr[j]) * h;
-              if (hdr) hdr[j] = h * rmr[j];
-            }
+            const T h = o * tanh_(c);
             if (SAVE) {
               gr[j] = i;
               gr[H + j] = f;
               gr[2 * H + j] = gg;
               gr[3 * H + j] = o;
             }
-            cr[j] = cn;
+            cw[j] = c;
             yr[j] = h;
           }
         } else {
@@ -874,22 +871,28 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
             const T c = (T(1) - i) * cp + i * gg;
             if (PEEP) po += wco[j] * c;
             const T o = sigm(po);
-            T h = o * tanh_(c), cn = c;
-            if constexpr (REG) {
-              if (kcr) {
-                if (ctr) ctr[j] = c;
-                cn = kcr[j] * cp + (T(1) - kcr[j]) * c;
-              }
-              if (khr) h = khr[j] * hr[j] + (T(1) - khr[j]) * h;
-              if (hdr) hdr[j] = h * rmr[j];
-            }
+            const T h = o * tanh_(c);
             if (SAVE) {
               gr[j] = i;
               gr[H + j] = gg;
               gr[2 * H + j] = o;
             }
-            cr[j] = cn;
+            cw[j] = c;
             yr[j] = h;
+          }
+        }
+        if constexpr (REG) {
+          if (kcr) {  // c = k_c c_{t-1} + (1 - k_c) c~
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) cr[j] = kcr[j] * cr[j] + (T(1) - kcr[j]) * cw[j];
+          }
+          if (khr) {  // h = k_h h_{t-1} + (1 - k_h) h~ (hr still holds h_{t-1})
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) yr[j] = khr[j] * hr[j] + (T(1) - khr[j]) * yr[j];
+          }
+          if (hdr) {  // the next step's GEMM input h ⊙ m
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) hdr[j] = yr[j] * rmr[j];
           }
         }
         if (csr) std::memcpy(csr + j0, cr + j0, (j1 - j0) * sizeof(T));
@@ -1070,10 +1073,16 @@ void finish_dh(int64_t M, int64_t H, int64_t j0, int64_t j1, const T* rmask, con
     T* d = dh + m * H;
     const T* rm = rmask ? rmask + m * H : nullptr;
     const T* dr = direct ? direct + m * H : nullptr;
+    // (one loop per case: a test inside a vectorised loop costs more than the loop's work)
+    if (rm && dr) {
 #pragma omp simd
-    for (int64_t j = j0; j < j1; ++j) {
-      T v = rm ? d[j] * rm[j] : d[j];
-      d[j] = dr ? v + dr[j] : v;
+      for (int64_t j = j0; j < j1; ++j) d[j] = d[j] * rm[j] + dr[j];
+    } else if (rm) {
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) d[j] = d[j] * rm[j];
+    } else if (dr) {
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) d[j] = d[j] + dr[j];
     }
   }
 }
@@ -1099,6 +1108,8 @@ void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const
     T* dwci = PEEP ? dpw : nullptr;
     T* dwcf = PEEP && !COUPLED ? dpw + H : nullptr;
     T* dwco = PEEP ? dpw + (COUPLED ? 1 : 2) * H : nullptr;
+    // REG: a row's dh and dc split by the zoneout masks (see the pre-pass below)
+    std::vector<T> dh_buf(REG ? H : 0), dc_buf(REG ? H : 0), dcz_buf(REG ? H : 0);
     for (int64_t t = cf.T - 1; t >= 0; --t) {
       const int64_t M = cf.bs[t];
       const T* a = acts + t * B * GH;
@@ -1115,22 +1126,40 @@ void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const
         const T* khr = REG ? R.row(R.kh, t, B, m, H) : nullptr;
         const T* kcr = REG ? R.row(R.kc, t, B, m, H) : nullptr;
         T* zhr = REG && khr ? zh + m * H : nullptr;
+        // REG: the zoneout splits first, in loops of their own (as in lstm_fwd_loop): dh_in =
+        // (dh + gy) (1 - k_h) with k_h (dh + gy) to h_{t-1} (zhr), dc_in = dc (1 - k_c) with
+        // dcz = dc k_c to c_{t-1} (added after the main loop)
+        const T* dh_in = REG ? dh_buf.data() : nullptr;
+        const T* dc_in = REG && kcr ? dc_buf.data() : dcr;
+        if constexpr (REG) {
+          T* dhb = dh_buf.data();
+          if (khr) {
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) {
+              const T dh = dhr[j] + gyr[j];
+              zhr[j] = dh * khr[j];
+              dhb[j] = dh * (T(1) - khr[j]);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) dhb[j] = dhr[j] + gyr[j];
+          }
+          if (kcr) {
+            T* dcb = dc_buf.data();
+            T* dcz = dcz_buf.data();
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) {
+              dcz[j] = dcr[j] * kcr[j];
+              dcb[j] = dcr[j] * (T(1) - kcr[j]);
+            }
+          }
+        }
         if (!COUPLED) {
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) {
             const T i = ar[j], f = ar[H + j], gg = ar[2 * H + j], o = ar[3 * H + j];
             const T c = cr[j], cp = cpr[j];
-            T dh = dhr[j] + gyr[j], dcn = dcr[j], dcz = T(0);
-            if constexpr (REG) {
-              if (khr) {
-                zhr[j] = dh * khr[j];
-                dh = dh * (T(1) - khr[j]);
-              }
-              if (kcr) {
-                dcz = dcn * kcr[j];
-                dcn = dcn * (T(1) - kcr[j]);
-              }
-            }
+            const T dh = REG ? dh_in[j] : dhr[j] + gyr[j], dcn = dc_in[j];
             const T tc = tanh_(c);
             const T dpo = dh * tc * o * (T(1) - o);
             T dc = dcn + dh * o * (T(1) - tc * tc);
@@ -1145,9 +1174,6 @@ void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const
               dwcf[j] += dpf * cp;
               dwco[j] += dpo * c;
             }
-            if constexpr (REG) {
-              if (kcr) dcp += dcz;
-            }
             dr[j] = dpi;
             dr[H + j] = dpf;
             dr[2 * H + j] = dpg;
@@ -1159,17 +1185,7 @@ void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const
           for (int64_t j = j0; j < j1; ++j) {
             const T i = ar[j], gg = ar[H + j], o = ar[2 * H + j];
             const T c = cr[j], cp = cpr[j];
-            T dh = dhr[j] + gyr[j], dcn = dcr[j], dcz = T(0);
-            if constexpr (REG) {
-              if (khr) {
-                zhr[j] = dh * khr[j];
-                dh = dh * (T(1) - khr[j]);
-              }
-              if (kcr) {
-                dcz = dcn * kcr[j];
-                dcn = dcn * (T(1) - kcr[j]);
-              }
-            }
+            const T dh = REG ? dh_in[j] : dhr[j] + gyr[j], dcn = dc_in[j];
             const T tc = tanh_(c);
             const T dpo = dh * tc * o * (T(1) - o);
             T dc = dcn + dh * o * (T(1) - tc * tc);
@@ -1184,13 +1200,17 @@ void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const
               dwci[j] += dpi * cp;
               dwco[j] += dpo * c;
             }
-            if constexpr (REG) {
-              if (kcr) dcp += dcz;
-            }
             dr[j] = dpi;
             dr[H + j] = dpg;
             dr[2 * H + j] = dpo;
             dcr[j] = dcp;
+          }
+        }
+        if constexpr (REG) {
+          if (kcr) {  // dc_{t-1} = (the cell's part) + k_c dc
+            const T* dcz = dcz_buf.data();
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) dcr[j] = dcr[j] + dcz[j];
           }
         }
       }

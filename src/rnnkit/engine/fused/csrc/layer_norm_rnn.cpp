@@ -18,10 +18,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
@@ -106,13 +108,52 @@ void* blas_gemm() {
   return f;
 }
 
-// Row-major C(M, N) = A(M, K) B(K, N): one BLAS call (column-major C^T = B^T A^T) per step and
-// row block, with none of a tensor op's dispatch cost (at::mm on narrowed views cost ~10 us per
-// step at batch 1, more than the product itself); a plain loop where there is no BLAS.
+// Whether torch exports oneDNN's float32 brgemm micro-kernel and it computes a small product
+// right (checked once).
+bool brgemm_works() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  static const bool works = [] {
+    try {
+      const float a[2] = {1.5f, -2.0f}, b[4] = {0.5f, 1.0f, 2.0f, -1.0f};  // (1, 2) x (2, 2)
+      float c[2] = {0.0f, 0.0f};
+      at::native::cpublas::brgemm(1, 2, 2, 2, 2, 2, false, a, b, c, false);
+      return c[0] == -3.25f && c[1] == 3.5f;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return works;
+#else
+  return false;
+#endif
+}
+
+// Row-major C(M, N) = A(M, K) B(K, N) for float through the brgemm micro-kernel, in panels of B
+// that stay in cache (256 x 256). MKL's sgemm_ packs B again on every call: the per-step
+// products of this file (B = W_hh, the same every step) spent a fifth of their time packing
+// (perf, T,B,H = 100,32,256, 1 thread), which oneDNN's LSTM and fused_rnn.cpp do not.
+inline void brgemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                      const float* B, int64_t ldb, float* C, int64_t ldc) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  constexpr int64_t NB = 256, KB = 256;
+  for (int64_t n0 = 0; n0 < N; n0 += NB)
+    for (int64_t k0 = 0; k0 < K; k0 += KB)
+      at::native::cpublas::brgemm(M, std::min(NB, N - n0), std::min(KB, K - k0), lda, ldb, ldc,
+                                  k0 > 0, A + k0, B + k0 * ldb + n0, C + n0, false);
+#endif
+}
+
+// Row-major C(M, N) = A(M, K) B(K, N): the brgemm micro-kernel (float), else one BLAS call
+// (column-major C^T = B^T A^T) per step and row block, with none of a tensor op's dispatch cost
+// (at::mm on narrowed views cost ~10 us per step at batch 1, more than the product itself); a
+// plain loop where there is neither.
 template <typename T>
 inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                     int64_t ldb, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
+  if constexpr (std::is_same<T, float>::value) {
+    if (K > 0 && brgemm_works()) return brgemm_rm(M, N, K, A, lda, B, ldb, C, ldc);
+  }
   if (void* f = blas_gemm<T>()) {
     const char n = 'N';
     const int m_ = static_cast<int>(N), n_ = static_cast<int>(M), k_ = static_cast<int>(K),
