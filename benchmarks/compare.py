@@ -333,6 +333,17 @@ def _training_step(module: Any, config: dict[str, Any]) -> tuple[Callable[[], No
     return step, task.num_batches(), sum(p.numel() for p in model.parameters())
 
 
+def gru_and_same_width_mingru(row: Row, module: Any) -> tuple[dict, dict, int]:
+    """The row's GRU config, a one-layer minGRU config of the GRU's width (everything else as
+    the GRU's), and that width: the "same width" pair of the per-epoch comparisons."""
+    gru = configured(row, "gru", module)
+    width = _get(gru, row.width)
+    same = _update(json.loads(json.dumps(gru)), row.models["mingru"])
+    _set_width(same, row.width, width)
+    _set_width(same, (*row.width[:-1], "layers"), 1)
+    return gru, same, width
+
+
 def epoch_speed(repeats: int = 9) -> list[str]:
     """Per-epoch training time of the rows' own models: rnnkit's GRU at the row's matched width
     beside minGRU of the same width (one layer) and the row's minGRU (two layers, matched
@@ -344,11 +355,7 @@ def epoch_speed(repeats: int = 9) -> list[str]:
     for name in EPOCH_ROWS:
         row = ROWS[name]
         module = task_module(row.task)
-        gru = configured(row, "gru", module)
-        width = _get(gru, row.width)
-        same = _update(json.loads(json.dumps(gru)), row.models["mingru"])
-        _set_width(same, row.width, width)
-        _set_width(same, (*row.width[:-1], "layers"), 1)
+        gru, same, width = gru_and_same_width_mingru(row, module)
         variants = {f"GRU 1×{width}": gru, f"minGRU 1×{width} (same width)": same}
         matched = configured(row, "mingru", module)
         layers = _get(matched, (*row.width[:-1], "layers"))
@@ -466,11 +473,7 @@ def copy_breakdown(repeats: int = 7) -> list[str]:
 
     row = ROWS["copy"]
     module = task_module(row.task)
-    gru = configured(row, "gru", module)
-    width = _get(gru, row.width)
-    same = _update(json.loads(json.dumps(gru)), row.models["mingru"])
-    _set_width(same, row.width, width)
-    _set_width(same, (*row.width[:-1], "layers"), 1)
+    gru, same, width = gru_and_same_width_mingru(row, module)
     columns = {label: _phase_times(module, config, repeats)
                for label, config in ((f"GRU 1×{width}", gru), (f"minGRU 1×{width}", same))}
     labels = list(columns)
