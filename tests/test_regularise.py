@@ -17,7 +17,7 @@ from torch import nn
 import rnnkit
 from conftest import VARIANTS
 from rnnkit.engine import run_layer
-from rnnkit.engine.regularise import StepMasks
+from rnnkit.engine.regularise import StepMasks, zoneout_keep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,6 +107,48 @@ def test_masks_are_reproducible_and_fresh_per_forward() -> None:
     again = _quiet(layer, x)[0]
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert not torch.allclose(first, second)
+
+
+def test_zoneout_mask_is_torch_rand_and_reuses_only_free_storage() -> None:
+    # the pooled draw is torch.rand's: the same numbers for the same seed
+    torch.manual_seed(7)
+    first = zoneout_keep(torch.empty(0), (6, 3, 5), 0.3, True)
+    torch.manual_seed(7)
+    torch.testing.assert_close(first, (torch.rand(6, 3, 5) < 0.3).float(), rtol=0, atol=0)
+    # a mask someone still holds is never overwritten: the next draw takes other storage
+    kept = first.clone()
+    second = zoneout_keep(torch.empty(0), (6, 3, 5), 0.3, True)
+    assert second.data_ptr() != first.data_ptr()
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+    # once freed, its storage is drawn into again (the point of the pool)
+    pointer = first.data_ptr()
+    del first
+    assert zoneout_keep(torch.empty(0), (6, 3, 5), 0.3, True).data_ptr() == pointer
+
+
+@pytest.mark.parametrize("backend", ["reference", "bptt", "fused"])
+def test_two_forwards_before_one_backward_keep_their_masks(backend: str) -> None:
+    # the first forward's masks stay saved for the backward while the second draws its own:
+    # the same gradients as each forward followed by its own backward (same seed, same draws)
+    options = {"zoneout": 0.3, "zoneout_cell": 0.4, "recurrent_dropout": 0.2}
+    x = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.linspace(-1, 1, 5 * 4 * 8, dtype=x.dtype).view(5, 4, 8)
+
+    def loss(out: torch.Tensor, index: int) -> torch.Tensor:
+        return (out * out).sum() if index == 0 else (out * weights).sum()
+
+    layer = _layer("lstm", "reference", **options)
+    torch.manual_seed(13)
+    expected = [0, 0]
+    for index in range(2):
+        grads = torch.autograd.grad(loss(layer(x)[0], index), [x, layer.weight_hh_l0])
+        expected = [e + g for e, g in zip(expected, grads)]
+    layer = _layer("lstm", backend, **options)
+    torch.manual_seed(13)
+    outs = [_quiet(layer, x)[0] for _ in range(2)]
+    got = torch.autograd.grad(loss(outs[0], 0) + loss(outs[1], 1), [x, layer.weight_hh_l0])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
 
 
 def _torch_cell_loop(cell: nn.Module, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None,
