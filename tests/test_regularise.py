@@ -430,3 +430,29 @@ def test_layer_norm_takes_weight_drop_and_input_dropout():
     out, _ = layer(x)
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and layer.weight_hh_l0.grad is not None
+
+
+def test_weight_dropped_lstm_at_small_batches_trains_on_rnnkits_kernel(monkeypatch) -> None:
+    # measured (engine/fused/__init__.py, DROPPED_OWN_BATCH): with W_hh ⊙ M rnnkit's kernel wins
+    # at batch <= 4 with one thread, torch's op still at 35,20,200
+    from rnnkit.engine import fused
+
+    assert fused.own_kernel_faster(200, 1, 64, 1, dropped_weight=True)
+    assert fused.own_kernel_faster(200, 4, 64, 1, dropped_weight=True)
+    assert not fused.own_kernel_faster(200, 1, 64, 1)
+    assert not fused.own_kernel_faster(35, 20, 200, 1, dropped_weight=True)
+    if fused._build.load() is None:
+        pytest.skip(f"fused kernel unavailable: {fused._build.error()}")
+    torch_ran = []
+    real = torch._VF.lstm
+    monkeypatch.setattr(torch._VF, "lstm", lambda *a: torch_ran.append(1) or real(*a))
+    x = torch.randn(40, 1, 8)
+    dropped = rnnkit.LSTM(8, 8, weight_drop=0.5, backend="fused")
+    dropped(x)[0].sum().backward()
+    assert not torch_ran  # the dropped W_hh went to rnnkit's kernel
+    plain = rnnkit.LSTM(8, 8, backend="fused")
+    plain(x)[0].sum().backward()
+    assert torch_ran  # the plain LSTM of that shape still goes to torch's op
+    dropped.eval()
+    dropped(x)
+    assert len(torch_ran) == 2  # at evaluation nothing is dropped: torch's op again
