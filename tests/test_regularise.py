@@ -17,7 +17,7 @@ from torch import nn
 import rnnkit
 from conftest import VARIANTS
 from rnnkit.engine import run_layer
-from rnnkit.engine.regularise import StepMasks, zoneout_keep
+from rnnkit.engine.regularise import StepMasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,23 +107,6 @@ def test_masks_are_reproducible_and_fresh_per_forward() -> None:
     again = _quiet(layer, x)[0]
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert not torch.allclose(first, second)
-
-
-def test_zoneout_mask_is_torch_rand_and_reuses_only_free_storage() -> None:
-    # the pooled draw is torch.rand's: the same numbers for the same seed
-    torch.manual_seed(7)
-    first = zoneout_keep(torch.empty(0), (6, 3, 5), 0.3, True)
-    torch.manual_seed(7)
-    torch.testing.assert_close(first, (torch.rand(6, 3, 5) < 0.3).float(), rtol=0, atol=0)
-    # a mask someone still holds is never overwritten: the next draw takes other storage
-    kept = first.clone()
-    second = zoneout_keep(torch.empty(0), (6, 3, 5), 0.3, True)
-    assert second.data_ptr() != first.data_ptr()
-    torch.testing.assert_close(first, kept, rtol=0, atol=0)
-    # once freed, its storage is drawn into again (the point of the pool)
-    pointer = first.data_ptr()
-    del first
-    assert zoneout_keep(torch.empty(0), (6, 3, 5), 0.3, True).data_ptr() == pointer
 
 
 @pytest.mark.parametrize("backend", ["reference", "bptt", "fused"])

@@ -37,10 +37,8 @@ act inside the time loop and reach the engine as :class:`StepMasks`.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from math import prod
 
 import torch
 from torch import Tensor
@@ -65,7 +63,7 @@ def dropout_mask(like: Tensor, shape: Sequence[int], p: float) -> Tensor:
     Drawn as ``u ≥ p`` with u ~ U[0, 1): torch's ``bernoulli_`` took 0.5 ms for a 256 × 64
     weight mask here, a third of a whole T,B,H = 200,1,64 training step.
     """
-    return _pooled_empty(like, shape).uniform_().ge_(p).div_(1 - p)  # (torch.rand's draws)
+    return torch.rand(shape, dtype=like.dtype, device=like.device).ge_(p).div_(1 - p)
 
 
 @dataclass(frozen=True)
@@ -89,51 +87,10 @@ class StepMasks:
         return names
 
 
-# Reused storage for the (T, B, H) zoneout masks. A fresh mask every training step cost twice its
-# draw: at T,B,H = 35,20,200 (1 thread, process CPU time, min of 20 interleaved runs, loaded) a
-# zoneout LSTM step took 17.84 ms with a fresh mask, 16.84 ms with one fixed mask and the draw
-# alone 0.48 ms — the other ~0.5 ms is the new 560 KB's page faults and cold cache lines, in the
-# draw and again in the kernel. A storage is reused only when nothing but this pool holds it
-# (its use count is 1): a mask still saved for a backward, or kept by the caller, is never
-# overwritten; the next forward then takes another storage. The dropout masks (weight_drop's
-# (G·H, H) one: 0.6 ms of a 17 ms step at 35,20,200) come from the same pool. At most
-# MASK_POOL_SIZE storages and MASK_POOL_BYTES are kept (what stays allocated after training);
-# a larger mask is not pooled.
-MASK_POOL_SIZE = 16
-MASK_POOL_BYTES = 64 << 20
-_mask_pool: list[torch.UntypedStorage] = []
-_mask_pool_lock = threading.Lock()
-_use_count = getattr(torch._C, "_storage_Use_Count", None)  # (private: without it, no reuse)
-
-
-def _pooled_empty(like: Tensor, shape: Sequence[int]) -> Tensor:
-    """An uninitialised tensor of ``shape`` on storage nothing else references, reused if free."""
-    if _use_count is None or like.device.type != "cpu":
-        return like.new_empty(shape)
-    nbytes = prod(shape) * like.element_size()
-    with _mask_pool_lock:  # (two threads must not both take the same free storage)
-        for i, storage in enumerate(_mask_pool):
-            if storage.nbytes() == nbytes and _use_count(storage._cdata) == 1:
-                _mask_pool.append(_mask_pool.pop(i))  # most recently used last
-                return like.new_empty(0).set_(storage, 0, tuple(shape))
-        fresh = like.new_empty(shape)
-        if nbytes <= MASK_POOL_BYTES:
-            _mask_pool.append(fresh.untyped_storage())
-        # drop the least recently used (freed with its last tensor if one still holds it)
-        while (len(_mask_pool) > MASK_POOL_SIZE
-               or sum(storage.nbytes() for storage in _mask_pool) > MASK_POOL_BYTES):
-            _mask_pool.pop(0)
-        return fresh
-
-
 def zoneout_keep(like: Tensor, shape: Sequence[int], z: float, training: bool) -> Tensor:
-    """Zoneout's keep mask k: Bernoulli(z) per element in training, the expectation z otherwise.
-
-    In training the draws of ``torch.rand(shape)`` (``uniform_`` draws the same numbers from the
-    same generator), into a pooled storage (see ``_pooled_empty``).
-    """
+    """Zoneout's keep mask k: Bernoulli(z) per element in training, the expectation z otherwise."""
     if training:  # u < z with u ~ U[0, 1): a third faster than bernoulli_ for (T, B, H) masks
-        return _pooled_empty(like, shape).uniform_().lt_(z)
+        return torch.rand(shape, dtype=like.dtype, device=like.device).lt_(z)
     return like.new_full((1, 1, shape[2]), z).expand(*shape)
 
 
