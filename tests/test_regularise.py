@@ -109,6 +109,31 @@ def test_masks_are_reproducible_and_fresh_per_forward() -> None:
     assert not torch.allclose(first, second)
 
 
+@pytest.mark.parametrize("backend", ["reference", "bptt", "fused"])
+def test_two_forwards_before_one_backward_keep_their_masks(backend: str) -> None:
+    # the first forward's masks stay saved for the backward while the second draws its own:
+    # the same gradients as each forward followed by its own backward (same seed, same draws)
+    options = {"zoneout": 0.3, "zoneout_cell": 0.4, "recurrent_dropout": 0.2}
+    x = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.linspace(-1, 1, 5 * 4 * 8, dtype=x.dtype).view(5, 4, 8)
+
+    def loss(out: torch.Tensor, index: int) -> torch.Tensor:
+        return (out * out).sum() if index == 0 else (out * weights).sum()
+
+    layer = _layer("lstm", "reference", **options)
+    torch.manual_seed(13)
+    expected = [0, 0]
+    for index in range(2):
+        grads = torch.autograd.grad(loss(layer(x)[0], index), [x, layer.weight_hh_l0])
+        expected = [e + g for e, g in zip(expected, grads)]
+    layer = _layer("lstm", backend, **options)
+    torch.manual_seed(13)
+    outs = [_quiet(layer, x)[0] for _ in range(2)]
+    got = torch.autograd.grad(loss(outs[0], 0) + loss(outs[1], 1), [x, layer.weight_hh_l0])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
 def _torch_cell_loop(cell: nn.Module, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None,
                      mask: torch.Tensor | None, keep_h: torch.Tensor | None,
                      keep_c: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -388,3 +413,29 @@ def test_layer_norm_takes_weight_drop_and_input_dropout():
     out, _ = layer(x)
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and layer.weight_hh_l0.grad is not None
+
+
+def test_weight_dropped_lstm_at_small_batches_trains_on_rnnkits_kernel(monkeypatch) -> None:
+    # measured (engine/fused/__init__.py, DROPPED_OWN_BATCH): with W_hh ⊙ M rnnkit's kernel wins
+    # at batch <= 4 with one thread, torch's op still at 35,20,200
+    from rnnkit.engine import fused
+
+    assert fused.own_kernel_faster(200, 1, 64, 1, dropped_weight=True)
+    assert fused.own_kernel_faster(200, 4, 64, 1, dropped_weight=True)
+    assert not fused.own_kernel_faster(200, 1, 64, 1)
+    assert not fused.own_kernel_faster(35, 20, 200, 1, dropped_weight=True)
+    if fused._build.load() is None:
+        pytest.skip(f"fused kernel unavailable: {fused._build.error()}")
+    torch_ran = []
+    real = torch._VF.lstm
+    monkeypatch.setattr(torch._VF, "lstm", lambda *a: torch_ran.append(1) or real(*a))
+    x = torch.randn(40, 1, 8)
+    dropped = rnnkit.LSTM(8, 8, weight_drop=0.5, backend="fused")
+    dropped(x)[0].sum().backward()
+    assert not torch_ran  # the dropped W_hh went to rnnkit's kernel
+    plain = rnnkit.LSTM(8, 8, backend="fused")
+    plain(x)[0].sum().backward()
+    assert torch_ran  # the plain LSTM of that shape still goes to torch's op
+    dropped.eval()
+    dropped(x)
+    assert len(torch_ran) == 2  # at evaluation nothing is dropped: torch's op again

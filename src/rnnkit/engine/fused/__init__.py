@@ -166,8 +166,10 @@ def run_layer(
             return run_bptt(math, x, tuple(state0), params, bs, masks)
         return _run_in_chunks(lambda xs, st, b: run_bptt(math, xs, st, params, b),
                               bs, x, state0, params)
+    # a W_hh with a grad_fn was computed in this forward: the layers' DropConnect, W_hh ⊙ M
+    dropped = params[1] is not None and params[1].grad_fn is not None
     native = None if masks is not None or bf16 else native_op(
-        key, x, params[1].shape[1] if params[1] is not None else None, bs)
+        key, x, params[1].shape[1] if params[1] is not None else None, bs, dropped)
     if native is not None:
         return native(x, state0, params, bs)
     if _build.load() is None:
@@ -334,15 +336,27 @@ OWN_TRAIN_MIN_HIDDEN = 256
 # 1.03 (even). With a gradient the batch-1 rule above stands (its backward was not re-measured).
 INFERENCE_OWN_BATCH = 1
 
+# Training at small batches with a W_hh computed in the forward (DropConnect's W_hh ⊙ M, issue
+# 12): rnnkit's kernel. Measured 2026-12-01, 1 thread, process CPU time, min of 20-30
+# interleaved runs, load average 1.7-2 (one shared core), forward+backward / nn.LSTM of the same
+# (undropped) size, weight_drop=0.5 through torch's op vs through rnnkit's kernel (the plain
+# LSTM's in brackets): T,B,H = 200,1,64: 1.12 vs 1.04 (0.99 / 0.97), again 1.21 vs 1.08;
+# 200,4,64: 1.12 vs 1.02 (1.03 / 0.99); 200,1,128: 1.04 vs 1.01 (0.99 / 0.97) — but at
+# 35,20,200 torch's op stays ahead: 1.06 vs 1.07 (1.00 / 1.04).
+DROPPED_OWN_BATCH = 4
+
 
 def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None = None,
-                      inference: bool = False) -> bool:
+                      inference: bool = False, dropped_weight: bool = False) -> bool:
     """Whether rnnkit's kernel beats torch's oneDNN op on a padded plain LSTM of this shape
     with ``threads`` torch threads (default: torch's current count); ``inference``: forward
-    only, no gradient asked for."""
+    only, no gradient asked for; ``dropped_weight``: W_hh is computed in this forward
+    (weight_drop), not a parameter."""
     if steps * batch < NATIVE_MIN_ROWS:  # a streaming step: torch's per-call weight reorder
         return True
     if inference and batch <= INFERENCE_OWN_BATCH:
+        return True
+    if dropped_weight and not inference and batch <= DROPPED_OWN_BATCH:
         return True
     threads = current_threads() if threads is None else threads
     if threads > 1:
@@ -352,7 +366,7 @@ def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None =
 
 
 def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None,
-              batch_sizes: Sequence[int] | None = None):
+              batch_sizes: Sequence[int] | None = None, dropped_weight: bool = False):
     """torch._VF runner when ``spec`` is exactly a torch.nn form and torch's kernel is fastest.
 
     Only the plain LSTM qualifies: torch runs it through oneDNN's fused RNN primitive. torch's
@@ -361,7 +375,8 @@ def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None,
     The projected plain LSTM always runs here (``ROUTES``: no C++ kernel has the projection).
     A ragged batch (``batch_sizes`` not all B) stays with rnnkit's kernel, which skips the rows
     that have ended: torch's packed op is 2.5-7x slower than its own padded op (see
-    ``benchmarks/lengths.py``).
+    ``benchmarks/lengths.py``). ``dropped_weight``: W_hh is computed in this forward (see
+    ``own_kernel_faster``).
     """
     spec = spec_of(spec)
     if ROUTES.get(spec) == "torch":
@@ -371,7 +386,8 @@ def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None,
     ragged = x is not None and batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes)
     inference = not torch.is_grad_enabled()  # (no_grad / inference_mode: forward only)
     if ((ragged or (x is not None and hidden is not None
-                    and own_kernel_faster(x.shape[0], x.shape[1], hidden, inference=inference)))
+                    and own_kernel_faster(x.shape[0], x.shape[1], hidden, inference=inference,
+                                          dropped_weight=dropped_weight)))
             and _build.load() is not None):
         return None
     return _run_vf_lstm
