@@ -45,6 +45,21 @@ def assert_same_nonfinite(out: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(out[finite], ref[finite])
 
 
+def assert_same_values_and_gradients(got: tuple[torch.Tensor, torch.Tensor],
+                                     expected: tuple[torch.Tensor, torch.Tensor],
+                                     inputs: tuple[torch.Tensor, ...]) -> None:
+    """(out, final) equal the reference's, and so do the gradients of a random weighting of out
+    plus final with respect to ``inputs`` (float64 tolerances)."""
+    (out, final), (ref_out, ref_final) = got, expected
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(final, ref_final, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum() + final.sum(), inputs)
+    ref_grads = torch.autograd.grad((ref_out * weights).sum() + ref_final.sum(), inputs)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_log_space_scan_equals_sequential_recurrence_in_value_and_gradient(with_lengths: bool) -> None:
     torch.manual_seed(0)
@@ -55,13 +70,7 @@ def test_log_space_scan_equals_sequential_recurrence_in_value_and_gradient(with_
     lengths = torch.tensor([9, 5, 1, 7]) if with_lengths else None
     out, final = log_space_scan(log_a, log_b, h0, lengths)
     ref_out, ref_final = sequential_linear_recurrence(log_a, log_b, h0, lengths)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(final, ref_final, rtol=1e-10, atol=1e-12)
-    weights = torch.randn_like(out)
-    grads = torch.autograd.grad((out * weights).sum() + final.sum(), (log_a, log_b, h0))
-    ref_grads = torch.autograd.grad((ref_out * weights).sum() + ref_final.sum(), (log_a, log_b, h0))
-    for grad, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-12)
+    assert_same_values_and_gradients((out, final), (ref_out, ref_final), (log_a, log_b, h0))
 
 
 def test_positive_activation_and_its_log() -> None:
@@ -193,13 +202,7 @@ def test_native_operator_equals_the_step_loop_in_value_and_gradient(kind: str, w
     out, final = minimal_layer_scan(math, gx, h0, lengths, backend="native")
     log_a, log_b = math.coefficients(gx)
     ref_out, ref_final = sequential_linear_recurrence(log_a, log_b, h0, lengths)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(final, ref_final, rtol=1e-10, atol=1e-12)
-    weights = torch.randn_like(out)
-    grads = torch.autograd.grad((out * weights).sum() + final.sum(), (gx, h0))
-    ref = torch.autograd.grad((ref_out * weights).sum() + ref_final.sum(), (gx, h0))
-    for grad, expected in zip(grads, ref):
-        torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
+    assert_same_values_and_gradients((out, final), (ref_out, ref_final), (gx, h0))
 
 
 @pytest.mark.parametrize("kind", sorted(MATHS))
@@ -242,14 +245,8 @@ def test_fused_projection_equals_linear_then_scan(kind: str, with_lengths: bool,
     out, final = minimal_layer(math, x, weight, bias, h0, lengths, backend="native")
     ref_out, ref_final = sequential_linear_recurrence(
         *math.coefficients(torch.nn.functional.linear(x, weight, bias)), h0, lengths)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(final, ref_final, rtol=1e-10, atol=1e-12)
     inputs = (x, weight, bias, h0) if input_grad else (weight, bias, h0)
-    weights = torch.randn_like(out)
-    grads = torch.autograd.grad((out * weights).sum() + final.sum(), inputs)
-    expected = torch.autograd.grad((ref_out * weights).sum() + ref_final.sum(), inputs)
-    for grad, reference in zip(grads, expected):
-        torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-12)
+    assert_same_values_and_gradients((out, final), (ref_out, ref_final), inputs)
 
 
 @pytest.mark.parametrize("kind", sorted(MATHS))
