@@ -331,3 +331,29 @@ def test_layers_and_cells_pickle_like_torch_nn(kind: str, tmp_path: Path) -> Non
 def test_empty_time_is_an_error_as_for_every_layer() -> None:
     with pytest.raises(ValueError, match="input"):
         rnnkit.MinGRU(3, 4)(torch.randn(0, 2, 3))
+
+
+@pytest.mark.parametrize("kind", sorted(MATHS))
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_one_hot_inputs_through_the_symbol_table_equal_the_step_loop(kind: str, with_lengths: bool) -> None:
+    """One-hot rows make the operator use per-symbol gate tables; values and every gradient
+    (x's too) against F.linear + the step loop, then gradcheck: its perturbed x is no longer
+    one-hot, so the numerical side runs the row path and the analytical side the tables."""
+    native_or_skip()
+    torch.manual_seed(11)
+    math = MATHS[kind]
+    T, B, inputs, H = 9, 4, 5, 6
+    x = torch.nn.functional.one_hot(torch.randint(0, inputs, (T, B)), inputs).double().requires_grad_()
+    weight = torch.randn(math.num_gates * H, inputs, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(math.num_gates * H, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([9, 3, 1, 6]) if with_lengths else None
+    out, final = minimal_layer(math, x, weight, bias, h0, lengths, backend="native")
+    ref_out, ref_final = sequential_linear_recurrence(
+        *math.coefficients(torch.nn.functional.linear(x, weight, bias)), h0, lengths)
+    assert_same_values_and_gradients((out, final), (ref_out, ref_final), (x, weight, bias, h0))
+    small = (x.detach()[:4, :2], weight.detach().t(), bias.detach(), h0.detach()[:2])
+    gradcheck_and_opcheck(torch.ops.rnnkit_scan.minimal_scan_projected,
+                          tuple(t.contiguous().requires_grad_() for t in small),
+                          torch.empty(0, dtype=torch.long) if lengths is None else lengths[:2].clone(),
+                          math.kernel_kind)
