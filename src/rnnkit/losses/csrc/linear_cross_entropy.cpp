@@ -67,19 +67,25 @@ struct Problem {
   bool grad_params;
 };
 
-// One 256-bit vector of T (GCC/Clang vector extensions): the loops below are written in whole
-// vectors, since left to itself the compiler vectorised the logits across H with shuffles.
+// One machine vector of T (GCC/Clang vector extensions; 512 bits where the build has AVX-512,
+// else 256): the loops below are written in whole vectors, since left to itself the compiler
+// vectorised the logits across H with shuffles.
+#ifdef __AVX512F__
+constexpr int64_t kVectorBytes = 64;
+#else
+constexpr int64_t kVectorBytes = 32;
+#endif
 template <typename T>
 struct Lanes;
 template <>
 struct Lanes<float> {
-  typedef float V __attribute__((vector_size(32)));
-  static constexpr int64_t n = 8;
+  typedef float V __attribute__((vector_size(kVectorBytes)));
+  static constexpr int64_t n = kVectorBytes / 4;
 };
 template <>
 struct Lanes<double> {
-  typedef double V __attribute__((vector_size(32)));
-  static constexpr int64_t n = 4;
+  typedef double V __attribute__((vector_size(kVectorBytes)));
+  static constexpr int64_t n = kVectorBytes / 8;
 };
 
 template <typename V, typename T>
