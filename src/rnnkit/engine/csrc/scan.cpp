@@ -88,8 +88,8 @@ Shape check(const at::Tensor& gx, const at::Tensor& h0, const at::Tensor& length
   return {gx.size(0), batch, hidden, gates};
 }
 
-// What one state column's step needs from its gates, forward and backward (the only place the
-// gate math is written; the rows below and the one-hot tables apply it):
+// What one state column's step needs from its gates, forward and backward (the one-hot tables
+// are made of these; forward_row / backward_row below compute the same inline):
 //   h_t = keep · h_{t−1} + add
 //   d k_m = grad · (h_{t−1} − candidate) · gate_m   (minGRU: m = 0; minLSTM: m = 0 f, 1 i)
 //   d v = grad · value          dL/dh_{t−1} = grad · keep
@@ -131,13 +131,27 @@ inline T backward_column(T keep, T candidate, T gate0, T gate1, T value, T grad,
   return grad * keep;
 }
 
-// One step of one batch row: h_t from the row's gates g (G·H) and h_{t−1}.
+// One step of one batch row: h_t from the row's gates g (G·H) and h_{t−1}. The same math as
+// coefficients() + backward_column() written out per row, because GCC vectorises these loops
+// only in this form (through the helpers minLSTM's backward ran ~1.8× slower, scalar); the
+// tests hold the row path and the table path to the same step-by-step reference.
 template <typename T, int64_t K>
 inline void forward_row(const T* __restrict__ g, const T* __restrict__ previous, T* __restrict__ now,
                         int64_t H) {
+  constexpr int64_t candidate_block = K == kMinGRU ? 1 : 2;
   for (int64_t j = 0; j < H; ++j) {
-    T keep, add, candidate, gate0, gate1, value;
-    coefficients<T, K>(g, j, H, keep, add, candidate, gate0, gate1, value);
+    T candidate, slope;
+    positive_activation(g[candidate_block * H + j], candidate, slope);
+    T keep, add;
+    if constexpr (K == kMinGRU) {
+      const T z = sigmoid(g[j]);
+      keep = T(1) - z;
+      add = z * candidate;
+    } else {
+      const T f = sigmoid(g[j]), i = sigmoid(g[H + j]), total = f + i;
+      keep = f / total;
+      add = i / total * candidate;
+    }
     now[j] = keep * previous[j] + add;
   }
 }
@@ -147,10 +161,25 @@ inline void forward_row(const T* __restrict__ g, const T* __restrict__ previous,
 template <typename T, int64_t K>
 inline void backward_row(const T* __restrict__ g, const T* __restrict__ previous, const T* __restrict__ up,
                          T* __restrict__ G, T* __restrict__ d, int64_t H) {
+  constexpr int64_t candidate_block = K == kMinGRU ? 1 : 2;
   for (int64_t j = 0; j < H; ++j) {
-    T keep, add, candidate, gate0, gate1, value;
-    coefficients<T, K>(g, j, H, keep, add, candidate, gate0, gate1, value);
-    G[j] = backward_column<T, K>(keep, candidate, gate0, gate1, value, G[j] + up[j], previous[j], d, j, H);
+    const T grad = G[j] + up[j];
+    T candidate, slope;
+    positive_activation(g[candidate_block * H + j], candidate, slope);
+    if constexpr (K == kMinGRU) {
+      const T z = sigmoid(g[j]);
+      d[j] = grad * (candidate - previous[j]) * z * (T(1) - z);
+      d[H + j] = grad * z * slope;
+      G[j] = grad * (T(1) - z);
+    } else {
+      const T f = sigmoid(g[j]), i = sigmoid(g[H + j]), total = f + i;
+      const T squared = total * total;
+      const T towards_old = grad * (previous[j] - candidate);
+      d[j] = i / squared * towards_old * f * (T(1) - f);
+      d[H + j] = -f / squared * towards_old * i * (T(1) - i);
+      d[2 * H + j] = grad * (i / total) * slope;
+      G[j] = grad * (f / total);
+    }
   }
 }
 
