@@ -120,3 +120,98 @@ def test_a_second_backward_sees_the_same_gradient() -> None:
     second = torch.autograd.grad(loss, (hidden, weight, b))
     for one, two in zip(first, second):
         assert torch.equal(one, two)
+
+
+def _native_or_skip() -> None:
+    from rnnkit.losses.cross_entropy import _EXTENSION
+
+    if _EXTENSION.load() is None:
+        pytest.skip(f"the C++ linear_cross_entropy is unavailable: {_EXTENSION.error}")
+
+
+@pytest.mark.parametrize(("n", "h", "v"), [(1, 3, 1), (258, 9, 16), (1030, 66, 10), (7, 8, 2)])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_fused_operator_equals_torch(n: int, h: int, v: int, dtype: torch.dtype, tolerance: float) -> None:
+    """The C++ pass at sizes that cross its blocks: rows not a multiple of 4 nor of the 256-row
+    chunks, H not a multiple of the vector width, 1 and 16 classes (its padded maximum)."""
+    _native_or_skip()
+    hidden, weight, b, targets = _inputs(n, h, v, dtype)
+    ours = linear_cross_entropy(hidden, weight, b, targets, backend="native")
+    theirs = _reference(hidden, weight, b, targets)
+    torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance)
+    for factor in (1.0, -0.3):  # 1: the saved gradients returned as they are; else scaled
+        ours_grads = torch.autograd.grad(ours * factor, (hidden, weight, b), retain_graph=True)
+        theirs_grads = torch.autograd.grad(theirs * factor, (hidden, weight, b), retain_graph=True)
+        for mine, reference in zip(ours_grads, theirs_grads):
+            torch.testing.assert_close(mine, reference, rtol=tolerance, atol=tolerance)
+
+
+def test_fused_gradcheck_float64() -> None:
+    _native_or_skip()
+    hidden, weight, b, targets = _inputs(13, 5, 4, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda h, w, c: linear_cross_entropy(h, w, c, targets, backend="native"), (hidden, weight, b))
+
+
+def test_fused_without_bias_and_partial_gradients() -> None:
+    _native_or_skip()
+    hidden, weight, _, targets = _inputs(37, 6, 5, torch.float64, bias=False)
+    for wants in ((hidden,), (weight,), (hidden, weight)):
+        loss = linear_cross_entropy(hidden, weight, None, targets, backend="native")
+        ours = torch.autograd.grad(loss, wants)
+        theirs = torch.autograd.grad(_reference(hidden, weight, None, targets), wants)
+        for mine, reference in zip(ours, theirs):
+            torch.testing.assert_close(mine, reference, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # the loss alone
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, None, targets, backend="native"),
+                                   _reference(hidden, weight, None, targets), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("where", ["hidden", "bias"])
+def test_fused_non_finite_values_propagate_as_in_torch(value: float, dtype: torch.dtype, where: str) -> None:
+    _native_or_skip()
+    hidden, weight, b, targets = _inputs(30, 7, 5, dtype)
+    with torch.no_grad():
+        if where == "hidden":
+            hidden[4, 2] = value
+        else:  # an infinite logit in every row: its class wins (or loses) outright
+            b[int(targets[0])] = value
+    ours = linear_cross_entropy(hidden, weight, b, targets, backend="native")
+    theirs = _reference(hidden, weight, b, targets)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    for mine, reference in zip(torch.autograd.grad(ours, (hidden, weight, b)),
+                               torch.autograd.grad(theirs, (hidden, weight, b))):
+        assert torch.equal(mine.isnan(), reference.isnan())
+        torch.testing.assert_close(mine, reference, equal_nan=True)
+
+
+def test_a_nan_upstream_factor_reaches_every_gradient() -> None:
+    _native_or_skip()
+    hidden, weight, b, targets = _inputs(9, 4, 3, torch.float32)
+    loss = linear_cross_entropy(hidden, weight, b, targets, backend="native")
+    for grad in torch.autograd.grad(loss * float("nan"), (hidden, weight, b)):
+        assert grad.isnan().all()
+
+
+def test_more_classes_than_the_kernel_takes_use_the_torch_form() -> None:
+    hidden, weight, b, targets = _inputs(20, 4, 17, torch.float64)
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, b, targets),
+                               _reference(hidden, weight, b, targets), rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="at most 16"):
+        linear_cross_entropy(hidden, weight, b, targets, backend="native")
+    with pytest.raises(ValueError, match="backend"):
+        linear_cross_entropy(hidden, weight, b, targets, backend="gpu")
+
+
+def test_fused_second_backward_recomputes_the_same_scaled_gradient() -> None:
+    _native_or_skip()
+    hidden, weight, b, targets = _inputs(21, 6, 5, torch.float64)
+    loss = linear_cross_entropy(hidden, weight, b, targets, backend="native") * 2.5
+    first = torch.autograd.grad(loss, (hidden, weight, b), retain_graph=True)
+    second = torch.autograd.grad(loss, (hidden, weight, b))
+    reference = torch.autograd.grad(_reference(hidden, weight, b, targets) * 2.5, (hidden, weight, b))
+    for one, two, three in zip(first, second, reference):
+        assert torch.equal(one, two)
+        torch.testing.assert_close(one, three, rtol=1e-12, atol=1e-12)

@@ -331,3 +331,50 @@ def test_layers_and_cells_pickle_like_torch_nn(kind: str, tmp_path: Path) -> Non
 def test_empty_time_is_an_error_as_for_every_layer() -> None:
     with pytest.raises(ValueError, match="input"):
         rnnkit.MinGRU(3, 4)(torch.randn(0, 2, 3))
+
+
+@pytest.mark.parametrize("kind", sorted(MATHS))
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_one_hot_inputs_through_the_symbol_table_equal_the_step_loop(kind: str, with_lengths: bool) -> None:
+    """One-hot rows make the operator use per-symbol gate tables; values and every gradient
+    (x's too) against F.linear + the step loop, then gradcheck: its perturbed x is no longer
+    one-hot, so the numerical side runs the row path and the analytical side the tables."""
+    native_or_skip()
+    torch.manual_seed(11)
+    math = MATHS[kind]
+    T, B, inputs, H = 9, 4, 5, 6
+    x = torch.nn.functional.one_hot(torch.randint(0, inputs, (T, B)), inputs).double().requires_grad_()
+    weight = torch.randn(math.num_gates * H, inputs, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(math.num_gates * H, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([9, 3, 1, 6]) if with_lengths else None
+    out, final = minimal_layer(math, x, weight, bias, h0, lengths, backend="native")
+    ref_out, ref_final = sequential_linear_recurrence(
+        *math.coefficients(torch.nn.functional.linear(x, weight, bias)), h0, lengths)
+    assert_same_values_and_gradients((out, final), (ref_out, ref_final), (x, weight, bias, h0))
+    small = (x.detach()[:4, :2], weight.detach().t(), bias.detach(), h0.detach()[:2])
+    gradcheck_and_opcheck(torch.ops.rnnkit_scan.minimal_scan_projected,
+                          tuple(t.contiguous().requires_grad_() for t in small),
+                          torch.empty(0, dtype=torch.long) if lengths is None else lengths[:2].clone(),
+                          math.kernel_kind)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_hot_layer_equals_its_cell_stepped_as_in_generation(kind: str, dtype: torch.dtype) -> None:
+    """Generation runs the cell one step at a time on one-hot symbols; the layer's scan over the
+    same symbols (the per-symbol table path) gives the same outputs and final state."""
+    torch.manual_seed(12)
+    layer_class, cell_class = LAYERS[kind]
+    layer = layer_class(10, 12).to(dtype)
+    cell = cell_class(10, 12).to(dtype)
+    with torch.no_grad():
+        cell.weight_ih.copy_(layer.weight_ih_l0)
+        cell.bias_ih.copy_(layer.bias_ih_l0)
+    x = torch.nn.functional.one_hot(torch.randint(0, 10, (50, 4)), 10).to(dtype)  # (T, B, 10)
+    h0 = torch.randn(1, 4, 12, dtype=dtype)
+    output, h_n = layer(x, h0)
+    stepped, (final,) = rnnkit.unroll(cell, x, (h0[0],))
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(output, stepped, **tolerance)
+    torch.testing.assert_close(h_n[0], final, **tolerance)

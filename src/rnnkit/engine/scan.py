@@ -23,7 +23,9 @@ hand-derived backward registered as its autograd): the gates and the recurrence 
 walks time once per batch row. The log-space scan is the fallback (no compiler, another device);
 both are tested against the step-by-step reference. For narrow inputs (:data:`PROJECTED_MAX_INPUTS`)
 :func:`minimal_layer` also moves ``x W_ihᵀ + b_ih`` into the operator
-(``minimal_scan_projected``), so that no (T, B, G·H) tensor is written at all.
+(``minimal_scan_projected``), so that no (T, B, G·H) tensor is written at all; when every row
+of such an input is one-hot (symbols fed without an embedding, as copy memory's) the gates depend
+on the symbol alone and the operator reads them from a per-symbol table made once per call.
 """
 
 from __future__ import annotations
