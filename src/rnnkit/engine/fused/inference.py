@@ -48,6 +48,8 @@ class Prepared(NamedTuple):
     # b_hh, peephole (P, H) or None — contiguous, in the op's order
     zeros: dict[tuple[int, ...], Tensor]  # zero initial states by shape (the op never writes
     # its h0 / c0: it clones them)
+    gemv: dict[tuple[int, int], Tensor]  # (layer and direction, 0: w_ih / 1: w_hh) -> the weight
+    # packed for batch-1 products (``pack_gemv``), made at the first float32 batch-1 call
 
 
 def _key(parameters: dict[str, Any]) -> tuple[int, ...]:
@@ -88,7 +90,7 @@ def _plan(module: Any, cfg: Config,
         w_ih, w_hh, b_ih, b_hh = (None if p is None else p.detach().contiguous() for p in params[:4])
         pw = peephole_weights(cfg, params)
         weights.append((w_ih, w_hh, b_ih, b_hh, None if pw is None else pw.detach().contiguous()))
-    plan = Prepared(key, cfg, tuple(weights), {})
+    plan = Prepared(key, cfg, tuple(weights), {}, {})
     module.__dict__[_ATTRIBUTE] = plan
     return plan
 
@@ -98,6 +100,20 @@ def _zeros(plan: Prepared, shape: tuple[int, ...], like: Tensor) -> Tensor:
     if zeros is None or zeros.dtype != like.dtype:
         zeros = plan.zeros[shape] = like.new_zeros(shape)
     return zeros
+
+
+def _gemv(plan: Prepared, index: int, which: int) -> Tensor:
+    """Weight ``which`` (0: w_ih, 1: w_hh) of layer-and-direction ``index``, packed once per weight
+    version as the batch-1 products stream it (as onnxruntime packs its weights once per session):
+    per gate, panels of W^T contiguous along K. Empty on a CPU without the packed kernel (the op
+    then reads the weight as stored)."""
+    packed = plan.gemv.get((index, which))
+    if packed is None:
+        w_hh = plan.weights[index][1]
+        gates = w_hh.shape[0] // w_hh.shape[1]
+        packed = torch.ops.rnnkit_fused.pack_gemv.default(plan.weights[index][which], gates)
+        plan.gemv[(index, which)] = packed
+    return packed
 
 
 def _config(module: Any) -> Config | None:
@@ -166,6 +182,9 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
         given = (_zeros(plan, (depth, batch, hidden), x),) * states
     threads.adapt()  # (as the general path: once per layer forward)
     op = torch.ops.rnnkit_fused.layer_forward.default
+    # batch 1, float32: the recurrent products read W_hh packed (forward_packed)
+    packed = batch == 1 and x.dtype == torch.float32
+    packed_op = torch.ops.rnnkit_fused.forward_packed.default
     args = cfg.args()
     loop_threads = _function.loop_threads
     layer_input = x if length == steps else x[:length]
@@ -176,9 +195,13 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
         for direction in range(layer.num_directions):
             w_ih, w_hh, b_ih, b_hh, pw = plan.weights[index]
             source = layer_input if direction == 0 else layer_input.flip(0)
-            y, h, c, *_ = op(*args, source, given[0][index], given[1][index] if states == 2 else None,
-                             w_ih, w_hh, b_ih, b_hh, pw, None, None, None, [], False,
-                             loop_threads, False)
+            c0 = given[1][index] if states == 2 else None
+            if packed:
+                y, h, c = packed_op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh,
+                                    pw, _gemv(plan, index, 1), loop_threads)
+            else:
+                y, h, c, *_ = op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh, pw,
+                                 None, None, None, [], False, loop_threads, False)
             outputs.append(y if direction == 0 else y.flip(0))
             finals[0].append(h)
             if states == 2:
@@ -230,9 +253,15 @@ def cell_step(cell: Any, x_t: Any, state: Any) -> tuple[Tensor, Any] | None:
             return None  # (the general path says what is wrong)
     w_ih, w_hh, b_ih, b_hh, pw = plan.weights[0]
     lstm = cfg.kind == 1
-    h, c = torch.ops.rnnkit_fused.step.default(
-        cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
-        state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _function.loop_threads)
+    if shape[0] == 1 and x_t.dtype == torch.float32:  # both weights packed (step_packed)
+        h, c = torch.ops.rnnkit_fused.step_packed.default(
+            cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
+            state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _gemv(plan, 0, 0),
+            _gemv(plan, 0, 1), _function.loop_threads)
+    else:
+        h, c = torch.ops.rnnkit_fused.step.default(
+            cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
+            state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _function.loop_threads)
     return h, cell.math.make_state((h, c) if lstm else (h,))
 
 
