@@ -386,25 +386,26 @@ def _kernel_config(name: str):
 
 @pytest.mark.parametrize("name", ["lstm", "lstm_peephole", "lstm_coupled", "gru_after",
                                   "gru_before", "rnn_relu"])
-@pytest.mark.parametrize("hidden,size", [(37, 19), (70, 1), (16, 33)])
-def test_packed_operators_equal_the_operators_on_weights_as_stored(name, hidden, size):
+@pytest.mark.parametrize("hidden,size,bias", [(37, 19, True), (70, 1, False), (16, 33, True)])
+def test_packed_operators_equal_the_operators_on_weights_as_stored(name, hidden, size, bias):
     """forward_packed / step_packed with pack_gemv's copies against layer_forward / step on the
     same weights (sizes off the packing's blocks: H = 37 and 70 end in a partial vector and 70 a
-    partial panel of four; K = 1 and odd K end the two-chain loop on one row); a packed copy of
-    the wrong size is ignored (the weights as stored are read)."""
+    partial panel of four; K = 1 and odd K end the two-chain loop on one row; 13 steps are two
+    blocks of six rows of the input projection and one left over); a packed copy of the wrong
+    size is ignored (the weights as stored are read)."""
     torch.manual_seed(8)
     ops = torch.ops.rnnkit_fused
-    layer = LAYERS[name](size, hidden)
+    layer = LAYERS[name](size, hidden, bias=bias)
     from rnnkit.engine.fused._function import peephole_weights
 
     cfg = _kernel_config(name)
     args = cfg.args()
-    params = [p.detach() for p in layer.layer_params(0, 0)]
+    params = [None if p is None else p.detach() for p in layer.layer_params(0, 0)]
     w_ih, w_hh, b_ih, b_hh = params[:4]
     gates = w_hh.shape[0] // hidden
     pw = peephole_weights(cfg, params)
     lstm = "lstm" in name
-    x = torch.randn(5, 1, size)
+    x = torch.randn(13, 1, size)
     h0 = torch.randn(1, hidden)
     c0 = torch.randn(1, hidden) if lstm else None
     packed_ih, packed_hh = ops.pack_gemv(w_ih, gates), ops.pack_gemv(w_hh, gates)
@@ -412,8 +413,8 @@ def test_packed_operators_equal_the_operators_on_weights_as_stored(name, hidden,
     assert packed_hh.numel() % gates == 0 and width * gates * hidden <= packed_hh.numel()
     want = ops.layer_forward(*args, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, None, None, None, [],
                              False, 1, False)[:3]
-    for copy in (packed_hh, packed_hh[:-1]):
-        got = ops.forward_packed(*args, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, copy, 1)
+    for copy_ih, copy_hh in ((packed_ih, packed_hh), (packed_ih[:-1], packed_hh[:-1])):
+        got = ops.forward_packed(*args, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, copy_ih, copy_hh, 1)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
     want = ops.step(*args, x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, pw, 1)

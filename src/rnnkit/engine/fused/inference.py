@@ -182,7 +182,7 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
         given = (_zeros(plan, (depth, batch, hidden), x),) * states
     threads.adapt()  # (as the general path: once per layer forward)
     op = torch.ops.rnnkit_fused.layer_forward.default
-    # batch 1, float32: the recurrent products read W_hh packed (forward_packed)
+    # batch 1, float32: the products read W_ih and W_hh packed (forward_packed)
     packed = batch == 1 and x.dtype == torch.float32
     packed_op = torch.ops.rnnkit_fused.forward_packed.default
     args = cfg.args()
@@ -198,7 +198,8 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
             c0 = given[1][index] if states == 2 else None
             if packed:
                 y, h, c = packed_op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh,
-                                    pw, _gemv(plan, index, 1), loop_threads)
+                                    pw, _gemv(plan, index, 0), _gemv(plan, index, 1),
+                                    loop_threads)
             else:
                 y, h, c, *_ = op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh, pw,
                                  None, None, None, [], False, loop_threads, False)

@@ -365,6 +365,80 @@ inline void gemv_packed(int64_t gates, int64_t H, int64_t K, const float* a, con
 #endif
 }
 
+// C(MR rows, valid) += A(MR, K) P(K, NB * width): the input projection's micro-kernel over one
+// packed panel (MR x NB accumulators; each k loads NB vectors of the panel and broadcasts MR
+// elements of A, so the FMAs, not the loads, bound it).
+template <typename S, int NB, int MR>
+inline void gemm_panel(int64_t K, const float* A, int64_t lda, const float* P, float* C,
+                       int64_t ldc, int64_t valid) {
+  using V = typename S::V;
+  constexpr int64_t W = S::kWidth, L = NB * W;
+  V s[MR][NB];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NB; ++r) s[i][r] = S::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NB];
+    for (int r = 0; r < NB; ++r) b[r] = S::load(P + k * L + r * W);
+    for (int i = 0; i < MR; ++i) {
+      const V a = S::set1(A[i * lda + k]);
+      for (int r = 0; r < NB; ++r) s[i][r] = S::fma(b[r], a, s[i][r]);
+    }
+  }
+  for (int r = 0; r < NB; ++r) {
+    const int64_t n = std::min<int64_t>(W, valid - r * W);
+    if (n <= 0) break;
+    const typename S::Tail m = S::tail(n == W ? 0 : n);
+    for (int i = 0; i < MR; ++i) {
+      float* c = C + i * ldc + r * W;
+      if (n == W) S::store(c, S::add(s[i][r], S::load(c)));
+      else S::store_tail(c, S::add(s[i][r], S::load_tail(c, m)), m);
+    }
+  }
+}
+
+template <typename S, int NB>
+inline void gemm_panel_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* P,
+                            float* C, int64_t ldc, int64_t valid) {
+  constexpr int64_t kRows = 6;
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows)
+    gemm_panel<S, NB, kRows>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid);
+  switch (M - m) {
+    case 5: gemm_panel<S, NB, 5>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
+    case 4: gemm_panel<S, NB, 4>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
+    case 3: gemm_panel<S, NB, 3>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
+    case 2: gemm_panel<S, NB, 2>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
+    case 1: gemm_panel<S, NB, 1>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
+    default: break;
+  }
+}
+
+// C(M, G*H) += A(M, K) W^T for W (G*H, K) packed by pack_gemv: the batch-1 input projection of
+// every step at once, reading the weight packed once per weight version (as onnxruntime reads
+// its session-time packed W) instead of BLAS repacking W_ih on every call.
+inline void gemm_packed(int64_t M, int64_t G, int64_t H, int64_t K, const float* A, int64_t lda,
+                        const float* P, float* C, int64_t ldc) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  using S = GemvSimd;
+  const int64_t Hp = gemv_padded(H), L = kGemvBlocks * kGemvWidth;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t u0 = 0; u0 < Hp; u0 += L) {
+      const int64_t width = std::min(L, Hp - u0), valid = std::min(width, H - u0);
+      const float* Pp = P + g * Hp * K + u0 * K;
+      float* c = C + g * H + u0;
+      switch (width / kGemvWidth) {
+        case 4: gemm_panel_rows<S, 4>(M, K, A, lda, Pp, c, ldc, valid); break;
+        case 3: gemm_panel_rows<S, 3>(M, K, A, lda, Pp, c, ldc, valid); break;
+        case 2: gemm_panel_rows<S, 2>(M, K, A, lda, Pp, c, ldc, valid); break;
+        default: gemm_panel_rows<S, 1>(M, K, A, lda, Pp, c, ldc, valid); break;
+      }
+    }
+#else
+  (void)M, (void)G, (void)H, (void)K, (void)A, (void)lda, (void)P, (void)C, (void)ldc;
+  TORCH_CHECK(false, "gemm_packed needs AVX2 + FMA");
+#endif
+}
+
 // W (G*H, K) float32 -> its pack_gemv layout (G * gemv_padded(H) * K floats): per gate g and
 // panel u0, element (k, u) at g * Hp * K + u0 * K + k * width + (u - u0). Empty where there is no
 // packed path (no AVX2: the caller keeps reading W as stored).
@@ -1583,7 +1657,8 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
                                      const at::Tensor& rmask, const at::Tensor& kh,
                                      const at::Tensor& kc, bool training, int nt_loop,
                                      int nt_all, bool bf16 = false,
-                                     const at::Tensor& gemv_hh = at::Tensor()) {
+                                     const at::Tensor& gemv_hh = at::Tensor(),
+                                     const at::Tensor& gemv_ih = at::Tensor()) {
   const int64_t T_ = cf.T, B = cf.B, I = cf.I, H = cf.H, G = cf.G, GH = G * H;
   auto opts = x.options();
   const bool part = partial(cf);
@@ -1624,8 +1699,18 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
   RecW<T> W{nullptr, 0, as_stored};
   if (as_stored) {
     if (has_bias) gates.copy_(bias.expand({T_, B, GH}));
-    gemm_bt<T>(T_ * B, GH, I, x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, gates.data_ptr<T>(), GH,
-               has_bias);
+    bool projected = false;
+    if constexpr (std::is_same_v<T, float>) {  // batch-1 inference: W_ih packed once
+      if (B == 1 && is_packed_gemv(gemv_ih, G, H, I)) {
+        if (!has_bias) gates.zero_();
+        gemm_packed(T_, G, H, I, x.data_ptr<float>(), I, gemv_ih.data_ptr<float>(),
+                    gates.data_ptr<float>(), GH);
+        projected = true;
+      }
+    }
+    if (!projected)
+      gemm_bt<T>(T_ * B, GH, I, x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, gates.data_ptr<T>(),
+                 GH, has_bias);
     W.p = w_hh.data_ptr<T>();
     W.ld = H;
     // batch-1 inference: W_hh packed once (forward_packed)
@@ -2124,7 +2209,8 @@ ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tens
                          at::Tensor w_ih, at::Tensor w_hh, at::Tensor b_ih, at::Tensor b_hh,
                          at::Tensor pw, const std::vector<int64_t>& batch_sizes, bool training,
                          int64_t nthreads, const Masks& masks = {}, bool bf16 = false,
-                         const at::Tensor& gemv_hh = at::Tensor()) {
+                         const at::Tensor& gemv_hh = at::Tensor(),
+                         const at::Tensor& gemv_ih = at::Tensor()) {
   TORCH_CHECK(x.dim() == 3, "x must be (T, B, I)");
   TORCH_CHECK(h0.dim() == 2, "h0 must be (B, H)");
   const int64_t H = h0.size(1);
@@ -2146,7 +2232,8 @@ ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tens
   TORCH_CHECK(!bf16 || x.scalar_type() == at::kFloat, "bf16 mode takes float32 tensors");
   if (x.scalar_type() == at::kFloat) {
     r = forward_impl<float>(cf, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, masks.recurrent,
-                            masks.keep_h, masks.keep_c, training, nt, nt_all, bf16, gemv_hh);
+                            masks.keep_h, masks.keep_c, training, nt, nt_all, bf16, gemv_hh,
+                            gemv_ih);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kDouble, "fused kernels support float32 and float64");
     r = forward_impl<double>(cf, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, masks.recurrent,
@@ -2299,16 +2386,17 @@ std::tuple<at::Tensor, at::Tensor> step(int64_t kind, int64_t act, bool peep, bo
 }
 
 // rnnkit_fused::forward_packed: layer_forward for inference (nothing saved) whose batch-1
-// recurrent products read gemv_hh = pack_gemv(w_hh) (the inference plan packs it once per weight
-// version). Returns (y, h_n, c_n); c_n empty for a cell without one.
+// products read gemv_ih = pack_gemv(w_ih) (the input projection of all steps, one GEMM) and
+// gemv_hh = pack_gemv(w_hh) (each step's recurrent product); the inference plan packs them once
+// per weight version. Returns (y, h_n, c_n); c_n empty for a cell without one.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_packed(
     int64_t kind, int64_t act, bool peep, bool coupled, bool before, const at::Tensor& x,
     const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& pw,
-    const at::Tensor& gemv_hh, int64_t nthreads) {
+    const at::Tensor& gemv_ih, const at::Tensor& gemv_hh, int64_t nthreads) {
   auto r = forward_op({kind, act, peep, coupled, before}, x, h0, opt(c0), w_ih, w_hh, opt(b_ih),
-                      opt(b_hh), opt(pw), {}, false, nthreads, {}, false, gemv_hh);
+                      opt(b_hh), opt(pw), {}, false, nthreads, {}, false, gemv_hh, gemv_ih);
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
@@ -2459,7 +2547,7 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("pack_gemv(Tensor w, int gates) -> Tensor");
   m.def("forward_packed(" RNNKIT_VARIANT
         "Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-        "Tensor? peephole_weights, Tensor gemv_hh, int threads) -> "
+        "Tensor? peephole_weights, Tensor gemv_ih, Tensor gemv_hh, int threads) -> "
         "(Tensor y, Tensor h_n, Tensor c_n)");
   m.def("step_packed(" RNNKIT_VARIANT
         "Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
