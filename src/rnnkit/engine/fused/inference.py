@@ -72,14 +72,16 @@ def _usable(x: Any, dtype: torch.dtype) -> bool:
 
 
 def _plan(module: Any, cfg: Config,
-          params_of: Callable[[], Sequence[Sequence[Tensor | None]] | None]) -> Prepared | None:
-    """The module's plan for its current weights (rebuilt when the key changed); ``params_of()``
-    gives each layer's and direction's ``(w_ih, w_hh, b_ih, b_hh, *peephole)``."""
+          params_of: Callable[[Any], Sequence[Sequence[Tensor | None]] | None]
+          ) -> Prepared | None:
+    """The module's plan for its current weights (rebuilt when the key changed);
+    ``params_of(module)`` gives each layer's and direction's ``(w_ih, w_hh, b_ih, b_hh,
+    *peephole)``."""
     key = _key(module._parameters)
     plan = module.__dict__.get(_ATTRIBUTE)
     if plan is not None and plan.key == key:
         return plan
-    params_of = params_of()
+    params_of = params_of(module)
     if params_of is None:
         return None
     owned = [id(p) for p in module._parameters.values()]
@@ -130,6 +132,13 @@ def _config(module: Any) -> Config | None:
     return cached[1]
 
 
+def _layer_params(layer: Any) -> list[Sequence[Tensor | None]]:
+    """Each layer's and direction's ``(w_ih, w_hh, b_ih, b_hh, *peephole)``."""
+    directions = layer.num_directions
+    return [layer.layer_params(i // directions, i % directions)
+            for i in range(layer.num_layers * directions)]
+
+
 def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor, Any] | None:
     """``layer(input, hx, lengths=lengths)`` of a RecurrentLayer through the lean path, or None
     (the caller then runs the general forward)."""
@@ -173,9 +182,7 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
             return None  # (the general path says what is wrong)
         if unbatched:
             given = tuple(s.unsqueeze(1) for s in given)
-    plan = _plan(layer, cfg, lambda: [layer.layer_params(i // layer.num_directions,
-                                                         i % layer.num_directions)
-                                      for i in range(depth)])
+    plan = _plan(layer, cfg, _layer_params)
     if plan is None:
         return None
     if hx is None:
@@ -220,26 +227,27 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
     return output, (final[0] if states == 1 else tuple(final))
 
 
+def _cell_params(cell: Any) -> list[tuple[Tensor | None, ...]] | None:
+    """A cell's ``(w_ih, w_hh, b_ih, b_hh, *peephole)`` from its parameters' dict, or None."""
+    parameters = cell._parameters
+    try:
+        return [(parameters["weight_ih"], parameters["weight_hh"], parameters.get("bias_ih"),
+                 parameters.get("bias_hh"),
+                 *(parameters[name] for name in cell.math.diagonal_names))]
+    except KeyError:  # (a parametrized weight: then not in the dict)
+        return None
+
+
 def cell_step(cell: Any, x_t: Any, state: Any) -> tuple[Tensor, Any] | None:
     """``cell(x_t, state)`` of a RecurrentCell through the lean ``step`` call, or None."""
-    parameters = cell._parameters
-    weight = parameters.get("weight_hh")
+    weight = cell._parameters.get("weight_hh")
     if (weight is None or not _usable(x_t, weight.dtype) or x_t.dim() != 2
             or x_t.shape[1] != cell.input_size):
         return None
     cfg = _config(cell)
     if cfg is None:
         return None
-
-    def params_of() -> list[tuple[Tensor | None, ...]] | None:
-        try:
-            return [(parameters["weight_ih"], weight, parameters.get("bias_ih"),
-                     parameters.get("bias_hh"),
-                     *(parameters[name] for name in cell.math.diagonal_names))]
-        except KeyError:  # (a parametrized weight: then not in the dict)
-            return None
-
-    plan = _plan(cell, cfg, params_of)
+    plan = _plan(cell, cfg, _cell_params)  # (a module-level function: a closure per call costs)
     if plan is None:
         return None
     shape = (x_t.shape[0], cell.hidden_size)
