@@ -439,6 +439,78 @@ inline void gemm_packed(int64_t M, int64_t G, int64_t H, int64_t K, const float*
 #endif
 }
 
+// gemv_panel for the streaming step's two products at once: ci[0 : valid) += x(1, I) Pi(I, NB *
+// width) and ch[0 : valid) = h(1, H) Ph(H, NB * width), the two packed weights read side by side
+// (two sequential streams: at batch 1 the step is bound by reading its weights from L3, and two
+// streams keep more of those reads in flight than one).
+template <typename S, int NB>
+inline void gemv2_panel(int64_t I, const float* x, const float* Pi, int64_t H, const float* h,
+                        const float* Ph, float* ci, float* ch, int64_t valid) {
+  using V = typename S::V;
+  constexpr int64_t W = S::kWidth, L = NB * W;
+  V si[NB], sh[NB];
+  for (int r = 0; r < NB; ++r) si[r] = sh[r] = S::zero();
+  const int64_t both = std::min(I, H);
+  for (int64_t k = 0; k < both; ++k) {
+    const V ax = S::set1(x[k]), ah = S::set1(h[k]);
+    for (int r = 0; r < NB; ++r) {
+      si[r] = S::fma(S::load(Pi + k * L + r * W), ax, si[r]);
+      sh[r] = S::fma(S::load(Ph + k * L + r * W), ah, sh[r]);
+    }
+  }
+  for (int64_t k = both; k < I; ++k) {
+    const V ax = S::set1(x[k]);
+    for (int r = 0; r < NB; ++r) si[r] = S::fma(S::load(Pi + k * L + r * W), ax, si[r]);
+  }
+  for (int64_t k = both; k < H; ++k) {
+    const V ah = S::set1(h[k]);
+    for (int r = 0; r < NB; ++r) sh[r] = S::fma(S::load(Ph + k * L + r * W), ah, sh[r]);
+  }
+  for (int r = 0; r < NB; ++r) {
+    const int64_t n = std::min<int64_t>(W, valid - r * W);
+    if (n <= 0) break;
+    if (n == W) {
+      S::store(ci + r * W, S::add(si[r], S::load(ci + r * W)));
+      S::store(ch + r * W, sh[r]);
+    } else {
+      const typename S::Tail m = S::tail(n);
+      S::store_tail(ci + r * W, S::add(si[r], S::load_tail(ci + r * W, m)), m);
+      S::store_tail(ch + r * W, sh[r], m);
+    }
+  }
+}
+
+// ci(1, G*H) += x(1, I) W_ih^T and ch(1, G*H) = h(1, H) W_hh^T, both weights packed by pack_gemv
+// (gemv2_panel); g_rows_descending reverses the order as in gemv_packed.
+inline void gemv2_packed(int64_t G, int64_t H, const float* x, int64_t I, const float* Pi,
+                         const float* h, const float* Ph, float* ci, float* ch) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  using S = GemvSimd;
+  const int64_t Hp = gemv_padded(H), L = kGemvBlocks * kGemvWidth;
+  const int64_t panels = (Hp + L - 1) / L;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t g = g_rows_descending ? G - 1 - gi : gi;
+    for (int64_t pi = 0; pi < panels; ++pi) {
+      const int64_t u0 = (g_rows_descending ? panels - 1 - pi : pi) * L;
+      const int64_t width = std::min(L, Hp - u0), valid = std::min(width, H - u0);
+      const float* pi_ = Pi + g * Hp * I + u0 * I;
+      const float* ph = Ph + g * Hp * H + u0 * H;
+      float* oi = ci + g * H + u0;
+      float* oh = ch + g * H + u0;
+      switch (width / kGemvWidth) {
+        case 4: gemv2_panel<S, 4>(I, x, pi_, H, h, ph, oi, oh, valid); break;
+        case 3: gemv2_panel<S, 3>(I, x, pi_, H, h, ph, oi, oh, valid); break;
+        case 2: gemv2_panel<S, 2>(I, x, pi_, H, h, ph, oi, oh, valid); break;
+        default: gemv2_panel<S, 1>(I, x, pi_, H, h, ph, oi, oh, valid); break;
+      }
+    }
+  }
+#else
+  (void)G, (void)H, (void)x, (void)I, (void)Pi, (void)h, (void)Ph, (void)ci, (void)ch;
+  TORCH_CHECK(false, "gemv2_packed needs AVX2 + FMA");
+#endif
+}
+
 // W (G*H, K) float32 -> its pack_gemv layout (G * gemv_padded(H) * K floats): per gate g and
 // panel u0, element (k, u) at g * Hp * K + u0 * K + k * width + (u - u0). Empty where there is no
 // packed path (no AVX2: the caller keeps reading W as stored).
@@ -2322,7 +2394,10 @@ bool step_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h,
     if (packed) gemv_packed(cf.G, H, K, a.data_ptr<float>(), pk.data_ptr<float>(), 0, out, acc);
     else gemm_bt<float>(1, GH, K, a.data_ptr<float>(), K, w.data_ptr<float>(), K, out, GH, acc);
   };
-  if (reverse) {
+  // packed LSTM and Elman steps read both weights in one pass (gemv2_packed); the GRU's loops
+  // form their recurrent products themselves
+  const bool both = packed && cf.kind != GRU;
+  if (reverse && !both) {
     g_rows_descending = true;
     product(h, w_hh, gemv_hh, rec, false);
   }
@@ -2332,13 +2407,19 @@ bool step_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h,
   const int64_t folded = cf.kind == GRU && !cf.before ? 2 * H : GH;
   for (int64_t n = 0; n < GH; ++n)
     gates[n] = !has_bias ? 0.0f : n < folded ? bi[n] + bh[n] : bi[n];
-  product(x, w_ih, gemv_ih, gates, true);
+  if (both) {
+    g_rows_descending = reverse;
+    gemv2_packed(cf.G, H, x.data_ptr<float>(), I, gemv_ih.data_ptr<float>(), h.data_ptr<float>(),
+                 gemv_hh.data_ptr<float>(), gates, rec);
+  } else {
+    product(x, w_ih, gemv_ih, gates, true);
+  }
   g_rows_descending = false;
-  if (reverse && cf.kind == RNN)  // (rnn_fwd_loop accumulates its product into the gates)
+  if ((reverse || both) && cf.kind == RNN)  // (rnn_fwd_loop accumulates its product into gates)
     for (int64_t n = 0; n < GH; ++n) gates[n] = gates[n] + rec[n];
   h_out = at::empty({1, H}, x.options());
   RecW<float> W{w_hh.data_ptr<float>(), H, true};
-  W.done = reverse;
+  W.done = reverse || both;
   if (packed) W.gemv = gemv_hh.data_ptr<float>();
   const Reg<float> R;
   const float* h0 = h.data_ptr<float>();
