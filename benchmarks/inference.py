@@ -210,6 +210,7 @@ def _ort_version() -> str:
 
 
 def main() -> None:
+    global CLOCK
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=EXPORTABLE, choices=EXPORTABLE)
@@ -223,7 +224,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one shape, two variants, 3 repeats")
     parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
     args = parser.parse_args()
-    global CLOCK
     CLOCK = args.clock
     governor.set_policy("fixed")  # both sides at one known thread count
     if args.threads:
