@@ -448,3 +448,21 @@ def test_batch_1_layer_nan_and_inf_propagate_as_torch(name):
             finite = g.isfinite()
             torch.testing.assert_close(g[finite], w[finite], rtol=1e-5, atol=1e-6)
         layer.load_state_dict(LAYERS[name](INPUT, HIDDEN).state_dict())
+
+
+def test_packed_forward_of_a_long_input_equals_layer_forward():
+    """More gates than the per-thread scratch keeps (T * 4H > 2^20 floats): forward_packed's
+    buffer is allocated for the call, results as layer_forward's."""
+    torch.manual_seed(10)
+    ops = torch.ops.rnnkit_fused
+    hidden, steps = 16, (1 << 20) // 64 + 7
+    layer = LAYERS["lstm"](1, hidden)
+    w_ih, w_hh, b_ih, b_hh = (p.detach() for p in layer.layer_params(0, 0)[:4])
+    x, h0, c0 = torch.randn(steps, 1, 1), torch.randn(1, hidden), torch.randn(1, hidden)
+    args = _kernel_config("lstm").args()
+    got = ops.forward_packed(*args, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None,
+                             ops.pack_gemv(w_ih, 4), ops.pack_gemv(w_hh, 4), 1)
+    want = ops.layer_forward(*args, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, None, None, [],
+                             False, 1, False)[:3]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

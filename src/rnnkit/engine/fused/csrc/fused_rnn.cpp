@@ -2466,6 +2466,99 @@ std::tuple<at::Tensor, at::Tensor> step(int64_t kind, int64_t act, bool peep, bo
   return {std::get<1>(r), std::get<2>(r)};
 }
 
+// forward_packed's short path: float32, batch 1, one thread, both weights packed. forward_op's
+// generic set-up (contiguous copies, the folded-bias clone, the gates, state and scratch tensors,
+// the bias broadcast: about ten ATen calls, ~7 us of a call) becomes per-thread scratch reused
+// across calls; the only ATen calls are the three outputs' allocations. The math is
+// forward_impl's: the same products (gemm_packed, then each step's over the packed W_hh) and the
+// same loops. False (nothing done) where forward_op must run.
+constexpr int64_t kLeanScratch = 1 << 20;  // floats of gates kept per thread (4 MiB; more: per call)
+bool forward_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h0,
+                  const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& pw,
+                  const at::Tensor& gemv_ih, const at::Tensor& gemv_hh, int64_t nthreads,
+                  at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n) {
+  if (x.dim() != 3 || x.size(0) < 1 || x.size(1) != 1 || h0.dim() != 2 ||
+      x.scalar_type() != at::kFloat)
+    return false;
+  Cfg cf;
+  cf.kind = static_cast<int>(v.kind);
+  cf.act = static_cast<int>(v.act);
+  cf.peep = v.peep;
+  cf.coupled = v.coupled;
+  cf.before = v.before;
+  cf.T = x.size(0);
+  cf.B = 1;
+  cf.I = x.size(2);
+  cf.H = h0.size(1);
+  cf.G = gates_of(cf);
+  cf.bs.assign(cf.T, 1);
+  const int64_t T_ = cf.T, H = cf.H, G = cf.G, GH = G * H, I = cf.I;
+  if (nthreads > 1 || pick_threads(cf, nthreads) != 1) return false;
+  // anything unusual (shapes, dtypes, layouts) takes forward_op, which checks and says
+  const bool lstm = cf.kind == LSTM, has_bias = b_ih.defined();
+  const int64_t num_peep = lstm && cf.peep ? (cf.coupled ? 2 : 3) : 0;
+  auto ok = [](const at::Tensor& t, std::initializer_list<int64_t> shape) {
+    return t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes().equals(shape);
+  };
+  if (!ok(x, {T_, 1, I}) || !ok(h0, {1, H}) || !ok(w_ih, {GH, I}) || !ok(w_hh, {GH, H}) ||
+      (lstm && !(c0.defined() && ok(c0, {1, H}))) || has_bias != b_hh.defined() ||
+      (has_bias && !(ok(b_ih, {GH}) && ok(b_hh, {GH}))) ||
+      (num_peep > 0 && !(pw.defined() && ok(pw, {num_peep, H}))) ||
+      !is_packed_gemv(gemv_ih, G, H, I) || !is_packed_gemv(gemv_hh, G, H, H))
+    return false;
+  thread_local std::vector<float> scratch;
+  at::Tensor big;  // (gates of a long input: allocated per call rather than kept per thread)
+  float* gates;    // (T, GH): x W_ih^T + folded biases
+  if (T_ * GH <= kLeanScratch) {
+    scratch.resize(T_ * GH + GH + H);
+    gates = scratch.data();
+  } else {
+    big = at::empty({T_ * GH + GH + H}, x.options());
+    gates = big.data_ptr<float>();
+  }
+  float* rec = gates + T_ * GH;  // (1, GH): the LSTM's recurrent product
+  float* aux = rec + GH;         // (1, H): the GRU's W_hn h or r h
+  // biases folded as forward_impl folds them: the reset-after GRU keeps b_hn for inside r (.)
+  const float* bi = has_bias ? b_ih.data_ptr<float>() : nullptr;
+  const float* bh = has_bias ? b_hh.data_ptr<float>() : nullptr;
+  const int64_t folded = cf.kind == GRU && !cf.before ? 2 * H : GH;
+  for (int64_t n = 0; n < GH; ++n)
+    gates[n] = !has_bias ? 0.0f : n < folded ? bi[n] + bh[n] : bi[n];
+  for (int64_t t = 1; t < T_; ++t) std::memcpy(gates + t * GH, gates, GH * sizeof(float));
+  gemm_packed(T_, G, H, I, x.data_ptr<float>(), I, gemv_ih.data_ptr<float>(), gates, GH);
+  y = at::empty({T_, 1, H}, x.options());
+  h_n = at::empty({1, H}, x.options());  // (the loops' state copy: h_n at the end)
+  std::memcpy(h_n.data_ptr<float>(), h0.data_ptr<float>(), H * sizeof(float));
+  RecW<float> W{w_hh.data_ptr<float>(), H, true};
+  W.gemv = gemv_hh.data_ptr<float>();
+  const Reg<float> R;
+  const float* hp = h0.data_ptr<float>();
+  if (lstm) {
+    c_n = at::empty({1, H}, x.options());
+    std::memcpy(c_n.data_ptr<float>(), c0.data_ptr<float>(), H * sizeof(float));
+    const float* p = num_peep > 0 ? pw.data_ptr<float>() : nullptr;
+    auto run = [&](auto peep, auto coupled) {
+      lstm_fwd_loop<float, decltype(peep)::value, decltype(coupled)::value, false, false>(
+          cf, gates, rec, y.data_ptr<float>(), nullptr, h_n.data_ptr<float>(),
+          c_n.data_ptr<float>(), hp, W, p, R, 1);
+    };
+    if (cf.peep && cf.coupled) run(std::true_type{}, std::true_type{});
+    else if (cf.peep) run(std::true_type{}, std::false_type{});
+    else if (cf.coupled) run(std::false_type{}, std::true_type{});
+    else run(std::false_type{}, std::false_type{});
+  } else if (cf.kind == RNN) {
+    rnn_fwd_loop<float>(cf, gates, y.data_ptr<float>(), h_n.data_ptr<float>(), hp, W, R, 1);
+  } else if (!cf.before) {
+    gru_after_fwd_loop<float>(cf, gates, y.data_ptr<float>(), h_n.data_ptr<float>(), aux, nullptr,
+                              hp, W, has_bias ? bh + 2 * H : nullptr, R, 1);
+  } else {
+    gru_before_fwd_loop<float>(cf, gates, y.data_ptr<float>(), h_n.data_ptr<float>(), aux, false,
+                               hp, W, R, 1);
+  }
+  return true;
+}
+
 // rnnkit_fused::forward_packed: layer_forward for inference (nothing saved) whose batch-1
 // products read gemv_ih = pack_gemv(w_ih) (the input projection of all steps, one GEMM) and
 // gemv_hh = pack_gemv(w_hh) (each step's recurrent product); the inference plan packs them once
@@ -2476,6 +2569,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_packed(
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& pw,
     const at::Tensor& gemv_ih, const at::Tensor& gemv_hh, int64_t nthreads) {
+  at::Tensor y, h_n, c_n;
+  if (forward_lean({kind, act, peep, coupled, before}, x, h0, opt(c0), w_ih, w_hh, opt(b_ih),
+                   opt(b_hh), opt(pw), gemv_ih, gemv_hh, nthreads, y, h_n, c_n))
+    return {y, h_n, or_empty(c_n, x)};
   auto r = forward_op({kind, act, peep, coupled, before}, x, h0, opt(c0), w_ih, w_hh, opt(b_ih),
                       opt(b_hh), opt(pw), {}, false, nthreads, {}, false, gemv_hh, gemv_ih);
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
