@@ -1,5 +1,7 @@
-"""Inference at batch 1 (issue 15, item 4): the fused kernel's matrix-vector path (``gemv_rows``,
-eight weight rows at a time), the lean streaming ``step`` and the batch-1 routing of the plain
+"""Inference at batch 1 (issue 15, item 4): the fused kernel's matrix-vector paths (``gemv_rows``,
+eight weight rows at a time over W as stored; ``pack_gemv``'s packed weights, which the lean
+path's ``forward_packed`` / ``step_packed`` read), the lean streaming ``step`` and the batch-1
+routing of the plain
 LSTM to rnnkit's own kernel, pinned against implementations written by someone else: torch.nn
 (layers and cells) and onnxruntime (every variant, with and without ``lengths``).
 

@@ -9,6 +9,13 @@ Here a layer (or cell) keeps a :class:`Prepared` plan — the kernel config and,
 direction, the operator's weight arguments — and a call checks a few cheap conditions and calls
 ``torch.ops.rnnkit_fused.layer_forward`` / ``step`` directly.
 
+At batch 1 (float32) the plan also keeps each weight packed for the batch-1 products
+(``pack_gemv``: per gate, panels of W^T contiguous along K — one sequential stream per product,
+as onnxruntime packs its weights once per session), made at the first batch-1 call and read by
+``forward_packed`` (the input projection of all steps as one GEMM, each step's recurrent
+product) and ``step_packed`` (the streaming step). It costs a second copy of the weights while
+the plan lives.
+
 The plan is keyed on every parameter's ``data_ptr()`` and ``_version``: an optimizer step or
 ``load_state_dict`` (in-place writes bump ``_version``), ``.to()`` or assigning ``.data`` (new
 storage) all rebuild it. The plan holds references to the parameters it was built from, so a
