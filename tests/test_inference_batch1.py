@@ -1,5 +1,7 @@
-"""Inference at batch 1 (issue 15, item 4): the fused kernel's matrix-vector path (``gemv_rows``,
-eight weight rows at a time), the lean streaming ``step`` and the batch-1 routing of the plain
+"""Inference at batch 1 (issue 15, item 4): the fused kernel's matrix-vector paths (``gemv_rows``,
+eight weight rows at a time over W as stored; ``pack_gemv``'s packed weights, which the lean
+path's ``forward_packed`` / ``step_packed`` read), the lean streaming ``step`` and the batch-1
+routing of the plain
 LSTM to rnnkit's own kernel, pinned against implementations written by someone else: torch.nn
 (layers and cells) and onnxruntime (every variant, with and without ``lengths``).
 
@@ -222,8 +224,9 @@ def test_lean_layer_path_equals_general_path_and_torch(name, layers, bidirection
         assert "_inference_plan" in layer.__dict__, kwargs  # the lean path ran
         general = _flat(layer(x, **kwargs))  # (grad enabled: the general path)
         assert len(lean) == len(general)
-        for got, want in zip(lean, general):
-            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+        for got, want in zip(lean, general):  # (float32 rounding: the lean path's products
+            # read W_hh packed (pack_gemv), summing in another order than the general path's)
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
         if name in TORCH_FORMS and "hx" not in kwargs:
             reference = layer.to_torch().eval()
             cut = kwargs.get("lengths", [STEPS])[0]
@@ -258,8 +261,13 @@ def test_lean_weight_cache_follows_in_place_changes(name):
     def check() -> None:
         with torch.inference_mode():
             lean = _flat(layer(x))
-        for got, want in zip(lean, _flat(layer(x))):
-            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+        # (the plan's packed W_hh is the current one: packed from the weights of this version)
+        packed = layer.__dict__["_inference_plan"].gemv[(0, 1)]
+        expect = torch.ops.rnnkit_fused.pack_gemv(layer.weight_hh_l0.detach(), 4 if "lstm" in name
+                                                  else 3)
+        assert torch.equal(packed, expect)
+        for got, want in zip(lean, _flat(layer(x))):  # (float32 rounding: see above)
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
 
     check()
     first = layer.__dict__["_inference_plan"]
@@ -366,3 +374,97 @@ def test_lean_layer_path_batch_first_unbatched_and_float64():
         for got, want in zip(lean, _flat(layer(x))):
             assert got.shape == want.shape
             torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+
+
+# ---- weights packed for batch-1 products (pack_gemv, forward_packed, step_packed) ---------------
+
+
+def _kernel_config(name: str):
+    """The fused kernels' config of a conftest variant (its operator arguments)."""
+    from rnnkit.engine.fused._function import KERNELS, spec_of
+
+    return KERNELS[spec_of(LAYERS[name](1, 1).math)]
+
+
+@pytest.mark.parametrize("name", ["lstm", "lstm_peephole", "lstm_coupled", "gru_after",
+                                  "gru_before", "rnn_relu"])
+@pytest.mark.parametrize("hidden,size,bias", [(37, 19, True), (70, 1, False), (16, 33, True)])
+def test_packed_operators_equal_the_operators_on_weights_as_stored(name, hidden, size, bias):
+    """forward_packed / step_packed with pack_gemv's copies against layer_forward / step on the
+    same weights (sizes off the packing's blocks: H = 37 and 70 end in a partial vector and 70 a
+    partial panel of four; K = 1 and odd K end the two-chain loop on one row; 13 steps are two
+    blocks of six rows of the input projection and one left over); a packed copy of the wrong
+    size is ignored (the weights as stored are read)."""
+    torch.manual_seed(8)
+    ops = torch.ops.rnnkit_fused
+    layer = LAYERS[name](size, hidden, bias=bias)
+    from rnnkit.engine.fused._function import peephole_weights
+
+    cfg = _kernel_config(name)
+    args = cfg.args()
+    params = [None if p is None else p.detach() for p in layer.layer_params(0, 0)]
+    w_ih, w_hh, b_ih, b_hh = params[:4]
+    gates = w_hh.shape[0] // hidden
+    pw = peephole_weights(cfg, params)
+    lstm = "lstm" in name
+    x = torch.randn(13, 1, size)
+    h0 = torch.randn(1, hidden)
+    c0 = torch.randn(1, hidden) if lstm else None
+    packed_ih, packed_hh = ops.pack_gemv(w_ih, gates), ops.pack_gemv(w_hh, gates)
+    width = packed_hh.numel() // (gates * hidden)  # (= padded units / H: K = H here)
+    assert packed_hh.numel() % gates == 0 and width * gates * hidden <= packed_hh.numel()
+    want = ops.layer_forward(*args, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, None, None, None, [],
+                             False, 1, False)[:3]
+    for copy_ih, copy_hh in ((packed_ih, packed_hh), (packed_ih[:-1], packed_hh[:-1])):
+        got = ops.forward_packed(*args, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, copy_ih, copy_hh, 1)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    want = ops.step(*args, x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, pw, 1)
+    for _ in range(2):  # (both orders of the step's weight reads)
+        got = ops.step_packed(*args, x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, pw, packed_ih,
+                              packed_hh, 1)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru_after", "rnn_tanh"])
+def test_batch_1_layer_nan_and_inf_propagate_as_torch(name):
+    """A NaN or an infinity in the input, a weight or a bias of a batch-1 layer (packed W_hh)
+    reaches the same outputs as in torch.nn's layer."""
+    torch.manual_seed(9)
+    layer = LAYERS[name](INPUT, HIDDEN).eval()
+    for where, value in (("x", float("nan")), ("x", float("inf")), ("weight_hh_l0", float("nan")),
+                         ("weight_hh_l0", float("-inf")), ("bias_hh_l0", float("inf"))):
+        x = torch.randn(STEPS, 1, INPUT)
+        with torch.no_grad():
+            if where == "x":
+                x[2, 0, 3] = value
+            else:
+                getattr(layer, where).view(-1)[30] = value
+        reference = layer.to_torch().eval()
+        with torch.inference_mode():
+            got, want = _flat(layer(x)), _flat(reference(x))
+        for g, w in zip(got, want):
+            assert torch.equal(g.isnan(), w.isnan()), (where, value)
+            assert torch.equal(g.isinf(), w.isinf()), (where, value)
+            finite = g.isfinite()
+            torch.testing.assert_close(g[finite], w[finite], rtol=1e-5, atol=1e-6)
+        layer.load_state_dict(LAYERS[name](INPUT, HIDDEN).state_dict())
+
+
+def test_packed_forward_of_a_long_input_equals_layer_forward():
+    """More gates than the per-thread scratch keeps (T * 4H > 2^20 floats): forward_packed's
+    buffer is allocated for the call, results as layer_forward's."""
+    torch.manual_seed(10)
+    ops = torch.ops.rnnkit_fused
+    hidden, steps = 16, (1 << 20) // 64 + 7
+    layer = LAYERS["lstm"](1, hidden)
+    w_ih, w_hh, b_ih, b_hh = (p.detach() for p in layer.layer_params(0, 0)[:4])
+    x, h0, c0 = torch.randn(steps, 1, 1), torch.randn(1, hidden), torch.randn(1, hidden)
+    args = _kernel_config("lstm").args()
+    got = ops.forward_packed(*args, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None,
+                             ops.pack_gemv(w_ih, 4), ops.pack_gemv(w_hh, 4), 1)
+    want = ops.layer_forward(*args, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, None, None, [],
+                             False, 1, False)[:3]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

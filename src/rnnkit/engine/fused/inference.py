@@ -9,6 +9,13 @@ Here a layer (or cell) keeps a :class:`Prepared` plan — the kernel config and,
 direction, the operator's weight arguments — and a call checks a few cheap conditions and calls
 ``torch.ops.rnnkit_fused.layer_forward`` / ``step`` directly.
 
+At batch 1 (float32) the plan also keeps each weight packed for the batch-1 products
+(``pack_gemv``: per gate, panels of W^T contiguous along K — one sequential stream per product,
+as onnxruntime packs its weights once per session), made at the first batch-1 call and read by
+``forward_packed`` (the input projection of all steps as one GEMM, each step's recurrent
+product) and ``step_packed`` (the streaming step). It costs a second copy of the weights while
+the plan lives.
+
 The plan is keyed on every parameter's ``data_ptr()`` and ``_version``: an optimizer step or
 ``load_state_dict`` (in-place writes bump ``_version``), ``.to()`` or assigning ``.data`` (new
 storage) all rebuild it. The plan holds references to the parameters it was built from, so a
@@ -48,6 +55,8 @@ class Prepared(NamedTuple):
     # b_hh, peephole (P, H) or None — contiguous, in the op's order
     zeros: dict[tuple[int, ...], Tensor]  # zero initial states by shape (the op never writes
     # its h0 / c0: it clones them)
+    gemv: dict[tuple[int, int], Tensor]  # (layer and direction, 0: w_ih / 1: w_hh) -> the weight
+    # packed for batch-1 products (``pack_gemv``), made at the first float32 batch-1 call
 
 
 def _key(parameters: dict[str, Any]) -> tuple[int, ...]:
@@ -70,14 +79,16 @@ def _usable(x: Any, dtype: torch.dtype) -> bool:
 
 
 def _plan(module: Any, cfg: Config,
-          params_of: Callable[[], Sequence[Sequence[Tensor | None]] | None]) -> Prepared | None:
-    """The module's plan for its current weights (rebuilt when the key changed); ``params_of()``
-    gives each layer's and direction's ``(w_ih, w_hh, b_ih, b_hh, *peephole)``."""
+          params_of: Callable[[Any], Sequence[Sequence[Tensor | None]] | None]
+          ) -> Prepared | None:
+    """The module's plan for its current weights (rebuilt when the key changed);
+    ``params_of(module)`` gives each layer's and direction's ``(w_ih, w_hh, b_ih, b_hh,
+    *peephole)``."""
     key = _key(module._parameters)
     plan = module.__dict__.get(_ATTRIBUTE)
     if plan is not None and plan.key == key:
         return plan
-    params_of = params_of()
+    params_of = params_of(module)
     if params_of is None:
         return None
     owned = [id(p) for p in module._parameters.values()]
@@ -88,7 +99,7 @@ def _plan(module: Any, cfg: Config,
         w_ih, w_hh, b_ih, b_hh = (None if p is None else p.detach().contiguous() for p in params[:4])
         pw = peephole_weights(cfg, params)
         weights.append((w_ih, w_hh, b_ih, b_hh, None if pw is None else pw.detach().contiguous()))
-    plan = Prepared(key, cfg, tuple(weights), {})
+    plan = Prepared(key, cfg, tuple(weights), {}, {})
     module.__dict__[_ATTRIBUTE] = plan
     return plan
 
@@ -98,6 +109,20 @@ def _zeros(plan: Prepared, shape: tuple[int, ...], like: Tensor) -> Tensor:
     if zeros is None or zeros.dtype != like.dtype:
         zeros = plan.zeros[shape] = like.new_zeros(shape)
     return zeros
+
+
+def _gemv(plan: Prepared, index: int, which: int) -> Tensor:
+    """Weight ``which`` (0: w_ih, 1: w_hh) of layer-and-direction ``index``, packed once per weight
+    version as the batch-1 products stream it (as onnxruntime packs its weights once per session):
+    per gate, panels of W^T contiguous along K. Empty on a CPU without the packed kernel (the op
+    then reads the weight as stored)."""
+    packed = plan.gemv.get((index, which))
+    if packed is None:
+        w_hh = plan.weights[index][1]
+        gates = w_hh.shape[0] // w_hh.shape[1]
+        packed = torch.ops.rnnkit_fused.pack_gemv.default(plan.weights[index][which], gates)
+        plan.gemv[(index, which)] = packed
+    return packed
 
 
 def _config(module: Any) -> Config | None:
@@ -112,6 +137,13 @@ def _config(module: Any) -> Config | None:
         config = KERNELS.get(_function.spec_of(math)) if _build.load() is not None else None
         cached = module.__dict__["_inference_config"] = (math, config)
     return cached[1]
+
+
+def _layer_params(layer: Any) -> list[Sequence[Tensor | None]]:
+    """Each layer's and direction's ``(w_ih, w_hh, b_ih, b_hh, *peephole)``."""
+    directions = layer.num_directions
+    return [layer.layer_params(i // directions, i % directions)
+            for i in range(layer.num_layers * directions)]
 
 
 def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor, Any] | None:
@@ -157,15 +189,16 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
             return None  # (the general path says what is wrong)
         if unbatched:
             given = tuple(s.unsqueeze(1) for s in given)
-    plan = _plan(layer, cfg, lambda: [layer.layer_params(i // layer.num_directions,
-                                                         i % layer.num_directions)
-                                      for i in range(depth)])
+    plan = _plan(layer, cfg, _layer_params)
     if plan is None:
         return None
     if hx is None:
         given = (_zeros(plan, (depth, batch, hidden), x),) * states
     threads.adapt()  # (as the general path: once per layer forward)
     op = torch.ops.rnnkit_fused.layer_forward.default
+    # batch 1, float32: the products read W_ih and W_hh packed (forward_packed)
+    packed = batch == 1 and x.dtype == torch.float32
+    packed_op = torch.ops.rnnkit_fused.forward_packed.default
     args = cfg.args()
     loop_threads = _function.loop_threads
     layer_input = x if length == steps else x[:length]
@@ -176,9 +209,14 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
         for direction in range(layer.num_directions):
             w_ih, w_hh, b_ih, b_hh, pw = plan.weights[index]
             source = layer_input if direction == 0 else layer_input.flip(0)
-            y, h, c, *_ = op(*args, source, given[0][index], given[1][index] if states == 2 else None,
-                             w_ih, w_hh, b_ih, b_hh, pw, None, None, None, [], False,
-                             loop_threads, False)
+            c0 = given[1][index] if states == 2 else None
+            if packed:
+                y, h, c = packed_op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh,
+                                    pw, _gemv(plan, index, 0), _gemv(plan, index, 1),
+                                    loop_threads)
+            else:
+                y, h, c, *_ = op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh, pw,
+                                 None, None, None, [], False, loop_threads, False)
             outputs.append(y if direction == 0 else y.flip(0))
             finals[0].append(h)
             if states == 2:
@@ -196,26 +234,27 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
     return output, (final[0] if states == 1 else tuple(final))
 
 
+def _cell_params(cell: Any) -> list[tuple[Tensor | None, ...]] | None:
+    """A cell's ``(w_ih, w_hh, b_ih, b_hh, *peephole)`` from its parameters' dict, or None."""
+    parameters = cell._parameters
+    try:
+        return [(parameters["weight_ih"], parameters["weight_hh"], parameters.get("bias_ih"),
+                 parameters.get("bias_hh"),
+                 *(parameters[name] for name in cell.math.diagonal_names))]
+    except KeyError:  # (a parametrized weight: then not in the dict)
+        return None
+
+
 def cell_step(cell: Any, x_t: Any, state: Any) -> tuple[Tensor, Any] | None:
     """``cell(x_t, state)`` of a RecurrentCell through the lean ``step`` call, or None."""
-    parameters = cell._parameters
-    weight = parameters.get("weight_hh")
+    weight = cell._parameters.get("weight_hh")
     if (weight is None or not _usable(x_t, weight.dtype) or x_t.dim() != 2
             or x_t.shape[1] != cell.input_size):
         return None
     cfg = _config(cell)
     if cfg is None:
         return None
-
-    def params_of() -> list[tuple[Tensor | None, ...]] | None:
-        try:
-            return [(parameters["weight_ih"], weight, parameters.get("bias_ih"),
-                     parameters.get("bias_hh"),
-                     *(parameters[name] for name in cell.math.diagonal_names))]
-        except KeyError:  # (a parametrized weight: then not in the dict)
-            return None
-
-    plan = _plan(cell, cfg, params_of)
+    plan = _plan(cell, cfg, _cell_params)  # (a module-level function: a closure per call costs)
     if plan is None:
         return None
     shape = (x_t.shape[0], cell.hidden_size)
@@ -230,9 +269,15 @@ def cell_step(cell: Any, x_t: Any, state: Any) -> tuple[Tensor, Any] | None:
             return None  # (the general path says what is wrong)
     w_ih, w_hh, b_ih, b_hh, pw = plan.weights[0]
     lstm = cfg.kind == 1
-    h, c = torch.ops.rnnkit_fused.step.default(
-        cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
-        state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _function.loop_threads)
+    if shape[0] == 1 and x_t.dtype == torch.float32:  # both weights packed (step_packed)
+        h, c = torch.ops.rnnkit_fused.step_packed.default(
+            cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
+            state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _gemv(plan, 0, 0),
+            _gemv(plan, 0, 1), _function.loop_threads)
+    else:
+        h, c = torch.ops.rnnkit_fused.step.default(
+            cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
+            state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _function.loop_threads)
     return h, cell.math.make_state((h, c) if lstm else (h,))
 
 

@@ -180,6 +180,10 @@ struct Avx512 {
   static V load_tail(const float* p, Tail m) { return _mm512_maskz_loadu_ps(m, p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void store_tail(float* p, V v, Tail m) { _mm512_mask_storeu_ps(p, m, v); }
 };
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
@@ -201,6 +205,10 @@ struct Avx2 {
     _mm256_store_ps(x, v);
     return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
   }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void store_tail(float* p, V v, Tail m) { _mm256_maskstore_ps(p, m, v); }
 };
 #endif
 
@@ -263,6 +271,276 @@ inline void gemv_rows(int64_t N, int64_t K, const float* a, const float* Bt, int
     for (int64_t k = 0; k < K; ++k) sum += w[k] * a[k];
     c[n] = acc ? c[n] + sum : sum;
   }
+}
+
+// ---- Batch-1 inference over weights packed once (pack_gemv) ---------------------------------
+// gemv_rows reads W (G*H, K) as stored: eight rows at a time (eight streams) and a horizontal
+// sum per output. onnxruntime's DeepCPU LSTM/GRU instead packs its weights once per session
+// (MlasGemmPackB: column panels of W^T, contiguous along K) and streams them in order. pack_gemv
+// does the same for the batch-1 products of rnnkit's inference plan: per gate, the units in
+// panels of up to kGemvBlocks vector widths, each panel the (K, width) slice of W^T stored
+// row after row, so one product reads the weight in one sequential stream and accumulates along
+// the units (whole vectors, no horizontal sums). Each gate's units are padded with zero columns
+// to a multiple of the vector width (the padded outputs are computed and not stored).
+#if defined(__AVX512F__)
+using GemvSimd = Avx512;
+#elif defined(__AVX2__) && defined(__FMA__)
+using GemvSimd = Avx2;
+#endif
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+constexpr int64_t kGemvWidth = GemvSimd::kWidth;
+#else
+constexpr int64_t kGemvWidth = 0;  // (no packed path: pack_gemv returns an empty tensor)
+#endif
+constexpr int64_t kGemvBlocks = 4;  // vectors per panel: 4 x 2 independent FMA chains
+
+// The units of one gate, padded to the vector width.
+inline int64_t gemv_padded(int64_t H) { return (H + kGemvWidth - 1) / kGemvWidth * kGemvWidth; }
+
+// out[0 : valid) (+)= a(1, K) P(K, NB * width) for one packed panel. Two chains per vector (even
+// and odd k): FMA latency, not the loads, bounds a single chain.
+template <typename S, int NB>
+inline void gemv_panel(int64_t K, const float* a, const float* P, float* out, int64_t valid,
+                       bool acc) {
+  using V = typename S::V;
+  constexpr int64_t W = S::kWidth, L = NB * W;
+  V s0[NB], s1[NB];
+  for (int r = 0; r < NB; ++r) s0[r] = s1[r] = S::zero();
+  int64_t k = 0;
+  for (; k + 1 < K; k += 2) {
+    const V a0 = S::set1(a[k]), a1 = S::set1(a[k + 1]);
+    const float* p = P + k * L;
+    for (int r = 0; r < NB; ++r) {
+      s0[r] = S::fma(S::load(p + r * W), a0, s0[r]);
+      s1[r] = S::fma(S::load(p + L + r * W), a1, s1[r]);
+    }
+  }
+  if (k < K) {
+    const V a0 = S::set1(a[k]);
+    for (int r = 0; r < NB; ++r) s0[r] = S::fma(S::load(P + k * L + r * W), a0, s0[r]);
+  }
+  for (int r = 0; r < NB; ++r) {
+    const int64_t n = std::min<int64_t>(W, valid - r * W);
+    if (n <= 0) break;
+    V v = S::add(s0[r], s1[r]);
+    if (n == W) {
+      if (acc) v = S::add(v, S::load(out + r * W));
+      S::store(out + r * W, v);
+    } else {
+      const typename S::Tail m = S::tail(n);
+      if (acc) v = S::add(v, S::load_tail(out + r * W, m));
+      S::store_tail(out + r * W, v, m);
+    }
+  }
+}
+
+// c(1, gates * H) (+)= a(1, K) W[g0 * H : (g0 + gates) * H]^T for W packed by pack_gemv (P), gate
+// after gate; each gate's outputs are H apart in c. g_rows_descending reverses the panels'
+// order (see there), as it reverses gemv_rows8's rows.
+inline void gemv_packed(int64_t gates, int64_t H, int64_t K, const float* a, const float* P,
+                        int64_t g0, float* c, bool acc) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  using S = GemvSimd;
+  const int64_t Hp = gemv_padded(H), L = kGemvBlocks * kGemvWidth;
+  const int64_t panels = (Hp + L - 1) / L;
+  for (int64_t gi = 0; gi < gates; ++gi) {
+    const int64_t g = g_rows_descending ? gates - 1 - gi : gi;
+    const float* Pg = P + (g0 + g) * Hp * K;
+    float* cg = c + g * H;
+    for (int64_t pi = 0; pi < panels; ++pi) {
+      const int64_t u0 = (g_rows_descending ? panels - 1 - pi : pi) * L;
+      const int64_t width = std::min(L, Hp - u0), valid = std::min(width, H - u0);
+      const float* Pp = Pg + u0 * K;
+      switch (width / kGemvWidth) {
+        case 4: gemv_panel<S, 4>(K, a, Pp, cg + u0, valid, acc); break;
+        case 3: gemv_panel<S, 3>(K, a, Pp, cg + u0, valid, acc); break;
+        case 2: gemv_panel<S, 2>(K, a, Pp, cg + u0, valid, acc); break;
+        default: gemv_panel<S, 1>(K, a, Pp, cg + u0, valid, acc); break;
+      }
+    }
+  }
+#else
+  (void)gates, (void)H, (void)K, (void)a, (void)P, (void)g0, (void)c, (void)acc;
+  TORCH_CHECK(false, "gemv_packed needs AVX2 + FMA");
+#endif
+}
+
+// C(MR rows, valid) += A(MR, K) P(K, NB * width): the input projection's micro-kernel over one
+// packed panel (MR x NB accumulators; each k loads NB vectors of the panel and broadcasts MR
+// elements of A, so the FMAs, not the loads, bound it).
+template <typename S, int NB, int MR>
+inline void gemm_panel(int64_t K, const float* A, int64_t lda, const float* P, float* C,
+                       int64_t ldc, int64_t valid) {
+  using V = typename S::V;
+  constexpr int64_t W = S::kWidth, L = NB * W;
+  V s[MR][NB];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NB; ++r) s[i][r] = S::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NB];
+    for (int r = 0; r < NB; ++r) b[r] = S::load(P + k * L + r * W);
+    for (int i = 0; i < MR; ++i) {
+      const V a = S::set1(A[i * lda + k]);
+      for (int r = 0; r < NB; ++r) s[i][r] = S::fma(b[r], a, s[i][r]);
+    }
+  }
+  for (int r = 0; r < NB; ++r) {
+    const int64_t n = std::min<int64_t>(W, valid - r * W);
+    if (n <= 0) break;
+    const typename S::Tail m = S::tail(n == W ? 0 : n);
+    for (int i = 0; i < MR; ++i) {
+      float* c = C + i * ldc + r * W;
+      if (n == W) S::store(c, S::add(s[i][r], S::load(c)));
+      else S::store_tail(c, S::add(s[i][r], S::load_tail(c, m)), m);
+    }
+  }
+}
+
+template <typename S, int NB>
+inline void gemm_panel_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* P,
+                            float* C, int64_t ldc, int64_t valid) {
+  constexpr int64_t kRows = 6;
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows)
+    gemm_panel<S, NB, kRows>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid);
+  switch (M - m) {
+    case 5: gemm_panel<S, NB, 5>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
+    case 4: gemm_panel<S, NB, 4>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
+    case 3: gemm_panel<S, NB, 3>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
+    case 2: gemm_panel<S, NB, 2>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
+    case 1: gemm_panel<S, NB, 1>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
+    default: break;
+  }
+}
+
+// C(M, G*H) += A(M, K) W^T for W (G*H, K) packed by pack_gemv: the batch-1 input projection of
+// every step at once, reading the weight packed once per weight version (as onnxruntime reads
+// its session-time packed W) instead of BLAS repacking W_ih on every call.
+inline void gemm_packed(int64_t M, int64_t G, int64_t H, int64_t K, const float* A, int64_t lda,
+                        const float* P, float* C, int64_t ldc) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  using S = GemvSimd;
+  const int64_t Hp = gemv_padded(H), L = kGemvBlocks * kGemvWidth;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t u0 = 0; u0 < Hp; u0 += L) {
+      const int64_t width = std::min(L, Hp - u0), valid = std::min(width, H - u0);
+      const float* Pp = P + g * Hp * K + u0 * K;
+      float* c = C + g * H + u0;
+      switch (width / kGemvWidth) {
+        case 4: gemm_panel_rows<S, 4>(M, K, A, lda, Pp, c, ldc, valid); break;
+        case 3: gemm_panel_rows<S, 3>(M, K, A, lda, Pp, c, ldc, valid); break;
+        case 2: gemm_panel_rows<S, 2>(M, K, A, lda, Pp, c, ldc, valid); break;
+        default: gemm_panel_rows<S, 1>(M, K, A, lda, Pp, c, ldc, valid); break;
+      }
+    }
+#else
+  (void)M, (void)G, (void)H, (void)K, (void)A, (void)lda, (void)P, (void)C, (void)ldc;
+  TORCH_CHECK(false, "gemm_packed needs AVX2 + FMA");
+#endif
+}
+
+// gemv_panel for the streaming step's two products at once: ci[0 : valid) += x(1, I) Pi(I, NB *
+// width) and ch[0 : valid) = h(1, H) Ph(H, NB * width), the two packed weights read side by side
+// (two sequential streams: at batch 1 the step is bound by reading its weights from L3, and two
+// streams keep more of those reads in flight than one).
+template <typename S, int NB>
+inline void gemv2_panel(int64_t I, const float* x, const float* Pi, int64_t H, const float* h,
+                        const float* Ph, float* ci, float* ch, int64_t valid) {
+  using V = typename S::V;
+  constexpr int64_t W = S::kWidth, L = NB * W;
+  V si[NB], sh[NB];
+  for (int r = 0; r < NB; ++r) si[r] = sh[r] = S::zero();
+  const int64_t both = std::min(I, H);
+  for (int64_t k = 0; k < both; ++k) {
+    const V ax = S::set1(x[k]), ah = S::set1(h[k]);
+    for (int r = 0; r < NB; ++r) {
+      si[r] = S::fma(S::load(Pi + k * L + r * W), ax, si[r]);
+      sh[r] = S::fma(S::load(Ph + k * L + r * W), ah, sh[r]);
+    }
+  }
+  for (int64_t k = both; k < I; ++k) {
+    const V ax = S::set1(x[k]);
+    for (int r = 0; r < NB; ++r) si[r] = S::fma(S::load(Pi + k * L + r * W), ax, si[r]);
+  }
+  for (int64_t k = both; k < H; ++k) {
+    const V ah = S::set1(h[k]);
+    for (int r = 0; r < NB; ++r) sh[r] = S::fma(S::load(Ph + k * L + r * W), ah, sh[r]);
+  }
+  for (int r = 0; r < NB; ++r) {
+    const int64_t n = std::min<int64_t>(W, valid - r * W);
+    if (n <= 0) break;
+    if (n == W) {
+      S::store(ci + r * W, S::add(si[r], S::load(ci + r * W)));
+      S::store(ch + r * W, sh[r]);
+    } else {
+      const typename S::Tail m = S::tail(n);
+      S::store_tail(ci + r * W, S::add(si[r], S::load_tail(ci + r * W, m)), m);
+      S::store_tail(ch + r * W, sh[r], m);
+    }
+  }
+}
+
+// ci(1, G*H) += x(1, I) W_ih^T and ch(1, G*H) = h(1, H) W_hh^T, both weights packed by pack_gemv
+// (gemv2_panel); g_rows_descending reverses the order as in gemv_packed.
+inline void gemv2_packed(int64_t G, int64_t H, const float* x, int64_t I, const float* Pi,
+                         const float* h, const float* Ph, float* ci, float* ch) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  using S = GemvSimd;
+  const int64_t Hp = gemv_padded(H), L = kGemvBlocks * kGemvWidth;
+  const int64_t panels = (Hp + L - 1) / L;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t g = g_rows_descending ? G - 1 - gi : gi;
+    for (int64_t pi = 0; pi < panels; ++pi) {
+      const int64_t u0 = (g_rows_descending ? panels - 1 - pi : pi) * L;
+      const int64_t width = std::min(L, Hp - u0), valid = std::min(width, H - u0);
+      const float* pi_ = Pi + g * Hp * I + u0 * I;
+      const float* ph = Ph + g * Hp * H + u0 * H;
+      float* oi = ci + g * H + u0;
+      float* oh = ch + g * H + u0;
+      switch (width / kGemvWidth) {
+        case 4: gemv2_panel<S, 4>(I, x, pi_, H, h, ph, oi, oh, valid); break;
+        case 3: gemv2_panel<S, 3>(I, x, pi_, H, h, ph, oi, oh, valid); break;
+        case 2: gemv2_panel<S, 2>(I, x, pi_, H, h, ph, oi, oh, valid); break;
+        default: gemv2_panel<S, 1>(I, x, pi_, H, h, ph, oi, oh, valid); break;
+      }
+    }
+  }
+#else
+  (void)G, (void)H, (void)x, (void)I, (void)Pi, (void)h, (void)Ph, (void)ci, (void)ch;
+  TORCH_CHECK(false, "gemv2_packed needs AVX2 + FMA");
+#endif
+}
+
+// W (G*H, K) float32 -> its pack_gemv layout (G * gemv_padded(H) * K floats): per gate g and
+// panel u0, element (k, u) at g * Hp * K + u0 * K + k * width + (u - u0). Empty where there is no
+// packed path (no AVX2: the caller keeps reading W as stored).
+at::Tensor pack_gemv(const at::Tensor& w_, int64_t gates) {
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kFloat && gates > 0 &&
+                  w_.size(0) % gates == 0,
+              "pack_gemv takes a float32 (G*H, K) weight");
+  if (kGemvWidth == 0) return at::empty({0}, w_.options());
+  const at::Tensor w = w_.contiguous();
+  const int64_t H = w.size(0) / gates, K = w.size(1), Hp = gemv_padded(H);
+  const int64_t L = kGemvBlocks * kGemvWidth;
+  at::Tensor out = at::zeros({gates * Hp * K}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t g = 0; g < gates; ++g)
+    for (int64_t u0 = 0; u0 < Hp; u0 += L) {
+      const int64_t width = std::min(L, Hp - u0);
+      float* d = dst + g * Hp * K + u0 * K;
+      for (int64_t u = u0; u < std::min(H, u0 + width); ++u) {
+        const float* row = src + (g * H + u) * K;
+        for (int64_t k = 0; k < K; ++k) d[k * width + (u - u0)] = row[k];
+      }
+    }
+  return out;
+}
+
+// Whether packed is pack_gemv(w) of a (G*H, K) weight (its size; anything else: not used).
+inline bool is_packed_gemv(const at::Tensor& packed, int64_t G, int64_t H, int64_t K) {
+  return kGemvWidth > 0 && packed.defined() && packed.scalar_type() == at::kFloat &&
+         packed.is_contiguous() && packed.numel() == G * gemv_padded(H) * K;
 }
 
 // Row-major C(M, N) (+)= A(M, K) Bt(N, K)^T: the weight used as stored, no transposed copy.
@@ -333,11 +611,16 @@ struct RecW {
       gemm_rm(M, np, K, A, lda, p + n0 * K, np, C + n0, ldc, false);
     }
   }
+  // batch-1 inference: W_hh packed by pack_gemv (p stays W as stored, for other products)
+  const float* gemv = nullptr;
   // C(M, n) (+)= A(M, K) W^T[:, col0 : col0 + n]
   void mm(int64_t M, int64_t n, int64_t K, const T* A, int64_t lda, int64_t col0, T* C,
           int64_t ldc, bool acc) const {
     if constexpr (std::is_same_v<T, float>) {
       if (vnni) return mm_bf16(M, n, K, A, lda, vnni, ld, 0, col0, C, ldc, acc);
+      // (whole gates only: K = H, the columns of gates col0 / H onwards)
+      if (gemv && M == 1 && col0 % K == 0 && n % K == 0)
+        return gemv_packed(n / K, K, K, A, gemv, col0 / K, C, acc);
     }
     if (bt) gemm_bt(M, n, K, A, lda, p + col0 * ld, ld, C, ldc, acc);
     else gemm_rm(M, n, K, A, lda, p + col0, ld, C, ldc, acc);
@@ -1445,7 +1728,9 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
                                      const at::Tensor& b_hh, const at::Tensor& pw,
                                      const at::Tensor& rmask, const at::Tensor& kh,
                                      const at::Tensor& kc, bool training, int nt_loop,
-                                     int nt_all, bool bf16 = false) {
+                                     int nt_all, bool bf16 = false,
+                                     const at::Tensor& gemv_hh = at::Tensor(),
+                                     const at::Tensor& gemv_ih = at::Tensor()) {
   const int64_t T_ = cf.T, B = cf.B, I = cf.I, H = cf.H, G = cf.G, GH = G * H;
   auto opts = x.options();
   const bool part = partial(cf);
@@ -1486,10 +1771,24 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
   RecW<T> W{nullptr, 0, as_stored};
   if (as_stored) {
     if (has_bias) gates.copy_(bias.expand({T_, B, GH}));
-    gemm_bt<T>(T_ * B, GH, I, x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, gates.data_ptr<T>(), GH,
-               has_bias);
+    bool projected = false;
+    if constexpr (std::is_same_v<T, float>) {  // batch-1 inference: W_ih packed once
+      if (B == 1 && is_packed_gemv(gemv_ih, G, H, I)) {
+        if (!has_bias) gates.zero_();
+        gemm_packed(T_, G, H, I, x.data_ptr<float>(), I, gemv_ih.data_ptr<float>(),
+                    gates.data_ptr<float>(), GH);
+        projected = true;
+      }
+    }
+    if (!projected)
+      gemm_bt<T>(T_ * B, GH, I, x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, gates.data_ptr<T>(),
+                 GH, has_bias);
     W.p = w_hh.data_ptr<T>();
     W.ld = H;
+    // batch-1 inference: W_hh packed once (forward_packed)
+    if constexpr (std::is_same_v<T, float>) {
+      if (B == 1 && is_packed_gemv(gemv_hh, G, H, H)) W.gemv = gemv_hh.data_ptr<float>();
+    }
   } else if (bf16) {
     if constexpr (std::is_same_v<T, float>) {
       // gx = BF16(x) BF16(W_ih)^T + b; the loop's products read W_hh^T as bf16 VNNI (WhhT)
@@ -1981,7 +2280,9 @@ Masks check_masks(const Cfg& cf, const at::Tensor& x, const std::optional<at::Te
 ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tensor c0,
                          at::Tensor w_ih, at::Tensor w_hh, at::Tensor b_ih, at::Tensor b_hh,
                          at::Tensor pw, const std::vector<int64_t>& batch_sizes, bool training,
-                         int64_t nthreads, const Masks& masks = {}, bool bf16 = false) {
+                         int64_t nthreads, const Masks& masks = {}, bool bf16 = false,
+                         const at::Tensor& gemv_hh = at::Tensor(),
+                         const at::Tensor& gemv_ih = at::Tensor()) {
   TORCH_CHECK(x.dim() == 3, "x must be (T, B, I)");
   TORCH_CHECK(h0.dim() == 2, "h0 must be (B, H)");
   const int64_t H = h0.size(1);
@@ -2003,7 +2304,8 @@ ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tens
   TORCH_CHECK(!bf16 || x.scalar_type() == at::kFloat, "bf16 mode takes float32 tensors");
   if (x.scalar_type() == at::kFloat) {
     r = forward_impl<float>(cf, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, masks.recurrent,
-                            masks.keep_h, masks.keep_c, training, nt, nt_all, bf16);
+                            masks.keep_h, masks.keep_c, training, nt, nt_all, bf16, gemv_hh,
+                            gemv_ih);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kDouble, "fused kernels support float32 and float64");
     r = forward_impl<double>(cf, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, masks.recurrent,
@@ -2042,7 +2344,8 @@ ForwardResult layer_forward(int64_t kind, int64_t act, bool peep, bool coupled, 
 bool step_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h,
                const at::Tensor& c, const at::Tensor& w_ih, const at::Tensor& w_hh,
                const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& pw,
-               int64_t nthreads, at::Tensor& h_out, at::Tensor& c_out) {
+               int64_t nthreads, at::Tensor& h_out, at::Tensor& c_out,
+               const at::Tensor& gemv_ih = at::Tensor(), const at::Tensor& gemv_hh = at::Tensor()) {
   if (x.dim() != 2 || x.size(0) != 1 || h.dim() != 2 || x.scalar_type() != at::kFloat) return false;
   Cfg cf;
   cf.kind = static_cast<int>(v.kind);
@@ -2083,9 +2386,20 @@ bool step_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h,
   // in either order: rec holds h W_hh^T and the loop adds it as it would its own product.
   thread_local uint64_t calls = 0;
   const bool reverse = (calls++ & 1) && cf.kind != GRU;
-  if (reverse) {
+  // step_packed: both weights packed once by pack_gemv (one sequential stream each)
+  const bool packed = is_packed_gemv(gemv_ih, cf.G, H, I) && is_packed_gemv(gemv_hh, cf.G, H, H);
+  auto product = [&](const at::Tensor& a, const at::Tensor& w, const at::Tensor& pk, float* out,
+                     bool acc) {
+    const int64_t K = a.size(1);
+    if (packed) gemv_packed(cf.G, H, K, a.data_ptr<float>(), pk.data_ptr<float>(), 0, out, acc);
+    else gemm_bt<float>(1, GH, K, a.data_ptr<float>(), K, w.data_ptr<float>(), K, out, GH, acc);
+  };
+  // packed LSTM and Elman steps read both weights in one pass (gemv2_packed); the GRU's loops
+  // form their recurrent products themselves
+  const bool both = packed && cf.kind != GRU;
+  if (reverse && !both) {
     g_rows_descending = true;
-    gemm_bt<float>(1, GH, H, h.data_ptr<float>(), H, w_hh.data_ptr<float>(), H, rec, GH, false);
+    product(h, w_hh, gemv_hh, rec, false);
   }
   // biases folded as forward_impl folds them: the reset-after GRU keeps b_hn for inside r (.)
   const float* bi = has_bias ? b_ih.data_ptr<float>() : nullptr;
@@ -2093,13 +2407,20 @@ bool step_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h,
   const int64_t folded = cf.kind == GRU && !cf.before ? 2 * H : GH;
   for (int64_t n = 0; n < GH; ++n)
     gates[n] = !has_bias ? 0.0f : n < folded ? bi[n] + bh[n] : bi[n];
-  gemm_bt<float>(1, GH, I, x.data_ptr<float>(), I, w_ih.data_ptr<float>(), I, gates, GH, true);
+  if (both) {
+    g_rows_descending = reverse;
+    gemv2_packed(cf.G, H, x.data_ptr<float>(), I, gemv_ih.data_ptr<float>(), h.data_ptr<float>(),
+                 gemv_hh.data_ptr<float>(), gates, rec);
+  } else {
+    product(x, w_ih, gemv_ih, gates, true);
+  }
   g_rows_descending = false;
-  if (reverse && cf.kind == RNN)  // (rnn_fwd_loop accumulates its product into the gates)
+  if ((reverse || both) && cf.kind == RNN)  // (rnn_fwd_loop accumulates its product into gates)
     for (int64_t n = 0; n < GH; ++n) gates[n] = gates[n] + rec[n];
   h_out = at::empty({1, H}, x.options());
   RecW<float> W{w_hh.data_ptr<float>(), H, true};
-  W.done = reverse;
+  W.done = reverse || both;
+  if (packed) W.gemv = gemv_hh.data_ptr<float>();
   const Reg<float> R;
   const float* h0 = h.data_ptr<float>();
   if (lstm) {
@@ -2143,6 +2464,134 @@ std::tuple<at::Tensor, at::Tensor> step(int64_t kind, int64_t act, bool peep, bo
   auto r = forward_op({kind, act, peep, coupled, before}, x.unsqueeze(0), h, opt(c), w_ih, w_hh,
                       opt(b_ih), opt(b_hh), opt(pw), {}, false, nthreads);
   return {std::get<1>(r), std::get<2>(r)};
+}
+
+// forward_packed's short path: float32, batch 1, one thread, both weights packed. forward_op's
+// generic set-up (contiguous copies, the folded-bias clone, the gates, state and scratch tensors,
+// the bias broadcast: about ten ATen calls, ~7 us of a call) becomes per-thread scratch reused
+// across calls; the only ATen calls are the three outputs' allocations. The math is
+// forward_impl's: the same products (gemm_packed, then each step's over the packed W_hh) and the
+// same loops. False (nothing done) where forward_op must run.
+constexpr int64_t kLeanScratch = 1 << 20;  // floats of gates kept per thread (4 MiB; more: per call)
+bool forward_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h0,
+                  const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& pw,
+                  const at::Tensor& gemv_ih, const at::Tensor& gemv_hh, int64_t nthreads,
+                  at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n) {
+  if (x.dim() != 3 || x.size(0) < 1 || x.size(1) != 1 || h0.dim() != 2 ||
+      x.scalar_type() != at::kFloat)
+    return false;
+  Cfg cf;
+  cf.kind = static_cast<int>(v.kind);
+  cf.act = static_cast<int>(v.act);
+  cf.peep = v.peep;
+  cf.coupled = v.coupled;
+  cf.before = v.before;
+  cf.T = x.size(0);
+  cf.B = 1;
+  cf.I = x.size(2);
+  cf.H = h0.size(1);
+  cf.G = gates_of(cf);
+  cf.bs.assign(cf.T, 1);
+  const int64_t T_ = cf.T, H = cf.H, G = cf.G, GH = G * H, I = cf.I;
+  if (nthreads > 1 || pick_threads(cf, nthreads) != 1) return false;
+  // anything unusual (shapes, dtypes, layouts) takes forward_op, which checks and says
+  const bool lstm = cf.kind == LSTM, has_bias = b_ih.defined();
+  const int64_t num_peep = lstm && cf.peep ? (cf.coupled ? 2 : 3) : 0;
+  auto ok = [](const at::Tensor& t, std::initializer_list<int64_t> shape) {
+    return t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes().equals(shape);
+  };
+  if (!ok(x, {T_, 1, I}) || !ok(h0, {1, H}) || !ok(w_ih, {GH, I}) || !ok(w_hh, {GH, H}) ||
+      (lstm && !(c0.defined() && ok(c0, {1, H}))) || has_bias != b_hh.defined() ||
+      (has_bias && !(ok(b_ih, {GH}) && ok(b_hh, {GH}))) ||
+      (num_peep > 0 && !(pw.defined() && ok(pw, {num_peep, H}))) ||
+      !is_packed_gemv(gemv_ih, G, H, I) || !is_packed_gemv(gemv_hh, G, H, H))
+    return false;
+  thread_local std::vector<float> scratch;
+  at::Tensor big;  // (gates of a long input: allocated per call rather than kept per thread)
+  float* gates;    // (T, GH): x W_ih^T + folded biases
+  if (T_ * GH <= kLeanScratch) {
+    scratch.resize(T_ * GH + GH + H);
+    gates = scratch.data();
+  } else {
+    big = at::empty({T_ * GH + GH + H}, x.options());
+    gates = big.data_ptr<float>();
+  }
+  float* rec = gates + T_ * GH;  // (1, GH): the LSTM's recurrent product
+  float* aux = rec + GH;         // (1, H): the GRU's W_hn h or r h
+  // biases folded as forward_impl folds them: the reset-after GRU keeps b_hn for inside r (.)
+  const float* bi = has_bias ? b_ih.data_ptr<float>() : nullptr;
+  const float* bh = has_bias ? b_hh.data_ptr<float>() : nullptr;
+  const int64_t folded = cf.kind == GRU && !cf.before ? 2 * H : GH;
+  for (int64_t n = 0; n < GH; ++n)
+    gates[n] = !has_bias ? 0.0f : n < folded ? bi[n] + bh[n] : bi[n];
+  for (int64_t t = 1; t < T_; ++t) std::memcpy(gates + t * GH, gates, GH * sizeof(float));
+  gemm_packed(T_, G, H, I, x.data_ptr<float>(), I, gemv_ih.data_ptr<float>(), gates, GH);
+  y = at::empty({T_, 1, H}, x.options());
+  h_n = at::empty({1, H}, x.options());  // (the loops' state copy: h_n at the end)
+  std::memcpy(h_n.data_ptr<float>(), h0.data_ptr<float>(), H * sizeof(float));
+  RecW<float> W{w_hh.data_ptr<float>(), H, true};
+  W.gemv = gemv_hh.data_ptr<float>();
+  const Reg<float> R;
+  const float* hp = h0.data_ptr<float>();
+  if (lstm) {
+    c_n = at::empty({1, H}, x.options());
+    std::memcpy(c_n.data_ptr<float>(), c0.data_ptr<float>(), H * sizeof(float));
+    const float* p = num_peep > 0 ? pw.data_ptr<float>() : nullptr;
+    auto run = [&](auto peep, auto coupled) {
+      lstm_fwd_loop<float, decltype(peep)::value, decltype(coupled)::value, false, false>(
+          cf, gates, rec, y.data_ptr<float>(), nullptr, h_n.data_ptr<float>(),
+          c_n.data_ptr<float>(), hp, W, p, R, 1);
+    };
+    if (cf.peep && cf.coupled) run(std::true_type{}, std::true_type{});
+    else if (cf.peep) run(std::true_type{}, std::false_type{});
+    else if (cf.coupled) run(std::false_type{}, std::true_type{});
+    else run(std::false_type{}, std::false_type{});
+  } else if (cf.kind == RNN) {
+    rnn_fwd_loop<float>(cf, gates, y.data_ptr<float>(), h_n.data_ptr<float>(), hp, W, R, 1);
+  } else if (!cf.before) {
+    gru_after_fwd_loop<float>(cf, gates, y.data_ptr<float>(), h_n.data_ptr<float>(), aux, nullptr,
+                              hp, W, has_bias ? bh + 2 * H : nullptr, R, 1);
+  } else {
+    gru_before_fwd_loop<float>(cf, gates, y.data_ptr<float>(), h_n.data_ptr<float>(), aux, false,
+                               hp, W, R, 1);
+  }
+  return true;
+}
+
+// rnnkit_fused::forward_packed: layer_forward for inference (nothing saved) whose batch-1
+// products read gemv_ih = pack_gemv(w_ih) (the input projection of all steps, one GEMM) and
+// gemv_hh = pack_gemv(w_hh) (each step's recurrent product); the inference plan packs them once
+// per weight version. Returns (y, h_n, c_n); c_n empty for a cell without one.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_packed(
+    int64_t kind, int64_t act, bool peep, bool coupled, bool before, const at::Tensor& x,
+    const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& pw,
+    const at::Tensor& gemv_ih, const at::Tensor& gemv_hh, int64_t nthreads) {
+  at::Tensor y, h_n, c_n;
+  if (forward_lean({kind, act, peep, coupled, before}, x, h0, opt(c0), w_ih, w_hh, opt(b_ih),
+                   opt(b_hh), opt(pw), gemv_ih, gemv_hh, nthreads, y, h_n, c_n))
+    return {y, h_n, or_empty(c_n, x)};
+  auto r = forward_op({kind, act, peep, coupled, before}, x, h0, opt(c0), w_ih, w_hh, opt(b_ih),
+                      opt(b_hh), opt(pw), {}, false, nthreads, {}, false, gemv_hh, gemv_ih);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
+// rnnkit_fused::step_packed: step with both weights packed by pack_gemv (batch 1, float32, one
+// thread: step_lean; anything else runs as step does and ignores the packed copies).
+std::tuple<at::Tensor, at::Tensor> step_packed(
+    int64_t kind, int64_t act, bool peep, bool coupled, bool before, const at::Tensor& x,
+    const at::Tensor& h, const std::optional<at::Tensor>& c, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& pw,
+    const at::Tensor& gemv_ih, const at::Tensor& gemv_hh, int64_t nthreads) {
+  TORCH_CHECK(x.dim() == 2, "x must be (B, I)");
+  at::Tensor h_out, c_out;
+  if (step_lean({kind, act, peep, coupled, before}, x, h, opt(c), w_ih, w_hh, opt(b_ih),
+                opt(b_hh), opt(pw), nthreads, h_out, c_out, gemv_ih, gemv_hh))
+    return {h_out, or_empty(c_out, x)};
+  return step(kind, act, peep, coupled, before, x, h, c, w_ih, w_hh, b_ih, b_hh, pw, nthreads);
 }
 
 // rnnkit_fused::layer_backward: the hand-derived BPTT of layer_forward.
@@ -2273,6 +2722,15 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("step(" RNNKIT_VARIANT
         "Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
         "Tensor? peephole_weights, int threads) -> (Tensor h, Tensor c)");
+  m.def("pack_gemv(Tensor w, int gates) -> Tensor");
+  m.def("forward_packed(" RNNKIT_VARIANT
+        "Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor? peephole_weights, Tensor gemv_ih, Tensor gemv_hh, int threads) -> "
+        "(Tensor y, Tensor h_n, Tensor c_n)");
+  m.def("step_packed(" RNNKIT_VARIANT
+        "Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor? peephole_weights, Tensor gemv_ih, Tensor gemv_hh, int threads) -> "
+        "(Tensor h, Tensor c)");
   m.def("init() -> bool");
   m.def("bf16_available() -> bool");
   m.def("set_gemm(str which) -> str");
@@ -2280,6 +2738,9 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(layer_forward));
   m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(layer_backward));
   m.impl("step", c10::DispatchKey::CPU, TORCH_FN(step));
+  m.impl("pack_gemv", c10::DispatchKey::CPU, TORCH_FN(pack_gemv));
+  m.impl("forward_packed", c10::DispatchKey::CPU, TORCH_FN(forward_packed));
+  m.impl("step_packed", c10::DispatchKey::CPU, TORCH_FN(step_packed));
   m.impl("init", c10::DispatchKey::CatchAll, TORCH_FN(init_op));
   m.impl("bf16_available", c10::DispatchKey::CatchAll, TORCH_FN(bf16_available_op));
   m.impl("set_gemm", c10::DispatchKey::CatchAll, TORCH_FN(set_gemm_op));
