@@ -38,6 +38,13 @@ from rnnkit.engine.fused._function import KERNELS, Config, peephole_weights
 
 _ATTRIBUTE = "_inference_plan"  # (a plain attribute of the module: not a buffer, not saved)
 
+# From this many rows (T·B, batch > 1) a layer's forward runs layer_forward_packed with the
+# plan's packed weights: below it (and at batch 1) the kernel reads the weights as stored and
+# packs nothing (fused_rnn.cpp's kAsStoredRows). Packing costs a transposed copy of each weight
+# per call (~100 us each at H = 200, 5 % of a 35,20,200 LSTM forward); kept, it costs their
+# memory once more.
+PACKED_MIN_ROWS = 16
+
 
 class Prepared(NamedTuple):
     """A module's cached operator arguments for the weights of one ``key``."""
@@ -48,6 +55,8 @@ class Prepared(NamedTuple):
     # b_hh, peephole (P, H) or None — contiguous, in the op's order
     zeros: dict[tuple[int, ...], Tensor]  # zero initial states by shape (the op never writes
     # its h0 / c0: it clones them)
+    packed: dict[int, tuple[Tensor, Tensor]]  # per layer and direction, made on first use:
+    # pack_weights' W_ih^T and panel-packed W_hh^T for layer_forward_packed (batched calls)
 
 
 def _key(parameters: dict[str, Any]) -> tuple[int, ...]:
@@ -88,7 +97,7 @@ def _plan(module: Any, cfg: Config,
         w_ih, w_hh, b_ih, b_hh = (None if p is None else p.detach().contiguous() for p in params[:4])
         pw = peephole_weights(cfg, params)
         weights.append((w_ih, w_hh, b_ih, b_hh, None if pw is None else pw.detach().contiguous()))
-    plan = Prepared(key, cfg, tuple(weights), {})
+    plan = Prepared(key, cfg, tuple(weights), {}, {})
     module.__dict__[_ATTRIBUTE] = plan
     return plan
 
@@ -166,6 +175,8 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
         given = (_zeros(plan, (depth, batch, hidden), x),) * states
     threads.adapt()  # (as the general path: once per layer forward)
     op = torch.ops.rnnkit_fused.layer_forward.default
+    packed_op = torch.ops.rnnkit_fused.layer_forward_packed.default
+    packs = batch > 1 and steps * batch >= PACKED_MIN_ROWS
     args = cfg.args()
     loop_threads = _function.loop_threads
     layer_input = x if length == steps else x[:length]
@@ -176,9 +187,17 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
         for direction in range(layer.num_directions):
             w_ih, w_hh, b_ih, b_hh, pw = plan.weights[index]
             source = layer_input if direction == 0 else layer_input.flip(0)
-            y, h, c, *_ = op(*args, source, given[0][index], given[1][index] if states == 2 else None,
-                             w_ih, w_hh, b_ih, b_hh, pw, None, None, None, [], False,
-                             loop_threads, False)
+            c0 = given[1][index] if states == 2 else None
+            if packs:
+                pack = plan.packed.get(index)
+                if pack is None:
+                    pack = plan.packed[index] = torch.ops.rnnkit_fused.pack_weights.default(
+                        *args, w_ih, w_hh)
+                y, h, c = packed_op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh,
+                                    pw, pack[0], pack[1], [], loop_threads)
+            else:
+                y, h, c, *_ = op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh, pw,
+                                 None, None, None, [], False, loop_threads, False)
             outputs.append(y if direction == 0 else y.flip(0))
             finals[0].append(h)
             if states == 2:
