@@ -178,3 +178,24 @@ def test_nan_and_inf_propagate_as_reference(name):
         for got, want in zip(lean, theirs):
             assert torch.equal(got.isnan(), want.isnan())
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_plain_lstm_inference_routing_by_steps():
+    """With one thread, inference over <= INFERENCE_OWN_MAX_STEPS steps runs rnnkit's kernel
+    (torch's op pays a per-call weight reorder); longer sequences and training keep torch's op;
+    the lean path runs it (its plan is built) and equals torch.nn."""
+    assert fused.own_kernel_faster(35, 20, 200, threads=1, inference=True)
+    assert fused.own_kernel_faster(50, 64, 512, threads=1, inference=True)
+    assert not fused.own_kernel_faster(64, 32, 256, threads=1, inference=True)
+    assert not fused.own_kernel_faster(35, 20, 200, threads=1)  # (a gradient: torch's op)
+    assert not fused.own_kernel_faster(35, 20, 200, threads=2, inference=True)  # (not measured)
+    fused.use_native = True  # (restored by the autouse fixture)
+    torch.manual_seed(8)
+    layer = LAYERS["lstm"](INPUT, HIDDEN).eval()
+    x = torch.randn(STEPS, BATCH, INPUT)
+    with torch.inference_mode():
+        ours = _flat(layer(x))
+        theirs = _flat(layer.to_torch().eval()(x))
+    assert ("_inference_plan" in layer.__dict__) == (torch.get_num_threads() == 1)
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
