@@ -1066,7 +1066,7 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
 #pragma omp simd
           for (int64_t j = 0; j < H; ++j) {
             const T r = sigm(gr[j] + ar[j]), z = sigm(gr[H + j] + ar[H + j]);
-            if (save) {  // (hoisted out of the loop by the compiler: loop-invariant)
+            if (save) {  // (loop-invariant)
               gr[j] = r;
               gr[H + j] = z;
             }
