@@ -336,6 +336,17 @@ OWN_TRAIN_MIN_HIDDEN = 256
 # 1.03 (even). With a gradient the batch-1 rule above stands (its backward was not re-measured).
 INFERENCE_OWN_BATCH = 1
 
+# Inference at any batch with 1 thread over at most this many steps: rnnkit's kernel. torch's op
+# pays a fixed cost per call (its weight reorder, above) that only longer sequences amortise;
+# rnnkit's lean inference path keeps its packed weights across calls (inference.py's plan).
+# Measured 2026-12-01, 1 thread, inference_mode, process CPU time, min of 15-300 interleaved
+# runs, load average 4.6-5.2 (one shared core), rnnkit's kernel / torch's op: T,B,H = 35,20,200
+# 0.95; 20,20,200 0.91; 35,20,128 0.86; 50,64,512 0.97 — but 64,32,256 1.04; 100,32,256 1.05;
+# 100,16,256 1.04; 100,32,128 1.02. Against onnxruntime (same run, benchmarks/inference.py's
+# way): rnnkit's kernel 1.07 / 0.97 / 0.97 at 35,20,200 / 100,32,256 / 50,64,512, torch's op
+# 1.16 / 0.94 / 1.02. 2 threads: not measured (one shared core), the rule below stands.
+INFERENCE_OWN_MAX_STEPS = 50
+
 # Training at small batches with a W_hh computed in the forward (DropConnect's W_hh ⊙ M, issue
 # 12): rnnkit's kernel. Measured 2026-12-01, 1 thread, process CPU time, min of 20-30
 # interleaved runs, load average 1.7-2 (one shared core), forward+backward / nn.LSTM of the same
@@ -359,6 +370,8 @@ def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None =
     if dropped_weight and not inference and batch <= DROPPED_OWN_BATCH:
         return True
     threads = current_threads() if threads is None else threads
+    if inference and threads == 1 and steps <= INFERENCE_OWN_MAX_STEPS:
+        return True
     if threads > 1:
         return (batch <= 4 and hidden <= 128) or (batch <= 32 and hidden <= 64)
     return (not inference and steps >= OWN_TRAIN_MIN_STEPS and batch >= OWN_TRAIN_MIN_BATCH

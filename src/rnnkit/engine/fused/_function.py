@@ -5,7 +5,10 @@ The C++ library (``csrc/fused_rnn.cpp``) defines three operators with ``TORCH_LI
 * ``rnnkit_fused::layer_forward``: one layer in one direction, the whole time loop; with
   ``training=True`` it also returns the activations ``layer_backward`` needs;
 * ``rnnkit_fused::layer_backward``: the hand-derived BPTT of ``layer_forward``;
-* ``rnnkit_fused::step``: one streaming time step (B, I) -> (h, c), nothing saved.
+* ``rnnkit_fused::step``: one streaming time step (B, I) -> (h, c), nothing saved;
+* ``rnnkit_fused::pack_weights`` / ``layer_forward_packed``: the inference forward with the
+  weights' transposed and panel-packed copies made once and kept by the caller (the lean
+  inference path's plan, :mod:`rnnkit.engine.fused.inference`).
 
 This module registers what torch's tools need besides the CPU kernels: a fake (shape-only)
 kernel for each operator, so ``torch.compile`` / ``torch.export`` trace them without running
@@ -205,6 +208,24 @@ def _step_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before:
     return torch.empty_like(h), (torch.empty_like(h) if kind == 1 else _empty(x))
 
 
+def _pack_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before: bool,
+               w_ih: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
+    # (the Elman kernel reads W_hh^T as one block, made per call: no packed copy)
+    return w_ih.new_empty((w_ih.shape[1], w_ih.shape[0])), (
+        torch.empty_like(w_hh) if kind != 0 else _empty(w_hh))
+
+
+def _forward_packed_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before: bool,
+                         x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
+                         b_ih: Tensor | None, b_hh: Tensor | None,
+                         peephole_weights: Tensor | None, w_ih_t: Tensor, w_hh_packed: Tensor,
+                         batch_sizes: list[int], threads: int) -> tuple[Tensor, Tensor, Tensor]:
+    y, h, c, *_ = _forward_fake(kind, act, peephole, coupled, reset_before, x, h0, c0, w_ih, w_hh,
+                                b_ih, b_hh, peephole_weights, None, None, None, batch_sizes,
+                                False, threads)
+    return y, h, c
+
+
 # layer_forward's positional arguments, by name (for setup_context / backward)
 (_X, _H0, _C0, _WIH, _WHH, _BIH, _BHH, _PEEP, _RMASK, _KEEP_H, _KEEP_C, _BATCH_SIZES, _TRAINING,
  _THREADS, _BF16) = range(5, 20)
@@ -268,5 +289,7 @@ def register() -> None:
     torch.library.register_fake(f"{NAMESPACE}::layer_forward")(_forward_fake)
     torch.library.register_fake(f"{NAMESPACE}::layer_backward")(_backward_fake)
     torch.library.register_fake(f"{NAMESPACE}::step")(_step_fake)
+    torch.library.register_fake(f"{NAMESPACE}::pack_weights")(_pack_fake)
+    torch.library.register_fake(f"{NAMESPACE}::layer_forward_packed")(_forward_packed_fake)
     torch.library.register_autograd(f"{NAMESPACE}::layer_forward", _backward,
                                     setup_context=_setup_context)

@@ -45,6 +45,13 @@ from rnnkit.engine.fused._function import KERNELS, Config, peephole_weights
 
 _ATTRIBUTE = "_inference_plan"  # (a plain attribute of the module: not a buffer, not saved)
 
+# From this many rows (T·B, batch > 1) a layer's forward runs layer_forward_packed with the
+# plan's packed weights: below it (and at batch 1) the kernel reads the weights as stored and
+# packs nothing (fused_rnn.cpp's kAsStoredRows). Packing costs a transposed copy of each weight
+# per call (~100 us each at H = 200, 5 % of a 35,20,200 LSTM forward); kept, it costs their
+# memory once more.
+PACKED_MIN_ROWS = 16
+
 
 class Prepared(NamedTuple):
     """A module's cached operator arguments for the weights of one ``key``."""
@@ -57,6 +64,8 @@ class Prepared(NamedTuple):
     # its h0 / c0: it clones them)
     gemv: dict[tuple[int, int], Tensor]  # (layer and direction, 0: w_ih / 1: w_hh) -> the weight
     # packed for batch-1 products (``pack_gemv``), made at the first float32 batch-1 call
+    packed: dict[int, tuple[Tensor, Tensor]]  # per layer and direction, made on first use:
+    # pack_weights' W_ih^T and panel-packed W_hh^T for layer_forward_packed (batched calls)
 
 
 def _key(parameters: dict[str, Any]) -> tuple[int, ...]:
@@ -99,7 +108,7 @@ def _plan(module: Any, cfg: Config,
         w_ih, w_hh, b_ih, b_hh = (None if p is None else p.detach().contiguous() for p in params[:4])
         pw = peephole_weights(cfg, params)
         weights.append((w_ih, w_hh, b_ih, b_hh, None if pw is None else pw.detach().contiguous()))
-    plan = Prepared(key, cfg, tuple(weights), {}, {})
+    plan = Prepared(key, cfg, tuple(weights), {}, {}, {})
     module.__dict__[_ATTRIBUTE] = plan
     return plan
 
@@ -199,6 +208,8 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
     # batch 1, float32: the products read W_ih and W_hh packed (forward_packed)
     packed = batch == 1 and x.dtype == torch.float32
     packed_op = torch.ops.rnnkit_fused.forward_packed.default
+    batched_op = torch.ops.rnnkit_fused.layer_forward_packed.default
+    packs = batch > 1 and steps * batch >= PACKED_MIN_ROWS
     args = cfg.args()
     loop_threads = _function.loop_threads
     layer_input = x if length == steps else x[:length]
@@ -214,6 +225,13 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
                 y, h, c = packed_op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh,
                                     pw, _gemv(plan, index, 0), _gemv(plan, index, 1),
                                     loop_threads)
+            elif packs:
+                pack = plan.packed.get(index)
+                if pack is None:
+                    pack = plan.packed[index] = torch.ops.rnnkit_fused.pack_weights.default(
+                        *args, w_ih, w_hh)
+                y, h, c = batched_op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih,
+                                     b_hh, pw, pack[0], pack[1], [], loop_threads)
             else:
                 y, h, c, *_ = op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh, pw,
                                  None, None, None, [], False, loop_threads, False)

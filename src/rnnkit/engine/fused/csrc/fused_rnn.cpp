@@ -1179,7 +1179,10 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
           }
         }
         if (csr) std::memcpy(csr + j0, cr + j0, (j1 - j0) * sizeof(T));
-        std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
+        // hst is the final h (the products read h_{t-1} from y): a row's last step writes it,
+        // zoneout reads it as h_{t-1} at every step
+        if (REG || t + 1 == cf.T || m >= cf.bs[t + 1])
+          std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
       }
 #pragma omp barrier
     }
@@ -1237,28 +1240,29 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
 
 // GRU, reset after: gates hold x-part (+ b_ih + b_hh for r, z); gh is a (B, 3H) scratch;
 // ghn (T, B, H) saves W_hn h + b_hn for backward (may be null in inference).
+// rec (B, 3H) scratch or null: with one thread owning every unit and W_hh^T panel-packed
+// (W.panel), each step is ONE product h W_hh^T over all 3H columns into rec (one micro-kernel
+// call per panel instead of three N = H products with their N-tails, and never a store into
+// the cold gates rows), and the pointwise adds the gates' x-part; otherwise each thread's
+// columns of r, z accumulate into the gates and W_hn h goes to gh. save: write r, z, n back
+// into the gates (training; the inference forward only needs h).
 template <typename T>
 void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, const T* h0,
-                        const RecW<T>& W, const T* bhn, const Reg<T>& R, int nt) {
+                        const RecW<T>& W, const T* bhn, const Reg<T>& R, int nt,
+                        T* rec = nullptr, bool save = true) {
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
 #pragma omp parallel num_threads(nt)
   {
     int64_t j0, j1;
     unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
-    for (int64_t t = 0; t < cf.T; ++t) {
-      const int64_t M = cf.bs[t];
-      const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
-      const T* hin = R.gemm_input(t, B * H, hp);
-      T* hdn = R.next_input(t, B * H);
-      T* g = gates + t * B * GH;
-      if (j1 > j0) {
-        for (int64_t b = 0; b < 2; ++b)
-          W.mm(M, j1 - j0, H, hin, H, b * H + j0, g + b * H + j0, GH, true);
-        W.mm(M, j1 - j0, H, hin, H, 2 * H + j0, gh + j0, H, false);
-      }
+    const bool one = rec && W.panel > 0 && j0 == 0 && j1 == H;
+    // ONE: the recurrent parts are in rec (r, z, n blocks); SAVE: write the activations back
+    auto rows = [&](auto one_c, auto save_c, int64_t t, int64_t M, const T* hp, T* g, T* hdn) {
+      constexpr bool ONE = decltype(one_c)::value, SAVE = decltype(save_c)::value;
       for (int64_t m = 0; m < M; ++m) {
         T* gr = g + m * GH;
-        const T* ghr = gh + m * H;
+        const T* rr = ONE ? rec + m * GH : nullptr;
+        const T* ghr = ONE ? rec + m * GH + 2 * H : gh + m * H;
         const T* hpr = hp + m * H;
         T* hr = hst + m * H;
         T* yr = y + (t * B + m) * H;
@@ -1268,19 +1272,41 @@ void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, co
         T* hdr = hdn ? hdn + m * H : nullptr;
 #pragma omp simd
         for (int64_t j = j0; j < j1; ++j) {
-          const T r = sigm(gr[j]), z = sigm(gr[H + j]);
+          const T r = sigm(ONE ? gr[j] + rr[j] : gr[j]);
+          const T z = sigm(ONE ? gr[H + j] + rr[H + j] : gr[H + j]);
           const T hn = ghr[j] + (bhn ? bhn[j] : T(0));
           const T n = tanh_(gr[2 * H + j] + r * hn);
           T h = (T(1) - z) * n + z * hpr[j];
           if (khr) h = khr[j] * hpr[j] + (T(1) - khr[j]) * h;
           if (hdr) hdr[j] = h * rmr[j];
-          gr[j] = r;
-          gr[H + j] = z;
-          gr[2 * H + j] = n;
+          if (SAVE) {
+            gr[j] = r;
+            gr[H + j] = z;
+            gr[2 * H + j] = n;
+          }
           if (sv) sv[j] = hn;
           hr[j] = h;
           yr[j] = h;
         }
+      }
+    };
+    for (int64_t t = 0; t < cf.T; ++t) {
+      const int64_t M = cf.bs[t];
+      const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
+      const T* hin = R.gemm_input(t, B * H, hp);
+      T* hdn = R.next_input(t, B * H);
+      T* g = gates + t * B * GH;
+      if (one) {
+        W.mm_panels(M, GH, H, hin, H, rec, GH);
+        if (save) rows(std::true_type{}, std::true_type{}, t, M, hp, g, hdn);
+        else rows(std::true_type{}, std::false_type{}, t, M, hp, g, hdn);
+      } else {
+        if (j1 > j0) {
+          for (int64_t b = 0; b < 2; ++b)
+            W.mm(M, j1 - j0, H, hin, H, b * H + j0, g + b * H + j0, GH, true);
+          W.mm(M, j1 - j0, H, hin, H, 2 * H + j0, gh + j0, H, false);
+        }
+        rows(std::false_type{}, std::true_type{}, t, M, hp, g, hdn);
       }
 #pragma omp barrier
     }
@@ -1288,14 +1314,21 @@ void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, co
 }
 
 // GRU, reset before: all biases folded into gates; rh (T, B, H) (or (B, H) in inference) = r h.
+// rec (B, 3H) scratch or null: as gru_after_fwd_loop's, with W_hh^T packed as two panel-packed
+// parts (pack_recurrent): the r, z columns (2H) and the n columns (H), one product each per
+// step into rec; z waits in rec between the two halves of the step. save: as there.
 template <typename T>
 void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_all,
-                         const T* h0, const RecW<T>& W, const Reg<T>& R, int nt) {
+                         const T* h0, const RecW<T>& W, const Reg<T>& R, int nt,
+                         T* rec = nullptr, bool save = true) {
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
 #pragma omp parallel num_threads(nt)
   {
     int64_t j0, j1;
     unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    const bool one = rec && W.panel > 0 && j0 == 0 && j1 == H;
+    RecW<T> Wn = W;  // the n part of the packed W_hh^T (one only)
+    if (one) Wn.p = W.p + 2 * H * H;
     for (int64_t t = 0; t < cf.T; ++t) {
       const int64_t M = cf.bs[t];
       const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
@@ -1303,13 +1336,28 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
       T* rht = rh_all ? rh + t * B * H : rh;
       const T* hin = R.gemm_input(t, B * H, hp);
       T* hdn = R.next_input(t, B * H);
-      if (j1 > j0)
+      if (one) W.mm_panels(M, 2 * H, H, hin, H, rec, GH);
+      else if (j1 > j0)
         for (int64_t b = 0; b < 2; ++b)
           W.mm(M, j1 - j0, H, hin, H, b * H + j0, g + b * H + j0, GH, true);
       for (int64_t m = 0; m < M; ++m) {
         T* gr = g + m * GH;
         const T* hpr = hin + m * H;  // r ⊙ (h ⊙ m) under recurrent dropout
         T* rr = rht + m * H;
+        if (one) {
+          T* ar = rec + m * GH;
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) {
+            const T r = sigm(gr[j] + ar[j]), z = sigm(gr[H + j] + ar[H + j]);
+            if (save) {  // (loop-invariant)
+              gr[j] = r;
+              gr[H + j] = z;
+            }
+            ar[H + j] = z;
+            rr[j] = r * hpr[j];
+          }
+          continue;
+        }
 #pragma omp simd
         for (int64_t j = j0; j < j1; ++j) {
           const T r = sigm(gr[j]);
@@ -1319,27 +1367,35 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
         }
       }
 #pragma omp barrier
-      if (j1 > j0)
+      if (one) Wn.mm_panels(M, H, H, rht, H, rec + 2 * H, GH);
+      else if (j1 > j0)
         W.mm(M, j1 - j0, H, rht, H, 2 * H + j0, g + 2 * H + j0, GH, true);
       for (int64_t m = 0; m < M; ++m) {
         T* gr = g + m * GH;
+        const T* ar = one ? rec + m * GH : gr;  // where z and the n product are
         const T* hpr = hp + m * H;
         T* hr = hst + m * H;
         T* yr = y + (t * B + m) * H;
         const T* khr = R.row(R.kh, t, B, m, H);
         const T* rmr = R.rmask ? R.rmask + m * H : nullptr;
         T* hdr = hdn ? hdn + m * H : nullptr;
+        // one: the n pre-activation is the gates' x-part + rec's product; else the gates hold it
+        auto update = [&](auto one_c) {
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) {
-          const T z = gr[H + j];
-          const T n = tanh_(gr[2 * H + j]);
-          T h = (T(1) - z) * n + z * hpr[j];
-          if (khr) h = khr[j] * hpr[j] + (T(1) - khr[j]) * h;
-          if (hdr) hdr[j] = h * rmr[j];
-          gr[2 * H + j] = n;
-          hr[j] = h;
-          yr[j] = h;
-        }
+          for (int64_t j = j0; j < j1; ++j) {
+            const T z = ar[H + j];
+            const T n = tanh_(decltype(one_c)::value ? gr[2 * H + j] + ar[2 * H + j]
+                                                     : gr[2 * H + j]);
+            T h = (T(1) - z) * n + z * hpr[j];
+            if (khr) h = khr[j] * hpr[j] + (T(1) - khr[j]) * h;
+            if (hdr) hdr[j] = h * rmr[j];
+            if (save) gr[2 * H + j] = n;
+            hr[j] = h;
+            yr[j] = h;
+          }
+        };
+        if (one) update(std::true_type{});
+        else update(std::false_type{});
       }
 #pragma omp barrier
     }
@@ -1721,6 +1777,25 @@ int pick_threads(const Cfg& c, int64_t nthreads) {
   return std::max(1, at::get_num_threads());
 }
 
+// W_hh^T as the one-thread time loops read it (RecW::panel): panel-packed (pack_panels); the
+// reset-before GRU's r, z rows and its n rows packed apart (its step has two products).
+template <typename T>
+at::Tensor pack_recurrent(const at::Tensor& w_hh, const Cfg& cf) {
+  if (cf.kind == GRU && cf.before) {
+    const int64_t H = cf.H;
+    return at::cat({pack_panels<T>(w_hh.narrow(0, 0, 2 * H), kRecPanel),
+                    pack_panels<T>(w_hh.narrow(0, 2 * H, H), kRecPanel)});
+  }
+  return pack_panels<T>(w_hh, kRecPanel);
+}
+
+// Weights packed ahead of the call by pack_weights, kept by the caller while the weights do not
+// change (the inference plan): W_ih^T (I, G*H) and pack_recurrent(W_hh) (used with one loop
+// thread only; undefined: pack per call).
+struct Prepacked {
+  at::Tensor wih_t, whh_rec;
+};
+
 template <typename T>
 std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const at::Tensor& h0,
                                      const at::Tensor& c0, const at::Tensor& w_ih,
@@ -1730,7 +1805,8 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
                                      const at::Tensor& kc, bool training, int nt_loop,
                                      int nt_all, bool bf16 = false,
                                      const at::Tensor& gemv_hh = at::Tensor(),
-                                     const at::Tensor& gemv_ih = at::Tensor()) {
+                                     const at::Tensor& gemv_ih = at::Tensor(),
+                                     const Prepacked* pre = nullptr) {
   const int64_t T_ = cf.T, B = cf.B, I = cf.I, H = cf.H, G = cf.G, GH = G * H;
   auto opts = x.options();
   const bool part = partial(cf);
@@ -1802,15 +1878,15 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
       W.ld = GH;
     }
   } else {
-    at::Tensor WihT = w_ih.t().contiguous();  // (I, GH)
+    at::Tensor WihT = pre ? pre->wih_t : w_ih.t().contiguous();  // (I, GH)
     pgemm<T>(T_ * B, GH, I, x.data_ptr<T>(), I, WihT.data_ptr<T>(), GH, gates.data_ptr<T>(), GH,
              false, has_bias ? bias.data_ptr<T>() : nullptr, nt_all);
-    if (cf.kind == LSTM && nt_loop == 1) {
-      // one thread: lstm_fwd_loop's per-step product reads W_hh^T in panels (pack_panels).
+    if (cf.kind != RNN && nt_loop == 1) {
+      // one thread: the LSTM's and GRU's per-step products read W_hh^T in panels (pack_panels).
       // Measured 1 thread, forward, min CPU time of 9 interleaved, load ~5: rnnkit / nn.LSTM
       // at 100,32,256 1.13 (one W^T) -> 1.10 / 1.09 / 1.07 (panels 32 / 64 / 128); 50,64,512
       // 1.00 -> 0.99 / 0.95 / 0.96; 35,20,200 1.02 either way.
-      WhhT = pack_panels<T>(w_hh, kRecPanel);
+      WhhT = pre && pre->whh_rec.defined() ? pre->whh_rec : pack_recurrent<T>(w_hh, cf);
       W.panel = kRecPanel;
     } else {
       WhhT = w_hh.t().contiguous();  // (H, GH)
@@ -1851,6 +1927,7 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
                     W, R, nt_loop);
   } else if (!cf.before) {
     at::Tensor gh = at::empty({B, H}, opts);
+    at::Tensor rec = W.panel > 0 ? at::empty({B, GH}, opts) : at::Tensor();
     // (zeros past each length: an operator's outputs must not depend on uninitialised memory)
     if (training) extra = part ? at::zeros({T_, B, H}, opts) : at::empty({T_, B, H}, opts);
     at::Tensor bhn;
@@ -1858,13 +1935,15 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     gru_after_fwd_loop<T>(cf, gates.data_ptr<T>(), y.data_ptr<T>(), hst.data_ptr<T>(),
                           gh.data_ptr<T>(), training ? extra.data_ptr<T>() : nullptr,
                           h0.data_ptr<T>(), W, has_bias ? bhn.data_ptr<T>() : nullptr, R,
-                          nt_loop);
+                          nt_loop, rec.defined() ? rec.data_ptr<T>() : nullptr, training);
   } else {
     // Rows past their length multiply zero gradients in dW_hn: they must not hold NaN garbage.
     extra = training ? (part ? at::zeros({T_, B, H}, opts) : at::empty({T_, B, H}, opts))
                      : at::empty({B, H}, opts);
+    at::Tensor rec = W.panel > 0 ? at::empty({B, GH}, opts) : at::Tensor();
     gru_before_fwd_loop<T>(cf, gates.data_ptr<T>(), y.data_ptr<T>(), hst.data_ptr<T>(),
-                           extra.data_ptr<T>(), training, h0.data_ptr<T>(), W, R, nt_loop);
+                           extra.data_ptr<T>(), training, h0.data_ptr<T>(), W, R, nt_loop,
+                           rec.defined() ? rec.data_ptr<T>() : nullptr, training);
   }
   // The Elman backward reads the activations from y, which equals them unless h is zoned out:
   // saving them as well would keep a second (T, B, H) tensor alive until the backward.
@@ -2282,7 +2361,8 @@ ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tens
                          at::Tensor pw, const std::vector<int64_t>& batch_sizes, bool training,
                          int64_t nthreads, const Masks& masks = {}, bool bf16 = false,
                          const at::Tensor& gemv_hh = at::Tensor(),
-                         const at::Tensor& gemv_ih = at::Tensor()) {
+                         const at::Tensor& gemv_ih = at::Tensor(),
+                         const Prepacked* pre = nullptr) {
   TORCH_CHECK(x.dim() == 3, "x must be (T, B, I)");
   TORCH_CHECK(h0.dim() == 2, "h0 must be (B, H)");
   const int64_t H = h0.size(1);
@@ -2305,11 +2385,12 @@ ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tens
   if (x.scalar_type() == at::kFloat) {
     r = forward_impl<float>(cf, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, masks.recurrent,
                             masks.keep_h, masks.keep_c, training, nt, nt_all, bf16, gemv_hh,
-                            gemv_ih);
+                            gemv_ih, pre);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kDouble, "fused kernels support float32 and float64");
     r = forward_impl<double>(cf, x, h0, c0, w_ih, w_hh, b_ih, b_hh, pw, masks.recurrent,
-                             masks.keep_h, masks.keep_c, training, nt, nt_all);
+                             masks.keep_h, masks.keep_c, training, nt, nt_all, false, at::Tensor(),
+                             at::Tensor(), pre);
   }
   at::Tensor cells = training ? r[4] : at::Tensor(), extra = training ? r[5] : at::Tensor();
   return {r[0], r[1], or_empty(r[2], x), or_empty(r[3], x), or_empty(cells, x),
@@ -2332,6 +2413,62 @@ ForwardResult layer_forward(int64_t kind, int64_t act, bool peep, bool coupled, 
   const Masks masks = check_masks(cf, x, recurrent_mask, zoneout_h, zoneout_c);
   return forward_op({kind, act, peep, coupled, before}, x, h0, opt(c0), w_ih, w_hh, opt(b_ih),
                     opt(b_hh), opt(pw), batch_sizes.vec(), training, nthreads, masks, bf16);
+}
+
+// rnnkit_fused::pack_weights: W_ih^T and W_hh^T laid out as forward_impl's one-thread loops
+// read them, built once for a caller that keeps them while the weights do not change (the
+// inference plan, engine/fused/inference.py): per call they cost a strided transpose each,
+// ~100 us at H = 200 (5% of a 35,20,200 forward).
+std::tuple<at::Tensor, at::Tensor> pack_weights(int64_t kind, int64_t act, bool peep,
+                                                bool coupled, bool before,
+                                                const at::Tensor& w_ih, const at::Tensor& w_hh) {
+  TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2 && w_ih.size(0) == w_hh.size(0) &&
+                  w_ih.scalar_type() == w_hh.scalar_type(),
+              "pack_weights: w_ih (G*H, I) and w_hh (G*H, H) of one dtype");
+  Cfg cf;
+  cf.kind = static_cast<int>(kind);
+  cf.act = static_cast<int>(act);
+  cf.peep = peep;
+  cf.coupled = coupled;
+  cf.before = before;
+  cf.H = w_hh.size(1);
+  cf.G = gates_of(cf);
+  TORCH_CHECK(w_hh.size(0) == cf.G * cf.H, "w_hh has the wrong shape");
+  const at::Tensor wih = w_ih.contiguous(), whh = w_hh.contiguous();
+  at::Tensor rec;
+  if (cf.kind != RNN) {  // (the Elman loop reads W_hh^T as one block: forward_impl makes it)
+    if (whh.scalar_type() == at::kFloat) rec = pack_recurrent<float>(whh, cf);
+    else if (whh.scalar_type() == at::kDouble) rec = pack_recurrent<double>(whh, cf);
+    else TORCH_CHECK(false, "fused kernels support float32 and float64");
+  }
+  return {wih.t().contiguous(), or_empty(rec, whh)};
+}
+
+// rnnkit_fused::layer_forward_packed: layer_forward without regularisers, bf16 or saving
+// (inference), given also pack_weights' result for these weights: the same loops on the same
+// numbers, so exactly layer_forward's result. Returns (y, h_n, c_n).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward_packed(
+    int64_t kind, int64_t act, bool peep, bool coupled, bool before, const at::Tensor& x,
+    const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& pw,
+    const at::Tensor& w_ih_t, const at::Tensor& w_hh_packed, at::IntArrayRef batch_sizes,
+    int64_t nthreads) {
+  TORCH_CHECK(w_ih_t.dim() == 2 && w_ih_t.size(0) == w_ih.size(1) &&
+                  w_ih_t.size(1) == w_ih.size(0) && w_ih_t.is_contiguous() &&
+                  w_ih_t.scalar_type() == w_ih.scalar_type(),
+              "w_ih_t must be pack_weights' W_ih^T");
+  Prepacked pre{w_ih_t, at::Tensor()};
+  if (w_hh_packed.numel() > 0) {
+    TORCH_CHECK(w_hh_packed.sizes() == w_hh.sizes() && w_hh_packed.is_contiguous() &&
+                    w_hh_packed.scalar_type() == w_hh.scalar_type(),
+                "w_hh_packed must be pack_weights' W_hh");
+    pre.whh_rec = w_hh_packed;
+  }
+  auto r = forward_op({kind, act, peep, coupled, before}, x, h0, opt(c0), w_ih, w_hh, opt(b_ih),
+                      opt(b_hh), opt(pw), batch_sizes.vec(), false, nthreads, {}, false, at::Tensor(),
+                      at::Tensor(), &pre);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
 // The streaming step's short path: float32, batch 1, one thread. At batch 1 a step is two
@@ -2731,6 +2868,12 @@ TORCH_LIBRARY(rnnkit_fused, m) {
         "Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
         "Tensor? peephole_weights, Tensor gemv_ih, Tensor gemv_hh, int threads) -> "
         "(Tensor h, Tensor c)");
+  m.def("pack_weights(" RNNKIT_VARIANT "Tensor w_ih, Tensor w_hh) -> (Tensor w_ih_t, "
+        "Tensor w_hh_packed)");
+  m.def("layer_forward_packed(" RNNKIT_VARIANT
+        "Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor? peephole_weights, Tensor w_ih_t, Tensor w_hh_packed, int[] batch_sizes, "
+        "int threads) -> (Tensor y, Tensor h_n, Tensor c_n)");
   m.def("init() -> bool");
   m.def("bf16_available() -> bool");
   m.def("set_gemm(str which) -> str");
@@ -2741,6 +2884,8 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.impl("pack_gemv", c10::DispatchKey::CPU, TORCH_FN(pack_gemv));
   m.impl("forward_packed", c10::DispatchKey::CPU, TORCH_FN(forward_packed));
   m.impl("step_packed", c10::DispatchKey::CPU, TORCH_FN(step_packed));
+  m.impl("pack_weights", c10::DispatchKey::CPU, TORCH_FN(pack_weights));
+  m.impl("layer_forward_packed", c10::DispatchKey::CPU, TORCH_FN(layer_forward_packed));
   m.impl("init", c10::DispatchKey::CatchAll, TORCH_FN(init_op));
   m.impl("bf16_available", c10::DispatchKey::CatchAll, TORCH_FN(bf16_available_op));
   m.impl("set_gemm", c10::DispatchKey::CatchAll, TORCH_FN(set_gemm_op));

@@ -1,0 +1,201 @@
+"""Batched inference (issue 15 item 4, batch >= 20 rows; issue 16 target 2's forward): the lean
+path's packed weights (``pack_weights`` / ``layer_forward_packed``, kept in the module's plan)
+and the one-thread GRU loops' single product per step (``pack_recurrent``'s panel layout).
+
+Pinned against torch.nn (its forms) and rnnkit's reference engine (every variant). H = 70 puts
+the gate blocks off the 128-column panels: an LSTM's 280 columns are two panels and a 24-column
+tail, the reset-before GRU's r, z part (140) two panels and its n part (70) one.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from conftest import VARIANTS
+from rnnkit.cells.base import CellSpec
+from rnnkit.engine import fused
+from rnnkit.engine.fused import _build, _function
+
+pytestmark = pytest.mark.skipif(fused.unavailable_reason(CellSpec("gru"), torch.float32, "cpu")
+                                is not None, reason="the fused C++ kernels are unavailable")
+
+INPUT, HIDDEN, STEPS, BATCH = 19, 70, 9, 6
+
+LAYERS = {name: partial(layer, **options) for name, (layer, _, options) in VARIANTS.items()}
+TORCH_FORMS = ("rnn_tanh", "rnn_relu", "lstm", "gru_after")
+
+
+@pytest.fixture(autouse=True)
+def _own_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain LSTM on rnnkit's kernel too (at these shapes it would run torch's op)."""
+    monkeypatch.setattr(fused, "use_native", False)
+
+
+def _flat(result: tuple[torch.Tensor, object]) -> list[torch.Tensor]:
+    state = result[1]
+    return [result[0], *(state if isinstance(state, tuple) else (state,))]
+
+
+def _operator_args(cfg: _function.Config, dtype: torch.dtype, batch_sizes: list[int],
+                   threads: int) -> tuple[object, ...]:
+    """layer_forward_packed's arguments without the packed weights, and those weights."""
+    gen = torch.Generator().manual_seed(1)
+    rows = {0: 1, 1: 3 if cfg.coupled else 4, 2: 3}[cfg.kind] * HIDDEN
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=gen, dtype=dtype).sub(0.5)
+
+    c0 = rand(BATCH, HIDDEN) if cfg.kind == 1 else None
+    peep = rand(cfg.num_peephole, HIDDEN) if cfg.num_peephole else None
+    return (*cfg.args(), rand(STEPS, BATCH, INPUT), rand(BATCH, HIDDEN), c0, rand(rows, INPUT),
+            rand(rows, HIDDEN), rand(rows), rand(rows), peep), (batch_sizes, threads)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_packed_operator_equals_layer_forward(name):
+    """layer_forward_packed with pack_weights' copies is layer_forward exactly: float32 and
+    float64, full and ragged batches, one loop thread (packed W_hh read) and two (not read)."""
+    ops = _build.load()
+    cfg = _function.config_of(LAYERS[name](2, 3).math)
+    for dtype in (torch.float32, torch.float64):
+        for batch_sizes in ([], [6, 6, 5, 5, 3, 3, 2, 1, 1]):
+            for threads in (1, 2):
+                args, (bs, nt) = _operator_args(cfg, dtype, batch_sizes, threads)
+                w_ih_t, w_hh_packed = ops.pack_weights(*cfg.args(), args[8], args[9])
+                got = ops.layer_forward_packed(*args, w_ih_t, w_hh_packed, bs, nt)
+                want = ops.layer_forward(*args, None, None, None, bs, False, nt)[:3]
+                for g, w in zip(got, want):
+                    assert torch.equal(g, w), (dtype, batch_sizes, threads)
+
+
+@pytest.mark.parametrize("name", ["lstm_peephole_coupled", "gru_before", "rnn_relu"])
+def test_opcheck_packed_operators(name):
+    ops = _build.load()
+    cfg = _function.config_of(LAYERS[name](2, 3).math)
+    args, (bs, nt) = _operator_args(cfg, torch.float64, [], 0)
+    torch.library.opcheck(ops.pack_weights.default, (*cfg.args(), args[8], args[9]))
+    w_ih_t, w_hh_packed = ops.pack_weights(*cfg.args(), args[8], args[9])
+    torch.library.opcheck(ops.layer_forward_packed.default, (*args, w_ih_t, w_hh_packed, bs, nt))
+
+
+def test_packed_operator_rejects_foreign_packing():
+    ops = _build.load()
+    cfg = _function.config_of(LAYERS["gru_after"](2, 3).math)
+    args, (bs, nt) = _operator_args(cfg, torch.float32, [], 0)
+    w_ih_t, w_hh_packed = ops.pack_weights(*cfg.args(), args[8], args[9])
+    with pytest.raises(RuntimeError, match="w_ih_t"):
+        ops.layer_forward_packed(*args, w_ih_t[:-1], w_hh_packed, bs, nt)
+    with pytest.raises(RuntimeError, match="w_hh_packed"):
+        ops.layer_forward_packed(*args, w_ih_t, w_hh_packed[:-1], bs, nt)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_lean_batched_path_equals_general_path_and_torch(name, layers, bidirectional):
+    """Under inference_mode a batched layer runs the lean path with packed weights (kept in its
+    plan); it equals the general path (grad enabled), the reference engine and torch.nn."""
+    torch.manual_seed(5)
+    layer = LAYERS[name](INPUT, HIDDEN, num_layers=layers, bidirectional=bidirectional).eval()
+    x = torch.randn(STEPS, BATCH, INPUT)
+    depth = layers * (2 if bidirectional else 1)
+    hx = tuple(torch.randn(depth, BATCH, HIDDEN) for _ in range(2 if "lstm" in name else 1))
+    for kwargs in ({}, {"hx": hx if len(hx) == 2 else hx[0]}):
+        layer.__dict__.pop("_inference_plan", None)
+        with torch.inference_mode():
+            lean = _flat(layer(x, **kwargs))
+        assert len(layer.__dict__["_inference_plan"].packed) == depth  # the packed path ran
+        general = _flat(layer(x, **kwargs))
+        layer.backend = "reference"
+        reference = _flat(layer(x, **kwargs))
+        layer.backend = None
+        for got, want, ref in zip(lean, general, reference):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
+        if name in TORCH_FORMS:
+            with torch.inference_mode():
+                theirs = _flat(layer.to_torch().eval()(x, *kwargs.values()))
+            for got, want in zip(lean, theirs):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lstm_peephole", "gru_before"])
+def test_packed_weights_follow_in_place_changes(name):
+    """The plan's packed copies are rebuilt with it after an in-place change and
+    load_state_dict, and reused while the weights stay as they are."""
+    torch.manual_seed(6)
+    layer = LAYERS[name](INPUT, HIDDEN).eval()
+    other = LAYERS[name](INPUT, HIDDEN)
+    x = torch.randn(STEPS, BATCH, INPUT)
+
+    def check() -> None:
+        with torch.inference_mode():
+            lean = _flat(layer(x))
+        for got, want in zip(lean, _flat(layer(x))):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+
+    check()
+    packed = layer.__dict__["_inference_plan"].packed[0]
+    with torch.no_grad():
+        layer.weight_hh_l0.mul_(1.5)
+    check()
+    assert layer.__dict__["_inference_plan"].packed[0] is not packed
+    layer.load_state_dict(other.state_dict())
+    check()
+    packed = layer.__dict__["_inference_plan"].packed[0]
+    check()
+    assert layer.__dict__["_inference_plan"].packed[0] is packed
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_nan_and_inf_propagate_as_reference(name):
+    """NaN and ±inf in the input, the initial state and a weight give the reference engine's
+    (torch's ops) NaN pattern and values through the batched inference path (the GRU loops add
+    the input part to the product in the pointwise pass now, not in the GEMM)."""
+    torch.manual_seed(7)
+    layer = LAYERS[name](INPUT, HIDDEN).eval()
+    x = torch.randn(STEPS, BATCH, INPUT)
+    x[2, 1, 3] = float("nan")
+    x[4, 2, 0] = float("inf")
+    x[5, 3, :] = -float("inf")
+    h0 = torch.randn(1, BATCH, HIDDEN)
+    h0[0, 4, 7] = float("inf")
+    hx = (h0, torch.randn(1, BATCH, HIDDEN)) if "lstm" in name else h0
+    with torch.no_grad():
+        layer.weight_hh_l0[5, 2] = float("inf")
+    with torch.inference_mode():
+        lean = _flat(layer(x, hx))
+        layer.backend = "reference"
+        reference = _flat(layer(x, hx))
+    for got, want in zip(lean, reference):
+        assert torch.equal(got.isnan(), want.isnan())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    if name in TORCH_FORMS:
+        with torch.inference_mode():
+            theirs = _flat(layer.to_torch().eval()(x, hx))
+        for got, want in zip(lean, theirs):
+            assert torch.equal(got.isnan(), want.isnan())
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_plain_lstm_inference_routing_by_steps():
+    """With one thread, inference over <= INFERENCE_OWN_MAX_STEPS steps runs rnnkit's kernel
+    (torch's op pays a per-call weight reorder); longer sequences and training keep torch's op;
+    the lean path runs it (its plan is built) and equals torch.nn."""
+    assert fused.own_kernel_faster(35, 20, 200, threads=1, inference=True)
+    assert fused.own_kernel_faster(50, 64, 512, threads=1, inference=True)
+    assert not fused.own_kernel_faster(64, 32, 256, threads=1, inference=True)
+    assert not fused.own_kernel_faster(35, 20, 200, threads=1)  # (a gradient: torch's op)
+    assert not fused.own_kernel_faster(35, 20, 200, threads=2, inference=True)  # (not measured)
+    fused.use_native = True  # (restored by the autouse fixture)
+    torch.manual_seed(8)
+    layer = LAYERS["lstm"](INPUT, HIDDEN).eval()
+    x = torch.randn(STEPS, BATCH, INPUT)
+    with torch.inference_mode():
+        ours = _flat(layer(x))
+        theirs = _flat(layer.to_torch().eval()(x))
+    assert ("_inference_plan" in layer.__dict__) == (torch.get_num_threads() == 1)
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
