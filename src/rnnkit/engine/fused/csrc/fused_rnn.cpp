@@ -440,12 +440,10 @@ void pgemm_tout(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const 
   }
 }
 
-// Parallel GEMM over tiles: C(M, N) (+)= A(M, K) B(K, N) [+ bias[n] on every row].
-template <typename T>
-void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-           T* C, int64_t ldc, bool acc, const T* bias, int nt) {
-  if (M <= 0 || N <= 0) return;
-  const int64_t KB = 256;
+// C(M, N) split into pgemm_tiles' tiles, spread over nt threads: tile(m0, n0, mm, nn) computes
+// rows [m0, m0 + mm) x columns [n0, n0 + nn). The one parallel tile loop of pgemm and pgemm_bf16.
+template <typename Fn>
+void parallel_tiles(int64_t M, int64_t N, int nt, Fn&& tile) {
   int64_t MB, NB;
   pgemm_tiles(M, N, nt, MB, NB);
   const int64_t mt = (M + MB - 1) / MB, ntile = (N + NB - 1) / NB;
@@ -453,24 +451,37 @@ void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
   for (int64_t bm = 0; bm < mt; ++bm) {
     for (int64_t bn = 0; bn < ntile; ++bn) {
       const int64_t m0 = bm * MB, n0 = bn * NB;
-      const int64_t mm = std::min(MB, M - m0), nn = std::min(NB, N - n0);
-      T* c = C + m0 * ldc + n0;
-      if (K == 0) gemm_rm(mm, nn, K, A, lda, B, ldb, c, ldc, acc);
-      for (int64_t k0 = 0; k0 < K; k0 += KB) {
-        const int64_t kk = std::min(KB, K - k0);
-        gemm_rm(mm, nn, kk, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, c, ldc,
-                acc || k0 > 0);
-      }
-      if (bias) {
-        for (int64_t m = 0; m < mm; ++m) {
-          T* cr = c + m * ldc;
-          const T* br = bias + n0;
-#pragma omp simd
-          for (int64_t n = 0; n < nn; ++n) cr[n] += br[n];
-        }
-      }
+      tile(m0, n0, std::min(MB, M - m0), std::min(NB, N - n0));
     }
   }
+}
+
+// c(mm, nn) (ldc) += bias[n] on every row (bias already offset to the tile's first column).
+template <typename T>
+inline void add_bias_rows(int64_t mm, int64_t nn, const T* bias, T* c, int64_t ldc) {
+  for (int64_t m = 0; m < mm; ++m) {
+    T* cr = c + m * ldc;
+#pragma omp simd
+    for (int64_t n = 0; n < nn; ++n) cr[n] += bias[n];
+  }
+}
+
+// Parallel GEMM over tiles: C(M, N) (+)= A(M, K) B(K, N) [+ bias[n] on every row].
+template <typename T>
+void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+           T* C, int64_t ldc, bool acc, const T* bias, int nt) {
+  if (M <= 0 || N <= 0) return;
+  const int64_t KB = 256;
+  parallel_tiles(M, N, nt, [&](int64_t m0, int64_t n0, int64_t mm, int64_t nn) {
+    T* c = C + m0 * ldc + n0;
+    if (K == 0) gemm_rm(mm, nn, K, A, lda, B, ldb, c, ldc, acc);
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+      const int64_t kk = std::min(KB, K - k0);
+      gemm_rm(mm, nn, kk, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, c, ldc,
+              acc || k0 > 0);
+    }
+    if (bias) add_bias_rows(mm, nn, bias + n0, c, ldc);
+  });
 }
 
 // W (N, K) (a weight as stored, contiguous) -> W^T in column panels of width nb: panel p holds
@@ -590,24 +601,11 @@ RNNKIT_BF16_SIMD inline void mm_bf16(int64_t M, int64_t n, int64_t K, const floa
 void pgemm_bf16(int64_t M, int64_t N, int64_t Kp, const BF16* A, int64_t lda, const BF16* Bv,
                 int64_t ldb, float* C, int64_t ldc, const float* bias, int nt) {
   if (M <= 0 || N <= 0) return;
-  int64_t MB, NB;
-  pgemm_tiles(M, N, nt, MB, NB);
-  const int64_t mt = (M + MB - 1) / MB, ntile = (N + NB - 1) / NB;
-#pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
-  for (int64_t bm = 0; bm < mt; ++bm) {
-    for (int64_t bn = 0; bn < ntile; ++bn) {
-      const int64_t m0 = bm * MB, n0 = bn * NB;
-      const int64_t mm = std::min(MB, M - m0), nn = std::min(NB, N - n0);
-      float* c = C + m0 * ldc + n0;
-      gemm_bf16(mm, nn, Kp, A + m0 * lda, lda, Bv + n0 * 2, ldb, c, ldc, false);
-      if (bias)
-        for (int64_t m = 0; m < mm; ++m) {
-          float* cr = c + m * ldc;
-#pragma omp simd
-          for (int64_t n = 0; n < nn; ++n) cr[n] += bias[n0 + n];
-        }
-    }
-  }
+  parallel_tiles(M, N, nt, [&](int64_t m0, int64_t n0, int64_t mm, int64_t nn) {
+    float* c = C + m0 * ldc + n0;
+    gemm_bf16(mm, nn, Kp, A + m0 * lda, lda, Bv + n0 * 2, ldb, c, ldc, false);
+    if (bias) add_bias_rows(mm, nn, bias + n0, c, ldc);
+  });
 }
 
 // A bf16 copy of a float (rows, cols) tensor with cols padded to even (zero), for a GEMM's A.
