@@ -640,10 +640,13 @@ at::Tensor vnni_of(const float* src, int64_t K, int64_t N, int64_t rs, int64_t c
 // VNNI layout, as vnni_of(a, K, N, N, 1), in the same pass over a (which a separate pass read
 // again, 2-4% of a bf16 forward+backward at 100,32,256 each, perf): with colsum, its column sums
 // in float32 (the biases' gradients, instead of torch's sum), with rows, its bf16 copy as
-// bf16_rows makes (the A of dx = dG W_ih).
+// bf16_rows makes (the A of dx = dG W_ih). a's rows may be strided (a block of columns of a
+// wider matrix); its columns are contiguous.
 RNNKIT_BF16_SIMD at::Tensor vnni_rows_sum(const at::Tensor& a, at::Tensor* colsum,
                                            at::Tensor* rows, int nt) {
   const int64_t K = a.size(0), N = a.size(1), pairs = even_up(K) / 2, ldr = even_up(N);
+  const int64_t lda = a.stride(0);
+  TORCH_CHECK(a.stride(1) == 1 || N <= 1, "vnni_rows_sum: columns must be contiguous");
   at::Tensor out = at::empty({pairs, N, 2}, a.options().dtype(at::kBFloat16));
   const float* src = a.data_ptr<float>();
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<BF16>());
@@ -657,10 +660,10 @@ RNNKIT_BF16_SIMD at::Tensor vnni_rows_sum(const at::Tensor& a, at::Tensor* colsu
     float* ps = part.data();
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < pairs; ++p) {
-      const float* r0 = src + 2 * p * N;
+      const float* r0 = src + 2 * p * lda;
       uint32_t* o = dst + p * N;
       if (2 * p + 1 < K) {
-        const float* r1 = r0 + N;
+        const float* r1 = r0 + lda;
         if (rp) {
           uint16_t* q0 = rp + 2 * p * ldr;
           uint16_t* q1 = q0 + ldr;
@@ -1587,10 +1590,11 @@ int64_t backward_chunk_steps(const Cfg& cf) {
 
 // out (cols, ld) bf16 = the transpose of a float (rows, cols) matrix whose row r is row(r)
 // (times mask(r) elementwise, when mask(r) is not null), columns rows..ld of out zero: the A of
-// the weight gradients. Tiles of 32 rows x 64 columns: each row's 64 floats (four cache lines) are
-// rounded by a contiguous, vectorised loop into a small tile, which is then written out
-// transposed from L1 in 8 x 8 blocks (rounding element by element along a strided column instead
-// took 7% of an Elman layer's bf16 forward+backward, measured with perf at 100,32,256).
+// the weight gradients. Tiles of 32 rows x 256 columns (16 KiB): each row's 256 floats are
+// rounded by a contiguous, vectorised loop into the tile, which is then written out transposed
+// from L1 in 8 x 8 blocks (rounding element by element along a strided column instead took 7% of
+// an Elman layer's bf16 forward+backward, measured with perf at 100,32,256; 64-column tiles,
+// which read 256 bytes of each of 32 rows in turn, stalled on those loads: 6.5% against 3.7%).
 // dst[j * ldd + i] = src[i * lds + j] for an 8 x 8 block of 16-bit values: three rounds of
 // SSE2 unpacks (baseline x86-64; the scalar loop elsewhere), 8 loads and 8 stores instead of 64.
 inline void transpose8x8_u16(const uint16_t* src, int64_t lds, uint16_t* dst, int64_t ldd) {
@@ -1624,7 +1628,7 @@ inline void transpose8x8_u16(const uint16_t* src, int64_t lds, uint16_t* dst, in
 template <typename Row, typename Mask>
 RNNKIT_BF16_SIMD void transpose_to_bf16(int64_t rows, int64_t cols, Row row, Mask mask,
                                         uint16_t* dst, int64_t ld, int nt) {
-  constexpr int64_t RB = 32, CB = 64;
+  constexpr int64_t RB = 32, CB = 256;
   const int64_t rbn = (rows + RB - 1) / RB;
   // (blocks of rows outermost: the source is read in order, 32 rows at a time; columns
   // outermost, each row read a cache line at a time across the whole matrix, stalled on the
@@ -1739,9 +1743,16 @@ void bf16_input_and_weight_grads(const Cfg& cf, const at::Tensor& x, const at::T
   const at::Tensor hprevT = bf16_hprev_transposed(h0, y, rmask, T_, B, H, nt);
   at::Tensor dwhhT = at::empty({H, GH}, opts);
   if (gru_after) {
-    at::Tensor dghv =
-        vnni_rows_sum(dgh.reshape({TB, GH}), has_bias ? &dbhh : nullptr, nullptr, nt);
-    weight_grad_t(hprevT, dghv, 0, GH, dwhhT);
+    // d(W_hh h + b_hh) is dG in its r and z blocks (gru_after_bwd_loop writes the same values to
+    // both): only its n block (dpn r) is packed again (packing all of it took 2% of a GRU's bf16
+    // forward+backward at 100,32,256, perf), and the r, z bias gradients are dG's sums.
+    at::Tensor dbn;
+    const at::Tensor dgnv = vnni_rows_sum(dgh.reshape({TB, GH}).narrow(1, 2 * H, H),
+                                          has_bias ? &dbn : nullptr, nullptr, nt);
+    weight_grad_t(hprevT, dgv, 0, 2 * H, dwhhT);
+    pgemm_bf16(H, H, TBp, hprevT.data_ptr<BF16>(), TBp, dgnv.data_ptr<BF16>(), H,
+               dwhhT.data_ptr<float>() + 2 * H, GH, nullptr, nt);
+    if (has_bias) dbhh = at::cat({dbih.narrow(0, 0, 2 * H), dbn});
   } else if (cf.kind == GRU) {
     weight_grad_t(hprevT, dgv, 0, 2 * H, dwhhT);
     weight_grad_t(bf16_transposed(extra.reshape({TB, H}), nt), dgv, 2 * H, H, dwhhT);
