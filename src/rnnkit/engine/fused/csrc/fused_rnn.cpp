@@ -383,8 +383,10 @@ bool probe_brgemm() {
 #endif
 }
 
-// Tile sizes for a parallel GEMM of C(M, N) on nt threads (see pgemm).
-inline void pgemm_tiles(int64_t M, int64_t N, int nt, int64_t& MB, int64_t& NB) {
+// Tile sizes for a parallel GEMM of C(M, N) on nt threads (see pgemm). per_thread: the least
+// tile count per thread (pgemm_bf16: 1, see there).
+inline void pgemm_tiles(int64_t M, int64_t N, int nt, int64_t& MB, int64_t& NB,
+                        int per_thread = 2) {
   // Tiles of at most 256 x 256 (256-row tiles measured fastest, 1 thread, 2-5% over 64-128),
   // of even sizes (N rounded up to 16 for the micro-kernel), and a tile count that is at least
   // two per thread and a multiple of the thread count: 256-wide tiles as they fall split
@@ -393,7 +395,8 @@ inline void pgemm_tiles(int64_t M, int64_t N, int nt, int64_t& MB, int64_t& NB) 
   NB = std::min(N, ((N + nn - 1) / nn + 15) / 16 * 16);
   const int64_t ntl = (N + NB - 1) / NB;
   int64_t nm = (M + 255) / 256;
-  while (nm < M && (nm * ntl < 2 * nt || (nm * ntl) % nt != 0) && (M + nm) / (nm + 1) >= 16)
+  while (nm < M && (nm * ntl < per_thread * nt || (nm * ntl) % nt != 0) &&
+         (M + nm) / (nm + 1) >= 16)
     ++nm;
   MB = (M + nm - 1) / nm;
 }
@@ -443,9 +446,9 @@ void pgemm_tout(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const 
 // C(M, N) split into pgemm_tiles' tiles, spread over nt threads: tile(m0, n0, mm, nn) computes
 // rows [m0, m0 + mm) x columns [n0, n0 + nn). The one parallel tile loop of pgemm and pgemm_bf16.
 template <typename Fn>
-void parallel_tiles(int64_t M, int64_t N, int nt, Fn&& tile) {
+void parallel_tiles(int64_t M, int64_t N, int nt, Fn&& tile, int per_thread = 2) {
   int64_t MB, NB;
-  pgemm_tiles(M, N, nt, MB, NB);
+  pgemm_tiles(M, N, nt, MB, NB, per_thread);
   const int64_t mt = (M + MB - 1) / MB, ntile = (N + NB - 1) / NB;
 #pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
   for (int64_t bm = 0; bm < mt; ++bm) {
@@ -597,7 +600,9 @@ RNNKIT_BF16_SIMD inline void mm_bf16(int64_t M, int64_t n, int64_t K, const floa
   gemm_bf16(M, n, Kp, buf.data(), Kp, Bv + (k0 / 2) * ldb * 2 + col0 * 2, ldb, C, ldc, acc);
 }
 
-// Parallel tiles (as pgemm): C(M, N) = A(M, Kp) B(Kp, N) [+ bias[n] on every row].
+// Parallel tiles (as pgemm): C(M, N) = A(M, Kp) B(Kp, N) [+ bias[n] on every row]. One tile per
+// thread suffices (per_thread 1): the weight gradients (M = I or H <= 256, K = T*B) as two tiles
+// on one thread read B, the whole VNNI-packed dG, twice from memory.
 void pgemm_bf16(int64_t M, int64_t N, int64_t Kp, const BF16* A, int64_t lda, const BF16* Bv,
                 int64_t ldb, float* C, int64_t ldc, const float* bias, int nt) {
   if (M <= 0 || N <= 0) return;
@@ -605,7 +610,7 @@ void pgemm_bf16(int64_t M, int64_t N, int64_t Kp, const BF16* A, int64_t lda, co
     float* c = C + m0 * ldc + n0;
     gemm_bf16(mm, nn, Kp, A + m0 * lda, lda, Bv + n0 * 2, ldb, c, ldc, false);
     if (bias) add_bias_rows(mm, nn, bias + n0, c, ldc);
-  });
+  }, 1);
 }
 
 // A bf16 copy of a float (rows, cols) tensor with cols padded to even (zero), for a GEMM's A.
