@@ -367,8 +367,8 @@ def test_backward_is_bf16_gemm_inputs_with_float32_accumulation(dropout):
     x, the previous hidden states h_{t-1} (times the recurrent-dropout mask), the weights)
     accumulated in float32: an Elman layer's backward written out in float64 from the kernel's
     own float32 outputs. 70 inputs, 67 hidden units and T*B = 65 rows give the transposed
-    copies full tiles (32 rows x 64 columns), partial ones and padding; the float32 kernel is
-    measurably farther away."""
+    copies full row blocks (32 rows), partial ones and padding (full 256-column tiles: the GRU
+    test below); the float32 kernel is measurably farther away."""
     from rnnkit.engine import run_layer
     from rnnkit.engine.regularise import StepMasks
 
@@ -440,3 +440,61 @@ def test_partial_gradients_equal_the_full_backward(name):
         p.requires_grad_(True)
     for got, want in zip(grads(params), full[1:]):
         assert torch.equal(got, want)
+
+
+@needs_bf16
+def test_gru_after_backward_is_bf16_gemm_inputs_with_float32_accumulation():
+    """GRU reset-after's backward against the same float64 emulation as the Elman test above:
+    dW_hh's r and z columns and b_hh's gradient come from dG itself (the kernel packs only the
+    n block of d(W_hh h + b_hh) again). 257 inputs, 260 hidden units and T*B = 65 rows give the
+    transposed copies of x and h_{t-1} full tiles (32 rows x 256 columns), partial ones and
+    padding; the float32 kernel is measurably farther away."""
+    torch.manual_seed(13)
+    inputs, hidden, steps, batch = 257, 260, 5, 13
+    module = rnnkit.GRU(inputs, hidden)
+    x = torch.randn(steps, batch, inputs, requires_grad=True)
+    h0 = torch.randn(batch, hidden, requires_grad=True)
+    gy = torch.randn(steps, batch, hidden)
+    params = module.layer_params(0, 0)
+    weights = [module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0]
+
+    def kernel(mixed: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+            out, _ = run_layer(module.math, x, (h0,), params)
+        assert out.dtype == torch.float32
+        return out, torch.autograd.grad(out, [x, h0, *weights], gy)
+
+    out, got = kernel(True)
+    y = out.detach().double()
+    w_ih, w_hh, b_ih, b_hh = (w.detach().double() for w in weights)
+    hprev = [h0.detach().double(), *y[:-1]]
+    H = hidden
+    dx = torch.zeros(steps, batch, inputs, dtype=torch.float64)
+    dw_ih, dw_hh = torch.zeros_like(w_ih), torch.zeros_like(w_hh)
+    db_ih, db_hh = torch.zeros_like(b_ih), torch.zeros_like(b_hh)
+    dh = torch.zeros(batch, H, dtype=torch.float64)
+    for t in reversed(range(steps)):
+        # the gates from the kernel's own h_{t-1}, products of bf16-rounded operands
+        gx = bf16(x[t].detach()) @ bf16(w_ih).T + b_ih
+        gh = bf16(hprev[t]) @ bf16(w_hh).T + b_hh
+        r = torch.sigmoid(gx[:, :H] + gh[:, :H])
+        z = torch.sigmoid(gx[:, H:2 * H] + gh[:, H:2 * H])
+        n = torch.tanh(gx[:, 2 * H:] + r * gh[:, 2 * H:])
+        d = dh + gy[t].double()
+        dpn = d * (1 - z) * (1 - n ** 2)
+        dpz = d * (hprev[t] - n) * z * (1 - z)
+        dpr = dpn * gh[:, 2 * H:] * r * (1 - r)
+        dg_x = torch.cat([dpr, dpz, dpn], 1)
+        dg_h = torch.cat([dpr, dpz, dpn * r], 1)
+        db_ih += dg_x.sum(0)
+        db_hh += dg_h.sum(0)
+        dg_x, dg_h = bf16(dg_x), bf16(dg_h)
+        dx[t] = dg_x @ bf16(w_ih)
+        dw_ih += dg_x.T @ bf16(x[t].detach())
+        dw_hh += dg_h.T @ bf16(hprev[t])
+        dh = d * z + dg_h @ bf16(w_hh)
+    want = [dx, dh, dw_ih, dw_hh, db_ih, db_hh]
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 2e-4, rel_err(g, w)
+    _, plain = kernel(False)
+    assert max(rel_err(g, w) for g, w in zip(plain[:4], want)) > 1e-3

@@ -666,8 +666,10 @@ bool probe_brgemm() {
 #endif
 }
 
-// Tile sizes for a parallel GEMM of C(M, N) on nt threads (see pgemm).
-inline void pgemm_tiles(int64_t M, int64_t N, int nt, int64_t& MB, int64_t& NB) {
+// Tile sizes for a parallel GEMM of C(M, N) on nt threads (see pgemm). per_thread: the least
+// tile count per thread (pgemm_bf16: 1, see there).
+inline void pgemm_tiles(int64_t M, int64_t N, int nt, int64_t& MB, int64_t& NB,
+                        int per_thread = 2) {
   // Tiles of at most 256 x 256 (256-row tiles measured fastest, 1 thread, 2-5% over 64-128),
   // of even sizes (N rounded up to 16 for the micro-kernel), and a tile count that is at least
   // two per thread and a multiple of the thread count: 256-wide tiles as they fall split
@@ -676,7 +678,8 @@ inline void pgemm_tiles(int64_t M, int64_t N, int nt, int64_t& MB, int64_t& NB) 
   NB = std::min(N, ((N + nn - 1) / nn + 15) / 16 * 16);
   const int64_t ntl = (N + NB - 1) / NB;
   int64_t nm = (M + 255) / 256;
-  while (nm < M && (nm * ntl < 2 * nt || (nm * ntl) % nt != 0) && (M + nm) / (nm + 1) >= 16)
+  while (nm < M && (nm * ntl < per_thread * nt || (nm * ntl) % nt != 0) &&
+         (M + nm) / (nm + 1) >= 16)
     ++nm;
   MB = (M + nm - 1) / nm;
 }
@@ -723,37 +726,48 @@ void pgemm_tout(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const 
   }
 }
 
+// C(M, N) split into pgemm_tiles' tiles, spread over nt threads: tile(m0, n0, mm, nn) computes
+// rows [m0, m0 + mm) x columns [n0, n0 + nn). The one parallel tile loop of pgemm and pgemm_bf16.
+template <typename Fn>
+void parallel_tiles(int64_t M, int64_t N, int nt, Fn&& tile, int per_thread = 2) {
+  int64_t MB, NB;
+  pgemm_tiles(M, N, nt, MB, NB, per_thread);
+  const int64_t mt = (M + MB - 1) / MB, ntile = (N + NB - 1) / NB;
+#pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
+  for (int64_t bm = 0; bm < mt; ++bm) {
+    for (int64_t bn = 0; bn < ntile; ++bn) {
+      const int64_t m0 = bm * MB, n0 = bn * NB;
+      tile(m0, n0, std::min(MB, M - m0), std::min(NB, N - n0));
+    }
+  }
+}
+
+// c(mm, nn) (ldc) += bias[n] on every row (bias already offset to the tile's first column).
+template <typename T>
+inline void add_bias_rows(int64_t mm, int64_t nn, const T* bias, T* c, int64_t ldc) {
+  for (int64_t m = 0; m < mm; ++m) {
+    T* cr = c + m * ldc;
+#pragma omp simd
+    for (int64_t n = 0; n < nn; ++n) cr[n] += bias[n];
+  }
+}
+
 // Parallel GEMM over tiles: C(M, N) (+)= A(M, K) B(K, N) [+ bias[n] on every row].
 template <typename T>
 void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
            T* C, int64_t ldc, bool acc, const T* bias, int nt) {
   if (M <= 0 || N <= 0) return;
   const int64_t KB = 256;
-  int64_t MB, NB;
-  pgemm_tiles(M, N, nt, MB, NB);
-  const int64_t mt = (M + MB - 1) / MB, ntile = (N + NB - 1) / NB;
-#pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
-  for (int64_t bm = 0; bm < mt; ++bm) {
-    for (int64_t bn = 0; bn < ntile; ++bn) {
-      const int64_t m0 = bm * MB, n0 = bn * NB;
-      const int64_t mm = std::min(MB, M - m0), nn = std::min(NB, N - n0);
-      T* c = C + m0 * ldc + n0;
-      if (K == 0) gemm_rm(mm, nn, K, A, lda, B, ldb, c, ldc, acc);
-      for (int64_t k0 = 0; k0 < K; k0 += KB) {
-        const int64_t kk = std::min(KB, K - k0);
-        gemm_rm(mm, nn, kk, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, c, ldc,
-                acc || k0 > 0);
-      }
-      if (bias) {
-        for (int64_t m = 0; m < mm; ++m) {
-          T* cr = c + m * ldc;
-          const T* br = bias + n0;
-#pragma omp simd
-          for (int64_t n = 0; n < nn; ++n) cr[n] += br[n];
-        }
-      }
+  parallel_tiles(M, N, nt, [&](int64_t m0, int64_t n0, int64_t mm, int64_t nn) {
+    T* c = C + m0 * ldc + n0;
+    if (K == 0) gemm_rm(mm, nn, K, A, lda, B, ldb, c, ldc, acc);
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+      const int64_t kk = std::min(KB, K - k0);
+      gemm_rm(mm, nn, kk, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, c, ldc,
+              acc || k0 > 0);
     }
-  }
+    if (bias) add_bias_rows(mm, nn, bias + n0, c, ldc);
+  });
 }
 
 // W (N, K) (a weight as stored, contiguous) -> W^T in column panels of width nb: panel p holds
@@ -869,28 +883,17 @@ RNNKIT_BF16_SIMD inline void mm_bf16(int64_t M, int64_t n, int64_t K, const floa
   gemm_bf16(M, n, Kp, buf.data(), Kp, Bv + (k0 / 2) * ldb * 2 + col0 * 2, ldb, C, ldc, acc);
 }
 
-// Parallel tiles (as pgemm): C(M, N) = A(M, Kp) B(Kp, N) [+ bias[n] on every row].
+// Parallel tiles (as pgemm): C(M, N) = A(M, Kp) B(Kp, N) [+ bias[n] on every row]. One tile per
+// thread suffices (per_thread 1): the weight gradients (M = I or H <= 256, K = T*B) as two tiles
+// on one thread read B, the whole VNNI-packed dG, twice from memory.
 void pgemm_bf16(int64_t M, int64_t N, int64_t Kp, const BF16* A, int64_t lda, const BF16* Bv,
                 int64_t ldb, float* C, int64_t ldc, const float* bias, int nt) {
   if (M <= 0 || N <= 0) return;
-  int64_t MB, NB;
-  pgemm_tiles(M, N, nt, MB, NB);
-  const int64_t mt = (M + MB - 1) / MB, ntile = (N + NB - 1) / NB;
-#pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
-  for (int64_t bm = 0; bm < mt; ++bm) {
-    for (int64_t bn = 0; bn < ntile; ++bn) {
-      const int64_t m0 = bm * MB, n0 = bn * NB;
-      const int64_t mm = std::min(MB, M - m0), nn = std::min(NB, N - n0);
-      float* c = C + m0 * ldc + n0;
-      gemm_bf16(mm, nn, Kp, A + m0 * lda, lda, Bv + n0 * 2, ldb, c, ldc, false);
-      if (bias)
-        for (int64_t m = 0; m < mm; ++m) {
-          float* cr = c + m * ldc;
-#pragma omp simd
-          for (int64_t n = 0; n < nn; ++n) cr[n] += bias[n0 + n];
-        }
-    }
-  }
+  parallel_tiles(M, N, nt, [&](int64_t m0, int64_t n0, int64_t mm, int64_t nn) {
+    float* c = C + m0 * ldc + n0;
+    gemm_bf16(mm, nn, Kp, A + m0 * lda, lda, Bv + n0 * 2, ldb, c, ldc, false);
+    if (bias) add_bias_rows(mm, nn, bias + n0, c, ldc);
+  }, 1);
 }
 
 // A bf16 copy of a float (rows, cols) tensor with cols padded to even (zero), for a GEMM's A.
@@ -925,10 +928,13 @@ at::Tensor vnni_of(const float* src, int64_t K, int64_t N, int64_t rs, int64_t c
 // VNNI layout, as vnni_of(a, K, N, N, 1), in the same pass over a (which a separate pass read
 // again, 2-4% of a bf16 forward+backward at 100,32,256 each, perf): with colsum, its column sums
 // in float32 (the biases' gradients, instead of torch's sum), with rows, its bf16 copy as
-// bf16_rows makes (the A of dx = dG W_ih).
+// bf16_rows makes (the A of dx = dG W_ih). a's rows may be strided (a block of columns of a
+// wider matrix); its columns are contiguous.
 RNNKIT_BF16_SIMD at::Tensor vnni_rows_sum(const at::Tensor& a, at::Tensor* colsum,
                                            at::Tensor* rows, int nt) {
   const int64_t K = a.size(0), N = a.size(1), pairs = even_up(K) / 2, ldr = even_up(N);
+  const int64_t lda = a.stride(0);
+  TORCH_CHECK(a.stride(1) == 1 || N <= 1, "vnni_rows_sum: columns must be contiguous");
   at::Tensor out = at::empty({pairs, N, 2}, a.options().dtype(at::kBFloat16));
   const float* src = a.data_ptr<float>();
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<BF16>());
@@ -942,10 +948,10 @@ RNNKIT_BF16_SIMD at::Tensor vnni_rows_sum(const at::Tensor& a, at::Tensor* colsu
     float* ps = part.data();
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < pairs; ++p) {
-      const float* r0 = src + 2 * p * N;
+      const float* r0 = src + 2 * p * lda;
       uint32_t* o = dst + p * N;
       if (2 * p + 1 < K) {
-        const float* r1 = r0 + N;
+        const float* r1 = r0 + lda;
         if (rp) {
           uint16_t* q0 = rp + 2 * p * ldr;
           uint16_t* q1 = q0 + ldr;
@@ -1967,10 +1973,11 @@ int64_t backward_chunk_steps(const Cfg& cf) {
 
 // out (cols, ld) bf16 = the transpose of a float (rows, cols) matrix whose row r is row(r)
 // (times mask(r) elementwise, when mask(r) is not null), columns rows..ld of out zero: the A of
-// the weight gradients. Tiles of 32 rows x 64 columns: each row's 64 floats (four cache lines) are
-// rounded by a contiguous, vectorised loop into a small tile, which is then written out
-// transposed from L1 in 8 x 8 blocks (rounding element by element along a strided column instead
-// took 7% of an Elman layer's bf16 forward+backward, measured with perf at 100,32,256).
+// the weight gradients. Tiles of 32 rows x 256 columns (16 KiB): each row's 256 floats are
+// rounded by a contiguous, vectorised loop into the tile, which is then written out transposed
+// from L1 in 8 x 8 blocks (rounding element by element along a strided column instead took 7% of
+// an Elman layer's bf16 forward+backward, measured with perf at 100,32,256; 64-column tiles,
+// which read 256 bytes of each of 32 rows in turn, stalled on those loads: 6.5% against 3.7%).
 // dst[j * ldd + i] = src[i * lds + j] for an 8 x 8 block of 16-bit values: three rounds of
 // SSE2 unpacks (baseline x86-64; the scalar loop elsewhere), 8 loads and 8 stores instead of 64.
 inline void transpose8x8_u16(const uint16_t* src, int64_t lds, uint16_t* dst, int64_t ldd) {
@@ -2004,7 +2011,7 @@ inline void transpose8x8_u16(const uint16_t* src, int64_t lds, uint16_t* dst, in
 template <typename Row, typename Mask>
 RNNKIT_BF16_SIMD void transpose_to_bf16(int64_t rows, int64_t cols, Row row, Mask mask,
                                         uint16_t* dst, int64_t ld, int nt) {
-  constexpr int64_t RB = 32, CB = 64;
+  constexpr int64_t RB = 32, CB = 256;
   const int64_t rbn = (rows + RB - 1) / RB;
   // (blocks of rows outermost: the source is read in order, 32 rows at a time; columns
   // outermost, each row read a cache line at a time across the whole matrix, stalled on the
@@ -2119,9 +2126,16 @@ void bf16_input_and_weight_grads(const Cfg& cf, const at::Tensor& x, const at::T
   const at::Tensor hprevT = bf16_hprev_transposed(h0, y, rmask, T_, B, H, nt);
   at::Tensor dwhhT = at::empty({H, GH}, opts);
   if (gru_after) {
-    at::Tensor dghv =
-        vnni_rows_sum(dgh.reshape({TB, GH}), has_bias ? &dbhh : nullptr, nullptr, nt);
-    weight_grad_t(hprevT, dghv, 0, GH, dwhhT);
+    // d(W_hh h + b_hh) is dG in its r and z blocks (gru_after_bwd_loop writes the same values to
+    // both): only its n block (dpn r) is packed again (packing all of it took 2% of a GRU's bf16
+    // forward+backward at 100,32,256, perf), and the r, z bias gradients are dG's sums.
+    at::Tensor dbn;
+    const at::Tensor dgnv = vnni_rows_sum(dgh.reshape({TB, GH}).narrow(1, 2 * H, H),
+                                          has_bias ? &dbn : nullptr, nullptr, nt);
+    weight_grad_t(hprevT, dgv, 0, 2 * H, dwhhT);
+    pgemm_bf16(H, H, TBp, hprevT.data_ptr<BF16>(), TBp, dgnv.data_ptr<BF16>(), H,
+               dwhhT.data_ptr<float>() + 2 * H, GH, nullptr, nt);
+    if (has_bias) dbhh = at::cat({dbih.narrow(0, 0, 2 * H), dbn});
   } else if (cf.kind == GRU) {
     weight_grad_t(hprevT, dgv, 0, 2 * H, dwhhT);
     weight_grad_t(bf16_transposed(extra.reshape({TB, H}), nt), dgv, 2 * H, H, dwhhT);
