@@ -82,6 +82,7 @@ def compiler_missing() -> str | None:
 _KERNEL_MODULES = {"rnnkit.engine.fused._build": "EXTENSION", "rnnkit.losses.ctc": "_EXTENSION",
                    "rnnkit.engine.scan": "_EXTENSION", "rnnkit.decoding.ctc": "_EXTENSION"}
 _KERNEL_MODULES["rnnkit.engine.fused._layer_norm"] = "EXTENSION"  # the layer-normalised cells
+_KERNEL_MODULES["rnnkit.engine.regularise"] = "_EXTENSION"  # the regularisers' masks
 
 
 def build_all() -> list[tuple[str, str | None]]:
