@@ -350,7 +350,8 @@ def test_tiled_matmul_equals_torch_mm(threads):
         torch.ops.rnnkit_ln.matmul(a, a)
 
 
-def test_fused_input_projection_gradcheck_and_float32_gradients():
+def test_fused_input_projection_gradcheck_and_float32_gradients(monkeypatch):
+    monkeypatch.setattr(_layer_norm, "BRGEMM_MIN_MACS", 1)  # (the tiles at a test's size)
     if _layer_norm.load() is None:
         pytest.skip(f"no layer-norm kernel: {_layer_norm.EXTENSION.error}")
     # the hand-written backward (dx = d W, dW = (xᵀ d)ᵀ) in float64
@@ -362,9 +363,27 @@ def test_fused_input_projection_gradcheck_and_float32_gradients():
     w = torch.randn(520, 300, requires_grad=True)
     d = torch.randn(30, 20, 520)
     got = _layer_norm.project(x, w)
+    assert type(got.grad_fn).__name__ == "_ProjectionBackward"
     got_grads = torch.autograd.grad(got, (x, w), d)
     expected = x.double() @ w.double().t()
     expected_grads = torch.autograd.grad(expected, (x, w), d.double())
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)
     for g, e in zip(got_grads, expected_grads):
         torch.testing.assert_close(g.double(), e.double(), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("form", ["lstm_peephole", "gru_after", "gru_before"])
+def test_tiled_products_give_the_layers_gradients(form, monkeypatch):
+    # the whole layer with every product on the brgemm tiles (x W_ih^T, dx, dW_ih, dW_hh) against
+    # the same layer on torch's products, float32
+    if _layer_norm.load() is None:
+        pytest.skip(f"no layer-norm kernel: {_layer_norm.EXTENSION.error}")
+    layer = _layer(form, 12, 20, dtype=torch.float32, backend="fused")
+    x = torch.randn(9, 5, 12, requires_grad=True)
+    results = []
+    for macs in (1, 2**62):
+        monkeypatch.setattr(_layer_norm, "BRGEMM_MIN_MACS", macs)
+        out, _ = layer(x)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
