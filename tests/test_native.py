@@ -33,7 +33,7 @@ def test_a_cached_build_is_not_announced(tmp_path: Path, monkeypatch: pytest.Mon
 def test_build_all_reports_every_kernel_of_rnnkit() -> None:
     results = dict(native.build_all())
     assert set(results) == {"rnnkit_fused", "rnnkit_ctc", "rnnkit_scan", "rnnkit_ctc_decode",
-                            "rnnkit_layer_norm"}
+                            "rnnkit_layer_norm", "rnnkit_masks"}
     if native.compiler_missing() is None:
         assert all(error is None for error in results.values()), results
 
@@ -44,6 +44,6 @@ def test_rnnkit_build_command(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["build"])
     out = capsys.readouterr().out
     assert {"rnnkit_fused", "rnnkit_ctc", "rnnkit_scan", "rnnkit_ctc_decode",
-            "rnnkit_layer_norm"} == {
+            "rnnkit_layer_norm", "rnnkit_masks"} == {
         line.split(":")[0] for line in out.splitlines()}
     assert code == (0 if native.compiler_missing() is None else 1)
