@@ -327,3 +327,63 @@ def test_nonfinite_propagates_like_the_reference(form, place, value):
         module.load_state_dict(reference.state_dict())
         for name, e, a in zip(names, expected, run_with_grads(module, x, hx)):
             assert_same_values(e, a, f"{backend}: {name}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tiled_matmul_equals_torch_mm(threads):
+    # the layer-normalised kernels' whole-sequence products (brgemm tiles of 256: ragged tiles
+    # in M, N and K here) against torch.mm in float64; float64 inputs take torch.mm itself
+    if _layer_norm.load() is None:
+        pytest.skip(f"no layer-norm kernel: {_layer_norm.EXTENSION.error}")
+    torch.set_num_threads(threads)  # (the fixture restores the count)
+    for m, k, n in ((1, 1, 1), (300, 513, 257), (7, 256, 600), (0, 4, 3), (3, 0, 5), (4, 6, 0)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        got = torch.ops.rnnkit_ln.matmul(a, b)
+        assert got.shape == (m, n) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-4)
+        # a non-contiguous operand is read as its values
+        transposed = b.t().contiguous().t()
+        torch.testing.assert_close(torch.ops.rnnkit_ln.matmul(a, transposed), got, rtol=0, atol=0)
+    a, b = torch.randn(9, 300, dtype=torch.float64), torch.randn(300, 5, dtype=torch.float64)
+    assert torch.equal(torch.ops.rnnkit_ln.matmul(a, b), a @ b)
+    with pytest.raises(RuntimeError, match="do not multiply"):
+        torch.ops.rnnkit_ln.matmul(a, a)
+
+
+def test_fused_input_projection_gradcheck_and_float32_gradients(monkeypatch):
+    monkeypatch.setattr(_layer_norm, "BRGEMM_MIN_MACS", 1)  # (the tiles at a test's size)
+    if _layer_norm.load() is None:
+        pytest.skip(f"no layer-norm kernel: {_layer_norm.EXTENSION.error}")
+    # the hand-written backward (dx = d W, dW = (xᵀ d)ᵀ) in float64
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_layer_norm._Projection.apply, (x, w))
+    # float32 through the brgemm tiles, against torch's product (T·B = 600 rows: several tiles)
+    x = torch.randn(30, 20, 300, requires_grad=True)
+    w = torch.randn(520, 300, requires_grad=True)
+    d = torch.randn(30, 20, 520)
+    got = _layer_norm.project(x, w)
+    assert type(got.grad_fn).__name__ == "_ProjectionBackward"
+    got_grads = torch.autograd.grad(got, (x, w), d)
+    expected = x.double() @ w.double().t()
+    expected_grads = torch.autograd.grad(expected, (x, w), d.double())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g.double(), e.double(), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("form", ["lstm_peephole", "gru_after", "gru_before"])
+def test_tiled_products_give_the_layers_gradients(form, monkeypatch):
+    # the whole layer with every product on the brgemm tiles (x W_ih^T, dx, dW_ih, dW_hh) against
+    # the same layer on torch's products, float32
+    if _layer_norm.load() is None:
+        pytest.skip(f"no layer-norm kernel: {_layer_norm.EXTENSION.error}")
+    layer = _layer(form, 12, 20, dtype=torch.float32, backend="fused")
+    x = torch.randn(9, 5, 12, requires_grad=True)
+    results = []
+    for macs in (1, 2**62):
+        monkeypatch.setattr(_layer_norm, "BRGEMM_MIN_MACS", macs)
+        out, _ = layer(x)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

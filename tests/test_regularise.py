@@ -439,3 +439,92 @@ def test_weight_dropped_lstm_at_small_batches_trains_on_rnnkits_kernel(monkeypat
     dropped.eval()
     dropped(x)
     assert len(torch_ran) == 2  # at evaluation nothing is dropped: torch's op again
+
+
+def _mask_ops():
+    from rnnkit.engine import regularise
+
+    ops = regularise._EXTENSION.load()
+    if ops is None:
+        pytest.skip(f"the masks' C++ op is not built: {regularise._EXTENSION.error}")
+    return ops
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mask_op_gives_the_bits_of_its_torch_reference(threads: int) -> None:
+    from rnnkit.engine.regularise import keep_mask_reference
+
+    ops = _mask_ops()
+    torch.set_num_threads(threads)  # (the fixture restores the count) 2 threads split 2^17
+    cases = [((35, 20, 200), 0.1, 1.0, torch.float32), ((3, 7, 5), 1.0, 2.0, torch.float64),
+             ((1000,), 0.0, 1.0, torch.float32), ((4, 1000), 0.5, 1 / 0.6, torch.bfloat16),
+             ((2, 65537), 0.75, 4 / 3, torch.float64), ((0, 3), 0.5, 1.0, torch.float32)]
+    for shape, probability, value, dtype in cases:
+        for key in ((0, 0), (123456789, 4000000000), (2**32 - 1, 7)):
+            threshold = min(round(probability * 2**32), 2**32)
+            got = ops.keep_mask(list(shape), *key, threshold, value, dtype)
+            expected = keep_mask_reference(shape, key, threshold, value, dtype)
+            assert got.shape == shape and got.dtype == dtype
+            assert torch.equal(got, expected), (shape, key)
+    # the hash itself, written out for one element in Python integers (i = 5, key = (3, 9))
+    def mix(x: int) -> int:
+        x ^= x >> 16
+        x = x * 0x7FEB352D % 2**32
+        x ^= x >> 15
+        x = x * 0x846CA68B % 2**32
+        return x ^ (x >> 16)
+
+    u = mix(mix(5 ^ 3) ^ 9)
+    for threshold in (u, u + 1):
+        mask = keep_mask_reference((6,), (3, 9), threshold, 1.0, torch.float64)
+        assert mask[5].item() == (1.0 if u < threshold else 0.0)
+        assert torch.equal(ops.keep_mask([6], 3, 9, threshold, 1.0, torch.float64), mask)
+
+
+def test_masks_have_their_rate_and_no_correlation() -> None:
+    # a fixed seed: the statistics below are of one deterministic draw (no flaky test)
+    from rnnkit.engine.regularise import dropout_mask, zoneout_keep
+
+    torch.manual_seed(0)
+    like = torch.empty(0, dtype=torch.float64)
+    steps, batch, hidden = 50, 40, 100
+    n = steps * batch * hidden
+    for z in (0.05, 0.3, 0.5):
+        first = zoneout_keep(like, (steps, batch, hidden), z, True)
+        second = zoneout_keep(like, (steps, batch, hidden), z, True)
+        assert set(first.unique().tolist()) <= {0.0, 1.0}
+        sigma = (z * (1 - z) / n) ** 0.5
+        assert abs(first.mean().item() - z) < 5 * sigma
+        flat = (first.flatten() - z) / (z * (1 - z)) ** 0.5
+        # neighbours along units, batch rows and steps, and the next call's mask
+        for lag in (1, hidden, batch * hidden):
+            assert abs((flat[lag:] * flat[:-lag]).mean().item()) < 5 / n**0.5, (z, lag)
+        other = (second.flatten() - z) / (z * (1 - z)) ** 0.5
+        assert abs((flat * other).mean().item()) < 5 / n**0.5
+    mask = dropout_mask(like, (400, 500), 0.25)
+    assert set(mask.unique().tolist()) == {0.0, 1 / 0.75}
+    assert abs((mask != 0).double().mean().item() - 0.75) < 5 * (0.75 * 0.25 / 2e5) ** 0.5
+
+
+@pytest.mark.parametrize("option", ["zoneout", "recurrent_dropout", "weight_drop", "all"])
+def test_fused_engine_with_the_op_masks_equals_the_reference_with_torch_generated_masks(
+        option: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the fused engine draws its masks with the C++ op, the reference engine with the same hash
+    # in torch ops (as where the op cannot be built): one seed, the same masks, the same results
+    from rnnkit.engine import regularise
+
+    _mask_ops()
+    options = dict(OPTIONS[option], zoneout_cell=0.3) if option != "recurrent_dropout" else OPTIONS[option]
+    x = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    fused = _run(_layer("lstm", "fused", **options), x)
+    torch.manual_seed(11)
+    masks_op = regularise.recurrent_masks(True, x, 2, 4, 0.3, 0.2, 0.3)
+    monkeypatch.setattr(regularise._EXTENSION, "load", lambda: None)
+    reference = _run(_layer("lstm", "reference", **options), x)
+    torch.manual_seed(11)
+    masks_torch = regularise.recurrent_masks(True, x, 2, 4, 0.3, 0.2, 0.3)
+    assert torch.equal(masks_op.recurrent, masks_torch.recurrent)
+    for got, expected in zip(masks_op.zoneout, masks_torch.zoneout):
+        assert torch.equal(got, expected)
+    for got, expected in zip(fused, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)

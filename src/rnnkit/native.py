@@ -83,6 +83,7 @@ _KERNEL_MODULES = {"rnnkit.engine.fused._build": "EXTENSION", "rnnkit.losses.ctc
                    "rnnkit.engine.scan": "_EXTENSION", "rnnkit.decoding.ctc": "_EXTENSION"}
 _KERNEL_MODULES["rnnkit.engine.fused._layer_norm"] = "EXTENSION"  # the layer-normalised cells
 _KERNEL_MODULES["rnnkit.losses.cross_entropy"] = "_EXTENSION"  # output layer + loss, few classes
+_KERNEL_MODULES["rnnkit.engine.regularise"] = "_EXTENSION"  # the regularisers' masks
 
 
 def build_all() -> list[tuple[str, str | None]]:

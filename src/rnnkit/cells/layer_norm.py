@@ -44,7 +44,7 @@ below, with their hand-derived backward (:func:`layer_norm_backward`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -85,16 +85,19 @@ def layer_norm_backward(
 
 
 def normalized_input(
-    x: Tensor, params: Sequence[Tensor | None]
+    x: Tensor, params: Sequence[Tensor | None],
+    project: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
     """``LN(x W_ih^T)`` for all steps at once and the params left for the time loop.
 
     ``params`` is the layer's ``(w_ih, w_hh, None, None, ln_ih_weight, ln_ih_bias, *rest)``; the
     result is ``(gx (T, B, G·H), (None, w_hh, None, None, *rest))`` — a ``w_ih`` of None tells the
     backends that ``x`` is already the input projection. Autograd differentiates this part.
+    ``project(x, w_ih)`` computes ``x @ w_ih.t()`` (a backend's faster product; default torch's).
     """
     w_ih, w_hh, b_ih, b_hh, weight, bias, *rest = params
-    gx = F.layer_norm(x @ w_ih.t(), (w_ih.shape[0],), weight, bias, EPS)
+    projected = x @ w_ih.t() if project is None else project(x, w_ih)
+    gx = F.layer_norm(projected, (w_ih.shape[0],), weight, bias, EPS)
     return gx, (None, w_hh, b_ih, b_hh, *rest)
 
 

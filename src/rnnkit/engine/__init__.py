@@ -133,7 +133,9 @@ def run_layer(
     if math.layer_norm:
         # the input LN is per row and step: once for all T·B rows, here for every backend, under
         # autograd; the backends then get x = LN(x W_ih^T) and w_ih = None
-        x, params = normalized_input(x, params)
+        # (the fused backend's product: the float32 brgemm tiles of its layer-norm kernel)
+        x, params = normalized_input(
+            x, params, fused._layer_norm.project if name == "fused" else None)
     return BACKENDS[name](math, x, state0, params, batch_sizes, masks)
 
 

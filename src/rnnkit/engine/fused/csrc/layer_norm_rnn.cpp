@@ -179,6 +179,39 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   }
 }
 
+// C(M, N) = A(M, K) B(K, N), row-major float, in tiles of 256 x 256 through the brgemm
+// micro-kernel, the tiles split over threads (as fused_rnn.cpp's pgemm). The layer's whole-
+// sequence products (x W_ih^T, and in the backward dx, dW_ih, dW_hh) ran ~15 % slower through
+// torch.mm (MKL's generic path on this AMD CPU) than oneDNN's in nn.LSTM (perf, T,B,H =
+// 50,64,512, 1 thread). Plain reference: torch.mm(a, b).
+Tensor tiled_matmul(const Tensor& a, const Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
+              "rnnkit_ln::matmul: shapes ", a.sizes(), " and ", b.sizes(), " do not multiply");
+  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || !brgemm_works() ||
+      a.size(1) == 0)
+    return at::mm(a, b);
+  const Tensor A = a.contiguous(), B = b.contiguous();
+  const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
+  Tensor C = at::empty({M, N}, A.options());
+  constexpr int64_t MB = 256, NB = 256, KB = 256;
+  const int64_t mt = (M + MB - 1) / MB, ntile = (N + NB - 1) / NB;
+  const float* ap = A.data_ptr<float>();
+  const float* bp = B.data_ptr<float>();
+  float* cp = C.data_ptr<float>();
+  at::parallel_for(0, mt * ntile, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m0 = (i / ntile) * MB, n0 = (i % ntile) * NB;
+      const int64_t mm = std::min(MB, M - m0), nn = std::min(NB, N - n0);
+#ifdef CPUBLAS_BRGEMM_F32F32F32  // (else brgemm_works() is false and at::mm ran above)
+      for (int64_t k0 = 0; k0 < K; k0 += KB)
+        at::native::cpublas::brgemm(mm, nn, std::min(KB, K - k0), K, N, N, k0 > 0,
+                                    ap + m0 * K + k0, bp + k0 * N + n0, cp + m0 * N + n0, false);
+#endif
+    }
+  });
+  return C;
+}
+
 // acc[0:n] += dy * a_hat, acc[n:2n] += dy: one row's share of an LN's gain and bias gradients
 template <typename T>
 inline void accumulate_ln(const T* dy, const T* a_hat, int64_t n, T* acc) {
@@ -594,6 +627,8 @@ TORCH_LIBRARY(rnnkit_ln, m) {
         "Tensor? peephole_weights, int[] batch_sizes, Tensor y, Tensor acts, Tensor ahat, "
         "Tensor stats, Tensor cells, Tensor grad_y, Tensor? grad_h_n, Tensor? grad_c_n, "
         "int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("matmul(Tensor a, Tensor b) -> Tensor");
   m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(ln_layer_forward));
+  m.impl("matmul", c10::DispatchKey::CPU, TORCH_FN(tiled_matmul));
   m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(ln_layer_backward));
 }
