@@ -59,6 +59,16 @@ def test_only_the_inputs_that_need_a_gradient_get_one() -> None:
     assert grad_hidden.shape == hidden.shape and grad_bias.shape == b.shape
 
 
+def _assert_same_values_and_gradients(ours: torch.Tensor, theirs: torch.Tensor,
+                                      inputs: tuple[torch.Tensor, ...]) -> None:
+    """Equal losses and gradients, NaN in exactly the same places."""
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    for mine, reference in zip(torch.autograd.grad(ours, inputs),
+                               torch.autograd.grad(theirs, inputs)):
+        assert torch.equal(mine.isnan(), reference.isnan())
+        torch.testing.assert_close(mine, reference, equal_nan=True)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_non_finite_values_propagate_as_in_torch(value: float, dtype: torch.dtype) -> None:
@@ -67,11 +77,7 @@ def test_non_finite_values_propagate_as_in_torch(value: float, dtype: torch.dtyp
         hidden[4, 2] = value
     ours = linear_cross_entropy(hidden, weight, b, targets)
     theirs = _reference(hidden, weight, b, targets)
-    torch.testing.assert_close(ours, theirs, equal_nan=True)
-    for mine, reference in zip(torch.autograd.grad(ours, (hidden, weight, b)),
-                               torch.autograd.grad(theirs, (hidden, weight, b))):
-        assert torch.equal(mine.isnan(), reference.isnan())
-        torch.testing.assert_close(mine, reference, equal_nan=True)
+    _assert_same_values_and_gradients(ours, theirs, (hidden, weight, b))
 
 
 def test_bad_shapes_and_targets_are_named() -> None:
@@ -180,11 +186,7 @@ def test_fused_non_finite_values_propagate_as_in_torch(value: float, dtype: torc
             b[int(targets[0])] = value
     ours = linear_cross_entropy(hidden, weight, b, targets, backend="native")
     theirs = _reference(hidden, weight, b, targets)
-    torch.testing.assert_close(ours, theirs, equal_nan=True)
-    for mine, reference in zip(torch.autograd.grad(ours, (hidden, weight, b)),
-                               torch.autograd.grad(theirs, (hidden, weight, b))):
-        assert torch.equal(mine.isnan(), reference.isnan())
-        torch.testing.assert_close(mine, reference, equal_nan=True)
+    _assert_same_values_and_gradients(ours, theirs, (hidden, weight, b))
 
 
 def test_a_nan_upstream_factor_reaches_every_gradient() -> None:

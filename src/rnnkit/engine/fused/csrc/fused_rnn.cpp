@@ -2485,6 +2485,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward_packed(
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
+// What step_lean and forward_lean share: the batch-1 Cfg of T steps, the check that every
+// argument is a contiguous float32 tensor of the shape the loops read (x is checked by each),
+// the folded biases and the cell's forward loop over T steps at batch 1.
+Cfg lean_cfg(const Variant& v, int64_t T, int64_t I, int64_t H) {
+  Cfg cf;
+  cf.kind = static_cast<int>(v.kind);
+  cf.act = static_cast<int>(v.act);
+  cf.peep = v.peep;
+  cf.coupled = v.coupled;
+  cf.before = v.before;
+  cf.T = T;
+  cf.B = 1;
+  cf.I = I;
+  cf.H = H;
+  cf.G = gates_of(cf);
+  cf.bs.assign(T, 1);
+  return cf;
+}
+
+bool lean_float(const at::Tensor& t, std::initializer_list<int64_t> shape) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes().equals(shape);
+}
+
+int64_t lean_peepholes(const Cfg& cf) {  // rows of the peephole weights (0: none)
+  return cf.kind == LSTM && cf.peep ? (cf.coupled ? 2 : 3) : 0;
+}
+
+bool lean_weights_ok(const Cfg& cf, const at::Tensor& h, const at::Tensor& c,
+                     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
+                     const at::Tensor& b_hh, const at::Tensor& pw) {
+  const int64_t H = cf.H, GH = cf.G * H, num_peep = lean_peepholes(cf);
+  const bool has_bias = b_ih.defined();
+  return lean_float(h, {1, H}) && lean_float(w_ih, {GH, cf.I}) && lean_float(w_hh, {GH, H}) &&
+         (cf.kind != LSTM || (c.defined() && lean_float(c, {1, H}))) &&
+         has_bias == b_hh.defined() &&
+         (!has_bias || (lean_float(b_ih, {GH}) && lean_float(b_hh, {GH}))) &&
+         (num_peep == 0 || (pw.defined() && lean_float(pw, {num_peep, H})));
+}
+
+// gates[0, GH) = the biases folded as forward_impl folds them: the reset-after GRU keeps b_hn
+// for inside r (.)
+void lean_fold_biases(const Cfg& cf, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                      float* gates) {
+  const int64_t GH = cf.G * cf.H;
+  if (!b_ih.defined()) {
+    std::fill(gates, gates + GH, 0.0f);
+    return;
+  }
+  const float* bi = b_ih.data_ptr<float>();
+  const float* bh = b_hh.data_ptr<float>();
+  const int64_t folded = cf.kind == GRU && !cf.before ? 2 * cf.H : GH;
+  for (int64_t n = 0; n < GH; ++n) gates[n] = n < folded ? bi[n] + bh[n] : bi[n];
+}
+
+// The cell's forward loop over cf.T steps at batch 1, nothing saved: y (T, H) the outputs,
+// h_n / c_n the state copies the loops keep (c_n holding c0 on entry), rec / aux the loops'
+// scratch (the LSTM's recurrent product, the GRU's W_hn h or r h).
+void lean_loops(const Cfg& cf, float* gates, float* rec, float* aux, float* y, float* h_n,
+                float* c_n, const float* h0, const RecW<float>& W, const at::Tensor& pw,
+                const at::Tensor& b_hh) {
+  const Reg<float> R;
+  if (cf.kind == LSTM) {
+    const float* p = lean_peepholes(cf) > 0 ? pw.data_ptr<float>() : nullptr;
+    auto run = [&](auto peep, auto coupled) {
+      lstm_fwd_loop<float, decltype(peep)::value, decltype(coupled)::value, false, false>(
+          cf, gates, rec, y, nullptr, h_n, c_n, h0, W, p, R, 1);
+    };
+    if (cf.peep && cf.coupled) run(std::true_type{}, std::true_type{});
+    else if (cf.peep) run(std::true_type{}, std::false_type{});
+    else if (cf.coupled) run(std::false_type{}, std::true_type{});
+    else run(std::false_type{}, std::false_type{});
+  } else if (cf.kind == RNN) {
+    rnn_fwd_loop<float>(cf, gates, y, h_n, h0, W, R, 1);
+  } else if (!cf.before) {
+    gru_after_fwd_loop<float>(cf, gates, y, h_n, aux, nullptr, h0, W,
+                              b_hh.defined() ? b_hh.data_ptr<float>() + 2 * cf.H : nullptr, R,
+                              1);
+  } else {
+    gru_before_fwd_loop<float>(cf, gates, y, h_n, aux, false, h0, W, R, 1);
+  }
+}
+
 // The streaming step's short path: float32, batch 1, one thread. At batch 1 a step is two
 // matrix-vector products and a pointwise update of a few µs; forward_op's generic set-up (about
 // ten ATen calls through the dispatcher: contiguous copies, the folded-bias clone, the gates
@@ -2498,30 +2580,11 @@ bool step_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h,
                int64_t nthreads, at::Tensor& h_out, at::Tensor& c_out,
                const at::Tensor& gemv_ih = at::Tensor(), const at::Tensor& gemv_hh = at::Tensor()) {
   if (x.dim() != 2 || x.size(0) != 1 || h.dim() != 2 || x.scalar_type() != at::kFloat) return false;
-  Cfg cf;
-  cf.kind = static_cast<int>(v.kind);
-  cf.act = static_cast<int>(v.act);
-  cf.peep = v.peep;
-  cf.coupled = v.coupled;
-  cf.before = v.before;
-  cf.T = 1;
-  cf.B = 1;
-  cf.I = x.size(1);
-  cf.H = h.size(1);
-  cf.G = gates_of(cf);
-  cf.bs.assign(1, 1);
+  const Cfg cf = lean_cfg(v, 1, x.size(1), h.size(1));
   const int64_t H = cf.H, GH = cf.G * H, I = cf.I;
   if (nthreads > 1 || pick_threads(cf, nthreads) != 1) return false;
   // anything unusual (shapes, dtypes, layouts) takes the generic path, which checks and says
-  const bool lstm = cf.kind == LSTM, has_bias = b_ih.defined();
-  const int64_t num_peep = lstm && cf.peep ? (cf.coupled ? 2 : 3) : 0;
-  auto ok = [](const at::Tensor& t, std::initializer_list<int64_t> shape) {
-    return t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes().equals(shape);
-  };
-  if (!ok(x, {1, I}) || !ok(h, {1, H}) || !ok(w_ih, {GH, I}) || !ok(w_hh, {GH, H}) ||
-      (lstm && !(c.defined() && ok(c, {1, H}))) || has_bias != b_hh.defined() ||
-      (has_bias && !(ok(b_ih, {GH}) && ok(b_hh, {GH}))) ||
-      (num_peep > 0 && !(pw.defined() && ok(pw, {num_peep, H}))))
+  if (!lean_float(x, {1, I}) || !lean_weights_ok(cf, h, c, w_ih, w_hh, b_ih, b_hh, pw))
     return false;
   thread_local std::vector<float> scratch;
   scratch.resize(2 * GH + 2 * H);
@@ -2552,12 +2615,7 @@ bool step_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h,
     g_rows_descending = true;
     product(h, w_hh, gemv_hh, rec, false);
   }
-  // biases folded as forward_impl folds them: the reset-after GRU keeps b_hn for inside r (.)
-  const float* bi = has_bias ? b_ih.data_ptr<float>() : nullptr;
-  const float* bh = has_bias ? b_hh.data_ptr<float>() : nullptr;
-  const int64_t folded = cf.kind == GRU && !cf.before ? 2 * H : GH;
-  for (int64_t n = 0; n < GH; ++n)
-    gates[n] = !has_bias ? 0.0f : n < folded ? bi[n] + bh[n] : bi[n];
+  lean_fold_biases(cf, b_ih, b_hh, gates);
   if (both) {
     g_rows_descending = reverse;
     gemv2_packed(cf.G, H, x.data_ptr<float>(), I, gemv_ih.data_ptr<float>(), h.data_ptr<float>(),
@@ -2572,29 +2630,13 @@ bool step_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h,
   RecW<float> W{w_hh.data_ptr<float>(), H, true};
   W.done = reverse || both;
   if (packed) W.gemv = gemv_hh.data_ptr<float>();
-  const Reg<float> R;
-  const float* h0 = h.data_ptr<float>();
-  if (lstm) {
+  if (cf.kind == LSTM) {
     c_out = at::empty({1, H}, x.options());
     std::memcpy(c_out.data_ptr<float>(), c.data_ptr<float>(), H * sizeof(float));
-    const float* p = num_peep > 0 ? pw.data_ptr<float>() : nullptr;
-    auto run = [&](auto peep, auto coupled) {
-      lstm_fwd_loop<float, decltype(peep)::value, decltype(coupled)::value, false, false>(
-          cf, gates, rec, h_out.data_ptr<float>(), nullptr, hst, c_out.data_ptr<float>(), h0, W,
-          p, R, 1);
-    };
-    if (cf.peep && cf.coupled) run(std::true_type{}, std::true_type{});
-    else if (cf.peep) run(std::true_type{}, std::false_type{});
-    else if (cf.coupled) run(std::false_type{}, std::true_type{});
-    else run(std::false_type{}, std::false_type{});
-  } else if (cf.kind == RNN) {
-    rnn_fwd_loop<float>(cf, gates, h_out.data_ptr<float>(), hst, h0, W, R, 1);
-  } else if (!cf.before) {
-    gru_after_fwd_loop<float>(cf, gates, h_out.data_ptr<float>(), hst, aux, nullptr, h0, W,
-                              has_bias ? bh + 2 * H : nullptr, R, 1);
-  } else {
-    gru_before_fwd_loop<float>(cf, gates, h_out.data_ptr<float>(), hst, aux, false, h0, W, R, 1);
   }
+  lean_loops(cf, gates, rec, aux, h_out.data_ptr<float>(), hst,
+             cf.kind == LSTM ? c_out.data_ptr<float>() : nullptr, h.data_ptr<float>(), W, pw,
+             b_hh);
   return true;
 }
 
@@ -2632,30 +2674,11 @@ bool forward_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h0,
   if (x.dim() != 3 || x.size(0) < 1 || x.size(1) != 1 || h0.dim() != 2 ||
       x.scalar_type() != at::kFloat)
     return false;
-  Cfg cf;
-  cf.kind = static_cast<int>(v.kind);
-  cf.act = static_cast<int>(v.act);
-  cf.peep = v.peep;
-  cf.coupled = v.coupled;
-  cf.before = v.before;
-  cf.T = x.size(0);
-  cf.B = 1;
-  cf.I = x.size(2);
-  cf.H = h0.size(1);
-  cf.G = gates_of(cf);
-  cf.bs.assign(cf.T, 1);
+  const Cfg cf = lean_cfg(v, x.size(0), x.size(2), h0.size(1));
   const int64_t T_ = cf.T, H = cf.H, G = cf.G, GH = G * H, I = cf.I;
   if (nthreads > 1 || pick_threads(cf, nthreads) != 1) return false;
   // anything unusual (shapes, dtypes, layouts) takes forward_op, which checks and says
-  const bool lstm = cf.kind == LSTM, has_bias = b_ih.defined();
-  const int64_t num_peep = lstm && cf.peep ? (cf.coupled ? 2 : 3) : 0;
-  auto ok = [](const at::Tensor& t, std::initializer_list<int64_t> shape) {
-    return t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes().equals(shape);
-  };
-  if (!ok(x, {T_, 1, I}) || !ok(h0, {1, H}) || !ok(w_ih, {GH, I}) || !ok(w_hh, {GH, H}) ||
-      (lstm && !(c0.defined() && ok(c0, {1, H}))) || has_bias != b_hh.defined() ||
-      (has_bias && !(ok(b_ih, {GH}) && ok(b_hh, {GH}))) ||
-      (num_peep > 0 && !(pw.defined() && ok(pw, {num_peep, H}))) ||
+  if (!lean_float(x, {T_, 1, I}) || !lean_weights_ok(cf, h0, c0, w_ih, w_hh, b_ih, b_hh, pw) ||
       !is_packed_gemv(gemv_ih, G, H, I) || !is_packed_gemv(gemv_hh, G, H, H))
     return false;
   thread_local std::vector<float> scratch;
@@ -2670,12 +2693,7 @@ bool forward_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h0,
   }
   float* rec = gates + T_ * GH;  // (1, GH): the LSTM's recurrent product
   float* aux = rec + GH;         // (1, H): the GRU's W_hn h or r h
-  // biases folded as forward_impl folds them: the reset-after GRU keeps b_hn for inside r (.)
-  const float* bi = has_bias ? b_ih.data_ptr<float>() : nullptr;
-  const float* bh = has_bias ? b_hh.data_ptr<float>() : nullptr;
-  const int64_t folded = cf.kind == GRU && !cf.before ? 2 * H : GH;
-  for (int64_t n = 0; n < GH; ++n)
-    gates[n] = !has_bias ? 0.0f : n < folded ? bi[n] + bh[n] : bi[n];
+  lean_fold_biases(cf, b_ih, b_hh, gates);
   for (int64_t t = 1; t < T_; ++t) std::memcpy(gates + t * GH, gates, GH * sizeof(float));
   gemm_packed(T_, G, H, I, x.data_ptr<float>(), I, gemv_ih.data_ptr<float>(), gates, GH);
   y = at::empty({T_, 1, H}, x.options());
@@ -2683,30 +2701,13 @@ bool forward_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h0,
   std::memcpy(h_n.data_ptr<float>(), h0.data_ptr<float>(), H * sizeof(float));
   RecW<float> W{w_hh.data_ptr<float>(), H, true};
   W.gemv = gemv_hh.data_ptr<float>();
-  const Reg<float> R;
-  const float* hp = h0.data_ptr<float>();
-  if (lstm) {
+  if (cf.kind == LSTM) {
     c_n = at::empty({1, H}, x.options());
     std::memcpy(c_n.data_ptr<float>(), c0.data_ptr<float>(), H * sizeof(float));
-    const float* p = num_peep > 0 ? pw.data_ptr<float>() : nullptr;
-    auto run = [&](auto peep, auto coupled) {
-      lstm_fwd_loop<float, decltype(peep)::value, decltype(coupled)::value, false, false>(
-          cf, gates, rec, y.data_ptr<float>(), nullptr, h_n.data_ptr<float>(),
-          c_n.data_ptr<float>(), hp, W, p, R, 1);
-    };
-    if (cf.peep && cf.coupled) run(std::true_type{}, std::true_type{});
-    else if (cf.peep) run(std::true_type{}, std::false_type{});
-    else if (cf.coupled) run(std::false_type{}, std::true_type{});
-    else run(std::false_type{}, std::false_type{});
-  } else if (cf.kind == RNN) {
-    rnn_fwd_loop<float>(cf, gates, y.data_ptr<float>(), h_n.data_ptr<float>(), hp, W, R, 1);
-  } else if (!cf.before) {
-    gru_after_fwd_loop<float>(cf, gates, y.data_ptr<float>(), h_n.data_ptr<float>(), aux, nullptr,
-                              hp, W, has_bias ? bh + 2 * H : nullptr, R, 1);
-  } else {
-    gru_before_fwd_loop<float>(cf, gates, y.data_ptr<float>(), h_n.data_ptr<float>(), aux, false,
-                               hp, W, R, 1);
   }
+  lean_loops(cf, gates, rec, aux, y.data_ptr<float>(), h_n.data_ptr<float>(),
+             cf.kind == LSTM ? c_n.data_ptr<float>() : nullptr, h0.data_ptr<float>(), W, pw,
+             b_hh);
   return true;
 }
 
