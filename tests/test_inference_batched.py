@@ -123,8 +123,8 @@ def test_lean_batched_path_equals_general_path_and_torch(name, layers, bidirecti
 
 @pytest.mark.parametrize("name", ["lstm_peephole", "gru_before"])
 def test_packed_weights_follow_in_place_changes(name):
-    """The plan's packed copies are rebuilt with it after an in-place change and
-    load_state_dict, and reused while the weights stay as they are."""
+    """The plan's packed copies are rebuilt with it after an in-place change, a fused optimizer
+    step and load_state_dict, and reused while the weights stay as they are."""
     torch.manual_seed(6)
     layer = LAYERS[name](INPUT, HIDDEN).eval()
     other = LAYERS[name](INPUT, HIDDEN)
@@ -142,6 +142,13 @@ def test_packed_weights_follow_in_place_changes(name):
         layer.weight_hh_l0.mul_(1.5)
     check()
     assert layer.__dict__["_inference_plan"].packed[0] is not packed
+    for fused_step in (torch.optim.SGD(layer.parameters(), lr=0.1, fused=True),
+                       torch.optim.Adam(layer.parameters(), lr=0.1, fused=True)):
+        # (torch's fused optimizers write the parameters without bumping their _version)
+        layer.zero_grad()
+        _flat(layer(x))[0].sum().backward()
+        fused_step.step()
+        check()
     layer.load_state_dict(other.state_dict())
     check()
     packed = layer.__dict__["_inference_plan"].packed[0]

@@ -16,10 +16,14 @@ as onnxruntime packs its weights once per session), made at the first batch-1 ca
 product) and ``step_packed`` (the streaming step). It costs a second copy of the weights while
 the plan lives.
 
-The plan is keyed on every parameter's ``data_ptr()`` and ``_version``: an optimizer step or
-``load_state_dict`` (in-place writes bump ``_version``), ``.to()`` or assigning ``.data`` (new
-storage) all rebuild it. The plan holds references to the parameters it was built from, so a
-freed parameter's address cannot be reused by another while the plan lives.
+The plan is keyed on every parameter's ``data_ptr()`` and ``_version`` and on the number of
+optimizer steps taken in this process: ``load_state_dict`` and other in-place writes (they bump
+``_version``), ``.to()`` or assigning ``.data`` (new storage) and any ``torch.optim`` step all
+rebuild it. The step count is needed because torch's fused optimizers (``fused=True``, what
+rnnkit's Trainer uses on the CPU) update parameters in one kernel without bumping ``_version``:
+the packed copies would silently keep the old weights. The plan holds references to the
+parameters it was built from, so a freed parameter's address cannot be reused by another while
+the plan lives.
 
 Anything this path does not cover returns None and the caller takes the general path, which
 computes the same thing (and raises the one-line errors for bad input): gradients enabled,
@@ -37,6 +41,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import rnnkit.engine as _engine
 from rnnkit.engine import threads
@@ -68,9 +73,20 @@ class Prepared(NamedTuple):
     # pack_weights' W_ih^T and panel-packed W_hh^T for layer_forward_packed (batched calls)
 
 
+_optimizer_steps = 0  # torch.optim steps taken in this process (every plan's key holds it)
+
+
+def _count_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def _key(parameters: dict[str, Any]) -> tuple[int, ...]:
-    """Each parameter's storage address and version."""
-    key: list[int] = []
+    """The optimizer steps so far, then each parameter's storage address and version."""
+    key: list[int] = [_optimizer_steps]
     for p in parameters.values():
         if p is None:
             continue
