@@ -43,7 +43,11 @@ def test_training_routes_to_rnnkits_kernel_only_where_measured_faster(one_thread
     assert not fused.own_kernel_faster(100, 16, 256, threads=1)
     assert not fused.own_kernel_faster(100, 32, 128, threads=1)
     assert not fused.own_kernel_faster(35, 20, 200, threads=1)
-    assert not fused.own_kernel_faster(100, 32, 256, threads=2)  # (the 2-thread rule as it was)
+    # with 2 threads the same training rule (measured on both cores, quiet)
+    assert fused.own_kernel_faster(100, 32, 256, threads=2)
+    assert not fused.own_kernel_faster(100, 32, 256, threads=2, inference=True)
+    assert not fused.own_kernel_faster(64, 32, 256, threads=2)
+    assert not fused.own_kernel_faster(35, 20, 200, threads=2)
     spec = CellSpec("lstm")
     x = torch.zeros(STEPS, BATCH, HIDDEN)
     assert fused.native_op(spec, x, HIDDEN) is None

@@ -323,7 +323,10 @@ NATIVE_MIN_ROWS = 32
 # wins 100,32,256: 0.88 / 0.89 (1.09-1.12); 100,64,256: 0.89 (1.08); 200,32,256: 0.91 (1.12);
 # 100,32,384: 0.94 (1.04); 100,32,512: 0.96 (1.10) — loses or even 64,32,256: 1.05; 50,64,512:
 # 1.00 / 1.01; 35,20,200: 1.04 / 1.05; 100,16,256: 1.02; 100,32,128: 1.02. Forward only
-# (no gradient asked for) stays with torch's op there. 2 threads: not measured (one shared core).
+# (no gradient asked for) stays with torch's op there. 2 threads on both cores, quiet (2026-12-01
+# 07:30, load average 0.5-1.3; the same command with --threads 2 and wall time), two runs:
+# 100,32,256: 0.86, 0.94; 50,64,512: 0.99, 0.92; 100,64,256: 0.93; 200,32,256: 0.94;
+# 100,32,512: 1.00 — but 35,20,200: 1.04; 64,32,256: 1.13; 100,16,256: 1.12: the same rule.
 OWN_TRAIN_MIN_STEPS = 100
 OWN_TRAIN_MIN_BATCH = 32
 OWN_TRAIN_MIN_HIDDEN = 256
@@ -372,10 +375,11 @@ def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None =
     threads = current_threads() if threads is None else threads
     if inference and threads == 1 and steps <= INFERENCE_OWN_MAX_STEPS:
         return True
+    long_wide_training = (not inference and steps >= OWN_TRAIN_MIN_STEPS
+                          and batch >= OWN_TRAIN_MIN_BATCH and hidden >= OWN_TRAIN_MIN_HIDDEN)
     if threads > 1:
-        return (batch <= 4 and hidden <= 128) or (batch <= 32 and hidden <= 64)
-    return (not inference and steps >= OWN_TRAIN_MIN_STEPS and batch >= OWN_TRAIN_MIN_BATCH
-            and hidden >= OWN_TRAIN_MIN_HIDDEN)
+        return long_wide_training or (batch <= 4 and hidden <= 128) or (batch <= 32 and hidden <= 64)
+    return long_wide_training
 
 
 def native_op(spec: Any, x: Tensor | None = None, hidden: int | None = None,
