@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,3 +55,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def fused_optimizer_steps(module: torch.nn.Module, loss_of: Callable[[], torch.Tensor],
+                          check: Callable[[], None]) -> None:
+    """One step of torch's fused SGD and one of its fused Adam on ``module`` (they write the
+    parameters in one kernel without bumping ``_version``), ``check()`` after each."""
+    for optimizer in (torch.optim.SGD(module.parameters(), lr=0.1, fused=True),
+                      torch.optim.Adam(module.parameters(), lr=0.1, fused=True)):
+        module.zero_grad()
+        loss_of().backward()
+        optimizer.step()
+        check()

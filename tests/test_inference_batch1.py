@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import rnnkit
-from conftest import VARIANTS
+from conftest import VARIANTS, fused_optimizer_steps
 from rnnkit.cells.base import CellSpec
 from rnnkit.engine import fused, get_default_backend, set_default_backend
 
@@ -280,13 +280,7 @@ def test_lean_weight_cache_follows_in_place_changes(name):
     _flat(layer(x))[0].sum().backward()
     optimizer.step()
     check()
-    for fused_step in (torch.optim.SGD(layer.parameters(), lr=0.1, fused=True),
-                       torch.optim.Adam(layer.parameters(), lr=0.1, fused=True)):
-        # (torch's fused optimizers write the parameters without bumping their _version)
-        layer.zero_grad()
-        _flat(layer(x))[0].sum().backward()
-        fused_step.step()
-        check()
+    fused_optimizer_steps(layer, lambda: _flat(layer(x))[0].sum(), check)
     layer.load_state_dict(other.state_dict())
     check()
     with torch.inference_mode():

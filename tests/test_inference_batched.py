@@ -14,7 +14,7 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import VARIANTS
+from conftest import VARIANTS, fused_optimizer_steps
 from rnnkit.cells.base import CellSpec
 from rnnkit.engine import fused
 from rnnkit.engine.fused import _build, _function
@@ -142,13 +142,7 @@ def test_packed_weights_follow_in_place_changes(name):
         layer.weight_hh_l0.mul_(1.5)
     check()
     assert layer.__dict__["_inference_plan"].packed[0] is not packed
-    for fused_step in (torch.optim.SGD(layer.parameters(), lr=0.1, fused=True),
-                       torch.optim.Adam(layer.parameters(), lr=0.1, fused=True)):
-        # (torch's fused optimizers write the parameters without bumping their _version)
-        layer.zero_grad()
-        _flat(layer(x))[0].sum().backward()
-        fused_step.step()
-        check()
+    fused_optimizer_steps(layer, lambda: _flat(layer(x))[0].sum(), check)
     layer.load_state_dict(other.state_dict())
     check()
     packed = layer.__dict__["_inference_plan"].packed[0]

@@ -1745,22 +1745,28 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
 // ----------------------------------------------------------------------------------------------
 // Entry points
 // ----------------------------------------------------------------------------------------------
-Cfg make_cfg(int64_t kind, int64_t act, bool peep, bool coupled, bool before, const at::Tensor& x,
-             int64_t H, const std::vector<int64_t>& batch_sizes) {
+// The config of a variant over T steps of B rows (every row to the end: bs = T x B).
+Cfg variant_cfg(int64_t kind, int64_t act, bool peep, bool coupled, bool before, int64_t T,
+                int64_t B, int64_t I, int64_t H) {
   Cfg c;
   c.kind = static_cast<int>(kind);
   c.act = static_cast<int>(act);
   c.peep = peep;
   c.coupled = coupled;
   c.before = before;
-  c.T = x.size(0);
-  c.B = x.size(1);
-  c.I = x.size(2);
+  c.T = T;
+  c.B = B;
+  c.I = I;
   c.H = H;
   c.G = gates_of(c);
-  if (batch_sizes.empty()) {
-    c.bs.assign(c.T, c.B);
-  } else {
+  c.bs.assign(T, B);
+  return c;
+}
+
+Cfg make_cfg(int64_t kind, int64_t act, bool peep, bool coupled, bool before, const at::Tensor& x,
+             int64_t H, const std::vector<int64_t>& batch_sizes) {
+  Cfg c = variant_cfg(kind, act, peep, coupled, before, x.size(0), x.size(1), x.size(2), H);
+  if (!batch_sizes.empty()) {
     TORCH_CHECK(static_cast<int64_t>(batch_sizes.size()) == c.T, "batch_sizes must have T entries");
     c.bs = batch_sizes;
     for (auto b : c.bs) TORCH_CHECK(b >= 0 && b <= c.B, "batch_sizes out of range");
@@ -2439,14 +2445,7 @@ std::tuple<at::Tensor, at::Tensor> pack_weights(int64_t kind, int64_t act, bool 
   TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2 && w_ih.size(0) == w_hh.size(0) &&
                   w_ih.scalar_type() == w_hh.scalar_type(),
               "pack_weights: w_ih (G*H, I) and w_hh (G*H, H) of one dtype");
-  Cfg cf;
-  cf.kind = static_cast<int>(kind);
-  cf.act = static_cast<int>(act);
-  cf.peep = peep;
-  cf.coupled = coupled;
-  cf.before = before;
-  cf.H = w_hh.size(1);
-  cf.G = gates_of(cf);
+  const Cfg cf = variant_cfg(kind, act, peep, coupled, before, 0, 0, w_ih.size(1), w_hh.size(1));
   TORCH_CHECK(w_hh.size(0) == cf.G * cf.H, "w_hh has the wrong shape");
   const at::Tensor wih = w_ih.contiguous(), whh = w_hh.contiguous();
   at::Tensor rec;
@@ -2489,19 +2488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward_packed(
 // argument is a contiguous float32 tensor of the shape the loops read (x is checked by each),
 // the folded biases and the cell's forward loop over T steps at batch 1.
 Cfg lean_cfg(const Variant& v, int64_t T, int64_t I, int64_t H) {
-  Cfg cf;
-  cf.kind = static_cast<int>(v.kind);
-  cf.act = static_cast<int>(v.act);
-  cf.peep = v.peep;
-  cf.coupled = v.coupled;
-  cf.before = v.before;
-  cf.T = T;
-  cf.B = 1;
-  cf.I = I;
-  cf.H = H;
-  cf.G = gates_of(cf);
-  cf.bs.assign(T, 1);
-  return cf;
+  return variant_cfg(v.kind, v.act, v.peep, v.coupled, v.before, T, 1, I, H);
 }
 
 bool lean_float(const at::Tensor& t, std::initializer_list<int64_t> shape) {
