@@ -297,6 +297,31 @@ constexpr int64_t kGemvBlocks = 4;  // vectors per panel: 4 x 2 independent FMA 
 // The units of one gate, padded to the vector width.
 inline int64_t gemv_padded(int64_t H) { return (H + kGemvWidth - 1) / kGemvWidth * kGemvWidth; }
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// Calls fn(g, u0, valid, nb) for each gate g of G and each panel of its units in the pack_gemv
+// layout: units u0 .. u0 + nb * kGemvWidth of the gate, the first `valid` real (the rest padding),
+// nb a std::integral_constant 1-4 for the panel kernels' template; in order, or in reverse when
+// `descending` (g_rows_descending: see there).
+template <typename Fn>
+inline void for_each_packed_panel(int64_t G, int64_t H, bool descending, Fn&& fn) {
+  const int64_t Hp = gemv_padded(H), L = kGemvBlocks * kGemvWidth;
+  const int64_t panels = (Hp + L - 1) / L;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t g = descending ? G - 1 - gi : gi;
+    for (int64_t pi = 0; pi < panels; ++pi) {
+      const int64_t u0 = (descending ? panels - 1 - pi : pi) * L;
+      const int64_t width = std::min(L, Hp - u0), valid = std::min(width, H - u0);
+      switch (width / kGemvWidth) {
+        case 4: fn(g, u0, valid, std::integral_constant<int, 4>{}); break;
+        case 3: fn(g, u0, valid, std::integral_constant<int, 3>{}); break;
+        case 2: fn(g, u0, valid, std::integral_constant<int, 2>{}); break;
+        default: fn(g, u0, valid, std::integral_constant<int, 1>{}); break;
+      }
+    }
+  }
+}
+#endif
+
 // out[0 : valid) (+)= a(1, K) P(K, NB * width) for one packed panel. Two chains per vector (even
 // and odd k): FMA latency, not the loads, bounds a single chain.
 template <typename S, int NB>
@@ -341,24 +366,12 @@ inline void gemv_packed(int64_t gates, int64_t H, int64_t K, const float* a, con
                         int64_t g0, float* c, bool acc) {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   using S = GemvSimd;
-  const int64_t Hp = gemv_padded(H), L = kGemvBlocks * kGemvWidth;
-  const int64_t panels = (Hp + L - 1) / L;
-  for (int64_t gi = 0; gi < gates; ++gi) {
-    const int64_t g = g_rows_descending ? gates - 1 - gi : gi;
-    const float* Pg = P + (g0 + g) * Hp * K;
-    float* cg = c + g * H;
-    for (int64_t pi = 0; pi < panels; ++pi) {
-      const int64_t u0 = (g_rows_descending ? panels - 1 - pi : pi) * L;
-      const int64_t width = std::min(L, Hp - u0), valid = std::min(width, H - u0);
-      const float* Pp = Pg + u0 * K;
-      switch (width / kGemvWidth) {
-        case 4: gemv_panel<S, 4>(K, a, Pp, cg + u0, valid, acc); break;
-        case 3: gemv_panel<S, 3>(K, a, Pp, cg + u0, valid, acc); break;
-        case 2: gemv_panel<S, 2>(K, a, Pp, cg + u0, valid, acc); break;
-        default: gemv_panel<S, 1>(K, a, Pp, cg + u0, valid, acc); break;
-      }
-    }
-  }
+  const int64_t Hp = gemv_padded(H);
+  for_each_packed_panel(gates, H, g_rows_descending, [&](int64_t g, int64_t u0, int64_t valid,
+                                                         auto nb) {
+    gemv_panel<S, decltype(nb)::value>(K, a, P + (g0 + g) * Hp * K + u0 * K, c + g * H + u0,
+                                       valid, acc);
+  });
 #else
   (void)gates, (void)H, (void)K, (void)a, (void)P, (void)g0, (void)c, (void)acc;
   TORCH_CHECK(false, "gemv_packed needs AVX2 + FMA");
@@ -420,19 +433,11 @@ inline void gemm_packed(int64_t M, int64_t G, int64_t H, int64_t K, const float*
                         const float* P, float* C, int64_t ldc) {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   using S = GemvSimd;
-  const int64_t Hp = gemv_padded(H), L = kGemvBlocks * kGemvWidth;
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t u0 = 0; u0 < Hp; u0 += L) {
-      const int64_t width = std::min(L, Hp - u0), valid = std::min(width, H - u0);
-      const float* Pp = P + g * Hp * K + u0 * K;
-      float* c = C + g * H + u0;
-      switch (width / kGemvWidth) {
-        case 4: gemm_panel_rows<S, 4>(M, K, A, lda, Pp, c, ldc, valid); break;
-        case 3: gemm_panel_rows<S, 3>(M, K, A, lda, Pp, c, ldc, valid); break;
-        case 2: gemm_panel_rows<S, 2>(M, K, A, lda, Pp, c, ldc, valid); break;
-        default: gemm_panel_rows<S, 1>(M, K, A, lda, Pp, c, ldc, valid); break;
-      }
-    }
+  const int64_t Hp = gemv_padded(H);
+  for_each_packed_panel(G, H, false, [&](int64_t g, int64_t u0, int64_t valid, auto nb) {
+    gemm_panel_rows<S, decltype(nb)::value>(M, K, A, lda, P + g * Hp * K + u0 * K, C + g * H + u0,
+                                            ldc, valid);
+  });
 #else
   (void)M, (void)G, (void)H, (void)K, (void)A, (void)lda, (void)P, (void)C, (void)ldc;
   TORCH_CHECK(false, "gemm_packed needs AVX2 + FMA");
@@ -486,25 +491,13 @@ inline void gemv2_packed(int64_t G, int64_t H, const float* x, int64_t I, const 
                          const float* h, const float* Ph, float* ci, float* ch) {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   using S = GemvSimd;
-  const int64_t Hp = gemv_padded(H), L = kGemvBlocks * kGemvWidth;
-  const int64_t panels = (Hp + L - 1) / L;
-  for (int64_t gi = 0; gi < G; ++gi) {
-    const int64_t g = g_rows_descending ? G - 1 - gi : gi;
-    for (int64_t pi = 0; pi < panels; ++pi) {
-      const int64_t u0 = (g_rows_descending ? panels - 1 - pi : pi) * L;
-      const int64_t width = std::min(L, Hp - u0), valid = std::min(width, H - u0);
-      const float* pi_ = Pi + g * Hp * I + u0 * I;
-      const float* ph = Ph + g * Hp * H + u0 * H;
-      float* oi = ci + g * H + u0;
-      float* oh = ch + g * H + u0;
-      switch (width / kGemvWidth) {
-        case 4: gemv2_panel<S, 4>(I, x, pi_, H, h, ph, oi, oh, valid); break;
-        case 3: gemv2_panel<S, 3>(I, x, pi_, H, h, ph, oi, oh, valid); break;
-        case 2: gemv2_panel<S, 2>(I, x, pi_, H, h, ph, oi, oh, valid); break;
-        default: gemv2_panel<S, 1>(I, x, pi_, H, h, ph, oi, oh, valid); break;
-      }
-    }
-  }
+  const int64_t Hp = gemv_padded(H);
+  for_each_packed_panel(G, H, g_rows_descending, [&](int64_t g, int64_t u0, int64_t valid,
+                                                     auto nb) {
+    gemv2_panel<S, decltype(nb)::value>(I, x, Pi + g * Hp * I + u0 * I, H, h,
+                                        Ph + g * Hp * H + u0 * H, ci + g * H + u0,
+                                        ch + g * H + u0, valid);
+  });
 #else
   (void)G, (void)H, (void)x, (void)I, (void)Pi, (void)h, (void)Ph, (void)ci, (void)ch;
   TORCH_CHECK(false, "gemv2_packed needs AVX2 + FMA");
