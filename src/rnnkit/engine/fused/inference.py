@@ -150,6 +150,17 @@ def _gemv(plan: Prepared, index: int, which: int) -> Tensor:
     return packed
 
 
+def _tiles(plan: Prepared, index: int) -> tuple[Tensor, Tensor]:
+    """Layer-and-direction ``index``'s W_ih^T and panel-packed W_hh^T for the batched GEMM tiles
+    (``pack_weights``), made once per weight version."""
+    packed = plan.packed.get(index)
+    if packed is None:
+        w_ih, w_hh = plan.weights[index][:2]
+        packed = plan.packed[index] = torch.ops.rnnkit_fused.pack_weights.default(
+            *plan.cfg.args(), w_ih, w_hh)
+    return packed
+
+
 def _config(module: Any) -> Config | None:
     """The module's kernel config, or None where this path does not run it. The variant's config
     is looked up once per module (building a math object's spec takes ~10 µs); the backend is
@@ -221,11 +232,13 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
         given = (_zeros(plan, (depth, batch, hidden), x),) * states
     threads.adapt()  # (as the general path: once per layer forward)
     op = torch.ops.rnnkit_fused.layer_forward.default
-    # batch 1, float32: the products read W_ih and W_hh packed (forward_packed)
-    packed = batch == 1 and x.dtype == torch.float32
-    packed_op = torch.ops.rnnkit_fused.forward_packed.default
+    # batch 1, float32: the products read W_ih and W_hh packed for matrix-vector products
+    # (forward_packed); longer batches: W_ih^T and W_hh^T packed for the GEMM tiles
+    # (layer_forward_packed)
+    batch1_op = torch.ops.rnnkit_fused.forward_packed.default
     batched_op = torch.ops.rnnkit_fused.layer_forward_packed.default
-    packs = batch > 1 and steps * batch >= PACKED_MIN_ROWS
+    batch1_packed = batch == 1 and x.dtype == torch.float32
+    batched_packed = batch > 1 and steps * batch >= PACKED_MIN_ROWS
     args = cfg.args()
     loop_threads = _function.loop_threads
     layer_input = x if length == steps else x[:length]
@@ -237,17 +250,14 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
             w_ih, w_hh, b_ih, b_hh, pw = plan.weights[index]
             source = layer_input if direction == 0 else layer_input.flip(0)
             c0 = given[1][index] if states == 2 else None
-            if packed:
-                y, h, c = packed_op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh,
+            if batch1_packed:
+                y, h, c = batch1_op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh,
                                     pw, _gemv(plan, index, 0), _gemv(plan, index, 1),
                                     loop_threads)
-            elif packs:
-                pack = plan.packed.get(index)
-                if pack is None:
-                    pack = plan.packed[index] = torch.ops.rnnkit_fused.pack_weights.default(
-                        *args, w_ih, w_hh)
+            elif batched_packed:
+                w_ih_t, w_hh_packed = _tiles(plan, index)
                 y, h, c = batched_op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih,
-                                     b_hh, pw, pack[0], pack[1], [], loop_threads)
+                                     b_hh, pw, w_ih_t, w_hh_packed, [], loop_threads)
             else:
                 y, h, c, *_ = op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh, pw,
                                  None, None, None, [], False, loop_threads, False)
