@@ -40,7 +40,8 @@ neither table raises, naming it. Ragged batches run in time chunks (``chunk_plan
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -54,7 +55,8 @@ from rnnkit.engine.fused._function import KERNELS, config_of, peephole_weights, 
 from rnnkit.engine.regularise import StepMasks
 from rnnkit.engine.threads import current_threads
 
-__all__ = ["BF16_FLOAT32", "ROUTES", "route_of", "run_layer", "run_step", "unavailable_reason"]
+__all__ = ["BF16_FLOAT32", "ROUTES", "route_of", "run_layer", "run_step", "thread_split",
+           "unavailable_reason"]
 
 # The variants the fused backend runs without a kernel of its own, and the path each takes:
 # "torch" is torch._VF.lstm (it has the projection: weights w_ih, w_hh, b_ih, b_hh, w_hr) for a
@@ -294,6 +296,21 @@ def run_step(
                                        params[0], params[1], params[2], params[3],
                                        peephole_weights(cfg, params), _function.loop_threads)
     return (h, c) if cfg.kind == 1 else (h,)
+
+
+@contextlib.contextmanager
+def thread_split(mode: str) -> Iterator[None]:
+    """How the kernels' loop threads share a time loop inside the block (tests, benchmarks):
+    ``"hidden"``, a slice of the hidden units each and a barrier every step; ``"batch"``, a block
+    of the batch rows each and one join at the end; ``"auto"``, the kernels' rule."""
+    ops = _build.load()
+    if ops is None:
+        raise RuntimeError(f"the fused kernels are unavailable: {_build.error()}")
+    previous = ops.set_thread_split(mode)
+    try:
+        yield
+    finally:
+        ops.set_thread_split(previous)
 
 
 # ---- torch's own fused op for the plain LSTM -----------------------------------------------------

@@ -12,6 +12,9 @@
 // [j0, j1) and computes, per step, only its columns of every gate block (a small
 // single-threaded GEMM with the oneDNN brgemm micro-kernel that torch exports), then the
 // pointwise update of its own units, then one barrier. No fork/join per step, no allocation.
+// Or (the batch split, wide enough batches: see Split) thread k runs that same loop as one
+// thread on a block of the batch rows, every unit, with no barrier until the loop ends: a
+// thread the scheduler parks delays the others once, not at every step.
 // Short inputs (T*B < 16, e.g. a streaming step) use the weights as stored through BLAS instead
 // of transposed copies. float64 runs the same code with BLAS dgemm and libm (for exactness).
 // bf16 mode (float32 only; see "bfloat16 mixed precision" below): the same loops, with every
@@ -1054,7 +1057,19 @@ struct Reg {
   const T* row(const T* k, int64_t t, int64_t B, int64_t m, int64_t H) const {
     return k ? k + (t * B + m) * H : nullptr;
   }
+  // The same regularisers seen from batch row m0 on (a row block of the batch split; every
+  // tensor is (., B, H) with rows H apart, so the block's rows stay B * H apart per step)
+  Reg from_row(int64_t m0, int64_t H) const {
+    auto at = [&](auto* p) { return p ? p + m0 * H : p; };
+    return {at(rmask), at(kh), at(kc), at(hd), at(ctil)};
+  }
 };
+
+// p moved to batch row m0 of a (., B, width) tensor (null stays null).
+template <typename P>
+P* from_row(P* p, int64_t m0, int64_t width) {
+  return p ? p + m0 * width : p;
+}
 
 int64_t gates_of(const Cfg& c) {
   if (c.kind == RNN) return 1;
@@ -1782,6 +1797,76 @@ int pick_threads(const Cfg& c, int64_t nthreads) {
   return std::max(1, at::get_num_threads());
 }
 
+// How nt > 1 loop threads share a time loop (set_thread_split: tests and benchmarks force one):
+// HIDDEN, each thread owns a slice of the hidden units of every row and the threads meet at a
+// barrier every step (the loops' own `#pragma omp parallel`); BATCH, each thread runs the whole
+// one-thread loop (every unit, the panel-packed W_hh^T) on a block of the batch rows, which are
+// independent, and the threads meet once, at the end of the loop. The whole-sequence GEMMs
+// (input projection, dx, dW_ih, dW_hh) stay multi-threaded GEMMs over all T*B rows either way.
+enum class Split { AUTO, HIDDEN, BATCH };
+Split g_split = Split::AUTO;
+
+// AUTO splits the batch when every thread gets at least this many rows.
+constexpr int64_t kBatchSplitRows = 8;
+
+// Threads of the batch split of a loop that nt_loop threads run: 0 = the hidden split (or one
+// thread). A forced BATCH gives each thread one row at least (B = 1: one thread, no split).
+int batch_split_threads(const Cfg& c, int nt_loop) {
+  if (nt_loop < 2 || g_split == Split::HIDDEN) return 0;
+  const int64_t per = g_split == Split::BATCH ? 1 : kBatchSplitRows;
+  const int nt = static_cast<int>(std::min<int64_t>(nt_loop, c.B / per));
+  return nt >= 2 ? nt : 0;
+}
+
+// The batch split's row blocks: bounds[k] .. bounds[k + 1] for thread k, contiguous (the
+// active rows of a step are a prefix: bs[t]) and balanced by the steps the rows run (a row's
+// length; rows are sorted longest first), each at least one row.
+std::vector<int64_t> row_blocks(const Cfg& c, int nt) {
+  std::vector<int64_t> length(c.B + 1, 0);  // length[m] = #{t : bs[t] > m}
+  for (const int64_t b : c.bs) length[b] -= 1;
+  int64_t run = c.T, total = 0;
+  for (int64_t m = 0; m < c.B; ++m) {
+    run += length[m];
+    length[m] = run;
+    total += run;
+  }
+  std::vector<int64_t> bounds(nt + 1, c.B);
+  bounds[0] = 0;
+  int64_t m = 0;
+  double done = 0;
+  for (int k = 1; k < nt; ++k) {
+    // take rows while a row's midpoint is at or below this thread's share of the steps (with
+    // no steps at all: equal numbers of rows)
+    const double target = total > 0 ? static_cast<double>(total) * k / nt
+                                     : static_cast<double>(c.B) * k / nt;
+    while (m < c.B - (nt - k)) {
+      const double w = total > 0 ? static_cast<double>(length[m]) : 1.0;
+      if (m >= bounds[k - 1] + 1 && done + w / 2 > target) break;
+      done += w;
+      ++m;
+    }
+    bounds[k] = m;
+  }
+  return bounds;
+}
+
+// Runs loop(c, m0, nt, k) once with every row (m0 = 0, k = 0) on nt_loop threads (the hidden
+// split), or, with nt_rows >= 2, on nt_rows threads at once, thread k with one thread on row
+// block k: c is cf with bs counting the block's rows (B stays the row stride of a step), m0 the
+// block's first row, to which the loop moves every (., B, .) pointer.
+template <typename Loop>
+void run_time_loop(const Cfg& cf, int nt_loop, int nt_rows, Loop&& loop) {
+  if (nt_rows < 2) return loop(cf, int64_t(0), nt_loop, 0);
+  const std::vector<int64_t> bounds = row_blocks(cf, nt_rows);
+#pragma omp parallel for num_threads(nt_rows) schedule(static, 1)
+  for (int k = 0; k < nt_rows; ++k) {
+    const int64_t m0 = bounds[k], rows = bounds[k + 1] - m0;
+    Cfg c = cf;
+    for (int64_t t = 0; t < c.T; ++t) c.bs[t] = std::clamp<int64_t>(cf.bs[t] - m0, 0, rows);
+    loop(c, m0, 1, k);
+  }
+}
+
 // W_hh^T as the one-thread time loops read it (RecW::panel): panel-packed (pack_panels); the
 // reset-before GRU's r, z rows and its n rows packed apart (its step has two products).
 template <typename T>
@@ -1815,6 +1900,7 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
   const int64_t T_ = cf.T, B = cf.B, I = cf.I, H = cf.H, G = cf.G, GH = G * H;
   auto opts = x.options();
   const bool part = partial(cf);
+  const int nt_rows = batch_split_threads(cf, nt_loop);
   Reg<T> R;
   at::Tensor hd, ctil;
   if (rmask.defined()) {
@@ -1886,8 +1972,8 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     at::Tensor WihT = pre ? pre->wih_t : w_ih.t().contiguous();  // (I, GH)
     pgemm<T>(T_ * B, GH, I, x.data_ptr<T>(), I, WihT.data_ptr<T>(), GH, gates.data_ptr<T>(), GH,
              false, has_bias ? bias.data_ptr<T>() : nullptr, nt_all);
-    if (cf.kind != RNN && nt_loop == 1) {
-      // one thread: the LSTM's and GRU's per-step products read W_hh^T in panels (pack_panels).
+    if (cf.kind != RNN && (nt_loop == 1 || nt_rows > 1)) {
+      // one thread (or one per row block): the LSTM's and GRU's per-step products read W_hh^T in panels (pack_panels).
       // Measured 1 thread, forward, min CPU time of 9 interleaved, load ~5: rnnkit / nn.LSTM
       // at 100,32,256 1.13 (one W^T) -> 1.10 / 1.09 / 1.07 (panels 32 / 64 / 128); 50,64,512
       // 1.00 -> 0.99 / 0.95 / 0.96; 35,20,200 1.02 either way.
@@ -1909,10 +1995,14 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     T* csp = training ? cs.data_ptr<T>() : nullptr;
     at::Tensor rec = at::empty({B, GH}, opts);
     auto run = [&](auto peep, auto coupled, auto save, auto reg) {
-      lstm_fwd_loop<T, decltype(peep)::value, decltype(coupled)::value, decltype(save)::value,
-                    decltype(reg)::value>(
-          cf, gates.data_ptr<T>(), rec.data_ptr<T>(), y.data_ptr<T>(), csp, hst.data_ptr<T>(),
-          cst.data_ptr<T>(), h0.data_ptr<T>(), W, p, R, nt_loop);
+      run_time_loop(cf, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
+        lstm_fwd_loop<T, decltype(peep)::value, decltype(coupled)::value, decltype(save)::value,
+                      decltype(reg)::value>(
+            c, from_row(gates.data_ptr<T>(), m0, GH), from_row(rec.data_ptr<T>(), m0, GH),
+            from_row(y.data_ptr<T>(), m0, H), from_row(csp, m0, H),
+            from_row(hst.data_ptr<T>(), m0, H), from_row(cst.data_ptr<T>(), m0, H),
+            from_row(h0.data_ptr<T>(), m0, H), W, p, R.from_row(m0, H), nt);
+      });
     };
     auto run_r = [&](auto peep, auto coupled, auto save) {
       if (R.any()) run(peep, coupled, save, std::true_type{});
@@ -1928,8 +2018,11 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     else run_s(std::false_type{}, std::false_type{});
     if (training && ctil.defined()) extra = ctil;  // the LSTM's c~ before zoneout, for backward
   } else if (cf.kind == RNN) {
-    rnn_fwd_loop<T>(cf, gates.data_ptr<T>(), y.data_ptr<T>(), hst.data_ptr<T>(), h0.data_ptr<T>(),
-                    W, R, nt_loop);
+    run_time_loop(cf, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
+      rnn_fwd_loop<T>(c, from_row(gates.data_ptr<T>(), m0, H), from_row(y.data_ptr<T>(), m0, H),
+                      from_row(hst.data_ptr<T>(), m0, H), from_row(h0.data_ptr<T>(), m0, H), W,
+                      R.from_row(m0, H), nt);
+    });
   } else if (!cf.before) {
     at::Tensor gh = at::empty({B, H}, opts);
     at::Tensor rec = W.panel > 0 ? at::empty({B, GH}, opts) : at::Tensor();
@@ -1937,18 +2030,27 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     if (training) extra = part ? at::zeros({T_, B, H}, opts) : at::empty({T_, B, H}, opts);
     at::Tensor bhn;
     if (has_bias) bhn = b_hh.narrow(0, 2 * H, H).contiguous();
-    gru_after_fwd_loop<T>(cf, gates.data_ptr<T>(), y.data_ptr<T>(), hst.data_ptr<T>(),
-                          gh.data_ptr<T>(), training ? extra.data_ptr<T>() : nullptr,
-                          h0.data_ptr<T>(), W, has_bias ? bhn.data_ptr<T>() : nullptr, R,
-                          nt_loop, rec.defined() ? rec.data_ptr<T>() : nullptr, training);
+    run_time_loop(cf, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
+      gru_after_fwd_loop<T>(
+          c, from_row(gates.data_ptr<T>(), m0, GH), from_row(y.data_ptr<T>(), m0, H),
+          from_row(hst.data_ptr<T>(), m0, H), from_row(gh.data_ptr<T>(), m0, H),
+          from_row(training ? extra.data_ptr<T>() : nullptr, m0, H),
+          from_row(h0.data_ptr<T>(), m0, H), W, has_bias ? bhn.data_ptr<T>() : nullptr,
+          R.from_row(m0, H), nt, from_row(rec.defined() ? rec.data_ptr<T>() : nullptr, m0, GH),
+          training);
+    });
   } else {
     // Rows past their length multiply zero gradients in dW_hn: they must not hold NaN garbage.
     extra = training ? (part ? at::zeros({T_, B, H}, opts) : at::empty({T_, B, H}, opts))
                      : at::empty({B, H}, opts);
     at::Tensor rec = W.panel > 0 ? at::empty({B, GH}, opts) : at::Tensor();
-    gru_before_fwd_loop<T>(cf, gates.data_ptr<T>(), y.data_ptr<T>(), hst.data_ptr<T>(),
-                           extra.data_ptr<T>(), training, h0.data_ptr<T>(), W, R, nt_loop,
-                           rec.defined() ? rec.data_ptr<T>() : nullptr, training);
+    run_time_loop(cf, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
+      gru_before_fwd_loop<T>(
+          c, from_row(gates.data_ptr<T>(), m0, GH), from_row(y.data_ptr<T>(), m0, H),
+          from_row(hst.data_ptr<T>(), m0, H), from_row(extra.data_ptr<T>(), m0, H), training,
+          from_row(h0.data_ptr<T>(), m0, H), W, R.from_row(m0, H), nt,
+          from_row(rec.defined() ? rec.data_ptr<T>() : nullptr, m0, GH), training);
+    });
   }
   // The Elman backward reads the activations from y, which equals them unless h is zoned out:
   // saving them as well would keep a second (T, B, H) tensor alive until the backward.
@@ -2158,6 +2260,7 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   const int64_t T_ = cf.T, B = cf.B, I = cf.I, H = cf.H, G = cf.G, GH = G * H;
   auto opts = x.options();
   const bool part = partial(cf);
+  const int nt_rows = batch_split_threads(cf, nt_loop);
   Reg<T> R;
   if (rmask.defined()) R.rmask = rmask.data_ptr<T>();
   if (kh.defined()) R.kh = kh.data_ptr<T>();
@@ -2178,7 +2281,9 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   at::Tensor dhs = ghT.defined() ? ghT.clone() : at::zeros({B, H}, opts);
   at::Tensor dcs, dpw, drh;
   const T* p = nullptr;
-  T* dp = nullptr;
+  // the peephole weights' gradients: row block k of the batch split adds its rows' part into
+  // dpw_block[k] (block 0: dpw itself), summed after the time loop
+  std::vector<at::Tensor> dpw_block;
   BwdW<T> whh{w_hh.data_ptr<T>()};
   at::Tensor whh_vnni;
   if constexpr (std::is_same_v<T, float>) {
@@ -2192,7 +2297,8 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
     if (cf.peep) {
       dpw = at::zeros_like(pw);
       p = pw.data_ptr<T>();
-      dp = dpw.data_ptr<T>();
+      dpw_block.push_back(dpw);
+      for (int k = 1; k < nt_rows; ++k) dpw_block.push_back(at::zeros_like(pw));
     }
   }
   if (cf.kind == GRU && cf.before) drh = at::empty({B, H}, opts);
@@ -2207,6 +2313,9 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   const at::Tensor& h_new = cf.kind == RNN && R.kh ? acts : y;
   const T* yp = y.data_ptr<T>();
   const T* ep = extra.numel() > 0 ? extra.data_ptr<T>() : nullptr;
+  auto sum_dpw_blocks = [&] {
+    for (size_t k = 1; k < dpw_block.size(); ++k) dpw.add_(dpw_block[k]);
+  };
 
   // Chunks from the last step back: the loops see a Cfg of the chunk's steps, and every
   // (T, B, .) pointer and the initial states moved to the chunk's first step (its h_{t0-1} is
@@ -2237,9 +2346,13 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
       const T* csp = cs.data_ptr<T>();
       const T* cp0 = t0 == 0 ? c0.data_ptr<T>() : csp + (t0 - 1) * B * H;
 #define LSTM_BWD(P, C, REG)                                                                     \
-  lstm_bwd_loop<T, P, C, REG>(cc, acts.data_ptr<T>() + t0 * B * GH, csp + t0 * B * H, cp0, gyp,  \
-                              dgp, dhs.data_ptr<T>(), dcs.data_ptr<T>(), whh, p, dp, Rc, sc,     \
-                              nt_loop)
+  run_time_loop(cc, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int k) {             \
+    lstm_bwd_loop<T, P, C, REG>(                                                                \
+        c, from_row(acts.data_ptr<T>() + t0 * B * GH, m0, GH), from_row(csp + t0 * B * H, m0, H), \
+        from_row(cp0, m0, H), from_row(gyp, m0, H), from_row(dgp, m0, GH),                      \
+        from_row(dhs.data_ptr<T>(), m0, H), from_row(dcs.data_ptr<T>(), m0, H), whh, p,          \
+        P ? dpw_block[k].data_ptr<T>() : nullptr, Rc.from_row(m0, H), from_row(sc, m0, H), nt); \
+  })
 #define LSTM_BWD_R(P, C)           \
   do {                             \
     if (R.any()) LSTM_BWD(P, C, true); \
@@ -2252,21 +2365,37 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
 #undef LSTM_BWD_R
 #undef LSTM_BWD
     } else if (cf.kind == RNN) {
-      rnn_bwd_loop<T>(cc, h_new.template data_ptr<T>() + t0 * B * H, gyp, dgp, dhs.data_ptr<T>(),
-                      whh, Rc, sc, nt_loop);
+      run_time_loop(cc, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
+        rnn_bwd_loop<T>(c, from_row(h_new.template data_ptr<T>() + t0 * B * H, m0, H),
+                        from_row(gyp, m0, H), from_row(dgp, m0, H),
+                        from_row(dhs.data_ptr<T>(), m0, H), whh, Rc.from_row(m0, H),
+                        from_row(sc, m0, H), nt);
+      });
     } else if (gru_after) {
-      gru_after_bwd_loop<T>(cc, acts.data_ptr<T>() + t0 * B * GH, ep + t0 * B * H,
-                            yp + t0 * B * H, hp0, gyp, dgp, dgh.data_ptr<T>(), dhs.data_ptr<T>(),
-                            whh, Rc, sc, nt_loop);
+      run_time_loop(cc, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
+        gru_after_bwd_loop<T>(c, from_row(acts.data_ptr<T>() + t0 * B * GH, m0, GH),
+                              from_row(ep + t0 * B * H, m0, H), from_row(yp + t0 * B * H, m0, H),
+                              from_row(hp0, m0, H), from_row(gyp, m0, H), from_row(dgp, m0, GH),
+                              from_row(dgh.data_ptr<T>(), m0, GH),
+                              from_row(dhs.data_ptr<T>(), m0, H), whh, Rc.from_row(m0, H),
+                              from_row(sc, m0, H), nt);
+      });
     } else {
-      gru_before_bwd_loop<T>(cc, acts.data_ptr<T>() + t0 * B * GH, yp + t0 * B * H, hp0, gyp,
-                             dgp, drh.data_ptr<T>(), dhs.data_ptr<T>(), whh, Rc, sc, nt_loop);
+      run_time_loop(cc, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
+        gru_before_bwd_loop<T>(c, from_row(acts.data_ptr<T>() + t0 * B * GH, m0, GH),
+                               from_row(yp + t0 * B * H, m0, H), from_row(hp0, m0, H),
+                               from_row(gyp, m0, H), from_row(dgp, m0, GH),
+                               from_row(drh.data_ptr<T>(), m0, H),
+                               from_row(dhs.data_ptr<T>(), m0, H), whh, Rc.from_row(m0, H),
+                               from_row(sc, m0, H), nt);
+      });
     }
 
     if constexpr (std::is_same_v<T, float>) {
       if (bf16) {  // one chunk: CS = T in bf16 mode
         bf16_input_and_weight_grads(cf, x, h0, w_ih, y, extra, dg, dgh, rmask, need_dx, need_dw,
                                     has_bias, nt_all, dx, dwih, dwhh, dbih, dbhh);
+        sum_dpw_blocks();
         return {dx, dhs, dcs, dwih, dwhh, dbih, dbhh, dpw};
       }
     }
@@ -2314,6 +2443,7 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
     if (t0 == 0) break;
     t1 = t0;
   }
+  sum_dpw_blocks();
   if (need_dw) {
     if (cf.kind == GRU && cf.before) dwhh = dwhhT.t().contiguous();
     if (has_bias && !gru_after) dbhh = dbih;
@@ -2825,6 +2955,18 @@ int64_t set_backward_chunk(int64_t steps) {
   return previous;
 }
 
+// For tests/benchmarks: how loop threads split a time loop, "auto", "hidden" or "batch" (see
+// Split); returns the previous setting.
+std::string set_thread_split(c10::string_view which) {
+  static const char* const names[] = {"auto", "hidden", "batch"};
+  const std::string previous = names[static_cast<int>(g_split)];
+  if (which == "auto") g_split = Split::AUTO;
+  else if (which == "hidden") g_split = Split::HIDDEN;
+  else if (which == "batch") g_split = Split::BATCH;
+  else TORCH_CHECK(false, "set_thread_split: \"auto\", \"hidden\" or \"batch\", not \"", which, "\"");
+  return previous;
+}
+
 bool init_op() { return init(); }
 // Whether bf16 mode can run: the micro-kernel exists and computes what pack_vnni packs.
 bool bf16_available_op() {
@@ -2873,6 +3015,7 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("bf16_available() -> bool");
   m.def("set_gemm(str which) -> str");
   m.def("set_backward_chunk(int steps) -> int");
+  m.def("set_thread_split(str which) -> str");
   m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(layer_forward));
   m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(layer_backward));
   m.impl("step", c10::DispatchKey::CPU, TORCH_FN(step));
@@ -2885,4 +3028,5 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.impl("bf16_available", c10::DispatchKey::CatchAll, TORCH_FN(bf16_available_op));
   m.impl("set_gemm", c10::DispatchKey::CatchAll, TORCH_FN(set_gemm_op));
   m.impl("set_backward_chunk", c10::DispatchKey::CatchAll, TORCH_FN(set_backward_chunk));
+  m.impl("set_thread_split", c10::DispatchKey::CatchAll, TORCH_FN(set_thread_split));
 }
