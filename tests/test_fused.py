@@ -174,18 +174,56 @@ def test_matches_reference(name, lengths, bias, dtype):
         torch.testing.assert_close(got, want, **tolerance(dtype))
 
 
+@pytest.fixture
+def batch_split(monkeypatch):
+    """The kernels' time loops on 2 threads, each on a block of the batch rows (the plain LSTM
+    on rnnkit's kernel, not torch's op)."""
+    monkeypatch.setattr(_function, "loop_threads", 2)
+    monkeypatch.setattr(fused, "use_native", False)
+    with fused.thread_split("batch"):
+        yield
+
+
+@pytest.mark.parametrize("split", ["hidden", "batch"])
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_thread_split_matches_reference(name, threads, monkeypatch):
-    """Hidden sizes that split unevenly (and leave a thread without units) across threads."""
+def test_thread_split_matches_reference(name, threads, split, monkeypatch):
+    """hidden: hidden sizes that split unevenly (and leave a thread without units) across
+    threads; batch: 5 rows in blocks of 3 + 2 or 2 + 2 + 1, with lengths that end some rows."""
     monkeypatch.setattr(_function, "loop_threads", threads)
+    monkeypatch.setattr(fused, "use_native", False)
     spec = VARIANTS[name]
     args = make_inputs(spec, 6, 5, 7, 37 if threads == 2 else 20, torch.float64)
     for batch_sizes in (None, [5, 4, 4, 3, 1, 1]):
-        got_out, got_grads = outputs_and_grads(fused.run_layer, spec, *args, batch_sizes)
+        with fused.thread_split(split):
+            got_out, got_grads = outputs_and_grads(fused.run_layer, spec, *args, batch_sizes)
         want_out, want_grads = outputs_and_grads(reference, spec, *args, batch_sizes)
         for got, want in zip(got_out + got_grads, want_out + want_grads):
             torch.testing.assert_close(got, want, **tolerance(torch.float64))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 33])
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_batch_split_equals_the_one_thread_kernel(name, lengths, batch, batch_split,
+                                                  monkeypatch):
+    """Each row runs the one-thread loop's arithmetic: at batch 33 (blocks of 16-17 rows) the
+    same bits, but for the peephole weights' gradients, summed over the rows block by block;
+    with fewer rows a block's per-step product may have 1 row where the whole batch has 2 or
+    more (another micro-kernel of the GEMM, the sums in another order): <= 1e-6 apart."""
+    spec = VARIANTS[name]
+    batch_sizes = None
+    if lengths:  # (the longest rows in the first block; the last row never runs if batch > 1)
+        top = max(1, batch - 1)
+        batch_sizes = [top] * 3 + [max(1, batch * 2 // 3), max(1, batch // 3), 1, 0]
+    args = make_inputs(spec, 7, batch, 6, 40, torch.float32)
+    got_out, got_grads = outputs_and_grads(fused.run_layer, spec, *args, batch_sizes)
+    monkeypatch.setattr(_function, "loop_threads", 1)
+    want_out, want_grads = outputs_and_grads(fused.run_layer, spec, *args, batch_sizes)
+    peephole = set(range(len(want_grads) - num_peephole(spec), len(want_grads)))
+    for i, (got, want) in enumerate(zip(got_out + got_grads, want_out + want_grads)):
+        exact = batch == 33 and i - len(want_out) not in peephole
+        torch.testing.assert_close(got, want, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -201,8 +239,11 @@ def test_inference_path_matches_training_path(name):
         torch.testing.assert_close(s, t.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("split", [None, "batch"], ids=["one_thread", "batch_split"])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_gradcheck(name):
+def test_gradcheck(name, split, request):
+    if split:
+        request.getfixturevalue("batch_split")  # (3 rows: blocks of 2 + 1)
     spec = VARIANTS[name]
     x, state0, params = make_inputs(spec, 4, 3, 2, 3, torch.float64)
     tensors = leaves(x, state0, params)
@@ -249,7 +290,10 @@ def torch_module_params(module):
     ],
 )
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
-def test_matches_torch_nn(name, module_cls, kwargs, lengths):
+@pytest.mark.parametrize("split", [None, "batch"], ids=["default", "batch_split"])
+def test_matches_torch_nn(name, module_cls, kwargs, lengths, split, request):
+    if split:
+        request.getfixturevalue("batch_split")  # (5 rows: blocks of 3 + 2)
     torch.manual_seed(0)
     spec = VARIANTS[name]
     steps, batch, inputs, hidden = 7, 5, 6, 8

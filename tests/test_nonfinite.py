@@ -112,6 +112,28 @@ def test_nonfinite_propagates_like_reference_and_torch(variant, place, value, dt
             assert_same_values(e, a, f"{backend}: {name}")
 
 
+@pytest.mark.parametrize("variant,place,value,dtype", FAST_CASES)
+def test_nonfinite_propagates_through_the_batch_split(variant, place, value, dtype, monkeypatch):
+    # the fused kernels' time loops on 2 threads, one block of the 3 rows each (2 + 1): a value
+    # in one row stays in that row's block, and the gradients of the weights (summed over every
+    # row after the loop) still see it
+    from rnnkit.engine import fused
+    from rnnkit.engine.fused import _function
+
+    monkeypatch.setattr(_function, "loop_threads", 2)
+    monkeypatch.setattr(fused, "use_native", False)
+    reference, x, hx = poisoned(variant, place, value, dtype)
+    expected = run_with_grads(reference, x, hx)
+    layer, _, options = VARIANTS[variant]
+    module = layer(6, 16, backend="fused", **options).to(dtype)
+    module.load_state_dict(reference.state_dict())
+    with fused.thread_split("batch"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no fallback: the kernel runs)
+        got = run_with_grads(module, x, hx)
+    for i, (e, a) in enumerate(zip(expected, got)):
+        assert_same_values(e, a, f"value {i}")
+
+
 def test_issue_example_fused_relu_keeps_nan():
     torch.manual_seed(0)
     m = rnnkit.RNN(6, 16, nonlinearity="relu")

@@ -309,16 +309,27 @@ def test_configs_pass_the_options_to_the_layers() -> None:
         RecurrentConfig(cell="gru", zoneout_cell=0.1)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads,split", [(1, "auto"), (2, "hidden"), (2, "batch")])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_kernel_runs_the_masks_itself(variant: str, threads: int, dtype: torch.dtype,
+def test_fused_kernel_runs_the_masks_itself(variant: str, threads: int, split: str,
+                                            dtype: torch.dtype,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    # the kernel, not the bptt fallback, on one thread and split over two (H = 40: two unit
-    # ranges), batch 1 (weights as stored) and batch 6 (transposed copies), with lengths
-    import rnnkit.engine as engine
+    # the kernel, not the bptt fallback, on one thread and split over two (hidden: H = 40, two
+    # unit ranges; batch: two blocks of rows), batch 1 (weights as stored) and batch 6
+    # (transposed copies), with lengths
+    from rnnkit.engine import fused
     from rnnkit.engine.fused import _function
 
     monkeypatch.setattr(_function, "loop_threads", threads)
+    monkeypatch.setattr(fused, "use_native", False)
+    with fused.thread_split(split):
+        _check_masks_in_kernel(variant, dtype, monkeypatch)
+
+
+def _check_masks_in_kernel(variant: str, dtype: torch.dtype,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import rnnkit.engine as engine
+
     layer_class, _, options = VARIANTS[variant]
     for batch, lengths in ((1, None), (6, [7, 7, 5, 4, 4, 1])):
         layer = layer_class(5, 40, bidirectional=True, backend="reference", **options,
