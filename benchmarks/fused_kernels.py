@@ -9,6 +9,10 @@ The last row is one streaming step at batch 1 against one torch.nn.LSTMCell call
     python benchmarks/fused_kernels.py                      # everything (~3 min on 2 cores)
     python benchmarks/fused_kernels.py --variants gru_before --shapes 35,20,200
     python benchmarks/fused_kernels.py --threads 1 --clock cpu --stat min   # on a busy machine
+    python benchmarks/fused_kernels.py --threads 2 --split compare --no-native --no-stream
+
+``--split compare`` times rnnkit's kernel with its loop threads splitting the batch rows against
+the same kernel splitting the hidden units, alternately (ratio = batch split / hidden split).
 """
 
 from __future__ import annotations
@@ -81,6 +85,17 @@ def fused_params(spec: Spec, module: torch.nn.Module, hidden: int) -> tuple:
 
 STAT = statistics.median
 CLOCK = time.perf_counter
+SPLIT = "auto"  # --split
+
+
+def in_split(mode: str, run: Callable[[], None]) -> Callable[[], None]:
+    """``run`` with the kernels' loop threads split by ``mode`` (fused.thread_split)."""
+
+    def split_run() -> None:
+        with fused.thread_split(mode):
+            run()
+
+    return split_run
 
 
 def alternate(a: Callable[[], None], b: Callable[[], None], repeats: int) -> tuple[float, float]:
@@ -126,6 +141,10 @@ def bench_variant(name: str, shape: tuple[int, int, int], repeats: int) -> tuple
         out, _ = module(x, hx)
         out.sum().backward()
 
+    if SPLIT == "compare":  # the kernel's batch split (first) against its hidden split
+        return (*alternate(in_split("batch", fused_fwd), in_split("hidden", fused_fwd), repeats),
+                *alternate(in_split("batch", fused_train), in_split("hidden", fused_train),
+                           repeats))
     ff, tf = alternate(fused_fwd, torch_fwd, repeats)
     fb, tb = alternate(fused_train, torch_train, repeats)
     return ff, tf, fb, tb
@@ -158,6 +177,11 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--split", choices=["auto", "hidden", "batch", "compare"], default="auto",
+                        help="how the kernels' 2+ loop threads share a time loop: hidden, a "
+                             "slice of the hidden units each and a barrier every step; batch, a "
+                             "block of the batch rows each and one join at the end; auto, the "
+                             "kernels' rule; compare: batch against hidden instead of torch.nn")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming-step row")
     parser.add_argument(
         "--stat",
@@ -177,35 +201,41 @@ def main() -> None:
         help="cpu: process CPU time; with --threads 1 it ignores time lost to other jobs",
     )
     args = parser.parse_args()
-    global STAT, CLOCK
+    global STAT, CLOCK, SPLIT
     STAT = min if args.stat == "min" else statistics.median
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    SPLIT = args.split
     fused.use_native = not args.no_native
     if args.threads:
         torch.set_num_threads(args.threads)
     reason = fused.unavailable_reason(VARIANTS["gru_after"], torch.float32, "cpu")
     if reason is not None:
         raise SystemExit(f"fused backend unavailable: {reason}")
+    compare = args.split == "compare"
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
-        f"{args.stat} {args.clock} time of {args.repeats}; ratio = fused / torch.nn "
-        "(target in brackets)"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads ({args.split} split), "
+        f"float32, {args.stat} {args.clock} time of {args.repeats}; ratio = "
+        + ("batch split / hidden split (fused both)" if compare
+           else "fused / torch.nn (target in brackets)")
     )
+    other = "hidden" if compare else "nn ms"
     header = (
-        f"{'variant':<22} {'T,B,H':<12} {'fwd ms':>8} {'nn ms':>8} {'ratio':>6}  "
-        f"{'f+b ms':>8} {'nn ms':>8} {'ratio':>6}"
+        f"{'variant':<22} {'T,B,H':<12} {'fwd ms':>8} {other:>8} {'ratio':>6}  "
+        f"{'f+b ms':>8} {other:>8} {'ratio':>6}"
     )
     print(header)
     print("-" * len(header))
-    for name in args.variants:
-        for text in args.shapes:
-            shape = tuple(int(v) for v in text.split(","))
-            ff, tf, fb, tb = bench_variant(name, shape, args.repeats)
-            print(
-                f"{name:<22} {text:<12} {ff * 1e3:8.2f} {tf * 1e3:8.2f} {ff / tf:6.2f}  "
-                f"{fb * 1e3:8.2f} {tb * 1e3:8.2f} {fb / tb:6.2f}  [{TARGETS[name]:.2f}]",
-                flush=True,
-            )
+    with fused.thread_split("auto" if compare else args.split):
+        for name in args.variants:
+            for text in args.shapes:
+                shape = tuple(int(v) for v in text.split(","))
+                ff, tf, fb, tb = bench_variant(name, shape, args.repeats)
+                target = "" if compare else f"  [{TARGETS[name]:.2f}]"
+                print(
+                    f"{name:<22} {text:<12} {ff * 1e3:8.2f} {tf * 1e3:8.2f} {ff / tf:6.2f}  "
+                    f"{fb * 1e3:8.2f} {tb * 1e3:8.2f} {fb / tb:6.2f}{target}",
+                    flush=True,
+                )
     if not args.no_stream:
         fs, ts = bench_stream_step(max(200, args.repeats))
         print(

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import rnnkit
-from rnnkit.engine import get_default_backend, threads
+from rnnkit.engine import fused, get_default_backend, threads
 from timing import interleaved
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -262,6 +262,11 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process CPU time; with --threads 1 it ignores time lost to "
                              "other jobs")
+    parser.add_argument("--split", choices=["auto", "hidden", "batch"], default="auto",
+                        help="how the kernels' 2+ loop threads share a time loop: hidden, a "
+                             "slice of the hidden units each and a barrier every step; batch, a "
+                             "block of the batch rows each and one join at the end; auto, the "
+                             "kernels' rule")
     parser.add_argument("--section", default="speed",
                         help="the section of --out to (re)write (another name keeps the full "
                              "table and adds this run's rows as a section of their own)")
@@ -282,12 +287,13 @@ def main() -> None:
     gemm = peak_gemm_rates()
     backend = get_default_backend()
     rows: list[Row] = []
-    for name in args.variants:
-        for shape in shapes:
-            rows.extend(bench_sequence(name, shape, repeats))
-            print("\n".join(markdown(rows[-2:], gemm, backend).splitlines()[-2:]), flush=True)
-        rows.append(bench_single_step(name, 256, repeats))
-        print(markdown(rows[-1:], gemm, backend).splitlines()[-1], flush=True)
+    with fused.thread_split(args.split):
+        for name in args.variants:
+            for shape in shapes:
+                rows.extend(bench_sequence(name, shape, repeats))
+                print("\n".join(markdown(rows[-2:], gemm, backend).splitlines()[-2:]), flush=True)
+            rows.append(bench_single_step(name, 256, repeats))
+            print(markdown(rows[-1:], gemm, backend).splitlines()[-1], flush=True)
     table = markdown(rows, gemm, backend)
     print()
     print(table)
@@ -299,7 +305,8 @@ def main() -> None:
         if full:
             bar_chart(rows, png)
         command = " ".join(["python benchmarks/speed.py", *sys.argv[1:]]) if not full else (
-            "python benchmarks/speed.py" + (f" --threads {args.threads}" if args.threads else ""))
+            "python benchmarks/speed.py" + (f" --threads {args.threads}" if args.threads else "")
+            + (f" --split {args.split}" if args.split != "auto" else ""))
         load = "{:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg())
         write_section(out, args.section, f"Measured by `{command}` on this project's 2-core CI "
                       f"machine kind ({args.stat} {args.clock} time of the interleaved runs); load "
