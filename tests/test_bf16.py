@@ -76,6 +76,32 @@ def test_every_variant_close_to_float32(name):
 
 
 @needs_bf16
+@pytest.mark.parametrize("name", sorted(LAYER_VARIANTS))
+def test_batch_split_equals_one_thread(name, monkeypatch):
+    # the kernels' loops on 2 threads, a block of the 33 rows each (bf16 mode, lengths): each
+    # row's arithmetic is the one-thread loop's
+    from rnnkit.engine import fused
+    from rnnkit.engine.fused import _function
+
+    cls, options = LAYER_VARIANTS[name]
+    torch.manual_seed(0)
+    module = cls(12, 40, **options)
+    x = torch.randn(9, 33, 12, requires_grad=True)
+    hx = tuple(torch.randn(1, 33, 40, requires_grad=True) for _ in range(2 if cls is rnnkit.LSTM else 1))
+    arg = hx if len(hx) == 2 else hx[0]
+    lengths = [9] * 12 + [7] * 11 + [2] * 10
+    monkeypatch.setattr(fused, "use_native", False)
+    monkeypatch.setattr(_function, "loop_threads", 1)
+    with autocast():
+        want = outputs_and_grads(module, x, arg, lengths)
+    monkeypatch.setattr(_function, "loop_threads", 2)
+    with fused.thread_split("batch"), autocast():
+        got = outputs_and_grads(module, x, arg, lengths)
+    for g, w in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+@needs_bf16
 @pytest.mark.parametrize("name", ["rnn_tanh", "rnn_relu", "lstm", "gru_after"])
 def test_same_dtypes_and_close_to_torch_nn_under_autocast(name):
     cls, options = LAYER_VARIANTS[name]

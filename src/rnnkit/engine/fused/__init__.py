@@ -16,8 +16,11 @@ The kernels are torch operators (``torch.ops.rnnkit_fused``, see ``_function``),
 ``torch.compile``, ``torch.export`` and ``torch.library.opcheck`` see one operator per layer and
 direction. They (``csrc/fused_rnn.cpp``) run the time loop inside one OpenMP region: each thread
 owns a slice of hidden units, computes its columns of the recurrent GEMM with the oneDNN brgemm
-micro-kernel that torch exports, updates its units, and meets the others at one barrier per step.
-The input projection, ``dx`` and the weight gradients are single parallel GEMMs over all steps.
+micro-kernel that torch exports, updates its units, and meets the others at one barrier per step;
+or, where the batch is wide enough, each thread runs the whole one-thread loop on a block of the
+batch rows and the threads meet once, at the end (``thread_split`` forces either, for tests and
+benchmarks). The input projection, ``dx`` and the weight gradients are single parallel GEMMs over
+all steps.
 
 Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the same kernels run in their bf16 mode
 (``run_layer(..., bf16=True)``: every GEMM reads bf16 copies of its operands and writes float32;

@@ -1973,7 +1973,8 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     pgemm<T>(T_ * B, GH, I, x.data_ptr<T>(), I, WihT.data_ptr<T>(), GH, gates.data_ptr<T>(), GH,
              false, has_bias ? bias.data_ptr<T>() : nullptr, nt_all);
     if (cf.kind != RNN && (nt_loop == 1 || nt_rows > 1)) {
-      // one thread (or one per row block): the LSTM's and GRU's per-step products read W_hh^T in panels (pack_panels).
+      // one thread (or one per row block): the LSTM's and GRU's per-step products read W_hh^T
+      // in panels (pack_panels).
       // Measured 1 thread, forward, min CPU time of 9 interleaved, load ~5: rnnkit / nn.LSTM
       // at 100,32,256 1.13 (one W^T) -> 1.10 / 1.09 / 1.07 (panels 32 / 64 / 128); 50,64,512
       // 1.00 -> 0.99 / 0.95 / 0.96; 35,20,200 1.02 either way.
@@ -2963,7 +2964,9 @@ std::string set_thread_split(c10::string_view which) {
   if (which == "auto") g_split = Split::AUTO;
   else if (which == "hidden") g_split = Split::HIDDEN;
   else if (which == "batch") g_split = Split::BATCH;
-  else TORCH_CHECK(false, "set_thread_split: \"auto\", \"hidden\" or \"batch\", not \"", which, "\"");
+  else
+    TORCH_CHECK(false, "set_thread_split: \"auto\", \"hidden\" or \"batch\", not \"", which,
+                "\"");
   return previous;
 }
 
