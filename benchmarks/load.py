@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rnnkit.engine import threads
+from rnnkit.engine import fused, threads
 from speed import SHAPES, VARIANTS
 
 SECTION = "load"
@@ -164,12 +164,15 @@ def main() -> None:
                         help="also time `rnnkit train charlm --steps 100` in each setting")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown file whose load section to write (e.g. docs/performance.md)")
+    parser.add_argument("--split", choices=["auto", "hidden", "batch"], default="auto",
+                        help="how the kernels' 2+ loop threads share a time loop in this "
+                             "process (see fused_kernels.py --split; not --main-job's)")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     load = "{:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg())
     torch.manual_seed(0)
     rows = []
-    with busy_cores(args.busy, seconds=3600):
+    with fused.thread_split(args.split), busy_cores(args.busy, seconds=3600):
         for name in args.variants:
             for shape in shapes:
                 result = bench(name, shape, args.threads, args.rounds, args.repeats)
