@@ -1812,10 +1812,11 @@ Split g_split = Split::AUTO;
 // layer at B/2 rows over half its time at B, forward+backward, Elman tanh / peephole LSTM /
 // GRU: 100,·,256: B = 32 1.05 / 1.05 / 0.99; B = 16 1.01 / 1.03 / 1.07; B = 8 1.13 / 1.16 /
 // 1.19; 35,20,200 1.25 / 1.12 / 1.21; 50,·,512: B = 64 1.12 / 0.95 / 1.13; B = 32 1.10 / 1.22 /
-// 1.01. So rows cost about the same per row from 8 rows up, and each thread of the split does
-// little more than half the work (the hidden split at 2 threads reached 57-70 % of peak at
-// 100,32,256 where one thread reaches 76-90 %). Not yet measured: both splits at 2 threads on
-// two quiet cores (fused_kernels.py --threads 2 --split compare), which should set this number.
+// 1.01 (B / 2 = 8-32 rows per thread: 0.95-1.25; 4 rows: 1.13-1.19). A thread of the split
+// thus does 0.48-0.63 of the one-thread work, no barrier per step; for comparison the hidden
+// split at 2 threads reached 57-70 % of the peak at 100,32,256 where one thread reaches
+// 76-90 %. Not yet measured: both splits at 2 threads on two quiet cores
+// (fused_kernels.py --threads 2 --split compare), which should set this number.
 constexpr int64_t kBatchSplitRows = 8;
 
 // Threads of the batch split of a loop that nt_loop threads run: 0 = the hidden split (or one
