@@ -78,6 +78,9 @@ class CellMath(ABC):
     layer_norm: bool = False
     #: False where the biases are the layer norms' (no ``bias_ih``/``bias_hh``)
     has_bias_vectors: bool = True
+    #: the gate blocks the chrono initialisation sets, as (block index, sign): the bias of block
+    #: ``index`` starts at ``sign · log u`` (see :func:`init_chrono`); empty: no gates (Elman)
+    chrono_gates: tuple[tuple[int, float], ...] = ()
 
     @property
     def extra_weight_names(self) -> tuple[str, ...]:
@@ -128,6 +131,43 @@ class CellMath(ABC):
     def make_state(self, tensors: Sequence[Tensor]) -> State:
         """Wraps plain tensors in this family's state type."""
         return tuple(tensors)
+
+
+def chrono_bias(hidden_size: int, t_max: float, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None) -> Tensor:
+    """``log u`` with ``u ~ U[1, T_max − 1]`` per unit: Tallec & Ollivier (2018)'s chrono bias.
+
+    A gate that keeps the state with probability σ(b) forgets it at the rate 1 / (1 + e^b) per
+    step, so e^b ≈ u makes each unit's characteristic memory about u steps: the units' time
+    scales spread over 1 … T_max (their Eq. 13). Drawn from torch's global generator, like
+    ``nn.init``, so ``torch.manual_seed`` fixes it.
+    """
+    if not t_max >= 2:  # U[1, T_max − 1] must not be empty (T_max = 2: every bias 0)
+        raise ValueError(f"chrono needs T_max >= 2 (the longest dependency in steps), got {t_max}")
+    u = torch.empty(hidden_size, dtype=dtype, device=device).uniform_(1.0, t_max - 1.0)
+    return u.log()
+
+
+def init_chrono(chrono_gates: tuple[tuple[int, float], ...], bias_ih: Tensor | None,
+                bias_hh: Tensor | None, hidden_size: int, t_max: float) -> None:
+    """Sets the gate biases of one layer and direction to the chrono initialisation.
+
+    ``chrono_gates`` is the math's (:attr:`CellMath.chrono_gates`): LSTM ``b_f = log u``,
+    ``b_i = −b_f``; GRU ``b_z = log u`` (its z keeps h); minGRU ``b_z = −log u`` (its z
+    updates h). The total bias is ``bias_ih + bias_hh``, so ``bias_hh`` is zeroed in those rows;
+    the other rows keep their initialisation.
+    """
+    if not chrono_gates:
+        raise ValueError("chrono initialises gate biases; this cell has no gates")
+    if bias_ih is None:
+        raise ValueError("chrono needs bias=True")
+    b = chrono_bias(hidden_size, t_max, bias_ih.dtype, bias_ih.device)  # (H,)
+    with torch.no_grad():
+        for block, sign in chrono_gates:
+            rows = slice(block * hidden_size, (block + 1) * hidden_size)
+            bias_ih[rows] = sign * b
+            if bias_hh is not None:
+                bias_hh[rows] = 0.0
 
 
 def _engine() -> Any:

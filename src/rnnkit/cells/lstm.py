@@ -75,6 +75,8 @@ class LSTMMath(CellMath):
         self.coupled = coupled
         self.projection = projection  # the last extra weight is weight_hr (P, H)
         self.num_gates = 3 if coupled else 4
+        # chrono (Tallec & Ollivier 2018): b_f = log u, b_i = −b_f; coupled: f = 1 − i, so b_i = −log u
+        self.chrono_gates = ((0, -1.0),) if coupled else ((1, 1.0), (0, -1.0))
         if peephole:
             self.diagonal_names = ("weight_ci", "weight_co") if coupled else (
                 "weight_ci", "weight_cf", "weight_co")
