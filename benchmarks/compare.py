@@ -131,8 +131,12 @@ ADDING_SOLVED = {
 COPY_SOLVED = {
     # the row's LSTM (width matched to 16 K) with chrono gate biases for T_max = T = 1000: Tallec
     # & Ollivier's chrono LSTM solved copy at T = 500 and 2,000 where the standard one stays at
-    # the memoryless loss
-    "lstm-chrono": _lm("lstm", chrono=1000),
+    # the memoryless loss. The task's plateau schedule (rate halved after 3 validations without
+    # a gain, 600 steps) would cut the rate while the model sits at the memoryless loss, before
+    # it can leave it: the full rate for half the budget instead, then a decay to 1/10.
+    "lstm-chrono": {**_lm("lstm", chrono=1000),
+                    "train": {"lr": 1e-3, "schedule": "budget", "budget_hold": 0.5,
+                              "budget_final": 0.1}},
 }
 
 ROWS: dict[str, Row] = {
