@@ -20,10 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from rnnkit.cells.base import CellMath, init_chrono, pickle_state, unpickle_state
+from rnnkit.cells.base import (
+    CellMath,
+    gate_bias_vectors,
+    init_chrono,
+    pickle_state,
+    unpickle_state,
+)
 from rnnkit.cells.elman import ElmanMath
 from rnnkit.cells.gru import gru_math
-from rnnkit.cells.lstm import forget_bias_vectors, init_forget_bias, lstm_math
+from rnnkit.cells.lstm import init_forget_bias, lstm_math
 from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_minimal, unpickle_minimal
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.fused import inference as lean_inference
@@ -203,16 +209,8 @@ class RecurrentLayer(nn.Module):
             return
         for names in self._param_names:
             suffix = names[0].removeprefix("weight_ih")  # "_l{k}" or "_l{k}_reverse"
-            init_chrono(self.math.chrono_gates, *self._gate_bias_vectors(suffix), self.hidden_size,
+            init_chrono(self.math.chrono_gates, *gate_bias_vectors(self, suffix), self.hidden_size,
                         self.chrono)
-
-    def _gate_bias_vectors(self, suffix: str) -> tuple[Tensor | None, Tensor | None]:
-        """The two vectors whose sum is each gate's bias (``bias_ih``, ``bias_hh``; with
-        ``layer_norm`` the two layer norms' biases, added after each norm, so the same role); None
-        where the layer has none (``bias=False``; minGRU/minLSTM have no ``bias_hh``)."""
-        names = ("ln_ih_bias", "ln_hh_bias") if getattr(self.math, "layer_norm", False) else (
-            "bias_ih", "bias_hh")
-        return self._parameters.get(names[0] + suffix), self._parameters.get(names[1] + suffix)
 
     def flatten_parameters(self) -> None:
         """Nothing to do (kept so code written for ``torch.nn.LSTM`` runs unchanged)."""
@@ -559,7 +557,7 @@ class LSTM(RecurrentLayer):
                 if not self.bias:
                     raise ValueError("forget_bias needs bias=True")
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                init_forget_bias(*forget_bias_vectors(self, suffix), self.hidden_size,
+                init_forget_bias(*gate_bias_vectors(self, suffix), self.hidden_size,
                                  self.coupled, self.forget_bias)
 
     def _torch_kwargs(self) -> dict[str, Any]:

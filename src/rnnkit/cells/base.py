@@ -138,14 +138,24 @@ def chrono_bias(hidden_size: int, t_max: float, dtype: torch.dtype | None = None
     """``log u`` with ``u ~ U[1, T_max − 1]`` per unit: Tallec & Ollivier (2018)'s chrono bias.
 
     A gate that keeps the state with probability σ(b) forgets it at the rate 1 / (1 + e^b) per
-    step, so e^b ≈ u makes each unit's characteristic memory about u steps: the units' time
-    scales spread over 1 … T_max (their Eq. 13). Drawn from torch's global generator, like
+    step, so e^b = u makes each unit's characteristic memory 1 + u steps: the units' time
+    scales spread over 2 … T_max (their Eq. 13). Drawn from torch's global generator, like
     ``nn.init``, so ``torch.manual_seed`` fixes it.
     """
     if not t_max >= 2:  # U[1, T_max − 1] must not be empty (T_max = 2: every bias 0)
         raise ValueError(f"chrono needs T_max >= 2 (the longest dependency in steps), got {t_max}")
     u = torch.empty(hidden_size, dtype=dtype, device=device).uniform_(1.0, t_max - 1.0)
     return u.log()
+
+
+def gate_bias_vectors(module: nn.Module, suffix: str) -> tuple[Tensor | None, Tensor | None]:
+    """The two vectors whose sum is each gate's bias: ``bias_ih``/``bias_hh``, or with
+    ``layer_norm`` the two layer norms' biases (added after each LN, so the same role); None where
+    ``module`` has none (``bias=False``; minGRU/minLSTM have no ``bias_hh``)."""
+    names = (("ln_ih_bias", "ln_hh_bias") if getattr(module.math, "layer_norm", False)
+             else ("bias_ih", "bias_hh"))
+    parameters = module._parameters  # (a name that is not there: None, not an AttributeError)
+    return parameters.get(names[0] + suffix), parameters.get(names[1] + suffix)
 
 
 def init_chrono(chrono_gates: tuple[tuple[int, float], ...], bias_ih: Tensor | None,
