@@ -20,10 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from rnnkit.cells.base import CellMath, pickle_state, unpickle_state
+from rnnkit.cells.base import (
+    CellMath,
+    gate_bias_vectors,
+    init_chrono,
+    pickle_state,
+    unpickle_state,
+)
 from rnnkit.cells.elman import ElmanMath
 from rnnkit.cells.gru import gru_math
-from rnnkit.cells.lstm import forget_bias_vectors, init_forget_bias, lstm_math
+from rnnkit.cells.lstm import init_forget_bias, lstm_math
 from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_minimal, unpickle_minimal
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.fused import inference as lean_inference
@@ -58,6 +64,13 @@ class RecurrentLayer(nn.Module):
 
     ``dropout`` keeps torch.nn's meaning: fresh dropout on the outputs between stacked layers.
     Masks come from torch's RNG in this layer, so a seed fixes them in every engine.
+
+    ``chrono`` T_max (keyword-only; LSTM, GRU, minGRU, minLSTM): the chrono initialisation of
+    the gate biases (Tallec & Ollivier 2018) for dependencies up to about T_max steps — each
+    unit's keep-gate bias ``log u``, ``u ~ U[1, T_max − 1]`` (LSTM: ``b_f = log u``,
+    ``b_i = −b_f``), drawn per layer and direction after the uniform initialisation
+    (:func:`rnnkit.cells.base.init_chrono`). Only the starting point changes: the math, and
+    the conversion to and from torch.nn, are those of the plain layer.
     """
 
     torch_class: type[nn.Module]
@@ -68,6 +81,7 @@ class RecurrentLayer(nn.Module):
     zoneout: float = 0.0
     zoneout_cell: float | None = None
     weight_drop: float = 0.0
+    chrono: float | None = None  # (a class default: layers pickled before it existed)
 
     def __init__(
         self,
@@ -89,9 +103,11 @@ class RecurrentLayer(nn.Module):
         zoneout: float = 0.0,
         zoneout_cell: float | None = None,
         weight_drop: float = 0.0,
+        chrono: float | None = None,
     ) -> None:
         super().__init__()
         check_layer_arguments(input_size, hidden_size, num_layers, dropout)
+        self.chrono = chrono
         check_proj_size(proj_size, hidden_size)
         if math_.spec.projection != (proj_size > 0):
             raise ValueError(f"proj_size={proj_size} does not match the cell {math_!r} (only an "
@@ -179,7 +195,8 @@ class RecurrentLayer(nn.Module):
         return self.proj_size or self.hidden_size
 
     def reset_parameters(self) -> None:
-        """Uniform(-1/√H, 1/√H), as ``torch.nn`` initialises its recurrent layers."""
+        """Uniform(-1/√H, 1/√H), as ``torch.nn`` initialises its recurrent layers; then the
+        chrono gate biases if ``chrono`` is set."""
         bound = 1.0 / math.sqrt(self.hidden_size)
         initial = getattr(self.math, "initial_value", None)  # (MinimalMath has none)
         for name, weight in self.named_parameters():
@@ -188,6 +205,12 @@ class RecurrentLayer(nn.Module):
                 nn.init.uniform_(weight, -bound, bound)
             else:
                 nn.init.constant_(weight, value)
+        if self.chrono is None:
+            return
+        for names in self._param_names:
+            suffix = names[0].removeprefix("weight_ih")  # "_l{k}" or "_l{k}_reverse"
+            init_chrono(self.math.chrono_gates, *gate_bias_vectors(self, suffix), self.hidden_size,
+                        self.chrono)
 
     def flatten_parameters(self) -> None:
         """Nothing to do (kept so code written for ``torch.nn.LSTM`` runs unchanged)."""
@@ -425,7 +448,7 @@ class RecurrentLayer(nn.Module):
         for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0),
                               ("bidirectional", False), ("proj_size", 0),
                               ("recurrent_dropout", 0.0), ("input_dropout", 0.0), ("zoneout", 0.0),
-                              ("zoneout_cell", None), ("weight_drop", 0.0)):
+                              ("zoneout_cell", None), ("weight_drop", 0.0), ("chrono", None)):
             if getattr(self, name) != default:
                 text += f", {name}={getattr(self, name)}"
         return text + f", cell={self.math!r}"
@@ -434,11 +457,12 @@ class RecurrentLayer(nn.Module):
 REGULARISERS = ("recurrent_dropout", "input_dropout", "zoneout", "zoneout_cell", "weight_drop")
 
 
-def _only_regularisers(layer: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` if each is a regulariser; else the TypeError Python gives for an unknown keyword
-    (e.g. ``GRU(..., proj_size=2)``: as in torch.nn, only the LSTM has a projection)."""
+def _only_regularisers(layer: str, kwargs: dict[str, Any], gated: bool = True) -> dict[str, Any]:
+    """``kwargs`` if each is a regulariser (or ``chrono``, for a ``gated`` layer); else the
+    TypeError Python gives for an unknown keyword (e.g. ``GRU(..., proj_size=2)``: as in
+    torch.nn, only the LSTM has a projection; ``RNN(..., chrono=600)``: no gate to set)."""
     for name in kwargs:
-        if name not in REGULARISERS:
+        if name not in REGULARISERS and not (gated and name == "chrono"):
             raise TypeError(f"{layer}.__init__() got an unexpected keyword argument {name!r}")
     return kwargs
 
@@ -467,7 +491,7 @@ class RNN(RecurrentLayer):
         self.nonlinearity = nonlinearity
         super().__init__(ElmanMath(nonlinearity), input_size, hidden_size, num_layers, bias,
                          batch_first, dropout, bidirectional, backend, device=device, dtype=dtype,
-                         **_only_regularisers("RNN", regularisers))
+                         **_only_regularisers("RNN", regularisers, gated=False))
 
     def _torch_kwargs(self) -> dict[str, Any]:
         return {**super()._torch_kwargs(), "nonlinearity": self.nonlinearity}
@@ -496,7 +520,8 @@ class LSTM(RecurrentLayer):
     ``peephole`` and ``coupled``. ``layer_norm=True`` is the layer-normalised LSTM
     (:mod:`rnnkit.cells.layer_norm`).
     ``**regularisers``: ``recurrent_dropout``, ``input_dropout``, ``zoneout``, ``zoneout_cell``,
-    ``weight_drop`` (see :class:`RecurrentLayer`).
+    ``weight_drop``; and ``chrono`` T_max, the chrono initialisation ``b_f = log u``,
+    ``b_i = −b_f``, ``u ~ U[1, T_max − 1]`` (see :class:`RecurrentLayer`).
     """
 
     torch_class = nn.LSTM
@@ -514,6 +539,8 @@ class LSTM(RecurrentLayer):
         self.forget_bias = forget_bias
         self.layer_norm = layer_norm
         check_proj_size(proj_size, hidden_size)
+        if forget_bias is not None and regularisers.get("chrono") is not None:
+            raise ValueError("forget_bias and chrono both set the forget-gate bias; give one")
         if layer_norm and proj_size:
             raise ValueError("layer_norm=True with proj_size > 0 is not implemented")
         super().__init__(lstm_math(peephole, coupled, layer_norm, bias, proj_size > 0),
@@ -530,7 +557,7 @@ class LSTM(RecurrentLayer):
                 if not self.bias:
                     raise ValueError("forget_bias needs bias=True")
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                init_forget_bias(*forget_bias_vectors(self, suffix), self.hidden_size,
+                init_forget_bias(*gate_bias_vectors(self, suffix), self.hidden_size,
                                  self.coupled, self.forget_bias)
 
     def _torch_kwargs(self) -> dict[str, Any]:
@@ -557,8 +584,9 @@ class GRU(RecurrentLayer):
     """GRU layers (``torch.nn.GRU``); ``reset="before"`` is the original form of Cho et al. 2014;
     ``layer_norm=True`` is the layer-normalised GRU (:mod:`rnnkit.cells.layer_norm`).
 
-    ``**regularisers``: ``recurrent_dropout``, ``input_dropout``, ``zoneout``, ``weight_drop``
-    (see :class:`RecurrentLayer`).
+    ``**regularisers``: ``recurrent_dropout``, ``input_dropout``, ``zoneout``, ``weight_drop``; and
+    ``chrono`` T_max, the chrono initialisation of the update gate, ``b_z = log u``,
+    ``u ~ U[1, T_max − 1]`` (z keeps h_{t−1}; see :class:`RecurrentLayer`).
     """
 
     torch_class = nn.GRU
@@ -608,9 +636,11 @@ class MinimalLayer(RecurrentLayer):
         bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
         bidirectional: bool = False, backend: str = "auto",
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        chrono: float | None = None,
     ) -> None:
         nn.Module.__init__(self)
         check_layer_arguments(input_size, hidden_size, num_layers, dropout)
+        self.chrono = chrono
         factory_kwargs = {"device": device, "dtype": dtype}  # as torch.nn's factory arguments
         self.math = math_
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
@@ -677,22 +707,24 @@ class MinimalLayer(RecurrentLayer):
 
 
 class MinGRU(MinimalLayer):
-    """minGRU layers (Feng et al. 2024), trained by a parallel scan over time."""
+    """minGRU layers (Feng et al. 2024), trained by a parallel scan over time; ``chrono`` T_max:
+    the update gate's bias starts at ``−log u``, ``u ~ U[1, T_max − 1]`` (1 − z keeps h)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  backend: str = "auto", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, chrono: float | None = None) -> None:
         super().__init__(MinGRUMath(), input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, backend, device, dtype)
+                         dropout, bidirectional, backend, device, dtype, chrono)
 
 
 class MinLSTM(MinimalLayer):
-    """minLSTM layers (Feng et al. 2024), trained by a parallel scan over time."""
+    """minLSTM layers (Feng et al. 2024), trained by a parallel scan over time; ``chrono`` T_max:
+    ``b_f = log u``, ``b_i = −b_f``, ``u ~ U[1, T_max − 1]``."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  backend: str = "auto", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, chrono: float | None = None) -> None:
         super().__init__(MinLSTMMath(), input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, backend, device, dtype)
+                         dropout, bidirectional, backend, device, dtype, chrono)

@@ -78,6 +78,9 @@ class CellMath(ABC):
     layer_norm: bool = False
     #: False where the biases are the layer norms' (no ``bias_ih``/``bias_hh``)
     has_bias_vectors: bool = True
+    #: the gate blocks the chrono initialisation sets, as (block index, sign): the bias of block
+    #: ``index`` starts at ``sign · log u`` (see :func:`init_chrono`); empty: no gates (Elman)
+    chrono_gates: tuple[tuple[int, float], ...] = ()
 
     @property
     def extra_weight_names(self) -> tuple[str, ...]:
@@ -128,6 +131,53 @@ class CellMath(ABC):
     def make_state(self, tensors: Sequence[Tensor]) -> State:
         """Wraps plain tensors in this family's state type."""
         return tuple(tensors)
+
+
+def chrono_bias(hidden_size: int, t_max: float, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None) -> Tensor:
+    """``log u`` with ``u ~ U[1, T_max − 1]`` per unit: Tallec & Ollivier (2018)'s chrono bias.
+
+    A gate that keeps the state with probability σ(b) forgets it at the rate 1 / (1 + e^b) per
+    step, so e^b = u makes each unit's characteristic memory 1 + u steps: the units' time
+    scales spread over 2 … T_max (their Eq. 13). Drawn from torch's global generator, like
+    ``nn.init``, so ``torch.manual_seed`` fixes it.
+    """
+    if not t_max >= 2:  # U[1, T_max − 1] must not be empty (T_max = 2: every bias 0)
+        raise ValueError(f"chrono needs T_max >= 2 (the longest dependency in steps), got {t_max}")
+    u = torch.empty(hidden_size, dtype=dtype, device=device).uniform_(1.0, t_max - 1.0)
+    return u.log()
+
+
+def gate_bias_vectors(module: nn.Module, suffix: str) -> tuple[Tensor | None, Tensor | None]:
+    """The two vectors whose sum is each gate's bias: ``bias_ih``/``bias_hh``, or with
+    ``layer_norm`` the two layer norms' biases (added after each LN, so the same role); None where
+    ``module`` has none (``bias=False``; minGRU/minLSTM have no ``bias_hh``)."""
+    names = (("ln_ih_bias", "ln_hh_bias") if getattr(module.math, "layer_norm", False)
+             else ("bias_ih", "bias_hh"))
+    parameters = module._parameters  # (a name that is not there: None, not an AttributeError)
+    return parameters.get(names[0] + suffix), parameters.get(names[1] + suffix)
+
+
+def init_chrono(chrono_gates: tuple[tuple[int, float], ...], bias_ih: Tensor | None,
+                bias_hh: Tensor | None, hidden_size: int, t_max: float) -> None:
+    """Sets the gate biases of one layer and direction to the chrono initialisation.
+
+    ``chrono_gates`` is the math's (:attr:`CellMath.chrono_gates`): LSTM ``b_f = log u``,
+    ``b_i = −b_f``; GRU ``b_z = log u`` (its z keeps h); minGRU ``b_z = −log u`` (its z
+    updates h). The total bias is ``bias_ih + bias_hh``, so ``bias_hh`` is zeroed in those rows;
+    the other rows keep their initialisation.
+    """
+    if not chrono_gates:
+        raise ValueError("chrono initialises gate biases; this cell has no gates")
+    if bias_ih is None:
+        raise ValueError("chrono needs bias=True")
+    b = chrono_bias(hidden_size, t_max, bias_ih.dtype, bias_ih.device)  # (H,)
+    with torch.no_grad():
+        for block, sign in chrono_gates:
+            rows = slice(block * hidden_size, (block + 1) * hidden_size)
+            bias_ih[rows] = sign * b
+            if bias_hh is not None:
+                bias_hh[rows] = 0.0
 
 
 def _engine() -> Any:

@@ -58,6 +58,7 @@ class GRUMath(CellMath):
     kind = "gru"
     num_gates = 3
     shares_preactivation_grad = False
+    chrono_gates = ((1, 1.0),)  # z keeps h_{t-1}: b_z = log u (Tallec & Ollivier 2018)
 
     def __init__(self, reset: str = "after") -> None:
         if reset not in RESET_FORMS:

@@ -38,6 +38,7 @@ from rnnkit.cells.base import (
     CellSpec,
     RecurrentCell,
     State,
+    gate_bias_vectors,
     recurrent_input,
     recurrent_projection,
     sigmoid_grad,
@@ -75,6 +76,8 @@ class LSTMMath(CellMath):
         self.coupled = coupled
         self.projection = projection  # the last extra weight is weight_hr (P, H)
         self.num_gates = 3 if coupled else 4
+        # chrono (Tallec & Ollivier 2018): b_f = log u, b_i = −b_f; coupled: f = 1 − i, so b_i = −log u
+        self.chrono_gates = ((0, -1.0),) if coupled else ((1, 1.0), (0, -1.0))
         if peephole:
             self.diagonal_names = ("weight_ci", "weight_co") if coupled else (
                 "weight_ci", "weight_cf", "weight_co")
@@ -203,14 +206,6 @@ def lstm_math(peephole: bool, coupled: bool, layer_norm: bool, bias: bool,
     return LayerNormLSTMMath(peephole, coupled)
 
 
-def forget_bias_vectors(module: nn.Module, suffix: str) -> tuple[Tensor | None, Tensor | None]:
-    """The two bias vectors whose sum is a gate's bias: ``bias_ih``/``bias_hh``, or with
-    ``layer_norm`` the two layer norms' biases (added after each LN, so the same role)."""
-    names = (("ln_ih_bias", "ln_hh_bias") if module.math.layer_norm
-             else ("bias_ih", "bias_hh"))
-    return getattr(module, names[0] + suffix), getattr(module, names[1] + suffix)
-
-
 class LSTMCell(RecurrentCell):
     """One LSTM step: ``output, LSTMState(h, c) = cell(x_t, state)``.
 
@@ -241,7 +236,7 @@ class LSTMCell(RecurrentCell):
     def reset_parameters(self) -> None:
         super().reset_parameters()
         if self.forget_bias is not None:
-            init_forget_bias(*forget_bias_vectors(self, ""), self.hidden_size, self.coupled,
+            init_forget_bias(*gate_bias_vectors(self, ""), self.hidden_size, self.coupled,
                              self.forget_bias)
 
     @property

@@ -56,6 +56,7 @@ class MinimalMath:
     kind: str
     kernel_kind: int
     num_gates: int
+    chrono_gates: tuple[tuple[int, float], ...]  # as CellMath.chrono_gates
     state_names: tuple[str, ...] = ("h",)
 
     def make_state(self, tensors: tuple[Tensor, ...] | list[Tensor]) -> tuple[Tensor, ...]:
@@ -74,6 +75,7 @@ class MinGRUMath(MinimalMath):
     kind = "mingru"
     kernel_kind = 0  # the C++ operator's name for it (rnnkit.engine.csrc.scan)
     num_gates = 2
+    chrono_gates = ((0, -1.0),)  # z updates h: b_z = −log u, so 1 − z = σ(log u) keeps it
 
     def coefficients(self, gx: Tensor) -> tuple[Tensor, Tensor]:
         k, v = gx.chunk(2, dim=-1)
@@ -86,6 +88,7 @@ class MinLSTMMath(MinimalMath):
     kind = "minlstm"
     kernel_kind = 1
     num_gates = 3
+    chrono_gates = ((0, 1.0), (1, -1.0))  # b_f = log u, b_i = −b_f: f' = σ(log u) as minGRU
 
     def coefficients(self, gx: Tensor) -> tuple[Tensor, Tensor]:
         k_f, k_i, v = gx.chunk(3, dim=-1)

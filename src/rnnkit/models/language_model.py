@@ -20,6 +20,7 @@ from rnnkit.models.recurrent import (
     RESETS,
     RecurrentConfig,
     build_recurrent,
+    check_chrono,
     check_regularisers,
     regularisers_of,
 )
@@ -44,6 +45,10 @@ class LMConfig(Options):
     nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
     forget_bias: float | None = option(None, "LSTM: initial forget-gate bias (none: the layer's "
                                              "default)")
+    chrono: float | None = option(None, "chrono initialisation of the gate biases (Tallec & "
+                                        "Ollivier 2018) for dependencies up to this many steps "
+                                        "(T_max): keep-gate biases log U[1, T_max - 1]; lstm, "
+                                        "gru, mingru, minlstm", ge=2)
     kernel_size: int = option(3, "TCN only: kernel size of its causal convolutions", ge=2)
     # the recurrent regularisers, as in RecurrentConfig (rnnkit.engine.regularise)
     recurrent_dropout: float = option(0.0, "variational dropout on h_{t-1} (one mask per "
@@ -64,6 +69,7 @@ class LMConfig(Options):
         if (self.peephole or self.coupled) and self.cell != "lstm":
             raise ValueError("--peephole and --coupled are LSTM options")
         check_regularisers(self.cell, regularisers_of(self))
+        check_chrono(self.cell, self.chrono, self.forget_bias)
         if self.layer_norm and self.cell not in ("lstm", "gru"):
             raise ValueError(f"--layer-norm is an LSTM and GRU option, not one of cell={self.cell}")
         if self.layer_norm and (self.recurrent_dropout or self.zoneout or self.zoneout_cell):
@@ -117,7 +123,8 @@ class LanguageModel(nn.Module):
         self.rnn = build_recurrent(RecurrentConfig(
             cell=config.cell, layers=config.layers, hidden=hidden, dropout=config.dropout,
             peephole=config.peephole, coupled=config.coupled, forget_bias=config.forget_bias,
-            reset=config.reset, nonlinearity=config.nonlinearity, kernel_size=config.kernel_size,
+            chrono=config.chrono, reset=config.reset, nonlinearity=config.nonlinearity,
+            kernel_size=config.kernel_size,
             **regularisers_of(config),
             layer_norm=config.layer_norm,
         ), input_size)

@@ -19,6 +19,7 @@ from rnnkit.options import Options, option
 
 # the recurrent cells, the minimal RNNs trained by a parallel scan, and the convolutional contrast
 CELLS = ("lstm", "gru", "rnn", "mingru", "minlstm", "tcn")
+GATED = ("lstm", "gru", "mingru", "minlstm")  # the cells whose gate biases chrono initialises
 RESETS = ("after", "before")
 NONLINEARITIES = ("tanh", "relu", "sigmoid")
 REGULARISERS = ("recurrent_dropout", "input_dropout", "zoneout", "zoneout_cell", "weight_drop")
@@ -37,6 +38,10 @@ class RecurrentConfig(Options):
     coupled: bool = option(False, "LSTM with coupled input-forget gates (CIFG)")
     forget_bias: float | None = option(None, "LSTM: initial forget-gate bias (none: the layer's "
                                              "default)")
+    chrono: float | None = option(None, "chrono initialisation of the gate biases (Tallec & "
+                                        "Ollivier 2018) for dependencies up to this many steps "
+                                        "(T_max): keep-gate biases log U[1, T_max - 1]; lstm, "
+                                        "gru, mingru, minlstm", ge=2)
     reset: str = option("after", "GRU reset gate 'after' (torch/cuDNN) or 'before' (Cho 2014)",
                         choices=RESETS)
     nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
@@ -58,6 +63,7 @@ class RecurrentConfig(Options):
         if (self.peephole or self.coupled or self.forget_bias is not None) and self.cell != "lstm":
             raise ValueError("peephole, coupled and forget_bias are LSTM options")
         check_regularisers(self.cell, self.regularisers)
+        check_chrono(self.cell, self.chrono, self.forget_bias)
         if self.layer_norm and self.cell not in ("lstm", "gru"):
             raise ValueError(f"layer_norm is an LSTM and GRU option, not one of cell={self.cell}")
         if self.layer_norm and (self.recurrent_dropout or self.zoneout or self.zoneout_cell):
@@ -90,6 +96,17 @@ def check_regularisers(cell: str, regularisers: dict[str, float]) -> None:
         raise ValueError("zoneout_cell is an LSTM option (the rate of its cell state c)")
 
 
+def check_chrono(cell: str, chrono: float | None, forget_bias: float | None) -> None:
+    """One line naming the conflict if ``chrono`` is set where it has no meaning."""
+    if chrono is None:
+        return
+    if cell not in GATED:
+        raise ValueError(f"chrono sets gate biases: an option of the {', '.join(GATED)} cells, "
+                         f"not of {cell}")
+    if forget_bias is not None:
+        raise ValueError("forget_bias and chrono both set the forget-gate bias; give one")
+
+
 def build_recurrent(config: RecurrentConfig, input_size: int) -> nn.Module:
     """The rnnkit sequence layer described by ``config`` (time-major, like torch.nn).
 
@@ -101,8 +118,11 @@ def build_recurrent(config: RecurrentConfig, input_size: int) -> nn.Module:
     common = dict(num_layers=config.layers, dropout=config.dropout if config.layers > 1 else 0.0,
                   bidirectional=config.bidirectional)
     if config.cell in ("mingru", "minlstm"):
-        return (MinGRU if config.cell == "mingru" else MinLSTM)(input_size, config.hidden, **common)
+        return (MinGRU if config.cell == "mingru" else MinLSTM)(input_size, config.hidden,
+                                                                 chrono=config.chrono, **common)
     common.update(config.regularisers)
+    if config.chrono is not None:  # (RecurrentConfig allows it for the gated cells only)
+        common.update(chrono=config.chrono)
     if config.cell == "lstm":
         return LSTM(input_size, config.hidden, peephole=config.peephole, coupled=config.coupled,
                     forget_bias=config.forget_bias,
