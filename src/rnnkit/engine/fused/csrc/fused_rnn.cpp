@@ -46,6 +46,17 @@
 
 #include "../../csrc/pointwise.h"
 
+// The barrier between the phases of a time loop's step, inside its parallel region: skipped in a
+// team of one thread. libgomp's barrier makes a futex wake-up system call even then (gdb:
+// gomp_team_barrier_wait_end; strace: one per step), so a one-thread loop of T steps made T
+// system calls. Every thread of a team takes the same branch (the team size is one value).
+#define RNNKIT_STEP_BARRIER()                                  \
+  do {                                                         \
+    if (omp_get_num_threads() > 1) {                           \
+      _Pragma("omp barrier")                                   \
+    }                                                          \
+  } while (0)
+
 namespace {
 
 enum Kind { RNN = 0, LSTM = 1, GRU = 2 };
@@ -1038,6 +1049,18 @@ using rnnkit::fexp;
 using rnnkit::sigm;
 using rnnkit::tanh_;
 
+// body() on a team of nt threads (the forward time loops: body splits the units by
+// omp_get_thread_num()); one thread runs it without a parallel region. libgomp's region ends with
+// a barrier that makes a futex wake-up system call even in a team of one (strace: one per
+// call), as RNNKIT_STEP_BARRIER's do per step; outside a region omp_get_num_threads() is 1 and
+// omp_get_thread_num() 0, so body is unchanged.
+template <typename Fn>
+void run_team(int nt, Fn&& body) {
+  if (nt == 1) return body();
+#pragma omp parallel num_threads(nt)
+  body();
+}
+
 // Hidden units owned by thread tid: chunks aligned to 16 elements.
 inline void unit_range(int64_t H, int nt, int tid, int64_t& j0, int64_t& j1) {
   int64_t chunk = (H + nt - 1) / nt;
@@ -1093,8 +1116,7 @@ template <typename T, bool PEEP, bool COUPLED, bool SAVE, bool REG>
 void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst, const T* h0,
                    const RecW<T>& W, const T* pw, const Reg<T>& R, int nt) {
   const int64_t H = cf.H, B = cf.B, G = cf.G, GH = G * H;
-#pragma omp parallel num_threads(nt)
-  {
+  run_team(nt, [&] {
     int64_t j0, j1;
     unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
     const T* wci = PEEP ? pw : nullptr;
@@ -1204,9 +1226,9 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
         if (REG || t + 1 == cf.T || m >= cf.bs[t + 1])
           std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
     }
-  }
+  });
 }
 
 template <typename T>
@@ -1215,8 +1237,7 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
   const bool reg = R.any();
   const int64_t H = cf.H, B = cf.B;
   const int act = cf.act;
-#pragma omp parallel num_threads(nt)
-  {
+  run_team(nt, [&] {
     int64_t j0, j1;
     unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
     for (int64_t t = 0; t < cf.T; ++t) {
@@ -1253,9 +1274,9 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
           for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = sigm(gr[j]);
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
     }
-  }
+  });
 }
 
 // GRU, reset after: gates hold x-part (+ b_ih + b_hh for r, z); gh is a (B, 3H) scratch;
@@ -1271,8 +1292,7 @@ void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, co
                         const RecW<T>& W, const T* bhn, const Reg<T>& R, int nt,
                         T* rec = nullptr, bool save = true) {
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
-#pragma omp parallel num_threads(nt)
-  {
+  run_team(nt, [&] {
     int64_t j0, j1;
     unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
     const bool one = rec && W.panel > 0 && j0 == 0 && j1 == H;
@@ -1354,9 +1374,9 @@ void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, co
         }
         rows_of(std::false_type{}, t, M, hp, g, hdn);
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
     }
-  }
+  });
 }
 
 // GRU, reset before: all biases folded into gates; rh (T, B, H) (or (B, H) in inference) = r h.
@@ -1368,8 +1388,7 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
                          const T* h0, const RecW<T>& W, const Reg<T>& R, int nt,
                          T* rec = nullptr, bool save = true) {
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
-#pragma omp parallel num_threads(nt)
-  {
+  run_team(nt, [&] {
     int64_t j0, j1;
     unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
     const bool one = rec && W.panel > 0 && j0 == 0 && j1 == H;
@@ -1417,7 +1436,7 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
           rr[j] = r * hpr[j];
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
       if (one) Wn.mm_panels(M, H, H, rht, H, rec + 2 * H, GH);
       else if (j1 > j0)
         W.mm(M, j1 - j0, H, rht, H, 2 * H + j0, g + 2 * H + j0, GH, true);
@@ -1459,9 +1478,9 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
         }
         std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
     }
-  }
+  });
 }
 
 // After a step's backward GEMM wrote (d_pre W_hh) into dh (B, H) for this thread's units:
@@ -1615,7 +1634,7 @@ void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const
           }
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
       if (j1 > j0) Whh.mm(M, j1 - j0, H, GH, d, GH, 0, j0, dhs + j0, H, false);
       if (REG && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, R.kh ? zh : nullptr, dhs);
     }
@@ -1666,7 +1685,7 @@ void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const B
           for (int64_t j = j0; j < j1; ++j) dr[j] = (dhr[j] + gyr[j]) * yr[j] * (T(1) - yr[j]);
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
       if (j1 > j0) Whh.mm(M, j1 - j0, H, H, d, H, 0, j0, dhs + j0, H, false);
       if (reg && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, R.kh ? zh : nullptr, dhs);
     }
@@ -1724,7 +1743,7 @@ void gru_after_bwd_loop(const Cfg& cf, const T* acts, const T* ghn, const T* y, 
           direct[j] = khr ? dh * z + dz : dh * z;
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
       if (j1 > j0) Whh.mm(M, j1 - j0, H, GH, dh2, GH, 0, j0, dhs + j0, H, !reg);
       if (reg && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, sc, dhs);
     }
@@ -1768,7 +1787,7 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
           dhr[j] = khr ? dh * z + dz : dh * z;
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
       if (j1 > j0) Whh.mm(M, j1 - j0, H, H, d + 2 * H, GH, 2 * H, j0, drh + j0, H, false);
       for (int64_t m = 0; m < M; ++m) {
         const T* ar = a + m * GH;
@@ -1786,7 +1805,7 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
           else dhr[j] += drr[j] * r;
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
       if (j1 > j0)
         Whh.mm(M, j1 - j0, H, 2 * H, d, GH, 0, j0, (reg ? sc : dhs) + j0, H, true);
       if (reg && j1 > j0) {
