@@ -65,8 +65,8 @@ class Prepared(NamedTuple):
     cfg: Config
     weights: tuple[tuple[Tensor | None, ...], ...]  # per layer and direction: w_ih, w_hh, b_ih,
     # b_hh, peephole (P, H) or None — contiguous, in the op's order
-    zeros: dict[tuple[int, ...], Tensor]  # zero initial states by shape (the op never writes
-    # its h0 / c0: it clones them)
+    zeros: dict[tuple[Any, ...], Any]  # zero initial states by shape, and ("rows", *shape) ->
+    # their rows (the op never writes its h0 / c0: it clones them)
     gemv: dict[tuple[int, int], Tensor]  # (layer and direction, 0: w_ih / 1: w_hh) -> the weight
     # packed for batch-1 products (``pack_gemv``), made at the first float32 batch-1 call
     packed: dict[int, tuple[Tensor, Tensor]]  # per layer and direction, made on first use:
@@ -134,6 +134,16 @@ def _zeros(plan: Prepared, shape: tuple[int, ...], like: Tensor) -> Tensor:
     if zeros is None or zeros.dtype != like.dtype:
         zeros = plan.zeros[shape] = like.new_zeros(shape)
     return zeros
+
+
+def _zero_rows(plan: Prepared, shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, ...]:
+    """``_zeros(plan, shape, like)`` as a tuple of its rows (views made once: indexing the tensor
+    on every call makes a new view each time, ~0.7 µs)."""
+    key = ("rows", *shape)
+    rows = plan.zeros.get(key)
+    if rows is None or rows[0].dtype != like.dtype:
+        rows = plan.zeros[key] = tuple(_zeros(plan, shape, like))
+    return rows
 
 
 def _gemv(plan: Prepared, index: int, which: int) -> Tensor:
@@ -228,15 +238,13 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
     plan = _plan(layer, cfg, _layer_params)
     if plan is None:
         return None
-    if hx is None:
-        given = (_zeros(plan, (depth, batch, hidden), x),) * states
+    if hx is None:  # (each layer's and direction's row of the zeros, made once: a tuple)
+        given = (_zero_rows(plan, (depth, batch, hidden), x),) * states
     threads.adapt()  # (as the general path: once per layer forward)
-    op = torch.ops.rnnkit_fused.layer_forward.default
     # batch 1, float32: the products read W_ih and W_hh packed for matrix-vector products
     # (forward_packed); longer batches: W_ih^T and W_hh^T packed for the GEMM tiles
     # (layer_forward_packed)
-    batch1_op = torch.ops.rnnkit_fused.forward_packed.default
-    batched_op = torch.ops.rnnkit_fused.layer_forward_packed.default
+    op, batch1_op, batched_op = _ops()
     batch1_packed = batch == 1 and x.dtype == torch.float32
     batched_packed = batch > 1 and steps * batch >= PACKED_MIN_ROWS
     args = cfg.args()
@@ -270,12 +278,27 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
     output = layer_input
     if length < steps:  # (as torch.nn's packed sequences: outputs past the length are 0)
         output = torch.cat((output, output.new_zeros(steps - length, 1, output.shape[2])))
-    final = [torch.stack(f) for f in finals]
+    # (one layer and direction: a view of the op's fresh (B, H) state, not a stacked copy)
+    final = [f[0].unsqueeze(0) if depth == 1 else torch.stack(f) for f in finals]
     if unbatched:
         output, final = output.squeeze(1), [s.squeeze(1) for s in final]
     elif layer.batch_first:
         output = output.transpose(0, 1)
     return output, (final[0] if states == 1 else tuple(final))
+
+
+_OPS: tuple[Any, Any, Any] | None = None
+
+
+def _ops() -> tuple[Any, Any, Any]:
+    """The operators a layer forward calls (layer_forward, forward_packed, layer_forward_packed),
+    looked up once: three ``torch.ops`` lookups cost ~1.5 µs per call."""
+    global _OPS
+    if _OPS is None:
+        ops = torch.ops.rnnkit_fused
+        _OPS = (ops.layer_forward.default, ops.forward_packed.default,
+                ops.layer_forward_packed.default)
+    return _OPS
 
 
 def _cell_params(cell: Any) -> list[tuple[Tensor | None, ...]] | None:

@@ -49,6 +49,17 @@
 
 #include "../../csrc/pointwise.h"
 
+// The barrier between the phases of a time loop's step, inside its parallel region: skipped in a
+// team of one thread. libgomp's barrier makes a futex wake-up system call even then (gdb:
+// gomp_team_barrier_wait_end; strace: one per step), so a one-thread loop of T steps made T
+// system calls. Every thread of a team takes the same branch (the team size is one value).
+#define RNNKIT_STEP_BARRIER()                                  \
+  do {                                                         \
+    if (omp_get_num_threads() > 1) {                           \
+      _Pragma("omp barrier")                                   \
+    }                                                          \
+  } while (0)
+
 namespace {
 
 enum Kind { RNN = 0, LSTM = 1, GRU = 2 };
@@ -381,20 +392,20 @@ inline void gemv_packed(int64_t gates, int64_t H, int64_t K, const float* a, con
 #endif
 }
 
-// C(MR rows, valid) += A(MR, K) P(K, NB * width): the input projection's micro-kernel over one
-// packed panel (MR x NB accumulators; each k loads NB vectors of the panel and broadcasts MR
-// elements of A, so the FMAs, not the loads, bound it).
+// C(MR rows, valid) += A(MR, K) P(K, NB * width): the input projection's micro-kernel over NB
+// vectors of one packed panel whose rows are ldp floats apart (MR x NB accumulators; each k loads
+// NB vectors of the panel and broadcasts MR elements of A, so the FMAs, not the loads, bound it).
 template <typename S, int NB, int MR>
-inline void gemm_panel(int64_t K, const float* A, int64_t lda, const float* P, float* C,
-                       int64_t ldc, int64_t valid) {
+inline void gemm_panel(int64_t K, const float* A, int64_t lda, const float* P, int64_t ldp,
+                       float* C, int64_t ldc, int64_t valid) {
   using V = typename S::V;
-  constexpr int64_t W = S::kWidth, L = NB * W;
+  constexpr int64_t W = S::kWidth;
   V s[MR][NB];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NB; ++r) s[i][r] = S::zero();
   for (int64_t k = 0; k < K; ++k) {
     V b[NB];
-    for (int r = 0; r < NB; ++r) b[r] = S::load(P + k * L + r * W);
+    for (int r = 0; r < NB; ++r) b[r] = S::load(P + k * ldp + r * W);
     for (int i = 0; i < MR; ++i) {
       const V a = S::set1(A[i * lda + k]);
       for (int r = 0; r < NB; ++r) s[i][r] = S::fma(b[r], a, s[i][r]);
@@ -412,20 +423,41 @@ inline void gemm_panel(int64_t K, const float* A, int64_t lda, const float* P, f
   }
 }
 
+// C(M, valid) += A(M, K) P(K, NB * width) for one packed panel: six rows at a time, and the
+// panel's NB vectors in column blocks of at most kSub, so that the 6 x kSub accumulators, kSub
+// panel vectors and one broadcast fit the vector registers (AVX-512 has 32: the whole panel,
+// 6 x 4 + 4 + 1; AVX2 has 16: two vectors, 6 x 2 + 2 + 1 — 6 x 4 there spilled the
+// accumulators to the stack on every k, perf: 140 stack accesses in the kernel, 14 % of a
+// GRU 200,1,64 inference forward).
 template <typename S, int NB>
 inline void gemm_panel_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* P,
                             float* C, int64_t ldc, int64_t valid) {
-  constexpr int64_t kRows = 6;
-  int64_t m = 0;
-  for (; m + kRows <= M; m += kRows)
-    gemm_panel<S, NB, kRows>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid);
-  switch (M - m) {
-    case 5: gemm_panel<S, NB, 5>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
-    case 4: gemm_panel<S, NB, 4>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
-    case 3: gemm_panel<S, NB, 3>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
-    case 2: gemm_panel<S, NB, 2>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
-    case 1: gemm_panel<S, NB, 1>(K, A + m * lda, lda, P, C + m * ldc, ldc, valid); break;
-    default: break;
+  constexpr int64_t kRows = 6, W = S::kWidth, L = NB * W;
+  constexpr int kSub = std::min(NB, W >= 16 ? 4 : 2);
+  for (int r0 = 0; r0 < NB; r0 += kSub) {
+    const int64_t left = valid - r0 * W;
+    if (left <= 0) break;
+    const float* Pr = P + r0 * W;
+    float* Cr = C + r0 * W;
+    // (the last block of an odd NB has one vector: its own instantiation)
+    auto block = [&](auto nb_c) {
+      constexpr int NS = decltype(nb_c)::value;
+      int64_t m = 0;
+      for (; m + kRows <= M; m += kRows)
+        gemm_panel<S, NS, kRows>(K, A + m * lda, lda, Pr, L, Cr + m * ldc, ldc, left);
+      const float* Am = A + m * lda;
+      float* Cm = Cr + m * ldc;
+      switch (M - m) {
+        case 5: gemm_panel<S, NS, 5>(K, Am, lda, Pr, L, Cm, ldc, left); break;
+        case 4: gemm_panel<S, NS, 4>(K, Am, lda, Pr, L, Cm, ldc, left); break;
+        case 3: gemm_panel<S, NS, 3>(K, Am, lda, Pr, L, Cm, ldc, left); break;
+        case 2: gemm_panel<S, NS, 2>(K, Am, lda, Pr, L, Cm, ldc, left); break;
+        case 1: gemm_panel<S, NS, 1>(K, Am, lda, Pr, L, Cm, ldc, left); break;
+        default: break;
+      }
+    };
+    if (NB - r0 >= kSub) block(std::integral_constant<int, kSub>{});
+    else block(std::integral_constant<int, 1>{});
   }
 }
 
@@ -1020,6 +1052,18 @@ using rnnkit::fexp;
 using rnnkit::sigm;
 using rnnkit::tanh_;
 
+// body() on a team of nt threads (the forward time loops: body splits the units by
+// omp_get_thread_num()); one thread runs it without a parallel region. libgomp's region ends with
+// a barrier that makes a futex wake-up system call even in a team of one (strace: one per
+// call), as RNNKIT_STEP_BARRIER's do per step; outside a region omp_get_num_threads() is 1 and
+// omp_get_thread_num() 0, so body is unchanged.
+template <typename Fn>
+void run_team(int nt, Fn&& body) {
+  if (nt == 1) return body();
+#pragma omp parallel num_threads(nt)
+  body();
+}
+
 // Hidden units owned by thread tid: chunks aligned to 16 elements.
 inline void unit_range(int64_t H, int nt, int tid, int64_t& j0, int64_t& j1) {
   int64_t chunk = (H + nt - 1) / nt;
@@ -1087,8 +1131,7 @@ template <typename T, bool PEEP, bool COUPLED, bool SAVE, bool REG>
 void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst, const T* h0,
                    const RecW<T>& W, const T* pw, const Reg<T>& R, int nt) {
   const int64_t H = cf.H, B = cf.B, G = cf.G, GH = G * H;
-#pragma omp parallel num_threads(nt)
-  {
+  run_team(nt, [&] {
     int64_t j0, j1;
     unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
     const T* wci = PEEP ? pw : nullptr;
@@ -1198,9 +1241,9 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
         if (REG || t + 1 == cf.T || m >= cf.bs[t + 1])
           std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
     }
-  }
+  });
 }
 
 template <typename T>
@@ -1209,8 +1252,7 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
   const bool reg = R.any();
   const int64_t H = cf.H, B = cf.B;
   const int act = cf.act;
-#pragma omp parallel num_threads(nt)
-  {
+  run_team(nt, [&] {
     int64_t j0, j1;
     unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
     for (int64_t t = 0; t < cf.T; ++t) {
@@ -1247,9 +1289,9 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
           for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = sigm(gr[j]);
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
     }
-  }
+  });
 }
 
 // GRU, reset after: gates hold x-part (+ b_ih + b_hh for r, z); gh is a (B, 3H) scratch;
@@ -1265,14 +1307,16 @@ void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, co
                         const RecW<T>& W, const T* bhn, const Reg<T>& R, int nt,
                         T* rec = nullptr, bool save = true) {
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
-#pragma omp parallel num_threads(nt)
-  {
+  run_team(nt, [&] {
     int64_t j0, j1;
     unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
     const bool one = rec && W.panel > 0 && j0 == 0 && j1 == H;
-    // ONE: the recurrent parts are in rec (r, z, n blocks); SAVE: write the activations back
-    auto rows = [&](auto one_c, auto save_c, int64_t t, int64_t M, const T* hp, T* g, T* hdn) {
+    // ONE: the recurrent parts are in rec (r, z, n blocks); SAVE: write the activations back;
+    // BIAS: b_hn is added inside r (.) (bhn not null)
+    auto rows = [&](auto one_c, auto save_c, auto bias_c, int64_t t, int64_t M, const T* hp,
+                    T* g, T* hdn) {
       constexpr bool ONE = decltype(one_c)::value, SAVE = decltype(save_c)::value;
+      constexpr bool BIAS = decltype(bias_c)::value;
       for (int64_t m = 0; m < M; ++m) {
         T* gr = g + m * GH;
         const T* rr = ONE ? rec + m * GH : nullptr;
@@ -1284,25 +1328,49 @@ void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, co
         const T* khr = R.row(R.kh, t, B, m, H);
         const T* rmr = R.rmask ? R.rmask + m * H : nullptr;
         T* hdr = hdn ? hdn + m * H : nullptr;
+        // The cell update alone; what only some calls need (the saved W_hn h + b_hn, zoneout,
+        // the next product's h ⊙ m) in loops of their own after it, as in lstm_fwd_loop. A test
+        // of a pointer that may be null inside the vectorised loop becomes a masked load or
+        // store through it (vmaskmovps), which on the AMD EPYC here is microcoded when the
+        // pointer is null: perf put 55 % of this loop's time on one such load (GRU 200,1,64
+        // inference, khr null).
 #pragma omp simd
         for (int64_t j = j0; j < j1; ++j) {
           const T r = sigm(ONE ? gr[j] + rr[j] : gr[j]);
           const T z = sigm(ONE ? gr[H + j] + rr[H + j] : gr[H + j]);
-          const T hn = ghr[j] + (bhn ? bhn[j] : T(0));
+          const T hn = ghr[j] + (BIAS ? bhn[j] : T(0));
           const T n = tanh_(gr[2 * H + j] + r * hn);
-          T h = (T(1) - z) * n + z * hpr[j];
-          if (khr) h = khr[j] * hpr[j] + (T(1) - khr[j]) * h;
-          if (hdr) hdr[j] = h * rmr[j];
+          const T h = (T(1) - z) * n + z * hpr[j];
           if (SAVE) {
             gr[j] = r;
             gr[H + j] = z;
             gr[2 * H + j] = n;
           }
-          if (sv) sv[j] = hn;
-          hr[j] = h;
           yr[j] = h;
         }
+        if (sv) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) sv[j] = ghr[j] + (BIAS ? bhn[j] : T(0));
+        }
+        if (khr) {  // h = k_h h_{t-1} + (1 - k_h) h~
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) yr[j] = khr[j] * hpr[j] + (T(1) - khr[j]) * yr[j];
+        }
+        if (hdr) {  // the next step's product input h ⊙ m
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) hdr[j] = yr[j] * rmr[j];
+        }
+        std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
       }
+    };
+    // rows with its flags as compile-time constants
+    auto rows_of = [&](auto one_c, int64_t t, int64_t M, const T* hp, T* g, T* hdn) {
+      const std::true_type yes;
+      const std::false_type no;
+      if (save && bhn) rows(one_c, yes, yes, t, M, hp, g, hdn);
+      else if (save) rows(one_c, yes, no, t, M, hp, g, hdn);
+      else if (bhn) rows(one_c, no, yes, t, M, hp, g, hdn);
+      else rows(one_c, no, no, t, M, hp, g, hdn);
     };
     for (int64_t t = 0; t < cf.T; ++t) {
       const int64_t M = cf.bs[t];
@@ -1312,19 +1380,18 @@ void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, co
       T* g = gates + t * B * GH;
       if (one) {
         W.mm_panels(M, GH, H, hin, H, rec, GH);
-        if (save) rows(std::true_type{}, std::true_type{}, t, M, hp, g, hdn);
-        else rows(std::true_type{}, std::false_type{}, t, M, hp, g, hdn);
+        rows_of(std::true_type{}, t, M, hp, g, hdn);
       } else {
         if (j1 > j0) {
           for (int64_t b = 0; b < 2; ++b)
             W.mm(M, j1 - j0, H, hin, H, b * H + j0, g + b * H + j0, GH, true);
           W.mm(M, j1 - j0, H, hin, H, 2 * H + j0, gh + j0, H, false);
         }
-        rows(std::false_type{}, std::true_type{}, t, M, hp, g, hdn);
+        rows_of(std::false_type{}, t, M, hp, g, hdn);
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
     }
-  }
+  });
 }
 
 // GRU, reset before: all biases folded into gates; rh (T, B, H) (or (B, H) in inference) = r h.
@@ -1336,8 +1403,7 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
                          const T* h0, const RecW<T>& W, const Reg<T>& R, int nt,
                          T* rec = nullptr, bool save = true) {
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
-#pragma omp parallel num_threads(nt)
-  {
+  run_team(nt, [&] {
     int64_t j0, j1;
     unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
     const bool one = rec && W.panel > 0 && j0 == 0 && j1 == H;
@@ -1360,16 +1426,21 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
         T* rr = rht + m * H;
         if (one) {
           T* ar = rec + m * GH;
+          // (save a compile-time constant: a runtime test in the loop became masked stores)
+          auto gates_rz = [&](auto save_c) {
 #pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            const T r = sigm(gr[j] + ar[j]), z = sigm(gr[H + j] + ar[H + j]);
-            if (save) {  // (loop-invariant)
-              gr[j] = r;
-              gr[H + j] = z;
+            for (int64_t j = 0; j < H; ++j) {
+              const T r = sigm(gr[j] + ar[j]), z = sigm(gr[H + j] + ar[H + j]);
+              if (decltype(save_c)::value) {
+                gr[j] = r;
+                gr[H + j] = z;
+              }
+              ar[H + j] = z;
+              rr[j] = r * hpr[j];
             }
-            ar[H + j] = z;
-            rr[j] = r * hpr[j];
-          }
+          };
+          if (save) gates_rz(std::true_type{});
+          else gates_rz(std::false_type{});
           continue;
         }
 #pragma omp simd
@@ -1380,7 +1451,7 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
           rr[j] = r * hpr[j];
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
       if (one) Wn.mm_panels(M, H, H, rht, H, rec + 2 * H, GH);
       else if (j1 > j0)
         W.mm(M, j1 - j0, H, rht, H, 2 * H + j0, g + 2 * H + j0, GH, true);
@@ -1393,27 +1464,38 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
         const T* khr = R.row(R.kh, t, B, m, H);
         const T* rmr = R.rmask ? R.rmask + m * H : nullptr;
         T* hdr = hdn ? hdn + m * H : nullptr;
-        // one: the n pre-activation is the gates' x-part + rec's product; else the gates hold it
-        auto update = [&](auto one_c) {
+        // one: the n pre-activation is the gates' x-part + rec's product; else the gates hold it.
+        // The cell update alone, zoneout and h ⊙ m after it in loops of their own (see
+        // gru_after_fwd_loop: a null-pointer test in the vectorised loop is a masked load).
+        auto update = [&](auto one_c, auto save_c) {
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) {
             const T z = ar[H + j];
             const T n = tanh_(decltype(one_c)::value ? gr[2 * H + j] + ar[2 * H + j]
                                                      : gr[2 * H + j]);
-            T h = (T(1) - z) * n + z * hpr[j];
-            if (khr) h = khr[j] * hpr[j] + (T(1) - khr[j]) * h;
-            if (hdr) hdr[j] = h * rmr[j];
-            if (save) gr[2 * H + j] = n;
-            hr[j] = h;
-            yr[j] = h;
+            if (decltype(save_c)::value) gr[2 * H + j] = n;
+            yr[j] = (T(1) - z) * n + z * hpr[j];
           }
         };
-        if (one) update(std::true_type{});
-        else update(std::false_type{});
+        const std::true_type yes;
+        const std::false_type no;
+        if (one && save) update(yes, yes);
+        else if (one) update(yes, no);
+        else if (save) update(no, yes);
+        else update(no, no);
+        if (khr) {  // h = k_h h_{t-1} + (1 - k_h) h~
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) yr[j] = khr[j] * hpr[j] + (T(1) - khr[j]) * yr[j];
+        }
+        if (hdr) {  // the next step's product input h ⊙ m
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) hdr[j] = yr[j] * rmr[j];
+        }
+        std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
     }
-  }
+  });
 }
 
 // After a step's backward GEMM wrote (d_pre W_hh) into dh (B, H) for this thread's units:
@@ -1567,7 +1649,7 @@ void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const
           }
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
       if (j1 > j0) Whh.mm(M, j1 - j0, H, GH, d, GH, 0, j0, dhs + j0, H, false);
       if (REG && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, R.kh ? zh : nullptr, dhs);
     }
@@ -1618,7 +1700,7 @@ void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const B
           for (int64_t j = j0; j < j1; ++j) dr[j] = (dhr[j] + gyr[j]) * yr[j] * (T(1) - yr[j]);
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
       if (j1 > j0) Whh.mm(M, j1 - j0, H, H, d, H, 0, j0, dhs + j0, H, false);
       if (reg && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, R.kh ? zh : nullptr, dhs);
     }
@@ -1676,7 +1758,7 @@ void gru_after_bwd_loop(const Cfg& cf, const T* acts, const T* ghn, const T* y, 
           direct[j] = khr ? dh * z + dz : dh * z;
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
       if (j1 > j0) Whh.mm(M, j1 - j0, H, GH, dh2, GH, 0, j0, dhs + j0, H, !reg);
       if (reg && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, sc, dhs);
     }
@@ -1720,7 +1802,7 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
           dhr[j] = khr ? dh * z + dz : dh * z;
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
       if (j1 > j0) Whh.mm(M, j1 - j0, H, H, d + 2 * H, GH, 2 * H, j0, drh + j0, H, false);
       for (int64_t m = 0; m < M; ++m) {
         const T* ar = a + m * GH;
@@ -1738,7 +1820,7 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
           else dhr[j] += drr[j] * r;
         }
       }
-#pragma omp barrier
+      RNNKIT_STEP_BARRIER();
       if (j1 > j0)
         Whh.mm(M, j1 - j0, H, 2 * H, d, GH, 0, j0, (reg ? sc : dhs) + j0, H, true);
       if (reg && j1 > j0) {
@@ -2682,9 +2764,9 @@ void lean_loops(const Cfg& cf, float* gates, float* rec, float* aux, float* y, f
   } else if (!cf.before) {
     gru_after_fwd_loop<float>(cf, gates, y, h_n, aux, nullptr, h0, W,
                               b_hh.defined() ? b_hh.data_ptr<float>() + 2 * cf.H : nullptr, R,
-                              1);
+                              1, nullptr, false);
   } else {
-    gru_before_fwd_loop<float>(cf, gates, y, h_n, aux, false, h0, W, R, 1);
+    gru_before_fwd_loop<float>(cf, gates, y, h_n, aux, false, h0, W, R, 1, nullptr, false);
   }
 }
 
