@@ -52,10 +52,12 @@
 // The barrier between the phases of a time loop's step, inside its parallel region: skipped in a
 // team of one thread. libgomp's barrier makes a futex wake-up system call even then (gdb:
 // gomp_team_barrier_wait_end; strace: one per step), so a one-thread loop of T steps made T
-// system calls. Every thread of a team takes the same branch (the team size is one value).
-#define RNNKIT_STEP_BARRIER()                                  \
+// system calls. Every thread of a team takes the same branch (the team size is one value). The
+// team is the loop's own (run_team's count), not omp_get_num_threads(): a one-thread loop of the
+// batch split runs inside the split's parallel region, whose team it must not wait for.
+#define RNNKIT_STEP_BARRIER(team)                              \
   do {                                                         \
-    if (omp_get_num_threads() > 1) {                           \
+    if ((team) > 1) {                                          \
       _Pragma("omp barrier")                                   \
     }                                                          \
   } while (0)
@@ -1055,13 +1057,15 @@ using rnnkit::tanh_;
 // body() on a team of nt threads (the forward time loops: body splits the units by
 // omp_get_thread_num()); one thread runs it without a parallel region. libgomp's region ends with
 // a barrier that makes a futex wake-up system call even in a team of one (strace: one per
-// call), as RNNKIT_STEP_BARRIER's do per step; outside a region omp_get_num_threads() is 1 and
-// omp_get_thread_num() 0, so body is unchanged.
+// call), as RNNKIT_STEP_BARRIER's do per step. body(team, tid) gets its team size and thread
+// number from here, not from omp_get_*: a one-thread loop of the batch split runs inside the
+// split's parallel region, where those name the split's team (thread k of 2 would take only
+// its half of the units).
 template <typename Fn>
 void run_team(int nt, Fn&& body) {
-  if (nt == 1) return body();
+  if (nt == 1) return body(1, 0);
 #pragma omp parallel num_threads(nt)
-  body();
+  body(omp_get_num_threads(), omp_get_thread_num());
 }
 
 // Hidden units owned by thread tid: chunks aligned to 16 elements.
@@ -1131,9 +1135,9 @@ template <typename T, bool PEEP, bool COUPLED, bool SAVE, bool REG>
 void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst, const T* h0,
                    const RecW<T>& W, const T* pw, const Reg<T>& R, int nt) {
   const int64_t H = cf.H, B = cf.B, G = cf.G, GH = G * H;
-  run_team(nt, [&] {
+  run_team(nt, [&](const int team, const int tid) {
     int64_t j0, j1;
-    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    unit_range(H, team, tid, j0, j1);
     const T* wci = PEEP ? pw : nullptr;
     const T* wcf = PEEP && !COUPLED ? pw + H : nullptr;
     const T* wco = PEEP ? pw + (COUPLED ? 1 : 2) * H : nullptr;
@@ -1241,7 +1245,7 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
         if (REG || t + 1 == cf.T || m >= cf.bs[t + 1])
           std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
       }
-      RNNKIT_STEP_BARRIER();
+      RNNKIT_STEP_BARRIER(team);
     }
   });
 }
@@ -1252,9 +1256,9 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
   const bool reg = R.any();
   const int64_t H = cf.H, B = cf.B;
   const int act = cf.act;
-  run_team(nt, [&] {
+  run_team(nt, [&](const int team, const int tid) {
     int64_t j0, j1;
-    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    unit_range(H, team, tid, j0, j1);
     for (int64_t t = 0; t < cf.T; ++t) {
       const int64_t M = cf.bs[t];
       const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
@@ -1289,7 +1293,7 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
           for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = sigm(gr[j]);
         }
       }
-      RNNKIT_STEP_BARRIER();
+      RNNKIT_STEP_BARRIER(team);
     }
   });
 }
@@ -1307,9 +1311,9 @@ void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, co
                         const RecW<T>& W, const T* bhn, const Reg<T>& R, int nt,
                         T* rec = nullptr, bool save = true) {
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
-  run_team(nt, [&] {
+  run_team(nt, [&](const int team, const int tid) {
     int64_t j0, j1;
-    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    unit_range(H, team, tid, j0, j1);
     const bool one = rec && W.panel > 0 && j0 == 0 && j1 == H;
     // ONE: the recurrent parts are in rec (r, z, n blocks); SAVE: write the activations back;
     // BIAS: b_hn is added inside r (.) (bhn not null)
@@ -1389,7 +1393,7 @@ void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, co
         }
         rows_of(std::false_type{}, t, M, hp, g, hdn);
       }
-      RNNKIT_STEP_BARRIER();
+      RNNKIT_STEP_BARRIER(team);
     }
   });
 }
@@ -1403,9 +1407,9 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
                          const T* h0, const RecW<T>& W, const Reg<T>& R, int nt,
                          T* rec = nullptr, bool save = true) {
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
-  run_team(nt, [&] {
+  run_team(nt, [&](const int team, const int tid) {
     int64_t j0, j1;
-    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    unit_range(H, team, tid, j0, j1);
     const bool one = rec && W.panel > 0 && j0 == 0 && j1 == H;
     RecW<T> Wn = W;  // the n part of the packed W_hh^T (one only)
     if (one) Wn.p = W.p + 2 * H * H;
@@ -1451,7 +1455,7 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
           rr[j] = r * hpr[j];
         }
       }
-      RNNKIT_STEP_BARRIER();
+      RNNKIT_STEP_BARRIER(team);
       if (one) Wn.mm_panels(M, H, H, rht, H, rec + 2 * H, GH);
       else if (j1 > j0)
         W.mm(M, j1 - j0, H, rht, H, 2 * H + j0, g + 2 * H + j0, GH, true);
@@ -1493,7 +1497,7 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
         }
         std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
       }
-      RNNKIT_STEP_BARRIER();
+      RNNKIT_STEP_BARRIER(team);
     }
   });
 }
@@ -1649,7 +1653,7 @@ void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const
           }
         }
       }
-      RNNKIT_STEP_BARRIER();
+      RNNKIT_STEP_BARRIER(omp_get_num_threads());
       if (j1 > j0) Whh.mm(M, j1 - j0, H, GH, d, GH, 0, j0, dhs + j0, H, false);
       if (REG && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, R.kh ? zh : nullptr, dhs);
     }
@@ -1700,7 +1704,7 @@ void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const B
           for (int64_t j = j0; j < j1; ++j) dr[j] = (dhr[j] + gyr[j]) * yr[j] * (T(1) - yr[j]);
         }
       }
-      RNNKIT_STEP_BARRIER();
+      RNNKIT_STEP_BARRIER(omp_get_num_threads());
       if (j1 > j0) Whh.mm(M, j1 - j0, H, H, d, H, 0, j0, dhs + j0, H, false);
       if (reg && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, R.kh ? zh : nullptr, dhs);
     }
@@ -1758,7 +1762,7 @@ void gru_after_bwd_loop(const Cfg& cf, const T* acts, const T* ghn, const T* y, 
           direct[j] = khr ? dh * z + dz : dh * z;
         }
       }
-      RNNKIT_STEP_BARRIER();
+      RNNKIT_STEP_BARRIER(omp_get_num_threads());
       if (j1 > j0) Whh.mm(M, j1 - j0, H, GH, dh2, GH, 0, j0, dhs + j0, H, !reg);
       if (reg && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, sc, dhs);
     }
@@ -1802,7 +1806,7 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
           dhr[j] = khr ? dh * z + dz : dh * z;
         }
       }
-      RNNKIT_STEP_BARRIER();
+      RNNKIT_STEP_BARRIER(omp_get_num_threads());
       if (j1 > j0) Whh.mm(M, j1 - j0, H, H, d + 2 * H, GH, 2 * H, j0, drh + j0, H, false);
       for (int64_t m = 0; m < M; ++m) {
         const T* ar = a + m * GH;
@@ -1820,7 +1824,7 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
           else dhr[j] += drr[j] * r;
         }
       }
-      RNNKIT_STEP_BARRIER();
+      RNNKIT_STEP_BARRIER(omp_get_num_threads());
       if (j1 > j0)
         Whh.mm(M, j1 - j0, H, 2 * H, d, GH, 0, j0, (reg ? sc : dhs) + j0, H, true);
       if (reg && j1 > j0) {
