@@ -1306,6 +1306,24 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
 // the cold gates rows), and the pointwise adds the gates' x-part; otherwise each thread's
 // columns of r, z accumulate into the gates and W_hn h goes to gh. save: write r, z, n back
 // into the gates (training; the inference forward only needs h).
+// The end of a GRU forward step for one row's units [j0, j1), after the cell update wrote h~
+// into yr: zoneout (h = k_h h_{t-1} + (1 - k_h) h~), the next step's product input h ⊙ m under
+// recurrent dropout, and the state hr. Separate loops, not tests inside the update: a null test
+// there compiled to masked loads (microcoded on Zen 3 when the pointer is null).
+template <typename T>
+inline void gru_row_end(T* yr, T* hr, const T* hpr, const T* khr, const T* rmr, T* hdr,
+                        int64_t j0, int64_t j1) {
+  if (khr) {
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) yr[j] = khr[j] * hpr[j] + (T(1) - khr[j]) * yr[j];
+  }
+  if (hdr) {
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) hdr[j] = yr[j] * rmr[j];
+  }
+  std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
+}
+
 template <typename T>
 void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, const T* h0,
                         const RecW<T>& W, const T* bhn, const Reg<T>& R, int nt,
@@ -1356,15 +1374,7 @@ void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, co
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) sv[j] = ghr[j] + (BIAS ? bhn[j] : T(0));
         }
-        if (khr) {  // h = k_h h_{t-1} + (1 - k_h) h~
-#pragma omp simd
-          for (int64_t j = j0; j < j1; ++j) yr[j] = khr[j] * hpr[j] + (T(1) - khr[j]) * yr[j];
-        }
-        if (hdr) {  // the next step's product input h ⊙ m
-#pragma omp simd
-          for (int64_t j = j0; j < j1; ++j) hdr[j] = yr[j] * rmr[j];
-        }
-        std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
+        gru_row_end(yr, hr, hpr, khr, rmr, hdr, j0, j1);
       }
     };
     // rows with its flags as compile-time constants
@@ -1487,15 +1497,7 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
         else if (one) update(yes, no);
         else if (save) update(no, yes);
         else update(no, no);
-        if (khr) {  // h = k_h h_{t-1} + (1 - k_h) h~
-#pragma omp simd
-          for (int64_t j = j0; j < j1; ++j) yr[j] = khr[j] * hpr[j] + (T(1) - khr[j]) * yr[j];
-        }
-        if (hdr) {  // the next step's product input h ⊙ m
-#pragma omp simd
-          for (int64_t j = j0; j < j1; ++j) hdr[j] = yr[j] * rmr[j];
-        }
-        std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
+        gru_row_end(yr, hr, hpr, khr, rmr, hdr, j0, j1);
       }
       RNNKIT_STEP_BARRIER(team);
     }
