@@ -124,6 +124,9 @@ def test_chrono_refused_where_it_means_nothing() -> None:
         rnnkit.LSTM(2, 4, forget_bias=1.0, chrono=10)
     with pytest.raises(ValueError, match="T_max >= 2"):
         rnnkit.GRU(2, 4, chrono=1.5)
+    for wrong in ("600", True, None.__class__):
+        with pytest.raises(ValueError, match="chrono must be a number"):
+            rnnkit.LSTM(2, 4, chrono=wrong)
     with pytest.raises(ValueError, match="bias=True"):
         rnnkit.LSTM(2, 4, bias=False, chrono=10)
     for cell in ("rnn", "tcn"):

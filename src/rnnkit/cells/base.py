@@ -142,6 +142,8 @@ def chrono_bias(hidden_size: int, t_max: float, dtype: torch.dtype | None = None
     scales spread over 2 … T_max (their Eq. 13). Drawn from torch's global generator, like
     ``nn.init``, so ``torch.manual_seed`` fixes it.
     """
+    if isinstance(t_max, bool) or not isinstance(t_max, (int, float)):  # (as check_rate)
+        raise ValueError(f"chrono must be a number (T_max, in steps), got {t_max!r}")
     if not t_max >= 2:  # U[1, T_max − 1] must not be empty (T_max = 2: every bias 0)
         raise ValueError(f"chrono needs T_max >= 2 (the longest dependency in steps), got {t_max}")
     u = torch.empty(hidden_size, dtype=dtype, device=device).uniform_(1.0, t_max - 1.0)
