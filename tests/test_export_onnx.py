@@ -223,3 +223,53 @@ def test_digits_row_reader(tmp_path):
     with torch.no_grad():
         want = model(image_rows(images))
     _assert_equal(_run(path, {"inputs": image_rows(images)}), [want])
+
+
+def test_lengths_as_a_list_is_refused(tmp_path):
+    """A list is traced as a constant: the file would reuse the example's lengths for every input
+    (and refuse other batch sizes), so export_onnx asks for a tensor instead."""
+
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = rnnkit.GRU(3, 4, bidirectional=True)
+
+        def forward(self, x, lengths):
+            return self.rnn(x, lengths=lengths)
+
+    path = tmp_path / "list.onnx"
+    with pytest.raises(ExportError, match=r"lengths= given as a list .* pass it as a tensor"):
+        export_onnx(Padded().eval(), (torch.randn(6, 3, 3), [6, 4, 2]), path)
+    assert not path.exists()
+
+
+def test_torch_recurrent_modules_beside_rnnkit_layers_keep_time_dynamic(tmp_path):
+    """torch's own exporter of nn.LSTM fixes the sequence length into a Reshape; inside
+    export_onnx torch.nn.RNN/LSTM/GRU run as their rnnkit copies, so any length runs."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+            self.second = rnnkit.GRU(8, 5)
+            self.third = nn.RNN(5, 2, nonlinearity="relu", batch_first=False)
+
+        def forward(self, x):
+            y, (h, c) = self.first(x)
+            y, _ = self.second(y)
+            return self.third(y)[0], h, c
+
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    path = export_onnx(model, (torch.randn(5, 2, 3),), tmp_path / "mixed.onnx")
+    recurrent = [n.op_type for n in onnx.load(str(path)).graph.node
+                 if n.op_type in ("RNN", "LSTM", "GRU")]
+    assert recurrent == ["LSTM", "LSTM", "GRU", "RNN"]
+    assert "forward" not in vars(model.first) and "_rnnkit_onnx_twin" not in model.first._modules
+    x = torch.randn(7, 3, 3)
+    with torch.no_grad():
+        want = model(x)
+    _assert_equal(_run(path, {"x": x}), list(want))
+    model.first = nn.LSTM(3, 4, num_layers=2, dropout=0.5)  # a new module: in training mode
+    with pytest.raises(ExportError, match=r"first is in training mode with dropout 0\.5"):
+        export_onnx(model, (x,), tmp_path / "never.onnx")

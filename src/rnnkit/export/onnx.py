@@ -245,7 +245,13 @@ def _export_forward(self: RecurrentLayer, input: Tensor, hx: Any = None,
     states0 = self._initial_states(hx, batch, unbatched, x)
     sequence_lens = None
     if lengths is not None:
-        sequence_lens = torch.as_tensor(lengths, device=x.device).to(torch.int32)
+        if not isinstance(lengths, Tensor):
+            # a list is traced as a constant: the file would use the example's lengths for every
+            # input of that batch size (and refuse any other batch size) — a silently wrong model
+            raise ExportError(f"{type(self).__name__}: lengths= given as a "
+                              f"{type(lengths).__name__} would be fixed into the file; pass it "
+                              "as a tensor (torch.tensor(lengths)) so that it is an input")
+        sequence_lens = lengths.to(device=x.device, dtype=torch.int32)
     kind, _, attributes = onnx_form(self.math.spec)
     depth = self.num_directions
     layer_input = x
@@ -269,12 +275,38 @@ def _export_forward(self: RecurrentLayer, input: Tensor, hx: Any = None,
     return self._format_output(layer_input, final_states, None, None, unbatched)
 
 
+def _torch_twin(module: nn.Module) -> RecurrentLayer | None:
+    """The rnnkit copy of a ``torch.nn.RNN/LSTM/GRU`` (None for anything else, and for an LSTM
+    with ``proj_size``, which has no ONNX node)."""
+    from rnnkit.layers import GRU, LSTM, RNN
+
+    twin_class = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU}.get(type(module))
+    if twin_class is None or getattr(module, "proj_size", 0):
+        return None
+    return twin_class.from_torch(module).train(module.training)
+
+
+def _call_twin(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return self._rnnkit_onnx_twin(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _layers_as_onnx_nodes(module: nn.Module) -> Iterator[None]:
     """Swaps every rnnkit layer's forward for :func:`_export_forward`, with the ONNX-layout
-    weights as temporary buffers (they become the ONNX initializers); restores on exit."""
+    weights as temporary buffers (they become the ONNX initializers); restores on exit.
+
+    A ``torch.nn.RNN/LSTM/GRU`` inside the module is exported as its rnnkit copy: torch's own
+    exporter of those modules fixes the sequence length into a Reshape (torch 2.13), so the file
+    would fail at any other length."""
     patched: list[tuple[RecurrentLayer, list[str]]] = []
+    twinned: list[nn.Module] = []
     try:
+        for owner in list(module.modules()):
+            twin = _torch_twin(owner)
+            if twin is not None:
+                owner.add_module("_rnnkit_onnx_twin", twin)
+                owner.forward = types.MethodType(_call_twin, owner)
+                twinned.append(owner)
         for layer in module.modules():
             if not isinstance(layer, RecurrentLayer):
                 continue
@@ -291,6 +323,9 @@ def _layers_as_onnx_nodes(module: nn.Module) -> Iterator[None]:
             del layer.forward
             for name in names:
                 del layer._buffers[name]
+        for owner in twinned:
+            del owner.forward
+            del owner._modules["_rnnkit_onnx_twin"]
 
 
 # ---- pieces with no ONNX form -------------------------------------------------------------------
@@ -372,7 +407,8 @@ def check_exportable(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str,
     for name, sub in module.named_modules():
         if not sub.training:
             continue
-        rate = sub.dropout if isinstance(sub, RecurrentLayer) and sub.num_layers > 1 else (
+        stacked = isinstance(sub, (RecurrentLayer, nn.RNNBase)) and sub.num_layers > 1
+        rate = sub.dropout if stacked else (
             sub.p if isinstance(sub, nn.modules.dropout._DropoutNd) else 0.0)
         if rate > 0:
             raise ExportError(f"{name or type(sub).__name__} is in training mode with dropout "
