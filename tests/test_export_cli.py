@@ -43,3 +43,23 @@ def test_export_refuses_what_is_not_a_run(tmp_path: Path, capsys: pytest.Capture
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rnnkit export: error:")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_file_that_disagrees_with_rnnkit_is_an_error_and_removed(tmp_path: Path) -> None:
+    """The check runs onnxruntime at other batch and time sizes than the export's and refuses a
+    file whose outputs differ (here: weights changed after writing it), removing the file."""
+    from rnnkit.export.cli import CHECK_BATCH, CHECK_STEPS, _check_with_onnxruntime, example_inputs
+    from rnnkit.export.onnx import ExportError, export_onnx
+    from rnnkit.models.language_model import LanguageModel, LMConfig
+
+    torch.manual_seed(0)
+    model = LanguageModel(LMConfig(vocab_size=7, cell="gru", layers=2, hidden=5, embedding=3)).eval()
+    path = export_onnx(model, example_inputs(model), tmp_path / "lm.onnx")
+    check = example_inputs(model, CHECK_STEPS, CHECK_BATCH)
+    assert check[0].shape == (CHECK_STEPS, CHECK_BATCH)
+    assert "agrees with rnnkit" in _check_with_onnxruntime(path, model, check)
+    with torch.no_grad():
+        model.rnn.weight_hh_l1.add_(0.5)
+    with pytest.raises(ExportError, match="onnxruntime disagrees with rnnkit.*removed"):
+        _check_with_onnxruntime(path, model, check)
+    assert not path.exists()

@@ -18,6 +18,10 @@ from rnnkit.export.onnx import ExportError, export_onnx, require_exporter
 
 # Example sizes: time and batch of at least 2 keep those axes dynamic (see export_onnx).
 STEPS, BATCH, WORD = 6, 2, 4
+# the file is checked at other sizes than it was traced with: a fixed axis would fail there
+CHECK_STEPS, CHECK_BATCH = 9, 3
+# onnxruntime against rnnkit on the check inputs (float32, a few layers deep)
+TOLERANCE = 1e-4
 
 
 def add_parser(commands: Any) -> None:
@@ -30,8 +34,10 @@ def add_parser(commands: Any) -> None:
     export.add_argument("output", help="the .onnx file to write")
 
 
-def example_inputs(model: nn.Module) -> tuple[Tensor, ...]:
-    """Inputs of the right kinds for ``model.forward`` (the task's models only)."""
+def example_inputs(model: nn.Module, steps: int = STEPS, batch: int = BATCH
+                   ) -> tuple[Tensor, ...]:
+    """Inputs of the right kinds for ``model.forward`` (the task's models only): ``batch``
+    sequences of ``steps`` steps, the first full length and the others shorter."""
     from rnnkit.models.acoustic import AcousticModel
     from rnnkit.models.classifier import SequenceClassifier
     from rnnkit.models.generator import FrameGenerator
@@ -40,16 +46,16 @@ def example_inputs(model: nn.Module) -> tuple[Tensor, ...]:
     from rnnkit.models.tagger import Tagger
 
     gen = torch.Generator().manual_seed(0)
-    lengths = torch.tensor([STEPS, STEPS - 2])
+    lengths = torch.tensor([steps] + [max(1, steps - 2 - i) for i in range(batch - 1)])
 
     def tokens(vocab: int) -> Tensor:
-        return torch.randint(1, vocab, (STEPS, BATCH), generator=gen)
+        return torch.randint(1, vocab, (steps, batch), generator=gen)
 
     def chars(config: Any) -> tuple[Tensor, ...]:
         if not config.chars:
             return ()
-        return (torch.randint(1, config.chars, (STEPS, BATCH, WORD), generator=gen),
-                torch.full((STEPS, BATCH), WORD))
+        return (torch.randint(1, config.chars, (steps, batch, WORD), generator=gen),
+                torch.full((steps, batch), WORD))
 
     if isinstance(model, LanguageModel):
         return (tokens(model.config.vocab_size),)
@@ -58,14 +64,14 @@ def example_inputs(model: nn.Module) -> tuple[Tensor, ...]:
     if isinstance(model, SequenceClassifier):
         config = model.config
         if not config.embedding:  # feature frames, e.g. the digits' image rows
-            return (torch.rand(STEPS, BATCH, config.input_size, generator=gen),)
+            return (torch.rand(steps, batch, config.input_size, generator=gen),)
         return (tokens(config.vocab_size), lengths, *chars(config))
     if isinstance(model, AcousticModel):
-        steps = STEPS * model.config.stack
-        features = torch.randn(steps, BATCH, model.config.features, generator=gen)
-        return features, torch.tensor([steps, steps - model.config.stack])
+        frames = steps * model.config.stack
+        features = torch.randn(frames, batch, model.config.features, generator=gen)
+        return features, lengths * model.config.stack
     if isinstance(model, FrameGenerator):
-        return ((torch.rand(STEPS, BATCH, model.config.pitches, generator=gen) > 0.8).float(),)
+        return ((torch.rand(steps, batch, model.config.pitches, generator=gen) > 0.8).float(),)
     if isinstance(model, Seq2Seq):
         raise ExportError("a translate run decodes with greedy or beam search, which has no ONNX "
                           "form; export its encoder and one decoder step from Python with "
@@ -86,18 +92,32 @@ def load_run(path: str) -> tuple[str, nn.Module]:
 
 
 def _check_with_onnxruntime(path: Path, model: nn.Module, inputs: tuple[Tensor, ...]) -> str:
-    """onnxruntime's largest difference from rnnkit on the example inputs, as a sentence."""
+    """onnxruntime's largest difference from rnnkit on ``inputs`` (other batch and time sizes
+    than the export's), as a sentence; ExportError if they disagree (the file is removed)."""
     try:
         import onnxruntime
     except ImportError:
         return "onnxruntime is not installed: not checked"
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
-    got = session.run(None, feeds)
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        # the graph's inputs are the forward's tensor arguments, in order (export_onnx)
+        got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
+    except Exception as error:  # onnxruntime raises its own exception types
+        path.unlink(missing_ok=True)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ExportError(f"onnxruntime cannot run the exported file at batch {inputs[0].shape[1]}"
+                          f", {inputs[0].shape[0]} steps ({first}); {path} removed") from None
     with torch.no_grad():
         want = [t for t in torch.utils._pytree.tree_leaves(model(*inputs)) if isinstance(t, Tensor)]
-    worst = max(float(abs(g - w.numpy()).max()) for g, w in zip(got, want) if w.numel())
-    return f"onnxruntime agrees with rnnkit within {worst:.1e} on {len(got)} outputs"
+    worst = max([float(abs(g - w.numpy()).max()) for g, w in zip(got, want) if w.numel()],
+                default=0.0)
+    if len(got) != len(want) or not worst <= TOLERANCE:  # (not <=: a NaN difference fails too)
+        path.unlink(missing_ok=True)
+        raise ExportError(f"onnxruntime disagrees with rnnkit on the exported file ({len(got)} "
+                          f"outputs, {len(want)} expected; largest difference {worst:.1e}); "
+                          f"{path} removed")
+    return (f"onnxruntime agrees with rnnkit within {worst:.1e} on {len(got)} outputs "
+            f"(batch {inputs[0].shape[1]}, {inputs[0].shape[0]} steps)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,5 +131,5 @@ def run(args: argparse.Namespace) -> int:
     recurrent = [n.op_type for n in graph.node if n.op_type in ("LSTM", "GRU", "RNN")]
     print(f"{path}: {task} model, inputs {', '.join(i.name for i in graph.input)}; "
           f"{len(recurrent)} recurrent node(s) {' '.join(recurrent)}")
-    print(_check_with_onnxruntime(path, model, inputs))
+    print(_check_with_onnxruntime(path, model, example_inputs(model, CHECK_STEPS, CHECK_BATCH)))
     return 0
