@@ -60,6 +60,6 @@ def test_a_file_that_disagrees_with_rnnkit_is_an_error_and_removed(tmp_path: Pat
     assert "agrees with rnnkit" in _check_with_onnxruntime(path, model, check)
     with torch.no_grad():
         model.rnn.weight_hh_l1.add_(0.5)
-    with pytest.raises(ExportError, match="onnxruntime disagrees with rnnkit.*removed"):
+    with pytest.raises(ExportError, match=r"onnxruntime disagrees with rnnkit.*removed"):
         _check_with_onnxruntime(path, model, check)
     assert not path.exists()
