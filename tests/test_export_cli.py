@@ -63,3 +63,20 @@ def test_a_file_that_disagrees_with_rnnkit_is_an_error_and_removed(tmp_path: Pat
     with pytest.raises(ExportError, match=r"onnxruntime disagrees with rnnkit.*removed"):
         _check_with_onnxruntime(path, model, check)
     assert not path.exists()
+
+
+def test_the_check_compares_a_tagger_output_dataclass_field_by_field(tmp_path: Path) -> None:
+    """The tagger returns TaggerOutput (emissions, a bool mask, intent logits): the check compares
+    each field with onnxruntime's outputs (it found no tensors in the dataclass before)."""
+    from rnnkit.export.cli import CHECK_BATCH, CHECK_STEPS, _check_with_onnxruntime, example_inputs
+    from rnnkit.export.onnx import export_onnx
+    from rnnkit.models.recurrent import RecurrentConfig
+    from rnnkit.models.tagger import Tagger, TaggerConfig
+
+    torch.manual_seed(0)
+    model = Tagger(TaggerConfig(vocab_size=9, tags=4, embedding=3, crf=True, intents=2,
+                                recurrent=RecurrentConfig(cell="lstm", hidden=5, coupled=True,
+                                                          bidirectional=True))).eval()
+    path = export_onnx(model, example_inputs(model), tmp_path / "tagger.onnx")
+    said = _check_with_onnxruntime(path, model, example_inputs(model, CHECK_STEPS, CHECK_BATCH))
+    assert "agrees with rnnkit" in said and "on 3 outputs" in said

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rnnkit.export.onnx import ExportError, export_onnx, require_exporter
+from rnnkit.export.onnx import ExportError, dataclasses_as_dicts, export_onnx, require_exporter
 
 # Example sizes: time and batch of at least 2 keep those axes dynamic (see export_onnx).
 STEPS, BATCH, WORD = 6, 2, 4
@@ -108,9 +108,12 @@ def _check_with_onnxruntime(path: Path, model: nn.Module, inputs: tuple[Tensor, 
         raise ExportError(f"onnxruntime cannot run the exported file at batch {inputs[0].shape[1]}"
                           f", {inputs[0].shape[0]} steps ({first}); {path} removed") from None
     with torch.no_grad():
-        want = [t for t in torch.utils._pytree.tree_leaves(model(*inputs)) if isinstance(t, Tensor)]
-    worst = max([float(abs(g - w.numpy()).max()) for g, w in zip(got, want) if w.numel()],
-                default=0.0)
+        # (outputs as the exporter flattens them: a dataclass such as TaggerOutput by its fields)
+        outputs = dataclasses_as_dicts(model(*inputs))
+        want = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, Tensor)]
+    # (as float64: a bool output such as the tagger's mask has no subtraction)
+    worst = max([float(abs(g.astype("float64") - w.double().numpy()).max())
+                 for g, w in zip(got, want) if w.numel()], default=0.0)
     if len(got) != len(want) or not worst <= TOLERANCE:  # (not <=: a NaN difference fails too)
         path.unlink(missing_ok=True)
         raise ExportError(f"onnxruntime disagrees with rnnkit on the exported file ({len(got)} "

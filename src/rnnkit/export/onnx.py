@@ -430,13 +430,13 @@ def check_exportable(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str,
                                   "ONNX form (the recurrent nodes have no zoneout)")
 
 
-def _dataclasses_as_dicts(value: Any) -> Any:
+def dataclasses_as_dicts(value: Any) -> Any:
     """Model outputs that are dataclasses (e.g. TaggerOutput) as dicts of their non-None fields."""
     if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _dataclasses_as_dicts(getattr(value, f.name)) for f in fields(value)
+        return {f.name: dataclasses_as_dicts(getattr(value, f.name)) for f in fields(value)
                 if getattr(value, f.name) is not None}
     if isinstance(value, (tuple, list)):
-        return type(value)(_dataclasses_as_dicts(v) for v in value)
+        return type(value)(dataclasses_as_dicts(v) for v in value)
     return value
 
 
@@ -446,7 +446,7 @@ class _Outputs(nn.Module):
         self.module = module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return _dataclasses_as_dicts(self.module(*args, **kwargs))
+        return dataclasses_as_dicts(self.module(*args, **kwargs))
 
 
 def _all_dims_automatic(value: Any) -> Any:
