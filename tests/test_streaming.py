@@ -152,3 +152,14 @@ def test_bank_serves_a_stacked_cell_with_nested_named_states() -> None:
     assert isinstance(lstm_state, rnnkit.LSTMState) and lstm_state.c.shape == (1, 3)
     torch.testing.assert_close(lstm_state.c, final[0].c[1:], rtol=0, atol=1e-12)
     torch.testing.assert_close(gru_state[0], final[1][0][1:], rtol=0, atol=1e-12)
+
+
+def test_bank_refuses_a_bidirectional_layer_or_model() -> None:
+    """Chunked, a bidirectional layer's backward direction never sees the later chunks: the
+    outputs would silently differ from one call, so the bank refuses it (directly or inside)."""
+    with pytest.raises(ValueError, match=r"GRU is bidirectional.*cannot be stepped in chunks"):
+        StreamBank(rnnkit.GRU(3, 4, bidirectional=True))
+    wrapped = torch.nn.Sequential(torch.nn.Identity(), torch.nn.LSTM(3, 4, bidirectional=True))
+    with pytest.raises(ValueError, match=r"^1 is bidirectional"):
+        StreamBank(wrapped)
+    StreamBank(rnnkit.GRU(3, 4, num_layers=2))  # unidirectional: accepted

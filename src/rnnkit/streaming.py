@@ -38,6 +38,7 @@ class StreamBank:
         """``step(inputs, state) -> (outputs, state)``, with ``state=None`` meaning zeros (as
         ``torch.nn`` layers and rnnkit's models take it); the batch is on ``input_batch_dim`` of
         inputs and outputs and on ``state_batch_dim`` of every state tensor."""
+        _refuse_bidirectional(step)
         self._step = step
         self.state_batch_dim, self.input_batch_dim = state_batch_dim, input_batch_dim
         self._states: dict[Hashable, Any] = {}  # None: not stepped since added or reset
@@ -104,3 +105,13 @@ class StreamBank:
         if key not in self._states:
             raise KeyError(f"no stream {key!r}")
 
+
+def _refuse_bidirectional(step: StepFunction) -> None:
+    """A bidirectional layer's output at step t reads the steps after t: chunk by chunk it would
+    silently differ from one call on the whole sequence, so a module holding one is refused."""
+    if not isinstance(step, torch.nn.Module):
+        return  # (a plain function: nothing to inspect)
+    for name, module in step.named_modules():
+        if getattr(module, "bidirectional", False) is True:
+            raise ValueError(f"{name or type(module).__name__} is bidirectional: its outputs read "
+                             "the future of the sequence, so it cannot be stepped in chunks")
