@@ -199,6 +199,10 @@ def test_bad_inputs_are_refused_in_one_line(run: Run, tmp_path: Path,
         text = tmp_path / "note.txt"
         text.write_text("hello")
         _refused(["predict", path, str(text)], capsys, "note.txt", "not an image file")
+        # a non-finite pixel is read as a number and refused as a pixel (was int('nan') failing)
+        for bad in ("nan", "inf", "1e3"):
+            _refused(["predict", path, " ".join(["0"] * 63 + [bad])], capsys, "input 1",
+                     "pixel values must be in 0-16")
     elif run.task == "speech":
         text = tmp_path / "note.wav"
         text.write_text("not audio")

@@ -86,7 +86,8 @@ class DigitsPipeline(Pipeline):
     def parse(self, line: str) -> Any:
         fields = line.replace(",", " ").split()
         if len(fields) >= 8 and all(_is_number(f) for f in fields):
-            return [float(f) if "." in f else int(f) for f in fields]
+            # (int only where int() reads it: "nan", "inf" and "1e3" are floats without a ".")
+            return [int(f) if f.lstrip("+-").isdigit() else float(f) for f in fields]
         return line
 
     def image(self, value: Any, index: int) -> tuple[Tensor, str]:
