@@ -218,3 +218,10 @@ def test_ranks_shares_of_validation_sum_to_the_whole_set(files: tuple[Path, Path
     assert summed.keys() == whole.keys()
     for key, value in whole.items():
         assert summed[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_a_folder_given_as_the_data_file_is_named_as_a_folder(files: tuple[Path, Path],
+                                                                tmp_path: Path) -> None:
+    """`rnnkit evaluate sst --data ../shared/data/atis` said the existing folder did not exist."""
+    with pytest.raises(IsADirectoryError, match=r"is a folder, and this reader takes one file"):
+        sentiment.build(_config((files[0], tmp_path)))

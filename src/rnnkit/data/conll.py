@@ -24,6 +24,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from rnnkit.data.text import missing_data_file
 from rnnkit.metrics.entities import Entity, get_entities
 
 FORMATS = ("atis", "conll")
@@ -52,7 +53,7 @@ def detect_format(path: str | Path, tag_column: int = -1) -> str:
                          f"seq.in, seq.out and label (missing {', '.join(missing)}); CoNLL "
                          "data is one file per split")
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise missing_data_file(path)
     with path.open("rb") as handle:
         head = [handle.readline() for _ in range(SNIFF_LINES)]
     try:

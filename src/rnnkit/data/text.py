@@ -169,10 +169,19 @@ class ReadSummary:
         return f"{self.path}: {self.examples} examples" + (f"; skipped {parts}" if parts else "")
 
 
+def missing_data_file(path: Path) -> OSError:
+    """The error for a data path that is not a file: a folder is named as one (an existing
+    folder said to "not exist" sends the user looking in the wrong place)."""
+    if path.is_dir():
+        return IsADirectoryError(f"data path {path} is a folder, and this reader takes one "
+                                 "file in the task's format")
+    return FileNotFoundError(f"data file {path} does not exist")
+
+
 def _lines(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise missing_data_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

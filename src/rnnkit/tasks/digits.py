@@ -157,11 +157,11 @@ def read_optdigits(path: str | Path) -> tuple[Tensor, Tensor]:
     """Images (N, 8, 8) in [0, 1] and labels (N,) from a file in the UCI optdigits layout
     (``optdigits.tes``; scikit-learn's bundled set is that file): per line 64 comma-separated
     pixel counts 0–16, row by row, then the digit."""
-    from rnnkit.data.text import FormatError
+    from rnnkit.data.text import FormatError, missing_data_file
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise missing_data_file(path)
     images, labels = [], []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
