@@ -118,8 +118,10 @@ _UNSET = object()
 _active: RouteTable | object | None = _UNSET
 
 
-def _load(isa: str, directory: Path = ROUTES_DIR) -> RouteTable | None:
-    path = directory / f"{isa}.json"
+def _load(isa: str, directory: Path | None = None) -> RouteTable | None:
+    """``isa``'s table in ``directory`` (default ROUTES_DIR); None, with one warning where the
+    file is there but unusable."""
+    path = (directory or ROUTES_DIR) / f"{isa}.json"
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
