@@ -31,8 +31,8 @@ The layer-normalised LSTM and GRU have their own kernels (``csrc/layer_norm_rnn.
 ``_layer_norm``): a row's LN needs every column of the row, so there threads split the batch.
 
 The standard torch forms with torch's own fused kernel (plain LSTM, which torch runs through
-oneDNN's RNN primitive) dispatch to ``torch._VF`` instead where that is measured faster (see
-``own_kernel_faster`` and ``benchmarks/fused_kernels.py``).
+oneDNN's RNN primitive) dispatch to ``torch._VF`` instead where that is measured faster on this
+CPU (see ``own_kernel_faster``, ``route_table`` and ``benchmarks/routing.py``).
 
 Variants without a C++ kernel are routed explicitly by ``ROUTES`` (never by falling through):
 the projected LSTM (``proj_size``) runs torch's op, which takes ``w_hr`` (a ragged batch: the
@@ -317,7 +317,11 @@ def thread_split(mode: str) -> Iterator[None]:
 
 
 # ---- torch's own fused op for the plain LSTM -----------------------------------------------------
-
+#
+# Which path a padded plain LSTM takes is measured per CPU: the table of this CPU's ISA key and
+# thread count (route_table, written by benchmarks/routing.py) decides where there is one. The
+# constants below are the built-in rules, measured on an AVX-512 CPU (the AVX-512 fallback, and
+# every CPU's where no table has its ISA key or thread count); they stay as measured.
 
 # torch's LSTM reorders its weights on every call (~0.7 ms at H=256) and pays a fixed cost per
 # step: where the per-step GEMM is small rnnkit's kernel is faster. Measured on the 2-core CI
