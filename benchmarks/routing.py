@@ -15,9 +15,10 @@ wall time with more (CPU time would add up the threads' spinning: measure those 
 quiet). Repeats per point: enough for ``--seconds`` of the slower path, within
 [``--min-repeats``, ``--max-repeats``].
 
-    taskset -c 1 python benchmarks/routing.py --threads 1            # ~5 min on a free core
+    taskset -c 1 python benchmarks/routing.py --threads 1            # ~15 min on a shared core
     python benchmarks/routing.py --threads 2                           # both cores quiet
     python benchmarks/routing.py --threads 1 --out /tmp/r.json --steps 35 --batches 20 --hiddens 200
+    taskset -c 1 python benchmarks/routing.py --threads 1 --check 50,64,512 64,32,256  # routed vs both
 
 The grid: T in {1, 10, 35, 100, 200}, B in {1, 4, 20, 32, 64}, H in {64, 128, 200, 256, 512}, a
 full product (the lookup is nearest-neighbour in log space, which needs no gaps to stay local),
@@ -62,8 +63,9 @@ def grid(steps: tuple[int, ...], batches: tuple[int, ...], hiddens: tuple[int, .
     return sorted(shapes, key=lambda s: (s[0] * s[1] * s[2] ** 2, s))
 
 
-def runner(module: torch.nn.Module, x: torch.Tensor, path: str, mode: str) -> Callable[[], None]:
-    """One call of ``module`` on ``path`` in ``mode``."""
+def runner(module: torch.nn.Module, x: torch.Tensor, path: str | None,
+           mode: str) -> Callable[[], None]:
+    """One call of ``module`` on ``path`` (None: the dispatcher's choice) in ``mode``."""
 
     def infer() -> None:
         with fused.plain_lstm_path(path), torch.inference_mode():
@@ -78,18 +80,19 @@ def runner(module: torch.nn.Module, x: torch.Tensor, path: str, mode: str) -> Ca
 
 
 def measure(shape: tuple[int, int, int], mode: str, clock: Callable[[], float],
-            args: argparse.Namespace) -> tuple[float, float, int]:
-    """(rnnkit's kernel seconds, torch's op seconds, repeats): the minimum of each over
-    interleaved calls, after warm-up calls of each."""
+            args: argparse.Namespace, paths: tuple[str | None, ...] = fused.PATHS
+            ) -> tuple[dict[str | None, float], int]:
+    """({path: seconds}, repeats): the minimum of each path over interleaved calls (the order
+    rotates every round), after warm-up calls of each."""
     steps, batch, hidden = shape
     torch.manual_seed(0)
     module = rnnkit.LSTM(hidden, hidden)
     x = torch.randn(steps, batch, hidden, requires_grad=mode == "training")
-    runs = {path: runner(module, x, path, mode) for path in fused.PATHS}
-    times: dict[str, list[float]] = {path: [] for path in fused.PATHS}
+    runs = {path: runner(module, x, path, mode) for path in paths}
+    times: dict[str | None, list[float]] = {path: [] for path in paths}
 
-    def timed(path: str) -> float:
-        module.zero_grad(set_to_none=True)  # (outside the clock: both paths the same)
+    def timed(path: str | None) -> float:
+        module.zero_grad(set_to_none=True)  # (outside the clock: every path the same)
         x.grad = None
         start = clock()
         runs[path]()
@@ -97,14 +100,31 @@ def measure(shape: tuple[int, int, int], mode: str, clock: Callable[[], float],
 
     # two warm-up calls each: the first builds the lean path's plan, and a process's first
     # backward pays one-time costs (measured: 30 ms for a 1,1,64 layer whose calls take 1 ms)
-    warm = max(timed(path) for path in fused.PATHS)
+    warm = max(timed(path) for path in paths)
     if warm < 1.0:
-        warm = max(timed(path) for path in fused.PATHS)
+        warm = max(timed(path) for path in paths)
     repeats = min(args.max_repeats, max(args.min_repeats, math.ceil(args.seconds / max(warm, 1e-6))))
     for r in range(repeats):
-        for path in fused.PATHS if r % 2 == 0 else fused.PATHS[::-1]:
+        for path in paths[r % len(paths):] + paths[:r % len(paths)]:
             times[path].append(timed(path))
-    return min(times["kernel"]), min(times["torch"]), repeats
+    return {path: min(t) for path, t in times.items()}, repeats
+
+
+def check(shapes: list[tuple[int, int, int]], modes: list[str], clock: Callable[[], float],
+          args: argparse.Namespace) -> None:
+    """Prints, per shape and mode, the path the dispatcher takes and its time against the
+    faster of the two forced paths (routed / best: 1.00 where it picks the faster)."""
+    print(f"{'mode':<10} {'T,B,H':<12} {'route':>6} {'kernel ms':>10} {'torch ms':>10} "
+          f"{'routed ms':>10} {'routed/best':>11}")
+    for mode in modes:
+        for shape in shapes:
+            own = fused.own_kernel_faster(*shape, threads=args.threads,
+                                          inference=mode == "inference")
+            t, _ = measure(shape, mode, clock, args, (*fused.PATHS, None))
+            best = min(t["kernel"], t["torch"])
+            print(f"{mode:<10} {','.join(map(str, shape)):<12} {'kernel' if own else 'torch':>6} "
+                  f"{t['kernel'] * 1e3:10.3f} {t['torch'] * 1e3:10.3f} {t[None] * 1e3:10.3f} "
+                  f"{t[None] / best:11.2f}", flush=True)
 
 
 def cpu_model() -> str:
@@ -172,6 +192,9 @@ def main() -> None:
                         help="time the slower path for about this long per point and mode")
     parser.add_argument("--min-repeats", type=int, default=3)
     parser.add_argument("--max-repeats", type=int, default=25)
+    parser.add_argument("--check", nargs="*", default=None, metavar="T,B,H",
+                        help="instead of writing a table: time the dispatcher's route against "
+                             "both forced paths at these shapes")
     args = parser.parse_args()
 
     threads.set_policy("fixed")  # (the governor must not shed the threads being measured)
@@ -186,14 +209,19 @@ def main() -> None:
     print(f"{isa}, torch {torch.__version__}, {args.threads} thread(s), min {clock_name} of "
           f"{args.min_repeats}-{args.max_repeats} interleaved repeats; ratio = rnnkit's kernel / "
           "torch's op (< 1: rnnkit's kernel)", flush=True)
+    if args.check is not None:
+        check([tuple(int(v) for v in text.split(",")) for text in args.check], args.modes, clock,
+              args)
+        return
     load_before = os.getloadavg()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     entry: dict[str, object] = {}
     for mode in args.modes:
         rows = {}
         print(f"{mode:<10} {'T,B,H':<12} {'kernel ms':>10} {'torch ms':>10} {'ratio':>6} {'n':>3}")
         for shape in grid(tuple(args.steps), tuple(args.batches), tuple(args.hiddens), mode):
-            own, theirs, repeats = measure(shape, mode, clock, args)
+            t, repeats = measure(shape, mode, clock, args)
+            own, theirs = t["kernel"], t["torch"]
             key = ",".join(map(str, shape))
             rows[key] = {"kernel_ms": significant(own), "torch_ms": significant(theirs),
                          "ratio": round(own / theirs, 3)}
@@ -213,6 +241,7 @@ def main() -> None:
         "load_average": (f"{load_before[0]:.2f} before, {load_after[0]:.2f} after "
                          "(1 min; the machine's, not this process's)"),
         "minutes": round((time.perf_counter() - started) / 60, 1),
+        "cpu_minutes": round((time.process_time() - cpu_started) / 60, 1),
     }
     table = {"format": route_table.FORMAT, "isa": isa, "threads": {}}
     if out.exists():  # keep the other thread counts' entries
