@@ -153,10 +153,10 @@ def active() -> RouteTable | None:
 def own_faster(steps: int, batch: int, hidden: int, threads: int, inference: bool) -> bool | None:
     """The measured route of a padded plain LSTM on this CPU (see the module docstring): True
     rnnkit's kernel, False torch's op, None not measured here."""
-    table = active()
+    table = active() if _active is _UNSET else _active  # (a call less: asked on every forward)
     if table is None:
         return None
-    return table.own_faster(steps, batch, hidden, threads, inference)
+    return table.own_faster(steps, batch, hidden, threads, inference)  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager
