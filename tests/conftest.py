@@ -57,6 +57,17 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def builtin_routes() -> Iterator[None]:
+    """The plain LSTM routed by the built-in (AVX-512-measured) rules of
+    ``fused.own_kernel_faster``, not by this CPU's measured table (``fused.route_table``): for
+    tests that pin a rule's shapes, which must not depend on the CPU the suite runs on."""
+    from rnnkit.engine.fused import route_table
+
+    with route_table.using(None):
+        yield
+
+
 def fused_optimizer_steps(module: torch.nn.Module, loss_of: Callable[[], torch.Tensor],
                           check: Callable[[], None]) -> None:
     """One step of torch's fused SGD and one of its fused Adam on ``module`` (they write the

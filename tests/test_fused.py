@@ -350,7 +350,7 @@ def test_short_inputs_use_weights_as_stored(name, shape):
         torch.testing.assert_close(got, want, **tolerance(torch.float64))
 
 
-def test_plain_lstm_goes_to_torchs_op_only_where_it_is_faster(monkeypatch):
+def test_plain_lstm_goes_to_torchs_op_only_where_it_is_faster(monkeypatch, builtin_routes):
     spec = VARIANTS["lstm"]
     assert fused.own_kernel_faster(1, 1, 256) and fused.own_kernel_faster(1, 1, 256, threads=1)
     assert fused.own_kernel_faster(200, 1, 64, 2) and fused.own_kernel_faster(35, 20, 64, 2)
@@ -437,7 +437,7 @@ def test_chunked_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(run, tuple(tensors))
 
 
-def test_plain_lstm_with_lengths_runs_rnnkits_kernel_not_torchs_packed_op():
+def test_plain_lstm_with_lengths_runs_rnnkits_kernel_not_torchs_packed_op(builtin_routes):
     """torch's packed op is 2.5-7x slower than its padded op (benchmarks/lengths.py)."""
     spec = VARIANTS["lstm"]
     x = torch.zeros(35, 20, 200)

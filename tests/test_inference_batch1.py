@@ -44,7 +44,7 @@ def _states(state: object) -> list[torch.Tensor]:
     return list(state) if isinstance(state, tuple) else [state]
 
 
-def test_plain_lstm_at_batch_1_runs_rnnkit_kernel_in_inference_only():
+def test_plain_lstm_at_batch_1_runs_rnnkit_kernel_in_inference_only(builtin_routes):
     x = torch.randn(100, 1, 256)
     with torch.inference_mode():
         assert fused.native_op(CellSpec("lstm"), x, 256) is None  # measured faster: own kernel

@@ -181,7 +181,7 @@ def test_nan_and_inf_propagate_as_reference(name):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
-def test_plain_lstm_inference_routing_by_steps():
+def test_plain_lstm_inference_routing_by_steps(builtin_routes):
     """With one thread, inference over <= INFERENCE_OWN_MAX_STEPS steps runs rnnkit's kernel
     (torch's op pays a per-call weight reorder); longer sequences and training keep torch's op;
     the lean path runs it (its plan is built) and equals torch.nn."""

@@ -215,26 +215,32 @@ def test_plain_lstm_stack_in_one_torch_call_equals_layer_by_layer(monkeypatch, b
         return original(self, *args)
 
     monkeypatch.setattr(layers.RecurrentLayer, "_torch_stack", counted)
-    hidden = 72  # batch 5 × 72 units: big enough that torch's op is the faster one
-    whole = rnnkit.LSTM(3, hidden, num_layers=3, bidirectional=True, bias=bias)
-    by_layer = rnnkit.LSTM(3, hidden, num_layers=3, bidirectional=True, bias=bias, backend="bptt")
-    by_layer.load_state_dict(whole.state_dict())
-    x = torch.randn(9, 5, 3)
-    h0, c0 = torch.randn(6, 5, hidden), torch.randn(6, 5, hidden)
-    got, want = whole(x, (h0, c0)), by_layer(x, (h0, c0))
-    assert calls == [1]  # the fused backend handed the whole stack to torch
-    for a, b in zip((got[0], *got[1]), (want[0], *want[1])):
-        torch.testing.assert_close(a, b)
-    grads = [torch.autograd.grad(out[0].sum() + out[1][1].sum(), list(m.parameters()))
-             for out, m in ((got, whole), (want, by_layer))]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
-    # lengths, dropout in training and rnnkit's own variants take the layer-by-layer path
-    whole(x, lengths=[9, 8, 5, 3, 1])
-    rnnkit.LSTM(3, hidden, num_layers=2, dropout=0.5)(x)
-    rnnkit.LSTM(3, hidden, peephole=True)(x)
+    # the plain LSTM on torch's op (which shapes take it depends on the CPU's route table)
+    from rnnkit.engine import fused
+    from rnnkit.engine.fused import route_table
+
+    with fused.plain_lstm_path("torch"):
+        hidden = 72
+        whole = rnnkit.LSTM(3, hidden, num_layers=3, bidirectional=True, bias=bias)
+        by_layer = rnnkit.LSTM(3, hidden, num_layers=3, bidirectional=True, bias=bias, backend="bptt")
+        by_layer.load_state_dict(whole.state_dict())
+        x = torch.randn(9, 5, 3)
+        h0, c0 = torch.randn(6, 5, hidden), torch.randn(6, 5, hidden)
+        got, want = whole(x, (h0, c0)), by_layer(x, (h0, c0))
+        assert calls == [1]  # the fused backend handed the whole stack to torch
+        for a, b in zip((got[0], *got[1]), (want[0], *want[1])):
+            torch.testing.assert_close(a, b)
+        grads = [torch.autograd.grad(out[0].sum() + out[1][1].sum(), list(m.parameters()))
+                 for out, m in ((got, whole), (want, by_layer))]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
+        # lengths, dropout in training and rnnkit's own variants take the layer-by-layer path
+        whole(x, lengths=[9, 8, 5, 3, 1])
+        rnnkit.LSTM(3, hidden, num_layers=2, dropout=0.5)(x)
+        rnnkit.LSTM(3, hidden, peephole=True)(x)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # (with 1 thread torch's op wins)
-    rnnkit.LSTM(3, 16, num_layers=2)(x)  # small: rnnkit's kernel is the faster one
+    with route_table.using(None):  # (the built-in rules: a small batch × hidden is rnnkit's)
+        rnnkit.LSTM(3, 16, num_layers=2)(x)
     assert calls == [1]
 
 

@@ -426,7 +426,8 @@ def test_layer_norm_takes_weight_drop_and_input_dropout():
     assert torch.isfinite(x.grad).all() and layer.weight_hh_l0.grad is not None
 
 
-def test_weight_dropped_lstm_at_small_batches_trains_on_rnnkits_kernel(monkeypatch) -> None:
+def test_weight_dropped_lstm_at_small_batches_trains_on_rnnkits_kernel(monkeypatch,
+                                                                    builtin_routes) -> None:
     # measured (engine/fused/__init__.py, DROPPED_OWN_BATCH): with W_hh ⊙ M rnnkit's kernel wins
     # at batch <= 4 with one thread, torch's op still at 35,20,200
     from rnnkit.engine import fused

@@ -31,8 +31,8 @@ The layer-normalised LSTM and GRU have their own kernels (``csrc/layer_norm_rnn.
 ``_layer_norm``): a row's LN needs every column of the row, so there threads split the batch.
 
 The standard torch forms with torch's own fused kernel (plain LSTM, which torch runs through
-oneDNN's RNN primitive) dispatch to ``torch._VF`` instead where that is measured faster (see
-``own_kernel_faster`` and ``benchmarks/fused_kernels.py``).
+oneDNN's RNN primitive) dispatch to ``torch._VF`` instead where that is measured faster on this
+CPU (see ``own_kernel_faster``, ``route_table`` and ``benchmarks/routing.py``).
 
 Variants without a C++ kernel are routed explicitly by ``ROUTES`` (never by falling through):
 the projected LSTM (``proj_size``) runs torch's op, which takes ``w_hr`` (a ragged batch: the
@@ -53,13 +53,13 @@ from torch import Tensor
 from rnnkit.cells import math_for
 from rnnkit.cells.base import CellMath, CellSpec
 from rnnkit.engine.bptt import run_bptt
-from rnnkit.engine.fused import _build, _function, _layer_norm
+from rnnkit.engine.fused import _build, _function, _layer_norm, route_table
 from rnnkit.engine.fused._function import KERNELS, config_of, peephole_weights, run, spec_of
 from rnnkit.engine.regularise import StepMasks
 from rnnkit.engine.threads import current_threads
 
-__all__ = ["BF16_FLOAT32", "ROUTES", "route_of", "run_layer", "run_step", "thread_split",
-           "unavailable_reason"]
+__all__ = ["BF16_FLOAT32", "PATHS", "ROUTES", "plain_lstm_path", "route_of", "run_layer", "run_step",
+           "thread_split", "unavailable_reason"]
 
 # The variants the fused backend runs without a kernel of its own, and the path each takes:
 # "torch" is torch._VF.lstm (it has the projection: weights w_ih, w_hh, b_ih, b_hh, w_hr) for a
@@ -317,7 +317,11 @@ def thread_split(mode: str) -> Iterator[None]:
 
 
 # ---- torch's own fused op for the plain LSTM -----------------------------------------------------
-
+#
+# Which path a padded plain LSTM takes is measured per CPU: the table of this CPU's ISA key and
+# thread count (route_table, written by benchmarks/routing.py) decides where there is one. The
+# constants below are the built-in rules, measured on an AVX-512 CPU (the AVX-512 fallback, and
+# every CPU's where no table has its ISA key or thread count); they stay as measured.
 
 # torch's LSTM reorders its weights on every call (~0.7 ms at H=256) and pays a fixed cost per
 # step: where the per-step GEMM is small rnnkit's kernel is faster. Measured on the 2-core CI
@@ -380,19 +384,50 @@ INFERENCE_OWN_MAX_STEPS = 50
 DROPPED_OWN_BATCH = 4
 
 
+# Which path the plain LSTM takes regardless of the rules (``plain_lstm_path``): "kernel"
+# (rnnkit's), "torch" (torch's op) or None (own_kernel_faster decides).
+_forced_path: str | None = None
+PATHS = ("kernel", "torch")
+
+
+@contextlib.contextmanager
+def plain_lstm_path(path: str | None) -> Iterator[None]:
+    """Runs the padded plain LSTM on ``path`` ("kernel": rnnkit's, "torch": torch's op; None:
+    the measured choice) inside the block — for benchmarks/routing.py and tests, which time and
+    compare both paths on the same shapes. (A ragged batch stays with rnnkit's kernel.)"""
+    global _forced_path
+    if path is not None and path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; expected one of {', '.join(PATHS)} or None")
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
+
+
 def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None = None,
                       inference: bool = False, dropped_weight: bool = False) -> bool:
     """Whether rnnkit's kernel beats torch's oneDNN op on a padded plain LSTM of this shape
     with ``threads`` torch threads (default: torch's current count); ``inference``: forward
     only, no gradient asked for; ``dropped_weight``: W_hh is computed in this forward
-    (weight_drop), not a parameter."""
+    (weight_drop), not a parameter.
+
+    The measured table of this CPU decides where it has this thread count
+    (:mod:`~rnnkit.engine.fused.route_table`, written by benchmarks/routing.py); elsewhere the
+    rules below, measured on an AVX-512 CPU. A dropped W_hh (not in the table: it times plain
+    weights) keeps its rule either way."""
+    if _forced_path is not None:
+        return _forced_path == "kernel"
+    if dropped_weight and not inference and batch <= DROPPED_OWN_BATCH:
+        return True
+    threads = current_threads() if threads is None else threads
+    measured = route_table.own_faster(steps, batch, hidden, threads, inference)
+    if measured is not None:
+        return measured
     if steps * batch < NATIVE_MIN_ROWS:  # a streaming step: torch's per-call weight reorder
         return True
     if inference and batch <= INFERENCE_OWN_BATCH:
         return True
-    if dropped_weight and not inference and batch <= DROPPED_OWN_BATCH:
-        return True
-    threads = current_threads() if threads is None else threads
     if inference and threads == 1 and steps <= INFERENCE_OWN_MAX_STEPS:
         return True
     long_wide_training = (not inference and steps >= OWN_TRAIN_MIN_STEPS
