@@ -213,13 +213,21 @@ inline void own_tile(int64_t K, const float* A, int64_t lda, const float* B, int
   }
 }
 
-// Every row of one 16-column strip: tiles of kOwnRows rows, the last one shorter.
+// Every row of one 16-column strip: tiles of kOwnRows rows, the last one shorter. A tile of 1 or
+// 2 rows has 2 or 4 accumulators, fewer than the FMA latency x 2 pipes needs (8): 6 + 1 and 6 + 2
+// rows are taken as 4 + 3 and 4 + 4 (batch 32 = 4 x 6 + 2 x 4, batch 20 = 2 x 6 + 2 x 4).
 template <bool full>
 inline void own_strip(int64_t M, int64_t K, const float* A, int64_t lda, const float* B,
                       int64_t ldb, float* C, int64_t ldc, int64_t n, bool acc) {
+  const int64_t rest = M % kOwnRows;
+  const int64_t six = M - ((rest == 1 || rest == 2) && M > kOwnRows ? kOwnRows + rest : rest);
   int64_t m = 0;
-  for (; m + kOwnRows <= M; m += kOwnRows)
+  for (; m < six; m += kOwnRows)
     own_tile<kOwnRows, full>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, n, acc);
+  if (M - m > kOwnRows) {  // 7 or 8 rows: a 4-row tile first
+    own_tile<4, full>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, n, acc);
+    m += 4;
+  }
   const float* Am = A + m * lda;
   float* Cm = C + m * ldc;
   switch (M - m) {
@@ -784,6 +792,14 @@ struct RecW {
   // C(M, n) (+)= A(M, K) W^T[:, col0 : col0 + n]
   void mm(int64_t M, int64_t n, int64_t K, const T* A, int64_t lda, int64_t col0, T* C,
           int64_t ldc, bool acc) const {
+    if (panel > 0 && col0 % panel == 0) {  // (one group of ld columns: the Elman loop's W^T)
+      for (int64_t c0 = col0; c0 < col0 + n; c0 += panel) {
+        const int64_t np = std::min(panel, ld - c0);
+        gemm_rm(M, std::min(np, col0 + n - c0), K, A, lda, p + c0 * K, np, C + (c0 - col0), ldc,
+                acc);
+      }
+      return;
+    }
     if constexpr (std::is_same_v<T, float>) {
       if (vnni) return mm_bf16(M, n, K, A, lda, vnni, ld, 0, col0, C, ldc, acc);
       // (whole gates only: K = H, the columns of gates col0 / H onwards)
@@ -2225,9 +2241,10 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     at::Tensor WihT = pre ? pre->wih_t : w_ih.t().contiguous();  // (I, GH)
     pgemm<T>(T_ * B, GH, I, x.data_ptr<T>(), I, WihT.data_ptr<T>(), GH, gates.data_ptr<T>(), GH,
              false, has_bias ? bias.data_ptr<T>() : nullptr, nt_all);
-    if (cf.kind != RNN && (nt_loop == 1 || nt_rows > 1)) {
+    if ((cf.kind != RNN || g_gemm == Gemm::OWN) && (nt_loop == 1 || nt_rows > 1)) {
       // one thread (or one per row block): the LSTM's and GRU's per-step products read W_hh^T
-      // in panels (pack_panels).
+      // in panels (pack_panels); the Elman layer's too with gemm_own (its 16-column strips:
+      // else gemm_own copies W_hh^T into strips at every step).
       // Measured 1 thread, forward, min CPU time of 9 interleaved, load ~5: rnnkit / nn.LSTM
       // at 100,32,256 1.13 (one W^T) -> 1.10 / 1.09 / 1.07 (panels 32 / 64 / 128); 50,64,512
       // 1.00 -> 0.99 / 0.95 / 0.96; 35,20,200 1.02 either way.
@@ -2833,7 +2850,8 @@ std::tuple<at::Tensor, at::Tensor> pack_weights(int64_t kind, int64_t act, bool 
   TORCH_CHECK(w_hh.size(0) == cf.G * cf.H, "w_hh has the wrong shape");
   const at::Tensor wih = w_ih.contiguous(), whh = w_hh.contiguous();
   at::Tensor rec;
-  if (cf.kind != RNN) {  // (the Elman loop reads W_hh^T as one block: forward_impl makes it)
+  // (the Elman loop reads W_hh^T as one block, forward_impl makes it; with gemm_own in panels)
+  if (cf.kind != RNN || g_gemm == Gemm::OWN) {
     if (whh.scalar_type() == at::kFloat) rec = pack_recurrent<float>(whh, cf);
     else if (whh.scalar_type() == at::kDouble) rec = pack_recurrent<double>(whh, cf);
     else TORCH_CHECK(false, "fused kernels support float32 and float64");
@@ -3202,6 +3220,15 @@ Gemm choose_gemm() {
   return g_sgemm ? Gemm::BLAS : Gemm::LOOP;
 }
 
+// The recurrent weight's panel width for GEMM g (g_rec_panel).
+int64_t rec_panel_for(Gemm g) {
+#ifdef RNNKIT_OWN_GEMM
+  if (g == Gemm::OWN) return kOwnCols;
+#endif
+  (void)g;
+  return 128;
+}
+
 const char* gemm_name(Gemm g) {
   switch (g) {
     case Gemm::OWN: return "own";
@@ -3214,15 +3241,14 @@ const char* gemm_name(Gemm g) {
 bool init() {
   resolve_blas();
   g_gemm = choose_gemm();
-#ifdef RNNKIT_OWN_GEMM
-  g_rec_panel = g_gemm == Gemm::OWN ? kOwnCols : 128;
-#endif
+  g_rec_panel = rec_panel_for(g_gemm);
   return g_gemm == Gemm::BRGEMM || g_gemm == Gemm::OWN;
 }
 
 // For benchmarks/tests: choose the single-thread float32 GEMM ("auto": choose_gemm's, "own",
 // "brgemm", "blas" or "loop"; one this build or CPU lacks falls back as choose_gemm does).
-// Returns the one in use.
+// Returns the one in use. (set_gemm_op also sets the recurrent panel width that GEMM is run
+// with: weights packed by pack_weights before it must be packed again.)
 std::string set_gemm(const std::string& which) {
   TORCH_CHECK(which == "auto" || which == "own" || which == "brgemm" || which == "blas" ||
                   which == "loop",
@@ -3331,7 +3357,11 @@ bool bf16_available_op() {
   static const bool ok = probe_bf16();
   return ok;
 }
-std::string set_gemm_op(c10::string_view which) { return set_gemm(std::string(which)); }
+std::string set_gemm_op(c10::string_view which) {
+  const std::string got = set_gemm(std::string(which));
+  g_rec_panel = rec_panel_for(g_gemm);
+  return got;
+}
 
 }  // namespace
 
