@@ -42,8 +42,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <ctime>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -71,7 +73,9 @@ enum Act { TANH = 0, RELU = 1, SIGMOID = 2 };
 // GEMM: row-major C(M, N) (+)= A(M, K) B(K, N), single-threaded (called from inside a parallel
 // region, or from one tile of a parallel GEMM).
 // ----------------------------------------------------------------------------------------------
-bool g_use_brgemm = false;
+// Which single-thread float32 GEMM gemm_rm runs (choose_gemm; set_gemm for benchmarks/tests).
+enum class Gemm { LOOP, BLAS, BRGEMM, OWN };
+Gemm g_gemm = Gemm::LOOP;
 
 // Fortran BLAS from the BLAS torch links (MKL / OpenBLAS export sgemm_ / dgemm_), resolved at
 // init; a plain loop GEMM if there is none.
@@ -138,6 +142,145 @@ void blas_gemm(F f, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   f("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
 }
 
+// ---- rnnkit's own float32 GEMM for AVX2 CPUs (gemm_own) ------------------------------------
+// oneDNN's brgemm micro-kernel reaches 76-90 % of the single-thread peak on the AVX-512 machine
+// these kernels were tuned on, but 44-57 % on an AVX2 CPU (Zen 3): its AVX2 code path is not the
+// one oneDNN tunes. gemm_own is the textbook register-blocked kernel for 16 ymm registers: a tile
+// of up to kOwnRows rows x two vectors (16 columns) of C in 12 accumulators, per k two loads of B
+// and one broadcast of A per row (12 FMAs per 8 loads: the two FMA pipes, not the loads, bound
+// it). Loop order per K chunk: 16-column strips of B outside, row tiles inside, so a strip
+// (kc x 16 floats, 16 KiB at kc = 256) is read from L1 by every row tile. With enough rows to
+// pay for it (M >= kOwnPackRows) a chunk of B is first copied into contiguous zero-padded
+// strips: read in place, a strip's rows are ldb floats apart and (ldb a multiple of 128 floats)
+// fall into a few L1 sets, so each row tile read it from L2 again. Every product is computed —
+// no skipped zero operand — so NaN and inf propagate as in any GEMM; padded columns are never
+// stored. Chosen per CPU at start-up (choose_gemm), float32 only (float64 keeps BLAS).
+#if defined(__AVX2__) && defined(__FMA__)
+#define RNNKIT_OWN_GEMM 1
+constexpr int kOwnRows = 6;
+constexpr int64_t kOwnCols = 16;
+int64_t g_own_kc = 256;       // K chunk (tunable for benchmarks: set_own_gemm)
+int64_t g_own_pack_rows = 12;  // pack B's chunk when M >= this (0: never; benchmarks)
+
+// Lanes [0, n) of an 8-float vector (n in 0..8).
+inline __m256i own_mask(int64_t n) {
+  alignas(32) static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                                0,  0,  0,  0,  0,  0,  0,  0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - std::clamp<int64_t>(n, 0, 8)));
+}
+
+// C(MR, n) (+)= A(MR, K) B(K, 16) with n <= 16 columns stored. full: B's 16 columns may all be
+// read (packed strips, or a whole strip in place); else B's columns past n are not read.
+template <int MR, bool full>
+inline void own_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                     float* C, int64_t ldc, int64_t n, bool acc) {
+  __m256 c0[MR], c1[MR];
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+  const __m256i m0 = own_mask(n), m1 = own_mask(n - 8);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    __m256 b0, b1;
+    if constexpr (full) {
+      b0 = _mm256_loadu_ps(b);
+      b1 = _mm256_loadu_ps(b + 8);
+    } else {
+      b0 = _mm256_maskload_ps(b, m0);
+      b1 = _mm256_maskload_ps(b + 8, m1);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+      c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* c = C + i * ldc;
+    if (n == kOwnCols) {
+      if (acc) {
+        c0[i] = _mm256_add_ps(c0[i], _mm256_loadu_ps(c));
+        c1[i] = _mm256_add_ps(c1[i], _mm256_loadu_ps(c + 8));
+      }
+      _mm256_storeu_ps(c, c0[i]);
+      _mm256_storeu_ps(c + 8, c1[i]);
+    } else {
+      if (acc) {
+        c0[i] = _mm256_add_ps(c0[i], _mm256_maskload_ps(c, m0));
+        c1[i] = _mm256_add_ps(c1[i], _mm256_maskload_ps(c + 8, m1));
+      }
+      _mm256_maskstore_ps(c, m0, c0[i]);
+      _mm256_maskstore_ps(c + 8, m1, c1[i]);
+    }
+  }
+}
+
+// Every row of one 16-column strip: tiles of kOwnRows rows, the last one shorter. A tile of 1 or
+// 2 rows has 2 or 4 accumulators, fewer than the FMA latency x 2 pipes needs (8): 6 + 1 and 6 + 2
+// rows are taken as 4 + 3 and 4 + 4 (batch 32 = 4 x 6 + 2 x 4, batch 20 = 2 x 6 + 2 x 4).
+template <bool full>
+inline void own_strip(int64_t M, int64_t K, const float* A, int64_t lda, const float* B,
+                      int64_t ldb, float* C, int64_t ldc, int64_t n, bool acc) {
+  const int64_t rest = M % kOwnRows;
+  const int64_t six = M - ((rest == 1 || rest == 2) && M > kOwnRows ? kOwnRows + rest : rest);
+  int64_t m = 0;
+  for (; m < six; m += kOwnRows)
+    own_tile<kOwnRows, full>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, n, acc);
+  if (M - m > kOwnRows) {  // 7 or 8 rows: a 4-row tile first
+    own_tile<4, full>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, n, acc);
+    m += 4;
+  }
+  const float* Am = A + m * lda;
+  float* Cm = C + m * ldc;
+  switch (M - m) {
+    case 5: own_tile<5, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc); break;
+    case 4: own_tile<4, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc); break;
+    case 3: own_tile<3, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc); break;
+    case 2: own_tile<2, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc); break;
+    case 1: own_tile<1, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc); break;
+    default: break;
+  }
+}
+
+// Row-major C(M, N) (+)= A(M, K) B(K, N), M, N, K > 0.
+inline void gemm_own(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                     const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
+  const int64_t KC = g_own_kc > 0 ? g_own_kc : K;
+  // (ldb = kOwnCols: B is already one contiguous strip, a panel of pack_panels(w, kOwnCols))
+  const bool pack = g_own_pack_rows > 0 && M >= g_own_pack_rows && ldb != kOwnCols;
+  const int64_t strips = (N + kOwnCols - 1) / kOwnCols;
+  thread_local std::vector<float> buf;
+  if (pack) buf.resize(std::min(KC, K) * strips * kOwnCols);
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kk = std::min(KC, K - k0);
+    const bool a = acc || k0 > 0;
+    const float* Bk = B + k0 * ldb;
+    if (pack) {
+      // strip s: (kk, 16) row-major at s * kk * 16, columns past N zero
+      for (int64_t s = 0; s < strips; ++s) {
+        const int64_t n0 = s * kOwnCols, n = std::min(kOwnCols, N - n0);
+        float* d = buf.data() + s * kk * kOwnCols;
+        const __m256i m0 = own_mask(n), m1 = own_mask(n - 8);
+        for (int64_t k = 0; k < kk; ++k) {
+          const float* b = Bk + k * ldb + n0;
+          _mm256_storeu_ps(d + k * kOwnCols, _mm256_maskload_ps(b, m0));
+          _mm256_storeu_ps(d + k * kOwnCols + 8, _mm256_maskload_ps(b + 8, m1));
+        }
+      }
+    }
+    for (int64_t s = 0; s < strips; ++s) {
+      const int64_t n0 = s * kOwnCols, n = std::min(kOwnCols, N - n0);
+      const float* Ak = A + k0;
+      if (pack)
+        own_strip<true>(M, kk, Ak, lda, buf.data() + s * kk * kOwnCols, kOwnCols, C + n0, ldc, n,
+                        a);
+      else if (n == kOwnCols)
+        own_strip<true>(M, kk, Ak, lda, Bk + n0, ldb, C + n0, ldc, n, a);
+      else
+        own_strip<false>(M, kk, Ak, lda, Bk + n0, ldb, C + n0, ldc, n, a);
+    }
+  }
+}
+#endif
+
 inline void gemm_rm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
                     const double* B, int64_t ldb, double* C, int64_t ldc, bool acc) {
   if (M <= 0 || N <= 0) return;
@@ -156,8 +299,11 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
     if (!acc) for (int64_t m = 0; m < M; ++m) std::memset(C + m * ldc, 0, N * sizeof(float));
     return;
   }
+#ifdef RNNKIT_OWN_GEMM
+  if (g_gemm == Gemm::OWN) return gemm_own(M, N, K, A, lda, B, ldb, C, ldc, acc);
+#endif
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (g_use_brgemm) {
+  if (g_gemm == Gemm::BRGEMM) {
     // Long reductions (the backward's K = G*H) in chunks that keep the B panel in cache:
     // 1.4-1.7x faster at K = 2048 than one call.
     const int64_t KB = K > 512 ? 256 : K;
@@ -646,6 +792,14 @@ struct RecW {
   // C(M, n) (+)= A(M, K) W^T[:, col0 : col0 + n]
   void mm(int64_t M, int64_t n, int64_t K, const T* A, int64_t lda, int64_t col0, T* C,
           int64_t ldc, bool acc) const {
+    if (panel > 0 && col0 % panel == 0) {  // (one group of ld columns: the Elman loop's W^T)
+      for (int64_t c0 = col0; c0 < col0 + n; c0 += panel) {
+        const int64_t np = std::min(panel, ld - c0);
+        gemm_rm(M, std::min(np, col0 + n - c0), K, A, lda, p + c0 * K, np, C + (c0 - col0), ldc,
+                acc);
+      }
+      return;
+    }
     if constexpr (std::is_same_v<T, float>) {
       if (vnni) return mm_bf16(M, n, K, A, lda, vnni, ld, 0, col0, C, ldc, acc);
       // (whole gates only: K = H, the columns of gates col0 / H onwards)
@@ -663,11 +817,25 @@ template <typename T>
 struct BwdW {
   const T* p;
   const BF16* vnni = nullptr;
+  // gemm_own (float32): W_hh in column panels of its strip width (pack_panels of W_hh^T, GH
+  // rows each), so each strip product reads contiguous B (see g_rec_panel); null: as stored
+  const T* strips = nullptr;
+  int64_t rows = 0;  // G*H: the rows of W_hh (each panel's length)
   // C(M, n) (+)= A(M, K) W_hh[k0 : k0 + K, col0 : col0 + n]   (k0 even)
   void mm(int64_t M, int64_t n, int64_t H, int64_t K, const T* A, int64_t lda, int64_t k0,
           int64_t col0, T* C, int64_t ldc, bool acc) const {
     if constexpr (std::is_same_v<T, float>) {
       if (vnni) return mm_bf16(M, n, K, A, lda, vnni, H, k0, col0, C, ldc, acc);
+#ifdef RNNKIT_OWN_GEMM
+      if (strips && col0 % kOwnCols == 0) {
+        for (int64_t c0 = col0; c0 < col0 + n; c0 += kOwnCols) {
+          const int64_t ld = std::min(kOwnCols, H - c0);  // (the last panel may be narrower)
+          gemm_rm(M, std::min(ld, col0 + n - c0), K, A, lda, strips + c0 * rows + k0 * ld, ld,
+                  C + (c0 - col0), ldc, acc);
+        }
+        return;
+      }
+#endif
     }
     gemm_rm(M, n, K, A, lda, p + k0 * H + col0, H, C, ldc, acc);
   }
@@ -805,7 +973,10 @@ void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
 // W^T every row of a product's B panel is N floats from the previous one (4 KiB at N = 1024: a
 // new page per row and the same L1 set for all of them); packed, the micro-kernel reads its B
 // block in order.
-constexpr int64_t kRecPanel = 128;
+// The panel width, per CPU (init): 128 for oneDNN's brgemm (AVX-512); with gemm_own, its strip
+// width kOwnCols, so that each call's B is one contiguous strip that gemm_own reads from L1
+// without copying it (at 128, each call copied its panel or read it across a few L1 sets).
+int64_t g_rec_panel = 128;
 
 template <typename T>
 at::Tensor pack_panels(const at::Tensor& w, int64_t nb) {
@@ -1971,10 +2142,10 @@ template <typename T>
 at::Tensor pack_recurrent(const at::Tensor& w_hh, const Cfg& cf) {
   if (cf.kind == GRU && cf.before) {
     const int64_t H = cf.H;
-    return at::cat({pack_panels<T>(w_hh.narrow(0, 0, 2 * H), kRecPanel),
-                    pack_panels<T>(w_hh.narrow(0, 2 * H, H), kRecPanel)});
+    return at::cat({pack_panels<T>(w_hh.narrow(0, 0, 2 * H), g_rec_panel),
+                    pack_panels<T>(w_hh.narrow(0, 2 * H, H), g_rec_panel)});
   }
-  return pack_panels<T>(w_hh, kRecPanel);
+  return pack_panels<T>(w_hh, g_rec_panel);
 }
 
 // Weights packed ahead of the call by pack_weights, kept by the caller while the weights do not
@@ -2070,14 +2241,15 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     at::Tensor WihT = pre ? pre->wih_t : w_ih.t().contiguous();  // (I, GH)
     pgemm<T>(T_ * B, GH, I, x.data_ptr<T>(), I, WihT.data_ptr<T>(), GH, gates.data_ptr<T>(), GH,
              false, has_bias ? bias.data_ptr<T>() : nullptr, nt_all);
-    if (cf.kind != RNN && (nt_loop == 1 || nt_rows > 1)) {
+    if ((cf.kind != RNN || g_gemm == Gemm::OWN) && (nt_loop == 1 || nt_rows > 1)) {
       // one thread (or one per row block): the LSTM's and GRU's per-step products read W_hh^T
-      // in panels (pack_panels).
+      // in panels (pack_panels); the Elman layer's too with gemm_own (its 16-column strips:
+      // else gemm_own copies W_hh^T into strips at every step).
       // Measured 1 thread, forward, min CPU time of 9 interleaved, load ~5: rnnkit / nn.LSTM
       // at 100,32,256 1.13 (one W^T) -> 1.10 / 1.09 / 1.07 (panels 32 / 64 / 128); 50,64,512
       // 1.00 -> 0.99 / 0.95 / 0.96; 35,20,200 1.02 either way.
       WhhT = pre && pre->whh_rec.defined() ? pre->whh_rec : pack_recurrent<T>(w_hh, cf);
-      W.panel = kRecPanel;
+      W.panel = g_rec_panel;
     } else {
       WhhT = w_hh.t().contiguous();  // (H, GH)
     }
@@ -2384,12 +2556,19 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   // dpw_block[k] (block 0: dpw itself), summed after the time loop
   std::vector<at::Tensor> dpw_block;
   BwdW<T> whh{w_hh.data_ptr<T>()};
-  at::Tensor whh_vnni;
+  at::Tensor whh_vnni, whh_strips;
   if constexpr (std::is_same_v<T, float>) {
     if (bf16) {  // W_hh (G*H, H) as the (K = G*H, N = H) B of dh = dgates W_hh
       whh_vnni = vnni_of(w_hh.data_ptr<float>(), GH, H, H, 1, opts, nt_all);
       whh.vnni = whh_vnni.data_ptr<BF16>();
     }
+#ifdef RNNKIT_OWN_GEMM
+    if (!bf16 && g_gemm == Gemm::OWN) {  // one pass over W_hh, read T times (BwdW::strips)
+      whh_strips = pack_panels<float>(w_hh.t().contiguous(), kOwnCols);
+      whh.strips = whh_strips.data_ptr<float>();
+      whh.rows = GH;
+    }
+#endif
   }
   if (cf.kind == LSTM) {
     dcs = gcT.defined() ? gcT.clone() : at::zeros({B, H}, opts);
@@ -2671,7 +2850,8 @@ std::tuple<at::Tensor, at::Tensor> pack_weights(int64_t kind, int64_t act, bool 
   TORCH_CHECK(w_hh.size(0) == cf.G * cf.H, "w_hh has the wrong shape");
   const at::Tensor wih = w_ih.contiguous(), whh = w_hh.contiguous();
   at::Tensor rec;
-  if (cf.kind != RNN) {  // (the Elman loop reads W_hh^T as one block: forward_impl makes it)
+  // (the Elman loop reads W_hh^T as one block, forward_impl makes it; with gemm_own in panels)
+  if (cf.kind != RNN || g_gemm == Gemm::OWN) {
     if (whh.scalar_type() == at::kFloat) rec = pack_recurrent<float>(whh, cf);
     else if (whh.scalar_type() == at::kDouble) rec = pack_recurrent<double>(whh, cf);
     else TORCH_CHECK(false, "fused kernels support float32 and float64");
@@ -3024,15 +3204,57 @@ void resolve_blas() {
   g_dgemv = reinterpret_cast<dgemv_t>(blas_symbol("dgemv_"));
 }
 
-bool init() {
-  resolve_blas();
-  g_use_brgemm = probe_brgemm();
-  return g_use_brgemm;
+// The float32 GEMM of gemm_rm for this CPU, decided once at start-up (the one place): CPUs with
+// AVX-512 keep oneDNN's brgemm micro-kernel (76-90 % of the 1-thread peak there, the tuning every
+// other choice in this file assumes); AVX2 CPUs without it take gemm_own (Zen 3, 1 thread,
+// benchmarks/gemm_shapes.py, session 9: the whole-sequence tiles 2-3x brgemm's rate, the per-step
+// products on 16-column panels as fast or faster; forward and forward+backward of the fused
+// layers 0.6-0.97x brgemm's time at H >= 256); else brgemm where torch has it, else BLAS (or the
+// plain loop).
+Gemm choose_gemm() {
+  const bool brgemm = probe_brgemm();
+#ifdef RNNKIT_OWN_GEMM
+  if (!__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return Gemm::OWN;
+#endif
+  if (brgemm) return Gemm::BRGEMM;
+  return g_sgemm ? Gemm::BLAS : Gemm::LOOP;
 }
 
-// For benchmarks/tests: choose the single-thread GEMM ("brgemm", "blas" or "loop").
+// The recurrent weight's panel width for GEMM g (g_rec_panel).
+int64_t rec_panel_for(Gemm g) {
+#ifdef RNNKIT_OWN_GEMM
+  if (g == Gemm::OWN) return kOwnCols;
+#endif
+  (void)g;
+  return 128;
+}
+
+const char* gemm_name(Gemm g) {
+  switch (g) {
+    case Gemm::OWN: return "own";
+    case Gemm::BRGEMM: return "brgemm";
+    case Gemm::BLAS: return "blas";
+    default: return "loop";
+  }
+}
+
+bool init() {
+  resolve_blas();
+  g_gemm = choose_gemm();
+  g_rec_panel = rec_panel_for(g_gemm);
+  return g_gemm == Gemm::BRGEMM || g_gemm == Gemm::OWN;
+}
+
+// For benchmarks/tests: choose the single-thread float32 GEMM ("auto": choose_gemm's, "own",
+// "brgemm", "blas" or "loop"; one this build or CPU lacks falls back as choose_gemm does).
+// Returns the one in use. (set_gemm_op also sets the recurrent panel width that GEMM is run
+// with: weights packed by pack_weights before it must be packed again.)
 std::string set_gemm(const std::string& which) {
-  g_use_brgemm = which == "brgemm" && probe_brgemm();
+  TORCH_CHECK(which == "auto" || which == "own" || which == "brgemm" || which == "blas" ||
+                  which == "loop",
+              "set_gemm: \"auto\", \"own\", \"brgemm\", \"blas\" or \"loop\", not \"", which, "\"");
   if (which == "loop") {
     g_sgemm = nullptr;
     g_dgemm = nullptr;
@@ -3041,8 +3263,71 @@ std::string set_gemm(const std::string& which) {
   } else {
     resolve_blas();
   }
-  if (g_use_brgemm) return "brgemm";
-  return g_sgemm ? "blas" : "loop";
+  g_gemm = choose_gemm();
+  if (which == "brgemm" && probe_brgemm()) g_gemm = Gemm::BRGEMM;
+  else if (which == "blas" || which == "loop") g_gemm = g_sgemm ? Gemm::BLAS : Gemm::LOOP;
+#ifdef RNNKIT_OWN_GEMM
+  else if (which == "own") g_gemm = Gemm::OWN;
+#endif
+  return gemm_name(g_gemm);
+}
+
+// For benchmarks/tests: gemm_own's K chunk (0: all of K in one) and the least row count at which
+// it packs B (0: never); negative keeps a setting. Returns the previous (kc, pack_rows).
+std::tuple<int64_t, int64_t> set_own_gemm(int64_t kc, int64_t pack_rows) {
+#ifdef RNNKIT_OWN_GEMM
+  const auto previous = std::make_tuple(g_own_kc, g_own_pack_rows);
+  if (kc >= 0) g_own_kc = kc;
+  if (pack_rows >= 0) g_own_pack_rows = pack_rows;
+  return previous;
+#else
+  (void)kc, (void)pack_rows;
+  return {0, 0};
+#endif
+}
+
+// For benchmarks/tests: `repeats` times C (+)= A B through gemm_rm with the GEMM `which` (as
+// set_gemm), float32, each operand read with its row stride (lda, ldb, ldc; unit column stride).
+// panel > 0: B holds W^T in column panels of that width (pack_panels' layout, as RecW::mm_panels
+// reads it) and the product runs one call per panel, as mm_panels does; kb > 0: K in chunks of
+// kb, one call each (as pgemm). Returns the thread's CPU seconds for all repeats.
+double gemm_run(c10::string_view which, const at::Tensor& A, const at::Tensor& B, at::Tensor C,
+                bool acc, int64_t panel, int64_t kb, int64_t repeats) {
+  TORCH_CHECK(A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat &&
+                  C.scalar_type() == at::kFloat && A.dim() == 2 && C.dim() == 2 &&
+                  A.stride(1) == 1 && C.stride(1) == 1 && B.stride(-1) == 1,
+              "gemm_run takes float32 A (M, K), B, C (M, N) with unit column strides");
+  const int64_t M = A.size(0), K = A.size(1), N = C.size(1);
+  TORCH_CHECK(C.size(0) == M, "gemm_run: C must have A's rows");
+  TORCH_CHECK(panel > 0 ? B.is_contiguous() && B.numel() == K * N
+                        : B.dim() == 2 && B.size(0) == K && B.size(1) == N,
+              "gemm_run: B must be (K, N), or K*N contiguous floats when panel-packed");
+  const Gemm saved = g_gemm;
+  const std::string got = set_gemm(std::string(which));
+  TORCH_CHECK(got == std::string(which), "gemm_run: ", which, " is not available here");
+  const float* a = A.data_ptr<float>();
+  const float* b = B.data_ptr<float>();
+  float* c = C.data_ptr<float>();
+  const int64_t lda = A.stride(0), ldb = panel > 0 ? 0 : B.stride(0), ldc = C.stride(0);
+  const int64_t KB = kb > 0 ? kb : std::max<int64_t>(K, 1);
+  timespec t0{}, t1{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+  for (int64_t r = 0; r < repeats; ++r) {
+    if (panel > 0) {
+      for (int64_t n0 = 0; n0 < N; n0 += panel) {
+        const int64_t np = std::min(panel, N - n0);
+        gemm_rm(M, np, K, a, lda, b + n0 * K, np, c + n0, ldc, acc);
+      }
+    } else {
+      for (int64_t k0 = 0; k0 < K; k0 += KB)
+        gemm_rm(M, N, std::min(KB, K - k0), a + k0, lda, b + k0 * ldb, ldb, c, ldc,
+                acc || k0 > 0);
+    }
+  }
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
+  g_gemm = saved;
+  resolve_blas();
+  return static_cast<double>(t1.tv_sec - t0.tv_sec) + 1e-9 * static_cast<double>(t1.tv_nsec - t0.tv_nsec);
 }
 
 // For tests/benchmarks: force the backward's chunk to `steps` time steps (0: automatic);
@@ -3074,7 +3359,11 @@ bool bf16_available_op() {
   static const bool ok = probe_bf16();
   return ok;
 }
-std::string set_gemm_op(c10::string_view which) { return set_gemm(std::string(which)); }
+std::string set_gemm_op(c10::string_view which) {
+  const std::string got = set_gemm(std::string(which));
+  g_rec_panel = rec_panel_for(g_gemm);
+  return got;
+}
 
 }  // namespace
 
@@ -3115,6 +3404,9 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("init() -> bool");
   m.def("bf16_available() -> bool");
   m.def("set_gemm(str which) -> str");
+  m.def("set_own_gemm(int kc, int pack_rows) -> (int, int)");
+  m.def("gemm_run(str which, Tensor A, Tensor B, Tensor(a!) C, bool acc, int panel, int kb, "
+        "int repeats) -> float");
   m.def("set_backward_chunk(int steps) -> int");
   m.def("set_thread_split(str which) -> str");
   m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(layer_forward));
@@ -3128,6 +3420,8 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.impl("init", c10::DispatchKey::CatchAll, TORCH_FN(init_op));
   m.impl("bf16_available", c10::DispatchKey::CatchAll, TORCH_FN(bf16_available_op));
   m.impl("set_gemm", c10::DispatchKey::CatchAll, TORCH_FN(set_gemm_op));
+  m.impl("set_own_gemm", c10::DispatchKey::CatchAll, TORCH_FN(set_own_gemm));
+  m.impl("gemm_run", c10::DispatchKey::CPU, TORCH_FN(gemm_run));
   m.impl("set_backward_chunk", c10::DispatchKey::CatchAll, TORCH_FN(set_backward_chunk));
   m.impl("set_thread_split", c10::DispatchKey::CatchAll, TORCH_FN(set_thread_split));
 }
