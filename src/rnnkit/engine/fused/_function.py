@@ -210,9 +210,8 @@ def _step_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before:
 
 def _pack_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before: bool,
                w_ih: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
-    # (the Elman kernel reads W_hh^T as one block, made per call: no packed copy)
-    return w_ih.new_empty((w_ih.shape[1], w_ih.shape[0])), (
-        torch.empty_like(w_hh) if kind != 0 else _empty(w_hh))
+    # (W_hh packed for every kind, whichever GEMM the process runs: see pack_weights)
+    return w_ih.new_empty((w_ih.shape[1], w_ih.shape[0])), torch.empty_like(w_hh)
 
 
 def _forward_packed_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before: bool,

@@ -2849,14 +2849,14 @@ std::tuple<at::Tensor, at::Tensor> pack_weights(int64_t kind, int64_t act, bool 
   const Cfg cf = variant_cfg(kind, act, peep, coupled, before, 0, 0, w_ih.size(1), w_hh.size(1));
   TORCH_CHECK(w_hh.size(0) == cf.G * cf.H, "w_hh has the wrong shape");
   const at::Tensor wih = w_ih.contiguous(), whh = w_hh.contiguous();
+  // Every kind, whichever GEMM this process runs: the result's shape must not depend on it (the
+  // fake kernel, and so a compiled or exported graph, cannot know it). The Elman loop reads these
+  // panels only with gemm_own; with brgemm forward_impl makes W_hh^T as one block per call.
   at::Tensor rec;
-  // (the Elman loop reads W_hh^T as one block, forward_impl makes it; with gemm_own in panels)
-  if (cf.kind != RNN || g_gemm == Gemm::OWN) {
-    if (whh.scalar_type() == at::kFloat) rec = pack_recurrent<float>(whh, cf);
-    else if (whh.scalar_type() == at::kDouble) rec = pack_recurrent<double>(whh, cf);
-    else TORCH_CHECK(false, "fused kernels support float32 and float64");
-  }
-  return {wih.t().contiguous(), or_empty(rec, whh)};
+  if (whh.scalar_type() == at::kFloat) rec = pack_recurrent<float>(whh, cf);
+  else if (whh.scalar_type() == at::kDouble) rec = pack_recurrent<double>(whh, cf);
+  else TORCH_CHECK(false, "fused kernels support float32 and float64");
+  return {wih.t().contiguous(), rec};
 }
 
 // rnnkit_fused::layer_forward_packed: layer_forward without regularisers, bf16 or saving
