@@ -71,6 +71,8 @@ class Prepared(NamedTuple):
     # packed for batch-1 products (``pack_gemv``), made at the first float32 batch-1 call
     packed: dict[int, tuple[Tensor, Tensor]]  # per layer and direction, made on first use:
     # pack_weights' W_ih^T and panel-packed W_hh^T for layer_forward_packed (batched calls)
+    step: list[Tensor]  # a cell's weights as step_stream reads them (pack_step), made at the
+    # first float32 batch-1 step: [] before, [empty tensor] on a CPU without the packed kernel
 
 
 _optimizer_steps = 0  # torch.optim steps taken in this process (every plan's key holds it)
@@ -124,7 +126,7 @@ def _plan(module: Any, cfg: Config,
         w_ih, w_hh, b_ih, b_hh = (None if p is None else p.detach().contiguous() for p in params[:4])
         pw = peephole_weights(cfg, params)
         weights.append((w_ih, w_hh, b_ih, b_hh, None if pw is None else pw.detach().contiguous()))
-    plan = Prepared(key, cfg, tuple(weights), {}, {}, {})
+    plan = Prepared(key, cfg, tuple(weights), {}, {}, {}, [])
     module.__dict__[_ATTRIBUTE] = plan
     return plan
 
@@ -158,6 +160,18 @@ def _gemv(plan: Prepared, index: int, which: int) -> Tensor:
         packed = torch.ops.rnnkit_fused.pack_gemv.default(plan.weights[index][which], gates)
         plan.gemv[(index, which)] = packed
     return packed
+
+
+def step_weights(plan: Prepared) -> Tensor:
+    """A cell plan's weights packed once per weight version for ``step_stream`` (``pack_step``:
+    a header naming the variant and sizes, both weights packed as ``pack_gemv`` packs them, the
+    folded biases, the peepholes): the batch-1 step then takes four arguments where
+    ``step_packed`` takes sixteen, each converted from Python on every call. Empty on a CPU
+    without the packed kernel (then ``step`` runs)."""
+    if not plan.step:
+        plan.step.append(torch.ops.rnnkit_fused.pack_step.default(*plan.cfg.args(),
+                                                                  *plan.weights[0]))
+    return plan.step[0]
 
 
 def _tiles(plan: Prepared, index: int) -> tuple[Tensor, Tensor]:
@@ -334,18 +348,36 @@ def cell_step(cell: Any, x_t: Any, state: Any) -> tuple[Tensor, Any] | None:
     for s in state:  # (a loop, not any(...): a generator costs a µs, a tenth of a step's Python)
         if type(s) is not Tensor or s.shape != shape or s.dtype != x_t.dtype or not s.is_cpu:
             return None  # (the general path says what is wrong)
-    w_ih, w_hh, b_ih, b_hh, pw = plan.weights[0]
     lstm = cfg.kind == 1
-    if shape[0] == 1 and x_t.dtype == torch.float32:  # both weights packed (step_packed)
-        h, c = torch.ops.rnnkit_fused.step_packed.default(
-            cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
-            state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _gemv(plan, 0, 0),
-            _gemv(plan, 0, 1), _function.loop_threads)
+    packed = (step_weights(plan) if shape[0] == 1 and x_t.dtype == torch.float32
+              and _one_thread() else None)
+    if packed is not None and packed.numel():  # (one thread, both weights packed: step_stream)
+        h, c = _step_stream()(x_t, state[0], state[1] if lstm else None, packed)
     else:
+        w_ih, w_hh, b_ih, b_hh, pw = plan.weights[0]
         h, c = torch.ops.rnnkit_fused.step.default(
             cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
             state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _function.loop_threads)
     return h, cell.math.make_state((h, c) if lstm else (h,))
+
+
+def _one_thread() -> bool:
+    """Whether the step runs on one thread (step_stream's only form; with more, ``step`` splits
+    the units between them)."""
+    threads_ = _function.loop_threads
+    return threads_ == 1 or (threads_ == 0 and torch.get_num_threads() == 1)
+
+
+_STEP: Any = None
+
+
+def _step_stream() -> Any:
+    """``step_stream``'s C++ entry, looked up once (``OpOverload.__call__`` is a Python frame
+    more per call; its ``_op`` is the builtin it forwards to)."""
+    global _STEP
+    if _STEP is None:
+        _STEP = torch.ops.rnnkit_fused.step_stream.default._op
+    return _STEP
 
 
 def _fused() -> Any:
