@@ -13,8 +13,11 @@ At batch 1 (float32) the plan also keeps each weight packed for the batch-1 prod
 (``pack_gemv``: per gate, panels of W^T contiguous along K — one sequential stream per product,
 as onnxruntime packs its weights once per session), made at the first batch-1 call and read by
 ``forward_packed`` (the input projection of all steps as one GEMM, each step's recurrent
-product) and ``step_packed`` (the streaming step). It costs a second copy of the weights while
-the plan lives.
+product). A cell's plan keeps them, with the folded biases and the peepholes, in the one tensor
+``step_stream`` reads (``pack_step``; on one thread, else ``step_packed``): the streaming step
+then takes four arguments instead of sixteen (``rnnkit.streaming.Stream`` keeps that tensor and
+the state, and makes one call per step). It costs a second copy of the weights while the plan
+lives.
 
 The plan is keyed on every parameter's ``data_ptr()`` and ``_version`` and on the number of
 optimizer steps taken in this process: ``load_state_dict`` and other in-place writes (they bump
@@ -349,15 +352,26 @@ def cell_step(cell: Any, x_t: Any, state: Any) -> tuple[Tensor, Any] | None:
         if type(s) is not Tensor or s.shape != shape or s.dtype != x_t.dtype or not s.is_cpu:
             return None  # (the general path says what is wrong)
     lstm = cfg.kind == 1
-    packed = (step_weights(plan) if shape[0] == 1 and x_t.dtype == torch.float32
-              and _one_thread() else None)
+    batch1 = shape[0] == 1 and x_t.dtype == torch.float32
+    packed = step_weights(plan) if batch1 and _one_thread() else None
     if packed is not None and packed.numel():  # (one thread, both weights packed: step_stream)
-        h, c = _step_stream()(x_t, state[0], state[1] if lstm else None, packed)
+        return _finish(cell, lstm, *_step_stream()(x_t, state[0], state[1] if lstm else None,
+                                                   packed))
+    w_ih, w_hh, b_ih, b_hh, pw = plan.weights[0]
+    if batch1:  # (more threads: step_packed splits the units between them where it pays)
+        h, c = torch.ops.rnnkit_fused.step_packed.default(
+            cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
+            state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _gemv(plan, 0, 0),
+            _gemv(plan, 0, 1), _function.loop_threads)
     else:
-        w_ih, w_hh, b_ih, b_hh, pw = plan.weights[0]
         h, c = torch.ops.rnnkit_fused.step.default(
             cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
             state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _function.loop_threads)
+    return _finish(cell, lstm, h, c)
+
+
+def _finish(cell: Any, lstm: bool, h: Tensor, c: Tensor) -> tuple[Tensor, Any]:
+    """The cell's ``(output, state)`` from an operator's ``(h, c)``."""
     return h, cell.math.make_state((h, c) if lstm else (h,))
 
 
