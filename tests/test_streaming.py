@@ -323,6 +323,8 @@ def test_stream_bad_input_is_one_clear_error() -> None:
         Stream(_cell("lstm"), torch.zeros(1, HID))  # (an LSTM's state is (h, c))
     x = torch.randn(1, IN, requires_grad=True)
     assert not stream.step(x).requires_grad  # (inference only: no graph across steps)
+    with pytest.raises(TypeError, match="StackedCell"):
+        Stream(rnnkit.StackedCell([_cell("lstm"), _cell("lstm", HID, HID)]))
 
 
 @needs_kernel

@@ -133,8 +133,12 @@ class Stream:
 
     def __init__(self, cell: torch.nn.Module, state: Any = None) -> None:
         """``state``: the cell's state for batch 1 to start from (default: zeros)."""
+        from rnnkit.cells.base import RecurrentCell
         from rnnkit.engine.fused import _build, inference
 
+        if not isinstance(cell, RecurrentCell):  # (its math, state type and zero state)
+            raise TypeError(f"Stream takes an rnnkit RNNCell, LSTMCell or GRUCell, got "
+                            f"{type(cell).__name__} (StreamBank steps any model)")
         self.cell = cell
         self._inference = inference
         self._params = tuple(p for p in cell._parameters.values() if p is not None)
