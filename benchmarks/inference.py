@@ -4,12 +4,14 @@ For every variant of ``speed.py`` and each of its shapes (T, B, H) plus the same
 one layer (input size = H) runs forward under ``torch.inference_mode`` in rnnkit and, with the same
 weights, as the ONNX file ``rnnkit.export_onnx`` writes (one ONNX LSTM/GRU/RNN node) in
 onnxruntime — same thread count (``intra_op_num_threads`` = torch's threads, one inter-op thread,
-no spin-waiting), alternating in one process. It also times one streaming LSTM step at batch 1,
-H = 256, against ``torch.nn.LSTMCell``. Results go into the "Inference" section of
+no spin-waiting), alternating in one process. It also times one streaming step at batch 1,
+H = 256, of the LSTM, GRU and Elman cells (``rnnkit.streaming.Stream`` and the cell's own call)
+against torch.nn's cells. Results go into the "Inference" section of
 docs/performance.md (replaced in place; the rest of the file is speed.py's).
 
     python benchmarks/inference.py --threads 2
     python benchmarks/inference.py --quick           # one shape, two variants, nothing written
+    python benchmarks/inference.py --threads 1 --step-only   # the streaming steps alone
 """
 
 from __future__ import annotations
@@ -107,18 +109,44 @@ def bench_variant(name: str, hidden: int, shapes: list[tuple[int, int, int]], th
     return rows
 
 
-def bench_step(hidden: int, repeats: int) -> tuple[float, float, float]:
-    """Minimum seconds of one LSTM step at batch 1: rnnkit.LSTMCell vs torch.nn.LSTMCell, and the
-    floor: one matrix-vector product over all of the step's weights ((4H, I + H) float32), the
-    least memory traffic any implementation of the step needs (at batch 1 it is bandwidth-bound).
-    """
-    ours, theirs = rnnkit.LSTMCell(hidden, hidden), nn.LSTMCell(hidden, hidden)
+# the streaming step's cells: name -> (rnnkit cell, torch.nn cell)
+STEP_CELLS = {"lstm": (rnnkit.LSTMCell, nn.LSTMCell), "gru": (rnnkit.GRUCell, nn.GRUCell),
+              "rnn_tanh": (rnnkit.RNNCell, nn.RNNCell)}
+
+
+@dataclass
+class StepRow:
+    """Minimum seconds of one step at batch 1, each rnnkit form timed side by side with the
+    torch.nn cell (its own pair, so each ratio is of one interleaved run)."""
+
+    cell: str
+    hidden: int
+    stream: float  # rnnkit.streaming.Stream.step(x): the weights packed once, one operator call
+    stream_torch: float  # torch.nn's cell, interleaved with the stream
+    cell_call: float  # rnnkit's cell called as torch.nn's is: cell(x, state)
+    cell_torch: float  # torch.nn's cell, interleaved with rnnkit's cell
+    floor: float  # one torch.mv over all of the step's weights ((G*H, I + H) float32)
+
+
+def bench_step(name: str, hidden: int, repeats: int) -> StepRow:
+    """One step of cell ``name`` at batch 1 through ``Stream.step`` and through the cell's call,
+    each against torch.nn's cell (under ``torch.inference_mode``, its fastest form), and the
+    floor: one matrix-vector product over all of the step's weights, the least memory traffic any
+    implementation of the step needs (at batch 1 it is bandwidth-bound)."""
+    from rnnkit.streaming import Stream
+
+    make_ours, make_theirs = STEP_CELLS[name]
+    ours, theirs = make_ours(hidden, hidden), make_theirs(hidden, hidden)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(1, hidden)
     state = ours.zero_state(1)
-    their_state = tuple(state)
+    their_state = tuple(state) if name == "lstm" else torch.zeros(1, hidden)
+    stream = Stream(ours)
 
-    def run_ours() -> object:
+    def run_stream() -> object:
+        return stream.step(x)
+
+    def run_cell() -> object:
         with torch.inference_mode():
             return ours(x, state)
 
@@ -129,10 +157,27 @@ def bench_step(hidden: int, repeats: int) -> tuple[float, float, float]:
     weights = torch.cat((ours.weight_ih, ours.weight_hh), 1).detach().contiguous()
     vector = torch.randn(weights.shape[1])
     floor, _ = alternate(lambda: torch.mv(weights, vector), lambda: None, repeats * 50, warmup=50)
-    return (*alternate(run_ours, run_theirs, repeats * 50, warmup=50), floor)
+    stream_s, stream_torch = alternate(run_stream, run_theirs, repeats * 50, warmup=50)
+    cell_s, cell_torch = alternate(run_cell, run_theirs, repeats * 50, warmup=50)
+    return StepRow(name, hidden, stream_s, stream_torch, cell_s, cell_torch, floor)
 
 
-def markdown(rows: list[Row], step: tuple[float, float, float], threads: int, load: str) -> str:
+def step_lines(steps: list[StepRow]) -> list[str]:
+    """The streaming step's table (µs, ratio to torch.nn's cell in the same interleaved run)."""
+    lines = [
+        "| cell, H | `Stream.step` µs | torch.nn µs | ratio | rnnkit cell call µs | torch.nn µs | "
+        "ratio | floor (`torch.mv`) µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in steps:
+        lines.append(f"| {r.cell}, {r.hidden} | {r.stream * 1e6:.1f} | {r.stream_torch * 1e6:.1f} | "
+                     f"{r.stream / r.stream_torch:.2f} | {r.cell_call * 1e6:.1f} | "
+                     f"{r.cell_torch * 1e6:.1f} | {r.cell_call / r.cell_torch:.2f} | "
+                     f"{r.floor * 1e6:.1f} |")
+    return lines
+
+
+def markdown(rows: list[Row], steps: list[StepRow], threads: int, load: str) -> str:
     ratios = [r.ratio for r in rows]
     lines = [
         "## Inference: rnnkit vs onnxruntime",
@@ -167,7 +212,7 @@ def markdown(rows: list[Row], step: tuple[float, float, float], threads: int, lo
         "output, as the eight-rows-at-a-time `gemv_rows` over W as stored needed). The input projection of "
         "all steps is one GEMM over the packed W_ih (a 6-row x 64-column micro-kernel; BLAS repacked W_ih on "
         "every call), each step's recurrent product reads the packed W_hh (`forward_packed`), and the "
-        "streaming step reads the packed W_ih and W_hh side by side in one pass (`step_packed`: two streams "
+        "streaming step reads the packed W_ih and W_hh side by side in one pass (`step_stream`: two streams "
         "from L3). Measured (2026-12-01, 1 thread, min of 300 runs, under load ~6), where batch-1 time goes: "
         "LSTM 200,1,64 per step 1.24 µs (perf: recurrent product ~50 %, input GEMM ~30 %, pointwise ~20 %), "
         "onnxruntime 1.14 µs per step (slope from T = 35 to 200); fixed cost per call 28 µs at T = 1 "
@@ -197,14 +242,16 @@ def markdown(rows: list[Row], step: tuple[float, float, float], threads: int, lo
     for r in rows:
         lines.append(f"| {r.variant} | {','.join(map(str, r.shape))} | {r.ours_ms:.3f} | "
                      f"{r.ort_ms:.3f} | {r.ratio:.2f} | {r.max_diff:.1e} |")
-    ours_s, theirs_s, floor_s = step
     lines += [
         "",
-        "One streaming LSTM step, batch 1, H = 256 (`rnnkit.LSTMCell` through the fused `step` "
-        f"operator vs `torch.nn.LSTMCell`): {ours_s * 1e6:.1f} µs vs {theirs_s * 1e6:.1f} µs, "
-        f"ratio {ours_s / theirs_s:.2f}. Floor: reading the step's weights once (one "
-        f"{4 * 256 * 512 * 4 / 2**20:.0f} MiB float32 matrix-vector product, `torch.mv`) takes "
-        f"{floor_s * 1e6:.1f} µs here, {floor_s / theirs_s:.2f} of `nn.LSTMCell`'s time.",
+        "One streaming step at batch 1 (input size = H), through `rnnkit.streaming.Stream` (the "
+        "cell's weights packed once into one tensor by `pack_step`, the state kept; one "
+        "`step_stream` call per step) and through the rnnkit cell's own call (`cell(x, state)` "
+        "under `torch.inference_mode`, the lean path: the same operator), each interleaved with "
+        "the torch.nn cell under `torch.inference_mode`; ratio = rnnkit / torch.nn. Floor: one "
+        "`torch.mv` over all of the step's weights (LSTM at H = 256: 2 MiB).",
+        "",
+        *step_lines(steps),
     ]
     return "\n".join(lines) + "\n"
 
@@ -228,6 +275,11 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default=CLOCK,
                         help="process CPU time (default) or wall time")
     parser.add_argument("--quick", action="store_true", help="one shape, two variants, 3 repeats")
+    parser.add_argument("--step-only", action="store_true",
+                        help="only the streaming steps (LSTM, GRU, Elman at batch 1); nothing "
+                             "written")
+    parser.add_argument("--step-hidden", type=int, nargs="+", default=[256],
+                        help="hidden sizes of the streaming steps (default: 256)")
     parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
     args = parser.parse_args()
     CLOCK = args.clock
@@ -243,20 +295,32 @@ def main() -> None:
         shapes, variants, repeats = [(35, 20, 200), (35, 1, 200)], ["lstm", "gru_before"], 3
     torch.manual_seed(0)
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for name in variants:
-            for hidden in sorted({h for _, _, h in shapes}):
-                rows += bench_variant(name, hidden, [s for s in shapes if s[2] == hidden],
-                                      threads, repeats, Path(workdir))
-    step = bench_step(256, repeats)
-    print(f"streaming LSTM step B=1 H=256: rnnkit {step[0] * 1e6:.1f} us, nn.LSTMCell "
-          f"{step[1] * 1e6:.1f} us, ratio {step[0] / step[1]:.2f}; weight-read floor "
-          f"{step[2] * 1e6:.1f} us")
+    if not args.step_only:
+        with tempfile.TemporaryDirectory() as workdir:
+            for name in variants:
+                for hidden in sorted({h for _, _, h in shapes}):
+                    rows += bench_variant(name, hidden, [s for s in shapes if s[2] == hidden],
+                                          threads, repeats, Path(workdir))
+    steps = []
+    for hidden in args.step_hidden:
+        for name in STEP_CELLS:
+            r = bench_step(name, hidden, repeats)
+            steps.append(r)
+            print(f"streaming {name} step B=1 H={hidden}: Stream.step {r.stream * 1e6:.1f} us vs "
+                  f"torch.nn {r.stream_torch * 1e6:.1f} us (ratio {r.stream / r.stream_torch:.2f}); "
+                  f"cell call {r.cell_call * 1e6:.1f} us vs {r.cell_torch * 1e6:.1f} us (ratio "
+                  f"{r.cell_call / r.cell_torch:.2f}); weight-read floor {r.floor * 1e6:.1f} us",
+                  flush=True)
     load = "{:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min)".format(*os.getloadavg())
-    text = markdown(rows, step, threads, load)
+    if args.step_only:
+        print(f"\nload average {load}; clock: {CLOCK}")
+        print("\n".join(step_lines(steps)))
+        return
+    text = markdown(rows, steps, threads, load)
     print()
     print(text)
-    if not (args.quick or args.shapes or args.variants != EXPORTABLE):
+    if not (args.quick or args.shapes or args.variants != EXPORTABLE
+            or args.step_hidden != [256]):
         write_section(args.out, "inference", text)
         print(f"wrote the inference section of {args.out}")
 

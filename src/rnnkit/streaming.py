@@ -1,4 +1,14 @@
-"""Many independent streams through one recurrent model, stepped together in one batched call.
+"""Streams: one cell stepped input by input (:class:`Stream`), and many independent streams
+through one recurrent model stepped together in one batched call (:class:`StreamBank`).
+
+A :class:`Stream` is the batch-1 streaming step with as little as possible around the kernel:
+it keeps the cell's weights packed for the step (once per weight version) and its state, and
+each ``step(x)`` is one operator call::
+
+    stream = Stream(rnnkit.LSTMCell(256, 256))
+    for x_t in inputs:                       # x_t (1, 256)
+        y_t = stream.step(x_t)               # (1, 256): the new h
+    stream.state                             # LSTMState(h, c), batch 1
 
 A unidirectional recurrent layer (or cell, or a model built on one) fed a sequence in chunks,
 with the state carried from chunk to chunk, computes exactly what one call on the whole sequence
@@ -24,6 +34,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from rnnkit.state_tree import map_state
 
@@ -115,3 +126,107 @@ def _refuse_bidirectional(step: StepFunction) -> None:
         if getattr(module, "bidirectional", False) is True:
             raise ValueError(f"{name or type(module).__name__} is bidirectional: its outputs read "
                              "the future of the sequence, so it cannot be stepped in chunks")
+
+
+class Stream:
+    """One recurrent cell (``rnnkit.RNNCell`` / ``LSTMCell`` / ``GRUCell``, any variant) stepped
+    one input at a time at batch 1, its state kept between steps. Inference only: nothing is
+    differentiated, and ``step`` returns ``cell(x, state)``'s output without a gradient.
+
+    Where the fused kernel runs (float32, the fused backend, a CPU with AVX2 + FMA, one thread)
+    a step is one call of ``rnnkit_fused::step_stream`` with four arguments: the input, the
+    state and the cell's weights packed into one tensor (``pack_step``), kept here. Between
+    steps the stream checks only the weights' version counters and the process's optimizer
+    steps (an in-place change, ``load_state_dict`` and any optimizer step re-pack them); a
+    cell whose parameters are replaced or moved (``.to``, assigning a new ``Parameter``) needs a
+    new stream. Everywhere else ``step`` calls the cell itself (same results, its speed).
+    """
+
+    def __init__(self, cell: torch.nn.Module, state: Any = None) -> None:
+        """``state``: the cell's state for batch 1 to start from (default: zeros)."""
+        from rnnkit.cells.base import RecurrentCell
+        from rnnkit.engine.fused import _build, inference
+
+        if not isinstance(cell, RecurrentCell):  # (its math, state type and zero state)
+            raise TypeError(f"Stream takes an rnnkit RNNCell, LSTMCell or GRUCell, got "
+                            f"{type(cell).__name__} (StreamBank steps any model)")
+        self.cell = cell
+        self._inference = inference
+        self._params = tuple(p for p in cell._parameters.values() if p is not None)
+        self._lstm = len(cell.math.state_names) == 2
+        self._packed: Tensor | None = None
+        self._versions: list[int] = []
+        weight = cell._parameters.get("weight_hh")
+        if (weight is not None and weight.dtype == torch.float32 and weight.is_cpu
+                and _build.load() is not None and inference._config(cell) is not None
+                and inference._one_thread()):
+            self._repack()
+        self.reset(state)
+
+    def _repack(self) -> None:
+        """The cell's current weights packed for the step (None: ``step`` calls the cell)."""
+        inference = self._inference
+        self._steps = inference._optimizer_steps
+        self._versions = [p._version for p in self._params]
+        with torch.no_grad():
+            plan = inference._plan(self.cell, inference._config(self.cell), inference._cell_params)
+            packed = inference.step_weights(plan) if plan is not None else None
+        self._packed = packed if packed is not None and packed.numel() else None
+        self._op = inference._step_stream()
+
+    def reset(self, state: Any = None) -> None:
+        """Start over from ``state`` (batch 1; default: the zero state)."""
+        if state is None:
+            state = self.cell.zero_state(1)
+        parts = tuple(state) if isinstance(state, tuple) else (state,)
+        if len(parts) != (2 if self._lstm else 1) or any(
+                not isinstance(p, Tensor) or p.shape != (1, self.cell.hidden_size) for p in parts):
+            raise ValueError(f"Stream: state must be the cell's state for batch 1: "
+                             f"{'(h, c)' if self._lstm else 'h'}, each (1, {self.cell.hidden_size})")
+        self._h = parts[0].detach()
+        self._c = parts[1].detach() if self._lstm else None
+
+    @property
+    def state(self) -> Any:
+        """The state after the last step (the cell's state type, batch 1)."""
+        return self.cell.math.make_state((self._h, self._c) if self._lstm else (self._h,))
+
+    def step(self, x: Tensor) -> Tensor:
+        """Feeds ``x`` (1, input_size); returns the output (1, hidden_size), the new h."""
+        packed = self._packed
+        if packed is None:
+            return self._step_cell(x)
+        # (a list, not a generator: one step's Python is a few µs, and any(...) costs one)
+        if (self._inference._optimizer_steps != self._steps
+                or [p._version for p in self._params] != self._versions):
+            self._repack()
+            return self.step(x)
+        try:
+            if x.requires_grad:  # (else every step would chain into one autograd graph)
+                x = x.detach()
+            h, c = self._op(x, self._h, self._c, packed)
+        except (RuntimeError, AttributeError, TypeError):  # (the operator checks its arguments)
+            if isinstance(x, Tensor) and x.shape == (1, self.cell.input_size) and x.is_cpu:
+                raise ValueError(f"Stream.step: x must be float32 (the weights' dtype), got "
+                                 f"{x.dtype}") from None
+            raise ValueError(f"Stream.step: x must be a (1, {self.cell.input_size}) CPU tensor, "
+                             f"got {_describe(x)}") from None
+        self._h = h
+        if self._lstm:
+            self._c = c
+        return h
+
+    def _step_cell(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.shape != (1, self.cell.input_size):
+            raise ValueError(f"Stream.step: x must be a (1, {self.cell.input_size}) tensor, got "
+                             f"{_describe(x)}")
+        with torch.no_grad():
+            output, state = self.cell(x, self.state)
+        self.reset(state)
+        return output
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"{x.dtype} {tuple(x.shape)} on {x.device}"
+    return type(x).__name__

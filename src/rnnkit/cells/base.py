@@ -189,6 +189,19 @@ def _engine() -> Any:
     return rnnkit.engine
 
 
+# rnnkit.engine.fused.inference, imported on first use (the engine imports this module): a
+# `from ... import` in forward costs a Python-level fromlist lookup on every step
+_inference: Any = None
+
+
+def _load_inference() -> Any:
+    global _inference
+    from rnnkit.engine.fused import inference
+
+    _inference = inference
+    return _inference
+
+
 def sigmoid_grad(y: Tensor) -> Tensor:
     """σ'(x) written with the output y = σ(x)."""
     return y * (1 - y)
@@ -318,9 +331,7 @@ class RecurrentCell(nn.Module):
     def forward(self, x_t: Tensor, state: State | Tensor | None = None) -> tuple[Tensor, State]:
         """One step: ``output, new_state = cell(x_t, state)``; x_t is (B, input_size) or (input_size,)."""
         if not torch.is_grad_enabled():  # inference: the lean step (engine/fused/inference.py)
-            from rnnkit.engine.fused import inference
-
-            result = inference.cell_step(self, x_t, state)
+            result = (_inference or _load_inference()).cell_step(self, x_t, state)
             if result is not None:
                 return result
         unbatched = x_t.dim() == 1

@@ -6,6 +6,8 @@ The C++ library (``csrc/fused_rnn.cpp``) defines three operators with ``TORCH_LI
   ``training=True`` it also returns the activations ``layer_backward`` needs;
 * ``rnnkit_fused::layer_backward``: the hand-derived BPTT of ``layer_forward``;
 * ``rnnkit_fused::step``: one streaming time step (B, I) -> (h, c), nothing saved;
+* ``rnnkit_fused::pack_step`` / ``step_stream``: the batch-1 step over the cell's weights packed
+  once into one tensor (four arguments per call: x, h, c and that tensor);
 * ``rnnkit_fused::pack_weights`` / ``layer_forward_packed``: the inference forward with the
   weights' transposed and panel-packed copies made once and kept by the caller (the lean
   inference path's plan, :mod:`rnnkit.engine.fused.inference`).
@@ -208,6 +210,11 @@ def _step_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before:
     return torch.empty_like(h), (torch.empty_like(h) if kind == 1 else _empty(x))
 
 
+def _step_stream_fake(x: Tensor, h: Tensor, c: Tensor | None, packed: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(h), (torch.empty_like(c) if c is not None else _empty(x))
+
+
 def _pack_fake(kind: int, act: int, peephole: bool, coupled: bool, reset_before: bool,
                w_ih: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
     # (W_hh packed for every kind, whichever GEMM the process runs: see pack_weights)
@@ -288,6 +295,7 @@ def register() -> None:
     torch.library.register_fake(f"{NAMESPACE}::layer_forward")(_forward_fake)
     torch.library.register_fake(f"{NAMESPACE}::layer_backward")(_backward_fake)
     torch.library.register_fake(f"{NAMESPACE}::step")(_step_fake)
+    torch.library.register_fake(f"{NAMESPACE}::step_stream")(_step_stream_fake)
     torch.library.register_fake(f"{NAMESPACE}::pack_weights")(_pack_fake)
     torch.library.register_fake(f"{NAMESPACE}::layer_forward_packed")(_forward_packed_fake)
     torch.library.register_autograd(f"{NAMESPACE}::layer_forward", _backward,

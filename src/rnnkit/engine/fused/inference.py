@@ -13,8 +13,11 @@ At batch 1 (float32) the plan also keeps each weight packed for the batch-1 prod
 (``pack_gemv``: per gate, panels of W^T contiguous along K — one sequential stream per product,
 as onnxruntime packs its weights once per session), made at the first batch-1 call and read by
 ``forward_packed`` (the input projection of all steps as one GEMM, each step's recurrent
-product) and ``step_packed`` (the streaming step). It costs a second copy of the weights while
-the plan lives.
+product). A cell's plan keeps them, with the folded biases and the peepholes, in the one tensor
+``step_stream`` reads (``pack_step``; on one thread, else ``step_packed``): the streaming step
+then takes four arguments instead of sixteen (``rnnkit.streaming.Stream`` keeps that tensor and
+the state, and makes one call per step). It costs a second copy of the weights while the plan
+lives.
 
 The plan is keyed on every parameter's ``data_ptr()`` and ``_version`` and on the number of
 optimizer steps taken in this process: ``load_state_dict`` and other in-place writes (they bump
@@ -71,6 +74,8 @@ class Prepared(NamedTuple):
     # packed for batch-1 products (``pack_gemv``), made at the first float32 batch-1 call
     packed: dict[int, tuple[Tensor, Tensor]]  # per layer and direction, made on first use:
     # pack_weights' W_ih^T and panel-packed W_hh^T for layer_forward_packed (batched calls)
+    step: list[Tensor]  # a cell's weights as step_stream reads them (pack_step), made at the
+    # first float32 batch-1 step: [] before, [empty tensor] on a CPU without the packed kernel
 
 
 _optimizer_steps = 0  # torch.optim steps taken in this process (every plan's key holds it)
@@ -124,7 +129,7 @@ def _plan(module: Any, cfg: Config,
         w_ih, w_hh, b_ih, b_hh = (None if p is None else p.detach().contiguous() for p in params[:4])
         pw = peephole_weights(cfg, params)
         weights.append((w_ih, w_hh, b_ih, b_hh, None if pw is None else pw.detach().contiguous()))
-    plan = Prepared(key, cfg, tuple(weights), {}, {}, {})
+    plan = Prepared(key, cfg, tuple(weights), {}, {}, {}, [])
     module.__dict__[_ATTRIBUTE] = plan
     return plan
 
@@ -158,6 +163,18 @@ def _gemv(plan: Prepared, index: int, which: int) -> Tensor:
         packed = torch.ops.rnnkit_fused.pack_gemv.default(plan.weights[index][which], gates)
         plan.gemv[(index, which)] = packed
     return packed
+
+
+def step_weights(plan: Prepared) -> Tensor:
+    """A cell plan's weights packed once per weight version for ``step_stream`` (``pack_step``:
+    a header naming the variant and sizes, both weights packed as ``pack_gemv`` packs them, the
+    folded biases, the peepholes): the batch-1 step then takes four arguments where
+    ``step_packed`` takes sixteen, each converted from Python on every call. Empty on a CPU
+    without the packed kernel (then ``step`` runs)."""
+    if not plan.step:
+        plan.step.append(torch.ops.rnnkit_fused.pack_step.default(*plan.cfg.args(),
+                                                                  *plan.weights[0]))
+    return plan.step[0]
 
 
 def _tiles(plan: Prepared, index: int) -> tuple[Tensor, Tensor]:
@@ -334,9 +351,14 @@ def cell_step(cell: Any, x_t: Any, state: Any) -> tuple[Tensor, Any] | None:
     for s in state:  # (a loop, not any(...): a generator costs a µs, a tenth of a step's Python)
         if type(s) is not Tensor or s.shape != shape or s.dtype != x_t.dtype or not s.is_cpu:
             return None  # (the general path says what is wrong)
-    w_ih, w_hh, b_ih, b_hh, pw = plan.weights[0]
     lstm = cfg.kind == 1
-    if shape[0] == 1 and x_t.dtype == torch.float32:  # both weights packed (step_packed)
+    batch1 = shape[0] == 1 and x_t.dtype == torch.float32
+    packed = step_weights(plan) if batch1 and _one_thread() else None
+    if packed is not None and packed.numel():  # (one thread, both weights packed: step_stream)
+        return _finish(cell, lstm, *_step_stream()(x_t, state[0], state[1] if lstm else None,
+                                                   packed))
+    w_ih, w_hh, b_ih, b_hh, pw = plan.weights[0]
+    if batch1:  # (more threads: step_packed splits the units between them where it pays)
         h, c = torch.ops.rnnkit_fused.step_packed.default(
             cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
             state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _gemv(plan, 0, 0),
@@ -345,7 +367,31 @@ def cell_step(cell: Any, x_t: Any, state: Any) -> tuple[Tensor, Any] | None:
         h, c = torch.ops.rnnkit_fused.step.default(
             cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
             state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _function.loop_threads)
+    return _finish(cell, lstm, h, c)
+
+
+def _finish(cell: Any, lstm: bool, h: Tensor, c: Tensor) -> tuple[Tensor, Any]:
+    """The cell's ``(output, state)`` from an operator's ``(h, c)``."""
     return h, cell.math.make_state((h, c) if lstm else (h,))
+
+
+def _one_thread() -> bool:
+    """Whether the step runs on one thread (step_stream's only form; with more, ``step`` splits
+    the units between them)."""
+    threads_ = _function.loop_threads
+    return threads_ == 1 or (threads_ == 0 and torch.get_num_threads() == 1)
+
+
+_STEP: Any = None
+
+
+def _step_stream() -> Any:
+    """``step_stream``'s C++ entry, looked up once (``OpOverload.__call__`` is a Python frame
+    more per call; its ``_op`` is the builtin it forwards to)."""
+    global _STEP
+    if _STEP is None:
+        _STEP = torch.ops.rnnkit_fused.step_stream.default._op
+    return _STEP
 
 
 def _fused() -> Any:

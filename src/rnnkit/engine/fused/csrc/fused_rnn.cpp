@@ -2913,6 +2913,15 @@ bool lean_weights_ok(const Cfg& cf, const at::Tensor& h, const at::Tensor& c,
          (num_peep == 0 || (pw.defined() && lean_float(pw, {num_peep, H})));
 }
 
+// lean_loops' pointer arguments from the operators' tensors
+const float* lean_peep_ptr(const Cfg& cf, const at::Tensor& pw) {
+  return lean_peepholes(cf) > 0 ? pw.data_ptr<float>() : nullptr;
+}
+const float* lean_bhn_ptr(const Cfg& cf, const at::Tensor& b_hh) {
+  return cf.kind == GRU && !cf.before && b_hh.defined() ? b_hh.data_ptr<float>() + 2 * cf.H
+                                                        : nullptr;
+}
+
 // gates[0, GH) = the biases folded as forward_impl folds them: the reset-after GRU keeps b_hn
 // for inside r (.)
 void lean_fold_biases(const Cfg& cf, const at::Tensor& b_ih, const at::Tensor& b_hh,
@@ -2931,12 +2940,13 @@ void lean_fold_biases(const Cfg& cf, const at::Tensor& b_ih, const at::Tensor& b
 // The cell's forward loop over cf.T steps at batch 1, nothing saved: y (T, H) the outputs,
 // h_n / c_n the state copies the loops keep (c_n holding c0 on entry), rec / aux the loops'
 // scratch (the LSTM's recurrent product, the GRU's W_hn h or r h).
+// pw: the peephole weights (null: none); b_hn: the reset-after GRU's b_hn (null: no bias).
 void lean_loops(const Cfg& cf, float* gates, float* rec, float* aux, float* y, float* h_n,
-                float* c_n, const float* h0, const RecW<float>& W, const at::Tensor& pw,
-                const at::Tensor& b_hh) {
+                float* c_n, const float* h0, const RecW<float>& W, const float* pw,
+                const float* b_hn) {
   const Reg<float> R;
   if (cf.kind == LSTM) {
-    const float* p = lean_peepholes(cf) > 0 ? pw.data_ptr<float>() : nullptr;
+    const float* p = lean_peepholes(cf) > 0 ? pw : nullptr;
     auto run = [&](auto peep, auto coupled) {
       lstm_fwd_loop<float, decltype(peep)::value, decltype(coupled)::value, false, false>(
           cf, gates, rec, y, nullptr, h_n, c_n, h0, W, p, R, 1);
@@ -2948,9 +2958,8 @@ void lean_loops(const Cfg& cf, float* gates, float* rec, float* aux, float* y, f
   } else if (cf.kind == RNN) {
     rnn_fwd_loop<float>(cf, gates, y, h_n, h0, W, R, 1);
   } else if (!cf.before) {
-    gru_after_fwd_loop<float>(cf, gates, y, h_n, aux, nullptr, h0, W,
-                              b_hh.defined() ? b_hh.data_ptr<float>() + 2 * cf.H : nullptr, R,
-                              1, nullptr, false);
+    gru_after_fwd_loop<float>(cf, gates, y, h_n, aux, nullptr, h0, W, b_hn, R, 1, nullptr,
+                              false);
   } else {
     gru_before_fwd_loop<float>(cf, gates, y, h_n, aux, false, h0, W, R, 1, nullptr, false);
   }
@@ -3024,8 +3033,8 @@ bool step_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h,
     std::memcpy(c_out.data_ptr<float>(), c.data_ptr<float>(), H * sizeof(float));
   }
   lean_loops(cf, gates, rec, aux, h_out.data_ptr<float>(), hst,
-             cf.kind == LSTM ? c_out.data_ptr<float>() : nullptr, h.data_ptr<float>(), W, pw,
-             b_hh);
+             cf.kind == LSTM ? c_out.data_ptr<float>() : nullptr, h.data_ptr<float>(), W,
+             lean_peep_ptr(cf, pw), lean_bhn_ptr(cf, b_hh));
   return true;
 }
 
@@ -3095,8 +3104,8 @@ bool forward_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h0,
     std::memcpy(c_n.data_ptr<float>(), c0.data_ptr<float>(), H * sizeof(float));
   }
   lean_loops(cf, gates, rec, aux, y.data_ptr<float>(), h_n.data_ptr<float>(),
-             cf.kind == LSTM ? c_n.data_ptr<float>() : nullptr, h0.data_ptr<float>(), W, pw,
-             b_hh);
+             cf.kind == LSTM ? c_n.data_ptr<float>() : nullptr, h0.data_ptr<float>(), W,
+             lean_peep_ptr(cf, pw), lean_bhn_ptr(cf, b_hh));
   return true;
 }
 
@@ -3133,6 +3142,151 @@ std::tuple<at::Tensor, at::Tensor> step_packed(
                 opt(b_hh), opt(pw), nthreads, h_out, c_out, gemv_ih, gemv_hh))
     return {h_out, or_empty(c_out, x)};
   return step(kind, act, peep, coupled, before, x, h, c, w_ih, w_hh, b_ih, b_hh, pw, nthreads);
+}
+
+// ---- The streaming step over one packed tensor (pack_step, step_stream) ---------------------
+// A stream steps one cell many times with the same weights, one call per step at batch 1, where
+// the call's fixed cost is a large part of the step: step_packed takes 16 arguments, and torch's
+// operator call converts each from Python (~0.17 us per argument on the Zen 3 machine, measured:
+// 5.5 us for a 16-argument operator that only allocates its two outputs, 3.3 us for 5
+// arguments). pack_step therefore puts everything the step reads, once per weight version, into
+// one float32 tensor, and step_stream takes four arguments: x, h, c and that tensor. Its layout
+// (StepLayout): a 64-byte header (a tag, the variant, I and H — so the step needs no other
+// argument and checks the tensors it is given against them), W_ih and W_hh in pack_gemv's layout
+// (each panel 64-byte aligned), the biases folded as forward_impl folds them (copied per step
+// instead of added), the reset-after GRU's b_hn, and the peephole weights.
+constexpr int64_t kStepHeader = 16;      // floats
+constexpr int32_t kStepTag = 0x31534b52;  // "RKS1": a tensor pack_step made
+enum StepField { kTag, kKind, kAct, kPeep, kCoupled, kBefore, kBias, kInput, kHidden, kFields };
+
+struct StepLayout {
+  Variant v{};
+  bool bias = false;
+  int64_t I = 0, H = 0, G = 0, Hp = 0, P = 0;
+  StepLayout(const Variant& variant, bool has_bias, int64_t input, int64_t hidden)
+      : v(variant), bias(has_bias), I(input), H(hidden) {
+    const Cfg cf = lean_cfg(v, 1, I, H);
+    G = cf.G;
+    Hp = gemv_padded(H);
+    P = lean_peepholes(cf);
+  }
+  int64_t w_ih() const { return kStepHeader; }
+  int64_t w_hh() const { return w_ih() + G * Hp * I; }
+  int64_t folded() const { return w_hh() + G * Hp * H; }  // (G*H) b_ih + b_hh as folded
+  int64_t b_hn() const { return folded() + G * H; }       // (H) the reset-after GRU's
+  int64_t peep() const { return b_hn() + H; }             // (P, H)
+  int64_t size() const { return peep() + P * H; }
+};
+
+// The layout a pack_step tensor describes; TORCH_CHECKs that it is one.
+StepLayout step_layout(const at::Tensor& packed) {
+  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.dim() == 1 &&
+                  packed.is_contiguous() && packed.numel() >= kStepHeader,
+              "rnnkit_fused::step_stream: packed must be what pack_step returned");
+  int32_t f[kFields];
+  std::memcpy(f, packed.data_ptr<float>(), sizeof f);
+  TORCH_CHECK(f[kTag] == kStepTag, "rnnkit_fused::step_stream: packed must be what pack_step "
+              "returned");
+  const StepLayout L({f[kKind], f[kAct], f[kPeep] != 0, f[kCoupled] != 0, f[kBefore] != 0},
+                     f[kBias] != 0, f[kInput], f[kHidden]);
+  TORCH_CHECK(packed.numel() == L.size(), "rnnkit_fused::step_stream: packed must be what "
+              "pack_step returned (its size does not match its header)");
+  return L;
+}
+
+// rnnkit_fused::pack_step: the weights of one cell packed for step_stream (see above). Empty
+// where there is no packed path (no AVX2: the caller steps with `step`).
+at::Tensor pack_step(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
+                     const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                     const std::optional<at::Tensor>& b_ih_, const std::optional<at::Tensor>& b_hh_,
+                     const std::optional<at::Tensor>& pw_) {
+  TORCH_CHECK(w_hh_.dim() == 2 && w_ih_.dim() == 2 && w_hh_.size(1) > 0,
+              "pack_step: w_ih and w_hh must be (G*H, I) and (G*H, H)");
+  const Variant v{kind, act, peep, coupled, before};
+  const bool bias = b_ih_.has_value() && b_ih_->defined();
+  const StepLayout L(v, bias, w_ih_.size(1), w_hh_.size(1));
+  const Cfg cf = lean_cfg(v, 1, L.I, L.H);
+  const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  at::Tensor b_ih = opt(b_ih_), b_hh = opt(b_hh_), pw = opt(pw_);
+  make_contiguous(b_ih);
+  make_contiguous(b_hh);
+  make_contiguous(pw);
+  const at::Tensor h = at::empty({1, L.H}, w_hh.options());
+  TORCH_CHECK(lean_weights_ok(cf, h, kind == LSTM ? h : at::Tensor(), w_ih, w_hh, b_ih, b_hh, pw),
+              "pack_step: float32 weights of the variant's shapes expected");
+  if (kGemvWidth == 0) return at::empty({0}, w_hh.options());
+  at::Tensor out = at::zeros({L.size()}, w_hh.options());
+  float* dst = out.data_ptr<float>();
+  int32_t f[kFields] = {kStepTag, int32_t(kind), int32_t(act), peep, coupled, before, bias,
+                        int32_t(L.I), int32_t(L.H)};
+  std::memcpy(dst, f, sizeof f);
+  const at::Tensor pi = pack_gemv(w_ih, L.G), ph = pack_gemv(w_hh, L.G);
+  std::memcpy(dst + L.w_ih(), pi.data_ptr<float>(), pi.numel() * sizeof(float));
+  std::memcpy(dst + L.w_hh(), ph.data_ptr<float>(), ph.numel() * sizeof(float));
+  lean_fold_biases(cf, b_ih, b_hh, dst + L.folded());
+  if (const float* bhn = lean_bhn_ptr(cf, b_hh)) std::memcpy(dst + L.b_hn(), bhn, L.H * sizeof(float));
+  if (L.P > 0) std::memcpy(dst + L.peep(), pw.data_ptr<float>(), L.P * L.H * sizeof(float));
+  return out;
+}
+
+// rnnkit_fused::step_stream: one step at batch 1 of the cell pack_step packed, x (1, I), h and
+// (LSTM) c (1, H) -> (h, c) (c empty for a cell without one). One thread: the step reads its
+// weights once, at the bandwidth of one core. The math is step_lean's with both weights packed
+// (the same products and loops, so the results are step_packed's), reading everything from the
+// packed tensor.
+std::tuple<at::Tensor, at::Tensor> step_stream(const at::Tensor& x_, const at::Tensor& h_,
+                                               const std::optional<at::Tensor>& c_,
+                                               const at::Tensor& packed) {
+  const StepLayout L = step_layout(packed);
+  const bool lstm = L.v.kind == LSTM;
+  const int64_t H = L.H, GH = L.G * H, I = L.I;
+  auto check = [](const at::Tensor& t, const char* name, int64_t n) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == 1 && t.size(1) == n,
+                "rnnkit_fused::step_stream: ", name, " must be a float32 (1, ", n,
+                ") tensor, got ", t.scalar_type(), " ", t.sizes());
+  };
+  check(x_, "x", I);
+  check(h_, "h", H);
+  TORCH_CHECK(c_.has_value() == lstm, "rnnkit_fused::step_stream: c must be given for an LSTM, "
+              "and only for one");
+  if (lstm) check(*c_, "c", H);
+  const at::Tensor x = x_.contiguous(), h = h_.contiguous();
+  const Cfg cf = lean_cfg(L.v, 1, I, H);
+  const float* blob = packed.data_ptr<float>();
+  thread_local std::vector<float> scratch;
+  scratch.resize(2 * GH + 2 * H);
+  float* gates = scratch.data();  // (1, GH): folded biases + x W_ih^T
+  float* rec = gates + GH;        // (1, GH): h W_hh^T (LSTM, Elman)
+  float* hst = rec + GH;          // (1, H): the state copy the loops keep
+  float* aux = hst + H;           // (1, H): the GRU's W_hn h or r h
+  std::memcpy(gates, blob + L.folded(), GH * sizeof(float));
+  // every other call reads the weights last panel first (see step_lean)
+  thread_local uint64_t calls = 0;
+  const bool reverse = (calls++ & 1) && cf.kind != GRU;
+  if (cf.kind != GRU) {
+    g_rows_descending = reverse;
+    gemv2_packed(L.G, H, x.data_ptr<float>(), I, blob + L.w_ih(), h.data_ptr<float>(),
+                 blob + L.w_hh(), gates, rec);
+    g_rows_descending = false;
+    if (cf.kind == RNN)  // (rnn_fwd_loop accumulates its product into gates)
+      for (int64_t n = 0; n < GH; ++n) gates[n] = gates[n] + rec[n];
+  } else {  // (the GRU's loops form their recurrent products themselves, from the packed W_hh)
+    gemv_packed(L.G, H, I, x.data_ptr<float>(), blob + L.w_ih(), 0, gates, true);
+  }
+  at::Tensor h_out = at::empty({1, H}, x.options()), c_out;
+  RecW<float> W{nullptr, H, true};  // (batch 1, whole gates: RecW::mm reads W.gemv only)
+  W.done = cf.kind != GRU;
+  W.gemv = blob + L.w_hh();
+  if (lstm) {
+    c_out = at::empty({1, H}, x.options());
+    const at::Tensor c = c_->contiguous();
+    std::memcpy(c_out.data_ptr<float>(), c.data_ptr<float>(), H * sizeof(float));
+  }
+  lean_loops(cf, gates, rec, aux, h_out.data_ptr<float>(), hst,
+             lstm ? c_out.data_ptr<float>() : nullptr, h.data_ptr<float>(), W,
+             L.P > 0 ? blob + L.peep() : nullptr,
+             cf.kind == GRU && !cf.before && L.bias ? blob + L.b_hn() : nullptr);
+  return {h_out, or_empty(c_out, x)};
 }
 
 // rnnkit_fused::layer_backward: the hand-derived BPTT of layer_forward.
@@ -3395,6 +3549,9 @@ TORCH_LIBRARY(rnnkit_fused, m) {
         "Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
         "Tensor? peephole_weights, Tensor gemv_ih, Tensor gemv_hh, int threads) -> "
         "(Tensor h, Tensor c)");
+  m.def("pack_step(" RNNKIT_VARIANT "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor? peephole_weights) -> Tensor");
+  m.def("step_stream(Tensor x, Tensor h, Tensor? c, Tensor packed) -> (Tensor h, Tensor c)");
   m.def("pack_weights(" RNNKIT_VARIANT "Tensor w_ih, Tensor w_hh) -> (Tensor w_ih_t, "
         "Tensor w_hh_packed)");
   m.def("layer_forward_packed(" RNNKIT_VARIANT
@@ -3415,6 +3572,8 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.impl("pack_gemv", c10::DispatchKey::CPU, TORCH_FN(pack_gemv));
   m.impl("forward_packed", c10::DispatchKey::CPU, TORCH_FN(forward_packed));
   m.impl("step_packed", c10::DispatchKey::CPU, TORCH_FN(step_packed));
+  m.impl("pack_step", c10::DispatchKey::CPU, TORCH_FN(pack_step));
+  m.impl("step_stream", c10::DispatchKey::CPU, TORCH_FN(step_stream));
   m.impl("pack_weights", c10::DispatchKey::CPU, TORCH_FN(pack_weights));
   m.impl("layer_forward_packed", c10::DispatchKey::CPU, TORCH_FN(layer_forward_packed));
   m.impl("init", c10::DispatchKey::CatchAll, TORCH_FN(init_op));
