@@ -112,10 +112,14 @@ def test_the_isa_key_names_torchs_capability() -> None:
     table_text({"35,20": {"ratio": 0.5}}),
     table_text({"35,20,200": {"ratio": 0.5}}, threads="two"),
     table_text({"35,20,200": {"ratio": 0.5}}, isa="avx512"),  # another ISA's file renamed
-], ids=["json", "list", "format", "negative", "string", "shape", "threads", "isa"])
+    b"\xff\xfe{}",  # not UTF-8: read_text's UnicodeDecodeError
+], ids=["json", "list", "format", "negative", "string", "shape", "threads", "isa", "bytes"])
 def test_a_corrupt_table_warns_once_and_the_built_in_rules_apply(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
-    (tmp_path / "avx2.json").write_text(text)
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str | bytes) -> None:
+    if isinstance(text, bytes):
+        (tmp_path / "avx2.json").write_bytes(text)
+    else:
+        (tmp_path / "avx2.json").write_text(text)
     monkeypatch.setattr(route_table, "ROUTES_DIR", tmp_path)
     monkeypatch.setattr(route_table, "isa_key", lambda: "avx2")
     monkeypatch.setattr(route_table, "_active", route_table._UNSET)

@@ -311,6 +311,15 @@ def test_stream_follows_weight_changes() -> None:
     optimizer.step()
     check()
     fused_optimizer_steps(cell, lambda: cell(x)[0].sum(), check)
+    # new storage without a version bump: .data =, a new Parameter, vector_to_parameters
+    with torch.no_grad():
+        cell.weight_hh.data = torch.randn_like(cell.weight_hh)
+    check()
+    cell.weight_ih = torch.nn.Parameter(torch.randn_like(cell.weight_ih))
+    check()
+    torch.nn.utils.vector_to_parameters(
+        torch.randn(sum(p.numel() for p in cell.parameters())), cell.parameters())
+    check()
 
 
 @needs_kernel
@@ -328,6 +337,8 @@ def test_stream_bad_input_is_one_clear_error() -> None:
         assert info.value.__cause__ is None and info.value.__suppress_context__
     with pytest.raises(ValueError, match="state"):
         stream.reset(torch.zeros(1, HID + 1))
+    with pytest.raises(ValueError, match=r"of the weights' dtype torch\.float32"):
+        stream.reset(torch.zeros(1, HID, dtype=torch.float64))
     with pytest.raises(ValueError, match="state"):
         Stream(_cell("lstm"), torch.zeros(1, HID))  # (an LSTM's state is (h, c))
     x = torch.randn(1, IN, requires_grad=True)
@@ -375,3 +386,20 @@ def test_step_stream_operator() -> None:
         ops.step_stream(torch.randn(1, IN), torch.randn(1, HID), None, torch.randn(packed.numel()))
     with pytest.raises(RuntimeError, match="c must be given"):
         ops.step_stream(torch.randn(1, IN), torch.randn(1, HID), torch.randn(1, HID), packed)
+
+
+@needs_kernel
+@pytest.mark.usefixtures("one_thread")
+def test_step_stream_refuses_a_packed_tensor_whose_header_was_changed() -> None:
+    """The header names the variant and the vector width the weights were packed with: a tensor
+    whose kind, activation or width is not one this build packs is refused, never misread."""
+    stream = _stream(_cell("lstm"))
+    fields = {"kind": 1, "activation": 2, "width": 9}  # (positions in the header, int32)
+    for name, value in (("kind", 3), ("activation", 7), ("width", 4)):
+        packed = stream._packed.clone()
+        packed[:16].view(torch.int32)[fields[name]] = value
+        with pytest.raises(RuntimeError, match="packed must be what pack_step returned"):
+            stream._op(torch.randn(1, IN), stream._h, stream._c, packed)
+    with pytest.raises(RuntimeError, match="unknown variant"):
+        torch.ops.rnnkit_fused.pack_step(3, 0, False, False, False, torch.randn(12, IN),
+                                         torch.randn(12, 4), None, None, None)

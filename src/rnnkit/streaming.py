@@ -135,11 +135,12 @@ class Stream:
 
     Where the fused kernel runs (float32, the fused backend, a CPU with AVX2 + FMA, one thread)
     a step is one call of ``rnnkit_fused::step_stream`` with four arguments: the input, the
-    state and the cell's weights packed into one tensor (``pack_step``), kept here. Between
-    steps the stream checks only the weights' version counters and the process's optimizer
-    steps (an in-place change, ``load_state_dict`` and any optimizer step re-pack them); a
-    cell whose parameters are replaced or moved (``.to``, assigning a new ``Parameter``) needs a
-    new stream. Everywhere else ``step`` calls the cell itself (same results, its speed).
+    state and the cell's weights packed into one tensor (``pack_step``), kept here. Before each
+    step the stream compares the cell's parameters with the ones it packed — their storage and
+    version counters — and the process's optimizer steps: an in-place change,
+    ``load_state_dict``, an optimizer step, ``.data =``, a new ``Parameter`` or ``.double()``
+    re-packs them (or hands the step to the cell). Everywhere else ``step`` calls the cell
+    itself (same results, its speed).
     """
 
     def __init__(self, cell: torch.nn.Module, state: Any = None) -> None:
@@ -152,10 +153,9 @@ class Stream:
                             f"{type(cell).__name__} (StreamBank steps any model)")
         self.cell = cell
         self._inference = inference
-        self._params = tuple(p for p in cell._parameters.values() if p is not None)
         self._lstm = len(cell.math.state_names) == 2
         self._packed: Tensor | None = None
-        self._versions: list[int] = []
+        self._weights: list[tuple[int, int]] = []
         weight = cell._parameters.get("weight_hh")
         if (weight is not None and weight.dtype == torch.float32 and weight.is_cpu
                 and _build.load() is not None and inference._config(cell) is not None
@@ -167,22 +167,34 @@ class Stream:
         """The cell's current weights packed for the step (None: ``step`` calls the cell)."""
         inference = self._inference
         self._steps = inference._optimizer_steps
-        self._versions = [p._version for p in self._params]
+        self._weights = self._weights_now()
+        config = inference._config(self.cell)  # (None: the backend or the math changed since)
         with torch.no_grad():
-            plan = inference._plan(self.cell, inference._config(self.cell), inference._cell_params)
+            plan = (inference._plan(self.cell, config, inference._cell_params)
+                    if config is not None else None)
             packed = inference.step_weights(plan) if plan is not None else None
         self._packed = packed if packed is not None and packed.numel() else None
         self._op = inference._step_stream()
+
+    def _weights_now(self) -> list[tuple[int, int]]:
+        """What identifies the weights packed: each parameter's storage and version (a new
+        Parameter, ``.data =`` or a dtype change moves the storage; an in-place change bumps
+        the version). A list, not a generator: one step's Python is a few µs."""
+        return [(p.data_ptr(), p._version) for p in self.cell._parameters.values()
+                if p is not None]
 
     def reset(self, state: Any = None) -> None:
         """Start over from ``state`` (batch 1; default: the zero state)."""
         if state is None:
             state = self.cell.zero_state(1)
         parts = tuple(state) if isinstance(state, tuple) else (state,)
+        dtype = self.cell.weight_hh.dtype
         if len(parts) != (2 if self._lstm else 1) or any(
-                not isinstance(p, Tensor) or p.shape != (1, self.cell.hidden_size) for p in parts):
+                not isinstance(p, Tensor) or p.shape != (1, self.cell.hidden_size)
+                or p.dtype != dtype for p in parts):
             raise ValueError(f"Stream: state must be the cell's state for batch 1: "
-                             f"{'(h, c)' if self._lstm else 'h'}, each (1, {self.cell.hidden_size})")
+                             f"{'(h, c)' if self._lstm else 'h'}, each (1, {self.cell.hidden_size}) "
+                             f"of the weights' dtype {dtype}")
         self._h = parts[0].detach()
         self._c = parts[1].detach() if self._lstm else None
 
@@ -196,9 +208,8 @@ class Stream:
         packed = self._packed
         if packed is None:
             return self._step_cell(x)
-        # (a list, not a generator: one step's Python is a few µs, and any(...) costs one)
         if (self._inference._optimizer_steps != self._steps
-                or [p._version for p in self._params] != self._versions):
+                or self._weights_now() != self._weights):
             self._repack()
             return self.step(x)
         try:

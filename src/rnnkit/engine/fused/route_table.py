@@ -77,8 +77,8 @@ class RouteTable:
             sum((a - math.log(b)) ** 2 for a, b in zip(here, p[:3])), p[:3]))
         if len(self._memo) > 4096:  # (shapes vary per batch with bucketing: keep it bounded)
             self._memo.clear()
-        self._memo[key] = nearest[3] < 1.0
-        return self._memo[key]
+        faster = self._memo[key] = nearest[3] < 1.0  # (not read back: another thread may clear)
+        return faster
 
 
 def parse(text: str) -> RouteTable:
@@ -126,7 +126,7 @@ def _load(isa: str, directory: Path | None = None) -> RouteTable | None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None  # (no measurement for this ISA: the built-in rules)
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:  # (a byte that is not UTF-8: a ValueError)
         reason = str(exc)
     else:
         try:

@@ -2015,6 +2015,10 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
 // The config of a variant over T steps of B rows (every row to the end: bs = T x B).
 Cfg variant_cfg(int64_t kind, int64_t act, bool peep, bool coupled, bool before, int64_t T,
                 int64_t B, int64_t I, int64_t H) {
+  // (every operator's variant comes from Python as integers: one outside the enums would run
+  // some loop on a wrong gate count)
+  TORCH_CHECK(kind >= RNN && kind <= GRU && act >= TANH && act <= SIGMOID,
+              "rnnkit_fused: unknown variant (kind ", kind, ", activation ", act, ")");
   Cfg c;
   c.kind = static_cast<int>(kind);
   c.act = static_cast<int>(act);
@@ -2138,14 +2142,22 @@ void run_time_loop(const Cfg& cf, int nt_loop, int nt_rows, Loop&& loop) {
 
 // W_hh^T as the one-thread time loops read it (RecW::panel): panel-packed (pack_panels); the
 // reset-before GRU's r, z rows and its n rows packed apart (its step has two products).
+// The panel width of T's packed W_hh^T: g_rec_panel (the float32 GEMM's) for float32; float64
+// runs BLAS, for which gemm_own's 16-column panels would mean one dgemm call per 16 columns.
+template <typename T>
+int64_t rec_panel() {
+  return std::is_same_v<T, float> ? g_rec_panel : int64_t(128);
+}
+
 template <typename T>
 at::Tensor pack_recurrent(const at::Tensor& w_hh, const Cfg& cf) {
+  const int64_t panel = rec_panel<T>();
   if (cf.kind == GRU && cf.before) {
     const int64_t H = cf.H;
-    return at::cat({pack_panels<T>(w_hh.narrow(0, 0, 2 * H), g_rec_panel),
-                    pack_panels<T>(w_hh.narrow(0, 2 * H, H), g_rec_panel)});
+    return at::cat({pack_panels<T>(w_hh.narrow(0, 0, 2 * H), panel),
+                    pack_panels<T>(w_hh.narrow(0, 2 * H, H), panel)});
   }
-  return pack_panels<T>(w_hh, g_rec_panel);
+  return pack_panels<T>(w_hh, panel);
 }
 
 // Weights packed ahead of the call by pack_weights, kept by the caller while the weights do not
@@ -2241,7 +2253,8 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     at::Tensor WihT = pre ? pre->wih_t : w_ih.t().contiguous();  // (I, GH)
     pgemm<T>(T_ * B, GH, I, x.data_ptr<T>(), I, WihT.data_ptr<T>(), GH, gates.data_ptr<T>(), GH,
              false, has_bias ? bias.data_ptr<T>() : nullptr, nt_all);
-    if ((cf.kind != RNN || g_gemm == Gemm::OWN) && (nt_loop == 1 || nt_rows > 1)) {
+    const bool own_f32 = std::is_same_v<T, float> && g_gemm == Gemm::OWN;
+    if ((cf.kind != RNN || own_f32) && (nt_loop == 1 || nt_rows > 1)) {
       // one thread (or one per row block): the LSTM's and GRU's per-step products read W_hh^T
       // in panels (pack_panels); the Elman layer's too with gemm_own (its 16-column strips:
       // else gemm_own copies W_hh^T into strips at every step).
@@ -2249,7 +2262,7 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
       // at 100,32,256 1.13 (one W^T) -> 1.10 / 1.09 / 1.07 (panels 32 / 64 / 128); 50,64,512
       // 1.00 -> 0.99 / 0.95 / 0.96; 35,20,200 1.02 either way.
       WhhT = pre && pre->whh_rec.defined() ? pre->whh_rec : pack_recurrent<T>(w_hh, cf);
-      W.panel = g_rec_panel;
+      W.panel = rec_panel<T>();
     } else {
       WhhT = w_hh.t().contiguous();  // (H, GH)
     }
@@ -3157,7 +3170,8 @@ std::tuple<at::Tensor, at::Tensor> step_packed(
 // instead of added), the reset-after GRU's b_hn, and the peephole weights.
 constexpr int64_t kStepHeader = 16;      // floats
 constexpr int32_t kStepTag = 0x31534b52;  // "RKS1": a tensor pack_step made
-enum StepField { kTag, kKind, kAct, kPeep, kCoupled, kBefore, kBias, kInput, kHidden, kFields };
+enum StepField { kTag, kKind, kAct, kPeep, kCoupled, kBefore, kBias, kInput, kHidden, kWidth,
+                 kFields };
 
 struct StepLayout {
   Variant v{};
@@ -3185,8 +3199,12 @@ StepLayout step_layout(const at::Tensor& packed) {
               "rnnkit_fused::step_stream: packed must be what pack_step returned");
   int32_t f[kFields];
   std::memcpy(f, packed.data_ptr<float>(), sizeof f);
-  TORCH_CHECK(f[kTag] == kStepTag, "rnnkit_fused::step_stream: packed must be what pack_step "
-              "returned");
+  // (the kind and activation select loops, and pack_gemv's panel order depends on the vector
+  // width of the build that packed it: a tensor from elsewhere is refused, never misread)
+  TORCH_CHECK(f[kTag] == kStepTag && f[kKind] >= RNN && f[kKind] <= GRU && f[kAct] >= TANH &&
+                  f[kAct] <= SIGMOID && f[kWidth] == int32_t(kGemvWidth) && f[kInput] > 0 &&
+                  f[kHidden] > 0,
+              "rnnkit_fused::step_stream: packed must be what pack_step returned in this process");
   const StepLayout L({f[kKind], f[kAct], f[kPeep] != 0, f[kCoupled] != 0, f[kBefore] != 0},
                      f[kBias] != 0, f[kInput], f[kHidden]);
   TORCH_CHECK(packed.numel() == L.size(), "rnnkit_fused::step_stream: packed must be what "
@@ -3218,7 +3236,7 @@ at::Tensor pack_step(int64_t kind, int64_t act, bool peep, bool coupled, bool be
   at::Tensor out = at::zeros({L.size()}, w_hh.options());
   float* dst = out.data_ptr<float>();
   int32_t f[kFields] = {kStepTag, int32_t(kind), int32_t(act), peep, coupled, before, bias,
-                        int32_t(L.I), int32_t(L.H)};
+                        int32_t(L.I), int32_t(L.H), int32_t(kGemvWidth)};
   std::memcpy(dst, f, sizeof f);
   const at::Tensor pi = pack_gemv(w_ih, L.G), ph = pack_gemv(w_hh, L.G);
   std::memcpy(dst + L.w_ih(), pi.data_ptr<float>(), pi.numel() * sizeof(float));
