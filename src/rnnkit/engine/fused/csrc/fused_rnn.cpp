@@ -776,30 +776,31 @@ struct RecW {
   bool bt;
   const BF16* vnni = nullptr;  // bf16 mode: W^T as a bf16 VNNI copy (ldb = ld), p unused
   bool done = false;  // the (one-step) loop's recurrent product is already in place (step_lean)
-  // > 0: p is W^T in column panels of this width (pack_panels), read by mm_panels only
+  // > 0: p is W^T in column panels of this width (pack_panels), read by panels()
   int64_t panel = 0;
-  // C(M, N) = A(M, K) W^T for the whole panel-packed W^T (N = G*H columns): one product per
-  // panel, each reading its (K, width) block contiguously.
+  // C(M, n) (+)= A(M, K) W^T[:, col0 : col0 + n] for a panel-packed W^T of `width` columns
+  // (col0 on a panel boundary): one product per panel, each reading its (K, np) block
+  // contiguously; the last panel of the packed block may be narrower.
+  void panels(int64_t M, int64_t n, int64_t K, const T* A, int64_t lda, int64_t col0,
+              int64_t width, T* C, int64_t ldc, bool acc) const {
+    for (int64_t c0 = col0; c0 < col0 + n; c0 += panel) {
+      const int64_t np = std::min(panel, width - c0);
+      gemm_rm(M, std::min(np, col0 + n - c0), K, A, lda, p + c0 * K, np, C + (c0 - col0), ldc,
+              acc);
+    }
+  }
+  // C(M, N) = A(M, K) W^T for the whole panel-packed W^T of N columns
   void mm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, T* C,
                  int64_t ldc) const {
-    for (int64_t n0 = 0; n0 < N; n0 += panel) {
-      const int64_t np = std::min(panel, N - n0);
-      gemm_rm(M, np, K, A, lda, p + n0 * K, np, C + n0, ldc, false);
-    }
+    panels(M, N, K, A, lda, 0, N, C, ldc, false);
   }
   // batch-1 inference: W_hh packed by pack_gemv (p stays W as stored, for other products)
   const float* gemv = nullptr;
   // C(M, n) (+)= A(M, K) W^T[:, col0 : col0 + n]
   void mm(int64_t M, int64_t n, int64_t K, const T* A, int64_t lda, int64_t col0, T* C,
           int64_t ldc, bool acc) const {
-    if (panel > 0 && col0 % panel == 0) {  // (one group of ld columns: the Elman loop's W^T)
-      for (int64_t c0 = col0; c0 < col0 + n; c0 += panel) {
-        const int64_t np = std::min(panel, ld - c0);
-        gemm_rm(M, std::min(np, col0 + n - c0), K, A, lda, p + c0 * K, np, C + (c0 - col0), ldc,
-                acc);
-      }
-      return;
-    }
+    // (one group of ld columns: the Elman loop's W^T)
+    if (panel > 0 && col0 % panel == 0) return panels(M, n, K, A, lda, col0, ld, C, ldc, acc);
     if constexpr (std::is_same_v<T, float>) {
       if (vnni) return mm_bf16(M, n, K, A, lda, vnni, ld, 0, col0, C, ldc, acc);
       // (whole gates only: K = H, the columns of gates col0 / H onwards)
@@ -3460,8 +3461,8 @@ std::tuple<int64_t, int64_t> set_own_gemm(int64_t kc, int64_t pack_rows) {
 
 // For benchmarks/tests: `repeats` times C (+)= A B through gemm_rm with the GEMM `which` (as
 // set_gemm), float32, each operand read with its row stride (lda, ldb, ldc; unit column stride).
-// panel > 0: B holds W^T in column panels of that width (pack_panels' layout, as RecW::mm_panels
-// reads it) and the product runs one call per panel, as mm_panels does; kb > 0: K in chunks of
+// panel > 0: B holds W^T in column panels of that width (pack_panels' layout, as RecW::panels
+// reads it) and the product runs one call per panel, as panels() does; kb > 0: K in chunks of
 // kb, one call each (as pgemm). Returns the thread's CPU seconds for all repeats.
 double gemm_run(c10::string_view which, const at::Tensor& A, const at::Tensor& B, at::Tensor C,
                 bool acc, int64_t panel, int64_t kb, int64_t repeats) {
