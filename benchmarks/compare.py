@@ -102,6 +102,7 @@ def _sst_models(layers: int = 3) -> dict[str, dict[str, dict[str, Any]]]:
             "childsum": {"model": {"encoder": "childsum"}},
             "lstm": {"model": {"encoder": "lstm", "bidirectional": True}},
             "gru": {"model": {"encoder": "gru", "bidirectional": True}},
+            "rnn": {"model": {"encoder": "rnn", "bidirectional": True}},
             "tcn": {"model": {"encoder": "tcn", "bidirectional": True, "layers": layers}},
             "mingru": {"model": {"encoder": "mingru", "bidirectional": True}}}
 
