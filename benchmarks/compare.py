@@ -347,7 +347,79 @@ def table() -> None:
     fig.savefig(DOCS / "comparison.png", dpi=110)
     (DOCS / "comparison.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {DOCS / 'comparison.md'} and {DOCS / 'comparison.png'}")
+    from report import write_section
+
+    write_section(DOCS / "results.md", "comparison", "\n".join(summary_table(stored)))
+    print(f"wrote {DOCS / 'comparison.md'}, {DOCS / 'comparison.png'} and the comparison table "
+          f"of {DOCS / 'results.md'}")
+
+
+# the summary's columns: the row's models by family, in the issue's order; any other entry of a
+# row (the target's models, e.g. mingru-chrono) goes to the last column with its name
+COLUMNS = {"lstm": "LSTM", "gru": "GRU", "rnn": "Elman RNN", "tcn": "TCN", "mingru": "minGRU",
+           "treelstm": "Tree-LSTM", "childsum": "child-sum Tree-LSTM"}
+TITLES = {"adding": "adding, T = 600", "copy": "copy memory, T = 1000",
+          "jsb": "JSB Chorales", "charptb": "character PTB", "wordptb": "word PTB",
+          "sst": "SST binary", "sst5": "SST five-class"}
+PUBLISHED_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN", "tcn": "TCN",
+                   "treelstm": "Tree-LSTM"}
+
+
+def _shared(result: dict[str, Any]) -> bool:
+    """Whether the run got less compute than its budget says: a core shared with other work
+    (under 80 % of the budget in CPU time, or conditions recorded by hand for older runs)."""
+    return ("conditions" in result
+            or result.get("cpu_minutes", result["minutes"]) < 0.8 * result["minutes"])
+
+
+def _cell(result: dict[str, Any], best: bool) -> str:
+    score = f"{result['score']:.4g}"
+    return (f"{'**' + score + '**' if best else score}{' †' if _shared(result) else ''} "
+            f"({result['steps']:,} steps, {result['budget_minutes']:g} min)")
+
+
+def _parameters(count: int) -> str:
+    return f"{count / 1e6:g} M" if count >= 1e6 else f"{count / 1e3:g} K"
+
+
+def summary_table(stored: dict[str, dict[str, Any]]) -> list[str]:
+    """One table of every stored row: a column per model family, the row's parameter budget, the
+    published figures beside them and the command that reproduces each row (issue 13)."""
+    columns = [c for c in COLUMNS if any(c in results for results in stored.values())]
+    lines = ["| row (metric, split), parameters | " + " | ".join(COLUMNS[c] for c in columns)
+             + " | other entries | published |",
+             "|---" * (len(columns) + 3) + "|"]
+    commands = []
+    for name, results in stored.items():
+        row = ROWS[name]
+        scores = [r["score"] for r in results.values()]
+        best = min(scores) if row.lower_is_better else max(scores)
+        cells = [_cell(results[c], results[c]["score"] == best) if c in results else "—"
+                 for c in columns]
+        others = "; ".join(f"{model}: {_cell(result, result['score'] == best)}"
+                           for model, result in sorted(results.items()) if model not in COLUMNS)
+        published = " / ".join(f"{PUBLISHED_NAMES.get(m, m)} {v:g}"
+                               for m, v in row.published.items())
+        budget = _parameters(row.params) if row.params else "the encoders' defaults"
+        lines.append(f"| {TITLES.get(name, name)}: {row.metric}, {budget} | " + " | ".join(cells)
+                     + f" | {others or '—'} | {published or '—'} |")
+        # one command per budget of the row (models run with another budget listed by name)
+        by_budget: dict[tuple[float, int], list[str]] = {}
+        for model, result in results.items():
+            by_budget.setdefault((result["budget_minutes"], result["threads"]), []).append(model)
+        for (minutes, threads), models in sorted(by_budget.items()):
+            every = set(models) == set(row.models)
+            commands.append(f"python benchmarks/compare.py run --row {name} --minutes {minutes:g} "
+                            f"--threads {threads}" + ("" if every else f" --models {','.join(models)}"))
+    shared = [f"{name}/{model}: " + (r.get("conditions") or f"{r['cpu_minutes']:.1f} CPU min")
+              for name, results in stored.items() for model, r in results.items() if _shared(r)]
+    return [*lines, "",
+            "Score (steps in the budget, budget in wall-clock minutes per model); bold: the row's "
+            "best; † a run on a core shared with other work, so its budget bought less compute ("
+            + "; ".join(shared) + "). Published: Bai, Kolter & Koltun (2018), Table 1; SST: Tai, Socher & "
+            "Manning (2015), test accuracy with GloVe vectors (these rows: dev sentences, "
+            "embeddings from scratch). Each row, reproduced (then `python benchmarks/compare.py "
+            "table`):", "", "```", *commands, "```"]
 
 
 def _time(fn: Callable[[], Any], seconds: float = 1.0) -> float:
