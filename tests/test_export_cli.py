@@ -80,3 +80,51 @@ def test_the_check_compares_a_tagger_output_dataclass_field_by_field(tmp_path: P
     path = export_onnx(model, example_inputs(model), tmp_path / "tagger.onnx")
     said = _check_with_onnxruntime(path, model, example_inputs(model, CHECK_STEPS, CHECK_BATCH))
     assert "agrees with rnnkit" in said and "on 3 outputs" in said
+
+
+@pytest.mark.parametrize("attention, cell", [("additive", "lstm"), ("general", "gru"), ("none", "lstm")])
+def test_a_translate_model_exports_its_encoder_and_one_decoder_step(tmp_path: Path, attention,
+                                                                    cell) -> None:
+    """A translate run is written as encoder + one decoder step (TranslateStep) and checked by
+    onnxruntime at other batch and source sizes than the export's, with source lengths."""
+    from rnnkit.export.cli import (
+        CHECK_BATCH,
+        CHECK_STEPS,
+        TranslateStep,
+        _check_with_onnxruntime,
+        example_inputs,
+        exportable,
+    )
+    from rnnkit.export.onnx import export_onnx
+    from rnnkit.models.recurrent import RecurrentConfig
+    from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
+
+    torch.manual_seed(0)
+    model = Seq2Seq(Seq2SeqConfig(
+        source_vocab=11, target_vocab=9, embedding=4, attention=attention,
+        encoder=RecurrentConfig(cell=cell, hidden=5, bidirectional=True),
+        decoder=RecurrentConfig(cell=cell, hidden=6, layers=2))).eval()
+    step = exportable(model)
+    assert isinstance(step, TranslateStep)
+    path = export_onnx(step, example_inputs(step), tmp_path / "translate.onnx")
+    check = example_inputs(model, CHECK_STEPS, CHECK_BATCH)
+    assert check[0].shape == (CHECK_STEPS, CHECK_BATCH) and check[1].tolist() != [CHECK_STEPS] * 3
+    said = _check_with_onnxruntime(path, step, check)
+    outputs = 1 + (2 if cell == "lstm" else 1) + (attention != "none")
+    assert "agrees with rnnkit" in said and f"on {outputs} outputs" in said
+    # the first step's logits are what greedy decoding starts from
+    with torch.no_grad():
+        source, lengths, bos = check
+        logits, _, _ = model.step(bos, model.encode(source, lengths))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), check)})[0]
+    np.testing.assert_allclose(got, logits.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_tree_lstm_model_has_no_onnx_form(tmp_path: Path) -> None:
+    from rnnkit.export.cli import example_inputs
+    from rnnkit.export.onnx import ExportError
+    from rnnkit.models.tree_lstm import TreeClassifier
+
+    with pytest.raises(ExportError, match=r"tree-structured encoder TreeLSTM .* has no ONNX form"):
+        example_inputs(TreeClassifier(7, 4, 5, 3))

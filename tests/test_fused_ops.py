@@ -196,3 +196,168 @@ def test_inference_step_operator_equals_layer_path(name, monkeypatch):
     assert calls == [1] and want[0].grad_fn is not None
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w.detach(), rtol=1e-6, atol=1e-6)
+
+
+# ---- lengths= in traced graphs: the lengths tensor reaches layer_forward_lengths ---------------
+
+LENGTHS = torch.tensor([4, 6, 1, 6])  # unsorted, one full-length row, one of length 1
+# one of each kernel family by default (a compile or export takes ~10 s); every variant: slow
+_LENGTHS_FAST = ("lstm_peephole_coupled", "gru_before", "rnn_relu")
+EVERY_VARIANT = [pytest.param(name, marks=() if name in _LENGTHS_FAST else pytest.mark.slow)
+                 for name in LAYER_VARIANTS]
+
+
+def _result_and_grads_lengths(module, x, lengths):
+    out, state = module(x, lengths=lengths)
+    states = state if isinstance(state, tuple) else (state,)
+    loss = out.pow(2).sum() + sum(s.sin().sum() for s in states)
+    grads = torch.autograd.grad(loss, [x, *module.parameters()])
+    return [out, *states, *grads]
+
+
+def _lengths_module(name, layers=2, bidirectional=True, batch_first=False):
+    cls, options = LAYER_VARIANTS[name]
+    torch.manual_seed(0)
+    return cls(3, 8, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+               **options)
+
+
+def _compiled_with_lengths_equals_eager(module, backend="aot_eager"):
+    x = torch.randn(6, 4, 3, requires_grad=True)
+    if module.batch_first:
+        x = x.detach().transpose(0, 1).contiguous().requires_grad_()
+    want = _result_and_grads_lengths(module, x, LENGTHS)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    got = _result_and_grads_lengths(compiled, x, LENGTHS)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", EVERY_VARIANT)
+def test_compile_fullgraph_lengths_equals_eager(name):
+    """Outputs, final states and gradients with an unsorted lengths tensor, 2 bidirectional
+    layers (AOT autograd's tracing, as inductor's, without its codegen)."""
+    _compiled_with_lengths_equals_eager(_lengths_module(name))
+
+
+@pytest.mark.parametrize("name", ["lstm"])
+def test_compile_fullgraph_lengths_batch_first_one_layer(name):
+    _compiled_with_lengths_equals_eager(
+        _lengths_module(name, layers=1, bidirectional=False, batch_first=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYER_VARIANTS))
+def test_compile_fullgraph_lengths_inductor_every_variant(name):
+    _compiled_with_lengths_equals_eager(_lengths_module(name), backend="inductor")
+
+
+class _WithLengths(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, lengths):
+        return self.layer(x, lengths=lengths)
+
+
+@pytest.mark.parametrize("name", EVERY_VARIANT)
+def test_export_lengths_round_trip(name):
+    """torch.export with lengths: one layer_forward_lengths per layer and direction, batch and
+    time dynamic, the saved program equal to eager on other shapes and lengths."""
+    module = _lengths_module(name).eval()
+    x = torch.randn(6, 4, 3)
+    batch, steps = torch.export.Dim("batch", min=2), torch.export.Dim("steps", min=2)
+    program = torch.export.export(_WithLengths(module), (x, LENGTHS),
+                                  dynamic_shapes=({0: steps, 1: batch}, {0: batch}))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.rnnkit_fused.layer_forward_lengths.default) == 4
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    for steps_, lengths in ((6, LENGTHS), (9, torch.tensor([2, 9, 5])), (3, torch.tensor([3, 3]))):
+        x2 = torch.randn(steps_, len(lengths), 3)
+        got, want = loaded(x2, lengths), module(x2, lengths=lengths)
+        torch.testing.assert_close(got[0], want[0])
+        for g, w in zip(got[1] if isinstance(got[1], tuple) else (got[1],),
+                        want[1] if isinstance(want[1], tuple) else (want[1],)):
+            torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor([4, 0, 1, 6]), r"every length must be at least 1, but lengths\[1\] = 0"),
+    (torch.tensor([4, -2, 1, 6]), r"every length must be at least 1, but lengths\[1\] = -2"),
+    (torch.tensor([4, 7, 1, 6]), r"lengths\[1\] = 7 is longer than the sequence dimension \(6\)"),
+])
+def test_bad_lengths_raise_in_compiled_and_exported_graphs(bad, message):
+    """The values are checked where the graph runs (rnnkit::checked_lengths): the eager
+    message, never a silently wrong answer."""
+    module = rnnkit.GRU(3, 8)
+    x = torch.randn(6, 4, 3)
+    with pytest.raises(ValueError, match=message):
+        module(x, lengths=bad)
+    torch._dynamo.reset()
+    compiled = torch.compile(_WithLengths(module), fullgraph=True, backend="aot_eager")
+    compiled(x, LENGTHS)  # (traced with good lengths)
+    with pytest.raises(Exception, match=message):
+        compiled(x, bad)
+    program = torch.export.export(_WithLengths(module), (x, LENGTHS)).module()
+    with pytest.raises(Exception, match=message):
+        program(x, bad)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (torch.tensor([4.0, 6.0, 1.0, 6.0]), TypeError, "lengths must hold integers, got dtype float32"),
+    (torch.tensor([[4, 6, 1, 6]]), ValueError, r"lengths must be 1-D \(batch,\), got shape \(1, 4\)"),
+    (torch.tensor([4, 6, 1]), ValueError, "lengths has 3 entries but the batch has 4 sequences"),
+])
+def test_bad_lengths_metadata_raise_while_tracing(bad, error, message):
+    """A wrong dtype or shape is seen while the graph is built: the eager error, at once."""
+    module = rnnkit.LSTM(3, 8)
+    x = torch.randn(6, 4, 3)
+    torch._dynamo.reset()
+    # (dynamo reports an exception raised in traced code as its own Unsupported, with our line)
+    with pytest.raises(Exception, match=message):
+        torch.compile(_WithLengths(module), fullgraph=True, backend="aot_eager")(x, bad)
+    with pytest.raises(error, match=message):
+        torch.export.export(_WithLengths(module), (x, bad))
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru_after"])
+def test_opcheck_layer_forward_lengths(name):
+    cfg = _config(name)
+    args = list(_operator_args(cfg))
+    args[16] = torch.tensor([4, 2, 1])  # (batch_sizes -> the longest-first lengths)
+    torch.library.opcheck(ops().layer_forward_lengths.default, tuple(args))
+    # the same results as layer_forward with the batch sizes those lengths give
+    plain = list(_operator_args(cfg, grad=False))
+    plain[16] = [3, 2, 1, 1]
+    want = ops().layer_forward(*plain)
+    args = list(_operator_args(cfg, grad=False))
+    args[16] = torch.tensor([4, 2, 1])
+    for got, expected in zip(ops().layer_forward_lengths(*args), want):
+        torch.testing.assert_close(got, expected)
+
+
+def test_layer_forward_lengths_refuses_unsorted():
+    args = list(_operator_args(_config("gru_after"), grad=False))
+    args[16] = torch.tensor([2, 4, 1])
+    with pytest.raises(ValueError, match="sorted longest first"):
+        ops().layer_forward_lengths(*args)
+
+
+@pytest.mark.parametrize("cls", [rnnkit.MinGRU, rnnkit.MinLSTM])
+def test_minimal_layers_lengths_compile_and_export(cls):
+    torch.manual_seed(0)
+    module = cls(3, 8, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 4, 3, requires_grad=True)
+    want = _result_and_grads_lengths(module, x, LENGTHS)
+    torch._dynamo.reset()
+    got = _result_and_grads_lengths(torch.compile(module, fullgraph=True, backend="aot_eager"), x,
+                                    LENGTHS)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    program = torch.export.export(_WithLengths(module.eval()), (x.detach(), LENGTHS)).module()
+    torch.testing.assert_close(program(x.detach(), LENGTHS)[0], module(x.detach(), lengths=LENGTHS)[0])

@@ -33,7 +33,7 @@ from rnnkit.cells.lstm import init_forget_bias, lstm_math
 from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_minimal, unpickle_minimal
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.fused import inference as lean_inference
-from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
+from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length, tracing
 from rnnkit.engine.precision import layer_autocast
 from rnnkit.engine.regularise import check_rate, drop_input, drop_weight, recurrent_masks
 from rnnkit.engine.scan import minimal_layer
@@ -276,9 +276,12 @@ class RecurrentLayer(nn.Module):
         if lengths is not None:
             lengths = check_lengths(lengths, batch, steps, x.device)
             sorted_lengths, order, inverse = sort_by_length(lengths)
-            batch_sizes = batch_sizes_for(sorted_lengths, steps)
-            if bool((order == torch.arange(batch)).all()):  # already longest first: no copies
-                order = inverse = None
+            if tracing():  # the values cannot be read: the kernels take the lengths themselves
+                batch_sizes = sorted_lengths
+            else:
+                batch_sizes = batch_sizes_for(sorted_lengths, steps)
+            if not tracing() and bool((order == torch.arange(batch)).all()):
+                order = inverse = None  # already longest first: no copies
             else:  # index_select, not x[:, order]: its backward (index_add) is several times
                 # faster than the accumulating index_put of advanced indexing
                 x = x.index_select(1, order.to(x.device))

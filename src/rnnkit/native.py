@@ -153,6 +153,12 @@ class NativeExtension:
         """The built module (or ``torch.ops.<ops_namespace>``), or None; compiles on first use."""
         if self._tried:
             return self._module
+        if torch.compiler.is_compiling():  # first use inside a trace: build outside of it
+            _load_while_tracing(self)
+            return self._module
+        return self._load_once()
+
+    def _load_once(self) -> Any:
         with self._lock:
             if not self._tried:
                 try:
@@ -204,3 +210,10 @@ class NativeExtension:
         if self.on_load is not None:
             self.on_load(module)
         return module
+
+
+@torch.compiler.assume_constant_result
+def _load_while_tracing(extension: NativeExtension) -> bool:
+    """``extension.load()`` run by torch.compile / torch.export as plain Python (they cannot
+    trace its lock); a first call of a layer inside ``torch.compile`` then builds the kernels."""
+    return extension._load_once() is not None

@@ -112,6 +112,11 @@ def integer_values(name: str, values: Sequence[int] | Tensor | Any) -> Tensor:
             raise TypeError(f"{name} must hold integers, got dtype {dtype}{where}")
         return tensor.to("cpu", torch.int64).reshape(-1) if tensor.dim() == 0 else tensor.to(
             "cpu", torch.int64)
+    return torch.tensor(integer_list(name, values), dtype=torch.int64)
+
+
+def integer_list(name: str, values: Any) -> list[int]:
+    """A list or tuple of integers as Python ints (see :func:`integer_values`)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(
             f"{name} must be a tensor, a list or a tuple of integers, got {type(values).__name__}"
@@ -128,7 +133,7 @@ def integer_values(name: str, values: Sequence[int] | Tensor | Any) -> Tensor:
                 f"{name} must hold integers, but {name}[{i}] = {shown} is a "
                 f"{type(value).__name__}"
             ) from None
-    return torch.tensor(checked, dtype=torch.int64)
+    return checked
 
 
 def check_lengths(
@@ -140,6 +145,8 @@ def check_lengths(
             f"lengths is on device {lengths.device} but the input is on {device}; "
             "pass lengths on the CPU or on the input's device"
         )
+    if torch.compiler.is_compiling():  # torch.compile / torch.export: no data to read here
+        return _traced_lengths(lengths, batch_size, max_length)
     lengths = integer_values("lengths", lengths)
     if lengths.dim() != 1:
         raise ValueError(f"lengths must be 1-D (batch,), got shape {tuple(lengths.shape)}")
@@ -149,6 +156,12 @@ def check_lengths(
         raise ValueError(
             f"lengths has {lengths.numel()} entries but the batch has {batch_size} sequences"
         )
+    check_length_values(lengths, max_length)
+    return lengths
+
+
+def check_length_values(lengths: Tensor, max_length: int) -> None:
+    """Every length in [1, max_length]; the error names the first row that is not."""
     too_short = (lengths < 1).nonzero().flatten()
     if too_short.numel():
         row = int(too_short[0])
@@ -162,7 +175,54 @@ def check_lengths(
             f"lengths[{row}] = {int(lengths[row])} is longer than the sequence "
             f"dimension ({max_length})"
         )
-    return lengths
+
+
+def _traced_lengths(lengths: Sequence[int] | Tensor, batch_size: int, max_length: int) -> Tensor:
+    """check_lengths inside a traced graph: what the metadata shows (type, dtype, shape) is checked
+    now; the values, which a graph cannot read while it is built, by ``rnnkit::checked_lengths``
+    when the graph runs — the same messages as in eager, never a silently wrong answer."""
+    if not isinstance(lengths, Tensor):
+        # (a list is fixed into the graph as constants: checked now, as in eager)
+        return _checked_list(lengths, batch_size, max_length)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        dtype = str(lengths.dtype).removeprefix("torch.")
+        raise TypeError(f"lengths must hold integers, got dtype {dtype}")
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must be 1-D (batch,), got shape {tuple(lengths.shape)}")
+    if lengths.shape[0] != batch_size:  # (shapes are known, or guarded on, while tracing)
+        raise ValueError(
+            f"lengths has {lengths.shape[0]} entries but the batch has {batch_size} sequences")
+    return torch.ops.rnnkit.checked_lengths(lengths.to("cpu", torch.int64), max_length)
+
+
+def _checked_list(lengths: Sequence[int], batch_size: int, max_length: int) -> Tensor:
+    """A list of lengths checked as Python ints (a tensor's values cannot be read in a trace)."""
+    values = integer_list("lengths", lengths)
+    if len(values) != batch_size:
+        raise ValueError(f"lengths has {len(values)} entries but the batch has {batch_size} sequences")
+    for row, value in enumerate(values):
+        if value < 1:
+            raise ValueError(f"every length must be at least 1, but lengths[{row}] = {value}")
+        if value > max_length:
+            raise ValueError(f"lengths[{row}] = {value} is longer than the sequence dimension "
+                             f"({max_length})")
+    return torch.tensor(values, dtype=torch.int64)
+
+
+@torch.library.custom_op("rnnkit::checked_lengths", mutates_args=())
+def checked_lengths(lengths: Tensor, max_length: int) -> Tensor:
+    """A copy of ``lengths`` once every value is in [1, max_length], else check_lengths' error.
+
+    An operator so that a traced graph (torch.compile, torch.export) checks the values where it
+    runs; its result feeds the layer, so the check cannot be dropped from the graph.
+    """
+    check_length_values(lengths, max_length)
+    return lengths.clone()
+
+
+@checked_lengths.register_fake
+def _(lengths: Tensor, max_length: int) -> Tensor:
+    return torch.empty_like(lengths)
 
 
 def check_layer_state(

@@ -37,7 +37,7 @@ from rnnkit.cells.base import CellMath, State
 from rnnkit.cells.layer_norm import normalized_input
 from rnnkit.engine import fused, precision, threads
 from rnnkit.engine.bptt import run_bptt
-from rnnkit.engine.lengths import zero_padding
+from rnnkit.engine.lengths import Ragged, zero_padding
 from rnnkit.engine.reference import run_reference
 from rnnkit.engine.regularise import StepMasks
 from rnnkit.validation import check_steps
@@ -63,6 +63,9 @@ def run_fused(
     if reason is None:  # (under autocast here only where the kernel has a bf16 mode: run_layer)
         return fused.run_layer(math, x, state0, params, batch_sizes, masks,
                                bf16=precision.autocast_bf16(x.device, x.dtype))
+    if isinstance(batch_sizes, Tensor):  # (the bptt engine cannot take a traced lengths tensor)
+        raise ValueError(f"lengths= cannot be traced (torch.compile / torch.export) here: the "
+                         f"fused CPU engine cannot run ({reason})")
     if reason not in _fallbacks_warned:
         _fallbacks_warned.add(reason)
         warnings.warn(
@@ -108,11 +111,14 @@ def run_layer(
     x: Tensor,
     state0: State,
     params: Sequence[Tensor | None],
-    batch_sizes: Sequence[int] | None = None,
+    batch_sizes: Ragged = None,
     backend: str | None = None,
     masks: StepMasks | None = None,
 ) -> tuple[Tensor, State]:
     """Runs one layer in one direction with the chosen (or default) backend.
+
+    ``batch_sizes``: see :data:`rnnkit.engine.lengths.Ragged`; a tensor (traced graphs) only
+    with the fused backend.
 
     ``masks``: the recurrent-dropout and zoneout masks of this layer and direction (None: none).
 
@@ -128,7 +134,13 @@ def run_layer(
     check_steps("x", x.shape[0])
     if x.device.type == "cpu":
         threads.adapt()
-    if batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes):
+    if isinstance(batch_sizes, Tensor):  # a traced graph: the sorted lengths (lengths.Ragged)
+        if name != "fused":
+            raise ValueError(f"the {name!r} engine reads the lengths in Python, so lengths= "
+                             "cannot be traced (torch.compile / torch.export) with it; use the "
+                             "'fused' engine")
+        x = zero_padding(x, batch_sizes)
+    elif batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes):
         x = zero_padding(x, list(batch_sizes))  # (the padding's NaN must not reach dW_ih)
     if math.layer_norm:
         # the input LN is per row and step: once for all T·B rows, here for every backend, under

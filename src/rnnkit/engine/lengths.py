@@ -7,8 +7,21 @@ then touches only its active rows; no work is spent on padding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
+
+# The engine's ``batch_sizes`` argument: the active rows per step (a list of T ints, read in
+# Python), or — when a graph is being traced (torch.compile, torch.export), where the values of
+# the lengths tensor cannot be read — the longest-first lengths tensor itself (B,), which the
+# kernels' ``*_lengths`` operators turn into batch sizes when the graph runs. None: no padding.
+Ragged = Sequence[int] | Tensor | None
+
+
+def tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing this call (no tensor data to read)."""
+    return torch.compiler.is_compiling()
 
 
 def sort_by_length(lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -43,8 +56,11 @@ def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
     return x.gather(0, source)
 
 
-def zero_padding(x: Tensor, batch_sizes: list[int] | None) -> Tensor:
+def zero_padding(x: Tensor, batch_sizes: list[int] | Tensor | None) -> Tensor:
     """``x`` (T, B, ...) with the rows past each sequence's length set to 0 (a new tensor).
+
+    ``batch_sizes``: the active rows per step, or (in a traced graph, see :data:`Ragged`) the
+    longest-first lengths themselves.
 
     The recurrence never reads them, but the weight-gradient GEMMs run over all T·B rows, where
     ``0 * NaN`` would put the NaN of padding into dW_ih (torch's packed sequences never see
@@ -53,6 +69,9 @@ def zero_padding(x: Tensor, batch_sizes: list[int] | None) -> Tensor:
     if batch_sizes is None:
         return x
     steps, batch = x.shape[0], x.shape[1]
-    running = torch.arange(batch) < torch.tensor(batch_sizes).unsqueeze(1)  # (T, B)
+    if isinstance(batch_sizes, Tensor):
+        running = torch.arange(steps).unsqueeze(1) < batch_sizes.unsqueeze(0)  # (T, B)
+    else:
+        running = torch.arange(batch) < torch.tensor(batch_sizes).unsqueeze(1)  # (T, B)
     running = running.view(steps, batch, *([1] * (x.dim() - 2))).to(x.device)
     return torch.where(running, x, torch.zeros((), dtype=x.dtype, device=x.device))

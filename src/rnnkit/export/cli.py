@@ -2,7 +2,8 @@
 
 The run is loaded through its task's own ``load_model``; example inputs of the shapes the task's
 model takes (token ids, lengths, feature frames) are made here only to trace the graph — batch
-and time stay dynamic in the file.
+and time stay dynamic in the file. A translate run is written as its encoder and one decoder step
+(:class:`TranslateStep`): the search around them has no ONNX form.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rnnkit.export.onnx import ExportError, dataclasses_as_dicts, export_onnx, require_exporter
+from rnnkit.export.onnx import (
+    TREE_ENCODER,
+    ExportError,
+    dataclasses_as_dicts,
+    export_onnx,
+    require_exporter,
+)
 
 # Example sizes: time and batch of at least 2 keep those axes dynamic (see export_onnx).
 STEPS, BATCH, WORD = 6, 2, 4
@@ -46,6 +53,7 @@ def example_inputs(model: nn.Module, steps: int = STEPS, batch: int = BATCH
     from rnnkit.models.language_model import LanguageModel
     from rnnkit.models.seq2seq import Seq2Seq
     from rnnkit.models.tagger import Tagger
+    from rnnkit.models.tree_lstm import TreeClassifier
 
     gen = torch.Generator().manual_seed(0)
     lengths = torch.tensor([steps] + [max(1, steps - 2 - i) for i in range(batch - 1)])
@@ -74,11 +82,42 @@ def example_inputs(model: nn.Module, steps: int = STEPS, batch: int = BATCH
         return features, lengths * model.config.stack
     if isinstance(model, FrameGenerator):
         return ((torch.rand(steps, batch, model.config.pitches, generator=gen) > 0.8).float(),)
-    if isinstance(model, Seq2Seq):
-        raise ExportError("a translate run decodes with greedy or beam search, which has no ONNX "
-                          "form; export its encoder and one decoder step from Python with "
-                          "rnnkit.export_onnx")
+    if isinstance(model, TranslateStep):
+        bos = torch.full((batch,), model.model.config.bos)
+        return tokens(model.model.config.source_vocab), lengths, bos
+    if isinstance(model, Seq2Seq):  # (run() exports it as its TranslateStep)
+        return example_inputs(TranslateStep(model), steps, batch)
+    if isinstance(model, TreeClassifier):
+        raise ExportError(f"{TREE_ENCODER} has no ONNX form: a trees run with a Tree-LSTM "
+                          "encoder cannot be exported (its sequence encoders can)")
     raise ExportError(f"no example inputs known for a {type(model).__name__}")
+
+
+class TranslateStep(nn.Module):
+    """What of a translate model has an ONNX form: the encoder and one decoder step, as one graph.
+
+    ``(source (S, B), source_lengths (B,), tokens (B,))`` → logits (B, V) of the next token
+    after ``tokens`` (``<s>``: the first), the decoder's new state (L, B, H) — h, and c for an
+    LSTM — and, with attention, its weights over the source (B, S). The search around it (greedy,
+    beam) has no ONNX form and stays outside the file.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, source: Tensor, source_lengths: Tensor, tokens: Tensor
+                ) -> tuple[Tensor, ...]:
+        logits, weights, state = self.model.step(tokens, self.model.encode(source, source_lengths))
+        return (logits, *state.hidden, *(() if weights is None else (weights,)))
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """The part of a task's model that is written: the model itself, or a translate model's
+    :class:`TranslateStep`."""
+    from rnnkit.models.seq2seq import Seq2Seq
+
+    return TranslateStep(model).eval() if isinstance(model, Seq2Seq) else model
 
 
 def load_run(path: str) -> tuple[str, nn.Module]:
@@ -132,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     import onnx
 
     task, model = load_run(args.checkpoint)
+    model = exportable(model)
     inputs = example_inputs(model)
     path = export_onnx(model, inputs, args.output)
     graph = onnx.load(str(path)).graph

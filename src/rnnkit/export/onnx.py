@@ -331,12 +331,18 @@ def _layers_as_onnx_nodes(module: nn.Module) -> Iterator[None]:
 # ---- pieces with no ONNX form -------------------------------------------------------------------
 
 
+# (a tree is a data structure, not a tensor axis: no ONNX recurrent operator walks one)
+TREE_ENCODER = ("the tree-structured encoder TreeLSTM (the trees task's Tree-LSTM, which combines "
+                "each node's children along the parse tree)")
+
+
 def _no_onnx_form() -> list[tuple[Any, str, str]]:
     """(owner, attribute, what it is) of every rnnkit piece that has no ONNX graph."""
     from rnnkit.decoding import beam, ctc
-    from rnnkit.models import crf, generator, language_model, seq2seq
+    from rnnkit.models import crf, generator, language_model, seq2seq, tree_lstm
 
     return [
+        (tree_lstm.TreeLSTM, "forward", TREE_ENCODER),
         (crf.LinearChainCRF, "decode", "CRF Viterbi decoding (LinearChainCRF.decode); export the "
          "emission scores and decode them outside the graph"),
         (seq2seq.Seq2Seq, "beam", "beam search (Seq2Seq.beam); export encode and one decoder step"),

@@ -55,6 +55,7 @@ from rnnkit.cells.base import CellMath, CellSpec
 from rnnkit.engine.bptt import run_bptt
 from rnnkit.engine.fused import _build, _function, _layer_norm, route_table
 from rnnkit.engine.fused._function import KERNELS, config_of, peephole_weights, run, spec_of
+from rnnkit.engine.lengths import Ragged
 from rnnkit.engine.regularise import StepMasks
 from rnnkit.engine.threads import current_threads
 
@@ -138,11 +139,13 @@ def run_layer(
     x: Tensor,
     state0: Sequence[Tensor],
     params: Sequence[Tensor | None],
-    batch_sizes: Sequence[int] | None,
+    batch_sizes: Ragged,
     masks: StepMasks | None = None,
     bf16: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Runs one layer in one direction; differentiable w.r.t. x, state0 and every param.
+
+    ``batch_sizes``: see :data:`rnnkit.engine.lengths.Ragged` (a tensor: a traced graph).
 
     With ``masks`` (recurrent dropout, zoneout) torch's op never runs (it cannot apply them), and
     a ragged batch is not split into time chunks (the masks are laid out for the whole batch).
@@ -157,6 +160,8 @@ def run_layer(
         if _layer_norm.load() is None:
             raise RuntimeError(f"fused backend unavailable: {_layer_norm.EXTENSION.error}")
         return _layer_norm.run(_function.spec_of(spec), x, state0, params, batch_sizes)
+    if isinstance(batch_sizes, Tensor):  # a traced graph: the lengths tensor (lengths.Ragged)
+        return _run_traced_lengths(spec, x, state0, params, batch_sizes, masks, bf16)
     bs = None if batch_sizes is None else [int(b) for b in batch_sizes]
     if bs is not None and all(b == x.shape[1] for b in bs):
         bs = None
@@ -187,6 +192,25 @@ def run_layer(
         return run(cfg, bs, x, state0, params, training, masks, bf16)
     return _run_in_chunks(lambda xs, st, b: run(cfg, b, xs, st, params, training, None, bf16),
                           bs, x, state0, params)
+
+
+def _run_traced_lengths(spec: Any, x: Tensor, state0: Sequence[Tensor],
+                        params: Sequence[Tensor | None], sorted_lengths: Tensor,
+                        masks: StepMasks | None, bf16: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """A ragged batch in a traced graph: one ``layer_forward_lengths`` call, rnnkit's kernel for
+    every variant it has (the plain LSTM too: whether torch's op would be chosen depends on the
+    lengths' values, and rnnkit's kernel takes a ragged batch anyway). No time chunks (their
+    plan is read from the values); the eager layer's results to float32 rounding."""
+    key = spec_of(spec)
+    if route_of(key) != "kernel":
+        raise ValueError(f"{key} runs no rnnkit kernel, so lengths= cannot be traced for it "
+                         "(torch.compile / torch.export); pass lengths=None, or run it eagerly")
+    if _build.load() is None:
+        raise RuntimeError(f"fused backend unavailable: {_build.error()}")
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *state0, *params))
+    return _function.run_lengths(config_of(key), sorted_lengths, x, state0, params, training,
+                                 masks, bf16)
 
 
 # ---- ragged batches: rows that have ended cost nothing ---------------------------------------

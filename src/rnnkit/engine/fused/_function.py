@@ -12,6 +12,15 @@ The C++ library (``csrc/fused_rnn.cpp``) defines three operators with ``TORCH_LI
   weights' transposed and panel-packed copies made once and kept by the caller (the lean
   inference path's plan, :mod:`rnnkit.engine.fused.inference`).
 
+Two more, defined here in Python on top of those two, for a ragged batch in a traced graph
+(``torch.compile``, ``torch.export``), where the batch sizes (Python ints read from the lengths
+tensor) cannot be known while the graph is built:
+
+* ``rnnkit_fused::layer_forward_lengths`` / ``layer_backward_lengths``: ``layer_forward`` /
+  ``layer_backward`` with the longest-first lengths tensor (B,) in place of ``int[]
+  batch_sizes``; they derive the batch sizes when they run (:func:`_batch_sizes`), exactly as
+  the eager layer does, and call the C++ operators.
+
 This module registers what torch's tools need besides the CPU kernels: a fake (shape-only)
 kernel for each operator, so ``torch.compile`` / ``torch.export`` trace them without running
 them, and ``layer_backward`` as the autograd formula of ``layer_forward``. Registered once,
@@ -151,6 +160,84 @@ def run(
     return y, ((h, c) if cfg.kind == 1 else (h,))
 
 
+def run_lengths(
+    cfg: Config,
+    sorted_lengths: Tensor,
+    x: Tensor,
+    state0: Sequence[Tensor],
+    params: Sequence[Tensor | None],
+    training: bool,
+    masks: Any = None,
+    bf16: bool = False,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """:func:`run` for a traced graph: the batch sizes come from ``sorted_lengths`` (B,) when
+    the graph runs (``layer_forward_lengths``)."""
+    _check(cfg, x, state0)
+    w_ih, w_hh, b_ih, b_hh = params[:4]
+    c0 = state0[1] if cfg.kind == 1 else None
+    keep_h = keep_c = recurrent = None
+    if masks is not None:
+        recurrent = masks.recurrent
+        if masks.zoneout is not None:
+            keep_h = masks.zoneout[0]
+            keep_c = masks.zoneout[1] if cfg.kind == 1 else None
+    y, h, c, *_ = torch.ops.rnnkit_fused.layer_forward_lengths(
+        *cfg.args(), x, state0[0], c0, w_ih, w_hh, b_ih, b_hh, peephole_weights(cfg, params),
+        recurrent, keep_h, keep_c, sorted_lengths, training, loop_threads, bf16,
+    )
+    return y, ((h, c) if cfg.kind == 1 else (h,))
+
+
+# ---- the lengths-tensor operators ------------------------------------------------------------------
+
+_VARIANT_SCHEMA = "int kind, int act, bool peephole, bool coupled, bool reset_before, "
+LENGTHS_SCHEMAS = {
+    "layer_forward_lengths": (
+        "(" + _VARIANT_SCHEMA
+        + "Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor? peephole_weights, Tensor? recurrent_mask, Tensor? zoneout_h, Tensor? zoneout_c, "
+        "Tensor lengths, bool training, int threads, bool bf16=False) -> "
+        "(Tensor y, Tensor h_n, Tensor c_n, Tensor acts, Tensor cells, Tensor extra)"),
+    "layer_backward_lengths": (
+        "(" + _VARIANT_SCHEMA
+        + "Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? peephole_weights, "
+        "Tensor? recurrent_mask, Tensor? zoneout_h, Tensor? zoneout_c, "
+        "bool has_bias, Tensor lengths, Tensor y, Tensor acts, Tensor cells, Tensor extra, "
+        "Tensor grad_y, Tensor? grad_h_n, Tensor? grad_c_n, bool need_dx, bool need_dw, "
+        "int threads, bool bf16=False) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"),
+}
+
+
+def _batch_sizes(lengths: Tensor, steps: int) -> list[int]:
+    """The C++ operators' ``batch_sizes`` for longest-first ``lengths``: what the eager layer
+    passes (``batch_sizes_for``; [] when every row runs every step)."""
+    from rnnkit.engine.lengths import batch_sizes_for  # (engine.lengths imports nothing of ours)
+
+    if lengths.dim() != 1 or lengths.is_floating_point():
+        raise ValueError(f"lengths must be a 1-D integer tensor, got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
+    if lengths.numel() and not bool((lengths[:-1] >= lengths[1:]).all()):
+        raise ValueError("lengths must be sorted longest first (the layer sorts them)")
+    return batch_sizes_for(lengths.cpu(), steps) or []
+
+
+def _forward_lengths(*args: Any) -> tuple[Tensor, ...]:
+    args = list(args)
+    args[_BATCH_SIZES] = _batch_sizes(args[_BATCH_SIZES], args[_X].shape[0])
+    return tuple(torch.ops.rnnkit_fused.layer_forward(*args))
+
+
+# layer_backward's position of batch_sizes, and of x (for the step count)
+_BWD_X, _BWD_BATCH_SIZES = 5, 15
+
+
+def _backward_lengths(*args: Any) -> tuple[Tensor, ...]:
+    args = list(args)
+    args[_BWD_BATCH_SIZES] = _batch_sizes(args[_BWD_BATCH_SIZES], args[_BWD_X].shape[0])
+    return tuple(torch.ops.rnnkit_fused.layer_backward(*args))
+
+
 # ---- registrations (run once the library is loaded) ----------------------------------------------
 
 
@@ -240,7 +327,10 @@ def _forward_packed_fake(kind: int, act: int, peephole: bool, coupled: bool, res
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     y, _, _, acts, cells, extra = output
     ctx.variant = inputs[:5]
-    ctx.batch_sizes = inputs[_BATCH_SIZES]
+    # (layer_forward_lengths: a tensor, which is saved with the others)
+    ragged = inputs[_BATCH_SIZES]
+    ctx.lengths = isinstance(ragged, Tensor)
+    ctx.batch_sizes = None if ctx.lengths else ragged
     ctx.threads = inputs[_THREADS]
     ctx.training = inputs[_TRAINING]
     ctx.bf16 = len(inputs) > _BF16 and bool(inputs[_BF16])  # (a schema default may be left out)
@@ -253,7 +343,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(inputs[_X], inputs[_H0], inputs[_C0], inputs[_WIH], inputs[_WHH],
                           inputs[_PEEP], inputs[_RMASK], inputs[_KEEP_H], inputs[_KEEP_C], y, acts,
-                          cells, extra)
+                          cells, extra, ragged if ctx.lengths else None)
 
 
 def _backward(ctx: Any, grad_y: Tensor, grad_h: Tensor, grad_c: Tensor, *_: Tensor
@@ -261,16 +351,19 @@ def _backward(ctx: Any, grad_y: Tensor, grad_h: Tensor, grad_c: Tensor, *_: Tens
     if not ctx.training:
         raise RuntimeError("rnnkit_fused::layer_forward ran with training=False: it saved "
                            "nothing to differentiate")
-    x, h0, c0, w_ih, w_hh, peep, recurrent, keep_h, keep_c, y, acts, cells, extra = ctx.saved_tensors
+    (x, h0, c0, w_ih, w_hh, peep, recurrent, keep_h, keep_c, y, acts, cells, extra,
+     lengths) = ctx.saved_tensors
     needs = ctx.needs_input_grad
     need_dx = needs[_X]
     need_dw = any(needs[i] for i in (_WIH, _WHH, _BIH, _BHH, _PEEP))
     lstm = ctx.variant[0] == 1
     if grad_y is None:  # only the final state was used: a zero gradient that takes no memory
         grad_y = y.new_zeros(()).expand(y.shape)
-    dx, dh0, dc0, dwih, dwhh, dbih, dbhh, dpeep = torch.ops.rnnkit_fused.layer_backward(
+    backward = (torch.ops.rnnkit_fused.layer_backward_lengths if ctx.lengths
+                else torch.ops.rnnkit_fused.layer_backward)
+    dx, dh0, dc0, dwih, dwhh, dbih, dbhh, dpeep = backward(
         *ctx.variant, x, h0, c0, w_ih, w_hh, peep, recurrent, keep_h, keep_c, ctx.has_bias,
-        ctx.batch_sizes, y, acts, cells,
+        lengths if ctx.lengths else ctx.batch_sizes, y, acts, cells,
         extra, grad_y, grad_h, grad_c if lstm else None, need_dx, need_dw, ctx.threads, ctx.bf16,
     )
     bias = ctx.has_bias and need_dw
@@ -290,8 +383,21 @@ def _backward(ctx: Any, grad_y: Tensor, grad_h: Tensor, grad_c: Tensor, *_: Tens
     return grads + (None,) * (ctx.num_inputs - len(grads))  # (bf16, when it was passed)
 
 
+_library: torch.library.Library | None = None
+
+
 def register() -> None:
     """Fake kernels and autograd for the operators; called once after the library is loaded."""
+    global _library
+    _library = torch.library.Library(NAMESPACE, "FRAGMENT")  # (kept: it owns the definitions)
+    for name, schema in LENGTHS_SCHEMAS.items():
+        _library.define(name + schema)
+    _library.impl("layer_forward_lengths", _forward_lengths, "CPU")
+    _library.impl("layer_backward_lengths", _backward_lengths, "CPU")
+    torch.library.register_fake(f"{NAMESPACE}::layer_forward_lengths")(_forward_fake)
+    torch.library.register_fake(f"{NAMESPACE}::layer_backward_lengths")(_backward_fake)
+    torch.library.register_autograd(f"{NAMESPACE}::layer_forward_lengths", _backward,
+                                    setup_context=_setup_context)
     torch.library.register_fake(f"{NAMESPACE}::layer_forward")(_forward_fake)
     torch.library.register_fake(f"{NAMESPACE}::layer_backward")(_backward_fake)
     torch.library.register_fake(f"{NAMESPACE}::step")(_step_fake)

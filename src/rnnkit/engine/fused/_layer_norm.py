@@ -169,12 +169,15 @@ class _LayerNormLayer(torch.autograd.Function):
 
 
 def run(spec: CellSpec, gx: Tensor, state0: Sequence[Tensor], params: Sequence[Tensor | None],
-        batch_sizes: Sequence[int] | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        batch_sizes: Sequence[int] | Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One layer and direction from ``gx = LN(x W_ih^T)``; differentiable w.r.t. every input.
 
     ``params`` is the engine's ``(None, w_hh, None, None, ln_hh_weight, ln_hh_bias,
     [ln_cell_weight, ln_cell_bias,] *peepholes)`` (the input LN already applied).
     """
+    if isinstance(batch_sizes, Tensor):  # (rnnkit.engine.lengths.Ragged in a traced graph)
+        raise ValueError(f"{spec}: the layer-normalised kernels cannot be traced "
+                         "(torch.compile / torch.export) yet; run the layer eagerly")
     variant = KERNELS[spec]
     lstm = variant[0] == 1
     _, w_hh, _, _, ln_weight, ln_bias, *rest = params
