@@ -212,6 +212,20 @@ class RecurrentLayer(nn.Module):
             init_chrono(self.math.chrono_gates, *gate_bias_vectors(self, suffix), self.hidden_size,
                         self.chrono)
 
+    def _weights_are_parameters(self) -> bool:
+        """False when a weight is not a registered parameter but computed from one on each call
+        (``torch.nn.utils.prune``, ``weight_norm``, ``parametrize``, AWD-LSTM's WeightDrop)."""
+        parameters = self._parameters
+        return all(name in parameters for names in self._param_names for name in names)
+
+    @property
+    def mode(self) -> str:
+        """``torch.nn``'s name of the cell: "LSTM", "GRU", "RNN_TANH", "RNN_RELU" (rnnkit's own
+        variants: "RNN_SIGMOID"; a peephole LSTM is still "LSTM")."""
+        if self.math.kind == "rnn":
+            return f"RNN_{self.math.nonlinearity.upper()}"
+        return self.math.kind.upper()
+
     def flatten_parameters(self) -> None:
         """Nothing to do (kept so code written for ``torch.nn.LSTM`` runs unchanged)."""
 
@@ -253,16 +267,19 @@ class RecurrentLayer(nn.Module):
         returns under CPU autocast: bfloat16 output and states for RNN and LSTM, float32 for
         GRU (:mod:`rnnkit.engine.precision`).
         """
-        if not torch.is_grad_enabled():  # inference: the lean path (engine/fused/inference.py)
+        # inference: the lean path (engine/fused/inference.py), whose plans cache packed copies
+        # of the parameters; a weight computed on each call (pruning, weight norm, AWD-LSTM's
+        # WeightDrop) would be stale there
+        if not torch.is_grad_enabled() and self._weights_are_parameters():
             result = lean_inference.layer_forward(self, input, hx, lengths)
             if result is not None:
                 return result
         # CPU autocast: a bf16 input or state is read as float32, out_dtype is what torch.nn
         # returns (rnnkit.engine.precision)
-        input, hx, out_dtype = layer_autocast(input, hx, self._parameters["weight_hh_l0"].dtype,
-                                              self.math.kind)
-        x, lengths, packed, unbatched = self._time_major(input, lengths,
-                                                         self._parameters["weight_hh_l0"].dtype)
+        weight = self._parameters.get("weight_hh_l0")  # (None when computed: see above)
+        dtype = (weight if weight is not None else self.weight_hh_l0).dtype
+        input, hx, out_dtype = layer_autocast(input, hx, dtype, self.math.kind)
+        x, lengths, packed, unbatched = self._time_major(input, lengths, dtype)
         steps, batch = x.shape[0], x.shape[1]
         check_steps("input", steps)
         states0 = self._initial_states(hx, batch, unbatched, x)
@@ -343,8 +360,10 @@ class RecurrentLayer(nn.Module):
 
     def _torch_stack(self, x: Tensor, states0: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Every layer and direction in one call of torch's own op (see ``torch_runs_stack``)."""
-        parameters = self._parameters  # (getattr on a Module costs a microsecond per name)
-        weights = [parameters[name] for names in self._param_names for name in names]
+        parameters = self._parameters  # (getattr on a Module costs a microsecond per name; a
+        # computed weight (pruning, weight norm) is not in the dict: getattr finds it)
+        weights = [parameters[name] if name in parameters else getattr(self, name)
+                   for names in self._param_names for name in names]
         output, *final_states = torch._VF.lstm(
             x, tuple(states0), weights, self.bias, self.num_layers, 0.0, self.training,
             self.bidirectional, False)
