@@ -655,3 +655,14 @@ def test_computed_weights_prune_weight_norm_weight_drop_like_torch(reweight, nam
             after = net(x[:, :1])
         results.append([before, output, after, *grads(net)])
     assert_same(results[0], results[1], 1e-4)
+
+
+def test_torch_jit_script_refusal_names_the_way_out() -> None:
+    """Scripting a client model that holds an rnnkit layer: one clear error (TorchScript's own
+    was "Unknown type annotation: 'float | None'")."""
+    model = nn.Sequential(nn.Linear(3, 3), rnnkit.GRU(3, 4))
+    with pytest.raises(RuntimeError, match=r"rnnkit\.GRU cannot be compiled by torch\.jit\.script"
+                                           r".*to_torch\(\)"):
+        torch.jit.script(model)
+    with pytest.raises(RuntimeError, match=r"MinGRU has no torch\.nn counterpart"):
+        torch.jit.script(rnnkit.MinGRU(3, 4))

@@ -212,6 +212,16 @@ class RecurrentLayer(nn.Module):
             init_chrono(self.math.chrono_gates, *gate_bias_vectors(self, suffix), self.hidden_size,
                         self.chrono)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this on every module it compiles: one error naming the
+        way out, instead of TorchScript's complaint about a type annotation deep in rnnkit."""
+        way_out = ("layer.to_torch() is the torch.nn module with the same weights"
+                   if type(self).to_torch is RecurrentLayer.to_torch
+                   else f"{type(self).__name__} has no torch.nn counterpart")
+        raise RuntimeError(f"rnnkit.{type(self).__name__} cannot be compiled by torch.jit.script "
+                           f"(TorchScript cannot read rnnkit's Python or its C++ operators); "
+                           f"{way_out}")
+
     def _weights_are_parameters(self) -> bool:
         """False when a weight is not a registered parameter but computed from one on each call
         (``torch.nn.utils.prune``, ``weight_norm``, ``parametrize``, AWD-LSTM's WeightDrop)."""
