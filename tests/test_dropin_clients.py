@@ -666,3 +666,39 @@ def test_torch_jit_script_refusal_names_the_way_out() -> None:
         torch.jit.script(model)
     with pytest.raises(RuntimeError, match=r"MinGRU has no torch\.nn counterpart"):
         torch.jit.script(rnnkit.MinGRU(3, 4))
+
+
+LSTM_MISTAKES = {  # a wrong call -> (the error torch.nn raises, what rnnkit's message says)
+    "features": (lambda m: m(torch.randn(5, 2, 4)), RuntimeError, "features"),
+    "no steps": (lambda m: m(torch.randn(0, 2, 3)), RuntimeError, "sequence length 0"),
+    "state batch": (lambda m: m(torch.randn(5, 2, 3), (torch.zeros(1, 3, 4),) * 2), RuntimeError,
+                    "must have shape"),
+    "batched input, 2-D state": (lambda m: m(torch.randn(5, 2, 3), (torch.zeros(2, 4),) * 2),
+                                 RuntimeError, "must have shape"),
+    "input dtype": (lambda m: m(torch.randn(5, 2, 3, dtype=torch.float64)), ValueError, "dtype"),
+    "4-D input": (lambda m: m(torch.randn(1, 5, 2, 3)), ValueError, "3-D"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(LSTM_MISTAKES))
+def test_wrong_calls_raise_what_torch_raises(mistake: str) -> None:
+    """``except RuntimeError`` (or ValueError) written around torch.nn catches rnnkit's error
+    too; rnnkit's message still names the problem."""
+    call, error, message = LSTM_MISTAKES[mistake]
+    reference = nn.LSTM(3, 4)
+    with pytest.raises(error):
+        call(reference)
+    with pytest.raises(error, match=message):
+        call(rnnkit.LSTM.from_torch(reference))
+
+
+@pytest.mark.parametrize(("cell_class", "torch_class"), [(rnnkit.LSTMCell, nn.LSTMCell),
+                                                         (rnnkit.GRUCell, nn.GRUCell)])
+def test_wrong_cell_calls_raise_what_torch_raises(cell_class, torch_class) -> None:
+    cell = cell_class.from_torch(torch_class(3, 4))
+    state = (torch.zeros(3, 4),) * (2 if cell_class is rnnkit.LSTMCell else 1)
+    for module in (torch_class(3, 4), cell):
+        with pytest.raises(RuntimeError):
+            module(torch.randn(2, 5))
+        with pytest.raises(RuntimeError):
+            module(torch.randn(2, 3), state if len(state) == 2 else state[0])
