@@ -66,6 +66,14 @@ def check_cell_input(
         return x_t, None
     if isinstance(state, Tensor):
         state = (state,)
+    if any(isinstance(part, tuple) for part in state):
+        # the state a torch.nn-style call site builds from what an rnnkit cell returned
+        raise TypeError(
+            f"{type(cell).__name__} got a nested tuple as its state. rnnkit's cells return "
+            "`output, state` (LSTM: `output, LSTMState(h, c)`) where torch.nn's RNNCell/GRUCell "
+            "return h and LSTMCell returns (h, c): write `h = cell(x, h)[0]`, or for an LSTM "
+            "`_, (h, c) = cell(x, (h, c))`"
+        )
     names = cell.math.state_names
     if len(state) != len(names):
         raise ValueError(
