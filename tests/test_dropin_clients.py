@@ -742,3 +742,25 @@ def test_double_backward_raises_or_matches_torch(kind) -> None:
             return  # a refusal is as good as torch's answer
         results.append(second)
     assert_same(*results, 1e-9)
+
+
+@pytest.mark.parametrize("kind", [nn.RNN, nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_dropout_between_layers_on_packed_input_draws_as_torch(kind, enforce_sorted) -> None:
+    """Training with dropout on packed sequences: torch.nn drops the packed data, so the same
+    seed must give the same masks and the same answer (rnnkit drew them over the padded
+    tensor: other masks, other outputs and gradients)."""
+    torch.manual_seed(0)
+    reference = kind(3, 4, num_layers=3, dropout=0.5, bidirectional=True)
+    layer = TORCH_TO_RNNKIT[kind].from_torch(reference)
+    lengths = [5, 3, 2] if enforce_sorted else [3, 5, 2]
+    x = torch.randn(5, 3, 3)
+    results = []
+    for net in (reference, layer):
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+        torch.manual_seed(9)
+        output, state = net(packed)
+        padded = pad_packed_sequence(output)[0]
+        padded.pow(2).sum().backward()
+        results.append([padded, *tensors(state), *grads(net)])
+    assert_same(results[0], results[1], 1e-4)

@@ -315,7 +315,7 @@ class RecurrentLayer(nn.Module):
         finals: list[list[Tensor]] = [[] for _ in states0]
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
+                layer_input = _dropout_between_layers(layer_input, self.dropout, batch_sizes)
             outputs = []
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
@@ -481,6 +481,21 @@ class RecurrentLayer(nn.Module):
             if getattr(self, name) != default:
                 text += f", {name}={getattr(self, name)}"
         return text + f", cell={self.math!r}"
+
+
+def _dropout_between_layers(x: Tensor, p: float, batch_sizes: list[int] | None) -> Tensor:
+    """``dropout`` on a layer's output (T, B, F), drawn as torch.nn draws it: on a packed
+    sequence torch.nn drops the packed data — the real steps only, time-major, longest first,
+    which is the order of ``x`` here — so the same seed gives the same masks and the same
+    answer; the padding (zero outputs) stays zero."""
+    if batch_sizes is None:
+        return F.dropout(x, p, training=True)
+    steps, batch = x.shape[0], x.shape[1]
+    real = torch.arange(batch) < torch.tensor(batch_sizes).unsqueeze(1)  # (T, B)
+    real = real.to(x.device)
+    dropped = x.new_zeros(steps, batch, x.shape[2])
+    dropped[real] = F.dropout(x[real], p, training=True)  # (N, F): the packed data's rows
+    return dropped
 
 
 REGULARISERS = ("recurrent_dropout", "input_dropout", "zoneout", "zoneout_cell", "weight_drop")
