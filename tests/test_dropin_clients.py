@@ -764,3 +764,22 @@ def test_dropout_between_layers_on_packed_input_draws_as_torch(kind, enforce_sor
         padded.pow(2).sum().backward()
         results.append([padded, *tensors(state), *grads(net)])
     assert_same(results[0], results[1], 1e-4)
+
+
+def test_constructors_take_torch_nn_positional_arguments() -> None:
+    """``nn.LSTM(I, H, L, bias, batch_first, dropout, bidirectional, proj_size)`` positionally:
+    the eighth argument was rnnkit's ``peephole`` (a silent peephole LSTM without projection);
+    rnnkit's own options are keyword-only after torch's."""
+    args = (3, 4, 2, False, True, 0.0, True, 2)
+    reference = nn.LSTM(*args)
+    layer = rnnkit.LSTM(*args)
+    assert not layer.peephole
+    assert [(n, p.shape) for n, p in layer.named_parameters()] == [
+        (n, p.shape) for n, p in reference.named_parameters()]
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 5, 3)
+    assert_same(reference(x), layer(x))
+    assert rnnkit.LSTM(3, 4, 1, True, False, 0.0, False, 0, "cpu", torch.float64).weight_hh_l0.dtype \
+        == torch.float64
+    with pytest.raises(TypeError):
+        rnnkit.LSTM(3, 4, 1, True, False, 0.0, False, 0, None, None, True)  # peephole: keyword

@@ -573,10 +573,10 @@ class LSTM(RecurrentLayer):
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
         batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+        proj_size: int = 0, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None, *,  # (torch.nn.LSTM's positional order; then rnnkit's)
         peephole: bool = False, coupled: bool = False, forget_bias: float | None = None,
-        backend: str | None = None, proj_size: int = 0,
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-        layer_norm: bool = False, **regularisers: Any,
+        backend: str | None = None, layer_norm: bool = False, **regularisers: Any,
     ) -> None:
         self.peephole = peephole
         self.coupled = coupled
