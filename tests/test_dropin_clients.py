@@ -783,3 +783,14 @@ def test_constructors_take_torch_nn_positional_arguments() -> None:
         == torch.float64
     with pytest.raises(TypeError):
         rnnkit.LSTM(3, 4, 1, True, False, 0.0, False, 0, None, None, True)  # peephole: keyword
+
+
+@pytest.mark.parametrize(("cell_class", "torch_class"), [(rnnkit.LSTMCell, nn.LSTMCell),
+                                                         (rnnkit.GRUCell, nn.GRUCell)])
+def test_cells_take_torch_nn_positional_arguments(cell_class, torch_class) -> None:
+    """``nn.LSTMCell(I, H, bias, device, dtype)``: a positional device was rnnkit's
+    ``peephole`` (LSTMCell: silently a peephole cell) or ``reset`` (GRUCell)."""
+    reference = torch_class(3, 4, True, "cpu", torch.float64)
+    cell = cell_class(3, 4, True, "cpu", torch.float64)
+    assert [(n, p.shape, p.dtype) for n, p in cell.named_parameters()] == [
+        (n, p.shape, p.dtype) for n, p in reference.named_parameters()]
