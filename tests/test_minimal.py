@@ -153,6 +153,23 @@ def test_layer_gradcheck_float64(kind: str, backend: str) -> None:
     assert torch.autograd.gradcheck(run, (x, h0, *weights))
 
 
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_double_backward_of_the_native_scan_raises_not_zero(kind: str, bias: bool) -> None:
+    """The C++ backward has no derivative: differentiating it again was silently zero (torch
+    took its outputs as constants); now one error. The log-space scan is twice differentiable."""
+    native_or_skip()
+    torch.manual_seed(0)
+    layer = LAYERS[kind][0](3, 4, bias=bias)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    layer.double()
+    (grad,) = torch.autograd.grad(layer(x)[0].pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"not twice differentiable.*backend='log'"):
+        torch.autograd.grad(grad.pow(2).sum(), x)
+    layer.backend = "log"
+    assert torch.autograd.gradgradcheck(lambda x: layer(x)[0], (x[:3],))
+
+
 def test_long_float32_sequence_stays_close_to_the_step_loop() -> None:
     """T = 1000 in float32: the log-space scan is accurate where the gates have kept h for long."""
     torch.manual_seed(3)

@@ -212,6 +212,30 @@ class RecurrentLayer(nn.Module):
             init_chrono(self.math.chrono_gates, *gate_bias_vectors(self, suffix), self.hidden_size,
                         self.chrono)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this on every module it compiles: one error naming the
+        way out, instead of TorchScript's complaint about a type annotation deep in rnnkit."""
+        way_out = ("layer.to_torch() is the torch.nn module with the same weights"
+                   if type(self).to_torch is RecurrentLayer.to_torch
+                   else f"{type(self).__name__} has no torch.nn counterpart")
+        raise RuntimeError(f"rnnkit.{type(self).__name__} cannot be compiled by torch.jit.script "
+                           f"(TorchScript cannot read rnnkit's Python or its C++ operators); "
+                           f"{way_out}")
+
+    def _weights_are_parameters(self) -> bool:
+        """False when a weight is not a registered parameter but computed from one on each call
+        (``torch.nn.utils.prune``, ``weight_norm``, ``parametrize``, AWD-LSTM's WeightDrop)."""
+        parameters = self._parameters
+        return all(name in parameters for names in self._param_names for name in names)
+
+    @property
+    def mode(self) -> str:
+        """``torch.nn``'s name of the cell: "LSTM", "GRU", "RNN_TANH", "RNN_RELU" (rnnkit's own
+        variants: "RNN_SIGMOID"; a peephole LSTM is still "LSTM")."""
+        if self.math.kind == "rnn":
+            return f"RNN_{self.math.nonlinearity.upper()}"
+        return self.math.kind.upper()
+
     def flatten_parameters(self) -> None:
         """Nothing to do (kept so code written for ``torch.nn.LSTM`` runs unchanged)."""
 
@@ -253,16 +277,19 @@ class RecurrentLayer(nn.Module):
         returns under CPU autocast: bfloat16 output and states for RNN and LSTM, float32 for
         GRU (:mod:`rnnkit.engine.precision`).
         """
-        if not torch.is_grad_enabled():  # inference: the lean path (engine/fused/inference.py)
+        # inference: the lean path (engine/fused/inference.py), whose plans cache packed copies
+        # of the parameters; a weight computed on each call (pruning, weight norm, AWD-LSTM's
+        # WeightDrop) would be stale there
+        if not torch.is_grad_enabled() and self._weights_are_parameters():
             result = lean_inference.layer_forward(self, input, hx, lengths)
             if result is not None:
                 return result
         # CPU autocast: a bf16 input or state is read as float32, out_dtype is what torch.nn
         # returns (rnnkit.engine.precision)
-        input, hx, out_dtype = layer_autocast(input, hx, self._parameters["weight_hh_l0"].dtype,
-                                              self.math.kind)
-        x, lengths, packed, unbatched = self._time_major(input, lengths,
-                                                         self._parameters["weight_hh_l0"].dtype)
+        weight = self._parameters.get("weight_hh_l0")  # (None when computed: see above)
+        dtype = (weight if weight is not None else self.weight_hh_l0).dtype
+        input, hx, out_dtype = layer_autocast(input, hx, dtype, self.math.kind)
+        x, lengths, packed, unbatched = self._time_major(input, lengths, dtype)
         steps, batch = x.shape[0], x.shape[1]
         check_steps("input", steps)
         states0 = self._initial_states(hx, batch, unbatched, x)
@@ -291,7 +318,7 @@ class RecurrentLayer(nn.Module):
         finals: list[list[Tensor]] = [[] for _ in states0]
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
+                layer_input = _dropout_between_layers(layer_input, self.dropout, batch_sizes)
             outputs = []
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
@@ -346,8 +373,10 @@ class RecurrentLayer(nn.Module):
 
     def _torch_stack(self, x: Tensor, states0: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Every layer and direction in one call of torch's own op (see ``torch_runs_stack``)."""
-        parameters = self._parameters  # (getattr on a Module costs a microsecond per name)
-        weights = [parameters[name] for names in self._param_names for name in names]
+        parameters = self._parameters  # (getattr on a Module costs a microsecond per name; a
+        # computed weight (pruning, weight norm) is not in the dict: getattr finds it)
+        weights = [parameters[name] if name in parameters else getattr(self, name)
+                   for names in self._param_names for name in names]
         output, *final_states = torch._VF.lstm(
             x, tuple(states0), weights, self.bias, self.num_layers, 0.0, self.training,
             self.bidirectional, False)
@@ -457,6 +486,21 @@ class RecurrentLayer(nn.Module):
         return text + f", cell={self.math!r}"
 
 
+def _dropout_between_layers(x: Tensor, p: float, batch_sizes: list[int] | None) -> Tensor:
+    """``dropout`` on a layer's output (T, B, F), drawn as torch.nn draws it: on a packed
+    sequence torch.nn drops the packed data — the real steps only, time-major, longest first,
+    which is the order of ``x`` here — so the same seed gives the same masks and the same
+    answer; the padding (zero outputs) stays zero."""
+    if batch_sizes is None:
+        return F.dropout(x, p, training=True)
+    steps, batch = x.shape[0], x.shape[1]
+    real = torch.arange(batch) < torch.tensor(batch_sizes).unsqueeze(1)  # (T, B)
+    real = real.to(x.device)
+    dropped = x.new_zeros(steps, batch, x.shape[2])
+    dropped[real] = F.dropout(x[real], p, training=True)  # (N, F): the packed data's rows
+    return dropped
+
+
 REGULARISERS = ("recurrent_dropout", "input_dropout", "zoneout", "zoneout_cell", "weight_drop")
 
 
@@ -532,10 +576,10 @@ class LSTM(RecurrentLayer):
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
         batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+        proj_size: int = 0, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None, *,  # (torch.nn.LSTM's positional order; then rnnkit's)
         peephole: bool = False, coupled: bool = False, forget_bias: float | None = None,
-        backend: str | None = None, proj_size: int = 0,
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-        layer_norm: bool = False, **regularisers: Any,
+        backend: str | None = None, layer_norm: bool = False, **regularisers: Any,
     ) -> None:
         self.peephole = peephole
         self.coupled = coupled

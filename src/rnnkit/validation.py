@@ -16,11 +16,22 @@ if TYPE_CHECKING:
     from rnnkit.cells.base import RecurrentCell, State
 
 
+class ShapeError(ValueError, RuntimeError):
+    """A tensor of the wrong shape (or no time steps): a ValueError, and also the RuntimeError
+    ``torch.nn``'s recurrent layers and cells raise for the same input, so that a program
+    written for torch.nn that catches it catches it here too."""
+
+
+class DtypeError(TypeError, ValueError):
+    """A tensor whose dtype differs from the parameters': a TypeError, and also the ValueError
+    ``torch.nn``'s recurrent layers raise for the same input (see :class:`ShapeError`)."""
+
+
 def check_float_tensor(name: str, tensor: Any, dtype: torch.dtype) -> None:
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype != dtype:
-        raise TypeError(
+        raise DtypeError(
             f"{name} has dtype {tensor.dtype} but the parameters are {dtype}; "
             f"convert one of them (e.g. module.to({dtype}) or {name}.to({dtype}))"
         )
@@ -28,7 +39,7 @@ def check_float_tensor(name: str, tensor: Any, dtype: torch.dtype) -> None:
 
 def check_features(name: str, tensor: Tensor, expected: int, what: str = "input_size") -> None:
     if tensor.shape[-1] != expected:
-        raise ValueError(
+        raise ShapeError(
             f"{name} has {tensor.shape[-1]} features in its last dimension but {what} is "
             f"{expected} (shape given: {tuple(tensor.shape)})"
         )
@@ -55,6 +66,14 @@ def check_cell_input(
         return x_t, None
     if isinstance(state, Tensor):
         state = (state,)
+    if any(isinstance(part, tuple) for part in state):
+        # the state a torch.nn-style call site builds from what an rnnkit cell returned
+        raise TypeError(
+            f"{type(cell).__name__} got a nested tuple as its state. rnnkit's cells return "
+            "`output, state` (LSTM: `output, LSTMState(h, c)`) where torch.nn's RNNCell/GRUCell "
+            "return h and LSTMCell returns (h, c): write `h = cell(x, h)[0]`, or for an LSTM "
+            "`_, (h, c) = cell(x, (h, c))`"
+        )
     names = cell.math.state_names
     if len(state) != len(names):
         raise ValueError(
@@ -66,7 +85,7 @@ def check_cell_input(
     for name, tensor in zip(names, state):
         check_float_tensor(f"state.{name}", tensor, dtype)
         if tensor.shape != expected:
-            raise ValueError(
+            raise ShapeError(
                 f"state.{name} must have shape {expected}, got {tuple(tensor.shape)}"
             )
         checked.append(tensor.unsqueeze(0) if unbatched else tensor)
@@ -76,7 +95,7 @@ def check_cell_input(
 def check_steps(name: str, steps: int) -> None:
     """A sequence must have at least one step, as torch.nn's recurrent layers require."""
     if steps == 0:
-        raise ValueError(
+        raise ShapeError(
             f"{name} has sequence length 0; a recurrent layer needs at least one time step "
             "(as torch.nn's layers do; a batch of size 0 is fine)"
         )
@@ -230,7 +249,7 @@ def check_layer_state(
 ) -> None:
     check_float_tensor(name, state, dtype)
     if tuple(state.shape) != expected:
-        raise ValueError(
+        raise ShapeError(
             f"{name} must have shape {expected} (num_layers * num_directions, batch, hidden_size)"
             f", got {tuple(state.shape)}"
         )

@@ -150,9 +150,9 @@ class GRUCell(RecurrentCell):
     (``layer_norm=True``: the layer-normalised GRU of :mod:`rnnkit.cells.layer_norm`)."""
 
     def __init__(
-        self, input_size: int, hidden_size: int, bias: bool = True, reset: str = "after",
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-        layer_norm: bool = False,
+        self, input_size: int, hidden_size: int, bias: bool = True,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+        reset: str = "after", layer_norm: bool = False,  # (after torch.nn.GRUCell's arguments)
     ) -> None:
         super().__init__(input_size, hidden_size, bias, gru_math(reset, layer_norm, bias), device,
                          dtype)

@@ -219,11 +219,12 @@ class LSTMCell(RecurrentCell):
         input_size: int,
         hidden_size: int,
         bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,  # (torch.nn.LSTMCell's arguments first: a positional device was peephole)
         peephole: bool = False,
         coupled: bool = False,
         forget_bias: float | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
         layer_norm: bool = False,
     ) -> None:
         self.peephole = peephole

@@ -94,6 +94,20 @@ def _register(ops: Any) -> None:
     torch.library.register_autograd("rnnkit_scan::minimal_scan_projected", backward_projected,
                                     setup_context=setup_projected)
 
+    # The backward operators have no derivative of their own. Without an autograd kernel,
+    # torch treats their outputs as constants under create_graph=True: a double backward
+    # (gradient penalties, Hessian-vector products) would be silently zero. This one raises when
+    # (and only when) something differentiates through them: a create_graph=True whose result
+    # is not differentiated again still works.
+    def no_second_derivative(ctx: Any, *grads: Tensor) -> None:
+        raise RuntimeError(
+            "minGRU/minLSTM's C++ backward is not twice differentiable (a double backward, "
+            "create_graph=True differentiated again); backend='log' runs plain torch ops that are")
+
+    for op in ("minimal_scan_backward", "minimal_scan_projected_backward"):
+        torch.library.register_autograd(f"rnnkit_scan::{op}", no_second_derivative,
+                                        setup_context=lambda ctx, inputs, output: None)
+
 
 _EXTENSION = NativeExtension(
     "rnnkit_scan", [Path(__file__).with_name("csrc") / "scan.cpp"],
