@@ -338,3 +338,16 @@ def test_decode_batch_uses_each_length() -> None:
     assert [h.labels for h in greedy] == [[1, 2], [3, 1]]
     beam = decode_batch(log_probs, lengths=[3, 4], beam_width=4)
     assert [h.labels for h in beam] == [[1, 2], [3, 1]]
+
+
+def test_double_backward_raises_not_zero(backend) -> None:
+    """The gradient is made in the forward, so it is a constant to autograd: differentiating it
+    again must raise (as for every hand-written backward), not give a silent zero."""
+    torch.manual_seed(0)
+    logits = torch.randn(12, 2, 5, dtype=torch.float64, requires_grad=True)
+    targets, target_lengths = torch.tensor([[1, 2, 3], [4, 1, 0]]), torch.tensor([3, 2])
+    loss = ctc_loss(logits.log_softmax(-1), targets, torch.tensor([12, 10]), target_lengths,
+                    backend=backend)
+    (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad.pow(2).sum(), logits)

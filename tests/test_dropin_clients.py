@@ -724,9 +724,6 @@ def test_torch_style_cell_loop_gets_an_error_naming_the_call_convention(cell_cla
     assert h.shape == c.shape == (2, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="fused/_function.py: rnnkit_fused::layer_backward has no "
-                   "autograd kernel, so a double backward through it is silently zero (report "
-                   "of session 10); remove this mark when it raises or differentiates")
 @pytest.mark.parametrize("kind", [nn.RNN, nn.GRU])
 def test_double_backward_raises_or_matches_torch(kind) -> None:
     torch.manual_seed(0)

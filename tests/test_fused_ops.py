@@ -361,3 +361,20 @@ def test_minimal_layers_lengths_compile_and_export(cls):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
     program = torch.export.export(_WithLengths(module.eval()), (x.detach(), LENGTHS)).module()
     torch.testing.assert_close(program(x.detach(), LENGTHS)[0], module(x.detach(), lengths=LENGTHS)[0])
+
+
+@pytest.mark.parametrize("make", [lambda: rnnkit.GRU(3, 4), lambda: rnnkit.RNN(3, 4),
+                                  lambda: rnnkit.LSTM(3, 4, peephole=True),
+                                  lambda: rnnkit.GRU(3, 4, bidirectional=True)])
+@pytest.mark.parametrize("lengths", [None, torch.tensor([5, 3])])
+def test_double_backward_raises_not_zero(make, lengths) -> None:
+    """The kernel's backward is hand-derived, so autograd cannot differentiate it: a double
+    backward must raise, not give a silent zero; create_graph=True alone still works."""
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    (plain,) = torch.autograd.grad(layer(x, lengths=lengths)[0].pow(2).sum(), x)
+    (grad,) = torch.autograd.grad(layer(x, lengths=lengths)[0].pow(2).sum(), x, create_graph=True)
+    assert torch.equal(grad, plain)
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        torch.autograd.grad(grad.pow(2).sum(), x)

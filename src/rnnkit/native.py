@@ -217,3 +217,20 @@ def _load_while_tracing(extension: NativeExtension) -> bool:
     """``extension.load()`` run by torch.compile / torch.export as plain Python (they cannot
     trace its lock); a first call of a layer inside ``torch.compile`` then builds the kernels."""
     return extension._load_once() is not None
+
+
+def first_derivative_only(operator: str, message: str) -> None:
+    """Registers an autograd kernel for a hand-written backward ``operator`` that raises
+    ``message`` if anything differentiates through it.
+
+    Without one, torch treats the outputs of a C++ backward as constants under
+    ``create_graph=True``: a double backward (gradient penalties, Hessian-vector products) would
+    be silently zero. A ``create_graph=True`` whose result is not differentiated again still
+    works; only the second differentiation raises.
+    """
+    def no_second_derivative(ctx: Any, *grads: torch.Tensor) -> None:
+        raise RuntimeError(message)
+
+    torch.library.register_autograd(operator, no_second_derivative,
+                                    setup_context=lambda ctx, inputs, output: None)
+

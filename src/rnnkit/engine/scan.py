@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.native import NativeExtension
+from rnnkit.native import NativeExtension, first_derivative_only
 
 if TYPE_CHECKING:
     from rnnkit.cells.minimal import MinimalMath
@@ -94,19 +94,12 @@ def _register(ops: Any) -> None:
     torch.library.register_autograd("rnnkit_scan::minimal_scan_projected", backward_projected,
                                     setup_context=setup_projected)
 
-    # The backward operators have no derivative of their own. Without an autograd kernel,
-    # torch treats their outputs as constants under create_graph=True: a double backward
-    # (gradient penalties, Hessian-vector products) would be silently zero. This one raises when
-    # (and only when) something differentiates through them: a create_graph=True whose result
-    # is not differentiated again still works.
-    def no_second_derivative(ctx: Any, *grads: Tensor) -> None:
-        raise RuntimeError(
+    # the backward operators have no derivative of their own: a double backward raises
+    for op in ("minimal_scan_backward", "minimal_scan_projected_backward"):
+        first_derivative_only(
+            f"rnnkit_scan::{op}",
             "minGRU/minLSTM's C++ backward is not twice differentiable (a double backward, "
             "create_graph=True differentiated again); backend='log' runs plain torch ops that are")
-
-    for op in ("minimal_scan_backward", "minimal_scan_projected_backward"):
-        torch.library.register_autograd(f"rnnkit_scan::{op}", no_second_derivative,
-                                        setup_context=lambda ctx, inputs, output: None)
 
 
 _EXTENSION = NativeExtension(

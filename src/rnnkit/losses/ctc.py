@@ -226,6 +226,27 @@ def _reverse_rows(values: Tensor, lengths: Tensor, dim: int, batch_dim: int) -> 
     return values.gather(dim, source.expand_as(values))
 
 
+class _SecondDerivativeRaises(torch.autograd.Function):
+    """The identity on a gradient, tied to the ``log_probs`` it was made from: differentiating
+    it again raises, as torch's ``_ctc_loss_backward`` does. (The gradient is made in the
+    forward, so autograd would otherwise take it for a constant: a silently zero or partial
+    second derivative.)"""
+
+    @staticmethod
+    def forward(ctx: Any, grad: Tensor, log_probs: Tensor) -> Tensor:
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *_: Tensor) -> None:
+        raise RuntimeError("the CTC loss is not twice differentiable (as torch's "
+                           "F.ctc_loss): its gradient was differentiated again")
+
+
+def _first_derivative_only(grad: Tensor, log_probs: Tensor) -> Tensor:
+    # grad mode is on in a backward only under create_graph=True
+    return _SecondDerivativeRaises.apply(grad, log_probs) if torch.is_grad_enabled() else grad
+
+
 class _CTC(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, log_probs: Tensor, labels: Tensor, input_lengths: Tensor,
@@ -280,13 +301,13 @@ class _CTC(torch.autograd.Function):
             infinite = nll == float("inf")
             nll = torch.where(infinite, torch.zeros_like(nll), nll)
             grad = grad.masked_fill(infinite.view(1, batch, 1), 0.0)
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, log_probs)
         return nll
 
     @staticmethod
     def backward(ctx: Any, d_nll: Tensor) -> tuple[Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        return grad * d_nll.view(1, -1, 1), None, None, None, None, None
+        grad, log_probs = ctx.saved_tensors
+        return _first_derivative_only(grad * d_nll.view(1, -1, 1), log_probs), None, None, None, None, None
 
 
 class _NativeCTC(torch.autograd.Function):
@@ -300,13 +321,14 @@ class _NativeCTC(torch.autograd.Function):
         # ctx.needs_input_grad is True even under torch.no_grad(), where the work would be wasted
         nll, grad = ops.ctc(log_probs, targets, input_lengths, target_lengths, blank,
                             zero_infinity, need_grad)
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, log_probs)
         return nll
 
     @staticmethod
     def backward(ctx: Any, d_nll: Tensor) -> tuple[Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        return grad * d_nll.view(1, -1, 1), None, None, None, None, None, None, None
+        grad, log_probs = ctx.saved_tensors
+        return (_first_derivative_only(grad * d_nll.view(1, -1, 1), log_probs),
+                None, None, None, None, None, None, None)
 
 
 def _raise_if_unalignable(labels: Tensor, input_lengths: Tensor, target_lengths: Tensor) -> None:

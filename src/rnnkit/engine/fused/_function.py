@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.cells.base import CellSpec
+from rnnkit.native import first_derivative_only
 
 NAMESPACE = "rnnkit_fused"
 
@@ -406,3 +407,9 @@ def register() -> None:
     torch.library.register_fake(f"{NAMESPACE}::layer_forward_packed")(_forward_packed_fake)
     torch.library.register_autograd(f"{NAMESPACE}::layer_forward", _backward,
                                     setup_context=_setup_context)
+    for backward in ("layer_backward", "layer_backward_lengths"):
+        first_derivative_only(
+            f"{NAMESPACE}::{backward}",
+            "the fused kernel's hand-derived backward is not twice differentiable (a double "
+            "backward: create_graph=True differentiated again); backend='reference' runs "
+            "plain torch ops that are")
