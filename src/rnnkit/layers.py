@@ -306,11 +306,12 @@ class RecurrentLayer(nn.Module):
         if lengths is not None:
             lengths = check_lengths(lengths, batch, steps, x.device)
             sorted_lengths, order, inverse = sort_by_length(lengths)
-            if tracing():  # the values cannot be read: the kernels take the lengths themselves
+            traced = tracing()
+            if traced:  # the values cannot be read: the kernels take the lengths themselves
                 batch_sizes = sorted_lengths
             else:
                 batch_sizes = batch_sizes_for(sorted_lengths, steps)
-            if not tracing() and bool((order == torch.arange(batch)).all()):
+            if not traced and bool((order == torch.arange(batch)).all()):
                 order = inverse = None  # already longest first: no copies
             else:  # index_select, not x[:, order]: its backward (index_add) is several times
                 # faster than the accumulating index_put of advanced indexing

@@ -203,8 +203,9 @@ def _run_traced_lengths(spec: Any, x: Tensor, state0: Sequence[Tensor],
     plan is read from the values); the eager layer's results to float32 rounding."""
     key = spec_of(spec)
     if route_of(key) != "kernel":
-        raise ValueError(f"{key} runs no rnnkit kernel, so lengths= cannot be traced for it "
-                         "(torch.compile / torch.export); pass lengths=None, or run it eagerly")
+        # (ROUTES: the projected LSTMs; no spec in the message: dynamo cannot format one)
+        raise ValueError("an LSTM with proj_size runs no rnnkit kernel, so lengths= cannot be "
+                         "traced for it (torch.compile / torch.export); run it eagerly")
     if _build.load() is None:
         raise RuntimeError(f"fused backend unavailable: {_build.error()}")
     training = torch.is_grad_enabled() and any(

@@ -176,7 +176,7 @@ def run(spec: CellSpec, gx: Tensor, state0: Sequence[Tensor], params: Sequence[T
     [ln_cell_weight, ln_cell_bias,] *peepholes)`` (the input LN already applied).
     """
     if isinstance(batch_sizes, Tensor):  # (rnnkit.engine.lengths.Ragged in a traced graph)
-        raise ValueError(f"{spec}: the layer-normalised kernels cannot be traced "
+        raise ValueError("the layer-normalised kernels cannot be traced "
                          "(torch.compile / torch.export) yet; run the layer eagerly")
     variant = KERNELS[spec]
     lstm = variant[0] == 1
