@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../../csrc/own_gemm.h"
 #include "../../csrc/pointwise.h"
 
 namespace {
@@ -143,7 +144,29 @@ inline void brgemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t l
 #endif
 }
 
-// Row-major C(M, N) = A(M, K) B(K, N): the brgemm micro-kernel (float), else one BLAS call
+// Whether float32 products run through rnnkit's own AVX2 GEMM (gemm_own, own_gemm.h) rather than
+// oneDNN's brgemm: on the CPUs where fused_rnn.cpp chooses it (own_gemm_fits_cpu, the one rule),
+// decided once.
+bool use_own_gemm() {
+  static const bool own = rnnkit::own_gemm_fits_cpu();
+  return own;
+}
+
+// Row-major C(M, N) = A(M, K) B(K, N) for float: gemm_own where use_own_gemm, else brgemm_rm.
+// Only with the micro-kernel: callers test fast_sgemm() first.
+inline void fast_sgemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                          const float* B, int64_t ldb, float* C, int64_t ldc) {
+#ifdef RNNKIT_OWN_GEMM
+  if (use_own_gemm()) return rnnkit::gemm_own(M, N, K, A, lda, B, ldb, C, ldc, false);
+#endif
+  brgemm_rm(M, N, K, A, lda, B, ldb, C, ldc);
+}
+
+// Whether fast_sgemm_rm has a micro-kernel to run (gemm_own or brgemm).
+bool fast_sgemm() { return use_own_gemm() || brgemm_works(); }
+
+// Row-major C(M, N) = A(M, K) B(K, N): a micro-kernel for float (fast_sgemm_rm: gemm_own on AVX2
+// CPUs without AVX-512, else oneDNN's brgemm), else one BLAS call
 // (column-major C^T = B^T A^T) per step and row block, with none of a tensor op's dispatch cost
 // (at::mm on narrowed views cost ~10 us per step at batch 1, more than the product itself); a
 // plain loop where there is neither.
@@ -152,7 +175,7 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
                     int64_t ldb, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if constexpr (std::is_same<T, float>::value) {
-    if (K > 0 && brgemm_works()) return brgemm_rm(M, N, K, A, lda, B, ldb, C, ldc);
+    if (K > 0 && fast_sgemm()) return fast_sgemm_rm(M, N, K, A, lda, B, ldb, C, ldc);
   }
   if (void* f = blas_gemm<T>()) {
     const char n = 'N';
@@ -179,15 +202,15 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   }
 }
 
-// C(M, N) = A(M, K) B(K, N), row-major float, in tiles of 256 x 256 through the brgemm
-// micro-kernel, the tiles split over threads (as fused_rnn.cpp's pgemm). The layer's whole-
+// C(M, N) = A(M, K) B(K, N), row-major float, in tiles of 256 x 256 through the micro-kernel
+// (fast_sgemm_rm: gemm_own or brgemm), the tiles split over threads (as fused_rnn.cpp's pgemm). The layer's whole-
 // sequence products (x W_ih^T, and in the backward dx, dW_ih, dW_hh) ran ~15 % slower through
 // torch.mm (MKL's generic path on this AMD CPU) than oneDNN's in nn.LSTM (perf, T,B,H =
 // 50,64,512, 1 thread). Plain reference: torch.mm(a, b).
 Tensor tiled_matmul(const Tensor& a, const Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
               "rnnkit_ln::matmul: shapes ", a.sizes(), " and ", b.sizes(), " do not multiply");
-  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || !brgemm_works() ||
+  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || !fast_sgemm() ||
       a.size(1) == 0)
     return at::mm(a, b);
   const Tensor A = a.contiguous(), B = b.contiguous();
@@ -202,6 +225,12 @@ Tensor tiled_matmul(const Tensor& a, const Tensor& b) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m0 = (i / ntile) * MB, n0 = (i % ntile) * NB;
       const int64_t mm = std::min(MB, M - m0), nn = std::min(NB, N - n0);
+#ifdef RNNKIT_OWN_GEMM
+      if (use_own_gemm()) {  // (chunks K itself, and packs B's chunk for this tile's rows)
+        rnnkit::gemm_own(mm, nn, K, ap + m0 * K, K, bp + n0, N, cp + m0 * N + n0, N, false);
+        continue;
+      }
+#endif
 #ifdef CPUBLAS_BRGEMM_F32F32F32  // (else brgemm_works() is false and at::mm ran above)
       for (int64_t k0 = 0; k0 < K; k0 += KB)
         at::native::cpublas::brgemm(mm, nn, std::min(KB, K - k0), K, N, N, k0 > 0,
