@@ -224,18 +224,21 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
 // step runs one gemm_own per strip with ldb = 16, which gemm_own reads in place: as fused_rnn.cpp
 // packs W_hh (RecW::panels). Read as stored instead, gemm_own copied all of B into strips at
 // every step with 12+ rows (a 640 KiB copy per step at 35,20,200), or with fewer rows read rows
-// ldb floats apart that fall into a few L1 sets. Otherwise (float64, brgemm) gemm_rm as stored.
+// ldb floats apart that fall into a few L1 sets. Only for a loop of 2+ steps: for one step (a
+// streaming cell step) the packing copies as much as gemm_own's per-call packing and more than
+// the product reads (speed.py, 1 thread, loaded: LSTM-LN 1,1,256 single step 0.65 -> 0.98 ms
+// packed). Otherwise (one step, float64, brgemm) gemm_rm as stored.
 template <typename T>
 struct StepB {
   const T* b;  // B as stored, leading dimension N
   int64_t K, N;
   Tensor strips;  // (undefined: gemm_rm on b)
 
-  StepB(const T* b_, int64_t K_, int64_t N_, const at::TensorOptions& opts)
+  StepB(const T* b_, int64_t K_, int64_t N_, int64_t steps, const at::TensorOptions& opts)
       : b(b_), K(K_), N(N_) {
 #ifdef RNNKIT_OWN_GEMM
     if constexpr (std::is_same<T, float>::value) {
-      if (use_own_gemm() && K > 0 && N > 0) {
+      if (use_own_gemm() && steps > 1 && K > 0 && N > 0) {
         constexpr int64_t S = rnnkit::kOwnCols;
         const int64_t ns = (N + S - 1) / S;
         strips = at::zeros({ns, K, S}, opts);  // (torch's allocator: 64-byte aligned)
@@ -365,8 +368,8 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
   T* stp = training ? stats.data_ptr<T>() : nullptr;
   T* celp = training && lstm ? cells.data_ptr<T>() : nullptr;
 
-  const StepB<T> w_step(w_t.data_ptr<T>(), H, v.before ? 2 * H : GH, gx.options());
-  const StepB<T> wn_step(v.before ? wn_t.data_ptr<T>() : nullptr, v.before ? H : 0, H,
+  const StepB<T> w_step(w_t.data_ptr<T>(), H, v.before ? 2 * H : GH, steps, gx.options());
+  const StepB<T> wn_step(v.before ? wn_t.data_ptr<T>() : nullptr, v.before ? H : 0, H, steps,
                          gx.options());
   for_row_blocks(batch, threads, [&](int64_t b0, int64_t b1) {
     const int64_t rows = b1 - b0;
@@ -496,7 +499,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
   const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), G = v.gates(), GH = G * H;
   const bool lstm = v.kind == kLSTM;
   // (GH, H) as stored: d_a W_hh needs no transpose
-  const StepB<T> w_back(w_hh.data_ptr<T>(), GH, H, y.options());
+  const StepB<T> w_back(w_hh.data_ptr<T>(), GH, H, steps, y.options());
   const T* lw = ln_w.data_ptr<T>();
   const T* lb = ln_b.data_ptr<T>();
   const T* cw = lstm ? cell_w.data_ptr<T>() : nullptr;
