@@ -167,12 +167,18 @@ __attribute__((flatten)) void own_mm(int64_t M, int64_t N, int64_t K, const floa
 }
 #endif
 
-// Row-major C(M, N) = A(M, K) B(K, N) for float: gemm_own where use_own_gemm, else brgemm_rm.
+// Whether a product of M rows runs through gemm_own (use_own_gemm): with brgemm at hand, not
+// below 4 rows, where gemm_own's tile holds 2-6 accumulators, fewer than the FMA latency x 2
+// pipes needs (8) (speed.py, 1 thread, loaded: LSTM-LN 200,1,64 forward 0.85 ms through
+// gemm_own, 0.71 through brgemm).
+bool own_rows(int64_t M) { return use_own_gemm() && (M >= 4 || !brgemm_works()); }
+
+// Row-major C(M, N) = A(M, K) B(K, N) for float: gemm_own where own_rows, else brgemm_rm.
 // Only with the micro-kernel: callers test fast_sgemm() first.
 inline void fast_sgemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                           const float* B, int64_t ldb, float* C, int64_t ldc) {
 #ifdef RNNKIT_OWN_GEMM
-  if (use_own_gemm()) return own_mm(M, N, K, A, lda, B, ldb, C, ldc);
+  if (own_rows(M)) return own_mm(M, N, K, A, lda, B, ldb, C, ldc);
 #endif
   brgemm_rm(M, N, K, A, lda, B, ldb, C, ldc);
 }
@@ -258,7 +264,7 @@ struct StepB {
            int64_t ldc) const {
 #ifdef RNNKIT_OWN_GEMM
     if constexpr (std::is_same<T, float>::value) {
-      if (strips.defined()) {
+      if (strips.defined() && own_rows(M)) {
         if (M <= 0 || n <= 0 || Ks <= 0) return gemm_rm(M, n, Ks, A, lda, b + k0 * N, N, C, ldc);
         constexpr int64_t S = rnnkit::kOwnCols;
         const float* d = strips.data_ptr<float>() + k0 * S;
