@@ -256,12 +256,15 @@ def test_fused_kernel_gradcheck_with_lengths(form, threads, monkeypatch):
     assert torch.autograd.gradcheck(run, (x, *state0, *params))
 
 
-@pytest.mark.parametrize("form", sorted(FORMS))
-def test_fused_kernel_float32_and_inference_match_bptt(form, monkeypatch):
+# (batch 13, 20 units: per-step products of more rows than gemm_own's packing threshold, and
+# gate widths that are not multiples of its 16-column strips, on the CPUs that run it)
+@pytest.mark.parametrize("form,batch,hidden", [
+    (form, batch, hidden) for form in sorted(FORMS) for batch, hidden in ((5, 16), (13, 20))])
+def test_fused_kernel_float32_and_inference_match_bptt(form, batch, hidden, monkeypatch):
     monkeypatch.setattr(_layer_norm, "loop_threads", 2)
-    layer = _layer(form, 8, 16, dtype=torch.float32, num_layers=2)
-    x = torch.randn(9, 5, 8)
-    lengths = torch.tensor([9, 2, 7, 7, 4])
+    layer = _layer(form, 8, hidden, dtype=torch.float32, num_layers=2)
+    x = torch.randn(9, batch, 8)
+    lengths = torch.tensor([9, 2, 7, 7, 4, 9, 3, 1, 8, 6, 5, 2, 9][:batch])
     results = {}
     for backend in ("bptt", "fused"):
         layer.backend = backend

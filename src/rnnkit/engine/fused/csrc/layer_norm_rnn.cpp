@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../../csrc/own_gemm.h"
 #include "../../csrc/pointwise.h"
 
 namespace {
@@ -143,7 +144,50 @@ inline void brgemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t l
 #endif
 }
 
-// Row-major C(M, N) = A(M, K) B(K, N): the brgemm micro-kernel (float), else one BLAS call
+// Whether float32 products run through rnnkit's own AVX2 GEMM (gemm_own, own_gemm.h) rather than
+// oneDNN's brgemm: on the CPUs where fused_rnn.cpp chooses it (own_gemm_fits_cpu, the one rule),
+// decided once.
+bool use_own_gemm() {
+  static const bool own = rnnkit::own_gemm_fits_cpu();
+  return own;
+}
+
+#ifdef RNNKIT_OWN_GEMM
+// rnnkit::gemm_own with its tiles compiled into this one function (flatten). gemm_own keeps a
+// tile's 12 accumulators in registers only where GCC inlines own_tile into its caller: an
+// out-of-line own_tile (GCC's choice per file and per number of call sites) stored all of them
+// to the stack at every k, and the tile ran at the rate of those stores. perf, GRU-LN 100,32,256
+// forward, 1 thread: the per-step weight packed once (StepB) made GCC leave own_tile<6> out of
+// line, 12 vmovaps to (%rsp) per k in its loop, and the forward ran 71 ms against 52 ms with
+// gemm_own's own per-call packing (the unexplained regression of session 9's 371519b).
+__attribute__((flatten)) void own_mm(int64_t M, int64_t N, int64_t K, const float* A,
+                                     int64_t lda, const float* B, int64_t ldb, float* C,
+                                     int64_t ldc) {
+  rnnkit::gemm_own(M, N, K, A, lda, B, ldb, C, ldc, false);
+}
+#endif
+
+// Whether a product of M rows runs through gemm_own (use_own_gemm): with brgemm at hand, not
+// below 4 rows, where gemm_own's tile holds 2-6 accumulators, fewer than the FMA latency x 2
+// pipes needs (8) (speed.py, 1 thread, loaded: LSTM-LN 200,1,64 forward 0.85 ms through
+// gemm_own, 0.71 through brgemm).
+bool own_rows(int64_t M) { return use_own_gemm() && (M >= 4 || !brgemm_works()); }
+
+// Row-major C(M, N) = A(M, K) B(K, N) for float: gemm_own where own_rows, else brgemm_rm.
+// Only with the micro-kernel: callers test fast_sgemm() first.
+inline void fast_sgemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                          const float* B, int64_t ldb, float* C, int64_t ldc) {
+#ifdef RNNKIT_OWN_GEMM
+  if (own_rows(M)) return own_mm(M, N, K, A, lda, B, ldb, C, ldc);
+#endif
+  brgemm_rm(M, N, K, A, lda, B, ldb, C, ldc);
+}
+
+// Whether fast_sgemm_rm has a micro-kernel to run (gemm_own or brgemm).
+bool fast_sgemm() { return use_own_gemm() || brgemm_works(); }
+
+// Row-major C(M, N) = A(M, K) B(K, N): a micro-kernel for float (fast_sgemm_rm: gemm_own on AVX2
+// CPUs without AVX-512, else oneDNN's brgemm), else one BLAS call
 // (column-major C^T = B^T A^T) per step and row block, with none of a tensor op's dispatch cost
 // (at::mm on narrowed views cost ~10 us per step at batch 1, more than the product itself); a
 // plain loop where there is neither.
@@ -152,7 +196,7 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
                     int64_t ldb, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if constexpr (std::is_same<T, float>::value) {
-    if (K > 0 && brgemm_works()) return brgemm_rm(M, N, K, A, lda, B, ldb, C, ldc);
+    if (K > 0 && fast_sgemm()) return fast_sgemm_rm(M, N, K, A, lda, B, ldb, C, ldc);
   }
   if (void* f = blas_gemm<T>()) {
     const char n = 'N';
@@ -179,15 +223,70 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   }
 }
 
-// C(M, N) = A(M, K) B(K, N), row-major float, in tiles of 256 x 256 through the brgemm
-// micro-kernel, the tiles split over threads (as fused_rnn.cpp's pgemm). The layer's whole-
+// The B operand (K, N), row-major, of a product that every step of the time loop repeats (W_hh^T
+// in the forward, W_hh in the backward), as the steps read it. With gemm_own (float32,
+// use_own_gemm) it is packed once per call into zero-padded 16-column strips, strip s the
+// (K, 16) block of columns [16 s, 16 s + 16) at s K 16, in a 64-byte-aligned tensor, and each
+// step runs one gemm_own per strip with ldb = 16, which gemm_own reads in place: as fused_rnn.cpp
+// packs W_hh (RecW::panels). Read as stored instead, gemm_own copied all of B into strips at
+// every step with 12+ rows (a 640 KiB copy per step at 35,20,200), or with fewer rows read rows
+// ldb floats apart that fall into a few L1 sets. Only for a loop of 2+ steps: for one step (a
+// streaming cell step) the packing copies as much as gemm_own's per-call packing and more than
+// the product reads (speed.py, 1 thread, loaded: LSTM-LN 1,1,256 single step 0.65 -> 0.98 ms
+// packed). Otherwise (one step, float64, brgemm) gemm_rm as stored.
+template <typename T>
+struct StepB {
+  const T* b;  // B as stored, leading dimension N
+  int64_t K, N;
+  Tensor strips;  // (undefined: gemm_rm on b)
+
+  StepB(const T* b_, int64_t K_, int64_t N_, int64_t steps, const at::TensorOptions& opts)
+      : b(b_), K(K_), N(N_) {
+#ifdef RNNKIT_OWN_GEMM
+    if constexpr (std::is_same<T, float>::value) {
+      if (use_own_gemm() && steps > 1 && K > 0 && N > 0) {
+        constexpr int64_t S = rnnkit::kOwnCols;
+        const int64_t ns = (N + S - 1) / S;
+        strips = at::zeros({ns, K, S}, opts);  // (torch's allocator: 64-byte aligned)
+        float* d = strips.data_ptr<float>();
+        for (int64_t s = 0; s < ns; ++s) {
+          const int64_t n0 = s * S, n = std::min(S, N - n0);
+          for (int64_t k = 0; k < K; ++k)
+            std::copy(b + k * N + n0, b + k * N + n0 + n, d + (s * K + k) * S);
+        }
+      }
+    }
+#endif
+  }
+
+  // C(M, n) = A(M, Ks) B[k0 : k0 + Ks, 0 : n], n <= N
+  void mul(int64_t M, int64_t n, int64_t Ks, const T* A, int64_t lda, int64_t k0, T* C,
+           int64_t ldc) const {
+#ifdef RNNKIT_OWN_GEMM
+    if constexpr (std::is_same<T, float>::value) {
+      if (strips.defined() && own_rows(M)) {
+        if (M <= 0 || n <= 0 || Ks <= 0) return gemm_rm(M, n, Ks, A, lda, b + k0 * N, N, C, ldc);
+        constexpr int64_t S = rnnkit::kOwnCols;
+        const float* d = strips.data_ptr<float>() + k0 * S;
+        for (int64_t n0 = 0; n0 < n; n0 += S)
+          own_mm(M, std::min(S, n - n0), Ks, A, lda, d + n0 * K, S, C + n0, ldc);
+        return;
+      }
+    }
+#endif
+    gemm_rm(M, n, Ks, A, lda, b + k0 * N, N, C, ldc);
+  }
+};
+
+// C(M, N) = A(M, K) B(K, N), row-major float, in tiles of 256 x 256 through the micro-kernel
+// (fast_sgemm_rm: gemm_own or brgemm), the tiles split over threads (as fused_rnn.cpp's pgemm). The layer's whole-
 // sequence products (x W_ih^T, and in the backward dx, dW_ih, dW_hh) ran ~15 % slower through
 // torch.mm (MKL's generic path on this AMD CPU) than oneDNN's in nn.LSTM (perf, T,B,H =
 // 50,64,512, 1 thread). Plain reference: torch.mm(a, b).
 Tensor tiled_matmul(const Tensor& a, const Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
               "rnnkit_ln::matmul: shapes ", a.sizes(), " and ", b.sizes(), " do not multiply");
-  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || !brgemm_works() ||
+  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || !fast_sgemm() ||
       a.size(1) == 0)
     return at::mm(a, b);
   const Tensor A = a.contiguous(), B = b.contiguous();
@@ -202,6 +301,12 @@ Tensor tiled_matmul(const Tensor& a, const Tensor& b) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m0 = (i / ntile) * MB, n0 = (i % ntile) * NB;
       const int64_t mm = std::min(MB, M - m0), nn = std::min(NB, N - n0);
+#ifdef RNNKIT_OWN_GEMM
+      if (use_own_gemm()) {  // (chunks K itself, and packs B's chunk for this tile's rows)
+        own_mm(mm, nn, K, ap + m0 * K, K, bp + n0, N, cp + m0 * N + n0, N);
+        continue;
+      }
+#endif
 #ifdef CPUBLAS_BRGEMM_F32F32F32  // (else brgemm_works() is false and at::mm ran above)
       for (int64_t k0 = 0; k0 < K; k0 += KB)
         at::native::cpublas::brgemm(mm, nn, std::min(KB, K - k0), K, N, N, k0 > 0,
@@ -269,6 +374,9 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
   T* stp = training ? stats.data_ptr<T>() : nullptr;
   T* celp = training && lstm ? cells.data_ptr<T>() : nullptr;
 
+  const StepB<T> w_step(w_t.data_ptr<T>(), H, v.before ? 2 * H : GH, steps, gx.options());
+  const StepB<T> wn_step(v.before ? wn_t.data_ptr<T>() : nullptr, v.before ? H : 0, H, steps,
+                         gx.options());
   for_row_blocks(batch, threads, [&](int64_t b0, int64_t b1) {
     const int64_t rows = b1 - b0;
     Tensor a = at::empty({rows, v.before ? 2 * H : GH}, gx.options());
@@ -278,13 +386,11 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
     T* abuf = a.data_ptr<T>();
     T* ubuf = v.before ? u.data_ptr<T>() : nullptr;
     T* anbuf = v.before ? an.data_ptr<T>() : nullptr;
-    const T* wtp = w_t.data_ptr<T>();
-    const T* wntp = v.before ? wn_t.data_ptr<T>() : nullptr;
     std::vector<T> gh(GH), ah(GH), gate(v.before ? rows * GH : GH), cn(H), chat(H);
     for (int64_t t = 0; t < steps; ++t) {
       const int64_t n_act = std::min(active_rows(bs, t, batch), b1) - b0;
       if (n_act <= 0) break;  // (sorted: later steps have no more rows of this block)
-      gemm_rm(n_act, width, H, hp + b0 * H, H, wtp, width, abuf, width);
+      w_step.mul(n_act, width, H, hp + b0 * H, H, 0, abuf, width);
       const T* ap = abuf;
       for (int64_t r = 0; r < n_act; ++r) {
         const int64_t b = b0 + r;
@@ -358,7 +464,7 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
       }
       if (!v.before) continue;
       // reset before, second half: n = tanh(gx_n + LN(W_hn (r * h_{t-1}))), the new h
-      gemm_rm(n_act, H, H, ubuf, H, wntp, H, anbuf, H);
+      wn_step.mul(n_act, H, H, ubuf, H, 0, anbuf, H);
       const T* anp = anbuf;
       for (int64_t r = 0; r < n_act; ++r) {
         const int64_t b = b0 + r;
@@ -398,7 +504,8 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
                    Tensor& g_ln, Tensor& g_cell, int64_t threads) {
   const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), G = v.gates(), GH = G * H;
   const bool lstm = v.kind == kLSTM;
-  const T* whp = w_hh.data_ptr<T>();  // (GH, H) as stored: d_a W_hh needs no transpose
+  // (GH, H) as stored: d_a W_hh needs no transpose
+  const StepB<T> w_back(w_hh.data_ptr<T>(), GH, H, steps, y.options());
   const T* lw = ln_w.data_ptr<T>();
   const T* lb = ln_b.data_ptr<T>();
   const T* cw = lstm ? cell_w.data_ptr<T>() : nullptr;
@@ -503,7 +610,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
       }
       if (lstm || !v.before) {
         // dh_{t-1} = d_a W_hh (+ dh z for the GRU, already in dh)
-        gemm_rm(n_act, H, GH, dap + (t * batch + b0) * GH, GH, whp, H, dpbuf, H);
+        w_back.mul(n_act, H, GH, dap + (t * batch + b0) * GH, GH, 0, dpbuf, H);
         const T* dpp = dpbuf;
         for (int64_t r = 0; r < n_act; ++r) {
           T* dhr = dhp + (b0 + r) * H;
@@ -512,7 +619,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
         continue;
       }
       // GRU reset before: d(r * h) = d_n W_hn, then the r gate, the rz LN and dh_{t-1}
-      gemm_rm(n_act, H, H, dap + (t * batch + b0) * GH + 2 * H, GH, whp + 2 * H * H, H, drbuf, H);
+      w_back.mul(n_act, H, H, dap + (t * batch + b0) * GH + 2 * H, GH, 2 * H, drbuf, H);
       const T* drp = drbuf;
       for (int64_t r = 0; r < n_act; ++r) {
         const int64_t b = b0 + r;
@@ -524,7 +631,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
         ln_row_backward(dgx, ahp + row * GH, stp[row * 2], lw, 2 * H, dap + row * GH);
         accumulate_ln(dgx, ahp + row * GH, GH, glp + b * 2 * GH);  // (the whole row: rz and n)
       }
-      gemm_rm(n_act, H, 2 * H, dap + (t * batch + b0) * GH, GH, whp, H, dpbuf, H);
+      w_back.mul(n_act, H, 2 * H, dap + (t * batch + b0) * GH, GH, 0, dpbuf, H);
       const T* dpp = dpbuf;
       for (int64_t r = 0; r < n_act; ++r) {
         const int64_t b = b0 + r;
