@@ -40,13 +40,11 @@ inline __m256i own_mask(int64_t n) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - std::clamp<int64_t>(n, 0, 8)));
 }
 
-// C(MR, n) (+)= A(MR, K) B(K, 16) [+ bias] with n <= 16 columns stored. full: B's 16 columns
-// may all be read (packed strips, or a whole strip in place); else B's columns past n are not
-// read. bias (null: none; else the strip's n entries): added to each row after the sum (and
-// after C, when acc) — the same two roundings as adding it in a pass of its own afterwards.
+// C(MR, n) (+)= A(MR, K) B(K, 16) with n <= 16 columns stored. full: B's 16 columns may all be
+// read (packed strips, or a whole strip in place); else B's columns past n are not read.
 template <int MR, bool full>
 inline void own_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                     float* C, int64_t ldc, int64_t n, bool acc, const float* bias) {
+                     float* C, int64_t ldc, int64_t n, bool acc) {
   __m256 c0[MR], c1[MR];
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
   const __m256i m0 = own_mask(n), m1 = own_mask(n - 8);
@@ -66,11 +64,6 @@ inline void own_tile(int64_t K, const float* A, int64_t lda, const float* B, int
       c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
     }
   }
-  __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
-  if (bias) {
-    bias0 = _mm256_maskload_ps(bias, m0);
-    bias1 = _mm256_maskload_ps(bias + 8, m1);
-  }
   for (int i = 0; i < MR; ++i) {
     float* c = C + i * ldc;
     if (n == kOwnCols) {
@@ -78,20 +71,12 @@ inline void own_tile(int64_t K, const float* A, int64_t lda, const float* B, int
         c0[i] = _mm256_add_ps(c0[i], _mm256_loadu_ps(c));
         c1[i] = _mm256_add_ps(c1[i], _mm256_loadu_ps(c + 8));
       }
-      if (bias) {
-        c0[i] = _mm256_add_ps(c0[i], bias0);
-        c1[i] = _mm256_add_ps(c1[i], bias1);
-      }
       _mm256_storeu_ps(c, c0[i]);
       _mm256_storeu_ps(c + 8, c1[i]);
     } else {
       if (acc) {
         c0[i] = _mm256_add_ps(c0[i], _mm256_maskload_ps(c, m0));
         c1[i] = _mm256_add_ps(c1[i], _mm256_maskload_ps(c + 8, m1));
-      }
-      if (bias) {
-        c0[i] = _mm256_add_ps(c0[i], bias0);
-        c1[i] = _mm256_add_ps(c1[i], bias1);
       }
       _mm256_maskstore_ps(c, m0, c0[i]);
       _mm256_maskstore_ps(c + 8, m1, c1[i]);
@@ -104,34 +89,31 @@ inline void own_tile(int64_t K, const float* A, int64_t lda, const float* B, int
 // rows are taken as 4 + 3 and 4 + 4 (batch 32 = 4 x 6 + 2 x 4, batch 20 = 2 x 6 + 2 x 4).
 template <bool full>
 inline void own_strip(int64_t M, int64_t K, const float* A, int64_t lda, const float* B,
-                      int64_t ldb, float* C, int64_t ldc, int64_t n, bool acc,
-                      const float* bias) {
+                      int64_t ldb, float* C, int64_t ldc, int64_t n, bool acc) {
   const int64_t rest = M % kOwnRows;
   const int64_t six = M - ((rest == 1 || rest == 2) && M > kOwnRows ? kOwnRows + rest : rest);
   int64_t m = 0;
   for (; m < six; m += kOwnRows)
-    own_tile<kOwnRows, full>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, n, acc, bias);
+    own_tile<kOwnRows, full>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, n, acc);
   if (M - m > kOwnRows) {  // 7 or 8 rows: a 4-row tile first
-    own_tile<4, full>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, n, acc, bias);
+    own_tile<4, full>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, n, acc);
     m += 4;
   }
   const float* Am = A + m * lda;
   float* Cm = C + m * ldc;
   switch (M - m) {
-    case 5: own_tile<5, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc, bias); break;
-    case 4: own_tile<4, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc, bias); break;
-    case 3: own_tile<3, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc, bias); break;
-    case 2: own_tile<2, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc, bias); break;
-    case 1: own_tile<1, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc, bias); break;
+    case 5: own_tile<5, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc); break;
+    case 4: own_tile<4, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc); break;
+    case 3: own_tile<3, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc); break;
+    case 2: own_tile<2, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc); break;
+    case 1: own_tile<1, full>(K, Am, lda, B, ldb, Cm, ldc, n, acc); break;
     default: break;
   }
 }
 
-// Row-major C(M, N) (+)= A(M, K) B(K, N) [+ bias[n] on every row], M, N, K > 0. The bias is
-// added after the whole sum (and C), as a separate pass over C would: the same result.
+// Row-major C(M, N) (+)= A(M, K) B(K, N), M, N, K > 0.
 inline void gemm_own(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                     const float* B, int64_t ldb, float* C, int64_t ldc, bool acc,
-                     const float* bias = nullptr) {
+                     const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
   const int64_t KC = g_own_kc > 0 ? g_own_kc : K;
   // (ldb = kOwnCols: B is already one contiguous strip, a panel of pack_panels(w, kOwnCols))
   const bool pack = g_own_pack_rows > 0 && M >= g_own_pack_rows && ldb != kOwnCols;
@@ -141,7 +123,6 @@ inline void gemm_own(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kk = std::min(KC, K - k0);
     const bool a = acc || k0 > 0;
-    const bool last = k0 + kk == K;
     const float* Bk = B + k0 * ldb;
     if (pack) {
       // strip s: (kk, 16) row-major at s * kk * 16, columns past N zero
@@ -159,14 +140,13 @@ inline void gemm_own(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld
     for (int64_t s = 0; s < strips; ++s) {
       const int64_t n0 = s * kOwnCols, n = std::min(kOwnCols, N - n0);
       const float* Ak = A + k0;
-      const float* bs = bias && last ? bias + n0 : nullptr;
       if (pack)
         own_strip<true>(M, kk, Ak, lda, buf.data() + s * kk * kOwnCols, kOwnCols, C + n0, ldc, n,
-                        a, bs);
+                        a);
       else if (n == kOwnCols)
-        own_strip<true>(M, kk, Ak, lda, Bk + n0, ldb, C + n0, ldc, n, a, bs);
+        own_strip<true>(M, kk, Ak, lda, Bk + n0, ldb, C + n0, ldc, n, a);
       else
-        own_strip<false>(M, kk, Ak, lda, Bk + n0, ldb, C + n0, ldc, n, a, bs);
+        own_strip<false>(M, kk, Ak, lda, Bk + n0, ldb, C + n0, ldc, n, a);
     }
   }
 }

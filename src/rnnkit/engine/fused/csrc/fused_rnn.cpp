@@ -861,31 +861,30 @@ void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
   });
 }
 
-#ifdef RNNKIT_OWN_GEMM
-// pgemm under gemm_own (float32) with B = W^T (K, N) in kOwnCols-column panels (pack_panels'
-// layout) and the bias added in gemm_own's tiles: the same tiles (pgemm_tiles: NB a multiple of
-// 16, or N) and K chunks, and the bias added after each sum as add_bias_rows' pass adds it, so
-// each output is pgemm's to the bit — only B's layout and the passes over C differ. Each call's
-// B is one contiguous strip, which gemm_own reads in place (ldb = kOwnCols); over a plain W^T
-// it copied every tile's B into strips first (perf, 35,20,200 inference: ~5 % of gemm_own's
-// samples on that copy's strided reads), and add_bias_rows read and wrote C once more.
-void pgemm_panels(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                  const float* Bp, float* C, int64_t ldc, const float* bias, int nt) {
+// pgemm with B = W^T (K, N) in column panels of width nb (pack_panels' layout; nb = kOwnCols,
+// g_rec_panel under gemm_own): the same tiles (pgemm_tiles: NB a multiple of 16, or N) and the
+// same K chunks, so each output is the same sum in the same order as pgemm's over W^T as one
+// block — only B's layout differs. Each call's B is then one contiguous strip, which gemm_own
+// reads in place (ldb = kOwnCols); over a plain W^T it copied every tile's B into strips first
+// (the input projection, per call and row tile: perf put ~5 % of gemm_own's samples on that
+// copy at 35,20,200, its strided reads of W^T).
+template <typename T>
+void pgemm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp,
+                  int64_t nb, T* C, int64_t ldc, const T* bias, int nt) {
   if (M <= 0 || N <= 0) return;
-  if (K == 0) return pgemm<float>(M, N, K, A, lda, Bp, N, C, ldc, false, bias, nt);
-  const int64_t KB = 256, nb = kOwnCols;
+  const int64_t KB = 256;
   parallel_tiles(M, N, nt, [&](int64_t m0, int64_t n0, int64_t mm, int64_t nn) {
     for (int64_t c0 = n0; c0 < n0 + nn; c0 += nb) {
       const int64_t np = std::min(nb, N - c0);
-      for (int64_t k0 = 0; k0 < K; k0 += KB) {
-        const int64_t kk = std::min(KB, K - k0);
-        gemm_own(mm, np, kk, A + m0 * lda + k0, lda, Bp + c0 * K + k0 * np, np,
-                 C + m0 * ldc + c0, ldc, k0 > 0, bias && k0 + kk == K ? bias + c0 : nullptr);
-      }
+      T* c = C + m0 * ldc + c0;
+      if (K == 0) gemm_rm(mm, np, K, A, lda, Bp, np, c, ldc, false);
+      for (int64_t k0 = 0; k0 < K; k0 += KB)
+        gemm_rm(mm, np, std::min(KB, K - k0), A + m0 * lda + k0, lda, Bp + c0 * K + k0 * np, np,
+                c, ldc, k0 > 0);
     }
+    if (bias) add_bias_rows(mm, nn, bias + n0, C + m0 * ldc + n0, ldc);
   });
 }
-#endif
 
 // W (N, K) (a weight as stored, contiguous) -> W^T in column panels of width nb: panel p holds
 // columns [p nb, p nb + np) of W^T as a (K, np) row-major block at offset p nb K. As one (K, N)
@@ -2107,8 +2106,7 @@ template <typename T>
 void input_projection(int64_t M, int64_t N, int64_t K, const T* x, const T* wt, T* C,
                       const T* bias, int nt) {
 #ifdef RNNKIT_OWN_GEMM
-  if constexpr (std::is_same_v<T, float>)
-    if (input_panels<T>()) return pgemm_panels(M, N, K, x, K, wt, C, N, bias, nt);
+  if (input_panels<T>()) return pgemm_panels<T>(M, N, K, x, K, wt, kOwnCols, C, N, bias, nt);
 #endif
   pgemm<T>(M, N, K, x, K, wt, N, C, N, false, bias, nt);
 }
