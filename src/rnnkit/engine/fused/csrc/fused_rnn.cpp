@@ -638,6 +638,20 @@ RNNKIT_BF16_SIMD inline void mm_bf16(int64_t M, int64_t n, int64_t K, const floa
                                      int64_t lda, const BF16* Bv, int64_t ldb, int64_t k0,
                                      int64_t col0, float* C, int64_t ldc, bool acc);
 
+// Slice i of `count` of the cache lines of [p, p + bytes), prefetched into L2 (a hint: no result
+// depends on it). The one-thread time loops call it once per panel of a step's recurrent product
+// for the rows of the input projection the step's cell update reads next: those rows (B x G*H
+// floats, 64-128 KiB at 35,20,200 / 100,32,256) were written by one GEMM over all steps and
+// have left L2 by then; the cell update's short per-row streams (each gate's H floats) are too
+// short for the hardware prefetcher, and perf put ~30 % of the LSTM update's samples on
+// their loads. Spread over the product's calls, the prefetches never queue up in a burst.
+inline void prefetch_ahead(const void* p, int64_t bytes, int64_t i, int64_t count) {
+  const int64_t lines = (bytes + 63) / 64, per = (lines + count - 1) / count;
+  const char* c = static_cast<const char*>(p);
+  for (int64_t l = i * per, e = std::min(lines, l + per); l < e; ++l)
+    __builtin_prefetch(c + l * 64, 0, 2);
+}
+
 // The recurrent weight either as a transposed copy W^T (K, G*H) (brgemm-friendly) or as stored,
 // W (G*H, K) (no copy: for short inputs where the copy would cost more than the GEMMs).
 template <typename T>
@@ -652,18 +666,25 @@ struct RecW {
   // C(M, n) (+)= A(M, K) W^T[:, col0 : col0 + n] for a panel-packed W^T of `width` columns
   // (col0 on a panel boundary): one product per panel, each reading its (K, np) block
   // contiguously; the last panel of the packed block may be narrower.
+  // ahead, ahead_bytes: memory the caller reads right after the product (the step's rows of
+  // the input projection, written by one GEMM over all steps long before: from L3), prefetched
+  // into L2 a slice per panel while the compute-bound product runs (see prefetch_ahead).
   void panels(int64_t M, int64_t n, int64_t K, const T* A, int64_t lda, int64_t col0,
-              int64_t width, T* C, int64_t ldc, bool acc) const {
-    for (int64_t c0 = col0; c0 < col0 + n; c0 += panel) {
+              int64_t width, T* C, int64_t ldc, bool acc, const void* ahead = nullptr,
+              int64_t ahead_bytes = 0) const {
+    const int64_t count = (n + panel - 1) / panel;
+    for (int64_t c0 = col0, i = 0; c0 < col0 + n; c0 += panel, ++i) {
       const int64_t np = std::min(panel, width - c0);
+      // (AVX2 with gemm_own only: measured there; AVX-512 CPUs keep their tuned loop)
+      if (ahead && g_gemm == Gemm::OWN) prefetch_ahead(ahead, ahead_bytes, i, count);
       gemm_rm(M, std::min(np, col0 + n - c0), K, A, lda, p + c0 * K, np, C + (c0 - col0), ldc,
               acc);
     }
   }
   // C(M, N) = A(M, K) W^T for the whole panel-packed W^T of N columns
   void mm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, T* C,
-                 int64_t ldc) const {
-    panels(M, N, K, A, lda, 0, N, C, ldc, false);
+                 int64_t ldc, const void* ahead = nullptr, int64_t ahead_bytes = 0) const {
+    panels(M, N, K, A, lda, 0, N, C, ldc, false, ahead, ahead_bytes);
   }
   // batch-1 inference: W_hh packed by pack_gemv (p stays W as stored, for other products)
   const float* gemv = nullptr;
@@ -837,6 +858,31 @@ void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
               acc || k0 > 0);
     }
     if (bias) add_bias_rows(mm, nn, bias + n0, c, ldc);
+  });
+}
+
+// pgemm with B = W^T (K, N) in column panels of width nb (pack_panels' layout; nb = kOwnCols,
+// g_rec_panel under gemm_own): the same tiles (pgemm_tiles: NB a multiple of 16, or N) and the
+// same K chunks, so each output is the same sum in the same order as pgemm's over W^T as one
+// block — only B's layout differs. Each call's B is then one contiguous strip, which gemm_own
+// reads in place (ldb = kOwnCols); over a plain W^T it copied every tile's B into strips first
+// (the input projection, per call and row tile: perf put ~5 % of gemm_own's samples on that
+// copy at 35,20,200, its strided reads of W^T).
+template <typename T>
+void pgemm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp,
+                  int64_t nb, T* C, int64_t ldc, const T* bias, int nt) {
+  if (M <= 0 || N <= 0) return;
+  const int64_t KB = 256;
+  parallel_tiles(M, N, nt, [&](int64_t m0, int64_t n0, int64_t mm, int64_t nn) {
+    for (int64_t c0 = n0; c0 < n0 + nn; c0 += nb) {
+      const int64_t np = std::min(nb, N - c0);
+      T* c = C + m0 * ldc + c0;
+      if (K == 0) gemm_rm(mm, np, K, A, lda, Bp, np, c, ldc, false);
+      for (int64_t k0 = 0; k0 < K; k0 += KB)
+        gemm_rm(mm, np, std::min(KB, K - k0), A + m0 * lda + k0, lda, Bp + c0 * K + k0 * np, np,
+                c, ldc, k0 > 0);
+    }
+    if (bias) add_bias_rows(mm, nn, bias + n0, C + m0 * ldc + n0, ldc);
   });
 }
 
@@ -1199,7 +1245,7 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
           // One thread owns every unit: its columns of the G gate blocks are adjacent, so one
           // product of G*H columns instead of G of H (one micro-kernel call and one N-tail per
           // step rather than G: H = 200 is 3 x 64 + 8 columns per block).
-          if (W.panel > 0) W.mm_panels(M, GH, H, hin, H, rec, GH);
+          if (W.panel > 0) W.mm_panels(M, GH, H, hin, H, rec, GH, g, M * GH * sizeof(T));
           else W.mm(M, GH, H, hin, H, 0, rec, GH, false);
         } else
         for (int64_t i = 0; i < G; ++i) {
@@ -1436,7 +1482,7 @@ void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, co
       T* hdn = R.next_input(t, B * H);
       T* g = gates + t * B * GH;
       if (one) {
-        W.mm_panels(M, GH, H, hin, H, rec, GH);
+        W.mm_panels(M, GH, H, hin, H, rec, GH, g, M * GH * sizeof(T));
         rows_of(std::true_type{}, t, M, hp, g, hdn);
       } else {
         if (j1 > j0) {
@@ -1473,7 +1519,7 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
       T* rht = rh_all ? rh + t * B * H : rh;
       const T* hin = R.gemm_input(t, B * H, hp);
       T* hdn = R.next_input(t, B * H);
-      if (one) W.mm_panels(M, 2 * H, H, hin, H, rec, GH);
+      if (one) W.mm_panels(M, 2 * H, H, hin, H, rec, GH, g, M * GH * sizeof(T));
       else if (j1 > j0)
         for (int64_t b = 0; b < 2; ++b)
           W.mm(M, j1 - j0, H, hin, H, b * H + j0, g + b * H + j0, GH, true);
@@ -2032,9 +2078,43 @@ at::Tensor pack_recurrent(const at::Tensor& w_hh, const Cfg& cf) {
   return pack_panels<T>(w_hh, panel);
 }
 
+// Whether T's input projection reads W_ih^T in kOwnCols-column panels (pack_input,
+// pgemm_panels): float32 under gemm_own. Elsewhere (AVX-512's brgemm, BLAS, float64) W_ih^T
+// stays one (I, G*H) block, as before.
+template <typename T>
+bool input_panels() {
+#ifdef RNNKIT_OWN_GEMM
+  return std::is_same_v<T, float> && g_gemm == Gemm::OWN;
+#else
+  return false;
+#endif
+}
+
+// W_ih (G*H, I) -> the W^T the input projection reads: in panels (input_panels) or one block;
+// (I, G*H)-shaped either way (pack_weights' result has one shape whichever GEMM runs).
+template <typename T>
+at::Tensor pack_input(const at::Tensor& w_ih) {
+#ifdef RNNKIT_OWN_GEMM
+  if (input_panels<T>())
+    return pack_panels<T>(w_ih, kOwnCols).view({w_ih.size(1), w_ih.size(0)});
+#endif
+  return w_ih.t().contiguous();
+}
+
+// x (M, I) W_ih^T (+ bias) into C (M, G*H) with W^T from pack_input.
+template <typename T>
+void input_projection(int64_t M, int64_t N, int64_t K, const T* x, const T* wt, T* C,
+                      const T* bias, int nt) {
+#ifdef RNNKIT_OWN_GEMM
+  if (input_panels<T>()) return pgemm_panels<T>(M, N, K, x, K, wt, kOwnCols, C, N, bias, nt);
+#endif
+  pgemm<T>(M, N, K, x, K, wt, N, C, N, false, bias, nt);
+}
+
 // Weights packed ahead of the call by pack_weights, kept by the caller while the weights do not
-// change (the inference plan): W_ih^T (I, G*H) and pack_recurrent(W_hh) (used with one loop
-// thread only; undefined: pack per call).
+// change (the inference plan): pack_input(W_ih) and pack_recurrent(W_hh) (used with one loop
+// thread only; undefined: pack per call). Like the panel width of W_hh, the layout of W_ih^T
+// follows the GEMM in use when packed (set_gemm: pack again after changing it).
 struct Prepacked {
   at::Tensor wih_t, whh_rec;
 };
@@ -2122,9 +2202,9 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
       W.ld = GH;
     }
   } else {
-    at::Tensor WihT = pre ? pre->wih_t : w_ih.t().contiguous();  // (I, GH)
-    pgemm<T>(T_ * B, GH, I, x.data_ptr<T>(), I, WihT.data_ptr<T>(), GH, gates.data_ptr<T>(), GH,
-             false, has_bias ? bias.data_ptr<T>() : nullptr, nt_all);
+    at::Tensor WihT = pre ? pre->wih_t : pack_input<T>(w_ih);  // (I, GH)
+    input_projection<T>(T_ * B, GH, I, x.data_ptr<T>(), WihT.data_ptr<T>(), gates.data_ptr<T>(),
+                        has_bias ? bias.data_ptr<T>() : nullptr, nt_all);
     const bool own_f32 = std::is_same_v<T, float> && g_gemm == Gemm::OWN;
     if ((cf.kind != RNN || own_f32) && (nt_loop == 1 || nt_rows > 1)) {
       // one thread (or one per row block): the LSTM's and GRU's per-step products read W_hh^T
@@ -2737,11 +2817,10 @@ std::tuple<at::Tensor, at::Tensor> pack_weights(int64_t kind, int64_t act, bool 
   // Every kind, whichever GEMM this process runs: the result's shape must not depend on it (the
   // fake kernel, and so a compiled or exported graph, cannot know it). The Elman loop reads these
   // panels only with gemm_own; with brgemm forward_impl makes W_hh^T as one block per call.
-  at::Tensor rec;
-  if (whh.scalar_type() == at::kFloat) rec = pack_recurrent<float>(whh, cf);
-  else if (whh.scalar_type() == at::kDouble) rec = pack_recurrent<double>(whh, cf);
-  else TORCH_CHECK(false, "fused kernels support float32 and float64");
-  return {wih.t().contiguous(), rec};
+  if (whh.scalar_type() == at::kFloat)
+    return {pack_input<float>(wih), pack_recurrent<float>(whh, cf)};
+  TORCH_CHECK(whh.scalar_type() == at::kDouble, "fused kernels support float32 and float64");
+  return {pack_input<double>(wih), pack_recurrent<double>(whh, cf)};
 }
 
 // rnnkit_fused::layer_forward_packed: layer_forward without regularisers, bf16 or saving
