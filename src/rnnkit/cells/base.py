@@ -160,6 +160,16 @@ def gate_bias_vectors(module: nn.Module, suffix: str) -> tuple[Tensor | None, Te
     return parameters.get(names[0] + suffix), parameters.get(names[1] + suffix)
 
 
+def weight_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype of ``layer.weight_hh_l0`` without computing it: read from the parameter, or,
+    when the weight is parametrized (``orthogonal=``, torch's parametrizations), from the
+    tensor it is computed from (the parametrization runs once per forward, in layer_params)."""
+    weight = layer._parameters.get("weight_hh_l0")
+    if weight is None:
+        weight = layer.parametrizations["weight_hh_l0"].original
+    return weight.dtype
+
+
 def init_chrono(chrono_gates: tuple[tuple[int, float], ...], bias_ih: Tensor | None,
                 bias_hh: Tensor | None, hidden_size: int, t_max: float) -> None:
     """Sets the gate biases of one layer and direction to the chrono initialisation.
