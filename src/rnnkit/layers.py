@@ -498,7 +498,8 @@ def henaff_orthogonal(size: int, generator: torch.Generator | None = None,
 
 
 class RNN(RecurrentLayer):
-    """Elman RNN layers (``torch.nn.RNN``), with ``nonlinearity`` in tanh, relu or sigmoid.
+    """Elman RNN layers (``torch.nn.RNN``), with ``nonlinearity`` in tanh, relu, sigmoid or
+    identity (the linear RNN).
 
     ``**regularisers``: ``recurrent_dropout``, ``input_dropout``, ``zoneout``, ``weight_drop``
     (see :class:`RecurrentLayer`).
@@ -560,8 +561,8 @@ class RNN(RecurrentLayer):
         return {**super()._torch_kwargs(), "nonlinearity": self.nonlinearity}
 
     def _torch_compatibility_problem(self) -> str | None:
-        if self.nonlinearity == "sigmoid":
-            return "torch.nn.RNN has no sigmoid nonlinearity"
+        if self.nonlinearity in ("sigmoid", "identity"):
+            return f"torch.nn.RNN has no {self.nonlinearity} nonlinearity"
         if self.orthogonal is not None:
             return "its W_hh is parametrized (orthogonal=); torch.nn.RNN's is a plain weight"
         return None

@@ -39,7 +39,7 @@ class CellSpec:
     """
 
     kind: str  # "rnn" | "lstm" | "gru"
-    nonlinearity: str = "tanh"  # rnn: "tanh" | "relu" | "sigmoid"
+    nonlinearity: str = "tanh"  # rnn: "tanh" | "relu" | "sigmoid" | "identity"
     peephole: bool = False  # lstm
     coupled: bool = False  # lstm
     reset: str = "after"  # gru: "after" | "before"

@@ -21,7 +21,7 @@ from rnnkit.options import Options, option
 CELLS = ("lstm", "gru", "rnn", "mingru", "minlstm", "tcn")
 GATED = ("lstm", "gru", "mingru", "minlstm")  # the cells whose gate biases chrono initialises
 RESETS = ("after", "before")
-NONLINEARITIES = ("tanh", "relu", "sigmoid")
+NONLINEARITIES = ("tanh", "relu", "sigmoid", "identity")
 ORTHOGONAL = ("exp", "cayley")  # rnnkit.RNN(orthogonal=...): how W_hh is kept orthogonal
 REGULARISERS = ("recurrent_dropout", "input_dropout", "zoneout", "zoneout_cell", "weight_drop")
 
