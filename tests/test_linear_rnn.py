@@ -105,7 +105,7 @@ def test_nan_and_inf_propagate_as_in_the_plain_torch_loop(backend: str) -> None:
 
 def test_option_names_it_and_torch_nn_conversion_refuses_it() -> None:
     assert LMConfig(vocab_size=10, cell="rnn", nonlinearity="identity").nonlinearity == "identity"
-    with pytest.raises(OptionError, match="tanh, relu, sigmoid, identity"):
+    with pytest.raises(OptionError, match=r"tanh, relu, sigmoid, identity"):
         LMConfig.from_dict({"cell": "rnn", "nonlinearity": "linear"})
-    with pytest.raises(ValueError, match="torch.nn.RNN has no identity nonlinearity"):
+    with pytest.raises(ValueError, match=r"torch.nn.RNN has no identity nonlinearity"):
         rnnkit.RNN(2, 3, nonlinearity="identity").to_torch()

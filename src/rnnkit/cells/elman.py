@@ -2,7 +2,8 @@ r"""The Elman (simple) recurrent cell.
 
 .. math::
 
-    h_t = f(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}), \qquad f \in \{\tanh, \mathrm{relu}, \sigma, \mathrm{id}\}
+    h_t = f(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}),
+    \qquad f \in \{\tanh, \mathrm{relu}, \sigma, \mathrm{id}\}
 
 ``identity`` (f(a) = a) is the linear RNN: with an orthogonal W_hh (``rnnkit.RNN(...,
 orthogonal="exp")``) it carries its state for any number of steps without loss, the regime
