@@ -7,6 +7,7 @@ the option and refuse bad values in one line."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,23 @@ def test_configs_build_it_and_refuse_bad_values_in_one_line() -> None:
         rnnkit.RNN(3, 8, orthogonal="svd")
     with pytest.raises(ValueError, match="W_hh is parametrized"):
         rnnkit.RNN(3, 8, orthogonal="exp").to_torch()
+
+
+def test_the_copy_task_trains_it_and_the_command_line_refuses_bad_values_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rnnkit.cli import main
+
+    small = ["--length", "5", "--valid-size", "4", "--hidden", "6", "--layers", "1",
+             "--batch-size", "2", "--steps", "2", "--eval-every", "2", "--no-progress"]
+    assert main(["train", "copymemory", "--cell", "rnn", "--nonlinearity", "identity",
+                 "--orthogonal", "cayley", "--out", str(tmp_path / "run"), *small]) == 0
+    for options, message in (
+            (["--cell", "rnn", "--orthogonal", "qr"],
+             "model.orthogonal must be one of exp, cayley, or none, got 'qr' (--orthogonal)"),
+            (["--cell", "lstm", "--orthogonal", "exp"],
+             "orthogonal keeps the Elman RNN's square W_hh orthogonal: an option of the rnn "
+             "cell, not of lstm")):
+        capsys.readouterr()
+        assert main(["train", "copymemory", *options, "--out", str(tmp_path / "bad"), *small]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
