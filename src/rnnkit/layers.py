@@ -512,7 +512,8 @@ class RNN(RecurrentLayer):
     ``W_hh`` starts as :func:`henaff_orthogonal`. An orthogonal W_hh neither shrinks nor grows
     the recurrent gradient, so it reaches back hundreds of steps (the copy task at T = 1000).
     W_hh is computed once per forward and runs through the same engines as a plain weight;
-    ``weight_drop`` then drops entries of the computed (orthogonal) W_hh.
+    ``weight_drop`` then drops entries of the computed (orthogonal) W_hh. Saving goes through
+    ``state_dict`` (A and B; checkpoints do): torch refuses to pickle a parametrized module.
     """
 
     torch_class = nn.RNN
@@ -552,8 +553,9 @@ class RNN(RecurrentLayer):
             for names in self._param_names:
                 for name in names:
                     if name.startswith("weight_hh"):
-                        setattr(self, name, henaff_orthogonal(self.hidden_size,
-                                                              dtype=weight_dtype(self)))
+                        original = self.parametrizations[name].original
+                        setattr(self, name, henaff_orthogonal(self.hidden_size, dtype=original.dtype
+                                                              ).to(original.device))
                     else:
                         nn.init.uniform_(getattr(self, name), -bound, bound)
 
