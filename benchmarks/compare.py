@@ -143,6 +143,18 @@ COPY_SOLVED = {
     "lstm-chrono": {**_lm("lstm", chrono=1000),
                     "train": {"lr": 3e-3, "schedule": "budget", "budget_hold": 0.5,
                               "budget_final": 0.1}},
+    # the row's Elman RNN (width matched to 16 K like the plain one) made linear with an
+    # orthogonal W_hh (expRNN, Lezcano-Casado & Martínez-Rubio 2019: W = B·exp(A − Aᵀ), B
+    # Henaff's rotations): h_t = W h_{t-1} + U x_t + b neither forgets nor blows up, so the 10
+    # digits are still in h 1,000 steps later, each turned by W^t; the readout learns where, and
+    # the angles of W settle so that the turn over the T + 10 steps from a digit to its output
+    # step brings it back to what the readout reads. Linear, not tanh: tanh shrinks h a little
+    # at every step and mixes what it holds (the same model with tanh sat at the memoryless loss
+    # for 3,600 steps, docs/results.md); expRNN's modReLU, with its bias near 0, is this linear
+    # map. Rate 1e-3 for everything, held for half the budget, then decayed to 1/100.
+    "rnn-orthogonal": {**_lm("rnn", nonlinearity="identity", orthogonal="exp"),
+                       "train": {"lr": 1e-3, "schedule": "budget", "budget_hold": 0.5,
+                                 "budget_final": 0.01}},
 }
 
 ROWS: dict[str, Row] = {

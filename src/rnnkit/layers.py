@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import orthogonal as parametrize_orthogonal
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.cells.base import (
@@ -26,6 +27,7 @@ from rnnkit.cells.base import (
     init_chrono,
     pickle_state,
     unpickle_state,
+    weight_dtype,
 )
 from rnnkit.cells.elman import ElmanMath
 from rnnkit.cells.gru import gru_math
@@ -289,8 +291,7 @@ class RecurrentLayer(nn.Module):
                 return result
         # CPU autocast: a bf16 input or state is read as float32, out_dtype is what torch.nn
         # returns (rnnkit.engine.precision)
-        weight = self._parameters.get("weight_hh_l0")  # (None when computed: see above)
-        dtype = (weight if weight is not None else self.weight_hh_l0).dtype
+        dtype = weight_dtype(self)
         input, hx, out_dtype = layer_autocast(input, hx, dtype, self.math.kind)
         x, lengths, packed, unbatched = self._time_major(input, lengths, dtype)
         steps, batch = x.shape[0], x.shape[1]
@@ -523,34 +524,105 @@ def _factory_of(module: nn.Module) -> dict[str, Any]:
     return {"device": module.weight_hh_l0.device, "dtype": module.weight_hh_l0.dtype}
 
 
+# ``orthogonal=`` of RNN → torch's orthogonal_map: W_hh = base · exp(A − Aᵀ) (expRNN,
+# Lezcano-Casado & Martínez-Rubio 2019) or base · Cayley(A − Aᵀ) (scoRNN-like, Helfrich et al.
+# 2018, without the scaling), A the lower triangle of the trained tensor
+ORTHOGONAL_MAPS = {"exp": "matrix_exp", "cayley": "cayley"}
+
+
+def henaff_orthogonal(size: int, generator: torch.Generator | None = None,
+                      dtype: torch.dtype | None = None) -> Tensor:
+    """Henaff, Szlam & LeCun (2016)'s orthogonal initialisation: block-diagonal 2 × 2 rotations
+    by angles θ ~ U[−π, π] (a trailing 1 when ``size`` is odd). Its eigenvalues e^{±iθ} are spread
+    evenly over the unit circle, so the state holds components turning at every speed (what
+    expRNN and scoRNN start the copy task from)."""
+    angles = torch.empty(size // 2, dtype=torch.float64).uniform_(-math.pi, math.pi,
+                                                                  generator=generator)
+    cos, sin = angles.cos(), angles.sin()
+    weight = torch.zeros(size, size, dtype=torch.float64)
+    even = torch.arange(0, 2 * (size // 2), 2)
+    weight[even, even], weight[even, even + 1] = cos, -sin
+    weight[even + 1, even], weight[even + 1, even + 1] = sin, cos
+    if size % 2:
+        weight[-1, -1] = 1.0
+    return weight.to(dtype or torch.get_default_dtype())
+
+
 class RNN(RecurrentLayer):
-    """Elman RNN layers (``torch.nn.RNN``), with ``nonlinearity`` in tanh, relu or sigmoid.
+    """Elman RNN layers (``torch.nn.RNN``), with ``nonlinearity`` in tanh, relu, sigmoid or
+    identity (the linear RNN).
 
     ``**regularisers``: ``recurrent_dropout``, ``input_dropout``, ``zoneout``, ``weight_drop``
     (see :class:`RecurrentLayer`).
+
+    ``orthogonal`` ("exp" or "cayley", keyword-only): every ``weight_hh_l{k}`` is kept exactly
+    orthogonal through training by torch's ``parametrizations.orthogonal`` (its
+    ``orthogonal_map`` "matrix_exp" or "cayley"): ``W_hh = B · exp(A − Aᵀ)`` with ``B`` the
+    initial W_hh (a buffer) and ``A`` the lower triangle of the trained tensor
+    ``parametrizations.weight_hh_l{k}.original`` (expRNN, Lezcano-Casado & Martínez-Rubio 2019).
+    ``W_hh`` starts as :func:`henaff_orthogonal`. An orthogonal W_hh neither shrinks nor grows
+    the recurrent gradient, so it reaches back hundreds of steps (the copy task at T = 1000).
+    W_hh is computed once per forward and runs through the same engines as a plain weight;
+    ``weight_drop`` then drops entries of the computed (orthogonal) W_hh. Saving goes through
+    ``state_dict`` (A and B; checkpoints do): torch refuses to pickle a parametrized module.
     """
 
     torch_class = nn.RNN
+    orthogonal: str | None = None  # (a class default: layers pickled before it existed)
 
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int = 1,
         nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
         dropout: float = 0.0, bidirectional: bool = False, backend: str | None = None,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-        **regularisers: Any,
+        *, orthogonal: str | None = None, **regularisers: Any,
     ) -> None:
+        if orthogonal is not None and orthogonal not in ORTHOGONAL_MAPS:
+            raise ValueError(f"orthogonal must be one of {', '.join(ORTHOGONAL_MAPS)} or None, "
+                             f"got {orthogonal!r}")
         self.nonlinearity = nonlinearity
         super().__init__(ElmanMath(nonlinearity), input_size, hidden_size, num_layers, bias,
                          batch_first, dropout, bidirectional, backend, device=device, dtype=dtype,
                          **_only_regularisers("RNN", regularisers, gated=False))
+        self.orthogonal = orthogonal
+        if orthogonal is not None:
+            for names in self._param_names:
+                name = names[1]  # weight_hh_l{k}[_reverse]
+                with torch.no_grad():
+                    getattr(self, name).copy_(henaff_orthogonal(hidden_size, dtype=dtype))
+                # registering reads the (orthogonal) weight into its base B; A starts at 0
+                parametrize_orthogonal(self, name, orthogonal_map=ORTHOGONAL_MAPS[orthogonal])
+
+    def reset_parameters(self) -> None:
+        """Uniform, as torch.nn; an ``orthogonal`` W_hh is set to a fresh Henaff rotation
+        (through the parametrization: B = that rotation, A = 0)."""
+        if self.orthogonal is None:
+            super().reset_parameters()
+            return
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for names in self._param_names:
+                for name in names:
+                    if name.startswith("weight_hh"):
+                        original = self.parametrizations[name].original
+                        setattr(self, name, henaff_orthogonal(self.hidden_size, dtype=original.dtype
+                                                              ).to(original.device))
+                    else:
+                        nn.init.uniform_(getattr(self, name), -bound, bound)
 
     def _torch_kwargs(self) -> dict[str, Any]:
         return {**super()._torch_kwargs(), "nonlinearity": self.nonlinearity}
 
     def _torch_compatibility_problem(self) -> str | None:
-        if self.nonlinearity == "sigmoid":
-            return "torch.nn.RNN has no sigmoid nonlinearity"
+        if self.nonlinearity in ("sigmoid", "identity"):
+            return f"torch.nn.RNN has no {self.nonlinearity} nonlinearity"
+        if self.orthogonal is not None:
+            return "its W_hh is parametrized (orthogonal=); torch.nn.RNN's is a plain weight"
         return None
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.orthogonal is None else text + f", orthogonal={self.orthogonal!r}"
 
     @classmethod
     def from_torch(cls, module: nn.RNN, backend: str | None = None) -> RNN:

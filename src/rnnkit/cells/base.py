@@ -39,7 +39,7 @@ class CellSpec:
     """
 
     kind: str  # "rnn" | "lstm" | "gru"
-    nonlinearity: str = "tanh"  # rnn: "tanh" | "relu" | "sigmoid"
+    nonlinearity: str = "tanh"  # rnn: "tanh" | "relu" | "sigmoid" | "identity"
     peephole: bool = False  # lstm
     coupled: bool = False  # lstm
     reset: str = "after"  # gru: "after" | "before"
@@ -158,6 +158,22 @@ def gate_bias_vectors(module: nn.Module, suffix: str) -> tuple[Tensor | None, Te
              else ("bias_ih", "bias_hh"))
     parameters = module._parameters  # (a name that is not there: None, not an AttributeError)
     return parameters.get(names[0] + suffix), parameters.get(names[1] + suffix)
+
+
+def weight_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype of ``layer.weight_hh_l0`` without computing it where it can: read from the
+    parameter, or, when the weight is parametrized (``orthogonal=``, torch's parametrizations),
+    from the tensor it is computed from (the parametrization runs once per forward, in
+    layer_params); a weight set by a hook (pruning, the old weight_norm, AWD-LSTM's WeightDrop)
+    is read as it stands."""
+    weight = layer._parameters.get("weight_hh_l0")
+    if weight is None:
+        parametrizations = getattr(layer, "parametrizations", None)
+        if parametrizations is not None and "weight_hh_l0" in parametrizations:
+            weight = parametrizations["weight_hh_l0"].original
+        else:
+            weight = layer.weight_hh_l0
+    return weight.dtype
 
 
 def init_chrono(chrono_gates: tuple[tuple[int, float], ...], bias_ih: Tensor | None,

@@ -2,7 +2,12 @@ r"""The Elman (simple) recurrent cell.
 
 .. math::
 
-    h_t = f(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}), \qquad f \in \{\tanh, \mathrm{relu}, \sigma\}
+    h_t = f(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}),
+    \qquad f \in \{\tanh, \mathrm{relu}, \sigma, \mathrm{id}\}
+
+``identity`` (f(a) = a) is the linear RNN: with an orthogonal W_hh (``rnnkit.RNN(...,
+orthogonal="exp")``) it carries its state for any number of steps without loss, the regime
+expRNN's modReLU (Lezcano-Casado & Martínez-Rubio 2019) works in when its bias is near 0.
 
 The material's output layer ``o_t = g(V h_t + c)`` is an ordinary ``nn.Linear`` on top of the
 outputs; it is not part of the recurrence.
@@ -32,7 +37,7 @@ from rnnkit.cells.base import (
     recurrent_projection,
 )
 
-NONLINEARITIES = ("tanh", "relu", "sigmoid")
+NONLINEARITIES = ("tanh", "relu", "sigmoid", "identity")
 
 
 class ElmanMath(CellMath):
@@ -55,6 +60,8 @@ class ElmanMath(CellMath):
             return torch.tanh(pre)
         if self.nonlinearity == "relu":
             return torch.relu(pre)
+        if self.nonlinearity == "identity":
+            return pre
         return torch.sigmoid(pre)
 
     def activation_backward(self, dh: Tensor, h: Tensor) -> Tensor:
@@ -68,6 +75,8 @@ class ElmanMath(CellMath):
             return torch.ops.aten.tanh_backward(dh, h)
         if self.nonlinearity == "relu":
             return torch.ops.aten.threshold_backward(dh, h, 0)
+        if self.nonlinearity == "identity":
+            return dh
         return torch.ops.aten.sigmoid_backward(dh, h)
 
     def step(

@@ -17,10 +17,12 @@ from rnnkit.data.vocab import CharVocab
 from rnnkit.models.recurrent import (
     CELLS,
     NONLINEARITIES,
+    ORTHOGONAL,
     RESETS,
     RecurrentConfig,
     build_recurrent,
     check_chrono,
+    check_orthogonal,
     check_regularisers,
     regularisers_of,
 )
@@ -43,6 +45,9 @@ class LMConfig(Options):
     reset: str = option("after", "GRU reset gate 'after' (torch/cuDNN) or 'before' (Cho 2014)",
                         choices=RESETS)
     nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
+    orthogonal: str | None = option(None, "rnn: keep W_hh orthogonal, W = B exp(A - A^T) "
+                                          "(exp: expRNN) or the Cayley map (cayley); starts "
+                                          "from Henaff's rotations", choices=ORTHOGONAL)
     forget_bias: float | None = option(None, "LSTM: initial forget-gate bias (none: the layer's "
                                              "default)")
     chrono: float | None = option(None, "chrono initialisation of the gate biases (Tallec & "
@@ -70,6 +75,7 @@ class LMConfig(Options):
             raise ValueError("--peephole and --coupled are LSTM options")
         check_regularisers(self.cell, regularisers_of(self))
         check_chrono(self.cell, self.chrono, self.forget_bias)
+        check_orthogonal(self.cell, self.orthogonal)
         if self.layer_norm and self.cell not in ("lstm", "gru"):
             raise ValueError(f"--layer-norm is an LSTM and GRU option, not one of cell={self.cell}")
         if self.layer_norm and (self.recurrent_dropout or self.zoneout or self.zoneout_cell):
@@ -124,6 +130,7 @@ class LanguageModel(nn.Module):
             cell=config.cell, layers=config.layers, hidden=hidden, dropout=config.dropout,
             peephole=config.peephole, coupled=config.coupled, forget_bias=config.forget_bias,
             chrono=config.chrono, reset=config.reset, nonlinearity=config.nonlinearity,
+            orthogonal=config.orthogonal,
             kernel_size=config.kernel_size,
             **regularisers_of(config),
             layer_norm=config.layer_norm,

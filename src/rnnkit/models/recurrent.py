@@ -21,7 +21,8 @@ from rnnkit.options import Options, option
 CELLS = ("lstm", "gru", "rnn", "mingru", "minlstm", "tcn")
 GATED = ("lstm", "gru", "mingru", "minlstm")  # the cells whose gate biases chrono initialises
 RESETS = ("after", "before")
-NONLINEARITIES = ("tanh", "relu", "sigmoid")
+NONLINEARITIES = ("tanh", "relu", "sigmoid", "identity")
+ORTHOGONAL = ("exp", "cayley")  # rnnkit.RNN(orthogonal=...): how W_hh is kept orthogonal
 REGULARISERS = ("recurrent_dropout", "input_dropout", "zoneout", "zoneout_cell", "weight_drop")
 
 
@@ -45,6 +46,9 @@ class RecurrentConfig(Options):
     reset: str = option("after", "GRU reset gate 'after' (torch/cuDNN) or 'before' (Cho 2014)",
                         choices=RESETS)
     nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
+    orthogonal: str | None = option(None, "rnn: keep W_hh orthogonal, W = B exp(A - A^T) "
+                                          "(exp: expRNN) or the Cayley map (cayley); starts "
+                                          "from Henaff's rotations", choices=ORTHOGONAL)
     kernel_size: int = option(3, "TCN only: kernel size of its causal convolutions", ge=2)
     # the recurrent regularisers (rnnkit.engine.regularise; lstm, gru and rnn cells)
     recurrent_dropout: float = option(0.0, "variational dropout on h_{t-1} (one mask per "
@@ -64,6 +68,7 @@ class RecurrentConfig(Options):
             raise ValueError("peephole, coupled and forget_bias are LSTM options")
         check_regularisers(self.cell, self.regularisers)
         check_chrono(self.cell, self.chrono, self.forget_bias)
+        check_orthogonal(self.cell, self.orthogonal)
         if self.layer_norm and self.cell not in ("lstm", "gru"):
             raise ValueError(f"layer_norm is an LSTM and GRU option, not one of cell={self.cell}")
         if self.layer_norm and (self.recurrent_dropout or self.zoneout or self.zoneout_cell):
@@ -107,6 +112,13 @@ def check_chrono(cell: str, chrono: float | None, forget_bias: float | None) -> 
         raise ValueError("forget_bias and chrono both set the forget-gate bias; give one")
 
 
+def check_orthogonal(cell: str, orthogonal: str | None) -> None:
+    """One line if ``orthogonal`` is set for a cell whose W_hh is not one square matrix."""
+    if orthogonal is not None and cell != "rnn":
+        raise ValueError(f"orthogonal keeps the Elman RNN's square W_hh orthogonal: an option of "
+                         f"the rnn cell, not of {cell}")
+
+
 def build_recurrent(config: RecurrentConfig, input_size: int) -> nn.Module:
     """The rnnkit sequence layer described by ``config`` (time-major, like torch.nn).
 
@@ -132,7 +144,8 @@ def build_recurrent(config: RecurrentConfig, input_size: int) -> nn.Module:
         return GRU(input_size, config.hidden, reset=config.reset,
                    layer_norm=config.layer_norm,
                    **common)
-    return RNN(input_size, config.hidden, nonlinearity=config.nonlinearity, **common)
+    return RNN(input_size, config.hidden, nonlinearity=config.nonlinearity,
+               orthogonal=config.orthogonal, **common)
 
 
 def final_hidden(state: Any, bidirectional: bool) -> Tensor:

@@ -54,7 +54,7 @@ class Config:
     """The variant arguments every operator takes first (the C++ ``Variant``)."""
 
     kind: int  # 0 rnn, 1 lstm, 2 gru
-    act: int  # rnn: 0 tanh, 1 relu, 2 sigmoid
+    act: int  # rnn: 0 tanh, 1 relu, 2 sigmoid, 3 identity
     peephole: bool
     coupled: bool
     before: bool  # gru: reset gate applied before the recurrent product
@@ -78,6 +78,7 @@ KERNELS: dict[CellSpec, Config] = {
     CellSpec("rnn", nonlinearity="tanh"): Config(0, 0, False, False, False),
     CellSpec("rnn", nonlinearity="relu"): Config(0, 1, False, False, False),
     CellSpec("rnn", nonlinearity="sigmoid"): Config(0, 2, False, False, False),
+    CellSpec("rnn", nonlinearity="identity"): Config(0, 3, False, False, False),
     CellSpec("lstm"): Config(1, 0, False, False, False),
     CellSpec("lstm", peephole=True): Config(1, 0, True, False, False),
     CellSpec("lstm", coupled=True): Config(1, 0, False, True, False),

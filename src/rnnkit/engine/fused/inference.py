@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import rnnkit.engine as _engine
+from rnnkit.cells.base import weight_dtype
 from rnnkit.engine import threads
 from rnnkit.engine.fused import _build, _function
 from rnnkit.engine.fused._function import KERNELS, Config, peephole_weights
@@ -212,8 +213,7 @@ def _layer_params(layer: Any) -> list[Sequence[Tensor | None]]:
 def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor, Any] | None:
     """``layer(input, hx, lengths=lengths)`` of a RecurrentLayer through the lean path, or None
     (the caller then runs the general forward)."""
-    parameters = layer._parameters
-    if (not _usable(input, parameters["weight_hh_l0"].dtype) or input.dim() not in (2, 3)
+    if (not _usable(input, weight_dtype(layer)) or input.dim() not in (2, 3)
             or input.shape[-1] != layer.input_size or layer._regularised_now()
             or (layer.training and layer.dropout > 0)):
         return None

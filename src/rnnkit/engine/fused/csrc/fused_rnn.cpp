@@ -68,7 +68,7 @@
 namespace {
 
 enum Kind { RNN = 0, LSTM = 1, GRU = 2 };
-enum Act { TANH = 0, RELU = 1, SIGMOID = 2 };
+enum Act { TANH = 0, RELU = 1, SIGMOID = 2, IDENTITY = 3 };  // IDENTITY: the linear Elman RNN
 
 // ----------------------------------------------------------------------------------------------
 // GEMM: row-major C(M, N) (+)= A(M, K) B(K, N), single-threaded (called from inside a parallel
@@ -1365,7 +1365,10 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
           T* hdr = hdn ? hdn + m * H : nullptr;
           for (int64_t j = j0; j < j1; ++j) {
             const T p = gr[j];
-            const T a = act == TANH ? tanh_(p) : act == RELU ? (p < T(0) ? T(0) : p) : sigm(p);
+            const T a = act == TANH       ? tanh_(p)
+                        : act == RELU     ? (p < T(0) ? T(0) : p)
+                        : act == IDENTITY ? p
+                                          : sigm(p);
             gr[j] = a;
             const T h = khr ? khr[j] * hr[j] + (T(1) - khr[j]) * a : a;
             if (hdr) hdr[j] = h * rmr[j];
@@ -1377,6 +1380,9 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
         } else if (act == RELU) {
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = gr[j] < T(0) ? T(0) : gr[j];  // relu(NaN) = NaN
+        } else if (act == IDENTITY) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = gr[j];
         } else {
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = sigm(gr[j]);
@@ -1778,9 +1784,10 @@ void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const B
             const T dh = dhr[j] + gyr[j];
             zhr[j] = dh * khr[j];
             const T dn = dh * (T(1) - khr[j]);
-            dr[j] = act == TANH    ? dn * (T(1) - yr[j] * yr[j])
-                    : act == RELU ? (yr[j] <= T(0) ? T(0) : dn)
-                                  : dn * yr[j] * (T(1) - yr[j]);
+            dr[j] = act == TANH       ? dn * (T(1) - yr[j] * yr[j])
+                    : act == RELU     ? (yr[j] <= T(0) ? T(0) : dn)
+                    : act == IDENTITY ? dn
+                                      : dn * yr[j] * (T(1) - yr[j]);
           }
         } else if (act == TANH) {
 #pragma omp simd
@@ -1790,6 +1797,9 @@ void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const B
           // exact 0 (not 0 * NaN) where the output is <= 0
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) dr[j] = yr[j] <= T(0) ? T(0) : dhr[j] + gyr[j];
+        } else if (act == IDENTITY) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) dr[j] = dhr[j] + gyr[j];
         } else {
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) dr[j] = (dhr[j] + gyr[j]) * yr[j] * (T(1) - yr[j]);
@@ -1935,7 +1945,7 @@ Cfg variant_cfg(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
                 int64_t B, int64_t I, int64_t H) {
   // (every operator's variant comes from Python as integers: one outside the enums would run
   // some loop on a wrong gate count)
-  TORCH_CHECK(kind >= RNN && kind <= GRU && act >= TANH && act <= SIGMOID,
+  TORCH_CHECK(kind >= RNN && kind <= GRU && act >= TANH && act <= IDENTITY,
               "rnnkit_fused: unknown variant (kind ", kind, ", activation ", act, ")");
   Cfg c;
   c.kind = static_cast<int>(kind);
@@ -3153,7 +3163,7 @@ StepLayout step_layout(const at::Tensor& packed) {
   // (the kind and activation select loops, and pack_gemv's panel order depends on the vector
   // width of the build that packed it: a tensor from elsewhere is refused, never misread)
   TORCH_CHECK(f[kTag] == kStepTag && f[kKind] >= RNN && f[kKind] <= GRU && f[kAct] >= TANH &&
-                  f[kAct] <= SIGMOID && f[kWidth] == int32_t(kGemvWidth) && f[kInput] > 0 &&
+                  f[kAct] <= IDENTITY && f[kWidth] == int32_t(kGemvWidth) && f[kInput] > 0 &&
                   f[kHidden] > 0,
               "rnnkit_fused::step_stream: packed must be what pack_step returned in this process");
   const StepLayout L({f[kKind], f[kAct], f[kPeep] != 0, f[kCoupled] != 0, f[kBefore] != 0},
