@@ -22,6 +22,7 @@ VARIANTS = {
     "rnn_tanh": lambda i, h, **o: rnnkit.RNN(i, h, **o),
     "rnn_relu": lambda i, h, **o: rnnkit.RNN(i, h, nonlinearity="relu", **o),
     "rnn_sigmoid": lambda i, h, **o: rnnkit.RNN(i, h, nonlinearity="sigmoid", **o),
+    "rnn_identity": lambda i, h, **o: rnnkit.RNN(i, h, nonlinearity="identity", **o),
     "lstm": lambda i, h, **o: rnnkit.LSTM(i, h, **o),
     "lstm_peephole": lambda i, h, **o: rnnkit.LSTM(i, h, peephole=True, **o),
     "lstm_coupled": lambda i, h, **o: rnnkit.LSTM(i, h, coupled=True, **o),

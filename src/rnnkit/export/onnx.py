@@ -15,7 +15,8 @@ Variant → ONNX (the table ``ONNX_FORMS``):
   order i, o, f; coupled gates (CIFG, f = 1 − i) → ``input_forget=1`` (the unused f block zero);
 * GRU: r, z, n → z, r, h; ``reset="after"`` (torch's form) → ``linear_before_reset=1``,
   ``reset="before"`` (Cho et al.) → ``linear_before_reset=0``;
-* Elman RNN: ``nonlinearity`` tanh / relu / sigmoid → ``activations`` Tanh / Relu / Sigmoid;
+* Elman RNN: ``nonlinearity`` tanh / relu / sigmoid / identity → ``activations`` Tanh / Relu /
+  Sigmoid / Affine(1, 0);
 * ``lengths=`` → ``sequence_lens``; bidirectional → ``direction="bidirectional"``; a stack of
   L layers → a chain of L nodes.
 
@@ -64,6 +65,8 @@ ONNX_FORMS: dict[CellSpec, tuple[str, tuple[int, ...], dict[str, Any]]] = {
     CellSpec("rnn", nonlinearity="tanh"): ("RNN", (0,), {"activation": "Tanh"}),
     CellSpec("rnn", nonlinearity="relu"): ("RNN", (0,), {"activation": "Relu"}),
     CellSpec("rnn", nonlinearity="sigmoid"): ("RNN", (0,), {"activation": "Sigmoid"}),
+    # the linear RNN: ONNX's Affine(alpha = 1, beta = 0), the identity
+    CellSpec("rnn", nonlinearity="identity"): ("RNN", (0,), {"activation": "Affine"}),
 }
 
 # rnnkit's peephole vectors (``diagonal_names``) at ONNX's P positions i, o, f
@@ -180,7 +183,7 @@ def onnx_gru(x: Tensor, W: Tensor, R: Tensor, B: Tensor, sequence_lens: Tensor |
 def onnx_rnn(x: Tensor, W: Tensor, R: Tensor, B: Tensor, sequence_lens: Tensor | None,
              initial_h: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     """ONNX RNN (layout 0) with one activation for every direction."""
-    spec = _spec("rnn", nonlinearity=activation.lower())
+    spec = _spec("rnn", nonlinearity="identity" if activation == "Affine" else activation.lower())
     return _run_onnx_semantics(spec, x, W, R, B, None, initial_h, None, sequence_lens)
 
 
@@ -221,8 +224,11 @@ def _translation_table() -> dict[Callable, Callable]:
                       direction=direction(W), linear_before_reset=linear_before_reset)
 
     def rnn(x, W, R, B, sequence_lens, initial_h, activation: str):
+        directions = W.shape[0]
+        affine = {"activation_alpha": [1.0] * directions, "activation_beta": [0.0] * directions}
         return op.RNN(x, W, R, B, sequence_lens, initial_h, hidden_size=R.shape[2],
-                      direction=direction(W), activations=[activation] * W.shape[0])
+                      direction=direction(W), activations=[activation] * directions,
+                      **(affine if activation == "Affine" else {}))
 
     return {torch.ops.rnnkit_onnx.lstm.default: lstm, torch.ops.rnnkit_onnx.gru.default: gru,
             torch.ops.rnnkit_onnx.rnn.default: rnn}
