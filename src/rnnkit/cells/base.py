@@ -170,7 +170,9 @@ def weight_dtype(layer: nn.Module) -> torch.dtype:
     if weight is None:
         parametrizations = getattr(layer, "parametrizations", None)
         if parametrizations is not None and "weight_hh_l0" in parametrizations:
-            weight = parametrizations["weight_hh_l0"].original
+            originals = parametrizations["weight_hh_l0"]  # (original, or original0, 1, … when
+            # the parametrization has several inputs, as weight_norm's g and v)
+            weight = originals.original if hasattr(originals, "original") else originals.original0
         else:
             weight = layer.weight_hh_l0
     return weight.dtype
