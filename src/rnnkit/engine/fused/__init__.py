@@ -210,8 +210,8 @@ def _run_traced_lengths(spec: Any, x: Tensor, state0: Sequence[Tensor],
         raise RuntimeError(f"fused backend unavailable: {_build.error()}")
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *state0, *params))
-    return _function.run_lengths(config_of(key), sorted_lengths, x, state0, params, training,
-                                 masks, bf16)
+    return _function.run(config_of(key), sorted_lengths, x, state0, params, training, masks,
+                         bf16)
 
 
 # ---- ragged batches: rows that have ended cost nothing ---------------------------------------

@@ -131,7 +131,7 @@ def _check(cfg: Config, x: Tensor, state0: Sequence[Tensor]) -> None:
 
 def run(
     cfg: Config,
-    batch_sizes: list[int] | None,
+    batch_sizes: list[int] | Tensor | None,
     x: Tensor,
     state0: Sequence[Tensor],
     params: Sequence[Tensor | None],
@@ -140,6 +140,10 @@ def run(
     bf16: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One layer and direction through ``layer_forward`` (differentiable when ``training``).
+
+    ``batch_sizes``: the active rows per step, or — in a traced graph (torch.compile,
+    torch.export), where its values cannot be read — the longest-first lengths tensor (B,),
+    which ``layer_forward_lengths`` turns into batch sizes when the graph runs.
 
     ``bf16``: mixed precision (see :mod:`rnnkit.engine.fused.precision`): the kernel's GEMMs read
     bf16 copies of their inputs and write float32; every tensor in and out stays float32.
@@ -155,37 +159,13 @@ def run(
         if masks.zoneout is not None:
             keep_h = masks.zoneout[0]
             keep_c = masks.zoneout[1] if cfg.kind == 1 else None
-    y, h, c, *_ = torch.ops.rnnkit_fused.layer_forward(
+    traced = isinstance(batch_sizes, Tensor)
+    forward = (torch.ops.rnnkit_fused.layer_forward_lengths if traced
+               else torch.ops.rnnkit_fused.layer_forward)
+    y, h, c, *_ = forward(
         *cfg.args(), x, state0[0], c0, w_ih, w_hh, b_ih, b_hh, peephole_weights(cfg, params),
-        recurrent, keep_h, keep_c, batch_sizes or [], training, loop_threads, bf16,
-    )
-    return y, ((h, c) if cfg.kind == 1 else (h,))
-
-
-def run_lengths(
-    cfg: Config,
-    sorted_lengths: Tensor,
-    x: Tensor,
-    state0: Sequence[Tensor],
-    params: Sequence[Tensor | None],
-    training: bool,
-    masks: Any = None,
-    bf16: bool = False,
-) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """:func:`run` for a traced graph: the batch sizes come from ``sorted_lengths`` (B,) when
-    the graph runs (``layer_forward_lengths``)."""
-    _check(cfg, x, state0)
-    w_ih, w_hh, b_ih, b_hh = params[:4]
-    c0 = state0[1] if cfg.kind == 1 else None
-    keep_h = keep_c = recurrent = None
-    if masks is not None:
-        recurrent = masks.recurrent
-        if masks.zoneout is not None:
-            keep_h = masks.zoneout[0]
-            keep_c = masks.zoneout[1] if cfg.kind == 1 else None
-    y, h, c, *_ = torch.ops.rnnkit_fused.layer_forward_lengths(
-        *cfg.args(), x, state0[0], c0, w_ih, w_hh, b_ih, b_hh, peephole_weights(cfg, params),
-        recurrent, keep_h, keep_c, sorted_lengths, training, loop_threads, bf16,
+        recurrent, keep_h, keep_c, batch_sizes if traced else (batch_sizes or []), training,
+        loop_threads, bf16,
     )
     return y, ((h, c) if cfg.kind == 1 else (h,))
 
