@@ -42,10 +42,13 @@ inline __m256i own_mask(int64_t n) {
 
 // C(MR, n) (+)= A(MR, K) B(K, 16) with n <= 16 columns stored. full: B's 16 columns may all be
 // read (packed strips, or a whole strip in place); else B's columns past n are not read.
-// always_inline: out of line (GCC's choice once a file has several call sites) the tile keeps its
-// 2·MR accumulators in memory and stores them at every k; measured 1.4-3x slower (session 10).
+// Inlining matters both ways (session 10): out of line (GCC's choice once a file has several
+// call sites) the tile keeps its 2·MR accumulators in memory and stores them at every k (1.4-3x
+// slower: layer_norm_rnn.cpp therefore flattens its one caller, own_mm); but always_inline here
+// made fused_rnn.cpp's inference loops 1.2-1.5x slower (LSTM 35,20,200). Check the tile's code
+// (no ymm stores to the stack in its k loop) after adding a call site.
 template <int MR, bool full>
-__attribute__((always_inline)) inline void own_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+inline void own_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                      float* C, int64_t ldc, int64_t n, bool acc) {
   __m256 c0[MR], c1[MR];
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
