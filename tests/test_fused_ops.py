@@ -378,3 +378,15 @@ def test_double_backward_raises_not_zero(make, lengths) -> None:
     assert torch.equal(grad, plain)
     with pytest.raises(RuntimeError, match="not twice differentiable"):
         torch.autograd.grad(grad.pow(2).sum(), x)
+
+
+def test_dropout_between_layers_with_traced_lengths_keeps_real_steps() -> None:
+    """In a traced graph the layer holds the lengths tensor, not per-step counts: the mask of
+    the dropout between layers must still be (step < length), not its transpose (T == B makes
+    the wrong one shape-compatible). A tiny rate drops nothing, so compiled equals eager."""
+    torch.manual_seed(0)
+    layer = rnnkit.GRU(2, 4, num_layers=2, dropout=1e-7)
+    x, lengths = torch.randn(3, 3, 2), torch.tensor([3, 1, 3])
+    eager = layer(x, lengths=lengths)[0]
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, lengths=lengths)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -491,14 +491,20 @@ class RecurrentLayer(nn.Module):
         return text + f", cell={self.math!r}"
 
 
-def _dropout_between_layers(x: Tensor, p: float, batch_sizes: list[int] | None) -> Tensor:
+def _dropout_between_layers(x: Tensor, p: float, batch_sizes: list[int] | Tensor | None
+                            ) -> Tensor:
     """``dropout`` on a layer's output (T, B, F), drawn as torch.nn draws it: on a packed
     sequence torch.nn drops the packed data — the real steps only, time-major, longest first,
     which is the order of ``x`` here — so the same seed gives the same masks and the same
-    answer; the padding (zero outputs) stays zero."""
+    answer; the padding (zero outputs) stays zero. In a traced graph ``batch_sizes`` is the
+    longest-first lengths tensor (engine.lengths.Ragged), whose values cannot select rows: the
+    mask is drawn over the padded tensor and the padding zeroed."""
     if batch_sizes is None:
         return F.dropout(x, p, training=True)
     steps, batch = x.shape[0], x.shape[1]
+    if isinstance(batch_sizes, Tensor):
+        running = torch.arange(steps, device=x.device).unsqueeze(1) < batch_sizes.to(x.device)
+        return torch.where(running.unsqueeze(2), F.dropout(x, p, training=True), x.new_zeros(()))
     real = torch.arange(batch) < torch.tensor(batch_sizes).unsqueeze(1)  # (T, B)
     real = real.to(x.device)
     dropped = x.new_zeros(steps, batch, x.shape[2])

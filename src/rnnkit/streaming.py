@@ -139,8 +139,10 @@ class Stream:
     step the stream compares the cell's parameters with the ones it packed — their storage and
     version counters — and the process's optimizer steps: an in-place change,
     ``load_state_dict``, an optimizer step, ``.data =``, a new ``Parameter`` or ``.double()``
-    re-packs them (or hands the step to the cell). Everywhere else ``step`` calls the cell
-    itself (same results, its speed).
+    re-packs them (or hands the step to the cell). A write through ``.data``
+    (``p.data.add_(...)``) bumps no version and is not seen by a stream made before it (checking
+    the values at every step would cost a third of the step): make a new ``Stream`` after one.
+    Everywhere else ``step`` calls the cell itself (same results, its speed).
     """
 
     def __init__(self, cell: torch.nn.Module, state: Any = None) -> None:

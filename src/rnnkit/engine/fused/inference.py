@@ -19,14 +19,15 @@ then takes four arguments instead of sixteen (``rnnkit.streaming.Stream`` keeps 
 the state, and makes one call per step). It costs a second copy of the weights while the plan
 lives.
 
-The plan is keyed on every parameter's ``data_ptr()`` and ``_version`` and on the number of
-optimizer steps taken in this process: ``load_state_dict`` and other in-place writes (they bump
-``_version``), ``.to()`` or assigning ``.data`` (new storage) and any ``torch.optim`` step all
-rebuild it. The step count is needed because torch's fused optimizers (``fused=True``, what
-rnnkit's Trainer uses on the CPU) update parameters in one kernel without bumping ``_version``:
-the packed copies would silently keep the old weights. The plan holds references to the
-parameters it was built from, so a freed parameter's address cannot be reused by another while
-the plan lives.
+The plan is keyed on every parameter's ``data_ptr()`` and ``_version``, on the number of
+optimizer steps taken in this process and on a strided sample of every parameter's values:
+``load_state_dict`` and other in-place writes (they bump ``_version``), ``.to()`` or assigning
+``.data`` (new storage), any ``torch.optim`` step and a write through ``.data`` (no version
+bump: the sample changes) all rebuild it. The step count is needed because torch's fused
+optimizers (``fused=True``, what rnnkit's Trainer uses on the CPU) update parameters in one
+kernel without bumping ``_version``: the packed copies would silently keep the old weights.
+The plan holds references to the parameters it was built from, so a freed parameter's address
+cannot be reused by another while the plan lives.
 
 Anything this path does not cover returns None and the caller takes the general path, which
 computes the same thing (and raises the one-line errors for bad input): gradients enabled,
@@ -77,6 +78,8 @@ class Prepared(NamedTuple):
     # pack_weights' W_ih^T and panel-packed W_hh^T for layer_forward_packed (batched calls)
     step: list[Tensor]  # a cell's weights as step_stream reads them (pack_step), made at the
     # first float32 batch-1 step: [] before, [empty tensor] on a CPU without the packed kernel
+    sample_views: tuple[Tensor, ...]  # a few elements of every parameter (_sample_views) ...
+    sample: tuple[Tensor, ...]  # ... and their values when the plan was made
 
 
 _optimizer_steps = 0  # torch.optim steps taken in this process (every plan's key holds it)
@@ -101,6 +104,22 @@ def _key(parameters: dict[str, Any]) -> tuple[int, ...]:
     return tuple(key)
 
 
+def _sample_views(parameters: dict[str, Any]) -> tuple[Tensor, ...]:
+    """About 17 elements of every parameter, strided over all of it, as views of the parameter
+    (a copy where it is not contiguous). A write through ``.data`` (``p.data.add_(p.grad,
+    alpha=-lr)``, the hand-written SGD of pytorch/examples' word_language_model) changes neither
+    ``data_ptr`` nor ``_version``: a changed sample is how the plan sees it (an update that
+    changes the weights changes these elements)."""
+    return tuple(p.detach().reshape(-1)[:: max(1, p.numel() // 16)]
+                 for p in parameters.values() if p is not None)
+
+
+def _sample_unchanged(plan: Prepared) -> bool:
+    # (views made once per plan: each check is one torch.equal per parameter, ~2 µs; a NaN never
+    # equals itself, so a NaN weight rebuilds the plan on every call: slower, still right)
+    return all(torch.equal(view, old) for view, old in zip(plan.sample_views, plan.sample))
+
+
 def _usable(x: Any, dtype: torch.dtype) -> bool:
     """The cheap conditions every lean call needs (see the module docstring)."""
     return (type(x) is Tensor and x.dtype == dtype and x.is_cpu
@@ -117,7 +136,7 @@ def _plan(module: Any, cfg: Config,
     *peephole)``."""
     key = _key(module._parameters)
     plan = module.__dict__.get(_ATTRIBUTE)
-    if plan is not None and plan.key == key:
+    if plan is not None and plan.key == key and _sample_unchanged(plan):
         return plan
     params_of = params_of(module)
     if params_of is None:
@@ -130,7 +149,9 @@ def _plan(module: Any, cfg: Config,
         w_ih, w_hh, b_ih, b_hh = (None if p is None else p.detach().contiguous() for p in params[:4])
         pw = peephole_weights(cfg, params)
         weights.append((w_ih, w_hh, b_ih, b_hh, None if pw is None else pw.detach().contiguous()))
-    plan = Prepared(key, cfg, tuple(weights), {}, {}, {}, [])
+    views = _sample_views(module._parameters)
+    plan = Prepared(key, cfg, tuple(weights), {}, {}, {}, [], views,
+                    tuple(view.clone() for view in views))
     module.__dict__[_ATTRIBUTE] = plan
     return plan
 
