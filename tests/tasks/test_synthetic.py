@@ -50,6 +50,10 @@ def test_models_learn_a_short_adding_problem(cell: str) -> None:
 
 
 def test_a_tcn_learns_a_short_copy_problem() -> None:
+    # the model's initialisation draws from the global generator: seeded, so the result does not
+    # depend on which tests ran before (one order left it at the memoryless loss; seeds 0, 1, 2:
+    # 0.005-0.07 against the bound 0.42)
+    torch.manual_seed(0)
     config = copymemory.default_config()
     config["data"].update(length=5, valid_size=100)
     config["model"].update(cell="tcn", hidden=24, layers=4)  # receptive field 61 ≥ T + 20
