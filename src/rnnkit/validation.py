@@ -172,28 +172,36 @@ def check_lengths(
     if lengths.numel() == 0 and batch_size > 0:
         raise ValueError("lengths is empty: there must be one length per sequence in the batch")
     if lengths.numel() != batch_size:
-        raise ValueError(
-            f"lengths has {lengths.numel()} entries but the batch has {batch_size} sequences"
-        )
+        raise _wrong_count(lengths.numel(), batch_size)
     check_length_values(lengths, max_length)
     return lengths
 
 
+# the messages of check_lengths, shared by the eager check, the traced one and the operator
+def _wrong_count(count: int, batch_size: int) -> ValueError:
+    return ValueError(f"lengths has {count} entries but the batch has {batch_size} sequences")
+
+
+def _too_short(row: int, value: int) -> ValueError:
+    return ValueError(f"every length must be at least 1, but lengths[{row}] = {value}")
+
+
+def _too_long(row: int, value: int, max_length: int) -> ValueError:
+    return ValueError(f"lengths[{row}] = {value} is longer than the sequence dimension "
+                      f"({max_length})")
+
+
 def check_length_values(lengths: Tensor, max_length: int) -> None:
-    """Every length in [1, max_length]; the error names the first row that is not."""
+    """Every length in [1, max_length]; the error names the first row that is not (a length
+    below 1 is named before one above max_length)."""
     too_short = (lengths < 1).nonzero().flatten()
     if too_short.numel():
         row = int(too_short[0])
-        raise ValueError(
-            f"every length must be at least 1, but lengths[{row}] = {int(lengths[row])}"
-        )
+        raise _too_short(row, int(lengths[row]))
     too_long = (lengths > max_length).nonzero().flatten()
     if too_long.numel():
         row = int(too_long[0])
-        raise ValueError(
-            f"lengths[{row}] = {int(lengths[row])} is longer than the sequence "
-            f"dimension ({max_length})"
-        )
+        raise _too_long(row, int(lengths[row]), max_length)
 
 
 def _traced_lengths(lengths: Sequence[int] | Tensor, batch_size: int, max_length: int) -> Tensor:
@@ -209,8 +217,7 @@ def _traced_lengths(lengths: Sequence[int] | Tensor, batch_size: int, max_length
     if lengths.dim() != 1:
         raise ValueError(f"lengths must be 1-D (batch,), got shape {tuple(lengths.shape)}")
     if lengths.shape[0] != batch_size:  # (shapes are known, or guarded on, while tracing)
-        raise ValueError(
-            f"lengths has {lengths.shape[0]} entries but the batch has {batch_size} sequences")
+        raise _wrong_count(lengths.shape[0], batch_size)
     return torch.ops.rnnkit.checked_lengths(lengths.to("cpu", torch.int64), max_length)
 
 
@@ -218,13 +225,14 @@ def _checked_list(lengths: Sequence[int], batch_size: int, max_length: int) -> T
     """A list of lengths checked as Python ints (a tensor's values cannot be read in a trace)."""
     values = integer_list("lengths", lengths)
     if len(values) != batch_size:
-        raise ValueError(f"lengths has {len(values)} entries but the batch has {batch_size} sequences")
+        raise _wrong_count(len(values), batch_size)
+    # (in check_length_values' order: any length below 1 first)
     for row, value in enumerate(values):
         if value < 1:
-            raise ValueError(f"every length must be at least 1, but lengths[{row}] = {value}")
+            raise _too_short(row, value)
+    for row, value in enumerate(values):
         if value > max_length:
-            raise ValueError(f"lengths[{row}] = {value} is longer than the sequence dimension "
-                             f"({max_length})")
+            raise _too_long(row, value, max_length)
     return torch.tensor(values, dtype=torch.int64)
 
 
