@@ -53,12 +53,16 @@ def busy_cores(count: int, seconds: float):
             proc.wait()
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
+def timed(fn: Callable[[], object], repeats: int, seen: set[int] | None = None) -> float:
+    """Median wall time of ``repeats`` calls; ``seen`` collects torch's thread count after each
+    (the count the governor left for the call)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+        if seen is not None:
+            seen.add(torch.get_num_threads())
     return statistics.median(times)
 
 
@@ -80,7 +84,7 @@ def modes(threads_max: int) -> dict[str, Callable[[], None]]:
 
 
 def bench(name: str, shape: tuple[int, int, int], threads_max: int, rounds: int,
-          repeats: int) -> dict[str, float]:
+          repeats: int) -> tuple[dict[str, float], set[int]]:
     make_ours, make_theirs, _, _, _ = VARIANTS[name]
     steps, batch, hidden = shape
     ours, theirs = make_ours(hidden, hidden), make_theirs(hidden, hidden)
@@ -93,13 +97,15 @@ def bench(name: str, shape: tuple[int, int, int], threads_max: int, rounds: int,
         return run
 
     results: dict[str, list[float]] = {}
+    chosen: set[int] = set()  # the thread counts the governor chose in the default runs
     setups = modes(threads_max)
     for _ in range(rounds):
         for mode, setup in setups.items():
             setup()
             run = train_step(ours)
             run()  # warm-up (and, for the governor, its first samples)
-            results.setdefault(mode, []).append(timed(run, repeats))
+            seen = chosen if mode == "default" else None
+            results.setdefault(mode, []).append(timed(run, repeats, seen))
             if mode != "default":
                 run = train_step(theirs)
                 run()
@@ -107,7 +113,7 @@ def bench(name: str, shape: tuple[int, int, int], threads_max: int, rounds: int,
     threads.set_policy("fixed")
     torch.set_num_threads(threads_max)
     threads.set_policy("adaptive")
-    return {mode: statistics.median(values) * 1e3 for mode, values in results.items()}
+    return {mode: statistics.median(values) * 1e3 for mode, values in results.items()}, chosen
 
 
 def main_job(threads_max: int, steps: int) -> dict[str, float]:
@@ -126,7 +132,8 @@ def main_job(threads_max: int, steps: int) -> dict[str, float]:
     return out
 
 
-def markdown(rows: list[tuple[str, tuple[int, int, int], dict[str, float]]], threads_max: int,
+def markdown(rows: list[tuple[str, tuple[int, int, int], dict[str, float], set[int]]],
+             threads_max: int,
              busy: int, load: str) -> str:
     n = f"{threads_max} threads"
     lines = [
@@ -137,15 +144,16 @@ def markdown(rows: list[tuple[str, tuple[int, int, int], dict[str, float]]], thr
         f"user gets it ({threads_max} threads requested, thread governor on); the ratio is "
         "default / the better fixed count (target ≤ 1.2).",
         "",
-        f"| variant | T,B,H | rnnkit 1 thread | rnnkit {n} | rnnkit default | default / best "
-        f"| torch.nn 1 thread | torch.nn {n} |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| variant | T,B,H | rnnkit 1 thread | rnnkit {n} | rnnkit default | default's threads "
+        f"| default / best | torch.nn 1 thread | torch.nn {n} |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, shape, r in rows:
+    for name, shape, r, chosen in rows:
         best = min(r["1 thread"], r[n])
         lines.append(
             f"| {name} | {','.join(map(str, shape))} | {r['1 thread']:.1f} | {r[n]:.1f} | "
-            f"{r['default']:.1f} | {r['default'] / best:.2f} | {r['torch.nn 1 thread']:.1f} | "
+            f"{r['default']:.1f} | {', '.join(map(str, sorted(chosen)))} | "
+            f"{r['default'] / best:.2f} | {r['torch.nn 1 thread']:.1f} | "
             f"{r['torch.nn ' + n]:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -175,8 +183,8 @@ def main() -> None:
     with fused.thread_split(args.split), busy_cores(args.busy, seconds=3600):
         for name in args.variants:
             for shape in shapes:
-                result = bench(name, shape, args.threads, args.rounds, args.repeats)
-                rows.append((name, shape, result))
+                result, chosen = bench(name, shape, args.threads, args.rounds, args.repeats)
+                rows.append((name, shape, result, chosen))
                 print(markdown(rows[-1:], args.threads, args.busy, load).splitlines()[-1],
                       flush=True)
         job = main_job(args.threads, 100) if args.main_job else None
