@@ -142,7 +142,7 @@ class _LayerNormLayer(torch.autograd.Function):
                  ) -> tuple[Tensor | None, ...]:
         (h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, y, acts, ahat, stats, cells,
          in_weight, projection) = ctx.saved_tensors
-        kind, peephole, coupled, before = ctx.variant
+        kind, peephole, _, before = ctx.variant
         lstm = kind == 1
         d_c = d_rest[0] if lstm else None
         d_gx, d_a, dh0, dc0, g_ln, g_cell, g_in, d_peep = torch.ops.rnnkit_ln.layer_backward(
