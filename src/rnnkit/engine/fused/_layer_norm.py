@@ -80,12 +80,14 @@ def _matmul(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
-def _weight_grad(d: Tensor, inputs: Tensor) -> Tensor:
+def _weight_grad(d: Tensor, inputs: Tensor, inputs_t: Tensor | None = None) -> Tensor:
     """``dᵀ inputs`` (Q, P) for d (R, Q), inputs (R, P), P ≤ Q. The tiles form it as
     ``(inputsᵀ d)ᵀ``: the narrower inputs is the operand copied transposed (a copy of d would
-    cost up to a fifth of the product); a (Q, P) view of the (P, Q) result."""
+    cost up to a fifth of the product), unless the caller has ``inputs_t``, a contiguous
+    ``inputsᵀ``; a (Q, P) view of the (P, Q) result."""
     if _tiled(inputs, d, inputs.shape[1], inputs.shape[0], d.shape[1]):
-        return torch.ops.rnnkit_ln.matmul(inputs.t().contiguous(), d).t()
+        a = inputs.t().contiguous() if inputs_t is None else inputs_t
+        return torch.ops.rnnkit_ln.matmul(a, d).t()
     return d.t() @ inputs
 
 
@@ -157,15 +159,20 @@ class _LayerNormLayer(torch.autograd.Function):
             """(T, B, H) of the value at t − 1 (``first`` at t = 0), 0 for inactive rows."""
             return zero_padding(torch.cat((first.unsqueeze(0), seq[:-1])), bs)
 
-        h_prev = previous(h0, y)
         flat_da = d_a.view(rows, -1)
         d_w_hh = torch.empty_like(w_hh)
         if before:
+            h_prev = previous(h0, y)
             reset_h = acts[..., :hidden] * h_prev
             d_w_hh[: 2 * hidden] = flat_da[:, : 2 * hidden].t() @ h_prev.view(rows, hidden)
             d_w_hh[2 * hidden:] = flat_da[:, 2 * hidden:].t() @ reset_h.view(rows, hidden)
+        elif bs is None:  # (h_{t-1}ᵀ written once, transposed: one (H, T·B) copy, not two)
+            h_prev_t = y.new_empty(hidden, rows)
+            h_prev_t[:, :batch] = h0.t()
+            h_prev_t[:, batch:] = y[:-1].reshape(-1, hidden).t()
+            d_w_hh = _weight_grad(flat_da, h_prev_t.t(), h_prev_t)
         else:
-            d_w_hh = _weight_grad(flat_da, h_prev.view(rows, hidden))
+            d_w_hh = _weight_grad(flat_da, previous(h0, y).view(rows, hidden))
         d_ln_weight, d_ln_bias = g_ln  # (summed over the steps in the kernel)
         d_cell_weight, d_cell_bias = g_cell if lstm else (None, None)
         d_in_weight, d_in_bias = g_in if in_weight is not None else (None, None)
