@@ -80,20 +80,19 @@ def _matmul(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
-def _weight_grad(d: Tensor, inputs: Tensor, inputs_t: Tensor | None = None) -> Tensor:
-    """``dᵀ inputs`` (Q, P) for d (R, Q), inputs (R, P), P ≤ Q. The tiles form it as
-    ``(inputsᵀ d)ᵀ``: the narrower inputs is the operand copied transposed (a copy of d would
-    cost up to a fifth of the product), unless the caller has ``inputs_t``, a contiguous
-    ``inputsᵀ``; a (Q, P) view of the (P, Q) result."""
-    if _tiled(inputs, d, inputs.shape[1], inputs.shape[0], d.shape[1]):
-        a = inputs.t().contiguous() if inputs_t is None else inputs_t
-        return torch.ops.rnnkit_ln.matmul(a, d).t()
+def _weight_grad(d: Tensor, inputs: Tensor) -> Tensor:
+    """``dᵀ inputs`` (Q, P) for d (R, Q), inputs (R, P): a weight gradient over all R = T·B rows,
+    through torch.mm, which reads d transposed in place. Not the tiles: with K = T·B deep and the
+    narrow operand copied transposed for them, they were the slower ones at this shape (session
+    11, 1 thread, loaded machine, min of 11: (3200, 2048)ᵀ (3200, 512) 124 ms in the tiles with
+    the copy against 104 through torch.mm; (3200, 1024)ᵀ (3200, 256) 39.6 against 31.6)."""
     return d.t() @ inputs
 
 
 class _Projection(torch.autograd.Function):
     """``x W_ih^T`` over all T·B rows (the layer-normalised cells' input projection) with the
-    three products of its forward and backward through :func:`_matmul`."""
+    products x W_ih^T and d W_ih through :func:`_matmul` (the weight gradient:
+    :func:`_weight_grad`)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w_ih: Tensor) -> Tensor:
@@ -166,11 +165,6 @@ class _LayerNormLayer(torch.autograd.Function):
             reset_h = acts[..., :hidden] * h_prev
             d_w_hh[: 2 * hidden] = flat_da[:, : 2 * hidden].t() @ h_prev.view(rows, hidden)
             d_w_hh[2 * hidden:] = flat_da[:, 2 * hidden:].t() @ reset_h.view(rows, hidden)
-        elif bs is None:  # (h_{t-1}ᵀ written once, transposed: one (H, T·B) copy, not two)
-            h_prev_t = y.new_empty(hidden, rows)
-            h_prev_t[:, :batch] = h0.t()
-            h_prev_t[:, batch:] = y[:-1].reshape(-1, hidden).t()
-            d_w_hh = _weight_grad(flat_da, h_prev_t.t(), h_prev_t)
         else:
             d_w_hh = _weight_grad(flat_da, previous(h0, y).view(rows, hidden))
         d_ln_weight, d_ln_bias = g_ln  # (summed over the steps in the kernel)
