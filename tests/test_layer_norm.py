@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -277,15 +278,39 @@ def test_fused_kernel_float32_and_inference_match_bptt(form, batch, hidden, monk
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)  # (float32 exp, sums)
 
 
-def test_without_the_kernel_the_fused_backend_takes_bptt_and_says_why(monkeypatch):
-    monkeypatch.setattr(_layer_norm, "EXTENSION",
-                        SimpleNamespace(load=lambda: None, error="test: no compiler"))
-    layer = rnnkit.GRU(3, 4, layer_norm=True, backend="fused")
+# (the LSTM: its kernel normalises the input itself, so without the kernel the engine must)
+@pytest.mark.parametrize("module", [rnnkit.GRU, rnnkit.LSTM])
+def test_without_the_kernel_the_fused_backend_takes_bptt_and_says_why(module, monkeypatch):
+    error = f"test: no compiler ({module.__name__})"  # (each reason is warned once)
+    monkeypatch.setattr(_layer_norm, "EXTENSION", SimpleNamespace(load=lambda: None, error=error))
+    layer = module(3, 4, layer_norm=True, backend="fused")
     x = torch.randn(2, 1, 3)
-    with pytest.warns(RuntimeWarning, match="test: no compiler"):
+    with pytest.warns(RuntimeWarning, match=re.escape(error)):
         out, _ = layer(x)
     layer.backend = "bptt"
     torch.testing.assert_close(out, layer(x)[0], rtol=0, atol=0)
+
+
+def test_the_lstm_kernel_normalises_the_input_itself_and_matches_f_layer_norm(monkeypatch):
+    """The fused LSTM takes x W_ih^T and applies the input LN per row in its loop (forward and
+    backward): the same outputs and gradients as the input normalised beforehand (F.layer_norm);
+    peepholes, so that their gradients (now summed in the loop) are compared too."""
+    monkeypatch.setattr(_layer_norm, "BRGEMM_MIN_MACS", 1)  # (and the tiled products)
+    layer = _layer("lstm_peephole", 6, 20, dtype=torch.float32)
+    math = layer.math
+    params = tuple(layer.layer_params(0, 0))
+    assert fused.normalises_input(math, torch.zeros(1, dtype=torch.float32))
+    x = torch.randn(7, 13, 6, requires_grad=True)
+    state0 = tuple(torch.randn(13, 20, requires_grad=True) for _ in math.state_names)
+    leaves = [x, *state0, *(p for p in params if p is not None)]
+    results = []
+    for fused_input_ln in (True, False):
+        monkeypatch.setattr(fused, "normalises_input", lambda *_, on=fused_input_ln: on)
+        out, final = run_layer(math, x, state0, params, None, "fused")
+        loss = out.square().sum() + sum(s.sum() for s in final)
+        results.append([out, *final, *torch.autograd.grad(loss, leaves)])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))

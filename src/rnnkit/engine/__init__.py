@@ -142,10 +142,11 @@ def run_layer(
         x = zero_padding(x, batch_sizes)
     elif batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes):
         x = zero_padding(x, list(batch_sizes))  # (the padding's NaN must not reach dW_ih)
-    if math.layer_norm:
+    if math.layer_norm and not (name == "fused" and fused.normalises_input(math, x)):
         # the input LN is per row and step: once for all T·B rows, here for every backend, under
         # autograd; the backends then get x = LN(x W_ih^T) and w_ih = None
-        # (the fused backend's product: the float32 brgemm tiles of its layer-norm kernel)
+        # (the fused backend's product: the float32 GEMM tiles of its layer-norm kernel). The
+        # fused LSTM kernel applies it itself, row by row in its loop (fused.normalises_input).
         x, params = normalized_input(
             x, params, fused._layer_norm.project if name == "fused" else None)
     return BACKENDS[name](math, x, state0, params, batch_sizes, masks)

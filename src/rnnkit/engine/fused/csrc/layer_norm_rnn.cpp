@@ -1,12 +1,14 @@
 // The time loop of the layer-normalised LSTM and GRU (issue 12; math in cells/layer_norm.py).
 //
-//   input side:  gx = LN(x W_ih^T) is computed before the loop (engine.run_layer, autograd), so
-//                these operators start from gx (T, B, G*H)
+//   input side:  the GRU gets gx = LN(x W_ih^T) computed before the loop (engine.run_layer,
+//                autograd); the LSTM gets the raw projection x W_ih^T (T, B, G*H) and normalises
+//                each row in the loop (the input LN's backward too)
 //   forward:     per step a = h_{t-1} W_hh^T, LN over each row, the gates, (LSTM) LN of the cell
-//   backward:    the hand-derived step backward in reverse time; it returns d(gx), d(a) (the
-//                gradient before the recurrent LN) and, for the LSTM, d(LN(c)); the weight,
-//                gain, bias and peephole gradients are then single reductions / GEMMs over all
-//                T*B rows in Python (engine/fused/_layer_norm.py)
+//   backward:    the hand-derived step backward in reverse time; it returns d(gx) (the LSTM:
+//                d(x W_ih^T)) and d(a) (the gradient before the recurrent LN); the W_hh
+//                gradient is then one GEMM over all T*B rows in Python
+//                (engine/fused/_layer_norm.py); the LN gains' and biases' and the peepholes'
+//                gradients are summed in the loop, per thread
 //
 // Threads split the *batch*: a row's LN needs all G*H columns of that row, and rows never
 // interact, so each thread runs every step for its own rows with no barrier at all (the
@@ -39,6 +41,11 @@ constexpr double kEps = 1e-5;  // F.layer_norm's default (cells/layer_norm.py EP
 
 enum Kind : int64_t { kLSTM = 1, kGRU = 2 };
 
+// Saved per row and step (stats): 1/sigma of the recurrent LN (GRU-before: of its r, z blocks),
+// 1/sigma of the cell LN (GRU-before: of the n block), and the mean and 1/sigma of the input LN
+// where the kernel normalises the input itself (the LSTM: see ln_layer_forward).
+constexpr int64_t kStats = 4;
+
 struct Variant {
   int64_t kind;
   bool peephole, coupled, before;
@@ -61,16 +68,24 @@ inline T lane_sum(int64_t n, const F& f) {
   return s;
 }
 
-// y = w * (a - mean) * rstd + b over one row of n columns; keeps a_hat and rstd (two passes:
-// the mean, then the variance about it, as torch's CPU layer norm).
+// The mean and 1/sigma of one row of n columns (two passes: the mean, then the variance about it,
+// as torch's CPU layer norm).
 template <typename T>
-inline void ln_row(const T* a, const T* w, const T* b, int64_t n, T* y, T* a_hat, T* rstd_out) {
+inline void ln_stats(const T* a, int64_t n, T* mean_out, T* rstd_out) {
   const T mean = lane_sum<T>(n, [&](int64_t j) { return a[j]; }) / static_cast<T>(n);
   const T var = lane_sum<T>(n, [&](int64_t j) {
     const T d = a[j] - mean;
     return d * d;
   }) / static_cast<T>(n);
-  const T rstd = static_cast<T>(1) / std::sqrt(var + static_cast<T>(kEps));
+  *mean_out = mean;
+  *rstd_out = static_cast<T>(1) / std::sqrt(var + static_cast<T>(kEps));
+}
+
+// y = w * (a - mean) * rstd + b over one row of n columns; keeps a_hat and rstd.
+template <typename T>
+inline void ln_row(const T* a, const T* w, const T* b, int64_t n, T* y, T* a_hat, T* rstd_out) {
+  T mean, rstd;
+  ln_stats(a, n, &mean, &rstd);
   for (int64_t j = 0; j < n; ++j) {
     const T h = (a[j] - mean) * rstd;
     a_hat[j] = h;
@@ -86,6 +101,42 @@ inline void ln_row_backward(const T* dy, const T* a_hat, T rstd, const T* w, int
   const T mean_ga =
       lane_sum<T>(n, [&](int64_t j) { return dy[j] * w[j] * a_hat[j]; }) / static_cast<T>(n);
   for (int64_t j = 0; j < n; ++j) da[j] = rstd * (dy[j] * w[j] - mean_g - a_hat[j] * mean_ga);
+}
+
+// ln_row_backward and accumulate_ln (below) together in two passes over the row instead of four:
+// the first forms both means and adds the row's gain and bias gradients to acc (acc[0:n] += dy *
+// a_hat, acc[n:2n] += dy), the second writes da. da may be dy (in place).
+template <typename T>
+inline void ln_row_backward_acc(const T* dy, const T* a_hat, T rstd, const T* w, int64_t n, T* da,
+                                T* __restrict__ acc) {
+  constexpr int64_t L = 16;  // (independent lanes, as lane_sum)
+  T s_g[L] = {}, s_ga[L] = {};
+  T* __restrict__ acc_w = acc;
+  T* __restrict__ acc_b = acc + n;
+  T mean_g = 0, mean_ga = 0;
+  int64_t j = 0;
+  for (; j + L <= n; j += L)
+    for (int64_t k = 0; k < L; ++k) {
+      const T d = dy[j + k], h = a_hat[j + k], g = d * w[j + k];
+      s_g[k] += g;
+      s_ga[k] += g * h;
+      acc_w[j + k] += d * h;
+      acc_b[j + k] += d;
+    }
+  for (; j < n; ++j) {
+    const T d = dy[j], h = a_hat[j], g = d * w[j];
+    mean_g += g;
+    mean_ga += g * h;
+    acc_w[j] += d * h;
+    acc_b[j] += d;
+  }
+  for (int64_t k = 0; k < L; ++k) {
+    mean_g += s_g[k];
+    mean_ga += s_ga[k];
+  }
+  mean_g /= static_cast<T>(n);
+  mean_ga /= static_cast<T>(n);
+  for (j = 0; j < n; ++j) da[j] = rstd * (dy[j] * w[j] - mean_g - a_hat[j] * mean_ga);
 }
 
 // Fortran BLAS of the library torch links (MKL's / OpenBLAS's sgemm_, dgemm_), found as
@@ -350,10 +401,13 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
                   const Tensor& ln_w, const Tensor& ln_b, const Tensor& cell_w,
                   const Tensor& cell_b, const Tensor& peep, at::IntArrayRef bs, Tensor& y,
                   bool training, Tensor& acts, Tensor& ahat, Tensor& stats, Tensor& cells,
-                  int64_t threads) {
+                  const Tensor& in_w, const Tensor& in_b, int64_t threads) {
   const int64_t steps = gx.size(0), batch = gx.size(1), H = h.size(1), G = v.gates(),
                 GH = G * H;
   const bool lstm = v.kind == kLSTM;
+  // the input LN's gain and bias when gx is the raw projection x W_ih^T (else gx is normalised)
+  const T* iw = in_w.defined() ? in_w.data_ptr<T>() : nullptr;
+  const T* ib = in_w.defined() ? in_b.data_ptr<T>() : nullptr;
   // W^T blocks, contiguous, so each step is one at::mm per block
   const Tensor w_t = v.before ? w_hh.narrow(0, 0, 2 * H).t().contiguous() : w_hh.t().contiguous();
   const Tensor wn_t = v.before ? w_hh.narrow(0, 2 * H, H).t().contiguous() : Tensor();
@@ -386,7 +440,8 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
     T* abuf = a.data_ptr<T>();
     T* ubuf = v.before ? u.data_ptr<T>() : nullptr;
     T* anbuf = v.before ? an.data_ptr<T>() : nullptr;
-    std::vector<T> gh(GH), ah(GH), gate(v.before ? rows * GH : GH), cn(H), chat(H);
+    std::vector<T> gh(GH), ah(GH), gate(v.before ? rows * GH : GH), cn(H), chat(H),
+        xnorm(iw ? GH : 0);
     for (int64_t t = 0; t < steps; ++t) {
       const int64_t n_act = std::min(active_rows(bs, t, batch), b1) - b0;
       if (n_act <= 0) break;  // (sorted: later steps have no more rows of this block)
@@ -400,6 +455,17 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
         T rstd = 0;
         if (lstm) {
           T* cr = cp + b * H;
+          if (iw) {  // the input LN of this row, where the row is in cache anyway
+            T mean_x, rstd_x;
+            ln_stats(gxr, GH, &mean_x, &rstd_x);
+            T* xn = xnorm.data();
+            for (int64_t j = 0; j < GH; ++j) xn[j] = (gxr[j] - mean_x) * rstd_x * iw[j] + ib[j];
+            gxr = xn;
+            if (training) {
+              stp[row * kStats + 2] = mean_x;
+              stp[row * kStats + 3] = rstd_x;
+            }
+          }
           ln_row(ap + r * GH, lw, lb, GH, gh.data(), ah.data(), &rstd);
           // blocks i, f, g, o (coupled: i, g, o). One simple loop per function, so that each
           // vectorises (a loop mixing sigm, tanh and variant branches does not).
@@ -437,7 +503,7 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
             std::copy(cr, cr + H, cl);
             std::copy(chat.begin(), chat.end(), cl + H);
             std::copy(cn.begin(), cn.end(), cl + 2 * H);
-            stp[row * 2 + 1] = crstd;
+            stp[row * kStats + 1] = crstd;
           }
         } else if (!v.before) {
           ln_row(ap + r * GH, lw, lb, GH, gh.data(), ah.data(), &rstd);
@@ -459,7 +525,7 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
           const T* src = v.before ? gate.data() + r * GH : gate.data();
           std::copy(src, src + width, actp + row * GH);
           std::copy(ah.begin(), ah.begin() + width, ahp + row * GH);
-          stp[row * 2] = rstd;
+          stp[row * kStats] = rstd;
         }
       }
       if (!v.before) continue;
@@ -483,7 +549,7 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
         }
         if (training) {
           std::copy(ah.begin(), ah.begin() + H, ahp + row * GH + 2 * H);
-          stp[row * 2 + 1] = nrstd;
+          stp[row * kStats + 1] = nrstd;
         }
       }
     }
@@ -492,18 +558,28 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
 
 // Reverse time. In: the saved forward (acts, ahat, stats, cells), y (h_t of the active rows),
 // grad_y and the final-state gradients. Out (written): d_gx, d_a (the gradient before the
-// recurrent LN, per row), dh (-> dh0), dc (-> dc0), and per batch row the sums over its steps
-// of the LN gain and bias gradients: g_ln (B, 2, G*H) and, LSTM, g_cell (B, 2, H) (each row is
-// one thread's, so no two threads add to the same place; the caller sums over B).
+// recurrent LN, per row), dh (-> dh0), dc (-> dc0), and per row block (in the slot of its first
+// row; the others stay 0) the sums over its rows and steps of the LN gain and bias gradients:
+// g_ln (B, 2, G*H), LSTM g_cell (B, 2, H), with the input LN g_in (B, 2, G*H), with peepholes
+// g_peep (B, 2 or 3, H) (a block is one thread's, so no two threads add to the same place; the
+// caller sums over B). One slot per block, not per row: 32 rows' slots of g_ln and g_in at
+// 100,32,256 were 512 KiB, half the L2, walked through at every step.
 template <typename T>
 void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
                    const Tensor& ln_w, const Tensor& ln_b, const Tensor& cell_w,
                    const Tensor& peep, at::IntArrayRef bs, const Tensor& y, const Tensor& acts,
                    const Tensor& ahat, const Tensor& stats, const Tensor& cells,
-                   const Tensor& grad_y, Tensor& dh, Tensor& dc, Tensor& d_gx, Tensor& d_a,
-                   Tensor& g_ln, Tensor& g_cell, int64_t threads) {
+                   const Tensor& grad_y, const Tensor& proj, const Tensor& in_w, Tensor& dh,
+                   Tensor& dc, Tensor& d_gx, Tensor& d_a, Tensor& g_ln, Tensor& g_cell,
+                   Tensor& g_in, Tensor& g_peep, int64_t threads) {
   const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), G = v.gates(), GH = G * H;
   const bool lstm = v.kind == kLSTM;
+  // the input LN (in_w defined: the forward normalised the raw projection proj itself)
+  const T* iw = in_w.defined() ? in_w.data_ptr<T>() : nullptr;
+  const T* prp = iw ? proj.data_ptr<T>() : nullptr;
+  T* gip = iw ? g_in.data_ptr<T>() : nullptr;
+  const int64_t n_peep = v.coupled ? 2 : 3;  // rows of g_peep: ci, (cf,) co
+  T* gpp = v.peephole ? g_peep.data_ptr<T>() : nullptr;
   // (GH, H) as stored: d_a W_hh needs no transpose
   const StepB<T> w_back(w_hh.data_ptr<T>(), GH, H, steps, y.options());
   const T* lw = ln_w.data_ptr<T>();
@@ -534,7 +610,8 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
     Tensor dreset = v.before ? at::empty({rows, H}, y.options()) : Tensor();
     T* dpbuf = dprev.data_ptr<T>();
     T* drbuf = v.before ? dreset.data_ptr<T>() : nullptr;
-    std::vector<T> dpost(GH), tmp(H), dzh(v.before ? rows * H : 0), dcn_buf(H);
+    std::vector<T> dpost(GH), tmp(H), dzh(v.before ? rows * H : 0), dcn_buf(H),
+        xhat(iw ? GH : 0);
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t n_act = std::min(active_rows(bs, t, batch), b1) - b0;
       if (n_act <= 0) continue;
@@ -557,8 +634,8 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
             dcn[j] = dh_ * ac[oo + j] * tg(cl[2 * H + j]);
             dgx[oo + j] = dh_ * cl[2 * H + j] * sg(ac[oo + j]);
           }
-          ln_row_backward(dcn, cl + H, stp[row * 2 + 1], cw, H, tmp.data());
-          accumulate_ln(dcn, cl + H, H, gcp + b * 2 * H);
+          ln_row_backward_acc(dcn, cl + H, stp[row * kStats + 1], cw, H, tmp.data(),
+                              gcp + b0 * 2 * H);
           for (int64_t j = 0; j < H; ++j) {
             const T i = ac[oi + j], g = ac[og + j];
             const T f = v.coupled ? 1 - i : ac[of + j];
@@ -578,8 +655,24 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
             }
             dcr[j] = dcp_;
           }
-          ln_row_backward(dgx, ahp + row * GH, stp[row * 2], lw, GH, dap + row * GH);
-          accumulate_ln(dgx, ahp + row * GH, GH, glp + b * 2 * GH);
+          if (v.peephole) {  // their gradients (i, f read c_{t-1}, o c_t); a loop of its own:
+            // in the loop above, three more stores kept GCC from vectorising it (backward 27 %
+            // slower at 100,32,256, plain LSTM too)
+            T* gp = gpp + b0 * n_peep * H;
+            for (int64_t j = 0; j < H; ++j) gp[j] += dgx[oi + j] * cprev[j];
+            if (!v.coupled)
+              for (int64_t j = 0; j < H; ++j) gp[H + j] += dgx[of + j] * cprev[j];
+            for (int64_t j = 0; j < H; ++j) gp[(n_peep - 1) * H + j] += dgx[oo + j] * cl[j];
+          }
+          ln_row_backward_acc(dgx, ahp + row * GH, stp[row * kStats], lw, GH, dap + row * GH,
+                              glp + b0 * 2 * GH);
+          if (iw) {  // through the input LN: d(gx) -> d(x W_ih^T), in place; x_hat recomputed
+            const T* pr = prp + row * GH;
+            const T mean_x = stp[row * kStats + 2], rstd_x = stp[row * kStats + 3];
+            T* xh = xhat.data();
+            for (int64_t j = 0; j < GH; ++j) xh[j] = (pr[j] - mean_x) * rstd_x;
+            ln_row_backward_acc(dgx, xh, rstd_x, iw, GH, dgx, gip + b0 * 2 * GH);
+          }
         } else {
           for (int64_t j = 0; j < H; ++j) {
             const T dh_ = dhr[j] + gy[j];
@@ -599,10 +692,10 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
               dpost[2 * H + j] = dgx[2 * H + j] * rg;
               dhr[j] = tmp[j] * ac[H + j];  // dh * z (the GEMM part is added below)
             }
-            ln_row_backward(dpost.data(), a_hat, stp[row * 2], lw, GH, dap + row * GH);
-            accumulate_ln(dpost.data(), a_hat, GH, glp + b * 2 * GH);
+            ln_row_backward_acc(dpost.data(), a_hat, stp[row * kStats], lw, GH, dap + row * GH,
+                                glp + b0 * 2 * GH);
           } else {
-            ln_row_backward(dgx + 2 * H, ahp + row * GH + 2 * H, stp[row * 2 + 1], lw + 2 * H,
+            ln_row_backward(dgx + 2 * H, ahp + row * GH + 2 * H, stp[row * kStats + 1], lw + 2 * H,
                             H, dap + row * GH + 2 * H);
             for (int64_t j = 0; j < H; ++j) dzh[r * H + j] = tmp[j] * ac[H + j];  // dh * z
           }
@@ -628,8 +721,8 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
         const T* ac = actp + row * GH;
         T* dgx = dgxp + row * GH;
         for (int64_t j = 0; j < H; ++j) dgx[j] = drp[r * H + j] * hprev[j] * sg(ac[j]);
-        ln_row_backward(dgx, ahp + row * GH, stp[row * 2], lw, 2 * H, dap + row * GH);
-        accumulate_ln(dgx, ahp + row * GH, GH, glp + b * 2 * GH);  // (the whole row: rz and n)
+        ln_row_backward(dgx, ahp + row * GH, stp[row * kStats], lw, 2 * H, dap + row * GH);
+        accumulate_ln(dgx, ahp + row * GH, GH, glp + b0 * 2 * GH);  // (the whole row: rz and n)
       }
       w_back.mul(n_act, H, 2 * H, dap + (t * batch + b0) * GH, GH, 0, dpbuf, H);
       const T* dpp = dpbuf;
@@ -656,9 +749,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
     const std::optional<Tensor>& c0, const Tensor& w_hh, const Tensor& ln_weight,
     const Tensor& ln_bias, const std::optional<Tensor>& cell_weight,
     const std::optional<Tensor>& cell_bias, const std::optional<Tensor>& peep,
+    const std::optional<Tensor>& ln_ih_weight, const std::optional<Tensor>& ln_ih_bias,
     at::IntArrayRef batch_sizes, bool training, int64_t threads) {
   const Variant v = variant_of(kind, peephole, coupled, before);
   const bool lstm = kind == kLSTM;
+  // With the input LN's gain and bias, gx is the raw projection x W_ih^T and the kernel
+  // normalises each row where it reads it: F.layer_norm over all T*B rows beforehand cost two
+  // extra passes over a (T, B, G*H) array in memory, and a fresh one each way, forward and
+  // backward (LSTM only; the GRU gets LN(x W_ih^T) as before).
+  TORCH_CHECK(ln_ih_weight.has_value() == ln_ih_bias.has_value() && (!ln_ih_weight || lstm),
+              "rnnkit_ln: the input LN's weight and bias come together, for the LSTM");
   TORCH_CHECK(gx.dim() == 3 && gx.size(2) == v.gates() * h0.size(1),
               "rnnkit_ln: gx must be (T, B, G*H)");
   TORCH_CHECK(!lstm || (c0 && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c0 and the cell LN");
@@ -675,29 +775,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
   Tensor y = alloc({steps, batch, H});
   Tensor acts = training ? alloc({steps, batch, GH}) : empty_like_none(g);
   Tensor ahat = training ? alloc({steps, batch, GH}) : empty_like_none(g);
-  Tensor stats = training ? at::zeros({steps, batch, 2}, g.options()) : empty_like_none(g);
+  Tensor stats = training ? at::zeros({steps, batch, kStats}, g.options()) : empty_like_none(g);
   Tensor cells = training && lstm ? alloc({steps, batch, 3 * H}) : empty_like_none(g);
   const Tensor w = w_hh.contiguous(), lw = ln_weight.contiguous(), lb = ln_bias.contiguous();
   const Tensor cw = lstm ? cell_weight->contiguous() : Tensor();
   const Tensor cb = lstm ? cell_bias->contiguous() : Tensor();
   const Tensor pp = peephole ? peep->contiguous() : Tensor();
+  const Tensor iw = ln_ih_weight ? ln_ih_weight->contiguous() : Tensor();
+  const Tensor ib = ln_ih_bias ? ln_ih_bias->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rnnkit_ln_forward", [&] {
     forward_impl<scalar_t>(v, g, h, c, w, lw, lb, cw, cb, pp, batch_sizes, y, training, acts,
-                           ahat, stats, cells, threads);
+                           ahat, stats, cells, iw, ib, threads);
   });
   return {y, h, c, acts, ahat, stats, cells};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_backward(
+// Returns d_gx (with ln_ih_weight: the gradient of the raw projection, through the input LN),
+// d_a, dh0, dc0 and the sums over all rows of the recurrent LN's, the cell LN's, the input LN's
+// (gain, bias) gradients and the peepholes' gradients (rows ci, (cf,) co).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_backward(
     int64_t kind, bool peephole, bool coupled, bool before, const Tensor& h0,
     const std::optional<Tensor>& c0, const Tensor& w_hh, const Tensor& ln_weight,
     const Tensor& ln_bias, const std::optional<Tensor>& cell_weight,
-    const std::optional<Tensor>& peep, at::IntArrayRef batch_sizes, const Tensor& y,
-    const Tensor& acts, const Tensor& ahat, const Tensor& stats, const Tensor& cells,
+    const std::optional<Tensor>& peep, const std::optional<Tensor>& ln_ih_weight,
+    at::IntArrayRef batch_sizes, const Tensor& y, const Tensor& acts, const Tensor& ahat,
+    const Tensor& stats, const Tensor& cells, const std::optional<Tensor>& projection,
     const Tensor& grad_y, const std::optional<Tensor>& grad_h_n,
     const std::optional<Tensor>& grad_c_n, int64_t threads) {
   const Variant v = variant_of(kind, peephole, coupled, before);
   const bool lstm = kind == kLSTM;
+  TORCH_CHECK(ln_ih_weight.has_value() == projection.has_value() && (!ln_ih_weight || lstm),
+              "rnnkit_ln: the input LN's weight and the projection come together, for the LSTM");
   const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), GH = v.gates() * H;
   Tensor dh = grad_h_n ? grad_h_n->contiguous().clone() : at::zeros({batch, H}, y.options());
   Tensor dc = lstm ? (grad_c_n ? grad_c_n->contiguous().clone()
@@ -710,6 +818,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_backward(
   Tensor d_a = alloc({steps, batch, GH});
   Tensor g_ln = at::zeros({batch, 2, GH}, y.options());
   Tensor g_cell = lstm ? at::zeros({batch, 2, H}, y.options()) : empty_like_none(y);
+  Tensor g_in = ln_ih_weight ? at::zeros({batch, 2, GH}, y.options()) : empty_like_none(y);
+  Tensor g_peep = peephole ? at::zeros({batch, coupled ? 2 : 3, H}, y.options())
+                           : empty_like_none(y);
+  const Tensor iw = ln_ih_weight ? ln_ih_weight->contiguous() : Tensor();
+  const Tensor pr = projection ? projection->contiguous() : Tensor();
   const Tensor h0c = h0.contiguous(), w = w_hh.contiguous(), lw = ln_weight.contiguous(),
                lb = ln_bias.contiguous(), gy = grad_y.contiguous();
   const Tensor c0c = lstm ? c0->contiguous() : Tensor();
@@ -717,9 +830,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_backward(
   const Tensor pp = peephole ? peep->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rnnkit_ln_backward", [&] {
     backward_impl<scalar_t>(v, h0c, c0c, w, lw, lb, cw, pp, batch_sizes, y, acts, ahat, stats,
-                            cells, gy, dh, dc, d_gx, d_a, g_ln, g_cell, threads);
+                            cells, gy, pr, iw, dh, dc, d_gx, d_a, g_ln, g_cell, g_in, g_peep,
+                            threads);
   });
-  return {d_gx, d_a, dh, dc, g_ln.sum(0), lstm ? g_cell.sum(0) : g_cell};
+  return {d_gx, d_a, dh, dc, g_ln.sum(0), lstm ? g_cell.sum(0) : g_cell,
+          ln_ih_weight ? g_in.sum(0) : g_in, peephole ? g_peep.sum(0) : g_peep};
 }
 
 }  // namespace
@@ -727,13 +842,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_backward(
 TORCH_LIBRARY(rnnkit_ln, m) {
   m.def("layer_forward(int kind, bool peephole, bool coupled, bool before, Tensor gx, Tensor h0, "
         "Tensor? c0, Tensor w_hh, Tensor ln_weight, Tensor ln_bias, Tensor? cell_weight, "
-        "Tensor? cell_bias, Tensor? peephole_weights, int[] batch_sizes, bool training, "
-        "int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? cell_bias, Tensor? peephole_weights, Tensor? ln_ih_weight, Tensor? ln_ih_bias, "
+        "int[] batch_sizes, bool training, int threads) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_backward(int kind, bool peephole, bool coupled, bool before, Tensor h0, "
         "Tensor? c0, Tensor w_hh, Tensor ln_weight, Tensor ln_bias, Tensor? cell_weight, "
-        "Tensor? peephole_weights, int[] batch_sizes, Tensor y, Tensor acts, Tensor ahat, "
-        "Tensor stats, Tensor cells, Tensor grad_y, Tensor? grad_h_n, Tensor? grad_c_n, "
-        "int threads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? peephole_weights, Tensor? ln_ih_weight, int[] batch_sizes, Tensor y, "
+        "Tensor acts, Tensor ahat, Tensor stats, Tensor cells, Tensor? projection, "
+        "Tensor grad_y, Tensor? grad_h_n, Tensor? grad_c_n, int threads) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("matmul(Tensor a, Tensor b) -> Tensor");
   m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(ln_layer_forward));
   m.impl("matmul", c10::DispatchKey::CPU, TORCH_FN(tiled_matmul));
