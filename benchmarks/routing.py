@@ -7,7 +7,9 @@ requiring a gradient) — this times one ``rnnkit.LSTM`` layer forced onto each 
 torch's op per point into ``src/rnnkit/engine/fused/routes/<isa>.json`` (the dispatcher's table,
 see ``rnnkit.engine.fused.route_table``), under the thread count, with the machine facts (CPU,
 ISA key, torch version, date, load average, command). Entries of other thread counts in the file
-are kept, so ``--threads 1`` and ``--threads 2`` runs fill one file.
+are kept, so ``--threads 1`` and ``--threads 2`` runs fill one file; so are, for the same thread
+count, the rows of a mode a ``--modes`` run did not measure (with their own machine facts,
+``machine_<mode>``).
 
 Times: the minimum over interleaved repeats (the order of the two paths swaps every round) of
 process CPU time with one thread (time lost to other jobs on a shared core does not count), of
@@ -173,6 +175,23 @@ def dumps(table: dict) -> str:
     return write(table, 0) + "\n"
 
 
+def merge_modes(entry: dict, previous: dict, modes: list[str]) -> dict:
+    """``entry`` (this run's rows of ``modes`` and its ``machine`` facts) with the rows of the
+    modes this run did not measure kept from ``previous`` (the file's entry for the same thread
+    count), each kept mode with the facts of the run that measured it as ``machine_<mode>``: a
+    ``--modes inference`` run replaces the inference routes and leaves the training ones as
+    they were, and the file still says under which conditions each was measured."""
+    merged = dict(entry)
+    for mode in route_table.MODES:
+        if mode in modes or mode not in previous:
+            continue
+        merged[mode] = previous[mode]
+        facts = previous.get(f"machine_{mode}", previous.get("machine"))
+        if facts is not None:
+            merged[f"machine_{mode}"] = facts
+    return merged
+
+
 def significant(seconds: float) -> float:
     """Milliseconds to 4 significant digits."""
     return float(f"{seconds * 1e3:.4g}")
@@ -242,6 +261,7 @@ def main() -> None:
                          "(1 min; the machine's, not this process's)"),
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "cpu_minutes": round((time.process_time() - cpu_started) / 60, 1),
+        "modes": list(args.modes),
     }
     table = {"format": route_table.FORMAT, "isa": isa, "threads": {}}
     if out.exists():  # keep the other thread counts' entries
@@ -251,7 +271,8 @@ def main() -> None:
                 table["threads"] = previous["threads"]
         except (ValueError, KeyError, AttributeError):
             print(f"{out} was not a routing table: overwritten", file=sys.stderr)
-    table["threads"][str(args.threads)] = entry
+    previous_entry = table["threads"].get(str(args.threads), {})
+    table["threads"][str(args.threads)] = merge_modes(entry, previous_entry, args.modes)
     text = dumps(table)
     route_table.parse(text)  # (the dispatcher must read what was written)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -122,6 +122,38 @@ def test_lean_batched_path_equals_general_path_and_torch(name, layers, bidirecti
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def _packed(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's one packed pair (one layer and direction)."""
+    (packed,) = layer.__dict__["_inference_plan"].packed.values()
+    return packed
+
+
+@pytest.mark.parametrize("name", ["lstm_peephole", "gru_before", "rnn_tanh"])
+def test_packed_weights_follow_a_change_of_gemm(name):
+    """set_gemm (tests, benchmarks) changes the layout pack_weights makes (W_ih^T in 16-column
+    panels and W_hh^T's panel width under rnnkit's own GEMM, one block / 128 columns under the
+    others): a plan made before the switch packs again after it, and the outputs stay those of
+    the general path. Before, the plan kept the old layout and the outputs were wrong."""
+    ops = _build.load()
+    first = ops.set_gemm("auto")
+    others = [g for g in ("own", "blas", "brgemm") if g != first]
+    torch.manual_seed(9)
+    layer = LAYERS[name](INPUT, HIDDEN).eval()
+    x = torch.randn(STEPS, BATCH, INPUT)
+    try:
+        for which in [first, *others, first]:
+            if ops.set_gemm(which) != which:
+                continue  # (not on this CPU or build)
+            with torch.inference_mode():
+                lean = _flat(layer(x))
+            general = _flat(layer(x))  # (gradients on: layer_forward, no plan)
+            for got, want in zip(lean, general):
+                torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+            assert len(layer.__dict__["_inference_plan"].packed) == 1  # (the old copy dropped)
+    finally:
+        ops.set_gemm("auto")
+
+
 @pytest.mark.parametrize("name", ["lstm_peephole", "gru_before"])
 def test_packed_weights_follow_in_place_changes(name):
     """The plan's packed copies are rebuilt with it after an in-place change, a fused optimizer
@@ -138,17 +170,17 @@ def test_packed_weights_follow_in_place_changes(name):
             torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
 
     check()
-    packed = layer.__dict__["_inference_plan"].packed[0]
+    packed = _packed(layer)
     with torch.no_grad():
         layer.weight_hh_l0.mul_(1.5)
     check()
-    assert layer.__dict__["_inference_plan"].packed[0] is not packed
+    assert _packed(layer) is not packed
     fused_optimizer_steps(layer, lambda: _flat(layer(x))[0].sum(), check)
     layer.load_state_dict(other.state_dict())
     check()
-    packed = layer.__dict__["_inference_plan"].packed[0]
+    packed = _packed(layer)
     check()
-    assert layer.__dict__["_inference_plan"].packed[0] is packed
+    assert _packed(layer) is packed
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -220,3 +252,26 @@ def test_a_write_through_data_is_seen_by_the_next_inference(make, batch) -> None
         lean = layer(x)[0]
     general = layer(x)[0].detach()  # grad mode: the general path reads the parameters
     torch.testing.assert_close(lean, general, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lstm_peephole", "gru_after"])
+def test_calls_of_other_sizes_and_dtypes_one_after_another(name):
+    """Inference reuses one gates buffer per thread from call to call (fused_rnn.cpp's
+    gates_buffer): calls that need more of it, less of it and another dtype, one after another,
+    each equal the general path, and an earlier call's outputs are not changed by a later one."""
+    torch.manual_seed(10)
+    layer = LAYERS[name](INPUT, HIDDEN).eval()
+    shapes = [(STEPS, BATCH), (3 * STEPS, BATCH + 2), (2, BATCH), (STEPS, BATCH)]
+    kept = []
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        layer.to(dtype)
+        for steps, batch in shapes:
+            x = torch.randn(steps, batch, INPUT, dtype=dtype)
+            with torch.inference_mode():
+                lean = _flat(layer(x))
+            general = [t.detach() for t in _flat(layer(x))]
+            for got, want in zip(lean, general):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            kept.append((lean, [t.clone() for t in lean]))
+    for lean, copy in kept:
+        assert all(torch.equal(a, b) for a, b in zip(lean, copy))

@@ -74,8 +74,9 @@ class Prepared(NamedTuple):
     # their rows (the op never writes its h0 / c0: it clones them)
     gemv: dict[tuple[int, int], Tensor]  # (layer and direction, 0: w_ih / 1: w_hh) -> the weight
     # packed for batch-1 products (``pack_gemv``), made at the first float32 batch-1 call
-    packed: dict[int, tuple[Tensor, Tensor]]  # per layer and direction, made on first use:
-    # pack_weights' W_ih^T and panel-packed W_hh^T for layer_forward_packed (batched calls)
+    packed: dict[tuple[int, int], tuple[Tensor, Tensor]]  # (layer and direction, gemm_layout)
+    # -> pack_weights' W_ih^T and panel-packed W_hh^T for layer_forward_packed (batched calls),
+    # made on first use: their layout follows the GEMM in use (set_gemm changes it)
     step: list[Tensor]  # a cell's weights as step_stream reads them (pack_step), made at the
     # first float32 batch-1 step: [] before, [empty tensor] on a CPU without the packed kernel
     sample_views: tuple[Tensor, ...]  # a few elements of every parameter (_sample_views) ...
@@ -201,13 +202,29 @@ def step_weights(plan: Prepared) -> Tensor:
 
 def _tiles(plan: Prepared, index: int) -> tuple[Tensor, Tensor]:
     """Layer-and-direction ``index``'s W_ih^T and panel-packed W_hh^T for the batched GEMM tiles
-    (``pack_weights``), made once per weight version."""
-    packed = plan.packed.get(index)
+    (``pack_weights``), made once per weight version and GEMM layout: the panels follow the GEMM
+    the kernels run (``set_gemm``, for tests and benchmarks, changes it), and read in another
+    layout they would give wrong outputs."""
+    layout = _gemm_layout()
+    packed = plan.packed.get((index, layout))
     if packed is None:
+        for stale in [key for key in plan.packed if key[0] == index]:
+            del plan.packed[stale]  # (packed for another GEMM: not kept alive with the new one)
         w_ih, w_hh = plan.weights[index][:2]
-        packed = plan.packed[index] = torch.ops.rnnkit_fused.pack_weights.default(
+        packed = plan.packed[(index, layout)] = torch.ops.rnnkit_fused.pack_weights.default(
             *plan.cfg.args(), w_ih, w_hh)
     return packed
+
+
+_GEMM_LAYOUT: Any = None
+
+
+def _gemm_layout() -> int:
+    """The kernels' current packing layout (``gemm_layout``; its C++ entry looked up once)."""
+    global _GEMM_LAYOUT
+    if _GEMM_LAYOUT is None:
+        _GEMM_LAYOUT = torch.ops.rnnkit_fused.gemm_layout.default._op
+    return _GEMM_LAYOUT()
 
 
 def _config(module: Any) -> Config | None:

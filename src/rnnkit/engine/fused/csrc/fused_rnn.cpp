@@ -41,12 +41,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../../csrc/own_gemm.h"
@@ -843,47 +845,61 @@ inline void add_bias_rows(int64_t mm, int64_t nn, const T* bias, T* c, int64_t l
   }
 }
 
+// The one tile loop of pgemm and pgemm_panels: C(M, N) (+)= A(M, K) B(K, N) [+ bias[n] on every
+// row] in pgemm_tiles' tiles; each tile in column blocks of nb (nb >= the tile's width: one
+// block), each block in K chunks of 256, one gemm_rm call per chunk. b_at(k0, c0) is {the address
+// of B(k0, c0), B's row stride there}: B's layout is the one thing the callers differ in.
+// The bias is added to each column block after its last chunk, while the block is in L1 (a whole
+// tile at a time, its C came back from L2: ~3 % of a 35,20,200 LSTM forward's samples).
+template <typename T, typename BAt>
+void pgemm_blocks(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, BAt&& b_at,
+                  int64_t nb, T* C, int64_t ldc, bool acc, const T* bias, int nt) {
+  if (M <= 0 || N <= 0) return;
+  const int64_t KB = 256;
+  parallel_tiles(M, N, nt, [&](int64_t m0, int64_t n0, int64_t mm, int64_t nn) {
+    for (int64_t c0 = n0; c0 < n0 + nn; c0 += nb) {
+      const int64_t np = std::min(nb, n0 + nn - c0);
+      T* c = C + m0 * ldc + c0;
+      if (K == 0) gemm_rm(mm, np, K, A, lda, b_at(0, c0).first, np, c, ldc, acc);
+      for (int64_t k0 = 0; k0 < K; k0 += KB) {
+        const auto [b, ldb] = b_at(k0, c0);
+        gemm_rm(mm, np, std::min(KB, K - k0), A + m0 * lda + k0, lda, b, ldb, c, ldc,
+                acc || k0 > 0);
+      }
+      if (bias) add_bias_rows(mm, np, bias + c0, c, ldc);
+    }
+  });
+}
+
 // Parallel GEMM over tiles: C(M, N) (+)= A(M, K) B(K, N) [+ bias[n] on every row].
 template <typename T>
 void pgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
            T* C, int64_t ldc, bool acc, const T* bias, int nt) {
-  if (M <= 0 || N <= 0) return;
-  const int64_t KB = 256;
-  parallel_tiles(M, N, nt, [&](int64_t m0, int64_t n0, int64_t mm, int64_t nn) {
-    T* c = C + m0 * ldc + n0;
-    if (K == 0) gemm_rm(mm, nn, K, A, lda, B, ldb, c, ldc, acc);
-    for (int64_t k0 = 0; k0 < K; k0 += KB) {
-      const int64_t kk = std::min(KB, K - k0);
-      gemm_rm(mm, nn, kk, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, c, ldc,
-              acc || k0 > 0);
-    }
-    if (bias) add_bias_rows(mm, nn, bias + n0, c, ldc);
-  });
+  pgemm_blocks<T>(
+      M, N, K, A, lda,
+      [&](int64_t k0, int64_t c0) { return std::make_pair(B + k0 * ldb + c0, ldb); }, N, C, ldc,
+      acc, bias, nt);
 }
 
 // pgemm with B = W^T (K, N) in column panels of width nb (pack_panels' layout; nb = kOwnCols,
 // g_rec_panel under gemm_own): the same tiles (pgemm_tiles: NB a multiple of 16, or N) and the
 // same K chunks, so each output is the same sum in the same order as pgemm's over W^T as one
-// block — only B's layout differs. Each call's B is then one contiguous strip, which gemm_own
-// reads in place (ldb = kOwnCols); over a plain W^T it copied every tile's B into strips first
-// (the input projection, per call and row tile: perf put ~5 % of gemm_own's samples on that
-// copy at 35,20,200, its strided reads of W^T).
+// block — only B's layout differs (tiles start on panel boundaries: NB is a multiple of nb).
+// Each call's B is then one contiguous strip, which gemm_own reads in place (ldb = kOwnCols);
+// over a plain W^T it copied every tile's B into strips first (the input projection, per call
+// and row tile: perf put ~5 % of gemm_own's samples on that copy at 35,20,200, its strided
+// reads of W^T).
 template <typename T>
 void pgemm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp,
                   int64_t nb, T* C, int64_t ldc, const T* bias, int nt) {
-  if (M <= 0 || N <= 0) return;
-  const int64_t KB = 256;
-  parallel_tiles(M, N, nt, [&](int64_t m0, int64_t n0, int64_t mm, int64_t nn) {
-    for (int64_t c0 = n0; c0 < n0 + nn; c0 += nb) {
-      const int64_t np = std::min(nb, N - c0);
-      T* c = C + m0 * ldc + c0;
-      if (K == 0) gemm_rm(mm, np, K, A, lda, Bp, np, c, ldc, false);
-      for (int64_t k0 = 0; k0 < K; k0 += KB)
-        gemm_rm(mm, np, std::min(KB, K - k0), A + m0 * lda + k0, lda, Bp + c0 * K + k0 * np, np,
-                c, ldc, k0 > 0);
-    }
-    if (bias) add_bias_rows(mm, nn, bias + n0, C + m0 * ldc + n0, ldc);
-  });
+  // (the panel of columns [c0, c0 + np) is a (K, np) block at c0 K; np = nb but for the last)
+  pgemm_blocks<T>(
+      M, N, K, A, lda,
+      [&](int64_t k0, int64_t c0) {
+        const int64_t np = std::min(nb, N - c0);
+        return std::make_pair(Bp + c0 * K + k0 * np, np);
+      },
+      nb, C, ldc, false, bias, nt);
 }
 
 // W (N, K) (a weight as stored, contiguous) -> W^T in column panels of width nb: panel p holds
@@ -2124,10 +2140,46 @@ void input_projection(int64_t M, int64_t N, int64_t K, const T* x, const T* wt, 
 // Weights packed ahead of the call by pack_weights, kept by the caller while the weights do not
 // change (the inference plan): pack_input(W_ih) and pack_recurrent(W_hh) (used with one loop
 // thread only; undefined: pack per call). Like the panel width of W_hh, the layout of W_ih^T
-// follows the GEMM in use when packed (set_gemm: pack again after changing it).
+// follows the GEMM in use when packed (set_gemm: pack again after changing it; gemm_layout
+// says which layout that is).
 struct Prepacked {
   at::Tensor wih_t, whh_rec;
 };
+
+// The forward's (T, B, G*H) gates buffer. Training returns it (the activations); inference only
+// reads it within the call, so there it is one block of memory per thread reused from call to
+// call (up to kGatesCacheBytes; larger ones are allocated per call and freed), seen through a
+// tensor made per call (from_blob: a tensor kept from a call under torch.inference_mode would be
+// an inference tensor, which a later call outside it may not write). A fresh buffer is new
+// memory from the allocator on every call — 2.2 MiB at 35,20,200, mmap'ed or handed back to the
+// system by glibc's heap trimming depending on the process's allocation history: measured 1-270
+// page faults per 6-9 ms LSTM forward in three runs of the same script (onnxruntime, the
+// comparison, keeps its buffers in an arena).
+constexpr size_t kGatesCacheBytes = size_t(64) << 20;
+
+struct ScratchBlock {
+  void* p = nullptr;
+  size_t bytes = 0;
+  ScratchBlock() = default;
+  ScratchBlock(const ScratchBlock&) = delete;
+  ScratchBlock& operator=(const ScratchBlock&) = delete;
+  ~ScratchBlock() { std::free(p); }
+};
+
+at::Tensor gates_buffer(int64_t numel, bool training, const at::TensorOptions& opts) {
+  const size_t bytes =
+      static_cast<size_t>(numel) * c10::elementSize(opts.dtype().toScalarType());
+  if (training || bytes > kGatesCacheBytes) return at::empty({numel}, opts);
+  static thread_local ScratchBlock block;
+  if (block.bytes < bytes) {
+    std::free(block.p);
+    const size_t size = (bytes + 63) / 64 * 64;
+    block.p = std::aligned_alloc(64, size);
+    block.bytes = block.p ? size : 0;
+    if (!block.p) return at::empty({numel}, opts);
+  }
+  return at::from_blob(block.p, {numel}, opts);
+}
 
 template <typename T>
 std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const at::Tensor& h0,
@@ -2170,7 +2222,7 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     else
       bias.add_(b_hh);
   }
-  at::Tensor gates = at::empty({T_, B, GH}, opts);
+  at::Tensor gates = gates_buffer(T_ * B * GH, training, opts).view({T_, B, GH});
   // Few rows (streaming steps) or batch 1: use the weights as stored through BLAS. Transposed
   // copies for the brgemm micro-kernel would cost more than the GEMMs themselves, and at batch 1
   // every recurrent product is a GEMV, which gains nothing from them (a strided transposition
@@ -3490,6 +3542,11 @@ std::string set_gemm_op(c10::string_view which) {
   g_rec_panel = rec_panel_for(g_gemm);
   return got;
 }
+// Which layout pack_weights makes now: it follows the GEMM in use (pack_input's panels under
+// gemm_own, pack_recurrent's panel width g_rec_panel), which set_gemm changes. The inference plan
+// (engine/fused/inference.py) keys its packed weights by this number, so that weights packed
+// before a set_gemm are never read as if packed after it.
+int64_t gemm_layout_op() { return static_cast<int64_t>(g_gemm) * 1024 + g_rec_panel; }
 
 }  // namespace
 
@@ -3533,6 +3590,7 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("init() -> bool");
   m.def("bf16_available() -> bool");
   m.def("set_gemm(str which) -> str");
+  m.def("gemm_layout() -> int");
   m.def("set_own_gemm(int kc, int pack_rows) -> (int, int)");
   m.def("gemm_run(str which, Tensor A, Tensor B, Tensor(a!) C, bool acc, int panel, int kb, "
         "int repeats) -> float");
@@ -3551,6 +3609,7 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.impl("init", c10::DispatchKey::CatchAll, TORCH_FN(init_op));
   m.impl("bf16_available", c10::DispatchKey::CatchAll, TORCH_FN(bf16_available_op));
   m.impl("set_gemm", c10::DispatchKey::CatchAll, TORCH_FN(set_gemm_op));
+  m.impl("gemm_layout", c10::DispatchKey::CatchAll, TORCH_FN(gemm_layout_op));
   m.impl("set_own_gemm", c10::DispatchKey::CatchAll, TORCH_FN(set_own_gemm));
   m.impl("gemm_run", c10::DispatchKey::CPU, TORCH_FN(gemm_run));
   m.impl("set_backward_chunk", c10::DispatchKey::CatchAll, TORCH_FN(set_backward_chunk));
