@@ -1,11 +1,19 @@
-"""The layer-normalised LSTM/GRU kernels (``csrc/layer_norm_rnn.cpp``) as an autograd node.
+"""The layer-normalised LSTM/GRU kernels (``csrc/layer_norm_rnn.cpp``) as torch operators.
 
-Operators ``torch.ops.rnnkit_ln.layer_forward`` / ``layer_backward`` (their own library, built on
-first use like the other kernels). They run the time loop from ``gx = LN(x W_ih^T)``, which the
-engine computes before any backend (:func:`rnnkit.cells.layer_norm.normalized_input`); the step
-backward returns d(gx) and d(W_hh h) per step and the layer-norm gain and bias gradients (summed
-in the loop, where each row's normalised values are at hand); ``W_hh``'s and the peepholes'
-gradients are formed here as one GEMM or reduction each over all T·B rows, as in ``bptt``.
+Operators ``torch.ops.rnnkit_ln.layer_forward`` / ``layer_backward`` / ``matmul`` (their own
+library, built on first use like the other kernels). They run the time loop from
+``gx = LN(x W_ih^T)``, which the engine computes before any backend
+(:func:`rnnkit.cells.layer_norm.normalized_input`); the step backward returns d(gx) and d(W_hh h)
+per step and the layer-norm gain and bias gradients (summed in the loop, where each row's
+normalised values are at hand); ``W_hh``'s and the peepholes' gradients are formed here as one
+GEMM or reduction each over all T·B rows, as in ``bptt``.
+
+Registered here once the library is loaded (:func:`register`), as ``_function`` does for the
+other kernels: a fake kernel for each operator (``torch.compile`` / ``torch.export`` trace them
+without running them), :func:`_backward` as the autograd formula of ``layer_forward`` (its saved
+activations are outputs, not differentiated), and ``layer_forward_lengths`` /
+``layer_backward_lengths``, the pair with the longest-first lengths tensor in place of
+``int[] batch_sizes`` for a ragged batch in a traced graph.
 """
 
 from __future__ import annotations
@@ -19,15 +27,19 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.cells.base import CellSpec
+from rnnkit.engine.fused._function import define_lengths_operator
 from rnnkit.engine.lengths import zero_padding
-from rnnkit.native import NativeExtension
+from rnnkit.native import NativeExtension, first_derivative_only, tracing
+
+NAMESPACE = "rnnkit_ln"
 
 EXTENSION = NativeExtension(
     "rnnkit_layer_norm",
     [Path(__file__).with_name("csrc") / "layer_norm_rnn.cpp"],
     extra_cflags=("-O3", "-fno-trapping-math", "-fno-math-errno"),
     wide_vectors=True,
-    ops_namespace="rnnkit_ln",
+    ops_namespace=NAMESPACE,
+    on_load=lambda ops: register(ops),  # (defined below)
 )
 
 # Threads for the row split; 0 = torch's thread count. Tests set it to force several blocks.
@@ -102,70 +114,152 @@ class _Projection(torch.autograd.Function):
 
 def project(x: Tensor, w_ih: Tensor) -> Tensor:
     """``x @ w_ih.t()`` (differentiable): :class:`_Projection` for large float32 CPU products,
-    else torch's."""
-    if _tiled(x, w_ih, x.numel() // max(x.shape[-1], 1), x.shape[-1], w_ih.shape[0]):
+    else torch's. In a traced graph torch's: the tiles are an eager-speed choice, and the
+    compiler picks its own product."""
+    if not tracing() and _tiled(x, w_ih, x.numel() // max(x.shape[-1], 1), x.shape[-1], w_ih.shape[0]):
         return _Projection.apply(x, w_ih)
     return x @ w_ih.t()
 
 
-class _LayerNormLayer(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, variant: tuple[int, bool, bool, bool], batch_sizes: list[int],
-                gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, ln_weight: Tensor,
-                ln_bias: Tensor, cell_weight: Tensor | None, cell_bias: Tensor | None,
-                peep: Tensor | None) -> tuple[Tensor, ...]:
-        y, h, c, acts, ahat, stats, cells = torch.ops.rnnkit_ln.layer_forward(
-            *variant, gx, h0, c0, w_hh, ln_weight, ln_bias, cell_weight, cell_bias, peep,
-            batch_sizes, True, loop_threads)
-        ctx.variant, ctx.batch_sizes = variant, batch_sizes
-        ctx.save_for_backward(h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, y, acts, ahat,
-                              stats, cells)
-        return (y, h, c) if variant[0] == 1 else (y, h)
+# rnnkit_ln::layer_forward's positional arguments, by name (for setup_context / backward)
+(_GX, _H0, _C0, _WHH, _LN_W, _LN_B, _CELL_W, _CELL_B, _PEEP, _BATCH_SIZES, _TRAINING,
+ _THREADS) = range(4, 16)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, d_y: Tensor, d_h: Tensor | None, *d_rest: Tensor | None
-                 ) -> tuple[Tensor | None, ...]:
-        h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, y, acts, ahat, stats, cells = (
-            ctx.saved_tensors)
-        kind, peephole, coupled, before = ctx.variant
-        lstm = kind == 1
-        d_c = d_rest[0] if lstm else None
-        d_gx, d_a, dh0, dc0, g_ln, g_cell = torch.ops.rnnkit_ln.layer_backward(
-            *ctx.variant, h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, ctx.batch_sizes,
-            y, acts, ahat, stats, cells, d_y, d_h, d_c, loop_threads)
-        steps, batch, hidden = y.shape
-        rows = steps * batch
-        bs = ctx.batch_sizes or None
 
-        def previous(first: Tensor, seq: Tensor) -> Tensor:
-            """(T, B, H) of the value at t − 1 (``first`` at t = 0), 0 for inactive rows."""
-            return zero_padding(torch.cat((first.unsqueeze(0), seq[:-1])), bs)
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    y, _, _, acts, ahat, stats, cells = output
+    ctx.variant = inputs[:4]
+    ragged = inputs[_BATCH_SIZES]  # (layer_forward_lengths: a tensor, saved with the others)
+    ctx.lengths = isinstance(ragged, Tensor)
+    ctx.batch_sizes = None if ctx.lengths else list(ragged)
+    ctx.training = inputs[_TRAINING]
+    # the saved activations are outputs only so that backward can have them (see _function)
+    ctx.mark_non_differentiable(acts, ahat, stats, cells)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(inputs[_H0], inputs[_C0], inputs[_WHH], inputs[_LN_W], inputs[_LN_B],
+                          inputs[_CELL_W], inputs[_PEEP], y, acts, ahat, stats, cells,
+                          ragged if ctx.lengths else None)
 
-        h_prev = previous(h0, y)
-        flat_da = d_a.view(rows, -1)
-        d_w_hh = torch.empty_like(w_hh)
-        if before:
-            reset_h = acts[..., :hidden] * h_prev
-            d_w_hh[: 2 * hidden] = flat_da[:, : 2 * hidden].t() @ h_prev.view(rows, hidden)
-            d_w_hh[2 * hidden:] = flat_da[:, 2 * hidden:].t() @ reset_h.view(rows, hidden)
-        else:
-            d_w_hh = _weight_grad(flat_da, h_prev.view(rows, hidden))
-        d_ln_weight, d_ln_bias = g_ln  # (summed over the steps in the kernel)
-        d_cell_weight = d_cell_bias = d_peep = None
-        if lstm:
-            d_cell_weight, d_cell_bias = g_cell
-            c = cells[..., :hidden]
-            if peephole:
-                c_prev = previous(c0, c)
-                blocks = d_gx.split(hidden, dim=2)
-                d_peep_rows = [(blocks[0] * c_prev).sum((0, 1))]
-                if not coupled:
-                    d_peep_rows.append((blocks[1] * c_prev).sum((0, 1)))
-                d_peep_rows.append((blocks[-1] * c).sum((0, 1)))
-                d_peep = torch.stack(d_peep_rows)
-        return (None, None, d_gx, dh0, dc0 if lstm else None, d_w_hh, d_ln_weight, d_ln_bias,
-                d_cell_weight, d_cell_bias, d_peep)
+
+def _backward(ctx: Any, d_y: Tensor | None, d_h: Tensor | None, d_c: Tensor | None,
+              *_: Tensor | None) -> tuple[Tensor | None, ...]:
+    if not ctx.training:
+        raise RuntimeError("rnnkit_ln::layer_forward ran with training=False: it saved nothing "
+                           "to differentiate")
+    (h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, y, acts, ahat, stats, cells,
+     lengths) = ctx.saved_tensors
+    kind, peephole, coupled, before = ctx.variant
+    lstm = kind == 1
+    if d_y is None:  # only the final state was used: a zero gradient that takes no memory
+        d_y = y.new_zeros(()).expand(y.shape)
+    backward = (torch.ops.rnnkit_ln.layer_backward_lengths if ctx.lengths
+                else torch.ops.rnnkit_ln.layer_backward)
+    d_gx, d_a, dh0, dc0, g_ln, g_cell = backward(
+        *ctx.variant, h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep,
+        lengths if ctx.lengths else ctx.batch_sizes, y, acts, ahat, stats, cells, d_y, d_h,
+        d_c if lstm else None, loop_threads)
+    steps, batch, hidden = y.shape
+    rows = steps * batch
+    ragged = lengths if ctx.lengths else (ctx.batch_sizes or None)
+
+    def previous(first: Tensor, seq: Tensor) -> Tensor:
+        """(T, B, H) of the value at t − 1 (``first`` at t = 0), 0 for inactive rows."""
+        return zero_padding(torch.cat((first.unsqueeze(0), seq[:-1])), ragged)
+
+    h_prev = previous(h0, y)
+    flat_da = d_a.view(rows, -1)
+    if before:
+        reset_h = acts[..., :hidden] * h_prev
+        d_w_hh = torch.cat((flat_da[:, : 2 * hidden].t() @ h_prev.view(rows, hidden),
+                            flat_da[:, 2 * hidden:].t() @ reset_h.view(rows, hidden)))
+    else:
+        d_w_hh = _weight_grad(flat_da, h_prev.view(rows, hidden))
+    d_ln_weight, d_ln_bias = g_ln  # (summed over the steps in the kernel)
+    d_cell_weight = d_cell_bias = d_peep = None
+    if lstm:
+        d_cell_weight, d_cell_bias = g_cell
+        c = cells[..., :hidden]
+        if peephole:
+            c_prev = previous(c0, c)
+            blocks = d_gx.split(hidden, dim=2)
+            d_peep_rows = [(blocks[0] * c_prev).sum((0, 1))]
+            if not coupled:
+                d_peep_rows.append((blocks[1] * c_prev).sum((0, 1)))
+            d_peep_rows.append((blocks[-1] * c).sum((0, 1)))
+            d_peep = torch.stack(d_peep_rows)
+    return (None, None, None, None, d_gx, dh0, dc0 if lstm else None, d_w_hh, d_ln_weight,
+            d_ln_bias, d_cell_weight, d_cell_bias, d_peep, None, None, None)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+def _forward_fake(kind: int, peephole: bool, coupled: bool, before: bool, gx: Tensor,
+                  h0: Tensor, c0: Tensor | None, w_hh: Tensor, ln_weight: Tensor,
+                  ln_bias: Tensor, cell_weight: Tensor | None, cell_bias: Tensor | None,
+                  peephole_weights: Tensor | None, batch_sizes: Any, training: bool,
+                  threads: int) -> tuple[Tensor, ...]:
+    steps, batch, gates = gx.shape
+    hidden = h0.shape[1]
+    lstm = kind == 1
+    saved = training  # (without training the kernel saves nothing: empty tensors)
+    return (
+        gx.new_empty((steps, batch, hidden)),
+        gx.new_empty((batch, hidden)),
+        gx.new_empty((batch, hidden)) if lstm else _empty(gx),
+        gx.new_empty((steps, batch, gates)) if saved else _empty(gx),
+        gx.new_empty((steps, batch, gates)) if saved else _empty(gx),
+        gx.new_empty((steps, batch, 2)) if saved else _empty(gx),
+        gx.new_empty((steps, batch, 3 * hidden)) if saved and lstm else _empty(gx),
+    )
+
+
+def _backward_fake(kind: int, peephole: bool, coupled: bool, before: bool, h0: Tensor,
+                   c0: Tensor | None, w_hh: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                   cell_weight: Tensor | None, peephole_weights: Tensor | None,
+                   batch_sizes: Any, y: Tensor, acts: Tensor, ahat: Tensor, stats: Tensor,
+                   cells: Tensor, grad_y: Tensor, grad_h_n: Tensor | None,
+                   grad_c_n: Tensor | None, threads: int) -> tuple[Tensor, ...]:
+    steps, batch, hidden = y.shape
+    gates = ln_weight.shape[0]
+    lstm = kind == 1
+    return (
+        y.new_empty((steps, batch, gates)),
+        y.new_empty((steps, batch, gates)),
+        y.new_empty((batch, hidden)),
+        y.new_empty((batch, hidden)) if lstm else _empty(y),
+        y.new_empty((2, gates)),
+        y.new_empty((2, hidden)) if lstm else _empty(y),
+    )
+
+
+def _matmul_fake(a: Tensor, b: Tensor) -> Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+_library: torch.library.Library | None = None
+
+
+def register(ops: Any) -> None:
+    """Fake kernels, autograd and the lengths-tensor pair; once, after the library is loaded."""
+    global _library
+    _library = torch.library.Library(NAMESPACE, "FRAGMENT")  # (kept: it owns the definitions)
+    define_lengths_operator(_library, ops.layer_forward, "gx")
+    define_lengths_operator(_library, ops.layer_backward, "y")
+    for name, fake in (("layer_forward", _forward_fake), ("layer_backward", _backward_fake),
+                       ("layer_forward_lengths", _forward_fake),
+                       ("layer_backward_lengths", _backward_fake), ("matmul", _matmul_fake)):
+        torch.library.register_fake(f"{NAMESPACE}::{name}")(fake)
+    for forward in ("layer_forward", "layer_forward_lengths"):
+        torch.library.register_autograd(f"{NAMESPACE}::{forward}", _backward,
+                                        setup_context=_setup_context)
+    for backward in ("layer_backward", "layer_backward_lengths"):
+        first_derivative_only(
+            f"{NAMESPACE}::{backward}",
+            "the layer-normalised kernel's hand-derived backward is not twice differentiable (a "
+            "double backward: create_graph=True differentiated again); backend='reference' runs "
+            "plain torch ops that are")
 
 
 def run(spec: CellSpec, gx: Tensor, state0: Sequence[Tensor], params: Sequence[Tensor | None],
@@ -174,27 +268,26 @@ def run(spec: CellSpec, gx: Tensor, state0: Sequence[Tensor], params: Sequence[T
 
     ``params`` is the engine's ``(None, w_hh, None, None, ln_hh_weight, ln_hh_bias,
     [ln_cell_weight, ln_cell_bias,] *peepholes)`` (the input LN already applied).
+    ``batch_sizes``: see :data:`rnnkit.engine.lengths.Ragged` (a tensor: a traced graph, which
+    takes ``layer_forward_lengths``).
     """
-    if isinstance(batch_sizes, Tensor):  # (rnnkit.engine.lengths.Ragged in a traced graph)
-        raise ValueError("the layer-normalised kernels cannot be traced "
-                         "(torch.compile / torch.export) yet; run the layer eagerly")
     variant = KERNELS[spec]
     lstm = variant[0] == 1
     _, w_hh, _, _, ln_weight, ln_bias, *rest = params
     cell_weight, cell_bias, *peepholes = rest if lstm else (None, None)
     peep = torch.stack(tuple(peepholes)) if peepholes else None
-    bs = [] if batch_sizes is None else [int(b) for b in batch_sizes]
-    if bs and all(b == gx.shape[1] for b in bs):
-        bs = []
+    if isinstance(batch_sizes, Tensor):
+        forward, ragged = torch.ops.rnnkit_ln.layer_forward_lengths, batch_sizes
+    else:
+        forward, ragged = torch.ops.rnnkit_ln.layer_forward, (
+            [] if batch_sizes is None else [int(b) for b in batch_sizes])
+        if ragged and all(b == gx.shape[1] for b in ragged):
+            ragged = []
     c0 = state0[1] if lstm else None
+    # Save activations only when a gradient will be asked for.
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (gx, *state0, w_hh, ln_weight, ln_bias, cell_weight, cell_bias, peep))
-    if not training:
-        y, h, c, *_ = torch.ops.rnnkit_ln.layer_forward(
-            *variant, gx, state0[0], c0, w_hh, ln_weight, ln_bias, cell_weight, cell_bias, peep,
-            bs, False, loop_threads)
-        return y, ((h, c) if lstm else (h,))
-    y, *final = _LayerNormLayer.apply(variant, bs, gx, state0[0], c0, w_hh, ln_weight, ln_bias,
-                                      cell_weight, cell_bias, peep)
-    return y, tuple(final)
+    y, h, c, *_ = forward(*variant, gx, state0[0], c0, w_hh, ln_weight, ln_bias, cell_weight,
+                          cell_bias, peep, ragged, training, loop_threads)
+    return y, ((h, c) if lstm else (h,))
