@@ -591,8 +591,10 @@ def _seeded(module, x, lengths, seed=1):
             else _result_and_grads_lengths(module, x, lengths))
 
 
+# (one compile takes 5-10 s: every option at once by default, each layer family slow)
 @pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["padded", "lengths"])
-@pytest.mark.parametrize("name", list(REGULARISED))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name == "lstm_all" else
+                                               pytest.mark.slow) for name in REGULARISED])
 def test_compile_training_masks_equal_eager_for_the_same_seed(name, lengths):
     """In training the masks' key is drawn in the graph (randint) and read by
     rnnkit_masks::keyed_mask when it runs: AOT autograd replays torch's generator, so the same

@@ -30,7 +30,7 @@ right after the library is loaded (see ``_build``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
@@ -208,6 +208,23 @@ def define_lengths_operator(library: torch.library.Library, operator: Any, steps
 
     library.impl(name, with_lengths, "CPU")
     return name
+
+
+def eager_node(operator: Any, setup_context: Callable[..., None],
+               backward: Callable[..., tuple[Tensor | None, ...]]) -> type[torch.autograd.Function]:
+    """The autograd node of ``operator`` for eager calls: the ``setup_context`` and ``backward``
+    registered with torch.library (which traced graphs use), without the registered kernel's
+    per-call cost — torch's ``fill_defaults`` rebuilds the schema's argument list once per
+    argument, ~0.1 ms per call at 16 arguments (1 thread), 8 % of a 100,1,64 layer's step."""
+
+    def forward(ctx: Any, *inputs: Any) -> Any:
+        with torch._C._AutoDispatchBelowAutograd():  # (the C++ kernel itself)
+            output = operator(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type("EagerNode", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 # ---- registrations (run once the library is loaded) ----------------------------------------------

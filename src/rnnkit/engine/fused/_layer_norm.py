@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.cells.base import CellSpec
-from rnnkit.engine.fused._function import define_lengths_operator
+from rnnkit.engine.fused._function import define_lengths_operator, eager_node
 from rnnkit.engine.lengths import zero_padding
 from rnnkit.native import NativeExtension, first_derivative_only, tracing
 
@@ -239,12 +239,14 @@ def _matmul_fake(a: Tensor, b: Tensor) -> Tensor:
 
 
 _library: torch.library.Library | None = None
+_eager_layer: type[torch.autograd.Function] | None = None  # (eager_node of layer_forward)
 
 
 def register(ops: Any) -> None:
     """Fake kernels, autograd and the lengths-tensor pair; once, after the library is loaded."""
-    global _library
+    global _library, _eager_layer
     _library = torch.library.Library(NAMESPACE, "FRAGMENT")  # (kept: it owns the definitions)
+    _eager_layer = eager_node(ops.layer_forward.default, _setup_context, _backward)
     define_lengths_operator(_library, ops.layer_forward, "gx")
     define_lengths_operator(_library, ops.layer_backward, "y")
     for name, fake in (("layer_forward", _forward_fake), ("layer_backward", _backward_fake),
@@ -288,6 +290,8 @@ def run(spec: CellSpec, gx: Tensor, state0: Sequence[Tensor], params: Sequence[T
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (gx, *state0, w_hh, ln_weight, ln_bias, cell_weight, cell_bias, peep))
+    if training and not tracing():  # (the same backward, without torch.library's call cost)
+        forward = _eager_layer.apply
     y, h, c, *_ = forward(*variant, gx, state0[0], c0, w_hh, ln_weight, ln_bias, cell_weight,
                           cell_bias, peep, ragged, training, loop_threads)
     return y, ((h, c) if lstm else (h,))
