@@ -421,7 +421,7 @@ def _traced_module(name, layers=2, bidirectional=True):
     return cls(3, 8, num_layers=layers, bidirectional=bidirectional, **variant)
 
 
-def _compiled_equals_eager_lengths(module, lengths, backend="aot_eager"):
+def _compiled_equals_eager_lengths(module, lengths, backend="aot_eager", rtol=1e-5, atol=1e-6):
     x = torch.randn(6, 4, 3, requires_grad=True)
     run = _result_and_grads if lengths is None else (
         lambda m, x: _result_and_grads_lengths(m, x, lengths))
@@ -429,7 +429,7 @@ def _compiled_equals_eager_lengths(module, lengths, backend="aot_eager"):
     torch._dynamo.reset()
     got = run(torch.compile(module, fullgraph=True, backend=backend), x)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["padded", "lengths"])
@@ -447,7 +447,10 @@ def test_compile_projected_lstm_lengths_one_layer():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(TRACED))
 def test_compile_fullgraph_traced_layers_inductor(name):
-    _compiled_equals_eager_lengths(_traced_module(name), LENGTHS, backend="inductor")
+    # (inductor's generated layer norm of the input projection sums in another order: float32
+    # gradients up to ~16 differed by up to 2.7e-5, ln_lstm, 2 bidirectional layers)
+    _compiled_equals_eager_lengths(_traced_module(name), LENGTHS, backend="inductor", rtol=1e-4,
+                                   atol=1e-4)
 
 
 @pytest.mark.parametrize("name", EVERY_TRACED)
