@@ -520,7 +520,11 @@ def ln_ops():
     return _layer_norm.load()
 
 
-@pytest.mark.parametrize("name", list(LAYER_NORM_OPERATOR_CASES))
+# (each case runs 7 opchecks, 30-50 s on a loaded core: two fast, two slow)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in ("lstm_peephole",
+                                                                          "gru_before")
+                                               else pytest.mark.slow)
+                                  for name in LAYER_NORM_OPERATOR_CASES])
 def test_opcheck_layer_norm_operators(name):
     options = LAYER_NORM_OPERATOR_CASES[name]
     lstm = options["kind"] == 1
