@@ -15,7 +15,7 @@ import rnnkit
 from conftest import LAYER_VARIANTS
 from rnnkit.cells import CellSpec
 from rnnkit.engine import fused
-from rnnkit.engine.fused import _build, _function
+from rnnkit.engine.fused import _build, _function, _layer_norm
 from rnnkit.engine.fused import inference as fused_inference
 
 pytestmark = pytest.mark.skipif(
@@ -390,3 +390,306 @@ def test_dropout_between_layers_with_traced_lengths_keeps_real_steps() -> None:
     eager = layer(x, lengths=lengths)[0]
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, lengths=lengths)[0]
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+# ---- issue 15: the last layers that could not be traced -----------------------------------------
+#
+# The layer-normalised layers (rnnkit_ln operators), proj_size with lengths= (the reference loop
+# over a lengths tensor), the regularisers' masks in training (rnnkit_masks::keyed_mask) and a
+# 0-d lengths tensor.
+
+TRACED = {
+    "ln_lstm": (rnnkit.LSTM, {"layer_norm": True}),
+    "ln_lstm_peephole_coupled": (rnnkit.LSTM, {"layer_norm": True, "peephole": True,
+                                               "coupled": True}),
+    "ln_lstm_peephole": (rnnkit.LSTM, {"layer_norm": True, "peephole": True}),
+    "ln_gru_after": (rnnkit.GRU, {"layer_norm": True}),
+    "ln_gru_before": (rnnkit.GRU, {"layer_norm": True, "reset": "before"}),
+    "lstm_proj": (rnnkit.LSTM, {"proj_size": 5}),  # (torch's op padded, bptt chunks ragged)
+    "lstm_proj_peephole": (rnnkit.LSTM, {"proj_size": 5, "peephole": True}),  # (bptt)
+}
+# (the projected LSTM's unrolled loop takes ~1 min to trace at 2 bidirectional layers: slow;
+# one layer below)
+_TRACED_FAST = ("ln_lstm_peephole_coupled", "ln_gru_before")
+EVERY_TRACED = [pytest.param(name, marks=() if name in _TRACED_FAST else pytest.mark.slow)
+                for name in TRACED]
+
+
+def _traced_module(name, layers=2, bidirectional=True):
+    cls, variant = TRACED[name]
+    torch.manual_seed(0)
+    return cls(3, 8, num_layers=layers, bidirectional=bidirectional, **variant)
+
+
+def _compiled_equals_eager_lengths(module, lengths, backend="aot_eager", rtol=1e-5, atol=1e-6):
+    x = torch.randn(6, 4, 3, requires_grad=True)
+    run = _result_and_grads if lengths is None else (
+        lambda m, x: _result_and_grads_lengths(m, x, lengths))
+    want = run(module, x)
+    torch._dynamo.reset()
+    got = run(torch.compile(module, fullgraph=True, backend=backend), x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["padded", "lengths"])
+@pytest.mark.parametrize("name", EVERY_TRACED)
+def test_compile_fullgraph_traced_layers_equal_eager(name, lengths):
+    """Outputs, final states and every gradient, 2 bidirectional layers, with and without an
+    unsorted lengths tensor (AOT autograd's tracing, as inductor's)."""
+    _compiled_equals_eager_lengths(_traced_module(name), lengths)
+
+
+def test_compile_projected_lstm_lengths_one_layer():
+    _compiled_equals_eager_lengths(_traced_module("lstm_proj", 1, False), LENGTHS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TRACED))
+def test_compile_fullgraph_traced_layers_inductor(name):
+    # (inductor's generated layer norm of the input projection sums in another order: float32
+    # gradients up to ~16 differed by up to 2.7e-5, ln_lstm, 2 bidirectional layers)
+    _compiled_equals_eager_lengths(_traced_module(name), LENGTHS, backend="inductor", rtol=1e-4,
+                                   atol=1e-4)
+
+
+@pytest.mark.parametrize("name", EVERY_TRACED)
+def test_export_traced_layers_round_trip(name):
+    """torch.export + save/load of the eval layer with lengths; the layer-normalised kernels
+    appear as one rnnkit_ln operator per layer and direction, batch and time dynamic; the
+    projected LSTM's time loop is unrolled (its time dimension stays static)."""
+    module = _traced_module(name).eval()
+    x = torch.randn(6, 4, 3)
+    layer_norm = module.math.layer_norm
+    batch = torch.export.Dim("batch", min=2)
+    dims = ({0: torch.export.Dim("steps", min=2), 1: batch} if layer_norm else {1: batch},
+            {0: batch})
+    program = torch.export.export(_WithLengths(module), (x, LENGTHS), dynamic_shapes=dims)
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    if layer_norm:
+        assert targets.count(torch.ops.rnnkit_ln.layer_forward_lengths.default) == 4
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    cases = [(6, LENGTHS), (6, torch.tensor([2, 6, 5]))]
+    if layer_norm:
+        cases.append((9, torch.tensor([2, 9, 5])))
+    for steps, lengths in cases:
+        x2 = torch.randn(steps, len(lengths), 3)
+        got, want = loaded(x2, lengths), module(x2, lengths=lengths)
+        for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+            torch.testing.assert_close(g, w)
+
+
+def test_export_layer_norm_without_lengths():
+    module = _traced_module("ln_gru_after").eval()
+    x = torch.randn(6, 4, 3)
+    program = torch.export.export(module, (x,))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.rnnkit_ln.layer_forward.default) == 4
+    torch.testing.assert_close(program.module()(x)[0], module(x)[0])
+
+
+def _layer_norm_args(kind, peephole=False, coupled=False, before=False, batch_sizes=(),
+                     grad=True):
+    """rnnkit_ln::layer_forward's arguments: T=4, B=3, H=5, float64."""
+    gen = torch.Generator().manual_seed(0)
+    gates = (3 if coupled else 4) * 5 if kind == 1 else 15
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, dtype=torch.float64).sub(0.5).requires_grad_(grad)
+
+    lstm = kind == 1
+    peep = rand(2 if coupled else 3, 5) if peephole else None
+    return (kind, peephole, coupled, before, rand(4, 3, gates), rand(3, 5),
+            rand(3, 5) if lstm else None, rand(gates, 5), rand(gates).add(1), rand(gates),
+            rand(5).add(1) if lstm else None, rand(5) if lstm else None, peep,
+            batch_sizes, True, 0)
+
+
+LAYER_NORM_OPERATOR_CASES = {
+    "lstm_peephole": dict(kind=1, peephole=True),
+    "lstm_coupled": dict(kind=1, coupled=True),
+    "gru_after": dict(kind=2),
+    "gru_before": dict(kind=2, before=True),
+}
+
+
+def ln_ops():
+    return _layer_norm.load()
+
+
+# (each case runs 7 opchecks, 30-50 s on a loaded core: two fast, two slow)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in ("lstm_peephole",
+                                                                          "gru_before")
+                                               else pytest.mark.slow)
+                                  for name in LAYER_NORM_OPERATOR_CASES])
+def test_opcheck_layer_norm_operators(name):
+    options = LAYER_NORM_OPERATOR_CASES[name]
+    lstm = options["kind"] == 1
+    for batch_sizes in ([], [3, 3, 2, 1]):
+        args = list(_layer_norm_args(**options, batch_sizes=batch_sizes))
+        torch.library.opcheck(ln_ops().layer_forward.default, tuple(args))
+        lengths = list(args)
+        lengths[13] = torch.tensor([4, 3, 2]) if batch_sizes else torch.tensor([4, 4, 4])
+        torch.library.opcheck(ln_ops().layer_forward_lengths.default, tuple(lengths))
+        # the lengths operator is the batch-sizes one
+        for got, want in zip(ln_ops().layer_forward_lengths(*lengths), ln_ops().layer_forward(*args)):
+            torch.testing.assert_close(got, want)
+        plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        y, h, c, acts, ahat, stats, cells = ln_ops().layer_forward(*plain)
+        backward = (*plain[:4], plain[5], plain[6], plain[7], plain[8], plain[9], plain[10],
+                    plain[12], batch_sizes, y, acts, ahat, stats, cells, torch.randn_like(y),
+                    torch.randn_like(h), torch.randn_like(c) if lstm else None, 0)
+        torch.library.opcheck(ln_ops().layer_backward.default, backward)
+    a, b = torch.randn(7, 5, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    torch.library.opcheck(ln_ops().matmul.default, (a.float(), b.float()))
+
+
+@pytest.mark.parametrize("operators, name", [
+    ("rnnkit_fused", "layer_forward"), ("rnnkit_fused", "layer_backward"),
+    ("rnnkit_ln", "layer_forward"), ("rnnkit_ln", "layer_backward")])
+def test_lengths_operator_schema_is_the_kernels(operators, name):
+    """Each ``*_lengths`` operator is its C++ operator's schema with ``int[] batch_sizes``
+    replaced by ``Tensor lengths`` and nothing else changed."""
+    ops() and ln_ops()
+    namespace = getattr(torch.ops, operators)
+    plain = getattr(namespace, name).default._schema
+    ragged = getattr(namespace, name + "_lengths").default._schema
+    changed = [(a.name, str(a.type), b.name, str(b.type))
+               for a, b in zip(plain.arguments, ragged.arguments)
+               if (a.name, str(a.type)) != (b.name, str(b.type))]
+    assert changed == [("batch_sizes", "List[int]", "lengths", "Tensor")]
+    assert len(plain.arguments) == len(ragged.arguments)
+    assert [str(r.type) for r in plain.returns] == [str(r.type) for r in ragged.returns]
+
+
+def test_layer_norm_double_backward_raises():
+    layer = rnnkit.LSTM(3, 4, layer_norm=True)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x)[0].pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        torch.autograd.grad(grad.pow(2).sum(), x)
+
+
+# ---- the regularisers' masks in a traced graph ----
+
+REGULARISED = {
+    "lstm_all": (rnnkit.LSTM, dict(zoneout=0.2, zoneout_cell=0.3, recurrent_dropout=0.3,
+                                   input_dropout=0.2, weight_drop=0.3)),
+    "gru_zoneout": (rnnkit.GRU, dict(zoneout=0.3, recurrent_dropout=0.2)),
+    # (not torch.nn's dropout between layers: with lengths eager draws it over the real steps
+    # only, a data-dependent shape, and a traced graph over the padded tensor)
+    "rnn_recurrent_dropout": (rnnkit.RNN, dict(recurrent_dropout=0.4)),
+    "ln_gru_weight_drop": (rnnkit.GRU, dict(layer_norm=True, weight_drop=0.3, input_dropout=0.2)),
+}
+
+
+def _regularised(name):
+    cls, options = REGULARISED[name]
+    torch.manual_seed(0)
+    return cls(3, 8, num_layers=2, bidirectional=True, **options).train()
+
+
+def _seeded(module, x, lengths, seed=1):
+    torch.manual_seed(seed)
+    return (_result_and_grads(module, x) if lengths is None
+            else _result_and_grads_lengths(module, x, lengths))
+
+
+# (one compile takes 5-10 s: every option at once by default, each layer family slow)
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["padded", "lengths"])
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name == "lstm_all" else
+                                               pytest.mark.slow) for name in REGULARISED])
+def test_compile_training_masks_equal_eager_for_the_same_seed(name, lengths):
+    """In training the masks' key is drawn in the graph (randint) and read by
+    rnnkit_masks::keyed_mask when it runs: AOT autograd replays torch's generator, so the same
+    seed gives eager's masks, outputs and gradients; another seed gives other masks."""
+    module = _regularised(name)
+    x = torch.randn(6, 4, 3, requires_grad=True)
+    want = _seeded(module, x, lengths)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    got = _seeded(compiled, x, lengths)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    other = _seeded(compiled, x, lengths, seed=2)
+    assert not torch.equal(other[0], got[0])
+
+
+@pytest.mark.slow
+def test_compile_inductor_masks():
+    """inductor: with fallback_random the masks are eager's; with its own random stream (the
+    default) they differ from eager's, but the same seed gives the same result twice and each
+    mask keeps its rate."""
+    module = _regularised("lstm_all")
+    x = torch.randn(6, 4, 3, requires_grad=True)
+    want = _seeded(module, x, None)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        got = _seeded(torch.compile(module, fullgraph=True, backend="inductor"), x, None)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="inductor")
+    first, second = _seeded(compiled, x, None), _seeded(compiled, x, None)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert not torch.equal(_seeded(compiled, x, None, seed=2)[0], first[0])
+
+    from rnnkit.engine.regularise import keep_mask
+
+    masks = torch.compile(lambda like: (keep_mask(like, (200, 500), 0.3, 1.0),
+                                        keep_mask(like, (200, 500), 0.3, 1.0)),
+                          fullgraph=True, backend="inductor")
+    torch.manual_seed(3)
+    a, b = masks(x)
+    torch.manual_seed(3)
+    assert torch.equal(masks(x)[0], a)
+    assert set(a.unique().tolist()) <= {0.0, 1.0} and not torch.equal(a, b)
+    for mask in (a, b):  # 100000 Bernoulli(0.3) draws: sd 0.0014
+        assert abs(mask.mean().item() - 0.3) < 0.01
+
+
+def test_opcheck_keyed_mask():
+    key = torch.tensor([12345, 67890])
+    args = ([4, 5], key, 2**31, 2.0, torch.float32, torch.device("cpu"))
+    torch.library.opcheck(torch.ops.rnnkit_masks.keyed_mask.default, args)
+    from rnnkit.engine.regularise import keep_mask_reference
+
+    torch.testing.assert_close(torch.ops.rnnkit_masks.keyed_mask(*args),
+                               keep_mask_reference([4, 5], (12345, 67890), 2**31, 2.0,
+                                                   torch.float32))
+
+
+@pytest.mark.parametrize("name", ["lstm_all", "gru_zoneout"])
+def test_export_regularised_layers_in_eval(name):
+    """At evaluation only zoneout acts (its expectation): the exported program equals eager."""
+    module = _regularised(name).eval()
+    x = torch.randn(6, 4, 3)
+    program = torch.export.export(_WithLengths(module), (x, LENGTHS)).module()
+    for g, w in zip(torch.utils._pytree.tree_leaves(program(x, LENGTHS)),
+                    torch.utils._pytree.tree_leaves(module(x, lengths=LENGTHS))):
+        torch.testing.assert_close(g, w)
+
+
+# ---- a 0-d lengths tensor: one sequence, as in eager ----
+
+def test_zero_dim_lengths_compile_and_export():
+    module = rnnkit.GRU(3, 8, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 1, 3, requires_grad=True)
+    length = torch.tensor(4)
+    want = _result_and_grads_lengths(module, x, length)
+    torch.testing.assert_close(want[0], _result_and_grads_lengths(module, x, torch.tensor([4]))[0])
+    torch._dynamo.reset()
+    got = _result_and_grads_lengths(torch.compile(module, fullgraph=True, backend="aot_eager"),
+                                    x, length)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    program = torch.export.export(_WithLengths(module.eval()), (x.detach(), length)).module()
+    for steps in (4, 6, 3):
+        torch.testing.assert_close(program(x.detach(), torch.tensor(steps))[0],
+                                   module(x.detach(), lengths=torch.tensor(steps))[0])
+    with pytest.raises(Exception, match=r"lengths\[0\] = 7 is longer"):
+        program(x.detach(), torch.tensor(7))

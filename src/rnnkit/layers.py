@@ -35,10 +35,11 @@ from rnnkit.cells.lstm import init_forget_bias, lstm_math
 from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_minimal, unpickle_minimal
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.fused import inference as lean_inference
-from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length, tracing
+from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
 from rnnkit.engine.precision import layer_autocast
 from rnnkit.engine.regularise import check_rate, drop_input, drop_weight, recurrent_masks
 from rnnkit.engine.scan import minimal_layer
+from rnnkit.native import tracing
 from rnnkit.validation import (
     check_layer_arguments,
     check_layer_state,

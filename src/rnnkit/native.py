@@ -37,6 +37,12 @@ DISABLE_ENV = "RNNKIT_NO_NATIVE"
 VERBOSE_ENV = "RNNKIT_NATIVE_VERBOSE"
 
 
+def tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing this call (no tensor data to read, no
+    Python side effects that the graph would not replay): the one test of it in rnnkit."""
+    return torch.compiler.is_compiling()
+
+
 def cpu_flags() -> set[str]:
     """The feature flags this CPU reports in /proc/cpuinfo (empty where there is none)."""
     try:
@@ -153,7 +159,7 @@ class NativeExtension:
         """The built module (or ``torch.ops.<ops_namespace>``), or None; compiles on first use."""
         if self._tried:
             return self._module
-        if torch.compiler.is_compiling():  # first use inside a trace: build outside of it
+        if tracing():  # first use inside a trace: build outside of it
             _load_while_tracing(self)
             return self._module
         return self._load_once()

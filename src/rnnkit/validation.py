@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from rnnkit.native import tracing
+
 if TYPE_CHECKING:
     from rnnkit.cells.base import RecurrentCell, State
 
@@ -164,7 +166,7 @@ def check_lengths(
             f"lengths is on device {lengths.device} but the input is on {device}; "
             "pass lengths on the CPU or on the input's device"
         )
-    if torch.compiler.is_compiling():  # torch.compile / torch.export: no data to read here
+    if tracing():  # torch.compile / torch.export: no data to read here
         return _traced_lengths(lengths, batch_size, max_length)
     lengths = integer_values("lengths", lengths)
     if lengths.dim() != 1:
@@ -214,6 +216,8 @@ def _traced_lengths(lengths: Sequence[int] | Tensor, batch_size: int, max_length
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         dtype = str(lengths.dtype).removeprefix("torch.")
         raise TypeError(f"lengths must hold integers, got dtype {dtype}")
+    if lengths.dim() == 0:  # one length, as integer_values reads it in eager
+        lengths = lengths.reshape(1)
     if lengths.dim() != 1:
         raise ValueError(f"lengths must be 1-D (batch,), got shape {tuple(lengths.shape)}")
     if lengths.shape[0] != batch_size:  # (shapes are known, or guarded on, while tracing)

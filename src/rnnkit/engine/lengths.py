@@ -19,11 +19,6 @@ from torch import Tensor
 Ragged = Sequence[int] | Tensor | None
 
 
-def tracing() -> bool:
-    """Whether torch.compile or torch.export is tracing this call (no tensor data to read)."""
-    return torch.compiler.is_compiling()
-
-
 def sort_by_length(lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(sorted_lengths, order, inverse)``: ``x[:, order]`` is longest-first (stable)."""
     # argsort of −lengths: the same stable order, ~10x faster than a stable descending sort

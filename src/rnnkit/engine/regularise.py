@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.cells.base import CellMath, State
-from rnnkit.native import NativeExtension
+from rnnkit.native import NativeExtension, tracing
 
 
 def check_rate(name: str, value: float | None) -> float | None:
@@ -117,13 +117,42 @@ def keep_mask_reference(shape: Sequence[int], key: tuple[int, int], threshold: i
 def keep_mask(like: Tensor, shape: Sequence[int], probability: float, value: float) -> Tensor:
     """A mask of ``shape`` (dtype and device of ``like``): ``value`` with the given probability,
     0 otherwise, independently per element. One key per call is drawn from torch's default
-    generator, so ``torch.manual_seed`` makes the masks reproducible and each call fresh."""
-    key0, key1 = (int(k) for k in torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist())
+    generator, so ``torch.manual_seed`` makes the masks reproducible and each call fresh.
+
+    In a traced graph (torch.compile, torch.export) the key stays a tensor, drawn by the graph's
+    own ``randint`` and read by ``rnnkit_masks::keyed_mask`` when the graph runs (a Python
+    ``int`` read from it would end the graph). A graph that replays torch's generator (AOT
+    autograd, ``aot_eager``; inductor with ``fallback_random=True``) gives eager's masks for the
+    same seed; inductor's own random stream (its default) gives other keys."""
+    key = torch.randint(0, 2**32, (2,), dtype=torch.int64)
     threshold = min(round(probability * 2**32), 2**32)
-    ops = _EXTENSION.load() if like.device.type == "cpu" else None
+    if tracing():
+        return torch.ops.rnnkit_masks.keyed_mask(list(shape), key, threshold, value, like.dtype,
+                                                 like.device)
+    return _mask_of_key(shape, key, threshold, value, like.dtype, like.device)
+
+
+def _mask_of_key(shape: Sequence[int], key: Tensor, threshold: int, value: float,
+                 dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The mask of one (2,) key: the C++ op on the CPU, its torch reference elsewhere."""
+    key0, key1 = (int(k) for k in key.tolist())
+    ops = _EXTENSION.load() if device.type == "cpu" else None
     if ops is not None:
-        return ops.keep_mask(list(shape), key0, key1, threshold, value, like.dtype)
-    return keep_mask_reference(shape, (key0, key1), threshold, value, like.dtype, like.device)
+        return ops.keep_mask(list(shape), key0, key1, threshold, value, dtype)
+    return keep_mask_reference(shape, (key0, key1), threshold, value, dtype, device)
+
+
+@torch.library.custom_op("rnnkit_masks::keyed_mask", mutates_args=())
+def keyed_mask(shape: Sequence[int], key: Tensor, threshold: int, value: float,
+               dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`keep_mask` from a key tensor (2,): the operator a traced graph calls."""
+    return _mask_of_key(shape, key, threshold, value, dtype, device)
+
+
+@keyed_mask.register_fake
+def _(shape: Sequence[int], key: Tensor, threshold: int, value: float, dtype: torch.dtype,
+      device: torch.device) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def dropout_mask(like: Tensor, shape: Sequence[int], p: float) -> Tensor:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from rnnkit.native import tracing
+
 POLICY_ENV = "RNNKIT_THREADS"
 POLICIES = ("adaptive", "fixed")
 SAMPLE_SECONDS = 0.05
@@ -143,7 +145,7 @@ def current_threads() -> int:
     """torch's intra-op thread count, also while torch.compile traces (which cannot call
     ``torch.get_num_threads``): then the count the last eager call saw."""
     global _LAST_SEEN
-    if torch.compiler.is_compiling():
+    if tracing():
         return _LAST_SEEN
     _LAST_SEEN = torch.get_num_threads()
     return _LAST_SEEN
@@ -156,7 +158,7 @@ def adapt() -> int | None:
     """Called by the engine before each layer call; see the module docstring. Not while
     torch.compile traces (a compiled graph cannot read clocks and /proc; the eager calls around
     it keep the count up to date): None then."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return None
     return GOVERNOR.adapt()
 

@@ -56,8 +56,10 @@ from rnnkit.engine.bptt import run_bptt
 from rnnkit.engine.fused import _build, _function, _layer_norm, route_table
 from rnnkit.engine.fused._function import KERNELS, config_of, peephole_weights, run, spec_of
 from rnnkit.engine.lengths import Ragged
+from rnnkit.engine.reference import run_reference
 from rnnkit.engine.regularise import StepMasks
 from rnnkit.engine.threads import current_threads
+from rnnkit.native import tracing
 
 __all__ = ["BF16_FLOAT32", "PATHS", "ROUTES", "plain_lstm_path", "route_of", "run_layer", "run_step",
            "thread_split", "unavailable_reason"]
@@ -187,7 +189,8 @@ def run_layer(
         return _run_in_chunks(lambda xs, st, b: run_bptt(math, xs, st, params, b),
                               bs, x, state0, params)
     # a W_hh with a grad_fn was computed in this forward: the layers' DropConnect, W_hh ⊙ M
-    dropped = params[1] is not None and params[1].grad_fn is not None
+    # (a traced graph cannot read grad_fn: there the plain weight's choice, same results)
+    dropped = params[1] is not None and not tracing() and params[1].grad_fn is not None
     native = None if masks is not None or bf16 else native_op(
         key, x, params[1].shape[1] if params[1] is not None else None, bs, dropped)
     if native is not None:
@@ -213,9 +216,11 @@ def _run_traced_lengths(spec: Any, x: Tensor, state0: Sequence[Tensor],
     plan is read from the values); the eager layer's results to float32 rounding."""
     key = spec_of(spec)
     if route_of(key) != "kernel":
-        # (ROUTES: the projected LSTMs; no spec in the message: dynamo cannot format one)
-        raise ValueError("an LSTM with proj_size runs no rnnkit kernel, so lengths= cannot be "
-                         "traced for it (torch.compile / torch.export); run it eagerly")
+        # ROUTES (the projected LSTMs): no kernel takes a lengths tensor, and torch's packed op
+        # and the chunked BPTT engine read the values: the time loop unrolled in torch ops
+        # (the reference engine), which the compiler sees whole — T is fixed into the graph
+        math = spec if isinstance(spec, CellMath) else math_for(key)
+        return run_reference(math, x, tuple(state0), params, sorted_lengths, masks)
     if _build.load() is None:
         raise RuntimeError(f"fused backend unavailable: {_build.error()}")
     training = torch.is_grad_enabled() and any(

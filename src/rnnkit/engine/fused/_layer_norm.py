@@ -1,13 +1,20 @@
-"""The layer-normalised LSTM/GRU kernels (``csrc/layer_norm_rnn.cpp``) as an autograd node.
+"""The layer-normalised LSTM/GRU kernels (``csrc/layer_norm_rnn.cpp``) as torch operators.
 
-Operators ``torch.ops.rnnkit_ln.layer_forward`` / ``layer_backward`` (their own library, built on
-first use like the other kernels). The GRU's run the time loop from ``gx = LN(x W_ih^T)``
-(:func:`rnnkit.cells.layer_norm.normalized_input`, as every other backend); the LSTM's from the
-raw projection ``x W_ih^T``, normalising each row inside the loop, where the row is in cache
-(:func:`normalises_input`). The step backward returns d(gx) (the LSTM: d(x W_ih^T)) and
-d(W_hh h) per step, and the layer-norm gain and bias and the peephole gradients (summed in the
-loop, where each row's values are at hand); ``W_hh``'s gradient is formed here as one GEMM over
-all T·B rows, as in ``bptt``.
+Operators ``torch.ops.rnnkit_ln.layer_forward`` / ``layer_backward`` / ``matmul`` (their own
+library, built on first use like the other kernels). The GRU's run the time loop from
+``gx = LN(x W_ih^T)`` (:func:`rnnkit.cells.layer_norm.normalized_input`, as every other backend);
+the LSTM's from the raw projection ``x W_ih^T``, normalising each row inside the loop, where the
+row is in cache (:func:`normalises_input`). The step backward returns d(gx) (the LSTM: d(x
+W_ih^T)) and d(W_hh h) per step, and the layer-norm gain and bias and the peephole gradients
+(summed in the loop, where each row's values are at hand); ``W_hh``'s gradient is formed here as
+one GEMM over all T·B rows, as in ``bptt``.
+
+Registered here once the library is loaded (:func:`register`), as ``_function`` does for the
+other kernels: a fake kernel for each operator (``torch.compile`` / ``torch.export`` trace them
+without running them), :func:`_backward` as the autograd formula of ``layer_forward`` (its saved
+activations are outputs, not differentiated), and ``layer_forward_lengths`` /
+``layer_backward_lengths``, the pair with the longest-first lengths tensor in place of
+``int[] batch_sizes`` for a ragged batch in a traced graph.
 """
 
 from __future__ import annotations
@@ -21,16 +28,24 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.cells.base import CellSpec
+from rnnkit.engine.fused._function import define_lengths_operator, eager_node
 from rnnkit.engine.lengths import zero_padding
-from rnnkit.native import NativeExtension
+from rnnkit.native import NativeExtension, first_derivative_only, tracing
+
+NAMESPACE = "rnnkit_ln"
 
 EXTENSION = NativeExtension(
     "rnnkit_layer_norm",
     [Path(__file__).with_name("csrc") / "layer_norm_rnn.cpp"],
     extra_cflags=("-O3", "-fno-trapping-math", "-fno-math-errno"),
     wide_vectors=True,
-    ops_namespace="rnnkit_ln",
+    ops_namespace=NAMESPACE,
+    on_load=lambda ops: register(ops),  # (defined below)
 )
+
+# Per row and step the kernel keeps the recurrent LN's and (LSTM) the input LN's mean and
+# 1/std (``kStats`` in layer_norm_rnn.cpp)
+STATS = 4
 
 # Threads for the row split; 0 = torch's thread count. Tests set it to force several blocks.
 loop_threads = 0
@@ -113,66 +128,151 @@ class _Projection(torch.autograd.Function):
 
 def project(x: Tensor, w_ih: Tensor) -> Tensor:
     """``x @ w_ih.t()`` (differentiable): :class:`_Projection` for large float32 CPU products,
-    else torch's."""
-    if _tiled(x, w_ih, x.numel() // max(x.shape[-1], 1), x.shape[-1], w_ih.shape[0]):
+    else torch's. In a traced graph torch's: the tiles are an eager-speed choice, and the
+    compiler picks its own product."""
+    if not tracing() and _tiled(x, w_ih, x.numel() // max(x.shape[-1], 1), x.shape[-1], w_ih.shape[0]):
         return _Projection.apply(x, w_ih)
     return x @ w_ih.t()
 
 
-class _LayerNormLayer(torch.autograd.Function):
-    """The time loop from ``gx``: LN(x W_ih^T), or (``in_weight`` given) the raw projection
-    x W_ih^T that the kernel normalises with ``in_weight``, ``in_bias``."""
+# rnnkit_ln::layer_forward's positional arguments, by name (for setup_context / backward)
+(_GX, _H0, _C0, _WHH, _LN_W, _LN_B, _CELL_W, _CELL_B, _PEEP, _IN_W, _IN_B, _BATCH_SIZES,
+ _TRAINING, _THREADS) = range(4, 18)
 
-    @staticmethod
-    def forward(ctx: Any, variant: tuple[int, bool, bool, bool], batch_sizes: list[int],
-                gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, ln_weight: Tensor,
-                ln_bias: Tensor, cell_weight: Tensor | None, cell_bias: Tensor | None,
-                peep: Tensor | None, in_weight: Tensor | None, in_bias: Tensor | None
-                ) -> tuple[Tensor, ...]:
-        y, h, c, acts, ahat, stats, cells = torch.ops.rnnkit_ln.layer_forward(
-            *variant, gx, h0, c0, w_hh, ln_weight, ln_bias, cell_weight, cell_bias, peep,
-            in_weight, in_bias, batch_sizes, True, loop_threads)
-        ctx.variant, ctx.batch_sizes = variant, batch_sizes
-        ctx.save_for_backward(h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, y, acts, ahat,
-                              stats, cells, in_weight, gx if in_weight is not None else None)
-        return (y, h, c) if variant[0] == 1 else (y, h)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, d_y: Tensor, d_h: Tensor | None, *d_rest: Tensor | None
-                 ) -> tuple[Tensor | None, ...]:
-        (h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, y, acts, ahat, stats, cells,
-         in_weight, projection) = ctx.saved_tensors
-        kind, peephole, _, before = ctx.variant
-        lstm = kind == 1
-        d_c = d_rest[0] if lstm else None
-        d_gx, d_a, dh0, dc0, g_ln, g_cell, g_in, d_peep = torch.ops.rnnkit_ln.layer_backward(
-            *ctx.variant, h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, in_weight,
-            ctx.batch_sizes, y, acts, ahat, stats, cells, projection, d_y, d_h, d_c,
-            loop_threads)
-        steps, batch, hidden = y.shape
-        rows = steps * batch
-        bs = ctx.batch_sizes or None
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    y, _, _, acts, ahat, stats, cells = output
+    ctx.variant = inputs[:4]
+    ragged = inputs[_BATCH_SIZES]  # (layer_forward_lengths: a tensor, saved with the others)
+    ctx.lengths = isinstance(ragged, Tensor)
+    ctx.batch_sizes = None if ctx.lengths else list(ragged)
+    ctx.training = inputs[_TRAINING]
+    # the saved activations are outputs only so that backward can have them (see _function)
+    ctx.mark_non_differentiable(acts, ahat, stats, cells)
+    ctx.set_materialize_grads(False)
+    in_weight = inputs[_IN_W]  # (the LSTM: the kernel applies the input LN to gx itself)
+    ctx.save_for_backward(inputs[_H0], inputs[_C0], inputs[_WHH], inputs[_LN_W], inputs[_LN_B],
+                          inputs[_CELL_W], inputs[_PEEP], y, acts, ahat, stats, cells, in_weight,
+                          inputs[_GX] if in_weight is not None else None,
+                          ragged if ctx.lengths else None)
 
-        def previous(first: Tensor, seq: Tensor) -> Tensor:
-            """(T, B, H) of the value at t − 1 (``first`` at t = 0), 0 for inactive rows."""
-            return zero_padding(torch.cat((first.unsqueeze(0), seq[:-1])), bs)
 
-        flat_da = d_a.view(rows, -1)
-        d_w_hh = torch.empty_like(w_hh)
-        if before:
-            h_prev = previous(h0, y)
-            reset_h = acts[..., :hidden] * h_prev
-            d_w_hh[: 2 * hidden] = flat_da[:, : 2 * hidden].t() @ h_prev.view(rows, hidden)
-            d_w_hh[2 * hidden:] = flat_da[:, 2 * hidden:].t() @ reset_h.view(rows, hidden)
-        else:
-            d_w_hh = _weight_grad(flat_da, previous(h0, y).view(rows, hidden))
-        d_ln_weight, d_ln_bias = g_ln  # (summed over the steps in the kernel)
-        d_cell_weight, d_cell_bias = g_cell if lstm else (None, None)
-        d_in_weight, d_in_bias = g_in if in_weight is not None else (None, None)
-        return (None, None, d_gx, dh0, dc0 if lstm else None, d_w_hh, d_ln_weight, d_ln_bias,
-                d_cell_weight, d_cell_bias, d_peep if peephole else None, d_in_weight,
-                d_in_bias)
+def _backward(ctx: Any, d_y: Tensor | None, d_h: Tensor | None, d_c: Tensor | None,
+              *_: Tensor | None) -> tuple[Tensor | None, ...]:
+    if not ctx.training:
+        raise RuntimeError("rnnkit_ln::layer_forward ran with training=False: it saved nothing "
+                           "to differentiate")
+    (h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, y, acts, ahat, stats, cells, in_weight,
+     projection, lengths) = ctx.saved_tensors
+    kind, peephole, _, before = ctx.variant
+    lstm = kind == 1
+    if d_y is None:  # only the final state was used: a zero gradient that takes no memory
+        d_y = y.new_zeros(()).expand(y.shape)
+    backward = (torch.ops.rnnkit_ln.layer_backward_lengths if ctx.lengths
+                else torch.ops.rnnkit_ln.layer_backward)
+    d_gx, d_a, dh0, dc0, g_ln, g_cell, g_in, d_peep = backward(
+        *ctx.variant, h0, c0, w_hh, ln_weight, ln_bias, cell_weight, peep, in_weight,
+        lengths if ctx.lengths else ctx.batch_sizes, y, acts, ahat, stats, cells, projection,
+        d_y, d_h, d_c if lstm else None, loop_threads)
+    steps, batch, hidden = y.shape
+    rows = steps * batch
+    ragged = lengths if ctx.lengths else (ctx.batch_sizes or None)
+
+    def previous(first: Tensor, seq: Tensor) -> Tensor:
+        """(T, B, H) of the value at t − 1 (``first`` at t = 0), 0 for inactive rows."""
+        return zero_padding(torch.cat((first.unsqueeze(0), seq[:-1])), ragged)
+
+    flat_da = d_a.view(rows, -1)
+    if before:
+        h_prev = previous(h0, y)
+        reset_h = acts[..., :hidden] * h_prev
+        d_w_hh = torch.cat((flat_da[:, : 2 * hidden].t() @ h_prev.view(rows, hidden),
+                            flat_da[:, 2 * hidden:].t() @ reset_h.view(rows, hidden)))
+    else:
+        d_w_hh = _weight_grad(flat_da, previous(h0, y).view(rows, hidden))
+    d_ln_weight, d_ln_bias = g_ln  # (summed over the steps in the kernel, as the rest below)
+    d_cell_weight, d_cell_bias = g_cell if lstm else (None, None)
+    d_in_weight, d_in_bias = g_in if in_weight is not None else (None, None)
+    return (None, None, None, None, d_gx, dh0, dc0 if lstm else None, d_w_hh, d_ln_weight,
+            d_ln_bias, d_cell_weight, d_cell_bias, d_peep if peephole else None, d_in_weight,
+            d_in_bias, None, None, None)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+def _forward_fake(kind: int, peephole: bool, coupled: bool, before: bool, gx: Tensor,
+                  h0: Tensor, c0: Tensor | None, w_hh: Tensor, ln_weight: Tensor,
+                  ln_bias: Tensor, cell_weight: Tensor | None, cell_bias: Tensor | None,
+                  peephole_weights: Tensor | None, ln_ih_weight: Tensor | None,
+                  ln_ih_bias: Tensor | None, batch_sizes: Any, training: bool,
+                  threads: int) -> tuple[Tensor, ...]:
+    steps, batch, gates = gx.shape
+    hidden = h0.shape[1]
+    lstm = kind == 1
+    saved = training  # (without training the kernel saves nothing: empty tensors)
+    return (
+        gx.new_empty((steps, batch, hidden)),
+        gx.new_empty((batch, hidden)),
+        gx.new_empty((batch, hidden)) if lstm else _empty(gx),
+        gx.new_empty((steps, batch, gates)) if saved else _empty(gx),
+        gx.new_empty((steps, batch, gates)) if saved else _empty(gx),
+        gx.new_empty((steps, batch, STATS)) if saved else _empty(gx),
+        gx.new_empty((steps, batch, 3 * hidden)) if saved and lstm else _empty(gx),
+    )
+
+
+def _backward_fake(kind: int, peephole: bool, coupled: bool, before: bool, h0: Tensor,
+                   c0: Tensor | None, w_hh: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                   cell_weight: Tensor | None, peephole_weights: Tensor | None,
+                   ln_ih_weight: Tensor | None, batch_sizes: Any, y: Tensor, acts: Tensor,
+                   ahat: Tensor, stats: Tensor, cells: Tensor, projection: Tensor | None,
+                   grad_y: Tensor, grad_h_n: Tensor | None, grad_c_n: Tensor | None,
+                   threads: int) -> tuple[Tensor, ...]:
+    steps, batch, hidden = y.shape
+    gates = ln_weight.shape[0]
+    lstm = kind == 1
+    return (
+        y.new_empty((steps, batch, gates)),
+        y.new_empty((steps, batch, gates)),
+        y.new_empty((batch, hidden)),
+        y.new_empty((batch, hidden)) if lstm else _empty(y),
+        y.new_empty((2, gates)),
+        y.new_empty((2, hidden)) if lstm else _empty(y),
+        y.new_empty((2, gates)) if ln_ih_weight is not None else _empty(y),
+        y.new_empty((2 if coupled else 3, hidden)) if peephole else _empty(y),
+    )
+
+
+def _matmul_fake(a: Tensor, b: Tensor) -> Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+_library: torch.library.Library | None = None
+_eager_layer: type[torch.autograd.Function] | None = None  # (eager_node of layer_forward)
+
+
+def register(ops: Any) -> None:
+    """Fake kernels, autograd and the lengths-tensor pair; once, after the library is loaded."""
+    global _library, _eager_layer
+    _library = torch.library.Library(NAMESPACE, "FRAGMENT")  # (kept: it owns the definitions)
+    _eager_layer = eager_node(ops.layer_forward.default, _setup_context, _backward)
+    define_lengths_operator(_library, ops.layer_forward, "gx")
+    define_lengths_operator(_library, ops.layer_backward, "y")
+    for name, fake in (("layer_forward", _forward_fake), ("layer_backward", _backward_fake),
+                       ("layer_forward_lengths", _forward_fake),
+                       ("layer_backward_lengths", _backward_fake), ("matmul", _matmul_fake)):
+        torch.library.register_fake(f"{NAMESPACE}::{name}")(fake)
+    for forward in ("layer_forward", "layer_forward_lengths"):
+        torch.library.register_autograd(f"{NAMESPACE}::{forward}", _backward,
+                                        setup_context=_setup_context)
+    for backward in ("layer_backward", "layer_backward_lengths"):
+        first_derivative_only(
+            f"{NAMESPACE}::{backward}",
+            "the layer-normalised kernel's hand-derived backward is not twice differentiable (a "
+            "double backward: create_graph=True differentiated again); backend='reference' runs "
+            "plain torch ops that are")
 
 
 def run(spec: CellSpec, x: Tensor, state0: Sequence[Tensor], params: Sequence[Tensor | None],
@@ -184,10 +284,9 @@ def run(spec: CellSpec, x: Tensor, state0: Sequence[Tensor], params: Sequence[Te
     ln_cell_weight, ln_cell_bias, *peepholes)``. Otherwise ``x = LN(x W_ih^T)`` and ``params`` the
     engine's ``(None, w_hh, None, None, ln_hh_weight, ln_hh_bias, *rest)`` (the input LN already
     applied: :func:`rnnkit.cells.layer_norm.normalized_input`).
+    ``batch_sizes``: see :data:`rnnkit.engine.lengths.Ragged` (a tensor: a traced graph, which
+    takes ``layer_forward_lengths``).
     """
-    if isinstance(batch_sizes, Tensor):  # (rnnkit.engine.lengths.Ragged in a traced graph)
-        raise ValueError("the layer-normalised kernels cannot be traced "
-                         "(torch.compile / torch.export) yet; run the layer eagerly")
     variant = KERNELS[spec]
     lstm = variant[0] == 1
     in_weight = in_bias = None
@@ -202,19 +301,21 @@ def run(spec: CellSpec, x: Tensor, state0: Sequence[Tensor], params: Sequence[Te
     _, w_hh, _, _, ln_weight, ln_bias, *rest = params
     cell_weight, cell_bias, *peepholes = rest if lstm else (None, None)
     peep = torch.stack(tuple(peepholes)) if peepholes else None
-    bs = [] if batch_sizes is None else [int(b) for b in batch_sizes]
-    if bs and all(b == gx.shape[1] for b in bs):
-        bs = []
+    if isinstance(batch_sizes, Tensor):
+        forward, ragged = torch.ops.rnnkit_ln.layer_forward_lengths, batch_sizes
+    else:
+        forward, ragged = torch.ops.rnnkit_ln.layer_forward, (
+            [] if batch_sizes is None else [int(b) for b in batch_sizes])
+        if ragged and all(b == gx.shape[1] for b in ragged):
+            ragged = []
     c0 = state0[1] if lstm else None
+    # Save activations only when a gradient will be asked for.
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (gx, *state0, w_hh, ln_weight, ln_bias, cell_weight, cell_bias, peep, in_weight,
                   in_bias))
-    if not training:
-        y, h, c, *_ = torch.ops.rnnkit_ln.layer_forward(
-            *variant, gx, state0[0], c0, w_hh, ln_weight, ln_bias, cell_weight, cell_bias, peep,
-            in_weight, in_bias, bs, False, loop_threads)
-        return y, ((h, c) if lstm else (h,))
-    y, *final = _LayerNormLayer.apply(variant, bs, gx, state0[0], c0, w_hh, ln_weight, ln_bias,
-                                      cell_weight, cell_bias, peep, in_weight, in_bias)
-    return y, tuple(final)
+    if training and not tracing():  # (the same backward, without torch.library's call cost)
+        forward = _eager_layer.apply
+    y, h, c, *_ = forward(*variant, gx, state0[0], c0, w_hh, ln_weight, ln_bias, cell_weight,
+                          cell_bias, peep, in_weight, in_bias, ragged, training, loop_threads)
+    return y, ((h, c) if lstm else (h,))

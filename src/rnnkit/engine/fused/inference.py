@@ -52,6 +52,7 @@ from rnnkit.cells.base import weight_dtype
 from rnnkit.engine import threads
 from rnnkit.engine.fused import _build, _function
 from rnnkit.engine.fused._function import KERNELS, Config, peephole_weights
+from rnnkit.native import tracing
 
 _ATTRIBUTE = "_inference_plan"  # (a plain attribute of the module: not a buffer, not saved)
 
@@ -125,7 +126,7 @@ def _usable(x: Any, dtype: torch.dtype) -> bool:
     """The cheap conditions every lean call needs (see the module docstring)."""
     return (type(x) is Tensor and x.dtype == dtype and x.is_cpu
             and dtype in (torch.float32, torch.float64)
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.is_grad_enabled() and not tracing()
             and not torch.jit.is_tracing() and not torch.is_autocast_enabled("cpu"))
 
 
