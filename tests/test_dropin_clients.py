@@ -782,6 +782,27 @@ def test_constructors_take_torch_nn_positional_arguments() -> None:
         rnnkit.LSTM(3, 4, 1, True, False, 0.0, False, 0, None, None, True)  # peephole: keyword
 
 
+@pytest.mark.parametrize(("kind", "args", "rnnkit_option"), [
+    (nn.GRU, (3, 4, 2, False, True, 0.0, True), "before"),  # reset
+    (nn.RNN, (3, 4, 2, "relu", False, True, 0.0, True), "reference"),  # backend
+])
+def test_gru_and_rnn_take_torch_nn_positional_arguments(kind, args, rnnkit_option) -> None:
+    """``nn.GRU(I, H, L, bias, batch_first, dropout, bidirectional, device, dtype)`` (RNN:
+    ``nonlinearity`` after L), torch's documented order: a positional device was rnnkit's
+    ``reset`` (GRU) or ``backend`` (RNN); rnnkit's own options are keyword-only after torch's.
+    (torch 2.x itself reads an eighth positional argument of GRU/RNN as its internal
+    ``proj_size``, so the reference takes device and dtype by keyword.)"""
+    reference = kind(*args, device="cpu", dtype=torch.float64)
+    layer = TORCH_TO_RNNKIT[kind](*args, "cpu", torch.float64)
+    assert [(n, p.shape, p.dtype) for n, p in layer.named_parameters()] == [
+        (n, p.shape, p.dtype) for n, p in reference.named_parameters()]
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    assert_same(reference(x), layer(x), 1e-9)
+    with pytest.raises(TypeError):
+        TORCH_TO_RNNKIT[kind](*args, None, None, rnnkit_option)
+
+
 @pytest.mark.parametrize(("cell_class", "torch_class"), [(rnnkit.LSTMCell, nn.LSTMCell),
                                                          (rnnkit.GRUCell, nn.GRUCell)])
 def test_cells_take_torch_nn_positional_arguments(cell_class, torch_class) -> None:

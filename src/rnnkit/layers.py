@@ -579,9 +579,10 @@ class RNN(RecurrentLayer):
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int = 1,
         nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-        dropout: float = 0.0, bidirectional: bool = False, backend: str | None = None,
+        dropout: float = 0.0, bidirectional: bool = False,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-        *, orthogonal: str | None = None, **regularisers: Any,
+        *,  # (torch.nn.RNN's positional order; then rnnkit's)
+        backend: str | None = None, orthogonal: str | None = None, **regularisers: Any,
     ) -> None:
         if orthogonal is not None and orthogonal not in ORTHOGONAL_MAPS:
             raise ValueError(f"orthogonal must be one of {', '.join(ORTHOGONAL_MAPS)} or None, "
@@ -636,7 +637,7 @@ class RNN(RecurrentLayer):
         cls._check_torch_module(module)
         layer = cls(module.input_size, module.hidden_size, module.num_layers,
                     module.nonlinearity, module.bias, module.batch_first, module.dropout,
-                    module.bidirectional, backend, **_factory_of(module))
+                    module.bidirectional, backend=backend, **_factory_of(module))
         return layer._load_torch_weights(module)
 
 
@@ -723,9 +724,10 @@ class GRU(RecurrentLayer):
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
         batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-        reset: str = "after", backend: str | None = None,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-        layer_norm: bool = False, **regularisers: Any,
+        *,  # (torch.nn.GRU's positional order; then rnnkit's)
+        reset: str = "after", backend: str | None = None, layer_norm: bool = False,
+        **regularisers: Any,
     ) -> None:
         self.reset = reset
         self.layer_norm = layer_norm
