@@ -763,6 +763,38 @@ def test_dropout_between_layers_on_packed_input_draws_as_torch(kind, enforce_sor
     assert_same(results[0], results[1], 1e-4)
 
 
+# 20 rows with ties: from 17 rows on, torch.sort(descending=True) orders tied lengths otherwise
+# than a stable sort (rows 3, 9, 14, 19 all 5 long come out 19, 14, 9, 3)
+TIED_LENGTHS = [3, 6, 2, 5, 6, 1, 2, 3, 6, 5, 1, 2, 3, 4, 5, 6, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("kind", [nn.RNN, nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("given", ["lengths", "packed", "packed sorted"])
+def test_dropout_between_layers_with_tied_lengths_draws_as_torch(kind, given) -> None:
+    """Tied lengths: torch.nn runs the rows in the order of ``torch.sort(lengths,
+    descending=True)`` (``pack_padded_sequence(enforce_sorted=False)``), which is not stable,
+    and draws the dropout between layers over them in that order; rnnkit sorted stably, so tied
+    rows got each other's masks (other outputs and gradients under the same seed). ``lengths=``
+    stands for packing with ``enforce_sorted=False``; a PackedSequence runs in its own order."""
+    torch.manual_seed(0)
+    reference = kind(3, 4, num_layers=3, dropout=0.5, bidirectional=True)
+    layer = TORCH_TO_RNNKIT[kind].from_torch(reference)
+    lengths = sorted(TIED_LENGTHS, reverse=True) if given == "packed sorted" else TIED_LENGTHS
+    x = torch.randn(6, len(lengths), 3)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=given == "packed sorted")
+    results = []
+    for net in (reference, layer):
+        torch.manual_seed(9)
+        if net is layer and given == "lengths":
+            padded, state = net(x, lengths=torch.tensor(lengths))
+        else:
+            output, state = net(packed)
+            padded = pad_packed_sequence(output)[0]
+        padded.pow(2).sum().backward()
+        results.append([padded, *tensors(state), *grads(net)])
+    assert_same(results[0], results[1], 1e-4)
+
+
 def test_constructors_take_torch_nn_positional_arguments() -> None:
     """``nn.LSTM(I, H, L, bias, batch_first, dropout, bidirectional, proj_size)`` positionally:
     the eighth argument was rnnkit's ``peephole`` (a silent peephole LSTM without projection);

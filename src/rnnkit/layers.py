@@ -35,7 +35,13 @@ from rnnkit.cells.lstm import init_forget_bias, lstm_math
 from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_minimal, unpickle_minimal
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.fused import inference as lean_inference
-from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length, tracing
+from rnnkit.engine.lengths import (
+    batch_sizes_for,
+    reverse_within_lengths,
+    sort_by_length,
+    torch_order,
+    tracing,
+)
 from rnnkit.engine.precision import layer_autocast
 from rnnkit.engine.regularise import check_rate, drop_input, drop_weight, recurrent_masks
 from rnnkit.engine.scan import minimal_layer
@@ -306,7 +312,11 @@ class RecurrentLayer(nn.Module):
         sorted_lengths = order = inverse = batch_sizes = None
         if lengths is not None:
             lengths = check_lengths(lengths, batch, steps, x.device)
-            sorted_lengths, order, inverse = sort_by_length(lengths)
+            row_order = None  # the rows' order decides which row gets which dropout mask:
+            if self.dropout > 0 and self.training and self.num_layers > 1:  # torch.nn's order
+                row_order = torch_order(lengths, None if packed is None else packed.sorted_indices,
+                                        packed is not None)
+            sorted_lengths, order, inverse = sort_by_length(lengths, row_order)
             traced = tracing()
             if traced:  # the values cannot be read: the kernels take the lengths themselves
                 batch_sizes = sorted_lengths
