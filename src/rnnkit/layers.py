@@ -303,6 +303,10 @@ class RecurrentLayer(nn.Module):
         steps, batch = x.shape[0], x.shape[1]
         check_steps("input", steps)
         states0 = self._initial_states(hx, batch, unbatched, x)
+        if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
+            self._check_legacy_onnx_export(packed, lengths)  # (torch's op: torch's ONNX node)
+            return self._format_output(*self._torch_stack(x, states0), None, None, unbatched,
+                                       out_dtype)
         if (lengths is None and (self.dropout == 0 or not self.training or self.num_layers == 1)
                 and not self._regularised_now()
                 and torch_runs_stack(self.math, x, self.hidden_size, self.backend)):
@@ -387,15 +391,46 @@ class RecurrentLayer(nn.Module):
         return x, lengths, None, unbatched
 
     def _torch_stack(self, x: Tensor, states0: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Every layer and direction in one call of torch's own op (see ``torch_runs_stack``)."""
+        """Every layer and direction in one call of torch's own op, the one torch.nn calls:
+        the LSTM's when ``torch_runs_stack``; any variant torch.nn has in a legacy ONNX export
+        (:meth:`_check_legacy_onnx_export`). No dropout between layers (the callers' terms)."""
         parameters = self._parameters  # (getattr on a Module costs a microsecond per name; a
         # computed weight (pruning, weight norm) is not in the dict: getattr finds it)
         weights = [parameters[name] if name in parameters else getattr(self, name)
                    for names in self._param_names for name in names]
-        output, *final_states = torch._VF.lstm(
-            x, tuple(states0), weights, self.bias, self.num_layers, 0.0, self.training,
-            self.bidirectional, False)
-        return output, final_states
+        if self.math.kind == "lstm":
+            output, *final_states = torch._VF.lstm(
+                x, tuple(states0), weights, self.bias, self.num_layers, 0.0, self.training,
+                self.bidirectional, False)
+            return output, final_states
+        op = {"GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh,
+              "RNN_RELU": torch._VF.rnn_relu}[self.mode]
+        output, final = op(x, states0[0], weights, self.bias, self.num_layers, 0.0,
+                           self.training, self.bidirectional, False)
+        return output, [final]
+
+    def _check_legacy_onnx_export(self, packed: PackedSequence | None, lengths: Any) -> None:
+        """``torch.onnx.export(..., dynamo=False)`` traces the forward with ``torch.jit.trace``,
+        which sees rnnkit's kernels as opaque calls (no ONNX form: "ArrayRef: invalid index")
+        and Python loops as a graph unrolled for the example's length (a file wrong at any
+        other length). What torch.nn has, it exports as torch.nn does — torch's op, one ONNX
+        LSTM / GRU / RNN node; anything else is refused here, naming the exporter that writes
+        it (``rnnkit.export_onnx``: ONNX's nodes for every variant, ``lengths`` as
+        ``sequence_lens``), before a file is written."""
+        problem = self._torch_compatibility_problem()
+        if self.regularisers:
+            problem = f"torch.nn has no {', '.join(self.regularisers)}"
+        elif self.proj_size and problem is None:
+            problem = "ONNX's LSTM operator has no projection (proj_size)"
+        elif problem is None and (packed is not None or lengths is not None):
+            problem = "lengths= or a PackedSequence would be fixed into the traced graph"
+        elif problem is None and self.training and self.dropout and self.num_layers > 1:
+            problem = "dropout between layers in training mode has no ONNX form (call .eval())"
+        if problem is not None:
+            raise RuntimeError(
+                f"torch.onnx.export(dynamo=False) cannot export this rnnkit.{type(self).__name__}"
+                f": {problem}. Use rnnkit.export_onnx(model, args, path), which writes ONNX's "
+                "LSTM / GRU / RNN nodes for every rnnkit variant (lengths as sequence_lens)")
 
     def _initial_states(
         self, hx: Any, batch: int, unbatched: bool, x: Tensor
