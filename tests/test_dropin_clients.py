@@ -844,3 +844,24 @@ def test_cells_take_torch_nn_positional_arguments(cell_class, torch_class) -> No
     cell = cell_class(3, 4, True, "cpu", torch.float64)
     assert [(n, p.shape, p.dtype) for n, p in cell.named_parameters()] == [
         (n, p.shape, p.dtype) for n, p in reference.named_parameters()]
+
+
+def test_quantize_dynamic_leaves_rnnkit_layers_alone_and_converts_through_to_torch() -> None:
+    """rnnkit layers are not torch.nn.LSTM instances (torch.compile refuses those), so
+    ``quantize_dynamic(model, {nn.LSTM})`` leaves them as they are — a peephole LSTM is never
+    silently made a quantized plain LSTM; ``to_torch()`` first quantizes a standard one."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 3)
+    for layer in (rnnkit.LSTM(3, 8, num_layers=2), rnnkit.LSTM(3, 8, peephole=True)):
+        model = nn.Sequential(layer).eval()
+        with torch.no_grad():
+            want = layer(x)[0]
+            quantized = torch.ao.quantization.quantize_dynamic(model, {nn.LSTM})
+            assert type(quantized[0]) is rnnkit.LSTM
+            torch.testing.assert_close(quantized[0](x)[0], want, rtol=0, atol=0)
+    model = nn.Sequential(rnnkit.LSTM(3, 8, num_layers=2).to_torch()).eval()
+    with torch.no_grad():
+        want = model[0](x)[0]
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.LSTM})
+        assert type(quantized[0]) is torch.ao.nn.quantized.dynamic.LSTM
+        torch.testing.assert_close(quantized[0](x)[0], want, rtol=0, atol=0.05)
