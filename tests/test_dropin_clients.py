@@ -763,6 +763,38 @@ def test_dropout_between_layers_on_packed_input_draws_as_torch(kind, enforce_sor
     assert_same(results[0], results[1], 1e-4)
 
 
+# 20 rows with ties: from 17 rows on, torch.sort(descending=True) orders tied lengths otherwise
+# than a stable sort (rows 3, 9, 14, 19 all 5 long come out 19, 14, 9, 3)
+TIED_LENGTHS = [3, 6, 2, 5, 6, 1, 2, 3, 6, 5, 1, 2, 3, 4, 5, 6, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("kind", [nn.RNN, nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("given", ["lengths", "packed", "packed sorted"])
+def test_dropout_between_layers_with_tied_lengths_draws_as_torch(kind, given) -> None:
+    """Tied lengths: torch.nn runs the rows in the order of ``torch.sort(lengths,
+    descending=True)`` (``pack_padded_sequence(enforce_sorted=False)``), which is not stable,
+    and draws the dropout between layers over them in that order; rnnkit sorted stably, so tied
+    rows got each other's masks (other outputs and gradients under the same seed). ``lengths=``
+    stands for packing with ``enforce_sorted=False``; a PackedSequence runs in its own order."""
+    torch.manual_seed(0)
+    reference = kind(3, 4, num_layers=3, dropout=0.5, bidirectional=True)
+    layer = TORCH_TO_RNNKIT[kind].from_torch(reference)
+    lengths = sorted(TIED_LENGTHS, reverse=True) if given == "packed sorted" else TIED_LENGTHS
+    x = torch.randn(6, len(lengths), 3)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=given == "packed sorted")
+    results = []
+    for net in (reference, layer):
+        torch.manual_seed(9)
+        if net is layer and given == "lengths":
+            padded, state = net(x, lengths=torch.tensor(lengths))
+        else:
+            output, state = net(packed)
+            padded = pad_packed_sequence(output)[0]
+        padded.pow(2).sum().backward()
+        results.append([padded, *tensors(state), *grads(net)])
+    assert_same(results[0], results[1], 1e-4)
+
+
 def test_constructors_take_torch_nn_positional_arguments() -> None:
     """``nn.LSTM(I, H, L, bias, batch_first, dropout, bidirectional, proj_size)`` positionally:
     the eighth argument was rnnkit's ``peephole`` (a silent peephole LSTM without projection);
@@ -782,6 +814,27 @@ def test_constructors_take_torch_nn_positional_arguments() -> None:
         rnnkit.LSTM(3, 4, 1, True, False, 0.0, False, 0, None, None, True)  # peephole: keyword
 
 
+@pytest.mark.parametrize(("kind", "args", "rnnkit_option"), [
+    (nn.GRU, (3, 4, 2, False, True, 0.0, True), "before"),  # reset
+    (nn.RNN, (3, 4, 2, "relu", False, True, 0.0, True), "reference"),  # backend
+])
+def test_gru_and_rnn_take_torch_nn_positional_arguments(kind, args, rnnkit_option) -> None:
+    """``nn.GRU(I, H, L, bias, batch_first, dropout, bidirectional, device, dtype)`` (RNN:
+    ``nonlinearity`` after L), torch's documented order: a positional device was rnnkit's
+    ``reset`` (GRU) or ``backend`` (RNN); rnnkit's own options are keyword-only after torch's.
+    (torch 2.x itself reads an eighth positional argument of GRU/RNN as its internal
+    ``proj_size``, so the reference takes device and dtype by keyword.)"""
+    reference = kind(*args, device="cpu", dtype=torch.float64)
+    layer = TORCH_TO_RNNKIT[kind](*args, "cpu", torch.float64)
+    assert [(n, p.shape, p.dtype) for n, p in layer.named_parameters()] == [
+        (n, p.shape, p.dtype) for n, p in reference.named_parameters()]
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    assert_same(reference(x), layer(x), 1e-9)
+    with pytest.raises(TypeError):
+        TORCH_TO_RNNKIT[kind](*args, None, None, rnnkit_option)
+
+
 @pytest.mark.parametrize(("cell_class", "torch_class"), [(rnnkit.LSTMCell, nn.LSTMCell),
                                                          (rnnkit.GRUCell, nn.GRUCell)])
 def test_cells_take_torch_nn_positional_arguments(cell_class, torch_class) -> None:
@@ -791,3 +844,24 @@ def test_cells_take_torch_nn_positional_arguments(cell_class, torch_class) -> No
     cell = cell_class(3, 4, True, "cpu", torch.float64)
     assert [(n, p.shape, p.dtype) for n, p in cell.named_parameters()] == [
         (n, p.shape, p.dtype) for n, p in reference.named_parameters()]
+
+
+def test_quantize_dynamic_leaves_rnnkit_layers_alone_and_converts_through_to_torch() -> None:
+    """rnnkit layers are not torch.nn.LSTM instances (torch.compile refuses those), so
+    ``quantize_dynamic(model, {nn.LSTM})`` leaves them as they are — a peephole LSTM is never
+    silently made a quantized plain LSTM; ``to_torch()`` first quantizes a standard one."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 3)
+    for layer in (rnnkit.LSTM(3, 8, num_layers=2), rnnkit.LSTM(3, 8, peephole=True)):
+        model = nn.Sequential(layer).eval()
+        with torch.no_grad():
+            want = layer(x)[0]
+            quantized = torch.ao.quantization.quantize_dynamic(model, {nn.LSTM})
+            assert type(quantized[0]) is rnnkit.LSTM
+            torch.testing.assert_close(quantized[0](x)[0], want, rtol=0, atol=0)
+    model = nn.Sequential(rnnkit.LSTM(3, 8, num_layers=2).to_torch()).eval()
+    with torch.no_grad():
+        want = model[0](x)[0]
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.LSTM})
+        assert type(quantized[0]) is torch.ao.nn.quantized.dynamic.LSTM
+        torch.testing.assert_close(quantized[0](x)[0], want, rtol=0, atol=0.05)

@@ -274,3 +274,63 @@ def test_torch_recurrent_modules_beside_rnnkit_layers_keep_time_dynamic(tmp_path
     model.first = nn.LSTM(3, 4, num_layers=2, dropout=0.5)  # a new module: in training mode
     with pytest.raises(ExportError, match=r"first is in training mode with dropout 0\.5"):
         export_onnx(model, (x,), tmp_path / "never.onnx")
+
+
+class _GRUThenRNN(nn.Module):
+    """A client's model holding rnnkit layers of the variants torch.nn also has."""
+
+    def __init__(self, nonlinearity: str = "tanh") -> None:
+        super().__init__()
+        self.gru = rnnkit.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+        self.rnn = rnnkit.RNN(8, 5, nonlinearity=nonlinearity, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, h = self.gru(x)
+        z, g = self.rnn(y)
+        return z, h, g
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_legacy_torch_onnx_export_writes_gru_and_rnn_nodes(tmp_path, nonlinearity):
+    """``torch.onnx.export(model, ..., dynamo=False)`` of a model holding rnnkit.GRU / RNN raised
+    "ArrayRef: invalid index" (one layer) or wrote a graph unrolled for the example's length
+    (two layers): what torch.nn has is exported as torch.nn exports it, one node per layer
+    stack, and runs at other batch and time sizes in onnxruntime."""
+    torch.manual_seed(0)
+    model = _GRUThenRNN(nonlinearity).eval()
+    path = tmp_path / "legacy.onnx"
+    torch.onnx.export(model, (torch.randn(2, 5, 3),), str(path), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch", 1: "time"}})
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node if n.op_type in ("RNN", "LSTM", "GRU")] == \
+        ["GRU", "GRU", "RNN"]
+    x = torch.randn(3, 9, 3)
+    with torch.no_grad():
+        want = model(x)
+    _assert_equal(_run(path, {"x": x}), list(want))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: rnnkit.LSTM(3, 4, peephole=True), lambda: rnnkit.GRU(3, 4, reset="before"),
+    lambda: rnnkit.RNN(3, 4, nonlinearity="sigmoid"), lambda: rnnkit.GRU(3, 4, zoneout=0.1),
+    lambda: rnnkit.GRU(3, 4, layer_norm=True), lambda: "lengths",
+], ids=["peephole", "gru_before", "rnn_sigmoid", "zoneout", "layer_norm", "lengths"])
+def test_legacy_torch_onnx_export_refuses_what_torch_nn_has_not(tmp_path, make):
+    """A variant torch.nn has not (or lengths=, which tracing would fix into the graph): one
+    error naming rnnkit.export_onnx, before a file is written (it wrote an unrolled graph)."""
+    made = make()
+    layer, kwargs = (rnnkit.GRU(3, 4), {"lengths": torch.tensor([5, 3])}) if made == "lengths" \
+        else (made, {})
+    path = tmp_path / "never.onnx"
+
+    class Client(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer.eval()
+
+        def forward(self, x):
+            return self.layer(x, **kwargs)[0]
+
+    with pytest.raises(RuntimeError, match=r"dynamo=False.*rnnkit\.export_onnx"):
+        torch.onnx.export(Client(), (torch.randn(5, 2, 3),), str(path), dynamo=False)
+    assert not path.exists()

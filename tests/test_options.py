@@ -244,3 +244,16 @@ def test_schema_options_have_help_and_task_defaults() -> None:
             coerce(leaf.spec.default, leaf.spec, dotted)  # every default passes its own checks
     assert task_schema("charlm").leaves["model.hidden"].spec.default == 256
     assert task_schema("sentiment").leaves["model.chars"].spec.kind.base is bool
+
+
+def test_language_model_and_recurrent_configs_declare_the_cell_options_alike() -> None:
+    """LMConfig's fields are flat (its saved configs and flags), RecurrentConfig's are every other
+    model's: each cell option (type, default, help, range) is defined once, in CELL_OPTIONS, and
+    LanguageModel hands all of them to its RecurrentConfig."""
+    from rnnkit.models.recurrent import CELL_OPTIONS, RecurrentConfig, cell_options_of
+
+    lm, recurrent = field_specs(LMConfig), field_specs(RecurrentConfig)
+    for name in CELL_OPTIONS:
+        assert lm[name] == recurrent[name], name
+    config = LMConfig(vocab_size=5, cell="gru", reset="before", zoneout=0.1, chrono=8.0)
+    assert RecurrentConfig(**cell_options_of(config)).reset == "before"

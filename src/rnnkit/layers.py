@@ -35,7 +35,12 @@ from rnnkit.cells.lstm import init_forget_bias, lstm_math
 from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_minimal, unpickle_minimal
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.fused import inference as lean_inference
-from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
+from rnnkit.engine.lengths import (
+    batch_sizes_for,
+    reverse_within_lengths,
+    sort_by_length,
+    torch_order,
+)
 from rnnkit.engine.precision import layer_autocast
 from rnnkit.engine.regularise import check_rate, drop_input, drop_weight, recurrent_masks
 from rnnkit.engine.scan import minimal_layer
@@ -298,6 +303,10 @@ class RecurrentLayer(nn.Module):
         steps, batch = x.shape[0], x.shape[1]
         check_steps("input", steps)
         states0 = self._initial_states(hx, batch, unbatched, x)
+        if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
+            self._check_legacy_onnx_export(packed, lengths)  # (torch's op: torch's ONNX node)
+            return self._format_output(*self._torch_stack(x, states0), None, None, unbatched,
+                                       out_dtype)
         if (lengths is None and (self.dropout == 0 or not self.training or self.num_layers == 1)
                 and not self._regularised_now()
                 and torch_runs_stack(self.math, x, self.hidden_size, self.backend)):
@@ -307,7 +316,11 @@ class RecurrentLayer(nn.Module):
         sorted_lengths = order = inverse = batch_sizes = None
         if lengths is not None:
             lengths = check_lengths(lengths, batch, steps, x.device)
-            sorted_lengths, order, inverse = sort_by_length(lengths)
+            row_order = None  # the rows' order decides which row gets which dropout mask:
+            if self.dropout > 0 and self.training and self.num_layers > 1:  # torch.nn's order
+                row_order = torch_order(lengths, None if packed is None else packed.sorted_indices,
+                                        packed is not None)
+            sorted_lengths, order, inverse = sort_by_length(lengths, row_order)
             traced = tracing()
             if traced:  # the values cannot be read: the kernels take the lengths themselves
                 batch_sizes = sorted_lengths
@@ -378,15 +391,46 @@ class RecurrentLayer(nn.Module):
         return x, lengths, None, unbatched
 
     def _torch_stack(self, x: Tensor, states0: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Every layer and direction in one call of torch's own op (see ``torch_runs_stack``)."""
+        """Every layer and direction in one call of torch's own op, the one torch.nn calls:
+        the LSTM's when ``torch_runs_stack``; any variant torch.nn has in a legacy ONNX export
+        (:meth:`_check_legacy_onnx_export`). No dropout between layers (the callers' terms)."""
         parameters = self._parameters  # (getattr on a Module costs a microsecond per name; a
         # computed weight (pruning, weight norm) is not in the dict: getattr finds it)
         weights = [parameters[name] if name in parameters else getattr(self, name)
                    for names in self._param_names for name in names]
-        output, *final_states = torch._VF.lstm(
-            x, tuple(states0), weights, self.bias, self.num_layers, 0.0, self.training,
-            self.bidirectional, False)
-        return output, final_states
+        if self.math.kind == "lstm":
+            output, *final_states = torch._VF.lstm(
+                x, tuple(states0), weights, self.bias, self.num_layers, 0.0, self.training,
+                self.bidirectional, False)
+            return output, final_states
+        op = {"GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh,
+              "RNN_RELU": torch._VF.rnn_relu}[self.mode]
+        output, final = op(x, states0[0], weights, self.bias, self.num_layers, 0.0,
+                           self.training, self.bidirectional, False)
+        return output, [final]
+
+    def _check_legacy_onnx_export(self, packed: PackedSequence | None, lengths: Any) -> None:
+        """``torch.onnx.export(..., dynamo=False)`` traces the forward with ``torch.jit.trace``,
+        which sees rnnkit's kernels as opaque calls (no ONNX form: "ArrayRef: invalid index")
+        and Python loops as a graph unrolled for the example's length (a file wrong at any
+        other length). What torch.nn has, it exports as torch.nn does — torch's op, one ONNX
+        LSTM / GRU / RNN node; anything else is refused here, naming the exporter that writes
+        it (``rnnkit.export_onnx``: ONNX's nodes for every variant, ``lengths`` as
+        ``sequence_lens``), before a file is written."""
+        problem = self._torch_compatibility_problem()
+        if self.regularisers:
+            problem = f"torch.nn has no {', '.join(self.regularisers)}"
+        elif self.proj_size and problem is None:
+            problem = "ONNX's LSTM operator has no projection (proj_size)"
+        elif problem is None and (packed is not None or lengths is not None):
+            problem = "lengths= or a PackedSequence would be fixed into the traced graph"
+        elif problem is None and self.training and self.dropout and self.num_layers > 1:
+            problem = "dropout between layers in training mode has no ONNX form (call .eval())"
+        if problem is not None:
+            raise RuntimeError(
+                f"torch.onnx.export(dynamo=False) cannot export this rnnkit.{type(self).__name__}"
+                f": {problem}. Use rnnkit.export_onnx(model, args, path), which writes ONNX's "
+                "LSTM / GRU / RNN nodes for every rnnkit variant (lengths as sequence_lens)")
 
     def _initial_states(
         self, hx: Any, batch: int, unbatched: bool, x: Tensor
@@ -580,9 +624,10 @@ class RNN(RecurrentLayer):
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int = 1,
         nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-        dropout: float = 0.0, bidirectional: bool = False, backend: str | None = None,
+        dropout: float = 0.0, bidirectional: bool = False,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-        *, orthogonal: str | None = None, **regularisers: Any,
+        *,  # (torch.nn.RNN's positional order; then rnnkit's)
+        backend: str | None = None, orthogonal: str | None = None, **regularisers: Any,
     ) -> None:
         if orthogonal is not None and orthogonal not in ORTHOGONAL_MAPS:
             raise ValueError(f"orthogonal must be one of {', '.join(ORTHOGONAL_MAPS)} or None, "
@@ -637,7 +682,7 @@ class RNN(RecurrentLayer):
         cls._check_torch_module(module)
         layer = cls(module.input_size, module.hidden_size, module.num_layers,
                     module.nonlinearity, module.bias, module.batch_first, module.dropout,
-                    module.bidirectional, backend, **_factory_of(module))
+                    module.bidirectional, backend=backend, **_factory_of(module))
         return layer._load_torch_weights(module)
 
 
@@ -724,9 +769,10 @@ class GRU(RecurrentLayer):
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
         batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-        reset: str = "after", backend: str | None = None,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-        layer_norm: bool = False, **regularisers: Any,
+        *,  # (torch.nn.GRU's positional order; then rnnkit's)
+        reset: str = "after", backend: str | None = None, layer_norm: bool = False,
+        **regularisers: Any,
     ) -> None:
         self.reset = reset
         self.layer_norm = layer_norm

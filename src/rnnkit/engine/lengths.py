@@ -19,13 +19,31 @@ from torch import Tensor
 Ragged = Sequence[int] | Tensor | None
 
 
-def sort_by_length(lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(sorted_lengths, order, inverse)``: ``x[:, order]`` is longest-first (stable)."""
-    # argsort of −lengths: the same stable order, ~10x faster than a stable descending sort
-    order = torch.argsort(-lengths, stable=True)
+def sort_by_length(lengths: Tensor, order: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(sorted_lengths, order, inverse)``: ``x[:, order]`` is longest-first, in the
+    given ``order`` (e.g. :func:`torch_order`) or else stably."""
+    if order is None:  # argsort of −lengths: the same stable order, ~10x faster than a stable
+        order = torch.argsort(-lengths, stable=True)  # descending sort
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel())
     return lengths[order], order, inverse
+
+
+def torch_order(lengths: Tensor, sorted_indices: Tensor | None, packed: bool) -> Tensor:
+    """The longest-first order in which torch.nn runs the rows of a ragged batch.
+
+    Rows of equal length may come in any order, and where a random draw follows the rows (the
+    dropout between layers draws over the packed data, longest first) the order decides which
+    row gets which mask. torch.nn runs a PackedSequence in its ``sorted_indices`` (none: the
+    batch was packed sorted, ``enforce_sorted=True``); padded input with ``lengths=`` stands for
+    ``pack_padded_sequence(x, lengths, enforce_sorted=False)``, whose order is
+    ``torch.sort(lengths, descending=True)`` on the int64 CPU lengths — not stable (from 17
+    rows on, ties come out of CPU sort in another order than the stable one), so it is that same
+    call here.
+    """
+    if packed:
+        return torch.arange(lengths.numel()) if sorted_indices is None else sorted_indices.cpu()
+    return torch.sort(lengths.to(torch.int64), descending=True).indices
 
 
 def batch_sizes_for(sorted_lengths: Tensor, max_length: int) -> list[int] | None:

@@ -82,11 +82,11 @@ def example_inputs(model: nn.Module, steps: int = STEPS, batch: int = BATCH
         return features, lengths * model.config.stack
     if isinstance(model, FrameGenerator):
         return ((torch.rand(steps, batch, model.config.pitches, generator=gen) > 0.8).float(),)
-    if isinstance(model, TranslateStep):
-        bos = torch.full((batch,), model.model.config.bos)
-        return tokens(model.model.config.source_vocab), lengths, bos
-    if isinstance(model, Seq2Seq):  # (run() exports it as its TranslateStep)
-        return example_inputs(TranslateStep(model), steps, batch)
+    if isinstance(model, TranslateStep):  # (a translate model is written as its step: the
+        model = model.model  # inputs are the same; exportable() is where it is wrapped)
+    if isinstance(model, Seq2Seq):
+        bos = torch.full((batch,), model.config.bos)
+        return tokens(model.config.source_vocab), lengths, bos
     if isinstance(model, TreeClassifier):
         raise ExportError(f"{TREE_ENCODER} has no ONNX form: a trees run with a Tree-LSTM "
                           "encoder cannot be exported (its sequence encoders can)")

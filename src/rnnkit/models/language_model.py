@@ -16,11 +16,10 @@ from torch import Tensor, nn
 from rnnkit.data.vocab import CharVocab
 from rnnkit.models.recurrent import (
     CELLS,
-    NONLINEARITIES,
-    ORTHOGONAL,
-    RESETS,
     RecurrentConfig,
     build_recurrent,
+    cell_option,
+    cell_options_of,
     check_chrono,
     check_orthogonal,
     check_regularisers,
@@ -40,32 +39,20 @@ class LMConfig(Options):
     embedding: int = option(64, "embedding size; 0 for one-hot inputs", ge=0)
     dropout: float = option(0.0, "dropout on embeddings, between layers and on outputs", ge=0,
                             lt=1)
-    peephole: bool = option(False, "LSTM with peephole connections (Gers & Schmidhuber 2000)")
-    coupled: bool = option(False, "LSTM with coupled input-forget gates (CIFG)")
-    reset: str = option("after", "GRU reset gate 'after' (torch/cuDNN) or 'before' (Cho 2014)",
-                        choices=RESETS)
-    nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
-    orthogonal: str | None = option(None, "rnn: keep W_hh orthogonal, W = B exp(A - A^T) "
-                                          "(exp: expRNN) or the Cayley map (cayley); starts "
-                                          "from Henaff's rotations", choices=ORTHOGONAL)
-    forget_bias: float | None = option(None, "LSTM: initial forget-gate bias (none: the layer's "
-                                             "default)")
-    chrono: float | None = option(None, "chrono initialisation of the gate biases (Tallec & "
-                                        "Ollivier 2018) for dependencies up to this many steps "
-                                        "(T_max): keep-gate biases log U[1, T_max - 1]; lstm, "
-                                        "gru, mingru, minlstm", ge=2)
-    kernel_size: int = option(3, "TCN only: kernel size of its causal convolutions", ge=2)
-    # the recurrent regularisers, as in RecurrentConfig (rnnkit.engine.regularise)
-    recurrent_dropout: float = option(0.0, "variational dropout on h_{t-1} (one mask per "
-                                           "sequence; Gal & Ghahramani 2016)", ge=0, lt=1)
-    input_dropout: float = option(0.0, "variational dropout on each layer's input x_t (one "
-                                       "mask per sequence)", ge=0, lt=1)
-    zoneout: float = option(0.0, "zoneout rate of h (Krueger et al. 2017)", ge=0, lt=1)
-    zoneout_cell: float | None = option(None, "LSTM: zoneout rate of c (none: the zoneout "
-                                              "rate)", ge=0, lt=1)
-    weight_drop: float = option(0.0, "DropConnect on the recurrent weights W_hh, one mask per "
-                                     "forward (AWD-LSTM's weight drop)", ge=0, lt=1)
-    layer_norm: bool = option(False, "LSTM/GRU: layer-normalised cell (Ba, Kiros & Hinton 2016)")
+    peephole: bool = cell_option("peephole")
+    coupled: bool = cell_option("coupled")
+    reset: str = cell_option("reset")
+    nonlinearity: str = cell_option("nonlinearity")
+    orthogonal: str | None = cell_option("orthogonal")
+    forget_bias: float | None = cell_option("forget_bias")
+    chrono: float | None = cell_option("chrono")
+    kernel_size: int = cell_option("kernel_size")
+    recurrent_dropout: float = cell_option("recurrent_dropout")
+    input_dropout: float = cell_option("input_dropout")
+    zoneout: float = cell_option("zoneout")
+    zoneout_cell: float | None = cell_option("zoneout_cell")
+    weight_drop: float = cell_option("weight_drop")
+    layer_norm: bool = cell_option("layer_norm")
     tie_weights: bool = option(False, "the output layer shares the embedding matrix (Press & "
                                       "Wolf 2017, Inan et al. 2017); needs embedding = hidden")
 
@@ -128,12 +115,7 @@ class LanguageModel(nn.Module):
         # dropout between stacked layers is the layer's; around the stack it is ours
         self.rnn = build_recurrent(RecurrentConfig(
             cell=config.cell, layers=config.layers, hidden=hidden, dropout=config.dropout,
-            peephole=config.peephole, coupled=config.coupled, forget_bias=config.forget_bias,
-            chrono=config.chrono, reset=config.reset, nonlinearity=config.nonlinearity,
-            orthogonal=config.orthogonal,
-            kernel_size=config.kernel_size,
-            **regularisers_of(config),
-            layer_norm=config.layer_norm,
+            **cell_options_of(config),
         ), input_size)
         self.drop = nn.Dropout(config.dropout)
         self.decoder: nn.Module

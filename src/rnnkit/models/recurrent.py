@@ -26,6 +26,47 @@ ORTHOGONAL = ("exp", "cayley")  # rnnkit.RNN(orthogonal=...): how W_hh is kept o
 REGULARISERS = ("recurrent_dropout", "input_dropout", "zoneout", "zoneout_cell", "weight_drop")
 
 
+# The cell's options, declared by RecurrentConfig and by LMConfig (whose fields are flat, as its
+# saved configs and flags are): default, help and range written once here, a field of either made
+# by cell_option(name). (Each class keeps its own field order: saved configs list fields in it.)
+CELL_OPTIONS: dict[str, tuple[Any, str, dict[str, Any]]] = {
+    "peephole": (False, "LSTM with peephole connections (Gers & Schmidhuber 2000)", {}),
+    "coupled": (False, "LSTM with coupled input-forget gates (CIFG)", {}),
+    "forget_bias": (None, "LSTM: initial forget-gate bias (none: the layer's default)", {}),
+    "chrono": (None, "chrono initialisation of the gate biases (Tallec & Ollivier 2018) for "
+                     "dependencies up to this many steps (T_max): keep-gate biases "
+                     "log U[1, T_max - 1]; lstm, gru, mingru, minlstm", {"ge": 2}),
+    "reset": ("after", "GRU reset gate 'after' (torch/cuDNN) or 'before' (Cho 2014)",
+              {"choices": RESETS}),
+    "nonlinearity": ("tanh", "Elman RNN nonlinearity", {"choices": NONLINEARITIES}),
+    "orthogonal": (None, "rnn: keep W_hh orthogonal, W = B exp(A - A^T) (exp: expRNN) or the "
+                         "Cayley map (cayley); starts from Henaff's rotations",
+                   {"choices": ORTHOGONAL}),
+    "kernel_size": (3, "TCN only: kernel size of its causal convolutions", {"ge": 2}),
+    # the recurrent regularisers (rnnkit.engine.regularise; lstm, gru and rnn cells)
+    "recurrent_dropout": (0.0, "variational dropout on h_{t-1} (one mask per sequence; Gal & "
+                               "Ghahramani 2016)", {"ge": 0, "lt": 1}),
+    "input_dropout": (0.0, "variational dropout on each layer's input x_t (one mask per "
+                           "sequence)", {"ge": 0, "lt": 1}),
+    "zoneout": (0.0, "zoneout rate of h (Krueger et al. 2017)", {"ge": 0, "lt": 1}),
+    "zoneout_cell": (None, "LSTM: zoneout rate of c (none: the zoneout rate)", {"ge": 0, "lt": 1}),
+    "weight_drop": (0.0, "DropConnect on the recurrent weights W_hh, one mask per forward "
+                         "(AWD-LSTM's weight drop)", {"ge": 0, "lt": 1}),
+    "layer_norm": (False, "LSTM/GRU: layer-normalised cell (Ba, Kiros & Hinton 2016)", {}),
+}
+
+
+def cell_option(name: str) -> Any:
+    """The dataclass field of the cell option ``name`` (:data:`CELL_OPTIONS`)."""
+    default, help, rule = CELL_OPTIONS[name]
+    return option(default, help, **rule)
+
+
+def cell_options_of(config: Any) -> dict[str, Any]:
+    """The cell options of a config that declares them (RecurrentConfig's keyword arguments)."""
+    return {name: getattr(config, name) for name in CELL_OPTIONS}
+
+
 @dataclass
 class RecurrentConfig(Options):
     cell: str = option("lstm", "recurrent cell (mingru, minlstm: parallel scan; tcn: "
@@ -35,32 +76,20 @@ class RecurrentConfig(Options):
     bidirectional: bool = option(False, "read each sequence in both directions")
     dropout: float = option(0.0, "dropout between stacked layers (tcn: inside each block)", ge=0,
                             lt=1)
-    peephole: bool = option(False, "LSTM with peephole connections (Gers & Schmidhuber 2000)")
-    coupled: bool = option(False, "LSTM with coupled input-forget gates (CIFG)")
-    forget_bias: float | None = option(None, "LSTM: initial forget-gate bias (none: the layer's "
-                                             "default)")
-    chrono: float | None = option(None, "chrono initialisation of the gate biases (Tallec & "
-                                        "Ollivier 2018) for dependencies up to this many steps "
-                                        "(T_max): keep-gate biases log U[1, T_max - 1]; lstm, "
-                                        "gru, mingru, minlstm", ge=2)
-    reset: str = option("after", "GRU reset gate 'after' (torch/cuDNN) or 'before' (Cho 2014)",
-                        choices=RESETS)
-    nonlinearity: str = option("tanh", "Elman RNN nonlinearity", choices=NONLINEARITIES)
-    orthogonal: str | None = option(None, "rnn: keep W_hh orthogonal, W = B exp(A - A^T) "
-                                          "(exp: expRNN) or the Cayley map (cayley); starts "
-                                          "from Henaff's rotations", choices=ORTHOGONAL)
-    kernel_size: int = option(3, "TCN only: kernel size of its causal convolutions", ge=2)
-    # the recurrent regularisers (rnnkit.engine.regularise; lstm, gru and rnn cells)
-    recurrent_dropout: float = option(0.0, "variational dropout on h_{t-1} (one mask per "
-                                           "sequence; Gal & Ghahramani 2016)", ge=0, lt=1)
-    input_dropout: float = option(0.0, "variational dropout on each layer's input x_t (one "
-                                       "mask per sequence)", ge=0, lt=1)
-    zoneout: float = option(0.0, "zoneout rate of h (Krueger et al. 2017)", ge=0, lt=1)
-    zoneout_cell: float | None = option(None, "LSTM: zoneout rate of c (none: the zoneout "
-                                              "rate)", ge=0, lt=1)
-    weight_drop: float = option(0.0, "DropConnect on the recurrent weights W_hh, one mask per "
-                                     "forward (AWD-LSTM's weight drop)", ge=0, lt=1)
-    layer_norm: bool = option(False, "LSTM/GRU: layer-normalised cell (Ba, Kiros & Hinton 2016)")
+    peephole: bool = cell_option("peephole")
+    coupled: bool = cell_option("coupled")
+    forget_bias: float | None = cell_option("forget_bias")
+    chrono: float | None = cell_option("chrono")
+    reset: str = cell_option("reset")
+    nonlinearity: str = cell_option("nonlinearity")
+    orthogonal: str | None = cell_option("orthogonal")
+    kernel_size: int = cell_option("kernel_size")
+    recurrent_dropout: float = cell_option("recurrent_dropout")
+    input_dropout: float = cell_option("input_dropout")
+    zoneout: float = cell_option("zoneout")
+    zoneout_cell: float | None = cell_option("zoneout_cell")
+    weight_drop: float = cell_option("weight_drop")
+    layer_norm: bool = cell_option("layer_norm")
 
     def __post_init__(self) -> None:
         super().__post_init__()
