@@ -157,3 +157,40 @@ def test_what_the_operator_saves(name: str) -> None:
     assert elements == want, (elements, want)
     assert len(sequence) == sum(1 for t in saved if t.dim() == 3)  # no tensor saved twice
     assert all(not t.requires_grad for t in out[3:])
+
+
+def _gemm_available(which: str) -> bool:
+    ops = torch.ops.rnnkit_fused
+    saved = ops.set_gemm("auto")
+    try:
+        return ops.set_gemm(which) == which
+    finally:
+        ops.set_gemm(saved)
+
+
+@pytest.mark.skipif(_build.load() is None or not _gemm_available("own")
+                    or not _gemm_available("blas"),
+                    reason="needs rnnkit's AVX2 GEMM and a BLAS")
+@pytest.mark.parametrize("regularised", [False, True], ids=["plain", "masks"])
+@pytest.mark.parametrize("lengths", [None, [70, 31, 70, 1]], ids=["full", "lengths"])
+@pytest.mark.parametrize("name", ["rnn_tanh", "gru_after", "gru_before"])
+def test_own_weight_gradients_equal_blas(name: str, lengths, regularised: bool,
+                                         chunk: None) -> None:
+    """The Elman and GRU backward under gemm_own forms dW = dG^T Z over in-cache transposes of
+    dG (own_weight_grads); under BLAS, X^T dG over transposed copies (pgemm_tout). T·B = 280
+    rows: two K chunks of 256, one of which straddles h0 and y; chunks of 3 steps (t0 > 0)
+    too; H = 5 (every 8 x 8 transpose block a remainder)."""
+    ops = torch.ops.rnnkit_fused
+    saved = ops.set_gemm("auto")
+    try:
+        for steps in (0, 3):
+            set_chunk(steps)
+            ops.set_gemm("own")
+            own = _layer_run(name, torch.float32, lengths, regularised, 70)
+            ops.set_gemm("blas")
+            blas = _layer_run(name, torch.float32, lengths, regularised, 70)
+            for got, want in zip(own, blas):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    finally:
+        ops.set_gemm(saved)
+        set_chunk(0)

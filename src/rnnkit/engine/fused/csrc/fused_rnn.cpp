@@ -1857,27 +1857,35 @@ void gru_after_bwd_loop(const Cfg& cf, const T* acts, const T* ghn, const T* y, 
         T* dhr = dhs + m * H;
         const T* khr = R.row(R.kh, t, B, m, H);
         T* direct = reg ? sc + m * H : dhr;  // where dh z (+ k_h dh) goes
+        // ZONE (khr not null) a compile-time constant: tested inside the vectorised loop, a
+        // null khr became a masked load through it (vmaskmovps), microcoded on Zen 3 — perf put
+        // 94 % of this loop's samples (14 % of a 100,32,256 forward+backward) on it.
+        auto update = [&](auto zone_c) {
+          constexpr bool ZONE = decltype(zone_c)::value;
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) {
-          const T r = ar[j], z = ar[H + j], n = ar[2 * H + j];
-          T dh = dhr[j] + gyr[j], dz = T(0);
-          if (khr) {
-            dz = dh * khr[j];
-            dh = dh * (T(1) - khr[j]);
+          for (int64_t j = j0; j < j1; ++j) {
+            const T r = ar[j], z = ar[H + j], n = ar[2 * H + j];
+            T dh = dhr[j] + gyr[j], dz = T(0);
+            if (ZONE) {
+              dz = dh * khr[j];
+              dh = dh * (T(1) - khr[j]);
+            }
+            const T dpn = dh * (T(1) - z) * (T(1) - n * n);
+            // dh h_prev - dh n as autograd forms it (dh * (h_prev - n) differs where dh is
+            // infinite and h_prev is 0)
+            const T dpz = (dh * hpr[j] - dh * n) * z * (T(1) - z);
+            const T dpr = dpn * hnr[j] * r * (T(1) - r);
+            dr[j] = dpr;
+            dr[H + j] = dpz;
+            dr[2 * H + j] = dpn;
+            dr2[j] = dpr;
+            dr2[H + j] = dpz;
+            dr2[2 * H + j] = dpn * r;
+            direct[j] = ZONE ? dh * z + dz : dh * z;
           }
-          const T dpn = dh * (T(1) - z) * (T(1) - n * n);
-          // dh h_prev - dh n as autograd forms it (dh * (h_prev - n) differs where dh is
-          // infinite and h_prev is 0)
-          const T dpz = (dh * hpr[j] - dh * n) * z * (T(1) - z);
-          const T dpr = dpn * hnr[j] * r * (T(1) - r);
-          dr[j] = dpr;
-          dr[H + j] = dpz;
-          dr[2 * H + j] = dpn;
-          dr2[j] = dpr;
-          dr2[H + j] = dpz;
-          dr2[2 * H + j] = dpn * r;
-          direct[j] = khr ? dh * z + dz : dh * z;
-        }
+        };
+        if (khr) update(std::true_type{});
+        else update(std::false_type{});
       }
       RNNKIT_STEP_BARRIER(omp_get_num_threads());
       if (j1 > j0) Whh.mm(M, j1 - j0, H, GH, dh2, GH, 0, j0, dhs + j0, H, !reg);
@@ -1910,18 +1918,24 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
         T* dr = d + m * GH;
         T* dhr = dhs + m * H;
         const T* khr = R.row(R.kh, t, B, m, H);
+        // (ZONE a compile-time constant: see gru_after_bwd_loop)
+        auto update = [&](auto zone_c) {
+          constexpr bool ZONE = decltype(zone_c)::value;
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) {
-          const T z = ar[H + j], n = ar[2 * H + j];
-          T dh = dhr[j] + gyr[j], dz = T(0);
-          if (khr) {
-            dz = dh * khr[j];
-            dh = dh * (T(1) - khr[j]);
+          for (int64_t j = j0; j < j1; ++j) {
+            const T z = ar[H + j], n = ar[2 * H + j];
+            T dh = dhr[j] + gyr[j], dz = T(0);
+            if (ZONE) {
+              dz = dh * khr[j];
+              dh = dh * (T(1) - khr[j]);
+            }
+            dr[H + j] = (dh * hpr[j] - dh * n) * z * (T(1) - z);  // (as in reset-after)
+            dr[2 * H + j] = dh * (T(1) - z) * (T(1) - n * n);
+            dhr[j] = ZONE ? dh * z + dz : dh * z;
           }
-          dr[H + j] = (dh * hpr[j] - dh * n) * z * (T(1) - z);  // (as in reset-after)
-          dr[2 * H + j] = dh * (T(1) - z) * (T(1) - n * n);
-          dhr[j] = khr ? dh * z + dz : dh * z;
-        }
+        };
+        if (khr) update(std::true_type{});
+        else update(std::false_type{});
       }
       RNNKIT_STEP_BARRIER(omp_get_num_threads());
       if (j1 > j0) Whh.mm(M, j1 - j0, H, H, d + 2 * H, GH, 2 * H, j0, drh + j0, H, false);
@@ -1932,14 +1946,23 @@ void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, 
         const T* rmr = R.rmask ? R.rmask + m * H : nullptr;
         T* dr = d + m * GH;
         T* dhr = reg ? sc + m * H : dhs + m * H;
+        // (MASK: rmr not null, REG: reg; compile-time constants, see gru_after_bwd_loop)
+        auto reset = [&](auto mask_c, auto reg_c) {
+          constexpr bool MASK = decltype(mask_c)::value, REG = decltype(reg_c)::value;
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) {
-          const T r = ar[j];
-          const T hin = rmr ? hpr[j] * rmr[j] : hpr[j];  // what W_hn's r ⊙ h multiplied
-          dr[j] = drr[j] * hin * r * (T(1) - r);
-          if (reg) dhr[j] = drr[j] * r;
-          else dhr[j] += drr[j] * r;
-        }
+          for (int64_t j = j0; j < j1; ++j) {
+            const T r = ar[j];
+            const T hin = MASK ? hpr[j] * rmr[j] : hpr[j];  // what W_hn's r ⊙ h multiplied
+            dr[j] = drr[j] * hin * r * (T(1) - r);
+            if (REG) dhr[j] = drr[j] * r;
+            else dhr[j] += drr[j] * r;
+          }
+        };
+        const std::true_type yes;
+        const std::false_type no;
+        if (rmr) reset(yes, yes);  // (a mask implies reg)
+        else if (reg) reset(no, yes);
+        else reset(no, no);
       }
       RNNKIT_STEP_BARRIER(omp_get_num_threads());
       if (j1 > j0)
@@ -2545,6 +2568,80 @@ void bf16_input_and_weight_grads(const Cfg& cf, const at::Tensor& x, const at::T
   if (has_bias && !gru_after) dbhh = dbih;
 }
 
+#ifdef RNNKIT_OWN_GEMM
+// d (ld ldd) = the transpose of the 8 x 8 block s (ld lds), through AVX2 registers.
+inline void transpose8x8_f32(const float* s, int64_t lds, float* d, int64_t ldd) {
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(d + i * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    _mm256_storeu_ps(d + (i + 4) * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+
+// dst (M, kk) (ld kk) = the transpose of src (kk, M) (ld lds).
+inline void transpose_rows(int64_t kk, int64_t M, const float* src, int64_t lds, float* dst) {
+  int64_t k = 0;
+  for (; k + 8 <= kk; k += 8) {
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) transpose8x8_f32(src + k * lds + m, lds, dst + m * kk + k, kk);
+    for (; m < M; ++m)
+      for (int64_t i = 0; i < 8; ++i) dst[m * kk + k + i] = src[(k + i) * lds + m];
+  }
+  for (; k < kk; ++k)
+    for (int64_t m = 0; m < M; ++m) dst[m * kk + k] = src[k * lds + m];
+}
+
+// The weight gradients of one backward chunk under gemm_own, dW (+)= dG^T Z over the chunk's K
+// rows (Z: x, or the previous hidden states), straight into dW (rows = gate units) — in place of
+// pgemm_tout over transposed copies of x and of the previous states (two (K, H) transposes and
+// a gather per chunk, and products whose A rows were K floats apart: perf put those two products
+// at ~1.2x the time of the equal-FLOP dx product, Elman and GRU 100,32,256). Per K chunk of
+// kOwnKC rows each thread transposes its rows of dG once, in cache (8 x 8 AVX2 blocks), and
+// every product of those rows reads that copy as gemm_own's A (ld kk), 256 rows per call (A's
+// block then stays in L2 across gemm_own's strips). rows_of(k0, kk, fn): the products of dG's
+// columns [m0, m1) over chunk rows [k0, k0 + kk), fn(At, ldat) with At row 0 = column m0.
+// Threads split the rows of dW (multiples of 16). Each output is the same sum as before, in a
+// different order (K in chunks of kOwnKC, as pgemm_tout's): equal within float32 rounding.
+constexpr int64_t kOwnKC = 256;
+// C(M, N) (+)= A B in blocks of 256 columns: gemm_own packs B's K chunk per call, and a block's
+// packed B (256 KiB at K = 256) beside the A block and the C rows stays in the 1 MiB L2; all N
+// columns at once (N = 512: 512 KiB packed) did not (Elman 50,64,512 forward+backward 0.77 ->
+// 0.84 of nn.RNN, one loaded run).
+inline void gemm_cols(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                      const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
+  for (int64_t n0 = 0; n0 < N; n0 += 256)
+    gemm_rm(M, std::min<int64_t>(256, N - n0), K, A, lda, B + n0, ldb, C + n0, ldc, acc);
+}
+template <typename Fn>
+void own_weight_grads(int64_t K, int64_t M, const float* dG, int64_t ldg, int nt, Fn&& product) {
+  if (K <= 0 || M <= 0) return;
+  run_team(nt, [&](const int team, const int tid) {
+    int64_t m0, m1;
+    unit_range(M, team, tid, m0, m1);
+    if (m1 <= m0) return;
+    thread_local std::vector<float> buf;
+    buf.resize((m1 - m0) * std::min(kOwnKC, K));
+    for (int64_t k0 = 0; k0 < K; k0 += kOwnKC) {
+      const int64_t kk = std::min(kOwnKC, K - k0);
+      transpose_rows(kk, m1 - m0, dG + k0 * ldg + m0, ldg, buf.data());
+      for (int64_t r0 = m0; r0 < m1; r0 += 256)
+        product(buf.data() + (r0 - m0) * kk, kk, r0, std::min(m1, r0 + 256), k0, kk);
+    }
+  });
+}
+#endif
+
 template <typename T>
 std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const at::Tensor& h0,
                                       const at::Tensor& c0, const at::Tensor& w_ih,
@@ -2608,10 +2705,16 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   }
   if (cf.kind == GRU && cf.before) drh = at::empty({B, H}, opts);
   at::Tensor dx, dwih, dwhh, dwhhT, dbih, dbhh;
+  // the weight gradients by gemm_own over dG^T (own_weight_grads): float32 under gemm_own (AVX2
+  // CPUs); AVX-512's brgemm, BLAS and float64 keep pgemm_tout over transposed copies
+  bool own_dw = false;
+#ifdef RNNKIT_OWN_GEMM
+  own_dw = std::is_same_v<T, float> && g_gemm == Gemm::OWN && !bf16 && cf.kind != LSTM;
+#endif
   if (need_dx) dx = at::empty({T_, B, I}, opts);
   if (need_dw) {
     dwih = at::empty({GH, I}, opts);
-    if (cf.kind == GRU && cf.before) dwhhT = at::empty({H, GH}, opts);
+    if (cf.kind == GRU && cf.before && !own_dw) dwhhT = at::empty({H, GH}, opts);
     else dwhh = at::empty({GH, H}, opts);
   }
   // (with zoneout the Elman activation's derivative needs h~, saved over the gates, not y)
@@ -2707,7 +2810,68 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
     if (need_dx)
       pgemm<T>(nB, I, GH, dgp, GH, w_ih.data_ptr<T>(), I, dx.data_ptr<T>() + t0 * B * I, I, false,
                nullptr, nt_all);
-    if (need_dw) {
+#ifdef RNNKIT_OWN_GEMM
+    if constexpr (std::is_same_v<T, float>) if (need_dw && own_dw) {
+      const bool acc = t1 < T_;
+      // Z's rows k of the chunk: x; and h_{t-1} (h0 / y[t0 - 1] for the first B rows, then y),
+      // or under recurrent dropout h_{t-1} ⊙ m gathered as below
+      const float* xs = x.data_ptr<float>() + t0 * B * I;
+      at::Tensor hmask;
+      if (rmask.defined()) {
+        hmask = at::empty({n, B, H}, opts);
+        hmask[0].copy_(t0 == 0 ? h0 : y[t0 - 1]);
+        if (n > 1) hmask.narrow(0, 1, n - 1).copy_(y.narrow(0, t0, n - 1));
+        hmask.mul_(rmask);
+      }
+      const float* h_first = hmask.defined() ? hmask.data_ptr<float>() : (const float*)hp0;
+      const float* h_rest = hmask.defined() ? h_first + B * H
+                                            : (const float*)(yp + t0 * B * H);
+      // C rows [r0, r1) (+)= At Z over chunk rows [k0, k0 + kk), Z's rows split where the
+      // previous states move from h_first to h_rest (row B)
+      auto prev_states = [&](const float* At, int64_t ldat, int64_t r0, int64_t r1, int64_t k0,
+                             int64_t kk, float* C, int64_t ldc) {
+        const int64_t ks = std::clamp<int64_t>(B - k0, 0, kk);  // rows from h_first
+        if (ks > 0)
+          gemm_cols(r1 - r0, H, ks, At, ldat, h_first + k0 * H, H, C + r0 * ldc, ldc,
+                    acc || k0 > 0);
+        if (kk > ks)
+          gemm_cols(r1 - r0, H, kk - ks, At + ks, ldat, h_rest + (k0 + ks - B) * H, H, C + r0 * ldc,
+                  ldc, acc || k0 + ks > 0);
+      };
+      float* dwi = dwih.data_ptr<float>();
+      float* dwh = dwhh.data_ptr<float>();
+      auto input = [&](const float* At, int64_t ldat, int64_t r0, int64_t r1, int64_t k0,
+                       int64_t kk) {
+        gemm_cols(r1 - r0, I, kk, At, ldat, xs + k0 * I, I, dwi + r0 * I, I, acc || k0 > 0);
+      };
+      if (gru_after) {  // dW_hh from d(W_hh h + b_hh), dW_ih from d(x-part)
+        own_weight_grads(nB, GH, (const float*)dgp, GH, nt_all, input);
+        own_weight_grads(nB, GH, dgh.data_ptr<float>(), GH, nt_all,
+                         [&](const float* At, int64_t ldat, int64_t r0, int64_t r1, int64_t k0,
+                             int64_t kk) { prev_states(At, ldat, r0, r1, k0, kk, dwh, H); });
+      } else if (cf.kind == GRU) {  // reset before: W_hn multiplied r ⊙ h (extra), not h
+        const float* rh = (const float*)ep + t0 * B * H;
+        own_weight_grads(nB, GH, (const float*)dgp, GH, nt_all,
+                         [&](const float* At, int64_t ldat, int64_t r0, int64_t r1, int64_t k0,
+                             int64_t kk) {
+          input(At, ldat, r0, r1, k0, kk);
+          const int64_t rs = std::clamp<int64_t>(2 * H, r0, r1);  // rows of r, z: h_{t-1}
+          if (rs > r0) prev_states(At, ldat, r0, rs, k0, kk, dwh, H);
+          if (r1 > rs)
+            gemm_cols(r1 - rs, H, kk, At + (rs - r0) * ldat, ldat, rh + k0 * H, H, dwh + rs * H, H,
+                    acc || k0 > 0);
+        });
+      } else {
+        own_weight_grads(nB, GH, (const float*)dgp, GH, nt_all,
+                         [&](const float* At, int64_t ldat, int64_t r0, int64_t r1, int64_t k0,
+                             int64_t kk) {
+          input(At, ldat, r0, r1, k0, kk);
+          prev_states(At, ldat, r0, r1, k0, kk, dwh, H);
+        });
+      }
+    }
+#endif
+    if (need_dw && !own_dw) {
       const bool acc = t1 < T_;  // later chunks add to the first one's weight gradients
       // dW_ih^T (I, GH) = X^T (I, nB) dG (nB, GH), stored transposed tile by tile (no pass)
       at::Tensor xT = x.narrow(0, t0, n).reshape({nB, I}).t().contiguous();
@@ -2736,13 +2900,14 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
         pgemm_tout<T>(H, GH, nB, hT.data_ptr<T>(), nB, dhp, GH, dwhh.data_ptr<T>(), H, nt_all,
                       acc);
       }
-      if (has_bias) {
-        at::Tensor s = dg.narrow(0, 0, n).reshape({nB, GH}).sum(0);
-        dbih = acc ? dbih.add_(s) : s;
-        if (gru_after) {
-          at::Tensor sh = dgh.narrow(0, 0, n).reshape({nB, GH}).sum(0);
-          dbhh = acc ? dbhh.add_(sh) : sh;
-        }
+    }
+    if (need_dw && has_bias) {
+      const bool acc = t1 < T_;
+      at::Tensor s = dg.narrow(0, 0, n).reshape({nB, GH}).sum(0);
+      dbih = acc ? dbih.add_(s) : s;
+      if (gru_after) {
+        at::Tensor sh = dgh.narrow(0, 0, n).reshape({nB, GH}).sum(0);
+        dbhh = acc ? dbhh.add_(sh) : sh;
       }
     }
     if (t0 == 0) break;
@@ -2750,7 +2915,7 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   }
   sum_dpw_blocks();
   if (need_dw) {
-    if (cf.kind == GRU && cf.before) dwhh = dwhhT.t().contiguous();
+    if (cf.kind == GRU && cf.before && !own_dw) dwhh = dwhhT.t().contiguous();
     if (has_bias && !gru_after) dbhh = dbih;
   }
   return {dx, dhs, dcs, dwih, dwhh, dbih, dbhh, dpw};
