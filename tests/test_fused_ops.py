@@ -493,7 +493,8 @@ def test_export_layer_norm_without_lengths():
 
 def _layer_norm_args(kind, peephole=False, coupled=False, before=False, batch_sizes=(),
                      grad=True):
-    """rnnkit_ln::layer_forward's arguments: T=4, B=3, H=5, float64."""
+    """rnnkit_ln::layer_forward's arguments: T=4, B=3, H=5, float64 (the LSTM: the raw
+    projection and the input LN's gain and bias, which its kernel applies)."""
     gen = torch.Generator().manual_seed(0)
     gates = (3 if coupled else 4) * 5 if kind == 1 else 15
 
@@ -505,6 +506,7 @@ def _layer_norm_args(kind, peephole=False, coupled=False, before=False, batch_si
     return (kind, peephole, coupled, before, rand(4, 3, gates), rand(3, 5),
             rand(3, 5) if lstm else None, rand(gates, 5), rand(gates).add(1), rand(gates),
             rand(5).add(1) if lstm else None, rand(5) if lstm else None, peep,
+            rand(gates).add(1) if lstm else None, rand(gates) if lstm else None,
             batch_sizes, True, 0)
 
 
@@ -532,7 +534,7 @@ def test_opcheck_layer_norm_operators(name):
         args = list(_layer_norm_args(**options, batch_sizes=batch_sizes))
         torch.library.opcheck(ln_ops().layer_forward.default, tuple(args))
         lengths = list(args)
-        lengths[13] = torch.tensor([4, 3, 2]) if batch_sizes else torch.tensor([4, 4, 4])
+        lengths[15] = torch.tensor([4, 3, 2]) if batch_sizes else torch.tensor([4, 4, 4])
         torch.library.opcheck(ln_ops().layer_forward_lengths.default, tuple(lengths))
         # the lengths operator is the batch-sizes one
         for got, want in zip(ln_ops().layer_forward_lengths(*lengths), ln_ops().layer_forward(*args)):
@@ -540,8 +542,9 @@ def test_opcheck_layer_norm_operators(name):
         plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
         y, h, c, acts, ahat, stats, cells = ln_ops().layer_forward(*plain)
         backward = (*plain[:4], plain[5], plain[6], plain[7], plain[8], plain[9], plain[10],
-                    plain[12], batch_sizes, y, acts, ahat, stats, cells, torch.randn_like(y),
-                    torch.randn_like(h), torch.randn_like(c) if lstm else None, 0)
+                    plain[12], plain[13], batch_sizes, y, acts, ahat, stats, cells,
+                    plain[4] if lstm else None, torch.randn_like(y), torch.randn_like(h),
+                    torch.randn_like(c) if lstm else None, 0)
         torch.library.opcheck(ln_ops().layer_backward.default, backward)
     a, b = torch.randn(7, 5, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
     torch.library.opcheck(ln_ops().matmul.default, (a.float(), b.float()))

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.cells.base import CellSpec
-from rnnkit.native import first_derivative_only
+from rnnkit.native import first_derivative_only, tracing
 
 NAMESPACE = "rnnkit_fused"
 
@@ -163,6 +163,8 @@ def run(
     traced = isinstance(batch_sizes, Tensor)
     forward = (torch.ops.rnnkit_fused.layer_forward_lengths if traced
                else torch.ops.rnnkit_fused.layer_forward)
+    if training and not traced and not tracing():  # (the same backward, without the call cost
+        forward = _eager_forward.apply  # of torch.library's registered autograd: eager_node)
     y, h, c, *_ = forward(
         *cfg.args(), x, state0[0], c0, w_ih, w_hh, b_ih, b_hh, peephole_weights(cfg, params),
         recurrent, keep_h, keep_c, batch_sizes if traced else (batch_sizes or []), training,
@@ -373,13 +375,15 @@ def _backward(ctx: Any, grad_y: Tensor, grad_h: Tensor, grad_c: Tensor, *_: Tens
 
 
 _library: torch.library.Library | None = None
+_eager_forward: Any = None  # (eager_node of layer_forward)
 
 
 def register() -> None:
     """Fake kernels and autograd for the operators; called once after the library is loaded."""
-    global _library
+    global _library, _eager_forward
     _library = torch.library.Library(NAMESPACE, "FRAGMENT")  # (kept: it owns the definitions)
     ops = getattr(torch.ops, NAMESPACE)
+    _eager_forward = eager_node(ops.layer_forward.default, _setup_context, _backward)
     define_lengths_operator(_library, ops.layer_forward, "x")
     define_lengths_operator(_library, ops.layer_backward, "x")
     torch.library.register_fake(f"{NAMESPACE}::layer_forward_lengths")(_forward_fake)
