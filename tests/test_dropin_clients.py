@@ -865,3 +865,12 @@ def test_quantize_dynamic_leaves_rnnkit_layers_alone_and_converts_through_to_tor
         quantized = torch.ao.quantization.quantize_dynamic(model, {nn.LSTM})
         assert type(quantized[0]) is torch.ao.nn.quantized.dynamic.LSTM
         torch.testing.assert_close(quantized[0](x)[0], want, rtol=0, atol=0.05)
+
+
+def test_an_old_positional_reset_or_backend_is_named_not_taken_for_a_device():
+    """GRU's 8th and RNN's 9th positional arguments were rnnkit's reset and backend before they
+    took torch.nn's order (device): such a call says so rather than failing on the device."""
+    with pytest.raises(TypeError, match="reset is keyword-only"):
+        rnnkit.GRU(3, 4, 1, True, False, 0.0, False, "before")
+    with pytest.raises(TypeError, match="backend is keyword-only"):
+        rnnkit.RNN(3, 4, 1, "tanh", True, False, 0.0, False, "bptt")

@@ -145,6 +145,8 @@ LAYERS = {
     "GRU": (rnnkit.GRU, torch.nn.GRU, {}),
     "LSTM peephole": (rnnkit.LSTM, None, {"peephole": True}),
     "GRU before": (rnnkit.GRU, None, {"reset": "before"}),
+    "LSTM layer norm": (rnnkit.LSTM, None, {"layer_norm": True}),
+    "GRU layer norm": (rnnkit.GRU, None, {"layer_norm": True}),
 }
 
 
@@ -165,6 +167,10 @@ def test_empty_batch_gives_empty_results_like_torch(backend, name, dtype):
     assert output.shape == (3, 0, 8) and packed_output.shape == (3, 0, 8)
     assert all(f.shape == (4, 0, 4) for f in finals)
     assert x.grad is not None and x.grad.shape == x.shape
+    # no row, no gradient: exact zeros as torch.nn gives (the weight-gradient GEMMs have K = 0)
+    for parameter_name, parameter in layer.named_parameters():
+        assert parameter.grad is not None, parameter_name
+        assert not parameter.grad.any(), parameter_name
     if theirs is not None and dtype != torch.bfloat16:
         reference = theirs(5, 4, num_layers=2, bidirectional=True).to(dtype)
         expected, expected_final = reference(x)

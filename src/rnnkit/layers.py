@@ -629,6 +629,9 @@ class RNN(RecurrentLayer):
         *,  # (torch.nn.RNN's positional order; then rnnkit's)
         backend: str | None = None, orthogonal: str | None = None, **regularisers: Any,
     ) -> None:
+        if device in ("fused", "bptt", "reference"):  # (before session 11 the 9th was backend)
+            raise TypeError(f"RNN(): backend is keyword-only (backend={device!r}); the 9th "
+                            "positional argument is torch.nn.RNN's device")
         if orthogonal is not None and orthogonal not in ORTHOGONAL_MAPS:
             raise ValueError(f"orthogonal must be one of {', '.join(ORTHOGONAL_MAPS)} or None, "
                              f"got {orthogonal!r}")
@@ -774,6 +777,9 @@ class GRU(RecurrentLayer):
         reset: str = "after", backend: str | None = None, layer_norm: bool = False,
         **regularisers: Any,
     ) -> None:
+        if device in ("after", "before"):  # (before session 11 the 8th argument was reset)
+            raise TypeError(f"GRU(): reset is keyword-only (reset={device!r}); the 8th "
+                            "positional argument is torch.nn.GRU's device")
         self.reset = reset
         self.layer_norm = layer_norm
         super().__init__(gru_math(reset, layer_norm, bias), input_size, hidden_size, num_layers,

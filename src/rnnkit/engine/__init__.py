@@ -136,9 +136,8 @@ def run_layer(
         threads.adapt()
     if isinstance(batch_sizes, Tensor):  # a traced graph: the sorted lengths (lengths.Ragged)
         if name != "fused":
-            raise ValueError(f"the {name!r} engine reads the lengths in Python, so lengths= "
-                             "cannot be traced (torch.compile / torch.export) with it; use the "
-                             "'fused' engine")
+            raise ValueError(f"lengths= is traced (torch.compile / torch.export) by the "
+                             f"'fused' engine only, not the {name!r} one")
         x = zero_padding(x, batch_sizes)
     elif batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes):
         x = zero_padding(x, list(batch_sizes))  # (the padding's NaN must not reach dW_ih)

@@ -182,7 +182,7 @@ def _backward(ctx: Any, d_y: Tensor | None, d_h: Tensor | None, d_c: Tensor | No
         """(T, B, H) of the value at t − 1 (``first`` at t = 0), 0 for inactive rows."""
         return zero_padding(torch.cat((first.unsqueeze(0), seq[:-1])), ragged)
 
-    flat_da = d_a.view(rows, -1)
+    flat_da = d_a.view(rows, d_a.shape[-1])  # (not -1: a batch of 0 rows)
     if before:
         h_prev = previous(h0, y)
         reset_h = acts[..., :hidden] * h_prev

@@ -2713,9 +2713,13 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
 #endif
   if (need_dx) dx = at::empty({T_, B, I}, opts);
   if (need_dw) {
-    dwih = at::empty({GH, I}, opts);
+    // (a batch of 0 rows: own_weight_grads has no K to write them with; pgemm_tout zeroes)
+    const auto alloc = [&](at::IntArrayRef sizes) {
+      return own_dw && B == 0 ? at::zeros(sizes, opts) : at::empty(sizes, opts);
+    };
+    dwih = alloc({GH, I});
     if (cf.kind == GRU && cf.before && !own_dw) dwhhT = at::empty({H, GH}, opts);
-    else dwhh = at::empty({GH, H}, opts);
+    else dwhh = alloc({GH, H});
   }
   // (with zoneout the Elman activation's derivative needs h~, saved over the gates, not y)
   const at::Tensor& h_new = cf.kind == RNN && R.kh ? acts : y;
