@@ -189,6 +189,17 @@ def _batch_sizes(lengths: Tensor, steps: int) -> list[int]:
     return batch_sizes_for(lengths.cpu(), steps) or []
 
 
+def layer_backwards_first_derivative_only(namespace: str, kernel: str) -> None:
+    """``<namespace>::layer_backward`` and its lengths twin raise on a second differentiation
+    (:func:`rnnkit.native.first_derivative_only`), naming ``kernel``."""
+    for backward in ("layer_backward", "layer_backward_lengths"):
+        first_derivative_only(
+            f"{namespace}::{backward}",
+            f"the {kernel}'s hand-derived backward is not twice differentiable (a double "
+            "backward: create_graph=True differentiated again); backend='reference' runs "
+            "plain torch ops that are")
+
+
 def define_lengths_operator(library: torch.library.Library, operator: Any, steps_from: str
                             ) -> str:
     """Defines ``<name>_lengths`` in ``library``: the C++ ``operator`` (an OpOverloadPacket with
@@ -398,9 +409,4 @@ def register() -> None:
     torch.library.register_fake(f"{NAMESPACE}::layer_forward_packed")(_forward_packed_fake)
     torch.library.register_autograd(f"{NAMESPACE}::layer_forward", _backward,
                                     setup_context=_setup_context)
-    for backward in ("layer_backward", "layer_backward_lengths"):
-        first_derivative_only(
-            f"{NAMESPACE}::{backward}",
-            "the fused kernel's hand-derived backward is not twice differentiable (a double "
-            "backward: create_graph=True differentiated again); backend='reference' runs "
-            "plain torch ops that are")
+    layer_backwards_first_derivative_only(NAMESPACE, "fused kernel")

@@ -28,9 +28,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.cells.base import CellSpec
-from rnnkit.engine.fused._function import define_lengths_operator, eager_node
+from rnnkit.engine.fused._function import (
+    define_lengths_operator,
+    eager_node,
+    layer_backwards_first_derivative_only,
+)
 from rnnkit.engine.lengths import zero_padding
-from rnnkit.native import NativeExtension, first_derivative_only, tracing
+from rnnkit.native import NativeExtension, tracing
 
 NAMESPACE = "rnnkit_ln"
 
@@ -267,12 +271,7 @@ def register(ops: Any) -> None:
     for forward in ("layer_forward", "layer_forward_lengths"):
         torch.library.register_autograd(f"{NAMESPACE}::{forward}", _backward,
                                         setup_context=_setup_context)
-    for backward in ("layer_backward", "layer_backward_lengths"):
-        first_derivative_only(
-            f"{NAMESPACE}::{backward}",
-            "the layer-normalised kernel's hand-derived backward is not twice differentiable (a "
-            "double backward: create_graph=True differentiated again); backend='reference' runs "
-            "plain torch ops that are")
+    layer_backwards_first_derivative_only(NAMESPACE, "layer-normalised kernel")
 
 
 def run(spec: CellSpec, x: Tensor, state0: Sequence[Tensor], params: Sequence[Tensor | None],
