@@ -324,8 +324,8 @@ def run_step(
     The short path matters: at batch 1 most of a step's time is per-call overhead, so the
     variant's kernel config is looked up once per cell math object and nothing else is checked.
     """
-    if getattr(spec, "layer_norm", False):
-        return None  # (the layer path: its input LN lives in engine.run_layer)
+    if getattr(spec, "layer_norm", False):  # (their own step: rnnkit_ln::step)
+        return _layer_norm.run_step(spec, x, state, params)
     cfg = getattr(spec, "_fused_step_config", None)
     if cfg is None:
         if (unavailable_reason(spec, x.dtype, x.device) is not None or _build.load() is None

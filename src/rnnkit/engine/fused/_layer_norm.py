@@ -318,3 +318,46 @@ def run(spec: CellSpec, x: Tensor, state0: Sequence[Tensor], params: Sequence[Te
     y, h, c, *_ = forward(*variant, gx, state0[0], c0, w_hh, ln_weight, ln_bias, cell_weight,
                           cell_bias, peep, in_weight, in_bias, ragged, training, loop_threads)
     return y, ((h, c) if lstm else (h,))
+
+
+def run_step(math: Any, x: Tensor, state: Sequence[Tensor],
+             params: Sequence[Tensor | None]) -> tuple[Tensor, ...] | None:
+    """One step (B, I) of a layer-normalised cell through ``rnnkit_ln::step``, without autograd
+    (the caller checked nothing needs a gradient); None where it cannot run (no extension, dtype,
+    device), so the caller takes the layer path.
+
+    ``params`` is the cell's ``(w_ih, w_hh, None, None, ln_ih_weight, ln_ih_bias, ln_hh_weight,
+    ln_hh_bias, [ln_cell_weight, ln_cell_bias,] *peepholes)``. The whole step — both products,
+    the three layer norms and the gates — is one C++ call, against ~25 torch ops through the
+    layer path; the variant is looked up once per math object (building its spec costs ~10 us).
+    """
+    variant = math.__dict__.get("_ln_step_variant")
+    if variant is None:
+        if load() is None:
+            return None
+        variant = math.__dict__["_ln_step_variant"] = KERNELS[math.spec]
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or tracing():
+        return None  # (traced: the layer path, whose operators have fake kernels)
+    w_ih, w_hh, _, _, in_weight, in_bias, ln_weight, ln_bias, *rest = params
+    if variant[0] == 1:
+        cell_weight, cell_bias, *peepholes = rest
+        c = state[1]
+    else:
+        cell_weight = cell_bias = c = None
+        peepholes = []
+    peep = torch.stack(peepholes) if peepholes else None
+    h, c = _step_op()(*variant, x, state[0], c, w_ih, w_hh, in_weight, in_bias, ln_weight,
+                      ln_bias, cell_weight, cell_bias, peep, loop_threads)
+    return (h, c) if variant[0] == 1 else (h,)
+
+
+_STEP: Any = None
+
+
+def _step_op() -> Any:
+    """``rnnkit_ln::step``'s C++ entry, looked up once (``OpOverload.__call__`` is one Python frame
+    more per call; its ``_op`` is the builtin it forwards to)."""
+    global _STEP
+    if _STEP is None:
+        _STEP = torch.ops.rnnkit_ln.step.default._op
+    return _STEP
