@@ -139,8 +139,8 @@ def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str
 def normalises_input(spec: Any, x: Tensor) -> bool:
     """Whether :func:`run_layer` takes a layer-normalised ``spec``'s raw input and all its
     parameters and applies the input LN in its kernel (``_layer_norm.normalises_input``: the
-    LSTM), rather than ``x = LN(x W_ih^T)`` from the engine. False wherever the kernel cannot
-    run (the engine then falls back to ``bptt``, which needs the input normalised)."""
+    LSTM, the reset-after GRU), rather than ``x = LN(x W_ih^T)`` from the engine. False wherever
+    the kernel cannot run (the engine then falls back to ``bptt``, which needs the input normalised)."""
     return (getattr(spec, "layer_norm", False)
             and unavailable_reason(spec, x.dtype, x.device) is None
             and _layer_norm.normalises_input(_function.spec_of(spec)))
@@ -166,7 +166,7 @@ def run_layer(
     """
     if bf16 and route_of(spec, bf16=True) != "kernel":
         raise ValueError(f"no bfloat16 kernel for {spec_of(spec)}")
-    if getattr(spec, "layer_norm", False):  # (x: LN(x W_ih^T) or, LSTM, x: normalises_input)
+    if getattr(spec, "layer_norm", False):  # (x: LN(x W_ih^T), or x: normalises_input)
         if masks is not None:  # (the layers refuse this combination; a direct call is told so)
             raise ValueError("the layer-normalised cells take no recurrent dropout or zoneout")
         if _layer_norm.load() is None:

@@ -1,8 +1,10 @@
 // The time loop of the layer-normalised LSTM and GRU (issue 12; math in cells/layer_norm.py).
 //
-//   input side:  the GRU gets gx = LN(x W_ih^T) computed before the loop (engine.run_layer,
-//                autograd); the LSTM gets the raw projection x W_ih^T (T, B, G*H) and normalises
-//                each row in the loop (the input LN's backward too)
+//   input side:  the LSTM and the reset-after GRU get the raw projection x W_ih^T (T, B, G*H)
+//                and normalise each row in the loop (the input LN's backward too); the
+//                reset-before GRU gets gx = LN(x W_ih^T) computed before the loop
+//                (engine.run_layer, autograd): its d(gx_r) is formed only after the n block's
+//                product, a second pass over the rows
 //   forward:     per step a = h_{t-1} W_hh^T, LN over each row, the gates, (LSTM) LN of the cell
 //   backward:    the hand-derived step backward in reverse time; it returns d(gx) (the LSTM:
 //                d(x W_ih^T)) and d(a) (the gradient before the recurrent LN); the W_hh
@@ -540,19 +542,19 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
         const T* gxr = gxp + row * GH;
         T* hr = hp + b * H;
         T rstd = 0;
+        if (iw) {  // the input LN of this row, where the row is in cache anyway
+          T mean_x, rstd_x;
+          ln_stats(gxr, GH, &mean_x, &rstd_x);
+          T* xn = xnorm.data();
+          for (int64_t j = 0; j < GH; ++j) xn[j] = (gxr[j] - mean_x) * rstd_x * iw[j] + ib[j];
+          gxr = xn;
+          if (training) {
+            stp[row * kStats + 2] = mean_x;
+            stp[row * kStats + 3] = rstd_x;
+          }
+        }
         if (lstm) {
           T* cr = cp + b * H;
-          if (iw) {  // the input LN of this row, where the row is in cache anyway
-            T mean_x, rstd_x;
-            ln_stats(gxr, GH, &mean_x, &rstd_x);
-            T* xn = xnorm.data();
-            for (int64_t j = 0; j < GH; ++j) xn[j] = (gxr[j] - mean_x) * rstd_x * iw[j] + ib[j];
-            gxr = xn;
-            if (training) {
-              stp[row * kStats + 2] = mean_x;
-              stp[row * kStats + 3] = rstd_x;
-            }
-          }
           ln_row(ap + r * GH, lw, lb, GH, gh.data(), ah.data(), &rstd);
           // blocks i, f, g, o (coupled: i, g, o). One simple loop per function, so that each
           // vectorises (a loop mixing sigm, tanh and variant branches does not).
@@ -753,13 +755,6 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
           }
           ln_row_backward_acc(dgx, ahp + row * GH, stp[row * kStats], lw, GH, dap + row * GH,
                               glp + b0 * 2 * GH);
-          if (iw) {  // through the input LN: d(gx) -> d(x W_ih^T), in place; x_hat recomputed
-            const T* pr = prp + row * GH;
-            const T mean_x = stp[row * kStats + 2], rstd_x = stp[row * kStats + 3];
-            T* xh = xhat.data();
-            for (int64_t j = 0; j < GH; ++j) xh[j] = (pr[j] - mean_x) * rstd_x;
-            ln_row_backward_acc(dgx, xh, rstd_x, iw, GH, dgx, gip + b0 * 2 * GH);
-          }
         } else {
           for (int64_t j = 0; j < H; ++j) {
             const T dh_ = dhr[j] + gy[j];
@@ -786,6 +781,14 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
                             H, dap + row * GH + 2 * H);
             for (int64_t j = 0; j < H; ++j) dzh[r * H + j] = tmp[j] * ac[H + j];  // dh * z
           }
+        }
+        if (iw) {  // through the input LN: d(gx) -> d(x W_ih^T), in place; x_hat recomputed
+          // (not GRU-before: its d(gx_r) is formed after the n block's product, below)
+          const T* pr = prp + row * GH;
+          const T mean_x = stp[row * kStats + 2], rstd_x = stp[row * kStats + 3];
+          T* xh = xhat.data();
+          for (int64_t j = 0; j < GH; ++j) xh[j] = (pr[j] - mean_x) * rstd_x;
+          ln_row_backward_acc(dgx, xh, rstd_x, iw, GH, dgx, gip + b0 * 2 * GH);
         }
       }
       if (lstm || !v.before) {
@@ -843,9 +846,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
   // With the input LN's gain and bias, gx is the raw projection x W_ih^T and the kernel
   // normalises each row where it reads it: F.layer_norm over all T*B rows beforehand cost two
   // extra passes over a (T, B, G*H) array in memory, and a fresh one each way, forward and
-  // backward (LSTM only; the GRU gets LN(x W_ih^T) as before).
-  TORCH_CHECK(ln_ih_weight.has_value() == ln_ih_bias.has_value() && (!ln_ih_weight || lstm),
-              "rnnkit_ln: the input LN's weight and bias come together, for the LSTM");
+  // backward (LSTM and GRU-after; the GRU-before gets LN(x W_ih^T) as before).
+  TORCH_CHECK(ln_ih_weight.has_value() == ln_ih_bias.has_value() && (!ln_ih_weight || !before),
+              "rnnkit_ln: the input LN's weight and bias come together, not for the GRU-before");
   TORCH_CHECK(gx.dim() == 3 && gx.size(2) == v.gates() * h0.size(1),
               "rnnkit_ln: gx must be (T, B, G*H)");
   TORCH_CHECK(!lstm || (c0 && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c0 and the cell LN");
@@ -891,8 +894,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
     const std::optional<Tensor>& grad_c_n, int64_t threads) {
   const Variant v = variant_of(kind, peephole, coupled, before);
   const bool lstm = kind == kLSTM;
-  TORCH_CHECK(ln_ih_weight.has_value() == projection.has_value() && (!ln_ih_weight || lstm),
-              "rnnkit_ln: the input LN's weight and the projection come together, for the LSTM");
+  TORCH_CHECK(ln_ih_weight.has_value() == projection.has_value() && (!ln_ih_weight || !before),
+              "rnnkit_ln: the input LN's weight and the projection come together, not for the "
+              "GRU-before");
   const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), GH = v.gates() * H;
   Tensor dh = grad_h_n ? grad_h_n->contiguous().clone() : at::zeros({batch, H}, y.options());
   Tensor dc = lstm ? (grad_c_n ? grad_c_n->contiguous().clone()
