@@ -252,6 +252,11 @@ def _backward_fake(kind: int, peephole: bool, coupled: bool, before: bool, h0: T
     )
 
 
+def _step_fake(kind: int, peephole: bool, coupled: bool, before: bool, x: Tensor, h: Tensor,
+               c: Tensor | None, *_: Any) -> tuple[Tensor, Tensor]:
+    return h.new_empty(h.shape), h.new_empty(h.shape) if kind == 1 else _empty(h)
+
+
 def _matmul_fake(a: Tensor, b: Tensor) -> Tensor:
     return a.new_empty((a.shape[0], b.shape[1]))
 
@@ -269,7 +274,8 @@ def register(ops: Any) -> None:
     define_lengths_operator(_library, ops.layer_backward, "y")
     for name, fake in (("layer_forward", _forward_fake), ("layer_backward", _backward_fake),
                        ("layer_forward_lengths", _forward_fake),
-                       ("layer_backward_lengths", _backward_fake), ("matmul", _matmul_fake)):
+                       ("layer_backward_lengths", _backward_fake), ("matmul", _matmul_fake),
+                       ("step", _step_fake)):
         torch.library.register_fake(f"{NAMESPACE}::{name}")(fake)
     for forward in ("layer_forward", "layer_forward_lengths"):
         torch.library.register_autograd(f"{NAMESPACE}::{forward}", _backward,
