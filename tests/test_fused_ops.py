@@ -493,20 +493,20 @@ def test_export_layer_norm_without_lengths():
 
 def _layer_norm_args(kind, peephole=False, coupled=False, before=False, batch_sizes=(),
                      grad=True):
-    """rnnkit_ln::layer_forward's arguments: T=4, B=3, H=5, float64 (the LSTM: the raw
-    projection and the input LN's gain and bias, which its kernel applies)."""
+    """rnnkit_ln::layer_forward's arguments: T=4, B=3, H=5, float64 (the LSTM and GRU-after:
+    the raw projection and the input LN's gain and bias, which their kernel applies)."""
     gen = torch.Generator().manual_seed(0)
     gates = (3 if coupled else 4) * 5 if kind == 1 else 15
 
     def rand(*shape):
         return torch.rand(*shape, generator=gen, dtype=torch.float64).sub(0.5).requires_grad_(grad)
 
-    lstm = kind == 1
+    lstm, input_ln = kind == 1, not before
     peep = rand(2 if coupled else 3, 5) if peephole else None
     return (kind, peephole, coupled, before, rand(4, 3, gates), rand(3, 5),
             rand(3, 5) if lstm else None, rand(gates, 5), rand(gates).add(1), rand(gates),
             rand(5).add(1) if lstm else None, rand(5) if lstm else None, peep,
-            rand(gates).add(1) if lstm else None, rand(gates) if lstm else None,
+            rand(gates).add(1) if input_ln else None, rand(gates) if input_ln else None,
             batch_sizes, True, 0)
 
 
@@ -543,11 +543,40 @@ def test_opcheck_layer_norm_operators(name):
         y, h, c, acts, ahat, stats, cells = ln_ops().layer_forward(*plain)
         backward = (*plain[:4], plain[5], plain[6], plain[7], plain[8], plain[9], plain[10],
                     plain[12], plain[13], batch_sizes, y, acts, ahat, stats, cells,
-                    plain[4] if lstm else None, torch.randn_like(y), torch.randn_like(h),
+                    plain[4] if plain[13] is not None else None, torch.randn_like(y),
+                    torch.randn_like(h),
                     torch.randn_like(c) if lstm else None, 0)
         torch.library.opcheck(ln_ops().layer_backward.default, backward)
     a, b = torch.randn(7, 5, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
     torch.library.opcheck(ln_ops().matmul.default, (a.float(), b.float()))
+
+
+@pytest.mark.parametrize("name", list(LAYER_NORM_OPERATOR_CASES))
+def test_opcheck_layer_norm_step(name):
+    """rnnkit_ln::step (the no-grad cell step): schema and fake kernel (it has no autograd: the
+    cell takes the layer path when a gradient is needed), and its h, c are the layer kernel's
+    at T = 1 from the same raw projection."""
+    options = LAYER_NORM_OPERATOR_CASES[name]
+    lstm = options["kind"] == 1
+    args = [a.detach() if isinstance(a, torch.Tensor) else a
+            for a in _layer_norm_args(**options, grad=False)]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 4, generator=gen, dtype=torch.float64)
+    w_ih = torch.rand(args[7].shape[0], 4, generator=gen, dtype=torch.float64)
+    gates = w_ih.shape[0]
+    in_w = args[13] if args[13] is not None else torch.rand(gates, dtype=torch.float64).add(1)
+    in_b = args[14] if args[14] is not None else torch.rand(gates, dtype=torch.float64)
+    step = (*args[:4], x, args[5], args[6], w_ih, args[7], in_w, in_b, *args[8:13], 0)
+    torch.library.opcheck(ln_ops().step.default, step,
+                          test_utils=("test_schema", "test_faketensor"))
+    h, c = ln_ops().step(*step)
+    gx = torch.nn.functional.layer_norm(x @ w_ih.t(), (gates,), in_w, in_b)
+    layer = list(args)
+    layer[4], layer[13], layer[14], layer[16] = gx.unsqueeze(0), None, None, False
+    _, h_want, c_want, *_ = ln_ops().layer_forward(*layer)
+    torch.testing.assert_close(h, h_want)
+    if lstm:
+        torch.testing.assert_close(c, c_want)
 
 
 @pytest.mark.parametrize("operators, name", [

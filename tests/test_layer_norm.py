@@ -291,15 +291,19 @@ def test_without_the_kernel_the_fused_backend_takes_bptt_and_says_why(module, mo
     torch.testing.assert_close(out, layer(x)[0], rtol=0, atol=0)
 
 
-def test_the_lstm_kernel_normalises_the_input_itself_and_matches_f_layer_norm(monkeypatch):
-    """The fused LSTM takes x W_ih^T and applies the input LN per row in its loop (forward and
-    backward): the same outputs and gradients as the input normalised beforehand (F.layer_norm);
-    peepholes, so that their gradients (now summed in the loop) are compared too."""
+@pytest.mark.parametrize("form", ["lstm_peephole", "gru_after"])
+def test_the_kernel_normalises_the_input_itself_and_matches_f_layer_norm(form, monkeypatch):
+    """The fused LSTM and reset-after GRU take x W_ih^T and apply the input LN per row in their
+    loop (forward and backward): the same outputs and gradients as the input normalised
+    beforehand (F.layer_norm); peepholes, so that their gradients (now summed in the loop) are
+    compared too. (The reset-before GRU gets it normalised: checked it stays so.)"""
     monkeypatch.setattr(_layer_norm, "BRGEMM_MIN_MACS", 1)  # (and the tiled products)
-    layer = _layer("lstm_peephole", 6, 20, dtype=torch.float32)
+    layer = _layer(form, 6, 20, dtype=torch.float32)
     math = layer.math
     params = tuple(layer.layer_params(0, 0))
     assert fused.normalises_input(math, torch.zeros(1, dtype=torch.float32))
+    before = math_for(CellSpec("gru", reset="before", layer_norm=True))
+    assert not fused.normalises_input(before, torch.zeros(1))
     x = torch.randn(7, 13, 6, requires_grad=True)
     state0 = tuple(torch.randn(13, 20, requires_grad=True) for _ in math.state_names)
     leaves = [x, *state0, *(p for p in params if p is not None)]
@@ -415,3 +419,105 @@ def test_tiled_products_give_the_layers_gradients(form, monkeypatch):
         results.append([out, *torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])])
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _cell(form: str, inputs: int, hidden: int, dtype=torch.float64, **kwargs):
+    """A layer-normalised cell with every parameter drawn (LN gains and biases off 1 and 0)."""
+    _, cell_class, options = FORMS[form]
+    cell = cell_class(inputs, hidden, layer_norm=True, **options, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return cell
+
+
+def _no_layer_path(monkeypatch):
+    """Makes the layer path (the kernel's time loop and bptt) fail, so a test sees the step op."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cell step took the layer path")
+    monkeypatch.setattr(_layer_norm, "run", refuse)
+    monkeypatch.setattr(rnnkit.engine, "run_layer", refuse)
+
+
+# (batch, inputs, hidden): 0 rows; 1 row (the streaming step: products by dot_rows, with row and
+# column tails past the 8-wide blocks); up to 4 rows (dot_rows); 7 rows (a GEMM and W_hh^T)
+STEP_SHAPES = [(0, 5, 6), (1, 37, 29), (1, 16, 64), (3, 10, 12), (7, 20, 24)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("batch,inputs,hidden", STEP_SHAPES)
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_cell_step_without_autograd_matches_the_paper_equations(form, batch, inputs, hidden,
+                                                                dtype, monkeypatch):
+    """The cell call under no_grad (rnnkit_ln::step, the lean path) against the equations
+    written with F.layer_norm in float64; also through engine.run_step (parameters that need no
+    gradient, grad mode on), and with the state left out (zeros)."""
+    torch.manual_seed(3)
+    cell = _cell(form, inputs, hidden, dtype)
+    x = torch.randn(batch, inputs, dtype=dtype)
+    state = cell.math.make_state([torch.randn(batch, hidden, dtype=dtype)
+                                  for _ in cell.math.state_names])
+    p = {name + "_l0": v.detach().double() for name, v in cell.named_parameters()}
+    _, want = _paper_step(form, x.double(), tuple(s.double() for s in state), p)
+    _, want_from_zeros = _paper_step(form, x.double(), tuple(torch.zeros_like(s).double()
+                                                             for s in state), p)
+    _no_layer_path(monkeypatch)
+    tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 1e-4}
+    with torch.no_grad():
+        out, got = cell(x, state)
+        _, got_from_zeros = cell(x)
+    cell.requires_grad_(False)
+    _, got_frozen = cell(x, state)  # (grad mode on, nothing to differentiate: engine.run_step)
+    assert out is got[0] and type(got) is type(state)
+    for new in (got, got_frozen):
+        for g, w in zip(new, want):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g.double(), w, **tol)
+    for g, w in zip(got_from_zeros, want_from_zeros):
+        torch.testing.assert_close(g.double(), w, **tol)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_cell_step_with_gradients_still_differentiates(form):
+    """A cell call that needs gradients keeps the layer path (autograd): gradcheck in float64."""
+    torch.manual_seed(4)
+    cell = _cell(form, 4, 5)
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    state = tuple(torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+                  for _ in cell.math.state_names)
+
+    def step(x, *state):
+        return tuple(cell(x, cell.math.make_state(state))[1])
+
+    assert torch.autograd.gradcheck(step, (x, *state))
+
+
+@pytest.mark.parametrize("form,place,value", [
+    (form, place, (NAN, INF, -INF)[i % 3])
+    for i, (form, place) in enumerate(itertools.product(
+        sorted(FORMS), ("input", "h", "weight_ih", "weight_hh")))
+] + [(form, place, NAN) for form in sorted(FORMS) for place in ("ln_ih_bias", "ln_hh_weight")])
+# (an infinite LN gain or bias can saturate a gate and leave the state finite)
+def test_cell_step_nonfinite_propagates_like_the_reference(form, place, value):
+    """NaN and ±inf through the no-grad step land where the reference backend's cell puts them."""
+    torch.manual_seed(5)
+    reference = _cell(form, 6, 16, torch.float32)
+    cell = _cell(form, 6, 16, torch.float32)
+    x = torch.randn(3, 6)
+    state = [torch.randn(3, 16) for _ in cell.math.state_names]
+    with torch.no_grad():
+        target = {"input": x, "h": state[0], "weight_ih": reference.weight_ih,
+                  "weight_hh": reference.weight_hh, "ln_ih_bias": reference.ln_ih_bias,
+                  "ln_hh_weight": reference.ln_hh_weight}[place]
+        target.view(-1)[target.numel() // 2 + 1] = value
+        cell.load_state_dict(reference.state_dict())
+        previous = rnnkit.engine.get_default_backend()
+        rnnkit.engine.set_default_backend("reference")
+        try:
+            _, expected = reference(x, cell.math.make_state(state))
+        finally:
+            rnnkit.engine.set_default_backend(previous)
+        _, actual = cell(x, cell.math.make_state(state))
+    assert any(not t.isfinite().all() for t in expected)
+    for name, e, a in zip(cell.math.state_names, expected, actual):
+        assert_same_values(e, a, name)

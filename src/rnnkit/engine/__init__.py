@@ -145,7 +145,8 @@ def run_layer(
         # the input LN is per row and step: once for all T·B rows, here for every backend, under
         # autograd; the backends then get x = LN(x W_ih^T) and w_ih = None
         # (the fused backend's product: the float32 GEMM tiles of its layer-norm kernel). The
-        # fused LSTM kernel applies it itself, row by row in its loop (fused.normalises_input).
+        # fused LSTM and GRU-after kernels apply it themselves, row by row in their loop
+        # (fused.normalises_input).
         x, params = normalized_input(
             x, params, fused._layer_norm.project if name == "fused" else None)
     return BACKENDS[name](math, x, state0, params, batch_sizes, masks)

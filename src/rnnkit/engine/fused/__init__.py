@@ -139,8 +139,8 @@ def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str
 def normalises_input(spec: Any, x: Tensor) -> bool:
     """Whether :func:`run_layer` takes a layer-normalised ``spec``'s raw input and all its
     parameters and applies the input LN in its kernel (``_layer_norm.normalises_input``: the
-    LSTM), rather than ``x = LN(x W_ih^T)`` from the engine. False wherever the kernel cannot
-    run (the engine then falls back to ``bptt``, which needs the input normalised)."""
+    LSTM, the reset-after GRU), rather than ``x = LN(x W_ih^T)`` from the engine. False wherever
+    the kernel cannot run (the engine then falls back to ``bptt``, which needs the input normalised)."""
     return (getattr(spec, "layer_norm", False)
             and unavailable_reason(spec, x.dtype, x.device) is None
             and _layer_norm.normalises_input(_function.spec_of(spec)))
@@ -166,7 +166,7 @@ def run_layer(
     """
     if bf16 and route_of(spec, bf16=True) != "kernel":
         raise ValueError(f"no bfloat16 kernel for {spec_of(spec)}")
-    if getattr(spec, "layer_norm", False):  # (x: LN(x W_ih^T) or, LSTM, x: normalises_input)
+    if getattr(spec, "layer_norm", False):  # (x: LN(x W_ih^T), or x: normalises_input)
         if masks is not None:  # (the layers refuse this combination; a direct call is told so)
             raise ValueError("the layer-normalised cells take no recurrent dropout or zoneout")
         if _layer_norm.load() is None:
@@ -324,8 +324,8 @@ def run_step(
     The short path matters: at batch 1 most of a step's time is per-call overhead, so the
     variant's kernel config is looked up once per cell math object and nothing else is checked.
     """
-    if getattr(spec, "layer_norm", False):
-        return None  # (the layer path: its input LN lives in engine.run_layer)
+    if getattr(spec, "layer_norm", False):  # (their own step: rnnkit_ln::step)
+        return _layer_norm.run_step(spec, x, state, params)
     cfg = getattr(spec, "_fused_step_config", None)
     if cfg is None:
         if (unavailable_reason(spec, x.dtype, x.device) is not None or _build.load() is None

@@ -1,13 +1,14 @@
 """The layer-normalised LSTM/GRU kernels (``csrc/layer_norm_rnn.cpp``) as torch operators.
 
 Operators ``torch.ops.rnnkit_ln.layer_forward`` / ``layer_backward`` / ``matmul`` (their own
-library, built on first use like the other kernels). The GRU's run the time loop from
-``gx = LN(x W_ih^T)`` (:func:`rnnkit.cells.layer_norm.normalized_input`, as every other backend);
-the LSTM's from the raw projection ``x W_ih^T``, normalising each row inside the loop, where the
-row is in cache (:func:`normalises_input`). The step backward returns d(gx) (the LSTM: d(x
-W_ih^T)) and d(W_hh h) per step, and the layer-norm gain and bias and the peephole gradients
-(summed in the loop, where each row's values are at hand); ``W_hh``'s gradient is formed here as
-one GEMM over all T·B rows, as in ``bptt``.
+library, built on first use like the other kernels). The LSTM's and the reset-after GRU's run
+the time loop from the raw projection ``x W_ih^T``, normalising each row inside the loop, where
+the row is in cache (:func:`normalises_input`); the reset-before GRU's from ``gx = LN(x W_ih^T)``
+(:func:`rnnkit.cells.layer_norm.normalized_input`, as every other backend). The step backward
+returns d(gx) (where the kernel normalises the input: d(x W_ih^T)) and d(W_hh h) per step,
+and the layer-norm gain and bias and the peephole gradients (summed in the loop, where each
+row's values are at hand); ``W_hh``'s gradient is formed here as one GEMM over all T·B rows, as
+in ``bptt``.
 
 Registered here once the library is loaded (:func:`register`), as ``_function`` does for the
 other kernels: a fake kernel for each operator (``torch.compile`` / ``torch.export`` trace them
@@ -67,10 +68,12 @@ KERNELS: dict[CellSpec, tuple[int, bool, bool, bool]] = {
 
 def normalises_input(spec: CellSpec) -> bool:
     """Whether the kernel of ``spec`` takes the raw projection ``x W_ih^T`` and applies the input
-    LN itself (the LSTM: F.layer_norm over all T·B rows beforehand, forward and backward, was
-    two more passes over a (T, B, 4H) array in memory each way), so the engine must not apply
-    it (``run`` gets the layer's input and all its parameters)."""
-    return KERNELS[spec][0] == 1
+    LN itself (F.layer_norm over all T·B rows beforehand, forward and backward, was two more
+    passes over a (T, B, G·H) array in memory each way), so the engine must not apply it
+    (``run`` gets the layer's input and all its parameters): the LSTM and the reset-after GRU.
+    Not the reset-before GRU, whose d(gx_r) the backward forms in a second pass over the rows."""
+    kind, _, _, before = KERNELS[spec]
+    return kind == 1 or not before
 
 
 def load() -> Any:
@@ -249,6 +252,11 @@ def _backward_fake(kind: int, peephole: bool, coupled: bool, before: bool, h0: T
     )
 
 
+def _step_fake(kind: int, peephole: bool, coupled: bool, before: bool, x: Tensor, h: Tensor,
+               c: Tensor | None, *_: Any) -> tuple[Tensor, Tensor]:
+    return h.new_empty(h.shape), h.new_empty(h.shape) if kind == 1 else _empty(h)
+
+
 def _matmul_fake(a: Tensor, b: Tensor) -> Tensor:
     return a.new_empty((a.shape[0], b.shape[1]))
 
@@ -266,7 +274,8 @@ def register(ops: Any) -> None:
     define_lengths_operator(_library, ops.layer_backward, "y")
     for name, fake in (("layer_forward", _forward_fake), ("layer_backward", _backward_fake),
                        ("layer_forward_lengths", _forward_fake),
-                       ("layer_backward_lengths", _backward_fake), ("matmul", _matmul_fake)):
+                       ("layer_backward_lengths", _backward_fake), ("matmul", _matmul_fake),
+                       ("step", _step_fake)):
         torch.library.register_fake(f"{NAMESPACE}::{name}")(fake)
     for forward in ("layer_forward", "layer_forward_lengths"):
         torch.library.register_autograd(f"{NAMESPACE}::{forward}", _backward,
@@ -278,9 +287,9 @@ def run(spec: CellSpec, x: Tensor, state0: Sequence[Tensor], params: Sequence[Te
         batch_sizes: Sequence[int] | Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One layer and direction; differentiable w.r.t. every input.
 
-    Where :func:`normalises_input` (the LSTM): ``x`` is the layer's input and ``params`` all the
+    Where :func:`normalises_input` (LSTM, GRU-after): ``x`` is the layer's input and ``params`` all the
     layer's ``(w_ih, w_hh, None, None, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
-    ln_cell_weight, ln_cell_bias, *peepholes)``. Otherwise ``x = LN(x W_ih^T)`` and ``params`` the
+    [ln_cell_weight, ln_cell_bias,] *peepholes)``. Otherwise ``x = LN(x W_ih^T)`` and ``params`` the
     engine's ``(None, w_hh, None, None, ln_hh_weight, ln_hh_bias, *rest)`` (the input LN already
     applied: :func:`rnnkit.cells.layer_norm.normalized_input`).
     ``batch_sizes``: see :data:`rnnkit.engine.lengths.Ragged` (a tensor: a traced graph, which
@@ -318,3 +327,46 @@ def run(spec: CellSpec, x: Tensor, state0: Sequence[Tensor], params: Sequence[Te
     y, h, c, *_ = forward(*variant, gx, state0[0], c0, w_hh, ln_weight, ln_bias, cell_weight,
                           cell_bias, peep, in_weight, in_bias, ragged, training, loop_threads)
     return y, ((h, c) if lstm else (h,))
+
+
+def run_step(math: Any, x: Tensor, state: Sequence[Tensor],
+             params: Sequence[Tensor | None]) -> tuple[Tensor, ...] | None:
+    """One step (B, I) of a layer-normalised cell through ``rnnkit_ln::step``, without autograd
+    (the caller checked nothing needs a gradient); None where it cannot run (no extension, dtype,
+    device), so the caller takes the layer path.
+
+    ``params`` is the cell's ``(w_ih, w_hh, None, None, ln_ih_weight, ln_ih_bias, ln_hh_weight,
+    ln_hh_bias, [ln_cell_weight, ln_cell_bias,] *peepholes)``. The whole step — both products,
+    the three layer norms and the gates — is one C++ call, against ~25 torch ops through the
+    layer path; the variant is looked up once per math object (building its spec costs ~10 us).
+    """
+    variant = math.__dict__.get("_ln_step_variant")
+    if variant is None:
+        if load() is None:
+            return None
+        variant = math.__dict__["_ln_step_variant"] = KERNELS[math.spec]
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or tracing():
+        return None  # (traced: the layer path, whose operators have fake kernels)
+    w_ih, w_hh, _, _, in_weight, in_bias, ln_weight, ln_bias, *rest = params
+    if variant[0] == 1:
+        cell_weight, cell_bias, *peepholes = rest
+        c = state[1]
+    else:
+        cell_weight = cell_bias = c = None
+        peepholes = []
+    peep = torch.stack(peepholes) if peepholes else None
+    h, c = _step_op()(*variant, x, state[0], c, w_ih, w_hh, in_weight, in_bias, ln_weight,
+                      ln_bias, cell_weight, cell_bias, peep, loop_threads)
+    return (h, c) if variant[0] == 1 else (h,)
+
+
+_STEP: Any = None
+
+
+def _step_op() -> Any:
+    """``rnnkit_ln::step``'s C++ entry, looked up once (``OpOverload.__call__`` is one Python frame
+    more per call; its ``_op`` is the builtin it forwards to)."""
+    global _STEP
+    if _STEP is None:
+        _STEP = torch.ops.rnnkit_ln.step.default._op
+    return _STEP

@@ -35,7 +35,8 @@ computes the same thing (and raises the one-line errors for bad input): gradient
 parameters, not cached copies), autocast, tensor subclasses, another backend or device or
 dtype, regularisers, inter-layer dropout in training mode, a ``PackedSequence``, ``lengths`` at
 batch > 1 (the ragged batch's chunking lives in the general path), a plain LSTM where torch's op
-is faster (``own_kernel_faster``), the layer-normalised and projected variants.
+is faster (``own_kernel_faster``), the projected variants and the layer-normalised layers (a
+layer-normalised *cell* steps through ``rnnkit_ln::step``: :func:`layer_norm_cell_step`).
 """
 
 from __future__ import annotations
@@ -376,7 +377,7 @@ def cell_step(cell: Any, x_t: Any, state: Any) -> tuple[Tensor, Any] | None:
         return None
     cfg = _config(cell)
     if cfg is None:
-        return None
+        return layer_norm_cell_step(cell, x_t, state) if cell.math.layer_norm else None
     plan = _plan(cell, cfg, _cell_params)  # (a module-level function: a closure per call costs)
     if plan is None:
         return None
@@ -407,6 +408,31 @@ def cell_step(cell: Any, x_t: Any, state: Any) -> tuple[Tensor, Any] | None:
             cfg.kind, cfg.act, cfg.peephole, cfg.coupled, cfg.before, x_t, state[0],
             state[1] if lstm else None, w_ih, w_hh, b_ih, b_hh, pw, _function.loop_threads)
     return _finish(cell, lstm, h, c)
+
+
+def layer_norm_cell_step(cell: Any, x_t: Tensor, state: Any) -> tuple[Tensor, Any] | None:
+    """``cell(x_t, state)`` of a layer-normalised cell through ``rnnkit_ln::step``
+    (``_layer_norm.run_step``), or None. No plan: the step reads every parameter as stored (at a
+    few rows its products read W once, as a packed copy would), so there is nothing to keep in
+    step with the weights; what is left is the checks of :func:`cell_step`."""
+    if (cell.__dict__.get("backend") or _engine._default_backend) != "fused":
+        return None
+    shape = (x_t.shape[0], cell.hidden_size)
+    states = len(cell.math.state_names)
+    if state is None:
+        state = (x_t.new_zeros(shape),) * states
+    elif isinstance(state, Tensor):
+        state = (state,)
+    if len(state) != states:
+        return None
+    for s in state:
+        if type(s) is not Tensor or s.shape != shape or s.dtype != x_t.dtype or not s.is_cpu:
+            return None  # (the general path says what is wrong)
+    params = _cell_params(cell)
+    if params is None:
+        return None
+    new_state = _fused()._layer_norm.run_step(cell.math, x_t, state, params[0])
+    return None if new_state is None else (new_state[0], cell.math.make_state(new_state))
 
 
 def _finish(cell: Any, lstm: bool, h: Tensor, c: Tensor) -> tuple[Tensor, Any]:

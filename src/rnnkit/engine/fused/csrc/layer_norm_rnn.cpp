@@ -1,8 +1,10 @@
 // The time loop of the layer-normalised LSTM and GRU (issue 12; math in cells/layer_norm.py).
 //
-//   input side:  the GRU gets gx = LN(x W_ih^T) computed before the loop (engine.run_layer,
-//                autograd); the LSTM gets the raw projection x W_ih^T (T, B, G*H) and normalises
-//                each row in the loop (the input LN's backward too)
+//   input side:  the LSTM and the reset-after GRU get the raw projection x W_ih^T (T, B, G*H)
+//                and normalise each row in the loop (the input LN's backward too); the
+//                reset-before GRU gets gx = LN(x W_ih^T) computed before the loop
+//                (engine.run_layer, autograd): its d(gx_r) is formed only after the n block's
+//                product, a second pass over the rows
 //   forward:     per step a = h_{t-1} W_hh^T, LN over each row, the gates, (LSTM) LN of the cell
 //   backward:    the hand-derived step backward in reverse time; it returns d(gx) (the LSTM:
 //                d(x W_ih^T)) and d(a) (the gradient before the recurrent LN); the W_hh
@@ -24,6 +26,9 @@
 #include <torch/library.h>
 
 #include <dlfcn.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -274,6 +279,70 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// dot_rows for float on AVX2: 8 rows of W at a time, each read once for all M rows of A (8
+// accumulators: FMA latency x 2 pipes), the 8 sums reduced together and stored as one vector.
+// Returns the rows done (N rounded down to 8).
+inline int64_t dot_rows8(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                         const float* W, int64_t ldw, float* C, int64_t ldc) {
+  const int64_t N8 = N / 8 * 8, K8 = K / 8 * 8;
+  alignas(32) int32_t lanes[8];
+  for (int i = 0; i < 8; ++i) lanes[i] = i < K - K8 ? -1 : 0;
+  const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+  for (int64_t n = 0; n < N8; n += 8) {
+    const float* w = W + n * ldw;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* a = A + m * lda;
+      __m256 s[8];
+      for (int r = 0; r < 8; ++r) s[r] = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k < K8; k += 8) {
+        const __m256 av = _mm256_loadu_ps(a + k);
+        for (int r = 0; r < 8; ++r) s[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * ldw + k), av, s[r]);
+      }
+      if (k < K) {
+        const __m256 av = _mm256_maskload_ps(a + k, tail);
+        for (int r = 0; r < 8; ++r)
+          s[r] = _mm256_fmadd_ps(_mm256_maskload_ps(w + r * ldw + k, tail), av, s[r]);
+      }
+      // hadd tree: [s0 s1 s2 s3 | s4 s5 s6 s7] lanes, low and high 128-bit halves then added
+      const __m256 s01 = _mm256_hadd_ps(s[0], s[1]), s23 = _mm256_hadd_ps(s[2], s[3]);
+      const __m256 s45 = _mm256_hadd_ps(s[4], s[5]), s67 = _mm256_hadd_ps(s[6], s[7]);
+      const __m256 lo = _mm256_hadd_ps(s01, s23), hi = _mm256_hadd_ps(s45, s67);
+      _mm256_storeu_ps(C + m * ldc + n, _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20),
+                                                      _mm256_permute2f128_ps(lo, hi, 0x31)));
+    }
+  }
+  return N8;
+}
+#endif
+
+// Row-major C(M, N) = A(M, K) W(N, K)^T with W read as stored: one dot product per row of W,
+// each W row read once for all M rows. The products of a single step (a streaming cell step, a
+// layer of length 1) at a few rows: there W^T packed or transposed for a GEMM costs a copy of
+// the weight, more than the product, which reads it once; and MKL's sgemv on the AMD EPYC CPUs
+// this project runs on took 79 us for a 768 x 256 weight where a dot per row takes ~10 (see
+// fused_rnn.cpp's gemv_rows, the same product for the plain cells). Plain reference: A @ W.T.
+template <typename T>
+inline void dot_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W,
+                     int64_t ldw, T* C, int64_t ldc) {
+  int64_t n0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same<T, float>::value) n0 = dot_rows8(M, N, K, A, lda, W, ldw, C, ldc);
+#endif
+  for (int64_t n = n0; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      const T* a = A + m * lda;
+      const T* w = W + n * ldw;
+      C[m * ldc + n] = lane_sum<T>(K, [&](int64_t j) { return w[j] * a[j]; });
+    }
+}
+
+// At most this many rows take dot_rows in a single step: it reads W once per block of 8 of its
+// rows for all of them, but holds no rows of A in registers as a GEMM tile does, so many rows
+// run at a fraction of the GEMM's rate (the transposed copy of W then pays).
+constexpr int64_t kDotRowsMax = 4;
+
 // The B operand (K, N), row-major, of a product that every step of the time loop repeats (W_hh^T
 // in the forward, W_hh in the backward), as the steps read it. With gemm_own (float32,
 // use_own_gemm) it is packed once per call into zero-padded 16-column strips, strip s the
@@ -290,6 +359,16 @@ struct StepB {
   const T* b;  // B as stored, leading dimension N
   int64_t K, N;
   Tensor strips;  // (undefined: gemm_rm on b)
+  const T* w_rows = nullptr;  // (set: B = W^T with W (N, K) as stored, leading dimension ldw,
+  int64_t ldw = 0;            // dot_rows; see rows_of)
+
+  // B = W^T for W (N, K) rows of leading dimension ldw read as stored (dot_rows): no copy
+  static StepB rows_of(const T* w, int64_t K, int64_t N, int64_t ldw) {
+    StepB s(nullptr, K, N, 1, at::TensorOptions());
+    s.w_rows = w;
+    s.ldw = ldw;
+    return s;
+  }
 
   StepB(const T* b_, int64_t K_, int64_t N_, int64_t steps, const at::TensorOptions& opts)
       : b(b_), K(K_), N(N_) {
@@ -313,6 +392,7 @@ struct StepB {
   // C(M, n) = A(M, Ks) B[k0 : k0 + Ks, 0 : n], n <= N
   void mul(int64_t M, int64_t n, int64_t Ks, const T* A, int64_t lda, int64_t k0, T* C,
            int64_t ldc) const {
+    if (w_rows) return dot_rows(M, n, Ks, A, lda, w_rows + k0, ldw, C, ldc);
 #ifdef RNNKIT_OWN_GEMM
     if constexpr (std::is_same<T, float>::value) {
       if (strips.defined() && own_rows(M)) {
@@ -408,9 +488,13 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
   // the input LN's gain and bias when gx is the raw projection x W_ih^T (else gx is normalised)
   const T* iw = in_w.defined() ? in_w.data_ptr<T>() : nullptr;
   const T* ib = in_w.defined() ? in_b.data_ptr<T>() : nullptr;
-  // W^T blocks, contiguous, so each step is one at::mm per block
-  const Tensor w_t = v.before ? w_hh.narrow(0, 0, 2 * H).t().contiguous() : w_hh.t().contiguous();
-  const Tensor wn_t = v.before ? w_hh.narrow(0, 2 * H, H).t().contiguous() : Tensor();
+  // One step of a few rows (a streaming cell step): W_hh read as stored (dot_rows). Else W^T
+  // blocks, contiguous, so each step is one product per block
+  const bool as_stored = steps == 1 && batch <= kDotRowsMax;
+  const Tensor w_t = as_stored ? Tensor()
+                     : v.before ? w_hh.narrow(0, 0, 2 * H).t().contiguous()
+                                : w_hh.t().contiguous();
+  const Tensor wn_t = v.before && !as_stored ? w_hh.narrow(0, 2 * H, H).t().contiguous() : Tensor();
   const T* lw = ln_w.data_ptr<T>();
   const T* lb = ln_b.data_ptr<T>();
   const T* cw = lstm ? cell_w.data_ptr<T>() : nullptr;
@@ -428,9 +512,14 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
   T* stp = training ? stats.data_ptr<T>() : nullptr;
   T* celp = training && lstm ? cells.data_ptr<T>() : nullptr;
 
-  const StepB<T> w_step(w_t.data_ptr<T>(), H, v.before ? 2 * H : GH, steps, gx.options());
-  const StepB<T> wn_step(v.before ? wn_t.data_ptr<T>() : nullptr, v.before ? H : 0, H, steps,
-                         gx.options());
+  const T* w = w_hh.data_ptr<T>();  // (G*H, H) as stored; GRU-before: rows r, z then n
+  const StepB<T> w_step =
+      as_stored ? StepB<T>::rows_of(w, H, v.before ? 2 * H : GH, H)
+                : StepB<T>(w_t.data_ptr<T>(), H, v.before ? 2 * H : GH, steps, gx.options());
+  const StepB<T> wn_step =
+      as_stored ? StepB<T>::rows_of(v.before ? w + 2 * H * H : nullptr, v.before ? H : 0, H, H)
+                : StepB<T>(v.before ? wn_t.data_ptr<T>() : nullptr, v.before ? H : 0, H, steps,
+                           gx.options());
   for_row_blocks(batch, threads, [&](int64_t b0, int64_t b1) {
     const int64_t rows = b1 - b0;
     Tensor a = at::empty({rows, v.before ? 2 * H : GH}, gx.options());
@@ -453,19 +542,19 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
         const T* gxr = gxp + row * GH;
         T* hr = hp + b * H;
         T rstd = 0;
+        if (iw) {  // the input LN of this row, where the row is in cache anyway
+          T mean_x, rstd_x;
+          ln_stats(gxr, GH, &mean_x, &rstd_x);
+          T* xn = xnorm.data();
+          for (int64_t j = 0; j < GH; ++j) xn[j] = (gxr[j] - mean_x) * rstd_x * iw[j] + ib[j];
+          gxr = xn;
+          if (training) {
+            stp[row * kStats + 2] = mean_x;
+            stp[row * kStats + 3] = rstd_x;
+          }
+        }
         if (lstm) {
           T* cr = cp + b * H;
-          if (iw) {  // the input LN of this row, where the row is in cache anyway
-            T mean_x, rstd_x;
-            ln_stats(gxr, GH, &mean_x, &rstd_x);
-            T* xn = xnorm.data();
-            for (int64_t j = 0; j < GH; ++j) xn[j] = (gxr[j] - mean_x) * rstd_x * iw[j] + ib[j];
-            gxr = xn;
-            if (training) {
-              stp[row * kStats + 2] = mean_x;
-              stp[row * kStats + 3] = rstd_x;
-            }
-          }
           ln_row(ap + r * GH, lw, lb, GH, gh.data(), ah.data(), &rstd);
           // blocks i, f, g, o (coupled: i, g, o). One simple loop per function, so that each
           // vectorises (a loop mixing sigm, tanh and variant branches does not).
@@ -666,13 +755,6 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
           }
           ln_row_backward_acc(dgx, ahp + row * GH, stp[row * kStats], lw, GH, dap + row * GH,
                               glp + b0 * 2 * GH);
-          if (iw) {  // through the input LN: d(gx) -> d(x W_ih^T), in place; x_hat recomputed
-            const T* pr = prp + row * GH;
-            const T mean_x = stp[row * kStats + 2], rstd_x = stp[row * kStats + 3];
-            T* xh = xhat.data();
-            for (int64_t j = 0; j < GH; ++j) xh[j] = (pr[j] - mean_x) * rstd_x;
-            ln_row_backward_acc(dgx, xh, rstd_x, iw, GH, dgx, gip + b0 * 2 * GH);
-          }
         } else {
           for (int64_t j = 0; j < H; ++j) {
             const T dh_ = dhr[j] + gy[j];
@@ -699,6 +781,14 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
                             H, dap + row * GH + 2 * H);
             for (int64_t j = 0; j < H; ++j) dzh[r * H + j] = tmp[j] * ac[H + j];  // dh * z
           }
+        }
+        if (iw) {  // through the input LN: d(gx) -> d(x W_ih^T), in place; x_hat recomputed
+          // (not GRU-before: its d(gx_r) is formed after the n block's product, below)
+          const T* pr = prp + row * GH;
+          const T mean_x = stp[row * kStats + 2], rstd_x = stp[row * kStats + 3];
+          T* xh = xhat.data();
+          for (int64_t j = 0; j < GH; ++j) xh[j] = (pr[j] - mean_x) * rstd_x;
+          ln_row_backward_acc(dgx, xh, rstd_x, iw, GH, dgx, gip + b0 * 2 * GH);
         }
       }
       if (lstm || !v.before) {
@@ -756,9 +846,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
   // With the input LN's gain and bias, gx is the raw projection x W_ih^T and the kernel
   // normalises each row where it reads it: F.layer_norm over all T*B rows beforehand cost two
   // extra passes over a (T, B, G*H) array in memory, and a fresh one each way, forward and
-  // backward (LSTM only; the GRU gets LN(x W_ih^T) as before).
-  TORCH_CHECK(ln_ih_weight.has_value() == ln_ih_bias.has_value() && (!ln_ih_weight || lstm),
-              "rnnkit_ln: the input LN's weight and bias come together, for the LSTM");
+  // backward (LSTM and GRU-after; the GRU-before gets LN(x W_ih^T) as before).
+  TORCH_CHECK(ln_ih_weight.has_value() == ln_ih_bias.has_value() && (!ln_ih_weight || !before),
+              "rnnkit_ln: the input LN's weight and bias come together, not for the GRU-before");
   TORCH_CHECK(gx.dim() == 3 && gx.size(2) == v.gates() * h0.size(1),
               "rnnkit_ln: gx must be (T, B, G*H)");
   TORCH_CHECK(!lstm || (c0 && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c0 and the cell LN");
@@ -804,8 +894,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
     const std::optional<Tensor>& grad_c_n, int64_t threads) {
   const Variant v = variant_of(kind, peephole, coupled, before);
   const bool lstm = kind == kLSTM;
-  TORCH_CHECK(ln_ih_weight.has_value() == projection.has_value() && (!ln_ih_weight || lstm),
-              "rnnkit_ln: the input LN's weight and the projection come together, for the LSTM");
+  TORCH_CHECK(ln_ih_weight.has_value() == projection.has_value() && (!ln_ih_weight || !before),
+              "rnnkit_ln: the input LN's weight and the projection come together, not for the "
+              "GRU-before");
   const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), GH = v.gates() * H;
   Tensor dh = grad_h_n ? grad_h_n->contiguous().clone() : at::zeros({batch, H}, y.options());
   Tensor dc = lstm ? (grad_c_n ? grad_c_n->contiguous().clone()
@@ -837,6 +928,64 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
           ln_ih_weight ? g_in.sum(0) : g_in, peephole ? g_peep.sum(0) : g_peep};
 }
 
+// rnnkit_ln::step: one step of a layer-normalised cell without autograd (the cell call under
+// no_grad, a streaming step): h, c = the cell of cells/layer_norm.py at (x, h, c). The input
+// projection x W_ih^T and the input LN per row here, then forward_impl's one step (the same row
+// math as the layer: one place), both products reading the weights as stored at a few rows
+// (dot_rows). The Python step it replaces was ~25 small torch ops per call.
+std::tuple<Tensor, Tensor> ln_step(int64_t kind, bool peephole, bool coupled, bool before,
+                                   const Tensor& x, const Tensor& h, const std::optional<Tensor>& c,
+                                   const Tensor& w_ih, const Tensor& w_hh,
+                                   const Tensor& ln_ih_weight, const Tensor& ln_ih_bias,
+                                   const Tensor& ln_weight, const Tensor& ln_bias,
+                                   const std::optional<Tensor>& cell_weight,
+                                   const std::optional<Tensor>& cell_bias,
+                                   const std::optional<Tensor>& peep, int64_t threads) {
+  const Variant v = variant_of(kind, peephole, coupled, before);
+  const bool lstm = kind == kLSTM;
+  TORCH_CHECK(x.dim() == 2 && h.dim() == 2, "rnnkit_ln::step: x (B, I) and h (B, H)");
+  const int64_t batch = x.size(0), I = x.size(1), H = h.size(1), GH = v.gates() * H;
+  TORCH_CHECK(h.size(0) == batch && w_ih.sizes() == at::IntArrayRef({GH, I}) &&
+                  w_hh.sizes() == at::IntArrayRef({GH, H}),
+              "rnnkit_ln::step: x (B, I), h (B, H), w_ih (G*H, I), w_hh (G*H, H)");
+  TORCH_CHECK(!lstm || (c && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c and the cell LN");
+  TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
+  const Tensor xc = x.contiguous(), wi = w_ih.contiguous();
+  Tensor gx = at::empty({1, batch, GH}, xc.options());  // x W_ih^T, then LN(x W_ih^T)
+  const Tensor iw = ln_ih_weight.contiguous(), ib = ln_ih_bias.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "rnnkit_ln_step_input", [&] {
+    scalar_t* g = gx.data_ptr<scalar_t>();
+    if (batch <= kDotRowsMax) {
+      dot_rows<scalar_t>(batch, GH, I, xc.data_ptr<scalar_t>(), I, wi.data_ptr<scalar_t>(), I,
+                         g, GH);
+    } else {
+      Tensor out = gx.view({batch, GH});
+      at::mm_out(out, xc, wi.t());
+    }
+    const scalar_t* lw = iw.data_ptr<scalar_t>();
+    const scalar_t* lb = ib.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b) {  // the input LN (as ln_layer_forward's in the loop)
+      scalar_t* row = g + b * GH;
+      scalar_t mean, rstd;
+      ln_stats(row, GH, &mean, &rstd);
+      for (int64_t j = 0; j < GH; ++j) row[j] = (row[j] - mean) * rstd * lw[j] + lb[j];
+    }
+  });
+  Tensor h1 = h.contiguous().clone();
+  Tensor c1 = lstm ? c->contiguous().clone() : empty_like_none(gx);
+  Tensor y = at::empty({1, batch, H}, gx.options());
+  Tensor none = empty_like_none(gx);  // (acts, ahat, stats, cells: nothing saved)
+  const Tensor w = w_hh.contiguous(), lw = ln_weight.contiguous(), lb = ln_bias.contiguous();
+  const Tensor cw = lstm ? cell_weight->contiguous() : Tensor();
+  const Tensor cb = lstm ? cell_bias->contiguous() : Tensor();
+  const Tensor pp = peephole ? peep->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "rnnkit_ln_step", [&] {
+    forward_impl<scalar_t>(v, gx, h1, c1, w, lw, lb, cw, cb, pp, {}, y, false, none, none, none,
+                           none, Tensor(), Tensor(), threads);
+  });
+  return {h1, c1};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnkit_ln, m) {
@@ -852,7 +1001,12 @@ TORCH_LIBRARY(rnnkit_ln, m) {
         "Tensor grad_y, Tensor? grad_h_n, Tensor? grad_c_n, int threads) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("matmul(Tensor a, Tensor b) -> Tensor");
+  m.def("step(int kind, bool peephole, bool coupled, bool before, Tensor x, Tensor h, Tensor? c, "
+        "Tensor w_ih, Tensor w_hh, Tensor ln_ih_weight, Tensor ln_ih_bias, Tensor ln_weight, "
+        "Tensor ln_bias, Tensor? cell_weight, Tensor? cell_bias, Tensor? peephole_weights, "
+        "int threads) -> (Tensor, Tensor)");
   m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(ln_layer_forward));
   m.impl("matmul", c10::DispatchKey::CPU, TORCH_FN(tiled_matmul));
+  m.impl("step", c10::DispatchKey::CPU, TORCH_FN(ln_step));
   m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(ln_layer_backward));
 }
