@@ -156,7 +156,9 @@ def _usable(x: Any, dtype: torch.dtype) -> bool:
     return (type(x) is Tensor and x.dtype == dtype and x.is_cpu
             and dtype in (torch.float32, torch.float64)
             and not torch.is_grad_enabled() and not tracing()
-            and not torch.jit.is_tracing() and not torch.is_autocast_enabled("cpu"))
+            and not torch._C._is_tracing() and not torch.is_autocast_enabled("cpu"))
+    # (torch._C._is_tracing: what torch.jit.is_tracing returns outside TorchScript, without its
+    # Python frame and is_scripting call — each a few µs once a long call evicted the caches)
 
 
 def _plan(module: Any, cfg: Config,
@@ -305,9 +307,10 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
     if cfg is None:
         return None
     hidden = layer.hidden_size
-    if (cfg.kind == 1 and not cfg.peephole and not cfg.coupled and _fused().use_native
-            and not _fused().own_kernel_faster(steps, batch, hidden, inference=True)):
-        return None  # torch's op is faster here: the general path routes to it
+    if cfg.kind == 1 and not cfg.peephole and not cfg.coupled:
+        fused = _fused()
+        if fused.use_native and not fused.own_kernel_faster(steps, batch, hidden, inference=True):
+            return None  # torch's op is faster here: the general path routes to it
     depth = layer.num_layers * layer.num_directions
     states = cfg.num_states
     if hx is not None:
