@@ -116,9 +116,9 @@ def _sample_views(parameters: dict[str, Any]) -> tuple[Any, ...]:
     Each view is a NumPy array over the parameter's memory where NumPy can alias it (float32 /
     float64 on the CPU: every parameter the lean path runs), compared by its bytes
     (``_sample_unchanged``): one ``torch.equal`` per parameter took ~4 µs warm and tens of µs
-    after a kernel call had evicted the caches, the larger part of a call's Python (measured
-    2026-12-01, warm, `timeit`: a plain LSTM's 4 parameters by torch.equal 20.6 µs, a peephole
-    LSTM's 7 by their bytes 4.3 µs)."""
+    after a kernel call had evicted the caches (measured 2026-12-01 on one peephole LSTM's 7
+    parameters, `timeit` means of 3000 warm calls at load average ~7, so inflated by the load:
+    torch.equal 28.4 µs, bytes 7.0 µs)."""
     views: list[Any] = []
     for p in parameters.values():
         if p is None:
