@@ -19,6 +19,7 @@ from conftest import VARIANTS, fused_optimizer_steps
 from rnnkit.cells.base import CellSpec
 from rnnkit.engine import fused
 from rnnkit.engine.fused import _build, _function
+from rnnkit.engine.fused import inference as lean_inference
 
 pytestmark = pytest.mark.skipif(fused.unavailable_reason(CellSpec("gru"), torch.float32, "cpu")
                                 is not None, reason="the fused C++ kernels are unavailable")
@@ -275,3 +276,43 @@ def test_calls_of_other_sizes_and_dtypes_one_after_another(name):
             kept.append((lean, [t.clone() for t in lean]))
     for lean, copy in kept:
         assert all(torch.equal(a, b) for a, b in zip(lean, copy))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_plan_sees_a_write_of_one_sampled_element_of_any_parameter(dtype) -> None:
+    """The plan's sample is compared by its bytes (NumPy views of the parameters): a write
+    through ``.data`` of one sampled element (element 0) of any one parameter, peepholes
+    included, rebuilds the plan, and calls without a write keep it (the same object)."""
+    torch.manual_seed(1)
+    layer = rnnkit.LSTM(8, 16, peephole=True).to(dtype)
+    x = torch.randn(6, 3, 8, dtype=dtype)
+    with torch.no_grad():
+        layer(x)
+        for name, p in layer.named_parameters():
+            plan = layer.__dict__[lean_inference._ATTRIBUTE]
+            layer(x)
+            assert layer.__dict__[lean_inference._ATTRIBUTE] is plan, name
+            p.data.view(-1)[0] += 1.0
+            lean = layer(x)[0]
+            assert layer.__dict__[lean_inference._ATTRIBUTE] is not plan, name
+            with torch.enable_grad():  # (the general path reads the parameters)
+                want = layer(x)[0].detach()
+            torch.testing.assert_close(lean, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_nan_weight_keeps_its_plan_and_propagates_as_the_general_path() -> None:
+    """A NaN weight keeps its bits, so the byte-compared sample keeps the plan (torch.equal
+    never held a NaN equal to itself: the plan was rebuilt on every call); the outputs are NaN
+    where the general path's are."""
+    torch.manual_seed(2)
+    layer = rnnkit.GRU(8, 16)
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        layer.weight_hh_l0.view(-1)[0] = float("nan")  # (an in-place write: a new plan)
+        layer(x)
+        plan = layer.__dict__[lean_inference._ATTRIBUTE]
+        lean = layer(x)[0]
+        assert layer.__dict__[lean_inference._ATTRIBUTE] is plan
+    want = layer(x)[0].detach()
+    assert torch.equal(lean.isnan(), want.isnan()) and lean.isnan().any()
+    torch.testing.assert_close(lean, want, rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -43,6 +43,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <ctime>
 #include <optional>
 #include <string>
@@ -2235,16 +2236,20 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
       R.ctil = ctil.data_ptr<T>();
     }
   }
-  // Folded bias for the input projection.
-  at::Tensor bias;
+  // Folded bias for the input projection: b_ih + b_hh (the reset-after GRU keeps b_hn for
+  // inside r (.), so its n rows are b_ih alone), in plain memory. As ATen ops (a clone and an
+  // add_: the same sums) they were two dispatcher calls per forward, which after a long call
+  // has evicted the caches cost ~10-20 us each (an unsqueeze measured 21 us cold, 1 thread,
+  // loaded): the lean inference path's whole remaining overhead per call is of that order.
   const bool has_bias = b_ih.defined();
+  std::vector<T> folded_bias(has_bias ? GH : 0);
   if (has_bias) {
-    bias = b_ih.clone();
-    if (cf.kind == GRU && !cf.before)
-      bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
-    else
-      bias.add_(b_hh);
+    const T* bi = b_ih.data_ptr<T>();
+    const T* bh = b_hh.data_ptr<T>();
+    const int64_t folded = cf.kind == GRU && !cf.before ? 2 * H : GH;
+    for (int64_t n = 0; n < GH; ++n) folded_bias[n] = n < folded ? bi[n] + bh[n] : bi[n];
   }
+  const T* bias = has_bias ? folded_bias.data() : nullptr;
   at::Tensor gates = gates_buffer(T_ * B * GH, training, opts).view({T_, B, GH});
   // Few rows (streaming steps) or batch 1: use the weights as stored through BLAS. Transposed
   // copies for the brgemm micro-kernel would cost more than the GEMMs themselves, and at batch 1
@@ -2255,7 +2260,10 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
   at::Tensor WhhT;
   RecW<T> W{nullptr, 0, as_stored};
   if (as_stored) {
-    if (has_bias) gates.copy_(bias.expand({T_, B, GH}));
+    if (has_bias) {
+      T* g = gates.data_ptr<T>();
+      for (int64_t r = 0; r < T_ * B; ++r) std::memcpy(g + r * GH, bias, GH * sizeof(T));
+    }
     bool projected = false;
     if constexpr (std::is_same_v<T, float>) {  // batch-1 inference: W_ih packed once
       if (B == 1 && is_packed_gemv(gemv_ih, G, H, I)) {
@@ -2281,7 +2289,7 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
       at::Tensor wih = vnni_of(w_ih.data_ptr<float>(), I, GH, 1, I, opts, nt_all);
       WhhT = vnni_of(w_hh.data_ptr<float>(), H, GH, 1, H, opts, nt_all);
       pgemm_bf16(T_ * B, GH, even_up(I), xb.data_ptr<BF16>(), xb.size(1), wih.data_ptr<BF16>(),
-                 GH, gates.data_ptr<float>(), GH, has_bias ? bias.data_ptr<float>() : nullptr,
+                 GH, gates.data_ptr<float>(), GH, bias,
                  nt_all);
       W.vnni = WhhT.data_ptr<BF16>();
       W.ld = GH;
@@ -2289,7 +2297,7 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
   } else {
     at::Tensor WihT = pre ? pre->wih_t : pack_input<T>(w_ih);  // (I, GH)
     input_projection<T>(T_ * B, GH, I, x.data_ptr<T>(), WihT.data_ptr<T>(), gates.data_ptr<T>(),
-                        has_bias ? bias.data_ptr<T>() : nullptr, nt_all);
+                        bias, nt_all);
     const bool own_f32 = std::is_same_v<T, float> && g_gemm == Gemm::OWN;
     if ((cf.kind != RNN || own_f32) && (nt_loop == 1 || nt_rows > 1)) {
       // one thread (or one per row block): the LSTM's and GRU's per-step products read W_hh^T
@@ -2314,12 +2322,13 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     if (training) cs = part ? at::zeros({T_, B, H}, opts) : at::empty({T_, B, H}, opts);
     const T* p = cf.peep ? pw.data_ptr<T>() : nullptr;
     T* csp = training ? cs.data_ptr<T>() : nullptr;
-    at::Tensor rec = at::empty({B, GH}, opts);
+    // (the recurrent product's scratch, never returned: plain memory, not an ATen op per call)
+    std::unique_ptr<T[]> rec(new T[B * GH]);
     auto run = [&](auto peep, auto coupled, auto save, auto reg) {
       run_time_loop(cf, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
         lstm_fwd_loop<T, decltype(peep)::value, decltype(coupled)::value, decltype(save)::value,
                       decltype(reg)::value>(
-            c, from_row(gates.data_ptr<T>(), m0, GH), from_row(rec.data_ptr<T>(), m0, GH),
+            c, from_row(gates.data_ptr<T>(), m0, GH), from_row(rec.get(), m0, GH),
             from_row(y.data_ptr<T>(), m0, H), from_row(csp, m0, H),
             from_row(hst.data_ptr<T>(), m0, H), from_row(cst.data_ptr<T>(), m0, H),
             from_row(h0.data_ptr<T>(), m0, H), W, p, R.from_row(m0, H), nt);
