@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import VARIANTS
-from rnnkit.engine import run_layer
+from rnnkit.engine import fused, run_layer
 from rnnkit.engine.fused import _build, _function
 from rnnkit.engine.regularise import StepMasks
 
@@ -173,13 +173,16 @@ def _gemm_available(which: str) -> bool:
                     reason="needs rnnkit's AVX2 GEMM and a BLAS")
 @pytest.mark.parametrize("regularised", [False, True], ids=["plain", "masks"])
 @pytest.mark.parametrize("lengths", [None, [70, 31, 70, 1]], ids=["full", "lengths"])
-@pytest.mark.parametrize("name", ["rnn_tanh", "gru_after", "gru_before"])
-def test_own_weight_gradients_equal_blas(name: str, lengths, regularised: bool,
-                                         chunk: None) -> None:
-    """The Elman and GRU backward under gemm_own forms dW = dG^T Z over in-cache transposes of
-    dG (own_weight_grads); under BLAS, X^T dG over transposed copies (pgemm_tout). T·B = 280
+@pytest.mark.parametrize("name", ["rnn_tanh", "gru_after", "gru_before", "lstm",
+                                  "lstm_peephole", "lstm_coupled", "lstm_peephole_coupled"])
+def test_own_weight_gradients_equal_blas(name: str, lengths, regularised: bool, chunk: None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward under gemm_own forms dW = dG^T Z over in-cache transposes of dG
+    (own_weight_grads); under BLAS, X^T dG over transposed copies (pgemm_tout). T·B = 280
     rows: two K chunks of 256, one of which straddles h0 and y; chunks of 3 steps (t0 > 0)
-    too; H = 5 (every 8 x 8 transpose block a remainder)."""
+    too; H = 5 (every 8 x 8 transpose block a remainder). The plain LSTM on rnnkit's kernel,
+    not torch's op."""
+    monkeypatch.setattr(fused, "use_native", False)
     ops = torch.ops.rnnkit_fused
     saved = ops.set_gemm("auto")
     try:
