@@ -53,7 +53,10 @@ SHAPES = [(100, 32, 256), (400, 16, 128), (35, 20, 200)]
 def draw_lengths(distribution: str, steps: int, batch: int, seed: int = 0) -> torch.Tensor:
     """Lengths in [1, T] with the longest = T. ``uniform``: U(0.3T, T), the spread of sentences
     bucketed loosely; ``skewed``: T·(0.05 + 0.95·u³), mostly short with a long tail (utterances,
-    documents)."""
+    documents); ``full``: every length T (nothing to skip: what ``lengths=`` costs over the
+    padded call)."""
+    if distribution == "full":
+        return torch.full((batch,), steps, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     u = torch.rand(batch, generator=generator)
     fraction = 0.3 + 0.7 * u if distribution == "uniform" else 0.05 + 0.95 * u**3
@@ -109,7 +112,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in SHAPES],
                         help="T,B,H triples")
     parser.add_argument("--distributions", nargs="*", default=["uniform", "skewed"],
-                        choices=["uniform", "skewed"])
+                        choices=["uniform", "skewed", "full"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--stat", choices=["median", "min"], default="median",

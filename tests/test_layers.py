@@ -188,6 +188,26 @@ def test_every_variant_stacks_bidirectionally_with_lengths(name: str) -> None:
             torch.testing.assert_close(got[:, row], want[:, 0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_lengths_that_all_equal_t_give_the_padded_call_bit_for_bit(name: str) -> None:
+    """Nothing to skip: outputs, final states and every gradient are the padded call's exactly
+    (the layer runs that call; before, a sort and ragged bookkeeping ran around it)."""
+    layer_class, _, options = VARIANTS[name]
+    layer = layer_class(3, 4, num_layers=2, bidirectional=True, **options)
+    x = torch.randn(6, 5, 3)
+
+    def run(lengths: torch.Tensor | None) -> list[torch.Tensor]:
+        source = x.clone().requires_grad_()
+        out, final = layer(source, lengths=lengths)
+        states = _states(final)
+        loss = out.square().sum() + sum(s.sum() for s in states)
+        grads = torch.autograd.grad(loss, [source, *layer.parameters()])
+        return [out, *states, *grads]
+
+    for got, want in zip(run(torch.full((5,), 6)), run(None), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_bptt_and_reference_backends_agree_on_a_layer() -> None:
     fast = rnnkit.LSTM(3, 4, num_layers=2, bidirectional=True, coupled=True, peephole=True)
     slow = rnnkit.LSTM(3, 4, num_layers=2, bidirectional=True, coupled=True, peephole=True,

@@ -37,6 +37,7 @@ from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.fused import inference as lean_inference
 from rnnkit.engine.lengths import (
     batch_sizes_for,
+    every_row_runs,
     reverse_within_lengths,
     sort_by_length,
     torch_order,
@@ -307,21 +308,27 @@ class RecurrentLayer(nn.Module):
             self._check_legacy_onnx_export(packed, lengths)  # (torch's op: torch's ONNX node)
             return self._format_output(*self._torch_stack(x, states0), None, None, unbatched,
                                        out_dtype)
-        if (lengths is None and (self.dropout == 0 or not self.training or self.num_layers == 1)
-                and not self._regularised_now()
+        # dropout between layers: the rows' order decides which row gets which mask (torch.nn's
+        # order, below, for any lengths; torch's op draws none of them)
+        tied_dropout = self.dropout > 0 and self.training and self.num_layers > 1
+        traced = tracing()
+        if lengths is not None:
+            lengths = check_lengths(lengths, batch, steps, x.device)
+        # lengths that all equal T: the padded call itself, with nothing to sort, gather or zero
+        ragged = lengths is not None and (traced or tied_dropout
+                                          or not every_row_runs(lengths, steps))
+        if (not ragged and not tied_dropout and not self._regularised_now()
                 and torch_runs_stack(self.math, x, self.hidden_size, self.backend)):
             return self._format_output(*self._torch_stack(x, states0), packed, lengths, unbatched,
                                        out_dtype)
 
         sorted_lengths = order = inverse = batch_sizes = None
-        if lengths is not None:
-            lengths = check_lengths(lengths, batch, steps, x.device)
-            row_order = None  # the rows' order decides which row gets which dropout mask:
-            if self.dropout > 0 and self.training and self.num_layers > 1:  # torch.nn's order
+        if ragged:
+            row_order = None
+            if tied_dropout:  # torch.nn's order
                 row_order = torch_order(lengths, None if packed is None else packed.sorted_indices,
                                         packed is not None)
             sorted_lengths, order, inverse = sort_by_length(lengths, row_order)
-            traced = tracing()
             if traced:  # the values cannot be read: the kernels take the lengths themselves
                 batch_sizes = sorted_lengths
             else:

@@ -196,6 +196,11 @@ def _too_long(row: int, value: int, max_length: int) -> ValueError:
 def check_length_values(lengths: Tensor, max_length: int) -> None:
     """Every length in [1, max_length]; the error names the first row that is not (a length
     below 1 is named before one above max_length)."""
+    if lengths.numel() == 0:
+        return
+    low, high = torch.aminmax(lengths)  # (one pass; the rows are looked for only on an error)
+    if int(low) >= 1 and int(high) <= max_length:
+        return
     too_short = (lengths < 1).nonzero().flatten()
     if too_short.numel():
         row = int(too_short[0])

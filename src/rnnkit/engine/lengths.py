@@ -46,6 +46,13 @@ def torch_order(lengths: Tensor, sorted_indices: Tensor | None, packed: bool) ->
     return torch.sort(lengths.to(torch.int64), descending=True).indices
 
 
+def every_row_runs(lengths: Tensor, max_length: int) -> bool:
+    """Whether every row of checked ``lengths`` runs all ``max_length`` steps: a batch with
+    nothing to skip, which the layers run as the padded call itself (no sort, no gathers, no
+    padding to zero). False for no rows. (Eager only: a traced graph cannot read the values.)"""
+    return lengths.numel() > 0 and int(lengths.min()) == max_length
+
+
 def batch_sizes_for(sorted_lengths: Tensor, max_length: int) -> list[int] | None:
     """Active rows per step for longest-first lengths; None when every row runs every step."""
     if sorted_lengths.numel() == 0 or int(sorted_lengths[-1]) == max_length:  # (B = 0: no rows)
