@@ -17,6 +17,9 @@ Variant → ONNX (the table ``ONNX_FORMS``):
   ``reset="before"`` (Cho et al.) → ``linear_before_reset=0``;
 * Elman RNN: ``nonlinearity`` tanh / relu / sigmoid / identity → ``activations`` Tanh / Relu /
   Sigmoid / Affine(1, 0);
+* minGRU / minLSTM (no ONNX operator of their own): a ``GRU`` node with ``linear_before_reset=0``,
+  activations Sigmoid / Affine(1, 0), whose input is ``[u; g(v)]`` computed from the input
+  projection and whose weights only select it (:func:`minimal_node_input`);
 * ``lengths=`` → ``sequence_lens``; bidirectional → ``direction="bidirectional"``; a stack of
   L layers → a chain of L nodes.
 
