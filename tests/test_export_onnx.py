@@ -120,6 +120,11 @@ def test_refuses_before_writing(tmp_path):
         export_onnx(rnnkit.GRU(3, 4).double().eval(), torch.randn(5, 2, 3).double(), path)
     with pytest.raises(ExportError, match="input 'input' is float64"):
         export_onnx(rnnkit.GRU(3, 4).eval(), torch.randn(5, 2, 3).double(), path)
+    # a device other than the CPU (meta stands in for a GPU, which this suite cannot assume)
+    with pytest.raises(ExportError, match=r"parameter 'weight_ih_l0' is on meta; export from the CPU"):
+        export_onnx(rnnkit.GRU(3, 4, device="meta").eval(), torch.randn(5, 2, 3), path)
+    with pytest.raises(ExportError, match="input 'input' is on meta; pass CPU tensors"):
+        export_onnx(rnnkit.GRU(3, 4).eval(), torch.randn(5, 2, 3, device="meta"), path)
     assert not path.exists() and list(tmp_path.iterdir()) == []
 
 
