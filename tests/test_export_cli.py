@@ -128,3 +128,30 @@ def test_a_tree_lstm_model_has_no_onnx_form(tmp_path: Path) -> None:
 
     with pytest.raises(ExportError, match=r"tree-structured encoder TreeLSTM .* has no ONNX form"):
         example_inputs(TreeClassifier(7, 4, 5, 3))
+
+
+def test_the_readme_onnxruntime_snippet_runs_an_exported_language_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's "Run it:" snippet, as written, on a character LM exported as `rnnkit export`
+    writes it (LSTM, 2 layers): its outputs are the logits and final states rnnkit computes."""
+    import re
+
+    from rnnkit.export.cli import example_inputs
+    from rnnkit.export.onnx import export_onnx
+    from rnnkit.models.language_model import LanguageModel, LMConfig
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Shipping a model"):]
+    snippet = re.search(r"Run it:\n\n```python\n(.*?)```", section, re.S).group(1)
+    torch.manual_seed(0)
+    model = LanguageModel(LMConfig(vocab_size=30, cell="lstm", layers=2, hidden=6,
+                                   embedding=4)).eval()
+    export_onnx(model, example_inputs(model), tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    names: dict[str, object] = {}
+    exec(snippet, names)
+    tokens = torch.from_numpy(names["tokens"])
+    with torch.no_grad():
+        logits, (h_n, c_n) = model(tokens)
+    for got, want in zip((names["logits"], names["h_n"], names["c_n"]), (logits, h_n, c_n)):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)

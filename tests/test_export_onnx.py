@@ -120,9 +120,42 @@ def test_refuses_before_writing(tmp_path):
         export_onnx(rnnkit.GRU(3, 4).double().eval(), torch.randn(5, 2, 3).double(), path)
     with pytest.raises(ExportError, match="input 'input' is float64"):
         export_onnx(rnnkit.GRU(3, 4).eval(), torch.randn(5, 2, 3).double(), path)
-    with pytest.raises(ExportError, match="MinGRU runs rnnkit's scan operator, which has no ONNX form"):
-        export_onnx(rnnkit.MinGRU(3, 4).eval(), torch.randn(5, 2, 3), path)
+    # a device other than the CPU (meta stands in for a GPU, which this suite cannot assume)
+    with pytest.raises(ExportError, match=r"parameter 'weight_ih_l0' is on meta; export from the CPU"):
+        export_onnx(rnnkit.GRU(3, 4, device="meta").eval(), torch.randn(5, 2, 3), path)
+    with pytest.raises(ExportError, match="input 'input' is on meta; pass CPU tensors"):
+        export_onnx(rnnkit.GRU(3, 4).eval(), torch.randn(5, 2, 3, device="meta"), path)
     assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+class _Minimal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = rnnkit.MinGRU(3, 5, num_layers=2, bidirectional=True)
+        self.lstm = rnnkit.MinLSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+
+    def forward(self, x, lengths):
+        y, h = self.gru(x, lengths=lengths)
+        z, g = self.lstm(x.transpose(0, 1), lengths=lengths)
+        return y, h, z, g
+
+
+def test_minimal_layers_match_onnxruntime(tmp_path):
+    """minGRU / minLSTM have no ONNX operator of their own; each stacked layer is written as one
+    ONNX GRU node (Sigmoid gates, Affine candidate) fed ``[u; g(v)]`` from the input projection,
+    so that ``h_t = σ(u) h_{t−1} + (1 − σ(u)) g(v)`` is the cell's recurrence. onnxruntime runs
+    it at other batch and time sizes, with lengths, equal to rnnkit's scan."""
+    torch.manual_seed(0)
+    model = _Minimal().eval()
+    path = export_onnx(model, (torch.randn(7, 4, 3), torch.tensor([7, 5, 5, 2])),
+                       tmp_path / "minimal.onnx")
+    recurrent = [n.op_type for n in onnx.load(str(path)).graph.node
+                 if n.op_type in ("RNN", "LSTM", "GRU")]
+    assert recurrent == ["GRU"] * 4
+    x, lengths = torch.randn(9, 3, 3), torch.tensor([4, 9, 1])
+    with torch.no_grad():
+        want = model(x, lengths)
+    _assert_equal(_run(path, {"x": x, "lengths": lengths}), list(want))
 
 
 def test_piece_without_onnx_form_is_named(tmp_path):
@@ -314,7 +347,9 @@ def test_legacy_torch_onnx_export_writes_gru_and_rnn_nodes(tmp_path, nonlinearit
     lambda: rnnkit.LSTM(3, 4, peephole=True), lambda: rnnkit.GRU(3, 4, reset="before"),
     lambda: rnnkit.RNN(3, 4, nonlinearity="sigmoid"), lambda: rnnkit.GRU(3, 4, zoneout=0.1),
     lambda: rnnkit.GRU(3, 4, layer_norm=True), lambda: "lengths",
-], ids=["peephole", "gru_before", "rnn_sigmoid", "zoneout", "layer_norm", "lengths"])
+    lambda: rnnkit.MinGRU(3, 4), lambda: rnnkit.MinLSTM(3, 4, bidirectional=True),
+], ids=["peephole", "gru_before", "rnn_sigmoid", "zoneout", "layer_norm", "lengths", "mingru",
+        "minlstm"])
 def test_legacy_torch_onnx_export_refuses_what_torch_nn_has_not(tmp_path, make):
     """A variant torch.nn has not (or lengths=, which tracing would fix into the graph): one
     error naming rnnkit.export_onnx, before a file is written (it wrote an unrolled graph)."""

@@ -48,3 +48,39 @@ def test_rnnkit_build_command(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert {line.split(":")[0] for line in out.splitlines()} == KERNELS
     assert code == (0 if native.compiler_missing() is None else 1)
+
+
+# a fresh process whose first use of the fused kernels is inside torch.jit.trace (what the legacy
+# torch.onnx.export(dynamo=False) runs), then once more outside it
+_FIRST_LOAD_IN_A_JIT_TRACE = """
+import torch
+from rnnkit.engine.fused import _build
+
+def forward(x):
+    seen.append((not _build.EXTENSION._tried, _build.load() is not None))
+    return x * 2
+
+seen = []
+traced = torch.jit.trace(forward, (torch.randn(2),))
+first_load_here, loaded = seen[0]
+print(first_load_here, loaded, _build.EXTENSION.error, traced.graph.findNode("rnnkit_fused::init") is None)
+"""
+
+
+def test_a_first_load_inside_a_jit_trace_loads_as_outside() -> None:
+    """The first load runs the library's operators once (``init()``, a bool the tracer cannot
+    record): inside a user's ``torch.jit.trace`` / legacy ONNX export it failed ("unsupported
+    output type: bool") and every layer fell back to its pure-torch path for the process. The
+    load now runs with the trace suspended: loaded, and nothing of it in the traced graph."""
+    import os
+    import subprocess
+    import sys
+
+    from rnnkit.engine.fused import _build
+
+    if _build.load() is None:
+        pytest.skip(f"fused kernels unavailable: {_build.error()}")
+    result = subprocess.run([sys.executable, "-c", _FIRST_LOAD_IN_A_JIT_TRACE],
+                            capture_output=True, text=True, env=os.environ, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "True", "None", "True"]

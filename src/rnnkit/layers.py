@@ -862,6 +862,12 @@ class MinimalLayer(RecurrentLayer):
         steps, batch = x.shape[0], x.shape[1]
         check_steps("input", steps)  # as every rnnkit layer (and torch.nn): T = 0 is an error
         (h0,) = self._initial_states(hx, batch, unbatched, x)
+        if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
+            # the legacy exporter sees the scan as an opaque operator: refused before any file
+            raise RuntimeError(
+                f"torch.onnx.export(dynamo=False) cannot export rnnkit.{type(self).__name__}: "
+                "its scan operator has no ONNX form in torch's exporters. Use "
+                "rnnkit.export_onnx(model, args, path), which writes it as ONNX GRU nodes")
         if lengths is not None:
             lengths = check_lengths(lengths, batch, steps, x.device)
         layer_input, finals = x, []

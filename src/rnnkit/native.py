@@ -20,12 +20,13 @@ Two kinds of extension are supported:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,8 @@ class NativeExtension:
         if tracing():  # first use inside a trace: build outside of it
             _load_while_tracing(self)
             return self._module
-        return self._load_once()
+        with _jit_trace_suspended():
+            return self._load_once()
 
     def _load_once(self) -> Any:
         with self._lock:
@@ -216,6 +218,23 @@ class NativeExtension:
         if self.on_load is not None:
             self.on_load(module)
         return module
+
+
+@contextlib.contextmanager
+def _jit_trace_suspended() -> Iterator[None]:
+    """Nothing run inside is recorded by an active ``torch.jit.trace`` (the legacy
+    ``torch.onnx.export(dynamo=False)`` traces with it): loading an extension runs its operators
+    once (``on_load``: ``init()`` returns a bool, which the tracer cannot record, so the first load
+    inside a user's trace failed and the layers fell back to their pure-torch path)."""
+    state = torch._C._get_tracing_state()
+    if state is None:
+        yield
+        return
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 @torch.compiler.assume_constant_result

@@ -17,6 +17,9 @@ Variant → ONNX (the table ``ONNX_FORMS``):
   ``reset="before"`` (Cho et al.) → ``linear_before_reset=0``;
 * Elman RNN: ``nonlinearity`` tanh / relu / sigmoid / identity → ``activations`` Tanh / Relu /
   Sigmoid / Affine(1, 0);
+* minGRU / minLSTM (no ONNX operator of their own): a ``GRU`` node with ``linear_before_reset=0``,
+  activations Sigmoid / Affine(1, 0), whose input is ``[u; g(v)]`` computed from the input
+  projection and whose weights only select it (:func:`minimal_node_input`);
 * ``lengths=`` → ``sequence_lens``; bidirectional → ``direction="bidirectional"``; a stack of
   L layers → a chain of L nodes.
 
@@ -39,10 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit.cells import CellSpec, math_for
+from rnnkit.cells.minimal import positive_activation
 from rnnkit.layers import MinimalLayer, RecurrentLayer
 
 
@@ -187,6 +192,41 @@ def onnx_rnn(x: Tensor, W: Tensor, R: Tensor, B: Tensor, sequence_lens: Tensor |
     return _run_onnx_semantics(spec, x, W, R, B, None, initial_h, None, sequence_lens)
 
 
+@torch.library.custom_op("rnnkit_onnx::gru_affine", mutates_args=())
+def onnx_gru_affine(x: Tensor, W: Tensor, R: Tensor, B: Tensor, sequence_lens: Tensor | None,
+                    initial_h: Tensor) -> tuple[Tensor, Tensor]:
+    """ONNX GRU (layout 0, ``linear_before_reset=0``) with the activations Sigmoid for the gates
+    and Affine(1, 0) for the candidate — the form a minGRU / minLSTM layer is written in
+    (:func:`_export_minimal_forward`). Its own loop of ONNX's equations, per direction."""
+    from rnnkit.engine.lengths import reverse_within_lengths
+
+    hidden = R.shape[2]
+    lengths = None if sequence_lens is None else sequence_lens.long()
+    ys, finals = [], []
+    for direction in range(W.shape[0]):
+        w_z, w_r, w_h = W[direction].split(hidden)
+        r_z, r_r, r_h = R[direction].split(hidden)
+        wb_z, wb_r, wb_h, rb_z, rb_r, rb_h = B[direction].split(hidden)
+        source = x if direction == 0 else reverse_within_lengths(x, lengths)
+        h, outputs = initial_h[direction], []
+        for t in range(x.shape[0]):
+            z = torch.sigmoid(source[t] @ w_z.T + h @ r_z.T + wb_z + rb_z)
+            r = torch.sigmoid(source[t] @ w_r.T + h @ r_r.T + wb_r + rb_r)
+            candidate = source[t] @ w_h.T + (r * h) @ r_h.T + wb_h + rb_h
+            new = (1 - z) * candidate + z * h
+            if lengths is not None:  # rows past their length keep h and output zeros
+                running = (t < lengths).unsqueeze(1)
+                new = torch.where(running, new, h)
+                outputs.append(torch.where(running, new, torch.zeros_like(new)))
+            else:
+                outputs.append(new)
+            h = new
+        y = torch.stack(outputs)
+        ys.append(y if direction == 0 else reverse_within_lengths(y, lengths))
+        finals.append(h)
+    return torch.stack(ys, dim=1), torch.stack(finals)
+
+
 def _fake_outputs(x: Tensor, R: Tensor, states: int) -> tuple[Tensor, ...]:
     directions, hidden = R.shape[0], R.shape[2]
     y = x.new_empty((x.shape[0], directions, x.shape[1], hidden))
@@ -205,6 +245,11 @@ def _(x, W, R, B, sequence_lens, initial_h, linear_before_reset):
 
 @onnx_rnn.register_fake
 def _(x, W, R, B, sequence_lens, initial_h, activation):
+    return _fake_outputs(x, R, 1)
+
+
+@onnx_gru_affine.register_fake
+def _(x, W, R, B, sequence_lens, initial_h):
     return _fake_outputs(x, R, 1)
 
 
@@ -230,16 +275,26 @@ def _translation_table() -> dict[Callable, Callable]:
                       direction=direction(W), activations=[activation] * directions,
                       **(affine if activation == "Affine" else {}))
 
+    def gru_affine(x, W, R, B, sequence_lens, initial_h):
+        directions = W.shape[0]
+        return op.GRU(x, W, R, B, sequence_lens, initial_h, hidden_size=R.shape[2],
+                      direction=direction(W), linear_before_reset=0,
+                      activations=["Sigmoid", "Affine"] * directions,
+                      activation_alpha=[1.0] * directions, activation_beta=[0.0] * directions)
+
     return {torch.ops.rnnkit_onnx.lstm.default: lstm, torch.ops.rnnkit_onnx.gru.default: gru,
-            torch.ops.rnnkit_onnx.rnn.default: rnn}
+            torch.ops.rnnkit_onnx.rnn.default: rnn,
+            torch.ops.rnnkit_onnx.gru_affine.default: gru_affine}
 
 
 # ---- the layers' forward during export -----------------------------------------------------------
 
 
-def _export_forward(self: RecurrentLayer, input: Tensor, hx: Any = None,
-                    lengths: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Any]:
-    """``RecurrentLayer.forward`` as ONNX nodes: one operator per stacked layer."""
+def _export_inputs(self: RecurrentLayer, input: Tensor, hx: Any,
+                   lengths: Sequence[int] | Tensor | None
+                   ) -> tuple[Tensor, bool, list[Tensor], Tensor | None]:
+    """A layer's arguments during export: the (T, B, I) input, whether it was unbatched, the
+    initial states (L*D, B, H) and ``sequence_lens`` (int32, or None)."""
     if isinstance(input, PackedSequence):
         raise ExportError(f"{type(self).__name__}: a PackedSequence input cannot be exported; "
                           "pass the padded tensor and lengths= instead")
@@ -258,6 +313,13 @@ def _export_forward(self: RecurrentLayer, input: Tensor, hx: Any = None,
                               f"{type(lengths).__name__} would be fixed into the file; pass it "
                               "as a tensor (torch.tensor(lengths)) so that it is an input")
         sequence_lens = lengths.to(device=x.device, dtype=torch.int32)
+    return x, unbatched, states0, sequence_lens
+
+
+def _export_forward(self: RecurrentLayer, input: Tensor, hx: Any = None,
+                    lengths: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Any]:
+    """``RecurrentLayer.forward`` as ONNX nodes: one operator per stacked layer."""
+    x, unbatched, states0, sequence_lens = _export_inputs(self, input, hx, lengths)
     kind, _, attributes = onnx_form(self.math.spec)
     depth = self.num_directions
     layer_input = x
@@ -279,6 +341,54 @@ def _export_forward(self: RecurrentLayer, input: Tensor, hx: Any = None,
             collected.append(value)
     final_states = [torch.cat(values) for values in finals]  # (L*D, B, H)
     return self._format_output(layer_input, final_states, None, None, unbatched)
+
+
+def minimal_node_input(layer: MinimalLayer, x: Tensor, index: int, direction: int) -> Tensor:
+    """A minGRU / minLSTM direction as the (T, B, 2H) input ``[u; h̃]`` of an ONNX GRU node whose
+    selection weights (:func:`minimal_selection`) make it ``h_t = σ(u) h_{t−1} + (1 − σ(u)) h̃``:
+    ``σ(u)`` is the coefficient of ``h_{t−1}`` (minGRU: 1 − z = σ(−k); minLSTM:
+    f' = f / (f + i) = σ(log f − log i)) and ``h̃ = g(v)`` (:mod:`rnnkit.cells.minimal`)."""
+    names = layer._param_names[index * layer.num_directions + direction]
+    gx = F.linear(x, layer.get_parameter(names[0]),
+                  layer.get_parameter(names[1]) if layer.bias else None)
+    if layer.math.kind == "mingru":
+        k, v = gx.chunk(2, dim=-1)
+        u = -k
+    else:
+        k_f, k_i, v = gx.chunk(3, dim=-1)
+        u = F.softplus(-k_i) - F.softplus(-k_f)
+    return torch.cat((u, positive_activation(v)), dim=-1)
+
+
+def minimal_selection(hidden: int, directions: int) -> dict[str, Tensor]:
+    """W, R, B of the ONNX GRU node of :func:`minimal_node_input`: direction d's update gate
+    reads its ``u`` and its candidate (Affine, identity) its ``h̃`` from the node input
+    ``[u_0; h̃_0; u_1; h̃_1]``; no recurrent weight, no bias (the reset gate is unused)."""
+    eye = torch.eye(hidden)
+    W = torch.zeros(directions, 3 * hidden, 2 * hidden * directions)
+    for d in range(directions):
+        W[d, :hidden, 2 * hidden * d:2 * hidden * d + hidden] = eye  # z <- u
+        W[d, 2 * hidden:, 2 * hidden * d + hidden:2 * hidden * (d + 1)] = eye  # h~ <- g(v)
+    return {"W": W, "R": torch.zeros(directions, 3 * hidden, hidden),
+            "B": torch.zeros(directions, 6 * hidden)}
+
+
+def _export_minimal_forward(self: MinimalLayer, input: Tensor, hx: Tensor | None = None,
+                            lengths: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Any]:
+    """``MinimalLayer.forward`` as ONNX nodes: one GRU node (:func:`minimal_node_input`) per
+    stacked layer."""
+    x, unbatched, states0, sequence_lens = _export_inputs(self, input, hx, lengths)
+    depth = self.num_directions
+    W, R, B = (self.get_buffer(f"_onnx_{name}") for name in ("W", "R", "B"))
+    layer_input, finals = x, []
+    for index in range(self.num_layers):
+        node_input = torch.cat([minimal_node_input(self, layer_input, index, d)
+                                for d in range(depth)], dim=-1)
+        y, h = torch.ops.rnnkit_onnx.gru_affine(node_input, W, R, B, sequence_lens,
+                                                 states0[0][index * depth:(index + 1) * depth])
+        layer_input = y.permute(0, 2, 1, 3).flatten(2)  # (T, D, B, H) -> (T, B, D*H)
+        finals.append(h)
+    return self._format_output(layer_input, [torch.cat(finals)], None, None, unbatched)
 
 
 def _torch_twin(module: nn.Module) -> RecurrentLayer | None:
@@ -317,6 +427,13 @@ def _layers_as_onnx_nodes(module: nn.Module) -> Iterator[None]:
             if not isinstance(layer, RecurrentLayer):
                 continue
             names = []
+            if isinstance(layer, MinimalLayer):
+                for name, value in minimal_selection(layer.hidden_size, layer.num_directions).items():
+                    layer.register_buffer(f"_onnx_{name}", value, persistent=False)
+                    names.append(f"_onnx_{name}")
+                layer.forward = types.MethodType(_export_minimal_forward, layer)
+                patched.append((layer, names))
+                continue
             for index in range(layer.num_layers):
                 for name, value in onnx_weights(layer, index).items():
                     layer.register_buffer(f"_onnx_{name}_l{index}", value, persistent=False)
@@ -430,10 +547,7 @@ def check_exportable(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str,
             raise ExportError(f"{name or type(sub).__name__} is in training mode with "
                               f"{', '.join(regularisers)}; call module.eval() before exporting")
     for name, sub in module.named_modules():
-        if isinstance(sub, MinimalLayer):  # its scan has no ONNX recurrent node
-            raise ExportError(f"{name or type(sub).__name__}: {type(sub).__name__} runs rnnkit's "
-                              "scan operator, which has no ONNX form")
-        if isinstance(sub, RecurrentLayer):
+        if isinstance(sub, RecurrentLayer) and not isinstance(sub, MinimalLayer):
             onnx_form(sub.math.spec)
             # zoneout acts at evaluation too (h_t = z h_{t-1} + (1 - z) h~_t): ONNX's nodes lack it
             zoned = [n for n in ("zoneout", "zoneout_cell") if getattr(sub, n, None)]
