@@ -257,7 +257,7 @@ def test_a_write_through_data_is_seen_by_the_next_inference(make, batch) -> None
 
 @pytest.mark.parametrize("name", ["lstm_peephole", "gru_after"])
 def test_calls_of_other_sizes_and_dtypes_one_after_another(name):
-    """Inference reuses one gates buffer per thread from call to call (fused_rnn.cpp's
+    """Inference reuses one gates buffer per thread from call to call (csrc/layer.h's
     gates_buffer): calls that need more of it, less of it and another dtype, one after another,
     each equal the general path, and an earlier call's outputs are not changed by a later one."""
     torch.manual_seed(10)

@@ -59,7 +59,7 @@ _ATTRIBUTE = "_inference_plan"  # (a plain attribute of the module: not a buffer
 
 # From this many rows (T·B, batch > 1) a layer's forward runs layer_forward_packed with the
 # plan's packed weights: below it (and at batch 1) the kernel reads the weights as stored and
-# packs nothing (fused_rnn.cpp's kAsStoredRows). Packing costs a transposed copy of each weight
+# packs nothing (kAsStoredRows, csrc/time_loop.h). Packing costs a transposed copy of each weight
 # per call (~100 us each at H = 200, 5 % of a 35,20,200 LSTM forward); kept, it costs their
 # memory once more.
 PACKED_MIN_ROWS = 16

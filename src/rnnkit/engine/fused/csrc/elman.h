@@ -1,0 +1,130 @@
+// Elman time loops (tanh / relu / sigmoid / identity), forward and backward:
+//   h_t = f(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)
+// Plain reference: rnnkit.cells.elman.ElmanMath (step and its backward), run over time by
+// rnnkit.engine.reference; torch.nn.RNN for tanh / relu.
+// Part of fused_rnn.cpp's one translation unit (included there, in order; not a
+// stand-alone header).
+#pragma once
+
+namespace {
+
+// ----------------------------------------------------------------------------------------------
+// Forward time loops.
+// gates: (T, B, G*H) holds x W_ih^T + folded biases on entry, activations on exit (training).
+// ----------------------------------------------------------------------------------------------
+
+template <typename T>
+void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW<T>& W,
+                  const Reg<T>& R, int nt) {
+  const bool reg = R.any();
+  const int64_t H = cf.H, B = cf.B;
+  const int act = cf.act;
+  run_team(nt, [&](const int team, const int tid) {
+    int64_t j0, j1;
+    unit_range(H, team, tid, j0, j1);
+    for (int64_t t = 0; t < cf.T; ++t) {
+      const int64_t M = cf.bs[t];
+      const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
+      T* g = gates + t * B * H;
+      if (j1 > j0 && !W.done) W.mm(M, j1 - j0, H, R.gemm_input(t, B * H, hp), H, j0, g + j0, H, true);
+      T* hdn = R.next_input(t, B * H);
+      for (int64_t m = 0; m < M; ++m) {
+        T* gr = g + m * H;
+        T* hr = hst + m * H;
+        T* yr = y + (t * B + m) * H;
+        if (reg) {
+          // the gates row keeps h~ = f(pre) (the backward's activation when h is zoned out)
+          const T* khr = R.row(R.kh, t, B, m, H);
+          const T* rmr = R.rmask ? R.rmask + m * H : nullptr;
+          T* hdr = hdn ? hdn + m * H : nullptr;
+          for (int64_t j = j0; j < j1; ++j) {
+            const T p = gr[j];
+            const T a = act == TANH       ? tanh_(p)
+                        : act == RELU     ? (p < T(0) ? T(0) : p)
+                        : act == IDENTITY ? p
+                                          : sigm(p);
+            gr[j] = a;
+            const T h = khr ? khr[j] * hr[j] + (T(1) - khr[j]) * a : a;
+            if (hdr) hdr[j] = h * rmr[j];
+            hr[j] = yr[j] = h;
+          }
+        } else if (act == TANH) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = tanh_(gr[j]);
+        } else if (act == RELU) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = gr[j] < T(0) ? T(0) : gr[j];  // relu(NaN) = NaN
+        } else if (act == IDENTITY) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = gr[j];
+        } else {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) hr[j] = yr[j] = sigm(gr[j]);
+        }
+      }
+      RNNKIT_STEP_BARRIER(team);
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] must be zero on
+// entry). dhs / dcs: (B, H) running state gradients, in place.
+// ----------------------------------------------------------------------------------------------
+
+// With R.kh, y is the saved h~ = f(pre) (not the zoned output) and zh a (B, H) scratch.
+template <typename T>
+void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const BwdW<T>& Whh,
+                  const Reg<T>& R, T* zh, int nt) {
+  const bool reg = R.any();
+  const int64_t H = cf.H, B = cf.B;
+  const int act = cf.act;
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t j0, j1;
+    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    for (int64_t t = cf.T - 1; t >= 0; --t) {
+      const int64_t M = cf.bs[t];
+      T* d = dg + t * B * H;
+      for (int64_t m = 0; m < M; ++m) {
+        const T* yr = y + (t * B + m) * H;
+        const T* gyr = gy + (t * B + m) * H;
+        const T* dhr = dhs + m * H;
+        T* dr = d + m * H;
+        if (reg && R.kh) {
+          // dh~ = (1 - k_h) dh, and k_h dh goes straight to h_{t-1}
+          const T* khr = R.row(R.kh, t, B, m, H);
+          T* zhr = zh + m * H;
+          for (int64_t j = j0; j < j1; ++j) {
+            const T dh = dhr[j] + gyr[j];
+            zhr[j] = dh * khr[j];
+            const T dn = dh * (T(1) - khr[j]);
+            dr[j] = act == TANH       ? dn * (T(1) - yr[j] * yr[j])
+                    : act == RELU     ? (yr[j] <= T(0) ? T(0) : dn)
+                    : act == IDENTITY ? dn
+                                      : dn * yr[j] * (T(1) - yr[j]);
+          }
+        } else if (act == TANH) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) dr[j] = (dhr[j] + gyr[j]) * (T(1) - yr[j] * yr[j]);
+        } else if (act == RELU) {
+          // torch's threshold_backward: the gradient passes where the output is NaN, and is an
+          // exact 0 (not 0 * NaN) where the output is <= 0
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) dr[j] = yr[j] <= T(0) ? T(0) : dhr[j] + gyr[j];
+        } else if (act == IDENTITY) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) dr[j] = dhr[j] + gyr[j];
+        } else {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) dr[j] = (dhr[j] + gyr[j]) * yr[j] * (T(1) - yr[j]);
+        }
+      }
+      RNNKIT_STEP_BARRIER(omp_get_num_threads());
+      if (j1 > j0) Whh.mm(M, j1 - j0, H, H, d, H, 0, j0, dhs + j0, H, false);
+      if (reg && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, R.kh ? zh : nullptr, dhs);
+    }
+  }
+}
+
+}  // namespace

@@ -1,0 +1,275 @@
+// LSTM time loops (plain, peephole, coupled input-forget gates, both), forward and
+// backward:
+//   i = s(W_i [x, h] + b_i + w_ci c); f = s(W_f [x, h] + b_f + w_cf c) (coupled: 1 - i);
+//   g = tanh(W_g [x, h] + b_g); c' = f c + i g; o = s(W_o [x, h] + b_o + w_co c');
+//   h' = o tanh(c')
+// Plain reference: rnnkit.cells.lstm.LSTMMath, run over time by rnnkit.engine.reference;
+// torch.nn.LSTM (plain), onnxruntime's LSTM operator (peephole P, input_forget).
+// Part of fused_rnn.cpp's one translation unit (included there, in order; not a
+// stand-alone header).
+#pragma once
+
+namespace {
+
+// ----------------------------------------------------------------------------------------------
+// Forward time loops.
+// gates: (T, B, G*H) holds x W_ih^T + folded biases on entry, activations on exit (training).
+// ----------------------------------------------------------------------------------------------
+
+// rec: (B, G*H) scratch for the recurrent GEMM (stays in cache; the GEMM never touches the
+// cold gates rows). SAVE: write activations back into gates (training).
+template <typename T, bool PEEP, bool COUPLED, bool SAVE, bool REG>
+void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst, const T* h0,
+                   const RecW<T>& W, const T* pw, const Reg<T>& R, int nt) {
+  const int64_t H = cf.H, B = cf.B, G = cf.G, GH = G * H;
+  run_team(nt, [&](const int team, const int tid) {
+    int64_t j0, j1;
+    unit_range(H, team, tid, j0, j1);
+    const T* wci = PEEP ? pw : nullptr;
+    const T* wcf = PEEP && !COUPLED ? pw + H : nullptr;
+    const T* wco = PEEP ? pw + (COUPLED ? 1 : 2) * H : nullptr;
+    std::vector<T> ctmp_buf(REG ? H : 0);  // c~ of a row when it is neither kept nor saved
+    for (int64_t t = 0; t < cf.T; ++t) {
+      const int64_t M = cf.bs[t];
+      const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
+      const T* hin = REG ? R.gemm_input(t, B * H, hp) : hp;
+      T* hdn = REG ? R.next_input(t, B * H) : nullptr;
+      T* g = gates + t * B * GH;
+      if (j1 > j0 && !W.done) {
+        // batch 1: odd steps read W_hh last row to first (see g_rows_descending)
+        const bool descending = M == 1 && W.bt && (t & 1);
+        g_rows_descending = descending;
+        if (j0 == 0 && j1 == H && !descending) {
+          // One thread owns every unit: its columns of the G gate blocks are adjacent, so one
+          // product of G*H columns instead of G of H (one micro-kernel call and one N-tail per
+          // step rather than G: H = 200 is 3 x 64 + 8 columns per block).
+          if (W.panel > 0) W.mm_panels(M, GH, H, hin, H, rec, GH, g, M * GH * sizeof(T));
+          else W.mm(M, GH, H, hin, H, 0, rec, GH, false);
+        } else
+        for (int64_t i = 0; i < G; ++i) {
+          const int64_t b = descending ? G - 1 - i : i;
+          W.mm(M, j1 - j0, H, hin, H, b * H + j0, rec + b * H + j0, GH, false);
+        }
+        g_rows_descending = false;
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        T* gr = g + m * GH;
+        const T* rr = rec + m * GH;
+        T* cr = cst + m * H;
+        T* hr = hst + m * H;
+        T* yr = y + (t * B + m) * H;
+        T* csr = cs ? cs + (t * B + m) * H : nullptr;
+        const T* khr = REG ? R.row(R.kh, t, B, m, H) : nullptr;
+        const T* kcr = REG ? R.row(R.kc, t, B, m, H) : nullptr;
+        T* ctr = REG && R.ctil ? R.ctil + (t * B + m) * H : nullptr;
+        const T* rmr = REG && R.rmask ? R.rmask + m * H : nullptr;
+        T* hdr = hdn ? hdn + m * H : nullptr;
+        // The loops below compute c~ and h~ as without regularisers, and the masks are applied
+        // after them in loops of their own: a mask test inside the vectorised loop made it 2-3x
+        // slower. cw: where c~ goes (the state itself unless zoneout must blend it with c_{t-1})
+        T* cw = REG && kcr ? (ctr ? ctr : ctmp_buf.data()) : cr;
+        if (!COUPLED) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) {
+            const T cp = cr[j];
+            T pi = gr[j] + rr[j], pf = gr[H + j] + rr[H + j];
+            T pg = gr[2 * H + j] + rr[2 * H + j], po = gr[3 * H + j] + rr[3 * H + j];
+            if (PEEP) {
+              pi += wci[j] * cp;
+              pf += wcf[j] * cp;
+            }
+            const T i = sigm(pi), f = sigm(pf), gg = tanh_(pg);
+            const T c = f * cp + i * gg;
+            if (PEEP) po += wco[j] * c;
+            const T o = sigm(po);
+            const T h = o * tanh_(c);
+            if (SAVE) {
+              gr[j] = i;
+              gr[H + j] = f;
+              gr[2 * H + j] = gg;
+              gr[3 * H + j] = o;
+            }
+            cw[j] = c;
+            yr[j] = h;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) {
+            const T cp = cr[j];
+            T pi = gr[j] + rr[j], pg = gr[H + j] + rr[H + j], po = gr[2 * H + j] + rr[2 * H + j];
+            if (PEEP) pi += wci[j] * cp;
+            const T i = sigm(pi), gg = tanh_(pg);
+            const T c = (T(1) - i) * cp + i * gg;
+            if (PEEP) po += wco[j] * c;
+            const T o = sigm(po);
+            const T h = o * tanh_(c);
+            if (SAVE) {
+              gr[j] = i;
+              gr[H + j] = gg;
+              gr[2 * H + j] = o;
+            }
+            cw[j] = c;
+            yr[j] = h;
+          }
+        }
+        if constexpr (REG) {
+          if (kcr) {  // c = k_c c_{t-1} + (1 - k_c) c~
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) cr[j] = kcr[j] * cr[j] + (T(1) - kcr[j]) * cw[j];
+          }
+          if (khr) {  // h = k_h h_{t-1} + (1 - k_h) h~ (hr still holds h_{t-1})
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) yr[j] = khr[j] * hr[j] + (T(1) - khr[j]) * yr[j];
+          }
+          if (hdr) {  // the next step's GEMM input h ⊙ m
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) hdr[j] = yr[j] * rmr[j];
+          }
+        }
+        if (csr) std::memcpy(csr + j0, cr + j0, (j1 - j0) * sizeof(T));
+        // hst is the final h (the products read h_{t-1} from y): a row's last step writes it,
+        // zoneout reads it as h_{t-1} at every step
+        if (REG || t + 1 == cf.T || m >= cf.bs[t + 1])
+          std::memcpy(hr + j0, yr + j0, (j1 - j0) * sizeof(T));
+      }
+      RNNKIT_STEP_BARRIER(team);
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] must be zero on
+// entry). dhs / dcs: (B, H) running state gradients, in place.
+// ----------------------------------------------------------------------------------------------
+
+// REG: zoneout / recurrent dropout; cs holds the zoned cells (the next step's c_{t-1}) and
+// R.ctil the cells c~ before zoneout; zh (B, H) scratch for k_h dh.
+template <typename T, bool PEEP, bool COUPLED, bool REG>
+void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const T* gy, T* dg,
+                   T* dhs, T* dcs, const BwdW<T>& Whh, const T* pw, T* dpw, const Reg<T>& R,
+                   T* zh, int nt) {
+  const int64_t H = cf.H, B = cf.B, G = cf.G, GH = G * H;
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t j0, j1;
+    unit_range(H, omp_get_num_threads(), omp_get_thread_num(), j0, j1);
+    const T* wci = PEEP ? pw : nullptr;
+    const T* wcf = PEEP && !COUPLED ? pw + H : nullptr;
+    const T* wco = PEEP ? pw + (COUPLED ? 1 : 2) * H : nullptr;
+    T* dwci = PEEP ? dpw : nullptr;
+    T* dwcf = PEEP && !COUPLED ? dpw + H : nullptr;
+    T* dwco = PEEP ? dpw + (COUPLED ? 1 : 2) * H : nullptr;
+    // REG: a row's dh and dc split by the zoneout masks (see the pre-pass below)
+    std::vector<T> dh_buf(REG ? H : 0), dc_buf(REG ? H : 0), dcz_buf(REG ? H : 0);
+    for (int64_t t = cf.T - 1; t >= 0; --t) {
+      const int64_t M = cf.bs[t];
+      const T* a = acts + t * B * GH;
+      T* d = dg + t * B * GH;
+      const T* cp_t = t == 0 ? c0 : cs + (t - 1) * B * H;
+      for (int64_t m = 0; m < M; ++m) {
+        const T* ar = a + m * GH;
+        T* dr = d + m * GH;
+        const T* cr = (REG && R.kc ? R.ctil : cs) + (t * B + m) * H;
+        const T* cpr = cp_t + m * H;
+        const T* gyr = gy + (t * B + m) * H;
+        T* dhr = dhs + m * H;
+        T* dcr = dcs + m * H;
+        const T* khr = REG ? R.row(R.kh, t, B, m, H) : nullptr;
+        const T* kcr = REG ? R.row(R.kc, t, B, m, H) : nullptr;
+        T* zhr = REG && khr ? zh + m * H : nullptr;
+        // REG: the zoneout splits first, in loops of their own (as in lstm_fwd_loop): dh_in =
+        // (dh + gy) (1 - k_h) with k_h (dh + gy) to h_{t-1} (zhr), dc_in = dc (1 - k_c) with
+        // dcz = dc k_c to c_{t-1} (added after the main loop)
+        const T* dh_in = REG ? dh_buf.data() : nullptr;
+        const T* dc_in = REG && kcr ? dc_buf.data() : dcr;
+        if constexpr (REG) {
+          T* dhb = dh_buf.data();
+          if (khr) {
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) {
+              const T dh = dhr[j] + gyr[j];
+              zhr[j] = dh * khr[j];
+              dhb[j] = dh * (T(1) - khr[j]);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) dhb[j] = dhr[j] + gyr[j];
+          }
+          if (kcr) {
+            T* dcb = dc_buf.data();
+            T* dcz = dcz_buf.data();
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) {
+              dcz[j] = dcr[j] * kcr[j];
+              dcb[j] = dcr[j] * (T(1) - kcr[j]);
+            }
+          }
+        }
+        if (!COUPLED) {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) {
+            const T i = ar[j], f = ar[H + j], gg = ar[2 * H + j], o = ar[3 * H + j];
+            const T c = cr[j], cp = cpr[j];
+            const T dh = REG ? dh_in[j] : dhr[j] + gyr[j], dcn = dc_in[j];
+            const T tc = tanh_(c);
+            const T dpo = dh * tc * o * (T(1) - o);
+            T dc = dcn + dh * o * (T(1) - tc * tc);
+            if (PEEP) dc += dpo * wco[j];
+            const T dpi = dc * gg * i * (T(1) - i);
+            const T dpf = dc * cp * f * (T(1) - f);
+            const T dpg = dc * i * (T(1) - gg * gg);
+            T dcp = dc * f;
+            if (PEEP) {
+              dcp += dpi * wci[j] + dpf * wcf[j];
+              dwci[j] += dpi * cp;
+              dwcf[j] += dpf * cp;
+              dwco[j] += dpo * c;
+            }
+            dr[j] = dpi;
+            dr[H + j] = dpf;
+            dr[2 * H + j] = dpg;
+            dr[3 * H + j] = dpo;
+            dcr[j] = dcp;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) {
+            const T i = ar[j], gg = ar[H + j], o = ar[2 * H + j];
+            const T c = cr[j], cp = cpr[j];
+            const T dh = REG ? dh_in[j] : dhr[j] + gyr[j], dcn = dc_in[j];
+            const T tc = tanh_(c);
+            const T dpo = dh * tc * o * (T(1) - o);
+            T dc = dcn + dh * o * (T(1) - tc * tc);
+            if (PEEP) dc += dpo * wco[j];
+            // dc * gg - dc * cp, not dc * (gg - cp): the two products autograd forms (i g and
+            // (1 - i) c_prev), so that an infinite c_prev gives the same NaN or inf
+            const T dpi = (dc * gg - dc * cp) * i * (T(1) - i);
+            const T dpg = dc * i * (T(1) - gg * gg);
+            T dcp = dc * (T(1) - i);
+            if (PEEP) {
+              dcp += dpi * wci[j];
+              dwci[j] += dpi * cp;
+              dwco[j] += dpo * c;
+            }
+            dr[j] = dpi;
+            dr[H + j] = dpg;
+            dr[2 * H + j] = dpo;
+            dcr[j] = dcp;
+          }
+        }
+        if constexpr (REG) {
+          if (kcr) {  // dc_{t-1} = (the cell's part) + k_c dc
+            const T* dcz = dcz_buf.data();
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) dcr[j] = dcr[j] + dcz[j];
+          }
+        }
+      }
+      RNNKIT_STEP_BARRIER(omp_get_num_threads());
+      if (j1 > j0) Whh.mm(M, j1 - j0, H, GH, d, GH, 0, j0, dhs + j0, H, false);
+      if (REG && j1 > j0) finish_dh(M, H, j0, j1, R.rmask, R.kh ? zh : nullptr, dhs);
+    }
+  }
+}
+
+}  // namespace
