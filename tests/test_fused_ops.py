@@ -87,6 +87,32 @@ def test_opcheck_layer_backward_and_step(name):
     torch.testing.assert_close(got[1], want[2])
 
 
+@pytest.mark.parametrize("name, position, short, message", [
+    ("gru_after", 11, torch.rand(3, dtype=torch.float64), "b_ih and b_hh must be"),
+    ("lstm", 10, torch.rand(19, dtype=torch.float64), "b_ih and b_hh must be"),
+    ("lstm", 11, None, "both or neither"),
+    ("lstm_peephole", 12, torch.rand(3, 4, dtype=torch.float64), "peephole weights must be"),
+    ("lstm_peephole_coupled", 12, torch.rand(3, 5, dtype=torch.float64),
+     "peephole weights must be"),
+    ("rnn_tanh", 10, torch.rand(5, dtype=torch.float32), "b_ih and b_hh must be")])
+def test_short_biases_or_peepholes_are_refused_not_read_past(name, position, short, message):
+    """The loops read G*H values of each bias and H of each peephole row through raw pointers:
+    a direct operator call with a shorter tensor read past its end and returned numbers that
+    changed from call to call (review, session 12); now it names the tensor."""
+    args = list(_operator_args(_config(name), grad=False, training=False))
+    args[position] = short
+    with pytest.raises(RuntimeError, match=message):
+        ops().layer_forward(*args)
+    if position == 12:  # the backward reads the peepholes too
+        good = list(_operator_args(_config(name), grad=False))
+        y, _, _, acts, cells, extra = ops().layer_forward(*good)
+        x, h0, c0, w_ih, w_hh = good[5:10]
+        backward = (*_config(name).args(), x, h0, c0, w_ih, w_hh, short, None, None, None, True,
+                    [], y, acts, cells, extra, torch.ones_like(y), None, None, True, True, 0)
+        with pytest.raises(RuntimeError, match=message):
+            ops().layer_backward(*backward)
+
+
 def test_unknown_variant_raises():
     with pytest.raises(ValueError, match="no fused kernel"):
         _function.config_of(CellSpec("lstm", reset="before"))
@@ -579,6 +605,25 @@ def test_opcheck_layer_norm_step(name):
     torch.testing.assert_close(h, h_want)
     if lstm:
         torch.testing.assert_close(c, c_want)
+
+
+@pytest.mark.parametrize("index, short, message", [
+    (9, 2, "ln_ih_weight and ln_ih_bias must be"), (11, 2, "ln_weight and ln_bias must be"),
+    (13, 2, "cell LN's weight and bias must be"), (15, (1, 5), "peephole weights must be")])
+def test_layer_norm_step_refuses_short_parameters(index, short, message):
+    """rnnkit_ln::step read every LN gain and bias at the sizes H and G*H imply: two-element LN
+    weights gave h = 0 from memory past them, without an error (review, session 12)."""
+    args = [a.detach() if isinstance(a, torch.Tensor) else a
+            for a in _layer_norm_args(**LAYER_NORM_OPERATOR_CASES["lstm_peephole"], grad=False)]
+    x = torch.rand(3, 4, dtype=torch.float64)
+    w_ih = torch.rand(args[7].shape[0], 4, dtype=torch.float64)
+    gates = w_ih.shape[0]
+    step = [*args[:4], x, args[5], args[6], w_ih, args[7], torch.ones(gates, dtype=torch.float64),
+            torch.zeros(gates, dtype=torch.float64), *args[8:13], 0]
+    ln_ops().step(*step)  # (the well-formed call runs)
+    step[index] = torch.rand(short, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=message):
+        ln_ops().step(*step)
 
 
 @pytest.mark.parametrize("operators, name", [

@@ -109,6 +109,23 @@ void make_contiguous(at::Tensor& t) {
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // rnnkit_fused::layer_forward: one layer, one direction, the whole time loop.
+// The loops read G*H values of each bias and H of each peephole row through raw pointers:
+// anything shorter would be read past its end (a wrong answer, no error), so the operators
+// check them here (the layers always pass their own parameters; a direct call may not).
+void check_bias_and_peepholes(const Cfg& cf, const at::Tensor& x, const at::Tensor& b_ih,
+                              const at::Tensor& b_hh, const at::Tensor& pw) {
+  TORCH_CHECK(b_ih.defined() == b_hh.defined(), "b_ih and b_hh: both or neither");
+  for (const at::Tensor* b : {&b_ih, &b_hh})
+    TORCH_CHECK(!b->defined() || (b->dim() == 1 && b->size(0) == cf.G * cf.H &&
+                                  b->scalar_type() == x.scalar_type()),
+                "b_ih and b_hh must be (G*H,) = (", cf.G * cf.H, ",) of x's dtype");
+  const int64_t rows = cf.kind == LSTM && cf.peep ? (cf.coupled ? 2 : 3) : 0;
+  TORCH_CHECK(rows == 0 || (pw.defined() && pw.dim() == 2 && pw.size(0) == rows &&
+                            pw.size(1) == cf.H && pw.scalar_type() == x.scalar_type()),
+              "the peephole weights must be (", rows, ", H) = (", rows, ", ", cf.H,
+              ") of x's dtype");
+}
+
 // Returns (y, h_n, c_n, acts, cells, extra); the last three are what layer_backward needs
 // (empty unless training).
 // The regularisers' masks of an operator call, each checked and made contiguous (or undefined).
@@ -149,6 +166,7 @@ ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tens
   TORCH_CHECK(w_ih.size(0) == cf.G * H && w_ih.size(1) == cf.I, "w_ih has the wrong shape");
   TORCH_CHECK(w_hh.size(0) == cf.G * H && w_hh.size(1) == H, "w_hh has the wrong shape");
   TORCH_CHECK(cf.kind != LSTM || c0.defined(), "an LSTM needs c0");
+  check_bias_and_peepholes(cf, x, b_ih, b_hh, pw);
   const int nt_all = nthreads > 0 ? static_cast<int>(nthreads) : at::get_num_threads();
   const int nt = pick_threads(cf, nthreads);
   x = x.contiguous();
@@ -248,6 +266,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward_packed(
 #include "inference.h"
 
 namespace {
+
+// rnnkit_fused::layer_backward: the hand-derived BPTT of layer_forward.
+// Returns (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep); empty where not asked for / absent.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+layer_backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
+               const at::Tensor& x_, const at::Tensor& h0_, const std::optional<at::Tensor>& c0_,
+               const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+               const std::optional<at::Tensor>& pw_,
+               const std::optional<at::Tensor>& recurrent_mask,
+               const std::optional<at::Tensor>& zoneout_h,
+               const std::optional<at::Tensor>& zoneout_c, bool has_bias,
+               at::IntArrayRef batch_sizes,
+               const at::Tensor& y_, const at::Tensor& acts_, const at::Tensor& cs_,
+               const at::Tensor& extra_, const at::Tensor& gy_,
+               const std::optional<at::Tensor>& ghT_, const std::optional<at::Tensor>& gcT_,
+               bool need_dx, bool need_dw, int64_t nthreads, bool bf16) {
+  at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), w_ih = w_ih_.contiguous(),
+             w_hh = w_hh_.contiguous(), y = y_.contiguous(), acts = acts_.contiguous(),
+             gy = gy_;  // (made contiguous a chunk at a time by backward_impl)
+  at::Tensor c0 = opt(c0_), pw = opt(pw_), cs = cs_.contiguous(), extra = extra_.contiguous(),
+             gh = opt(ghT_), gc = opt(gcT_);
+  make_contiguous(c0);
+  make_contiguous(pw);
+  make_contiguous(gh);
+  make_contiguous(gc);
+  const int64_t H = h0.size(1);
+  Cfg cf = make_cfg(kind, act, peep, coupled, before, x, H, batch_sizes.vec());
+  const Masks masks = check_masks(cf, x, recurrent_mask, zoneout_h, zoneout_c);
+  TORCH_CHECK(w_ih.size(0) == cf.G * H && w_ih.size(1) == cf.I && w_hh.size(0) == cf.G * H &&
+                  w_hh.size(1) == H,
+              "w_ih / w_hh have the wrong shape");
+  check_bias_and_peepholes(cf, x, at::Tensor(), at::Tensor(), pw);
+  // (an Elman layer without zoneout of h saves no activations: its backward reads them from y)
+  const bool acts_in_y = cf.kind == RNN && !masks.keep_h.defined();
+  TORCH_CHECK(acts.numel() == (acts_in_y ? 0 : cf.T * cf.B * cf.G * H),
+              "layer_backward needs the activations of layer_forward(training=True)");
+  TORCH_CHECK(gy.dim() == 3 && gy.size(0) == cf.T && gy.size(1) == cf.B && gy.size(2) == H,
+              "grad_y must be (T, B, H)");
+  const int nt_all = nthreads > 0 ? static_cast<int>(nthreads) : at::get_num_threads();
+  const int nt = pick_threads(cf, nthreads);
+  std::vector<at::Tensor> r;
+  TORCH_CHECK(!bf16 || x.scalar_type() == at::kFloat, "bf16 mode takes float32 tensors");
+  if (x.scalar_type() == at::kFloat)
+    r = backward_impl<float>(cf, x, h0, c0, w_ih, w_hh, pw, has_bias, y, acts, cs, extra, gy, gh,
+                             gc, masks.recurrent, masks.keep_h, masks.keep_c, need_dx, need_dw, nt,
+                             nt_all, bf16);
+  else
+    r = backward_impl<double>(cf, x, h0, c0, w_ih, w_hh, pw, has_bias, y, acts, cs, extra, gy,
+                              gh, gc, masks.recurrent, masks.keep_h, masks.keep_c, need_dx,
+                              need_dw, nt, nt_all);
+  // backward_impl shares one tensor for db_ih and db_hh where they are equal; outputs of an
+  // operator must not alias each other.
+  if (r[5].defined() && r[6].defined() && r[6].is_same(r[5])) r[6] = r[5].clone();
+  return {or_empty(r[0], x), r[1], or_empty(r[2], x), or_empty(r[3], x), or_empty(r[4], x),
+          or_empty(r[5], x), or_empty(r[6], x), or_empty(r[7], x)};
+}
 
 // A BLAS entry point of the library torch links. Python loads libtorch_cpu with RTLD_LOCAL, so
 // its symbols (MKL's sgemm_ & co. in the CPU wheels) are not in the global scope that

@@ -834,6 +834,39 @@ Variant variant_of(int64_t kind, bool peephole, bool coupled, bool before) {
 
 Tensor empty_like_none(const Tensor& like) { return at::empty({0}, like.options()); }
 
+// The kernels read every LN gain and bias, W_hh and the peepholes through raw pointers at the
+// sizes H and G*H imply: a shorter tensor would be read past its end (a wrong answer, no
+// error), so the operators check them (the layers pass their own parameters; a direct call may
+// not). Each optional one is checked where the variant uses it.
+void check_parameters(const Variant& v, int64_t H, at::ScalarType dtype, const Tensor& w_hh,
+                      const Tensor& ln_weight, const Tensor& ln_bias,
+                      const std::optional<Tensor>& cell_weight,
+                      const std::optional<Tensor>& cell_bias, const std::optional<Tensor>& peep,
+                      const std::optional<Tensor>& ln_ih_weight,
+                      const std::optional<Tensor>& ln_ih_bias) {
+  const int64_t GH = v.gates() * H;
+  const auto is = [&](const Tensor& t, at::IntArrayRef sizes) {
+    return t.sizes() == sizes && t.scalar_type() == dtype;
+  };
+  TORCH_CHECK(is(w_hh, {GH, H}), "rnnkit_ln: w_hh must be (G*H, H) = (", GH, ", ", H,
+              ") of the input's dtype");
+  TORCH_CHECK(is(ln_weight, {GH}) && is(ln_bias, {GH}),
+              "rnnkit_ln: ln_weight and ln_bias must be (G*H,) = (", GH, ",) of the input's dtype");
+  for (const auto* t : {&ln_ih_weight, &ln_ih_bias})
+    TORCH_CHECK(!t->has_value() || is(**t, {GH}),
+                "rnnkit_ln: ln_ih_weight and ln_ih_bias must be (G*H,) = (", GH,
+                ",) of the input's dtype");
+  if (v.kind == kLSTM)
+    for (const auto* t : {&cell_weight, &cell_bias})
+      TORCH_CHECK(!t->has_value() || is(**t, {H}),
+                  "rnnkit_ln: the cell LN's weight and bias must be (H,) = (", H,
+                  ",) of the input's dtype");
+  const int64_t rows = v.coupled ? 2 : 3;
+  TORCH_CHECK(!v.peephole || !peep || is(*peep, {rows, H}),
+              "rnnkit_ln: the peephole weights must be (", rows, ", H) = (", rows, ", ", H,
+              ") of the input's dtype");
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forward(
     int64_t kind, bool peephole, bool coupled, bool before, const Tensor& gx, const Tensor& h0,
     const std::optional<Tensor>& c0, const Tensor& w_hh, const Tensor& ln_weight,
@@ -853,6 +886,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
               "rnnkit_ln: gx must be (T, B, G*H)");
   TORCH_CHECK(!lstm || (c0 && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c0 and the cell LN");
   TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
+  check_parameters(v, h0.size(1), gx.scalar_type(), w_hh, ln_weight, ln_bias, cell_weight,
+                   cell_bias, peep, ln_ih_weight, ln_ih_bias);
+  TORCH_CHECK(h0.size(0) == gx.size(1) && h0.scalar_type() == gx.scalar_type() &&
+                  (!lstm || (c0->sizes() == h0.sizes() && c0->scalar_type() == gx.scalar_type())),
+              "rnnkit_ln: h0 (and c0) must be (B, H) of gx's dtype");
   const Tensor g = gx.contiguous();
   const int64_t steps = g.size(0), batch = g.size(1), H = h0.size(1), GH = v.gates() * H;
   Tensor h = h0.contiguous().clone();
@@ -897,6 +935,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
   TORCH_CHECK(ln_ih_weight.has_value() == projection.has_value() && (!ln_ih_weight || !before),
               "rnnkit_ln: the input LN's weight and the projection come together, not for the "
               "GRU-before");
+  TORCH_CHECK(!lstm || (c0 && cell_weight), "rnnkit_ln: the LSTM needs c0 and the cell LN");
+  TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
+  check_parameters(v, h0.size(1), y.scalar_type(), w_hh, ln_weight, ln_bias, cell_weight,
+                   std::nullopt, peep, ln_ih_weight, std::nullopt);
   const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), GH = v.gates() * H;
   Tensor dh = grad_h_n ? grad_h_n->contiguous().clone() : at::zeros({batch, H}, y.options());
   Tensor dc = lstm ? (grad_c_n ? grad_c_n->contiguous().clone()
@@ -950,6 +992,11 @@ std::tuple<Tensor, Tensor> ln_step(int64_t kind, bool peephole, bool coupled, bo
               "rnnkit_ln::step: x (B, I), h (B, H), w_ih (G*H, I), w_hh (G*H, H)");
   TORCH_CHECK(!lstm || (c && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c and the cell LN");
   TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
+  TORCH_CHECK(w_ih.scalar_type() == x.scalar_type() && h.scalar_type() == x.scalar_type() &&
+                  (!lstm || (c->sizes() == h.sizes() && c->scalar_type() == x.scalar_type())),
+              "rnnkit_ln::step: h, c and w_ih must have x's dtype, c h's shape");
+  check_parameters(v, H, x.scalar_type(), w_hh, ln_weight, ln_bias, cell_weight, cell_bias, peep,
+                   ln_ih_weight, ln_ih_bias);
   const Tensor xc = x.contiguous(), wi = w_ih.contiguous();
   Tensor gx = at::empty({1, batch, GH}, xc.options());  // x W_ih^T, then LN(x W_ih^T)
   const Tensor iw = ln_ih_weight.contiguous(), ib = ln_ih_bias.contiguous();
