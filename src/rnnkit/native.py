@@ -237,6 +237,21 @@ def _jit_trace_suspended() -> Iterator[None]:
         torch._C._set_tracing_state(state)
 
 
+_BUILTINS: dict[str, Callable[..., Any]] = {}
+
+
+def builtin_operator(qualified_name: str) -> Callable[..., Any]:
+    """The C++ entry of operator ``"namespace::name"`` (its default overload), looked up once per
+    process: ``OpOverload.__call__`` is one Python frame more per call, and its ``_op`` is the
+    builtin it forwards to. For the per-step calls of streaming and cell steps, where that frame
+    is a measurable share of a few-µs step; the operator's library must be loaded."""
+    op = _BUILTINS.get(qualified_name)
+    if op is None:
+        namespace, name = qualified_name.split("::")
+        op = _BUILTINS[qualified_name] = getattr(getattr(torch.ops, namespace), name).default._op
+    return op
+
+
 @torch.compiler.assume_constant_result
 def _load_while_tracing(extension: NativeExtension) -> bool:
     """``extension.load()`` run by torch.compile / torch.export as plain Python (they cannot

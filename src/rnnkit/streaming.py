@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rnnkit.native import builtin_operator
 from rnnkit.state_tree import map_state
 
 StepFunction = Callable[[Any, Any], tuple[Any, Any]]
@@ -176,7 +177,7 @@ class Stream:
                     if config is not None else None)
             packed = inference.step_weights(plan) if plan is not None else None
         self._packed = packed if packed is not None and packed.numel() else None
-        self._op = inference._step_stream()
+        self._op = builtin_operator("rnnkit_fused::step_stream")
 
     def _weights_now(self) -> list[tuple[int, int]]:
         """What identifies the weights packed: each parameter's storage and version (a new

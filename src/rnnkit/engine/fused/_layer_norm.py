@@ -35,7 +35,7 @@ from rnnkit.engine.fused._function import (
     layer_backwards_first_derivative_only,
 )
 from rnnkit.engine.lengths import zero_padding
-from rnnkit.native import NativeExtension, tracing
+from rnnkit.native import NativeExtension, builtin_operator, tracing
 
 NAMESPACE = "rnnkit_ln"
 
@@ -355,18 +355,8 @@ def run_step(math: Any, x: Tensor, state: Sequence[Tensor],
         cell_weight = cell_bias = c = None
         peepholes = []
     peep = torch.stack(peepholes) if peepholes else None
-    h, c = _step_op()(*variant, x, state[0], c, w_ih, w_hh, in_weight, in_bias, ln_weight,
-                      ln_bias, cell_weight, cell_bias, peep, loop_threads)
+    step = builtin_operator("rnnkit_ln::step")
+    h, c = step(*variant, x, state[0], c, w_ih, w_hh, in_weight, in_bias, ln_weight, ln_bias,
+                cell_weight, cell_bias, peep, loop_threads)
     return (h, c) if variant[0] == 1 else (h,)
 
-
-_STEP: Any = None
-
-
-def _step_op() -> Any:
-    """``rnnkit_ln::step``'s C++ entry, looked up once (``OpOverload.__call__`` is one Python frame
-    more per call; its ``_op`` is the builtin it forwards to)."""
-    global _STEP
-    if _STEP is None:
-        _STEP = torch.ops.rnnkit_ln.step.default._op
-    return _STEP

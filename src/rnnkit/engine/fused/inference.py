@@ -53,7 +53,7 @@ from rnnkit.cells.base import weight_dtype
 from rnnkit.engine import threads
 from rnnkit.engine.fused import _build, _function
 from rnnkit.engine.fused._function import KERNELS, Config, peephole_weights
-from rnnkit.native import tracing
+from rnnkit.native import builtin_operator, tracing
 
 _ATTRIBUTE = "_inference_plan"  # (a plain attribute of the module: not a buffer, not saved)
 
@@ -248,15 +248,9 @@ def _tiles(plan: Prepared, index: int) -> tuple[Tensor, Tensor]:
     return packed
 
 
-_GEMM_LAYOUT: Any = None
-
-
 def _gemm_layout() -> int:
-    """The kernels' current packing layout (``gemm_layout``; its C++ entry looked up once)."""
-    global _GEMM_LAYOUT
-    if _GEMM_LAYOUT is None:
-        _GEMM_LAYOUT = torch.ops.rnnkit_fused.gemm_layout.default._op
-    return _GEMM_LAYOUT()
+    """The kernels' current packing layout (``gemm_layout``)."""
+    return builtin_operator("rnnkit_fused::gemm_layout")()
 
 
 def _config(module: Any) -> Config | None:
@@ -426,8 +420,8 @@ def cell_step(cell: Any, x_t: Any, state: Any) -> tuple[Tensor, Any] | None:
     batch1 = shape[0] == 1 and x_t.dtype == torch.float32
     packed = step_weights(plan) if batch1 and _one_thread() else None
     if packed is not None and packed.numel():  # (one thread, both weights packed: step_stream)
-        return _finish(cell, lstm, *_step_stream()(x_t, state[0], state[1] if lstm else None,
-                                                   packed))
+        step_stream = builtin_operator("rnnkit_fused::step_stream")
+        return _finish(cell, lstm, *step_stream(x_t, state[0], state[1] if lstm else None, packed))
     w_ih, w_hh, b_ih, b_hh, pw = plan.weights[0]
     if batch1:  # (more threads: step_packed splits the units between them where it pays)
         h, c = torch.ops.rnnkit_fused.step_packed.default(
@@ -476,18 +470,6 @@ def _one_thread() -> bool:
     the units between them)."""
     threads_ = _function.loop_threads
     return threads_ == 1 or (threads_ == 0 and torch.get_num_threads() == 1)
-
-
-_STEP: Any = None
-
-
-def _step_stream() -> Any:
-    """``step_stream``'s C++ entry, looked up once (``OpOverload.__call__`` is a Python frame
-    more per call; its ``_op`` is the builtin it forwards to)."""
-    global _STEP
-    if _STEP is None:
-        _STEP = torch.ops.rnnkit_fused.step_stream.default._op
-    return _STEP
 
 
 def _fused() -> Any:
