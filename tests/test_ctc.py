@@ -180,7 +180,6 @@ def test_native_unavailable_falls_back_with_one_warning(monkeypatch) -> None:
     disabled = NativeExtension("rnnkit_test_disabled", ["missing.cpp"], ops_namespace="nowhere")
     assert disabled.load() is None and disabled.error == "disabled by RNNKIT_NO_NATIVE"
     monkeypatch.setattr(ctc, "_EXTENSION", disabled)
-    monkeypatch.setattr(ctc, "_fallback_warned", False)
     logits, targets, input_lengths, target_lengths = _random_batch(torch.float64, 0)
     log_probs = logits.log_softmax(2)
     with pytest.warns(RuntimeWarning, match="native CTC kernel is unavailable .disabled by "

@@ -247,7 +247,7 @@ def test_without_the_kernel_auto_falls_back_to_python_with_one_warning(
     expected = decode_batch(log_probs, beam_width=3, backend="native")
     monkeypatch.setattr(ctc._EXTENSION, "load", lambda: None)
     monkeypatch.setattr(ctc._EXTENSION, "_error", "disabled by this test")
-    monkeypatch.setattr(ctc, "_fallback_warned", False)
+    monkeypatch.setattr(ctc._EXTENSION, "_fallback_warned", False)
     with pytest.warns(RuntimeWarning, match=r"native CTC decoder is unavailable \(disabled by"):
         _assert_same(decode_batch(log_probs, beam_width=3), expected)
     with pytest.raises(RuntimeError, match="native CTC decoder is unavailable: disabled by"):

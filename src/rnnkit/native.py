@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,7 @@ class NativeExtension:
         self._module: Any = None
         self._error: str | None = None
         self._tried = False
+        self._fallback_warned = False
 
     @property
     def error(self) -> str | None:
@@ -155,6 +157,24 @@ class NativeExtension:
         """Compiler flags: the extra ones, OpenMP (at::parallel_for is inline OpenMP code), ISA."""
         return [*self.extra_cflags, *(["-fopenmp"] if self.openmp else []),
                 *(isa_cflags(self.wide_vectors) if self.isa else [])]
+
+    def unavailable_reason(self) -> str | None:
+        """None if the extension is usable (building it on first call), else why it is not."""
+        return None if self.load() is not None else (self._error or "unavailable")
+
+    def load_for(self, backend: str, kernel: str, fallback: str) -> Any:
+        """:meth:`load` for a call whose ``backend`` is "native" (the kernel or an error naming
+        ``kernel`` and why it is unavailable) or "auto" (the kernel, or None and one warning per
+        process that ``fallback`` runs instead)."""
+        ops = self.load()
+        if ops is None:
+            if backend == "native":
+                raise RuntimeError(f"{kernel} is unavailable: {self._error}")
+            if not self._fallback_warned:
+                self._fallback_warned = True
+                warnings.warn(f"{kernel} is unavailable ({self._error}); using {fallback}",
+                              RuntimeWarning, stacklevel=4)
+        return ops
 
     def load(self) -> Any:
         """The built module (or ``torch.ops.<ops_namespace>``), or None; compiles on first use."""

@@ -152,21 +152,8 @@ class LayerNormLSTMMath(LSTMMath):
     ) -> tuple[State, _LNLSTMCache]:
         h_prev, c_prev = state
         ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, *peepholes = diag
-        w_ci, w_cf, w_co = self._peepholes(peepholes)
         gh, a_hat, rstd = layer_norm_forward(h_prev @ w_hh.t(), ln_hh_weight, ln_hh_bias)
-        pre = gx + gh
-        if self.coupled:
-            pre_i, pre_g, pre_o = pre.chunk(3, dim=1)
-        else:
-            pre_i, pre_f, pre_g, pre_o = pre.chunk(4, dim=1)
-        i = torch.sigmoid(pre_i + w_ci * c_prev if self.peephole else pre_i)
-        if self.coupled:
-            f = 1 - i
-        else:
-            f = torch.sigmoid(pre_f + w_cf * c_prev if self.peephole else pre_f)
-        g = torch.tanh(pre_g)
-        c = f * c_prev + i * g
-        o = torch.sigmoid(pre_o + w_co * c if self.peephole else pre_o)
+        i, f, g, o, c = self._gates(gx + gh, c_prev, peepholes)
         c_norm, c_hat, c_rstd = layer_norm_forward(c, ln_c_weight, ln_c_bias)
         tanh_c = torch.tanh(c_norm)
         h = o * tanh_c
@@ -177,37 +164,12 @@ class LayerNormLSTMMath(LSTMMath):
         self, d_state: State, cache: _LNLSTMCache, w_hh: Tensor, diag: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
         dh, dc_next = d_state
-        _, c_prev, i, f, g, o, c, tanh_c, a_hat, rstd, c_hat, c_rstd = cache
+        o, tanh_c, a_hat, rstd, c_hat, c_rstd = cache.o, cache.tanh_c, *cache[-4:]
         ln_hh_weight, _, ln_c_weight, _, *peepholes = diag
-        w_ci, w_cf, w_co = self._peepholes(peepholes)
         d_pre_o = dh * tanh_c * sigmoid_grad(o)
         dc_from_h, d_c_weight, d_c_bias = layer_norm_backward(
             dh * o * tanh_grad(tanh_c), c_hat, c_rstd, ln_c_weight)
-        dc = dc_next + dc_from_h
-        if self.peephole:
-            dc = dc + d_pre_o * w_co
-        d_i = dc * g
-        d_f = dc * c_prev
-        if self.coupled:
-            d_i = d_i - d_f  # f = 1 − i routes the forget gradient into the input gate
-        d_pre_i = d_i * sigmoid_grad(i)
-        d_pre_g = dc * i * tanh_grad(g)
-        dc_prev = dc * f
-        if self.coupled:
-            d_pre = torch.cat((d_pre_i, d_pre_g, d_pre_o), dim=1)
-        else:
-            d_pre_f = d_f * sigmoid_grad(f)
-            d_pre = torch.cat((d_pre_i, d_pre_f, d_pre_g, d_pre_o), dim=1)
-        d_peep: tuple[Tensor, ...] = ()
-        if self.peephole:
-            dc_prev = dc_prev + d_pre_i * w_ci
-            d_w_ci = (d_pre_i * c_prev).sum(0)
-            d_w_co = (d_pre_o * c).sum(0)
-            if self.coupled:
-                d_peep = (d_w_ci, d_w_co)
-            else:
-                dc_prev = dc_prev + d_pre_f * w_cf
-                d_peep = (d_w_ci, (d_pre_f * c_prev).sum(0), d_w_co)
+        d_pre, dc_prev, d_peep = self._gates_backward(dc_next + dc_from_h, d_pre_o, cache, peepholes)
         d_a, d_hh_weight, d_hh_bias = layer_norm_backward(d_pre, a_hat, rstd, ln_hh_weight)
         dh_prev = d_a @ w_hh
         d_diag = (d_hh_weight, d_hh_bias, d_c_weight, d_c_bias, *d_peep)

@@ -28,7 +28,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,8 @@ from rnnkit.cells.base import (
     tanh_grad,
 )
 
+if TYPE_CHECKING:
+    from rnnkit.cells.layer_norm import _LNLSTMCache
 
 class LSTMState(NamedTuple):
     """The state of an LSTM: hidden output ``h`` and cell ``c``."""
@@ -105,14 +107,12 @@ class LSTMMath(CellMath):
         w_ci, w_cf, w_co = diag
         return w_ci, w_cf, w_co
 
-    def step(
-        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor],
-        recurrent_mask: Tensor | None = None,
-    ) -> tuple[State, _LSTMCache]:
-        h_prev, c_prev = state
-        h_in = recurrent_input(h_prev, recurrent_mask)
+    def _gates(
+        self, pre: Tensor, c_prev: Tensor, diag: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The gates and the new cell from the pre-activations ``pre`` (gate blocks i, f, g, o;
+        i, g, o when coupled): shared by every LSTM form, layer-normalised ones included."""
         w_ci, w_cf, w_co = self._peepholes(diag)
-        pre = gx + recurrent_projection(h_in, w_hh, b_hh)
         if self.coupled:
             pre_i, pre_g, pre_o = pre.chunk(3, dim=1)
         else:
@@ -125,25 +125,16 @@ class LSTMMath(CellMath):
         g = torch.tanh(pre_g)
         c = f * c_prev + i * g
         o = torch.sigmoid(pre_o + w_co * c if self.peephole else pre_o)
-        tanh_c = torch.tanh(c)
-        h = o * tanh_c
-        m = None
-        if self.projection:
-            m, h = h, h @ diag[-1].t()
-        return LSTMState(h, c), _LSTMCache(h_in, c_prev, i, f, g, o, c, tanh_c, m, recurrent_mask)
+        return i, f, g, o, c
 
-    def step_backward(
-        self, d_state: State, cache: _LSTMCache, w_hh: Tensor, diag: Sequence[Tensor]
-    ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
-        dh, dc_next = d_state
-        _, c_prev, i, f, g, o, c, tanh_c, m, mask = cache
+    def _gates_backward(
+        self, dc: Tensor, d_pre_o: Tensor, cache: _LSTMCache | _LNLSTMCache, diag: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """:meth:`_gates` backward: from the cell's gradient ``dc`` (through h and the next step,
+        before the output gate's peephole) and the output gate's pre-activation gradient, the
+        pre-activations' gradient, the previous cell's and the peepholes'."""
+        c_prev, i, f, g, c = cache.c_prev, cache.i, cache.f, cache.g, cache.c
         w_ci, w_cf, w_co = self._peepholes(diag)
-        d_w_hr: tuple[Tensor, ...] = ()
-        if self.projection:  # h = m W_hrᵀ: dW_hr = dhᵀ m, and m's gradient continues as dh
-            d_w_hr = (dh.t() @ m,)
-            dh = dh @ diag[-1]
-        d_pre_o = dh * tanh_c * sigmoid_grad(o)
-        dc = dc_next + dh * o * tanh_grad(tanh_c)
         if self.peephole:
             dc = dc + d_pre_o * w_co
         d_i = dc * g
@@ -158,16 +149,44 @@ class LSTMMath(CellMath):
         else:
             d_pre_f = d_f * sigmoid_grad(f)
             d_pre = torch.cat((d_pre_i, d_pre_f, d_pre_g, d_pre_o), dim=1)
-        d_diag: tuple[Tensor, ...] = ()
+        d_peep: tuple[Tensor, ...] = ()
         if self.peephole:
             dc_prev = dc_prev + d_pre_i * w_ci
             d_w_ci = (d_pre_i * c_prev).sum(0)
             d_w_co = (d_pre_o * c).sum(0)
             if self.coupled:
-                d_diag = (d_w_ci, d_w_co)
+                d_peep = (d_w_ci, d_w_co)
             else:
                 dc_prev = dc_prev + d_pre_f * w_cf
-                d_diag = (d_w_ci, (d_pre_f * c_prev).sum(0), d_w_co)
+                d_peep = (d_w_ci, (d_pre_f * c_prev).sum(0), d_w_co)
+        return d_pre, dc_prev, d_peep
+
+    def step(
+        self, gx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None, diag: Sequence[Tensor],
+        recurrent_mask: Tensor | None = None,
+    ) -> tuple[State, _LSTMCache]:
+        h_prev, c_prev = state
+        h_in = recurrent_input(h_prev, recurrent_mask)
+        i, f, g, o, c = self._gates(gx + recurrent_projection(h_in, w_hh, b_hh), c_prev, diag)
+        tanh_c = torch.tanh(c)
+        h = o * tanh_c
+        m = None
+        if self.projection:
+            m, h = h, h @ diag[-1].t()
+        return LSTMState(h, c), _LSTMCache(h_in, c_prev, i, f, g, o, c, tanh_c, m, recurrent_mask)
+
+    def step_backward(
+        self, d_state: State, cache: _LSTMCache, w_hh: Tensor, diag: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor, State, tuple[Tensor, ...]]:
+        dh, dc_next = d_state
+        o, tanh_c, m, mask = cache.o, cache.tanh_c, cache.m, cache.mask
+        d_w_hr: tuple[Tensor, ...] = ()
+        if self.projection:  # h = m W_hrᵀ: dW_hr = dhᵀ m, and m's gradient continues as dh
+            d_w_hr = (dh.t() @ m,)
+            dh = dh @ diag[-1]
+        d_pre_o = dh * tanh_c * sigmoid_grad(o)
+        dc = dc_next + dh * o * tanh_grad(tanh_c)
+        d_pre, dc_prev, d_diag = self._gates_backward(dc, d_pre_o, cache, diag)
         dh_prev = recurrent_input(d_pre @ w_hh, mask)
         return d_pre, d_pre, LSTMState(dh_prev, dc_prev), d_diag + d_w_hr
 

@@ -25,7 +25,6 @@ defined order, so no two implementations could agree on it (−inf is fine: an i
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,6 @@ _EXTENSION = NativeExtension(
     extra_cflags=("-O3", "-ffp-contract=off"),
     ops_namespace="rnnkit_ctc_decode",
 )
-_fallback_warned = False
 
 
 class LabelScorer(Protocol):
@@ -81,7 +79,7 @@ def _as_2d(log_probs: Tensor) -> Tensor:
 
 def native_unavailable_reason() -> str | None:
     """None if the C++ decoder is usable (building it on first call), else why it is not."""
-    return None if _EXTENSION.load() is not None else (_EXTENSION.error or "unavailable")
+    return _EXTENSION.unavailable_reason()
 
 
 def _native_ops(backend: str) -> Any | None:
@@ -90,17 +88,8 @@ def _native_ops(backend: str) -> Any | None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "python":
         return None
-    ops = _EXTENSION.load()
-    if ops is None:
-        if backend == "native":
-            raise RuntimeError(f"the native CTC decoder is unavailable: {_EXTENSION.error}")
-        global _fallback_warned
-        if not _fallback_warned:
-            _fallback_warned = True
-            warnings.warn(f"rnnkit.decoding: the native CTC decoder is unavailable "
-                          f"({_EXTENSION.error}); using the slower pure-Python one",
-                          RuntimeWarning, stacklevel=3)
-    return ops
+    return _EXTENSION.load_for(backend, "rnnkit.decoding's native CTC decoder",
+                               "the slower pure-Python one")
 
 
 def _batch_arguments(log_probs: Tensor, lengths: Sequence[int] | Tensor | None,

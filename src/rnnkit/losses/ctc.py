@@ -34,7 +34,6 @@ and ``zero_infinity`` replaces a +inf loss only, so a NaN from a diverging model
 from __future__ import annotations
 
 import operator
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +56,11 @@ _EXTENSION = NativeExtension(
     extra_cflags=("-O3", "-ffp-contract=off", "-fno-trapping-math"),
     ops_namespace="rnnkit_ctc",
 )
-_fallback_warned = False
 
 
 def native_unavailable_reason() -> str | None:
     """None if the C++ kernel is usable (building it on first call), else why it is not."""
-    return None if _EXTENSION.load() is not None else (_EXTENSION.error or "unavailable")
+    return _EXTENSION.unavailable_reason()
 
 
 def _native_ops(log_probs: Tensor, backend: str) -> Any | None:
@@ -74,17 +72,8 @@ def _native_ops(log_probs: Tensor, backend: str) -> Any | None:
             raise ValueError(f"the native CTC kernel runs CPU float32/float64 tensors, got "
                              f"{log_probs.dtype} on {log_probs.device}")
         return None
-    ops = _EXTENSION.load()
-    if ops is None:
-        if backend == "native":
-            raise RuntimeError(f"the native CTC kernel is unavailable: {_EXTENSION.error}")
-        global _fallback_warned
-        if not _fallback_warned:
-            _fallback_warned = True
-            warnings.warn(f"rnnkit.losses.ctc_loss: the native CTC kernel is unavailable "
-                          f"({_EXTENSION.error}); using the slower pure-torch implementation",
-                          RuntimeWarning, stacklevel=3)
-    return ops
+    return _EXTENSION.load_for(backend, "rnnkit.losses.ctc_loss's native CTC kernel",
+                               "the slower pure-torch implementation")
 
 
 def _padded_targets(targets: Tensor, target_lengths: Tensor) -> Tensor:
