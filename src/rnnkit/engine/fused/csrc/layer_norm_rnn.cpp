@@ -1,10 +1,9 @@
 // The time loop of the layer-normalised LSTM and GRU (issue 12; math in cells/layer_norm.py).
 //
-//   input side:  the LSTM and the reset-after GRU get the raw projection x W_ih^T (T, B, G*H)
-//                and normalise each row in the loop (the input LN's backward too); the
-//                reset-before GRU gets gx = LN(x W_ih^T) computed before the loop
-//                (engine.run_layer, autograd): its d(gx_r) is formed only after the n block's
-//                product, a second pass over the rows
+//   input side:  every layer gets the raw projection x W_ih^T (T, B, G*H) and normalises each
+//                row in the loop, the input LN's backward too (the reset-before GRU in the
+//                backward's second pass over the rows, where its d(gx_r) is formed, after the
+//                n block's product); rnnkit_ln::step gets gx = LN(x W_ih^T) (no in_w)
 //   forward:     per step a = h_{t-1} W_hh^T, LN over each row, the gates, (LSTM) LN of the cell
 //   backward:    the hand-derived step backward in reverse time; it returns d(gx) (the LSTM:
 //                d(x W_ih^T)) and d(a) (the gradient before the recurrent LN); the W_hh
@@ -48,7 +47,7 @@ enum Kind : int64_t { kLSTM = 1, kGRU = 2 };
 
 // Saved per row and step (stats): 1/sigma of the recurrent LN (GRU-before: of its r, z blocks),
 // 1/sigma of the cell LN (GRU-before: of the n block), and the mean and 1/sigma of the input LN
-// where the kernel normalises the input itself (the LSTM: see ln_layer_forward).
+// where the kernel normalises the input itself (see ln_layer_forward).
 constexpr int64_t kStats = 4;
 
 struct Variant {
@@ -529,8 +528,10 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
     T* abuf = a.data_ptr<T>();
     T* ubuf = v.before ? u.data_ptr<T>() : nullptr;
     T* anbuf = v.before ? an.data_ptr<T>() : nullptr;
+    // xnorm: the normalised input row (GRU-before: of every row of the block, whose n block
+    // the second half reads after the W_hn product)
     std::vector<T> gh(GH), ah(GH), gate(v.before ? rows * GH : GH), cn(H), chat(H),
-        xnorm(iw ? GH : 0);
+        xnorm(iw ? (v.before ? rows * GH : GH) : 0);
     for (int64_t t = 0; t < steps; ++t) {
       const int64_t n_act = std::min(active_rows(bs, t, batch), b1) - b0;
       if (n_act <= 0) break;  // (sorted: later steps have no more rows of this block)
@@ -545,7 +546,7 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
         if (iw) {  // the input LN of this row, where the row is in cache anyway
           T mean_x, rstd_x;
           ln_stats(gxr, GH, &mean_x, &rstd_x);
-          T* xn = xnorm.data();
+          T* xn = xnorm.data() + (v.before ? r * GH : 0);
           for (int64_t j = 0; j < GH; ++j) xn[j] = (gxr[j] - mean_x) * rstd_x * iw[j] + ib[j];
           gxr = xn;
           if (training) {
@@ -624,7 +625,7 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
       for (int64_t r = 0; r < n_act; ++r) {
         const int64_t b = b0 + r;
         const int64_t row = t * batch + b;
-        const T* gxr = gxp + row * GH;
+        const T* gxr = iw ? xnorm.data() + r * GH : gxp + row * GH;  // (normalised)
         const T* gr = gate.data() + r * GH;
         T* hr = hp + b * H;
         T nrstd = 0;
@@ -701,6 +702,15 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
     T* drbuf = v.before ? dreset.data_ptr<T>() : nullptr;
     std::vector<T> dpost(GH), tmp(H), dzh(v.before ? rows * H : 0), dcn_buf(H),
         xhat(iw ? GH : 0);
+    // through the input LN: d(gx) -> d(x W_ih^T) of one row, in place; x_hat recomputed from the
+    // raw projection and the saved mean and 1/sigma
+    const auto input_ln_backward = [&](int64_t row, T* dgx) {
+      const T* pr = prp + row * GH;
+      const T mean_x = stp[row * kStats + 2], rstd_x = stp[row * kStats + 3];
+      T* xh = xhat.data();
+      for (int64_t j = 0; j < GH; ++j) xh[j] = (pr[j] - mean_x) * rstd_x;
+      ln_row_backward_acc(dgx, xh, rstd_x, iw, GH, dgx, gip + b0 * 2 * GH);
+    };
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t n_act = std::min(active_rows(bs, t, batch), b1) - b0;
       if (n_act <= 0) continue;
@@ -782,14 +792,8 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
             for (int64_t j = 0; j < H; ++j) dzh[r * H + j] = tmp[j] * ac[H + j];  // dh * z
           }
         }
-        if (iw) {  // through the input LN: d(gx) -> d(x W_ih^T), in place; x_hat recomputed
-          // (not GRU-before: its d(gx_r) is formed after the n block's product, below)
-          const T* pr = prp + row * GH;
-          const T mean_x = stp[row * kStats + 2], rstd_x = stp[row * kStats + 3];
-          T* xh = xhat.data();
-          for (int64_t j = 0; j < GH; ++j) xh[j] = (pr[j] - mean_x) * rstd_x;
-          ln_row_backward_acc(dgx, xh, rstd_x, iw, GH, dgx, gip + b0 * 2 * GH);
-        }
+        // (GRU-before: its d(gx_r) is formed after the n block's product, below)
+        if (iw && !v.before) input_ln_backward(row, dgx);
       }
       if (lstm || !v.before) {
         // dh_{t-1} = d_a W_hh (+ dh z for the GRU, already in dh)
@@ -813,6 +817,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
         for (int64_t j = 0; j < H; ++j) dgx[j] = drp[r * H + j] * hprev[j] * sg(ac[j]);
         ln_row_backward(dgx, ahp + row * GH, stp[row * kStats], lw, 2 * H, dap + row * GH);
         accumulate_ln(dgx, ahp + row * GH, GH, glp + b0 * 2 * GH);  // (the whole row: rz and n)
+        if (iw) input_ln_backward(row, dgx);  // (d(gx) complete only now)
       }
       w_back.mul(n_act, H, 2 * H, dap + (t * batch + b0) * GH, GH, 0, dpbuf, H);
       const T* dpp = dpbuf;
@@ -879,9 +884,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
   // With the input LN's gain and bias, gx is the raw projection x W_ih^T and the kernel
   // normalises each row where it reads it: F.layer_norm over all T*B rows beforehand cost two
   // extra passes over a (T, B, G*H) array in memory, and a fresh one each way, forward and
-  // backward (LSTM and GRU-after; the GRU-before gets LN(x W_ih^T) as before).
-  TORCH_CHECK(ln_ih_weight.has_value() == ln_ih_bias.has_value() && (!ln_ih_weight || !before),
-              "rnnkit_ln: the input LN's weight and bias come together, not for the GRU-before");
+  // backward (every variant; session 13 for the GRU-before).
+  TORCH_CHECK(ln_ih_weight.has_value() == ln_ih_bias.has_value(),
+              "rnnkit_ln: the input LN's weight and bias come together");
   TORCH_CHECK(gx.dim() == 3 && gx.size(2) == v.gates() * h0.size(1),
               "rnnkit_ln: gx must be (T, B, G*H)");
   TORCH_CHECK(!lstm || (c0 && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c0 and the cell LN");
@@ -932,9 +937,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
     const std::optional<Tensor>& grad_c_n, int64_t threads) {
   const Variant v = variant_of(kind, peephole, coupled, before);
   const bool lstm = kind == kLSTM;
-  TORCH_CHECK(ln_ih_weight.has_value() == projection.has_value() && (!ln_ih_weight || !before),
-              "rnnkit_ln: the input LN's weight and the projection come together, not for the "
-              "GRU-before");
+  TORCH_CHECK(ln_ih_weight.has_value() == projection.has_value(),
+              "rnnkit_ln: the input LN's weight and the projection come together");
   TORCH_CHECK(!lstm || (c0 && cell_weight), "rnnkit_ln: the LSTM needs c0 and the cell LN");
   TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
   check_parameters(v, h0.size(1), y.scalar_type(), w_hh, ln_weight, ln_bias, cell_weight,
