@@ -138,8 +138,8 @@ def unavailable_reason(spec: Any, dtype: torch.dtype, device: torch.device | str
 
 def normalises_input(spec: Any, x: Tensor) -> bool:
     """Whether :func:`run_layer` takes a layer-normalised ``spec``'s raw input and all its
-    parameters and applies the input LN in its kernel (``_layer_norm.normalises_input``: the
-    LSTM, the reset-after GRU), rather than ``x = LN(x W_ih^T)`` from the engine. False wherever
+    parameters and applies the input LN in its kernel (``_layer_norm.normalises_input``: every
+    layer-normalised kernel), rather than ``x = LN(x W_ih^T)`` from the engine. False wherever
     the kernel cannot run (the engine then falls back to ``bptt``, which needs the input normalised)."""
     return (getattr(spec, "layer_norm", False)
             and unavailable_reason(spec, x.dtype, x.device) is None

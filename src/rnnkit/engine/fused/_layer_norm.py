@@ -1,11 +1,11 @@
 """The layer-normalised LSTM/GRU kernels (``csrc/layer_norm_rnn.cpp``) as torch operators.
 
 Operators ``torch.ops.rnnkit_ln.layer_forward`` / ``layer_backward`` / ``matmul`` (their own
-library, built on first use like the other kernels). The LSTM's and the reset-after GRU's run
-the time loop from the raw projection ``x W_ih^T``, normalising each row inside the loop, where
-the row is in cache (:func:`normalises_input`); the reset-before GRU's from ``gx = LN(x W_ih^T)``
-(:func:`rnnkit.cells.layer_norm.normalized_input`, as every other backend). The step backward
-returns d(gx) (where the kernel normalises the input: d(x W_ih^T)) and d(W_hh h) per step,
+library, built on first use like the other kernels). Every variant runs the time loop from the
+raw projection ``x W_ih^T``, normalising each row inside the loop, where the row is in cache
+(:func:`normalises_input`; the other backends apply
+:func:`rnnkit.cells.layer_norm.normalized_input` beforehand). The step backward returns
+d(x W_ih^T) (through the input LN) and d(W_hh h) per step,
 and the layer-norm gain and bias and the peephole gradients (summed in the loop, where each
 row's values are at hand); ``W_hh``'s gradient is formed here as one GEMM over all T·B rows, as
 in ``bptt``.
@@ -70,10 +70,10 @@ def normalises_input(spec: CellSpec) -> bool:
     """Whether the kernel of ``spec`` takes the raw projection ``x W_ih^T`` and applies the input
     LN itself (F.layer_norm over all T·B rows beforehand, forward and backward, was two more
     passes over a (T, B, G·H) array in memory each way), so the engine must not apply it
-    (``run`` gets the layer's input and all its parameters): the LSTM and the reset-after GRU.
-    Not the reset-before GRU, whose d(gx_r) the backward forms in a second pass over the rows."""
-    kind, _, _, before = KERNELS[spec]
-    return kind == 1 or not before
+    (``run`` gets the layer's input and all its parameters): every kernel of :data:`KERNELS`
+    (the LSTM since session 11, the reset-after GRU since 12, the reset-before GRU since 13,
+    whose backward applies it in its second pass over the rows, where d(gx_r) is formed)."""
+    return spec in KERNELS
 
 
 def load() -> Any:
@@ -287,11 +287,12 @@ def run(spec: CellSpec, x: Tensor, state0: Sequence[Tensor], params: Sequence[Te
         batch_sizes: Sequence[int] | Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One layer and direction; differentiable w.r.t. every input.
 
-    Where :func:`normalises_input` (LSTM, GRU-after): ``x`` is the layer's input and ``params`` all the
-    layer's ``(w_ih, w_hh, None, None, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
-    [ln_cell_weight, ln_cell_bias,] *peepholes)``. Otherwise ``x = LN(x W_ih^T)`` and ``params`` the
-    engine's ``(None, w_hh, None, None, ln_hh_weight, ln_hh_bias, *rest)`` (the input LN already
-    applied: :func:`rnnkit.cells.layer_norm.normalized_input`).
+    Where :func:`normalises_input` (every variant): ``x`` is the layer's input and ``params``
+    all the layer's ``(w_ih, w_hh, None, None, ln_ih_weight, ln_ih_bias, ln_hh_weight,
+    ln_hh_bias, [ln_cell_weight, ln_cell_bias,] *peepholes)``. Also taken (a test compares the
+    two): ``x = LN(x W_ih^T)`` and ``params`` the engine's ``(None, w_hh, None, None,
+    ln_hh_weight, ln_hh_bias, *rest)`` (the input LN applied beforehand:
+    :func:`rnnkit.cells.layer_norm.normalized_input`).
     ``batch_sizes``: see :data:`rnnkit.engine.lengths.Ragged` (a tensor: a traced graph, which
     takes ``layer_forward_lengths``).
     """
@@ -299,8 +300,6 @@ def run(spec: CellSpec, x: Tensor, state0: Sequence[Tensor], params: Sequence[Te
     lstm = variant[0] == 1
     in_weight = in_bias = None
     if params[0] is not None:  # (the raw input: this kernel applies the input LN)
-        if not normalises_input(spec):
-            raise ValueError(f"the {spec} kernel takes LN(x W_ih^T) and no w_ih")
         w_ih, w_hh, b_ih, b_hh, in_weight, in_bias, *rest = params
         gx = project(x, w_ih)  # (T, B, G·H), not normalised
         params = (None, w_hh, b_ih, b_hh, *rest)

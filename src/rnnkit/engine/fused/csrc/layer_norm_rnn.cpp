@@ -1,10 +1,9 @@
 // The time loop of the layer-normalised LSTM and GRU (issue 12; math in cells/layer_norm.py).
 //
-//   input side:  the LSTM and the reset-after GRU get the raw projection x W_ih^T (T, B, G*H)
-//                and normalise each row in the loop (the input LN's backward too); the
-//                reset-before GRU gets gx = LN(x W_ih^T) computed before the loop
-//                (engine.run_layer, autograd): its d(gx_r) is formed only after the n block's
-//                product, a second pass over the rows
+//   input side:  every layer gets the raw projection x W_ih^T (T, B, G*H) and normalises each
+//                row in the loop, the input LN's backward too (the reset-before GRU in the
+//                backward's second pass over the rows, where its d(gx_r) is formed, after the
+//                n block's product); rnnkit_ln::step gets gx = LN(x W_ih^T) (no in_w)
 //   forward:     per step a = h_{t-1} W_hh^T, LN over each row, the gates, (LSTM) LN of the cell
 //   backward:    the hand-derived step backward in reverse time; it returns d(gx) (the LSTM:
 //                d(x W_ih^T)) and d(a) (the gradient before the recurrent LN); the W_hh
@@ -26,12 +25,14 @@
 #include <torch/library.h>
 
 #include <dlfcn.h>
+#include <sys/mman.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -48,7 +49,7 @@ enum Kind : int64_t { kLSTM = 1, kGRU = 2 };
 
 // Saved per row and step (stats): 1/sigma of the recurrent LN (GRU-before: of its r, z blocks),
 // 1/sigma of the cell LN (GRU-before: of the n block), and the mean and 1/sigma of the input LN
-// where the kernel normalises the input itself (the LSTM: see ln_layer_forward).
+// where the kernel normalises the input itself (see ln_layer_forward).
 constexpr int64_t kStats = 4;
 
 struct Variant {
@@ -409,6 +410,27 @@ struct StepB {
   }
 };
 
+// A fresh buffer of the layer's outputs or saved activations (0 where `zero`: rows past a length
+// must read 0). One of several MiB is a fresh mapping on every call (glibc maps large blocks,
+// and unmaps them when freed), whose first write faults once per 4 KiB page: page faults, page
+// clearing and unmapping were ~10 % of the samples of an LSTM-LN 50,64,512 training forward
+// (perf, 1 thread; 72 MiB of acts, ahat and cells per call). Asking for transparent huge pages
+// over its 2 MiB-aligned interior (MADV_HUGEPAGE, where the kernel leaves THP to madvise) makes
+// that one fault per 2 MiB. A hint only: where it fails or THP is off, nothing changes.
+Tensor loop_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts, bool zero) {
+  Tensor t = at::empty(sizes, opts);
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr()), bytes = t.nbytes();
+  if (bytes >= 4 * kHuge) {
+    const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
+    if (end > first) madvise(reinterpret_cast<void*>(first), end - first, MADV_HUGEPAGE);
+  }
+#endif
+  if (zero) t.zero_();
+  return t;
+}
+
 // C(M, N) = A(M, K) B(K, N), row-major float, in tiles of 256 x 256 through the micro-kernel
 // (fast_sgemm_rm: gemm_own or brgemm), the tiles split over threads (as fused_rnn.cpp's pgemm). The layer's whole-
 // sequence products (x W_ih^T, and in the backward dx, dW_ih, dW_hh) ran ~15 % slower through
@@ -422,7 +444,7 @@ Tensor tiled_matmul(const Tensor& a, const Tensor& b) {
     return at::mm(a, b);
   const Tensor A = a.contiguous(), B = b.contiguous();
   const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
-  Tensor C = at::empty({M, N}, A.options());
+  Tensor C = loop_buffer({M, N}, A.options(), false);  // (the projection: (T*B, G*H))
   constexpr int64_t MB = 256, NB = 256, KB = 256;
   const int64_t mt = (M + MB - 1) / MB, ntile = (N + NB - 1) / NB;
   const float* ap = A.data_ptr<float>();
@@ -529,8 +551,10 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
     T* abuf = a.data_ptr<T>();
     T* ubuf = v.before ? u.data_ptr<T>() : nullptr;
     T* anbuf = v.before ? an.data_ptr<T>() : nullptr;
+    // xnorm: the normalised input row (GRU-before: of every row of the block, whose n block
+    // the second half reads after the W_hn product)
     std::vector<T> gh(GH), ah(GH), gate(v.before ? rows * GH : GH), cn(H), chat(H),
-        xnorm(iw ? GH : 0);
+        xnorm(iw ? (v.before ? rows * GH : GH) : 0);
     for (int64_t t = 0; t < steps; ++t) {
       const int64_t n_act = std::min(active_rows(bs, t, batch), b1) - b0;
       if (n_act <= 0) break;  // (sorted: later steps have no more rows of this block)
@@ -542,10 +566,15 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
         const T* gxr = gxp + row * GH;
         T* hr = hp + b * H;
         T rstd = 0;
+        // Training writes the gates and the recurrent LN's a_hat straight into the saved
+        // activations (acts, ahat) rather than into row buffers copied there afterwards: two
+        // G*H copies per row (memmove ~3 % of an LSTM-LN 50,64,512 forward, perf, 1 thread)
+        T* gate_r = training ? actp + row * GH : gate.data() + (v.before ? r * GH : 0);
+        T* ahat_r = training ? ahp + row * GH : ah.data();
         if (iw) {  // the input LN of this row, where the row is in cache anyway
           T mean_x, rstd_x;
           ln_stats(gxr, GH, &mean_x, &rstd_x);
-          T* xn = xnorm.data();
+          T* xn = xnorm.data() + (v.before ? r * GH : 0);
           for (int64_t j = 0; j < GH; ++j) xn[j] = (gxr[j] - mean_x) * rstd_x * iw[j] + ib[j];
           gxr = xn;
           if (training) {
@@ -555,11 +584,11 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
         }
         if (lstm) {
           T* cr = cp + b * H;
-          ln_row(ap + r * GH, lw, lb, GH, gh.data(), ah.data(), &rstd);
+          ln_row(ap + r * GH, lw, lb, GH, gh.data(), ahat_r, &rstd);
           // blocks i, f, g, o (coupled: i, g, o). One simple loop per function, so that each
           // vectorises (a loop mixing sigm, tanh and variant branches does not).
           const int64_t oi = 0, of = H, og = v.coupled ? H : 2 * H, oo = v.coupled ? 2 * H : 3 * H;
-          T* pre = gate.data();
+          T* pre = gate_r;
           for (int64_t j = 0; j < GH; ++j) pre[j] = gxr[j] + gh[j];
           if (v.peephole) {
             for (int64_t j = 0; j < H; ++j) pre[oi + j] = pre[oi + j] + w_ci[j] * cr[j];
@@ -580,23 +609,24 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
             for (int64_t j = 0; j < H; ++j) pre[oo + j] = pre[oo + j] + w_co[j] * cr[j];
           for (int64_t j = 0; j < H; ++j) pre[oo + j] = rnnkit::sigm(pre[oo + j]);
           T crstd = 0;
-          ln_row(cr, cw, cb, H, cn.data(), chat.data(), &crstd);
+          // (training: c_hat and tanh(LN(c)) straight into the saved cells, beside c)
+          T* cl = training ? celp + row * 3 * H : nullptr;
+          T* chat_r = training ? cl + H : chat.data();
+          T* cn_r = training ? cl + 2 * H : cn.data();
+          ln_row(cr, cw, cb, H, cn_r, chat_r, &crstd);
           T* yr = yp + row * H;
-          for (int64_t j = 0; j < H; ++j) cn[j] = rnnkit::tanh_(cn[j]);  // (kept: the backward)
+          for (int64_t j = 0; j < H; ++j) cn_r[j] = rnnkit::tanh_(cn_r[j]);  // (kept: the backward)
           for (int64_t j = 0; j < H; ++j) {
-            hr[j] = gate[oo + j] * cn[j];
+            hr[j] = pre[oo + j] * cn_r[j];
             yr[j] = hr[j];
           }
           if (training) {
-            T* cl = celp + row * 3 * H;
             std::copy(cr, cr + H, cl);
-            std::copy(chat.begin(), chat.end(), cl + H);
-            std::copy(cn.begin(), cn.end(), cl + 2 * H);
             stp[row * kStats + 1] = crstd;
           }
         } else if (!v.before) {
-          ln_row(ap + r * GH, lw, lb, GH, gh.data(), ah.data(), &rstd);
-          T* gt = gate.data();
+          ln_row(ap + r * GH, lw, lb, GH, gh.data(), ahat_r, &rstd);
+          T* gt = gate_r;
           for (int64_t j = 0; j < 2 * H; ++j) gt[j] = rnnkit::sigm(gxr[j] + gh[j]);  // r, z
           for (int64_t j = 0; j < H; ++j)
             gt[2 * H + j] = rnnkit::tanh_(gxr[2 * H + j] + gt[j] * gh[2 * H + j]);
@@ -604,18 +634,13 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
             hr[j] = (1 - gt[H + j]) * gt[2 * H + j] + gt[H + j] * hr[j];
           std::copy(hr, hr + H, yp + row * H);
         } else {  // reset before, first half: r, z and r * h_{t-1}
-          ln_row(ap + r * 2 * H, lw, lb, 2 * H, gh.data(), ah.data(), &rstd);
+          ln_row(ap + r * 2 * H, lw, lb, 2 * H, gh.data(), ahat_r, &rstd);
           T* ur = ubuf + r * H;
-          T* gr = gate.data() + r * GH;
+          T* gr = gate_r;
           for (int64_t j = 0; j < 2 * H; ++j) gr[j] = rnnkit::sigm(gxr[j] + gh[j]);  // r, z
           for (int64_t j = 0; j < H; ++j) ur[j] = gr[j] * hr[j];
         }
-        if (training) {
-          const T* src = v.before ? gate.data() + r * GH : gate.data();
-          std::copy(src, src + width, actp + row * GH);
-          std::copy(ah.begin(), ah.begin() + width, ahp + row * GH);
-          stp[row * kStats] = rstd;
-        }
+        if (training) stp[row * kStats] = rstd;
       }
       if (!v.before) continue;
       // reset before, second half: n = tanh(gx_n + LN(W_hn (r * h_{t-1}))), the new h
@@ -624,11 +649,12 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
       for (int64_t r = 0; r < n_act; ++r) {
         const int64_t b = b0 + r;
         const int64_t row = t * batch + b;
-        const T* gxr = gxp + row * GH;
-        const T* gr = gate.data() + r * GH;
+        const T* gxr = iw ? xnorm.data() + r * GH : gxp + row * GH;  // (normalised)
+        const T* gr = training ? actp + row * GH : gate.data() + r * GH;  // (as gate_r)
         T* hr = hp + b * H;
         T nrstd = 0;
-        ln_row(anp + r * H, lw + 2 * H, lb + 2 * H, H, gh.data(), ah.data(), &nrstd);
+        ln_row(anp + r * H, lw + 2 * H, lb + 2 * H, H, gh.data(),
+               training ? ahp + row * GH + 2 * H : ah.data(), &nrstd);
         T* yr = yp + row * H;
         for (int64_t j = 0; j < H; ++j) gh[j] = rnnkit::tanh_(gxr[2 * H + j] + gh[j]);  // n
         if (training) std::copy(gh.begin(), gh.begin() + H, actp + row * GH + 2 * H);
@@ -636,10 +662,7 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
           hr[j] = (1 - gr[H + j]) * gh[j] + gr[H + j] * hr[j];
           yr[j] = hr[j];
         }
-        if (training) {
-          std::copy(ah.begin(), ah.begin() + H, ahp + row * GH + 2 * H);
-          stp[row * kStats + 1] = nrstd;
-        }
+        if (training) stp[row * kStats + 1] = nrstd;
       }
     }
   });
@@ -701,6 +724,15 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
     T* drbuf = v.before ? dreset.data_ptr<T>() : nullptr;
     std::vector<T> dpost(GH), tmp(H), dzh(v.before ? rows * H : 0), dcn_buf(H),
         xhat(iw ? GH : 0);
+    // through the input LN: d(gx) -> d(x W_ih^T) of one row, in place; x_hat recomputed from the
+    // raw projection and the saved mean and 1/sigma
+    const auto input_ln_backward = [&](int64_t row, T* dgx) {
+      const T* pr = prp + row * GH;
+      const T mean_x = stp[row * kStats + 2], rstd_x = stp[row * kStats + 3];
+      T* xh = xhat.data();
+      for (int64_t j = 0; j < GH; ++j) xh[j] = (pr[j] - mean_x) * rstd_x;
+      ln_row_backward_acc(dgx, xh, rstd_x, iw, GH, dgx, gip + b0 * 2 * GH);
+    };
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t n_act = std::min(active_rows(bs, t, batch), b1) - b0;
       if (n_act <= 0) continue;
@@ -782,14 +814,8 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
             for (int64_t j = 0; j < H; ++j) dzh[r * H + j] = tmp[j] * ac[H + j];  // dh * z
           }
         }
-        if (iw) {  // through the input LN: d(gx) -> d(x W_ih^T), in place; x_hat recomputed
-          // (not GRU-before: its d(gx_r) is formed after the n block's product, below)
-          const T* pr = prp + row * GH;
-          const T mean_x = stp[row * kStats + 2], rstd_x = stp[row * kStats + 3];
-          T* xh = xhat.data();
-          for (int64_t j = 0; j < GH; ++j) xh[j] = (pr[j] - mean_x) * rstd_x;
-          ln_row_backward_acc(dgx, xh, rstd_x, iw, GH, dgx, gip + b0 * 2 * GH);
-        }
+        // (GRU-before: its d(gx_r) is formed after the n block's product, below)
+        if (iw && !v.before) input_ln_backward(row, dgx);
       }
       if (lstm || !v.before) {
         // dh_{t-1} = d_a W_hh (+ dh z for the GRU, already in dh)
@@ -813,6 +839,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
         for (int64_t j = 0; j < H; ++j) dgx[j] = drp[r * H + j] * hprev[j] * sg(ac[j]);
         ln_row_backward(dgx, ahp + row * GH, stp[row * kStats], lw, 2 * H, dap + row * GH);
         accumulate_ln(dgx, ahp + row * GH, GH, glp + b0 * 2 * GH);  // (the whole row: rz and n)
+        if (iw) input_ln_backward(row, dgx);  // (d(gx) complete only now)
       }
       w_back.mul(n_act, H, 2 * H, dap + (t * batch + b0) * GH, GH, 0, dpbuf, H);
       const T* dpp = dpbuf;
@@ -879,9 +906,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
   // With the input LN's gain and bias, gx is the raw projection x W_ih^T and the kernel
   // normalises each row where it reads it: F.layer_norm over all T*B rows beforehand cost two
   // extra passes over a (T, B, G*H) array in memory, and a fresh one each way, forward and
-  // backward (LSTM and GRU-after; the GRU-before gets LN(x W_ih^T) as before).
-  TORCH_CHECK(ln_ih_weight.has_value() == ln_ih_bias.has_value() && (!ln_ih_weight || !before),
-              "rnnkit_ln: the input LN's weight and bias come together, not for the GRU-before");
+  // backward (every variant; session 13 for the GRU-before).
+  TORCH_CHECK(ln_ih_weight.has_value() == ln_ih_bias.has_value(),
+              "rnnkit_ln: the input LN's weight and bias come together");
   TORCH_CHECK(gx.dim() == 3 && gx.size(2) == v.gates() * h0.size(1),
               "rnnkit_ln: gx must be (T, B, G*H)");
   TORCH_CHECK(!lstm || (c0 && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c0 and the cell LN");
@@ -898,7 +925,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
   // Without lengths every row of every step is written; with them the rows past a length must
   // be 0 (outputs; and saved values a 0 gradient multiplies must not be NaN garbage)
   const auto alloc = [&](at::IntArrayRef sizes) {
-    return batch_sizes.empty() ? at::empty(sizes, g.options()) : at::zeros(sizes, g.options());
+    return loop_buffer(sizes, g.options(), !batch_sizes.empty());
   };
   Tensor y = alloc({steps, batch, H});
   Tensor acts = training ? alloc({steps, batch, GH}) : empty_like_none(g);
@@ -932,9 +959,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
     const std::optional<Tensor>& grad_c_n, int64_t threads) {
   const Variant v = variant_of(kind, peephole, coupled, before);
   const bool lstm = kind == kLSTM;
-  TORCH_CHECK(ln_ih_weight.has_value() == projection.has_value() && (!ln_ih_weight || !before),
-              "rnnkit_ln: the input LN's weight and the projection come together, not for the "
-              "GRU-before");
+  TORCH_CHECK(ln_ih_weight.has_value() == projection.has_value(),
+              "rnnkit_ln: the input LN's weight and the projection come together");
   TORCH_CHECK(!lstm || (c0 && cell_weight), "rnnkit_ln: the LSTM needs c0 and the cell LN");
   TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
   check_parameters(v, h0.size(1), y.scalar_type(), w_hh, ln_weight, ln_bias, cell_weight,
@@ -945,7 +971,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
                                : at::zeros({batch, H}, y.options()))
                    : empty_like_none(y);
   const auto alloc = [&](at::IntArrayRef sizes) {  // (as in the forward: 0 past the lengths)
-    return batch_sizes.empty() ? at::empty(sizes, y.options()) : at::zeros(sizes, y.options());
+    return loop_buffer(sizes, y.options(), !batch_sizes.empty());
   };
   Tensor d_gx = alloc({steps, batch, GH});
   Tensor d_a = alloc({steps, batch, GH});
