@@ -76,12 +76,23 @@ def test_never_more_than_requested_and_user_changes_are_adopted(restore_threads)
 
 
 def test_samples_are_rate_limited(restore_threads):
+    torch.set_num_threads(2)
     calls = []
     clock = FakeClock()
     gov = ThreadGovernor(cores=2, sample=lambda: calls.append(1) or 0, clock=clock)
     for _ in range(100):
         gov.adapt()  # no time passes: one sample only
     assert len(calls) == 1
+
+
+def test_one_requested_thread_is_never_sampled(restore_threads):
+    calls = []
+    clock = FakeClock()
+    gov = ThreadGovernor(cores=2, sample=lambda: calls.append(1) or 1, clock=clock)
+    torch.set_num_threads(1)  # nothing to shed: the /proc reads would be pure cost
+    assert step(gov, clock, 5) == 1 and calls == []
+    torch.set_num_threads(2)  # asking for more turns sampling (and shedding) on
+    assert step(gov, clock, 5) == 1 and len(calls) == 5 and gov.requested == 2
 
 
 def test_fixed_policy_and_missing_proc_leave_torch_alone(restore_threads):
