@@ -251,7 +251,8 @@ def markdown(rows: list[Row], steps: list[StepRow], threads: int, load: str) -> 
         "`gemm_own` call per step over all 50 W_hh strips instead of one per strip — GCC then "
         "compiled `own_tile` out of line (no stack spills, yet 1.78x / 1.85x slower, plain / "
         "peephole, load 11-13); that plus row tiles of even height per M (20 rows as 4 x 5 instead "
-        "of 6 + 6 + 4 + 4): 1.05x / 1.13x; even row tiles alone: 0.998x / 0.987x (load ~7: noise). "
+        "of 6 + 6 + 4 + 4): 1.05x / 1.13x; even row tiles alone: 0.998x / 0.987x and 0.998x / "
+        "0.973x at 35,20,200, 1.066x / 1.001x at 100,32,256 (load 7-10: no gain shown). "
         "No commit of late session 12 slowed this row: main against 0176789 (before the merges) "
         "and 57805c6 (the merge before the fused_rnn.cpp split), outputs equal bit for bit, "
         "0.99x / 1.04x (plain / peephole, load ~8).",
