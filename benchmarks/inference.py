@@ -236,6 +236,27 @@ def markdown(rows: list[Row], steps: list[StepRow], threads: int, load: str) -> 
         "cell's "
         "lean path and `nn.Module.__call__`).",
         "",
+        "The 4-gate LSTM at 35,20,200, the one batched row near 1.00 (session 13, 1 thread, "
+        "`perf record` on a `taskset -c 1` process calling the lean path back to back, load ~7): "
+        "`gemm_own` 79-80 % of the samples — the per-step recurrent products (M = 20) 40 %, the input "
+        "projection of all steps 39 %: the same FLOPs at the same rate, both with the 6-row tile's "
+        "12 accumulators in registers —, the cell update 7.6-8.9 % (vectorised: ymm exp and "
+        "`vdivps`), `RecW::panels` 1.3-2 %, Python and ATen 4-6 %. Python around the operator: "
+        "39 µs warm, 260-280 µs right after a kernel call (its ~4.6 MB of weights, gates and "
+        "outputs evict the interpreter's code and data; measured with the operator stubbed, load "
+        "7-10); `layer(x)` less the bare operator call 255-300 µs with `RNNKIT_THREADS=fixed`, ~500 "
+        "µs with the thread governor on: its /proc sample (140-250 µs) is due every 50 ms of wall "
+        "time, which a loaded machine stretches past one call. Measured and not kept (separate "
+        "builds timed in interleaved processes, CPU-time minimum, outputs equal bit for bit): one "
+        "`gemm_own` call per step over all 50 W_hh strips instead of one per strip — GCC then "
+        "compiled `own_tile` out of line (no stack spills, yet 1.78x / 1.85x slower, plain / "
+        "peephole, load 11-13); that plus row tiles of even height per M (20 rows as 4 x 5 instead "
+        "of 6 + 6 + 4 + 4): 1.05x / 1.13x; even row tiles alone: 0.998x / 0.987x and 0.998x / "
+        "0.973x at 35,20,200, 1.066x / 1.001x at 100,32,256 (load 7-10: no gain shown). "
+        "No commit of late session 12 slowed this row: main against 0176789 (before the merges) "
+        "and 57805c6 (the merge before the fused_rnn.cpp split), outputs equal bit for bit, "
+        "0.99x / 1.04x (plain / peephole, load ~8).",
+        "",
         "| variant | T,B,H | rnnkit ms | onnxruntime ms | ratio | max abs diff |",
         "|---|---|---:|---:|---:|---:|",
     ]
