@@ -488,3 +488,95 @@ def test_piece_without_onnx_form_is_refused_by_name_and_writes_nothing(tmp_path,
     assert not path.exists() and list(tmp_path.iterdir()) == []
     with torch.no_grad():
         model(x, lengths)  # (the refusal is undone: the piece runs again)
+
+
+# ---- torch's own (dynamo) exporter: rnnkit's translations of its fused operators --------------
+
+_DYNAMO_EXPORT = r"""
+import sys
+
+import numpy as np
+import torch
+
+import rnnkit
+
+assert "onnxscript" not in sys.modules  # (the translations arrive when torch's exporter loads it)
+torch.manual_seed(0)
+options = dict(num_layers=2, bidirectional=True)
+layers = [rnnkit.RNN(3, 5, nonlinearity=n, **options) for n in ("tanh", "relu", "sigmoid",
+                                                                  "identity")]
+layers += [rnnkit.LSTM(3, 5, peephole=p, coupled=c, **options) for p in (False, True)
+           for c in (False, True)]
+layers += [rnnkit.GRU(3, 5, reset=r, **options) for r in ("after", "before")]
+
+
+class Every(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, x):
+        results = []
+        for layer in self.layers:
+            y, state = layer(x)
+            results += [y, *(state if isinstance(state, tuple) else (state,))]
+        return results
+
+
+model = Every().eval()
+x = torch.randn(7, 4, 3)
+torch.onnx.export(model, (x,), sys.argv[1], dynamo=True, input_names=["x"])
+with torch.no_grad():
+    np.savez(sys.argv[1] + ".npz", x.numpy(), *[w.numpy() for w in model(x)])
+"""
+_DYNAMO_LABELS = [f"{name}: {tensor}" for name in
+                  ("rnn_tanh", "rnn_relu", "rnn_sigmoid", "rnn_identity") for tensor in ("y", "h")]
+_DYNAMO_LABELS += [f"{name}: {tensor}" for name in
+                   ("lstm", "lstm_coupled", "lstm_peephole", "lstm_coupled_peephole")
+                   for tensor in ("y", "h", "c")]
+_DYNAMO_LABELS += [f"{name}: {tensor}" for name in ("gru_after", "gru_before")
+                   for tensor in ("y", "h")]
+
+
+def test_torch_dynamo_onnx_export_writes_onnx_nodes_for_every_fused_variant(tmp_path):
+    """``torch.onnx.export(model, args, dynamo=True)`` — torch's default exporter — on rnnkit's
+    fused layers (it failed with torch's ConversionError: no ONNX function for
+    rnnkit_fused::layer_forward): one ONNX node per layer and direction, every variant, equal
+    to rnnkit under onnxruntime. In a fresh process, where onnxscript is first imported by the
+    exporter and the model never ran before (rnnkit.export.dynamo)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "dynamo.onnx"
+    done = subprocess.run([sys.executable, "-c", _DYNAMO_EXPORT, str(path)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    nodes = [n.op_type for n in onnx.load(str(path)).graph.node
+             if n.op_type in ("RNN", "LSTM", "GRU")]
+    # 2 layers x 2 directions each (torch's own nn.LSTM op for the plain LSTM: 2 bidirectional)
+    assert nodes.count("RNN") == 16 and nodes.count("GRU") == 8, nodes
+    assert nodes.count("LSTM") in (14, 16), nodes
+    saved = np.load(str(path) + ".npz")
+    x, *want = (saved[f"arr_{i}"] for i in range(len(saved.files)))
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    _assert_equal(got, [torch.from_numpy(w) for w in want], labels=_DYNAMO_LABELS)
+
+
+def test_torch_dynamo_onnx_export_with_lengths_names_export_onnx(tmp_path):
+    """lengths= has no translation in torch's exporter (the layer's stable sort of its rows):
+    the error names rnnkit.export_onnx, and no file is written."""
+
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = rnnkit.GRU(3, 4, bidirectional=True)
+
+        def forward(self, x, lengths):
+            return self.rnn(x, lengths=lengths)[0]
+
+    path = tmp_path / "never.onnx"
+    with pytest.raises(Exception, match=r"cannot write an rnnkit layer called with lengths=; "
+                                        r"use rnnkit\.export_onnx"):
+        torch.onnx.export(Padded().eval(), (torch.randn(6, 3, 3), torch.tensor([6, 4, 2])),
+                          str(path), dynamo=True)
+    assert not path.exists()
