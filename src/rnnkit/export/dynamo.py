@@ -28,6 +28,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -50,7 +51,11 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def run_then_register(module: ModuleType) -> None:
             run(module)
-            register_translations()
+            try:
+                register_translations()
+            except Exception as exc:  # (never break onnxscript's import for the whole process)
+                warnings.warn(f"rnnkit: torch.onnx.export(dynamo=True) will not translate "
+                              f"rnnkit's operators: {type(exc).__name__}: {exc}", stacklevel=2)
 
         spec.loader.exec_module = run_then_register  # type: ignore[method-assign]
         return spec
