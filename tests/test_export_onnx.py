@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import rnnkit
+import rnnkit.data.vocab
+import rnnkit.decoding
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[dev]')")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
@@ -29,22 +31,46 @@ VARIANTS = {
     "lstm_coupled_peephole": lambda i, h, **o: rnnkit.LSTM(i, h, peephole=True, coupled=True, **o),
     "gru_after": lambda i, h, **o: rnnkit.GRU(i, h, **o),
     "gru_before": lambda i, h, **o: rnnkit.GRU(i, h, reset="before", **o),
+    # (no ONNX operator of their own: one ONNX GRU node per stacked layer, minimal_node_input)
+    "min_gru": lambda i, h, **o: rnnkit.MinGRU(i, h, **o),
+    "min_lstm": lambda i, h, **o: rnnkit.MinLSTM(i, h, **o),
 }
-ONNX_OP = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}
+ONNX_OP = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU", "min": "GRU"}
+
+# (layers, bidirectional, with lengths): the whole matrix issue 15 asks for
+CONFIGS = [(layers, bi, lengths) for layers in (1, 2) for bi in (False, True)
+           for lengths in (False, True)]
+
+
+def _config_name(layers: int, bidirectional: bool, with_lengths: bool) -> str:
+    return (f"{layers} layer{'s' if layers > 1 else ''}, "
+            f"{'bidirectional' if bidirectional else 'unidirectional'}, "
+            f"{'with' if with_lengths else 'without'} lengths")
 
 
 class EveryVariant(nn.Module):
-    """All variants side by side on one input: one export checks them all."""
+    """Every variant in every configuration side by side on one input (the configurations with
+    lengths read the ``lengths`` input, the others not): ONE export, ONE onnxruntime session
+    checks the whole matrix. ``labels`` names each output: variant, configuration, tensor."""
 
-    def __init__(self, layers: int, bidirectional: bool) -> None:
+    def __init__(self, configs: list[tuple[int, bool, bool]]) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(make(3, 5, num_layers=layers, bidirectional=bidirectional)
-                                    for make in VARIANTS.values())
+        self.layers = nn.ModuleList()
+        self.uses_lengths: list[bool] = []
+        self.labels: list[str] = []
+        for layers, bidirectional, with_lengths in configs:
+            for name, make in VARIANTS.items():
+                layer = make(3, 5, num_layers=layers, bidirectional=bidirectional)
+                self.layers.append(layer)
+                self.uses_lengths.append(with_lengths)
+                where = f"{name} ({_config_name(layers, bidirectional, with_lengths)})"
+                states = ("h_n", "c_n") if isinstance(layer, rnnkit.LSTM) else ("h_n",)
+                self.labels += [f"{where}: {tensor}" for tensor in ("output", *states)]
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         results = []
-        for layer in self.layers:
-            output, state = layer(x, lengths=lengths)
+        for layer, uses_lengths in zip(self.layers, self.uses_lengths):
+            output, state = layer(x, lengths=lengths if uses_lengths else None)
             results += [output, *(state if isinstance(state, tuple) else (state,))]
         return results
 
@@ -56,48 +82,36 @@ def _run(path, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
     return session.run(None, {name: feeds[name].numpy() for name in names})
 
 
-def _assert_equal(got: list[np.ndarray], want: list[torch.Tensor], atol: float = 1e-5) -> None:
+def _assert_equal(got: list[np.ndarray], want: list[torch.Tensor], atol: float = 1e-5,
+                  labels: list[str] | None = None) -> None:
     assert len(got) == len(want)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w.detach().numpy(), rtol=1e-5, atol=atol)
+    labels = labels or [f"output {i}" for i in range(len(want))]
+    differing = []
+    for g, w, label in zip(got, want, labels):
+        w = w.detach().numpy()
+        if g.shape != w.shape or not np.allclose(g, w, rtol=1e-5, atol=atol):
+            gap = np.abs(g - w).max() if g.shape == w.shape else f"shape {g.shape} != {w.shape}"
+            differing.append(f"{label}: max |onnxruntime - rnnkit| = {gap}")
+    assert not differing, "onnxruntime differs from rnnkit:\n" + "\n".join(differing)
 
 
-def _check_every_variant(tmp_path, layers: int, bidirectional: bool, with_lengths: bool) -> None:
-    torch.manual_seed(layers * 10 + bidirectional * 2 + with_lengths)
-    model = EveryVariant(layers, bidirectional).eval()
+def test_every_variant_in_every_configuration_matches_onnxruntime(tmp_path):
+    """Issue 15's matrix: every exported variant x {1, 2 layers} x {uni, bidirectional} x {with,
+    without lengths}, outputs and final states within 1e-5 of rnnkit's under onnxruntime, at
+    other batch and time sizes than exported with (dynamic axes), lengths unsorted."""
+    torch.manual_seed(0)
+    model = EveryVariant(CONFIGS).eval()
     path = tmp_path / "every.onnx"
-    x = torch.randn(7, 4, 3)
-    lengths = torch.tensor([7, 5, 5, 2]) if with_lengths else None
-    export_onnx(model, (x,), path, kwargs={"lengths": lengths} if with_lengths else None)
+    export_onnx(model, (torch.randn(7, 4, 3), torch.tensor([7, 5, 5, 2])), path)
     graph = onnx.load(str(path)).graph
     recurrent = [n.op_type for n in graph.node if n.op_type in ("RNN", "LSTM", "GRU")]
-    assert recurrent == [ONNX_OP[name.split("_")[0]] for name in VARIANTS for _ in range(layers)]
-    # other batch and time sizes than exported with, lengths in no particular order
-    x2 = torch.randn(9, 3, 3)
-    feeds = {"x": x2}
-    lengths2 = None
-    if with_lengths:
-        lengths2 = torch.tensor([4, 9, 1])
-        feeds["lengths"] = lengths2
+    assert recurrent == [ONNX_OP[name.split("_")[0]] for layers, _, _ in CONFIGS
+                         for name in VARIANTS for _ in range(layers)]
+    x, lengths = torch.randn(9, 3, 3), torch.tensor([4, 9, 1])
     with torch.no_grad():
-        want = model(x2, lengths2)
-    _assert_equal(_run(path, feeds), want)
-
-
-CONFIGS = [(layers, bi, lengths) for layers in (1, 2) for bi in (False, True) for lengths in (False, True)]
-FAST = [(2, True, True), (1, False, False)]
-
-
-@pytest.mark.parametrize("layers,bidirectional,with_lengths", FAST)
-def test_every_variant_matches_onnxruntime(tmp_path, layers, bidirectional, with_lengths):
-    _check_every_variant(tmp_path, layers, bidirectional, with_lengths)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("layers,bidirectional,with_lengths", [c for c in CONFIGS if c not in FAST])
-def test_every_variant_matches_onnxruntime_all_configurations(tmp_path, layers, bidirectional,
-                                                              with_lengths):
-    _check_every_variant(tmp_path, layers, bidirectional, with_lengths)
+        want = model(x, lengths)
+    assert len(want) == len(model.labels)
+    _assert_equal(_run(path, {"x": x, "lengths": lengths}), want, labels=model.labels)
 
 
 def test_batch_first_initial_state_and_no_bias(tmp_path):
@@ -368,4 +382,201 @@ def test_legacy_torch_onnx_export_refuses_what_torch_nn_has_not(tmp_path, make):
 
     with pytest.raises(RuntimeError, match=r"dynamo=False.*rnnkit\.export_onnx"):
         torch.onnx.export(Client(), (torch.randn(5, 2, 3),), str(path), dynamo=False)
+    assert not path.exists()
+
+
+# ---- refusals, one by one: one error naming the piece, and no file --------------------------
+
+
+def _seq2seq():
+    from rnnkit.models.recurrent import RecurrentConfig
+    from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
+
+    return Seq2Seq(Seq2SeqConfig(source_vocab=7, target_vocab=7, embedding=4,
+                                 encoder=RecurrentConfig(cell="gru", layers=1, hidden=4),
+                                 decoder=RecurrentConfig(cell="gru", layers=1, hidden=4)))
+
+
+def _language_model():
+    from rnnkit.models.language_model import LanguageModel, LMConfig
+
+    return LanguageModel(LMConfig(vocab_size=5, cell="gru", layers=1, hidden=4, embedding=3))
+
+
+def _generator():
+    from rnnkit.models.generator import FrameGenerator, GeneratorConfig
+    from rnnkit.models.recurrent import RecurrentConfig
+
+    return FrameGenerator(GeneratorConfig(pitches=3, recurrent=RecurrentConfig(
+        cell="gru", layers=1, hidden=4)))
+
+
+class _Calls(nn.Module):
+    """A model whose forward runs ``model`` and then ``piece`` on it (as a client's wrapper
+    around a decoding or sampling call would)."""
+
+    def __init__(self, model: nn.Module, piece) -> None:
+        super().__init__()
+        self.model = model
+        self.piece = piece
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor):
+        return self.piece(self.model, x, lengths)
+
+
+def _step(model):
+    """A decoder step function for rnnkit.decoding's searches: (tokens, state) -> log-probs."""
+    def step(tokens, state):
+        logits, _, state = model.step(tokens, state)
+        return logits.log_softmax(-1), state
+    return step
+
+
+def _ctc_log_probs(model, x, lengths):
+    return model(x)[0].log_softmax(-1)  # (T, B, C) from a recurrent layer
+
+
+REFUSED = {
+    # name: (model, piece(model, x, lengths), what the error names)
+    "seq2seq_beam": (_seq2seq, lambda m, x, n: m.beam(x, n, beam_width=2, max_length=3),
+                     r"beam search \(Seq2Seq\.beam\)"),
+    "seq2seq_greedy": (_seq2seq, lambda m, x, n: m.greedy(x, n, max_length=3),
+                       r"greedy search \(Seq2Seq\.greedy\)"),
+    "decoding_beam_search": (_seq2seq, lambda m, x, n: rnnkit.decoding.beam_search(
+        _step(m), m.encode(x[:, :1], n[:1]), lambda state, index: state.select(index), 2, 3,
+        beam_width=2, max_length=3), r"beam search \(rnnkit\.decoding\.beam_search\)"),
+    "decoding_greedy_search": (_seq2seq, lambda m, x, n: rnnkit.decoding.greedy_search(
+        _step(m), m.encode(x[:, :1], n[:1]), 2, 3, max_length=3),
+        r"greedy search \(rnnkit\.decoding\.greedy_search\)"),
+    "generator_sample": (_generator, lambda m, x, n: m.sample(x[:, 0].float(), 3, seed=0),
+                         r"sampling loop FrameGenerator\.sample"),
+    "language_model_generate": (_language_model, lambda m, x, n: rnnkit.models.language_model
+                                .generate(m, rnnkit.data.vocab.CharVocab(tuple("abcd\n")), "ab", 3),
+                                r"sampling loop rnnkit\.models\.language_model\.generate"),
+    "language_model_continue_streams": (
+        _language_model, lambda m, x, n: rnnkit.models.language_model.continue_streams(
+            m, [[1, 2]], 3), r"sampling loop rnnkit\.models\.language_model\.continue_streams"),
+    "ctc_greedy_decode": (lambda: rnnkit.GRU(3, 5), lambda m, x, n: rnnkit.decoding.greedy_decode(
+        _ctc_log_probs(m, x.float(), n)[:, 0]), "CTC greedy decoding"),
+    "ctc_prefix_beam_search": (lambda: rnnkit.GRU(3, 5), lambda m, x, n: rnnkit.decoding
+                               .prefix_beam_search(_ctc_log_probs(m, x.float(), n)[:, 0]),
+                               "CTC prefix beam search"),
+    "ctc_prefix_beam_search_batch": (lambda: rnnkit.GRU(3, 5), lambda m, x, n: rnnkit.decoding
+                                     .prefix_beam_search_batch(_ctc_log_probs(m, x.float(), n), n),
+                                     "CTC prefix beam search"),
+    "ctc_decode_batch": (lambda: rnnkit.GRU(3, 5), lambda m, x, n: rnnkit.decoding.decode_batch(
+        _ctc_log_probs(m, x.float(), n), n), "CTC decoding"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_piece_without_onnx_form_is_refused_by_name_and_writes_nothing(tmp_path, name):
+    """Beam search, greedy decoding, sampling loops, CTC decoders, each reached the way a client
+    reaches it (the package's names, the model's methods): ExportError naming it, no file, and
+    the piece works again afterwards."""
+    make, piece, what = REFUSED[name]
+    torch.manual_seed(0)
+    model = _Calls(make().eval(), piece)
+    x = torch.randint(4, 7, (5, 2)) if name.startswith(("seq2seq", "decoding")) else (
+        torch.randint(0, 2, (5, 2, 3)) if name.startswith("generator") else torch.randn(5, 2, 3))
+    if name.startswith("language_model"):
+        x = torch.randint(0, 5, (5, 2))
+    lengths = torch.tensor([5, 3])
+    path = tmp_path / "never.onnx"
+    with pytest.raises(ExportError, match=what + ".* has no ONNX form"):
+        export_onnx(model, (x, lengths), path)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    with torch.no_grad():
+        model(x, lengths)  # (the refusal is undone: the piece runs again)
+
+
+# ---- torch's own (dynamo) exporter: rnnkit's translations of its fused operators --------------
+
+_DYNAMO_EXPORT = r"""
+import sys
+
+import numpy as np
+import torch
+
+import rnnkit
+
+assert "onnxscript" not in sys.modules  # (the translations arrive when torch's exporter loads it)
+torch.manual_seed(0)
+options = dict(num_layers=2, bidirectional=True)
+layers = [rnnkit.RNN(3, 5, nonlinearity=n, **options) for n in ("tanh", "relu", "sigmoid",
+                                                                  "identity")]
+layers += [rnnkit.LSTM(3, 5, peephole=p, coupled=c, **options) for p in (False, True)
+           for c in (False, True)]
+layers += [rnnkit.GRU(3, 5, reset=r, **options) for r in ("after", "before")]
+
+
+class Every(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, x):
+        results = []
+        for layer in self.layers:
+            y, state = layer(x)
+            results += [y, *(state if isinstance(state, tuple) else (state,))]
+        return results
+
+
+model = Every().eval()
+x = torch.randn(7, 4, 3)
+torch.onnx.export(model, (x,), sys.argv[1], dynamo=True, input_names=["x"])
+with torch.no_grad():
+    np.savez(sys.argv[1] + ".npz", x.numpy(), *[w.numpy() for w in model(x)])
+"""
+_DYNAMO_LABELS = [f"{name}: {tensor}" for name in
+                  ("rnn_tanh", "rnn_relu", "rnn_sigmoid", "rnn_identity") for tensor in ("y", "h")]
+_DYNAMO_LABELS += [f"{name}: {tensor}" for name in
+                   ("lstm", "lstm_coupled", "lstm_peephole", "lstm_coupled_peephole")
+                   for tensor in ("y", "h", "c")]
+_DYNAMO_LABELS += [f"{name}: {tensor}" for name in ("gru_after", "gru_before")
+                   for tensor in ("y", "h")]
+
+
+def test_torch_dynamo_onnx_export_writes_onnx_nodes_for_every_fused_variant(tmp_path):
+    """``torch.onnx.export(model, args, dynamo=True)`` — torch's default exporter — on rnnkit's
+    fused layers (it failed with torch's ConversionError: no ONNX function for
+    rnnkit_fused::layer_forward): one ONNX node per layer and direction, every variant, equal
+    to rnnkit under onnxruntime. In a fresh process, where onnxscript is first imported by the
+    exporter and the model never ran before (rnnkit.export.dynamo)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "dynamo.onnx"
+    done = subprocess.run([sys.executable, "-c", _DYNAMO_EXPORT, str(path)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    nodes = [n.op_type for n in onnx.load(str(path)).graph.node
+             if n.op_type in ("RNN", "LSTM", "GRU")]
+    # 2 layers x 2 directions each (torch's own nn.LSTM op for the plain LSTM: 2 bidirectional)
+    assert nodes.count("RNN") == 16 and nodes.count("GRU") == 8, nodes
+    assert nodes.count("LSTM") in (14, 16), nodes
+    saved = np.load(str(path) + ".npz")
+    x, *want = (saved[f"arr_{i}"] for i in range(len(saved.files)))
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    _assert_equal(got, [torch.from_numpy(w) for w in want], labels=_DYNAMO_LABELS)
+
+
+def test_torch_dynamo_onnx_export_with_lengths_names_export_onnx(tmp_path):
+    """lengths= has no translation in torch's exporter (the layer's stable sort of its rows):
+    the error names rnnkit.export_onnx, and no file is written."""
+
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = rnnkit.GRU(3, 4, bidirectional=True)
+
+        def forward(self, x, lengths):
+            return self.rnn(x, lengths=lengths)[0]
+
+    path = tmp_path / "never.onnx"
+    with pytest.raises(Exception, match=r"cannot write an rnnkit layer called with lengths=; "
+                                        r"use rnnkit\.export_onnx"):
+        torch.onnx.export(Padded().eval(), (torch.randn(6, 3, 3), torch.tensor([6, 4, 2])),
+                          str(path), dynamo=True)
     assert not path.exists()

@@ -34,6 +34,7 @@ import contextlib
 import importlib.util
 import inspect
 import os
+import sys
 import tempfile
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -478,6 +479,8 @@ def _no_onnx_form() -> list[tuple[Any, str, str]]:
          "decoder step"),
         (generator.FrameGenerator, "sample", "the sampling loop FrameGenerator.sample"),
         (language_model, "generate", "the sampling loop rnnkit.models.language_model.generate"),
+        (language_model, "continue_streams", "the sampling loop "
+         "rnnkit.models.language_model.continue_streams"),
         (beam, "beam_search", "beam search (rnnkit.decoding.beam_search)"),
         (beam, "greedy_search", "greedy search (rnnkit.decoding.greedy_search)"),
         (ctc, "greedy_decode", "CTC greedy decoding"),
@@ -489,16 +492,33 @@ def _no_onnx_form() -> list[tuple[Any, str, str]]:
 
 @contextlib.contextmanager
 def _refuse_pieces_without_onnx_form() -> Iterator[None]:
-    saved = []
+    """Each piece of :func:`_no_onnx_form` raises ExportError naming it, under every name it is
+    reached by: a function is also replaced where a module imported it by name (``from
+    rnnkit.decoding import beam_search`` binds the package's and the client's own name to the
+    same object, which patching ``rnnkit.decoding.beam`` alone would miss)."""
+    saved: list[tuple[Any, str, Any]] = []
     try:
+        refusals: dict[int, tuple[Any, Callable[..., Any]]] = {}
         for owner, name, what in _no_onnx_form():
             def refuse(*args: Any, _what: str = what, **kwargs: Any) -> Any:
                 raise ExportError(f"{_what} has no ONNX form")
-            saved.append((owner, name, owner.__dict__[name]))
+            original = owner.__dict__[name]
+            saved.append((owner, name, original))
             setattr(owner, name, refuse)
+            if isinstance(owner, types.ModuleType):
+                refusals[id(original)] = (original, refuse)
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            for name, value in list(namespace.items()):
+                found = refusals.get(id(value))
+                if found is not None and found[0] is value:
+                    saved.append((module, name, value))
+                    namespace[name] = found[1]
         yield
     finally:
-        for owner, name, original in saved:
+        for owner, name, original in reversed(saved):
             setattr(owner, name, original)
 
 
