@@ -142,13 +142,11 @@ def test_export_every_variant_round_trip():
         _assert_same(loaded(x2, lengths), want, 1.3e-6, 1e-5, "torch.export (loaded)")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="rnnkit.LSTM's route (rnnkit's kernel or torch's op, route_table."
-                          "own_faster) hashes the batch and time sizes, which torch.export's "
-                          "dynamic shapes make SymInts: 'unhashable type: non-nested SymInt'")
 def test_export_plain_lstm_with_dynamic_shapes():
     """The one variant the round trip above leaves out: the padded plain LSTM with batch and
-    time dynamic (static shapes export: test_fused_ops.py::test_export_plain_lstm_torch_op)."""
+    time dynamic (static shapes export: test_fused_ops.py::test_export_plain_lstm_torch_op).
+    Its route (rnnkit's kernel or torch's op) was looked up by the sizes, which export makes
+    SymInts: 'unhashable type: non-nested SymInt'; symbolic sizes take rnnkit's kernel."""
     module = rnnkit.LSTM(3, 8, num_layers=2, bidirectional=True).eval()
     x = torch.randn(6, 4, 3)
     batch, steps = torch.export.Dim("batch", min=2), torch.export.Dim("steps", min=2)

@@ -460,6 +460,11 @@ def own_kernel_faster(steps: int, batch: int, hidden: int, threads: int | None =
         return _forced_path == "kernel"
     if dropped_weight and not inference and batch <= DROPPED_OWN_BATCH:
         return True
+    if not (isinstance(steps, int) and isinstance(batch, int)):
+        # Symbolic sizes (torch.export / torch.compile with dynamic shapes): one graph serves
+        # every size, so no measured point can choose; rnnkit's kernel is the operator with a
+        # fake kernel, an exporter translation and the same result at every size.
+        return True
     threads = current_threads() if threads is None else threads
     measured = route_table.own_faster(steps, batch, hidden, threads, inference)
     if measured is not None:
