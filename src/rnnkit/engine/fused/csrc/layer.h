@@ -130,7 +130,8 @@ int pick_threads(const Cfg& c, int64_t nthreads) {
 // barrier every step (the loops' own `#pragma omp parallel`); BATCH, each thread runs the whole
 // one-thread loop (every unit, the panel-packed W_hh^T) on a block of the batch rows, which are
 // independent, and the threads meet once, at the end of the loop. The whole-sequence GEMMs
-// (input projection, dx, dW_ih, dW_hh) stay multi-threaded GEMMs over all T*B rows either way.
+// (input projection, dx, dW_ih, dW_hh) stay multi-threaded GEMMs over the rows that run (all
+// T*B, or a ragged batch's packed rows: Packed) either way.
 enum class Split { AUTO, HIDDEN, BATCH };
 Split g_split = Split::AUTO;
 
