@@ -9,7 +9,9 @@ forward+backward (loss = sum of the outputs) of one layer four ways, alternating
 * rnnkit lengths: the rnnkit layer with ``lengths=`` (rows that have ended should cost nothing).
 
 It prints the times, ``rnnkit lengths / rnnkit padded`` next to ``Σ lengths / (T·B)`` (the
-fraction of real steps: the cost a length-proportional layer would have), ``rnnkit lengths /
+fraction of real steps: the cost a length-proportional layer would have), their quotient
+``prop`` (the cost of a real step with ``lengths=`` over that of a padded step: 1.00 is exactly
+proportional to Σ lengths, above it the fixed or padded work that is left), ``rnnkit lengths /
 torch padded`` and the time per real step and row (µs per Σ lengths). The longest sequence of
 each batch is T, as when a batch is padded to its longest member.
 
@@ -129,7 +131,7 @@ def main() -> None:
           f"{args.clock} time of {args.repeats}, load average {os.getloadavg()[0]:.2f}; "
           "forward+backward ms")
     header = (f"{'variant':<22} {'T,B,H':<11} {'lengths':<8} {'Σ/TB':>5} {'torch pad':>9} "
-              f"{'packed':>8} {'rnnkit pad':>10} {'lengths':>8} {'len/pad':>7} {'len/torch':>9} "
+              f"{'packed':>8} {'rnnkit pad':>10} {'lengths':>8} {'len/pad':>7} {'prop':>5} {'len/torch':>9} "
               f"{'µs/Σ':>6}")
     print(header)
     print("-" * len(header))
@@ -139,10 +141,12 @@ def main() -> None:
             for distribution in args.distributions:
                 lengths = draw_lengths(distribution, shape[0], shape[1])
                 total = int(lengths.sum())
+                fraction = total / (shape[0] * shape[1])
                 tp, tk, rp, rl = bench(name, shape, lengths, args.repeats, clock, stat)
-                print(f"{name:<22} {text:<11} {distribution:<8} {total / (shape[0] * shape[1]):5.2f} "
+                print(f"{name:<22} {text:<11} {distribution:<8} {fraction:5.2f} "
                       f"{tp * 1e3:9.1f} {tk * 1e3:8.1f} {rp * 1e3:10.1f} {rl * 1e3:8.1f} "
-                      f"{rl / rp:7.2f} {rl / tp:9.2f} {rl / total * 1e6:6.2f}", flush=True)
+                      f"{rl / rp:7.2f} {rl / rp / fraction:5.2f} {rl / tp:9.2f} "
+                      f"{rl / total * 1e6:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

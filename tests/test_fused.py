@@ -381,7 +381,7 @@ def test_missing_compiler_gives_a_reason(monkeypatch):
     assert out.shape == (6, 6, 5)
 
 
-# ---- ragged batches run in time chunks (rows that have ended cost nothing) -----------------------
+# ---- the BPTT engine's time chunks for a ragged batch (the projected LSTM) -----------------------
 
 
 def test_chunk_plan_covers_the_running_steps_at_least_cost():
@@ -407,34 +407,65 @@ def test_chunk_plan_covers_the_running_steps_at_least_cost():
     assert all(rows == many[start] for start, _, rows in plan)
 
 
-@pytest.mark.parametrize("batch_sizes", [BATCH_SIZES, BATCH_SIZES_EMPTY_ROWS, [5, 3, 3, 3, 3, 3, 3]])
+# ---- a ragged batch in one kernel call: its products over the rows that ran only -------------
+
+# a full step first then ties, no full step (a row that never runs, a step with none), one row
+RAGGED = {"first_full": [5, 3, 3, 3, 3, 3, 3], "first_partial": [4, 4, 3, 2, 1, 1, 0],
+          "one_row": [5, 1, 1, 1, 1, 1, 1]}
+
+
+@pytest.mark.parametrize("batch_sizes", list(RAGGED))
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_chunked_ragged_batch_matches_reference(name, batch_sizes, monkeypatch):
-    """Every change of batch size a chunk of its own: values and gradients are unchanged."""
-    monkeypatch.setattr(fused, "CHUNK_ROWS", 0)
-    monkeypatch.setattr(fused, "CHUNK_WEIGHTS", 0.0)
+def test_ragged_batch_runs_the_kernel_once_and_matches_reference(name, batch_sizes,
+                                                                 monkeypatch):
+    """One kernel call whatever the batch sizes (no time chunks in Python), values and
+    gradients as the reference engine's."""
+    calls = []
+    run = fused.run
+    monkeypatch.setattr(fused, "run", lambda *a, **k: calls.append(a[1]) or run(*a, **k))
     spec = VARIANTS[name]
+    bs = RAGGED[batch_sizes]
     args = make_inputs(spec, 7, 5, 6, 9, torch.float64)
-    assert len(fused.chunk_plan(batch_sizes, 0.0)) > 1
-    got_out, got_grads = outputs_and_grads(fused.run_layer, spec, *args, batch_sizes)
-    want_out, want_grads = outputs_and_grads(reference, spec, *args, batch_sizes)
+    got_out, got_grads = outputs_and_grads(fused.run_layer, spec, *args, bs)
+    assert calls == [bs]
+    want_out, want_grads = outputs_and_grads(reference, spec, *args, bs)
     for got, want in zip(got_out + got_grads, want_out + want_grads):
         torch.testing.assert_close(got, want, **tolerance(torch.float64))
 
 
-def test_chunked_gradcheck(monkeypatch):
-    monkeypatch.setattr(fused, "CHUNK_ROWS", 0)
-    monkeypatch.setattr(fused, "CHUNK_WEIGHTS", 0.0)
-    spec = VARIANTS["lstm_peephole"]
-    x, state0, params = make_inputs(spec, 5, 3, 2, 3, torch.float64)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_ragged_gradcheck(name):
+    """The hand-derived backward of a ragged batch (products over the packed rows) in float64."""
+    spec = VARIANTS[name]
+    x, state0, params = make_inputs(spec, 5, 4, 3, 3, torch.float64)
     tensors = leaves(x, state0, params)
+    states = len(state0)
 
     def run(*flat):
-        out, state = fused.run_layer(spec, flat[0], tuple(flat[1:3]), tuple(flat[3:]),
-                                     [3, 2, 2, 1, 1])
+        out, state = fused.run_layer(spec, flat[0], tuple(flat[1:1 + states]),
+                                     tuple(flat[1 + states:]), [3, 3, 2, 1, 1])
         return (out, *state)
 
     assert torch.autograd.gradcheck(run, tuple(tensors))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_kernel_never_reads_the_padding(name, dtype):
+    """NaN and inf in the padding of x (which the kernel gets as it is: no zero_padding pass
+    first) change no output and no gradient, and the padding's gradient is exactly 0."""
+    spec = VARIANTS[name]
+    bs = RAGGED["first_partial"]
+    x, state0, params = make_inputs(spec, 7, 5, 6, 9, dtype)
+    running = (torch.arange(5) < torch.tensor(bs).unsqueeze(1)).unsqueeze(2)  # (T, B, 1)
+    poison = torch.tensor([float("nan"), float("inf")], dtype=dtype).repeat(3)
+    dirty = torch.where(running, x.detach(), poison).requires_grad_()
+    clean_out, clean_grads = outputs_and_grads(fused.run_layer, spec, x, state0, params, bs)
+    dirty_out, dirty_grads = outputs_and_grads(fused.run_layer, spec, dirty, state0, params, bs)
+    for got, want in zip(dirty_out + dirty_grads, clean_out + clean_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert bool((dirty_grads[0].masked_select(~running) == 0).all())
+    assert bool((dirty_out[0].masked_select(~running) == 0).all())  # the output's padding
 
 
 def test_plain_lstm_with_lengths_runs_rnnkits_kernel_not_torchs_packed_op(builtin_routes):

@@ -189,6 +189,38 @@ def test_every_variant_stacks_bidirectionally_with_lengths(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_ragged_gradients_are_the_sum_of_each_row_alone(name: str) -> None:
+    """2 layers, bidirectional, float64: the gradients of a ragged batch (x's and every
+    parameter's) are those of each sequence run alone at its own length, summed; the padding's
+    gradient is exactly 0."""
+    layer_class, _, options = VARIANTS[name]
+    torch.manual_seed(5)
+    layer = layer_class(3, 4, num_layers=2, bidirectional=True, **options).double()
+    lengths = [6, 2, 4, 6, 1]
+    x = torch.randn(6, 5, 3, dtype=torch.float64)
+    weight = torch.randn(6, 5, 8, dtype=torch.float64)
+
+    def grads(source: torch.Tensor, rows: slice, given: list[int] | None) -> list[torch.Tensor]:
+        source = source.clone().requires_grad_()
+        out, final = layer(source, lengths=given)
+        loss = (out * weight[: out.shape[0], rows]).sum()
+        loss = loss + sum(s.square().sum() for s in _states(final))
+        return list(torch.autograd.grad(loss, [source, *layer.parameters()]))
+
+    got = grads(x, slice(None), lengths)
+    want = [torch.zeros_like(g) for g in got]
+    for row, length in enumerate(lengths):
+        alone = grads(x[:length, row:row + 1], slice(row, row + 1), None)
+        want[0][:length, row:row + 1] += alone[0]
+        for w, a in zip(want[1:], alone[1:]):
+            w += a
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    padding = torch.arange(6).unsqueeze(1) >= torch.tensor(lengths)  # (T, B)
+    assert bool((got[0][padding] == 0).all())
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_lengths_that_all_equal_t_give_the_padded_call_bit_for_bit(name: str) -> None:
     """Nothing to skip: outputs, final states and every gradient are the padded call's exactly
     (the layer runs that call; before, a sort and ragged bookkeeping ran around it)."""

@@ -72,7 +72,7 @@ def run_fused(
             f"rnnkit: the fused CPU engine cannot run here ({reason}); using the slower "
             "'bptt' engine instead", RuntimeWarning, stacklevel=4,
         )
-    return run_bptt(math, x, state0, params, batch_sizes, masks)
+    return run_bptt(math, zero_padding(x, batch_sizes), state0, params, batch_sizes, masks)
 
 
 BACKENDS: dict[str, Backend] = {"reference": run_reference, "bptt": run_bptt, "fused": run_fused}
@@ -134,13 +134,11 @@ def run_layer(
     check_steps("x", x.shape[0])
     if x.device.type == "cpu":
         threads.adapt()
-    if isinstance(batch_sizes, Tensor):  # a traced graph: the sorted lengths (lengths.Ragged)
-        if name != "fused":
-            raise ValueError(f"lengths= is traced (torch.compile / torch.export) by the "
-                             f"'fused' engine only, not the {name!r} one")
-        x = zero_padding(x, batch_sizes)
-    elif batch_sizes is not None and any(b != x.shape[1] for b in batch_sizes):
-        x = zero_padding(x, list(batch_sizes))  # (the padding's NaN must not reach dW_ih)
+    if isinstance(batch_sizes, Tensor) and name != "fused":  # (traced: lengths.Ragged)
+        raise ValueError(f"lengths= is traced (torch.compile / torch.export) by the "
+                         f"'fused' engine only, not the {name!r} one")
+    if name != "fused" or math.layer_norm:  # (the fused kernel never reads the padding; the
+        x = zero_padding(x, batch_sizes)  # fused engine zeroes it where it runs another path)
     if math.layer_norm and not (name == "fused" and fused.normalises_input(math, x)):
         # the input LN is per row and step: once for all T·B rows, here for every backend, under
         # autograd; the backends then get x = LN(x W_ih^T) and w_ih = None

@@ -76,17 +76,22 @@ def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
     return x.gather(0, source)
 
 
-def zero_padding(x: Tensor, batch_sizes: list[int] | Tensor | None) -> Tensor:
-    """``x`` (T, B, ...) with the rows past each sequence's length set to 0 (a new tensor).
+def zero_padding(x: Tensor, batch_sizes: Sequence[int] | Tensor | None) -> Tensor:
+    """``x`` (T, B, ...) with the rows past each sequence's length set to 0 (a new tensor; ``x``
+    itself when nothing is padded).
 
     ``batch_sizes``: the active rows per step, or (in a traced graph, see :data:`Ragged`) the
     longest-first lengths themselves.
 
-    The recurrence never reads them, but the weight-gradient GEMMs run over all T·B rows, where
-    ``0 * NaN`` would put the NaN of padding into dW_ih (torch's packed sequences never see
-    padding). ``where``, not a product: the padded rows' gradient is an exact 0.
+    For the engines whose products run over all T·B rows (the Python engines, the
+    layer-normalised kernel, the bf16 mode), where ``0 * NaN`` would put the NaN of padding into
+    dW_ih (torch's packed sequences never see padding); the fused kernel's products run over the
+    rows that ran only and need none of it. ``where``, not a product: the padded rows' gradient
+    is an exact 0.
     """
     if batch_sizes is None:
+        return x
+    if not isinstance(batch_sizes, Tensor) and all(b == x.shape[1] for b in batch_sizes):
         return x
     steps, batch = x.shape[0], x.shape[1]
     if isinstance(batch_sizes, Tensor):

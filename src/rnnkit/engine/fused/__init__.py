@@ -38,7 +38,8 @@ Variants without a C++ kernel are routed explicitly by ``ROUTES`` (never by fall
 the projected LSTM (``proj_size``) runs torch's op, which takes ``w_hr`` (a ragged batch: the
 BPTT engine in chunks, faster than torch's packed op); the projected peephole/coupled LSTM runs
 the BPTT engine (:mod:`rnnkit.engine.bptt`), whose cell math has the projection. A spec in
-neither table raises, naming it. Ragged batches run in time chunks (``chunk_plan``).
+neither table raises, naming it. Ragged batches run in one kernel call (the BPTT engine in time
+chunks, ``chunk_plan``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from rnnkit.cells.base import CellMath, CellSpec
 from rnnkit.engine.bptt import run_bptt
 from rnnkit.engine.fused import _build, _function, _layer_norm, route_table
 from rnnkit.engine.fused._function import KERNELS, config_of, peephole_weights, run, spec_of
-from rnnkit.engine.lengths import Ragged
+from rnnkit.engine.lengths import Ragged, zero_padding
 from rnnkit.engine.reference import run_reference
 from rnnkit.engine.regularise import StepMasks
 from rnnkit.engine.threads import current_threads
@@ -166,6 +167,8 @@ def run_layer(
     """
     if bf16 and route_of(spec, bf16=True) != "kernel":
         raise ValueError(f"no bfloat16 kernel for {spec_of(spec)}")
+    if bf16:  # (its products run over all T·B rows: see zero_padding)
+        x = zero_padding(x, batch_sizes)
     if getattr(spec, "layer_norm", False):  # (x: LN(x W_ih^T), or x: normalises_input)
         if masks is not None:  # (the layers refuse this combination; a direct call is told so)
             raise ValueError("the layer-normalised cells take no recurrent dropout or zoneout")
@@ -184,6 +187,7 @@ def run_layer(
     # 400,16,128 P=64, uniform lengths, forward+backward, before chunking.
     if route == "bptt" or (route == "torch" and (bs is not None or masks is not None)):
         math = spec if isinstance(spec, CellMath) else math_for(spec_of(spec))
+        x = zero_padding(x, bs)  # (the BPTT engine's products run over all T·B rows)
         if bs is None or masks is not None:
             return run_bptt(math, x, tuple(state0), params, bs, masks)
         return _run_in_chunks(lambda xs, st, b: run_bptt(math, xs, st, params, b),
@@ -201,10 +205,8 @@ def run_layer(
     # Save activations only when a gradient will be asked for.
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *state0, *params))
-    if bs is None or masks is not None:
-        return run(cfg, bs, x, state0, params, training, masks, bf16)
-    return _run_in_chunks(lambda xs, st, b: run(cfg, b, xs, st, params, training, None, bf16),
-                          bs, x, state0, params)
+    # (a ragged batch in one call: the kernel's products run over the rows that ran only)
+    return run(cfg, bs, x, state0, params, training, masks, bf16)
 
 
 def _run_traced_lengths(spec: Any, x: Tensor, state0: Sequence[Tensor],
@@ -220,7 +222,8 @@ def _run_traced_lengths(spec: Any, x: Tensor, state0: Sequence[Tensor],
         # and the chunked BPTT engine read the values: the time loop unrolled in torch ops
         # (the reference engine), which the compiler sees whole — T is fixed into the graph
         math = spec if isinstance(spec, CellMath) else math_for(key)
-        return run_reference(math, x, tuple(state0), params, sorted_lengths, masks)
+        return run_reference(math, zero_padding(x, sorted_lengths), tuple(state0), params,
+                             sorted_lengths, masks)
     if _build.load() is None:
         raise RuntimeError(f"fused backend unavailable: {_build.error()}")
     training = torch.is_grad_enabled() and any(
@@ -229,12 +232,14 @@ def _run_traced_lengths(spec: Any, x: Tensor, state0: Sequence[Tensor],
                          bf16)
 
 
-# ---- ragged batches: rows that have ended cost nothing ---------------------------------------
+# ---- ragged batches in the BPTT engine: time chunks ---------------------------------------------
 #
-# The kernel skips ended rows in its per-step recurrent work, but its input projection, dx and
-# weight-gradient GEMMs run over all T·B rows (they are one GEMM each over the padded layout).
-# So a ragged batch runs as a few calls over time chunks, each on the rows still running at the
-# chunk's first step: the padding left is only the ragged edge inside each chunk. A chunk's
+# rnnkit's kernel takes a ragged batch in one call: every product of it runs over the rows that
+# ran only (layer.h, Packed). The BPTT engine (the ragged projected LSTM) skips ended rows in
+# its per-step work, but its input projection, dx and weight-gradient products run over all T·B
+# rows. So there a ragged batch runs as a few calls over time chunks, each on the rows still
+# running at the chunk's first step: the padding left is only the ragged edge inside each
+# chunk. A chunk's
 # fixed cost (Python, operator dispatch and autograd, the kernel's weight transposes and one more
 # weight-gradient sum) is counted in row-steps (one row's forward+backward for one step, ~6
 # flops per weight): CHUNK_ROWS + CHUNK_WEIGHTS / (number of weights). Fitted on the 2-core
