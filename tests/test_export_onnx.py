@@ -580,3 +580,25 @@ def test_torch_dynamo_onnx_export_with_lengths_names_export_onnx(tmp_path):
         torch.onnx.export(Padded().eval(), (torch.randn(6, 3, 3), torch.tensor([6, 4, 2])),
                           str(path), dynamo=True)
     assert not path.exists()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: rnnkit.LSTM(3, 8, num_layers=2, bidirectional=True),  # torch's op or rnnkit's kernel
+    lambda: rnnkit.GRU(3, 8, reset="before"),
+    lambda: rnnkit.LSTM(3, 8, peephole=True),
+], ids=["lstm", "gru_before", "lstm_peephole"])
+def test_torch_dynamo_onnx_export_with_dynamic_batch_and_time(tmp_path, make):
+    """``dynamic_shapes=`` through torch's exporter: the file runs at another batch and length.
+    (The plain LSTM's route lookup hashed the symbolic sizes: 'unhashable type: non-nested
+    SymInt'; symbolic sizes now take rnnkit's kernel.)"""
+    module = make().eval()
+    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
+    path = tmp_path / "dynamic.onnx"
+    torch.onnx.export(module, (torch.randn(6, 4, 3),), str(path), dynamo=True,
+                      dynamic_shapes=({0: steps, 1: batch},))
+    x = torch.randn(9, 3, 3)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = module(x)
+    np.testing.assert_allclose(got[0], want[0].numpy(), rtol=1e-5, atol=1e-5)
