@@ -34,9 +34,10 @@ computes the same thing (and raises the one-line errors for bad input): gradient
 ``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` tracing (they must see the
 parameters, not cached copies), autocast, tensor subclasses, another backend or device or
 dtype, regularisers, inter-layer dropout in training mode, a ``PackedSequence``, ``lengths`` at
-batch > 1 (the general path sorts the rows and hands the kernel their batch sizes), a plain LSTM where torch's op
-is faster (``own_kernel_faster``), the projected variants and the layer-normalised layers (a
-layer-normalised *cell* steps through ``rnnkit_ln::step``: :func:`layer_norm_cell_step`).
+batch > 1 (the general path sorts the rows and hands the kernel their batch sizes), a plain
+LSTM where torch's op is faster (``own_kernel_faster``), the projected variants and the
+layer-normalised layers (a layer-normalised *cell* steps through ``rnnkit_ln::step``:
+:func:`layer_norm_cell_step`).
 """
 
 from __future__ import annotations
