@@ -2,11 +2,10 @@
 rnnkit's fused layers: each ``rnnkit_fused::layer_forward`` (one layer and direction; the
 reverse direction is reversed around it by ordinary ops) becomes one forward ONNX ``LSTM`` /
 ``GRU`` / ``RNN`` node. Measured with torch 2.13: every fused variant, 1 or 2 layers, uni- or
-bidirectional, exports and equals rnnkit under onnxruntime at the example's shapes. Two things
-do not: ``lengths=`` (the layer's stable sort of its rows has no translation in torch's
-exporter: ``rnnkit::checked_lengths`` raises ExportError naming :func:`rnnkit.export_onnx` in
-its place), and dynamic shapes (torch.export fails with "unhashable type: non-nested SymInt"; not
-investigated). :func:`rnnkit.export_onnx` writes both.
+bidirectional, exports and equals rnnkit under onnxruntime, at the example's shapes or with
+batch and time dynamic (``dynamic_shapes=``). ``lengths=`` does not: the layer's stable sort of
+its rows has no translation in torch's exporter, so ``rnnkit::checked_lengths`` raises
+ExportError naming :func:`rnnkit.export_onnx`, which writes it.
 
 How: torch's exporter builds its table of ONNX translations (``ONNXRegistry.from_torchlib``,
 at the start of every export) from onnxscript's torchlib registry, keeping only the operators

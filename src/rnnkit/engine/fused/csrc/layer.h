@@ -886,6 +886,10 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   // (T, B, .) pointer and the initial states moved to the chunk's first step (its h_{t0-1} is
   // y[t0 - 1], its c_{t0-1} cs[t0 - 1]); dhs, dcs and the peephole gradients run on across
   // chunks. With one chunk this is the unchunked backward, call for call.
+  // Whether a chunk has written the weight gradients yet: the first chunk with rows overwrites
+  // them, later ones add. (Not "the first chunk": in a ragged batch the last chunks may have no
+  // row that runs, and own_weight_grads writes nothing over 0 rows, leaving at::empty's memory.)
+  bool dw_begun = false;
   for (int64_t t1 = T_;;) {
     const int64_t t0 = std::max<int64_t>(0, t1 - CS), n = t1 - t0, nB = n * B;
     Cfg cc = cf;
@@ -1036,7 +1040,7 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
     }
 #ifdef RNNKIT_OWN_GEMM
     if constexpr (std::is_same_v<T, float>) if (need_dw && own_dw) {
-      const bool acc = t1 < T_;
+      const bool acc = dw_begun;
       const float* xs = (const float*)X;
       const float* hf = (const float*)h_first;
       const float* hr = (const float*)h_rest;
@@ -1085,7 +1089,7 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
     }
 #endif
     if (need_dw && !own_dw) {
-      const bool acc = t1 < T_;  // later chunks add to the first one's weight gradients
+      const bool acc = dw_begun;  // later chunks add to the first one's weight gradients
       // dW_ih^T (I, GH) = X^T (I, nR) dG (nR, GH), stored transposed tile by tile (no pass)
       at::Tensor xT = rows_of(X, I).t().contiguous();
       pgemm_tout<T>(I, GH, nR, xT.data_ptr<T>(), nR, dG, GH, dwih.data_ptr<T>(), I, nt_all, acc);
@@ -1114,6 +1118,7 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
                       acc);
       }
     }
+    if (need_dw && nR > 0) dw_begun = true;
     if (need_dw && has_bias) {
       const bool acc = t1 < T_;
       at::Tensor s = rows_of(dG, GH).sum(0);
@@ -1128,6 +1133,10 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   }
   sum_dpw_blocks();
   if (need_dw) {
+    if (!dw_begun) {  // no row ran in any chunk (a batch of 0 rows)
+      dwih.zero_();
+      (dwhhT.defined() ? dwhhT : dwhh).zero_();
+    }
     if (cf.kind == GRU && cf.before && !own_dw) dwhh = dwhhT.t().contiguous();
     if (has_bias && !gru_after) dbhh = dbih;
   }
