@@ -16,8 +16,13 @@ from typing import Any
 from rnnkit.cells import GRUCell, LSTMCell, LSTMState, RNNCell, StackedCell
 from rnnkit.cells.minimal import MinGRUCell, MinLSTMCell
 from rnnkit.engine.unroll import unroll
+from rnnkit.export.dynamo import translate_for_torch_onnx
 from rnnkit.layers import GRU, LSTM, RNN, MinGRU, MinLSTM
 from rnnkit.pipelines import load
+
+# torch.onnx.export(dynamo=True): the fused layers' operator as ONNX's LSTM/GRU/RNN nodes. Here,
+# not in the engine (which must not depend on export/): every import of rnnkit runs this file.
+translate_for_torch_onnx()
 
 __version__ = "0.1.0"
 

@@ -38,7 +38,6 @@ import torch
 from torch import Tensor
 
 from rnnkit.cells.base import CellSpec
-from rnnkit.export.dynamo import translate_for_torch_onnx
 from rnnkit.native import first_derivative_only, tracing
 
 NAMESPACE = "rnnkit_fused"
@@ -49,9 +48,6 @@ MASKS_IN_KERNEL = True
 
 # Threads for the C++ time loop; 0 = automatic. Tests set it to force the multi-thread split.
 loop_threads = 0
-
-# torch.onnx.export(dynamo=True): layer_forward as ONNX's LSTM/GRU/RNN nodes (rnnkit.export.dynamo)
-translate_for_torch_onnx()
 
 
 @dataclass(frozen=True)
