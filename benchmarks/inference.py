@@ -17,6 +17,7 @@ docs/performance.md (replaced in place; the rest of the file is speed.py's).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -107,6 +108,102 @@ def bench_variant(name: str, hidden: int, shapes: list[tuple[int, int, int]], th
               f"{theirs_s * 1e3:.3f} ms, ratio {ours_s / theirs_s:.2f} (max diff {diff:.1e})",
               flush=True)
     return rows
+
+
+@dataclass
+class LengthsRow:
+    """One ragged batch (lengths drawn uniformly from [ceil(fraction * T), T], one row at T):
+    rnnkit with ``lengths=``, the same layer on the padded batch, rnnkit's general
+    (autograd-capable) path with ``lengths=`` and onnxruntime with ``sequence_lens``, timed
+    round-robin in one process (minimum seconds of each)."""
+
+    variant: str
+    shape: tuple[int, int, int]
+    lengths: float  # rnnkit, layer(x, lengths=lengths) under inference_mode
+    padded: float  # rnnkit, layer(x) under inference_mode
+    general: float  # rnnkit with lengths=, the lean path switched off (what ran before it)
+    ort: float  # onnxruntime, sequence_lens = lengths
+    max_diff: float
+
+
+def round_robin(fns: list[Callable[[], object]], repeats: int, min_seconds: float = 0.5,
+                max_repeats: int = 2000) -> list[float]:
+    """The minimum seconds of each callable, run in turn (the order rotating every round)."""
+    clock = CLOCKS[CLOCK]
+    for fn in fns:
+        fn()
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    rounds = 0
+    while rounds < max_repeats and (min(len(t) for t in times) < repeats
+                                    or min(sum(t) for t in times) < min_seconds):
+        for k in range(len(fns)):
+            i = (k + rounds) % len(fns)
+            start = clock()
+            fns[i]()
+            elapsed = clock() - start
+            if elapsed > 0:
+                times[i].append(elapsed)
+        rounds += 1
+    return [min(t) for t in times]
+
+
+def bench_lengths(name: str, hidden: int, shapes: list[tuple[int, int, int]], threads: int,
+                  repeats: int, workdir: Path, fraction: float) -> list[LengthsRow]:
+    from rnnkit.engine.fused import inference as lean
+
+    make, *_ = VARIANTS[name]
+    layer = make(hidden, hidden).eval()
+    path = rnnkit.export_onnx(layer, (torch.randn(5, 3, hidden),),
+                              workdir / f"{name}-{hidden}-lengths.onnx",
+                              kwargs={"lengths": torch.tensor([5, 3, 2])})
+    sess = session(path, threads)
+    lean_forward = lean.layer_forward
+    rows = []
+    for steps, batch, _ in shapes:
+        x = torch.randn(steps, batch, hidden)
+        low = max(1, math.ceil(fraction * steps))
+        lengths = torch.randint(low, steps + 1, (batch,))
+        lengths[0] = steps
+        feed = {"input": x.numpy(), "lengths": lengths.numpy()}
+
+        def ours(x: torch.Tensor = x, lengths: torch.Tensor = lengths) -> object:
+            with torch.inference_mode():
+                return layer(x, lengths=lengths)
+
+        def padded(x: torch.Tensor = x) -> object:
+            with torch.inference_mode():
+                return layer(x)
+
+        def general(x: torch.Tensor = x, lengths: torch.Tensor = lengths) -> object:
+            lean.layer_forward = _no_lean_lengths(lean_forward)
+            try:
+                with torch.inference_mode():
+                    return layer(x, lengths=lengths)
+            finally:
+                lean.layer_forward = lean_forward
+
+        def theirs(feed: dict[str, np.ndarray] = feed) -> object:
+            return sess.run(None, feed)
+
+        with torch.inference_mode():
+            diff = float(np.abs(theirs()[0] - ours()[0].numpy()).max())
+        t = round_robin([ours, padded, general, theirs], repeats)
+        row = LengthsRow(name, (steps, batch, hidden), *t, diff)
+        rows.append(row)
+        print(f"{name:22s} {steps},{batch},{hidden} lengths U[{low},{steps}]: "
+              f"lengths= {t[0] * 1e3:.3f} ms, padded {t[1] * 1e3:.3f} ms, general path "
+              f"{t[2] * 1e3:.3f} ms, onnxruntime {t[3] * 1e3:.3f} ms; lengths/padded "
+              f"{t[0] / t[1]:.2f}, lengths/ort {t[0] / t[3]:.2f}, lengths/general "
+              f"{t[0] / t[2]:.2f} (max diff {diff:.1e})", flush=True)
+    return rows
+
+
+def _no_lean_lengths(lean_forward: Callable[..., object]) -> Callable[..., object]:
+    """The lean path, declining every call with lengths= (the general path then runs it)."""
+    def forward(layer: object, input: object, hx: object, lengths: object) -> object:
+        return None if lengths is not None else lean_forward(layer, input, hx, lengths)
+    return forward
 
 
 # the streaming step's cells: name -> (rnnkit cell, torch.nn cell)
@@ -301,6 +398,10 @@ def main() -> None:
                              "written")
     parser.add_argument("--step-hidden", type=int, nargs="+", default=[256],
                         help="hidden sizes of the streaming steps (default: 256)")
+    parser.add_argument("--lengths", type=float, default=None, metavar="FRACTION",
+                        help="ragged batches instead: lengths uniform in [FRACTION*T, T] (one row "
+                             "at T); rnnkit lengths= vs padded vs its general path vs onnxruntime "
+                             "with sequence_lens; nothing written")
     parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
     args = parser.parse_args()
     CLOCK = args.clock
@@ -315,6 +416,15 @@ def main() -> None:
     if args.quick:
         shapes, variants, repeats = [(35, 20, 200), (35, 1, 200)], ["lstm", "gru_before"], 3
     torch.manual_seed(0)
+    if args.lengths is not None:
+        with tempfile.TemporaryDirectory() as workdir:
+            for name in variants:
+                for hidden in sorted({h for _, _, h in shapes}):
+                    bench_lengths(name, hidden, [s for s in shapes if s[2] == hidden and s[1] > 1],
+                                  threads, repeats, Path(workdir), args.lengths)
+        print("load average {:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min); clock: {}".format(
+            *os.getloadavg(), CLOCK))
+        return
     rows: list[Row] = []
     if not args.step_only:
         with tempfile.TemporaryDirectory() as workdir:

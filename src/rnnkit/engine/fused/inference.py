@@ -54,7 +54,14 @@ from rnnkit.cells.base import weight_dtype
 from rnnkit.engine import threads
 from rnnkit.engine.fused import _build, _function
 from rnnkit.engine.fused._function import KERNELS, Config, peephole_weights
+from rnnkit.engine.lengths import (
+    batch_sizes_for,
+    every_row_runs,
+    reverse_within_lengths,
+    sort_by_length,
+)
 from rnnkit.native import builtin_operator, tracing
+from rnnkit.validation import check_lengths
 
 _ATTRIBUTE = "_inference_plan"  # (a plain attribute of the module: not a buffer, not saved)
 
@@ -288,22 +295,24 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
     if steps == 0:
         return None
     length = steps
-    if lengths is not None:  # batch 1 only: run the first `length` steps, zeros after them
-        if isinstance(lengths, Tensor):
-            if lengths.shape != (1,) or lengths.is_floating_point() or lengths.is_complex():
-                return None
-            length = int(lengths[0])
-        elif isinstance(lengths, (list, tuple)) and len(lengths) == 1 and type(lengths[0]) is int:
-            length = lengths[0]
+    ragged = None  # a ragged batch: (sorted lengths, batch sizes, order, inverse)
+    if lengths is not None:
+        if batch == 1:  # run the first `length` steps, zeros after them (nothing to sort)
+            length = _batch1_length(lengths)
+            if not 1 <= length <= steps:
+                return None  # (the general path says what is wrong)
         else:
-            return None
-        if batch != 1 or not 1 <= length <= steps:
-            return None  # (the general path: a ragged batch, or says what is wrong)
+            ragged = _ragged(lengths, batch, steps)
+            if ragged is None:
+                return None
+            if not ragged:  # every row runs every step: the padded call
+                ragged = None
     cfg = _config(layer)
     if cfg is None:
         return None
     hidden = layer.hidden_size
-    if cfg.kind == 1 and not cfg.peephole and not cfg.coupled:
+    if cfg.kind == 1 and not cfg.peephole and not cfg.coupled and ragged is None:
+        # (a ragged batch stays with rnnkit's kernel, as fused.native_op routes it)
         fused = _fused()
         if fused.use_native and not fused.own_kernel_faster(steps, batch, hidden, inference=True):
             return None  # torch's op is faster here: the general path routes to it
@@ -321,17 +330,26 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
     plan = _plan(layer, cfg, _layer_params)
     if plan is None:
         return None
+    sorted_lengths = batch_sizes = inverse = None
+    if ragged is not None:  # rows longest first (as the general path: lengths.sort_by_length)
+        sorted_lengths, batch_sizes, order, inverse = ragged
+        if order is not None:
+            x = x.index_select(1, order)
+            if hx is not None:
+                given = tuple(s.index_select(1, order) for s in given)
     if hx is None:  # (each layer's and direction's row of the zeros, made once: a tuple)
         given = (_zero_rows(plan, (depth, batch, hidden), x),) * states
     threads.adapt()  # (as the general path: once per layer forward)
     # batch 1, float32: the products read W_ih and W_hh packed for matrix-vector products
     # (forward_packed); longer batches: W_ih^T and W_hh^T packed for the GEMM tiles
-    # (layer_forward_packed)
+    # (layer_forward_packed), a ragged batch's steps over their first batch_sizes[t] rows and its
+    # input projection over the rows that run only (forward_impl's Packed rows)
     op, batch1_op, batched_op = _ops()
     batch1_packed = batch == 1 and x.dtype == torch.float32
     batched_packed = batch > 1 and steps * batch >= PACKED_MIN_ROWS
     args = cfg.args()
     loop_threads = _function.loop_threads
+    bs = [] if batch_sizes is None else batch_sizes
     layer_input = x if length == steps else x[:length]
     finals: list[list[Tensor]] = [[] for _ in range(states)]
     index = 0
@@ -339,7 +357,7 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
         outputs = []
         for direction in range(layer.num_directions):
             w_ih, w_hh, b_ih, b_hh, pw = plan.weights[index]
-            source = layer_input if direction == 0 else layer_input.flip(0)
+            source = layer_input if direction == 0 else _reverse(layer_input, sorted_lengths)
             c0 = given[1][index] if states == 2 else None
             if batch1_packed:
                 y, h, c = batch1_op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh,
@@ -348,11 +366,11 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
             elif batched_packed:
                 w_ih_t, w_hh_packed = _tiles(plan, index)
                 y, h, c = batched_op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih,
-                                     b_hh, pw, w_ih_t, w_hh_packed, [], loop_threads)
+                                     b_hh, pw, w_ih_t, w_hh_packed, bs, loop_threads)
             else:
                 y, h, c, *_ = op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh, pw,
-                                 None, None, None, [], False, loop_threads, False)
-            outputs.append(y if direction == 0 else y.flip(0))
+                                 None, None, None, bs, False, loop_threads, False)
+            outputs.append(y if direction == 0 else _reverse(y, sorted_lengths))
             finals[0].append(h)
             if states == 2:
                 finals[1].append(c)
@@ -363,11 +381,56 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
         output = torch.cat((output, output.new_zeros(steps - length, 1, output.shape[2])))
     # (one layer and direction: a view of the op's fresh (B, H) state, not a stacked copy)
     final = [f[0].unsqueeze(0) if depth == 1 else torch.stack(f) for f in finals]
+    if inverse is not None:  # (the rows back in the caller's order)
+        output = output.index_select(1, inverse)
+        final = [s.index_select(1, inverse) for s in final]
     if unbatched:
         output, final = output.squeeze(1), [s.squeeze(1) for s in final]
     elif layer.batch_first:
         output = output.transpose(0, 1)
     return output, (final[0] if states == 1 else tuple(final))
+
+
+def _batch1_length(lengths: Any) -> int:
+    """The one length of a batch-1 ``lengths`` (0: not one this path reads; the general path
+    then checks it and says what is wrong)."""
+    if isinstance(lengths, Tensor):
+        if lengths.shape != (1,) or lengths.is_floating_point() or lengths.is_complex():
+            return 0
+        return int(lengths[0])
+    if isinstance(lengths, (list, tuple)) and len(lengths) == 1 and type(lengths[0]) is int:
+        return lengths[0]
+    return 0
+
+
+def _ragged(lengths: Any, batch: int, steps: int
+            ) -> tuple[Tensor, list[int], Tensor | None, Tensor | None] | tuple[()] | None:
+    """A batch's ``lengths`` as the kernels run them, the general path's way (``check_lengths``,
+    then ``lengths.sort_by_length`` / ``batch_sizes_for``): ``(sorted_lengths, batch_sizes,
+    order, inverse)`` (order and inverse None when already longest first); ``()`` when every
+    row runs every step (the padded call); None when the lengths are not valid (the general path
+    raises the error)."""
+    try:
+        checked = check_lengths(lengths, batch, steps, _CPU)
+    except (TypeError, ValueError):
+        return None
+    if every_row_runs(checked, steps):
+        return ()
+    sorted_lengths, order, inverse = sort_by_length(checked)
+    batch_sizes = batch_sizes_for(sorted_lengths, steps)
+    assert batch_sizes is not None  # (not every row runs every step)
+    if bool((order[1:] > order[:-1]).all()):  # already longest first: no gathers
+        return sorted_lengths, batch_sizes, None, None
+    return sorted_lengths, batch_sizes, order, inverse
+
+
+_CPU = torch.device("cpu")
+
+
+def _reverse(x: Tensor, sorted_lengths: Tensor | None) -> Tensor:
+    """``x`` (T, B, F) reversed in time, each row within its own length (padding stays in
+    place: ``lengths.reverse_within_lengths``); the same call maps a reversed output back."""
+    return x.flip(0) if sorted_lengths is None else reverse_within_lengths(x, sorted_lengths)
 
 
 _OPS: tuple[Any, Any, Any] | None = None
