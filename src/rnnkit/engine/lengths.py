@@ -29,6 +29,27 @@ def sort_by_length(lengths: Tensor, order: Tensor | None = None) -> tuple[Tensor
     return lengths[order], order, inverse
 
 
+def longest_first(lengths: Sequence[int], max_length: int) -> tuple[list[int], list[int]]:
+    """:func:`sort_by_length`'s stable order and :func:`batch_sizes_for`'s active rows per step
+    of checked ``lengths`` given as Python ints, computed on the ints: ``(order, batch_sizes)``.
+
+    For the lean inference path (``engine/fused/inference.py``), where a call's fixed cost
+    counts: the tensor forms take about a dozen ATen calls, ~0.6 ms per call after a kernel
+    call has evicted the caches (35,20,200 LSTM, 2026-12-02), these a few µs at B = 20.
+    ``sorted(..., reverse=True)`` keeps equal lengths in their given order, as the stable
+    argsort of −lengths does."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    ending = [0] * (max_length + 1)  # ending[n]: rows of length n
+    for n in lengths:
+        ending[n] += 1
+    batch_sizes = [0] * max_length
+    running = 0
+    for t in range(max_length - 1, -1, -1):  # rows running at step t: lengths above t
+        running += ending[t + 1]
+        batch_sizes[t] = running
+    return order, batch_sizes
+
+
 def torch_order(lengths: Tensor, sorted_indices: Tensor | None, packed: bool) -> Tensor:
     """The longest-first order in which torch.nn runs the rows of a ragged batch.
 
