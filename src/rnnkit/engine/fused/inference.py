@@ -33,11 +33,19 @@ Anything this path does not cover returns None and the caller takes the general 
 computes the same thing (and raises the one-line errors for bad input): gradients enabled,
 ``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` tracing (they must see the
 parameters, not cached copies), autocast, tensor subclasses, another backend or device or
-dtype, regularisers, inter-layer dropout in training mode, a ``PackedSequence``, ``lengths`` at
-batch > 1 (the general path sorts the rows and hands the kernel their batch sizes), a plain
-LSTM where torch's op is faster (``own_kernel_faster``), the projected variants and the
-layer-normalised layers (a layer-normalised *cell* steps through ``rnnkit_ln::step``:
-:func:`layer_norm_cell_step`).
+dtype, regularisers, inter-layer dropout in training mode, a ``PackedSequence``, lengths that
+are not valid (the general path raises the error), a plain LSTM where torch's op is faster
+(``own_kernel_faster``; a ragged batch stays here, as ``native_op`` keeps it on rnnkit's kernel),
+the projected variants and the layer-normalised layers (a layer-normalised *cell* steps through
+``rnnkit_ln::step``: :func:`layer_norm_cell_step`).
+
+``lengths`` at batch > 1 (a ragged batch) runs here as the general path runs it: rows sorted
+longest first in the same stable order (``lengths.longest_first``, read from the lengths as
+Python ints), one operator call per layer and direction with the batch sizes (each step runs its
+first ``batch_sizes[t]`` rows, the input projection only the rows that run, the outputs'
+padding exactly 0, each row's final state at its last step), the reverse direction within each
+row's length, then the rows put back in the caller's order. Lengths that all equal T are the
+padded call.
 """
 
 from __future__ import annotations
