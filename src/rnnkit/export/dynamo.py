@@ -18,7 +18,13 @@ The weights are rearranged into ONNX's layout and gate order by Gather/Concat no
 graph, following the same table as :func:`rnnkit.export.onnx_weights` (``ONNX_FORMS``).
 What has no such node — lengths, a packed sequence, a layer in training with recurrent dropout
 or zoneout masks, bf16 — raises :class:`ExportError` naming :func:`rnnkit.export_onnx` (inside
-torch's ConversionError, whose summary quotes it).
+torch's ConversionError, whose summary quotes it, and whose ``__cause__`` chain holds it). It
+cannot come first: torch 2.13's exporter (``torch/onnx/_internal/exporter/_core.py``) runs the
+model's forward only inside its capture strategies and the translations only inside its
+decomposition and translation steps, each of which catches every ``Exception`` and raises its
+own TorchExportError / ConversionError, first line its fixed "step n/3" text (``raise ... from
+e``); no rnnkit code runs before. Only a ``BaseException`` outside ``Exception`` would pass,
+which callers' ``except Exception`` would not catch either.
 """
 
 from __future__ import annotations
