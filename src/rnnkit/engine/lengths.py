@@ -89,12 +89,26 @@ def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
     """
     if lengths is None:
         return x.flip(0)
-    steps, batch = x.shape[0], x.shape[1]
-    t = torch.arange(steps).unsqueeze(1).expand(steps, batch)
+    return reverse_rows(x, reversal_rows(lengths, x.shape[0]))
+
+
+def reversal_rows(lengths: Tensor, steps: int) -> Tensor:
+    """The permutation :func:`reverse_within_lengths` applies, as rows of the (T·B, ...) layout:
+    row ``t·B + b`` of the result is read from row ``rows[t·B + b]``. It depends on the lengths
+    and T only, so one index serves every tensor of a call (each layer's input and output in
+    the lean inference path, whatever their widths)."""
+    batch = lengths.shape[0]
+    t = torch.arange(steps).unsqueeze(1)
     lengths = lengths.unsqueeze(0)
-    source = torch.where(t < lengths, lengths - 1 - t, t).to(x.device)
-    source = source.view(steps, batch, *([1] * (x.dim() - 2))).expand_as(x)
-    return x.gather(0, source)
+    source = torch.where(t < lengths, lengths - 1 - t, t)  # (T, B): the step each row reads
+    return (source * batch + torch.arange(batch)).reshape(-1)
+
+
+def reverse_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x`` (T, B, ...) permuted by :func:`reversal_rows`' ``rows`` (a new contiguous tensor)."""
+    steps, batch = x.shape[0], x.shape[1]
+    flat = x.reshape(steps * batch, *x.shape[2:])
+    return flat.index_select(0, rows.to(x.device)).view(x.shape)
 
 
 def zero_padding(x: Tensor, batch_sizes: Sequence[int] | Tensor | None) -> Tensor:

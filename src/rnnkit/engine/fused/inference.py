@@ -62,7 +62,7 @@ from rnnkit.cells.base import weight_dtype
 from rnnkit.engine import threads
 from rnnkit.engine.fused import _build, _function
 from rnnkit.engine.fused._function import KERNELS, Config, peephole_weights
-from rnnkit.engine.lengths import longest_first, reverse_within_lengths
+from rnnkit.engine.lengths import longest_first, reversal_rows, reverse_rows
 from rnnkit.native import builtin_operator, tracing
 
 _ATTRIBUTE = "_inference_plan"  # (a plain attribute of the module: not a buffer, not saved)
@@ -353,7 +353,7 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
     args = cfg.args()
     loop_threads = _function.loop_threads
     bs = [] if batch_sizes is None else batch_sizes
-    reverse_lengths = None  # (sorted_lengths as a tensor: the reverse direction's gathers)
+    reversal = None  # (the reverse direction's permutation of the rows, made when needed)
     layer_input = x if length == steps else x[:length]
     finals: list[list[Tensor]] = [[] for _ in range(states)]
     index = 0
@@ -361,9 +361,9 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
         outputs = []
         for direction in range(layer.num_directions):
             w_ih, w_hh, b_ih, b_hh, pw = plan.weights[index]
-            if direction == 1 and sorted_lengths is not None and reverse_lengths is None:
-                reverse_lengths = torch.tensor(sorted_lengths)  # (made once, when needed)
-            source = layer_input if direction == 0 else _reverse(layer_input, reverse_lengths)
+            if direction == 1 and sorted_lengths is not None and reversal is None:
+                reversal = reversal_rows(torch.tensor(sorted_lengths), steps)  # (once a call)
+            source = layer_input if direction == 0 else _reverse(layer_input, reversal)
             c0 = given[1][index] if states == 2 else None
             if batch1_packed:
                 y, h, c = batch1_op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh,
@@ -376,7 +376,7 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
             else:
                 y, h, c, *_ = op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh, pw,
                                  None, None, None, bs, False, loop_threads, False)
-            outputs.append(y if direction == 0 else _reverse(y, reverse_lengths))
+            outputs.append(y if direction == 0 else _reverse(y, reversal))
             finals[0].append(h)
             if states == 2:
                 finals[1].append(c)
@@ -444,10 +444,11 @@ def _ragged(lengths: Any, batch: int, steps: int
     return sorted_lengths, batch_sizes, torch.tensor(order), torch.tensor(inverse)
 
 
-def _reverse(x: Tensor, sorted_lengths: Tensor | None) -> Tensor:
-    """``x`` (T, B, F) reversed in time, each row within its own length (padding stays in
-    place: ``lengths.reverse_within_lengths``); the same call maps a reversed output back."""
-    return x.flip(0) if sorted_lengths is None else reverse_within_lengths(x, sorted_lengths)
+def _reverse(x: Tensor, rows: Tensor | None) -> Tensor:
+    """``x`` (T, B, F) reversed in time, each row within its own length when ``rows`` (the
+    call's ``lengths.reversal_rows``) is given (padding stays in place); the same call maps a
+    reversed output back."""
+    return x.flip(0) if rows is None else reverse_rows(x, rows)
 
 
 _OPS: tuple[Any, Any, Any] | None = None
