@@ -12,6 +12,12 @@ docs/performance.md (replaced in place; the rest of the file is speed.py's).
     python benchmarks/inference.py --threads 2
     python benchmarks/inference.py --quick           # one shape, two variants, nothing written
     python benchmarks/inference.py --threads 1 --step-only   # the streaming steps alone
+    python benchmarks/inference.py --threads 1 --lengths 0.3 --shapes 35,20,200  # ragged batches
+
+``--lengths FRACTION``: each batch > 1 shape as a ragged batch (lengths uniform in
+[FRACTION·T, T], one row at T): ``layer(x, lengths=...)`` under inference_mode (the lean path),
+the same layer padded, the general path with ``lengths=`` (the lean path declining it, as before
+session 14) and onnxruntime with ``sequence_lens``, round robin in one process; printed only.
 """
 
 from __future__ import annotations
