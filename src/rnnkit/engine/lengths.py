@@ -61,6 +61,16 @@ def batch_sizes_for(sorted_lengths: Tensor, max_length: int) -> list[int] | None
     return (steps < sorted_lengths.unsqueeze(0)).sum(1).tolist()
 
 
+def packed_index(batch_sizes: Sequence[int], batch: int) -> Tensor:
+    """The rows that run of a (T, B, ...) batch flattened to (T·B, ...), in the order of
+    torch's PackedSequence data: step t's first ``batch_sizes[t]`` rows (t·B + b), step after
+    step. ``x.flatten(0, 1).index_select(0, packed_index(bs, B))`` is ``x``'s packed rows (Σ
+    bs, ...), and the padding is never read."""
+    steps = torch.arange(len(batch_sizes)).unsqueeze(1)
+    running = torch.arange(batch) < torch.tensor(batch_sizes, dtype=torch.long).unsqueeze(1)
+    return (steps * batch + torch.arange(batch)).masked_select(running)
+
+
 def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
     """Reverses each sequence of ``x`` (T, B, ...) within its own length; padding stays in place.
 
