@@ -94,9 +94,10 @@ def zero_padding(x: Tensor, batch_sizes: Sequence[int] | Tensor | None) -> Tenso
     longest-first lengths themselves.
 
     For the engines whose products run over all T·B rows (the Python engines, the
-    layer-normalised kernel, the bf16 mode), where ``0 * NaN`` would put the NaN of padding into
-    dW_ih (torch's packed sequences never see padding); the fused kernel's products run over the
-    rows that ran only and need none of it. ``where``, not a product: the padded rows' gradient
+    layer-normalised kernel in a traced graph, the bf16 mode), where ``0 * NaN`` would put the
+    NaN of padding into dW_ih (torch's packed sequences never see padding); the fused kernels'
+    products (the layer-normalised ones' too, eagerly: :func:`packed_index`) run over the rows
+    that ran only and need none of it. ``where``, not a product: the padded rows' gradient
     is an exact 0.
     """
     if batch_sizes is None:

@@ -7,8 +7,10 @@ raw projection ``x W_ih^T``, normalising each row inside the loop, where the row
 :func:`rnnkit.cells.layer_norm.normalized_input` beforehand). The step backward returns
 d(x W_ih^T) (through the input LN) and d(W_hh h) per step,
 and the layer-norm gain and bias and the peephole gradients (summed in the loop, where each
-row's values are at hand); ``W_hh``'s gradient is formed here as one GEMM over all T·B rows, as
-in ``bptt``.
+row's values are at hand); ``W_hh``'s gradient is formed here as one GEMM over the rows, as
+in ``bptt``. A ragged batch runs packed (:func:`run`): the rows that run only, Σ lengths of
+them, in torch's PackedSequence layout, so that x W_ih^T, dx, dW_ih and dW_hh cost in proportion
+to the real steps and x's padding is never read.
 
 Registered here once the library is loaded (:func:`register`), as ``_function`` does for the
 other kernels: a fake kernel for each operator (``torch.compile`` / ``torch.export`` trace them
@@ -103,7 +105,7 @@ def _matmul(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _weight_grad(d: Tensor, inputs: Tensor) -> Tensor:
-    """``dᵀ inputs`` (Q, P) for d (R, Q), inputs (R, P): a weight gradient over all R = T·B rows,
+    """``dᵀ inputs`` (Q, P) for d (R, Q), inputs (R, P): a weight gradient over all R rows,
     through torch.mm, which reads d transposed in place. Not the tiles: with K = T·B deep and the
     narrow operand copied transposed for them, they were the slower ones at this shape (session
     11, 1 thread, loaded machine, min of 11: (3200, 2048)ᵀ (3200, 512) 124 ms in the tiles with
@@ -112,7 +114,7 @@ def _weight_grad(d: Tensor, inputs: Tensor) -> Tensor:
 
 
 class _Projection(torch.autograd.Function):
-    """``x W_ih^T`` over all T·B rows (the layer-normalised cells' input projection) with the
+    """``x W_ih^T`` over all rows (the layer-normalised cells' input projection) with the
     products x W_ih^T and d W_ih through :func:`_matmul` (the weight gradient:
     :func:`_weight_grad`)."""
 

@@ -7,7 +7,8 @@
 //   forward:     per step a = h_{t-1} W_hh^T, LN over each row, the gates, (LSTM) LN of the cell
 //   backward:    the hand-derived step backward in reverse time; it returns d(gx) (the LSTM:
 //                d(x W_ih^T)) and d(a) (the gradient before the recurrent LN); the W_hh
-//                gradient is then one GEMM over all T*B rows in Python
+//                gradient is then one GEMM over the rows in Python (all T*B, or a ragged
+//                batch's rows that run: StepRows)
 //                (engine/fused/_layer_norm.py); the LN gains' and biases' and the peepholes'
 //                gradients are summed in the loop, per thread
 //
