@@ -400,6 +400,25 @@ def test_without_the_kernel_the_fused_backend_takes_bptt_and_says_why(module, mo
     torch.testing.assert_close(out, layer(x)[0], rtol=0, atol=0)
 
 
+# The fallback zeroes x's padding once, in run_layer before the input LN (run_fused's BPTT
+# fallback no longer zeroes the normalised input again): NaN there reaches nothing.
+@pytest.mark.parametrize("form", ["lstm_peephole", "gru_before"])
+def test_without_the_kernel_nan_padding_with_lengths_matches_bptt(form, monkeypatch):
+    error = f"test: no compiler, lengths ({form})"
+    monkeypatch.setattr(_layer_norm, "EXTENSION", SimpleNamespace(load=lambda: None, error=error))
+    layer = _layer(form)
+    lengths = torch.tensor([5, 2, 4])
+    x = torch.randn(5, 3, 5, dtype=torch.float64)
+    padding = (torch.arange(5).unsqueeze(1) >= lengths).unsqueeze(-1)
+    layer.backend = "fused"
+    with pytest.warns(RuntimeWarning, match=re.escape(error)):
+        got = _run_with_lengths(layer, x.masked_fill(padding, NAN), lengths)
+    layer.backend = "bptt"
+    want = _run_with_lengths(layer, x.masked_fill(padding, 0.0), lengths)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("form", ["lstm_peephole", "gru_after", "gru_before"])
 def test_the_kernel_normalises_the_input_itself_and_matches_f_layer_norm(form, monkeypatch):
     """Every fused kernel takes x W_ih^T and applies the input LN per row in its loop (forward
