@@ -49,6 +49,17 @@ VARIANTS: dict[str, tuple[Callable[[int, int], nn.Module], Callable[[int, int], 
     "rnn_sigmoid": (lambda i, h: rnnkit.RNN(i, h, nonlinearity="sigmoid"),
                     lambda i, h: nn.RNN(i, h)),
 }
+# The layer-normalised variants (their own kernels, layer_norm_rnn.cpp), against the torch.nn
+# module of the family without LN (torch has no LN LSTM/GRU): "torch pad" is only a yardstick
+# there; len/pad and prop compare rnnkit with itself.
+LN_VARIANTS: dict[str, tuple[Callable[[int, int], nn.Module], Callable[[int, int], nn.Module]]] = {
+    "lstm_layer_norm": (lambda i, h: rnnkit.LSTM(i, h, layer_norm=True),
+                        lambda i, h: nn.LSTM(i, h)),
+    "gru_layer_norm": (lambda i, h: rnnkit.GRU(i, h, layer_norm=True), lambda i, h: nn.GRU(i, h)),
+    "gru_before_layer_norm": (lambda i, h: rnnkit.GRU(i, h, reset="before", layer_norm=True),
+                              lambda i, h: nn.GRU(i, h)),
+}
+VARIANTS.update(LN_VARIANTS)
 SHAPES = [(100, 32, 256), (400, 16, 128), (35, 20, 200)]
 
 

@@ -237,9 +237,11 @@ def test_fused_backend_has_a_kernel_for_every_form_and_no_other():
         layer(torch.randn(2, 1, 3))
 
 
+# [3, 3, 1, 0]: no row runs at the last step (the packed rows end before T)
+@pytest.mark.parametrize("batch_sizes", [[4, 3, 3, 1], [3, 3, 1, 0]], ids=["ragged", "all_short"])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("form", sorted(FORMS))
-def test_fused_kernel_gradcheck_with_lengths(form, threads, monkeypatch):
+def test_fused_kernel_gradcheck_with_lengths(form, threads, batch_sizes, monkeypatch):
     monkeypatch.setattr(_layer_norm, "loop_threads", threads)  # 3: several row blocks
     layer = _layer(form, inputs=2, hidden=3)
     math = layer.math
@@ -251,10 +253,117 @@ def test_fused_kernel_gradcheck_with_lengths(form, threads, monkeypatch):
 
     def run(x, *rest):
         weights = (rest[count], rest[count + 1], None, None, *rest[count + 2:])
-        outputs, final = run_layer(math, x, rest[:count], weights, [4, 3, 3, 1], "fused")
+        outputs, final = run_layer(math, x, rest[:count], weights, batch_sizes, "fused")
         return (outputs, *final)
 
     assert torch.autograd.gradcheck(run, (x, *state0, *params))
+
+
+def _dirty_freed_memory() -> None:
+    """NaN in memory just freed (as tests/test_fused_memory.py): a buffer the kernel leaves
+    unwritten then reads NaN, not a lucky 0."""
+    junk = [torch.full((size,), NAN) for size in (16, 64, 256, 1024, 4096, 65536) for _ in (0, 1)]
+    del junk
+
+
+def _run_with_lengths(layer, x, lengths):
+    """Outputs, final states, dx and every parameter's gradient of a layer with ``lengths=``
+    (a loss that reads the outputs and every final state)."""
+    x = x.detach().requires_grad_()
+    for p in layer.parameters():
+        p.grad = None
+    out, final = layer(x, lengths=lengths) if lengths is not None else layer(x)
+    final = final if isinstance(final, tuple) else (final,)
+    (out.sin().sum() + sum(f.cos().sum() for f in final)).backward()
+    return [out, *final, x.grad, *(p.grad for p in layer.parameters())]
+
+
+# The layer-normalised kernels run a ragged batch packed (StepRows in layer_norm_rnn.cpp): the
+# products over the rows that run only, x's padding never read. 2 bidirectional layers
+# (the reverse direction starts at each row's own last step), lengths 1 and T among them;
+# loop_threads 2: two row blocks (each thread's loop on its rows; torch stays on one thread).
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_fused_lengths_match_reference_and_each_row_alone(form, dtype, threads, monkeypatch):
+    monkeypatch.setattr(_layer_norm, "loop_threads", threads)
+    tol = {"rtol": 1e-9, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 1e-3, "atol": 1e-4}
+    layer = _layer(form, dtype=dtype, num_layers=2, bidirectional=True)
+    lengths = torch.tensor([7, 1, 5, 3, 7, 2])  # (unsorted, ties, 1 and T)
+    x = torch.randn(7, 6, 5, dtype=dtype)
+    padding = (torch.arange(7).unsqueeze(1) >= lengths).unsqueeze(-1)  # (T, B, 1)
+    layer.backend = "fused"
+    got = _run_with_lengths(layer, x.masked_fill(padding, NAN), lengths)  # (never read)
+    out, x_grad = got[0], got[len(got) - len(list(layer.parameters())) - 1]
+    assert torch.equal(out.masked_select(padding), torch.zeros_like(out.masked_select(padding)))
+    assert torch.equal(x_grad.masked_select(padding), torch.zeros_like(x_grad.masked_select(padding)))
+    assert all(torch.isfinite(g).all() for g in got)
+    layer.backend = "reference"  # (rnnkit's plain-torch engine, on zeroed padding)
+    want = _run_with_lengths(layer, x.masked_fill(padding, 0.0), lengths)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+    # each row alone, padded to its own length (no lengths=): the same outputs, final states
+    # and dx, and the parameters' gradients are the sum over the rows (the loss is)
+    layer.backend = "fused"
+    sums = [torch.zeros_like(p) for p in layer.parameters()]
+    for b, length in enumerate(lengths.tolist()):
+        alone = _run_with_lengths(layer, x[:length, b:b + 1], None)
+        out_b, *rest = alone
+        torch.testing.assert_close(out[:length, b:b + 1], out_b, **tol)
+        states = len(rest) - len(sums) - 1
+        for k in range(states):
+            torch.testing.assert_close(got[1 + k][:, b:b + 1], rest[k], **tol)
+        torch.testing.assert_close(x_grad[:length, b:b + 1], rest[states], **tol)
+        for acc, g in zip(sums, rest[states + 1:]):
+            acc += g
+    for acc, g in zip(sums, got[len(got) - len(sums):]):
+        torch.testing.assert_close(g, acc, **tol)
+
+
+# A longer sequence that no row runs to its end (every length < T: the packed rows stop before
+# the last steps), after NaN was left in freed memory: outputs, states and gradients as the
+# reference engine's, and the padding of the outputs and of dx exactly 0.
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_fused_lengths_all_rows_shorter_than_t_on_dirty_memory(form, monkeypatch):
+    monkeypatch.setattr(_layer_norm, "loop_threads", 2)
+    layer = _layer(form, 8, 16, dtype=torch.float32)
+    lengths = torch.tensor([30, 17, 25, 1, 9])
+    x = torch.randn(40, 5, 8)
+    padding = (torch.arange(40).unsqueeze(1) >= lengths).unsqueeze(-1)
+    layer.backend = "reference"
+    want = _run_with_lengths(layer, x.masked_fill(padding, 0.0), lengths)
+    layer.backend = "fused"
+    for _ in range(2):
+        _dirty_freed_memory()
+        got = _run_with_lengths(layer, x.masked_fill(padding, NAN), lengths)
+        assert torch.equal(got[0].masked_select(padding), torch.zeros(int(padding.sum()) * 16))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)  # (float32 sums)
+
+
+def test_ln_kernel_refuses_batch_sizes_it_cannot_run():
+    """The loops trust batch_sizes (a block stops at its first step without rows; packed rows
+    are found by the running sum): the operator checks them."""
+    if _layer_norm.load() is None:
+        pytest.skip(f"no layer-norm kernel: {_layer_norm.EXTENSION.error}")
+    hidden, batch = 3, 2
+    ln = (torch.ones(3 * hidden), torch.zeros(3 * hidden))
+    h0, w_hh = torch.zeros(batch, hidden), torch.randn(3 * hidden, hidden)
+
+    def forward(gx, batch_sizes):
+        return torch.ops.rnnkit_ln.layer_forward(2, False, False, False, gx, h0, None, w_hh, *ln,
+                                                 None, None, None, None, None, batch_sizes,
+                                                 False, 1)
+
+    with pytest.raises(RuntimeError, match="non-increasing"):
+        forward(torch.randn(3, 3 * hidden), [1, 2])  # (packed: 3 rows, but increasing)
+    with pytest.raises(RuntimeError, match="sum\\(batch_sizes\\) rows"):
+        forward(torch.randn(4, 3 * hidden), [2, 1])
+    with pytest.raises(RuntimeError, match="one entry per step"):
+        forward(torch.randn(3, batch, 3 * hidden), [2, 1])
+    y, h, *_ = forward(torch.randn(3, 3 * hidden), [2, 1])  # packed: y padded, its padding 0
+    assert y.shape == (2, batch, hidden) and torch.equal(y[1, 1], torch.zeros(hidden))
+    torch.testing.assert_close(h[1], y[0, 1])  # (row 1's final state: its last step, t = 0)
 
 
 # (batch 13, 20 units: per-step products of more rows than gemm_own's packing threshold, and
@@ -289,6 +398,25 @@ def test_without_the_kernel_the_fused_backend_takes_bptt_and_says_why(module, mo
         out, _ = layer(x)
     layer.backend = "bptt"
     torch.testing.assert_close(out, layer(x)[0], rtol=0, atol=0)
+
+
+# The fallback zeroes x's padding once, in run_layer before the input LN (run_fused's BPTT
+# fallback no longer zeroes the normalised input again): NaN there reaches nothing.
+@pytest.mark.parametrize("form", ["lstm_peephole", "gru_before"])
+def test_without_the_kernel_nan_padding_with_lengths_matches_bptt(form, monkeypatch):
+    error = f"test: no compiler, lengths ({form})"
+    monkeypatch.setattr(_layer_norm, "EXTENSION", SimpleNamespace(load=lambda: None, error=error))
+    layer = _layer(form)
+    lengths = torch.tensor([5, 2, 4])
+    x = torch.randn(5, 3, 5, dtype=torch.float64)
+    padding = (torch.arange(5).unsqueeze(1) >= lengths).unsqueeze(-1)
+    layer.backend = "fused"
+    with pytest.warns(RuntimeWarning, match=re.escape(error)):
+        got = _run_with_lengths(layer, x.masked_fill(padding, NAN), lengths)
+    layer.backend = "bptt"
+    want = _run_with_lengths(layer, x.masked_fill(padding, 0.0), lengths)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("form", ["lstm_peephole", "gru_after", "gru_before"])

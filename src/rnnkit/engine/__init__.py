@@ -72,7 +72,9 @@ def run_fused(
             f"rnnkit: the fused CPU engine cannot run here ({reason}); using the slower "
             "'bptt' engine instead", RuntimeWarning, stacklevel=4,
         )
-    return run_bptt(math, zero_padding(x, batch_sizes), state0, params, batch_sizes, masks)
+    if not math.layer_norm:  # (a layer-normalised layer's x: zeroed by run_layer before its LN)
+        x = zero_padding(x, batch_sizes)
+    return run_bptt(math, x, state0, params, batch_sizes, masks)
 
 
 BACKENDS: dict[str, Backend] = {"reference": run_reference, "bptt": run_bptt, "fused": run_fused}
@@ -137,9 +139,14 @@ def run_layer(
     if isinstance(batch_sizes, Tensor) and name != "fused":  # (traced: lengths.Ragged)
         raise ValueError(f"lengths= is traced (torch.compile / torch.export) by the "
                          f"'fused' engine only, not the {name!r} one")
-    if name != "fused" or math.layer_norm:  # (the fused kernel never reads the padding; the
-        x = zero_padding(x, batch_sizes)  # fused engine zeroes it where it runs another path)
-    if math.layer_norm and not (name == "fused" and fused.normalises_input(math, x)):
+    # the input LN in Python (every backend but the fused kernels, which normalise it
+    # themselves): over all T·B rows, so x's padding is zeroed first (NaN there would reach
+    # dW_ih and dx through the LN's backward); the fused kernels never read the padding (the
+    # fused engine zeroes it where it falls back to another path, run_fused)
+    python_ln = math.layer_norm and not (name == "fused" and fused.normalises_input(math, x))
+    if name != "fused" or python_ln:
+        x = zero_padding(x, batch_sizes)
+    if python_ln:
         # the input LN is per row and step: once for all T·B rows, here for every backend, under
         # autograd; the backends then get x = LN(x W_ih^T) and w_ih = None
         # (the fused backend's product: the float32 GEMM tiles of its layer-norm kernel). The

@@ -83,6 +83,16 @@ def batch_sizes_for(sorted_lengths: Tensor, max_length: int) -> list[int] | None
     return (steps < sorted_lengths.unsqueeze(0)).sum(1).tolist()
 
 
+def packed_index(batch_sizes: Sequence[int], batch: int) -> Tensor:
+    """The rows that run of a (T, B, ...) batch flattened to (T·B, ...), in the order of
+    torch's PackedSequence data: step t's first ``batch_sizes[t]`` rows (t·B + b), step after
+    step. ``x.flatten(0, 1).index_select(0, packed_index(bs, B))`` is ``x``'s packed rows (Σ
+    bs, ...), and the padding is never read."""
+    steps = torch.arange(len(batch_sizes)).unsqueeze(1)
+    running = torch.arange(batch) < torch.tensor(batch_sizes, dtype=torch.long).unsqueeze(1)
+    return (steps * batch + torch.arange(batch)).masked_select(running)
+
+
 def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
     """Reverses each sequence of ``x`` (T, B, ...) within its own length; padding stays in place.
 
@@ -120,9 +130,10 @@ def zero_padding(x: Tensor, batch_sizes: Sequence[int] | Tensor | None) -> Tenso
     longest-first lengths themselves.
 
     For the engines whose products run over all T·B rows (the Python engines, the
-    layer-normalised kernel, the bf16 mode), where ``0 * NaN`` would put the NaN of padding into
-    dW_ih (torch's packed sequences never see padding); the fused kernel's products run over the
-    rows that ran only and need none of it. ``where``, not a product: the padded rows' gradient
+    layer-normalised kernel in a traced graph, the bf16 mode), where ``0 * NaN`` would put the
+    NaN of padding into dW_ih (torch's packed sequences never see padding); the fused kernels'
+    products (the layer-normalised ones' too, eagerly: :func:`packed_index`) run over the rows
+    that ran only and need none of it. ``where``, not a product: the padded rows' gradient
     is an exact 0.
     """
     if batch_sizes is None:

@@ -7,8 +7,10 @@ raw projection ``x W_ih^T``, normalising each row inside the loop, where the row
 :func:`rnnkit.cells.layer_norm.normalized_input` beforehand). The step backward returns
 d(x W_ih^T) (through the input LN) and d(W_hh h) per step,
 and the layer-norm gain and bias and the peephole gradients (summed in the loop, where each
-row's values are at hand); ``W_hh``'s gradient is formed here as one GEMM over all T·B rows, as
-in ``bptt``.
+row's values are at hand); ``W_hh``'s gradient is formed here as one GEMM over the rows, as
+in ``bptt``. A ragged batch runs packed (:func:`run`): the rows that run only, Σ lengths of
+them, in torch's PackedSequence layout, so that x W_ih^T, dx, dW_ih and dW_hh cost in proportion
+to the real steps and x's padding is never read.
 
 Registered here once the library is loaded (:func:`register`), as ``_function`` does for the
 other kernels: a fake kernel for each operator (``torch.compile`` / ``torch.export`` trace them
@@ -34,7 +36,7 @@ from rnnkit.engine.fused._function import (
     eager_node,
     layer_backwards_first_derivative_only,
 )
-from rnnkit.engine.lengths import zero_padding
+from rnnkit.engine.lengths import packed_index, zero_padding
 from rnnkit.native import NativeExtension, builtin_operator, tracing
 
 NAMESPACE = "rnnkit_ln"
@@ -103,7 +105,7 @@ def _matmul(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _weight_grad(d: Tensor, inputs: Tensor) -> Tensor:
-    """``dᵀ inputs`` (Q, P) for d (R, Q), inputs (R, P): a weight gradient over all R = T·B rows,
+    """``dᵀ inputs`` (Q, P) for d (R, Q), inputs (R, P): a weight gradient over all R rows,
     through torch.mm, which reads d transposed in place. Not the tiles: with K = T·B deep and the
     narrow operand copied transposed for them, they were the slower ones at this shape (session
     11, 1 thread, loaded machine, min of 11: (3200, 2048)ᵀ (3200, 512) 124 ms in the tiles with
@@ -112,7 +114,7 @@ def _weight_grad(d: Tensor, inputs: Tensor) -> Tensor:
 
 
 class _Projection(torch.autograd.Function):
-    """``x W_ih^T`` over all T·B rows (the layer-normalised cells' input projection) with the
+    """``x W_ih^T`` over all rows (the layer-normalised cells' input projection) with the
     products x W_ih^T and d W_ih through :func:`_matmul` (the weight gradient:
     :func:`_weight_grad`)."""
 
@@ -182,21 +184,22 @@ def _backward(ctx: Any, d_y: Tensor | None, d_h: Tensor | None, d_c: Tensor | No
         lengths if ctx.lengths else ctx.batch_sizes, y, acts, ahat, stats, cells, projection,
         d_y, d_h, d_c if lstm else None, loop_threads)
     steps, batch, hidden = y.shape
-    rows = steps * batch
-    ragged = lengths if ctx.lengths else (ctx.batch_sizes or None)
-
-    def previous(first: Tensor, seq: Tensor) -> Tensor:
-        """(T, B, H) of the value at t − 1 (``first`` at t = 0), 0 for inactive rows."""
-        return zero_padding(torch.cat((first.unsqueeze(0), seq[:-1])), ragged)
-
+    if acts.dim() == 2:  # packed (Σ lengths rows, see run): h_{t−1} of the rows that ran only
+        first = ctx.batch_sizes[0]  # (step 0's rows read h0; step t's rows y[t − 1] of the same b)
+        index = packed_index(ctx.batch_sizes, batch)[first:] - batch
+        h_prev = torch.cat((h0[:first], y.view(steps * batch, hidden).index_select(0, index)))
+    else:  # (T, B, H) of h_{t−1}, 0 for the rows that have ended (their d_a is 0 too)
+        ragged = lengths if ctx.lengths else (ctx.batch_sizes or None)
+        h_prev = zero_padding(torch.cat((h0.unsqueeze(0), y[:-1])), ragged)
+    rows = acts.shape[0] if acts.dim() == 2 else steps * batch
+    h_prev = h_prev.reshape(rows, hidden)
     flat_da = d_a.view(rows, d_a.shape[-1])  # (not -1: a batch of 0 rows)
     if before:
-        h_prev = previous(h0, y)
-        reset_h = acts[..., :hidden] * h_prev
-        d_w_hh = torch.cat((flat_da[:, : 2 * hidden].t() @ h_prev.view(rows, hidden),
-                            flat_da[:, 2 * hidden:].t() @ reset_h.view(rows, hidden)))
+        reset_h = acts.view(rows, -1)[:, :hidden] * h_prev
+        d_w_hh = torch.cat((flat_da[:, : 2 * hidden].t() @ h_prev,
+                            flat_da[:, 2 * hidden:].t() @ reset_h))
     else:
-        d_w_hh = _weight_grad(flat_da, previous(h0, y).view(rows, hidden))
+        d_w_hh = _weight_grad(flat_da, h_prev)
     d_ln_weight, d_ln_bias = g_ln  # (summed over the steps in the kernel, as the rest below)
     d_cell_weight, d_cell_bias = g_cell if lstm else (None, None)
     d_in_weight, d_in_bias = g_in if in_weight is not None else (None, None)
@@ -215,18 +218,19 @@ def _forward_fake(kind: int, peephole: bool, coupled: bool, before: bool, gx: Te
                   peephole_weights: Tensor | None, ln_ih_weight: Tensor | None,
                   ln_ih_bias: Tensor | None, batch_sizes: Any, training: bool,
                   threads: int) -> tuple[Tensor, ...]:
-    steps, batch, gates = gx.shape
-    hidden = h0.shape[1]
+    *rows, gates = gx.shape  # (T, B) padded, (Σ batch_sizes,) packed
+    batch, hidden = h0.shape
+    steps = gx.shape[0] if gx.dim() == 3 else len(batch_sizes)
     lstm = kind == 1
     saved = training  # (without training the kernel saves nothing: empty tensors)
     return (
         gx.new_empty((steps, batch, hidden)),
         gx.new_empty((batch, hidden)),
         gx.new_empty((batch, hidden)) if lstm else _empty(gx),
-        gx.new_empty((steps, batch, gates)) if saved else _empty(gx),
-        gx.new_empty((steps, batch, gates)) if saved else _empty(gx),
-        gx.new_empty((steps, batch, STATS)) if saved else _empty(gx),
-        gx.new_empty((steps, batch, 3 * hidden)) if saved and lstm else _empty(gx),
+        gx.new_empty((*rows, gates)) if saved else _empty(gx),
+        gx.new_empty((*rows, gates)) if saved else _empty(gx),
+        gx.new_empty((*rows, STATS)) if saved else _empty(gx),
+        gx.new_empty((*rows, 3 * hidden)) if saved and lstm else _empty(gx),
     )
 
 
@@ -237,12 +241,13 @@ def _backward_fake(kind: int, peephole: bool, coupled: bool, before: bool, h0: T
                    ahat: Tensor, stats: Tensor, cells: Tensor, projection: Tensor | None,
                    grad_y: Tensor, grad_h_n: Tensor | None, grad_c_n: Tensor | None,
                    threads: int) -> tuple[Tensor, ...]:
-    steps, batch, hidden = y.shape
+    batch, hidden = y.shape[1:]
     gates = ln_weight.shape[0]
     lstm = kind == 1
+    rows = acts.shape[:-1]  # (T, B) padded, (Σ batch_sizes,) packed
     return (
-        y.new_empty((steps, batch, gates)),
-        y.new_empty((steps, batch, gates)),
+        y.new_empty((*rows, gates)),
+        y.new_empty((*rows, gates)),
         y.new_empty((batch, hidden)),
         y.new_empty((batch, hidden)) if lstm else _empty(y),
         y.new_empty((2, gates)),
@@ -298,23 +303,29 @@ def run(spec: CellSpec, x: Tensor, state0: Sequence[Tensor], params: Sequence[Te
     """
     variant = KERNELS[spec]
     lstm = variant[0] == 1
+    batch = x.shape[1]
+    if isinstance(batch_sizes, Tensor):  # a traced graph: padded (T, B) rows, the padding zeroed
+        forward, ragged = torch.ops.rnnkit_ln.layer_forward_lengths, batch_sizes
+        x = zero_padding(x, batch_sizes)  # (the products below and in _backward read every row)
+    else:
+        forward, ragged = torch.ops.rnnkit_ln.layer_forward, (
+            [] if batch_sizes is None else [int(b) for b in batch_sizes])
+        if ragged and all(b == batch for b in ragged):
+            ragged = []
+        if ragged:  # the rows that run only, packed (StepRows in layer_norm_rnn.cpp): every
+            # product — x W_ih^T here, dx, dW_ih through autograd, dW_hh in _backward — runs
+            # over Σ lengths rows, and x's padding is never read (its dx: exactly 0)
+            x = x.flatten(0, 1).index_select(0, packed_index(ragged, batch))
     in_weight = in_bias = None
     if params[0] is not None:  # (the raw input: this kernel applies the input LN)
         w_ih, w_hh, b_ih, b_hh, in_weight, in_bias, *rest = params
-        gx = project(x, w_ih)  # (T, B, G·H), not normalised
+        gx = project(x, w_ih)  # (T, B, G·H) or packed (Σ lengths, G·H), not normalised
         params = (None, w_hh, b_ih, b_hh, *rest)
     else:
         gx = x
     _, w_hh, _, _, ln_weight, ln_bias, *rest = params
     cell_weight, cell_bias, *peepholes = rest if lstm else (None, None)
     peep = torch.stack(tuple(peepholes)) if peepholes else None
-    if isinstance(batch_sizes, Tensor):
-        forward, ragged = torch.ops.rnnkit_ln.layer_forward_lengths, batch_sizes
-    else:
-        forward, ragged = torch.ops.rnnkit_ln.layer_forward, (
-            [] if batch_sizes is None else [int(b) for b in batch_sizes])
-        if ragged and all(b == gx.shape[1] for b in ragged):
-            ragged = []
     c0 = state0[1] if lstm else None
     # Save activations only when a gradient will be asked for.
     training = torch.is_grad_enabled() and any(

@@ -7,7 +7,8 @@
 //   forward:     per step a = h_{t-1} W_hh^T, LN over each row, the gates, (LSTM) LN of the cell
 //   backward:    the hand-derived step backward in reverse time; it returns d(gx) (the LSTM:
 //                d(x W_ih^T)) and d(a) (the gradient before the recurrent LN); the W_hh
-//                gradient is then one GEMM over all T*B rows in Python
+//                gradient is then one GEMM over the rows in Python (all T*B, or a ragged
+//                batch's rows that run: StepRows)
 //                (engine/fused/_layer_norm.py); the LN gains' and biases' and the peepholes'
 //                gradients are summed in the loop, per thread
 //
@@ -33,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -488,6 +490,55 @@ int64_t active_rows(at::IntArrayRef bs, int64_t t, int64_t batch) {
   return bs.empty() ? batch : bs[t];
 }
 
+// Where step t's rows lie in the step-major arrays the loops read and write per row (gx, the
+// saved acts, ahat, stats and cells, and the backward's d_gx and d_a): row b of step t at
+// off[t] + b. Padded: off[t] = t*B, every row of every step. Packed (a ragged batch from the
+// eager layers, gx (Σ bs, G*H)): off[t] = Σ_{k<t} bs[k], only the bs[t] rows that run, one step
+// after another — torch's PackedSequence layout, as fused_rnn.cpp's Packed (layer.h). Then the
+// sequence-wide products around the loop (x W_ih^T, dx, dW_ih, dW_hh, in
+// engine/fused/_layer_norm.py) run over the Σ bs rows that run, not over all T*B, and no row
+// of those arrays is padding (nothing to zero, and x's padding is never read). The outputs y
+// and their gradient stay padded (T, B, H).
+struct StepRows {
+  int64_t steps, batch;
+  std::vector<int64_t> off;  // size steps + 1
+  int64_t row(int64_t t, int64_t b) const { return off[t] + b; }
+  int64_t rows() const { return off.back(); }
+};
+
+// The layout of gx (T, B, G*H) padded or (Σ bs, G*H) packed for T = bs.size() steps of B rows;
+// checks batch_sizes, which the loops trust (T entries, in [0, B], non-increasing: a row that
+// has ended stays ended, and a block's loop stops at its first step without rows).
+StepRows step_rows(const Tensor& gx, int64_t batch, at::IntArrayRef bs) {
+  const bool packed = gx.dim() == 2;
+  TORCH_CHECK(!packed || !bs.empty(), "rnnkit_ln: a packed gx (2-D) needs batch_sizes");
+  StepRows r{packed ? static_cast<int64_t>(bs.size()) : gx.size(0), batch, {}};
+  TORCH_CHECK(bs.empty() || static_cast<int64_t>(bs.size()) == r.steps,
+              "rnnkit_ln: batch_sizes must have one entry per step");
+  for (size_t k = 0; k < bs.size(); ++k)
+    TORCH_CHECK(bs[k] >= 0 && bs[k] <= batch && (k == 0 || bs[k] <= bs[k - 1]),
+                "rnnkit_ln: batch_sizes must be non-increasing, in [0, B]");
+  r.off.assign(r.steps + 1, 0);
+  for (int64_t t = 0; t < r.steps; ++t) r.off[t + 1] = r.off[t] + (packed ? bs[t] : batch);
+  TORCH_CHECK(!packed || gx.size(0) == r.rows(),
+              "rnnkit_ln: a packed gx must have sum(batch_sizes) rows");
+  return r;
+}
+
+// A (T, B, width) output whose rows past each length are 0 (the loops write only the rows that
+// run): only those rows are zeroed, not the whole tensor first (as layer.h's zero_padded).
+Tensor zero_padded(int64_t steps, int64_t batch, int64_t width, at::IntArrayRef bs,
+                   const at::TensorOptions& opts) {
+  Tensor out = loop_buffer({steps, batch, width}, opts, false);
+  if (bs.empty()) return out;
+  const size_t item = c10::elementSize(opts.dtype().toScalarType());
+  char* base = static_cast<char*>(out.data_ptr());
+  for (int64_t t = 0; t < steps; ++t)
+    std::memset(base + ((t * batch + bs[t]) * width) * item, 0,
+                static_cast<size_t>((batch - bs[t]) * width) * item);
+  return out;
+}
+
 // Runs fn(first_row, end_row) for contiguous row blocks, one per thread.
 template <typename F>
 void for_row_blocks(int64_t batch, int64_t threads, const F& fn) {
@@ -503,8 +554,9 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
                   const Tensor& ln_w, const Tensor& ln_b, const Tensor& cell_w,
                   const Tensor& cell_b, const Tensor& peep, at::IntArrayRef bs, Tensor& y,
                   bool training, Tensor& acts, Tensor& ahat, Tensor& stats, Tensor& cells,
-                  const Tensor& in_w, const Tensor& in_b, int64_t threads) {
-  const int64_t steps = gx.size(0), batch = gx.size(1), H = h.size(1), G = v.gates(),
+                  const Tensor& in_w, const Tensor& in_b, const StepRows& rows_at,
+                  int64_t threads) {
+  const int64_t steps = rows_at.steps, batch = rows_at.batch, H = h.size(1), G = v.gates(),
                 GH = G * H;
   const bool lstm = v.kind == kLSTM;
   // the input LN's gain and bias when gx is the raw projection x W_ih^T (else gx is normalised)
@@ -562,7 +614,7 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
       const T* ap = abuf;
       for (int64_t r = 0; r < n_act; ++r) {
         const int64_t b = b0 + r;
-        const int64_t row = t * batch + b;
+        const int64_t row = rows_at.row(t, b), out = t * batch + b;  // (packed, padded)
         const T* gxr = gxp + row * GH;
         T* hr = hp + b * H;
         T rstd = 0;
@@ -614,7 +666,7 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
           T* chat_r = training ? cl + H : chat.data();
           T* cn_r = training ? cl + 2 * H : cn.data();
           ln_row(cr, cw, cb, H, cn_r, chat_r, &crstd);
-          T* yr = yp + row * H;
+          T* yr = yp + out * H;
           for (int64_t j = 0; j < H; ++j) cn_r[j] = rnnkit::tanh_(cn_r[j]);  // (kept: the backward)
           for (int64_t j = 0; j < H; ++j) {
             hr[j] = pre[oo + j] * cn_r[j];
@@ -632,7 +684,7 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
             gt[2 * H + j] = rnnkit::tanh_(gxr[2 * H + j] + gt[j] * gh[2 * H + j]);
           for (int64_t j = 0; j < H; ++j)
             hr[j] = (1 - gt[H + j]) * gt[2 * H + j] + gt[H + j] * hr[j];
-          std::copy(hr, hr + H, yp + row * H);
+          std::copy(hr, hr + H, yp + out * H);
         } else {  // reset before, first half: r, z and r * h_{t-1}
           ln_row(ap + r * 2 * H, lw, lb, 2 * H, gh.data(), ahat_r, &rstd);
           T* ur = ubuf + r * H;
@@ -648,14 +700,14 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
       const T* anp = anbuf;
       for (int64_t r = 0; r < n_act; ++r) {
         const int64_t b = b0 + r;
-        const int64_t row = t * batch + b;
+        const int64_t row = rows_at.row(t, b), out = t * batch + b;
         const T* gxr = iw ? xnorm.data() + r * GH : gxp + row * GH;  // (normalised)
         const T* gr = training ? actp + row * GH : gate.data() + r * GH;  // (as gate_r)
         T* hr = hp + b * H;
         T nrstd = 0;
         ln_row(anp + r * H, lw + 2 * H, lb + 2 * H, H, gh.data(),
                training ? ahp + row * GH + 2 * H : ah.data(), &nrstd);
-        T* yr = yp + row * H;
+        T* yr = yp + out * H;
         for (int64_t j = 0; j < H; ++j) gh[j] = rnnkit::tanh_(gxr[2 * H + j] + gh[j]);  // n
         if (training) std::copy(gh.begin(), gh.begin() + H, actp + row * GH + 2 * H);
         for (int64_t j = 0; j < H; ++j) {
@@ -683,7 +735,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
                    const Tensor& ahat, const Tensor& stats, const Tensor& cells,
                    const Tensor& grad_y, const Tensor& proj, const Tensor& in_w, Tensor& dh,
                    Tensor& dc, Tensor& d_gx, Tensor& d_a, Tensor& g_ln, Tensor& g_cell,
-                   Tensor& g_in, Tensor& g_peep, int64_t threads) {
+                   Tensor& g_in, Tensor& g_peep, const StepRows& rows_at, int64_t threads) {
   const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), G = v.gates(), GH = G * H;
   const bool lstm = v.kind == kLSTM;
   // the input LN (in_w defined: the forward normalised the raw projection proj itself)
@@ -738,14 +790,14 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
       if (n_act <= 0) continue;
       for (int64_t r = 0; r < n_act; ++r) {
         const int64_t b = b0 + r;
-        const int64_t row = t * batch + b;
+        const int64_t row = rows_at.row(t, b), out = t * batch + b;  // (packed, padded)
         const T* hprev = t > 0 ? yp + ((t - 1) * batch + b) * H : h0p + b * H;
         const T* ac = actp + row * GH;
         T* dhr = dhp + b * H;
         T* dgx = dgxp + row * GH;
-        const T* gy = gyp + row * H;
+        const T* gy = gyp + out * H;
         if (lstm) {
-          const T* cprev = t > 0 ? celp + ((t - 1) * batch + b) * 3 * H : c0p + b * H;
+          const T* cprev = t > 0 ? celp + rows_at.row(t - 1, b) * 3 * H : c0p + b * H;
           const T* cl = celp + row * 3 * H;  // c, c_hat, tanh(LN(c))
           T* dcr = dcp + b * H;
           T* dcn = dcn_buf.data();
@@ -819,7 +871,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
       }
       if (lstm || !v.before) {
         // dh_{t-1} = d_a W_hh (+ dh z for the GRU, already in dh)
-        w_back.mul(n_act, H, GH, dap + (t * batch + b0) * GH, GH, 0, dpbuf, H);
+        w_back.mul(n_act, H, GH, dap + rows_at.row(t, b0) * GH, GH, 0, dpbuf, H);
         const T* dpp = dpbuf;
         for (int64_t r = 0; r < n_act; ++r) {
           T* dhr = dhp + (b0 + r) * H;
@@ -828,11 +880,11 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
         continue;
       }
       // GRU reset before: d(r * h) = d_n W_hn, then the r gate, the rz LN and dh_{t-1}
-      w_back.mul(n_act, H, H, dap + (t * batch + b0) * GH + 2 * H, GH, 2 * H, drbuf, H);
+      w_back.mul(n_act, H, H, dap + rows_at.row(t, b0) * GH + 2 * H, GH, 2 * H, drbuf, H);
       const T* drp = drbuf;
       for (int64_t r = 0; r < n_act; ++r) {
         const int64_t b = b0 + r;
-        const int64_t row = t * batch + b;
+        const int64_t row = rows_at.row(t, b);
         const T* hprev = t > 0 ? yp + ((t - 1) * batch + b) * H : h0p + b * H;
         const T* ac = actp + row * GH;
         T* dgx = dgxp + row * GH;
@@ -841,11 +893,11 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
         accumulate_ln(dgx, ahp + row * GH, GH, glp + b0 * 2 * GH);  // (the whole row: rz and n)
         if (iw) input_ln_backward(row, dgx);  // (d(gx) complete only now)
       }
-      w_back.mul(n_act, H, 2 * H, dap + (t * batch + b0) * GH, GH, 0, dpbuf, H);
+      w_back.mul(n_act, H, 2 * H, dap + rows_at.row(t, b0) * GH, GH, 0, dpbuf, H);
       const T* dpp = dpbuf;
       for (int64_t r = 0; r < n_act; ++r) {
         const int64_t b = b0 + r;
-        const T* ac = actp + (t * batch + b) * GH;
+        const T* ac = actp + rows_at.row(t, b) * GH;
         T* dhr = dhp + b * H;
         for (int64_t j = 0; j < H; ++j)
           dhr[j] = dzh[r * H + j] + drp[r * H + j] * ac[j] + dpp[r * H + j];
@@ -909,29 +961,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
   // backward (every variant; session 13 for the GRU-before).
   TORCH_CHECK(ln_ih_weight.has_value() == ln_ih_bias.has_value(),
               "rnnkit_ln: the input LN's weight and bias come together");
-  TORCH_CHECK(gx.dim() == 3 && gx.size(2) == v.gates() * h0.size(1),
-              "rnnkit_ln: gx must be (T, B, G*H)");
+  TORCH_CHECK((gx.dim() == 3 || gx.dim() == 2) && gx.size(-1) == v.gates() * h0.size(1),
+              "rnnkit_ln: gx must be (T, B, G*H), or packed (sum(batch_sizes), G*H)");
   TORCH_CHECK(!lstm || (c0 && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c0 and the cell LN");
   TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
   check_parameters(v, h0.size(1), gx.scalar_type(), w_hh, ln_weight, ln_bias, cell_weight,
                    cell_bias, peep, ln_ih_weight, ln_ih_bias);
-  TORCH_CHECK(h0.size(0) == gx.size(1) && h0.scalar_type() == gx.scalar_type() &&
+  TORCH_CHECK((gx.dim() == 2 || h0.size(0) == gx.size(1)) && h0.scalar_type() == gx.scalar_type() &&
                   (!lstm || (c0->sizes() == h0.sizes() && c0->scalar_type() == gx.scalar_type())),
               "rnnkit_ln: h0 (and c0) must be (B, H) of gx's dtype");
   const Tensor g = gx.contiguous();
-  const int64_t steps = g.size(0), batch = g.size(1), H = h0.size(1), GH = v.gates() * H;
+  const StepRows rows_at = step_rows(g, h0.size(0), batch_sizes);
+  const int64_t steps = rows_at.steps, batch = rows_at.batch, H = h0.size(1),
+                GH = v.gates() * H;
   Tensor h = h0.contiguous().clone();
   Tensor c = lstm ? c0->contiguous().clone() : empty_like_none(g);
-  // Without lengths every row of every step is written; with them the rows past a length must
-  // be 0 (outputs; and saved values a 0 gradient multiplies must not be NaN garbage)
-  const auto alloc = [&](at::IntArrayRef sizes) {
-    return loop_buffer(sizes, g.options(), !batch_sizes.empty());
+  // The saved activations, one row per row of gx. Packed, every row is one that runs and is
+  // written. Padded with lengths (a traced graph: layer_forward_lengths), the rows past a length
+  // must be 0: the padded backward's products in _layer_norm.py read every row, and a saved
+  // value that a 0 gradient multiplies must not be NaN garbage.
+  const bool zero_saved = g.dim() == 3 && !batch_sizes.empty();
+  const auto saved = [&](int64_t width) {
+    return g.dim() == 2 ? loop_buffer({rows_at.rows(), width}, g.options(), false)
+                        : loop_buffer({steps, batch, width}, g.options(), zero_saved);
   };
-  Tensor y = alloc({steps, batch, H});
-  Tensor acts = training ? alloc({steps, batch, GH}) : empty_like_none(g);
-  Tensor ahat = training ? alloc({steps, batch, GH}) : empty_like_none(g);
-  Tensor stats = training ? at::zeros({steps, batch, kStats}, g.options()) : empty_like_none(g);
-  Tensor cells = training && lstm ? alloc({steps, batch, 3 * H}) : empty_like_none(g);
+  Tensor y = zero_padded(steps, batch, H, batch_sizes, g.options());  // (an output: padding 0)
+  Tensor acts = training ? saved(GH) : empty_like_none(g);
+  Tensor ahat = training ? saved(GH) : empty_like_none(g);
+  Tensor stats = training ? (g.dim() == 2 ? at::zeros({rows_at.rows(), kStats}, g.options())
+                                          : at::zeros({steps, batch, kStats}, g.options()))
+                          : empty_like_none(g);
+  Tensor cells = training && lstm ? saved(3 * H) : empty_like_none(g);
   const Tensor w = w_hh.contiguous(), lw = ln_weight.contiguous(), lb = ln_bias.contiguous();
   const Tensor cw = lstm ? cell_weight->contiguous() : Tensor();
   const Tensor cb = lstm ? cell_bias->contiguous() : Tensor();
@@ -940,7 +1000,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
   const Tensor ib = ln_ih_bias ? ln_ih_bias->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rnnkit_ln_forward", [&] {
     forward_impl<scalar_t>(v, g, h, c, w, lw, lb, cw, cb, pp, batch_sizes, y, training, acts,
-                           ahat, stats, cells, iw, ib, threads);
+                           ahat, stats, cells, iw, ib, rows_at, threads);
   });
   return {y, h, c, acts, ahat, stats, cells};
 }
@@ -965,16 +1025,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
   TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
   check_parameters(v, h0.size(1), y.scalar_type(), w_hh, ln_weight, ln_bias, cell_weight,
                    std::nullopt, peep, ln_ih_weight, std::nullopt);
+  TORCH_CHECK(y.dim() == 3 && grad_y.sizes() == y.sizes(),
+              "rnnkit_ln: y and grad_y must be (T, B, H)");
   const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), GH = v.gates() * H;
+  // acts (and d_gx, d_a) packed (Σ bs, G*H) where the forward's gx was (see StepRows)
+  const StepRows rows_at = step_rows(acts, batch, batch_sizes);
+  TORCH_CHECK(rows_at.steps == steps && acts.size(-1) == GH,
+              "rnnkit_ln: acts must be the forward's saved activations of y's steps");
   Tensor dh = grad_h_n ? grad_h_n->contiguous().clone() : at::zeros({batch, H}, y.options());
   Tensor dc = lstm ? (grad_c_n ? grad_c_n->contiguous().clone()
                                : at::zeros({batch, H}, y.options()))
                    : empty_like_none(y);
-  const auto alloc = [&](at::IntArrayRef sizes) {  // (as in the forward: 0 past the lengths)
-    return loop_buffer(sizes, y.options(), !batch_sizes.empty());
+  // (as in the forward: packed, every row is written; padded with lengths, 0 past the lengths)
+  const auto alloc = [&]() {
+    return acts.dim() == 2
+               ? loop_buffer({rows_at.rows(), GH}, y.options(), false)
+               : loop_buffer({steps, batch, GH}, y.options(), !batch_sizes.empty());
   };
-  Tensor d_gx = alloc({steps, batch, GH});
-  Tensor d_a = alloc({steps, batch, GH});
+  Tensor d_gx = alloc();
+  Tensor d_a = alloc();
   Tensor g_ln = at::zeros({batch, 2, GH}, y.options());
   Tensor g_cell = lstm ? at::zeros({batch, 2, H}, y.options()) : empty_like_none(y);
   Tensor g_in = ln_ih_weight ? at::zeros({batch, 2, GH}, y.options()) : empty_like_none(y);
@@ -990,7 +1059,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rnnkit_ln_backward", [&] {
     backward_impl<scalar_t>(v, h0c, c0c, w, lw, lb, cw, pp, batch_sizes, y, acts, ahat, stats,
                             cells, gy, pr, iw, dh, dc, d_gx, d_a, g_ln, g_cell, g_in, g_peep,
-                            threads);
+                            rows_at, threads);
   });
   return {d_gx, d_a, dh, dc, g_ln.sum(0), lstm ? g_cell.sum(0) : g_cell,
           ln_ih_weight ? g_in.sum(0) : g_in, peephole ? g_peep.sum(0) : g_peep};
@@ -1054,7 +1123,7 @@ std::tuple<Tensor, Tensor> ln_step(int64_t kind, bool peephole, bool coupled, bo
   const Tensor pp = peephole ? peep->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "rnnkit_ln_step", [&] {
     forward_impl<scalar_t>(v, gx, h1, c1, w, lw, lb, cw, cb, pp, {}, y, false, none, none, none,
-                           none, Tensor(), Tensor(), threads);
+                           none, Tensor(), Tensor(), step_rows(gx, batch, {}), threads);
   });
   return {h1, c1};
 }
