@@ -68,8 +68,8 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
 }
 
 // ----------------------------------------------------------------------------------------------
-// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] must be zero on
-// entry). dhs / dcs: (B, H) running state gradients, in place.
+// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] neither written
+// nor read). dhs / dcs: (B, H) running state gradients, in place.
 // ----------------------------------------------------------------------------------------------
 
 // With R.kh, y is the saved h~ = f(pre) (not the zoned output) and zh a (B, H) scratch.

@@ -222,8 +222,8 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
 }
 
 // ----------------------------------------------------------------------------------------------
-// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] must be zero on
-// entry). dhs / dcs: (B, H) running state gradients, in place.
+// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] neither written
+// nor read). dhs / dcs: (B, H) running state gradients, in place.
 // ----------------------------------------------------------------------------------------------
 
 // GRU reset after. dg: d(x-part) (T,B,3H); dgh: d(W_hh h + b_hh) (T,B,3H).
