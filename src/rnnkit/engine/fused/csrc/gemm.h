@@ -602,31 +602,36 @@ inline void prefetch_ahead(const void* p, int64_t bytes, int64_t i, int64_t coun
 template <int MR, int S>
 inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t sb,
                           float* C, int64_t ldc, bool acc) {
-  __m256 c[MR][S][2];
-  for (int i = 0; i < MR; ++i)
-    for (int s = 0; s < S; ++s) c[i][s][0] = c[i][s][1] = _mm256_setzero_ps();
+  // (every loop over the accumulators unrolled by pragma: else GCC kept the chains in registers
+  // but also stored each accumulator to the stack at every k, which bounds the tile by the
+  // stores — objdump)
+  constexpr int N = MR * S;  // accumulator pairs: row i, strip s at i * S + s
+  __m256 c0[N], c1[N];
+#pragma GCC unroll 16
+  for (int q = 0; q < N; ++q) c0[q] = c1[q] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    __m256 a[MR];
-    for (int i = 0; i < MR; ++i) a[i] = _mm256_broadcast_ss(A + i * lda + k);
+#pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
       const float* b = B + s * sb + k * kOwnCols;
       const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 4
       for (int i = 0; i < MR; ++i) {
-        c[i][s][0] = _mm256_fmadd_ps(a[i], b0, c[i][s][0]);
-        c[i][s][1] = _mm256_fmadd_ps(a[i], b1, c[i][s][1]);
+        const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+        c0[i * S + s] = _mm256_fmadd_ps(a, b0, c0[i * S + s]);
+        c1[i * S + s] = _mm256_fmadd_ps(a, b1, c1[i * S + s]);
       }
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int s = 0; s < S; ++s) {
-      float* o = C + i * ldc + s * kOwnCols;
-      if (acc) {
-        c[i][s][0] = _mm256_add_ps(c[i][s][0], _mm256_loadu_ps(o));
-        c[i][s][1] = _mm256_add_ps(c[i][s][1], _mm256_loadu_ps(o + 8));
-      }
-      _mm256_storeu_ps(o, c[i][s][0]);
-      _mm256_storeu_ps(o + 8, c[i][s][1]);
+#pragma GCC unroll 16
+  for (int q = 0; q < N; ++q) {
+    float* o = C + (q / S) * ldc + (q % S) * kOwnCols;
+    if (acc) {
+      c0[q] = _mm256_add_ps(c0[q], _mm256_loadu_ps(o));
+      c1[q] = _mm256_add_ps(c1[q], _mm256_loadu_ps(o + 8));
     }
+    _mm256_storeu_ps(o, c0[q]);
+    _mm256_storeu_ps(o + 8, c1[q]);
+  }
 }
 
 // Strips per tile for MR rows: 8 accumulators at least (1 row: 4 strips; 2, 3 rows: 2).
