@@ -449,6 +449,44 @@ def test_ragged_gradcheck(name):
     assert torch.autograd.gradcheck(run, tuple(tensors))
 
 
+def _own_gemm_runs() -> bool:
+    ops = torch.ops.rnnkit_fused
+    saved = ops.set_gemm("auto")
+    try:
+        return ops.set_gemm("own") == "own"
+    finally:
+        ops.set_gemm(saved)
+
+
+@pytest.mark.parametrize("split", [None, "batch"], ids=["one_thread", "batch_split"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_few_running_rows_equal_the_full_batch_bit_for_bit(name, split, request, monkeypatch):
+    """Under gemm_own, a step's recurrent products over 1-3 running rows (few_rows_strips in
+    gemm.h: several 16-column strips per tile) form each output as the same chain of FMAs as
+    gemm_own's tiles do over the whole batch: a ragged batch's outputs and input gradients over
+    the steps its rows run are the padded call's, bit for bit. H = 40: whole strips in groups
+    and alone, and a narrower last strip (the backward's dh has H columns)."""
+    if not _own_gemm_runs():
+        pytest.skip("needs rnnkit's AVX2 GEMM (gemm_own)")
+    monkeypatch.setattr(fused, "use_native", False)  # (the plain LSTM on rnnkit's kernel)
+    if split:
+        request.getfixturevalue("batch_split")
+    spec = VARIANTS[name]
+    bs = [8, 3, 3, 2, 1, 1, 1]  # rows 1-2 end at steps 3 and 4, row 0 runs alone after
+    x, state0, params = make_inputs(spec, 7, 8, 6, 40, torch.float32)
+    running = (torch.arange(8) < torch.tensor(bs).unsqueeze(1)).unsqueeze(2)  # (T, B, 1)
+    gy = torch.randn(7, 8, 40, generator=torch.Generator().manual_seed(2)) * running
+
+    def run(batch_sizes):
+        out, _ = fused.run_layer(spec, x, state0, params, batch_sizes)
+        (dx,) = torch.autograd.grad((out * gy).sum(), [x])
+        return out.detach() * running, dx * running
+
+    ragged, padded = run(bs), run(None)
+    for got, want in zip(ragged, padded):
+        assert torch.equal(got, want), (got - want).abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_kernel_never_reads_the_padding(name, dtype):

@@ -68,16 +68,33 @@ void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW
 }
 
 // ----------------------------------------------------------------------------------------------
-// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] must be zero on
-// entry). dhs / dcs: (B, H) running state gradients, in place.
+// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] neither written
+// nor read). dhs / dcs: (B, H) running state gradients, in place.
 // ----------------------------------------------------------------------------------------------
 
-// With R.kh, y is the saved h~ = f(pre) (not the zoned output) and zh a (B, H) scratch.
+// The buffers of rnn_bwd_loop, built once by backward_impl (layer.h): (T, B, .) ones point at
+// step 0's row 0, (B, .) ones at row 0; at_row moves them to a row block of the batch split.
 template <typename T>
-void rnn_bwd_loop(const Cfg& cf, const T* y, const T* gy, T* dg, T* dhs, const BwdW<T>& Whh,
-                  const Reg<T>& R, T* zh, int nt) {
+struct ElmanBwdBuffers {
+  const T* y;   // (T, B, H) the activations f(pre) (y, or with zoneout the saved h~)
+  const T* gy;  // (T, B, H) the outputs' gradient
+  T* dg;        // (T, B, H) out: the pre-activation gradients
+  T* dhs;       // (B, H) in/out: the running dh
+  T* zh;        // (B, H) scratch for k_h dh (zoneout), or null
+  ElmanBwdBuffers at_row(int64_t m0, int64_t H) const {
+    return {from_row(y, m0, H), from_row(gy, m0, H), from_row(dg, m0, H), from_row(dhs, m0, H),
+            from_row(zh, m0, H)};
+  }
+};
+
+// With R.kh, buf.y is the saved h~ = f(pre) (not the zoned output).
+template <typename T>
+void rnn_bwd_loop(const Cfg& cf, const ElmanBwdBuffers<T>& buf, const BwdW<T>& Whh,
+                  const Reg<T>& R, int nt) {
   const bool reg = R.any();
   const int64_t H = cf.H, B = cf.B;
+  const T *y = buf.y, *gy = buf.gy;
+  T *dg = buf.dg, *dhs = buf.dhs, *zh = buf.zh;
   const int act = cf.act;
 #pragma omp parallel num_threads(nt)
   {

@@ -590,6 +590,91 @@ inline void prefetch_ahead(const void* p, int64_t bytes, int64_t i, int64_t coun
     __builtin_prefetch(c + l * 64, 0, 2);
 }
 
+#ifdef RNNKIT_OWN_GEMM
+// The per-step products of a ragged batch's last steps, where 1-3 rows still run. gemm_own
+// computes one 16-column strip at a time: a tile of MR <= 3 rows keeps 2 MR <= 6 accumulators,
+// each a chain of dependent FMAs, fewer than the 8 that the two FMA pipes x 4 cycles of latency
+// need, so a step of 1 row cost as much as one of 4 (latency bound; session 13's skewed lengths
+// rows spent most steps there: prop up to 2.8). Here one tile spans S strips (MR x S x 2 = 8-12
+// accumulators). Each output is the same chain as in gemm_own (k in order from 0, in the same
+// K chunks g_own_kc, C added at the end): the results are bit-equal to gemm_own's.
+// C(MR, 16 S) (+)= A(MR, K) [strip 0 | ... | strip S-1], strip s at B + s sb, (K, 16) row-major.
+template <int MR, int S>
+inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t sb,
+                          float* C, int64_t ldc, bool acc) {
+  // (every loop over the accumulators unrolled by pragma: else GCC kept the chains in registers
+  // but also stored each accumulator to the stack at every k, which bounds the tile by the
+  // stores — objdump)
+  constexpr int N = MR * S;  // accumulator pairs: row i, strip s at i * S + s
+  __m256 c0[N], c1[N];
+#pragma GCC unroll 16
+  for (int q = 0; q < N; ++q) c0[q] = c1[q] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      const float* b = B + s * sb + k * kOwnCols;
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) {
+        const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+        c0[i * S + s] = _mm256_fmadd_ps(a, b0, c0[i * S + s]);
+        c1[i * S + s] = _mm256_fmadd_ps(a, b1, c1[i * S + s]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < N; ++q) {
+    float* o = C + (q / S) * ldc + (q % S) * kOwnCols;
+    if (acc) {
+      c0[q] = _mm256_add_ps(c0[q], _mm256_loadu_ps(o));
+      c1[q] = _mm256_add_ps(c1[q], _mm256_loadu_ps(o + 8));
+    }
+    _mm256_storeu_ps(o, c0[q]);
+    _mm256_storeu_ps(o + 8, c1[q]);
+  }
+}
+
+// Strips per tile for MR rows: 8 accumulators at least (1 row: 4 strips; 2, 3 rows: 2).
+template <int MR>
+constexpr int kFewStrips = MR == 1 ? 4 : 2;
+
+template <int MR>
+inline void few_rows_strips_of(int64_t strips, int64_t K, const float* A, int64_t lda,
+                               const float* B, int64_t sb, float* C, int64_t ldc, bool acc) {
+  constexpr int S = kFewStrips<MR>;
+  const int64_t KC = g_own_kc > 0 ? g_own_kc : K;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {  // (gemm_own's K chunks: the same sums)
+    const int64_t kk = std::min(KC, K - k0);
+    const bool a = acc || k0 > 0;
+    const float* Bk = B + k0 * kOwnCols;
+    int64_t s = 0;
+    for (; s + S <= strips; s += S)
+      few_rows_tile<MR, S>(kk, A + k0, lda, Bk + s * sb, sb, C + s * kOwnCols, ldc, a);
+    for (; s < strips; ++s)
+      few_rows_tile<MR, 1>(kk, A + k0, lda, Bk + s * sb, sb, C + s * kOwnCols, ldc, a);
+  }
+}
+
+// C(M, 16 strips) (+)= A(M, K) B for M = 1..kFewRows rows, B in whole 16-column strips (strip s
+// at B + s sb, ld 16: pack_panels' panels of width kOwnCols), K > 0.
+constexpr int64_t kFewRows = 3;
+inline void few_rows_strips(int64_t M, int64_t strips, int64_t K, const float* A, int64_t lda,
+                            const float* B, int64_t sb, float* C, int64_t ldc, bool acc) {
+  switch (M) {
+    case 1: return few_rows_strips_of<1>(strips, K, A, lda, B, sb, C, ldc, acc);
+    case 2: return few_rows_strips_of<2>(strips, K, A, lda, B, sb, C, ldc, acc);
+    case 3: return few_rows_strips_of<3>(strips, K, A, lda, B, sb, C, ldc, acc);
+    default: break;
+  }
+}
+
+// Whether the per-step product of M rows takes few_rows_strips: gemm_own (set_gemm may change
+// it), 1..kFewRows rows, K > 0 (gemm_rm's K = 0 case zeroes C).
+inline bool few_rows(int64_t M, int64_t K) {
+  return g_gemm == Gemm::OWN && M >= 1 && M <= kFewRows && K > 0;
+}
+#endif
+
 // The recurrent weight either as a transposed copy W^T (K, G*H) (brgemm-friendly) or as stored,
 // W (G*H, K) (no copy: for short inputs where the copy would cost more than the GEMMs).
 template <typename T>
@@ -611,7 +696,20 @@ struct RecW {
               int64_t width, T* C, int64_t ldc, bool acc, const void* ahead = nullptr,
               int64_t ahead_bytes = 0) const {
     const int64_t count = (n + panel - 1) / panel;
-    for (int64_t c0 = col0, i = 0; c0 < col0 + n; c0 += panel, ++i) {
+    int64_t c0 = col0, i = 0;
+#ifdef RNNKIT_OWN_GEMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (panel == kOwnCols && few_rows(M, K)) {
+        // the whole 16-column panels at once (few_rows_strips); a narrower last one below
+        const int64_t whole = (std::min(width, col0 + n) - col0) / kOwnCols;
+        if (ahead && whole > 0)
+          for (; i < whole; ++i) prefetch_ahead(ahead, ahead_bytes, i, count);
+        few_rows_strips(M, whole, K, A, lda, p + col0 * K, kOwnCols * K, C, ldc, acc);
+        c0 += whole * kOwnCols;
+      }
+    }
+#endif
+    for (; c0 < col0 + n; c0 += panel, ++i) {
       const int64_t np = std::min(panel, width - c0);
       // (AVX2 with gemm_own only: measured there; AVX-512 CPUs keep their tuned loop)
       if (ahead && g_gemm == Gemm::OWN) prefetch_ahead(ahead, ahead_bytes, i, count);
@@ -659,7 +757,14 @@ struct BwdW {
       if (vnni) return mm_bf16(M, n, K, A, lda, vnni, H, k0, col0, C, ldc, acc);
 #ifdef RNNKIT_OWN_GEMM
       if (strips && col0 % kOwnCols == 0) {
-        for (int64_t c0 = col0; c0 < col0 + n; c0 += kOwnCols) {
+        int64_t c0 = col0;
+        if (few_rows(M, K)) {  // the whole strips at once (few_rows_strips)
+          const int64_t whole = (std::min(H, col0 + n) - col0) / kOwnCols;
+          few_rows_strips(M, whole, K, A, lda, strips + col0 * rows + k0 * kOwnCols,
+                          kOwnCols * rows, C, ldc, acc);
+          c0 += whole * kOwnCols;
+        }
+        for (; c0 < col0 + n; c0 += kOwnCols) {
           const int64_t ld = std::min(kOwnCols, H - c0);  // (the last panel may be narrower)
           gemm_rm(M, std::min(ld, col0 + n - c0), K, A, lda, strips + c0 * rows + k0 * ld, ld,
                   C + (c0 - col0), ldc, acc);

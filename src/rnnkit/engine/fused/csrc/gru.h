@@ -222,19 +222,43 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
 }
 
 // ----------------------------------------------------------------------------------------------
-// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] must be zero on
-// entry). dhs / dcs: (B, H) running state gradients, in place.
+// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] neither written
+// nor read). dhs / dcs: (B, H) running state gradients, in place.
 // ----------------------------------------------------------------------------------------------
+
+// The buffers of the GRU backward loops, built once by backward_impl (layer.h): (T, B, .) ones
+// point at step 0's row 0, (B, .) ones at row 0; at_row moves them to a row block of the batch
+// split. Reset after reads ghn and writes dgh; reset before uses drh.
+template <typename T>
+struct GruBwdBuffers {
+  const T* acts;  // (T, B, 3H) the forward's activations r, z, n
+  const T* ghn;   // reset after: (T, B, H) W_hn h + b_hn; before: null
+  const T* y;     // (T, B, H) the outputs (the next step's h_{t-1})
+  const T* h0;    // (B, H) h_{-1}
+  const T* gy;    // (T, B, H) the outputs' gradient
+  T* dg;          // (T, B, 3H) out: the pre-activation gradients (reset after: of the x-part)
+  T* dgh;         // reset after: (T, B, 3H) out: d(W_hh h + b_hh); before: null
+  T* drh;         // reset before: (B, H) scratch for d(r ⊙ h); after: null
+  T* dhs;         // (B, H) in/out: the running dh
+  T* sc;          // (B, H) scratch (regularisers: see each loop), or null
+  GruBwdBuffers at_row(int64_t m0, int64_t H) const {
+    return {from_row(acts, m0, 3 * H), from_row(ghn, m0, H),    from_row(y, m0, H),
+            from_row(h0, m0, H),       from_row(gy, m0, H),     from_row(dg, m0, 3 * H),
+            from_row(dgh, m0, 3 * H),  from_row(drh, m0, H),    from_row(dhs, m0, H),
+            from_row(sc, m0, H)};
+  }
+};
 
 // GRU reset after. dg: d(x-part) (T,B,3H); dgh: d(W_hh h + b_hh) (T,B,3H).
 // REG: sc (B, H) scratch holds the direct gradient (z dh, + k_h dh) while the GEMM's product is
 // masked.
 template <typename T>
-void gru_after_bwd_loop(const Cfg& cf, const T* acts, const T* ghn, const T* y, const T* h0,
-                        const T* gy, T* dg, T* dgh, T* dhs, const BwdW<T>& Whh, const Reg<T>& R,
-                        T* sc, int nt) {
+void gru_after_bwd_loop(const Cfg& cf, const GruBwdBuffers<T>& buf, const BwdW<T>& Whh,
+                        const Reg<T>& R, int nt) {
   const bool reg = R.any();
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
+  const T *acts = buf.acts, *ghn = buf.ghn, *y = buf.y, *h0 = buf.h0, *gy = buf.gy;
+  T *dg = buf.dg, *dgh = buf.dgh, *dhs = buf.dhs, *sc = buf.sc;
 #pragma omp parallel num_threads(nt)
   {
     int64_t j0, j1;
@@ -295,11 +319,12 @@ void gru_after_bwd_loop(const Cfg& cf, const T* acts, const T* ghn, const T* y, 
 // GRU reset before. dg: (T,B,3H) pre-activation grads; drh: (B,H) scratch.
 // REG: sc (B, H) scratch for the gradient of h ⊙ m (masked once the GEMM has added to it).
 template <typename T>
-void gru_before_bwd_loop(const Cfg& cf, const T* acts, const T* y, const T* h0, const T* gy,
-                         T* dg, T* drh, T* dhs, const BwdW<T>& Whh, const Reg<T>& R, T* sc,
-                         int nt) {
+void gru_before_bwd_loop(const Cfg& cf, const GruBwdBuffers<T>& buf, const BwdW<T>& Whh,
+                         const Reg<T>& R, int nt) {
   const bool reg = R.any();
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
+  const T *acts = buf.acts, *y = buf.y, *h0 = buf.h0, *gy = buf.gy;
+  T *dg = buf.dg, *drh = buf.drh, *dhs = buf.dhs, *sc = buf.sc;
 #pragma omp parallel num_threads(nt)
   {
     int64_t j0, j1;

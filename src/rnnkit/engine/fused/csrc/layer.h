@@ -815,7 +815,8 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
   }
   at::Tensor scratch = R.any() ? at::zeros({B, H}, opts) : at::Tensor();
   T* sc = R.any() ? scratch.data_ptr<T>() : nullptr;
-  // One chunk's gate gradients, reused by every chunk (rows >= bs[t] are zeroed per chunk).
+  // One chunk's gate gradients, reused by every chunk (bf16 mode: rows >= bs[t] zeroed per
+  // chunk).
   // bf16 mode forms its GEMMs over all T*B rows at once (bf16_input_and_weight_grads): one chunk
   const int64_t CS =
       bf16 ? T_ : std::max<int64_t>(1, std::min(backward_chunk_steps(cf), T_));
@@ -899,11 +900,16 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
     if (R.kh) Rc.kh = R.kh + t0 * B * H;
     if (R.kc) Rc.kc = R.kc + t0 * B * H;
     if (R.ctil) Rc.ctil = R.ctil + t0 * B * H;
-    if (part) {  // rows past their length: zero gradients (the loops write rows < bs[t] only)
+    // Rows past their length: the loops write and read rows < bs[t] only, and the products
+    // below read the packed rows that ran, so only bf16 mode, whose products run over all T*B
+    // rows, needs their gradients zeroed. (Zeroing them in every mode, through three ATen calls
+    // per step, was 5 % of a skewed LSTM 400,16,128 forward+backward: perf, 1 thread.)
+    if (part && bf16) {
       for (int64_t k = 0; k < n; ++k) {
         const int64_t M = cc.bs[k];
-        dg[k].narrow(0, M, B - M).zero_();
-        if (gru_after) dgh[k].narrow(0, M, B - M).zero_();
+        const size_t bytes = static_cast<size_t>((B - M) * GH) * sizeof(T);
+        std::memset(dg.data_ptr<T>() + (k * B + M) * GH, 0, bytes);
+        if (gru_after) std::memset(dgh.data_ptr<T>() + (k * B + M) * GH, 0, bytes);
       }
     }
     // a grad_y that is not contiguous (the expanded ones of y.sum()) is made so a chunk at a time
@@ -911,16 +917,24 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
     const T* gyp = gyc.data_ptr<T>();
     const T* hp0 = t0 == 0 ? h0.data_ptr<T>() : yp + (t0 - 1) * B * H;
     T* dgp = dg.data_ptr<T>();
+    // the chunk's buffers, built once: each loop call moves them to its row block (at_row)
     if (cf.kind == LSTM) {
       const T* csp = cs.data_ptr<T>();
-      const T* cp0 = t0 == 0 ? c0.data_ptr<T>() : csp + (t0 - 1) * B * H;
-#define LSTM_BWD(P, C, REG)                                                                     \
-  run_time_loop(cc, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int k) {             \
-    lstm_bwd_loop<T, P, C, REG>(                                                                \
-        c, from_row(acts.data_ptr<T>() + t0 * B * GH, m0, GH), from_row(csp + t0 * B * H, m0, H), \
-        from_row(cp0, m0, H), from_row(gyp, m0, H), from_row(dgp, m0, GH),                      \
-        from_row(dhs.data_ptr<T>(), m0, H), from_row(dcs.data_ptr<T>(), m0, H), whh, p,          \
-        P ? dpw_block[k].data_ptr<T>() : nullptr, Rc.from_row(m0, H), from_row(sc, m0, H), nt); \
+      const LstmBwdBuffers<T> buf{acts.data_ptr<T>() + t0 * B * GH,
+                                  csp + t0 * B * H,
+                                  t0 == 0 ? c0.data_ptr<T>() : csp + (t0 - 1) * B * H,
+                                  gyp,
+                                  dgp,
+                                  dhs.data_ptr<T>(),
+                                  dcs.data_ptr<T>(),
+                                  p,
+                                  nullptr,
+                                  sc};
+#define LSTM_BWD(P, C, REG)                                                             \
+  run_time_loop(cc, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int k) {     \
+    LstmBwdBuffers<T> b = buf.at_row(m0, H, GH);                                        \
+    b.dpw = P ? dpw_block[k].data_ptr<T>() : nullptr;                                   \
+    lstm_bwd_loop<T, P, C, REG>(c, b, whh, Rc.from_row(m0, H), nt);                     \
   })
 #define LSTM_BWD_R(P, C)           \
   do {                             \
@@ -934,29 +948,25 @@ std::vector<at::Tensor> backward_impl(const Cfg& cf, const at::Tensor& x, const 
 #undef LSTM_BWD_R
 #undef LSTM_BWD
     } else if (cf.kind == RNN) {
+      const ElmanBwdBuffers<T> buf{h_new.template data_ptr<T>() + t0 * B * H, gyp, dgp,
+                                   dhs.data_ptr<T>(), sc};
       run_time_loop(cc, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
-        rnn_bwd_loop<T>(c, from_row(h_new.template data_ptr<T>() + t0 * B * H, m0, H),
-                        from_row(gyp, m0, H), from_row(dgp, m0, H),
-                        from_row(dhs.data_ptr<T>(), m0, H), whh, Rc.from_row(m0, H),
-                        from_row(sc, m0, H), nt);
-      });
-    } else if (gru_after) {
-      run_time_loop(cc, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
-        gru_after_bwd_loop<T>(c, from_row(acts.data_ptr<T>() + t0 * B * GH, m0, GH),
-                              from_row(ep + t0 * B * H, m0, H), from_row(yp + t0 * B * H, m0, H),
-                              from_row(hp0, m0, H), from_row(gyp, m0, H), from_row(dgp, m0, GH),
-                              from_row(dgh.data_ptr<T>(), m0, GH),
-                              from_row(dhs.data_ptr<T>(), m0, H), whh, Rc.from_row(m0, H),
-                              from_row(sc, m0, H), nt);
+        rnn_bwd_loop<T>(c, buf.at_row(m0, H), whh, Rc.from_row(m0, H), nt);
       });
     } else {
+      const GruBwdBuffers<T> buf{acts.data_ptr<T>() + t0 * B * GH,
+                                 gru_after ? ep + t0 * B * H : nullptr,
+                                 yp + t0 * B * H,
+                                 hp0,
+                                 gyp,
+                                 dgp,
+                                 gru_after ? dgh.data_ptr<T>() : nullptr,
+                                 gru_after ? nullptr : drh.data_ptr<T>(),
+                                 dhs.data_ptr<T>(),
+                                 sc};
       run_time_loop(cc, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
-        gru_before_bwd_loop<T>(c, from_row(acts.data_ptr<T>() + t0 * B * GH, m0, GH),
-                               from_row(yp + t0 * B * H, m0, H), from_row(hp0, m0, H),
-                               from_row(gyp, m0, H), from_row(dgp, m0, GH),
-                               from_row(drh.data_ptr<T>(), m0, H),
-                               from_row(dhs.data_ptr<T>(), m0, H), whh, Rc.from_row(m0, H),
-                               from_row(sc, m0, H), nt);
+        if (gru_after) gru_after_bwd_loop<T>(c, buf.at_row(m0, H), whh, Rc.from_row(m0, H), nt);
+        else gru_before_bwd_loop<T>(c, buf.at_row(m0, H), whh, Rc.from_row(m0, H), nt);
       });
     }
 

@@ -138,17 +138,40 @@ void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst,
 }
 
 // ----------------------------------------------------------------------------------------------
-// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] must be zero on
-// entry). dhs / dcs: (B, H) running state gradients, in place.
+// Backward time loops. dg: (T, B, G*H) pre-activation gradients (rows >= bs[t] neither written
+// nor read). dhs / dcs: (B, H) running state gradients, in place.
 // ----------------------------------------------------------------------------------------------
 
+// The buffers of lstm_bwd_loop, built once by backward_impl (layer.h): (T, B, .) ones point at
+// step 0's row 0, (B, .) ones at row 0; at_row moves them to a row block of the batch split.
+template <typename T>
+struct LstmBwdBuffers {
+  const T* acts;  // (T, B, G*H) the forward's gate activations (i, f, g, o; coupled: i, g, o)
+  const T* cs;    // (T, B, H) the cells c_t (zoned: the next step's c_{t-1})
+  const T* c0;    // (B, H) c_{-1}
+  const T* gy;    // (T, B, H) the outputs' gradient
+  T* dg;          // (T, B, G*H) out: the pre-activation gradients
+  T* dhs;         // (B, H) in/out: the running dh
+  T* dcs;         // (B, H) in/out: the running dc
+  const T* pw;    // (P, H) peephole weights w_ci, w_cf, w_co (coupled: no w_cf), or null
+  T* dpw;         // (P, H) their gradients, added to (one per row block), or null
+  T* zh;          // (B, H) scratch for k_h dh (zoneout), or null
+  LstmBwdBuffers at_row(int64_t m0, int64_t H, int64_t GH) const {
+    return {from_row(acts, m0, GH), from_row(cs, m0, H), from_row(c0, m0, H),
+            from_row(gy, m0, H),    from_row(dg, m0, GH), from_row(dhs, m0, H),
+            from_row(dcs, m0, H),   pw,                   dpw,
+            from_row(zh, m0, H)};
+  }
+};
+
 // REG: zoneout / recurrent dropout; cs holds the zoned cells (the next step's c_{t-1}) and
-// R.ctil the cells c~ before zoneout; zh (B, H) scratch for k_h dh.
+// R.ctil the cells c~ before zoneout.
 template <typename T, bool PEEP, bool COUPLED, bool REG>
-void lstm_bwd_loop(const Cfg& cf, const T* acts, const T* cs, const T* c0, const T* gy, T* dg,
-                   T* dhs, T* dcs, const BwdW<T>& Whh, const T* pw, T* dpw, const Reg<T>& R,
-                   T* zh, int nt) {
+void lstm_bwd_loop(const Cfg& cf, const LstmBwdBuffers<T>& buf, const BwdW<T>& Whh,
+                   const Reg<T>& R, int nt) {
   const int64_t H = cf.H, B = cf.B, G = cf.G, GH = G * H;
+  const T *acts = buf.acts, *cs = buf.cs, *c0 = buf.c0, *gy = buf.gy, *pw = buf.pw;
+  T *dg = buf.dg, *dhs = buf.dhs, *dcs = buf.dcs, *dpw = buf.dpw, *zh = buf.zh;
 #pragma omp parallel num_threads(nt)
   {
     int64_t j0, j1;
