@@ -170,8 +170,8 @@ def test_fused_float_activations_on_a_dense_grid(nonlinearity, grad):
     """float32 tanh / sigmoid (pointwise.h's exp form) in the kernels' vectorised loops: within
     1.5e-7 of the float64 function over a dense grid of [-30, 30] (measured over every float
     there: 9.0e-8 tanh, 8.9e-8 sigmoid; onnxruntime's rational form, tried in session 14, is off
-    by 3.3e-7 / 1.7e-7 and fails this), and ±inf / NaN as torch's (exactly), in the inference and
-    the training kernels."""
+    by 3.3e-7 / 1.7e-7 there, and its tanh fails this), and ±inf / NaN as torch's (exactly), in
+    the inference and the training kernels."""
     grid = torch.cat([torch.linspace(-30, 30, 120_001),
                       torch.tensor([NAN, INF, -INF, 0.0, -0.0, 9.0, -9.0, 18.0, -18.0, 1e-30])])
     # each row one grid value on 16 units (identity input weight, no recurrence): the units'
