@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,19 @@ VARIANTS = {
 }
 # name -> (layer class, options): the layers of VARIANTS alone
 LAYER_VARIANTS = {name: (layer, options) for name, (layer, _, options) in VARIANTS.items()}
+# name -> layer constructor (input size, hidden size, **more options)
+LAYER_FACTORIES = {name: partial(layer, **options) for name, (layer, options) in LAYER_VARIANTS.items()}
+# the VARIANTS torch.nn has a layer for (its RNN, LSTM and GRU)
+TORCH_FORMS = ("rnn_tanh", "rnn_relu", "lstm", "gru_after")
+
+
+@pytest.fixture
+def rnnkit_kernel_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain LSTM on rnnkit's kernel too (at small shapes its padded calls would run
+    torch's op; a ragged batch stays on rnnkit's kernel either way)."""
+    from rnnkit.engine import fused
+
+    monkeypatch.setattr(fused, "use_native", False)
 
 
 @pytest.fixture(params=sorted(VARIANTS))

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 import rnnkit
-from conftest import VARIANTS, fused_optimizer_steps
+from conftest import LAYER_FACTORIES as LAYERS
+from conftest import TORCH_FORMS, VARIANTS, fused_optimizer_steps
 from rnnkit.cells.base import CellSpec
 from rnnkit.engine import fused, get_default_backend, set_default_backend
 
@@ -28,10 +29,8 @@ pytestmark = pytest.mark.skipif(fused.unavailable_reason(CellSpec("gru"), torch.
 
 INPUT, HIDDEN, STEPS = 19, 37, 11
 
-# name -> constructor (input size, hidden size) of every variant's layer and cell (conftest)
-LAYERS = {name: partial(layer, **options) for name, (layer, _, options) in VARIANTS.items()}
+# name -> constructor (input size, hidden size) of every variant's cell (the layers': LAYERS)
 CELLS = {name: partial(cell, **options) for name, (_, cell, options) in VARIANTS.items()}
-TORCH_FORMS = ("rnn_tanh", "rnn_relu", "lstm", "gru_after")
 TORCH_CELLS = {
     "rnn_tanh": lambda i, h: nn.RNNCell(i, h),
     "rnn_relu": lambda i, h: nn.RNNCell(i, h, nonlinearity="relu"),

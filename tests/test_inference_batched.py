@@ -9,31 +9,24 @@ tail, the reset-before GRU's r, z part (140) two panels and its n part (70) one.
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 
 import rnnkit
-from conftest import VARIANTS, fused_optimizer_steps
+from conftest import LAYER_FACTORIES as LAYERS
+from conftest import TORCH_FORMS, VARIANTS, fused_optimizer_steps
 from rnnkit.cells.base import CellSpec
 from rnnkit.engine import fused
 from rnnkit.engine.fused import _build, _function
 from rnnkit.engine.fused import inference as lean_inference
 
-pytestmark = pytest.mark.skipif(fused.unavailable_reason(CellSpec("gru"), torch.float32, "cpu")
-                                is not None, reason="the fused C++ kernels are unavailable")
+pytestmark = [
+    pytest.mark.skipif(fused.unavailable_reason(CellSpec("gru"), torch.float32, "cpu") is not None,
+                       reason="the fused C++ kernels are unavailable"),
+    pytest.mark.usefixtures("rnnkit_kernel_only"),
+]
 
 INPUT, HIDDEN, STEPS, BATCH = 19, 70, 9, 6
-
-LAYERS = {name: partial(layer, **options) for name, (layer, _, options) in VARIANTS.items()}
-TORCH_FORMS = ("rnn_tanh", "rnn_relu", "lstm", "gru_after")
-
-
-@pytest.fixture(autouse=True)
-def _own_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The plain LSTM on rnnkit's kernel too (at these shapes it would run torch's op)."""
-    monkeypatch.setattr(fused, "use_native", False)
 
 
 def _flat(result: tuple[torch.Tensor, object]) -> list[torch.Tensor]:

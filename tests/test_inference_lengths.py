@@ -9,32 +9,25 @@ engine and torch.nn's packed path (``pack_padded_sequence``) for the variants to
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from conftest import VARIANTS
+from conftest import LAYER_FACTORIES as LAYERS
+from conftest import TORCH_FORMS, VARIANTS
 from rnnkit.cells.base import CellSpec
 from rnnkit.engine import fused
 from rnnkit.engine.fused import _function
 from rnnkit.engine.fused import inference as lean_inference
 from rnnkit.engine.lengths import batch_sizes_for, longest_first, sort_by_length
 
-pytestmark = pytest.mark.skipif(fused.unavailable_reason(CellSpec("gru"), torch.float32, "cpu")
-                                is not None, reason="the fused C++ kernels are unavailable")
+pytestmark = [
+    pytest.mark.skipif(fused.unavailable_reason(CellSpec("gru"), torch.float32, "cpu") is not None,
+                       reason="the fused C++ kernels are unavailable"),
+    pytest.mark.usefixtures("rnnkit_kernel_only"),
+]
 
 INPUT, HIDDEN, STEPS, BATCH = 11, 13, 9, 7
-
-LAYERS = {name: partial(layer, **options) for name, (layer, _, options) in VARIANTS.items()}
-TORCH_FORMS = ("rnn_tanh", "rnn_relu", "lstm", "gru_after")
-
-
-@pytest.fixture(autouse=True)
-def _own_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The plain LSTM's padded calls on rnnkit's kernel too (a ragged batch stays there)."""
-    monkeypatch.setattr(fused, "use_native", False)
 
 
 @pytest.fixture
