@@ -13,11 +13,25 @@ namespace {
 // gates: (T, B, G*H) holds x W_ih^T + folded biases on entry, activations on exit (training).
 // ----------------------------------------------------------------------------------------------
 
+// The Elman forward loop's buffers (rows as in LstmFwdBuffers).
 template <typename T>
-void rnn_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, const T* h0, const RecW<T>& W,
+struct ElmanFwdBuffers {
+  T* gates;     // (T, B, H) in: x W_ih^T + folded biases; out, with regularisers: h~ = f(pre)
+  T* y;         // (T, B, H) out: the outputs h_t (the next step's h_{t-1})
+  T* hst;       // (B, H) in: a copy of h_{-1}; out: each row's final h (zoneout's h_{t-1})
+  const T* h0;  // (B, H) h_{-1}
+  ElmanFwdBuffers at_row(int64_t m0, int64_t H) const {
+    return {from_row(gates, m0, H), from_row(y, m0, H), from_row(hst, m0, H), from_row(h0, m0, H)};
+  }
+};
+
+template <typename T>
+void rnn_fwd_loop(const Cfg& cf, const ElmanFwdBuffers<T>& buf, const RecW<T>& W,
                   const Reg<T>& R, int nt) {
   const bool reg = R.any();
   const int64_t H = cf.H, B = cf.B;
+  T *gates = buf.gates, *y = buf.y, *hst = buf.hst;
+  const T* h0 = buf.h0;
   const int act = cf.act;
   run_team(nt, [&](const int team, const int tid) {
     int64_t j0, j1;

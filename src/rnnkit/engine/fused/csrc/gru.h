@@ -15,7 +15,27 @@ namespace {
 // gates: (T, B, G*H) holds x W_ih^T + folded biases on entry, activations on exit (training).
 // ----------------------------------------------------------------------------------------------
 
-// GRU, reset after: gates hold x-part (+ b_ih + b_hh for r, z); gh is a (B, 3H) scratch;
+// The GRU forward loops' buffers (rows as in LstmFwdBuffers); a field of the other form is null.
+template <typename T>
+struct GruFwdBuffers {
+  T* gates;      // (T, B, 3H) in: the x-part (+ b_ih + b_hh for r, z; reset before: all biases
+                 // folded); out (save): the activations r, z, n
+  T* y;          // (T, B, H) out: the outputs h_t (the next step's h_{t-1})
+  T* hst;        // (B, H) in: a copy of h_{-1}; out: each row's final h
+  const T* h0;   // (B, H) h_{-1}
+  T* rec;        // (B, 3H) scratch for one product over all 3H columns per step, or null
+  T* gh;         // reset after: (B, H) scratch for W_hn h
+  T* ghn;        // reset after: (T, B, H) out: W_hn h + b_hn for the backward, or null
+  const T* bhn;  // reset after: (H) b_hn, or null (no bias)
+  T* rh;         // reset before: r ⊙ h, (T, B, H) when save (for the backward), else (B, H)
+  GruFwdBuffers at_row(int64_t m0, int64_t H) const {
+    return {from_row(gates, m0, 3 * H), from_row(y, m0, H),   from_row(hst, m0, H),
+            from_row(h0, m0, H),        from_row(rec, m0, 3 * H), from_row(gh, m0, H),
+            from_row(ghn, m0, H),       bhn,                  from_row(rh, m0, H)};
+  }
+};
+
+// GRU, reset after: gates hold x-part (+ b_ih + b_hh for r, z); gh is a (B, H) scratch;
 // ghn (T, B, H) saves W_hn h + b_hn for backward (may be null in inference).
 // rec (B, 3H) scratch or null: with one thread owning every unit and W_hh^T panel-packed
 // (W.panel), each step is ONE product h W_hh^T over all 3H columns into rec (one micro-kernel
@@ -42,10 +62,11 @@ inline void gru_row_end(T* yr, T* hr, const T* hpr, const T* khr, const T* rmr, 
 }
 
 template <typename T>
-void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, const T* h0,
-                        const RecW<T>& W, const T* bhn, const Reg<T>& R, int nt,
-                        T* rec = nullptr, bool save = true) {
+void gru_after_fwd_loop(const Cfg& cf, const GruFwdBuffers<T>& buf, const RecW<T>& W,
+                        const Reg<T>& R, int nt, bool save) {
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
+  T *gates = buf.gates, *y = buf.y, *hst = buf.hst, *gh = buf.gh, *ghn = buf.ghn, *rec = buf.rec;
+  const T *h0 = buf.h0, *bhn = buf.bhn;
   run_team(nt, [&](const int team, const int tid) {
     int64_t j0, j1;
     unit_range(H, team, tid, j0, j1);
@@ -125,15 +146,16 @@ void gru_after_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* gh, T* ghn, co
   });
 }
 
-// GRU, reset before: all biases folded into gates; rh (T, B, H) (or (B, H) in inference) = r h.
+// GRU, reset before: all biases folded into gates; rh (T, B, H) (save; else (B, H)) = r h.
 // rec (B, 3H) scratch or null: as gru_after_fwd_loop's, with W_hh^T packed as two panel-packed
 // parts (pack_recurrent): the r, z columns (2H) and the n columns (H), one product each per
 // step into rec; z waits in rec between the two halves of the step. save: as there.
 template <typename T>
-void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_all,
-                         const T* h0, const RecW<T>& W, const Reg<T>& R, int nt,
-                         T* rec = nullptr, bool save = true) {
+void gru_before_fwd_loop(const Cfg& cf, const GruFwdBuffers<T>& buf, const RecW<T>& W,
+                         const Reg<T>& R, int nt, bool save) {
   const int64_t H = cf.H, B = cf.B, GH = 3 * H;
+  T *gates = buf.gates, *y = buf.y, *hst = buf.hst, *rh = buf.rh, *rec = buf.rec;
+  const T* h0 = buf.h0;
   run_team(nt, [&](const int team, const int tid) {
     int64_t j0, j1;
     unit_range(H, team, tid, j0, j1);
@@ -144,7 +166,7 @@ void gru_before_fwd_loop(const Cfg& cf, T* gates, T* y, T* hst, T* rh, bool rh_a
       const int64_t M = cf.bs[t];
       const T* hp = t == 0 ? h0 : y + (t - 1) * B * H;
       T* g = gates + t * B * GH;
-      T* rht = rh_all ? rh + t * B * H : rh;
+      T* rht = save ? rh + t * B * H : rh;
       const T* hin = R.gemm_input(t, B * H, hp);
       T* hdn = R.next_input(t, B * H);
       if (one) W.mm_panels(M, 2 * H, H, hin, H, rec, GH, g, M * GH * sizeof(T));

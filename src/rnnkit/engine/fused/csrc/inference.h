@@ -70,21 +70,23 @@ void lean_loops(const Cfg& cf, float* gates, float* rec, float* aux, float* y, f
   const Reg<float> R;
   if (cf.kind == LSTM) {
     const float* p = lean_peepholes(cf) > 0 ? pw : nullptr;
+    const LstmFwdBuffers<float> buf{gates, rec, y, nullptr, h_n, c_n, h0, p};
     auto run = [&](auto peep, auto coupled) {
       lstm_fwd_loop<float, decltype(peep)::value, decltype(coupled)::value, false, false>(
-          cf, gates, rec, y, nullptr, h_n, c_n, h0, W, p, R, 1);
+          cf, buf, W, R, 1);
     };
     if (cf.peep && cf.coupled) run(std::true_type{}, std::true_type{});
     else if (cf.peep) run(std::true_type{}, std::false_type{});
     else if (cf.coupled) run(std::false_type{}, std::true_type{});
     else run(std::false_type{}, std::false_type{});
   } else if (cf.kind == RNN) {
-    rnn_fwd_loop<float>(cf, gates, y, h_n, h0, W, R, 1);
+    rnn_fwd_loop<float>(cf, {gates, y, h_n, h0}, W, R, 1);
   } else if (!cf.before) {
-    gru_after_fwd_loop<float>(cf, gates, y, h_n, aux, nullptr, h0, W, b_hn, R, 1, nullptr,
-                              false);
+    gru_after_fwd_loop<float>(cf, {gates, y, h_n, h0, nullptr, aux, nullptr, b_hn, nullptr}, W,
+                              R, 1, false);
   } else {
-    gru_before_fwd_loop<float>(cf, gates, y, h_n, aux, false, h0, W, R, 1, nullptr, false);
+    gru_before_fwd_loop<float>(cf, {gates, y, h_n, h0, nullptr, nullptr, nullptr, nullptr, aux},
+                               W, R, 1, false);
   }
 }
 

@@ -442,14 +442,13 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     T* csp = training ? cs.data_ptr<T>() : nullptr;
     // (the recurrent product's scratch, never returned: plain memory, not an ATen op per call)
     std::unique_ptr<T[]> rec(new T[B * GH]);
+    const LstmFwdBuffers<T> buf{gates.data_ptr<T>(), rec.get(),          y.data_ptr<T>(),
+                                csp,                 hst.data_ptr<T>(),  cst.data_ptr<T>(),
+                                h0.data_ptr<T>(),    p};
     auto run = [&](auto peep, auto coupled, auto save, auto reg) {
       run_time_loop(cf, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
         lstm_fwd_loop<T, decltype(peep)::value, decltype(coupled)::value, decltype(save)::value,
-                      decltype(reg)::value>(
-            c, from_row(gates.data_ptr<T>(), m0, GH), from_row(rec.get(), m0, GH),
-            from_row(y.data_ptr<T>(), m0, H), from_row(csp, m0, H),
-            from_row(hst.data_ptr<T>(), m0, H), from_row(cst.data_ptr<T>(), m0, H),
-            from_row(h0.data_ptr<T>(), m0, H), W, p, R.from_row(m0, H), nt);
+                      decltype(reg)::value>(c, buf.at_row(m0, H, GH), W, R.from_row(m0, H), nt);
       });
     };
     auto run_r = [&](auto peep, auto coupled, auto save) {
@@ -466,10 +465,10 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     else run_s(std::false_type{}, std::false_type{});
     if (training && ctil.defined()) extra = ctil;  // the LSTM's c~ before zoneout, for backward
   } else if (cf.kind == RNN) {
+    const ElmanFwdBuffers<T> buf{gates.data_ptr<T>(), y.data_ptr<T>(), hst.data_ptr<T>(),
+                                 h0.data_ptr<T>()};
     run_time_loop(cf, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
-      rnn_fwd_loop<T>(c, from_row(gates.data_ptr<T>(), m0, H), from_row(y.data_ptr<T>(), m0, H),
-                      from_row(hst.data_ptr<T>(), m0, H), from_row(h0.data_ptr<T>(), m0, H), W,
-                      R.from_row(m0, H), nt);
+      rnn_fwd_loop<T>(c, buf.at_row(m0, H), W, R.from_row(m0, H), nt);
     });
   } else if (!cf.before) {
     at::Tensor gh = at::empty({B, H}, opts);
@@ -478,26 +477,34 @@ std::vector<at::Tensor> forward_impl(const Cfg& cf, const at::Tensor& x, const a
     if (training) extra = part ? zero_padded(cf, H, opts) : at::empty({T_, B, H}, opts);
     at::Tensor bhn;
     if (has_bias) bhn = b_hh.narrow(0, 2 * H, H).contiguous();
+    const GruFwdBuffers<T> buf{gates.data_ptr<T>(),
+                               y.data_ptr<T>(),
+                               hst.data_ptr<T>(),
+                               h0.data_ptr<T>(),
+                               rec.defined() ? rec.data_ptr<T>() : nullptr,
+                               gh.data_ptr<T>(),
+                               training ? extra.data_ptr<T>() : nullptr,
+                               has_bias ? bhn.data_ptr<T>() : nullptr,
+                               nullptr};
     run_time_loop(cf, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
-      gru_after_fwd_loop<T>(
-          c, from_row(gates.data_ptr<T>(), m0, GH), from_row(y.data_ptr<T>(), m0, H),
-          from_row(hst.data_ptr<T>(), m0, H), from_row(gh.data_ptr<T>(), m0, H),
-          from_row(training ? extra.data_ptr<T>() : nullptr, m0, H),
-          from_row(h0.data_ptr<T>(), m0, H), W, has_bias ? bhn.data_ptr<T>() : nullptr,
-          R.from_row(m0, H), nt, from_row(rec.defined() ? rec.data_ptr<T>() : nullptr, m0, GH),
-          training);
+      gru_after_fwd_loop<T>(c, buf.at_row(m0, H), W, R.from_row(m0, H), nt, training);
     });
   } else {
     // Rows past their length multiply zero gradients in dW_hn: they must not hold NaN garbage.
     extra = training ? (part ? zero_padded(cf, H, opts) : at::empty({T_, B, H}, opts))
                      : at::empty({B, H}, opts);
     at::Tensor rec = W.panel > 0 ? at::empty({B, GH}, opts) : at::Tensor();
+    const GruFwdBuffers<T> buf{gates.data_ptr<T>(),
+                               y.data_ptr<T>(),
+                               hst.data_ptr<T>(),
+                               h0.data_ptr<T>(),
+                               rec.defined() ? rec.data_ptr<T>() : nullptr,
+                               nullptr,
+                               nullptr,
+                               nullptr,
+                               extra.data_ptr<T>()};
     run_time_loop(cf, nt_loop, nt_rows, [&](const Cfg& c, int64_t m0, int nt, int) {
-      gru_before_fwd_loop<T>(
-          c, from_row(gates.data_ptr<T>(), m0, GH), from_row(y.data_ptr<T>(), m0, H),
-          from_row(hst.data_ptr<T>(), m0, H), from_row(extra.data_ptr<T>(), m0, H), training,
-          from_row(h0.data_ptr<T>(), m0, H), W, R.from_row(m0, H), nt,
-          from_row(rec.defined() ? rec.data_ptr<T>() : nullptr, m0, GH), training);
+      gru_before_fwd_loop<T>(c, buf.at_row(m0, H), W, R.from_row(m0, H), nt, training);
     });
   }
   // The Elman backward reads the activations from y, which equals them unless h is zoned out:

@@ -16,12 +16,33 @@ namespace {
 // gates: (T, B, G*H) holds x W_ih^T + folded biases on entry, activations on exit (training).
 // ----------------------------------------------------------------------------------------------
 
-// rec: (B, G*H) scratch for the recurrent GEMM (stays in cache; the GEMM never touches the
-// cold gates rows). SAVE: write activations back into gates (training).
+// The LSTM forward loop's buffers. Row m of a (., B, W) buffer starts at m W; at_row: the same
+// buffers seen from batch row m0 on (a row block of the batch split).
+template <typename T>
+struct LstmFwdBuffers {
+  T* gates;     // (T, B, G*H) in: x W_ih^T + folded biases; out (SAVE): the activations i, f, g, o
+  T* rec;       // (B, G*H) scratch for the recurrent GEMM (stays in cache; the GEMM never
+                // touches the cold gates rows)
+  T* y;         // (T, B, H) out: the outputs h_t (the next step's h_{t-1})
+  T* cs;        // (T, B, H) out: the cells c_t (training), or null
+  T* hst;       // (B, H) in: a copy of h_{-1}; out: each row's final h (zoneout's h_{t-1})
+  T* cst;       // (B, H) in: c_{-1}; out: each row's final c (the running cell state)
+  const T* h0;  // (B, H) h_{-1}
+  const T* pw;  // (P, H) peephole weights w_ci, w_cf, w_co (coupled: no w_cf), or null
+  LstmFwdBuffers at_row(int64_t m0, int64_t H, int64_t GH) const {
+    return {from_row(gates, m0, GH), from_row(rec, m0, GH), from_row(y, m0, H),
+            from_row(cs, m0, H),     from_row(hst, m0, H),  from_row(cst, m0, H),
+            from_row(h0, m0, H),     pw};
+  }
+};
+
+// SAVE: write activations back into gates (training).
 template <typename T, bool PEEP, bool COUPLED, bool SAVE, bool REG>
-void lstm_fwd_loop(const Cfg& cf, T* gates, T* rec, T* y, T* cs, T* hst, T* cst, const T* h0,
-                   const RecW<T>& W, const T* pw, const Reg<T>& R, int nt) {
+void lstm_fwd_loop(const Cfg& cf, const LstmFwdBuffers<T>& buf, const RecW<T>& W,
+                   const Reg<T>& R, int nt) {
   const int64_t H = cf.H, B = cf.B, G = cf.G, GH = G * H;
+  T *gates = buf.gates, *rec = buf.rec, *y = buf.y, *cs = buf.cs, *hst = buf.hst, *cst = buf.cst;
+  const T *h0 = buf.h0, *pw = buf.pw;
   run_team(nt, [&](const int team, const int tid) {
     int64_t j0, j1;
     unit_range(H, team, tid, j0, j1);
