@@ -154,6 +154,17 @@ def round_robin(fns: list[Callable[[], object]], repeats: int, min_seconds: floa
     return [min(t) for t in times]
 
 
+def length_fraction(text: str) -> float:
+    """``--lengths``' value: the shortest length as a fraction of T, in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # (also NaN)
+        raise argparse.ArgumentTypeError(f"must be a fraction of T in [0, 1], got {text}")
+    return value
+
+
 def bench_lengths(name: str, hidden: int, shapes: list[tuple[int, int, int]], threads: int,
                   repeats: int, workdir: Path, fraction: float) -> list[LengthsRow]:
     from rnnkit.engine.fused import inference as lean
@@ -404,7 +415,7 @@ def main() -> None:
                              "written")
     parser.add_argument("--step-hidden", type=int, nargs="+", default=[256],
                         help="hidden sizes of the streaming steps (default: 256)")
-    parser.add_argument("--lengths", type=float, default=None, metavar="FRACTION",
+    parser.add_argument("--lengths", type=length_fraction, default=None, metavar="FRACTION",
                         help="ragged batches instead: lengths uniform in [FRACTION*T, T] (one row "
                              "at T); rnnkit lengths= vs padded vs its general path vs onnxruntime "
                              "with sequence_lens; nothing written")
