@@ -36,10 +36,11 @@ from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_mi
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.fused import inference as lean_inference
 from rnnkit.engine.lengths import (
-    batch_sizes_for,
-    every_row_runs,
+    reversal_rows,
+    reverse_rows,
     reverse_within_lengths,
     sort_by_length,
+    sort_rows,
     torch_order,
 )
 from rnnkit.engine.precision import layer_autocast
@@ -312,11 +313,14 @@ class RecurrentLayer(nn.Module):
         # order, below, for any lengths; torch's op draws none of them)
         tied_dropout = self.dropout > 0 and self.training and self.num_layers > 1
         traced = tracing()
+        values = None  # (eager: the checked lengths as Python ints, read once)
         if lengths is not None:
             lengths = check_lengths(lengths, batch, steps, x.device)
+            if not traced:
+                values = lengths.tolist()
         # lengths that all equal T: the padded call itself, with nothing to sort, gather or zero
         ragged = lengths is not None and (traced or tied_dropout
-                                          or not every_row_runs(lengths, steps))
+                                          or not (values and min(values) == steps))
         if (not ragged and not tied_dropout and not self._regularised_now()
                 and torch_runs_stack(self.math, x, self.hidden_size, self.backend)):
             return self._format_output(*self._torch_stack(x, states0), packed, lengths, unbatched,
@@ -328,17 +332,29 @@ class RecurrentLayer(nn.Module):
             if tied_dropout:  # torch.nn's order
                 row_order = torch_order(lengths, None if packed is None else packed.sorted_indices,
                                         packed is not None)
-            sorted_lengths, order, inverse = sort_by_length(lengths, row_order)
             if traced:  # the values cannot be read: the kernels take the lengths themselves
+                sorted_lengths, order, inverse = sort_by_length(lengths, row_order)
                 batch_sizes = sorted_lengths
-            else:
-                batch_sizes = batch_sizes_for(sorted_lengths, steps)
-            if not traced and bool((order == torch.arange(batch)).all()):
-                order = inverse = None  # already longest first: no copies
-            else:  # index_select, not x[:, order]: its backward (index_add) is several times
-                # faster than the accumulating index_put of advanced indexing
+            else:  # the same order and batch sizes, on the ints (engine.lengths.sort_rows)
+                assert values is not None
+                rows, back, sorted_values, batch_sizes = sort_rows(
+                    values, steps, None if row_order is None else row_order.tolist())
+                if self.bidirectional:  # (the in-length reversal's index)
+                    sorted_lengths = torch.tensor(sorted_values)
+                if rows is not None:  # (None: already longest first, no copies)
+                    order, inverse = torch.tensor(rows), torch.tensor(back)
+            if order is not None:  # index_select, not x[:, order]: its backward (index_add) is
+                # several times faster than the accumulating index_put of advanced indexing
                 x = x.index_select(1, order.to(x.device))
                 states0 = [s.index_select(1, order.to(x.device)) for s in states0]
+        # the backward direction's in-length reversal: one index for every layer of the stack
+        reversal = (None if sorted_lengths is None or not self.bidirectional
+                    else reversal_rows(sorted_lengths, steps))
+
+        def reverse(sequence: Tensor) -> Tensor:
+            if reversal is None:
+                return reverse_within_lengths(sequence, None)  # (a plain flip)
+            return reverse_rows(sequence, reversal)
 
         layer_input = x.contiguous()
         finals: list[list[Tensor]] = [[] for _ in states0]
@@ -351,7 +367,7 @@ class RecurrentLayer(nn.Module):
                 state0 = tuple(s[index] for s in states0)
                 source = layer_input
                 if direction == 1:
-                    source = reverse_within_lengths(layer_input, sorted_lengths).contiguous()
+                    source = reverse(layer_input).contiguous()
                 params = self.layer_params(layer, direction)
                 masks = None
                 if self._regularised_now():  # masks in a fixed order: same draws in any engine
@@ -366,7 +382,7 @@ class RecurrentLayer(nn.Module):
                     self.math, source, state0, params, batch_sizes, self.backend, masks,
                 )
                 if direction == 1:
-                    out = reverse_within_lengths(out, sorted_lengths)
+                    out = reverse(out)
                 outputs.append(out)
                 for collected, value in zip(finals, final):
                     collected.append(value)
