@@ -7,7 +7,13 @@ import torch
 
 from conftest import VARIANTS
 from rnnkit.engine import run_layer, set_default_backend
-from rnnkit.engine.lengths import batch_sizes_for, reverse_within_lengths, sort_by_length
+from rnnkit.engine.lengths import (
+    batch_sizes_for,
+    reverse_within_lengths,
+    sort_by_length,
+    sort_rows,
+    torch_order,
+)
 
 BATCH_SIZES = [5, 5, 4, 2, 2, 1]  # lengths 6, 5, 3, 3, 2
 
@@ -100,6 +106,32 @@ def test_length_helpers() -> None:
     flipped = reverse_within_lengths(x, torch.tensor([4, 2]))
     assert flipped[:, 0, 0].tolist() == [3, 2, 1, 0]
     assert flipped[:, 1, 0].tolist() == [1, 0, 2, 3]
+
+
+def test_sort_rows_is_sort_by_length_on_ints() -> None:
+    """The layers' eager order, inverse, sorted lengths and batch sizes from Python ints are
+    sort_by_length's and batch_sizes_for's (stable ties, also from 17 rows on; torch.nn's order
+    when given); None where no copy or no skipping is needed."""
+    gen = torch.Generator().manual_seed(15)
+    cases = [torch.randint(1, steps + 1, (batch,), generator=gen)
+             for batch, steps in ((1, 1), (5, 3), (40, 12), (200, 50))]
+    cases += [torch.tensor([4, 4, 2, 1]), torch.tensor([3, 3, 3]), torch.tensor([1, 3, 3]),
+              torch.zeros(0, dtype=torch.long)]
+    for lengths in cases:
+        steps = int(lengths.max()) if lengths.numel() else 2
+        for given in (None, torch_order(lengths, None, False)):
+            order, inverse, sorted_values, batch_sizes = sort_rows(
+                lengths.tolist(), steps, None if given is None else given.tolist())
+            want_sorted, want_order, want_inverse = sort_by_length(lengths, given)
+            assert sorted_values == want_sorted.tolist()
+            assert batch_sizes == batch_sizes_for(want_sorted, steps)
+            if order is None:
+                assert want_order.tolist() == list(range(lengths.numel()))
+                assert inverse is None
+            else:
+                assert order == want_order.tolist()
+                assert inverse == want_inverse.tolist()
+    assert sort_rows([2, 3, 3], 3)[:2] == ([1, 2, 0], [2, 0, 1])  # (a case that is not None)
 
 
 def test_fused_is_the_default_and_falls_back_with_one_warning(monkeypatch) -> None:
