@@ -101,3 +101,22 @@ def test_lane_not_taken_for_another_shape_or_layout(monkeypatch):
     assert got[0].shape == (5, 4, HIDDEN)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lane_asks_the_route_again_when_it_may_have_changed(monkeypatch):
+    """A plain LSTM's lane keeps the route it was made on: forcing torch's op (or any other
+    change own_kernel_faster depends on) sends the call back to the full path, which routes it."""
+    torch.manual_seed(0)
+    layer = LAYERS["lstm"](INPUT, HIDDEN).eval()
+    x = torch.randn(5, 4, INPUT)
+    with torch.inference_mode():
+        layer(x)
+        with monkeypatch.context() as patch:
+            _no_full_path(patch)
+            layer(x)  # (the lane)
+            with fused.plain_lstm_path("torch"), pytest.raises(AssertionError,
+                                                               match="full lean path"):
+                layer(x)
+            patch.setattr(fused, "use_native", True)
+            with pytest.raises(AssertionError, match="full lean path"):
+                layer(x)

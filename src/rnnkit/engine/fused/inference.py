@@ -60,7 +60,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import rnnkit.engine as _engine
 from rnnkit.cells.base import weight_dtype
 from rnnkit.engine import threads
-from rnnkit.engine.fused import _build, _function
+from rnnkit.engine.fused import _build, _function, route_table
 from rnnkit.engine.fused._function import KERNELS, Config, peephole_weights
 from rnnkit.engine.lengths import longest_first, reversal_rows, reverse_rows
 from rnnkit.native import builtin_operator, tracing
@@ -303,11 +303,20 @@ class _Lane(NamedTuple):
     batch_first: bool  # ... and how the layer read it
     math: Any  # the layer's math object (identity, as _config keys its config)
     layout: int  # _gemm_layout() when the arguments were made (0: not a batched packed call)
-    plain_lstm: bool  # the route is asked again on each call (own_kernel_faster)
+    route: tuple[Any, ...] | None  # a plain LSTM's: what own_kernel_faster's answer rests on
+    # (_route_key) when the lane was made; None for the other variants (no route to choose)
     op: Any  # forward_packed (batch 1) or layer_forward_packed
     head: tuple[Any, ...]  # the arguments before the input
     tail: tuple[Any, ...]  # the arguments after it, but loop_threads (read on each call)
     states: int  # 1 (h) or 2 (h, c)
+
+
+def _route_key() -> tuple[Any, ...]:
+    """What ``own_kernel_faster``'s answer for a given shape depends on besides the shape: the
+    switch to torch's op, a forced path, the route table in use and the thread count (the table
+    itself never changes)."""
+    fused = _fused()
+    return (fused.use_native, fused._forced_path, route_table._active, torch.get_num_threads())
 
 
 def _lane_forward(layer: Any, input: Tensor) -> tuple[Tensor, Any] | None:
@@ -319,14 +328,8 @@ def _lane_forward(layer: Any, input: Tensor) -> tuple[Tensor, Any] | None:
             or (layer.__dict__.get("backend") or _engine._default_backend) != "fused"
             or _plan(layer, lane.plan.cfg, _layer_params) is not lane.plan):
         return None
-    steps, batch = lane.shape[1], lane.shape[0]
-    if not layer.batch_first:
-        steps, batch = batch, steps
-    if lane.plain_lstm:
-        fused = _fused()
-        if fused.use_native and not fused.own_kernel_faster(steps, batch, layer.hidden_size,
-                                                            inference=True):
-            return None
+    if lane.route is not None and lane.route != _route_key():
+        return None  # (the full path asks own_kernel_faster again)
     threads.adapt()
     if lane.layout and _gemm_layout() != lane.layout:
         return None
@@ -371,8 +374,10 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
     if cfg is None:
         return None
     hidden = layer.hidden_size
+    route = None
     if cfg.kind == 1 and not cfg.peephole and not cfg.coupled and ragged is None:
         # (a ragged batch stays with rnnkit's kernel, as fused.native_op routes it)
+        route = _route_key()
         fused = _fused()
         if fused.use_native and not fused.own_kernel_faster(steps, batch, hidden, inference=True):
             return None  # torch's op is faster here: the general path routes to it
@@ -432,10 +437,8 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
                 y, h, c = packed_op(*args, source, *tail, loop_threads)
                 if depth == 1 and hx is None and lengths is None and not unbatched:
                     layer.__dict__[_LANE] = _Lane(plan, input.shape, layer.batch_first,
-                                                  layer.math, layout,
-                                                  cfg.kind == 1 and not cfg.peephole
-                                                  and not cfg.coupled, packed_op, args, tail,
-                                                  states)
+                                                  layer.math, layout, route, packed_op,
+                                                  args, tail, states)
             else:
                 y, h, c, *_ = op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh, pw,
                                  None, None, None, bs, False, loop_threads, False)
