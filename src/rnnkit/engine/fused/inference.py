@@ -19,6 +19,11 @@ then takes four arguments instead of sixteen (``rnnkit.streaming.Stream`` keeps 
 the state, and makes one call per step). It costs a second copy of the weights while the plan
 lives.
 
+A one-layer, one-direction layer called again with an input of the same shape and no ``hx`` or
+``lengths`` (a model's usual inference loop) runs its :class:`_Lane`: the operator and the
+arguments the previous call resolved, once ``_plan`` has returned the same plan (the weights'
+checks below run on every call).
+
 The plan is keyed on every parameter's ``data_ptr()`` and ``_version``, on the number of
 optimizer steps taken in this process and on a strided sample of every parameter's values:
 ``load_state_dict`` and other in-place writes (they bump ``_version``), ``.to()`` or assigning
