@@ -598,6 +598,12 @@ inline void prefetch_ahead(const void* p, int64_t bytes, int64_t i, int64_t coun
 // rows spent most steps there: prop up to 2.8). Here one tile spans S strips (MR x S x 2 = 8-12
 // accumulators). Each output is the same chain as in gemm_own (k in order from 0, in the same
 // K chunks g_own_kc, C added at the end): the results are bit-equal to gemm_own's.
+// With MR > 1 rows each B vector serves MR FMAs: it is loaded once into a register, before the
+// FMAs (kept there by an empty asm). Left to itself GCC folded the load into every FMA that
+// reads it (a memory operand per FMA: the same L1 line read MR times), and 2 rows x 2 strips ran
+// at 41-44 GFLOP/s against 59-76 with the vectors in registers (session 15, Zen 3, 1 thread,
+// a step's product at H = 128-256; /tmp microbenchmark in the s15-rows report). With one row
+// each B vector is read once and the folded form is kept (2 S + 2 S + 1 > 16 registers at S = 4).
 // C(MR, 16 S) (+)= A(MR, K) [strip 0 | ... | strip S-1], strip s at B + s sb, (K, 16) row-major.
 template <int MR, int S>
 inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t sb,
@@ -606,19 +612,37 @@ inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B
   // but also stored each accumulator to the stack at every k, which bounds the tile by the
   // stores — objdump)
   constexpr int N = MR * S;  // accumulator pairs: row i, strip s at i * S + s
+  static_assert(MR == 1 || 2 * N + 2 * S + MR <= 16, "accumulators, B vectors, A: 16 ymm");
   __m256 c0[N], c1[N];
 #pragma GCC unroll 16
   for (int q = 0; q < N; ++q) c0[q] = c1[q] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
+    if constexpr (MR == 1) {
+      const __m256 a = _mm256_broadcast_ss(A + k);
 #pragma GCC unroll 4
-    for (int s = 0; s < S; ++s) {
-      const float* b = B + s * sb + k * kOwnCols;
-      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+      for (int s = 0; s < S; ++s) {
+        const float* b = B + s * sb + k * kOwnCols;
+        c0[s] = _mm256_fmadd_ps(a, _mm256_loadu_ps(b), c0[s]);
+        c1[s] = _mm256_fmadd_ps(a, _mm256_loadu_ps(b + 8), c1[s]);
+      }
+    } else {
+      __m256 a[MR], b0[S], b1[S];
 #pragma GCC unroll 4
-      for (int i = 0; i < MR; ++i) {
-        const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
-        c0[i * S + s] = _mm256_fmadd_ps(a, b0, c0[i * S + s]);
-        c1[i * S + s] = _mm256_fmadd_ps(a, b1, c1[i * S + s]);
+      for (int i = 0; i < MR; ++i) a[i] = _mm256_broadcast_ss(A + i * lda + k);
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s) {
+        const float* b = B + s * sb + k * kOwnCols;
+        b0[s] = _mm256_loadu_ps(b);
+        b1[s] = _mm256_loadu_ps(b + 8);
+        asm("" : "+x"(b0[s]), "+x"(b1[s]));  // (in registers: no load folded into each FMA)
+      }
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s) {
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; ++i) {
+          c0[i * S + s] = _mm256_fmadd_ps(a[i], b0[s], c0[i * S + s]);
+          c1[i * S + s] = _mm256_fmadd_ps(a[i], b1[s], c1[i * S + s]);
+        }
       }
     }
   }
@@ -634,9 +658,12 @@ inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B
   }
 }
 
-// Strips per tile for MR rows: 8 accumulators at least (1 row: 4 strips; 2, 3 rows: 2).
+// Strips per tile for MR rows: 8 accumulators at least for 1 and 2 rows (1 row: 4 strips; 2
+// rows: 2). 3 rows take one strip (6 accumulators, as gemm_own's 3-row tile): two strips need
+// 12 accumulators + 4 B vectors + A = 17 registers, and with the B loads folded into the FMAs
+// instead they ran at 57-64 GFLOP/s against 60-73 for one strip (session 15, same benchmark).
 template <int MR>
-constexpr int kFewStrips = MR == 1 ? 4 : 2;
+constexpr int kFewStrips = MR == 1 ? 4 : MR == 2 ? 2 : 1;
 
 template <int MR>
 inline void few_rows_strips_of(int64_t strips, int64_t K, const float* A, int64_t lda,
