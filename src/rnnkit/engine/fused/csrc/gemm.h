@@ -595,15 +595,19 @@ inline void prefetch_ahead(const void* p, int64_t bytes, int64_t i, int64_t coun
 // computes one 16-column strip at a time: a tile of MR <= 3 rows keeps 2 MR <= 6 accumulators,
 // each a chain of dependent FMAs, fewer than the 8 that the two FMA pipes x 4 cycles of latency
 // need, so a step of 1 row cost as much as one of 4 (latency bound; session 13's skewed lengths
-// rows spent most steps there: prop up to 2.8). Here one tile spans S strips (MR x S x 2 = 8-12
-// accumulators). Each output is the same chain as in gemm_own (k in order from 0, in the same
-// K chunks g_own_kc, C added at the end): the results are bit-equal to gemm_own's.
-// With MR > 1 rows each B vector serves MR FMAs: it is loaded once into a register, before the
-// FMAs (kept there by an empty asm). Left to itself GCC folded the load into every FMA that
-// reads it (a memory operand per FMA: the same L1 line read MR times), and 2 rows x 2 strips ran
-// at 41-44 GFLOP/s against 59-76 with the vectors in registers (session 15, Zen 3, 1 thread,
-// a step's product at H = 128-256; /tmp microbenchmark in the s15-rows report). With one row
-// each B vector is read once and the folded form is kept (2 S + 2 S + 1 > 16 registers at S = 4).
+// rows spent most steps there: prop up to 2.8). Here one tile of 1 or 2 rows spans S strips
+// (MR x S x 2 = 8 accumulators; 3 rows: see kFewStrips). Each output is the same chain as in
+// gemm_own (k in order from 0, in the same K chunks g_own_kc, C added at the end): the results
+// are bit-equal to gemm_own's.
+// With MR > 1 rows each B vector serves MR FMAs. Per k the tile first broadcasts its MR values
+// of A and loads its 2 S vectors of B into registers (kept there by an empty asm), then runs the
+// FMAs. Left to itself GCC folded each B load into every FMA that reads it (the same L1 line
+// read MR times per k), and 2 rows x 2 strips ran at 39-44 GFLOP/s; B in registers but the
+// broadcasts between the FMAs of the two rows, 37-40; everything loaded first, 56-80 (session
+// 15, Zen 3, 1 thread, one step's product at H = 128-256 forward and backward, thread CPU time,
+// min of 7, load 4-6; the microbenchmark is described in the s15-rows report). With one row
+// each B vector is read once and the folded form is kept (the loads-first form would need
+// 2 S + 2 S + 1 = 17 registers at S = 4).
 // C(MR, 16 S) (+)= A(MR, K) [strip 0 | ... | strip S-1], strip s at B + s sb, (K, 16) row-major.
 template <int MR, int S>
 inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t sb,
@@ -659,9 +663,10 @@ inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B
 }
 
 // Strips per tile for MR rows: 8 accumulators at least for 1 and 2 rows (1 row: 4 strips; 2
-// rows: 2). 3 rows take one strip (6 accumulators, as gemm_own's 3-row tile): two strips need
-// 12 accumulators + 4 B vectors + A = 17 registers, and with the B loads folded into the FMAs
-// instead they ran at 57-64 GFLOP/s against 60-73 for one strip (session 15, same benchmark).
+// rows: 2). 3 rows take one strip (6 accumulators, as gemm_own's 3-row tile): two strips in
+// registers need 12 accumulators + 4 B vectors + 3 of A = 19 > 16, and with the B loads folded
+// into the FMAs instead (session 14's tile) they ran at 55-64 GFLOP/s against 58-73 for one
+// strip (session 15, same benchmark).
 template <int MR>
 constexpr int kFewStrips = MR == 1 ? 4 : MR == 2 ? 2 : 1;
 
