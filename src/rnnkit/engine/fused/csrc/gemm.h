@@ -603,7 +603,7 @@ inline void prefetch_ahead(const void* p, int64_t bytes, int64_t i, int64_t coun
 // of A and loads its 2 S vectors of B into registers (kept there by an empty asm), then runs the
 // FMAs. Left to itself GCC folded each B load into every FMA that reads it (the same L1 line
 // read MR times per k), and 2 rows x 2 strips ran at 39-44 GFLOP/s; B in registers but the
-// broadcasts between the FMAs of the two rows, 37-40; everything loaded first, 56-80 (session
+// broadcasts between the FMAs of the two rows, 28-40; everything loaded first, 56-80 (session
 // 15, Zen 3, 1 thread, one step's product at H = 128-256 forward and backward, thread CPU time,
 // min of 7, load 4-6; the microbenchmark is described in the s15-rows report). With one row
 // each B vector is read once and the folded form is kept (the loads-first form would need
