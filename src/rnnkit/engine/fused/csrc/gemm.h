@@ -605,9 +605,9 @@ inline void prefetch_ahead(const void* p, int64_t bytes, int64_t i, int64_t coun
 // read MR times per k), and 2 rows x 2 strips ran at 39-44 GFLOP/s; B in registers but the
 // broadcasts between the FMAs of the two rows, 28-40; everything loaded first, 56-80 (session
 // 15, Zen 3, 1 thread, one step's product at H = 128-256 forward and backward, thread CPU time,
-// min of 7, load 4-6; the microbenchmark is described in the s15-rows report). With one row
-// each B vector is read once and the folded form is kept (the loads-first form would need
-// 2 S + 2 S + 1 = 17 registers at S = 4).
+// min of 7, load 4-6; the microbenchmark is described in the s15-rows report). Where the
+// registers do not suffice (1 row x 4 strips: 17; 3 rows x 2 strips: 19) the tile keeps
+// session 14's form (with one row each B vector is read once anyway).
 // C(MR, 16 S) (+)= A(MR, K) [strip 0 | ... | strip S-1], strip s at B + s sb, (K, 16) row-major.
 template <int MR, int S>
 inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t sb,
@@ -616,18 +616,23 @@ inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B
   // but also stored each accumulator to the stack at every k, which bounds the tile by the
   // stores — objdump)
   constexpr int N = MR * S;  // accumulator pairs: row i, strip s at i * S + s
-  static_assert(MR == 1 || 2 * N + 2 * S + MR <= 16, "accumulators, B vectors, A: 16 ymm");
+  // B in registers: MR > 1 and the accumulators, B's 2 S vectors and A's MR fit in 16 ymm
+  constexpr bool kInRegisters = MR > 1 && 2 * N + 2 * S + MR <= 16;
   __m256 c0[N], c1[N];
 #pragma GCC unroll 16
   for (int q = 0; q < N; ++q) c0[q] = c1[q] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    if constexpr (MR == 1) {
-      const __m256 a = _mm256_broadcast_ss(A + k);
+    if constexpr (!kInRegisters) {
 #pragma GCC unroll 4
       for (int s = 0; s < S; ++s) {
         const float* b = B + s * sb + k * kOwnCols;
-        c0[s] = _mm256_fmadd_ps(a, _mm256_loadu_ps(b), c0[s]);
-        c1[s] = _mm256_fmadd_ps(a, _mm256_loadu_ps(b + 8), c1[s]);
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; ++i) {
+          const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+          c0[i * S + s] = _mm256_fmadd_ps(a, b0, c0[i * S + s]);
+          c1[i * S + s] = _mm256_fmadd_ps(a, b1, c1[i * S + s]);
+        }
       }
     } else {
       __m256 a[MR], b0[S], b1[S];
@@ -662,13 +667,14 @@ inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B
   }
 }
 
-// Strips per tile for MR rows: 8 accumulators at least for 1 and 2 rows (1 row: 4 strips; 2
-// rows: 2). 3 rows take one strip (6 accumulators, as gemm_own's 3-row tile): two strips in
-// registers need 12 accumulators + 4 B vectors + 3 of A = 19 > 16, and with the B loads folded
-// into the FMAs instead (session 14's tile) they ran at 55-64 GFLOP/s against 58-73 for one
-// strip (session 15, same benchmark).
+// Strips per tile for MR rows: 8 accumulators at least (1 row: 4 strips; 2, 3 rows: 2). Tried
+// and not kept (session 15): 3 rows x 1 strip (6 accumulators) ran faster in the
+// microbenchmark (58-73 against 55-64 GFLOP/s) but slower in the layer: with lengths [400] * 3
+// + [1] (T = 400, B = 4, forward+backward, LSTM / GRU / Elman at H = 128, 256) the time over
+// the padded call's went from 0.80-0.91 to 0.84-1.00 (3 runs each, alternating processes,
+// process CPU time, min of 15, 1 thread, load ~6).
 template <int MR>
-constexpr int kFewStrips = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+constexpr int kFewStrips = MR == 1 ? 4 : 2;
 
 template <int MR>
 inline void few_rows_strips_of(int64_t strips, int64_t K, const float* A, int64_t lda,
