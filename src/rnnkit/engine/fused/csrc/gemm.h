@@ -595,19 +595,19 @@ inline void prefetch_ahead(const void* p, int64_t bytes, int64_t i, int64_t coun
 // computes one 16-column strip at a time: a tile of MR <= 3 rows keeps 2 MR <= 6 accumulators,
 // each a chain of dependent FMAs, fewer than the 8 that the two FMA pipes x 4 cycles of latency
 // need, so a step of 1 row cost as much as one of 4 (latency bound; session 13's skewed lengths
-// rows spent most steps there: prop up to 2.8). Here one tile of 1 or 2 rows spans S strips
-// (MR x S x 2 = 8 accumulators; 3 rows: see kFewStrips). Each output is the same chain as in
-// gemm_own (k in order from 0, in the same K chunks g_own_kc, C added at the end): the results
-// are bit-equal to gemm_own's.
-// With MR > 1 rows each B vector serves MR FMAs. Per k the tile first broadcasts its MR values
-// of A and loads its 2 S vectors of B into registers (kept there by an empty asm), then runs the
-// FMAs. Left to itself GCC folded each B load into every FMA that reads it (the same L1 line
-// read MR times per k), and 2 rows x 2 strips ran at 39-44 GFLOP/s; B in registers but the
-// broadcasts between the FMAs of the two rows, 28-40; everything loaded first, 56-80 (session
-// 15, Zen 3, 1 thread, one step's product at H = 128-256 forward and backward, thread CPU time,
-// min of 7, load 4-6; the microbenchmark is described in the s15-rows report). Where the
-// registers do not suffice (1 row x 4 strips: 17; 3 rows x 2 strips: 19) the tile keeps
-// session 14's form (with one row each B vector is read once anyway).
+// rows spent most steps there: prop up to 2.8). Here one tile spans S strips (MR x S x 2 = 8-12
+// accumulators). Each output is the same chain as in gemm_own (k in order from 0, in the same
+// K chunks g_own_kc, C added at the end): the results are bit-equal to gemm_own's.
+// Measured in session 15 (one step's product alone, 64-byte-aligned panels as the kernels pack
+// them, 1 thread, thread CPU time, min of 7, H = 128-256, forward and backward), in GFLOP/s:
+// 1 row 31-48, 2 rows 55-75, 3 rows 79-97, 4-6 rows (gemm_own) 85-100. 1 row is bound by
+// streaming the weight from L2/L3 once per step, whatever the rows. Tried and not kept: loading
+// each B vector into a register before the FMAs (GCC folds the load into every FMA that reads
+// it) raised 2 rows to 67-89 there, but not in the layer (perf samples of the 2-row tile 4043
+// vs 4077 with lengths [400, 400, 1, 1], H = 128); 3 rows on one strip (6 accumulators) made the
+// layer slower (lengths [400] * 3 + [1], forward+backward over the padded call: 0.80-0.91 ->
+// 0.84-1.00). Without the 64-byte alignment (a std::vector) the 2-row tile read 33-44: split
+// cache-line loads, an artefact of the benchmark, not of the kernels.
 // C(MR, 16 S) (+)= A(MR, K) [strip 0 | ... | strip S-1], strip s at B + s sb, (K, 16) row-major.
 template <int MR, int S>
 inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t sb,
@@ -616,42 +616,19 @@ inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B
   // but also stored each accumulator to the stack at every k, which bounds the tile by the
   // stores — objdump)
   constexpr int N = MR * S;  // accumulator pairs: row i, strip s at i * S + s
-  // B in registers: MR > 1 and the accumulators, B's 2 S vectors and A's MR fit in 16 ymm
-  constexpr bool kInRegisters = MR > 1 && 2 * N + 2 * S + MR <= 16;
   __m256 c0[N], c1[N];
 #pragma GCC unroll 16
   for (int q = 0; q < N; ++q) c0[q] = c1[q] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    if constexpr (!kInRegisters) {
 #pragma GCC unroll 4
-      for (int s = 0; s < S; ++s) {
-        const float* b = B + s * sb + k * kOwnCols;
-        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    for (int s = 0; s < S; ++s) {
+      const float* b = B + s * sb + k * kOwnCols;
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
 #pragma GCC unroll 4
-        for (int i = 0; i < MR; ++i) {
-          const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
-          c0[i * S + s] = _mm256_fmadd_ps(a, b0, c0[i * S + s]);
-          c1[i * S + s] = _mm256_fmadd_ps(a, b1, c1[i * S + s]);
-        }
-      }
-    } else {
-      __m256 a[MR], b0[S], b1[S];
-#pragma GCC unroll 4
-      for (int i = 0; i < MR; ++i) a[i] = _mm256_broadcast_ss(A + i * lda + k);
-#pragma GCC unroll 4
-      for (int s = 0; s < S; ++s) {
-        const float* b = B + s * sb + k * kOwnCols;
-        b0[s] = _mm256_loadu_ps(b);
-        b1[s] = _mm256_loadu_ps(b + 8);
-        asm("" : "+x"(b0[s]), "+x"(b1[s]));  // (in registers: no load folded into each FMA)
-      }
-#pragma GCC unroll 4
-      for (int s = 0; s < S; ++s) {
-#pragma GCC unroll 4
-        for (int i = 0; i < MR; ++i) {
-          c0[i * S + s] = _mm256_fmadd_ps(a[i], b0[s], c0[i * S + s]);
-          c1[i * S + s] = _mm256_fmadd_ps(a[i], b1[s], c1[i * S + s]);
-        }
+      for (int i = 0; i < MR; ++i) {
+        const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+        c0[i * S + s] = _mm256_fmadd_ps(a, b0, c0[i * S + s]);
+        c1[i * S + s] = _mm256_fmadd_ps(a, b1, c1[i * S + s]);
       }
     }
   }
@@ -667,12 +644,7 @@ inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B
   }
 }
 
-// Strips per tile for MR rows: 8 accumulators at least (1 row: 4 strips; 2, 3 rows: 2). Tried
-// and not kept (session 15): 3 rows x 1 strip (6 accumulators) ran faster in the
-// microbenchmark (58-73 against 55-64 GFLOP/s) but slower in the layer: with lengths [400] * 3
-// + [1] (T = 400, B = 4, forward+backward, LSTM / GRU / Elman at H = 128, 256) the time over
-// the padded call's went from 0.80-0.91 to 0.84-1.00 (3 runs each, alternating processes,
-// process CPU time, min of 15, 1 thread, load ~6).
+// Strips per tile for MR rows: 8 accumulators at least (1 row: 4 strips; 2, 3 rows: 2).
 template <int MR>
 constexpr int kFewStrips = MR == 1 ? 4 : 2;
 
