@@ -598,6 +598,16 @@ inline void prefetch_ahead(const void* p, int64_t bytes, int64_t i, int64_t coun
 // rows spent most steps there: prop up to 2.8). Here one tile spans S strips (MR x S x 2 = 8-12
 // accumulators). Each output is the same chain as in gemm_own (k in order from 0, in the same
 // K chunks g_own_kc, C added at the end): the results are bit-equal to gemm_own's.
+// Measured in session 15 (one step's product alone, 64-byte-aligned panels as the kernels pack
+// them, 1 thread, thread CPU time, min of 7, H = 128-256, forward and backward), in GFLOP/s:
+// 1 row 31-48, 2 rows 55-75, 3 rows 79-97, 4-6 rows (gemm_own) 85-100. 1 row is bound by
+// streaming the weight from L2/L3 once per step, whatever the rows. Tried and not kept: loading
+// each B vector into a register before the FMAs (GCC folds the load into every FMA that reads
+// it) raised 2 rows to 67-89 there, but not in the layer (perf samples of the 2-row tile 4043
+// vs 4077 with lengths [400, 400, 1, 1], H = 128); 3 rows on one strip (6 accumulators) made the
+// layer slower (lengths [400] * 3 + [1], forward+backward over the padded call: 0.80-0.91 ->
+// 0.84-1.00). Without the 64-byte alignment (a std::vector) the 2-row tile read 33-44: split
+// cache-line loads, an artefact of the benchmark, not of the kernels.
 // C(MR, 16 S) (+)= A(MR, K) [strip 0 | ... | strip S-1], strip s at B + s sb, (K, 16) row-major.
 template <int MR, int S>
 inline void few_rows_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t sb,
