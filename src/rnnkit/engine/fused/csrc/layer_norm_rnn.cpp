@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -1070,6 +1071,11 @@ std::tuple<Tensor, Tensor> ln_step(int64_t kind, bool peephole, bool coupled, bo
   return {h1, c1};
 }
 
+// The float32 GEMM this extension's products run ("own", "brgemm", "blas" or "loop"): the same
+// rule as the fused kernels' (rnnkit::choose_gemm), which tests/test_gemm.py checks against
+// rnnkit_fused::set_gemm("auto").
+std::string gemm_op() { return rnnkit::gemm_name(float_gemm()); }
+
 }  // namespace
 
 TORCH_LIBRARY(rnnkit_ln, m) {
@@ -1093,4 +1099,6 @@ TORCH_LIBRARY(rnnkit_ln, m) {
   m.impl("matmul", c10::DispatchKey::CPU, TORCH_FN(tiled_matmul));
   m.impl("step", c10::DispatchKey::CPU, TORCH_FN(ln_step));
   m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(ln_layer_backward));
+  m.def("gemm() -> str");
+  m.impl("gemm", c10::DispatchKey::CatchAll, TORCH_FN(gemm_op));
 }
