@@ -1,7 +1,8 @@
 // The fused kernels' matrix products: BLAS resolved from torch's library, rnnkit's own
-// AVX2 GEMM (engine/csrc/own_gemm.h) and oneDNN's brgemm micro-kernel behind one
-// single-thread gemm_rm, the packed weight layouts (panels, packed GEMV) and the
-// parallel GEMMs over all T*B rows. Reference: torch.mm / torch.addmm.
+// AVX2 GEMM (engine/csrc/own_gemm.h) and oneDNN's brgemm micro-kernel (engine/csrc/blas.h,
+// shared with layer_norm_rnn.cpp) behind one single-thread gemm_rm, the packed weight layouts
+// (panels, packed GEMV) and the parallel GEMMs over all T*B rows. Reference: torch.mm /
+// torch.addmm.
 // Part of fused_rnn.cpp's one translation unit (included there, in order; not a
 // stand-alone header).
 #pragma once
