@@ -109,3 +109,15 @@ def test_auto_choice_follows_the_cpu():
         assert chosen != "own"
     elif {"avx2", "fma"} <= flags:
         assert chosen == "own"
+
+
+def test_both_extensions_choose_the_same_float32_gemm():
+    """The layer-normalised kernels' products follow the fused kernels' rule for the float32 GEMM
+    (one choose_gemm, engine/csrc/blas.h): the two extensions never run different GEMMs on one
+    CPU by accident."""
+    from rnnkit.engine.fused import _layer_norm
+
+    ln_ops = _layer_norm.load()
+    if ln_ops is None:
+        pytest.skip(f"layer-normalised kernels unavailable: {_layer_norm.EXTENSION.error}")
+    assert ln_ops.gemm() == ops.set_gemm("auto")

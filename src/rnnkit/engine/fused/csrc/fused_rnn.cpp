@@ -35,7 +35,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/native/CPUBlas.h>
-#include <dlfcn.h>
 #include <immintrin.h>
 #include <omp.h>
 
@@ -52,7 +51,7 @@
 #include <utility>
 #include <vector>
 
-#include "../../csrc/own_gemm.h"
+#include "../../csrc/blas.h"  // (and own_gemm.h)
 #include "../../csrc/pointwise.h"
 
 // The barrier between the phases of a time loop's step, inside its parallel region: skipped in a
@@ -324,32 +323,18 @@ layer_backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
           or_empty(r[5], x), or_empty(r[6], x), or_empty(r[7], x)};
 }
 
-// A BLAS entry point of the library torch links. Python loads libtorch_cpu with RTLD_LOCAL, so
-// its symbols (MKL's sgemm_ & co. in the CPU wheels) are not in the global scope that
-// dlsym(RTLD_DEFAULT) searches: look in libtorch_cpu itself (already loaded) first.
-void* blas_symbol(const char* name) {
-  static void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-  void* symbol = torch_cpu ? dlsym(torch_cpu, name) : nullptr;
-  return symbol ? symbol : dlsym(RTLD_DEFAULT, name);
-}
-
+// The BLAS entry points (engine/csrc/blas.h's resolve_blas) into gemm.h's globals.
 void resolve_blas() {
-  g_sgemm = reinterpret_cast<sgemm_t>(blas_symbol("sgemm_"));
-  g_dgemm = reinterpret_cast<dgemm_t>(blas_symbol("dgemm_"));
-  g_sgemv = reinterpret_cast<sgemv_t>(blas_symbol("sgemv_"));
-  g_dgemv = reinterpret_cast<dgemv_t>(blas_symbol("dgemv_"));
+  const rnnkit::Blas b = rnnkit::resolve_blas();
+  g_sgemm = b.sgemm;
+  g_dgemm = b.dgemm;
+  g_sgemv = b.sgemv;
+  g_dgemv = b.dgemv;
 }
 
-// The float32 GEMM of gemm_rm for this CPU, decided once at start-up: gemm_own where
-// own_gemm_fits_cpu (the rule, in own_gemm.h: AVX2 without AVX-512; here forward and
-// forward+backward of the fused layers took 0.6-0.97x brgemm's time at H >= 256, Zen 3, 1 thread,
-// session 9); else brgemm where torch has it (AVX-512 CPUs), else BLAS (or the plain loop).
-Gemm choose_gemm() {
-  const bool brgemm = probe_brgemm();
-  if (own_gemm_fits_cpu()) return Gemm::OWN;
-  if (brgemm) return Gemm::BRGEMM;
-  return g_sgemm ? Gemm::BLAS : Gemm::LOOP;
-}
+// The float32 GEMM of gemm_rm for this CPU, decided once at start-up by the shared rule
+// (engine/csrc/blas.h's choose_gemm: gemm_own on AVX2 without AVX-512, else brgemm, else BLAS).
+Gemm choose_gemm() { return rnnkit::choose_gemm(g_sgemm != nullptr); }
 
 // The recurrent weight's panel width for GEMM g (g_rec_panel).
 int64_t rec_panel_for(Gemm g) {
@@ -360,14 +345,7 @@ int64_t rec_panel_for(Gemm g) {
   return 128;
 }
 
-const char* gemm_name(Gemm g) {
-  switch (g) {
-    case Gemm::OWN: return "own";
-    case Gemm::BRGEMM: return "brgemm";
-    case Gemm::BLAS: return "blas";
-    default: return "loop";
-  }
-}
+using rnnkit::gemm_name;
 
 bool init() {
   resolve_blas();
@@ -393,7 +371,7 @@ std::string set_gemm(const std::string& which) {
     resolve_blas();
   }
   g_gemm = choose_gemm();
-  if (which == "brgemm" && probe_brgemm()) g_gemm = Gemm::BRGEMM;
+  if (which == "brgemm" && brgemm_works()) g_gemm = Gemm::BRGEMM;
   else if (which == "blas" || which == "loop") g_gemm = g_sgemm ? Gemm::BLAS : Gemm::LOOP;
 #ifdef RNNKIT_OWN_GEMM
   else if (which == "own") g_gemm = Gemm::OWN;

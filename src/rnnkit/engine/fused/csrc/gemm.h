@@ -1,7 +1,8 @@
 // The fused kernels' matrix products: BLAS resolved from torch's library, rnnkit's own
-// AVX2 GEMM (engine/csrc/own_gemm.h) and oneDNN's brgemm micro-kernel behind one
-// single-thread gemm_rm, the packed weight layouts (panels, packed GEMV) and the
-// parallel GEMMs over all T*B rows. Reference: torch.mm / torch.addmm.
+// AVX2 GEMM (engine/csrc/own_gemm.h) and oneDNN's brgemm micro-kernel (engine/csrc/blas.h,
+// shared with layer_norm_rnn.cpp) behind one single-thread gemm_rm, the packed weight layouts
+// (panels, packed GEMV) and the parallel GEMMs over all T*B rows. Reference: torch.mm /
+// torch.addmm.
 // Part of fused_rnn.cpp's one translation unit (included there, in order; not a
 // stand-alone header).
 #pragma once
@@ -12,27 +13,35 @@ namespace {
 // GEMM: row-major C(M, N) (+)= A(M, K) B(K, N), single-threaded (called from inside a parallel
 // region, or from one tile of a parallel GEMM).
 // ----------------------------------------------------------------------------------------------
-// Which single-thread float32 GEMM gemm_rm runs (choose_gemm; set_gemm for benchmarks/tests).
-enum class Gemm { LOOP, BLAS, BRGEMM, OWN };
+// The BLAS, brgemm and GEMM-choice pieces are engine/csrc/blas.h's (shared with
+// layer_norm_rnn.cpp); gemm_own is engine/csrc/own_gemm.h's.
+using rnnkit::blas_gemm;
+using rnnkit::brgemm_rm;
+using rnnkit::brgemm_works;
+using rnnkit::dgemm_t;
+using rnnkit::dgemv_t;
+using rnnkit::Gemm;
+using rnnkit::loop_gemm;
+using rnnkit::own_gemm_fits_cpu;
+using rnnkit::sgemm_t;
+using rnnkit::sgemv_t;
+#ifdef RNNKIT_OWN_GEMM
+using rnnkit::g_own_kc;
+using rnnkit::g_own_pack_rows;
+using rnnkit::gemm_own;
+using rnnkit::kOwnCols;
+#endif
+
+// Which single-thread float32 GEMM gemm_rm runs (init: rnnkit::choose_gemm; set_gemm for
+// benchmarks/tests).
 Gemm g_gemm = Gemm::LOOP;
 
-// Fortran BLAS from the BLAS torch links (MKL / OpenBLAS export sgemm_ / dgemm_), resolved at
-// init; a plain loop GEMM if there is none.
-using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
-                         const float*, const float*, const int*, const float*, const int*,
-                         const float*, float*, const int*);
-using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
-                         const double*, const double*, const int*, const double*, const int*,
-                         const double*, double*, const int*);
+// The BLAS entry points gemm_rm and blas_gemv call, resolved at init (rnnkit::resolve_blas;
+// set_gemm("loop") clears them): the plain loop GEMM where there is none. gemv: for float64
+// one-row products (float ones use gemv_rows below): at batch 1 every recurrent product is a
+// vector times the weight, a GEMM with one column.
 sgemm_t g_sgemm = nullptr;
 dgemm_t g_dgemm = nullptr;
-// GEMV of the same BLAS, for float64 one-row products (float ones use gemv_rows below): at
-// batch 1 every recurrent product is a vector times the weight, a GEMM with one column.
-using sgemv_t = void (*)(const char*, const int*, const int*, const float*, const float*,
-                         const int*, const float*, const int*, const float*, float*, const int*);
-using dgemv_t = void (*)(const char*, const int*, const int*, const double*, const double*,
-                         const int*, const double*, const int*, const double*, double*,
-                         const int*);
 sgemv_t g_sgemv = nullptr;
 dgemv_t g_dgemv = nullptr;
 
@@ -56,40 +65,6 @@ bool blas_gemv(bool transposed, int64_t N, int64_t K, const T* a, const T* B, in
   return true;
 }
 
-template <typename T>
-void loop_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-               T* C, int64_t ldc, bool acc) {
-  for (int64_t m = 0; m < M; ++m) {
-    T* c = C + m * ldc;
-    if (!acc) std::memset(c, 0, N * sizeof(T));
-    for (int64_t k = 0; k < K; ++k) {
-      const T a = A[m * lda + k];
-      const T* b = B + k * ldb;
-#pragma omp simd
-      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
-    }
-  }
-}
-
-template <typename T, typename F>
-void blas_gemm(F f, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-               int64_t ldb, T* C, int64_t ldc, bool acc) {
-  // row-major C = A B  <=>  column-major C^T = B^T A^T
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  const T one = 1, beta = acc ? T(1) : T(0);
-  f("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
-}
-
-// rnnkit's own float32 GEMM for AVX2 CPUs (gemm_own, own_gemm_fits_cpu): engine/csrc/own_gemm.h.
-using rnnkit::own_gemm_fits_cpu;
-#ifdef RNNKIT_OWN_GEMM
-using rnnkit::g_own_kc;
-using rnnkit::g_own_pack_rows;
-using rnnkit::gemm_own;
-using rnnkit::kOwnCols;
-#endif
-
 inline void gemm_rm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
                     const double* B, int64_t ldb, double* C, int64_t ldc, bool acc) {
   if (M <= 0 || N <= 0) return;
@@ -112,15 +87,10 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
   if (g_gemm == Gemm::OWN) return gemm_own(M, N, K, A, lda, B, ldb, C, ldc, acc);
 #endif
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (g_gemm == Gemm::BRGEMM) {
-    // Long reductions (the backward's K = G*H) in chunks that keep the B panel in cache:
-    // 1.4-1.7x faster at K = 2048 than one call.
-    const int64_t KB = K > 512 ? 256 : K;
-    for (int64_t k0 = 0; k0 < K; k0 += KB)
-      at::native::cpublas::brgemm(M, N, std::min(KB, K - k0), lda, ldb, ldc, acc || k0 > 0,
-                                  A + k0, B + k0 * ldb, C, false);
-    return;
-  }
+  // Long reductions (the backward's K = G*H) in chunks that keep the B panel in cache:
+  // 1.4-1.7x faster at K = 2048 than one call; one column block.
+  if (g_gemm == Gemm::BRGEMM) return brgemm_rm(M, N, K, A, lda, B, ldb, C, ldc, acc, N,
+                                               K > 512 ? 256 : K);
 #endif
   if (g_sgemm) return blas_gemm(g_sgemm, M, N, K, A, lda, B, ldb, C, ldc, acc);
   loop_gemm(M, N, K, A, lda, B, ldb, C, ldc, acc);
@@ -786,29 +756,6 @@ struct BwdW {
     gemm_rm(M, n, K, A, lda, p + k0 * H + col0, H, C, ldc, acc);
   }
 };
-
-// Check once that the brgemm micro-kernel exists and computes what we expect.
-bool probe_brgemm() {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  try {
-    const int64_t M = 3, N = 20, K = 7;
-    std::vector<float> A(M * K), B(K * N), C(M * N, 1.0f), R(M * N, 1.0f);
-    for (int64_t i = 0; i < M * K; ++i) A[i] = 0.25f * static_cast<float>(i % 5) - 0.5f;
-    for (int64_t i = 0; i < K * N; ++i) B[i] = 0.125f * static_cast<float>(i % 7) - 0.25f;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k) R[m * N + n] += A[m * K + k] * B[k * N + n];
-    at::native::cpublas::brgemm(M, N, K, K, N, N, true, A.data(), B.data(), C.data(), false);
-    for (int64_t i = 0; i < M * N; ++i)
-      if (std::fabs(C[i] - R[i]) > 1e-5f) return false;
-    return true;
-  } catch (...) {
-    return false;
-  }
-#else
-  return false;
-#endif
-}
 
 // Tile sizes for a parallel GEMM of C(M, N) on nt threads (see pgemm). per_thread: the least
 // tile count per thread (pgemm_bf16: 1, see there).

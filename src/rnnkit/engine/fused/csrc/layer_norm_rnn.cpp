@@ -22,10 +22,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
-#include <dlfcn.h>
 #include <sys/mman.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -35,11 +33,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
-#include "../../csrc/own_gemm.h"
+#include "../../csrc/blas.h"  // (and own_gemm.h)
 #include "../../csrc/pointwise.h"
 
 namespace {
@@ -147,69 +146,36 @@ inline void ln_row_backward_acc(const T* dy, const T* a_hat, T rstd, const T* w,
   for (j = 0; j < n; ++j) da[j] = rstd * (dy[j] * w[j] - mean_g - a_hat[j] * mean_ga);
 }
 
-// Fortran BLAS of the library torch links (MKL's / OpenBLAS's sgemm_, dgemm_), found as
-// fused_rnn.cpp finds it: Python loads libtorch_cpu with RTLD_LOCAL, so look there first.
-using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
-                         const float*, const float*, const int*, const float*, const int*,
-                         const float*, float*, const int*);
-using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
-                         const double*, const double*, const int*, const double*, const int*,
-                         const double*, double*, const int*);
+// The BLAS, brgemm and GEMM-choice pieces are engine/csrc/blas.h's, shared with fused_rnn.cpp;
+// what is this file's own is how its products use them (gemm_rm below: brgemm for < 4 rows,
+// gemm_own through own_mm, brgemm in 256 x 256 blocks), and that nothing here changes the
+// choice after start-up (fused_rnn.cpp's set_gemm does not reach this extension).
+using rnnkit::brgemm_works;
+using rnnkit::Gemm;
 
-void* blas_symbol(const char* name) {
-  static void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-  void* symbol = torch_cpu ? dlsym(torch_cpu, name) : nullptr;
-  return symbol ? symbol : dlsym(RTLD_DEFAULT, name);
+// The BLAS entry points of the library torch links, resolved once.
+const rnnkit::Blas& blas() {
+  static const rnnkit::Blas b = rnnkit::resolve_blas();
+  return b;
 }
 
-template <typename T>
-void* blas_gemm() {
-  static void* f = blas_symbol(std::is_same<T, float>::value ? "sgemm_" : "dgemm_");
-  return f;
-}
-
-// Whether torch exports oneDNN's float32 brgemm micro-kernel and it computes a small product
-// right (checked once).
-bool brgemm_works() {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  static const bool works = [] {
-    try {
-      const float a[2] = {1.5f, -2.0f}, b[4] = {0.5f, 1.0f, 2.0f, -1.0f};  // (1, 2) x (2, 2)
-      float c[2] = {0.0f, 0.0f};
-      at::native::cpublas::brgemm(1, 2, 2, 2, 2, 2, false, a, b, c, false);
-      return c[0] == -3.25f && c[1] == 3.5f;
-    } catch (...) {
-      return false;
-    }
-  }();
-  return works;
-#else
-  return false;
-#endif
-}
-
-// Row-major C(M, N) = A(M, K) B(K, N) for float through the brgemm micro-kernel, in panels of B
-// that stay in cache (256 x 256). MKL's sgemm_ packs B again on every call: the per-step
-// products of this file (B = W_hh, the same every step) spent a fifth of their time packing
-// (perf, T,B,H = 100,32,256, 1 thread), which oneDNN's LSTM and fused_rnn.cpp do not.
-inline void brgemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                      const float* B, int64_t ldb, float* C, int64_t ldc) {
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  constexpr int64_t NB = 256, KB = 256;
-  for (int64_t n0 = 0; n0 < N; n0 += NB)
-    for (int64_t k0 = 0; k0 < K; k0 += KB)
-      at::native::cpublas::brgemm(M, std::min(NB, N - n0), std::min(KB, K - k0), lda, ldb, ldc,
-                                  k0 > 0, A + k0, B + k0 * ldb + n0, C + n0, false);
-#endif
+// The float32 GEMM for this CPU by the rule fused_rnn.cpp's init applies (rnnkit::choose_gemm),
+// decided once.
+Gemm float_gemm() {
+  static const Gemm g = rnnkit::choose_gemm(blas().sgemm != nullptr);
+  return g;
 }
 
 // Whether float32 products run through rnnkit's own AVX2 GEMM (gemm_own, own_gemm.h) rather than
-// oneDNN's brgemm: on the CPUs where fused_rnn.cpp chooses it (own_gemm_fits_cpu, the one rule),
-// decided once.
-bool use_own_gemm() {
-  static const bool own = rnnkit::own_gemm_fits_cpu();
-  return own;
-}
+// oneDNN's brgemm (choose_gemm: on the CPUs own_gemm_fits_cpu names).
+bool use_own_gemm() { return float_gemm() == Gemm::OWN; }
+
+// brgemm_rm's blocks here: 256 columns x 256 rows of B, which stay in cache for every step's
+// call. MKL's sgemm_ packs B again on every call: the per-step products of this file (B = W_hh,
+// the same every step) spent a fifth of their time packing (perf, T,B,H = 100,32,256, 1
+// thread), which oneDNN's LSTM and fused_rnn.cpp do not. (fused_rnn.cpp's gemm_rm chunks K only
+// past 512 and keeps one column block: each caller's own measured blocking, see brgemm_rm.)
+constexpr int64_t kBrgemmCols = 256, kBrgemmDepth = 256;
 
 #ifdef RNNKIT_OWN_GEMM
 // rnnkit::gemm_own with its tiles compiled into this one function (flatten). gemm_own keeps a
@@ -229,57 +195,36 @@ __attribute__((flatten)) void own_mm(int64_t M, int64_t N, int64_t K, const floa
 // Whether a product of M rows runs through gemm_own (use_own_gemm): with brgemm at hand, not
 // below 4 rows, where gemm_own's tile holds 2-6 accumulators, fewer than the FMA latency x 2
 // pipes needs (8) (speed.py, 1 thread, loaded: LSTM-LN 200,1,64 forward 0.85 ms through
-// gemm_own, 0.71 through brgemm).
+// gemm_own, 0.71 through brgemm). (fused_rnn.cpp runs its 1-3 row products through
+// few_rows_strips instead, bit-equal to gemm_own.)
 bool own_rows(int64_t M) { return use_own_gemm() && (M >= 4 || !brgemm_works()); }
 
-// Row-major C(M, N) = A(M, K) B(K, N) for float: gemm_own where own_rows, else brgemm_rm.
-// Only with the micro-kernel: callers test fast_sgemm() first.
+// Whether gemm_rm has a micro-kernel for float (gemm_own or brgemm).
+bool fast_sgemm() { return float_gemm() == Gemm::OWN || float_gemm() == Gemm::BRGEMM; }
+
+// Row-major C(M, N) = A(M, K) B(K, N), float, M, N, K > 0: gemm_own where own_rows, else
+// brgemm in kBrgemmCols x kBrgemmDepth blocks. Only with a micro-kernel (fast_sgemm()).
 inline void fast_sgemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                           const float* B, int64_t ldb, float* C, int64_t ldc) {
 #ifdef RNNKIT_OWN_GEMM
   if (own_rows(M)) return own_mm(M, N, K, A, lda, B, ldb, C, ldc);
 #endif
-  brgemm_rm(M, N, K, A, lda, B, ldb, C, ldc);
+  rnnkit::brgemm_rm(M, N, K, A, lda, B, ldb, C, ldc, false, kBrgemmCols, kBrgemmDepth);
 }
 
-// Whether fast_sgemm_rm has a micro-kernel to run (gemm_own or brgemm).
-bool fast_sgemm() { return use_own_gemm() || brgemm_works(); }
-
-// Row-major C(M, N) = A(M, K) B(K, N): a micro-kernel for float (fast_sgemm_rm: gemm_own on AVX2
-// CPUs without AVX-512, else oneDNN's brgemm), else one BLAS call
-// (column-major C^T = B^T A^T) per step and row block, with none of a tensor op's dispatch cost
-// (at::mm on narrowed views cost ~10 us per step at batch 1, more than the product itself); a
-// plain loop where there is neither.
+// Row-major C(M, N) = A(M, K) B(K, N), single-threaded: a micro-kernel for float (fast_sgemm_rm),
+// else one BLAS call (rnnkit::blas_gemm) per step and row block, else the plain loop.
 template <typename T>
 inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                     int64_t ldb, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if constexpr (std::is_same<T, float>::value) {
     if (K > 0 && fast_sgemm()) return fast_sgemm_rm(M, N, K, A, lda, B, ldb, C, ldc);
+    if (blas().sgemm) return rnnkit::blas_gemm(blas().sgemm, M, N, K, A, lda, B, ldb, C, ldc, false);
+  } else {
+    if (blas().dgemm) return rnnkit::blas_gemm(blas().dgemm, M, N, K, A, lda, B, ldb, C, ldc, false);
   }
-  if (void* f = blas_gemm<T>()) {
-    const char n = 'N';
-    const int m_ = static_cast<int>(N), n_ = static_cast<int>(M), k_ = static_cast<int>(K),
-              lda_ = static_cast<int>(ldb), ldb_ = static_cast<int>(lda),
-              ldc_ = static_cast<int>(ldc);
-    const T one = 1, zero = 0;
-    if constexpr (std::is_same<T, float>::value)
-      reinterpret_cast<sgemm_t>(f)(&n, &n, &m_, &n_, &k_, &one, B, &lda_, A, &ldb_, &zero, C,
-                                   &ldc_);
-    else
-      reinterpret_cast<dgemm_t>(f)(&n, &n, &m_, &n_, &k_, &one, B, &lda_, A, &ldb_, &zero, C,
-                                   &ldc_);
-    return;
-  }
-  for (int64_t i = 0; i < M; ++i) {
-    T* c = C + i * ldc;
-    std::fill(c, c + N, T(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const T a = A[i * lda + k];
-      const T* b = B + k * ldb;
-      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-    }
-  }
+  rnnkit::loop_gemm(M, N, K, A, lda, B, ldb, C, ldc, false);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -462,11 +407,9 @@ Tensor tiled_matmul(const Tensor& a, const Tensor& b) {
         continue;
       }
 #endif
-#ifdef CPUBLAS_BRGEMM_F32F32F32  // (else brgemm_works() is false and at::mm ran above)
-      for (int64_t k0 = 0; k0 < K; k0 += KB)
-        at::native::cpublas::brgemm(mm, nn, std::min(KB, K - k0), K, N, N, k0 > 0,
-                                    ap + m0 * K + k0, bp + k0 * N + n0, cp + m0 * N + n0, false);
-#endif
+      // (brgemm: else fast_sgemm() is false and at::mm ran above; nn <= NB, one column block)
+      rnnkit::brgemm_rm(mm, nn, K, ap + m0 * K, K, bp + n0, N, cp + m0 * N + n0, N, false, NB,
+                        KB);
     }
   });
   return C;
@@ -1128,6 +1071,11 @@ std::tuple<Tensor, Tensor> ln_step(int64_t kind, bool peephole, bool coupled, bo
   return {h1, c1};
 }
 
+// The float32 GEMM this extension's products run ("own", "brgemm", "blas" or "loop"): the same
+// rule as the fused kernels' (rnnkit::choose_gemm), which tests/test_gemm.py checks against
+// rnnkit_fused::set_gemm("auto").
+std::string gemm_op() { return rnnkit::gemm_name(float_gemm()); }
+
 }  // namespace
 
 TORCH_LIBRARY(rnnkit_ln, m) {
@@ -1151,4 +1099,6 @@ TORCH_LIBRARY(rnnkit_ln, m) {
   m.impl("matmul", c10::DispatchKey::CPU, TORCH_FN(tiled_matmul));
   m.impl("step", c10::DispatchKey::CPU, TORCH_FN(ln_step));
   m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(ln_layer_backward));
+  m.def("gemm() -> str");
+  m.impl("gemm", c10::DispatchKey::CatchAll, TORCH_FN(gemm_op));
 }
