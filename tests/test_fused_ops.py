@@ -113,6 +113,47 @@ def test_short_biases_or_peepholes_are_refused_not_read_past(name, position, sho
             ops().layer_backward(*backward)
 
 
+@pytest.mark.parametrize("name, position, wrong, message", [
+    ("lstm", 6, torch.rand(1, 5, dtype=torch.float64), "h0 must be"),  # another batch
+    ("lstm", 7, torch.rand(3, 6, dtype=torch.float64), "c0 must be"),  # another width
+    ("gru_after", 6, torch.rand(3, 5, dtype=torch.float32), "h0 must be"),  # another dtype
+    ("rnn_tanh", 6, torch.rand(2, 5, dtype=torch.float64), "h0 must be")])
+def test_states_of_another_shape_are_refused_not_read_past(name, position, wrong, message):
+    """The loops read and write B*H values of h0 and c0 through raw pointers: a direct operator
+    call with h0 of batch 1 for x of batch 4 corrupted the heap (malloc_consolidate abort, review
+    of session 15); now it names the state, forward and backward."""
+    cfg = _config(name)
+    args = list(_operator_args(cfg, grad=False, training=False))
+    args[position] = wrong
+    with pytest.raises(RuntimeError, match=message):
+        ops().layer_forward(*args)
+    good = list(_operator_args(cfg, grad=False))
+    y, h, _, acts, cells, extra = ops().layer_forward(*good)
+    x, h0, c0, w_ih, w_hh = good[5:10]
+    states = [h0, c0]
+    states[position - 6] = wrong
+    backward = [*cfg.args(), x, *states, w_ih, w_hh, good[12], None, None, None, True, [], y,
+                acts, cells, extra, torch.ones_like(y), None, None, True, True, 0]
+    with pytest.raises(RuntimeError, match=message):
+        ops().layer_backward(*backward)
+    backward[6:8] = [h0, c0]  # the gradient of the final state: the same check
+    backward[21] = torch.ones(h.shape[0] + 1, h.shape[1], dtype=h.dtype)
+    with pytest.raises(RuntimeError, match="grad_h_n must be"):
+        ops().layer_backward(*backward)
+    backward[21] = None
+    backward[16] = y[:, :1]  # a saved tensor of another batch
+    with pytest.raises(RuntimeError, match="y must be"):
+        ops().layer_backward(*backward)
+
+
+def test_increasing_batch_sizes_are_refused():
+    """Step t runs the first batch_sizes[t] rows: a row that ended cannot run again."""
+    args = list(_operator_args(_config("gru_after"), grad=False))
+    args[-3] = [2, 3, 3, 1]
+    with pytest.raises(RuntimeError, match="must not increase"):
+        ops().layer_forward(*args)
+
+
 def test_unknown_variant_raises():
     with pytest.raises(ValueError, match="no fused kernel"):
         _function.config_of(CellSpec("lstm", reset="before"))

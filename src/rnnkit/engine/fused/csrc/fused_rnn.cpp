@@ -125,6 +125,25 @@ void check_bias_and_peepholes(const Cfg& cf, const at::Tensor& x, const at::Tens
               ") of x's dtype");
 }
 
+// A (B, H) state or state gradient of x's dtype. The loops read and write B*H values of each
+// through raw pointers: a state of another batch or width was read or written past its end
+// (measured: h0 of batch 1 with x of batch 4 corrupted the heap). The layers always pass their
+// own states; a direct operator call may not.
+void check_state(const Cfg& cf, const at::Tensor& x, const at::Tensor& state, const char* name) {
+  TORCH_CHECK(state.dim() == 2 && state.size(0) == cf.B && state.size(1) == cf.H &&
+                  state.scalar_type() == x.scalar_type(),
+              name, " must be (B, H) = (", cf.B, ", ", cf.H, ") of x's dtype (", x.scalar_type(),
+              "), got ", state.sizes(), " of ", state.scalar_type());
+}
+
+// A saved (T, B, H) tensor that layer_backward reads (y, the LSTM's cells, the extra products).
+void check_saved(const Cfg& cf, const at::Tensor& x, const at::Tensor& saved, const char* name) {
+  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == cf.T && saved.size(1) == cf.B &&
+                  saved.size(2) == cf.H && saved.scalar_type() == x.scalar_type(),
+              name, " must be (T, B, H) = (", cf.T, ", ", cf.B, ", ", cf.H, ") of x's dtype, "
+              "as layer_forward(training=True) returns it");
+}
+
 // Returns (y, h_n, c_n, acts, cells, extra); the last three are what layer_backward needs
 // (empty unless training).
 // The regularisers' masks of an operator call, each checked and made contiguous (or undefined).
@@ -166,6 +185,8 @@ ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tens
   TORCH_CHECK(w_hh.size(0) == cf.G * H && w_hh.size(1) == H, "w_hh has the wrong shape");
   TORCH_CHECK(cf.kind != LSTM || c0.defined(), "an LSTM needs c0");
   check_bias_and_peepholes(cf, x, b_ih, b_hh, pw);
+  check_state(cf, x, h0, "h0");
+  if (cf.kind == LSTM) check_state(cf, x, c0, "c0");
   const int nt_all = nthreads > 0 ? static_cast<int>(nthreads) : at::get_num_threads();
   const int nt = pick_threads(cf, nthreads);
   x = x.contiguous();
@@ -304,6 +325,14 @@ layer_backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
               "layer_backward needs the activations of layer_forward(training=True)");
   TORCH_CHECK(gy.dim() == 3 && gy.size(0) == cf.T && gy.size(1) == cf.B && gy.size(2) == H,
               "grad_y must be (T, B, H)");
+  check_state(cf, x, h0, "h0");
+  if (cf.kind == LSTM) check_state(cf, x, c0, "c0");
+  if (gh.defined()) check_state(cf, x, gh, "grad_h_n");
+  if (gc.defined()) check_state(cf, x, gc, "grad_c_n");
+  TORCH_CHECK(!gc.defined() || cf.kind == LSTM, "grad_c_n is for an LSTM's cell state");
+  check_saved(cf, x, y, "y");
+  if (cf.kind == LSTM) check_saved(cf, x, cs, "cells");
+  if (cf.kind == GRU || (cf.kind == LSTM && masks.keep_c.defined())) check_saved(cf, x, extra, "extra");
   const int nt_all = nthreads > 0 ? static_cast<int>(nthreads) : at::get_num_threads();
   const int nt = pick_threads(cf, nthreads);
   std::vector<at::Tensor> r;

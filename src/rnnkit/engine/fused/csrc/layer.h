@@ -39,6 +39,9 @@ Cfg make_cfg(int64_t kind, int64_t act, bool peep, bool coupled, bool before, co
     TORCH_CHECK(static_cast<int64_t>(batch_sizes.size()) == c.T, "batch_sizes must have T entries");
     c.bs = batch_sizes;
     for (auto b : c.bs) TORCH_CHECK(b >= 0 && b <= c.B, "batch_sizes out of range");
+    // step t runs the first bs[t] rows (sorted longest first): a row that ended cannot run again
+    for (size_t t = 1; t < c.bs.size(); ++t)
+      TORCH_CHECK(c.bs[t] <= c.bs[t - 1], "batch_sizes must not increase (rows longest first)");
   }
   return c;
 }
