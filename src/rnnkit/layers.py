@@ -340,9 +340,10 @@ class RecurrentLayer(nn.Module):
                 rows, back, sorted_values, batch_sizes = sort_rows(
                     values, steps, None if row_order is None else row_order.tolist())
                 if self.bidirectional:  # (the in-length reversal's index)
-                    sorted_lengths = torch.tensor(sorted_values)
+                    sorted_lengths = torch.tensor(sorted_values, dtype=torch.int64)
                 if rows is not None:  # (None: already longest first, no copies)
-                    order, inverse = torch.tensor(rows), torch.tensor(back)
+                    order, inverse = (torch.tensor(rows, dtype=torch.int64),
+                                      torch.tensor(back, dtype=torch.int64))
             if order is not None:  # index_select, not x[:, order]: its backward (index_add) is
                 # several times faster than the accumulating index_put of advanced indexing
                 x = x.index_select(1, order.to(x.device))
