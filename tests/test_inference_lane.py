@@ -120,3 +120,32 @@ def test_lane_asks_the_route_again_when_it_may_have_changed(monkeypatch):
             patch.setattr(fused, "use_native", True)
             with pytest.raises(AssertionError, match="full lean path"):
                 layer(x)
+
+
+def test_a_layer_with_a_lane_pickles_and_loads_with_weights_only(tmp_path):
+    """The lane holds the operator (a pybind11 object, not picklable): after one inference call
+    ``torch.save(layer)`` raised 'is not pickleable' (review, session 15). It is a cache, dropped
+    from the pickle like the plan, and rebuilt on the next call."""
+    import rnnkit
+    torch.manual_seed(0)
+    layer = rnnkit.GRU(INPUT, HIDDEN).eval()
+    x = torch.randn(7, 3, INPUT)
+    with torch.inference_mode():
+        want = layer(x)[0]
+        layer(x)
+    assert "_inference_lane" in layer.__dict__
+    path = tmp_path / "gru.pt"
+    torch.save(layer, path)
+    with torch.serialization.safe_globals([rnnkit.GRU]):
+        loaded = torch.load(path, weights_only=True)
+    assert "_inference_lane" not in loaded.__dict__
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x)[0], want, rtol=0, atol=0)
+
+
+def test_lanes_off_makes_no_lane(monkeypatch):
+    layer = LAYERS["gru_after"](INPUT, HIDDEN).eval()
+    monkeypatch.setattr(lean_inference, "LANES", False)
+    with torch.inference_mode():
+        layer(torch.randn(5, 2, INPUT))
+    assert "_inference_lane" not in layer.__dict__

@@ -647,3 +647,19 @@ def test_cell_step_nonfinite_propagates_like_the_reference(form, place, value):
     assert any(not t.isfinite().all() for t in expected)
     for name, e, a in zip(cell.math.state_names, expected, actual):
         assert_same_values(e, a, name)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_empty_batch_trains_like_torch(form, backend, dtype):
+    """Batch 0: empty outputs and states, zero gradients (the reset-before GRU's kernel backward
+    viewed its activations as (0, -1), which torch refuses: review, session 15)."""
+    layer = _layer(form, dtype=dtype, bidirectional=True, backend=backend)
+    x = torch.randn(4, 0, 5, dtype=dtype, requires_grad=True)
+    output, final = layer(x)
+    states = final if isinstance(final, tuple) else (final,)
+    (output.sum() + sum(s.sum() for s in states)).backward()
+    assert output.shape == (4, 0, 12) and all(s.shape == (2, 0, 6) for s in states)
+    assert x.grad.shape == x.shape
+    assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())

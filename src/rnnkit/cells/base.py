@@ -256,6 +256,7 @@ def pickle_state(state: dict[str, Any]) -> dict[str, Any]:
     # (the inference path's caches: weights_only loads refuse them, and they rebuild on use)
     state.pop("_inference_plan", None)
     state.pop("_inference_config", None)
+    state.pop("_inference_lane", None)  # (holds the operator: not picklable at all)
     spec = state.pop("math").spec
     state["_cell_spec"] = (spec.kind, spec.nonlinearity, spec.peephole, spec.coupled, spec.reset,
                            spec.projection, spec.layer_norm)

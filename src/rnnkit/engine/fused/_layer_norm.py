@@ -195,7 +195,7 @@ def _backward(ctx: Any, d_y: Tensor | None, d_h: Tensor | None, d_c: Tensor | No
     h_prev = h_prev.reshape(rows, hidden)
     flat_da = d_a.view(rows, d_a.shape[-1])  # (not -1: a batch of 0 rows)
     if before:
-        reset_h = acts.view(rows, -1)[:, :hidden] * h_prev
+        reset_h = acts.view(rows, acts.shape[-1])[:, :hidden] * h_prev  # (not -1: 0 rows)
         d_w_hh = torch.cat((flat_da[:, : 2 * hidden].t() @ h_prev,
                             flat_da[:, 2 * hidden:].t() @ reset_h))
     else:

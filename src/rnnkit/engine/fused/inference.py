@@ -440,7 +440,7 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
                     packed_op, packed = batched_op, (*_tiles(plan, index, layout), bs)
                 tail = (given[0][index], c0, w_ih, w_hh, b_ih, b_hh, pw, *packed)
                 y, h, c = packed_op(*args, source, *tail, loop_threads)
-                if depth == 1 and hx is None and lengths is None and not unbatched:
+                if LANES and depth == 1 and hx is None and lengths is None and not unbatched:
                     layer.__dict__[_LANE] = _Lane(plan, input.shape, layer.batch_first,
                                                   layer.math, layout, route, packed_op,
                                                   args, tail, states)
