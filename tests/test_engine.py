@@ -9,7 +9,6 @@ from conftest import VARIANTS
 from rnnkit.engine import run_layer, set_default_backend
 from rnnkit.engine.lengths import (
     batch_sizes_for,
-    permute_rows,
     reverse_within_lengths,
     sort_by_length,
     sort_rows,
@@ -107,30 +106,6 @@ def test_length_helpers() -> None:
     flipped = reverse_within_lengths(x, torch.tensor([4, 2]))
     assert flipped[:, 0, 0].tolist() == [3, 2, 1, 0]
     assert flipped[:, 1, 0].tolist() == [1, 0, 2, 3]
-
-
-def test_permute_rows_is_index_select_both_ways() -> None:
-    """The layers' sort and unsort (a gather forward and, by the inverse, backward) give
-    index_select's values and gradients, NaN included, and undo each other."""
-    gen = torch.Generator().manual_seed(16)
-    lengths = torch.tensor([2, 7, 3, 7, 1])
-    _, order, inverse = sort_by_length(lengths)
-    for dtype in (torch.float32, torch.float64):
-        x = torch.randn(4, 5, 3, generator=gen, dtype=dtype)
-        x[1, 2, 0] = float("nan")
-        grad = torch.randn(4, 5, 3, generator=gen, dtype=dtype)
-        grad[0, 0, 1] = float("inf")
-        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y = permute_rows(ours, order, inverse)
-        torch.testing.assert_close(y, theirs.index_select(1, order), rtol=0, atol=0,
-                                   equal_nan=True)
-        y.backward(grad)
-        theirs.index_select(1, order).backward(grad)
-        torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0, equal_nan=True)
-        torch.testing.assert_close(permute_rows(y, inverse, order), ours, rtol=0, atol=0,
-                                   equal_nan=True)
-    with pytest.raises(ValueError, match="5 rows"):
-        permute_rows(torch.zeros(4, 3, 2), order, inverse)
 
 
 def test_sort_rows_is_sort_by_length_on_ints() -> None:

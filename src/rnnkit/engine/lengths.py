@@ -8,7 +8,6 @@ then touches only its active rows; no work is spent on padding.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,36 +83,6 @@ def sort_rows(lengths: Sequence[int], max_length: int, order: Sequence[int] | No
     for position, row in enumerate(order):
         inverse[row] = position
     return order, inverse, sorted_lengths, batch_sizes
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x.index_select(1, order)`` whose backward gathers the gradient by ``inverse``.
-
-    ``order`` is a permutation, so each row's gradient comes from exactly one row: a gather,
-    not index_select's backward (a zero tensor, then index_add_ along dim 1, two passes).
-    Measured 2026-12-02 (1 thread, CPU time, min of 15 interleaved, load ~2): one (400, 16, 128)
-    float32 tensor, index_select 0.30 ms, zeros + index_add_ 0.59 ms; the layer's sort and
-    unsort this way save 0.2-0.9 ms of rnn_tanh / gru_after / lstm at 400,16,128 (7-49 ms),
-    nothing measurable at 35,20,200."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(1, order)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
-
-
-def permute_rows(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
-    """``x`` (T, B, ...) with its rows (dim 1) in ``order``; ``inverse`` is its inverse
-    permutation (:func:`sort_by_length`, :func:`sort_rows`): ``permute_rows(y, inverse,
-    order)`` puts them back. Both on x's device."""
-    if x.dim() < 2 or x.shape[1] != order.numel():  # (refused as index_select would)
-        raise ValueError(f"permute_rows: {order.numel()} rows for x of shape {tuple(x.shape)}")
-    return _PermuteRows.apply(x, order, inverse)
 
 
 def torch_order(lengths: Tensor, sorted_indices: Tensor | None, packed: bool) -> Tensor:
