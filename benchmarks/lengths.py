@@ -23,6 +23,15 @@ each batch is T, as when a batch is padded to its longest member.
 ``--presorted`` draws the same lengths but sorts them longest first (the same Σ lengths and
 kernel work), so the layer gathers no rows: the difference to a run without it is what the
 sort and unsort around the kernel cost (session 15: 2-4 ms of a 10-70 ms call at 400,16,128).
+
+``--passes`` splits that difference by side, to tell which part a kernel reading x (or writing
+the output) through a row index would save. It times, alternating in one process, the layer on
+presorted lengths (P), the same with ``x.index_select(1, perm)`` before it (the input side's
+gather and its backward: zeros + index_add), the same with ``output.index_select(1, perm)``
+after it (the output side's), and the unsorted lengths (U, today's path); ``perm`` is a fixed
+random permutation of the B rows (a gather costs the same whatever its content).
+
+    python benchmarks/lengths.py --passes --threads 1 --clock cpu --stat min --repeats 7
 """
 
 from __future__ import annotations
@@ -127,6 +136,26 @@ def bench(name: str, shape: tuple[int, int, int], lengths: torch.Tensor, repeats
     return timed([padded(theirs), packed, padded(ours), with_lengths], repeats, clock, stat)
 
 
+def bench_passes(name: str, shape: tuple[int, int, int], lengths: torch.Tensor, repeats: int,
+                 clock: Callable[[], float], stat: Callable[[list[float]], float]) -> list[float]:
+    """``--passes``: the times of P, P + input gather, P + output gather and U (module doc)."""
+    steps, batch, hidden = shape
+    layer = VARIANTS[name][0](hidden, hidden)
+    x = torch.randn(steps, batch, hidden, requires_grad=True)
+    presorted = lengths.sort(descending=True, stable=True).values
+    perm = torch.randperm(batch, generator=torch.Generator().manual_seed(1))
+
+    def run(lengths: torch.Tensor, gather_in: bool = False, gather_out: bool = False
+            ) -> Callable[[], object]:
+        def call() -> None:
+            out, _ = layer(x.index_select(1, perm) if gather_in else x, lengths=lengths)
+            (out.index_select(1, perm) if gather_out else out).sum().backward()
+        return call
+
+    return timed([run(presorted), run(presorted, gather_in=True),
+                  run(presorted, gather_out=True), run(lengths)], repeats, clock, stat)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
@@ -145,6 +174,8 @@ def main() -> None:
                         help="time rnnkit padded and lengths= only (torch's columns: nan)")
     parser.add_argument("--presorted", action="store_true",
                         help="the lengths sorted longest first: no sort or unsort gathers")
+    parser.add_argument("--passes", action="store_true",
+                        help="the sort/unsort cost split into input and output side (module doc)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,6 +184,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {args.stat} "
           f"{args.clock} time of {args.repeats}, load average {os.getloadavg()[0]:.2f}; "
           "forward+backward ms")
+    if args.passes:
+        header = (f"{'variant':<22} {'T,B,H':<11} {'lengths':<8} {'presorted':>9} {'+in':>6} "
+                  f"{'+out':>6} {'unsorted':>8} {'U-P':>6} {'(U-P)/U':>7}")
+        print(header)
+        print("-" * len(header))
+        for name in args.variants:
+            for text in args.shapes:
+                shape = tuple(int(v) for v in text.split(","))
+                for distribution in args.distributions:
+                    lengths = draw_lengths(distribution, shape[0], shape[1])
+                    p, pin, pout, u = (t * 1e3 for t in bench_passes(
+                        name, shape, lengths, args.repeats, clock, stat))
+                    print(f"{name:<22} {text:<11} {distribution:<8} {p:9.2f} {pin - p:6.2f} "
+                          f"{pout - p:6.2f} {u:8.2f} {u - p:6.2f} {(u - p) / u:7.2f}", flush=True)
+        return
     header = (f"{'variant':<22} {'T,B,H':<11} {'lengths':<8} {'Σ/TB':>5} {'torch pad':>9} "
               f"{'packed':>8} {'rnnkit pad':>10} {'lengths':>8} {'len/pad':>7} {'prop':>5} {'len/torch':>9} "
               f"{'µs/Σ':>6}")
