@@ -144,6 +144,15 @@ void check_saved(const Cfg& cf, const at::Tensor& x, const at::Tensor& saved, co
               "as layer_forward(training=True) returns it");
 }
 
+// The loop thread count an operator is given (0: automatic). It is cast to int and divides the
+// work: threads = 2^40 became 0 threads and the backward divided by it (SIGFPE, the fuzzer of
+// session 15); a negative count was taken as automatic without a word.
+constexpr int64_t kMaxThreads = 1024;
+void check_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 0 && threads <= kMaxThreads, "threads must be in [0, ", kMaxThreads,
+              "] (0: automatic), got ", threads);
+}
+
 // Returns (y, h_n, c_n, acts, cells, extra); the last three are what layer_backward needs
 // (empty unless training).
 // The regularisers' masks of an operator call, each checked and made contiguous (or undefined).
@@ -264,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward_packed(
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& pw,
     const at::Tensor& w_ih_t, const at::Tensor& w_hh_packed, at::IntArrayRef batch_sizes,
     int64_t nthreads) {
+  check_threads(nthreads);
   TORCH_CHECK(w_ih_t.dim() == 2 && w_ih_t.size(0) == w_ih.size(1) &&
                   w_ih_t.size(1) == w_ih.size(0) && w_ih_t.is_contiguous() &&
                   w_ih_t.scalar_type() == w_ih.scalar_type(),
