@@ -135,3 +135,48 @@ def test_scan_backward_refuses_h_of_another_shape(kind):
     short = _rand(T, B - 1, H)
     with pytest.raises(RuntimeError, match=r"grad_out and h must be contiguous \(T, B, H\)"):
         ops.minimal_scan_backward(torch.ones_like(short), gx, short, h0, lengths, kind)
+
+
+@pytest.mark.parametrize("flags", [(False, False, True), (True, False, False), (False, True, False)])
+def test_ln_operators_refuse_flags_of_another_kind(flags):
+    """An LSTM with before=True ran the reset-before GRU's buffer widths and returned numbers that
+    changed from call to call; a GRU with peephole or coupled likewise reads the flags."""
+    peephole, coupled, before = flags
+    kind = 1 if before else 2
+    gh = 4 * H if kind == 1 else 3 * H
+    args = [kind, peephole, coupled, before, _rand(T, B, gh), _rand(B, H),
+            _rand(B, H) if kind == 1 else None, _rand(gh, H), _rand(gh), _rand(gh),
+            _rand(H) if kind == 1 else None, _rand(H) if kind == 1 else None,
+            _rand(3, H) if peephole else None, None, None, [], False, 1]
+    with pytest.raises(RuntimeError, match=r"rnnkit_ln: (peephole and coupled are|before .*is) for kind"):
+        _ln().layer_forward(*args)
+
+
+@pytest.mark.parametrize("decoder", ["greedy", "beam"])
+def test_ctc_decode_reads_strided_lengths_by_their_strides(decoder):
+    """lengths were read through a raw pointer as if contiguous: a strided view decoded other
+    lengths than it holds."""
+    from rnnkit.decoding.ctc import _EXTENSION as DECODE_EXTENSION
+
+    ops = DECODE_EXTENSION.load()
+    if ops is None:
+        pytest.skip("ctc_decode kernels unavailable")
+    log_probs = torch.randn(6, 3, 5, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
+    lengths = torch.tensor([6, 4, 2])
+    strided = torch.zeros(6, dtype=torch.int64)[::2]
+    strided.copy_(lengths)
+    extra = [] if decoder == "greedy" else [4]
+    tail = [] if decoder == "greedy" else [0.0, None, 2, None]
+    call = getattr(ops, decoder)
+    want = call(log_probs, lengths, *extra, 0, *tail)
+    got = call(log_probs, strided, *extra, 0, *tail)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lengths", [torch.tensor([4.0, 3.0]), torch.tensor([[4, 3]])])
+def test_checked_lengths_refuses_lengths_that_are_not_int64_1d(lengths):
+    import rnnkit.validation  # noqa: F401  (registers rnnkit::checked_lengths)
+
+    with pytest.raises(ValueError, match=r"checked_lengths: lengths must be an int64 \(B,\)"):
+        torch.ops.rnnkit.checked_lengths(lengths, 4)

@@ -382,7 +382,10 @@ void for_each_utterance(int64_t batch, int64_t chunk, const Decode& decode) {
   });
 }
 
-Outputs greedy(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_t blank) {
+Outputs greedy(const at::Tensor& log_probs_in, const at::Tensor& lengths_in, int64_t blank) {
+  // (lengths read through a raw pointer: a strided view was read as if contiguous, a silent
+  // wrong answer)
+  const at::Tensor lengths = lengths_in.contiguous();
   check_inputs(log_probs_in, lengths, blank);
   const at::Tensor log_probs = log_probs_in.contiguous();
   const int64_t batch = log_probs.size(1), classes = log_probs.size(2);
@@ -398,9 +401,10 @@ Outputs greedy(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_
   return pack(decoded, 1);
 }
 
-Outputs beam(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_t beam_width,
+Outputs beam(const at::Tensor& log_probs_in, const at::Tensor& lengths_in, int64_t beam_width,
              int64_t blank, double beta, std::optional<double> prune_below, int64_t nbest,
              std::optional<double> beam_threshold) {
+  const at::Tensor lengths = lengths_in.contiguous();  // (as greedy's)
   check_inputs(log_probs_in, lengths, blank);
   TORCH_CHECK_VALUE(beam_width >= 1 && nbest >= 1, "rnnkit ctc_decode: beam_width and nbest "
                     "must be at least 1");

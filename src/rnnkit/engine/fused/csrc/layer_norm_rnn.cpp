@@ -851,6 +851,12 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
 
 Variant variant_of(int64_t kind, bool peephole, bool coupled, bool before) {
   TORCH_CHECK(kind == kLSTM || kind == kGRU, "rnnkit_ln: kind must be 1 (lstm) or 2 (gru)");
+  // (the loops read v.before and v.coupled without asking the kind: an LSTM with before=True
+  // ran the GRU-before's buffer widths and returned numbers that changed from call to call)
+  TORCH_CHECK(kind == kLSTM || (!peephole && !coupled),
+              "rnnkit_ln: peephole and coupled are for kind 1 (lstm), not a GRU");
+  TORCH_CHECK(kind == kGRU || !before, "rnnkit_ln: before (reset before) is for kind 2 (gru), "
+              "not an LSTM");
   return Variant{kind, peephole, coupled, before};
 }
 
