@@ -180,3 +180,17 @@ def test_checked_lengths_refuses_lengths_that_are_not_int64_1d(lengths):
 
     with pytest.raises(ValueError, match=r"checked_lengths: lengths must be an int64 \(B,\)"):
         torch.ops.rnnkit.checked_lengths(lengths, 4)
+
+
+@pytest.mark.parametrize("name, wrong", [("w_ih", _rand(3 * H, IN, dtype=torch.float32)),
+                                         ("w_hh", _rand(3 * H)),
+                                         ("w_hh", _rand(3 * H, H + 1))])
+def test_fused_step_names_a_weight_of_another_dtype_or_shape(name, wrong):
+    """A float32 w_ih for float64 x raised "expected scalar type Double but found Float", a 1-D
+    w_hh "Dimension out of range": neither named the argument."""
+    ops = _fused()
+    weights = {"w_ih": _rand(3 * H, IN), "w_hh": _rand(3 * H, H)}
+    weights[name] = wrong
+    with pytest.raises(RuntimeError, match=f"^{name} must be \\(G\\*H, "):
+        ops.step(2, 0, False, False, False, _rand(B, IN), _rand(B, H), None, *weights.values(),
+                 None, None, None, 0)

@@ -315,6 +315,9 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 void check_inputs(const at::Tensor& log_probs, const at::Tensor& lengths, int64_t blank) {
   TORCH_CHECK_VALUE(log_probs.dim() == 3 && log_probs.device().is_cpu(),
                     "rnnkit ctc_decode: log_probs must be a (T, N, C) CPU tensor");
+  TORCH_CHECK_VALUE(log_probs.scalar_type() == at::kFloat || log_probs.scalar_type() == at::kDouble,
+                    "rnnkit ctc_decode: log_probs must be float32 or float64, got ",
+                    log_probs.scalar_type());
   TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == log_probs.size(1) &&
                         lengths.scalar_type() == at::kLong && lengths.device().is_cpu(),
                     "rnnkit ctc_decode: lengths must be an int64 CPU tensor of N entries");
