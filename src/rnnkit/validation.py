@@ -252,6 +252,11 @@ def checked_lengths(lengths: Tensor, max_length: int) -> Tensor:
     An operator so that a traced graph (torch.compile, torch.export) checks the values where it
     runs; its result feeds the layer, so the check cannot be dropped from the graph.
     """
+    # (_traced_lengths passes int64 (B,); a direct call with float or 2-D lengths returned them)
+    if lengths.dtype != torch.int64 or lengths.dim() != 1:
+        raise ValueError("rnnkit::checked_lengths: lengths must be an int64 (B,) tensor, got "
+                         f"{str(lengths.dtype).removeprefix('torch.')} of shape "
+                         f"{tuple(lengths.shape)}")
     check_length_values(lengths, max_length)
     return lengths.clone()
 

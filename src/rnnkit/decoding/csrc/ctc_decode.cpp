@@ -315,6 +315,9 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 void check_inputs(const at::Tensor& log_probs, const at::Tensor& lengths, int64_t blank) {
   TORCH_CHECK_VALUE(log_probs.dim() == 3 && log_probs.device().is_cpu(),
                     "rnnkit ctc_decode: log_probs must be a (T, N, C) CPU tensor");
+  TORCH_CHECK_VALUE(log_probs.scalar_type() == at::kFloat || log_probs.scalar_type() == at::kDouble,
+                    "rnnkit ctc_decode: log_probs must be float32 or float64, got ",
+                    log_probs.scalar_type());
   TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == log_probs.size(1) &&
                         lengths.scalar_type() == at::kLong && lengths.device().is_cpu(),
                     "rnnkit ctc_decode: lengths must be an int64 CPU tensor of N entries");
@@ -382,7 +385,10 @@ void for_each_utterance(int64_t batch, int64_t chunk, const Decode& decode) {
   });
 }
 
-Outputs greedy(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_t blank) {
+Outputs greedy(const at::Tensor& log_probs_in, const at::Tensor& lengths_in, int64_t blank) {
+  // (lengths read through a raw pointer: a strided view was read as if contiguous, a silent
+  // wrong answer)
+  const at::Tensor lengths = lengths_in.contiguous();
   check_inputs(log_probs_in, lengths, blank);
   const at::Tensor log_probs = log_probs_in.contiguous();
   const int64_t batch = log_probs.size(1), classes = log_probs.size(2);
@@ -398,9 +404,10 @@ Outputs greedy(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_
   return pack(decoded, 1);
 }
 
-Outputs beam(const at::Tensor& log_probs_in, const at::Tensor& lengths, int64_t beam_width,
+Outputs beam(const at::Tensor& log_probs_in, const at::Tensor& lengths_in, int64_t beam_width,
              int64_t blank, double beta, std::optional<double> prune_below, int64_t nbest,
              std::optional<double> beam_threshold) {
+  const at::Tensor lengths = lengths_in.contiguous();  // (as greedy's)
   check_inputs(log_probs_in, lengths, blank);
   TORCH_CHECK_VALUE(beam_width >= 1 && nbest >= 1, "rnnkit ctc_decode: beam_width and nbest "
                     "must be at least 1");

@@ -253,9 +253,12 @@ std::tuple<at::Tensor, at::Tensor> minimal_scan_backward(const at::Tensor& grad_
                                                          const at::Tensor& h, const at::Tensor& h0,
                                                          const at::Tensor& lengths, int64_t kind) {
   const Shape s = check(gx, h0, lengths, kind);
-  TORCH_CHECK(grad_out.sizes() == h.sizes() && grad_out.is_contiguous() && h.is_contiguous() &&
-                  grad_out.scalar_type() == gx.scalar_type(),
-              "minimal_scan_backward: grad_out and h must be contiguous (T, B, H) tensors of gx's dtype");
+  // (h's shape too: the loops read T*B*H values of it, and h of another shape was read past its end)
+  TORCH_CHECK(grad_out.sizes() == h.sizes() && h.sizes() == at::IntArrayRef({s.steps, s.batch, s.hidden}) &&
+                  grad_out.is_contiguous() && h.is_contiguous() && grad_out.scalar_type() == gx.scalar_type() &&
+                  h.scalar_type() == gx.scalar_type(),
+              "minimal_scan_backward: grad_out and h must be contiguous (T, B, H) = (", s.steps, ", ", s.batch,
+              ", ", s.hidden, ") tensors of gx's dtype, got ", grad_out.sizes(), " and ", h.sizes());
   at::Tensor grad_gx = at::empty_like(gx);
   at::Tensor grad_h0 = at::empty_like(h0);  // carries G while time runs back; ends as dL/dh0
   const int64_t* length = lengths.numel() ? lengths.data_ptr<int64_t>() : nullptr;

@@ -144,6 +144,25 @@ void check_saved(const Cfg& cf, const at::Tensor& x, const at::Tensor& saved, co
               "as layer_forward(training=True) returns it");
 }
 
+// The loop thread count an operator is given (0: automatic). It is cast to int and divides the
+// work: threads = 2^40 became 0 threads and the backward divided by it (SIGFPE, the fuzzer of
+// session 15); a negative count was taken as automatic without a word.
+constexpr int64_t kMaxThreads = 1024;
+void check_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 0 && threads <= kMaxThreads, "threads must be in [0, ", kMaxThreads,
+              "] (0: automatic), got ", threads);
+}
+
+// A (G*H, K) weight of x's dtype.
+void check_weight(const Cfg& cf, const at::Tensor& x, const at::Tensor& w, int64_t K,
+                  const char* name) {
+  TORCH_CHECK(w.defined() && w.dim() == 2 && w.size(0) == cf.G * cf.H && w.size(1) == K &&
+                  w.scalar_type() == x.scalar_type(),
+              name, " must be (G*H, ", K, ") = (", cf.G * cf.H, ", ", K, ") of x's dtype (",
+              x.scalar_type(), "), got ",
+              w.defined() ? c10::str(w.sizes(), " of ", w.scalar_type()) : std::string("None"));
+}
+
 // Returns (y, h_n, c_n, acts, cells, extra); the last three are what layer_backward needs
 // (empty unless training).
 // The regularisers' masks of an operator call, each checked and made contiguous (or undefined).
@@ -181,8 +200,10 @@ ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tens
   TORCH_CHECK(h0.dim() == 2, "h0 must be (B, H)");
   const int64_t H = h0.size(1);
   Cfg cf = make_cfg(v.kind, v.act, v.peep, v.coupled, v.before, x, H, batch_sizes);
-  TORCH_CHECK(w_ih.size(0) == cf.G * H && w_ih.size(1) == cf.I, "w_ih has the wrong shape");
-  TORCH_CHECK(w_hh.size(0) == cf.G * H && w_hh.size(1) == H, "w_hh has the wrong shape");
+  // (a weight of another dtype or rank raised "expected scalar type Double but found Float" or
+  // "Dimension out of range", naming no argument)
+  check_weight(cf, x, w_ih, cf.I, "w_ih");
+  check_weight(cf, x, w_hh, H, "w_hh");
   TORCH_CHECK(cf.kind != LSTM || c0.defined(), "an LSTM needs c0");
   check_bias_and_peepholes(cf, x, b_ih, b_hh, pw);
   check_state(cf, x, h0, "h0");
@@ -264,6 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward_packed(
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& pw,
     const at::Tensor& w_ih_t, const at::Tensor& w_hh_packed, at::IntArrayRef batch_sizes,
     int64_t nthreads) {
+  check_threads(nthreads);
   TORCH_CHECK(w_ih_t.dim() == 2 && w_ih_t.size(0) == w_ih.size(1) &&
                   w_ih_t.size(1) == w_ih.size(0) && w_ih_t.is_contiguous() &&
                   w_ih_t.scalar_type() == w_ih.scalar_type(),

@@ -172,6 +172,7 @@ std::tuple<at::Tensor, at::Tensor> step(int64_t kind, int64_t act, bool peep, bo
                                         const std::optional<at::Tensor>& b_ih,
                                         const std::optional<at::Tensor>& b_hh,
                                         const std::optional<at::Tensor>& pw, int64_t nthreads) {
+  check_threads(nthreads);
   TORCH_CHECK(x.dim() == 2, "x must be (B, I)");
   at::Tensor h_out, c_out;
   if (step_lean({kind, act, peep, coupled, before}, x, h, opt(c), w_ih, w_hh, opt(b_ih),
@@ -244,6 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_packed(
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& pw,
     const at::Tensor& gemv_ih, const at::Tensor& gemv_hh, int64_t nthreads) {
+  check_threads(nthreads);
   at::Tensor y, h_n, c_n;
   if (forward_lean({kind, act, peep, coupled, before}, x, h0, opt(c0), w_ih, w_hh, opt(b_ih),
                    opt(b_hh), opt(pw), gemv_ih, gemv_hh, nthreads, y, h_n, c_n))
@@ -261,6 +263,7 @@ std::tuple<at::Tensor, at::Tensor> step_packed(
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& pw,
     const at::Tensor& gemv_ih, const at::Tensor& gemv_hh, int64_t nthreads) {
+  check_threads(nthreads);
   TORCH_CHECK(x.dim() == 2, "x must be (B, I)");
   at::Tensor h_out, c_out;
   if (step_lean({kind, act, peep, coupled, before}, x, h, opt(c), w_ih, w_hh, opt(b_ih),

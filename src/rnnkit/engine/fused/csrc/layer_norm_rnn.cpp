@@ -851,6 +851,12 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
 
 Variant variant_of(int64_t kind, bool peephole, bool coupled, bool before) {
   TORCH_CHECK(kind == kLSTM || kind == kGRU, "rnnkit_ln: kind must be 1 (lstm) or 2 (gru)");
+  // (the loops read v.before and v.coupled without asking the kind: an LSTM with before=True
+  // ran the GRU-before's buffer widths and returned numbers that changed from call to call)
+  TORCH_CHECK(kind == kLSTM || (!peephole && !coupled),
+              "rnnkit_ln: peephole and coupled are for kind 1 (lstm), not a GRU");
+  TORCH_CHECK(kind == kGRU || !before, "rnnkit_ln: before (reset before) is for kind 2 (gru), "
+              "not an LSTM");
   return Variant{kind, peephole, coupled, before};
 }
 
@@ -889,6 +895,21 @@ void check_parameters(const Variant& v, int64_t H, at::ScalarType dtype, const T
               ") of the input's dtype");
 }
 
+// A tensor the loops read or write through raw pointers at the sizes the other arguments imply:
+// one of another shape or dtype was read or written past its end (a direct operator call with a
+// c0 or saved activations of another batch crashed the process or corrupted the heap: the
+// fuzzer of session 15). One line naming the tensor, the shape it must have and what was given.
+void check_tensor(const Tensor& t, at::IntArrayRef want, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.sizes() == want && t.scalar_type() == dtype, "rnnkit_ln: ", name, " must be ",
+              want, " of ", dtype, ", got ", t.sizes(), " of ", t.scalar_type());
+}
+
+// The dtype every tensor of a call shares: the kernels exist for float32 and float64.
+void check_dtype(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "rnnkit_ln: ",
+              name, " must be float32 or float64, got ", t.scalar_type());
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forward(
     int64_t kind, bool peephole, bool coupled, bool before, const Tensor& gx, const Tensor& h0,
     const std::optional<Tensor>& c0, const Tensor& w_hh, const Tensor& ln_weight,
@@ -904,6 +925,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
   // backward (every variant; session 13 for the GRU-before).
   TORCH_CHECK(ln_ih_weight.has_value() == ln_ih_bias.has_value(),
               "rnnkit_ln: the input LN's weight and bias come together");
+  check_dtype(gx, "gx");
+  TORCH_CHECK(h0.dim() == 2, "rnnkit_ln: h0 must be (B, H), got ", h0.sizes());
   TORCH_CHECK((gx.dim() == 3 || gx.dim() == 2) && gx.size(-1) == v.gates() * h0.size(1),
               "rnnkit_ln: gx must be (T, B, G*H), or packed (sum(batch_sizes), G*H)");
   TORCH_CHECK(!lstm || (c0 && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c0 and the cell LN");
@@ -966,15 +989,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
               "rnnkit_ln: the input LN's weight and the projection come together");
   TORCH_CHECK(!lstm || (c0 && cell_weight), "rnnkit_ln: the LSTM needs c0 and the cell LN");
   TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
-  check_parameters(v, h0.size(1), y.scalar_type(), w_hh, ln_weight, ln_bias, cell_weight,
+  check_dtype(y, "y");
+  TORCH_CHECK(y.dim() == 3 && h0.dim() == 2 && y.size(2) == h0.size(1),
+              "rnnkit_ln: y must be (T, B, H) and h0 (B, H), got ", y.sizes(), " and ",
+              h0.sizes());
+  const at::ScalarType dtype = y.scalar_type();
+  check_parameters(v, h0.size(1), dtype, w_hh, ln_weight, ln_bias, cell_weight,
                    std::nullopt, peep, ln_ih_weight, std::nullopt);
-  TORCH_CHECK(y.dim() == 3 && grad_y.sizes() == y.sizes(),
-              "rnnkit_ln: y and grad_y must be (T, B, H)");
   const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), GH = v.gates() * H;
+  check_tensor(grad_y, y.sizes(), dtype, "grad_y");
+  check_tensor(h0, {batch, H}, dtype, "h0");
+  if (lstm) check_tensor(*c0, {batch, H}, dtype, "c0");
+  if (grad_h_n) check_tensor(*grad_h_n, {batch, H}, dtype, "grad_h_n");
+  if (lstm && grad_c_n) check_tensor(*grad_c_n, {batch, H}, dtype, "grad_c_n");
   // acts (and d_gx, d_a) packed (Σ bs, G*H) where the forward's gx was (see StepRows)
+  TORCH_CHECK(acts.dim() == 2 || acts.dim() == 3,
+              "rnnkit_ln: acts must be the forward's saved activations, (T, B, G*H) or packed "
+              "(sum(batch_sizes), G*H), got ", acts.sizes());
   const StepRows rows_at = step_rows(acts, batch, batch_sizes);
-  TORCH_CHECK(rows_at.steps == steps && acts.size(-1) == GH,
-              "rnnkit_ln: acts must be the forward's saved activations of y's steps");
+  TORCH_CHECK(rows_at.steps == steps,
+              "rnnkit_ln: acts must be the forward's saved activations of y's ", steps, " steps");
+  // every saved tensor in the forward's layout: one row per row of gx
+  const auto saved = [&](const Tensor& t, int64_t width, const char* name) {
+    if (acts.dim() == 2) check_tensor(t, {rows_at.rows(), width}, dtype, name);
+    else check_tensor(t, {steps, batch, width}, dtype, name);
+  };
+  saved(acts, GH, "acts");
+  saved(ahat, GH, "ahat");
+  saved(stats, kStats, "stats");
+  if (lstm) saved(cells, 3 * H, "cells");
+  if (projection) saved(*projection, GH, "projection");
   Tensor dh = grad_h_n ? grad_h_n->contiguous().clone() : at::zeros({batch, H}, y.options());
   Tensor dc = lstm ? (grad_c_n ? grad_c_n->contiguous().clone()
                                : at::zeros({batch, H}, y.options()))
