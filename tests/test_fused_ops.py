@@ -146,6 +146,27 @@ def test_states_of_another_shape_are_refused_not_read_past(name, position, wrong
         ops().layer_backward(*backward)
 
 
+@pytest.mark.parametrize("threads", [-1, 1 << 40])
+def test_layer_operators_refuse_a_thread_count_out_of_range(threads):
+    """threads is cast to int: 2^40 became 0 loop threads and the backward divided by it (SIGFPE,
+    the operator fuzzer of session 15)."""
+    cfg = _config("gru_after")
+    args = list(_operator_args(cfg, grad=False))
+    y, _, _, acts, cells, extra = ops().layer_forward(*args)
+    x, h0, c0, w_ih, w_hh = args[5:10]
+    backward = [*cfg.args(), x, h0, c0, w_ih, w_hh, None, None, None, None, True, [], y, acts,
+                cells, extra, torch.ones_like(y), None, None, True, True, threads]
+    with pytest.raises(RuntimeError, match=r"threads must be in \[0, 1024\]"):
+        ops().layer_backward(*backward)
+    args[-1] = threads
+    with pytest.raises(RuntimeError, match=r"threads must be in \[0, 1024\]"):
+        ops().layer_forward(*args)
+    backward[-1] = 0
+    backward[8] = w_ih.float()  # a weight of another dtype: named
+    with pytest.raises(RuntimeError, match="w_ih must be"):
+        ops().layer_backward(*backward)
+
+
 def test_increasing_batch_sizes_are_refused():
     """Step t runs the first batch_sizes[t] rows: a row that ended cannot run again."""
     args = list(_operator_args(_config("gru_after"), grad=False))

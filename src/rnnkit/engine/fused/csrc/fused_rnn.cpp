@@ -140,8 +140,9 @@ void check_state(const Cfg& cf, const at::Tensor& x, const at::Tensor& state, co
 void check_saved(const Cfg& cf, const at::Tensor& x, const at::Tensor& saved, const char* name) {
   TORCH_CHECK(saved.dim() == 3 && saved.size(0) == cf.T && saved.size(1) == cf.B &&
                   saved.size(2) == cf.H && saved.scalar_type() == x.scalar_type(),
-              name, " must be (T, B, H) = (", cf.T, ", ", cf.B, ", ", cf.H, ") of x's dtype, "
-              "as layer_forward(training=True) returns it");
+              name, " must be (T, B, H) = (", cf.T, ", ", cf.B, ", ", cf.H, ") of x's dtype (",
+              x.scalar_type(), ") as layer_forward(training=True) returns it, got ",
+              saved.sizes(), " of ", saved.scalar_type());
 }
 
 // The loop thread count an operator is given (0: automatic). It is cast to int and divides the
@@ -246,6 +247,7 @@ ForwardResult layer_forward(int64_t kind, int64_t act, bool peep, bool coupled, 
                             const std::optional<at::Tensor>& zoneout_c,
                             at::IntArrayRef batch_sizes, bool training, int64_t nthreads,
                             bool bf16) {
+  check_threads(nthreads);
   TORCH_CHECK(x.dim() == 3 && h0.dim() == 2, "x must be (T, B, I) and h0 (B, H)");
   const Cfg cf = make_cfg(kind, act, peep, coupled, before, x, h0.size(1), batch_sizes.vec());
   const Masks masks = check_masks(cf, x, recurrent_mask, zoneout_h, zoneout_c);
@@ -334,12 +336,13 @@ layer_backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
   make_contiguous(pw);
   make_contiguous(gh);
   make_contiguous(gc);
+  check_threads(nthreads);
+  TORCH_CHECK(x.dim() == 3 && h0.dim() == 2, "x must be (T, B, I) and h0 (B, H)");
   const int64_t H = h0.size(1);
   Cfg cf = make_cfg(kind, act, peep, coupled, before, x, H, batch_sizes.vec());
   const Masks masks = check_masks(cf, x, recurrent_mask, zoneout_h, zoneout_c);
-  TORCH_CHECK(w_ih.size(0) == cf.G * H && w_ih.size(1) == cf.I && w_hh.size(0) == cf.G * H &&
-                  w_hh.size(1) == H,
-              "w_ih / w_hh have the wrong shape");
+  check_weight(cf, x, w_ih, cf.I, "w_ih");
+  check_weight(cf, x, w_hh, H, "w_hh");
   check_bias_and_peepholes(cf, x, at::Tensor(), at::Tensor(), pw);
   // (an Elman layer without zoneout of h saves no activations: its backward reads them from y)
   const bool acts_in_y = cf.kind == RNN && !masks.keep_h.defined();
