@@ -40,7 +40,7 @@ import argparse
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -156,6 +156,17 @@ def bench_passes(name: str, shape: tuple[int, int, int], lengths: torch.Tensor, 
                   run(presorted, gather_out=True), run(lengths)], repeats, clock, stat)
 
 
+def cases(args: argparse.Namespace
+          ) -> Iterator[tuple[str, str, tuple[int, ...], str, torch.Tensor]]:
+    """Every (variant, shape as given, shape, distribution, drawn lengths) the options ask for."""
+    for name in args.variants:
+        for text in args.shapes:
+            shape = tuple(int(v) for v in text.split(","))
+            for distribution in args.distributions:
+                yield name, text, shape, distribution, draw_lengths(distribution, shape[0],
+                                                                    shape[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
@@ -189,36 +200,27 @@ def main() -> None:
                   f"{'+out':>6} {'unsorted':>8} {'U-P':>6} {'(U-P)/U':>7}")
         print(header)
         print("-" * len(header))
-        for name in args.variants:
-            for text in args.shapes:
-                shape = tuple(int(v) for v in text.split(","))
-                for distribution in args.distributions:
-                    lengths = draw_lengths(distribution, shape[0], shape[1])
-                    p, pin, pout, u = (t * 1e3 for t in bench_passes(
-                        name, shape, lengths, args.repeats, clock, stat))
-                    print(f"{name:<22} {text:<11} {distribution:<8} {p:9.2f} {pin - p:6.2f} "
-                          f"{pout - p:6.2f} {u:8.2f} {u - p:6.2f} {(u - p) / u:7.2f}", flush=True)
+        for name, text, shape, distribution, lengths in cases(args):
+            p, pin, pout, u = (t * 1e3 for t in bench_passes(
+                name, shape, lengths, args.repeats, clock, stat))
+            print(f"{name:<22} {text:<11} {distribution:<8} {p:9.2f} {pin - p:6.2f} "
+                  f"{pout - p:6.2f} {u:8.2f} {u - p:6.2f} {(u - p) / u:7.2f}", flush=True)
         return
     header = (f"{'variant':<22} {'T,B,H':<11} {'lengths':<8} {'Σ/TB':>5} {'torch pad':>9} "
               f"{'packed':>8} {'rnnkit pad':>10} {'lengths':>8} {'len/pad':>7} {'prop':>5} {'len/torch':>9} "
               f"{'µs/Σ':>6}")
     print(header)
     print("-" * len(header))
-    for name in args.variants:
-        for text in args.shapes:
-            shape = tuple(int(v) for v in text.split(","))
-            for distribution in args.distributions:
-                lengths = draw_lengths(distribution, shape[0], shape[1])
-                if args.presorted:  # (stable: the layer's own order, so it gathers nothing)
-                    lengths = lengths.sort(descending=True, stable=True).values
-                total = int(lengths.sum())
-                fraction = total / (shape[0] * shape[1])
-                tp, tk, rp, rl = bench(name, shape, lengths, args.repeats, clock, stat,
-                                       args.skip_torch)
-                print(f"{name:<22} {text:<11} {distribution:<8} {fraction:5.2f} "
-                      f"{tp * 1e3:9.1f} {tk * 1e3:8.1f} {rp * 1e3:10.1f} {rl * 1e3:8.1f} "
-                      f"{rl / rp:7.2f} {rl / rp / fraction:5.2f} {rl / tp:9.2f} "
-                      f"{rl / total * 1e6:6.2f}", flush=True)
+    for name, text, shape, distribution, lengths in cases(args):
+        if args.presorted:  # (stable: the layer's own order, so it gathers nothing)
+            lengths = lengths.sort(descending=True, stable=True).values
+        total = int(lengths.sum())
+        fraction = total / (shape[0] * shape[1])
+        tp, tk, rp, rl = bench(name, shape, lengths, args.repeats, clock, stat, args.skip_torch)
+        print(f"{name:<22} {text:<11} {distribution:<8} {fraction:5.2f} "
+              f"{tp * 1e3:9.1f} {tk * 1e3:8.1f} {rp * 1e3:10.1f} {rl * 1e3:8.1f} "
+              f"{rl / rp:7.2f} {rl / rp / fraction:5.2f} {rl / tp:9.2f} "
+              f"{rl / total * 1e6:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

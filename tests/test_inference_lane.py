@@ -82,19 +82,25 @@ def test_lane_follows_the_weights(name, monkeypatch):
     assert not torch.equal(before[0], after[0])
 
 
-def test_lane_not_taken_for_another_shape_or_layout(monkeypatch):
+def _lstm_with_a_lane() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A plain LSTM that has run once (so it has a lane) and its input."""
     torch.manual_seed(0)
     layer = LAYERS["lstm"](INPUT, HIDDEN).eval()
     x = torch.randn(5, 4, INPUT)
     with torch.inference_mode():
         layer(x)
-        with monkeypatch.context() as patch:
-            _no_full_path(patch)
-            with pytest.raises(AssertionError, match="full lean path"):
-                layer(torch.randn(5, 3, INPUT))  # another batch
-            layer.batch_first = True  # the same shape read as (B, T, I)
-            with pytest.raises(AssertionError, match="full lean path"):
-                layer(x)
+    return layer, x
+
+
+def test_lane_not_taken_for_another_shape_or_layout(monkeypatch):
+    layer, x = _lstm_with_a_lane()
+    with torch.inference_mode(), monkeypatch.context() as patch:
+        _no_full_path(patch)
+        with pytest.raises(AssertionError, match="full lean path"):
+            layer(torch.randn(5, 3, INPUT))  # another batch
+        layer.batch_first = True  # the same shape read as (B, T, I)
+        with pytest.raises(AssertionError, match="full lean path"):
+            layer(x)
     want = _full_path(layer, x, monkeypatch)
     with torch.inference_mode():
         got = _flat(layer(x))
@@ -106,20 +112,16 @@ def test_lane_not_taken_for_another_shape_or_layout(monkeypatch):
 def test_lane_asks_the_route_again_when_it_may_have_changed(monkeypatch):
     """A plain LSTM's lane keeps the route it was made on: forcing torch's op (or any other
     change own_kernel_faster depends on) sends the call back to the full path, which routes it."""
-    torch.manual_seed(0)
-    layer = LAYERS["lstm"](INPUT, HIDDEN).eval()
-    x = torch.randn(5, 4, INPUT)
-    with torch.inference_mode():
-        layer(x)
-        with monkeypatch.context() as patch:
-            _no_full_path(patch)
-            layer(x)  # (the lane)
-            with fused.plain_lstm_path("torch"), pytest.raises(AssertionError,
-                                                               match="full lean path"):
-                layer(x)
-            patch.setattr(fused, "use_native", True)
-            with pytest.raises(AssertionError, match="full lean path"):
-                layer(x)
+    layer, x = _lstm_with_a_lane()
+    with torch.inference_mode(), monkeypatch.context() as patch:
+        _no_full_path(patch)
+        layer(x)  # (the lane)
+        with fused.plain_lstm_path("torch"), pytest.raises(AssertionError,
+                                                           match="full lean path"):
+            layer(x)
+        patch.setattr(fused, "use_native", True)
+        with pytest.raises(AssertionError, match="full lean path"):
+            layer(x)
 
 
 def test_a_layer_with_a_lane_pickles_and_loads_with_weights_only(tmp_path):
