@@ -116,6 +116,7 @@ def test_short_biases_or_peepholes_are_refused_not_read_past(name, position, sho
 @pytest.mark.parametrize("name, position, wrong, message", [
     ("lstm", 6, torch.rand(1, 5, dtype=torch.float64), "h0 must be"),  # another batch
     ("lstm", 7, torch.rand(3, 6, dtype=torch.float64), "c0 must be"),  # another width
+    ("lstm", 7, None, "c0 must be .* got None"),  # none at all
     ("gru_after", 6, torch.rand(3, 5, dtype=torch.float32), "h0 must be"),  # another dtype
     ("rnn_tanh", 6, torch.rand(2, 5, dtype=torch.float64), "h0 must be")])
 def test_states_of_another_shape_are_refused_not_read_past(name, position, wrong, message):

@@ -36,6 +36,7 @@ from rnnkit.cells.minimal import MinGRUMath, MinimalMath, MinLSTMMath, pickle_mi
 from rnnkit.engine import run_layer, torch_runs_stack
 from rnnkit.engine.fused import inference as lean_inference
 from rnnkit.engine.lengths import (
+    every_row_runs,
     reversal_rows,
     reverse_rows,
     reverse_within_lengths,
@@ -320,7 +321,7 @@ class RecurrentLayer(nn.Module):
                 values = lengths.tolist()
         # lengths that all equal T: the padded call itself, with nothing to sort, gather or zero
         ragged = lengths is not None and (traced or tied_dropout
-                                          or not (values and min(values) == steps))
+                                          or not every_row_runs(values, steps))
         if (not ragged and not tied_dropout and not self._regularised_now()
                 and torch_runs_stack(self.math, x, self.hidden_size, self.backend)):
             return self._format_output(*self._torch_stack(x, states0), packed, lengths, unbatched,
@@ -349,13 +350,9 @@ class RecurrentLayer(nn.Module):
                 x = x.index_select(1, order.to(x.device))
                 states0 = [s.index_select(1, order.to(x.device)) for s in states0]
         # the backward direction's in-length reversal: one index for every layer of the stack
+        # (None: every row runs every step, a plain flip in time)
         reversal = (None if sorted_lengths is None or not self.bidirectional
                     else reversal_rows(sorted_lengths, steps))
-
-        def reverse(sequence: Tensor) -> Tensor:
-            if reversal is None:
-                return reverse_within_lengths(sequence, None)  # (a plain flip)
-            return reverse_rows(sequence, reversal)
 
         layer_input = x.contiguous()
         finals: list[list[Tensor]] = [[] for _ in states0]
@@ -368,7 +365,7 @@ class RecurrentLayer(nn.Module):
                 state0 = tuple(s[index] for s in states0)
                 source = layer_input
                 if direction == 1:
-                    source = reverse(layer_input).contiguous()
+                    source = reverse_rows(layer_input, reversal).contiguous()
                 params = self.layer_params(layer, direction)
                 masks = None
                 if self._regularised_now():  # masks in a fixed order: same draws in any engine
@@ -383,7 +380,7 @@ class RecurrentLayer(nn.Module):
                     self.math, source, state0, params, batch_sizes, self.backend, masks,
                 )
                 if direction == 1:
-                    out = reverse(out)
+                    out = reverse_rows(out, reversal)
                 outputs.append(out)
                 for collected, value in zip(finals, final):
                     collected.append(value)

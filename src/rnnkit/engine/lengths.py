@@ -102,11 +102,12 @@ def torch_order(lengths: Tensor, sorted_indices: Tensor | None, packed: bool) ->
     return torch.sort(lengths.to(torch.int64), descending=True).indices
 
 
-def every_row_runs(lengths: Tensor, max_length: int) -> bool:
-    """Whether every row of checked ``lengths`` runs all ``max_length`` steps: a batch with
-    nothing to skip, which the layers run as the padded call itself (no sort, no gathers, no
-    padding to zero). False for no rows. (Eager only: a traced graph cannot read the values.)"""
-    return lengths.numel() > 0 and int(lengths.min()) == max_length
+def every_row_runs(lengths: Sequence[int], max_length: int) -> bool:
+    """Whether every row of checked ``lengths`` (Python ints: eager only, a traced graph cannot
+    read the values) runs all ``max_length`` steps: a batch with nothing to skip, which the
+    layers run as the padded call itself (no sort, no gathers, no padding to zero). False for
+    no rows."""
+    return len(lengths) > 0 and min(lengths) == max_length
 
 
 def batch_sizes_for(sorted_lengths: Tensor, max_length: int) -> list[int] | None:
@@ -132,9 +133,7 @@ def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
 
     The permutation is its own inverse, so the same call maps a reversed output back.
     """
-    if lengths is None:
-        return x.flip(0)
-    return reverse_rows(x, reversal_rows(lengths, x.shape[0]))
+    return reverse_rows(x, None if lengths is None else reversal_rows(lengths, x.shape[0]))
 
 
 def reversal_rows(lengths: Tensor, steps: int) -> Tensor:
@@ -149,8 +148,11 @@ def reversal_rows(lengths: Tensor, steps: int) -> Tensor:
     return (source * batch + torch.arange(batch)).reshape(-1)
 
 
-def reverse_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """``x`` (T, B, ...) permuted by :func:`reversal_rows`' ``rows`` (a new contiguous tensor)."""
+def reverse_rows(x: Tensor, rows: Tensor | None) -> Tensor:
+    """``x`` (T, B, ...) permuted by :func:`reversal_rows`' ``rows`` (a new contiguous tensor);
+    reversed in time when ``rows`` is None (no lengths: every row runs every step)."""
+    if rows is None:
+        return x.flip(0)
     steps, batch = x.shape[0], x.shape[1]
     flat = x.reshape(steps * batch, *x.shape[2:])
     return flat.index_select(0, rows.to(x.device)).view(x.shape)

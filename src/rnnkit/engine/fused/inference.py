@@ -67,7 +67,7 @@ from rnnkit.cells.base import weight_dtype
 from rnnkit.engine import threads
 from rnnkit.engine.fused import _build, _function, route_table
 from rnnkit.engine.fused._function import KERNELS, Config, peephole_weights
-from rnnkit.engine.lengths import longest_first, reversal_rows, reverse_rows
+from rnnkit.engine.lengths import every_row_runs, reversal_rows, reverse_rows, sort_rows
 from rnnkit.native import builtin_operator, tracing
 
 _ATTRIBUTE = "_inference_plan"  # (a plain attribute of the module: not a buffer, not saved)
@@ -431,7 +431,7 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
             w_ih, w_hh, b_ih, b_hh, pw = plan.weights[index]
             if direction == 1 and sorted_lengths is not None and reversal is None:
                 reversal = reversal_rows(torch.tensor(sorted_lengths), steps)  # (once a call)
-            source = layer_input if direction == 0 else _reverse(layer_input, reversal)
+            source = layer_input if direction == 0 else reverse_rows(layer_input, reversal)
             c0 = given[1][index] if states == 2 else None
             if batch1_packed or batched_packed:
                 if batch1_packed:
@@ -447,7 +447,7 @@ def layer_forward(layer: Any, input: Any, hx: Any, lengths: Any) -> tuple[Tensor
             else:
                 y, h, c, *_ = op(*args, source, given[0][index], c0, w_ih, w_hh, b_ih, b_hh, pw,
                                  None, None, None, bs, False, loop_threads, False)
-            outputs.append(y if direction == 0 else _reverse(y, reversal))
+            outputs.append(y if direction == 0 else reverse_rows(y, reversal))
             finals[0].append(h)
             if states == 2:
                 finals[1].append(c)
@@ -483,12 +483,12 @@ def _batch1_length(lengths: Any) -> int:
 def _ragged(lengths: Any, batch: int, steps: int
             ) -> tuple[list[int], list[int], Tensor | None, Tensor | None] | tuple[()] | None:
     """A batch's ``lengths`` as the kernels run them, in the general path's order
-    (``lengths.longest_first``: ``sort_by_length``'s stable longest-first order):
+    (``lengths.sort_rows``: ``sort_by_length``'s stable longest-first order):
     ``(sorted_lengths, batch_sizes, order, inverse)`` (order and inverse None when already
     longest first); ``()`` when every row runs every step (the padded call); None for lengths
     this path does not read or that are not valid (the general path then checks them and raises
-    the error). Read once as Python ints: 6 µs where the general path's tensor forms take
-    ~0.39 ms (``longest_first``)."""
+    the error). Read once as Python ints, as the general path reads them (6 µs; the tensor forms
+    took ~0.39 ms, see ``longest_first``)."""
     if isinstance(lengths, Tensor):
         if (lengths.dim() != 1 or lengths.is_floating_point() or lengths.is_complex()
                 or lengths.dtype == torch.bool):
@@ -503,23 +503,14 @@ def _ragged(lengths: Any, batch: int, steps: int
         return None
     if len(values) != batch or min(values) < 1 or max(values) > steps:
         return None
-    if min(values) == steps:
+    if every_row_runs(values, steps):
         return ()
-    order, batch_sizes = longest_first(values, steps)
-    sorted_lengths = [values[i] for i in order]
-    if order == list(range(batch)):  # already longest first: no gathers
+    order, inverse, sorted_lengths, batch_sizes = sort_rows(values, steps)
+    assert batch_sizes is not None  # (a row ends early: not every row runs)
+    if order is None:  # already longest first: no gathers
         return sorted_lengths, batch_sizes, None, None
-    inverse = [0] * batch
-    for position, row in enumerate(order):
-        inverse[row] = position
-    return sorted_lengths, batch_sizes, torch.tensor(order), torch.tensor(inverse)
-
-
-def _reverse(x: Tensor, rows: Tensor | None) -> Tensor:
-    """``x`` (T, B, F) reversed in time, each row within its own length when ``rows`` (the
-    call's ``lengths.reversal_rows``) is given (padding stays in place); the same call maps a
-    reversed output back."""
-    return x.flip(0) if rows is None else reverse_rows(x, rows)
+    return (sorted_lengths, batch_sizes, torch.tensor(order, dtype=torch.int64),
+            torch.tensor(inverse, dtype=torch.int64))
 
 
 _OPS: tuple[Any, Any, Any] | None = None

@@ -125,24 +125,30 @@ void check_bias_and_peepholes(const Cfg& cf, const at::Tensor& x, const at::Tens
               ") of x's dtype");
 }
 
+// What an argument check says it got: the tensor's sizes and dtype, or None.
+std::string described(const at::Tensor& t) {
+  return t.defined() ? c10::str(t.sizes(), " of ", t.scalar_type()) : std::string("None");
+}
+
 // A (B, H) state or state gradient of x's dtype. The loops read and write B*H values of each
 // through raw pointers: a state of another batch or width was read or written past its end
 // (measured: h0 of batch 1 with x of batch 4 corrupted the heap). The layers always pass their
 // own states; a direct operator call may not.
 void check_state(const Cfg& cf, const at::Tensor& x, const at::Tensor& state, const char* name) {
-  TORCH_CHECK(state.dim() == 2 && state.size(0) == cf.B && state.size(1) == cf.H &&
-                  state.scalar_type() == x.scalar_type(),
+  TORCH_CHECK(state.defined() && state.dim() == 2 && state.size(0) == cf.B &&
+                  state.size(1) == cf.H && state.scalar_type() == x.scalar_type(),
               name, " must be (B, H) = (", cf.B, ", ", cf.H, ") of x's dtype (", x.scalar_type(),
-              "), got ", state.sizes(), " of ", state.scalar_type());
+              "), got ", described(state));
 }
 
 // A saved (T, B, H) tensor that layer_backward reads (y, the LSTM's cells, the extra products).
 void check_saved(const Cfg& cf, const at::Tensor& x, const at::Tensor& saved, const char* name) {
-  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == cf.T && saved.size(1) == cf.B &&
-                  saved.size(2) == cf.H && saved.scalar_type() == x.scalar_type(),
+  TORCH_CHECK(saved.defined() && saved.dim() == 3 && saved.size(0) == cf.T &&
+                  saved.size(1) == cf.B && saved.size(2) == cf.H &&
+                  saved.scalar_type() == x.scalar_type(),
               name, " must be (T, B, H) = (", cf.T, ", ", cf.B, ", ", cf.H, ") of x's dtype (",
               x.scalar_type(), ") as layer_forward(training=True) returns it, got ",
-              saved.sizes(), " of ", saved.scalar_type());
+              described(saved));
 }
 
 // The loop thread count an operator is given (0: automatic). It is cast to int and divides the
@@ -160,8 +166,7 @@ void check_weight(const Cfg& cf, const at::Tensor& x, const at::Tensor& w, int64
   TORCH_CHECK(w.defined() && w.dim() == 2 && w.size(0) == cf.G * cf.H && w.size(1) == K &&
                   w.scalar_type() == x.scalar_type(),
               name, " must be (G*H, ", K, ") = (", cf.G * cf.H, ", ", K, ") of x's dtype (",
-              x.scalar_type(), "), got ",
-              w.defined() ? c10::str(w.sizes(), " of ", w.scalar_type()) : std::string("None"));
+              x.scalar_type(), "), got ", described(w));
 }
 
 // Returns (y, h_n, c_n, acts, cells, extra); the last three are what layer_backward needs
@@ -205,7 +210,6 @@ ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tens
   // "Dimension out of range", naming no argument)
   check_weight(cf, x, w_ih, cf.I, "w_ih");
   check_weight(cf, x, w_hh, H, "w_hh");
-  TORCH_CHECK(cf.kind != LSTM || c0.defined(), "an LSTM needs c0");
   check_bias_and_peepholes(cf, x, b_ih, b_hh, pw);
   check_state(cf, x, h0, "h0");
   if (cf.kind == LSTM) check_state(cf, x, c0, "c0");
