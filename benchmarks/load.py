@@ -84,7 +84,7 @@ def modes(threads_max: int) -> dict[str, Callable[[], None]]:
 
 
 def bench(name: str, shape: tuple[int, int, int], threads_max: int, rounds: int,
-          repeats: int) -> tuple[dict[str, float], set[int]]:
+          repeats: int, with_torch: bool = True) -> tuple[dict[str, float], set[int]]:
     make_ours, make_theirs, _, _, _ = VARIANTS[name]
     steps, batch, hidden = shape
     ours, theirs = make_ours(hidden, hidden), make_theirs(hidden, hidden)
@@ -106,7 +106,7 @@ def bench(name: str, shape: tuple[int, int, int], threads_max: int, rounds: int,
             run()  # warm-up (and, for the governor, its first samples)
             seen = chosen if mode == "default" else None
             results.setdefault(mode, []).append(timed(run, repeats, seen))
-            if mode != "default":
+            if mode != "default" and with_torch:
                 run = train_step(theirs)
                 run()
                 results.setdefault(f"torch.nn {mode}", []).append(timed(run, repeats))
@@ -132,6 +132,11 @@ def main_job(threads_max: int, steps: int) -> dict[str, float]:
     return out
 
 
+def torch_ms(result: dict[str, float], mode: str) -> str:
+    """The torch.nn column's cell: skipped (``--skip-torch``) reads as a dash."""
+    return f"{result[mode]:.1f}" if mode in result else "–"
+
+
 def markdown(rows: list[tuple[str, tuple[int, int, int], dict[str, float], set[int]]],
              threads_max: int,
              busy: int, load: str) -> str:
@@ -153,8 +158,8 @@ def markdown(rows: list[tuple[str, tuple[int, int, int], dict[str, float], set[i
         lines.append(
             f"| {name} | {','.join(map(str, shape))} | {r['1 thread']:.1f} | {r[n]:.1f} | "
             f"{r['default']:.1f} | {', '.join(map(str, sorted(chosen)))} | "
-            f"{r['default'] / best:.2f} | {r['torch.nn 1 thread']:.1f} | "
-            f"{r['torch.nn ' + n]:.1f} |")
+            f"{r['default'] / best:.2f} | {torch_ms(r, 'torch.nn 1 thread')} | "
+            f"{torch_ms(r, 'torch.nn ' + n)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,6 +175,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--main-job", action="store_true",
                         help="also time `rnnkit train charlm --steps 100` in each setting")
+    parser.add_argument("--skip-torch", action="store_true",
+                        help="leave out the torch.nn columns (at 2 threads under load one "
+                             "torch.nn call can take seconds)")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown file whose load section to write (e.g. docs/performance.md)")
     parser.add_argument("--split", choices=["auto", "hidden", "batch"], default="auto",
@@ -183,7 +191,8 @@ def main() -> None:
     with fused.thread_split(args.split), busy_cores(args.busy, seconds=3600):
         for name in args.variants:
             for shape in shapes:
-                result, chosen = bench(name, shape, args.threads, args.rounds, args.repeats)
+                result, chosen = bench(name, shape, args.threads, args.rounds, args.repeats,
+                                       with_torch=not args.skip_torch)
                 rows.append((name, shape, result, chosen))
                 print(markdown(rows[-1:], args.threads, args.busy, load).splitlines()[-1],
                       flush=True)
