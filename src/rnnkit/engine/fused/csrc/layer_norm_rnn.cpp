@@ -194,11 +194,11 @@ __attribute__((flatten)) void own_mm(int64_t M, int64_t N, int64_t K, const floa
 }
 #endif
 
-// Whether a product of M rows runs through gemm_own (use_own_gemm): with brgemm at hand, not
-// below 4 rows, where gemm_own's tile holds 2-6 accumulators, fewer than the FMA latency x 2
-// pipes needs (8) (speed.py, 1 thread, loaded: LSTM-LN 200,1,64 forward 0.85 ms through
-// gemm_own, 0.71 through brgemm). (fused_rnn.cpp runs its 1-3 row products through
-// few_rows_strips instead, bit-equal to gemm_own.)
+// Whether a product of M rows over B as stored runs through gemm_own (use_own_gemm): with
+// brgemm at hand, not below 4 rows, where gemm_own's tile holds 2-6 accumulators, fewer than the
+// FMA latency x 2 pipes needs (8) (speed.py, 1 thread, loaded: LSTM-LN 200,1,64 forward 0.85 ms
+// through gemm_own, 0.71 through brgemm). The loops' per-step products over W_hh packed in
+// strips (StepB) run their 1-3 rows through few_rows_strips instead, as fused_rnn.cpp's.
 bool own_rows(int64_t M) { return use_own_gemm() && (M >= 4 || !brgemm_works()); }
 
 // Whether gemm_rm has a micro-kernel for float (gemm_own or brgemm).
@@ -246,7 +246,11 @@ constexpr int64_t kDotRowsMax = 4;
 // ldb floats apart that fall into a few L1 sets. Only for a loop of 2+ steps: for one step (a
 // streaming cell step) the packing copies as much as gemm_own's per-call packing and more than
 // the product reads (speed.py, 1 thread, loaded: LSTM-LN 1,1,256 single step 0.65 -> 0.98 ms
-// packed). Otherwise (one step, float64, brgemm) gemm_rm as stored.
+// packed). 1-3 rows take few_rows_strips (few_rows.h: several strips per tile, 8+ accumulators),
+// as fused_rnn.cpp's RecW::panels: in-process A/B against brgemm, 1 thread, CPU time, min of
+// 200, loaded: LSTM-LN forward 200,1,64 0.35 -> 0.32 ms, 200,3,256 11.6 -> 6.6, 100,1,256 5.7
+// -> 2.6; GRU-LN 200,1,64 0.27 -> 0.23, 100,1,256 2.3 -> 1.75. Otherwise (one step, float64,
+// brgemm) gemm_rm as stored.
 template <typename T>
 struct StepB {
   const T* b;  // B as stored, leading dimension N
@@ -288,11 +292,17 @@ struct StepB {
     if (w_rows) return gemv_rows(M, n, Ks, A, lda, w_rows + k0, ldw, C, ldc, false);
 #ifdef RNNKIT_OWN_GEMM
     if constexpr (std::is_same<T, float>::value) {
-      if (strips.defined() && own_rows(M)) {
+      if (strips.defined() && use_own_gemm()) {
         if (M <= 0 || n <= 0 || Ks <= 0) return gemm_rm(M, n, Ks, A, lda, b + k0 * N, N, C, ldc);
         constexpr int64_t S = rnnkit::kOwnCols;
         const float* d = strips.data_ptr<float>() + k0 * S;
-        for (int64_t n0 = 0; n0 < n; n0 += S)
+        int64_t n0 = 0;
+        if (M <= kFewRows) {  // 1-3 rows: the whole strips at once (few_rows_strips)
+          const int64_t whole = n / S;
+          few_rows_strips(M, whole, Ks, A, lda, d, K * S, C, ldc, false);
+          n0 = whole * S;
+        }
+        for (; n0 < n; n0 += S)
           own_mm(M, std::min(S, n - n0), Ks, A, lda, d + n0 * K, S, C + n0, ldc);
         return;
       }
