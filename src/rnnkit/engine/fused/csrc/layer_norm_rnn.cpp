@@ -148,10 +148,11 @@ inline void ln_row_backward_acc(const T* dy, const T* a_hat, T rstd, const T* w,
   for (j = 0; j < n; ++j) da[j] = rstd * (dy[j] * w[j] - mean_g - a_hat[j] * mean_ga);
 }
 
-// The BLAS, brgemm and GEMM-choice pieces are engine/csrc/blas.h's, shared with fused_rnn.cpp;
-// what is this file's own is how its products use them (gemm_rm below: brgemm for < 4 rows,
-// gemm_own through own_mm, brgemm in 256 x 256 blocks), and that nothing here changes the
-// choice after start-up (fused_rnn.cpp's set_gemm does not reach this extension).
+// The BLAS, brgemm and GEMM-choice pieces are engine/csrc/blas.h's, shared with fused_rnn.cpp,
+// and the few-row products (gemv_rows, few_rows_strips) few_rows.h's; what is this file's own
+// is how its products use them (gemm_rm below: brgemm for < 4 rows of B as stored, gemm_own
+// through own_mm, brgemm in 256 x 256 blocks), and that nothing here changes the choice after
+// start-up (fused_rnn.cpp's set_gemm does not reach this extension).
 using rnnkit::brgemm_works;
 using rnnkit::Gemm;
 
@@ -234,7 +235,7 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
 // does, so many rows run at a fraction of the GEMM's rate (the transposed copy of W then pays).
 // A single step's products at a few rows read W as stored: there W^T packed or transposed for a
 // GEMM costs a copy of the weight, more than the product, which reads it once.
-constexpr int64_t kDotRowsMax = 4;
+constexpr int64_t kGemvRowsMax = 4;
 
 // The B operand (K, N), row-major, of a product that every step of the time loop repeats (W_hh^T
 // in the forward, W_hh in the backward), as the steps read it. With gemm_own (float32,
@@ -436,7 +437,7 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
   const T* ib = in_w.defined() ? in_b.data_ptr<T>() : nullptr;
   // One step of a few rows (a streaming cell step): W_hh read as stored (gemv_rows). Else W^T
   // blocks, contiguous, so each step is one product per block
-  const bool as_stored = steps == 1 && batch <= kDotRowsMax;
+  const bool as_stored = steps == 1 && batch <= kGemvRowsMax;
   const Tensor w_t = as_stored ? Tensor()
                      : v.before ? w_hh.narrow(0, 0, 2 * H).t().contiguous()
                                 : w_hh.t().contiguous();
@@ -1014,7 +1015,7 @@ std::tuple<Tensor, Tensor> ln_step(int64_t kind, bool peephole, bool coupled, bo
   const Tensor iw = ln_ih_weight.contiguous(), ib = ln_ih_bias.contiguous();
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "rnnkit_ln_step_input", [&] {
     scalar_t* g = gx.data_ptr<scalar_t>();
-    if (batch <= kDotRowsMax) {
+    if (batch <= kGemvRowsMax) {
       gemv_rows<scalar_t>(batch, GH, I, xc.data_ptr<scalar_t>(), I, wi.data_ptr<scalar_t>(), I,
                           g, GH, false);
     } else {
