@@ -77,11 +77,13 @@
 //   this file    the operators' argument checks, start-up (BLAS, GEMM choice) and the
 //                torch.library registration
 #include "time_loop.h"
+#include "few_rows.h"
 #include "gemm.h"
 #include "bf16.h"
 #include "elman.h"
 #include "lstm.h"
 #include "gru.h"
+#include "packed.h"
 #include "layer.h"
 
 namespace {

@@ -52,71 +52,12 @@ bool partial(const Cfg& c) {
   return false;
 }
 
-// ----------------------------------------------------------------------------------------------
-// A ragged batch's rows that run, packed: step t's bs[t] rows (a prefix of the longest-first
-// batch) one after another, steps in order — the data layout of torch's PackedSequence. The
-// sequence-wide products (input projection, dx, dW_ih, dW_hh) run over these Σ bs rows as one
-// GEMM each, instead of over all T*B rows of the padded layout, where the rows that have ended
-// cost as much as the ones that run (session 12: ~35 % of the work of U(0.3T, T) lengths).
-// ----------------------------------------------------------------------------------------------
-struct Packed {
-  std::vector<int64_t> off;  // off[k]: the packed row of step k's row 0 (size n + 1)
-  int64_t rows() const { return off.back(); }
-};
+// The ragged layout (Packed, packed_rows, pack_steps, unpack_steps, zero_padded) is packed.h's,
+// shared with layer_norm_rnn.cpp.
 
-Packed packed_rows(const std::vector<int64_t>& bs) {
-  Packed p;
-  p.off.assign(bs.size() + 1, 0);
-  for (size_t k = 0; k < bs.size(); ++k) p.off[k + 1] = p.off[k] + bs[k];
-  return p;
-}
-
-// Leading steps where every row runs: their rows lie in the same order in both layouts.
-int64_t full_steps(const std::vector<int64_t>& bs, int64_t B) {
-  int64_t k = 0;
-  while (k < static_cast<int64_t>(bs.size()) && bs[k] == B) ++k;
-  return k;
-}
-
-// dst (packed rows, width) = the running rows of steps k (row 0 of step k at step(k), rows
-// width apart), times mask row m (width) when mask is not null.
-template <typename T, typename Step>
-void pack_steps(const std::vector<int64_t>& bs, const Packed& p, int64_t width, Step step,
-                const T* mask, T* dst) {
-  for (size_t k = 0; k < bs.size(); ++k) {
-    const T* s = step(static_cast<int64_t>(k));
-    T* d = dst + p.off[k] * width;
-    if (!mask) {
-      std::memcpy(d, s, bs[k] * width * sizeof(T));
-      continue;
-    }
-    for (int64_t m = 0; m < bs[k]; ++m)
-      for (int64_t j = 0; j < width; ++j) d[m * width + j] = s[m * width + j] * mask[m * width + j];
-  }
-}
-
-// The padded (n, B, width) dst from the packed src: step k's running rows copied, and with
-// zero_rest the rows past their length set to 0 (an output's padding).
-template <typename T>
-void unpack_steps(const std::vector<int64_t>& bs, const Packed& p, int64_t B, int64_t width,
-                  const T* src, T* dst, bool zero_rest) {
-  for (size_t k = 0; k < bs.size(); ++k) {
-    T* d = dst + static_cast<int64_t>(k) * B * width;
-    std::memcpy(d, src + p.off[k] * width, bs[k] * width * sizeof(T));
-    if (zero_rest) std::memset(d + bs[k] * width, 0, (B - bs[k]) * width * sizeof(T));
-  }
-}
-
-// A (T, B, width) tensor whose rows past each length are 0 (the loops write only the rows that
-// run): only those rows are zeroed, not the whole tensor first.
+// A (T, B, width) tensor whose rows past each length are 0 (packed.h's zero_padded).
 at::Tensor zero_padded(const Cfg& c, int64_t width, const at::TensorOptions& opts) {
-  at::Tensor out = at::empty({c.T, c.B, width}, opts);
-  const size_t item = c10::elementSize(opts.dtype().toScalarType());
-  char* base = static_cast<char*>(out.data_ptr());
-  for (int64_t t = 0; t < c.T; ++t)
-    std::memset(base + ((t * c.B + c.bs[t]) * width) * item, 0,
-                static_cast<size_t>((c.B - c.bs[t]) * width) * item);
-  return out;
+  return zero_padded(at::empty({c.T, c.B, width}, opts), c.bs);
 }
 
 // Threads for the time loop. nthreads > 0 forces a count (tests); otherwise torch's thread count,

@@ -8,7 +8,7 @@
 //   backward:    the hand-derived step backward in reverse time; it returns d(gx) (the LSTM:
 //                d(x W_ih^T)) and d(a) (the gradient before the recurrent LN); the W_hh
 //                gradient is then one GEMM over the rows in Python (all T*B, or a ragged
-//                batch's rows that run: StepRows)
+//                batch's rows that run: Packed, packed.h)
 //                (engine/fused/_layer_norm.py); the LN gains' and biases' and the peepholes'
 //                gradients are summed in the loop, per thread
 //
@@ -40,6 +40,8 @@
 
 #include "../../csrc/blas.h"  // (and own_gemm.h)
 #include "../../csrc/pointwise.h"
+#include "few_rows.h"
+#include "packed.h"
 
 namespace {
 
@@ -146,10 +148,11 @@ inline void ln_row_backward_acc(const T* dy, const T* a_hat, T rstd, const T* w,
   for (j = 0; j < n; ++j) da[j] = rstd * (dy[j] * w[j] - mean_g - a_hat[j] * mean_ga);
 }
 
-// The BLAS, brgemm and GEMM-choice pieces are engine/csrc/blas.h's, shared with fused_rnn.cpp;
-// what is this file's own is how its products use them (gemm_rm below: brgemm for < 4 rows,
-// gemm_own through own_mm, brgemm in 256 x 256 blocks), and that nothing here changes the
-// choice after start-up (fused_rnn.cpp's set_gemm does not reach this extension).
+// The BLAS, brgemm and GEMM-choice pieces are engine/csrc/blas.h's, shared with fused_rnn.cpp,
+// and the few-row products (gemv_rows, few_rows_strips) few_rows.h's; what is this file's own
+// is how its products use them (gemm_rm below: brgemm for < 4 rows of B as stored, gemm_own
+// through own_mm, brgemm in 256 x 256 blocks), and that nothing here changes the choice after
+// start-up (fused_rnn.cpp's set_gemm does not reach this extension).
 using rnnkit::brgemm_works;
 using rnnkit::Gemm;
 
@@ -192,11 +195,11 @@ __attribute__((flatten)) void own_mm(int64_t M, int64_t N, int64_t K, const floa
 }
 #endif
 
-// Whether a product of M rows runs through gemm_own (use_own_gemm): with brgemm at hand, not
-// below 4 rows, where gemm_own's tile holds 2-6 accumulators, fewer than the FMA latency x 2
-// pipes needs (8) (speed.py, 1 thread, loaded: LSTM-LN 200,1,64 forward 0.85 ms through
-// gemm_own, 0.71 through brgemm). (fused_rnn.cpp runs its 1-3 row products through
-// few_rows_strips instead, bit-equal to gemm_own.)
+// Whether a product of M rows over B as stored runs through gemm_own (use_own_gemm): with
+// brgemm at hand, not below 4 rows, where gemm_own's tile holds 2-6 accumulators, fewer than the
+// FMA latency x 2 pipes needs (8) (speed.py, 1 thread, loaded: LSTM-LN 200,1,64 forward 0.85 ms
+// through gemm_own, 0.71 through brgemm). The loops' per-step products over W_hh packed in
+// strips (StepB) run their 1-3 rows through few_rows_strips instead, as fused_rnn.cpp's.
 bool own_rows(int64_t M) { return use_own_gemm() && (M >= 4 || !brgemm_works()); }
 
 // Whether gemm_rm has a micro-kernel for float (gemm_own or brgemm).
@@ -227,69 +230,12 @@ inline void gemm_rm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   rnnkit::loop_gemm(M, N, K, A, lda, B, ldb, C, ldc, false);
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-// dot_rows for float on AVX2: 8 rows of W at a time, each read once for all M rows of A (8
-// accumulators: FMA latency x 2 pipes), the 8 sums reduced together and stored as one vector.
-// Returns the rows done (N rounded down to 8).
-inline int64_t dot_rows8(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                         const float* W, int64_t ldw, float* C, int64_t ldc) {
-  const int64_t N8 = N / 8 * 8, K8 = K / 8 * 8;
-  alignas(32) int32_t lanes[8];
-  for (int i = 0; i < 8; ++i) lanes[i] = i < K - K8 ? -1 : 0;
-  const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
-  for (int64_t n = 0; n < N8; n += 8) {
-    const float* w = W + n * ldw;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* a = A + m * lda;
-      __m256 s[8];
-      for (int r = 0; r < 8; ++r) s[r] = _mm256_setzero_ps();
-      int64_t k = 0;
-      for (; k < K8; k += 8) {
-        const __m256 av = _mm256_loadu_ps(a + k);
-        for (int r = 0; r < 8; ++r) s[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * ldw + k), av, s[r]);
-      }
-      if (k < K) {
-        const __m256 av = _mm256_maskload_ps(a + k, tail);
-        for (int r = 0; r < 8; ++r)
-          s[r] = _mm256_fmadd_ps(_mm256_maskload_ps(w + r * ldw + k, tail), av, s[r]);
-      }
-      // hadd tree: [s0 s1 s2 s3 | s4 s5 s6 s7] lanes, low and high 128-bit halves then added
-      const __m256 s01 = _mm256_hadd_ps(s[0], s[1]), s23 = _mm256_hadd_ps(s[2], s[3]);
-      const __m256 s45 = _mm256_hadd_ps(s[4], s[5]), s67 = _mm256_hadd_ps(s[6], s[7]);
-      const __m256 lo = _mm256_hadd_ps(s01, s23), hi = _mm256_hadd_ps(s45, s67);
-      _mm256_storeu_ps(C + m * ldc + n, _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20),
-                                                      _mm256_permute2f128_ps(lo, hi, 0x31)));
-    }
-  }
-  return N8;
-}
-#endif
-
-// Row-major C(M, N) = A(M, K) W(N, K)^T with W read as stored: one dot product per row of W,
-// each W row read once for all M rows. The products of a single step (a streaming cell step, a
-// layer of length 1) at a few rows: there W^T packed or transposed for a GEMM costs a copy of
-// the weight, more than the product, which reads it once; and MKL's sgemv on the AMD EPYC CPUs
-// this project runs on took 79 us for a 768 x 256 weight where a dot per row takes ~10 (see
-// fused_rnn.cpp's gemv_rows, the same product for the plain cells). Plain reference: A @ W.T.
-template <typename T>
-inline void dot_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W,
-                     int64_t ldw, T* C, int64_t ldc) {
-  int64_t n0 = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (std::is_same<T, float>::value) n0 = dot_rows8(M, N, K, A, lda, W, ldw, C, ldc);
-#endif
-  for (int64_t n = n0; n < N; ++n)
-    for (int64_t m = 0; m < M; ++m) {
-      const T* a = A + m * lda;
-      const T* w = W + n * ldw;
-      C[m * ldc + n] = lane_sum<T>(K, [&](int64_t j) { return w[j] * a[j]; });
-    }
-}
-
-// At most this many rows take dot_rows in a single step: it reads W once per block of 8 of its
-// rows for all of them, but holds no rows of A in registers as a GEMM tile does, so many rows
-// run at a fraction of the GEMM's rate (the transposed copy of W then pays).
-constexpr int64_t kDotRowsMax = 4;
+// At most this many rows take gemv_rows (few_rows.h) in a single step: it reads W once per
+// block of 8 of its rows for all of them, but holds no rows of A in registers as a GEMM tile
+// does, so many rows run at a fraction of the GEMM's rate (the transposed copy of W then pays).
+// A single step's products at a few rows read W as stored: there W^T packed or transposed for a
+// GEMM costs a copy of the weight, more than the product, which reads it once.
+constexpr int64_t kGemvRowsMax = 4;
 
 // The B operand (K, N), row-major, of a product that every step of the time loop repeats (W_hh^T
 // in the forward, W_hh in the backward), as the steps read it. With gemm_own (float32,
@@ -301,16 +247,20 @@ constexpr int64_t kDotRowsMax = 4;
 // ldb floats apart that fall into a few L1 sets. Only for a loop of 2+ steps: for one step (a
 // streaming cell step) the packing copies as much as gemm_own's per-call packing and more than
 // the product reads (speed.py, 1 thread, loaded: LSTM-LN 1,1,256 single step 0.65 -> 0.98 ms
-// packed). Otherwise (one step, float64, brgemm) gemm_rm as stored.
+// packed). 1-3 rows take few_rows_strips (few_rows.h: several strips per tile, 8+ accumulators),
+// as fused_rnn.cpp's RecW::panels: in-process A/B against brgemm, 1 thread, CPU time, min of
+// 200, loaded: LSTM-LN forward 200,1,64 0.35 -> 0.32 ms, 200,3,256 11.6 -> 6.6, 100,1,256 5.7
+// -> 2.6; GRU-LN 200,1,64 0.27 -> 0.23, 100,1,256 2.3 -> 1.75. Otherwise (one step, float64,
+// brgemm) gemm_rm as stored.
 template <typename T>
 struct StepB {
   const T* b;  // B as stored, leading dimension N
   int64_t K, N;
   Tensor strips;  // (undefined: gemm_rm on b)
   const T* w_rows = nullptr;  // (set: B = W^T with W (N, K) as stored, leading dimension ldw,
-  int64_t ldw = 0;            // dot_rows; see rows_of)
+  int64_t ldw = 0;            // gemv_rows; see rows_of)
 
-  // B = W^T for W (N, K) rows of leading dimension ldw read as stored (dot_rows): no copy
+  // B = W^T for W (N, K) rows of leading dimension ldw read as stored (gemv_rows): no copy
   static StepB rows_of(const T* w, int64_t K, int64_t N, int64_t ldw) {
     StepB s(nullptr, K, N, 1, at::TensorOptions());
     s.w_rows = w;
@@ -340,14 +290,20 @@ struct StepB {
   // C(M, n) = A(M, Ks) B[k0 : k0 + Ks, 0 : n], n <= N
   void mul(int64_t M, int64_t n, int64_t Ks, const T* A, int64_t lda, int64_t k0, T* C,
            int64_t ldc) const {
-    if (w_rows) return dot_rows(M, n, Ks, A, lda, w_rows + k0, ldw, C, ldc);
+    if (w_rows) return gemv_rows(M, n, Ks, A, lda, w_rows + k0, ldw, C, ldc, false);
 #ifdef RNNKIT_OWN_GEMM
     if constexpr (std::is_same<T, float>::value) {
-      if (strips.defined() && own_rows(M)) {
+      if (strips.defined() && use_own_gemm()) {
         if (M <= 0 || n <= 0 || Ks <= 0) return gemm_rm(M, n, Ks, A, lda, b + k0 * N, N, C, ldc);
         constexpr int64_t S = rnnkit::kOwnCols;
         const float* d = strips.data_ptr<float>() + k0 * S;
-        for (int64_t n0 = 0; n0 < n; n0 += S)
+        int64_t n0 = 0;
+        if (M <= kFewRows) {  // 1-3 rows: the whole strips at once (few_rows_strips)
+          const int64_t whole = n / S;
+          few_rows_strips(M, whole, Ks, A, lda, d, K * S, C, ldc, false);
+          n0 = whole * S;
+        }
+        for (; n0 < n; n0 += S)
           own_mm(M, std::min(S, n - n0), Ks, A, lda, d + n0 * K, S, C + n0, ldc);
         return;
       }
@@ -429,57 +385,31 @@ inline T sg(T y) { return y * (1 - y); }  // sigmoid'(x) from y = sigmoid(x)
 template <typename T>
 inline T tg(T y) { return 1 - y * y; }  // tanh'(x) from y = tanh(x)
 
-int64_t active_rows(at::IntArrayRef bs, int64_t t, int64_t batch) {
-  return bs.empty() ? batch : bs[t];
-}
-
 // Where step t's rows lie in the step-major arrays the loops read and write per row (gx, the
 // saved acts, ahat, stats and cells, and the backward's d_gx and d_a): row b of step t at
-// off[t] + b. Padded: off[t] = t*B, every row of every step. Packed (a ragged batch from the
-// eager layers, gx (Σ bs, G*H)): off[t] = Σ_{k<t} bs[k], only the bs[t] rows that run, one step
-// after another — torch's PackedSequence layout, as fused_rnn.cpp's Packed (layer.h). Then the
-// sequence-wide products around the loop (x W_ih^T, dx, dW_ih, dW_hh, in
+// Packed::row(t, b) (packed.h). Padded: every row of every step. Packed (a ragged batch from
+// the eager layers, gx (Σ bs, G*H)): only the bs[t] rows that run, one step after another.
+// Then the sequence-wide products around the loop (x W_ih^T, dx, dW_ih, dW_hh, in
 // engine/fused/_layer_norm.py) run over the Σ bs rows that run, not over all T*B, and no row
 // of those arrays is padding (nothing to zero, and x's padding is never read). The outputs y
 // and their gradient stay padded (T, B, H).
-struct StepRows {
-  int64_t steps, batch;
-  std::vector<int64_t> off;  // size steps + 1
-  int64_t row(int64_t t, int64_t b) const { return off[t] + b; }
-  int64_t rows() const { return off.back(); }
-};
-
+//
 // The layout of gx (T, B, G*H) padded or (Σ bs, G*H) packed for T = bs.size() steps of B rows;
 // checks batch_sizes, which the loops trust (T entries, in [0, B], non-increasing: a row that
 // has ended stays ended, and a block's loop stops at its first step without rows).
-StepRows step_rows(const Tensor& gx, int64_t batch, at::IntArrayRef bs) {
+Packed step_rows(const Tensor& gx, int64_t batch, at::IntArrayRef bs) {
   const bool packed = gx.dim() == 2;
   TORCH_CHECK(!packed || !bs.empty(), "rnnkit_ln: a packed gx (2-D) needs batch_sizes");
-  StepRows r{packed ? static_cast<int64_t>(bs.size()) : gx.size(0), batch, {}};
-  TORCH_CHECK(bs.empty() || static_cast<int64_t>(bs.size()) == r.steps,
+  const int64_t steps = packed ? static_cast<int64_t>(bs.size()) : gx.size(0);
+  TORCH_CHECK(bs.empty() || static_cast<int64_t>(bs.size()) == steps,
               "rnnkit_ln: batch_sizes must have one entry per step");
   for (size_t k = 0; k < bs.size(); ++k)
     TORCH_CHECK(bs[k] >= 0 && bs[k] <= batch && (k == 0 || bs[k] <= bs[k - 1]),
                 "rnnkit_ln: batch_sizes must be non-increasing, in [0, B]");
-  r.off.assign(r.steps + 1, 0);
-  for (int64_t t = 0; t < r.steps; ++t) r.off[t + 1] = r.off[t] + (packed ? bs[t] : batch);
+  const Packed r = packed ? packed_rows(bs) : padded_rows(steps, batch);
   TORCH_CHECK(!packed || gx.size(0) == r.rows(),
               "rnnkit_ln: a packed gx must have sum(batch_sizes) rows");
   return r;
-}
-
-// A (T, B, width) output whose rows past each length are 0 (the loops write only the rows that
-// run): only those rows are zeroed, not the whole tensor first (as layer.h's zero_padded).
-Tensor zero_padded(int64_t steps, int64_t batch, int64_t width, at::IntArrayRef bs,
-                   const at::TensorOptions& opts) {
-  Tensor out = loop_buffer({steps, batch, width}, opts, false);
-  if (bs.empty()) return out;
-  const size_t item = c10::elementSize(opts.dtype().toScalarType());
-  char* base = static_cast<char*>(out.data_ptr());
-  for (int64_t t = 0; t < steps; ++t)
-    std::memset(base + ((t * batch + bs[t]) * width) * item, 0,
-                static_cast<size_t>((batch - bs[t]) * width) * item);
-  return out;
 }
 
 // Runs fn(first_row, end_row) for contiguous row blocks, one per thread.
@@ -497,17 +427,17 @@ void forward_impl(const Variant& v, const Tensor& gx, Tensor& h, Tensor& c, cons
                   const Tensor& ln_w, const Tensor& ln_b, const Tensor& cell_w,
                   const Tensor& cell_b, const Tensor& peep, at::IntArrayRef bs, Tensor& y,
                   bool training, Tensor& acts, Tensor& ahat, Tensor& stats, Tensor& cells,
-                  const Tensor& in_w, const Tensor& in_b, const StepRows& rows_at,
+                  const Tensor& in_w, const Tensor& in_b, const Packed& rows_at,
                   int64_t threads) {
-  const int64_t steps = rows_at.steps, batch = rows_at.batch, H = h.size(1), G = v.gates(),
+  const int64_t steps = rows_at.steps(), batch = h.size(0), H = h.size(1), G = v.gates(),
                 GH = G * H;
   const bool lstm = v.kind == kLSTM;
   // the input LN's gain and bias when gx is the raw projection x W_ih^T (else gx is normalised)
   const T* iw = in_w.defined() ? in_w.data_ptr<T>() : nullptr;
   const T* ib = in_w.defined() ? in_b.data_ptr<T>() : nullptr;
-  // One step of a few rows (a streaming cell step): W_hh read as stored (dot_rows). Else W^T
+  // One step of a few rows (a streaming cell step): W_hh read as stored (gemv_rows). Else W^T
   // blocks, contiguous, so each step is one product per block
-  const bool as_stored = steps == 1 && batch <= kDotRowsMax;
+  const bool as_stored = steps == 1 && batch <= kGemvRowsMax;
   const Tensor w_t = as_stored ? Tensor()
                      : v.before ? w_hh.narrow(0, 0, 2 * H).t().contiguous()
                                 : w_hh.t().contiguous();
@@ -678,7 +608,7 @@ void backward_impl(const Variant& v, const Tensor& h0, const Tensor& c0, const T
                    const Tensor& ahat, const Tensor& stats, const Tensor& cells,
                    const Tensor& grad_y, const Tensor& proj, const Tensor& in_w, Tensor& dh,
                    Tensor& dc, Tensor& d_gx, Tensor& d_a, Tensor& g_ln, Tensor& g_cell,
-                   Tensor& g_in, Tensor& g_peep, const StepRows& rows_at, int64_t threads) {
+                   Tensor& g_in, Tensor& g_peep, const Packed& rows_at, int64_t threads) {
   const int64_t steps = y.size(0), batch = y.size(1), H = h0.size(1), G = v.gates(), GH = G * H;
   const bool lstm = v.kind == kLSTM;
   // the input LN (in_w defined: the forward normalised the raw projection proj itself)
@@ -937,8 +867,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
                   (!lstm || (c0->sizes() == h0.sizes() && c0->scalar_type() == gx.scalar_type())),
               "rnnkit_ln: h0 (and c0) must be (B, H) of gx's dtype");
   const Tensor g = gx.contiguous();
-  const StepRows rows_at = step_rows(g, h0.size(0), batch_sizes);
-  const int64_t steps = rows_at.steps, batch = rows_at.batch, H = h0.size(1),
+  const Packed rows_at = step_rows(g, h0.size(0), batch_sizes);
+  const int64_t steps = rows_at.steps(), batch = h0.size(0), H = h0.size(1),
                 GH = v.gates() * H;
   Tensor h = h0.contiguous().clone();
   Tensor c = lstm ? c0->contiguous().clone() : empty_like_none(g);
@@ -951,7 +881,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
     return g.dim() == 2 ? loop_buffer({rows_at.rows(), width}, g.options(), false)
                         : loop_buffer({steps, batch, width}, g.options(), zero_saved);
   };
-  Tensor y = zero_padded(steps, batch, H, batch_sizes, g.options());  // (an output: padding 0)
+  Tensor y = zero_padded(loop_buffer({steps, batch, H}, g.options(), false),
+                         batch_sizes);  // (an output: padding 0)
   Tensor acts = training ? saved(GH) : empty_like_none(g);
   Tensor ahat = training ? saved(GH) : empty_like_none(g);
   Tensor stats = training ? (g.dim() == 2 ? at::zeros({rows_at.rows(), kStats}, g.options())
@@ -1002,12 +933,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
   if (lstm) check_tensor(*c0, {batch, H}, dtype, "c0");
   if (grad_h_n) check_tensor(*grad_h_n, {batch, H}, dtype, "grad_h_n");
   if (lstm && grad_c_n) check_tensor(*grad_c_n, {batch, H}, dtype, "grad_c_n");
-  // acts (and d_gx, d_a) packed (Σ bs, G*H) where the forward's gx was (see StepRows)
+  // acts (and d_gx, d_a) packed (Σ bs, G*H) where the forward's gx was (see step_rows)
   TORCH_CHECK(acts.dim() == 2 || acts.dim() == 3,
               "rnnkit_ln: acts must be the forward's saved activations, (T, B, G*H) or packed "
               "(sum(batch_sizes), G*H), got ", acts.sizes());
-  const StepRows rows_at = step_rows(acts, batch, batch_sizes);
-  TORCH_CHECK(rows_at.steps == steps,
+  const Packed rows_at = step_rows(acts, batch, batch_sizes);
+  TORCH_CHECK(rows_at.steps() == steps,
               "rnnkit_ln: acts must be the forward's saved activations of y's ", steps, " steps");
   // every saved tensor in the forward's layout: one row per row of gx
   const auto saved = [&](const Tensor& t, int64_t width, const char* name) {
@@ -1056,7 +987,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
 // no_grad, a streaming step): h, c = the cell of cells/layer_norm.py at (x, h, c). The input
 // projection x W_ih^T and the input LN per row here, then forward_impl's one step (the same row
 // math as the layer: one place), both products reading the weights as stored at a few rows
-// (dot_rows). The Python step it replaces was ~25 small torch ops per call.
+// (gemv_rows). The Python step it replaces was ~25 small torch ops per call.
 std::tuple<Tensor, Tensor> ln_step(int64_t kind, bool peephole, bool coupled, bool before,
                                    const Tensor& x, const Tensor& h, const std::optional<Tensor>& c,
                                    const Tensor& w_ih, const Tensor& w_hh,
@@ -1084,9 +1015,9 @@ std::tuple<Tensor, Tensor> ln_step(int64_t kind, bool peephole, bool coupled, bo
   const Tensor iw = ln_ih_weight.contiguous(), ib = ln_ih_bias.contiguous();
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "rnnkit_ln_step_input", [&] {
     scalar_t* g = gx.data_ptr<scalar_t>();
-    if (batch <= kDotRowsMax) {
-      dot_rows<scalar_t>(batch, GH, I, xc.data_ptr<scalar_t>(), I, wi.data_ptr<scalar_t>(), I,
-                         g, GH);
+    if (batch <= kGemvRowsMax) {
+      gemv_rows<scalar_t>(batch, GH, I, xc.data_ptr<scalar_t>(), I, wi.data_ptr<scalar_t>(), I,
+                          g, GH, false);
     } else {
       Tensor out = gx.view({batch, GH});
       at::mm_out(out, xc, wi.t());
