@@ -8,8 +8,9 @@ against rnnkit's products as its inference path runs them: the projection in pge
 tiles over W_ih^T in 16-column panels (``gemm_run`` with panel -16), the step over W_hh^T in
 16-column panels (``RecW::mm_panels``, panel 16). MLAS's time is the session's minus that of
 the same graph of Identity nodes (its per-run cost); a step model holds ``--nodes`` MatMul
-nodes on the same input so that cost is small against the products. Interleaved rounds, 1
-thread, thread CPU time, best of ``--rounds``.
+nodes on the same input so that cost is small against the products, and rnnkit's step is timed
+over as many products per call (both sides start each timing with caches the other evicted).
+Interleaved rounds, 1 thread, thread CPU time, best of ``--rounds``.
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/ort_gemm.py
 """
@@ -82,7 +83,8 @@ def main() -> None:
             a, c = torch.from_numpy(x), torch.zeros(M, N)
             b = panels(torch.from_numpy(w), 16)
             b = b.view(H, N) if panel < 0 else b
-            reps = max(1, int(4e7 / (2 * M * N * H)))
+            reps = nodes  # (as many products per timing on both sides: the first one's cold
+            # caches weigh the same)
             best = [float("inf")] * 3
             for _ in range(args.rounds):
                 best[0] = min(best[0], run_seconds(with_matmul, feed))
