@@ -121,3 +121,16 @@ def test_both_extensions_choose_the_same_float32_gemm():
     if ln_ops is None:
         pytest.skip(f"layer-normalised kernels unavailable: {_layer_norm.EXTENSION.error}")
     assert ln_ops.gemm() == ops.set_gemm("auto")
+
+
+@pytest.mark.parametrize("which", CANDIDATES)
+@pytest.mark.parametrize("shape", [(3, 40, 9), (700, 800, 200), (300, 1030, 513)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gemm_input_projection_tiles(which, shape, own_setting):
+    """panel = -16: the input projection's tile loop (pgemm_panels: 256-row tiles, K chunks of
+    256, B in 16-column panels), as the inference path runs it and benchmarks/ort_gemm.py times it."""
+    M, N, K = shape
+    a, b = torch.randn(M, K), torch.randn(K, N)
+    c = torch.full((M, N), float("nan"))
+    run(which, a, b=panels(b, 16).view(K, N), c=c, acc=False, panel=-16)
+    torch.testing.assert_close(c, torch.mm(a, b), rtol=1e-5, atol=1e-4 * K**0.5)

@@ -469,6 +469,8 @@ double gemm_run(c10::string_view which, const at::Tensor& A, const at::Tensor& B
   TORCH_CHECK(panel > 0 ? B.is_contiguous() && B.numel() == K * N
                         : B.dim() == 2 && B.size(0) == K && B.size(1) == N,
               "gemm_run: B must be (K, N), or K*N contiguous floats when panel-packed");
+  TORCH_CHECK(panel >= 0 || (panel == -16 && B.is_contiguous()),
+              "gemm_run: panel < 0 (the input projection's tiles) must be -16, B contiguous");
   const Gemm saved = g_gemm;
   const std::string got = set_gemm(std::string(which));
   TORCH_CHECK(got == std::string(which), "gemm_run: ", which, " is not available here");
@@ -480,7 +482,10 @@ double gemm_run(c10::string_view which, const at::Tensor& A, const at::Tensor& B
   timespec t0{}, t1{};
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
   for (int64_t r = 0; r < repeats; ++r) {
-    if (panel > 0) {
+    if (panel < 0) {  // C = A B in the input projection's tiles (pgemm_panels, B (K, N) holding
+                      // pack_panels' layout of panels of -panel columns; acc is not read)
+      pgemm_panels<float>(M, N, K, a, lda, b, -panel, c, ldc, nullptr, 1);
+    } else if (panel > 0) {
       for (int64_t n0 = 0; n0 < N; n0 += panel) {
         const int64_t np = std::min(panel, N - n0);
         gemm_rm(M, np, K, a, lda, b + n0 * K, np, c + n0, ldc, acc);
