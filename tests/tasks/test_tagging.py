@@ -227,6 +227,32 @@ def test_conll_predictions_are_scored_in_iob1_as_seqeval_does(conll: tuple[Path,
     assert scores.entities.actual == sum(len(get_entities(tags)) for tags in gold)
 
 
+@pytest.mark.parametrize("trained_in", ["as_read", "iobes"])
+def test_data_in_another_scheme_scores_as_in_the_training_one(conll: tuple[Path, Path],
+                                                                trained_in: str) -> None:
+    # the dev file in IOB2 (or IOBES) for a model trained on IOB1 holds the same entities: the
+    # loss and sentence accuracy were computed against tags the model never writes (IOB1
+    # predictions against IOB2 gold), so every sentence with an entity counted wrong
+    config = _conll_config(conll)
+    config["data"]["tag_scheme"] = trained_in
+    config["train"].update(steps=80, eval_every=80, lr=3e-2)
+    task, model, _ = tagging.build(config)
+    Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False).fit()
+    assert task.vocab.data_scheme == "iob1"
+    as_read = task.scores(model, "valid").metrics()
+    assert as_read["sentence_acc"] > 0.5  # else equal accuracies below would say little
+    valid = task.splits["valid"]
+    for scheme in ("iob2", "iobes"):
+        rewritten = [(tokens, convert(tags, scheme), None)
+                     for tokens, tags in zip(valid.tokens, valid.gold_tags)]
+        encoded = tagging.encode(rewritten, task.vocab)
+        assert encoded.scheme == scheme
+        predicted, _, _ = tagging.predict_split(model, encoded, task.vocab, 256)
+        assert all(convert(tags, scheme) == tags for tags in predicted)
+        assert tagging.score_split(model, encoded, task.vocab, 256).metrics() == pytest.approx(
+            as_read, abs=1e-6)
+
+
 def test_singletons_read_as_unk_in_training_batches(conll: tuple[Path, Path]) -> None:
     never, _, _ = tagging.build(_conll_config(conll))
     always, _, _ = tagging.build(_conll_config(conll, singleton_unk=1.0))
