@@ -58,6 +58,7 @@ def detect_format(path: str | Path, tag_column: int = -1) -> str:
         head = [handle.readline() for _ in range(SNIFF_LINES)]
     try:
         lines = [raw.decode("utf-8").strip() for raw in head]
+        lines[0] = lines[0].removeprefix("\ufeff")  # a byte-order mark, as read_conll drops it
     except UnicodeDecodeError:
         raise ValueError(f"{path} is neither tagging format: not UTF-8 text") from None
     for number, line in enumerate(lines, start=1):

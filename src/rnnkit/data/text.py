@@ -183,7 +183,8 @@ def _lines(path: str | Path) -> list[str]:
     if not path.is_file():
         raise missing_data_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: the byte-order mark editors on Windows write is not part of the first word
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise FormatError(path, None, f"not UTF-8 text ({error})") from None
     # splitlines() would also split on \x0b, \x1c, U+2028 …, which can occur inside real text
