@@ -316,6 +316,26 @@ def test_a_file_of_neither_format_is_one_line(conll: tuple[Path, Path], tmp_path
     assert err.count("\n") == 1 and "neither tagging format" in err and "Traceback" not in err
 
 
+def test_a_value_that_is_no_tag_is_one_line(conll: tuple[Path, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from rnnkit.cli import main
+
+    # the first line decides the format; "NNP" further down was scored as an entity type "_"
+    columns = tmp_path / "columns.txt"
+    columns.write_text("EU B-ORG\nrejects O\n\nPeter NNP\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"columns\.txt: sentence 2, token 1: 'NNP' in column -1"):
+        tagging.build(_conll_config((columns, conll[1])))
+    config = _conll_config(conll)
+    task, model, _ = tagging.build(config)
+    trainer = Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False)
+    trainer.out_dir = tmp_path / "run"
+    trainer.save()
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(columns)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'NNP' in column -1" in err and "Traceback" not in err
+
+
 def test_conll_file_without_valid_is_one_clear_error(conll: tuple[Path, Path]) -> None:
     config = _conll_config(conll)
     config["data"]["valid"] = None

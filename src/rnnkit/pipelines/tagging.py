@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from rnnkit.data.conll import detect_format
-from rnnkit.data.text import read_atis, read_conll, tokenize_text
+from rnnkit.data.text import tokenize_text
 from rnnkit.metrics.entities import get_entities
 from rnnkit.pipelines.base import InputError, Pipeline, Result, shown
 from rnnkit.tasks import tagging
@@ -79,12 +79,8 @@ class TaggingPipeline(Pipeline):
         """Slot (entity) precision / recall / F1, intent and sentence accuracy, and the loss, on
         an ATIS-style folder (seq.in, seq.out, label) or a CoNLL file (one token per line)."""
         path = Path(path)
-        if detect_format(path, self.data.tag_column) == "atis":
-            atis, _ = read_atis(path)
-            examples: list[tagging.Example] = [(t, g, i) for t, g, i in atis]
-        else:
-            conll, _ = read_conll(path, self.data.token_column, self.data.tag_column)
-            examples = [(tokens, tags, None) for tokens, tags in conll]
+        examples, _ = tagging.read_examples(path, detect_format(path, self.data.tag_column),
+                                            self.data)
         if not examples:
             raise ValueError(f"{path} holds no sentences")
         if examples[0][2] is None and self.vocab.intents is not None:

@@ -44,6 +44,7 @@ from rnnkit.data.conll import (
     detect_format,
     detect_scheme,
     evident_scheme,
+    is_tag,
     word_key,
 )
 from rnnkit.data.text import (
@@ -156,12 +157,30 @@ def read_split(data: TaggingDataConfig, split: str) -> tuple[list[Example], str]
     if split == "test" and configured is None and data.train is not None:
         return None  # the user's own data has no test split: never the shared ATIS one
     if data.resolved_format() == "atis":
-        atis, summary = read_atis(shared_path(SHARED[split], configured))
-        return [(tokens, tags, intent) for tokens, tags, intent in atis], str(summary)
+        return read_examples(shared_path(SHARED[split], configured), "atis", data)
     if configured is None:
         return None
-    conll, summary = read_conll(shared_path("", configured), data.token_column, data.tag_column)
-    return [(tokens, tags, None) for tokens, tags in conll], str(summary)
+    return read_examples(shared_path("", configured), "conll", data)
+
+
+def read_examples(path: Path, format: str, data: TaggingDataConfig) -> tuple[list[Example], str]:
+    """The sentences of an ATIS folder or a CoNLL file (``format``) and a summary; a tag that
+    is not ``O`` or ``B-``/``I-``/``E-``/``S-`` and a type raises one line naming it."""
+    if format == "atis":
+        atis, summary = read_atis(path)
+        examples: list[Example] = [(tokens, tags, intent) for tokens, tags, intent in atis]
+        where, column = f"{path / 'seq.out'}", ""
+    else:
+        conll, summary = read_conll(path, data.token_column, data.tag_column)
+        examples = [(tokens, tags, None) for tokens, tags in conll]
+        where, column = str(path), f" in column {data.tag_column} (--tag-column)"
+    # anything else would be read as a chunk of its own sort and scored silently
+    for number, (_, tags, _) in enumerate(examples, start=1):
+        for position, tag in enumerate(tags, start=1):
+            if not is_tag(tag):
+                raise ValueError(f"{where}: sentence {number}, token {position}: {tag!r}{column} "
+                                 "is not a tag (O, B-X, I-X, E-X or S-X)")
+    return examples, str(summary)
 
 
 @dataclass
