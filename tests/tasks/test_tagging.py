@@ -297,6 +297,27 @@ def test_conll_run_loads_predicts_and_evaluates_by_type(conll: tuple[Path, Path]
     assert "F1 by type: LOC" in line and "PER" in line
 
 
+def test_a_cased_run_reads_typed_words_as_evaluation_does(conll: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    import rnnkit
+
+    # a cased vocabulary (no lowercase option): "Visited" was read as the known "visited" by
+    # predict, but as written (<unk>, its capital for the characters) by evaluate
+    config = _conll_config(conll)
+    config["data"]["lowercase"] = False
+    task, model, _ = tagging.build(config)
+    trainer = Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False)
+    trainer.out_dir = tmp_path
+    trainer.save()
+    assert "visited" in task.vocab.words and "Visited" not in task.vocab.words
+    typed = ["John", "Smith", "Visited", "Paris", "In", "1997", "."]
+    tagged = rnnkit.load(tmp_path).predict(" ".join(typed))
+    assert tagged.tokens == typed and "Visited" in tagged.unknown
+    evaluated, _, _ = tagging.predict_split(
+        model, tagging.encode([(typed, ["O"] * len(typed), None)], task.vocab), task.vocab, 8)
+    assert tagged.tags == evaluated[0]
+
+
 def test_a_file_of_neither_format_is_one_line(conll: tuple[Path, Path], tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     from rnnkit.cli import main
