@@ -134,3 +134,14 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path: Path) -> None:
     assert process.returncode == 0, stderr
     assert "interrupted; continue with" in stdout
     assert main(["sample", str(out), "--length", "5"]) == 0
+
+
+def test_predict_input_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    import argparse
+
+    from rnnkit.commands.predict import read_inputs
+
+    listing = tmp_path / "inputs.txt"  # Notepad's UTF-8: the mark was read into input 1
+    listing.write_text("\ufeffa gem\r\nflat\r\n", encoding="utf-8")
+    args = argparse.Namespace(inputs=[], input=str(listing))
+    assert read_inputs(args, "sentiment") == ["a gem", "flat"]

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from conftest import shared_file
-from rnnkit.data.conll import convert, detect_format, detect_scheme, word_key, write_tags
+from rnnkit.data.conll import (
+    convert,
+    detect_format,
+    detect_scheme,
+    evident_scheme,
+    word_key,
+    write_tags,
+)
 from rnnkit.data.text import read_conll
 from rnnkit.metrics.entities import get_entities
 
@@ -41,6 +48,10 @@ def test_schemes_are_detected() -> None:
     assert detect_scheme([["O", "S-LOC"]]) == "iobes"
     # I- after another type opens an entity: IOB1
     assert detect_scheme([["B-PER", "I-LOC"]]) == "iob1"
+    # no tag tells (no entity, or B- only after its own type, as both IOB schemes write it)
+    assert evident_scheme([["O", "O"], []]) is None and detect_scheme([["O"]]) == "iob2"
+    assert evident_scheme([["I-PER", "B-PER"]]) == "iob1"
+    assert evident_scheme([["O", "B-PER", "I-PER", "B-PER"]]) == "iob2"
 
 
 def test_write_tags_refuses_an_unknown_scheme() -> None:

@@ -48,6 +48,15 @@ def test_bleu_matches_sacrebleu_with_two_references() -> None:
     assert ours.score == pytest.approx(sacrebleu.corpus_bleu(hyps, [first, second]).score, abs=1e-9)
 
 
+def test_bleu_without_any_matching_word_is_zero_as_in_sacrebleu() -> None:
+    # smoothing alone gave output sharing no word with its reference a few BLEU points
+    hyps, refs = ["dog ran far away", "blue"], ["the cat sat", "on the mat ."]
+    ours, theirs = corpus_bleu(hyps, refs), sacrebleu.corpus_bleu(hyps, [refs])
+    assert theirs.score == 0.0
+    assert ours.score == 0.0 and ours.precisions == theirs.precisions
+    assert ours.brevity_penalty == pytest.approx(theirs.bp, abs=1e-12)
+
+
 def _random_tags(rng: random.Random, length: int, prefixes: str) -> list[str]:
     return ["O" if rng.random() < 0.4 else f"{rng.choice(prefixes)}-{rng.choice('ABC')}"
             for _ in range(length)]

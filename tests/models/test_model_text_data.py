@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rnnkit.data.conll import detect_format
 from rnnkit.data.text import (
     FormatError,
     Vocabulary,
@@ -68,6 +69,19 @@ def test_conll_columns_and_errors(tmp_path: Path) -> None:
         read_conll(write(tmp_path / "bad.txt", "a X O\nb O\n"), tag_column=2)
     with pytest.raises(FormatError, match=r"line 1: a token line needs a token and a tag"):
         read_conll(write(tmp_path / "bad.txt", "lonely\n"))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path: Path) -> None:
+    # editors on Windows begin UTF-8 files with U+FEFF: it was read into the first token (an
+    # extra one-token sentence "\ufeff-DOCSTART-" in CoNLL; no label column in a TSV header)
+    bom = "\ufeff"
+    conll = "-DOCSTART- -X- O O\r\n\r\nEU NNP B-ORG\r\nrejects VBZ O\r\n"
+    assert read_conll(write(tmp_path / "ner.txt", bom + conll))[0] == [
+        (["EU", "rejects"], ["B-ORG", "O"])]
+    tsv = read_labelled_tsv(write(tmp_path / "train.tsv", bom + "label\tsentence\n1\ta gem\n"))
+    assert tsv[0] == [(["a", "gem"], "1")]
+    assert read_lines(write(tmp_path / "ptb.txt", bom + " the cat\n"))[0] == [["the", "cat"]]
+    assert detect_format(write(tmp_path / "ner.txt", bom + conll)) == "conll"
 
 
 def test_atis_triples_and_errors(tmp_path: Path) -> None:

@@ -44,6 +44,12 @@ def test_read_trees_names_the_line(tmp_path: Path) -> None:
         read_trees(path)
 
 
+def test_read_trees_skips_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "t.txt"  # it was "word '\ufeff' outside any node" on line 1
+    path.write_text("\ufeff" + TREES[0] + "\n", encoding="utf-8")
+    assert read_trees(path) == [parse_tree(TREES[0])]
+
+
 @pytest.mark.parametrize("form", ["constituency", "childsum"])
 def test_level_batching_equals_node_by_node(form: str) -> None:
     torch.manual_seed(0)

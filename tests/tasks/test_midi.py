@@ -129,3 +129,7 @@ def test_read_midi_refuses_other_files(tmp_path: Path) -> None:
     (tmp_path / "t.mid").write_bytes(data[:-6])
     with pytest.raises(MidiError, match=r"t\.mid is not a readable MIDI file"):
         read_midi(tmp_path / "t.mid")
+    # a header of 0 ticks per quarter note was a ZeroDivisionError traceback
+    (tmp_path / "t.mid").write_bytes(data[:12] + bytes(2) + data[14:])
+    with pytest.raises(MidiError, match=r"t\.mid is not a readable MIDI file: .* 0 ticks per"):
+        read_midi(tmp_path / "t.mid")

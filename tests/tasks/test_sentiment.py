@@ -133,6 +133,26 @@ def test_metrics_per_class() -> None:
     assert scores["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
 
 
+def test_three_classes_keep_their_own_names() -> None:
+    # "1" was reported as "positive" whatever the label set: in 0/1/2 data it is the middle one
+    scores = sentiment.classification_metrics([0, 1, 2], [0, 1, 1], ["0", "1", "2"])
+    assert {"f1_0", "f1_1", "f1_2"} <= set(scores) and "f1_positive" not in scores
+    assert sentiment.label_names(["0", "1", "2"]) == ["0", "1", "2"]
+    assert sentiment.label_names(["0", "1"]) == ["negative", "positive"]
+
+
+def test_macro_f1_matches_scikit_learn_on_data_lacking_a_class() -> None:
+    metrics = pytest.importorskip("sklearn.metrics", reason="the dev extra installs scikit-learn")
+    # a file of positive sentences only, every one right: a class in neither references nor
+    # predictions was averaged in as F1 0 (macro F1 0.5)
+    for references, predictions in (([1, 1, 1], [1, 1, 1]), ([1, 1, 2], [1, 2, 2]),
+                                    ([0, 1, 1, 0], [1, 1, 0, 0])):
+        ours = sentiment.classification_metrics(references, predictions, ["0", "1", "2"])
+        assert ours["macro_f1"] == pytest.approx(
+            metrics.f1_score(references, predictions, average="macro"), abs=1e-12)
+        assert ours["accuracy"] == metrics.accuracy_score(references, predictions)
+
+
 def test_unknown_dev_label_and_missing_file_are_named(files: tuple[Path, Path], tmp_path: Path
                                                       ) -> None:
     odd = tmp_path / "dev.tsv"

@@ -227,6 +227,32 @@ def test_conll_predictions_are_scored_in_iob1_as_seqeval_does(conll: tuple[Path,
     assert scores.entities.actual == sum(len(get_entities(tags)) for tags in gold)
 
 
+@pytest.mark.parametrize("trained_in", ["as_read", "iobes"])
+def test_data_in_another_scheme_scores_as_in_the_training_one(conll: tuple[Path, Path],
+                                                                trained_in: str) -> None:
+    # the dev file in IOB2 (or IOBES) for a model trained on IOB1 holds the same entities: the
+    # loss and sentence accuracy were computed against tags the model never writes (IOB1
+    # predictions against IOB2 gold), so every sentence with an entity counted wrong
+    config = _conll_config(conll)
+    config["data"]["tag_scheme"] = trained_in
+    config["train"].update(steps=80, eval_every=80, lr=3e-2)
+    task, model, _ = tagging.build(config)
+    Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False).fit()
+    assert task.vocab.data_scheme == "iob1"
+    as_read = task.scores(model, "valid").metrics()
+    assert as_read["sentence_acc"] > 0.5  # else equal accuracies below would say little
+    valid = task.splits["valid"]
+    for scheme in ("iob2", "iobes"):
+        rewritten = [(tokens, convert(tags, scheme), None)
+                     for tokens, tags in zip(valid.tokens, valid.gold_tags)]
+        encoded = tagging.encode(rewritten, task.vocab)
+        assert encoded.scheme == scheme
+        predicted, _, _ = tagging.predict_split(model, encoded, task.vocab, 256)
+        assert all(convert(tags, scheme) == tags for tags in predicted)
+        assert tagging.score_split(model, encoded, task.vocab, 256).metrics() == pytest.approx(
+            as_read, abs=1e-6)
+
+
 def test_singletons_read_as_unk_in_training_batches(conll: tuple[Path, Path]) -> None:
     never, _, _ = tagging.build(_conll_config(conll))
     always, _, _ = tagging.build(_conll_config(conll, singleton_unk=1.0))
@@ -271,6 +297,27 @@ def test_conll_run_loads_predicts_and_evaluates_by_type(conll: tuple[Path, Path]
     assert "F1 by type: LOC" in line and "PER" in line
 
 
+def test_a_cased_run_reads_typed_words_as_evaluation_does(conll: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    import rnnkit
+
+    # a cased vocabulary (no lowercase option): "Visited" was read as the known "visited" by
+    # predict, but as written (<unk>, its capital for the characters) by evaluate
+    config = _conll_config(conll)
+    config["data"]["lowercase"] = False
+    task, model, _ = tagging.build(config)
+    trainer = Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False)
+    trainer.out_dir = tmp_path
+    trainer.save()
+    assert "visited" in task.vocab.words and "Visited" not in task.vocab.words
+    typed = ["John", "Smith", "Visited", "Paris", "In", "1997", "."]
+    tagged = rnnkit.load(tmp_path).predict(" ".join(typed))
+    assert tagged.tokens == typed and "Visited" in tagged.unknown
+    evaluated, _, _ = tagging.predict_split(
+        model, tagging.encode([(typed, ["O"] * len(typed), None)], task.vocab), task.vocab, 8)
+    assert tagged.tags == evaluated[0]
+
+
 def test_a_file_of_neither_format_is_one_line(conll: tuple[Path, Path], tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     from rnnkit.cli import main
@@ -288,6 +335,26 @@ def test_a_file_of_neither_format_is_one_line(conll: tuple[Path, Path], tmp_path
     assert main(["evaluate", str(tmp_path / "run"), "--data", str(prose)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "neither tagging format" in err and "Traceback" not in err
+
+
+def test_a_value_that_is_no_tag_is_one_line(conll: tuple[Path, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from rnnkit.cli import main
+
+    # the first line decides the format; "NNP" further down was scored as an entity type "_"
+    columns = tmp_path / "columns.txt"
+    columns.write_text("EU B-ORG\nrejects O\n\nPeter NNP\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"columns\.txt: sentence 2, token 1: 'NNP' in column -1"):
+        tagging.build(_conll_config((columns, conll[1])))
+    config = _conll_config(conll)
+    task, model, _ = tagging.build(config)
+    trainer = Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False)
+    trainer.out_dir = tmp_path / "run"
+    trainer.save()
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(columns)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'NNP' in column -1" in err and "Traceback" not in err
 
 
 def test_conll_file_without_valid_is_one_clear_error(conll: tuple[Path, Path]) -> None:

@@ -69,7 +69,7 @@ def read_inputs(args: argparse.Namespace, task: str) -> list[str | None]:
         if not path.is_file():
             raise FileNotFoundError(f"input file {path} does not exist")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no input
         except UnicodeDecodeError:
             raise ValueError(f"input file {path} is not UTF-8 text") from None
     lines = text.split("\n")

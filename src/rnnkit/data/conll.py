@@ -58,6 +58,7 @@ def detect_format(path: str | Path, tag_column: int = -1) -> str:
         head = [handle.readline() for _ in range(SNIFF_LINES)]
     try:
         lines = [raw.decode("utf-8").strip() for raw in head]
+        lines[0] = lines[0].removeprefix("\ufeff")  # a byte-order mark, as read_conll drops it
     except UnicodeDecodeError:
         raise ValueError(f"{path} is neither tagging format: not UTF-8 text") from None
     for number, line in enumerate(lines, start=1):
@@ -79,19 +80,27 @@ def detect_format(path: str | Path, tag_column: int = -1) -> str:
                      f"{SNIFF_LINES} lines")
 
 
-def detect_scheme(sentences: Sequence[Sequence[str]]) -> str:
-    """The scheme the tags are written in: ``iobes`` if any ``E-``/``S-`` tag occurs, ``iob1`` if
-    any ``I-`` tag begins an entity (after ``O`` or another type), else ``iob2``."""
-    iob1 = False
+def evident_scheme(sentences: Sequence[Sequence[str]]) -> str | None:
+    """The scheme the tags show they are written in: ``iobes`` if any ``E-``/``S-`` tag occurs,
+    ``iob1`` if any ``I-`` tag begins an entity (after ``O`` or another type), ``iob2`` if any
+    ``B-`` tag does (IOB1 writes ``B-`` only after an entity of its own type); None when no tag
+    tells (no entities, or only ones the schemes write alike)."""
+    iob1 = iob2 = False
     for tags in sentences:
         previous = "O"
         for tag in tags:
             if tag[:2] in ("E-", "S-"):
                 return "iobes"
-            if tag.startswith("I-") and (previous == "O" or previous[2:] != tag[2:]):
-                iob1 = True
+            begins = previous == "O" or previous[2:] != tag[2:]
+            iob1 = iob1 or (tag.startswith("I-") and begins)
+            iob2 = iob2 or (tag.startswith("B-") and begins)
             previous = tag
-    return "iob1" if iob1 else "iob2"
+    return "iob1" if iob1 else "iob2" if iob2 else None
+
+
+def detect_scheme(sentences: Sequence[Sequence[str]]) -> str:
+    """:func:`evident_scheme`, with ``iob2`` where no tag tells."""
+    return evident_scheme(sentences) or "iob2"
 
 
 def write_tags(length: int, entities: Sequence[Entity], scheme: str) -> list[str]:

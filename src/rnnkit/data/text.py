@@ -183,7 +183,8 @@ def _lines(path: str | Path) -> list[str]:
     if not path.is_file():
         raise missing_data_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: the byte-order mark editors on Windows write is not part of the first word
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise FormatError(path, None, f"not UTF-8 text ({error})") from None
     # splitlines() would also split on \x0b, \x1c, U+2028 …, which can occur inside real text
@@ -491,18 +492,19 @@ def _split_token(token: str) -> list[str]:
     return [*before, *middle, *after]
 
 
-def tokenize_text(text: str, known: Container[str] | None = None, lowercase: bool = False
-                  ) -> list[str]:
+def tokenize_text(text: str, known: Container[str] | None = None, lowercase: bool = False,
+                  fold_case: bool = True) -> list[str]:
     """Raw text → tokens the way the treebank-style corpora (SST, CoNLL, PTB) are tokenised:
     "I loved it!" → ["I", "loved", "it", "!"], "don't" → ["do", "n't"]. A whitespace token the
     vocabulary ``known`` already holds ("st.", "U.S.", "3.50") is kept whole, so text that is
     already tokenised stays as it is; a token ``known`` lacks but holds in lower case ("The" for
-    the lower-cased PTB or ATIS) is read in lower case."""
+    the lower-cased PTB or ATIS) is read in lower case, unless ``fold_case`` is False (a cased
+    corpus, where the capital is what a tagger reads: "Road" is not "road")."""
     if lowercase:
         text = text.lower()
     tokens: list[str] = []
     for token in text.split():
         tokens += [token] if known is not None and token in known else _split_token(token)
-    if known is None:
+    if known is None or not fold_case:
         return tokens
     return [t.lower() if t not in known and t.lower() in known else t for t in tokens]

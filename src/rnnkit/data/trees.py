@@ -97,7 +97,7 @@ def read_trees(path: str | Path) -> list[Tree]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist or is not a file")
     trees = []
-    with path.open(encoding="utf-8") as lines:
+    with path.open(encoding="utf-8-sig") as lines:  # a byte-order mark is no part of the tree
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue

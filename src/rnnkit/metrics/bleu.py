@@ -4,6 +4,8 @@
   punctuation and symbols, split ``.``/``,`` unless between digits and ``-`` after a digit;
 * n-grams of orders 1–4, counts clipped by the reference (the maximum over references), summed
   over the whole corpus before dividing — not an average of sentence scores;
+* no n-gram of any order matching scores 0 with every precision 0 (sacrebleu returns early
+  there; smoothing alone would give a few points to output sharing no word with the reference);
 * ``exp`` smoothing: an order with no match gets precision 1 / (2^k · total), k counting the
   orders so far without a match;
 * brevity penalty exp(1 − r / c) when the corpus hypothesis length c is below the reference
@@ -88,7 +90,13 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]] |
                 clip |= _ngrams(ref, order)  # max count over references
             correct[order - 1] += sum(min(c, clip[g]) for g, c in counts.items())
             total[order - 1] += max(0, len(hyp) - order + 1)
+    if hyp_len < ref_len:
+        penalty = math.exp(1 - ref_len / hyp_len) if hyp_len > 0 else 0.0
+    else:
+        penalty = 1.0
     precisions = [0.0] * MAX_ORDER
+    if not any(correct):
+        return BLEU(0.0, precisions, penalty, hyp_len, ref_len, correct, total)
     smooth = 1.0
     for n in range(MAX_ORDER):
         if total[n] == 0:
@@ -98,9 +106,5 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]] |
             precisions[n] = 100.0 / (smooth * total[n])
         else:
             precisions[n] = 100.0 * correct[n] / total[n]
-    if hyp_len < ref_len:
-        penalty = math.exp(1 - ref_len / hyp_len) if hyp_len > 0 else 0.0
-    else:
-        penalty = 1.0
     log_mean = sum(math.log(p) if p > 0 else -9_999_999_999 for p in precisions) / MAX_ORDER
     return BLEU(penalty * math.exp(log_mean), precisions, penalty, hyp_len, ref_len, correct, total)

@@ -26,10 +26,6 @@ class Classification(Result):
         return f"{self.label} ({self.probability:.3f})  {self.text}"
 
 
-def label_name(label: str) -> str:
-    return sentiment.LABEL_NAMES.get(label, label)
-
-
 class SentimentPipeline(Pipeline):
     """Input: a sentence, as typed ("I loved it!" is read as i / loved / it / !).
     Result: :class:`Classification` with labels by name (negative / positive)."""
@@ -52,7 +48,7 @@ class SentimentPipeline(Pipeline):
             tokens_of.append(tokens)
             encoded.append(self.encoder.encode(tokens))
         probs = sentiment.probabilities(self.module, encoded, self.encoder.words.pad, len(batch))
-        names = [label_name(label) for label in self.labels]
+        names = sentiment.label_names(self.labels)
         results: list[Result] = []
         for text, tokens, row in zip(batch, tokens_of, probs.tolist()):
             best = max(range(len(row)), key=row.__getitem__)
@@ -76,8 +72,8 @@ class SentimentPipeline(Pipeline):
         return {"loss": loss, **metrics, "examples": float(len(references))}
 
     def describe_metrics(self, metrics: dict[str, float]) -> str:
-        f1 = ", ".join(f"F1 {label_name(label)} {metrics['f1_' + label_name(label)]:.3f}"
-                       for label in self.labels)
+        f1 = ", ".join(f"F1 {name} {metrics['f1_' + name]:.3f}"
+                       for name in sentiment.label_names(self.labels))
         return (f"accuracy {100 * metrics['accuracy']:.2f}%, {f1}, macro F1 "
                 f"{metrics['macro_f1']:.3f}, loss {metrics['loss']:.4f} "
                 f"({int(metrics['examples'])} sentences)")

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from rnnkit.data.conll import detect_format
-from rnnkit.data.text import read_atis, read_conll, tokenize_text
+from rnnkit.data.text import tokenize_text
 from rnnkit.metrics.entities import get_entities
 from rnnkit.pipelines.base import InputError, Pipeline, Result, shown
 from rnnkit.tasks import tagging
@@ -49,6 +49,9 @@ class TaggingPipeline(Pipeline):
     def _load(self) -> nn.Module:
         model, self.vocab, _ = tagging.load_model(self.checkpoint)
         self.data = tagging.TaggingDataConfig(**self.described["data"])
+        # a typed "Boston" reads as the "boston" of a lower-cased corpus (ATIS); in a cased
+        # one (CoNLL) it stays as typed, as evaluation reads it: the case is the tagger's cue
+        self.fold_case = all(word == word.lower() for word in self.vocab.words.tokens)
         return model
 
     def _predict(self, batch: list[Any], first_index: int, total: int, **options: Any
@@ -59,7 +62,7 @@ class TaggingPipeline(Pipeline):
                 raise InputError(f"input {first_index + i + 1} ({shown(text)}): give a sentence")
             # words as typed: the vocabularies lower-case them for the word embedding if the
             # run did, and the characters keep their case
-            tokens = tokenize_text(text, self.vocab)
+            tokens = tokenize_text(text, self.vocab, fold_case=self.fold_case)
             if not tokens:
                 raise InputError(f"input {first_index + i + 1} is empty: give a sentence")
             # the gold tags only feed the loss predict_split also computes; "O" is always known
@@ -79,12 +82,8 @@ class TaggingPipeline(Pipeline):
         """Slot (entity) precision / recall / F1, intent and sentence accuracy, and the loss, on
         an ATIS-style folder (seq.in, seq.out, label) or a CoNLL file (one token per line)."""
         path = Path(path)
-        if detect_format(path, self.data.tag_column) == "atis":
-            atis, _ = read_atis(path)
-            examples: list[tagging.Example] = [(t, g, i) for t, g, i in atis]
-        else:
-            conll, _ = read_conll(path, self.data.token_column, self.data.tag_column)
-            examples = [(tokens, tags, None) for tokens, tags in conll]
+        examples, _ = tagging.read_examples(path, detect_format(path, self.data.tag_column),
+                                            self.data)
         if not examples:
             raise ValueError(f"{path} holds no sentences")
         if examples[0][2] is None and self.vocab.intents is not None:

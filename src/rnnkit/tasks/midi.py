@@ -192,6 +192,9 @@ def read_midi(path: str | Path, pitches: int = 88, lowest_note: int = LOWEST_NOT
     length, _, tracks, division = struct.unpack(">IHHH", data[4:14])
     if division & 0x8000:
         raise MidiError(f"{path} uses SMPTE time; only ticks per quarter note are read")
+    if division == 0:  # every tick would be a division by zero further down
+        raise MidiError(f"{path} is not a readable MIDI file: its header says 0 ticks per "
+                        "quarter note")
     position, notes = 8 + length, []
     try:
         for _ in range(tracks):

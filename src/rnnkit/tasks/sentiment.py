@@ -347,12 +347,22 @@ def classification_metrics(references: list[int], predictions: list[int], labels
     return metrics_from_counts(confusion_matrix(references, predictions, len(labels)), labels)
 
 
+def label_names(labels: list[str]) -> list[str]:
+    """The classes by name: SST-2's two (labels 0 and 1 and nothing else) as negative and
+    positive, any other label set as written (in 0/1/2 data, 1 is not "positive")."""
+    return [LABEL_NAMES[label] for label in labels] if sorted(labels) == sorted(LABEL_NAMES) \
+        else list(labels)
+
+
 def metrics_from_counts(counts: Tensor, labels: list[str]) -> dict[str, float]:
-    """:func:`classification_metrics` from a confusion matrix (rows reference)."""
+    """:func:`classification_metrics` from a confusion matrix (rows reference). Macro F1
+    averages the classes that occur in the references or the predictions, as scikit-learn's
+    ``f1_score(average="macro")`` does: a class absent from both has no F1 to average."""
     accuracy = float(counts.diagonal().sum()) / max(1.0, float(counts.sum()))
     scores = f1_from_counts(counts)
-    out = {"accuracy": accuracy, "macro_f1": sum(s["f1"] for s in scores) / len(scores)}
-    out.update({f"f1_{LABEL_NAMES.get(label, label)}": s["f1"] for label, s in zip(labels, scores)})
+    seen = [s["f1"] for c, s in enumerate(scores) if counts[c].sum() + counts[:, c].sum() > 0]
+    out = {"accuracy": accuracy, "macro_f1": sum(seen) / len(seen) if seen else 0.0}
+    out.update({f"f1_{name}": s["f1"] for name, s in zip(label_names(labels), scores)})
     return out
 
 
@@ -431,7 +441,7 @@ def report(task: SentimentTask, model: SequenceClassifier, config: dict[str, Any
     which, step = chosen_weights(model, out, f"{task.validation_split} accuracy")
     references, predictions, loss = task.predictions(model)
     scores = classification_metrics(references, predictions, task.labels)
-    names = [LABEL_NAMES.get(label, label) for label in task.labels]
+    names = label_names(task.labels)
     f1 = ", ".join(f"F1 {name} {scores['f1_' + name]:.3f}" for name in names)
     print(f"dev ({len(references)} sentences), {which}: accuracy {100 * scores['accuracy']:.2f}%, {f1}")
     if task.validation_split != "dev":  # dev was held out of training and model choice: a test

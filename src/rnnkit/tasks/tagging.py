@@ -38,7 +38,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rnnkit.data.conll import SCHEMES, convert, detect_format, detect_scheme, word_key
+from rnnkit.data.conll import (
+    SCHEMES,
+    convert,
+    detect_format,
+    detect_scheme,
+    evident_scheme,
+    is_tag,
+    word_key,
+)
 from rnnkit.data.text import (
     PAD,
     UNK,
@@ -149,12 +157,30 @@ def read_split(data: TaggingDataConfig, split: str) -> tuple[list[Example], str]
     if split == "test" and configured is None and data.train is not None:
         return None  # the user's own data has no test split: never the shared ATIS one
     if data.resolved_format() == "atis":
-        atis, summary = read_atis(shared_path(SHARED[split], configured))
-        return [(tokens, tags, intent) for tokens, tags, intent in atis], str(summary)
+        return read_examples(shared_path(SHARED[split], configured), "atis", data)
     if configured is None:
         return None
-    conll, summary = read_conll(shared_path("", configured), data.token_column, data.tag_column)
-    return [(tokens, tags, None) for tokens, tags in conll], str(summary)
+    return read_examples(shared_path("", configured), "conll", data)
+
+
+def read_examples(path: Path, format: str, data: TaggingDataConfig) -> tuple[list[Example], str]:
+    """The sentences of an ATIS folder or a CoNLL file (``format``) and a summary; a tag that
+    is not ``O`` or ``B-``/``I-``/``E-``/``S-`` and a type raises one line naming it."""
+    if format == "atis":
+        atis, summary = read_atis(path)
+        examples: list[Example] = [(tokens, tags, intent) for tokens, tags, intent in atis]
+        where, column = f"{path / 'seq.out'}", ""
+    else:
+        conll, summary = read_conll(path, data.token_column, data.tag_column)
+        examples = [(tokens, tags, None) for tokens, tags in conll]
+        where, column = str(path), f" in column {data.tag_column} (--tag-column)"
+    # anything else would be read as a chunk of its own sort and scored silently
+    for number, (_, tags, _) in enumerate(examples, start=1):
+        for position, tag in enumerate(tags, start=1):
+            if not is_tag(tag):
+                raise ValueError(f"{where}: sentence {number}, token {position}: {tag!r}{column} "
+                                 "is not a tag (O, B-X, I-X, E-X or S-X)")
+    return examples, str(summary)
 
 
 @dataclass
@@ -168,15 +194,17 @@ class Vocabularies:
     scheme: str | None = None  # the data's scheme, to write predictions in; None: tags as read
     lowercase: bool = False
     zero_digits: bool = False
+    # the scheme the training tags are written in, so that data written in another one is
+    # scored in its own (None: a run from before it was recorded; its tags are taken as read)
+    data_scheme: str | None = None
 
     @classmethod
     def build(cls, train: list[Example], data: TaggingDataConfig, chars: bool) -> Vocabularies:
         words = Vocabulary.build(
             ([word_key(t, data.lowercase, data.zero_digits) for t in tokens] for tokens, _, _ in train),
             min_freq=data.min_freq)
-        scheme = None
-        if data.tag_scheme == "iobes":
-            scheme = detect_scheme([tags for _, tags, _ in train])
+        data_scheme = detect_scheme([tags for _, tags, _ in train])
+        scheme = data_scheme if data.tag_scheme == "iobes" else None
         tags = Vocabulary.build((t if scheme is None else convert(t, "iobes") for _, t, _ in train),
                                 specials=(UNK,))
         has_intents = train[0][2] is not None
@@ -184,7 +212,8 @@ class Vocabularies:
                    if has_intents else None)
         char_vocab = (Vocabulary.build((list(w) for tokens, _, _ in train for w in tokens),
                                        specials=(PAD, UNK)) if chars else None)
-        return cls(words, tags, intents, char_vocab, scheme, data.lowercase, data.zero_digits)
+        return cls(words, tags, intents, char_vocab, scheme, data.lowercase, data.zero_digits,
+                   data_scheme)
 
     def __contains__(self, token: object) -> bool:
         """Whether ``token`` has a word vector of its own (else it reads as <unk>)."""
@@ -206,7 +235,7 @@ class Vocabularies:
         out: dict[str, Any] = {name: None if v is None else v.to_json()
                                for name, v in (("words", self.words), ("tags", self.tags),
                                                ("intents", self.intents), ("chars", self.chars))}
-        return {**out, "scheme": self.scheme}
+        return {**out, "scheme": self.scheme, "data_scheme": self.data_scheme}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], lowercase: bool = False, zero_digits: bool = False
@@ -218,9 +247,12 @@ class Vocabularies:
         words, tags = load("words"), load("tags")
         assert words is not None and tags is not None
         scheme = data.get("scheme")  # absent in runs from before tag schemes: tags as read
-        if scheme is not None and scheme not in SCHEMES:
-            raise ValueError(f"unknown tag scheme {scheme!r} in the vocabulary")
-        return cls(words, tags, load("intents"), load("chars"), scheme, lowercase, zero_digits)
+        data_scheme = data.get("data_scheme")  # absent in older runs: tags as read
+        for name, value in (("scheme", scheme), ("data_scheme", data_scheme)):
+            if value is not None and value not in SCHEMES:
+                raise ValueError(f"unknown tag scheme {value!r} in the vocabulary's {name}")
+        return cls(words, tags, load("intents"), load("chars"), scheme, lowercase, zero_digits,
+                   data_scheme)
 
 
 @dataclass
@@ -234,9 +266,23 @@ class Encoded:
     gold_tags: list[list[str]]
     gold_intents: list[str | None]
     tokens: list[list[str]] = field(default_factory=list)  # as read, for showing examples
+    # the scheme the split's tags are written in where it is not the training data's: the
+    # predictions are written in it before they are compared with gold_tags
+    scheme: str | None = None
 
 
 def encode(examples: list[Example], vocab: Vocabularies) -> Encoded:
+    """Ids of ``examples``. Tags written in another scheme than the training data's (IOB2
+    data for a model trained on IOB1) are read as the chunks they mean: rewritten in the
+    training scheme for the loss, and the split keeps its scheme for the predictions."""
+    trained_on, shown = vocab.data_scheme, evident_scheme([tags for _, tags, _ in examples])
+    other = shown if trained_on is not None and shown not in (None, trained_on) else None
+
+    def learned(tags: list[str]) -> list[str]:
+        if other is not None and trained_on is not None:
+            tags = convert(tags, trained_on)
+        return vocab.trained_tags(tags)
+
     chars = None
     if vocab.chars is not None:
         chars = [[vocab.chars.encode(list(w)) for w in tokens] for tokens, _, _ in examples]
@@ -244,10 +290,10 @@ def encode(examples: list[Example], vocab: Vocabularies) -> Encoded:
     if vocab.intents is not None:
         intents = [vocab.intents.encode([i or UNK])[0] for _, _, i in examples]
     return Encoded([vocab.words.encode(vocab.word_keys(tokens)) for tokens, _, _ in examples],
-                   chars, [vocab.tags.encode(vocab.trained_tags(tags)) for _, tags, _ in examples],
+                   chars, [vocab.tags.encode(learned(tags)) for _, tags, _ in examples],
                    intents,
                    [tags for _, tags, _ in examples], [i for _, _, i in examples],
-                   [tokens for tokens, _, _ in examples])
+                   [tokens for tokens, _, _ in examples], other)
 
 
 def singleton_ids(sentences: list[list[int]]) -> Tensor:
@@ -318,6 +364,8 @@ def predict_split(model: nn.Module, data: Encoded, vocab: Vocabularies, batch_si
                                           args["char_lengths"])
         for row, i in enumerate(chosen):
             tags[i] = vocab.read_tags([_tag(vocab, t) for t in best[row]])
+            if data.scheme is not None:
+                tags[i] = convert(tags[i], data.scheme)
             if best_intents is not None and vocab.intents is not None:
                 intents[i] = vocab.intents.tokens[best_intents[row]]
     return tags, (intents if vocab.intents is not None else None), total / max(1, len(order))
