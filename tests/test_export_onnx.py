@@ -4,6 +4,9 @@ sizes other than the ones exported with (dynamic axes)."""
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -123,6 +126,15 @@ def test_batch_first_initial_state_and_no_bias(tmp_path):
     with torch.no_grad():
         output, (h_n, c_n) = layer(x2, (h2, c2))
     _assert_equal(_run(path, {"input": x2, "hx_0": h2, "hx_1": c2}), [output, h_n, c_n])
+
+
+def test_written_model_has_the_mode_open_would_give(tmp_path):
+    # the file is written to a temporary name first (0600) and renamed: others in the user's
+    # group must still be able to read a shipped model as they read the run's other files
+    umask = os.umask(0)
+    os.umask(umask)
+    path = export_onnx(rnnkit.GRU(3, 4).eval(), torch.randn(5, 2, 3), tmp_path / "gru.onnx")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_refuses_before_writing(tmp_path):

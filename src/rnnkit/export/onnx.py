@@ -50,6 +50,7 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnkit.cells import CellSpec, math_for
 from rnnkit.cells.minimal import positive_activation
 from rnnkit.layers import MinimalLayer, RecurrentLayer
+from rnnkit.train.atomic import FILE_MODE
 
 
 class ExportError(ValueError):
@@ -692,6 +693,8 @@ def export_onnx(
         temporary = Path(handle.name)
     try:
         program.save(str(temporary))
+        # the temporary file was made 0600; the model gets the mode a plain open() would give it
+        os.chmod(temporary, FILE_MODE)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -39,7 +39,7 @@ def _umask() -> int:
 
 
 # mkstemp creates 0600; a run's files get the permissions ``open(path, "w")`` would give them
-_MODE = 0o666 & ~_umask()
+FILE_MODE = 0o666 & ~_umask()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -79,7 +79,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     try:
         try:
             if hasattr(os, "fchmod"):  # POSIX
-                os.fchmod(fd, _MODE)
+                os.fchmod(fd, FILE_MODE)
             view = memoryview(data)
             while view:  # os.write may write less than asked
                 view = view[os.write(fd, view):]
