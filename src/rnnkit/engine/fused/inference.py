@@ -508,7 +508,8 @@ def _ragged(lengths: Any, batch: int, steps: int
                 return None
     else:
         return None
-    if len(values) != batch or min(values) < 1 or max(values) > steps:
+    if len(values) != batch or not values or min(values) < 1 or max(values) > steps:
+        # (batch 0, lengths []: the general path's empty result; min() of no values raised)
         return None
     if every_row_runs(values, steps):
         return ()
