@@ -157,6 +157,20 @@ def test_lengths_that_all_run_or_are_sorted_and_bad_lengths(lean_calls):
         assert lean_calls == [False]
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru_before", "rnn_sigmoid"])
+def test_batch_0_with_empty_lengths_is_the_general_paths_empty_result(name, lean_calls):
+    # found by the session-16 NaN fuzzer: under no_grad the lean path's _ragged took min() of
+    # the empty lengths and raised "min() arg is an empty sequence"; with gradients the layer
+    # returns the empty batch
+    layer = LAYERS[name](INPUT, HIDDEN, bidirectional=True).eval()
+    x = torch.randn(STEPS, 0, INPUT)
+    with torch.no_grad():
+        lean = _flat(layer(x, lengths=[]))
+    general = _flat(layer(x, lengths=[]))
+    assert [t.shape for t in lean] == [t.shape for t in general]
+    assert lean[0].shape == (STEPS, 0, 2 * HIDDEN)
+
+
 def test_longest_first_is_sort_by_length_and_batch_sizes_for():
     """The lean path's order and batch sizes from Python ints are the general path's tensor
     forms (stable: ties keep their order, also from 17 rows on, where CPU sort is not)."""

@@ -27,10 +27,16 @@ checks below run on every call).
 The plan is keyed on every parameter's ``data_ptr()`` and ``_version``, on the number of
 optimizer steps taken in this process and on a strided sample of every parameter's values:
 ``load_state_dict`` and other in-place writes (they bump ``_version``), ``.to()`` or assigning
-``.data`` (new storage), any ``torch.optim`` step and a write through ``.data`` (no version
-bump: the sample changes) all rebuild it. The step count is needed because torch's fused
-optimizers (``fused=True``, what rnnkit's Trainer uses on the CPU) update parameters in one
-kernel without bumping ``_version``: the packed copies would silently keep the old weights.
+``.data`` (new storage), any ``torch.optim`` step and a dense write through ``.data`` (no
+version bump: the sample changes) all rebuild it. A sparse write through ``.data`` that misses
+every sampled element (``p.data[i, j] = nan``) is not seen by the packed copies — batch 1 in
+float32, and batched calls of ``PACKED_MIN_ROWS`` rows or more keep the old weights, other calls
+read the new ones (found by the session-16 NaN fuzzer; seeing it would take comparing every
+weight on every call); write in place under ``torch.no_grad()`` instead (it bumps
+``_version``), as ``rnnkit.streaming.Stream`` documents too. The step count
+is needed because torch's fused optimizers (``fused=True``, what rnnkit's Trainer uses on the
+CPU) update parameters in one kernel without bumping ``_version``: the packed copies would
+silently keep the old weights.
 The plan holds references to the parameters it was built from, so a freed parameter's address
 cannot be reused by another while the plan lives.
 
@@ -130,7 +136,8 @@ def _sample_views(parameters: dict[str, Any]) -> tuple[Any, ...]:
     (a copy where it is not contiguous). A write through ``.data`` (``p.data.add_(p.grad,
     alpha=-lr)``, the hand-written SGD of pytorch/examples' word_language_model) changes neither
     ``data_ptr`` nor ``_version``: a changed sample is how the plan sees it (an update that
-    changes the weights changes these elements).
+    changes every weight changes these elements; one that changes a few may miss them all: see
+    the module docstring).
 
     Each view is a NumPy array over the parameter's memory where NumPy can alias it (float32 /
     float64 on the CPU: every parameter the lean path runs), compared by its bytes
@@ -501,7 +508,8 @@ def _ragged(lengths: Any, batch: int, steps: int
                 return None
     else:
         return None
-    if len(values) != batch or min(values) < 1 or max(values) > steps:
+    if len(values) != batch or not values or min(values) < 1 or max(values) > steps:
+        # (batch 0, lengths []: the general path's empty result; min() of no values raised)
         return None
     if every_row_runs(values, steps):
         return ()
