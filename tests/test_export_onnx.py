@@ -665,3 +665,16 @@ def test_export_refuses_lengths_that_are_not_one_integer_per_row(tmp_path, lengt
     with pytest.raises((error, ExportError), match=message):
         export_onnx(model, (torch.randn(5, 2, 3),), path, kwargs={"lengths": lengths})
     assert not path.exists()
+
+
+@pytest.mark.parametrize("lengths, message", [([4, 0, 2], "at least 1, but lengths\\[1\\] = 0"),
+                                              ([4, -1, 2], "at least 1, but lengths\\[1\\] = -1"),
+                                              ([5, 3, 2], "lengths\\[0\\] = 5 is longer")])
+def test_onnx_gru_affine_refuses_lengths_out_of_range(lengths, message):
+    """Its eager kernel is its own loop (not a layer, which checks): a length of 0, below 0 or
+    past T ran, rows that never ran giving the initial state."""
+    arguments = _onnx_gru_arguments()
+    del arguments["linear_before_reset"]
+    arguments["sequence_lens"] = torch.tensor(lengths, dtype=torch.int32)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.rnnkit_onnx.gru_affine(*arguments.values())

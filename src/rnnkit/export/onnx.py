@@ -50,7 +50,7 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnkit.cells import CellSpec, math_for
 from rnnkit.cells.minimal import positive_activation
 from rnnkit.layers import MinimalLayer, RecurrentLayer
-from rnnkit.validation import check_lengths_metadata
+from rnnkit.validation import check_length_values, check_lengths_metadata
 
 
 class ExportError(ValueError):
@@ -274,6 +274,8 @@ def onnx_gru_affine(x: Tensor, W: Tensor, R: Tensor, B: Tensor, sequence_lens: T
     check_onnx_arguments("gru_affine", x, W, R, B, sequence_lens, initial_h, 3)
     hidden = R.shape[2]
     lengths = None if sequence_lens is None else sequence_lens.long()
+    if lengths is not None:  # (its own loop: a length of 0, below 0 or past T ran without a word)
+        check_length_values(lengths, x.shape[0])
     ys, finals = [], []
     for direction in range(W.shape[0]):
         w_z, w_r, w_h = W[direction].split(hidden)
