@@ -614,3 +614,79 @@ def test_torch_dynamo_onnx_export_with_dynamic_batch_and_time(tmp_path, make):
     with torch.no_grad():
         want = module(x)
     np.testing.assert_allclose(got[0], want[0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+# ---- the rnnkit_onnx operators' own arguments (the hostile fuzzer of session 16) ----------------
+
+
+def _onnx_gru_arguments(directions: int = 1) -> dict:
+    """rnnkit_onnx::gru's arguments for T, B, I, H = 4, 3, 2, 5 in ONNX's layout 0, by name."""
+    steps, batch, inputs, hidden = 4, 3, 2, 5
+    return dict(x=torch.randn(steps, batch, inputs), W=torch.randn(directions, 3 * hidden, inputs),
+                R=torch.randn(directions, 3 * hidden, hidden),
+                B=torch.randn(directions, 6 * hidden),
+                sequence_lens=torch.tensor([4, 3, 2], dtype=torch.int32),
+                initial_h=torch.randn(directions, batch, hidden), linear_before_reset=1)
+
+
+# (before the checks: a W, B or R of another width was split into other gate blocks and gave
+# numbers or a shape error from inside the layer; sequence_lens of 2 entries for 3 rows and an
+# initial_h of another batch ran; linear_before_reset=7 ran as 1)
+@pytest.mark.parametrize("name, wrong, message", [
+    ("W", torch.randn(1, 15, 3), r"W must be \(1, 15, 2\)"),
+    ("W", torch.randn(2, 15, 2), r"W must be \(1, 15, 2\)"),
+    ("R", torch.randn(1, 14, 5), r"R must be \(D, 3\*H, H\)"),
+    ("B", torch.randn(1, 15), r"B must be \(1, 30\)"),
+    ("B", torch.randn(1, 30, dtype=torch.float64), r"B must be \(1, 30\) of x's dtype"),
+    ("initial_h", torch.randn(1, 2, 5), r"initial_h must be \(1, 3, 5\)"),
+    ("initial_h", None, "initial_h is None"),
+    ("sequence_lens", torch.tensor([4, 3], dtype=torch.int32), r"sequence_lens must be \(B,\)"),
+    ("sequence_lens", torch.tensor([4.0, 3.0, 2.0]), "sequence_lens must be a"),
+    ("linear_before_reset", 7, r"linear_before_reset must be one of \[0, 1\]"),
+])
+def test_onnx_operator_refuses_arguments_onnx_does_not_define(name, wrong, message):
+    arguments = _onnx_gru_arguments()
+    arguments[name] = wrong
+    with pytest.raises((ValueError, RuntimeError), match=f"rnnkit_onnx::gru: {message}"):
+        torch.ops.rnnkit_onnx.gru(*arguments.values())
+
+
+def test_onnx_operator_checks_under_fake_tensors_as_in_eager():
+    """The fake kernel (what torch.onnx.export runs) refuses what the eager kernel refuses:
+    before, it returned outputs of R's width for any W."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    arguments = _onnx_gru_arguments()
+    arguments["W"] = torch.randn(1, 15, 3)
+    with FakeTensorMode(allow_non_fake_inputs=True), \
+            pytest.raises((ValueError, RuntimeError), match=r"W must be \(1, 15, 2\)"):
+        torch.ops.rnnkit_onnx.gru(*arguments.values())
+
+
+@pytest.mark.parametrize("lengths, error, message", [
+    (torch.tensor([3.0, 2.5]), TypeError, "lengths must hold integers"),
+    (torch.tensor([[3, 2]]), ValueError, r"lengths must be 1-D \(batch,\)"),
+    (torch.tensor([3, 2, 1]), ValueError, "lengths has .* entries but the batch has"),
+])
+def test_export_refuses_lengths_that_are_not_one_integer_per_row(tmp_path, lengths, error,
+                                                                 message):
+    """lengths were cast to int32 as they came: float lengths were truncated (NaN became
+    garbage) and a wrong count or shape wrote a file, or failed deep inside the exporter."""
+    model = rnnkit.GRU(3, 4).eval()
+    path = tmp_path / "model.onnx"
+    with pytest.raises((error, ExportError), match=message):
+        export_onnx(model, (torch.randn(5, 2, 3),), path, kwargs={"lengths": lengths})
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("lengths, message", [([4, 0, 2], "at least 1, but lengths\\[1\\] = 0"),
+                                              ([4, -1, 2], "at least 1, but lengths\\[1\\] = -1"),
+                                              ([5, 3, 2], "lengths\\[0\\] = 5 is longer")])
+def test_onnx_gru_affine_refuses_lengths_out_of_range(lengths, message):
+    """Its eager kernel is its own loop (not a layer, which checks): a length of 0, below 0 or
+    past T ran, rows that never ran giving the initial state."""
+    arguments = _onnx_gru_arguments()
+    del arguments["linear_before_reset"]
+    arguments["sequence_lens"] = torch.tensor(lengths, dtype=torch.int32)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.rnnkit_onnx.gru_affine(*arguments.values())

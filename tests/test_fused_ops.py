@@ -172,7 +172,7 @@ def test_increasing_batch_sizes_are_refused():
     """Step t runs the first batch_sizes[t] rows: a row that ended cannot run again."""
     args = list(_operator_args(_config("gru_after"), grad=False))
     args[-3] = [2, 3, 3, 1]
-    with pytest.raises(RuntimeError, match="must not increase"):
+    with pytest.raises(RuntimeError, match="batch_sizes must be non-increasing"):
         ops().layer_forward(*args)
 
 

@@ -83,7 +83,7 @@ def test_ln_backward_valid_arguments_still_run():
 def test_ln_backward_refuses_tensors_of_another_shape(name, wrong):
     args = _ln_lstm_backward_args()
     args[name] = wrong
-    with pytest.raises(RuntimeError, match=f"rnnkit_ln: {name} must be"):
+    with pytest.raises(RuntimeError, match=f"^{name} must be"):
         _ln().layer_backward(*args.values())
 
 
@@ -94,7 +94,7 @@ def test_ln_forward_refuses_a_state_that_is_not_2d(h0):
     gh = 3 * H
     args = [2, False, False, True, _rand(T, B, gh), h0, None, _rand(gh, H), _rand(gh),
             _rand(gh), None, None, None, None, None, [], False, 1]
-    with pytest.raises(RuntimeError, match=r"rnnkit_ln: h0 must be \(B, H\)"):
+    with pytest.raises(RuntimeError, match=r"^h0 must be \(B, H\)"):
         _ln().layer_forward(*args)
 
 
@@ -194,3 +194,143 @@ def test_fused_step_names_a_weight_of_another_dtype_or_shape(name, wrong):
     with pytest.raises(RuntimeError, match=f"^{name} must be \\(G\\*H, "):
         ops.step(2, 0, False, False, False, _rand(B, IN), _rand(B, H), None, *weights.values(),
                  None, None, None, 0)
+
+
+# ---- session 16: None for a tensor, the step's own names, one wording for both extensions -------
+
+
+def _first_line(error: pytest.ExceptionInfo) -> str:
+    return str(error.value).splitlines()[0]
+
+
+def test_pack_gemv_names_a_missing_weight():
+    """pack_gemv(None, 3) never reached the kernel: "There were no tensor arguments to this
+    function ..., but no fallback function is registered" (a CPU-only registration)."""
+    with pytest.raises(RuntimeError, match=r"^w is None; a tensor is required"):
+        _fused().pack_gemv(None, 3)
+
+
+def _lstm_step_arguments(batch: int = 1) -> dict:
+    return dict(x=_rand(batch, IN, dtype=torch.float32), h=_rand(batch, H, dtype=torch.float32),
+                c=_rand(batch, H, dtype=torch.float32),
+                w_ih=_rand(4 * H, IN, dtype=torch.float32),
+                w_hh=_rand(4 * H, H, dtype=torch.float32), b_ih=None, b_hh=None, pw=None)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("name, wrong, message", [
+    ("h", _rand(2, H, dtype=torch.float32), r"^h must be \(B, H\) with x's B = 1"),
+    ("h", None, r"^h must be \(B, H\) .*got None"),
+    ("c", None, r"^c must be \(B, H\) = \[1, 5\] .*got None"),
+    ("c", _rand(1, H - 1, dtype=torch.float32), r"^c must be \(B, H\)"),
+])
+def test_step_operators_name_the_steps_own_state(packed, name, wrong, message):
+    """The step's state is its h and c: the errors said h0 and c0 (forward_op's names)."""
+    ops = _fused()
+    arguments = _lstm_step_arguments()
+    arguments[name] = wrong
+    variant = (1, 0, False, False, False)
+    gemv = (ops.pack_gemv(arguments["w_ih"], 4), ops.pack_gemv(arguments["w_hh"], 4))
+    with pytest.raises(RuntimeError, match=message):
+        if packed:
+            ops.step_packed(*variant, *arguments.values(), *gemv, 1)
+        else:
+            ops.step(*variant, *arguments.values(), 1)
+
+
+def _fused_lstm_backward_args() -> dict:
+    ops = _fused()
+    x, h0, c0 = _rand(T, B, IN, dtype=torch.float32), _rand(B, H, dtype=torch.float32), \
+        _rand(B, H, dtype=torch.float32)
+    w_ih, w_hh = _rand(4 * H, IN, dtype=torch.float32), _rand(4 * H, H, dtype=torch.float32)
+    b = _rand(4 * H, dtype=torch.float32)
+    variant = (1, 0, False, False, False)
+    y, _, _, acts, cells, extra = ops.layer_forward(*variant, x, h0, c0, w_ih, w_hh, b, b.clone(),
+                                                    None, None, None, None, [], True, 1)
+    return dict(kind=1, act=0, peephole=False, coupled=False, before=False, x=x, h0=h0, c0=c0,
+                w_ih=w_ih, w_hh=w_hh, pw=None, recurrent_mask=None, zoneout_h=None,
+                zoneout_c=None, has_bias=True, batch_sizes=[], y=y, acts=acts, cells=cells,
+                extra=extra, grad_y=torch.ones_like(y), grad_h_n=None, grad_c_n=None,
+                need_dx=True, need_dw=True, threads=1)
+
+
+@pytest.mark.parametrize("name", ["acts", "grad_y"])
+def test_fused_backward_names_saved_tensors_of_another_dtype(name):
+    """float64 acts or grad_y for a float32 layer raised "expected scalar type Float but found
+    Double", naming no argument."""
+    arguments = _fused_lstm_backward_args()
+    arguments[name] = arguments[name].double()
+    with pytest.raises(RuntimeError, match=f"^{name} must be .*Float.*got .* of Double"):
+        _fused().layer_backward(*arguments.values())
+
+
+@pytest.mark.parametrize("name", ["w_ih", "w_hh"])
+def test_layer_forward_packed_names_a_missing_weight(name):
+    """w_ih None raised "Dimension out of range" (its size(1) read before any check)."""
+    ops = _fused()
+    variant = (2, 0, False, False, False)
+    weights = {"w_ih": _rand(3 * H, IN, dtype=torch.float32),
+               "w_hh": _rand(3 * H, H, dtype=torch.float32)}
+    packed = ops.pack_weights(*variant, *weights.values())
+    weights[name] = None
+    with pytest.raises(RuntimeError, match=f"^{name} must be \\(G\\*H, .*got None"):
+        ops.layer_forward_packed(*variant, _rand(T, B, IN, dtype=torch.float32),
+                                 _rand(B, H, dtype=torch.float32), None, *weights.values(), None,
+                                 None, None, *packed, [], 1)
+
+
+@pytest.mark.parametrize("batch_sizes", [[3, 3, 1, 2], [3, 4, 2, 1], [3, 2, 1]])
+def test_both_extensions_refuse_batch_sizes_in_one_wording(batch_sizes):
+    """The check existed twice: the fused kernels said "batch_sizes must not increase" or "out
+    of range" or "must have T entries", the layer-normalised ones otherwise."""
+    fused = _fused()
+    x, h0 = _rand(T, B, IN), _rand(B, H)
+    with pytest.raises(RuntimeError) as fused_error:
+        fused.layer_forward(2, 0, False, False, False, x, h0, None, _rand(3 * H, IN),
+                            _rand(3 * H, H), None, None, None, None, None, None, batch_sizes,
+                            False, 1)
+    gh = 3 * H
+    with pytest.raises(RuntimeError) as ln_error:
+        _ln().layer_forward(2, False, False, False, _rand(T, B, gh), h0, None, _rand(gh, H),
+                            _rand(gh), _rand(gh), None, None, None, None, None, batch_sizes,
+                            False, 1)
+    assert _first_line(fused_error) == _first_line(ln_error)
+    assert _first_line(fused_error).startswith("batch_sizes must ")
+
+
+@pytest.mark.parametrize("name, message", [("c0", "rnnkit_ln: c0 is None; an LSTM needs it"),
+                                           ("cell_bias", "rnnkit_ln: cell_weight or cell_bias is None"),
+                                           ("h0", r"h0 must be \(B, H\), got None")])
+def test_ln_forward_names_a_missing_tensor(name, message):
+    """c0 or the cell LN None said "the LSTM needs c0 and the cell LN" whichever was missing;
+    h0 None said "got [0]"."""
+    gh = 4 * H
+    arguments = dict(kind=1, peephole=False, coupled=False, before=False, gx=_rand(T, B, gh),
+                     h0=_rand(B, H), c0=_rand(B, H), w_hh=_rand(gh, H), ln_weight=_rand(gh),
+                     ln_bias=_rand(gh), cell_weight=_rand(H), cell_bias=_rand(H),
+                     peephole_weights=None, ln_ih_weight=None, ln_ih_bias=None, batch_sizes=[],
+                     training=False, threads=1)
+    arguments[name] = None
+    with pytest.raises(RuntimeError, match=f"^{message}"):
+        _ln().layer_forward(*arguments.values())
+
+
+def test_ctc_kernel_names_missing_log_probs():
+    """log_probs None raised "tensor does not have a device"."""
+    from rnnkit.losses.ctc import _EXTENSION as CTC_EXTENSION
+
+    ops = CTC_EXTENSION.load()
+    if ops is None:
+        pytest.skip("ctc kernels unavailable")
+    lengths = torch.tensor([6, 4])
+    with pytest.raises(RuntimeError, match="log_probs is None; a tensor is required"):
+        ops.ctc(None, torch.tensor([[1, 2], [3, 3]]), lengths, torch.tensor([2, 2]), 0, False,
+                False)
+
+
+def test_checked_lengths_names_missing_lengths():
+    """None raised AttributeError: 'NoneType' object has no attribute 'dtype'."""
+    import rnnkit.validation  # noqa: F401  (registers rnnkit::checked_lengths)
+
+    with pytest.raises(ValueError, match="checked_lengths: lengths is None"):
+        torch.ops.rnnkit.checked_lengths(None, 4)

@@ -218,6 +218,13 @@ def _traced_lengths(lengths: Sequence[int] | Tensor, batch_size: int, max_length
     if not isinstance(lengths, Tensor):
         # (a list is fixed into the graph as constants: checked now, as in eager)
         return _checked_list(lengths, batch_size, max_length)
+    lengths = check_lengths_metadata(lengths, batch_size)
+    return torch.ops.rnnkit.checked_lengths(lengths.to("cpu", torch.int64), max_length)
+
+
+def check_lengths_metadata(lengths: Tensor, batch_size: int) -> Tensor:
+    """What a lengths tensor's metadata shows (dtype, shape, count; readable under fake tensors
+    and while tracing), as check_lengths says it; returns it 1-D (one length: (1,))."""
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         dtype = str(lengths.dtype).removeprefix("torch.")
         raise TypeError(f"lengths must hold integers, got dtype {dtype}")
@@ -227,7 +234,7 @@ def _traced_lengths(lengths: Sequence[int] | Tensor, batch_size: int, max_length
         raise ValueError(f"lengths must be 1-D (batch,), got shape {tuple(lengths.shape)}")
     if lengths.shape[0] != batch_size:  # (shapes are known, or guarded on, while tracing)
         raise _wrong_count(lengths.shape[0], batch_size)
-    return torch.ops.rnnkit.checked_lengths(lengths.to("cpu", torch.int64), max_length)
+    return lengths
 
 
 def _checked_list(lengths: Sequence[int], batch_size: int, max_length: int) -> Tensor:
@@ -253,6 +260,9 @@ def checked_lengths(lengths: Tensor, max_length: int) -> Tensor:
     runs; its result feeds the layer, so the check cannot be dropped from the graph.
     """
     # (_traced_lengths passes int64 (B,); a direct call with float or 2-D lengths returned them)
+    if not isinstance(lengths, Tensor):  # (None raised "'NoneType' object has no attribute")
+        raise ValueError("rnnkit::checked_lengths: lengths is None; an int64 (B,) tensor is "
+                         "required")
     if lengths.dtype != torch.int64 or lengths.dim() != 1:
         raise ValueError("rnnkit::checked_lengths: lengths must be an int64 (B,) tensor, got "
                          f"{str(lengths.dtype).removeprefix('torch.')} of shape "

@@ -51,6 +51,7 @@ from rnnkit.cells import CellSpec, math_for
 from rnnkit.cells.minimal import positive_activation
 from rnnkit.layers import MinimalLayer, RecurrentLayer
 from rnnkit.train.atomic import FILE_MODE
+from rnnkit.validation import check_length_values, check_lengths_metadata
 
 
 class ExportError(ValueError):
@@ -164,6 +165,72 @@ def _run_onnx_semantics(spec: CellSpec, x: Tensor, W: Tensor, R: Tensor, B: Tens
     return (y, h_n.clone()) if c_n is None else (y, h_n.clone(), c_n.clone())
 
 
+def _require(condition: Any, message: str) -> None:
+    """One argument check of the rnnkit_onnx operators. Their fake kernels run it too, so that an
+    export stops before a file is written; there a condition on a dynamic size is symbolic and
+    torch._check records it (raised at once where it is decided false)."""
+    if isinstance(condition, bool):
+        if not condition:
+            raise ValueError(message)
+    else:
+        torch._check(condition, lambda: message)
+
+
+def _described(value: Any) -> str:
+    if not isinstance(value, Tensor):
+        return "None" if value is None else type(value).__name__
+    return f"{tuple(value.shape)} of {str(value.dtype).removeprefix('torch.')}"
+
+
+def check_onnx_arguments(op: str, x: Tensor, W: Tensor, R: Tensor, B: Tensor,
+                         sequence_lens: Tensor | None, initial_h: Tensor, gates: int,
+                         initial_c: Tensor | None = None, P: Tensor | None = None,
+                         with_cell: bool = False) -> None:
+    """The arguments of ``rnnkit_onnx::<op>`` in ONNX's layout 0, each as the ONNX operator
+    defines it: one line naming the first that is not. (Unchecked, a W of another width was
+    read by the eager kernel as other weights, and a file was written whose node the runtime
+    refuses or reads otherwise.)"""
+    for name, value in (("x", x), ("W", W), ("R", R), ("B", B), ("initial_h", initial_h)):
+        _require(isinstance(value, Tensor), f"rnnkit_onnx::{op}: {name} is None; a tensor is "
+                 "required")
+    _require(x.dim() == 3 and x.dtype in (torch.float32, torch.float64),
+             f"rnnkit_onnx::{op}: x must be (T, B, I) of float32 or float64, got {_described(x)}")
+    _, batch, inputs = x.shape
+    _require(R.dim() == 3 and R.shape[0] in (1, 2) and R.shape[1] == gates * R.shape[2],
+             f"rnnkit_onnx::{op}: R must be (D, {gates}*H, H) with D = 1 or 2, got {_described(R)}")
+    directions, hidden = R.shape[0], R.shape[2]
+    expected = {"W": (W, (directions, gates * hidden, inputs)), "R": (R, tuple(R.shape)),
+                "B": (B, (directions, 2 * gates * hidden)),
+                "initial_h": (initial_h, (directions, batch, hidden))}
+    if with_cell:
+        expected["initial_c"] = (initial_c, (directions, batch, hidden))
+    if P is not None:
+        expected["P"] = (P, (directions, 3 * hidden))
+    for name, (value, shape) in expected.items():
+        _require(isinstance(value, Tensor), f"rnnkit_onnx::{op}: {name} is None; a tensor is "
+                 "required")
+        _require(value.dim() == len(shape) and value.dtype == x.dtype,
+                 f"rnnkit_onnx::{op}: {name} must be {shape} of x's dtype, got "
+                 f"{_described(value)}")
+        for size, want in zip(value.shape, shape):
+            _require(size == want, f"rnnkit_onnx::{op}: {name} must be {shape} of x's dtype, "
+                     f"got {_described(value)}")
+    if sequence_lens is not None:
+        _require(sequence_lens.dtype in (torch.int32, torch.int64) and sequence_lens.dim() == 1,
+                 f"rnnkit_onnx::{op}: sequence_lens must be a (B,) int32 tensor, got "
+                 f"{_described(sequence_lens)}")
+        _require(sequence_lens.shape[0] == batch, f"rnnkit_onnx::{op}: sequence_lens must be "
+                 f"(B,) = ({batch},), got {_described(sequence_lens)}")
+
+
+def _attribute(op: str, name: str, value: Any, allowed: Sequence[Any]) -> None:
+    _require(value in allowed, f"rnnkit_onnx::{op}: {name} must be one of {list(allowed)}, got "
+             f"{value!r}")
+
+
+RNN_ACTIVATIONS = ("Tanh", "Relu", "Sigmoid", "Affine")
+
+
 def _spec(kind: str, nonlinearity: str = "tanh", peephole: bool = False, coupled: bool = False,
           reset: str = "after") -> CellSpec:
     return CellSpec(kind, nonlinearity, peephole, coupled, reset)
@@ -174,6 +241,7 @@ def onnx_lstm(x: Tensor, W: Tensor, R: Tensor, B: Tensor, sequence_lens: Tensor 
               initial_h: Tensor, initial_c: Tensor, P: Tensor | None, input_forget: int
               ) -> tuple[Tensor, Tensor, Tensor]:
     """ONNX LSTM (layout 0): Y (T, D, B, H), Y_h, Y_c (D, B, H)."""
+    _check_lstm(x, W, R, B, sequence_lens, initial_h, initial_c, P, input_forget)
     spec = _spec("lstm", peephole=P is not None, coupled=bool(input_forget))
     return _run_onnx_semantics(spec, x, W, R, B, P, initial_h, initial_c, sequence_lens)
 
@@ -182,6 +250,7 @@ def onnx_lstm(x: Tensor, W: Tensor, R: Tensor, B: Tensor, sequence_lens: Tensor 
 def onnx_gru(x: Tensor, W: Tensor, R: Tensor, B: Tensor, sequence_lens: Tensor | None,
              initial_h: Tensor, linear_before_reset: int) -> tuple[Tensor, Tensor]:
     """ONNX GRU (layout 0): Y (T, D, B, H), Y_h (D, B, H)."""
+    _check_gru(x, W, R, B, sequence_lens, initial_h, linear_before_reset)
     spec = _spec("gru", reset="after" if linear_before_reset else "before")
     return _run_onnx_semantics(spec, x, W, R, B, None, initial_h, None, sequence_lens)
 
@@ -190,6 +259,7 @@ def onnx_gru(x: Tensor, W: Tensor, R: Tensor, B: Tensor, sequence_lens: Tensor |
 def onnx_rnn(x: Tensor, W: Tensor, R: Tensor, B: Tensor, sequence_lens: Tensor | None,
              initial_h: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     """ONNX RNN (layout 0) with one activation for every direction."""
+    _check_rnn(x, W, R, B, sequence_lens, initial_h, activation)
     spec = _spec("rnn", nonlinearity="identity" if activation == "Affine" else activation.lower())
     return _run_onnx_semantics(spec, x, W, R, B, None, initial_h, None, sequence_lens)
 
@@ -202,8 +272,11 @@ def onnx_gru_affine(x: Tensor, W: Tensor, R: Tensor, B: Tensor, sequence_lens: T
     (:func:`_export_minimal_forward`). Its own loop of ONNX's equations, per direction."""
     from rnnkit.engine.lengths import reverse_within_lengths
 
+    check_onnx_arguments("gru_affine", x, W, R, B, sequence_lens, initial_h, 3)
     hidden = R.shape[2]
     lengths = None if sequence_lens is None else sequence_lens.long()
+    if lengths is not None:  # (its own loop: a length of 0, below 0 or past T ran without a word)
+        check_length_values(lengths, x.shape[0])
     ys, finals = [], []
     for direction in range(W.shape[0]):
         w_z, w_r, w_h = W[direction].split(hidden)
@@ -235,23 +308,44 @@ def _fake_outputs(x: Tensor, R: Tensor, states: int) -> tuple[Tensor, ...]:
     return (y, *(x.new_empty((directions, x.shape[1], hidden)) for _ in range(states)))
 
 
+def _check_lstm(x, W, R, B, sequence_lens, initial_h, initial_c, P, input_forget):
+    check_onnx_arguments("lstm", x, W, R, B, sequence_lens, initial_h, 4, initial_c, P,
+                         with_cell=True)
+    _attribute("lstm", "input_forget", input_forget, (0, 1))
+
+
+def _check_gru(x, W, R, B, sequence_lens, initial_h, linear_before_reset):
+    check_onnx_arguments("gru", x, W, R, B, sequence_lens, initial_h, 3)
+    _attribute("gru", "linear_before_reset", linear_before_reset, (0, 1))
+
+
+def _check_rnn(x, W, R, B, sequence_lens, initial_h, activation):
+    check_onnx_arguments("rnn", x, W, R, B, sequence_lens, initial_h, 1)
+    _attribute("rnn", "activation", activation, RNN_ACTIVATIONS)
+
+
+# (the fake kernels check as the eager ones: an export with bad arguments stops before a file)
 @onnx_lstm.register_fake
 def _(x, W, R, B, sequence_lens, initial_h, initial_c, P, input_forget):
+    _check_lstm(x, W, R, B, sequence_lens, initial_h, initial_c, P, input_forget)
     return _fake_outputs(x, R, 2)
 
 
 @onnx_gru.register_fake
 def _(x, W, R, B, sequence_lens, initial_h, linear_before_reset):
+    _check_gru(x, W, R, B, sequence_lens, initial_h, linear_before_reset)
     return _fake_outputs(x, R, 1)
 
 
 @onnx_rnn.register_fake
 def _(x, W, R, B, sequence_lens, initial_h, activation):
+    _check_rnn(x, W, R, B, sequence_lens, initial_h, activation)
     return _fake_outputs(x, R, 1)
 
 
 @onnx_gru_affine.register_fake
 def _(x, W, R, B, sequence_lens, initial_h):
+    check_onnx_arguments("gru_affine", x, W, R, B, sequence_lens, initial_h, 3)
     return _fake_outputs(x, R, 1)
 
 
@@ -314,6 +408,9 @@ def _export_inputs(self: RecurrentLayer, input: Tensor, hx: Any,
             raise ExportError(f"{type(self).__name__}: lengths= given as a "
                               f"{type(lengths).__name__} would be fixed into the file; pass it "
                               "as a tensor (torch.tensor(lengths)) so that it is an input")
+        # (float lengths became truncated int32 and NaN garbage, lengths of another count a
+        # sequence_lens the runtime refuses or reads past: as check_lengths says it in eager)
+        lengths = check_lengths_metadata(lengths, batch)
         sequence_lens = lengths.to(device=x.device, dtype=torch.int32)
     return x, unbatched, states0, sequence_lens
 

@@ -458,6 +458,14 @@ std::tuple<at::Tensor, at::Tensor> ctc(const at::Tensor& log_probs_in, const at:
                                        const at::Tensor& input_lengths_in,
                                        const at::Tensor& target_lengths_in, int64_t blank,
                                        bool zero_infinity, bool need_grad) {
+  // (a None log_probs arrives undefined: its device() raised "tensor does not have a device")
+  const auto given = [](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.defined(), "rnnkit ctc kernel: ", name, " is None; a tensor is required");
+  };
+  given(log_probs_in, "log_probs");
+  given(targets_in, "targets");
+  given(input_lengths_in, "input_lengths");
+  given(target_lengths_in, "target_lengths");
   TORCH_CHECK(log_probs_in.device().is_cpu(), "rnnkit ctc kernel: log_probs must be on the CPU");
   TORCH_CHECK(log_probs_in.dim() == 3, "rnnkit ctc kernel: log_probs must be (T, N, C)");
   TORCH_CHECK(log_probs_in.scalar_type() == at::kFloat || log_probs_in.scalar_type() == at::kDouble,

@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "../../csrc/blas.h"  // (and own_gemm.h)
+#include "../../csrc/checks.h"
 #include "../../csrc/pointwise.h"
 
 // The barrier between the phases of a time loop's step, inside its parallel region: skipped in a
@@ -127,10 +128,9 @@ void check_bias_and_peepholes(const Cfg& cf, const at::Tensor& x, const at::Tens
               ") of x's dtype");
 }
 
-// What an argument check says it got: the tensor's sizes and dtype, or None.
-std::string described(const at::Tensor& t) {
-  return t.defined() ? c10::str(t.sizes(), " of ", t.scalar_type()) : std::string("None");
-}
+using rnnkit::check_given;
+using rnnkit::check_threads;
+using rnnkit::described;
 
 // A (B, H) state or state gradient of x's dtype. The loops read and write B*H values of each
 // through raw pointers: a state of another batch or width was read or written past its end
@@ -151,15 +151,6 @@ void check_saved(const Cfg& cf, const at::Tensor& x, const at::Tensor& saved, co
               name, " must be (T, B, H) = (", cf.T, ", ", cf.B, ", ", cf.H, ") of x's dtype (",
               x.scalar_type(), ") as layer_forward(training=True) returns it, got ",
               described(saved));
-}
-
-// The loop thread count an operator is given (0: automatic). It is cast to int and divides the
-// work: threads = 2^40 became 0 threads and the backward divided by it (SIGFPE, the fuzzer of
-// session 15); a negative count was taken as automatic without a word.
-constexpr int64_t kMaxThreads = 1024;
-void check_threads(int64_t threads) {
-  TORCH_CHECK(threads >= 0 && threads <= kMaxThreads, "threads must be in [0, ", kMaxThreads,
-              "] (0: automatic), got ", threads);
 }
 
 // A (G*H, K) weight of x's dtype.
@@ -204,8 +195,8 @@ ForwardResult forward_op(const Variant& v, at::Tensor x, at::Tensor h0, at::Tens
                          const at::Tensor& gemv_hh = at::Tensor(),
                          const at::Tensor& gemv_ih = at::Tensor(),
                          const Prepacked* pre = nullptr) {
-  TORCH_CHECK(x.dim() == 3, "x must be (T, B, I)");
-  TORCH_CHECK(h0.dim() == 2, "h0 must be (B, H)");
+  rnnkit::check_rank(x, 3, "x", "(T, B, I)");
+  rnnkit::check_rank(h0, 2, "h0", "(B, H)");
   const int64_t H = h0.size(1);
   Cfg cf = make_cfg(v.kind, v.act, v.peep, v.coupled, v.before, x, H, batch_sizes);
   // (a weight of another dtype or rank raised "expected scalar type Double but found Float" or
@@ -254,7 +245,8 @@ ForwardResult layer_forward(int64_t kind, int64_t act, bool peep, bool coupled, 
                             at::IntArrayRef batch_sizes, bool training, int64_t nthreads,
                             bool bf16) {
   check_threads(nthreads);
-  TORCH_CHECK(x.dim() == 3 && h0.dim() == 2, "x must be (T, B, I) and h0 (B, H)");
+  rnnkit::check_rank(x, 3, "x", "(T, B, I)");
+  rnnkit::check_rank(h0, 2, "h0", "(B, H)");
   const Cfg cf = make_cfg(kind, act, peep, coupled, before, x, h0.size(1), batch_sizes.vec());
   const Masks masks = check_masks(cf, x, recurrent_mask, zoneout_h, zoneout_c);
   return forward_op({kind, act, peep, coupled, before}, x, h0, opt(c0), w_ih, w_hh, opt(b_ih),
@@ -268,9 +260,10 @@ ForwardResult layer_forward(int64_t kind, int64_t act, bool peep, bool coupled, 
 std::tuple<at::Tensor, at::Tensor> pack_weights(int64_t kind, int64_t act, bool peep,
                                                 bool coupled, bool before,
                                                 const at::Tensor& w_ih, const at::Tensor& w_hh) {
-  TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2 && w_ih.size(0) == w_hh.size(0) &&
-                  w_ih.scalar_type() == w_hh.scalar_type(),
-              "pack_weights: w_ih (G*H, I) and w_hh (G*H, H) of one dtype");
+  TORCH_CHECK(w_ih.defined() && w_hh.defined() && w_ih.dim() == 2 && w_hh.dim() == 2 &&
+                  w_ih.size(0) == w_hh.size(0) && w_ih.scalar_type() == w_hh.scalar_type(),
+              "pack_weights: w_ih (G*H, I) and w_hh (G*H, H) of one dtype, got ",
+              described(w_ih), " and ", described(w_hh));
   const Cfg cf = variant_cfg(kind, act, peep, coupled, before, 0, 0, w_ih.size(1), w_hh.size(1));
   TORCH_CHECK(w_hh.size(0) == cf.G * cf.H, "w_hh has the wrong shape");
   const at::Tensor wih = w_ih.contiguous(), whh = w_hh.contiguous();
@@ -294,10 +287,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward_packed(
     const at::Tensor& w_ih_t, const at::Tensor& w_hh_packed, at::IntArrayRef batch_sizes,
     int64_t nthreads) {
   check_threads(nthreads);
-  TORCH_CHECK(w_ih_t.dim() == 2 && w_ih_t.size(0) == w_ih.size(1) &&
+  rnnkit::check_rank(w_ih, 2, "w_ih", "(G*H, I)");
+  rnnkit::check_rank(w_hh, 2, "w_hh", "(G*H, H)");
+  TORCH_CHECK(w_ih_t.defined() && w_ih_t.dim() == 2 && w_ih_t.size(0) == w_ih.size(1) &&
                   w_ih_t.size(1) == w_ih.size(0) && w_ih_t.is_contiguous() &&
                   w_ih_t.scalar_type() == w_ih.scalar_type(),
-              "w_ih_t must be pack_weights' W_ih^T");
+              "w_ih_t must be pack_weights' W_ih^T, ", described(w_ih.t()), ", got ",
+              described(w_ih_t));
   Prepacked pre{w_ih_t, at::Tensor()};
   if (w_hh_packed.numel() > 0) {
     TORCH_CHECK(w_hh_packed.sizes() == w_hh.sizes() && w_hh_packed.is_contiguous() &&
@@ -316,6 +312,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward_packed(
 #include "inference.h"
 
 namespace {
+
+// The step operators' state is the step's h and c, not a layer's h0 and c0 (as forward_op, which
+// inference.h's step and step_packed fall back to, names them): checked here by their own names,
+// before either path runs.
+void check_step_state(int64_t kind, const at::Tensor& x, const at::Tensor& h,
+                      const std::optional<at::Tensor>& c) {
+  rnnkit::check_rank(x, 2, "x", "(B, I)");
+  TORCH_CHECK(h.defined() && h.dim() == 2 && h.size(0) == x.size(0) &&
+                  h.scalar_type() == x.scalar_type(),
+              "h must be (B, H) with x's B = ", x.size(0), " and dtype (", x.scalar_type(),
+              "), got ", described(h));
+  if (kind != LSTM) return;
+  const at::Tensor cell = opt(c);
+  TORCH_CHECK(cell.defined() && cell.sizes() == h.sizes() && cell.scalar_type() == x.scalar_type(),
+              "c must be (B, H) = ", h.sizes(), " of x's dtype (", x.scalar_type(), "), got ",
+              described(cell));
+}
+
+std::tuple<at::Tensor, at::Tensor> step_op(int64_t kind, int64_t act, bool peep, bool coupled,
+                                           bool before, const at::Tensor& x, const at::Tensor& h,
+                                           const std::optional<at::Tensor>& c,
+                                           const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                           const std::optional<at::Tensor>& b_ih,
+                                           const std::optional<at::Tensor>& b_hh,
+                                           const std::optional<at::Tensor>& pw, int64_t nthreads) {
+  check_step_state(kind, x, h, c);
+  return step(kind, act, peep, coupled, before, x, h, c, w_ih, w_hh, b_ih, b_hh, pw, nthreads);
+}
+
+std::tuple<at::Tensor, at::Tensor> step_packed_op(
+    int64_t kind, int64_t act, bool peep, bool coupled, bool before, const at::Tensor& x,
+    const at::Tensor& h, const std::optional<at::Tensor>& c, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& pw,
+    const at::Tensor& gemv_ih, const at::Tensor& gemv_hh, int64_t nthreads) {
+  check_step_state(kind, x, h, c);
+  return step_packed(kind, act, peep, coupled, before, x, h, c, w_ih, w_hh, b_ih, b_hh, pw,
+                     gemv_ih, gemv_hh, nthreads);
+}
+
+// Registered for every dispatch key (CatchAll): with its one tensor argument None, a CPU-only
+// registration never ran and the dispatcher said "There were no tensor arguments to this
+// function"; so the device is checked here (a meta tensor's data would be read).
+at::Tensor pack_gemv_op(const at::Tensor& w, int64_t gates) {
+  check_given(w, "w");
+  TORCH_CHECK(w.device().is_cpu(), "pack_gemv: w must be a CPU tensor, got one on ", w.device());
+  return pack_gemv(w, gates);
+}
 
 // rnnkit_fused::layer_backward: the hand-derived BPTT of layer_forward.
 // Returns (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep); empty where not asked for / absent.
@@ -343,7 +387,8 @@ layer_backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
   make_contiguous(gh);
   make_contiguous(gc);
   check_threads(nthreads);
-  TORCH_CHECK(x.dim() == 3 && h0.dim() == 2, "x must be (T, B, I) and h0 (B, H)");
+  rnnkit::check_rank(x, 3, "x", "(T, B, I)");
+  rnnkit::check_rank(h0, 2, "h0", "(B, H)");
   const int64_t H = h0.size(1);
   Cfg cf = make_cfg(kind, act, peep, coupled, before, x, H, batch_sizes.vec());
   const Masks masks = check_masks(cf, x, recurrent_mask, zoneout_h, zoneout_c);
@@ -352,10 +397,16 @@ layer_backward(int64_t kind, int64_t act, bool peep, bool coupled, bool before,
   check_bias_and_peepholes(cf, x, at::Tensor(), at::Tensor(), pw);
   // (an Elman layer without zoneout of h saves no activations: its backward reads them from y)
   const bool acts_in_y = cf.kind == RNN && !masks.keep_h.defined();
-  TORCH_CHECK(acts.numel() == (acts_in_y ? 0 : cf.T * cf.B * cf.G * H),
-              "layer_backward needs the activations of layer_forward(training=True)");
-  TORCH_CHECK(gy.dim() == 3 && gy.size(0) == cf.T && gy.size(1) == cf.B && gy.size(2) == H,
-              "grad_y must be (T, B, H)");
+  // (acts and grad_y of another dtype raised "expected scalar type Float but found Double")
+  TORCH_CHECK(acts.numel() == (acts_in_y ? 0 : cf.T * cf.B * cf.G * H) &&
+                  (acts.numel() == 0 || acts.scalar_type() == x.scalar_type()),
+              "acts must be the activations of layer_forward(training=True), ",
+              acts_in_y ? 0 : cf.T * cf.B * cf.G * H, " values of x's dtype (", x.scalar_type(),
+              "), got ", described(acts));
+  TORCH_CHECK(gy.defined() && gy.dim() == 3 && gy.size(0) == cf.T && gy.size(1) == cf.B &&
+                  gy.size(2) == H && gy.scalar_type() == x.scalar_type(),
+              "grad_y must be (T, B, H) = (", cf.T, ", ", cf.B, ", ", H, ") of x's dtype (",
+              x.scalar_type(), "), got ", described(gy));
   check_state(cf, x, h0, "h0");
   if (cf.kind == LSTM) check_state(cf, x, c0, "c0");
   if (gh.defined()) check_state(cf, x, gh, "grad_h_n");
@@ -592,10 +643,10 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("set_thread_split(str which) -> str");
   m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(layer_forward));
   m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(layer_backward));
-  m.impl("step", c10::DispatchKey::CPU, TORCH_FN(step));
-  m.impl("pack_gemv", c10::DispatchKey::CPU, TORCH_FN(pack_gemv));
+  m.impl("step", c10::DispatchKey::CPU, TORCH_FN(step_op));
+  m.impl("pack_gemv", c10::DispatchKey::CatchAll, TORCH_FN(pack_gemv_op));
   m.impl("forward_packed", c10::DispatchKey::CPU, TORCH_FN(forward_packed));
-  m.impl("step_packed", c10::DispatchKey::CPU, TORCH_FN(step_packed));
+  m.impl("step_packed", c10::DispatchKey::CPU, TORCH_FN(step_packed_op));
   m.impl("pack_step", c10::DispatchKey::CPU, TORCH_FN(pack_step));
   m.impl("step_stream", c10::DispatchKey::CPU, TORCH_FN(step_stream));
   m.impl("pack_weights", c10::DispatchKey::CPU, TORCH_FN(pack_weights));

@@ -36,12 +36,8 @@ Cfg make_cfg(int64_t kind, int64_t act, bool peep, bool coupled, bool before, co
              int64_t H, const std::vector<int64_t>& batch_sizes) {
   Cfg c = variant_cfg(kind, act, peep, coupled, before, x.size(0), x.size(1), x.size(2), H);
   if (!batch_sizes.empty()) {
-    TORCH_CHECK(static_cast<int64_t>(batch_sizes.size()) == c.T, "batch_sizes must have T entries");
+    rnnkit::check_batch_sizes(batch_sizes, c.T, c.B);
     c.bs = batch_sizes;
-    for (auto b : c.bs) TORCH_CHECK(b >= 0 && b <= c.B, "batch_sizes out of range");
-    // step t runs the first bs[t] rows (sorted longest first): a row that ended cannot run again
-    for (size_t t = 1; t < c.bs.size(); ++t)
-      TORCH_CHECK(c.bs[t] <= c.bs[t - 1], "batch_sizes must not increase (rows longest first)");
   }
   return c;
 }

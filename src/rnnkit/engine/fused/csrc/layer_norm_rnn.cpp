@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "../../csrc/blas.h"  // (and own_gemm.h)
+#include "../../csrc/checks.h"
 #include "../../csrc/pointwise.h"
 #include "few_rows.h"
 #include "packed.h"
@@ -401,11 +402,7 @@ Packed step_rows(const Tensor& gx, int64_t batch, at::IntArrayRef bs) {
   const bool packed = gx.dim() == 2;
   TORCH_CHECK(!packed || !bs.empty(), "rnnkit_ln: a packed gx (2-D) needs batch_sizes");
   const int64_t steps = packed ? static_cast<int64_t>(bs.size()) : gx.size(0);
-  TORCH_CHECK(bs.empty() || static_cast<int64_t>(bs.size()) == steps,
-              "rnnkit_ln: batch_sizes must have one entry per step");
-  for (size_t k = 0; k < bs.size(); ++k)
-    TORCH_CHECK(bs[k] >= 0 && bs[k] <= batch && (k == 0 || bs[k] <= bs[k - 1]),
-                "rnnkit_ln: batch_sizes must be non-increasing, in [0, B]");
+  if (!bs.empty()) rnnkit::check_batch_sizes(bs, steps, batch);
   const Packed r = packed ? packed_rows(bs) : padded_rows(steps, batch);
   TORCH_CHECK(!packed || gx.size(0) == r.rows(),
               "rnnkit_ln: a packed gx must have sum(batch_sizes) rows");
@@ -825,19 +822,20 @@ void check_parameters(const Variant& v, int64_t H, at::ScalarType dtype, const T
               ") of the input's dtype");
 }
 
-// A tensor the loops read or write through raw pointers at the sizes the other arguments imply:
-// one of another shape or dtype was read or written past its end (a direct operator call with a
-// c0 or saved activations of another batch crashed the process or corrupted the heap: the
-// fuzzer of session 15). One line naming the tensor, the shape it must have and what was given.
-void check_tensor(const Tensor& t, at::IntArrayRef want, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(t.sizes() == want && t.scalar_type() == dtype, "rnnkit_ln: ", name, " must be ",
-              want, " of ", dtype, ", got ", t.sizes(), " of ", t.scalar_type());
-}
+// (engine/csrc/checks.h: a c0 or saved activations of another batch, read or written through
+// raw pointers, crashed the process or corrupted the heap: the fuzzer of session 15)
+using rnnkit::check_given;
+using rnnkit::check_rank;
+using rnnkit::check_tensor;
 
-// The dtype every tensor of a call shares: the kernels exist for float32 and float64.
-void check_dtype(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "rnnkit_ln: ",
-              name, " must be float32 or float64, got ", t.scalar_type());
+// An LSTM's c0 (or a step's c) and cell LN, each named when missing.
+void check_lstm_given(const std::optional<Tensor>& c, const char* c_name,
+                      const std::optional<Tensor>& cell_weight,
+                      const std::optional<Tensor>& cell_bias, bool need_cell_bias) {
+  TORCH_CHECK(c.has_value(), "rnnkit_ln: ", c_name, " is None; an LSTM needs it");
+  TORCH_CHECK(cell_weight.has_value() && (!need_cell_bias || cell_bias.has_value()),
+              "rnnkit_ln: cell_weight", need_cell_bias ? " or cell_bias" : "",
+              " is None; an LSTM needs its cell LN");
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forward(
@@ -855,12 +853,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_layer_forw
   // backward (every variant; session 13 for the GRU-before).
   TORCH_CHECK(ln_ih_weight.has_value() == ln_ih_bias.has_value(),
               "rnnkit_ln: the input LN's weight and bias come together");
-  check_dtype(gx, "gx");
-  TORCH_CHECK(h0.dim() == 2, "rnnkit_ln: h0 must be (B, H), got ", h0.sizes());
+  rnnkit::check_float_dtype(gx, "gx");
+  check_rank(h0, 2, "h0", "(B, H)");
   TORCH_CHECK((gx.dim() == 3 || gx.dim() == 2) && gx.size(-1) == v.gates() * h0.size(1),
               "rnnkit_ln: gx must be (T, B, G*H), or packed (sum(batch_sizes), G*H)");
-  TORCH_CHECK(!lstm || (c0 && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c0 and the cell LN");
-  TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
+  if (lstm) check_lstm_given(c0, "c0", cell_weight, cell_bias, true);
+  TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole_weights is None; peephole=True needs them");
   check_parameters(v, h0.size(1), gx.scalar_type(), w_hh, ln_weight, ln_bias, cell_weight,
                    cell_bias, peep, ln_ih_weight, ln_ih_bias);
   TORCH_CHECK((gx.dim() == 2 || h0.size(0) == gx.size(1)) && h0.scalar_type() == gx.scalar_type() &&
@@ -918,12 +916,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
   const bool lstm = kind == kLSTM;
   TORCH_CHECK(ln_ih_weight.has_value() == projection.has_value(),
               "rnnkit_ln: the input LN's weight and the projection come together");
-  TORCH_CHECK(!lstm || (c0 && cell_weight), "rnnkit_ln: the LSTM needs c0 and the cell LN");
-  TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
-  check_dtype(y, "y");
-  TORCH_CHECK(y.dim() == 3 && h0.dim() == 2 && y.size(2) == h0.size(1),
-              "rnnkit_ln: y must be (T, B, H) and h0 (B, H), got ", y.sizes(), " and ",
-              h0.sizes());
+  if (lstm) check_lstm_given(c0, "c0", cell_weight, std::nullopt, false);
+  TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole_weights is None; peephole=True needs them");
+  rnnkit::check_float_dtype(y, "y");
+  check_rank(y, 3, "y", "(T, B, H)");
+  check_rank(h0, 2, "h0", "(B, H)");
+  TORCH_CHECK(y.size(2) == h0.size(1), "rnnkit_ln: y must be (T, B, H) and h0 (B, H) of one H, "
+              "got ", y.sizes(), " and ", h0.sizes());
   const at::ScalarType dtype = y.scalar_type();
   check_parameters(v, h0.size(1), dtype, w_hh, ln_weight, ln_bias, cell_weight,
                    std::nullopt, peep, ln_ih_weight, std::nullopt);
@@ -934,9 +933,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_la
   if (grad_h_n) check_tensor(*grad_h_n, {batch, H}, dtype, "grad_h_n");
   if (lstm && grad_c_n) check_tensor(*grad_c_n, {batch, H}, dtype, "grad_c_n");
   // acts (and d_gx, d_a) packed (Σ bs, G*H) where the forward's gx was (see step_rows)
-  TORCH_CHECK(acts.dim() == 2 || acts.dim() == 3,
+  TORCH_CHECK(acts.defined() && (acts.dim() == 2 || acts.dim() == 3),
               "rnnkit_ln: acts must be the forward's saved activations, (T, B, G*H) or packed "
-              "(sum(batch_sizes), G*H), got ", acts.sizes());
+              "(sum(batch_sizes), G*H), got ", rnnkit::described(acts));
   const Packed rows_at = step_rows(acts, batch, batch_sizes);
   TORCH_CHECK(rows_at.steps() == steps,
               "rnnkit_ln: acts must be the forward's saved activations of y's ", steps, " steps");
@@ -998,13 +997,16 @@ std::tuple<Tensor, Tensor> ln_step(int64_t kind, bool peephole, bool coupled, bo
                                    const std::optional<Tensor>& peep, int64_t threads) {
   const Variant v = variant_of(kind, peephole, coupled, before);
   const bool lstm = kind == kLSTM;
-  TORCH_CHECK(x.dim() == 2 && h.dim() == 2, "rnnkit_ln::step: x (B, I) and h (B, H)");
+  check_rank(x, 2, "x", "(B, I)");
+  check_rank(h, 2, "h", "(B, H)");
+  check_given(w_ih, "w_ih");
+  check_given(w_hh, "w_hh");
   const int64_t batch = x.size(0), I = x.size(1), H = h.size(1), GH = v.gates() * H;
   TORCH_CHECK(h.size(0) == batch && w_ih.sizes() == at::IntArrayRef({GH, I}) &&
                   w_hh.sizes() == at::IntArrayRef({GH, H}),
               "rnnkit_ln::step: x (B, I), h (B, H), w_ih (G*H, I), w_hh (G*H, H)");
-  TORCH_CHECK(!lstm || (c && cell_weight && cell_bias), "rnnkit_ln: the LSTM needs c and the cell LN");
-  TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole weights missing");
+  if (lstm) check_lstm_given(c, "c", cell_weight, cell_bias, true);
+  TORCH_CHECK(!peephole || peep, "rnnkit_ln: peephole_weights is None; peephole=True needs them");
   TORCH_CHECK(w_ih.scalar_type() == x.scalar_type() && h.scalar_type() == x.scalar_type() &&
                   (!lstm || (c->sizes() == h.sizes() && c->scalar_type() == x.scalar_type())),
               "rnnkit_ln::step: h, c and w_ih must have x's dtype, c h's shape");
