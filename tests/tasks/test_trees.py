@@ -91,6 +91,23 @@ def test_reads_the_shared_trees() -> None:
     assert len(task.valid) == 872 and len(task.train) == 8544
 
 
+def test_a_sequence_model_reads_a_typed_sentence_as_the_treebank_tokenised_it(
+        files: tuple[Path, Path], tmp_path: Path) -> None:
+    # SST's leaves split clitics and punctuation ("it 's great !"): a sentence typed as people
+    # write it must reach the model as those known words, not as the unknown "it's" / "great!"
+    import rnnkit
+
+    config = _config(files, "lstm", steps=2)
+    task, model, _ = trees.build(config)
+    trainer = Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False)
+    trainer.fit()
+    trainer.out_dir = tmp_path
+    trainer.save()
+    typed, = rnnkit.load(tmp_path / "checkpoint.json").predict(["the film's great!"])
+    assert typed.tokens == ["the", "film", "'s", "great", "!"]
+    assert typed.unknown == ["'s", "!"]  # the word lists hold neither; "film" and "great" known
+
+
 def test_the_pipeline_predicts_trees_and_evaluates_a_file_as_validation_does(
         files: tuple[Path, Path], tmp_path: Path) -> None:
     import rnnkit

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from rnnkit.data.text import tokenize_text
 from rnnkit.data.trees import Tree, parse_tree, read_trees
 from rnnkit.pipelines.base import InputError, Pipeline, Result, shown
 from rnnkit.pipelines.sentiment import Classification
@@ -37,7 +38,12 @@ class TreesPipeline(Pipeline):
             raise InputError(f"input {number}: this {self.described['model']['encoder']} model "
                              "reads parse trees, e.g. (2 (2 a) (2 film)); got a plain sentence")
         else:  # a sequence encoder reads the words alone: a flat tree carries them
-            words = text.split()
+            # tokenised as the treebank's leaves are ("it's great!" → it 's great !), so a typed
+            # sentence reads the words the model knows, not "it's" and "great!"
+            words = tokenize_text(text, self.vocab)
+            if not words:
+                raise InputError(f"input {number} ({shown(text)}): give a parse tree or a "
+                                 "sentence")
             tree = Tree(0, None, tuple(Tree(0, word) for word in words)) if len(words) > 1 else \
                 Tree(0, words[0])
         return trees.relabel(tree, self.data)
