@@ -245,3 +245,14 @@ def test_a_folder_given_as_the_data_file_is_named_as_a_folder(files: tuple[Path,
     """`rnnkit evaluate sst --data ../shared/data/atis` said the existing folder did not exist."""
     with pytest.raises(IsADirectoryError, match=r"is a folder, and this reader takes one file"):
         sentiment.build(_config((files[0], tmp_path)))
+
+
+def test_typed_text_folds_case_only_for_a_lower_cased_vocabulary() -> None:
+    # a cased run (--lowercase false) reads "Great" as its evaluation reads it in a file: an
+    # unknown word, not the "great" it also holds; a lower-cased vocabulary still reads it so
+    from rnnkit.data.text import Vocabulary
+
+    cased = sentiment.TextEncoder(Vocabulary(["Great", "great", "film"]), None, lowercase=False)
+    assert cased.tokens("Great film , Film") == ["Great", "film", ",", "Film"]
+    uncased = sentiment.TextEncoder(Vocabulary(["great", "film"]), None, lowercase=False)
+    assert uncased.tokens("Great Film") == ["great", "film"]

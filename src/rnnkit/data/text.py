@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -86,6 +87,12 @@ class Vocabulary:
 
     def __contains__(self, token: str) -> bool:
         return token in self.index
+
+    @functools.cached_property
+    def uncased(self) -> bool:
+        """Every token is in lower case (a lower-cased corpus: PTB, ATIS, SST-2), so a typed
+        "Boston" means its "boston"; in a cased one (CoNLL, SST trees) the capital is data."""
+        return all(token == token.lower() for token in self.tokens)
 
     def _special(self, token: str) -> int:
         if token not in self.index:

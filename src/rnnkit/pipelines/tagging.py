@@ -49,9 +49,6 @@ class TaggingPipeline(Pipeline):
     def _load(self) -> nn.Module:
         model, self.vocab, _ = tagging.load_model(self.checkpoint)
         self.data = tagging.TaggingDataConfig(**self.described["data"])
-        # a typed "Boston" reads as the "boston" of a lower-cased corpus (ATIS); in a cased
-        # one (CoNLL) it stays as typed, as evaluation reads it: the case is the tagger's cue
-        self.fold_case = all(word == word.lower() for word in self.vocab.words.tokens)
         return model
 
     def _predict(self, batch: list[Any], first_index: int, total: int, **options: Any
@@ -62,7 +59,9 @@ class TaggingPipeline(Pipeline):
                 raise InputError(f"input {first_index + i + 1} ({shown(text)}): give a sentence")
             # words as typed: the vocabularies lower-case them for the word embedding if the
             # run did, and the characters keep their case
-            tokens = tokenize_text(text, self.vocab, fold_case=self.fold_case)
+            # a typed "Boston" reads as the "boston" of a lower-cased corpus (ATIS); in a cased
+            # one (CoNLL) it stays as typed, as evaluation reads it: the case is the tagger's cue
+            tokens = tokenize_text(text, self.vocab, fold_case=self.vocab.words.uncased)
             if not tokens:
                 raise InputError(f"input {first_index + i + 1} is empty: give a sentence")
             # the gold tags only feed the loss predict_split also computes; "O" is always known

@@ -179,7 +179,8 @@ class TextEncoder:
     def tokens(self, text: str) -> list[str]:
         """Raw text as the treebank tokenised it ("it's great!" → it 's great !), words the
         vocabulary holds kept whole."""
-        tokens = tokenize_text(text, self.words, self.lowercase)
+        # a cased run (--lowercase false) reads a typed "Great" as evaluation reads the file's
+        tokens = tokenize_text(text, self.words, self.lowercase, fold_case=self.words.uncased)
         return unescape_ptb(tokens) if self.unescape_ptb else tokens
 
     def encode(self, tokens: list[str]) -> Encoded:
