@@ -386,6 +386,10 @@ def test_step_stream_operator() -> None:
         ops.step_stream(torch.randn(1, IN), torch.randn(1, HID), None, torch.randn(packed.numel()))
     with pytest.raises(RuntimeError, match="c must be given"):
         ops.step_stream(torch.randn(1, IN), torch.randn(1, HID), torch.randn(1, HID), packed)
+    # a missing x or h is named as None (it read "got UNKNOWN_SCALAR [0]")
+    for x, h, name in ((None, torch.randn(1, HID), "x"), (torch.randn(1, IN), None, "h")):
+        with pytest.raises(RuntimeError, match=rf"step_stream: {name} must be .* got None"):
+            ops.step_stream(x, h, None, packed)
 
 
 @needs_kernel

@@ -374,9 +374,9 @@ std::tuple<at::Tensor, at::Tensor> step_stream(const at::Tensor& x_, const at::T
   const bool lstm = L.v.kind == LSTM;
   const int64_t H = L.H, GH = L.G * H, I = L.I;
   auto check = [](const at::Tensor& t, const char* name, int64_t n) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == 1 && t.size(1) == n,
-                "rnnkit_fused::step_stream: ", name, " must be a float32 (1, ", n,
-                ") tensor, got ", t.scalar_type(), " ", t.sizes());
+    TORCH_CHECK(t.defined() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == 1
+                && t.size(1) == n, "rnnkit_fused::step_stream: ", name, " must be a float32 (1, ",
+                n, ") tensor, got ", rnnkit::described(t));
   };
   check(x_, "x", I);
   check(h_, "h", H);
