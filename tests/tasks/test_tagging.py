@@ -318,42 +318,39 @@ def test_a_cased_run_reads_typed_words_as_evaluation_does(conll: tuple[Path, Pat
     assert tagged.tags == evaluated[0]
 
 
-def test_a_file_of_neither_format_is_one_line(conll: tuple[Path, Path], tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def _evaluate_error(conll: tuple[Path, Path], tmp_path: Path,
+                    capsys: pytest.CaptureFixture[str], data: Path) -> str:
+    """What `rnnkit evaluate` of an untrained CoNLL run prints on stderr for ``data`` (exit 2)."""
     from rnnkit.cli import main
 
-    prose = tmp_path / "prose.txt"
-    prose.write_text("Just a sentence here.\nAnd another one.\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"prose\.txt is neither tagging format"):
-        tagging.build(_conll_config((prose, conll[1])))
     config = _conll_config(conll)
     task, model, _ = tagging.build(config)
     trainer = Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False)
     trainer.out_dir = tmp_path / "run"
     trainer.save()
     capsys.readouterr()
-    assert main(["evaluate", str(tmp_path / "run"), "--data", str(prose)]) == 2
-    err = capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(data)]) == 2
+    return capsys.readouterr().err
+
+
+def test_a_file_of_neither_format_is_one_line(conll: tuple[Path, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    prose = tmp_path / "prose.txt"
+    prose.write_text("Just a sentence here.\nAnd another one.\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"prose\.txt is neither tagging format"):
+        tagging.build(_conll_config((prose, conll[1])))
+    err = _evaluate_error(conll, tmp_path, capsys, prose)
     assert err.count("\n") == 1 and "neither tagging format" in err and "Traceback" not in err
 
 
 def test_a_value_that_is_no_tag_is_one_line(conll: tuple[Path, Path], tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from rnnkit.cli import main
-
     # the first line decides the format; "NNP" further down was scored as an entity type "_"
     columns = tmp_path / "columns.txt"
     columns.write_text("EU B-ORG\nrejects O\n\nPeter NNP\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"columns\.txt: sentence 2, token 1: 'NNP' in column -1"):
         tagging.build(_conll_config((columns, conll[1])))
-    config = _conll_config(conll)
-    task, model, _ = tagging.build(config)
-    trainer = Trainer(model, task, TrainConfig.from_dict(config["train"]), progress=False)
-    trainer.out_dir = tmp_path / "run"
-    trainer.save()
-    capsys.readouterr()
-    assert main(["evaluate", str(tmp_path / "run"), "--data", str(columns)]) == 2
-    err = capsys.readouterr().err
+    err = _evaluate_error(conll, tmp_path, capsys, columns)
     assert err.count("\n") == 1 and "'NNP' in column -1" in err and "Traceback" not in err
 
 

@@ -313,45 +313,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward_packed(
 
 namespace {
 
-// The step operators' state is the step's h and c, not a layer's h0 and c0 (as forward_op, which
-// inference.h's step and step_packed fall back to, names them): checked here by their own names,
-// before either path runs.
-void check_step_state(int64_t kind, const at::Tensor& x, const at::Tensor& h,
-                      const std::optional<at::Tensor>& c) {
-  rnnkit::check_rank(x, 2, "x", "(B, I)");
-  TORCH_CHECK(h.defined() && h.dim() == 2 && h.size(0) == x.size(0) &&
-                  h.scalar_type() == x.scalar_type(),
-              "h must be (B, H) with x's B = ", x.size(0), " and dtype (", x.scalar_type(),
-              "), got ", described(h));
-  if (kind != LSTM) return;
-  const at::Tensor cell = opt(c);
-  TORCH_CHECK(cell.defined() && cell.sizes() == h.sizes() && cell.scalar_type() == x.scalar_type(),
-              "c must be (B, H) = ", h.sizes(), " of x's dtype (", x.scalar_type(), "), got ",
-              described(cell));
-}
-
-std::tuple<at::Tensor, at::Tensor> step_op(int64_t kind, int64_t act, bool peep, bool coupled,
-                                           bool before, const at::Tensor& x, const at::Tensor& h,
-                                           const std::optional<at::Tensor>& c,
-                                           const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                           const std::optional<at::Tensor>& b_ih,
-                                           const std::optional<at::Tensor>& b_hh,
-                                           const std::optional<at::Tensor>& pw, int64_t nthreads) {
-  check_step_state(kind, x, h, c);
-  return step(kind, act, peep, coupled, before, x, h, c, w_ih, w_hh, b_ih, b_hh, pw, nthreads);
-}
-
-std::tuple<at::Tensor, at::Tensor> step_packed_op(
-    int64_t kind, int64_t act, bool peep, bool coupled, bool before, const at::Tensor& x,
-    const at::Tensor& h, const std::optional<at::Tensor>& c, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& pw,
-    const at::Tensor& gemv_ih, const at::Tensor& gemv_hh, int64_t nthreads) {
-  check_step_state(kind, x, h, c);
-  return step_packed(kind, act, peep, coupled, before, x, h, c, w_ih, w_hh, b_ih, b_hh, pw,
-                     gemv_ih, gemv_hh, nthreads);
-}
-
 // Registered for every dispatch key (CatchAll): with its one tensor argument None, a CPU-only
 // registration never ran and the dispatcher said "There were no tensor arguments to this
 // function"; so the device is checked here (a meta tensor's data would be read).
@@ -643,10 +604,10 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("set_thread_split(str which) -> str");
   m.impl("layer_forward", c10::DispatchKey::CPU, TORCH_FN(layer_forward));
   m.impl("layer_backward", c10::DispatchKey::CPU, TORCH_FN(layer_backward));
-  m.impl("step", c10::DispatchKey::CPU, TORCH_FN(step_op));
+  m.impl("step", c10::DispatchKey::CPU, TORCH_FN(step));
   m.impl("pack_gemv", c10::DispatchKey::CatchAll, TORCH_FN(pack_gemv_op));
   m.impl("forward_packed", c10::DispatchKey::CPU, TORCH_FN(forward_packed));
-  m.impl("step_packed", c10::DispatchKey::CPU, TORCH_FN(step_packed_op));
+  m.impl("step_packed", c10::DispatchKey::CPU, TORCH_FN(step_packed));
   m.impl("pack_step", c10::DispatchKey::CPU, TORCH_FN(pack_step));
   m.impl("step_stream", c10::DispatchKey::CPU, TORCH_FN(step_stream));
   m.impl("pack_weights", c10::DispatchKey::CPU, TORCH_FN(pack_weights));

@@ -163,6 +163,23 @@ bool step_lean(const Variant& v, const at::Tensor& x, const at::Tensor& h,
   return true;
 }
 
+// The step operators' state is the step's h and c, not a layer's h0 and c0 (as forward_op, which
+// step and step_packed fall back to, names them): checked by their own names before either path
+// runs.
+void check_step_state(int64_t kind, const at::Tensor& x, const at::Tensor& h,
+                      const std::optional<at::Tensor>& c) {
+  rnnkit::check_rank(x, 2, "x", "(B, I)");
+  TORCH_CHECK(h.defined() && h.dim() == 2 && h.size(0) == x.size(0) &&
+                  h.scalar_type() == x.scalar_type(),
+              "h must be (B, H) with x's B = ", x.size(0), " and dtype (", x.scalar_type(),
+              "), got ", described(h));
+  if (kind != LSTM) return;
+  const at::Tensor cell = opt(c);
+  TORCH_CHECK(cell.defined() && cell.sizes() == h.sizes() && cell.scalar_type() == x.scalar_type(),
+              "c must be (B, H) = ", h.sizes(), " of x's dtype (", x.scalar_type(), "), got ",
+              described(cell));
+}
+
 // rnnkit_fused::step: one time step of a streaming cell, x (B, I) -> (h, c). The same kernel
 // as a layer of length 1 without saving anything, behind the smallest possible call.
 std::tuple<at::Tensor, at::Tensor> step(int64_t kind, int64_t act, bool peep, bool coupled,
@@ -173,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> step(int64_t kind, int64_t act, bool peep, bo
                                         const std::optional<at::Tensor>& b_hh,
                                         const std::optional<at::Tensor>& pw, int64_t nthreads) {
   check_threads(nthreads);
-  TORCH_CHECK(x.dim() == 2, "x must be (B, I)");
+  check_step_state(kind, x, h, c);
   at::Tensor h_out, c_out;
   if (step_lean({kind, act, peep, coupled, before}, x, h, opt(c), w_ih, w_hh, opt(b_ih),
                 opt(b_hh), opt(pw), nthreads, h_out, c_out))
@@ -264,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor> step_packed(
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& pw,
     const at::Tensor& gemv_ih, const at::Tensor& gemv_hh, int64_t nthreads) {
   check_threads(nthreads);
-  TORCH_CHECK(x.dim() == 2, "x must be (B, I)");
+  check_step_state(kind, x, h, c);
   at::Tensor h_out, c_out;
   if (step_lean({kind, act, peep, coupled, before}, x, h, opt(c), w_ih, w_hh, opt(b_ih),
                 opt(b_hh), opt(pw), nthreads, h_out, c_out, gemv_ih, gemv_hh))
