@@ -217,7 +217,7 @@ def check_onnx_arguments(op: str, x: Tensor, W: Tensor, R: Tensor, B: Tensor,
                      f"got {_described(value)}")
     if sequence_lens is not None:
         _require(sequence_lens.dtype in (torch.int32, torch.int64) and sequence_lens.dim() == 1,
-                 f"rnnkit_onnx::{op}: sequence_lens must be a (B,) int32 tensor, got "
+                 f"rnnkit_onnx::{op}: sequence_lens must be a (B,) int32 or int64 tensor, got "
                  f"{_described(sequence_lens)}")
         _require(sequence_lens.shape[0] == batch, f"rnnkit_onnx::{op}: sequence_lens must be "
                  f"(B,) = ({batch},), got {_described(sequence_lens)}")
